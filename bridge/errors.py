@@ -1,0 +1,184 @@
+"""One error tree for Hutong; every error carries a stable code and a retry class.
+
+    HutongError                      code, retry class, message (never patient data)
+    ├── ConfigError                  HT-CONFIG          a config file is missing, unreadable or invalid
+    ├── KeyFileError                 HT-KEY             a key file is missing, unreadable or wrongly protected
+    ├── PacketRefused                (permanent)        a packet the gateway will not take
+    │   ├── MalformedPacket          HT-PKT-MALFORMED   bytes are not a Hutong packet frame
+    │   ├── PacketTooLarge           HT-PKT-TOO-LARGE   body over the size limit
+    │   ├── UnknownSender            HT-PKT-UNKNOWN-SENDER
+    │   ├── BadSignature             HT-PKT-BAD-SIGNATURE
+    │   ├── WrongRecipient           HT-PKT-WRONG-RECIPIENT
+    │   ├── ClockSkew                HT-PKT-CLOCK       created-at (or relayed-at) outside the window
+    │   ├── ReplayedPacket           HT-PKT-REPLAY      packet id already taken with other content
+    │   ├── DecryptFailed            HT-PKT-DECRYPT     body does not open with our key
+    │   ├── DigestMismatch           HT-PKT-DIGEST      body does not match the header digest
+    │   ├── InvalidFhir              HT-PKT-INVALID-FHIR body is not a valid FHIR R4 Bundle
+    │   └── RouteDenied              HT-PKT-ROUTE-DENIED no allow rule for (from, to, kind)
+    ├── TransportError               (transient)        peer unreachable, timed out, 5xx
+    ├── AmbiguousDelivery            (ambiguous)        sent, but no answer: resend, receiver dedupes
+    ├── StoreError                   (transient)        database unavailable or locked
+    └── NotFound                     HT-NOT-FOUND       asked-for item does not exist
+
+Retry decides on ``retry`` (transient / ambiguous / permanent), never on a flag: transient and
+ambiguous failures are retried with backoff; permanent ones go to quarantine or dead letter.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class Retry(str, Enum):
+    TRANSIENT = "transient"
+    AMBIGUOUS = "ambiguous"
+    PERMANENT = "permanent"
+
+
+class HutongError(Exception):
+    code = "HT-ERROR"
+    retry = Retry.PERMANENT
+    http_status = 500
+
+    def __init__(self, message: str, *, detail: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+    def as_dict(self) -> dict[str, str]:
+        return {"code": self.code, "message": self.message, "retry": self.retry.value}
+
+
+class ConfigError(HutongError):
+    code = "HT-CONFIG"
+    http_status = 500
+
+    def __init__(self, message: str, *, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = problems or [message]
+
+    def __str__(self) -> str:
+        if len(self.problems) == 1:
+            return f"{self.code}: {self.problems[0]}"
+        return f"{self.code}: {len(self.problems)} problems\n" + "\n".join(
+            f"  - {p}" for p in self.problems
+        )
+
+
+class KeyFileError(HutongError):
+    code = "HT-KEY"
+
+
+class PacketRefused(HutongError):
+    code = "HT-PKT"
+    http_status = 422
+
+
+class MalformedPacket(PacketRefused):
+    code = "HT-PKT-MALFORMED"
+    http_status = 400
+
+
+class PacketTooLarge(PacketRefused):
+    code = "HT-PKT-TOO-LARGE"
+    http_status = 413
+
+
+class UnknownSender(PacketRefused):
+    code = "HT-PKT-UNKNOWN-SENDER"
+    http_status = 403
+
+
+class BadSignature(PacketRefused):
+    code = "HT-PKT-BAD-SIGNATURE"
+    http_status = 403
+
+
+class WrongRecipient(PacketRefused):
+    code = "HT-PKT-WRONG-RECIPIENT"
+    http_status = 421
+
+
+class ClockSkew(PacketRefused):
+    code = "HT-PKT-CLOCK"
+    http_status = 422
+
+
+class ReplayedPacket(PacketRefused):
+    code = "HT-PKT-REPLAY"
+    http_status = 409
+
+
+class DecryptFailed(PacketRefused):
+    code = "HT-PKT-DECRYPT"
+    http_status = 422
+
+
+class DigestMismatch(PacketRefused):
+    code = "HT-PKT-DIGEST"
+    http_status = 422
+
+
+class InvalidFhir(PacketRefused):
+    code = "HT-PKT-INVALID-FHIR"
+    http_status = 422
+
+
+class RouteDenied(PacketRefused):
+    code = "HT-PKT-ROUTE-DENIED"
+    http_status = 403
+
+
+class TransportError(HutongError):
+    code = "HT-TRANSPORT"
+    retry = Retry.TRANSIENT
+    http_status = 502
+
+
+class AmbiguousDelivery(HutongError):
+    code = "HT-AMBIGUOUS"
+    retry = Retry.AMBIGUOUS
+    http_status = 504
+
+
+class StoreError(HutongError):
+    code = "HT-STORE"
+    retry = Retry.TRANSIENT
+    http_status = 503
+
+
+class NotFound(HutongError):
+    code = "HT-NOT-FOUND"
+    http_status = 404
+
+
+class Unauthorized(HutongError):
+    code = "HT-AUTH"
+    http_status = 401
+
+
+class Forbidden(HutongError):
+    code = "HT-FORBIDDEN"
+    http_status = 403
+
+
+#: every refusal class the gateway can answer with, by code (tests check each is produced)
+REFUSALS: dict[str, type[PacketRefused]] = {
+    cls.code: cls
+    for cls in (
+        MalformedPacket,
+        PacketTooLarge,
+        UnknownSender,
+        BadSignature,
+        WrongRecipient,
+        ClockSkew,
+        ReplayedPacket,
+        DecryptFailed,
+        DigestMismatch,
+        InvalidFhir,
+        RouteDenied,
+    )
+}
