@@ -1,0 +1,93 @@
+"""The hospital-facing app on the node's local port (never reachable from the peer port).
+
+``main``-style assembly only: routes live in small routers; errors from the tree become JSON
+(or FHIR OperationOutcome under /fhir) in one handler.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+from bridge.api.auth import AnyRole, ITRole, SenderRole
+from bridge.delivery.queue import Outgoing, queue_packets
+from bridge.errors import HutongError
+from bridge import ops
+from bridge.store import quarantine
+
+if TYPE_CHECKING:
+    from bridge.node import Node
+
+
+class PacketIn(BaseModel):
+    to: str
+    kind: str
+    thread: str | None = None
+    bundle: dict[str, Any]
+
+
+def create_local_app(node: Node) -> FastAPI:
+    ctx = node.ctx
+    app = FastAPI(title=f"Hutong node {ctx.node_id}", docs_url="/docs")
+    app.state.tokens = dict(ctx.plan.tokens)
+
+    @app.exception_handler(HutongError)
+    async def _error(_req: Request, exc: HutongError) -> JSONResponse:
+        return JSONResponse(exc.as_dict(), status_code=exc.http_status)
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        return {"status": "ok", "node": ctx.node_id, "role": ctx.plan.role}
+
+    @app.post("/local/v1/packets")
+    async def send(items: list[PacketIn], role: SenderRole) -> dict[str, Any]:
+        outgoing = [Outgoing(i.to, i.kind, orjson.dumps(i.bundle), i.thread) for i in items]
+
+        def work() -> list[Any]:
+            with ctx.store.write() as conn:
+                return queue_packets(ctx, conn, outgoing, actor=f"role:{role}")
+
+        results = await run_in_threadpool(work)
+        node.wake_all_senders()
+        return {"results": [
+            {"packet_id": r.packet_id} if r.error is None else r.error.as_dict()
+            for r in results
+        ]}
+
+    @app.get("/local/v1/outbox")
+    def outbox(role: AnyRole, state: str | None = None, peer: str | None = None,
+               limit: int = 100) -> list[dict[str, Any]]:
+        return ops.outbox_list(ctx, state=state, peer=peer, limit=limit)
+
+    @app.get("/local/v1/queues")
+    def queues(role: AnyRole) -> dict[str, Any]:
+        return ops.queue_summary(ctx)
+
+    @app.post("/local/v1/outbox/retry")
+    def retry(role: ITRole, peer: str | None = None) -> dict[str, int]:
+        n = ops.outbox_retry(ctx, peer=peer, actor=f"role:{role}")
+        node.wake_all_senders()
+        return {"requeued": n}
+
+    @app.get("/local/v1/quarantine")
+    def quarantine_list(role: ITRole, state: str | None = "held") -> list[dict[str, Any]]:
+        with ctx.store.read() as conn:
+            return quarantine.list_items(conn, state=state)
+
+    @app.post("/local/v1/quarantine/{item_id}/replay")
+    def replay(item_id: int, role: ITRole) -> dict[str, Any]:
+        ok, result = ops.quarantine_replay(ctx, node.intake, item_id, actor=f"role:{role}")
+        node.wake_all_senders()
+        node.wake("deliver")
+        return {"ok": ok, "result": result}
+
+    @app.get("/local/v1/packets/{packet_id}")
+    def packet(packet_id: str, role: ITRole) -> dict[str, Any]:
+        return ops.find_packet(ctx, packet_id)
+
+    return app

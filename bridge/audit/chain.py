@@ -1,0 +1,281 @@
+"""The hash chain: append audit rows inside the caller's transaction, sign checkpoints, verify.
+
+Each row's ``hash = sha256(prev_hash_hex + "\\n" + canonical AuditEvent JSON)`` (genesis prev is
+64 zeros), so an edited, deleted or reordered row breaks every later link. Signed checkpoints pin
+the head, so a cut-off tail is caught too; deleting the tail *and* its checkpoints is only caught
+against a checkpoint held elsewhere (export one off the node).
+
+Concurrency: on PostgreSQL ``append`` takes ``pg_advisory_xact_lock(727274)`` before reading the
+head, so writers serialize until the caller commits (READ COMMITTED, the default, is required so
+the head read sees the previous writer's rows). On SQLite the caller's transaction must already be
+``BEGIN IMMEDIATE``. A duplicate seq from a racing writer surfaces as a transient StoreError.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from sqlalchemy import Connection, insert, select
+from sqlalchemy.exc import DBAPIError
+
+from bridge.errors import StoreError
+
+from .events import AuditEntry, event_fields, instant, to_audit_event
+from .tables import AuditCheckpoint, AuditRecord
+
+GENESIS_HASH = "0" * 64
+#: advisory lock id shared by every audit writer on PostgreSQL (transaction-scoped)
+ADVISORY_LOCK_ID = 727274
+_VERIFY_BATCH = 2000
+
+_audit = AuditRecord.__table__
+_checkpoints = AuditCheckpoint.__table__
+#: the indexed copies that must agree with the hashed AuditEvent JSON
+_COLUMNS = ("action", "outcome", "packet_id", "kind", "peer", "thread", "patient_hash", "actor")
+
+
+def canonical(resource: dict[str, Any]) -> bytes:
+    """The bytes that are hashed and stored: orjson with sorted keys, UTF-8, no whitespace."""
+    return orjson.dumps(resource, option=orjson.OPT_SORT_KEYS)
+
+
+def link_hash(prev_hash: str, canonical_bytes: bytes) -> str:
+    """One chain link: sha256 over the previous hash (hex), a newline, and this row's JSON."""
+    return hashlib.sha256(prev_hash.encode() + b"\n" + canonical_bytes).hexdigest()
+
+
+def key_id(public_key: Ed25519PublicKey) -> str:
+    """Short, stable name of a signing key: first 16 hex of sha256 of the raw public key."""
+    raw = public_key.public_bytes(Encoding.Raw, PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def checkpoint_message(node_id: str, seq: int, hash_: str, at: datetime) -> bytes:
+    """What a checkpoint signs; ``at`` goes through ``instant`` so it survives a DB round trip."""
+    return f"{node_id}|{seq}|{hash_}|{instant(at)}".encode()
+
+
+@dataclass(slots=True)
+class VerifyResult:
+    """Outcome of ``AuditChain.verify``; on failure ``reason`` is one line naming the seq."""
+
+    ok: bool
+    checked: int  # rows whose link, hash and columns were confirmed
+    first_bad_seq: int | None
+    reason: str | None
+    last_seq: int  # last confirmed row (0 if none)
+    last_hash: str  # its hash (GENESIS_HASH if none)
+    checkpoints_checked: int
+
+
+class AuditChain:
+    """Appends to and verifies one node's audit chain; holds no connection or state of its own."""
+
+    def __init__(
+        self,
+        node_id: str,
+        signing_key: Ed25519PrivateKey | None,
+        checkpoint_every: int = 1000,
+    ) -> None:
+        if not node_id:
+            raise ValueError("node_id is required")
+        if checkpoint_every < 1:
+            raise ValueError("checkpoint_every must be at least 1")
+        self.node_id = node_id
+        self.signing_key = signing_key
+        self.checkpoint_every = checkpoint_every
+        self._key_id = key_id(signing_key.public_key()) if signing_key else None
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def _lock_and_head(self, conn: Connection) -> tuple[int, str]:
+        if conn.dialect.name == "postgresql":
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({ADVISORY_LOCK_ID})")
+        row = conn.execute(
+            select(_audit.c.seq, _audit.c.hash).order_by(_audit.c.seq.desc()).limit(1)
+        ).first()
+        return (row[0], row[1]) if row else (0, GENESIS_HASH)
+
+    def append(self, conn: Connection, entries: Sequence[AuditEntry]) -> int:
+        """Chain ``entries`` onto the log inside the caller's open transaction; returns last seq.
+
+        Does not commit. One executemany for all rows; signs a checkpoint at every multiple of
+        ``checkpoint_every`` crossed (when a signing key is set).
+        """
+        try:
+            seq, prev = self._lock_and_head(conn)
+            if not entries:
+                return seq
+            rows: list[dict[str, Any]] = []
+            marks: list[tuple[int, str]] = []
+            every = self.checkpoint_every
+            for entry in entries:
+                seq += 1
+                resource = to_audit_event(entry, self.node_id, seq)
+                body = canonical(resource)
+                digest = link_hash(prev, body)
+                rows.append({
+                    "seq": seq,
+                    "at": entry.at,
+                    "action": entry.action,
+                    "outcome": entry.outcome,
+                    "packet_id": entry.packet_id,
+                    "kind": entry.kind,
+                    "peer": entry.peer,
+                    "thread": entry.thread,
+                    "patient_hash": entry.patient_hash,
+                    "actor": entry.actor,
+                    "resource": body.decode(),
+                    "prev_hash": prev,
+                    "hash": digest,
+                })
+                if seq % every == 0:
+                    marks.append((seq, digest))
+                prev = digest
+            conn.execute(insert(_audit), rows)
+            if self.signing_key is not None:
+                for mark_seq, mark_hash in marks:
+                    self._insert_checkpoint(conn, mark_seq, mark_hash)
+            return seq
+        except DBAPIError as exc:
+            raise StoreError("audit append failed", detail=type(exc.orig).__name__) from exc
+
+    def checkpoint(self, conn: Connection) -> AuditCheckpoint | None:
+        """Sign the current head now (shutdown, periodic job); None if no key or empty log.
+
+        Does not commit. If the head already has a checkpoint, that one is returned.
+        """
+        if self.signing_key is None:
+            return None
+        try:
+            seq, head = self._lock_and_head(conn)
+            if seq == 0:
+                return None
+            existing = conn.execute(
+                select(_checkpoints).where(_checkpoints.c.seq == seq, _checkpoints.c.hash == head)
+                .order_by(_checkpoints.c.id.desc()).limit(1)
+            ).first()
+            if existing is not None:
+                found = AuditCheckpoint(**existing._asdict())
+                if found.at.tzinfo is None:  # SQLite keeps no offset; stored as UTC
+                    found.at = found.at.replace(tzinfo=UTC)
+                return found
+            return self._insert_checkpoint(conn, seq, head)
+        except DBAPIError as exc:
+            raise StoreError("audit checkpoint failed", detail=type(exc.orig).__name__) from exc
+
+    def _insert_checkpoint(self, conn: Connection, seq: int, hash_: str) -> AuditCheckpoint:
+        assert self.signing_key is not None and self._key_id is not None
+        at = datetime.now(UTC)
+        signature = self.signing_key.sign(checkpoint_message(self.node_id, seq, hash_, at))
+        values = {
+            "seq": seq,
+            "hash": hash_,
+            "at": at,
+            "key_id": self._key_id,
+            "signature": base64.b64encode(signature).decode(),
+        }
+        result = conn.execute(insert(_checkpoints), values)
+        return AuditCheckpoint(id=result.inserted_primary_key[0], **values)
+
+    # -- verifying ---------------------------------------------------------------------------
+
+    def verify(
+        self, conn: Connection, public_keys: Sequence[Ed25519PublicKey] = ()
+    ) -> VerifyResult:
+        """Recompute the whole chain in seq order, streaming; stop at the first problem.
+
+        Checkpoint signatures are checked against ``public_keys`` (all keys the node ever
+        used); with none given, against this chain's own signing key; with neither, only the
+        checkpoints' seq and hash are compared with the chain.
+        """
+        try:
+            return self._verify(conn, public_keys)
+        except DBAPIError as exc:
+            raise StoreError("audit verify failed", detail=type(exc.orig).__name__) from exc
+
+    def _verify(self, conn: Connection, public_keys: Sequence[Ed25519PublicKey]) -> VerifyResult:
+        keys = list(public_keys) or ([self.signing_key.public_key()] if self.signing_key else [])
+        by_id = {key_id(k): k for k in keys}
+        cps = list(conn.execute(select(_checkpoints).order_by(_checkpoints.c.seq,
+                                                              _checkpoints.c.id)))
+        cp_i = 0
+        cps_checked = 0
+        checked = 0
+        last_seq, last_hash = 0, GENESIS_HASH
+
+        def fail(seq: int, reason: str) -> VerifyResult:
+            return VerifyResult(False, checked, seq, reason, last_seq, last_hash, cps_checked)
+
+        def bad_signature(cp: Any) -> str | None:
+            if not by_id:
+                return None
+            key = by_id.get(cp.key_id)
+            if key is None:
+                return f"checkpoint at seq {cp.seq}: signed by unknown key {cp.key_id}"
+            try:
+                key.verify(base64.b64decode(cp.signature, validate=True),
+                           checkpoint_message(self.node_id, cp.seq, cp.hash, cp.at))
+            except (InvalidSignature, ValueError):
+                return f"checkpoint at seq {cp.seq}: signature does not verify (key {cp.key_id})"
+            return None
+
+        stmt = select(
+            _audit.c.seq, _audit.c.at, *(_audit.c[name] for name in _COLUMNS),
+            _audit.c.resource, _audit.c.prev_hash, _audit.c.hash,
+        ).order_by(_audit.c.seq).execution_options(yield_per=_VERIFY_BATCH)
+        result = conn.execute(stmt)
+        try:
+            for row in result:
+                seq = row.seq
+                if seq <= last_seq:
+                    return fail(seq, f"seq {seq}: out of order after seq {last_seq}")
+                if seq != last_seq + 1:
+                    gap = f"{last_seq + 1}" if seq == last_seq + 2 else f"{last_seq + 1}..{seq - 1}"
+                    return fail(seq, f"seq {seq}: follows seq {last_seq}, row {gap} missing")
+                if row.prev_hash != last_hash:
+                    return fail(seq, f"seq {seq}: prev_hash does not link to seq {last_seq}"
+                                     " (row deleted, moved or reordered)")
+                body = row.resource.encode()
+                if link_hash(last_hash, body) != row.hash:
+                    return fail(seq, f"seq {seq}: hash mismatch, resource or hash was edited")
+                try:
+                    fields = event_fields(orjson.loads(body))
+                except (orjson.JSONDecodeError, AttributeError, TypeError):
+                    return fail(seq, f"seq {seq}: resource is not a Hutong AuditEvent")
+                if fields["seq"] != seq:
+                    return fail(seq, f"seq {seq}: resource says seq {fields['seq']}")
+                for name in _COLUMNS:
+                    if getattr(row, name) != fields[name]:
+                        return fail(seq, f"seq {seq}: column {name} does not match the resource")
+                if instant(row.at) != fields["at"]:
+                    return fail(seq, f"seq {seq}: column at does not match the resource")
+                while cp_i < len(cps) and cps[cp_i].seq <= seq:
+                    cp = cps[cp_i]
+                    cp_i += 1
+                    if cp.seq < seq:  # only possible for seq < 1: no row to pin
+                        return fail(cp.seq, f"checkpoint at seq {cp.seq}: no such row")
+                    if cp.hash != row.hash:
+                        return fail(seq, f"checkpoint at seq {seq}: hash differs from the row's")
+                    if problem := bad_signature(cp):
+                        return fail(seq, problem)
+                    cps_checked += 1
+                checked += 1
+                last_seq, last_hash = seq, row.hash
+        finally:
+            result.close()
+        for cp in cps[cp_i:]:  # checkpoints beyond the last row: forged, or the tail was cut
+            if problem := bad_signature(cp):
+                return fail(cp.seq, problem)
+            return fail(last_seq + 1, f"truncated: checkpoint at seq {cp.seq} but the log ends"
+                                      f" at seq {last_seq}")
+        return VerifyResult(True, checked, None, None, last_seq, last_hash, cps_checked)

@@ -1,0 +1,311 @@
+"""`hutong`: run a node and operate it. Every error is one clear line, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from bridge.errors import HutongError
+
+app = typer.Typer(
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    help="Hutong (互通) node and tools",
+)
+outbox_app = typer.Typer(no_args_is_help=True, help="What waits to leave, and retries")
+quarantine_app = typer.Typer(no_args_is_help=True, help="Refused inputs: inspect and replay")
+audit_app = typer.Typer(no_args_is_help=True, help="Verify and export the audit chain")
+keys_app = typer.Typer(no_args_is_help=True, help="Node keys")
+config_app = typer.Typer(no_args_is_help=True, help="Site configuration")
+app.add_typer(outbox_app, name="outbox")
+app.add_typer(quarantine_app, name="quarantine")
+app.add_typer(audit_app, name="audit")
+app.add_typer(keys_app, name="keys")
+app.add_typer(config_app, name="config")
+
+out = Console()
+err = Console(stderr=True)
+
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="the node's config file")]
+
+
+def _plan(config: Path) -> Any:
+    from bridge.config.loader import load_node
+
+    return load_node(config)
+
+
+def _ctx(config: Path) -> Any:
+    from bridge.context import NodeContext
+
+    return NodeContext.open(_plan(config))
+
+
+def _when(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    from datetime import UTC
+
+    t = datetime.fromisoformat(text)
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+
+@app.command()
+def run(config: ConfigOpt) -> None:
+    """Run a node: peer gateway, local API and delivery jobs, until Ctrl-C."""
+    from bridge.node import Node
+
+    node = Node(_plan(config))
+    p = node.plan
+    err.print(f"hutong node {p.node_id}: peer port {p.peer_host}:{p.peer_port}, "
+              f"local port {p.local_host}:{p.local_port}")
+    node.run()
+
+
+@app.command()
+def send(
+    config: ConfigOpt,
+    to: Annotated[str, typer.Option(help="recipient member id")],
+    kind: Annotated[str, typer.Option(help="packet kind, e.g. referral.request")],
+    bundles: Annotated[list[Path], typer.Argument(help="FHIR R4 Bundle JSON files")],
+    thread: Annotated[str | None, typer.Option(help="thread (referral) id")] = None,
+) -> None:
+    """Queue packets (one per bundle file); the running node sends them."""
+    from bridge.delivery.queue import Outgoing, queue_packets
+
+    ctx = _ctx(config)
+    items = [Outgoing(to, kind, b.read_bytes(), thread) for b in bundles]
+    with ctx.store.write() as conn:
+        results = queue_packets(ctx, conn, items, actor="cli")
+    failed = 0
+    for path, r in zip(bundles, results, strict=True):
+        if r.error is None:
+            out.print(f"queued {r.packet_id}  {path.name}")
+        else:
+            failed += 1
+            err.print(f"refused {path.name}: {r.error}")
+    raise typer.Exit(1 if failed else 0)
+
+
+@outbox_app.command("list")
+def outbox_list(
+    config: ConfigOpt,
+    state: Annotated[str | None, typer.Option(help="queued|sent|acknowledged|dead|refused")] = None,
+    peer: Annotated[str | None, typer.Option(help="next hop")] = None,
+    limit: int = 100,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """What waits, for how long, and why."""
+    from bridge import ops
+
+    ctx = _ctx(config)
+    rows = ops.outbox_list(ctx, state=state, peer=peer, limit=limit)
+    if as_json:
+        out.print_json(json.dumps(rows, default=str))
+        return
+    summary = ops.queue_summary(ctx)
+    t = Table(title=f"outbox of {ctx.node_id}: per peer")
+    for col in ("peer", "queued", "sent", "dead", "refused", "acknowledged", "oldest waiting s"):
+        t.add_column(col)
+    for p in summary["outbox"]:
+        t.add_row(p["peer"], *(str(p.get(k, 0)) for k in
+                               ("queued", "sent", "dead", "refused", "acknowledged")),
+                  str(p["oldest_waiting_s"] or "-"))
+    out.print(t)
+    t = Table(title="waiting and failed packets")
+    for col in ("id", "packet", "to", "via", "kind", "seq", "state", "tries", "age s", "why"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(str(r["id"]), r["packet_id"][:8], r["recipient"], r["next_hop"], r["kind"],
+                  str(r["seq"]), r["state"], str(r["attempts"]), str(r["age_s"]),
+                  (r["last_error"] or "")[:60])
+    out.print(t)
+
+
+@outbox_app.command("retry")
+def outbox_retry(
+    config: ConfigOpt,
+    ids: Annotated[list[int] | None, typer.Argument(help="outbox row ids (default: all dead)")] = None,
+    peer: Annotated[str | None, typer.Option()] = None,
+    waiting: Annotated[bool, typer.Option(help="also retry queued rows now")] = False,
+) -> None:
+    """Re-queue dead packets (or those backing off, with --waiting) for sending now."""
+    from bridge import ops
+
+    states = ("dead", "queued") if waiting else ("dead",)
+    n = ops.outbox_retry(_ctx(config), ids=ids or None, peer=peer, states=states, actor="cli")
+    out.print(f"re-queued {n} packet(s)")
+
+
+@quarantine_app.command("list")
+def quarantine_list(
+    config: ConfigOpt,
+    state: Annotated[str, typer.Option(help="held|replayed|all")] = "held",
+) -> None:
+    from bridge.store import quarantine
+
+    ctx = _ctx(config)
+    with ctx.store.read() as conn:
+        rows = quarantine.list_items(conn, state=None if state == "all" else state)
+    t = Table(title=f"quarantine of {ctx.node_id}")
+    for col in ("id", "at", "source", "code", "from", "kind", "state", "reason"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(str(r["id"]), r["at"].strftime("%Y-%m-%d %H:%M:%S"), r["source"], r["code"],
+                  r["sender"] or "-", r["kind"] or "-", r["state"], r["message"][:70])
+    out.print(t)
+
+
+@quarantine_app.command("show")
+def quarantine_show(config: ConfigOpt, item_id: int) -> None:
+    from bridge.store import quarantine
+
+    ctx = _ctx(config)
+    with ctx.store.read() as conn:
+        item = quarantine.get_item(conn, item_id)
+    raw, body = item.pop("raw"), item.pop("body")
+    item["raw_bytes"] = len(raw)
+    item["body_bytes"] = len(body) if body else None
+    out.print_json(json.dumps(item, default=str, ensure_ascii=False))
+    if body:
+        out.print("readable body (kept for IT on this node only):")
+        out.print(body.decode("utf-8", "replace")[:4000])
+
+
+@quarantine_app.command("replay")
+def quarantine_replay(config: ConfigOpt, item_id: int) -> None:
+    """Run a held item through intake again, e.g. after adding a rule or a key."""
+    from bridge import ops
+    from bridge.gateway.intake import Intake
+
+    ctx = _ctx(config)
+    ok, result = ops.quarantine_replay(ctx, Intake(ctx), item_id, actor="cli")
+    (out if ok else err).print(f"{'replayed' if ok else 'still refused'}: {result}")
+    raise typer.Exit(0 if ok else 1)
+
+
+@audit_app.command("verify")
+def audit_verify(config: ConfigOpt) -> None:
+    """Recompute the hash chain and checkpoints; exit 1 naming the first bad record."""
+    ctx = _ctx(config)
+    me = ctx.plan.directory[ctx.node_id]
+    with ctx.store.read() as conn:
+        result = ctx.audit.verify(conn, me.signing_keys)
+    if result.ok:
+        out.print(f"audit chain of {ctx.node_id} verifies: {result.checked} records, "
+                  f"{result.checkpoints_checked} signed checkpoints, head {result.last_hash[:16]}")
+        return
+    err.print(f"audit chain of {ctx.node_id} is BROKEN at record {result.first_bad_seq}: "
+              f"{result.reason}")
+    raise typer.Exit(1)
+
+
+@audit_app.command("export")
+def audit_export(
+    config: ConfigOpt,
+    since: Annotated[str | None, typer.Option(help="ISO time, UTC if no zone")] = None,
+    until: Annotated[str | None, typer.Option()] = None,
+    fmt: Annotated[str, typer.Option("--format", help="ndjson|csv")] = "ndjson",
+    patient: Annotated[str | None, typer.Option(help="patient hash")] = None,
+    output: Annotated[Path | None, typer.Option("--out", "-o")] = None,
+) -> None:
+    """Write the audit trail for an auditor (patients appear only as keyed hashes)."""
+    from bridge.audit.export import export
+
+    if fmt not in ("ndjson", "csv"):
+        raise HutongError("--format must be ndjson or csv")
+    ctx = _ctx(config)
+    stream = open(output, "w", encoding="utf-8", newline="") if output else sys.stdout
+    try:
+        with ctx.store.read() as conn:
+            export(conn, stream, since=_when(since), until=_when(until), fmt=fmt,
+                   patient_hash=patient)
+    finally:
+        if output:
+            stream.close()
+
+
+@keys_app.command("init")
+def keys_init(
+    alliance: Annotated[Path | None, typer.Option(help="alliance folder: keys for every node")] = None,
+    node: Annotated[str | None, typer.Option(help="one node id (with --out)")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="folder for one node's keys")] = None,
+    passphrase_env: Annotated[str | None, typer.Option(
+        help="env var holding a passphrase to encrypt the private keys")] = None,
+) -> None:
+    """Create Ed25519 signing and X25519 encryption keys (private files 0600)."""
+    passphrase = os.environ[passphrase_env].encode() if passphrase_env else None
+    if alliance:
+        from bridge.config.scaffold import init_keys_and_secrets
+
+        made = init_keys_and_secrets(alliance, passphrase=passphrase)
+        out.print(f"keys and secrets ready in {alliance}: {made}")
+        return
+    if not (node and out_dir):
+        raise HutongError("give --alliance DIR, or --node ID with --out DIR")
+    from bridge.crypto.keys import generate_node_keys
+
+    pub = generate_node_keys(out_dir, node, passphrase)
+    out.print_json(json.dumps(pub))
+
+
+@keys_app.command("show")
+def keys_show(config: ConfigOpt) -> None:
+    """Print this node's public keys, as they go into the alliance directory."""
+    from bridge.crypto.keys import key_id, load_encryption_key, load_signing_key, public_text
+
+    plan = _plan(config)
+    s = load_signing_key(plan.keys.signing, plan.keys.passphrase)
+    e = load_encryption_key(plan.keys.encryption, plan.keys.passphrase)
+    from cryptography.hazmat.primitives import serialization as ser
+
+    raw = ser.Encoding.Raw, ser.PublicFormat.Raw
+    out.print_json(json.dumps({
+        "node": plan.node_id, "signing": public_text(s), "encryption": public_text(e),
+        "signing_id": key_id(s.public_key().public_bytes(*raw)),
+        "encryption_id": key_id(e.public_key().public_bytes(*raw)),
+    }))
+
+
+@config_app.command("check")
+def config_check(path: Annotated[Path, typer.Argument(help="a node file or an alliance folder")]) -> None:
+    """Validate every file and report every problem at once, with file and key."""
+    from bridge.config.loader import check_alliance, load_node
+
+    if path.is_dir():
+        problems = check_alliance(path)
+    else:
+        try:
+            plan = load_node(path)
+            problems = []
+        except HutongError as exc:
+            problems = getattr(exc, "problems", [str(exc)])
+    if problems:
+        for p in problems:
+            err.print(p)
+        err.print(f"{len(problems)} problem(s)")
+        raise typer.Exit(1)
+    out.print(f"{path}: ok" + ("" if path.is_dir() else f" (config hash {plan.config_hash[:16]})"))
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=True)
+    except HutongError as exc:
+        err.print(f"error: {exc}")
+        sys.exit(2)
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,370 @@
+"""What the config files may say (file models) and what a node runs from (the plan).
+
+File models mirror ``alliance.toml`` and ``nodes/<id>.toml`` one to one and forbid unknown keys, so
+a typo is reported instead of silently falling back to a default. They keep paths and secret
+references exactly as written, which makes them the stable input of ``config_hash``.
+
+The plan types (``Member``, ``NodePlan`` and the settings dataclasses) hold the resolved result:
+absolute paths, parsed public keys, read secrets. Only the loader builds them, after every check
+passed, and they are immutable so no part of a running node can drift from what was audited.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    PositiveFloat,
+    PositiveInt,
+    ValidationInfo,
+    field_validator,
+)
+
+from bridge.config.rules import RuleSet
+from bridge.config.secrets import check_secret_ref, is_secret_ref
+from bridge.errors import NotFound
+
+ROLES: tuple[str, ...] = ("core", "secondary", "community", "platform")
+TOKEN_ROLES: tuple[str, ...] = ("clinician", "it", "auditor")
+#: MLPS 2.0 (等级保护 2.0) requires security audit logs to be kept at least six months
+MIN_AUDIT_DAYS = 183
+DEFAULT_NATIONAL_ID_SYSTEM = "urn:oid:2.16.156.10011.1.3"
+
+_MEMBER_ID = re.compile(r"[a-z0-9-]{2,32}")
+_KIND = re.compile(r"[a-z][a-z0-9-]*(\.[a-z][a-z0-9-]*)*")
+_BIND = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[^:\[\]\s]+):(?P<port>[0-9]{1,5})")
+
+Role = Literal["core", "secondary", "community", "platform"]
+
+
+def _member_id(value: str) -> str:
+    if not _MEMBER_ID.fullmatch(value):
+        raise ValueError(f"{value!r} is not a member id: use 2-32 characters of a-z, 0-9 and '-'")
+    return value
+
+
+def _kind(value: str) -> str:
+    if value != "*" and not _KIND.fullmatch(value):
+        raise ValueError(f"{value!r} is not a message kind such as 'referral.request' or '*'")
+    return value
+
+
+def split_bind(value: str) -> tuple[str, int]:
+    """Split ``host:port`` (IPv6 as ``[::1]:port``); raise ValueError if it is not one."""
+    match = _BIND.fullmatch(value)
+    port = int(match["port"]) if match else 0
+    if not match or not 0 < port < 65536:
+        raise ValueError(f"{value!r} is not host:port (e.g. 127.0.0.1:8101)")
+    return match["host"].strip("[]"), port
+
+
+def _bind(value: str) -> str:
+    split_bind(value)
+    return value
+
+
+def _exchange_url(value: str) -> str:
+    parts = urlsplit(value)
+    if (
+        parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or parts.query
+        or parts.fragment
+        or parts.username is not None
+    ):
+        raise ValueError(f"{value!r} is not an http(s) URL such as http://127.0.0.1:9101")
+    try:
+        parts.port
+    except ValueError as exc:
+        raise ValueError(f"{value!r} has an invalid port") from exc
+    return value.rstrip("/")
+
+
+def _storage_dsn(value: str) -> str:
+    if value == "" or is_secret_ref(value):
+        return value
+    return check_dsn(value)
+
+
+def check_dsn(value: str, *, from_secret: bool = False) -> str:
+    """Accept SQLite and psycopg 3 PostgreSQL DSNs; refuse passwords written into a config file."""
+    if value.startswith("sqlite:///") or (from_secret and value.startswith("postgresql+psycopg://")):
+        return value
+    if value.startswith("postgresql+psycopg://"):
+        parts = urlsplit(value)
+        if parts.password is not None or "password=" in parts.query:
+            raise ValueError(
+                "the DSN contains a password: put the whole DSN in a secret instead, "
+                'e.g. storage_dsn = "env:HUTONG_PG_DSN" or "file:../secrets/<node>.dsn"'
+            )
+        return value
+    raise ValueError(
+        "must be empty (SQLite in data_dir), sqlite:///<path>, postgresql+psycopg://... "
+        "or a secret reference env:NAME / file:path"
+    )
+
+
+MemberId = Annotated[str, AfterValidator(_member_id)]
+Kind = Annotated[str, AfterValidator(_kind)]
+Bind = Annotated[str, AfterValidator(_bind)]
+SecretRef = Annotated[str, AfterValidator(check_secret_ref)]
+NonEmpty = Annotated[str, Field(min_length=1)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Names(_Model):
+    """A member's official name in Chinese (shown to clinicians) and English (logs, partners)."""
+
+    zh: NonEmpty
+    en: NonEmpty
+
+
+# --- alliance.toml ---------------------------------------------------------------------------
+
+
+class AllianceInfo(_Model):
+    id: MemberId
+    names: Names
+    patient_hash_key: SecretRef
+    national_id_system: NonEmpty = DEFAULT_NATIONAL_ID_SYSTEM
+
+
+class MemberConfig(_Model):
+    id: MemberId
+    names: Names
+    role: Role
+    exchange_url: Annotated[str, AfterValidator(_exchange_url)]
+    signing_key: NonEmpty
+    encryption_key: NonEmpty
+    next_signing_key: NonEmpty | None = None
+    next_encryption_key: NonEmpty | None = None
+    via: MemberId | None = None
+
+
+class RuleConfig(_Model):
+    from_: NonEmpty = Field(alias="from")
+    to: NonEmpty
+    kinds: Annotated[tuple[Kind, ...], Field(min_length=1)]
+    note: str | None = None
+
+
+class AllianceFile(_Model):
+    alliance: AllianceInfo
+    members: Annotated[tuple[MemberConfig, ...], Field(min_length=1)]
+    rules: tuple[RuleConfig, ...] = ()
+
+
+# --- nodes/<id>.toml -------------------------------------------------------------------------
+
+
+class KeysConfig(_Model):
+    signing: NonEmpty
+    encryption: NonEmpty
+    passphrase: SecretRef | None = None
+
+
+class TokensConfig(_Model):
+    """One bearer token per local-API role; each is a secret reference."""
+
+    clinician: SecretRef
+    it: SecretRef
+    auditor: SecretRef
+
+
+class LimitsConfig(_Model):
+    max_body_bytes: PositiveInt = 20 * 1024 * 1024
+    clock_window_s: PositiveInt = 300
+    max_batch: PositiveInt = 500
+
+
+def _needs_default(table: Mapping[str, object]) -> Mapping[str, object]:
+    if "*" not in table:
+        raise ValueError("needs a '*' entry: the default for kinds not listed")
+    return table
+
+
+class DeliveryConfig(_Model):
+    batch_size: PositiveInt = 200
+    max_attempts: PositiveInt = 50
+    dead_after_s: PositiveInt = 7 * 24 * 3600
+    backoff_base_s: PositiveFloat = 0.5
+    backoff_max_s: PositiveFloat = 300.0
+    per_peer_concurrency: PositiveInt = 1
+    poll_interval_s: PositiveFloat = 0.5
+    handlers: Annotated[dict[Kind, NonEmpty], AfterValidator(_needs_default)] = {"*": "spool"}
+    spool_dir: NonEmpty | None = None  # default <data_dir>/spool
+
+    @field_validator("backoff_max_s")
+    @classmethod
+    def _max_not_below_base(cls, value: float, info: ValidationInfo) -> float:
+        base = info.data.get("backoff_base_s")
+        if base is not None and value < base:
+            raise ValueError(f"must be at least backoff_base_s ({base})")
+        return value
+
+
+class RetentionConfig(_Model):
+    body_days: Annotated[dict[Kind, NonNegativeFloat], AfterValidator(_needs_default)] = {
+        "*": 30.0
+    }
+    audit_days: int = MIN_AUDIT_DAYS
+    run_every_s: PositiveFloat = 3600.0
+
+    @field_validator("audit_days")
+    @classmethod
+    def _six_months(cls, value: int) -> int:
+        if value < MIN_AUDIT_DAYS:
+            raise ValueError(
+                f"must be at least {MIN_AUDIT_DAYS}: MLPS 2.0 (等级保护 2.0) keeps audit logs "
+                "for six months"
+            )
+        return value
+
+
+class AuditConfig(_Model):
+    checkpoint_every: PositiveInt = 1000
+
+
+class NodeFile(_Model):
+    node_id: MemberId
+    alliance: NonEmpty
+    local_bind: Bind
+    peer_bind: Bind
+    data_dir: NonEmpty | None = None  # default ../data/<node_id>
+    storage_dsn: Annotated[str, AfterValidator(_storage_dsn)] = ""
+    keys: KeysConfig
+    tokens: TokensConfig
+    limits: LimitsConfig = LimitsConfig()
+    delivery: DeliveryConfig = DeliveryConfig()
+    retention: RetentionConfig = RetentionConfig()
+    audit: AuditConfig = AuditConfig()
+
+
+# --- the plan --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AllianceIdentity:
+    id: str
+    names: Names
+    national_id_system: str
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """A directory entry: how to reach a member and which keys to trust for it.
+
+    Two keys of a kind exist only during a rollover (current first, then next); both verify.
+    """
+
+    id: str
+    names: Names
+    role: str
+    exchange_url: str
+    signing_keys: tuple[Ed25519PublicKey, ...]
+    encryption_keys: tuple[X25519PublicKey, ...]
+    via: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NodeKeys:
+    """Where this node's private keys are and the passphrase that opens them (None: unencrypted)."""
+
+    signing: Path
+    encryption: Path
+    passphrase: bytes | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class DeliverySettings:
+    batch_size: int
+    max_attempts: int
+    dead_after_s: int
+    backoff_base_s: float
+    backoff_max_s: float
+    per_peer_concurrency: int
+    poll_interval_s: float
+    handlers: Mapping[str, str]
+    spool_dir: Path
+
+    def handler_for(self, kind: str) -> str:
+        """The local handler for a delivered kind; '*' is the default."""
+        return self.handlers.get(kind, self.handlers["*"])
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionSettings:
+    body_days: Mapping[str, float]
+    audit_days: int
+    run_every_s: float
+
+    def body_days_for(self, kind: str) -> float:
+        """How long message bodies of a kind are kept; '*' is the default."""
+        return self.body_days.get(kind, self.body_days["*"])
+
+
+@dataclass(frozen=True, slots=True)
+class NodePlan:
+    """Everything one node needs to run, validated and resolved; built only by the loader."""
+
+    node_id: str
+    names: Names
+    role: str
+    alliance: AllianceIdentity
+    directory: Mapping[str, Member]
+    local_host: str
+    local_port: int
+    peer_host: str
+    peer_port: int
+    data_dir: Path
+    storage_dsn: str = field(repr=False)
+    keys: NodeKeys
+    tokens: Mapping[str, str] = field(repr=False)
+    patient_hash_key: bytes = field(repr=False)
+    limits: LimitsConfig
+    delivery: DeliverySettings
+    retention: RetentionSettings
+    audit: AuditConfig
+    rules: RuleSet
+    config_hash: str
+    source_files: tuple[Path, ...]
+
+    @property
+    def me(self) -> Member:
+        return self.directory[self.node_id]
+
+    def member(self, member_id: str) -> Member:
+        try:
+            return self.directory[member_id]
+        except KeyError:
+            raise NotFound(f"{member_id!r} is not a member of alliance {self.alliance.id}") from None
+
+    def next_hop(self, recipient_id: str) -> str:
+        """Which member to hand a packet for ``recipient_id`` to.
+
+        A platform reaches every member directly; anyone else goes through the platform when
+        either end sits behind one (partner → platform → firewall → core hospital).
+        """
+        recipient = self.member(recipient_id)
+        if self.role == "platform":
+            return recipient.id
+        if recipient.via is not None:
+            return recipient.via
+        if self.me.via is not None:
+            return self.me.via
+        return recipient.id

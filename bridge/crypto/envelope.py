@@ -1,0 +1,544 @@
+"""Packet envelope: signed frames whose body only the recipient can open.
+
+Frame: ``HTP1 | u32 | header | u32 | ciphertext | sig(64) [| RLY1 | u32 | stamp | sig(64)]``.
+The header is visible (relays route on it) but signed and bound to the body as AES-GCM AAD;
+the body is sealed to the recipient's X25519 key with a fresh ephemeral key per packet.
+docs/envelope.md explains the construction and the reasons behind it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import os
+import re
+import struct
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal, cast
+
+import orjson
+from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from bridge.crypto.keys import key_id
+from bridge.errors import BadSignature, DecryptFailed, DigestMismatch, HutongError
+from bridge.errors import MalformedPacket, PacketTooLarge
+
+VERSION = 1
+SUITE = "X25519-HKDF-SHA256-A256GCM/Ed25519"
+MAGIC_PACKET, MAGIC_RECEIPT, MAGIC_BATCH, MAGIC_RELAY = b"HTP1", b"HTR1", b"HTB1", b"RLY1"
+SIG_LEN, TAG_LEN, NONCE_LEN, KEY_LEN = 64, 16, 12, 32
+MAX_HEADER = 16 * 1024  # a real header is ~600 bytes; never parse megabytes of JSON
+MAX_STAMP = 4 * 1024
+MAX_RECEIPT = 64 * 1024
+MAX_TEXT = 256  # sender, recipient, kind, thread, relay are identifiers, not free text
+RECEIPT_STATUSES = ("accepted", "relayed", "refused")
+CTX_PACKET = b"hutong/v1/packet\x00"
+CTX_RELAY = b"hutong/v1/relay\x00"
+CTX_RECEIPT = b"hutong/v1/receipt\x00"
+HKDF_INFO = b"hutong/v1/body"
+
+_U32 = struct.Struct(">I")
+_SORTED = orjson.OPT_SORT_KEYS
+_SHA256 = hashes.SHA256()
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_KEY_ID = re.compile(r"k[0-9a-f]{16}")
+_TIME = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})\.([0-9]{3})Z")
+_NAMES = {MAGIC_PACKET: "packet", MAGIC_RECEIPT: "receipt", MAGIC_BATCH: "batch",
+          MAGIC_RELAY: "relay stamp"}
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    """Routing and integrity facts of a packet: signed by the sender, readable by relays."""
+
+    v: int
+    id: str
+    sender: str
+    recipient: str
+    kind: str
+    created_at: datetime
+    thread: str
+    seq: int
+    digest: str
+    size: int
+    suite: str
+    epk: bytes  # raw 32-byte ephemeral X25519 public key (base64 on the wire)
+    nonce: bytes  # raw 12-byte AES-GCM nonce (base64 on the wire)
+    sig_key: str
+    enc_key: str
+    raw: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class RelayStamp:
+    """A platform's signed note that it forwarded this exact packet, and when."""
+
+    relay: str
+    relayed_at: datetime
+    packet: str
+    sig_key: str
+    raw: bytes = field(repr=False)
+    signature: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Packet:
+    """A decoded frame: structure checked, signature not yet verified, body still sealed."""
+
+    header: Header
+    header_bytes: bytes = field(repr=False)
+    ciphertext: bytes = field(repr=False)
+    signature: bytes = field(repr=False)
+    relay: RelayStamp | None
+    frame: bytes = field(repr=False)
+
+    @property
+    def id(self) -> str:
+        return self.header.id
+
+    @property
+    def signed_part(self) -> bytes:
+        """Exactly the bytes the sender's Ed25519 signature covers."""
+        hb = self.header_bytes
+        return b"".join((CTX_PACKET, _U32.pack(len(hb)), hb, self.ciphertext))
+
+    @property
+    def unstamped(self) -> bytes:
+        """The frame as the sender made it, without any relay stamp."""
+        end = 12 + len(self.header_bytes) + len(self.ciphertext) + SIG_LEN
+        return self.frame if end == len(self.frame) else self.frame[:end]
+
+
+# -- field checks shared by seal, decode and stamps ----------------------------------------------
+
+
+def _text(v: Any) -> bool:
+    return isinstance(v, str) and 0 < len(v) <= MAX_TEXT
+
+
+def _uuid(v: Any) -> bool:
+    try:
+        return isinstance(v, str) and str(uuid.UUID(v)) == v  # canonical: one spelling per id
+    except ValueError:
+        return False
+
+
+def _matches(pattern: re.Pattern[str]) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, str) and pattern.fullmatch(v) is not None
+
+
+def _b64_of(n: int) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, str) and len(_unb64(v)) == n
+
+
+_IS_TEXT = (_text, f"a string of 1-{MAX_TEXT} characters")
+_IS_UUID = (_uuid, "a lowercase hyphenated UUID")
+_IS_TIME = (lambda v: _time(v) is not None, "an RFC 3339 UTC time like 2025-01-31T08:00:00.000Z")
+_IS_KEY_ID = (_matches(_KEY_ID), "a key id like k0123456789abcdef")
+_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "v": (lambda v: type(v) is int and v == VERSION, "1, the only supported version"),
+    "id": _IS_UUID, "packet": _IS_UUID, "created_at": _IS_TIME, "relayed_at": _IS_TIME,
+    "sender": _IS_TEXT, "recipient": _IS_TEXT, "kind": _IS_TEXT, "relay": _IS_TEXT,
+    "thread": (lambda v: isinstance(v, str) and len(v) <= MAX_TEXT, f"at most {MAX_TEXT} chars"),
+    "seq": (lambda v: type(v) is int and 0 <= v < 1 << 63, "a non-negative integer"),
+    "size": (lambda v: type(v) is int and 0 <= v < 1 << 32, "a non-negative integer"),
+    "digest": (_matches(_HEX64), "64 lowercase hex digits"),
+    "suite": (lambda v: v == SUITE, f"{SUITE}, the only supported suite"),
+    "epk": (_b64_of(KEY_LEN), f"{KEY_LEN} bytes of base64"),
+    "nonce": (_b64_of(NONCE_LEN), f"{NONCE_LEN} bytes of base64"),
+    "sig_key": _IS_KEY_ID, "enc_key": _IS_KEY_ID,
+}
+_HEADER_KEYS = ("v", "id", "sender", "recipient", "kind", "created_at", "thread", "seq",
+                "digest", "size", "suite", "epk", "nonce", "sig_key", "enc_key")
+_STAMP_KEYS = ("relay", "relayed_at", "packet", "sig_key")
+_RECEIPT_KEYS = ("packet", "sender", "recipient", "receiver", "status", "code", "message",
+                 "at", "digest")
+
+
+def _problem(d: dict[str, Any], names: Sequence[str]) -> str | None:
+    """First field of ``names`` failing its check, as one line (the value is never echoed)."""
+    for name in names:
+        ok, what = _CHECKS[name]
+        if not ok(d[name]):
+            return f"field '{name}' must be {what}"
+    return None
+
+
+# -- sealing -----------------------------------------------------------------------------------
+
+
+def body_digest(body: bytes) -> str:
+    """Hex sha256 of a plaintext body: names the content for dedup without revealing it."""
+    return hashlib.sha256(body).hexdigest()
+
+
+def seal(
+    body: bytes, *, sender: str, recipient: str, kind: str, thread: str, seq: int,
+    signing_key: Ed25519PrivateKey, recipient_key: X25519PublicKey,
+    packet_id: str | None = None, created_at: datetime | None = None,
+    ephemeral_key: X25519PrivateKey | None = None, nonce: bytes | None = None,
+) -> bytes:
+    """Encrypt ``body`` to the recipient and sign the frame; returns the wire bytes.
+
+    The optional arguments pin otherwise random values (test vectors). Bad arguments raise
+    ValueError/TypeError: they are the caller's bug, not a refusal of a peer's packet.
+    """
+    if not isinstance(signing_key, Ed25519PrivateKey):
+        raise TypeError("signing_key must be an Ed25519PrivateKey")
+    if not isinstance(recipient_key, X25519PublicKey):
+        raise TypeError("recipient_key must be an X25519PublicKey")
+    if nonce is None:
+        nonce = os.urandom(NONCE_LEN)
+    elif len(nonce) != NONCE_LEN:
+        raise ValueError(f"nonce must be {NONCE_LEN} bytes")
+    fields = {"id": _uuid4() if packet_id is None else packet_id, "sender": sender,
+              "recipient": recipient, "kind": kind, "thread": thread, "seq": seq}
+    problem = _problem(fields, ("sender", "recipient", "kind", "thread", "seq")
+                       + (("id",) if packet_id is not None else ()))
+    if problem:
+        raise ValueError(problem)
+    eph = X25519PrivateKey.generate() if ephemeral_key is None else ephemeral_key
+    epk = eph.public_key().public_bytes_raw()
+    rpk = recipient_key.public_bytes_raw()
+    fields.update(
+        v=VERSION, created_at=format_time(created_at or datetime.now(UTC)),
+        digest=hashlib.sha256(body).hexdigest(), size=len(body), suite=SUITE, epk=_b64(epk),
+        nonce=_b64(nonce), sig_key=_own_key_id(signing_key), enc_key=key_id(rpk),
+    )
+    header = orjson.dumps(fields, option=_SORTED)
+    ciphertext = AESGCM(_body_key(eph.exchange(recipient_key), epk, rpk)).encrypt(
+        nonce, body, header)
+    hlen = _U32.pack(len(header))
+    signature = signing_key.sign(b"".join((CTX_PACKET, hlen, header, ciphertext)))
+    return b"".join((MAGIC_PACKET, hlen, header, _U32.pack(len(ciphertext)), ciphertext,
+                     signature))
+
+
+def _body_key(shared: bytes, epk: bytes, rpk: bytes) -> bytes:
+    """Salt binds the key to both public keys, so one shared secret never serves two pairs."""
+    return HKDF(_SHA256, KEY_LEN, epk + rpk, HKDF_INFO).derive(shared)
+
+
+# -- decoding, verifying, opening ----------------------------------------------------------------
+
+
+def decode(frame: bytes, *, max_body: int) -> Packet:
+    """Split and check a frame without any key; every length is judged before it is used."""
+    frame = frame if isinstance(frame, bytes) else bytes(frame)
+    _magic(frame, MAGIC_PACKET)
+    header_raw, pos = _chunk(frame, 4, "packet header", min(max_body, MAX_HEADER), PacketTooLarge)
+    ciphertext, pos = _chunk(frame, pos, "packet body", max_body + TAG_LEN, PacketTooLarge,
+                             extra=SIG_LEN, overhead=TAG_LEN)
+    if len(ciphertext) < TAG_LEN:
+        raise MalformedPacket(f"packet ciphertext is {len(ciphertext)} bytes, shorter than a tag")
+    d = _object(header_raw, "packet header", _HEADER_KEYS)
+    problem = _problem(d, _HEADER_KEYS)
+    if problem:
+        raise MalformedPacket(f"packet header: {problem}")
+    header = Header(
+        v=VERSION, id=d["id"], sender=d["sender"], recipient=d["recipient"], kind=d["kind"],
+        created_at=cast(datetime, _time(d["created_at"])), thread=d["thread"], seq=d["seq"],
+        digest=d["digest"], size=d["size"], suite=SUITE, epk=_unb64(d["epk"]),
+        nonce=_unb64(d["nonce"]), sig_key=d["sig_key"], enc_key=d["enc_key"], raw=header_raw,
+    )
+    end = pos + SIG_LEN
+    relay = _stamp(frame, end) if len(frame) > end else None
+    return Packet(header=header, header_bytes=header_raw, ciphertext=ciphertext,
+                  signature=frame[pos:end], relay=relay, frame=frame)
+
+
+def _stamp(frame: bytes, pos: int) -> RelayStamp:
+    if frame[pos:pos + 4] != MAGIC_RELAY:
+        raise MalformedPacket(f"{len(frame) - pos} unexpected bytes after the packet signature")
+    raw, end = _chunk(frame, pos + 4, "relay stamp", MAX_STAMP, MalformedPacket, extra=SIG_LEN)
+    if len(frame) != end + SIG_LEN:
+        raise MalformedPacket(f"{len(frame) - end - SIG_LEN} unexpected bytes after relay stamp")
+    d = _object(raw, "relay stamp", _STAMP_KEYS)
+    problem = _problem(d, _STAMP_KEYS)
+    if problem:
+        raise MalformedPacket(f"relay stamp: {problem}")
+    return RelayStamp(relay=d["relay"], relayed_at=cast(datetime, _time(d["relayed_at"])),
+                      packet=d["packet"], sig_key=d["sig_key"], raw=raw, signature=frame[end:])
+
+
+def verify(packet: Packet, signing_keys: Sequence[Ed25519PublicKey]) -> None:
+    """Pass if any of the sender's keys signed the packet (current and next, during rollover)."""
+    h = packet.header
+    if not _verifies(signing_keys, h.sig_key, packet.signature, packet.signed_part):
+        raise BadSignature(f"packet {h.id} signature does not verify with any of the "
+                           f"{len(signing_keys)} key(s) of '{h.sender}' (signed with {h.sig_key})")
+
+
+def open_body(packet: Packet, encryption_keys: Sequence[X25519PrivateKey]) -> bytes:
+    """Decrypt and check the body; the key the header names is tried first, then the others."""
+    h = packet.header
+    epk = X25519PublicKey.from_public_bytes(h.epk)
+    pairs = [(k, k.public_key().public_bytes_raw()) for k in encryption_keys]
+    pairs.sort(key=lambda p: key_id(p[1]) != h.enc_key)
+    for priv, rpk in pairs:
+        try:
+            shared = priv.exchange(epk)
+        except ValueError:  # all-zero shared secret: a low-order ephemeral point
+            raise DecryptFailed(f"packet {h.id} has an unusable ephemeral key") from None
+        try:
+            body = AESGCM(_body_key(shared, h.epk, rpk)).decrypt(
+                h.nonce, packet.ciphertext, packet.header_bytes)
+        except InvalidTag:
+            continue
+        if len(body) != h.size:
+            raise DigestMismatch(f"packet {h.id} body is {len(body)} bytes, header says {h.size}")
+        if hashlib.sha256(body).hexdigest() != h.digest:
+            raise DigestMismatch(f"packet {h.id} body does not match the header digest")
+        return body
+    raise DecryptFailed(f"packet {h.id} does not open with any of this node's "
+                        f"{len(pairs)} encryption key(s) (sealed to {h.enc_key})")
+
+
+# -- relay stamps ------------------------------------------------------------------------------
+
+
+def stamp_relay(
+    packet: Packet, *, relay_id: str, signing_key: Ed25519PrivateKey, now: datetime | None = None
+) -> bytes:
+    """Frame to forward, with a fresh relay stamp (an older one dropped); the body stays sealed."""
+    fields = {"relay": relay_id, "relayed_at": format_time(now or datetime.now(UTC)),
+              "packet": packet.header.id, "sig_key": _own_key_id(signing_key)}
+    problem = _problem(fields, ("relay",))
+    if problem:
+        raise ValueError(problem)
+    stamp = orjson.dumps(fields, option=_SORTED)
+    sig = signing_key.sign(b"".join((CTX_RELAY, stamp, packet.signature)))
+    return b"".join((packet.unstamped, MAGIC_RELAY, _U32.pack(len(stamp)), stamp, sig))
+
+
+def verify_relay(packet: Packet, signing_keys: Sequence[Ed25519PublicKey]) -> None:
+    """Check the stamp names this very packet and was signed by one of the relay's keys."""
+    s, pid = packet.relay, packet.header.id
+    if s is None:
+        raise BadSignature(f"packet {pid} has no relay stamp")
+    if s.packet != pid:
+        raise BadSignature(f"relay stamp names packet {s.packet}, not {pid}")
+    if not _verifies(signing_keys, s.sig_key, s.signature,
+                     b"".join((CTX_RELAY, s.raw, packet.signature))):
+        raise BadSignature(f"relay stamp of packet {pid} does not verify with any of the "
+                           f"{len(signing_keys)} key(s) of relay '{s.relay}'")
+
+
+# -- receipts ----------------------------------------------------------------------------------
+
+
+def sign_receipt(fields: dict[str, Any], signing_key: Ed25519PrivateKey) -> bytes:
+    """``HTR1 | u32 | json | sig(64)``: the receiver's signed word on what it did with a packet."""
+    data = dict(fields)
+    if isinstance(data.get("at"), datetime):
+        data["at"] = format_time(data["at"])
+    problem = _receipt_problem(data)
+    if problem:
+        raise ValueError(problem)
+    try:
+        raw = orjson.dumps(data, option=_SORTED)
+    except orjson.JSONEncodeError as exc:
+        raise ValueError(f"receipt fields are not JSON: {exc}") from None
+    if len(raw) > MAX_RECEIPT:
+        raise ValueError(f"receipt is {len(raw)} bytes, limit {MAX_RECEIPT}")
+    sig = signing_key.sign(CTX_RECEIPT + raw)
+    return b"".join((MAGIC_RECEIPT, _U32.pack(len(raw)), raw, sig))
+
+
+def verify_receipt(
+    data: bytes, keys_for: Callable[[str], Sequence[Ed25519PublicKey]]
+) -> dict[str, Any]:
+    """Check a receipt with the keys of the node it names as receiver; returns its fields.
+
+    Whatever ``keys_for`` raises for an unknown node (e.g. UnknownSender) propagates.
+    """
+    data = data if isinstance(data, bytes) else bytes(data)
+    _magic(data, MAGIC_RECEIPT)
+    raw, end = _chunk(data, 4, "receipt", MAX_RECEIPT, PacketTooLarge, extra=SIG_LEN)
+    if len(data) != end + SIG_LEN:
+        raise MalformedPacket(f"{len(data) - end - SIG_LEN} unexpected bytes after the receipt")
+    fields = _object(raw, "receipt", _RECEIPT_KEYS, extra_ok=True)
+    problem = _receipt_problem(fields)
+    if problem:
+        raise MalformedPacket(problem)
+    if not _verifies(keys_for(fields["receiver"]), None, data[end:], CTX_RECEIPT + raw):
+        raise BadSignature(f"receipt for packet {fields['packet']} does not verify with any key "
+                           f"of '{fields['receiver']}'")
+    return fields
+
+
+def _receipt_problem(d: dict[str, Any]) -> str | None:
+    missing = [k for k in _RECEIPT_KEYS if k not in d]
+    if missing:
+        return f"receipt is missing field(s) {', '.join(missing)}"
+    if d["status"] not in RECEIPT_STATUSES:
+        return "receipt field 'status' must be accepted, relayed or refused"
+    if not _text(d["receiver"]) or not _text(d["at"]):
+        return "receipt fields 'receiver' and 'at' must be non-empty strings"
+    bad = [k for k in _RECEIPT_KEYS if d[k] is not None and not isinstance(d[k], str)]
+    return f"receipt field '{bad[0]}' must be a string or null" if bad else None
+
+
+# -- batches -----------------------------------------------------------------------------------
+
+
+def encode_batch(items: Sequence[bytes]) -> bytes:
+    """``HTB1 | u32 count | (u32 len | item)*``: many frames in one HTTP round trip."""
+    if len(items) >= 1 << 32 or any(len(i) >= 1 << 32 for i in items):
+        raise ValueError("batch or batch item too large for a u32 length")
+    parts = [MAGIC_BATCH, _U32.pack(len(items))]
+    for item in items:
+        parts += (_U32.pack(len(item)), item)
+    return b"".join(parts)
+
+
+def decode_batch(data: bytes, *, max_items: int = 10_000, max_total: int) -> list[bytes]:
+    """Split a batch into frames: framing only, the caller judges each item on its own."""
+    if len(data) > max_total:
+        raise PacketTooLarge(f"batch is {len(data)} bytes, limit {max_total}")
+    data = data if isinstance(data, bytes) else bytes(data)
+    _magic(data, MAGIC_BATCH)
+    if len(data) < 8:
+        raise MalformedPacket(f"batch is truncated: {len(data)} bytes, no item count")
+    count = _U32.unpack_from(data, 4)[0]
+    if count > max_items:
+        raise PacketTooLarge(f"batch has {count} items, limit {max_items}")
+    items, pos = [], 8
+    for i in range(count):
+        item, pos = _chunk(data, pos, f"batch item {i}", max_total, PacketTooLarge)
+        items.append(item)
+    if pos != len(data):
+        raise MalformedPacket(f"{len(data) - pos} unexpected bytes after the {count} batch items")
+    return items
+
+
+def frame_kind(item: bytes) -> Literal["packet", "receipt"]:
+    """What a batch item is, told by its magic."""
+    kind = _NAMES.get(bytes(item[:4]))
+    if kind == "packet" or kind == "receipt":
+        return kind
+    raise MalformedPacket(f"expected a packet or receipt frame, got {_got(item[:4])}")
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def format_time(t: datetime) -> str:
+    """RFC 3339 UTC with milliseconds and 'Z': one spelling, so signed bytes are predictable."""
+    if t.tzinfo is None:
+        raise ValueError("timestamps must be timezone-aware")
+    return t.astimezone(UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
+
+
+def _time(value: Any) -> datetime | None:
+    m = _TIME.fullmatch(value) if isinstance(value, str) else None
+    try:
+        return datetime(*(int(g) for g in m.groups()[:6]), int(m[7]) * 1000, tzinfo=UTC) \
+            if m else None
+    except ValueError:  # e.g. month 13
+        return None
+
+
+def _chunk(data: bytes, pos: int, what: str, limit: int, too_big: type[HutongError],
+           extra: int = 0, overhead: int = 0) -> tuple[bytes, int]:
+    """Read ``u32 len | bytes`` at pos, judging the length before anything is sliced.
+
+    ``extra`` bytes must follow the chunk; ``overhead`` is left out of size messages (GCM tag).
+    """
+    if len(data) < pos + 4:
+        raise MalformedPacket(f"{what} is truncated: the frame ends before its length")
+    n = _U32.unpack_from(data, pos)[0]
+    if n > limit:
+        raise too_big(f"{what} is {n - overhead} bytes, limit {limit - overhead}")
+    end = pos + 4 + n
+    if len(data) < end + extra:
+        raise MalformedPacket(f"{what} is truncated: frame has {len(data)} bytes, needs "
+                              f"{end + extra}")
+    return data[pos + 4:end], end
+
+
+def _verifies(keys: Sequence[Ed25519PublicKey], wanted: str | None, sig: bytes,
+              message: bytes) -> bool:
+    """Try the key named by ``wanted`` first; any key that verifies is accepted (rollover)."""
+    ordered = list(keys)
+    if wanted is not None and len(ordered) > 1:
+        ordered.sort(key=lambda k: key_id(k.public_bytes_raw()) != wanted)
+    for k in ordered:
+        try:
+            k.verify(sig, message)
+            return True
+        except InvalidSignature:
+            continue
+    return False
+
+
+def _magic(data: bytes, magic: bytes) -> None:
+    if len(data) < 4:
+        raise MalformedPacket(f"{_NAMES[magic]} is truncated: {len(data)} bytes, no magic")
+    if data[:4] != magic:
+        raise MalformedPacket(f"expected a {_NAMES[magic]} frame, got {_got(data[:4])}")
+
+
+def _got(magic: bytes) -> str:
+    name = _NAMES.get(bytes(magic))
+    return f"a {name} frame" if name else "something that is not a Hutong frame (bad magic)"
+
+
+def _object(raw: bytes, what: str, keys: Sequence[str], extra_ok: bool = False) -> dict[str, Any]:
+    """Parse canonical JSON (one byte form per value, no duplicate keys) with the given keys."""
+    try:
+        d = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise MalformedPacket(f"{what} is not valid UTF-8 JSON") from None
+    if not isinstance(d, dict):
+        raise MalformedPacket(f"{what} is not a JSON object")
+    if orjson.dumps(d, option=_SORTED) != raw:
+        raise MalformedPacket(f"{what} is not canonical JSON (sorted keys, no whitespace)")
+    missing = [k for k in keys if k not in d]
+    if missing:
+        raise MalformedPacket(f"{what} is missing field(s) {', '.join(missing)}")
+    if not extra_ok and len(d) != len(keys):
+        unknown = ", ".join(repr(k[:32]) for k in sorted(set(d) - set(keys))[:3])
+        raise MalformedPacket(f"{what} has unknown field(s) {unknown}")
+    return d
+
+
+_OWN_IDS: dict[int, tuple[Ed25519PrivateKey, str]] = {}
+
+
+def _own_key_id(key: Ed25519PrivateKey) -> str:
+    """Key id of our own signing key, cached (seal is hot; holding the key pins its id())."""
+    hit = _OWN_IDS.get(id(key))
+    if hit is None or hit[0] is not key:
+        if len(_OWN_IDS) > 64:
+            _OWN_IDS.clear()
+        hit = _OWN_IDS[id(key)] = (key, key_id(key.public_key().public_bytes_raw()))
+    return hit[1]
+
+
+def _uuid4() -> str:
+    """Random (version 4) UUID text, ~2x faster than str(uuid.uuid4())."""
+    h = os.urandom(16).hex()
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
+
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode("ascii")
+
+
+def _unb64(value: str) -> bytes:
+    """Strict, canonical base64 (b'' when it is not), so a field has exactly one spelling."""
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        return b""
+    return raw if _b64(raw) == value else b""

@@ -1,0 +1,107 @@
+"""Hand received packets to local handlers in arrival order (sequence order within a thread).
+
+Delivery and the ``delivered`` mark commit together for handlers that write in the node's own
+transaction; external handlers are idempotent by packet id, so a crash in between redelivers
+the same packet and the local side still sees it once.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import select, update
+
+from bridge.audit.events import AuditEntry
+from bridge.context import NodeContext
+from bridge.delivery.handlers import Delivery, Handler
+from bridge.delivery.sender import backoff
+from bridge.errors import HutongError, Retry
+from bridge.store.quarantine import quarantine_row
+from bridge.store.tables import INBOX, QUARANTINE
+
+
+class Dispatcher:
+    def __init__(self, ctx: NodeContext, handlers: dict[str, Handler]) -> None:
+        self.ctx = ctx
+        self.handlers = handlers
+        self.batch = ctx.plan.delivery.batch_size
+
+    def handler_for(self, kind: str) -> Handler | None:
+        return self.handlers.get(kind) or self.handlers.get("*")
+
+    def run_once(self) -> int:
+        """Deliver one batch; returns how many were handed over."""
+        now = self.ctx.now()
+        stmt = (
+            select(INBOX.c.id, INBOX.c.packet_id, INBOX.c.sender, INBOX.c.kind, INBOX.c.thread,
+                   INBOX.c.seq, INBOX.c.patient_hash, INBOX.c.received_at, INBOX.c.body,
+                   INBOX.c.attempts)
+            .where(INBOX.c.state == "received", INBOX.c.next_try_at <= now)
+            .order_by(INBOX.c.id)
+            .limit(self.batch)
+        )
+        with self.ctx.store.read() as conn:
+            rows = conn.execute(stmt).all()
+        if not rows:
+            return 0
+        # hand over outside any transaction: handlers may do slow I/O (sockets, fsync)
+        blocked: set[str] = set()
+        delivered: list[Any] = []
+        failed: list[tuple[Any, HutongError]] = []
+        for r in rows:
+            if r.thread in blocked:  # keep order: nothing passes an earlier packet waiting
+                continue
+            handler = self.handler_for(r.kind)
+            try:
+                if handler is None:
+                    raise HutongError(f"no local handler for kind '{r.kind}'")
+                handler.deliver(_delivery(r))
+            except HutongError as exc:
+                blocked.add(r.thread)
+                failed.append((r, exc))
+                continue
+            delivered.append(r)
+        now = self.ctx.now()
+        with self.ctx.store.write() as conn:
+            audit: list[AuditEntry] = []
+            if delivered:
+                conn.execute(
+                    update(INBOX)
+                    .where(INBOX.c.id.in_([r.id for r in delivered]))
+                    .values(state="delivered", delivered_at=now, attempts=INBOX.c.attempts + 1)
+                )
+            for r in delivered:
+                audit.append(AuditEntry(
+                    action="delivered", packet_id=r.packet_id, kind=r.kind, peer=r.sender,
+                    thread=r.thread, patient_hash=r.patient_hash, at=now,
+                ))
+            for r, exc in failed:
+                audit.extend(self._failed(conn, r, exc))
+            if audit:
+                self.ctx.audit.append(conn, audit)
+        return len(delivered)
+
+    def _failed(self, conn: Any, r: Any, exc: HutongError) -> list[AuditEntry]:
+        now = self.ctx.now()
+        attempts = r.attempts + 1
+        cfg = self.ctx.plan.delivery
+        if exc.retry is Retry.PERMANENT or attempts >= cfg.max_attempts:
+            conn.execute(update(INBOX).where(INBOX.c.id == r.id).values(
+                state="failed", attempts=attempts, last_error=str(exc)[:500]))
+            conn.execute(QUARANTINE.insert(), [quarantine_row(
+                now, "delivery", exc, raw=r.body or b"", sender=r.sender,
+                packet_id=r.packet_id, kind=r.kind)])
+            return [AuditEntry(action="dead-lettered", outcome="8", packet_id=r.packet_id,
+                               kind=r.kind, peer=r.sender, thread=r.thread,
+                               patient_hash=r.patient_hash, code=exc.code, message=exc.message,
+                               at=now)]
+        conn.execute(update(INBOX).where(INBOX.c.id == r.id).values(
+            attempts=attempts, last_error=str(exc)[:500],
+            next_try_at=now + timedelta(seconds=backoff(attempts, cfg))))
+        return []
+
+
+def _delivery(r: Any) -> Delivery:
+    return Delivery(r.packet_id, r.sender, r.kind, r.thread, r.seq, r.patient_hash,
+                    r.received_at, bytes(r.body or b""))

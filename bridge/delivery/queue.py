@@ -1,0 +1,117 @@
+"""Queue packets for sending, in the caller's transaction (the business write and the queueing
+commit together or not at all). A packet the rules refuse never enters the outbox."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import Connection, func, insert, select
+
+from bridge.audit.events import AuditEntry
+from bridge.context import NodeContext
+from bridge.crypto.envelope import body_digest
+from bridge.errors import PacketRefused, PacketTooLarge, RouteDenied
+from bridge.fhir.validate import parse_and_validate_bundle
+from bridge.privacy import bundle_patient_hash
+from bridge.store.quarantine import quarantine_row
+from bridge.store.tables import OUTBOX, QUARANTINE
+
+
+@dataclass(slots=True)
+class Outgoing:
+    recipient: str
+    kind: str
+    body: bytes
+    thread: str | None = None
+
+
+@dataclass(slots=True)
+class Queued:
+    packet_id: str | None
+    error: PacketRefused | None = None
+
+
+def check_route(ctx: NodeContext, recipient: str, kind: str) -> None:
+    plan = ctx.plan
+    if recipient not in plan.directory:
+        raise RouteDenied(f"unknown member '{recipient}'")
+    if recipient == plan.node_id:
+        raise RouteDenied("a node does not send packets to itself")
+    if not plan.rules.allows(plan.node_id, recipient, kind):
+        raise RouteDenied(f"no rule allows {plan.node_id} -> {recipient} kind {kind}")
+
+
+def queue_packets(
+    ctx: NodeContext, conn: Connection, items: Sequence[Outgoing], *, actor: str | None = None
+) -> list[Queued]:
+    """Validate, route-check and insert; refusals are quarantined and audited, not raised."""
+    plan = ctx.plan
+    now = ctx.now()
+    rows: list[dict[str, object]] = []
+    refused: list[dict[str, object]] = []
+    audit: list[AuditEntry] = []
+    results: list[Queued] = []
+    next_seq: dict[str, int] = {}
+    for item in items:
+        packet_id = str(uuid.uuid4())
+        thread = item.thread or packet_id
+        try:
+            if len(item.body) > plan.limits.max_body_bytes:
+                raise PacketTooLarge(
+                    f"body is {len(item.body)} bytes, limit {plan.limits.max_body_bytes}"
+                )
+            check_route(ctx, item.recipient, item.kind)
+            bundle = parse_and_validate_bundle(item.body)
+        except PacketRefused as exc:
+            refused.append(
+                quarantine_row(
+                    now, "local", exc, raw=item.body, sender=plan.node_id,
+                    recipient=item.recipient, packet_id=packet_id, kind=item.kind,
+                    thread=item.thread,
+                )
+            )
+            audit.append(
+                AuditEntry(
+                    action="refused", outcome="4", packet_id=packet_id, kind=item.kind,
+                    peer=item.recipient, thread=thread, actor=actor, code=exc.code,
+                    message=exc.message, at=now,
+                )
+            )
+            results.append(Queued(None, exc))
+            continue
+        if thread not in next_seq:
+            last = conn.execute(
+                select(func.max(OUTBOX.c.seq)).where(
+                    OUTBOX.c.thread == thread, OUTBOX.c.sender == plan.node_id
+                )
+            ).scalar()
+            next_seq[thread] = (last or 0) + 1
+        seq = next_seq[thread]
+        next_seq[thread] = seq + 1
+        phash = bundle_patient_hash(plan.patient_hash_key, bundle, plan.alliance.national_id_system)
+        rows.append(
+            {
+                "packet_id": packet_id, "origin": "local", "sender": plan.node_id,
+                "recipient": item.recipient, "next_hop": plan.next_hop(item.recipient),
+                "kind": item.kind, "thread": thread, "seq": seq,
+                "digest": body_digest(item.body), "size": len(item.body),
+                "patient_hash": phash, "state": "queued", "attempts": 0,
+                "created_at": now, "next_try_at": now, "body": item.body,
+            }
+        )
+        audit.append(
+            AuditEntry(
+                action="queued", packet_id=packet_id, kind=item.kind, peer=item.recipient,
+                thread=thread, patient_hash=phash, actor=actor, at=now,
+            )
+        )
+        results.append(Queued(packet_id))
+    if rows:
+        conn.execute(insert(OUTBOX), rows)
+    if refused:
+        conn.execute(insert(QUARANTINE), refused)
+    if audit:
+        ctx.audit.append(conn, audit)
+    return results

@@ -1,0 +1,208 @@
+"""Send one peer's outbox in batches: claim due rows, seal, POST, record the signed answers.
+
+Local packets are sealed at each attempt (so created-at is fresh even after a long outage); the
+packet id stays, and the receiver answers an identical re-send with its original receipt.
+Order within a thread holds because a peer has one batch in flight at a time, rows go out in
+queue order, and a transient failure retries the whole batch.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, insert, select, update
+
+from bridge.audit.events import AuditEntry
+from bridge.context import NodeContext
+from bridge.crypto import envelope as env
+from bridge.delivery.transport import PeerConnection
+from bridge.errors import HutongError, PacketRefused, Retry, TransportError
+from bridge.store.tables import OUTBOX
+
+MAX_BATCH_BYTES = 8 << 20
+
+_COLS = (
+    OUTBOX.c.id, OUTBOX.c.packet_id, OUTBOX.c.origin, OUTBOX.c.sender, OUTBOX.c.recipient,
+    OUTBOX.c.kind, OUTBOX.c.thread, OUTBOX.c.seq, OUTBOX.c.patient_hash, OUTBOX.c.attempts,
+    OUTBOX.c.created_at, OUTBOX.c.body, OUTBOX.c.frame,
+)
+
+
+@dataclass(slots=True)
+class SendReport:
+    sent: int = 0
+    failed: int = 0
+    error: str | None = None
+
+
+class PeerSender:
+    """Per-peer settings and connection; ``send_batch`` is one claim-send-record round."""
+
+    def __init__(self, ctx: NodeContext, peer: str) -> None:
+        self.ctx = ctx
+        self.peer = peer
+        self.member = ctx.plan.directory[peer]
+        self.conn = PeerConnection(self.member.exchange_url)
+        self.cfg = ctx.plan.delivery
+
+    def claim(self, now: datetime) -> list[Any]:
+        stmt = (
+            select(*_COLS)
+            .where(OUTBOX.c.next_hop == self.peer, OUTBOX.c.state == "queued",
+                   OUTBOX.c.next_try_at <= now)
+            .order_by(OUTBOX.c.id)
+            .limit(self.cfg.batch_size)
+        )
+        with self.ctx.store.read() as conn:
+            rows = conn.execute(stmt).all()
+        picked, total = [], 0
+        for r in rows:
+            size = len(r.body or r.frame or b"")
+            if picked and total + size > MAX_BATCH_BYTES:
+                break
+            picked.append(r)
+            total += size
+        return picked
+
+    def send_batch(self) -> SendReport:
+        now = self.ctx.now()
+        rows = self.claim(now)
+        if not rows:
+            return SendReport()
+        frames = [self._frame(r, now) for r in rows]
+        try:
+            answers = env.decode_batch(
+                self.conn.post_batch(env.encode_batch(frames)),
+                max_items=len(frames), max_total=64 << 20,
+            )
+            if len(answers) != len(frames):
+                raise TransportError(f"{self.peer} answered {len(answers)} of {len(frames)}")
+        except HutongError as exc:
+            self._failed(rows, exc)
+            return SendReport(failed=len(rows), error=str(exc))
+        with self.ctx.store.write() as conn:
+            audit = [self._record(conn, r, a) for r, a in zip(rows, answers, strict=True)]
+            entries = [e for group in audit for e in group]
+            if entries:
+                self.ctx.audit.append(conn, entries)
+        return SendReport(sent=len(rows))
+
+    def _frame(self, r: Any, now: datetime) -> bytes:
+        if r.origin == "local":
+            recipient = self.ctx.plan.directory[r.recipient]
+            return env.seal(
+                r.body, sender=r.sender, recipient=r.recipient, kind=r.kind, thread=r.thread,
+                seq=r.seq, signing_key=self.ctx.signing_key,
+                recipient_key=recipient.encryption_keys[0], packet_id=r.packet_id,
+                created_at=now,
+            )
+        if r.origin == "relay":
+            pkt = env.decode(r.frame, max_body=1 << 62)
+            return env.stamp_relay(
+                pkt, relay_id=self.ctx.node_id, signing_key=self.ctx.signing_key, now=now
+            )
+        return bytes(r.frame)  # a forwarded receipt travels as it was signed
+
+    def _record(self, conn: Connection, r: Any, answer: bytes) -> list[AuditEntry]:
+        now = self.ctx.now()
+        if r.origin == "receipt":
+            state = "acknowledged" if not answer else "refused"
+            conn.execute(
+                update(OUTBOX).where(OUTBOX.c.id == r.id)
+                .values(state=state, attempts=r.attempts + 1, sent_at=now, acked_at=now)
+            )
+            return []
+        try:
+            fields = env.verify_receipt(answer, self._keys_for)
+            if fields.get("packet") != r.packet_id:
+                raise TransportError(f"receipt from {self.peer} names another packet")
+        except (HutongError, PacketRefused) as exc:
+            self._failed([r], exc, conn=conn)
+            return []
+        status = fields.get("status")
+        values: dict[str, Any] = {"attempts": r.attempts + 1, "sent_at": now, "last_error": None}
+        entry = AuditEntry(
+            action="sent", packet_id=r.packet_id, kind=r.kind, peer=r.recipient,
+            thread=r.thread, patient_hash=r.patient_hash, at=now,
+            extra={"hop": self.peer, "receipt": status, "attempt": r.attempts + 1},
+        )
+        if status == "accepted":
+            values.update(state="acknowledged", acked_at=now, receipt=answer)
+        elif status == "relayed":
+            values.update(state="sent")
+        else:
+            values.update(
+                state="refused", acked_at=now, receipt=answer,
+                last_error=f"{fields.get('code')}: {fields.get('message')}",
+            )
+            entry.action, entry.outcome = "rejected", "8"
+            entry.code, entry.message = fields.get("code"), fields.get("message")
+        conn.execute(update(OUTBOX).where(OUTBOX.c.id == r.id).values(**values))
+        if r.origin == "relay" and status in ("accepted", "refused"):
+            self._forward_receipt(conn, r, answer, now)
+            entry.action = "relayed" if status == "accepted" else "rejected"
+        return [entry]
+
+    def _forward_receipt(self, conn: Connection, r: Any, receipt: bytes, now: datetime) -> None:
+        """A platform passes the recipient's signed receipt back to the original sender."""
+        conn.execute(
+            insert(OUTBOX),
+            [{
+                "packet_id": f"receipt:{r.packet_id}", "origin": "receipt",
+                "sender": self.ctx.node_id, "recipient": r.sender, "next_hop": r.sender,
+                "kind": "receipt", "thread": r.thread, "seq": r.seq, "digest": "",
+                "size": len(receipt), "state": "queued", "attempts": 0, "created_at": now,
+                "next_try_at": now, "frame": receipt,
+            }],
+        )
+
+    def _failed(self, rows: list[Any], exc: HutongError, conn: Connection | None = None) -> None:
+        """Back off (transient/ambiguous) or dead-letter (permanent, too many tries, too old)."""
+        now = self.ctx.now()
+        cfg = self.cfg
+        audit: list[AuditEntry] = []
+
+        def apply(c: Connection) -> None:
+            for r in rows:
+                attempts = r.attempts + 1
+                age = (now - r.created_at).total_seconds()
+                dead = (
+                    exc.retry is Retry.PERMANENT
+                    or attempts >= cfg.max_attempts
+                    or age > cfg.dead_after_s
+                )
+                values: dict[str, Any] = {"attempts": attempts, "last_error": str(exc)[:500]}
+                if dead:
+                    values["state"] = "dead"
+                    audit.append(AuditEntry(
+                        action="dead-lettered", outcome="8", packet_id=r.packet_id,
+                        kind=r.kind, peer=r.recipient, thread=r.thread,
+                        patient_hash=r.patient_hash, code=exc.code, message=exc.message, at=now,
+                    ))
+                else:
+                    values["next_try_at"] = now + timedelta(seconds=backoff(attempts, cfg))
+                c.execute(update(OUTBOX).where(OUTBOX.c.id == r.id).values(**values))
+            if audit:
+                self.ctx.audit.append(c, audit)
+
+        if conn is not None:
+            apply(conn)
+        else:
+            with self.ctx.store.write() as c:
+                apply(c)
+
+    def _keys_for(self, node: str) -> tuple[Any, ...]:
+        member = self.ctx.plan.directory.get(node)
+        return member.signing_keys if member else ()
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def backoff(attempts: int, cfg: Any) -> float:
+    """Exponential backoff with equal jitter: half fixed, half random."""
+    delay = min(cfg.backoff_max_s, cfg.backoff_base_s * (2 ** min(attempts - 1, 30)))
+    return delay / 2 + random.uniform(0, delay / 2)

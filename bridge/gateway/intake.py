@@ -1,0 +1,363 @@
+"""The receive pipeline: every frame that crosses the peer port goes through ``Intake.receive``.
+
+Checks run cheapest first and each refusal has its own error code: frame, size, sender,
+signature, relay stamp, recipient, clock, rules and topology, replay, decryption, digest, FHIR.
+A whole batch commits in one transaction (inbox rows, relay rows, quarantine rows, audit), and
+only then are the signed receipts returned: a receipt is never given for something not stored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, insert, select, update
+
+from bridge.audit.events import AuditEntry
+from bridge.context import NodeContext
+from bridge.crypto import envelope as env
+from bridge.errors import (
+    ClockSkew,
+    HutongError,
+    PacketRefused,
+    ReplayedPacket,
+    RouteDenied,
+    UnknownSender,
+    WrongRecipient,
+)
+from bridge.fhir.validate import parse_and_validate_bundle
+from bridge.privacy import bundle_patient_hash
+from bridge.store.quarantine import quarantine_row
+from bridge.store.tables import INBOX, OUTBOX, QUARANTINE
+
+
+@dataclass
+class _Batch:
+    """Everything one batch will write, collected before the single commit."""
+
+    inbox: list[dict[str, Any]] = field(default_factory=list)
+    relay: list[dict[str, Any]] = field(default_factory=list)
+    quarantine: list[dict[str, Any]] = field(default_factory=list)
+    audit: list[AuditEntry] = field(default_factory=list)
+    acks: list[tuple[dict[str, Any], bytes]] = field(default_factory=list)
+
+
+class Intake:
+    def __init__(self, ctx: NodeContext) -> None:
+        self.ctx = ctx
+        self.plan = ctx.plan
+        self.me = ctx.plan.directory[ctx.plan.node_id]
+        self.window = timedelta(seconds=ctx.plan.limits.clock_window_s)
+
+    # -- public -------------------------------------------------------------------------------
+
+    def receive(
+        self,
+        frames: list[bytes],
+        *,
+        now: datetime | None = None,
+        source: str = "peer",
+        requarantine: bool = True,
+    ) -> list[bytes]:
+        """Process a batch; returns one answer per frame (a signed receipt, or b"" for a
+        forwarded receipt we took). Raises StoreError if the batch could not be committed."""
+        now = now or self.ctx.now()
+        batch = _Batch()
+        answers: list[bytes | None] = []
+        seen: dict[str, tuple[tuple[Any, ...], int]] = {}
+        decoded: list[env.Packet | PacketRefused | None] = []
+        for frame in frames:  # decode once; the replay lookup needs every id up front
+            try:
+                is_packet = env.frame_kind(frame) == "packet"
+                decoded.append(
+                    env.decode(frame, max_body=self.plan.limits.max_body_bytes)
+                    if is_packet else None
+                )
+            except PacketRefused as exc:
+                decoded.append(exc)
+        existing = self._existing([p.header.id for p in decoded if isinstance(p, env.Packet)])
+        for frame, pkt in zip(frames, decoded, strict=True):
+            try:
+                if isinstance(pkt, PacketRefused):
+                    raise pkt
+                if pkt is None:
+                    answers.append(self._take_receipt(frame, batch))
+                    continue
+                answers.append(self._take_packet(pkt, frame, now, batch, existing, seen, answers))
+            except PacketRefused as exc:
+                answers.append(self._refuse(frame, exc, now, source, batch, requarantine))
+        with self.ctx.store.write() as conn:
+            self._commit(conn, batch)
+        return [a if a is not None else b"" for a in answers]
+
+    # -- packets ------------------------------------------------------------------------------
+
+    def _take_packet(
+        self,
+        pkt: env.Packet,
+        frame: bytes,
+        now: datetime,
+        batch: _Batch,
+        existing: dict[str, dict[str, Any]],
+        seen: dict[str, tuple[tuple[Any, ...], int]],
+        answers: list[bytes | None],
+    ) -> bytes | None:
+        plan = self.plan
+        h = pkt.header
+        sender = plan.directory.get(h.sender)
+        if sender is None:
+            raise UnknownSender(f"sender '{h.sender}' is not in the alliance directory")
+        env.verify(pkt, sender.signing_keys)
+        clock_ref = h.created_at
+        relay_id = None
+        if pkt.relay is not None:
+            relay = plan.directory.get(pkt.relay.relay)
+            if relay is None or relay.role != "platform":
+                raise UnknownSender(f"relay '{pkt.relay.relay}' is not a platform member")
+            env.verify_relay(pkt, relay.signing_keys)
+            clock_ref = pkt.relay.relayed_at
+            relay_id = relay.id
+        relaying = h.recipient != plan.node_id
+        if relaying and not (self.me.role == "platform" and h.recipient in plan.directory):
+            raise WrongRecipient(f"packet is for '{h.recipient}', this node is '{plan.node_id}'")
+        if abs(now - clock_ref) > self.window:
+            what = "relayed-at" if relay_id else "created-at"
+            raise ClockSkew(
+                f"{what} {clock_ref.isoformat()} is outside ±{int(self.window.total_seconds())} s"
+                f" of this node's clock"
+            )
+        self._check_route(h.sender, h.recipient, h.kind, relay_id, relaying)
+        identity = (h.sender, h.recipient, h.kind, h.thread, h.seq, h.digest)
+        if h.id in seen:
+            first_identity, index = seen[h.id]
+            if first_identity != identity:
+                raise ReplayedPacket(f"packet id {h.id} already taken with other content")
+            return answers[index]
+        prior = existing.get(h.id)
+        if prior is not None:
+            if prior["identity"] != identity:
+                raise ReplayedPacket(f"packet id {h.id} already taken with other content")
+            batch.audit.append(self._entry("duplicate", h, now, relay_id, prior.get("patient_hash")))
+            seen[h.id] = (identity, len(answers))
+            return prior["receipt"]
+        seen[h.id] = (identity, len(answers))
+        if relaying:
+            return self._relay(h, frame, now, batch)
+        body = env.open_body(pkt, self.ctx.encryption_keys)
+        try:
+            bundle = parse_and_validate_bundle(body)
+        except PacketRefused as exc:
+            exc.body = body  # type: ignore[attr-defined]  # kept for IT in quarantine
+            raise
+        phash = bundle_patient_hash(
+            plan.patient_hash_key, bundle, plan.alliance.national_id_system
+        )
+        receipt = self._receipt(h.id, h.sender, h.recipient, h.digest, "accepted", now)
+        batch.inbox.append(
+            {
+                "packet_id": h.id, "sender": h.sender, "relay": relay_id, "kind": h.kind,
+                "thread": h.thread, "seq": h.seq, "digest": h.digest, "size": h.size,
+                "patient_hash": phash, "state": "received", "attempts": 0,
+                "created_at": h.created_at, "received_at": now, "next_try_at": now,
+                "body": body, "receipt": receipt,
+            }
+        )
+        batch.audit.append(self._entry("received", h, now, relay_id, phash))
+        return receipt
+
+    def _check_route(
+        self, sender: str, recipient: str, kind: str, relay_id: str | None, relaying: bool
+    ) -> None:
+        plan = self.plan
+        if not plan.rules.allows(sender, recipient, kind):
+            raise RouteDenied(f"no rule allows {sender} -> {recipient} kind {kind}")
+        hub = plan.directory[sender].via or plan.directory[recipient].via
+        if relaying:
+            if hub != plan.node_id:
+                raise RouteDenied(f"{sender} -> {recipient} is not routed through {plan.node_id}")
+        elif hub is not None and relay_id != hub:
+            raise RouteDenied(f"{sender} -> {recipient} must arrive through '{hub}'")
+
+    def _relay(self, h: env.Header, frame: bytes, now: datetime, batch: _Batch) -> bytes:
+        """Store and forward: the platform keeps the sealed frame, never a readable body.
+        (A stamp of an earlier relay, if any, is replaced when this platform forwards it.)"""
+        raw = frame
+        batch.relay.append(
+            {
+                "packet_id": h.id, "origin": "relay", "sender": h.sender,
+                "recipient": h.recipient, "next_hop": h.recipient, "kind": h.kind,
+                "thread": h.thread, "seq": h.seq, "digest": h.digest, "size": h.size,
+                "patient_hash": None, "state": "queued", "attempts": 0, "created_at": now,
+                "next_try_at": now, "body": None, "frame": raw,
+            }
+        )
+        batch.audit.append(self._entry("relay-queued", h, now, None, None))
+        return self._receipt(h.id, h.sender, h.recipient, h.digest, "relayed", now)
+
+    # -- receipts forwarded back through a platform ---------------------------------------------
+
+    def _take_receipt(self, frame: bytes, batch: _Batch) -> bytes:
+        fields = env.verify_receipt(frame, self._keys_for)
+        if fields.get("sender") != self.plan.node_id:
+            raise WrongRecipient(f"receipt for a packet sent by '{fields.get('sender')}'")
+        batch.acks.append((fields, frame))
+        return b""
+
+    def _keys_for(self, node: str) -> tuple[Any, ...]:
+        member = self.plan.directory.get(node)
+        if member is None:
+            raise UnknownSender(f"receipt signer '{node}' is not in the alliance directory")
+        return member.signing_keys
+
+    # -- refusals ---------------------------------------------------------------------------
+
+    def _refuse(
+        self,
+        frame: bytes,
+        exc: PacketRefused,
+        now: datetime,
+        source: str,
+        batch: _Batch,
+        keep: bool = True,
+    ) -> bytes:
+        header = _peek_header(frame)
+        if not keep:  # a replay from quarantine: the original item records the outcome
+            return self._refusal(header, exc, now)
+        batch.quarantine.append(
+            quarantine_row(
+                now, source, exc, raw=frame, body=getattr(exc, "body", None),
+                sender=header.get("sender"), recipient=header.get("recipient"),
+                packet_id=header.get("id"), kind=header.get("kind"), thread=header.get("thread"),
+            )
+        )
+        batch.audit.append(
+            AuditEntry(
+                action="refused", outcome="4", packet_id=header.get("id"),
+                kind=header.get("kind"), peer=header.get("sender"), thread=header.get("thread"),
+                code=exc.code, message=exc.message, at=now,
+            )
+        )
+        return self._refusal(header, exc, now)
+
+    def _refusal(self, header: dict[str, Any], exc: PacketRefused, now: datetime) -> bytes:
+        return env.sign_receipt(
+            {
+                "packet": header.get("id"), "sender": header.get("sender"),
+                "recipient": header.get("recipient"), "receiver": self.plan.node_id,
+                "status": "refused", "code": exc.code, "message": exc.message,
+                "at": _iso(now), "digest": header.get("digest"),
+            },
+            self.ctx.signing_key,
+        )
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _receipt(
+        self, packet: str, sender: str, recipient: str, digest: str, status: str, now: datetime
+    ) -> bytes:
+        return env.sign_receipt(
+            {
+                "packet": packet, "sender": sender, "recipient": recipient,
+                "receiver": self.plan.node_id, "status": status, "code": None,
+                "message": None, "at": _iso(now), "digest": digest,
+            },
+            self.ctx.signing_key,
+        )
+
+    def _entry(
+        self, action: str, h: env.Header, now: datetime, relay: str | None, phash: str | None
+    ) -> AuditEntry:
+        return AuditEntry(
+            action=action, packet_id=h.id, kind=h.kind, peer=h.sender, thread=h.thread,
+            patient_hash=phash, at=now, extra={"relay": relay} if relay else None,
+        )
+
+    def _existing(self, ids: list[str]) -> dict[str, dict[str, Any]]:
+        """Packet ids of this batch already taken (one query for the whole batch)."""
+        if not ids:
+            return {}
+        found: dict[str, dict[str, Any]] = {}
+        with self.ctx.store.read() as conn:
+            for r in conn.execute(
+                select(
+                    INBOX.c.packet_id, INBOX.c.sender, INBOX.c.kind, INBOX.c.thread,
+                    INBOX.c.seq, INBOX.c.digest, INBOX.c.receipt, INBOX.c.patient_hash,
+                ).where(INBOX.c.packet_id.in_(ids))
+            ):
+                found[r.packet_id] = {
+                    "identity": (r.sender, self.plan.node_id, r.kind, r.thread, r.seq, r.digest),
+                    "receipt": r.receipt, "patient_hash": r.patient_hash,
+                }
+            for r in conn.execute(
+                select(
+                    OUTBOX.c.packet_id, OUTBOX.c.sender, OUTBOX.c.recipient, OUTBOX.c.kind,
+                    OUTBOX.c.thread, OUTBOX.c.seq, OUTBOX.c.digest, OUTBOX.c.created_at,
+                ).where(OUTBOX.c.packet_id.in_(ids), OUTBOX.c.origin == "relay")
+            ):
+                identity = (r.sender, r.recipient, r.kind, r.thread, r.seq, r.digest)
+                receipt = self._receipt(
+                    r.packet_id, r.sender, r.recipient, r.digest, "relayed", r.created_at
+                )
+                found[r.packet_id] = {"identity": identity, "receipt": receipt}
+        return found
+
+    def _commit(self, conn: Connection, batch: _Batch) -> None:
+        if batch.inbox:
+            conn.execute(insert(INBOX), batch.inbox)
+        if batch.relay:
+            conn.execute(insert(OUTBOX), batch.relay)
+        if batch.quarantine:
+            conn.execute(insert(QUARANTINE), batch.quarantine)
+        for fields, frame in batch.acks:
+            batch.audit.extend(apply_receipt(self.ctx, conn, fields, frame))
+        if batch.audit:
+            self.ctx.audit.append(conn, batch.audit)
+
+
+def apply_receipt(
+    ctx: NodeContext, conn: Connection, fields: dict[str, Any], frame: bytes
+) -> list[AuditEntry]:
+    """Record an end-to-end receipt on the outbox row it answers (idempotent)."""
+    now = ctx.now()
+    row = conn.execute(
+        select(OUTBOX.c.id, OUTBOX.c.state, OUTBOX.c.recipient, OUTBOX.c.kind, OUTBOX.c.thread,
+               OUTBOX.c.patient_hash, OUTBOX.c.origin)
+        .where(OUTBOX.c.packet_id == fields.get("packet"))
+    ).first()
+    if row is None or row.state in ("acknowledged", "refused"):
+        return []
+    if fields.get("receiver") != row.recipient:
+        return []
+    accepted = fields.get("status") == "accepted"
+    conn.execute(
+        update(OUTBOX)
+        .where(OUTBOX.c.id == row.id)
+        .values(
+            state="acknowledged" if accepted else "refused", acked_at=now, receipt=frame,
+            last_error=None if accepted else f"{fields.get('code')}: {fields.get('message')}",
+        )
+    )
+    return [
+        AuditEntry(
+            action="acknowledged" if accepted else "rejected",
+            outcome="0" if accepted else "8", packet_id=fields.get("packet"), kind=row.kind,
+            peer=row.recipient, thread=row.thread, patient_hash=row.patient_hash,
+            code=fields.get("code"), message=fields.get("message"), at=now,
+        )
+    ]
+
+
+def _iso(t: datetime) -> str:
+    return t.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _peek_header(frame: bytes) -> dict[str, Any]:
+    """Best-effort header fields of a refused frame, for quarantine and audit only."""
+    try:
+        pkt = env.decode(frame, max_body=1 << 62)
+    except HutongError:
+        return {}
+    h = pkt.header
+    return {"id": h.id, "sender": h.sender, "recipient": h.recipient, "kind": h.kind,
+            "thread": h.thread, "digest": h.digest}

@@ -1,0 +1,202 @@
+"""A running node: two ports (peer-facing gateway, hospital-facing local API) and the jobs.
+
+Jobs (APScheduler, one thread each at most): ``send:<peer>`` per next hop, ``deliver``,
+``retention``, ``checkpoint``, ``config-watch``. Work that arrives (a queued packet, a received
+batch) wakes the right job at once; the interval is only the safety net.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+from datetime import UTC, datetime
+from typing import Any
+
+import uvicorn
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from bridge.audit.events import AuditEntry
+from bridge.config.loader import NodePlan
+from bridge.context import NodeContext
+from bridge.delivery.dispatcher import Dispatcher
+from bridge.delivery.handlers import load_handlers
+from bridge.delivery.retention import purge_bodies
+from bridge.delivery.sender import PeerSender
+from bridge.gateway.app import create_gateway
+from bridge.gateway.intake import Intake
+from bridge.store import state
+
+log = logging.getLogger("hutong.node")
+
+
+class _Drain:
+    """A job body that repeats its step while there is work, and can be woken early."""
+
+    def __init__(self, step: Any) -> None:
+        self.step = step
+        self.dirty = threading.Event()
+        self.stopping = False
+
+    def __call__(self) -> None:
+        while not self.stopping:
+            self.dirty.clear()
+            try:
+                moved, failed = self.step()
+            except Exception:  # a job must never die; the error is in the outbox row / log
+                log.exception("job step failed")
+                return
+            if failed or (moved == 0 and not self.dirty.is_set()):
+                return
+
+
+class Node:
+    def __init__(self, plan: NodePlan) -> None:
+        self.plan = plan
+        self.ctx = NodeContext.open(plan)
+        self.intake = Intake(self.ctx)
+        self.dispatcher = Dispatcher(
+            self.ctx,
+            load_handlers(dict(plan.delivery.handlers), {"spool_dir": plan.delivery.spool_dir}),
+        )
+        me = plan.directory[plan.node_id]
+        if me.role == "platform" or not me.via:
+            hops = [m for m in plan.directory if m != plan.node_id]
+        else:
+            hops = [me.via]
+        self.senders = {peer: PeerSender(self.ctx, peer) for peer in hops}
+        self.drains: dict[str, _Drain] = {}
+        self.scheduler = BackgroundScheduler(
+            executors={"default": ThreadPoolExecutor(len(hops) + 6)},
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
+            timezone=UTC,
+        )
+        logging.getLogger("apscheduler").setLevel(logging.ERROR)
+
+    # -- jobs ---------------------------------------------------------------------------------
+
+    def _add_drain(self, job_id: str, step: Any, every: float) -> None:
+        drain = _Drain(step)
+        self.drains[job_id] = drain
+        self.scheduler.add_job(drain, "interval", seconds=every, id=job_id,
+                               next_run_time=datetime.now(UTC))
+
+    def wake(self, job_id: str) -> None:
+        drain = self.drains.get(job_id)
+        if drain is None:
+            return
+        drain.dirty.set()
+        try:
+            self.scheduler.modify_job(job_id, next_run_time=datetime.now(UTC))
+        except Exception:  # scheduler shutting down
+            pass
+
+    def wake_all_senders(self) -> None:
+        for peer in self.senders:
+            self.wake(f"send:{peer}")
+
+    def start_jobs(self) -> None:
+        cfg = self.plan.delivery
+        for peer, sender in self.senders.items():
+            def step(s: PeerSender = sender) -> tuple[int, bool]:
+                report = s.send_batch()
+                return report.sent, report.failed > 0
+            self._add_drain(f"send:{peer}", step, cfg.poll_interval_s)
+        self._add_drain("deliver", lambda: (self.dispatcher.run_once(), False),
+                        cfg.poll_interval_s)
+        self.scheduler.add_job(self._retention, "interval", id="retention",
+                               seconds=self.plan.retention.run_every_s)
+        self.scheduler.add_job(self._checkpoint, "interval", id="checkpoint", seconds=60)
+        self.scheduler.add_job(self._watch_config, "interval", id="config-watch", seconds=10)
+        self.scheduler.start()
+
+    def _retention(self) -> None:
+        purge_bodies(self.ctx)
+
+    def _checkpoint(self) -> None:
+        with self.ctx.store.write() as conn:
+            self.ctx.audit.checkpoint(conn)
+
+    def _watch_config(self) -> None:
+        """The running plan is immutable; a file edited on disk is audited so it is seen."""
+        from bridge.config.loader import files_hash
+
+        on_disk = files_hash(self.plan.source_files)
+        with self.ctx.store.write() as conn:
+            known = state.get(conn, "config_files_hash")
+            if known != on_disk:
+                state.put(conn, "config_files_hash", on_disk, self.ctx.now())
+                if known is not None:
+                    self.ctx.audit.append(conn, [AuditEntry(
+                        action="config", outcome="4", at=self.ctx.now(),
+                        message="config files changed on disk; restart to apply",
+                        extra={"files_hash": on_disk})])
+
+    def record_start(self) -> None:
+        with self.ctx.store.write() as conn:
+            previous = state.get(conn, "config_hash")
+            state.put(conn, "config_hash", self.plan.config_hash, self.ctx.now())
+            self.ctx.audit.append(conn, [AuditEntry(
+                action="config", at=self.ctx.now(), actor=self.plan.node_id,
+                message="node started" + ("" if previous in (None, self.plan.config_hash)
+                                          else "; config changed since last start"),
+                extra={"config_hash": self.plan.config_hash, "previous": previous})])
+
+    # -- servers ------------------------------------------------------------------------------
+
+    def apps(self) -> tuple[Any, Any]:
+        from bridge.api.local_app import create_local_app
+
+        def received() -> None:
+            self.wake("deliver")
+            if self.plan.role == "platform":
+                self.wake_all_senders()
+        gateway = create_gateway(self.ctx, self.intake, on_received=received)
+        local = create_local_app(self)
+        return gateway, local
+
+    def run(self) -> None:
+        self.record_start()
+        gateway, local = self.apps()
+        servers = [
+            uvicorn.Server(uvicorn.Config(gateway, host=self.plan.peer_host,
+                                          port=self.plan.peer_port, log_level="warning",
+                                          access_log=False)),
+            uvicorn.Server(uvicorn.Config(local, host=self.plan.local_host,
+                                          port=self.plan.local_port, log_level="warning",
+                                          access_log=False)),
+        ]
+        for s in servers:
+            s.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self.start_jobs()
+
+        async def main() -> None:
+            loop = asyncio.get_running_loop()
+            stop = asyncio.Event()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            tasks = [asyncio.create_task(s.serve()) for s in servers]
+            await stop.wait()
+            for s in servers:
+                s.should_exit = True
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        try:
+            asyncio.run(main())
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        for drain in self.drains.values():
+            drain.stopping = True
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=True)
+        try:
+            self._checkpoint()
+        except Exception:
+            log.exception("final checkpoint failed")
+        for sender in self.senders.values():
+            sender.close()
+        self.ctx.store.dispose()

@@ -1,0 +1,161 @@
+"""Operations IT runs on a node, shared by the CLI and the local API: list what waits and why,
+retry the outbox, inspect and replay quarantine. They work on the store directly, so they work
+whether or not the node process is running."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select, update
+
+from bridge.audit.events import AuditEntry
+from bridge.context import NodeContext
+from bridge.delivery.queue import Outgoing, queue_packets
+from bridge.errors import NotFound
+from bridge.store import quarantine
+from bridge.store.tables import INBOX, OUTBOX
+
+WAITING = ("queued", "sent")
+
+
+def outbox_list(
+    ctx: NodeContext, *, state: str | None = None, peer: str | None = None, limit: int = 100
+) -> list[dict[str, Any]]:
+    """Rows with their age and last error: what waits, for how long and why."""
+    now = ctx.now()
+    stmt = select(
+        OUTBOX.c.id, OUTBOX.c.packet_id, OUTBOX.c.origin, OUTBOX.c.recipient, OUTBOX.c.next_hop,
+        OUTBOX.c.kind, OUTBOX.c.thread, OUTBOX.c.seq, OUTBOX.c.state, OUTBOX.c.attempts,
+        OUTBOX.c.created_at, OUTBOX.c.next_try_at, OUTBOX.c.last_error,
+    ).order_by(OUTBOX.c.id).limit(limit)
+    if state:
+        stmt = stmt.where(OUTBOX.c.state == state)
+    else:
+        stmt = stmt.where(OUTBOX.c.state.in_(WAITING + ("dead", "refused")))
+    if peer:
+        stmt = stmt.where(OUTBOX.c.next_hop == peer)
+    with ctx.store.read() as conn:
+        rows = [dict(r._mapping) for r in conn.execute(stmt)]
+    for r in rows:
+        r["age_s"] = round((now - r["created_at"]).total_seconds(), 1)
+    return rows
+
+
+def queue_summary(ctx: NodeContext) -> dict[str, Any]:
+    """Counts per queue and state, and the oldest waiting item per peer (for IT and alerts)."""
+    now = ctx.now()
+    with ctx.store.read() as conn:
+        out = conn.execute(
+            select(OUTBOX.c.next_hop, OUTBOX.c.state, func.count(), func.min(OUTBOX.c.created_at))
+            .group_by(OUTBOX.c.next_hop, OUTBOX.c.state)
+        ).all()
+        inbox = conn.execute(
+            select(INBOX.c.state, func.count(), func.min(INBOX.c.received_at))
+            .group_by(INBOX.c.state)
+        ).all()
+        held = quarantine.counts(conn)
+    peers: dict[str, dict[str, Any]] = {}
+    for hop, st, n, oldest in out:
+        p = peers.setdefault(hop, {"peer": hop, "oldest_waiting_s": None})
+        p[st] = n
+        if st in WAITING and oldest is not None:
+            age = (now - _aware(oldest)).total_seconds()
+            p["oldest_waiting_s"] = max(p["oldest_waiting_s"] or 0, round(age, 1))
+    return {
+        "outbox": sorted(peers.values(), key=lambda p: p["peer"]),
+        "inbox": {st: {"count": n, "oldest_s": round((now - _aware(o)).total_seconds(), 1)}
+                  for st, n, o in inbox},
+        "quarantine": held,
+    }
+
+
+def outbox_retry(
+    ctx: NodeContext, *, ids: list[int] | None = None, peer: str | None = None,
+    states: tuple[str, ...] = ("dead",), actor: str | None = None,
+) -> int:
+    """Put dead (or backing-off) packets back in the queue now; each retry is audited."""
+    now = ctx.now()
+    cond = [OUTBOX.c.state.in_(states)]
+    if ids:
+        cond.append(OUTBOX.c.id.in_(ids))
+    if peer:
+        cond.append(OUTBOX.c.next_hop == peer)
+    with ctx.store.write() as conn:
+        rows = conn.execute(
+            select(OUTBOX.c.id, OUTBOX.c.packet_id, OUTBOX.c.kind, OUTBOX.c.recipient,
+                   OUTBOX.c.thread, OUTBOX.c.patient_hash, OUTBOX.c.body, OUTBOX.c.frame,
+                   OUTBOX.c.origin).where(*cond)
+        ).all()
+        usable = [r for r in rows if r.body is not None or r.frame is not None]
+        if usable:
+            conn.execute(
+                update(OUTBOX).where(OUTBOX.c.id.in_([r.id for r in usable]))
+                .values(state="queued", next_try_at=now, attempts=0, last_error=None)
+            )
+            ctx.audit.append(conn, [AuditEntry(
+                action="replayed", packet_id=r.packet_id, kind=r.kind, peer=r.recipient,
+                thread=r.thread, patient_hash=r.patient_hash, actor=actor, at=now,
+                message="outbox retry") for r in usable])
+    return len(usable)
+
+
+def quarantine_replay(
+    ctx: NodeContext, intake: Any, item_id: int, *, actor: str | None = None
+) -> tuple[bool, str]:
+    """Run a held item through intake again (after IT fixed a rule, a key or a mapping).
+
+    Peer packets are re-checked as of the moment they first arrived, so the clock window is
+    judged against their original arrival, not against today.
+    """
+    from bridge.crypto import envelope as env
+
+    with ctx.store.read() as conn:
+        item = quarantine.get_item(conn, item_id)
+    if item["state"] != "held":
+        return False, f"item {item_id} is {item['state']}, not held"
+    now = ctx.now()
+    if item["source"] == "local":
+        with ctx.store.write() as conn:
+            res = queue_packets(ctx, conn, [Outgoing(item["recipient"] or "", item["kind"] or "",
+                                                    item["raw"], item["thread"])], actor=actor)
+            ok = res[0].error is None
+            result = f"queued as {res[0].packet_id}" if ok else str(res[0].error)
+            _finish(ctx, conn, item, ok, result, actor, now)
+        return ok, result
+    if item["source"] != "peer":
+        return False, f"items from '{item['source']}' are replayed by their adapter"
+    answers = intake.receive([item["raw"]], now=item["at"], requarantine=False)
+    fields = env.verify_receipt(answers[0], lambda n: ctx.plan.directory[n].signing_keys) \
+        if answers[0] else {"status": "accepted"}
+    ok = fields.get("status") in ("accepted", "relayed")
+    result = fields.get("status") if ok else f"{fields.get('code')}: {fields.get('message')}"
+    with ctx.store.write() as conn:
+        _finish(ctx, conn, item, ok, str(result), actor, now)
+    return ok, str(result)
+
+
+def _finish(ctx: NodeContext, conn: Any, item: dict[str, Any], ok: bool, result: str,
+            actor: str | None, now: datetime) -> None:
+    quarantine.mark_replayed(conn, item["id"], now, result, ok)
+    ctx.audit.append(conn, [AuditEntry(
+        action="replayed", outcome="0" if ok else "4", packet_id=item["packet_id"],
+        kind=item["kind"], peer=item["sender"], thread=item["thread"], actor=actor, at=now,
+        message=f"quarantine item {item['id']}: {result}"[:300])])
+
+
+def find_packet(ctx: NodeContext, packet_id: str) -> dict[str, Any]:
+    """Packets by id: the header (and state) whichever way it went, even after the body purge."""
+    with ctx.store.read() as conn:
+        for table, direction in ((OUTBOX, "out"), (INBOX, "in")):
+            cols = [c for c in table.c if c.name not in ("body", "frame", "receipt")]
+            row = conn.execute(select(*cols).where(table.c.packet_id == packet_id)).first()
+            if row is not None:
+                return {"direction": direction, **dict(row._mapping)}
+    raise NotFound(f"no packet {packet_id}")
+
+
+def _aware(t: datetime) -> datetime:
+    from datetime import UTC
+
+    return t if t.tzinfo else t.replace(tzinfo=UTC)

@@ -1,0 +1,112 @@
+"""Engines and transactions for SQLite (embedded default) and PostgreSQL (by DSN).
+
+SQLite write transactions start with BEGIN IMMEDIATE so that concurrent writers queue on the
+database lock instead of failing mid-transaction with a stale snapshot (the audit chain reads its
+head and appends in one transaction). Reads use a second engine with plain deferred transactions.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy.exc import OperationalError
+from sqlmodel import SQLModel
+
+from bridge.errors import StoreError
+
+# importing registers every table on SQLModel.metadata
+from bridge.store import tables as _tables  # noqa: F401
+
+
+def _audit_tables() -> None:
+    from bridge.audit import tables as _audit  # noqa: F401
+
+
+class Store:
+    """One node's database: ``write()`` and ``read()`` give transactional connections."""
+
+    def __init__(self, dsn: str, *, synchronous: str = "FULL") -> None:
+        self.dsn = dsn
+        self.is_sqlite = dsn.startswith("sqlite")
+        _audit_tables()
+        if self.is_sqlite:
+            path = dsn.split("///", 1)[1] if "///" in dsn else ""
+            if path and path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self._writer = self._sqlite_engine(dsn, immediate=True, synchronous=synchronous)
+            self._reader = self._sqlite_engine(dsn, immediate=False, synchronous=synchronous)
+        else:
+            self._writer = create_engine(dsn, pool_pre_ping=True, pool_size=8, max_overflow=8)
+            self._reader = self._writer
+
+    @staticmethod
+    def _sqlite_engine(dsn: str, *, immediate: bool, synchronous: str) -> Engine:
+        engine = create_engine(
+            dsn, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=8
+        )
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn: sqlite3.Connection, _rec: object) -> None:
+            dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
+            cur = dbapi_conn.cursor()
+            # auto_vacuum must be set before the first table exists; harmless afterwards
+            cur.execute("PRAGMA auto_vacuum=INCREMENTAL")
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute(f"PRAGMA synchronous={synchronous}")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        begin = "BEGIN IMMEDIATE" if immediate else "BEGIN"
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn: Connection) -> None:
+            conn.exec_driver_sql(begin)
+
+        return engine
+
+    @property
+    def engine(self) -> Engine:
+        return self._writer
+
+    def create_all(self) -> None:
+        with self._translate():
+            SQLModel.metadata.create_all(self._writer)
+
+    @contextmanager
+    def write(self) -> Iterator[Connection]:
+        """A write transaction: committed when the block ends, rolled back on error."""
+        with self._translate(), self._writer.begin() as conn:
+            yield conn
+
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        with self._translate(), self._reader.connect() as conn:
+            yield conn
+
+    @contextmanager
+    def _translate(self) -> Iterator[None]:
+        try:
+            yield
+        except OperationalError as exc:
+            # locked, disconnected, disk full: transient for the caller; integrity errors pass
+            raise StoreError(f"database unavailable: {type(exc.orig).__name__}") from exc
+
+    def vacuum(self) -> None:
+        """Give freed pages back to the file system after bodies are purged."""
+        if self.is_sqlite:
+            with self._writer.connect() as conn:
+                conn.exec_driver_sql("PRAGMA incremental_vacuum")
+                conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+        else:
+            with self._writer.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                conn.execute(text("VACUUM outbox"))
+                conn.execute(text("VACUUM inbox"))
+
+    def dispose(self) -> None:
+        self._writer.dispose()
+        if self._reader is not self._writer:
+            self._reader.dispose()

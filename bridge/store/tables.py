@@ -1,0 +1,118 @@
+"""Store tables: one small SQLModel family per persisted thing.
+
+FHIR models are payload, never tables: bodies are kept as the exact JSON bytes that were
+validated, so nothing is parsed or serialised twice. Headers outlive bodies (retention purges
+bodies only), so "packets by id" stays answerable for the audit period.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import Column, Index, LargeBinary
+from sqlmodel import Field, SQLModel
+
+from bridge.store.types import UTCDateTime
+
+
+class OutboxItem(SQLModel, table=True):
+    """A packet waiting to leave, in flight, or done: queued -> sent -> acknowledged | dead.
+
+    origin: ``local`` (we are the sender; body is plaintext, sealed at each attempt so its
+    created-at is fresh), ``relay`` (a platform forwarding someone else's sealed frame) or
+    ``receipt`` (a platform forwarding an end-to-end receipt back to the original sender).
+    """
+
+    __tablename__ = "outbox"
+    __table_args__ = (
+        Index("ix_outbox_due", "next_hop", "state", "next_try_at"),
+        Index("ix_outbox_thread", "thread", "seq"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    packet_id: str = Field(unique=True, max_length=64)
+    origin: str = Field(default="local", max_length=8)
+    sender: str = Field(max_length=32)
+    recipient: str = Field(max_length=32)
+    next_hop: str = Field(max_length=32)
+    kind: str = Field(max_length=48)
+    thread: str = Field(max_length=64)
+    seq: int
+    digest: str = Field(max_length=64)
+    size: int
+    patient_hash: str | None = Field(default=None, max_length=64)
+    state: str = Field(default="queued", max_length=16)
+    attempts: int = 0
+    created_at: datetime = Field(sa_type=UTCDateTime)
+    next_try_at: datetime = Field(sa_type=UTCDateTime)
+    sent_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    acked_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    last_error: str | None = None
+    body: bytes | None = Field(default=None, sa_column=Column(LargeBinary, nullable=True))
+    frame: bytes | None = Field(default=None, sa_column=Column(LargeBinary, nullable=True))
+    receipt: bytes | None = Field(default=None, sa_column=Column(LargeBinary, nullable=True))
+
+
+class InboxItem(SQLModel, table=True):
+    """A packet that arrived for us: received -> delivered (to the local side) | failed."""
+
+    __tablename__ = "inbox"
+    __table_args__ = (Index("ix_inbox_pending", "state", "id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    packet_id: str = Field(unique=True, max_length=64)
+    sender: str = Field(max_length=32)
+    relay: str | None = Field(default=None, max_length=32)
+    kind: str = Field(max_length=48)
+    thread: str = Field(max_length=64)
+    seq: int
+    digest: str = Field(max_length=64)
+    size: int
+    patient_hash: str | None = Field(default=None, max_length=64)
+    state: str = Field(default="received", max_length=16)
+    attempts: int = 0
+    created_at: datetime = Field(sa_type=UTCDateTime)
+    received_at: datetime = Field(sa_type=UTCDateTime)
+    next_try_at: datetime = Field(sa_type=UTCDateTime)
+    delivered_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    last_error: str | None = None
+    body: bytes | None = Field(default=None, sa_column=Column(LargeBinary, nullable=True))
+    receipt: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+
+
+class QuarantineItem(SQLModel, table=True):
+    """Every refused input, with its reason and raw bytes, for IT to inspect and replay."""
+
+    __tablename__ = "quarantine"
+
+    id: int | None = Field(default=None, primary_key=True)
+    at: datetime = Field(sa_type=UTCDateTime, index=True)
+    source: str = Field(max_length=48)
+    code: str = Field(max_length=48, index=True)
+    message: str
+    sender: str | None = Field(default=None, max_length=64)
+    recipient: str | None = Field(default=None, max_length=64)
+    packet_id: str | None = Field(default=None, max_length=64, index=True)
+    kind: str | None = Field(default=None, max_length=48)
+    thread: str | None = Field(default=None, max_length=64)
+    state: str = Field(default="held", max_length=16)
+    replayed_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    replay_result: str | None = None
+    raw: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    body: bytes | None = Field(default=None, sa_column=Column(LargeBinary, nullable=True))
+
+
+class NodeState(SQLModel, table=True):
+    """Small key/value facts a node keeps across restarts (last config hash, watermarks)."""
+
+    __tablename__ = "node_state"
+
+    key: str = Field(primary_key=True, max_length=64)
+    value: str
+    updated_at: datetime = Field(sa_type=UTCDateTime)
+
+
+OUTBOX = OutboxItem.__table__  # type: ignore[attr-defined]
+INBOX = InboxItem.__table__  # type: ignore[attr-defined]
+QUARANTINE = QuarantineItem.__table__  # type: ignore[attr-defined]
+NODE_STATE = NodeState.__table__  # type: ignore[attr-defined]

@@ -1,0 +1,169 @@
+"""Real node processes on loopback for tests: scaffold an alliance, start, kill, restart."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from bridge.config.scaffold import write_alliance
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port_block(n: int) -> int:
+    """A base port with n consecutive free ports (random start, checked by binding)."""
+    for _ in range(200):
+        base = random.randint(20000, 60000 - n)
+        socks = []
+        try:
+            for p in range(base, base + n):
+                s = socket.socket()
+                s.bind(("127.0.0.1", p))
+                socks.append(s)
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free port block")
+
+
+def wait_for(cond: Callable[[], Any], timeout: float = 30.0, every: float = 0.05,
+             what: str = "condition") -> Any:
+    """Poll until cond() is truthy; no sleep-based waits in tests."""
+    deadline = time.monotonic() + timeout
+    last_exc: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = cond()
+            if value:
+                return value
+        except Exception as exc:  # noqa: BLE001 - keep polling, report the last one
+            last_exc = exc
+        time.sleep(every)
+    raise TimeoutError(f"timed out waiting for {what}" + (f" (last error: {last_exc})"
+                                                           if last_exc else ""))
+
+
+class Alliance:
+    """A throwaway alliance folder with node files, keys and secrets."""
+
+    def __init__(self, folder: Path, members: Sequence[dict[str, Any]],
+                 rules: Sequence[dict[str, Any]], dsn_for: Callable[[str], str] | None = None,
+                 ) -> None:
+        self.folder = folder
+        n = len(members)
+        base_local = free_port_block(n)
+        base_peer = free_port_block(n)
+        while abs(base_peer - base_local) < n:
+            base_peer = free_port_block(n)
+        self.files = write_alliance(folder, members, rules, base_port_local=base_local,
+                                    base_port_peer=base_peer, dsn_for=dsn_for)
+        self.nodes: dict[str, NodeProcess] = {}
+
+    def node(self, node_id: str) -> NodeProcess:
+        if node_id not in self.nodes:
+            self.nodes[node_id] = NodeProcess(node_id, self.files[node_id])
+        return self.nodes[node_id]
+
+    def start(self, *ids: str) -> None:
+        for i in ids:
+            self.node(i).start()
+        for i in ids:
+            self.node(i).wait_ready()
+
+    def stop_all(self) -> None:
+        for n in self.nodes.values():
+            n.stop()
+
+
+class NodeProcess:
+    def __init__(self, node_id: str, config: Path) -> None:
+        from bridge.config.loader import load_node
+
+        self.node_id = node_id
+        self.config = config
+        self.plan = load_node(config)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = config.parent.parent / f"{node_id}.log"
+
+    @property
+    def local_url(self) -> str:
+        return f"http://{self.plan.local_host}:{self.plan.local_port}"
+
+    @property
+    def peer_url(self) -> str:
+        return f"http://{self.plan.peer_host}:{self.plan.peer_port}"
+
+    def token(self, role: str = "it") -> str:
+        return self.plan.tokens[role]
+
+    def start(self) -> None:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        with open(self.log, "ab") as fh:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "bridge.cli", "run", "--config", str(self.config)],
+                stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
+            )
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        def up() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"{self.node_id} exited: {self.log.read_text()[-2000:]}")
+            for url in (self.local_url + "/health", self.peer_url + "/exchange/v1/health"):
+                with urllib.request.urlopen(url, timeout=1) as r:
+                    if r.status != 200:
+                        return False
+            return True
+        wait_for(up, timeout, what=f"{self.node_id} to start")
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        self.kill(signal.SIGTERM)
+
+    def restart(self) -> None:
+        self.kill()
+        self.start()
+        self.wait_ready()
+
+    def api(self, method: str, path: str, body: Any = None, role: str = "it") -> Any:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.local_url + path, data=data, method=method, headers={
+            "Authorization": f"Bearer {self.token(role)}", "Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return json.loads(r.read())
+
+    def send(self, to: str, kind: str, bundles: Sequence[dict[str, Any]],
+             thread: str | None = None) -> list[str]:
+        items = [{"to": to, "kind": kind, "thread": thread, "bundle": b} for b in bundles]
+        res = self.api("POST", "/local/v1/packets", items)["results"]
+        ids = [r.get("packet_id") for r in res]
+        if None in ids:
+            raise AssertionError(f"queue refused: {res}")
+        return ids  # type: ignore[return-value]
+
+    def cli(self, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "bridge.cli", *args, "--config", str(self.config)],
+            capture_output=True, text=True, cwd=ROOT, check=check, timeout=120)
+
+
+def spooled(node: NodeProcess) -> list[Path]:
+    """Files the receiving side's local drop folder holds (what 'the HIS' got)."""
+    root = node.plan.delivery.spool_dir
+    return sorted(root.rglob("*.json")) if root.exists() else []

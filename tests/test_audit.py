@@ -1,0 +1,687 @@
+"""Audit log: hash chain, signed checkpoints, tamper detection, FHIR validity, export, privacy."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import os
+import statistics
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
+
+import orjson
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from fhir.resources.R4B.auditevent import AuditEvent
+from sqlalchemy import Engine, event, text
+from sqlmodel import SQLModel, create_engine
+
+from bridge.audit import (
+    AUDIT_TABLES,
+    GENESIS_HASH,
+    AuditChain,
+    AuditEntry,
+    canonical,
+    checkpoint_message,
+    event_fields,
+    export,
+    link_hash,
+    query,
+    to_audit_event,
+    unwrap,
+)
+from bridge.audit.events import ACTIONS, PATIENT_HASH_SYSTEM
+from bridge.audit.export import CSV_COLUMNS
+from bridge.errors import StoreError
+
+NODE = "node-a"
+HASH_A = "a1" * 32  # stand-ins for bridge.privacy.patient_hash() output
+HASH_B = "b2" * 32
+BASE = datetime(2025, 3, 1, 8, 0, tzinfo=UTC)
+
+
+def immediate(engine: Engine) -> Engine:
+    """Every transaction on this SQLite engine is BEGIN IMMEDIATE, as append expects."""
+
+    @event.listens_for(engine, "connect")
+    def _no_implicit_begin(dbapi_conn, _record):  # type: ignore[no-untyped-def]
+        dbapi_conn.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn):  # type: ignore[no-untyped-def]
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+@pytest.fixture
+def engine(tmp_path) -> Iterator[Engine]:
+    eng = immediate(create_engine(f"sqlite:///{tmp_path / 'audit.db'}"))
+    SQLModel.metadata.create_all(eng, tables=AUDIT_TABLES)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def key() -> Ed25519PrivateKey:
+    return Ed25519PrivateKey.generate()
+
+
+def entry(i: int, **kw) -> AuditEntry:  # type: ignore[no-untyped-def]
+    values = {
+        "action": "sent",
+        "packet_id": f"pkt-{i}",
+        "kind": "referral",
+        "peer": "node-b",
+        "thread": f"thr-{i % 7}",
+        "patient_hash": HASH_A if i % 2 else HASH_B,
+        "at": BASE + timedelta(seconds=i),
+    }
+    values.update(kw)
+    return AuditEntry(**values)
+
+
+def fill(engine: Engine, chain: AuditChain, n: int, batch: int = 10) -> None:
+    done = 0
+    while done < n:
+        size = min(batch, n - done)
+        with engine.begin() as conn:
+            chain.append(conn, [entry(done + j + 1) for j in range(size)])
+        done += size
+
+
+@pytest.fixture
+def chain50(engine: Engine, key: Ed25519PrivateKey) -> AuditChain:
+    """50 rows, checkpoints signed at 10, 20, 30, 40, 50."""
+    chain = AuditChain(NODE, key, checkpoint_every=10)
+    fill(engine, chain, 50, batch=7)
+    return chain
+
+
+def verify(engine: Engine, chain: AuditChain, keys=()):  # type: ignore[no-untyped-def]
+    with engine.connect() as conn:
+        return chain.verify(conn, keys)
+
+
+def sql(engine: Engine, statement: str, **params) -> None:  # type: ignore[no-untyped-def]
+    with engine.begin() as conn:
+        conn.execute(text(statement), params)
+
+
+# -- chain -----------------------------------------------------------------------------------
+
+
+def test_append_2500_in_several_calls_verifies_with_checkpoints(engine, key):
+    chain = AuditChain(NODE, key)
+    sizes = [1, 499, 700, 300, 1000]
+    seq = 0
+    for size in sizes:
+        with engine.begin() as conn:
+            seq = chain.append(conn, [entry(seq + j + 1) for j in range(size)])
+    assert seq == 2500
+
+    result = verify(engine, chain, [key.public_key()])
+    assert (result.ok, result.checked, result.first_bad_seq) == (True, 2500, None)
+    assert result.reason is None
+    assert result.last_seq == 2500
+    assert result.checkpoints_checked == 2
+
+    with engine.connect() as conn:
+        seqs = conn.execute(text("SELECT seq FROM audit ORDER BY seq")).scalars().all()
+        first = conn.execute(text("SELECT prev_hash, hash, resource FROM audit WHERE seq = 1")
+                             ).one()
+        head = conn.execute(text("SELECT hash FROM audit WHERE seq = 2500")).scalar_one()
+        cps = conn.execute(
+            text("SELECT seq, hash, at, key_id, signature FROM audit_checkpoint ORDER BY seq")
+        ).all()
+        hashes = dict(conn.execute(text("SELECT seq, hash FROM audit WHERE seq IN (1000, 2000)")
+                                   ).all())
+    assert seqs == list(range(1, 2501))
+    assert first.prev_hash == GENESIS_HASH
+    assert first.hash == link_hash(GENESIS_HASH, first.resource.encode())
+    assert result.last_hash == head
+    assert [cp.seq for cp in cps] == [1000, 2000]
+    for cp in cps:
+        assert cp.hash == hashes[cp.seq]
+        at = datetime.fromisoformat(cp.at) if isinstance(cp.at, str) else cp.at
+        key.public_key().verify(base64.b64decode(cp.signature),
+                                checkpoint_message(NODE, cp.seq, cp.hash, at))
+
+    # a verifier holding only some other key cannot vouch for these checkpoints
+    other = Ed25519PrivateKey.generate().public_key()
+    bad = verify(engine, chain, [other])
+    assert (bad.ok, bad.first_bad_seq) == (False, 1000)
+    assert "unknown key" in bad.reason
+
+
+def test_append_rows_match_entries_and_resource(engine):
+    chain = AuditChain(NODE, None)
+    with engine.begin() as conn:
+        last = chain.append(conn, [entry(1, actor="dr.li", outcome="4", code="HT-TRANSPORT",
+                                         message="peer timed out")])
+        assert chain.append(conn, []) == last == 1
+    with engine.connect() as conn:
+        row = conn.execute(text("SELECT * FROM audit")).one()
+    assert (row.seq, row.action, row.outcome, row.packet_id, row.kind, row.peer, row.thread,
+            row.patient_hash, row.actor) == (1, "sent", "4", "pkt-1", "referral", "node-b",
+                                             "thr-1", HASH_A, "dr.li")
+    resource = orjson.loads(row.resource)
+    assert row.resource.encode() == canonical(resource)  # stored bytes are the canonical form
+    assert resource["outcomeDesc"] == "HT-TRANSPORT: peer timed out"
+    assert event_fields(resource) == {
+        "seq": 1, "at": "2025-03-01T08:00:01.000000Z", "action": "sent", "outcome": "4",
+        "packet_id": "pkt-1", "kind": "referral", "peer": "node-b", "thread": "thr-1",
+        "patient_hash": HASH_A, "actor": "dr.li", "code": "HT-TRANSPORT",
+        "message": "peer timed out",
+    }
+
+
+def test_checkpoint_forced_at_head(engine, key):
+    with engine.begin() as conn:
+        assert AuditChain(NODE, key).checkpoint(conn) is None  # empty log
+    chain = AuditChain(NODE, key, checkpoint_every=1000)
+    fill(engine, chain, 25)
+    with engine.begin() as conn:
+        assert AuditChain(NODE, None).checkpoint(conn) is None  # no key, nothing to sign
+        cp = chain.checkpoint(conn)
+        assert cp is not None and cp.id is not None
+        again = chain.checkpoint(conn)  # head unchanged: the same checkpoint comes back
+    assert cp.seq == 25 and again is not None and again.id == cp.id
+    assert again.at == cp.at and again.signature == cp.signature
+    assert verify(engine, chain).checkpoints_checked == 1
+    with engine.connect() as conn:
+        head = conn.execute(text("SELECT hash FROM audit WHERE seq = 25")).scalar_one()
+    assert cp.hash == head
+
+
+def test_edited_resource_json_is_caught(engine, chain50):
+    assert verify(engine, chain50).ok
+    sql(engine, "UPDATE audit SET resource = replace(resource, 'pkt-17', 'pkt-71') WHERE seq = 17")
+    result = verify(engine, chain50)
+    assert (result.ok, result.first_bad_seq, result.checked, result.last_seq) == (False, 17, 16, 16)
+    assert result.reason == "seq 17: hash mismatch, resource or hash was edited"
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [
+        ("patient_hash", "c3" * 32),
+        ("action", "read"),
+        ("packet_id", "pkt-999"),
+        ("peer", "node-z"),
+        ("outcome", "12"),
+        ("actor", "mallory"),
+        ("at", "2024-01-01 00:00:00.000000"),
+    ],
+)
+def test_edited_indexed_column_is_caught(engine, chain50, column, value):
+    sql(engine, f"UPDATE audit SET {column} = :v WHERE seq = 23", v=value)
+    result = verify(engine, chain50)
+    assert (result.ok, result.first_bad_seq) == (False, 23)
+    assert result.reason == f"seq 23: column {column} does not match the resource"
+
+
+def test_deleted_middle_row_is_caught(engine, chain50):
+    sql(engine, "DELETE FROM audit WHERE seq = 30")
+    result = verify(engine, chain50)
+    assert (result.ok, result.first_bad_seq, result.checked) == (False, 31, 29)
+    assert result.reason == "seq 31: follows seq 29, row 30 missing"
+
+
+def test_deleted_row_renumbered_is_caught(engine, chain50):
+    # hide the gap by shifting later rows down: the links no longer join
+    sql(engine, "DELETE FROM audit WHERE seq = 30")
+    for seq in range(31, 51):
+        sql(engine, "UPDATE audit SET seq = :new WHERE seq = :old", new=seq - 1, old=seq)
+    result = verify(engine, chain50)
+    assert (result.ok, result.first_bad_seq) == (False, 30)
+    assert "prev_hash does not link to seq 29" in result.reason
+
+
+def test_swapped_rows_are_caught(engine, chain50):
+    columns = "at, action, outcome, packet_id, kind, peer, thread, patient_hash, actor, " \
+              "resource, prev_hash, hash"
+    with engine.begin() as conn:
+        a = conn.execute(text(f"SELECT {columns} FROM audit WHERE seq = 12")).one()._asdict()
+        b = conn.execute(text(f"SELECT {columns} FROM audit WHERE seq = 13")).one()._asdict()
+        assign = ", ".join(f"{c} = :{c}" for c in a)
+        conn.execute(text(f"UPDATE audit SET {assign} WHERE seq = 12"), b)
+        conn.execute(text(f"UPDATE audit SET {assign} WHERE seq = 13"), a)
+    result = verify(engine, chain50)
+    assert (result.ok, result.first_bad_seq) == (False, 12)
+    assert result.reason.startswith("seq 12: prev_hash does not link to seq 11")
+
+
+def test_truncated_tail_is_caught_by_checkpoint(engine, key):
+    chain = AuditChain(NODE, key, checkpoint_every=1000)
+    fill(engine, chain, 45)
+    with engine.begin() as conn:
+        chain.checkpoint(conn)  # as on shutdown
+    sql(engine, "DELETE FROM audit WHERE seq = 45")
+    result = verify(engine, chain)
+    assert (result.ok, result.first_bad_seq, result.checked) == (False, 45, 44)
+    assert result.reason == "truncated: checkpoint at seq 45 but the log ends at seq 44"
+
+
+def test_truncated_tail_without_checkpoint_is_not_detectable(engine):
+    # why checkpoints exist: a cut tail leaves a perfectly linked, shorter chain
+    chain = AuditChain(NODE, None)
+    fill(engine, chain, 20)
+    sql(engine, "DELETE FROM audit WHERE seq > 15")
+    result = verify(engine, chain)
+    assert (result.ok, result.checked, result.last_seq) == (True, 15, 15)
+
+
+def test_forged_checkpoint_signature_is_caught(engine, chain50):
+    forger = Ed25519PrivateKey.generate()
+    with engine.begin() as conn:
+        cp = conn.execute(text("SELECT hash, at FROM audit_checkpoint WHERE seq = 20")).one()
+        at = datetime.fromisoformat(cp.at).replace(tzinfo=UTC)
+        forged = base64.b64encode(forger.sign(checkpoint_message(NODE, 20, cp.hash, at))).decode()
+        conn.execute(text("UPDATE audit_checkpoint SET signature = :s WHERE seq = 20"),
+                     {"s": forged})
+    result = verify(engine, chain50)
+    assert (result.ok, result.first_bad_seq, result.checkpoints_checked) == (False, 20, 1)
+    assert result.reason.startswith("checkpoint at seq 20: signature does not verify")
+
+
+def test_garbage_checkpoint_signature_is_caught(engine, chain50):
+    sql(engine, "UPDATE audit_checkpoint SET signature = 'not base64!' WHERE seq = 40")
+    result = verify(engine, chain50)
+    assert (result.ok, result.first_bad_seq) == (False, 40)
+
+
+def test_rewritten_chain_is_caught_by_checkpoint(engine, chain50):
+    # the attacker edits row 15 and recomputes every later hash: only the signed checkpoint knows
+    with engine.begin() as conn:
+        rows = conn.execute(text("SELECT seq, resource, prev_hash FROM audit WHERE seq >= 15 "
+                                 "ORDER BY seq")).all()
+        prev = rows[0].prev_hash
+        for row in rows:
+            resource = orjson.loads(row.resource)
+            if row.seq == 15:
+                resource["outcome"] = "8"
+            body = canonical(resource)
+            digest = link_hash(prev, body)
+            conn.execute(text("UPDATE audit SET resource = :r, prev_hash = :p, hash = :h, "
+                              "outcome = :o WHERE seq = :s"),
+                         {"r": body.decode(), "p": prev, "h": digest,
+                          "o": resource["outcome"], "s": row.seq})
+            prev = digest
+    result = verify(engine, chain50)
+    assert (result.ok, result.first_bad_seq, result.checked) == (False, 20, 19)
+    assert result.reason == "checkpoint at seq 20: hash differs from the row's"
+
+
+def test_forged_checkpoint_beyond_tail_is_a_bad_signature(engine, chain50):
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO audit_checkpoint (seq, hash, at, key_id, signature) "
+                          "SELECT 60, hash, at, key_id, signature FROM audit_checkpoint "
+                          "WHERE seq = 50"))
+    result = verify(engine, chain50)
+    assert (result.ok, result.first_bad_seq) == (False, 60)
+    assert "signature does not verify" in result.reason
+
+
+def test_append_into_missing_table_is_a_store_error(tmp_path):
+    eng = create_engine(f"sqlite:///{tmp_path / 'empty.db'}")
+    try:
+        with pytest.raises(StoreError) as info, eng.begin() as conn:
+            AuditChain(NODE, None).append(conn, [entry(1)])
+        assert info.value.code == "HT-STORE"
+    finally:
+        eng.dispose()
+
+
+def test_concurrent_writers_on_sqlite_stay_contiguous(engine, key):
+    chain = AuditChain(NODE, key, checkpoint_every=50)
+    errors: list[BaseException] = []
+
+    def writer(offset: int) -> None:
+        try:
+            for i in range(20):
+                with engine.begin() as conn:
+                    chain.append(conn, [entry(offset + i * 10 + j) for j in range(10)])
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(n * 1000,)) for n in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    result = verify(engine, chain)
+    assert (result.ok, result.checked, result.checkpoints_checked) == (True, 600, 12)
+
+
+def test_append_1000_entries_is_fast(engine, key):
+    chain = AuditChain(NODE, key)
+    timings = []
+    for run in range(3):
+        entries = [entry(run * 1000 + i) for i in range(1000)]
+        with engine.begin() as conn:
+            start = time.perf_counter()
+            chain.append(conn, entries)
+            timings.append(time.perf_counter() - start)
+    print(f"append(1000) on SQLite: best {min(timings) * 1000:.1f} ms, "
+          f"median {statistics.median(timings) * 1000:.1f} ms")
+    assert min(timings) < 0.100
+    assert verify(engine, chain).checked == 3000
+
+
+# -- FHIR and privacy --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("action", [*ACTIONS, "custom-thing"])
+def test_every_action_is_a_valid_r4_audit_event(action):
+    full = AuditEntry(action, outcome="8", packet_id="pkt-1", kind="lab-result", peer="node-b",
+                      thread="thr-1", patient_hash=HASH_A, actor="role:admin",
+                      code="HT-PKT-BAD-SIGNATURE", message="signature does not verify",
+                      extra={"attempt": 3, "bytes": 2**40, "late": True, "ratio": 0.5,
+                             "route": "a->b", "none": None})
+    bare = AuditEntry(action)
+    for item in (full, bare):
+        resource = to_audit_event(item, NODE, 2**40)
+        model = AuditEvent.model_validate(resource)
+        assert model.recorded is not None
+        fields = event_fields(resource)
+        assert fields["action"] == action and fields["seq"] == 2**40
+    resource = to_audit_event(full, NODE, 7)
+    assert resource["action"] == ACTIONS.get(action, "E")
+    assert resource["type"]["code"] == {"read": "110112", "sent": "110106",
+                                        "received": "110107"}.get(action, "110100")
+    assert resource["agent"][0] == {"who": {"identifier": {"system": "urn:hutong:node",
+                                                           "value": NODE}}, "requestor": True}
+    assert resource["source"]["observer"]["identifier"]["value"] == NODE
+    patients = [e for e in resource["entity"]
+                if e["what"].get("identifier", {}).get("system") == PATIENT_HASH_SYSTEM]
+    assert patients == [{
+        "what": {"identifier": {"system": PATIENT_HASH_SYSTEM, "value": HASH_A}},
+        "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "1"},
+        "role": {"system": "http://terminology.hl7.org/CodeSystem/object-role", "code": "1"},
+    }]
+    assert "entity" not in to_audit_event(bare, NODE, 1)
+
+
+@pytest.mark.parametrize("raw", ["张三", "11010519491231002X", "110105194912310021", "Zhang San",
+                                 "A1" * 32, ""])
+def test_patient_hash_refuses_anything_but_hmac_hex(raw):
+    with pytest.raises(ValueError) as info:
+        AuditEntry("received", patient_hash=raw)
+    if raw:
+        assert raw not in str(info.value)  # the refused value is not echoed into logs
+
+
+def test_entry_validation():
+    with pytest.raises(ValueError):
+        AuditEntry("sent", outcome="1")
+    with pytest.raises(ValueError):
+        AuditEntry("Sent")
+    with pytest.raises(ValueError):
+        AuditEntry("sent", at=datetime(2025, 1, 1))  # naive
+    with pytest.raises(ValueError):
+        AuditEntry("sent", peer=42)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        AuditEntry("sent", extra={"obj": object()})
+    e = AuditEntry("sent", message="line one\n  line two\t",
+                   at=datetime(2025, 1, 1, 8, tzinfo=ZoneInfo("Asia/Shanghai")))
+    assert e.message == "line one line two"
+    assert e.at == datetime(2025, 1, 1, 0, tzinfo=UTC) and e.at.tzinfo is UTC
+    assert AuditEntry("sent").at.tzinfo is UTC
+
+
+def test_hostile_header_text_is_cleaned_not_refused(engine):
+    # a refused packet's header fields come from the peer: they must not stop the audit write
+    item = AuditEntry("refused", outcome="4", packet_id="pkt\n\x00evil  id ", kind="k" * 5000,
+                      peer="\t", thread="", code=" HT-PKT-MALFORMED\r\n", message="a\x1bb\u3000c")
+    assert (item.packet_id, item.kind, item.peer, item.thread, item.code, item.message) == (
+        "pkt evil id", "k" * 256, None, None, "HT-PKT-MALFORMED", "a b c")
+    AuditEvent.model_validate(to_audit_event(item, NODE, 1))
+    chain = AuditChain(NODE, None)
+    with engine.begin() as conn:
+        chain.append(conn, [item])
+    assert verify(engine, chain).ok
+
+
+def test_export_carries_exactly_the_fields_given(engine):
+    # the name and ID number below exist only here: no entry carries them, so no export may
+    name, id_number = "张三", "11010519491231002X"
+    given = [
+        AuditEntry("received", packet_id="pkt-x", kind="referral", peer="node-b", thread="t-9",
+                   patient_hash=HASH_A, at=BASE),
+        AuditEntry("rejected", outcome="8", packet_id="pkt-y", peer="node-c",
+                   code="HT-PKT-INVALID-FHIR", message="Bundle.entry[2] missing resource",
+                   at=BASE + timedelta(seconds=1)),
+        AuditEntry("read", actor="user:wang.clerk", patient_hash=HASH_B,
+                   at=BASE + timedelta(seconds=2)),
+    ]
+    chain = AuditChain(NODE, None)
+    with engine.begin() as conn:
+        chain.append(conn, given)
+    ndjson, table = io.StringIO(), io.StringIO()
+    with engine.connect() as conn:
+        assert export(conn, ndjson, fmt="ndjson") == 3
+        assert export(conn, table, fmt="csv") == 3
+    for blob in (ndjson.getvalue(), table.getvalue()):
+        assert name not in blob and id_number not in blob
+
+    lines = [orjson.loads(line) for line in ndjson.getvalue().splitlines()]
+    for seq, (line, item) in enumerate(zip(lines, given, strict=True), start=1):
+        resource, _prev, _hash = unwrap(line)
+        expected = {
+            "seq": seq, "at": item.at.isoformat(timespec="microseconds").replace("+00:00", "Z"),
+            "action": item.action, "outcome": item.outcome, "packet_id": item.packet_id,
+            "kind": item.kind, "peer": item.peer, "thread": item.thread,
+            "patient_hash": item.patient_hash, "actor": item.actor, "code": item.code,
+            "message": item.message,
+        }
+        assert event_fields(resource) == expected
+        assert resource == to_audit_event(item, NODE, seq)  # nothing added, nothing lost
+        # every string in the exported event is either given or a fixed FHIR/Hutong constant
+        strings = set(_strings(resource))
+        free = strings - {NODE, *(v for v in expected.values() if isinstance(v, str)),
+                          f"{item.code}: {item.message}", str(seq)}
+        assert free <= FIXED_VOCABULARY, free - FIXED_VOCABULARY
+
+    rows = list(csv.DictReader(io.StringIO(table.getvalue())))
+    assert list(rows[0]) == list(CSV_COLUMNS)
+    assert rows[1]["code"] == "HT-PKT-INVALID-FHIR"
+    assert rows[1]["message"] == "Bundle.entry[2] missing resource"
+    assert rows[2]["actor"] == "user:wang.clerk" and rows[2]["patient_hash"] == HASH_B
+    assert rows[0]["at"] == "2025-03-01T08:00:00.000000Z"
+
+
+#: every string an AuditEvent may hold that the caller did not give: FHIR/DICOM codes and names
+FIXED_VOCABULARY = {
+    "AuditEvent", "C", "R", "U", "D", "E", "1", "2", "4", "kind", "thread", "peer",
+    "110100", "110106", "110107", "110112", "Application Activity", "Export", "Import", "Query",
+    "urn:hutong:node", "urn:hutong:actor", "urn:hutong:packet", "urn:hutong:patient-hash",
+    "http://dicom.nema.org/resources/ontology/DCM",
+    "http://hutong.dev/CodeSystem/audit-action",
+    "http://hutong.dev/StructureDefinition/audit-seq",
+    "http://hutong.dev/StructureDefinition/audit-error-code",
+    "http://terminology.hl7.org/CodeSystem/audit-entity-type",
+    "http://terminology.hl7.org/CodeSystem/object-role",
+    "http://terminology.hl7.org/CodeSystem/security-source-type",
+}
+
+
+def _strings(value):  # type: ignore[no-untyped-def]
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+
+
+# -- export and query ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def timeline(engine) -> Engine:
+    """20 rows one minute apart from BASE; seq n is at BASE + (n-1) min."""
+    chain = AuditChain(NODE, None)
+    items = [
+        AuditEntry("sent" if n % 3 else "refused", outcome="0" if n % 3 else "8",
+                   packet_id=f"pkt-{n}", peer="node-b" if n <= 10 else "node-c",
+                   patient_hash=HASH_A if n % 4 == 0 else None,
+                   at=BASE + timedelta(minutes=n - 1))
+        for n in range(1, 21)
+    ]
+    with engine.begin() as conn:
+        chain.append(conn, items)
+    return engine
+
+
+def _ndjson_seqs(conn, **filters) -> list[int]:  # type: ignore[no-untyped-def]
+    out = io.StringIO()
+    count = export(conn, out, fmt="ndjson", **filters)
+    seqs = [event_fields(orjson.loads(line))["seq"] for line in out.getvalue().splitlines()]
+    assert count == len(seqs)
+    return seqs
+
+
+def _csv_seqs(conn, **filters) -> list[int]:  # type: ignore[no-untyped-def]
+    out = io.StringIO()
+    export(conn, out, fmt="csv", **filters)
+    return [int(row["seq"]) for row in csv.DictReader(io.StringIO(out.getvalue()))]
+
+
+def test_export_time_window(timeline):
+    window = {"since": BASE + timedelta(minutes=5), "until": BASE + timedelta(minutes=10)}
+    with timeline.connect() as conn:
+        assert _ndjson_seqs(conn, **window) == [6, 7, 8, 9, 10]
+        assert _csv_seqs(conn, **window) == [6, 7, 8, 9, 10]
+        assert _ndjson_seqs(conn, since=BASE + timedelta(minutes=18)) == [19, 20]
+        assert _csv_seqs(conn, until=BASE + timedelta(minutes=2)) == [1, 2]
+        # same instant given in Beijing time selects the same rows
+        cst = ZoneInfo("Asia/Shanghai")
+        assert _csv_seqs(conn, since=(BASE + timedelta(minutes=5)).astimezone(cst),
+                         until=(BASE + timedelta(minutes=10)).astimezone(cst)) == [6, 7, 8, 9, 10]
+        with pytest.raises(ValueError):
+            export(conn, io.StringIO(), since=datetime(2025, 1, 1))
+        with pytest.raises(ValueError):
+            export(conn, io.StringIO(), fmt="xml")  # type: ignore[arg-type]
+
+
+def test_export_filters(timeline):
+    with timeline.connect() as conn:
+        assert _ndjson_seqs(conn, patient_hash=HASH_A) == [4, 8, 12, 16, 20]
+        assert _csv_seqs(conn, patient_hash=HASH_A, peer="node-c") == [12, 16, 20]
+        assert _csv_seqs(conn, action="refused") == [3, 6, 9, 12, 15, 18]
+        assert _ndjson_seqs(conn, outcome="8", until=BASE + timedelta(minutes=8)) == [3, 6]
+        assert _ndjson_seqs(conn, patient_hash="f0" * 32) == []
+
+
+def test_ndjson_export_rehashes_offline_and_validates(timeline):
+    out = io.StringIO()
+    with timeline.connect() as conn:
+        export(conn, out)
+        expected_head = AuditChain(NODE, None).verify(conn).last_hash
+    prev = GENESIS_HASH
+    for line in out.getvalue().splitlines():
+        exported = orjson.loads(line)
+        AuditEvent.model_validate(exported)
+        resource, prev_hash, hash_ = unwrap(exported)
+        assert prev_hash == prev
+        assert link_hash(prev, canonical(resource)) == hash_
+        prev = hash_
+    assert prev == expected_head
+
+
+def test_query_pages(timeline):
+    with timeline.connect() as conn:
+        page = query(conn, limit=5)
+        assert [r["seq"] for r in page] == [20, 19, 18, 17, 16]
+        assert [r["seq"] for r in query(conn, limit=5, offset=5)] == [15, 14, 13, 12, 11]
+        oldest = query(conn, limit=3, newest_first=False, peer="node-b", action="sent")
+        assert [r["seq"] for r in oldest] == [1, 2, 4]
+        assert list(page[0]) == list(CSV_COLUMNS)
+        assert page[0]["at"] == "2025-03-01T08:19:00.000000Z"
+        assert page[0]["patient_hash"] == HASH_A and page[0]["packet_id"] == "pkt-20"
+        assert [r["seq"] for r in query(conn, packet_id="pkt-7")] == [7]
+        with pytest.raises(ValueError):
+            query(conn, limit=0)
+
+
+# -- PostgreSQL ------------------------------------------------------------------------------
+
+
+def _pg_url(dsn: str) -> str:
+    for prefix in ("postgresql://", "postgres://"):
+        if dsn.startswith(prefix):
+            return "postgresql+psycopg://" + dsn[len(prefix):]
+    return dsn
+
+
+@pytest.fixture
+def pg_engine() -> Iterator[Engine]:
+    dsn = os.environ.get("HUTONG_PG_DSN")
+    if not dsn:
+        pytest.skip("HUTONG_PG_DSN is not set: no PostgreSQL server to test the audit chain on")
+    schema = f"hutong_audit_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(_pg_url(dsn))
+    with admin.begin() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    eng = create_engine(_pg_url(dsn), connect_args={"options": f"-c search_path={schema}"})
+    try:
+        SQLModel.metadata.create_all(eng, tables=AUDIT_TABLES)
+        yield eng
+    finally:
+        eng.dispose()
+        with admin.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+@pytest.mark.postgres
+def test_postgres_append_verify_and_concurrency(pg_engine, key):
+    chain = AuditChain(NODE, key)
+    seq = 0
+    for size in (1, 499, 700, 300, 1000):
+        with pg_engine.begin() as conn:
+            seq = chain.append(conn, [entry(seq + j + 1) for j in range(size)])
+    result = verify(pg_engine, chain, [key.public_key()])
+    assert (result.ok, result.checked, result.checkpoints_checked) == (True, 2500, 2)
+
+    errors: list[BaseException] = []
+
+    def writer(offset: int) -> None:
+        try:
+            for i in range(10):
+                with pg_engine.begin() as conn:
+                    chain.append(conn, [entry(offset + i * 10 + j) for j in range(10)])
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(n * 1000,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    with pg_engine.begin() as conn:
+        cp = chain.checkpoint(conn)
+    assert cp is not None and cp.seq == 2900
+    result = verify(pg_engine, chain)
+    assert (result.ok, result.checked, result.checkpoints_checked) == (True, 2900, 3)
+
+    sql(pg_engine, "UPDATE audit SET patient_hash = :v WHERE seq = 1234", v="c3" * 32)
+    result = verify(pg_engine, chain)
+    assert (result.ok, result.first_bad_seq) == (False, 1234)
+    assert result.reason == "seq 1234: column patient_hash does not match the resource"
+    sql(pg_engine, "DELETE FROM audit WHERE seq = 2900")
+    sql(pg_engine, "UPDATE audit SET patient_hash = :v WHERE seq = 1234",
+        v=HASH_B)  # entry(1234) is even: HASH_B, restored
+    result = verify(pg_engine, chain)
+    assert (result.ok, result.first_bad_seq) == (False, 2900)
+    assert result.reason.startswith("truncated: checkpoint at seq 2900")
