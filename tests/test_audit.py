@@ -384,7 +384,7 @@ def test_every_action_is_a_valid_r4_audit_event(action):
                       thread="thr-1", patient_hash=HASH_A, actor="role:admin",
                       code="HT-PKT-BAD-SIGNATURE", message="signature does not verify",
                       extra={"attempt": 3, "bytes": 2**40, "late": True, "ratio": 0.5,
-                             "route": "a->b", "none": None})
+                             "route": "a->b\nc", "none": None, "nan": float("nan"), "blank": " "})
     bare = AuditEntry(action)
     for item in (full, bare):
         resource = to_audit_event(item, NODE, 2**40)

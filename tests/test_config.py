@@ -25,7 +25,8 @@ SHIPPED = REPO / "config" / "alliances" / "fuxing"
 
 MEMBERS = [
     {"id": "core", "zh": "复兴医院", "en": "Fuxing Hospital", "role": "core", "via": "hub"},
-    {"id": "chc", "zh": "月坛社区卫生服务中心", "en": "Yuetan CHC", "role": "community", "via": "hub"},
+    {"id": "chc", "zh": "月坛社区卫生服务中心", "en": "Yuetan CHC", "role": "community",
+     "via": "hub"},
     {"id": "hub", "zh": "医联体信息平台", "en": "Alliance Platform", "role": "platform"},
 ]
 RULES = [
@@ -114,7 +115,8 @@ def test_plan_fields(alliance: Path) -> None:
         assert plan.retention.body_days_for("result.imaging") == 30.0
         assert plan.audit.checkpoint_every == 1000
         assert plan.source_files[:2] == (root / "alliance.toml", root / "nodes" / f"{node_id}.toml")
-        assert set(plan.source_files[2:]) == {root / "keys" / f"{x['id']}.pub.json" for x in MEMBERS}
+        public_files = {root / "keys" / f"{x['id']}.pub.json" for x in MEMBERS}
+        assert set(plan.source_files[2:]) == public_files
 
         # the directory holds exactly the generated public keys, and the member entries
         assert list(plan.directory) == ["core", "chc", "hub"]
@@ -181,7 +183,7 @@ def test_rules_allow_exactly_what_is_written(alliance: Path) -> None:
 def test_config_hash_changes_with_an_edit_and_plan_is_immutable(alliance: Path) -> None:
     node = alliance / "nodes" / "chc.toml"
     before = load_node(node)
-    edit(node, 'data_dir = "../data/chc"', 'data_dir = "../data/chc"\n\n[delivery]\nbatch_size = 50')
+    edit(node, 'data_dir = "../data/chc"', 'data_dir = "../data/chc"\n[delivery]\nbatch_size = 50')
     after = load_node(node)
     assert after.delivery.batch_size == 50
     assert after.config_hash != before.config_hash
@@ -271,7 +273,9 @@ def test_broken_alliance_reports_every_problem(alliance: Path) -> None:
     with pytest.raises(ConfigError) as exc:
         load_node(chc)
     assert exc.value.code == "HT-CONFIG"
-    assert "nodes/chc.toml: delivery.batch_size: Input should be greater than 0" in exc.value.problems
+    assert "nodes/chc.toml: delivery.batch_size: Input should be greater than 0" in (
+        exc.value.problems
+    )
     assert "alliance.toml: rules[1].from: unknown member 'yuetan'" in exc.value.problems
     assert not any(p.startswith("nodes/hub.toml") for p in exc.value.problems)
 
@@ -308,7 +312,7 @@ def test_more_problems_each_on_its_own_line(alliance: Path) -> None:
         "public key alliance.toml lists for this node",
         "nodes/chc.toml: keys.encryption: private key file ../keys/chc.enc.key does not match "
         "the public key alliance.toml lists for this node",
-        "nodes/chc.toml: node_id: 'core' is also nodes/core.toml",
+        "nodes/core.toml: node_id: 'core' is also nodes/chc.toml",
         "nodes/chc.toml: node_id: 'core' does not match the file name",
         "nodes/core.toml: tokens.it: must be a secret reference 'env:NAME' or 'file:path' "
         "(no inline secrets in config files)",

@@ -11,6 +11,7 @@ refuses anything else, so a name or a resident ID number cannot be passed in by 
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -165,10 +166,10 @@ def _extra_extension(extra: dict[str, Any]) -> dict[str, Any] | None:
             parts.append({"url": key, "valueBoolean": value})
         elif isinstance(value, int) and _INT32[0] <= value <= _INT32[1]:
             parts.append({"url": key, "valueInteger": value})
-        elif isinstance(value, float):
+        elif isinstance(value, float) and math.isfinite(value):
             parts.append({"url": key, "valueDecimal": value})
-        else:
-            parts.append({"url": key, "valueString": str(value)})
+        elif text := _one_line(key, str(value), _MAX_TEXT):
+            parts.append({"url": key, "valueString": text})
     return {"url": EXTRA_EXTENSION, "extension": parts} if parts else None
 
 

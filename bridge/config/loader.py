@@ -317,8 +317,9 @@ def _public_key(
             problems.add(state.path, where, f"{value} has no {json_field!r} key")
             return None
         if doc.get("node") != member_id:
+            owner = doc.get("node")
             problems.add(
-                state.path, where, f"{value} holds the keys of {doc.get('node')!r}, not {member_id!r}"
+                state.path, where, f"{value} holds the keys of {owner!r}, not {member_id!r}"
             )
             return None
         if path.resolve() not in state.key_files:
@@ -349,7 +350,9 @@ class _Node:
     dsn: str = ""
 
 
-def _check_node(path: Path, data: dict[str, Any], alliance: _Alliance, problems: _Problems) -> _Node:
+def _check_node(
+    path: Path, data: dict[str, Any], alliance: _Alliance, problems: _Problems
+) -> _Node:
     node = _Node(path=path, data=data)
     base = path.parent
     try:
@@ -449,7 +452,9 @@ def _check_private_key(
     mode = path.stat().st_mode & 0o777
     if os.name == "posix" and mode & 0o077:
         problems.add(
-            node.path, where, f"private key file {value} is open to others (mode {mode:o}); chmod 600"
+            node.path,
+            where,
+            f"private key file {value} is open to others (mode {mode:o}); chmod 600",
         )
     if not passphrase_ok:
         return

@@ -100,9 +100,11 @@ def _storage_dsn(value: str) -> str:
 
 def check_dsn(value: str, *, from_secret: bool = False) -> str:
     """Accept SQLite and psycopg 3 PostgreSQL DSNs; refuse passwords written into a config file."""
-    if value.startswith("sqlite:///") or (from_secret and value.startswith("postgresql+psycopg://")):
+    if value.startswith("sqlite:///"):
         return value
     if value.startswith("postgresql+psycopg://"):
+        if from_secret:
+            return value
         parts = urlsplit(value)
         if parts.password is not None or "password=" in parts.query:
             raise ValueError(
@@ -352,7 +354,9 @@ class NodePlan:
         try:
             return self.directory[member_id]
         except KeyError:
-            raise NotFound(f"{member_id!r} is not a member of alliance {self.alliance.id}") from None
+            raise NotFound(
+                f"{member_id!r} is not a member of alliance {self.alliance.id}"
+            ) from None
 
     def next_hop(self, recipient_id: str) -> str:
         """Which member to hand a packet for ``recipient_id`` to.

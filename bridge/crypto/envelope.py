@@ -441,10 +441,12 @@ def format_time(t: datetime) -> str:
 
 def _time(value: Any) -> datetime | None:
     m = _TIME.fullmatch(value) if isinstance(value, str) else None
+    if m is None:
+        return None
+    y, mo, d, h, mi, s, ms = map(int, m.groups())
     try:
-        return datetime(*(int(g) for g in m.groups()[:6]), int(m[7]) * 1000, tzinfo=UTC) \
-            if m else None
-    except ValueError:  # e.g. month 13
+        return datetime(y, mo, d, h, mi, s, ms * 1000, tzinfo=UTC)
+    except ValueError:  # e.g. month 13 or second 60
         return None
 
 
