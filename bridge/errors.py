@@ -18,7 +18,13 @@
     ├── TransportError               (transient)        peer unreachable, timed out, 5xx
     ├── AmbiguousDelivery            (ambiguous)        sent, but no answer: resend, receiver dedupes
     ├── StoreError                   (transient)        database unavailable or locked
-    └── NotFound                     HT-NOT-FOUND       asked-for item does not exist
+    ├── NotFound                     HT-NOT-FOUND       asked-for item does not exist
+    ├── Unauthorized / Forbidden     HT-AUTH / HT-FORBIDDEN  missing or wrong-role token
+    └── WorkflowError                (permanent)        a referral step that cannot be taken
+        ├── IllegalTransition        HT-REF-TRANSITION  e.g. accept a cancelled referral
+        ├── MissingConsent           HT-REF-CONSENT     a referral without the patient's consent
+        ├── UnknownReference         HT-REF-UNKNOWN     a reference to nothing in the bundle/store
+        └── InvalidResource          HT-FHIR-INVALID    a resource that is not valid FHIR R4
 
 Retry decides on ``retry`` (transient / ambiguous / permanent), never on a flag: transient and
 ambiguous failures are retried with backoff; permanent ones go to quarantine or dead letter.
@@ -182,3 +188,28 @@ REFUSALS: dict[str, type[PacketRefused]] = {
         RouteDenied,
     )
 }
+
+
+class WorkflowError(HutongError):
+    code = "HT-REF"
+    http_status = 422
+
+
+class IllegalTransition(WorkflowError):
+    code = "HT-REF-TRANSITION"
+    http_status = 409
+
+
+class MissingConsent(WorkflowError):
+    code = "HT-REF-CONSENT"
+    http_status = 422
+
+
+class UnknownReference(WorkflowError):
+    code = "HT-REF-UNKNOWN"
+    http_status = 422
+
+
+class InvalidResource(WorkflowError):
+    code = "HT-FHIR-INVALID"
+    http_status = 422

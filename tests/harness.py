@@ -64,10 +64,11 @@ class Alliance:
                  ) -> None:
         self.folder = folder
         n = len(members)
-        base_local = free_port_block(n)
-        base_peer = free_port_block(n)
-        while abs(base_peer - base_local) < n:
-            base_peer = free_port_block(n)
+        # the scaffold gives member i the ports base+i (i from 1), so check base..base+n
+        base_local = free_port_block(n + 1)
+        base_peer = free_port_block(n + 1)
+        while abs(base_peer - base_local) <= n:
+            base_peer = free_port_block(n + 1)
         self.files = write_alliance(folder, members, rules, base_port_local=base_local,
                                     base_port_peer=base_peer, dsn_for=dsn_for)
         self.nodes: dict[str, NodeProcess] = {}

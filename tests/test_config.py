@@ -236,6 +236,7 @@ def test_broken_alliance_reports_every_problem(alliance: Path) -> None:
     edit(atoml, 'from = "core"', 'from = "yuetan"')  # rules[1] names an unknown member
     edit(atoml, 'via = "hub"', 'via = "chc"')  # core reached via a non-platform member
     edit(atoml, 'to = "core"', 'to = "role:hospital"')  # rules[0] names an unknown role
+    edit(atoml, 'role = "platform"', 'role = "platform"\nvia = "hub"')  # platform via itself
     chc = alliance / "nodes" / "chc.toml"
     edit(chc, 'peer_bind = "127.0.0.1:9102"', 'peer_bind = "127.0.0.1:8102"')
     edit(chc, 'data_dir = "../data/chc"', 'data_dir = "../data/chc"\n[delivery]\nbatch_size = 0')
@@ -256,6 +257,7 @@ def test_broken_alliance_reports_every_problem(alliance: Path) -> None:
         "alliance.toml: rules[0].to: unknown role 'hospital' (roles: core, secondary, community, "
         "platform)",
         "alliance.toml: rules[1].from: unknown member 'yuetan'",
+        "alliance.toml: members[2].via: a member cannot be reached via itself",
         "nodes/chc.toml: delivery.batch_size: Input should be greater than 0",
         "nodes/chc.toml: tokens.nurse: Extra inputs are not permitted",
         "nodes/chc.toml: peer_bind: must differ from local_bind (127.0.0.1:8102)",

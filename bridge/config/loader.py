@@ -206,6 +206,10 @@ def _check_via(state: _Alliance, members: list[Any], problems: _Problems) -> Non
             continue
         if via == _str(member, "id"):
             problems.add(state.path, f"members[{i}].via", "a member cannot be reached via itself")
+        elif _str(member, "role") == "platform":
+            problems.add(
+                state.path, f"members[{i}].via", "a platform is reached directly; remove via"
+            )
         elif via not in state.ids:
             problems.add(state.path, f"members[{i}].via", f"unknown member {via!r}")
         elif state.roles.get(via) != "platform":

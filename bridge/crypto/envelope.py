@@ -37,21 +37,16 @@ SUITE = "X25519-HKDF-SHA256-A256GCM/Ed25519"
 MAGIC_PACKET, MAGIC_RECEIPT, MAGIC_BATCH, MAGIC_RELAY = b"HTP1", b"HTR1", b"HTB1", b"RLY1"
 SIG_LEN, TAG_LEN, NONCE_LEN, KEY_LEN = 64, 16, 12, 32
 MAX_HEADER = 16 * 1024  # a real header is ~600 bytes; never parse megabytes of JSON
-MAX_STAMP = 4 * 1024
-MAX_RECEIPT = 64 * 1024
+MAX_STAMP, MAX_RECEIPT = 4 * 1024, 64 * 1024
 MAX_TEXT = 256  # sender, recipient, kind, thread, relay are identifiers, not free text
 RECEIPT_STATUSES = ("accepted", "relayed", "refused")
-CTX_PACKET = b"hutong/v1/packet\x00"
-CTX_RELAY = b"hutong/v1/relay\x00"
-CTX_RECEIPT = b"hutong/v1/receipt\x00"
-HKDF_INFO = b"hutong/v1/body"
+CTX_PACKET, CTX_RELAY = b"hutong/v1/packet\x00", b"hutong/v1/relay\x00"
+CTX_RECEIPT, HKDF_INFO = b"hutong/v1/receipt\x00", b"hutong/v1/body"
 
 _U32 = struct.Struct(">I")
 _SORTED = orjson.OPT_SORT_KEYS
 _SHA256 = hashes.SHA256()
-_HEX64 = re.compile(r"[0-9a-f]{64}")
-_KEY_ID = re.compile(r"k[0-9a-f]{16}")
-_TIME = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})\.([0-9]{3})Z")
+_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z")
 _NAMES = {MAGIC_PACKET: "packet", MAGIC_RECEIPT: "receipt", MAGIC_BATCH: "batch",
           MAGIC_RELAY: "relay stamp"}
 
@@ -102,10 +97,6 @@ class Packet:
     frame: bytes = field(repr=False)
 
     @property
-    def id(self) -> str:
-        return self.header.id
-
-    @property
     def signed_part(self) -> bytes:
         """Exactly the bytes the sender's Ed25519 signature covers."""
         hb = self.header_bytes
@@ -118,50 +109,38 @@ class Packet:
         return self.frame if end == len(self.frame) else self.frame[:end]
 
 
-# -- field checks shared by seal, decode and stamps ----------------------------------------------
+def _re(pattern: str) -> Callable[[Any], bool]:
+    rx = re.compile(pattern)
+    return lambda v: isinstance(v, str) and rx.fullmatch(v) is not None
 
 
-def _text(v: Any) -> bool:
-    return isinstance(v, str) and 0 < len(v) <= MAX_TEXT
-
-
-def _uuid(v: Any) -> bool:
-    try:
-        return isinstance(v, str) and str(uuid.UUID(v)) == v  # canonical: one spelling per id
-    except ValueError:
-        return False
-
-
-def _matches(pattern: re.Pattern[str]) -> Callable[[Any], bool]:
-    return lambda v: isinstance(v, str) and pattern.fullmatch(v) is not None
-
-
-def _b64_of(n: int) -> Callable[[Any], bool]:
-    return lambda v: isinstance(v, str) and len(_unb64(v)) == n
-
-
-_IS_TEXT = (_text, f"a string of 1-{MAX_TEXT} characters")
-_IS_UUID = (_uuid, "a lowercase hyphenated UUID")
+# Field checks shared by seal, decode, stamps and receipts: (test, what it must be).
+_IS_TEXT = (_re(r"(?s).{1,%d}" % MAX_TEXT), f"a string of 1-{MAX_TEXT} characters")
+_IS_UUID = (_re("[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"),
+            "a lowercase hyphenated UUID")  # canonical form only: one spelling per packet id
 _IS_TIME = (lambda v: _time(v) is not None, "an RFC 3339 UTC time like 2025-01-31T08:00:00.000Z")
-_IS_KEY_ID = (_matches(_KEY_ID), "a key id like k0123456789abcdef")
+_IS_KEY_ID = (_re("k[0-9a-f]{16}"), "a key id like k0123456789abcdef")
 _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "v": (lambda v: type(v) is int and v == VERSION, "1, the only supported version"),
     "id": _IS_UUID, "packet": _IS_UUID, "created_at": _IS_TIME, "relayed_at": _IS_TIME,
     "sender": _IS_TEXT, "recipient": _IS_TEXT, "kind": _IS_TEXT, "relay": _IS_TEXT,
-    "thread": (lambda v: isinstance(v, str) and len(v) <= MAX_TEXT, f"at most {MAX_TEXT} chars"),
+    "receiver": _IS_TEXT, "at": _IS_TEXT,
+    "thread": (_re(r"(?s).{0,%d}" % MAX_TEXT), f"a string of 0-{MAX_TEXT} characters"),
     "seq": (lambda v: type(v) is int and 0 <= v < 1 << 63, "a non-negative integer"),
     "size": (lambda v: type(v) is int and 0 <= v < 1 << 32, "a non-negative integer"),
-    "digest": (_matches(_HEX64), "64 lowercase hex digits"),
+    "digest": (_re("[0-9a-f]{64}"), "64 lowercase hex digits"),
     "suite": (lambda v: v == SUITE, f"{SUITE}, the only supported suite"),
-    "epk": (_b64_of(KEY_LEN), f"{KEY_LEN} bytes of base64"),
-    "nonce": (_b64_of(NONCE_LEN), f"{NONCE_LEN} bytes of base64"),
+    "epk": (lambda v: len(_unb64(v)) == KEY_LEN, f"{KEY_LEN} bytes of base64"),
+    "nonce": (lambda v: len(_unb64(v)) == NONCE_LEN, f"{NONCE_LEN} bytes of base64"),
     "sig_key": _IS_KEY_ID, "enc_key": _IS_KEY_ID,
+    "status": (lambda v: v in RECEIPT_STATUSES, "accepted, relayed or refused"),
 }
 _HEADER_KEYS = ("v", "id", "sender", "recipient", "kind", "created_at", "thread", "seq",
                 "digest", "size", "suite", "epk", "nonce", "sig_key", "enc_key")
 _STAMP_KEYS = ("relay", "relayed_at", "packet", "sig_key")
 _RECEIPT_KEYS = ("packet", "sender", "recipient", "receiver", "status", "code", "message",
                  "at", "digest")
+_RECEIPT_NULLABLE = ("packet", "sender", "recipient", "code", "message", "digest")
 
 
 def _problem(d: dict[str, Any], names: Sequence[str]) -> str | None:
@@ -171,9 +150,6 @@ def _problem(d: dict[str, Any], names: Sequence[str]) -> str | None:
         if not ok(d[name]):
             return f"field '{name}' must be {what}"
     return None
-
-
-# -- sealing -----------------------------------------------------------------------------------
 
 
 def body_digest(body: bytes) -> str:
@@ -187,36 +163,29 @@ def seal(
     packet_id: str | None = None, created_at: datetime | None = None,
     ephemeral_key: X25519PrivateKey | None = None, nonce: bytes | None = None,
 ) -> bytes:
-    """Encrypt ``body`` to the recipient and sign the frame; returns the wire bytes.
-
-    The optional arguments pin otherwise random values (test vectors). Bad arguments raise
-    ValueError/TypeError: they are the caller's bug, not a refusal of a peer's packet.
-    """
-    if not isinstance(signing_key, Ed25519PrivateKey):
-        raise TypeError("signing_key must be an Ed25519PrivateKey")
-    if not isinstance(recipient_key, X25519PublicKey):
-        raise TypeError("recipient_key must be an X25519PublicKey")
+    """Encrypt ``body`` to the recipient and sign; returns the frame. The optional arguments
+    pin random values (test vectors); bad arguments are the caller's bug: ValueError."""
     if nonce is None:
         nonce = os.urandom(NONCE_LEN)
     elif len(nonce) != NONCE_LEN:
         raise ValueError(f"nonce must be {NONCE_LEN} bytes")
-    fields = {"id": _uuid4() if packet_id is None else packet_id, "sender": sender,
+    fields = {"id": str(uuid.uuid4()) if packet_id is None else packet_id, "sender": sender,
               "recipient": recipient, "kind": kind, "thread": thread, "seq": seq}
     problem = _problem(fields, ("sender", "recipient", "kind", "thread", "seq")
                        + (("id",) if packet_id is not None else ()))
     if problem:
         raise ValueError(problem)
     eph = X25519PrivateKey.generate() if ephemeral_key is None else ephemeral_key
-    epk = eph.public_key().public_bytes_raw()
-    rpk = recipient_key.public_bytes_raw()
+    epk, rpk = eph.public_key().public_bytes_raw(), recipient_key.public_bytes_raw()
     fields.update(
         v=VERSION, created_at=format_time(created_at or datetime.now(UTC)),
         digest=hashlib.sha256(body).hexdigest(), size=len(body), suite=SUITE, epk=_b64(epk),
-        nonce=_b64(nonce), sig_key=_own_key_id(signing_key), enc_key=key_id(rpk),
+        nonce=_b64(nonce), sig_key=key_id(signing_key.public_key().public_bytes_raw()),
+        enc_key=key_id(rpk),
     )
     header = orjson.dumps(fields, option=_SORTED)
-    ciphertext = AESGCM(_body_key(eph.exchange(recipient_key), epk, rpk)).encrypt(
-        nonce, body, header)
+    key = _body_key(eph.exchange(recipient_key), epk, rpk)
+    ciphertext = AESGCM(key).encrypt(nonce, body, header)
     hlen = _U32.pack(len(header))
     signature = signing_key.sign(b"".join((CTX_PACKET, hlen, header, ciphertext)))
     return b"".join((MAGIC_PACKET, hlen, header, _U32.pack(len(ciphertext)), ciphertext,
@@ -226,9 +195,6 @@ def seal(
 def _body_key(shared: bytes, epk: bytes, rpk: bytes) -> bytes:
     """Salt binds the key to both public keys, so one shared secret never serves two pairs."""
     return HKDF(_SHA256, KEY_LEN, epk + rpk, HKDF_INFO).derive(shared)
-
-
-# -- decoding, verifying, opening ----------------------------------------------------------------
 
 
 def decode(frame: bytes, *, max_body: int) -> Packet:
@@ -241,19 +207,11 @@ def decode(frame: bytes, *, max_body: int) -> Packet:
     if len(ciphertext) < TAG_LEN:
         raise MalformedPacket(f"packet ciphertext is {len(ciphertext)} bytes, shorter than a tag")
     d = _object(header_raw, "packet header", _HEADER_KEYS)
-    problem = _problem(d, _HEADER_KEYS)
-    if problem:
-        raise MalformedPacket(f"packet header: {problem}")
-    header = Header(
-        v=VERSION, id=d["id"], sender=d["sender"], recipient=d["recipient"], kind=d["kind"],
-        created_at=cast(datetime, _time(d["created_at"])), thread=d["thread"], seq=d["seq"],
-        digest=d["digest"], size=d["size"], suite=SUITE, epk=_unb64(d["epk"]),
-        nonce=_unb64(d["nonce"]), sig_key=d["sig_key"], enc_key=d["enc_key"], raw=header_raw,
-    )
+    d.update(created_at=_time(d["created_at"]), epk=_unb64(d["epk"]), nonce=_unb64(d["nonce"]))
     end = pos + SIG_LEN
     relay = _stamp(frame, end) if len(frame) > end else None
-    return Packet(header=header, header_bytes=header_raw, ciphertext=ciphertext,
-                  signature=frame[pos:end], relay=relay, frame=frame)
+    return Packet(header=Header(**d, raw=header_raw), header_bytes=header_raw,
+                  ciphertext=ciphertext, signature=frame[pos:end], relay=relay, frame=frame)
 
 
 def _stamp(frame: bytes, pos: int) -> RelayStamp:
@@ -263,11 +221,8 @@ def _stamp(frame: bytes, pos: int) -> RelayStamp:
     if len(frame) != end + SIG_LEN:
         raise MalformedPacket(f"{len(frame) - end - SIG_LEN} unexpected bytes after relay stamp")
     d = _object(raw, "relay stamp", _STAMP_KEYS)
-    problem = _problem(d, _STAMP_KEYS)
-    if problem:
-        raise MalformedPacket(f"relay stamp: {problem}")
-    return RelayStamp(relay=d["relay"], relayed_at=cast(datetime, _time(d["relayed_at"])),
-                      packet=d["packet"], sig_key=d["sig_key"], raw=raw, signature=frame[end:])
+    d["relayed_at"] = _time(d["relayed_at"])
+    return RelayStamp(**d, raw=raw, signature=frame[end:])
 
 
 def verify(packet: Packet, signing_keys: Sequence[Ed25519PublicKey]) -> None:
@@ -303,15 +258,12 @@ def open_body(packet: Packet, encryption_keys: Sequence[X25519PrivateKey]) -> by
                         f"{len(pairs)} encryption key(s) (sealed to {h.enc_key})")
 
 
-# -- relay stamps ------------------------------------------------------------------------------
-
-
-def stamp_relay(
-    packet: Packet, *, relay_id: str, signing_key: Ed25519PrivateKey, now: datetime | None = None
-) -> bytes:
+def stamp_relay(packet: Packet, *, relay_id: str, signing_key: Ed25519PrivateKey,
+                now: datetime | None = None) -> bytes:
     """Frame to forward, with a fresh relay stamp (an older one dropped); the body stays sealed."""
     fields = {"relay": relay_id, "relayed_at": format_time(now or datetime.now(UTC)),
-              "packet": packet.header.id, "sig_key": _own_key_id(signing_key)}
+              "packet": packet.header.id,
+              "sig_key": key_id(signing_key.public_key().public_bytes_raw())}
     problem = _problem(fields, ("relay",))
     if problem:
         raise ValueError(problem)
@@ -333,9 +285,6 @@ def verify_relay(packet: Packet, signing_keys: Sequence[Ed25519PublicKey]) -> No
                            f"{len(signing_keys)} key(s) of relay '{s.relay}'")
 
 
-# -- receipts ----------------------------------------------------------------------------------
-
-
 def sign_receipt(fields: dict[str, Any], signing_key: Ed25519PrivateKey) -> bytes:
     """``HTR1 | u32 | json | sig(64)``: the receiver's signed word on what it did with a packet."""
     data = dict(fields)
@@ -343,33 +292,24 @@ def sign_receipt(fields: dict[str, Any], signing_key: Ed25519PrivateKey) -> byte
         data["at"] = format_time(data["at"])
     problem = _receipt_problem(data)
     if problem:
-        raise ValueError(problem)
-    try:
-        raw = orjson.dumps(data, option=_SORTED)
-    except orjson.JSONEncodeError as exc:
-        raise ValueError(f"receipt fields are not JSON: {exc}") from None
+        raise ValueError(f"receipt: {problem}")
+    raw = orjson.dumps(data, option=_SORTED)  # orjson.JSONEncodeError is a TypeError
     if len(raw) > MAX_RECEIPT:
         raise ValueError(f"receipt is {len(raw)} bytes, limit {MAX_RECEIPT}")
     sig = signing_key.sign(CTX_RECEIPT + raw)
     return b"".join((MAGIC_RECEIPT, _U32.pack(len(raw)), raw, sig))
 
 
-def verify_receipt(
-    data: bytes, keys_for: Callable[[str], Sequence[Ed25519PublicKey]]
-) -> dict[str, Any]:
+def verify_receipt(data: bytes, keys_for: Callable[[str], Sequence[Ed25519PublicKey]]
+                   ) -> dict[str, Any]:
     """Check a receipt with the keys of the node it names as receiver; returns its fields.
-
-    Whatever ``keys_for`` raises for an unknown node (e.g. UnknownSender) propagates.
-    """
+    Whatever ``keys_for`` raises for an unknown node (e.g. UnknownSender) propagates."""
     data = data if isinstance(data, bytes) else bytes(data)
     _magic(data, MAGIC_RECEIPT)
     raw, end = _chunk(data, 4, "receipt", MAX_RECEIPT, PacketTooLarge, extra=SIG_LEN)
     if len(data) != end + SIG_LEN:
         raise MalformedPacket(f"{len(data) - end - SIG_LEN} unexpected bytes after the receipt")
-    fields = _object(raw, "receipt", _RECEIPT_KEYS, extra_ok=True)
-    problem = _receipt_problem(fields)
-    if problem:
-        raise MalformedPacket(problem)
+    fields = _object(raw, "receipt", _RECEIPT_KEYS, _receipt_problem)
     if not _verifies(keys_for(fields["receiver"]), None, data[end:], CTX_RECEIPT + raw):
         raise BadSignature(f"receipt for packet {fields['packet']} does not verify with any key "
                            f"of '{fields['receiver']}'")
@@ -379,22 +319,15 @@ def verify_receipt(
 def _receipt_problem(d: dict[str, Any]) -> str | None:
     missing = [k for k in _RECEIPT_KEYS if k not in d]
     if missing:
-        return f"receipt is missing field(s) {', '.join(missing)}"
-    if d["status"] not in RECEIPT_STATUSES:
-        return "receipt field 'status' must be accepted, relayed or refused"
-    if not _text(d["receiver"]) or not _text(d["at"]):
-        return "receipt fields 'receiver' and 'at' must be non-empty strings"
-    bad = [k for k in _RECEIPT_KEYS if d[k] is not None and not isinstance(d[k], str)]
-    return f"receipt field '{bad[0]}' must be a string or null" if bad else None
-
-
-# -- batches -----------------------------------------------------------------------------------
+        return f"missing field(s) {', '.join(missing)}"
+    bad = [k for k in _RECEIPT_NULLABLE if d[k] is not None and not isinstance(d[k], str)]
+    if bad:
+        return f"field '{bad[0]}' must be a string or null"
+    return _problem(d, ("receiver", "status", "at"))
 
 
 def encode_batch(items: Sequence[bytes]) -> bytes:
     """``HTB1 | u32 count | (u32 len | item)*``: many frames in one HTTP round trip."""
-    if len(items) >= 1 << 32 or any(len(i) >= 1 << 32 for i in items):
-        raise ValueError("batch or batch item too large for a u32 length")
     parts = [MAGIC_BATCH, _U32.pack(len(items))]
     for item in items:
         parts += (_U32.pack(len(item)), item)
@@ -423,13 +356,10 @@ def decode_batch(data: bytes, *, max_items: int = 10_000, max_total: int) -> lis
 
 def frame_kind(item: bytes) -> Literal["packet", "receipt"]:
     """What a batch item is, told by its magic."""
-    kind = _NAMES.get(bytes(item[:4]))
+    kind = _NAMES.get(bytes(item[:4]), "no Hutong frame (bad magic)")
     if kind == "packet" or kind == "receipt":
         return kind
-    raise MalformedPacket(f"expected a packet or receipt frame, got {_got(item[:4])}")
-
-
-# -- helpers -----------------------------------------------------------------------------------
+    raise MalformedPacket(f"expected a packet or receipt frame, got: {kind}")
 
 
 def format_time(t: datetime) -> str:
@@ -440,22 +370,17 @@ def format_time(t: datetime) -> str:
 
 
 def _time(value: Any) -> datetime | None:
-    m = _TIME.fullmatch(value) if isinstance(value, str) else None
-    if m is None:
-        return None
-    y, mo, d, h, mi, s, ms = map(int, m.groups())
+    """The one spelling ``format_time`` writes, as an aware datetime; None for anything else."""
     try:
-        return datetime(y, mo, d, h, mi, s, ms * 1000, tzinfo=UTC)
-    except ValueError:  # e.g. month 13 or second 60
+        return datetime.fromisoformat(value) if _TIME.fullmatch(value) else None
+    except (TypeError, ValueError):  # not a string; or e.g. month 13, second 60
         return None
 
 
 def _chunk(data: bytes, pos: int, what: str, limit: int, too_big: type[HutongError],
            extra: int = 0, overhead: int = 0) -> tuple[bytes, int]:
     """Read ``u32 len | bytes`` at pos, judging the length before anything is sliced.
-
-    ``extra`` bytes must follow the chunk; ``overhead`` is left out of size messages (GCM tag).
-    """
+    ``extra`` bytes must follow the chunk; ``overhead`` is left out of size messages (GCM tag)."""
     if len(data) < pos + 4:
         raise MalformedPacket(f"{what} is truncated: the frame ends before its length")
     n = _U32.unpack_from(data, pos)[0]
@@ -487,16 +412,14 @@ def _magic(data: bytes, magic: bytes) -> None:
     if len(data) < 4:
         raise MalformedPacket(f"{_NAMES[magic]} is truncated: {len(data)} bytes, no magic")
     if data[:4] != magic:
-        raise MalformedPacket(f"expected a {_NAMES[magic]} frame, got {_got(data[:4])}")
+        got = _NAMES.get(data[:4], "no Hutong frame (bad magic)")
+        raise MalformedPacket(f"expected a {_NAMES[magic]} frame, got: {got}")
 
 
-def _got(magic: bytes) -> str:
-    name = _NAMES.get(bytes(magic))
-    return f"a {name} frame" if name else "something that is not a Hutong frame (bad magic)"
-
-
-def _object(raw: bytes, what: str, keys: Sequence[str], extra_ok: bool = False) -> dict[str, Any]:
-    """Parse canonical JSON (one byte form per value, no duplicate keys) with the given keys."""
+def _object(raw: bytes, what: str, keys: Sequence[str],
+            check: Callable[[dict[str, Any]], str | None] | None = None) -> dict[str, Any]:
+    """Parse canonical JSON (one byte form, no duplicate keys) and check its fields: without
+    ``check`` it must have exactly ``keys``, each passing its ``_CHECKS`` test."""
     try:
         d = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -508,37 +431,23 @@ def _object(raw: bytes, what: str, keys: Sequence[str], extra_ok: bool = False) 
     missing = [k for k in keys if k not in d]
     if missing:
         raise MalformedPacket(f"{what} is missing field(s) {', '.join(missing)}")
-    if not extra_ok and len(d) != len(keys):
+    if check is None and len(d) != len(keys):
         unknown = ", ".join(repr(k[:32]) for k in sorted(set(d) - set(keys))[:3])
         raise MalformedPacket(f"{what} has unknown field(s) {unknown}")
+    problem = check(d) if check else _problem(d, keys)
+    if problem:
+        raise MalformedPacket(f"{what}: {problem}")
     return d
-
-
-_OWN_IDS: dict[int, tuple[Ed25519PrivateKey, str]] = {}
-
-
-def _own_key_id(key: Ed25519PrivateKey) -> str:
-    """Key id of our own signing key, cached (seal is hot; holding the key pins its id())."""
-    hit = _OWN_IDS.get(id(key))
-    if hit is None or hit[0] is not key:
-        if len(_OWN_IDS) > 64:
-            _OWN_IDS.clear()
-        hit = _OWN_IDS[id(key)] = (key, key_id(key.public_key().public_bytes_raw()))
-    return hit[1]
-
-
-def _uuid4() -> str:
-    """Random (version 4) UUID text, ~2x faster than str(uuid.uuid4())."""
-    h = os.urandom(16).hex()
-    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
 
 
 def _b64(raw: bytes) -> str:
     return base64.b64encode(raw).decode("ascii")
 
 
-def _unb64(value: str) -> bytes:
+def _unb64(value: Any) -> bytes:
     """Strict, canonical base64 (b'' when it is not), so a field has exactly one spelling."""
+    if not isinstance(value, str):
+        return b""
     try:
         raw = base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):

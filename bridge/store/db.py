@@ -20,6 +20,7 @@ from bridge.errors import StoreError
 
 # importing registers every table on SQLModel.metadata
 from bridge.store import tables as _tables  # noqa: F401
+from bridge.fhirstore import tables as _fhir_tables  # noqa: F401
 
 
 def _audit_tables() -> None:
