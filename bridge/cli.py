@@ -31,7 +31,8 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(config_app, name="config")
 
 out = Console()
-err = Console(stderr=True)
+# errors: one line each, exactly as written (no hard wrap at 80 columns, no markup parsing)
+err = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="the node's config file")]
 

@@ -27,6 +27,7 @@ from bridge.delivery.retention import purge_bodies
 from bridge.delivery.sender import PeerSender
 from bridge.gateway.app import create_gateway
 from bridge.gateway.intake import Intake
+from bridge.referral.workflow import Workflow
 from bridge.store import state
 
 log = logging.getLogger("hutong.node")
@@ -57,9 +58,11 @@ class Node:
         self.plan = plan
         self.ctx = NodeContext.open(plan)
         self.intake = Intake(self.ctx)
+        self.workflow = Workflow(self.ctx, wake=self.wake_all_senders)
         self.dispatcher = Dispatcher(
             self.ctx,
             load_handlers(dict(plan.delivery.handlers), {"spool_dir": plan.delivery.spool_dir}),
+            hooks={"referral.": self.workflow.apply_packet},
         )
         me = plan.directory[plan.node_id]
         if me.role == "platform" or not me.via:
@@ -109,6 +112,8 @@ class Node:
         self.scheduler.add_job(self._retention, "interval", id="retention",
                                seconds=self.plan.retention.run_every_s)
         self.scheduler.add_job(self._checkpoint, "interval", id="checkpoint", seconds=60)
+        self.scheduler.add_job(self.workflow.remind, "interval", id="referral-reminders",
+                               seconds=self.plan.referral.reminder_every_s)
         self.scheduler.add_job(self._watch_config, "interval", id="config-watch", seconds=10)
         self.scheduler.start()
 

@@ -1,4 +1,4 @@
-"""Shared pytest fixtures. Each concern has its own clearly marked section; keep them independent."""
+"""Shared pytest fixtures, one clearly marked section per concern; keep sections independent."""
 
 from __future__ import annotations
 
@@ -16,21 +16,23 @@ from __future__ import annotations
 # can be had, even if it uses neither fixture. With HUTONG_REQUIRE_PG=1 (CI) that skip is a
 # failure instead, so CI cannot silently skip PostgreSQL.
 #
-# Names private to this section start with ``_pg``. It defines no pytest hooks.
+# The throwaway cluster: superuser ``hutong`` with a random password (scram-sha-256), UTF8, C
+# locale, fsync off. Names private to this section start with ``_pg``; it defines no pytest hooks.
 # =============================================================================================
 
-import glob as _pg_glob
-import os as _pg_os
-import pwd as _pg_pwd
-import re as _pg_re
-import secrets as _pg_secrets
-import shlex as _pg_shlex
-import shutil as _pg_shutil
-import socket as _pg_socket
-import subprocess as _pg_subprocess
-import tempfile as _pg_tempfile
-from collections.abc import Iterator as _PgIterator
-from urllib.parse import quote as _pg_quote
+import glob
+import os
+import pwd
+import re
+import secrets
+import shlex
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from typing import NoReturn
+from urllib.parse import quote
 
 import pytest
 
@@ -38,39 +40,40 @@ _PG_USER = "hutong"  # superuser of the throwaway cluster
 _PG_OS_USER = "postgres"  # OS account initdb/postgres run as when we are root
 
 
-def _pg_unavailable(reason: str) -> None:
+def _pg_unavailable(reason: str) -> NoReturn:
     """Skip, or fail when HUTONG_REQUIRE_PG=1."""
-    if _pg_os.environ.get("HUTONG_REQUIRE_PG") == "1":
+    if os.environ.get("HUTONG_REQUIRE_PG") == "1":
         pytest.fail(f"PostgreSQL required (HUTONG_REQUIRE_PG=1) but: {reason}", pytrace=False)
     pytest.skip(f"PostgreSQL unavailable: {reason}")
 
 
 def _pg_bindir() -> str | None:
     """Directory with pg_ctl, initdb and postgres: PATH first, then the newest Debian version."""
-    found = _pg_shutil.which("pg_ctl")
+    found = shutil.which("pg_ctl")
     if found:
-        bindir = _pg_os.path.dirname(_pg_os.path.realpath(found))  # /usr/local/bin -> real dir
-        if _pg_os.access(_pg_os.path.join(bindir, "initdb"), _pg_os.X_OK):
+        bindir = os.path.dirname(os.path.realpath(found))  # /usr/local/bin -> real dir
+        if os.access(os.path.join(bindir, "initdb"), os.X_OK):
             return bindir
 
     def version(path: str) -> tuple[int, ...]:
-        return tuple(int(n) for n in _pg_re.findall(r"\d+", path))
+        return tuple(int(n) for n in re.findall(r"\d+", path))
 
-    for bindir in sorted(_pg_glob.glob("/usr/lib/postgresql/*/bin"), key=version, reverse=True):
-        if all(_pg_os.access(_pg_os.path.join(bindir, b), _pg_os.X_OK) for b in ("pg_ctl", "initdb")):
+    for bindir in sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=version, reverse=True):
+        tools = (os.path.join(bindir, b) for b in ("pg_ctl", "initdb"))
+        if all(os.access(t, os.X_OK) for t in tools):
             return bindir
     return None
 
 
 def _pg_free_port() -> int:
-    with _pg_socket.socket() as s:
+    with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
 def _pg_psycopg_url(dsn: str) -> str:
     """libpq URI from a SQLAlchemy DSN (postgresql+psycopg://... -> postgresql://...)."""
-    return _pg_re.sub(r"^postgresql\+\w+://", "postgresql://", dsn)
+    return re.sub(r"^postgresql\+\w+://", "postgresql://", dsn)
 
 
 def _pg_with_database(dsn: str, dbname: str) -> str:
@@ -85,57 +88,61 @@ class _PgCluster:
     def __init__(self, bindir: str) -> None:
         self.bindir = bindir
         self.as_user: str | None = None
-        if _pg_os.geteuid() == 0:
+        if os.geteuid() == 0:
             try:
-                _pg_pwd.getpwnam(_PG_OS_USER)
+                pwd.getpwnam(_PG_OS_USER)
             except KeyError:
                 _pg_unavailable(
                     f"running as root and there is no {_PG_OS_USER!r} user to run initdb as"
                 )
             self.as_user = _PG_OS_USER
-        self.tmp = _pg_tempfile.mkdtemp(prefix="hutong-pg-")
-        self.data = _pg_os.path.join(self.tmp, "data")
-        self.sockets = _pg_os.path.join(self.tmp, "sock")
-        self.log = _pg_os.path.join(self.tmp, "server.log")
-        self.password = _pg_secrets.token_hex(16)
+        self.tmp = tempfile.mkdtemp(prefix="hutong-pg-")
+        self.data = os.path.join(self.tmp, "data")
+        self.sockets = os.path.join(self.tmp, "sock")
+        self.log = os.path.join(self.tmp, "server.log")
+        self.password = secrets.token_hex(16)
         self.port = 0
 
     def run(self, *args: str, timeout: float = 120) -> None:
-        cmd = [_pg_os.path.join(self.bindir, args[0]), *args[1:]]
+        cmd = [os.path.join(self.bindir, args[0]), *args[1:]]
         if self.as_user:
-            if _pg_shutil.which("runuser"):
+            if shutil.which("runuser"):
                 cmd = ["runuser", "-u", self.as_user, "--", *cmd]
             else:
-                cmd = ["su", self.as_user, "-s", "/bin/sh", "-c", _pg_shlex.join(cmd)]
+                cmd = ["su", self.as_user, "-s", "/bin/sh", "-c", shlex.join(cmd)]
         try:
-            proc = _pg_subprocess.run(
+            proc = subprocess.run(
                 cmd, cwd=self.tmp, capture_output=True, text=True, timeout=timeout
             )
-        except (OSError, _pg_subprocess.TimeoutExpired) as exc:
+        except (OSError, subprocess.TimeoutExpired) as exc:
             raise RuntimeError(f"{args[0]} failed: {exc}") from None
         if proc.returncode != 0:
             out = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
             raise RuntimeError(f"{args[0]} exited {proc.returncode}: {' | '.join(out)}")
 
     def start(self) -> str:
-        """initdb + start; returns the DSN of database ``hutong``."""
-        _pg_os.mkdir(self.sockets)
-        pwfile = _pg_os.path.join(self.tmp, "pwfile")
+        """initdb + start; returns the superuser's DSN for database ``postgres``.
+
+        Auth is scram-sha-256 with a random password (also on the unix socket), so other local
+        users cannot get in while the tests run.
+        """
+        os.mkdir(self.sockets)
+        pwfile = os.path.join(self.tmp, "pwfile")
         with open(pwfile, "w") as f:
             f.write(self.password + "\n")
         if self.as_user:
-            pw = _pg_pwd.getpwnam(self.as_user)
+            pw = pwd.getpwnam(self.as_user)
             for path in (self.tmp, self.sockets, pwfile):
-                _pg_os.chown(path, pw.pw_uid, pw.pw_gid)
+                os.chown(path, pw.pw_uid, pw.pw_gid)
         self.run(
             "initdb", "-D", self.data, "-U", _PG_USER, "--pwfile", pwfile,
             "--auth", "scram-sha-256", "--encoding", "UTF8", "--no-locale", "--no-sync",
         )  # fmt: skip
-        _pg_os.unlink(pwfile)
+        os.unlink(pwfile)
         error = ""
         for _attempt in range(3):  # a free port can be taken between probe and bind
             self.port = _pg_free_port()
-            options = _pg_shlex.join([
+            options = shlex.join([
                 "-p", str(self.port), "-k", self.sockets, "-c", "listen_addresses=127.0.0.1",
                 "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
             ])  # fmt: skip
@@ -149,7 +156,7 @@ class _PgCluster:
         else:
             raise RuntimeError(error)
         return (
-            f"postgresql+psycopg://{_PG_USER}:{_pg_quote(self.password)}"
+            f"postgresql+psycopg://{_PG_USER}:{quote(self.password)}"
             f"@127.0.0.1:{self.port}/postgres"
         )
 
@@ -162,13 +169,13 @@ class _PgCluster:
 
     def stop(self) -> None:
         try:
-            if _pg_os.path.exists(_pg_os.path.join(self.data, "postmaster.pid")):
+            if os.path.exists(os.path.join(self.data, "postmaster.pid")):
                 try:
                     self.run("pg_ctl", "-D", self.data, "-m", "fast", "-w", "stop", timeout=60)
                 except RuntimeError:
                     self.run("pg_ctl", "-D", self.data, "-m", "immediate", "-w", "stop")
         finally:
-            _pg_shutil.rmtree(self.tmp, ignore_errors=True)
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def _pg_create_database(admin_dsn: str, name: str) -> str:
@@ -183,15 +190,21 @@ def _pg_drop_database(admin_dsn: str, name: str) -> None:
     import psycopg
 
     with psycopg.connect(_pg_psycopg_url(admin_dsn), autocommit=True, connect_timeout=10) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        if conn.info.server_version >= 130000:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        else:  # no FORCE before PostgreSQL 13: end leftover sessions first
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,)
+            )
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
 
 
 @pytest.fixture(scope="session")
-def _pg_admin_dsn() -> _PgIterator[str]:
+def _pg_admin_dsn() -> Iterator[str]:
     """DSN allowed to CREATE/DROP DATABASE: HUTONG_PG_DSN, or a throwaway cluster's superuser."""
-    env = _pg_os.environ.get("HUTONG_PG_DSN")
+    env = os.environ.get("HUTONG_PG_DSN")
     if env:
-        dsn = _pg_re.sub(r"^postgres(ql)?(\+\w+)?://", "postgresql+psycopg://", env)
+        dsn = re.sub(r"^postgres(ql)?(\+\w+)?://", "postgresql+psycopg://", env)
         try:
             import psycopg
 
@@ -224,19 +237,18 @@ def pg_dsn(_pg_admin_dsn: str) -> str:
     With HUTONG_PG_DSN this is that DSN unchanged (apart from the driver name); otherwise the
     database ``hutong`` in the throwaway cluster.
     """
-    if _pg_os.environ.get("HUTONG_PG_DSN"):
+    if os.environ.get("HUTONG_PG_DSN"):
         return _pg_admin_dsn
     try:
         return _pg_create_database(_pg_admin_dsn, "hutong")
     except Exception as exc:  # noqa: BLE001
         _pg_unavailable(f"CREATE DATABASE hutong failed: {type(exc).__name__}: {exc}")
-        raise  # unreachable
 
 
 @pytest.fixture
-def pg_db(_pg_admin_dsn: str) -> _PgIterator[str]:
+def pg_db(_pg_admin_dsn: str) -> Iterator[str]:
     """SQLAlchemy DSN of a fresh, empty database for this test only; dropped afterwards."""
-    name = f"hutong_{_pg_secrets.token_hex(6)}"
+    name = f"hutong_{secrets.token_hex(6)}"
     try:
         dsn = _pg_create_database(_pg_admin_dsn, name)
     except Exception as exc:  # noqa: BLE001

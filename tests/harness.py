@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -89,6 +90,16 @@ class Alliance:
             n.stop()
 
 
+class ApiError(Exception):
+    """An HTTP error answer from a node, with its status and body (the socket is closed)."""
+
+    def __init__(self, status: int, body: bytes) -> None:
+        super().__init__(f"HTTP {status}: {body[:300]!r}")
+        self.status = status
+        self.body = body
+        self.json = json.loads(body) if body[:1] in (b"{", b"[") else None
+
+
 class NodeProcess:
     def __init__(self, node_id: str, config: Path) -> None:
         from bridge.config.loader import load_node
@@ -146,8 +157,12 @@ class NodeProcess:
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(self.local_url + path, data=data, method=method, headers={
             "Authorization": f"Bearer {self.token(role)}", "Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return json.loads(r.read())
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return json.loads(r.read())
+        except urllib.error.HTTPError as exc:
+            with exc:
+                raise ApiError(exc.code, exc.read()) from None
 
     def send(self, to: str, kind: str, bundles: Sequence[dict[str, Any]],
              thread: str | None = None) -> list[str]:

@@ -36,3 +36,4 @@ def require(*allowed: str) -> Callable[[Request], str]:
 ITRole = Annotated[str, Depends(require("it"))]
 AnyRole = Annotated[str, Depends(require(*ROLES))]
 SenderRole = Annotated[str, Depends(require("it", "clinician"))]
+ClinicianRole = Annotated[str, Depends(require("clinician"))]

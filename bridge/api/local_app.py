@@ -14,14 +14,20 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from bridge.api.auth import AnyRole, ITRole, SenderRole
+from bridge.api.auth import AnyRole, ClinicianRole, ITRole, SenderRole
 from bridge.delivery.queue import Outgoing, queue_packets
 from bridge.errors import HutongError
+from bridge.fhir.validate import validate_bundle
 from bridge import ops
 from bridge.store import quarantine
 
 if TYPE_CHECKING:
     from bridge.node import Node
+
+
+class StepIn(BaseModel):
+    reason: str | None = None
+    outputs: list[dict[str, Any]] = []
 
 
 class PacketIn(BaseModel):
@@ -35,6 +41,7 @@ def create_local_app(node: Node) -> FastAPI:
     ctx = node.ctx
     app = FastAPI(title=f"Hutong node {ctx.node_id}", docs_url="/docs")
     app.state.tokens = dict(ctx.plan.tokens)
+    app.state.node = node
 
     @app.exception_handler(HutongError)
     async def _error(_req: Request, exc: HutongError) -> JSONResponse:
@@ -89,5 +96,29 @@ def create_local_app(node: Node) -> FastAPI:
     @app.get("/local/v1/packets/{packet_id}")
     def packet(packet_id: str, role: ITRole) -> dict[str, Any]:
         return ops.find_packet(ctx, packet_id)
+
+    @app.get("/local/v1/referrals")
+    def referrals(role: AnyRole, status: str | None = None) -> list[dict[str, Any]]:
+        """Where each referral stands on this side (no patient data: hashes only)."""
+        return node.workflow.list(status=status)
+
+    @app.post("/local/v1/referrals")
+    async def submit(bundle: dict[str, Any], role: ClinicianRole) -> dict[str, Any]:
+        """A new referral (or a return) as a FHIR transaction Bundle; same as POST /fhir."""
+        validate_bundle(bundle)
+        return await run_in_threadpool(node.workflow.submit, bundle, f"role:{role}")
+
+    @app.post("/local/v1/referrals/{thread}/steps/{event}")
+    async def take_step(thread: str, event: str, body: StepIn,
+                        role: ClinicianRole) -> dict[str, Any]:
+        """accept (with slip outputs) / reject / arrive / cancel (with a reason)."""
+        return await run_in_threadpool(
+            lambda: node.workflow.step(thread, event, f"role:{role}", reason=body.reason,
+                                       outputs=body.outputs or None))
+
+    @app.get("/local/v1/reminders")
+    def reminders(role: AnyRole) -> list[dict[str, Any]]:
+        return [r for r in node.workflow.list() if r["reminded_at"] is not None
+                and r["status"] in ("requested", "received")]
 
     return app

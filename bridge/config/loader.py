@@ -598,6 +598,7 @@ def _build_plan(alliance: _Alliance, node: _Node) -> NodePlan:
             run_every_s=retention.run_every_s,
         ),
         audit=config.audit,
+        referral=config.referral,
         rules=rules,
         config_hash=_config_hash(alliance, config),
         source_files=(alliance.path, node.path, *alliance.key_files),

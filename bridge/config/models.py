@@ -242,6 +242,14 @@ class AuditConfig(_Model):
     checkpoint_every: PositiveInt = 1000
 
 
+class ReferralConfig(_Model):
+    """Referral timeouts: a referral not accepted in time raises a reminder for IT."""
+
+    accept_timeout_s: PositiveFloat = 86400.0
+    green_channel_timeout_s: PositiveFloat = 7200.0
+    reminder_every_s: PositiveFloat = 60.0
+
+
 class NodeFile(_Model):
     node_id: MemberId
     alliance: NonEmpty
@@ -255,6 +263,7 @@ class NodeFile(_Model):
     delivery: DeliveryConfig = DeliveryConfig()
     retention: RetentionConfig = RetentionConfig()
     audit: AuditConfig = AuditConfig()
+    referral: ReferralConfig = ReferralConfig()
 
 
 # --- the plan --------------------------------------------------------------------------------
@@ -342,6 +351,7 @@ class NodePlan:
     delivery: DeliverySettings
     retention: RetentionSettings
     audit: AuditConfig
+    referral: ReferralConfig
     rules: RuleSet
     config_hash: str
     source_files: tuple[Path, ...]

@@ -2,14 +2,11 @@
 
 Frame: ``HTP1 | u32 | header | u32 | ciphertext | sig(64) [| RLY1 | u32 | stamp | sig(64)]``.
 The header is visible (relays route on it) but signed and bound to the body as AES-GCM AAD;
-the body is sealed to the recipient's X25519 key with a fresh ephemeral key per packet.
-docs/envelope.md explains the construction and the reasons behind it.
-"""
+the body is sealed to the recipient's X25519 key with a fresh ephemeral key per packet
+(docs/envelope.md explains the construction and the reasons behind it)."""
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import os
 import re
@@ -18,7 +15,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import orjson
 from cryptography.exceptions import InvalidSignature, InvalidTag
@@ -28,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from bridge.crypto.keys import key_id
+from bridge.crypto.keys import b64, key_id, unb64
 from bridge.errors import BadSignature, DecryptFailed, DigestMismatch, HutongError
 from bridge.errors import MalformedPacket, PacketTooLarge
 
@@ -105,8 +102,7 @@ class Packet:
     @property
     def unstamped(self) -> bytes:
         """The frame as the sender made it, without any relay stamp."""
-        end = 12 + len(self.header_bytes) + len(self.ciphertext) + SIG_LEN
-        return self.frame if end == len(self.frame) else self.frame[:end]
+        return self.frame[:12 + len(self.header_bytes) + len(self.ciphertext) + SIG_LEN]
 
 
 def _re(pattern: str) -> Callable[[Any], bool]:
@@ -130,8 +126,8 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "size": (lambda v: type(v) is int and 0 <= v < 1 << 32, "a non-negative integer"),
     "digest": (_re("[0-9a-f]{64}"), "64 lowercase hex digits"),
     "suite": (lambda v: v == SUITE, f"{SUITE}, the only supported suite"),
-    "epk": (lambda v: len(_unb64(v)) == KEY_LEN, f"{KEY_LEN} bytes of base64"),
-    "nonce": (lambda v: len(_unb64(v)) == NONCE_LEN, f"{NONCE_LEN} bytes of base64"),
+    "epk": (lambda v: len(unb64(v)) == KEY_LEN, f"{KEY_LEN} bytes of base64"),
+    "nonce": (lambda v: len(unb64(v)) == NONCE_LEN, f"{NONCE_LEN} bytes of base64"),
     "sig_key": _IS_KEY_ID, "enc_key": _IS_KEY_ID,
     "status": (lambda v: v in RECEIPT_STATUSES, "accepted, relayed or refused"),
 }
@@ -165,24 +161,20 @@ def seal(
 ) -> bytes:
     """Encrypt ``body`` to the recipient and sign; returns the frame. The optional arguments
     pin random values (test vectors); bad arguments are the caller's bug: ValueError."""
-    if nonce is None:
-        nonce = os.urandom(NONCE_LEN)
-    elif len(nonce) != NONCE_LEN:
-        raise ValueError(f"nonce must be {NONCE_LEN} bytes")
-    fields = {"id": str(uuid.uuid4()) if packet_id is None else packet_id, "sender": sender,
-              "recipient": recipient, "kind": kind, "thread": thread, "seq": seq}
-    problem = _problem(fields, ("sender", "recipient", "kind", "thread", "seq")
-                       + (("id",) if packet_id is not None else ()))
-    if problem:
-        raise ValueError(problem)
+    nonce = os.urandom(NONCE_LEN) if nonce is None else nonce
     eph = X25519PrivateKey.generate() if ephemeral_key is None else ephemeral_key
     epk, rpk = eph.public_key().public_bytes_raw(), recipient_key.public_bytes_raw()
-    fields.update(
-        v=VERSION, created_at=format_time(created_at or datetime.now(UTC)),
-        digest=hashlib.sha256(body).hexdigest(), size=len(body), suite=SUITE, epk=_b64(epk),
-        nonce=_b64(nonce), sig_key=key_id(signing_key.public_key().public_bytes_raw()),
-        enc_key=key_id(rpk),
-    )
+    fields = {
+        "v": VERSION, "id": str(uuid.uuid4()) if packet_id is None else packet_id,
+        "sender": sender, "recipient": recipient, "kind": kind,
+        "created_at": format_time(created_at or datetime.now(UTC)), "thread": thread,
+        "seq": seq, "digest": hashlib.sha256(body).hexdigest(), "size": len(body),
+        "suite": SUITE, "epk": b64(epk), "nonce": b64(nonce),
+        "sig_key": key_id(signing_key.public_key().public_bytes_raw()), "enc_key": key_id(rpk),
+    }
+    problem = _problem(fields, ("id", "sender", "recipient", "kind", "thread", "seq", "nonce"))
+    if problem:
+        raise ValueError(problem)
     header = orjson.dumps(fields, option=_SORTED)
     key = _body_key(eph.exchange(recipient_key), epk, rpk)
     ciphertext = AESGCM(key).encrypt(nonce, body, header)
@@ -207,7 +199,7 @@ def decode(frame: bytes, *, max_body: int) -> Packet:
     if len(ciphertext) < TAG_LEN:
         raise MalformedPacket(f"packet ciphertext is {len(ciphertext)} bytes, shorter than a tag")
     d = _object(header_raw, "packet header", _HEADER_KEYS)
-    d.update(created_at=_time(d["created_at"]), epk=_unb64(d["epk"]), nonce=_unb64(d["nonce"]))
+    d.update(created_at=_time(d["created_at"]), epk=unb64(d["epk"]), nonce=unb64(d["nonce"]))
     end = pos + SIG_LEN
     relay = _stamp(frame, end) if len(frame) > end else None
     return Packet(header=Header(**d, raw=header_raw), header_bytes=header_raw,
@@ -217,9 +209,8 @@ def decode(frame: bytes, *, max_body: int) -> Packet:
 def _stamp(frame: bytes, pos: int) -> RelayStamp:
     if frame[pos:pos + 4] != MAGIC_RELAY:
         raise MalformedPacket(f"{len(frame) - pos} unexpected bytes after the packet signature")
-    raw, end = _chunk(frame, pos + 4, "relay stamp", MAX_STAMP, MalformedPacket, extra=SIG_LEN)
-    if len(frame) != end + SIG_LEN:
-        raise MalformedPacket(f"{len(frame) - end - SIG_LEN} unexpected bytes after relay stamp")
+    raw, end = _chunk(frame, pos + 4, "relay stamp", MAX_STAMP, MalformedPacket, SIG_LEN,
+                      last=True)
     d = _object(raw, "relay stamp", _STAMP_KEYS)
     d["relayed_at"] = _time(d["relayed_at"])
     return RelayStamp(**d, raw=raw, signature=frame[end:])
@@ -228,9 +219,9 @@ def _stamp(frame: bytes, pos: int) -> RelayStamp:
 def verify(packet: Packet, signing_keys: Sequence[Ed25519PublicKey]) -> None:
     """Pass if any of the sender's keys signed the packet (current and next, during rollover)."""
     h = packet.header
-    if not _verifies(signing_keys, h.sig_key, packet.signature, packet.signed_part):
-        raise BadSignature(f"packet {h.id} signature does not verify with any of the "
-                           f"{len(signing_keys)} key(s) of '{h.sender}' (signed with {h.sig_key})")
+    _verify_any(signing_keys, h.sig_key, packet.signature, packet.signed_part,
+                f"packet {h.id} signature does not verify with any of the {len(signing_keys)} "
+                f"key(s) of '{h.sender}' (signed with {h.sig_key})")
 
 
 def open_body(packet: Packet, encryption_keys: Sequence[X25519PrivateKey]) -> bytes:
@@ -279,10 +270,10 @@ def verify_relay(packet: Packet, signing_keys: Sequence[Ed25519PublicKey]) -> No
         raise BadSignature(f"packet {pid} has no relay stamp")
     if s.packet != pid:
         raise BadSignature(f"relay stamp names packet {s.packet}, not {pid}")
-    if not _verifies(signing_keys, s.sig_key, s.signature,
-                     b"".join((CTX_RELAY, s.raw, packet.signature))):
-        raise BadSignature(f"relay stamp of packet {pid} does not verify with any of the "
-                           f"{len(signing_keys)} key(s) of relay '{s.relay}'")
+    _verify_any(signing_keys, s.sig_key, s.signature,
+                b"".join((CTX_RELAY, s.raw, packet.signature)),
+                f"relay stamp of packet {pid} does not verify with any of the "
+                f"{len(signing_keys)} key(s) of relay '{s.relay}'")
 
 
 def sign_receipt(fields: dict[str, Any], signing_key: Ed25519PrivateKey) -> bytes:
@@ -306,13 +297,11 @@ def verify_receipt(data: bytes, keys_for: Callable[[str], Sequence[Ed25519Public
     Whatever ``keys_for`` raises for an unknown node (e.g. UnknownSender) propagates."""
     data = data if isinstance(data, bytes) else bytes(data)
     _magic(data, MAGIC_RECEIPT)
-    raw, end = _chunk(data, 4, "receipt", MAX_RECEIPT, PacketTooLarge, extra=SIG_LEN)
-    if len(data) != end + SIG_LEN:
-        raise MalformedPacket(f"{len(data) - end - SIG_LEN} unexpected bytes after the receipt")
+    raw, end = _chunk(data, 4, "receipt", MAX_RECEIPT, PacketTooLarge, SIG_LEN, last=True)
     fields = _object(raw, "receipt", _RECEIPT_KEYS, _receipt_problem)
-    if not _verifies(keys_for(fields["receiver"]), None, data[end:], CTX_RECEIPT + raw):
-        raise BadSignature(f"receipt for packet {fields['packet']} does not verify with any key "
-                           f"of '{fields['receiver']}'")
+    _verify_any(keys_for(fields["receiver"]), None, data[end:], CTX_RECEIPT + raw,
+                f"receipt for packet {fields['packet']} does not verify with any key of "
+                f"'{fields['receiver']}'")
     return fields
 
 
@@ -320,7 +309,7 @@ def _receipt_problem(d: dict[str, Any]) -> str | None:
     missing = [k for k in _RECEIPT_KEYS if k not in d]
     if missing:
         return f"missing field(s) {', '.join(missing)}"
-    bad = [k for k in _RECEIPT_NULLABLE if d[k] is not None and not isinstance(d[k], str)]
+    bad = [k for k in _RECEIPT_NULLABLE if not (d[k] is None or isinstance(d[k], str))]
     if bad:
         return f"field '{bad[0]}' must be a string or null"
     return _problem(d, ("receiver", "status", "at"))
@@ -378,9 +367,9 @@ def _time(value: Any) -> datetime | None:
 
 
 def _chunk(data: bytes, pos: int, what: str, limit: int, too_big: type[HutongError],
-           extra: int = 0, overhead: int = 0) -> tuple[bytes, int]:
-    """Read ``u32 len | bytes`` at pos, judging the length before anything is sliced.
-    ``extra`` bytes must follow the chunk; ``overhead`` is left out of size messages (GCM tag)."""
+           extra: int = 0, overhead: int = 0, last: bool = False) -> tuple[bytes, int]:
+    """Read ``u32 len | bytes`` at pos, judging the length before anything is sliced. ``extra``
+    bytes must follow (all that is left if ``last``); ``overhead`` is left out of messages."""
     if len(data) < pos + 4:
         raise MalformedPacket(f"{what} is truncated: the frame ends before its length")
     n = _U32.unpack_from(data, pos)[0]
@@ -388,24 +377,21 @@ def _chunk(data: bytes, pos: int, what: str, limit: int, too_big: type[HutongErr
         raise too_big(f"{what} is {n - overhead} bytes, limit {limit - overhead}")
     end = pos + 4 + n
     if len(data) < end + extra:
-        raise MalformedPacket(f"{what} is truncated: frame has {len(data)} bytes, needs "
-                              f"{end + extra}")
+        raise MalformedPacket(f"{what} is truncated: {len(data)} bytes, needs {end + extra}")
+    if last and len(data) > end + extra:
+        raise MalformedPacket(f"{len(data) - end - extra} unexpected bytes after the {what}")
     return data[pos + 4:end], end
 
 
-def _verifies(keys: Sequence[Ed25519PublicKey], wanted: str | None, sig: bytes,
-              message: bytes) -> bool:
-    """Try the key named by ``wanted`` first; any key that verifies is accepted (rollover)."""
-    ordered = list(keys)
-    if wanted is not None and len(ordered) > 1:
-        ordered.sort(key=lambda k: key_id(k.public_bytes_raw()) != wanted)
-    for k in ordered:
+def _verify_any(keys: Sequence[Ed25519PublicKey], wanted: str | None, sig: bytes,
+                message: bytes, failure: str) -> None:
+    """Any key that verifies is accepted (rollover); the key named ``wanted`` is tried first."""
+    for k in sorted(keys, key=lambda k: key_id(k.public_bytes_raw()) != wanted):
         try:
-            k.verify(sig, message)
-            return True
+            return k.verify(sig, message)
         except InvalidSignature:
-            continue
-    return False
+            pass
+    raise BadSignature(failure)
 
 
 def _magic(data: bytes, magic: bytes) -> None:
@@ -440,16 +426,3 @@ def _object(raw: bytes, what: str, keys: Sequence[str],
     return d
 
 
-def _b64(raw: bytes) -> str:
-    return base64.b64encode(raw).decode("ascii")
-
-
-def _unb64(value: Any) -> bytes:
-    """Strict, canonical base64 (b'' when it is not), so a field has exactly one spelling."""
-    if not isinstance(value, str):
-        return b""
-    try:
-        raw = base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        return b""
-    return raw if _b64(raw) == value else b""

@@ -31,6 +31,20 @@ _NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _PRIVATE_MODE = 0o600
 
 
+def b64(raw: bytes) -> str:
+    """Standard padded base64 text: the one spelling of raw bytes in key texts and headers."""
+    return base64.b64encode(raw).decode("ascii")
+
+
+def unb64(value: Any) -> bytes:
+    """Strict, canonical base64 or b'' (so every encoded value has exactly one spelling)."""
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (binascii.Error, TypeError, ValueError):
+        return b""
+    return raw if isinstance(value, str) and b64(raw) == value else b""
+
+
 @lru_cache(maxsize=1024)
 def key_id(public_raw: bytes) -> str:
     """Short stable name of a public key, so headers and logs can say which key was used."""
@@ -54,24 +68,21 @@ def public_text(key: AnyKey) -> str:
         prefix = "x25519"
     else:
         raise KeyFileError(f"not an Ed25519 or X25519 key: {type(key).__name__}")
-    return f"{prefix}:{base64.b64encode(public_raw(key)).decode('ascii')}"
+    return f"{prefix}:{b64(public_raw(key))}"
 
 
 def parse_public_key(text: str) -> PublicKey:
     """Read a public key from its text form; a typo in a directory must fail loudly, not later."""
     if not isinstance(text, str):
         raise KeyFileError(f"public key must be a string, got {type(text).__name__}")
-    algo, sep, b64 = text.strip().partition(":")
+    algo, sep, text_b64 = text.strip().partition(":")
     if not sep or algo not in ("ed25519", "x25519"):
         raise KeyFileError(
             f"public key must start with 'ed25519:' or 'x25519:', got '{algo[:16]}'"
         )
-    try:
-        raw = base64.b64decode(b64, validate=True)
-    except (binascii.Error, ValueError):
-        raise KeyFileError(f"{algo} public key is not valid base64") from None
+    raw = unb64(text_b64)
     if len(raw) != 32:
-        raise KeyFileError(f"{algo} public key must be 32 bytes, got {len(raw)}")
+        raise KeyFileError(f"{algo} public key must be 32 bytes of standard base64")
     if algo == "ed25519":
         return Ed25519PublicKey.from_public_bytes(raw)
     return X25519PublicKey.from_public_bytes(raw)
@@ -89,6 +100,8 @@ def generate_node_keys(
         raise KeyFileError(
             f"node id {node_id!r} is not usable as a file name (letters, digits, '.', '_', '-')"
         )
+    if passphrase is not None and not isinstance(passphrase, bytes):
+        raise KeyFileError("passphrase must be bytes")
     if passphrase is not None and len(passphrase) == 0:
         raise KeyFileError("passphrase is empty; pass None for unencrypted key files")
     directory = Path(directory)
@@ -124,7 +137,8 @@ def generate_node_keys(
         "signing_id": key_id(public_raw(signing)),
         "encryption_id": key_id(public_raw(encryption)),
     }
-    _write_file(pub_path, orjson.dumps(public, option=orjson.OPT_INDENT_2) + b"\n", 0o644, overwrite)
+    pub_json = orjson.dumps(public, option=orjson.OPT_INDENT_2) + b"\n"
+    _write_file(pub_path, pub_json, 0o644, overwrite)
     return public
 
 
@@ -133,7 +147,7 @@ def load_signing_key(path: Path | str, passphrase: bytes | None = None) -> Ed255
     key = _load_private(Path(path), passphrase)
     if not isinstance(key, Ed25519PrivateKey):
         raise KeyFileError(
-            f"key file {path} holds a {_kind(key)} key, expected an Ed25519 signing key"
+            f"key file {path} holds an {_kind(key)} key, expected an Ed25519 signing key"
         )
     return key
 
@@ -143,7 +157,7 @@ def load_encryption_key(path: Path | str, passphrase: bytes | None = None) -> X2
     key = _load_private(Path(path), passphrase)
     if not isinstance(key, X25519PrivateKey):
         raise KeyFileError(
-            f"key file {path} holds a {_kind(key)} key, expected an X25519 encryption key"
+            f"key file {path} holds an {_kind(key)} key, expected an X25519 encryption key"
         )
     return key
 
@@ -191,6 +205,8 @@ def _unlink_quietly(path: Path) -> None:
 
 def _load_private(path: Path, passphrase: bytes | None) -> Any:
     """Read and decrypt a PEM PKCS8 private key; every failure is one KeyFileError naming path."""
+    if passphrase is not None and not isinstance(passphrase, bytes):
+        raise KeyFileError("passphrase must be bytes")
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
@@ -223,8 +239,8 @@ def _load_private(path: Path, passphrase: bytes | None) -> Any:
                 f"key file {path} is not encrypted, but a passphrase was given"
             ) from None
         raise KeyFileError(f"key file {path} is encrypted and no passphrase was given") from None
-    except ValueError as exc:
-        if passphrase and "password" in str(exc).lower():
+    except ValueError:
+        if passphrase and b"-----BEGIN ENCRYPTED PRIVATE KEY-----" in data:
             raise KeyFileError(f"wrong passphrase for key file {path}") from None
         raise KeyFileError(f"key file {path} is not a PEM PKCS8 private key") from None
     except UnsupportedAlgorithm:

@@ -22,9 +22,13 @@ from bridge.store.tables import INBOX, QUARANTINE
 
 
 class Dispatcher:
-    def __init__(self, ctx: NodeContext, handlers: dict[str, Handler]) -> None:
+    def __init__(self, ctx: NodeContext, handlers: dict[str, Handler],
+                 hooks: dict[str, Any] | None = None) -> None:
+        """``hooks`` maps a kind prefix (e.g. ``referral.``) to an in-node step that runs before
+        the local handler (the referral workflow applies its packets there)."""
         self.ctx = ctx
         self.handlers = handlers
+        self.hooks = hooks or {}
         self.batch = ctx.plan.delivery.batch_size
 
     def handler_for(self, kind: str) -> Handler | None:
@@ -56,7 +60,11 @@ class Dispatcher:
             try:
                 if handler is None:
                     raise HutongError(f"no local handler for kind '{r.kind}'")
-                handler.deliver(_delivery(r))
+                item = _delivery(r)
+                for prefix, hook in self.hooks.items():
+                    if r.kind.startswith(prefix):
+                        hook(item)
+                handler.deliver(item)
             except HutongError as exc:
                 blocked.add(r.thread)
                 failed.append((r, exc))

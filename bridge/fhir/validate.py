@@ -3,15 +3,23 @@
 The schema (``schema/fhir.schema.json``, see ``schema/PROVENANCE.md``) is compiled with
 ``jsonschema-rs`` lazily, once per process, on first use; nothing happens at import time.
 
-Speed. Validating through the schema's root ``oneOf`` (or its ``ResourceList`` ``oneOf``, used by
-``Bundle.entry.resource``, ``contained``, ``Bundle.entry.response.outcome`` and
-``Parameters.parameter.resource``) makes the validator try all ~146 resource definitions for every
-embedded resource. Instead, at load time ``ResourceList`` is replaced by a plain
-``{"type": "object"}`` and this module walks those four places itself: each embedded resource is
-dispatched on its ``resourceType`` to a validator compiled for
-``{"$ref": "#/definitions/<resourceType>"}`` (one per type, cached). A missing or unknown
-``resourceType`` is an error. The result is the same verdict as the full schema, with error paths
-that say which resource they are in: ``entry[3].resource(Observation).status: ...``.
+Embedded resources. The schema reaches every embedded resource (``Bundle.entry.resource``,
+``contained``, ``Bundle.entry.response.outcome``, ``Parameters.parameter.resource``) through
+``ResourceList``, a 146-way ``oneOf``. When that fails, jsonschema-rs can only say "not valid
+under any of the given schemas" at the Bundle, quoting the whole Bundle. So ``ResourceList`` is
+replaced by ``{"type": "object"}`` and this module visits those four places itself. Each embedded
+resource is checked by a validator compiled for ``{"$ref": "#/definitions/<resourceType>"}``, one
+per type, compiled on first use (about 30 ms each) and cached. A missing or unknown
+``resourceType`` is an error. The verdict is the same as the full schema's (a test checks this).
+Problems name the resource they are in, e.g.
+``entry[3].resource(Observation).status: 'finalx' is not one of [...]``.
+
+Speed. For a 22-resource lab Bundle, the validity check takes about 170 µs on the development VM,
+close to the cost of the per-type ``is_valid`` calls themselves. Measured on jsonschema-rs 0.60,
+``is_valid`` through the root ``oneOf`` is no slower; the dispatch exists for the error paths.
+Parsing the same 28 kB with orjson takes about 200 µs, so parsing is the larger half of
+:func:`parse_and_validate_bundle`. Problems are only worked out, with ``iter_errors``, once
+``is_valid`` has said no.
 
 Fixes applied at load time, in :func:`_patch` (the copied file is kept byte-for-byte as published):
 
@@ -66,6 +74,8 @@ _INTEGER_PATTERNS = {
 MESSAGE_PROBLEMS = 3
 #: any instance value quoted in a problem is cut to this many characters
 MAX_VALUE_CHARS = 40
+#: a problem longer than this (a path through hundreds of nested resources) is cut in the middle
+MAX_PROBLEM_CHARS = 400
 #: allowed values listed in an enum problem before "..."
 MAX_OPTIONS = 8
 
@@ -81,12 +91,12 @@ class _Schema:
         _patch(doc)
         defs: dict[str, Any] = doc["definitions"]
         self.types: frozenset[str] = frozenset(doc["discriminator"]["mapping"])
-        #: primitive type name by its pattern, to name the format in problems
-        self.formats: dict[str, str] = {
-            d["pattern"]: name
-            for name, d in defs.items()
-            if name[:1].islower() and isinstance(d.get("pattern"), str)
-        }
+        #: primitive type name(s) by pattern, to name the format in problems ("uri/url/...")
+        self.formats: dict[str, str] = {}
+        for name, d in sorted(defs.items()):
+            if name[:1].islower() and isinstance(d.get("pattern"), str):
+                known = self.formats.get(d["pattern"])
+                self.formats[d["pattern"]] = f"{known}/{name}" if known else name
         # embedded resources are dispatched by _is_valid()/_collect(), not the 146-way oneOf
         defs["ResourceList"] = {"type": "object"}
         self._base = {"$schema": doc["$schema"], "definitions": defs}
@@ -245,11 +255,11 @@ def _collect(obj: Any, path: str, s: _Schema, out: list[str], limit: int | None)
         return
     rtype, problem = _resource_type(obj, path, s.types)
     if rtype is None:
-        out.append(problem)  # type: ignore[arg-type]
+        out.append(_clip(problem))  # type: ignore[arg-type]
         return
     label = f"{path}({rtype})" if path else ""
     for err in s.validator(rtype).iter_errors(obj):
-        out.append(_format(err, label))
+        out.append(_clip(_format(err, label)))
         if limit is not None and len(out) >= limit:
             return
     for sub_path, sub in _embedded(obj, rtype):
@@ -273,6 +283,13 @@ def _path(prefix: str, instance_path: Iterable[str | int]) -> str:
     for part in instance_path:
         out = f"{out}[{part}]" if isinstance(part, int) else _join(out, str(part))
     return out
+
+
+def _clip(problem: str) -> str:
+    """Keep absurdly deep paths readable: the start and the end (where the problem is) survive."""
+    if len(problem) <= MAX_PROBLEM_CHARS:
+        return problem
+    return problem[:100] + " ... " + problem[100 - MAX_PROBLEM_CHARS :]
 
 
 def _short(value: Any) -> str:
@@ -331,7 +348,8 @@ def _format(err: jsonschema_rs.ValidationError, prefix: str) -> str:
     if isinstance(kind, jsonschema_rs.ValidationErrorKind.Constant):
         return f"{where}: {_short(value)} is not {_short(kind.expected_value)}"
     if isinstance(kind, jsonschema_rs.ValidationErrorKind.Type):
-        want = " or ".join(str(t) for t in kind.types) if isinstance(kind.types, list) else kind.types
+        types = kind.types if isinstance(kind.types, list) else [kind.types]
+        want = " or ".join(str(t) for t in types)
         got = "null" if value is None else f"{_json_type(value)} {_short(value)}"
         return f"{where}: expected {want}, got {got}"
     if isinstance(kind, jsonschema_rs.ValidationErrorKind.Pattern):

@@ -21,6 +21,7 @@ from bridge.errors import StoreError
 # importing registers every table on SQLModel.metadata
 from bridge.store import tables as _tables  # noqa: F401
 from bridge.fhirstore import tables as _fhir_tables  # noqa: F401
+from bridge.referral import tables as _referral_tables  # noqa: F401
 
 
 def _audit_tables() -> None:
@@ -99,9 +100,13 @@ class Store:
     def vacuum(self) -> None:
         """Give freed pages back to the file system after bodies are purged."""
         if self.is_sqlite:
-            with self._writer.connect() as conn:
-                conn.exec_driver_sql("PRAGMA incremental_vacuum")
-                conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+            # on the raw connection, outside any transaction (the engine's BEGIN IMMEDIATE would
+            # hold both pragmas in a transaction that is rolled back); executescript steps
+            # incremental_vacuum to the end, where execute() stops after its first page
+            with self._translate(), self._writer.connect() as conn:
+                raw = conn.connection.driver_connection
+                raw.executescript("PRAGMA incremental_vacuum;")
+                raw.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
         else:
             with self._writer.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
                 conn.execute(text("VACUUM outbox"))

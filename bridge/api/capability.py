@@ -1,0 +1,94 @@
+"""The CapabilityStatement of the /fhir API, built from the same tables the routes use.
+
+Truthful by construction: the resource types, interactions and search parameters listed are
+``fhir_search.SEARCH_PARAMS`` / ``AUDIT_PARAMS`` / ``RESULT_PARAMS`` / ``INCLUDES``, which are the
+only ones the query parser accepts.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from bridge.api.fhir_search import AUDIT_PARAMS, INCLUDES, RESULT_PARAMS, SEARCH_PARAMS, Param
+
+#: types the clinician role may read and search (everything but AuditEvent)
+CLINICAL_TYPES = tuple(SEARCH_PARAMS)
+AUDIT_TYPE = "AuditEvent"
+#: the only type with an update interaction (PUT moves a referral's Task via the workflow)
+UPDATABLE = ("Task",)
+
+try:
+    HUTONG_VERSION = version("hutong")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    HUTONG_VERSION = "0.0.0"
+
+_RESULT_TYPES = {"_count": "number", "_cursor": "string", "_total": "token"}
+
+
+def _search_params(params: tuple[Param, ...]) -> list[dict[str, Any]]:
+    out = [{"name": p.name, "type": p.type, "documentation": p.doc} for p in params]
+    out += [{"name": n, "type": _RESULT_TYPES[n], "documentation": doc}
+            for n, doc in RESULT_PARAMS.items()]
+    return out
+
+
+def _resource(rtype: str, params: tuple[Param, ...], roles: str) -> dict[str, Any]:
+    interactions = [{"code": "read"}, {"code": "search-type"}]
+    if rtype in UPDATABLE:
+        interactions.append({"code": "update", "documentation":
+                             "clinician only: moves the referral through the workflow"})
+    res: dict[str, Any] = {
+        "type": rtype,
+        "documentation": f"Roles: {roles}. Every read and search is itself audited.",
+        "interaction": interactions,
+        "versioning": "versioned" if rtype != AUDIT_TYPE else "no-version",
+        "readHistory": False,
+        "updateCreate": False,
+        "conditionalCreate": False,
+        "conditionalRead": "not-supported",
+        "conditionalUpdate": False,
+        "conditionalDelete": "not-supported",
+        "searchParam": _search_params(params),
+    }
+    if rtype in INCLUDES:
+        res["searchInclude"] = list(INCLUDES[rtype])
+    return res
+
+
+def capability_statement(base_url: str, node_id: str, date: str) -> dict[str, Any]:
+    resources = [_resource(t, SEARCH_PARAMS[t], "clinician") for t in CLINICAL_TYPES]
+    resources.append(_resource(AUDIT_TYPE, AUDIT_PARAMS, "auditor"))
+    return {
+        "resourceType": "CapabilityStatement",
+        "id": "hutong-node",
+        "name": "HutongNodeFhirApi",
+        "title": f"Hutong node {node_id}: hospital-facing FHIR R4 API",
+        "status": "active",
+        "experimental": False,
+        "date": date,
+        "publisher": "Hutong",
+        "description": "Read and search of this node's FHIR store for the hospital's own "
+                       "systems (never exposed to peers); referral writes go through the "
+                       "workflow. Search handling is strict unless Prefer: handling=lenient.",
+        "kind": "instance",
+        "software": {"name": "Hutong", "version": HUTONG_VERSION},
+        "implementation": {"description": f"Hutong node {node_id}", "url": base_url},
+        "fhirVersion": "4.0.1",
+        "format": ["json"],
+        "rest": [{
+            "mode": "server",
+            "documentation": "Paging: Bundle.link next carries an opaque _cursor; results are "
+                             "newest first (_lastUpdated descending).",
+            "security": {
+                "cors": False,
+                "description": "Authorization: Bearer <token>, one static token per role from "
+                               "the site config: clinician (clinical resources, Task update, "
+                               "transaction), auditor (AuditEvent only), it (no FHIR data). "
+                               "/fhir/metadata needs no token.",
+            },
+            "resource": resources,
+            "interaction": [{"code": "transaction", "documentation":
+                             "clinician only: a referral submitted to the workflow"}],
+        }],
+    }

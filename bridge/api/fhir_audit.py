@@ -1,0 +1,123 @@
+"""The audit side of the /fhir API: AuditEvent search over the chain, and "who looked at what".
+
+Every read or search that returns FHIR data is itself appended to the node's audit chain, in the
+same write transaction as the read: one ``read`` entry per distinct patient (by the store's
+``patient_hash`` column) with ``actor = role:<role>``, the query string (identifier values
+redacted: they can be national ID numbers) and the ``Type/id`` list of what was returned. An
+auditor finds "who viewed this patient" with ``/fhir/AuditEvent?patient-hash=<h>`` or
+``hutong audit export --patient <h>``. An auditor's own AuditEvent searches are recorded as one
+``read`` entry without a patient (the query is kept).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any
+from urllib.parse import parse_qsl, urlencode
+
+import orjson
+from sqlalchemy import Connection, and_, func, select
+
+from bridge.api.fhir_search import Query, encode_cursor
+from bridge.api.outcome import BadRequest
+from bridge.audit.events import AuditEntry
+from bridge.audit.tables import AuditRecord
+
+AUDIT = AuditRecord.__table__  # type: ignore[attr-defined]
+#: longest query string kept in an audit entry (the audit layer bounds free text further)
+MAX_QUERY = 300
+#: most resources named in one audit entry
+MAX_RESOURCES = 50
+#: AuditEntry.extra values are one bounded line (bridge.audit.events: 256 characters)
+_EXTRA_CHARS = 256
+_REDACT = ("identifier",)
+
+
+def redacted_query(path: str, query: str) -> str:
+    """``path?query`` with identifier values masked (system kept), cut to MAX_QUERY."""
+    items = parse_qsl(query, keep_blank_values=True)
+    safe = [(k, _mask(v) if k.split(":")[0] in _REDACT else v) for k, v in items]
+    text = path + ("?" + urlencode(safe, safe="|:,/") if safe else "")
+    return text[:MAX_QUERY]
+
+
+def _mask(value: str) -> str:
+    return ",".join(f"{v.partition('|')[0]}|***" if "|" in v else "***" for v in value.split(","))
+
+
+def _names(refs: Sequence[str]) -> str:
+    """As many whole ``Type/id`` as fit in one audit extra value."""
+    text = ""
+    for ref in refs[:MAX_RESOURCES]:
+        longer = f"{text} {ref}" if text else ref
+        if len(longer) > _EXTRA_CHARS:
+            break
+        text = longer
+    return text
+
+
+def read_entries(role: str, query: str, seen: Iterable[tuple[str, str | None]],
+                 at: datetime) -> list[AuditEntry]:
+    """One ``read`` entry per distinct patient hash among ``seen`` (``Type/id``, hash) pairs;
+    an empty result still records who searched for what."""
+    by_patient: dict[str | None, list[str]] = {}
+    for ref, phash in seen:
+        refs = by_patient.setdefault(phash, [])
+        if ref not in refs:
+            refs.append(ref)
+    if not by_patient:
+        by_patient[None] = []
+    return [
+        AuditEntry(action="read", actor=f"role:{role}", patient_hash=phash, at=at,
+                   message="FHIR API read", extra={
+                       "query": query, "resources": _names(refs) or None,
+                       "resource_count": len(refs)})
+        for phash, refs in by_patient.items()
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# AuditEvent search and read
+
+
+def audit_event(seq: int, resource: str) -> dict[str, Any]:
+    """The stored (hashed) AuditEvent with its chain position as the FHIR id."""
+    event = orjson.loads(resource)
+    event["id"] = str(seq)
+    return event
+
+
+def read_audit_event(conn: Connection, rid: str) -> dict[str, Any]:
+    from bridge.errors import NotFound
+
+    if not rid.isdigit():
+        raise NotFound(f"AuditEvent/{rid[:64]} is not known here")
+    row = conn.execute(select(AUDIT.c.seq, AUDIT.c.resource).where(AUDIT.c.seq == int(rid))
+                       ).first()
+    if row is None:
+        raise NotFound(f"AuditEvent/{rid} is not known here")
+    return audit_event(row.seq, row.resource)
+
+
+def search_audit(conn: Connection, q: Query) -> tuple[list[dict[str, Any]], int | None,
+                                                        str | None]:
+    """(page of AuditEvents newest first, total or None, next cursor or None)."""
+    where = list(q.where)
+    page_where = list(where)
+    if q.cursor is not None:
+        if not isinstance(q.cursor, int) or isinstance(q.cursor, bool):
+            raise BadRequest("_cursor is not one this server gave out")
+        page_where.append(AUDIT.c.seq < q.cursor)
+    rows = conn.execute(
+        select(AUDIT.c.seq, AUDIT.c.resource).where(and_(True, *page_where))
+        .order_by(AUDIT.c.seq.desc()).limit(q.count + 1)
+    ).all()
+    more = len(rows) > q.count
+    rows = rows[: q.count]
+    total = None
+    if q.total:
+        total = conn.execute(select(func.count()).select_from(AUDIT).where(and_(True, *where))
+                             ).scalar() or 0
+    nxt = encode_cursor(rows[-1].seq) if more and rows else None
+    return [audit_event(r.seq, r.resource) for r in rows], total, nxt

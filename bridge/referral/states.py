@@ -1,0 +1,59 @@
+"""The referral state machine, the same on both sides, driven by steps and packets.
+
+``Task.status`` is the FHIR state; each step names who may take it. Only the receiver (the
+fulfiller) moves the Task, except that the referrer may cancel before the patient arrives and
+records the return as received.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bridge.errors import IllegalTransition
+
+
+@dataclass(frozen=True)
+class Move:
+    event: str
+    by: str  # referrer | receiver
+    sources: tuple[str, ...]
+    target: str  # Task.status after the move
+    step: str  # business status after the move
+
+
+MOVES: dict[str, Move] = {m.event: m for m in (
+    Move("request", "referrer", ("draft",), "requested", "requested"),
+    Move("received", "receiver", ("requested",), "received", "received"),
+    Move("accept", "receiver", ("requested", "received"), "accepted", "scheduled"),
+    Move("reject", "receiver", ("requested", "received"), "rejected", "rejected"),
+    Move("arrive", "receiver", ("accepted",), "in-progress", "arrived"),
+    Move("cancel", "referrer", ("requested", "received", "accepted"), "cancelled", "cancelled"),
+    Move("return", "receiver", ("in-progress",), "completed", "completed"),
+    Move("return-received", "referrer", ("completed",), "completed", "return-received"),
+)}
+
+TERMINAL = ("rejected", "cancelled")
+
+#: how far along a status is; a packet never moves a referral backwards
+RANK = {"draft": 0, "requested": 1, "received": 2, "accepted": 3, "rejected": 9,
+        "in-progress": 4, "cancelled": 9, "completed": 5}
+
+
+def check(event: str, status: str, side: str) -> Move:
+    """The move for ``event`` from ``status`` taken on ``side``; IllegalTransition otherwise."""
+    move = MOVES.get(event)
+    if move is None:
+        raise IllegalTransition(f"unknown referral step '{event}'")
+    if move.by != side:
+        raise IllegalTransition(f"only the {move.by} may '{event}' a referral (this side is "
+                                f"the {side})")
+    if status not in move.sources:
+        raise IllegalTransition(f"cannot '{event}' a referral that is '{status}' "
+                                f"(allowed from: {', '.join(move.sources)})")
+    return move
+
+
+def target_for_status(status: str) -> str | None:
+    """The event a client asks for by setting Task.status (PUT Task)."""
+    return {"received": "received", "accepted": "accept", "rejected": "reject",
+            "in-progress": "arrive", "cancelled": "cancel", "completed": "return"}.get(status)

@@ -1,0 +1,538 @@
+"""Two-way referral (双向转诊) as a closed FHIR loop, the same code on both sides.
+
+Local steps (``submit``, ``move``, ``step``) check the state machine, update the Task and the
+store, and queue the message packet in ONE transaction. Arriving packets are applied by
+``apply_packet`` (idempotent by packet id; a packet older than the last one applied from that
+side is ignored), so duplicates and reordering leave both sides in the same state.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import orjson
+from sqlalchemy import Connection, insert, select, update
+
+from bridge.audit.events import AuditEntry
+from bridge.context import NodeContext
+from bridge.delivery.handlers import Delivery
+from bridge.delivery.queue import Outgoing, queue_packets
+from bridge.errors import (
+    HutongError,
+    IllegalTransition,
+    InvalidResource,
+    MissingConsent,
+    NotFound,
+    UnknownReference,
+)
+from bridge.fhir.validate import errors as fhir_errors
+from bridge.fhirstore import store
+from bridge.privacy import patient_hash
+from bridge.referral import resources as R
+from bridge.referral.codes import (
+    EVENTS,
+    ICD10,
+    KINDS,
+    MEMBER_SYSTEM,
+    PLACER,
+    RETURN_KIND,
+    kind_of,
+    pilot_disease,
+    step_codeable,
+)
+from bridge.referral.states import MOVES, check, target_for_status
+from bridge.referral.tables import REFERRAL, REFERRAL_STEP
+
+#: resource types a referral or return may carry besides Patient/ServiceRequest/Task
+CARRIED = ("Consent", "Composition", "DocumentReference", "DiagnosticReport", "Observation",
+           "ImagingStudy", "MedicationRequest", "MedicationStatement", "Coverage", "Encounter",
+           "Practitioner", "Condition", "Specimen", "Appointment")
+
+
+class Workflow:
+    def __init__(self, ctx: NodeContext, wake: Callable[[], None] | None = None) -> None:
+        self.ctx = ctx
+        self.plan = ctx.plan
+        self.me = ctx.plan.node_id
+        self.wake = wake or (lambda: None)
+
+    # -- API entry points ---------------------------------------------------------------------
+
+    def submit(self, bundle: dict[str, Any], actor: str) -> dict[str, Any]:
+        """POST /fhir transaction: a new referral, or the return of one we received."""
+        if bundle.get("type") != "transaction":
+            raise InvalidResource("POST /fhir takes a Bundle of type 'transaction'")
+        resources, created = self._unpack(bundle)
+        srs = [r for r in resources if r["resourceType"] == "ServiceRequest"]
+        if len(srs) != 1:
+            raise InvalidResource(f"a referral bundle holds exactly one ServiceRequest, "
+                                  f"found {len(srs)}")
+        with self.ctx.store.write() as conn:
+            based = self._returned_referral(conn, srs[0])
+            if based is not None:
+                self._return(conn, based, resources, actor)
+            else:
+                self._request(conn, srs[0], resources, actor)
+        self.wake()
+        return {
+            "resourceType": "Bundle", "type": "transaction-response",
+            "entry": [{"response": {"status": "201 Created",
+                                    "location": f"{R.ref(r)}/_history/1"}} for r in created],
+        }
+
+    def move(self, task_id: str, task: dict[str, Any], actor: str) -> dict[str, Any]:
+        """PUT /fhir/Task/{id}: a status change asks for the matching step."""
+        with self.ctx.store.read() as conn:
+            row = self._row_by_task(conn, task_id)
+        wanted = task.get("status")
+        if wanted == row.status:
+            with self.ctx.store.read() as conn:
+                return store.get(conn, "Task", task_id)
+        event = target_for_status(str(wanted))
+        if event is None:
+            raise IllegalTransition(f"cannot set a referral Task to '{wanted}'")
+        if event == "return":
+            raise IllegalTransition("a referral is completed by POSTing its return bundle (a "
+                                    "down-referral ServiceRequest basedOn it) to /fhir")
+        details: dict[str, Any] = {}
+        if event == "accept":
+            details["outputs"] = [o for o in task.get("output") or []]
+        if event in ("reject", "cancel"):
+            reason = (task.get("statusReason") or {}).get("text")
+            if not reason:
+                raise InvalidResource(f"'{event}' needs Task.statusReason.text")
+            details["reason"] = reason
+        return self.step(row.thread, event, actor, **details)
+
+    def step(self, thread: str, event: str, actor: str, *, reason: str | None = None,
+             outputs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Take a local step (accept, reject, arrive, cancel) and send it to the other side."""
+        with self.ctx.store.write() as conn:
+            row = self._row(conn, thread)
+            move = check(event, row.status, row.side)
+            task = store.get(conn, "Task", row.task_id)
+            self._advance(conn, row, task, event, reason=reason, outputs=outputs, actor=actor)
+            extra: list[dict[str, Any]] = []
+            if event == "cancel":
+                sr = store.get(conn, "ServiceRequest", row.sr_id)
+                sr["status"] = "revoked"
+                extra.append(store.put(conn, sr, at=self.ctx.now(), thread=thread,
+                                       origin=self.me))
+            self._send(conn, row, event, task, extra)
+            _ = move
+        self.wake()
+        return task
+
+    # -- new referral ----------------------------------------------------------------------
+
+    def _request(self, conn: Connection, sr: dict[str, Any], resources: list[dict[str, Any]],
+                 actor: str) -> None:
+        now = self.ctx.now()
+        kind = kind_of(sr)
+        if kind is None:
+            raise InvalidResource("ServiceRequest.code needs a referral kind coding "
+                                  f"({', '.join(KINDS)})")
+        receiver = self._performer(sr)
+        patient = self._patient(conn, sr, resources)
+        consent = [r for r in resources if r["resourceType"] == "Consent"
+                   and r.get("status") == "active"
+                   and (r.get("patient") or {}).get("reference") == R.ref(patient)]
+        if not consent:
+            raise MissingConsent("a referral cannot be sent without the patient's or family's "
+                                 "consent: add an active Consent for the patient")
+        sr.setdefault("status", "active")
+        sr["status"] = "active"
+        sr["intent"] = sr.get("intent", "order")
+        sr["category"] = sr.get("category") or R.referral_category()
+        sr.setdefault("requester", {"reference": f"Organization/{self.me}"})
+        sr.setdefault("authoredOn", R.iso(now))
+        idents = sr.setdefault("identifier", [])
+        if not any(_is_placer(i) for i in idents):
+            idents.append({"type": {"coding": [{"system": PLACER, "code": "PLAC"}]},
+                           "system": f"urn:hutong:referral-slip:{self.me}",
+                           "value": f"ZZ{now:%Y%m%d}-{sr['id'][:8].upper()}"})
+        support = {s.get("reference") for s in sr.get("supportingInfo") or []}
+        for r in resources:
+            if r["resourceType"] in CARRIED and R.ref(r) not in support \
+                    and r["resourceType"] not in ("Practitioner", "Observation"):
+                sr.setdefault("supportingInfo", []).append({"reference": R.ref(r)})
+        self._check_refs(conn, resources)
+        self._validate(resources)
+        thread = str(uuid.uuid4())
+        task = R.new_task(sr, referrer=self.me, receiver=receiver,
+                          patient_ref=R.ref(patient), at=now, task_id=thread)
+        phash = self._hash(patient)
+        for r in resources:
+            store.put(conn, r, at=now, thread=thread, origin=self.me, patient_hash=phash)
+        green = sr.get("priority") in ("urgent", "asap", "stat")
+        codes = [c.get("code", "") for rc in sr.get("reasonCode") or []
+                 for c in rc.get("coding") or [] if c.get("system") == ICD10]
+        pilot = next((p for p in map(pilot_disease, codes) if p), None)
+        conn.execute(insert(REFERRAL).values(
+            thread=thread, side="referrer", kind=kind, referrer=self.me, receiver=receiver,
+            status="draft", step="draft", green_channel=green, pilot=pilot, patient_hash=phash,
+            patient_match="local", task_id=task["id"], sr_id=sr["id"], created_at=now,
+            updated_at=now))
+        row = self._row(conn, thread)
+        self._advance(conn, row, task, "request", actor=actor)
+        self._send(conn, row, "request", task, [r for r in resources if r is not sr] + [sr])
+
+    # -- return (转回单) -----------------------------------------------------------------------
+
+    def _returned_referral(self, conn: Connection, sr: dict[str, Any]) -> Any | None:
+        for b in sr.get("basedOn") or []:
+            reference = b.get("reference", "")
+            if reference.startswith("ServiceRequest/"):
+                row = conn.execute(select(REFERRAL).where(
+                    REFERRAL.c.sr_id == reference.split("/", 1)[1])).first()
+                if row is None:
+                    raise UnknownReference(f"basedOn {reference} is not a referral known here")
+                return row
+        return None
+
+    def _return(self, conn: Connection, row: Any, resources: list[dict[str, Any]],
+                actor: str) -> None:
+        check("return", row.status, row.side)
+        now = self.ctx.now()
+        down = next(r for r in resources if r["resourceType"] == "ServiceRequest")
+        if kind_of(down) is None:
+            k = RETURN_KIND.get(row.kind, "down-outpatient")
+            down.setdefault("code", {}).setdefault("coding", []).append(
+                {"system": "http://hutong.dev/CodeSystem/referral-kind", "code": k,
+                 "display": KINDS[k].zh})
+        down["status"] = "active"
+        down.setdefault("intent", "order")
+        down["category"] = down.get("category") or R.referral_category()
+        task = store.get(conn, "Task", row.task_id)
+        down.setdefault("subject", task["for"])
+        down.setdefault("requester", {"reference": f"Organization/{self.me}"})
+        down.setdefault("performer", [{"reference": f"Organization/{row.referrer}"}])
+        self._check_refs(conn, resources)
+        self._validate(resources)
+        for r in resources:
+            store.put(conn, r, at=now, thread=row.thread, origin=self.me,
+                      patient_hash=row.patient_hash)
+        outputs = [R.output("return-" + r["resourceType"].lower(), r["resourceType"],
+                            valueReference={"reference": R.ref(r)})
+                   for r in resources if r["resourceType"] in (
+                       "ServiceRequest", "Encounter", "Composition", "DiagnosticReport",
+                       "ImagingStudy", "MedicationRequest")]
+        self._advance(conn, row, task, "return", outputs=outputs, actor=actor)
+        sr = store.get(conn, "ServiceRequest", row.sr_id)
+        sr["status"] = "completed"
+        store.put(conn, sr, at=now, thread=row.thread, origin=self.me)
+        self._send(conn, row, "return", task, [sr, *resources])
+
+    # -- arriving packets ---------------------------------------------------------------------
+
+    def apply_packet(self, item: Delivery) -> None:
+        """Apply one referral message from the other side (dispatcher hook, idempotent)."""
+        bundle = orjson.loads(item.body)
+        entries = [e["resource"] for e in bundle.get("entry") or []]
+        header = next((r for r in entries if r["resourceType"] == "MessageHeader"), None)
+        task = next((r for r in entries if r["resourceType"] == "Task"), None)
+        if header is None or task is None:
+            raise InvalidResource("a referral message needs a MessageHeader and a Task")
+        event = header["eventCoding"]["code"]
+        carried = [r for r in entries if r["resourceType"] not in ("MessageHeader",)]
+        with self.ctx.store.write() as conn:
+            if conn.execute(select(REFERRAL_STEP.c.id).where(
+                    REFERRAL_STEP.c.packet_id == item.packet_id)).first():
+                return  # applied before a crash; the local hand-over is idempotent too
+            if event == "request":
+                self._take_request(conn, item, task, carried)
+            else:
+                self._take_step(conn, item, event, task, carried)
+        self.wake()
+
+    def _take_request(self, conn: Connection, item: Delivery, task: dict[str, Any],
+                      carried: list[dict[str, Any]]) -> None:
+        now = self.ctx.now()
+        if conn.execute(select(REFERRAL.c.thread).where(REFERRAL.c.thread == item.thread)).first():
+            return
+        sr = next(r for r in carried if r["resourceType"] == "ServiceRequest"
+                  and R.ref(r) == task["focus"]["reference"])
+        carried, match, phash = self._match_patient(conn, carried)
+        for r in carried:
+            if r["resourceType"] == "Organization" and store.exists(conn, "Organization", r["id"]):
+                continue
+            store.put(conn, r, at=now, thread=item.thread, origin=item.sender,
+                      patient_hash=phash)
+        task = next(r for r in carried if r["resourceType"] == "Task")
+        conn.execute(insert(REFERRAL).values(
+            thread=item.thread, side="receiver", kind=kind_of(sr) or "up-outpatient",
+            referrer=item.sender, receiver=self.me, status="requested", step="requested",
+            green_channel=sr.get("priority") in ("urgent", "asap", "stat"), patient_hash=phash,
+            patient_match=match, task_id=task["id"], sr_id=sr["id"], created_at=now,
+            updated_at=now, last_seq_in=item.seq))
+        self._log_step(conn, item.thread, "request", "draft", "requested", item.packet_id,
+                       item.sender)
+        row = self._row(conn, item.thread)
+        self._audit(conn, row, "request", item.sender)
+        # "received" is automatic on delivery, and tells the referrer at once
+        self._advance(conn, row, task, "received", actor=f"node:{self.me}")
+        self._send(conn, row, "received", task, [])
+
+    def _take_step(self, conn: Connection, item: Delivery, event: str, task: dict[str, Any],
+                   carried: list[dict[str, Any]]) -> None:
+        now = self.ctx.now()
+        row = conn.execute(select(REFERRAL).where(REFERRAL.c.thread == item.thread)).first()
+        if row is None:
+            raise UnknownReference(f"referral step '{event}' for an unknown referral")
+        if item.seq <= row.last_seq_in:
+            return  # older than what we already applied from that side
+        other = "receiver" if row.side == "referrer" else "referrer"
+        try:
+            move = check(event, row.status, other)
+        except IllegalTransition as exc:  # e.g. an accept that crossed our cancel: ours wins
+            conn.execute(update(REFERRAL).where(REFERRAL.c.thread == row.thread)
+                         .values(last_seq_in=item.seq))
+            self._log_step(conn, row.thread, event, row.status, row.status, item.packet_id,
+                           item.sender)
+            self.ctx.audit.append(conn, [AuditEntry(
+                action="referral", outcome="4", thread=row.thread, peer=item.sender,
+                patient_hash=row.patient_hash, code=exc.code, message=exc.message, at=now,
+                extra={"event": event, "ignored": True})])
+            return
+        for r in carried:
+            if r["resourceType"] in ("Organization",) and store.exists(conn, "Organization",
+                                                                       r["id"]):
+                continue
+            if r["resourceType"] == "Patient":
+                continue  # our own record of the patient stays as it is
+            r = R.rewrite_refs(r, self._patient_alias(conn, row, carried))
+            store.put(conn, r, at=now, thread=row.thread, origin=item.sender,
+                      patient_hash=row.patient_hash)
+        values: dict[str, Any] = {"status": move.target, "step": move.step, "updated_at": now,
+                                  "last_seq_in": item.seq}
+        if event == "accept":
+            values["accepted_at"] = now
+        if event == "return":
+            values["completed_at"] = now
+        if event in ("reject", "cancel"):
+            values["reason"] = (task.get("statusReason") or {}).get("text")
+        conn.execute(update(REFERRAL).where(REFERRAL.c.thread == row.thread).values(**values))
+        self._log_step(conn, row.thread, event, row.status, move.target, item.packet_id,
+                       item.sender)
+        row = self._row(conn, row.thread)
+        self._audit(conn, row, event, item.sender)
+        if event == "return":  # close the loop: the referrer records the return as received
+            mine = store.get(conn, "Task", row.task_id)
+            self._advance(conn, row, mine, "return-received", actor=f"node:{self.me}")
+            self._send(conn, row, "return-received", mine, [])
+
+    # -- shared steps -------------------------------------------------------------------------
+
+    def _advance(self, conn: Connection, row: Any, task: dict[str, Any], event: str, *,
+                 actor: str, reason: str | None = None,
+                 outputs: list[dict[str, Any]] | None = None) -> None:
+        now = self.ctx.now()
+        move = MOVES[event]
+        task["status"] = move.target
+        task["businessStatus"] = step_codeable(move.step)
+        task["lastModified"] = R.iso(now)
+        if reason:
+            task["statusReason"] = {"text": reason}
+        if outputs:
+            task["output"] = [*(task.get("output") or []), *outputs]
+        if event == "accept":
+            idents = task.setdefault("identifier", [])
+            idents.append({"type": {"coding": [{"system": PLACER, "code": "FILL"}]},
+                           "system": f"urn:hutong:acceptance-slip:{self.me}",
+                           "value": f"JZ{now:%Y%m%d}-{row.thread[:8].upper()}"})
+        store.put(conn, task, at=now, thread=row.thread, origin=self.me,
+                  patient_hash=row.patient_hash)
+        values: dict[str, Any] = {"status": move.target, "step": move.step, "updated_at": now}
+        if event == "accept":
+            values["accepted_at"] = now
+        if event == "return":
+            values["completed_at"] = now
+        if reason:
+            values["reason"] = reason
+        conn.execute(update(REFERRAL).where(REFERRAL.c.thread == row.thread).values(**values))
+        self._log_step(conn, row.thread, event, row.status, move.target, None, actor)
+        self._audit(conn, self._row(conn, row.thread), event, actor)
+
+    def _send(self, conn: Connection, row: Any, event: str, task: dict[str, Any],
+              extra: list[dict[str, Any]]) -> None:
+        other = row.receiver if row.side == "referrer" else row.referrer
+        now = self.ctx.now()
+        wire: list[dict[str, Any]] = []
+        for r in extra:
+            if r["resourceType"] == "Patient":
+                r = R.for_the_wire(r, row.patient_hash, self.plan.alliance.national_id_system)
+            wire.append(r)
+        if event in ("request", "return") and not any(r["resourceType"] == "Patient"
+                                                      for r in wire):
+            patient = store.get(conn, "Patient", task["for"]["reference"].split("/", 1)[1])
+            wire.append(R.for_the_wire(patient, row.patient_hash,
+                                       self.plan.alliance.national_id_system))
+        orgs = [R.organization(self.plan.directory[m]) for m in (row.referrer, row.receiver)]
+        msg = R.message(event, sender=self.me, receiver=other, task=task,
+                        resources=[*wire, *orgs], at=now)
+        result = queue_packets(self.ctx, conn, [Outgoing(other, EVENTS[event], orjson.dumps(msg),
+                                                         row.thread)],
+                               actor=f"node:{self.me}")[0]
+        if result.error is not None:
+            raise result.error  # rolls the whole step back: nothing changes
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _unpack(self, bundle: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Give POSTed entries ids and turn their urn:uuid references into Type/id."""
+        mapping: dict[str, str] = {}
+        resources = []
+        for e in bundle.get("entry") or []:
+            r = e.get("resource")
+            if not isinstance(r, dict) or "resourceType" not in r:
+                raise InvalidResource("every transaction entry needs a resource")
+            method = (e.get("request") or {}).get("method", "POST")
+            if method not in ("POST", "PUT"):
+                raise InvalidResource(f"transaction entries may POST or PUT, not {method}")
+            if method == "POST" or "id" not in r:
+                r["id"] = str(uuid.uuid4())
+            if e.get("fullUrl"):
+                mapping[e["fullUrl"]] = R.ref(r)
+            resources.append(r)
+        resources = [R.rewrite_refs(r, mapping) for r in resources]
+        return resources, resources
+
+    def _performer(self, sr: dict[str, Any]) -> str:
+        for p in sr.get("performer") or []:
+            reference = p.get("reference", "")
+            ident = p.get("identifier") or {}
+            member = reference.split("/", 1)[1] if reference.startswith("Organization/") \
+                else ident.get("value") if ident.get("system") == MEMBER_SYSTEM else None
+            if member in self.plan.directory and member != self.me:
+                return str(member)
+            raise UnknownReference(f"performer '{reference or ident.get('value')}' is not "
+                                   f"another member of the alliance")
+        raise UnknownReference("ServiceRequest.performer must name the receiving member "
+                               "(Organization/<member id>)")
+
+    def _patient(self, conn: Connection, sr: dict[str, Any],
+                 resources: list[dict[str, Any]]) -> dict[str, Any]:
+        subject = (sr.get("subject") or {}).get("reference", "")
+        for r in resources:
+            if R.ref(r) == subject and r["resourceType"] == "Patient":
+                return r
+        if subject.startswith("Patient/"):
+            try:
+                return store.get(conn, "Patient", subject.split("/", 1)[1])
+            except NotFound:
+                pass
+        raise UnknownReference(f"ServiceRequest.subject '{subject}' is not a Patient in the "
+                               "bundle or known here")
+
+    def _check_refs(self, conn: Connection, resources: list[dict[str, Any]]) -> None:
+        here = {R.ref(r) for r in resources}
+        for r in resources:
+            for target in R.references(r):
+                if target in here or "/" not in target or target.startswith(("http", "urn:")):
+                    continue
+                rtype, rid = target.split("/", 1)
+                if rtype == "Organization" and rid in self.plan.directory:
+                    continue
+                if not store.exists(conn, rtype, rid):
+                    raise UnknownReference(f"{R.ref(r)} refers to {target}, which is neither "
+                                           "in the bundle nor known here")
+
+    def _validate(self, resources: list[dict[str, Any]]) -> None:
+        for r in resources:
+            problems = fhir_errors(r, limit=3)
+            if problems:
+                raise InvalidResource(f"{R.ref(r)} is not valid FHIR R4: {'; '.join(problems)}")
+
+    def _hash(self, patient: dict[str, Any]) -> str | None:
+        system = self.plan.alliance.national_id_system
+        for i in patient.get("identifier") or []:
+            if i.get("system") == system and i.get("value"):
+                return patient_hash(self.plan.patient_hash_key, i["value"])
+        return R.hash_of(patient)
+
+    def _match_patient(self, conn: Connection, carried: list[dict[str, Any]]
+                       ) -> tuple[list[dict[str, Any]], str, str | None]:
+        """Match by keyed hash, else register the patient here, else flag for manual match."""
+        patient = next((r for r in carried if r["resourceType"] == "Patient"), None)
+        if patient is None:
+            return carried, "manual", None
+        phash = R.hash_of(patient)
+        local = store.find_patient_by_hash(conn, phash) if phash else None
+        if local is None:
+            return carried, "registered" if phash else "manual", phash
+        alias = {R.ref(patient): R.ref(local)}
+        rest = [R.rewrite_refs(r, alias) for r in carried if r is not patient]
+        return rest, "matched", phash
+
+    def _patient_alias(self, conn: Connection, row: Any,
+                       carried: list[dict[str, Any]]) -> dict[str, str]:
+        task = store.get(conn, "Task", row.task_id)
+        mine = task["for"]["reference"]
+        return {R.ref(r): mine for r in carried if r["resourceType"] == "Patient"
+                and R.ref(r) != mine}
+
+    def _row(self, conn: Connection, thread: str) -> Any:
+        row = conn.execute(select(REFERRAL).where(REFERRAL.c.thread == thread)).first()
+        if row is None:
+            raise NotFound(f"no referral {thread}")
+        return row
+
+    def _row_by_task(self, conn: Connection, task_id: str) -> Any:
+        row = conn.execute(select(REFERRAL).where(REFERRAL.c.task_id == task_id)).first()
+        if row is None:
+            raise NotFound(f"Task/{task_id} is not a referral known here")
+        return row
+
+    def _log_step(self, conn: Connection, thread: str, event: str, before: str, after: str,
+                  packet_id: str | None, actor: str | None) -> None:
+        conn.execute(insert(REFERRAL_STEP).values(
+            thread=thread, event=event, packet_id=packet_id, from_status=before,
+            to_status=after, actor=actor, at=self.ctx.now()))
+
+    def _audit(self, conn: Connection, row: Any, event: str, actor: str | None) -> None:
+        self.ctx.audit.append(conn, [AuditEntry(
+            action="referral", thread=row.thread, patient_hash=row.patient_hash,
+            peer=row.receiver if row.side == "referrer" else row.referrer, actor=actor,
+            kind=EVENTS.get(event), at=self.ctx.now(),
+            extra={"event": event, "status": row.status, "step": row.step})])
+
+    # -- reminders ----------------------------------------------------------------------------
+
+    def remind(self) -> int:
+        """Referrals not accepted in time: flag once, audit, and show IT (job every minute)."""
+        cfg = self.plan.referral
+        now = self.ctx.now()
+        with self.ctx.store.write() as conn:
+            rows = conn.execute(select(REFERRAL).where(
+                REFERRAL.c.status.in_(["requested", "received"]),
+                REFERRAL.c.reminded_at.is_(None))).all()
+            due = [r for r in rows if now - r.created_at > timedelta(
+                seconds=cfg.green_channel_timeout_s if r.green_channel else cfg.accept_timeout_s)]
+            for r in due:
+                conn.execute(update(REFERRAL).where(REFERRAL.c.thread == r.thread)
+                             .values(reminded_at=now))
+            if due:
+                self.ctx.audit.append(conn, [AuditEntry(
+                    action="reminder", outcome="4", thread=r.thread, patient_hash=r.patient_hash,
+                    peer=r.receiver if r.side == "referrer" else r.referrer, at=now,
+                    message=f"referral not accepted after "
+                            f"{int((now - r.created_at).total_seconds() // 60)} min")
+                    for r in due])
+        return len(due)
+
+    def list(self, *, status: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
+        stmt = select(REFERRAL).order_by(REFERRAL.c.updated_at.desc()).limit(limit)
+        if status:
+            stmt = stmt.where(REFERRAL.c.status == status)
+        with self.ctx.store.read() as conn:
+            return [dict(r._mapping) for r in conn.execute(stmt)]
+
+
+def _is_placer(ident: dict[str, Any]) -> bool:
+    return any(c.get("code") == "PLAC" for c in (ident.get("type") or {}).get("coding") or [])
+
+
+_ = HutongError
