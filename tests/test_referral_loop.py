@@ -20,10 +20,10 @@ MEMBERS = [
     {"id": "core", "zh": "复兴医院", "en": "Fuxing Hospital", "role": "core"},
     {"id": "chc", "zh": "月坛社区卫生服务中心", "en": "Yuetan CHC", "role": "community"},
 ]
+REFERRAL_KINDS = ["referral.request", "referral.status", "referral.cancel", "referral.return"]
 RULES = [
-    {"from": "chc", "to": "core", "kinds": ["referral.request", "referral.status",
-                                            "referral.cancel"]},
-    {"from": "core", "to": "chc", "kinds": ["referral.status", "referral.return"]},
+    {"from": "chc", "to": "core", "kinds": REFERRAL_KINDS},
+    {"from": "core", "to": "chc", "kinds": REFERRAL_KINDS},
 ]
 
 
@@ -166,6 +166,25 @@ def test_other_up_kinds_complete(pair: Alliance, kind: str) -> None:
     assert downs[0]["code"]["coding"][0]["code"] == "down-outpatient"
 
 
+@pytest.mark.parametrize("kind", ["down-outpatient", "down-discharge"])
+def test_down_referral_from_core_to_community_completes(pair: Alliance, kind: str) -> None:
+    chc, core = pair.node("chc"), pair.node("core")
+    thread = new_thread(core, referral(kind, "chc", icd10="I63.9", mrn="FX778"))
+    both(pair, thread, "received")
+    assert state(core, thread)["pilot"] == "cerebrovascular"
+    assert state(chc, thread)["side"] == "receiver"
+    step(chc, thread, "accept", outputs=[{"type": {"text": "doctor"},
+                                         "valueString": "社区全科 刘医生"}])
+    both(pair, thread, "accepted")
+    step(chc, thread, "arrive")
+    here = state(chc, thread)
+    task = resource(chc, "Task", here["task_id"])
+    submit(chc, return_bundle(here["sr_id"], task["for"]["reference"], discharge=False))
+    both(pair, thread, "completed", "return-received")
+    assert [c["title"] for c in thread_resources(core, thread, "Composition")
+            if c["title"] == "出院小结"] == ["出院小结"]
+
+
 def test_rejection_with_reason(pair: Alliance) -> None:
     chc, core = pair.node("chc"), pair.node("core")
     thread = new_thread(chc, referral("up-exam", "core"))
@@ -232,3 +251,27 @@ def _thread(event: dict[str, Any]) -> str | None:
 
 
 _ = (Path, load_node)
+
+
+def test_unaccepted_referral_raises_a_reminder(tmp_path: Path) -> None:
+    a = Alliance(tmp_path / "alliance", MEMBERS, RULES)
+    core_file = a.files["core"]
+    core_file.write_text(core_file.read_text() + (
+        "\n[referral]\naccept_timeout_s = 1.0\ngreen_channel_timeout_s = 0.5\n"
+        "reminder_every_s = 0.5\n"))
+    a.start("core", "chc")
+    try:
+        chc, core = a.node("chc"), a.node("core")
+        thread = new_thread(chc, referral("up-outpatient", "core", priority="stat"))
+        assert state(chc, thread)["green_channel"] is True
+        reminders = wait_for(lambda: core.api("GET", "/local/v1/reminders"), timeout=20,
+                             what="a reminder")
+        assert [r["thread"] for r in reminders] == [thread]
+        assert reminders[0]["status"] == "received"
+        rows = core.cli("audit", "export", "--format", "csv").stdout
+        assert sum(1 for line in rows.splitlines() if ",reminder," in line) == 1
+        # accepting clears it from the IT list
+        step(core, thread, "accept")
+        assert core.api("GET", "/local/v1/reminders") == []
+    finally:
+        a.stop_all()

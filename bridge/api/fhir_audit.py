@@ -38,7 +38,7 @@ def redacted_query(path: str, query: str) -> str:
     """``path?query`` with identifier values masked (system kept), cut to MAX_QUERY."""
     items = parse_qsl(query, keep_blank_values=True)
     safe = [(k, _mask(v) if k.split(":")[0] in _REDACT else v) for k, v in items]
-    text = path + ("?" + urlencode(safe, safe="|:,/") if safe else "")
+    text = path + ("?" + urlencode(safe, safe="|:,/*") if safe else "")
     return text[:MAX_QUERY]
 
 

@@ -7,7 +7,7 @@ name; with ``Prefer: handling=lenient`` they are ignored (and left out of the ``
 
 Value syntax (FHIR R4 search):
   token      ``code``, ``system|code``, ``|code`` (no system), ``system|`` (any code); comma = OR
-  reference  ``Type/id``, a bare ``id``, or an absolute URL ending in ``Type/id``; comma = OR
+  reference  ``Type/id`` or a bare ``id`` (absolute URLs are refused); comma = OR
   date       prefix ``eq ne gt ge lt le sa eb`` + ``YYYY[-MM[-DD[Thh:mm[:ss[.f+]]]]]`` with ``Z``
              or ``±hh:mm`` when a time is given (dates without a time are UTC days); the value's
              precision makes a range (``eq2026-11`` is all of November). Repeat to AND.
@@ -204,14 +204,17 @@ def _check_id(value: str, name: str) -> str:
 
 
 def _reference(col: Any, value: str, p: Param) -> ColumnElement[bool]:
-    path = value.split("/_history/", 1)[0]
-    parts = path.split("/")
+    if "://" in value:
+        raise BadRequest(f"{p.name}: give Type/id or an id, not a URL", issue="not-supported")
+    parts = value.split("/_history/", 1)[0].split("/")
+    if len(parts) > 2:
+        raise BadRequest(f"{p.name}: {value[:80]!r} is not Type/id or an id")
     if len(parts) == 1:
         rid = _check_id(parts[0], p.name)
         return col == f"{p.target}/{rid}" if p.target else col.endswith(f"/{rid}")
-    rtype, rid = parts[-2], parts[-1]
+    rtype, rid = parts
     if not _TYPE_RE.fullmatch(rtype):
-        raise BadRequest(f"{p.name}: {value[:80]!r} is not Type/id, an id or a URL")
+        raise BadRequest(f"{p.name}: {value[:80]!r} is not Type/id or an id")
     if p.target and rtype != p.target:
         raise BadRequest(f"{p.name} refers to {p.target}, not {rtype}")
     return col == f"{rtype}/{_check_id(rid, p.name)}"

@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from bridge.api.auth import AnyRole, ClinicianRole, ITRole, SenderRole
+from bridge.api.fhir_api import fhir_router
 from bridge.delivery.queue import Outgoing, queue_packets
 from bridge.errors import HutongError
 from bridge.fhir.validate import validate_bundle
@@ -42,6 +43,7 @@ def create_local_app(node: Node) -> FastAPI:
     app = FastAPI(title=f"Hutong node {ctx.node_id}", docs_url="/docs")
     app.state.tokens = dict(ctx.plan.tokens)
     app.state.node = node
+    app.include_router(fhir_router(node))  # /fhir: errors are OperationOutcomes (FhirRoute)
 
     @app.exception_handler(HutongError)
     async def _error(_req: Request, exc: HutongError) -> JSONResponse:

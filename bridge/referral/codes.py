@@ -62,6 +62,7 @@ STEPS: dict[str, Step] = {s.code: s for s in (
     Step("scheduled", "已预约", "Appointment or bed booked", "5.1.1"),
     Step("rejected", "已拒绝", "Declined", "4.0"),
     Step("arrived", "已到院", "Patient arrived", None),
+    Step("cancel-requested", "申请撤销", "Cancellation requested by the referrer", "5.2"),
     Step("cancelled", "已撤销", "Withdrawn by the referrer", "6.0"),
     Step("completed", "已完成", "Care finished, return sent", "7.0"),
     Step("return-received", "转回已接收", "Return received by the referrer", "7.0"),
@@ -76,6 +77,8 @@ EVENTS: dict[str, str] = {
     "reject": "referral.status",
     "arrive": "referral.status",
     "cancel": "referral.cancel",
+    "cancelled": "referral.status",
+    "cancel-refused": "referral.status",
     "return": "referral.return",
     "return-received": "referral.status",
 }
@@ -105,6 +108,14 @@ def step_codeable(step: str) -> dict[str, object]:
     if s.bser:
         coding.append({"system": BSER_SYSTEM, "code": s.bser})
     return {"coding": coding, "text": f"{s.zh} / {s.en}"}
+
+
+def step_of(task: dict[str, object]) -> str | None:
+    """The alliance step code in a Task's businessStatus."""
+    for c in (task.get("businessStatus") or {}).get("coding") or []:  # type: ignore[union-attr]
+        if c.get("system") == STEP_SYSTEM and c.get("code") in STEPS:
+            return str(c["code"])
+    return None
 
 
 def kind_of(service_request: dict[str, object]) -> str | None:

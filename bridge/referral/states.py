@@ -1,8 +1,10 @@
 """The referral state machine, the same on both sides, driven by steps and packets.
 
-``Task.status`` is the FHIR state; each step names who may take it. Only the receiver (the
-fulfiller) moves the Task, except that the referrer may cancel before the patient arrives and
-records the return as received.
+``Task.status`` is the FHIR state and has ONE writer, the receiver (the fulfiller), as in the
+UMZH Connect rule: the referrer's copy mirrors the receiver's Task from the packets it gets, so
+duplicates, reordering and crossing steps cannot leave the two sides apart. The referrer only
+requests, asks to cancel (the receiver confirms or refuses), and records the return as received
+(a business status, not a Task status).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ class Move:
     event: str
     by: str  # referrer | receiver
     sources: tuple[str, ...]
-    target: str  # Task.status after the move
+    target: str | None  # Task.status after the move (None: unchanged)
     step: str  # business status after the move
 
 
@@ -27,9 +29,11 @@ MOVES: dict[str, Move] = {m.event: m for m in (
     Move("accept", "receiver", ("requested", "received"), "accepted", "scheduled"),
     Move("reject", "receiver", ("requested", "received"), "rejected", "rejected"),
     Move("arrive", "receiver", ("accepted",), "in-progress", "arrived"),
-    Move("cancel", "referrer", ("requested", "received", "accepted"), "cancelled", "cancelled"),
+    Move("cancel", "referrer", ("requested", "received", "accepted"), None, "cancel-requested"),
+    Move("cancelled", "receiver", ("requested", "received", "accepted"), "cancelled",
+         "cancelled"),
     Move("return", "receiver", ("in-progress",), "completed", "completed"),
-    Move("return-received", "referrer", ("completed",), "completed", "return-received"),
+    Move("return-received", "referrer", ("completed",), None, "return-received"),
 )}
 
 TERMINAL = ("rejected", "cancelled")
@@ -56,4 +60,4 @@ def check(event: str, status: str, side: str) -> Move:
 def target_for_status(status: str) -> str | None:
     """The event a client asks for by setting Task.status (PUT Task)."""
     return {"received": "received", "accepted": "accept", "rejected": "reject",
-            "in-progress": "arrive", "cancelled": "cancel", "completed": "return"}.get(status)
+            "in-progress": "arrive", "completed": "return"}.get(status)

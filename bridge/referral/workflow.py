@@ -21,7 +21,6 @@ from bridge.context import NodeContext
 from bridge.delivery.handlers import Delivery
 from bridge.delivery.queue import Outgoing, queue_packets
 from bridge.errors import (
-    HutongError,
     IllegalTransition,
     InvalidResource,
     MissingConsent,
@@ -42,6 +41,7 @@ from bridge.referral.codes import (
     kind_of,
     pilot_disease,
     step_codeable,
+    step_of,
 )
 from bridge.referral.states import MOVES, check, target_for_status
 from bridge.referral.tables import REFERRAL, REFERRAL_STEP
@@ -92,6 +92,8 @@ class Workflow:
             with self.ctx.store.read() as conn:
                 return store.get(conn, "Task", task_id)
         event = target_for_status(str(wanted))
+        if wanted == "cancelled":
+            event = "cancel" if row.side == "referrer" else "cancelled"
         if event is None:
             raise IllegalTransition(f"cannot set a referral Task to '{wanted}'")
         if event == "return":
@@ -100,7 +102,7 @@ class Workflow:
         details: dict[str, Any] = {}
         if event == "accept":
             details["outputs"] = [o for o in task.get("output") or []]
-        if event in ("reject", "cancel"):
+        if event in ("reject", "cancel", "cancelled"):
             reason = (task.get("statusReason") or {}).get("text")
             if not reason:
                 raise InvalidResource(f"'{event}' needs Task.statusReason.text")
@@ -112,19 +114,18 @@ class Workflow:
         """Take a local step (accept, reject, arrive, cancel) and send it to the other side."""
         with self.ctx.store.write() as conn:
             row = self._row(conn, thread)
-            move = check(event, row.status, row.side)
+            check(event, row.status, row.side)
             task = store.get(conn, "Task", row.task_id)
             self._advance(conn, row, task, event, reason=reason, outputs=outputs, actor=actor)
-            extra: list[dict[str, Any]] = []
-            if event == "cancel":
-                sr = store.get(conn, "ServiceRequest", row.sr_id)
-                sr["status"] = "revoked"
-                extra.append(store.put(conn, sr, at=self.ctx.now(), thread=thread,
-                                       origin=self.me))
+            extra = [self._revoke(conn, row)] if event == "cancelled" else []
             self._send(conn, row, event, task, extra)
-            _ = move
         self.wake()
         return task
+
+    def _revoke(self, conn: Connection, row: Any) -> dict[str, Any]:
+        sr = store.get(conn, "ServiceRequest", row.sr_id)
+        sr["status"] = "revoked"
+        return store.put(conn, sr, at=self.ctx.now(), thread=row.thread, origin=self.me)
 
     # -- new referral ----------------------------------------------------------------------
 
@@ -283,39 +284,40 @@ class Workflow:
         if row is None:
             raise UnknownReference(f"referral step '{event}' for an unknown referral")
         if item.seq <= row.last_seq_in:
-            return  # older than what we already applied from that side
-        other = "receiver" if row.side == "referrer" else "referrer"
-        try:
-            move = check(event, row.status, other)
-        except IllegalTransition as exc:  # e.g. an accept that crossed our cancel: ours wins
-            conn.execute(update(REFERRAL).where(REFERRAL.c.thread == row.thread)
-                         .values(last_seq_in=item.seq))
             self._log_step(conn, row.thread, event, row.status, row.status, item.packet_id,
                            item.sender)
-            self.ctx.audit.append(conn, [AuditEntry(
-                action="referral", outcome="4", thread=row.thread, peer=item.sender,
-                patient_hash=row.patient_hash, code=exc.code, message=exc.message, at=now,
-                extra={"event": event, "ignored": True})])
-            return
+            return  # older than what we already applied from that side
+        alias = self._patient_alias(conn, row, carried)
         for r in carried:
-            if r["resourceType"] in ("Organization",) and store.exists(conn, "Organization",
-                                                                       r["id"]):
-                continue
-            if r["resourceType"] == "Patient":
-                continue  # our own record of the patient stays as it is
-            r = R.rewrite_refs(r, self._patient_alias(conn, row, carried))
-            store.put(conn, r, at=now, thread=row.thread, origin=item.sender,
-                      patient_hash=row.patient_hash)
-        values: dict[str, Any] = {"status": move.target, "step": move.step, "updated_at": now,
-                                  "last_seq_in": item.seq}
+            if r["resourceType"] == "Patient" or (
+                    r["resourceType"] == "Organization" and store.exists(conn, "Organization",
+                                                                         r["id"])):
+                continue  # our own records of the patient and of members stay as they are
+            if r["resourceType"] == "Task" and row.side == "receiver":
+                continue  # the receiver owns the Task; the referrer's copy never overwrites it
+            store.put(conn, R.rewrite_refs(r, alias), at=now, thread=row.thread,
+                      origin=item.sender, patient_hash=row.patient_hash)
+        conn.execute(update(REFERRAL).where(REFERRAL.c.thread == row.thread)
+                     .values(last_seq_in=item.seq))
+        if row.side == "referrer":
+            self._mirror(conn, row, event, task, item)
+        else:
+            self._answer(conn, row, event, task, item)
+
+    def _mirror(self, conn: Connection, row: Any, event: str, task: dict[str, Any],
+                item: Delivery) -> None:
+        """The referrer adopts the receiver's Task: its status is the one truth."""
+        now = self.ctx.now()
+        values: dict[str, Any] = {"status": task["status"], "step": step_of(task) or row.step,
+                                  "updated_at": now}
         if event == "accept":
             values["accepted_at"] = now
         if event == "return":
             values["completed_at"] = now
-        if event in ("reject", "cancel"):
-            values["reason"] = (task.get("statusReason") or {}).get("text")
+        if task.get("statusReason"):
+            values["reason"] = task["statusReason"].get("text")
         conn.execute(update(REFERRAL).where(REFERRAL.c.thread == row.thread).values(**values))
-        self._log_step(conn, row.thread, event, row.status, move.target, item.packet_id,
+        self._log_step(conn, row.thread, event, row.status, task["status"], item.packet_id,
                        item.sender)
         row = self._row(conn, row.thread)
         self._audit(conn, row, event, item.sender)
@@ -324,6 +326,33 @@ class Workflow:
             self._advance(conn, row, mine, "return-received", actor=f"node:{self.me}")
             self._send(conn, row, "return-received", mine, [])
 
+    def _answer(self, conn: Connection, row: Any, event: str, task: dict[str, Any],
+                item: Delivery) -> None:
+        """The receiver takes the referrer's cancel request or its return-received note."""
+        mine = store.get(conn, "Task", row.task_id)
+        actor = f"node:{item.sender}"
+        if event == "return-received":
+            self._advance(conn, row, mine, "return-received", actor=actor)
+            return
+        if event != "cancel":
+            raise IllegalTransition(f"the referrer cannot send '{event}'")
+        reason = (task.get("statusReason") or {}).get("text") or "withdrawn by the referrer"
+        try:
+            check("cancelled", row.status, "receiver")
+        except IllegalTransition as exc:  # too late (patient arrived): say so, change nothing
+            self._log_step(conn, row.thread, event, row.status, row.status, item.packet_id,
+                           item.sender)
+            self.ctx.audit.append(conn, [AuditEntry(
+                action="referral", outcome="4", thread=row.thread, peer=item.sender,
+                patient_hash=row.patient_hash, code=exc.code, message=exc.message,
+                at=self.ctx.now(), extra={"event": "cancel-refused"})])
+            self._send(conn, row, "cancel-refused", mine, [])
+            return
+        self._log_step(conn, row.thread, event, row.status, row.status, item.packet_id,
+                       item.sender)
+        self._advance(conn, row, mine, "cancelled", actor=actor, reason=reason)
+        self._send(conn, row, "cancelled", mine, [self._revoke(conn, row)])
+
     # -- shared steps -------------------------------------------------------------------------
 
     def _advance(self, conn: Connection, row: Any, task: dict[str, Any], event: str, *,
@@ -331,7 +360,8 @@ class Workflow:
                  outputs: list[dict[str, Any]] | None = None) -> None:
         now = self.ctx.now()
         move = MOVES[event]
-        task["status"] = move.target
+        target = move.target or row.status
+        task["status"] = target
         task["businessStatus"] = step_codeable(move.step)
         task["lastModified"] = R.iso(now)
         if reason:
@@ -345,7 +375,7 @@ class Workflow:
                            "value": f"JZ{now:%Y%m%d}-{row.thread[:8].upper()}"})
         store.put(conn, task, at=now, thread=row.thread, origin=self.me,
                   patient_hash=row.patient_hash)
-        values: dict[str, Any] = {"status": move.target, "step": move.step, "updated_at": now}
+        values: dict[str, Any] = {"status": target, "step": move.step, "updated_at": now}
         if event == "accept":
             values["accepted_at"] = now
         if event == "return":
@@ -353,7 +383,7 @@ class Workflow:
         if reason:
             values["reason"] = reason
         conn.execute(update(REFERRAL).where(REFERRAL.c.thread == row.thread).values(**values))
-        self._log_step(conn, row.thread, event, row.status, move.target, None, actor)
+        self._log_step(conn, row.thread, event, row.status, target, None, actor)
         self._audit(conn, self._row(conn, row.thread), event, actor)
 
     def _send(self, conn: Connection, row: Any, event: str, task: dict[str, Any],
@@ -534,5 +564,3 @@ class Workflow:
 def _is_placer(ident: dict[str, Any]) -> bool:
     return any(c.get("code") == "PLAC" for c in (ident.get("type") or {}).get("coding") or [])
 
-
-_ = HutongError
