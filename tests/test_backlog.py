@@ -79,12 +79,6 @@ def peer_counts(node: NodeProcess) -> dict[str, dict]:
     return {p["peer"]: p for p in node.api("GET", "/local/v1/queues")["outbox"]}
 
 
-def audit_ndjson(node: NodeProcess) -> list[dict]:
-    r = cli(node, "audit", "export", "--format", "ndjson")
-    assert r.returncode == 0, r.stderr
-    return [json.loads(line) for line in r.stdout.splitlines()]
-
-
 def action_of(event: dict) -> str:
     return event["subtype"][0]["code"]
 

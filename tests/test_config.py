@@ -384,9 +384,11 @@ def test_shipped_fuxing_alliance(tmp_path: Path) -> None:
     assert fuxing.directory["platform"].names.zh == "医联体信息平台"
 
     rules = fuxing.rules
-    up = ["referral.request", "referral.status", "referral.cancel", "result.lab",
-          "result.imaging", "receipt"]
-    down = ["referral.status", "referral.return", "result.lab", "result.imaging", "receipt"]
+    # both directions carry the whole referral loop: up-referrals start at the members,
+    # down-referrals for continuing care start at the core hospital
+    up = ["referral.request", "referral.status", "referral.cancel", "referral.return",
+          "result.lab", "result.imaging", "receipt"]
+    down = list(up)
     kinds = sorted(set(up) | set(down))
     for other in ids[1:6]:
         assert [k for k in kinds if rules.allows(other, "fuxing", k)] == sorted(up)

@@ -20,7 +20,7 @@ MEMBERS = [
     {"id": "chc", "zh": "月坛社区卫生服务中心", "en": "Yuetan CHC", "role": "community"},
 ]
 RULES = [
-    {"from": "chc", "to": "core", "kinds": ["referral.request", "result.lab"]},
+    {"from": "chc", "to": "core", "kinds": ["result.imaging", "result.lab"]},
     {"from": "core", "to": "chc", "kinds": ["referral.return"]},
 ]
 
@@ -55,7 +55,7 @@ def test_thousand_packets_exactly_once_in_order(pair: Alliance) -> None:
             threads.append(thread)
         for thread in sorted(set(threads)):
             mine = [b for b, t in zip(bundles, threads) if t == thread]
-            ids = chc.send("core", "referral.request", mine, thread=thread)
+            ids = chc.send("core", "result.imaging", mine, thread=thread)
             sent[thread].extend(ids)
             for pid, b in zip(ids, mine):
                 markers[pid] = b["entry"][1]["resource"]["note"][0]["text"]
@@ -115,7 +115,7 @@ def test_platform_relays_sealed_packets_it_cannot_read(tmp_path: Path) -> None:
     try:
         chc, core, hub = a.node("chc"), a.node("core"), a.node("hub")
         secret = "王秀英-plaintext-marker-7731"
-        ids = chc.send("core", "referral.request", [bundle(2, marker=secret) for _ in range(20)],
+        ids = chc.send("core", "result.imaging", [bundle(2, marker=secret) for _ in range(20)],
                        thread="via-hub")
         wait_for(lambda: len(spooled(core)) == 20, what="relayed deliveries")
         assert [pid for _, pid in sorted(delivered_by_thread(core)["via-hub"])] == ids

@@ -35,7 +35,8 @@ MEMBERS = [
     {"id": "chc", "zh": "月坛社区卫生服务中心", "en": "Yuetan CHC", "role": "community"},
 ]
 KINDS = ["referral.request", "referral.status", "referral.cancel", "referral.return"]
-RULES = [{"from": "chc", "to": "core", "kinds": KINDS}, {"from": "core", "to": "chc", "kinds": KINDS}]
+RULES = [{"from": "chc", "to": "core", "kinds": KINDS},
+         {"from": "core", "to": "chc", "kinds": KINDS}]
 NATIONAL_ID = "urn:oid:2.16.156.10011.1.3"
 MRN = "urn:hutong:mrn:fuxing"
 PLACER = "urn:hutong:placer:yuetan-chc"
@@ -45,6 +46,23 @@ STATUSES = ("active", "completed", "revoked")
 CLINICAL = ("ServiceRequest", "Task", "Encounter", "DiagnosticReport", "Observation",
             "ImagingStudy", "Patient", "Consent", "Composition", "DocumentReference",
             "MedicationRequest", "Coverage", "Organization", "Practitioner")
+
+
+_http: httpx.Client | None = None
+
+
+def http() -> httpx.Client:
+    """One client while a module runs (a new httpx client per call costs ~0.1 s); the module's
+    fixture closes it with ``close_http``."""
+    global _http
+    if _http is None or _http.is_closed:
+        _http = httpx.Client(timeout=30)
+    return _http
+
+
+def close_http() -> None:
+    if _http is not None:
+        _http.close()
 
 
 @dataclass
@@ -75,7 +93,8 @@ def seed_store(config: Path) -> Seed:
                 validate_resource(resource)
                 store.put(conn, resource, at=at, patient_hash=out.hashes.get(pid or ""))
 
-            for org, name in (("core", "首都医科大学附属复兴医院"), ("chc", "西城区月坛社区卫生服务中心")):
+            for org, name in (("core", "首都医科大学附属复兴医院"),
+                              ("chc", "西城区月坛社区卫生服务中心")):
                 put({"resourceType": "Organization", "id": org, "name": name,
                      "identifier": [{"system": "urn:hutong:node", "value": org}]}, T0)
             put({"resourceType": "Practitioner", "id": "dr-li", "name": [{"text": "李医生"}],
@@ -151,6 +170,7 @@ def env(tmp_path_factory: pytest.TempPathFactory):
     seed = seed_store(a.files["core"])
     a.start("core", "chc")
     yield a, seed
+    close_http()
     a.stop_all()
 
 
@@ -171,8 +191,8 @@ def call(node: NodeProcess, method: str, path: str, role: str | None = "clinicia
     if role:
         h["Authorization"] = f"Bearer {node.token(role)}"
     url = path if path.startswith("http") else node.local_url + path
-    return httpx.request(method, url, params=params, headers=h, timeout=30,
-                         content=json.dumps(body).encode() if body is not None else None)
+    return http().request(method, url, params=params, headers=h,
+                        content=json.dumps(body).encode() if body is not None else None)
 
 
 def ok(r: httpx.Response) -> dict[str, Any]:
@@ -239,7 +259,7 @@ def test_metadata_is_a_valid_truthful_capability_statement(core: NodeProcess) ->
 
 def test_peer_port_never_exposes_fhir(core: NodeProcess) -> None:
     for path in ("/fhir/metadata", "/fhir/ServiceRequest", "/fhir/Patient/pat-wang"):
-        r = httpx.get(core.peer_url + path, timeout=10,
+        r = http().get(core.peer_url + path,
                       headers={"Authorization": f"Bearer {core.token('clinician')}"})
         assert r.status_code == 404, path
 
@@ -444,7 +464,7 @@ def test_roles_minimum_necessary(core: NodeProcess) -> None:
     r = call(core, "GET", "/fhir/ServiceRequest", role=None)
     outcome(r, 401, "login", "HT-AUTH")
     assert r.headers["www-authenticate"].startswith("Bearer")
-    r = httpx.get(core.local_url + "/fhir/Patient/pat-wang",
+    r = http().get(core.local_url + "/fhir/Patient/pat-wang",
                   headers={"Authorization": "Bearer not-a-token"})
     outcome(r, 401, "login", "HT-AUTH")
     for path in ("/fhir/ServiceRequest", "/fhir/Patient/pat-wang", "/fhir/AuditEvent"):
@@ -542,7 +562,7 @@ def test_audit_event_search_by_date_and_paging(core: NodeProcess) -> None:
     ok(call(core, "GET", "/fhir/Observation/obs-1"))
     now = datetime.now(UTC)
     start = (now - timedelta(hours=1)).isoformat(timespec="seconds").replace("+00:00", "Z")
-    b = search(core, "AuditEvent", {"date": f"ge{start}", "_count": "2"}, role="auditor")
+    b = search(core, "AuditEvent", {"date": f"ge{start}", "_count": "7"}, role="auditor")
     total = b["total"]
     assert total >= 3
     seen = ids(b)
@@ -559,3 +579,91 @@ def test_audit_event_search_by_date_and_paging(core: NodeProcess) -> None:
             "not-supported", "HT-FHIR-REQUEST")
     outcome(call(core, "GET", "/fhir/AuditEvent/999999", "auditor"), 404, "not-found",
             "HT-NOT-FOUND")
+
+
+# -------------------------------------------------------------------------------------------
+# writes: POST /fhir (transaction) and PUT /fhir/Task/{id} go to the referral workflow
+
+
+def referrals(node: NodeProcess) -> dict[str, dict[str, Any]]:
+    return {r["thread"]: r for r in node.api("GET", "/local/v1/referrals")}
+
+
+def test_post_transaction_then_put_task_moves_the_referral(env, core: NodeProcess) -> None:
+    chc = env[0].node("chc")
+    before = set(referrals(chc))
+    resp = ok(call(chc, "POST", "/fhir", body=referral("up-outpatient", "core")))
+    validate_resource(resp)
+    assert resp["type"] == "transaction-response"
+    assert {e["response"]["status"] for e in resp["entry"]} == {"201 Created"}
+    assert sorted(e["response"]["location"].split("/")[0] for e in resp["entry"]) == [
+        "Composition", "Consent", "Coverage", "Patient", "ServiceRequest"]
+    (thread,) = set(referrals(chc)) - before
+    here = wait_for(lambda: referrals(core).get(thread, {}).get("status") == "received"
+                    and referrals(core)[thread], what="core to receive the referral")
+    task = ok(call(core, "GET", f"/fhir/Task/{here['task_id']}"))
+    assert task["status"] == "received"
+    # matched by patient hash to the record core already had (seeded, same national ID)
+    assert task["for"] == {"reference": "Patient/pat-wang"}
+    b = search(core, "Task", {"_id": task["id"], "_include": "Task:focus"})
+    assert ids(b) == [task["id"]] and ids(b, "include") == [here["sr_id"]]
+    # the referrer may not move the fulfiller's Task
+    theirs = ok(call(chc, "GET", f"/fhir/Task/{referrals(chc)[thread]['task_id']}"))
+    msg = outcome(call(chc, "PUT", f"/fhir/Task/{theirs['id']}",
+                       body={**theirs, "status": "accepted"}), 409, "business-rule",
+                  "HT-REF-TRANSITION")
+    assert "receiver" in msg
+    # the receiver accepts by PUT, with the acceptance slip as outputs
+    task["status"] = "accepted"
+    task["output"] = [{"type": {"text": "bed"}, "valueString": "心内科 12床"},
+                      {"type": {"text": "doctor"}, "valueString": "张主任"}]
+    r = call(core, "PUT", f"/fhir/Task/{task['id']}", body=task)
+    moved = ok(r)
+    validate_resource(moved)
+    assert moved["id"] == task["id"] and moved["status"] == "accepted"
+    assert int(moved["meta"]["versionId"]) > int(task["meta"]["versionId"])
+    assert r.headers["etag"] == f'W/"{moved["meta"]["versionId"]}"'
+    assert ok(call(core, "GET", f"/fhir/Task/{task['id']}"))["status"] == "accepted"
+    # ... and the referrer's side follows, slip included
+    wait_for(lambda: ok(call(chc, "GET", f"/fhir/Task/{theirs['id']}"))["status"] == "accepted",
+             what="the referrer to see the acceptance")
+    slip = ok(call(chc, "GET", f"/fhir/Task/{theirs['id']}"))["output"]
+    assert [o["valueString"] for o in slip] == ["心内科 12床", "张主任"]
+    # an illegal move is refused with a business-rule OperationOutcome and changes nothing
+    for status in ("requested", "completed"):
+        outcome(call(core, "PUT", f"/fhir/Task/{task['id']}", body={**moved, "status": status}),
+                409, "business-rule", "HT-REF-TRANSITION")
+    assert ok(call(core, "GET", f"/fhir/Task/{task['id']}"))["meta"] == moved["meta"]
+
+
+def test_write_requests_are_checked_before_the_workflow(env, core: NodeProcess) -> None:
+    chc = env[0].node("chc")
+    n = len(referrals(chc))
+    task = ok(call(core, "GET", "/fhir/Task/task-0"))
+    diag = outcome(call(core, "PUT", "/fhir/Task/task-0", body={**task, "status": "bogus"}),
+                   422, "invalid", "HT-FHIR-INVALID")
+    assert "status" in diag
+    r = call(core, "PUT", "/fhir/Task/task-0", body={**task, "status": "bogus"})
+    assert r.json()["issue"][0]["expression"] == ["status"]
+    outcome(call(core, "PUT", "/fhir/Task/task-1", body=task), 400, "invalid", "HT-FHIR-REQUEST")
+    outcome(call(core, "PUT", "/fhir/Task/task-0", body={"resourceType": "Patient",
+                                                         "id": "task-0"}),
+            400, "invalid", "HT-FHIR-REQUEST")
+    r = http().put(core.local_url + "/fhir/Task/task-0", content=b"{not json",
+                 headers={"Authorization": f"Bearer {core.token('clinician')}"})
+    outcome(r, 400, "structure", "HT-FHIR-REQUEST")
+    # a Task that is not a referral this node tracks
+    outcome(call(core, "PUT", "/fhir/Task/task-0", body={**task, "status": "accepted"}), 404,
+            "not-found", "HT-NOT-FOUND")
+    # transactions
+    outcome(call(chc, "POST", "/fhir", body={"resourceType": "Bundle", "type": "collection"}),
+            400, "invalid", "HT-FHIR-REQUEST")
+    bad = referral("up-exam", "core")
+    bad["entry"][1]["resource"]["authoredOn"] = "yesterday"
+    diag = outcome(call(chc, "POST", "/fhir", body=bad), 422, "invalid", "HT-FHIR-INVALID")
+    assert "entry[1].resource(ServiceRequest).authoredOn" in diag
+    outcome(call(chc, "POST", "/fhir", body=referral("up-exam", "core", consent=False)),
+            422, "business-rule", "HT-REF-CONSENT")
+    outcome(call(chc, "POST", "/fhir", body=referral("up-exam", "nowhere")),
+            422, "processing", "HT-REF-UNKNOWN")
+    assert len(referrals(chc)) == n  # nothing was created by any of these

@@ -31,7 +31,7 @@ MEMBERS = [
     {"id": "chc", "zh": "月坛社区卫生服务中心", "en": "Yuetan CHC", "role": "community"},
     {"id": "sec", "zh": "广外医院", "en": "Guangwai Hospital", "role": "secondary"},
 ]
-RULES = [{"from": "chc", "to": "core", "kinds": ["referral.request"]}]
+RULES = [{"from": "chc", "to": "core", "kinds": ["result.lab"]}]
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ class Forge:
         self.chc_pub = chc.directory["chc"].encryption_keys[0]
 
     def seal(self, body: bytes | None = None, **kw: object) -> bytes:
-        args = dict(sender="chc", recipient="core", kind="referral.request", thread="t1", seq=1,
+        args = dict(sender="chc", recipient="core", kind="result.lab", thread="t1", seq=1,
                     signing_key=self.key, recipient_key=self.core_pub)
         args.update(kw)
         return env.seal(body if body is not None else bundle_bytes(), **args)  # type: ignore[arg-type]
@@ -148,8 +148,8 @@ def test_replay_same_id_other_content_refused_identical_resend_gets_original(all
 def test_disallowed_route_refused_at_queueing_never_leaves(alliance, tmp_path: Path) -> None:
     core = alliance.node("core")
     res = core.api("POST", "/local/v1/packets", [
-        {"to": "chc", "kind": "referral.request", "bundle": orjson.loads(bundle_bytes())},
-        {"to": "nobody", "kind": "referral.request", "bundle": orjson.loads(bundle_bytes())},
+        {"to": "chc", "kind": "result.lab", "bundle": orjson.loads(bundle_bytes())},
+        {"to": "nobody", "kind": "result.lab", "bundle": orjson.loads(bundle_bytes())},
     ])["results"]
     assert [r["code"] for r in res] == ["HT-PKT-ROUTE-DENIED", "HT-PKT-ROUTE-DENIED"]
     assert "no rule allows core -> chc" in res[0]["message"]
@@ -163,14 +163,14 @@ def test_quarantined_packet_replays_after_rule_is_added(tmp_path: Path) -> None:
     a.start("core")
     try:
         core = a.node("core")
-        refused = post(a, [Forge(a).seal(kind="result.lab", thread="t-fix")])[0]
+        refused = post(a, [Forge(a).seal(kind="result.imaging", thread="t-fix")])[0]
         assert refused["code"] == "HT-PKT-ROUTE-DENIED"
         item = core.api("GET", "/local/v1/quarantine")[0]
         r = core.cli("quarantine", "replay", str(item["id"]))
         assert r.returncode == 1 and "HT-PKT-ROUTE-DENIED" in r.stderr
         alliance_toml = a.folder / "alliance.toml"
         alliance_toml.write_text(alliance_toml.read_text() + (
-            '\n[[rules]]\nfrom = "chc"\nto = "core"\nkinds = ["result.lab"]\n'))
+            '\n[[rules]]\nfrom = "chc"\nto = "core"\nkinds = ["result.imaging"]\n'))
         core.restart()
         r = core.cli("quarantine", "replay", str(item["id"]))
         assert r.returncode == 0, r.stderr

@@ -13,6 +13,7 @@ import sqlite3
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -115,7 +116,7 @@ def queue(core: NodeContext, kind: str, thread: str, n: int) -> list[tuple[str, 
     with core.store.write() as conn:
         results = queue_packets(core, conn, items, actor="test")
     assert [r.error for r in results] == [None] * n
-    return [(r.packet_id, i.body) for r, i in zip(results, items, strict=True)]  # type: ignore[misc]
+    return [(str(r.packet_id), i.body) for r, i in zip(results, items, strict=True)]
 
 
 def backdate_inbox(core: NodeContext, ids: list[str], days: float, state: str = "delivered"
@@ -137,7 +138,7 @@ def backdate_outbox(core: NodeContext, ids: list[str], days: float, state: str) 
         assert done.rowcount == len(ids)
 
 
-def bodies(core: NodeContext, table, ids: list[str]) -> dict[str, bytes | None]:  # type: ignore[no-untyped-def]
+def bodies(core: NodeContext, table: Any, ids: list[str]) -> dict[str, bytes | None]:
     with core.store.read() as conn:
         rows = conn.execute(select(table.c.packet_id, table.c.body)
                             .where(table.c.packet_id.in_(ids))).all()

@@ -27,8 +27,13 @@ from starlette.responses import Response
 
 from bridge.api.auth import role_of
 from bridge.api.capability import AUDIT_TYPE, CLINICAL_TYPES, capability_statement
-from bridge.api.fhir_audit import (AUDIT, read_audit_event, read_entries, redacted_query,
-                                   search_audit)
+from bridge.api.fhir_audit import (
+    AUDIT,
+    read_audit_event,
+    read_entries,
+    redacted_query,
+    search_audit,
+)
 from bridge.api.fhir_search import Query, encode_cursor, parse_query
 from bridge.api.outcome import BadRequest, FhirRoute, NotSupported, fhir_json
 from bridge.errors import Forbidden, HutongError, InvalidFhir, InvalidResource, NotFound
@@ -227,6 +232,7 @@ def fhir_router(node: Node) -> APIRouter:
         return role
 
     @router.post("")
+    @router.post("/", include_in_schema=False)  # "[base]/" as many clients write it
     async def transaction(request: Request) -> Response:
         role = writer(request)
         bundle = await body_of(request)

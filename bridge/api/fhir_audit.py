@@ -11,6 +11,7 @@ auditor finds "who viewed this patient" with ``/fhir/AuditEvent?patient-hash=<h>
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
@@ -32,6 +33,8 @@ MAX_RESOURCES = 50
 #: AuditEntry.extra values are one bounded line (bridge.audit.events: 256 characters)
 _EXTRA_CHARS = 256
 _REDACT = ("identifier",)
+#: what AuditEntry accepts as a patient hash (bridge.privacy output)
+_HASH_RE = re.compile(r"[0-9a-f]{32,128}")
 
 
 def redacted_query(path: str, query: str) -> str:
@@ -63,6 +66,8 @@ def read_entries(role: str, query: str, seen: Iterable[tuple[str, str | None]],
     an empty result still records who searched for what."""
     by_patient: dict[str | None, list[str]] = {}
     for ref, phash in seen:
+        if phash is not None and not _HASH_RE.fullmatch(phash):
+            phash = None  # not a keyed hash (bad data from elsewhere): still record the read
         refs = by_patient.setdefault(phash, [])
         if ref not in refs:
             refs.append(ref)
@@ -106,7 +111,8 @@ def search_audit(conn: Connection, q: Query) -> tuple[list[dict[str, Any]], int 
     where = list(q.where)
     page_where = list(where)
     if q.cursor is not None:
-        if not isinstance(q.cursor, int) or isinstance(q.cursor, bool):
+        if not isinstance(q.cursor, int) or isinstance(q.cursor, bool) \
+                or not 0 < q.cursor < 2**63:
             raise BadRequest("_cursor is not one this server gave out")
         page_where.append(AUDIT.c.seq < q.cursor)
     rows = conn.execute(
