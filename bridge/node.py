@@ -164,6 +164,7 @@ class Node:
 
     def run(self) -> None:
         self.record_start()
+        _warm_validators()
         gateway, local = self.apps()
         servers = [
             uvicorn.Server(uvicorn.Config(gateway, host=self.plan.peer_host,
@@ -205,3 +206,13 @@ class Node:
         for sender in self.senders.values():
             sender.close()
         self.ctx.store.dispose()
+
+
+def _warm_validators() -> None:
+    """Compile the R4 schema before the first packet, not during it (~170 ms once)."""
+    from bridge.fhir.validate import validate_resource
+
+    for r in ({"resourceType": "Bundle", "type": "collection"},
+              {"resourceType": "Patient"},
+              {"resourceType": "Observation", "status": "final", "code": {"text": "x"}}):
+        validate_resource(r)

@@ -29,8 +29,8 @@ def free_port_block(n: int) -> int:
         try:
             for p in range(base, base + n):
                 s = socket.socket()
+                socks.append(s)  # before bind, so a failed bind's socket is closed too
                 s.bind(("127.0.0.1", p))
-                socks.append(s)
             return base
         except OSError:
             continue

@@ -70,6 +70,10 @@ class Dispatcher:
                 failed.append((r, exc))
                 continue
             delivered.append(r)
+        for h in {id(h): h for h in self.handlers.values()}.values():
+            flush = getattr(h, "flush", None)
+            if flush is not None:
+                flush()
         now = self.ctx.now()
         with self.ctx.store.write() as conn:
             audit: list[AuditEntry] = []

@@ -33,6 +33,9 @@ class Handler(Protocol):
     def deliver(self, item: Delivery) -> None:
         """Hand one packet to the local side; raise HutongError (transient or permanent)."""
 
+    def flush(self) -> None:
+        """Make everything handed over so far durable; called before it is marked delivered."""
+
 
 class SpoolHandler:
     """Writes each bundle to ``<spool>/<sender>/<thread>/<seq>-<packet id>.json`` atomically.
@@ -52,11 +55,18 @@ class SpoolHandler:
         try:
             with open(tmp, "wb") as fh:
                 fh.write(item.body)
-                fh.flush()
-                os.fdatasync(fh.fileno())
             os.replace(tmp, final)
         except OSError as exc:  # disk full, permissions: transient, retried with backoff
             raise StoreError(f"spool write failed: {exc.strerror or exc}") from exc
+        self._dirty = True
+
+    def flush(self) -> None:
+        """One sync for the whole batch: file data AND the renames' directory entries reach
+        the disk before the dispatcher commits 'delivered' (an fsync per file cost ~20 % of a
+        receiving node's CPU and still left the rename itself unsynced)."""
+        if getattr(self, "_dirty", False):
+            os.sync()
+            self._dirty = False
 
 
 def _safe(name: str) -> str:

@@ -13,13 +13,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, bindparam, insert, select, update
 
 from bridge.audit.events import AuditEntry
 from bridge.context import NodeContext
 from bridge.crypto import envelope as env
 from bridge.delivery.transport import PeerConnection
-from bridge.errors import HutongError, PacketRefused, Retry, TransportError
+from bridge.errors import HutongError, Retry, TransportError
 from bridge.store.tables import OUTBOX
 
 MAX_BATCH_BYTES = 8 << 20
@@ -83,12 +83,46 @@ class PeerSender:
         except HutongError as exc:
             self._failed(rows, exc)
             return SendReport(failed=len(rows), error=str(exc))
+        # verify every receipt BEFORE taking the write lock (Ed25519 verify is ~0.2 ms each)
+        checked = [self._check(r, a) for r, a in zip(rows, answers, strict=True)]
+        fast = [(r, a, f) for r, a, f in checked
+                if r.origin == "local" and isinstance(f, dict) and f.get("status") == "accepted"]
+        slow = [c for c in checked if not any(c[0] is x[0] for x in fast)]
         with self.ctx.store.write() as conn:
-            audit = [self._record(conn, r, a) for r, a in zip(rows, answers, strict=True)]
-            entries = [e for group in audit for e in group]
+            entries = self._record_accepted(conn, fast)
+            for r, a, f in slow:
+                entries += self._record(conn, r, a, f)
             if entries:
                 self.ctx.audit.append(conn, entries)
         return SendReport(sent=len(rows))
+
+    def _check(self, r: Any, answer: bytes) -> tuple[Any, bytes, dict[str, Any] | HutongError]:
+        if r.origin == "receipt":
+            return r, answer, {}
+        try:
+            fields = env.verify_receipt(answer, self._keys_for)
+            if fields.get("packet") != r.packet_id:
+                raise TransportError(f"receipt from {self.peer} names another packet")
+            return r, answer, fields
+        except HutongError as exc:
+            return r, answer, exc
+
+    def _record_accepted(self, conn: Connection, done: list[Any]) -> list[AuditEntry]:
+        """The common case in one executemany: directly acknowledged local packets."""
+        if not done:
+            return []
+        now = self.ctx.now()
+        conn.execute(
+            update(OUTBOX).where(OUTBOX.c.id == bindparam("_id")).values(
+                state="acknowledged", attempts=bindparam("_attempts"), sent_at=now,
+                acked_at=now, last_error=None, receipt=bindparam("_receipt")),
+            [{"_id": r.id, "_attempts": r.attempts + 1, "_receipt": a} for r, a, _ in done],
+        )
+        return [AuditEntry(
+            action="sent", packet_id=r.packet_id, kind=r.kind, peer=r.recipient,
+            thread=r.thread, patient_hash=r.patient_hash, at=now,
+            extra={"hop": self.peer, "receipt": "accepted", "attempt": r.attempts + 1},
+        ) for r, _, _ in done]
 
     def _frame(self, r: Any, now: datetime) -> bytes:
         if r.origin == "local":
@@ -106,7 +140,8 @@ class PeerSender:
             )
         return bytes(r.frame)  # a forwarded receipt travels as it was signed
 
-    def _record(self, conn: Connection, r: Any, answer: bytes) -> list[AuditEntry]:
+    def _record(self, conn: Connection, r: Any, answer: bytes,
+                fields: dict[str, Any] | HutongError) -> list[AuditEntry]:
         now = self.ctx.now()
         if r.origin == "receipt":
             state = "acknowledged" if not answer else "refused"
@@ -115,12 +150,8 @@ class PeerSender:
                 .values(state=state, attempts=r.attempts + 1, sent_at=now, acked_at=now)
             )
             return []
-        try:
-            fields = env.verify_receipt(answer, self._keys_for)
-            if fields.get("packet") != r.packet_id:
-                raise TransportError(f"receipt from {self.peer} names another packet")
-        except (HutongError, PacketRefused) as exc:
-            self._failed([r], exc, conn=conn)
+        if isinstance(fields, HutongError):
+            self._failed([r], fields, conn=conn)
             return []
         status = fields.get("status")
         values: dict[str, Any] = {"attempts": r.attempts + 1, "sent_at": now, "last_error": None}
