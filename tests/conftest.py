@@ -20,6 +20,7 @@ from __future__ import annotations
 # locale, fsync off. Names private to this section start with ``_pg``; it defines no pytest hooks.
 # =============================================================================================
 
+from typing import Any
 import glob
 import os
 import pwd
@@ -265,3 +266,18 @@ def _pg_marker(request: pytest.FixtureRequest) -> None:
 
 
 # ============================================================================ end PostgreSQL
+
+
+@pytest.fixture
+def pg_node_dbs(_pg_admin_dsn: str) -> Iterator[Any]:
+    """A function node id -> DSN of a fresh database for that node; all dropped afterwards."""
+    made: list[str] = []
+
+    def dsn_for(node_id: str) -> str:
+        name = f"hutong_{node_id.replace('-', '_')}_{secrets.token_hex(4)}"
+        made.append(name)
+        return _pg_create_database(_pg_admin_dsn, name)
+
+    yield dsn_for
+    for name in made:
+        _pg_drop_database(_pg_admin_dsn, name)

@@ -25,9 +25,11 @@ RULES = [
 ]
 
 
-@pytest.fixture
-def pair(tmp_path: Path):
-    a = Alliance(tmp_path / "alliance", MEMBERS, RULES)
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def pair(request: pytest.FixtureRequest, tmp_path: Path):
+    """Two nodes on SQLite files, or each on its own real PostgreSQL database."""
+    dsn_for = request.getfixturevalue("pg_node_dbs") if request.param == "postgres" else None
+    a = Alliance(tmp_path / "alliance", MEMBERS, RULES, dsn_for=dsn_for)
     a.start("core", "chc")
     yield a
     a.stop_all()
