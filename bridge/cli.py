@@ -296,6 +296,18 @@ def config_check(path: Annotated[Path, typer.Argument(help="a node file or an al
     out.print(f"{path}: ok" + ("" if path.is_dir() else f" (config hash {plan.config_hash[:16]})"))
 
 
+@app.command()
+def demo(
+    once: Annotated[bool, typer.Option(help="play, check, print a summary and exit")] = False,
+    folder: Annotated[Path, typer.Option(help="demo data folder (wiped first)")] = Path(
+        "demo-data/fuxing"),
+) -> None:
+    """The Fuxing alliance on this machine: seven nodes, a referral scenario, self-checked."""
+    from bridge.demo import run_demo
+
+    raise typer.Exit(run_demo(folder, once))
+
+
 def main() -> None:
     try:
         app(standalone_mode=True)
