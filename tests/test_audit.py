@@ -624,10 +624,9 @@ def _pg_url(dsn: str) -> str:
 
 
 @pytest.fixture
-def pg_engine() -> Iterator[Engine]:
-    dsn = os.environ.get("HUTONG_PG_DSN")
-    if not dsn:
-        pytest.skip("HUTONG_PG_DSN is not set: no PostgreSQL server to test the audit chain on")
+def pg_engine(pg_db: str) -> Iterator[Engine]:
+    """A schema in a fresh database of the suite's real PostgreSQL (tests/conftest.py)."""
+    dsn = pg_db
     schema = f"hutong_audit_{uuid.uuid4().hex[:12]}"
     admin = create_engine(_pg_url(dsn))
     with admin.begin() as conn:
