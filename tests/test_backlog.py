@@ -18,13 +18,7 @@ import pytest
 from tests.factory import bundle
 from tests.harness import ROOT, Alliance, NodeProcess, spooled, wait_for
 
-pytestmark = [
-    pytest.mark.slow,
-    # tests/harness.py free_port_block leaks the probe socket whose bind() failed (a port in
-    # use); the GC then warns on an unbound socket. Ignore only that, until the harness closes it.
-    pytest.mark.filterwarnings(
-        r"ignore:unclosed <socket\.socket .*laddr=\('0\.0\.0\.0', 0\)>:ResourceWarning"),
-]
+pytestmark = pytest.mark.slow
 
 MEMBERS = [
     {"id": "core", "zh": "复兴医院", "en": "Fuxing Hospital", "role": "core"},
