@@ -195,10 +195,13 @@ def quarantine_replay(config: ConfigOpt, item_id: int) -> None:
 @audit_app.command("verify")
 def audit_verify(config: ConfigOpt) -> None:
     """Recompute the hash chain and checkpoints; exit 1 naming the first bad record."""
+    from bridge.node import own_signing_keys
+
     ctx = _ctx(config)
     me = ctx.plan.directory[ctx.node_id]
     with ctx.store.read() as conn:
-        result = ctx.audit.verify(conn, me.signing_keys)
+        # checkpoints made before a key rollover were signed with this node's earlier key
+        result = ctx.audit.verify(conn, [*me.signing_keys, *own_signing_keys(conn)])
     if result.ok:
         out.print(f"audit chain of {ctx.node_id} verifies: {result.checked} records, "
                   f"{result.checkpoints_checked} signed checkpoints, head {result.last_hash[:16]}")

@@ -141,6 +141,7 @@ class Node:
 
     def record_start(self) -> None:
         with self.ctx.store.write() as conn:
+            remember_own_key(conn, self.ctx)
             previous = state.get(conn, "config_hash")
             state.put(conn, "config_hash", self.plan.config_hash, self.ctx.now())
             self.ctx.audit.append(conn, [AuditEntry(
@@ -216,3 +217,24 @@ def _warm_validators() -> None:
               {"resourceType": "Patient"},
               {"resourceType": "Observation", "status": "final", "code": {"text": "x"}}):
         validate_resource(r)
+
+
+def remember_own_key(conn: Any, ctx: NodeContext) -> None:
+    """Keep every signing public key this node has used, so its own audit checkpoints still
+    verify after a key rollover removes the old key from the alliance directory."""
+    import json
+
+    from bridge.crypto.keys import public_text
+
+    known = json.loads(state.get(conn, "own_signing_keys") or "[]")
+    mine = public_text(ctx.signing_key)
+    if mine not in known:
+        state.put(conn, "own_signing_keys", json.dumps([*known, mine]), ctx.now())
+
+
+def own_signing_keys(conn: Any) -> list[Any]:
+    import json
+
+    from bridge.crypto.keys import parse_public_key
+
+    return [parse_public_key(t) for t in json.loads(state.get(conn, "own_signing_keys") or "[]")]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import csv
 import io
-import os
 import statistics
 import threading
 import time

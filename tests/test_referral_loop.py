@@ -8,7 +8,6 @@ from typing import Any
 import orjson
 import pytest
 
-from bridge.config.loader import load_node
 from bridge.fhirstore import store as fstore
 from bridge.store.db import Store
 from tests.harness import Alliance, ApiError, NodeProcess, wait_for
@@ -250,7 +249,6 @@ def _thread(event: dict[str, Any]) -> str | None:
     return None
 
 
-_ = (Path, load_node)
 
 
 def test_unaccepted_referral_raises_a_reminder(tmp_path: Path) -> None:

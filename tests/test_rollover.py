@@ -115,9 +115,12 @@ def test_signing_key_rollover(tmp_path: Path) -> None:
         delivered |= {new_id_pkt, old_id_pkt}
         wait_for(lambda: spooled_ids(core) == delivered, what="both keys accepted in overlap")
 
-        # 2. the sender switches to the new key file and restarts; its packets still arrive
+        # 2. the sender stops cleanly (its last audit checkpoint is signed with the old key),
+        # switches to the new key file and starts again; its packets still arrive
+        chc.stop()
         write_private_key(chc.plan.keys.signing, new_key)
-        chc.restart()
+        chc.start()
+        chc.wait_ready()
         shown = keys_show(chc)
         assert (shown["signing"], shown["signing_id"]) == (public_text(new_key), new_id)
         delivered |= set(chc.send("core", "result.lab", [bundle_bytes_dict()],
@@ -158,6 +161,11 @@ def test_signing_key_rollover(tmp_path: Path) -> None:
             (early_id, "HT-PKT-BAD-SIGNATURE", "chc"), (stale_id, "HT-PKT-BAD-SIGNATURE", "chc")])
         r = core.cli("audit", "verify")
         assert r.returncode == 0, r.stderr
+        # the rolled-over node's own chain: checkpoints signed with its old key still verify
+        chc.stop()
+        r = chc.cli("audit", "verify")
+        assert r.returncode == 0, r.stderr
+        assert "signed checkpoints" in r.stdout
     finally:
         a.stop_all()
 

@@ -22,7 +22,7 @@ from typing import Any, Literal, TextIO
 import orjson
 from sqlalchemy import Connection, Select, select
 
-from .events import event_fields, instant
+from .events import event_fields
 from .tables import AuditRecord
 
 CHAIN_EXTENSION = "http://hutong.dev/StructureDefinition/audit-chain"
