@@ -40,8 +40,8 @@ class Dispatcher:
         stmt = (
             select(INBOX.c.id, INBOX.c.packet_id, INBOX.c.sender, INBOX.c.kind, INBOX.c.thread,
                    INBOX.c.seq, INBOX.c.patient_hash, INBOX.c.received_at, INBOX.c.body,
-                   INBOX.c.attempts)
-            .where(INBOX.c.state == "received", INBOX.c.next_try_at <= now)
+                   INBOX.c.attempts, INBOX.c.next_try_at)
+            .where(INBOX.c.state == "received")
             .order_by(INBOX.c.id)
             .limit(self.batch)
         )
@@ -55,6 +55,9 @@ class Dispatcher:
         failed: list[tuple[Any, HutongError]] = []
         for r in rows:
             if r.thread in blocked:  # keep order: nothing passes an earlier packet waiting
+                continue
+            if r.next_try_at > now:  # backing off: later packets of its thread wait behind it
+                blocked.add(r.thread)
                 continue
             handler = self.handler_for(r.kind)
             try:

@@ -27,7 +27,7 @@ MAX_BATCH_BYTES = 8 << 20
 _COLS = (
     OUTBOX.c.id, OUTBOX.c.packet_id, OUTBOX.c.origin, OUTBOX.c.sender, OUTBOX.c.recipient,
     OUTBOX.c.kind, OUTBOX.c.thread, OUTBOX.c.seq, OUTBOX.c.patient_hash, OUTBOX.c.attempts,
-    OUTBOX.c.created_at, OUTBOX.c.body, OUTBOX.c.frame,
+    OUTBOX.c.created_at, OUTBOX.c.next_try_at, OUTBOX.c.body, OUTBOX.c.frame,
 )
 
 
@@ -49,15 +49,19 @@ class PeerSender:
         self.cfg = ctx.plan.delivery
 
     def claim(self, now: datetime) -> list[Any]:
+        """The head of this peer's queue, in queue order. Backoff is head-of-line: while the
+        oldest waiting row is not due, nothing newer may overtake it (that would break the
+        order within its thread), so the whole peer waits."""
         stmt = (
             select(*_COLS)
-            .where(OUTBOX.c.next_hop == self.peer, OUTBOX.c.state == "queued",
-                   OUTBOX.c.next_try_at <= now)
+            .where(OUTBOX.c.next_hop == self.peer, OUTBOX.c.state == "queued")
             .order_by(OUTBOX.c.id)
             .limit(self.cfg.batch_size)
         )
         with self.ctx.store.read() as conn:
             rows = conn.execute(stmt).all()
+        if rows and rows[0].next_try_at > now:
+            return []
         picked, total = [], 0
         for r in rows:
             size = len(r.body or r.frame or b"")
