@@ -43,6 +43,7 @@ def create_local_app(node: Node) -> FastAPI:
     app = FastAPI(title=f"Hutong node {ctx.node_id}", docs_url="/docs")
     app.state.tokens = dict(ctx.plan.tokens)
     app.state.node = node
+    app.include_router(__import__("bridge.web").web.web_router(node))  # /ui pages
     app.include_router(fhir_router(node))  # /fhir: errors are OperationOutcomes (FhirRoute)
 
     @app.exception_handler(HutongError)
