@@ -27,6 +27,7 @@ from bridge.delivery.retention import purge_bodies
 from bridge.delivery.sender import PeerSender
 from bridge.gateway.app import create_gateway
 from bridge.gateway.intake import Intake
+from bridge.local.registry import load_adapters, receivers
 from bridge.referral.workflow import Workflow
 from bridge.store import state
 
@@ -59,10 +60,13 @@ class Node:
         self.ctx = NodeContext.open(plan)
         self.intake = Intake(self.ctx)
         self.workflow = Workflow(self.ctx, wake=self.wake_all_senders)
+        self._jobs: list[tuple[str, Any, float]] = []
+        self.adapters = load_adapters(self)
+        handlers: dict[str, Any] = load_handlers(dict(plan.delivery.handlers),
+                                                 {"spool_dir": plan.delivery.spool_dir})
+        handlers.update(receivers(self, self.adapters))
         self.dispatcher = Dispatcher(
-            self.ctx,
-            load_handlers(dict(plan.delivery.handlers), {"spool_dir": plan.delivery.spool_dir}),
-            hooks={"referral.": self.workflow.apply_packet},
+            self.ctx, handlers, hooks={"referral.": self.workflow.apply_packet},
         )
         me = plan.directory[plan.node_id]
         if me.role == "platform" or not me.via:
@@ -72,7 +76,7 @@ class Node:
         self.senders = {peer: PeerSender(self.ctx, peer) for peer in hops}
         self.drains: dict[str, _Drain] = {}
         self.scheduler = BackgroundScheduler(
-            executors={"default": ThreadPoolExecutor(len(hops) + 6)},
+            executors={"default": ThreadPoolExecutor(len(hops) + 6 + len(self.adapters))},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
             timezone=UTC,
         )
@@ -115,7 +119,20 @@ class Node:
         self.scheduler.add_job(self.workflow.remind, "interval", id="referral-reminders",
                                seconds=self.plan.referral.reminder_every_s)
         self.scheduler.add_job(self._watch_config, "interval", id="config-watch", seconds=10)
+        for adapter in self.adapters.values():
+            adapter.start()
+        for job_id, func, every in self._jobs:
+            self.scheduler.add_job(func, "interval", id=job_id, seconds=every,
+                                   next_run_time=datetime.now(UTC))
         self.scheduler.start()
+
+    def add_job(self, job_id: str, func: Any, every: float) -> None:
+        """An adapter's periodic job (registered before or after the scheduler starts)."""
+        if self.scheduler.running:
+            self.scheduler.add_job(func, "interval", id=job_id, seconds=every,
+                                   next_run_time=datetime.now(UTC), replace_existing=True)
+        else:
+            self._jobs.append((job_id, func, every))
 
     def _retention(self) -> None:
         purge_bodies(self.ctx)
@@ -198,6 +215,11 @@ class Node:
     def close(self) -> None:
         for drain in self.drains.values():
             drain.stopping = True
+        for adapter in self.adapters.values():
+            try:
+                adapter.stop()
+            except Exception:
+                log.exception("adapter stop failed")
         if self.scheduler.running:
             self.scheduler.shutdown(wait=True)
         try:

@@ -27,6 +27,7 @@ from pydantic import ValidationError
 from bridge.config.models import (
     ROLES,
     TOKEN_ROLES,
+    AdapterSettings,
     AllianceFile,
     AllianceIdentity,
     DeliverySettings,
@@ -600,6 +601,15 @@ def _build_plan(alliance: _Alliance, node: _Node) -> NodePlan:
         audit=config.audit,
         referral=config.referral,
         rules=rules,
+        adapters=tuple(
+            AdapterSettings(
+                name=a.name, type=a.type,
+                mappings=_absolute(base, a.mappings) if a.mappings else None,
+                receives=tuple(a.receives), options=MappingProxyType(dict(a.options)),
+                base_dir=base,
+            )
+            for a in config.adapters if a.enabled
+        ),
         config_hash=_config_hash(alliance, config),
         source_files=(alliance.path, node.path, *alliance.key_files),
     )

@@ -28,6 +28,7 @@ from pydantic import (
     NonNegativeFloat,
     PositiveFloat,
     PositiveInt,
+    StringConstraints,
     ValidationInfo,
     field_validator,
 )
@@ -250,6 +251,17 @@ class ReferralConfig(_Model):
     reminder_every_s: PositiveFloat = 60.0
 
 
+class AdapterConfig(_Model):
+    """One ``[[adapters]]`` table: a local system plugged into this node (see adapters/base.py)."""
+
+    name: Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9-]{0,31}$")]
+    type: NonEmpty  # entry point name in group hutong.adapters
+    mappings: NonEmpty | None = None  # the site's mapping folder, relative to the node file
+    receives: list[NonEmpty] = []  # packet kinds delivered to this adapter ("referral.*")
+    enabled: bool = True
+    options: dict[str, object] = {}
+
+
 class NodeFile(_Model):
     node_id: MemberId
     alliance: NonEmpty
@@ -264,6 +276,16 @@ class NodeFile(_Model):
     retention: RetentionConfig = RetentionConfig()
     audit: AuditConfig = AuditConfig()
     referral: ReferralConfig = ReferralConfig()
+    adapters: list[AdapterConfig] = []
+
+    @field_validator("adapters")
+    @classmethod
+    def _unique_names(cls, value: list[AdapterConfig]) -> list[AdapterConfig]:
+        names = [a.name for a in value]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"adapter names must be unique, repeated: {', '.join(dupes)}")
+        return value
 
 
 # --- the plan --------------------------------------------------------------------------------
@@ -299,6 +321,16 @@ class NodeKeys:
     signing: Path
     encryption: Path
     passphrase: bytes | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterSettings:
+    name: str
+    type: str
+    mappings: Path | None
+    receives: tuple[str, ...]
+    options: Mapping[str, object]
+    base_dir: Path  # the node file's folder: relative paths in options resolve from here
 
 
 @dataclass(frozen=True, slots=True)
@@ -353,6 +385,7 @@ class NodePlan:
     audit: AuditConfig
     referral: ReferralConfig
     rules: RuleSet
+    adapters: tuple[AdapterSettings, ...]
     config_hash: str
     source_files: tuple[Path, ...]
 

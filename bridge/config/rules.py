@@ -40,7 +40,7 @@ def pattern_matches(pattern: str, member_id: str, directory: Mapping[str, _HasRo
 class RuleSet:
     """The alliance's allow rules, read-only, evaluated against the member directory."""
 
-    __slots__ = ("_rules", "_directory")
+    __slots__ = ("_directory", "_rules")
 
     def __init__(self, rules: Iterable[Rule], directory: Mapping[str, _HasRole]) -> None:
         self._rules = tuple(rules)

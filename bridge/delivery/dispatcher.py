@@ -32,7 +32,13 @@ class Dispatcher:
         self.batch = ctx.plan.delivery.batch_size
 
     def handler_for(self, kind: str) -> Handler | None:
-        return self.handlers.get(kind) or self.handlers.get("*")
+        """Exact kind first, then the longest ``prefix.*`` pattern, then ``*``."""
+        found = self.handlers.get(kind)
+        if found is not None:
+            return found
+        best = max((p for p in self.handlers if p.endswith(".*") and kind.startswith(p[:-1])),
+                   key=len, default=None)
+        return self.handlers[best] if best else self.handlers.get("*")
 
     def run_once(self) -> int:
         """Deliver one batch; returns how many were handed over."""
@@ -71,6 +77,10 @@ class Dispatcher:
             except HutongError as exc:
                 blocked.add(r.thread)
                 failed.append((r, exc))
+                continue
+            except Exception as exc:  # noqa: BLE001 - an adapter's bug must not stop delivery
+                blocked.add(r.thread)
+                failed.append((r, HutongError(f"local handler failed: {type(exc).__name__}")))
                 continue
             delivered.append(r)
         for h in {id(h): h for h in self.handlers.values()}.values():

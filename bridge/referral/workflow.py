@@ -29,6 +29,7 @@ from bridge.errors import (
 )
 from bridge.fhir.validate import errors as fhir_errors
 from bridge.fhirstore import store
+from bridge.local import intake
 from bridge.privacy import patient_hash
 from bridge.referral import resources as R
 from bridge.referral.codes import (
@@ -61,8 +62,13 @@ class Workflow:
 
     # -- API entry points ---------------------------------------------------------------------
 
-    def submit(self, bundle: dict[str, Any], actor: str) -> dict[str, Any]:
-        """POST /fhir transaction: a new referral, or the return of one we received."""
+    def submit(self, bundle: dict[str, Any], actor: str, *,
+               once: tuple[str, str] | None = None) -> dict[str, Any]:
+        """POST /fhir transaction: a new referral, or the return of one we received.
+
+        ``once`` = (adapter, source key): the local record that caused this call. The key
+        commits with the referral, and a repeated call returns the first answer unchanged.
+        """
         if bundle.get("type") != "transaction":
             raise InvalidResource("POST /fhir takes a Bundle of type 'transaction'")
         resources, created = self._unpack(bundle)
@@ -71,17 +77,23 @@ class Workflow:
             raise InvalidResource(f"a referral bundle holds exactly one ServiceRequest, "
                                   f"found {len(srs)}")
         with self.ctx.store.write() as conn:
+            if once is not None and (prior := intake.seen(conn, *once)) is not None:
+                return prior
             based = self._returned_referral(conn, srs[0])
             if based is not None:
-                self._return(conn, based, resources, actor)
+                thread = self._return(conn, based, resources, actor)
             else:
-                self._request(conn, srs[0], resources, actor)
+                thread = self._request(conn, srs[0], resources, actor)
+            answer = {
+                "resourceType": "Bundle", "type": "transaction-response",
+                "entry": [{"response": {"status": "201 Created",
+                                        "location": f"{R.ref(r)}/_history/1"}}
+                          for r in created],
+            }
+            if once is not None:
+                intake.remember(conn, *once, answer, self.ctx.now(), thread=thread)
         self.wake()
-        return {
-            "resourceType": "Bundle", "type": "transaction-response",
-            "entry": [{"response": {"status": "201 Created",
-                                    "location": f"{R.ref(r)}/_history/1"}} for r in created],
-        }
+        return answer
 
     def move(self, task_id: str, task: dict[str, Any], actor: str) -> dict[str, Any]:
         """PUT /fhir/Task/{id}: a status change asks for the matching step."""
@@ -110,15 +122,22 @@ class Workflow:
         return self.step(row.thread, event, actor, **details)
 
     def step(self, thread: str, event: str, actor: str, *, reason: str | None = None,
-             outputs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-        """Take a local step (accept, reject, arrive, cancel) and send it to the other side."""
+             outputs: list[dict[str, Any]] | None = None,
+             once: tuple[str, str] | None = None) -> dict[str, Any]:
+        """Take a local step (accept, reject, arrive, cancel) and send it to the other side.
+
+        ``once`` as in :meth:`submit`: a repeated call returns the Task as first answered."""
         with self.ctx.store.write() as conn:
+            if once is not None and (prior := intake.seen(conn, *once)) is not None:
+                return prior
             row = self._row(conn, thread)
             check(event, row.status, row.side)
             task = store.get(conn, "Task", row.task_id)
             self._advance(conn, row, task, event, reason=reason, outputs=outputs, actor=actor)
             extra = [self._revoke(conn, row)] if event == "cancelled" else []
             self._send(conn, row, event, task, extra)
+            if once is not None:
+                intake.remember(conn, *once, task, self.ctx.now(), thread=thread)
         self.wake()
         return task
 
@@ -130,7 +149,7 @@ class Workflow:
     # -- new referral ----------------------------------------------------------------------
 
     def _request(self, conn: Connection, sr: dict[str, Any], resources: list[dict[str, Any]],
-                 actor: str) -> None:
+                 actor: str) -> str:
         now = self.ctx.now()
         kind = kind_of(sr)
         if kind is None:
@@ -180,6 +199,7 @@ class Workflow:
         row = self._row(conn, thread)
         self._advance(conn, row, task, "request", actor=actor)
         self._send(conn, row, "request", task, [r for r in resources if r is not sr] + [sr])
+        return thread
 
     # -- return (转回单) -----------------------------------------------------------------------
 
@@ -195,7 +215,7 @@ class Workflow:
         return None
 
     def _return(self, conn: Connection, row: Any, resources: list[dict[str, Any]],
-                actor: str) -> None:
+                actor: str) -> str:
         check("return", row.status, row.side)
         now = self.ctx.now()
         down = next(r for r in resources if r["resourceType"] == "ServiceRequest")
@@ -226,6 +246,7 @@ class Workflow:
         sr["status"] = "completed"
         store.put(conn, sr, at=now, thread=row.thread, origin=self.me)
         self._send(conn, row, "return", task, [sr, *resources])
+        return str(row.thread)
 
     # -- arriving packets ---------------------------------------------------------------------
 

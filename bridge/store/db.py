@@ -17,11 +17,12 @@ from sqlalchemy.exc import OperationalError
 from sqlmodel import SQLModel
 
 from bridge.errors import StoreError
+from bridge.fhirstore import tables as _fhir_tables  # noqa: F401
+from bridge.local import tables as _local_tables  # noqa: F401
+from bridge.referral import tables as _referral_tables  # noqa: F401
 
 # importing registers every table on SQLModel.metadata
 from bridge.store import tables as _tables  # noqa: F401
-from bridge.fhirstore import tables as _fhir_tables  # noqa: F401
-from bridge.referral import tables as _referral_tables  # noqa: F401
 
 
 def _audit_tables() -> None:

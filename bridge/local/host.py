@@ -1,0 +1,161 @@
+"""What a node offers one adapter: referral steps, exactly-once intake, quarantine, audit, jobs.
+
+One :class:`AdapterHost` per configured adapter; the adapter never reaches into the node's
+internals beyond it, so an adapter written against this class runs on any node.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import select
+
+from bridge.audit.events import AuditEntry
+from bridge.errors import HutongError
+from bridge.fhirstore import store as fhirstore
+from bridge.local import intake
+from bridge.referral.tables import REFERRAL
+from bridge.store.quarantine import quarantine_row
+from bridge.store.tables import QUARANTINE
+
+if TYPE_CHECKING:
+    from bridge.config.models import AdapterSettings
+    from bridge.node import Node
+
+log = logging.getLogger("hutong.adapters")
+
+
+class AdapterHost:
+    def __init__(self, node: Node, settings: AdapterSettings) -> None:
+        self.node = node
+        self.ctx = node.ctx
+        self.settings = settings
+        self.adapter_name = settings.name
+        self.node_id = node.plan.node_id
+        self.plan = node.plan
+        self._maps: Any = None
+        self._jobs: list[tuple[str, Callable[[], Any], float]] = []
+
+    # -- basics -------------------------------------------------------------------------------
+
+    def now(self) -> datetime:
+        return self.ctx.now()
+
+    @property
+    def store(self) -> Any:
+        """The node's store, for adapters that commit their own rows (an HL7 ACK log)."""
+        return self.ctx.store
+
+    @property
+    def data_dir(self) -> Path:
+        folder = self.plan.data_dir / "adapters" / self.adapter_name
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def path(self, value: str) -> Path:
+        """An option's path, relative to the node file's folder."""
+        p = Path(value)
+        return p if p.is_absolute() else (self.settings.base_dir / p).resolve()
+
+    @property
+    def maps(self) -> Any:
+        """The site's code maps (``bridge.mapping.SiteMaps``), loaded once; None if unset."""
+        if self._maps is None and self.settings.mappings is not None:
+            from bridge.mapping import load_site
+
+            self._maps = load_site(self.settings.mappings)
+        return self._maps
+
+    # -- source side: local record -> node, exactly once ---------------------------------------
+
+    def submit_referral(self, bundle: dict[str, Any], *, source_key: str,
+                        actor: str | None = None) -> dict[str, Any]:
+        """A new referral (or the return of one received) from a local record."""
+        return self.node.workflow.submit(bundle, actor or f"adapter:{self.adapter_name}",
+                                         once=(self.adapter_name, source_key))
+
+    def referral_step(self, thread: str, event: str, *, source_key: str,
+                      reason: str | None = None, outputs: list[dict[str, Any]] | None = None,
+                      actor: str | None = None) -> dict[str, Any]:
+        """accept / reject / arrive / cancel taken in the local system."""
+        return self.node.workflow.step(thread, event, actor or f"adapter:{self.adapter_name}",
+                                       reason=reason, outputs=outputs,
+                                       once=(self.adapter_name, source_key))
+
+    def seen(self, source_key: str) -> dict[str, Any] | None:
+        with self.ctx.store.read() as conn:
+            return intake.seen(conn, self.adapter_name, source_key)
+
+    def thread_for(self, source_key: str) -> str | None:
+        """The referral thread a local record (taken in earlier) started or belongs to."""
+        with self.ctx.store.read() as conn:
+            return intake.thread_of(conn, self.adapter_name, source_key)
+
+    # -- sink side: what the node knows of a referral -----------------------------------------
+
+    def referral(self, thread: str) -> dict[str, Any] | None:
+        """This side's referral row and every FHIR resource of the thread, or None."""
+        with self.ctx.store.read() as conn:
+            row = conn.execute(select(REFERRAL).where(REFERRAL.c.thread == thread)).first()
+            if row is None:
+                return None
+            return {"referral": dict(row._mapping),
+                    "resources": fhirstore.by_thread(conn, thread)}
+
+    def resource(self, rtype: str, rid: str) -> dict[str, Any]:
+        with self.ctx.store.read() as conn:
+            return fhirstore.get(conn, rtype, rid)
+
+    # -- bad local data -----------------------------------------------------------------------
+
+    def quarantine(self, error: HutongError, *, raw: bytes, record: str | None = None,
+                   field: str | None = None, kind: str | None = None,
+                   thread: str | None = None) -> int:
+        """Keep a local record we cannot take, with a reason naming record and field; audited.
+
+        Returns the quarantine id (shown to IT, replayable through ``hutong quarantine``).
+        """
+        where = " ".join(p for p in (f"record {record}" if record else "",
+                                     f"field {field}" if field else "") if p)
+        if where and where not in error.message:
+            error.message = f"{where}: {error.message}"
+        now = self.ctx.now()
+        source = f"adapter:{self.adapter_name}"
+        with self.ctx.store.write() as conn:
+            qid = conn.execute(QUARANTINE.insert().values(**quarantine_row(
+                now, source, error, raw=raw, sender=self.adapter_name, kind=kind,
+                thread=thread))).inserted_primary_key[0]
+            self.ctx.audit.append(conn, [AuditEntry(
+                action="quarantined", outcome="4", kind=kind, thread=thread, at=now,
+                actor=source, code=error.code, message=error.message,
+                extra={"quarantine_id": int(qid)})])
+        log.warning("%s quarantined a local record (%s, quarantine id %s)", source, error.code, qid)
+        return int(qid)
+
+    def audit(self, action: str, *, outcome: str = "0", message: str | None = None,
+              thread: str | None = None, patient_hash: str | None = None,
+              kind: str | None = None, code: str | None = None) -> None:
+        with self.ctx.store.write() as conn:
+            self.ctx.audit.append(conn, [AuditEntry(
+                action=action, outcome=outcome, message=message, thread=thread,
+                patient_hash=patient_hash, kind=kind, code=code, at=self.ctx.now(),
+                actor=f"adapter:{self.adapter_name}")])
+
+    # -- jobs ---------------------------------------------------------------------------------
+
+    def every(self, seconds: float, func: Callable[[], Any], job_id: str = "poll") -> None:
+        """Run ``func`` every ``seconds`` in the node's scheduler (one at a time); an exception
+        is logged (without patient data) and the job keeps its schedule."""
+        name = f"adapter:{self.adapter_name}:{job_id}"
+
+        def run() -> None:
+            try:
+                func()
+            except Exception as exc:  # noqa: BLE001 - a job must survive a bad round
+                log.error("%s failed: %s", name, type(exc).__name__)
+
+        self.node.add_job(name, run, seconds)
