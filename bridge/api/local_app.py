@@ -14,12 +14,12 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
+from bridge import ops
 from bridge.api.auth import AnyRole, ClinicianRole, ITRole, SenderRole
 from bridge.api.fhir_api import fhir_router
 from bridge.delivery.queue import Outgoing, queue_packets
 from bridge.errors import HutongError
 from bridge.fhir.validate import validate_bundle
-from bridge import ops
 from bridge.store import quarantine
 
 if TYPE_CHECKING:

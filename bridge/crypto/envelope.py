@@ -26,8 +26,14 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from bridge.crypto.keys import b64, key_id, unb64
-from bridge.errors import BadSignature, DecryptFailed, DigestMismatch, HutongError
-from bridge.errors import MalformedPacket, PacketTooLarge
+from bridge.errors import (
+    BadSignature,
+    DecryptFailed,
+    DigestMismatch,
+    HutongError,
+    MalformedPacket,
+    PacketTooLarge,
+)
 
 VERSION = 1
 SUITE = "X25519-HKDF-SHA256-A256GCM/Ed25519"

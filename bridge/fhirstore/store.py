@@ -160,5 +160,15 @@ def search(
     return [orjson.loads(r.body) for r in rows], total, rows
 
 
-__all__ = ["put", "get", "get_row", "exists", "search", "search_columns", "by_thread",
-           "find_by_identifier", "find_patient_by_hash", "or_"]
+__all__ = [
+    "by_thread",
+    "exists",
+    "find_by_identifier",
+    "find_patient_by_hash",
+    "get",
+    "get_row",
+    "or_",
+    "put",
+    "search",
+    "search_columns",
+]
