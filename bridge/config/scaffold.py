@@ -86,6 +86,37 @@ def _alliance_toml(
     return "\n".join(lines) + "\n"
 
 
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return _q(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{ " + ", ".join(f"{_q(str(k))} = {_toml_value(v)}"
+                                for k, v in value.items()) + " }"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def adapters_toml(adapters: Sequence[Mapping[str, Any]]) -> str:
+    """``[[adapters]]`` tables (adapters/base.py) from dicts: name, type, mappings, receives,
+    options (a flat dict; values may be lists or inline tables)."""
+    out: list[str] = []
+    for a in adapters:
+        out += ["", "[[adapters]]"]
+        for key in ("name", "type", "mappings", "receives", "enabled"):
+            if key in a:
+                out.append(f"{key} = {_toml_value(a[key])}")
+        options = a.get("options") or {}
+        if options:
+            out.append("[adapters.options]")
+            out += [f"{_q(str(k))} = {_toml_value(v)}" for k, v in options.items()]
+    return "\n".join(out) + "\n"
+
+
 def _node_toml(node_id: str, local: str, peer: str, dsn: str | None) -> str:
     lines = [
         "# Written by bridge.config.scaffold.write_alliance.",
@@ -124,7 +155,8 @@ def write_alliance(
 ) -> dict[str, Path]:
     """Write alliance.toml and one nodes/<id>.toml per member; return node id -> node file.
 
-    ``members``: dicts with id, zh, en, role and optional via; ``rules``: dicts with from, to,
+    ``members``: dicts with id, zh, en, role and optional via and adapters (``[[adapters]]``
+    tables, see :func:`adapters_toml`); ``rules``: dicts with from, to,
     kinds and optional note. Member i (from 1) binds base_port_local+i and base_port_peer+i.
     Secrets are always written; keys only with ``gen_keys``. A DSN holding a password goes to
     ``secrets/<id>.dsn`` so the node file stays free of secrets.
@@ -151,7 +183,7 @@ def write_alliance(
                 _hostport(host, base_port_local + i),
                 _hostport(host, base_port_peer + i),
                 dsn,
-            ),
+            ) + (adapters_toml(m["adapters"]) if m.get("adapters") else ""),
             encoding="utf-8",
         )
         written[node_id] = path
