@@ -58,7 +58,13 @@ def wait_for(cond: Callable[[], Any], timeout: float = 30.0, every: float = 0.05
 
 
 class Alliance:
-    """A throwaway alliance folder with node files, keys and secrets."""
+    """A throwaway alliance folder with node files, keys and secrets.
+
+    A member dict may carry ``"adapters": [{"name", "type", "mappings", "receives", "options"}]``:
+    they are written as ``[[adapters]]`` tables into its node file
+    (``bridge.config.scaffold.adapters_toml``); a relative ``mappings`` path resolves from
+    ``<folder>/nodes``.
+    """
 
     def __init__(self, folder: Path, members: Sequence[dict[str, Any]],
                  rules: Sequence[dict[str, Any]], dsn_for: Callable[[str], str] | None = None,
