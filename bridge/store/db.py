@@ -19,6 +19,7 @@ from sqlmodel import SQLModel
 from bridge.errors import StoreError
 from bridge.fhirstore import tables as _fhir_tables  # noqa: F401
 from bridge.local import tables as _local_tables  # noqa: F401
+from bridge.mapping import tables as _mapping_tables  # noqa: F401
 from bridge.referral import tables as _referral_tables  # noqa: F401
 
 # importing registers every table on SQLModel.metadata
