@@ -612,6 +612,7 @@ def _build_plan(alliance: _Alliance, node: _Node) -> NodePlan:
         ),
         config_hash=_config_hash(alliance, config),
         source_files=(alliance.path, node.path, *alliance.key_files),
+        alerts=config.alerts,
     )
 
 

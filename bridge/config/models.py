@@ -251,6 +251,27 @@ class ReferralConfig(_Model):
     reminder_every_s: PositiveFloat = 60.0
 
 
+def _webhook_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{value!r} is not an http(s) URL for the alert webhook")
+    return value
+
+
+class AlertsConfig(_Model):
+    """When the IT page raises an alert, and where it is POSTed (JSON) as well."""
+
+    every_s: PositiveFloat = 30.0  # how often the rules are evaluated
+    queue_depth: PositiveInt = 1000  # packets waiting for one peer
+    queue_age_s: PositiveFloat = 3600.0  # oldest packet waiting (outbound per peer, inbound)
+    peer_silent_s: PositiveFloat = 900.0  # no receipt, packet or health answer from a peer
+    adapter_silent_s: PositiveFloat = 3600.0  # no successful round of a local adapter
+    chain_every_s: PositiveFloat = 300.0  # how often the audit chain is fully verified
+    probe_timeout_s: PositiveFloat = 3.0  # peer health probe
+    webhook_url: Annotated[str, AfterValidator(_webhook_url)] | None = None
+    webhook_timeout_s: PositiveFloat = 5.0
+
+
 class AdapterConfig(_Model):
     """One ``[[adapters]]`` table: a local system plugged into this node (see adapters/base.py)."""
 
@@ -277,6 +298,7 @@ class NodeFile(_Model):
     audit: AuditConfig = AuditConfig()
     referral: ReferralConfig = ReferralConfig()
     adapters: list[AdapterConfig] = []
+    alerts: AlertsConfig = AlertsConfig()
 
     @field_validator("adapters")
     @classmethod
@@ -388,6 +410,7 @@ class NodePlan:
     adapters: tuple[AdapterSettings, ...]
     config_hash: str
     source_files: tuple[Path, ...]
+    alerts: AlertsConfig = field(default_factory=AlertsConfig)
 
     @property
     def me(self) -> Member:
