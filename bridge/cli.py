@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bridge.errors import HutongError
+from bridge.mapping.cli import mapping_app
 
 app = typer.Typer(
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -29,6 +30,7 @@ app.add_typer(quarantine_app, name="quarantine")
 app.add_typer(audit_app, name="audit")
 app.add_typer(keys_app, name="keys")
 app.add_typer(config_app, name="config")
+app.add_typer(mapping_app, name="mapping")
 
 out = Console()
 # errors: one line each, exactly as written (no hard wrap at 80 columns, no markup parsing)

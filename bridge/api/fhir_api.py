@@ -35,6 +35,7 @@ from bridge.api.fhir_audit import (
     search_audit,
 )
 from bridge.api.fhir_search import Query, encode_cursor, parse_query
+from bridge.api.fhir_terminology import terminology_router
 from bridge.api.outcome import BadRequest, FhirRoute, NotSupported, fhir_json
 from bridge.errors import Forbidden, HutongError, InvalidFhir, InvalidResource, NotFound
 from bridge.fhir.validate import validate_bundle, validate_resource
@@ -174,6 +175,8 @@ def fhir_router(node: Node) -> APIRouter:
     @router.get("/metadata")
     def metadata(request: Request) -> Response:
         return fhir_json(capability_statement(_base(request), ctx.node_id, now()))
+
+    router.include_router(terminology_router(node))  # ConceptMap read/search, $translate
 
     @router.get("/{rtype}")
     def search(rtype: str, request: Request) -> Response:
