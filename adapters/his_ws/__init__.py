@@ -1,0 +1,1 @@
+"""XML web-service HIS adapter (issue 4): see adapter.py."""
