@@ -95,6 +95,40 @@ class AdapterHost:
         with self.ctx.store.read() as conn:
             return intake.thread_of(conn, self.adapter_name, source_key)
 
+    def send(self, recipient: str, kind: str, bundles: list[dict[str, Any]], *,
+             thread: str | None = None, source_key: str | None = None,
+             write: Callable[[Any], None] | None = None) -> list[str]:
+        """Queue packets (validated, rule-checked, audited like any packet) in ONE transaction
+        with ``write(conn)`` (the adapter's own store writes); exactly once by ``source_key``.
+
+        Returns the packet ids; a refusal (no rule, too large, invalid FHIR) is quarantined and
+        audited by the queue, then raised here after the commit.
+        """
+        import orjson
+
+        from bridge.delivery.queue import Outgoing, queue_packets
+
+        actor = f"adapter:{self.adapter_name}"
+        with self.ctx.store.write() as conn:
+            if source_key is not None:
+                done = intake.seen(conn, self.adapter_name, source_key)
+                if done is not None:
+                    return list(done.get("packets") or [])
+            results = queue_packets(self.ctx, conn, [
+                Outgoing(recipient, kind, orjson.dumps(b), thread) for b in bundles], actor=actor)
+            ids = [r.packet_id for r in results if r.packet_id is not None]
+            refused = next((r.error for r in results if r.error is not None), None)
+            if refused is None:
+                if write is not None:
+                    write(conn)
+                if source_key is not None:
+                    intake.remember(conn, self.adapter_name, source_key, {"packets": ids},
+                                    self.ctx.now(), thread=thread)
+        if refused is not None:
+            raise refused
+        self.node.wake_all_senders()
+        return ids
+
     # -- sink side: what the node knows of a referral -----------------------------------------
 
     def referral(self, thread: str) -> dict[str, Any] | None:
