@@ -9,14 +9,16 @@
     │   └── Hl7Duplicate    HT-HL7-DUPLICATE   a slip already taken under another message
     └── TransportError (bridge.errors, transient): the HIS listener is down, timed out or NAKed
         ├── HisUnreachable  HT-HL7-HIS-DOWN    connect refused / timed out
-        └── HisNak          HT-HL7-HIS-NAK     the HIS answered AE/AR/CE/CR (or no ACK in time)
+        └── HisNak          HT-HL7-HIS-NAK     the HIS answered AE/AR/CE/CR
+    AmbiguousDelivery (bridge.errors)
+        └── HisNoAck        HT-HL7-HIS-NO-ACK  sent, no ACK in time (resent; the HIS dedupes MSH-10)
 
 Messages never quote patient data: they go into ACKs, quarantine reasons and the audit.
 """
 
 from __future__ import annotations
 
-from bridge.errors import HutongError, Retry, TransportError
+from bridge.errors import AmbiguousDelivery, HutongError, Retry, TransportError
 
 
 class Hl7DataError(HutongError):
@@ -65,6 +67,13 @@ ERROR_TEXT = {
     "102": "Data type error",
     "103": "Table value not found",
     "200": "Unsupported message type",
+    "204": "Unknown key identifier",
     "205": "Duplicate key identifier",
     "207": "Application internal error",
 }
+
+
+class HisNoAck(AmbiguousDelivery):
+    """Sent, but no ACK came in time: the HIS may hold it; resent with the same MSH-10."""
+
+    code = "HT-HL7-HIS-NO-ACK"

@@ -110,7 +110,7 @@ def _rf1(status: str, slip_no: str, *, priority: str = "", kind: str = "", dispo
 
 
 def referral_message(h: Header, slip: ReferralSlip, control_id: str, at: datetime,
-                     thread: str = "") -> str:
+                     thread: str = "", mrn_authority: str = "") -> str:
     """REF^I12 for a new referral (HIS -> adapter, or adapter -> receiving HIS)."""
     patient = {"name": slip.patient_name, "gender": slip.gender, "birth_date": slip.birth_date,
                "id_number": slip.id_number, "phone": slip.phone}
@@ -121,7 +121,7 @@ def referral_message(h: Header, slip: ReferralSlip, control_id: str, at: datetim
         v2.segment("PRD", "RP", v2.esc(slip.doctor)),
         v2.segment("PRD", "RT", "", "", v2.esc(slip.department_code), "", "",
                    v2.comp(v2.esc(slip.to_member), MEMBER_TABLE)),
-        _pid(slip.mrn, patient, h.sending_app),
+        _pid(slip.mrn, patient, mrn_authority or h.sending_app),
         v2.segment("DG1", "1", "", v2.comp(v2.esc(slip.diagnosis_code),
                                            v2.esc(slip.diagnosis_name), "LOCALDX"),
                    "", "", "", "W"),

@@ -1,0 +1,22 @@
+"""HL7 v2 over MLLP HIS adapter (``type = "his-hl7"``): REF^I12 / RRI^I12 / ADT <-> referrals.
+
+Modules: :mod:`.adapter` (options, life cycle), :mod:`.inbound` (HIS -> node),
+:mod:`.outbound` (node -> HIS), :mod:`.messages` (HL7 <-> slips, the interface sheet),
+:mod:`.charset` (MSH-18), :mod:`.v2` (escaping, fields, dates over python-hl7), :mod:`.ack`,
+:mod:`.mllp` (listener and sender), :mod:`.state` (the adapter's own SQLite file),
+:mod:`.errors`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from adapters.his_hl7.adapter import HisHl7Adapter
+    from bridge.local.host import AdapterHost
+
+
+def create(host: AdapterHost, options: dict[str, Any]) -> HisHl7Adapter:
+    from adapters.his_hl7.adapter import HisHl7Adapter
+
+    return HisHl7Adapter(host, options)

@@ -1,0 +1,228 @@
+"""HIS -> node: one MLLP block in, its effect committed, then the ACK out.
+
+Keyed by ``<MSH-4>:<MSH-10>``. A referral, acceptance or return commits through the host in
+one transaction with that key (``submit_referral`` / ``referral_step``); an ADT event commits in
+the adapter's own file with its answer. So a resent message gets the same ACK and changes
+nothing. Bad data -> AE/AR with an ERR segment naming the field, quarantine (raw bytes, record
+MSH-10, field) and audit; a transient failure (database busy) -> AE without quarantine, so the
+HIS resends.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from adapters import slips_fhir
+from adapters.his_hl7 import ack, charset, messages
+from adapters.his_hl7.errors import Hl7DataError, Hl7Duplicate, Hl7Rejected
+from adapters.his_hl7.state import PATIENT_FIELDS
+from bridge.errors import HutongError, IllegalTransition, MissingConsent, Retry, UnknownReference
+
+if TYPE_CHECKING:
+    from adapters.his_hl7.adapter import HisHl7Adapter
+
+log = logging.getLogger("hutong.adapters.his_hl7")
+
+#: slip field (adapters.slips_fhir errors) -> where it travels in our messages
+SLIP_FIELDS = {"slip_no": "RF1-6", "kind": "RF1-3", "to_member": "PRD-7",
+               "patient_name": "PID-5", "gender": "PID-8", "birth_date": "PID-7",
+               "id_number": "PID-3", "phone": "PID-13", "mrn": "PID-3",
+               "diagnosis_code": "DG1-3", "written_at": "RF1-7", "appointment_at": "RF1-7",
+               "department_code": "PRD-4", "reason": "NTE-3", "consent_by": "NTE-4"}
+SLIP_LIST_FIELDS = {"prescriptions": "RXE", "results": "OBX"}
+ITEM_FIELDS = {"drug_code": "RXE-2", "dose": "RXE-3", "frequency": "TQ1-3", "days": "TQ1-6",
+               "item_code": "OBX-3", "value": "OBX-5", "flag": "OBX-8"}
+
+
+def hl7_field(slip_field: str) -> str:
+    head, _, rest = slip_field.partition("[")
+    if head in SLIP_LIST_FIELDS:
+        item = rest.partition("].")[2]
+        return ITEM_FIELDS.get(item, SLIP_LIST_FIELDS[head])
+    return SLIP_FIELDS.get(slip_field, slip_field)
+
+
+def _record_of(raw: bytes) -> str:
+    """MSH-10 read without trusting the charset (for naming a message we cannot decode)."""
+    msh = raw.lstrip(b"\r\n").split(b"\r", 1)[0].decode("latin-1")
+    parts = msh.split(msh[3]) if len(msh) > 3 else []
+    return parts[9].strip() if len(parts) > 9 and parts[9].isascii() else "?"
+
+
+class Inbound:
+    def __init__(self, adapter: HisHl7Adapter) -> None:
+        self.a = adapter
+        self.host = adapter.host
+        self.state = adapter.state
+        self.offset: timedelta = adapter.utc_offset
+
+    def handle(self, raw: bytes) -> bytes:
+        """The listener's callback: never raises, always answers."""
+        try:
+            return self._handle(raw)
+        except Exception as exc:  # noqa: BLE001 - answer AE rather than drop the connection
+            # type only: a traceback's values could hold patient data
+            log.error("his-hl7 %s: internal error (%s)", self.a.name, type(exc).__name__)
+            self.a.failed(f"internal error: {type(exc).__name__}")
+            return self._ack("AE", _record_of(raw), "utf-8", None,
+                             Hl7DataError("internal error, resend later", hl7_error="207"))
+
+    def _ack(self, code: str, control: str, codec: str, inbound: messages.Inbound | None,
+             error: Hl7DataError | None = None) -> bytes:
+        app = fac = trigger = ""
+        if inbound is not None:
+            head = inbound.msg.segment("MSH")
+            app, fac, trigger = str(head(3)), str(head(4)), inbound.event
+        return ack.build(code, control, self.host.now(), codec=codec, facility=self.a.facility,
+                         his_app=app, his_facility=fac, trigger=trigger, error=error)
+
+    def _handle(self, raw: bytes) -> bytes:
+        self.a.count("received")
+        inbound: messages.Inbound | None = None
+        codec = "utf-8"
+        try:
+            try:
+                text, codec = charset.decode(raw, self.a.default_codec)
+            except charset.CharsetError as exc:
+                raise Hl7Rejected(exc.reason, field="MSH-18", hl7_error="102") from None
+            inbound = messages.read(text)
+        except Hl7DataError as exc:
+            record = inbound.control_id if inbound else _record_of(raw)
+            return self._refuse(exc, raw, record, f"?:{record}", codec, inbound)
+        key = f"{inbound.facility}:{inbound.control_id}"
+        prior = self.state.answer(key)
+        if prior is not None:  # answered before (ADT, or refused): the same answer again
+            self.a.count("resent")
+            error = None if prior["ack_code"] == "AA" else Hl7DataError(
+                prior["message"] or "", field=None, hl7_error=prior["error_code"])
+            if error is not None:
+                error.message = prior["message"] or ""
+                error.field = prior["field"]
+            return self._ack(prior["ack_code"], inbound.control_id, codec, inbound, error)
+        if inbound.what != "adt" and self.host.seen(key) is not None:
+            self.a.count("resent")
+            return self._ack("AA", inbound.control_id, codec, inbound)
+        try:
+            getattr(self, f"_{inbound.what}")(inbound, key)
+        except Hl7DataError as exc:
+            return self._refuse(exc, raw, inbound.control_id, key, codec, inbound)
+        except slips_fhir.SlipError as exc:
+            error = Hl7DataError(exc.message, field=hl7_field(exc.field),
+                                 hl7_error="103" if isinstance(exc, slips_fhir.UnknownCode)
+                                 else "102" if isinstance(exc, slips_fhir.BadDate) else "207")
+            return self._refuse(error, raw, inbound.control_id, key, codec, inbound)
+        except HutongError as exc:
+            if exc.retry is not Retry.PERMANENT:  # busy database: let the HIS resend
+                self.a.failed(f"{exc.code} (transient)")
+                return self._ack("AE", inbound.control_id, codec, inbound,
+                                 Hl7DataError(f"{exc.code}: try again later", hl7_error="207"))
+            field = "PRD-7" if isinstance(exc, UnknownReference) and inbound.what == "referral" \
+                else "NTE-4" if isinstance(exc, MissingConsent) \
+                else "RF1-1" if isinstance(exc, IllegalTransition) else None
+            error = Hl7DataError(exc.message, field=field)
+            error.code = exc.code
+            return self._refuse(error, raw, inbound.control_id, key, codec, inbound)
+        self.a.count(f"taken:{inbound.what}")
+        self.a.ok()
+        return self._ack("AA", inbound.control_id, codec, inbound)
+
+    def _refuse(self, exc: Hl7DataError, raw: bytes, record: str, key: str, codec: str,
+                inbound: messages.Inbound | None) -> bytes:
+        """Quarantine (raw bytes, record, field) + audit, remember the answer, NAK."""
+        reason = exc.message
+        qid = self.host.quarantine(exc, raw=raw, record=f"MSH-10 {record}", field=exc.field,
+                                   kind=f"hl7:{inbound.mtype}^{inbound.event}" if inbound
+                                   else "hl7")
+        exc.message = reason  # the ACK names the field in ERR-2; keep its text short
+        with self.state.tx() as c:
+            c.execute("INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?, ?, ?, ?)",
+                      (key, exc.ack_code, exc.field, exc.hl7_error, exc.message, qid,
+                       self.host.now().isoformat()))
+        self.a.count("refused")
+        self.a.failed(f"{exc.code} {exc.field or ''} (quarantine {qid})")
+        return self._ack(exc.ack_code, record, codec, inbound, exc)
+
+    # -- the message kinds ------------------------------------------------------------------
+
+    def _referral(self, inbound: messages.Inbound, key: str) -> None:
+        mrn = messages.read_patient(inbound.msg).get("mrn", "")
+        known = self.state.patient(mrn) if mrn else {}
+        slip = messages.referral_slip(inbound.msg, known, self.offset)
+        taken = self.state.slip(slip.slip_no, "referrer")
+        if taken is not None and taken["source_key"] != key \
+                and self.host.seen(taken["source_key"]) is not None:
+            raise Hl7Duplicate(f"slip {slip.slip_no} was already referred by message "
+                               f"{taken['source_key']}", field="RF1-6")
+        with self.state.tx() as c:
+            c.execute("INSERT OR REPLACE INTO slips VALUES (?, 'referrer', NULL, ?, ?)",
+                      (slip.slip_no, key, slip.mrn))
+        gaps: list[Any] = []
+        bundle = slips_fhir.referral_bundle(
+            slip, self.host.maps, self.host.node_id, gaps=gaps,
+            national_id_system=self.host.plan.alliance.national_id_system)
+        self.host.submit_referral(bundle, source_key=key)
+        thread = self.host.thread_for(key)
+        with self.state.tx() as c:
+            c.execute("UPDATE slips SET thread = ? WHERE slip_no = ? AND side = 'referrer'",
+                      (thread, slip.slip_no))
+        self._gaps(gaps)
+
+    def _thread(self, inbound: messages.Inbound, slip_no: str) -> str:
+        thread = inbound.thread
+        if not thread:
+            row = self.state.slip(slip_no, "receiver")
+            thread = row["thread"] if row is not None else ""
+        if not thread or self.host.referral(thread) is None:
+            raise Hl7DataError(f"no referral here for slip {slip_no} / referral id "
+                               f"{thread or '-'}", field="RF1-11" if thread else "RF1-6",
+                               hl7_error="204")
+        return thread
+
+    def _acceptance(self, inbound: messages.Inbound, key: str) -> None:
+        slip = messages.acceptance_slip(inbound.msg, self.offset)
+        thread = self._thread(inbound, slip.slip_no)
+        if slip.accepted:
+            gaps: list[Any] = []
+            outputs = slips_fhir.acceptance_outputs(slip, self.host.maps,
+                                                    me=self.host.node_id, gaps=gaps)
+            self.host.referral_step(thread, "accept", source_key=key, outputs=outputs)
+            self._gaps(gaps)
+        else:
+            self.host.referral_step(thread, "reject", source_key=key, reason=slip.reason)
+
+    def _return(self, inbound: messages.Inbound, key: str) -> None:
+        slip = messages.return_slip(inbound.msg, self.offset)
+        thread = self._thread(inbound, slip.slip_no)
+        view = self.host.referral(thread)
+        assert view is not None
+        row = view["referral"]
+        task = self.host.resource("Task", row["task_id"])
+        gaps: list[Any] = []
+        bundle = slips_fhir.return_bundle(slip, row["sr_id"], task["for"]["reference"],
+                                          self.host.maps, me=self.host.node_id, gaps=gaps)
+        self.host.submit_referral(bundle, source_key=key)
+        self._gaps(gaps)
+
+    def _adt(self, inbound: messages.Inbound, key: str) -> None:
+        data = messages.adt_event(inbound.msg, self.offset)
+        now = self.host.now().isoformat()
+        with self.state.tx() as c:
+            row = c.execute("SELECT * FROM patients WHERE mrn = ?", (data["mrn"],)).fetchone()
+            merged = {k: (data.get(k) or (row[k] if row is not None else None))
+                      for k in PATIENT_FIELDS}
+            if inbound.event in ("A01", "A04") and "discharged_at" not in data:
+                merged["discharged_at"] = None  # a new visit
+            c.execute("INSERT OR REPLACE INTO patients VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+                      "?, ?)", (data["mrn"], *(merged[k] for k in PATIENT_FIELDS),
+                                inbound.event, key, now))
+            c.execute("INSERT INTO answers VALUES (?, 'AA', NULL, NULL, NULL, NULL, ?)",
+                      (key, now))
+        self.host.audit("local-update", message=f"ADT^{inbound.event} {inbound.control_id} "
+                        "applied to the patient index", kind=f"hl7:ADT^{inbound.event}")
+
+    def _gaps(self, gaps: list[Any]) -> None:
+        if gaps:
+            slips_fhir.record_gaps(self.host.store, gaps, self.host.now())
+            self.a.count("unmapped-codes", len(gaps))
