@@ -189,8 +189,10 @@ def write(doc: Document, site: Site, encoding: str = "UTF-8") -> bytes:
     s = doc.slip
     if isinstance(s, ReferralSlip):
         role = _el(_el(root, "recordTarget"), "patientRole")
-        _el(role, "id", root=ID_CARD_OID, extension=s.id_number)
-        _el(role, "id", root=site.mrn_oid, extension=s.mrn)
+        if s.id_number:
+            _el(role, "id", root=ID_CARD_OID, extension=s.id_number)
+        if s.mrn:
+            _el(role, "id", root=site.mrn_oid, extension=s.mrn)
         if s.phone:
             _el(role, "telecom", value=f"tel:{s.phone}")
         patient = _el(role, "patient")
@@ -348,6 +350,40 @@ class _Reader:
 
 
 KINDS = ("up-outpatient", "up-inpatient", "up-exam", "down-outpatient", "down-discharge")
+
+
+#: slip field (adapters.slips, as named by adapters.slips_fhir errors) -> the element holding it
+FIELD_PATHS = {
+    "slip_no": "/ClinicalDocument/inFulfillmentOf/order/id[1]/@extension",
+    "kind": "/ClinicalDocument/component/structuredBody/component/section[code/@code='42349-1']"
+            "/entry/observation[code/@code='kind']/value/@code",
+    "to_member": "/ClinicalDocument/informationRecipient/intendedRecipient/receivedOrganization"
+                 "/id/@extension",
+    "patient_name": "/ClinicalDocument/recordTarget/patientRole/patient/name",
+    "gender": "/ClinicalDocument/recordTarget/patientRole/patient/administrativeGenderCode/@code",
+    "birth_date": "/ClinicalDocument/recordTarget/patientRole/patient/birthTime/@value",
+    "id_number": f"/ClinicalDocument/recordTarget/patientRole/id[@root='{ID_CARD_OID}']"
+                 "/@extension",
+    "diagnosis_code": "/ClinicalDocument/component/structuredBody/component/section[code/@code="
+                      "'29548-5']/entry/observation[code/@code='diagnosis']/value/@code",
+    "written_at": "/ClinicalDocument/effectiveTime/@value",
+    "appointment_at": "/ClinicalDocument/component/structuredBody/component/section/entry"
+                      "/observation[code/@code='appointment']/value/@value",
+    "consent_by": "/ClinicalDocument/authorization/consent/code/@displayName",
+}
+
+
+def field_path(slip_field: str) -> str:
+    """The XPath of a slip field; list items (``prescriptions[0].dose``) by section entry."""
+    if slip_field in FIELD_PATHS:
+        return FIELD_PATHS[slip_field]
+    head, _, rest = slip_field.partition(".")
+    for name, key in (("prescriptions", "10160-0"), ("results", "30954-2")):
+        if head.startswith(name + "["):
+            n = int(head[len(name) + 1:-1]) + 1
+            return (f"/ClinicalDocument/component/structuredBody/component/section[code/@code="
+                    f"'{key}']/entry[{n}]" + (f" ({rest})" if rest else ""))
+    return f"/ClinicalDocument ({slip_field})"
 
 
 def read(raw: bytes, site: Site, *, record: str, known: Known | None = None,

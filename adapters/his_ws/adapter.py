@@ -1,0 +1,288 @@
+"""The XML web-service HIS adapter (``type = "his-xml-ws"``): pull documents, push packets.
+
+Source: every ``poll_s`` the adapter asks the HIS for pending documents (``GetPendingDocuments``),
+checks each (encoding, XSD, mandatory parts, dates, codes, duplicate ids), turns it into the
+referral step it records (referral -> ``host.submit_referral``; acceptance -> accept/reject;
+return -> arrive if needed, then the return bundle) keyed ``doc:<document id>``, and only then
+acks it. A crash between commit and ack re-pulls the document and the key makes it a no-op.
+A bad document is quarantined (record = document id, field = XPath) and acked; the next one
+goes on. A transient failure stops the round there, unacked, so order is kept.
+
+Sink: ``deliver`` writes the referral (at the receiver), acceptance and return (at the referrer)
+into the HIS as documents whose id is the packet id, so a redelivery is a duplicate the HIS
+recognises. A SOAP Fault or a connection failure is :class:`HisUnavailable` (transient): the
+dispatcher retries with backoff, keeping the thread's order.
+
+Options (``[adapters.options]``)::
+
+    url = "http://his.example:8080/his-ws"   # the HIS service endpoint
+    poll_s = 1.0          # how often to ask for pending documents
+    batch = 50            # documents per GetPendingDocuments
+    timeout_s = 10.0      # connect/read timeout per call
+    encoding = "UTF-8"    # documents written into the HIS: UTF-8 or GB18030
+    site_name = "..."     # custodian name in documents written here
+    oids = { diagnosis = "...", drug = "...", lab = "...", department = "...", ... }
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from typing import Any
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from adapters import slips_fhir
+from adapters.base import BaseAdapter
+from adapters.his_ws import cda
+from adapters.his_ws.client import HisClient
+from adapters.his_ws.errors import BadDocument, DuplicateDocument, HisUnavailable, SchemaInvalid
+from adapters.his_ws.ledger import Ledger
+from adapters.his_ws.soap import Pending
+from bridge.delivery.handlers import Delivery
+from bridge.errors import ConfigError, HutongError, Retry, WorkflowError
+
+#: which element a workflow refusal points at, by document type
+WORKFLOW_FIELD = {
+    "referral": "/ClinicalDocument/informationRecipient/intendedRecipient/receivedOrganization",
+    "acceptance": "/ClinicalDocument/inFulfillmentOf/order",
+    "return": "/ClinicalDocument/inFulfillmentOf/order",
+}
+#: the message event of a delivered packet -> the document written into the HIS
+WRITES = {"request": "referral", "accept": "acceptance", "reject": "acceptance",
+          "return": "return"}
+OID_KEYS = ("org_oid", "doc_oid", "slip_oid", "mrn_oid", "items", "doc_types", "diagnosis",
+            "drug", "lab", "department")
+
+
+class Options(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: str
+    poll_s: float = Field(1.0, gt=0)
+    batch: int = Field(50, gt=0, le=1000)
+    timeout_s: float = Field(10.0, gt=0)
+    encoding: str = "UTF-8"
+    site_name: str = ""
+    oids: dict[str, str] = {}
+
+    @field_validator("encoding")
+    @classmethod
+    def _encoding(cls, value: str) -> str:
+        if value.upper() not in ("UTF-8", "GB18030"):
+            raise ValueError("must be UTF-8 or GB18030")
+        return value.upper()
+
+    @field_validator("oids")
+    @classmethod
+    def _oids(cls, value: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(value) - set(OID_KEYS))
+        if unknown:
+            raise ValueError(f"unknown key(s) {', '.join(unknown)} (known: {', '.join(OID_KEYS)})")
+        return value
+
+
+def create(host: Any, options: dict[str, Any]) -> WsAdapter:
+    return WsAdapter(host, options)
+
+
+class WsAdapter(BaseAdapter):
+    def __init__(self, host: Any, options: dict[str, Any]) -> None:
+        super().__init__(host, options)
+        try:
+            self.opts = Options.model_validate(options)
+            self.client = HisClient(self.opts.url, self.opts.timeout_s)
+        except ValidationError as exc:
+            raise ConfigError("; ".join(
+                f"adapters.{self.name}.options.{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                for e in exc.errors())) from None
+        except ValueError as exc:
+            raise ConfigError(f"adapters.{self.name}.options.url: {exc}") from None
+        self.me = host.node_id
+        self.site = cda.Site(member=self.me, name=self.opts.site_name, **self.opts.oids)
+        self.ledger: Ledger | None = None
+        self.cursor = 0
+        self._lock = threading.Lock()  # one poll round at a time, beside deliveries
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.ledger = Ledger(self.host.data_dir / "documents.sqlite")
+        self.host.every(self.opts.poll_s, self.poll)
+
+    def stop(self) -> None:
+        if self.ledger is not None:
+            self.ledger.close()
+            self.ledger = None
+
+    def _ledger(self) -> Ledger:
+        if self.ledger is None:
+            self.ledger = Ledger(self.host.data_dir / "documents.sqlite")
+        return self.ledger
+
+    # -- source: documents the HIS wrote --------------------------------------------------------
+
+    def poll(self) -> int:
+        """One round: pull, take or quarantine in order, ack what was settled. Returns acks."""
+        with self._lock:
+            try:
+                docs = self.client.pending(self.cursor, self.opts.batch)
+            except HisUnavailable as exc:
+                self.failed(exc.message)
+                self.count("poll_failed")
+                return 0
+            settled: list[int] = []
+            for d in sorted(docs, key=lambda p: p.seq):
+                try:
+                    self.take(d)
+                    self.count("taken")
+                except (BadDocument, slips_fhir.SlipError, WorkflowError) as exc:
+                    self._quarantine(d, exc)
+                except HutongError as exc:
+                    if exc.retry is Retry.PERMANENT:
+                        self._quarantine(d, exc)
+                    else:  # the node's store is busy: stop here, keep the order
+                        self.failed(exc.message)
+                        break
+                settled.append(d.seq)
+            if settled:
+                try:
+                    self.client.ack(settled)
+                except HisUnavailable as exc:  # re-pulled next round; the keys make it harmless
+                    self.failed(exc.message)
+                    return 0
+                self.cursor = max(self.cursor, *settled)
+                self.ok()
+            elif not docs:
+                self.ok()
+            return len(settled)
+
+    def _quarantine(self, d: Pending, exc: HutongError) -> None:
+        field = getattr(exc, "field", None)
+        if isinstance(exc, slips_fhir.SlipError):
+            field = cda.field_path(exc.field)
+        elif isinstance(exc, WorkflowError):
+            field = WORKFLOW_FIELD.get(d.type, "/ClinicalDocument")
+        self.host.quarantine(exc, raw=d.raw, record=d.doc_id, field=field,
+                             kind=f"his-ws.{d.type}")
+        self.count("quarantined")
+
+    def take(self, d: Pending) -> None:
+        ledger = self._ledger()
+        doc = cda.read(d.raw, self.site, record=d.doc_id, known=self._known, expect=d.type)
+        if doc.doc_id != d.doc_id:
+            raise SchemaInvalid(f"document listed as {d.doc_id} carries id {doc.doc_id}",
+                                field="/ClinicalDocument/id/@extension")
+        digest = hashlib.sha256(d.raw).hexdigest()
+        prior = ledger.digest(doc.doc_id)
+        if prior is not None:
+            if prior != digest:
+                raise DuplicateDocument(f"document id {doc.doc_id} was taken before with "
+                                        "other content", field="/ClinicalDocument/id/@extension")
+            return  # the same document again (acked late): nothing to do
+        key = f"doc:{doc.doc_id}"
+        if self.host.seen(key) is None:
+            gaps: list[Any] = []
+            if doc.type == "referral":
+                self._take_referral(doc, key, gaps)
+            else:
+                self._take_answer(doc, key, gaps)
+            if gaps:
+                slips_fhir.record_gaps(self.host.store, gaps, self.host.now())
+        thread = self.host.thread_for(key)
+        ledger.remember(doc.doc_id, "in", doc.type, thread, digest)
+
+    def _known(self, category: str, code: str) -> bool:
+        """Strict maps only (slips_fhir.STRICT): other unlisted codes travel as mapping gaps."""
+        maps = self.host.maps
+        if maps is None or category not in slips_fhir.STRICT or category not in maps.rows:
+            return True
+        return any(r.source_code == code for r in maps.rows[category])
+
+    def _take_referral(self, doc: cda.Document, key: str, gaps: list[Any]) -> None:
+        bundle = slips_fhir.referral_bundle(
+            doc.slip, self.host.maps, self.me, gaps=gaps,
+            national_id_system=self.host.plan.alliance.national_id_system)
+        self.host.submit_referral(bundle, source_key=key)
+
+    def _take_answer(self, doc: cda.Document, key: str, gaps: list[Any]) -> None:
+        thread = self._ledger().thread_of(doc.referral_doc)
+        view = self.host.referral(thread) if thread else None
+        if view is None:
+            raise BadDocument(f"document {doc.doc_id} answers referral document "
+                              f"{doc.referral_doc}, which this node never wrote into the HIS",
+                              field=f"/ClinicalDocument/inFulfillmentOf/order/id[@root="
+                                    f"'{self.site.doc_oid}']/@extension")
+        row = view["referral"]
+        slip = doc.slip
+        if doc.type == "acceptance":
+            if slip.accepted:
+                self.host.referral_step(thread, "accept", source_key=key,
+                                        outputs=slips_fhir.acceptance_outputs(
+                                            slip, self.host.maps, me=self.me, gaps=gaps))
+            else:
+                self.host.referral_step(thread, "reject", source_key=key, reason=slip.reason)
+            return
+        if row["status"] == "accepted":  # a return slip means the patient came
+            self.host.referral_step(thread, "arrive", source_key=f"{key}:arrive")
+        task = self.host.resource("Task", row["task_id"])
+        bundle = slips_fhir.return_bundle(slip, row["sr_id"], task["for"]["reference"],
+                                          self.host.maps, me=self.me, gaps=gaps)
+        self.host.submit_referral(bundle, source_key=key)
+
+    # -- sink: packets that arrived -------------------------------------------------------------
+
+    def deliver(self, item: Delivery) -> None:
+        body = orjson.loads(item.body)
+        entries = [e["resource"] for e in body.get("entry") or []]
+        header = next((r for r in entries if r["resourceType"] == "MessageHeader"), None)
+        event = ((header or {}).get("eventCoding") or {}).get("code", "")
+        doc_type = WRITES.get(event)
+        if doc_type is None:
+            self.count("not_written")  # received, arrive, cancel, return-received: no slip
+            return
+        ledger = self._ledger()
+        view = self.host.referral(item.thread)
+        if view is None:
+            raise HutongError(f"packet {item.packet_id}: thread not known here")
+        row = view["referral"]
+        gaps: list[Any] = []
+        maps = self.host.maps
+        if doc_type == "referral":
+            task = self.host.resource("Task", row["task_id"])
+            patient = self.host.resource("Patient", task["for"]["reference"].split("/", 1)[1])
+            slip: Any = slips_fhir.referral_from_fhir(view, maps, patient=patient, me=self.me,
+                                                      gaps=gaps)
+            doc = cda.Document(item.packet_id, "referral", slip, slip.written_at,
+                               row["referrer"])
+        else:
+            referral_doc = ledger.referral_doc(item.thread)
+            if referral_doc is None:  # the referral was not written in this HIS (web page, API)
+                self.count("not_written")
+                return
+            refs = {f"{r['resourceType']}/{r['id']}": r for r in view["resources"]}
+            slip_no = slips_fhir.slip_no_of(refs.get(f"ServiceRequest/{row['sr_id']}", {}))
+            if doc_type == "acceptance":
+                task = next(r for r in entries if r["resourceType"] == "Task")
+                slip = slips_fhir.acceptance_from_task(task, slip_no, maps, me=self.me,
+                                                       gaps=gaps)
+                written = task.get("lastModified") or item.received_at.isoformat()
+            else:
+                slip = slips_fhir.return_from_fhir(view, maps, me=self.me, gaps=gaps)
+                written = slip.written_at
+            doc = cda.Document(item.packet_id, doc_type, slip, written, row["receiver"],
+                               referral_doc=referral_doc)
+        raw = cda.write(doc, self.site, self.opts.encoding)
+        ledger.remember(item.packet_id, "out", doc_type, item.thread,
+                        hashlib.sha256(raw).hexdigest())
+        try:
+            self.client.receive(doc_type, item.packet_id, raw)
+        except HisUnavailable as exc:
+            self.failed(exc.message)
+            self.count("deliver_failed")
+            raise
+        if gaps:
+            slips_fhir.record_gaps(self.host.store, gaps, self.host.now())
+        self.count(f"wrote_{doc_type}")
+        self.ok()

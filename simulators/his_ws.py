@@ -1,0 +1,355 @@
+"""A vendor HIS with an XML web service (SOAP 1.1, CDA-like documents), as its own process.
+
+State lives in one SQLite file, so the server process and a test (or IT at the command line)
+share it: the doctor-facing side writes documents (:meth:`HisWs.write_referral`, ``accept``,
+``reject``, ``write_return``, or raw bytes for bad-data cases) that the node pulls with
+``GetPendingDocuments``/``AckDocuments``; documents the node writes (``ReceiveReferral`` etc.)
+are checked against the XSD, stored and listed by :meth:`HisWs.received`. ``fail_next(n)``
+makes the next n calls answer a SOAP Fault (soap:Server, HTTP 500), as a HIS does while its
+database is locked for the nightly job.
+
+    python -m simulators.his_ws serve --db his.sqlite --port 8600 --member chc
+    python -m simulators.his_ws write-referral --db his.sqlite --json slip.json
+    python -m simulators.his_ws received --db his.sqlite
+    python -m simulators.his_ws accept --db his.sqlite --doc <referral doc id> --bed 12床
+    python -m simulators.his_ws faults --db his.sqlite --count 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import asdict
+from datetime import datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from adapters.his_ws import cda, soap
+from adapters.his_ws.errors import BadDocument
+from adapters.slips import AcceptanceSlip, LabResult, Prescription, ReferralSlip, ReturnSlip
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS outbound (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, doc_id TEXT NOT NULL, type TEXT NOT NULL,
+    raw BLOB NOT NULL, acked INTEGER NOT NULL DEFAULT 0, written_at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS inbound (
+    doc_id TEXT PRIMARY KEY, type TEXT NOT NULL, raw BLOB NOT NULL, digest TEXT NOT NULL,
+    received_at TEXT NOT NULL, times INTEGER NOT NULL DEFAULT 1, pos INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS calls (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, op TEXT NOT NULL, doc_id TEXT, outcome TEXT NOT NULL);
+"""
+
+
+class HisWs:
+    """The HIS's database and both of its faces (doctors' side and the web service)."""
+
+    def __init__(self, path: str | Path, member: str | None = None, *,
+                 site_name: str = "", encoding: str = "UTF-8") -> None:
+        self.path = Path(path)
+        with self._db() as db:
+            db.executescript(SCHEMA)
+            # the first opener sets the site; later ones (the server process, the CLI) keep it
+            for key, value in (("member", member), ("site_name", site_name or None),
+                               ("encoding", encoding)):
+                if value is not None:
+                    db.execute("INSERT OR IGNORE INTO settings VALUES (?, ?)", (key, value))
+        self.member = self._setting("member") or "his"
+        self.site = cda.Site(member=self.member, name=self._setting("site_name") or "")
+
+    def _db(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        return db
+
+    def _setting(self, key: str) -> str | None:
+        with self._db() as db:
+            row = db.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    # -- the doctors' side --------------------------------------------------------------------
+
+    def _next_id(self, prefix: str) -> str:
+        with self._db() as db:
+            n = db.execute("SELECT COUNT(*) FROM outbound").fetchone()[0] + 1
+        return f"{self.member.upper()}-{prefix}-{n:06d}"
+
+    def write_raw(self, doc_id: str, doc_type: str, raw: bytes) -> int:
+        """Offer any bytes as a document (bad-data cases); returns its seq."""
+        with self._db() as db:
+            cur = db.execute("INSERT INTO outbound (doc_id, type, raw, written_at) VALUES "
+                             "(?, ?, ?, ?)", (doc_id, doc_type, raw, datetime.now().isoformat()))
+            return int(cur.lastrowid or 0)
+
+    def write(self, doc: cda.Document, encoding: str | None = None) -> str:
+        raw = cda.write(doc, self.site, encoding or self._setting("encoding") or "UTF-8")
+        self.write_raw(doc.doc_id, doc.type, raw)
+        return doc.doc_id
+
+    def write_referral(self, slip: ReferralSlip, doc_id: str | None = None,
+                       encoding: str | None = None) -> str:
+        return self.write(cda.Document(doc_id or self._next_id("ZZD"), "referral", slip,
+                                       slip.written_at, self.member), encoding)
+
+    def write_acceptance(self, referral_doc: str, slip: AcceptanceSlip,
+                         doc_id: str | None = None) -> str:
+        return self.write(cda.Document(doc_id or self._next_id("JZD"), "acceptance", slip,
+                                       datetime.now().astimezone().isoformat(timespec="seconds"),
+                                       self.member, referral_doc))
+
+    def accept(self, referral_doc: str, *, appointment_at: str = "", department_code: str = "",
+               bed_no: str = "", doctor: str = "") -> str:
+        """The receiving doctor accepts a referral this HIS received (接诊)."""
+        slip_no = self.received_doc(referral_doc).slip.slip_no
+        return self.write_acceptance(referral_doc, AcceptanceSlip(
+            slip_no, True, "", appointment_at, department_code, bed_no, doctor))
+
+    def reject(self, referral_doc: str, reason: str) -> str:
+        slip_no = self.received_doc(referral_doc).slip.slip_no
+        return self.write_acceptance(referral_doc, AcceptanceSlip(slip_no, False, reason))
+
+    def write_return(self, referral_doc: str, slip: ReturnSlip, doc_id: str | None = None) -> str:
+        return self.write(cda.Document(doc_id or self._next_id("ZHD"), "return", slip,
+                                       slip.written_at, self.member, referral_doc))
+
+    def fail_next(self, n: int) -> None:
+        with self._db() as db:
+            db.execute("INSERT INTO settings VALUES ('fail_next', ?) ON CONFLICT (key) DO "
+                       "UPDATE SET value = excluded.value", (str(n),))
+
+    # -- what the node wrote in -------------------------------------------------------------
+
+    def received(self, doc_type: str | None = None) -> list[cda.Document]:
+        """Documents the node delivered, in arrival order (each once, however often sent)."""
+        with self._db() as db:
+            rows = db.execute("SELECT doc_id, raw FROM inbound WHERE ? IS NULL OR type = ? "
+                              "ORDER BY pos", (doc_type, doc_type)).fetchall()
+        return [cda.read(bytes(raw), self.site, record=doc_id) for doc_id, raw in rows]
+
+    def received_doc(self, doc_id: str) -> cda.Document:
+        with self._db() as db:
+            row = db.execute("SELECT raw FROM inbound WHERE doc_id = ?", (doc_id,)).fetchone()
+        if row is None:
+            raise KeyError(f"no received document {doc_id}")
+        return cda.read(bytes(row[0]), self.site, record=doc_id)
+
+    def deliveries(self, doc_id: str) -> int:
+        """How often the node sent this document (a retry after a lost answer counts)."""
+        with self._db() as db:
+            row = db.execute("SELECT times FROM inbound WHERE doc_id = ?", (doc_id,)).fetchone()
+        return 0 if row is None else int(row[0])
+
+    def pending(self) -> list[tuple[int, str]]:
+        with self._db() as db:
+            return [(int(s), str(d)) for s, d in db.execute(
+                "SELECT seq, doc_id FROM outbound WHERE acked = 0 ORDER BY seq")]
+
+    def calls(self) -> list[tuple[str, str | None, str]]:
+        with self._db() as db:
+            return [(str(o), d, str(r)) for o, d, r in db.execute(
+                "SELECT op, doc_id, outcome FROM calls ORDER BY id")]
+
+    # -- the web service ----------------------------------------------------------------------
+
+    def handle(self, body: bytes) -> tuple[int, bytes]:
+        """One SOAP call: (HTTP status, response envelope)."""
+        with self._db() as db:
+            db.execute("BEGIN IMMEDIATE")
+            left = int((db.execute("SELECT value FROM settings WHERE key = 'fail_next'")
+                        .fetchone() or ("0",))[0])
+            if left > 0:
+                db.execute("UPDATE settings SET value = ? WHERE key = 'fail_next'",
+                           (str(left - 1),))
+                db.execute("INSERT INTO calls (op, outcome) VALUES ('?', 'fault')")
+                db.execute("COMMIT")
+                return 500, soap.fault("Server", "HIS database busy (simulated)")
+            try:
+                op = soap.operation(body, "request")
+                status, answer, log = self._serve(db, op)
+            except (BadDocument, KeyError, soap.Fault) as exc:
+                db.execute("INSERT INTO calls (op, outcome) VALUES ('?', 'client-fault')")
+                db.execute("COMMIT")
+                return 500, soap.fault("Client", str(exc)[:300])
+            db.execute("INSERT INTO calls (op, doc_id, outcome) VALUES (?, ?, ?)", log)
+            db.execute("COMMIT")
+            return status, answer
+
+    def _serve(self, db: sqlite3.Connection, op: Any
+               ) -> tuple[int, bytes, tuple[str, str | None, str]]:
+        name = op.tag.split("}")[1]
+        if name in soap.TYPE_OF_RECEIVE:
+            doc_type, doc_id, raw = soap.read_receive(op)
+            doc = cda.read(raw, self.site, record=doc_id, expect=doc_type)  # the vendor checks
+            if doc.doc_id != doc_id:
+                raise KeyError(f"DocumentId {doc_id} but the document says {doc.doc_id}")
+            digest = hashlib.sha256(raw).hexdigest()
+            row = db.execute("SELECT digest FROM inbound WHERE doc_id = ?", (doc_id,)).fetchone()
+            if row is not None:
+                if row[0] != digest:
+                    raise KeyError(f"document {doc_id} received before with other content")
+                db.execute("UPDATE inbound SET times = times + 1 WHERE doc_id = ?", (doc_id,))
+                return 200, soap.receive_response(doc_id, "duplicate"), (name, doc_id,
+                                                                         "duplicate")
+            pos = db.execute("SELECT COUNT(*) FROM inbound").fetchone()[0] + 1
+            db.execute("INSERT INTO inbound (doc_id, type, raw, digest, received_at, pos) "
+                       "VALUES (?, ?, ?, ?, ?, ?)", (doc_id, doc_type, raw, digest,
+                                                      datetime.now().isoformat(), pos))
+            return 200, soap.receive_response(doc_id, "stored"), (name, doc_id, "stored")
+        if name == "GetPendingDocuments":
+            since, most = int(soap.text(op, "Since")), int(soap.text(op, "Max"))
+            rows = db.execute("SELECT seq, doc_id, type, raw FROM outbound WHERE acked = 0 AND "
+                              "seq > ? ORDER BY seq LIMIT ?", (since, most)).fetchall()
+            docs = [soap.Pending(int(s), str(d), str(t), bytes(r)) for s, d, t, r in rows]
+            return 200, soap.pending_response(docs), (name, None, f"{len(docs)} documents")
+        if name == "AckDocuments":
+            seqs = [int(e.text) for e in op]
+            n = 0
+            for s in seqs:
+                n += db.execute("UPDATE outbound SET acked = 1 WHERE seq = ? AND acked = 0",
+                                (s,)).rowcount
+            return 200, soap.ack_response(n), (name, None, f"{n} acked")
+        raise KeyError(f"unknown operation {name}")
+
+
+# -- the server process -------------------------------------------------------------------------
+
+
+def serve(his: HisWs, host: str, port: int) -> None:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b"ok" if self.path == "/health" else b"not found"
+            self.send_response(200 if self.path == "/health" else 404)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_POST(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            status, answer = his.handle(self.rfile.read(length))
+            self.send_response(status)
+            self.send_header("Content-Type", "text/xml; charset=utf-8")
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, *args: Any) -> None:  # no patient data in logs: keep quiet
+            pass
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    signal.signal(signal.SIGTERM,
+                  lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+class HisWsProcess:
+    """The simulator as a real process on a free loopback port (for tests and the demo)."""
+
+    def __init__(self, db: Path, member: str, *, site_name: str = "",
+                 encoding: str = "UTF-8") -> None:
+        self.db = Path(db)
+        self.his = HisWs(self.db, member, site_name=site_name, encoding=encoding)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}/his-ws"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 20.0) -> None:
+        log = open(self.db.with_suffix(".log"), "ab")  # noqa: SIM115 - child owns it
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "simulators.his_ws", "serve", "--db", str(self.db),
+                 "--port", str(self.port)], stdout=log, stderr=subprocess.STDOUT,
+                cwd=Path(__file__).resolve().parents[1])
+        finally:
+            log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"HIS simulator exited ({self.proc.returncode})")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health",
+                                            timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.05)
+        raise TimeoutError("HIS simulator did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=20)
+
+
+# -- command line -------------------------------------------------------------------------------
+
+
+def _slip_json(path: str) -> dict[str, Any]:
+    return dict(json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m simulators.his_ws", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("command", choices=["serve", "write-referral", "write-return", "accept",
+                                        "reject", "received", "pending", "faults"])
+    ap.add_argument("--db", required=True)
+    ap.add_argument("--member")
+    ap.add_argument("--site-name", default="")
+    ap.add_argument("--encoding", default="UTF-8")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8600)
+    ap.add_argument("--json", help="slip fields as JSON (adapters/slips.py names)")
+    ap.add_argument("--doc", help="the referral document an answer is for")
+    ap.add_argument("--appointment", default="")
+    ap.add_argument("--department", default="")
+    ap.add_argument("--bed", default="")
+    ap.add_argument("--doctor", default="")
+    ap.add_argument("--reason", default="")
+    ap.add_argument("--count", type=int, default=1)
+    a = ap.parse_args(argv)
+    his = HisWs(a.db, a.member, site_name=a.site_name, encoding=a.encoding)
+    if a.command == "serve":
+        serve(his, a.host, a.port)
+    elif a.command == "write-referral":
+        print(his.write_referral(ReferralSlip(**_slip_json(a.json))))
+    elif a.command == "write-return":
+        data = _slip_json(a.json)
+        data["prescriptions"] = [Prescription(**p) for p in data.get("prescriptions", [])]
+        data["results"] = [LabResult(**r) for r in data.get("results", [])]
+        print(his.write_return(a.doc, ReturnSlip(**data)))
+    elif a.command == "accept":
+        print(his.accept(a.doc, appointment_at=a.appointment, department_code=a.department,
+                         bed_no=a.bed, doctor=a.doctor))
+    elif a.command == "reject":
+        print(his.reject(a.doc, a.reason))
+    elif a.command == "received":
+        for d in his.received():
+            print(json.dumps({"doc_id": d.doc_id, "type": d.type, "answers": d.referral_doc,
+                              "slip": asdict(d.slip)}, ensure_ascii=False))
+    elif a.command == "pending":
+        for seq, doc_id in his.pending():
+            print(seq, doc_id)
+    elif a.command == "faults":
+        his.fail_next(a.count)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
