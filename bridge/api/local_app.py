@@ -21,6 +21,7 @@ from bridge.delivery.queue import Outgoing, queue_packets
 from bridge.errors import HutongError
 from bridge.fhir.validate import validate_bundle
 from bridge.store import quarantine
+from bridge.web import web_router
 
 if TYPE_CHECKING:
     from bridge.node import Node
@@ -43,7 +44,7 @@ def create_local_app(node: Node) -> FastAPI:
     app = FastAPI(title=f"Hutong node {ctx.node_id}", docs_url="/docs")
     app.state.tokens = dict(ctx.plan.tokens)
     app.state.node = node
-    app.include_router(__import__("bridge.web").web.web_router(node))  # /ui pages
+    app.include_router(web_router(node))  # /ui pages (and the node's alert job)
     app.include_router(fhir_router(node))  # /fhir: errors are OperationOutcomes (FhirRoute)
 
     @app.exception_handler(HutongError)
@@ -123,5 +124,20 @@ def create_local_app(node: Node) -> FastAPI:
     def reminders(role: AnyRole) -> list[dict[str, Any]]:
         return [r for r in node.workflow.list() if r["reminded_at"] is not None
                 and r["status"] in ("requested", "received")]
+
+    @app.get("/local/v1/patients/{patient_hash}/results")
+    def patient_results(patient_hash: str, role: ClinicianRole) -> dict[str, Any]:
+        """Mutual-recognition view (结果互认): the patient's results known here, with where and
+        when each was produced (bridge/results/recognition.py). The read is audited."""
+        from bridge.api.fhir_audit import read_entries
+        from bridge.results.recognition import results_for
+
+        with ctx.store.write() as conn:
+            items = results_for(conn, patient_hash, node_id=ctx.node_id,
+                                directory=ctx.plan.directory)
+            ctx.audit.append(conn, read_entries(
+                role, f"/local/v1/patients/{patient_hash}/results",
+                [(i["report"], patient_hash) for i in items], ctx.now()))
+        return {"patient_hash": patient_hash, "node": ctx.node_id, "results": items}
 
     return app

@@ -1,5 +1,44 @@
-"""Server-rendered web pages for clinicians, auditors and IT on the node's local port."""
+"""Server-rendered web pages on the node's local port, by audience.
 
-from bridge.web.pages import web_router
+``login`` (role tokens from the site config -> session), ``clinician`` (referral inbox and
+outbox, detail, step forms, discharge-and-return), ``slips`` (printable slips), ``auditor``
+(exchange log, chain status, export), ``it`` (alerts, peers, queues, quarantine, adapters,
+mapping gaps, rules), ``stats`` (the yearly-report table with SVG charts). ``layout`` holds the
+page frame; ``fhirview`` renders FHIR resources for people.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from fastapi import APIRouter
+
+if TYPE_CHECKING:
+    from bridge.node import Node
+
+
+def web_router(node: Node) -> APIRouter:
+    """All /ui routes for one node; also registers the node's alert job (``bridge.alerts``)."""
+    from bridge.alerts import Alerter
+    from bridge.web.auditor import auditor_routes
+    from bridge.web.clinician import clinician_routes
+    from bridge.web.it import it_routes
+    from bridge.web.layout import Web
+    from bridge.web.login import home_route, login_routes
+    from bridge.web.slips import slip_routes
+    from bridge.web.stats import stats_routes
+
+    web = Web(node)
+    alerter = Alerter(node)
+    node.add_job("alerts", alerter.run_once, node.plan.alerts.every_s)
+    router = APIRouter(prefix="/ui", include_in_schema=False)
+    home = home_route(web)
+    router.add_api_route("", home, methods=["GET"])
+    router.add_api_route("/", home, methods=["GET"])
+    for part in (login_routes(web), clinician_routes(web), slip_routes(web),
+                 auditor_routes(web), it_routes(web, alerter), stats_routes(web)):
+        router.include_router(part)
+    return router
+
 
 __all__ = ["web_router"]

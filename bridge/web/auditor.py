@@ -1,0 +1,174 @@
+"""Auditor pages: the exchange log with filters, the chain's verification, export.
+
+Filters: time (since inclusive, until exclusive; Beijing time unless an offset is typed),
+member (the peer of the exchange), kind, action, outcome, patient hash. The log holds keyed
+patient hashes only, never names. Export streams the same selection as CSV (with a BOM for
+Excel) or FHIR AuditEvent ndjson carrying the chain hashes.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterable
+from typing import Any
+from urllib.parse import urlencode
+
+import orjson
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from sqlalchemy import select
+
+from bridge.audit.events import event_fields
+from bridge.audit.export import CSV_COLUMNS, MAX_LIMIT
+from bridge.audit.export import export as export_audit
+from bridge.audit.export import query as query_audit
+from bridge.audit.tables import AuditRecord
+from bridge.web.i18n import t
+from bridge.web.layout import Web, e, parse_time, table
+
+FILTERS = ("since", "until", "peer", "kind", "action", "outcome", "patient_hash")
+SHOWN = 500
+AUDIT = AuditRecord.__table__  # type: ignore[attr-defined]
+
+
+def audit_filters(request: Request) -> tuple[dict[str, Any], str | None]:
+    """(export/query filters, kind) from the query string; ValueError on a bad time."""
+    q = request.query_params
+    out: dict[str, Any] = {}
+    for k in ("peer", "action", "outcome", "patient_hash"):
+        if q.get(k):
+            out[k] = q[k].strip()
+    for k in ("since", "until"):
+        if q.get(k):
+            out[k] = parse_time(q[k])
+    return out, (q.get("kind") or "").strip() or None
+
+
+def export_filtered(conn: Any, out: io.StringIO, fmt: str, kind: str | None,
+                    **filters: Any) -> int:
+    """``audit.export`` plus a kind filter (kind is inside the AuditEvent, not a column)."""
+    if kind is None:
+        return export_audit(conn, out, fmt=fmt, **filters)  # type: ignore[arg-type]
+    buf = io.StringIO(newline="")
+    export_audit(conn, buf, fmt=fmt, **filters)  # type: ignore[arg-type]
+    buf.seek(0)
+    n = 0
+    if fmt == "csv":
+        reader = csv.reader(buf)
+        writer = csv.writer(out)
+        writer.writerow(next(reader))
+        at = CSV_COLUMNS.index("kind")
+        for row in reader:
+            if row[at] == kind:
+                writer.writerow(row)
+                n += 1
+    else:
+        for line in buf:
+            if line.strip() and event_fields(orjson.loads(line)).get("kind") == kind:
+                out.write(line)
+                n += 1
+    return n
+
+
+def auditor_routes(web: Web) -> APIRouter:
+    router = APIRouter()
+    ctx, plan = web.ctx, web.plan
+
+    @router.get("/audit")
+    def audit(request: Request) -> Response:
+        role = web.gate(request, "auditor")
+        if not isinstance(role, str):
+            return role
+        lang = web.lang(request)
+        q = request.query_params
+        error = ""
+        try:
+            filters, kind = audit_filters(request)
+        except ValueError as exc:
+            filters, kind, error = {}, None, str(exc)
+        from bridge.node import own_signing_keys
+
+        with ctx.store.read() as conn:
+            rows = query_audit(conn, limit=MAX_LIMIT if kind else SHOWN, **filters)
+            result = ctx.audit.verify(conn, [*plan.me.signing_keys, *own_signing_keys(conn)])
+            actions = sorted(a for (a,) in conn.execute(select(AUDIT.c.action).distinct()))
+        if kind:
+            rows = [r for r in rows if r["kind"] == kind][:SHOWN]
+        if result.ok:
+            chain = (f'<p class="chain ok">✔ {e(t(lang, "verified"))}: {result.checked} '
+                     f'{e(t(lang, "records"))}, {result.checkpoints_checked} '
+                     f'{e(t(lang, "checkpoints"))}, head <code>{e(result.last_hash[:16])}</code>'
+                     f'</p>')
+        else:
+            chain = (f'<p class="chain bad">✘ {e(t(lang, "broken"))}: #{result.first_bad_seq} '
+                     f'{e(result.reason)}</p>')
+
+        def opts(values: Iterable[tuple[str, str]], current: str | None) -> str:
+            return '<option value=""></option>' + "".join(
+                f'<option value="{e(v)}"{" selected" if v == current else ""}>{e(label)}'
+                f'</option>' for v, label in values)
+
+        members = [(m, web.member_name(lang, m)) for m in sorted(plan.directory)]
+        kinds = sorted({k for r in plan.rules.describe() for k in r["kinds"] if k != "*"})
+        outcomes = [(o, f'{o} {t(lang, "outcome_" + o)}') for o in ("0", "4", "8", "12")]
+        form = (f'<form method="get" action="/ui/audit" class="inline noprint audit-filter">'
+                f'<label>{e(t(lang, "since"))} <input type="datetime-local" name="since" '
+                f'value="{e(q.get("since"))}"></label>'
+                f'<label>{e(t(lang, "until"))} <input type="datetime-local" name="until" '
+                f'value="{e(q.get("until"))}"></label>'
+                f'<label>{e(t(lang, "member"))} <select name="peer">'
+                f'{opts(members, q.get("peer"))}</select></label>'
+                f'<label>{e(t(lang, "kind"))} <select name="kind">'
+                f'{opts(((k, k) for k in kinds), q.get("kind"))}</select></label>'
+                f'<label>{e(t(lang, "action"))} <select name="action">'
+                f'{opts(((a, a) for a in actions), q.get("action"))}</select></label>'
+                f'<label>{e(t(lang, "outcome"))} <select name="outcome">'
+                f'{opts(outcomes, q.get("outcome"))}</select></label>'
+                f'<label>{e(t(lang, "patient_hash"))} <input name="patient_hash" size="20" '
+                f'value="{e(q.get("patient_hash"))}"></label>'
+                f'<button type="submit">{e(t(lang, "filter"))}</button>'
+                f'<p><small>{e(t(lang, "time_hint"))}</small></p></form>')
+        keep = {k: q[k] for k in FILTERS if q.get(k)}
+        links = " ".join(
+            f'<a class="export export-{fmt}" href="/ui/audit/export.{fmt}?{e(urlencode(keep))}"'
+            f'>{e(t(lang, "export"))} {fmt.upper()}</a>' for fmt in ("csv", "ndjson"))
+        log = table(
+            [t(lang, "seq"), t(lang, "at"), t(lang, "action"), t(lang, "outcome"),
+             t(lang, "kind"), t(lang, "member"), t(lang, "thread"), t(lang, "packet"),
+             t(lang, "patient_hash"), t(lang, "actor"), t(lang, "message")],
+            [[e(r["seq"]), e(r["at"]), e(r["action"]), e(r["outcome"]), e(r["kind"]),
+              e(r["peer"]), e(r["thread"]), e(r["packet_id"]),
+              f'<span title="{e(r["patient_hash"])}">{e((r["patient_hash"] or "")[:16])}</span>',
+              e(r["actor"]), e(" ".join(x for x in (r["code"], r["message"]) if x))]
+             for r in rows],
+            t(lang, "none"), "audit")
+        body = (f'<h3>{e(t(lang, "chain"))}</h3>{chain}'
+                + (f'<p class="bad">{e(error)}</p>' if error else "")
+                + form + f'<p class="noprint">{links} &nbsp; <small>{len(rows)} '
+                f'{e(t(lang, "shown"))}</small></p>' + log)
+        return web.page(request, t(lang, "audit"), body, role=role)
+
+    @router.get("/audit/export.{fmt}")
+    def audit_download(request: Request, fmt: str) -> Response:
+        role = web.gate(request, "auditor")
+        if not isinstance(role, str):
+            return role
+        if fmt not in ("ndjson", "csv"):
+            return Response(status_code=404)
+        try:
+            filters, kind = audit_filters(request)
+        except ValueError as exc:
+            return Response(str(exc), status_code=400)
+        buf = io.StringIO(newline="")
+        with ctx.store.read() as conn:
+            export_filtered(conn, buf, fmt, kind, **filters)
+        data = buf.getvalue().encode()
+        if fmt == "csv":
+            data = b"\xef\xbb\xbf" + data  # BOM so Excel reads the Chinese text
+        media = "text/csv; charset=utf-8" if fmt == "csv" else "application/x-ndjson"
+        stamp = ctx.now().strftime("%Y%m%dT%H%M%SZ")
+        return Response(data, media_type=media, headers={
+            "Content-Disposition": f'attachment; filename="audit-{plan.node_id}-{stamp}.{fmt}"'})
+
+    return router

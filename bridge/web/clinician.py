@@ -1,0 +1,237 @@
+"""Clinician pages: referral inbox and outbox, referral detail, and the step forms.
+
+Steps go through ``Workflow.step`` exactly as the JSON API's do, so only the steps the state
+machine allows on this side are offered, and a refused one renders its error code.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import RedirectResponse, Response
+from sqlalchemy import select
+
+from bridge.errors import HutongError, InvalidResource, NotFound
+from bridge.fhirstore import store
+from bridge.referral.states import check
+from bridge.referral.tables import REFERRAL, REFERRAL_STEP
+from bridge.web import fhirview as fv
+from bridge.web.i18n import kind_name, pilot_name, status_name, step_name, t
+from bridge.web.layout import Web, e, fmt_time, read_form, table
+from bridge.web.returns import return_bundle
+
+ACTIONS = ("accept", "reject", "arrive", "cancel")
+
+
+def load_thread(web: Web, thread: str) -> dict[str, Any] | None:
+    """This side's referral row, Task, ServiceRequest, Patient, steps and resources by type."""
+    with web.ctx.store.read() as conn:
+        row = conn.execute(select(REFERRAL).where(REFERRAL.c.thread == thread)).first()
+        if row is None:
+            return None
+        task = store.get(conn, "Task", row.task_id)
+        sr = store.get(conn, "ServiceRequest", row.sr_id)
+        patient = None
+        pref = ((task.get("for") or {}).get("reference") or "").split("/")
+        if len(pref) == 2 and store.exists(conn, "Patient", pref[1]):
+            patient = store.get(conn, "Patient", pref[1])
+        res = store.by_thread(conn, thread)
+        steps = [dict(s._mapping) for s in conn.execute(
+            select(REFERRAL_STEP).where(REFERRAL_STEP.c.thread == thread)
+            .order_by(REFERRAL_STEP.c.id))]
+    by_type: dict[str, list[dict[str, Any]]] = {}
+    for r in res:
+        by_type.setdefault(r["resourceType"], []).append(r)
+    return {"row": dict(row._mapping), "task": task, "sr": sr, "patient": patient,
+            "res": by_type, "steps": steps}
+
+
+def allowed(row: dict[str, Any], event: str) -> bool:
+    try:
+        check(event, row["status"], row["side"])
+    except HutongError:
+        return False
+    return True
+
+
+def available_slips(row: dict[str, Any]) -> list[str]:
+    """Which printable slips exist yet: the referral slip always, then acceptance, return."""
+    out = ["referral"]
+    if row["accepted_at"] is not None or row["status"] in ("accepted", "in-progress",
+                                                           "completed"):
+        out.append("accept")
+    if row["status"] == "completed":
+        out.append("return")
+    return out
+
+
+def clinician_routes(web: Web) -> APIRouter:
+    router = APIRouter()
+    node = web.node
+
+    @router.get("/referrals")
+    def referrals(request: Request) -> Response:
+        role = web.gate(request, "clinician")
+        if not isinstance(role, str):
+            return role
+        lang = web.lang(request)
+        rows = node.workflow.list(limit=500)
+        heads = [t(lang, "kind"), t(lang, "status"), t(lang, "step"), t(lang, "peer"),
+                 t(lang, "green"), t(lang, "updated"), ""]
+
+        def cells(r: dict[str, Any]) -> list[str]:
+            peer = r["referrer"] if r["side"] == "receiver" else r["receiver"]
+            green = f'<span class="green">✚ {e(t(lang, "green"))}</span>' \
+                if r["green_channel"] else ""
+            return [e(kind_name(lang, r["kind"])), e(status_name(lang, r["status"])),
+                    f'<span class="step-{e(r["step"])}">{e(step_name(lang, r["step"]))}</span>',
+                    e(web.member_name(lang, peer)), green, e(fmt_time(r["updated_at"])),
+                    f'<a href="/ui/referrals/{e(r["thread"])}">{e(t(lang, "open"))}</a>']
+
+        inbox = [cells(r) for r in rows if r["side"] == "receiver"]
+        outbox = [cells(r) for r in rows if r["side"] == "referrer"]
+        body = (f'<h3>{e(t(lang, "inbox"))}</h3>{table(heads, inbox, t(lang, "none"), "inbox")}'
+                f'<h3>{e(t(lang, "outbox"))}</h3>'
+                f'{table(heads, outbox, t(lang, "none"), "outbox")}')
+        return web.page(request, t(lang, "referrals"), body, role=role)
+
+    def action_forms(lang: str, row: dict[str, Any]) -> str:
+        base = f'/ui/referrals/{e(row["thread"])}/steps'
+        out = []
+        if allowed(row, "accept"):
+            out.append(
+                f'<form method="post" action="{base}/accept" class="inline accept">'
+                f'<label>{e(t(lang, "bed"))} <input name="bed"></label>'
+                f'<label>{e(t(lang, "department"))} <input name="department"></label>'
+                f'<label>{e(t(lang, "doctor"))} <input name="doctor"></label>'
+                f'<label>{e(t(lang, "appointment"))} '
+                f'<input type="datetime-local" name="appointment"></label>'
+                f'<button type="submit">{e(t(lang, "accept"))}</button></form>')
+        for ev in ("reject", "cancel"):
+            if allowed(row, ev):
+                out.append(
+                    f'<form method="post" action="{base}/{ev}" class="inline {ev}">'
+                    f'<label>{e(t(lang, "reason_text"))} <input name="reason" required>'
+                    f'</label><button type="submit">{e(t(lang, ev))}</button></form>')
+        if allowed(row, "arrive"):
+            out.append(f'<form method="post" action="{base}/arrive" class="inline arrive">'
+                       f'<button type="submit">{e(t(lang, "arrive"))}</button></form>')
+        if allowed(row, "return"):
+            out.append(
+                f'<form method="post" action="/ui/referrals/{e(row["thread"])}/return" '
+                f'class="inline return"><p><small>{e(t(lang, "return_hint"))}</small></p>'
+                f'<label>{e(t(lang, "doctor"))} <input name="doctor" required></label>'
+                f'<label>{e(t(lang, "diagnosis"))} <input name="diagnosis" size="30"></label>'
+                f'<br><label>{e(t(lang, "course"))}<br><textarea name="summary" rows="3" '
+                f'cols="70" required></textarea></label><br>'
+                f'<label>{e(t(lang, "instructions"))}<br><textarea name="instructions" '
+                f'rows="2" cols="70" required></textarea></label><br>'
+                f'<button type="submit">{e(t(lang, "discharge_return"))}</button></form>')
+        if not out:
+            return ""
+        return f'<h3>{e(t(lang, "actions"))}</h3><div class="noprint">{"".join(out)}</div>'
+
+    @router.get("/referrals/{thread}")
+    def detail(request: Request, thread: str) -> Response:
+        role = web.gate(request, "clinician")
+        if not isinstance(role, str):
+            return role
+        lang = web.lang(request)
+        d = load_thread(web, thread)
+        if d is None:
+            return web.not_found(request, role, thread)
+        row, sr = d["row"], d["sr"]
+        green = f' <span class="green">✚ {e(t(lang, "green"))}</span>' \
+            if row["green_channel"] else ""
+        cov = fv.coverage_ids(d["res"])
+        slips = " ".join(
+            f'<a class="slip-link" href="/ui/referrals/{e(thread)}/slip/{k}">'
+            f'{e(t(lang, "print"))}: {e(t(lang, "slip_" + k))}</a>'
+            for k in available_slips(row))
+        summary = (
+            f'<p><b>{e(t(lang, "kind"))}:</b> {e(kind_name(lang, row["kind"]))}{green} &nbsp; '
+            f'<b>{e(t(lang, "status"))}:</b> <span class="status">'
+            f'{e(status_name(lang, row["status"]))}</span> &nbsp; '
+            f'<b>{e(t(lang, "step"))}:</b> <span class="step">'
+            f'{e(step_name(lang, row["step"]))}</span></p>'
+            f'<p><b>{e(t(lang, "from"))}:</b> {e(web.member_name(lang, row["referrer"]))} '
+            f'&nbsp; <b>{e(t(lang, "to"))}:</b> {e(web.member_name(lang, row["receiver"]))} '
+            f'&nbsp; <b>{e(t(lang, "updated"))}:</b> {e(fmt_time(row["updated_at"]))}</p>'
+            + fv.patient_line(lang, d["patient"])
+            + f'<p><b>{e(t(lang, "reason"))}:</b> <span class="reason">'
+            f'{e(fv.reasons(sr))}</span>'
+            + (f' ({e(pilot_name(lang, row["pilot"]))})' if row.get("pilot") else "") + "</p>"
+            + f'<p><b>{e(t(lang, "notes"))}:</b> <span class="notes">{e(fv.notes(sr))}</span>'
+            + (f' &nbsp; <b>{e(t(lang, "reason_text"))}:</b> {e(row["reason"])}'
+               if row.get("reason") else "") + "</p>"
+            + f'<p><b>{e(t(lang, "priority"))}:</b> {e(sr.get("priority"))} &nbsp; '
+            f'<b>{e(t(lang, "slip_no"))}:</b> {e(fv.identifiers(sr, "PLAC"))} '
+            f'{e(fv.identifiers(d["task"], "FILL"))}'
+            + (f' &nbsp; <b>{e(t(lang, "insurance"))}:</b> {e(", ".join(cov))}' if cov else "")
+            + "</p>"
+            + f'<p class="noprint">{slips}</p>')
+        history = table(
+            [t(lang, "at"), t(lang, "step"), t(lang, "status"), t(lang, "actor")],
+            [[e(fmt_time(s["at"])), e(s["event"]),
+              e(f'{status_name(lang, s["from_status"])} → {status_name(lang, s["to_status"])}'),
+              e(s["actor"])] for s in d["steps"]], t(lang, "none"), "history")
+        body = (summary + action_forms(lang, row) + fv.clinical(lang, d["task"], d["res"])
+                + f'<h3>{e(t(lang, "history"))}</h3>{history}')
+        return web.page(request, t(lang, "detail"), body, role=role)
+
+    @router.post("/referrals/{thread}/steps/{event}")
+    async def take_step(request: Request, thread: str, event: str) -> Response:
+        role = web.gate(request, "clinician")
+        if not isinstance(role, str):
+            return role
+        back = f"/ui/referrals/{thread}"
+        if event not in ACTIONS:
+            return web.error_page(request, role, NotFound(f"no referral step '{event}' here"),
+                                  back)
+        f = await read_form(request)
+        outputs: list[dict[str, Any]] = []
+        try:
+            if event == "accept":
+                for key in ("bed", "department", "doctor"):
+                    if f.get(key, "").strip():
+                        outputs.append({"type": {"text": key}, "valueString": f[key].strip()})
+                when = f.get("appointment", "").strip()
+                if when:
+                    if len(when) == 16:  # datetime-local has no seconds and no offset
+                        when += ":00"
+                    if datetime.fromisoformat(when).tzinfo is None:
+                        when += "+08:00"  # the alliance's wall clock is China Standard Time
+                    outputs.append({"type": {"text": "appointment"}, "valueDateTime": when})
+            reason = f.get("reason", "").strip() or None
+            await run_in_threadpool(lambda: node.workflow.step(
+                thread, event, f"role:{role}", reason=reason, outputs=outputs or None))
+        except HutongError as exc:
+            return web.error_page(request, role, exc, back)
+        except ValueError as exc:
+            return web.error_page(request, role, InvalidResource(str(exc)), back)
+        return RedirectResponse(back, status_code=303)
+
+    @router.post("/referrals/{thread}/return")
+    async def discharge_and_return(request: Request, thread: str) -> Response:
+        role = web.gate(request, "clinician")
+        if not isinstance(role, str):
+            return role
+        back = f"/ui/referrals/{thread}"
+        f = await read_form(request)
+        d = load_thread(web, thread)
+        if d is None:
+            return web.not_found(request, role, thread)
+        arrived = next((s["at"] for s in d["steps"] if s["event"] == "arrive"), None)
+        try:
+            bundle = return_bundle(d["row"], d["task"], arrived, web.ctx.now(), f)
+            await run_in_threadpool(node.workflow.submit, bundle, f"role:{role}")
+        except HutongError as exc:
+            return web.error_page(request, role, exc, back)
+        except ValueError as exc:
+            return web.error_page(request, role, InvalidResource(str(exc)), back)
+        return RedirectResponse(back, status_code=303)
+
+    return router

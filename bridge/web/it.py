@@ -1,0 +1,225 @@
+"""IT page: alerts, peers and their health, queues (oldest waiting), dead letters with retry,
+quarantine with replay, adapters, mapping gaps, reminders and the rule list.
+
+Everything is read from the node's own tables and objects at request time; the alerts and peer
+probes come from the node's alert job (:mod:`bridge.alerts`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlencode
+
+from fastapi import APIRouter, Request
+from fastapi.responses import RedirectResponse, Response
+from sqlalchemy import func, select
+
+from bridge import ops
+from bridge.alerts import Alerter
+from bridge.errors import HutongError
+from bridge.store import quarantine
+from bridge.store.tables import INBOX, QUARANTINE
+from bridge.web.i18n import kind_name, t
+from bridge.web.layout import Web, e, fmt_age, fmt_time, table
+
+
+def mapping_gaps(web: Web) -> list[dict[str, Any]] | None:
+    """Gaps of every adapter's mapping folder; None when no adapter has mappings configured
+    (or the mapping module is not installed)."""
+    folders = {a.name: a.mappings for a in web.plan.adapters if a.mappings is not None}
+    if not folders:
+        return None
+    try:
+        from bridge.mapping import find_gaps, load_site
+    except ImportError:
+        return None
+    out: list[dict[str, Any]] = []
+    for adapter, folder in sorted(folders.items()):
+        try:
+            gaps = find_gaps(load_site(folder))
+        except HutongError as exc:
+            out.append({"adapter": adapter, "map": str(folder), "code": exc.code, "display":
+                        exc.message, "kind": "error", "count": 0})
+            continue
+        out += [{"adapter": adapter, "map": g.map, "code": g.code, "display": g.display,
+                 "kind": g.kind, "count": g.count} for g in gaps]
+    return out
+
+
+def it_routes(web: Web, alerter: Alerter) -> APIRouter:
+    router = APIRouter()
+    ctx, plan, node = web.ctx, web.plan, web.node
+
+    @router.get("/it")
+    def it(request: Request) -> Response:
+        role = web.gate(request, "it")
+        if not isinstance(role, str):
+            return role
+        lang = web.lang(request)
+        facts = alerter.collect(probe=False)  # fresh counts; probes from the job
+        active = alerter.active()
+        summary = ops.queue_summary(ctx)
+        now = ctx.now()
+
+        alerts = "".join(
+            f'<div class="alert alert-{e(a["rule"])}" data-key="{e(k)}"><b>'
+            f'{e(t(lang, "rule_" + a["rule"]))}</b> · {e(a["subject"])} · {e(a["message"])} '
+            f'<small>({e(t(lang, "since"))} {e(fmt_time(a["raised_at"]))})</small></div>'
+            for k, a in sorted(active.items())) or \
+            f'<p class="ok no-alerts">✔ {e(t(lang, "no_alerts"))}</p>'
+        hook = plan.alerts.webhook_url
+        alerts += (f'<p><small>{e(t(lang, "webhook"))}: '
+                   f'{e(hook.split("?")[0] if hook else t(lang, "not_configured"))}</small></p>')
+
+        def ago(ts: Any) -> str:
+            return "" if ts is None else f"{fmt_time(ts)} ({fmt_age((now - ts).total_seconds())})"
+
+        peers = table(
+            [t(lang, "peer"), t(lang, "health"), t(lang, "last_ack"), t(lang, "last_in"),
+             t(lang, "last_probe"), t(lang, "waiting"), t(lang, "oldest"), t(lang, "dead")],
+            [[e(web.member_name(lang, p.peer)),
+              (f'<span class="bad">✘ {e(t(lang, "silent"))}</span>'
+               if f"peer-silent:{p.peer}" in active else
+               f'<span class="ok">✔ {e(t(lang, "healthy"))}</span>'
+               if p.last_contact else e(t(lang, "unknown")))
+              + (f'<br><small>{e(p.last_probe_error)}</small>' if p.last_probe_error else ""),
+              e(ago(p.last_ack)), e(ago(p.last_packet_in)), e(ago(p.last_probe_ok)),
+              e(p.waiting), e(fmt_age(p.oldest_waiting_s)), e(p.dead)]
+             for p in sorted(facts.peers.values(), key=lambda p: p.peer)],
+            t(lang, "none"), "peers", num=(5, 7))
+
+        states = ("queued", "sent", "acknowledged", "dead", "refused")
+
+        def retry_cell(p: dict[str, Any]) -> str:
+            if not p.get("dead"):
+                return ""
+            return (f'<form method="post" action="/ui/it/outbox/retry?'
+                    f'{e(urlencode({"peer": p["peer"]}))}" class="retry"><button type="submit">'
+                    f'{e(t(lang, "retry"))}</button></form>')
+
+        queues = table(
+            [t(lang, "peer"), *(t(lang, "q_" + s) for s in states), t(lang, "oldest"), ""],
+            [[e(web.member_name(lang, p["peer"])), *(e(p.get(s, 0)) for s in states),
+              e(fmt_age(p["oldest_waiting_s"])), retry_cell(p)]
+             for p in summary["outbox"]], t(lang, "none"), "queues", num=(1, 2, 3, 4, 5))
+        with ctx.store.read() as conn:
+            inbox_rows = conn.execute(
+                select(INBOX.c.state, func.count(), func.min(INBOX.c.received_at))
+                .group_by(INBOX.c.state)).all()
+            q_rows = conn.execute(
+                select(QUARANTINE.c.state, func.count(), func.min(QUARANTINE.c.at))
+                .group_by(QUARANTINE.c.state)).all()
+            held = quarantine.list_items(conn, state=None, limit=200)
+        inbound = table(
+            [t(lang, "queue"), t(lang, "status"), t(lang, "count"), t(lang, "oldest")],
+            [[e(t(lang, "inbound")), e(st), e(n), e(fmt_age(
+                (now - oldest).total_seconds()) if st == "received" else "")]
+             for st, n, oldest in inbox_rows]
+            + [[e(t(lang, "quarantine")), e(st), e(n), e(fmt_age(
+                (now - oldest).total_seconds()) if st == "held" else "")]
+               for st, n, oldest in q_rows],
+            t(lang, "none"), "inbound", num=(2,))
+
+        def replay_cell(item: dict[str, Any]) -> str:
+            if item["state"] != "held":
+                return ""
+            return (f'<form method="post" action="/ui/it/quarantine/{item["id"]}/replay" '
+                    f'class="replay"><button type="submit">{e(t(lang, "replay"))}</button>'
+                    f'</form>')
+
+        quar = table(
+            ["#", t(lang, "at"), t(lang, "source"), t(lang, "code"), t(lang, "message"),
+             t(lang, "sender"), t(lang, "kind"), t(lang, "status"), t(lang, "replay_result"),
+             ""],
+            [[e(i["id"]), e(fmt_time(i["at"])), e(i["source"]), e(i["code"]),
+              e(i["message"]), e(i["sender"]), e(i["kind"]), e(i["state"]),
+              e(i["replay_result"]), replay_cell(i)] for i in held],
+            t(lang, "none"), "quarantine")
+        dead = ops.outbox_list(ctx, state="dead", limit=100)
+        deads = table(
+            ["#", t(lang, "peer"), t(lang, "kind"), t(lang, "thread"), t(lang, "attempts"),
+             t(lang, "age"), t(lang, "message")],
+            [[e(d["id"]), e(d["next_hop"]), e(d["kind"]), e(d["thread"]), e(d["attempts"]),
+              e(fmt_age(d["age_s"])), e(d["last_error"])] for d in dead],
+            t(lang, "none"), "dead")
+
+        adapters = table(
+            [t(lang, "adapter"), t(lang, "type"), t(lang, "health"), t(lang, "last_ok"),
+             t(lang, "last_error"), t(lang, "counters")],
+            [[e(name), e(st.get("type")),
+              (f'<span class="bad">✘ {e(t(lang, "silent"))}</span>'
+               if f"adapter-silent:{name}" in active else
+               f'<span class="ok">✔ {e(t(lang, "healthy"))}</span>'),
+              e(fmt_time(st.get("last_ok_at"))), e(st.get("last_error")),
+              e(", ".join(f"{k}={v}" for k, v in sorted((st.get("counters") or {}).items())))]
+             for name, st in sorted(facts.adapters.items())],
+            t(lang, "no_adapters"), "adapters")
+
+        gaps = mapping_gaps(web)
+        if gaps is None:
+            gap_html = f'<p class="mapping-none">{e(t(lang, "mapping_not_configured"))}</p>'
+        else:
+            gap_html = table(
+                [t(lang, "adapter"), t(lang, "map"), t(lang, "code"), t(lang, "description"),
+                 t(lang, "gap_kind"), t(lang, "count")],
+                [[e(g["adapter"]), e(g["map"]), e(g["code"]), e(g["display"]),
+                  e(t(lang, "gap_" + g["kind"]) if g["kind"] in
+                    ("unmapped", "no-target", "unknown-map") else g["kind"]), e(g["count"])]
+                 for g in gaps], t(lang, "no_gaps"), "gaps", num=(5,))
+
+        rules = table(
+            ["#", t(lang, "from"), t(lang, "to"), t(lang, "kinds"), t(lang, "senders"),
+             t(lang, "recipients"), t(lang, "notes")],
+            [[e(r["index"]), e(r["from"]), e(r["to"]), e(", ".join(r["kinds"])),
+              e(", ".join(r["senders"])), e(", ".join(r["recipients"])), e(r["note"])]
+             for r in plan.rules.describe()], t(lang, "none"), "rules")
+        due = [r for r in node.workflow.list(limit=500) if r["reminded_at"] is not None
+               and r["status"] in ("requested", "received")]
+        reminders = table(
+            [t(lang, "thread"), t(lang, "kind"), t(lang, "peer"), t(lang, "green"),
+             t(lang, "created"), t(lang, "reminded")],
+            [[e(r["thread"]), e(kind_name(lang, r["kind"])),
+              e(web.member_name(lang, r["referrer"] if r["side"] == "receiver"
+                                else r["receiver"])),
+              e(t(lang, "yes") if r["green_channel"] else t(lang, "no")),
+              e(fmt_time(r["created_at"])), e(fmt_time(r["reminded_at"]))] for r in due],
+            t(lang, "none"), "reminders")
+        msg = request.query_params.get("msg")
+        body = ((f'<p class="msg">{e(msg)}</p>' if msg else "")
+                + f'<h3>{e(t(lang, "alerts"))}</h3><div class="alerts">{alerts}</div>'
+                f'<h3>{e(t(lang, "peers"))}</h3>{peers}'
+                f'<h3>{e(t(lang, "queues"))}</h3>{queues}'
+                f'<h3>{e(t(lang, "inbound"))} / {e(t(lang, "quarantine"))}</h3>{inbound}'
+                f'<h3>{e(t(lang, "quarantine"))}</h3>{quar}'
+                f'<h3>{e(t(lang, "dead_letters"))}</h3>{deads}'
+                f'<h3>{e(t(lang, "adapters"))}</h3>{adapters}'
+                f'<h3>{e(t(lang, "mapping_gaps"))}</h3>{gap_html}'
+                f'<h3>{e(t(lang, "reminders"))}</h3>{reminders}'
+                f'<h3>{e(t(lang, "rules"))}</h3>{rules}')
+        return web.page(request, t(lang, "it"), body, role=role)
+
+    @router.post("/it/quarantine/{item_id}/replay")
+    def replay(request: Request, item_id: int) -> Response:
+        role = web.gate(request, "it")
+        if not isinstance(role, str):
+            return role
+        try:
+            ok, result = ops.quarantine_replay(ctx, node.intake, item_id, actor=f"role:{role}")
+        except HutongError as exc:
+            return web.error_page(request, role, exc, "/ui/it")
+        node.wake_all_senders()
+        node.wake("deliver")
+        msg = f"#{item_id}: {'OK' if ok else 'FAILED'} {result}"
+        return RedirectResponse(f"/ui/it?{urlencode({'msg': msg})}", status_code=303)
+
+    @router.post("/it/outbox/retry")
+    def retry(request: Request, peer: str | None = None) -> Response:
+        role = web.gate(request, "it")
+        if not isinstance(role, str):
+            return role
+        n = ops.outbox_retry(ctx, peer=peer, actor=f"role:{role}")
+        node.wake_all_senders()
+        msg = f"{t(web.lang(request), 'requeued')}: {n} ({peer or '*'})"
+        return RedirectResponse(f"/ui/it?{urlencode({'msg': msg})}", status_code=303)
+
+    return router

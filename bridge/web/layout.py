@@ -1,0 +1,193 @@
+"""The page frame shared by every audience: escaping, tables, the header, role gates.
+
+Plain HTML built with ``html.escape`` (no template engine, no JavaScript). :class:`Web` holds
+what every page needs (the node, the session table, the language) so each audience module is
+a set of routes over one ``Web``.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, urlencode
+
+from fastapi import Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+
+from bridge.errors import HutongError
+from bridge.web.i18n import LANG_COOKIE, pick_lang, t
+from bridge.web.session import Sessions
+
+if TYPE_CHECKING:
+    from bridge.node import Node
+
+#: the alliance's wall clock (China Standard Time, no daylight saving)
+CST = timezone(timedelta(hours=8), "CST")
+HOME = {"clinician": "/ui/referrals", "auditor": "/ui/audit", "it": "/ui/it"}
+#: nav links per role: (label key, path); statistics are aggregates, open to every role
+NAV = {
+    "clinician": (("referrals", "/ui/referrals"), ("stats", "/ui/stats")),
+    "auditor": (("audit", "/ui/audit"), ("stats", "/ui/stats")),
+    "it": (("it", "/ui/it"), ("stats", "/ui/stats")),
+}
+
+CSS = """
+body{font-family:"Noto Sans CJK SC","PingFang SC","Microsoft YaHei",sans-serif;margin:0;
+ color:#222;background:#f6f7f9}
+header{background:#1d4e89;color:#fff;padding:.5em 1em;display:flex;gap:1em;align-items:center}
+header a{color:#fff}header .sp{flex:1}
+main{padding:1em;max-width:1200px}
+table{border-collapse:collapse;background:#fff;margin:.5em 0 1.5em;width:100%}
+th,td{border:1px solid #ccd;padding:.3em .5em;text-align:left;vertical-align:top;font-size:.92em}
+th{background:#e8edf4}
+td.num,th.num{text-align:right}
+.flag-H,.flag-HH,.flag-A,.flag-AA{color:#b00;font-weight:bold}
+.flag-L,.flag-LL{color:#0050b0;font-weight:bold}
+.green{color:#087a2c;font-weight:bold}.ok{color:#087a2c;font-weight:bold}
+.bad{color:#b00;font-weight:bold}.msg{background:#fff8d6;padding:.5em;border:1px solid #e0c860}
+.alert{background:#fde8e8;border:1px solid #d88;padding:.4em .6em;margin:.3em 0}
+form.inline{display:inline-block;margin:.3em 1em .3em 0;padding:.5em;background:#fff;
+ border:1px solid #ccd}
+label{display:inline-block;margin-right:.6em}
+.slip{background:#fff;padding:2em;max-width:800px;border:1px solid #999}
+.slip h1{text-align:center;letter-spacing:.3em}
+.chart{background:#fff;border:1px solid #ccd;margin:.5em 0 1.5em}
+@media print{header,.noprint{display:none}body{background:#fff}main{padding:0}
+ .slip{border:none;padding:0;max-width:none}table{page-break-inside:avoid}}
+"""
+
+
+def e(value: Any) -> str:
+    return html.escape("" if value is None else str(value))
+
+
+def aware(value: datetime) -> datetime:
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def fmt_time(value: Any) -> str:
+    """An instant as the alliance reads it (Beijing time)."""
+    if isinstance(value, str) and len(value) >= 19 and value[4] == "-" and value[10] == "T":
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            return value
+    if isinstance(value, datetime):
+        return aware(value).astimezone(CST).strftime("%Y-%m-%d %H:%M:%S")
+    return "" if value is None else str(value)
+
+
+def fmt_age(seconds: float | None) -> str:
+    """A duration for people: 42 s, 5 min, 3.2 h, 2.1 d."""
+    if seconds is None:
+        return ""
+    s = float(seconds)
+    if s < 120:
+        return f"{s:.0f} s"
+    if s < 7200:
+        return f"{s / 60:.0f} min"
+    if s < 172800:
+        return f"{s / 3600:.1f} h"
+    return f"{s / 86400:.1f} d"
+
+
+def parse_time(value: str | None) -> datetime | None:
+    """A form's time: ISO 8601; without an offset it is Beijing time (what people type)."""
+    if not value:
+        return None
+    dt = datetime.fromisoformat(value.strip())
+    return dt if dt.tzinfo else dt.replace(tzinfo=CST)
+
+
+def table(headers: Iterable[str], rows: Iterable[Iterable[str]], empty: str,
+          cls: str = "", num: Iterable[int] = ()) -> str:
+    """Rows are already-escaped HTML cells; ``num`` are column indexes aligned right."""
+    right = set(num)
+    heads = list(headers)
+    body = "".join(
+        "<tr>" + "".join(f'<td class="num">{c}</td>' if i in right else f"<td>{c}</td>"
+                         for i, c in enumerate(r)) + "</tr>" for r in rows)
+    head = "".join(f'<th class="num">{e(h)}</th>' if i in right else f"<th>{e(h)}</th>"
+                   for i, h in enumerate(heads))
+    if not body:
+        body = f'<tr><td colspan="{len(heads) or 1}">{e(empty)}</td></tr>'
+    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+async def read_form(request: Request) -> dict[str, str]:
+    """The urlencoded body (no multipart dependency needed for these small forms)."""
+    raw = (await request.body()).decode("utf-8", "replace")
+    return {k: v[0] for k, v in parse_qs(raw, keep_blank_values=True).items()}
+
+
+class Web:
+    """What every page needs: the node, its plan, the sessions and the page frame."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.ctx = node.ctx
+        self.plan = node.ctx.plan
+        self.sessions = Sessions()
+
+    def lang(self, request: Request) -> str:
+        return pick_lang(request.query_params.get("lang"), request.cookies.get(LANG_COOKIE))
+
+    def member_name(self, lang: str, member_id: str | None) -> str:
+        m = self.plan.directory.get(member_id or "")
+        if m is None:
+            return member_id or ""
+        return f"{m.names.en if lang == 'en' else m.names.zh} ({member_id})"
+
+    def page(self, request: Request, title: str, body: str, *, role: str | None = None,
+             status: int = 200) -> HTMLResponse:
+        lang = self.lang(request)
+        other = "en" if lang == "zh" else "zh"
+        keep = {k: v for k, v in request.query_params.items() if k != "lang"}
+        switch = (f'<a class="lang" href="{e(request.url.path)}?'
+                  f'{e(urlencode({**keep, "lang": other}))}">'
+                  f'{"English" if other == "en" else "中文"}</a>')
+        nav = ""
+        if role:
+            links = "".join(f'<a href="{href}">{e(t(lang, key))}</a>'
+                            for key, href in NAV[role])
+            nav = (f'<span>{e(t(lang, "role"))}: {e(t(lang, "role_" + role))}</span>{links}'
+                   f'<a href="/ui/logout">{e(t(lang, "logout"))}</a>')
+        doc = (f'<!DOCTYPE html><html lang="{"en" if lang == "en" else "zh-CN"}"><head>'
+               f'<meta charset="utf-8"><meta name="viewport" content="width=device-width">'
+               f'<title>{e(title)} · {e(t(lang, "app"))}</title>'
+               f'<style>{CSS}</style></head><body><header><strong>{e(t(lang, "app"))}</strong>'
+               f'<span>{e(self.member_name(lang, self.plan.node_id))}</span>'
+               f'<span class="sp"></span>{nav}{switch}</header>'
+               f'<main><h2>{e(title)}</h2>{body}</main></body></html>')
+        resp = HTMLResponse(doc, status_code=status)
+        if request.query_params.get("lang") in ("zh", "en"):
+            resp.set_cookie(LANG_COOKIE, lang, max_age=365 * 86400, samesite="lax", path="/ui")
+        return resp
+
+    def gate(self, request: Request, *allowed: str) -> str | Response:
+        """The session's role, or the response to send instead (login redirect or 403)."""
+        role = self.sessions.role(request)
+        if role is None:
+            return RedirectResponse("/ui/login", status_code=303)
+        if role not in allowed:
+            lang = self.lang(request)
+            return self.page(request, t(lang, "forbidden"),
+                             f'<p class="bad">{e(t(lang, "forbidden_text"))}</p>'
+                             f'<p><a href="{HOME[role]}">{e(t(lang, "back"))}</a></p>',
+                             role=role, status=403)
+        return role
+
+    def error_page(self, request: Request, role: str, exc: HutongError,
+                   back: str) -> HTMLResponse:
+        lang = self.lang(request)
+        return self.page(request, t(lang, "error"),
+                         f'<p class="bad">{e(exc.code)}: {e(exc.message)}</p>'
+                         f'<p><a href="{e(back)}">{e(t(lang, "back"))}</a></p>',
+                         role=role, status=exc.http_status)
+
+    def not_found(self, request: Request, role: str, what: str) -> HTMLResponse:
+        lang = self.lang(request)
+        return self.page(request, t(lang, "not_found"), f"<p>{e(what)}</p>", role=role,
+                         status=404)
