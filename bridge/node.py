@@ -29,6 +29,7 @@ from bridge.gateway.app import create_gateway
 from bridge.gateway.intake import Intake
 from bridge.local.registry import load_adapters, receivers
 from bridge.referral.workflow import Workflow
+from bridge.results.inbox import ResultsInbox
 from bridge.store import state
 
 log = logging.getLogger("hutong.node")
@@ -66,7 +67,8 @@ class Node:
                                                  {"spool_dir": plan.delivery.spool_dir})
         handlers.update(receivers(self, self.adapters))
         self.dispatcher = Dispatcher(
-            self.ctx, handlers, hooks={"referral.": self.workflow.apply_packet},
+            self.ctx, handlers, hooks={"referral.": self.workflow.apply_packet,
+                                      "result.": ResultsInbox(self.ctx).apply_packet},
         )
         me = plan.directory[plan.node_id]
         if me.role == "platform" or not me.via:

@@ -129,6 +129,29 @@ class AdapterHost:
         self.node.wake_all_senders()
         return ids
 
+    def share_results(self, bundle: dict[str, Any], *, source_key: str,
+                      patient_hash: str | None, answer: dict[str, Any] | None = None,
+                      raw: bytes | None = None, kind: str = "result.lab") -> dict[str, Any]:
+        """Results from a local system (an already validated collection Bundle): stored in the
+        node's FHIR store and sent to the other side of every open referral of the patient
+        (:mod:`bridge.results.routing`), with ``raw`` and the exactly-once key, in ONE
+        transaction. A repeated ``source_key`` returns the first answer (e.g. the stored ACK)
+        and changes nothing.
+        """
+        from bridge.results.routing import store_and_route
+
+        with self.ctx.store.write() as conn:
+            prior = intake.seen(conn, self.adapter_name, source_key)
+            if prior is not None:
+                return {**prior, "repeated": True}
+            out = store_and_route(self.ctx, conn, bundle, adapter=self.adapter_name,
+                                  source_key=source_key, answer=answer or {},
+                                  patient_hash=patient_hash, raw=raw, kind=kind,
+                                  at=self.ctx.now())
+        if out["routed"]:
+            self.node.wake_all_senders()
+        return out
+
     # -- sink side: what the node knows of a referral -----------------------------------------
 
     def referral(self, thread: str) -> dict[str, Any] | None:

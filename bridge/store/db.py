@@ -21,6 +21,7 @@ from bridge.fhirstore import tables as _fhir_tables  # noqa: F401
 from bridge.local import tables as _local_tables  # noqa: F401
 from bridge.mapping import tables as _mapping_tables  # noqa: F401
 from bridge.referral import tables as _referral_tables  # noqa: F401
+from bridge.results import tables as _results_tables  # noqa: F401
 
 # importing registers every table on SQLModel.metadata
 from bridge.store import tables as _tables  # noqa: F401

@@ -1,0 +1,232 @@
+"""The ``lis-hl7`` adapter: ORU^R01 over MLLP -> validated FHIR -> node store -> ACK.
+
+Per message (``handle``): decode by MSH-18 -> python-hl7 parse -> MSH checks -> a message seen
+before (same MSH-3/MSH-4/MSH-10) gets its stored ACK and nothing else happens -> one Bundle ->
+R4 schema validation (once) -> ``host.share_results``, which commits the resources, the raw
+message, the routed packets and the key with the AA ACK in one transaction -> only then the ACK
+is returned to be written to the socket. Anything refused gets AR/AE with the reason in MSA-3
+and ERR, and its raw bytes go to quarantine (audited) before the NAK is sent.
+
+Node file::
+
+    [[adapters]]
+    name = "lis"
+    type = "lis-hl7"
+    mappings = "../../../mappings/fuxing"   # map "lab": local test codes -> LOINC
+    [adapters.options]
+    port = 2575
+    default_charset = "GB18030"             # when MSH-18 is empty
+    tls = { cert = "../secrets/lis.crt", key = "../secrets/lis.key" }   # optional
+    rate_limit = { per_second = 50, burst = 200, hold_s = 2 }
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from adapters.base import BaseAdapter
+from adapters.lis.ack import Answering, build_ack
+from adapters.lis.decode import codec_for, decode_message
+from adapters.lis.errors import LisMessageError, RateLimited, Rejected
+from adapters.lis.listener import MllpListener, TokenBucket, server_tls
+from adapters.lis.oru import Settings, header, parse, to_fhir
+from bridge.errors import ConfigError, HutongError, InvalidFhir
+from bridge.fhir.validate import validate_bundle
+
+log = logging.getLogger("hutong.adapters.lis")
+
+
+class TlsOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    cert: str
+    key: str
+    client_ca: str | None = None
+
+
+class RateOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    per_second: float = Field(50.0, gt=0)
+    burst: int = Field(200, ge=1)
+    hold_s: float = Field(2.0, ge=0)
+
+
+class LisOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    host: str = "127.0.0.1"
+    port: int = Field(ge=0, le=65535)
+    default_charset: str = "UTF-8"
+    map: str = "lab"
+    local_system: str | None = None  # default: the map's source system, else per node
+    mrn_system: str | None = None
+    timezone: str = Field("+0800", pattern=r"^[+-]\d{4}$")
+    max_message_bytes: int = Field(1_048_576, ge=1024)
+    idle_timeout_s: float = Field(600.0, gt=0)
+    tls: TlsOptions | None = None
+    rate_limit: RateOptions | None = RateOptions()
+    kind: str = "result.lab"
+
+
+class LisAdapter(BaseAdapter):
+    def __init__(self, host: Any, options: dict[str, Any]) -> None:
+        super().__init__(host, options)
+        try:
+            self.opts = LisOptions.model_validate(options)
+        except ValidationError as exc:
+            problems = [f"adapters.{self.name}.options.{'.'.join(map(str, e['loc']))}: "
+                        f"{e['msg']}" for e in exc.errors()]
+            raise ConfigError("; ".join(problems)) from None
+        try:
+            codec_for(self.opts.default_charset)
+        except LisMessageError:
+            raise ConfigError(f"adapters.{self.name}.options.default_charset: unknown "
+                              f"character set {self.opts.default_charset!r}") from None
+        maps = host.maps
+        translator = maps.translator() if maps is not None and self.opts.map in maps.info \
+            else None
+        local = self.opts.local_system or (translator.source_system(self.opts.map)
+                                           if translator else None) \
+            or f"http://hutong.dev/CodeSystem/{host.node_id}/lab"
+        plan = host.plan
+        self.settings = Settings(
+            node_id=host.node_id, hash_key=plan.patient_hash_key,
+            national_id_system=plan.alliance.national_id_system, local_system=local,
+            translator=translator, map_id=self.opts.map,
+            mrn_system=self.opts.mrn_system or "", default_zone=self.opts.timezone)
+        self.site = maps.site if maps is not None else host.node_id
+        self.listener: MllpListener | None = None
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        o = self.opts
+        tls = None
+        if o.tls is not None:
+            tls = server_tls(str(self.host.path(o.tls.cert)), str(self.host.path(o.tls.key)),
+                             str(self.host.path(o.tls.client_ca)) if o.tls.client_ca else None)
+        bucket = TokenBucket(o.rate_limit.per_second, o.rate_limit.burst) if o.rate_limit \
+            else None
+        self.listener = MllpListener(
+            host=o.host, port=o.port, handle=self.handle, over_limit=self.over_limit,
+            bad_block=self.bad_block, truncated=self.truncated, bucket=bucket,
+            hold_s=o.rate_limit.hold_s if o.rate_limit else 0.0, max_bytes=o.max_message_bytes,
+            ssl_context=tls, idle_timeout_s=o.idle_timeout_s)
+        self.listener.start()
+        log.info("LIS adapter %s listening on %s:%s%s", self.name, o.host, o.port,
+                 " (TLS)" if tls else "")
+
+    def stop(self) -> None:
+        if self.listener is not None:
+            self.listener.stop()
+            self.listener = None
+
+    def status(self) -> dict[str, Any]:
+        out = super().status()
+        out["port"] = self.opts.port
+        out["tls"] = self.opts.tls is not None
+        out["connections"] = self.listener.connections if self.listener else 0
+        return out
+
+    # -- one message ------------------------------------------------------------------------
+
+    def handle(self, raw: bytes) -> bytes:
+        """The ACK bytes for one MLLP payload; never raises."""
+        at = self.host.now()
+        to = Answering.from_raw(raw)
+        codec = "ascii"
+        try:
+            text, codec = decode_message(raw, self.opts.default_charset)
+            msg = parse(text)
+            to = Answering.from_message(msg)
+            head = header(msg)
+            prior = self.host.seen(head.source_key)
+            if prior is not None:
+                self.count("repeated")
+                return str(prior["ack"]).encode(codec, "replace")
+            results = to_fhir(msg, head, self.settings)
+            try:
+                validate_bundle(results.bundle)
+            except InvalidFhir as exc:
+                raise LisMessageError(f"the results are not valid FHIR R4: {exc.message}",
+                                      hl7_error="207") from None
+            ack = build_ack(to, "AA", at=at)
+            out = self.host.share_results(
+                results.bundle, source_key=head.source_key, patient_hash=results.patient_hash,
+                answer={"ack": ack, "control_id": head.control_id}, raw=raw,
+                kind=self.opts.kind)
+        except LisMessageError as exc:
+            return self._refuse(exc, raw, to, codec, at)
+        except HutongError as exc:  # the store failed: nothing was kept, the LIS resends
+            log.error("LIS adapter %s could not store a message: %s", self.name, exc.code)
+            self.failed(exc.code)
+            err = LisMessageError(f"temporarily unable to store the message ({exc.code}); "
+                                  "resend later")
+            return build_ack(to, "AE", at=at, error=err).encode(codec, "replace")
+        if out.get("repeated"):
+            self.count("repeated")
+        else:
+            self.count("accepted")
+            self.count("observations", results.observations)
+            self.count("corrected", results.corrected)
+            self._record_gaps(results.unmapped, at)
+            if results.units_not_ucum:
+                self.count("units_not_ucum", len(results.units_not_ucum))
+            if out.get("routed"):
+                self.count("routed", len(out["routed"]))
+        self.ok()
+        return str(out["ack"]).encode(codec, "replace")
+
+    def _refuse(self, exc: LisMessageError, raw: bytes, to: Answering, codec: str,
+                at: Any) -> bytes:
+        nak = build_ack(to, exc.ack_code, at=at, error=exc)
+        record = f"MSH-10 {to.control_id}" if to.control_id else None
+        try:
+            self.host.quarantine(exc, raw=raw, record=record, kind=self.opts.kind)
+        except HutongError as store_exc:
+            log.error("LIS adapter %s could not quarantine: %s", self.name, store_exc.code)
+        self.count("rejected" if exc.ack_code == "AR" else "errors")
+        self.failed(exc.code)
+        return nak.encode(codec if codec != "ascii" else "ascii", "replace")
+
+    def _record_gaps(self, unmapped: list[dict[str, str]], at: Any) -> None:
+        """Unmapped local codes are counted in the node's mapping-gap table and audited."""
+        if not unmapped:
+            return
+        self.count("unmapped_codes", len(unmapped))
+        try:
+            from bridge.mapping import record_gap
+
+            for coding in unmapped:
+                record_gap(self.host.store, self.site, self.opts.map, coding, at=at)
+        except Exception as exc:  # noqa: BLE001 - the report must not fail the message
+            log.warning("LIS adapter %s could not record mapping gaps: %s", self.name,
+                        type(exc).__name__)
+        self.host.audit("unmapped-codes", outcome="4", kind=self.opts.kind,
+                        message=f"{self.opts.map}: no LOINC mapping for "
+                                + ", ".join(c["code"] for c in unmapped)[:200])
+
+    def over_limit(self, raw: bytes) -> bytes:
+        self.count("rate_limited")
+        err = RateLimited(f"rate limit exceeded ({self.opts.rate_limit.per_second:g}/s on "
+                          f"channel {self.name}); resend later" if self.opts.rate_limit
+                          else "rate limit exceeded; resend later")
+        return build_ack(Answering.from_raw(raw), "AE", at=self.host.now(),
+                         error=err).encode("ascii", "replace")
+
+    def bad_block(self, raw: bytes, reason: str) -> bytes:
+        return self._refuse(Rejected(reason, field="MSH"), raw, Answering.from_raw(raw),
+                            "ascii", self.host.now())
+
+    def truncated(self, partial: bytes) -> None:
+        """A connection closed inside a block: keep what came, nobody is left to answer."""
+        exc = Rejected("connection closed before the end of the MLLP block (truncated frame)",
+                       field="MSH")
+        to = Answering.from_raw(partial.lstrip(b"\x0b"))
+        try:
+            self.host.quarantine(exc, raw=partial, kind=self.opts.kind,
+                                 record=f"MSH-10 {to.control_id}" if to.control_id else None)
+        except HutongError as store_exc:
+            log.error("LIS adapter %s could not quarantine: %s", self.name, store_exc.code)
+        self.count("truncated")

@@ -1,0 +1,83 @@
+"""Why an inbound LIS message was not accepted, and which HL7 acknowledgement that deserves.
+
+These are v2-side outcomes: the ACK code (AR/AE) and the table 0357 error code travel back to the
+lab system in MSA/ERR, and the same error (with its stable ``HT-LIS-*`` code) names the reason in
+quarantine and audit. Messages never quote patient data, since they go into ACKs and quarantine
+reasons: they name the segment, the field and the record (MSH-10), never a value of a patient.
+
+AR (reject) means "this message will fail the same way if resent: fix it"; AE (error) means "we
+could not take it now or one field is wrong"; a rate-limited message gets AE so the LIS resends.
+"""
+
+from __future__ import annotations
+
+from bridge.errors import HutongError
+
+
+class LisMessageError(HutongError):
+    """A message this adapter will not turn into results."""
+
+    code = "HT-LIS"
+    #: MSA-1 answered for this problem
+    ack_code = "AE"
+    #: HL7 table 0357 message error condition code, for ERR-3 (v2.5) / ERR-1 (v2.3, v2.4)
+    hl7_error = "207"  # application internal error
+    http_status = 400
+
+    def __init__(self, reason: str, *, field: str | None = None,
+                 hl7_error: str | None = None) -> None:
+        super().__init__(f"{field}: {reason}" if field else reason)
+        self.reason = reason
+        self.field = field  # "OBX-5", "MSH-18" ...: where the problem is (ERR-2)
+        if hl7_error is not None:
+            self.hl7_error = hl7_error
+
+
+class Rejected(LisMessageError):
+    """The message itself is unacceptable (framing, encoding, version, structure): AR."""
+
+    code = "HT-LIS-STRUCTURE"
+    ack_code = "AR"
+    hl7_error = "100"  # segment sequence error
+
+
+class EncodingError(Rejected):
+    """The bytes do not decode with the declared (or channel default) character set."""
+
+    code = "HT-LIS-ENCODING"
+    hl7_error = "102"  # data type error
+
+
+class UnsupportedVersion(Rejected):
+    """MSH-12 names an HL7 version this adapter does not read (only 2.3 to 2.5.1)."""
+
+    code = "HT-LIS-VERSION"
+    hl7_error = "203"  # unsupported version id
+
+
+class UnsupportedMessage(Rejected):
+    """MSH-9 is not ORU^R01."""
+
+    code = "HT-LIS-TYPE"
+    hl7_error = "200"  # unsupported message type
+
+
+class BadField(LisMessageError):
+    """A field's content cannot be read (a number that is not one, an unknown status): AE."""
+
+    code = "HT-LIS-FIELD"
+    hl7_error = "102"  # data type error
+
+
+class MissingField(LisMessageError):
+    """A field the results need is empty (OBR-3 filler number, OBX-3 code, OBX-11 status)."""
+
+    code = "HT-LIS-REQUIRED"
+    hl7_error = "101"  # required field missing
+
+
+class RateLimited(LisMessageError):
+    """The channel's rate limit is exceeded: resend later (AE, not quarantined)."""
+
+    code = "HT-LIS-RATE"
+    hl7_error = "207"

@@ -1,0 +1,72 @@
+"""Results that arrive from another member: into the local FHIR store, linked to the referral.
+
+Runs as the dispatcher hook for ``result.*`` kinds, before the packet is handed to the local
+handler (the HIS adapter, or the spool), so by the time the HIS gets the Bundle the results are
+also readable through the local FHIR API. Idempotent by packet id. The sender's Patient is
+replaced by this side's own record of the patient: the referral's patient when the packet is on
+a referral thread known here, else the patient with the same keyed hash, else the sender's
+Patient is registered (with the hash, never an ID number: none travels).
+"""
+
+from __future__ import annotations
+
+import orjson
+from sqlalchemy import insert, select
+
+from bridge.audit.events import AuditEntry
+from bridge.context import NodeContext
+from bridge.delivery.handlers import Delivery
+from bridge.errors import InvalidResource
+from bridge.fhirstore import store
+from bridge.referral import resources as R
+from bridge.referral.tables import REFERRAL
+from bridge.results.tables import RESULT_PACKET
+
+
+class ResultsInbox:
+    def __init__(self, ctx: NodeContext) -> None:
+        self.ctx = ctx
+
+    def apply_packet(self, item: Delivery) -> None:
+        bundle = orjson.loads(item.body)
+        resources = [e.get("resource") or {} for e in bundle.get("entry") or ()]
+        if not any(r.get("resourceType") in ("DiagnosticReport", "Observation", "ImagingStudy")
+                   for r in resources):
+            raise InvalidResource("a result packet needs a DiagnosticReport, Observation or "
+                                  "ImagingStudy")
+        now = self.ctx.now()
+        with self.ctx.store.write() as conn:
+            if conn.execute(select(RESULT_PACKET.c.packet_id).where(
+                    RESULT_PACKET.c.packet_id == item.packet_id)).first():
+                return
+            row = conn.execute(select(REFERRAL).where(REFERRAL.c.thread == item.thread)).first()
+            phash = row.patient_hash if row is not None else item.patient_hash
+            theirs = next((r for r in resources if r.get("resourceType") == "Patient"), None)
+            mine: str | None = None
+            if row is not None:
+                mine = store.get(conn, "Task", row.task_id)["for"]["reference"]
+            elif phash:
+                local = store.find_patient_by_hash(conn, phash)
+                mine = R.ref(local) if local else None
+            alias = {R.ref(theirs): mine} if theirs is not None and mine else {}
+            thread = row.thread if row is not None else None
+            count = 0
+            for r in resources:
+                if r is theirs and mine:
+                    continue  # our own record of the patient stays as it is
+                if r.get("resourceType") == "Organization":
+                    store.put(conn, r, at=now, origin=item.sender)
+                else:
+                    store.put(conn, R.rewrite_refs(r, alias), at=now, thread=thread,
+                              origin=item.sender, patient_hash=phash)
+                count += 1
+            conn.execute(insert(RESULT_PACKET).values(
+                packet_id=item.packet_id, sender=item.sender, kind=item.kind, thread=thread,
+                patient_hash=phash, resources=count, at=now))
+            self.ctx.audit.append(conn, [AuditEntry(
+                action="results", packet_id=item.packet_id, kind=item.kind, peer=item.sender,
+                thread=item.thread, patient_hash=phash, at=now,
+                message=f"{count} result resource(s) stored"
+                        + ("" if row is not None else " (no referral known for the thread)"),
+                extra={"linked": row is not None})])
+
