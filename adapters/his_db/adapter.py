@@ -1,0 +1,415 @@
+"""The intermediate-database adapter: vendor rows -> referral steps, arrived packets -> inbox rows.
+
+Source side (a poll job every ``poll_every_s``): new rows of the HIS's outbound tables, found by
+:class:`~adapters.his_db.watermark.Watermark`, are read through the site's field maps
+(``fields/<record>.csv``, :mod:`bridge.mapping.fields`) into neutral slips and handed to the node
+with the row as source key (``ZZ_SQD:<id>``), so each row acts exactly once:
+
+* ``ZZ_SQD`` (referral)   -> ``host.submit_referral`` (:func:`~adapters.slips_fhir.referral_bundle`)
+* ``ZZ_JZD`` (acceptance) -> ``host.referral_step(thread, "accept" | "reject")``
+* ``ZZ_ZHD`` (+ lines)    -> ``arrive`` if not yet taken, then ``host.submit_referral`` of the
+  return bundle. The thread is the row's ``LSH`` (流水号, which the adapter wrote into the inbox
+  row the HIS answered), or else found through the slip number in the referral inbox.
+
+Bad rows are quarantined (``record`` ``ZZ_SQD#<id>``, ``field`` the vendor column) and the poll
+goes on with the next row: missing mandatory field, unparseable date, value not in the field
+map's value list, unknown diagnosis code (see :mod:`adapters.slips_fhir` for which code gaps
+travel and which are quarantined), bytes that do not decode in ``encoding`` (GBK BLOBs), and
+duplicate rows (a second row with the slip number of a row already sent). A transient failure
+(node store busy, vendor database down) ends the round; the next poll starts again there.
+
+GBK-era text: BLOB columns are decoded with the site's ``encoding`` option (default ``gbk``);
+text is stripped of leading/trailing whitespace including the full-width spaces (U+3000) that
+pad CHAR columns; full-width spaces inside text are kept (valid FHIR R4 strings).
+
+Sink side (``receives = ["referral.*"]``): after the workflow has applied a packet, the slip is
+written into the inbox tables (``ZZ_JS_SQD`` on the receiver; ``ZZ_JS_JZD`` and ``ZZ_JS_ZHD``
+with lines on the referrer), codes in the site's own catalogue, one transaction per packet,
+idempotent by the unique packet-id column ``XXID``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import MISSING, asdict, fields
+from datetime import timedelta, timezone
+from typing import Any
+
+import orjson
+from sqlalchemy import MetaData, Table, create_engine, insert, or_, select
+from sqlalchemy.exc import IntegrityError, NoSuchTableError, SQLAlchemyError
+from sqlalchemy.types import LargeBinary
+
+from adapters import slips_fhir as sf
+from adapters.base import BaseAdapter
+from adapters.his_db.options import Resolved
+from adapters.his_db.watermark import Watermark
+from adapters.slips import AcceptanceSlip, LabResult, Prescription, ReferralSlip, ReturnSlip
+from bridge import faults
+from bridge.delivery.handlers import Delivery
+from bridge.errors import (
+    HutongError,
+    MissingConsent,
+    Retry,
+    StoreError,
+    UnknownReference,
+)
+from bridge.mapping import FieldMapError, load_field_map
+
+log = logging.getLogger("hutong.adapters.his_db")
+CHINA = timezone(timedelta(hours=8))
+RECORDS: dict[str, type] = {"referral": ReferralSlip, "acceptance": AcceptanceSlip,
+                            "return": ReturnSlip, "prescription": Prescription,
+                            "lab_result": LabResult}
+
+
+def _slip(cls: type, values: dict[str, Any]) -> Any:
+    """A slip from field-mapped values; fields the map leaves out get empty values."""
+    out = dict(values)
+    for f in fields(cls):
+        if f.name not in out and f.default is MISSING and f.default_factory is MISSING:
+            out[f.name] = {"bool": False, "int": 0}.get(str(f.type), "")
+    return cls(**out)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, bytes | memoryview):
+        return {"bytes_hex": bytes(value).hex()}
+    return str(value)
+
+
+class HisDbAdapter(BaseAdapter):
+    def __init__(self, host: Any, opts: Resolved) -> None:
+        super().__init__(host, {})
+        self.opts = opts
+        self.me = host.node_id
+        self.fm = {rec: load_field_map(opts.fields, rec, fields=cls)
+                   for rec, cls in RECORDS.items()}
+        self.engine: Any = None
+        self._tables: dict[str, Table | None] = {}
+        self._meta = MetaData()  # this vendor database's reflected tables
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        args = {"timeout": 30} if self.opts.dsn.startswith("sqlite") else {}
+        self.engine = create_engine(self.opts.dsn, pool_pre_ping=True, connect_args=args)
+        self.host.every(self.opts.poll_every_s, self.poll)
+
+    def stop(self) -> None:
+        if self.engine is not None:
+            self.engine.dispose()
+
+    def table(self, logical: str) -> Table | None:
+        """The vendor table behind a logical name, reflected once; None if the HIS has none."""
+        if logical not in self._tables:
+            name = getattr(self.opts.tables, logical)
+            try:
+                self._tables[logical] = Table(name, self._meta, autoload_with=self.engine)
+            except NoSuchTableError:
+                log.warning("adapter %s: vendor table %s does not exist", self.name, name)
+                self._tables[logical] = None
+        return self._tables[logical]
+
+    # -- source side --------------------------------------------------------------------------
+
+    def poll(self) -> None:
+        """One round over the outbound tables (the node's scheduler runs one at a time)."""
+        try:
+            for logical, take in (("referral_out", self._take_referral),
+                                  ("acceptance_out", self._take_acceptance),
+                                  ("return_out", self._take_return)):
+                self._poll_table(logical, take)
+            self.ok()
+        except SQLAlchemyError as exc:  # the vendor database, not the node's
+            self.failed(f"vendor database: {type(exc).__name__}")
+            raise StoreError(f"vendor database unavailable ({type(exc).__name__})") from exc
+        except HutongError as exc:
+            self.failed(exc.code)
+            raise
+
+    def _poll_table(self, logical: str, take: Any) -> None:
+        table = self.table(logical)
+        if table is None:
+            return
+        store = self.host.store
+        wm = Watermark.load(store, f"adapter:{self.name}:watermark:{table.name}")
+        idc = table.c[self.opts.id_column]
+        cond = idc > wm.high
+        if wm.holes:
+            cond = or_(cond, idc.in_(sorted(wm.holes)))
+        with self.engine.connect() as conn:
+            rows = [dict(r._mapping) for r in conn.execute(
+                select(table).where(cond).order_by(idc).limit(self.opts.batch))]
+        if rows:
+            faults.point("his_db.after_poll")
+        for row in rows:
+            rid = int(row[self.opts.id_column])
+            take(table, rid, row)
+            now = self.host.now()
+            wm.taken(rid, now)
+            wm.save(store, now)
+        expired = wm.expire(self.host.now(), self.opts.hole_keep_s)
+        if expired:
+            wm.save(store, self.host.now())
+            self.count("holes_expired", len(expired))
+            log.info("adapter %s: %d id(s) of %s never committed, no longer watched",
+                     self.name, len(expired), table.name)
+
+    def _decode(self, row: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for column, value in row.items():
+            if isinstance(value, bytes | memoryview):
+                try:
+                    value = bytes(value).decode(self.opts.encoding)
+                except UnicodeDecodeError:
+                    raise sf.BadEncoding(column, f"bytes do not decode as {self.opts.encoding}"
+                                         ) from None
+            if isinstance(value, str):
+                value = value.strip()  # str.strip() also removes U+3000 padding
+            out[column] = value
+        return out
+
+    def _column(self, record: str, field: str) -> str:
+        head = field.split("[", 1)[0].split(".")[-1]
+        for rule in self.fm[record].rules:
+            if rule.field in (field, head):
+                return rule.column or field
+        return field
+
+    def _guard(self, table: Table, rid: int, row: dict[str, Any], record: str,
+               work: Any) -> None:
+        """Run ``work``; a permanent failure quarantines the row (naming column), then go on."""
+        key = f"{table.name}:{rid}"
+        if self.host.seen(key) is not None:
+            return  # taken before a crash that came before the watermark was saved
+        gaps: list[Any] = []
+        where, column = f"{table.name}#{rid}", None
+        try:
+            work(key, gaps)
+        except FieldMapError as exc:
+            column = exc.column or exc.field
+            error: HutongError = exc
+        except sf.SlipError as exc:
+            column = exc.field if exc.field.isupper() else self._column(record, exc.field)
+            error = exc
+            where = getattr(exc, "record", None) or where
+        except MissingConsent as exc:
+            column, error = self._column("referral", "consent_by"), exc
+        except UnknownReference as exc:
+            error = exc
+            column = self._column(record, "to_member" if record == "referral" else "slip_no")
+        except HutongError as exc:
+            if exc.retry is not Retry.PERMANENT:
+                raise
+            error = exc
+        except SQLAlchemyError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one odd row must not stop the others
+            error = HutongError(f"cannot read the record ({type(exc).__name__})")
+        else:
+            faults.point("his_db.after_submit")
+            if gaps:
+                sf.record_gaps(self.host.store, gaps, self.host.now())
+            self.count(f"{record}_sent")
+            return
+        self.count(f"{record}_quarantined")
+        self.host.quarantine(error, raw=orjson.dumps(row, default=_jsonable), record=where,
+                             field=column, kind=f"his-db.{record}")
+
+    def _check_duplicate(self, table: Table, rid: int, record: str, slip_no: str) -> None:
+        column = self._column(record, "slip_no")
+        with self.engine.connect() as conn:
+            earlier = conn.execute(select(table.c[self.opts.id_column]).where(
+                table.c[column] == slip_no, table.c[self.opts.id_column] != rid)
+                .order_by(table.c[self.opts.id_column])).scalars().all()
+        for other in earlier:
+            if self.host.seen(f"{table.name}:{other}") is not None:
+                raise sf.DuplicateRecord(column, f"slip number already sent as "
+                                                 f"{table.name}#{other} (duplicate row)")
+
+    def _take_referral(self, table: Table, rid: int, row: dict[str, Any]) -> None:
+        def work(key: str, gaps: list[Any]) -> None:
+            slip = _slip(ReferralSlip, self.fm["referral"].apply(self._decode(row)))
+            self._check_duplicate(table, rid, "referral", slip.slip_no)
+            bundle = sf.referral_bundle(
+                slip, self.host.maps, self.me, gaps=gaps,
+                national_id_system=self.host.plan.alliance.national_id_system)
+            self.host.submit_referral(bundle, source_key=key)
+        self._guard(table, rid, row, "referral", work)
+
+    def _thread(self, row: dict[str, Any], record: str, slip_no: str) -> str:
+        thread = str(row.get(self.opts.thread_column) or "").strip()
+        inbox = self.table("referral_in")
+        if not thread and inbox is not None:
+            with self.engine.connect() as conn:
+                thread = str(conn.execute(
+                    select(inbox.c[self.opts.thread_column])
+                    .where(inbox.c[self._column("referral", "slip_no")] == slip_no)
+                    .order_by(inbox.c[self.opts.id_column].desc())).scalar() or "")
+        if not thread or self.host.referral(thread) is None:
+            raise UnknownReference(f"no referral received here for this slip "
+                                   f"({self.opts.thread_column} / slip number)")
+        return thread
+
+    def _take_acceptance(self, table: Table, rid: int, row: dict[str, Any]) -> None:
+        def work(key: str, gaps: list[Any]) -> None:
+            slip = _slip(AcceptanceSlip, self.fm["acceptance"].apply(self._decode(row)))
+            thread = self._thread(row, "acceptance", slip.slip_no)
+            if slip.accepted:
+                outputs = sf.acceptance_outputs(slip, self.host.maps, me=self.me, gaps=gaps)
+                self.host.referral_step(thread, "accept", source_key=key, outputs=outputs)
+            else:
+                if not slip.reason:
+                    raise sf.MissingField("reason", "a rejection needs a reason")
+                self.host.referral_step(thread, "reject", source_key=key, reason=slip.reason)
+        self._guard(table, rid, row, "acceptance", work)
+
+    def _lines(self, logical: str, record: str, rid: int) -> list[Any]:
+        table = self.table(logical)
+        if table is None:
+            return []
+        with self.engine.connect() as conn:
+            rows = [dict(r._mapping) for r in conn.execute(
+                select(table).where(table.c[self.opts.line_parent_column] == rid)
+                .order_by(table.c[self.opts.line_order_column]))]
+        out = []
+        for line in rows:
+            try:
+                out.append(_slip(RECORDS[record], self.fm[record].apply(self._decode(line))))
+            except (FieldMapError, sf.SlipError) as exc:
+                column = getattr(exc, "column", None) or exc.field
+                err = sf.BadValue(column, exc.message)
+                err.record = f"{table.name}#{line[self.opts.id_column]}"  # type: ignore[attr-defined]
+                raise err from None
+        return out
+
+    def _take_return(self, table: Table, rid: int, row: dict[str, Any]) -> None:
+        def work(key: str, gaps: list[Any]) -> None:
+            slip = _slip(ReturnSlip, self.fm["return"].apply(self._decode(row)))
+            slip.prescriptions = self._lines("return_out_drugs", "prescription", rid)
+            slip.results = self._lines("return_out_labs", "lab_result", rid)
+            thread = self._thread(row, "return", slip.slip_no)
+            view = self.host.referral(thread)
+            ref = view["referral"]
+            if ref["status"] == "accepted":  # the return shows the patient came
+                self.host.referral_step(thread, "arrive", source_key=f"{key}:arrive")
+            task = self.host.resource("Task", ref["task_id"])
+            bundle = sf.return_bundle(slip, ref["sr_id"], task["for"]["reference"],
+                                      self.host.maps, me=self.me, gaps=gaps)
+            self.host.submit_referral(bundle, source_key=key)
+        self._guard(table, rid, row, "return", work)
+
+    # -- sink side ----------------------------------------------------------------------------
+
+    def deliver(self, item: Delivery) -> None:
+        body = orjson.loads(item.body)
+        entries = [e["resource"] for e in body.get("entry") or []]
+        header = next((r for r in entries if r["resourceType"] == "MessageHeader"), {})
+        event = (header.get("eventCoding") or {}).get("code")
+        view = self.host.referral(item.thread)
+        if view is None:
+            self.count("ignored")
+            return
+        side = view["referral"]["side"]
+        gaps: list[Any] = []
+        try:
+            if event == "request" and side == "receiver":
+                self._write_referral(item, view, gaps)
+            elif event in ("accept", "reject") and side == "referrer":
+                task = next(r for r in entries if r["resourceType"] == "Task")
+                self._write_acceptance(item, view, task, gaps)
+            elif event == "return" and side == "referrer":
+                self._write_return(item, view, gaps)
+            else:
+                self.count("ignored")
+                return
+        except SQLAlchemyError as exc:
+            self.failed(f"vendor database: {type(exc).__name__}")
+            raise StoreError(f"vendor database write failed ({type(exc).__name__})") from exc
+        if gaps:
+            sf.record_gaps(self.host.store, gaps, self.host.now())
+        self.count(f"{event}_written")
+        self.ok()
+
+    def _vendor_row(self, table: Table, record: str, slip: Any) -> dict[str, Any]:
+        values = self.fm[record].unapply(asdict(slip))
+        out: dict[str, Any] = {}
+        for column, value in values.items():
+            if column not in table.c:
+                continue
+            out[column] = value.encode(self.opts.encoding) \
+                if isinstance(table.c[column].type, LargeBinary) else value
+        return out
+
+    def _stamp(self, table: Table, item: Delivery) -> dict[str, Any]:
+        extra = {self.opts.packet_column: item.packet_id, self.opts.thread_column: item.thread,
+                 self.opts.received_at_column:
+                     self.host.now().astimezone(CHINA).strftime("%Y%m%d%H%M%S")}
+        return {k: v for k, v in extra.items() if k in table.c}
+
+    def _insert_once(self, table: Table, item: Delivery, values: dict[str, Any],
+                     lines: list[tuple[Table, list[dict[str, Any]]]] | None = None) -> None:
+        """One transaction; a packet already written (unique packet column) is left alone."""
+        try:
+            with self.engine.begin() as conn:
+                head = conn.execute(insert(table).values(**values, **self._stamp(table, item)))
+                parent = head.inserted_primary_key[0]
+                for line_table, rows in lines or []:
+                    for n, line in enumerate(rows, 1):
+                        conn.execute(insert(line_table).values(
+                            **line, **{self.opts.line_parent_column: parent,
+                                       self.opts.line_order_column: n}))
+        except IntegrityError:
+            with self.engine.connect() as conn:
+                there = conn.execute(select(table.c[self.opts.id_column]).where(
+                    table.c[self.opts.packet_column] == item.packet_id)).first()
+            if there is None:
+                raise
+            self.count("redelivered")
+
+    def _write_referral(self, item: Delivery, view: dict[str, Any], gaps: list[Any]) -> None:
+        table = self._need("referral_in")
+        ref = view["referral"]
+        task = next((r for r in view["resources"] if r["resourceType"] == "Task"
+                     and r["id"] == ref["task_id"]), None)
+        patient = None
+        if task is not None:
+            pid = task["for"]["reference"].split("/", 1)[1]
+            if not any(r["resourceType"] == "Patient" and r["id"] == pid
+                       for r in view["resources"]):
+                patient = self.host.resource("Patient", pid)
+        slip = sf.referral_from_fhir(view, self.host.maps, patient=patient, me=self.me,
+                                     gaps=gaps)
+        self._insert_once(table, item, self._vendor_row(table, "referral", slip))
+
+    def _slip_no(self, view: dict[str, Any]) -> str:
+        sr = next((r for r in view["resources"] if r["resourceType"] == "ServiceRequest"
+                   and r["id"] == view["referral"]["sr_id"]), {})
+        return sf.slip_no_of(sr)
+
+    def _write_acceptance(self, item: Delivery, view: dict[str, Any], task: dict[str, Any],
+                          gaps: list[Any]) -> None:
+        table = self._need("acceptance_in")
+        slip = sf.acceptance_from_task(task, self._slip_no(view), self.host.maps, me=self.me,
+                                       gaps=gaps)
+        self._insert_once(table, item, self._vendor_row(table, "acceptance", slip))
+
+    def _write_return(self, item: Delivery, view: dict[str, Any], gaps: list[Any]) -> None:
+        table = self._need("return_in")
+        slip = sf.return_from_fhir(view, self.host.maps, me=self.me, gaps=gaps)
+        lines = []
+        for logical, record, items in (("return_in_drugs", "prescription", slip.prescriptions),
+                                       ("return_in_labs", "lab_result", slip.results)):
+            line_table = self.table(logical)
+            if line_table is not None:
+                lines.append((line_table, [self._vendor_row(line_table, record, x)
+                                           for x in items]))
+        self._insert_once(table, item, self._vendor_row(table, "return", slip), lines)
+
+    def _need(self, logical: str) -> Table:
+        table = self.table(logical)
+        if table is None:
+            raise HutongError(f"vendor table {getattr(self.opts.tables, logical)} is missing")
+        return table
+

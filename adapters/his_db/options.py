@@ -1,0 +1,106 @@
+"""``[adapters.options]`` of a ``his-middle-db`` adapter, checked before anything starts.
+
+::
+
+    [adapters.options]
+    dsn = "sqlite:////var/lib/his/zhongjianku.db"   # or "file:../secrets/his.dsn" (PostgreSQL)
+    poll_every_s = 2.0
+    fields = "../../../mappings/yuetan-chc"          # folder holding fields/*.csv (default:
+                                                     # the adapter's ``mappings`` folder)
+    encoding = "gbk"                                 # BLOB text columns are bytes in this
+    [adapters.options.tables]                        # logical name -> vendor table name
+    referral_out = "ZZ_SQD"
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from bridge.errors import ConfigError
+
+if TYPE_CHECKING:
+    from bridge.local.host import AdapterHost
+
+TABLES = {
+    "referral_out": "ZZ_SQD", "acceptance_out": "ZZ_JZD", "return_out": "ZZ_ZHD",
+    "return_out_drugs": "ZZ_ZHD_YP", "return_out_labs": "ZZ_ZHD_JY",
+    "referral_in": "ZZ_JS_SQD", "acceptance_in": "ZZ_JS_JZD", "return_in": "ZZ_JS_ZHD",
+    "return_in_drugs": "ZZ_JS_ZHD_YP", "return_in_labs": "ZZ_JS_ZHD_JY",
+}
+
+
+class Tables(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    referral_out: str = TABLES["referral_out"]
+    acceptance_out: str = TABLES["acceptance_out"]
+    return_out: str = TABLES["return_out"]
+    return_out_drugs: str = TABLES["return_out_drugs"]
+    return_out_labs: str = TABLES["return_out_labs"]
+    referral_in: str = TABLES["referral_in"]
+    acceptance_in: str = TABLES["acceptance_in"]
+    return_in: str = TABLES["return_in"]
+    return_in_drugs: str = TABLES["return_in_drugs"]
+    return_in_labs: str = TABLES["return_in_labs"]
+
+
+class Options(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    dsn: str = Field(min_length=1)
+    poll_every_s: float = Field(default=2.0, gt=0)
+    batch: int = Field(default=100, ge=1, le=10_000)
+    fields: str | None = None
+    encoding: str = "gbk"
+    #: how long an id below the watermark that has no row yet is watched for a late commit
+    hole_keep_s: float = Field(default=3600.0, gt=0)
+    id_column: str = "ID"
+    thread_column: str = "LSH"  # the 流水号 the adapter writes to inbox rows, copied back by the HIS
+    packet_column: str = "XXID"  # unique column of inbox rows: the packet id
+    line_parent_column: str = "ZHD_ID"
+    line_order_column: str = "XH"
+    received_at_column: str = "JSSJ"
+    tables: Tables = Tables()
+
+
+class Resolved:
+    """Options with paths and the DSN resolved against the node file's folder."""
+
+    def __init__(self, opts: Options, dsn: str, fields: Path) -> None:
+        self.opts = opts
+        self.dsn = dsn
+        self.fields = fields
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.opts, name)
+
+
+def parse_options(host: AdapterHost, raw: dict[str, Any]) -> Resolved:
+    where = f"adapters.{host.adapter_name}.options"
+    try:
+        opts = Options.model_validate(raw)
+    except ValidationError as exc:
+        problems = [f"{where}.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
+        raise ConfigError("; ".join(problems)) from None
+    try:
+        "".encode(opts.encoding)
+    except LookupError:
+        raise ConfigError(f"{where}.encoding: unknown encoding {opts.encoding!r}") from None
+    dsn = opts.dsn
+    if dsn.startswith("file:"):
+        path = host.path(dsn[5:])
+        try:
+            dsn = path.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"{where}.dsn: cannot read {path} ({exc.strerror})") from None
+    if opts.fields is not None:
+        fields = host.path(opts.fields)
+    elif host.settings.mappings is not None:
+        fields = Path(host.settings.mappings)
+    else:
+        raise ConfigError(f"{where}.fields: no field map folder (set 'fields' or the adapter's "
+                          "'mappings')")
+    if not (fields / "fields").is_dir():
+        raise ConfigError(f"{where}.fields: {fields} has no fields/ folder")
+    return Resolved(opts, dsn, fields)

@@ -1,0 +1,349 @@
+"""A vendor HIS with its own intermediate database (中间库), as hospitals actually run them.
+
+The vendor's conventions (hard-coded here on purpose: this is the vendor, not Hutong) are what
+the site's field maps (``simulators/his_db_fields/*.csv``) must describe:
+
+* outbound tables the HIS writes and the adapter polls: ``ZZ_SQD`` 转诊申请单 (referrals sent),
+  ``ZZ_JZD`` 接诊单 (acceptances of referrals received), ``ZZ_ZHD`` 转回单 (returns) with lines
+  ``ZZ_ZHD_YP`` (drugs) and ``ZZ_ZHD_JY`` (lab results);
+* inbox tables the adapter writes: ``ZZ_JS_SQD``, ``ZZ_JS_JZD``, ``ZZ_JS_ZHD`` (+ ``_YP``,
+  ``_JY``), each with a unique ``XXID`` (the packet id: a re-delivery never adds a row) and
+  ``LSH`` (流水号: the referral thread, which the HIS copies into its acceptance and return);
+* pinyin column names, 性别 ``XB`` 1/2/9, dates ``CSRQ`` as ``yyyyMMdd`` text, times ``TXSJ``
+  as ``yyyyMMddHHmmss`` (China time), flags 1/0, referral type ``ZZLX`` 1..5;
+* row ids come from a sequence table ``ZZ_XH`` (like an Oracle sequence), so an id can be taken
+  early and its row committed after rows with higher ids ("late commit");
+* GBK era: ``BLZY`` (病历摘要) and ``ZLJG`` (诊疗经过) are BLOBs holding GBK bytes, and CHAR
+  columns come padded with full-width spaces (U+3000).
+
+CLI (a clinician-simulating process)::
+
+    python -m simulators.his_db --dsn sqlite:///his.db init
+    python -m simulators.his_db --dsn ... refer --json slip.json [--late-hold-s 5]
+    python -m simulators.his_db --dsn ... received      # inbox referrals as JSON lines
+
+``refer --late-hold-s N`` allocates the id, then holds the row for N seconds before committing
+it (meanwhile other writers commit rows with higher ids).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, fields
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    Column,
+    Connection,
+    Engine,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    insert,
+    select,
+    update,
+)
+
+from adapters.slips import AcceptanceSlip, LabResult, Prescription, ReferralSlip, ReturnSlip
+
+CHINA = timezone(timedelta(hours=8))
+PAD = "\u3000"  # full-width space: how GBK-era CHAR columns are padded
+ENCODING = "gbk"
+KIND_CODES = {"up-outpatient": "1", "up-inpatient": "2", "up-exam": "3", "down-outpatient": "4",
+              "down-discharge": "5"}
+GENDER_CODES = {"male": "1", "female": "2", "unknown": "9", "other": "9"}
+
+metadata = MetaData()
+
+
+def _id(auto: bool = False) -> Column[int]:
+    """Outbound ids come from ``ZZ_XH``; inbox ids are the database's own."""
+    return Column("ID", Integer, primary_key=True, autoincrement=auto)
+
+
+def _s(name: str, n: int = 64) -> Column[str]:
+    return Column(name, String(n))
+
+
+ZZ_XH = Table("ZZ_XH", metadata, Column("MC", String(32), primary_key=True),
+              Column("DQZ", Integer, nullable=False))
+
+_REFERRAL_COLS = ("ZZDH", "ZZLX", "JSJG", "HZXM", "XB", "CSRQ", "SFZH", "LXDH", "BLH", "ZDDM",
+                  "ZDMC", "ZZYY", "KSDM", "JZBZ", "TYR", "YSXM", "TXSJ")
+
+
+def _referral_table(name: str, inbox: bool) -> Table:
+    cols: list[Any] = [_id(inbox), *(_s(c, 200 if c == "ZZYY" else 64) for c in _REFERRAL_COLS)]
+    if inbox:
+        cols += [Column("BLZY", Text), Column("XXID", String(64), unique=True, nullable=False),
+                 _s("LSH"), _s("JSSJ", 14), Column("CLBZ", String(1), default="0")]
+    else:
+        cols += [Column("BLZY", LargeBinary), Column("ZT", String(1), default="1")]
+    return Table(name, metadata, *cols)
+
+
+ZZ_SQD = _referral_table("ZZ_SQD", inbox=False)
+ZZ_JS_SQD = _referral_table("ZZ_JS_SQD", inbox=True)
+
+_ACCEPT_COLS = ("ZZDH", "SFJS", "JJYY", "YYSJ", "KSDM", "CWH", "YSXM")
+
+
+def _accept_table(name: str, inbox: bool) -> Table:
+    extra = [Column("XXID", String(64), unique=True, nullable=False), _s("JSSJ", 14)] \
+        if inbox else [Column("ZT", String(1), default="1")]
+    return Table(name, metadata, _id(inbox), _s("LSH"),
+                 *(_s(c, 200 if c == "JJYY" else 64) for c in _ACCEPT_COLS), *extra)
+
+
+ZZ_JZD = _accept_table("ZZ_JZD", inbox=False)
+ZZ_JS_JZD = _accept_table("ZZ_JS_JZD", inbox=True)
+
+_RETURN_COLS = ("ZZDH", "CYBZ", "ZDDM", "ZDMC", "KFZD", "YSXM", "TXSJ")
+
+
+def _return_tables(name: str, inbox: bool) -> tuple[Table, Table, Table]:
+    extra = [Column("ZLJG", Text), Column("XXID", String(64), unique=True, nullable=False),
+             _s("JSSJ", 14)] if inbox else [Column("ZLJG", LargeBinary),
+                                            Column("ZT", String(1), default="1")]
+    head = Table(name, metadata, _id(inbox), _s("LSH"),
+                 *(_s(c, 1000 if c == "KFZD" else 64) for c in _RETURN_COLS), *extra)
+    drugs = Table(f"{name}_YP", metadata, _id(inbox), Column("ZHD_ID", Integer, index=True),
+                  Column("XH", Integer), *(_s(c) for c in ("YPDM", "YPMC", "YL", "PC", "TS")))
+    labs = Table(f"{name}_JY", metadata, _id(inbox), Column("ZHD_ID", Integer, index=True),
+                 Column("XH", Integer),
+                 *(_s(c) for c in ("XMDM", "XMMC", "JG", "DW", "BZ", "CKFW")))
+    return head, drugs, labs
+
+
+ZZ_ZHD, ZZ_ZHD_YP, ZZ_ZHD_JY = _return_tables("ZZ_ZHD", inbox=False)
+ZZ_JS_ZHD, ZZ_JS_ZHD_YP, ZZ_JS_ZHD_JY = _return_tables("ZZ_JS_ZHD", inbox=True)
+
+
+# -- vendor value conventions -----------------------------------------------------------------
+
+def vendor_time(iso: str) -> str:
+    return datetime.fromisoformat(iso).astimezone(CHINA).strftime("%Y%m%d%H%M%S") if iso else ""
+
+
+def iso_time(text: str) -> str:
+    return datetime.strptime(text, "%Y%m%d%H%M%S").replace(tzinfo=CHINA).isoformat() \
+        if text else ""
+
+
+def padded(text: str, width: int) -> str:
+    """A CHAR(n) column as the GBK-era HIS stores it: padded with full-width spaces."""
+    return text + PAD * max(0, width - len(text))
+
+
+def _clean(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bytes):
+        return value.decode(ENCODING)
+    return str(value).strip().strip(PAD)
+
+
+class HisDb:
+    """The vendor database: the HIS's writes (Python API for tests and the CLI) and reads."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self.engine: Engine = create_engine(dsn)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def init(self) -> HisDb:
+        metadata.create_all(self.engine)
+        return self
+
+    @contextmanager
+    def tx(self) -> Iterator[Connection]:
+        with self.engine.begin() as conn:
+            yield conn
+
+    # -- ids ------------------------------------------------------------------------------------
+
+    def allocate_id(self, table: str) -> int:
+        """Take the next id for ``table`` from the sequence, committed at once (like nextval)."""
+        with self.tx() as conn:
+            cur = conn.execute(select(ZZ_XH.c.DQZ).where(ZZ_XH.c.MC == table)
+                               .with_for_update()).scalar()
+            if cur is None:
+                conn.execute(insert(ZZ_XH).values(MC=table, DQZ=1))
+                return 1
+            conn.execute(update(ZZ_XH).where(ZZ_XH.c.MC == table).values(DQZ=cur + 1))
+            return int(cur) + 1
+
+    # -- the referring doctor ---------------------------------------------------------------------
+
+    def referral_row(self, slip: ReferralSlip) -> dict[str, Any]:
+        """A referral slip as the vendor stores it (before any quirk a test adds)."""
+        return {
+            "ZZDH": slip.slip_no, "ZZLX": KIND_CODES.get(slip.kind, slip.kind),
+            "JSJG": slip.to_member, "HZXM": padded(slip.patient_name, 10),
+            "XB": GENDER_CODES.get(slip.gender, slip.gender),
+            "CSRQ": slip.birth_date.replace("-", ""), "SFZH": slip.id_number,
+            "LXDH": slip.phone, "BLH": slip.mrn, "ZDDM": slip.diagnosis_code,
+            "ZDMC": slip.diagnosis_name, "ZZYY": slip.reason,
+            "BLZY": slip.summary.encode(ENCODING), "KSDM": slip.department_code,
+            "JZBZ": "1" if slip.urgent else "0", "TYR": slip.consent_by, "YSXM": slip.doctor,
+            "TXSJ": vendor_time(slip.written_at), "ZT": "1"}
+
+    def write_referral(self, slip: ReferralSlip | dict[str, Any], *,
+                       row_id: int | None = None, **override: Any) -> int:
+        """Insert one ``ZZ_SQD`` row (a slip, or raw vendor columns); returns its id."""
+        row = self.referral_row(slip) if isinstance(slip, ReferralSlip) else dict(slip)
+        row.update(override)
+        rid = row_id if row_id is not None else self.allocate_id("ZZ_SQD")
+        with self.tx() as conn:
+            conn.execute(insert(ZZ_SQD).values(ID=rid, **row))
+        return rid
+
+    # -- the receiving doctor -----------------------------------------------------------------
+
+    def received_rows(self) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(select(ZZ_JS_SQD)
+                                                           .order_by(ZZ_JS_SQD.c.ID))]
+
+    def received_referrals(self) -> list[ReferralSlip]:
+        out = []
+        for r in self.received_rows():
+            kinds = {v: k for k, v in KIND_CODES.items()}
+            out.append(ReferralSlip(
+                slip_no=_clean(r["ZZDH"]), kind=kinds.get(_clean(r["ZZLX"]), ""),
+                to_member=_clean(r["JSJG"]), patient_name=_clean(r["HZXM"]),
+                gender={"1": "male", "2": "female"}.get(_clean(r["XB"]), "unknown"),
+                birth_date=_date(_clean(r["CSRQ"])), id_number=_clean(r["SFZH"]),
+                phone=_clean(r["LXDH"]), mrn=_clean(r["BLH"]),
+                diagnosis_code=_clean(r["ZDDM"]), diagnosis_name=_clean(r["ZDMC"]),
+                reason=_clean(r["ZZYY"]), summary=_clean(r["BLZY"]),
+                department_code=_clean(r["KSDM"]), urgent=_clean(r["JZBZ"]) == "1",
+                consent_by=_clean(r["TYR"]), doctor=_clean(r["YSXM"]),
+                written_at=iso_time(_clean(r["TXSJ"]))))
+        return out
+
+    def thread_of(self, slip_no: str) -> str:
+        """The 流水号 the adapter stored with a received referral (the HIS copies it)."""
+        with self.engine.connect() as conn:
+            return str(conn.execute(select(ZZ_JS_SQD.c.LSH).where(ZZ_JS_SQD.c.ZZDH == slip_no)
+                                    .order_by(ZZ_JS_SQD.c.ID.desc())).scalar() or "")
+
+    def accept(self, slip: AcceptanceSlip) -> int:
+        rid = self.allocate_id("ZZ_JZD")
+        with self.tx() as conn:
+            conn.execute(insert(ZZ_JZD).values(
+                ID=rid, LSH=self.thread_of(slip.slip_no), ZZDH=slip.slip_no,
+                SFJS="1" if slip.accepted else "0", JJYY=slip.reason,
+                YYSJ=vendor_time(slip.appointment_at), KSDM=slip.department_code,
+                CWH=slip.bed_no, YSXM=slip.doctor, ZT="1"))
+        return rid
+
+    def write_return(self, slip: ReturnSlip) -> int:
+        rid = self.allocate_id("ZZ_ZHD")
+        with self.tx() as conn:
+            conn.execute(insert(ZZ_ZHD).values(
+                ID=rid, LSH=self.thread_of(slip.slip_no), ZZDH=slip.slip_no,
+                CYBZ="1" if slip.discharge else "0", ZDDM=slip.diagnosis_code,
+                ZDMC=slip.diagnosis_name, ZLJG=slip.course.encode(ENCODING), KFZD=slip.advice,
+                YSXM=slip.doctor, TXSJ=vendor_time(slip.written_at), ZT="1"))
+            for n, p in enumerate(slip.prescriptions, 1):
+                conn.execute(insert(ZZ_ZHD_YP).values(
+                    ID=rid * 1000 + n, ZHD_ID=rid, XH=n, YPDM=p.drug_code, YPMC=p.drug_name,
+                    YL=p.dose, PC=p.frequency, TS=str(p.days)))
+            for n, lab in enumerate(slip.results, 1):
+                conn.execute(insert(ZZ_ZHD_JY).values(
+                    ID=rid * 1000 + n, ZHD_ID=rid, XH=n, XMDM=lab.item_code, XMMC=lab.item_name,
+                    JG=lab.value, DW=lab.unit, BZ=lab.flag, CKFW=lab.reference_range))
+        return rid
+
+    # -- what came back to the referrer -------------------------------------------------------
+
+    def received_acceptances(self) -> list[AcceptanceSlip]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(ZZ_JS_JZD).order_by(ZZ_JS_JZD.c.ID)).all()
+        return [AcceptanceSlip(
+            slip_no=_clean(r.ZZDH), accepted=_clean(r.SFJS) == "1", reason=_clean(r.JJYY),
+            appointment_at=iso_time(_clean(r.YYSJ)), department_code=_clean(r.KSDM),
+            bed_no=_clean(r.CWH), doctor=_clean(r.YSXM)) for r in rows]
+
+    def received_returns(self) -> list[ReturnSlip]:
+        out = []
+        with self.engine.connect() as conn:
+            for r in conn.execute(select(ZZ_JS_ZHD).order_by(ZZ_JS_ZHD.c.ID)).all():
+                drugs = conn.execute(select(ZZ_JS_ZHD_YP).where(ZZ_JS_ZHD_YP.c.ZHD_ID == r.ID)
+                                     .order_by(ZZ_JS_ZHD_YP.c.XH)).all()
+                labs = conn.execute(select(ZZ_JS_ZHD_JY).where(ZZ_JS_ZHD_JY.c.ZHD_ID == r.ID)
+                                    .order_by(ZZ_JS_ZHD_JY.c.XH)).all()
+                out.append(ReturnSlip(
+                    slip_no=_clean(r.ZZDH), discharge=_clean(r.CYBZ) == "1",
+                    diagnosis_code=_clean(r.ZDDM), diagnosis_name=_clean(r.ZDMC),
+                    course=_clean(r.ZLJG), advice=_clean(r.KFZD), doctor=_clean(r.YSXM),
+                    written_at=iso_time(_clean(r.TXSJ)),
+                    prescriptions=[Prescription(_clean(d.YPDM), _clean(d.YPMC), _clean(d.YL),
+                                                _clean(d.PC), int(_clean(d.TS) or 0))
+                                   for d in drugs],
+                    results=[LabResult(_clean(x.XMDM), _clean(x.XMMC), _clean(x.JG),
+                                       _clean(x.DW), _clean(x.BZ), _clean(x.CKFW))
+                             for x in labs]))
+        return out
+
+    def count(self, table: Table) -> int:
+        with self.engine.connect() as conn:
+            return len(conn.execute(select(table.c.ID)).all())
+
+
+def _date(text: str) -> str:
+    return f"{text[:4]}-{text[4:6]}-{text[6:8]}" if len(text) == 8 else text
+
+
+# -- CLI --------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m simulators.his_db", description=__doc__)
+    ap.add_argument("--dsn", required=True, help="SQLAlchemy DSN of the vendor database")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("init", help="create the vendor tables")
+    refer = sub.add_parser("refer", help="write a referral row (ZZ_SQD) from a slip as JSON")
+    refer.add_argument("--json", required=True, help="file with a ReferralSlip as JSON ('-': stdin)")
+    refer.add_argument("--late-hold-s", type=float, default=0.0,
+                       help="allocate the id now, commit the row after this many seconds")
+    sub.add_parser("received", help="print received referrals (ZZ_JS_SQD) as JSON lines")
+    args = ap.parse_args(argv)
+    db = HisDb(args.dsn)
+    try:
+        if args.cmd == "init":
+            db.init()
+        elif args.cmd == "refer":
+            text = sys.stdin.read() if args.json == "-" else \
+                Path(args.json).read_text(encoding="utf-8")
+            data = json.loads(text)
+            slip = ReferralSlip(**{f.name: data[f.name] for f in fields(ReferralSlip)})
+            rid = db.allocate_id("ZZ_SQD")
+            print(json.dumps({"allocated": rid}), flush=True)
+            if args.late_hold_s:
+                time.sleep(args.late_hold_s)  # the clinician is still typing
+            db.write_referral(slip, row_id=rid)
+            print(json.dumps({"committed": rid}), flush=True)
+        elif args.cmd == "received":
+            for s in db.received_referrals():
+                print(json.dumps(asdict(s), ensure_ascii=False))
+    finally:
+        db.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
