@@ -140,4 +140,9 @@ def create_local_app(node: Node) -> FastAPI:
                 [(i["report"], patient_hash) for i in items], ctx.now()))
         return {"patient_hash": patient_hash, "node": ctx.node_id, "results": items}
 
+    for adapter in node.adapters.values():  # an adapter may offer routes of its own (no import)
+        routes = getattr(adapter, "local_routes", None)
+        if routes is not None:
+            app.include_router(routes(), prefix=f"/local/v1/adapters/{adapter.name}")
+
     return app

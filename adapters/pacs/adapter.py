@@ -1,0 +1,450 @@
+"""The PACS adapter: a DICOM peer on the hospital LAN and the imaging side of the node.
+
+* **Store SCP.** Modalities or the vendor PACS C-STORE studies to us. Each instance is written
+  to ``<data_dir>/studies/<study>/<series>/<sop>.dcm`` exactly as received (``encoded_dataset``:
+  the peer's data set bytes, never decoded and re-encoded, behind the File Meta Information
+  pynetdicom derives from the presentation context), fsynced, and only then answered with
+  Success. A study is *complete* when an association that stored into it ends (released or
+  aborted), or when no instance arrived for ``complete_after_s`` while an association stays
+  open; completing builds the ImagingStudy from every stored header (a later association
+  adding instances gives a new version, never a second study). Files found at start without
+  an up-to-date ImagingStudy are completed then, so an ack given before a crash is not lost.
+* **Query.** C-FIND (Study Root, study and series level) against the vendor PACS by patient ID
+  and/or date: each answer becomes an ImagingStudy (counts from the PACS) in the node store.
+* **Reports.** A DICOM SR stored with the study, or an HL7 v2 ORU^R01 text report, becomes a
+  DiagnosticReport referring to the ImagingStudy, with the conclusion.
+* **On-demand fetch** (:mod:`adapters.pacs.fetch`). Images stay in the producing PACS. A member
+  asks for a study with ``imaging.fetch-request``; we answer from our files, or first C-GET the
+  study from the vendor PACS, with ``imaging.fetch-response`` packets carrying the files
+  unchanged. The asking side checks each file's size and SHA-1, writes it to
+  ``<data_dir>/fetched/...`` and serves the study as a zip on the local API.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from pydicom.dataset import Dataset
+from sqlalchemy import select
+
+from adapters.base import BaseAdapter
+from adapters.pacs import dimse, fetch
+from adapters.pacs.errors import DicomRejected, FetchFailed, PacsFailed, ReportRejected
+from adapters.pacs.files import InstanceStore, check_uid, read_header
+from adapters.pacs.options import parse_options
+from adapters.pacs.report import parse_oru, report_from_oru, report_from_sr
+from adapters.pacs.study import (
+    imaging_study,
+    imaging_study_from_find,
+    patient_info,
+    patient_resource,
+    study_resource_id,
+    text,
+)
+from bridge.audit.events import AuditEntry
+from bridge.errors import ConfigError, HutongError, NotFound
+from bridge.fhir.validate import validate_resource
+from bridge.fhirstore import store as fstore
+from bridge.fhirstore.tables import FHIR_RESOURCE
+from bridge.privacy import patient_hash
+
+if TYPE_CHECKING:
+    from bridge.delivery.handlers import Delivery
+    from bridge.local.host import AdapterHost
+
+log = logging.getLogger("hutong.adapters.pacs")
+
+SUCCESS, OUT_OF_RESOURCES, CANNOT_UNDERSTAND = 0x0000, 0xA700, 0xC000
+
+
+class PacsAdapter(BaseAdapter):
+    def __init__(self, host: AdapterHost, options: dict[str, Any]) -> None:
+        super().__init__(host, options)
+        self.opts = parse_options(self.name, options)
+        self.pacs_id_system = (self.opts.patient_id_system
+                               or f"urn:hutong:{host.node_id}:pacs-patient-id")
+        self.accession_system = (self.opts.accession_system
+                                 or f"urn:hutong:{host.node_id}:accession")
+        self.instances = InstanceStore(host.data_dir / "studies")
+        self.fetched = InstanceStore(host.data_dir / "fetched")
+        self.listener = dimse.StoreListener(self.opts, self._on_store, self._complete_all)
+        self._pending: dict[str, float] = {}  # study UID -> monotonic time of its last instance
+        self._lock = threading.Lock()  # one study build at a time (SCP threads, jobs, fetches)
+
+    # -- life cycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        for study in self.instances.studies():  # recovered on the first idle round
+            self._pending[study] = 0.0
+        self.listener.start()
+        self.host.every(min(max(self.opts.complete_after_s / 3, 0.5), 10.0), self._complete_idle,
+                        "complete")
+
+    def stop(self) -> None:
+        self.listener.stop()
+
+    def status(self) -> dict[str, Any]:
+        out = super().status()
+        out["pending_studies"] = len(self._pending)
+        return out
+
+    # -- Store SCP ------------------------------------------------------------------------------
+
+    def _on_store(self, event: Any) -> tuple[int, str | None]:
+        """Commit one received instance, then give the status to answer (never raises)."""
+        raw: bytes = event.encoded_dataset()
+        hint = str(getattr(event.request, "AffectedSOPInstanceUID", "") or "unknown")
+        try:
+            ds = read_header(raw)
+            sop = check_uid(ds.get("SOPInstanceUID"), record=hint,
+                            field="SOPInstanceUID (0008,0018)")
+            if sop != hint:
+                raise DicomRejected(f"instance {hint}: SOPInstanceUID (0008,0018) differs from "
+                                    "the C-STORE's Affected SOP Instance UID")
+            study = check_uid(ds.get("StudyInstanceUID"), record=sop,
+                              field="StudyInstanceUID (0020,000D)")
+            series = check_uid(ds.get("SeriesInstanceUID"), record=sop,
+                               field="SeriesInstanceUID (0020,000E)")
+            if not text(ds, "PatientID"):
+                raise DicomRejected(f"instance {sop}: PatientID (0010,0020) is missing")
+            self.instances.write(study, series, sop, raw)
+        except DicomRejected as exc:
+            self.count("instances_rejected")
+            try:
+                self.host.quarantine(exc, raw=raw, kind="imaging.instance")
+            except Exception:
+                log.exception("quarantine of a rejected instance failed")
+                return OUT_OF_RESOURCES, None
+            return CANNOT_UNDERSTAND, None
+        except OSError as exc:
+            self.failed(f"cannot write an instance: {exc.strerror or type(exc).__name__}")
+            return OUT_OF_RESOURCES, None
+        with self._lock:
+            self._pending[study] = time.monotonic()
+        self.count("instances_received")
+        return SUCCESS, study
+
+    def _complete_all(self, studies: set[str]) -> None:
+        for study in sorted(studies):
+            self.complete(study)
+
+    def _complete_idle(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            due = [s for s, at in self._pending.items() if now - at >= self.opts.complete_after_s]
+        for study in due:
+            if self._pending.get(study) == 0.0 and self._is_current(study):
+                self._pending.pop(study, None)
+                continue
+            self.complete(study)
+
+    def _is_current(self, study: str) -> bool:
+        """At start: does the stored ImagingStudy already count every file on disk?"""
+        try:
+            res = self.host.resource("ImagingStudy", study_resource_id(study))
+        except NotFound:
+            return False
+        return res.get("numberOfInstances") == len(self.instances.study_files(study))
+
+    # -- building resources ---------------------------------------------------------------------
+
+    def _subject(self, ds: Dataset) -> tuple[dict[str, Any], str | None, dict[str, Any] | None]:
+        """(subject reference, patient hash, new Patient to store or None) for a header."""
+        info = patient_info(ds, national_id_issuer=self.opts.national_id_issuer,
+                            id_is_national=self.opts.patient_id_is_national_id)
+        phash = patient_hash(self.host.plan.patient_hash_key, info.national_id) \
+            if info.national_id else None
+        with self.host.store.read() as conn:
+            found = fstore.find_patient_by_hash(conn, phash) if phash else None
+            if found is None and info.pacs_id:
+                found = fstore.find_by_identifier(conn, "Patient", self.pacs_id_system,
+                                                  info.pacs_id)
+                if found is not None and phash is None:
+                    phash = fstore.get_row(conn, "Patient", found["id"]).patient_hash
+        if found is not None:
+            return {"reference": f"Patient/{found['id']}"}, phash, None
+        patient = patient_resource(info, pacs_id_system=self.pacs_id_system,
+                                   national_system=self.host.plan.alliance.national_id_system)
+        return {"reference": f"Patient/{patient['id']}"}, phash, patient
+
+    def _put(self, resources: list[dict[str, Any]], phash: str | None, action: str,
+             message: str, thread: str | None = None) -> None:
+        for r in resources:
+            validate_resource(r)  # once, before it is stored (InvalidFhir names the path)
+        now = self.host.now()
+        with self.host.store.write() as conn:
+            for r in resources:
+                fstore.put(conn, r, at=now, origin=self.host.node_id, patient_hash=phash,
+                           thread=thread)
+            self.host.ctx.audit.append(conn, [AuditEntry(
+                action=action, at=now, actor=f"adapter:{self.name}", patient_hash=phash,
+                thread=thread, message=message)])
+
+    def complete(self, study_uid: str) -> dict[str, Any] | None:
+        """(Re)build and store the ImagingStudy (+ Patient, + SR reports) of a stored study."""
+        with self._lock:
+            self._pending.pop(study_uid, None)
+            files = self.instances.study_files(study_uid)
+            if not files:
+                return None
+            headers = [read_header(p) for p in files]
+            subject, phash, patient = self._subject(headers[0])
+            study = imaging_study(headers, study_uid=study_uid, subject=subject,
+                                  tz=self.opts.timezone, accession_system=self.accession_system)
+            ref = {"reference": f"ImagingStudy/{study['id']}"}
+            reports = [report_from_sr(h, subject=subject, study_ref=ref, tz=self.opts.timezone)
+                       for h in headers if text(h, "Modality") == "SR"]
+            self._put([*([patient] if patient else []), study, *reports], phash,
+                      "imaging-study-stored",
+                      f"{study['numberOfSeries']} series, {study['numberOfInstances']} instances, "
+                      f"{len(reports)} SR reports")
+        self.count("studies_completed")
+        self.ok()
+        return study
+
+    # -- C-FIND ---------------------------------------------------------------------------------
+
+    def _pacs(self) -> Any:
+        if self.opts.pacs is None:
+            raise ConfigError(f"adapters.{self.name}.options.pacs: no vendor PACS configured")
+        return self.opts.pacs
+
+    def query(self, *, patient_id: str | None, study_date: str | None,
+              actor: str) -> list[dict[str, Any]]:
+        """C-FIND the vendor PACS; every study found becomes (or stays) an ImagingStudy."""
+        pacs, o = self._pacs(), self.opts
+        found = dimse.find_studies(pacs, o.ae_title, o.timeout_s, patient_id=patient_id,
+                                   study_date=study_date)
+        out = []
+        for ds in found:
+            uid = check_uid(ds.get("StudyInstanceUID"), record="C-FIND answer",
+                            field="StudyInstanceUID (0020,000D)")
+            if self.instances.study_files(uid):  # we hold the instances: the full one stands
+                study = self.host.resource("ImagingStudy", study_resource_id(uid))
+            else:
+                series = dimse.find_series(pacs, o.ae_title, o.timeout_s, uid)
+                subject, phash, patient = self._subject(ds)
+                study = imaging_study_from_find(ds, series, study_uid=uid, subject=subject,
+                                                tz=o.timezone,
+                                                accession_system=self.accession_system)
+                self._put([*([patient] if patient else []), study], phash, "imaging-query",
+                          f"C-FIND by {actor}: study known from the PACS")
+            out.append({"id": study["id"], "study_uid": uid,
+                        "number_of_series": study.get("numberOfSeries"),
+                        "number_of_instances": study.get("numberOfInstances")})
+        self.ok()
+        return out
+
+    def retrieve(self, study_uid: str) -> list[Path]:
+        """C-GET a study from the vendor PACS into our files, then complete it."""
+        pacs, o = self._pacs(), self.opts
+        classes = dimse.find_sop_classes(pacs, o.ae_title, o.timeout_s, study_uid)
+        if classes:
+            dimse.get_study(pacs, o.ae_title, o.timeout_s, study_uid, classes,
+                            lambda event: self._on_store(event)[0])
+            self.complete(study_uid)
+        return self.instances.study_files(study_uid)
+
+    # -- HL7 ORU report -------------------------------------------------------------------------
+
+    def take_report(self, message: str, actor: str) -> dict[str, Any]:
+        try:
+            oru = parse_oru(message, self.opts.timezone)
+            with self.host.store.read() as conn:
+                study = None
+                if oru.study_uid:
+                    rid = study_resource_id(oru.study_uid)
+                    study = fstore.get(conn, "ImagingStudy", rid) \
+                        if fstore.exists(conn, "ImagingStudy", rid) else None
+                if study is None and oru.accession:
+                    study = fstore.find_by_identifier(conn, "ImagingStudy",
+                                                      self.accession_system, oru.accession)
+                if study is None:
+                    raise ReportRejected(f"record {oru.control_id} field ZDS-1/OBR-3: no "
+                                         "ImagingStudy here for this report's study")
+                phash = fstore.get_row(conn, "ImagingStudy", study["id"]).patient_hash
+        except ReportRejected as exc:
+            self.host.quarantine(exc, raw=message.encode("utf-8"), kind="imaging.report")
+            raise
+        report = report_from_oru(oru, subject=study["subject"],
+                                 study_ref={"reference": f"ImagingStudy/{study['id']}"})
+        self._put([report], phash, "imaging-report-stored", f"ORU report by {actor}")
+        return {"id": report["id"], "imaging_study": study["id"], "status": report["status"]}
+
+    # -- on-demand fetch: both sides ------------------------------------------------------------
+
+    def request_fetch(self, peer: str, study_uid: str, actor: str) -> dict[str, Any]:
+        """Ask ``peer`` for a study; a Task here tracks it (requested -> completed/failed)."""
+        uid = check_uid(study_uid, record="fetch request", field="study_uid")
+        phash = None
+        with self.host.store.read() as conn:
+            rid = study_resource_id(uid)
+            if fstore.exists(conn, "ImagingStudy", rid):
+                phash = fstore.get_row(conn, "ImagingStudy", rid).patient_hash
+        now = self.host.now()
+        task_id, thread = str(uuid.uuid4()), str(uuid.uuid4())
+        task = fetch.request_task(task_id, uid, self.host.node_id, peer,
+                                  now.isoformat(timespec="seconds"))
+        validate_resource(task)
+
+        def write(conn: Any) -> None:
+            fstore.put(conn, copy.deepcopy(task), at=now, thread=thread,
+                       origin=self.host.node_id, patient_hash=phash)
+            self.host.ctx.audit.append(conn, [AuditEntry(
+                action="imaging-fetch-requested", at=now, actor=actor, peer=peer,
+                kind=fetch.KIND_REQUEST, thread=thread, patient_hash=phash)])
+
+        self.host.send(peer, fetch.KIND_REQUEST, [fetch.request_bundle(task, phash)],
+                       thread=thread, write=write)
+        self.count("fetches_requested")
+        return {"task_id": task_id, "thread": thread}
+
+    def deliver(self, item: Delivery) -> None:
+        if item.kind == fetch.KIND_REQUEST:
+            self._serve(item)
+        elif item.kind == fetch.KIND_RESPONSE:
+            self._receive(item)
+        else:
+            raise HutongError(f"adapter '{self.name}' does not take kind {item.kind}")
+
+    def _reports_for(self, study_id: str) -> list[dict[str, Any]]:
+        ref = f"ImagingStudy/{study_id}"
+        with self.host.store.read() as conn:
+            rows = conn.execute(select(FHIR_RESOURCE.c.body).where(
+                FHIR_RESOURCE.c.rtype == "DiagnosticReport",
+                FHIR_RESOURCE.c.origin == self.host.node_id)).all()
+        found = [orjson.loads(r.body) for r in rows]
+        return [r for r in found if any(s.get("reference") == ref
+                                        for s in r.get("imagingStudy") or ())]
+
+    def _serve(self, item: Delivery) -> None:
+        key = f"fetch:{item.packet_id}"
+        if self.host.seen(key) is not None:
+            return  # redelivered after a crash: the answer was already queued
+        req = fetch.parse_request(item.body)
+        phash, reason, files = req.patient_hash, None, self.instances.study_files(req.study_uid)
+        rid = study_resource_id(req.study_uid)
+        try:
+            expected = self.host.resource("ImagingStudy", rid).get("numberOfInstances")
+        except NotFound:
+            expected = None
+        if self.opts.pacs is not None and (not files or (expected or 0) > len(files)):
+            try:
+                files = self.retrieve(req.study_uid)  # PacsUnavailable: retried with backoff
+            except PacsFailed as exc:
+                reason = exc.message
+        bundles: list[dict[str, Any]] = []
+        if files:
+            with self.host.store.read() as conn:
+                study = fstore.get(conn, "ImagingStudy", rid)
+                phash = fstore.get_row(conn, "ImagingStudy", rid).patient_hash or phash
+            first = [study, *self._reports_for(rid)]
+            for r in first:
+                r.pop("meta", None)
+                r["subject"] = fetch.hash_subject(phash)
+            instances = [(p.stem, p.read_bytes()) for p in files]
+            budget = fetch.raw_budget(self.host.plan.limits.max_body_bytes,
+                                      self.opts.fetch_chunk_bytes)
+            try:
+                bundles = fetch.response_bundles(req, instances, first, budget,
+                                                 patient_hash=phash)
+            except FetchFailed as exc:
+                reason = exc.message
+        elif reason is None:
+            reason = "study not held here"
+        if reason is not None:
+            bundles = [fetch.failure_bundle(req, reason, patient_hash=phash)]
+        now = self.host.now()
+        served = sum(1 for b in bundles for e in b["entry"]
+                     if e["resource"]["resourceType"] == "Binary")
+
+        def write(conn: Any) -> None:
+            self.host.ctx.audit.append(conn, [AuditEntry(
+                action="imaging-fetch-served", outcome="0" if reason is None else "4",
+                at=now, actor=f"adapter:{self.name}", peer=item.sender,
+                kind=fetch.KIND_RESPONSE, thread=item.thread, patient_hash=phash,
+                message=reason or f"{served} instances in {len(bundles)} packets")])
+
+        self.host.send(item.sender, fetch.KIND_RESPONSE, bundles, thread=item.thread,
+                       source_key=key, write=write)
+        self.count("fetches_served" if reason is None else "fetches_refused")
+
+    def _receive(self, item: Delivery) -> None:
+        resp = fetch.parse_response(item.body)
+        try:
+            task = self.host.resource("Task", resp.task_id)
+        except NotFound:
+            raise FetchFailed(f"response for Task/{resp.task_id}, which was never asked for "
+                              "here") from None
+        owner = ((task.get("owner") or {}).get("identifier") or {}).get("value")
+        if owner != item.sender:
+            raise FetchFailed(f"response for Task/{resp.task_id} came from {item.sender}, "
+                              f"not from {owner}")
+        for sop, data in resp.instances:
+            try:
+                ds = read_header(data)
+            except DicomRejected:
+                raise FetchFailed(f"instance {sop}: not a readable DICOM file") from None
+            if str(ds.get("SOPInstanceUID")) != sop or \
+                    str(ds.get("StudyInstanceUID")) != resp.study_uid:
+                raise FetchFailed(f"instance {sop}: UIDs differ from the manifest")
+            series = check_uid(ds.get("SeriesInstanceUID"), record=sop,
+                               field="SeriesInstanceUID (0020,000E)")
+            self.fetched.write(resp.study_uid, series, sop, data)
+        have = len(self.fetched.study_files(resp.study_uid))
+        now = self.host.now()
+        task = dict(task)
+        if resp.status == "failed":
+            task["status"] = "failed"
+            task["statusReason"] = {"text": resp.reason or "refused by the holder"}
+        else:
+            task["status"] = "completed" if have >= resp.total else "in-progress"
+        task["businessStatus"] = {"text": f"{have}/{resp.total} instances"}
+        task["lastModified"] = now.isoformat(timespec="seconds")
+        with self.host.store.read() as conn:
+            local = fstore.find_patient_by_hash(conn, resp.patient_hash) \
+                if resp.patient_hash else None
+        for r in resp.resources:
+            if local is not None:
+                r["subject"] = {"reference": f"Patient/{local['id']}"}
+        for r in [*resp.resources, task]:
+            validate_resource(r)
+        with self.host.store.write() as conn:
+            for r in resp.resources:
+                fstore.put(conn, r, at=now, origin=item.sender, patient_hash=resp.patient_hash)
+            fstore.put(conn, task, at=now, thread=item.thread, origin=self.host.node_id)
+            self.host.ctx.audit.append(conn, [AuditEntry(
+                action="imaging-fetch-received", at=now, actor=f"adapter:{self.name}",
+                peer=item.sender, kind=item.kind, thread=item.thread, packet_id=item.packet_id,
+                patient_hash=resp.patient_hash, outcome="0" if resp.status != "failed" else "4",
+                message=f"part {resp.part}: {len(resp.instances)} instances, "
+                        f"{have}/{resp.total} held")])
+        self.count("instances_fetched", len(resp.instances))
+        self.ok()
+
+    def fetched_files(self, task_id: str) -> tuple[dict[str, Any], list[Path]]:
+        task = self.host.resource("Task", task_id)
+        ident = ((task.get("focus") or {}).get("identifier") or {}).get("value", "")
+        uid = str(ident).removeprefix("urn:oid:")
+        return task, self.fetched.study_files(uid) if task.get("status") == "completed" else []
+
+    def fetched_patient_hash(self, task_id: str) -> str | None:
+        task = self.host.resource("Task", task_id)
+        uid = str(task["input"][0]["valueOid"]).removeprefix("urn:oid:")
+        with self.host.store.read() as conn:
+            rid = study_resource_id(uid)
+            if fstore.exists(conn, "ImagingStudy", rid):
+                return fstore.get_row(conn, "ImagingStudy", rid).patient_hash
+        return None
+
+    def local_routes(self) -> Any:
+        from adapters.pacs.routes import pacs_router
+
+        return pacs_router(self)

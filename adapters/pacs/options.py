@@ -1,0 +1,57 @@
+"""The ``[adapters.options]`` of a ``pacs-dicom`` adapter, checked before anything starts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from bridge.errors import ConfigError
+
+
+class PeerAE(BaseModel):
+    """Another DICOM application entity: where to reach it and what it is called."""
+
+    model_config = ConfigDict(extra="forbid")
+    host: str
+    port: int = Field(ge=1, le=65535)
+    ae_title: str = Field(min_length=1, max_length=16)
+
+
+class PacsOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ae_title: str = Field("HUTONG", min_length=1, max_length=16)  # our AE title
+    bind: str = "127.0.0.1:11112"  # where our Store SCP listens (hospital LAN only)
+    pacs: PeerAE | None = None  # the vendor PACS: C-FIND to query, C-GET to retrieve
+    complete_after_s: float = Field(30.0, gt=0)  # idle time that completes an open study
+    national_id_issuer: str = "2.16.156.10011.1.3"  # IssuerOfPatientID of the national ID
+    patient_id_is_national_id: bool = False  # some PACS keep the ID card number as PatientID
+    patient_id_system: str | None = None  # default urn:hutong:<node>:pacs-patient-id
+    accession_system: str | None = None  # default urn:hutong:<node>:accession
+    timezone: str = Field("+08:00", pattern=r"^[+-]\d\d:\d\d$")  # DICOM times are local
+    fetch_chunk_bytes: int | None = Field(None, gt=0)  # raw DICOM bytes per response packet
+    timeout_s: float = Field(30.0, gt=0)  # ACSE, DIMSE and network timeouts
+
+    @property
+    def bind_host(self) -> str:
+        return self.bind.rsplit(":", 1)[0].strip("[]")
+
+    @property
+    def bind_port(self) -> int:
+        return int(self.bind.rsplit(":", 1)[1])
+
+
+def parse_options(name: str, options: dict[str, Any]) -> PacsOptions:
+    """Every problem at once, each named by its key under ``adapters.<name>.options``."""
+    try:
+        opts = PacsOptions.model_validate(options)
+        _ = opts.bind_port
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"adapters.{name}.options.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+            for e in exc.errors())
+        raise ConfigError(problems) from None
+    except (ValueError, IndexError):
+        raise ConfigError(f"adapters.{name}.options.bind: use host:port") from None
+    return opts
