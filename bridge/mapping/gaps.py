@@ -196,8 +196,8 @@ def report_lines(sites: Mapping[str, tuple[SiteMaps | None, list[Gap]]]) -> list
     ::
 
         fuxing/drug: 2 gaps, seen 7 times
-          unmapped   FX-9001  seen 5  丹参滴丸
-          no-target  FX-0999  seen 0  某药
+          unmapped    FX-9001  seen 5  丹参滴丸
+          no-target   FX-0999  seen 0  某药
         fuxing/lab: ok (12 codes)
         total: 2 gaps in 1 of 2 maps (1 site)
     """
@@ -222,7 +222,7 @@ def report_lines(sites: Mapping[str, tuple[SiteMaps | None, list[Gap]]]) -> list
             width = max(len(g.code) for g in mine)
             for g in mine:
                 system = f"  [{g.system}]" if g.kind == "unknown-map" else ""
-                lines.append(f"  {g.kind:<11}{g.code:<{width}}  seen {g.count}"
+                lines.append(f"  {g.kind:<12}{g.code:<{width}}  seen {g.count}"
                              f"{'  ' + g.display if g.display else ''}{system}".rstrip())
     n_sites = len(sites)
     lines.append(f"total: {total} gap{'s' if total != 1 else ''} in {maps_with} of {maps_all} "
