@@ -1,6 +1,8 @@
 """HIS -> node: one MLLP block in, its effect committed, then the ACK out.
 
-Keyed by ``<MSH-4>:<MSH-10>``. A referral, acceptance or return commits through the host in
+Keyed by ``<MSH-4>:<MSH-10>``. ADT keeps the HIS's patient index here: a referral's PID fields
+left empty are filled from it (so an A08 phone change shows in the next referral's Patient),
+and an A01/A04 naming an accepted referral in PV1-5 takes the "arrive" step. A referral, acceptance or return commits through the host in
 one transaction with that key (``submit_referral`` / ``referral_step``); an ADT event commits in
 the adapter's own file with its answer. So a resent message gets the same ACK and changes
 nothing. Bad data -> AE/AR with an ERR segment naming the field, quarantine (raw bytes, record
@@ -208,6 +210,14 @@ class Inbound:
     def _adt(self, inbound: messages.Inbound, key: str) -> None:
         data = messages.adt_event(inbound.msg, self.offset)
         now = self.host.now().isoformat()
+        thread = data.get("referral_id", "")
+        if thread and inbound.event in ("A01", "A04"):
+            view = self.host.referral(thread)
+            if view is None or view["referral"]["side"] != "receiver":
+                raise Hl7DataError(f"no referral received here with id {thread}",
+                                   field="PV1-5", hl7_error="204")
+            if view["referral"]["status"] == "accepted":  # later visits change nothing
+                self.host.referral_step(thread, "arrive", source_key=key)
         with self.state.tx() as c:
             row = c.execute("SELECT * FROM patients WHERE mrn = ?", (data["mrn"],)).fetchone()
             merged = {k: (data.get(k) or (row[k] if row is not None else None))

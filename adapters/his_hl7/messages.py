@@ -19,7 +19,9 @@ REF^I12 (return, 转回单)   RF1-4 ``RP`` (return patient) marks it; RF1-3 down
                            course, PI advice; OBR + OBX lab lines (OBX-3 item, -5 value, -6
                            unit, -7 range, -8 flag); RXE drug lines (RXE-2 drug, RXE-3 amount,
                            RXE-5 unit) each followed by TQ1 (TQ1-3 frequency, TQ1-6 days^d)
-ADT^A01/A03/A04/A08        PID as above; PV1-2 class, PV1-19 visit number, PV1-44/45 times
+ADT^A01/A03/A04/A08        PID as above; PV1-2 class, PV1-5 preadmit number = the referral id
+                           (RF1-11 of the REF^I12 the HIS got: A01/A04 then mean "the referred
+                           patient arrived"), PV1-19 visit number, PV1-44/45 times
 =========================  ====================================================================
 
 Multi-line text travels as repetitions of NTE-3 (one per line).
@@ -276,9 +278,11 @@ def _kind(msg: hl7.Message, rf1: Any) -> str:
     return kind
 
 
-def referral_slip(msg: hl7.Message, known: dict[str, str], offset: timedelta) -> ReferralSlip:
+def referral_slip(msg: hl7.Message, known: dict[str, str], offset: timedelta, *,
+                  from_alliance: bool = False) -> ReferralSlip:
     """A new referral from the HIS; ``known`` fills PID fields the message leaves empty (the
-    patient as the HIS's ADT feed last described them)."""
+    patient as the HIS's ADT feed last described them). ``from_alliance``: read a referral the
+    adapter sent to a receiving HIS (no national ID number: it never crosses the gateway)."""
     rf1 = v2.one(msg, "RF1")
     slip_no = v2.need(msg, rf1, 6, what="referral slip number")
     kind = _kind(msg, rf1)
@@ -295,7 +299,7 @@ def referral_slip(msg: hl7.Message, known: dict[str, str], offset: timedelta) ->
     patient = {**known, **read_patient(msg, required=True)}
     for key, where in (("mrn", "PID-3"), ("id_number", "PID-3"), ("name", "PID-5"),
                        ("birth_date", "PID-7"), ("gender", "PID-8")):
-        if not patient.get(key):
+        if not patient.get(key) and not (from_alliance and key in ("id_number", "mrn")):
             what = "MR identifier" if key == "mrn" else "NNCHN identifier (national ID)" \
                 if key == "id_number" else "value"
             raise Hl7DataError(f"required {what} is missing", field=where, hl7_error="101")
@@ -307,7 +311,8 @@ def referral_slip(msg: hl7.Message, known: dict[str, str], offset: timedelta) ->
     return ReferralSlip(
         slip_no=slip_no, kind=kind, to_member=to_member, patient_name=patient["name"],
         gender=patient["gender"], birth_date=patient["birth_date"],
-        id_number=patient["id_number"], phone=patient.get("phone", ""), mrn=patient["mrn"],
+        id_number=patient.get("id_number", ""), phone=patient.get("phone", ""),
+        mrn=patient.get("mrn", ""),
         diagnosis_code=v2.need(msg, dg1, 3, what="diagnosis code"),
         diagnosis_name=v2.get(msg, dg1, 3, 2), reason=notes.get("1R", ""),
         summary=notes.get("RE", ""), department_code=v2.get(msg, rt, 4, 1) if rt else "",
@@ -393,6 +398,7 @@ def adt_event(msg: hl7.Message, offset: timedelta) -> dict[str, str]:
     if pv1 is not None:
         visit["patient_class"] = v2.get(msg, pv1, 2)
         visit["visit_number"] = v2.get(msg, pv1, 19)
+        visit["referral_id"] = v2.get(msg, pv1, 5, 1)  # preadmit number = the referral id
         for key, n in (("admitted_at", 44), ("discharged_at", 45)):
             value = v2.get(msg, pv1, n)
             if value:

@@ -1,0 +1,253 @@
+"""A vendor HIS that speaks HL7 v2 over MLLP, for tests and the demo.
+
+It is a separate process (``python -m simulators.his_hl7 serve --db his.sqlite --listen
+127.0.0.1:2576``) with its own SQLite file: its MLLP listener ACKs REF^I12 / RRI^I12 from the
+node's adapter and keeps each message once (by MSH-10) as a slip. Doctors' actions are the
+Python API (:class:`VendorHis`), which sends REF^I12 / RRI^I12 / ADT to the adapter's listener
+over real MLLP and records what it sent. Faults for retry tests: ``set_mode(nak=N)`` answers
+the next N messages with AE, ``set_mode(drop=N)`` closes the connection without an answer.
+
+The HL7 layout is the one in :mod:`adapters.his_hl7.messages` (the vendor's interface sheet);
+the tests check the slips this HIS stores against the slips the other HIS wrote, field by field,
+and the fixtures in ``tests/fixtures/hl7/his/`` pin the bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import sqlite3
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from hl7.mllp import start_hl7_server
+
+from adapters.his_hl7 import ack, charset, messages, v2
+from adapters.his_hl7.errors import Hl7DataError
+from adapters.his_hl7.mllp import Timeouts, send_once, split_addr
+from adapters.slips import (
+    AcceptanceSlip,
+    LabResult,
+    Prescription,
+    ReferralSlip,
+    ReturnSlip,
+)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS received (
+    control_id TEXT PRIMARY KEY, what TEXT NOT NULL, thread TEXT, slip_no TEXT,
+    slip TEXT NOT NULL, raw BLOB NOT NULL, at TEXT NOT NULL, n INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS sent (
+    control_id TEXT PRIMARY KEY, what TEXT NOT NULL, slip_no TEXT, raw BLOB NOT NULL,
+    ack_code TEXT, at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS mode (k TEXT PRIMARY KEY, v INTEGER NOT NULL);
+INSERT OR IGNORE INTO mode VALUES ('nak', 0), ('drop', 0), ('answered', 0);
+"""
+OFFSET = timedelta(hours=8)
+
+
+def _db(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, timeout=30)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.executescript(SCHEMA)
+    return conn
+
+
+@dataclass
+class Ack:
+    code: str
+    control_id: str
+    text: str
+
+
+@dataclass
+class Received:
+    control_id: str
+    what: str  # referral | acceptance | return
+    thread: str
+    slip_no: str
+    slip: Any
+
+
+def _slip(what: str, data: dict[str, Any]) -> Any:
+    if what == "referral":
+        return ReferralSlip(**data)
+    if what == "acceptance":
+        return AcceptanceSlip(**data)
+    rx = [Prescription(**p) for p in data.pop("prescriptions")]
+    labs = [LabResult(**r) for r in data.pop("results")]
+    return ReturnSlip(**data, prescriptions=rx, results=labs)
+
+
+# -- the listener process -------------------------------------------------------------------
+
+
+def take(conn: sqlite3.Connection, raw: bytes) -> bytes | None:
+    """One message from the adapter: the ACK bytes, or None to drop the connection."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        modes = dict(conn.execute("SELECT k, v FROM mode").fetchall())
+        if modes["drop"] > 0:
+            conn.execute("UPDATE mode SET v = v - 1 WHERE k = 'drop'")
+            conn.execute("COMMIT")
+            return None
+        text, codec = charset.decode(raw)
+        inbound = messages.read(text)
+        now = datetime.now(UTC)
+        answer = ack.build
+        if modes["nak"] > 0:
+            conn.execute("UPDATE mode SET v = v - 1 WHERE k = 'nak'")
+            conn.execute("COMMIT")
+            return answer("AE", inbound.control_id, now, codec=codec, facility="HIS",
+                          error=Hl7DataError("simulated NAK", hl7_error="207"))
+        if inbound.what == "referral":
+            slip: Any = messages.referral_slip(inbound.msg, {}, OFFSET, from_alliance=True)
+        elif inbound.what == "acceptance":
+            slip = messages.acceptance_slip(inbound.msg, OFFSET)
+        elif inbound.what == "return":
+            slip = messages.return_slip(inbound.msg, OFFSET)
+        else:
+            raise Hl7DataError("this HIS takes REF^I12 and RRI^I12 only", field="MSH-9",
+                               hl7_error="200")
+        n = conn.execute("SELECT COUNT(*) FROM received").fetchone()[0]
+        conn.execute("INSERT OR IGNORE INTO received VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                     (inbound.control_id, inbound.what, inbound.thread, inbound.slip_no,
+                      json.dumps(asdict(slip), ensure_ascii=False), raw, now.isoformat(), n))
+        conn.execute("UPDATE mode SET v = v + 1 WHERE k = 'answered'")
+        conn.execute("COMMIT")
+        return answer("AA", inbound.control_id, now, codec=codec, facility="HIS")
+    except Hl7DataError as exc:
+        conn.execute("ROLLBACK")
+        return ack.build(exc.ack_code, "?", datetime.now(UTC), codec="utf-8", facility="HIS",
+                         error=exc)
+
+
+async def serve(db: Path, listen: str) -> None:
+    conn = _db(db)
+    host, port = split_addr(listen)
+
+    async def client(reader: Any, writer: Any) -> None:
+        try:
+            while True:
+                try:
+                    raw = await reader.readblock()
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                answer = take(conn, bytes(raw))
+                if answer is None:
+                    return  # simulated drop: close without an ACK
+                writer.writeblock(answer)
+                await writer.drain()
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    server = await start_hl7_server(client, host, port)
+    async with server:
+        await server.serve_forever()
+
+
+# -- the doctors' side (tests call this) ------------------------------------------------------
+
+
+class VendorHis:
+    """The HIS's own file plus its outbound MLLP to the adapter's listener."""
+
+    def __init__(self, db: Path, adapter: str, *, application: str = "YTHIS",
+                 facility: str = "yuetan-his", charset_name: str = "UNICODE UTF-8") -> None:
+        self.db = db
+        self.adapter = split_addr(adapter)
+        self.header = messages.Header(application, facility, "HUTONG", "", charset_name)
+        self.codec = charset.codec_for(charset_name, "utf-8")
+        _db(db).close()
+
+    def _conn(self) -> sqlite3.Connection:
+        return _db(self.db)
+
+    def send_raw(self, raw: bytes, what: str = "raw", slip_no: str = "") -> Ack:
+        answer = send_once(*self.adapter, raw, Timeouts(ack_s=60))
+        code, control, text = ack.read(answer)
+        msg_control = messages.read(charset.decode(raw)[0]).control_id \
+            if raw.startswith(b"MSH") else control
+        with contextlib.closing(self._conn()) as conn:
+            conn.execute("INSERT OR REPLACE INTO sent VALUES (?, ?, ?, ?, ?, ?)",
+                         (msg_control, what, slip_no, raw, code, datetime.now(UTC).isoformat()))
+        return Ack(code, control, text)
+
+    def _send(self, text: str, what: str, slip_no: str) -> Ack:
+        return self.send_raw(charset.encode(text, self.codec), what, slip_no)
+
+    def refer(self, slip: ReferralSlip, control_id: str | None = None) -> Ack:
+        text = messages.referral_message(self.header, slip, control_id or v2.control_id(),
+                                         datetime.now(UTC))
+        return self._send(text, "referral", slip.slip_no)
+
+    def accept(self, slip: AcceptanceSlip, thread: str, control_id: str | None = None) -> Ack:
+        text = messages.acceptance_message(self.header, slip, control_id or v2.control_id(),
+                                           datetime.now(UTC), thread=thread)
+        return self._send(text, "acceptance", slip.slip_no)
+
+    def write_return(self, slip: ReturnSlip, thread: str, control_id: str | None = None) -> Ack:
+        text = messages.return_message(self.header, slip, control_id or v2.control_id(),
+                                       datetime.now(UTC), thread=thread)
+        return self._send(text, "return", slip.slip_no)
+
+    def adt(self, event: str, mrn: str, *, name: str = "", gender: str = "",
+            birth_date: str = "", phone: str = "", id_number: str = "",
+            referral_id: str = "", patient_class: str = "O",
+            control_id: str | None = None) -> Ack:
+        patient = {"name": name, "gender": gender, "birth_date": birth_date, "phone": phone,
+                   "id_number": id_number}
+        text = v2.message([
+            messages._msh(self.header, "ADT", event, control_id or v2.control_id(),
+                          datetime.now(UTC)),
+            v2.segment("EVN", event, v2.ts(datetime.now(UTC))),
+            messages._pid(mrn, patient, self.header.sending_app),
+            v2.segment("PV1", "1", patient_class, "", "", v2.esc(referral_id))])
+        return self._send(text, f"adt-{event}", "")
+
+    def received(self, what: str | None = None) -> list[Received]:
+        with contextlib.closing(self._conn()) as conn:
+            rows = conn.execute("SELECT control_id, what, thread, slip_no, slip FROM received "
+                                "ORDER BY n").fetchall()
+        return [Received(c, w, t or "", s or "", _slip(w, json.loads(j)))
+                for c, w, t, s, j in rows if what is None or w == what]
+
+    def set_mode(self, *, nak: int = 0, drop: int = 0) -> None:
+        with contextlib.closing(self._conn()) as conn:
+            conn.execute("UPDATE mode SET v = ? WHERE k = 'nak'", (nak,))
+            conn.execute("UPDATE mode SET v = ? WHERE k = 'drop'", (drop,))
+
+    def mode(self) -> dict[str, int]:
+        with contextlib.closing(self._conn()) as conn:
+            return dict(conn.execute("SELECT k, v FROM mode").fetchall())
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m simulators.his_hl7",
+                                description="A vendor HIS speaking HL7 v2 over MLLP")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("serve", help="run the HIS's MLLP listener")
+    s.add_argument("--db", required=True, type=Path)
+    s.add_argument("--listen", required=True)
+    ls = sub.add_parser("list", help="print what the HIS received (JSON lines)")
+    ls.add_argument("--db", required=True, type=Path)
+    args = p.parse_args(argv)
+    if args.cmd == "serve":
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(serve(args.db, args.listen))
+        return 0
+    his = VendorHis(args.db, "127.0.0.1:1")
+    for r in his.received():
+        print(json.dumps({"control_id": r.control_id, "what": r.what, "thread": r.thread,
+                          "slip": asdict(r.slip)}, ensure_ascii=False))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
