@@ -118,7 +118,7 @@ def test_the_alliance_drug_catalogue_has_105_drugs_at_every_site() -> None:
         assert len({r["source_code"] for r in drugs}) == 105, site
 
 
-def test_node_api_alliance_members_all_have_a_mapping_folder() -> None:
+def test_every_alliance_member_has_a_mapping_folder() -> None:
     import tomllib
 
     alliance = tomllib.loads((ROOT / "config/alliances/fuxing/alliance.toml").read_text("utf-8"))
@@ -246,6 +246,8 @@ def test_an_unmapped_code_is_never_dropped() -> None:
                                   "display": "复方丹参滴丸"}], True)
     other = {"system": "http://example.org/other", "code": "FX-0101"}
     assert map_coding(fx, "drug", other) == ([other], True)
+    shared = {"system": ALLIANCE_DRUG, "code": "XC-YP-001"}
+    assert map_coding(fx, "drug", shared) == ([shared], False)
     # a concept: the mapped coding joins, other systems and the text stay
     concept, unmapped = map_concept(fx, "diagnosis", {
         "coding": [{"code": "FXZD0101"}, {"system": "http://snomed.info/sct", "code": "38341003"}],
@@ -319,8 +321,7 @@ def plant_unmapped_rows(site: Path) -> None:
         f.write("6100,体检中心,,,,\n")
 
 
-def test_record_gap_counts_in_the_node_store(tmp_path: Path) -> None:
-    store = Store(f"sqlite:///{tmp_path / 'node.db'}")
+def check_record_gap_counts(store: Store) -> None:
     try:
         store.create_all()
         for _ in range(3):
@@ -340,6 +341,15 @@ def test_record_gap_counts_in_the_node_store(tmp_path: Path) -> None:
     gaps = find_gaps(load_site(MAPPINGS / "fuxing"), got)
     assert [(g.map, g.kind, g.code, g.count) for g in gaps] == [
         ("drug", "unmapped", "FX-9001", 4), ("drug", "no-local", "XC-YP-200", 2)]
+
+
+def test_record_gap_counts_in_the_node_store(tmp_path: Path) -> None:
+    check_record_gap_counts(Store(f"sqlite:///{tmp_path / 'node.db'}"))
+
+
+@pytest.mark.postgres
+def test_record_gap_counts_on_postgresql(pg_db: str) -> None:
+    check_record_gap_counts(Store(pg_db))
 
 
 def test_check_site_lists_planted_rows_and_exits_1(tmp_path: Path) -> None:

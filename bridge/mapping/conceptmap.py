@@ -469,7 +469,8 @@ def map_coding(
     ``[local coding]`` and ``unmapped=True`` - then record the gap
     (:func:`bridge.mapping.gaps.record_gap`) and mark the resource
     (:func:`bridge.mapping.marker.mark_unmapped`). A coding without a system (``{"code": "FX-0101"}``)
-    gets the map's source system, so it stays meaningful on the wire.
+    gets the map's source system, so it stays meaningful on the wire. A coding already in the
+    map's shared (target) system passes through as mapped.
     """
     t = _translator(maps)
     local = copy.deepcopy(dict(coding))
@@ -477,6 +478,8 @@ def map_coding(
     if "system" not in local and source:
         local = {"system": source, **local}
     code = local.get("code")
+    if isinstance(code, str) and local.get("system") == t.target_system(map_id):
+        return [local], False  # already the shared code: nothing to map
     if not isinstance(code, str) or local.get("system") != source:
         return [local], True
     target = t.lookup(map_id, code)
