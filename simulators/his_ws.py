@@ -165,16 +165,18 @@ class HisWs:
         """One SOAP call: (HTTP status, response envelope)."""
         with self._db() as db:
             db.execute("BEGIN IMMEDIATE")
-            left = int((db.execute("SELECT value FROM settings WHERE key = 'fail_next'")
-                        .fetchone() or ("0",))[0])
-            if left > 0:
-                db.execute("UPDATE settings SET value = ? WHERE key = 'fail_next'",
-                           (str(left - 1),))
-                db.execute("INSERT INTO calls (op, outcome) VALUES ('?', 'fault')")
-                db.execute("COMMIT")
-                return 500, soap.fault("Server", "HIS database busy (simulated)")
             try:
                 op = soap.operation(body, "request")
+                name, doc_id = op.tag.split("}")[1], soap.text(op, "DocumentId") or None
+                left = int((db.execute("SELECT value FROM settings WHERE key = 'fail_next'")
+                            .fetchone() or ("0",))[0])
+                if left > 0:
+                    db.execute("UPDATE settings SET value = ? WHERE key = 'fail_next'",
+                               (str(left - 1),))
+                    db.execute("INSERT INTO calls (op, doc_id, outcome) VALUES (?, ?, 'fault')",
+                               (name, doc_id))
+                    db.execute("COMMIT")
+                    return 500, soap.fault("Server", "HIS database busy (simulated)")
                 status, answer, log = self._serve(db, op)
             except (BadDocument, KeyError, soap.Fault) as exc:
                 db.execute("INSERT INTO calls (op, outcome) VALUES ('?', 'client-fault')")

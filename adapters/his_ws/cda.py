@@ -22,7 +22,13 @@ from typing import Any
 from lxml import etree
 
 from adapters.his_ws import xmlsafe
-from adapters.his_ws.errors import BadDate, MissingElement, SchemaInvalid, UnknownCode
+from adapters.his_ws.errors import (
+    BadDate,
+    BadDocument,
+    MissingElement,
+    SchemaInvalid,
+    UnknownCode,
+)
 from adapters.slips import AcceptanceSlip, LabResult, Prescription, ReferralSlip, ReturnSlip
 
 V3 = "urn:hl7-org:v3"
@@ -120,7 +126,8 @@ def iso(value: str, where: str) -> str:
             off = timedelta(hours=h, minutes=m)
             tz = timezone(off if sign == "+" else -off)
     except ValueError:
-        raise BadDate(f"'{value}' is not a real date and time", field=where) from None
+        raise BadDate("not a real date and time (HL7 TS yyyyMMddHHmmss+zzzz)",
+                      field=where) from None
     return dt.replace(tzinfo=tz).isoformat(timespec="seconds")
 
 
@@ -133,7 +140,7 @@ def birth(value: str, where: str) -> str:
 
 
 def _bad_date(value: str, where: str) -> str:
-    raise BadDate(f"birthTime '{value}' is not a real date", field=where)
+    raise BadDate("birthTime is not a real date (yyyyMMdd)", field=where)
 
 
 # -- writing ------------------------------------------------------------------------------------
@@ -392,6 +399,16 @@ def read(raw: bytes, site: Site, *, record: str, known: Known | None = None,
 
     ``expect``: the type the envelope announced; a different document code is SchemaInvalid.
     """
+    try:
+        return _read(raw, site, record, known, expect)
+    except BadDocument as exc:
+        if record not in exc.message:
+            exc.message = f"document {record}: {exc.message}"
+        raise
+
+
+def _read(raw: bytes, site: Site, record: str, known: Known | None,
+          expect: str | None) -> Document:
     xmlsafe.check_encoding(raw, record)
     root = xmlsafe.parse(raw, record)
     xmlsafe.validate(root, CDA_XSD, record)

@@ -67,10 +67,14 @@ def check_encoding(raw: bytes, record: str) -> str:
 def parse(raw: bytes, record: str) -> etree._Element:
     """Parse bytes (after the encoding check); malformed XML is SchemaInvalid at its line."""
     try:
-        return etree.fromstring(raw, parser())
+        root = etree.fromstring(raw, parser())
     except etree.XMLSyntaxError as exc:
         raise SchemaInvalid(f"document {record} is not well-formed XML (line {exc.lineno}): "
                             f"{_clean(exc.msg)}", field=f"line {exc.lineno}") from None
+    if root.getroottree().docinfo.doctype:  # as defusedxml: no DTDs, so no entity tricks
+        raise SchemaInvalid(f"document {record} carries a DOCTYPE, which is not accepted",
+                            field="/!DOCTYPE")
+    return root
 
 
 def validate(root: etree._Element, schema_name: str, record: str) -> None:
@@ -108,5 +112,8 @@ def readable_path(el: etree._Element) -> str:
 
 
 def _clean(msg: str) -> str:
-    """lxml messages name elements in Clark notation; drop the namespaces for readers."""
-    return re.sub(r"\{[^}]*\}", "", msg)
+    """lxml messages name elements in Clark notation and quote offending values: drop the
+    namespaces for readers and the values (they may be patient data) for logs and quarantine."""
+    msg = re.sub(r"\{[^}]*\}", "", msg)
+    msg = re.sub(r"The value '[^']*'", "The value", msg)
+    return re.sub(r"'[^']*' is not a valid value", "The value is not a valid value", msg)
