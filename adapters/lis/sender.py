@@ -1,0 +1,60 @@
+"""Send ORU^R01 messages over MLLP with python-hl7's ``MLLPClient`` and read back the ACKs.
+
+For a LIS that can only *export* result files (one message per file, in a drop folder), the
+sender is the missing half: :func:`send_folder` sends each file to the node's MLLP listener and
+moves it to ``done/`` on AA or ``refused/`` on AE/AR (with the ACK beside it), so a file is
+never sent twice once acknowledged. ``python -m simulators.lis send-dir`` runs it.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Iterable
+from pathlib import Path
+
+from hl7.client import MLLPClient
+
+from adapters.lis.ack import ack_code_of
+
+FRAME = b"\x0b\x1c\r"
+
+
+def _recv_ack(client: MLLPClient, first: bytes) -> bytes:
+    """MLLPClient returns one recv(); keep reading until the end-of-block bytes arrived."""
+    data = first
+    while data and not data.rstrip(b"\r\n").endswith(b"\x1c"):
+        more = client.socket.recv(4096)
+        if not more:
+            break
+        data += more
+    return data.strip(FRAME)
+
+
+def send_messages(host: str, port: int, messages: Iterable[bytes], *,
+                  tls: ssl.SSLContext | None = None, server_hostname: str | None = None,
+                  timeout: float = 30.0) -> list[bytes]:
+    """Send each message (bytes, already in its MSH-18 charset) on one connection; the ACKs."""
+    acks: list[bytes] = []
+    with MLLPClient(host, port) as client:
+        client.socket.settimeout(timeout)
+        if tls is not None:
+            client.socket = tls.wrap_socket(client.socket,
+                                            server_hostname=server_hostname or host)
+        for m in messages:
+            acks.append(_recv_ack(client, client.send_message(m)))
+    return acks
+
+
+def send_folder(folder: Path, host: str, port: int, *, tls: ssl.SSLContext | None = None
+                ) -> dict[str, int]:
+    """Send every ``*.hl7`` file of an export folder, oldest name first; returns counts."""
+    counts = {"accepted": 0, "refused": 0}
+    for path in sorted(folder.glob("*.hl7")):
+        ack = send_messages(host, port, [path.read_bytes()], tls=tls)[0]
+        code = ack_code_of(ack.decode("utf-8", "replace"))
+        target = folder / ("done" if code == "AA" else "refused")
+        target.mkdir(exist_ok=True)
+        (target / (path.name + ".ack")).write_bytes(ack)
+        path.replace(target / path.name)
+        counts["accepted" if code == "AA" else "refused"] += 1
+    return counts
