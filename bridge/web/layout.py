@@ -34,7 +34,8 @@ NAV = {
 }
 
 CSS = """
-body{font-family:"Noto Sans CJK SC","PingFang SC","Microsoft YaHei",sans-serif;margin:0;
+body{font-family:"Noto Sans CJK SC","PingFang SC","Microsoft YaHei","WenQuanYi Micro Hei",
+ sans-serif;margin:0;
  color:#222;background:#f6f7f9}
 header{background:#1d4e89;color:#fff;padding:.5em 1em;display:flex;gap:1em;align-items:center}
 header a{color:#fff}header .sp{flex:1}
