@@ -347,6 +347,31 @@ def test_record_gap_counts_in_the_node_store(tmp_path: Path) -> None:
     check_record_gap_counts(Store(f"sqlite:///{tmp_path / 'node.db'}"))
 
 
+def test_note_unmapped_counts_and_marks(tmp_path: Path) -> None:
+    """What an adapter calls with its host: the host's store, site maps and clock."""
+    from types import SimpleNamespace
+
+    from bridge.mapping import note_unmapped
+
+    store = Store(f"sqlite:///{tmp_path / 'node.db'}")
+    try:
+        store.create_all()
+        host = SimpleNamespace(store=store, maps=load_site(MAPPINGS / "fuxing"),
+                               now=lambda: T2, node_id="fuxing")
+        codings, unmapped = map_coding(host.maps, "drug", {"code": "FX-9001"})
+        assert unmapped
+        mr: dict[str, Any] = {"resourceType": "MedicationRequest", "id": "m"}
+        bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "transaction"}
+        note_unmapped(host, "drug", codings[-1], mr, bundle)
+        note_unmapped(host, "drug", codings[-1], mr, bundle)
+        assert is_marked(mr) and is_marked(bundle) and len(mr["meta"]["tag"]) == 1
+        (seen,) = observed_gaps(store)
+        assert (seen.site, seen.map, seen.system, seen.code, seen.count) == (
+            "fuxing", "drug", FX_DRUG, "FX-9001", 2)
+    finally:
+        store.dispose()
+
+
 @pytest.mark.postgres
 def test_record_gap_counts_on_postgresql(pg_db: str) -> None:
     check_record_gap_counts(Store(pg_db))

@@ -23,7 +23,14 @@ from bridge.mapping.conceptmap import (
     translate_many,
 )
 from bridge.mapping.fields import FieldMap, FieldMapError, apply, load_field_map, unapply
-from bridge.mapping.gaps import Gap, Observed, find_gaps, observed_gaps, record_gap
+from bridge.mapping.gaps import (
+    Gap,
+    Observed,
+    find_gaps,
+    note_unmapped,
+    observed_gaps,
+    record_gap,
+)
 from bridge.mapping.marker import (
     FLAGS_SYSTEM,
     UNMAPPED_CODE,
@@ -53,6 +60,7 @@ __all__ = [
     "map_concept",
     "mark_unmapped",
     "marked_resources",
+    "note_unmapped",
     "observed_gaps",
     "record_gap",
     "site_folders",

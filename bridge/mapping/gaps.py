@@ -14,8 +14,9 @@ Adapter usage (``host`` is the adapter's :class:`~bridge.local.host.AdapterHost`
 
     codings, unmapped = map_coding(host.maps, "drug", {"code": row.drug_code, "display": name})
     if unmapped:
-        record_gap(host.store, host.maps.site, "drug", codings[-1], at=host.now())
-        mark_unmapped(resource)          # bridge.mapping.marker
+        note_unmapped(host, "drug", codings[-1], medication_request, bundle)
+        # = record_gap(host.store, host.maps.site, "drug", codings[-1], at=host.now())
+        #   + mark_unmapped(medication_request) + mark_unmapped(bundle)
 
 :func:`find_gaps` is pure (maps + observations in, gaps out), so it runs without a database.
 """
@@ -32,6 +33,7 @@ from sqlalchemy import Connection, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from bridge.mapping.conceptmap import NO_MATCH, SiteMaps
+from bridge.mapping.marker import mark_unmapped
 from bridge.mapping.tables import MAPPING_GAP
 
 KINDS = ("no-target", "unmapped", "no-local", "unknown-map")
@@ -112,6 +114,16 @@ def _upsert_keep_display(conn: Connection, values: dict[str, Any]) -> None:
         if held:
             values = {**values, "display": held}
     _upsert(conn, values)
+
+
+def note_unmapped(host: Any, map_id: str | None, coding: Mapping[str, Any],
+                  *resources: dict[str, Any]) -> None:
+    """The adapter's one call for an unmapped code: count it in the node's store (under the
+    site of ``host.maps``) and put the unmapped-code tag on each resource / Bundle given."""
+    site = host.maps.site if host.maps is not None else host.node_id
+    record_gap(host.store, site, map_id, coding, at=host.now())
+    for resource in resources:
+        mark_unmapped(resource)
 
 
 def observed_gaps(target: Any, site: str | None = None) -> list[Observed]:
