@@ -22,7 +22,7 @@ from adapters.pacs.study import DCM, DICOM_UID, SNOMED, fhir_datetime, report_re
 LOINC = "http://loinc.org"
 V2_0074 = "http://terminology.hl7.org/CodeSystem/v2-0074"
 IMAGING_REPORT = {"system": LOINC, "code": "18748-4", "display": "Diagnostic imaging study"}
-IMPRESSION_CODES = {"19005-8", "59776-5", "121073"}  # LOINC impression/findings, DCM Impressions
+IMPRESSION_CODES = {"19005-8", "121073"}  # LOINC Impression, DCM Impressions
 _SCHEMES = {"LN": LOINC, "DCM": DCM, "SCT": SNOMED, "SRT": SNOMED}
 _STATUS = {"F": "final", "C": "corrected", "P": "preliminary", "X": "cancelled",
            "A": "partial", "I": "registered", "R": "preliminary"}

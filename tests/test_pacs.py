@@ -1,0 +1,474 @@
+"""PACS adapter: DICOM in over a real pynetdicom association, ImagingStudy and reports out, and a
+study fetched on demand by another node process, byte for byte.
+
+The vendor PACS is ``simulators/pacs.py`` running as its own process; a "modality" (the same
+CLI's ``push``) stores a coherent multi-series study, made from copies of pydicom's test files
+with rewritten UIDs, into it. The PACS's files are the originals every comparison uses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import subprocess
+import sys
+import urllib.request
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+from pynetdicom.dsutils import split_dataset
+from sqlalchemy import select
+
+from adapters.pacs import fetch
+from adapters.pacs.errors import PacsFailed, PacsUnavailable, status_error
+from adapters.pacs.report import parse_oru, report_from_oru
+from adapters.pacs.study import fhir_datetime, study_resource_id
+from bridge.audit.tables import AuditRecord
+from bridge.fhir.validate import validate_resource
+from bridge.fhirstore import store as fstore
+from bridge.privacy import patient_hash
+from bridge.store.db import Store
+from tests.harness import ROOT, Alliance, ApiError, NodeProcess, free_port_block, wait_for
+
+NATIONAL_ISSUER = "2.16.156.10011.1.3"
+S1, S2 = "1.2.826.0.1.3680043.8.498.1001", "1.2.826.0.1.3680043.8.498.2002"
+NID1, NID2 = "110102198001010011", "110102197505050022"
+REPORT_TEXT = "双肺纹理清晰，未见实质性病变。No acute cardiopulmonary abnormality."
+ORU_IMPRESSION = "右下肺小结节，建议3个月复查。"
+
+MEMBERS = [
+    {"id": "core", "zh": "复兴医院", "en": "Fuxing Hospital", "role": "core"},
+    {"id": "chc", "zh": "月坛社区卫生服务中心", "en": "Yuetan CHC", "role": "community"},
+]
+RULES = [
+    {"from": "chc", "to": "core", "kinds": ["imaging.fetch-request"]},
+    {"from": "core", "to": "chc", "kinds": ["imaging.fetch-response"]},
+]
+
+
+# -- the study: copies of pydicom test files made into two coherent studies ---------------------
+
+def _instance(src: str, *, study: str, series: str, sop: str, series_no: int, inst_no: int,
+              patient: tuple[str, str, str], extra: dict[str, Any] | None = None) -> Dataset:
+    ds = dcmread(get_testdata_file(src))
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study, series, sop
+    ds.file_meta.MediaStorageSOPInstanceUID = sop
+    ds.PatientID, ds.PatientName = patient[0], patient[1]
+    other = Dataset()
+    other.PatientID, other.IssuerOfPatientID = patient[2], NATIONAL_ISSUER
+    ds.OtherPatientIDsSequence = Sequence([other])
+    ds.StudyDate, ds.StudyTime = "20261120", "093000"
+    ds.AccessionNumber = "ACC-" + study[-4:]
+    ds.ReferringPhysicianName = "Li^Si"
+    ds.StudyDescription = "胸部CT+头颅MR"
+    ds.SeriesNumber, ds.InstanceNumber = series_no, inst_no
+    for k, v in (extra or {}).items():
+        setattr(ds, k, v)
+    return ds
+
+
+def _sr(study: str, series: str, sop: str, patient: tuple[str, str, str]) -> Dataset:
+    ds = _instance("reportsi.dcm", study=study, series=series, sop=sop, series_no=3, inst_no=1,
+                   patient=patient, extra={"CompletionFlag": "COMPLETE",
+                                           "VerificationFlag": "VERIFIED",
+                                           "ContentDate": "20261120", "ContentTime": "101500"})
+    section = ds.ContentSequence[-1]
+    section.ContentSequence[0].TextValue = REPORT_TEXT
+    return ds
+
+
+def write_modality_files(folder: Path) -> None:
+    folder.mkdir(parents=True)
+    p1 = ("FX0001", "Zhang^San=张^三", NID1)
+    p2 = ("FX0002", "Wang^Wu=王^五", NID2)
+    items = [
+        _instance("CT_small.dcm", study=S1, series=S1 + ".1", sop=S1 + ".1.1", series_no=1,
+                  inst_no=1, patient=p1, extra={"BodyPartExamined": "CHEST"}),
+        _instance("MR_small.dcm", study=S1, series=S1 + ".2", sop=S1 + ".2.1", series_no=2,
+                  inst_no=1, patient=p1, extra={"BodyPartExamined": "HEAD"}),
+        _instance("MR_small_implicit.dcm", study=S1, series=S1 + ".2", sop=S1 + ".2.2",
+                  series_no=2, inst_no=2, patient=p1, extra={"BodyPartExamined": "HEAD"}),
+        _sr(S1, S1 + ".3", S1 + ".3.1", p1),
+        _instance("CT_small.dcm", study=S2, series=S2 + ".1", sop=S2 + ".1.1", series_no=1,
+                  inst_no=1, patient=p2, extra={"BodyPartExamined": "ABDOMEN"}),
+        _instance("MR_small_padded.dcm", study=S2, series=S2 + ".2", sop=S2 + ".2.1",
+                  series_no=2, inst_no=1, patient=p2),
+    ]
+    for ds in items:
+        ds.save_as(folder / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def dataset_bytes(path: Path) -> bytes:
+    _meta, offset = split_dataset(path)
+    return path.read_bytes()[offset:]
+
+
+def push(folder: Path, port: int, study: str | None = None,
+         called: str = "HUTONG") -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "simulators.pacs", "push", "--dir", str(folder),
+           "--to", f"127.0.0.1:{port}", "--called-ae", called]
+    if study:
+        cmd += ["--study", study]
+    return subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=ROOT,
+                          timeout=120)
+
+
+# -- the alliance: core holds the PACS adapter + vendor PACS, chc fetches ----------------------
+
+class Site:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        base = free_port_block(3)
+        self.vendor_port, self.core_scp, self.chc_scp = base, base + 1, base + 2
+        self.modality = tmp / "modality"
+        write_modality_files(self.modality)
+        self.pacs_dir = tmp / "vendor-pacs"
+        self.pacs_log = open(tmp / "vendor-pacs.log", "wb")  # noqa: SIM115 - closed in close()
+        self.pacs = subprocess.Popen(
+            [sys.executable, "-m", "simulators.pacs", "serve", "--dir", str(self.pacs_dir),
+             "--port", str(self.vendor_port), "--ae", "VENDORPACS"],
+            stdout=subprocess.PIPE, stderr=self.pacs_log, cwd=ROOT)
+        assert self.pacs.stdout is not None
+        assert self.pacs.stdout.readline().decode().strip() == f"READY {self.vendor_port}"
+        pushed = push(self.modality, self.vendor_port, called="VENDORPACS")
+        assert pushed.returncode == 0, pushed.stdout + pushed.stderr
+        members = [dict(MEMBERS[0], adapters=[{
+            "name": "pacs", "type": "pacs-dicom", "receives": ["imaging.*"], "options": {
+                "bind": f"127.0.0.1:{self.core_scp}", "ae_title": "HUTONG",
+                "pacs": {"host": "127.0.0.1", "port": self.vendor_port,
+                         "ae_title": "VENDORPACS"},
+                "complete_after_s": 120, "fetch_chunk_bytes": 45000}}]),
+            dict(MEMBERS[1], adapters=[{
+                "name": "pacs", "type": "pacs-dicom", "receives": ["imaging.*"],
+                "options": {"bind": f"127.0.0.1:{self.chc_scp}", "ae_title": "YUETAN"}}])]
+        self.alliance = Alliance(tmp / "alliance", members, RULES)
+        self.alliance.start("core", "chc")
+        self.core, self.chc = self.alliance.node("core"), self.alliance.node("chc")
+
+    def originals(self, study: str) -> dict[str, Path]:
+        """SOP Instance UID -> the vendor PACS's file (the bytes every copy must equal)."""
+        out = {}
+        for p in sorted(self.pacs_dir.glob("*.dcm")):
+            ds = dcmread(p, stop_before_pixels=True)
+            if ds.StudyInstanceUID == study:
+                out[str(ds.SOPInstanceUID)] = p
+        return out
+
+    def close(self) -> None:
+        self.alliance.stop_all()
+        self.pacs.terminate()
+        self.pacs.wait(timeout=30)
+        assert self.pacs.stdout is not None
+        self.pacs.stdout.close()
+        self.pacs_log.close()
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory):
+    s = Site(tmp_path_factory.mktemp("pacs"))
+    yield s
+    s.close()
+
+
+def read(node: NodeProcess, fn: Any) -> Any:
+    s = Store(node.plan.storage_dsn)
+    try:
+        with s.read() as conn:
+            return fn(conn)
+    finally:
+        s.dispose()
+
+
+def get(node: NodeProcess, rtype: str, rid: str) -> dict[str, Any]:
+    return read(node, lambda c: fstore.get(c, rtype, rid))
+
+
+def row_hash(node: NodeProcess, rtype: str, rid: str) -> str | None:
+    return read(node, lambda c: fstore.get_row(c, rtype, rid).patient_hash)
+
+
+def audits(node: NodeProcess, action: str) -> list[Any]:
+    t = AuditRecord.__table__  # type: ignore[attr-defined]
+    return read(node, lambda c: c.execute(select(t).where(t.c.action == action)).all())
+
+
+def r4b(resource: dict[str, Any]) -> None:
+    """The second, independent check every emitted resource passes: fhir.resources R4B."""
+    from fhir.resources.R4B.diagnosticreport import DiagnosticReport
+    from fhir.resources.R4B.imagingstudy import ImagingStudy
+    from fhir.resources.R4B.patient import Patient
+    from fhir.resources.R4B.task import Task
+
+    models = {"ImagingStudy": ImagingStudy, "DiagnosticReport": DiagnosticReport,
+              "Patient": Patient, "Task": Task}
+    validate_resource(resource)
+    models[resource["resourceType"]].model_validate(resource)
+
+
+def clinician(node: NodeProcess, method: str, path: str, body: Any = None) -> Any:
+    return node.api(method, "/local/v1/adapters/pacs" + path, body, role="clinician")
+
+
+def fetch_zip(node: NodeProcess, task_id: str) -> dict[str, bytes]:
+    req = urllib.request.Request(
+        f"{node.local_url}/local/v1/adapters/pacs/fetches/{task_id}/study.zip",
+        headers={"Authorization": f"Bearer {node.token('clinician')}"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        data = r.read()
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        return {Path(n).stem: zf.read(n) for n in zf.namelist()}
+
+
+def fetched(node: NodeProcess, peer: str, study: str) -> dict[str, Any]:
+    asked = clinician(node, "POST", "/fetches", {"from": peer, "study_uid": study})
+
+    def finished() -> dict[str, Any] | None:
+        state = clinician(node, "GET", f"/fetches/{asked['task_id']}")
+        return state if state["status"] in ("completed", "failed") else None
+
+    return wait_for(finished, timeout=60, what="fetch to finish") | {
+        "task_id": asked["task_id"], "thread": asked["thread"]}
+
+
+# -- store, ImagingStudy, SR report --------------------------------------------------------------
+
+@pytest.mark.slow
+def test_pushed_study_becomes_imaging_study(site: Site) -> None:
+    originals = site.originals(S1)
+    assert len(originals) == 4
+    for sop, path in originals.items():  # the PACS kept what the modality sent, unchanged
+        assert dataset_bytes(path) == dataset_bytes(site.modality / f"{sop}.dcm")
+
+    done = push(site.pacs_dir, site.core_scp, study=S1)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads(done.stdout) == {"sent": 4, "failed": 0, "statuses": [0, 0, 0, 0]}
+
+    sid = study_resource_id(S1)
+    study = wait_for(lambda: get(site.core, "ImagingStudy", sid), what="ImagingStudy")
+    r4b(study)
+    assert study["identifier"][0] == {"system": "urn:dicom:uid", "value": f"urn:oid:{S1}"}
+    assert study["identifier"][1]["value"] == "ACC-1001"
+    assert study["status"] == "available"
+    assert study["numberOfSeries"] == 3 and study["numberOfInstances"] == 4
+    assert [m["code"] for m in study["modality"]] == ["CT", "MR", "SR"]
+    assert study["started"] == "2026-11-20T09:30:00+08:00"
+    assert study["referrer"] == {"display": "Si Li"}
+    assert study["description"] == "胸部CT+头颅MR"
+    headers = {sop: dcmread(p, stop_before_pixels=True) for sop, p in originals.items()}
+    by_series: dict[str, set[str]] = {}
+    for sop, ds in headers.items():
+        by_series.setdefault(str(ds.SeriesInstanceUID), set()).add(sop)
+    assert {s["uid"]: {i["uid"] for i in s["instance"]} for s in study["series"]} == by_series
+    series = {s["uid"]: s for s in study["series"]}
+    ct, mr, sr = series[S1 + ".1"], series[S1 + ".2"], series[S1 + ".3"]
+    assert (ct["number"], ct["modality"]["code"], ct["numberOfInstances"]) == (1, "CT", 1)
+    assert ct["bodySite"] == {"system": "http://snomed.info/sct", "code": "51185008",
+                              "display": "Thoracic structure"}
+    assert (mr["number"], mr["modality"]["code"], mr["numberOfInstances"]) == (2, "MR", 2)
+    assert mr["bodySite"]["code"] == "69536005"
+    assert [i["number"] for i in mr["instance"]] == [1, 2]
+    assert sr["instance"][0]["sopClass"]["code"] == f"urn:oid:{headers[S1 + '.3.1'].SOPClassUID}"
+    assert ct["instance"][0]["sopClass"]["code"] == "urn:oid:1.2.840.10008.5.1.4.1.1.2"
+
+    # the patient: local record with the PACS id and national ID; keyed hash on every row
+    key = site.core.plan.patient_hash_key
+    patient = get(site.core, "Patient", study["subject"]["reference"].split("/")[1])
+    r4b(patient)
+    assert {i["value"] for i in patient["identifier"]} == {"FX0001", NID1}
+    assert patient["name"][0]["text"] == "张三"
+    assert row_hash(site.core, "ImagingStudy", sid) == patient_hash(key, NID1)
+
+    # the SR became the radiology report
+    from adapters.pacs.study import report_resource_id
+
+    report = get(site.core, "DiagnosticReport", report_resource_id(f"sr:{S1}.3.1"))
+    r4b(report)
+    assert report["conclusion"] == REPORT_TEXT
+    assert report["status"] == "final"
+    assert report["imagingStudy"] == [{"reference": f"ImagingStudy/{sid}"}]
+    assert report["subject"] == study["subject"]
+    assert report["effectiveDateTime"] == "2026-11-20T10:15:00+08:00"
+
+    # what the node holds is byte-identical to the PACS's files
+    held = site.core.plan.data_dir / "adapters" / "pacs" / "studies" / S1
+    assert {p.stem: sha(p.read_bytes()) for p in held.glob("*/*.dcm")} == \
+        {sop: sha(p.read_bytes()) for sop, p in originals.items()}
+    stored = audits(site.core, "imaging-study-stored")
+    assert stored and stored[-1].patient_hash == patient_hash(key, NID1)
+
+
+@pytest.mark.slow
+def test_another_node_fetches_the_study_byte_identical(site: Site) -> None:
+    wait_for(lambda: get(site.core, "ImagingStudy", study_resource_id(S1)), what="study at core")
+    result = fetched(site.chc, "core", S1)
+    assert result["status"] == "completed", result
+    assert result["progress"] == "4/4 instances" and result["files"] == 4
+
+    got = fetch_zip(site.chc, result["task_id"])
+    assert {sop: sha(b) for sop, b in got.items()} == \
+        {sop: sha(p.read_bytes()) for sop, p in site.originals(S1).items()}
+
+    # chunked: the 39 KB CT and the rest travelled in several sealed packets on one thread
+    t = AuditRecord.__table__  # type: ignore[attr-defined]
+    queued = read(site.core, lambda c: c.execute(select(t).where(
+        t.c.action == "queued", t.c.kind == "imaging.fetch-response",
+        t.c.thread == result["thread"])).all())
+    assert len(queued) >= 2
+    key = site.core.plan.patient_hash_key
+    assert {r.patient_hash for r in queued} == {patient_hash(key, NID1)}
+    served = [r for r in audits(site.core, "imaging-fetch-served")
+              if r.thread == result["thread"]]
+    assert len(served) == 1 and served[0].peer == "chc" and served[0].outcome == "0"
+    received = [r for r in audits(site.chc, "imaging-fetch-received")
+                if r.thread == result["thread"]]
+    assert len(received) == len(queued)
+    assert {r.patient_hash for r in received} == {patient_hash(key, NID1)}
+
+    # chc's copies of the ImagingStudy and report name the patient by hash only
+    study = get(site.chc, "ImagingStudy", study_resource_id(S1))
+    r4b(study)
+    assert study["subject"] == {"identifier": {"system": fetch.HASH_SYSTEM,
+                                               "value": patient_hash(key, NID1)}}
+    assert study["numberOfInstances"] == 4
+    task = get(site.chc, "Task", result["task_id"])
+    r4b(task)
+    assert task["status"] == "completed"
+    assert NID1 not in orjson.dumps(study).decode()
+
+
+@pytest.mark.slow
+def test_query_then_fetch_retrieves_from_the_vendor_pacs(site: Site) -> None:
+    found = clinician(site.core, "POST", "/query", {"patient_id": "FX0002"})["studies"]
+    assert found == [{"id": study_resource_id(S2), "study_uid": S2, "number_of_series": 2,
+                      "number_of_instances": 2}]
+    study = get(site.core, "ImagingStudy", study_resource_id(S2))
+    r4b(study)
+    assert [m["code"] for m in study["modality"]] == ["CT", "MR"]
+    assert {s["uid"]: s["numberOfInstances"] for s in study["series"]} == \
+        {S2 + ".1": 1, S2 + ".2": 1}
+    assert study["series"][0]["bodySite"]["code"] == "113345001"
+    assert row_hash(site.core, "ImagingStudy", study["id"]) == \
+        patient_hash(site.core.plan.patient_hash_key, NID2)
+    held = site.core.plan.data_dir / "adapters" / "pacs" / "studies" / S2
+    assert not held.exists()  # images stay in the PACS until someone asks
+
+    result = fetched(site.chc, "core", S2)
+    assert result["status"] == "completed", result
+    got = fetch_zip(site.chc, result["task_id"])
+    assert {sop: sha(b) for sop, b in got.items()} == \
+        {sop: sha(p.read_bytes()) for sop, p in site.originals(S2).items()}
+    full = get(site.core, "ImagingStudy", study_resource_id(S2))  # now from the C-GET files
+    assert [len(s["instance"]) for s in full["series"]] == [1, 1]
+
+
+@pytest.mark.slow
+def test_unknown_study_fails_and_rules_are_checked(site: Site) -> None:
+    result = fetched(site.chc, "core", "1.2.3.999")
+    assert result["status"] == "failed"
+    assert result["reason"] == "study not held here"
+    with pytest.raises(ApiError) as err:  # no rule lets core ask chc
+        clinician(site.core, "POST", "/fetches", {"from": "chc", "study_uid": S1})
+    assert err.value.json["code"] == "HT-PKT-ROUTE-DENIED"
+
+
+@pytest.mark.slow
+def test_bad_instance_is_refused_and_quarantined(site: Site, tmp_path: Path) -> None:
+    ds = dcmread(site.modality / f"{S1}.2.1.dcm")
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = S1 + ".9.9"
+    del ds.PatientID
+    (tmp_path / "bad").mkdir()
+    ds.save_as(tmp_path / "bad" / "bad.dcm", enforce_file_format=True)
+    done = push(tmp_path / "bad", site.core_scp)
+    assert done.returncode == 1
+    assert json.loads(done.stdout)["statuses"] == [0xC000]
+    held = site.core.api("GET", "/local/v1/quarantine")
+    mine = [q for q in held if q["source"] == "adapter:pacs" and q["kind"] == "imaging.instance"]
+    assert mine and mine[0]["code"] == "HT-DICOM-REJECTED"
+    assert mine[0]["message"] == f"instance {S1}.9.9: PatientID (0010,0020) is missing"
+    assert not (site.core.plan.data_dir / "adapters" / "pacs" / "studies" / S1 / (S1 + ".2")
+                / f"{S1}.9.9.dcm").exists()
+
+
+ORU = ("MSH|^~\\&|RIS|FUXING|HUTONG|FUXING|20261120110000||ORU^R01|RIS-77|P|2.5.1|||||||UNICODE UTF-8\r"
+       "PID|||FX0001||Zhang^San\r"
+       "OBR|1||{acc}|71250^CT Chest^LN|||20261120093000|||||||||||||||||F\r"
+       "OBX|1|TX|59776-5^Findings^LN||右下肺见一枚约4mm结节。||||||F\r"
+       "OBX|2|TX|19005-8^Impression^LN||{imp}||||||F\r")
+
+
+@pytest.mark.slow
+def test_hl7_oru_report_attaches_to_the_study(site: Site) -> None:
+    wait_for(lambda: get(site.core, "ImagingStudy", study_resource_id(S1)), what="study at core")
+    answer = _post_text(site.core, ORU.format(acc="ACC-1001", imp=ORU_IMPRESSION))
+    report = get(site.core, "DiagnosticReport", answer["id"])
+    r4b(report)
+    assert report["conclusion"] == ORU_IMPRESSION
+    assert report["imagingStudy"] == [{"reference": f"ImagingStudy/{study_resource_id(S1)}"}]
+    assert report["code"]["coding"][0] == {"system": "http://loinc.org", "code": "71250",
+                                           "display": "CT Chest"}
+    assert report["status"] == "final"
+    assert report["effectiveDateTime"] == "2026-11-20T09:30:00+08:00"
+
+    with pytest.raises(ApiError) as err:  # a report for a study nobody stored here
+        _post_text(site.core, ORU.format(acc="ACC-NONE", imp="x"))
+    assert err.value.status == 422 and err.value.json["code"] == "HT-REPORT-REJECTED"
+    assert "record RIS-77" in err.value.json["message"]
+
+
+def _post_text(node: NodeProcess, text: str) -> Any:
+    import urllib.error
+
+    req = urllib.request.Request(
+        f"{node.local_url}/local/v1/adapters/pacs/reports", method="POST", data=text.encode(),
+        headers={"Authorization": f"Bearer {node.token('clinician')}",
+                 "Content-Type": "application/hl7-v2"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        with exc:
+            raise ApiError(exc.code, exc.read()) from None
+
+
+# -- pure parts, no sockets ----------------------------------------------------------------------
+
+def test_dimse_status_translation_is_complete() -> None:
+    assert status_error(0x0000, "C-STORE") is None
+    assert status_error(0xFF00, "C-FIND") is None
+    assert status_error(0xB000, "C-GET") is None
+    assert isinstance(status_error(None, "C-FIND"), PacsUnavailable)
+    assert isinstance(status_error(0xA701, "C-STORE"), PacsUnavailable)
+    for code in (0xA900, 0xC000, 0xC211, 0xFE00, 0x0122, 0xA801):
+        assert isinstance(status_error(code, "C-GET"), PacsFailed), hex(code)
+
+
+def test_parts_respect_the_budget() -> None:
+    assert fetch.plan_parts([10, 10, 10, 25], 25, 0) == [[0, 1], [2], [3]]
+    assert fetch.plan_parts([10, 10], 25, 8) == [[0], [1]]  # part 1 also carries the study
+    with pytest.raises(Exception, match="more than one packet carries"):
+        fetch.plan_parts([30], 25, 0)
+    assert fetch.raw_budget(20 * 1024 * 1024, None) == (20 * 1024 * 1024 - 65536) * 3 // 4
+
+
+def test_fhir_datetime_and_oru_parsing() -> None:
+    assert fhir_datetime("20261120", "0930", "+08:00") == "2026-11-20T09:30:00+08:00"
+    assert fhir_datetime("20261120", "", "+08:00") == "2026-11-20"
+    assert fhir_datetime("", "0930", "+08:00") is None
+    oru = parse_oru(ORU.format(acc="A-1", imp="结论"), "+08:00")
+    assert (oru.control_id, oru.accession, oru.status) == ("RIS-77", "A-1", "final")
+    report = report_from_oru(oru, subject={"reference": "Patient/x"}, study_ref=None)
+    r4b(report)
+    assert report["conclusion"] == "结论"
