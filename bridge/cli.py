@@ -73,6 +73,17 @@ def run(config: ConfigOpt) -> None:
 
 
 @app.command()
+def worker(config: ConfigOpt) -> None:
+    """Run an extra send/deliver process of a node on its shared PostgreSQL store (no ports)."""
+    from bridge.worker import check_store, run_worker
+
+    plan = _plan(config)
+    check_store(plan)
+    err.print(f"hutong worker of {plan.node_id}: send and deliver jobs on the shared store")
+    run_worker(plan)
+
+
+@app.command()
 def send(
     config: ConfigOpt,
     to: Annotated[str, typer.Option(help="recipient member id")],

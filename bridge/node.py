@@ -18,11 +18,13 @@ import uvicorn
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from bridge import faults
 from bridge.audit.events import AuditEntry
 from bridge.config.loader import NodePlan
 from bridge.context import NodeContext
 from bridge.delivery.dispatcher import Dispatcher
 from bridge.delivery.handlers import load_handlers
+from bridge.delivery.lanes import Lanes
 from bridge.delivery.retention import purge_bodies
 from bridge.delivery.sender import PeerSender
 from bridge.gateway.app import create_gateway
@@ -59,6 +61,9 @@ class Node:
     def __init__(self, plan: NodePlan) -> None:
         self.plan = plan
         self.ctx = NodeContext.open(plan)
+        faults.install(self.ctx)
+        # PostgreSQL: several processes may share this store (hutong worker); see lanes.py
+        self.lanes = None if self.ctx.store.is_sqlite else Lanes(plan.storage_dsn)
         self.intake = Intake(self.ctx)
         self.workflow = Workflow(self.ctx, wake=self.wake_all_senders)
         self._jobs: list[tuple[str, Any, float]] = []
@@ -69,13 +74,14 @@ class Node:
         self.dispatcher = Dispatcher(
             self.ctx, handlers, hooks={"referral.": self.workflow.apply_packet,
                                       "result.": ResultsInbox(self.ctx).apply_packet},
+            lanes=self.lanes,
         )
         me = plan.directory[plan.node_id]
         if me.role == "platform" or not me.via:
             hops = [m for m in plan.directory if m != plan.node_id]
         else:
             hops = [me.via]
-        self.senders = {peer: PeerSender(self.ctx, peer) for peer in hops}
+        self.senders = {peer: PeerSender(self.ctx, peer, self.lanes) for peer in hops}
         self.drains: dict[str, _Drain] = {}
         self.scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(len(hops) + 6 + len(self.adapters))},
@@ -230,6 +236,8 @@ class Node:
             log.exception("final checkpoint failed")
         for sender in self.senders.values():
             sender.close()
+        if self.lanes is not None:
+            self.lanes.close()
         self.ctx.store.dispose()
 
 

@@ -2,7 +2,9 @@
 
 Delivery and the ``delivered`` mark commit together for handlers that write in the node's own
 transaction; external handlers are idempotent by packet id, so a crash in between redelivers
-the same packet and the local side still sees it once.
+the same packet and the local side still sees it once. On PostgreSQL several processes may
+deliver: each takes only the threads of the lanes it holds (``lanes.py``), so a thread is
+delivered by one process at a time, in order.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ from typing import Any
 
 from sqlalchemy import select, update
 
+from bridge import faults
 from bridge.audit.events import AuditEntry
 from bridge.context import NodeContext
 from bridge.delivery.handlers import Delivery, Handler
+from bridge.delivery.lanes import Lanes, lane_of
 from bridge.delivery.sender import backoff
 from bridge.errors import HutongError, Retry
 from bridge.store.quarantine import quarantine_row
@@ -23,12 +27,13 @@ from bridge.store.tables import INBOX, QUARANTINE
 
 class Dispatcher:
     def __init__(self, ctx: NodeContext, handlers: dict[str, Handler],
-                 hooks: dict[str, Any] | None = None) -> None:
+                 hooks: dict[str, Any] | None = None, lanes: Lanes | None = None) -> None:
         """``hooks`` maps a kind prefix (e.g. ``referral.``) to an in-node step that runs before
         the local handler (the referral workflow applies its packets there)."""
         self.ctx = ctx
         self.handlers = handlers
         self.hooks = hooks or {}
+        self.lanes = lanes
         self.batch = ctx.plan.delivery.batch_size
 
     def handler_for(self, kind: str) -> Handler | None:
@@ -51,6 +56,12 @@ class Dispatcher:
             .order_by(INBOX.c.id)
             .limit(self.batch)
         )
+        if self.lanes is not None:
+            held = self.lanes.hold("deliver")
+            if held is not None:
+                if not held:
+                    return 0
+                stmt = stmt.where(lane_of(INBOX.c.thread).in_(sorted(held)))
         with self.ctx.store.read() as conn:
             rows = conn.execute(stmt).all()
         if not rows:
@@ -83,6 +94,7 @@ class Dispatcher:
                 failed.append((r, HutongError(f"local handler failed: {type(exc).__name__}")))
                 continue
             delivered.append(r)
+            faults.point("dispatcher.during_delivery")
         for h in {id(h): h for h in self.handlers.values()}.values():
             flush = getattr(h, "flush", None)
             if flush is not None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import Connection, func, insert, select
 
+from bridge import faults
 from bridge.audit.events import AuditEntry
 from bridge.context import NodeContext
 from bridge.crypto.envelope import body_digest
@@ -114,4 +115,5 @@ def queue_packets(
         conn.execute(insert(QUARANTINE), refused)
     if audit:
         ctx.audit.append(conn, audit)
+    faults.point("queue.before_commit")
     return results

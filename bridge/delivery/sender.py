@@ -3,7 +3,9 @@
 Local packets are sealed at each attempt (so created-at is fresh even after a long outage); the
 packet id stays, and the receiver answers an identical re-send with its original receipt.
 Order within a thread holds because a peer has one batch in flight at a time, rows go out in
-queue order, and a transient failure retries the whole batch.
+queue order, and a transient failure retries the whole batch. On PostgreSQL several processes
+may send for one peer: each claims only the threads of the lanes it holds (``lanes.py``), so a
+thread still has one batch in flight at a time.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ from typing import Any
 
 from sqlalchemy import Connection, bindparam, insert, select, update
 
+from bridge import faults
 from bridge.audit.events import AuditEntry
 from bridge.context import NodeContext
 from bridge.crypto import envelope as env
+from bridge.delivery.lanes import Lanes, lane_of
 from bridge.delivery.transport import PeerConnection
 from bridge.errors import HutongError, Retry, TransportError
 from bridge.store.tables import OUTBOX
@@ -41,9 +45,10 @@ class SendReport:
 class PeerSender:
     """Per-peer settings and connection; ``send_batch`` is one claim-send-record round."""
 
-    def __init__(self, ctx: NodeContext, peer: str) -> None:
+    def __init__(self, ctx: NodeContext, peer: str, lanes: Lanes | None = None) -> None:
         self.ctx = ctx
         self.peer = peer
+        self.lanes = lanes
         self.member = ctx.plan.directory[peer]
         self.conn = PeerConnection(self.member.exchange_url)
         self.cfg = ctx.plan.delivery
@@ -51,13 +56,19 @@ class PeerSender:
     def claim(self, now: datetime) -> list[Any]:
         """The head of this peer's queue, in queue order. Backoff is head-of-line: while the
         oldest waiting row is not due, nothing newer may overtake it (that would break the
-        order within its thread), so the whole peer waits."""
+        order within its thread), so the whole peer waits (with lanes: this process's share)."""
         stmt = (
             select(*_COLS)
             .where(OUTBOX.c.next_hop == self.peer, OUTBOX.c.state == "queued")
             .order_by(OUTBOX.c.id)
             .limit(self.cfg.batch_size)
         )
+        if self.lanes is not None:
+            held = self.lanes.hold(f"send:{self.peer}")
+            if held is not None:
+                if not held:
+                    return []
+                stmt = stmt.where(lane_of(OUTBOX.c.thread).in_(sorted(held)))
         with self.ctx.store.read() as conn:
             rows = conn.execute(stmt).all()
         if rows and rows[0].next_try_at > now:
@@ -76,12 +87,14 @@ class PeerSender:
         rows = self.claim(now)
         if not rows:
             return SendReport()
+        faults.point("sender.after_commit_before_send")
         frames = [self._frame(r, now) for r in rows]
         try:
             answers = env.decode_batch(
                 self.conn.post_batch(env.encode_batch(frames)),
                 max_items=len(frames), max_total=64 << 20,
             )
+            faults.point("sender.after_send_before_receipt")
             if len(answers) != len(frames):
                 raise TransportError(f"{self.peer} answered {len(answers)} of {len(frames)}")
         except HutongError as exc:

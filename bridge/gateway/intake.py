@@ -14,6 +14,7 @@ from typing import Any
 
 from sqlalchemy import Connection, insert, select, update
 
+from bridge import faults
 from bridge.audit.events import AuditEntry
 from bridge.context import NodeContext
 from bridge.crypto import envelope as env
@@ -89,6 +90,8 @@ class Intake:
                 answers.append(self._refuse(frame, exc, now, source, batch, requarantine))
         with self.ctx.store.write() as conn:
             self._commit(conn, batch)
+            faults.point("intake.before_commit")
+        faults.point("intake.after_commit")
         return [a if a is not None else b"" for a in answers]
 
     # -- packets ------------------------------------------------------------------------------
