@@ -6,18 +6,34 @@ import http.cookiejar
 import json
 import re
 import shutil
+import statistics
 import subprocess
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlencode
 
 import pytest
+from sqlalchemy import select
 
+from bridge.referral.tables import REFERRAL
+from bridge.store.db import Store
+from bridge.web.stats import month_of
 from tests.factory import bundle as factory_bundle
 from tests.harness import ROOT, Alliance, NodeProcess, wait_for
 from tests.referrals import referral, return_bundle
-from tests.test_referral_loop import MEMBERS, RULES, both, new_thread, resource, state, submit
+from tests.test_referral_loop import (
+    MEMBERS,
+    RULES,
+    both,
+    new_thread,
+    resource,
+    state,
+    step,
+    submit,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -236,3 +252,178 @@ def test_referral_list_screenshot(pair: Alliance) -> None:
                     "--window-size=1280,900", f"--screenshot={out}", page.as_uri()],
                    check=True, capture_output=True, timeout=120)
     assert out.exists() and out.stat().st_size > 1000
+
+
+# -- clinical detail: imaging report and study ------------------------------------------------
+
+
+def imaging_return(sr_id: str, patient_ref: str) -> dict[str, Any]:
+    """A return carrying a CT report (DiagnosticReport -> ImagingStudy) and no lab results."""
+    bundle = return_bundle(sr_id, patient_ref)
+    entries = [x for x in bundle["entry"]
+               if x["resource"]["resourceType"] not in ("DiagnosticReport", "Observation")]
+    study, report = "urn:uuid:" + str(uuid.uuid4()), "urn:uuid:" + str(uuid.uuid4())
+    entries += [
+        {"fullUrl": study, "request": {"method": "POST", "url": "ImagingStudy"}, "resource": {
+            "resourceType": "ImagingStudy", "status": "available",
+            "identifier": [{"system": "urn:dicom:uid", "value": STUDY_UID}],
+            "subject": {"reference": patient_ref}, "started": "2026-11-22T14:05:00+08:00",
+            "modality": [{"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "CT"}],
+            "numberOfSeries": 2, "numberOfInstances": 180, "description": "头颅CT平扫",
+            "series": [
+                {"uid": "1.2.840.99.1.1", "number": 1, "numberOfInstances": 120,
+                 "modality": {"system": "http://dicom.nema.org/resources/ontology/DCM",
+                              "code": "CT"}, "description": "轴位 5mm",
+                 "bodySite": {"system": "http://snomed.info/sct", "code": "69536005",
+                              "display": "头部"}},
+                {"uid": "1.2.840.99.1.2", "number": 2, "numberOfInstances": 60,
+                 "modality": {"system": "http://dicom.nema.org/resources/ontology/DCM",
+                              "code": "CT"}, "description": "冠状位重建"}]}},
+        {"fullUrl": report, "request": {"method": "POST", "url": "DiagnosticReport"},
+         "resource": {
+             "resourceType": "DiagnosticReport", "status": "final",
+             "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0074",
+                                       "code": "RAD"}]}],
+             "code": {"coding": [{"system": "http://loinc.org", "code": "24725-4"}],
+                      "text": "头颅CT报告"},
+             "subject": {"reference": patient_ref},
+             "effectiveDateTime": "2026-11-22T14:05:00+08:00",
+             "imagingStudy": [{"reference": study}],
+             "conclusion": "右侧基底节区腔隙性脑梗死"}},
+    ]
+    return {**bundle, "entry": entries}
+
+
+STUDY_UID = "1.2.840.99.1"
+
+
+def test_detail_shows_imaging_report_and_study(pair: Alliance) -> None:
+    chc, core = pair.node("chc"), pair.node("core")
+    thread = new_thread(chc, referral("up-exam", "core", mrn="YT0009", icd10="I63.9"))
+    both(pair, thread, "received", "received")
+    step(core, thread, "accept", outputs=[{"type": {"text": "department"},
+                                          "valueString": "放射科"}])
+    both(pair, thread, "accepted")
+    step(core, thread, "arrive")
+    both(pair, thread, "in-progress", "arrived")
+    here = state(core, thread)
+    task = resource(core, "Task", here["task_id"])
+    submit(core, imaging_return(here["sr_id"], task["for"]["reference"]))
+    both(pair, thread, "completed", "return-received")
+    gp = Browser(chc).login("clinician")
+    page = gp.get(f"/ui/referrals/{thread}")
+    report = re.search(r'<div class="imaging-report">.*?</table></div></div>', page, re.DOTALL)
+    assert report, "no imaging report block"
+    block = report.group(0)
+    assert "头颅CT报告" in block and "2026-11-22T14:05:00+08:00" in block
+    assert '<span class="conclusion">右侧基底节区腔隙性脑梗死</span>' in block
+    assert f'<code class="study-uid">{STUDY_UID}</code>' in block
+    assert "头颅CT平扫" in block and "180" in block
+    series = re.findall(r"<tr>(.*?)</tr>", section(block, "series"), re.DOTALL)[1:]
+    cells = [re.findall(r"<td[^>]*>(.*?)</td>", s) for s in series]
+    assert cells == [["1", "CT", "轴位 5mm", "头部", "120"], ["2", "CT", "冠状位重建", "", "60"]]
+    assert section(page, "acceptance").count("放射科") == 1
+    printed = gp.get(f"/ui/referrals/{thread}/slip/return")
+    assert "<h1>转回单</h1>" in printed and "右侧基底节区腔隙性脑梗死" in printed
+    assert gp.open(f"/ui/referrals/{thread}/slip/nonsense")[0] == 404
+
+
+# -- statistics ---------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def fresh(tmp_path: Path):
+    rules = [*RULES, {"from": "chc", "to": "core", "kinds": ["result.lab"]}]
+    a = Alliance(tmp_path / "alliance", MEMBERS, rules)
+    a.start("core", "chc")
+    yield a
+    a.stop_all()
+
+
+def referral_rows(node: NodeProcess) -> list[dict[str, Any]]:
+    s = Store(node.plan.storage_dsn)
+    try:
+        with s.read() as conn:
+            return [dict(r._mapping) for r in conn.execute(select(REFERRAL))]
+    finally:
+        s.dispose()
+
+
+def stats_cells(browser: Browser, cls: str = "monthly") -> dict[str, list[str]]:
+    """{member cell text: the row's cells (raw HTML)} of a statistics table."""
+    out = {}
+    for tr in re.findall(r"<tr>(.*?)</tr>", section(browser.get("/ui/stats"), cls), re.DOTALL):
+        cells = re.findall(r"<td[^>]*>(.*?)</td>", tr)
+        if cells:
+            out[cells[1]] = cells
+    return out
+
+
+def seconds(cell: str) -> float:
+    m = re.search(r'data-seconds="([0-9.]+)"', cell)
+    assert m, cell
+    return float(m.group(1))
+
+
+def test_statistics_count_known_referrals(fresh: Alliance) -> None:
+    chc, core = fresh.node("chc"), fresh.node("core")
+    up = [new_thread(chc, referral(k, "core", mrn=f"ST{i}", priority=p))
+          for i, (k, p) in enumerate([("up-inpatient", "urgent"), ("up-outpatient", "routine"),
+                                      ("up-exam", "routine")])]
+    for th in up:  # new_thread spots the new row, so nothing may arrive meanwhile
+        both(fresh, th, "received")
+    down = [new_thread(core, referral(k, "chc", mrn=f"SD{i}", icd10="I63.9"))
+            for i, k in enumerate(["down-outpatient", "down-discharge"])]
+    for th in down:
+        both(fresh, th, "received")
+    step(core, up[0], "accept")
+    step(core, up[1], "accept")
+    step(core, up[2], "reject", reason="设备检修")
+    step(chc, down[0], "accept")
+    both(fresh, up[0], "accepted")
+    both(fresh, up[1], "accepted")
+    both(fresh, up[2], "rejected")
+    both(fresh, down[0], "accepted")
+    step(core, up[0], "arrive")
+    both(fresh, up[0], "in-progress")
+    here = state(core, up[0])
+    task = resource(core, "Task", here["task_id"])
+    submit(core, return_bundle(here["sr_id"], task["for"]["reference"]))
+    both(fresh, up[0], "completed", "return-received")
+    chc.send("core", "result.lab", [factory_bundle(1) for _ in range(4)])
+    wait_for(lambda: all(r["state"] == "acknowledged"
+                         for r in chc.api("GET", "/local/v1/outbox?state=acknowledged")
+                         if r["kind"] == "result.lab")
+             and len([r for r in chc.api("GET", "/local/v1/outbox?state=acknowledged")
+                      if r["kind"] == "result.lab"]) == 4, what="4 results acknowledged")
+
+    chc_name, core_name = "月坛社区卫生服务中心 (chc)", "复兴医院 (core)"
+    for node in (core, chc):
+        viewer = Browser(node).login("auditor")
+        rows = stats_cells(viewer)
+        raw = referral_rows(node)
+        month = month_of(raw[0]["created_at"])
+        assert set(rows) == {chc_name, core_name}
+        # month, member, up, down, green, accepted, rejected, cancelled, returned, rate, ...
+        assert rows[chc_name][:10] == [month, chc_name, "3", "0", "1", "2", "1", "0", "1",
+                                       "66.7%"]
+        assert rows[core_name][:10] == [month, core_name, "0", "2", "0", "1", "0", "0", "0",
+                                        "100.0%"]
+        assert rows[chc_name][12] == "4" and rows[core_name][12] == "0"
+        # medians against this node's own timestamps
+        mine = {r["thread"]: r for r in raw}
+        accept = [(mine[t]["accepted_at"] - mine[t]["created_at"]).total_seconds()
+                  for t in up[:2]]
+        assert seconds(rows[chc_name][10]) == pytest.approx(statistics.median(accept), abs=0.06)
+        ret = (mine[up[0]]["completed_at"] - mine[up[0]]["created_at"]).total_seconds()
+        assert seconds(rows[chc_name][11]) == pytest.approx(ret, abs=0.06)
+        assert rows[core_name][11] == "—"
+        yearly = stats_cells(viewer, "yearly")
+        assert yearly["合计"][2:9] == ["3", "2", "1", "3", "1", "0", "1"]
+        page = viewer.get("/ui/stats")
+        bars = dict(re.findall(r'data-series="上转" data-group="(\d\d)" data-value="(\d+)"',
+                               page))
+        assert bars[month[5:]] == "3" and sum(map(int, bars.values())) == 3
+    # another year is empty
+    assert "<td colspan" in section(Browser(core).login("it").get("/ui/stats?year=2001"),
+                                    "monthly")

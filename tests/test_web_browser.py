@@ -142,7 +142,7 @@ def test_accept_in_browser_and_see_it_on_the_other_node(pair: Alliance, browser:
 
         wait_for(gp_sees_scheduled, timeout=30, every=0.3, what="the GP's page to show 已预约")
         assert gp.text("span.status") == "已接收"
-        slip = dict((r[0], r[1]) for r in rows(gp.page, "acceptance"))
+        slip = {r[0]: r[1] for r in rows(gp.page, "acceptance")}
         assert slip == {"床位": "心内科 12床", "科室": "心血管内科", "接诊医生": "张主任",
                         "预约时间": "2026-11-21T10:00:00+08:00"}
         gp.shot("detail-scheduled")
@@ -184,7 +184,7 @@ def test_accept_in_browser_and_see_it_on_the_other_node(pair: Alliance, browser:
         gp.shot("detail-returned")
         gp.go(f"/ui/referrals/{thread}/slip/return")
         assert gp.text(".slip h1") == "转回单"
-        fields = dict((r[0], r[1]) for r in rows(gp.page, "slip-fields"))
+        fields = {r[0]: r[1] for r in rows(gp.page, "slip-fields")}
         assert fields["给社区医生的指导"] == "氨氯地平 5mg qd，两周后社区复查"
         assert fields["医保转诊备案号"] == "YB-2026-0001"
         docs = gp.text(".slip .doc")
