@@ -341,6 +341,8 @@ class PacsAdapter(BaseAdapter):
             except PacsFailed as exc:
                 reason = exc.message
         bundles: list[dict[str, Any]] = []
+        if files and expected is None:  # instances held, study not completed yet: do it now
+            self.complete(req.study_uid)
         if files:
             with self.host.store.read() as conn:
                 study = fstore.get(conn, "ImagingStudy", rid)
@@ -414,8 +416,7 @@ class PacsAdapter(BaseAdapter):
         for r in resp.resources:
             if local is not None:
                 r["subject"] = {"reference": f"Patient/{local['id']}"}
-        for r in [*resp.resources, task]:
-            validate_resource(r)
+        validate_resource(task)  # what arrived was validated at the gateway; only ours is new
         with self.host.store.write() as conn:
             for r in resp.resources:
                 fstore.put(conn, r, at=now, origin=item.sender, patient_hash=resp.patient_hash)
