@@ -82,7 +82,7 @@ def slip(n: int, **kw: Any) -> ReferralSlip:
     base = ReferralSlip(
         slip_no=f"DSZZ{n:06d}", kind="up-inpatient", to_member="fuxing", patient_name="王秀英",
         gender="female", birth_date="1950-03-15", id_number="110102195003151234",
-        phone="13901234567", mrn=f"DS{n:04d}", diagnosis_code="YTZ-01",
+        phone="13901234567", mrn="DS0001", diagnosis_code="YTZ-01",
         diagnosis_name="原发性高血压", reason="血压控制不佳，请专科评估",
         summary="头晕两周。\n既往高血压十年", department_code="KS20", urgent=True,
         consent_by="患者本人", doctor="李医生", written_at="2026-11-20T09:00:00+08:00")

@@ -214,7 +214,8 @@ class HisDbAdapter(BaseAdapter):
             self.count(f"{record}_sent")
             return
         self.count(f"{record}_quarantined")
-        self.host.quarantine(error, raw=orjson.dumps(row, default=_jsonable), record=where,
+        raw = orjson.dumps({str(k): v for k, v in row.items()}, default=_jsonable)
+        self.host.quarantine(error, raw=raw, record=where,
                              field=column, kind=f"his-db.{record}")
 
     def _check_duplicate(self, table: Table, rid: int, record: str, slip_no: str) -> None:
