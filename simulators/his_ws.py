@@ -134,14 +134,15 @@ class HisWs:
         with self._db() as db:
             rows = db.execute("SELECT doc_id, raw FROM inbound WHERE ? IS NULL OR type = ? "
                               "ORDER BY pos", (doc_type, doc_type)).fetchall()
-        return [cda.read(bytes(raw), self.site, record=doc_id) for doc_id, raw in rows]
+        return [cda.read(bytes(raw), self.site, record=doc_id, from_node=True)
+                for doc_id, raw in rows]
 
     def received_doc(self, doc_id: str) -> cda.Document:
         with self._db() as db:
             row = db.execute("SELECT raw FROM inbound WHERE doc_id = ?", (doc_id,)).fetchone()
         if row is None:
             raise KeyError(f"no received document {doc_id}")
-        return cda.read(bytes(row[0]), self.site, record=doc_id)
+        return cda.read(bytes(row[0]), self.site, record=doc_id, from_node=True)
 
     def deliveries(self, doc_id: str) -> int:
         """How often the node sent this document (a retry after a lost answer counts)."""
@@ -191,7 +192,8 @@ class HisWs:
         name = op.tag.split("}")[1]
         if name in soap.TYPE_OF_RECEIVE:
             doc_type, doc_id, raw = soap.read_receive(op)
-            doc = cda.read(raw, self.site, record=doc_id, expect=doc_type)  # the vendor checks
+            doc = cda.read(raw, self.site, record=doc_id, expect=doc_type,  # the vendor checks
+                           from_node=True)
             if doc.doc_id != doc_id:
                 raise KeyError(f"DocumentId {doc_id} but the document says {doc.doc_id}")
             digest = hashlib.sha256(raw).hexdigest()

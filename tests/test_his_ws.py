@@ -26,6 +26,8 @@ from adapters.his_ws.errors import (
     WrongEncoding,
 )
 from adapters.slips import AcceptanceSlip, LabResult, Prescription, ReferralSlip, ReturnSlip
+from simulators.his_ws import HisWsProcess
+from tests.harness import Alliance, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 XML = ROOT / "tests" / "fixtures" / "xml"
@@ -180,3 +182,129 @@ def test_referral_from_the_node_carries_no_id_number() -> None:
     cda.xmlsafe.validate(etree.fromstring(raw), cda.CDA_XSD, "p-1")  # valid without it
     with pytest.raises(MissingElement):  # but a referral FROM the HIS must have it
         cda.read(raw, SITE, record="p-1")
+    assert cda.read(raw, SITE, record="p-1", from_node=True).slip.id_number == ""
+
+
+# -- two nodes, two simulated HIS processes ------------------------------------------------------
+
+KINDS = ["referral.request", "referral.status", "referral.cancel", "referral.return"]
+MEMBERS = [("fuxing", "复兴医院", "Fuxing Hospital", "core"),
+           ("yuetan-chc", "月坛社区卫生服务中心", "Yuetan CHC", "community")]
+
+
+class World:
+    def __init__(self, folder: Path) -> None:
+
+        self.sims = {m[0]: HisWsProcess(folder / f"his-{m[0]}.sqlite", m[0], site_name=m[1])
+                     for m in MEMBERS}
+        members = [{"id": i, "zh": zh, "en": en, "role": role, "adapters": [{
+            "name": "his", "type": "his-xml-ws", "mappings": str(ROOT / "mappings" / i),
+            "receives": ["referral.*"],
+            "options": {"url": self.sims[i].url, "poll_s": 0.2, "timeout_s": 5.0,
+                        "site_name": zh}}]} for i, zh, en, role in MEMBERS]
+        rules = [{"from": "fuxing", "to": "yuetan-chc", "kinds": KINDS},
+                 {"from": "yuetan-chc", "to": "fuxing", "kinds": KINDS}]
+        for sim in self.sims.values():
+            sim.start()
+        self.alliance = Alliance(folder / "alliance", members, rules)
+        self.alliance.start("fuxing", "yuetan-chc")
+
+    def stop(self) -> None:
+        self.alliance.stop_all()
+        for sim in self.sims.values():
+            sim.stop()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory):
+    w = World(tmp_path_factory.mktemp("his-ws"))
+    try:
+        yield w
+    finally:
+        w.stop()
+
+
+def arrived(his: Any, doc_type: str, slip_no: str) -> cda.Document:
+    return wait_for(lambda: next((d for d in his.received(doc_type)
+                                  if d.slip.slip_no == slip_no), None),
+                    timeout=60, what=f"{doc_type} {slip_no} in the HIS")
+
+
+def thread_of(node: Any, slip_no: str) -> dict[str, Any]:
+
+    def find() -> dict[str, Any] | None:
+        for row in node.api("GET", "/local/v1/referrals"):
+            sr = node.api("GET", f"/fhir/ServiceRequest/{row['sr_id']}", role="clinician")
+            if (sr.get("requisition") or {}).get("value") == slip_no:
+                return {"row": row, "sr": sr}
+        return None
+    return wait_for(find, timeout=60, what=f"referral {slip_no} at {node.node_id}")
+
+
+@pytest.mark.slow
+def test_up_referral_loop_field_by_field(world: World) -> None:
+    chc_his, core_his = world.sims["yuetan-chc"].his, world.sims["fuxing"].his
+    core = world.alliance.node("fuxing")
+    written = referral_slip(slip_no="YTZZ-LOOP-1")
+    ref_doc = chc_his.write_referral(written)
+    # the core hospital's HIS got the slip, codes in ITS catalogue, no ID number
+    got = arrived(core_his, "referral", written.slip_no)
+    assert asdict(got.slip) == asdict(replace(written, id_number="", diagnosis_code="FXZD0101",
+                                              department_code="0200"))
+    assert got.custodian == "yuetan-chc"
+    # ... and the core node's FHIR API shows the same referral
+    found = thread_of(core, written.slip_no)
+    sr = found["sr"]
+    assert sr["priority"] == "urgent" and sr["note"][0]["text"] == written.reason
+    assert sr["code"]["coding"][0]["code"] == "up-inpatient"
+    assert sr["reasonCode"][0]["coding"][0]["code"] == "I10"
+    task = core.api("GET", f"/fhir/Task/{found['row']['task_id']}", role="clinician")
+    patient = core.api("GET", f"/fhir/{task['for']['reference']}", role="clinician")
+    assert patient["name"][0]["text"] == written.patient_name
+    assert (patient["gender"], patient["birthDate"]) == ("female", "1950-03-15")
+    assert written.id_number not in str(patient)
+    # acceptance: written in the core HIS, arrives in the community centre's HIS
+    core_his.accept(got.doc_id, appointment_at=ACCEPTED.appointment_at, department_code="0301",
+                    bed_no=ACCEPTED.bed_no, doctor=ACCEPTED.doctor)
+    acc = arrived(chc_his, "acceptance", written.slip_no)
+    # 0301 心内科 -> alliance 03.04, which the community catalogue does not list: shared code
+    assert asdict(acc.slip) == asdict(replace(ACCEPTED, slip_no=written.slip_no,
+                                              department_code="03.04"))
+    assert acc.referral_doc == ref_doc and acc.custodian == "fuxing"
+    # return slip with prescriptions and results, drug and lab codes in the centre's catalogue
+    back = return_slip(slip_no=written.slip_no)
+    core_his.write_return(got.doc_id, back)
+    ret = arrived(chc_his, "return", written.slip_no)
+    assert asdict(ret.slip) == asdict(replace(
+        back, diagnosis_code="YTZ-01",
+        prescriptions=[replace(back.prescriptions[0], drug_code="YT2037"),
+                       replace(back.prescriptions[1], drug_code="YT2111")],
+        results=[replace(back.results[0], item_code="3001"),
+                 replace(back.results[1], item_code="3003"),
+                 replace(back.results[2], item_code="3002")]))
+    chc = world.alliance.node("yuetan-chc")
+    wait_for(lambda: thread_of(chc, written.slip_no)["row"]["step"] == "return-received",
+             timeout=60, what="return received at the centre")
+    assert thread_of(core, written.slip_no)["row"]["status"] == "completed"
+    # every document was delivered once
+    for doc in (acc, ret):
+        assert chc_his.deliveries(doc.doc_id) == 1
+    assert core_his.deliveries(got.doc_id) == 1
+    assert chc_his.pending() == [] and core_his.pending() == []
+
+
+@pytest.mark.slow
+def test_down_referral_rejected_back_into_core_his(world: World) -> None:
+    chc_his, core_his = world.sims["yuetan-chc"].his, world.sims["fuxing"].his
+    written = referral_slip(slip_no="FXZZ-DOWN-1", kind="down-discharge", to_member="yuetan-chc",
+                            diagnosis_code="FXZD0101", department_code="0200", urgent=False,
+                            mrn="FX778", doctor="张主任", patient_name="赵建国",
+                            gender="male", birth_date="1962-08-08",
+                            id_number="110102196208084321", phone="13700000000")
+    core_his.write_referral(written)
+    got = arrived(chc_his, "referral", written.slip_no)
+    assert asdict(got.slip) == asdict(replace(written, id_number="", diagnosis_code="YTZ-01",
+                                              department_code="KS01"))
+    chc_his.reject(got.doc_id, "本中心暂无康复床位")
+    ans = arrived(core_his, "acceptance", written.slip_no)
+    assert asdict(ans.slip) == asdict(AcceptanceSlip(written.slip_no, False, "本中心暂无康复床位"))

@@ -394,13 +394,14 @@ def field_path(slip_field: str) -> str:
 
 
 def read(raw: bytes, site: Site, *, record: str, known: Known | None = None,
-         expect: str | None = None) -> Document:
+         expect: str | None = None, from_node: bool = False) -> Document:
     """Check and read one document from the HIS (``record`` names it in every error).
 
     ``expect``: the type the envelope announced; a different document code is SchemaInvalid.
+    ``from_node``: a document the node wrote (the HIS's side), which never has the ID number.
     """
     try:
-        return _read(raw, site, record, known, expect)
+        return _read(raw, site, record, known, expect, from_node)
     except BadDocument as exc:
         if record not in exc.message:
             exc.message = f"document {record}: {exc.message}"
@@ -408,7 +409,7 @@ def read(raw: bytes, site: Site, *, record: str, known: Known | None = None,
 
 
 def _read(raw: bytes, site: Site, record: str, known: Known | None,
-          expect: str | None) -> Document:
+          expect: str | None, from_node: bool) -> Document:
     xmlsafe.check_encoding(raw, record)
     root = xmlsafe.parse(raw, record)
     xmlsafe.validate(root, CDA_XSD, record)
@@ -439,7 +440,7 @@ def _read(raw: bytes, site: Site, record: str, known: Known | None,
                                               f"[@root='{site.doc_oid}']/@extension")
     slip: Slip
     if dtype == "referral":
-        slip = _referral(r, site, known, slip_no, doctor, written)
+        slip = _referral(r, site, known, slip_no, doctor, written, from_node)
     elif dtype == "acceptance":
         slip = _acceptance(r, site, known, slip_no, doctor)
     else:
@@ -448,14 +449,14 @@ def _read(raw: bytes, site: Site, record: str, known: Known | None,
 
 
 def _referral(r: _Reader, site: Site, known: Known | None, slip_no: str, doctor: str,
-              written: str) -> ReferralSlip:
+              written: str, from_node: bool) -> ReferralSlip:
     role = r.one("v3:recordTarget/v3:patientRole")
     ids = {i.get("root"): i for i in role.xpath("v3:id", namespaces=NS)}
-    if ID_CARD_OID not in ids:
+    if ID_CARD_OID not in ids and not from_node:
         raise MissingElement(f"document {r.record} lacks the patient's ID card number",
                              field=f"/ClinicalDocument/recordTarget/patientRole/id[@root="
                                    f"'{ID_CARD_OID}']")
-    id_number = r.attr(ids[ID_CARD_OID], "extension")
+    id_number = r.attr(ids[ID_CARD_OID], "extension") if ID_CARD_OID in ids else ""
     mrn = ids[site.mrn_oid].get("extension", "") if site.mrn_oid in ids else ""
     tel = r.opt("v3:telecom", role)
     phone = (tel.get("value") or "").removeprefix("tel:") if tel is not None else ""
