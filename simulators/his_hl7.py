@@ -172,8 +172,10 @@ class VendorHis:
     def send_raw(self, raw: bytes, what: str = "raw", slip_no: str = "") -> Ack:
         answer = send_once(*self.adapter, raw, Timeouts(ack_s=60))
         code, control, text = ack.read(answer)
-        msg_control = messages.read(charset.decode(raw)[0]).control_id \
-            if raw.startswith(b"MSH") else control
+        try:
+            msg_control = messages.read(charset.decode(raw)[0]).control_id
+        except (Hl7DataError, charset.CharsetError):  # a bad message sent on purpose
+            msg_control = control
         with contextlib.closing(self._conn()) as conn:
             conn.execute("INSERT OR REPLACE INTO sent VALUES (?, ?, ?, ?, ?, ?)",
                          (msg_control, what, slip_no, raw, code, datetime.now(UTC).isoformat()))

@@ -312,7 +312,7 @@ def test_bad_data_is_nakked_quarantined_and_audited(env: Env, name: str, mutate:
                                                     field: str, code: str) -> None:
     chc = env.his["chc"]
     node = env.alliance.node("yuetan-chc")
-    s = slip(slip_no=f"YTBAD-{name}", patient_name="王億英")
+    s = slip(slip_no=f"YTBAD-{name}", patient_name="王億英", mrn=f"YTX-{name}")  # no ADT record
     text = mutate(referral_bytes(s, "GB 18030-2000", control=f"BAD-{name}").decode("gb18030"))
     raw = text.encode("gb18030")
     answer = chc.send_raw(raw, "referral", s.slip_no)
@@ -328,21 +328,25 @@ def test_bad_data_is_nakked_quarantined_and_audited(env: Env, name: str, mutate:
 def _assert_quarantined(node: Any, record: str, field: str, raw: bytes) -> None:
     from sqlalchemy import select
 
+    from bridge.audit.tables import AuditRecord
     from bridge.store.db import Store
-    from bridge.store.tables import AUDIT, QUARANTINE
+    from bridge.store.tables import QUARANTINE
 
+    audit = AuditRecord.__table__  # type: ignore[attr-defined]
     store = Store(node.plan.storage_dsn)
     try:
         with store.read() as conn:
-            rows = [r for r in conn.execute(select(QUARANTINE)).all()
-                    if record in (r._mapping.get("reason") or "")]
+            rows = [r._mapping for r in conn.execute(select(QUARANTINE)).all()
+                    if f"MSH-10 {record} " in r.message]
             assert len(rows) == 1, "quarantined once, not again on the resend"
-            q = rows[0]._mapping
-            assert f"field {field}" in q["reason"] and bytes(q["raw"]) == raw
-            audits = [a for a in conn.execute(select(AUDIT)).all()
-                      if "quarantined" in str(a._mapping.values()) and record in
-                      str(a._mapping.values())]
-            assert audits
+            assert f"field {field}" in rows[0]["message"] and bytes(rows[0]["raw"]) == raw
+            assert rows[0]["source"] == "adapter:his"
+            audits = [a for a in conn.execute(select(audit).where(
+                audit.c.action == "quarantined", audit.c.actor == "adapter:his")).all()
+                if f"MSH-10 {record} " in a.resource]
+            assert len(audits) == 1
+            assert '"quarantine_id"' in audits[0].resource or str(rows[0]["id"]) in \
+                audits[0].resource
     finally:
         store.dispose()
 
@@ -383,23 +387,42 @@ def test_his_naks_drops_and_is_down_then_gets_each_message_once_in_order(env: En
     folder = env.his["core"].db.parent
     # the core HIS NAKs twice, then drops the connection twice, then ACKs
     core.set_mode(nak=2, drop=2)
-    slips = [slip(slip_no=f"YTRETRY-{i}", patient_name=f"患者{i}億") for i in range(3)]
+    slips = [slip(slip_no=f"YTRETRY-{i}", patient_name=f"患者{i}億", mrn=f"YTR{i}",
+                  id_number=f"1101021960010100{i}X") for i in range(3)]
     for s in slips:
         assert chc.refer(s).code == "AA"
     for s in slips:
         one(core, "referral", s.slip_no)
     assert core.mode()["nak"] == 0 and core.mode()["drop"] == 0
     got = [r for r in core.received("referral") if r.slip_no.startswith("YTRETRY-")]
-    assert [r.slip_no for r in got] == [s.slip_no for s in slips]  # once each, in order
-    assert [r.slip.patient_name for r in got] == [s.patient_name for s in slips]
+    # once each (three threads: the dispatcher keeps order within a thread, not across)
+    assert sorted(r.slip_no for r in got) == [s.slip_no for s in slips]
+    assert sorted(r.slip.patient_name for r in got) == [s.patient_name for s in slips]
+    # within one thread: the centre's HIS NAKs the acceptance twice and drops it once while
+    # the return is already on its way; it still gets acceptance, then return, once each
+    s = slip(slip_no="YTORDER-1", patient_name="钱億", mrn="YTO1", id_number="110102197001010011")
+    assert chc.refer(s).code == "AA"
+    thread = one(core, "referral", s.slip_no)[0].thread
+    chc.set_mode(nak=2, drop=1)
+    assert core.accept(AcceptanceSlip(s.slip_no, True, "", "2026-11-22T08:00:00+08:00", "0301",
+                                      "3床", "周医生"), thread).code == "AA"
+    assert core.adt("A04", "FX900", referral_id=thread).code == "AA"
+    fx = env.alliance.node("fuxing")
+    wait_for(lambda: referral_row(fx, thread).get("status") == "in-progress", timeout=30,
+             what="arrival")
+    assert core.write_return(back_slip(slip_no=s.slip_no), thread).code == "AA"
+    one(chc, "return", s.slip_no)
+    assert chc.mode()["nak"] == 0 and chc.mode()["drop"] == 0
+    mine = [r.what for r in chc.received() if r.slip_no == s.slip_no]
+    assert mine == ["acceptance", "return"]
     # the HIS listener is down: queued, then delivered when it comes back
     proc = next(p for p in env.procs if str(core.db) in " ".join(map(str, p.args)))
     proc.terminate()
     proc.wait(30)
     env.procs.remove(proc)
-    late = slip(slip_no="YTRETRY-down", patient_name="赵乗")
+    late = slip(slip_no="YTRETRY-down", patient_name="赵乗", mrn="YTD1",
+                id_number="110102198001010022")
     assert chc.refer(late).code == "AA"
-    fx = env.alliance.node("fuxing")
     before = len(fx.api("GET", "/local/v1/referrals"))
     wait_for(lambda: len(fx.api("GET", "/local/v1/referrals")) > before, timeout=60,
              what="the referral at the core node while its HIS is down")

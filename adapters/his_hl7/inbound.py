@@ -12,6 +12,7 @@ HIS resends.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -91,8 +92,14 @@ class Inbound:
                 raise Hl7Rejected(exc.reason, field="MSH-18", hl7_error="102") from None
             inbound = messages.read(text)
         except Hl7DataError as exc:
+            # unreadable: keyed by its bytes, so the same bytes resent get the same answer
             record = inbound.control_id if inbound else _record_of(raw)
-            return self._refuse(exc, raw, record, f"?:{record}", codec, inbound)
+            key = f"sha256:{hashlib.sha256(raw).hexdigest()}"
+            prior = self.state.answer(key)
+            if prior is not None:
+                self.a.count("resent")
+                return self._ack(prior["ack_code"], record, codec, inbound, exc)
+            return self._refuse(exc, raw, record, key, codec, inbound)
         key = f"{inbound.facility}:{inbound.control_id}"
         prior = self.state.answer(key)
         if prior is not None:  # answered before (ADT, or refused): the same answer again
