@@ -153,7 +153,7 @@ def test_referral_acceptance_return_field_by_field(site: Any) -> None:
 
 
 def test_late_committed_row_is_sent(site: Any) -> None:
-    a, chc_db, core_db = site
+    _a, chc_db, core_db = site
     early = chc_db.allocate_id("ZZ_SQD")  # the form is opened; the row is saved later
     chc_db.write_referral(slip(101))
     chc_db.write_referral(slip(102))
