@@ -11,6 +11,8 @@ acceptance and the return come back field by field (codes in each site's catalog
 
 from __future__ import annotations
 
+import csv
+import io
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -308,3 +310,82 @@ def test_down_referral_rejected_back_into_core_his(world: World) -> None:
     chc_his.reject(got.doc_id, "本中心暂无康复床位")
     ans = arrived(core_his, "acceptance", written.slip_no)
     assert asdict(ans.slip) == asdict(AcceptanceSlip(written.slip_no, False, "本中心暂无康复床位"))
+
+
+NODE_BAD = ["xsd-gender", "missing-reason-section", "date-birth", "code-diagnosis",
+            "encoding-utf8-labelled-gb", "not-xml"]
+
+
+@pytest.mark.slow
+def test_bad_documents_quarantined_audited_and_the_next_goes_through(world: World) -> None:
+    chc_his, core_his = world.sims["yuetan-chc"].his, world.sims["fuxing"].his
+    chc = world.alliance.node("yuetan-chc")
+    expect: dict[str, tuple[str, str | None]] = {}
+    for n, case in enumerate(NODE_BAD):
+        raw, error, field = BAD[case]
+        doc_id = f"BAD-{n}"
+        chc_his.write_raw(doc_id, "referral",
+                          raw.replace(b'extension="YT-ZZD-000001"', f'extension="{doc_id}"'.encode()))
+        expect[doc_id] = (error.code, field)
+    # a second document under a taken id, with other content (a corrected phone number)
+    first = referral_slip(slip_no="YTZZ-DUP-1", patient_name="钱桂兰",
+                          id_number="110102194511112222")
+    chc_his.write_referral(first, doc_id="DUP-1")
+    chc_his.write_referral(replace(first, phone="13011112222"), doc_id="DUP-1")
+    expect["DUP-1"] = ("HT-WS-DUPLICATE", "/ClinicalDocument/id/@extension")
+    after = referral_slip(slip_no="YTZZ-AFTER-BAD", patient_name="周敏",
+                          id_number="110102198003034444")
+    chc_his.write_referral(after)
+    arrived(core_his, "referral", after.slip_no)
+    assert [d.slip.phone for d in core_his.received("referral")
+            if d.slip.slip_no == first.slip_no] == [first.phone]  # the first one, once
+    wait_for(lambda: chc_his.pending() == [], timeout=30, what="every document acked")
+    held = chc.api("GET", "/local/v1/quarantine")
+    for doc_id, (code, field) in expect.items():
+        mine = [h for h in held if f"record {doc_id} " in h["message"]]
+        assert len(mine) == 1, (doc_id, held)
+        assert mine[0]["code"] == code
+        assert mine[0]["source"] == "adapter:his"
+        if field is not None:
+            assert f"record {doc_id} field {field}:" in mine[0]["message"]
+        else:
+            assert f"record {doc_id} field line " in mine[0]["message"]
+        assert "钱桂兰" not in mine[0]["message"] and "1950" not in mine[0]["message"]
+    rows = list(csv.DictReader(io.StringIO(chc.cli("audit", "export", "--format",
+                                                    "csv").stdout)))
+    audited = sorted(r["code"] for r in rows if r["action"] == "quarantined")
+    assert audited == sorted(code for code, _ in expect.values())
+
+
+@pytest.mark.slow
+def test_his_faults_retried_until_accepted_delivered_once_in_order(world: World) -> None:
+    chc_his, core_his = world.sims["yuetan-chc"].his, world.sims["fuxing"].his
+    core = world.alliance.node("fuxing")
+    written = referral_slip(slip_no="YTZZ-FAULT-1", patient_name="孙立",
+                            id_number="110102197001013333")
+    chc_his.write_referral(written)
+    got = arrived(core_his, "referral", written.slip_no)
+    chc_his.fail_next(10**6)  # the centre's HIS answers every call with a SOAP Fault
+
+    def faults(op: str) -> int:
+        return sum(1 for o, _, out in chc_his.calls() if o == op and out == "fault")
+    core_his.accept(got.doc_id, appointment_at="2026-11-22T08:00:00+08:00",
+                    department_code="0302", bed_no="内分泌科 3床", doctor="王医生")
+    wait_for(lambda: faults("ReceiveAcceptance") >= 2, timeout=60, what="acceptance retried")
+    back = return_slip(slip_no=written.slip_no, discharge=False, prescriptions=[], results=[])
+    core_his.write_return(got.doc_id, back)
+    wait_for(lambda: thread_of(core, written.slip_no)["row"]["status"] == "completed",
+             timeout=60, what="return sent by the core hospital")
+    wait_for(lambda: faults("ReceiveAcceptance") >= 3, timeout=60, what="acceptance retried")
+    assert not any(o == "ReceiveReturn" for o, _, _ in chc_his.calls())  # waits behind it
+    chc_his.fail_next(0)
+    acc = arrived(chc_his, "acceptance", written.slip_no)
+    ret = arrived(chc_his, "return", written.slip_no)
+    assert asdict(acc.slip) == asdict(AcceptanceSlip(
+        written.slip_no, True, "", "2026-11-22T08:00:00+08:00", "03.07", "内分泌科 3床",
+        "王医生"))  # 0302 内分泌科 -> alliance 03.07, not in the centre's catalogue
+    assert asdict(ret.slip) == asdict(replace(back, diagnosis_code="YTZ-01"))
+    stored = [(o, d) for o, d, out in chc_his.calls() if out == "stored"
+              and d in (acc.doc_id, ret.doc_id)]
+    assert stored == [("ReceiveAcceptance", acc.doc_id), ("ReceiveReturn", ret.doc_id)]
+    assert chc_his.deliveries(acc.doc_id) == chc_his.deliveries(ret.doc_id) == 1
