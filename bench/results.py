@@ -30,16 +30,16 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import hl7  # noqa: E402
-from hl7.client import MLLPClient  # noqa: E402
+import hl7
+from hl7.client import MLLPClient
 
-from adapters.lis.decode import decode_message  # noqa: E402
-from adapters.lis.oru import Settings, header, parse, to_fhir  # noqa: E402
-from bridge.fhir.validate import validate_bundle  # noqa: E402
-from bridge.mapping import load_site  # noqa: E402
-from simulators.lis import oru_message  # noqa: E402
-from tests.harness import Alliance, free_port_block  # noqa: E402
-from tests.lis_site import write_site  # noqa: E402
+from adapters.lis.decode import decode_message
+from adapters.lis.oru import Settings, header, parse, to_fhir
+from bridge.fhir.validate import validate_bundle
+from bridge.mapping import load_site
+from simulators.lis import oru_message
+from tests.harness import Alliance, free_port_block
+from tests.lis_site import write_site
 
 
 def per_second(func: Callable[[Any], Any], items: list[Any], repeat: int = 3) -> float:

@@ -129,7 +129,8 @@ class _Builder:
         self.out = Results(bundle={}, patient_hash=None)
         self.resources: list[dict[str, Any]] = []
         self.orgs: dict[str, dict[str, Any]] = {}
-        self.counts: dict[str, int] = {}
+        self._unit_of: Any = None
+        self._unit_cache: tuple[str, str, str] = ("", "", "")
 
     # -- coded values -----------------------------------------------------------------------
 
@@ -232,7 +233,7 @@ class _Builder:
         q: dict[str, Any] = {"value": _num(number)}
         if comparator:
             q["comparator"] = comparator
-        unit_code, unit_text, unit_system = (value(obx, 6, c) for c in (1, 2, 3))
+        unit_code, unit_text, unit_system = self._unit(obx)
         printed = unit_text or unit_code
         if printed:
             q["unit"] = printed
@@ -243,6 +244,13 @@ class _Builder:
             elif printed not in self.out.units_not_ucum:
                 self.out.units_not_ucum.append(printed)
         return q
+
+    def _unit(self, obx: Any) -> tuple[str, str, str]:
+        """OBX-6 (code, text, system), read once per OBX (value and range share it)."""
+        if self._unit_of is not obx:
+            self._unit_cache = (value(obx, 6, 1), value(obx, 6, 2), value(obx, 6, 3))
+            self._unit_of = obx
+        return self._unit_cache
 
     def obx_value(self, obx: Any, n: int, vtype: str) -> dict[str, Any]:
         at = where("OBX", n, 5)
