@@ -10,6 +10,7 @@ that NAKs or drops gets the message again until it ACKs, once, in order.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from dataclasses import asdict, replace
@@ -438,3 +439,72 @@ def test_mllp_sender_names_down_listener() -> None:
     port = free_port_block(1)
     with pytest.raises(HisUnreachable):
         send_once("127.0.0.1", port, b"MSH|^~\\&|x\r", Timeouts(connect_s=1, ack_s=1))
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory: pytest.TempPathFactory):
+    """The centre on HL7 v2 (this style), the core hospital on an intermediate database."""
+    from simulators.his_db import HisDb
+
+    folder = tmp_path_factory.mktemp("his-hl7-mixed")
+    ports = free_port_block(2)
+    core_db = HisDb(f"sqlite:///{folder / 'fuxing-his.db'}").init()
+    # the database style reads its vendor's field maps from the site's mapping folder
+    core_maps = folder / "mappings" / "fuxing"
+    shutil.copytree(ROOT / "mappings" / "fuxing" / "codes", core_maps / "codes")
+    shutil.copytree(ROOT / "simulators" / "his_db_site" / "fields", core_maps / "fields")
+    members = [
+        {**MEMBERS[0], "adapters": [{
+            "name": "his", "type": "his-middle-db", "mappings": str(core_maps),
+            "receives": ["referral.*"], "options": {"dsn": core_db.dsn, "poll_every_s": 0.3}}]},
+        {**MEMBERS[1], "adapters": [{
+            "name": "his", "type": "his-hl7", "mappings": str(ROOT / "mappings" / "yuetan-chc"),
+            "receives": ["referral.*"],
+            "options": {"listen": f"127.0.0.1:{ports}", "his": f"127.0.0.1:{ports + 1}",
+                        "charset": "GB 18030-2000"}}]},
+    ]
+    alliance = Alliance(folder / "alliance", members, RULES)
+    his = VendorHis(folder / "chc-his.sqlite", f"127.0.0.1:{ports}", charset_name="GB 18030-2000")
+    log = open(folder / "chc-his.log", "ab")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([sys.executable, "-m", "simulators.his_hl7", "serve", "--db",
+                             str(his.db), "--listen", f"127.0.0.1:{ports + 1}"],
+                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        alliance.start("fuxing", "yuetan-chc")
+        yield alliance, his, core_db
+    finally:
+        alliance.stop_all()
+        proc.terminate()
+        proc.wait(30)
+        log.close()
+        core_db.close()
+
+
+@pytest.mark.slow
+def test_hl7_his_to_middle_db_his_and_back(mixed: Any) -> None:
+    _alliance, chc, core_db = mixed
+    s = slip(slip_no="YTMIX-1", patient_name="王億乗", department_code="KS01")
+    assert chc.refer(s).code == "AA"
+    got = wait_for(lambda: [x for x in core_db.received_referrals() if x.slip_no == s.slip_no],
+                   timeout=60, what="referral in the core's database HIS")
+    # the database HIS's inbox table keeps these columns (simulators/his_db.py); compare them all
+    kept = ("slip_no", "kind", "patient_name", "gender", "birth_date", "id_number", "phone",
+            "mrn", "diagnosis_code", "diagnosis_name", "reason", "department_code", "written_at")
+    want_ref = asdict(replace(s, id_number="", diagnosis_code="FXZD0101", department_code="0200"))
+    assert len(got) == 1 and {k: asdict(got[0])[k] for k in kept} == \
+        {k: want_ref[k] for k in kept}
+    acc = AcceptanceSlip(slip_no=s.slip_no, accepted=True,
+                         appointment_at="2026-11-21T10:00:00+08:00", department_code="0301",
+                         bed_no="心内科 12床", doctor="张主任")
+    core_db.accept(acc)
+    got_acc = one(chc, "acceptance", s.slip_no)
+    assert asdict(got_acc[0].slip) == asdict(replace(acc, department_code="03.04"))
+    ret = back_slip(slip_no=s.slip_no)
+    core_db.write_return(ret)
+    got_ret = one(chc, "return", s.slip_no)
+    want = replace(ret, diagnosis_code="YTZ-01", prescriptions=[
+        replace(ret.prescriptions[0], drug_code="YT2037"),
+        replace(ret.prescriptions[1], drug_code="YT2111")], results=[
+        replace(ret.results[0], item_code="3001"), replace(ret.results[1], item_code="3003"),
+        replace(ret.results[2], item_code="3002")])
+    assert asdict(got_ret[0].slip) == asdict(want)
