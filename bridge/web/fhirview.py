@@ -14,7 +14,7 @@ from typing import Any
 
 from bridge.referral.codes import ICD10
 from bridge.web.i18n import t
-from bridge.web.layout import e, table
+from bridge.web.layout import e, fmt_time, table
 
 _TAGS = re.compile(r"<[^>]+>")
 FLAGS = ("H", "HH", "L", "LL", "A", "AA", "N")
@@ -150,7 +150,7 @@ def documents(lang: str, res: dict[str, list[dict[str, Any]]]) -> str:
                        f'{e(plain((s.get("text") or {}).get("div")))}</p>'
                        for s in c.get("section") or [])
         docs.append(f'<div class="doc"><h4>{e(c.get("title"))} '
-                    f'<small>{e(c.get("date"))}</small></h4>{secs}</div>')
+                    f'<small>{e(fmt_time(c.get("date")))}</small></h4>{secs}</div>')
     return "".join(docs) or f'<p>{e(t(lang, "none"))}</p>'
 
 
