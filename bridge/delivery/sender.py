@@ -23,7 +23,7 @@ from bridge.context import NodeContext
 from bridge.crypto import envelope as env
 from bridge.delivery.lanes import Lanes, lane_of
 from bridge.delivery.transport import PeerConnection
-from bridge.errors import HutongError, Retry, TransportError
+from bridge.errors import ClockSkew, HutongError, Retry, TransportError
 from bridge.store.tables import OUTBOX
 
 MAX_BATCH_BYTES = 8 << 20
@@ -171,6 +171,17 @@ class PeerSender:
             self._failed([r], fields, conn=conn)
             return []
         status = fields.get("status")
+        if status == "refused" and fields.get("code") == ClockSkew.code:
+            # the clocks disagree, not the packet: keep it queued (resealed with a fresh
+            # created-at at each try) so it goes once the clocks agree again; IT sees why
+            self._failed([r], TransportError(
+                f"{self.peer} refused our clock ({ClockSkew.code}): {fields.get('message')}"),
+                conn=conn)
+            return [AuditEntry(
+                action="rejected", outcome="4", packet_id=r.packet_id, kind=r.kind,
+                peer=r.recipient, thread=r.thread, patient_hash=r.patient_hash, at=now,
+                code=ClockSkew.code, message=fields.get("message"),
+                extra={"hop": self.peer, "attempt": r.attempts + 1, "kept": "queued"})]
         values: dict[str, Any] = {"attempts": r.attempts + 1, "sent_at": now, "last_error": None}
         entry = AuditEntry(
             action="sent", packet_id=r.packet_id, kind=r.kind, peer=r.recipient,
