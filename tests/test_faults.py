@@ -47,11 +47,12 @@ class Ledger:
         self.ids: dict[str, list[str]] = defaultdict(list)
         self.marker: dict[str, str] = {}
 
-    def send(self, node: NodeProcess, to: str, thread: str, markers: list[str]) -> bool:
+    def send(self, node: NodeProcess, to: str, thread: str, markers: list[str],
+             pad_to: int = 0) -> bool:
         """Queue; False when the node died before answering (nothing confirmed)."""
         try:
-            ids = node.send(to, "result.lab", [bundle(1, marker=m) for m in markers],
-                            thread=thread)
+            ids = node.send(to, "result.lab",
+                            [bundle(1, marker=m, pad_to=pad_to) for m in markers], thread=thread)
         except (ApiError, OSError):
             return False
         self.ids[thread] += ids
@@ -179,17 +180,18 @@ def test_full_disk_on_the_receiver(direct: Alliance, monkeypatch: pytest.MonkeyP
     """The receiver's database cannot grow: it answers 503, nothing is acknowledged or lost;
     once there is room again (restart without the limit) everything arrives once."""
     chc, core = direct.node("chc"), direct.node("core")
-    start_with(core, monkeypatch, HUTONG_FAULT_DB_GROW_PAGES="30")
+    start_with(core, monkeypatch, HUTONG_FAULT_DB_GROW_PAGES="12")
     direct.start("chc")
     core.wait_ready()
     ledger = Ledger()
     for k in range(4):
-        assert ledger.send(chc, "core", "full", [f"full-{k}-{i}" for i in range(10)])
+        assert ledger.send(chc, "core", "full", [f"full-{k}-{i}" for i in range(10)],
+                           pad_to=4096)
 
     def refused_for_room() -> bool:
         waiting = chc.api("GET", "/local/v1/outbox?state=queued")
-        return any("HTTP 503" in (r["last_error"] or "") and "database unavailable"
-                   in r["last_error"] for r in waiting)
+        return any("HTTP 503" in (r["last_error"] or "") and "HT-STORE" in r["last_error"]
+                   for r in waiting)
     wait_for(refused_for_room, timeout=60, what="the receiver refusing for lack of room")
     assert len(spooled(core)) < ledger.total
     core.kill(signal.SIGKILL)
@@ -269,10 +271,12 @@ def restart_postgres(dsn: str, dbnames: list[str]) -> str:
         (os.path.join(b, "pg_ctl") for b in bindirs if os.path.exists(os.path.join(b, "pg_ctl"))),
         None)
     if pg_ctl and os.path.isdir(data):
-        cmd = [pg_ctl, "-D", data, "-m", "fast", "-w", "-t", "60", "restart"]
+        log = os.path.join(os.path.dirname(data), "restart.log")  # the server's own output
+        cmd = [pg_ctl, "-D", data, "-l", log, "-m", "fast", "-w", "-t", "60", "restart"]
         if os.geteuid() == 0:
             cmd = ["runuser", "-u", "postgres", "--", *cmd]
-        subprocess.run(cmd, check=True, capture_output=True, timeout=90)
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       timeout=90)
         return "restarted"
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
@@ -288,7 +292,7 @@ def test_restarted_database(tmp_path: Path, pg_node_dbs) -> None:
         chc, core = a.node("chc"), a.node("core")
         ledger = Ledger()
         assert ledger.send(chc, "core", "pg", [f"pg-a{i}" for i in range(30)])
-        wait_for(lambda: len(spooled(core)) >= 5, what="some deliveries")
+        wait_for(lambda: len(spooled(core)) >= 5, timeout=60, what="some deliveries")
         names = [n.plan.storage_dsn.rsplit("/", 1)[1] for n in (chc, core)]
         restart_postgres(chc.plan.storage_dsn, names)
         attempt = iter(range(1000))

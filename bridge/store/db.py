@@ -45,13 +45,16 @@ class Store:
             self._writer = self._sqlite_engine(dsn, immediate=True, synchronous=synchronous)
             self._reader = self._sqlite_engine(dsn, immediate=False, synchronous=synchronous)
         else:
-            self._writer = create_engine(dsn, pool_pre_ping=True, pool_size=8, max_overflow=8)
+            # hide_parameters: a failed statement's error must not carry bodies into the log
+            self._writer = create_engine(dsn, pool_pre_ping=True, pool_size=8, max_overflow=8,
+                                         hide_parameters=True)
             self._reader = self._writer
 
     @staticmethod
     def _sqlite_engine(dsn: str, *, immediate: bool, synchronous: str) -> Engine:
         engine = create_engine(
-            dsn, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=8
+            dsn, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=8,
+            hide_parameters=True,
         )
 
         @event.listens_for(engine, "connect")
