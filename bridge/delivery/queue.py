@@ -3,6 +3,7 @@ commit together or not at all). A packet the rules refuse never enters the outbo
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,6 +19,15 @@ from bridge.fhir.validate import parse_and_validate_bundle
 from bridge.privacy import bundle_patient_hash
 from bridge.store.quarantine import quarantine_row
 from bridge.store.tables import OUTBOX, QUARANTINE
+
+#: a validator message quotes the offending value (``path: 'value' is not one of [...]``,
+#: ``expected number, got string 'value'``); the audit keeps the path and the rule, not the value
+_QUOTED_VALUE = re.compile(r"(: |got \w+ )'(?:[^'\\]|\\.)*'(\.\.\.)?")
+
+
+def audit_safe(message: str) -> str:
+    """A refusal message without the offending values, for the audit trail and its exports."""
+    return _QUOTED_VALUE.sub(r"\1<value withheld>", message)
 
 
 @dataclass(slots=True)
@@ -77,7 +87,7 @@ def queue_packets(
                 AuditEntry(
                     action="refused", outcome="4", packet_id=packet_id, kind=item.kind,
                     peer=item.recipient, thread=thread, actor=actor, code=exc.code,
-                    message=exc.message, at=now,
+                    message=audit_safe(exc.message), at=now,
                 )
             )
             results.append(Queued(None, exc))
