@@ -21,7 +21,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	$(BIN)/python bench/exchange.py
+	$(BIN)/python bench/run.py
 
 clean:
 	rm -rf $(VENV) var demo-data
