@@ -150,6 +150,19 @@ class AmbiguousDelivery(HutongError):
     http_status = 504
 
 
+class RateLimited(TransportError):
+    """A peer sent more packets than its rate allows: the batch was not taken; send it again
+    after ``retry_after`` seconds (the sender does not count this as a failed attempt)."""
+
+    code = "HT-PKT-RATE"
+    http_status = 429
+
+    def __init__(self, message: str, *, retry_after: float = 1.0, detail: str | None = None
+                 ) -> None:
+        super().__init__(message, detail=detail)
+        self.retry_after = retry_after
+
+
 class StoreError(HutongError):
     code = "HT-STORE"
     retry = Retry.TRANSIENT

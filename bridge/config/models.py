@@ -193,6 +193,9 @@ class LimitsConfig(_Model):
     max_body_bytes: PositiveInt = 20 * 1024 * 1024
     clock_window_s: PositiveInt = 300
     max_batch: PositiveInt = 500
+    #: per-peer token bucket at the peer port (packets/s and bucket size); off when unset
+    peer_rate_per_s: PositiveFloat | None = None
+    peer_burst: PositiveInt | None = None  # default: twice the rate, at least 1
 
 
 def _needs_default(table: Mapping[str, object]) -> Mapping[str, object]:

@@ -23,7 +23,7 @@ from bridge.context import NodeContext
 from bridge.crypto import envelope as env
 from bridge.delivery.lanes import Lanes, lane_of
 from bridge.delivery.transport import PeerConnection
-from bridge.errors import ClockSkew, HutongError, Retry, TransportError
+from bridge.errors import ClockSkew, HutongError, RateLimited, Retry, TransportError
 from bridge.store.tables import OUTBOX
 
 MAX_BATCH_BYTES = 8 << 20
@@ -226,6 +226,11 @@ class PeerSender:
 
         def apply(c: Connection) -> None:
             for r in rows:
+                if isinstance(exc, RateLimited):  # not taken, not a failure: wait and resend
+                    c.execute(update(OUTBOX).where(OUTBOX.c.id == r.id).values(
+                        last_error=str(exc)[:500], next_try_at=now + timedelta(
+                            seconds=exc.retry_after * random.uniform(1.0, 1.25))))
+                    continue
                 attempts = r.attempts + 1
                 age = (now - r.created_at).total_seconds()
                 dead = (

@@ -12,7 +12,13 @@ import http.client
 import socket
 from urllib.parse import urlsplit
 
-from bridge.errors import AmbiguousDelivery, MalformedPacket, PacketTooLarge, TransportError
+from bridge.errors import (
+    AmbiguousDelivery,
+    MalformedPacket,
+    PacketTooLarge,
+    RateLimited,
+    TransportError,
+)
 
 PATH = "/exchange/v1/packets"
 CONTENT_TYPE = "application/x-hutong-batch"
@@ -64,6 +70,10 @@ class PeerConnection:
             raise AmbiguousDelivery(f"no answer from {self.url}: {type(exc).__name__}") from exc
         if resp.status == 200:
             return data
+        if resp.status == 429:  # over the peer's rate: nothing taken, keep the connection
+            raise RateLimited(f"{self.url} refused the batch as over rate: "
+                              f"{data[:300].decode('utf-8', 'replace')}",
+                              retry_after=_retry_after(resp.getheader("Retry-After")))
         self.close()
         message = data[:300].decode("utf-8", "replace")
         if resp.status == 413:
@@ -76,3 +86,10 @@ class PeerConnection:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+
+def _retry_after(value: str | None) -> float:
+    try:
+        return min(max(float(value or 1), 0.05), 300.0)
+    except ValueError:
+        return 1.0
