@@ -243,7 +243,10 @@ def test_metadata_is_a_valid_truthful_capability_statement(core: NodeProcess) ->
     assert cs["fhirVersion"] == "4.0.1" and cs["format"] == ["json"] and cs["kind"] == "instance"
     (rest,) = cs["rest"]
     by_type = {r["type"]: r for r in rest["resource"]}
-    assert set(by_type) == {*CLINICAL, "AuditEvent"}
+    assert set(by_type) == {*CLINICAL, "AuditEvent", "ConceptMap"}
+    # the site's code maps: read, search and $translate (detail: tests/test_mapping.py)
+    assert [i["code"] for i in by_type["ConceptMap"]["interaction"]] == ["read", "search-type"]
+    assert [o["name"] for o in by_type["ConceptMap"]["operation"]] == ["translate"]
     assert [i["code"] for i in by_type["Task"]["interaction"]] == ["read", "search-type", "update"]
     assert [i["code"] for i in by_type["Patient"]["interaction"]] == ["read", "search-type"]
     assert by_type["Task"]["searchInclude"] == ["Task:focus"]

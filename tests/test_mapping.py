@@ -636,6 +636,26 @@ def test_conceptmap_api_on_a_running_node(tmp_path: Path) -> None:
             assert bad.json()["issue"][0]["diagnostics"] == "code needs system"
             assert http.get("/ConceptMap/nope").status_code == 404
             assert http.get("/ConceptMap", params={"status": "active"}).status_code == 400
+            # /fhir/metadata lists what is served: each search parameter it names is taken
+            # and finds the map it describes; the one operation is $translate
+            meta = httpx.get(node.local_url + "/fhir/metadata", timeout=30).json()
+            (cm,) = [r for r in meta["rest"][0]["resource"] if r["type"] == "ConceptMap"]
+            assert [i["code"] for i in cm["interaction"]] == ["read", "search-type"]
+            listed = {p["name"]: p["type"] for p in cm["searchParam"]}
+            assert listed == {"url": "uri", "_id": "token", "name": "string",
+                              "source-system": "uri", "target-system": "uri"}
+            lab = http.get("/ConceptMap/chc-lab").json()
+            probe = {"url": lab["url"], "_id": "chc-lab", "name": lab["name"],
+                     "source-system": lab["group"][0]["source"],
+                     "target-system": lab["group"][0]["target"]}
+            for name in listed:
+                hit = http.get("/ConceptMap", params={name: probe[name]})
+                assert hit.status_code == 200, name
+                assert "chc-lab" in [e["resource"]["id"] for e in hit.json()["entry"]], name
+                if name in ("url", "_id"):
+                    assert hit.json()["total"] == 1, name
+            assert [(o["name"], o["definition"]) for o in cm["operation"]] == [
+                ("translate", "http://hl7.org/fhir/OperationDefinition/ConceptMap-translate")]
         assert httpx.get(node.local_url + "/fhir/ConceptMap", timeout=30).status_code == 401
         # any role may read the maps (no patient data)
         auditor = httpx.get(node.local_url + "/fhir/ConceptMap/chc-department", timeout=30,

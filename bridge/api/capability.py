@@ -10,6 +10,7 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+from bridge.api import fhir_terminology
 from bridge.api.fhir_search import AUDIT_PARAMS, INCLUDES, RESULT_PARAMS, SEARCH_PARAMS, Param
 
 #: types the clinician role may read and search (everything but AuditEvent)
@@ -56,9 +57,48 @@ def _resource(rtype: str, params: tuple[Param, ...], roles: str) -> dict[str, An
     return res
 
 
+#: the site's code maps (``fhir_terminology``): read, search and ``$translate``, any role
+CONCEPTMAP_TYPE = "ConceptMap"
+_CONCEPTMAP_PARAMS = {
+    "url": ("uri", "the map's canonical url (comma: any of)"),
+    "_id": ("token", "the map's id (comma: any of)"),
+    "name": ("string", "the map's name starts with (case-insensitive)"),
+    "source-system": ("uri", "a group's source code system"),
+    "target-system": ("uri", "a group's target code system"),
+}
+TRANSLATE = "http://hl7.org/fhir/OperationDefinition/ConceptMap-translate"
+
+
+def _conceptmap_resource() -> dict[str, Any]:
+    """What ``fhir_terminology`` serves; a search parameter added there without a line in
+    ``_CONCEPTMAP_PARAMS`` fails here (KeyError) rather than going unlisted."""
+    params = [{"name": n, "type": _CONCEPTMAP_PARAMS[n][0],
+               "documentation": _CONCEPTMAP_PARAMS[n][1]}
+              for n in fhir_terminology.SEARCH_PARAMS]
+    return {
+        "type": CONCEPTMAP_TYPE,
+        "documentation": "Roles: any. The site's code maps (catalogue codes, no patient "
+                         "data), loaded from its mapping folder; not audited.",
+        "interaction": [{"code": "read"}, {"code": "search-type"}],
+        "versioning": "no-version",
+        "readHistory": False,
+        "updateCreate": False,
+        "conditionalCreate": False,
+        "conditionalRead": "not-supported",
+        "conditionalUpdate": False,
+        "conditionalDelete": "not-supported",
+        "searchParam": params,
+        "operation": [{"name": "translate", "definition": TRANSLATE,
+                       "documentation": "GET (query) or POST (Parameters), on all maps or "
+                                        "one (/ConceptMap/{id}/$translate); parameters: "
+                                        + ", ".join(fhir_terminology.TRANSLATE_PARAMS)}],
+    }
+
+
 def capability_statement(base_url: str, node_id: str, date: str) -> dict[str, Any]:
     resources = [_resource(t, SEARCH_PARAMS[t], "clinician") for t in CLINICAL_TYPES]
     resources.append(_resource(AUDIT_TYPE, AUDIT_PARAMS, "auditor"))
+    resources.append(_conceptmap_resource())
     return {
         "resourceType": "CapabilityStatement",
         "id": "hutong-node",
