@@ -32,6 +32,10 @@ Life cycle (shaped like a Benthos input: connect, read with an ack, close):
 * ``status()``: a small dict for the IT page and alerts (``last_ok_at``, ``last_error``,
   counters). Never patient data.
 * ``stop()``: close listeners; must be safe to call twice.
+* Optional ``replay(raw) -> str``: a record this adapter quarantined, run through intake again
+  after IT fixed a mapping or the config (``hutong quarantine replay``, the node's local API).
+  Raise the ``HutongError`` if it is still refused (do not quarantine it again); return a short
+  line for IT (no patient data) when it was taken. Exactly-once keys hold as for a live record.
 """
 
 from __future__ import annotations

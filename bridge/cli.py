@@ -198,11 +198,37 @@ def quarantine_replay(config: ConfigOpt, item_id: int) -> None:
     """Run a held item through intake again, e.g. after adding a rule or a key."""
     from bridge import ops
     from bridge.gateway.intake import Intake
+    from bridge.store import quarantine
 
     ctx = _ctx(config)
-    ok, result = ops.quarantine_replay(ctx, Intake(ctx), item_id, actor="cli")
+    with ctx.store.read() as conn:
+        source = str(quarantine.get_item(conn, item_id)["source"])
+    if source.startswith("adapter:"):  # the adapter lives in the running node
+        ok, result = _replay_on_node(ctx.plan, item_id)
+    else:
+        ok, result = ops.quarantine_replay(ctx, Intake(ctx), item_id, actor="cli")
     (out if ok else err).print(f"{'replayed' if ok else 'still refused'}: {result}")
     raise typer.Exit(0 if ok else 1)
+
+
+def _replay_on_node(plan: Any, item_id: int) -> tuple[bool, str]:
+    """POST /local/v1/quarantine/{id}/replay to this node with its IT token."""
+    import urllib.error
+    import urllib.request
+
+    url = f"http://{plan.local_host}:{plan.local_port}/local/v1/quarantine/{item_id}/replay"
+    req = urllib.request.Request(url, data=b"", method="POST",
+                                 headers={"Authorization": f"Bearer {plan.tokens['it']}"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            answer = json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return False, f"the node answered HTTP {exc.code}"
+    except OSError:
+        return False, (f"the node is not running at {plan.local_host}:{plan.local_port}: "
+                       "an adapter's items are replayed by the running node")
+    return bool(answer["ok"]), str(answer["result"])
 
 
 @audit_app.command("verify")

@@ -4,6 +4,7 @@ whether or not the node process is running."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
@@ -12,7 +13,7 @@ from sqlalchemy import func, select, update
 from bridge.audit.events import AuditEntry
 from bridge.context import NodeContext
 from bridge.delivery.queue import Outgoing, queue_packets
-from bridge.errors import NotFound
+from bridge.errors import HutongError, NotFound
 from bridge.store import quarantine
 from bridge.store.tables import INBOX, OUTBOX
 
@@ -101,12 +102,16 @@ def outbox_retry(
 
 
 def quarantine_replay(
-    ctx: NodeContext, intake: Any, item_id: int, *, actor: str | None = None
+    ctx: NodeContext, intake: Any, item_id: int, *, actor: str | None = None,
+    adapters: Mapping[str, Any] | None = None,
 ) -> tuple[bool, str]:
     """Run a held item through intake again (after IT fixed a rule, a key or a mapping).
 
     Peer packets are re-checked as of the moment they first arrived, so the clock window is
-    judged against their original arrival, not against today.
+    judged against their original arrival, not against today. Items an adapter quarantined
+    (``source = "adapter:<name>"``) go back to that adapter's optional ``replay(raw) -> str``
+    (see ``adapters/base.py``); that needs the running node's adapters (``adapters``), so the
+    CLI hands them to the node's local API.
     """
     from bridge.crypto import envelope as env
 
@@ -123,8 +128,10 @@ def quarantine_replay(
             result = f"queued as {res[0].packet_id}" if ok else str(res[0].error)
             _finish(ctx, conn, item, ok, result, actor, now)
         return ok, result
+    if item["source"].startswith("adapter:"):
+        return _replay_by_adapter(ctx, item, adapters, actor, now)
     if item["source"] != "peer":
-        return False, f"items from '{item['source']}' are replayed by their adapter"
+        return False, f"items from '{item['source']}' cannot be replayed"
     answers = intake.receive([item["raw"]], now=item["at"], requarantine=False)
     fields = env.verify_receipt(answers[0], lambda n: ctx.plan.directory[n].signing_keys) \
         if answers[0] else {"status": "accepted"}
@@ -133,6 +140,25 @@ def quarantine_replay(
     with ctx.store.write() as conn:
         _finish(ctx, conn, item, ok, str(result), actor, now)
     return ok, str(result)
+
+
+def _replay_by_adapter(ctx: NodeContext, item: dict[str, Any],
+                       adapters: Mapping[str, Any] | None, actor: str | None,
+                       now: datetime) -> tuple[bool, str]:
+    name = item["source"].partition(":")[2]
+    if adapters is None:
+        return False, (f"items from adapter '{name}' are replayed by the running node "
+                       f"(POST /local/v1/quarantine/{item['id']}/replay)")
+    adapter = adapters.get(name)
+    if adapter is None or not callable(getattr(adapter, "replay", None)):
+        return False, f"adapter '{name}' is not configured here or cannot replay"
+    try:
+        ok, result = True, str(adapter.replay(bytes(item["raw"])))
+    except HutongError as exc:  # still refused (its message names record and field)
+        ok, result = False, f"{exc.code}: {exc.message}"
+    with ctx.store.write() as conn:
+        _finish(ctx, conn, item, ok, result, actor, now)
+    return ok, result
 
 
 def _finish(ctx: NodeContext, conn: Any, item: dict[str, Any], ok: bool, result: str,

@@ -129,6 +129,16 @@ class HisHl7Adapter(BaseAdapter):
             raise TransportError(f"adapter '{self.name}' is not started")
         self.outbound.deliver(item)
 
+    def replay(self, raw: bytes) -> str:
+        """A quarantined message again (``hutong quarantine replay``, the node's local API):
+        the site's maps are re-read first, so a code IT added to a mapping CSV counts."""
+        if self.inbound is None:
+            from bridge.errors import TransportError
+
+            raise TransportError(f"adapter '{self.name}' is not started")
+        self.host.reload_maps()
+        return self.inbound.replay(raw)
+
     def status(self) -> dict[str, Any]:
         out = super().status()
         if self.listener is not None:

@@ -114,28 +114,61 @@ class Inbound:
             self.a.count("resent")
             return self._ack("AA", inbound.control_id, codec, inbound)
         try:
-            getattr(self, f"_{inbound.what}")(inbound, key)
+            self._take(inbound, key)
         except Hl7DataError as exc:
             return self._refuse(exc, raw, inbound.control_id, key, codec, inbound)
+        except HutongError as exc:  # busy database: let the HIS resend
+            self.a.failed(f"{exc.code} (transient)")
+            return self._ack("AE", inbound.control_id, codec, inbound,
+                             Hl7DataError(f"{exc.code}: try again later", hl7_error="207"))
+        self.a.count(f"taken:{inbound.what}")
+        self.a.ok()
+        return self._ack("AA", inbound.control_id, codec, inbound)
+
+    def _take(self, inbound: messages.Inbound, key: str) -> None:
+        """Act on one readable message. Bad data raises :class:`Hl7DataError` naming the
+        field; a transient failure raises the node's (non-permanent) ``HutongError``."""
+        try:
+            getattr(self, f"_{inbound.what}")(inbound, key)
+        except Hl7DataError:
+            raise
         except slips_fhir.SlipError as exc:
-            error = Hl7DataError(exc.message, field=hl7_field(exc.field),
-                                 hl7_error="103" if isinstance(exc, slips_fhir.UnknownCode)
-                                 else "102" if isinstance(exc, slips_fhir.BadDate) else "207")
-            return self._refuse(error, raw, inbound.control_id, key, codec, inbound)
+            raise Hl7DataError(exc.message, field=hl7_field(exc.field),
+                               hl7_error="103" if isinstance(exc, slips_fhir.UnknownCode)
+                               else "102" if isinstance(exc, slips_fhir.BadDate)
+                               else "207") from None
         except HutongError as exc:
-            if exc.retry is not Retry.PERMANENT:  # busy database: let the HIS resend
-                self.a.failed(f"{exc.code} (transient)")
-                return self._ack("AE", inbound.control_id, codec, inbound,
-                                 Hl7DataError(f"{exc.code}: try again later", hl7_error="207"))
+            if exc.retry is not Retry.PERMANENT:
+                raise
             field = "PRD-7" if isinstance(exc, UnknownReference) and inbound.what == "referral" \
                 else "NTE-4" if isinstance(exc, MissingConsent) \
                 else "RF1-1" if isinstance(exc, IllegalTransition) else None
             error = Hl7DataError(exc.message, field=field)
             error.code = exc.code
-            return self._refuse(error, raw, inbound.control_id, key, codec, inbound)
+            raise error from None
+
+    def replay(self, raw: bytes) -> str:
+        """A quarantined message through intake again, after IT fixed a mapping or the config.
+
+        Still refused: the error is raised (the item stays held; nothing is quarantined or
+        NAKed again). Taken: the stored refusal is dropped, so a resend of the same message
+        by the HIS is answered AA and changes nothing. Returns a line for IT (no patient data).
+        """
+        try:
+            text, _ = charset.decode(raw, self.a.default_codec)
+        except charset.CharsetError as exc:
+            raise Hl7Rejected(exc.reason, field="MSH-18", hl7_error="102") from None
+        inbound = messages.read(text)
+        key = f"{inbound.facility}:{inbound.control_id}"
+        done = inbound.what != "adt" and self.host.seen(key) is not None
+        if not done:
+            self._take(inbound, key)
+        with self.state.tx() as c:
+            c.execute("DELETE FROM answers WHERE source_key = ? AND ack_code != 'AA'", (key,))
+        self.a.count("replayed")
         self.a.count(f"taken:{inbound.what}")
-        self.a.ok()
-        return self._ack("AA", inbound.control_id, codec, inbound)
+        return f"MSH-10 {inbound.control_id} ({inbound.mtype}^{inbound.event}) " + \
+            ("was already taken" if done else "taken")
 
     def _refuse(self, exc: Hl7DataError, raw: bytes, record: str, key: str, codec: str,
                 inbound: messages.Inbound | None) -> bytes:
@@ -234,8 +267,9 @@ class Inbound:
             c.execute("INSERT OR REPLACE INTO patients VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
                       "?, ?)", (data["mrn"], *(merged[k] for k in PATIENT_FIELDS),
                                 inbound.event, key, now))
-            c.execute("INSERT INTO answers VALUES (?, 'AA', NULL, NULL, NULL, NULL, ?)",
-                      (key, now))
+            # OR REPLACE: a replayed ADT (quarantine) overwrites its stored refusal
+            c.execute("INSERT OR REPLACE INTO answers "
+                      "VALUES (?, 'AA', NULL, NULL, NULL, NULL, ?)", (key, now))
         self.host.audit("local-update", message=f"ADT^{inbound.event} {inbound.control_id} "
                         "applied to the patient index", kind=f"hl7:ADT^{inbound.event}")
 

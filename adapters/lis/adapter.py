@@ -131,8 +131,22 @@ class LisAdapter(BaseAdapter):
 
     # -- one message ------------------------------------------------------------------------
 
-    def handle(self, raw: bytes) -> bytes:
-        """The ACK bytes for one MLLP payload; never raises."""
+    def replay(self, raw: bytes) -> str:
+        """A quarantined message through intake again (``hutong quarantine replay``, the
+        node's local API), after IT fixed the config or the map and restarted the node.
+
+        Still refused: the error is raised (the item stays held, nothing is quarantined
+        again). Taken: stored and routed with its AA ACK exactly as if the LIS had sent it now
+        (the LIS got its NAK back then; this ACK goes nowhere), so a later resend by the LIS
+        gets that ACK and changes nothing. Returns a line for IT (no patient data).
+        """
+        self.handle(raw, replaying=True)
+        self.count("replayed")
+        return f"MSH-10 {Answering.from_raw(raw).control_id or '?'} taken"
+
+    def handle(self, raw: bytes, *, replaying: bool = False) -> bytes:
+        """The ACK bytes for one MLLP payload; never raises (``replaying``: a refusal or a
+        store failure is raised instead of being quarantined or NAKed)."""
         at = self.host.now()
         to = Answering.from_raw(raw)
         codec = "ascii"
@@ -157,8 +171,12 @@ class LisAdapter(BaseAdapter):
                 answer={"ack": ack, "control_id": head.control_id}, raw=raw,
                 kind=self.opts.kind)
         except LisMessageError as exc:
+            if replaying:
+                raise
             return self._refuse(exc, raw, to, codec, at)
         except HutongError as exc:  # the store failed: nothing was kept, the LIS resends
+            if replaying:
+                raise
             log.error("LIS adapter %s could not store a message: %s", self.name, exc.code)
             self.failed(exc.code)
             err = LisMessageError(f"temporarily unable to store the message ({exc.code}); "

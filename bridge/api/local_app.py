@@ -92,7 +92,8 @@ def create_local_app(node: Node) -> FastAPI:
 
     @app.post("/local/v1/quarantine/{item_id}/replay")
     def replay(item_id: int, role: ITRole) -> dict[str, Any]:
-        ok, result = ops.quarantine_replay(ctx, node.intake, item_id, actor=f"role:{role}")
+        ok, result = ops.quarantine_replay(ctx, node.intake, item_id, actor=f"role:{role}",
+                                           adapters=node.adapters)
         node.wake_all_senders()
         node.wake("deliver")
         return {"ok": ok, "result": result}

@@ -70,6 +70,14 @@ class AdapterHost:
             self._maps = load_site(self.settings.mappings)
         return self._maps
 
+    def reload_maps(self) -> None:
+        """Re-read the site's mapping folder (before a quarantine replay: IT fixed a CSV).
+        A bad file raises here and the maps loaded before stay in use."""
+        if self.settings.mappings is not None:
+            from bridge.mapping import load_site
+
+            self._maps = load_site(self.settings.mappings)
+
     # -- source side: local record -> node, exactly once ---------------------------------------
 
     def submit_referral(self, bundle: dict[str, Any], *, source_key: str,

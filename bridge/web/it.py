@@ -204,7 +204,8 @@ def it_routes(web: Web, alerter: Alerter) -> APIRouter:
         if not isinstance(role, str):
             return role
         try:
-            ok, result = ops.quarantine_replay(ctx, node.intake, item_id, actor=f"role:{role}")
+            ok, result = ops.quarantine_replay(ctx, node.intake, item_id, actor=f"role:{role}",
+                                               adapters=node.adapters)
         except HutongError as exc:
             return web.error_page(request, role, exc, "/ui/it")
         node.wake_all_senders()
