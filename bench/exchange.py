@@ -69,20 +69,20 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import orjson  # noqa: E402
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
+import orjson
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from rich.console import Console
+from rich.table import Table
 
-from bridge.config.models import DeliveryConfig  # noqa: E402
-from bridge.context import NodeContext  # noqa: E402
-from bridge.crypto import envelope as env  # noqa: E402
-from bridge.delivery.queue import Outgoing, queue_packets  # noqa: E402
-from bridge.delivery.sender import MAX_BATCH_BYTES  # noqa: E402
-from bridge.fhir.validate import parse_and_validate_bundle  # noqa: E402
-from tests.factory import bundle  # noqa: E402
-from tests.harness import Alliance, NodeProcess  # noqa: E402
+from bridge.config.models import DeliveryConfig
+from bridge.context import NodeContext
+from bridge.crypto import envelope as env
+from bridge.delivery.queue import Outgoing, queue_packets
+from bridge.delivery.sender import MAX_BATCH_BYTES
+from bridge.fhir.validate import parse_and_validate_bundle
+from tests.factory import bundle
+from tests.harness import Alliance, NodeProcess
 
 console = Console(width=None if sys.stdout.isatty() else 150)
 
@@ -304,8 +304,8 @@ def _cluster_class() -> tuple[type, str]:
     try:
         from tests import conftest
 
-        base = conftest._PgCluster  # noqa: SLF001 - reused on purpose, see module docstring
-        bindir = conftest._pg_bindir()  # noqa: SLF001
+        base = conftest._PgCluster
+        bindir = conftest._pg_bindir()
 
         class Durable(base):  # type: ignore[misc, valid-type]
             """conftest's cluster turns fsync off for test speed; a commit benchmark must not."""
@@ -442,8 +442,8 @@ class PgServer:
                     for dsn in self.dbs.values():
                         name = dsn.rsplit("/", 1)[1].split("?")[0]
                         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            except Exception:  # noqa: BLE001
-                pass
+            except Exception as exc:  # noqa: BLE001 - best effort: the temp dir goes anyway
+                console.print(f"[yellow]could not drop the bench databases: {exc}[/]")
             self.dbs = {}
         if self.cluster is not None:
             with contextlib.suppress(BaseException):
@@ -499,6 +499,19 @@ def cpu_seconds(pid: int | None) -> float:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return 0.0
+
+
+def peak_rss_mib(pid: int | None) -> float | None:
+    """Peak resident set of a process so far (VmHWM in /proc/<pid>/status), MiB."""
+    if pid is None:
+        return None
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def machine_busy_s() -> float:
@@ -659,6 +672,7 @@ def throughput(pair: Pair, size: int, n: int, nthreads: int, tag: str,
                                f"{pair.logs()}")
         times = sorted(ts(r[0]) for r in rb.rows(
             "SELECT received_at FROM inbox WHERE id > ?", b_before))
+        rss_a, rss_b = peak_rss_mib(pid_of(a)), peak_rss_mib(b_pid)  # A and B still up
         last_batch = sum(1 for x in times if x == times[-1])
         span = times[-1] - times[0]
         steady = (n - last_batch) / span if span > 0 else float("nan")
@@ -680,6 +694,7 @@ def throughput(pair: Pair, size: int, n: int, nthreads: int, tag: str,
         # busy cores not spent by A, B, the database or this process: other users of the machine
         "cpu_others": max(0.0, used[2] - used[0] - used[1] - used[3] - used[4]) / window,
         "steady_window_s": window,
+        "rss_a_peak_mib": rss_a, "rss_b_peak_mib": rss_b,  # VmHWM: A since its start, B since
         "pyspy": profile,
     }
 

@@ -57,7 +57,12 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="fewer messages (under a minute)")
     p.add_argument("--count", type=int, help="messages end to end (default 2000, quick 300)")
     args = p.parse_args()
-    n = args.count or (300 if args.quick else 2000)
+    r = measure(args.count or (300 if args.quick else 2000))
+    return 0 if r["refused"] == 0 else 1
+
+
+def measure(n: int) -> dict[str, Any]:
+    """Every figure of the module docstring; prints them and returns them (msg/s)."""
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         site = write_site(root / "mappings" / "fxlab")
@@ -114,7 +119,8 @@ def main() -> int:
     e2e = n / elapsed
     print(f"  {'end to end over MLLP, durable, one connection':<48} {e2e:9.0f} msg/s  "
           f"({1e6 / e2e:7.0f} µs)  [{n} messages, {refused} not AA]")
-    return 0 if refused == 0 else 1
+    return {"bytes_per_message": size, "rates": rates, "end_to_end_per_s": e2e, "n": n,
+            "refused": refused}
 
 
 if __name__ == "__main__":
