@@ -5,7 +5,8 @@ not list: NAKed, quarantined, audited. Replayed before the fix it stays held (no
 twice); IT adds the code to the mapping CSV and replays with ``hutong quarantine replay``
 (which goes through the running node's local API): the referral is taken, reaches the core
 hospital with the code mapped, the item is marked replayed, and the HIS's resend of the same
-message is now answered AA without a second referral.
+message is now answered AA without a second referral. The LIS: a GB18030 ORU without MSH-18
+on a channel set to UTF-8 is refused; IT fixes ``default_charset``, restarts, replays.
 """
 
 from __future__ import annotations
@@ -100,3 +101,59 @@ def test_hl7_referral_replayed_after_the_code_is_added(centre: Any) -> None:
                                                     "csv").stdout)))
     assert [r["outcome"] for r in rows if r["action"] == "replayed"] == ["4", "0"]
     assert chc.cli("audit", "verify").returncode == 0
+
+
+def test_lis_message_replayed_after_the_charset_is_fixed(tmp_path: Path) -> None:
+    """A GB18030 ORU without MSH-18 on a LIS channel set to UTF-8 is refused; IT sets the
+    channel's default_charset, restarts the node and replays: the results are stored."""
+    from sqlalchemy import select
+
+    from bridge.fhirstore.tables import FHIR_RESOURCE
+    from bridge.store.db import Store
+    from tests.lis_site import write_site
+    from tests.test_lis_mllp import GBK, msa, observations_of, report, send
+
+    raw = GBK.replace(b"|CHN|GB18030\r", b"|CHN|\r")
+    assert raw != GBK
+    port = free_port_block(1)
+    members = [{"id": "core", "zh": "复兴医院", "en": "Fuxing Hospital", "role": "core",
+                "adapters": [{"name": "lis", "type": "lis-hl7",
+                              "mappings": str(write_site(tmp_path / "mappings" / "fxlab")),
+                              "options": {"port": port, "default_charset": "UTF-8"}}]},
+               {"id": "chc", "zh": "月坛社区卫生服务中心", "en": "Yuetan CHC",
+                "role": "community"}]
+    alliance = Alliance(tmp_path / "alliance", members,
+                        [{"from": "core", "to": "chc", "kinds": ["result.lab"]}])
+    node = alliance.node("core")
+    store = Store(node.plan.storage_dsn)
+
+    def reports() -> list[bytes]:
+        with store.read() as conn:
+            return [r.body for r in conn.execute(select(FHIR_RESOURCE.c.body).where(
+                FHIR_RESOURCE.c.rtype == "DiagnosticReport"))]
+    try:
+        alliance.start("core")
+        (ack,) = send(port, raw)
+        assert msa(ack)[:2] == ("AR", "YT-000042")
+        (item,) = [q for q in node.api("GET", "/local/v1/quarantine")
+                   if q["source"] == "adapter:lis"]
+        assert item["code"] == "HT-LIS-ENCODING" and reports() == []
+        toml = node.config.read_text(encoding="utf-8")
+        assert toml.count('"default_charset" = "UTF-8"') == 1
+        node.config.write_text(toml.replace('"default_charset" = "UTF-8"',
+                                            '"default_charset" = "GB18030"'), encoding="utf-8")
+        node.stop()
+        node.start()
+        node.wait_ready()
+        done = node.api("POST", f"/local/v1/quarantine/{item['id']}/replay")
+        assert done == {"ok": True, "result": "MSH-10 YT-000042 taken"}
+        assert len(reports()) == 1
+        glu = observations_of(store, report(store, "YT-LAB-0042"))["GLU"]  # read as GB18030
+        assert glu["valueQuantity"]["value"] == 7.9
+        assert glu["note"] == [{"text": "患者诉近期饮食不规律；億元(测试字符)"}]
+        assert glu["performer"][0]["display"] == "月坛社区检验室"
+        (ack,) = send(port, raw)  # the LIS resends: the stored AA, nothing new
+        assert msa(ack)[:2] == ("AA", "YT-000042") and len(reports()) == 1
+    finally:
+        store.dispose()
+        alliance.stop_all()
