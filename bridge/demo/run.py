@@ -29,7 +29,9 @@ def run_demo(folder: Path, once: bool) -> int:
     console = Console(soft_wrap=True)
     world = World(folder.resolve())
     vendors = Vendors(world)
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    # Ctrl-C and SIGTERM both end the demo through the finally below (even when the shell
+    # started it with SIGINT ignored, as background jobs are)
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     console.print("[bold]Hutong demo: the Fuxing medical alliance (复兴医院医联体)[/]")
     started = time.monotonic()
     try:
@@ -59,7 +61,8 @@ def run_demo(folder: Path, once: bool) -> int:
     finally:
         world.stop_nodes()
         vendors.stop()
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def summary(scenario: Scenario, console: Console, seconds: float) -> bool:
