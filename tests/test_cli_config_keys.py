@@ -100,7 +100,7 @@ def test_config_check_lists_every_problem_with_file_and_key(shipped: Path, tmp_p
     text = text.replace('exchange_url = "http://127.0.0.1:9102"',
                         'exchange_url = "ftp://127.0.0.1:9102"')
     text = text.replace('from = "role:secondary"\nto = "fuxing"',
-                        'from = "role:secondary"\nto = "fuxin"')
+                        'from = "role:secondary"\nto = "fuxin"', 1)  # the first such rule only
     alliance.write_text(text)
     nodes = folder / "nodes"
     yuetan = nodes / "yuetan-chc.toml"
