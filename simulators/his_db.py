@@ -7,8 +7,10 @@ the site's field maps (``simulators/his_db_fields/*.csv``) must describe:
   ``ZZ_JZD`` 接诊单 (acceptances of referrals received), ``ZZ_ZHD`` 转回单 (returns) with lines
   ``ZZ_ZHD_YP`` (drugs) and ``ZZ_ZHD_JY`` (lab results);
 * inbox tables the adapter writes: ``ZZ_JS_SQD``, ``ZZ_JS_JZD``, ``ZZ_JS_ZHD`` (+ ``_YP``,
-  ``_JY``), each with a unique ``XXID`` (the packet id: a re-delivery never adds a row) and
-  ``LSH`` (流水号: the referral thread, which the HIS copies into its acceptance and return);
+  ``_JY``), and lab results from other members ``ZZ_JS_JYBG`` (+ ``_MX`` lines, updated in
+  place by the report's and the result's ids when a correction comes); the slip tables each
+  with a unique ``XXID`` (the packet id: a re-delivery never adds a row) and ``LSH``
+  (流水号: the referral thread, which the HIS copies into its acceptance and return);
 * pinyin column names, 性别 ``XB`` 1/2/9, dates ``CSRQ`` as ``yyyyMMdd`` text, times ``TXSJ``
   as ``yyyyMMddHHmmss`` (China time), flags 1/0, referral type ``ZZLX`` 1..5;
 * row ids come from a sequence table ``ZZ_XH`` (like an Oracle sequence), so an id can be taken
@@ -128,6 +130,21 @@ def _return_tables(name: str, inbox: bool) -> tuple[Table, Table, Table]:
 
 ZZ_ZHD, ZZ_ZHD_YP, ZZ_ZHD_JY = _return_tables("ZZ_ZHD", inbox=False)
 ZZ_JS_ZHD, ZZ_JS_ZHD_YP, ZZ_JS_ZHD_JY = _return_tables("ZZ_JS_ZHD", inbox=True)
+
+# lab results from another member (result.lab packets): one header row per report (BGID: the
+# report's stable id, so a corrected report updates its row; XXID: the packet that wrote it
+# last), one line per result (JGID: the result's stable id). CLBZ 0 = not yet read by the HIS
+# (set back to 0 when a correction updates the row).
+ZZ_JS_JYBG = Table(
+    "ZZ_JS_JYBG", metadata, _id(True), Column("BGID", String(64), unique=True, nullable=False),
+    Column("XXID", String(64), nullable=False), _s("LSH"), _s("ZZDH"), _s("FSJG", 32),
+    _s("BGDM"), _s("BGMC"), _s("BGZT", 1), _s("CJSJ", 14), _s("BGSJ", 14), _s("JYJG", 100),
+    Column("BGJL", Text), _s("JSSJ", 14), Column("CLBZ", String(1), default="0"))
+ZZ_JS_JYBG_MX = Table(
+    "ZZ_JS_JYBG_MX", metadata, _id(True), Column("BG_ID", Integer, index=True),
+    Column("XH", Integer), Column("JGID", String(64), unique=True, nullable=False),
+    *(_s(c) for c in ("XMDM", "XMMC", "JG", "DW", "CKFW", "BZ")), _s("JGZT", 1),
+    _s("JCSJ", 14))
 
 
 # -- vendor value conventions -----------------------------------------------------------------
@@ -298,6 +315,22 @@ class HisDb:
                     results=[LabResult(_clean(x.XMDM), _clean(x.XMMC), _clean(x.JG),
                                        _clean(x.DW), _clean(x.BZ), _clean(x.CKFW))
                              for x in labs]))
+        return out
+
+    def received_results(self) -> list[dict[str, Any]]:
+        """Lab reports written into ``ZZ_JS_JYBG`` with their lines (``items``), as the HIS
+        stores them (vendor columns, padding stripped), oldest first, lines by ``XH``."""
+        out = []
+        with self.engine.connect() as conn:
+            for r in conn.execute(select(ZZ_JS_JYBG).order_by(ZZ_JS_JYBG.c.ID)).all():
+                head = {k: _clean(v) if k != "ID" else v for k, v in r._mapping.items()}
+                head["items"] = [
+                    {k: _clean(v) if k not in ("ID", "BG_ID", "XH") else v
+                     for k, v in x._mapping.items()}
+                    for x in conn.execute(select(ZZ_JS_JYBG_MX)
+                                          .where(ZZ_JS_JYBG_MX.c.BG_ID == r.ID)
+                                          .order_by(ZZ_JS_JYBG_MX.c.XH)).all()]
+                out.append(head)
         return out
 
     def count(self, table: Table) -> int:

@@ -26,6 +26,15 @@ Sink side (``receives = ["referral.*"]``): after the workflow has applied a pack
 written into the inbox tables (``ZZ_JS_SQD`` on the receiver; ``ZZ_JS_JZD`` and ``ZZ_JS_ZHD``
 with lines on the referrer), codes in the site's own catalogue, one transaction per packet,
 idempotent by the unique packet-id column ``XXID``.
+
+Lab results from another member (``receives = ["result.*"]``, packets ``result.lab``): each
+report goes into ``ZZ_JS_JYBG`` and its results into ``ZZ_JS_JYBG_MX`` through the field maps
+``fields/lab_report.csv`` and ``fields/lab_report_item.csv`` (:mod:`adapters.his_db.results`),
+item codes in the site's own lab catalogue, ``LSH`` the thread and ``ZZDH`` the referrer's slip
+number. Rows are keyed by the report's and the result's ids (stable at the producing LIS), so a
+corrected result updates its line in place and sets the report's read flag back to unread; a
+packet already written (its id in a report row's ``XXID``) is left alone. ``result.imaging``
+packets are not written (the imaging study stays on the node).
 """
 
 from __future__ import annotations
@@ -36,13 +45,14 @@ from datetime import timedelta, timezone
 from typing import Any
 
 import orjson
-from sqlalchemy import MetaData, Table, create_engine, insert, or_, select
+from sqlalchemy import MetaData, Table, create_engine, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError, NoSuchTableError, SQLAlchemyError
 from sqlalchemy.types import LargeBinary
 
 from adapters import slips_fhir as sf
 from adapters.base import BaseAdapter
 from adapters.his_db.options import Resolved
+from adapters.his_db.results import LabReport, LabReportItem, reports_from_bundle
 from adapters.his_db.watermark import Watermark
 from adapters.slips import AcceptanceSlip, LabResult, Prescription, ReferralSlip, ReturnSlip
 from bridge import faults
@@ -304,6 +314,9 @@ class HisDbAdapter(BaseAdapter):
     # -- sink side ----------------------------------------------------------------------------
 
     def deliver(self, item: Delivery) -> None:
+        if item.kind.startswith("result."):
+            self._deliver_results(item)
+            return
         body = orjson.loads(item.body)
         entries = [e["resource"] for e in body.get("entry") or []]
         header = next((r for r in entries if r["resourceType"] == "MessageHeader"), {})
@@ -407,6 +420,72 @@ class HisDbAdapter(BaseAdapter):
                 lines.append((line_table, [self._vendor_row(line_table, record, x)
                                            for x in items]))
         self._insert_once(table, item, self._vendor_row(table, "return", slip), lines)
+
+    # -- lab results from other members -------------------------------------------------------
+
+    def _result_maps(self) -> None:
+        """The results field maps, loaded on the first result (sites without them still run)."""
+        for record, cls in (("lab_report", LabReport), ("lab_report_item", LabReportItem)):
+            if record not in self.fm:
+                self.fm[record] = load_field_map(self.opts.fields, record, fields=cls)
+
+    def _deliver_results(self, item: Delivery) -> None:
+        if item.kind != "result.lab":
+            self.count("ignored")
+            return
+        self._result_maps()
+        view = self.host.referral(item.thread)
+        gaps: list[Any] = []
+        reports = reports_from_bundle(
+            orjson.loads(item.body), sf.Codes(self.host.maps, self.me, gaps),
+            slip_no=self._slip_no(view) if view is not None else "", sender=item.sender)
+        if not reports:
+            self.count("ignored")
+            return
+        try:
+            written = self._write_reports(item, reports)
+        except SQLAlchemyError as exc:
+            self.failed(f"vendor database: {type(exc).__name__}")
+            raise StoreError(f"vendor database write failed ({type(exc).__name__})") from exc
+        if gaps and written:
+            sf.record_gaps(self.host.store, gaps, self.host.now())
+        self.count("results_written" if written else "redelivered")
+        self.ok()
+
+    def _write_reports(self, item: Delivery, reports: list[LabReport]) -> bool:
+        """Upsert the packet's reports and lines in one transaction; False if already written."""
+        head, lines = self._need("results_in"), self._need("results_in_items")
+        hid, lid = head.c[self.opts.id_column], lines.c[self.opts.id_column]
+        head_key = head.c[self._column("lab_report", "report_id")]
+        line_key = lines.c[self._column("lab_report_item", "result_id")]
+        flag = self.opts.read_flag_column
+        with self.engine.begin() as conn:
+            if conn.execute(select(hid).where(
+                    head.c[self.opts.packet_column] == item.packet_id)).first() is not None:
+                return False
+            for report in reports:
+                values = self._vendor_row(head, "lab_report", report)
+                values.update({self.opts.packet_column: item.packet_id,
+                               self.opts.thread_column: item.thread})
+                if flag in head.c:
+                    values[flag] = "0"  # unread (again, after a correction)
+                values = {k: v for k, v in values.items() if k in head.c}
+                parent = conn.execute(select(hid).where(head_key == report.report_id)).scalar()
+                if parent is None:
+                    parent = conn.execute(insert(head).values(
+                        {**values, **self._stamp(head, item)})).inserted_primary_key[0]
+                else:  # a correction (or more results) for a report written before
+                    conn.execute(update(head).where(hid == parent).values(**values))
+                for n, result in enumerate(report.items, 1):
+                    row = {**self._vendor_row(lines, "lab_report_item", result),
+                           self.opts.result_parent_column: parent}
+                    there = conn.execute(select(lid).where(line_key == result.result_id)).scalar()
+                    if there is None:
+                        conn.execute(insert(lines).values(**row, **{
+                            self.opts.line_order_column: n}))
+                    else:
+                        conn.execute(update(lines).where(lid == there).values(**row))
+        return True
 
     def _need(self, logical: str) -> Table:
         table = self.table(logical)

@@ -29,6 +29,7 @@ TABLES = {
     "return_out_drugs": "ZZ_ZHD_YP", "return_out_labs": "ZZ_ZHD_JY",
     "referral_in": "ZZ_JS_SQD", "acceptance_in": "ZZ_JS_JZD", "return_in": "ZZ_JS_ZHD",
     "return_in_drugs": "ZZ_JS_ZHD_YP", "return_in_labs": "ZZ_JS_ZHD_JY",
+    "results_in": "ZZ_JS_JYBG", "results_in_items": "ZZ_JS_JYBG_MX",
 }
 
 
@@ -44,6 +45,8 @@ class Tables(BaseModel):
     return_in: str = TABLES["return_in"]
     return_in_drugs: str = TABLES["return_in_drugs"]
     return_in_labs: str = TABLES["return_in_labs"]
+    results_in: str = TABLES["results_in"]  # lab reports from other members (result.lab)
+    results_in_items: str = TABLES["results_in_items"]
 
 
 class Options(BaseModel):
@@ -61,6 +64,8 @@ class Options(BaseModel):
     line_parent_column: str = "ZHD_ID"
     line_order_column: str = "XH"
     received_at_column: str = "JSSJ"
+    result_parent_column: str = "BG_ID"  # a result line's link to its report row's id
+    read_flag_column: str = "CLBZ"  # 处理标志: set back to "0" when a correction updates a row
     tables: Tables = Tables()
 
 
