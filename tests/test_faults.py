@@ -73,8 +73,17 @@ def rows(node: NodeProcess, sql: str, **params: object) -> list[tuple]:
         engine.dispose()
 
 
+def marked_delivered(node: NodeProcess) -> int:
+    """How many received packets the node has marked delivered (its IT queue view)."""
+    return node.api("GET", "/local/v1/queues")["inbox"].get("delivered", {}).get("count", 0)
+
+
 def check_delivered_once(receiver: NodeProcess, ledger: Ledger, *nodes: NodeProcess) -> None:
     """Counted at the receiving HIS: every confirmed packet once, in order, body intact."""
+    # The dispatcher hands a batch over (spool files), syncs, THEN commits the 'delivered'
+    # marks with their audit rows; a full spool folder does not mean that commit is done yet.
+    wait_for(lambda: marked_delivered(receiver) >= ledger.total, timeout=60,
+             what="the receiver to mark every packet delivered")
     got: dict[str, list[tuple[int, str]]] = defaultdict(list)
     markers: Counter[str] = Counter()
     for f in spooled(receiver):
