@@ -18,7 +18,8 @@ STEPS = [
     "Fuxing's codes, no ID number"),
     "acceptance (接诊单) written in Fuxing's HIS arrives in 西城区月坛社区卫生服务中心's HIS",
     "admission (ADT^A01, AA) in Fuxing's HIS: in-progress on both nodes",
-    "lab results (ORU^R01 from Fuxing's LIS) routed to Yuetan, values as sent",
+    ("lab results (ORU^R01 from Fuxing's LIS) routed to Yuetan and into its HIS "
+     "(ZZ_JS_JYBG, Yuetan's item codes), values as sent"),
     "CT study (DICOM C-STORE from the scanner) is an ImagingStudy at Fuxing",
     "Yuetan fetches the CT on demand: same instances, same pixel data",
     "return slip (转回单) in Yuetan's HIS: FX-0101/FX-0103 arrive as Yuetan's YT2037/YT2111",
@@ -58,6 +59,9 @@ def test_demo_once_plays_the_scenario_and_exits_zero(tmp_path: Path) -> None:
         returns = yuetan.received_returns()
         assert [p.drug_code for p in returns[0].prescriptions] == ["YT2037", "YT2111"]
         assert len(yuetan.received_acceptances()) == 1
+        labs = yuetan.received_results()
+        assert [(x["XMDM"], x["JG"]) for x in labs[0]["items"]] == [
+            ("3001", "8.9"), ("3003", "72"), ("3010", "4.1")]
     finally:
         yuetan.close()
     # where to look: every member's pages by role, with the token file to log in with

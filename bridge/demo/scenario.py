@@ -241,9 +241,22 @@ class Scenario:
             if not rows:
                 return False
             obs = {o["local_code"]: o["value"] for o in rows[0]["observations"]}
-            return obs.get("FXL-GLU") == 8.9 and obs.get("FXL-CREA") == 72
-        self.check("lab results (ORU^R01 from Fuxing's LIS) routed to Yuetan, values as sent",
-                   results)
+            if not (obs.get("FXL-GLU") == 8.9 and obs.get("FXL-CREA") == 72):
+                return False
+            # and in Yuetan's HIS (ZZ_JS_JYBG/_MX), Yuetan's own item codes (3001 葡萄糖 ...)
+            his = self.vendors.his[yt]
+            assert isinstance(his, HisDb)
+            reports = [r for r in his.received_results() if r["LSH"] == thread]
+            if not reports:
+                return False
+            lines = {x["XMDM"]: (x["JG"], x["DW"], x["BZ"]) for x in reports[0]["items"]}
+            want = {"3001": ("8.9", "mmol/L", "H"), "3003": ("72", "μmol/L", "N"),
+                    "3010": ("4.1", "mmol/L", "N")}
+            if lines != want or reports[0]["ZZDH"] != slip.slip_no:
+                raise HutongError(f"lab lines in Yuetan's HIS differ: {sorted(lines)}")
+            return True
+        self.check("lab results (ORU^R01 from Fuxing's LIS) routed to Yuetan and into its HIS "
+                   "(ZZ_JS_JYBG, Yuetan's item codes), values as sent", results)
         self.imaging(nid, mrn, slip.patient_name)
         # discharge: the return slip written in Fuxing's HIS, prescriptions in Fuxing's catalogue
         back = records.discharge(slip.slip_no)
