@@ -235,8 +235,10 @@ def test_export_windows_hold_the_expected_events_and_only_keyed_patient_hashes(
     chc_nd, core_nd, chc_csv, core_csv, chc_all, core_all_csv = (r.stdout for r in results)
 
     # --- ndjson, first batch only: FHIR AuditEvents that re-hash offline ---------------------
+    # core stores each result packet in its FHIR store before handing it on (ResultsInbox, the
+    # dispatcher's result.* hook): "results", between "received" and "delivered"
     for text, node, peer, want in ((chc_nd, "chc", "core", ("queued", "sent")),
-                                   (core_nd, "core", "chc", ("received", "delivered"))):
+                                   (core_nd, "core", "chc", ("received", "results", "delivered"))):
         events = [json.loads(line) for line in text.splitlines()]
         assert sorted((action_of(e), entity_value(e, "urn:hutong:packet")) for e in events) == \
             sorted((action, pid) for action in want for pid in first), node
@@ -251,6 +253,9 @@ def test_export_windows_hold_the_expected_events_and_only_keyed_patient_hashes(
             assert details(e) == {"kind": "result.lab", "thread": "t-first", "peer": peer}
             assert entity_value(e, "urn:hutong:patient-hash") == hash_of[pid]
             assert t0 <= recorded(e) < mid
+            if action_of(e) == "results":  # the bundle's Patient and Observation, no referral
+                assert e["outcomeDesc"] == ("2 result resource(s) stored "
+                                            "(no referral known for the thread)")
         # one row per (action, packet), in the order things happened
         for pid in first:
             assert [action_of(e) for e in events
@@ -258,7 +263,8 @@ def test_export_windows_hold_the_expected_events_and_only_keyed_patient_hashes(
 
     # --- csv, second batch only ---------------------------------------------------------------
     for text, peer, want, until in ((chc_csv, "core", ("queued", "sent"), None),
-                                    (core_csv, "chc", ("received", "delivered"), end)):
+                                    (core_csv, "chc", ("received", "results", "delivered"),
+                                     end)):
         table = list(csv.reader(io.StringIO(text)))
         assert tuple(table[0]) == CSV_COLUMNS
         rows = [dict(zip(CSV_COLUMNS, r, strict=True)) for r in table[1:]]
@@ -289,7 +295,7 @@ def test_export_windows_hold_the_expected_events_and_only_keyed_patient_hashes(
     assert {action_of(e) for e in all_events} == {"config", "queued", "sent"}
     core_rows = list(csv.DictReader(io.StringIO(core_all_csv)))
     assert sorted((r["action"], r["patient_hash"]) for r in core_rows if r["patient_hash"]) == \
-        sorted((action, hash_of[pid]) for action in ("received", "delivered")
+        sorted((action, hash_of[pid]) for action in ("received", "results", "delivered")
                for pid in first + second)
     # the second batch's lower-case check digit hashes like the upper-case one
     assert hash_of[second[-1]] == patient_hash(key, PATIENTS[-1][1].upper())
