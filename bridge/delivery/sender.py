@@ -188,10 +188,11 @@ class PeerSender:
             thread=r.thread, patient_hash=r.patient_hash, at=now,
             extra={"hop": self.peer, "receipt": status, "attempt": r.attempts + 1},
         )
+        relayed = status == "relayed"
         if status == "accepted":
             values.update(state="acknowledged", acked_at=now, receipt=answer)
-        elif status == "relayed":
-            values.update(state="sent")
+        elif relayed:
+            pass  # 'sent' below, unless the end-to-end receipt has already come back
         else:
             values.update(
                 state="refused", acked_at=now, receipt=answer,
@@ -200,6 +201,12 @@ class PeerSender:
             entry.action, entry.outcome = "rejected", "8"
             entry.code, entry.message = fields.get("code"), fields.get("message")
         conn.execute(update(OUTBOX).where(OUTBOX.c.id == r.id).values(**values))
+        if relayed:
+            # A re-send the platform had already relayed (its answer to our first try was lost,
+            # e.g. it died before answering) may find the recipient's end-to-end receipt here
+            # before this "relayed" answer is recorded: never turn 'acknowledged' back to 'sent'.
+            conn.execute(update(OUTBOX).where(OUTBOX.c.id == r.id, OUTBOX.c.state == "queued")
+                         .values(state="sent"))
         if r.origin == "relay" and status in ("accepted", "refused"):
             self._forward_receipt(conn, r, answer, now)
             entry.action = "relayed" if status == "accepted" else "rejected"
