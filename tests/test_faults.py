@@ -8,6 +8,7 @@ and one ``delivered`` per packet, and every node's audit chain verifies.
 from __future__ import annotations
 
 import glob
+import http.client
 import os
 import shutil
 import signal
@@ -53,7 +54,7 @@ class Ledger:
         try:
             ids = node.send(to, "result.lab",
                             [bundle(1, marker=m, pad_to=pad_to) for m in markers], thread=thread)
-        except (ApiError, OSError):
+        except (ApiError, OSError, http.client.HTTPException):  # e.g. died mid-answer
             return False
         self.ids[thread] += ids
         self.marker.update(zip(ids, markers, strict=True))
