@@ -29,8 +29,9 @@ from simulators.his_db import HisDb
 from simulators.his_hl7 import VendorHis
 from simulators.his_ws import HisWsProcess
 from tests.harness import ROOT, Alliance, free_port_block, wait_for
+from tests.slip_samples import return_slip
 from tests.test_his_hl7 import MEMBERS, RULES, one, referral_row
-from tests.test_his_ws import arrived, referral_slip, return_slip
+from tests.test_his_ws import arrived, referral_slip
 
 pytestmark = pytest.mark.slow
 

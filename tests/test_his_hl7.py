@@ -23,9 +23,10 @@ import pytest
 from adapters.his_hl7 import ack, charset, messages
 from adapters.his_hl7.errors import Hl7DataError
 from adapters.his_hl7.mllp import Timeouts, send_once
-from adapters.slips import AcceptanceSlip, LabResult, Prescription, ReferralSlip, ReturnSlip
+from adapters.slips import AcceptanceSlip, ReferralSlip, ReturnSlip
 from simulators.his_hl7 import VendorHis
 from tests.harness import ROOT, Alliance, free_port_block, wait_for
+from tests.slip_samples import return_slip
 
 FIXTURES = ROOT / "tests" / "fixtures" / "hl7" / "his"
 OFFSET = timedelta(hours=8)
@@ -48,17 +49,8 @@ def slip(**kw: Any) -> ReferralSlip:
 
 
 def back_slip(**kw: Any) -> ReturnSlip:
-    base = ReturnSlip(
-        slip_no="YTZZ20261120001", discharge=True, diagnosis_code="FXZD0101",
-        diagnosis_name="原发性高血压", course="入院后调整降压方案，血压平稳\n住院 5 天",
-        advice="继续氨氯地平 5mg qd，两周后社区复查血压", doctor="张主任",
-        written_at="2026-11-25T09:00:00+08:00",
-        prescriptions=[Prescription("FX-0101", "苯磺酸氨氯地平片 5mg", "5 mg", "qd", 14),
-                       Prescription("FX-0103", "硝苯地平控释片 30mg", "30mg", "qd", 28)],
-        results=[LabResult("FXL-GLU", "葡萄糖", "8.9", "mmol/L", "H", "3.9-6.1"),
-                 LabResult("FXL-CREA", "肌酐", "72", "μmol/L", "N", "44-133"),
-                 LabResult("FXL-HBA1C", "糖化血红蛋白", "7.20", "%", "", "")])
-    return replace(base, **kw)
+    """The shared sample with a two-line course (NTE repeats)."""
+    return return_slip(**{"course": "入院后调整降压方案，血压平稳\n住院 5 天", **kw})
 
 
 def referral_bytes(s: ReferralSlip, codec_name: str, control: str = "MSG0001") -> bytes:

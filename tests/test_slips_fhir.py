@@ -13,12 +13,13 @@ import pytest
 from fhir.resources.R4B.bundle import Bundle
 
 from adapters import slips_fhir as sf
-from adapters.slips import AcceptanceSlip, LabResult, Prescription, ReferralSlip, ReturnSlip
+from adapters.slips import AcceptanceSlip, Prescription, ReferralSlip
 from bridge.fhir.validate import errors, validate_bundle
 from bridge.mapping import Observed, is_marked, load_site
 from bridge.privacy import NATIONAL_ID_SYSTEM
 from bridge.referral import resources as R
 from bridge.referral.codes import PATIENT_HASH_SYSTEM
+from tests.slip_samples import return_slip
 
 ROOT = Path(__file__).resolve().parents[1]
 CHC = load_site(ROOT / "mappings" / "yuetan-chc")
@@ -36,18 +37,7 @@ def slip(**kw: Any) -> ReferralSlip:
     return replace(base, **kw)
 
 
-def back_slip(**kw: Any) -> ReturnSlip:
-    base = ReturnSlip(
-        slip_no="YTZZ20261120001", discharge=True, diagnosis_code="FXZD0101",
-        diagnosis_name="原发性高血压", course="入院后调整降压方案，血压平稳",
-        advice="继续氨氯地平 5mg qd，两周后社区复查血压", doctor="张主任",
-        written_at="2026-11-25T09:00:00+08:00",
-        prescriptions=[Prescription("FX-0101", "苯磺酸氨氯地平片 5mg", "5 mg", "qd", 14),
-                       Prescription("FX-0103", "硝苯地平控释片 30mg", "30mg", "qd", 28)],
-        results=[LabResult("FXL-GLU", "葡萄糖", "8.9", "mmol/L", "H", "3.9-6.1"),
-                 LabResult("FXL-CREA", "肌酐", "72", "μmol/L", "N", "44-133"),
-                 LabResult("FXL-HBA1C", "糖化血红蛋白", "7.20", "%", "", "")])
-    return replace(base, **kw)
+back_slip = return_slip
 
 
 def valid(bundle: dict[str, Any]) -> None:
