@@ -189,3 +189,15 @@ def spooled(node: NodeProcess) -> list[Path]:
     """Files the receiving side's local drop folder holds (what 'the HIS' got)."""
     root = node.plan.delivery.spool_dir
     return sorted(root.rglob("*.json")) if root.exists() else []
+
+
+def db_rows(node: NodeProcess, sql: str, **params: object) -> list[tuple]:
+    """Rows of a read-only SQL query against a node's own store (SQLite or PostgreSQL)."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(node.plan.storage_dsn)
+    try:
+        with engine.connect() as conn:
+            return [tuple(r) for r in conn.execute(text(sql), params)]
+    finally:
+        engine.dispose()

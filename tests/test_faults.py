@@ -19,10 +19,10 @@ from pathlib import Path
 
 import orjson
 import pytest
-from sqlalchemy import create_engine, text
 
 from tests.factory import bundle
 from tests.harness import Alliance, ApiError, NodeProcess, spooled, wait_for
+from tests.harness import db_rows as rows
 
 pytestmark = pytest.mark.slow
 
@@ -72,15 +72,6 @@ class Ledger:
     @property
     def threads(self) -> set[str]:
         return set(self.ids)
-
-
-def rows(node: NodeProcess, sql: str, **params: object) -> list[tuple]:
-    engine = create_engine(node.plan.storage_dsn)
-    try:
-        with engine.connect() as conn:
-            return [tuple(r) for r in conn.execute(text(sql), params)]
-    finally:
-        engine.dispose()
 
 
 def in_threads(node: NodeProcess, sql: str, threads: set[str], **params: object) -> list[tuple]:

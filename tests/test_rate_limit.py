@@ -10,7 +10,6 @@ import json
 from collections import Counter, defaultdict
 
 import pytest
-from sqlalchemy import create_engine, text
 
 from bridge.audit.events import CODE_EXTENSION
 from bridge.crypto import envelope as env
@@ -20,6 +19,7 @@ from bridge.errors import RateLimited
 from bridge.gateway.ratelimit import PeerRateLimit
 from tests.factory import bundle, bundle_bytes
 from tests.harness import Alliance, NodeProcess, spooled, wait_for
+from tests.harness import db_rows as rows
 
 MEMBERS = [
     {"id": "core", "zh": "复兴医院", "en": "Fuxing Hospital", "role": "core"},
@@ -85,15 +85,6 @@ def alliance(tmp_path_factory: pytest.TempPathFactory):
     a.start("core")
     yield a
     a.stop_all()
-
-
-def rows(node: NodeProcess, sql: str, **params: object) -> list[tuple]:
-    engine = create_engine(node.plan.storage_dsn)
-    try:
-        with engine.connect() as conn:
-            return [tuple(r) for r in conn.execute(text(sql), params)]
-    finally:
-        engine.dispose()
 
 
 def rate_audits(core: NodeProcess, peer: str) -> list[tuple[str, str, str | None, str]]:

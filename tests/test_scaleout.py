@@ -15,11 +15,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
 
 from bridge.delivery.lanes import LANES, job_class
 from tests.factory import bundle
 from tests.harness import ROOT, Alliance, NodeProcess, spooled, wait_for
+from tests.harness import db_rows as _scalar
 
 MEMBERS = [
     {"id": "core", "zh": "复兴医院", "en": "Fuxing Hospital", "role": "core"},
@@ -50,15 +50,6 @@ def pg_pair(tmp_path: Path, pg_node_dbs) -> Iterator[Alliance]:
     a.start("core", "chc")
     yield a
     a.stop_all()
-
-
-def _scalar(node: NodeProcess, sql: str, **params: object) -> list[tuple]:
-    engine = create_engine(node.plan.storage_dsn)
-    try:
-        with engine.connect() as conn:
-            return [tuple(r) for r in conn.execute(text(sql), params)]
-    finally:
-        engine.dispose()
 
 
 def lane_holders(node: NodeProcess, job: str) -> dict[int, int]:
