@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
@@ -38,7 +39,10 @@ def test_generate_writes_0600_keys_and_matching_public_json(tmp_path: Path) -> N
     assert mode(d / "hosp-a.sign.key") == 0o600
     assert mode(d / "hosp-a.enc.key") == 0o600
     assert mode(d) == 0o700
-    assert b"BEGIN PRIVATE KEY" in (d / "hosp-a.sign.key").read_bytes()
+    pem = (d / "hosp-a.sign.key").read_bytes()
+    assert isinstance(serialization.load_pem_private_key(pem, password=None), Ed25519PrivateKey)
+    with pytest.raises(TypeError):  # not encrypted: the library refuses a password for it
+        serialization.load_pem_private_key(pem, password=b"x")
 
     sign = keys.load_signing_key(d / "hosp-a.sign.key")
     enc = keys.load_encryption_key(d / "hosp-a.enc.key")
@@ -79,7 +83,8 @@ def test_key_files_are_created_exclusively_with_mode_0600(
 def test_passphrase_encrypts_and_wrong_passphrase_is_refused(tmp_path: Path) -> None:
     keys.generate_node_keys(tmp_path, "hosp-b", passphrase=b"correct horse")
     sign_path = tmp_path / "hosp-b.sign.key"
-    assert b"BEGIN ENCRYPTED PRIVATE KEY" in sign_path.read_bytes()
+    with pytest.raises(TypeError):  # encrypted at rest: unreadable without the passphrase
+        serialization.load_pem_private_key(sign_path.read_bytes(), password=None)
     assert isinstance(keys.load_signing_key(sign_path, b"correct horse"), Ed25519PrivateKey)
     assert isinstance(
         keys.load_encryption_key(tmp_path / "hosp-b.enc.key", b"correct horse"), X25519PrivateKey

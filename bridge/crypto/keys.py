@@ -240,11 +240,22 @@ def _load_private(path: Path, passphrase: bytes | None) -> Any:
             ) from None
         raise KeyFileError(f"key file {path} is encrypted and no passphrase was given") from None
     except ValueError:
-        if passphrase and b"-----BEGIN ENCRYPTED PRIVATE KEY-----" in data:
+        if passphrase and _is_encrypted(data):
             raise KeyFileError(f"wrong passphrase for key file {path}") from None
         raise KeyFileError(f"key file {path} is not a PEM PKCS8 private key") from None
     except UnsupportedAlgorithm:
         raise KeyFileError(f"key file {path} holds a key of an unsupported type") from None
+
+
+def _is_encrypted(data: bytes) -> bool:
+    """True if the PEM key needs a passphrase (the library says so when given none)."""
+    try:
+        serialization.load_pem_private_key(data, password=None)
+    except TypeError:
+        return True
+    except (ValueError, UnsupportedAlgorithm):
+        return False
+    return False
 
 
 def _kind(key: Any) -> str:
