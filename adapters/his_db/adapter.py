@@ -35,11 +35,19 @@ number. Rows are keyed by the report's and the result's ids (stable at the produ
 corrected result updates its line in place and sets the report's read flag back to unread; a
 packet already written (its id in a report row's ``XXID``) is left alone. ``result.imaging``
 packets are not written (the imaging study stays on the node).
+
+Quarantine replay (``replay``, :mod:`adapters.his_db.replay`): a held row is kept as its
+vendor columns plus the table name; IT fixes the mapping CSV (re-read first) or the HIS fixes
+the row, and ``hutong quarantine replay <id>`` re-reads the row by its id (the kept copy if the
+HIS deleted it) and runs it through the same intake under the same source key. The fault point
+``his_db.after_quarantine`` (after a row's quarantine commit, before the watermark moves) lets
+the fault suite show that a row quarantined twice is still sent once.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import MISSING, asdict, fields
 from datetime import timedelta, timezone
 from typing import Any
@@ -52,6 +60,7 @@ from sqlalchemy.types import LargeBinary
 from adapters import slips_fhir as sf
 from adapters.base import BaseAdapter
 from adapters.his_db.options import Resolved
+from adapters.his_db.replay import TABLE_KEY, BadQuarantineItem, kept_row, named
 from adapters.his_db.results import LabReport, LabReportItem, reports_from_bundle
 from adapters.his_db.watermark import Watermark
 from adapters.slips import AcceptanceSlip, LabResult, Prescription, ReferralSlip, ReturnSlip
@@ -98,6 +107,7 @@ class HisDbAdapter(BaseAdapter):
         self.engine: Any = None
         self._tables: dict[str, Table | None] = {}
         self._meta = MetaData()  # this vendor database's reflected tables
+        self._lock = threading.Lock()  # a poll round and a quarantine replay, one at a time
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -125,6 +135,10 @@ class HisDbAdapter(BaseAdapter):
 
     def poll(self) -> None:
         """One round over the outbound tables (the node's scheduler runs one at a time)."""
+        with self._lock:
+            self._poll()
+
+    def _poll(self) -> None:
         try:
             for logical, take in (("referral_out", self._take_referral),
                                   ("acceptance_out", self._take_acceptance),
@@ -188,8 +202,12 @@ class HisDbAdapter(BaseAdapter):
         return field
 
     def _guard(self, table: Table, rid: int, row: dict[str, Any], record: str,
-               work: Any) -> None:
-        """Run ``work``; a permanent failure quarantines the row (naming column), then go on."""
+               work: Any, replay: bool = False) -> None:
+        """Run ``work``; a permanent failure quarantines the row (naming column), then go on.
+
+        ``replay``: the row comes from a quarantine replay; a failure is raised (its message
+        naming record and column) instead of being quarantined a second time.
+        """
         key = f"{table.name}:{rid}"
         if self.host.seen(key) is not None:
             return  # taken before a crash that came before the watermark was saved
@@ -223,10 +241,14 @@ class HisDbAdapter(BaseAdapter):
                 sf.record_gaps(self.host.store, gaps, self.host.now())
             self.count(f"{record}_sent")
             return
+        if replay:
+            raise named(error, where, column)
         self.count(f"{record}_quarantined")
-        raw = orjson.dumps({str(k): v for k, v in row.items()}, default=_jsonable)
+        raw = orjson.dumps({TABLE_KEY: table.name, **{str(k): v for k, v in row.items()}},
+                           default=_jsonable)
         self.host.quarantine(error, raw=raw, record=where,
                              field=column, kind=f"his-db.{record}")
+        faults.point("his_db.after_quarantine")
 
     def _check_duplicate(self, table: Table, rid: int, record: str, slip_no: str) -> None:
         column = self._column(record, "slip_no")
@@ -239,7 +261,8 @@ class HisDbAdapter(BaseAdapter):
                 raise sf.DuplicateRecord(column, f"slip number already sent as "
                                                  f"{table.name}#{other} (duplicate row)")
 
-    def _take_referral(self, table: Table, rid: int, row: dict[str, Any]) -> None:
+    def _take_referral(self, table: Table, rid: int, row: dict[str, Any],
+                       replay: bool = False) -> None:
         def work(key: str, gaps: list[Any]) -> None:
             slip = _slip(ReferralSlip, self.fm["referral"].apply(self._decode(row)))
             self._check_duplicate(table, rid, "referral", slip.slip_no)
@@ -247,7 +270,7 @@ class HisDbAdapter(BaseAdapter):
                 slip, self.host.maps, self.me, gaps=gaps,
                 national_id_system=self.host.plan.alliance.national_id_system)
             self.host.submit_referral(bundle, source_key=key)
-        self._guard(table, rid, row, "referral", work)
+        self._guard(table, rid, row, "referral", work, replay)
 
     def _thread(self, row: dict[str, Any], record: str, slip_no: str) -> str:
         thread = str(row.get(self.opts.thread_column) or "").strip()
@@ -263,7 +286,8 @@ class HisDbAdapter(BaseAdapter):
                                    f"({self.opts.thread_column} / slip number)")
         return thread
 
-    def _take_acceptance(self, table: Table, rid: int, row: dict[str, Any]) -> None:
+    def _take_acceptance(self, table: Table, rid: int, row: dict[str, Any],
+                         replay: bool = False) -> None:
         def work(key: str, gaps: list[Any]) -> None:
             slip = _slip(AcceptanceSlip, self.fm["acceptance"].apply(self._decode(row)))
             thread = self._thread(row, "acceptance", slip.slip_no)
@@ -274,7 +298,7 @@ class HisDbAdapter(BaseAdapter):
                 if not slip.reason:
                     raise sf.MissingField("reason", "a rejection needs a reason")
                 self.host.referral_step(thread, "reject", source_key=key, reason=slip.reason)
-        self._guard(table, rid, row, "acceptance", work)
+        self._guard(table, rid, row, "acceptance", work, replay)
 
     def _lines(self, logical: str, record: str, rid: int) -> list[Any]:
         table = self.table(logical)
@@ -295,7 +319,8 @@ class HisDbAdapter(BaseAdapter):
                 raise err from None
         return out
 
-    def _take_return(self, table: Table, rid: int, row: dict[str, Any]) -> None:
+    def _take_return(self, table: Table, rid: int, row: dict[str, Any],
+                     replay: bool = False) -> None:
         def work(key: str, gaps: list[Any]) -> None:
             slip = _slip(ReturnSlip, self.fm["return"].apply(self._decode(row)))
             slip.prescriptions = self._lines("return_out_drugs", "prescription", rid)
@@ -309,7 +334,68 @@ class HisDbAdapter(BaseAdapter):
             bundle = sf.return_bundle(slip, ref["sr_id"], task["for"]["reference"],
                                       self.host.maps, me=self.me, gaps=gaps)
             self.host.submit_referral(bundle, source_key=key)
-        self._guard(table, rid, row, "return", work)
+        self._guard(table, rid, row, "return", work, replay)
+
+    # -- quarantine replay --------------------------------------------------------------------
+
+    def replay(self, raw: bytes) -> str:
+        """A quarantined row through intake again (``hutong quarantine replay``, the local API).
+
+        The site's maps are re-read first (IT added a code to a CSV); the row is re-read from
+        the vendor table by its id (the HIS may have corrected it), or taken from the kept copy
+        if the HIS deleted it. Same source key as a polled row, so a row already taken is not
+        sent twice. Still refused: the error is raised naming record and column (the item
+        stays held; nothing is quarantined again). Returns a line for IT (no patient data).
+        """
+        if self.engine is None:
+            from bridge.errors import TransportError
+
+            raise TransportError(f"adapter '{self.name}' is not started")
+        name, kept = kept_row(raw)
+        with self._lock:
+            self.host.reload_maps()
+            try:
+                logical, table = self._source_table(name, kept)
+                rid = int(kept[self.opts.id_column])
+                record = f"{table.name}#{rid}"
+                if self.host.seen(f"{table.name}:{rid}") is not None:
+                    self.count("replayed")
+                    return f"{record} was already taken"
+                with self.engine.connect() as conn:
+                    fresh = conn.execute(select(table).where(
+                        table.c[self.opts.id_column] == rid)).first()
+            except SQLAlchemyError as exc:
+                self.failed(f"vendor database: {type(exc).__name__}")
+                raise StoreError(f"vendor database unavailable ({type(exc).__name__})") from exc
+            except (KeyError, TypeError, ValueError):
+                raise BadQuarantineItem(f"the held item has no usable {self.opts.id_column}"
+                                        ) from None
+            row = dict(fresh._mapping) if fresh is not None else kept
+            take = {"referral_out": self._take_referral, "acceptance_out": self._take_acceptance,
+                    "return_out": self._take_return}[logical]
+            try:
+                take(table, rid, row, replay=True)
+            except SQLAlchemyError as exc:
+                self.failed(f"vendor database: {type(exc).__name__}")
+                raise StoreError(f"vendor database unavailable ({type(exc).__name__})") from exc
+            except HutongError as exc:
+                raise named(exc, record, None) from None
+        self.count("replayed")
+        source = "row re-read from the HIS" if fresh is not None else \
+            "kept copy: the row is gone from the HIS"
+        return f"{record} taken ({source})"
+
+    def _source_table(self, name: str | None, kept: dict[str, Any]) -> tuple[str, Table]:
+        """The outbound table a held row came from: named in the item, or (items kept before
+        the name was recorded) the one whose columns are exactly the row's."""
+        for logical in ("referral_out", "acceptance_out", "return_out"):
+            table = self.table(logical)
+            if table is None:
+                continue
+            if table.name == name or (name is None and set(table.c.keys()) == set(kept)):
+                return logical, table
+        raise BadQuarantineItem(f"the held row's table {name or '(not recorded)'} is not an "
+                                "outbound table of this adapter")
 
     # -- sink side ----------------------------------------------------------------------------
 
