@@ -7,6 +7,9 @@ return -> arrive if needed, then the return bundle) keyed ``doc:<document id>``,
 acks it. A crash between commit and ack re-pulls the document and the key makes it a no-op.
 A bad document is quarantined (record = document id, field = XPath) and acked; the next one
 goes on. A transient failure stops the round there, unacked, so order is kept.
+Quarantine replay (``replay``): the held item is the document's bytes; after IT fixed the
+site's mapping CSV, ``hutong quarantine replay <id>`` runs it through the same checks, maps and
+exactly-once key again (a document the HIS corrected is a new document: it comes by the poll).
 
 Sink: ``deliver`` writes the referral (at the receiver), acceptance and return (at the referrer)
 into the HIS as documents whose id is the packet id, so a redelivery is a duplicate the HIS
@@ -81,6 +84,14 @@ class Options(BaseModel):
         if unknown:
             raise ValueError(f"unknown key(s) {', '.join(unknown)} (known: {', '.join(OID_KEYS)})")
         return value
+
+
+def _named(error: HutongError, record: str, field: str | None) -> HutongError:
+    """The error's message prefixed with record and field, as ``host.quarantine`` words it."""
+    where = " ".join(p for p in (f"record {record}", f"field {field}" if field else "") if p)
+    if where not in error.message:
+        error.message = f"{where}: {error.message}"
+    return error
 
 
 def create(host: Any, options: dict[str, Any]) -> WsAdapter:
@@ -158,19 +169,55 @@ class WsAdapter(BaseAdapter):
                 self.ok()
             return len(settled)
 
-    def _quarantine(self, d: Pending, exc: HutongError) -> None:
+    @staticmethod
+    def _field_of(d: Pending, exc: HutongError) -> str | None:
+        """The XPath a refusal points at (quarantine reasons, replay answers)."""
         field = getattr(exc, "field", None)
         if isinstance(exc, slips_fhir.SlipError):
             field = cda.field_path(exc.field)
         elif isinstance(exc, WorkflowError):
             field = WORKFLOW_FIELD.get(d.type, "/ClinicalDocument")
-        self.host.quarantine(exc, raw=d.raw, record=d.doc_id, field=field,
+        return field
+
+    def _quarantine(self, d: Pending, exc: HutongError) -> None:
+        self.host.quarantine(exc, raw=d.raw, record=d.doc_id, field=self._field_of(d, exc),
                              kind=f"his-ws.{d.type}")
         self.count("quarantined")
 
+    # -- quarantine replay ----------------------------------------------------------------------
+
+    def replay(self, raw: bytes) -> str:
+        """A quarantined document through the same read/check/map path again (``hutong
+        quarantine replay``, the node's local API), after IT fixed a mapping CSV (the maps are
+        re-read first). The held item is the document's own bytes; its id and type come from
+        the document. Same source key ``doc:<id>`` as a pulled document, so one taken before
+        (another copy the HIS offered) is not sent twice. Still refused: the error is raised
+        naming document and element (the item stays held; nothing is quarantined again).
+        Returns a line for IT (no patient data).
+        """
+        doc_id, dtype = cda.identify(raw)
+        d = Pending(0, doc_id or "(unreadable id)", dtype or "", raw)
+        with self._lock:
+            self.host.reload_maps()
+            key = f"doc:{d.doc_id}"
+            digest = hashlib.sha256(raw).hexdigest()
+            done = doc_id is not None and (self._ledger().digest(d.doc_id) == digest
+                                           or self.host.seen(key) is not None)
+            if not done:
+                try:
+                    self.take(d)
+                except HutongError as exc:  # refused, or the node's store busy: still held
+                    raise _named(exc, d.doc_id, self._field_of(d, exc)) from None
+                except Exception as exc:  # noqa: BLE001 - as a pulled document: held, named
+                    raise _named(HutongError(f"cannot read the document "
+                                             f"({type(exc).__name__})"), d.doc_id, None) from None
+        self.count("replayed")
+        return f"document {d.doc_id} ({d.type}) " + ("was already taken" if done else "taken")
+
     def take(self, d: Pending) -> None:
         ledger = self._ledger()
-        doc = cda.read(d.raw, self.site, record=d.doc_id, known=self._known, expect=d.type)
+        doc = cda.read(d.raw, self.site, record=d.doc_id, known=self._known,
+                       expect=d.type or None)
         if doc.doc_id != d.doc_id:
             raise SchemaInvalid(f"document listed as {d.doc_id} carries id {doc.doc_id}",
                                 field="/ClinicalDocument/id/@extension")

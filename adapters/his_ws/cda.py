@@ -393,6 +393,19 @@ def field_path(slip_field: str) -> str:
     return f"/ClinicalDocument ({slip_field})"
 
 
+def identify(raw: bytes) -> tuple[str | None, str | None]:
+    """(document id, document type) a held document claims, read leniently only to name it
+    and route a quarantine replay; None where unreadable. :func:`read` checks everything."""
+    try:
+        root = etree.fromstring(raw, xmlsafe.parser())
+    except (etree.XMLSyntaxError, ValueError):
+        return None, None
+    id_el, code_el = root.find(f"{{{V3}}}id"), root.find(f"{{{V3}}}code")
+    doc_id = id_el.get("extension") if id_el is not None else None
+    dtype = TYPE_OF_CODE.get(code_el.get("code", "")) if code_el is not None else None
+    return doc_id or None, dtype
+
+
 def read(raw: bytes, site: Site, *, record: str, known: Known | None = None,
          expect: str | None = None, from_node: bool = False) -> Document:
     """Check and read one document from the HIS (``record`` names it in every error).
