@@ -1,0 +1,539 @@
+"""Platform relay: packets/s through one platform node for 50 members, counted at two receivers.
+
+Run ``.venv/bin/python bench/relay.py [--members 50] [-n 3000]``. See bench/README.md.
+
+An alliance of ``members`` sending members (role community, ``via = "platform"``), one
+``platform`` node and two receiving nodes (``recv-a``, ``recv-b``, also behind the platform) is
+scaffolded in a temp dir with ``tests.harness.Alliance``: keys for every member are generated
+there at run time, and one rule per member allows ``result.lab`` and the referral kinds from
+that member to one receiver (odd members to ``recv-a``, even to ``recv-b``). The platform and the
+receivers are real ``hutong run`` processes on SQLite (the embedded default).
+
+The members themselves are not nodes: sender processes (``multiprocessing``, a thread per
+member, one keep-alive ``PeerConnection`` each, one batch in flight per member as a member node
+would) seal packets with ``bridge.crypto.envelope`` as those members with their own keys and post
+them to the platform's peer port. The platform passes each recipient's end-to-end receipt back
+to the sending member's ``exchange_url``: all members' URLs point at one small receipt sink
+process, which verifies each receipt's signature and answers as a member node does.
+
+1. **Throughput**: every sender process seals its share of ``n`` 4 KiB packets before the clock
+   starts; then all post as fast as the platform answers. Counted at the receivers (read-only
+   queries on their databases): every packet in exactly the inbox it was addressed to, once,
+   and no ``duplicate`` in the receivers' audit. *steady* = packets of all but the last arrival
+   instant / (last - first ``received_at`` over both receivers); *wall* = n / (go -> all n
+   received). CPU of the platform process (all threads) over go -> all received; its peak RSS
+   (VmHWM) at the end.
+2. **Latency**: members send one packet at a time, sealed just before it is posted, at a steady
+   total rate below the measured throughput (``lat_rate``, default 40 % of the steady rate);
+   per packet, the receiver's ``inbox.received_at`` - the packet's sealed ``created_at`` (same
+   clock). p50 and p99 come from here; the throughput run's post -> received times (queueing
+   under saturation) are in the result as ``saturated_p50_ms`` / ``saturated_p99_ms``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import exchange as ex
+
+from bridge.crypto import envelope as env
+from bridge.crypto.keys import load_signing_key
+from bridge.delivery.transport import PeerConnection
+from bridge.errors import HutongError, RateLimited
+from tests.harness import Alliance
+
+PLATFORM = "platform"
+RECEIVERS = ("recv-a", "recv-b")
+KIND = "result.lab"
+KINDS = ["result.lab", "referral.request", "referral.status", "referral.cancel",
+         "referral.return"]
+THREADS_PER_MEMBER = 2  # FHIR threads per member: order holds within each
+SIZE = 4096
+
+
+def member_id(i: int) -> str:
+    return f"member-{i:02d}"
+
+
+def receiver_of(i: int) -> str:
+    return RECEIVERS[(i - 1) % len(RECEIVERS)]
+
+
+def alliance_members(members: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Directory entries and rules: one rule per member to its receiver."""
+    out = [{"id": PLATFORM, "zh": "医联体信息平台", "en": "Alliance platform", "role": "platform"},
+           {"id": RECEIVERS[0], "zh": "复兴医院", "en": "Fuxing Hospital", "role": "core",
+            "via": PLATFORM},
+           {"id": RECEIVERS[1], "zh": "广外医院", "en": "Guangwai Hospital", "role": "secondary",
+            "via": PLATFORM}]
+    out += [{"id": member_id(i), "zh": f"社区卫生服务中心 {i}", "en": f"Community centre {i}",
+             "role": "community", "via": PLATFORM} for i in range(1, members + 1)]
+    rules = [{"from": member_id(i), "to": receiver_of(i), "kinds": KINDS}
+             for i in range(1, members + 1)]
+    return out, rules
+
+
+def point_members_at(alliance_toml: Path, url: str) -> None:
+    """Every sending member's exchange_url -> the receipt sink (the platform's way back)."""
+    blocks = alliance_toml.read_text(encoding="utf-8").split("\n[[members]]\n")
+    for k, block in enumerate(blocks):
+        if 'id = "member-' in block:
+            lines = [f'exchange_url = "{url}"' if line.startswith("exchange_url = ") else line
+                     for line in block.split("\n")]
+            blocks[k] = "\n".join(lines)
+    alliance_toml.write_text("\n[[members]]\n".join(blocks), encoding="utf-8")
+
+
+# =============================================================================================
+# receipt sink: where the platform forwards end-to-end receipts to the sending members
+# =============================================================================================
+
+
+class _SinkHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as the platform's PeerConnection expects
+
+    def do_POST(self) -> None:
+        server: Any = self.server
+        data = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        frames = env.decode_batch(data, max_items=10_000, max_total=64 << 20)
+        got = []
+        for frame in frames:
+            try:
+                f = env.verify_receipt(frame, server.keys_for)
+                got.append((f["packet"], f["receiver"], f["status"]))
+            except HutongError as exc:
+                got.append((None, None, exc.code))
+        with server.lock:
+            server.got += got
+        body = env.encode_batch([b""] * len(frames))  # a member node's answer to a receipt
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-hutong-batch")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def _sink_main(pipe: Any, keys: dict[str, tuple[Any, ...]]) -> None:
+    server: Any = ThreadingHTTPServer(("127.0.0.1", 0), _SinkHandler)
+    server.daemon_threads = True
+    server.keys_for, server.lock, server.got = (lambda n: keys.get(n, ())), threading.Lock(), []
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    pipe.send(server.server_address[1])
+    while pipe.recv() == "count":
+        with server.lock:
+            pipe.send(len({p for p, _, s in server.got if s == "accepted"}))
+    server.shutdown()  # "stop"
+    server.server_close()
+    with server.lock:
+        pipe.send(list(server.got))
+
+
+# =============================================================================================
+# senders: a process per share of the members, a thread per member
+# =============================================================================================
+
+
+def _post(conn: PeerConnection, frames: list[bytes], platform_keys: tuple[Any, ...],
+          stats: dict[str, Any]) -> None:
+    """POST one member's batch until the platform took it (a re-send after a lost answer gets
+    the original receipts: the platform dedupes by packet id). Checks every signed answer."""
+    body = env.encode_batch(frames)
+    for attempt in range(50):
+        try:
+            answers = env.decode_batch(conn.post_batch(body), max_items=len(frames),
+                                       max_total=64 << 20)
+            break
+        except RateLimited as exc:
+            time.sleep(exc.retry_after)
+        except HutongError as exc:
+            stats["errors"].append(f"{exc.code}: {str(exc)[:200]}")
+            time.sleep(min(2.0, 0.1 * 2 ** attempt))
+        stats["retries"] += 1
+    else:
+        raise RuntimeError(f"platform did not take a batch: {stats['errors'][-1:]}")
+    for answer in answers:
+        try:
+            f = env.verify_receipt(answer, lambda _n: platform_keys)
+            stats["status"][f["status"]] += 1
+            if f["status"] != "relayed":
+                stats["errors"].append(f"{f['packet']}: {f['status']} {f['code']}")
+        except HutongError as exc:
+            stats["status"]["bad receipt"] += 1
+            stats["errors"].append(f"{exc.code}: {str(exc)[:200]}")
+
+
+def _member_loop(jobs: list[dict[str, Any]], frames: list[bytes] | None, ctx: dict[str, Any],
+                 stats: dict[str, Any], t0: float) -> None:
+    """One member's packets in order: pre-sealed in batches, or sealed one by one when due."""
+    conn = PeerConnection(ctx["url"])
+    try:
+        if frames is not None:
+            for k in range(0, len(frames), ctx["batch"]):
+                posted = time.time()
+                _post(conn, frames[k:k + ctx["batch"]], ctx["platform_keys"], stats)
+                for job in jobs[k:k + ctx["batch"]]:
+                    stats["posted"][job["id"]] = posted
+            return
+        for job in jobs:
+            pause = t0 + job["due"] - time.perf_counter()
+            if pause > 0:
+                time.sleep(pause)
+            frame = _seal(job, ctx)
+            stats["posted"][job["id"]] = time.time()
+            _post(conn, [frame], ctx["platform_keys"], stats)
+    except Exception as exc:  # noqa: BLE001 - reported to the parent, which fails the run
+        stats["errors"].append(f"member thread: {type(exc).__name__}: {exc}")
+        stats["fatal"] = True
+    finally:
+        conn.close()
+
+
+def _seal(job: dict[str, Any], ctx: dict[str, Any]) -> bytes:
+    return env.seal(ex.body_of(SIZE), sender=job["sender"], recipient=job["to"], kind=KIND,
+                    thread=job["thread"], seq=job["seq"], packet_id=job["id"],
+                    signing_key=ctx["signing"][job["sender"]],
+                    recipient_key=ctx["recipient_keys"][job["to"]])
+
+
+def _sender_main(pipe: Any, go: Any, jobs: dict[str, list[dict[str, Any]]],
+                 ctx: dict[str, Any], preseal: bool) -> None:
+    ctx = dict(ctx, signing={m: load_signing_key(ctx["keys_dir"] / f"{m}.sign.key")
+                             for m in jobs})
+    frames = {m: [_seal(j, ctx) for j in js] for m, js in jobs.items()} if preseal else {}
+    stats: dict[str, Any] = {"posted": {}, "status": Counter(), "errors": [], "retries": 0,
+                             "fatal": False}
+    pipe.send("ready")
+    go.wait()
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=_member_loop, args=(js, frames.get(m), ctx, stats, t0))
+               for m, js in jobs.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stats["status"] = dict(stats["status"])
+    pipe.send(stats)
+
+
+class Senders:
+    """``procs`` sender processes sharing the members; ``run`` releases them and collects."""
+
+    def __init__(self, jobs: list[dict[str, Any]], procs: int, ctx: dict[str, Any],
+                 preseal: bool) -> None:
+        by_member: dict[str, list[dict[str, Any]]] = {}
+        for job in jobs:
+            by_member.setdefault(job["sender"], []).append(job)
+        names = sorted(by_member)
+        mpc = mp.get_context("fork")
+        self.go = mpc.Event()
+        self.procs: list[tuple[Any, Any]] = []
+        for p in range(procs):
+            share = {m: by_member[m] for m in names[p::procs]}
+            if not share:
+                continue
+            ours, theirs = mpc.Pipe()
+            proc = mpc.Process(target=_sender_main, args=(theirs, self.go, share, ctx, preseal),
+                               daemon=True)
+            proc.start()
+            theirs.close()
+            self.procs.append((proc, ours))
+        for proc, pipe in self.procs:  # sealed (or keys loaded) before the clock starts
+            if not pipe.poll(300):
+                raise TimeoutError("a sender process did not get ready")
+            pipe.recv()
+
+    def pids(self) -> list[int]:
+        return [p.pid for p, _ in self.procs if p.pid is not None]
+
+    def start(self) -> float:
+        self.go.set()
+        return time.perf_counter()
+
+    def results(self, timeout: float) -> dict[str, Any]:
+        out: dict[str, Any] = {"posted": {}, "status": Counter(), "errors": [], "retries": 0}
+        for proc, pipe in self.procs:
+            if not pipe.poll(timeout):
+                raise TimeoutError("a sender process did not finish")
+            s = pipe.recv()
+            proc.join(30)
+            pipe.close()
+            if s["fatal"]:
+                raise RuntimeError(f"sender failed: {s['errors'][-3:]}")
+            out["posted"].update(s["posted"])
+            out["status"].update(s["status"])
+            out["errors"] += s["errors"]
+            out["retries"] += s["retries"]
+        out["status"] = dict(out["status"])
+        return out
+
+    def close(self) -> None:
+        for proc, pipe in self.procs:
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(10)
+            pipe.close()
+
+
+def plan_jobs(members: int, n: int, tag: str, seq_from: dict[tuple[str, str], int],
+              spacing: float = 0.0) -> list[dict[str, Any]]:
+    """n packets round-robin over the members; ``due`` = when to post (paced runs)."""
+    jobs = []
+    for j in range(n):
+        i = j % members + 1
+        sender = member_id(i)
+        thread = f"{sender}-{tag}-{(j // members) % THREADS_PER_MEMBER}"
+        seq = seq_from[(sender, thread)] = seq_from.get((sender, thread), 0) + 1
+        jobs.append({"id": str(uuid.uuid4()), "sender": sender, "to": receiver_of(i),
+                     "thread": thread, "seq": seq, "due": j * spacing})
+    return jobs
+
+
+# =============================================================================================
+# the run
+# =============================================================================================
+
+
+class Receivers:
+    """Read-only views of both receivers' stores."""
+
+    def __init__(self, alliance: Alliance) -> None:
+        self.readers = {r: ex.Reader(alliance.node(r).plan.storage_dsn) for r in RECEIVERS}
+
+    def count(self, after: dict[str, int]) -> int:
+        return sum(rd.scalar("SELECT COUNT(*) FROM inbox WHERE id > ?", after[r])
+                   for r, rd in self.readers.items())
+
+    def marks(self) -> dict[str, int]:
+        return {r: rd.scalar("SELECT COALESCE(MAX(id), 0) FROM inbox")
+                for r, rd in self.readers.items()}
+
+    def rows(self, after: dict[str, int]) -> dict[str, list[tuple[Any, ...]]]:
+        return {r: rd.rows("SELECT packet_id, received_at, created_at, sender FROM inbox"
+                           " WHERE id > ?", after[r]) for r, rd in self.readers.items()}
+
+    def duplicates(self) -> int:
+        return sum(rd.scalar("SELECT COUNT(*) FROM audit WHERE action = 'duplicate'")
+                   for rd in self.readers.values())
+
+    def close(self) -> None:
+        for rd in self.readers.values():
+            rd.close()
+
+
+def _wait_received(recv: Receivers, before: dict[str, int], n: int, alliance: Alliance,
+                   timeout: float, what: str) -> float:
+    deadline = time.perf_counter() + timeout
+    while recv.count(before) < n:
+        for node in alliance.nodes.values():
+            if node.proc is not None and node.proc.poll() is not None:
+                raise RuntimeError(f"{node.node_id} exited during the {what} run")
+        if time.perf_counter() > deadline:
+            raise TimeoutError(f"{what}: {recv.count(before)} of {n} packets arrived in "
+                               f"{timeout:.0f} s")
+        time.sleep(0.02)
+    return time.perf_counter()
+
+
+def _check_once(rows: dict[str, list[tuple[Any, ...]]], jobs: list[dict[str, Any]]
+                ) -> dict[str, Any]:
+    """Every packet in the inbox it was addressed to, exactly once."""
+    addressed: dict[str, list[str]] = {r: [] for r in RECEIVERS}
+    for job in jobs:
+        addressed[job["to"]].append(job["id"])
+    got = {r: [x[0] for x in rs] for r, rs in rows.items()}
+    per = {r: {"addressed": len(addressed[r]), "received": len(got[r]),
+               "distinct": len(set(got[r]))} for r in RECEIVERS}
+    once = all(sorted(got[r]) == sorted(addressed[r]) for r in RECEIVERS)
+    return {"received_once": once, "per_receiver": per}
+
+
+def relay(root: Path, members: int = 50, n: int = 3000, *, procs: int = 3, batch: int = 20,
+          lat_rate: float | None = None, lat_seconds: float = 4.0, timeout: float = 300.0
+          ) -> dict[str, Any]:
+    """Scaffold, start, run throughput then latency, stop; returns the figures (see module)."""
+    started = time.perf_counter()
+    people, rules = alliance_members(members)
+    mpc = mp.get_context("fork")
+    sink_pipe, theirs = mpc.Pipe()
+    alliance = Alliance(root / "alliance-relay", people, rules)
+    platform_plan = alliance.node(PLATFORM).plan
+    keys = {r: platform_plan.directory[r].signing_keys for r in RECEIVERS}
+    sink = mpc.Process(target=_sink_main, args=(theirs, keys), daemon=True)
+    sink.start()
+    theirs.close()
+    sink_port = sink_pipe.recv()
+    point_members_at(root / "alliance-relay" / "alliance.toml", f"http://127.0.0.1:{sink_port}")
+    alliance.nodes.clear()  # reload the plans with the sink's URL
+    platform = alliance.node(PLATFORM)
+    alliance.start(PLATFORM, *RECEIVERS)
+    recv = Receivers(alliance)
+    senders: Senders | None = None
+    ctx = {"url": platform.peer_url, "batch": batch, "keys_dir": root / "alliance-relay" / "keys",
+           "platform_keys": platform.plan.directory[PLATFORM].signing_keys,
+           "recipient_keys": {r: platform.plan.directory[r].encryption_keys[0]
+                              for r in RECEIVERS}}
+    seqs: dict[tuple[str, str], int] = {}
+    try:
+        # ---- 1. throughput: pre-sealed backlog, all members at once -------------------------
+        jobs = plan_jobs(members, n, "tp", seqs)
+        senders = Senders(jobs, procs, ctx, preseal=True)
+        before = recv.marks()
+        dup0 = recv.duplicates()
+        pp = ex.pid_of(platform)
+        rpids = [ex.pid_of(alliance.node(r)) for r in RECEIVERS]
+        spids = senders.pids() + [sink.pid]
+
+        def cpu() -> tuple[float, ...]:
+            return (ex.cpu_seconds(pp), sum(ex.cpu_seconds(p) for p in rpids),
+                    sum(ex.cpu_seconds(p) for p in spids), ex.machine_busy_s(),
+                    time.process_time())
+
+        c0 = cpu()
+        t0 = senders.start()
+        t_all = _wait_received(recv, before, n, alliance, timeout, "throughput")
+        c1 = cpu()
+        sent = senders.results(timeout)
+        senders.close()
+        senders = None
+        window = t_all - t0
+        used = [b - a for a, b in zip(c0, c1, strict=True)]
+        rows = recv.rows(before)
+        once = _check_once(rows, jobs)
+        times = sorted(ex.ts(r[1]) for rs in rows.values() for r in rs)
+        span = times[-1] - times[0]
+        steady = sum(1 for x in times if x < times[-1]) / span if span > 0 else float("nan")
+        queued = [(ex.ts(r[1]) - sent["posted"][r[0]]) * 1000 for rs in rows.values()
+                  for r in rs if r[0] in sent["posted"]]
+        rss = ex.peak_rss_mib(pp)
+        # ---- 2. latency: one packet per post, sealed when due, below the measured rate ------
+        rate = lat_rate or max(5.0, min(0.4 * steady, 200.0))
+        m = max(members, int(rate * lat_seconds))
+        ljobs = plan_jobs(members, m, "lat", seqs, spacing=1 / rate)
+        senders = Senders(ljobs, procs, ctx, preseal=False)
+        before2 = recv.marks()
+        senders.start()
+        _wait_received(recv, before2, m, alliance, timeout, "latency")
+        lsent = senders.results(timeout)
+        senders.close()
+        senders = None
+        lrows = recv.rows(before2)
+        lonce = _check_once(lrows, ljobs)
+        lat = [(ex.ts(r[1]) - ex.ts(r[2])) * 1000 for rs in lrows.values() for r in rs]
+        # ---- end-to-end receipts back at the members, through the platform ------------------
+        want = n + m
+        deadline = time.perf_counter() + 60
+        while time.perf_counter() < deadline:  # the platform may still be forwarding some
+            sink_pipe.send("count")
+            if sink_pipe.recv() >= want:
+                break
+            time.sleep(0.1)
+        sink_pipe.send("stop")
+        receipts = sink_pipe.recv()
+        dups = recv.duplicates() - dup0
+        accepted = Counter(s for _, _, s in receipts)
+    finally:
+        if senders is not None:
+            senders.close()
+        recv.close()
+        alliance.stop_all()
+        with contextlib.suppress(Exception):
+            if sink.is_alive():
+                sink.terminate()
+            sink.join(10)
+        sink_pipe.close()
+    return {
+        "members": members, "n": n, "procs": procs, "batch": batch, "size": SIZE,
+        "steady_pps": steady, "wall_pps": n / window, "window_s": window, "span_s": span,
+        "received_once": once["received_once"] and lonce["received_once"],
+        "per_receiver": once["per_receiver"], "duplicates": dups,
+        "platform_cpu": used[0] / window, "receivers_cpu": used[1] / window,
+        "senders_cpu": used[2] / window,
+        "others_cpu": max(0.0, used[3] - sum(used[:3]) - used[4]) / window,
+        "platform_rss_mib": rss,
+        "sender_retries": sent["retries"] + lsent["retries"],
+        "sender_errors": (sent["errors"] + lsent["errors"])[:10],
+        "platform_answers": sent["status"],
+        "saturated_p50_ms": ex.pct(queued, 0.5), "saturated_p99_ms": ex.pct(queued, 0.99),
+        "lat_rate": rate, "lat_n": m, "lat_received_once": lonce["received_once"],
+        "p50_ms": ex.pct(lat, 0.5), "p99_ms": ex.pct(lat, 0.99), "max_ms": max(lat),
+        "receipts_back": len({p for p, _, s in receipts if s == "accepted"}),
+        "receipt_statuses": dict(accepted), "receipts_expected": want,
+        "elapsed_s": time.perf_counter() - started,
+    }
+
+
+def report(r: dict[str, Any]) -> None:
+    t = ex._table(f"Platform relay: {r['members']} members -> platform -> 2 receivers, "
+                  f"4 KiB, SQLite, {r['procs']} sender processes, {r['batch']} per post",
+                  ["what", "figure"])
+    rows = [
+        ("packets", f"{r['n']:,} (+ {r['lat_n']:,} in the latency run)"),
+        ("steady packets/s through the platform", f"{r['steady_pps']:,.0f}"),
+        ("wall packets/s (go -> all received)", f"{r['wall_pps']:,.0f} ({r['window_s']:.1f} s)"),
+        ("every packet received once, where addressed", str(r["received_once"])),
+        ("duplicates at the receivers", str(r["duplicates"])),
+        ("per receiver: addressed / received",
+         ", ".join(f"{k} {v['addressed']}/{v['received']}" for k, v in r["per_receiver"].items())),
+        ("end-to-end receipts back at the members", (f"{r['receipts_back']:,} of "
+                                                    f"{r['receipts_expected']:,}")),
+        (f"latency sealed -> received at {r['lat_rate']:.0f}/s: p50 / p99 / max",
+         f"{r['p50_ms']:.0f} / {r['p99_ms']:.0f} / {r['max_ms']:.0f} ms"),
+        ("posted -> received under saturation: p50 / p99",
+         f"{r['saturated_p50_ms']:.0f} / {r['saturated_p99_ms']:.0f} ms"),
+        ("CPU platform / receivers / senders+sink / others",
+         (f"{r['platform_cpu']:.0%} / {r['receivers_cpu']:.0%} / {r['senders_cpu']:.0%} / "
+         f"{r['others_cpu']:.0%}")),
+        ("platform peak RSS (VmHWM)", f"{r['platform_rss_mib']:.0f} MiB"),
+        ("sender retries", str(r["sender_retries"])),
+    ]
+    for what, fig in rows:
+        t.add_row(what, fig)
+    ex.console.print(t)
+    ex.console.print(f"[dim]CPU = process CPU seconds / seconds of the throughput window "
+                     f"(100% = one core of {os.cpu_count()}); others = busy cores used by "
+                     f"anything else on the machine. Load average {os.getloadavg()[0]:.1f}.[/]")
+    for e in r["sender_errors"]:
+        ex.console.print(f"[yellow]sender: {e}[/]")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    p.add_argument("--members", type=int, default=50)
+    p.add_argument("-n", type=int, default=3000, help="packets in the throughput run")
+    p.add_argument("--procs", type=int, default=3, help="sender processes")
+    p.add_argument("--batch", type=int, default=20, help="packets per post by one member")
+    p.add_argument("--keep", action="store_true", help="keep the temp dir (node logs, DBs)")
+    args = p.parse_args(argv)
+    root = Path(tempfile.mkdtemp(prefix="hutong-bench-relay-"))
+    try:
+        r = relay(root, args.members, args.n, procs=args.procs, batch=args.batch)
+    finally:
+        if args.keep:
+            ex.console.print(f"[dim]kept {root}[/]")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+    report(r)
+    return 0 if r["received_once"] and r["duplicates"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
