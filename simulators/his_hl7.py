@@ -2,7 +2,9 @@
 
 It is a separate process (``python -m simulators.his_hl7 serve --db his.sqlite --listen
 127.0.0.1:2576``) with its own SQLite file: its MLLP listener ACKs REF^I12 / RRI^I12 from the
-node's adapter and keeps each message once (by MSH-10) as a slip. Doctors' actions are the
+node's adapter and keeps each message once (by MSH-10) as a slip; ORU^R01 (lab results from
+another member) is kept once by MSH-10 as its fields read back (:func:`read_results`), and every
+message offered is counted per MSH-10 (``attempts``). Doctors' actions are the
 Python API (:class:`VendorHis`), which sends REF^I12 / RRI^I12 / ADT to the adapter's listener
 over real MLLP and records what it sent. Faults for retry tests: ``set_mode(nak=N)`` answers
 the next N messages with AE, ``set_mode(drop=N)`` closes the connection without an answer.
@@ -44,6 +46,8 @@ CREATE TABLE IF NOT EXISTS received (
 CREATE TABLE IF NOT EXISTS sent (
     control_id TEXT PRIMARY KEY, what TEXT NOT NULL, slip_no TEXT, raw BLOB NOT NULL,
     ack_code TEXT, at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS attempts (
+    control_id TEXT PRIMARY KEY, n INTEGER NOT NULL, last_code TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS mode (k TEXT PRIMARY KEY, v INTEGER NOT NULL);
 INSERT OR IGNORE INTO mode VALUES ('nak', 0), ('drop', 0), ('answered', 0);
 """
@@ -74,6 +78,8 @@ class Received:
 
 
 def _slip(what: str, data: dict[str, Any]) -> Any:
+    if what == "results":
+        return data
     if what == "referral":
         return ReferralSlip(**data)
     if what == "acceptance":
@@ -86,6 +92,61 @@ def _slip(what: str, data: dict[str, Any]) -> Any:
 # -- the listener process -------------------------------------------------------------------
 
 
+def _attempt(conn: sqlite3.Connection, control_id: str, code: str) -> None:
+    conn.execute("INSERT INTO attempts VALUES (?, 1, ?) ON CONFLICT (control_id) DO UPDATE "
+                 "SET n = n + 1, last_code = excluded.last_code", (control_id, code))
+
+
+def _parts(msg: Any, seg: Any, n: int) -> list[list[str]]:
+    """One field as [repetition][component], unescaped ([] when empty)."""
+    index = n if str(seg[0]) != "MSH" else n - 1
+    if len(seg) <= index or not str(seg[index]):
+        return []
+    return [[msg.unescape(c) for c in rep.split("^")] for rep in str(seg[index]).split("~")]
+
+
+def _first(msg: Any, seg: Any, n: int, component: int = 1) -> str:
+    parts = _parts(msg, seg, n)
+    return parts[0][component - 1] if parts and len(parts[0]) >= component else ""
+
+
+def read_results(msg: Any) -> dict[str, Any]:
+    """An ORU^R01 as this HIS files it: patient id, referral id, and per OBR its fields, notes,
+    OBX lines and specimen (coded fields and values as their components, unescaped)."""
+    pid, pv1 = v2.one(msg, "PID"), v2.one(msg, "PV1", required=False)
+    out: dict[str, Any] = {
+        "mrn": _first(msg, pid, 3), "mrn_authority": _first(msg, pid, 3, 4),
+        "mrn_type": _first(msg, pid, 3, 5), "pid": str(pid),
+        "thread": _first(msg, pv1, 5) if pv1 is not None else "", "reports": []}
+    last: dict[str, Any] = {}
+    for seg in msg:
+        name = str(seg[0])
+        if name == "OBR":
+            last = {"placer": _first(msg, seg, 2), "filler": _first(msg, seg, 3),
+                    "code": _parts(msg, seg, 4)[0], "collected": _first(msg, seg, 7),
+                    "lab_no": _first(msg, seg, 20), "issued": _first(msg, seg, 22),
+                    "status": _first(msg, seg, 25), "notes": [], "items": [],
+                    "specimen": None}
+            out["reports"].append(last)
+        elif name == "OBX":
+            last = {"vtype": _first(msg, seg, 2), "code": _parts(msg, seg, 3)[0],
+                    "value": _parts(msg, seg, 5), "unit": _parts(msg, seg, 6),
+                    "range": _first(msg, seg, 7),
+                    "flags": [r[0] for r in _parts(msg, seg, 8)],
+                    "status": _first(msg, seg, 11), "observed": _first(msg, seg, 14),
+                    "result_id": _first(msg, seg, 21), "lab": _first(msg, seg, 23),
+                    "notes": []}
+            out["reports"][-1]["items"].append(last)
+        elif name == "NTE" and last:
+            last["notes"].append("\n".join(r[0] for r in _parts(msg, seg, 3)))
+        elif name == "SPM":
+            out["reports"][-1]["specimen"] = {
+                "id": _first(msg, seg, 2), "type": _parts(msg, seg, 4)[0],
+                "collected": _first(msg, seg, 17), "received": _first(msg, seg, 18)}
+    return out
+
+
+
 def take(conn: sqlite3.Connection, raw: bytes) -> bytes | None:
     """One message from the adapter: the ACK bytes, or None to drop the connection."""
     conn.execute("BEGIN IMMEDIATE")
@@ -96,14 +157,30 @@ def take(conn: sqlite3.Connection, raw: bytes) -> bytes | None:
             conn.execute("COMMIT")
             return None
         text, codec = charset.decode(raw)
-        inbound = messages.read(text)
+        msg = v2.parse(text)
+        oru = v2.get(msg, msg.segment("MSH"), 9, 1) == "ORU"
+        inbound = None if oru else messages.read(text)
+        control = inbound.control_id if inbound is not None else \
+            v2.get(msg, msg.segment("MSH"), 10)
         now = datetime.now(UTC)
         answer = ack.build
         if modes["nak"] > 0:
             conn.execute("UPDATE mode SET v = v - 1 WHERE k = 'nak'")
+            _attempt(conn, control, "AE")
             conn.execute("COMMIT")
-            return answer("AE", inbound.control_id, now, codec=codec, facility="HIS",
+            return answer("AE", control, now, codec=codec, facility="HIS",
                           error=Hl7DataError("simulated NAK", hl7_error="207"))
+        _attempt(conn, control, "AA")
+        if inbound is None:
+            data = read_results(msg)
+            n = conn.execute("SELECT COUNT(*) FROM received").fetchone()[0]
+            conn.execute("INSERT OR IGNORE INTO received VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                         (control, "results", data["thread"],
+                          data["reports"][0]["placer"] if data["reports"] else "",
+                          json.dumps(data, ensure_ascii=False), raw, now.isoformat(), n))
+            conn.execute("UPDATE mode SET v = v + 1 WHERE k = 'answered'")
+            conn.execute("COMMIT")
+            return answer("AA", control, now, codec=codec, facility="HIS")
         if inbound.what == "referral":
             slip: Any = messages.referral_slip(inbound.msg, {}, OFFSET, from_alliance=True)
         elif inbound.what == "acceptance":
@@ -111,7 +188,7 @@ def take(conn: sqlite3.Connection, raw: bytes) -> bytes | None:
         elif inbound.what == "return":
             slip = messages.return_slip(inbound.msg, OFFSET)
         else:
-            raise Hl7DataError("this HIS takes REF^I12 and RRI^I12 only", field="MSH-9",
+            raise Hl7DataError("this HIS takes REF^I12, RRI^I12 and ORU^R01 only", field="MSH-9",
                                hl7_error="200")
         n = conn.execute("SELECT COUNT(*) FROM received").fetchone()[0]
         conn.execute("INSERT OR IGNORE INTO received VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -224,6 +301,15 @@ class VendorHis:
         with contextlib.closing(self._conn()) as conn:
             conn.execute("UPDATE mode SET v = ? WHERE k = 'nak'", (nak,))
             conn.execute("UPDATE mode SET v = ? WHERE k = 'drop'", (drop,))
+
+    def results(self) -> list[tuple[str, dict[str, Any]]]:
+        """(MSH-10, the ORU as filed) for every ORU^R01 kept, in arrival order."""
+        return [(r.control_id, r.slip) for r in self.received("results")]
+
+    def attempts(self) -> dict[str, tuple[int, str]]:
+        """MSH-10 -> (how often it was offered, the last answer)."""
+        with contextlib.closing(self._conn()) as conn:
+            return {c: (n, code) for c, n, code in conn.execute("SELECT * FROM attempts")}
 
     def mode(self) -> dict[str, int]:
         with contextlib.closing(self._conn()) as conn:

@@ -267,6 +267,9 @@ class Inbound:
             c.execute("INSERT OR REPLACE INTO patients VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
                       "?, ?)", (data["mrn"], *(merged[k] for k in PATIENT_FIELDS),
                                 inbound.event, key, now))
+            if thread and inbound.event in ("A01", "A04"):  # the HIS's id for the referral
+                c.execute("INSERT OR REPLACE INTO referral_visits VALUES (?, ?, ?)",
+                          (thread, data["mrn"], key))
             # OR REPLACE: a replayed ADT (quarantine) overwrites its stored refusal
             c.execute("INSERT OR REPLACE INTO answers "
                       "VALUES (?, 'AA', NULL, NULL, NULL, NULL, ?)", (key, now))

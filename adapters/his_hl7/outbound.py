@@ -12,6 +12,7 @@ side                   event (MessageHeader)         message to the HIS
 receiver               request                       REF^I12 (new referral, RF1-11 = thread)
 referrer               accept / reject               RRI^I12 (RF1-1 A / R)
 referrer               return                        REF^I12 with RF1-4 = RP, OBX, RXE + TQ1
+either (result.lab)    -                             ORU^R01 v2.5.1 (adapters.his_hl7.results)
 either                 received, arrive, cancel,     nothing (counted ``skipped:<event>``)
                        cancelled, return-received
 =====================  ============================  ========================================
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from adapters import slips_fhir
-from adapters.his_hl7 import ack, charset, messages
+from adapters.his_hl7 import ack, charset, messages, results
 from adapters.his_hl7.errors import HisNak
 
 if TYPE_CHECKING:
@@ -48,6 +49,9 @@ class Outbound:
         self.state = adapter.state
 
     def deliver(self, item: Delivery) -> None:
+        if item.kind.startswith("result."):
+            self.deliver_results(item)
+            return
         event = event_of(item.body)
         view = self.host.referral(item.thread)
         if view is None:
@@ -58,6 +62,11 @@ class Outbound:
         if text is None:
             self.a.count(f"skipped:{event}")
             return
+        self._send(item, text, event)
+
+    def _send(self, item: Delivery, text: str, what: str) -> bool:
+        """Send until the HIS ACKs (a NAK raises; the dispatcher retries the same MSH-10).
+        True the first time this packet is ACKed."""
         raw = charset.encode(text, self.a.codec)
         answer = self.a.listener.send(self.a.his_host, self.a.his_port, raw)
         code, acked, why = ack.read(answer)
@@ -67,10 +76,61 @@ class Outbound:
             raise HisNak(f"HIS answered {code or 'no MSA'} to {item.packet_id}"
                          + (f" ({why[:80]})" if why else ""))
         with self.state.tx() as c:
-            c.execute("INSERT OR IGNORE INTO sent VALUES (?, ?, ?, ?)",
-                      (item.packet_id, item.thread, event, self.host.now().isoformat()))
-        self.a.count(f"sent:{event}")
+            first = c.execute("INSERT OR IGNORE INTO sent VALUES (?, ?, ?, ?)",
+                              (item.packet_id, item.thread, what,
+                               self.host.now().isoformat())).rowcount == 1
+        self.a.count(f"sent:{what}")
         self.a.ok()
+        return first
+
+    def deliver_results(self, item: Delivery) -> None:
+        """``result.lab`` -> ORU^R01 (:mod:`~adapters.his_hl7.results`); other result kinds
+        (imaging: fetched on demand) are not written into the HIS."""
+        if item.kind != "result.lab":
+            self.a.count(f"skipped:{item.kind}")
+            return
+        if self.state.one("SELECT 1 FROM sent WHERE packet_id = ?", item.packet_id):
+            self.a.count("redelivered")  # ACKed before a crash: the HIS has it
+            return
+        to = self._addressee(item.thread)
+        if to is None:
+            # no patient id this HIS knows: the results stay in the node's FHIR store and
+            # the recognition view (counted for IT, no patient data)
+            self.a.count("skipped:result-no-patient")
+            self.a.failed(f"result {item.packet_id}: no patient id known to the HIS")
+            return
+        gaps: list[Any] = []
+        text = results.oru_message(self.a.header(), orjson.loads(item.body), to,
+                                   slips_fhir.Codes(self.host.maps, self.host.node_id, gaps),
+                                   item.packet_id, self.host.now())
+        if text is None:
+            self.a.count("skipped:result-no-report")
+            return
+        if self._send(item, text, "result.lab") and gaps:
+            slips_fhir.record_gaps(self.host.store, gaps, self.host.now())
+            self.a.count("unmapped-codes", len(gaps))
+
+    def _addressee(self, thread: str) -> results.Addressee | None:
+        """The patient's id in this HIS for a referral thread: the HIS's own MRN (from its REF^I12
+        on the referring side, from the ADT naming the referral on the receiving side), else the
+        referrer's MRN under the referrer's id (as the HIS got it in the REF^I12)."""
+        view = self.host.referral(thread)
+        if view is None:
+            return None
+        row = view["referral"]
+        sr = next((r for r in view["resources"] if r["resourceType"] == "ServiceRequest"
+                   and r["id"] == row["sr_id"]), {})
+        slip_no = slips_fhir.slip_no_of(sr)
+        own = self.a.header().sending_app
+        visit = self.state.one("SELECT mrn FROM referral_visits WHERE thread = ?", thread)
+        if visit is not None and visit["mrn"]:
+            return results.Addressee(str(visit["mrn"]), own, slip_no, thread)
+        slip = self.state.thread_slip(thread)
+        if slip is None or not slip["mrn"]:
+            return None
+        authority = own if slip["side"] == "referrer" else str(row["referrer"])
+        return results.Addressee(str(slip["mrn"]), authority, slip_no or str(slip["slip_no"]),
+                                 thread)
 
     def build(self, item: Delivery, event: str, view: dict[str, Any],
               row: dict[str, Any]) -> str | None:

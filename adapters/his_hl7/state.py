@@ -3,7 +3,8 @@
 What the node does not keep for us: the answers given to messages that did not become a
 referral step (ADT, refused messages), so a resent MSH-10 gets the same ACK; the patients as
 the HIS's ADT feed describes them; which slip numbers were taken (duplicate detection) and the
-referral thread each slip belongs to on this side.
+referral thread each slip belongs to on this side; the HIS's own patient id for a referral it
+received (the ADT A01/A04 naming the referral in PV1-5), for results sent into the HIS.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ CREATE TABLE IF NOT EXISTS slips (
     PRIMARY KEY (slip_no, side));
 CREATE TABLE IF NOT EXISTS sent (
     packet_id TEXT PRIMARY KEY, thread TEXT NOT NULL, what TEXT NOT NULL, at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS referral_visits (
+    thread TEXT PRIMARY KEY, mrn TEXT NOT NULL, source_key TEXT NOT NULL);
 """
 PATIENT_FIELDS = ("name", "gender", "birth_date", "id_number", "phone", "patient_class",
                   "visit_number", "admitted_at", "discharged_at")
