@@ -2,15 +2,27 @@
 
 Local packets are sealed at each attempt (so created-at is fresh even after a long outage); the
 packet id stays, and the receiver answers an identical re-send with its original receipt.
-Order within a thread holds because a peer has one batch in flight at a time, rows go out in
+Order within a thread holds because a thread has one batch in flight at a time, rows go out in
 queue order, and a transient failure retries the whole batch. On PostgreSQL several processes
 may send for one peer: each claims only the threads of the lanes it holds (``lanes.py``), so a
 thread still has one batch in flight at a time.
+
+``[delivery] per_peer_concurrency = k``: with k = 1 (the default) a peer has one batch in flight
+and sender and receiver take turns. With k > 1 a round claims the head of the queue (up to k
+batches' worth), splits it into k partitions by a stable hash of the thread (``partition_of``),
+so all of a thread's rows fall in one partition, and posts the partitions at once from k
+threads, each on its own connection (``http.client`` connections are not thread-safe). Each
+partition's answers are checked on its thread and recorded (all in one write transaction) once
+every partition has answered; only then is the next round claimed, so no row is ever in flight
+twice. Backoff is head-of-line per partition: a partition whose oldest row is not due sends
+nothing this round, the others go on.
 """
 
 from __future__ import annotations
 
 import random
+import zlib
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -52,16 +64,20 @@ class PeerSender:
         self.member = ctx.plan.directory[peer]
         self.conn = PeerConnection(self.member.exchange_url)
         self.cfg = ctx.plan.delivery
+        self.concurrency = self.cfg.per_peer_concurrency
+        # partition i posts on conns[i]; partition 0 on the job's own thread, the rest on a pool
+        self.conns = [self.conn] + [PeerConnection(self.member.exchange_url)
+                                    for _ in range(self.concurrency - 1)]
+        self._pool: ThreadPoolExecutor | None = None
 
-    def claim(self, now: datetime) -> list[Any]:
-        """The head of this peer's queue, in queue order. Backoff is head-of-line: while the
-        oldest waiting row is not due, nothing newer may overtake it (that would break the
-        order within its thread), so the whole peer waits (with lanes: this process's share)."""
+    def _head(self, limit: int) -> list[Any]:
+        """Up to ``limit`` queued rows for this peer in queue order (with lanes: this
+        process's share)."""
         stmt = (
             select(*_COLS)
             .where(OUTBOX.c.next_hop == self.peer, OUTBOX.c.state == "queued")
             .order_by(OUTBOX.c.id)
-            .limit(self.cfg.batch_size)
+            .limit(limit)
         )
         if self.lanes is not None:
             held = self.lanes.hold(f"send:{self.peer}")
@@ -70,7 +86,13 @@ class PeerSender:
                     return []
                 stmt = stmt.where(lane_of(OUTBOX.c.thread).in_(sorted(held)))
         with self.ctx.store.read() as conn:
-            rows = conn.execute(stmt).all()
+            return list(conn.execute(stmt).all())
+
+    def claim(self, now: datetime) -> list[Any]:
+        """The head of this peer's queue, in queue order. Backoff is head-of-line: while the
+        oldest waiting row is not due, nothing newer may overtake it (that would break the
+        order within its thread), so the whole peer waits (with lanes: this process's share)."""
+        rows = self._head(self.cfg.batch_size)
         if rows and rows[0].next_try_at > now:
             return []
         picked, total = [], 0
@@ -82,7 +104,36 @@ class PeerSender:
             total += size
         return picked
 
+    def claim_partitions(self, now: datetime) -> list[tuple[int, list[Any]]]:
+        """The head of the queue split into at most ``per_peer_concurrency`` batches, as
+        (partition, rows in queue order). A thread's rows all fall in one partition, and a
+        partition takes rows only up to the first it cannot take (full, or its oldest row not
+        due): nothing newer of any of its threads may overtake that row."""
+        k, size = self.concurrency, self.cfg.batch_size
+        parts: dict[int, list[Any]] = {}
+        total = [0] * k
+        shut = [False] * k
+        for r in self._head(size * k):
+            p = partition_of(r.thread, k)
+            if shut[p]:
+                continue
+            part = parts.get(p)
+            if part is None:
+                if r.next_try_at > now:  # head-of-line backoff, for this partition only
+                    shut[p] = True
+                    continue
+                part = parts[p] = []
+            n = len(r.body or r.frame or b"")
+            if part and (len(part) >= size or total[p] + n > MAX_BATCH_BYTES):
+                shut[p] = True
+                continue
+            part.append(r)
+            total[p] += n
+        return sorted(parts.items())
+
     def send_batch(self) -> SendReport:
+        if self.concurrency > 1:
+            return self._send_partitions()
         now = self.ctx.now()
         rows = self.claim(now)
         if not rows:
@@ -90,28 +141,87 @@ class PeerSender:
         faults.point("sender.after_commit_before_send")
         frames = [self._frame(r, now) for r in rows]
         try:
-            answers = env.decode_batch(
-                self.conn.post_batch(env.encode_batch(frames)),
-                max_items=len(frames), max_total=64 << 20,
-            )
-            faults.point("sender.after_send_before_receipt")
-            if len(answers) != len(frames):
-                raise TransportError(f"{self.peer} answered {len(answers)} of {len(frames)}")
+            checked = self._exchange(self.conn, rows, frames)
         except HutongError as exc:
             self._failed(rows, exc)
             return SendReport(failed=len(rows), error=str(exc))
-        # verify every receipt BEFORE taking the write lock (Ed25519 verify is ~0.2 ms each)
-        checked = [self._check(r, a) for r, a in zip(rows, answers, strict=True)]
-        fast = [(r, a, f) for r, a, f in checked
-                if r.origin == "local" and isinstance(f, dict) and f.get("status") == "accepted"]
-        slow = [c for c in checked if not any(c[0] is x[0] for x in fast)]
         with self.ctx.store.write() as conn:
-            entries = self._record_accepted(conn, fast)
-            for r, a, f in slow:
-                entries += self._record(conn, r, a, f)
+            entries = self._record_answers(conn, checked)
             if entries:
                 self.ctx.audit.append(conn, entries)
         return SendReport(sent=len(rows))
+
+    def _exchange(self, peer: PeerConnection, rows: list[Any],
+                  frames: list[bytes]) -> list[tuple[Any, bytes, dict[str, Any] | HutongError]]:
+        """POST one batch on ``peer`` and check every receipt; touches no store."""
+        answers = env.decode_batch(
+            peer.post_batch(env.encode_batch(frames)),
+            max_items=len(frames), max_total=64 << 20,
+        )
+        faults.point("sender.after_send_before_receipt")
+        if len(answers) != len(frames):
+            raise TransportError(f"{self.peer} answered {len(answers)} of {len(frames)}")
+        # verify every receipt BEFORE taking the write lock (Ed25519 verify is ~0.2 ms each)
+        return [self._check(r, a) for r, a in zip(rows, answers, strict=True)]
+
+    def _record_answers(self, conn: Connection, checked: list[Any]) -> list[AuditEntry]:
+        fast = [(r, a, f) for r, a, f in checked
+                if r.origin == "local" and isinstance(f, dict) and f.get("status") == "accepted"]
+        slow = [c for c in checked if not any(c[0] is x[0] for x in fast)]
+        entries = self._record_accepted(conn, fast)
+        for r, a, f in slow:
+            entries += self._record(conn, r, a, f)
+        return entries
+
+    def _send_partition(self, part: int, rows: list[Any], now: datetime) -> Any:
+        """One partition's batch on its own connection: the checked answers, or the
+        HutongError that failed the whole batch (recorded by the caller)."""
+        frames = [self._frame(r, now) for r in rows]
+        try:
+            return self._exchange(self.conns[part], rows, frames)
+        except HutongError as exc:
+            return exc
+
+    def _send_partitions(self) -> SendReport:
+        """One round with per_peer_concurrency > 1: up to k batches in flight at once."""
+        now = self.ctx.now()
+        parts = self.claim_partitions(now)
+        if not parts:
+            return SendReport()
+        faults.point("sender.after_commit_before_send")
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.concurrency - 1,
+                                            thread_name_prefix=f"send-{self.peer}")
+        futures = [self._pool.submit(self._send_partition, p, rows, now)
+                   for p, rows in parts[1:]]
+        outcomes: list[Any] = []
+        try:
+            outcomes.append(self._send_partition(parts[0][0], parts[0][1], now))
+        except Exception as exc:  # noqa: BLE001 - recorded below like a pool thread's
+            outcomes.append(exc)
+        wait(futures)  # every partition answers (or fails) before anything is recorded
+        outcomes += [f.exception() or f.result() for f in futures]
+        report = SendReport()
+        unexpected: BaseException | None = None
+        with self.ctx.store.write() as conn:
+            entries: list[AuditEntry] = []
+            for (_, rows), outcome in zip(parts, outcomes, strict=True):
+                if isinstance(outcome, HutongError):
+                    self._failed(rows, outcome, conn=conn)
+                    report.failed += len(rows)
+                    report.error = report.error or str(outcome)
+                elif isinstance(outcome, BaseException):
+                    # a bug, not a peer's answer: its rows stay queued as they were and go
+                    # again next round (the receiver answers a re-send with its receipt)
+                    unexpected = unexpected or outcome
+                else:
+                    entries += self._record_answers(conn, outcome)
+                    report.sent += len(rows)
+            if entries:
+                self.ctx.audit.append(conn, entries)
+        if unexpected is not None:
+            raise unexpected
+        return report
 
     def _check(self, r: Any, answer: bytes) -> tuple[Any, bytes, dict[str, Any] | HutongError]:
         if r.origin == "receipt":
@@ -270,7 +380,18 @@ class PeerSender:
         return member.signing_keys if member else ()
 
     def close(self) -> None:
-        self.conn.close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        for peer in self.conns:
+            peer.close()
+
+
+def partition_of(thread: str | None, k: int) -> int:
+    """The partition (0..k-1) of a thread for per_peer_concurrency = k: a stable hash (CRC-32,
+    the same in every process and after a restart; SQLite has no ``hashtext``), so a thread's
+    rows always go on the same connection, one batch at a time."""
+    return zlib.crc32((thread or "").encode()) % k
 
 
 def backoff(attempts: int, cfg: Any) -> float:

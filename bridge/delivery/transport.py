@@ -1,7 +1,9 @@
 """Peer transport: one keep-alive stdlib HTTP connection per peer, batches only.
 
 stdlib ``http.client`` costs ~0.4 ms a request against ~1.1 ms for httpx, and packets move in
-batches, so one connection a peer is plenty. Socket errors are translated here, at the edge:
+batches, so one connection a peer is plenty; with ``[delivery] per_peer_concurrency = k`` the
+sender keeps k of them, one per partition (a connection is used by one thread at a time: an
+``http.client`` connection is not thread-safe). Socket errors are translated here, at the edge:
 refused/unreachable before sending is transient; a failure after the request went out is
 ambiguous (the receiver may have committed; it dedupes by packet id, so a resend is safe).
 """

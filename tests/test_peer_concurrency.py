@@ -1,0 +1,232 @@
+"""``[delivery] per_peer_concurrency``: up to k batches to one peer in flight at once, every
+packet received once and in order within its thread (real node processes on loopback).
+
+How concurrency is observed, at the receiver, without timing anything: the receiver runs with a
+slow point (``HUTONG_FAULT_DELAY=intake.after_commit:D``: every intake request waits D seconds
+after its commit before it answers). With one batch in flight, the sender posts the next batch
+only after the previous answer, so every intake starts at least D after the previous one started.
+An intake that started less than D after the one committed before it began while that one was
+still inside the receiver: the two requests overlapped. And since a round's batches are sealed
+at one instant, packets with the same created-at arriving in different intake transactions were
+posted as separate batches before any of their answers came back.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from datetime import datetime, timedelta
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bridge.delivery.sender import partition_of
+from bridge.errors import RateLimited
+from tests.harness import Alliance, NodeProcess, spooled, wait_for
+from tests.harness import db_rows as rows
+from tests.test_faults import Ledger, check_delivered_once, dead, start_with, stop_together
+
+pytestmark = pytest.mark.slow
+
+MEMBERS = [
+    {"id": "core", "zh": "复兴医院", "en": "Fuxing Hospital", "role": "core"},
+    {"id": "chc", "zh": "月坛社区卫生服务中心", "en": "Yuetan CHC", "role": "community"},
+]
+RULES = [{"from": "chc", "to": "core", "kinds": ["result.lab"]}]
+SLOW_S = 0.4  # the receiver's slow point: each intake answers this long after its commit
+BATCH = 6
+
+
+def configure(a: Alliance, node: str, section: str, **settings: object) -> None:
+    path = a.files[node]
+    text = path.read_text()
+    assert f"[{section}]" not in text.replace(f"# [{section}]", "")
+    lines = [f"{k} = {v!r}" for k, v in settings.items()]
+    path.write_text(text + f"\n[{section}]\n" + "\n".join(lines) + "\n")
+
+
+def alliance(tmp_path: Path, k: int, **limits: object) -> Alliance:
+    a = Alliance(tmp_path / f"alliance-k{k}", MEMBERS, RULES)
+    configure(a, "chc", "delivery", batch_size=BATCH, per_peer_concurrency=k,
+              poll_interval_s=0.2, backoff_base_s=0.3, backoff_max_s=1.0)
+    if limits:
+        configure(a, "core", "limits", **limits)
+    return a
+
+
+def queue_interleaved(node: NodeProcess, threads: int, per_thread: int, tag: str) -> Ledger:
+    """Queue threads x per_thread packets in one request (one commit), the threads'
+    packets interleaved: t0#0, t1#0, ..., t0#1, t1#1, ... A Ledger of what was queued."""
+    items: list[dict[str, Any]] = []
+    for i in range(per_thread):
+        for t in range(threads):
+            marker = f"{tag}-t{t}-{i}"
+            items.append({"to": "core", "kind": "result.lab", "thread": f"{tag}-t{t}",
+                          "bundle": _bundle(marker)})
+    res = node.api("POST", "/local/v1/packets", items)["results"]
+    ledger = Ledger()
+    for item, r in zip(items, res, strict=True):
+        assert r.get("packet_id"), r
+        note = item["bundle"]["entry"][1]["resource"]["note"][0]["text"]
+        ledger.adopt(item["thread"], [r["packet_id"]], [note])
+    return ledger
+
+
+def _bundle(marker: str) -> dict[str, Any]:
+    from tests.factory import bundle
+
+    return bundle(1, marker=marker)
+
+
+def arrival_order(receiver: NodeProcess) -> dict[str, list[str]]:
+    """Per thread, the packet ids in the order the receiver committed them (inbox id)."""
+    got: dict[str, list[str]] = defaultdict(list)
+    for thread, pid in rows(receiver, "SELECT thread, packet_id FROM inbox ORDER BY id"):
+        got[thread].append(pid)
+    return got
+
+
+def _ts(value: Any) -> datetime:
+    return value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+
+
+def intakes(receiver: NodeProcess) -> list[tuple[datetime, set[datetime]]]:
+    """The receiver's intake transactions in commit order: (started at, the created-at
+    stamps of its packets). One intake gives all its packets one received_at."""
+    started: dict[datetime, int] = {}
+    sealed: dict[datetime, set[datetime]] = defaultdict(set)
+    for row_id, received_at, created_at in rows(
+            receiver, "SELECT id, received_at, created_at FROM inbox ORDER BY id"):
+        at = _ts(received_at)
+        started.setdefault(at, row_id)
+        sealed[at].add(_ts(created_at))
+    return [(at, sealed[at]) for at in sorted(started, key=started.__getitem__)]
+
+
+def overlaps(receiver: NodeProcess) -> int:
+    """Intakes that began while the one committed before them had not answered yet."""
+    seq = intakes(receiver)
+    slow = timedelta(seconds=SLOW_S)
+    return sum(1 for (a, _), (b, _) in pairwise(seq) if b - a < slow)
+
+
+def split_rounds(receiver: NodeProcess) -> int:
+    """Seal instants (one per sender round) whose packets came in more than one intake."""
+    per_stamp: Counter[datetime] = Counter()
+    for _, stamps in intakes(receiver):
+        per_stamp.update(stamps)
+    return sum(1 for n in per_stamp.values() if n > 1)
+
+
+def check_arrived_in_order(receiver: NodeProcess, ledger: Ledger) -> None:
+    got = arrival_order(receiver)
+    assert set(got) == ledger.threads
+    for thread, ids in ledger.ids.items():
+        assert got[thread] == ids, thread  # nothing of a thread overtook an older packet
+        seqs = [int(s) for (s,) in rows(
+            receiver, "SELECT seq FROM inbox WHERE thread = :t ORDER BY id", t=thread)]
+        assert seqs == list(range(1, len(ids) + 1)), thread
+
+
+def check_sent_once(sender: NodeProcess, ledger: Ledger) -> None:
+    """Never in flight twice: one attempt and one 'sent' audit entry per packet."""
+    out = rows(sender, "SELECT packet_id, state, attempts FROM outbox")
+    assert {(pid, state, attempts) for pid, state, attempts in out} == {
+        (pid, "acknowledged", 1) for pid in ledger.marker}
+    sent = Counter(pid for (pid,) in rows(
+        sender, "SELECT packet_id FROM audit WHERE action = 'sent'"))
+    assert sent == Counter(set(ledger.marker))
+
+
+def test_partition_of_is_stable_and_spreads_threads() -> None:
+    threads = [f"thread-{i}" for i in range(64)]
+    first = [partition_of(t, 4) for t in threads]
+    assert first == [partition_of(t, 4) for t in threads]  # same in every call and process
+    assert set(first) == {0, 1, 2, 3}
+    assert all(partition_of(t, 1) == 0 for t in threads)
+    assert partition_of(None, 4) == partition_of("", 4)
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_k_batches_in_flight_each_thread_in_order(tmp_path: Path, k: int,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """k = 4: the receiver sees overlapping batches; k = 1 (the control): it never does.
+    Either way every packet arrives once, in order within its thread, sent once."""
+    a = alliance(tmp_path, k)
+    chc, core = a.node("chc"), a.node("core")
+    try:
+        start_with(core, monkeypatch, HUTONG_FAULT_DELAY=f"intake.after_commit:{SLOW_S}")
+        a.start("chc")
+        core.wait_ready()
+        ledger = queue_interleaved(chc, threads=16, per_thread=5, tag=f"k{k}")
+        wait_for(lambda: len(spooled(core)) >= ledger.total, timeout=120,
+                 what="every packet at the receiving HIS")
+        check_arrived_in_order(core, ledger)
+        check_sent_once(chc, ledger)
+        check_delivered_once(core, ledger, chc, core)
+        if k == 1:
+            assert overlaps(core) == 0
+            assert split_rounds(core) == 0
+        else:
+            assert overlaps(core) >= 1
+            assert split_rounds(core) >= 1
+            # at most k at once: a round's batches are sealed at one instant
+            per_stamp: Counter[datetime] = Counter()
+            for _, stamps in intakes(core):
+                per_stamp.update(stamps)
+            assert max(per_stamp.values()) <= k
+    finally:
+        stop_together(a)
+
+
+def test_refused_partition_is_not_overtaken(tmp_path: Path) -> None:
+    """The receiver refuses batches over its rate (HTTP 429, nothing of the batch taken):
+    refused partitions wait while the others go on, and no later packet of a waiting thread
+    overtakes its older ones (each partition holds more than one batch of its threads)."""
+    a = alliance(tmp_path, 4, peer_rate_per_s=12, peer_burst=12)
+    chc, core = a.node("chc"), a.node("core")
+    try:
+        a.start("core", "chc")
+        ledger = queue_interleaved(chc, threads=12, per_thread=5, tag="rate")
+        wait_for(lambda: len(spooled(core)) >= ledger.total, timeout=120,
+                 what="every packet at the receiving HIS")
+        refused = [peer for peer, resource in rows(
+            core, "SELECT peer, resource FROM audit WHERE action = 'refused'")
+            if RateLimited.code in resource]
+        assert refused and set(refused) == {"chc"}  # some batches were refused, then taken
+        check_arrived_in_order(core, ledger)
+        check_delivered_once(core, ledger, chc, core)
+        out = rows(chc, "SELECT state, attempts FROM outbox")
+        assert Counter(out) == Counter({("acknowledged", 1): ledger.total})  # 429: no attempt
+    finally:
+        stop_together(a)
+
+
+def test_receiver_killed_with_batches_in_flight(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The receiver dies after committing one batch, before answering it, while other
+    partitions' batches are in flight: those fail, back off per partition and go again; the
+    receiver takes nothing twice and every thread stays in order."""
+    a = alliance(tmp_path, 4)
+    chc, core = a.node("chc"), a.node("core")
+    try:
+        start_with(core, monkeypatch, HUTONG_FAULT="intake.after_commit:2",
+                   HUTONG_FAULT_DELAY=f"intake.after_commit:{SLOW_S}")
+        a.start("chc")
+        core.wait_ready()
+        ledger = queue_interleaved(chc, threads=16, per_thread=5, tag="kill")
+        wait_for(lambda: dead(core), timeout=60, what="the receiver to die at its fault point")
+        taken = len(rows(core, "SELECT id FROM inbox"))
+        assert 0 < taken < ledger.total
+        core.start()  # without the fault
+        core.wait_ready()
+        wait_for(lambda: len(spooled(core)) >= ledger.total, timeout=120,
+                 what="every packet at the receiving HIS")
+        check_arrived_in_order(core, ledger)
+        check_delivered_once(core, ledger, chc, core)
+        assert {s for (s,) in rows(chc, "SELECT state FROM outbox")} == {"acknowledged"}
+        retried = rows(chc, "SELECT packet_id FROM outbox WHERE attempts > 1")
+        assert retried  # some batches failed with the receiver and went again
+    finally:
+        stop_together(a)
