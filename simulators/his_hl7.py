@@ -302,9 +302,12 @@ class VendorHis:
             conn.execute("UPDATE mode SET v = ? WHERE k = 'nak'", (nak,))
             conn.execute("UPDATE mode SET v = ? WHERE k = 'drop'", (drop,))
 
-    def results(self) -> list[tuple[str, dict[str, Any]]]:
-        """(MSH-10, the ORU as filed) for every ORU^R01 kept, in arrival order."""
-        return [(r.control_id, r.slip) for r in self.received("results")]
+    def results(self) -> list[tuple[str, dict[str, Any], bytes]]:
+        """(MSH-10, the ORU as filed, its bytes) for every ORU^R01 kept, in arrival order."""
+        with contextlib.closing(self._conn()) as conn:
+            rows = conn.execute("SELECT control_id, slip, raw FROM received "
+                                "WHERE what = 'results' ORDER BY n").fetchall()
+        return [(c, json.loads(j), bytes(raw)) for c, j, raw in rows]
 
     def attempts(self) -> dict[str, tuple[int, str]]:
         """MSH-10 -> (how often it was offered, the last answer)."""

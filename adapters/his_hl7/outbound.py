@@ -121,7 +121,7 @@ class Outbound:
         sr = next((r for r in view["resources"] if r["resourceType"] == "ServiceRequest"
                    and r["id"] == row["sr_id"]), {})
         slip_no = slips_fhir.slip_no_of(sr)
-        own = self.a.header().sending_app
+        own = self.a.opts.his_application  # the HIS assigned its own patient ids
         visit = self.state.one("SELECT mrn FROM referral_visits WHERE thread = ?", thread)
         if visit is not None and visit["mrn"]:
             return results.Addressee(str(visit["mrn"]), own, slip_no, thread)

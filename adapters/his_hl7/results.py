@@ -6,8 +6,10 @@ store; this module writes the same Bundle as the HIS vendor's interface sheet ha
 ==========  =====================================================================================
 MSH         MSH-9 ``ORU^R01^ORU_R01``, MSH-10 the packet id (a resend is the same message),
             MSH-12 ``2.5.1``, MSH-18 the channel's charset
-PID         PID-3 the patient's id in this HIS (``mrn^^^<authority>^MR``); nothing else: the
-            HIS knows its patient, and no ID number crosses the gateway
+PID         PID-3 the patient's id in this HIS (``mrn^^^<HIS application>^MR``; on the
+            receiving side before any ADT names the referral: the referrer's id under the
+            referrer's member id, as in the REF^I12); nothing else: the HIS knows its patient,
+            and no ID number crosses the gateway
 PV1         PV1-2 ``N``, PV1-5 the alliance referral id (as in ADT and RF1-11)
 ORC + OBR   per DiagnosticReport: ORC-1 ``RE``; ORC-2 = OBR-2 placer order number = the referral
             slip number (RF1-6 as this HIS knows it); ORC-3 = OBR-3 filler order number = the
