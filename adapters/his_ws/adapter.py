@@ -201,9 +201,11 @@ class WsAdapter(BaseAdapter):
             self.host.reload_maps()
             key = f"doc:{d.doc_id}"
             digest = hashlib.sha256(raw).hexdigest()
-            done = doc_id is not None and (self._ledger().digest(d.doc_id) == digest
-                                           or self.host.seen(key) is not None)
-            if not done:
+            prior = self._ledger().digest(d.doc_id) if doc_id is not None else None
+            # taken before with these bytes; other bytes under a taken id stay a duplicate
+            done = prior == digest or (prior is None and doc_id is not None
+                                       and self.host.seen(key) is not None)
+            if prior != digest:
                 try:
                     self.take(d)
                 except HutongError as exc:  # refused, or the node's store busy: still held
