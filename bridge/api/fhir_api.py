@@ -22,7 +22,7 @@ from urllib.parse import urlencode
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
-from sqlalchemy import Connection, and_, func, or_, select
+from sqlalchemy import Connection, and_, or_, select
 from starlette.responses import Response
 
 from bridge.api.auth import role_of
@@ -36,7 +36,15 @@ from bridge.api.fhir_audit import (
 )
 from bridge.api.fhir_search import Query, encode_cursor, parse_query
 from bridge.api.fhir_terminology import terminology_router
-from bridge.api.outcome import BadRequest, FhirRoute, NotSupported, fhir_json
+from bridge.api.outcome import (
+    BadRequest,
+    FhirResponse,
+    FhirRoute,
+    NotSupported,
+    fhir_body,
+    fhir_json,
+)
+from bridge.api.outcome import fhir_responses as answers
 from bridge.errors import Forbidden, HutongError, InvalidFhir, InvalidResource, NotFound
 from bridge.fhir.validate import validate_bundle, validate_resource
 from bridge.fhirstore import store
@@ -110,22 +118,30 @@ def _searchset(request: Request, q: Query, entries: list[dict[str, Any]], total:
 
 
 def _page(conn: Connection, q: Query) -> tuple[list[Any], int | None, str | None]:
-    """Rows of one page, newest first; keyset paging on (last_updated desc, id)."""
+    """Rows of one page, newest first; keyset paging on (last_updated desc, id).
+
+    One row more than the page tells whether a next page exists. The total is counted only
+    when it is asked for and the first page does not already hold every match (then it is the
+    page's length); the count runs on the index that serves the conditions."""
     where = list(q.where)
     if q.cursor is not None:
         try:
             at, rid = store_time(q.cursor[0]), str(q.cursor[1])
         except (TypeError, ValueError, IndexError, KeyError) as exc:
             raise BadRequest("_cursor is not one this server gave out") from exc
-        where.append(or_(T.c.last_updated < at, and_(T.c.last_updated == at, T.c.id > rid)))
-    _, remaining, rows = store.search(conn, q.rtype, where=where, count=q.count)
+        # a range on last_updated (index order), then the tie on id
+        where.append(and_(T.c.last_updated <= at,
+                          or_(T.c.last_updated < at, T.c.id > rid)))
+    typed = not q.by_token
+    rows, more = store.search(conn, q.rtype, where=where, count=q.count, typed=typed)
     total: int | None = None
     if q.total:
-        total = remaining if q.cursor is None else conn.execute(
-            select(func.count()).select_from(T).where(and_(T.c.rtype == q.rtype, *q.where))
-        ).scalar() or 0
+        key = None if q.accurate else tuple(
+            (k, v) for k, v in q.used if k not in ("_count", "_cursor", "_total", "_include"))
+        total = len(rows) if q.cursor is None and not more else store.count(
+            conn, q.rtype, where=q.where, typed=typed, estimate_key=key)
     nxt = None
-    if rows and remaining > len(rows):
+    if rows and more:
         nxt = encode_cursor([rows[-1].last_updated.isoformat(), rows[-1].id])
     return rows, total, nxt
 
@@ -162,7 +178,8 @@ def _headers(resource: dict[str, Any]) -> dict[str, str]:
 
 def fhir_router(node: Node) -> APIRouter:
     ctx = node.ctx
-    router = APIRouter(prefix="/fhir", route_class=FhirRoute, tags=["fhir"])
+    router = APIRouter(prefix="/fhir", route_class=FhirRoute, tags=["fhir"],
+                       default_response_class=FhirResponse)
 
     def now() -> str:
         return ctx.now().isoformat(timespec="milliseconds").replace("+00:00", "Z")
@@ -172,13 +189,13 @@ def fhir_router(node: Node) -> APIRouter:
         query = redacted_query(request.url.path, request.url.query)
         ctx.audit.append(conn, read_entries(role, query, seen, ctx.now()))
 
-    @router.get("/metadata")
+    @router.get("/metadata", responses=answers("CapabilityStatement"))
     def metadata(request: Request) -> Response:
         return fhir_json(capability_statement(_base(request), ctx.node_id, now()))
 
     router.include_router(terminology_router(node))  # ConceptMap read/search, $translate
 
-    @router.get("/{rtype}")
+    @router.get("/{rtype}", responses=answers("Bundle", 403, 404))
     def search(rtype: str, request: Request) -> Response:
         role = _allowed(request, rtype)
         items = list(request.query_params.multi_items())
@@ -201,7 +218,7 @@ def fhir_router(node: Node) -> APIRouter:
         entries += [_entry(base, orjson.loads(r.body), "include") for r in extra]
         return fhir_json(_searchset(request, q, entries, total, nxt, now()))
 
-    @router.get("/{rtype}/{rid}")
+    @router.get("/{rtype}/{rid}", responses=answers(None, 403, 404))
     def read(rtype: str, rid: str, request: Request) -> Response:
         role = _allowed(request, rtype)
         with ctx.store.write() as conn:
@@ -234,7 +251,8 @@ def fhir_router(node: Node) -> APIRouter:
             raise Forbidden(f"role '{role}' may not change referrals")
         return role
 
-    @router.post("")
+    @router.post("", responses=answers("Bundle", 403, 404, 409, 501),
+                 openapi_extra=fhir_body("Bundle"))
     @router.post("/", include_in_schema=False)  # "[base]/" as many clients write it
     async def transaction(request: Request) -> Response:
         role = writer(request)
@@ -246,7 +264,8 @@ def fhir_router(node: Node) -> APIRouter:
         result = await run_in_threadpool(lambda: workflow().submit(bundle, actor=f"role:{role}"))
         return fhir_json(result)
 
-    @router.put("/Task/{rid}")
+    @router.put("/Task/{rid}", responses=answers("Task", 403, 404, 409, 501),
+                openapi_extra=fhir_body("Task"))
     async def move(rid: str, request: Request) -> Response:
         role = writer(request)
         task = await body_of(request)

@@ -13,6 +13,9 @@ Value syntax (FHIR R4 search):
              precision makes a range (``eq2026-11`` is all of November). Repeat to AND.
 A parameter given twice is ANDed. Results are newest first (``_lastUpdated`` descending, then
 id); paging is keyset-based (``_cursor``), so no result is skipped or repeated while paging.
+``Bundle.total`` is exact when the first page holds every match or up to 1,000 matches; above
+that (``_total=estimate``, the default) it may be a count up to 60 s old (``_total=accurate``
+counts every time: 0.4-0.7 s for all Observations of a 1 M-resource store).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import orjson
 from sqlalchemy import ColumnElement, Table, and_, not_, or_
 
 from bridge.api.outcome import BadRequest
+from bridge.fhirstore.store import identifier_match
 
 
 @dataclass(frozen=True)
@@ -94,7 +98,8 @@ AUDIT_PARAMS: tuple[Param, ...] = (
 RESULT_PARAMS = {
     "_count": "Page size, default 20, at most 200 (0 = total only)",
     "_cursor": "Opaque page position; use the Bundle's next link",
-    "_total": "none | estimate | accurate (default: accurate)",
+    "_total": "none | estimate (default: exact up to 1,000 matches, above that a count at "
+              "most 60 s old) | accurate (counted at each request)",
 }
 INCLUDES = {"Task": ("Task:focus",)}
 #: accepted and ignored: JSON is the only format
@@ -117,6 +122,8 @@ class Query:
     count: int = DEFAULT_COUNT
     cursor: Any = None
     total: bool = True
+    accurate: bool = False  # _total=accurate: count at every request, never from the estimate
+    by_token: bool = False  # an identifier condition (it implies the type: store.page_query)
     include_focus: bool = False
     used: list[tuple[str, str]] = field(default_factory=list)  # (name, value) for links
     ignored: list[str] = field(default_factory=list)
@@ -153,6 +160,7 @@ def parse_query(rtype: str, items: list[tuple[str, str]], table: Table, *,
             if value == "":
                 continue  # FHIR: an empty parameter value is ignored
             q.where.append(condition(known[base], value, table, rtype))
+            q.by_token = q.by_token or (base == "identifier" and rtype != "AuditEvent")
         else:
             unknown.append(name)
             continue
@@ -177,6 +185,7 @@ def _result_param(q: Query, name: str, value: str) -> None:
         if value not in ("none", "estimate", "accurate"):
             raise BadRequest("_total must be none, estimate or accurate")
         q.total = value != "none"
+        q.accurate = value == "accurate"
 
 
 def condition(p: Param, raw: str, table: Table, rtype: str) -> ColumnElement[bool]:
@@ -187,7 +196,7 @@ def condition(p: Param, raw: str, table: Table, rtype: str) -> ColumnElement[boo
     if p.type == "reference":
         return or_(*(_reference(col, v, p) for v in values))
     if p.name == "identifier":
-        return or_(*(_identifier(col, v) for v in values))
+        return identifier_match(rtype, values)  # via the fhir_token index
     if rtype == "AuditEvent":
         return or_(*(_audit_token(table, p, v) for v in values))
     if p.name == "_id":
@@ -218,15 +227,6 @@ def _reference(col: Any, value: str, p: Param) -> ColumnElement[bool]:
     if p.target and rtype != p.target:
         raise BadRequest(f"{p.name} refers to {p.target}, not {rtype}")
     return col == f"{rtype}/{_check_id(rid, p.name)}"
-
-
-def _identifier(col: Any, value: str) -> ColumnElement[bool]:
-    if "|" not in value:
-        return col.contains(f"|{value}|", autoescape=True)
-    system, _, code = value.partition("|")
-    if not code:
-        return col.contains(f"|{system}|", autoescape=True)
-    return col.contains(f"|{system}|{code}|", autoescape=True)
 
 
 def _audit_token(table: Table, p: Param, value: str) -> ColumnElement[bool]:

@@ -3,6 +3,18 @@
 One row per (type, id) with its current version as the exact JSON bytes, plus a few extracted
 search columns (patient, status, requester, performer, owner, focus, identifiers) so searches are
 indexed SQL, not JSON scans. History is kept in ``fhir_history`` (every version, for audit).
+
+Indexes that serve the searches (``EXPLAIN QUERY PLAN`` in tests/test_fhir_search_index.py):
+
+* ``ix_fhir_type_newest`` (rtype, last_updated DESC, id): a type's newest page in the API's
+  order, and its count, without a sort;
+* ``ix_fhir_type_patient_newest`` (rtype, patient, last_updated DESC, id): a patient's resources
+  of a type, already in page order; the count is a range of this index;
+* ``fhir_token``: one row per business identifier (system, value) of a resource, so
+  ``identifier=`` is an index lookup instead of a ``LIKE '%|system|value|%'`` over every row.
+  Written in the same transaction as the resource (``store.put``).
+
+Stores made before these existed are upgraded on open (``bridge.fhirstore.schema``).
 """
 
 from __future__ import annotations
@@ -18,8 +30,6 @@ from bridge.store.types import UTCDateTime
 class FhirResource(SQLModel, table=True):
     __tablename__ = "fhir_resource"
     __table_args__ = (
-        Index("ix_fhir_type_updated", "rtype", "last_updated"),
-        Index("ix_fhir_type_patient", "rtype", "patient"),
         Index("ix_fhir_thread", "thread"),
     )
 
@@ -34,10 +44,29 @@ class FhirResource(SQLModel, table=True):
     performer: str | None = Field(default=None, max_length=110)
     owner: str | None = Field(default=None, max_length=110)
     focus: str | None = Field(default=None, max_length=110)
-    identifiers: str | None = None  # "|system|value|system|value|" for token search
+    identifiers: str | None = None  # "|system|value|system|value|": what fhir_token was made of
     thread: str | None = Field(default=None, max_length=64)
     origin: str | None = Field(default=None, max_length=32)  # member the data came from
     body: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+
+
+class FhirToken(SQLModel, table=True):
+    """One token of one resource: ``param`` is the search parameter (``identifier``), ``system``
+    is '' when the identifier has none. Values longer than ``TOKEN_CHARS`` are cut (both when
+    stored and when searched)."""
+
+    __tablename__ = "fhir_token"
+    __table_args__ = (
+        Index("ix_fhir_token_value", "rtype", "param", "value", "id"),
+        Index("ix_fhir_token_system", "rtype", "param", "system", "value", "id"),
+        {"sqlite_with_rowid": False},
+    )
+
+    rtype: str = Field(primary_key=True, max_length=40)
+    id: str = Field(primary_key=True, max_length=64)
+    param: str = Field(primary_key=True, max_length=32)
+    system: str = Field(primary_key=True, max_length=256)
+    value: str = Field(primary_key=True, max_length=256)
 
 
 class FhirHistory(SQLModel, table=True):
@@ -52,4 +81,15 @@ class FhirHistory(SQLModel, table=True):
 
 
 FHIR_RESOURCE = FhirResource.__table__  # type: ignore[attr-defined]
+FHIR_TOKEN = FhirToken.__table__  # type: ignore[attr-defined]
 FHIR_HISTORY = FhirHistory.__table__  # type: ignore[attr-defined]
+TOKEN_CHARS = 256
+
+#: page order of the API (newest first, then id), for a type and for a patient's resources
+IX_NEWEST = Index("ix_fhir_type_newest", FHIR_RESOURCE.c.rtype,
+                  FHIR_RESOURCE.c.last_updated.desc(), FHIR_RESOURCE.c.id)
+IX_PATIENT_NEWEST = Index("ix_fhir_type_patient_newest", FHIR_RESOURCE.c.rtype,
+                          FHIR_RESOURCE.c.patient, FHIR_RESOURCE.c.last_updated.desc(),
+                          FHIR_RESOURCE.c.id)
+#: indexes of earlier versions that the two above replace (dropped on upgrade)
+OLD_INDEXES = ("ix_fhir_type_updated", "ix_fhir_type_patient")

@@ -83,6 +83,9 @@ class Store:
     def create_all(self) -> None:
         with self._translate():
             SQLModel.metadata.create_all(self._writer)
+        from bridge.fhirstore.schema import upgrade  # indexes and backfill of older stores
+
+        upgrade(self)
 
     @contextmanager
     def write(self) -> Iterator[Connection]:

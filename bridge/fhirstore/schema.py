@@ -1,0 +1,95 @@
+"""Bring an existing FHIR store up to the current schema when a node opens it, once.
+
+``SQLModel.metadata.create_all`` makes missing tables (with their indexes) but never adds an
+index to a table that already exists. Stores made before ``fhir_token`` and the page-order
+indexes (see ``tables``) get, in one transaction on open:
+
+1. ``ix_fhir_type_newest`` and ``ix_fhir_type_patient_newest`` (``IF NOT EXISTS``), and the
+   indexes they replace dropped;
+2. ``fhir_token`` filled from every stored resource's identifiers (the backfill);
+3. the marker ``node_state['schema.fhirstore'] = SCHEMA_VERSION``.
+
+With the marker in place, opening costs one primary-key read. Several processes opening one
+PostgreSQL store at once: the marker row is inserted first, so the second waits on it and then
+finds the work done (its insert fails and it rolls back).
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+import orjson
+from sqlalchemy import Connection, delete, insert, select, text, tuple_
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.schema import CreateIndex
+
+from bridge.fhirstore.store import token_rows
+from bridge.fhirstore.tables import (
+    FHIR_RESOURCE,
+    FHIR_TOKEN,
+    IX_NEWEST,
+    IX_PATIENT_NEWEST,
+    OLD_INDEXES,
+)
+from bridge.store import state
+from bridge.store.tables import NODE_STATE
+
+if TYPE_CHECKING:
+    from bridge.store.db import Store
+
+log = logging.getLogger(__name__)
+
+MARKER = "schema.fhirstore"
+SCHEMA_VERSION = "2"  # 2: fhir_token + page-order indexes
+BACKFILL_CHUNK = 5_000
+T = FHIR_RESOURCE
+
+
+def upgrade(store: Store) -> int:
+    """Upgrade the store if it has not been; the number of token rows backfilled (0 if none)."""
+    with store.read() as conn:
+        if state.get(conn, MARKER) == SCHEMA_VERSION:
+            return 0
+    try:
+        with store.write() as conn:
+            have = state.get(conn, MARKER)
+            if have == SCHEMA_VERSION:
+                return 0
+            now = datetime.now(UTC)
+            if have is None:
+                conn.execute(insert(NODE_STATE).values(key=MARKER, value=SCHEMA_VERSION,
+                                                       updated_at=now))
+            else:
+                state.put(conn, MARKER, SCHEMA_VERSION, now)
+            for ix in (IX_NEWEST, IX_PATIENT_NEWEST):
+                conn.execute(CreateIndex(ix, if_not_exists=True))
+            for name in OLD_INDEXES:
+                conn.execute(text(f"DROP INDEX IF EXISTS {name}"))
+            n = backfill_tokens(conn)
+    except IntegrityError:
+        return 0  # another process inserted the marker and did the work
+    if n:
+        log.info("fhir store upgraded to schema %s: %d identifier tokens backfilled",
+                 SCHEMA_VERSION, n)
+    return n
+
+
+def backfill_tokens(conn: Connection) -> int:
+    """(Re)make every ``fhir_token`` row from the stored bodies, in chunks by primary key."""
+    conn.execute(delete(FHIR_TOKEN))
+    after: tuple[str, str] | None = None
+    made = 0
+    while True:
+        stmt = select(T.c.rtype, T.c.id, T.c.body).where(T.c.identifiers.is_not(None))
+        if after is not None:
+            stmt = stmt.where(tuple_(T.c.rtype, T.c.id) > tuple_(*after))
+        chunk = conn.execute(stmt.order_by(T.c.rtype, T.c.id).limit(BACKFILL_CHUNK)).all()
+        if not chunk:
+            return made
+        rows = [tok for r in chunk for tok in token_rows(orjson.loads(r.body))]
+        if rows:
+            conn.execute(insert(FHIR_TOKEN), rows)
+            made += len(rows)
+        after = (chunk[-1].rtype, chunk[-1].id)
