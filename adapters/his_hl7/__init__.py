@@ -1,7 +1,9 @@
-"""HL7 v2 over MLLP HIS adapter (``type = "his-hl7"``): REF^I12 / RRI^I12 / ADT <-> referrals.
+"""HL7 v2 over MLLP HIS adapter (``type = "his-hl7"``): REF^I12 / RRI^I12 / ADT <-> referrals,
+and lab results from other members (``result.lab``) -> ORU^R01 into the HIS.
 
 Modules: :mod:`.adapter` (options, life cycle), :mod:`.inbound` (HIS -> node),
 :mod:`.outbound` (node -> HIS), :mod:`.messages` (HL7 <-> slips, the interface sheet),
+:mod:`.results` (result.lab -> ORU^R01 v2.5.1),
 :mod:`.charset` (MSH-18), :mod:`.v2` (escaping, fields, dates over python-hl7), :mod:`.ack`,
 :mod:`.mllp` (listener and sender), :mod:`.state` (the adapter's own SQLite file),
 :mod:`.errors`.

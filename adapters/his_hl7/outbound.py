@@ -1,4 +1,5 @@
-"""Node -> HIS: an arrived referral packet becomes one HL7 message sent to the HIS's listener.
+"""Node -> HIS: an arrived referral packet becomes one HL7 message sent to the HIS's listener;
+so does an arrived ``result.lab`` packet (one ORU^R01, :mod:`~adapters.his_hl7.results`).
 
 The referral workflow has already applied the packet (dispatcher hook), so the slip is read
 from the node's view of the thread (:mod:`adapters.slips_fhir`). MSH-10 is the packet id: a
