@@ -367,8 +367,8 @@ def _check_once(rows: dict[str, list[tuple[Any, ...]]], jobs: list[dict[str, Any
 
 
 def relay(root: Path, members: int = 50, n: int = 3000, *, procs: int = 3, batch: int = 20,
-          lat_rate: float | None = None, lat_seconds: float = 4.0, timeout: float = 300.0
-          ) -> dict[str, Any]:
+          lat_rate: float | None = None, lat_seconds: float = 4.0, timeout: float = 300.0,
+          spy: ex.Spy | None = None) -> dict[str, Any]:
     """Scaffold, start, run throughput then latency, stop; returns the figures (see module)."""
     started = time.perf_counter()
     people, rules = alliance_members(members)
@@ -384,15 +384,20 @@ def relay(root: Path, members: int = 50, n: int = 3000, *, procs: int = 3, batch
     point_members_at(root / "alliance-relay" / "alliance.toml", f"http://127.0.0.1:{sink_port}")
     alliance.nodes.clear()  # reload the plans with the sink's URL
     platform = alliance.node(PLATFORM)
-    alliance.start(PLATFORM, *RECEIVERS)
-    recv = Receivers(alliance)
+    recv: Receivers | None = None
     senders: Senders | None = None
     ctx = {"url": platform.peer_url, "batch": batch, "keys_dir": root / "alliance-relay" / "keys",
            "platform_keys": platform.plan.directory[PLATFORM].signing_keys,
            "recipient_keys": {r: platform.plan.directory[r].encryption_keys[0]
                               for r in RECEIVERS}}
     seqs: dict[tuple[str, str], int] = {}
+    profile = None
     try:
+        for node_id in (PLATFORM, *RECEIVERS):
+            alliance.node(node_id).start()
+        for node_id in (PLATFORM, *RECEIVERS):  # a busy machine may take a while to import
+            alliance.node(node_id).wait_ready(timeout=180)
+        recv = Receivers(alliance)
         # ---- 1. throughput: pre-sealed backlog, all members at once -------------------------
         jobs = plan_jobs(members, n, "tp", seqs)
         senders = Senders(jobs, procs, ctx, preseal=True)
@@ -409,7 +414,12 @@ def relay(root: Path, members: int = 50, n: int = 3000, *, procs: int = 3, batch
 
         c0 = cpu()
         t0 = senders.start()
-        t_all = _wait_received(recv, before, n, alliance, timeout, "throughput")
+        if spy is not None and pp is not None:
+            spy.start("platform", pp)
+        try:
+            t_all = _wait_received(recv, before, n, alliance, timeout, "throughput")
+        finally:
+            profile = spy.stop() if spy is not None else None
         c1 = cpu()
         sent = senders.results(timeout)
         senders.close()
@@ -418,6 +428,8 @@ def relay(root: Path, members: int = 50, n: int = 3000, *, procs: int = 3, batch
         used = [b - a for a, b in zip(c0, c1, strict=True)]
         rows = recv.rows(before)
         once = _check_once(rows, jobs)
+        per_sender = {r: dict(sorted(Counter(x[3] for x in rs).items()))
+                      for r, rs in rows.items()}
         times = sorted(ex.ts(r[1]) for rs in rows.values() for r in rs)
         span = times[-1] - times[0]
         steady = sum(1 for x in times if x < times[-1]) / span if span > 0 else float("nan")
@@ -453,7 +465,8 @@ def relay(root: Path, members: int = 50, n: int = 3000, *, procs: int = 3, batch
     finally:
         if senders is not None:
             senders.close()
-        recv.close()
+        if recv is not None:
+            recv.close()
         alliance.stop_all()
         with contextlib.suppress(Exception):
             if sink.is_alive():
@@ -464,7 +477,7 @@ def relay(root: Path, members: int = 50, n: int = 3000, *, procs: int = 3, batch
         "members": members, "n": n, "procs": procs, "batch": batch, "size": SIZE,
         "steady_pps": steady, "wall_pps": n / window, "window_s": window, "span_s": span,
         "received_once": once["received_once"] and lonce["received_once"],
-        "per_receiver": once["per_receiver"], "duplicates": dups,
+        "per_receiver": once["per_receiver"], "per_sender": per_sender, "duplicates": dups,
         "platform_cpu": used[0] / window, "receivers_cpu": used[1] / window,
         "senders_cpu": used[2] / window,
         "others_cpu": max(0.0, used[3] - sum(used[:3]) - used[4]) / window,
@@ -477,7 +490,7 @@ def relay(root: Path, members: int = 50, n: int = 3000, *, procs: int = 3, batch
         "p50_ms": ex.pct(lat, 0.5), "p99_ms": ex.pct(lat, 0.99), "max_ms": max(lat),
         "receipts_back": len({p for p, _, s in receipts if s == "accepted"}),
         "receipt_statuses": dict(accepted), "receipts_expected": want,
-        "elapsed_s": time.perf_counter() - started,
+        "elapsed_s": time.perf_counter() - started, "pyspy": profile,
     }
 
 
@@ -513,6 +526,12 @@ def report(r: dict[str, Any]) -> None:
                      f"anything else on the machine. Load average {os.getloadavg()[0]:.1f}.[/]")
     for e in r["sender_errors"]:
         ex.console.print(f"[yellow]sender: {e}[/]")
+    for node, prof in (r.get("pyspy") or {}).items():
+        t = ex._table(f"py-spy --gil, {node}, throughput run ({prof['file']})",
+                      ["bridge function (inclusive)", "GIL samples"])
+        for name, share in prof["top"]:
+            t.add_row(name, f"{share:.0%}")
+        ex.console.print(t)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -522,10 +541,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--procs", type=int, default=3, help="sender processes")
     p.add_argument("--batch", type=int, default=20, help="packets per post by one member")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (node logs, DBs)")
+    p.add_argument("--py-spy", nargs="?", const="py-spy", metavar="EXE",
+                   help="sample the platform with py-spy (--gil) during the throughput run")
     args = p.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="hutong-bench-relay-"))
+    spy = None
+    if args.py_spy:
+        exe = shutil.which(args.py_spy) or os.environ.get("PY_SPY")
+        if not exe:
+            p.error(f"py-spy '{args.py_spy}' not found")
+        spy = ex.Spy(exe, ex.ROOT / "bench" / "results", time.strftime("relay-%Y%m%d-%H%M%S"))
     try:
-        r = relay(root, args.members, args.n, procs=args.procs, batch=args.batch)
+        r = relay(root, args.members, args.n, procs=args.procs, batch=args.batch, spy=spy)
     finally:
         if args.keep:
             ex.console.print(f"[dim]kept {root}[/]")
