@@ -20,6 +20,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from bridge import faults
 from bridge.audit.events import AuditEntry
+from bridge.audit.watch import ChainWatch
 from bridge.config.loader import NodePlan
 from bridge.context import NodeContext
 from bridge.delivery.dispatcher import Dispatcher
@@ -62,6 +63,9 @@ class Node:
         self.plan = plan
         self.ctx = NodeContext.open(plan)
         faults.install(self.ctx)
+        self.chain_watch = ChainWatch(
+            self.ctx, lambda conn: [*plan.me.signing_keys, *own_signing_keys(conn)],
+            plan.alerts.chain_every_s)
         # PostgreSQL: several processes may share this store (hutong worker); see lanes.py
         self.lanes = None if self.ctx.store.is_sqlite else Lanes(plan.storage_dsn)
         self.intake = Intake(self.ctx)

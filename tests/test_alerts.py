@@ -180,6 +180,8 @@ def test_peer_down_raises_once_clears_once_and_posts_the_webhook(watched: Allian
     page = wait_for(quiet_and_answered, what="a quiet start with chc's health answered")
     peers = section(page, "peers")
     assert "月坛社区卫生服务中心 (chc)" in peers and "<small>" not in peers
+    # a slow start (loaded machine) may already have raised and cleared peer-silent once
+    before = {k: len(v) for k, v in hook.events("raised").items()}
 
     chc.stop()
     core.send("chc", "result.lab", [bundle(1) for _ in range(5)])
@@ -196,8 +198,8 @@ def test_peer_down_raises_once_clears_once_and_posts_the_webhook(watched: Allian
     assert (a["rule"], a["subject"], a["value"], a["threshold"]) == ("queue-depth", "chc", 5, 3)
     assert a["message"] == "5 packets waiting for chc (threshold 3)"
     assert raised["queue-age:chc"][0]["alert"]["threshold"] == 2.0
-    assert raised["queue-age:chc"][0]["alert"]["value"] > 2.0
-    silent = raised["peer-silent:chc"][0]["alert"]
+    assert raised["queue-age:chc"][0]["alert"]["value"] >= 2.0  # rounded to 0.1 s: 2.04 shows as 2.0
+    silent = raised["peer-silent:chc"][-1]["alert"]
     assert silent["rule"] == "peer-silent" and silent["value"] > 2.0
     assert "health probe failed" in silent["message"]
     assert set(hook.types) == {"application/json; charset=utf-8"}
@@ -211,22 +213,24 @@ def test_peer_down_raises_once_clears_once_and_posts_the_webhook(watched: Allian
     seen: set[str] = set()
     wait_for(lambda: seen.add(active(core)["peer-silent:chc"]["updated_at"]) or len(seen) >= 4,
              what="four more alert rounds")
-    assert {k: len(v) for k, v in hook.events("raised").items()} == {k: 1 for k in keys}
+    assert {k: len(v) - before.get(k, 0) for k, v in hook.events("raised").items()} == \
+        {k: 1 for k in keys}
 
     chc.start()
     chc.wait_ready()
     wait_for(lambda: keys <= set(hook.events("cleared")), timeout=60,
              what="the alerts to clear at the webhook")
     cleared = hook.events("cleared")
-    assert {k: len(v) for k, v in cleared.items()} == {k: 1 for k in keys}
+    assert {k: len(v) - before.get(k, 0) for k, v in cleared.items()} == {k: 1 for k in keys}
     assert cleared["queue-depth:chc"][0]["alert"]["raised_at"] == a["raised_at"]
     assert "cleared_at" in cleared["queue-depth:chc"][0]["alert"]
     wait_for(lambda: 'class="ok no-alerts"' in it.get("/ui/it"), what="a quiet IT page")
 
     rows = alert_audit(core)
+    expected = [(o, f"{w} {k}") for k in keys for o, w in (("4", "raised"), ("0", "cleared"))
+                for _ in range(1 + before.get(k, 0))]
     assert sorted((r["outcome"], " ".join(r["message"].split(" ")[:2]).rstrip(":")) for r in rows
-                  if "chc" in r["message"]) == sorted(
-        [("4", f"raised {k}") for k in keys] + [("0", f"cleared {k}") for k in keys])
+                  if "chc" in r["message"]) == sorted(expected)
     assert {r["code"] for r in rows} == {"peer-silent", "queue-depth", "queue-age"}
 
 

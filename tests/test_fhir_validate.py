@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import subprocess
 import sys
 import time
@@ -235,7 +234,7 @@ def test_fhir_version_4_0_1_accepted():
     r4b_validate(cap)
     assert fv.errors({**cap, "fhirVersion": "4.0.0"}) == []
     [problem] = fv.errors({**cap, "fhirVersion": "4.0.9"})
-    assert problem.startswith("fhirVersion: '4.0.9' is not one of [")
+    assert problem.startswith("fhirVersion: not one of the allowed codes [")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,16 +250,17 @@ def set_in(i: int, key: str, value: Any) -> Mutation:
 # (id, mutation, expected start of the first problem, fhir.resources also rejects it)
 MUTATIONS: list[tuple[str, Mutation, str, bool]] = [
     ("bad-status-code", set_in(3, "status", "finalx"),
-     "entry[3].resource(Observation).status: 'finalx' is not one of ['registered', ", False),
+     "entry[3].resource(Observation).status: not one of the allowed codes ['registered', ",
+     False),
     ("object-as-string", set_in(3, "code", "718-7"),
-     "entry[3].resource(Observation).code: expected object, got string '718-7'", True),
+     "entry[3].resource(Observation).code: expected object, got string", True),
     ("reference-as-string", set_in(5, "subject", "Patient/1"),
      "entry[5].resource(Observation).subject: expected object, got string", True),
     ("number-as-string", lambda b: res(b, 3)["valueQuantity"].__setitem__("value", "6.3"),
-     "entry[3].resource(Observation).valueQuantity.value: expected number, got string '6.3'",
+     "entry[3].resource(Observation).valueQuantity.value: expected number, got string",
      False),  # pydantic coerces "6.3" to a Decimal
     ("unknown-resourceType", set_in(3, "resourceType", "Observatoin"),
-     "entry[3].resource.resourceType: unknown resourceType 'Observatoin'", True),
+     "entry[3].resource.resourceType: unknown resourceType (not an R4 type)", True),
     ("missing-resourceType", lambda b: res(b, 3).pop("resourceType"),
      "entry[3].resource: resourceType is missing", True),
     ("extra-property", set_in(3, "colour", "red"),
@@ -268,17 +268,17 @@ MUTATIONS: list[tuple[str, Mutation, str, bool]] = [
     ("missing-required", lambda b: res(b, 0).pop("code"),
      "entry[0].resource(DiagnosticReport).code: required property is missing", True),
     ("bad-date", set_in(21, "birthDate", "1968-13-14"),
-     "entry[21].resource(Patient).birthDate: '1968-13-14' is not a valid FHIR date", True),
+     "entry[21].resource(Patient).birthDate: not a valid FHIR date", True),
     ("empty-string", lambda b: res(b, 21)["name"][0].__setitem__("text", ""),
      "entry[21].resource(Patient).name[0].text: empty string", True),
     ("fractional-integer", lambda b: b.__setitem__("total", 1.5),
-     "total: expected integer, got number 1.5", True),
+     "total: expected integer, got number", True),
     ("bundle-type", lambda b: b.__setitem__("type", "collectionx"),
-     "type: 'collectionx' is not one of ['document', 'message', ", False),
+     "type: not one of the allowed codes ['document', 'message', ", False),
     ("entry-not-object", lambda b: b["entry"].append(5),
-     "entry[22]: expected object, got number 5", True),
+     "entry[22]: expected object, got number", True),
     ("div-not-string", set_in(21, "text", {"status": "generated", "div": 5}),
-     "entry[21].resource(Patient).text.div: expected string, got number 5", True),
+     "entry[21].resource(Patient).text.div: expected string, got number", True),
 ]  # fmt: skip
 
 
@@ -318,7 +318,7 @@ def test_not_json():
 
 def test_not_a_bundle():
     obs = (FIXTURES / "observation-example-f001-glucose.json").read_bytes()
-    with pytest.raises(InvalidFhir, match=r"not a Bundle: resourceType is 'Observation'"):
+    with pytest.raises(InvalidFhir, match=r"not a Bundle: resourceType is Observation$"):
         fv.parse_and_validate_bundle(obs)
     with pytest.raises(InvalidFhir, match=r"\(root\): expected a Bundle object, got array"):
         fv.parse_and_validate_bundle(b"[1, 2]")
@@ -336,18 +336,18 @@ def test_embedded_resources_get_paths():
     }})  # fmt: skip
     bundle["entry"][1]["response"] = {"status": "201 Created", "outcome": {"resourceType": "Foo"}}
     assert fv.errors(bundle) == [
-        "entry[0].resource(DiagnosticReport).contained[0](Specimen).status: 'nope' is not one of "
-        "['available', 'unavailable', 'unsatisfactory', 'entered-in-error']",
-        "entry[1].response.outcome.resourceType: unknown resourceType 'Foo'",
-        "entry[22].resource(Bundle).entry[0].resource(Patient).gender: 'm' is not one of "
-        "['male', 'female', 'other', 'unknown']",
+        ("entry[0].resource(DiagnosticReport).contained[0](Specimen).status: not one of the "
+         "allowed codes ['available', 'unavailable', 'unsatisfactory', 'entered-in-error']"),
+        "entry[1].response.outcome.resourceType: unknown resourceType (not an R4 type)",
+        ("entry[22].resource(Bundle).entry[0].resource(Patient).gender: not one of the allowed "
+         "codes ['male', 'female', 'other', 'unknown']"),
     ]
     params = {
         "resourceType": "Parameters",
         "parameter": [{"name": "a", "part": [{"name": "b", "resource": {"resourceType": "X"}}]}],
     }
     assert fv.errors(params) == [
-        "parameter[0].part[0].resource.resourceType: unknown resourceType 'X'"
+        "parameter[0].part[0].resource.resourceType: unknown resourceType (not an R4 type)"
     ]
     with pytest.raises(InvalidFhir):
         fv.validate_resource(params)
@@ -359,29 +359,39 @@ def test_all_problems_listed_and_message_stays_short():
         res(bundle, i)["status"] = "bad"
     problems = fv.errors(bundle)
     assert len(problems) == 20
-    assert problems[19].startswith("entry[20].resource(Observation).status: 'bad'")
+    assert problems[19].startswith("entry[20].resource(Observation).status: not one of")
     with pytest.raises(InvalidFhir) as caught:
         fv.validate_bundle(bundle)
     assert caught.value.message.endswith("(and 17 more)")
-    assert caught.value.message.count("status: 'bad'") == 3
+    assert caught.value.message.count("status: not one of") == 3
     assert caught.value.detail == "\n".join(problems)
 
 
-def test_long_and_odd_values_are_truncated_and_escaped():
+def test_offending_values_never_quoted_long_names_truncated():
+    """Problems name path and rule only: values may be patient data (they reach the caller,
+    quarantine reasons, the audit trail and logs); property names are cut short."""
     bundle = cbc_bundle()
     secret = "张" * 30 + "X" * 100
     res(bundle, 21)["birthDate"] = secret
-    res(bundle, 3)["status"] = "fin\nal'\x00"
+    res(bundle, 3)["status"] = "qq\nzz'\x00王五"
     res(bundle, 4)["status"] = {"note": "Y" * 500}
+    res(bundle, 6)["valueQuantity"]["value"] = "赵六-110101"
     res(bundle, 5)["k" * 300] = 1
     problems = fv.errors(bundle)
     text = "\n".join(problems)
-    assert "X" * 11 not in text and "Y" * 41 not in text and "k" * 41 not in text
-    assert f"'{'张' * 30}{'X' * 10}...'" in text
-    assert r"'fin\nal\'\u0000'" in text
+    status_codes = ("['registered', 'preliminary', 'final', 'amended', 'corrected', 'cancelled', "
+                    "'entered-in-error', 'unknown']")
+    assert problems == [
+        f"entry[3].resource(Observation).status: not one of the allowed codes {status_codes}",
+        f"entry[4].resource(Observation).status: not one of the allowed codes {status_codes}",
+        "entry[5].resource(Observation)." + "k" * 40 + "...: unknown property",
+        "entry[6].resource(Observation).valueQuantity.value: expected number, got string",
+        "entry[6].resource(Observation).valueQuantity.value: not a valid FHIR decimal",
+        "entry[21].resource(Patient).birthDate: not a valid FHIR date",
+    ]
+    for planted in ("张", "X", "Y", "王五", "qq", "zz", "赵六", "110101"):
+        assert planted not in text
     assert all("\n" not in p for p in problems)
-    for quoted in re.findall(r"'((?:[^'\\]|\\.)*)'", text):
-        assert len(quoted.encode("unicode_escape").decode()) < 200  # nothing long sneaks through
 
 
 def test_deep_nesting_is_an_error_not_a_crash():
@@ -391,7 +401,7 @@ def test_deep_nesting_is_an_error_not_a_crash():
     data = f'{{"resourceType":"Bundle","type":"collection","entry":[{{"resource":{nested}}}]}}'
     with pytest.raises(InvalidFhir) as caught:
         fv.parse_and_validate_bundle(data.encode())
-    assert caught.value.message.endswith("(Patient).gender: 'x' is not one of "
+    assert caught.value.message.endswith("(Patient).gender: not one of the allowed codes "
                                          "['male', 'female', 'other', 'unknown']")
     assert len(caught.value.message) < 500
 
@@ -412,9 +422,9 @@ def test_errors_on_non_resources():
     assert fv.errors([1]) == ["(root): expected a resource (JSON object), got array"]
     assert fv.errors({}) == ["(root): resourceType is missing"]
     assert fv.errors({"resourceType": ["Patient"]}) == [
-        'resourceType: unknown resourceType ["Patient"]'
+        "resourceType: expected string, got array"
     ]
-    with pytest.raises(InvalidFhir, match="unknown resourceType 'Patent'"):
+    with pytest.raises(InvalidFhir, match=r"unknown resourceType \(not an R4 type\)$"):
         fv.validate_resource({"resourceType": "Patent"})
 
 
@@ -487,23 +497,22 @@ def test_nothing_compiled_at_import():
     assert out.stdout.strip() == "ok", out.stderr
 
 
-def test_validation_rate():
-    """Parse + validate the 22-resource lab bundle (target: 5,000/s on a developer machine).
-
-    Shared CI machines are noisy, so the floor only catches gross regressions such as compiling a
-    validator per call (about 30/s). Run with ``pytest -s`` to see the figure; set
-    HUTONG_FHIR_MIN_RATE to enforce a real target on known hardware.
-    """
+def test_validators_are_compiled_once_per_type(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Speed is measured in bench/ (exchange.py's ceiling rows); this checks what keeps it fast:
+    compiling a validator (~30 ms) happens once per resource type, never per call."""
     data = orjson.dumps(cbc_bundle())
-    fv.parse_and_validate_bundle(data)  # compile the validators first
-    best = 0.0
-    for _ in range(5):
-        n, start = 0, time.perf_counter()
-        while (elapsed := time.perf_counter() - start) < 0.2:
-            for _ in range(20):
-                fv.parse_and_validate_bundle(data)
-            n += 20
-        best = max(best, n / elapsed)
-    print(f"\nparse+validate {len(data)}-byte lab bundle: {best:,.0f} bundles/s (one core)")
-    floor = float(os.environ.get("HUTONG_FHIR_MIN_RATE", "300"))
-    assert best >= floor, f"{best:,.0f} bundles/s < {floor:,.0f}"
+    fv.parse_and_validate_bundle(data)  # compiles what the lab bundle needs
+    compiled: list[str] = []
+    real = fv.jsonschema_rs.validator_for
+
+    def counting(schema, *args, **kwargs):  # type: ignore[no-untyped-def]
+        compiled.append(schema["$ref"])
+        return real(schema, *args, **kwargs)
+
+    monkeypatch.setattr(fv.jsonschema_rs, "validator_for", counting)
+    for _ in range(20):
+        assert fv.parse_and_validate_bundle(data) == orjson.loads(data)
+    assert compiled == []
+    fv.validate_resource({"resourceType": "Flag", "status": "active",
+                          "code": {"text": "x"}, "subject": {"reference": "Patient/p"}})
+    assert compiled == ["#/definitions/Flag"]

@@ -186,7 +186,18 @@ def test_auditor_sees_exchange_log_verified_and_exports(pair: Alliance) -> None:
     assert thread in csv_text
     status, _url, nd = auditor.open("/ui/audit/export.ndjson")
     assert status == 200 and {json.loads(x)["resourceType"] for x in nd.splitlines()} == {"AuditEvent"}
-    assert "verified" in auditor.get("/ui/audit?lang=en")
+    en = auditor.get("/ui/audit?lang=en")
+    assert "verified" in en and "Recompute the whole chain now" in en
+    # between full runs the page checks only what was added since; ?verify=full recomputes all
+    def chain_line(page: str) -> tuple[int, int, int]:
+        m = re.search(r"verified: (\d+) records.*?\((\d+) records\).*?checked now: (\d+)", page)
+        assert m, page
+        return int(m[1]), int(m[2]), int(m[3])
+    total, full, since = chain_line(auditor.get("/ui/audit?lang=en&verify=full"))
+    assert (full, since) == (total, 0)
+    both(pair, new_thread(chc, referral("up-exam", "core", mrn="YT0005")), "received", "received")
+    total2, full2, since2 = chain_line(auditor.get("/ui/audit?lang=en"))
+    assert full2 == full and since2 == total2 - full and total2 > total
 
 
 def test_it_page_shows_queues_rules_and_quarantine(pair: Alliance) -> None:

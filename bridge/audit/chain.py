@@ -190,28 +190,41 @@ class AuditChain:
     # -- verifying ---------------------------------------------------------------------------
 
     def verify(
-        self, conn: Connection, public_keys: Sequence[Ed25519PublicKey] = ()
+        self, conn: Connection, public_keys: Sequence[Ed25519PublicKey] = (),
+        *, after: tuple[int, str] | None = None,
     ) -> VerifyResult:
         """Recompute the whole chain in seq order, streaming; stop at the first problem.
 
         Checkpoint signatures are checked against ``public_keys`` (all keys the node ever
         used); with none given, against this chain's own signing key; with neither, only the
         checkpoints' seq and hash are compared with the chain.
+
+        ``after=(seq, hash)`` checks only the rows and checkpoints after a row that an earlier
+        full run confirmed: the first newer row must link to that hash, so a deleted, edited or
+        reordered row from there on is caught, while rows up to ``seq`` are taken as confirmed
+        (``checked`` then counts the newer rows only).
         """
         try:
-            return self._verify(conn, public_keys)
+            return self._verify(conn, public_keys, after or (0, GENESIS_HASH))
         except DBAPIError as exc:
             raise StoreError("audit verify failed", detail=type(exc.orig).__name__) from exc
 
-    def _verify(self, conn: Connection, public_keys: Sequence[Ed25519PublicKey]) -> VerifyResult:
+    def _verify(self, conn: Connection, public_keys: Sequence[Ed25519PublicKey],
+                after: tuple[int, str]) -> VerifyResult:
         keys = list(public_keys) or ([self.signing_key.public_key()] if self.signing_key else [])
         by_id = {key_id(k): k for k in keys}
-        cps = list(conn.execute(select(_checkpoints).order_by(_checkpoints.c.seq,
-                                                              _checkpoints.c.id)))
+        last_seq, last_hash = after
+        cps = list(conn.execute(select(_checkpoints).where(_checkpoints.c.seq > last_seq)
+                                .order_by(_checkpoints.c.seq, _checkpoints.c.id)))
         cp_i = 0
         cps_checked = 0
         checked = 0
-        last_seq, last_hash = 0, GENESIS_HASH
+        if last_seq:  # the confirmed row itself must still be there, unchanged
+            pinned = conn.execute(select(_audit.c.hash).where(_audit.c.seq == last_seq)).first()
+            if pinned is None or pinned.hash != last_hash:
+                return VerifyResult(False, 0, last_seq, f"seq {last_seq}: the row confirmed by "
+                                    "the last full verification is gone or changed",
+                                    last_seq, last_hash, 0)
 
         def fail(seq: int, reason: str) -> VerifyResult:
             return VerifyResult(False, checked, seq, reason, last_seq, last_hash, cps_checked)
@@ -232,7 +245,8 @@ class AuditChain:
         stmt = select(
             _audit.c.seq, _audit.c.at, *(_audit.c[name] for name in _COLUMNS),
             _audit.c.resource, _audit.c.prev_hash, _audit.c.hash,
-        ).order_by(_audit.c.seq).execution_options(yield_per=_VERIFY_BATCH)
+        ).where(_audit.c.seq > last_seq).order_by(_audit.c.seq).execution_options(
+            yield_per=_VERIFY_BATCH)
         result = conn.execute(stmt)
         try:
             for row in result:

@@ -1,0 +1,71 @@
+"""How a running node keeps knowing that its audit chain holds, without recomputing it all.
+
+Recomputing the whole chain reads every row (a node with a million audit rows needs seconds),
+too slow for every load of the auditor's page. ``ChainWatch`` recomputes the whole chain at most
+every ``full_every_s`` (or when asked), remembers the last row that run confirmed, and in
+between checks only the rows after it (``AuditChain.verify(after=...)``): that the confirmed row
+is still there unchanged, that every newer row links, hashes and matches its columns, and that
+newer checkpoints verify. An edit to an older row is caught by the next full run; the page says
+when that was and offers to run one now. A failed run is never remembered as a base.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from sqlalchemy import Connection
+
+from bridge.audit.chain import VerifyResult
+
+
+@dataclass(frozen=True, slots=True)
+class ChainStatus:
+    ok: bool
+    full_at: datetime | None  # when the whole chain was last recomputed with success
+    full_checked: int  # rows that full run confirmed
+    new_checked: int  # rows after it, confirmed now (0 right after a full run)
+    head_seq: int
+    head_hash: str
+    checkpoints_checked: int
+    first_bad_seq: int | None = None
+    reason: str | None = None
+    ran_full: bool = False  # this check recomputed the whole chain
+
+
+class ChainWatch:
+    """One per node process; thread-safe (the page, the alert job and the API share it)."""
+
+    def __init__(self, ctx: object, keys: Callable[[Connection], Sequence[Ed25519PublicKey]],
+                 full_every_s: float) -> None:
+        self.ctx = ctx
+        self.keys = keys
+        self.full_every_s = full_every_s
+        self._lock = threading.Lock()
+        self._base: tuple[datetime, VerifyResult] | None = None
+
+    def check(self, *, full: bool = False) -> ChainStatus:
+        ctx = self.ctx
+        with self._lock:
+            now = ctx.now()  # type: ignore[attr-defined]
+            base = self._base
+            if base is not None and not full and \
+                    (now - base[0]).total_seconds() < self.full_every_s:
+                at, done = base
+                with ctx.store.read() as conn:  # type: ignore[attr-defined]
+                    res = ctx.audit.verify(conn, self.keys(conn),  # type: ignore[attr-defined]
+                                           after=(done.last_seq, done.last_hash))
+                if not res.ok:
+                    self._base = None
+                return ChainStatus(res.ok, at, done.checked, res.checked, res.last_seq,
+                                   res.last_hash, done.checkpoints_checked
+                                   + res.checkpoints_checked, res.first_bad_seq, res.reason)
+            with ctx.store.read() as conn:  # type: ignore[attr-defined]
+                res = ctx.audit.verify(conn, self.keys(conn))  # type: ignore[attr-defined]
+            self._base = (now, res) if res.ok else None
+            return ChainStatus(res.ok, now if res.ok else None, res.checked, 0, res.last_seq,
+                               res.last_hash, res.checkpoints_checked, res.first_bad_seq,
+                               res.reason, ran_full=True)
