@@ -168,9 +168,11 @@ def test_private_keys_and_patient_data_never_in_logs_errors_or_audit(pair: Allia
         {"to": "core", "kind": "result.lab", "thread": "planted", "bundle": bad}])["results"]
     assert refused["code"] == "HT-PKT-INVALID-FHIR" and "status" in refused["message"]
     wait_for(lambda: len(spooled(core)) == 1, what="the planted packet delivered")
-    # the refusal answered to the local caller quotes its own offending value back to it (the
-    # caller sent it); everything kept or exported by the node must not
-    assert "entry[1].resource(Observation).status" in refused["message"]
+    # the refusal names the path and the rule, never the offending value (nor does anything the
+    # node keeps or exports: quarantine reason, audit, log)
+    assert "entry[1].resource(Observation).status: not one of the allowed codes" \
+        in refused["message"]
+    assert PLANTED_NAME not in str(refused) and PLANTED_ID not in str(refused)
     texts: dict[str, str] = {}
     for node in (chc, core):
         texts[f"{node.node_id}.log"] = node.log.read_text(errors="replace")

@@ -12,7 +12,13 @@ resource is checked by a validator compiled for ``{"$ref": "#/definitions/<resou
 per type, compiled on first use (about 30 ms each) and cached. A missing or unknown
 ``resourceType`` is an error. The verdict is the same as the full schema's (a test checks this).
 Problems name the resource they are in, e.g.
-``entry[3].resource(Observation).status: 'finalx' is not one of [...]``.
+``entry[3].resource(Observation).status: not one of the allowed codes [...]``.
+
+No values. A problem names the path and the rule, never the offending value: the text goes to
+the caller, quarantine reasons, the audit trail and logs, and the value may be patient data (a
+name typed into a code field). IT sees the value in the quarantined raw bytes. Only what comes
+from the schema (allowed codes, limits, format names, resource type names) and property names
+appear.
 
 Speed. For a 22-resource lab Bundle, the validity check takes about 170 µs on the development VM,
 close to the cost of the per-type ``is_valid`` calls themselves. Measured on jsonschema-rs 0.60,
@@ -72,7 +78,7 @@ _INTEGER_PATTERNS = {
 
 #: at most this many problems go into an InvalidFhir message (``detail`` has them all)
 MESSAGE_PROBLEMS = 3
-#: any instance value quoted in a problem is cut to this many characters
+#: a property name or allowed value quoted in a problem is cut to this many characters
 MAX_VALUE_CHARS = 40
 #: a problem longer than this (a path through hundreds of nested resources) is cut in the middle
 MAX_PROBLEM_CHARS = 400
@@ -207,8 +213,10 @@ def _resource_type(obj: Any, path: str, types: frozenset[str]) -> tuple[str | No
     if "resourceType" not in obj:
         return None, f"{where}: resourceType is missing"
     rtype = obj["resourceType"]
-    if not isinstance(rtype, str) or rtype not in types:
-        return None, f"{_join(path, 'resourceType')}: unknown resourceType {_short(rtype)}"
+    if not isinstance(rtype, str):
+        return None, f"{_join(path, 'resourceType')}: expected string, got {_json_type(rtype)}"
+    if rtype not in types:
+        return None, f"{_join(path, 'resourceType')}: unknown resourceType (not an R4 type)"
     return rtype, None
 
 
@@ -293,7 +301,10 @@ def _clip(problem: str) -> str:
 
 
 def _short(value: Any) -> str:
-    """A value as JSON-ish text, never longer than MAX_VALUE_CHARS (+ '...')."""
+    """A schema value or property name as JSON-ish text, at most MAX_VALUE_CHARS (+ '...').
+
+    Never used for an instance value (see "No values" in the module docstring).
+    """
     if isinstance(value, str):
         cut = value[:MAX_VALUE_CHARS]
         text = "".join(c if c.isprintable() and c not in "'\\" else _escape(c) for c in cut)
@@ -336,7 +347,7 @@ def _options(options: Any) -> str:
 def _format(err: jsonschema_rs.ValidationError, prefix: str) -> str:
     kind = err.kind
     path = _path(prefix, err.instance_path)
-    value = err.instance
+    value = err.instance  # only its JSON type is ever shown
     if isinstance(kind, jsonschema_rs.ValidationErrorKind.Required):
         return f"{_join(path, str(kind.property))}: required property is missing"
     if isinstance(kind, jsonschema_rs.ValidationErrorKind.AdditionalProperties):
@@ -344,26 +355,25 @@ def _format(err: jsonschema_rs.ValidationError, prefix: str) -> str:
         return "; ".join(f"{_join(path, _short(n)[1:-1])}: unknown property" for n in names)
     where = path or "(root)"
     if isinstance(kind, jsonschema_rs.ValidationErrorKind.Enum):
-        return f"{where}: {_short(value)} is not one of {_options(kind.options)}"
+        return f"{where}: not one of the allowed codes {_options(kind.options)}"
     if isinstance(kind, jsonschema_rs.ValidationErrorKind.Constant):
-        return f"{where}: {_short(value)} is not {_short(kind.expected_value)}"
+        return f"{where}: must be {_short(kind.expected_value)}"
     if isinstance(kind, jsonschema_rs.ValidationErrorKind.Type):
         types = kind.types if isinstance(kind.types, list) else [kind.types]
         want = " or ".join(str(t) for t in types)
-        got = "null" if value is None else f"{_json_type(value)} {_short(value)}"
-        return f"{where}: expected {want}, got {got}"
+        return f"{where}: expected {want}, got {_json_type(value)}"
     if isinstance(kind, jsonschema_rs.ValidationErrorKind.Pattern):
         fmt = _schema().formats.get(kind.pattern) or repr(kind.pattern[:40])
-        return f"{where}: {_short(value)} is not a valid FHIR {fmt}"
+        return f"{where}: not a valid FHIR {fmt}"
     if isinstance(kind, jsonschema_rs.ValidationErrorKind.Minimum):
-        return f"{where}: {_short(value)} is less than {kind.limit}"
+        return f"{where}: less than {kind.limit}"
     if isinstance(kind, jsonschema_rs.ValidationErrorKind.MinLength):
         return f"{where}: empty string (FHIR strings must have at least one character)"
     if isinstance(kind, jsonschema_rs.ValidationErrorKind.MinItems):
         return f"{where}: array must have at least {kind.limit} item(s)"
     # anything rarer: keyword name only; jsonschema-rs's own message may echo a whole object
     keyword = err.schema_path[-1] if err.schema_path else type(kind).__name__
-    return f"{where}: {_short(value)} fails schema keyword {keyword!r}"
+    return f"{where}: {_json_type(value)} fails schema keyword {keyword!r}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -420,7 +430,12 @@ def validate_bundle(obj: Any, *, allowed_types: str | Iterable[str] | None = Non
         raise InvalidFhir(f"invalid FHIR: (root): expected a Bundle object, got {_json_type(obj)}")
     rtype = obj.get("resourceType")
     if rtype != "Bundle":
-        what = "resourceType is missing" if rtype is None else f"resourceType is {_short(rtype)}"
+        if rtype is None:
+            what = "resourceType is missing"
+        elif isinstance(rtype, str) and rtype in resource_types():  # a type name, not data
+            what = f"resourceType is {rtype}"
+        else:
+            what = "resourceType is not an R4 type"
         raise InvalidFhir(f"invalid FHIR: not a Bundle: {what}")
     validate_resource(obj)
     if allowed_types is not None:
