@@ -29,7 +29,8 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from bridge.api.auth import role_of
-from bridge.api.outcome import BadRequest, FhirRoute, fhir_json
+from bridge.api.outcome import BadRequest, FhirResponse, FhirRoute, fhir_body, fhir_json
+from bridge.api.outcome import fhir_responses as answers
 from bridge.errors import InvalidFhir, InvalidResource, NotFound
 from bridge.fhir.validate import validate_resource
 from bridge.mapping.conceptmap import translate_many
@@ -118,7 +119,7 @@ def _codings(args: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def terminology_router(node: Node) -> APIRouter:
-    router = APIRouter(route_class=FhirRoute, tags=["fhir"])
+    router = APIRouter(route_class=FhirRoute, tags=["fhir"], default_response_class=FhirResponse)
     state: dict[str, dict[str, dict[str, Any]]] = {}
     lock = threading.Lock()
 
@@ -176,27 +177,29 @@ def terminology_router(node: Node) -> APIRouter:
         assert result is not None
         return fhir_json(result)
 
-    @router.get("/ConceptMap/$translate")
+    @router.get("/ConceptMap/$translate", responses=answers("Parameters", 404))
     def translate_get(request: Request) -> Response:
         authorised(request)
         return run_translate(_from_query(request), None)
 
-    @router.post("/ConceptMap/$translate")
+    @router.post("/ConceptMap/$translate", responses=answers("Parameters", 404),
+                 openapi_extra=fhir_body("Parameters"))
     async def translate_post(request: Request) -> Response:
         authorised(request)
         return run_translate(_from_parameters(await _json(request)), None)
 
-    @router.get("/ConceptMap/{cid}/$translate")
+    @router.get("/ConceptMap/{cid}/$translate", responses=answers("Parameters", 404))
     def translate_one_get(cid: str, request: Request) -> Response:
         authorised(request)
         return run_translate(_from_query(request), cid)
 
-    @router.post("/ConceptMap/{cid}/$translate")
+    @router.post("/ConceptMap/{cid}/$translate", responses=answers("Parameters", 404),
+                 openapi_extra=fhir_body("Parameters"))
     async def translate_one_post(cid: str, request: Request) -> Response:
         authorised(request)
         return run_translate(_from_parameters(await _json(request)), cid)
 
-    @router.get("/ConceptMap")
+    @router.get("/ConceptMap", responses=answers("Bundle"))
     def search(request: Request) -> Response:
         authorised(request)
         items = list(request.query_params.multi_items())
@@ -235,7 +238,7 @@ def terminology_router(node: Node) -> APIRouter:
                                 "search": {"mode": "match"}} for m in found]
         return fhir_json(bundle)
 
-    @router.get("/ConceptMap/{cid}")
+    @router.get("/ConceptMap/{cid}", responses=answers("ConceptMap", 404))
     def read(cid: str, request: Request) -> Response:
         authorised(request)
         return fhir_json(by_id(cid))

@@ -11,12 +11,15 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from bridge import ops
 from bridge.api.auth import AnyRole, ClinicianRole, ITRole, SenderRole
 from bridge.api.fhir_api import fhir_router
+from bridge.api.outcome import local_responses as errs
+from bridge.api.outcome import request_invalid_response
 from bridge.delivery.queue import Outgoing, queue_packets
 from bridge.errors import HutongError
 from bridge.fhir.validate import validate_bundle
@@ -51,11 +54,14 @@ def create_local_app(node: Node) -> FastAPI:
     async def _error(_req: Request, exc: HutongError) -> JSONResponse:
         return JSONResponse(exc.as_dict(), status_code=exc.http_status)
 
+    # a request that does not bind: field and rule, not FastAPI's echo of the input
+    app.add_exception_handler(RequestValidationError, request_invalid_response)
+
     @app.get("/health")
     def health() -> dict[str, Any]:
         return {"status": "ok", "node": ctx.node_id, "role": ctx.plan.role}
 
-    @app.post("/local/v1/packets")
+    @app.post("/local/v1/packets", responses=errs(400, 401, 403))
     async def send(items: list[PacketIn], role: SenderRole) -> dict[str, Any]:
         outgoing = [Outgoing(i.to, i.kind, orjson.dumps(i.bundle), i.thread) for i in items]
 
@@ -70,27 +76,27 @@ def create_local_app(node: Node) -> FastAPI:
             for r in results
         ]}
 
-    @app.get("/local/v1/outbox")
+    @app.get("/local/v1/outbox", responses=errs(401))
     def outbox(role: AnyRole, state: str | None = None, peer: str | None = None,
                limit: int = 100) -> list[dict[str, Any]]:
         return ops.outbox_list(ctx, state=state, peer=peer, limit=limit)
 
-    @app.get("/local/v1/queues")
+    @app.get("/local/v1/queues", responses=errs(401))
     def queues(role: AnyRole) -> dict[str, Any]:
         return ops.queue_summary(ctx)
 
-    @app.post("/local/v1/outbox/retry")
+    @app.post("/local/v1/outbox/retry", responses=errs(401, 403))
     def retry(role: ITRole, peer: str | None = None) -> dict[str, int]:
         n = ops.outbox_retry(ctx, peer=peer, actor=f"role:{role}")
         node.wake_all_senders()
         return {"requeued": n}
 
-    @app.get("/local/v1/quarantine")
+    @app.get("/local/v1/quarantine", responses=errs(401, 403))
     def quarantine_list(role: ITRole, state: str | None = "held") -> list[dict[str, Any]]:
         with ctx.store.read() as conn:
             return quarantine.list_items(conn, state=state)
 
-    @app.post("/local/v1/quarantine/{item_id}/replay")
+    @app.post("/local/v1/quarantine/{item_id}/replay", responses=errs(401, 403, 404))
     def replay(item_id: int, role: ITRole) -> dict[str, Any]:
         ok, result = ops.quarantine_replay(ctx, node.intake, item_id, actor=f"role:{role}",
                                            adapters=node.adapters)
@@ -98,22 +104,23 @@ def create_local_app(node: Node) -> FastAPI:
         node.wake("deliver")
         return {"ok": ok, "result": result}
 
-    @app.get("/local/v1/packets/{packet_id}")
+    @app.get("/local/v1/packets/{packet_id}", responses=errs(401, 403, 404))
     def packet(packet_id: str, role: ITRole) -> dict[str, Any]:
         return ops.find_packet(ctx, packet_id)
 
-    @app.get("/local/v1/referrals")
+    @app.get("/local/v1/referrals", responses=errs(401))
     def referrals(role: AnyRole, status: str | None = None) -> list[dict[str, Any]]:
         """Where each referral stands on this side (no patient data: hashes only)."""
         return node.workflow.list(status=status)
 
-    @app.post("/local/v1/referrals")
+    @app.post("/local/v1/referrals", responses=errs(400, 401, 403, 409))
     async def submit(bundle: dict[str, Any], role: ClinicianRole) -> dict[str, Any]:
         """A new referral (or a return) as a FHIR transaction Bundle; same as POST /fhir."""
         validate_bundle(bundle)
         return await run_in_threadpool(node.workflow.submit, bundle, f"role:{role}")
 
-    @app.post("/local/v1/referrals/{thread}/steps/{event}")
+    @app.post("/local/v1/referrals/{thread}/steps/{event}",
+              responses=errs(400, 401, 403, 404, 409))
     async def take_step(thread: str, event: str, body: StepIn,
                         role: ClinicianRole) -> dict[str, Any]:
         """accept (with slip outputs) / reject / arrive / cancel (with a reason)."""
@@ -121,12 +128,12 @@ def create_local_app(node: Node) -> FastAPI:
             lambda: node.workflow.step(thread, event, f"role:{role}", reason=body.reason,
                                        outputs=body.outputs or None))
 
-    @app.get("/local/v1/reminders")
+    @app.get("/local/v1/reminders", responses=errs(401))
     def reminders(role: AnyRole) -> list[dict[str, Any]]:
         return [r for r in node.workflow.list() if r["reminded_at"] is not None
                 and r["status"] in ("requested", "received")]
 
-    @app.get("/local/v1/patients/{patient_hash}/results")
+    @app.get("/local/v1/patients/{patient_hash}/results", responses=errs(401, 403))
     def patient_results(patient_hash: str, role: ClinicianRole) -> dict[str, Any]:
         """Mutual-recognition view (结果互认): the patient's results known here, with where and
         when each was produced (bridge/results/recognition.py). The read is audited."""

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -103,7 +105,10 @@ def operation_outcome(exc: HutongError) -> dict[str, Any]:
     return {"resourceType": "OperationOutcome", "issue": [issue]}
 
 
-class FhirResponse(Response):
+class FhirResponse(JSONResponse):
+    """A FHIR JSON body (a JSONResponse, so OpenAPI documents it as JSON of media type
+    ``application/fhir+json``)."""
+
     media_type = FHIR_JSON
 
     def render(self, content: Any) -> bytes:
@@ -144,3 +149,117 @@ class FhirRoute(APIRoute):
                 return outcome_response(as_hutong(exc))
 
         return run
+
+
+# ---------------------------------------------------------------------------------------------
+# OpenAPI: what each route may answer (checked by tests/test_api_schemathesis.py)
+
+#: why a route answers each error status (the OpenAPI ``description``)
+WHY = {
+    400: "request not understood: unknown parameter, bad value, body not JSON or wrong type",
+    401: "no bearer token, or an unknown one",
+    403: "this role may not do this (minimum necessary)",
+    404: "no such resource, item, referral or resource type here",
+    409: "the referral's state does not allow this step",
+    422: "refused: not valid FHIR R4, a malformed request, or the workflow refuses it "
+         "(consent, references); the message names the path and the rule, never the value",
+    501: "the referral workflow is not available on this node",
+}
+
+#: an OperationOutcome as /fhir writes it (``operation_outcome``)
+OUTCOME_SCHEMA: dict[str, Any] = {
+    "type": "object", "required": ["resourceType", "issue"],
+    "properties": {
+        "resourceType": {"const": "OperationOutcome"},
+        "issue": {"type": "array", "minItems": 1, "items": {
+            "type": "object", "required": ["severity", "code"],
+            "properties": {
+                "severity": {"enum": ["fatal", "error", "warning", "information"]},
+                "code": {"type": "string"},
+                "details": {"type": "object"},
+                "diagnostics": {"type": "string"},
+                "expression": {"type": "array", "items": {"type": "string"}},
+            }}},
+    },
+}
+
+
+def resource_schema(rtype: str | None = None) -> dict[str, Any]:
+    """A FHIR resource (of one type, if given): the R4 JSON schema is the full definition."""
+    return {"type": "object", "required": ["resourceType"],
+            "properties": {"resourceType": {"const": rtype} if rtype else {"type": "string"}}}
+
+
+def fhir_responses(ok: str | None, *errors: int) -> dict[int | str, dict[str, Any]]:
+    """``responses=`` for a /fhir route: 200 with a resource (type ``ok``) and OperationOutcomes.
+
+    Every /fhir route can also answer 400 (a request FastAPI cannot bind becomes a BadRequest
+    in ``FhirRoute``), 401 and 422 (declared so FastAPI does not document its own 422 model,
+    which /fhir never sends)."""
+    out: dict[int | str, dict[str, Any]] = {200: {
+        "description": f"a {ok or 'FHIR resource'}",
+        "content": {FHIR_JSON: {"schema": resource_schema(ok)}}}}
+    for status in sorted({400, 401, 422, *errors}):
+        out[status] = {"description": WHY[status],
+                       "content": {FHIR_JSON: {"schema": OUTCOME_SCHEMA}}}
+    return out
+
+
+def fhir_body(rtype: str) -> dict[str, Any]:
+    """``openapi_extra=`` for a /fhir route that reads a resource from the raw body itself."""
+    return {"requestBody": {"required": True, "content": {FHIR_JSON: {
+        "schema": resource_schema(rtype)}}}}
+
+
+class ErrorOut(BaseModel):
+    """An error on the local API outside /fhir (``HutongError.as_dict``)."""
+
+    code: str
+    message: str
+    retry: Literal["transient", "ambiguous", "permanent"]
+
+
+class BodyUnreadable(BaseModel):
+    """FastAPI's own answer to a body it cannot parse as JSON (400, before any route code)."""
+
+    detail: str
+
+
+def local_responses(*errors: int) -> dict[int | str, dict[str, Any]]:
+    """``responses=`` for a /local/v1 route: each error status as an ``ErrorOut``.
+
+    422 is always there: a request the route cannot bind is answered by
+    ``request_invalid_response`` in that shape (not FastAPI's, which quotes the input). 400 is
+    only for routes with a JSON body: FastAPI answers a body that does not parse itself."""
+    return {status: {"model": BodyUnreadable if status == 400 else ErrorOut,
+                     "description": "the body is not JSON" if status == 400 else WHY[status]}
+            for status in sorted({422, *errors})}
+
+
+class RequestInvalid(HutongError):
+    """A /local/v1 request that does not match the route (missing field, wrong type)."""
+
+    code = "HT-REQUEST-INVALID"
+    http_status = 422
+
+
+def request_problems(exc: RequestValidationError) -> str:
+    """Where and what, never the value: ``body[0].to: Field required``."""
+    problems = []
+    for err in exc.errors()[:5]:
+        where = ""
+        for part in err.get("loc", ()):
+            where = f"{where}[{part}]" if isinstance(part, int) else \
+                (f"{where}.{part}" if where else str(part))
+        problems.append(f"{where or '(request)'}: {err.get('type', 'invalid')}")
+    more = len(exc.errors()) - len(problems)
+    return "; ".join(problems) + (f" (and {more} more)" if more > 0 else "")
+
+
+async def request_invalid_response(_req: Request, exc: Exception) -> JSONResponse:
+    """The local app's handler for RequestValidationError: FastAPI's default answer echoes the
+    offending input (a whole FHIR Bundle, patient data included) back; this names field and
+    rule (pydantic's error type, e.g. ``missing``, ``string_type``) only."""
+    assert isinstance(exc, RequestValidationError)
+    err = RequestInvalid(f"request does not match this endpoint: {request_problems(exc)}")
+    return JSONResponse(err.as_dict(), status_code=err.http_status)
