@@ -1,0 +1,360 @@
+"""Identifier and reference searches of the FHIR store use indexes, on SQLite and PostgreSQL.
+
+In-process against a real store (a SQLite file, a fresh PostgreSQL database): resources are
+validated and written with ``store.put``, searched with the API's own parser and page function
+(``parse_query`` + ``fhir_api._page``: the SQL the /fhir API runs), and compared field by field
+with what was put. The query plans are read with ``EXPLAIN QUERY PLAN`` (SQLite) and ``EXPLAIN``
+(PostgreSQL, sequential scans disabled so the plan shows whether an index *can* serve the query;
+its tables are too small for the planner to prefer one) and must name the index, never a scan.
+An older store (no ``fhir_token``, the earlier indexes) gains the table, the indexes and the
+token rows when it is opened, and gives the same answers.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from fhir.resources.R4B.observation import Observation
+from fhir.resources.R4B.patient import Patient
+from sqlalchemy import Connection, Index, delete, select, text
+
+from bridge.api import fhir_api
+from bridge.api.fhir_search import parse_query
+from bridge.fhir.validate import validate_resource
+from bridge.fhirstore import schema, store
+from bridge.fhirstore.tables import FHIR_RESOURCE as T
+from bridge.fhirstore.tables import FHIR_TOKEN, IX_NEWEST, IX_PATIENT_NEWEST, OLD_INDEXES
+from bridge.store.db import Store
+from bridge.store.tables import NODE_STATE
+
+NID = "urn:oid:2.16.156.10011.1.3"  # national ID numbers
+MRN = "urn:hutong:mrn:fuxing"
+T0 = datetime(2026, 11, 1, 8, 0, tzinfo=UTC)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def dsn(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'node.db'}"
+    return str(request.getfixturevalue("pg_db"))
+
+
+@pytest.fixture
+def db(dsn: str) -> Iterator[Store]:
+    s = Store(dsn)
+    s.create_all()
+    yield s
+    s.dispose()
+
+
+def patient(pid: str, idents: list[tuple[str | None, str]], name: str) -> dict[str, Any]:
+    return {"resourceType": "Patient", "id": pid,
+            "identifier": [{"value": v} if s is None else {"system": s, "value": v}
+                           for s, v in idents],
+            "name": [{"text": name, "family": name[0], "given": [name[1:]]}]}
+
+
+#: several identifiers per patient, one value shared by two systems, one with no system
+PATIENTS = [
+    patient("p-wang", [(NID, "110102195003151234"), (MRN, "FX0001")], "王秀英"),
+    patient("p-zhang", [(NID, "11010119650505231X"), (MRN, "FX0002"), (MRN, "FX0002-OLD")], "张伟"),
+    patient("p-li", [(MRN, "FX0003"), (None, "PAPER-77")], "李娜"),
+    patient("p-zhao", [("urn:hutong:mrn:guangwai", "FX0001")], "赵强"),  # same value, other system
+]
+
+
+def observation(i: int, pid: str) -> dict[str, Any]:
+    return {"resourceType": "Observation", "id": f"obs-{i}", "status": "final",
+            "identifier": [{"system": "urn:hutong:lis:fuxing", "value": f"LAB-{i:04d}"}],
+            "code": {"coding": [{"system": "http://loinc.org", "code": "718-7"}]},
+            "subject": {"reference": f"Patient/{pid}"},
+            "valueQuantity": {"value": 100 + i, "unit": "g/L"}}
+
+
+def seed(s: Store) -> dict[str, dict[str, Any]]:
+    """The patients (lastUpdated T0 + i min) and 12 Observations alternating wang/zhang."""
+    put: dict[str, dict[str, Any]] = {}
+    with s.write() as conn:
+        for i, p in enumerate(PATIENTS):
+            validate_resource(p)
+            put[p["id"]] = copy.deepcopy(store.put(conn, copy.deepcopy(p),
+                                                   at=T0 + timedelta(minutes=i)))
+        for i in range(12):
+            o = observation(i, "p-wang" if i % 2 == 0 else "p-zhang")
+            validate_resource(o)
+            put[o["id"]] = copy.deepcopy(store.put(conn, o, at=T0 + timedelta(hours=1, minutes=i)))
+    return put
+
+
+def find(s: Store, rtype: str, **params: str) -> tuple[list[dict[str, Any]], int | None]:
+    """Run a search as the API does: its parser, its page function; (resources, total)."""
+    with s.read() as conn:
+        q = parse_query(rtype, list(params.items()), T)
+        rows, total, _ = fhir_api._page(conn, q)
+    return [orjson.loads(r.body) for r in rows], total
+
+
+def ids(found: tuple[list[dict[str, Any]], int | None]) -> list[str]:
+    return [r["id"] for r in found[0]]
+
+
+def test_identifier_search_every_syntax_field_by_field(db: Store) -> None:
+    put = seed(db)
+    hits, total = find(db, "Patient", identifier=f"{NID}|11010119650505231X")
+    assert total == 1 and len(hits) == 1
+    got, want = hits[0], put["p-zhang"]
+    assert got["id"] == "p-zhang" and got["identifier"] == PATIENTS[1]["identifier"]
+    assert got["name"] == PATIENTS[1]["name"] and got["meta"] == want["meta"]
+    Patient.model_validate(got)
+    # value only: any system (two patients carry FX0001 under different systems)
+    assert ids(find(db, "Patient", identifier="FX0001")) == ["p-zhao", "p-wang"]
+    assert ids(find(db, "Patient", identifier=f"{MRN}|FX0001")) == ["p-wang"]
+    assert ids(find(db, "Patient", identifier="urn:hutong:mrn:guangwai|FX0001")) == ["p-zhao"]
+    # |value: only an identifier without a system
+    assert ids(find(db, "Patient", identifier="|PAPER-77")) == ["p-li"]
+    assert ids(find(db, "Patient", identifier="|FX0003")) == []
+    assert ids(find(db, "Patient", identifier="PAPER-77")) == ["p-li"]
+    # system|: any value of that system, each resource once though p-zhang has two
+    found = find(db, "Patient", identifier=f"{MRN}|")
+    assert ids(found) == ["p-li", "p-zhang", "p-wang"] and found[1] == 3
+    # comma = OR; a resource matched by two alternatives comes once
+    found = find(db, "Patient", identifier=f"{MRN}|FX0002,{NID}|11010119650505231X,"
+                 f"{MRN}|FX0003,{MRN}|nobody")
+    assert ids(found) == ["p-li", "p-zhang"] and found[1] == 2
+    # the second identifier of a resource matches as well as the first
+    assert ids(find(db, "Patient", identifier=f"{MRN}|FX0002-OLD")) == ["p-zhang"]
+    # exact: no prefix, no other type, no case folding
+    assert ids(find(db, "Patient", identifier=f"{MRN}|FX000")) == []
+    assert ids(find(db, "Patient", identifier=f"{NID}|11010119650505231x")) == []
+    assert ids(find(db, "Observation", identifier="FX0001")) == []
+    lab = find(db, "Observation", identifier="urn:hutong:lis:fuxing|LAB-0007")
+    assert ids(lab) == ["obs-7"] and lab[0][0]["valueQuantity"] == {"value": 107, "unit": "g/L"}
+    Observation.model_validate(lab[0][0])
+    # ANDed with another parameter
+    assert ids(find(db, "Observation", identifier="urn:hutong:lis:fuxing|LAB-0007",
+                    status="final")) == ["obs-7"]
+    assert ids(find(db, "Observation", identifier="urn:hutong:lis:fuxing|LAB-0007",
+                    status="preliminary")) == []
+    with db.read() as conn:
+        assert store.find_by_identifier(conn, "Patient", MRN, "FX0003")["name"] == \
+            PATIENTS[2]["name"]
+        assert store.find_by_identifier(conn, "Patient", MRN, "PAPER-77") is None
+
+
+def test_reference_search_pages_in_order_with_totals(db: Store) -> None:
+    put = seed(db)
+    found = find(db, "Observation", patient="Patient/p-wang")
+    assert ids(found) == [f"obs-{i}" for i in (10, 8, 6, 4, 2, 0)] and found[1] == 6
+    assert [o["valueQuantity"]["value"] for o in found[0]] == [110, 108, 106, 104, 102, 100]
+    assert all(o["subject"] == {"reference": "Patient/p-wang"} for o in found[0])
+    assert found[0][0]["meta"] == put["obs-10"]["meta"]
+    # pages of 4: keyset cursor through the patient index, no gaps, no repeats
+    seen: list[str] = []
+    params: dict[str, str] = {"patient": "p-zhang", "_count": "4"}
+    with db.read() as conn:
+        while True:
+            q = parse_query("Observation", list(params.items()), T)
+            rows, total, nxt = fhir_api._page(conn, q)
+            assert total == 6
+            seen += [r.id for r in rows]
+            if nxt is None:
+                break
+            params["_cursor"] = nxt
+    assert seen == [f"obs-{i}" for i in (11, 9, 7, 5, 3, 1)]
+
+
+def test_update_that_changes_identifiers_moves_the_tokens(db: Store) -> None:
+    seed(db)
+    changed = copy.deepcopy(PATIENTS[0])
+    changed["identifier"] = [{"system": MRN, "value": "FX0001"}, {"system": MRN, "value": "FX9999"}]
+    validate_resource(changed)
+    with db.write() as conn:
+        store.put(conn, changed, at=T0 + timedelta(days=1))
+    assert ids(find(db, "Patient", identifier=f"{NID}|110102195003151234")) == []
+    assert ids(find(db, "Patient", identifier="110102195003151234")) == []
+    assert ids(find(db, "Patient", identifier=f"{MRN}|FX9999")) == ["p-wang"]
+    hits, _ = find(db, "Patient", identifier=f"{MRN}|FX0001")
+    assert [h["meta"]["versionId"] for h in hits] == ["2"]
+    assert hits[0]["identifier"] == changed["identifier"]
+    with db.read() as conn:
+        toks = conn.execute(select(FHIR_TOKEN.c.param, FHIR_TOKEN.c.system, FHIR_TOKEN.c.value)
+                            .where(FHIR_TOKEN.c.rtype == "Patient", FHIR_TOKEN.c.id == "p-wang")
+                            .order_by(FHIR_TOKEN.c.value)).all()
+    assert [tuple(t) for t in toks] == [("identifier", MRN, "FX0001"),
+                                        ("identifier", MRN, "FX9999")]
+    # an update that keeps the identifiers keeps the rows (and the search) as they were
+    again = copy.deepcopy(changed)
+    again["gender"] = "female"
+    with db.write() as conn:
+        store.put(conn, again, at=T0 + timedelta(days=2))
+    assert ids(find(db, "Patient", identifier=f"{MRN}|FX9999")) == ["p-wang"]
+
+
+def _answers(s: Store) -> list[Any]:
+    queries = [("Patient", {"identifier": f"{NID}|11010119650505231X"}),
+               ("Patient", {"identifier": "FX0001"}), ("Patient", {"identifier": f"{MRN}|"}),
+               ("Patient", {"identifier": "|PAPER-77"}),
+               ("Patient", {"identifier": f"{MRN}|FX0002,{MRN}|FX0003"}),
+               ("Observation", {"identifier": "urn:hutong:lis:fuxing|LAB-0003"}),
+               ("Observation", {"patient": "p-zhang"}), ("Observation", {"_count": "5"})]
+    return [find(s, rtype, **params) for rtype, params in queries]
+
+
+def _tokens(s: Store) -> list[tuple[str, ...]]:
+    with s.read() as conn:
+        return sorted(tuple(r) for r in conn.execute(select(FHIR_TOKEN)).all())
+
+
+def _make_old(s: Store) -> None:
+    """What a store made before fhir_token looks like: no table, no marker, the old indexes."""
+    FHIR_TOKEN.drop(s.engine)
+    with s.write() as conn:
+        for ix in (IX_NEWEST, IX_PATIENT_NEWEST):
+            conn.execute(text(f"DROP INDEX {ix.name}"))
+        conn.execute(text(f"CREATE INDEX {OLD_INDEXES[0]} ON fhir_resource (rtype, last_updated)"))
+        conn.execute(text(f"CREATE INDEX {OLD_INDEXES[1]} ON fhir_resource (rtype, patient)"))
+        conn.execute(delete(NODE_STATE).where(NODE_STATE.c.key == schema.MARKER))
+
+
+def _index_names(conn: Connection) -> set[str]:
+    if conn.dialect.name == "sqlite":
+        sql = "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'fhir_resource'"
+    else:
+        sql = "SELECT indexname FROM pg_indexes WHERE tablename = 'fhir_resource'"
+    return {r[0] for r in conn.exec_driver_sql(sql)}
+
+
+def test_an_old_store_is_upgraded_once_on_open_with_the_same_answers(dsn: str) -> None:
+    s = Store(dsn)
+    try:
+        s.create_all()
+        seed(s)
+        want_answers, want_tokens = _answers(s), _tokens(s)
+        assert len(want_tokens) == 8 + 12  # each (system, value) of each resource once
+        _make_old(s)
+        with s.read() as conn:
+            assert not conn.dialect.has_table(conn, "fhir_token")
+            assert set(OLD_INDEXES) <= _index_names(conn)
+    finally:
+        s.dispose()
+    reopened = Store(dsn)  # what a node does on start
+    try:
+        reopened.create_all()
+        with reopened.read() as conn:
+            names = _index_names(conn)
+            assert conn.execute(select(NODE_STATE.c.value).where(
+                NODE_STATE.c.key == schema.MARKER)).scalar() == schema.SCHEMA_VERSION
+        assert {IX_NEWEST.name, IX_PATIENT_NEWEST.name} <= names
+        assert not set(OLD_INDEXES) & names
+        assert _tokens(reopened) == want_tokens
+        assert _answers(reopened) == want_answers
+        # once: a second open leaves the rows alone (a changed row would stay changed)
+        with reopened.write() as conn:
+            conn.execute(delete(FHIR_TOKEN).where(FHIR_TOKEN.c.id == "p-li"))
+        assert schema.upgrade(reopened) == 0
+        assert len(_tokens(reopened)) == len(want_tokens) - 2
+    finally:
+        reopened.dispose()
+
+
+def test_total_is_exact_when_small_and_an_estimate_above_the_bound(
+        db: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    seed(db)
+    monkeypatch.setattr(store, "EXACT_UP_TO", 3)
+    monkeypatch.setattr(store, "_ESTIMATES", {})
+    assert find(db, "Observation", _count="2")[1] == 12
+    assert find(db, "Observation", patient="p-wang", _count="2")[1] == 6
+    with db.write() as conn:
+        o = observation(12, "p-wang")
+        validate_resource(o)
+        store.put(conn, o, at=T0 + timedelta(days=1))
+    # the estimate is the count of the same query made moments ago; accurate counts now
+    assert find(db, "Observation", _count="2")[1] == 12
+    assert find(db, "Observation", _count="2", _total="accurate")[1] == 13
+    assert find(db, "Observation", _count="2", status="final")[1] == 13  # another query
+    assert find(db, "Observation", _count="2", _total="none")[1] is None
+    monkeypatch.setattr(store, "EXACT_UP_TO", 1_000)
+    assert find(db, "Observation", _count="2")[1] == 13
+
+
+def _plan(conn: Connection, stmt: Any) -> str:
+    sql = str(stmt.compile(conn, compile_kwargs={"literal_binds": True}))
+    if conn.dialect.name == "sqlite":
+        return "\n".join(r[-1] for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql))
+    conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
+    return "\n".join(r[0] for r in conn.exec_driver_sql("EXPLAIN " + sql))
+
+
+def _statements(rtype: str, params: dict[str, str]) -> dict[str, Any]:
+    q = parse_query(rtype, list(params.items()), T)
+    typed = not q.by_token
+    return {"page": store.page_query(rtype, q.where, q.count + 1, typed=typed),
+            "count": store.count_query(rtype, q.where, typed=typed),
+            "bounded count": store.count_query(rtype, q.where, typed=typed, up_to=1000)}
+
+
+@pytest.mark.parametrize(("rtype", "params", "index", "ordered"), [
+    ("Observation", {"patient": "Patient/p-wang"}, "ix_fhir_type_patient_newest", True),
+    ("Observation", {"subject": "Patient/p-wang", "_count": "5"},
+     "ix_fhir_type_patient_newest", True),
+    ("Observation", {"_count": "20"}, "ix_fhir_type_newest", True),
+    ("Patient", {"identifier": f"{NID}|11010119650505231X"}, "ix_fhir_token_system", False),
+    ("Patient", {"identifier": "11010119650505231X"}, "ix_fhir_token_value", False),
+    ("Patient", {"identifier": "|PAPER-77"}, "ix_fhir_token", False),
+    ("Patient", {"identifier": f"{MRN}|"}, "ix_fhir_token_system", False),
+    ("Patient", {"identifier": f"{MRN}|FX0002,FX0003"}, "ix_fhir_token", False),
+])
+def test_query_plans_use_the_indexes(db: Store, rtype: str, params: dict[str, str], index: str,
+                                     ordered: bool) -> None:
+    seed(db)
+    for kind, stmt in _statements(rtype, params).items():
+        with db.read() as conn:
+            plan = _plan(conn, stmt)
+        what = f"{rtype}?{params} {kind}:\n{plan}"
+        # a count may take any index with the same leading columns (SQLite picks the narrowest)
+        assert index in plan if kind == "page" else ("INDEX" in plan.upper()), what
+        if kind != "page" and index.startswith("ix_fhir_token"):
+            assert "ix_fhir_token" in plan, what
+        if db.is_sqlite:
+            assert not any(line.startswith("SCAN fhir_") for line in plan.splitlines()), what
+            assert "SEARCH fhir_resource USING" in plan, what
+            if ordered and kind == "page":  # the index gives the page order: no sort
+                assert "TEMP B-TREE" not in plan, what
+        else:
+            assert "Seq Scan" not in plan and "Index" in plan, what
+            if ordered and kind == "page":
+                assert "Sort" not in plan, what
+    # the cursor of a next page is a range of the same index
+    if ordered:
+        q = parse_query(rtype, list(params.items()), T)
+        at = T0 + timedelta(hours=1, minutes=5)
+        where = [*q.where, (T.c.last_updated <= at) & ((T.c.last_updated < at) | (T.c.id > "x"))]
+        with db.read() as conn:
+            plan = _plan(conn, store.page_query(rtype, where, 21))
+        assert index in plan and "Seq Scan" not in plan and "SCAN fhir_" not in plan, plan
+        if db.is_sqlite:
+            assert "last_updated<?" in plan, plan
+
+
+def test_token_rows_are_each_distinct_identifier_once() -> None:
+    p = patient("p-x", [(MRN, "A"), (MRN, "A"), (None, "B"), (MRN, "C" * 300)], "钱")
+    p["identifier"].append({"system": MRN})  # a system alone is still searchable by system|
+    assert store.token_rows(p) == [
+        {"rtype": "Patient", "id": "p-x", "param": "identifier", "system": MRN, "value": "A"},
+        {"rtype": "Patient", "id": "p-x", "param": "identifier", "system": "", "value": "B"},
+        {"rtype": "Patient", "id": "p-x", "param": "identifier", "system": MRN,
+         "value": "C" * 256},
+        {"rtype": "Patient", "id": "p-x", "param": "identifier", "system": MRN, "value": ""},
+    ]
+    assert store.token_rows({"resourceType": "Patient", "id": "p-y"}) == []
+
+
+def test_index_objects_are_declared_on_the_table() -> None:
+    names = {ix.name for ix in T.indexes if isinstance(ix, Index)}
+    assert {IX_NEWEST.name, IX_PATIENT_NEWEST.name} <= names and not set(OLD_INDEXES) & names
