@@ -138,10 +138,12 @@ def hook() -> Iterator[Hook]:
 @pytest.fixture()
 def watched(tmp_path: Path, hook: Hook) -> Iterator[Alliance]:
     a = Alliance(tmp_path / "alliance", MEMBERS, RULES)
+    # the webhook URL is read from a secret file (a robot URL carries its access key)
+    (a.files["core"].parent.parent / "secrets" / "core.alerts-url").write_text(hook.url + "\n")
     with open(a.files["core"], "a", encoding="utf-8") as f:
-        f.write(f'\n[alerts]\nevery_s = 0.3\nqueue_depth = 3\nqueue_age_s = 2\n'
-                f'peer_silent_s = 2\nchain_every_s = 0.3\nprobe_timeout_s = 0.5\n'
-                f'webhook_url = "{hook.url}"\n')
+        f.write('\n[alerts]\nevery_s = 0.3\nqueue_depth = 3\nqueue_age_s = 2\n'
+                'peer_silent_s = 2\nchain_every_s = 0.3\nprobe_timeout_s = 0.5\n'
+                'webhook_url = "file:../secrets/core.alerts-url"\n')
     a.start("core", "chc")
     yield a
     a.stop_all()

@@ -221,6 +221,38 @@ def test_dsn_with_password_goes_to_a_secret_file(tmp_path: Path) -> None:
     )
 
 
+def test_alert_webhook_url_may_be_a_secret_reference(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # chat-robot webhooks carry their access key in the URL: the node file names where it is
+    nodes = write_alliance(tmp_path / "hook", MEMBERS, RULES)
+    url = "https://robot.example.cn/send?key=3f9a1c55-kept-out-of-the-node-file"
+    (tmp_path / "hook" / "secrets" / "alerts.url").write_text(url + "\n", encoding="utf-8")
+    with open(nodes["core"], "a", encoding="utf-8") as f:
+        f.write('\n[alerts]\nwebhook_url = "file:../secrets/alerts.url"\n')
+    assert load_node(nodes["core"]).alerts.webhook_url == url
+    assert url not in nodes["core"].read_text()
+    monkeypatch.setenv("HUTONG_ALERT_HOOK", "http://127.0.0.1:9/hook")
+    edit(nodes["core"], "file:../secrets/alerts.url", "env:HUTONG_ALERT_HOOK")
+    assert load_node(nodes["core"]).alerts.webhook_url == "http://127.0.0.1:9/hook"
+    assert load_node(nodes["chc"]).alerts.webhook_url is None
+    # the target must be an http(s) URL; the error does not quote what the secret holds
+    monkeypatch.setenv("HUTONG_ALERT_HOOK", "ftp://robot.example.cn/key=abc123")
+    with pytest.raises(ConfigError) as exc:
+        load_node(nodes["core"])
+    assert exc.value.problems == [
+        "nodes/core.toml: alerts.webhook_url: is not an http(s) URL for the alert webhook"]
+    monkeypatch.delenv("HUTONG_ALERT_HOOK")
+    with pytest.raises(ConfigError) as exc:
+        load_node(nodes["core"])
+    assert exc.value.problems == [
+        "nodes/core.toml: alerts.webhook_url: environment variable HUTONG_ALERT_HOOK is not set"]
+    edit(nodes["core"], "env:HUTONG_ALERT_HOOK", "ftp://inline.example.cn/hook")
+    with pytest.raises(ConfigError) as exc:
+        load_node(nodes["core"])
+    assert exc.value.problems == [
+        "nodes/core.toml: alerts.webhook_url: is not an http(s) URL for the alert webhook"]
+
+
 # --- a broken alliance: every problem at once -----------------------------------------------
 
 

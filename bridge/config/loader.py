@@ -38,9 +38,10 @@ from bridge.config.models import (
     RetentionSettings,
     check_dsn,
     split_bind,
+    webhook_url,
 )
 from bridge.config.rules import Rule, RuleSet
-from bridge.config.secrets import check_secret_ref, resolve_secret
+from bridge.config.secrets import check_secret_ref, is_secret_ref, resolve_secret
 from bridge.errors import ConfigError, HutongError
 
 ALLIANCE_FILE = "alliance.toml"
@@ -353,6 +354,7 @@ class _Node:
     tokens: dict[str, str] = field(default_factory=dict)
     passphrase: bytes | None = None
     dsn: str = ""
+    webhook_url: str | None = None
 
 
 def _check_node(
@@ -392,6 +394,18 @@ def _check_node(
                 path, f"tokens.{role}", f"same token as tokens.{same[0]}; each role needs its own"
             )
         node.tokens[role] = token
+
+    hook = _str(data, "alerts", "webhook_url")
+    if hook is not None and is_secret_ref(hook):
+        # a chat-robot webhook URL carries its own access key: keep it out of the node file
+        try:
+            node.webhook_url = webhook_url(resolve_secret(hook, base, allow_placeholder=True)
+                                           .strip())
+        except (ConfigError, ValueError) as exc:
+            msg = exc.problems[0] if isinstance(exc, ConfigError) else str(exc)
+            problems.add(path, "alerts.webhook_url", msg)
+    else:
+        node.webhook_url = hook
 
     dsn_ref = _ref(data, "storage_dsn")
     if dsn_ref is not None:
@@ -612,7 +626,7 @@ def _build_plan(alliance: _Alliance, node: _Node) -> NodePlan:
         ),
         config_hash=_config_hash(alliance, config),
         source_files=(alliance.path, node.path, *alliance.key_files),
-        alerts=config.alerts,
+        alerts=config.alerts.model_copy(update={"webhook_url": node.webhook_url}),
     )
 
 

@@ -254,11 +254,19 @@ class ReferralConfig(_Model):
     reminder_every_s: PositiveFloat = 60.0
 
 
-def _webhook_url(value: str) -> str:
+def webhook_url(value: str) -> str:
+    """An http(s) URL; the error does not quote it (a webhook URL may carry an access key)."""
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"{value!r} is not an http(s) URL for the alert webhook")
+        raise ValueError("is not an http(s) URL for the alert webhook")
     return value
+
+
+def _webhook_url(value: str) -> str:
+    """The node file holds the URL or a secret reference to it (``env:NAME``/``file:path``)."""
+    if is_secret_ref(value):
+        return check_secret_ref(value)
+    return webhook_url(value)
 
 
 class AlertsConfig(_Model):
