@@ -265,7 +265,7 @@ def audit_export(
     if fmt not in ("ndjson", "csv"):
         raise HutongError("--format must be ndjson or csv")
     ctx = _ctx(config)
-    stream = open(output, "w", encoding="utf-8", newline="") if output else sys.stdout
+    stream = open(output, "w", encoding="utf-8", newline="") if output else sys.stdout  # noqa: SIM115 - closed below unless stdout
     try:
         with ctx.store.read() as conn:
             export(conn, stream, since=_when(since), until=_when(until), fmt=fmt,

@@ -87,7 +87,7 @@ def _exchange_url(value: str) -> str:
     ):
         raise ValueError(f"{value!r} is not an http(s) URL such as http://127.0.0.1:9101")
     try:
-        parts.port
+        _ = parts.port  # raises on a malformed port
     except ValueError as exc:
         raise ValueError(f"{value!r} has an invalid port") from exc
     return value.rstrip("/")

@@ -117,7 +117,7 @@ def _re(pattern: str) -> Callable[[Any], bool]:
 
 
 # Field checks shared by seal, decode, stamps and receipts: (test, what it must be).
-_IS_TEXT = (_re(r"(?s).{1,%d}" % MAX_TEXT), f"a string of 1-{MAX_TEXT} characters")
+_IS_TEXT = (_re(rf"(?s).{{1,{MAX_TEXT}}}"), f"a string of 1-{MAX_TEXT} characters")
 _IS_UUID = (_re("[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"),
             "a lowercase hyphenated UUID")  # canonical form only: one spelling per packet id
 _IS_TIME = (lambda v: _time(v) is not None, "an RFC 3339 UTC time like 2025-01-31T08:00:00.000Z")
@@ -127,7 +127,7 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "id": _IS_UUID, "packet": _IS_UUID, "created_at": _IS_TIME, "relayed_at": _IS_TIME,
     "sender": _IS_TEXT, "recipient": _IS_TEXT, "kind": _IS_TEXT, "relay": _IS_TEXT,
     "receiver": _IS_TEXT, "at": _IS_TEXT,
-    "thread": (_re(r"(?s).{0,%d}" % MAX_TEXT), f"a string of 0-{MAX_TEXT} characters"),
+    "thread": (_re(rf"(?s).{{0,{MAX_TEXT}}}"), f"a string of 0-{MAX_TEXT} characters"),
     "seq": (lambda v: type(v) is int and 0 <= v < 1 << 63, "a non-negative integer"),
     "size": (lambda v: type(v) is int and 0 <= v < 1 << 32, "a non-negative integer"),
     "digest": (_re("[0-9a-f]{64}"), "64 lowercase hex digits"),
