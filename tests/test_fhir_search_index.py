@@ -317,17 +317,20 @@ def test_query_plans_use_the_indexes(db: Store, rtype: str, params: dict[str, st
         with db.read() as conn:
             plan = _plan(conn, stmt)
         what = f"{rtype}?{params} {kind}:\n{plan}"
-        # a count may take any index with the same leading columns (SQLite picks the narrowest)
-        assert index in plan if kind == "page" else ("INDEX" in plan.upper()), what
-        if kind != "page" and index.startswith("ix_fhir_token"):
-            assert "ix_fhir_token" in plan, what
         if db.is_sqlite:
+            # a count may take any index with the same leading columns (the narrowest)
+            assert index in plan if kind == "page" else "INDEX" in plan, what
+            if index.startswith("ix_fhir_token"):
+                assert "fhir_token USING COVERING INDEX ix_fhir_token" in plan, what
             assert not any(line.startswith("SCAN fhir_") for line in plan.splitlines()), what
             assert "SEARCH fhir_resource USING" in plan, what
             if ordered and kind == "page":  # the index gives the page order: no sort
                 assert "TEMP B-TREE" not in plan, what
         else:
+            # the planner's choice among indexes follows its statistics: no scan is the rule
             assert "Seq Scan" not in plan and "Index" in plan, what
+            if index.startswith("ix_fhir_token"):
+                assert "on fhir_token" in plan, what
             if ordered and kind == "page":
                 assert "Sort" not in plan, what
     # the cursor of a next page is a range of the same index
@@ -337,9 +340,9 @@ def test_query_plans_use_the_indexes(db: Store, rtype: str, params: dict[str, st
         where = [*q.where, (T.c.last_updated <= at) & ((T.c.last_updated < at) | (T.c.id > "x"))]
         with db.read() as conn:
             plan = _plan(conn, store.page_query(rtype, where, 21))
-        assert index in plan and "Seq Scan" not in plan and "SCAN fhir_" not in plan, plan
+        assert "Seq Scan" not in plan and "SCAN fhir_" not in plan, plan
         if db.is_sqlite:
-            assert "last_updated<?" in plan, plan
+            assert index in plan and "last_updated<?" in plan, plan
 
 
 def test_token_rows_are_each_distinct_identifier_once() -> None:

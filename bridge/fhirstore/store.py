@@ -26,6 +26,8 @@ from sqlalchemy import (
     tuple_,
     update,
 )
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.types import Boolean
 
 from bridge.errors import NotFound
 from bridge.fhirstore.tables import FHIR_HISTORY, FHIR_RESOURCE, FHIR_TOKEN, TOKEN_CHARS
@@ -185,6 +187,32 @@ def by_thread(conn: Connection, thread: str, rtype: str | None = None) -> list[d
     return [orjson.loads(r.body) for r in conn.execute(stmt)]
 
 
+class _TokenMatch(ColumnElement[bool]):
+    """The same condition written for each planner: ``any_of`` (one ``(rtype, id) IN (...)``
+    per value, ORed) on SQLite, ``one_in`` (one ``IN`` whose subquery ORs the values) elsewhere.
+    SQLite looks each OR branch up on its own index ("MULTI-INDEX OR") but reads an OR inside
+    one subquery as a range over (rtype, param); PostgreSQL turns one ``IN`` into a semi-join
+    but an OR of several into a sequential scan with hashed subplans."""
+
+    type = Boolean()
+    inherit_cache = False  # built per request; never cached
+    _is_implicitly_boolean = True  # a condition as it stands (no "= 1" on SQLite)
+
+    def __init__(self, any_of: ColumnElement[bool], one_in: ColumnElement[bool]) -> None:
+        self.any_of = any_of
+        self.one_in = one_in
+
+
+@compiles(_TokenMatch)
+def _token_match(element: _TokenMatch, compiler: Any, **kw: Any) -> str:
+    return str(compiler.process(element.one_in, **kw))
+
+
+@compiles(_TokenMatch, "sqlite")
+def _token_match_sqlite(element: _TokenMatch, compiler: Any, **kw: Any) -> str:
+    return "(" + str(compiler.process(element.any_of, **kw)) + ")"
+
+
 def identifier_match(rtype: str, values: Sequence[str]) -> ColumnElement[bool]:
     """Condition on ``fhir_resource``: one of its identifiers matches one of ``values``, each
     FHIR token syntax: ``system|value``, ``|value`` (no system), ``system|`` (any value) or
@@ -193,18 +221,24 @@ def identifier_match(rtype: str, values: Sequence[str]) -> ColumnElement[bool]:
     It implies ``rtype``: give it to ``page_query`` / ``count_query`` with ``typed=False``.
     With ``fhir_resource.rtype = ?`` beside it, SQLite (no statistics) walks the type's page-
     order index and tests every row against the token list (measured: 100 ms at 100 k
-    Patients); one ``(rtype, id) IN (...)`` per value, ORed, makes it look each token up."""
-    alts = []
+    Patients); without it, it looks each token up (``_TokenMatch``)."""
+    conds = []
     for raw in values:
         if "|" not in raw:
-            cond = TOK.c.value == token_key(raw)
-        else:
-            system, _, value = raw.partition("|")
-            cond = (and_(TOK.c.system == token_key(system), TOK.c.value == token_key(value))
-                    if value else TOK.c.system == token_key(system))
-        alts.append(tuple_(T.c.rtype, T.c.id).in_(select(TOK.c.rtype, TOK.c.id).where(
-            TOK.c.rtype == rtype, TOK.c.param == IDENTIFIER, cond)))
-    return or_(*alts)
+            conds.append(TOK.c.value == token_key(raw))
+            continue
+        system, _, value = raw.partition("|")
+        conds.append(and_(TOK.c.system == token_key(system), TOK.c.value == token_key(value))
+                     if value else TOK.c.system == token_key(system))
+    key = tuple_(T.c.rtype, T.c.id)
+
+    def tokens(cond: ColumnElement[bool]) -> Any:
+        return select(TOK.c.rtype, TOK.c.id).where(TOK.c.rtype == rtype,
+                                                   TOK.c.param == IDENTIFIER, cond)
+
+    if len(conds) == 1:
+        return key.in_(tokens(conds[0]))
+    return _TokenMatch(or_(*(key.in_(tokens(c)) for c in conds)), key.in_(tokens(or_(*conds))))
 
 
 def find_by_identifier(conn: Connection, rtype: str, system: str, value: str) -> dict[str, Any] | None:
