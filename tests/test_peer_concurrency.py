@@ -32,8 +32,10 @@ pytestmark = pytest.mark.slow
 MEMBERS = [
     {"id": "core", "zh": "复兴医院", "en": "Fuxing Hospital", "role": "core"},
     {"id": "chc", "zh": "月坛社区卫生服务中心", "en": "Yuetan CHC", "role": "community"},
+    {"id": "gw", "zh": "广外医院", "en": "Guangwai Hospital", "role": "secondary"},
 ]
-RULES = [{"from": "chc", "to": "core", "kinds": ["result.lab"]}]
+RULES = [{"from": "chc", "to": "core", "kinds": ["result.lab"]},
+         {"from": "chc", "to": "gw", "kinds": ["result.lab"]}]
 SLOW_S = 0.4  # the receiver's slow point: each intake answers this long after its commit
 BATCH = 6
 
@@ -46,23 +48,29 @@ def configure(a: Alliance, node: str, section: str, **settings: object) -> None:
     path.write_text(text + f"\n[{section}]\n" + "\n".join(lines) + "\n")
 
 
-def alliance(tmp_path: Path, k: int, **limits: object) -> Alliance:
-    a = Alliance(tmp_path / f"alliance-k{k}", MEMBERS, RULES)
+def alliance(tmp_path: Path, k: int, members: int = 2) -> Alliance:
+    """core, chc (the sender, k batches per peer) and with ``members=3`` also gw."""
+    a = Alliance(tmp_path / f"alliance-k{k}", MEMBERS[:members], RULES[: members - 1])
     configure(a, "chc", "delivery", batch_size=BATCH, per_peer_concurrency=k,
               poll_interval_s=0.2, backoff_base_s=0.3, backoff_max_s=1.0)
-    if limits:
-        configure(a, "core", "limits", **limits)
     return a
 
 
-def queue_interleaved(node: NodeProcess, threads: int, per_thread: int, tag: str) -> Ledger:
+def up(*nodes: NodeProcess) -> None:
+    """Wait for started nodes (generous: this shared 2-core machine starts them slowly)."""
+    for node in nodes:
+        node.wait_ready(timeout=90)
+
+
+def queue_interleaved(node: NodeProcess, to: str, threads: int, per_thread: int,
+                      tag: str) -> Ledger:
     """Queue threads x per_thread packets in one request (one commit), the threads'
     packets interleaved: t0#0, t1#0, ..., t0#1, t1#1, ... A Ledger of what was queued."""
     items: list[dict[str, Any]] = []
     for i in range(per_thread):
         for t in range(threads):
             marker = f"{tag}-t{t}-{i}"
-            items.append({"to": "core", "kind": "result.lab", "thread": f"{tag}-t{t}",
+            items.append({"to": to, "kind": "result.lab", "thread": f"{tag}-t{t}",
                           "bundle": _bundle(marker)})
     res = node.api("POST", "/local/v1/packets", items)["results"]
     ledger = Ledger()
@@ -129,13 +137,21 @@ def check_arrived_in_order(receiver: NodeProcess, ledger: Ledger) -> None:
         assert seqs == list(range(1, len(ids) + 1)), thread
 
 
-def check_sent_once(sender: NodeProcess, ledger: Ledger) -> None:
+def all_answered(sender: NodeProcess) -> bool:
+    """The sender has recorded an answer for every row (it records a round's answers once
+    every partition has answered, after the receiver may already have delivered them)."""
+    return not rows(sender, "SELECT id FROM outbox WHERE state = 'queued'")
+
+
+def check_sent_once(sender: NodeProcess, to: str, ledger: Ledger) -> None:
     """Never in flight twice: one attempt and one 'sent' audit entry per packet."""
-    out = rows(sender, "SELECT packet_id, state, attempts FROM outbox")
+    wait_for(lambda: all_answered(sender), timeout=60, what="the sender to record every answer")
+    out = rows(sender, "SELECT packet_id, state, attempts FROM outbox WHERE recipient = :r",
+               r=to)
     assert {(pid, state, attempts) for pid, state, attempts in out} == {
         (pid, "acknowledged", 1) for pid in ledger.marker}
-    sent = Counter(pid for (pid,) in rows(
-        sender, "SELECT packet_id FROM audit WHERE action = 'sent'"))
+    sent = Counter(pid for pid, peer in rows(
+        sender, "SELECT packet_id, peer FROM audit WHERE action = 'sent'") if peer == to)
     assert sent == Counter(set(ledger.marker))
 
 
@@ -148,57 +164,67 @@ def test_partition_of_is_stable_and_spreads_threads() -> None:
     assert partition_of(None, 4) == partition_of("", 4)
 
 
-@pytest.mark.parametrize("k", [1, 4])
-def test_k_batches_in_flight_each_thread_in_order(tmp_path: Path, k: int,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """k = 4: the receiver sees overlapping batches; k = 1 (the control): it never does.
-    Either way every packet arrives once, in order within its thread, sent once."""
-    a = alliance(tmp_path, k)
-    chc, core = a.node("chc"), a.node("core")
+def test_four_batches_in_flight_each_thread_in_order(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """k = 4 to two peers at once. core is slow (HUTONG_FAULT_DELAY): it sees overlapping
+    batches, and gets every packet once, in order within its thread, each sent once. gw
+    refuses batches over its rate (HTTP 429, nothing of the batch taken): its refused
+    partitions wait while the others go on, and no later packet of a waiting thread overtakes
+    its older ones (each partition holds more than one batch of its threads)."""
+    a = alliance(tmp_path, 4, members=3)
+    configure(a, "gw", "limits", peer_rate_per_s=12, peer_burst=12)
+    chc, core, gw = a.node("chc"), a.node("core"), a.node("gw")
     try:
         start_with(core, monkeypatch, HUTONG_FAULT_DELAY=f"intake.after_commit:{SLOW_S}")
-        a.start("chc")
-        core.wait_ready()
-        ledger = queue_interleaved(chc, threads=16, per_thread=5, tag=f"k{k}")
-        wait_for(lambda: len(spooled(core)) >= ledger.total, timeout=120,
-                 what="every packet at the receiving HIS")
-        check_arrived_in_order(core, ledger)
-        check_sent_once(chc, ledger)
-        check_delivered_once(core, ledger, chc, core)
-        if k == 1:
-            assert overlaps(core) == 0
-            assert split_rounds(core) == 0
-        else:
-            assert overlaps(core) >= 1
-            assert split_rounds(core) >= 1
-            # at most k at once: a round's batches are sealed at one instant
-            per_stamp: Counter[datetime] = Counter()
-            for _, stamps in intakes(core):
-                per_stamp.update(stamps)
-            assert max(per_stamp.values()) <= k
+        chc.start()
+        gw.start()
+        up(core, chc, gw)
+        slow = queue_interleaved(chc, "core", threads=16, per_thread=5, tag="slow")
+        rated = queue_interleaved(chc, "gw", threads=12, per_thread=5, tag="rate")
+        wait_for(lambda: len(spooled(core)) >= slow.total, timeout=120,
+                 what="every packet at the slow peer's HIS")
+        wait_for(lambda: len(spooled(gw)) >= rated.total, timeout=120,
+                 what="every packet at the rate-limited peer's HIS")
+
+        check_arrived_in_order(core, slow)
+        check_sent_once(chc, "core", slow)
+        check_delivered_once(core, slow, chc, core)
+        assert overlaps(core) >= 1
+        assert split_rounds(core) >= 1
+        per_stamp: Counter[datetime] = Counter()  # never more than k batches a round
+        for _, stamps in intakes(core):
+            per_stamp.update(stamps)
+        assert max(per_stamp.values()) <= 4
+
+        refused = [peer for peer, resource in rows(
+            gw, "SELECT peer, resource FROM audit WHERE action = 'refused'")
+            if RateLimited.code in resource]
+        assert refused and set(refused) == {"chc"}  # some batches were refused, then taken
+        check_arrived_in_order(gw, rated)
+        check_sent_once(chc, "gw", rated)  # a 429 is not a failed attempt
+        check_delivered_once(gw, rated, gw)
     finally:
         stop_together(a)
 
 
-def test_refused_partition_is_not_overtaken(tmp_path: Path) -> None:
-    """The receiver refuses batches over its rate (HTTP 429, nothing of the batch taken):
-    refused partitions wait while the others go on, and no later packet of a waiting thread
-    overtakes its older ones (each partition holds more than one batch of its threads)."""
-    a = alliance(tmp_path, 4, peer_rate_per_s=12, peer_burst=12)
+def test_one_batch_in_flight_by_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The control, k = 1 (the default): the same slow receiver never sees two batches at
+    once, and never two batches of one sender round."""
+    a = alliance(tmp_path, 1)
     chc, core = a.node("chc"), a.node("core")
     try:
-        a.start("core", "chc")
-        ledger = queue_interleaved(chc, threads=12, per_thread=5, tag="rate")
+        start_with(core, monkeypatch, HUTONG_FAULT_DELAY=f"intake.after_commit:{SLOW_S}")
+        chc.start()
+        up(core, chc)
+        ledger = queue_interleaved(chc, "core", threads=8, per_thread=3, tag="one")
         wait_for(lambda: len(spooled(core)) >= ledger.total, timeout=120,
                  what="every packet at the receiving HIS")
-        refused = [peer for peer, resource in rows(
-            core, "SELECT peer, resource FROM audit WHERE action = 'refused'")
-            if RateLimited.code in resource]
-        assert refused and set(refused) == {"chc"}  # some batches were refused, then taken
+        assert len(intakes(core)) >= ledger.total // BATCH  # several batches
+        assert overlaps(core) == 0
+        assert split_rounds(core) == 0
         check_arrived_in_order(core, ledger)
+        check_sent_once(chc, "core", ledger)
         check_delivered_once(core, ledger, chc, core)
-        out = rows(chc, "SELECT state, attempts FROM outbox")
-        assert Counter(out) == Counter({("acknowledged", 1): ledger.total})  # 429: no attempt
     finally:
         stop_together(a)
 
@@ -213,18 +239,19 @@ def test_receiver_killed_with_batches_in_flight(tmp_path: Path,
     try:
         start_with(core, monkeypatch, HUTONG_FAULT="intake.after_commit:2",
                    HUTONG_FAULT_DELAY=f"intake.after_commit:{SLOW_S}")
-        a.start("chc")
-        core.wait_ready()
-        ledger = queue_interleaved(chc, threads=16, per_thread=5, tag="kill")
+        chc.start()
+        up(core, chc)
+        ledger = queue_interleaved(chc, "core", threads=12, per_thread=4, tag="kill")
         wait_for(lambda: dead(core), timeout=60, what="the receiver to die at its fault point")
         taken = len(rows(core, "SELECT id FROM inbox"))
         assert 0 < taken < ledger.total
         core.start()  # without the fault
-        core.wait_ready()
+        up(core)
         wait_for(lambda: len(spooled(core)) >= ledger.total, timeout=120,
                  what="every packet at the receiving HIS")
         check_arrived_in_order(core, ledger)
         check_delivered_once(core, ledger, chc, core)
+        wait_for(lambda: all_answered(chc), timeout=60, what="the sender to record every answer")
         assert {s for (s,) in rows(chc, "SELECT state FROM outbox")} == {"acknowledged"}
         retried = rows(chc, "SELECT packet_id FROM outbox WHERE attempts > 1")
         assert retried  # some batches failed with the receiver and went again
