@@ -54,10 +54,10 @@ RULES = [{"from": "chc", "to": "core", "kinds": KINDS},
 #: each role's token, and no token at all (None)
 ROLES = ("clinician", "it", "auditor", None)
 #: the four conformance checks. Not run: positive_data_acceptance (schema-valid input is refused
-#: by design: a token of the wrong role, or a Bundle that matches the loose OpenAPI object
-#: schema but not the R4 schema), negative_data_rejection (path strings such as a resource type
-#: or id are free text in the OpenAPI document; the route answers 404/400, which it should),
-#: ignored_auth (no OpenAPI security scheme is declared; each role is sent explicitly here)
+#: by design: the OpenAPI document describes bodies loosely, e.g. POST /fhir as "an object with
+#: resourceType Bundle", and {"resourceType": "Bundle"} is rightly refused as not a transaction;
+#: tried, it fails only that way), negative_data_rejection (judged against the same loose
+#: schemas), ignored_auth (no OpenAPI security scheme is declared; each role is sent explicitly)
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
           response_schema_conformance]
 #: examples per operation (each sent with 4 tokens); keeps the file well under 90 s
