@@ -137,6 +137,12 @@ def _node_toml(node_id: str, local: str, peer: str, dsn: str | None) -> str:
         "[tokens]",
     ]
     lines += [f"{role} = {_q(f'file:../secrets/{node_id}.{role}.token')}" for role in TOKEN_ROLES]
+    lines += [
+        "",
+        "# Delivery settings go in a 'delivery' table (README, Performance): for example",
+        "# per_peer_concurrency = 4 keeps up to 4 batches in flight to each peer (default 1,",
+        "# one at a time); each thread's packets still go one batch at a time, in order.",
+    ]
     return "\n".join(lines) + "\n"
 
 
