@@ -63,6 +63,12 @@ def replay_cli(node: NodeProcess, item_id: int) -> tuple[int, str]:
     return done.returncode, (done.stdout + done.stderr).replace("\n", " ")
 
 
+def replay_api(node: NodeProcess, item_id: int) -> tuple[bool, str]:
+    """The same replay through the local API (what the CLI and the IT page call)."""
+    res = node.api("POST", f"/local/v1/quarantine/{item_id}/replay")
+    return res["ok"], res["result"]
+
+
 def replayed_audit(node: NodeProcess) -> list[tuple[str, str]]:
     rows = csv.DictReader(io.StringIO(node.cli("audit", "export", "--format", "csv").stdout))
     return [(r["outcome"], r.get("outcomeDesc") or r.get("message") or "") for r in rows
@@ -112,8 +118,8 @@ def test_db_unknown_code_replayed_after_the_mapping_fix(db_site: Any) -> None:
     assert not received(core_db, s.slip_no)
 
     # replayed before the fix: still refused with its reason, still held, not quarantined twice
-    code, text = replay_cli(chc, item["id"])
-    assert code == 1 and "still refused: HT-LOCAL-CODE" in text and "YTZ-77" in text
+    ok, text = replay_api(chc, item["id"])
+    assert not ok and text.startswith("HT-LOCAL-CODE: ") and "YTZ-77" in text
     assert f"record ZZ_SQD#{first} field ZDDM" in text
     assert [q["id"] for q in item_for(chc, f"ZZ_SQD#{first}")] == [item["id"]]
     assert len(held(chc)) == 2
@@ -139,10 +145,9 @@ def test_db_unknown_code_replayed_after_the_mapping_fix(db_site: Any) -> None:
 
     # the replayed item cannot be replayed again; the second copy of the form is now a
     # duplicate of what was sent: still held, with that new reason
-    code, text = replay_cli(chc, item["id"])
-    assert code == 1 and f"item {item['id']} is replayed, not held" in text
-    code, text = replay_cli(chc, other["id"])
-    assert code == 1 and "still refused: HT-LOCAL-DUPLICATE" in text
+    assert replay_api(chc, item["id"]) == (False, f"item {item['id']} is replayed, not held")
+    ok, text = replay_api(chc, other["id"])
+    assert not ok and text.startswith("HT-LOCAL-DUPLICATE: ")
     assert f"already sent as ZZ_SQD#{first}" in text
     (still,) = item_for(chc, f"ZZ_SQD#{second}")
     assert still["id"] == other["id"]
@@ -170,8 +175,8 @@ def test_db_row_corrected_by_the_his_or_deleted(db_site: Any) -> None:
     # the HIS corrects the birth date in place: the replay reads the row again
     with chc_db.tx() as conn:
         conn.execute(update(ZZ_SQD).where(ZZ_SQD.c.ID == bad_date).values(CSRQ="19500315"))
-    code, text = replay_cli(chc, date_item["id"])
-    assert code == 0 and f"ZZ_SQD#{bad_date} taken (row re-read from the HIS)" in text, text
+    assert replay_api(chc, date_item["id"]) == (
+        True, f"ZZ_SQD#{bad_date} taken (row re-read from the HIS)")
     got = wait_for(lambda: received(core_db, fixed.slip_no), timeout=60, what="corrected row")
     assert [asdict(x) for x in got] == [asdict(as_received(fixed))]
 
@@ -182,9 +187,8 @@ def test_db_row_corrected_by_the_his_or_deleted(db_site: Any) -> None:
     with chc_db.tx() as conn:
         conn.execute(delete(ZZ_SQD).where(ZZ_SQD.c.ID == deleted))
     add_mapping(diagnosis_csv, "YTZ-78")
-    code, text = replay_cli(chc, gone_item["id"])
-    assert code == 0, text
-    assert f"ZZ_SQD#{deleted} taken (kept copy: the row is gone from the HIS)" in text
+    assert replay_api(chc, gone_item["id"]) == (
+        True, f"ZZ_SQD#{deleted} taken (kept copy: the row is gone from the HIS)")
     got = wait_for(lambda: received(core_db, gone.slip_no), timeout=60, what="kept row")
     assert [asdict(x) for x in got] == [asdict(replace(as_received(gone),
                                                        diagnosis_code="FXZD0102"))]
@@ -211,10 +215,8 @@ def test_db_row_quarantined_twice_is_sent_once(db_site: Any,
     wait_for(lambda: len(item_for(chc, f"ZZ_SQD#{rid}")) == 2, what="the second quarantine")
     one, two = item_for(chc, f"ZZ_SQD#{rid}")
     add_mapping(diagnosis_csv, "YTZ-79")
-    code, text = replay_cli(chc, one["id"])
-    assert code == 0 and f"ZZ_SQD#{rid} taken" in text, text
-    code, text = replay_cli(chc, two["id"])
-    assert code == 0 and f"replayed: ZZ_SQD#{rid} was already taken" in text, text
+    assert replay_api(chc, one["id"]) == (True, f"ZZ_SQD#{rid} taken (row re-read from the HIS)")
+    assert replay_api(chc, two["id"]) == (True, f"ZZ_SQD#{rid} was already taken")
     assert item_for(chc, f"ZZ_SQD#{rid}") == []
     assert [q["id"] for q in item_for(chc, f"ZZ_SQD#{rid}", "replayed")] == [one["id"],
                                                                              two["id"]]
@@ -305,8 +307,7 @@ def test_ws_unknown_code_replayed_after_the_mapping_fix(ws_site: Any) -> None:
     assert got[0].custodian == "yuetan-chc"
 
     # the second copy of the same document: taken already, nothing sent again
-    code, text = replay_cli(chc, again["id"])
-    assert code == 0 and f"replayed: document {doc} (referral) was already taken" in text, text
+    assert replay_api(chc, again["id"]) == (True, f"document {doc} (referral) was already taken")
     # the edited copy under the same id is now a duplicate with other content: held
     code, text = replay_cli(chc, edited["id"])
     assert code == 1 and f"still refused: HT-WS-DUPLICATE: record {doc} field " \
