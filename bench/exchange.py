@@ -99,6 +99,9 @@ SIZES = {4096: 3, 65536: 80}
 KIB = {4096: "4 KiB", 65536: "64 KiB"}
 COMMITS_PER_BATCH = 2  # B commits the batch's inbox rows, A commits the receipts it got back
 MANY_THREADS = 50
+#: packets/s offered in the latency run: about half of what B sustains with its local delivery
+#: running (results stored), so the figure is the path's latency rather than a queue's length
+LATENCY_RATE = 100.0
 
 
 @dataclass
@@ -116,9 +119,9 @@ class Settings:
 
 def settings(quick: bool) -> Settings:
     if quick:  # the 1-thread run at 64 KiB is left out to stay under a minute
-        return Settings(True, 0.15, {4096: 1000, 65536: 200}, 200.0, 3.0, 10, 600,
+        return Settings(True, 0.12, {4096: 1000, 65536: 200}, LATENCY_RATE, 3.0, 10, 600,
                         ((4096, MANY_THREADS), (4096, 1), (65536, MANY_THREADS)))
-    return Settings(False, 0.5, {4096: 5000, 65536: 1000}, 200.0, 10.0, 10, 2000,
+    return Settings(False, 0.5, {4096: 5000, 65536: 1000}, LATENCY_RATE, 10.0, 10, 2000,
                     ((4096, MANY_THREADS), (4096, 1), (65536, MANY_THREADS), (65536, 1)))
 
 
@@ -402,6 +405,7 @@ class PgServer:
         self.admin_dsn: str | None = None
         self.dbs: dict[str, str] = {}
         self.durable: str = "?"
+        self.version: str | None = None
         self.skip_reason: str | None = None
         try:
             if given:
@@ -419,10 +423,8 @@ class PgServer:
                 fsync = conn.execute("SHOW fsync").fetchone()[0]
                 sync = conn.execute("SHOW synchronous_commit").fetchone()[0]
                 self.durable = f"fsync={fsync}, synchronous_commit={sync}"
-                for node in (A, B):
-                    name = f"hutong_bench_{node}_{secrets.token_hex(4)}"
-                    conn.execute(f'CREATE DATABASE "{name}" ENCODING \'UTF8\' TEMPLATE template0')
-                    self.dbs[node] = with_database(self.admin_dsn, name)
+                self.version = conn.execute("SHOW server_version").fetchone()[0]
+            self.new_dbs()
         except BaseException as exc:  # pytest.skip() from conftest is a BaseException
             if isinstance(exc, KeyboardInterrupt):
                 raise
@@ -433,7 +435,22 @@ class PgServer:
     def ok(self) -> bool:
         return self.skip_reason is None
 
-    def close(self) -> None:
+    def new_dbs(self) -> dict[str, str]:
+        """Drop the current pair of databases and make two fresh ones (A and B), so one server
+        (one cluster start) serves every PostgreSQL section of a run."""
+        import psycopg
+
+        self.drop_dbs()
+        assert self.admin_dsn is not None
+        with psycopg.connect(libpq_url(self.admin_dsn), autocommit=True,
+                             connect_timeout=10) as conn:
+            for node in (A, B):
+                name = f"hutong_bench_{node}_{secrets.token_hex(4)}"
+                conn.execute(f'CREATE DATABASE "{name}" ENCODING \'UTF8\' TEMPLATE template0')
+                self.dbs[node] = with_database(self.admin_dsn, name)
+        return self.dbs
+
+    def drop_dbs(self) -> None:
         if self.dbs and self.admin_dsn:
             try:
                 import psycopg
@@ -444,7 +461,10 @@ class PgServer:
                         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
             except Exception as exc:  # noqa: BLE001 - best effort: the temp dir goes anyway
                 console.print(f"[yellow]could not drop the bench databases: {exc}[/]")
-            self.dbs = {}
+        self.dbs = {}
+
+    def close(self) -> None:
+        self.drop_dbs()
         if self.cluster is not None:
             with contextlib.suppress(BaseException):
                 self.cluster.stop()
@@ -459,17 +479,19 @@ class PgServer:
 class Reader:
     """Plain read-only queries against a node's database (never through the node)."""
 
-    def __init__(self, dsn: str) -> None:
+    def __init__(self, dsn: str, write: bool = False) -> None:
         self.sqlite = dsn.startswith("sqlite:///")
         if self.sqlite:
             self.conn: Any = sqlite3.connect(dsn[len("sqlite:///"):], timeout=30,
                                              isolation_level=None)
-            self.conn.execute("PRAGMA query_only = 1")
+            if not write:
+                self.conn.execute("PRAGMA query_only = 1")
         else:
             import psycopg
 
             self.conn = psycopg.connect(libpq_url(dsn), autocommit=True)
-            self.conn.execute("SET default_transaction_read_only = on")
+            if not write:
+                self.conn.execute("SET default_transaction_read_only = on")
 
     def rows(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
         if not self.sqlite:
@@ -552,12 +574,21 @@ def pct(values: list[float], p: float) -> float:
 class Pair:
     """A -> B, scaffolded as the tests do; B runs throughout, A is stopped and started."""
 
-    def __init__(self, folder: Path, backend: str, dsns: dict[str, str] | None) -> None:
+    def __init__(self, folder: Path, backend: str, dsns: dict[str, str] | None,
+                 start_b: bool = True) -> None:
+        """``start_b=False``: B's store is created but B is left stopped (``restart_b`` starts
+        it), for a caller that loads B's store first."""
         self.backend = backend
         self.alliance = Alliance(folder, MEMBERS, RULES,
                                  dsn_for=(lambda n: dsns[n]) if dsns else None)
         self.a = self.alliance.node(A)
         self.b = self.alliance.node(B)
+        self.rb: Reader | None = None
+        self._b_starting = False
+        if not start_b:
+            for node in (self.a, self.b):
+                NodeContext.open(node.plan).store.dispose()  # creates the tables
+            return
         self.alliance.start(B)
         self.rb = Reader(self.b.plan.storage_dsn)
         self.warm_up()
@@ -585,9 +616,40 @@ class Pair:
         finally:
             conn.close()
 
+    def restart_b(self) -> None:
+        """A fresh B for the next run: B is killed (SIGKILL: nothing it accepted is lost, and
+        it need not finish its delivery batch first), the packets it has not yet handed to its
+        local side are marked delivered in its database (bench only: the previous run's local
+        deliveries must not eat the next run's CPU, and waiting for them costs 10-80 s a run),
+        then B is started; ``ready_b`` (called by every run once its packets are queued, so B's
+        start-up overlaps the queueing) waits for it and warms it up again. Its peak RSS then
+        counts from this start."""
+        self.b.kill()
+        if self.rb is not None:
+            self.rb.close()
+        with contextlib.suppress(Exception):
+            w = Reader(self.b.plan.storage_dsn, write=True)
+            try:
+                w.rows("UPDATE inbox SET state = 'delivered' WHERE state = 'received'"
+                       " RETURNING id")
+            finally:
+                w.close()
+        self.b.start()
+        self._b_starting = True
+
+    def ready_b(self) -> None:
+        """Wait for a B that ``restart_b`` started, open the reader, warm it up."""
+        if not self._b_starting:
+            return
+        self.b.wait_ready()
+        self.rb = Reader(self.b.plan.storage_dsn)
+        self.warm_up()
+        self._b_starting = False
+
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.rb.close()
+        self.b.kill()  # the rest of its delivery backlog does not matter: the data go now
         self.alliance.stop_all()
 
     def logs(self) -> str:
@@ -615,16 +677,21 @@ def queue_direct(plan: Any, bodies: list[bytes], threads: list[str]) -> list[str
 
 
 def throughput(pair: Pair, size: int, n: int, nthreads: int, tag: str,
-               timeout: float, spy: Spy | None = None) -> dict[str, Any]:
-    a, rb = pair.a, pair.rb
+               timeout: float, spy: Spy | None = None, wait_delivered: bool = True
+               ) -> dict[str, Any]:
+    """One run; with ``wait_delivered`` the clock also runs until B's local side has all N
+    (end to end), else it stops once B has received and A has recorded every receipt."""
+    a = pair.a
     a.stop()
-    b_before = rb.scalar("SELECT COALESCE(MAX(id), 0) FROM inbox")
     prefix = f"{tag}-{secrets.token_hex(3)}"
     threads = [f"{prefix}-{i % nthreads}" for i in range(n)]
     bodies = [body_of(size) for _ in range(n)]
     t = time.perf_counter()
     ids = queue_direct(a.plan, bodies, threads)
     queue_s = time.perf_counter() - t
+    pair.ready_b()
+    rb = pair.rb
+    b_before = rb.scalar("SELECT COALESCE(MAX(id), 0) FROM inbox")
     ra = Reader(a.plan.storage_dsn)
     a_before = ra.scalar("SELECT MIN(id) FROM outbox WHERE packet_id = ?", ids[0]) - 1
     b_pid = pid_of(pair.b)
@@ -640,7 +707,7 @@ def throughput(pair: Pair, size: int, n: int, nthreads: int, tag: str,
     try:
         while time.perf_counter() < deadline:
             now = time.perf_counter()
-            if received_s is None or delivered_s is None:
+            if received_s is None or (wait_delivered and delivered_s is None):
                 got, done = rb.rows(
                     "SELECT COUNT(*), COALESCE(SUM(CASE WHEN state = 'delivered' THEN 1 ELSE 0"
                     " END), 0) FROM inbox WHERE id > ?", b_before)[0]
@@ -662,7 +729,8 @@ def throughput(pair: Pair, size: int, n: int, nthreads: int, tag: str,
                                   " 'acknowledged'", a_before)
                 if acked >= n:
                     acked_s = now - t0
-            if received_s is not None and acked_s is not None and delivered_s is not None:
+            if received_s is not None and acked_s is not None and (
+                    delivered_s is not None or not wait_delivered):
                 break
             if a.proc is not None and a.proc.poll() is not None:
                 raise RuntimeError(f"node A exited during the run\n{pair.logs()}")
@@ -688,7 +756,7 @@ def throughput(pair: Pair, size: int, n: int, nthreads: int, tag: str,
         "steady_pps": steady, "steady_span_s": span,
         "batches": len(set(times)),
         "mb_per_s": steady * size / 1e6,
-        "delivered_pps": n / delivered_s,
+        "delivered_pps": n / delivered_s if delivered_s else None,
         "cpu_a": used[0] / window, "cpu_b": used[1] / window,
         "cpu_db": used[4] / window if is_pg else None,  # the PostgreSQL server's processes
         # busy cores not spent by A, B, the database or this process: other users of the machine
@@ -725,6 +793,7 @@ class LocalClient:
 
 
 def latency(pair: Pair, cfg: Settings, size: int = 4096) -> dict[str, Any]:
+    pair.ready_b()
     a, rb = pair.a, pair.rb
     if pid_of(a) is None:
         a.start()
@@ -757,14 +826,13 @@ def latency(pair: Pair, cfg: Settings, size: int = 4096) -> dict[str, Any]:
     try:
         while time.perf_counter() < deadline:
             got = rb.scalar("SELECT COUNT(*) FROM inbox WHERE id > ?", b_before)
-            acked = ra.scalar("SELECT COUNT(*) FROM outbox WHERE packet_id IN (?, ?) AND state ="
-                              " 'acknowledged'", ids[0], ids[-1])
-            if got >= total and acked == 2:
+            acked = ra.scalar("SELECT COUNT(*) FROM outbox WHERE id >= (SELECT id FROM outbox"
+                              " WHERE packet_id = ?) AND state = 'acknowledged'", ids[0])
+            if got >= total and acked >= total:
                 break
             time.sleep(0.02)
         else:
             raise TimeoutError(f"latency run: packets did not all arrive\n{pair.logs()}")
-        time.sleep(0.3)  # last receipts recorded
         recv = {r[0]: ts(r[1]) for r in rb.rows(
             "SELECT packet_id, received_at FROM inbox WHERE id > ?", b_before)}
         first = ra.scalar("SELECT id FROM outbox WHERE packet_id = ?", ids[0])
@@ -788,10 +856,16 @@ def node_to_node(root: Path, backend: str, dsns: dict[str, str] | None, cfg: Set
     console.print(f"[bold]node to node, {backend}[/]: scaffolding and starting B ...")
     pair = Pair(root / f"alliance-{backend}", backend, dsns)
     try:
-        for size, nthreads in cfg.variants:
+        for i, (size, nthreads) in enumerate(cfg.variants):
             tag = f"{backend}-{size // 1024}k-{nthreads}t"
-            use_spy = spy if (size, nthreads) == cfg.variants[0] else None
-            r = throughput(pair, size, cfg.n[size], nthreads, tag, cfg.timeout_s, use_spy)
+            first = i == 0
+            if not first:
+                pair.restart_b()  # B idle and fresh, its previous backlog skipped
+            # only SQLite's first run waits for B's local delivery (the end-to-end figure;
+            # on PostgreSQL it cost 20-75 s a run, more than the rest of the run)
+            r = throughput(pair, size, cfg.n[size], nthreads, tag, cfg.timeout_s,
+                           spy if first else None,
+                           wait_delivered=first and backend == "sqlite")
             results["throughput"].append(r)
             console.print(
                 f"  {KIB[size]:>6} x {cfg.n[size]:>5}, {nthreads:>2} thread(s): "
@@ -800,6 +874,7 @@ def node_to_node(root: Path, backend: str, dsns: dict[str, str] | None, cfg: Set
                 f"B {r['cpu_b']:.0%}" + ("" if r["cpu_db"] is None else
                                          f" db {r['cpu_db']:.0%}") +
                 f", others {r['cpu_others']:.0%}")
+        pair.restart_b()
         r = latency(pair, cfg)
         results["latency"].append(r)
         console.print(f"  latency at {r['achieved_rate']:.0f}/s: received p50 "
@@ -1064,7 +1139,8 @@ def report(results: dict[str, Any]) -> None:
             t.add_row(r["backend"], KIB[r["size"]], str(r["threads"]), f"{r['n']:,}",
                       f"{r['steady_pps']:,.0f}", f"{r['mb_per_s']:.1f}", frac,
                       f"{r['wall_pps']:,.0f}", f"{r['acked_all_s']:.1f}",
-                      f"{r['delivered_pps']:,.0f}", f"{r['cpu_a']:.0%}", f"{r['cpu_b']:.0%}",
+                      "-" if r.get("delivered_pps") is None else f"{r['delivered_pps']:,.0f}",
+                      f"{r['cpu_a']:.0%}", f"{r['cpu_b']:.0%}",
                       "-" if r.get("cpu_db") is None else f"{r['cpu_db']:.0%}",
                       f"{r['cpu_others']:.0%}")
         console.print(t)
@@ -1137,7 +1213,9 @@ def git_rev() -> str | None:
         return None
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, pg_server: PgServer | None = None) -> int:
+    """``pg_server``: a server the caller started (``run.py`` shares one across sections);
+    it is used as is and left running."""
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smaller runs, under a minute")
@@ -1175,21 +1253,38 @@ def main(argv: list[str] | None = None) -> int:
             spy = Spy(exe, results_dir, stamp)
         else:
             results["skipped"].append(f"py-spy: '{args.py_spy}' not found (pip install py-spy)")
-    pg: PgServer | None = None
+    pg: PgServer | None = pg_server
+    parts: dict[str, float] = {}
+    results["parts_s"] = parts
+    mark = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal mark
+        parts[name] = time.perf_counter() - mark
+        mark = time.perf_counter()
+
     try:
         if args.no_pg:
             results["skipped"].append("PostgreSQL: --no-pg")
+        elif pg is not None:
+            if pg.ok:
+                results["postgresql"] = {"source": pg.source, "durability": pg.durable,
+                                         "version": pg.version}
+            else:
+                results["skipped"].append(f"PostgreSQL: {pg.skip_reason}")
         else:
             given = args.pg_dsn or os.environ.get("HUTONG_PG_DSN")
             console.print("[bold]PostgreSQL[/]: " + ("connecting ..." if given else
                                                      "starting a throwaway cluster ..."))
             pg = PgServer(given, "--pg-dsn" if args.pg_dsn else "HUTONG_PG_DSN")
             if pg.ok:
-                results["postgresql"] = {"source": pg.source, "durability": pg.durable}
+                results["postgresql"] = {"source": pg.source, "durability": pg.durable,
+                                         "version": pg.version}
                 console.print(f"  {pg.source}; {pg.durable}")
             else:
                 results["skipped"].append(f"PostgreSQL: {pg.skip_reason}")
                 console.print(f"  [yellow]skipped: {pg.skip_reason}[/]")
+        lap("postgresql start")
         console.print("[bold]machine ceiling[/] ...")
         best, median = measure_ceiling(cfg, root / "commit",
                                        pg.dbs.get(A) if pg and pg.ok else None)
@@ -1200,12 +1295,14 @@ def main(argv: list[str] | None = None) -> int:
                 if c:
                     pipeline[f"{backend}:{size}"] = c
         results["ceiling"] = {"best_s": best, "median_s": median, "pipeline": pipeline}
+        lap("ceiling")
         console.print("[bold]where the time goes[/]: in-process pipeline ...")
         try:
             results["breakdown"] = breakdown(root / "in-process", cfg.breakdown_n)
         except Exception as exc:  # noqa: BLE001
             results["errors"].append(f"breakdown: {exc}")
             traceback.print_exc()
+        lap("where the time goes")
         backends: list[tuple[str, dict[str, str] | None]] = [("sqlite", None)]
         if pg is not None and pg.ok:
             backends.append(("postgresql", pg.dbs))
@@ -1217,8 +1314,9 @@ def main(argv: list[str] | None = None) -> int:
                 results["errors"].append(f"{backend}: {exc}")
                 console.print(f"[red]{backend} run failed:[/] {str(exc)[:2000]}")
                 traceback.print_exc()
+            lap(f"node to node, {backend}")
     finally:
-        if pg is not None:
+        if pg is not None and pg is not pg_server:
             pg.close()
         if args.keep:
             console.print(f"[dim]kept {root}[/]")

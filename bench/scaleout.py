@@ -2,8 +2,9 @@
 
 ``hutong run`` plus W-1 ``hutong worker`` processes of A run and have split A's lanes; then a
 backlog of N packets (4 KiB, 64 threads so every lane has work) is queued into A's store and the
-clock runs until B has received all N. Counted at B: every packet received once, and no ``duplicate`` in B's
-audit (nothing was sent twice). On a 2-core machine that also runs B and the database the gain
+clock runs until B has received all N. Counted at B: every packet received once, and no
+``duplicate`` in B's audit (nothing was sent twice). Between runs B is restarted with the
+previous run's local deliveries skipped (``Pair.restart_b``), so every run starts on an idle B. On a 2-core machine that also runs B and the database the gain
 is bounded by the cores; the figure is what this machine shows, not a promise.
 """
 
@@ -34,6 +35,7 @@ def lane_holders(reader: ex.Reader) -> list[int]:
 def run_workers(pair: ex.Pair, workers: int, n: int, timeout: float) -> dict[str, Any]:
     """A and W-1 workers run and have split the lanes before the backlog is queued, so the
     figure is the steady rate of W processes, not their start-up."""
+    pair.ready_b()
     a, rb = pair.a, pair.rb
     if a.proc is None or a.proc.poll() is not None:
         a.start()
@@ -91,7 +93,9 @@ def scaleout(root: Path, dsns: dict[str, str], n: int, timeout: float = 300.0
     pair.a.wait_ready()
     out = []
     try:
-        for workers in (1, 2, 4):
+        for i, workers in enumerate((1, 2, 4)):
+            if i:
+                pair.restart_b()  # B idle again: the previous run's local deliveries skipped
             r = run_workers(pair, workers, n, timeout)
             out.append(r)
             ex.console.print(f"  {workers} process(es): {r['steady_pps']:6.0f} packets/s steady,"
