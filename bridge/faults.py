@@ -8,7 +8,9 @@ lookup. The variables (set by tests on the process they start, never in a site's
                                       ``sender.after_commit_before_send``,
                                       ``sender.after_send_before_receipt``,
                                       ``intake.before_commit``, ``intake.after_commit``,
-                                      ``dispatcher.during_delivery``.
+                                      ``dispatcher.during_delivery``; adapters:
+                                      ``his_db.after_poll``, ``his_db.after_submit``,
+                                      ``his_db.after_quarantine``.
 ``HUTONG_FAULT_DELAY=<point>:<s>``    sleep s seconds at every pass of ``<point>`` (a slow peer).
 ``HUTONG_CLOCK_OFFSET_S=<s>``         this node's clock runs s seconds off (clock skew).
 ``HUTONG_CLOCK_FILE=<path>``          the offset is read from this file whenever it changes
