@@ -13,7 +13,11 @@ posted as separate batches before any of their answers came back.
 
 from __future__ import annotations
 
+import contextlib
+import http.server
+import threading
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from datetime import datetime, timedelta
 from itertools import pairwise
 from pathlib import Path
@@ -22,7 +26,8 @@ from typing import Any
 import pytest
 
 from bridge.delivery.sender import partition_of
-from bridge.errors import RateLimited
+from bridge.delivery.transport import PeerConnection
+from bridge.errors import AmbiguousDelivery, RateLimited
 from tests.harness import Alliance, NodeProcess, spooled, wait_for
 from tests.harness import db_rows as rows
 from tests.test_faults import Ledger, check_delivered_once, dead, start_with, stop_together
@@ -162,6 +167,68 @@ def test_partition_of_is_stable_and_spreads_threads() -> None:
     assert set(first) == {0, 1, 2, 3}
     assert all(partition_of(t, 1) == 0 for t in threads)
     assert partition_of(None, 4) == partition_of("", 4)
+
+
+class _ClosingPeer(http.server.BaseHTTPRequestHandler):
+    """Answers one POST per connection, then closes it without saying so (as a peer's
+    keep-alive timeout does); with ``answer`` False it closes without answering at all."""
+
+    protocol_version = "HTTP/1.1"
+    answer = True
+    seen: list[tuple[str, int]]
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.seen.append(("request", self.client_address[1]))
+        if self.answer:
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+        self.close_connection = True
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def closing_peer(answer: bool) -> Iterator[tuple[str, list[tuple[str, int]]]]:
+    seen: list[tuple[str, int]] = []
+    handler = type("Peer", (_ClosingPeer,), {"answer": answer, "seen": seen})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_a_connection_the_peer_closed_while_idle_is_reopened_once() -> None:
+    """A partition's kept-alive connection may sit idle past the peer's keep-alive timeout:
+    the next batch goes again on a fresh connection instead of failing an attempt."""
+    with closing_peer(answer=True) as (url, seen):
+        peer = PeerConnection(url)
+        try:
+            assert peer.post_batch(b"first") == b"ok"
+            assert peer.post_batch(b"second") == b"ok"  # its connection was closed meanwhile
+        finally:
+            peer.close()
+    assert [what for what, _ in seen] == ["request", "request"]
+    assert seen[0][1] != seen[1][1]  # the second went on a new connection
+
+
+def test_a_fresh_connection_closed_without_an_answer_is_not_retried() -> None:
+    with closing_peer(answer=False) as (url, seen):
+        peer = PeerConnection(url)
+        try:
+            with pytest.raises(AmbiguousDelivery, match="no answer"):
+                peer.post_batch(b"lost")
+        finally:
+            peer.close()
+    assert len(seen) == 1  # one try: a fresh connection that fails is a real failure
 
 
 def test_four_batches_in_flight_each_thread_in_order(tmp_path: Path,

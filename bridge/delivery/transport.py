@@ -56,7 +56,23 @@ class PeerConnection:
         return self._conn
 
     def post_batch(self, body: bytes) -> bytes:
-        """POST one batch; returns the answer batch bytes."""
+        """POST one batch; returns the answer batch bytes.
+
+        A kept-alive connection the peer closed while it sat idle (its keep-alive timeout;
+        uvicorn's is 5 s, and with per_peer_concurrency a partition's connection may idle
+        longer) fails with a reset before any answer: that try is repeated once on a fresh
+        connection instead of counting as a failed attempt (a resend is safe: the receiver
+        answers a packet it has already taken with its original receipt)."""
+        reused = self._conn is not None
+        try:
+            return self._post(body)
+        except AmbiguousDelivery as exc:
+            if not reused or not isinstance(exc.__cause__, (ConnectionResetError,
+                                                            BrokenPipeError)):
+                raise
+        return self._post(body)
+
+    def _post(self, body: bytes) -> bytes:
         conn = self._connect()
         try:
             conn.request("POST", self.base + PATH, body=body, headers={"Content-Type": CONTENT_TYPE})
