@@ -2,10 +2,11 @@
 
 It is a separate process (``python -m simulators.his_hl7 serve --db his.sqlite --listen
 127.0.0.1:2576``) with its own SQLite file: its MLLP listener ACKs REF^I12 / RRI^I12 from the
-node's adapter and keeps each message once (by MSH-10) as a slip; ORU^R01 (lab results from
+node's adapter and keeps each message once (by MSH-10) as a slip (a REF^I14 cancellation as
+its :class:`~adapters.his_hl7.messages.CancelNote`); ORU^R01 (lab results from
 another member) is kept once by MSH-10 as its fields read back (:func:`read_results`), and every
 message offered is counted per MSH-10 (``attempts``). Doctors' actions are the
-Python API (:class:`VendorHis`), which sends REF^I12 / RRI^I12 / ADT to the adapter's listener
+Python API (:class:`VendorHis`), which sends REF^I12 / REF^I14 / RRI^I12 / ADT to the adapter's listener
 over real MLLP and records what it sent. Faults for retry tests: ``set_mode(nak=N)`` answers
 the next N messages with AE, ``set_mode(drop=N)`` closes the connection without an answer.
 
@@ -71,7 +72,7 @@ class Ack:
 @dataclass
 class Received:
     control_id: str
-    what: str  # referral | acceptance | return
+    what: str  # referral | acceptance | return | cancel | results
     thread: str
     slip_no: str
     slip: Any
@@ -80,6 +81,8 @@ class Received:
 def _slip(what: str, data: dict[str, Any]) -> Any:
     if what == "results":
         return data
+    if what == "cancel":
+        return messages.CancelNote(**data)
     if what == "referral":
         return ReferralSlip(**data)
     if what == "acceptance":
@@ -187,8 +190,11 @@ def take(conn: sqlite3.Connection, raw: bytes) -> bytes | None:
             slip = messages.acceptance_slip(inbound.msg, OFFSET)
         elif inbound.what == "return":
             slip = messages.return_slip(inbound.msg, OFFSET)
+        elif inbound.what == "cancel":
+            slip = messages.cancel_note(inbound.msg, OFFSET)
         else:
-            raise Hl7DataError("this HIS takes REF^I12, RRI^I12 and ORU^R01 only", field="MSH-9",
+            raise Hl7DataError("this HIS takes REF^I12, REF^I14, RRI^I12 and ORU^R01 only",
+                               field="MSH-9",
                                hl7_error="200")
         n = conn.execute("SELECT COUNT(*) FROM received").fetchone()[0]
         conn.execute("INSERT OR IGNORE INTO received VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -275,6 +281,15 @@ class VendorHis:
         text = messages.return_message(self.header, slip, control_id or v2.control_id(),
                                        datetime.now(UTC), thread=thread)
         return self._send(text, "return", slip.slip_no)
+
+    def cancel(self, slip_no: str, reason: str, *, thread: str = "", mrn: str = "",
+               cancelled_at: str = "", control_id: str | None = None) -> Ack:
+        """The referring doctor withdraws a referral this HIS sent (REF^I14)."""
+        note = messages.CancelNote(slip_no=slip_no, reason=reason, cancelled_at=cancelled_at,
+                                   thread=thread)
+        text = messages.cancel_message(self.header, note, control_id or v2.control_id(),
+                                       datetime.now(UTC), mrn=mrn)
+        return self._send(text, "cancel", slip_no)
 
     def adt(self, event: str, mrn: str, *, name: str = "", gender: str = "",
             birth_date: str = "", phone: str = "", id_number: str = "",

@@ -2,7 +2,9 @@
 
 Keyed by ``<MSH-4>:<MSH-10>``. ADT keeps the HIS's patient index here: a referral's PID fields
 left empty are filled from it (so an A08 phone change shows in the next referral's Patient),
-and an A01/A04 naming an accepted referral in PV1-5 takes the "arrive" step. A referral, acceptance or return commits through the host in
+and an A01/A04 naming an accepted referral in PV1-5 takes the "arrive" step. A REF^I14 from
+the referring HIS (RF1-6 its slip number, NTE 1R the reason) takes the "cancel" step: the
+workflow asks the receiver, who confirms it unless the patient has arrived. A referral, acceptance or return commits through the host in
 one transaction with that key (``submit_referral`` / ``referral_step``); an ADT event commits in
 the adapter's own file with its answer. So a resent message gets the same ACK and changes
 nothing. Bad data -> AE/AR with an ERR segment naming the field, quarantine (raw bytes, record
@@ -141,6 +143,7 @@ class Inbound:
             if exc.retry is not Retry.PERMANENT:
                 raise
             field = "PRD-7" if isinstance(exc, UnknownReference) and inbound.what == "referral" \
+                else "RF1-6" if inbound.what == "cancel" \
                 else "NTE-4" if isinstance(exc, MissingConsent) \
                 else "RF1-1" if isinstance(exc, IllegalTransition) else None
             error = Hl7DataError(exc.message, field=field)
@@ -246,6 +249,27 @@ class Inbound:
                                           self.host.maps, me=self.host.node_id, gaps=gaps)
         self.host.submit_referral(bundle, source_key=key)
         self._gaps(gaps)
+
+    def _cancel(self, inbound: messages.Inbound, key: str) -> None:
+        """REF^I14: the referring doctor withdrew the referral (患者/家属撤回) in the HIS.
+
+        The referral is the one this HIS sent under RF1-6 (RF1-11, when given, must name the
+        same thread). Only the referrer cancels, and only before the patient arrives
+        (:mod:`bridge.referral.states`): anything else is refused naming RF1-6."""
+        note = messages.cancel_note(inbound.msg, self.offset)
+        row = self.state.slip(note.slip_no, "referrer")
+        thread = row["thread"] if row is not None and row["thread"] else ""
+        if note.thread and thread and note.thread != thread:
+            raise Hl7DataError(f"referral id does not belong to slip {note.slip_no}",
+                               field="RF1-11", hl7_error="204")
+        view = self.host.referral(thread) if thread else None
+        if view is None or view["referral"]["side"] != "referrer":
+            raise Hl7DataError(f"no referral sent from here with slip {note.slip_no}",
+                               field="RF1-6", hl7_error="204")
+        if view["referral"]["step"] == "cancel-requested":
+            raise Hl7Duplicate(f"the cancellation of slip {note.slip_no} was already sent "
+                               "(another message)", field="RF1-6")
+        self.host.referral_step(thread, "cancel", source_key=key, reason=note.reason)
 
     def _adt(self, inbound: messages.Inbound, key: str) -> None:
         data = messages.adt_event(inbound.msg, self.offset)

@@ -19,6 +19,14 @@ REF^I12 (return, 转回单)   RF1-4 ``RP`` (return patient) marks it; RF1-3 down
                            course, PI advice; OBR + OBX lab lines (OBX-3 item, -5 value, -6
                            unit, -7 range, -8 flag); RXE drug lines (RXE-2 drug, RXE-3 amount,
                            RXE-5 unit) each followed by TQ1 (TQ1-3 frequency, TQ1-6 days^d)
+REF^I14 (cancellation)     RF1-6 the referrer's slip_no (the placer id of its REF^I12), RF1-11 the
+                           referral id (optional from the HIS: the slip number finds it), RF1-7
+                           when withdrawn; NTE 1R the reason (else RF1-10.2/.1, table 0336);
+                           PID with the MRN. Sent both ways: the referring HIS withdraws its
+                           referral; the receiving HIS is told (REF^I14 is the trigger an HL7
+                           referral interface that takes I12 also takes for "cancel patient
+                           referral"; RRI is the answer message type, which a receiving HIS sends
+                           rather than takes)
 ADT^A01/A03/A04/A08        PID as above; PV1-2 class, PV1-5 preadmit number = the referral id
                            (RF1-11 of the REF^I12 the HIS got: A01/A04 then mean "the referred
                            patient arrived"), PV1-19 visit number, PV1-44/45 times
@@ -68,7 +76,7 @@ class Inbound:
     facility: str  # MSH-4
     mtype: str  # REF | RRI | ADT
     event: str  # I12 | A01 ...
-    what: str  # referral | return | acceptance | adt
+    what: str  # referral | return | acceptance | cancel | adt
     thread: str = ""  # RF1-11
     slip_no: str = ""  # RF1-6
     patient: dict[str, str] = field(default_factory=dict)
@@ -189,6 +197,29 @@ def return_message(h: Header, slip: ReturnSlip, control_id: str, at: datetime,
     return v2.message(segs)
 
 
+@dataclass
+class CancelNote:
+    """A withdrawn referral (REF^I14): which slip, why, when (ISO, may be empty)."""
+
+    slip_no: str
+    reason: str
+    cancelled_at: str = ""
+    thread: str = ""
+
+
+def cancel_message(h: Header, note: CancelNote, control_id: str, at: datetime,
+                   mrn: str = "", mrn_authority: str = "") -> str:
+    """REF^I14: cancel patient referral (the referring HIS -> adapter, adapter -> the
+    receiving HIS)."""
+    segs = [
+        _msh(h, "REF", "I14", control_id, at),
+        _rf1("", note.slip_no, at=note.cancelled_at, thread=note.thread),
+        _pid(mrn, {}, mrn_authority or h.sending_app) if mrn else v2.segment("PID", "1"),
+        _nte(1, note.reason, "1R", "撤销原因"),
+    ]
+    return v2.message(segs)
+
+
 # -- reading ------------------------------------------------------------------------------------
 
 
@@ -206,11 +237,13 @@ def read(text: str) -> Inbound:
         inbound.what = "return" if v2.get(msg, rf1, 4) == RETURN_DISPOSITION else "referral"
     elif (mtype, event) == ("RRI", "I12"):
         inbound.what = "acceptance"
+    elif (mtype, event) == ("REF", "I14"):
+        inbound.what = "cancel"
     elif mtype == "ADT" and event in ("A01", "A03", "A04", "A08"):
         inbound.what = "adt"
     else:
-        raise Hl7Rejected(f"message type {mtype}^{event} is not taken here (REF^I12, RRI^I12, "
-                          "ADT^A01/A03/A04/A08)", field="MSH-9", hl7_error="200")
+        raise Hl7Rejected(f"message type {mtype}^{event} is not taken here (REF^I12, REF^I14, "
+                          "RRI^I12, ADT^A01/A03/A04/A08)", field="MSH-9", hl7_error="200")
     rf1s = v2.segments(msg, "RF1")
     if rf1s:
         rf1 = v2.one(msg, "RF1")
@@ -341,6 +374,21 @@ def acceptance_slip(msg: hl7.Message, offset: timedelta) -> AcceptanceSlip:
         department_code=v2.get(msg, pv1, 3, 1) if pv1 is not None else "",
         bed_no=v2.get(msg, pv1, 3, 3) if pv1 is not None else "",
         doctor=v2.get(msg, rt, 2) if rt is not None else "")
+
+
+def cancel_note(msg: hl7.Message, offset: timedelta) -> CancelNote:
+    """REF^I14: the slip number is required, and so is a reason (NTE 1R, else RF1-10)."""
+    rf1 = v2.one(msg, "RF1")
+    slip_no = v2.need(msg, rf1, 6, what="referrer's slip number")
+    reason = _notes(msg).get("1R", "").strip() or v2.get(msg, rf1, 10, 2).strip() \
+        or v2.get(msg, rf1, 10, 1).strip()
+    if not reason:
+        raise Hl7DataError("a cancellation needs its reason (NTE-4 = 1R, or RF1-10)",
+                           field="NTE-3", hl7_error="101")
+    at = v2.get(msg, rf1, 7)
+    return CancelNote(slip_no=slip_no, reason=reason,
+                      cancelled_at=v2.read_ts(at, "RF1-7", offset) if at else "",
+                      thread=v2.get(msg, rf1, 11))
 
 
 def return_slip(msg: hl7.Message, offset: timedelta) -> ReturnSlip:

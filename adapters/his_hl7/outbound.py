@@ -13,9 +13,13 @@ side                   event (MessageHeader)         message to the HIS
 receiver               request                       REF^I12 (new referral, RF1-11 = thread)
 referrer               accept / reject               RRI^I12 (RF1-1 A / R)
 referrer               return                        REF^I12 with RF1-4 = RP, OBX, RXE + TQ1
+receiver               cancel (confirmed here)       REF^I14 (RF1-6 slip, RF1-11 thread, NTE 1R
+                                                     reason, RF1-7 when); a cancel refused
+                                                     (patient arrived) sends nothing
 either (result.lab)    -                             ORU^R01 v2.5.1 (adapters.his_hl7.results)
-either                 received, arrive, cancel,     nothing (counted ``skipped:<event>``)
-                       cancelled, return-received
+either                 received, arrive, cancelled,  nothing (counted ``skipped:<event>``)
+                       cancel-refused,
+                       return-received
 =====================  ============================  ========================================
 """
 
@@ -164,6 +168,18 @@ class Outbound:
             return messages.acceptance_message(h, accepted, item.packet_id, now,
                                                thread=item.thread, mrn=self._mrn(slip_no),
                                                inpatient=row["kind"] == "up-inpatient")
+        if row["side"] == "receiver" and event == "cancel":
+            if row["status"] != "cancelled":  # refused (the patient arrived): nothing to undo
+                return None
+            sr = self.host.resource("ServiceRequest", row["sr_id"])
+            slip_no = slips_fhir.slip_no_of(sr)
+            known = self.state.slip(slip_no, "receiver")
+            note = messages.CancelNote(slip_no=slip_no, reason=str(row.get("reason") or ""),
+                                       cancelled_at=row["updated_at"].isoformat()
+                                       if row.get("updated_at") else "", thread=item.thread)
+            return messages.cancel_message(h, note, item.packet_id, now,
+                                           mrn=str(known["mrn"] or "") if known else "",
+                                           mrn_authority=row["referrer"])
         if row["side"] == "referrer" and event == "return":
             slip = slips_fhir.return_from_fhir(view, maps, me=me)
             return messages.return_message(h, slip, item.packet_id, now, thread=item.thread,
