@@ -15,6 +15,12 @@ the site's field maps (``simulators/his_db_fields/*.csv``) must describe:
   as ``yyyyMMddHHmmss`` (China time), flags 1/0, referral type ``ZZLX`` 1..5;
 * row ids come from a sequence table ``ZZ_XH`` (like an Oracle sequence), so an id can be taken
   early and its row committed after rows with higher ids ("late commit");
+* states: outbound slips carry ``ZT`` (状态: 1 valid, 9 withdrawn/作废). A referral the doctor
+  withdraws (患者/家属撤回) keeps its row: ``ZT`` becomes ``9`` with ``CXSJ`` (撤销时间), ``CXYY``
+  (撤销原因) and ``CXXH`` (撤销序号, from ``ZZ_XH`` like an update trigger's sequence), so the
+  adapter finds withdrawals the way it finds new rows. A received referral that the referrer
+  withdrew is marked the same way in ``ZZ_JS_SQD`` (``ZT`` 9, ``CXSJ``, ``CXYY``, ``CLBZ`` back
+  to 0 = unread);
 * GBK era: ``BLZY`` (病历摘要) and ``ZLJG`` (诊疗经过) are BLOBs holding GBK bytes, and CHAR
   columns come padded with full-width spaces (U+3000).
 
@@ -91,7 +97,9 @@ def _referral_table(name: str, inbox: bool) -> Table:
         cols += [Column("BLZY", Text), Column("XXID", String(64), unique=True, nullable=False),
                  _s("LSH"), _s("JSSJ", 14), Column("CLBZ", String(1), default="0")]
     else:
-        cols += [Column("BLZY", LargeBinary), Column("ZT", String(1), default="1")]
+        cols += [Column("BLZY", LargeBinary), Column("CXXH", Integer, index=True)]
+    # ZT 1 valid / 9 withdrawn (撤销), with when and why
+    cols += [Column("ZT", String(1), default="1"), _s("CXSJ", 14), _s("CXYY", 200)]
     return Table(name, metadata, *cols)
 
 
@@ -228,6 +236,16 @@ class HisDb:
             conn.execute(insert(ZZ_SQD).values(ID=rid, **row))
         return rid
 
+    def cancel_referral(self, row_id: int, reason: str, *, at: str = "") -> int:
+        """The doctor withdraws referral ``row_id`` (患者/家属撤回): ``ZT`` 9 with time, reason
+        and a fresh ``CXXH`` from the sequence (again on a second edit); returns the CXXH."""
+        seq = self.allocate_id("ZZ_SQD_CX")
+        when = vendor_time(at) if at else datetime.now(CHINA).strftime("%Y%m%d%H%M%S")
+        with self.tx() as conn:
+            conn.execute(update(ZZ_SQD).where(ZZ_SQD.c.ID == row_id).values(
+                ZT="9", CXSJ=when, CXYY=reason, CXXH=seq))
+        return seq
+
     # -- the receiving doctor -----------------------------------------------------------------
 
     def received_rows(self) -> list[dict[str, Any]]:
@@ -251,6 +269,14 @@ class HisDb:
                 consent_by=_clean(r["TYR"]), doctor=_clean(r["YSXM"]),
                 written_at=iso_time(_clean(r["TXSJ"]))))
         return out
+
+    def received_states(self) -> list[dict[str, str]]:
+        """Each received referral's state as the receiving doctor's screen shows it: slip
+        number, 流水号, ``ZT``, withdrawal time (ISO) and reason, and the unread flag."""
+        return [{"slip_no": _clean(r["ZZDH"]), "thread": _clean(r["LSH"]),
+                 "state": _clean(r["ZT"]), "cancelled_at": iso_time(_clean(r["CXSJ"])),
+                 "reason": _clean(r["CXYY"]), "unread": _clean(r["CLBZ"])}
+                for r in self.received_rows()]
 
     def thread_of(self, slip_no: str) -> str:
         """The 流水号 the adapter stored with a received referral (the HIS copies it)."""

@@ -10,6 +10,10 @@ with the row as source key (``ZZ_SQD:<id>``), so each row acts exactly once:
 * ``ZZ_ZHD`` (+ lines)    -> ``arrive`` if not yet taken, then ``host.submit_referral`` of the
   return bundle. The thread is the row's ``LSH`` (流水号, which the adapter wrote into the inbox
   row the HIS answered), or else found through the slip number in the referral inbox.
+* ``ZZ_SQD`` rows marked withdrawn (``ZT`` 9, polled by their ``CXXH`` number, source key
+  ``ZZ_SQD:<id>:cancel``) -> ``host.referral_step(thread, "cancel", reason=CXYY)``
+  (:mod:`~adapters.his_db.cancel`); a row whose referral was never sent, or that can no longer
+  be withdrawn (the patient arrived), is quarantined naming ``ZZDH`` / ``ZT``.
 
 Bad rows are quarantined (``record`` ``ZZ_SQD#<id>``, ``field`` the vendor column) and the poll
 goes on with the next row: missing mandatory field, unparseable date, value not in the field
@@ -25,7 +29,8 @@ pad CHAR columns; full-width spaces inside text are kept (valid FHIR R4 strings)
 Sink side (``receives = ["referral.*"]``): after the workflow has applied a packet, the slip is
 written into the inbox tables (``ZZ_JS_SQD`` on the receiver; ``ZZ_JS_JZD`` and ``ZZ_JS_ZHD``
 with lines on the referrer), codes in the site's own catalogue, one transaction per packet,
-idempotent by the unique packet-id column ``XXID``.
+idempotent by the unique packet-id column ``XXID``. A cancellation the receiver confirmed marks
+the received referral's ``ZZ_JS_SQD`` row (``ZT`` 9, ``CXSJ``, ``CXYY``, unread again).
 
 Lab results from another member (``receives = ["result.*"]``, packets ``result.lab``): each
 report goes into ``ZZ_JS_JYBG`` and its results into ``ZZ_JS_JYBG_MX`` through the field maps
@@ -59,8 +64,16 @@ from sqlalchemy.types import LargeBinary
 
 from adapters import slips_fhir as sf
 from adapters.base import BaseAdapter
+from adapters.his_db import cancel as cx
 from adapters.his_db.options import Resolved
-from adapters.his_db.replay import TABLE_KEY, BadQuarantineItem, kept_row, named
+from adapters.his_db.replay import (
+    RECORD_KEY,
+    TABLE_KEY,
+    BadQuarantineItem,
+    kept_record,
+    kept_row,
+    named,
+)
 from adapters.his_db.results import LabReport, LabReportItem, reports_from_bundle
 from adapters.his_db.watermark import Watermark
 from adapters.slips import AcceptanceSlip, LabResult, Prescription, ReferralSlip, ReturnSlip
@@ -68,6 +81,7 @@ from bridge import faults
 from bridge.delivery.handlers import Delivery
 from bridge.errors import (
     HutongError,
+    IllegalTransition,
     MissingConsent,
     Retry,
     StoreError,
@@ -104,6 +118,8 @@ class HisDbAdapter(BaseAdapter):
         self.me = host.node_id
         self.fm = {rec: load_field_map(opts.fields, rec, fields=cls)
                    for rec, cls in RECORDS.items()}
+        if cx.has_map(opts.fields):
+            self.fm[cx.RECORD] = load_field_map(opts.fields, cx.RECORD, fields=cx.CancelSlip)
         self.engine: Any = None
         self._tables: dict[str, Table | None] = {}
         self._meta = MetaData()  # this vendor database's reflected tables
@@ -144,6 +160,7 @@ class HisDbAdapter(BaseAdapter):
                                   ("acceptance_out", self._take_acceptance),
                                   ("return_out", self._take_return)):
                 self._poll_table(logical, take)
+            self._poll_cancels()
             self.ok()
         except SQLAlchemyError as exc:  # the vendor database, not the node's
             self.failed(f"vendor database: {type(exc).__name__}")
@@ -180,6 +197,32 @@ class HisDbAdapter(BaseAdapter):
             log.info("adapter %s: %d id(s) of %s never committed, no longer watched",
                      self.name, len(expired), table.name)
 
+    def _poll_cancels(self) -> None:
+        """Referral rows the HIS marked withdrawn, by their withdrawal number (watermark and
+        holes as for new rows: the number comes from a sequence, so it can commit late)."""
+        table = self.table("referral_out")
+        o = self.opts
+        if table is None or cx.RECORD not in self.fm or o.cancel_seq_column not in table.c \
+                or o.status_column not in table.c:
+            return
+        store = self.host.store
+        wm = Watermark.load(store, f"adapter:{self.name}:watermark:{table.name}:cancel")
+        seq = table.c[o.cancel_seq_column]
+        cond = seq > wm.high
+        if wm.holes:
+            cond = or_(cond, seq.in_(sorted(wm.holes)))
+        with self.engine.connect() as conn:
+            rows = [dict(r._mapping) for r in conn.execute(
+                select(table).where(cond, table.c[o.status_column] == o.cancelled_value)
+                .order_by(seq).limit(o.batch))]
+        for row in rows:
+            self._take_cancel(table, int(row[o.id_column]), row)
+            now = self.host.now()
+            wm.taken(int(row[o.cancel_seq_column]), now)
+            wm.save(store, now)
+        if wm.expire(self.host.now(), o.hole_keep_s):
+            wm.save(store, self.host.now())
+
     def _decode(self, row: dict[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for column, value in row.items():
@@ -202,13 +245,13 @@ class HisDbAdapter(BaseAdapter):
         return field
 
     def _guard(self, table: Table, rid: int, row: dict[str, Any], record: str,
-               work: Any, replay: bool = False) -> None:
+               work: Any, replay: bool = False, suffix: str = "") -> None:
         """Run ``work``; a permanent failure quarantines the row (naming column), then go on.
 
         ``replay``: the row comes from a quarantine replay; a failure is raised (its message
         naming record and column) instead of being quarantined a second time.
         """
-        key = f"{table.name}:{rid}"
+        key = f"{table.name}:{rid}{suffix}"
         if self.host.seen(key) is not None:
             return  # taken before a crash that came before the watermark was saved
         gaps: list[Any] = []
@@ -227,6 +270,9 @@ class HisDbAdapter(BaseAdapter):
         except UnknownReference as exc:
             error = exc
             column = self._column(record, "to_member" if record == "referral" else "slip_no")
+        except IllegalTransition as exc:  # e.g. a withdrawal after the patient arrived
+            error = exc
+            column = self.opts.status_column if record == cx.RECORD else None
         except HutongError as exc:
             if exc.retry is not Retry.PERMANENT:
                 raise
@@ -244,7 +290,8 @@ class HisDbAdapter(BaseAdapter):
         if replay:
             raise named(error, where, column)
         self.count(f"{record}_quarantined")
-        raw = orjson.dumps({TABLE_KEY: table.name, **{str(k): v for k, v in row.items()}},
+        marks = {TABLE_KEY: table.name, **({RECORD_KEY: record} if suffix else {})}
+        raw = orjson.dumps({**marks, **{str(k): v for k, v in row.items()}},
                            default=_jsonable)
         self.host.quarantine(error, raw=raw, record=where,
                              field=column, kind=f"his-db.{record}")
@@ -336,6 +383,17 @@ class HisDbAdapter(BaseAdapter):
             self.host.submit_referral(bundle, source_key=key)
         self._guard(table, rid, row, "return", work, replay)
 
+    def _take_cancel(self, table: Table, rid: int, row: dict[str, Any],
+                     replay: bool = False) -> None:
+        def work(key: str, gaps: list[Any]) -> None:
+            slip = _slip(cx.CancelSlip, self.fm[cx.RECORD].apply(self._decode(row)))
+            thread = self.host.thread_for(f"{table.name}:{rid}")
+            if thread is None:
+                raise UnknownReference(f"no referral was sent for this row (slip "
+                                       f"{slip.slip_no}), so there is none to withdraw")
+            self.host.referral_step(thread, "cancel", source_key=key, reason=slip.reason)
+        self._guard(table, rid, row, cx.RECORD, work, replay, suffix=":cancel")
+
     # -- quarantine replay --------------------------------------------------------------------
 
     def replay(self, raw: bytes) -> str:
@@ -352,13 +410,15 @@ class HisDbAdapter(BaseAdapter):
 
             raise TransportError(f"adapter '{self.name}' is not started")
         name, kept = kept_row(raw)
+        withdrawal = kept_record(raw) == cx.RECORD
         with self._lock:
             self.host.reload_maps()
             try:
                 logical, table = self._source_table(name, kept)
                 rid = int(kept[self.opts.id_column])
                 record = f"{table.name}#{rid}"
-                if self.host.seen(f"{table.name}:{rid}") is not None:
+                if self.host.seen(f"{table.name}:{rid}{':cancel' if withdrawal else ''}") \
+                        is not None:
                     self.count("replayed")
                     return f"{record} was already taken"
                 with self.engine.connect() as conn:
@@ -373,6 +433,8 @@ class HisDbAdapter(BaseAdapter):
             row = dict(fresh._mapping) if fresh is not None else kept
             take = {"referral_out": self._take_referral, "acceptance_out": self._take_acceptance,
                     "return_out": self._take_return}[logical]
+            if withdrawal:
+                take = self._take_cancel
             try:
                 take(table, rid, row, replay=True)
             except SQLAlchemyError as exc:
@@ -421,6 +483,9 @@ class HisDbAdapter(BaseAdapter):
                 self._write_acceptance(item, view, task, gaps)
             elif event == "return" and side == "referrer":
                 self._write_return(item, view, gaps)
+            elif event == "cancel" and side == "receiver":
+                if not self._write_cancel(item, view):
+                    return
             else:
                 self.count("ignored")
                 return
@@ -482,6 +547,40 @@ class HisDbAdapter(BaseAdapter):
         slip = sf.referral_from_fhir(view, self.host.maps, patient=patient, me=self.me,
                                      gaps=gaps)
         self._insert_once(table, item, self._vendor_row(table, "referral", slip))
+
+    def _write_cancel(self, item: Delivery, view: dict[str, Any]) -> bool:
+        """Mark the received referral withdrawn, if the cancellation was confirmed here (not
+        when refused: the patient arrived). Idempotent: a row already marked is left alone."""
+        ref, o = view["referral"], self.opts
+        if ref["status"] != "cancelled":
+            self.count("cancel_refused")
+            return False
+        table = self._need("referral_in")
+        values: dict[str, Any] = {}
+        if cx.RECORD in self.fm:
+            at = ref.get("updated_at")
+            values = self.fm[cx.RECORD].unapply({
+                "reason": ref.get("reason") or "", "cancelled_at": at.isoformat() if at else ""})
+        values[o.status_column] = o.cancelled_value
+        values[o.read_flag_column] = "0"  # unread: the doctor must see it
+        values = {k: v for k, v in values.items() if k in table.c}
+        if o.status_column not in values:
+            self.count("cancel_not_written")  # the vendor table has no status column
+            return False
+        status, lsh = table.c[o.status_column], table.c[o.thread_column]
+        with self.engine.begin() as conn:
+            n = conn.execute(update(table).where(
+                lsh == item.thread, or_(status.is_(None), status != o.cancelled_value))
+                .values(**values)).rowcount
+            there = n or conn.execute(select(table.c[o.id_column]).where(
+                lsh == item.thread)).first() is not None
+        if not there:
+            raise HutongError(f"no received referral row with {o.thread_column} of this "
+                              "thread to mark withdrawn")
+        if not n:
+            self.count("redelivered")
+            return False
+        return True
 
     def _slip_no(self, view: dict[str, Any]) -> str:
         sr = next((r for r in view["resources"] if r["resourceType"] == "ServiceRequest"

@@ -66,6 +66,9 @@ class Options(BaseModel):
     received_at_column: str = "JSSJ"
     result_parent_column: str = "BG_ID"  # a result line's link to its report row's id
     read_flag_column: str = "CLBZ"  # 处理标志: set back to "0" when a correction updates a row
+    status_column: str = "ZT"  # 状态 of a referral row, outbound and inbox
+    cancelled_value: str = "9"  # ZT of a withdrawn referral (撤销)
+    cancel_seq_column: str = "CXXH"  # 撤销序号: the sequence number a withdrawal takes
     tables: Tables = Tables()
 
 

@@ -16,6 +16,7 @@ import orjson
 from bridge.errors import HutongError
 
 TABLE_KEY = "@table"  # not a vendor column name: SQL identifiers do not start with '@'
+RECORD_KEY = "@record"  # what the row was taken as when it is not the table's own record
 
 
 class BadQuarantineItem(HutongError):
@@ -31,9 +32,20 @@ def kept_row(raw: bytes) -> tuple[str | None, dict[str, Any]]:
     if not isinstance(data, dict):
         raise BadQuarantineItem("the held item is not a kept vendor row")
     table = data.pop(TABLE_KEY, None)
+    data.pop(RECORD_KEY, None)
     row = {k: bytes.fromhex(v["bytes_hex"])
            if isinstance(v, dict) and set(v) == {"bytes_hex"} else v for k, v in data.items()}
     return (str(table) if table else None), row
+
+
+def kept_record(raw: bytes) -> str | None:
+    """What a held row was taken as when that is not its table's own record (``cancel``: a
+    withdrawn referral row), else None."""
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    return str(data[RECORD_KEY]) if isinstance(data, dict) and data.get(RECORD_KEY) else None
 
 
 def named(error: HutongError, record: str | None, field: str | None) -> HutongError:
