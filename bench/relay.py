@@ -1,6 +1,6 @@
 """Platform relay: packets/s through one platform node for 50 members, counted at two receivers.
 
-Run ``.venv/bin/python bench/relay.py [--members 50] [-n 3000]``. See bench/README.md.
+Run ``.venv/bin/python bench/relay.py [--members 50] [-n 1500] [--py-spy [EXE]]``. See bench/README.md.
 
 An alliance of ``members`` sending members (role community, ``via = "platform"``), one
 ``platform`` node and two receiving nodes (``recv-a``, ``recv-b``, also behind the platform) is
@@ -366,7 +366,7 @@ def _check_once(rows: dict[str, list[tuple[Any, ...]]], jobs: list[dict[str, Any
     return {"received_once": once, "per_receiver": per}
 
 
-def relay(root: Path, members: int = 50, n: int = 3000, *, procs: int = 3, batch: int = 20,
+def relay(root: Path, members: int = 50, n: int = 1500, *, procs: int = 3, batch: int = 20,
           lat_rate: float | None = None, lat_seconds: float = 4.0, timeout: float = 300.0,
           spy: ex.Spy | None = None) -> dict[str, Any]:
     """Scaffold, start, run throughput then latency, stop; returns the figures (see module)."""
@@ -516,7 +516,8 @@ def report(r: dict[str, Any]) -> None:
          (f"{r['platform_cpu']:.0%} / {r['receivers_cpu']:.0%} / {r['senders_cpu']:.0%} / "
          f"{r['others_cpu']:.0%}")),
         ("platform peak RSS (VmHWM)", f"{r['platform_rss_mib']:.0f} MiB"),
-        ("sender retries", str(r["sender_retries"])),
+        ("sender retries (platform answered 503 / no answer)", str(r["sender_retries"])),
+        ("whole run incl. scaffolding and start-up", f"{r['elapsed_s']:.0f} s"),
     ]
     for what, fig in rows:
         t.add_row(what, fig)
@@ -537,7 +538,7 @@ def report(r: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--members", type=int, default=50)
-    p.add_argument("-n", type=int, default=3000, help="packets in the throughput run")
+    p.add_argument("-n", type=int, default=1500, help="packets in the throughput run")
     p.add_argument("--procs", type=int, default=3, help="sender processes")
     p.add_argument("--batch", type=int, default=20, help="packets per post by one member")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (node logs, DBs)")
