@@ -59,12 +59,13 @@ def _path(dsn: str) -> str:
     return dsn[len("sqlite:///"):]
 
 
-def fill(dsn: str, table: str, target: int, tag: str = "hist") -> float:
-    """Top ``table`` up to ``target`` rows (the node is stopped); returns the seconds it took.
+def fill(dsn: str, table: str, target: int, tag: str = "hist") -> tuple[float, float]:
+    """Top ``table`` up to ``target`` rows (the node is stopped); returns the wall and CPU
+    seconds it took (CPU: this thread's, to judge a load on a shared machine).
     The rows are made by SQLite itself (``INSERT ... SELECT`` over a counter), ``CHUNK`` per
     transaction: at 1 M rows, building them in Python took longer than inserting them."""
     base = datetime.now(UTC).replace(tzinfo=None, microsecond=0) - timedelta(days=90)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.thread_time()
     conn = sqlite3.connect(_path(dsn), isolation_level=None, timeout=30)
     try:
         conn.execute("PRAGMA synchronous=OFF")  # made durable at the end, see below
@@ -86,7 +87,7 @@ def fill(dsn: str, table: str, target: int, tag: str = "hist") -> float:
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
     finally:
         conn.close()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.thread_time() - c0
 
 
 def growth(root: Path, levels: tuple[int, ...], n: int, timeout: float = 300.0
@@ -100,13 +101,14 @@ def growth(root: Path, levels: tuple[int, ...], n: int, timeout: float = 300.0
             with ThreadPoolExecutor(2) as pool:  # sqlite3 releases the GIL: one core each
                 fa = pool.submit(fill, pair.a.plan.storage_dsn, "outbox", level)
                 fb = pool.submit(fill, pair.b.plan.storage_dsn, "inbox", level)
-                load_a, load_b = fa.result(), fb.result()
+                (load_a, cpu_a), (load_b, cpu_b) = fa.result(), fb.result()
             pair.restart_b()
             r = ex.throughput(pair, 4096, n, ex.MANY_THREADS, f"growth-{level}", timeout,
                               wait_delivered=False)
             size_b = sum(p.stat().st_size for p in Path(pair.b.plan.data_dir).glob("*.db*"))
             row = {"history": level, "n": n, "steady_pps": r["steady_pps"],
                    "wall_pps": r["wall_pps"], "load_a_s": load_a, "load_b_s": load_b,
+                   "load_cpu_s": cpu_a + cpu_b,
                    "b_db_mb": size_b / 1e6, "cpu_a": r["cpu_a"], "cpu_b": r["cpu_b"],
                    "cpu_others": r["cpu_others"],
                    "rss_a_peak_mib": r.get("rss_a_peak_mib"),

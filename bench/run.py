@@ -92,7 +92,8 @@ def disk() -> dict[str, Any]:
 def header(results: dict[str, Any]) -> str:
     m = results["machine"]
     d = m["disk"]
-    rot = {True: "rotational", False: "non-rotational", None: "?"}[d["rotational"]]
+    rot = {True: "kernel: rotational", False: "kernel: non-rotational", None: "?"}[
+        d["rotational"]]
     load = results["loadavg"]
     return (f"{results['when'][:10]} · {m['cpu']}, {m['cores']} cores, "
             f"{m['ram_gib']:.0f} GiB RAM · disk {d['device']} ({d['fs']}, {d['size_gb']:.0f} GB,"
@@ -259,12 +260,13 @@ def summary(results: dict[str, Any]) -> None:
     if results.get("growth"):
         t = ex._table("store growth: packets/s A -> B (SQLite, 4 KiB, 50 threads)",
                       ["packets already stored", "packets/s", "vs first", "load s",
-                       "B's db MB", "CPU others"])
+                       "load CPU s", "B's db MB", "CPU others"])
         base = results["growth"][0]["steady_pps"]
         for r in results["growth"]:
             t.add_row(f"{r['history']:,}", f"{r['steady_pps']:.0f}",
                       f"{r['steady_pps'] / base:.2f}x",
-                      f"{max(r['load_a_s'], r['load_b_s']):.0f}", f"{r['b_db_mb']:.0f}",
+                      f"{max(r['load_a_s'], r['load_b_s']):.0f}",
+                      _f(r.get("load_cpu_s")), f"{r['b_db_mb']:.0f}",
                       f"{r['cpu_others']:.0%}")
         ex.console.print(t)
     if results.get("search"):

@@ -39,7 +39,8 @@ def header(r: dict[str, Any]) -> str:
         old = (r.get("exchange") or {}).get("machine") or {}
         m = {"cores": old.get("cpus"), "python": (r.get("exchange") or {}).get("python"), **m}
     d = m.get("disk") or {}
-    rot = {True: "rotational", False: "SSD/virtual", None: "?"}[d.get("rotational")]
+    rot = {True: "kernel: rotational", False: "kernel: non-rotational", None: "?"}[
+        d.get("rotational")]
     load = r.get("loadavg") or (r.get("exchange") or {}).get("loadavg") or {}
     start, end = (load.get("start") or [None])[0], (load.get("end") or [None])[0]
     return (f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores, {_n(m.get('ram_gib'))} GiB RAM;"
