@@ -2,9 +2,10 @@
 
 State lives in one SQLite file, so the server process and a test (or IT at the command line)
 share it: the doctor-facing side writes documents (:meth:`HisWs.write_referral`, ``accept``,
-``reject``, ``write_return``, or raw bytes for bad-data cases) that the node pulls with
-``GetPendingDocuments``/``AckDocuments``; documents the node writes (``ReceiveReferral`` etc.)
-are checked against the XSD, stored and listed by :meth:`HisWs.received`. ``fail_next(n)``
+``reject``, ``write_return``, ``cancel``, or raw bytes for bad-data cases) that the node pulls
+with ``GetPendingDocuments``/``AckDocuments``; documents the node writes (``ReceiveReferral``
+etc.) are checked against the XSD, stored and listed by :meth:`HisWs.received`; lab reports
+(``ReceiveLabReport``, checked against ``cda-lab-report.xsd``) by :meth:`HisWs.lab_reports`. ``fail_next(n)``
 makes the next n calls answer a SOAP Fault (soap:Server, HTTP 500), as a HIS does while its
 database is locked for the nightly job.
 
@@ -12,6 +13,8 @@ database is locked for the nightly job.
     python -m simulators.his_ws write-referral --db his.sqlite --json slip.json
     python -m simulators.his_ws received --db his.sqlite
     python -m simulators.his_ws accept --db his.sqlite --doc <referral doc id> --bed 12床
+    python -m simulators.his_ws cancel --db his.sqlite --doc <referral doc id> --reason 家属要求
+    python -m simulators.his_ws lab-reports --db his.sqlite
     python -m simulators.his_ws faults --db his.sqlite --count 3
 """
 
@@ -34,7 +37,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from adapters.his_ws import cda, soap
+from adapters.his_ws import cda, lab_report, soap
 from adapters.his_ws.errors import BadDocument
 from adapters.slips import AcceptanceSlip, LabResult, Prescription, ReferralSlip, ReturnSlip
 
@@ -122,6 +125,24 @@ class HisWs:
         return self.write(cda.Document(doc_id or self._next_id("ZHD"), "return", slip,
                                        slip.written_at, self.member, referral_doc))
 
+    def cancel(self, referral_doc: str, reason: str, *, doctor: str = "",
+               doc_id: str | None = None) -> str:
+        """The referring doctor withdraws a referral this HIS wrote (撤销转诊), with a reason."""
+        slip_no = self._own_slip_no(referral_doc)
+        return self.write(cda.Document(
+            doc_id or self._next_id("CXD"), "cancel", cda.CancelSlip(slip_no, reason,
+                                                                     doctor=doctor),
+            datetime.now().astimezone().isoformat(timespec="seconds"), self.member,
+            referral_doc))
+
+    def _own_slip_no(self, doc_id: str) -> str:
+        with self._db() as db:
+            row = db.execute("SELECT raw FROM outbound WHERE doc_id = ? ORDER BY seq",
+                             (doc_id,)).fetchone()
+        if row is None:
+            raise KeyError(f"no document {doc_id} written here")
+        return cda.read(bytes(row[0]), self.site, record=doc_id).slip.slip_no
+
     def fail_next(self, n: int) -> None:
         with self._db() as db:
             db.execute("INSERT INTO settings VALUES ('fail_next', ?) ON CONFLICT (key) DO "
@@ -132,10 +153,18 @@ class HisWs:
     def received(self, doc_type: str | None = None) -> list[cda.Document]:
         """Documents the node delivered, in arrival order (each once, however often sent)."""
         with self._db() as db:
-            rows = db.execute("SELECT doc_id, raw FROM inbound WHERE ? IS NULL OR type = ? "
-                              "ORDER BY pos", (doc_type, doc_type)).fetchall()
+            rows = db.execute("SELECT doc_id, raw FROM inbound WHERE (? IS NULL AND type != "
+                              "'lab-report') OR type = ? ORDER BY pos",
+                              (doc_type, doc_type)).fetchall()
         return [cda.read(bytes(raw), self.site, record=doc_id, from_node=True)
                 for doc_id, raw in rows]
+
+    def lab_reports(self) -> list[lab_report.LabReportDoc]:
+        """Lab reports the node delivered, in arrival order (each version once)."""
+        with self._db() as db:
+            rows = db.execute("SELECT doc_id, raw FROM inbound WHERE type = 'lab-report' "
+                              "ORDER BY pos").fetchall()
+        return [lab_report.read(bytes(raw), self.site, record=doc_id) for doc_id, raw in rows]
 
     def received_doc(self, doc_id: str) -> cda.Document:
         with self._db() as db:
@@ -192,8 +221,10 @@ class HisWs:
         name = op.tag.split("}")[1]
         if name in soap.TYPE_OF_RECEIVE:
             doc_type, doc_id, raw = soap.read_receive(op)
-            doc = cda.read(raw, self.site, record=doc_id, expect=doc_type,  # the vendor checks
-                           from_node=True)
+            doc: Any = lab_report.read(raw, self.site, record=doc_id) \
+                if doc_type == "lab-report" else \
+                cda.read(raw, self.site, record=doc_id, expect=doc_type,  # the vendor checks
+                         from_node=True)
             if doc.doc_id != doc_id:
                 raise KeyError(f"DocumentId {doc_id} but the document says {doc.doc_id}")
             digest = hashlib.sha256(raw).hexdigest()
@@ -312,7 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m simulators.his_ws", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("command", choices=["serve", "write-referral", "write-return", "accept",
-                                        "reject", "received", "pending", "faults"])
+                                        "reject", "cancel", "received", "lab-reports",
+                                        "pending", "faults"])
     ap.add_argument("--db", required=True)
     ap.add_argument("--member")
     ap.add_argument("--site-name", default="")
@@ -343,6 +375,11 @@ def main(argv: list[str] | None = None) -> int:
                          bed_no=a.bed, doctor=a.doctor))
     elif a.command == "reject":
         print(his.reject(a.doc, a.reason))
+    elif a.command == "cancel":
+        print(his.cancel(a.doc, a.reason, doctor=a.doctor))
+    elif a.command == "lab-reports":
+        for r in his.lab_reports():
+            print(json.dumps(asdict(r), ensure_ascii=False))
     elif a.command == "received":
         for d in his.received():
             print(json.dumps({"doc_id": d.doc_id, "type": d.type, "answers": d.referral_doc,

@@ -3,8 +3,10 @@
 Source: every ``poll_s`` the adapter asks the HIS for pending documents (``GetPendingDocuments``),
 checks each (encoding, XSD, mandatory parts, dates, codes, duplicate ids), turns it into the
 referral step it records (referral -> ``host.submit_referral``; acceptance -> accept/reject;
-return -> arrive if needed, then the return bundle) keyed ``doc:<document id>``, and only then
-acks it. A crash between commit and ack re-pulls the document and the key makes it a no-op.
+return -> arrive if needed, then the return bundle; cancel (转诊撤销单, the referring doctor
+withdraws a referral written in this HIS, with a reason) -> the workflow's ``cancel`` step, once:
+a second cancel document for a referral already withdrawn is taken without a second step) keyed
+``doc:<document id>``, and only then acks it. A crash between commit and ack re-pulls the document and the key makes it a no-op.
 A bad document is quarantined (record = document id, field = XPath) and acked; the next one
 goes on. A transient failure stops the round there, unacked, so order is kept.
 Quarantine replay (``replay``): the held item is the document's bytes; after IT fixed the
@@ -13,7 +15,14 @@ exactly-once key again (a document the HIS corrected is a new document: it comes
 
 Sink: ``deliver`` writes the referral (at the receiver), acceptance and return (at the referrer)
 into the HIS as documents whose id is the packet id, so a redelivery is a duplicate the HIS
-recognises. A SOAP Fault or a connection failure is :class:`HisUnavailable` (transient): the
+recognises; so is a cancellation notice (CXD with its reason and ``cancelled`` or ``refused``:
+at the receiver when the referrer withdrew, at the referrer when the receiver confirmed or
+refused). ``result.lab`` packets (``receives = ["result.*"]``) become one lab report document
+per DiagnosticReport (:mod:`adapters.his_ws.lab_report`, ``ReceiveLabReport``), id
+``<report id>-v<version>``: a correction is the next version of the same report, a redelivery
+the same document; item codes in this HIS's lab catalogue, unmapped codes counted as gaps once
+the HIS has stored every report of the packet. Results for a referral this HIS never got a
+document for stay in the node (the recognition view) and are counted ``skipped:result``. A SOAP Fault or a connection failure is :class:`HisUnavailable` (transient): the
 dispatcher retries with backoff, keeping the thread's order.
 
 Options (``[adapters.options]``)::
@@ -38,7 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from adapters import slips_fhir
 from adapters.base import BaseAdapter
-from adapters.his_ws import cda
+from adapters.his_ws import cda, lab_report
 from adapters.his_ws.client import HisClient
 from adapters.his_ws.errors import BadDocument, DuplicateDocument, HisUnavailable, SchemaInvalid
 from adapters.his_ws.ledger import Ledger
@@ -51,10 +60,14 @@ WORKFLOW_FIELD = {
     "referral": "/ClinicalDocument/informationRecipient/intendedRecipient/receivedOrganization",
     "acceptance": "/ClinicalDocument/inFulfillmentOf/order",
     "return": "/ClinicalDocument/inFulfillmentOf/order",
+    "cancel": "/ClinicalDocument/inFulfillmentOf/order",
 }
 #: the message event of a delivered packet -> the document written into the HIS
 WRITES = {"request": "referral", "accept": "acceptance", "reject": "acceptance",
-          "return": "return"}
+          "return": "return", "cancel": "cancel", "cancelled": "cancel",
+          "cancel-refused": "cancel"}
+#: a cancellation notice's reason when the Task carries none (the receiver refused: too late)
+REFUSED_REASON = "患者已到诊，转诊不能撤销 (the patient has arrived: the referral cannot be cancelled)"
 OID_KEYS = ("org_oid", "doc_oid", "slip_oid", "mrn_oid", "items", "doc_types", "diagnosis",
             "drug", "lab", "department")
 
@@ -265,6 +278,9 @@ class WsAdapter(BaseAdapter):
                                     f"'{self.site.doc_oid}']/@extension")
         row = view["referral"]
         slip = doc.slip
+        if doc.type == "cancel":
+            self._take_cancel(doc, key, thread, row)
+            return
         if doc.type == "acceptance":
             if slip.accepted:
                 self.host.referral_step(thread, "accept", source_key=key,
@@ -280,16 +296,36 @@ class WsAdapter(BaseAdapter):
                                           self.host.maps, me=self.me, gaps=gaps)
         self.host.submit_referral(bundle, source_key=key)
 
+    def _take_cancel(self, doc: cda.Document, key: str, thread: str,
+                     row: dict[str, Any]) -> None:
+        """The referring doctor withdraws the referral: the workflow's cancel step, once."""
+        if row["side"] != "referrer":
+            raise BadDocument(f"document {doc.doc_id} withdraws referral document "
+                              f"{doc.referral_doc}, which this hospital received: only the "
+                              "referrer may cancel (the receiver rejects)",
+                              field=WORKFLOW_FIELD["cancel"])
+        if row["status"] == "cancelled" or row["step"] == "cancel-requested":
+            # the doctor withdrew it twice: applied once, the second one noted for the audit
+            self.host.audit("referral", message=f"cancel document {doc.doc_id}: referral "
+                            "already withdrawn, no second step", thread=thread,
+                            kind="referral.cancel")
+            self.count("cancel_repeated")
+            return
+        self.host.referral_step(thread, "cancel", source_key=key, reason=doc.slip.reason)
+
     # -- sink: packets that arrived -------------------------------------------------------------
 
     def deliver(self, item: Delivery) -> None:
+        if item.kind.startswith("result."):
+            self._deliver_results(item)
+            return
         body = orjson.loads(item.body)
         entries = [e["resource"] for e in body.get("entry") or []]
         header = next((r for r in entries if r["resourceType"] == "MessageHeader"), None)
         event = ((header or {}).get("eventCoding") or {}).get("code", "")
         doc_type = WRITES.get(event)
         if doc_type is None:
-            self.count("not_written")  # received, arrive, cancel, return-received: no slip
+            self.count("not_written")  # received, arrive, return-received: no document
             return
         ledger = self._ledger()
         view = self.host.referral(item.thread)
@@ -312,7 +348,17 @@ class WsAdapter(BaseAdapter):
                 return
             refs = {f"{r['resourceType']}/{r['id']}": r for r in view["resources"]}
             slip_no = slips_fhir.slip_no_of(refs.get(f"ServiceRequest/{row['sr_id']}", {}))
-            if doc_type == "acceptance":
+            if doc_type == "cancel":
+                task = next(r for r in entries if r["resourceType"] == "Task")
+                done = row["status"] == "cancelled" and event != "cancel-refused"
+                reason = str((task.get("statusReason") or {}).get("text") or "")
+                slip = cda.CancelSlip(slip_no, reason or (REFUSED_REASON if not done else
+                                                          "-"),
+                                      "cancelled" if done else "refused")
+                written = task.get("lastModified") or item.received_at.isoformat()
+                doc = cda.Document(item.packet_id, doc_type, slip, written, row["referrer"],
+                                   referral_doc=referral_doc)
+            elif doc_type == "acceptance":
                 task = next(r for r in entries if r["resourceType"] == "Task")
                 slip = slips_fhir.acceptance_from_task(task, slip_no, maps, me=self.me,
                                                        gaps=gaps)
@@ -320,8 +366,9 @@ class WsAdapter(BaseAdapter):
             else:
                 slip = slips_fhir.return_from_fhir(view, maps, me=self.me, gaps=gaps)
                 written = slip.written_at
-            doc = cda.Document(item.packet_id, doc_type, slip, written, row["receiver"],
-                               referral_doc=referral_doc)
+            if doc_type != "cancel":
+                doc = cda.Document(item.packet_id, doc_type, slip, written, row["receiver"],
+                                   referral_doc=referral_doc)
         raw = cda.write(doc, self.site, self.opts.encoding)
         ledger.remember(item.packet_id, "out", doc_type, item.thread,
                         hashlib.sha256(raw).hexdigest())
@@ -334,4 +381,56 @@ class WsAdapter(BaseAdapter):
         if gaps:
             slips_fhir.record_gaps(self.host.store, gaps, self.host.now())
         self.count(f"wrote_{doc_type}")
+        self.ok()
+
+    # -- sink: lab results from another member ----------------------------------------------------
+
+    def _deliver_results(self, item: Delivery) -> None:
+        """``result.lab`` -> one lab report document per DiagnosticReport, each sent until the
+        HIS answers stored or duplicate (a SOAP Fault raises: the dispatcher retries)."""
+        if item.kind != "result.lab":
+            self.count(f"skipped:{item.kind}")  # imaging: fetched on demand, not written
+            return
+        ledger = self._ledger()
+        if ledger.results_written(item.packet_id):
+            self.count("redelivered")
+            return
+        referral_doc = ledger.referral_doc(item.thread) if item.thread else None
+        view = self.host.referral(item.thread) if referral_doc else None
+        if view is None or referral_doc is None:
+            # no referral document in this HIS to file them under: they stay in the node's
+            # FHIR store and the recognition view (counted for IT, no patient data)
+            self.count("skipped:result")
+            return
+        row = view["referral"]
+        refs = {f"{r['resourceType']}/{r['id']}": r for r in view["resources"]}
+        slip_no = slips_fhir.slip_no_of(refs.get(f"ServiceRequest/{row['sr_id']}", {}))
+        task = refs.get(f"Task/{row['task_id']}") or self.host.resource("Task", row["task_id"])
+        pref = task["for"]["reference"]
+        patient = refs.get(pref) or self.host.resource("Patient", pref.split("/", 1)[1])
+        mrn = slips_fhir._mrn(patient, row["referrer"])
+        gaps: list[Any] = []
+        docs = lab_report.from_bundle(
+            orjson.loads(item.body), slips_fhir.Codes(self.host.maps, self.me, gaps), self.site,
+            producer=item.sender, slip_no=slip_no, referral_doc=referral_doc, mrn=mrn,
+            mrn_authority=row["referrer"] if mrn else "",
+            received_at=item.received_at.isoformat())
+        for doc in docs:
+            doc.version = ledger.report_version(doc.report_id, item.packet_id)
+            doc.doc_id = lab_report.doc_id_of(doc.report_id, doc.version)
+            if doc.version > 1:
+                doc.replaces = lab_report.doc_id_of(doc.report_id, doc.version - 1)
+            raw = lab_report.write(doc, self.site, self.opts.encoding)
+            ledger.remember(doc.doc_id, "out", "lab-report", item.thread,
+                            hashlib.sha256(raw).hexdigest())
+            try:
+                self.client.receive("lab-report", doc.doc_id, raw)
+            except HisUnavailable as exc:
+                self.failed(exc.message)
+                self.count("deliver_failed")
+                raise
+            self.count("wrote_lab_report")
+        if ledger.mark_results_written(item.packet_id) and gaps:
+            slips_fhir.record_gaps(self.host.store, gaps, self.host.now())
+            self.count("unmapped_codes", len(gaps))
         self.ok()

@@ -1,4 +1,5 @@
-"""The three slips as CDA-like documents (WS/T 500-style header), written and read back.
+"""The three slips, and a referral's withdrawal (转诊撤销单, :class:`CancelSlip`), as CDA-like
+documents (WS/T 500-style header), written and read back.
 
 A :class:`Document` is one slip plus its header: document id, type, when written, the custodian
 (the HIS's hospital) and, for an acceptance or return, the referral it answers
@@ -42,7 +43,7 @@ CST = timezone(timedelta(hours=8))  # a time written without offset is China Sta
 
 #: document type -> (CDA code, title)
 TYPES = {"referral": ("ZZD", "双向转诊单"), "acceptance": ("JZD", "接诊单"),
-         "return": ("ZHD", "转回单")}
+         "return": ("ZHD", "转回单"), "cancel": ("CXD", "转诊撤销单")}
 TYPE_OF_CODE = {code: t for t, (code, _) in TYPES.items()}
 GENDER = {"unknown": "0", "male": "1", "female": "2", "other": "9"}
 GENDER_OF = {v: k for k, v in GENDER.items()}
@@ -57,7 +58,10 @@ SECTIONS = {
     "drugs": ("10160-0", LOINC_OID, "用药"),
     "labs": ("30954-2", LOINC_OID, "检验结果"),
     "acceptance": ("JZJG", None, "接诊结果"),  # code system: Site.items
+    "cancel": ("CXYY", None, "撤销原因"),  # code system: Site.items
 }
+#: a cancellation's state: asked by the HIS (requested), or the node's notice of the outcome
+CANCEL_STATUS = ("requested", "cancelled", "refused")
 
 
 @dataclass(frozen=True)
@@ -81,17 +85,29 @@ class Site:
         return str(getattr(self, category))
 
 
-Slip = ReferralSlip | AcceptanceSlip | ReturnSlip
+@dataclass
+class CancelSlip:
+    """A referral withdrawn (撤销转诊): asked by the referring doctor in the HIS, or the node's
+    notice to either HIS that it was cancelled (or refused: the patient had arrived)."""
+
+    slip_no: str
+    reason: str
+    status: str = "requested"  # requested | cancelled | refused
+    doctor: str = ""
+    written_at: str = ""
+
+
+Slip = ReferralSlip | AcceptanceSlip | ReturnSlip | CancelSlip
 
 
 @dataclass
 class Document:
     doc_id: str
-    type: str  # referral | acceptance | return
-    slip: Any  # ReferralSlip | AcceptanceSlip | ReturnSlip
+    type: str  # referral | acceptance | return | cancel
+    slip: Any  # ReferralSlip | AcceptanceSlip | ReturnSlip | CancelSlip
     written_at: str  # ISO 8601 with offset (effectiveTime)
     custodian: str  # member id of the writing hospital
-    referral_doc: str = ""  # acceptance/return: the referral document it answers
+    referral_doc: str = ""  # acceptance/return/cancel: the referral document it answers
 
 
 #: (category, code) -> is this code in the site's catalogue?
@@ -245,6 +261,9 @@ def write(doc: Document, site: Site, encoding: str = "UTF-8") -> bytes:
             _obs(sec, "department", site, code=s.department_code, codeSystem=site.department)
         if s.bed_no:
             _obs(sec, "bed", site, s.bed_no)
+    elif isinstance(s, CancelSlip):
+        sec = _section(body, "cancel", site, s.reason)
+        _obs(sec, "cancel-status", site, code=s.status)
     else:
         sec = _section(body, "diagnosis", site)
         _obs(sec, "diagnosis", site, code=s.diagnosis_code, codeSystem=site.diagnosis,
@@ -437,7 +456,7 @@ def _read(raw: bytes, site: Site, record: str, known: Known | None,
     custodian = r.attr(r.one("v3:custodian/v3:assignedCustodian/"
                              "v3:representedCustodianOrganization/v3:id"), "extension")
     doctor = r.text("v3:author/v3:assignedAuthor/v3:assignedPerson/v3:name",
-                    required=dtype != "acceptance")
+                    required=dtype not in ("acceptance", "cancel"))
     order_ids = root.xpath("v3:inFulfillmentOf/v3:order/v3:id", namespaces=NS)
     slip_no = next((i.get("extension", "") for i in order_ids if i.get("root") == site.slip_oid),
                    "")
@@ -456,6 +475,12 @@ def _read(raw: bytes, site: Site, record: str, known: Known | None,
         slip = _referral(r, site, known, slip_no, doctor, written, from_node)
     elif dtype == "acceptance":
         slip = _acceptance(r, site, known, slip_no, doctor)
+    elif dtype == "cancel":
+        sec = r.section("cancel")
+        status = r.item(sec, "cancel-status", required=False)
+        slip = CancelSlip(slip_no, r.text("v3:text", sec),
+                          r.choice(status, CANCEL_STATUS) if status is not None else "requested",
+                          doctor, written)
     else:
         slip = _return(r, site, known, slip_no, doctor, written)
     return Document(doc_id, dtype, slip, written, custodian, referral_doc)

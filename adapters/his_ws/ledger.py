@@ -18,11 +18,20 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS documents (
     doc_id TEXT PRIMARY KEY,
     direction TEXT NOT NULL,      -- in: pulled from the HIS; out: written into it
-    type TEXT NOT NULL,           -- referral | acceptance | return
+    type TEXT NOT NULL,           -- referral | acceptance | return | cancel | lab-report
     thread TEXT,
     digest TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS documents_thread ON documents (thread, type);
+-- a lab report's versions in the HIS: one per result.lab packet that carried the report
+CREATE TABLE IF NOT EXISTS report_versions (
+    report_id TEXT NOT NULL,
+    packet_id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    PRIMARY KEY (report_id, packet_id)
+);
+-- result.lab packets whose every report the HIS answered OK (gaps counted then, once)
+CREATE TABLE IF NOT EXISTS results_written (packet_id TEXT PRIMARY KEY);
 """
 
 
@@ -61,6 +70,29 @@ class Ledger:
             row = self._db.execute("SELECT doc_id FROM documents WHERE thread = ? AND "
                                    "type = 'referral'", (thread,)).fetchone()
         return None if row is None else str(row[0])
+
+    def report_version(self, report_id: str, packet_id: str) -> int:
+        """The version of a report as ``packet_id`` carries it: the next free number the first
+        time, the same number on every redelivery of that packet."""
+        with self._lock:
+            self._db.execute(
+                "INSERT OR IGNORE INTO report_versions (report_id, packet_id, version) "
+                "SELECT ?, ?, COALESCE(MAX(version), 0) + 1 FROM report_versions "
+                "WHERE report_id = ?", (report_id, packet_id, report_id))
+            row = self._db.execute("SELECT version FROM report_versions WHERE report_id = ? "
+                                   "AND packet_id = ?", (report_id, packet_id)).fetchone()
+        return int(row[0])
+
+    def results_written(self, packet_id: str) -> bool:
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM results_written WHERE packet_id = ?",
+                                    (packet_id,)).fetchone() is not None
+
+    def mark_results_written(self, packet_id: str) -> bool:
+        """True the first time (the caller then counts the packet's mapping gaps)."""
+        with self._lock:
+            return self._db.execute("INSERT OR IGNORE INTO results_written VALUES (?)",
+                                    (packet_id,)).rowcount == 1
 
     def close(self) -> None:
         with self._lock:

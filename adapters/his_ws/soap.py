@@ -2,10 +2,12 @@
 
 Operations, namespace ``urn:hutong:his-ws:1``:
 
-* ``ReceiveReferral`` / ``ReceiveAcceptance`` / ``ReceiveReturn`` (node -> HIS): one document,
-  base64 of its own bytes, with its id; answered ``ReceiveResponse`` (stored | duplicate).
+* ``ReceiveReferral`` / ``ReceiveAcceptance`` / ``ReceiveReturn`` / ``ReceiveCancel`` /
+  ``ReceiveLabReport`` (node -> HIS): one document, base64 of its own bytes, with its id;
+  answered ``ReceiveResponse`` (stored | duplicate).
 * ``GetPendingDocuments(Since, Max)`` (node <- HIS): documents the HIS wrote and nobody acked,
-  ``seq`` above ``Since``, oldest first, each ``PendingDocument(seq, id, type)``.
+  ``seq`` above ``Since``, oldest first, each ``PendingDocument(seq, id, type)``; a referring
+  doctor's withdrawal is a ``cancel`` document (CXD) naming the referral document and a reason.
 * ``AckDocuments(Seq+)``: the node took (or quarantined) these; the HIS stops offering them.
 
 A failure is a SOAP ``Fault`` (faultcode ``soap:Client`` or ``soap:Server``) with HTTP 500.
@@ -26,7 +28,7 @@ SOAP = "http://schemas.xmlsoap.org/soap/envelope/"
 HWS = "urn:hutong:his-ws:1"
 XSD = "his-ws.xsd"
 RECEIVE = {"referral": "ReceiveReferral", "acceptance": "ReceiveAcceptance",
-           "return": "ReceiveReturn"}
+           "return": "ReceiveReturn", "cancel": "ReceiveCancel", "lab-report": "ReceiveLabReport"}
 TYPE_OF_RECEIVE = {v: k for k, v in RECEIVE.items()}
 
 
