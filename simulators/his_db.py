@@ -99,7 +99,8 @@ def _referral_table(name: str, inbox: bool) -> Table:
     else:
         cols += [Column("BLZY", LargeBinary), Column("CXXH", Integer, index=True)]
     # ZT 1 valid / 9 withdrawn (撤销), with when and why
-    cols += [Column("ZT", String(1), default="1"), _s("CXSJ", 14), _s("CXYY", 200)]
+    cols += [Column("ZT", String(1), default="1", server_default="1"), _s("CXSJ", 14),
+             _s("CXYY", 200)]
     return Table(name, metadata, *cols)
 
 
