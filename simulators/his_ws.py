@@ -143,10 +143,12 @@ class HisWs:
             raise KeyError(f"no document {doc_id} written here")
         return cda.read(bytes(row[0]), self.site, record=doc_id).slip.slip_no
 
-    def fail_next(self, n: int) -> None:
+    def fail_next(self, n: int, op: str = "") -> None:
+        """Answer the next ``n`` calls (of operation ``op`` only, if given) with a Fault."""
         with self._db() as db:
-            db.execute("INSERT INTO settings VALUES ('fail_next', ?) ON CONFLICT (key) DO "
-                       "UPDATE SET value = excluded.value", (str(n),))
+            for key, value in (("fail_next", str(n)), ("fail_op", op)):
+                db.execute("INSERT INTO settings VALUES (?, ?) ON CONFLICT (key) DO "
+                           "UPDATE SET value = excluded.value", (key, value))
 
     # -- what the node wrote in -------------------------------------------------------------
 
@@ -200,7 +202,9 @@ class HisWs:
                 name, doc_id = op.tag.split("}")[1], soap.text(op, "DocumentId") or None
                 left = int((db.execute("SELECT value FROM settings WHERE key = 'fail_next'")
                             .fetchone() or ("0",))[0])
-                if left > 0:
+                only = (db.execute("SELECT value FROM settings WHERE key = 'fail_op'")
+                        .fetchone() or ("",))[0]
+                if left > 0 and only in ("", name):
                     db.execute("UPDATE settings SET value = ? WHERE key = 'fail_next'",
                                (str(left - 1),))
                     db.execute("INSERT INTO calls (op, doc_id, outcome) VALUES (?, ?, 'fault')",
@@ -359,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--doctor", default="")
     ap.add_argument("--reason", default="")
     ap.add_argument("--count", type=int, default=1)
+    ap.add_argument("--op", default="", help="faults: only this operation (e.g. "
+                                              "ReceiveLabReport)")
     a = ap.parse_args(argv)
     his = HisWs(a.db, a.member, site_name=a.site_name, encoding=a.encoding)
     if a.command == "serve":
@@ -388,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         for seq, doc_id in his.pending():
             print(seq, doc_id)
     elif a.command == "faults":
-        his.fail_next(a.count)
+        his.fail_next(a.count, a.op)
     return 0
 
 
