@@ -213,7 +213,7 @@ def summary(results: dict[str, Any]) -> None:
     if exch.get("throughput"):
         t = ex._table("node to node A -> B: sealed packets/s (durable commits), share of the "
                       "ceiling", ["store", "body", "threads", "packets/s", "ceiling/s", "share",
-                                  "incl. start-up", "delivered/s", "CPU others"])
+                                  "from commit", "delivered/s", "CPU others"])
         for r in exch["throughput"]:
             c = pipe.get(f"{r['backend']}:{r['size']}", {})
             cap = c.get("packets_per_s")

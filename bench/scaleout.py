@@ -35,11 +35,9 @@ def lane_holders(reader: ex.Reader) -> list[int]:
 def run_workers(pair: ex.Pair, workers: int, n: int, timeout: float) -> dict[str, Any]:
     """A and W-1 workers run and have split the lanes before the backlog is queued, so the
     figure is the steady rate of W processes, not their start-up."""
+    pair.ready_a()
     pair.ready_b()
     a, rb = pair.a, pair.rb
-    if a.proc is None or a.proc.poll() is not None:
-        a.start()
-        a.wait_ready()
     ra = ex.Reader(a.plan.storage_dsn)
     b_before = rb.scalar("SELECT COALESCE(MAX(id), 0) FROM inbox")
     dup_before = rb.scalar("SELECT COUNT(*) FROM audit WHERE action = 'duplicate'")
@@ -89,8 +87,7 @@ def run_workers(pair: ex.Pair, workers: int, n: int, timeout: float) -> dict[str
 def scaleout(root: Path, dsns: dict[str, str], n: int, timeout: float = 300.0
              ) -> list[dict[str, Any]]:
     pair = ex.Pair(root / "alliance-scaleout", "postgresql", dsns)
-    pair.a.start()
-    pair.a.wait_ready()
+    pair.ready_a()
     out = []
     try:
         for i, workers in enumerate((1, 2, 4)):
