@@ -13,6 +13,7 @@ token rows when it is opened, and gives the same answers.
 from __future__ import annotations
 
 import copy
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -361,3 +362,39 @@ def test_token_rows_are_each_distinct_identifier_once() -> None:
 def test_index_objects_are_declared_on_the_table() -> None:
     names = {ix.name for ix in T.indexes if isinstance(ix, Index)}
     assert {IX_NEWEST.name, IX_PATIENT_NEWEST.name} <= names and not set(OLD_INDEXES) & names
+
+
+def test_two_processes_opening_an_old_store_at_once_backfill_it_once(dsn: str) -> None:
+    """Two nodes' processes (here: two Stores in two threads) open the same old store: one
+    upgrades it, the other finds it done; the tokens are there exactly once."""
+    s = Store(dsn)
+    try:
+        s.create_all()
+        seed(s)
+        want = _tokens(s)
+        _make_old(s)
+    finally:
+        s.dispose()
+    stores = [Store(dsn), Store(dsn)]
+    errors: list[BaseException] = []
+    made: list[int] = []
+
+    def open_it(st: Store) -> None:
+        try:
+            st.create_all()
+            made.append(schema.upgrade(st))  # a second call on the same store: nothing to do
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_it, args=(st,)) for st in stores]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert errors == [] and made == [0, 0]
+        assert _tokens(stores[0]) == want
+        assert _answers(stores[1]) == _answers(stores[0])
+    finally:
+        for st in stores:
+            st.dispose()
