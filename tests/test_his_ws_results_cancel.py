@@ -353,6 +353,12 @@ def test_cancel_from_the_ws_his_reaches_the_other_node_once(site: dict[str, Any]
     held = [h for h in chc.api("GET", "/local/v1/quarantine")
             if cancel_doc in h["message"] or again in h["message"]]
     assert held == []
+    rows = list(csv.DictReader(io.StringIO(chc.cli("audit", "export", "--format",
+                                                    "csv").stdout)))
+    repeated = [r for r in rows if f"cancel document {again}" in r["message"]]
+    assert [(r["action"], r["thread"], r["kind"]) for r in repeated] == \
+        [("referral", thread, "referral.cancel")]
+    assert not any(f"cancel document {cancel_doc}" in r["message"] for r in rows)
     # the core hospital's HIS gets the cancellation with its reason, once
     notice = wait_for(lambda: next((d for d in core_his.received("cancel")
                                     if d.slip.slip_no == slip.slip_no), None),

@@ -68,6 +68,7 @@ WRITES = {"request": "referral", "accept": "acceptance", "reject": "acceptance",
           "cancel-refused": "cancel"}
 #: a cancellation notice's reason when the Task carries none (the receiver refused: too late)
 REFUSED_REASON = "患者已到诊，转诊不能撤销 (the patient has arrived: the referral cannot be cancelled)"
+CANCELLED_REASON = "转诊已撤销 (the referral was withdrawn)"
 OID_KEYS = ("org_oid", "doc_oid", "slip_oid", "mrn_oid", "items", "doc_types", "diagnosis",
             "drug", "lab", "department")
 
@@ -352,8 +353,8 @@ class WsAdapter(BaseAdapter):
                 task = next(r for r in entries if r["resourceType"] == "Task")
                 done = row["status"] == "cancelled" and event != "cancel-refused"
                 reason = str((task.get("statusReason") or {}).get("text") or "")
-                slip = cda.CancelSlip(slip_no, reason or (REFUSED_REASON if not done else
-                                                          "-"),
+                slip = cda.CancelSlip(slip_no, reason or (CANCELLED_REASON if done
+                                                          else REFUSED_REASON),
                                       "cancelled" if done else "refused")
                 written = task.get("lastModified") or item.received_at.isoformat()
                 doc = cda.Document(item.packet_id, doc_type, slip, written, row["referrer"],
