@@ -86,6 +86,8 @@ class Node:
         else:
             hops = [me.via]
         self.senders = {peer: PeerSender(self.ctx, peer, self.lanes) for peer in hops}
+        # a platform wakes only the senders of the hops a batch was relayed to, not all of them
+        self.intake.on_relayed = lambda next_hops: [self.wake(f"send:{h}") for h in next_hops]
         self.drains: dict[str, _Drain] = {}
         self.scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(len(hops) + 6 + len(self.adapters))},
@@ -186,8 +188,6 @@ class Node:
 
         def received() -> None:
             self.wake("deliver")
-            if self.plan.role == "platform":
-                self.wake_all_senders()
         gateway = create_gateway(self.ctx, self.intake, on_received=received)
         local = create_local_app(self)
         return gateway, local

@@ -45,6 +45,14 @@ _COLS = (
     OUTBOX.c.kind, OUTBOX.c.thread, OUTBOX.c.seq, OUTBOX.c.patient_hash, OUTBOX.c.attempts,
     OUTBOX.c.created_at, OUTBOX.c.next_try_at, OUTBOX.c.body, OUTBOX.c.frame,
 )
+#: one constant statement: a platform polls a head per member, and building the statement
+#: (and SQLAlchemy's cache key over its literals) each time cost more than running it
+_HEAD = (
+    select(*_COLS)
+    .where(OUTBOX.c.next_hop == bindparam("_peer"), OUTBOX.c.state == "queued")
+    .order_by(OUTBOX.c.id)
+    .limit(bindparam("_limit"))
+)
 
 
 @dataclass(slots=True)
@@ -73,12 +81,7 @@ class PeerSender:
     def _head(self, limit: int) -> list[Any]:
         """Up to ``limit`` queued rows for this peer in queue order (with lanes: this
         process's share)."""
-        stmt = (
-            select(*_COLS)
-            .where(OUTBOX.c.next_hop == self.peer, OUTBOX.c.state == "queued")
-            .order_by(OUTBOX.c.id)
-            .limit(limit)
-        )
+        stmt = _HEAD
         if self.lanes is not None:
             held = self.lanes.hold(f"send:{self.peer}")
             if held is not None:
@@ -86,7 +89,7 @@ class PeerSender:
                     return []
                 stmt = stmt.where(lane_of(OUTBOX.c.thread).in_(sorted(held)))
         with self.ctx.store.read() as conn:
-            return list(conn.execute(stmt).all())
+            return list(conn.execute(stmt, {"_peer": self.peer, "_limit": limit}).all())
 
     def claim(self, now: datetime) -> list[Any]:
         """The head of this peer's queue, in queue order. Backoff is head-of-line: while the
@@ -165,10 +168,13 @@ class PeerSender:
         return [self._check(r, a) for r, a in zip(rows, answers, strict=True)]
 
     def _record_answers(self, conn: Connection, checked: list[Any]) -> list[AuditEntry]:
-        fast = [(r, a, f) for r, a, f in checked
-                if r.origin == "local" and isinstance(f, dict) and f.get("status") == "accepted"]
-        slow = [c for c in checked if not any(c[0] is x[0] for x in fast)]
+        fast = [(r, a, f) for r, a, f in checked if r.origin in ("local", "relay")
+                and isinstance(f, dict) and f.get("status") == "accepted"]
+        taken = [c for c in checked if c[0].origin == "receipt" and not c[1]]
+        done = {id(c[0]) for c in (*fast, *taken)}
+        slow = [c for c in checked if id(c[0]) not in done]
         entries = self._record_accepted(conn, fast)
+        self._record_receipts_taken(conn, taken)
         for r, a, f in slow:
             entries += self._record(conn, r, a, f)
         return entries
@@ -235,7 +241,8 @@ class PeerSender:
             return r, answer, exc
 
     def _record_accepted(self, conn: Connection, done: list[Any]) -> list[AuditEntry]:
-        """The common case in one executemany: directly acknowledged local packets."""
+        """The common case in one executemany: packets the recipient accepted (local ones, and
+        on a platform relayed ones, whose receipts go back to their senders in one more)."""
         if not done:
             return []
         now = self.ctx.now()
@@ -245,8 +252,12 @@ class PeerSender:
                 acked_at=now, last_error=None, receipt=bindparam("_receipt")),
             [{"_id": r.id, "_attempts": r.attempts + 1, "_receipt": a} for r, a, _ in done],
         )
+        relayed = [self._receipt_row(r, a, now) for r, a, _ in done if r.origin == "relay"]
+        if relayed:
+            conn.execute(insert(OUTBOX), relayed)
         return [AuditEntry(
-            action="sent", packet_id=r.packet_id, kind=r.kind, peer=r.recipient,
+            action="relayed" if r.origin == "relay" else "sent", packet_id=r.packet_id,
+            kind=r.kind, peer=r.recipient,
             thread=r.thread, patient_hash=r.patient_hash, at=now,
             extra={"hop": self.peer, "receipt": "accepted", "attempt": r.attempts + 1},
         ) for r, _, _ in done]
@@ -324,15 +335,27 @@ class PeerSender:
 
     def _forward_receipt(self, conn: Connection, r: Any, receipt: bytes, now: datetime) -> None:
         """A platform passes the recipient's signed receipt back to the original sender."""
+        conn.execute(insert(OUTBOX), [self._receipt_row(r, receipt, now)])
+
+    def _receipt_row(self, r: Any, receipt: bytes, now: datetime) -> dict[str, Any]:
+        return {
+            "packet_id": f"receipt:{r.packet_id}", "origin": "receipt",
+            "sender": self.ctx.node_id, "recipient": r.sender, "next_hop": r.sender,
+            "kind": "receipt", "thread": r.thread, "seq": r.seq, "digest": "",
+            "size": len(receipt), "state": "queued", "attempts": 0, "created_at": now,
+            "next_try_at": now, "frame": receipt,
+        }
+
+    def _record_receipts_taken(self, conn: Connection, taken: list[Any]) -> None:
+        """Forwarded receipts the member took (an empty answer), in one executemany."""
+        if not taken:
+            return
+        now = self.ctx.now()
         conn.execute(
-            insert(OUTBOX),
-            [{
-                "packet_id": f"receipt:{r.packet_id}", "origin": "receipt",
-                "sender": self.ctx.node_id, "recipient": r.sender, "next_hop": r.sender,
-                "kind": "receipt", "thread": r.thread, "seq": r.seq, "digest": "",
-                "size": len(receipt), "state": "queued", "attempts": 0, "created_at": now,
-                "next_try_at": now, "frame": receipt,
-            }],
+            update(OUTBOX).where(OUTBOX.c.id == bindparam("_id")).values(
+                state="acknowledged", attempts=bindparam("_attempts"), sent_at=now,
+                acked_at=now),
+            [{"_id": r.id, "_attempts": r.attempts + 1} for r, _, _ in taken],
         )
 
     def _failed(self, rows: list[Any], exc: HutongError, conn: Connection | None = None) -> None:

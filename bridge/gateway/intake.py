@@ -8,6 +8,7 @@ only then are the signed receipts returned: a receipt is never given for somethi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -50,6 +51,8 @@ class Intake:
         self.plan = ctx.plan
         self.me = ctx.plan.directory[ctx.plan.node_id]
         self.window = timedelta(seconds=ctx.plan.limits.clock_window_s)
+        #: a platform's hook: called after the commit with the next hops of the relayed packets
+        self.on_relayed: Callable[[set[str]], None] | None = None
 
     # -- public -------------------------------------------------------------------------------
 
@@ -92,6 +95,8 @@ class Intake:
             self._commit(conn, batch)
             faults.point("intake.before_commit")
         faults.point("intake.after_commit")
+        if batch.relay and self.on_relayed is not None:
+            self.on_relayed({r["next_hop"] for r in batch.relay})
         return [a if a is not None else b"" for a in answers]
 
     # -- packets ------------------------------------------------------------------------------
