@@ -295,6 +295,24 @@ def test_db_withdrawal_of_unsent_or_arrived_referral_is_quarantined(pair: Any) -
     assert len(held) == 1 and "no referral was sent" in held[0].message
     assert held[0].kind == "his-db.cancel"
     assert quarantine_audited(fx, f"record ZZ_SQD#{unsent} field ZZDH") == 1
+    # the HIS fills the consent in; IT replays the referral, then the withdrawal: it goes once
+    from sqlalchemy import update
+
+    from simulators.his_db import ZZ_SQD
+    with core_db.tx() as conn:
+        conn.execute(update(ZZ_SQD).where(ZZ_SQD.c.ID == unsent).values(TYR="患者本人"))
+    early = fx.api("POST", f"/local/v1/quarantine/{held[0].id}/replay")
+    assert early["ok"] is False and "no referral was sent" in early["result"]
+    first = quarantined(fx, f"record ZZ_SQD#{unsent} field TYR")[0]
+    assert fx.api("POST", f"/local/v1/quarantine/{first.id}/replay")["ok"] is True
+    assert fx.api("POST", f"/local/v1/quarantine/{held[0].id}/replay")["ok"] is True
+    note = one(chc, "cancel", "FXCX-UNSENT")[0].slip
+    assert note.reason == "撤回" and note.thread == one(chc, "referral", "FXCX-UNSENT")[0].thread
+    assert_withdrawn(fx, note.thread, "撤回")
+    assert cancel_steps(fx, note.thread) == 1
+    fx.api("POST", f"/local/v1/quarantine/{held[0].id}/replay")  # replayed twice: once sent
+    assert cancel_steps(fx, note.thread) == 1
+    assert len([r for r in chc.received("cancel") if r.slip_no == "FXCX-UNSENT"]) == 1
     # a referral whose patient already arrived at the centre (A04 naming the referral)
     s = down_slip("FXCX-LATE")
     rid = core_db.write_referral(s)
