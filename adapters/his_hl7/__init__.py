@@ -1,6 +1,5 @@
 """HL7 v2 over MLLP HIS adapter (``type = "his-hl7"``): REF^I12 / REF^I14 (cancel) / RRI^I12 /
-ADT <-> referrals,
-and lab results from other members (``result.lab``) -> ORU^R01 into the HIS.
+ADT <-> referrals, and lab results from other members (``result.lab``) -> ORU^R01 into the HIS.
 
 Modules: :mod:`.adapter` (options, life cycle), :mod:`.inbound` (HIS -> node),
 :mod:`.outbound` (node -> HIS), :mod:`.messages` (HL7 <-> slips, the interface sheet),
