@@ -26,6 +26,10 @@ from bridge.results import tables as _results_tables  # noqa: F401
 # importing registers every table on SQLModel.metadata
 from bridge.store import tables as _tables  # noqa: F401
 
+#: session advisory lock held while a process creates or upgrades the schema (the audit chain
+#: uses 727274; the delivery lanes use the two-int4 key space, which does not overlap)
+SCHEMA_LOCK_ID = 727275
+
 
 def _audit_tables() -> None:
     from bridge.audit import tables as _audit  # noqa: F401
@@ -81,11 +85,28 @@ class Store:
         return self._writer
 
     def create_all(self) -> None:
-        with self._translate():
-            SQLModel.metadata.create_all(self._writer)
         from bridge.fhirstore.schema import upgrade  # indexes and backfill of older stores
 
-        upgrade(self)
+        with self._translate(), self._schema_lock():
+            SQLModel.metadata.create_all(self._writer)
+            upgrade(self)
+
+    @contextmanager
+    def _schema_lock(self) -> Iterator[None]:
+        """PostgreSQL: one process at a time creates or upgrades the schema (two processes that
+        open a new or older store together would both CREATE a missing table and one would fail
+        with "type already exists"). SQLite: BEGIN IMMEDIATE already serialises the upgrade."""
+        if self.is_sqlite:
+            yield
+            return
+        with self._writer.connect() as conn:
+            conn.exec_driver_sql(f"SELECT pg_advisory_lock({SCHEMA_LOCK_ID})")
+            conn.commit()
+            try:
+                yield
+            finally:
+                conn.exec_driver_sql(f"SELECT pg_advisory_unlock({SCHEMA_LOCK_ID})")
+                conn.commit()
 
     @contextmanager
     def write(self) -> Iterator[Connection]:
