@@ -123,7 +123,8 @@ class Node:
         for peer, sender in self.senders.items():
             def step(s: PeerSender = sender) -> tuple[int, bool]:
                 report = s.send_batch()
-                return report.sent, report.failed > 0
+                # k > 1 partitions: keep draining while some partition got through
+                return report.sent, report.failed > 0 and report.sent == 0
             self._add_drain(f"send:{peer}", step, cfg.poll_interval_s)
         self._add_drain("deliver", lambda: (self.dispatcher.run_once(), False),
                         cfg.poll_interval_s)

@@ -45,7 +45,7 @@ def run_worker(plan: NodePlan) -> None:
     for peer, sender in node.senders.items():
         def step(s: object = sender) -> tuple[int, bool]:
             report = s.send_batch()  # type: ignore[attr-defined]
-            return report.sent, report.failed > 0
+            return report.sent, report.failed > 0 and report.sent == 0
         node._add_drain(f"send:{peer}", step, cfg.poll_interval_s)
     if delivers:
         node._add_drain("deliver", lambda: (node.dispatcher.run_once(), False),
