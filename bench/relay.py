@@ -366,6 +366,17 @@ def _check_once(rows: dict[str, list[tuple[Any, ...]]], jobs: list[dict[str, Any
     return {"received_once": once, "per_receiver": per}
 
 
+def platform_intake(dsn: str, ids: list[str]) -> dict[str, float]:
+    """When the platform took each packet (its relay row's created_at), by packet id."""
+    reader = ex.Reader(dsn)
+    try:
+        rows = reader.rows("SELECT packet_id, created_at FROM outbox WHERE origin = 'relay'")
+    finally:
+        reader.close()
+    wanted = set(ids)
+    return {r[0]: ex.ts(r[1]) for r in rows if r[0] in wanted}
+
+
 def relay(root: Path, members: int = 50, n: int = 1500, *, procs: int = 3, batch: int = 20,
           lat_rate: float | None = None, lat_seconds: float = 4.0, timeout: float = 300.0,
           spy: ex.Spy | None = None) -> dict[str, Any]:
@@ -450,6 +461,13 @@ def relay(root: Path, members: int = 50, n: int = 1500, *, procs: int = 3, batch
         lrows = recv.rows(before2)
         lonce = _check_once(lrows, ljobs)
         lat = [(ex.ts(r[1]) - ex.ts(r[2])) * 1000 for rs in lrows.values() for r in rs]
+        # where it waited: sealed -> the platform's intake (its relay row's created_at) and
+        # from there -> the receiver's intake
+        at_platform = platform_intake(platform.plan.storage_dsn, [j["id"] for j in ljobs])
+        lat_in = [(at_platform[r[0]] - ex.ts(r[2])) * 1000 for rs in lrows.values() for r in rs
+                  if r[0] in at_platform]
+        lat_out = [(ex.ts(r[1]) - at_platform[r[0]]) * 1000 for rs in lrows.values()
+                   for r in rs if r[0] in at_platform]
         # ---- end-to-end receipts back at the members, through the platform ------------------
         want = n + m
         deadline = time.perf_counter() + 60
@@ -488,6 +506,9 @@ def relay(root: Path, members: int = 50, n: int = 1500, *, procs: int = 3, batch
         "saturated_p50_ms": ex.pct(queued, 0.5), "saturated_p99_ms": ex.pct(queued, 0.99),
         "lat_rate": rate, "lat_n": m, "lat_received_once": lonce["received_once"],
         "p50_ms": ex.pct(lat, 0.5), "p99_ms": ex.pct(lat, 0.99), "max_ms": max(lat),
+        "to_platform_p50_ms": ex.pct(lat_in, 0.5), "to_platform_p99_ms": ex.pct(lat_in, 0.99),
+        "from_platform_p50_ms": ex.pct(lat_out, 0.5),
+        "from_platform_p99_ms": ex.pct(lat_out, 0.99),
         "receipts_back": len({p for p, _, s in receipts if s == "accepted"}),
         "receipt_statuses": dict(accepted), "receipts_expected": want,
         "elapsed_s": time.perf_counter() - started, "pyspy": profile,
@@ -510,6 +531,10 @@ def report(r: dict[str, Any]) -> None:
                                                     f"{r['receipts_expected']:,}")),
         (f"latency sealed -> received at {r['lat_rate']:.0f}/s: p50 / p99 / max",
          f"{r['p50_ms']:.0f} / {r['p99_ms']:.0f} / {r['max_ms']:.0f} ms"),
+        ("  of which sealed -> platform intake: p50 / p99",
+         f"{r['to_platform_p50_ms']:.0f} / {r['to_platform_p99_ms']:.0f} ms"),
+        ("  and platform intake -> receiver intake: p50 / p99",
+         f"{r['from_platform_p50_ms']:.0f} / {r['from_platform_p99_ms']:.0f} ms"),
         ("posted -> received under saturation: p50 / p99",
          f"{r['saturated_p50_ms']:.0f} / {r['saturated_p99_ms']:.0f} ms"),
         ("CPU platform / receivers / senders+sink / others",
@@ -541,6 +566,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-n", type=int, default=1500, help="packets in the throughput run")
     p.add_argument("--procs", type=int, default=3, help="sender processes")
     p.add_argument("--batch", type=int, default=20, help="packets per post by one member")
+    p.add_argument("--lat-rate", type=float, help="packets/s of the latency run (default: "
+                                                   "40%% of the measured steady rate)")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (node logs, DBs)")
     p.add_argument("--py-spy", nargs="?", const="py-spy", metavar="EXE",
                    help="sample the platform with py-spy (--gil) during the throughput run")
@@ -553,7 +580,8 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"py-spy '{args.py_spy}' not found")
         spy = ex.Spy(exe, ex.ROOT / "bench" / "results", time.strftime("relay-%Y%m%d-%H%M%S"))
     try:
-        r = relay(root, args.members, args.n, procs=args.procs, batch=args.batch, spy=spy)
+        r = relay(root, args.members, args.n, procs=args.procs, batch=args.batch,
+                  lat_rate=args.lat_rate, spy=spy)
     finally:
         if args.keep:
             ex.console.print(f"[dim]kept {root}[/]")
