@@ -178,3 +178,24 @@ def test_openapi_declares_fhir_json_and_outcomes(node: NodeProcess) -> None:
     assert r.status_code == 401
     assert r.headers["content-type"] == "application/fhir+json; charset=utf-8"
     assert r.json()["issue"][0]["details"]["coding"][0]["code"] == "HT-AUTH"
+
+
+@pytest.mark.parametrize(("query", "expected"), [
+    (f"Observation?patient=Patient/{PLANTED_NAME}",
+     "patient: not a valid FHIR id (1-64 of A-Z a-z 0-9 - .)"),
+    (f"Observation?subject=a/b/{PLANTED_ID}", "subject: not Type/id or an id"),
+    (f"Task?_lastUpdated=ge{PLANTED_ID}",
+     "_lastUpdated: not a FHIR date or dateTime (a time needs a zone: Z or +08:00)"),
+    ("Task?_lastUpdated=ge1988-11-32", "_lastUpdated: not a real date or time"),
+    (f"Task?_count=-{PLANTED_ID}", "_count must be a whole number 0..200"),
+])
+def test_search_refusal_names_the_parameter_not_the_value(node: NodeProcess, query: str,
+                                                          expected: str) -> None:
+    with httpx.Client(timeout=30) as client:
+        r = client.get(f"{node.local_url}/fhir/{query}",
+                       headers={"Authorization": f"Bearer {node.token('clinician')}"})
+    assert r.status_code == 400
+    [issue] = r.json()["issue"]
+    assert (issue["severity"], issue["code"], issue["diagnostics"]) == ("error", "invalid",
+                                                                         expected)
+    assert PLANTED_ID not in r.text and PLANTED_NAME not in r.text

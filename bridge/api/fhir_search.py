@@ -177,7 +177,7 @@ def parse_query(rtype: str, items: list[tuple[str, str]], table: Table, *,
 def _result_param(q: Query, name: str, value: str) -> None:
     if name == "_count":
         if not value.isdigit():
-            raise BadRequest(f"_count must be a whole number 0..{MAX_COUNT}, got {value[:20]!r}")
+            raise BadRequest(f"_count must be a whole number 0..{MAX_COUNT}")
         q.count = min(int(value), MAX_COUNT)
     elif name == "_cursor":
         q.cursor = decode_cursor(value)
@@ -208,7 +208,7 @@ def condition(p: Param, raw: str, table: Table, rtype: str) -> ColumnElement[boo
 
 def _check_id(value: str, name: str) -> str:
     if not _ID_RE.fullmatch(value):
-        raise BadRequest(f"{name}: {value[:70]!r} is not a valid FHIR id")
+        raise BadRequest(f"{name}: not a valid FHIR id (1-64 of A-Z a-z 0-9 - .)")
     return value
 
 
@@ -217,13 +217,13 @@ def _reference(col: Any, value: str, p: Param) -> ColumnElement[bool]:
         raise BadRequest(f"{p.name}: give Type/id or an id, not a URL", issue="not-supported")
     parts = value.split("/_history/", 1)[0].split("/")
     if len(parts) > 2:
-        raise BadRequest(f"{p.name}: {value[:80]!r} is not Type/id or an id")
+        raise BadRequest(f"{p.name}: not Type/id or an id")
     if len(parts) == 1:
         rid = _check_id(parts[0], p.name)
         return col == f"{p.target}/{rid}" if p.target else col.endswith(f"/{rid}")
     rtype, rid = parts
     if not _TYPE_RE.fullmatch(rtype):
-        raise BadRequest(f"{p.name}: {value[:80]!r} is not Type/id or an id")
+        raise BadRequest(f"{p.name}: not Type/id or an id")
     if p.target and rtype != p.target:
         raise BadRequest(f"{p.name} refers to {p.target}, not {rtype}")
     return col == f"{rtype}/{_check_id(rid, p.name)}"
@@ -256,7 +256,7 @@ def parse_date(value: str, name: str = "date") -> tuple[datetime, datetime]:
     """[start, end) of a FHIR date/dateTime at the precision it was written in (UTC)."""
     m = _DATE_RE.fullmatch(value.replace(" ", "+"))
     if not m:
-        raise BadRequest(f"{name}: {value[:40]!r} is not a FHIR date or dateTime (a time needs "
+        raise BadRequest(f"{name}: not a FHIR date or dateTime (a time needs "
                          "a zone: Z or +08:00)")
     g = m.groupdict()
     try:
@@ -279,7 +279,7 @@ def parse_date(value: str, name: str = "date") -> tuple[datetime, datetime]:
                 timedelta(seconds=1) if g["S"] else timedelta(minutes=1))
         return start, start + step
     except ValueError as exc:
-        raise BadRequest(f"{name}: {value[:40]!r} is not a real date or time") from exc
+        raise BadRequest(f"{name}: not a real date or time") from exc
 
 
 def date_condition(col: Any, raw: str, name: str) -> ColumnElement[bool]:
