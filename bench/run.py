@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--scaleout-n", type=int, default=1500, help="packets per scale-out run")
     p.add_argument("--no-pg", action="store_true", help="SQLite only (no scale-out section)")
-    p.add_argument("--oru-n", type=int, default=300, help="ORU messages end to end over MLLP")
+    p.add_argument("--oru-n", type=int, default=200,
+                   help="ORU messages: end to end over MLLP, and the in-process loops")
     p.add_argument("--growth", default="10000,100000,1000000",
                    help="packets in the store, comma list")
     p.add_argument("--search", default="10000,100000,1000000",
