@@ -14,10 +14,12 @@ See bench/README.md for what each figure means. Summary:
    a ``python -m bridge.cli run`` process. Throughput: with A and B up and idle, N packets are
    queued in A's store from this process in one transaction (``queue_packets`` through
    ``NodeContext.open(plan)``, spread over 50 threads, or all in 1 thread); the clock runs from
-   the commit until B's inbox holds the N rows (B's database is polled read-only). Latency: both nodes up, packets are queued through A's
-   local API at a steady rate in small batches; per packet, B's ``inbox.received_at`` minus A's
-   ``outbox.created_at`` (same clock), and A's ``acked_at`` minus ``created_at``. Before the runs
-   B gets a warm-up batch (its FHIR schema compiles on first use). The headline rate is the
+   the commit until B's inbox holds the N rows (B's database is polled read-only). Latency:
+   both nodes up, packets are queued through A's local API at a steady rate in small batches;
+   per packet, B's ``inbox.received_at`` minus A's ``outbox.created_at`` (same clock), and A's
+   ``acked_at`` minus ``created_at``. Before the runs B gets a warm-up batch (its FHIR schema
+   compiles on first use); before every run but the first, B is restarted with the previous
+   run's undelivered backlog skipped (``Pair.restart_b``). The headline rate is the
    *steady* one: packets of all but the last batch over (last - first batch ``received_at`` at
    B); the rate from the commit (N / (commit -> N rows at B), including A's next poll, <= 0.5 s)
    is printed beside it.
@@ -576,8 +578,8 @@ class Pair:
 
     def __init__(self, folder: Path, backend: str, dsns: dict[str, str] | None,
                  start_b: bool = True) -> None:
-        """``start_b=False``: B's store is created but B is left stopped (``restart_b`` starts
-        it), for a caller that loads B's store first."""
+        """``start_b=False``: both stores are created but A and B are left stopped
+        (``ready_a`` / ``restart_b`` start them), for a caller that loads the stores first."""
         self.backend = backend
         self.alliance = Alliance(folder, MEMBERS, RULES,
                                  dsn_for=(lambda n: dsns[n]) if dsns else None)
