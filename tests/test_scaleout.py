@@ -87,6 +87,9 @@ def check_exactly_once_in_order(core: NodeProcess, sent: dict[str, list[str]]) -
         assert [pid for _, pid in sorted(got[thread])] == ids  # each once, in queue order
     received = audit_actions(core, "received")
     assert len(received) == total and set(received.values()) == {1}
+    # a spool file is written before its 'delivered' audit row commits: wait for the rows
+    wait_for(lambda: len(audit_actions(core, "delivered")) >= total, timeout=60,
+             what="every delivery audited")
     delivered = audit_actions(core, "delivered")
     assert len(delivered) == total and set(delivered.values()) == {1}
 
