@@ -104,7 +104,7 @@ def header(results: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    p.add_argument("--scaleout-n", type=int, default=1500, help="packets per scale-out run")
+    p.add_argument("--scaleout-n", type=int, default=3000, help="packets per scale-out run")
     p.add_argument("--no-pg", action="store_true", help="SQLite only (no scale-out section)")
     p.add_argument("--oru-n", type=int, default=200,
                    help="ORU messages: end to end over MLLP, and the in-process loops")
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         ("exchange", lambda root: run_exchange(root, pg, args.no_pg)),
         ("scaleout", lambda root: run_scaleout(root, pg, args.scaleout_n)),
         ("oru", lambda root: lis_results.measure(args.oru_n)),
-        ("growth", lambda root: growth(root, _levels(args.growth), 1000)),
+        ("growth", lambda root: growth(root, _levels(args.growth), 2000)),
         ("search", lambda root: search(root, _levels(args.search))),
         ("relay", lambda root: relay(root)),
     ]
