@@ -191,6 +191,24 @@ def spooled(node: NodeProcess) -> list[Path]:
     return sorted(root.rglob("*.json")) if root.exists() else []
 
 
+def lis_send(port: int, message: bytes) -> str:
+    """Send one HL7 v2 message as an LIS would (python-hl7's MLLP client); the ACK code."""
+    from hl7.client import MLLPClient
+
+    with MLLPClient("127.0.0.1", port) as client:
+        client.socket.settimeout(30)
+        ack = client.send_message(message)
+    return ack.decode().split("MSA|")[1][:2]
+
+
+def lab_gaps(node: NodeProcess) -> dict[str, int]:
+    """The node's counted lab-code mapping gaps: code -> count."""
+    out: dict[str, int] = {}
+    for code, count in db_rows(node, "SELECT code, count FROM mapping_gap WHERE map = 'lab'"):
+        out[code] = out.get(code, 0) + count
+    return out
+
+
 def db_rows(node: NodeProcess, sql: str, **params: object) -> list[tuple]:
     """Rows of a read-only SQL query against a node's own store (SQLite or PostgreSQL)."""
     from sqlalchemy import create_engine, text

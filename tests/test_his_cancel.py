@@ -13,8 +13,6 @@ quarantined and audited; the receiving clinician's page shows the withdrawal and
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
@@ -31,9 +29,8 @@ from bridge.store.db import Store
 from bridge.store.tables import QUARANTINE
 from simulators.his_db import HisDb
 from simulators.his_hl7 import VendorHis
-from tests.harness import ROOT, Alliance, NodeProcess, free_port_block, wait_for
-from tests.test_his_cross import db_site
-from tests.test_his_hl7 import MEMBERS, RULES, one, referral_row, slip
+from tests.harness import Alliance, NodeProcess, wait_for
+from tests.test_his_hl7 import hl7_centre_db_core, one, referral_row, slip
 from tests.test_web import Browser
 
 pytestmark = pytest.mark.slow
@@ -44,34 +41,8 @@ REASON_DOWN = "患者要求留院观察，家属撤回下转"
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Alliance, VendorHis, HisDb]]:
-    folder = tmp_path_factory.mktemp("his-cancel")
-    ports = free_port_block(2)
-    core_db = HisDb(f"sqlite:///{folder / 'fuxing-his.db'}").init()
-    members = [
-        {**MEMBERS[0], "adapters": [{
-            "name": "his", "type": "his-middle-db", "mappings": str(db_site(folder, "fuxing")),
-            "receives": ["referral.*"], "options": {"dsn": core_db.dsn, "poll_every_s": 0.3}}]},
-        {**MEMBERS[1], "adapters": [{
-            "name": "his", "type": "his-hl7", "mappings": str(ROOT / "mappings" / "yuetan-chc"),
-            "receives": ["referral.*"],
-            "options": {"listen": f"127.0.0.1:{ports}", "his": f"127.0.0.1:{ports + 1}",
-                        "charset": "GB 18030-2000"}}]},
-    ]
-    alliance = Alliance(folder / "alliance", members, RULES)
-    his = VendorHis(folder / "chc-his.sqlite", f"127.0.0.1:{ports}", charset_name="GB 18030-2000")
-    log = open(folder / "chc-his.log", "ab")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([sys.executable, "-m", "simulators.his_hl7", "serve", "--db",
-                             str(his.db), "--listen", f"127.0.0.1:{ports + 1}"],
-                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        alliance.start("fuxing", "yuetan-chc")
-        yield alliance, his, core_db
-    finally:
-        alliance.stop_all()
-        proc.terminate()
-        proc.wait(30)
-        log.close()
-        core_db.close()
+    with hl7_centre_db_core(tmp_path_factory.mktemp("his-cancel")) as world:
+        yield world
 
 
 # -- helpers -------------------------------------------------------------------------------------

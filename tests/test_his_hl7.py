@@ -10,9 +10,10 @@ that NAKs or drops gets the message again until it ACKs, once, in order.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -433,21 +434,18 @@ def test_mllp_sender_names_down_listener() -> None:
         send_once("127.0.0.1", port, b"MSH|^~\\&|x\r", Timeouts(connect_s=1, ack_s=1))
 
 
-@pytest.fixture(scope="module")
-def mixed(tmp_path_factory: pytest.TempPathFactory):
-    """The centre on HL7 v2 (this style), the core hospital on an intermediate database."""
+@contextmanager
+def hl7_centre_db_core(folder: Path) -> Iterator[tuple[Alliance, VendorHis, Any]]:
+    """The centre on HL7 v2 (this style, GB 18030, its HIS a separate process), the core
+    hospital on an intermediate database; both nodes started."""
     from simulators.his_db import HisDb
+    from tests.test_his_cross import db_site
 
-    folder = tmp_path_factory.mktemp("his-hl7-mixed")
     ports = free_port_block(2)
     core_db = HisDb(f"sqlite:///{folder / 'fuxing-his.db'}").init()
-    # the database style reads its vendor's field maps from the site's mapping folder
-    core_maps = folder / "mappings" / "fuxing"
-    shutil.copytree(ROOT / "mappings" / "fuxing" / "codes", core_maps / "codes")
-    shutil.copytree(ROOT / "simulators" / "his_db_site" / "fields", core_maps / "fields")
     members = [
         {**MEMBERS[0], "adapters": [{
-            "name": "his", "type": "his-middle-db", "mappings": str(core_maps),
+            "name": "his", "type": "his-middle-db", "mappings": str(db_site(folder, "fuxing")),
             "receives": ["referral.*"], "options": {"dsn": core_db.dsn, "poll_every_s": 0.3}}]},
         {**MEMBERS[1], "adapters": [{
             "name": "his", "type": "his-hl7", "mappings": str(ROOT / "mappings" / "yuetan-chc"),
@@ -470,6 +468,12 @@ def mixed(tmp_path_factory: pytest.TempPathFactory):
         proc.wait(30)
         log.close()
         core_db.close()
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Alliance, VendorHis, Any]]:
+    with hl7_centre_db_core(tmp_path_factory.mktemp("his-hl7-mixed")) as world:
+        yield world
 
 
 @pytest.mark.slow

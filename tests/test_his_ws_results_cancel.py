@@ -32,7 +32,6 @@ from typing import Any
 import pytest
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from fhir.resources.R4B.task import Task
-from hl7.client import MLLPClient
 
 from adapters.his_hl7 import v2
 from adapters.his_ws import cda, lab_report
@@ -43,7 +42,7 @@ from adapters.slips_fhir import Codes
 from bridge.mapping.conceptmap import load_site
 from simulators.his_hl7 import read_results
 from simulators.his_ws import HisWsProcess
-from tests.harness import ROOT, Alliance, db_rows, free_port_block, wait_for
+from tests.harness import ROOT, Alliance, db_rows, free_port_block, lab_gaps, lis_send, wait_for
 from tests.lis_site import LOCAL, write_site
 
 FIX = ROOT / "tests" / "fixtures" / "hl7" / "lis"
@@ -220,20 +219,6 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         a.stop_all()
         for sim in sims.values():
             sim.stop()
-
-
-def lis_send(port: int, message: bytes) -> str:
-    with MLLPClient("127.0.0.1", port) as client:
-        client.socket.settimeout(30)
-        ack = client.send_message(message)
-    return ack.decode().split("MSA|")[1][:2]
-
-
-def lab_gaps(node: Any) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for code, count in db_rows(node, "SELECT code, count FROM mapping_gap WHERE map = 'lab'"):
-        out[code] = out.get(code, 0) + count
-    return out
 
 
 def received_referral(his: Any, slip_no: str) -> cda.Document:

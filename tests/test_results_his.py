@@ -12,12 +12,11 @@ from typing import Any
 
 import pytest
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
-from hl7.client import MLLPClient
 from sqlalchemy import select, update
 
 from adapters.slips import ReferralSlip
 from simulators.his_db import ZZ_JS_JYBG, HisDb
-from tests.harness import Alliance, free_port_block, wait_for
+from tests.harness import Alliance, free_port_block, lis_send, wait_for
 from tests.lis_site import write_site
 
 pytestmark = pytest.mark.slow
@@ -69,13 +68,6 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     yield {"a": a, "db": db, "port": port}
     a.stop_all()
     db.close()
-
-
-def lis_send(port: int, message: bytes) -> str:
-    with MLLPClient("127.0.0.1", port) as client:
-        client.socket.settimeout(30)
-        ack = client.send_message(message)
-    return ack.decode().split("MSA|")[1][:2]
 
 
 def by_name(db: HisDb) -> dict[str, dict[str, Any]]:

@@ -11,7 +11,6 @@ from typing import Any
 import orjson
 import pytest
 from fhir.resources.R4B import get_fhir_model_class
-from hl7.client import MLLPClient
 from sqlalchemy import select
 
 from bridge.fhir.validate import validate_bundle
@@ -19,7 +18,7 @@ from bridge.fhirstore.tables import FHIR_RESOURCE
 from bridge.privacy import patient_hash
 from bridge.store.db import Store
 from bridge.store.tables import OUTBOX
-from tests.harness import Alliance, NodeProcess, free_port_block, spooled, wait_for
+from tests.harness import Alliance, NodeProcess, free_port_block, lis_send, spooled, wait_for
 from tests.lis_site import write_site
 from tests.referrals import referral
 
@@ -53,13 +52,6 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     for s in stores.values():
         s.dispose()
     a.stop_all()
-
-
-def lis_send(port: int, message: bytes) -> str:
-    with MLLPClient("127.0.0.1", port) as client:
-        client.socket.settimeout(30)
-        ack = client.send_message(message)
-    return ack.decode().split("MSA|")[1][:2]
 
 
 def rows(store: Store, rtype: str, **where: Any) -> list[Any]:
