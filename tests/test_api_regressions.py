@@ -25,17 +25,10 @@ import pytest
 from tests.factory import bundle
 from tests.harness import Alliance, ApiError, NodeProcess
 from tests.referrals import referral
+from tests.test_api_schemathesis import MEMBERS, RULES  # the same two-member alliance
 
 pytestmark = pytest.mark.slow
 
-MEMBERS = [
-    {"id": "core", "zh": "复兴医院", "en": "Fuxing Hospital", "role": "core"},
-    {"id": "chc", "zh": "月坛社区卫生服务中心", "en": "Yuetan CHC", "role": "community"},
-]
-KINDS = ["referral.request", "referral.status", "referral.cancel", "referral.return",
-         "result.lab"]
-RULES = [{"from": "chc", "to": "core", "kinds": KINDS},
-         {"from": "core", "to": "chc", "kinds": KINDS}]
 PLANTED_NAME = "司马青云"
 PLANTED_ID = "110105198811230041"
 OBS_STATUS = ("['registered', 'preliminary', 'final', 'amended', 'corrected', 'cancelled', "

@@ -44,13 +44,8 @@ from simulators.his_hl7 import read_results
 from simulators.his_ws import HisWsProcess
 from tests.harness import ROOT, Alliance, db_rows, free_port_block, lab_gaps, lis_send, wait_for
 from tests.lis_site import LOCAL, write_site
+from tests.test_results_his_hl7 import CHC, CORE, CORRECTED, KINDS, UTF8  # same LIS fixtures
 
-FIX = ROOT / "tests" / "fixtures" / "hl7" / "lis"
-UTF8 = (FIX / "oru_r01_v251_utf8.hl7").read_bytes()
-CORRECTED = (FIX / "oru_r01_v251_corrected.hl7").read_bytes()
-KINDS = ["referral.request", "referral.status", "referral.cancel", "referral.return",
-         "result.lab"]
-CHC, CORE = "yuetan-chc", "fuxing"
 ID_NUMBER = "110102195003151234"  # the LIS fixture's patient (PID-3 NI)
 SITE = cda.Site(member=CHC, name="月坛社区卫生服务中心")
 LAB_OID, LOINC_OID = SITE.lab, cda.LOINC_OID
