@@ -8,7 +8,8 @@ the site's field maps (``simulators/his_db_fields/*.csv``) must describe:
   ``ZZ_ZHD_YP`` (drugs) and ``ZZ_ZHD_JY`` (lab results);
 * inbox tables the adapter writes: ``ZZ_JS_SQD``, ``ZZ_JS_JZD``, ``ZZ_JS_ZHD`` (+ ``_YP``,
   ``_JY``), and lab results from other members ``ZZ_JS_JYBG`` (+ ``_MX`` lines, updated in
-  place by the report's and the result's ids when a correction comes); the slip tables each
+  place by the report's and the result's ids when a correction comes) and imaging reports
+  ``ZZ_JS_JCBG`` (检查报告, updated in place by the report's id); the slip tables each
   with a unique ``XXID`` (the packet id: a re-delivery never adds a row) and ``LSH``
   (流水号: the referral thread, which the HIS copies into its acceptance and return);
 * pinyin column names, 性别 ``XB`` 1/2/9, dates ``CSRQ`` as ``yyyyMMdd`` text, times ``TXSJ``
@@ -154,6 +155,18 @@ ZZ_JS_JYBG_MX = Table(
     Column("XH", Integer), Column("JGID", String(64), unique=True, nullable=False),
     *(_s(c) for c in ("XMDM", "XMMC", "JG", "DW", "CKFW", "BZ")), _s("JGZT", 1),
     _s("JCSJ", 14))
+
+# imaging reports from another member (result.imaging, 检查结果互认): one row per report, keyed
+# by BGID (the report's stable id: a corrected report updates its row, BBH + 1, CLBZ back to 0);
+# BLH the HIS's own record number of the patient; DMXT the code system of JCDM when the exam
+# could not be mapped to the HIS's own catalogue (the sender's code travels as it is).
+ZZ_JS_JCBG = Table(
+    "ZZ_JS_JCBG", metadata, _id(True), Column("BGID", String(64), unique=True, nullable=False),
+    Column("XXID", String(64), nullable=False), _s("LSH"), _s("ZZDH"), _s("FSJG", 32),
+    _s("BLH"), _s("JCDM"), _s("DMXT", 200), _s("JCMC", 100), _s("JCLX", 32), _s("JCBW", 100),
+    _s("JCUID"), _s("BGZT", 1), _s("JCSJ", 14), _s("BGSJ", 14), Column("YXSJ", Text),
+    Column("ZDYJ", Text), _s("BGYS", 32), Column("BBH", Integer), _s("JSSJ", 14),
+    Column("CLBZ", String(1), default="0"))
 
 
 # -- vendor value conventions -----------------------------------------------------------------
@@ -359,6 +372,13 @@ class HisDb:
                                           .order_by(ZZ_JS_JYBG_MX.c.XH)).all()]
                 out.append(head)
         return out
+
+    def received_imaging(self) -> list[dict[str, Any]]:
+        """Imaging reports written into ``ZZ_JS_JCBG`` (vendor columns, padding stripped)."""
+        with self.engine.connect() as conn:
+            return [{k: _clean(v) if k not in ("ID", "BBH") else v
+                     for k, v in r._mapping.items()}
+                    for r in conn.execute(select(ZZ_JS_JCBG).order_by(ZZ_JS_JCBG.c.ID)).all()]
 
     def count(self, table: Table) -> int:
         with self.engine.connect() as conn:

@@ -38,8 +38,17 @@ report goes into ``ZZ_JS_JYBG`` and its results into ``ZZ_JS_JYBG_MX`` through t
 item codes in the site's own lab catalogue, ``LSH`` the thread and ``ZZDH`` the referrer's slip
 number. Rows are keyed by the report's and the result's ids (stable at the producing LIS), so a
 corrected result updates its line in place and sets the report's read flag back to unread; a
-packet already written (its id in a report row's ``XXID``) is left alone. ``result.imaging``
-packets are not written (the imaging study stays on the node).
+packet already written (its id in a report row's ``XXID``) is left alone.
+
+Imaging reports from another member (``result.imaging``, 检查结果互认): each DiagnosticReport
+with its ImagingStudy goes into ``ZZ_JS_JCBG`` through ``fields/imaging_report.csv``
+(:func:`~adapters.his_db.results.imaging_reports_from_bundle`): the exam code in the site's own
+``exam`` catalogue (unmapped: the sender's code and its system, counted as a gap), the HIS's own
+record number of the patient (from the referral's Patient), modality, body site, Study Instance
+UID, exam and report times, findings (the report text), conclusion, the reporting doctor and
+the status. Same ledger rule as lab reports: keyed by the report's id, a correction updates the
+row in place (unread again, ``version_column`` + 1); a packet already written is left alone.
+The images stay in the producing PACS (``imaging.fetch-request``).
 
 Quarantine replay (``replay``, :mod:`adapters.his_db.replay`): a held row is kept as its
 vendor columns plus the table name; IT fixes the mapping CSV (re-read first) or the HIS fixes
@@ -74,7 +83,13 @@ from adapters.his_db.replay import (
     kept_row,
     named,
 )
-from adapters.his_db.results import LabReport, LabReportItem, reports_from_bundle
+from adapters.his_db.results import (
+    ImagingReport,
+    LabReport,
+    LabReportItem,
+    imaging_reports_from_bundle,
+    reports_from_bundle,
+)
 from adapters.his_db.watermark import Watermark
 from adapters.slips import AcceptanceSlip, LabResult, Prescription, ReferralSlip, ReturnSlip
 from bridge import faults
@@ -608,27 +623,46 @@ class HisDbAdapter(BaseAdapter):
 
     # -- lab results from other members -------------------------------------------------------
 
-    def _result_maps(self) -> None:
+    def _result_maps(self, *records: tuple[str, type]) -> None:
         """The results field maps, loaded on the first result (sites without them still run)."""
-        for record, cls in (("lab_report", LabReport), ("lab_report_item", LabReportItem)):
+        for record, cls in records:
             if record not in self.fm:
                 self.fm[record] = load_field_map(self.opts.fields, record, fields=cls)
 
+    def _patient_id(self, view: dict[str, Any] | None) -> str:
+        """The HIS's own record number of the referral's patient ("" if it has none here)."""
+        if view is None:
+            return ""
+        task = self.host.resource("Task", view["referral"]["task_id"])
+        patient = self.host.resource("Patient", task["for"]["reference"].split("/", 1)[1])
+        return sf._mrn(patient, self.me)
+
     def _deliver_results(self, item: Delivery) -> None:
-        if item.kind != "result.lab":
+        if item.kind not in ("result.lab", "result.imaging"):
             self.count("ignored")
             return
-        self._result_maps()
         view = self.host.referral(item.thread)
         gaps: list[Any] = []
-        reports = reports_from_bundle(
-            orjson.loads(item.body), sf.Codes(self.host.maps, self.me, gaps),
-            slip_no=self._slip_no(view) if view is not None else "", sender=item.sender)
+        codes = sf.Codes(self.host.maps, self.me, gaps)
+        slip_no = self._slip_no(view) if view is not None else ""
+        body = orjson.loads(item.body)
+        write: Any
+        if item.kind == "result.lab":
+            self._result_maps(("lab_report", LabReport), ("lab_report_item", LabReportItem))
+            reports: list[Any] = reports_from_bundle(body, codes, slip_no=slip_no,
+                                                     sender=item.sender)
+            write = self._write_reports
+        else:
+            self._result_maps(("imaging_report", ImagingReport))
+            reports = imaging_reports_from_bundle(body, codes, slip_no=slip_no,
+                                                  sender=item.sender,
+                                                  patient_id=self._patient_id(view))
+            write = self._write_imaging
         if not reports:
             self.count("ignored")
             return
         try:
-            written = self._write_reports(item, reports)
+            written = write(item, reports)
         except SQLAlchemyError as exc:
             self.failed(f"vendor database: {type(exc).__name__}")
             raise StoreError(f"vendor database write failed ({type(exc).__name__})") from exc
@@ -640,27 +674,13 @@ class HisDbAdapter(BaseAdapter):
     def _write_reports(self, item: Delivery, reports: list[LabReport]) -> bool:
         """Upsert the packet's reports and lines in one transaction; False if already written."""
         head, lines = self._need("results_in"), self._need("results_in_items")
-        hid, lid = head.c[self.opts.id_column], lines.c[self.opts.id_column]
-        head_key = head.c[self._column("lab_report", "report_id")]
+        lid = lines.c[self.opts.id_column]
         line_key = lines.c[self._column("lab_report_item", "result_id")]
-        flag = self.opts.read_flag_column
         with self.engine.begin() as conn:
-            if conn.execute(select(hid).where(
-                    head.c[self.opts.packet_column] == item.packet_id)).first() is not None:
+            if self._packet_written(conn, head, item):
                 return False
             for report in reports:
-                values = self._vendor_row(head, "lab_report", report)
-                values.update({self.opts.packet_column: item.packet_id,
-                               self.opts.thread_column: item.thread})
-                if flag in head.c:
-                    values[flag] = "0"  # unread (again, after a correction)
-                values = {k: v for k, v in values.items() if k in head.c}
-                parent = conn.execute(select(hid).where(head_key == report.report_id)).scalar()
-                if parent is None:
-                    parent = conn.execute(insert(head).values(
-                        {**values, **self._stamp(head, item)})).inserted_primary_key[0]
-                else:  # a correction (or more results) for a report written before
-                    conn.execute(update(head).where(hid == parent).values(**values))
+                parent = self._upsert_report(conn, head, "lab_report", report, item)
                 for n, result in enumerate(report.items, 1):
                     row = {**self._vendor_row(lines, "lab_report_item", result),
                            self.opts.result_parent_column: parent}
@@ -670,6 +690,44 @@ class HisDbAdapter(BaseAdapter):
                             self.opts.line_order_column: n}))
                     else:
                         conn.execute(update(lines).where(lid == there).values(**row))
+        return True
+
+    def _packet_written(self, conn: Any, head: Table, item: Delivery) -> bool:
+        return conn.execute(select(head.c[self.opts.id_column]).where(
+            head.c[self.opts.packet_column] == item.packet_id)).first() is not None
+
+    def _upsert_report(self, conn: Any, head: Table, record: str, report: Any,
+                       item: Delivery) -> Any:
+        """Insert a report row, or update the row of the same report id (a correction, or more
+        results): unread again and, if the table keeps one, its version + 1. Returns the id."""
+        hid, flag, version = head.c[self.opts.id_column], self.opts.read_flag_column, \
+            self.opts.version_column
+        values = self._vendor_row(head, record, report)
+        values.update({self.opts.packet_column: item.packet_id,
+                       self.opts.thread_column: item.thread})
+        if flag in head.c:
+            values[flag] = "0"  # unread (again, after a correction)
+        values = {k: v for k, v in values.items() if k in head.c}
+        key = head.c[self._column(record, "report_id")]
+        parent = conn.execute(select(hid).where(key == report.report_id)).scalar()
+        if parent is None:
+            if version in head.c:
+                values[version] = 1
+            return conn.execute(insert(head).values(
+                {**values, **self._stamp(head, item)})).inserted_primary_key[0]
+        if version in head.c:
+            values[version] = head.c[version] + 1
+        conn.execute(update(head).where(hid == parent).values(**values))
+        return parent
+
+    def _write_imaging(self, item: Delivery, reports: list[ImagingReport]) -> bool:
+        """Upsert the packet's imaging reports in one transaction; False if already written."""
+        head = self._need("imaging_in")
+        with self.engine.begin() as conn:
+            if self._packet_written(conn, head, item):
+                return False
+            for report in reports:
+                self._upsert_report(conn, head, "imaging_report", report, item)
         return True
 
     def _need(self, logical: str) -> Table:

@@ -30,6 +30,7 @@ TABLES = {
     "referral_in": "ZZ_JS_SQD", "acceptance_in": "ZZ_JS_JZD", "return_in": "ZZ_JS_ZHD",
     "return_in_drugs": "ZZ_JS_ZHD_YP", "return_in_labs": "ZZ_JS_ZHD_JY",
     "results_in": "ZZ_JS_JYBG", "results_in_items": "ZZ_JS_JYBG_MX",
+    "imaging_in": "ZZ_JS_JCBG",
 }
 
 
@@ -47,6 +48,7 @@ class Tables(BaseModel):
     return_in_labs: str = TABLES["return_in_labs"]
     results_in: str = TABLES["results_in"]  # lab reports from other members (result.lab)
     results_in_items: str = TABLES["results_in_items"]
+    imaging_in: str = TABLES["imaging_in"]  # imaging reports from other members (result.imaging)
 
 
 class Options(BaseModel):
@@ -66,6 +68,7 @@ class Options(BaseModel):
     received_at_column: str = "JSSJ"
     result_parent_column: str = "BG_ID"  # a result line's link to its report row's id
     read_flag_column: str = "CLBZ"  # 处理标志: set back to "0" when a correction updates a row
+    version_column: str = "BBH"  # 版本号 of a result report row: 1, + 1 per correction written
     status_column: str = "ZT"  # 状态 of a referral row, outbound and inbox
     cancelled_value: str = "9"  # ZT of a withdrawn referral (撤销)
     cancel_seq_column: str = "CXXH"  # 撤销序号: the sequence number a withdrawal takes
