@@ -37,6 +37,7 @@ from bridge.fhirstore import store as fstore
 from bridge.privacy import patient_hash
 from bridge.store.db import Store
 from tests.harness import ROOT, Alliance, ApiError, NodeProcess, free_port_block, wait_for
+from tests.referrals import referral
 
 NATIONAL_ISSUER = "2.16.156.10011.1.3"
 S1, S2 = "1.2.826.0.1.3680043.8.498.1001", "1.2.826.0.1.3680043.8.498.2002"
@@ -48,9 +49,11 @@ MEMBERS = [
     {"id": "core", "zh": "复兴医院", "en": "Fuxing Hospital", "role": "core"},
     {"id": "chc", "zh": "月坛社区卫生服务中心", "en": "Yuetan CHC", "role": "community"},
 ]
+REFERRAL_KINDS = ["referral.request", "referral.status", "referral.cancel", "referral.return"]
 RULES = [
-    {"from": "chc", "to": "core", "kinds": ["imaging.fetch-request"]},
-    {"from": "core", "to": "chc", "kinds": ["imaging.fetch-response"]},
+    {"from": "chc", "to": "core", "kinds": ["imaging.fetch-request", *REFERRAL_KINDS]},
+    {"from": "core", "to": "chc", "kinds": ["imaging.fetch-response", "result.imaging",
+                                            *REFERRAL_KINDS]},
 ]
 
 
@@ -427,6 +430,42 @@ def test_hl7_oru_report_attaches_to_the_study(site: Site) -> None:
         _post_text(site.core, ORU.format(acc="ACC-NONE", imp="x"))
     assert err.value.status == 422 and err.value.json["code"] == "HT-REPORT-REJECTED"
     assert "record RIS-77" in err.value.json["message"]
+
+
+@pytest.mark.slow
+def test_report_follows_an_open_referral_as_result_imaging(site: Site) -> None:
+    """A RIS report for a patient the centre has referred goes to the centre with its study
+    (result.imaging, on the referral's thread); an identical re-sent message goes once."""
+    wait_for(lambda: get(site.core, "ImagingStudy", study_resource_id(S1)), what="study at core")
+    chc = site.alliance.node("chc")
+    chc.api("POST", "/local/v1/referrals", referral("up-exam", "core", national_id=NID1),
+            role="clinician")
+    thread = wait_for(lambda: next((r["thread"] for r in site.core.api(
+        "GET", "/local/v1/referrals") if r["status"] == "received"), None),
+        what="referral received at core")
+    text = ORU.replace("RIS-77", "RIS-78").format(acc="ACC-1001", imp="右下肺结节较前无变化。")
+    answer = _post_text(site.core, text)
+    assert [(r["to"], r["thread"]) for r in answer["routed"]] == [("chc", thread)]
+    report = wait_for(lambda: read(chc, lambda c: fstore.get(c, "DiagnosticReport", answer["id"])
+                                   if fstore.exists(c, "DiagnosticReport", answer["id"])
+                                   else None), what="the report at chc")
+    r4b(report)
+    mine = get(site.core, "DiagnosticReport", answer["id"])
+    for field in ("status", "code", "conclusion", "effectiveDateTime", "imagingStudy"):
+        assert report[field] == mine[field], field
+    assert report["conclusion"] == "右下肺结节较前无变化。"
+    task = get(chc, "Task", thread)
+    assert report["subject"] == task["for"]  # the centre's own record of the patient
+    study = get(chc, "ImagingStudy", study_resource_id(S1))
+    at_core = get(site.core, "ImagingStudy", study_resource_id(S1))
+    for field in ("identifier", "numberOfSeries", "numberOfInstances", "modality", "started"):
+        assert study.get(field) == at_core.get(field), field
+    assert read(chc, lambda c: fstore.get_row(c, "DiagnosticReport", answer["id"]).thread) == \
+        thread
+    again = _post_text(site.core, text)
+    assert again["repeated"] is True and again["routed"] == answer["routed"]
+    sent = [a for a in audits(site.core, "queued") if a.kind == "result.imaging"]
+    assert len(sent) == 1 and sent[0].thread == thread
 
 
 def _post_text(node: NodeProcess, text: str) -> Any:

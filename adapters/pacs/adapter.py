@@ -12,7 +12,10 @@
 * **Query.** C-FIND (Study Root, study and series level) against the vendor PACS by patient ID
   and/or date: each answer becomes an ImagingStudy (counts from the PACS) in the node store.
 * **Reports.** A DICOM SR stored with the study, or an HL7 v2 ORU^R01 text report, becomes a
-  DiagnosticReport referring to the ImagingStudy, with the conclusion.
+  DiagnosticReport referring to the ImagingStudy, with the conclusion. A RIS (ORU) report for a
+  patient with an open referral goes, with its Patient and ImagingStudy, to the referral's other
+  side as ``result.imaging`` (``host.share_results``: stored and queued in one transaction; an
+  identical re-sent message changes nothing). SR reports stay on the node for now.
 * **On-demand fetch** (:mod:`adapters.pacs.fetch`). Images stay in the producing PACS. A member
   asks for a study with ``imaging.fetch-request``; we answer from our files, or first C-GET the
   study from the vendor PACS, with ``imaging.fetch-response`` packets carrying the files
@@ -23,6 +26,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import threading
 import time
@@ -275,8 +279,33 @@ class PacsAdapter(BaseAdapter):
             raise
         report = report_from_oru(oru, subject=study["subject"],
                                  study_ref={"reference": f"ImagingStudy/{study['id']}"})
-        self._put([report], phash, "imaging-report-stored", f"ORU report by {actor}")
-        return {"id": report["id"], "imaging_study": study["id"], "status": report["status"]}
+        answer = {"id": report["id"], "imaging_study": study["id"], "status": report["status"]}
+        patient = self._patient_of(study)
+        if patient is None or phash is None:  # nobody to route to: stored here only
+            self._put([report], phash, "imaging-report-stored", f"ORU report by {actor}")
+            return answer
+        # the report (with its study) follows the patient's open referrals as result.imaging,
+        # stored and queued in one transaction; an identical re-sent message changes nothing
+        for r in (patient, study, report):
+            validate_resource(r)
+        bundle = {"resourceType": "Bundle", "type": "collection",
+                  "entry": [{"fullUrl": f"urn:uuid:{r['id']}", "resource": r}
+                            for r in (patient, study, report)]}
+        key = f"oru:{oru.control_id}:{hashlib.sha256(message.encode('utf-8')).hexdigest()[:16]}"
+        return self.host.share_results(bundle, source_key=key, patient_hash=phash,
+                                       answer=answer, kind="result.imaging")
+
+    def _patient_of(self, study: dict[str, Any]) -> dict[str, Any] | None:
+        ref = (study.get("subject") or {}).get("reference") or ""
+        rtype, _, rid = ref.partition("/")
+        if rtype != "Patient" or not rid:
+            return None
+        with self.host.store.read() as conn:
+            if not fstore.exists(conn, "Patient", rid):
+                return None
+            patient = fstore.get(conn, "Patient", rid)
+        patient.pop("meta", None)
+        return patient
 
     # -- on-demand fetch: both sides ------------------------------------------------------------
 
