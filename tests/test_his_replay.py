@@ -28,9 +28,10 @@ import orjson
 import pytest
 from sqlalchemy import delete, update
 
-from simulators.his_db import ZZ_SQD, HisDb
+from simulators.his_db import ZZ_SQD, ZZ_ZHD, ZZ_ZHD_JY, ZZ_ZHD_YP, HisDb
 from simulators.his_ws import HisWsProcess
 from tests.harness import Alliance, NodeProcess, wait_for
+from tests.slip_samples import return_slip
 from tests.test_his_db import as_received, make_alliance, quarantined, received, slip
 from tests.test_his_ws import referral_slip
 
@@ -192,6 +193,22 @@ def test_db_row_corrected_by_the_his_or_deleted(db_site: Any) -> None:
     got = wait_for(lambda: received(core_db, gone.slip_no), timeout=60, what="kept row")
     assert [asdict(x) for x in got] == [asdict(replace(as_received(gone),
                                                        diagnosis_code="FXZD0102"))]
+
+    # a return slip's head row deleted: its drug and lab lines went with it and are not kept,
+    # so the replay refuses rather than send a return slip without them
+    ret = chc_db.write_return(return_slip(slip_no="DSZZ-NO-SUCH"))  # no such referral: held
+    (ret_item,) = wait_for(lambda: item_for(chc, f"ZZ_ZHD#{ret}") or None, timeout=60,
+                           what="the return row held")
+    with chc_db.tx() as conn:
+        conn.execute(delete(ZZ_ZHD_YP).where(ZZ_ZHD_YP.c.ZHD_ID == ret))
+        conn.execute(delete(ZZ_ZHD_JY).where(ZZ_ZHD_JY.c.ZHD_ID == ret))
+        conn.execute(delete(ZZ_ZHD).where(ZZ_ZHD.c.ID == ret))
+    ok, text = replay_api(chc, ret_item["id"])
+    assert not ok and text == (
+        f"HT-LOCAL-REPLAY: ZZ_ZHD#{ret} is gone from the HIS and a return slip's drug and lab "
+        "lines are not kept: enter it again in the HIS")
+    (still,) = item_for(chc, f"ZZ_ZHD#{ret}")
+    assert still["id"] == ret_item["id"]
     assert chc.cli("audit", "verify").returncode == 0
 
 

@@ -445,6 +445,12 @@ class HisDbAdapter(BaseAdapter):
             except (KeyError, TypeError, ValueError):
                 raise BadQuarantineItem(f"the held item has no usable {self.opts.id_column}"
                                         ) from None
+            if fresh is None and logical == "return_out" and not withdrawal:
+                # its drug and lab lines are separate rows, gone with it and not kept: a
+                # return slip without them would reach the GP incomplete
+                raise BadQuarantineItem(f"{record} is gone from the HIS and a return slip's "
+                                        "drug and lab lines are not kept: enter it again in "
+                                        "the HIS")
             row = dict(fresh._mapping) if fresh is not None else kept
             take = {"referral_out": self._take_referral, "acceptance_out": self._take_acceptance,
                     "return_out": self._take_return}[logical]
