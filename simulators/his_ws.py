@@ -24,7 +24,6 @@ import argparse
 import hashlib
 import json
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -40,6 +39,7 @@ from typing import Any
 from adapters.his_ws import cda, lab_report, soap
 from adapters.his_ws.errors import BadDocument
 from adapters.slips import AcceptanceSlip, LabResult, Prescription, ReferralSlip, ReturnSlip
+from simulators.ports import free_port_block
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -302,9 +302,7 @@ class HisWsProcess:
                  encoding: str = "UTF-8") -> None:
         self.db = Path(db)
         self.his = HisWs(self.db, member, site_name=site_name, encoding=encoding)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port_block(1)  # the simulator process binds it
         self.url = f"http://127.0.0.1:{self.port}/his-ws"
         self.proc: subprocess.Popen[bytes] | None = None
 

@@ -2,6 +2,21 @@
 
 from __future__ import annotations
 
+import glob
+import os
+import pwd
+import re
+import secrets
+import shlex
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from typing import Any, NoReturn
+from urllib.parse import quote
+
+import pytest
+
 # =============================================================================================
 # PostgreSQL
 #
@@ -19,23 +34,6 @@ from __future__ import annotations
 # The throwaway cluster: superuser ``hutong`` with a random password (scram-sha-256), UTF8, C
 # locale, fsync off. Names private to this section start with ``_pg``; it defines no pytest hooks.
 # =============================================================================================
-
-from typing import Any
-import glob
-import os
-import pwd
-import re
-import secrets
-import shlex
-import shutil
-import socket
-import subprocess
-import tempfile
-from collections.abc import Iterator
-from typing import NoReturn
-from urllib.parse import quote
-
-import pytest
 
 _PG_USER = "hutong"  # superuser of the throwaway cluster
 _PG_OS_USER = "postgres"  # OS account initdb/postgres run as when we are root
@@ -67,9 +65,9 @@ def _pg_bindir() -> str | None:
 
 
 def _pg_free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from simulators.ports import free_port_block
+
+    return free_port_block(1)
 
 
 def _pg_psycopg_url(dsn: str) -> str:
@@ -113,7 +111,7 @@ class _PgCluster:
                 cmd = ["su", self.as_user, "-s", "/bin/sh", "-c", shlex.join(cmd)]
         try:
             proc = subprocess.run(
-                cmd, cwd=self.tmp, capture_output=True, text=True, timeout=timeout
+                cmd, check=False, cwd=self.tmp, capture_output=True, text=True, timeout=timeout
             )
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise RuntimeError(f"{args[0]} failed: {exc}") from None

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,27 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from bridge.config.scaffold import write_alliance
+from simulators.ports import free_port_block
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port_block(n: int) -> int:
-    """A base port with n consecutive free ports (random start, checked by binding)."""
-    for _ in range(200):
-        base = random.randint(20000, 60000 - n)
-        socks = []
-        try:
-            for p in range(base, base + n):
-                s = socket.socket()
-                socks.append(s)  # before bind, so a failed bind's socket is closed too
-                s.bind(("127.0.0.1", p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free port block")
 
 
 def wait_for(cond: Callable[[], Any], timeout: float = 30.0, every: float = 0.05,

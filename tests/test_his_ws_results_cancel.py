@@ -36,7 +36,6 @@ from fhir.resources.R4B.task import Task
 from adapters.his_hl7 import v2
 from adapters.his_ws import cda, lab_report
 from adapters.his_ws.errors import MissingElement, SchemaInvalid
-from adapters.lis import oru
 from adapters.slips import ReferralSlip
 from adapters.slips_fhir import Codes
 from bridge.mapping.conceptmap import load_site
@@ -44,7 +43,14 @@ from simulators.his_hl7 import read_results
 from simulators.his_ws import HisWsProcess
 from tests.harness import ROOT, Alliance, db_rows, free_port_block, lab_gaps, lis_send, wait_for
 from tests.lis_site import LOCAL, write_site
-from tests.test_results_his_hl7 import CHC, CORE, CORRECTED, KINDS, UTF8  # same LIS fixtures
+from tests.test_results_his_hl7 import (  # the same LIS fixtures
+    CHC,
+    CORE,
+    CORRECTED,
+    KINDS,
+    UTF8,
+    lis_bundle,
+)
 
 ID_NUMBER = "110102195003151234"  # the LIS fixture's patient (PID-3 NI)
 SITE = cda.Site(member=CHC, name="月坛社区卫生服务中心")
@@ -117,14 +123,6 @@ def assert_report_matches(doc: lab_report.LabReportDoc, theirs: dict[str, Any], 
                                                           STATUS[y["status"]])
         assert (x.observed_at, x.notes) == (zoned(y["observed"]), "\n".join(y["notes"]))
         assert x.result_id
-
-
-def lis_bundle(raw: bytes, lab_maps: Path) -> dict[str, Any]:
-    msg = oru.parse(raw.decode())
-    cfg = oru.Settings(node_id=CORE, hash_key=b"k" * 32,
-                       national_id_system="urn:oid:2.16.156.10011.1.3", local_system=LOCAL,
-                       translator=load_site(lab_maps))
-    return oru.to_fhir(msg, oru.header(msg), cfg).bundle
 
 
 def documents(bundle: dict[str, Any], gaps: list[Any]) -> list[lab_report.LabReportDoc]:
