@@ -126,17 +126,24 @@ def down_slip(slip_no: str) -> ReferralSlip:
                    department_code="0200", urgent=False)
 
 
+def refer_from_hl7(chc: VendorHis, core_db: HisDb, yt: NodeProcess,
+                   slip_no: str) -> tuple[Any, str]:
+    """The centre's HL7 HIS refers up; the referral is in the core's database HIS. (slip,
+    thread)"""
+    s = slip(slip_no=slip_no, patient_name="王億乗")
+    assert chc.refer(s).code == "AA"
+    wait_for(lambda: [x for x in core_db.received_referrals() if x.slip_no == s.slip_no],
+             timeout=60, what="referral in the core's database HIS")
+    return s, thread_of_slip(yt, s.slip_no, "referrer")
+
+
 # -- HL7 v2 HIS -> intermediate-database HIS ------------------------------------------------------
 
 
 def test_hl7_his_withdraws_and_the_db_his_shows_it(pair: Any) -> None:
     alliance, chc, core_db = pair
     fx, yt = alliance.node("fuxing"), alliance.node("yuetan-chc")
-    s = slip(slip_no="YTCX-1", patient_name="王億乗")
-    assert chc.refer(s).code == "AA"
-    wait_for(lambda: [x for x in core_db.received_referrals() if x.slip_no == s.slip_no],
-             timeout=60, what="referral in the core's database HIS")
-    thread = thread_of_slip(yt, s.slip_no, "referrer")
+    s, thread = refer_from_hl7(chc, core_db, yt, "YTCX-1")
     assert core_db.thread_of(s.slip_no) == thread
     wait_for(lambda: referral_row(yt, thread).get("status") == "received", timeout=60,
              what="received at the core")
@@ -192,11 +199,7 @@ def test_hl7_withdrawal_of_unknown_or_malformed_is_nakked_and_quarantined(pair: 
 def test_hl7_withdrawal_after_arrival_is_refused(pair: Any) -> None:
     alliance, chc, core_db = pair
     fx, yt = alliance.node("fuxing"), alliance.node("yuetan-chc")
-    s = slip(slip_no="YTCX-LATE", patient_name="王億乗")
-    assert chc.refer(s).code == "AA"
-    wait_for(lambda: [x for x in core_db.received_referrals() if x.slip_no == s.slip_no],
-             timeout=60, what="referral in the core's database HIS")
-    thread = thread_of_slip(yt, s.slip_no, "referrer")
+    s, thread = refer_from_hl7(chc, core_db, yt, "YTCX-LATE")
     core_db.accept(AcceptanceSlip(slip_no=s.slip_no, accepted=True,
                                   appointment_at="2026-11-24T09:00:00+08:00",
                                   department_code="0301", bed_no="12", doctor="张主任"))

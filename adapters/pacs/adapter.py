@@ -285,9 +285,9 @@ class PacsAdapter(BaseAdapter):
             self._put([report], phash, "imaging-report-stored", f"ORU report by {actor}")
             return answer
         # the report (with its study) follows the patient's open referrals as result.imaging,
-        # stored and queued in one transaction; an identical re-sent message changes nothing
-        for r in (patient, study, report):
-            validate_resource(r)
+        # stored and queued in one transaction; an identical re-sent message changes nothing.
+        # Only the report is new: the Patient and the study were validated when stored.
+        validate_resource(report)
         bundle = {"resourceType": "Bundle", "type": "collection",
                   "entry": [{"fullUrl": f"urn:uuid:{r['id']}", "resource": r}
                             for r in (patient, study, report)]}

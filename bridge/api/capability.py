@@ -25,6 +25,12 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
     HUTONG_VERSION = "0.0.0"
 
 _RESULT_TYPES = {"_count": "number", "_cursor": "string", "_total": "token"}
+#: what no served type supports: history reads, client ids, conditional interactions
+_NO_CONDITIONALS: dict[str, Any] = {
+    "readHistory": False, "updateCreate": False, "conditionalCreate": False,
+    "conditionalRead": "not-supported", "conditionalUpdate": False,
+    "conditionalDelete": "not-supported",
+}
 
 
 def _search_params(params: tuple[Param, ...]) -> list[dict[str, Any]]:
@@ -44,12 +50,7 @@ def _resource(rtype: str, params: tuple[Param, ...], roles: str) -> dict[str, An
         "documentation": f"Roles: {roles}. Every read and search is itself audited.",
         "interaction": interactions,
         "versioning": "versioned" if rtype != AUDIT_TYPE else "no-version",
-        "readHistory": False,
-        "updateCreate": False,
-        "conditionalCreate": False,
-        "conditionalRead": "not-supported",
-        "conditionalUpdate": False,
-        "conditionalDelete": "not-supported",
+        **_NO_CONDITIONALS,
         "searchParam": _search_params(params),
     }
     if rtype in INCLUDES:
@@ -81,12 +82,7 @@ def _conceptmap_resource() -> dict[str, Any]:
                          "data), loaded from its mapping folder; not audited.",
         "interaction": [{"code": "read"}, {"code": "search-type"}],
         "versioning": "no-version",
-        "readHistory": False,
-        "updateCreate": False,
-        "conditionalCreate": False,
-        "conditionalRead": "not-supported",
-        "conditionalUpdate": False,
-        "conditionalDelete": "not-supported",
+        **_NO_CONDITIONALS,
         "searchParam": params,
         "operation": [{"name": "translate", "definition": TRANSLATE,
                        "documentation": "GET (query) or POST (Parameters), on all maps or "

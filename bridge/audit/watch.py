@@ -15,11 +15,15 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import Connection
 
 from bridge.audit.chain import VerifyResult
+
+if TYPE_CHECKING:
+    from bridge.context import NodeContext
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +43,7 @@ class ChainStatus:
 class ChainWatch:
     """One per node process; thread-safe (the page, the alert job and the API share it)."""
 
-    def __init__(self, ctx: object, keys: Callable[[Connection], Sequence[Ed25519PublicKey]],
+    def __init__(self, ctx: NodeContext, keys: Callable[[Connection], Sequence[Ed25519PublicKey]],
                  full_every_s: float) -> None:
         self.ctx = ctx
         self.keys = keys
@@ -50,21 +54,21 @@ class ChainWatch:
     def check(self, *, full: bool = False) -> ChainStatus:
         ctx = self.ctx
         with self._lock:
-            now = ctx.now()  # type: ignore[attr-defined]
+            now = ctx.now()
             base = self._base
             if base is not None and not full and \
                     (now - base[0]).total_seconds() < self.full_every_s:
                 at, done = base
-                with ctx.store.read() as conn:  # type: ignore[attr-defined]
-                    res = ctx.audit.verify(conn, self.keys(conn),  # type: ignore[attr-defined]
+                with ctx.store.read() as conn:
+                    res = ctx.audit.verify(conn, self.keys(conn),
                                            after=(done.last_seq, done.last_hash))
                 if not res.ok:
                     self._base = None
                 return ChainStatus(res.ok, at, done.checked, res.checked, res.last_seq,
                                    res.last_hash, done.checkpoints_checked
                                    + res.checkpoints_checked, res.first_bad_seq, res.reason)
-            with ctx.store.read() as conn:  # type: ignore[attr-defined]
-                res = ctx.audit.verify(conn, self.keys(conn))  # type: ignore[attr-defined]
+            with ctx.store.read() as conn:
+                res = ctx.audit.verify(conn, self.keys(conn))
             self._base = (now, res) if res.ok else None
             return ChainStatus(res.ok, now if res.ok else None, res.checked, 0, res.last_seq,
                                res.last_hash, res.checkpoints_checked, res.first_bad_seq,
