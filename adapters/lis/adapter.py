@@ -1,7 +1,9 @@
 """The ``lis-hl7`` adapter: ORU^R01 over MLLP -> validated FHIR -> node store -> ACK.
 
 Per message (``handle``): decode by MSH-18 -> python-hl7 parse -> MSH checks -> a message seen
-before (same MSH-3/MSH-4/MSH-10) gets its stored ACK and nothing else happens -> one Bundle ->
+before (same MSH-3/MSH-4/MSH-10 *and* the same content, MSH-7 aside: :mod:`adapters.lis.once`)
+gets its stored ACK and nothing else happens; a different message under a used control id is a
+new message (stored, acknowledged, the reuse audited) -> one Bundle ->
 R4 schema validation (once) -> ``host.share_results``, which commits the resources, the raw
 message, the routed packets and the key with the AA ACK in one transaction -> only then the ACK
 is returned to be written to the socket. Anything refused gets AR/AE with the reason in MSA-3
@@ -28,6 +30,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from adapters.base import BaseAdapter
+from adapters.lis import once
 from adapters.lis.ack import Answering, build_ack
 from adapters.lis.decode import codec_for, decode_message
 from adapters.lis.errors import LisMessageError, RateLimited, Rejected
@@ -155,10 +158,12 @@ class LisAdapter(BaseAdapter):
             msg = parse(text)
             to = Answering.from_message(msg)
             head = header(msg)
-            prior = self.host.seen(head.source_key)
+            key = once.source_key(head.sending_app, head.facility, head.control_id, text)
+            prior = self.host.seen(key)
             if prior is not None:
                 self.count("repeated")
                 return str(prior["ack"]).encode(codec, "replace")
+            notes = self._reused(head, key)
             results = to_fhir(msg, head, self.settings)
             try:
                 validate_bundle(results.bundle)
@@ -167,9 +172,9 @@ class LisAdapter(BaseAdapter):
                                       hl7_error="207") from None
             ack = build_ack(to, "AA", at=at)
             out = self.host.share_results(
-                results.bundle, source_key=head.source_key, patient_hash=results.patient_hash,
+                results.bundle, source_key=key, patient_hash=results.patient_hash,
                 answer={"ack": ack, "control_id": head.control_id}, raw=raw,
-                kind=self.opts.kind)
+                kind=self.opts.kind, notes=notes)
         except LisMessageError as exc:
             if replaying:
                 raise
@@ -186,6 +191,8 @@ class LisAdapter(BaseAdapter):
             self.count("repeated")
         else:
             self.count("accepted")
+            if notes:
+                self.count("control_id_reused")
             self.count("observations", results.observations)
             self.count("corrected", results.corrected)
             self._record_gaps(results.unmapped, at)
@@ -195,6 +202,19 @@ class LisAdapter(BaseAdapter):
                 self.count("routed", len(out["routed"]))
         self.ok()
         return str(out["ack"]).encode(codec, "replace")
+
+    def _reused(self, head: Any, key: str) -> list[dict[str, Any]]:
+        """The audit note for a different message under a used sender + control id (none if
+        the id is new): it is stored as a new message; IT sees the reuse on its page."""
+        earlier = self.host.seen_under(once.sender_prefix(head.sending_app, head.facility,
+                                                          head.control_id))
+        if not [k for k in earlier if k != key]:
+            return []
+        return [{"action": once.REUSED_ACTION, "outcome": "4", "code": "HT-LIS-CONTROL-ID",
+                 "message": f"MSH-10 {head.control_id[:40]} from {head.sending_app[:40]}/"
+                            f"{head.facility[:40]} reused by a different message "
+                            f"({len(earlier)} earlier); stored as a new message",
+                 "extra": {"control_id": head.control_id[:64], "earlier": len(earlier)}}]
 
     def _refuse(self, exc: LisMessageError, raw: bytes, to: Answering, codec: str,
                 at: Any) -> bytes:

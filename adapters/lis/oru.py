@@ -52,11 +52,7 @@ class Header:
     control_id: str  # MSH-10
     version: str  # MSH-12
     message_type: str  # MSH-9 as "ORU^R01"
-
-    @property
-    def source_key(self) -> str:
-        """Same MSH-10 from the same sender = the same message (the exactly-once key)."""
-        return f"{self.sending_app}|{self.facility}|{self.control_id}"[:200]
+    # the exactly-once key also needs the content: adapters.lis.once.source_key
 
 
 @dataclass

@@ -98,6 +98,12 @@ class AdapterHost:
         with self.ctx.store.read() as conn:
             return intake.seen(conn, self.adapter_name, source_key)
 
+    def seen_under(self, prefix: str) -> list[str]:
+        """The keys taken in so far that start with ``prefix`` (an adapter whose keys are
+        ``<record id>:<content digest>`` finds earlier, different contents of one record)."""
+        with self.ctx.store.read() as conn:
+            return intake.keys_under(conn, self.adapter_name, prefix)
+
     def thread_for(self, source_key: str) -> str | None:
         """The referral thread a local record (taken in earlier) started or belongs to."""
         with self.ctx.store.read() as conn:
@@ -139,12 +145,14 @@ class AdapterHost:
 
     def share_results(self, bundle: dict[str, Any], *, source_key: str,
                       patient_hash: str | None, answer: dict[str, Any] | None = None,
-                      raw: bytes | None = None, kind: str = "result.lab") -> dict[str, Any]:
+                      raw: bytes | None = None, kind: str = "result.lab",
+                      notes: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """Results from a local system (an already validated collection Bundle): stored in the
         node's FHIR store and sent to the other side of every open referral of the patient
         (:mod:`bridge.results.routing`), with ``raw`` and the exactly-once key, in ONE
         transaction. A repeated ``source_key`` returns the first answer (e.g. the stored ACK)
-        and changes nothing.
+        and changes nothing. ``notes``: extra audit entries (AuditEntry keyword arguments,
+        the actor is this adapter) committed with the results, never without them.
         """
         from bridge.results.routing import store_and_route
 
@@ -156,6 +164,10 @@ class AdapterHost:
                                   source_key=source_key, answer=answer or {},
                                   patient_hash=patient_hash, raw=raw, kind=kind,
                                   at=self.ctx.now())
+            if notes:
+                self.ctx.audit.append(conn, [AuditEntry(
+                    **{"kind": kind, **n}, at=self.ctx.now(),
+                    actor=f"adapter:{self.adapter_name}") for n in notes])
         if out["routed"]:
             self.node.wake_all_senders()
         return out

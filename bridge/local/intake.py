@@ -10,6 +10,10 @@ from sqlalchemy import Connection, insert, select
 
 from bridge.local.tables import ADAPTER_INTAKE
 
+#: audit action: a local system reused a record id (HL7 MSH-10) for different content, which
+#: was taken in as a new record (listed on the IT page)
+RECORD_ID_REUSED = "hl7-control-id-reused"
+
 
 def seen(conn: Connection, adapter: str, source_key: str) -> dict[str, Any] | None:
     """The stored result of an earlier call with this key, or None if the record is new."""
@@ -31,3 +35,17 @@ def thread_of(conn: Connection, adapter: str, source_key: str) -> str | None:
         ADAPTER_INTAKE.c.adapter == adapter,
         ADAPTER_INTAKE.c.source_key == source_key)).first()
     return None if row is None else row.thread
+
+
+def keys_under(conn: Connection, adapter: str, prefix: str) -> list[str]:
+    """Every key of ``adapter`` that is ``prefix`` followed by lower-case hex, oldest first.
+
+    A range on the unique index (``prefix`` <= key < ``prefix + "g"``, true in byte order and
+    in locale collations alike for hex tails) rather than LIKE, which SQLite cannot serve from
+    the index: this runs for every message.
+    """
+    col = ADAPTER_INTAKE.c.source_key
+    return [r.source_key for r in conn.execute(
+        select(col).where(ADAPTER_INTAKE.c.adapter == adapter, col >= prefix,
+                          col < prefix + "g", col.startswith(prefix, autoescape=True))
+        .order_by(ADAPTER_INTAKE.c.id))]

@@ -272,3 +272,9 @@ def status_name(lang: str, code: str | None) -> str:
     if pair is None:
         return code or ""
     return pair[1] if lang == "en" else pair[0]
+
+
+LABELS.update({  # lis (oru branch): control ids reused for different messages, IT page
+    "reused_ids": ("重复使用的消息控制号（内容不同，已作为新消息接收）",
+                   "Reused message control ids (different content, taken in as new messages)"),
+})

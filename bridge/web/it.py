@@ -194,6 +194,7 @@ def it_routes(web: Web, alerter: Alerter) -> APIRouter:
                 f'<h3>{e(t(lang, "dead_letters"))}</h3>{deads}'
                 f'<h3>{e(t(lang, "adapters"))}</h3>{adapters}'
                 f'<h3>{e(t(lang, "mapping_gaps"))}</h3>{gap_html}'
+                + reused_ids_section(web, lang) +
                 f'<h3>{e(t(lang, "reminders"))}</h3>{reminders}'
                 f'<h3>{e(t(lang, "rules"))}</h3>{rules}')
         return web.page(request, t(lang, "it"), body, role=role)
@@ -224,3 +225,24 @@ def it_routes(web: Web, alerter: Alerter) -> APIRouter:
         return RedirectResponse(f"/ui/it?{urlencode({'msg': msg})}", status_code=303)
 
     return router
+
+
+def reused_ids_section(web: Web, lang: str, limit: int = 50) -> str:
+    """Messages taken in under a control id their sender had already used for different
+    content (audited by the adapter, newest first): IT tells the vendor, who must fix it."""
+    import orjson
+
+    from bridge.audit.events import event_fields
+    from bridge.audit.tables import AuditRecord
+    from bridge.local.intake import RECORD_ID_REUSED
+
+    audit = AuditRecord.__table__  # type: ignore[attr-defined]
+    with web.ctx.store.read() as conn:
+        rows = conn.execute(select(audit.c.at, audit.c.resource)
+                            .where(audit.c.action == RECORD_ID_REUSED)
+                            .order_by(audit.c.seq.desc()).limit(limit)).all()
+    items = [(at, event_fields(orjson.loads(res))) for at, res in rows]
+    return (f'<h3>{e(t(lang, "reused_ids"))}</h3>'
+            + table([t(lang, "at"), t(lang, "source"), t(lang, "message")],
+                    [[e(fmt_time(at)), e(f.get("actor")), e(f.get("message"))]
+                     for at, f in items], t(lang, "none"), "reused-ids"))
