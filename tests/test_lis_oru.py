@@ -210,8 +210,8 @@ BAD = [
     (_mutate(b"|UNICODE UTF-8", b"|KOI8-R"), E.EncodingError, "AR", "MSH-18"),
     (_mutate(b"||11.2|", b"||eleven|"), E.BadField, "AE", "OBX[1]-5"),
     (_mutate(b"|78.5|%|40-75|H|||F", b"|78.5|%|40-75|H|||Q"), E.BadField, "AE", "OBX[4]-11"),
-    (_mutate(b"|LAB-2026-0001|", b"||").replace(b"|ORD-7781|", b"||"), E.MissingField, "AE",
-     "OBR[1]-3"),
+    (_mutate(b"|LAB-2026-0001|", b"||").replace(b"|ORD-7781|", b"||")
+     .replace(b"ORC|RE||LAB-2026-0001\r", b"ORC|RE\r"), E.MissingField, "AE", "OBR[1]-3"),
     (_mutate(b"|128|g/L|115-150|N|||F|||20261120090000", b"|128|g/L|115-150|N|||F|||2026132"),
      E.BadField, "AE", "OBX[2]-14"),
 ]

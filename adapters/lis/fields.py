@@ -27,6 +27,15 @@ def value(seg: Any, field: int, component: int = 1, rep: int = 1, sub: int = 1) 
         return ""
 
 
+def raw_value(seg: Any, field: int, component: int = 1, rep: int = 1, sub: int = 1) -> str:
+    """One leaf value (unescaped) exactly as sent: leading/trailing spaces and line breaks
+    kept (text values: TX/FT lines, ED data)."""
+    try:
+        return str(seg.extract_field(1, field, rep, component, sub))
+    except IndexError:
+        return ""
+
+
 def reps(seg: Any, field: int) -> int:
     """How many repetitions a field has (0 when absent or empty)."""
     if field >= len(seg):

@@ -16,10 +16,13 @@ listed in :attr:`Results.unmapped` (and the resource is tagged, see ``bridge.map
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 import hl7
 
@@ -31,7 +34,7 @@ from adapters.lis.errors import (
     UnsupportedMessage,
     UnsupportedVersion,
 )
-from adapters.lis.fields import fhir_datetime, rep_values, reps, value, where
+from adapters.lis.fields import fhir_datetime, raw_value, rep_values, reps, value, where
 from bridge.mapping import mark_unmapped
 from bridge.privacy import normalise_national_id, patient_hash
 
@@ -43,6 +46,29 @@ _NS = uuid.UUID("6b1c4c8e-2f7e-5d7a-9b63-4c1f3e0a9d21")
 _NUMBER = re.compile(r"^([<>]=?)?\s*([+-]?(?:\d+\.?\d*|\.\d+))$")
 _RANGE = re.compile(r"^\s*([+-]?\d+(?:\.\d+)?)\s*(?:-|~|－|—|–)\s*([+-]?\d+(?:\.\d+)?)\s*$")
 _BOUND = re.compile(r"^\s*(<=|>=|<|>|≤|≥)\s*([+-]?\d+(?:\.\d+)?)\s*$")
+_PLAIN = re.compile(r"^[+-]?(?:\d+\.?\d*|\.\d+)$")
+#: ED type of data (table 0191) -> MIME top-level type
+_MIME_TOP = {"AP": "application", "APPLICATION": "application", "TEXT": "text", "TX": "text",
+             "IM": "image", "IMAGE": "image", "AU": "audio", "AUDIO": "audio",
+             "VIDEO": "video", "MULTIPART": "multipart"}
+
+
+def _content_type(kind: str, sub: str) -> str:
+    """A MIME type from ED.2/ED.3 (RP.3/RP.4): ``AP^PDF`` -> ``application/pdf``."""
+    sub = sub.strip().lower()
+    if "/" in sub and " " not in sub:
+        return sub
+    top = _MIME_TOP.get(kind.strip().upper())
+    if top and sub and re.fullmatch(r"[a-z0-9.+-]+", sub):
+        return f"{top}/{sub}"
+    if top == "text":
+        return "text/plain"
+    return "application/octet-stream" if kind or sub else ""
+
+
+def _lines(text: str) -> str:
+    """A TX/FT repetition with its line breaks (\\.br\\ arrives as CR) as LF, nothing cut."""
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 @dataclass(frozen=True)
@@ -96,17 +122,33 @@ def header(msg: hl7.Message) -> Header:
     if version not in SUPPORTED_VERSIONS:
         raise UnsupportedVersion(f"HL7 version {version!r} is not supported (2.3 to 2.5.1)",
                                  field="MSH-12")
-    mtype = f"{value(msh, 9, 1)}^{value(msh, 9, 2)}"
-    if mtype != "ORU^R01":
+    mtype = f"{value(msh, 9, 1)}^{value(msh, 9, 2) or 'R01'}"  # "ORU" alone: R01, the only
+    if mtype != "ORU^R01":  # unsolicited result trigger of the versions that omit it
         raise UnsupportedMessage(f"message type {mtype} is not ORU^R01", field="MSH-9")
     control = value(msh, 10)
     if not control:
         raise MissingField("message control id is empty", field="MSH-10")
-    app = value(msh, 3)
-    facility = value(msh, 4) or app
-    if not facility:
-        raise MissingField("sending facility and application are empty", field="MSH-4")
+    app = value(msh, 3) or value(msh, 3, 2)
+    # MSH-3/MSH-4 are optional in v2: without them the channel itself is the sender
+    facility = value(msh, 4) or value(msh, 4, 2) or app
     return Header(app, facility, control, version, mtype)
+
+
+def system_uri(kind: str, *parts: str) -> str:
+    """``urn:hutong:<kind>:<part>:<part>``, every part percent-encoded (UTF-8, RFC 3986): a
+    valid URI whatever MSH-3/MSH-4 hold (spaces, Chinese, ``:``), one-to-one with the parts,
+    and unchanged for plain ASCII names such as ``LIS`` (so existing identifiers keep theirs)."""
+    return ":".join(["urn:hutong", kind, *(quote(p, safe="") for p in parts if p)])
+
+
+def field_text(seg: Any, field: int) -> str:
+    """A whole field as sent (components and repetitions with their separators)."""
+    return str(seg(field)).strip() if field < len(seg) else ""
+
+
+def _code(text: str) -> str:
+    """A v2 code as a FHIR ``code`` (no leading, trailing or doubled whitespace)."""
+    return " ".join(text.split())
 
 
 def _id(*parts: str) -> str:
@@ -132,37 +174,55 @@ class _Builder:
 
     def concept(self, seg: Any, f: int, at: str, *, mapped: bool = True,
                 rep: int = 1) -> tuple[dict[str, Any], bool]:
-        """(CodeableConcept, unmapped) for a CE/CWE field: local code -> LOINC via the map."""
-        code, text, system = (value(seg, f, c, rep) for c in (1, 2, 3))
-        alt_code, alt_text, alt_system = (value(seg, f, c, rep) for c in (4, 5, 6))
-        if not code and not text:
+        """(CodeableConcept, unmapped) for a CE/CWE field, every triplet kept.
+
+        The identifier (components 1-3), the alternate (4-6) and, in CWE, the second alternate
+        (10-12) each become a coding (CWE.7/8 their versions, CWE.9 the text): a named standard
+        system (LN, SCT, ...) gets its URI, any other name is the LIS's own code system and goes
+        through the site's map (local code -> LOINC). A code carried only in an alternate
+        triplet is read from there. ``unmapped``: a local code and no LOINC coding.
+        """
+        triplets = [tuple(value(seg, f, c, rep) for c in (a, a + 1, a + 2)) + (
+            value(seg, f, v, rep) if v else "",) for a, v in ((1, 7), (4, 8), (10, 0))]
+        original = value(seg, f, 9, rep)
+        if not any(code or text for code, text, _, _ in triplets):
             raise MissingField("code is empty", field=at)
         codings: list[dict[str, Any]] = []
-        unmapped = False
-        uri = vocab.CODE_SYSTEMS.get(system.upper())
-        if code and uri:
-            codings.append({"system": uri, "code": code, **({"display": text} if text else {})})
-        elif code:
-            local = {"system": self.cfg.local_system, "code": code,
-                     **({"display": text} if text else {})}
-            if mapped and self.cfg.translator is not None:
-                from bridge.mapping import map_coding
+        local_codes: list[dict[str, str]] = []
+        for code, text, system, version in triplets:
+            code = _code(code)
+            if not code:
+                continue
+            uri = vocab.coding_system(system)
+            coding = {"system": uri or self.cfg.local_system, "code": code,
+                      **({"version": version} if version and uri else {}),
+                      **({"display": text} if text else {})}
+            if uri is None:
+                local_codes.append(coding)
+                if mapped and self.cfg.translator is not None:
+                    from bridge.mapping import map_coding
 
-                codings, unmapped = map_coding(self.cfg.translator, self.cfg.map_id, local)
+                    found, _ = map_coding(self.cfg.translator, self.cfg.map_id, coding)
+                else:
+                    found = [coding]
             else:
-                codings, unmapped = [local], mapped
-        alt_uri = vocab.CODE_SYSTEMS.get(alt_system.upper())
-        if alt_code and alt_uri and not any(c["system"] == alt_uri and c["code"] == alt_code
-                                            for c in codings):
-            codings.insert(0, {"system": alt_uri, "code": alt_code,
-                               **({"display": alt_text} if alt_text else {})})
-            unmapped = unmapped and alt_uri != vocab.LOINC
-        if unmapped and code and not any(u["code"] == code for u in self.out.unmapped):
-            self.out.unmapped.append({"system": self.cfg.local_system, "code": code,
-                                      "display": text})
+                found = [coding]
+            for c in found:
+                if not any(c["system"] == o["system"] and c["code"] == o["code"]
+                           for o in codings):
+                    codings.append(c)
+        unmapped = mapped and bool(local_codes) and not any(
+            c["system"] == vocab.LOINC for c in codings)
+        if unmapped:
+            for c in local_codes:
+                if not any(u["code"] == c["code"] for u in self.out.unmapped):
+                    self.out.unmapped.append({"system": self.cfg.local_system,
+                                              "code": c["code"],
+                                              "display": c.get("display", "")})
         cc: dict[str, Any] = {"coding": codings} if codings else {}
-        if text or not codings:
-            cc["text"] = text or code
+        text = original or next((t for _, t, _, _ in triplets if t), "")
+        if original or not codings:
+            cc["text"] = text or next(c for c, _, _, _ in triplets if c)
         return cc, unmapped
 
     def organization(self, name: str, ident: str = "") -> dict[str, str]:
@@ -249,64 +309,141 @@ class _Builder:
         return self._unit_cache
 
     def obx_value(self, obx: Any, n: int, vtype: str) -> dict[str, Any]:
+        """OBX-5 as value[x], by OBX-2, after the V2-to-FHIR OBX[Observation] map: NM
+        (comparators too) -> Quantity; SN -> Quantity/Range/Ratio, else its text; CE/CWE/CNE/
+        CF/IS -> CodeableConcept; DT/DTM/TS -> dateTime; TM -> time; DR -> Period; NR ->
+        Range; ST/TX/FT -> string, repetitions and line breaks kept as sent; any other type
+        (ID, MED, EI, XCN ...) -> its text. ED/RP never get here (report attachments)."""
         at = where("OBX", n, 5)
         count = reps(obx, 5)
         if count == 0:
             return {}
-        if vtype in ("NM", "SN") and count > 1:
-            raise BadField(f"value type {vtype} does not repeat", field=at)
-        if vtype == "NM":
+        if vtype == "NM" and count == 1:
             m = _NUMBER.match(value(obx, 5))
             if m is None:
                 raise BadField("value type NM but the value is not a number", field=at)
             return {"valueQuantity": self.quantity(m.group(2), obx, at, m.group(1) or "")}
-        if vtype == "SN":
-            comp, n1, sep, n2 = (value(obx, 5, c) for c in (1, 2, 3, 4))
-            for text in (n1, n2):
-                if text and not _NUMBER.match(text.lstrip("<>=")):
-                    raise BadField("structured numeric part is not a number", field=at)
-            if comp not in ("", "=", "<", ">", "<=", ">="):
-                raise BadField(f"structured numeric comparator {comp!r} is not supported",
-                               field=at)
-            if not sep and n1:
-                return {"valueQuantity": self.quantity(n1, obx, at, "" if comp == "=" else comp)}
-            if sep == "-" and n1 and n2:
-                return {"valueRange": {"low": self.quantity(n1, obx, at),
-                                       "high": self.quantity(n2, obx, at)}}
-            if sep in (":", "/") and n1 and n2:
-                return {"valueRatio": {"numerator": {"value": _num(n1)},
-                                       "denominator": {"value": _num(n2)}}}
-            if sep == "+" and n1 and not n2:
-                return {"valueString": f"{n1}+"}
-            raise BadField("structured numeric value is incomplete", field=at)
-        if vtype in ("ST", "TX", "FT"):
-            return {"valueString": "\n".join(value(obx, 5, 1, r) for r in range(1, count + 1))}
-        if vtype in ("CE", "CWE", "CNE", "CF"):
+        if vtype == "SN" and count == 1:
+            found = self.structured_numeric(obx, at)
+            if found is not None:
+                return found
+        if vtype in ("CE", "CWE", "CNE", "CF", "IS") and count == 1 and value(obx, 5):
             cc, _ = self.concept(obx, 5, at, mapped=False)
             return {"valueCodeableConcept": cc}
-        if vtype in ("TS", "DT", "DTM"):
+        if vtype in ("TS", "DT", "DTM") and count == 1:
             return {"valueDateTime": fhir_datetime(value(obx, 5), at, self.cfg.default_zone)}
-        if vtype == "TM":
+        if vtype == "TM" and count == 1:
             t = value(obx, 5)
-            if not re.fullmatch(r"\d{2}(\d{2}(\d{2})?)?", t):
-                raise BadField("value type TM but not HHMM[SS]", field=at)
-            t = t.ljust(6, "0")
-            return {"valueTime": f"{t[:2]}:{t[2:4]}:{t[4:6]}"}
-        raise BadField(f"value type {vtype!r} is not supported", field=where("OBX", n, 2))
+            m = re.fullmatch(r"(\d{2})(\d{2})?(\d{2})?(\.\d{1,4})?", t.split("+")[0]
+                             .split("-")[0])
+            if m is None or int(m.group(1)) > 23:
+                raise BadField("value type TM but not HH[MM[SS[.S]]]", field=at)
+            frac = m.group(4) or ""
+            return {"valueTime": f"{m.group(1)}:{m.group(2) or '00'}:{m.group(3) or '00'}"
+                                 f"{frac}"}
+        if vtype == "DR" and count == 1:
+            start = fhir_datetime(value(obx, 5, 1), at, self.cfg.default_zone)
+            end = fhir_datetime(value(obx, 5, 2), at, self.cfg.default_zone)
+            if start or end:
+                return {"valuePeriod": {**({"start": start} if start else {}),
+                                        **({"end": end} if end else {})}}
+        if vtype == "NR" and count == 1:
+            low, high = value(obx, 5, 1), value(obx, 5, 2)
+            if all(not x or _NUMBER.fullmatch(x) and x[0] not in "<>" for x in (low, high)) \
+                    and (low or high):
+                return {"valueRange": {**({"low": self.quantity(low, obx, at)} if low else {}),
+                                       **({"high": self.quantity(high, obx, at)}
+                                          if high else {})}}
+        if vtype in ("ST", "TX", "FT"):
+            text = "\n".join(_lines(raw_value(obx, 5, 1, r)) for r in range(1, count + 1))
+            return {"valueString": text} if text.strip() else {}
+        text = field_text(obx, 5)  # any other type: the value as sent
+        return {"valueString": text} if text else {}
+
+    def structured_numeric(self, obx: Any, at: str) -> dict[str, Any] | None:
+        """SN (comparator ^ num1 ^ separator ^ num2) as Quantity, Range or Ratio; None when it
+        is none of them (the caller keeps it as text)."""
+        comp, n1, sep, n2 = (value(obx, 5, c) for c in (1, 2, 3, 4))
+        numeric = all(not t or _PLAIN.fullmatch(t) for t in (n1, n2))
+        if not numeric or comp not in ("", "=", "<", ">", "<=", ">="):
+            return None
+        if not sep and n1 and not n2:
+            return {"valueQuantity": self.quantity(n1, obx, at, "" if comp == "=" else comp)}
+        if comp in ("", "=") and sep == "-" and n1 and n2:
+            return {"valueRange": {"low": self.quantity(n1, obx, at),
+                                   "high": self.quantity(n2, obx, at)}}
+        if comp in ("", "=") and sep in (":", "/") and n1 and n2:
+            return {"valueRatio": {"numerator": {"value": _num(n1)},
+                                   "denominator": {"value": _num(n2)}}}
+        if comp in ("", "=") and sep == "+" and n1 and not n2:
+            return {"valueString": f"{n1}+"}
+        return None
+
+    def attachment(self, obx: Any, n: int, vtype: str) -> dict[str, Any] | None:
+        """An ED (embedded data, e.g. a PDF report) or RP (reference pointer) OBX as an
+        Attachment for ``DiagnosticReport.presentedForm`` (R4 Observation has no Attachment
+        value): ED base64 data is kept exactly as sent, byte for byte; ED in other encodings
+        (A = text, Hex) is base64-encoded; RP gives ``url``. Title: OBX-3 text or code."""
+        at = where("OBX", n, 5)
+        title = value(obx, 3, 2) or value(obx, 3, 1) or value(obx, 3, 5) or value(obx, 3, 4)
+        att: dict[str, Any] = {}
+        if vtype == "ED":
+            kind, sub, enc = value(obx, 5, 2), value(obx, 5, 3), value(obx, 5, 4).upper()
+            data = raw_value(obx, 5, 5).strip()
+            if enc in ("BASE64", "B64", ""):
+                compact = "".join(data.split())
+                try:
+                    base64.b64decode(compact, validate=True)
+                except (binascii.Error, ValueError):
+                    raise BadField("ED data is not valid base64", field=f"{at}.5") from None
+                payload = compact
+            elif enc == "HEX":
+                try:
+                    payload = base64.b64encode(bytes.fromhex(data)).decode("ascii")
+                except ValueError:
+                    raise BadField("ED data is not valid hex", field=f"{at}.5") from None
+            else:  # A (ASCII text) or anything else: the text itself
+                payload = base64.b64encode(data.encode("utf-8")).decode("ascii")
+            ctype = _content_type(kind, sub)
+            if ctype:
+                att["contentType"] = ctype
+            if payload:
+                att["data"] = payload
+        else:  # RP: pointer ^ application ^ type ^ subtype
+            pointer = value(obx, 5, 1)
+            if pointer:
+                att["url"] = quote(pointer, safe=":/?#[]@!$&'()*+,;=%~")
+            ctype = _content_type(value(obx, 5, 3), value(obx, 5, 4))
+            if ctype:
+                att["contentType"] = ctype
+        if not att:
+            return None
+        if title:
+            att["title"] = title
+        return att
 
     def reference_range(self, obx: Any, at: str) -> list[dict[str, Any]]:
-        text = value(obx, 7)
+        """OBX-7 kept whole as ``text`` (components too: ``35-150^35^150``); low/high from
+        the components when numeric, else from a ``a-b`` / ``<b`` / ``>a`` text."""
+        text = field_text(obx, 7)
         if not text:
             return []
+        first, low_c, high_c = value(obx, 7, 1), value(obx, 7, 2), value(obx, 7, 3)
         rr: dict[str, Any] = {}
-        m = _RANGE.match(text)
-        b = _BOUND.match(text)
-        if m:
-            rr["low"] = self._simple(m.group(1), obx, at)
-            rr["high"] = self._simple(m.group(2), obx, at)
-        elif b:
-            side = "high" if b.group(1) in ("<", "<=", "≤") else "low"
-            rr[side] = self._simple(b.group(2), obx, at)
+        if (low_c or high_c) and all(not x or _PLAIN.fullmatch(x) for x in (low_c, high_c)):
+            if low_c:
+                rr["low"] = self._simple(low_c, obx, at)
+            if high_c:
+                rr["high"] = self._simple(high_c, obx, at)
+        else:
+            m = _RANGE.match(first)
+            b = _BOUND.match(first)
+            if m:
+                rr["low"] = self._simple(m.group(1), obx, at)
+                rr["high"] = self._simple(m.group(2), obx, at)
+            elif b:
+                side = "high" if b.group(1) in ("<", "<=", "≤") else "low"
+                rr[side] = self._simple(b.group(2), obx, at)
         rr["text"] = text
         return [rr]
 
@@ -334,17 +471,24 @@ class _Builder:
         if len(pids) > 1:
             raise Rejected("one patient per message is supported (more than one PID)",
                            field="PID")
+        if not any(str(s[0]) == "OBR" for s in segments):
+            raise Rejected("no OBR segment", field="OBR")
         patient = self.patient(pids[0])
         subject = {"reference": f"Patient/{patient['id']}"}
         groups: list[dict[str, Any]] = []
+        orc: Any = None
         current: dict[str, Any] | None = None
         last: dict[str, Any] | None = None  # the resource an NTE belongs to
         seen_obr = 0
         for seg in segments:
             name = str(seg[0])
-            if name == "OBR":
+            if name == "ORC":
+                orc = seg
+            elif name == "OBR":
                 seen_obr += 1
-                current = {"obr": seg, "n": seen_obr, "obx": [], "spm": None, "notes": []}
+                current = {"obr": seg, "n": seen_obr, "obx": [], "spm": None, "notes": [],
+                           "orc": orc}
+                orc = None
                 groups.append(current)
                 last = current
             elif name == "OBX":
@@ -361,6 +505,7 @@ class _Builder:
                 current["spm"] = seg
         if not groups:
             raise Rejected("no OBR segment", field="OBR")
+        self.report_keys(groups)
         resources: list[dict[str, Any]] = [patient]
         for g in groups:
             resources.extend(self.group(g, subject))
@@ -377,28 +522,73 @@ class _Builder:
             mark_unmapped(self.out.bundle)
         return self.out
 
+    def report_keys(self, groups: list[dict[str, Any]]) -> None:
+        """Each OBR's identity: (sending facility, filler number), which a later correction
+        repeats. Some senders repeat a filler number over several OBRs of one message: those
+        reports are told apart by OBR-4 (the test) and then OBR-1 (set id), else by position,
+        so every OBR gets its own DiagnosticReport (none merged, none lost)."""
+        for g in groups:
+            obr, n = g["obr"], g["n"]
+            orc = g["orc"]  # ORC-3/ORC-2 when the OBR leaves its order numbers to the ORC
+            filler = value(obr, 3) or value(obr, 2) or (
+                value(orc, 3) or value(orc, 2) if orc is not None else "")
+            if not filler:
+                raise MissingField("filler (or placer) order number is empty",
+                                   field=where("OBR", n, 3))
+            g["filler"] = filler
+            g["key"] = (self.head.facility, filler)
+        for extra in (lambda g: value(g["obr"], 4, 1) or value(g["obr"], 4, 4)
+                      or value(g["obr"], 4, 2),
+                      lambda g: value(g["obr"], 1), lambda g: f"#{g['n']}"):
+            counts: dict[tuple[str, ...], int] = {}
+            for g in groups:
+                counts[g["key"]] = counts.get(g["key"], 0) + 1
+            repeated = [g for g in groups if counts[g["key"]] > 1]
+            if not repeated:
+                return
+            for g in repeated:
+                g["key"] = (*g["key"], extra(g))
+
     def group(self, g: dict[str, Any], subject: dict[str, str]) -> list[dict[str, Any]]:
         obr, n = g["obr"], g["n"]
-        filler = value(obr, 3) or value(obr, 2)
-        if not filler:
-            raise MissingField("filler (or placer) order number is empty",
-                               field=where("OBR", n, 3))
-        key = (self.head.facility, filler)
+        filler, key = g["filler"], g["key"]
         code, dr_unmapped = self.concept(obr, 4, where("OBR", n, 4))
         collected = fhir_datetime(value(obr, 7), where("OBR", n, 7), self.cfg.default_zone)
         issued = fhir_datetime(value(obr, 22), where("OBR", n, 22), self.cfg.default_zone,
                                instant=True)
         specimen = self.specimen(g, subject, key, collected)
-        lab = self.organization(self.head.facility)
+        lab = self.organization(self.head.facility or f"{self.cfg.node_id} LIS")
         observations: list[dict[str, Any]] = []
-        seen: set[str] = set()
+        forms: list[dict[str, Any]] = []
+        text_lines: list[str] = []
+        seen: dict[str, int] = {}
         for entry in g["obx"]:
+            obx = entry["obx"]
+            vtype = value(obx, 2).upper()
+            if vtype in ("ED", "RP"):
+                att = self.attachment(obx, entry["n"], vtype)
+                if att is not None:
+                    forms.append(att)
+                    entry["form"] = len(forms)
+                    continue
+            if vtype in ("TX", "FT", "ST") and not any(
+                    value(obx, 3, c) for c in (1, 2, 4, 5, 9, 10, 11)):
+                # report text sent as code-less lines: the report's own text, in order
+                text_lines.append("\n".join(_lines(raw_value(obx, 5, 1, r))
+                                            for r in range(1, max(reps(obx, 5), 1) + 1)))
+                entry["text_line"] = len(text_lines)
+                continue
             obs = self.observation(entry, subject, key, collected, issued, specimen, lab)
-            if obs["id"] in seen:
-                raise BadField("the same test (OBX-3 code and OBX-4 sub-id) appears twice "
-                               "under one order", field=where("OBX", entry["n"], 3))
-            seen.add(obs["id"])
+            if obs["id"] in seen:  # same test and sub-id again: its own result, by position
+                seen[obs["id"]] += 1
+                obs["id"] = _id("observation", obs["id"], str(seen[obs["id"]]))
+            seen.setdefault(obs["id"], 1)
+            entry["observation"] = obs["id"]
             observations.append(obs)
+        if text_lines:
+            forms.insert(0, {"contentType": "text/plain;charset=utf-8",
+                             "data": base64.b64encode("\n".join(text_lines).encode("utf-8"))
+                             .decode("ascii")})
         status_code = value(obr, 25).upper()
         if status_code:
             status = vocab.REPORT_STATUS.get(status_code)
@@ -412,7 +602,7 @@ class _Builder:
         dr: dict[str, Any] = {
             "resourceType": "DiagnosticReport", "id": _id("report", *key),
             "identifier": [{"type": {"coding": [{"system": vocab.V2_0203, "code": "FILL"}]},
-                            "system": f"urn:hutong:lis:{self.cfg.node_id}:{self.head.facility}",
+                            "system": system_uri("lis", self.cfg.node_id, self.head.facility),
                             "value": filler}],
             "status": status,
             "category": [{"coding": [{"system": vocab.V2_0074, "code": "LAB",
@@ -435,6 +625,8 @@ class _Builder:
             dr["specimen"] = [{"reference": f"Specimen/{specimen['id']}"}]
         if observations:
             dr["result"] = [{"reference": f"Observation/{o['id']}"} for o in observations]
+        if forms:
+            dr["presentedForm"] = forms
         if g["notes"]:
             dr["conclusion"] = "\n".join(g["notes"])
         if dr_unmapped:
@@ -479,7 +671,8 @@ class _Builder:
                     lab: dict[str, str]) -> dict[str, Any]:
         obx, n = entry["obx"], entry["n"]
         vtype = value(obx, 2).upper()
-        local_code = value(obx, 3, 1) or value(obx, 3, 2)
+        local_code = value(obx, 3, 1) or value(obx, 3, 4) or value(obx, 3, 10) \
+            or value(obx, 3, 2)
         code, unmapped = self.concept(obx, 3, where("OBX", n, 3))
         status_code = value(obx, 11).upper()
         if not status_code:
@@ -492,7 +685,8 @@ class _Builder:
             self.out.corrected += 1
         obs: dict[str, Any] = {
             "resourceType": "Observation",
-            "id": _id("observation", *key, local_code, value(obx, 4)),
+            # OBX-4 whole: structured sub-ids (1^1, 3^2) tell apart repeated tests
+            "id": _id("observation", *key, local_code, field_text(obx, 4)),
             "status": status,
             "category": [{"coding": [{
                 "system": "http://terminology.hl7.org/CodeSystem/observation-category",

@@ -56,6 +56,32 @@ CODE_SYSTEMS = {
     "I10": "http://hl7.org/fhir/sid/icd-10", "HL70078": V2_0078, "HL70487": V2_0487,
 }
 
+#: more v2 table 0396 coding system names -> FHIR system URIs (V2-to-FHIR code system map)
+CODE_SYSTEMS.update({
+    "SNOMED-CT": "http://snomed.info/sct", "SNM": "http://snomed.info/sct",
+    "SCT2": "http://snomed.info/sct", "UCUM_CS": UCUM, "MDC": "urn:iso:std:iso:11073:10101",
+    "I9": "http://hl7.org/fhir/sid/icd-9-cm", "I9C": "http://hl7.org/fhir/sid/icd-9-cm",
+    "I9CDX": "http://hl7.org/fhir/sid/icd-9-cm", "ICD9": "http://hl7.org/fhir/sid/icd-9-cm",
+    "I10C": "http://hl7.org/fhir/sid/icd-10-cm", "ICD10CM": "http://hl7.org/fhir/sid/icd-10-cm",
+    "C4": "http://www.ama-assn.org/go/cpt", "CPT": "http://www.ama-assn.org/go/cpt",
+    "CVX": "http://hl7.org/fhir/sid/cvx", "NDC": "http://hl7.org/fhir/sid/ndc",
+    "RXNORM": "http://www.nlm.nih.gov/research/umls/rxnorm",
+    "RXN": "http://www.nlm.nih.gov/research/umls/rxnorm",
+})
+
+
+def coding_system(name: str) -> str | None:
+    """The FHIR system URI of a v2 coding system name (CWE.3/6/12), or None for the LIS's own
+    codes: an empty, local (``L``, ``99zzz``) or unknown name (those are the site's to map).
+    ``HL7nnnn`` is v2 table nnnn."""
+    n = name.strip().upper()
+    if n in CODE_SYSTEMS:
+        return CODE_SYSTEMS[n]
+    if len(n) == 7 and n.startswith("HL7") and n[3:].isdigit():
+        return f"http://terminology.hl7.org/CodeSystem/v2-{n[3:]}"
+    return None
+
+
 #: printed lab units -> UCUM (keys compared after normalise_unit)
 _UNITS = {
     "mmol/L": "mmol/L", "umol/L": "umol/L", "nmol/L": "nmol/L", "pmol/L": "pmol/L",
