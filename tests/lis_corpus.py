@@ -3,14 +3,14 @@ and the LIS outcome table that pins what the LIS listener does with each ORU^R01
 
 Splitting (the corpus README): a UTF-8 BOM is dropped, CR, LF and CRLF all end a segment and a
 sender ends them with CR, a message starts at each ``MSH`` line and goes in its own MLLP frame;
-batch envelopes (FHS/BHS/BTS/FTS) and lines that are not segments (comments such as ``//`` or
-``/*`` in the text files, blank lines) are not sent. The segment bytes are otherwise unchanged.
+batch envelopes (FHS/BHS/BTS/FTS), blank lines and the text files' comment lines (``//``,
+``/*``, `` *``) are not sent. Every other line is sent as it is, even one that is no proper
+segment (a sender does not repair its messages), and the bytes are otherwise unchanged.
 """
 
 from __future__ import annotations
 
 import csv
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,8 +18,8 @@ CORPUS = Path(__file__).parent / "fixtures" / "hl7v2-corpus"
 OUTCOMES = CORPUS / "outcomes-lis.tsv"
 COLUMNS = ("file", "index", "control_id", "version", "outcome", "ack", "reports",
            "observations", "code", "justification")
-_SEGMENT = re.compile(rb"^[A-Z][A-Z0-9]{2}")
 _BATCH = (b"FHS", b"BHS", b"BTS", b"FTS")
+_NOTES = (b"//", b"/*", b"*")  # comment lines of the text files, between their messages
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ def split(data: bytes) -> list[bytes]:
             messages.append(current)
         elif line[:3] in _BATCH:
             current = None
-        elif current is not None and _SEGMENT.match(line) and line[3:4] in (sep, b""):
+        elif current is not None and line.strip() and not line.lstrip().startswith(_NOTES):
             current.append(line)
     return [b"\r".join(m) + b"\r" for m in messages]
 
