@@ -1,0 +1,142 @@
+"""Nothing acknowledged that was not stored: the LIS adapter in a real node process, fed by
+python-hl7's MLLP client. A different message under an already used MSH-3/MSH-4/MSH-10 is a
+new message (stored, AA, the reuse audited and shown to IT); a true re-send (same content,
+MSH-7 restamped) gets the original ACK and is stored once."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import hl7
+import orjson
+import pytest
+from hl7.client import MLLPClient
+from sqlalchemy import func, select
+
+from bridge.audit.events import event_fields
+from bridge.audit.tables import AuditRecord
+from bridge.fhirstore.tables import FHIR_RESOURCE
+from bridge.local.intake import RECORD_ID_REUSED
+from bridge.results.tables import RESULT_MESSAGE
+from bridge.store.db import Store
+from tests.harness import Alliance, free_port_block
+from tests.lis_site import write_site
+from tests.test_web import Browser, section
+
+pytestmark = pytest.mark.slow
+
+FIX = Path(__file__).parent / "fixtures" / "hl7" / "lis"
+BASE = (FIX / "oru_r01_v251_utf8.hl7").read_bytes().replace(
+    b"|LIS-DH|FXLAB|", b"|LIS-RE|FXLAB|").replace(b"|LIS20261120-0001|", b"|REUSED-0001|")
+AUDIT = AuditRecord.__table__  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="module")
+def core(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    root = tmp_path_factory.mktemp("lis-once")
+    site = write_site(root / "mappings" / "fxlab")
+    port = free_port_block(1)
+    members = [{"id": "core", "zh": "复兴医院", "en": "Fuxing Hospital", "role": "core",
+                "adapters": [{"type": "lis-hl7", "name": "lis", "mappings": str(site),
+                              "options": {"port": port}}]}]
+    a = Alliance(root / "alliance", members, [])
+    a.start("core")
+    node = a.node("core")
+    store = Store(node.plan.storage_dsn)
+    try:
+        yield {"node": node, "port": port, "store": store}
+    finally:
+        store.dispose()
+        a.stop_all()
+
+
+def send(port: int, *messages: bytes) -> list[bytes]:
+    """The ACKs (raw, unframed), one connection."""
+    out = []
+    with MLLPClient("127.0.0.1", port) as client:
+        client.socket.settimeout(30)
+        for m in messages:
+            raw = client.send_message(m)
+            while not raw.endswith(b"\x1c\r"):
+                raw += client.socket.recv(4096)
+            out.append(raw.strip(b"\x0b\x1c\r"))
+    return out
+
+
+def msa(ack: bytes) -> tuple[str, str]:
+    seg = hl7.parse(ack.decode()).segment("MSA")
+    return str(seg(1)), str(seg(2))
+
+
+def kept(store: Store, raw: bytes) -> int:
+    with store.read() as conn:
+        return conn.execute(select(func.count()).select_from(RESULT_MESSAGE)
+                            .where(RESULT_MESSAGE.c.raw == raw)).scalar()
+
+
+def reports_by_filler(store: Store) -> dict[str, dict[str, Any]]:
+    with store.read() as conn:
+        rows = conn.execute(select(FHIR_RESOURCE.c.body)
+                            .where(FHIR_RESOURCE.c.rtype == "DiagnosticReport")).all()
+    out = {}
+    for r in rows:
+        dr = orjson.loads(r.body)
+        out[dr["identifier"][0]["value"]] = dr
+    return out
+
+
+def reuse_audits(store: Store) -> list[dict[str, Any]]:
+    with store.read() as conn:
+        rows = conn.execute(select(AUDIT.c.resource).where(AUDIT.c.action == RECORD_ID_REUSED)
+                            .order_by(AUDIT.c.seq)).all()
+    return [event_fields(orjson.loads(r.resource)) for r in rows]
+
+
+def test_different_message_under_a_used_control_id_is_stored(core: dict[str, Any]) -> None:
+    store: Store = core["store"]
+    first = BASE
+    # a different message (other reports, another value) under the same MSH-3/MSH-4/MSH-10
+    second = BASE.replace(b"LAB-2026-0001", b"LAB-2026-9001").replace(
+        b"LAB-2026-0002", b"LAB-2026-9002").replace(b"||11.2|", b"||12.4|")
+    acks = send(core["port"], first, second)
+    assert [msa(a) for a in acks] == [("AA", "REUSED-0001"), ("AA", "REUSED-0001")]
+    assert kept(store, first) == 1 and kept(store, second) == 1  # both stored, raw kept
+    drs = reports_by_filler(store)
+    assert {"LAB-2026-0001", "LAB-2026-0002", "LAB-2026-9001", "LAB-2026-9002"} <= set(drs)
+    with store.read() as conn:
+        wbc = [orjson.loads(r.body) for r in conn.execute(
+            select(FHIR_RESOURCE.c.body).where(FHIR_RESOURCE.c.rtype == "Observation"))]
+    values = sorted(o["valueQuantity"]["value"] for o in wbc
+                    if any(c["code"] == "WBC" for c in o["code"]["coding"]))
+    assert values == [11.2, 12.4]
+    # the reuse is audited once (for the second message), naming the sender and the id
+    [audit] = reuse_audits(store)
+    assert audit["actor"] == "adapter:lis" and audit["outcome"] == "4"
+    assert "REUSED-0001" in audit["message"] and "LIS-RE/FXLAB" in audit["message"]
+    assert "110102195003151234" not in audit["message"]
+    # and IT sees it on its page
+    page = Browser(core["node"]).login("it").get("/ui/it")
+    table = section(page, "reused-ids")
+    assert "REUSED-0001" in table and "adapter:lis" in table
+
+
+def test_true_resend_gets_the_original_ack_and_is_stored_once(core: dict[str, Any]) -> None:
+    store: Store = core["store"]
+    original = BASE.replace(b"|REUSED-0001|", b"|RESEND-0001|").replace(
+        b"LAB-2026-000", b"LAB-2026-700")
+    restamped = original.replace(b"|20261120093000|", b"|20261120094512|")  # MSH-7 only
+    assert restamped != original
+    [ack1] = send(core["port"], original)
+    with store.read() as conn:
+        before = dict(conn.execute(select(FHIR_RESOURCE.c.id, FHIR_RESOURCE.c.version)).all())
+    audits = len(reuse_audits(store))
+    [ack2, ack3] = send(core["port"], restamped, original)
+    assert msa(ack1) == ("AA", "RESEND-0001")
+    assert ack2 == ack1 and ack3 == ack1  # the stored ACK, byte for byte (same ACK MSH-10)
+    assert kept(store, original) == 1 and kept(store, restamped) == 0
+    with store.read() as conn:
+        after = dict(conn.execute(select(FHIR_RESOURCE.c.id, FHIR_RESOURCE.c.version)).all())
+    assert after == before  # nothing written again
+    assert len(reuse_audits(store)) == audits  # a re-send is no reuse
