@@ -221,7 +221,7 @@ class _Builder:
                                               "display": c.get("display", "")})
         cc: dict[str, Any] = {"coding": codings} if codings else {}
         text = original or next((t for _, t, _, _ in triplets if t), "")
-        if original or not codings:
+        if text or not codings:
             cc["text"] = text or next(c for c, _, _, _ in triplets if c)
         return cc, unmapped
 
