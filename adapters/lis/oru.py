@@ -256,7 +256,7 @@ class _Builder:
                 idents.append({"system": self.cfg.national_id_system, "value": national})
             else:
                 idents.append({"type": {"coding": [{"system": vocab.V2_0203,
-                                                    "code": kind or "MR"}]},
+                                                    "code": _code(kind) or "MR"}]},
                                "system": self.cfg.mrn_system or
                                f"urn:hutong:mrn:{self.cfg.node_id}", "value": ident})
         if not idents:
@@ -296,7 +296,7 @@ class _Builder:
             code = vocab.ucum(unit_code, unit_text, unit_system)
             if code:
                 q["system"] = vocab.UCUM
-                q["code"] = code
+                q["code"] = _code(code)
             elif printed not in self.out.units_not_ucum:
                 self.out.units_not_ucum.append(printed)
         return q
@@ -457,7 +457,7 @@ class _Builder:
                 coding = {"system": vocab.V3_INTERPRETATION, "code": flag,
                           "display": vocab.V3_FLAGS[flag]}
             else:
-                coding = {"system": vocab.V2_0078, "code": flag}
+                coding = {"system": vocab.V2_0078, "code": _code(flag)}
             out.append({"coding": [coding]})
         return out
 
@@ -656,7 +656,7 @@ class _Builder:
             sp["identifier"] = [{"system": f"urn:hutong:specimen:{self.cfg.node_id}",
                                  "value": ident}]
         if type_code or type_text:
-            coding = [{"system": vocab.V2_0487, "code": type_code,
+            coding = [{"system": vocab.V2_0487, "code": _code(type_code),
                        **({"display": type_text} if type_text else {})}] if type_code else []
             sp["type"] = {**({"coding": coding} if coding else {}),
                           **({"text": type_text} if type_text else {})}
