@@ -149,6 +149,8 @@ def read_ack(raw: bytes, default: str = "UNICODE UTF-8") -> tuple[str, str, str]
 
 
 def ack_code_of(ack: str | bytes) -> str:
-    """MSA-1 of an ACK (for logs, tests and simulators)."""
-    raw = ack.encode("utf-8") if isinstance(ack, str) else ack
-    return read_ack(raw)[0]
+    """MSA-1 of an ACK, as text or as the bytes received (for logs, tests and simulators)."""
+    if isinstance(ack, bytes):
+        return read_ack(ack)[0]
+    msg = fields.parse(ack)
+    return fields.value(msg.segment("MSA"), 1) if msg.segments("MSA") else ""

@@ -11,7 +11,15 @@ could not take it now or one field is wrong"; a rate-limited message gets AE so 
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
+
+from adapters.hl7v2.errors import V2Error
 from bridge.errors import HutongError
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 class LisMessageError(HutongError):
@@ -49,7 +57,7 @@ class EncodingError(Rejected):
 
 
 class UnsupportedVersion(Rejected):
-    """MSH-12 names an HL7 version this adapter does not read (only 2.3 to 2.5.1)."""
+    """MSH-12 names an HL7 version the kit does not read (2.1 to 2.8 are read)."""
 
     code = "HT-LIS-VERSION"
     hl7_error = "203"  # unsupported version id
@@ -81,3 +89,24 @@ class RateLimited(LisMessageError):
 
     code = "HT-LIS-RATE"
     hl7_error = "207"
+
+
+def from_kit(exc: V2Error) -> LisMessageError:
+    """The LIS's error for a refusal of the HL7 v2 kit: same reason, field and ERR code."""
+    cls: type[LisMessageError] = {
+        "charset": EncodingError, "version": UnsupportedVersion, "type": UnsupportedMessage,
+        "field": BadField, "required": MissingField}.get(exc.kind, Rejected)
+    if exc.ack_code == "AR" and not issubclass(cls, Rejected):
+        cls = Rejected
+    return cls(exc.reason, field=exc.field, hl7_error=exc.hl7_error)
+
+
+def kit_errors(fn: Callable[P, T]) -> Callable[P, T]:
+    """Raise the LIS's own errors for refusals coming from the kit's readers."""
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return fn(*args, **kwargs)
+        except V2Error as exc:
+            raise from_kit(exc) from None
+    return wrapper
