@@ -216,6 +216,7 @@ def test_corpus_stored_messages_field_by_field(run: dict[str, Any]) -> None:
         test_corpus_outcomes_match_the_table(run)
     store: Store = run["store"]
     assert run["checked"], "no corpus message was stored"
+    checked = {"OBR": 0, "OBX": 0}
     for m, drs, versions in run["checked"]:
         msg = _parse(m)
         obrs: list[tuple[Any, list[Any], Any]] = []
@@ -268,8 +269,14 @@ def test_corpus_stored_messages_field_by_field(run: dict[str, Any]) -> None:
                 oid = results[i]
                 i += 1
                 _check_obx(obx, _history(store, "Observation", oid, versions[oid]), ow)
+                checked["OBX"] += 1
             assert i == len(results), f"{at}: one Observation per OBX"
             assert not forms, f"{at}: no attachment without its OBX"
             if text_lines:
                 assert text_form is not None
                 assert base64.b64decode(text_form["data"]).decode() == "\n".join(text_lines)
+            checked["OBR"] += 1
+    # every report and Observation the table counts was checked against its message
+    table = [r for r in read_outcomes() if r["outcome"] == "stored"]
+    assert checked == {"OBR": sum(int(r["reports"]) for r in table),
+                       "OBX": sum(int(r["observations"]) for r in table)}

@@ -159,7 +159,9 @@ def test_value_types_carried() -> None:
               "OBX|8|TM|TIME^时间^L||0930||||||F",
               "OBX|9|MED|DEV^设备^L||20090505||||||F",
               "OBX|10|IS|BLOOD^血型^L||A||||||F",
-              "OBX|11||NV^无值^L||||||||X")
+              "OBX|11||NV^无值^L||||||||X",
+              'OBX|12|NM|DEL^已删除^L||""|mmol/L|||||D',
+              "OBX|13|CWE|EMPTY^空^L||^^||||||F")
     [dr], obs = results(raw)
     o = observations_of(dr, obs)
     assert o[0]["valueString"] == "第一行\n  缩进第二行\n\n"  # repetitions, indent, trailing
@@ -173,6 +175,9 @@ def test_value_types_carried() -> None:
     assert o[8]["valueString"] == "20090505"  # unknown type MED: as text
     assert o[9]["valueCodeableConcept"]["coding"][0]["code"] == "A"
     assert not any(k.startswith("value") for k in o[10]) and o[10]["status"] == "cancelled"
+    # the v2 null "" and a value of separators only: no value, not a refused number
+    assert [[k for k in x if k.startswith("value")] for x in o[11:]] == [[], []]
+    assert o[11]["status"] == "entered-in-error"
 
 
 def test_codeless_report_text_lines_become_the_report_text() -> None:

@@ -314,8 +314,9 @@ class _Builder:
         (ID, MED, EI, XCN ...) -> its text. ED/RP never get here (report attachments)."""
         at = where("OBX", n, 5)
         count = reps(obx, 5)
-        if count == 0:
-            return {}
+        if count == 0 or count == 1 and not field_text(obx, 5).replace('""', "").strip(
+                "".join((obx.d.component, obx.d.subcomponent, " "))):
+            return {}  # no value, only separators, or the v2 null "": no value[x]
         if vtype == "NM" and count == 1:
             m = _NUMBER.match(value(obx, 5))
             if m is None:
