@@ -42,9 +42,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-import hl7
-
 from adapters.his_hl7 import v2
+from adapters.hl7v2.charset import UTF8, Charset
+from adapters.hl7v2.fields import Message
 from adapters.his_hl7.errors import Hl7DataError, Hl7Rejected
 from adapters.slips import AcceptanceSlip, LabResult, Prescription, ReferralSlip, ReturnSlip
 from bridge.referral.codes import KINDS
@@ -71,7 +71,7 @@ class Header:
 class Inbound:
     """One parsed message from the HIS: what it is and what it carries."""
 
-    msg: hl7.Message
+    msg: Message
     control_id: str  # MSH-10
     facility: str  # MSH-4
     mtype: str  # REF | RRI | ADT
@@ -223,9 +223,9 @@ def cancel_message(h: Header, note: CancelNote, control_id: str, at: datetime,
 # -- reading ------------------------------------------------------------------------------------
 
 
-def read(text: str) -> Inbound:
+def read(text: str, charset: Charset = UTF8) -> Inbound:
     """Parse and classify; the slip itself is read by the ``*_slip`` functions below."""
-    msg = v2.parse(text)
+    msg = v2.parse(text, charset)
     head = msg.segment("MSH")
     control = v2.get(msg, head, 10).strip()
     if not control:
@@ -252,7 +252,7 @@ def read(text: str) -> Inbound:
     return inbound
 
 
-def read_patient(msg: hl7.Message, required: bool = False) -> dict[str, str]:
+def read_patient(msg: Message, required: bool = False) -> dict[str, str]:
     """PID as a dict (only fields present); identifiers by type code in PID-3.5."""
     pid = v2.one(msg, "PID", required=required)
     if pid is None:
@@ -286,7 +286,7 @@ def read_patient(msg: hl7.Message, required: bool = False) -> dict[str, str]:
     return out
 
 
-def _notes(msg: hl7.Message) -> dict[str, str]:
+def _notes(msg: Message) -> dict[str, str]:
     out: dict[str, str] = {}
     for nte in v2.segments(msg, "NTE"):
         code = v2.get(msg, nte, 4, 1)
@@ -297,14 +297,14 @@ def _notes(msg: hl7.Message) -> dict[str, str]:
     return out
 
 
-def _prd(msg: hl7.Message, role: str) -> Any | None:
+def _prd(msg: Message, role: str) -> Any | None:
     found = [s for s in v2.segments(msg, "PRD") if v2.get(msg, s, 1) == role]
     if len(found) > 1:
         raise Hl7DataError(f"two PRD segments with role {role}", field="PRD-1", hl7_error="205")
     return found[0] if found else None
 
 
-def _kind(msg: hl7.Message, rf1: Any) -> str:
+def _kind(msg: Message, rf1: Any) -> str:
     kind = v2.need(msg, rf1, 3, what="referral kind")
     if kind not in KINDS:
         raise Hl7DataError(f"unknown referral kind {kind!r} (one of {', '.join(KINDS)})",
@@ -312,7 +312,7 @@ def _kind(msg: hl7.Message, rf1: Any) -> str:
     return kind
 
 
-def referral_slip(msg: hl7.Message, known: dict[str, str], offset: timedelta, *,
+def referral_slip(msg: Message, known: dict[str, str], offset: timedelta, *,
                   from_alliance: bool = False) -> ReferralSlip:
     """A new referral from the HIS; ``known`` fills PID fields the message leaves empty (the
     patient as the HIS's ADT feed last described them). ``from_alliance``: read a referral the
@@ -354,7 +354,7 @@ def referral_slip(msg: hl7.Message, known: dict[str, str], offset: timedelta, *,
         doctor=v2.get(msg, rp, 2) if rp is not None else "", written_at=written)
 
 
-def acceptance_slip(msg: hl7.Message, offset: timedelta) -> AcceptanceSlip:
+def acceptance_slip(msg: Message, offset: timedelta) -> AcceptanceSlip:
     rf1 = v2.one(msg, "RF1")
     status = v2.need(msg, rf1, 1, what="referral status")
     if status not in ("A", "R"):
@@ -376,7 +376,7 @@ def acceptance_slip(msg: hl7.Message, offset: timedelta) -> AcceptanceSlip:
         doctor=v2.get(msg, rt, 2) if rt is not None else "")
 
 
-def cancel_note(msg: hl7.Message, offset: timedelta) -> CancelNote:
+def cancel_note(msg: Message, offset: timedelta) -> CancelNote:
     """REF^I14: the slip number is required, and so is a reason (NTE 1R, else RF1-10)."""
     rf1 = v2.one(msg, "RF1")
     slip_no = v2.need(msg, rf1, 6, what="referrer's slip number")
@@ -391,7 +391,7 @@ def cancel_note(msg: hl7.Message, offset: timedelta) -> CancelNote:
                       thread=v2.get(msg, rf1, 11))
 
 
-def return_slip(msg: hl7.Message, offset: timedelta) -> ReturnSlip:
+def return_slip(msg: Message, offset: timedelta) -> ReturnSlip:
     rf1 = v2.one(msg, "RF1")
     kind = _kind(msg, rf1)
     if kind not in ("down-discharge", "down-outpatient"):
@@ -437,7 +437,7 @@ def return_slip(msg: hl7.Message, offset: timedelta) -> ReturnSlip:
         prescriptions=prescriptions, results=results)
 
 
-def adt_event(msg: hl7.Message, offset: timedelta) -> dict[str, str]:
+def adt_event(msg: Message, offset: timedelta) -> dict[str, str]:
     """ADT A01/A03/A04/A08: the patient as now described, and the visit."""
     patient = read_patient(msg, required=True)
     if not patient.get("mrn"):

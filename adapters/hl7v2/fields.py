@@ -214,6 +214,21 @@ def value(seg: Segment, field: int, component: int = 1, rep: int = 1, sub: int =
     return out.strip() if strip else out
 
 
+def rep_text(seg: Segment, field: int, rep: int = 1, *, strip: bool = True) -> str:
+    """A whole repetition as text (a TX/FT/ST value): escapes replaced, any component or
+    subcomponent separators written in it kept as they are; "" when absent, NULL for ``""``."""
+    text = seg[field]
+    if not text:
+        return ""
+    parts = text.split(seg.d.repetition)
+    if rep > len(parts) or not parts[rep - 1]:
+        return ""
+    if parts[rep - 1] == '""':
+        return NULL
+    out = unescape(parts[rep - 1], seg.d, seg.charset, at=f"{seg.name}-{field}")
+    return out.strip() if strip else out
+
+
 def reps(seg: Segment, field: int) -> int:
     """How many repetitions a field has (0 when absent or empty)."""
     text = seg[field]

@@ -16,14 +16,13 @@ from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
 from adapters.hl7v2.errors import V2Error
-from bridge.errors import HutongError
 
 P = ParamSpec("P")
 T = TypeVar("T")
 
 
-class LisMessageError(HutongError):
-    """A message this adapter will not turn into results."""
+class LisMessageError(V2Error):
+    """A message this adapter will not turn into results (a kit error with the LIS's code)."""
 
     code = "HT-LIS"
     #: MSA-1 answered for this problem
@@ -32,13 +31,6 @@ class LisMessageError(HutongError):
     hl7_error = "207"  # application internal error
     http_status = 400
 
-    def __init__(self, reason: str, *, field: str | None = None,
-                 hl7_error: str | None = None) -> None:
-        super().__init__(f"{field}: {reason}" if field else reason)
-        self.reason = reason
-        self.field = field  # "OBX-5", "MSH-18" ...: where the problem is (ERR-2)
-        if hl7_error is not None:
-            self.hl7_error = hl7_error
 
 
 class Rejected(LisMessageError):
@@ -107,6 +99,8 @@ def kit_errors(fn: Callable[P, T]) -> Callable[P, T]:
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
         try:
             return fn(*args, **kwargs)
+        except LisMessageError:
+            raise
         except V2Error as exc:
             raise from_kit(exc) from None
     return wrapper
