@@ -170,6 +170,15 @@ def _reps(seg: Any, f: int) -> int:
     return len(field) if len(field) and isinstance(field[0], hl7.Repetition) else 1
 
 
+def _rep(obx: Any, r: int) -> str:
+    """Repetition r of OBX-5 whole (a text value may hold separators), escapes replaced."""
+    raw = str(obx(5)).split("~")[r - 1] if len(obx) > 5 else ""
+    return str(_UNESCAPE.unescape(raw)) if raw != '""' else ""
+
+
+_UNESCAPE = hl7.parse("MSH|^~\\&|")
+
+
 def _parse(m: CorpusMessage) -> hl7.Message:
     return hl7.parse(m.raw.decode("utf-8", "replace"))
 
@@ -196,7 +205,7 @@ def _check_obx(obx: Any, o: dict[str, Any], where: str) -> None:
     elif vtype in ("CE", "CWE", "CNE") and n == 1 and value:
         assert value in _codes(o["valueCodeableConcept"]), f"{where} OBX-5"
     elif vtype in ("ST", "TX", "FT") and n:
-        lines = [str(obx.extract_field(1, 5, r, 1, 1)) for r in range(1, n + 1)]
+        lines = [_rep(obx, r) for r in range(1, n + 1)]
         text = "\n".join(x.replace("\r\n", "\n").replace("\r", "\n") for x in lines)
         assert o.get("valueString", "") == (text if text.strip() else ""), f"{where} OBX-5"
     elif n and vtype not in ("SN", "DT", "DTM", "TS", "TM", "DR", "NR", "IS", "CF"):
@@ -263,7 +272,7 @@ def test_corpus_stored_messages_field_by_field(run: dict[str, Any]) -> None:
                 if vtype in ("TX", "FT", "ST") and not any(
                         _v(obx, 3, c) for c in (1, 2, 4, 5, 9, 10, 11)):
                     text_lines.append("\n".join(
-                        str(obx.extract_field(1, 5, r, 1, 1)).replace("\r", "\n")
+                        _rep(obx, r).replace("\r", "\n")
                         for r in range(1, max(_reps(obx, 5), 1) + 1)))
                     continue
                 oid = results[i]

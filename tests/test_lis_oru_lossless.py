@@ -161,7 +161,8 @@ def test_value_types_carried() -> None:
               "OBX|10|IS|BLOOD^血型^L||A||||||F",
               "OBX|11||NV^无值^L||||||||X",
               'OBX|12|NM|DEL^已删除^L||""|mmol/L|||||D',
-              "OBX|13|CWE|EMPTY^空^L||^^||||||F")
+              "OBX|13|CWE|EMPTY^空^L||^^||||||F",
+              "OBX|14|TX|CMT^备注^L||比值 A^B 正常~第二行||||||F")
     [dr], obs = results(raw)
     o = observations_of(dr, obs)
     assert o[0]["valueString"] == "第一行\n  缩进第二行\n\n"  # repetitions, indent, trailing
@@ -178,6 +179,7 @@ def test_value_types_carried() -> None:
     # the v2 null "" and a value of separators only: no value, not a refused number
     assert [[k for k in x if k.startswith("value")] for x in o[11:]] == [[], []]
     assert o[11]["status"] == "entered-in-error"
+    assert o[13]["valueString"] == "比值 A^B 正常\n第二行"  # a text keeps a '^' written in it
 
 
 def test_codeless_report_text_lines_become_the_report_text() -> None:

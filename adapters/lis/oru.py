@@ -26,7 +26,15 @@ from urllib.parse import quote
 
 from adapters.hl7v2 import fields as v2
 from adapters.hl7v2.charset import UTF8, Charset
-from adapters.hl7v2.fields import Message, fhir_datetime, rep_values, reps, value, where
+from adapters.hl7v2.fields import (
+    Message,
+    fhir_datetime,
+    rep_text,
+    rep_values,
+    reps,
+    value,
+    where,
+)
 from adapters.lis import vocab
 from adapters.lis.errors import (
     BadField,
@@ -354,7 +362,8 @@ class _Builder:
                                        **({"high": self.quantity(high, obx, at)}
                                           if high else {})}}
         if vtype in ("ST", "TX", "FT"):
-            text = "\n".join(_lines(raw_value(obx, 5, 1, r)) for r in range(1, count + 1))
+            text = "\n".join(_lines(rep_text(obx, 5, r, strip=False))
+                             for r in range(1, count + 1))
             return {"valueString": text} if text.strip() else {}
         text = field_text(obx, 5)  # any other type: the value as sent
         return {"valueString": text} if text else {}
@@ -573,7 +582,7 @@ class _Builder:
             if vtype in ("TX", "FT", "ST") and not any(
                     value(obx, 3, c) for c in (1, 2, 4, 5, 9, 10, 11)):
                 # report text sent as code-less lines: the report's own text, in order
-                text_lines.append("\n".join(_lines(raw_value(obx, 5, 1, r))
+                text_lines.append("\n".join(_lines(rep_text(obx, 5, r, strip=False))
                                             for r in range(1, max(reps(obx, 5), 1) + 1)))
                 entry["text_line"] = len(text_lines)
                 continue
