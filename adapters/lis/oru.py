@@ -64,7 +64,7 @@ _MIME_TOP = {"AP": "application", "APPLICATION": "application", "TEXT": "text", 
 def _content_type(kind: str, sub: str) -> str:
     """A MIME type from ED.2/ED.3 (RP.3/RP.4): ``AP^PDF`` -> ``application/pdf``."""
     sub = sub.strip().lower()
-    if "/" in sub and " " not in sub:
+    if re.fullmatch(r"[a-z0-9.+-]+/[a-z0-9.+-]+", sub):
         return sub
     top = _MIME_TOP.get(kind.strip().upper())
     if top and sub and re.fullmatch(r"[a-z0-9.+-]+", sub):
@@ -343,7 +343,8 @@ class _Builder:
             t = value(obx, 5)
             m = re.fullmatch(r"(\d{2})(\d{2})?(\d{2})?(\.\d{1,4})?", t.split("+")[0]
                              .split("-")[0])
-            if m is None or int(m.group(1)) > 23:
+            if m is None or int(m.group(1)) > 23 or int(m.group(2) or 0) > 59 \
+                    or int(m.group(3) or 0) > 59:
                 raise BadField("value type TM but not HH[MM[SS[.S]]]", field=at)
             frac = m.group(4) or ""
             return {"valueTime": f"{m.group(1)}:{m.group(2) or '00'}:{m.group(3) or '00'}"
