@@ -189,7 +189,7 @@ def clinician_routes(web: Web) -> APIRouter:
             return role
         back = f"/ui/referrals/{thread}"
         if event not in ACTIONS:
-            return web.error_page(request, role, NotFound(f"no referral step '{event}' here"),
+            return web.error_page(request, role, NotFound("no such referral step here"),
                                   back)
         f = await read_form(request)
         outputs: list[dict[str, Any]] = []
