@@ -18,6 +18,8 @@ import html
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from urllib.parse import urlsplit
+
 import orjson
 
 from bridge.errors import CrossOriginRefused, HutongError
@@ -59,29 +61,29 @@ def page_csp(css: str) -> str:
             "base-uri 'none'")
 
 
-def own_origin(scope: Scope, headers: dict[bytes, bytes]) -> str:
-    host = headers.get(b"host", b"").decode("latin-1")
-    return f"{scope.get('scheme', 'http')}://{host}"
+def _authority(url: str) -> str | None:
+    """``host[:port]`` of an absolute http(s) URL, or None."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc or "@" in parts.netloc:
+        return None
+    return parts.netloc.lower()
 
 
 def origin_problem(scope: Scope, headers: dict[bytes, bytes], *, required: bool) -> str | None:
     """Why a state-changing request does not come from this node's own pages, or None.
 
+    The page's host and port must be the ones the request was sent to (``Host``); the scheme
+    is not compared, so a TLS proxy in front of the local port that keeps ``Host`` works.
     ``required``: a cookie-authenticated request (/ui) must show where it comes from; a bearer
     API call from a hospital system sends neither header and is let through unless it names
     another origin."""
-    own = own_origin(scope, headers)
-    origin = headers.get(b"origin")
-    if origin is not None:
-        if origin.decode("latin-1") != own:
-            return "the request comes from another origin"
-        return None
-    referer = headers.get(b"referer")
-    if referer is not None:
-        ref = referer.decode("latin-1")
-        if ref != own and not ref.startswith(own + "/"):
-            return "the request comes from another origin"
-        return None
+    host = headers.get(b"host", b"").decode("latin-1").lower()
+    for name in (b"origin", b"referer"):
+        value = headers.get(name)
+        if value is not None:
+            if not host or _authority(value.decode("latin-1")) != host:
+                return "the request comes from another origin"
+            return None
     return "the request does not say where it comes from (no Origin or Referer)" \
         if required else None
 
