@@ -451,6 +451,11 @@ def test_errors_never_echo_the_callers_input(pair: Alliance) -> None:
     assert status == 400 and "filter not understood" in body and PLANTED_ID not in body
     status, _u, body = auditor.open(f"/ui/audit/export.csv?since={q}")
     assert status == 400 and PLANTED_ID not in body
+    # an action's result reaches the IT page through the session, not a URL a link could set
+    it = Browser(core).login("it")
+    status, _u, body = it.open(f"/ui/it?msg={q}")
+    main = body.split("<main>", 1)[1]  # (the header's language link keeps the query string)
+    assert status == 200 and PLANTED_ID not in main and 'class="msg"' not in main
 
 
 def test_it_may_not_queue_clinical_packets(pair: Alliance) -> None:

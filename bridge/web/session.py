@@ -26,6 +26,7 @@ class Session:
     csrf: str
     created: float
     seen: float
+    flash: str | None = None  # the result of the last action, shown once on the next page
 
 
 class Sessions:
@@ -67,6 +68,20 @@ class Sessions:
     def role(self, request: Request) -> str | None:
         s = self.get(request)
         return s.role if s else None
+
+    def flash(self, request: Request, message: str) -> None:
+        """Keep an action's result for the next page (never a URL parameter: a link from
+        elsewhere could make the page say anything)."""
+        s = self.get(request)
+        if s is not None:
+            s.flash = message
+
+    def pop_flash(self, request: Request) -> str | None:
+        s = self.get(request)
+        if s is None:
+            return None
+        message, s.flash = s.flash, None
+        return message
 
     def drop(self, request: Request) -> None:
         with self._lock:
