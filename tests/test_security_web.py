@@ -446,6 +446,9 @@ def test_errors_never_echo_the_callers_input(pair: Alliance) -> None:
     assert status == 404 and PLANTED_ID not in body and PLANTED_NAME not in body
     status, _u, body = doctor.open(f"/ui/referrals/x/steps/{q}", {})
     assert status == 404 and PLANTED_ID not in body and PLANTED_NAME not in body
+    status, _u, body = doctor.open("/ui/referrals/x/steps/accept", {"appointment": planted})
+    assert status == 422 and "appointment: not a date and time" in body
+    assert PLANTED_ID not in body and PLANTED_NAME not in body
     auditor = Browser(core).login("auditor")
     status, _u, body = auditor.open(f"/ui/audit?since={q}")
     assert status == 400 and "filter not understood" in body and PLANTED_ID not in body
