@@ -369,6 +369,9 @@ def demo(
 
 
 def main() -> None:
+    from bridge.filemodes import private_umask
+
+    private_umask()  # whatever a command writes (a database, an export) is the account's only
     try:
         app(standalone_mode=True)
     except HutongError as exc:
