@@ -113,6 +113,7 @@ def node_file_problems(node_file: Path) -> list[str]:
                                ((base / alliance).parent / ref[5:]).resolve()))
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
             pass
+    label = f"{node_file.parent.name}/{node_file.name}"  # as the loader names it: nodes/x.toml
     lines: list[str] = []
     seen: set[Path] = set()
     for where, path in checks:
@@ -120,8 +121,8 @@ def node_file_problems(node_file: Path) -> list[str]:
             if p in seen:
                 continue
             seen.add(p)
-            lines.append(f"{node_file.name}: {where}: {describe(p, mode)}")
+            lines.append(f"{label}: {where}: {describe(p, mode)}")
     if len(lines) > MAX_REPORTED:
-        lines = [*lines[:MAX_REPORTED], f"{node_file.name}: ... and {len(lines) - MAX_REPORTED} "
+        lines = [*lines[:MAX_REPORTED], f"{label}: ... and {len(lines) - MAX_REPORTED} "
                  "more paths open to group/others"]
     return lines
