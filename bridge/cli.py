@@ -68,7 +68,7 @@ def run(config: ConfigOpt) -> None:
 
     private_umask()  # database, WAL, spool, DICOM files, logs: 0600/0700 from the first byte
     plan = _plan(config)
-    for path, mode in open_to_others([plan.data_dir])[:20]:
+    for path, mode in open_to_others([plan.data_dir], limit=20):
         err.print(f"warning: {describe(path, mode)}")
     node = Node(plan)
     p = node.plan

@@ -34,9 +34,9 @@ def _walk(path: Path) -> Iterator[Path]:
                 yield Path(root) / name
 
 
-def open_to_others(paths: Iterable[Path]) -> list[tuple[Path, int]]:
+def open_to_others(paths: Iterable[Path], limit: int | None = None) -> list[tuple[Path, int]]:
     """(path, mode) of every existing file or folder under ``paths`` that group or others may
-    read, write or enter (symlinks are not followed)."""
+    read, write or enter (symlinks are not followed); the first ``limit`` only, if given."""
     found: list[tuple[Path, int]] = []
     seen: set[Path] = set()
     for top in paths:
@@ -55,6 +55,8 @@ def open_to_others(paths: Iterable[Path]) -> list[tuple[Path, int]]:
             mode = stat.S_IMODE(st.st_mode)
             if mode & 0o077:
                 found.append((p, mode))
+                if limit is not None and len(found) >= limit:
+                    return found
     return found
 
 

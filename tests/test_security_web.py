@@ -296,6 +296,13 @@ def test_a_running_nodes_files_are_private_and_config_check_names_open_ones(
             assert f"nodes/core.toml: tokens.clinician: file {token_file} is open to group/others " \
                    "(mode 640); chmod 600" in lines
             assert lines[-1] == f"{len(lines) - 1} problem(s)"
+        # hutong run warns about what it finds open in its data folder at start
+        core.stop()
+        core.start()
+        core.wait_ready()
+        log = core.log.read_text(errors="replace")
+        assert f"warning: file {db} is open to group/others (mode 644); chmod 600" in log
+        assert f"warning: folder {core.plan.data_dir} is open to group/others (mode 755)" in log
     finally:
         os.chmod(db, 0o600)
         os.chmod(token_file, 0o600)
