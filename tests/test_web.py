@@ -120,7 +120,10 @@ def test_login_required_and_roles_separated(pair: Alliance) -> None:
     it = Browser(core).login("it")
     assert it.open("/ui/audit")[0] == 403
     assert it.open("/ui/referrals")[0] == 403
-    clin.get("/ui/logout")
+    clin.get("/ui/logout")  # a GET only shows the logout button
+    assert clin.open("/ui/referrals")[1].endswith("/ui/referrals")
+    status, url, _ = clin.open("/ui/logout", {})
+    assert status == 200 and url.endswith("/ui/login")
     status, url, _ = clin.open("/ui/referrals")
     assert url.endswith("/ui/login")
 

@@ -47,6 +47,8 @@ body{font-family:"Noto Sans CJK SC","PingFang SC","Microsoft YaHei","WenQuanYi M
  color:#222;background:#f6f7f9}
 header{background:#1d4e89;color:#fff;padding:.5em 1em;display:flex;gap:1em;align-items:center}
 header a{color:#fff}header .sp{flex:1}
+header form{display:inline;margin:0}header form button{background:none;border:none;color:#fff;
+ text-decoration:underline;cursor:pointer;font:inherit;padding:0}
 main{padding:1em;max-width:1200px}
 table{border-collapse:collapse;background:#fff;margin:.5em 0 1.5em;width:100%}
 th,td{border:1px solid #ccd;padding:.3em .5em;text-align:left;vertical-align:top;font-size:.92em}
@@ -183,7 +185,7 @@ class Web:
              status: int = 200, csrf: str | None = None) -> HTMLResponse:
         lang = self.lang(request)
         token = csrf or self.csrf_for(request)
-        meta = ""
+        meta = field = ""
         if token:  # every post form carries it; scripts and test clients find it in the head
             meta = f'<meta name="csrf-token" content="{e(token)}">'
             field = f'<input type="hidden" name="{CSRF_FIELD}" value="{e(token)}">'
@@ -200,8 +202,10 @@ class Web:
         if role:
             links = "".join(f'<a href="{href}">{e(t(lang, key))}</a>'
                             for key, href in NAV[role])
+            # logging out changes state: a form post (with the token), not a link
             nav = (f'<span>{e(t(lang, "role"))}: {e(t(lang, "role_" + role))}</span>{links}'
-                   f'<a href="/ui/logout">{e(t(lang, "logout"))}</a>')
+                   f'<form method="post" action="/ui/logout" class="logout">{field}'
+                   f'<button type="submit">{e(t(lang, "logout"))}</button></form>')
         doc = (f'<!DOCTYPE html><html lang="{"en" if lang == "en" else "zh-CN"}"><head>'
                f'<meta charset="utf-8"><meta name="viewport" content="width=device-width">{meta}'
                f'<title>{e(title)} · {e(t(lang, "app"))}</title>'

@@ -53,6 +53,16 @@ def login_routes(web: Web) -> APIRouter:
         return resp
 
     @router.get("/logout")
+    def logout_page(request: Request) -> Response:
+        """A bookmark or an old link: the page with the logout button (a GET changes nothing,
+        so a page elsewhere cannot log anyone out)."""
+        role = web.sessions.role(request)
+        if role is None:
+            return RedirectResponse("/ui/login", status_code=303)
+        lang = web.lang(request)
+        return web.page(request, t(lang, "logout"), "", role=role)
+
+    @router.post("/logout")
     def logout(request: Request) -> Response:
         web.sessions.drop(request)
         resp = RedirectResponse("/ui/login", status_code=303)
