@@ -491,3 +491,34 @@ def test_it_may_not_queue_clinical_packets(pair: Alliance) -> None:
         {"to": "core", "kind": "result.lab", "thread": "it-kinds", "bundle": safe}],
         role="clinician")["results"]
     assert "packet_id" in res
+
+
+def test_the_egress_check_sees_through_json_escapes_and_nesting() -> None:
+    """The byte pre-check may skip the walk only when no refused system can be in the body:
+    one spelled with JSON escapes, or nested in a contained resource, is still found."""
+    import orjson
+
+    from bridge.config.models import RESIDENT_ID_SYSTEMS
+    from bridge.delivery.egress import check_egress
+    from bridge.errors import NationalIdEgress
+
+    leaking = bundle(1, national_id=PLANTED_ID)
+    escaped = orjson.dumps(leaking).replace(b'"urn:oid:2.16', b'"\\u0075rn:oid:2.16')
+    contained = wire_safe(leaking, b"k" * 32)
+    contained["entry"][1]["resource"]["contained"] = [{
+        "resourceType": "Patient", "id": "p",
+        "identifier": [{"system": "urn:oid:2.16.156.10011.1.3", "value": PLANTED_ID}]}]
+    cases = {
+        "escaped": (escaped, "Bundle.entry[0].resource(Patient).identifier[0]"),
+        "contained": (orjson.dumps(contained),
+                      "Bundle.entry[1].resource(Observation).contained[0](Patient)"
+                      ".identifier[0]"),
+    }
+    for what, (raw_body, where) in cases.items():
+        with pytest.raises(NationalIdEgress) as err:
+            check_egress(orjson.loads(raw_body), RESIDENT_ID_SYSTEMS, raw_body)
+        assert err.value.message.startswith(f"{where}: "), what
+        assert PLANTED_ID not in err.value.message
+    safe = orjson.dumps(wire_safe(leaking, b"k" * 32))
+    check_egress(orjson.loads(safe), RESIDENT_ID_SYSTEMS, safe)  # nothing to refuse
+    check_egress(orjson.loads(escaped), (), escaped)  # an explicit [] turns the rule off

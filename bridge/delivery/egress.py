@@ -34,13 +34,22 @@ def find_refused_identifier(obj: Any, systems: Collection[str], path: str = "Bun
                     stack.append((value, label))
         elif isinstance(node, list):
             for i in range(len(node) - 1, -1, -1):
-                stack.append((node[i], f"{where}[{i}]"))
+                item, label = node[i], f"{where}[{i}]"
+                if isinstance(item, dict) and isinstance(item.get("resourceType"), str):
+                    label += f"({item['resourceType'][:40]})"  # a contained resource
+                stack.append((item, label))
     return None
 
 
-def check_egress(bundle: dict[str, Any], systems: Collection[str]) -> None:
-    """Raise NationalIdEgress if the Bundle carries an identifier of a refused system."""
+def check_egress(bundle: dict[str, Any], systems: Collection[str], raw: bytes | None = None
+                 ) -> None:
+    """Raise NationalIdEgress if the Bundle carries an identifier of a refused system.
+
+    ``raw``: the Bundle's JSON bytes; when no system appears in them literally and they hold
+    no escape at all (``\\u0075``, ``\\/`` could spell one) the walk is skipped."""
     if not systems:
+        return
+    if raw is not None and b"\\" not in raw and not any(s.encode() in raw for s in systems):
         return
     where = find_refused_identifier(bundle, frozenset(systems))
     if where is not None:

@@ -76,7 +76,7 @@ def queue_packets(
                 )
             check_route(ctx, item.recipient, item.kind)
             bundle = parse_and_validate_bundle(item.body)
-            check_egress(bundle, plan.egress_refused_systems)
+            check_egress(bundle, plan.egress_refused_systems, item.body)
         except PacketRefused as exc:
             refused.append(
                 quarantine_row(
