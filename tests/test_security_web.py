@@ -291,10 +291,10 @@ def test_a_running_nodes_files_are_private_and_config_check_names_open_ones(
             lines = check.stderr.splitlines()
             assert f"nodes/core.toml: data_dir: file {db} is open to group/others (mode 644); " \
                    "chmod 600" in lines
-            assert f"nodes/core.toml: data_dir: folder {core.plan.data_dir} is open to group/others " \
-                   "(mode 755); chmod 700" in lines
-            assert f"nodes/core.toml: tokens.clinician: file {token_file} is open to group/others " \
-                   "(mode 640); chmod 600" in lines
+            assert f"nodes/core.toml: data_dir: folder {core.plan.data_dir} is open to " \
+                   "group/others (mode 755); chmod 700" in lines
+            assert f"nodes/core.toml: tokens.clinician: file {token_file} is open to " \
+                   "group/others (mode 640); chmod 600" in lines
             assert lines[-1] == f"{len(lines) - 1} problem(s)"
         # hutong run warns about what it finds open in its data folder at start
         core.stop()
