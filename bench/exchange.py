@@ -786,7 +786,7 @@ class LocalClient:
     def __init__(self, node: NodeProcess) -> None:
         self.conn = http.client.HTTPConnection(node.plan.local_host, node.plan.local_port,
                                                timeout=60)
-        self.headers = {"Authorization": f"Bearer {node.token('it')}",
+        self.headers = {"Authorization": f"Bearer {node.token('clinician')}",
                         "Content-Type": "application/json"}
 
     def send(self, items: list[dict[str, Any]]) -> list[str]:

@@ -63,9 +63,14 @@ def _when(text: str | None) -> datetime | None:
 @app.command()
 def run(config: ConfigOpt) -> None:
     """Run a node: peer gateway, local API and delivery jobs, until Ctrl-C."""
+    from bridge.filemodes import describe, open_to_others, private_umask
     from bridge.node import Node
 
-    node = Node(_plan(config))
+    private_umask()  # database, WAL, spool, DICOM files, logs: 0600/0700 from the first byte
+    plan = _plan(config)
+    for path, mode in open_to_others([plan.data_dir], limit=20):
+        err.print(f"warning: {describe(path, mode)}")
+    node = Node(plan)
     p = node.plan
     err.print(f"hutong node {p.node_id}: peer port {p.peer_host}:{p.peer_port}, "
               f"local port {p.local_host}:{p.local_port}")
@@ -75,8 +80,10 @@ def run(config: ConfigOpt) -> None:
 @app.command()
 def worker(config: ConfigOpt) -> None:
     """Run an extra send/deliver process of a node on its shared PostgreSQL store (no ports)."""
+    from bridge.filemodes import private_umask
     from bridge.worker import check_store, run_worker
 
+    private_umask()
     plan = _plan(config)
     check_store(plan)
     err.print(f"hutong worker of {plan.node_id}: send and deliver jobs on the shared store")
@@ -330,12 +337,21 @@ def config_check(path: Annotated[Path, typer.Argument(help="a node file or an al
             problems = []
         except HutongError as exc:
             problems = getattr(exc, "problems", [str(exc)])
+    problems = [*problems, *_file_mode_problems(path)]
     if problems:
         for p in problems:
             err.print(p)
         err.print(f"{len(problems)} problem(s)")
         raise typer.Exit(1)
     out.print(f"{path}: ok" + ("" if path.is_dir() else f" (config hash {plan.config_hash[:16]})"))
+
+
+def _file_mode_problems(path: Path) -> list[str]:
+    """Data folders, databases and secret files that group or others may read."""
+    from bridge.filemodes import node_file_problems
+
+    files = sorted((path / "nodes").glob("*.toml")) if path.is_dir() else [path]
+    return [line for f in files for line in node_file_problems(f)]
 
 
 @app.command()
@@ -346,11 +362,16 @@ def demo(
 ) -> None:
     """The Fuxing alliance on this machine: seven nodes, a referral scenario, self-checked."""
     from bridge.demo import run_demo
+    from bridge.filemodes import private_umask
 
+    private_umask()  # the demo's data, keys, logs and its nodes (children inherit it)
     raise typer.Exit(run_demo(folder, once))
 
 
 def main() -> None:
+    from bridge.filemodes import private_umask
+
+    private_umask()  # whatever a command writes (a database, an export) is the account's only
     try:
         app(standalone_mode=True)
     except HutongError as exc:

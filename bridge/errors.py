@@ -226,3 +226,24 @@ class UnknownReference(WorkflowError):
 class InvalidResource(WorkflowError):
     code = "HT-FHIR-INVALID"
     http_status = 422
+
+
+class NationalIdEgress(PacketRefused):
+    """A packet queued to leave this node carries a national ID number (an identifier of a
+    refused system, ``[egress] refuse_identifier_systems``): it may cross only as its keyed
+    hash. Refused at queueing, kept in the local quarantine, audited."""
+
+    code = "HT-PKT-NATIONAL-ID"
+    http_status = 422
+
+
+class CrossOriginRefused(Forbidden):
+    """A state-changing request from another origin (Origin/Referer not this node's page)."""
+
+    code = "HT-WEB-ORIGIN"
+
+
+class CsrfRefused(Forbidden):
+    """A /ui form post without this session's anti-forgery token (or with a wrong one)."""
+
+    code = "HT-WEB-CSRF"

@@ -190,6 +190,9 @@ class Node:
         def received() -> None:
             self.wake("deliver")
         gateway = create_gateway(self.ctx, self.intake, on_received=received)
+        from bridge.web.security import SecurityHeaders
+
+        gateway.add_middleware(SecurityHeaders)  # nosniff, DENY, API policy on peer answers
         local = create_local_app(self)
         return gateway, local
 

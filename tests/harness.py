@@ -48,7 +48,7 @@ class Alliance:
 
     def __init__(self, folder: Path, members: Sequence[dict[str, Any]],
                  rules: Sequence[dict[str, Any]], dsn_for: Callable[[str], str] | None = None,
-                 ) -> None:
+                 national_id_egress: bool = False) -> None:
         self.folder = folder
         n = len(members)
         # the scaffold gives member i the ports base+i (i from 1), so check base..base+n
@@ -57,7 +57,8 @@ class Alliance:
         while abs(base_peer - base_local) <= n:
             base_peer = free_port_block(n + 1)
         self.files = write_alliance(folder, members, rules, base_port_local=base_local,
-                                    base_port_peer=base_peer, dsn_for=dsn_for)
+                                    base_port_peer=base_peer, dsn_for=dsn_for,
+                                    national_id_egress=national_id_egress)
         self.nodes: dict[str, NodeProcess] = {}
 
     def node(self, node_id: str) -> NodeProcess:
@@ -153,7 +154,7 @@ class NodeProcess:
     def send(self, to: str, kind: str, bundles: Sequence[dict[str, Any]],
              thread: str | None = None) -> list[str]:
         items = [{"to": to, "kind": kind, "thread": thread, "bundle": b} for b in bundles]
-        res = self.api("POST", "/local/v1/packets", items)["results"]
+        res = self.api("POST", "/local/v1/packets", items, role="clinician")["results"]
         ids = [r.get("packet_id") for r in res]
         if None in ids:
             raise AssertionError(f"queue refused: {res}")

@@ -120,10 +120,15 @@ def test_every_operation_every_role(case: schemathesis.Case, node: NodeProcess) 
 
 def test_valid_packet_is_queued_and_answer_conforms(local_api: schemathesis.schemas.BaseSchema,
                                                     node: NodeProcess) -> None:
-    """The POST that sends: a valid Bundle is queued (the answer names its packet id)."""
+    """The POST that sends: a valid Bundle is queued (the answer names its packet id); IT may
+    not queue a clinical kind (a 403, as documented)."""
     body = [{"to": "chc", "kind": "result.lab", "thread": "schemathesis",
              "bundle": bundle(1, marker="schemathesis")}]
-    for role in ("clinician", "it"):
+    case = local_api["/local/v1/packets"]["POST"].Case(body=body)
+    response = case.call_and_validate(session=_session, headers=headers_for(node, "it"),
+                                      checks=CHECKS)
+    assert response.status_code == 403 and response.json()["code"] == "HT-FORBIDDEN"
+    for role in ("clinician",):
         case = local_api["/local/v1/packets"]["POST"].Case(body=body)
         response = case.call_and_validate(session=_session, headers=headers_for(node, role),
                                           checks=CHECKS)

@@ -202,7 +202,12 @@ def test_send_queues_a_bundle_and_refuses_an_invalid_one(shipped: Path, tmp_path
     folder = copy_of(shipped, tmp_path)
     config = folder / "nodes" / "yuetan-chc.toml"
     good = tmp_path / "lab.json"
-    body = bundle_bytes(n_obs=2, national_id="110102195003151234")
+    # the national ID number leaves only as its keyed hash (the egress rule refuses it in clear)
+    key = load_node(config).patient_hash_key
+    doc = orjson.loads(bundle_bytes(n_obs=2, national_id="110102195003151234"))
+    doc["entry"][0]["resource"]["identifier"][0] = {
+        "system": "urn:hutong:patient-hash", "value": patient_hash(key, "110102195003151234")}
+    body = orjson.dumps(doc)
     good.write_bytes(body)
     r = hutong("send", "--config", config, "--to", "fuxing", "--kind", "result.lab",
                "--thread", "t-cli", good)

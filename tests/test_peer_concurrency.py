@@ -77,7 +77,7 @@ def queue_interleaved(node: NodeProcess, to: str, threads: int, per_thread: int,
             marker = f"{tag}-t{t}-{i}"
             items.append({"to": to, "kind": "result.lab", "thread": f"{tag}-t{t}",
                           "bundle": _bundle(marker)})
-    res = node.api("POST", "/local/v1/packets", items)["results"]
+    res = node.api("POST", "/local/v1/packets", items, role="clinician")["results"]
     ledger = Ledger()
     for item, r in zip(items, res, strict=True):
         assert r.get("packet_id"), r

@@ -150,7 +150,7 @@ def test_disallowed_route_refused_at_queueing_never_leaves(alliance, tmp_path: P
     res = core.api("POST", "/local/v1/packets", [
         {"to": "chc", "kind": "result.lab", "bundle": orjson.loads(bundle_bytes())},
         {"to": "nobody", "kind": "result.lab", "bundle": orjson.loads(bundle_bytes())},
-    ])["results"]
+    ], role="clinician")["results"]
     assert [r["code"] for r in res] == ["HT-PKT-ROUTE-DENIED", "HT-PKT-ROUTE-DENIED"]
     assert "no rule allows core -> chc" in res[0]["message"]
     assert core.api("GET", "/local/v1/outbox") == []

@@ -165,7 +165,8 @@ def test_private_keys_and_patient_data_never_in_logs_errors_or_audit(pair: Allia
     bad["entry"][0]["resource"]["name"] = [{"text": PLANTED_NAME}]
     bad["entry"][1]["resource"]["status"] = f"{PLANTED_NAME}-{PLANTED_ID}"
     [refused] = chc.api("POST", "/local/v1/packets", [
-        {"to": "core", "kind": "result.lab", "thread": "planted", "bundle": bad}])["results"]
+        {"to": "core", "kind": "result.lab", "thread": "planted", "bundle": bad}],
+        role="clinician")["results"]
     assert refused["code"] == "HT-PKT-INVALID-FHIR" and "status" in refused["message"]
     wait_for(lambda: len(spooled(core)) == 1, what="the planted packet delivered")
     # the refusal names the path and the rule, never the offending value (nor does anything the

@@ -44,16 +44,32 @@ class Browser:
         self.jar = http.cookiejar.CookieJar()
         self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(self.jar))
 
-    def open(self, path: str, form: dict[str, str] | None = None) -> tuple[int, str, str]:
-        """(status, final url, body) after following redirects."""
-        data = urlencode(form).encode() if form is not None else None
-        req = urllib.request.Request(self.node.local_url + path, data=data)
+        self.csrf = ""  # the anti-forgery token of the last page seen (bridge.web.security)
+
+    def open(self, path: str, form: dict[str, str] | None = None, *, csrf: bool = True,
+             origin: str | None = "") -> tuple[int, str, str]:
+        """(status, final url, body) after following redirects. A form is posted as a browser
+        posts it from this node's own page: with the page's token and this node's Origin
+        (``csrf=False`` leaves the token out; ``origin`` names another one, None sends none)."""
+        data = None
+        headers = {}
+        if form is not None:
+            if csrf and self.csrf and "csrf" not in form:
+                form = {**form, "csrf": self.csrf}
+            data = urlencode(form).encode()
+            if origin is not None:
+                headers["Origin"] = origin or self.node.local_url
+        req = urllib.request.Request(self.node.local_url + path, data=data, headers=headers)
         try:
             with self.opener.open(req, timeout=60) as r:
-                return r.status, r.geturl(), r.read().decode()
+                status, url, body = r.status, r.geturl(), r.read().decode()
         except urllib.error.HTTPError as exc:
             with exc:
-                return exc.code, exc.geturl(), exc.read().decode()
+                status, url, body = exc.code, exc.geturl(), exc.read().decode()
+        found = re.search(r'<meta name="csrf-token" content="([^"]+)">', body)
+        if found:
+            self.csrf = found.group(1)
+        return status, url, body
 
     def get(self, path: str) -> str:
         status, _url, body = self.open(path)
@@ -61,6 +77,7 @@ class Browser:
         return body
 
     def login(self, role: str) -> Browser:
+        self.open("/ui/login")  # the login form's token (and its nonce cookie)
         status, url, body = self.open("/ui/login", {"token": self.node.token(role)})
         assert status == 200 and not url.endswith("/ui/login"), body[:500]
         return self
@@ -103,7 +120,10 @@ def test_login_required_and_roles_separated(pair: Alliance) -> None:
     it = Browser(core).login("it")
     assert it.open("/ui/audit")[0] == 403
     assert it.open("/ui/referrals")[0] == 403
-    clin.get("/ui/logout")
+    clin.get("/ui/logout")  # a GET only shows the logout button
+    assert clin.open("/ui/referrals")[1].endswith("/ui/referrals")
+    status, url, _ = clin.open("/ui/logout", {})
+    assert status == 200 and url.endswith("/ui/login")
     status, url, _ = clin.open("/ui/referrals")
     assert url.endswith("/ui/login")
 
@@ -220,7 +240,7 @@ def test_it_page_shows_queues_rules_and_quarantine(pair: Alliance) -> None:
     assert "HT-PKT-ROUTE-DENIED" in quar and f'/ui/it/quarantine/{item}/replay' in quar
     # replay runs the existing replay logic: still refused, so it stays held and says why
     status, url, after = it.open(f"/ui/it/quarantine/{item}/replay", {})
-    assert status == 200 and "/ui/it?msg=" in url
+    assert status == 200 and url.endswith("/ui/it")
     assert f"#{item}: FAILED" in after
     row = next(i for i in core.api("GET", "/local/v1/quarantine") if i["id"] == item)
     assert row["state"] == "held" and "HT-PKT-ROUTE-DENIED" in row["replay_result"]

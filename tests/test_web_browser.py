@@ -266,3 +266,124 @@ def test_it_and_statistics_pages_in_browser(pair: Alliance, browser: Any) -> Non
         it.shot("stats-en")
     finally:
         it.close()
+
+
+# -- issue 13: a page on another port, the headers' policy, the docs page ------------------------
+
+
+def posting_page(target: str, fields: dict[str, str]) -> str:
+    """A page that posts a form to ``target`` as soon as it loads."""
+    import html
+
+    inputs = "".join(f'<input name="{html.escape(k)}" value="{html.escape(v)}">'
+                     for k, v in fields.items())
+    return (f'<!DOCTYPE html><html><body><form method="post" action="{html.escape(target)}">'
+            f'{inputs}</form><script>document.forms[0].submit()</script></body></html>')
+
+
+class ForeignSite:
+    """One page on another loopback port of the same host (same-site for cookies: SameSite
+    does not separate ports)."""
+
+    def __init__(self, html_text: str) -> None:
+        import http.server
+        import threading
+
+        from simulators.ports import free_port_block
+
+        page = html_text.encode()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html; charset=utf-8")
+                self.send_header("Content-Length", str(len(page)))
+                self.end_headers()
+                self.wfile.write(page)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.port = free_port_block(1)
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_page_on_another_port_cannot_post_as_the_logged_in_clinician(
+        pair: Alliance, browser: Any) -> None:
+    chc, core = pair.node("chc"), pair.node("core")
+    thread = new_thread(chc, referral("up-outpatient", "core", mrn="BR0003"))
+    both(pair, thread, "received", "received")
+    doctor = User(browser, core, "clinician", "core-clinician-csrf")
+    foreign = ForeignSite(posting_page(f"{core.local_url}/ui/referrals/{thread}/steps/reject",
+                                       {"reason": "跨站伪造"}))
+    try:
+        doctor.go(f"/ui/referrals/{thread}")
+        assert doctor.text("span.status") == "已收到"
+        # the clinician, still logged in, opens the other site's page in the same browser
+        doctor.page.goto(foreign.url)
+        doctor.page.wait_for_url(f"{core.local_url}/ui/referrals/{thread}/steps/reject")
+        doctor.page.wait_for_load_state()
+        assert "HT-WEB-ORIGIN" in doctor.page.content()
+        doctor.shot("cross-origin-refused")
+        assert state(core, thread)["status"] == "received"
+        assert state(core, thread).get("reason") in (None, "")
+        # the session itself is intact: the node's own form still works
+        doctor.go(f"/ui/referrals/{thread}")
+        form = doctor.page.locator("form.reject")
+        form.locator("input[name=reason]").fill("床位已满")
+        form.locator("button[type=submit]").click()
+        doctor.page.wait_for_url(f"**/ui/referrals/{thread}")
+        assert doctor.text("span.status") == "已拒绝"
+        assert state(core, thread)["status"] == "rejected"
+    finally:
+        foreign.close()
+        doctor.close()
+
+
+def test_pages_and_docs_run_under_their_policy_in_the_browser(pair: Alliance,
+                                                              browser: Any) -> None:
+    """The page policy blocks nothing the pages need (the stylesheet applies, the slip's print
+    button is wired), a page cannot be framed, and Swagger UI renders from the node's own
+    files with no request leaving for another host."""
+    core = pair.node("core")
+    doctor = User(browser, core, "clinician", "core-clinician-policy")
+    violations: list[str] = []
+    elsewhere: list[str] = []
+    doctor.page.on("console", lambda m: violations.append(m.text)
+                   if "Content Security Policy" in m.text else None)
+    doctor.page.on("request", lambda r: elsewhere.append(r.url)
+                   if not r.url.startswith(core.local_url) else None)
+    try:
+        doctor.go("/ui/referrals")
+        bg = doctor.page.eval_on_selector("header", "h => getComputedStyle(h).backgroundColor")
+        assert bg == "rgb(29, 78, 137)"  # the hashed inline stylesheet applies (#1d4e89)
+        # a page elsewhere framing the node's page gets an empty frame (frame-ancestors)
+        framing = ForeignSite(f'<iframe src="{core.local_url}/ui/referrals"></iframe>')
+        try:
+            doctor.page.goto(framing.url)
+            doctor.page.wait_for_load_state("load")
+            [frame] = [f for f in doctor.page.frames if f != doctor.page.main_frame]
+            assert "收到的转诊" not in frame.content()
+            assert any("frame-ancestors" in v for v in violations), violations
+        finally:
+            framing.close()
+        elsewhere.clear()  # the framing page itself was on another port
+        doctor.page.goto(f"{core.local_url}/docs")
+        doctor.page.wait_for_selector(".swagger-ui .info .title", timeout=30000)
+        assert "Hutong node core" in doctor.text(".swagger-ui .info .title")
+        assert doctor.page.locator(".opblock-tag").count() >= 2  # fhir and default
+        doctor.shot("docs")
+        assert elsewhere == [], elsewhere
+        assert [v for v in violations if "frame-ancestors" not in v] == [], violations
+    finally:
+        doctor.close()

@@ -72,7 +72,7 @@ def _allowed(request: Request, rtype: str) -> str:
     role = _role(request)
     needed = ROLE_FOR.get(rtype)
     if needed is None:
-        raise NotFound(f"resource type {rtype[:64]!r} is not served here")
+        raise NotFound("this resource type is not served here")
     if role != needed:
         what = "the audit log" if rtype == AUDIT_TYPE else "clinical resources"
         raise Forbidden(f"role '{role}' may not read {what} (minimum necessary)")
@@ -272,8 +272,7 @@ def fhir_router(node: Node) -> APIRouter:
         if not isinstance(task, dict) or task.get("resourceType") != "Task":
             raise BadRequest("PUT /fhir/Task/{id} takes a Task")
         if task.get("id") != rid:
-            raise BadRequest(f"the Task's id ({str(task.get('id'))[:64]!r}) must be the id in "
-                             "the URL")
+            raise BadRequest("Task.id must be the id in the URL")
         checked(validate_resource, task)
         result = await run_in_threadpool(
             lambda: workflow().move(rid, task, actor=f"role:{role}"))
@@ -285,8 +284,8 @@ def fhir_router(node: Node) -> APIRouter:
     def unknown(request: Request, path: str = "") -> Response:
         parts = [p for p in path.split("/") if p]
         if parts and len(parts) <= 2 and parts[0] in ROLE_FOR:
-            raise NotSupported(f"{request.method} is not supported on /fhir/{path}")
-        raise NotFound(f"/fhir/{path[:80]} is not part of this API")
+            raise NotSupported(f"{request.method} is not supported on /fhir/{parts[0]}")
+        raise NotFound("this path is not part of the /fhir API")
 
     return router
 

@@ -20,7 +20,7 @@ from urllib.parse import parse_qsl, urlencode
 import orjson
 from sqlalchemy import Connection, and_, func, select
 
-from bridge.api.fhir_search import Query, encode_cursor
+from bridge.api.fhir_search import Query, encode_cursor, safe_name
 from bridge.api.outcome import BadRequest
 from bridge.audit.events import AuditEntry
 from bridge.audit.tables import AuditRecord
@@ -32,21 +32,50 @@ MAX_QUERY = 300
 MAX_RESOURCES = 50
 #: AuditEntry.extra values are one bounded line (bridge.audit.events: 256 characters)
 _EXTRA_CHARS = 256
+#: parameters whose values are kept in the audit: closed vocabularies, dates and page sizes
+#: (never a person). Every other value, including any a lenient search ignored, becomes ***;
+#: the names stay (identifier keeps its system: ``identifier=urn:oid:...|***``).
+_CODES = re.compile(r"[a-z][a-z\-]{0,30}(,[a-z][a-z\-]{0,30}){0,9}")
+_DATES = re.compile(r"([a-z]{2})?\d{4}(-\d\d(-\d\d(T[0-9:.]{5,15}(Z|[+\- ]\d\d:\d\d)?)?)?)?")
+_KEEP_VALUE: dict[str, re.Pattern[str]] = {
+    "_count": re.compile(r"\d{1,4}"), "_total": _CODES, "_format": re.compile(r"[a-z/+]{1,30}"),
+    "_include": re.compile(r"Task:focus(:ServiceRequest)?"), "status": _CODES,
+    "subtype": _CODES, "action": re.compile(r"[CRUDE]"), "outcome": re.compile(r"\d{1,2}"),
+    "_lastUpdated": _DATES, "date": _DATES,
+}
 _REDACT = ("identifier",)
 #: what AuditEntry accepts as a patient hash (bridge.privacy output)
 _HASH_RE = re.compile(r"[0-9a-f]{32,128}")
 
 
 def redacted_query(path: str, query: str) -> str:
-    """``path?query`` with identifier values masked (system kept), cut to MAX_QUERY."""
+    """``path?query`` with the parameter names and no value a person could be found by:
+    only values of ``_KEEP_VALUE`` parameters stay (they are checked before the search runs,
+    so they are what this API accepts), identifier values are masked with the system kept,
+    every other value (a name, an ID number, a lenient search's ignored parameter) is ***."""
     items = parse_qsl(query, keep_blank_values=True)
-    safe = [(k, _mask(v) if k.split(":")[0] in _REDACT else v) for k, v in items]
+    safe = [(safe_name(k), _redact(k, v)) for k, v in items]
     text = path + ("?" + urlencode(safe, safe="|:,/*") if safe else "")
     return text[:MAX_QUERY]
 
 
+def _redact(name: str, value: str) -> str:
+    keep = _KEEP_VALUE.get(name)
+    if keep is not None and keep.fullmatch(value):
+        return value
+    if name.split(":")[0] in _REDACT:
+        return _mask(value)
+    return "***" if value else ""
+
+
 def _mask(value: str) -> str:
-    return ",".join(f"{v.partition('|')[0]}|***" if "|" in v else "***" for v in value.split(","))
+    return ",".join(f"{_system(v.partition('|')[0])}|***" if "|" in v else "***"
+                    for v in value.split(","))
+
+
+def _system(system: str) -> str:
+    """An identifier system as the audit keeps it: a URI, not free text."""
+    return system[:100] if re.fullmatch(r"[A-Za-z][A-Za-z0-9+.\-]*:[^\s|,]*", system) else "***"
 
 
 def _names(refs: Sequence[str]) -> str:
@@ -96,12 +125,12 @@ def audit_event(seq: int, resource: str) -> dict[str, Any]:
 def read_audit_event(conn: Connection, rid: str) -> dict[str, Any]:
     from bridge.errors import NotFound
 
-    if not rid.isdigit():
-        raise NotFound(f"AuditEvent/{rid[:64]} is not known here")
+    if not (rid.isascii() and rid.isdigit()) or len(rid) > 18:
+        raise NotFound("no such AuditEvent here (ids are sequence numbers)")
     row = conn.execute(select(AUDIT.c.seq, AUDIT.c.resource).where(AUDIT.c.seq == int(rid))
                        ).first()
     if row is None:
-        raise NotFound(f"AuditEvent/{rid} is not known here")
+        raise NotFound("no such AuditEvent here")
     return audit_event(row.seq, row.resource)
 
 

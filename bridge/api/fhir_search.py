@@ -115,6 +115,16 @@ _DATE_RE = re.compile(
 _PREFIXES = ("eq", "ne", "gt", "ge", "lt", "le", "sa", "eb")
 
 
+#: a parameter name shown as written (in errors, audit, the lenient warning); anything else
+#: (a value pasted as a name) is not
+_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]{0,40}(:[A-Za-z][A-Za-z0-9_\-]{0,40})?")
+
+
+def safe_name(name: str) -> str:
+    """A query parameter's name as errors and the audit may show it."""
+    return name if _NAME_RE.fullmatch(name) else "(unreadable name)"
+
+
 @dataclass
 class Query:
     rtype: str
@@ -143,18 +153,17 @@ def parse_query(rtype: str, items: list[tuple[str, str]], table: Table, *,
         base, _, modifier = name.partition(":")
         if name == "_format":
             if value not in _FORMATS:
-                raise BadRequest(f"_format {value!r} is not supported: only JSON",
-                                 issue="not-supported")
+                raise BadRequest("_format: only JSON is supported", issue="not-supported")
             continue
         if name in RESULT_PARAMS:
             _result_param(q, name, value)
         elif name == "_include":
             if value not in ("Task:focus", "Task:focus:ServiceRequest") or rtype != "Task":
                 if lenient:
-                    q.ignored.append(f"{name}={value}")
+                    q.ignored.append(name)  # the name only: values never go to the audit
                     continue
-                raise BadRequest(f"_include={value} is not supported here (only Task:focus on "
-                                 "Task)", issue="not-supported")
+                raise BadRequest("_include: only Task:focus on Task is supported",
+                                 issue="not-supported")
             q.include_focus = True
         elif base in known and not modifier:
             if value == "":
@@ -162,7 +171,7 @@ def parse_query(rtype: str, items: list[tuple[str, str]], table: Table, *,
             q.where.append(condition(known[base], value, table, rtype))
             q.by_token = q.by_token or (base == "identifier" and rtype != "AuditEvent")
         else:
-            unknown.append(name)
+            unknown.append(safe_name(name))
             continue
         q.used.append((name, value))
     if unknown and not lenient:
@@ -176,7 +185,8 @@ def parse_query(rtype: str, items: list[tuple[str, str]], table: Table, *,
 
 def _result_param(q: Query, name: str, value: str) -> None:
     if name == "_count":
-        if not value.isdigit():
+        # bounded before int(): Python refuses to convert more than 4,300 digits (a 500)
+        if not (value.isascii() and value.isdigit()) or len(value) > 9:
             raise BadRequest(f"_count must be a whole number 0..{MAX_COUNT}")
         q.count = min(int(value), MAX_COUNT)
     elif name == "_cursor":
@@ -225,7 +235,7 @@ def _reference(col: Any, value: str, p: Param) -> ColumnElement[bool]:
     if not _TYPE_RE.fullmatch(rtype):
         raise BadRequest(f"{p.name}: not Type/id or an id")
     if p.target and rtype != p.target:
-        raise BadRequest(f"{p.name} refers to {p.target}, not {rtype}")
+        raise BadRequest(f"{p.name} refers to {p.target} only")
     return col == f"{rtype}/{_check_id(rid, p.name)}"
 
 
@@ -234,7 +244,7 @@ def _audit_token(table: Table, p: Param, value: str) -> ColumnElement[bool]:
 
     system, bar, code = value.rpartition("|")
     if p.name == "_id":
-        if not code.isdigit():
+        if not (code.isascii() and code.isdigit()) or len(code) > 18:
             raise BadRequest("AuditEvent ids are sequence numbers")
         return table.c.seq == int(code)
     if p.name == "action":
@@ -286,7 +296,8 @@ def date_condition(col: Any, raw: str, name: str) -> ColumnElement[bool]:
     if raw[:2] in _PREFIXES:
         prefix, value = raw[:2], raw[2:]
     elif raw[:2].isalpha():
-        raise BadRequest(f"{name}: prefix {raw[:2]!r} is not supported", issue="not-supported")
+        raise BadRequest(f"{name}: the prefix is not one of {' '.join(_PREFIXES)}",
+                         issue="not-supported")
     else:
         prefix, value = "eq", raw
     lo, hi = parse_date(value, name)

@@ -29,6 +29,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from bridge.api.auth import role_of
+from bridge.api.fhir_search import safe_name
 from bridge.api.outcome import BadRequest, FhirResponse, FhirRoute, fhir_body, fhir_json
 from bridge.api.outcome import fhir_responses as answers
 from bridge.errors import InvalidFhir, InvalidResource, NotFound
@@ -68,7 +69,7 @@ def _from_parameters(body: Any) -> dict[str, Any]:
     for p in body.get("parameter", []):
         name = p.get("name")
         if name not in TRANSLATE_PARAMS:
-            raise BadRequest(f"$translate has no parameter {str(name)[:40]!r}",
+            raise BadRequest(f"$translate has no parameter {safe_name(str(name))!r}",
                              issue="not-supported")
         if name in out:
             raise BadRequest(f"parameter {name} is given twice")
@@ -90,7 +91,8 @@ def _from_query(request: Request) -> dict[str, Any]:
         if name not in TRANSLATE_PARAMS:
             if _lenient(request):
                 continue
-            raise BadRequest(f"$translate has no parameter {name[:40]!r}", issue="not-supported")
+            raise BadRequest(f"$translate has no parameter {safe_name(name)!r}",
+                             issue="not-supported")
         if name in out:
             raise BadRequest(f"parameter {name} is given twice")
         out[name] = value
@@ -143,7 +145,7 @@ def terminology_router(node: Node) -> APIRouter:
     def by_id(cid: str) -> dict[str, Any]:
         cm = conceptmaps().get(cid)
         if cm is None:
-            raise NotFound(f"ConceptMap/{cid[:64]} is not one of this site's maps")
+            raise NotFound("no such ConceptMap among this site's maps")
         return cm
 
     def run_translate(args: dict[str, Any], cid: str | None) -> Response:
@@ -159,7 +161,7 @@ def terminology_router(node: Node) -> APIRouter:
         if "url" in args:
             maps = [m for m in maps if m.get("url") == args["url"]]
             if not maps:
-                raise NotFound(f"no ConceptMap with url {str(args['url'])[:120]}")
+                raise NotFound("no ConceptMap with that url")
         if "conceptMapVersion" in args:
             maps = [m for m in maps if m.get("version") == args["conceptMapVersion"]]
         if "source" in args:
@@ -210,7 +212,7 @@ def terminology_router(node: Node) -> APIRouter:
             if name not in SEARCH_PARAMS:
                 if lenient:
                     continue
-                raise BadRequest(f"unknown search parameter {name[:40]!r} for ConceptMap "
+                raise BadRequest(f"unknown search parameter {safe_name(name)!r} for ConceptMap "
                                  f"(supported: {', '.join(SEARCH_PARAMS)})")
             used.append((name, value))
             wanted = set(value.split(","))

@@ -12,19 +12,22 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel
 
 from bridge import ops
 from bridge.api.auth import AnyRole, ClinicianRole, ITRole, SenderRole
+from bridge.api.docs import docs_router
 from bridge.api.fhir_api import fhir_router
 from bridge.api.outcome import local_responses as errs
 from bridge.api.outcome import request_invalid_response
 from bridge.delivery.queue import Outgoing, queue_packets
-from bridge.errors import HutongError
+from bridge.errors import Forbidden, HutongError
 from bridge.fhir.validate import validate_bundle
 from bridge.store import quarantine
 from bridge.web import web_router
+from bridge.web.layout import CSS
+from bridge.web.security import SecurityHeaders, refusal_html
 
 if TYPE_CHECKING:
     from bridge.node import Node
@@ -33,6 +36,24 @@ if TYPE_CHECKING:
 class StepIn(BaseModel):
     reason: str | None = None
     outputs: list[dict[str, Any]] = []
+
+
+#: packet kinds that carry patient care (a referral step, a result, an image): queued by a
+#: clinician, the referral workflow or an adapter, never by IT (bridge.api.auth: IT sees queues
+#: but no patients). IT may queue the alliance's operational kinds, e.g. a connectivity probe.
+CLINICAL_KIND_PREFIXES = ("referral.", "result.", "imaging.")
+#: packets only the node itself makes (a receipt answers a received packet)
+NODE_ONLY_KINDS = ("receipt",)
+
+
+def check_sender_kinds(role: str, kinds: list[str]) -> None:
+    """IT may not queue clinical packets; nobody queues what only the node makes."""
+    for i, kind in enumerate(kinds):
+        if kind in NODE_ONLY_KINDS:
+            raise Forbidden(f"body[{i}].kind: receipts are made by the node, not queued")
+        if role == "it" and kind.startswith(CLINICAL_KIND_PREFIXES):
+            raise Forbidden(f"body[{i}].kind: role 'it' may not queue clinical packets "
+                            f"({', '.join(p + '*' for p in CLINICAL_KIND_PREFIXES)})")
 
 
 class PacketIn(BaseModel):
@@ -44,14 +65,20 @@ class PacketIn(BaseModel):
 
 def create_local_app(node: Node) -> FastAPI:
     ctx = node.ctx
-    app = FastAPI(title=f"Hutong node {ctx.node_id}", docs_url="/docs")
+    # the docs page is served from the installed Swagger UI package (bridge.api.docs)
+    app = FastAPI(title=f"Hutong node {ctx.node_id}", docs_url=None, redoc_url=None,
+                  swagger_ui_oauth2_redirect_url=None)
+    app.add_middleware(SecurityHeaders, css=CSS)  # headers + origin check on every answer
+    app.include_router(docs_router(app.title))
     app.state.tokens = dict(ctx.plan.tokens)
     app.state.node = node
     app.include_router(web_router(node))  # /ui pages (and the node's alert job)
     app.include_router(fhir_router(node))  # /fhir: errors are OperationOutcomes (FhirRoute)
 
     @app.exception_handler(HutongError)
-    async def _error(_req: Request, exc: HutongError) -> JSONResponse:
+    async def _error(req: Request, exc: HutongError) -> JSONResponse | HTMLResponse:
+        if req.url.path.startswith("/ui/") or req.url.path == "/ui":
+            return HTMLResponse(refusal_html(exc), status_code=exc.http_status)
         return JSONResponse(exc.as_dict(), status_code=exc.http_status)
 
     # a request that does not bind: field and rule, not FastAPI's echo of the input
@@ -63,6 +90,7 @@ def create_local_app(node: Node) -> FastAPI:
 
     @app.post("/local/v1/packets", responses=errs(400, 401, 403))
     async def send(items: list[PacketIn], role: SenderRole) -> dict[str, Any]:
+        check_sender_kinds(role, [i.kind for i in items])
         outgoing = [Outgoing(i.to, i.kind, orjson.dumps(i.bundle), i.thread) for i in items]
 
         def work() -> list[Any]:

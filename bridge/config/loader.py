@@ -627,7 +627,20 @@ def _build_plan(alliance: _Alliance, node: _Node) -> NodePlan:
         config_hash=_config_hash(alliance, config),
         source_files=(alliance.path, node.path, *alliance.key_files),
         alerts=config.alerts.model_copy(update={"webhook_url": node.webhook_url}),
+        web=config.web,
+        egress_refused_systems=_egress_systems(config, model.alliance.national_id_system),
     )
+
+
+def _egress_systems(config: NodeFile, national_id_system: str) -> tuple[str, ...]:
+    """``[egress] refuse_identifier_systems`` as written, or the alliance's national ID system
+    with the known resident ID systems."""
+    from bridge.config.models import RESIDENT_ID_SYSTEMS
+
+    chosen = config.egress.refuse_identifier_systems
+    if chosen is not None:
+        return tuple(chosen)
+    return tuple(dict.fromkeys((national_id_system, *RESIDENT_ID_SYSTEMS)))
 
 
 # --- entry points ----------------------------------------------------------------------------

@@ -283,6 +283,28 @@ class AlertsConfig(_Model):
     webhook_timeout_s: PositiveFloat = 5.0
 
 
+class WebConfig(_Model):
+    """Browser sessions on the local port's /ui pages: an idle limit (reset by each request)
+    and an absolute one (from login); past either the session is dropped and the user logs in
+    again."""
+
+    session_idle_s: PositiveFloat = 1800.0
+    session_max_s: PositiveFloat = 12 * 3600.0
+
+
+#: identifier systems of the Chinese resident ID number (居民身份证号) as the code meets them:
+#: the FHIR form and the bare OID of HL7 v2 / DICOM / CDA headers
+RESIDENT_ID_SYSTEMS: tuple[str, ...] = (DEFAULT_NATIONAL_ID_SYSTEM, "2.16.156.10011.1.3")
+
+
+class EgressConfig(_Model):
+    """What no packet may carry out of this node: identifiers of these systems (a national ID
+    number crosses the gateway only as its keyed hash). Unset: the alliance's national_id_system
+    and RESIDENT_ID_SYSTEMS; an explicit empty list turns the check off."""
+
+    refuse_identifier_systems: tuple[NonEmpty, ...] | None = None
+
+
 class AdapterConfig(_Model):
     """One ``[[adapters]]`` table: a local system plugged into this node (see adapters/base.py)."""
 
@@ -310,6 +332,8 @@ class NodeFile(_Model):
     referral: ReferralConfig = ReferralConfig()
     adapters: list[AdapterConfig] = []
     alerts: AlertsConfig = AlertsConfig()
+    web: WebConfig = WebConfig()
+    egress: EgressConfig = EgressConfig()
 
     @field_validator("adapters")
     @classmethod
@@ -422,6 +446,9 @@ class NodePlan:
     config_hash: str
     source_files: tuple[Path, ...]
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
+    web: WebConfig = field(default_factory=WebConfig)
+    #: identifier systems no outgoing packet may carry (bridge.delivery.egress)
+    egress_refused_systems: tuple[str, ...] = RESIDENT_ID_SYSTEMS
 
     @property
     def me(self) -> Member:

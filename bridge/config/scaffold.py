@@ -158,6 +158,7 @@ def write_alliance(
     dsn_for: Callable[[str], str] | None = None,
     alliance_id: str = "demo",
     alliance_names: Mapping[str, str] | None = None,
+    national_id_egress: bool = False,
 ) -> dict[str, Path]:
     """Write alliance.toml and one nodes/<id>.toml per member; return node id -> node file.
 
@@ -165,7 +166,9 @@ def write_alliance(
     tables, see :func:`adapters_toml`); ``rules``: dicts with from, to,
     kinds and optional note. Member i (from 1) binds base_port_local+i and base_port_peer+i.
     Secrets are always written; keys only with ``gen_keys``. A DSN holding a password goes to
-    ``secrets/<id>.dsn`` so the node file stays free of secrets.
+    ``secrets/<id>.dsn`` so the node file stays free of secrets. Without
+    ``national_id_egress`` the node files turn the egress rule off (``[egress]``): throwaway
+    test bundles carry national ID numbers in clear; a real alliance folder keeps the default.
     """
     root = Path(folder)
     (root / NODES_DIR).mkdir(parents=True, exist_ok=True)
@@ -189,7 +192,10 @@ def write_alliance(
                 _hostport(host, base_port_local + i),
                 _hostport(host, base_port_peer + i),
                 dsn,
-            ) + (adapters_toml(m["adapters"]) if m.get("adapters") else ""),
+            ) + (adapters_toml(m["adapters"]) if m.get("adapters") else "")
+            + ("" if national_id_egress else
+               "\n# test bundles carry national ID numbers: the egress rule is off here\n"
+               "[egress]\nrefuse_identifier_systems = []\n"),
             encoding="utf-8",
         )
         written[node_id] = path

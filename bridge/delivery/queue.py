@@ -14,6 +14,7 @@ from bridge import faults
 from bridge.audit.events import AuditEntry
 from bridge.context import NodeContext
 from bridge.crypto.envelope import body_digest
+from bridge.delivery.egress import check_egress
 from bridge.errors import PacketRefused, PacketTooLarge, RouteDenied
 from bridge.fhir.validate import parse_and_validate_bundle
 from bridge.privacy import bundle_patient_hash
@@ -75,6 +76,7 @@ def queue_packets(
                 )
             check_route(ctx, item.recipient, item.kind)
             bundle = parse_and_validate_bundle(item.body)
+            check_egress(bundle, plan.egress_refused_systems, item.body)
         except PacketRefused as exc:
             refused.append(
                 quarantine_row(

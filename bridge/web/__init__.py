@@ -9,9 +9,11 @@ page frame; ``fhirview`` renders FHIR resources for people.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
+from fastapi.responses import FileResponse
 
 if TYPE_CHECKING:
     from bridge.node import Node
@@ -31,14 +33,24 @@ def web_router(node: Node) -> APIRouter:
     web = Web(node)
     alerter = Alerter(node)
     node.add_job("alerts", alerter.run_once, node.plan.alerts.every_s)
-    router = APIRouter(prefix="/ui", include_in_schema=False)
+    # every form post: the session's anti-forgery token (the origin check is the middleware's,
+    # bridge.web.security.SecurityHeaders, installed by the local app)
+    router = APIRouter(prefix="/ui", include_in_schema=False,
+                       dependencies=[Depends(web.csrf_guard)])
     home = home_route(web)
     router.add_api_route("", home, methods=["GET"])
     router.add_api_route("/", home, methods=["GET"])
+    router.add_api_route("/static/print.js", print_script, methods=["GET"])
     for part in (login_routes(web), clinician_routes(web), slip_routes(web),
                  auditor_routes(web), it_routes(web, alerter), stats_routes(web)):
         router.include_router(part)
     return router
+
+
+def print_script() -> FileResponse:
+    """The slips' print button (a file: the pages' policy runs no inline script)."""
+    return FileResponse(Path(__file__).parent / "static" / "print.js",
+                        media_type="text/javascript; charset=utf-8")
 
 
 __all__ = ["web_router"]

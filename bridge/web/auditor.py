@@ -71,6 +71,11 @@ def export_filtered(conn: Any, out: io.StringIO, fmt: str, kind: str | None,
     return n
 
 
+#: a filter that does not parse (ValueError texts quote the input, so they are not shown)
+BAD_FILTER = ("filter not understood: times are ISO 8601 (2026-11-20 or 2026-11-20T08:00), "
+              "a patient is a hash of hex digits")
+
+
 def auditor_routes(web: Web) -> APIRouter:
     router = APIRouter()
     ctx, plan = web.ctx, web.plan
@@ -81,12 +86,13 @@ def auditor_routes(web: Web) -> APIRouter:
         if not isinstance(role, str):
             return role
         lang = web.lang(request)
-        q = request.query_params
+        q: Any = request.query_params
         error = ""
         try:
             filters, kind = audit_filters(request)
-        except ValueError as exc:
-            filters, kind, error = {}, None, str(exc)
+        except ValueError:  # the text would quote the input: name the rule instead
+            filters, kind, error = {}, None, BAD_FILTER
+            q = {}  # and the form is not filled with it either
         # the whole chain is recomputed every alerts.chain_every_s or on request (?verify=full);
         # in between only the rows after the last full run are checked (bridge/audit/watch.py)
         result = web.node.chain_watch.check(full=q.get("verify") == "full")
@@ -154,7 +160,8 @@ def auditor_routes(web: Web) -> APIRouter:
                 + (f'<p class="bad">{e(error)}</p>' if error else "")
                 + form + f'<p class="noprint">{links} &nbsp; <small>{len(rows)} '
                 f'{e(t(lang, "shown"))}</small></p>' + log)
-        return web.page(request, t(lang, "audit"), body, role=role)
+        return web.page(request, t(lang, "audit"), body, role=role,
+                        status=400 if error else 200)
 
     @router.get("/audit/export.{fmt}")
     def audit_download(request: Request, fmt: str) -> Response:
@@ -165,8 +172,8 @@ def auditor_routes(web: Web) -> APIRouter:
             return Response(status_code=404)
         try:
             filters, kind = audit_filters(request)
-        except ValueError as exc:
-            return Response(str(exc), status_code=400)
+        except ValueError:
+            return Response(BAD_FILTER, status_code=400)
         buf = io.StringIO(newline="")
         with ctx.store.read() as conn:
             export_filtered(conn, buf, fmt, kind, **filters)

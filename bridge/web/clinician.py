@@ -189,7 +189,7 @@ def clinician_routes(web: Web) -> APIRouter:
             return role
         back = f"/ui/referrals/{thread}"
         if event not in ACTIONS:
-            return web.error_page(request, role, NotFound(f"no referral step '{event}' here"),
+            return web.error_page(request, role, NotFound("no such referral step here"),
                                   back)
         f = await read_form(request)
         outputs: list[dict[str, Any]] = []
@@ -210,8 +210,9 @@ def clinician_routes(web: Web) -> APIRouter:
                 thread, event, f"role:{role}", reason=reason, outputs=outputs or None))
         except HutongError as exc:
             return web.error_page(request, role, exc, back)
-        except ValueError as exc:
-            return web.error_page(request, role, InvalidResource(str(exc)), back)
+        except ValueError:  # the only parse here; its text would quote the input
+            return web.error_page(request, role, InvalidResource(
+                "appointment: not a date and time (YYYY-MM-DDThh:mm)"), back)
         return RedirectResponse(back, status_code=303)
 
     @router.post("/referrals/{thread}/return")

@@ -184,7 +184,7 @@ def it_routes(web: Web, alerter: Alerter) -> APIRouter:
               e(t(lang, "yes") if r["green_channel"] else t(lang, "no")),
               e(fmt_time(r["created_at"])), e(fmt_time(r["reminded_at"]))] for r in due],
             t(lang, "none"), "reminders")
-        msg = request.query_params.get("msg")
+        msg = web.sessions.pop_flash(request)
         body = ((f'<p class="msg">{e(msg)}</p>' if msg else "")
                 + f'<h3>{e(t(lang, "alerts"))}</h3><div class="alerts">{alerts}</div>'
                 f'<h3>{e(t(lang, "peers"))}</h3>{peers}'
@@ -211,8 +211,8 @@ def it_routes(web: Web, alerter: Alerter) -> APIRouter:
             return web.error_page(request, role, exc, "/ui/it")
         node.wake_all_senders()
         node.wake("deliver")
-        msg = f"#{item_id}: {'OK' if ok else 'FAILED'} {result}"
-        return RedirectResponse(f"/ui/it?{urlencode({'msg': msg})}", status_code=303)
+        web.sessions.flash(request, f"#{item_id}: {'OK' if ok else 'FAILED'} {result}")
+        return RedirectResponse("/ui/it", status_code=303)
 
     @router.post("/it/outbox/retry")
     def retry(request: Request, peer: str | None = None) -> Response:
@@ -221,8 +221,8 @@ def it_routes(web: Web, alerter: Alerter) -> APIRouter:
             return role
         n = ops.outbox_retry(ctx, peer=peer, actor=f"role:{role}")
         node.wake_all_senders()
-        msg = f"{t(web.lang(request), 'requeued')}: {n} ({peer or '*'})"
-        return RedirectResponse(f"/ui/it?{urlencode({'msg': msg})}", status_code=303)
+        web.sessions.flash(request, f"{t(web.lang(request), 'requeued')}: {n} ({peer or '*'})")
+        return RedirectResponse("/ui/it", status_code=303)
 
     return router
 

@@ -7,7 +7,11 @@ a set of routes over one ``Web``.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import html
+import re
+import secrets
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
@@ -16,8 +20,9 @@ from urllib.parse import parse_qs, urlencode
 from fastapi import Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
-from bridge.errors import HutongError
+from bridge.errors import CsrfRefused, HutongError
 from bridge.web.i18n import LANG_COOKIE, pick_lang, t
+from bridge.web.security import CSRF_FIELD, SAFE_METHODS, same_token
 from bridge.web.session import Sessions
 
 if TYPE_CHECKING:
@@ -25,6 +30,9 @@ if TYPE_CHECKING:
 
 #: the alliance's wall clock (China Standard Time, no daylight saving)
 CST = timezone(timedelta(hours=8), "CST")
+#: the login form's anti-forgery nonce (before there is a session)
+LOGIN_COOKIE = "hutong_login"
+_POST_FORM = re.compile(r'(<form method="post"[^>]*>)')
 HOME = {"clinician": "/ui/referrals", "auditor": "/ui/audit", "it": "/ui/it"}
 #: nav links per role: (label key, path); statistics are aggregates, open to every role
 NAV = {
@@ -39,6 +47,8 @@ body{font-family:"Noto Sans CJK SC","PingFang SC","Microsoft YaHei","WenQuanYi M
  color:#222;background:#f6f7f9}
 header{background:#1d4e89;color:#fff;padding:.5em 1em;display:flex;gap:1em;align-items:center}
 header a{color:#fff}header .sp{flex:1}
+header form{display:inline;margin:0}header form button{background:none;border:none;color:#fff;
+ text-decoration:underline;cursor:pointer;font:inherit;padding:0}
 main{padding:1em;max-width:1200px}
 table{border-collapse:collapse;background:#fff;margin:.5em 0 1.5em;width:100%}
 th,td{border:1px solid #ccd;padding:.3em .5em;text-align:left;vertical-align:top;font-size:.92em}
@@ -130,7 +140,37 @@ class Web:
         self.node = node
         self.ctx = node.ctx
         self.plan = node.ctx.plan
-        self.sessions = Sessions()
+        web = getattr(self.plan, "web", None)
+        self.sessions = Sessions(web.session_idle_s, web.session_max_s) if web else Sessions()
+        self._login_key = secrets.token_bytes(32)  # per process, like the sessions
+
+    def login_token(self, nonce: str | None) -> str | None:
+        """The login form's token: bound to the browser's login nonce cookie by an HMAC under a
+        key only this process has (a page elsewhere can neither read nor make one)."""
+        if not nonce or len(nonce) > 64:
+            return None
+        return hmac.new(self._login_key, nonce.encode(), hashlib.sha256).hexdigest()
+
+    def csrf_for(self, request: Request) -> str | None:
+        s = self.sessions.get(request)
+        return s.csrf if s else None
+
+    async def csrf_guard(self, request: Request) -> None:
+        """Router dependency: a form post under /ui must carry the token of the session it was
+        shown in (the login form: of the browser's login nonce). Without a live session the
+        route's gate sends the user to the login page (nothing changes)."""
+        if request.method in SAFE_METHODS:
+            return
+        given = (await read_form(request)).get(CSRF_FIELD, "")
+        if request.url.path == "/ui/login":
+            expected = self.login_token(request.cookies.get(LOGIN_COOKIE))
+        else:
+            if self.sessions.get(request) is None:
+                return
+            expected = self.csrf_for(request)
+        if not same_token(given, expected):
+            raise CsrfRefused("the form's anti-forgery token is missing or wrong; reload the "
+                              "page and submit again")
 
     def lang(self, request: Request) -> str:
         return pick_lang(request.query_params.get("lang"), request.cookies.get(LANG_COOKIE))
@@ -142,21 +182,32 @@ class Web:
         return f"{m.names.en if lang == 'en' else m.names.zh} ({member_id})"
 
     def page(self, request: Request, title: str, body: str, *, role: str | None = None,
-             status: int = 200) -> HTMLResponse:
+             status: int = 200, csrf: str | None = None) -> HTMLResponse:
         lang = self.lang(request)
+        token = csrf or self.csrf_for(request)
+        meta = field = ""
+        if token:  # every post form carries it; scripts and test clients find it in the head
+            meta = f'<meta name="csrf-token" content="{e(token)}">'
+            field = f'<input type="hidden" name="{CSRF_FIELD}" value="{e(token)}">'
+            body = _POST_FORM.sub(lambda m: m.group(1) + field, body)
         other = "en" if lang == "zh" else "zh"
         keep = {k: v for k, v in request.query_params.items() if k != "lang"}
-        switch = (f'<a class="lang" href="{e(request.url.path)}?'
+        here = request.url.path
+        if status >= 400:  # an error page does not write the caller's URL back
+            keep, here = {}, "/ui/"
+        switch = (f'<a class="lang" href="{e(here)}?'
                   f'{e(urlencode({**keep, "lang": other}))}">'
                   f'{"English" if other == "en" else "中文"}</a>')
         nav = ""
         if role:
             links = "".join(f'<a href="{href}">{e(t(lang, key))}</a>'
                             for key, href in NAV[role])
+            # logging out changes state: a form post (with the token), not a link
             nav = (f'<span>{e(t(lang, "role"))}: {e(t(lang, "role_" + role))}</span>{links}'
-                   f'<a href="/ui/logout">{e(t(lang, "logout"))}</a>')
+                   f'<form method="post" action="/ui/logout" class="logout">{field}'
+                   f'<button type="submit">{e(t(lang, "logout"))}</button></form>')
         doc = (f'<!DOCTYPE html><html lang="{"en" if lang == "en" else "zh-CN"}"><head>'
-               f'<meta charset="utf-8"><meta name="viewport" content="width=device-width">'
+               f'<meta charset="utf-8"><meta name="viewport" content="width=device-width">{meta}'
                f'<title>{e(title)} · {e(t(lang, "app"))}</title>'
                f'<style>{CSS}</style></head><body><header><strong>{e(t(lang, "app"))}</strong>'
                f'<span>{e(self.member_name(lang, self.plan.node_id))}</span>'
@@ -189,6 +240,7 @@ class Web:
                          role=role, status=exc.http_status)
 
     def not_found(self, request: Request, role: str, what: str) -> HTMLResponse:
+        """404 page; ``what`` (caller input: a thread id from the URL) is not shown back."""
         lang = self.lang(request)
-        return self.page(request, t(lang, "not_found"), f"<p>{e(what)}</p>", role=role,
-                         status=404)
+        return self.page(request, t(lang, "not_found"), f"<p>{e(t(lang, 'not_found'))}</p>",
+                         role=role, status=404)

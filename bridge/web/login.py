@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable
 
 from fastapi import APIRouter, Request
@@ -10,7 +11,7 @@ from fastapi.responses import RedirectResponse, Response
 from bridge.api.auth import role_of
 from bridge.errors import Unauthorized
 from bridge.web.i18n import t
-from bridge.web.layout import HOME, Web, e, read_form
+from bridge.web.layout import HOME, LOGIN_COOKIE, Web, e, read_form
 from bridge.web.session import SESSION_COOKIE
 
 
@@ -19,13 +20,21 @@ def login_routes(web: Web) -> APIRouter:
 
     def login_form(request: Request, error: str | None = None, status: int = 200) -> Response:
         lang = web.lang(request)
+        nonce = request.cookies.get(LOGIN_COOKIE) or ""
+        token = web.login_token(nonce)
+        if token is None:
+            nonce = secrets.token_urlsafe(24)
+            token = web.login_token(nonce)
         msg = f'<p class="bad">{e(error)}</p>' if error else ""
         body = (f'{msg}<form method="post" action="/ui/login" class="inline login">'
                 f'<label>{e(t(lang, "token"))} <input type="password" name="token" '
                 f'autocomplete="off" size="40" required></label>'
                 f'<button type="submit">{e(t(lang, "login"))}</button>'
                 f'<p><small>{e(t(lang, "token_help"))}</small></p></form>')
-        return web.page(request, t(lang, "login"), body, status=status)
+        resp = web.page(request, t(lang, "login"), body, status=status, csrf=token)
+        resp.set_cookie(LOGIN_COOKIE, nonce, httponly=True, samesite="strict",
+                        path="/ui/login")
+        return resp
 
     @router.get("/login")
     def login_get(request: Request) -> Response:
@@ -44,6 +53,16 @@ def login_routes(web: Web) -> APIRouter:
         return resp
 
     @router.get("/logout")
+    def logout_page(request: Request) -> Response:
+        """A bookmark or an old link: the page with the logout button (a GET changes nothing,
+        so a page elsewhere cannot log anyone out)."""
+        role = web.sessions.role(request)
+        if role is None:
+            return RedirectResponse("/ui/login", status_code=303)
+        lang = web.lang(request)
+        return web.page(request, t(lang, "logout"), "", role=role)
+
+    @router.post("/logout")
     def logout(request: Request) -> Response:
         web.sessions.drop(request)
         resp = RedirectResponse("/ui/login", status_code=303)

@@ -78,8 +78,9 @@ def slip_routes(web: Web) -> APIRouter:
                 + fv.patient_line(lang, d["patient"]) + body
                 + f'<p>{e(t(lang, "signature"))}: ________ &nbsp; {e(t(lang, "date"))}: '
                 f'{e(fmt_time(date)[:10])}</p></div>'
-                f'<p class="noprint"><a href="javascript:window.print()">{e(t(lang, "print"))}'
-                f'</a> &nbsp; <a href="/ui/referrals/{e(thread)}">{e(t(lang, "back"))}</a></p>')
+                f'<p class="noprint"><button type="button" class="print">{e(t(lang, "print"))}'
+                f'</button> &nbsp; <a href="/ui/referrals/{e(thread)}">{e(t(lang, "back"))}</a>'
+                f'</p><script src="/ui/static/print.js"></script>')
         return web.page(request, heading, page, role=role)
 
     @router.get("/referrals/{thread}/slip")
