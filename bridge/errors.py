@@ -226,3 +226,22 @@ class UnknownReference(WorkflowError):
 class InvalidResource(WorkflowError):
     code = "HT-FHIR-INVALID"
     http_status = 422
+
+
+class AuditAnchorMismatch(HutongError):
+    """The node's store is younger than, or differs from, its audit chain's anchor (the last
+    signed checkpoint kept outside the database): truncated, deleted, replaced or restored."""
+
+    code = "HT-AUDIT-ANCHOR"
+
+
+class StoreCorrupt(HutongError):
+    """The node's SQLite file fails ``PRAGMA quick_check`` (or is not a database at all)."""
+
+    code = "HT-STORE-CORRUPT"
+
+
+class DataDirLocked(HutongError):
+    """Another ``hutong run`` already holds this node's data folder."""
+
+    code = "HT-DATA-LOCKED"
