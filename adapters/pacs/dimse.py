@@ -70,11 +70,16 @@ class StoreListener:
         self._server: Any = None
 
     def start(self) -> None:
-        ae = _ae(self.opts.ae_title, self.opts.timeout_s)
+        o = self.opts
+        ae = _ae(o.ae_title, o.timeout_s)
+        # a peer that connects and says nothing, or stalls mid-association, is cut off
+        ae.acse_timeout = o.acse_timeout_s or o.timeout_s
+        ae.dimse_timeout = o.dimse_timeout_s or o.timeout_s
+        ae.network_timeout = o.idle_timeout_s or o.timeout_s
         for cx in StoragePresentationContexts:
             ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
-        ae.maximum_associations = 16
+        ae.maximum_associations = o.max_associations
         self._server = ae.start_server(
             (self.opts.bind_host, self.opts.bind_port), block=False,
             evt_handlers=[(evt.EVT_C_STORE, self._store), (evt.EVT_RELEASED, self._closed),

@@ -32,6 +32,13 @@ class PacsOptions(BaseModel):
     timezone: str = Field("+08:00", pattern=r"^[+-]\d\d:\d\d$")  # DICOM times are local
     fetch_chunk_bytes: int | None = Field(None, gt=0)  # raw DICOM bytes per response packet
     timeout_s: float = Field(30.0, gt=0)  # ACSE, DIMSE and network timeouts
+    # the Store SCP's own bounds (a hostile or broken peer on the LAN costs little):
+    max_dataset_bytes: int = Field(1 << 30, gt=0)  # one C-STORE data set; larger: refused
+    max_sequence_depth: int = Field(32, ge=1, le=1000)  # nested sequences; deeper: refused
+    max_associations: int = Field(16, ge=1, le=256)  # open at once; more are rejected
+    acse_timeout_s: float | None = Field(None, gt=0)  # association set-up (default timeout_s)
+    dimse_timeout_s: float | None = Field(None, gt=0)  # waiting for the next DIMSE message
+    idle_timeout_s: float | None = Field(None, gt=0)  # no bytes at all: the link is closed
 
     @property
     def bind_host(self) -> str:

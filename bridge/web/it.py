@@ -149,6 +149,7 @@ def it_routes(web: Web, alerter: Alerter) -> APIRouter:
             [[e(name), e(st.get("type")),
               (f'<span class="bad">✘ {e(t(lang, "silent"))}</span>'
                if f"adapter-silent:{name}" in active else
+               f'<span class="bad">✘ {e(t(lang, "failing"))}</span>' if _failing(st) else
                f'<span class="ok">✔ {e(t(lang, "healthy"))}</span>'),
               e(fmt_time(st.get("last_ok_at"))), e(st.get("last_error")),
               e(", ".join(f"{k}={v}" for k, v in sorted((st.get("counters") or {}).items())))]
@@ -224,3 +225,9 @@ def it_routes(web: Web, alerter: Alerter) -> APIRouter:
         return RedirectResponse(f"/ui/it?{urlencode({'msg': msg})}", status_code=303)
 
     return router
+
+
+def _failing(status: dict[str, Any]) -> bool:
+    """The adapter's last call failed after its last success (e.g. the HIS does not answer)."""
+    err, ok = status.get("last_error_at"), status.get("last_ok_at")
+    return bool(err) and (not ok or str(err) > str(ok))
