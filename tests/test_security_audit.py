@@ -15,6 +15,7 @@ test then works on its own copy of core's whole data folder, run by a real ``hut
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -274,3 +275,94 @@ def test_second_run_on_the_same_data_folder_refuses_naming_the_pid(exchanged) ->
             again.wait_ready()
         finally:
             again.stop()
+
+
+# -- in process: the anchor file, anchors kept for peers ----------------------------------------
+
+
+def test_anchor_file_moves_forward_only_atomically_0600_after_commit(tmp_path) -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from bridge.audit import AuditChain, AuditEntry
+    from bridge.audit.anchor import AnchorFile, problem
+    from bridge.store.db import Store
+
+    key = Ed25519PrivateKey.generate()
+    store = Store(f"sqlite:///{tmp_path / 'node.db'}")
+    store.create_all()
+    path = tmp_path / "audit-anchor.json"
+    chain = AuditChain("core", key, checkpoint_every=2, anchor_file=AnchorFile(path))
+    with pytest.raises(RuntimeError):
+        with store.write() as conn:
+            chain.append(conn, [AuditEntry(action="config") for _ in range(2)])
+            raise RuntimeError("rolled back")
+    assert not path.exists() and chain.latest is None  # a rolled-back checkpoint anchors nothing
+    with store.write() as conn:
+        chain.append(conn, [AuditEntry(action="config") for _ in range(5)])
+    first = json.loads(path.read_text())
+    assert first["seq"] == 4 and path.stat().st_mode & 0o777 == 0o600
+    assert chain.receipt_anchor() == first
+    with store.read() as conn:
+        assert conn.exec_driver_sql("SELECT hash FROM audit WHERE seq = 4").scalar() == \
+            first["hash"]
+    stale = AnchorFile(path).read()
+    assert stale is not None and stale.verifies([key.public_key()])
+    assert AnchorFile(path).advance(stale) is False  # never backwards
+    with store.write() as conn:
+        chain.append(conn, [AuditEntry(action="config")])
+        chain.checkpoint(conn)
+    assert json.loads(path.read_text())["seq"] == 6
+    # a store whose row at the anchored seq has another hash: replaced or rewritten
+    with store.write() as conn:
+        conn.exec_driver_sql("UPDATE audit SET hash = ? WHERE seq = 4", ("0" * 64,))
+        assert problem(conn, stale, "the anchor") == (
+            4, "seq 4: hash differs from the anchor's (store replaced or rewritten)")
+    store.dispose()
+
+
+def test_peer_anchors_kept_highest_and_a_chain_that_went_back_is_audited_once(tmp_path) -> None:
+    from datetime import UTC, datetime
+    from types import SimpleNamespace
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from bridge.audit.anchor import Anchor, held_for, keep_from_receipts
+    from bridge.audit.chain import key_id
+    from bridge.store.db import Store
+
+    core, other = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    directory = {"core": SimpleNamespace(signing_keys=(core.public_key(),)),
+                 "chc": SimpleNamespace(signing_keys=(other.public_key(),))}
+
+    def anchor(seq: int, h: str, signer: Ed25519PrivateKey = core) -> dict:
+        a = Anchor("core", seq, h * 64, "2026-12-07T01:00:00.000000Z",
+                   key_id(signer.public_key()), "")
+        sig = base64.b64encode(signer.sign(a.message())).decode()
+        return {**a.to_dict(), "signature": sig}
+
+    def receipt(a: dict | None, receiver: str = "core") -> dict:
+        return {"receiver": receiver, "status": "accepted", **({"anchor": a} if a else {})}
+
+    store = Store(f"sqlite:///{tmp_path / 'node.db'}")
+    store.create_all()
+    now = datetime.now(UTC)
+    with store.write() as conn:
+        got = keep_from_receipts(conn, directory, [
+            receipt(None), receipt(anchor(6, "a")), receipt(anchor(9, "b")),
+            receipt(anchor(12, "c", other)),  # not signed by core: ignored
+            receipt(anchor(15, "d"), receiver="chc"),  # not the signer's own chain: ignored
+            receipt({**anchor(18, "e"), "v": 2}),  # a later version: ignored, not an error
+            RuntimeError("a receipt that failed its own checks"),
+        ], now)
+        assert got == []
+        assert held_for(conn, "core")["seq"] == 9
+        back = keep_from_receipts(conn, directory, [receipt(anchor(3, "f"))], now)
+        again = keep_from_receipts(conn, directory, [receipt(anchor(3, "f"))], now)
+        assert held_for(conn, "core")["seq"] == 9  # the highest stays
+    assert again == []  # audited once per anchor
+    assert len(back) == 1
+    e = back[0]
+    assert (e.action, e.outcome, e.peer, e.code) == ("peer-anchor", "8", "core", "HT-AUDIT-ANCHOR")
+    assert e.message == (f"core's audit chain went back: it now shows seq 3 (hash {'f' * 16}), "
+                         f"it showed seq 9 (hash {'b' * 16})")
+    store.dispose()

@@ -222,7 +222,7 @@ def keep_from_receipts(conn: Connection, directory: Any, receipts: Sequence[Any]
     from .tables import PeerAnchor
 
     table = PeerAnchor.__table__
-    best: dict[str, Anchor] = {}
+    shown: dict[str, set[Anchor]] = {}
     for fields in receipts:
         if not isinstance(fields, dict) or not isinstance(fields.get("anchor"), dict):
             continue
@@ -230,15 +230,17 @@ def keep_from_receipts(conn: Connection, directory: Any, receipts: Sequence[Any]
             a = Anchor.from_dict(fields["anchor"])
         except ValueError:
             continue
-        if a.node != fields.get("receiver"):
-            continue
-        seen = best.get(a.node)
-        if seen is None or a.seq > seen.seq:
-            best[a.node] = a
+        if a.node == fields.get("receiver"):
+            shown.setdefault(a.node, set()).add(a)
     entries: list[Any] = []
-    for node, a in best.items():
+    for node, candidates in shown.items():
         member = directory.get(node)
-        if member is None or not a.verifies(member.signing_keys):
+        if member is None:
+            continue
+        # the highest that verifies (a batch's receipts mostly carry one and the same)
+        a = next((c for c in sorted(candidates, key=lambda c: -c.seq)
+                  if c.verifies(member.signing_keys)), None)
+        if a is None:
             continue
         row = conn.execute(select(table).where(table.c.node == node)).first()
         values = {"seq": a.seq, "hash": a.hash, "at": a.at, "key_id": a.key_id,
