@@ -366,3 +366,34 @@ def test_peer_anchors_kept_highest_and_a_chain_that_went_back_is_audited_once(tm
     assert e.message == (f"core's audit chain went back: it now shows seq 3 (hash {'f' * 16}), "
                          f"it showed seq 9 (hash {'b' * 16})")
     store.dispose()
+
+
+def test_running_node_shows_a_tail_cut_under_it_on_the_auditor_page(exchanged) -> None:
+    import http.cookiejar
+    import urllib.parse
+    import urllib.request
+
+    core = exchanged.node("core")
+    config, data = clone(core, "live")
+    anchored = anchor_of(data)["seq"]
+    node = NodeProcess("core", config)
+    node.start()
+    try:
+        node.wait_ready()
+        jar = http.cookiejar.CookieJar()
+        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+        form = urllib.parse.urlencode({"token": node.token("auditor")}).encode()
+        opener.open(node.local_url + "/ui/login", data=form, timeout=30).close()
+
+        def page() -> str:
+            with opener.open(node.local_url + "/ui/audit?verify=full&lang=en", timeout=60) as r:
+                return r.read().decode()
+        assert 'class="chain ok"' in page()
+        rows, cps = cut_after(data / "node.db", anchored - 2)
+        assert rows >= 2 and cps >= 1
+        body = page()
+        assert 'class="chain bad"' in body
+        assert "the node&#x27;s latest anchor records seq" in body or \
+            "hash differs from the node&#x27;s latest anchor" in body
+    finally:
+        node.stop()
