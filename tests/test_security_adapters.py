@@ -7,7 +7,8 @@
   came, and the IT page said healthy).
 * DICOM Store SCP (a real pynetdicom C-STORE SCU): a data set with a sequence nested 200 deep
   and one over ``max_dataset_bytes`` are answered with a failure status, quarantined (the
-  oversize one's first MiB), audited, and nothing is stored; a sound instance on the next
+  oversize one's first MiB), audited, and nothing is stored; one far over it is cut off while
+  arriving (association aborted, recorded, nothing kept); a sound instance on the next
   association is stored; a TCP peer that connects and says nothing is cut off by the idle
   timeout.
 """
@@ -162,7 +163,8 @@ def ct(sop: str, series: str = STUDY + ".1") -> Dataset:
     return ds
 
 
-def c_store(port: int, ds: Dataset) -> int:
+def c_store(port: int, ds: Dataset) -> int | None:
+    """One C-STORE on its own association: the status, or None if the SCP aborted."""
     ae = AE(ae_title="MODALITY")
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
     ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
@@ -170,9 +172,13 @@ def c_store(port: int, ds: Dataset) -> int:
     assert assoc.is_established
     try:
         status = assoc.send_c_store(ds)
+        if "Status" not in status:
+            wait_for(lambda: not assoc.is_established, what="the aborted association ended")
+            return None
         return int(status.Status)
     finally:
-        assoc.release()
+        if assoc.is_established:
+            assoc.release()
 
 
 def test_dicom_deep_and_oversize_datasets_refused_quarantined_nothing_stored(pacs_site) -> None:
@@ -189,10 +195,19 @@ def test_dicom_deep_and_oversize_datasets_refused_quarantined_nothing_stored(pac
     big = ct(STUDY + ".1.2")
     big.PixelData = b"\x00" * (2 * LIMIT)
 
+    huge = ct(STUDY + ".1.4")
+    huge.PixelData = b"\x00" * (4 * LIMIT)
+
     assert c_store(port, deep) == 0xC000
     assert c_store(port, big) == 0xC000
+    assert c_store(port, huge) is None  # cut off while arriving: the association is aborted
     held = {h["message"].split(":")[0]: h for h in core.api("GET", "/local/v1/quarantine")}
-    assert set(held) == {f"instance {STUDY}.1.1", f"instance {STUDY}.1.2"}
+    assert set(held) == {f"instance {STUDY}.1.1", f"instance {STUDY}.1.2",
+                         f"instance {STUDY}.1.4"}
+    assert re.fullmatch(
+        rf"instance {re.escape(STUDY)}\.1\.4: data set over twice the {LIMIT}-byte limit "
+        r"\(options\.max_dataset_bytes\): cut off after (\d+) bytes, association aborted, "
+        r"nothing kept", held[f"instance {STUDY}.1.4"]["message"])
     assert held[f"instance {STUDY}.1.1"]["message"] == (
         f"instance {STUDY}.1.1: sequences nested deeper than 32 (options.max_sequence_depth)")
     assert re.fullmatch(
@@ -204,12 +219,13 @@ def test_dicom_deep_and_oversize_datasets_refused_quarantined_nothing_stored(pac
             "HT-DICOM-REJECTED", "adapter:pacs", "imaging.instance")
     sizes = dict(db_rows(core, "SELECT id, length(raw) FROM quarantine"))
     assert sizes[held[f"instance {STUDY}.1.2"]["id"]] == 1 << 20
+    assert sizes[held[f"instance {STUDY}.1.4"]["id"]] == 0
     assert sizes[held[f"instance {STUDY}.1.1"]["id"]] > 4000  # the whole deep one
     assert not (studies / STUDY).exists()  # nothing stored
     rows = list(csv.DictReader(io.StringIO(core.cli("audit", "export", "--format",
                                                      "csv").stdout)))
     assert sorted(r["code"] for r in rows if r["action"] == "quarantined") == \
-        ["HT-DICOM-REJECTED", "HT-DICOM-REJECTED"]
+        ["HT-DICOM-REJECTED"] * 3
     log = core.log.read_text(encoding="utf-8", errors="replace")
     assert "sequences nested deeper than 32" in log and "FX0099" not in log
 

@@ -81,7 +81,8 @@ class PacsAdapter(BaseAdapter):
                                  or f"urn:hutong:{host.node_id}:accession")
         self.instances = InstanceStore(host.data_dir / "studies")
         self.fetched = InstanceStore(host.data_dir / "fetched")
-        self.listener = dimse.StoreListener(self.opts, self._on_store, self._complete_all)
+        self.listener = dimse.StoreListener(self.opts, self._on_store, self._complete_all,
+                                            on_cut=self._on_cut)
         self._pending: dict[str, float] = {}  # study UID -> monotonic time of its last instance
         self._lock = threading.Lock()  # one study build at a time (SCP threads, jobs, fetches)
 
@@ -141,6 +142,16 @@ class PacsAdapter(BaseAdapter):
             self._pending[study] = time.monotonic()
         self.count("instances_received")
         return SUCCESS, study
+
+    def _on_cut(self, sop: str, received: int) -> None:
+        """A C-STORE cut off while arriving (far over the limit): nothing of it is kept."""
+        exc = DicomRejected(f"instance {sop}: data set over twice the "
+                            f"{self.opts.max_dataset_bytes}-byte limit "
+                            f"(options.max_dataset_bytes): cut off after {received} bytes, "
+                            "association aborted, nothing kept")
+        self.count("instances_rejected")
+        log.warning("pacs: C-STORE cut off (%s): %s", exc.code, exc.message)
+        self.host.quarantine(exc, raw=b"", kind="imaging.instance")
 
     def _bounded(self, raw: bytes, hint: str, transfer_syntax: Any) -> None:
         """Size and nesting caps, judged before pydicom (which recurses) reads anything."""
