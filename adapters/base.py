@@ -96,7 +96,12 @@ class BaseAdapter:
 
     def failed(self, message: str) -> None:
         self.last_error = message
-        self.last_error_at = self.host.now().isoformat()
+        now = getattr(self.host, "now", None)
+        if now is None:  # a bare host (unit tests): wall clock
+            from datetime import UTC, datetime
+
+            now = lambda: datetime.now(UTC)  # noqa: E731
+        self.last_error_at = now().isoformat()
 
     def status(self) -> dict[str, Any]:
         return {"name": self.name, "type": type(self).__name__, "last_ok_at": self.last_ok_at,

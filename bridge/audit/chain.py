@@ -215,6 +215,11 @@ class AuditChain:
         latest = self.latest
         return latest.to_dict() if latest is not None else None
 
+    def receipt_fields(self) -> dict[str, Any]:
+        """What the receipts this node signs gain: ``{"anchor": ...}``, or nothing yet."""
+        anchor = self.receipt_anchor()
+        return {"anchor": anchor} if anchor is not None else {}
+
     # -- verifying ---------------------------------------------------------------------------
 
     def verify(

@@ -264,15 +264,15 @@ class Intake:
     def _receipt(
         self, packet: str, sender: str, recipient: str, digest: str, status: str, now: datetime
     ) -> bytes:
-        fields = {
-            "packet": packet, "sender": sender, "recipient": recipient,
-            "receiver": self.plan.node_id, "status": status, "code": None,
-            "message": None, "at": _iso(now), "digest": digest,
-        }
-        anchor = self.ctx.audit.receipt_anchor()  # additive field: our latest signed checkpoint
-        if anchor is not None:
-            fields["anchor"] = anchor
-        return env.sign_receipt(fields, self.ctx.signing_key)
+        return env.sign_receipt(
+            {
+                "packet": packet, "sender": sender, "recipient": recipient,
+                "receiver": self.plan.node_id, "status": status, "code": None,
+                "message": None, "at": _iso(now), "digest": digest,
+                **self.ctx.audit.receipt_fields(),  # additive: our latest signed checkpoint
+            },
+            self.ctx.signing_key,
+        )
 
     def _entry(
         self, action: str, h: env.Header, now: datetime, relay: str | None, phash: str | None
