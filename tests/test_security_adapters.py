@@ -246,3 +246,99 @@ def test_ws_options_refuse_a_limit_out_of_range() -> None:
     assert Options.model_validate({"url": "http://x/"}).max_document_bytes == 4 * 1024 * 1024
     with pytest.raises(ValueError, match="max_document_bytes"):
         Options.model_validate({"url": "http://x/", "max_document_bytes": 0})
+
+
+# -- the WS client on its own, against a real HTTP server ------------------------------------------
+
+
+class _Server:
+    """A loopback HTTP server answering every POST with ``answer(body)`` written by ``send``."""
+
+    def __init__(self, respond) -> None:  # type: ignore[no-untyped-def]
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                respond(self, body)
+
+            def log_message(self, *args) -> None:  # type: ignore[no-untyped-def]
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/his-ws"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_ws_client_cuts_off_an_oversize_document_and_keeps_the_ones_before_it() -> None:
+    from adapters.his_ws import soap
+    from adapters.his_ws.client import HisClient
+
+    docs = [soap.Pending(1, "A-1", "referral", b"<a/>" * 10),
+            soap.Pending(2, "BIG-2", "referral", b"x" * 300_000),
+            soap.Pending(3, "C-3", "acceptance", b"<c/>")]
+
+    def respond(h, body) -> None:  # type: ignore[no-untyped-def]
+        since = int(re.search(rb"<hws:Since>(\d+)<", body).group(1))
+        answer = soap.pending_response([d for d in docs if d.seq > since])
+        h.send_response(200)
+        h.send_header("Content-Length", str(len(answer)))
+        h.end_headers()
+        try:
+            for i in range(0, len(answer), 4096):
+                h.wfile.write(answer[i:i + 4096])
+        except OSError:
+            pass  # the client closed: the rest is never read
+
+    server = _Server(respond)
+    try:
+        client = HisClient(server.url, 5.0, max_document_bytes=100_000)
+        got = client.pending(0, 50)
+        assert [(d.seq, d.doc_id, d.type, d.raw, bool(d.too_large)) for d in got] == [
+            (1, "A-1", "referral", b"<a/>" * 10, False), (2, "BIG-2", "referral", b"", True)]
+        assert got[1].too_large > 100_000 * 4 // 3
+        later = client.pending(2, 50)
+        assert [(d.seq, d.doc_id, d.raw, d.too_large) for d in later] == [(3, "C-3", b"<c/>", 0)]
+        # within the limit, the same document comes whole
+        whole = HisClient(server.url, 5.0, max_document_bytes=400_000).pending(1, 50)
+        assert [(d.seq, len(d.raw), d.too_large) for d in whole] == [(2, 300_000, 0), (3, 4, 0)]
+    finally:
+        server.close()
+
+
+def test_ws_client_gives_up_on_a_service_that_trickles_past_the_call_deadline() -> None:
+    import threading
+
+    from adapters.his_ws.client import HisClient
+    from adapters.his_ws.errors import HisUnavailable
+
+    stop = threading.Event()
+
+    def respond(h, body) -> None:  # type: ignore[no-untyped-def]
+        h.send_response(200)
+        h.send_header("Content-Length", "1000000")
+        h.end_headers()
+        try:
+            while not stop.wait(0.2):  # a byte now and then: never idle long enough to time out
+                h.wfile.write(b" ")
+                h.wfile.flush()
+        except OSError:
+            pass
+
+    server = _Server(respond)
+    try:
+        client = HisClient(server.url, 5.0, call_deadline_s=1.0)
+        with pytest.raises(HisUnavailable, match=r"GetPendingDocuments: answer not complete "
+                                                 r"within 1 s"):
+            client.pending(0, 50)
+        with pytest.raises(HisUnavailable, match=r"AckDocuments: answer not complete within"):
+            client.ack([1])
+    finally:
+        stop.set()
+        server.close()
