@@ -201,7 +201,7 @@ def test_peer_held_anchor_catches_a_truncation_the_node_cannot_see(exchanged, tm
     held = json.loads(exported.read_text())
     assert held["node"] == "core" and held["held_by"] == "chc" and held["v"] == 1
     seq = held["seq"]
-    assert seq >= EVERY and seq % EVERY == 0  # a checkpoint core signed while receiving
+    assert seq >= EVERY  # a checkpoint core signed while receiving
     config, data = clone(core, "peer")
     db = data / "node.db"
     with sqlite3.connect(db) as conn:
@@ -224,11 +224,11 @@ def test_peer_held_anchor_catches_a_truncation_the_node_cannot_see(exchanged, tm
 
     # a forged anchor (another seq under the same signature) is refused, not trusted
     forged = tmp_path / "forged.json"
-    forged.write_text(json.dumps({**held, "seq": seq - 3}))
+    forged.write_text(json.dumps({**held, "seq": seq + 1}))
     f = hutong("audit", "verify", "--anchor", str(forged), config=config)
     assert f.returncode == 1
     assert f.stderr.splitlines() == [
-        f"audit chain of core is BROKEN at record {seq - 3}: the anchor in {forged}: its "
+        f"audit chain of core is BROKEN at record {seq + 1}: the anchor in {forged}: its "
         "signature does not verify with core's keys"]
 
 
