@@ -75,6 +75,7 @@ class BaseAdapter:
         self.counters: dict[str, int] = {}
         self.last_ok_at: str | None = None
         self.last_error: str | None = None
+        self.last_error_at: str | None = None
 
     def start(self) -> None:
         pass
@@ -95,10 +96,17 @@ class BaseAdapter:
 
     def failed(self, message: str) -> None:
         self.last_error = message
+        now = getattr(self.host, "now", None)
+        if now is None:  # a bare host (unit tests): wall clock
+            from datetime import UTC, datetime
+
+            now = lambda: datetime.now(UTC)  # noqa: E731
+        self.last_error_at = now().isoformat()
 
     def status(self) -> dict[str, Any]:
         return {"name": self.name, "type": type(self).__name__, "last_ok_at": self.last_ok_at,
-                "last_error": self.last_error, "counters": dict(self.counters)}
+                "last_error": self.last_error, "last_error_at": self.last_error_at,
+                "counters": dict(self.counters)}
 
     def stop(self) -> None:
         pass

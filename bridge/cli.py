@@ -65,9 +65,12 @@ def run(config: ConfigOpt) -> None:
     """Run a node: peer gateway, local API and delivery jobs, until Ctrl-C."""
     from bridge.filemodes import describe, open_to_others, private_umask
     from bridge.node import Node
+    from bridge.startup import check_sqlite, lock_data_dir
 
     private_umask()  # database, WAL, spool, DICOM files, logs: 0600/0700 from the first byte
     plan = _plan(config)
+    lock_data_dir(plan.data_dir)  # one 'hutong run' per data folder (workers take none)
+    check_sqlite(plan)  # PRAGMA quick_check; a deleted store that an anchor remembers
     for path, mode in open_to_others([plan.data_dir], limit=20):
         err.print(f"warning: {describe(path, mode)}")
     node = Node(plan)
@@ -239,22 +242,131 @@ def _replay_on_node(plan: Any, item_id: int) -> tuple[bool, str]:
 
 
 @audit_app.command("verify")
-def audit_verify(config: ConfigOpt) -> None:
-    """Recompute the hash chain and checkpoints; exit 1 naming the first bad record."""
+def audit_verify(
+    config: ConfigOpt,
+    anchor: Annotated[list[Path] | None, typer.Option(
+        "--anchor", help="an anchor a peer holds for this node (hutong audit anchor-export)")
+    ] = None,
+) -> None:
+    """Recompute the hash chain and checkpoints, and check it against its anchors (the local
+    anchor file and any --anchor FILE); exit 1 naming the first bad record."""
+    from bridge.audit import anchor as anchors
     from bridge.node import own_signing_keys
+    from bridge.startup import sqlite_path
 
+    plan = _plan(config)
+    local = plan.data_dir / anchors.ANCHOR_NAME
+    db = sqlite_path(plan.storage_dsn)
+
+    def broken(seq: int | None, reason: str) -> None:
+        at = f" at record {seq}" if seq is not None else ""
+        err.print(f"audit chain of {plan.node_id} is BROKEN{at}: {reason}")
+        raise typer.Exit(1)
+
+    held: list[tuple[str, anchors.Anchor]] = []
+    for path in anchor or []:
+        try:
+            held.append((f"the anchor in {path}", anchors.load(path.read_bytes())))
+        except (OSError, ValueError) as exc:
+            raise HutongError(f"--anchor {path}: not an anchor ({exc})") from None
+    try:
+        mine = anchors.AnchorFile(local).read()
+    except ValueError as exc:
+        broken(None, f"the anchor file {local} is unreadable ({exc})")
+    if mine is not None:
+        held.insert(0, (f"the anchor file {local}", mine))
+    if db is not None and not db.exists():
+        if held:
+            source, a = held[0]
+            broken(1, f"store {db} is missing, {source} records seq {a.seq}")
+        raise HutongError(f"store {db} does not exist")
     ctx = _ctx(config)
     me = ctx.plan.directory[ctx.node_id]
     with ctx.store.read() as conn:
         # checkpoints made before a key rollover were signed with this node's earlier key
-        result = ctx.audit.verify(conn, [*me.signing_keys, *own_signing_keys(conn)])
+        keys = [*me.signing_keys, *own_signing_keys(conn)]
+        result = ctx.audit.verify(conn, keys)
+        if result.ok:
+            for source, a in held:
+                if a.node != ctx.node_id:
+                    broken(None, f"{source} is for node {a.node}, not {ctx.node_id}")
+                if not a.verifies(keys):
+                    broken(a.seq, f"{source}: its signature does not verify with "
+                                  f"{ctx.node_id}'s keys")
+                found = anchors.problem(conn, a, source)
+                if found is not None:
+                    broken(*found)
     if result.ok:
         out.print(f"audit chain of {ctx.node_id} verifies: {result.checked} records, "
-                  f"{result.checkpoints_checked} signed checkpoints, head {result.last_hash[:16]}")
+                  f"{result.checkpoints_checked} signed checkpoints, head {result.last_hash[:16]}"
+                  + (f", {len(held)} anchor(s) held" if held else ""))
         return
-    err.print(f"audit chain of {ctx.node_id} is BROKEN at record {result.first_bad_seq}: "
-              f"{result.reason}")
-    raise typer.Exit(1)
+    broken(result.first_bad_seq, str(result.reason))
+
+
+@audit_app.command("anchor-export")
+def audit_anchor_export(
+    config: ConfigOpt,
+    peer: Annotated[str, typer.Option(help="the member whose anchor this node holds")],
+    output: Annotated[Path | None, typer.Option("--out", "-o")] = None,
+) -> None:
+    """Write the latest signed audit checkpoint a peer showed this node (in its receipts), for
+    'hutong audit verify --anchor FILE' on that peer."""
+    from bridge.audit.anchor import held_for
+
+    ctx = _ctx(config)
+    with ctx.store.read() as conn:
+        held = held_for(conn, peer)
+    if held is None:
+        raise HutongError(f"this node holds no audit anchor of '{peer}' (none of its receipts "
+                          "carried one yet)")
+    held["held_by"] = ctx.node_id
+    text = json.dumps(held, sort_keys=True) + "\n"
+    if output:
+        output.write_text(text, encoding="utf-8")
+        out.print(f"anchor of {peer} at seq {held['seq']} written to {output}")
+    else:
+        sys.stdout.write(text)
+
+
+@audit_app.command("accept-restore")
+def audit_accept_restore(
+    config: ConfigOpt,
+    reason: Annotated[str, typer.Option(help="why the store is older (ticket, backup date)")],
+) -> None:
+    """IT override after a deliberate restore: accept a store younger than its audit anchor.
+
+    Appends an audited 'anchor-reset' record naming the superseded anchor and the reason, signs
+    a checkpoint of the new head, keeps the old anchor file beside it and anchors the new head.
+    Refused while a node runs on this data folder."""
+    import shutil
+
+    from bridge.audit import anchor as anchors
+    from bridge.audit.events import AuditEntry
+    from bridge.startup import lock_data_dir
+
+    plan = _plan(config)
+    lock_data_dir(plan.data_dir)
+    local = plan.data_dir / anchors.ANCHOR_NAME
+    try:
+        old = anchors.AnchorFile(local).read()
+    except ValueError:
+        old = None
+    if local.exists():  # kept beside the new one, for the auditors
+        shutil.copy2(local, local.with_name(anchors.superseded_name()))
+    ctx = _ctx(config)
+    with ctx.store.write() as conn:
+        head_seq, _ = anchors.head(conn)
+        ctx.audit.append(conn, [AuditEntry(
+            action="anchor-reset", outcome="4", at=ctx.now(), actor="cli",
+            message=f"store accepted as restored by IT: {reason}",
+            extra={"superseded_seq": old.seq if old else None,
+                   "superseded_hash": old.hash if old else None, "store_head": head_seq})])
+        cp = ctx.audit.checkpoint(conn)
+    if cp is not None:
+        ctx.audit.anchor_file.replace(anchors.from_checkpoint(ctx.node_id, cp))
+    out.print(f"store of {ctx.node_id} accepted: anchor moved from seq "
+              f"{old.seq if old else '-'} to seq {cp.seq if cp else '-'}")
 
 
 @audit_app.command("export")

@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from bridge.audit.anchor import ANCHOR_NAME, AnchorFile
 from bridge.audit.chain import AuditChain
 from bridge.config.loader import NodePlan
 from bridge.crypto.keys import load_encryption_key, load_signing_key
@@ -35,7 +36,8 @@ class NodeContext:
         store = Store(plan.storage_dsn)
         if create:
             store.create_all()
-        audit = AuditChain(plan.node_id, signing, checkpoint_every=plan.audit.checkpoint_every)
+        audit = AuditChain(plan.node_id, signing, checkpoint_every=plan.audit.checkpoint_every,
+                           anchor_file=AnchorFile(plan.data_dir / ANCHOR_NAME))
         return cls(plan, store, audit, signing, (encryption,))
 
     @property

@@ -247,3 +247,22 @@ class CsrfRefused(Forbidden):
     """A /ui form post without this session's anti-forgery token (or with a wrong one)."""
 
     code = "HT-WEB-CSRF"
+
+
+class AuditAnchorMismatch(HutongError):
+    """The node's store is younger than, or differs from, its audit chain's anchor (the last
+    signed checkpoint kept outside the database): truncated, deleted, replaced or restored."""
+
+    code = "HT-AUDIT-ANCHOR"
+
+
+class StoreCorrupt(HutongError):
+    """The node's SQLite file fails ``PRAGMA quick_check`` (or is not a database at all)."""
+
+    code = "HT-STORE-CORRUPT"
+
+
+class DataDirLocked(HutongError):
+    """Another ``hutong run`` already holds this node's data folder."""
+
+    code = "HT-DATA-LOCKED"

@@ -33,6 +33,7 @@ from bridge.gateway.intake import Intake
 from bridge.local.registry import load_adapters, receivers
 from bridge.referral.workflow import Workflow
 from bridge.results.inbox import ResultsInbox
+from bridge.startup import check_anchor
 from bridge.store import state
 
 log = logging.getLogger("hutong.node")
@@ -62,6 +63,7 @@ class Node:
     def __init__(self, plan: NodePlan) -> None:
         self.plan = plan
         self.ctx = NodeContext.open(plan)
+        check_anchor(self.ctx)  # a store younger than its audit anchor does not start
         faults.install(self.ctx)
         self.chain_watch = ChainWatch(
             self.ctx, lambda conn: [*plan.me.signing_keys, *own_signing_keys(conn)],

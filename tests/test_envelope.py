@@ -619,3 +619,48 @@ def test_seal_refuses_bad_arguments(kw: dict[str, Any]) -> None:
 def test_stamp_relay_refuses_empty_relay_id() -> None:
     with pytest.raises(ValueError):
         env.stamp_relay(env.decode(seal(), max_body=MAX), relay_id="", signing_key=RELAY)
+
+
+# -- receipts carrying an audit anchor (additive field, anchor v1) ----------------------------
+
+ANCHOR_VECTORS = json.loads((Path(__file__).parent / "vectors" / "receipt_anchor_v1.json")
+                            .read_text())
+
+
+def test_vector_receipt_with_anchor_is_a_v1_receipt_old_and_new_peers_read() -> None:
+    """The anchor is one more signed receipt field: a peer that knows nothing of anchors
+    verifies the receipt unchanged (extra fields are allowed), and an anchor-less receipt (the
+    envelope_v1 vector) is still what a new peer accepts."""
+    from bridge.audit.anchor import Anchor
+    from bridge.audit.chain import key_id
+
+    ain, aout = ANCHOR_VECTORS["inputs"], ANCHOR_VECTORS["outputs"]
+    assert ain["receiver_signing_seed"] == VIN["receiver_signing_seed"]
+    assert ain["receipt_fields"] == VOUT["receipt_fields"]
+    message = f"{ain['node']}|{ain['seq']}|{ain['hash']}|{ain['checkpoint_at']}".encode()
+    assert message.decode() == aout["checkpoint_message"]
+    signature = base64.b64encode(RECEIVER.sign(message)).decode()  # Ed25519 is deterministic
+    anchor = {"v": 1, "node": ain["node"], "seq": ain["seq"], "hash": ain["hash"],
+              "at": ain["checkpoint_at"], "key_id": key_id(RECEIVER.public_key()),
+              "signature": signature}
+    assert anchor == aout["anchor"]
+    fields = {**VOUT["receipt_fields"], "anchor": anchor}
+    assert fields == aout["receipt_fields"]
+    receipt = env.sign_receipt(fields, RECEIVER)
+    assert receipt.hex() == aout["receipt"]
+    assert hashlib.sha256(receipt).hexdigest() == aout["receipt_sha256"]
+    raw = canonical(fields)
+    assert receipt[:8] == b"HTR1" + u32(len(raw)) and receipt[8:-64] == raw
+    RECEIVER.public_key().verify(receipt[-64:], b"hutong/v1/receipt\x00" + raw)
+    # the v1 verifier takes both forms
+    got = env.verify_receipt(receipt, lambda n: [RECEIVER.public_key()])
+    assert got == fields and got["anchor"]["seq"] == 3000
+    plain = env.verify_receipt(bytes.fromhex(VOUT["receipt"]), lambda n: [RECEIVER.public_key()])
+    assert "anchor" not in plain
+    # the anchor stands on its own signature: whoever holds it needs only the node's key
+    a = Anchor.from_dict(got["anchor"])
+    assert a.verifies([RECEIVER.public_key()])
+    assert not a.verifies([SIGN.public_key()])
+    assert not Anchor.from_dict({**anchor, "seq": 2999}).verifies([RECEIVER.public_key()])
+    with pytest.raises(ValueError, match="anchor version must be 1"):
+        Anchor.from_dict({**anchor, "v": 2})

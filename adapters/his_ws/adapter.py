@@ -31,6 +31,9 @@ Options (``[adapters.options]``)::
     poll_s = 1.0          # how often to ask for pending documents
     batch = 50            # documents per GetPendingDocuments
     timeout_s = 10.0      # connect/read timeout per call
+    call_deadline_s = 120.0  # a whole call (a service that trickles bytes is cut off)
+    max_document_bytes = 4194304  # a pulled document over this is refused while it arrives
+                          # (HT-WS-TOO-LARGE: quarantined naming it, acked, the next go on)
     encoding = "UTF-8"    # documents written into the HIS: UTF-8 or GB18030
     site_name = "..."     # custodian name in documents written here
     oids = { diagnosis = "...", drug = "...", lab = "...", department = "...", ... }
@@ -48,8 +51,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from adapters import slips_fhir
 from adapters.base import BaseAdapter
 from adapters.his_ws import cda, lab_report
-from adapters.his_ws.client import HisClient
-from adapters.his_ws.errors import BadDocument, DuplicateDocument, HisUnavailable, SchemaInvalid
+from adapters.his_ws.client import DEFAULT_MAX_DOCUMENT, HisClient
+from adapters.his_ws.errors import (
+    BadDocument,
+    DocumentTooLarge,
+    DuplicateDocument,
+    HisUnavailable,
+    SchemaInvalid,
+)
 from adapters.his_ws.ledger import Ledger
 from adapters.his_ws.soap import Pending
 from bridge.delivery.handlers import Delivery
@@ -80,6 +89,8 @@ class Options(BaseModel):
     poll_s: float = Field(1.0, gt=0)
     batch: int = Field(50, gt=0, le=1000)
     timeout_s: float = Field(10.0, gt=0)
+    call_deadline_s: float = Field(120.0, gt=0)
+    max_document_bytes: int = Field(DEFAULT_MAX_DOCUMENT, gt=0, le=64 * 1024 * 1024)
     encoding: str = "UTF-8"
     site_name: str = ""
     oids: dict[str, str] = {}
@@ -117,7 +128,9 @@ class WsAdapter(BaseAdapter):
         super().__init__(host, options)
         try:
             self.opts = Options.model_validate(options)
-            self.client = HisClient(self.opts.url, self.opts.timeout_s)
+            self.client = HisClient(self.opts.url, self.opts.timeout_s,
+                                    max_document_bytes=self.opts.max_document_bytes,
+                                    call_deadline_s=self.opts.call_deadline_s)
         except ValidationError as exc:
             raise ConfigError("; ".join(
                 f"adapters.{self.name}.options.{'.'.join(map(str, e['loc']))}: {e['msg']}"
@@ -159,6 +172,10 @@ class WsAdapter(BaseAdapter):
                 return 0
             settled: list[int] = []
             for d in sorted(docs, key=lambda p: p.seq):
+                if d.too_large:  # cut off while arriving: never stalls the ones behind it
+                    self._too_large(d)
+                    settled.append(d.seq)
+                    continue
                 try:
                     self.take(d)
                     self.count("taken")
@@ -192,6 +209,17 @@ class WsAdapter(BaseAdapter):
         elif isinstance(exc, WorkflowError):
             field = WORKFLOW_FIELD.get(d.type, "/ClinicalDocument")
         return field
+
+    def _too_large(self, d: Pending) -> None:
+        limit = self.opts.max_document_bytes
+        exc = DocumentTooLarge(
+            f"document {d.doc_id} ({d.type}, seq {d.seq}) is over the {limit}-byte limit "
+            f"(options.max_document_bytes): refused after {d.too_large} bytes, the rest not "
+            "read; the HIS must send it again smaller, or IT raises the limit",
+            field="/Envelope/Body/GetPendingDocumentsResponse/PendingDocument")
+        self._quarantine(d, exc)
+        self.count("too_large")
+        self.failed(exc.message)  # shown as the adapter's last error on the IT page
 
     def _quarantine(self, d: Pending, exc: HutongError) -> None:
         self.host.quarantine(exc, raw=d.raw, record=d.doc_id, field=self._field_of(d, exc),

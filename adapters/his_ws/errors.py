@@ -7,7 +7,8 @@
     │   ├── BadDate           HT-WS-DATE       a date or time that does not exist
     │   ├── UnknownCode       HT-WS-CODE       a code (or code system) the site does not know
     │   ├── WrongEncoding     HT-WS-ENCODING   bytes do not match the declared encoding
-    │   └── DuplicateDocument HT-WS-DUPLICATE  a document id taken before with other content
+    │   ├── DuplicateDocument HT-WS-DUPLICATE  a document id taken before with other content
+    │   └── DocumentTooLarge  HT-WS-TOO-LARGE  a document over ``max_document_bytes``
     └── TransportError
         └── HisUnavailable    HT-WS-UNAVAILABLE (transient) SOAP Fault, HTTP error, no answer
 
@@ -50,6 +51,13 @@ class WrongEncoding(BadDocument):
 
 class DuplicateDocument(BadDocument):
     code = "HT-WS-DUPLICATE"
+
+
+class DocumentTooLarge(BadDocument):
+    """Refused while it was still arriving: the rest is never read, so one huge document
+    neither fills memory nor stalls the documents behind it."""
+
+    code = "HT-WS-TOO-LARGE"
 
 
 class HisUnavailable(TransportError):

@@ -38,6 +38,9 @@ class Pending:
     doc_id: str
     type: str
     raw: bytes
+    #: > 0: the document was over the size limit; this many bytes (of its base64 text, or of
+    #: the decoded document) were seen before it was refused, and ``raw`` is empty
+    too_large: int = 0
 
 
 class Fault(Exception):

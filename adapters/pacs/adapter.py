@@ -36,12 +36,13 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
 from sqlalchemy import select
 
 from adapters.base import BaseAdapter
 from adapters.pacs import dimse, fetch
 from adapters.pacs.errors import DicomRejected, FetchFailed, PacsFailed, ReportRejected
-from adapters.pacs.files import InstanceStore, check_uid, read_header
+from adapters.pacs.files import InstanceStore, check_structure, check_uid, read_header
 from adapters.pacs.options import parse_options
 from adapters.pacs.report import parse_oru, report_from_oru, report_from_sr
 from adapters.pacs.study import (
@@ -66,6 +67,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("hutong.adapters.pacs")
 
 SUCCESS, OUT_OF_RESOURCES, CANNOT_UNDERSTAND = 0x0000, 0xA700, 0xC000
+#: of a data set refused for its size, quarantine keeps this much (the header is at the start)
+KEEP_OF_OVERSIZE = 1 << 20
 
 
 class PacsAdapter(BaseAdapter):
@@ -78,7 +81,8 @@ class PacsAdapter(BaseAdapter):
                                  or f"urn:hutong:{host.node_id}:accession")
         self.instances = InstanceStore(host.data_dir / "studies")
         self.fetched = InstanceStore(host.data_dir / "fetched")
-        self.listener = dimse.StoreListener(self.opts, self._on_store, self._complete_all)
+        self.listener = dimse.StoreListener(self.opts, self._on_store, self._complete_all,
+                                            on_cut=self._on_cut)
         self._pending: dict[str, float] = {}  # study UID -> monotonic time of its last instance
         self._lock = threading.Lock()  # one study build at a time (SCP threads, jobs, fetches)
 
@@ -106,6 +110,7 @@ class PacsAdapter(BaseAdapter):
         raw: bytes = event.encoded_dataset()
         hint = str(getattr(event.request, "AffectedSOPInstanceUID", "") or "unknown")
         try:
+            self._bounded(raw, hint, event.context.transfer_syntax)
             ds = read_header(raw)
             sop = check_uid(ds.get("SOPInstanceUID"), record=hint,
                             field="SOPInstanceUID (0008,0018)")
@@ -121,6 +126,9 @@ class PacsAdapter(BaseAdapter):
             self.instances.write(study, series, sop, raw)
         except DicomRejected as exc:
             self.count("instances_rejected")
+            log.warning("pacs: C-STORE refused (%s): %s", exc.code, exc.message)  # UIDs only
+            if len(raw) > self.opts.max_dataset_bytes:  # keep the head, where the header is
+                raw = raw[:KEEP_OF_OVERSIZE]
             try:
                 self.host.quarantine(exc, raw=raw, kind="imaging.instance")
             except Exception:
@@ -134,6 +142,28 @@ class PacsAdapter(BaseAdapter):
             self._pending[study] = time.monotonic()
         self.count("instances_received")
         return SUCCESS, study
+
+    def _on_cut(self, sop: str, received: int) -> None:
+        """A C-STORE cut off while arriving (far over the limit): nothing of it is kept."""
+        exc = DicomRejected(f"instance {sop}: data set over twice the "
+                            f"{self.opts.max_dataset_bytes}-byte limit "
+                            f"(options.max_dataset_bytes): cut off after {received} bytes, "
+                            "association aborted, nothing kept")
+        self.count("instances_rejected")
+        log.warning("pacs: C-STORE cut off (%s): %s", exc.code, exc.message)
+        self.host.quarantine(exc, raw=b"", kind="imaging.instance")
+
+    def _bounded(self, raw: bytes, hint: str, transfer_syntax: Any) -> None:
+        """Size and nesting caps, judged before pydicom (which recurses) reads anything."""
+        o = self.opts
+        if len(raw) > o.max_dataset_bytes:
+            raise DicomRejected(f"instance {hint}: data set of {len(raw)} bytes is over the "
+                                f"{o.max_dataset_bytes}-byte limit (options.max_dataset_bytes)"
+                                f"; the first {KEEP_OF_OVERSIZE} bytes are kept")
+        ts = UID(str(transfer_syntax))
+        check_structure(raw, implicit=ts.is_implicit_VR, little=ts.is_little_endian,
+                        deflated=ts.is_deflated, max_depth=o.max_sequence_depth,
+                        max_bytes=o.max_dataset_bytes, record=hint)
 
     def _complete_all(self, studies: set[str]) -> None:
         for study in sorted(studies):

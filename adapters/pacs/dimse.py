@@ -61,29 +61,71 @@ class StoreListener:
     the Study Instance UIDs it touched."""
 
     def __init__(self, opts: PacsOptions, on_instance: Callable[[Any], tuple[int, str | None]],
-                 on_closed: Callable[[set[str]], None]) -> None:
+                 on_closed: Callable[[set[str]], None],
+                 on_cut: Callable[[str, int], None] | None = None) -> None:
         self.opts = opts
         self.on_instance = on_instance
         self.on_closed = on_closed
+        self.on_cut = on_cut  # (SOP instance UID or "unknown", bytes received) of a cut C-STORE
         self._touched: dict[int, set[str]] = {}
         self._lock = threading.Lock()
         self._server: Any = None
 
     def start(self) -> None:
-        ae = _ae(self.opts.ae_title, self.opts.timeout_s)
+        o = self.opts
+        ae = _ae(o.ae_title, o.timeout_s)
+        # a peer that connects and says nothing, or stalls mid-association, is cut off
+        ae.acse_timeout = o.acse_timeout_s or o.timeout_s
+        ae.dimse_timeout = o.dimse_timeout_s or o.timeout_s
+        ae.network_timeout = o.idle_timeout_s or o.timeout_s
         for cx in StoragePresentationContexts:
             ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
-        ae.maximum_associations = 16
+        ae.maximum_associations = o.max_associations
         self._server = ae.start_server(
             (self.opts.bind_host, self.opts.bind_port), block=False,
             evt_handlers=[(evt.EVT_C_STORE, self._store), (evt.EVT_RELEASED, self._closed),
-                          (evt.EVT_ABORTED, self._closed)])
+                          (evt.EVT_ABORTED, self._closed), (evt.EVT_ESTABLISHED, self._cap)])
 
     def stop(self) -> None:
         server, self._server = self._server, None
         if server is not None:
             server.shutdown()
+
+    def _cap(self, event: Any) -> None:
+        """Bound what one message may gather while it arrives: past twice
+        ``max_dataset_bytes`` (plus 1 MiB) the gathered bytes are dropped and the association
+        aborted (pynetdicom would otherwise hold the whole data set in memory before the
+        C-STORE handler can refuse it); between the limit and that ceiling the data set is
+        received and refused with a failure status by the handler."""
+        dimse = event.assoc.dimse
+        receive = dimse.receive_primitive
+        ceiling = 2 * self.opts.max_dataset_bytes + (1 << 20)
+        state = {"n": 0, "cut": False}
+
+        def capped(primitive: Any) -> None:
+            if state["cut"]:
+                return
+            if dimse.message is None:  # a new message starts
+                state["n"] = 0
+            state["n"] += sum(len(v) for _, v in primitive.presentation_data_value_list)
+            if state["n"] <= ceiling:
+                receive(primitive)
+                return
+            state["cut"] = True
+            try:
+                sop = str(dimse.message.command_set.AffectedSOPInstanceUID)
+            except AttributeError:
+                sop = "unknown"
+            dimse.message = None  # what was gathered goes now
+            dimse.dul.event_queue.put("Evt19")  # A-ABORT, as for an invalid PDU
+            if self.on_cut is not None:
+                try:
+                    self.on_cut(sop, state["n"])
+                except Exception:
+                    log.exception("recording a cut C-STORE failed")
+
+        dimse.receive_primitive = capped
 
     def _store(self, event: Any) -> int:
         status, study = self.on_instance(event)

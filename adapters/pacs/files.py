@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import re
+import struct
+import zlib
 from io import BytesIO
 from pathlib import Path
 
@@ -36,8 +38,131 @@ def read_header(source: bytes | Path) -> Dataset:
         if isinstance(source, bytes):
             return dcmread(BytesIO(source), stop_before_pixels=True)
         return dcmread(source, stop_before_pixels=True)
-    except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError) as exc:
+    except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError,
+            RecursionError) as exc:
         raise DicomRejected(f"not a readable DICOM file ({type(exc).__name__})") from None
+
+
+#: explicit-VR VRs with a 2-byte reserved field and a 4-byte length (PS3.5 7.1.2)
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN",
+                       b"UR", b"UT", b"UV"})
+_UNDEFINED = 0xFFFFFFFF
+_PIXEL_DATA = 0x7FE00010
+
+
+def check_structure(raw: bytes, *, implicit: bool, little: bool, deflated: bool,
+                    max_depth: int, max_bytes: int, record: str) -> int:
+    """Walk an encoded data set's elements without recursion and without decoding values:
+    refuse (DicomRejected) sequences nested deeper than ``max_depth`` before pydicom (which
+    recurses) reads it. Returns the deepest nesting seen. A structure that stops holding
+    together ends the walk there: whether the bytes are readable DICOM is pydicom's call
+    (``read_header``), as before; this only bounds the nesting.
+
+    Deflated data sets are inflated with ``max_bytes`` as the ceiling. Implicit-VR sequences are
+    told by the data dictionary or by an undefined length; an explicit ``UN`` of undefined length
+    holds implicit-VR items (PS3.5 6.2.2), as pydicom reads it.
+    """
+    if deflated:
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        try:
+            raw = inflater.decompress(raw, max_bytes + 1)
+        except zlib.error:
+            raise DicomRejected(f"instance {record}: deflated data set does not inflate") \
+                from None
+        if len(raw) > max_bytes:
+            raise DicomRejected(f"instance {record}: data set inflates to over {max_bytes} "
+                                "bytes (options.max_dataset_bytes)")
+    from pydicom.datadict import dictionary_VR
+
+    end = len(raw)
+    u16, u32 = ("<H", "<I") if little else (">H", ">I")
+    # frames: [end offset or None (undefined), is_sequence, implicit]
+    stack: list[tuple[int | None, bool, bool]] = []
+    depth = deepest = 0
+    pos = 0
+    try:  # _Broken: stop walking, leave the verdict to pydicom
+        while True:
+            while stack and stack[-1][0] is not None and pos >= stack[-1][0]:
+                if pos > stack[-1][0]:  # type: ignore[operator]
+                    raise _Broken()
+                if stack.pop()[1]:
+                    depth -= 1
+            if pos >= end:
+                break
+            cur_implicit = stack[-1][2] if stack else implicit
+            group, elem = struct.unpack_from(u16 + u16[1:], raw, pos)
+            if group == 0xFFFE:
+                length = struct.unpack_from(u32, raw, pos + 4)[0]
+                pos += 8
+                if elem == 0xE000:  # an item: its own data set
+                    if not stack or not stack[-1][1]:
+                        raise _Broken()
+                    stack.append((None if length == _UNDEFINED else pos + length, False,
+                                  cur_implicit))
+                elif elem == 0xE00D:  # item delimiter
+                    if not stack or stack[-1][1] or stack[-1][0] is not None:
+                        raise _Broken()
+                    stack.pop()
+                elif elem == 0xE0DD:  # sequence delimiter
+                    if not stack or not stack[-1][1] or stack[-1][0] is not None:
+                        raise _Broken()
+                    stack.pop()
+                    depth -= 1
+                else:
+                    raise _Broken()
+                continue
+            tag = (group << 16) | elem
+            if cur_implicit:
+                length = struct.unpack_from(u32, raw, pos + 4)[0]
+                pos += 8
+                try:
+                    vr = dictionary_VR(tag)
+                except KeyError:
+                    vr = "UN"
+                is_seq = vr == "SQ" or (length == _UNDEFINED and tag != _PIXEL_DATA)
+                inner_implicit = True
+            else:
+                vr_b = raw[pos + 4:pos + 6]
+                if vr_b in _LONG_VRS:
+                    length = struct.unpack_from(u32, raw, pos + 8)[0]
+                    pos += 12
+                else:
+                    length = struct.unpack_from(u16, raw, pos + 6)[0]
+                    pos += 8
+                is_seq = vr_b == b"SQ" or (vr_b == b"UN" and length == _UNDEFINED)
+                inner_implicit = vr_b == b"UN"
+            if is_seq:
+                depth += 1
+                deepest = max(deepest, depth)
+                if depth > max_depth:
+                    raise DicomRejected(f"instance {record}: sequences nested deeper than "
+                                        f"{max_depth} (options.max_sequence_depth)")
+                stack.append((None if length == _UNDEFINED else pos + length, True,
+                              inner_implicit))
+                continue
+            if length == _UNDEFINED:  # encapsulated pixel data: fragments, then a delimiter
+                while True:
+                    g, e = struct.unpack_from(u16 + u16[1:], raw, pos)
+                    flen = struct.unpack_from(u32, raw, pos + 4)[0]
+                    pos += 8
+                    if (g, e) == (0xFFFE, 0xE0DD):
+                        break
+                    if (g, e) != (0xFFFE, 0xE000) or flen == _UNDEFINED:
+                        raise _Broken()
+                    pos += flen
+                    if pos > end:
+                        raise _Broken()
+                continue
+            pos += length
+            if pos > end:
+                raise _Broken()
+    except (struct.error, _Broken):
+        pass
+    return deepest
+
+
+class _Broken(Exception):
+    """The walk cannot go on (see ``check_structure``)."""
 
 
 class InstanceStore:

@@ -42,6 +42,13 @@ class PacsOptions(BaseModel):
     @classmethod
     def _known_charset(cls, value: str | None) -> str | None:
         return charset.check_name(value) if value is not None else None
+    # the Store SCP's own bounds (a hostile or broken peer on the LAN costs little):
+    max_dataset_bytes: int = Field(1 << 30, gt=0)  # one C-STORE data set; larger: refused
+    max_sequence_depth: int = Field(32, ge=1, le=1000)  # nested sequences; deeper: refused
+    max_associations: int = Field(16, ge=1, le=256)  # open at once; more are rejected
+    acse_timeout_s: float | None = Field(None, gt=0)  # association set-up (default timeout_s)
+    dimse_timeout_s: float | None = Field(None, gt=0)  # waiting for the next DIMSE message
+    idle_timeout_s: float | None = Field(None, gt=0)  # no bytes at all: the link is closed
 
     @property
     def bind_host(self) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -28,7 +29,9 @@ from sqlalchemy import Connection, insert, select
 from sqlalchemy.exc import DBAPIError
 
 from bridge.errors import StoreError
+from bridge.store.hooks import after_commit
 
+from .anchor import Anchor, AnchorFile, from_checkpoint
 from .events import AuditEntry, event_fields, instant, to_audit_event
 from .tables import AuditCheckpoint, AuditRecord
 
@@ -85,6 +88,7 @@ class AuditChain:
         node_id: str,
         signing_key: Ed25519PrivateKey | None,
         checkpoint_every: int = 1000,
+        anchor_file: AnchorFile | None = None,
     ) -> None:
         if not node_id:
             raise ValueError("node_id is required")
@@ -94,6 +98,11 @@ class AuditChain:
         self.signing_key = signing_key
         self.checkpoint_every = checkpoint_every
         self._key_id = key_id(signing_key.public_key()) if signing_key else None
+        #: where each committed checkpoint is anchored outside the database (anchor.py)
+        self.anchor_file = anchor_file
+        #: the latest checkpoint this process knows committed (carried in receipts)
+        self.latest: Anchor | None = None
+        self._latest_lock = threading.Lock()
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -168,6 +177,8 @@ class AuditChain:
                 found = AuditCheckpoint(**existing._asdict())
                 if found.at.tzinfo is None:  # SQLite keeps no offset; stored as UTC
                     found.at = found.at.replace(tzinfo=UTC)
+                anchor = from_checkpoint(self.node_id, found)
+                after_commit(conn, lambda: self.committed(anchor))
                 return found
             return self._insert_checkpoint(conn, seq, head)
         except DBAPIError as exc:
@@ -185,7 +196,29 @@ class AuditChain:
             "signature": base64.b64encode(signature).decode(),
         }
         result = conn.execute(insert(_checkpoints), values)
-        return AuditCheckpoint(id=result.inserted_primary_key[0], **values)
+        cp = AuditCheckpoint(id=result.inserted_primary_key[0], **values)
+        anchor = from_checkpoint(self.node_id, cp)
+        after_commit(conn, lambda: self.committed(anchor))
+        return cp
+
+    def committed(self, anchor: Anchor) -> None:
+        """A checkpoint is durably in the store: remember it for receipts, move the anchor
+        file forward (fsynced before this returns)."""
+        with self._latest_lock:
+            if self.latest is None or anchor.seq >= self.latest.seq:
+                self.latest = anchor
+        if self.anchor_file is not None:
+            self.anchor_file.advance(anchor)
+
+    def receipt_anchor(self) -> dict[str, Any] | None:
+        """The ``anchor`` field of the receipts this node signs (None: nothing signed yet)."""
+        latest = self.latest
+        return latest.to_dict() if latest is not None else None
+
+    def receipt_fields(self) -> dict[str, Any]:
+        """What the receipts this node signs gain: ``{"anchor": ...}``, or nothing yet."""
+        anchor = self.receipt_anchor()
+        return {"anchor": anchor} if anchor is not None else {}
 
     # -- verifying ---------------------------------------------------------------------------
 

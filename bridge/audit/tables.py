@@ -52,5 +52,22 @@ class AuditCheckpoint(SQLModel, table=True):
     signature: str  # base64 of the 64-byte Ed25519 signature over chain.checkpoint_message(...)
 
 
+class PeerAnchor(SQLModel, table=True):
+    """The highest signed checkpoint a peer showed us (in its receipts): kept so that the
+    peer's own audit chain can be checked against it after a truncation (``anchor.py``)."""
+
+    __tablename__ = "peer_anchor"
+
+    node: str = Field(primary_key=True)  # whose chain
+    seq: int = Field(sa_type=BigInteger)
+    hash: str = Field(max_length=64)
+    at: str  # the checkpoint time exactly as signed
+    key_id: str
+    signature: str
+    received_at: datetime = Field(sa_type=UtcDateTime)
+    #: "seq:hash" of the last anchor from this peer that went back behind the one kept here
+    regressed: str | None = None
+
+
 #: the tables this package owns, for ``SQLModel.metadata.create_all(engine, tables=AUDIT_TABLES)``
-AUDIT_TABLES = [AuditRecord.__table__, AuditCheckpoint.__table__]
+AUDIT_TABLES = [AuditRecord.__table__, AuditCheckpoint.__table__, PeerAnchor.__table__]

@@ -62,6 +62,7 @@ class ChainWatch:
                 with ctx.store.read() as conn:
                     res = ctx.audit.verify(conn, self.keys(conn),
                                            after=(done.last_seq, done.last_hash))
+                    res = _anchored(conn, ctx, res)
                 if not res.ok:
                     self._base = None
                 return ChainStatus(res.ok, at, done.checked, res.checked, res.last_seq,
@@ -69,7 +70,23 @@ class ChainWatch:
                                    + res.checkpoints_checked, res.first_bad_seq, res.reason)
             with ctx.store.read() as conn:
                 res = ctx.audit.verify(conn, self.keys(conn))
+                res = _anchored(conn, ctx, res)
             self._base = (now, res) if res.ok else None
             return ChainStatus(res.ok, now if res.ok else None, res.checked, 0, res.last_seq,
                                res.last_hash, res.checkpoints_checked, res.first_bad_seq,
                                res.reason, ran_full=True)
+
+
+def _anchored(conn: Connection, ctx: NodeContext, res: VerifyResult) -> VerifyResult:
+    """A chain that verifies must still hold the latest checkpoint this node anchored (a tail
+    cut together with its checkpoints under a running node shows here, one indexed read)."""
+    from bridge.audit.anchor import problem
+
+    latest = ctx.audit.latest
+    if not res.ok or latest is None:
+        return res
+    found = problem(conn, latest, "the node's latest anchor")
+    if found is None:
+        return res
+    return VerifyResult(False, res.checked, found[0], found[1], res.last_seq, res.last_hash,
+                        res.checkpoints_checked)

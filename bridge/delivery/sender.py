@@ -30,6 +30,7 @@ from typing import Any
 from sqlalchemy import Connection, bindparam, insert, select, update
 
 from bridge import faults
+from bridge.audit.anchor import keep_from_receipts
 from bridge.audit.events import AuditEntry
 from bridge.context import NodeContext
 from bridge.crypto import envelope as env
@@ -174,6 +175,9 @@ class PeerSender:
         done = {id(c[0]) for c in (*fast, *taken)}
         slow = [c for c in checked if id(c[0]) not in done]
         entries = self._record_accepted(conn, fast)
+        # the peer's latest signed audit checkpoint, kept to check its chain (audit/anchor.py)
+        entries += keep_from_receipts(conn, self.ctx.plan.directory,
+                                      [f for _, _, f in checked], self.ctx.now())
         self._record_receipts_taken(conn, taken)
         for r, a, f in slow:
             entries += self._record(conn, r, a, f)

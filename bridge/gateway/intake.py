@@ -269,6 +269,7 @@ class Intake:
                 "packet": packet, "sender": sender, "recipient": recipient,
                 "receiver": self.plan.node_id, "status": status, "code": None,
                 "message": None, "at": _iso(now), "digest": digest,
+                **self.ctx.audit.receipt_fields(),  # additive: our latest signed checkpoint
             },
             self.ctx.signing_key,
         )

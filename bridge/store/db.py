@@ -25,6 +25,7 @@ from bridge.results import tables as _results_tables  # noqa: F401
 
 # importing registers every table on SQLModel.metadata
 from bridge.store import tables as _tables  # noqa: F401
+from bridge.store.hooks import drop_after_commit, run_after_commit
 
 #: session advisory lock held while a process creates or upgrades the schema (the audit chain
 #: uses 727274; the delivery lanes use the two-int4 key space, which does not overlap)
@@ -111,8 +112,16 @@ class Store:
     @contextmanager
     def write(self) -> Iterator[Connection]:
         """A write transaction: committed when the block ends, rolled back on error."""
-        with self._translate(), self._writer.begin() as conn:
-            yield conn
+        with self._translate():
+            conn: Connection | None = None
+            try:
+                with self._writer.begin() as conn:
+                    yield conn
+            except BaseException:
+                if conn is not None:
+                    drop_after_commit(conn)
+                raise
+            run_after_commit(conn)  # e.g. the audit anchor file, once the checkpoint is durable
 
     @contextmanager
     def read(self) -> Iterator[Connection]:

@@ -168,6 +168,7 @@ LABELS: dict[str, tuple[str, str]] = {
     "health": ("状态", "Health"),
     "healthy": ("正常", "healthy"),
     "silent": ("无响应", "silent"),
+    "failing": ("出错", "failing"),
     "unknown": ("未知", "unknown"),
     "last_ack": ("最近送达确认", "Last receipt"),
     "last_in": ("最近收到数据", "Last packet in"),

@@ -149,6 +149,7 @@ def it_routes(web: Web, alerter: Alerter) -> APIRouter:
             [[e(name), e(st.get("type")),
               (f'<span class="bad">✘ {e(t(lang, "silent"))}</span>'
                if f"adapter-silent:{name}" in active else
+               f'<span class="bad">✘ {e(t(lang, "failing"))}</span>' if _failing(st) else
                f'<span class="ok">✔ {e(t(lang, "healthy"))}</span>'),
               e(fmt_time(st.get("last_ok_at"))), e(st.get("last_error")),
               e(", ".join(f"{k}={v}" for k, v in sorted((st.get("counters") or {}).items())))]
@@ -246,3 +247,9 @@ def reused_ids_section(web: Web, lang: str, limit: int = 50) -> str:
             + table([t(lang, "at"), t(lang, "source"), t(lang, "message")],
                     [[e(fmt_time(at)), e(f.get("actor")), e(f.get("message"))]
                      for at, f in items], t(lang, "none"), "reused-ids"))
+
+
+def _failing(status: dict[str, Any]) -> bool:
+    """The adapter's last call failed after its last success (e.g. the HIS does not answer)."""
+    err, ok = status.get("last_error_at"), status.get("last_ok_at")
+    return bool(err) and (not ok or str(err) > str(ok))
