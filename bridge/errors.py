@@ -226,3 +226,11 @@ class UnknownReference(WorkflowError):
 class InvalidResource(WorkflowError):
     code = "HT-FHIR-INVALID"
     http_status = 422
+
+
+class Busy(TransportError):
+    """A port is at its bound of requests or bytes in flight: nothing of the request was read
+    or taken; send it again later (``Retry-After``)."""
+
+    code = "HT-BUSY"
+    http_status = 503
