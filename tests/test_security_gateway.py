@@ -211,19 +211,20 @@ def test_flood_of_40_mib_garbage_costs_the_platform_little_and_it_keeps_relaying
 
 def test_unauthenticated_frame_gets_an_unsigned_error_never_a_signed_receipt(net) -> None:
     hub = net.node("hub")
+    other = "127.0.0.3"  # an attacker of its own (the flood's address may be over its rate)
     stranger = Ed25519PrivateKey.generate()
     forged = seal(net, key=stranger, thread="gw-unauth")
-    status, body = post_frames(hub, [forged])
+    status, body = post_frames(hub, [forged], source=other)
     assert status == 403
     assert b"HTR1" not in body
     answer = json.loads(body)
     assert answer["code"] == "HT-PKT-BAD-SIGNATURE"
     assert answer["retry"] == "transient"
     # unknown sender and garbage that is not a frame: unsigned as well
-    status, body = post_frames(hub, [seal(net, key=stranger, sender="nobody")])
+    status, body = post_frames(hub, [seal(net, key=stranger, sender="nobody")], source=other)
     assert (status, json.loads(body)["code"]) == (403, "HT-PKT-UNKNOWN-SENDER")
     status, body = post_raw(hub.plan.peer_host, hub.plan.peer_port,
-                            b"HTB1" + U32(1) + U32(60) + b"XXXX" + os.urandom(56))
+                            b"HTB1" + U32(1) + U32(60) + b"XXXX" + os.urandom(56), source=other)
     assert status == 400 and b"HTR1" not in body
     assert json.loads(body)["code"] == "HT-PKT-MALFORMED"
     # in a batch with a real packet: the real one gets its signed receipt, the forged one an
@@ -443,7 +444,7 @@ def test_quarantine_keeps_prefix_digest_length_source_within_quota_and_retention
     a = Alliance(tmp_path / "alliance", MEMBERS, RULES)
     hub_file = a.files["hub"]
     hub_file.write_text(hub_file.read_text() + (
-        "\n[retention]\nquarantine_prefix_bytes = 1024\nquarantine_max_bytes = 65536\n"
+        "\n[retention]\nquarantine_prefix_bytes = 1024\nquarantine_max_bytes = 32768\n"
         "quarantine_days = 10.0\n\n[limits]\nrefusal_burst = 1000\n"))
     a.start("hub")
     hub = a.node("hub")
@@ -466,7 +467,7 @@ def test_quarantine_keeps_prefix_digest_length_source_within_quota_and_retention
         assert not last["trusted"]
         assert (last["code"], last["sender"], last["packet_id"]) == (
             "HT-PKT-BAD-SIGNATURE", "chc", header.id)
-        # quota: 64 KiB of 40 refusals of 1 KiB + row overhead; the oldest went first
+        # quota: 32 KiB for 40 refusals of 1 KiB + row overhead; the oldest went first
         assert 10 < len(rows) < 40
         assert [r["packet_id"] for r in rows] == [
             env.decode(f, max_body=1 << 20).header.id for f in frames[-len(rows):]]
