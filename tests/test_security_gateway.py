@@ -429,6 +429,44 @@ def test_slowloris_and_idle_connections_are_closed(net, port: str) -> None:
     conn.close()
 
 
+def test_a_body_dripped_slower_than_its_deadline_is_cut_off(tmp_path: Path) -> None:
+    """Complete headers, then a body of 1000 bytes at one byte per 0.3 s (5 minutes): the
+    connection is closed once ``body_timeout_s`` has passed, on both ports."""
+    a = Alliance(tmp_path / "alliance", MEMBERS, RULES)
+    hub_file = a.files["hub"]
+    hub_file.write_text(hub_file.read_text() + "\n[limits]\nbody_timeout_s = 2.0\n")
+    a.start("hub")
+    hub = a.node("hub")
+    try:
+        for host, port, path in ((hub.plan.peer_host, hub.plan.peer_port,
+                                  "/exchange/v1/packets"),
+                                 (hub.plan.local_host, hub.plan.local_port, "/ui/login")):
+            s = socket.create_connection((host, port), timeout=1, source_address=(ATTACKER, 0))
+            s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n"
+                      "Content-Type: application/x-www-form-urlencoded\r\n\r\n".encode())
+            # a body that stays plausible as far as it gets (a batch, a packet, its header)
+            body = b"HTB1" + U32(1) + U32(988) + b"HTP1" + U32(900) + b"a" * 976
+            sent = {"n": 0}
+
+            def cut_off(s: socket.socket = s, body: bytes = body) -> bool:
+                try:
+                    s.send(body[sent["n"]:sent["n"] + 1])
+                    sent["n"] += 1
+                    return s.recv(4096) == b""
+                except TimeoutError:
+                    return False
+                except OSError:
+                    return True
+
+            try:
+                wait_for(cut_off, 60, every=0.3, what=f"slow body cut off on {path}")
+            finally:
+                s.close()
+            assert sent["n"] < 1000, "the whole body arrived: nothing was cut off"
+    finally:
+        a.stop_all()
+
+
 # -- 5. quarantine keeps a prefix, a digest, a length and the source; quota and retention -------
 
 
