@@ -467,6 +467,28 @@ def test_a_body_dripped_slower_than_its_deadline_is_cut_off(tmp_path: Path) -> N
         a.stop_all()
 
 
+def test_refusals_are_rate_limited_per_address_and_for_all_addresses() -> None:
+    """Per address: ``burst`` refusals kept, then the address is turned away (the wait it is
+    told matches the refill), its episode counted once; all addresses together: past the
+    total rate refusals are still charged to their address but not kept."""
+    from bridge.gateway.ratelimit import SourceRefusals
+
+    now = [100.0]
+    lim = SourceRefusals(1.0, 3, clock=lambda: now[0], total_per_s=2.0)
+    assert [lim.charge("10.0.0.1") for _ in range(4)] == [True, True, True, False]
+    away = lim.turned_away("10.0.0.1")
+    assert away is not None and away.first and away.retry_after == pytest.approx(1.0)
+    again = lim.turned_away("10.0.0.1")
+    assert again is not None and not again.first  # one audit per episode
+    assert lim.turned_away("10.0.0.2") is None  # another address is heard
+    now[0] += 1.0
+    back = lim.turned_away("10.0.0.1")
+    assert back is not None and back.retry_after is None and back.episode == {"10.0.0.1": 2}
+    # all addresses: a burst of 5 x 2/s = 10, 3 taken above, 2 refilled in the second
+    kept = [lim.charge(f"10.0.1.{i}") for i in range(10)]
+    assert kept == [True] * 9 + [False] and lim.unkept == 1
+
+
 # -- 5. quarantine keeps a prefix, a digest, a length and the source; quota and retention -------
 
 

@@ -200,6 +200,9 @@ class LimitsConfig(_Model):
     #: address's requests are turned away before their body is read, and only counted
     refusal_rate_per_s: PositiveFloat = 1.0
     refusal_burst: PositiveInt = 20
+    #: refusals kept per second from all addresses together (burst 5x); past it they are
+    #: still answered, but not kept or audited one by one
+    refusal_total_per_s: PositiveFloat = 20.0
     #: per port: requests handled at once, and request bytes in flight (declared lengths;
     #: never below one largest request); a request that cannot get its share waits
     #: ``admit_wait_s`` and is then answered 503

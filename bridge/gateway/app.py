@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from fastapi import FastAPI, Request
@@ -69,8 +70,19 @@ def create_gateway(ctx: NodeContext, intake: Intake, on_received: object = None)
     if limits.peer_rate_per_s:
         limiter = PeerRateLimit(limits.peer_rate_per_s, limits.peer_burst
                                 or max(1, int(limits.peer_rate_per_s * 2)))
-    refusals = SourceRefusals(limits.refusal_rate_per_s, limits.refusal_burst)
+    refusals = SourceRefusals(limits.refusal_rate_per_s, limits.refusal_burst,
+                              total_per_s=limits.refusal_total_per_s)
     # a request holds about twice its length at its peak (the bytes, then its frames)
+    def keep(remote: str) -> bool:
+        """Whether one more unauthenticated refusal of ``remote`` is kept (its rate, and that
+        of all addresses together: past the latter it is logged every 1000, not kept)."""
+        before = refusals.unkept
+        kept = refusals.charge(remote)
+        if refusals.unkept != before and refusals.unkept % 1000 == 1:
+            log.warning("%s %d refusal(s) not kept: over %g kept refusals/s from all addresses",
+                        RateLimited.code, refusals.unkept, limits.refusal_total_per_s)
+        return kept
+
     admission = Admission(limits.max_requests, max(limits.max_inflight_bytes, 2 * max_request),
                           limits.admit_wait_s)
     directory = ctx.plan.directory
@@ -95,11 +107,11 @@ def create_gateway(ctx: NodeContext, intake: Intake, on_received: object = None)
                      "turned away", remote, away.episode[remote])
         length = request.headers.get("content-length")
         if length is None or not length.isdigit():
-            return await _refuse_early(ctx, refusals, remote, MalformedPacket(
+            return await _refuse_early(ctx, keep, remote, MalformedPacket(
                 "a request must declare its Content-Length"), b"", 0, status=411)
         declared = int(length)
         if declared > max_request:
-            return await _refuse_early(ctx, refusals, remote, PacketTooLarge(
+            return await _refuse_early(ctx, keep, remote, PacketTooLarge(
                 f"request of {declared} bytes is over the limit of {max_request}"), b"", 0)
         async with admission.admit(2 * declared) as admitted:
             if not admitted:
@@ -121,7 +133,7 @@ def create_gateway(ctx: NodeContext, intake: Intake, on_received: object = None)
                 peek.finish(buf, have)
             except PacketRefused as exc:
                 received = memoryview(buf)[:have]
-                return await _refuse_early(ctx, refusals, remote, exc, received, have)
+                return await _refuse_early(ctx, keep, remote, exc, received, have)
             except ClientDisconnect:
                 return Response(status_code=400)
             view = memoryview(buf)
@@ -136,7 +148,7 @@ def create_gateway(ctx: NodeContext, intake: Intake, on_received: object = None)
             try:
                 answers = await run_in_threadpool(
                     lambda: intake.receive(frames, remote=remote,
-                                           admit_refusal=lambda: refusals.charge(remote)))
+                                           admit_refusal=lambda: keep(remote)))
             except HutongError as exc:  # store unavailable: nothing was committed, sender retries
                 return JSONResponse(exc.as_dict(), status_code=503)
             del frames
@@ -158,12 +170,12 @@ def _unsigned(exc: HutongError, status: int, headers: dict[str, str] | None = No
     return JSONResponse(body, status_code=status, headers=CLOSE | (headers or {}))
 
 
-async def _refuse_early(ctx: NodeContext, refusals: SourceRefusals, remote: str,
+async def _refuse_early(ctx: NodeContext, keep: Callable[[str], bool], remote: str,
                         exc: PacketRefused, received: bytes | memoryview, size: int,
                         status: int | None = None) -> Response:
     """A request refused before any signature could be checked: if its source is within its
     refusal rate, keep a prefix, the digest and length of what arrived, and audit it."""
-    if refusals.charge(remote):
+    if keep(remote):
         digest = hashlib.sha256(received).hexdigest()
         await run_in_threadpool(_keep_refusal, ctx, exc, bytes(
             received[:ctx.plan.retention.quarantine_prefix_bytes]), size, digest, remote)

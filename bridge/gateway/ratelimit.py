@@ -127,12 +127,18 @@ class SourceRefusals:
     MAX_SOURCES = 10_000  # buckets kept; beyond, full (idle) ones are forgotten first
 
     def __init__(self, rate_per_s: float, burst: int,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, *,
+                 total_per_s: float | None = None) -> None:
         self.rate = float(rate_per_s)
         self.burst = float(burst)
         self.clock = clock
         self._buckets: dict[str, _Bucket] = {}
         self._lock = threading.Lock()
+        # all sources together (many addresses): refusals past it are answered, not kept
+        self.total_rate = float(total_per_s) if total_per_s else None
+        self.total_burst = 5.0 * self.total_rate if self.total_rate else 0.0
+        self._total = _Bucket(tokens=self.total_burst, at=clock())
+        self.unkept = 0  # refusals answered but not kept for the all-sources rate
 
     def _bucket(self, source: str, now: float) -> _Bucket:
         b = self._buckets.get(source)
@@ -170,13 +176,23 @@ class SourceRefusals:
                            first=first)
 
     def charge(self, source: str) -> bool:
-        """One refusal of ``source``: True if it is within its rate (keep and audit it)."""
+        """One refusal of ``source``: True if it is within its rate and within the rate of all
+        sources together (keep and audit it)."""
         with self._lock:
-            b = self._bucket(source, self.clock())
-            if b.tokens >= 1.0:
-                b.tokens -= 1.0
-                return True
-            return False
+            now = self.clock()
+            b = self._bucket(source, now)
+            if b.tokens < 1.0:
+                return False
+            b.tokens -= 1.0
+            if self.total_rate is not None:
+                t = self._total
+                t.tokens = min(self.total_burst, t.tokens + (now - t.at) * self.total_rate)
+                t.at = now
+                if t.tokens < 1.0:
+                    self.unkept += 1
+                    return False
+                t.tokens -= 1.0
+            return True
 
 
 def claimed_peer(frame: bytes) -> str | None:
