@@ -266,3 +266,11 @@ class DataDirLocked(HutongError):
     """Another ``hutong run`` already holds this node's data folder."""
 
     code = "HT-DATA-LOCKED"
+
+
+class Busy(TransportError):
+    """A port is at its bound of requests or bytes in flight: nothing of the request was read
+    or taken; send it again later (``Retry-After``)."""
+
+    code = "HT-BUSY"
+    http_status = 503

@@ -205,10 +205,10 @@ class Node:
         servers = [
             uvicorn.Server(uvicorn.Config(gateway, host=self.plan.peer_host,
                                           port=self.plan.peer_port, log_level="warning",
-                                          access_log=False)),
+                                          access_log=False, **port_guards(self.plan))),
             uvicorn.Server(uvicorn.Config(local, host=self.plan.local_host,
                                           port=self.plan.local_port, log_level="warning",
-                                          access_log=False)),
+                                          access_log=False, **port_guards(self.plan))),
         ]
         for s in servers:
             s.install_signal_handlers = lambda: None  # type: ignore[method-assign]
@@ -280,3 +280,18 @@ def own_signing_keys(conn: Any) -> list[Any]:
     from bridge.crypto.keys import parse_public_key
 
     return [parse_public_key(t) for t in json.loads(state.get(conn, "own_signing_keys") or "[]")]
+
+
+def port_guards(plan: NodePlan) -> dict[str, Any]:
+    """uvicorn settings of both ports from ``[limits]``: head and body deadlines (slowloris),
+    idle keep-alive, largest request head, open connections; no WebSocket upgrades."""
+    from bridge.gateway.guard import guarded_protocol
+
+    limits = plan.limits
+    return {
+        "http": guarded_protocol(limits.header_timeout_s, limits.body_timeout_s),
+        "ws": "none",
+        "timeout_keep_alive": limits.keep_alive_s,
+        "h11_max_incomplete_event_size": limits.max_header_bytes,
+        "limit_concurrency": limits.max_connections,
+    }

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
+import orjson
 from sqlalchemy import func, select, update
 
 from bridge.audit.events import AuditEntry
@@ -132,9 +133,15 @@ def quarantine_replay(
         return _replay_by_adapter(ctx, item, adapters, actor, now)
     if item["source"] != "peer":
         return False, f"items from '{item['source']}' cannot be replayed"
+    if not item.get("trusted", True):
+        return False, (f"item {item_id} was refused before its signature verified: only a "
+                       f"prefix of it was kept, it cannot be replayed (its sender sends again)")
     answers = intake.receive([item["raw"]], now=item["at"], requarantine=False)
-    fields = env.verify_receipt(answers[0], lambda n: ctx.plan.directory[n].signing_keys) \
-        if answers[0] else {"status": "accepted"}
+    if answers[0][:1] == b"{":  # an unsigned error: the frame did not authenticate
+        fields = {"status": "refused"} | orjson.loads(answers[0])
+    else:
+        fields = env.verify_receipt(answers[0], lambda n: ctx.plan.directory[n].signing_keys) \
+            if answers[0] else {"status": "accepted"}
     ok = fields.get("status") in ("accepted", "relayed")
     result = fields.get("status") if ok else f"{fields.get('code')}: {fields.get('message')}"
     with ctx.store.write() as conn:

@@ -2,14 +2,16 @@
 arbitrary and mutated bytes without crashing, and never accept a changed frame.
 
 Properties (hypothesis, bounded examples, no deadline): decoding raises only the refusal tree
-(``PacketRefused``); a valid frame with any edit is answered with a signed refusal, quarantined,
-and never reaches the inbox; the untouched frame is accepted once.
+(``PacketRefused``); a valid frame with any edit is refused (an unsigned error if the edit
+broke its authentication, else a signed refusal), quarantined, and never reaches the inbox; the
+untouched frame is accepted once.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
+import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -54,6 +56,10 @@ def inbox_count(r: Receiver, table: object = INBOX) -> int:
 
 
 def answer_fields(r: Receiver, answer: bytes) -> dict:
+    """A signed receipt's fields, or an unsigned error's as status 'refused'."""
+    if answer[:1] == b"{":
+        return {"status": "refused", **orjson.loads(answer)}
+
     def keys_for(node: str) -> tuple:
         if node != "core":
             raise UnknownSender(node)

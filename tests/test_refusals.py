@@ -1,11 +1,15 @@
-"""Each refusal class, produced against a running node: its own code in a signed receipt,
-kept in quarantine, audited, and nothing of it delivered."""
+"""Each refusal class, produced against a running node: its own code, kept in quarantine,
+audited, and nothing of it delivered. A frame whose sender signature verified gets its refusal
+in a signed receipt; one that did not authenticate (malformed, too large, unknown sender, bad
+signature) gets an unsigned error, and quarantine keeps only a prefix and digest of it."""
 
 from __future__ import annotations
 
 import csv
 import io
 import os
+import select
+import socket
 import struct
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -105,21 +109,63 @@ def cases(f: Forge) -> dict[str, bytes]:
     }
 
 
+UNAUTHENTICATED = {"HT-PKT-MALFORMED", "HT-PKT-BAD-SIGNATURE", "HT-PKT-UNKNOWN-SENDER",
+                   "HT-PKT-TOO-LARGE"}
+
+
+def post_alone(a: Alliance, frame: bytes) -> tuple[int, dict]:
+    """One frame in its own request: (HTTP status, the unsigned JSON error). The node may
+    answer before the body is all sent (and close): its answer is read all the same."""
+    core = a.node("core")
+    body = env.encode_batch([frame])
+    with socket.create_connection((core.plan.peer_host, core.plan.peer_port), 60) as s:
+        s.sendall(f"POST /exchange/v1/packets HTTP/1.1\r\nHost: x\r\nContent-Length: "
+                  f"{len(body)}\r\n\r\n".encode())
+        try:
+            for i in range(0, len(body), 1 << 18):
+                if select.select([s], [], [], 0)[0]:
+                    break
+                s.sendall(body[i:i + (1 << 18)])
+        except OSError:
+            pass
+        data = b""
+        while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    return int(head[9:12]), orjson.loads(rest)
+
+
 def test_every_refusal_class_is_answered_quarantined_audited_not_delivered(alliance) -> None:
     f = Forge(alliance)
     core = alliance.node("core")
     made = cases(f)
     # every refusal class but replay (next test) is produced here
     assert set(made) | {"HT-PKT-REPLAY"} == set(REFUSALS)
-    receipts = post(alliance, list(made.values()))
-    for (code, _frame), receipt in zip(made.items(), receipts):
+    signed = {c: fr for c, fr in made.items() if c not in UNAUTHENTICATED}
+    receipts = post(alliance, list(signed.values()))
+    for (code, _frame), receipt in zip(signed.items(), receipts):
         assert receipt["status"] == "refused", code
         assert receipt["code"] == code, (code, receipt)
         assert receipt["receiver"] == "core"
         assert receipt["message"]
+    statuses = {"HT-PKT-MALFORMED": 400, "HT-PKT-TOO-LARGE": 413}
+    for code in sorted(UNAUTHENTICATED):
+        status, error = post_alone(alliance, made[code])
+        assert (status, error["code"], error["retry"]) == (statuses.get(code, 403), code,
+                                                           "transient")
+        assert error["message"]
     held = core.api("GET", "/local/v1/quarantine")
     held_codes = sorted(item["code"] for item in held)
     assert held_codes == sorted(made)
+    for item in held:  # of what nobody authenticated, a prefix and digest only
+        assert item["trusted"] is (item["code"] not in UNAUTHENTICATED), item
+        if not item["trusted"]:
+            assert item["remote"] == "127.0.0.1" and len(item["raw_digest"]) == 64
+    big = [i for i in held if i["code"] == "HT-PKT-TOO-LARGE"][0]
+    assert big["raw_size"] < len(made["HT-PKT-TOO-LARGE"])  # refused before read whole
     rows = list(csv.DictReader(io.StringIO(core.cli("audit", "export", "--format", "csv").stdout)))
     refused = sorted(r["code"] for r in rows if r["action"] == "refused")
     assert refused == sorted(made)

@@ -179,7 +179,7 @@ def test_purge_by_age_and_kind_keeps_headers_audit_and_shrinks_file(site) -> Non
     assert size_before > 200 * BODY  # the bodies really are in the file
 
     purged = purge_bodies(core)
-    assert purged == {"outbox": 60, "inbox": 80}
+    assert purged == {"outbox": 60, "inbox": 80, "quarantine": 0}
 
     # bodies: gone exactly where retention says, kept everywhere else
     in_bodies = bodies(core, INBOX, [p for group in ids.values() for p in group])
@@ -241,7 +241,7 @@ def test_purge_by_age_and_kind_keeps_headers_audit_and_shrinks_file(site) -> Non
     assert size_after <= size_before - 0.8 * freed, (size_before, size_after)
 
     # a second run finds nothing, writes no audit row
-    assert purge_bodies(core) == {"outbox": 0, "inbox": 0}
+    assert purge_bodies(core) == {"outbox": 0, "inbox": 0, "quarantine": 0}
     with core.store.read() as conn:
         assert conn.execute(select(AUDIT.c.seq).order_by(AUDIT.c.seq.desc())).scalar() == (
             seq_before + 1)
@@ -259,7 +259,7 @@ def test_kind_setting_moves_the_cutoff(site) -> None:
         backdate_inbox(core, [p for p, _, _ in group], days)
     assert core.plan.retention.body_days_for("result.lab") == 90.0
     assert core.plan.retention.body_days_for("referral.request") == 30.0
-    assert purge_bodies(core) == {"outbox": 0, "inbox": 6}
+    assert purge_bodies(core) == {"outbox": 0, "inbox": 6, "quarantine": 0}
     got = bodies(core, INBOX, [p for g in (lab_89, lab_91, ref_29, ref_31) for p, _, _ in g])
     for pid, body, _ in lab_89 + ref_29:
         assert got[pid] == body

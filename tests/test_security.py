@@ -46,7 +46,11 @@ class Site:
         self.key = load_signing_key(self.plan.keys.signing, self.plan.keys.passphrase)
 
     def answer(self, frame: bytes) -> dict:
+        """The signed receipt's fields; an unsigned error (the frame did not authenticate)
+        as status 'unsigned'."""
         [raw] = self.intake.receive([frame])
+        if raw[:1] == b"{":
+            return {"status": "unsigned", **orjson.loads(raw)}
         return env.verify_receipt(raw, lambda n: self.plan.directory[n].signing_keys)
 
 
@@ -76,14 +80,14 @@ def relayed(sites: dict[str, Site], frame: bytes) -> bytes:
 def test_a_key_not_or_no_longer_in_the_directory_is_refused(sites: dict[str, Site]) -> None:
     """A removed or rotated-out key signs nothing any more: the platform refuses it first."""
     answer = sites["hub"].answer(sealed(sites, key=Ed25519PrivateKey.generate()))
-    assert (answer["status"], answer["code"]) == ("refused", BadSignature.code)
+    assert (answer["status"], answer["code"]) == ("unsigned", BadSignature.code)
     assert "does not verify" in answer["message"]
 
 
 def test_a_member_cannot_impersonate_another(sites: dict[str, Site]) -> None:
     """sec signs with its own (valid, known) key but claims to be chc."""
     answer = sites["hub"].answer(sealed(sites, key=sites["sec"].key, sender="chc"))
-    assert (answer["status"], answer["code"]) == ("refused", BadSignature.code)
+    assert (answer["status"], answer["code"]) == ("unsigned", BadSignature.code)
     answer = sites["hub"].answer(sealed(sites, sender="chc").replace(b'"chc"', b'"xyz"', 1))
     assert answer["code"] in (BadSignature.code, UnknownSender.code)
 
@@ -107,8 +111,14 @@ def test_the_platform_cannot_alter_or_reroute_a_body(sites: dict[str, Site]) -> 
     assert sites["sec"].answer(relayed(sites, forged))["code"] == BadSignature.code
     careless = frame.replace(b'"recipient":"core"', b'"recipient":"sec" ', 1)
     assert sites["sec"].answer(careless)["code"] == MalformedPacket.code
-    # pass the untouched packet to someone else: it is not theirs (and they cannot open it)
+    # pass the untouched packet to someone else: it is not theirs (and they cannot open it);
+    # sender and relay verified, so this refusal is signed
     assert sites["sec"].answer(good)["code"] == WrongRecipient.code
+    assert sites["sec"].answer(good)["status"] == "refused"
+    # the same frame sent around the platform to its own recipient: the hop is not the one
+    # it must come by, so nothing about it is signed (a captured frame must not earn a refusal)
+    assert (sites["core"].answer(frame)["status"], sites["core"].answer(frame)["code"]) == (
+        "unsigned", "HT-PKT-ROUTE-DENIED")
     # the honest relay of the same frame is accepted by its recipient
     assert sites["core"].answer(good)["status"] == "accepted"
 

@@ -17,6 +17,7 @@ from pydantic import BaseModel
 
 from bridge import ops
 from bridge.api.auth import AnyRole, ClinicianRole, ITRole, SenderRole
+from bridge.api.body_limit import LocalBodyGuard
 from bridge.api.docs import docs_router
 from bridge.api.fhir_api import fhir_router
 from bridge.api.outcome import local_responses as errs
@@ -24,6 +25,7 @@ from bridge.api.outcome import request_invalid_response
 from bridge.delivery.queue import Outgoing, queue_packets
 from bridge.errors import Forbidden, HutongError
 from bridge.fhir.validate import validate_bundle
+from bridge.gateway.guard import Admission
 from bridge.store import quarantine
 from bridge.web import web_router
 from bridge.web.layout import CSS
@@ -68,10 +70,18 @@ def create_local_app(node: Node) -> FastAPI:
     # the docs page is served from the installed Swagger UI package (bridge.api.docs)
     app = FastAPI(title=f"Hutong node {ctx.node_id}", docs_url=None, redoc_url=None,
                   swagger_ui_oauth2_redirect_url=None)
-    app.add_middleware(SecurityHeaders, css=CSS)  # headers + origin check on every answer
-    app.include_router(docs_router(app.title))
     app.state.tokens = dict(ctx.plan.tokens)
     app.state.node = node
+    limits = ctx.plan.limits
+    # no body is read before the token, none over the limit (bridge/api/body_limit.py)
+    app.add_middleware(LocalBodyGuard, tokens=app.state.tokens,
+                       max_body=limits.local_max_body_bytes,
+                       admission=Admission(limits.max_requests, max(
+                           limits.max_inflight_bytes, limits.local_max_body_bytes),
+                           limits.admit_wait_s))
+    # added last, so outermost: headers + origin check on every answer, the guard's included
+    app.add_middleware(SecurityHeaders, css=CSS)
+    app.include_router(docs_router(app.title))
     app.include_router(web_router(node))  # /ui pages (and the node's alert job)
     app.include_router(fhir_router(node))  # /fhir: errors are OperationOutcomes (FhirRoute)
 

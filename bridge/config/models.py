@@ -196,6 +196,28 @@ class LimitsConfig(_Model):
     #: per-peer token bucket at the peer port (packets/s and bucket size); off when unset
     peer_rate_per_s: PositiveFloat | None = None
     peer_burst: PositiveInt | None = None  # default: twice the rate, at least 1
+    #: refusals of unauthenticated input, per source address (token bucket): over it, the
+    #: address's requests are turned away before their body is read, and only counted
+    refusal_rate_per_s: PositiveFloat = 1.0
+    refusal_burst: PositiveInt = 20
+    #: refusals kept per second from all addresses together (burst 5x); past it they are
+    #: still answered, but not kept or audited one by one
+    refusal_total_per_s: PositiveFloat = 20.0
+    #: per port: requests handled at once, and request bytes in flight (declared lengths;
+    #: never below one largest request); a request that cannot get its share waits
+    #: ``admit_wait_s`` and is then answered 503
+    max_requests: PositiveInt = 32
+    max_inflight_bytes: PositiveInt = 64 * 1024 * 1024
+    admit_wait_s: PositiveFloat = 10.0
+    #: local (hospital-facing) port: largest request body; read only after the token is checked
+    local_max_body_bytes: PositiveInt = 48 * 1024 * 1024
+    #: both ports: idle keep-alive, request head (line + headers) and body deadlines, the
+    #: largest request head, and open connections (over it: 503)
+    keep_alive_s: PositiveFloat = 5.0
+    header_timeout_s: PositiveFloat = 10.0
+    body_timeout_s: PositiveFloat = 120.0
+    max_header_bytes: PositiveInt = 16 * 1024
+    max_connections: PositiveInt = 512
 
 
 def _needs_default(table: Mapping[str, object]) -> Mapping[str, object]:
@@ -230,6 +252,12 @@ class RetentionConfig(_Model):
     }
     audit_days: int = MIN_AUDIT_DAYS
     run_every_s: PositiveFloat = 3600.0
+    #: quarantine: held items older than this lose their bytes (unauthenticated ones go
+    #: whole); all kept bytes together stay under the quota (oldest unauthenticated dropped
+    #: first); of input refused before its signature verified only a prefix is kept
+    quarantine_days: NonNegativeFloat = 30.0
+    quarantine_max_bytes: PositiveInt = 256 * 1024 * 1024
+    quarantine_prefix_bytes: Annotated[int, Field(ge=0, le=1024 * 1024)] = 4096
 
     @field_validator("audit_days")
     @classmethod
@@ -412,6 +440,9 @@ class RetentionSettings:
     body_days: Mapping[str, float]
     audit_days: int
     run_every_s: float
+    quarantine_days: float = 30.0
+    quarantine_max_bytes: int = 256 * 1024 * 1024
+    quarantine_prefix_bytes: int = 4096
 
     def body_days_for(self, kind: str) -> float:
         """How long message bodies of a kind are kept; '*' is the default."""

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+import orjson
 from sqlalchemy import Connection, bindparam, insert, select, update
 
 from bridge import faults
@@ -234,6 +235,12 @@ class PeerSender:
         return report
 
     def _check(self, r: Any, answer: bytes) -> tuple[Any, bytes, dict[str, Any] | HutongError]:
+        """Only a receipt signed by a member decides a packet's fate. An unsigned error (the
+        peer could not authenticate the frame) or an answer that does not verify means "not
+        delivered": the row stays queued and is tried again with backoff (a transient
+        failure), never marked refused, whoever wrote the answer."""
+        if answer[:1] == UNSIGNED:
+            return r, answer, _unsigned_failure(self.peer, answer)
         if r.origin == "receipt":
             return r, answer, {}
         try:
@@ -242,7 +249,8 @@ class PeerSender:
                 raise TransportError(f"receipt from {self.peer} names another packet")
             return r, answer, fields
         except HutongError as exc:
-            return r, answer, exc
+            return r, answer, TransportError(
+                f"{self.peer} answered with no valid receipt ({exc.code}): {exc.message}")
 
     def _record_accepted(self, conn: Connection, done: list[Any]) -> list[AuditEntry]:
         """The common case in one executemany: packets the recipient accepted (local ones, and
@@ -285,15 +293,15 @@ class PeerSender:
     def _record(self, conn: Connection, r: Any, answer: bytes,
                 fields: dict[str, Any] | HutongError) -> list[AuditEntry]:
         now = self.ctx.now()
+        if isinstance(fields, HutongError):
+            self._failed([r], fields, conn=conn)
+            return []
         if r.origin == "receipt":
             state = "acknowledged" if not answer else "refused"
             conn.execute(
                 update(OUTBOX).where(OUTBOX.c.id == r.id)
                 .values(state=state, attempts=r.attempts + 1, sent_at=now, acked_at=now)
             )
-            return []
-        if isinstance(fields, HutongError):
-            self._failed([r], fields, conn=conn)
             return []
         status = fields.get("status")
         if status == "refused" and fields.get("code") == ClockSkew.code:
@@ -412,6 +420,20 @@ class PeerSender:
             self._pool = None
         for peer in self.conns:
             peer.close()
+
+
+#: an unsigned error answer starts with this byte (``bridge.gateway.intake.unsigned_error``)
+UNSIGNED = b"{"
+
+
+def _unsigned_failure(peer: str, answer: bytes) -> TransportError:
+    """What an unsigned error answer says, as a transient failure (code and message only)."""
+    try:
+        said = orjson.loads(answer[:4096])
+        code, message = str(said.get("code"))[:48], str(said.get("message"))[:300]
+    except (orjson.JSONDecodeError, AttributeError):
+        code, message = "?", "unreadable error answer"
+    return TransportError(f"{peer} did not take the packet, unsigned answer {code}: {message}")
 
 
 def partition_of(thread: str | None, k: int) -> int:

@@ -16,8 +16,6 @@ from urllib.parse import urlsplit
 
 from bridge.errors import (
     AmbiguousDelivery,
-    MalformedPacket,
-    PacketTooLarge,
     RateLimited,
     TransportError,
 )
@@ -94,10 +92,9 @@ class PeerConnection:
                               retry_after=_retry_after(resp.getheader("Retry-After")))
         self.close()
         message = data[:300].decode("utf-8", "replace")
-        if resp.status == 413:
-            raise PacketTooLarge(f"{self.url} refused the batch as too large: {message}")
-        if resp.status == 400:
-            raise MalformedPacket(f"{self.url} refused the batch: {message}")
+        # an HTTP error is unsigned: whoever wrote it, it says only "not taken this time", so
+        # the batch stays queued and goes again with backoff (dead only after max_attempts or
+        # dead_after_s); only a signed receipt can refuse a packet
         raise TransportError(f"{self.url} answered HTTP {resp.status}: {message}")
 
     def close(self) -> None:

@@ -4,6 +4,12 @@ Checks run cheapest first and each refusal has its own error code: frame, size, 
 signature, relay stamp, recipient, clock, rules and topology, replay, decryption, digest, FHIR.
 A whole batch commits in one transaction (inbox rows, relay rows, quarantine rows, audit), and
 only then are the signed receipts returned: a receipt is never given for something not stored.
+
+A signed receipt is given only for a frame whose sender's signature verified (and its relay
+stamp, and the hop it must arrive by): the node signs nothing about bytes anybody could have
+made. Any other frame gets an unsigned error in its place (``unsigned_error``: JSON with a
+stable code, retry ``transient``), its refusal keeps only a prefix and digest in quarantine,
+and a sender treats such an answer as "not delivered, try again", never as a refusal.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+import orjson
 from sqlalchemy import Connection, insert, select, update
 
 from bridge import faults
@@ -30,8 +37,17 @@ from bridge.errors import (
 )
 from bridge.fhir.validate import parse_and_validate_bundle
 from bridge.privacy import bundle_patient_hash
-from bridge.store.quarantine import quarantine_row
+from bridge.store.quarantine import enforce_quota, quarantine_row, untrusted_row
 from bridge.store.tables import INBOX, OUTBOX, QUARANTINE
+
+#: the first byte of an unsigned error answer (a receipt starts with ``HTR1``)
+UNSIGNED = b"{"
+
+
+def unsigned_error(exc: HutongError) -> bytes:
+    """The answer to a frame nobody authenticated: no signature, nothing anyone can hold up
+    as this node's word about a packet. A sender keeps the packet and tries again."""
+    return orjson.dumps({"code": exc.code, "message": exc.message, "retry": "transient"})
 
 
 @dataclass
@@ -63,9 +79,14 @@ class Intake:
         now: datetime | None = None,
         source: str = "peer",
         requarantine: bool = True,
+        remote: str | None = None,
+        admit_refusal: Callable[[], bool] | None = None,
     ) -> list[bytes]:
-        """Process a batch; returns one answer per frame (a signed receipt, or b"" for a
-        forwarded receipt we took). Raises StoreError if the batch could not be committed."""
+        """Process a batch; returns one answer per frame (a signed receipt, b"" for a
+        forwarded receipt we took, or an ``unsigned_error`` for a frame that did not
+        authenticate). ``remote``: the source address; ``admit_refusal()`` says whether one
+        more unauthenticated refusal of it may be kept (its rate), else it is only answered.
+        Raises StoreError if the batch could not be committed."""
         now = now or self.ctx.now()
         batch = _Batch()
         answers: list[bytes | None] = []
@@ -82,13 +103,23 @@ class Intake:
                 decoded.append(exc)
         existing = self._existing([p.header.id for p in decoded if isinstance(p, env.Packet)])
         for frame, pkt in zip(frames, decoded, strict=True):
-            try:
+            try:  # who made it, and by which hop it came: nothing is signed before this holds
                 if isinstance(pkt, PacketRefused):
                     raise pkt
                 if pkt is None:
-                    answers.append(self._take_receipt(frame, batch))
+                    fields = env.verify_receipt(frame, self._keys_for)
+                else:
+                    relay_id = self._authenticate(pkt)
+            except PacketRefused as exc:
+                answers.append(self._refuse_unauthenticated(
+                    frame, pkt, exc, now, batch, remote, admit_refusal, requarantine))
+                continue
+            try:
+                if pkt is None:
+                    answers.append(self._take_receipt(fields, frame, batch))
                     continue
-                answers.append(self._take_packet(pkt, frame, now, batch, existing, seen, answers))
+                answers.append(self._take_packet(pkt, frame, now, batch, existing, seen, answers,
+                                                 relay_id))
             except PacketRefused as exc:
                 answers.append(self._refuse(frame, exc, now, source, batch, requarantine))
         with self.ctx.store.write() as conn:
@@ -110,22 +141,13 @@ class Intake:
         existing: dict[str, dict[str, Any]],
         seen: dict[str, tuple[tuple[Any, ...], int]],
         answers: list[bytes | None],
+        relay_id: str | None,
     ) -> bytes | None:
+        """A packet whose sender (and relay) ``_authenticate`` verified: every refusal from
+        here on is signed."""
         plan = self.plan
         h = pkt.header
-        sender = plan.directory.get(h.sender)
-        if sender is None:
-            raise UnknownSender(f"sender '{h.sender}' is not in the alliance directory")
-        env.verify(pkt, sender.signing_keys)
-        clock_ref = h.created_at
-        relay_id = None
-        if pkt.relay is not None:
-            relay = plan.directory.get(pkt.relay.relay)
-            if relay is None or relay.role != "platform":
-                raise UnknownSender(f"relay '{pkt.relay.relay}' is not a platform member")
-            env.verify_relay(pkt, relay.signing_keys)
-            clock_ref = pkt.relay.relayed_at
-            relay_id = relay.id
+        clock_ref = pkt.relay.relayed_at if pkt.relay is not None else h.created_at
         relaying = h.recipient != plan.node_id
         if relaying and not (self.me.role == "platform" and h.recipient in plan.directory):
             raise WrongRecipient(f"packet is for '{h.recipient}', this node is '{plan.node_id}'")
@@ -174,6 +196,29 @@ class Intake:
         batch.audit.append(self._entry("received", h, now, relay_id, phash))
         return receipt
 
+    def _authenticate(self, pkt: env.Packet) -> str | None:
+        """The sender's signature, the relay stamp if any, and the hop a packet for this node
+        must come by (a member behind the platform only through it: a frame of it sent
+        around the platform proves nothing about who sent it now). The relay's id, or None."""
+        plan = self.plan
+        h = pkt.header
+        sender = plan.directory.get(h.sender)
+        if sender is None:
+            raise UnknownSender(f"sender '{h.sender}' is not in the alliance directory")
+        env.verify(pkt, sender.signing_keys)
+        relay_id = None
+        if pkt.relay is not None:
+            relay = plan.directory.get(pkt.relay.relay)
+            if relay is None or relay.role != "platform":
+                raise UnknownSender(f"relay '{pkt.relay.relay}' is not a platform member")
+            env.verify_relay(pkt, relay.signing_keys)
+            relay_id = relay.id
+        if h.recipient == plan.node_id:
+            hub = sender.via or self.me.via
+            if hub is not None and relay_id != hub:
+                raise RouteDenied(f"{h.sender} -> {h.recipient} must arrive through '{hub}'")
+        return relay_id
+
     def _check_route(
         self, sender: str, recipient: str, kind: str, relay_id: str | None, relaying: bool
     ) -> None:
@@ -205,8 +250,7 @@ class Intake:
 
     # -- receipts forwarded back through a platform ---------------------------------------------
 
-    def _take_receipt(self, frame: bytes, batch: _Batch) -> bytes:
-        fields = env.verify_receipt(frame, self._keys_for)
+    def _take_receipt(self, fields: dict[str, Any], frame: bytes, batch: _Batch) -> bytes:
         if fields.get("sender") != self.plan.node_id:
             raise WrongRecipient(f"receipt for a packet sent by '{fields.get('sender')}'")
         batch.acks.append((fields, frame))
@@ -219,6 +263,34 @@ class Intake:
         return member.signing_keys
 
     # -- refusals ---------------------------------------------------------------------------
+
+    def _refuse_unauthenticated(
+        self,
+        frame: bytes,
+        pkt: env.Packet | PacketRefused | None,
+        exc: PacketRefused,
+        now: datetime,
+        batch: _Batch,
+        remote: str | None,
+        admit: Callable[[], bool] | None,
+        keep: bool,
+    ) -> bytes:
+        """Unsigned answer; quarantine keeps a prefix, digest, length and source (if this
+        source is within its refusal rate), and the audit says so once per kept refusal."""
+        if keep and (admit is None or admit()):
+            h = pkt.header if isinstance(pkt, env.Packet) else None
+            claimed = {} if h is None else {
+                "sender": h.sender[:64], "recipient": h.recipient[:64], "packet_id": h.id,
+                "kind": h.kind[:48], "thread": h.thread[:64]}
+            batch.quarantine.append(untrusted_row(
+                now, exc, frame, prefix=self.plan.retention.quarantine_prefix_bytes,
+                remote=remote, **claimed))
+            batch.audit.append(AuditEntry(
+                action="refused", outcome="4", packet_id=claimed.get("packet_id"),
+                kind=claimed.get("kind"), peer=claimed.get("sender"),
+                thread=claimed.get("thread"), code=exc.code, message=exc.message, at=now,
+                extra={"authenticated": False, "remote": remote, "size": len(frame)}))
+        return unsigned_error(exc)
 
     def _refuse(
         self,
@@ -318,6 +390,9 @@ class Intake:
             conn.execute(insert(OUTBOX), batch.relay)
         if batch.quarantine:
             conn.execute(insert(QUARANTINE), batch.quarantine)
+            batch.audit.extend(quota_entries(
+                enforce_quota(conn, self.plan.retention.quarantine_max_bytes),
+                self.plan.retention.quarantine_max_bytes, self.ctx.now()))
         for fields, frame in batch.acks:
             batch.audit.extend(apply_receipt(self.ctx, conn, fields, frame))
         if batch.audit:
@@ -355,6 +430,17 @@ def apply_receipt(
             code=fields.get("code"), message=fields.get("message"), at=now,
         )
     ]
+
+
+def quota_entries(done: dict[str, int], quota: int, now: datetime) -> list[AuditEntry]:
+    """The audit of a quota enforcement: one entry with the counts, none if nothing went."""
+    if not (done["dropped"] or done["emptied"]):
+        return []
+    return [AuditEntry(
+        action="quarantine-dropped", outcome="4", at=now,
+        message=(f"{done['dropped']} unauthenticated refusal(s) dropped and "
+                 f"{done['emptied']} member item(s) emptied: quarantine over its quota of "
+                 f"{quota} bytes"), extra=dict(done, quota=quota))]
 
 
 def _iso(t: datetime) -> str:

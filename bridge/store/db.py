@@ -91,6 +91,10 @@ class Store:
         with self._translate(), self._schema_lock():
             SQLModel.metadata.create_all(self._writer)
             upgrade(self)
+            from bridge.store.quarantine import upgrade_schema
+
+            with self._writer.begin() as conn:
+                upgrade_schema(conn)
 
     @contextmanager
     def _schema_lock(self) -> Iterator[None]:
@@ -150,6 +154,7 @@ class Store:
             with self._writer.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
                 conn.execute(text("VACUUM outbox"))
                 conn.execute(text("VACUUM inbox"))
+                conn.execute(text("VACUUM quarantine"))
 
     def dispose(self) -> None:
         self._writer.dispose()

@@ -1,14 +1,26 @@
-"""Quarantine rows: every refused input is kept with its reason and raw bytes."""
+"""Quarantine rows: every refused input is kept with its reason and raw bytes.
+
+Input refused before its signature verified (``trusted`` false) is anybody's: of it only a
+prefix is kept, with the digest and length of what arrived and the source address, so a
+refusal costs the node a few KiB whatever its size. All kept bytes together stay under
+``[retention] quarantine_max_bytes``: past it the oldest unauthenticated rows are dropped
+first (the drop audited as a count), then the oldest members' items lose their bytes.
+"""
 
 from __future__ import annotations
 
+import hashlib
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, select, update
+from sqlalchemy import Connection, and_, delete, func, inspect, select, text, update
 
 from bridge.errors import HutongError, NotFound
 from bridge.store.tables import QUARANTINE
+
+#: what a row costs besides its bytes (columns, index entries), counted against the quota so
+#: empty refusals cannot pile up for free
+ROW_OVERHEAD = 512
 
 
 def quarantine_row(
@@ -28,7 +40,90 @@ def quarantine_row(
         "at": at, "source": source, "code": exc.code, "message": exc.message,
         "sender": sender, "recipient": recipient, "packet_id": packet_id, "kind": kind,
         "thread": thread, "state": "held", "raw": raw, "body": body,
+        "raw_digest": None, "raw_size": len(raw), "remote": None, "trusted": True,
     }
+
+
+def untrusted_row(
+    at: datetime,
+    exc: HutongError,
+    received: bytes | bytearray | memoryview,
+    *,
+    prefix: int,
+    remote: str | None,
+    size: int | None = None,
+    digest: str | None = None,
+    **header: Any,
+) -> dict[str, Any]:
+    """A refusal of input nobody authenticated: ``prefix`` bytes of it, the SHA-256 and length
+    of all that arrived (``size``/``digest`` when the caller hashed it while reading), the
+    source address; never a body."""
+    row = quarantine_row(at, "peer", exc, raw=bytes(received[:prefix]), **header)
+    row.update(raw_digest=digest or hashlib.sha256(received).hexdigest(),
+               raw_size=len(received) if size is None else size, remote=remote, trusted=False)
+    return row
+
+
+def _kept() -> Any:
+    return (func.length(QUARANTINE.c.raw) + func.coalesce(func.length(QUARANTINE.c.body), 0)
+            + ROW_OVERHEAD)
+
+
+def kept_bytes(conn: Connection) -> int:
+    """Bytes the quarantine holds, as the quota counts them."""
+    return int(conn.execute(select(func.coalesce(func.sum(_kept()), 0))).scalar_one())
+
+
+def enforce_quota(conn: Connection, max_bytes: int) -> dict[str, int]:
+    """Bring the quarantine under ``max_bytes``: drop the oldest unauthenticated rows, then
+    (if still over) empty the bytes of the oldest members' items. Counts of each."""
+    done = {"dropped": 0, "emptied": 0}
+    over = kept_bytes(conn) - max_bytes
+    if over <= 0:
+        return done
+    q = QUARANTINE
+    for trusted in (False, True):
+        ids, freed = [], 0
+        stmt = select(q.c.id, _kept().label("kept")).where(q.c.trusted == trusted)
+        if trusted:
+            stmt = stmt.where(func.length(q.c.raw) + func.coalesce(func.length(q.c.body), 0) > 0)
+        for r in conn.execute(stmt.order_by(q.c.id)):
+            if freed >= over:
+                break
+            ids.append(r.id)
+            freed += r.kept if not trusted else r.kept - ROW_OVERHEAD
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            if trusted:
+                conn.execute(update(q).where(q.c.id.in_(chunk)).values(raw=b"", body=None))
+            else:
+                conn.execute(delete(q).where(q.c.id.in_(chunk)))
+        done["emptied" if trusted else "dropped"] = len(ids)
+        over -= freed
+        if over <= 0:
+            break
+    return done
+
+
+def purge_old(conn: Connection, cutoff: datetime) -> dict[str, int]:
+    """Retention: unauthenticated rows older than ``cutoff`` go; members' items keep their
+    row (code, ids, digest) but lose their bytes."""
+    q = QUARANTINE
+    gone = conn.execute(delete(q).where(q.c.trusted == False, q.c.at < cutoff))  # noqa: E712
+    emptied = conn.execute(
+        update(q).where(and_(q.c.trusted == True, q.c.at < cutoff,  # noqa: E712
+                             func.length(q.c.raw) + func.coalesce(func.length(q.c.body), 0) > 0))
+        .values(raw=b"", body=None))
+    return {"dropped": gone.rowcount or 0, "emptied": emptied.rowcount or 0}
+
+
+def upgrade_schema(conn: Connection) -> None:
+    """Stores made before the unauthenticated-refusal columns get them (once, on open)."""
+    have = {c["name"] for c in inspect(conn).get_columns("quarantine")}
+    for name, ddl in (("raw_digest", "VARCHAR(64)"), ("raw_size", "INTEGER"),
+                      ("remote", "VARCHAR(64)"), ("trusted", "BOOLEAN NOT NULL DEFAULT TRUE")):
+        if name not in have:
+            conn.execute(text(f"ALTER TABLE quarantine ADD COLUMN {name} {ddl}"))
 
 
 def list_items(
@@ -38,6 +133,7 @@ def list_items(
     stmt = select(
         q.c.id, q.c.at, q.c.source, q.c.code, q.c.message, q.c.sender, q.c.recipient,
         q.c.packet_id, q.c.kind, q.c.state, q.c.replayed_at, q.c.replay_result,
+        q.c.raw_digest, q.c.raw_size, q.c.remote, q.c.trusted,
     ).order_by(q.c.id.desc()).limit(limit)
     if state:
         stmt = stmt.where(q.c.state == state)

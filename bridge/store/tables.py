@@ -100,6 +100,12 @@ class QuarantineItem(SQLModel, table=True):
     replay_result: str | None = None
     raw: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
     body: bytes | None = Field(default=None, sa_column=Column(LargeBinary, nullable=True))
+    # what was received, when ``raw`` holds only a prefix of it (input refused before its
+    # signature verified: ``trusted`` false); the source address of a peer request
+    raw_digest: str | None = Field(default=None, max_length=64)
+    raw_size: int | None = None
+    remote: str | None = Field(default=None, max_length=64)
+    trusted: bool = True
 
 
 class NodeState(SQLModel, table=True):
