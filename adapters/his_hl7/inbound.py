@@ -30,6 +30,7 @@ from bridge.errors import (
     MissingConsent,
     Retry,
     UnknownReference,
+    VisitConflict,
 )
 from bridge.local import encounters
 
@@ -350,6 +351,8 @@ class Inbound:
             field = self.a.opts.referral_id_field if thread and "referral" in exc.message \
                 else "PV1-19"
             raise Hl7DataError(exc.message, field=field, hl7_error="204") from None
+        except VisitConflict as exc:
+            raise Hl7DataError(exc.message, field="PV1-19", hl7_error="205") from None
         except InvalidResource as exc:
             raise Hl7DataError(exc.message, field="PID" if "Patient" in exc.message
                                else "PV1", hl7_error="207") from None

@@ -181,7 +181,8 @@ class AdapterHost:
           the one updated; ``visit=None`` (the record has no visit number): a new Encounter
           (``without_visit="new"``) or the patient's one open Encounter from this node
           (``"open"``; none or several -> :class:`~bridge.errors.UnknownReference`).
-          ``must_exist``: an unknown visit is refused (a cancel of a visit never seen).
+          ``must_exist``: an unknown visit is refused (a cancel of a visit never seen). A visit
+          number that names another patient's Encounter: :class:`~bridge.errors.VisitConflict`.
           ``build(current)`` gets that Encounter (None if new) and returns
           the Encounter after the event (``bridge.local.encounters.apply``); the host sets
           ``id`` (kept), ``subject`` and, when linked, ``basedOn``. ``build=None``: Patient only.
@@ -203,7 +204,7 @@ class AdapterHost:
         Returns ``{"encounter", "patient", "status", "created", "referral", "arrived"}`` plus
         ``answer`` (e.g. the ACK to give a re-send).
         """
-        from bridge.errors import InvalidResource, UnknownReference
+        from bridge.errors import InvalidResource, UnknownReference, VisitConflict
         from bridge.fhir.validate import errors as fhir_errors
         from bridge.privacy import patient_hash
 
@@ -239,7 +240,7 @@ class AdapterHost:
                             break
                 if stored_patient is None and phash:
                     stored_patient = fhirstore.find_patient_by_hash(conn, phash)
-            if stored_patient is None and current is not None:
+            if stored_patient is None and patient is None and current is not None:
                 ref = (current.get("subject") or {}).get("reference", "")
                 if ref.startswith("Patient/"):
                     stored_patient = fhirstore.get(conn, "Patient", ref.split("/", 1)[1])
@@ -270,6 +271,10 @@ class AdapterHost:
                     raise UnknownReference(f"no visit number, and the patient has "
                                            f"{'no' if not rows else 'several'} open visits here")
                 current = fhirstore.get(conn, "Encounter", rows[0].id)
+            if current is not None and (current.get("subject") or {}).get("reference") \
+                    not in (None, pref):
+                raise VisitConflict("the visit number already names a visit of another "
+                                    "patient here")
             if build is not None and current is None and must_exist:
                 raise UnknownReference("no visit known here with that visit number")
             # -- the encounter
