@@ -178,7 +178,7 @@ RULES = [{"from": "yuetan-chc", "to": "fuxing", "kinds": KINDS},
 
 
 class Env:
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, referral_id_field: str = "PV1-50") -> None:
         base = free_port_block(4)
         self.ports = {"chc-adapter": base, "chc-his": base + 1, "core-adapter": base + 2,
                       "core-his": base + 3}
@@ -193,7 +193,7 @@ class Env:
                 "options": {"listen": f"127.0.0.1:{self.ports[f'{short}-adapter']}",
                             "his": f"127.0.0.1:{self.ports[f'{short}-his']}", "charset": cs,
                             "ack_timeout_s": 2, "connect_timeout_s": 2,
-                            "referral_id_field": "PV1-50"}}]})
+                            "referral_id_field": referral_id_field}}]})
         self.alliance = Alliance(folder / "alliance", members, RULES)
         self.procs: list[subprocess.Popen[bytes]] = []
         self.logs: list[Any] = []
@@ -417,8 +417,8 @@ def test_his_naks_drops_and_is_down_then_gets_each_message_once_in_order(env: En
     env.procs.remove(proc)
     late = slip(slip_no="YTRETRY-down", patient_name="赵乗", mrn="YTD1",
                 id_number="110102198001010022")
+    before = len(fx.api("GET", "/local/v1/referrals"))  # counted before it can arrive
     assert chc.refer(late).code == "AA"
-    before = len(fx.api("GET", "/local/v1/referrals"))
     wait_for(lambda: len(fx.api("GET", "/local/v1/referrals")) > before, timeout=60,
              what="the referral at the core node while its HIS is down")
     assert not [r for r in core.received() if r.slip_no == late.slip_no]
