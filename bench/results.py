@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 import hl7
 from hl7.client import MLLPClient
 
-from adapters.lis.decode import decode_message
+from adapters.lis.intake import decode
 from adapters.lis.oru import Settings, header, parse, to_fhir
 from bridge.fhir.validate import validate_bundle
 from bridge.mapping import load_site
@@ -67,8 +67,9 @@ def measure(n: int) -> dict[str, Any]:
         root = Path(tmp)
         site = write_site(root / "mappings" / "fxlab")
         raws = [oru_message(i) for i in range(1, min(n, 500) + 1)]
-        texts = [decode_message(r, "UTF-8")[0] for r in raws]
-        msgs = [hl7.parse(t) for t in texts]
+        decoded = [decode(r, "UTF-8") for r in raws]
+        texts = [t for t, _ in decoded]
+        msgs = [parse(t, cs) for t, cs in decoded]
         heads = [header(m) for m in msgs]
         cfg = Settings(node_id="core", hash_key=bytes(32),
                        national_id_system="urn:oid:2.16.156.10011.1.3",
@@ -78,8 +79,8 @@ def measure(n: int) -> dict[str, Any]:
         size = sum(map(len, raws)) / len(raws)
 
         def pipeline(raw: bytes) -> None:
-            text, _ = decode_message(raw, "UTF-8")
-            msg = parse(text)
+            text, cs = decode(raw, "UTF-8")
+            msg = parse(text, cs)
             validate_bundle(to_fhir(msg, header(msg), cfg).bundle)
 
         validate_bundle(bundles[0])  # compile the schema before timing

@@ -5,7 +5,7 @@ import sys
 import atheris
 
 with atheris.instrument_imports():
-    from adapters.lis.decode import decode_message
+    from adapters.lis.intake import decode
     from adapters.lis.errors import LisMessageError
     from adapters.lis.oru import Settings, header, parse, to_fhir
     from bridge.errors import InvalidFhir
@@ -18,8 +18,8 @@ SETTINGS = Settings(node_id="core", hash_key=bytes(range(32)),
 
 def one(data: bytes) -> None:
     try:
-        text, _ = decode_message(data, "UTF-8")
-        msg = parse(text)
+        text, cs = decode(data, "UTF-8")
+        msg = parse(text, cs)
         validate_bundle(to_fhir(msg, header(msg), SETTINGS).bundle)
     except (LisMessageError, InvalidFhir):
         pass

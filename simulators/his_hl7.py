@@ -29,9 +29,12 @@ from typing import Any
 
 from hl7.mllp import start_hl7_server
 
-from adapters.his_hl7 import ack, charset, messages, v2
+from adapters.his_hl7 import messages, v2
 from adapters.his_hl7.errors import Hl7DataError
-from adapters.his_hl7.mllp import Timeouts, send_once, split_addr
+from adapters.hl7v2 import charset, fields
+from adapters.hl7v2.ack import Answering, build_ack, encode, read_ack
+from adapters.hl7v2.errors import V2Error
+from adapters.hl7v2.mllp import Timeouts, send_once, split_addr
 from adapters.slips import (
     AcceptanceSlip,
     LabResult,
@@ -102,10 +105,17 @@ def _attempt(conn: sqlite3.Connection, control_id: str, code: str) -> None:
 
 def _parts(msg: Any, seg: Any, n: int) -> list[list[str]]:
     """One field as [repetition][component], unescaped ([] when empty)."""
-    index = n if str(seg[0]) != "MSH" else n - 1
-    if len(seg) <= index or not str(seg[index]):
+    if not seg[n]:
         return []
-    return [[msg.unescape(c) for c in rep.split("^")] for rep in str(seg[index]).split("~")]
+    return [[fields.unescape(c, seg.d, seg.charset) for c in rep.split(seg.d.component)]
+            for rep in seg[n].split(seg.d.repetition)]
+
+
+def _answer(code: str, control: str, at: datetime, cs: charset.Charset | None,
+            error: V2Error | None = None) -> bytes:
+    """This HIS's ACK (the kit's builder: MSA, and ERR naming the field)."""
+    return encode(build_ack(Answering(control_id=control, version="2.5"), code, at=at,
+                            error=error, app="HIS", facility="HIS"), cs)
 
 
 def _first(msg: Any, seg: Any, n: int, component: int = 1) -> str:
@@ -160,19 +170,19 @@ def take(conn: sqlite3.Connection, raw: bytes) -> bytes | None:
             conn.execute("COMMIT")
             return None
         text, codec = charset.decode(raw)
-        msg = v2.parse(text)
+        msg = v2.parse(text, codec)
         oru = v2.get(msg, msg.segment("MSH"), 9, 1) == "ORU"
-        inbound = None if oru else messages.read(text)
+        inbound = None if oru else messages.read(text, codec)
         control = inbound.control_id if inbound is not None else \
             v2.get(msg, msg.segment("MSH"), 10)
         now = datetime.now(UTC)
-        answer = ack.build
+        answer = _answer
         if modes["nak"] > 0:
             conn.execute("UPDATE mode SET v = v - 1 WHERE k = 'nak'")
             _attempt(conn, control, "AE")
             conn.execute("COMMIT")
-            return answer("AE", control, now, codec=codec, facility="HIS",
-                          error=Hl7DataError("simulated NAK", hl7_error="207"))
+            return answer("AE", control, now, codec,
+                          Hl7DataError("simulated NAK", hl7_error="207"))
         _attempt(conn, control, "AA")
         if inbound is None:
             data = read_results(msg)
@@ -183,7 +193,7 @@ def take(conn: sqlite3.Connection, raw: bytes) -> bytes | None:
                           json.dumps(data, ensure_ascii=False), raw, now.isoformat(), n))
             conn.execute("UPDATE mode SET v = v + 1 WHERE k = 'answered'")
             conn.execute("COMMIT")
-            return answer("AA", control, now, codec=codec, facility="HIS")
+            return answer("AA", control, now, codec)
         if inbound.what == "referral":
             slip: Any = messages.referral_slip(inbound.msg, {}, OFFSET, from_alliance=True)
         elif inbound.what == "acceptance":
@@ -202,11 +212,10 @@ def take(conn: sqlite3.Connection, raw: bytes) -> bytes | None:
                       json.dumps(asdict(slip), ensure_ascii=False), raw, now.isoformat(), n))
         conn.execute("UPDATE mode SET v = v + 1 WHERE k = 'answered'")
         conn.execute("COMMIT")
-        return answer("AA", inbound.control_id, now, codec=codec, facility="HIS")
-    except Hl7DataError as exc:
+        return answer("AA", inbound.control_id, now, codec)
+    except V2Error as exc:
         conn.execute("ROLLBACK")
-        return ack.build(exc.ack_code, "?", datetime.now(UTC), codec="utf-8", facility="HIS",
-                         error=exc)
+        return _answer(exc.ack_code, "?", datetime.now(UTC), None, exc)
 
 
 async def serve(db: Path, listen: str) -> None:
@@ -230,7 +239,7 @@ async def serve(db: Path, listen: str) -> None:
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
-    server = await start_hl7_server(client, host, port)
+    server = await start_hl7_server(client, host, port, limit=16 * 1024 * 1024)
     async with server:
         await server.serve_forever()
 
@@ -246,7 +255,7 @@ class VendorHis:
         self.db = db
         self.adapter = split_addr(adapter)
         self.header = messages.Header(application, facility, "HUTONG", "", charset_name)
-        self.codec = charset.codec_for(charset_name, "utf-8")
+        self.codec = charset.lookup(charset_name)
         _db(db).close()
 
     def _conn(self) -> sqlite3.Connection:
@@ -254,10 +263,10 @@ class VendorHis:
 
     def send_raw(self, raw: bytes, what: str = "raw", slip_no: str = "") -> Ack:
         answer = send_once(*self.adapter, raw, Timeouts(ack_s=60))
-        code, control, text = ack.read(answer)
+        code, control, text = read_ack(answer)
         try:
-            msg_control = messages.read(charset.decode(raw)[0]).control_id
-        except (Hl7DataError, charset.CharsetError):  # a bad message sent on purpose
+            msg_control = messages.read(*charset.decode(raw)).control_id
+        except V2Error:  # a bad message sent on purpose
             msg_control = control
         with contextlib.closing(self._conn()) as conn:
             conn.execute("INSERT OR REPLACE INTO sent VALUES (?, ?, ?, ?, ?, ?)",

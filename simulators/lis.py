@@ -21,7 +21,7 @@ import sys
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from adapters.lis.ack import ack_code_of
+from adapters.hl7v2.ack import ack_code_of
 from adapters.lis.sender import send_folder, send_messages
 
 #: (code, name, unit (v2-escaped), low, high, decimals)
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         acks = send_messages(args.host, args.port, [Path(x).read_bytes() for x in args.paths],
                              tls=_tls(args.tls_ca))
         for path, ack in zip(args.paths, acks, strict=True):
-            print(path, ack_code_of(ack.decode("utf-8", "replace")))
+            print(path, ack_code_of(ack))
         return 0
     if args.cmd == "send-dir":
         counts = send_folder(Path(args.paths[0]), args.host, args.port, tls=_tls(args.tls_ca))

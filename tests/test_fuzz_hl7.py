@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from adapters.lis.decode import decode_message
+from adapters.lis.intake import decode
 from adapters.lis.errors import LisMessageError
 from adapters.lis.oru import Settings, header, parse, to_fhir
 from bridge.errors import InvalidFhir
@@ -31,8 +31,8 @@ SETTINGS = Settings(node_id="core", hash_key=bytes(range(32)),
 def intake(raw: bytes) -> dict | None:
     """The adapter's chain; the FHIR Bundle when the message is taken, None when refused."""
     try:
-        text, _ = decode_message(raw, "UTF-8")
-        msg = parse(text)
+        text, cs = decode(raw, "UTF-8")
+        msg = parse(text, cs)
         results = to_fhir(msg, header(msg), SETTINGS)
         validate_bundle(results.bundle)
     except (LisMessageError, InvalidFhir) as exc:

@@ -22,7 +22,8 @@ from fhir.resources.R4B.servicerequest import ServiceRequest
 from fhir.resources.R4B.task import Task
 from sqlalchemy import select
 
-from adapters.his_hl7 import charset, messages
+from adapters.his_hl7 import messages
+from adapters.hl7v2 import charset
 from adapters.slips import AcceptanceSlip, ReferralSlip
 from bridge.audit.tables import AuditRecord
 from bridge.store.db import Store

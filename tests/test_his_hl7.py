@@ -21,9 +21,11 @@ from typing import Any
 
 import pytest
 
-from adapters.his_hl7 import ack, charset, messages
+from adapters.his_hl7 import messages
 from adapters.his_hl7.errors import Hl7DataError
-from adapters.his_hl7.mllp import Timeouts, send_once
+from adapters.hl7v2 import ack, charset
+from adapters.hl7v2.errors import CharsetRefused
+from adapters.hl7v2.mllp import PeerUnreachable, Timeouts, send_once
 from adapters.slips import AcceptanceSlip, ReferralSlip, ReturnSlip
 from simulators.his_hl7 import VendorHis
 from tests.harness import ROOT, Alliance, free_port_block, wait_for
@@ -57,12 +59,11 @@ def back_slip(**kw: Any) -> ReturnSlip:
 def referral_bytes(s: ReferralSlip, codec_name: str, control: str = "MSG0001") -> bytes:
     h = replace(HEADER, charset=codec_name)
     text = messages.referral_message(h, s, control, datetime(2026, 11, 20, 1, 0, tzinfo=UTC))
-    return charset.encode(text, charset.codec_for(codec_name, "utf-8"))
+    return charset.encode(text, codec_name)
 
 
 def read_referral(raw: bytes) -> ReferralSlip:
-    text, _ = charset.decode(raw)
-    inbound = messages.read(text)
+    inbound = messages.read(*charset.decode(raw))
     assert inbound.what == "referral"
     return messages.referral_slip(inbound.msg, {}, OFFSET)
 
@@ -87,16 +88,17 @@ def test_charset_declared_with_chinese_in_msh() -> None:
     h = replace(HEADER, sending_facility="月坛億社区", charset="GB 18030-2000")
     text = messages.referral_message(h, slip(), "M1", datetime(2026, 11, 20, tzinfo=UTC))
     raw = text.encode("gb18030")
-    decoded, codec = charset.decode(raw)
-    assert codec == "gb18030" and messages.read(decoded).facility == "月坛億社区"
+    decoded, cs = charset.decode(raw)
+    assert cs.decoder == "gb18030" and messages.read(decoded, cs).facility == "月坛億社区"
 
 
 def test_wrong_encoding_is_named() -> None:
     raw = referral_bytes(slip(patient_name="王億"), "GB 18030-2000")
     lying = raw.replace(b"GB 18030-2000", b"UNICODE UTF-8")
-    with pytest.raises(charset.CharsetError) as err:
+    with pytest.raises(CharsetRefused) as err:
         charset.decode(lying)
-    assert "utf-8" in err.value.reason and err.value.declared == "UNICODE UTF-8"
+    assert "UNICODE UTF-8" in err.value.reason and err.value.field == "MSH-18"
+    assert "RF1-3" in err.value.reason  # the first field holding such bytes (its kind name)
 
 
 # -- (c) escapes and repeats ---------------------------------------------------------------------
@@ -159,11 +161,14 @@ def test_bad_fields_are_named(mutate: Any, field: str) -> None:
 
 
 def test_ack_err_names_the_field() -> None:
-    raw = ack.build("AE", "MSG9", datetime.now(UTC), codec="gb18030", facility="hutong",
-                    error=Hl7DataError("unparseable date", field="PID-7", hl7_error="102"))
+    to = ack.Answering(control_id="MSG9", version="2.5", charset="GB 18030-2000")
+    raw = ack.encode(ack.build_ack(
+        to, "AE", at=datetime.now(UTC), app="HUTONG", facility="hutong",
+        error=Hl7DataError("unparseable date", field="PID-7", hl7_error="102")),
+        charset.lookup("GB 18030-2000"))
     text = raw.decode("gb18030")
     assert "MSA|AE|MSG9|" in text and "ERR||PID^1^7|102^Data type error^HL70357|E" in text
-    assert ack.read(raw) == ("AE", "MSG9", "PID-7: unparseable date")
+    assert ack.read_ack(raw) == ("AE", "MSG9", "PID-7: unparseable date")
 
 
 # -- real processes -----------------------------------------------------------------------------
@@ -428,10 +433,8 @@ def test_his_naks_drops_and_is_down_then_gets_each_message_once_in_order(env: En
 
 
 def test_mllp_sender_names_down_listener() -> None:
-    from adapters.his_hl7.errors import HisUnreachable
-
     port = free_port_block(1)
-    with pytest.raises(HisUnreachable):
+    with pytest.raises(PeerUnreachable, match=f"127.0.0.1:{port}"):
         send_once("127.0.0.1", port, b"MSH|^~\\&|x\r", Timeouts(connect_s=1, ack_s=1))
 
 

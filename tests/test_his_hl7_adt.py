@@ -8,17 +8,14 @@ read back through its /fhir API and compared field by field with the message.
 
 from __future__ import annotations
 
-import json
 import urllib.parse
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 from typing import Any
 
 import pytest
 from hl7.client import MLLPClient
 
-from adapters.his_hl7 import charset
 from adapters.slips import AcceptanceSlip
 from tests.harness import db_rows, wait_for
 from tests.test_his_hl7 import Env, one, referral_bytes, referral_row, slip
@@ -49,7 +46,7 @@ def mllp(port: int, raw: bytes) -> tuple[str, str, str]:
     text = answer.strip(b"\x0b\x1c\r\n").decode("utf-8", "replace")
     segs = {s.split("|", 1)[0]: s.split("|") for s in text.split("\r") if s}
     msa = segs["MSA"]
-    err = segs.get("ERR")
+    err = segs.get("ERR")  # v2.5+: ERR-8 the reason; before: MSA-3 (ERR-1 the location)
     why = err[8] if err is not None and len(err) > 8 else (msa[3] if len(msa) > 3 else "")
     return msa[1], msa[2], why
 
@@ -272,15 +269,3 @@ def test_real_style_referral_with_date_only_times_nulls_and_untyped_notes(env: E
     assert got.summary.split("\n") == [*s.summary.split("\n"), "患者自诉头晕",
                                        "CLINICAL_INFORMATION: 既往史见附件"]
     assert got.reason == s.reason and got.patient_name == "周億"
-
-
-def _decoded(raw: bytes) -> str:
-    return charset.decode(raw, "utf-8")[0]
-
-
-def dump(obj: Any) -> str:
-    return json.dumps(obj, ensure_ascii=False, sort_keys=True)
-
-
-def here() -> Path:
-    return Path(__file__).parent

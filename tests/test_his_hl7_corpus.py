@@ -51,6 +51,8 @@ REASON = {"100": "segment", "101": "required-field", "102": "data-type", "103": 
           "200": "message-type", "204": "unknown-key", "205": "duplicate-key"}
 #: why a careful receiver refuses, by field and class (the quoted value comes from the message)
 RULE = {
+    ("MSH-2", "102"): "MSH-2 must be the four encoding characters, distinct printable ASCII "
+                      "(^~\\&)",
     ("MSH-10", "101"): "MSH-10 is required: without it the ACK cannot name the message and "
                        "a re-send cannot be told from a new message",
     ("MSH-9", "200"): "merges, swaps and moves of records (or unknown events) are not applied "
@@ -74,7 +76,7 @@ RULE = {
 
 class Msg:
     def __init__(self, raw: bytes) -> None:
-        text = raw.decode("utf-8", "replace")
+        text = raw.decode("utf-8", "backslashreplace")
         self.segs = [s for s in text.split("\r") if s]
         msh = self.segs[0]
         self.fs = msh[3]
@@ -281,8 +283,10 @@ def test_every_corpus_adt_and_ref_has_its_pinned_outcome(env: Env, monkeypatch:
             answer: bytes = super().send_message(message)
             LAST_ERR.clear()
             for seg in answer.strip(b"\x0b\x1c\r\n").split(b"\r"):
-                if seg.startswith(b"ERR|"):
-                    LAST_ERR["code"] = seg.split(b"|")[3].split(b"^")[0].decode()
+                f = seg.split(b"|")
+                if f[0] == b"ERR":  # v2.5+: ERR-3 code^text; before: ERR-1 SEG^seq^field^code&text
+                    LAST_ERR["code"] = (f[3].split(b"^")[0] if len(f) > 3 else
+                                        f[1].split(b"^")[3].split(b"&")[0]).decode()
             return answer
 
     monkeypatch.setattr(adt_tests, "MLLPClient", Recording)

@@ -12,8 +12,8 @@ import pytest
 from fhir.resources.R4B import get_fhir_model_class
 
 from adapters.lis import errors as E
-from adapters.lis.ack import Answering, ack_code_of, build_ack
-from adapters.lis.decode import decode_message
+from adapters.hl7v2.ack import Answering, ack_code_of, build_ack
+from adapters.lis.intake import decode
 from adapters.lis.oru import Settings, header, parse, to_fhir
 from bridge.fhir.validate import validate_bundle, validate_resource
 from bridge.mapping import Translator
@@ -40,8 +40,8 @@ def settings(**kw: Any) -> Settings:
 
 
 def convert(raw: bytes, default: str = "UTF-8", **kw: Any) -> Any:
-    text, _ = decode_message(raw, default)
-    msg = parse(text)
+    text, cs = decode(raw, default)
+    msg = parse(text, cs)
     return to_fhir(msg, header(msg), settings(**kw))
 
 

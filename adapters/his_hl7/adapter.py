@@ -19,7 +19,16 @@ Options (``[adapters.options]``)::
                                      # empty: visits are never linked to referrals
     connect_timeout_s = 5
     ack_timeout_s = 15
-    idle_timeout_s = 300
+    idle_timeout_s = 300             # listener: a connection with no frame in progress
+    frame_timeout_s = 120            # listener: first byte of a frame to its end
+    max_message_bytes = 10485760     # listener: MLLP frame limit (AR + quarantine above it)
+    charset_override = "GB 18030-2000"  # optional: what the HIS really sends, whatever
+                                        # MSH-18 says
+    tls = { cert = "...", key = "...", client_ca = "..." }   # optional, listener
+    rate_limit = { per_second = 50, burst = 200, hold_s = 2 }  # optional, listener
+
+Framing, limits, timeouts, TLS, rate limit, charsets, field readers and ACKs are the HL7 v2
+kit's (:mod:`adapters.hl7v2`), the same as the LIS's.
 """
 
 from __future__ import annotations
@@ -27,14 +36,23 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from adapters.base import BaseAdapter
-from adapters.his_hl7 import charset
+from adapters.his_hl7 import v2
 from adapters.his_hl7.inbound import Inbound
 from adapters.his_hl7.messages import Header
-from adapters.his_hl7.mllp import MllpListener, Timeouts, split_addr
 from adapters.his_hl7.outbound import Outbound
+from adapters.hl7v2 import charset
+from adapters.hl7v2.mllp import (
+    Handlers,
+    Limits,
+    MllpListener,
+    Timeouts,
+    TokenBucket,
+    server_tls,
+    split_addr,
+)
 from adapters.his_hl7.state import State
 from bridge.errors import ConfigError
 
@@ -51,9 +69,18 @@ def _addr(value: str) -> str:
     return value
 
 
-def _charset(value: str) -> str:
-    charset.codec_for(value, "utf-8")
-    return value
+class TlsOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    cert: str
+    key: str
+    client_ca: str | None = None
+
+
+class RateOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    per_second: float = Field(50.0, gt=0)
+    burst: int = Field(200, ge=1)
+    hold_s: float = Field(2.0, ge=0)
 
 
 class Options(BaseModel):
@@ -69,18 +96,20 @@ class Options(BaseModel):
     utc_offset: str = "+08:00"
     connect_timeout_s: float = 5.0
     ack_timeout_s: float = 15.0
-    idle_timeout_s: float = 300.0
+    idle_timeout_s: float = Field(300.0, gt=0, le=86_400)
+    frame_timeout_s: float = Field(120.0, gt=0, le=86_400)
+    max_message_bytes: int = Field(10 * 1_048_576, ge=1024)
+    charset_override: str | None = None
+    tls: TlsOptions | None = None
+    rate_limit: RateOptions | None = None
     referral_id_field: str = ""
 
     _listen = field_validator("listen", "his")(_addr)
 
-    @field_validator("charset", "default_charset")
+    @field_validator("charset", "default_charset", "charset_override")
     @classmethod
-    def _known(cls, value: str) -> str:
-        try:
-            return _charset(value)
-        except charset.CharsetError as exc:
-            raise ValueError(exc.reason) from None
+    def _known(cls, value: str | None) -> str | None:
+        return charset.check_name(value) if value is not None else None
 
     @field_validator("referral_id_field")
     @classmethod
@@ -110,8 +139,7 @@ class HisHl7Adapter(BaseAdapter):
                 for e in exc.errors())) from None
         o = self.opts
         self.facility = o.facility or host.node_id
-        self.codec = charset.codec_for(o.charset, "utf-8")
-        self.default_codec = charset.codec_for(o.default_charset, "utf-8")
+        self.charset = charset.lookup(o.charset)  # what we write
         self.his_host, self.his_port = split_addr(o.his)
         sign = -1 if o.utc_offset[0] == "-" else 1
         self.utc_offset = sign * timedelta(hours=int(o.utc_offset[1:3]),
@@ -122,16 +150,34 @@ class HisHl7Adapter(BaseAdapter):
         self.inbound: Inbound | None = None
         self.outbound: Outbound | None = None
 
+    def decode(self, raw: bytes) -> tuple[str, charset.Charset]:
+        """(text, charset) of a message from the HIS: MSH-18, else ``default_charset``;
+        ``charset_override`` wins (the kit's table and checks; refusals as Hl7Rejected)."""
+        return v2.kit_errors(charset.decode)(raw, self.opts.default_charset,
+                                             self.opts.charset_override)
+
     def header(self) -> Header:
         return Header("HUTONG", self.facility, self.opts.his_application, self.opts.his_facility,
-                      charset.DECLARE[self.codec])
+                      self.charset.name)
 
     def start(self) -> None:
         self.state = State(self.host.data_dir / "his_hl7.sqlite")
         self.inbound = Inbound(self)
         self.outbound = Outbound(self)
-        self.listener = MllpListener(self.opts.listen, self.inbound.handle, self.timeouts,
-                                     name=f"his-hl7:{self.name}")
+        o = self.opts
+        host, port = split_addr(o.listen)
+        tls = server_tls(str(self.host.path(o.tls.cert)), str(self.host.path(o.tls.key)),
+                         str(self.host.path(o.tls.client_ca)) if o.tls.client_ca else None) \
+            if o.tls is not None else None
+        self.listener = MllpListener(
+            host, port, Handlers(self.inbound.handle, self.inbound.frame_fault,
+                                 self.inbound.over_rate),
+            limits=Limits(max_bytes=o.max_message_bytes, idle_timeout_s=o.idle_timeout_s,
+                          frame_timeout_s=o.frame_timeout_s),
+            ssl_context=tls,
+            bucket=TokenBucket(o.rate_limit.per_second, o.rate_limit.burst)
+            if o.rate_limit else None, hold_s=o.rate_limit.hold_s if o.rate_limit else 0.0,
+            name=f"his-hl7:{self.name}")
         self.listener.start()
 
     def deliver(self, item: Delivery) -> None:

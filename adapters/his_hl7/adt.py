@@ -32,9 +32,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-import hl7
-
 from adapters.his_hl7 import v2
+from adapters.hl7v2.fields import Message
 from adapters.his_hl7.errors import Hl7DataError
 from adapters.his_hl7.messages import _get, read_dtm
 from bridge.local import encounters
@@ -76,7 +75,7 @@ class Adt:
     referral_id: str = ""
 
 
-def _pid_identifiers(msg: hl7.Message, pid: Any) -> tuple[str, str]:
+def _pid_identifiers(msg: Message, pid: Any) -> tuple[str, str]:
     """(record number, national ID) from PID-3's repetitions."""
     reps = []
     for r in range(1, v2.count_reps(pid, 3) + 1):
@@ -97,7 +96,7 @@ def _pid_identifiers(msg: hl7.Message, pid: Any) -> tuple[str, str]:
     return mrn, national
 
 
-def read(msg: hl7.Message, event: str, offset: timedelta, *, member: str,
+def read(msg: Message, event: str, offset: timedelta, *, member: str,
          national_id_system: str, referral_field: str = "", sent_at: str = "") -> Adt:
     """Read one ADT message; bad or missing required data raises naming segment and field."""
     kind = EVENT_KIND[event]

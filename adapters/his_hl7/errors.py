@@ -1,6 +1,6 @@
 """What goes wrong between the HIS and this adapter, as errors of the one Hutong tree.
 
-    HutongError (bridge.errors)
+    HutongError (bridge.errors) > V2Error (adapters.hl7v2.errors)
     ├── Hl7DataError        HT-HL7-DATA        a message from the HIS we will not take (permanent):
     │   │                                      names the record (MSH-10) and field (PID-7); the
     │   │                                      HIS gets AE/AR with an ERR segment saying the same
@@ -20,10 +20,13 @@ Messages never quote patient data: they go into ACKs, quarantine reasons and the
 
 from __future__ import annotations
 
+from adapters.hl7v2.errors import V2Error
 from bridge.errors import AmbiguousDelivery, HutongError, Retry, TransportError
 
 
-class Hl7DataError(HutongError):
+class Hl7DataError(V2Error):
+    """A kit error (reason, field, ACK code, table 0357 code) with this adapter's code."""
+
     code = "HT-HL7-DATA"
     retry = Retry.PERMANENT
     http_status = 422
@@ -32,19 +35,10 @@ class Hl7DataError(HutongError):
     #: HL7 table 0357 error condition, for ERR-3
     hl7_error = "207"
 
-    def __init__(self, message: str, *, field: str | None = None, hl7_error: str | None = None,
-                 ack_code: str | None = None) -> None:
-        super().__init__(f"{field}: {message}" if field else message)
-        self.reason = message
-        self.field = field
-        if hl7_error:
-            self.hl7_error = hl7_error
-        if ack_code:
-            self.ack_code = ack_code
-
 
 class Hl7Rejected(Hl7DataError):
     code = "HT-HL7-REJECTED"
+    kind = "structure"
     ack_code = "AR"
     hl7_error = "100"
 
@@ -68,19 +62,6 @@ class HisUnreachable(TransportError):
 
 class HisNak(TransportError):
     code = "HT-HL7-HIS-NAK"
-
-
-#: HL7 table 0357 texts for the codes we send
-ERROR_TEXT = {
-    "100": "Segment sequence error",
-    "101": "Required field missing",
-    "102": "Data type error",
-    "103": "Table value not found",
-    "200": "Unsupported message type",
-    "204": "Unknown key identifier",
-    "205": "Duplicate key identifier",
-    "207": "Application internal error",
-}
 
 
 class HisNoAck(AmbiguousDelivery):

@@ -16,12 +16,16 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from dataclasses import replace
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from adapters import slips_fhir
-from adapters.his_hl7 import ack, adt, charset, messages
-from adapters.his_hl7.errors import Hl7ControlReused, Hl7DataError, Hl7Duplicate, Hl7Rejected
+from adapters.his_hl7 import adt, messages, v2
+from adapters.his_hl7.errors import Hl7ControlReused, Hl7DataError, Hl7Duplicate
+from adapters.hl7v2 import ack
+from adapters.hl7v2.charset import Charset
+from adapters.hl7v2.mllp import Fault
 from adapters.his_hl7.state import PATIENT_FIELDS
 from bridge.errors import (
     HutongError,
@@ -85,9 +89,7 @@ def source_key(inbound: messages.Inbound, digest: str) -> str:
 
 def _record_of(raw: bytes) -> str:
     """MSH-10 read without trusting the charset (for naming a message we cannot decode)."""
-    msh = raw.lstrip(b"\r\n").split(b"\r", 1)[0].decode("latin-1")
-    parts = msh.split(msh[3]) if len(msh) > 3 else []
-    return parts[9].strip() if len(parts) > 9 and parts[9].isascii() else "?"
+    return ack.Answering.from_raw(raw).control_id.strip() or "?"
 
 
 class Inbound:
@@ -105,28 +107,50 @@ class Inbound:
             # type only: a traceback's values could hold patient data
             log.error("his-hl7 %s: internal error (%s)", self.a.name, type(exc).__name__)
             self.a.failed(f"internal error: {type(exc).__name__}")
-            return self._ack("AE", _record_of(raw), "utf-8", None,
-                             Hl7DataError("internal error, resend later", hl7_error="207"))
+            return self._ack("AE", _record_of(raw), None, None,
+                             Hl7DataError("internal error, resend later", hl7_error="207"),
+                             raw=raw)
 
-    def _ack(self, code: str, control: str, codec: str, inbound: messages.Inbound | None,
-             error: Hl7DataError | None = None) -> bytes:
-        app = fac = trigger = ""
-        if inbound is not None:
-            head = inbound.msg.segment("MSH")
-            app, fac, trigger = str(head(3)), str(head(4)), inbound.event
-        return ack.build(code, control, self.host.now(), codec=codec, facility=self.a.facility,
-                         his_app=app, his_facility=fac, trigger=trigger, error=error)
+    def _ack(self, code: str, control: str, cs: Charset | None,
+             inbound: messages.Inbound | None, error: Hl7DataError | None = None,
+             raw: bytes = b"") -> bytes:
+        """The kit's ACK (MSA/ERR by the message's version), in the charset it was read in."""
+        to = ack.Answering.from_message(inbound.msg) if inbound is not None \
+            else ack.Answering.from_raw(raw)
+        to = replace(to, control_id=control)
+        return ack.encode(ack.build_ack(to, code, at=self.host.now(), error=error,
+                                        app="HUTONG", facility=self.a.facility), cs)
+
+    def frame_fault(self, fault: Fault) -> bytes | None:
+        """An MLLP frame not handled (oversize, truncated, too slow, no <VT>): its bounded
+        prefix and digest are quarantined; the HIS gets AR unless it is gone."""
+        exc = v2.from_kit(fault.error())
+        record = _record_of(fault.prefix.lstrip(b"\x0b"))
+        try:
+            qid = self.host.quarantine(exc, raw=fault.prefix, record=f"MSH-10 {record}",
+                                       field=exc.field, kind="hl7")
+            self.a.failed(f"{exc.code} MLLP {fault.kind} (quarantine {qid})")
+        except HutongError as store_exc:
+            log.error("his-hl7 %s: could not quarantine (%s)", self.a.name, store_exc.code)
+        self.a.count(f"frame-{fault.kind}")
+        if fault.kind == "truncated":
+            return None
+        return self._ack("AR", record, None, None, exc, raw=fault.prefix.lstrip(b"\x0b"))
+
+    def over_rate(self, raw: bytes) -> bytes:
+        """Over the listener's rate limit: AE, not quarantined (the HIS keeps it, resends)."""
+        self.a.count("rate-limited")
+        return self._ack("AE", _record_of(raw), None, None,
+                         Hl7DataError("rate limit exceeded on this channel; resend later",
+                                      hl7_error="207"), raw=raw)
 
     def _handle(self, raw: bytes) -> bytes:
         self.a.count("received")
         inbound: messages.Inbound | None = None
-        codec = "utf-8"
+        codec: Charset | None = None
         try:
-            try:
-                text, codec = charset.decode(raw, self.a.default_codec)
-            except charset.CharsetError as exc:
-                raise Hl7Rejected(exc.reason, field="MSH-18", hl7_error="102") from None
-            inbound = messages.read(text)
+            text, codec = self.a.decode(raw)
+            inbound = messages.read(text, codec)
         except Hl7DataError as exc:
             # unreadable: keyed by its bytes, so the same bytes resent get the same answer
             record = inbound.control_id if inbound else _record_of(raw)
@@ -134,7 +158,7 @@ class Inbound:
             prior = self.state.answer(key)
             if prior is not None:
                 self.a.count("resent")
-                return self._ack(prior["ack_code"], record, codec, inbound, exc)
+                return self._ack(prior["ack_code"], record, codec, inbound, exc, raw=raw)
             return self._refuse(exc, raw, record, key, codec, inbound)
         digest = content_digest(text)
         key = source_key(inbound, digest)
@@ -210,11 +234,8 @@ class Inbound:
         NAKed again). Taken: the stored refusal is dropped, so a resend of the same message
         by the HIS is answered AA and changes nothing. Returns a line for IT (no patient data).
         """
-        try:
-            text, _ = charset.decode(raw, self.a.default_codec)
-        except charset.CharsetError as exc:
-            raise Hl7Rejected(exc.reason, field="MSH-18", hl7_error="102") from None
-        inbound = messages.read(text)
+        text, cs = self.a.decode(raw)
+        inbound = messages.read(text, cs)
         key = source_key(inbound, content_digest(text))
         done = self.host.seen(key) is not None
         if not done:
@@ -226,8 +247,8 @@ class Inbound:
         return f"MSH-10 {inbound.control_id} ({inbound.mtype}^{inbound.event}) " + \
             ("was already taken" if done else "taken")
 
-    def _refuse(self, exc: Hl7DataError, raw: bytes, record: str, key: str, codec: str,
-                inbound: messages.Inbound | None) -> bytes:
+    def _refuse(self, exc: Hl7DataError, raw: bytes, record: str, key: str,
+                codec: Charset | None, inbound: messages.Inbound | None) -> bytes:
         """Quarantine (raw bytes, record, field) + audit, remember the answer, NAK."""
         reason = exc.message
         qid = self.host.quarantine(exc, raw=raw, record=f"MSH-10 {record}", field=exc.field,
@@ -240,7 +261,7 @@ class Inbound:
                        self.host.now().isoformat()))
         self.a.count("refused")
         self.a.failed(f"{exc.code} {exc.field or ''} (quarantine {qid})")
-        return self._ack(exc.ack_code, record, codec, inbound, exc)
+        return self._ack(exc.ack_code, record, codec, inbound, exc, raw=raw)
 
     # -- the message kinds ------------------------------------------------------------------
 

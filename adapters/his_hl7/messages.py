@@ -39,12 +39,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any
 
-import hl7
-
 from adapters.his_hl7 import v2
+from adapters.hl7v2.charset import UTF8, Charset
+from adapters.hl7v2 import fields
+from adapters.hl7v2.errors import V2Error
+from adapters.hl7v2.fields import Message
 from adapters.his_hl7.errors import Hl7DataError, Hl7Rejected
 from adapters.slips import AcceptanceSlip, LabResult, Prescription, ReferralSlip, ReturnSlip
 from bridge.referral.codes import KINDS
@@ -75,7 +77,7 @@ class Header:
 class Inbound:
     """One parsed message from the HIS: what it is and what it carries."""
 
-    msg: hl7.Message
+    msg: Message
     control_id: str  # MSH-10
     facility: str  # MSH-4
     mtype: str  # REF | RRI | ADT
@@ -233,14 +235,14 @@ def cancel_message(h: Header, note: CancelNote, control_id: str, at: datetime,
 # -- reading ------------------------------------------------------------------------------------
 
 
-def _get(msg: hl7.Message, seg: Any, field: int, component: int = 1, rep: int = 1,
+def _get(msg: Message, seg: Any, field: int, component: int = 1, rep: int = 1,
          sub: int = 1) -> str:
     """One leaf, unescaped; the HL7 null ``""`` (the sender says "no value") reads as empty."""
     value = v2.get(msg, seg, field, component, rep, sub)
-    return "" if value == '""' else value
+    return "" if not value or value == '""' else str(value)
 
 
-def _need(msg: hl7.Message, seg: Any, field: int, component: int = 1, rep: int = 1,
+def _need(msg: Message, seg: Any, field: int, component: int = 1, rep: int = 1,
           what: str = "") -> str:
     value = _get(msg, seg, field, component, rep)
     if not value.strip():
@@ -250,41 +252,26 @@ def _need(msg: hl7.Message, seg: Any, field: int, component: int = 1, rep: int =
     return value
 
 
-_DTM = re.compile(r"^(\d{4})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:\.\d{1,4})?)?)?)?)?)?"
-                  r"([+-]\d{4})?$")
-
-
 def read_dtm(value: str, where: str, offset: timedelta, *, day: bool = False) -> str:
-    """HL7 DTM/TS at any precision (YYYY ... YYYYMMDDHHMMSS.SSSS, optional +ZZZZ) -> FHIR
-    dateTime at the same precision: ``2022``, ``2022-01``, ``2022-01-25`` (a date has no
-    zone), or a time with seconds and an offset (the site's when none is given). ``day``:
-    at least a day is needed (a slip's date)."""
-    m = _DTM.match(value.strip())
-    if not m:
-        raise Hl7DataError("unparseable date/time (expected YYYY[MM[DD[HH[MM[SS]]]]][+ZZZZ])",
-                           field=where, hl7_error="102")
-    y, mo, d, h, mi, s, off = m.groups()
-    if day and not d:
+    """HL7 DTM/TS at any precision -> FHIR dateTime at the same precision (the kit's reader):
+    ``2022``, ``2022-01``, ``2022-01-25`` (a date has no zone), or a time with seconds and an
+    offset (the site's when none is given); "" for empty or the null. ``day``: at least a day
+    is needed (a slip's date)."""
+    try:
+        t = fields.dtm(value, where)
+    except V2Error as exc:
+        raise v2.from_kit(exc) from None
+    if t is None:
+        return ""
+    if day and t.day is None:
         raise Hl7DataError("a date needs at least the day (YYYYMMDD)", field=where,
                            hl7_error="102")
-    try:
-        if not h:
-            date = datetime(int(y), int(mo or 1), int(d or 1))
-            return date.strftime("%Y-%m-%d")[:4 + (3 if mo else 0) + (3 if d else 0)]
-        if off:
-            sign = 1 if off[0] == "+" else -1
-            tz = timezone(sign * timedelta(hours=int(off[1:3]), minutes=int(off[3:5])))
-        else:
-            tz = timezone(offset)
-        at = datetime(int(y), int(mo), int(d), int(h), int(mi or 0), int(s or 0), tzinfo=tz)
-    except ValueError:
-        raise Hl7DataError("not a real date/time", field=where, hl7_error="102") from None
-    return at.isoformat()
+    return t.fhir(offset)
 
 
-def read(text: str) -> Inbound:
+def read(text: str, charset: Charset = UTF8) -> Inbound:
     """Parse and classify; the slip itself is read by the ``*_slip`` functions below."""
-    msg = v2.parse(text)
+    msg = v2.parse(text, charset)
     head = msg.segment("MSH")
     control = _get(msg, head, 10).strip()
     if not control:
@@ -313,7 +300,7 @@ def read(text: str) -> Inbound:
     return inbound
 
 
-def read_patient(msg: hl7.Message, required: bool = False) -> dict[str, str]:
+def read_patient(msg: Message, required: bool = False) -> dict[str, str]:
     """PID as a dict (only fields present); identifiers by type code in PID-3.5."""
     pid = v2.one(msg, "PID", required=required)
     if pid is None:
@@ -347,7 +334,7 @@ def read_patient(msg: hl7.Message, required: bool = False) -> dict[str, str]:
     return out
 
 
-def _notes(msg: hl7.Message) -> dict[str, str]:
+def _notes(msg: Message) -> dict[str, str]:
     """NTE text by comment type (NTE-4.1); several NTEs of one type are joined line by line.
     NTEs without a type (real senders often leave NTE-4 empty, or put only a label in NTE-4.2)
     are kept under ``""``, each prefixed with its label when it has one."""
@@ -369,14 +356,14 @@ def _with_notes(text: str, notes: dict[str, str]) -> str:
     return "\n".join(t for t in (text, extra) if t)
 
 
-def _prd(msg: hl7.Message, role: str) -> Any | None:
+def _prd(msg: Message, role: str) -> Any | None:
     found = [s for s in v2.segments(msg, "PRD") if _get(msg, s, 1) == role]
     if len(found) > 1:
         raise Hl7DataError(f"two PRD segments with role {role}", field="PRD-1", hl7_error="205")
     return found[0] if found else None
 
 
-def _kind(msg: hl7.Message, rf1: Any) -> str:
+def _kind(msg: Message, rf1: Any) -> str:
     kind = _need(msg, rf1, 3, what="referral kind")
     if kind not in KINDS:
         raise Hl7DataError(f"unknown referral kind {kind!r} (one of {', '.join(KINDS)})",
@@ -384,7 +371,7 @@ def _kind(msg: hl7.Message, rf1: Any) -> str:
     return kind
 
 
-def referral_slip(msg: hl7.Message, known: dict[str, str], offset: timedelta, *,
+def referral_slip(msg: Message, known: dict[str, str], offset: timedelta, *,
                   from_alliance: bool = False) -> ReferralSlip:
     """A new referral from the HIS; ``known`` fills PID fields the message leaves empty (the
     patient as the HIS's ADT feed last described them). ``from_alliance``: read a referral the
@@ -426,7 +413,7 @@ def referral_slip(msg: hl7.Message, known: dict[str, str], offset: timedelta, *,
         doctor=_get(msg, rp, 2) if rp is not None else "", written_at=written)
 
 
-def acceptance_slip(msg: hl7.Message, offset: timedelta) -> AcceptanceSlip:
+def acceptance_slip(msg: Message, offset: timedelta) -> AcceptanceSlip:
     rf1 = v2.one(msg, "RF1")
     status = _need(msg, rf1, 1, what="referral status")
     if status not in ("A", "R"):
@@ -450,7 +437,7 @@ def acceptance_slip(msg: hl7.Message, offset: timedelta) -> AcceptanceSlip:
         doctor=_get(msg, rt, 2) if rt is not None else "")
 
 
-def cancel_note(msg: hl7.Message, offset: timedelta) -> CancelNote:
+def cancel_note(msg: Message, offset: timedelta) -> CancelNote:
     """REF^I14: the slip number is required, and so is a reason (NTE 1R, else RF1-10)."""
     rf1 = v2.one(msg, "RF1")
     slip_no = _need(msg, rf1, 6, what="referrer's slip number")
@@ -466,7 +453,7 @@ def cancel_note(msg: hl7.Message, offset: timedelta) -> CancelNote:
                       thread=_get(msg, rf1, 11))
 
 
-def return_slip(msg: hl7.Message, offset: timedelta) -> ReturnSlip:
+def return_slip(msg: Message, offset: timedelta) -> ReturnSlip:
     rf1 = v2.one(msg, "RF1")
     kind = _kind(msg, rf1)
     if kind not in ("down-discharge", "down-outpatient"):
@@ -512,7 +499,7 @@ def return_slip(msg: hl7.Message, offset: timedelta) -> ReturnSlip:
         prescriptions=prescriptions, results=results)
 
 
-def adt_event(msg: hl7.Message, offset: timedelta) -> dict[str, str]:
+def adt_event(msg: Message, offset: timedelta) -> dict[str, str]:
     """ADT A01/A03/A04/A08: the patient as now described, and the visit."""
     patient = read_patient(msg, required=True)
     if not patient.get("mrn"):

@@ -30,8 +30,12 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from adapters import slips_fhir
-from adapters.his_hl7 import ack, charset, messages, results
-from adapters.his_hl7.errors import HisNak
+from adapters.his_hl7 import messages, results
+from adapters.his_hl7.errors import HisNak, HisNoAck, HisUnreachable
+from adapters.hl7v2 import charset
+from adapters.hl7v2.ack import read_ack
+from adapters.hl7v2.errors import V2Error
+from adapters.hl7v2.mllp import NoAck, PeerUnreachable
 
 if TYPE_CHECKING:
     from adapters.his_hl7.adapter import HisHl7Adapter
@@ -72,9 +76,18 @@ class Outbound:
     def _send(self, item: Delivery, text: str, what: str) -> bool:
         """Send until the HIS ACKs (a NAK raises; the dispatcher retries the same MSH-10).
         True the first time this packet is ACKed."""
-        raw = charset.encode(text, self.a.codec)
-        answer = self.a.listener.send(self.a.his_host, self.a.his_port, raw)
-        code, acked, why = ack.read(answer)
+        raw = charset.encode(text, self.a.charset)
+        try:
+            answer = self.a.listener.send(self.a.his_host, self.a.his_port, raw,
+                                          self.a.timeouts)
+        except PeerUnreachable as exc:
+            raise HisUnreachable(f"HIS listener {exc}") from None
+        except NoAck as exc:
+            raise HisNoAck(str(exc)) from None
+        try:
+            code, acked, why = read_ack(answer, self.a.opts.default_charset)
+        except V2Error as exc:
+            code, acked, why = "", "", f"unreadable ACK ({exc.message})"
         if code not in ("AA", "CA") or acked != item.packet_id:
             self.a.count("his-nak")
             self.a.failed(f"HIS answered {code} for {item.packet_id}")

@@ -18,6 +18,14 @@ Node file::
     default_charset = "GB18030"             # when MSH-18 is empty
     tls = { cert = "../secrets/lis.crt", key = "../secrets/lis.key" }   # optional
     rate_limit = { per_second = 50, burst = 200, hold_s = 2 }
+    charset_override = "UNICODE UTF-8"     # optional: what this LIS really sends, whatever
+                                            # MSH-18 says (see adapters.hl7v2.charset)
+    max_message_bytes = 10485760            # MLLP frame limit (AR + quarantine above it)
+    idle_timeout_s = 600                    # a connection with no frame in progress
+    frame_timeout_s = 120                   # first byte of a frame to its end
+
+Framing, limits, timeouts, TLS and the rate limit are the HL7 v2 kit's
+(:mod:`adapters.hl7v2.mllp`), as are charsets, field readers and ACKs.
 """
 
 from __future__ import annotations
@@ -28,11 +36,14 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from adapters.base import BaseAdapter
-from adapters.lis.ack import Answering, build_ack
-from adapters.lis.decode import codec_for, decode_message
-from adapters.lis.errors import LisMessageError, RateLimited, Rejected
-from adapters.lis.listener import MllpListener, TokenBucket, server_tls
-from adapters.lis.oru import Settings, header, parse, to_fhir
+from adapters.hl7v2 import ack as v2ack
+from adapters.hl7v2 import charset as v2charset
+from adapters.hl7v2.ack import Answering, build_ack
+from adapters.hl7v2.charset import Charset
+from adapters.hl7v2.mllp import Fault, Handlers, Limits, MllpListener, TokenBucket, server_tls
+from adapters.lis.errors import LisMessageError, RateLimited, Rejected, from_kit
+from adapters.lis.intake import read
+from adapters.lis.oru import Settings, to_fhir
 from bridge.errors import ConfigError, HutongError, InvalidFhir
 from bridge.fhir.validate import validate_bundle
 
@@ -62,8 +73,10 @@ class LisOptions(BaseModel):
     local_system: str | None = None  # default: the map's source system, else per node
     mrn_system: str | None = None
     timezone: str = Field("+0800", pattern=r"^[+-]\d{4}$")
-    max_message_bytes: int = Field(1_048_576, ge=1024)
-    idle_timeout_s: float = Field(600.0, gt=0)
+    max_message_bytes: int = Field(10 * 1_048_576, ge=1024)
+    idle_timeout_s: float = Field(600.0, gt=0, le=86_400)
+    frame_timeout_s: float = Field(120.0, gt=0, le=86_400)
+    charset_override: str | None = None
     tls: TlsOptions | None = None
     rate_limit: RateOptions | None = RateOptions()
     kind: str = "result.lab"
@@ -78,11 +91,15 @@ class LisAdapter(BaseAdapter):
             problems = [f"adapters.{self.name}.options.{'.'.join(map(str, e['loc']))}: "
                         f"{e['msg']}" for e in exc.errors()]
             raise ConfigError("; ".join(problems)) from None
-        try:
-            codec_for(self.opts.default_charset)
-        except LisMessageError:
-            raise ConfigError(f"adapters.{self.name}.options.default_charset: unknown "
-                              f"character set {self.opts.default_charset!r}") from None
+        for opt in ("default_charset", "charset_override"):
+            name = getattr(self.opts, opt)
+            if name is None:
+                continue
+            try:
+                v2charset.check_name(name)
+            except ValueError:
+                raise ConfigError(f"adapters.{self.name}.options.{opt}: unknown "
+                                  f"character set {name!r}") from None
         maps = host.maps
         translator = maps.translator() if maps is not None and self.opts.map in maps.info \
             else None
@@ -109,10 +126,11 @@ class LisAdapter(BaseAdapter):
         bucket = TokenBucket(o.rate_limit.per_second, o.rate_limit.burst) if o.rate_limit \
             else None
         self.listener = MllpListener(
-            host=o.host, port=o.port, handle=self.handle, over_limit=self.over_limit,
-            bad_block=self.bad_block, truncated=self.truncated, bucket=bucket,
-            hold_s=o.rate_limit.hold_s if o.rate_limit else 0.0, max_bytes=o.max_message_bytes,
-            ssl_context=tls, idle_timeout_s=o.idle_timeout_s)
+            o.host, o.port, Handlers(self.handle, self.frame_fault, self.over_limit),
+            limits=Limits(max_bytes=o.max_message_bytes, idle_timeout_s=o.idle_timeout_s,
+                          frame_timeout_s=o.frame_timeout_s),
+            ssl_context=tls, bucket=bucket, hold_s=o.rate_limit.hold_s if o.rate_limit else 0.0,
+            name=f"lis:{self.name}")
         self.listener.start()
         log.info("LIS adapter %s listening on %s:%s%s", self.name, o.host, o.port,
                  " (TLS)" if tls else "")
@@ -149,16 +167,14 @@ class LisAdapter(BaseAdapter):
         store failure is raised instead of being quarantined or NAKed)."""
         at = self.host.now()
         to = Answering.from_raw(raw)
-        codec = "ascii"
+        cs: Charset | None = None
         try:
-            text, codec = decode_message(raw, self.opts.default_charset)
-            msg = parse(text)
+            msg, head, cs = read(raw, self.opts.default_charset, self.opts.charset_override)
             to = Answering.from_message(msg)
-            head = header(msg)
             prior = self.host.seen(head.source_key)
             if prior is not None:
                 self.count("repeated")
-                return str(prior["ack"]).encode(codec, "replace")
+                return v2ack.encode(str(prior["ack"]), cs)
             results = to_fhir(msg, head, self.settings)
             try:
                 validate_bundle(results.bundle)
@@ -173,7 +189,7 @@ class LisAdapter(BaseAdapter):
         except LisMessageError as exc:
             if replaying:
                 raise
-            return self._refuse(exc, raw, to, codec, at)
+            return self._refuse(exc, raw, to, cs, at)
         except HutongError as exc:  # the store failed: nothing was kept, the LIS resends
             if replaying:
                 raise
@@ -181,7 +197,7 @@ class LisAdapter(BaseAdapter):
             self.failed(exc.code)
             err = LisMessageError(f"temporarily unable to store the message ({exc.code}); "
                                   "resend later")
-            return build_ack(to, "AE", at=at, error=err).encode(codec, "replace")
+            return v2ack.encode(build_ack(to, "AE", at=at, error=err), cs)
         if out.get("repeated"):
             self.count("repeated")
         else:
@@ -194,9 +210,9 @@ class LisAdapter(BaseAdapter):
             if out.get("routed"):
                 self.count("routed", len(out["routed"]))
         self.ok()
-        return str(out["ack"]).encode(codec, "replace")
+        return v2ack.encode(str(out["ack"]), cs)
 
-    def _refuse(self, exc: LisMessageError, raw: bytes, to: Answering, codec: str,
+    def _refuse(self, exc: LisMessageError, raw: bytes, to: Answering, cs: Charset | None,
                 at: Any) -> bytes:
         nak = build_ack(to, exc.ack_code, at=at, error=exc)
         record = f"MSH-10 {to.control_id}" if to.control_id else None
@@ -206,7 +222,7 @@ class LisAdapter(BaseAdapter):
             log.error("LIS adapter %s could not quarantine: %s", self.name, store_exc.code)
         self.count("rejected" if exc.ack_code == "AR" else "errors")
         self.failed(exc.code)
-        return nak.encode(codec if codec != "ascii" else "ascii", "replace")
+        return v2ack.encode(nak, cs)
 
     def _record_gaps(self, unmapped: list[dict[str, str]], at: Any) -> None:
         """Unmapped local codes are counted in the node's mapping-gap table and audited."""
@@ -230,21 +246,21 @@ class LisAdapter(BaseAdapter):
         err = RateLimited(f"rate limit exceeded ({self.opts.rate_limit.per_second:g}/s on "
                           f"channel {self.name}); resend later" if self.opts.rate_limit
                           else "rate limit exceeded; resend later")
-        return build_ack(Answering.from_raw(raw), "AE", at=self.host.now(),
-                         error=err).encode("ascii", "replace")
+        return v2ack.encode(build_ack(Answering.from_raw(raw), "AE", at=self.host.now(),
+                                      error=err), None)
 
-    def bad_block(self, raw: bytes, reason: str) -> bytes:
-        return self._refuse(Rejected(reason, field="MSH"), raw, Answering.from_raw(raw),
-                            "ascii", self.host.now())
-
-    def truncated(self, partial: bytes) -> None:
-        """A connection closed inside a block: keep what came, nobody is left to answer."""
-        exc = Rejected("connection closed before the end of the MLLP block (truncated frame)",
-                       field="MSH")
-        to = Answering.from_raw(partial.lstrip(b"\x0b"))
+    def frame_fault(self, fault: Fault) -> bytes | None:
+        """An MLLP frame not handled (oversize, truncated, too slow, no <VT>): its bounded
+        prefix and digest are quarantined; the sender gets AR unless it is gone."""
+        exc = from_kit(fault.error())
+        to = Answering.from_raw(fault.prefix.lstrip(b"\x0b"))
         try:
-            self.host.quarantine(exc, raw=partial, kind=self.opts.kind,
+            self.host.quarantine(exc, raw=fault.prefix, kind=self.opts.kind,
                                  record=f"MSH-10 {to.control_id}" if to.control_id else None)
         except HutongError as store_exc:
             log.error("LIS adapter %s could not quarantine: %s", self.name, store_exc.code)
-        self.count("truncated")
+        self.count(f"frame-{fault.kind}")
+        self.failed(exc.code)
+        if fault.kind == "truncated":
+            return None
+        return v2ack.encode(build_ack(to, "AR", at=self.host.now(), error=exc), None)

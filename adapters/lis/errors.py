@@ -11,11 +11,18 @@ could not take it now or one field is wrong"; a rate-limited message gets AE so 
 
 from __future__ import annotations
 
-from bridge.errors import HutongError
+import functools
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
+
+from adapters.hl7v2.errors import V2Error
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
-class LisMessageError(HutongError):
-    """A message this adapter will not turn into results."""
+class LisMessageError(V2Error):
+    """A message this adapter will not turn into results (a kit error with the LIS's code)."""
 
     code = "HT-LIS"
     #: MSA-1 answered for this problem
@@ -24,13 +31,6 @@ class LisMessageError(HutongError):
     hl7_error = "207"  # application internal error
     http_status = 400
 
-    def __init__(self, reason: str, *, field: str | None = None,
-                 hl7_error: str | None = None) -> None:
-        super().__init__(f"{field}: {reason}" if field else reason)
-        self.reason = reason
-        self.field = field  # "OBX-5", "MSH-18" ...: where the problem is (ERR-2)
-        if hl7_error is not None:
-            self.hl7_error = hl7_error
 
 
 class Rejected(LisMessageError):
@@ -49,7 +49,7 @@ class EncodingError(Rejected):
 
 
 class UnsupportedVersion(Rejected):
-    """MSH-12 names an HL7 version this adapter does not read (only 2.3 to 2.5.1)."""
+    """MSH-12 names an HL7 version the kit does not read (2.1 to 2.8 are read)."""
 
     code = "HT-LIS-VERSION"
     hl7_error = "203"  # unsupported version id
@@ -81,3 +81,26 @@ class RateLimited(LisMessageError):
 
     code = "HT-LIS-RATE"
     hl7_error = "207"
+
+
+def from_kit(exc: V2Error) -> LisMessageError:
+    """The LIS's error for a refusal of the HL7 v2 kit: same reason, field and ERR code."""
+    cls: type[LisMessageError] = {
+        "charset": EncodingError, "version": UnsupportedVersion, "type": UnsupportedMessage,
+        "field": BadField, "required": MissingField}.get(exc.kind, Rejected)
+    if exc.ack_code == "AR" and not issubclass(cls, Rejected):
+        cls = Rejected
+    return cls(exc.reason, field=exc.field, hl7_error=exc.hl7_error)
+
+
+def kit_errors(fn: Callable[P, T]) -> Callable[P, T]:
+    """Raise the LIS's own errors for refusals coming from the kit's readers."""
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return fn(*args, **kwargs)
+        except LisMessageError:
+            raise
+        except V2Error as exc:
+            raise from_kit(exc) from None
+    return wrapper

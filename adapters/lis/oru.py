@@ -1,4 +1,4 @@
-"""One ORU^R01 (v2.3 to v2.5.1) -> one FHIR R4 collection Bundle of lab results.
+"""One ORU^R01 (v2.1 to v2.8) -> one FHIR R4 collection Bundle of lab results.
 
 Per OBR group: a ``DiagnosticReport`` (OBR-4 code, OBR-25 status, OBR-7 collection time, OBR-22
 issued, NTE after the OBR as its conclusion), a ``Specimen`` (SPM in v2.5+, else OBR-15/OBR-14),
@@ -21,22 +21,22 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-import hl7
-
+from adapters.hl7v2 import fields as v2
+from adapters.hl7v2.charset import UTF8, Charset
+from adapters.hl7v2.fields import Message, fhir_datetime, rep_values, reps, value, where
 from adapters.lis import vocab
 from adapters.lis.errors import (
     BadField,
     MissingField,
     Rejected,
     UnsupportedMessage,
-    UnsupportedVersion,
+    kit_errors,
 )
-from adapters.lis.fields import fhir_datetime, rep_values, reps, value, where
 from bridge.mapping import mark_unmapped
 from bridge.privacy import normalise_national_id, patient_hash
 
-#: HL7 versions whose ORU^R01 layout this module reads
-SUPPORTED_VERSIONS = frozenset({"2.3", "2.3.1", "2.4", "2.5", "2.5.1"})
+#: HL7 versions read (the kit's: 2.1 to 2.8; ORU^R01 differs between them field by field)
+SUPPORTED_VERSIONS = frozenset(v2.VERSIONS)
 #: PID-3 identifier types (CX.5) that mean the resident ID card number
 NATIONAL_ID_TYPES = frozenset({"NI", "NNCHN", "PRC", "RI"})
 _NS = uuid.UUID("6b1c4c8e-2f7e-5d7a-9b63-4c1f3e0a9d21")
@@ -82,24 +82,17 @@ class Results:
     corrected: int = 0
 
 
-def parse(text: str) -> hl7.Message:
-    """python-hl7 parse; anything it cannot make sense of is an AR."""
-    try:
-        return hl7.parse(text)
-    except Exception as exc:  # noqa: BLE001 - the library raises plain exceptions on bad input
-        raise Rejected(f"not an HL7 v2 message ({type(exc).__name__})", field="MSH") from None
+@kit_errors
+def parse(text: str, charset: Charset = UTF8) -> Message:
+    """The kit's parse (MSH-1/MSH-2 checked); anything it cannot make sense of is an AR."""
+    return v2.parse(text, charset)
 
 
-def header(msg: hl7.Message) -> Header:
-    """MSH fields, checked: ORU^R01, version 2.3-2.5.1, MSH-10 present."""
+@kit_errors
+def header(msg: Message) -> Header:
+    """MSH fields, checked: ORU^R01, version 2.1-2.8 (the kit's), MSH-10 present."""
     msh = msg.segment("MSH")
-    if len(msh) < 13:
-        raise Rejected("MSH is truncated (no MSH-12 version)", field="MSH-12",
-                       hl7_error="101")
-    version = value(msh, 12)
-    if version not in SUPPORTED_VERSIONS:
-        raise UnsupportedVersion(f"HL7 version {version!r} is not supported (2.3 to 2.5.1)",
-                                 field="MSH-12")
+    version = v2.header(msg).version
     mtype = f"{value(msh, 9, 1)}^{value(msh, 9, 2)}"
     if mtype != "ORU^R01":
         raise UnsupportedMessage(f"message type {mtype} is not ORU^R01", field="MSH-9")
@@ -122,7 +115,7 @@ def _num(text: str) -> int | float:
 
 
 class _Builder:
-    def __init__(self, msg: hl7.Message, head: Header, cfg: Settings) -> None:
+    def __init__(self, msg: Message, head: Header, cfg: Settings) -> None:
         self.msg = msg
         self.head = head
         self.cfg = cfg
@@ -534,6 +527,7 @@ class _Builder:
         return obs
 
 
-def to_fhir(msg: hl7.Message, head: Header, cfg: Settings) -> Results:
+@kit_errors
+def to_fhir(msg: Message, head: Header, cfg: Settings) -> Results:
     """The Bundle (type collection) for one checked message; LisMessageError when it cannot."""
     return _Builder(msg, head, cfg).build()

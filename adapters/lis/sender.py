@@ -14,7 +14,7 @@ from pathlib import Path
 
 from hl7.client import MLLPClient
 
-from adapters.lis.ack import ack_code_of
+from adapters.hl7v2.ack import ack_code_of
 
 FRAME = b"\x0b\x1c\r"
 
@@ -51,7 +51,7 @@ def send_folder(folder: Path, host: str, port: int, *, tls: ssl.SSLContext | Non
     counts = {"accepted": 0, "refused": 0}
     for path in sorted(folder.glob("*.hl7")):
         ack = send_messages(host, port, [path.read_bytes()], tls=tls)[0]
-        code = ack_code_of(ack.decode("utf-8", "replace"))
+        code = ack_code_of(ack)
         target = folder / ("done" if code == "AA" else "refused")
         target.mkdir(exist_ok=True)
         (target / (path.name + ".ack")).write_bytes(ack)

@@ -258,9 +258,13 @@ class PacsAdapter(BaseAdapter):
 
     # -- HL7 ORU report -------------------------------------------------------------------------
 
-    def take_report(self, message: str, actor: str) -> dict[str, Any]:
+    def take_report(self, message: bytes | str, actor: str) -> dict[str, Any]:
+        """An ORU^R01 report from the RIS (bytes as received: decoded by MSH-18, else the
+        adapter's ``default_charset``; ``charset_override`` wins)."""
+        raw = message.encode("utf-8") if isinstance(message, str) else message
         try:
-            oru = parse_oru(message, self.opts.timezone)
+            oru = parse_oru(raw, self.opts.timezone, default_charset=self.opts.default_charset,
+                            charset_override=self.opts.charset_override)
             with self.host.store.read() as conn:
                 study = None
                 if oru.study_uid:
@@ -275,7 +279,7 @@ class PacsAdapter(BaseAdapter):
                                          "ImagingStudy here for this report's study")
                 phash = fstore.get_row(conn, "ImagingStudy", study["id"]).patient_hash
         except ReportRejected as exc:
-            self.host.quarantine(exc, raw=message.encode("utf-8"), kind="imaging.report")
+            self.host.quarantine(exc, raw=raw, kind="imaging.report")
             raise
         report = report_from_oru(oru, subject=study["subject"],
                                  study_ref={"reference": f"ImagingStudy/{study['id']}"})
@@ -291,7 +295,7 @@ class PacsAdapter(BaseAdapter):
         bundle = {"resourceType": "Bundle", "type": "collection",
                   "entry": [{"fullUrl": f"urn:uuid:{r['id']}", "resource": r}
                             for r in (patient, study, report)]}
-        key = f"oru:{oru.control_id}:{hashlib.sha256(message.encode('utf-8')).hexdigest()[:16]}"
+        key = f"oru:{oru.control_id}:{hashlib.sha256(raw).hexdigest()[:16]}"
         return self.host.share_results(bundle, source_key=key, patient_hash=phash,
                                        answer=answer, kind="result.imaging")
 

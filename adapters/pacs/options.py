@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from adapters.hl7v2 import charset
 from bridge.errors import ConfigError
 
 
@@ -32,6 +33,15 @@ class PacsOptions(BaseModel):
     timezone: str = Field("+08:00", pattern=r"^[+-]\d\d:\d\d$")  # DICOM times are local
     fetch_chunk_bytes: int | None = Field(None, gt=0)  # raw DICOM bytes per response packet
     timeout_s: float = Field(30.0, gt=0)  # ACSE, DIMSE and network timeouts
+    # RIS ORU^R01 reports (POST .../reports): charset when MSH-18 is empty, and what the RIS
+    # really sends when its MSH-18 is wrong (adapters.hl7v2.charset)
+    default_charset: str = "UNICODE UTF-8"
+    charset_override: str | None = None
+
+    @field_validator("default_charset", "charset_override")
+    @classmethod
+    def _known_charset(cls, value: str | None) -> str | None:
+        return charset.check_name(value) if value is not None else None
 
     @property
     def bind_host(self) -> str:

@@ -3,7 +3,8 @@
 Two sources: a DICOM SR stored with the study (Basic/Enhanced/Comprehensive Text SR), and an
 HL7 v2 ORU^R01 text report from the RIS. The ORU reader is deliberately minimal (MSH, OBR,
 OBX, ZDS): it reads what a radiology report needs and nothing of lab results, which the LIS
-adapter owns. The report is tied to its study by the Study Instance UID (OBX-3 ``113014^^DCM``
+adapter owns. It reads through the HL7 v2 kit (:mod:`adapters.hl7v2`): charset by MSH-18,
+MSH-2 and version checks, escapes per leaf, DTM at any precision. The report is tied to its study by the Study Instance UID (OBX-3 ``113014^^DCM``
 or ZDS-1, IHE RAD) or else by the accession number (OBR-3 filler order number).
 """
 
@@ -13,9 +14,10 @@ import base64
 from dataclasses import dataclass, field
 from typing import Any
 
-import hl7
 from pydicom.dataset import Dataset
 
+from adapters.hl7v2 import charset, fields
+from adapters.hl7v2.errors import V2Error
 from adapters.pacs.errors import ReportRejected
 from adapters.pacs.study import DCM, DICOM_UID, SNOMED, fhir_datetime, report_resource_id, text
 
@@ -102,70 +104,63 @@ class OruReport:
     texts: list[tuple[str | None, str]] = field(default_factory=list)
 
 
-def _field(seg: Any, n: int) -> str:
-    try:
-        return str(seg(n)).strip()
-    except (IndexError, KeyError):
-        return ""
+def _kit(exc: V2Error, control: str = "") -> ReportRejected:
+    record = f"record {control} " if control else ""
+    return ReportRejected(f"{record}field {exc.field or 'MSH'}: {exc.reason}")
 
 
-def _component(value: str, n: int) -> str:
-    parts = value.split("^")
-    return parts[n - 1].strip() if len(parts) >= n else ""
+def parse_oru(message: str | bytes, tz: str, *, default_charset: str = "UNICODE UTF-8",
+              charset_override: str | None = None) -> OruReport:
+    """Read an ORU^R01 radiology report; ReportRejected names the segment and field.
 
-
-def parse_oru(message: str, tz: str) -> OruReport:
-    """Read an ORU^R01 radiology report; ReportRejected names the segment and field."""
+    Bytes are decoded by MSH-18 (else ``default_charset``; ``charset_override`` wins) with the
+    HL7 v2 kit, as the LIS and the HIS listener do; text is taken as already decoded.
+    """
+    control = ""
     try:
-        msg = hl7.parse(message.replace("\r\n", "\r").replace("\n", "\r").strip("\r"))
-    except Exception as exc:  # noqa: BLE001 - python-hl7 raises bare exceptions on bad framing
-        raise ReportRejected(f"not an HL7 v2 message ({type(exc).__name__})") from None
-    try:
-        msh = msg.segment("MSH")
-    except KeyError:
-        raise ReportRejected("field MSH: segment missing") from None
-    mtype = _field(msh, 9)
-    if _component(mtype, 1) != "ORU":
-        raise ReportRejected(f"field MSH-9: message type {mtype!r} is not ORU")
-    control = _field(msh, 10)
-    if not control:
-        raise ReportRejected("field MSH-10: message control id is missing")
-    try:
-        obr = msg.segment("OBR")
-    except KeyError:
-        raise ReportRejected(f"record {control} field OBR: segment missing") from None
-    pid_3 = ""
-    try:
-        pid_3 = _component(_field(msg.segment("PID"), 3), 1)
-    except KeyError:
-        pass
-    service = _field(obr, 4)
-    code = None
-    if _component(service, 1):
-        system = {"LN": LOINC}.get(_component(service, 3), "urn:hutong:ris:exam-code")
-        code = {"coding": [{"system": system, "code": _component(service, 1),
-                            "display": _component(service, 2) or None}],
-                "text": _component(service, 2) or _component(service, 1)}
-        if code["coding"][0]["display"] is None:
-            del code["coding"][0]["display"]
-    observed = _field(obr, 7)
-    report = OruReport(
-        control_id=control, sending=_component(_field(msh, 4), 1) or _component(_field(msh, 3), 1),
-        patient_id=pid_3 or None, accession=_component(_field(obr, 3), 1) or None,
-        study_uid=None, code=code, status=_STATUS.get(_field(obr, 25)[:1], "final"),
-        effective=fhir_datetime(observed[:8], observed[8:14], tz) if observed else None)
-    for obx in (seg for seg in msg if str(seg[0]) == "OBX"):
-        ident = _field(obx, 3)
-        value = msg.unescape(_field(obx, 5)) if _field(obx, 5) else ""
-        if _component(ident, 1) == "113014" and value:
-            report.study_uid = _component(value, 1)
-            continue
-        if _field(obx, 2) in ("TX", "ST", "FT") and value:
-            report.texts.append((_component(ident, 1) or None,
-                                 value.replace("~", "\n").strip()))
-    for seg in msg:
-        if str(seg[0]) == "ZDS" and _component(_field(seg, 1), 1):
-            report.study_uid = report.study_uid or _component(_field(seg, 1), 1)
+        if isinstance(message, bytes):
+            text, cs = charset.decode(message, default_charset, charset_override)
+        else:
+            text, cs = message, charset.UTF8
+        msg = fields.parse(text, cs)
+        head = fields.header(msg)
+        control = head.control_id
+        if head.message_type != "ORU":
+            raise ReportRejected(f"field MSH-9: message type {head.message_type!r} is not ORU")
+        if not control:
+            raise ReportRejected("field MSH-10: message control id is missing")
+        obrs = msg.segments("OBR")
+        if not obrs:
+            raise ReportRejected(f"record {control} field OBR: segment missing")
+        obr = obrs[0]
+        pids = msg.segments("PID")
+        v = fields.value
+        pid_3 = v(pids[0], 3) if pids else ""
+        code = None
+        if v(obr, 4, 1):
+            system = {"LN": LOINC}.get(v(obr, 4, 3), "urn:hutong:ris:exam-code")
+            coding = {"system": system, "code": v(obr, 4, 1)}
+            if v(obr, 4, 2):
+                coding["display"] = v(obr, 4, 2)
+            code = {"coding": [coding], "text": v(obr, 4, 2) or v(obr, 4, 1)}
+        report = OruReport(
+            control_id=control, sending=head.sending_facility or head.sending_app,
+            patient_id=pid_3 or None, accession=v(obr, 3) or None, study_uid=None, code=code,
+            status=_STATUS.get(v(obr, 25)[:1], "final"),
+            effective=fields.fhir_datetime(v(obr, 7), "OBR-7", tz))
+        for obx in msg.segments("OBX"):
+            if v(obx, 3) == "113014":
+                report.study_uid = report.study_uid or v(obx, 5) or None
+                continue
+            if v(obx, 2) in ("TX", "ST", "FT"):
+                lines = [fields.rep_text(obx, 5, r) for r in range(1, fields.reps(obx, 5) + 1)]
+                value = "\n".join(lines).strip()
+                if value:
+                    report.texts.append((v(obx, 3) or None, value))
+        for seg in msg.segments("ZDS"):
+            report.study_uid = report.study_uid or v(seg, 1) or None
+    except V2Error as exc:
+        raise _kit(exc, control) from None
     if not report.texts:
         raise ReportRejected(f"record {control} field OBX-5: no report text (TX/ST/FT)")
     return report

@@ -48,7 +48,7 @@ def pacs_router(adapter: PacsAdapter) -> APIRouter:
         from fastapi.concurrency import run_in_threadpool
 
         raw = await request.body()
-        return await run_in_threadpool(adapter.take_report, raw.decode("utf-8"), f"role:{role}")
+        return await run_in_threadpool(adapter.take_report, raw, f"role:{role}")
 
     @router.post("/fetches")
     def ask(body: FetchIn, role: ClinicianRole) -> dict[str, Any]:
