@@ -25,9 +25,6 @@ VISIT = "urn:hutong:visit:fuxing"
 MRN = "urn:hutong:mrn:fuxing"
 CST = timezone(timedelta(hours=8))
 
-pytestmark = pytest.mark.slow
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     e = Env(tmp_path_factory.mktemp("his-hl7-adt"))
@@ -86,6 +83,7 @@ def iso(hl7_ts: str) -> str:
     return datetime.strptime(hl7_ts, "%Y%m%d%H%M%S").replace(tzinfo=CST).isoformat()
 
 
+@pytest.mark.slow
 def test_admit_transfer_discharge_is_one_encounter_with_its_history(env: Env) -> None:
     port = env.ports["core-adapter"]
     # PV1-5 carries the HIS's preadmit number: not a referral id, accepted
@@ -154,6 +152,7 @@ def test_admit_transfer_discharge_is_one_encounter_with_its_history(env: Env) ->
         [enc["id"]]
 
 
+@pytest.mark.slow
 def test_cancel_transfer_restores_the_location(env: Env) -> None:
     port = env.ports["core-adapter"]
     kw = {"mrn": "FX5002", "visit": "V5002"}
@@ -168,12 +167,14 @@ def test_cancel_transfer_restores_the_location(env: Env) -> None:
     assert enc["status"] == "in-progress"
 
 
+@pytest.mark.slow
 def test_cancel_of_an_unknown_visit_is_refused_naming_pv1_19(env: Env) -> None:
     code, control, why = mllp(env.ports["core-adapter"],
                               adt("A11", "CAN-X", mrn="FX5003", visit="V-NEVER"))
     assert (code, control) == ("AE", "CAN-X") and why.startswith("PV1-19")
 
 
+@pytest.mark.slow
 def test_same_control_id_different_message_both_taken_true_resend_once(env: Env) -> None:
     port = env.ports["core-adapter"]
     first = adt("A01", "DUPCTL-1", mrn="FX5101", visit="V5101", sent="20261203080000")
@@ -204,6 +205,7 @@ def test_same_control_id_different_message_both_taken_true_resend_once(env: Env)
     assert mllp(port, bad)[0] == "AE"  # the refused one resent: its own answer again
 
 
+@pytest.mark.slow
 def test_linked_admission_points_the_referral_to_its_encounter(env: Env) -> None:
     chc, core = env.his["chc"], env.his["core"]
     fx = env.alliance.node("fuxing")
@@ -243,6 +245,7 @@ def test_linked_admission_points_the_referral_to_its_encounter(env: Env) -> None
     assert code == "AE" and why.startswith("PV1-50")
 
 
+@pytest.mark.slow
 def test_real_style_referral_with_date_only_times_nulls_and_untyped_notes(env: Env) -> None:
     chc, core = env.his["chc"], env.his["core"]
     s = slip(slip_no="YTREAL-1", patient_name="周億", mrn="YTR9", id_number="110102196001010018")
@@ -269,3 +272,67 @@ def test_real_style_referral_with_date_only_times_nulls_and_untyped_notes(env: E
     assert got.summary.split("\n") == [*s.summary.split("\n"), "患者自诉头晕",
                                        "CLINICAL_INFORMATION: 既往史见附件"]
     assert got.reason == s.reason and got.patient_name == "周億"
+
+
+# -- pure layers (no node) ----------------------------------------------------------------------
+
+OFFSET = timedelta(hours=8)
+
+
+def _read(raw: bytes) -> Any:
+    from adapters.his_hl7 import messages
+
+    return messages.read(raw.decode())
+
+
+def test_adt_reading_as_real_senders_write() -> None:
+    from adapters.his_hl7 import adt as adt_mod
+
+    raw = adt("A01", "P-1", mrn="", klass="", location="", sent="2026120108")
+    text = raw.decode().replace("PID|1||^^^FXHIS^MR|", "PID|1||SS123^^^USA^SS~M777^^^H^PI~"
+                                "N1^^^H|").replace("|19500315|F|", "|1950|A|")
+    got = adt_mod.read(_read(text.encode()).msg, "A01", OFFSET, member="fuxing",
+                       national_id_system="urn:oid:2.16.156.10011.1.3", sent_at="x")
+    assert got.mrn == "M777"  # PI before untyped; never the SSN
+    assert got.patient["birthDate"] == "1950" and got.patient["gender"] == "other"
+    assert got.visit is not None and got.visit.class_code == "" and got.visit.at == \
+        "2026-12-01T08:00:00+08:00"  # EVN-2 at hour precision
+    assert got.referral_id == ""  # no referral field configured: PV1-50 is not read
+
+
+def test_visit_history_semantics() -> None:
+    from bridge.local.encounters import VisitEvent, apply
+
+    def ev(event: str, at: str, **kw: Any) -> VisitEvent:
+        return VisitEvent(event, at, VISIT, "V1", **kw)
+
+    e = apply(None, ev("preadmit", "2026-12-01", class_code="P", location="A"))
+    assert e["status"] == "planned" and e["location"][0]["status"] == "planned"
+    e = apply(e, ev("admit", "2026-12-02", class_code="I", location="A"))
+    assert e["status"] == "in-progress" and e["period"] == {"start": "2026-12-02"}
+    assert e["classHistory"] == [{"class": {
+        "system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "PRENC",
+        "display": "pre-admission"}, "period": {"end": "2026-12-02"}}]
+    assert e["statusHistory"] == [{"status": "planned", "period": {"end": "2026-12-02"}}]
+    e2 = apply(e, ev("update", "2026-12-03"))
+    assert e2["status"] == "in-progress" and e2["location"] == e["location"]
+    assert apply(None, ev("update", "2026-12-03", end="2026-12-04"))["status"] == "finished"
+
+
+def test_rejection_and_withdrawal_reasons_from_untyped_notes() -> None:
+    from adapters.his_hl7 import messages
+
+    rri = ("MSH|^~\\&|FX|fx|HUTONG|yt|20261201||RRI^I12|R1|P|2.5\r"
+           'RF1|R||""||||20261201\rPRD|RT|""\rPID|1\rNTE|1||床位已满\r')
+    rri = rri.replace("RF1|R||\"\"||||20261201", "RF1|R||\"\"|||YT-9|20261201")
+    a = messages.acceptance_slip(messages.read(rri).msg, OFFSET)
+    assert (a.accepted, a.reason, a.appointment_at, a.slip_no) == \
+        (False, "床位已满", "2026-12-01", "YT-9")
+    i14 = ("MSH|^~\\&|YT|yt|HUTONG|yt|20261201||REF^I14|C1|P|2.5\r"
+           "RF1||||||YT-9|20261201\rNTE|1||家属要求撤回\rNTE|2||改日再转|^REASON\r")
+    note = messages.cancel_note(messages.read(i14).msg, OFFSET)
+    assert note.reason == "家属要求撤回\nREASON: 改日再转" and note.cancelled_at == "2026-12-01"
+    missing = i14.replace("|YT-9|", "||")
+    with pytest.raises(Exception) as err:
+        messages.cancel_note(messages.read(missing).msg, OFFSET)
+    assert getattr(err.value, "field", None) == "RF1-6"

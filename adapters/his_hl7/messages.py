@@ -27,12 +27,17 @@ REF^I14 (cancellation)     RF1-6 the referrer's slip_no (the placer id of its RE
                            referral interface that takes I12 also takes for "cancel patient
                            referral"; RRI is the answer message type, which a receiving HIS sends
                            rather than takes)
-ADT^A01/A03/A04/A08        PID as above; PV1-2 class, PV1-5 preadmit number = the referral id
-                           (RF1-11 of the REF^I12 the HIS got: A01/A04 then mean "the referred
-                           patient arrived"), PV1-19 visit number, PV1-44/45 times
+ADT^A01-A14/A28/A31        :mod:`adapters.his_hl7.adt`: Patient + Encounter (PV1-19 the visit
+                           number, PV1-5 the preadmit number); a referral only through the
+                           field the ``referral_id_field`` option names (e.g. PV1-50 = RF1-11
+                           of the REF^I12 the HIS got: an admission then means "arrived")
 =========================  ====================================================================
 
-Multi-line text travels as repetitions of NTE-3 (one per line).
+Multi-line text travels as repetitions of NTE-3 (one per line). Read tolerantly, as real senders
+write: times at any precision (a slip date may be a date only), the HL7 null ``""`` as "no
+value", several NTEs of one type joined, NTEs without NTE-4 kept as notes after the slip's text
+(summary, course; the reason of a rejection or withdrawal that has no other), unknown segments
+ignored; a refusal names the segment and field of missing or bad required data.
 """
 
 from __future__ import annotations
@@ -497,21 +502,3 @@ def return_slip(msg: Message, offset: timedelta) -> ReturnSlip:
         advice=notes.get("PI", ""), doctor=_get(msg, rp, 2) if rp is not None else "",
         written_at=read_dtm(_need(msg, rf1, 7, what="written at"), "RF1-7", offset, day=True),
         prescriptions=prescriptions, results=results)
-
-
-def adt_event(msg: Message, offset: timedelta) -> dict[str, str]:
-    """ADT A01/A03/A04/A08: the patient as now described, and the visit."""
-    patient = read_patient(msg, required=True)
-    if not patient.get("mrn"):
-        raise Hl7DataError("required MR identifier is missing", field="PID-3", hl7_error="101")
-    pv1 = v2.one(msg, "PV1", required=False)
-    visit: dict[str, str] = {}
-    if pv1 is not None:
-        visit["patient_class"] = _get(msg, pv1, 2)
-        visit["visit_number"] = _get(msg, pv1, 19)
-        visit["referral_id"] = _get(msg, pv1, 5, 1)  # preadmit number = the referral id
-        for key, n in (("admitted_at", 44), ("discharged_at", 45)):
-            value = _get(msg, pv1, n)
-            if value:
-                visit[key] = v2.read_ts(value, f"PV1-{n}", offset)
-    return {**patient, **visit}
