@@ -237,15 +237,15 @@ def run(env: Env) -> list[dict[str, str]]:
                         "justification": "-"}
             else:
                 check_patient(m, patient)
-                detail = f"Patient v{version}"
+                detail = f"Patient {made(version)}"
                 if event in VISIT_EVENTS or (event in ("A07", "A08") and m.get("PV1", 19)):
                     visit = m.get("PV1", 19).strip()
                     enc = _one(env, "Encounter", identifier=f"{VISIT}|{visit}") if visit \
                         else _one(env, "Encounter", patient=patient["id"])
                     assert enc is not None, (file, "AA but no Encounter")
                     check_encounter(m, event, enc, patient)
-                    detail += f"; Encounter v{enc['meta']['versionId']} {enc['status']} " \
-                              f"class {enc['class']['code']}"
+                    detail += f"; Encounter {made(int(enc['meta']['versionId']))} " \
+                              f"({enc['status']}, class {enc['class']['code']})"
                 row |= {"outcome": "stored", "detail": detail, "justification": "-"}
         else:
             field, err = why.split(":", 1)[0], ack_error_code(why)
@@ -253,6 +253,10 @@ def run(env: Env) -> list[dict[str, str]]:
                     "justification": justify(m, field, err)}
         rows.append(row)
     return rows
+
+
+def made(version: int) -> str:
+    return "created" if version == 1 else f"updated (version {version})"
 
 
 def ack_error_code(why: str) -> str:
