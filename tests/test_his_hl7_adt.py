@@ -239,6 +239,20 @@ def test_linked_admission_points_the_referral_to_its_encounter(env: Env) -> None
     assert encounter(env, "V5201")["status"] == "finished"
     task = fhir(env, f"/fhir/{task['resourceType']}/{task['id']}")
     assert task["encounter"] == {"reference": f"Encounter/{enc['id']}"}
+    # the return reaches the referrer without this node's own visit references
+    from tests.test_his_hl7 import back_slip
+
+    assert core.write_return(back_slip(slip_no=s.slip_no), thread).code == "AA"
+    yt = env.alliance.node("yuetan-chc")
+    wait_for(lambda: referral_row(yt, thread).get("status") == "completed", timeout=60,
+             what="the return at the referrer")
+    theirs = yt.api("GET", f"/fhir/Task/{task['id']}", role="clinician")
+    assert "encounter" not in theirs
+    their_sr = yt.api("GET", f"/fhir/ServiceRequest/{sr_id}", role="clinician")
+    assert not [i for i in their_sr.get("supportingInfo", [])
+                if i["reference"] == f"Encounter/{enc['id']}"]
+    mine = fhir(env, f"/fhir/Task/{task['id']}")
+    assert mine["encounter"] == {"reference": f"Encounter/{enc['id']}"}
     # an admission naming a referral that is not here is refused naming the configured field
     code, _, why = mllp(port, adt("A01", "LNK-3", mrn="FX5202", visit="V5202",
                                   referral="no-such-referral"))
