@@ -126,6 +126,7 @@ class Inbound:
         prefix and digest are quarantined; the HIS gets AR unless it is gone."""
         exc = v2.from_kit(fault.error())
         record = _record_of(fault.prefix.lstrip(b"\x0b"))
+        nak = self._ack("AR", record, None, None, exc, raw=fault.prefix.lstrip(b"\x0b"))
         try:
             qid = self.host.quarantine(exc, raw=fault.prefix, record=f"MSH-10 {record}",
                                        field=exc.field, kind="hl7")
@@ -133,9 +134,7 @@ class Inbound:
         except HutongError as store_exc:
             log.error("his-hl7 %s: could not quarantine (%s)", self.a.name, store_exc.code)
         self.a.count(f"frame-{fault.kind}")
-        if fault.kind == "truncated":
-            return None
-        return self._ack("AR", record, None, None, exc, raw=fault.prefix.lstrip(b"\x0b"))
+        return None if fault.kind == "truncated" else nak
 
     def over_rate(self, raw: bytes) -> bytes:
         """Over the listener's rate limit: AE, not quarantined (the HIS keeps it, resends)."""

@@ -254,6 +254,7 @@ class LisAdapter(BaseAdapter):
         prefix and digest are quarantined; the sender gets AR unless it is gone."""
         exc = from_kit(fault.error())
         to = Answering.from_raw(fault.prefix.lstrip(b"\x0b"))
+        nak = build_ack(to, "AR", at=self.host.now(), error=exc)
         try:
             self.host.quarantine(exc, raw=fault.prefix, kind=self.opts.kind,
                                  record=f"MSH-10 {to.control_id}" if to.control_id else None)
@@ -261,6 +262,4 @@ class LisAdapter(BaseAdapter):
             log.error("LIS adapter %s could not quarantine: %s", self.name, store_exc.code)
         self.count(f"frame-{fault.kind}")
         self.failed(exc.code)
-        if fault.kind == "truncated":
-            return None
-        return v2ack.encode(build_ack(to, "AR", at=self.host.now(), error=exc), None)
+        return None if fault.kind == "truncated" else v2ack.encode(nak, None)
