@@ -2,6 +2,7 @@
 ADT <-> referrals, and lab results from other members (``result.lab``) -> ORU^R01 into the HIS.
 
 Modules: :mod:`.adapter` (options, life cycle), :mod:`.inbound` (HIS -> node),
+:mod:`.adt` (ADT -> Patient + Encounter through ``host.record_encounter``),
 :mod:`.outbound` (node -> HIS), :mod:`.messages` (HL7 <-> slips, the interface sheet),
 :mod:`.results` (result.lab -> ORU^R01 v2.5.1),
 :mod:`.charset` (MSH-18), :mod:`.v2` (escaping, fields, dates over python-hl7), :mod:`.ack`,

@@ -1,15 +1,19 @@
 """HIS -> node: one MLLP block in, its effect committed, then the ACK out.
 
-Keyed by ``<MSH-4>:<MSH-10>``. ADT keeps the HIS's patient index here: a referral's PID fields
-left empty are filled from it (so an A08 phone change shows in the next referral's Patient),
-and an A01/A04 naming an accepted referral in PV1-5 takes the "arrive" step. A REF^I14 from
-the referring HIS (RF1-6 its slip number, NTE 1R the reason) takes the "cancel" step: the
-workflow asks the receiver, who confirms it unless the patient has arrived. A referral, acceptance or return commits through the host in
-one transaction with that key (``submit_referral`` / ``referral_step``); an ADT event commits in
-the adapter's own file with its answer. So a resent message gets the same ACK and changes
-nothing. Bad data -> AE/AR with an ERR segment naming the field, quarantine (raw bytes, record
-MSH-10, field) and audit; a transient failure (database busy) -> AE without quarantine, so the
-HIS resends.
+Keyed by ``<MSH-4>:<MSH-10>#<content digest>`` (MSH-7 left out of the digest): a true re-send
+gets the same ACK and changes nothing; a different message under a used control id is a new
+message (taken or refused on its own, audited ``hl7-control-reused`` for IT), never answered
+with the other's ACK or NAK. ADT -> Patient + Encounter in the node's store through
+``host.record_encounter`` (:mod:`.adt`), linked to a referral only through the field the
+``referral_id_field`` option names (an admission of an accepted referral is its "arrive"
+step); the HIS's patient index here is refreshed after it (a referral's PID fields left empty
+are filled from it, so an A08 phone change shows in the next referral's Patient). A REF^I14
+from the referring HIS (RF1-6 its slip number, NTE 1R the reason) takes the "cancel" step: the
+workflow asks the receiver, who confirms it unless the patient has arrived. Every kind commits
+through the host in one transaction with its key (``submit_referral`` / ``referral_step`` /
+``record_encounter``). Bad data -> AE/AR with an ERR segment naming the field, quarantine (raw
+bytes, record MSH-10, field) and audit, the answer kept here for a re-send of the same message;
+a transient failure (database busy) -> AE without quarantine, so the HIS resends.
 """
 
 from __future__ import annotations
