@@ -183,7 +183,8 @@ RULES = [{"from": "yuetan-chc", "to": "fuxing", "kinds": KINDS},
 
 
 class Env:
-    def __init__(self, folder: Path, referral_id_field: str = "PV1-50") -> None:
+    def __init__(self, folder: Path, referral_id_field: str = "PV1-50",
+                 dsn_for: Any = None) -> None:
         base = free_port_block(4)
         self.ports = {"chc-adapter": base, "chc-his": base + 1, "core-adapter": base + 2,
                       "core-his": base + 3}
@@ -199,7 +200,7 @@ class Env:
                             "his": f"127.0.0.1:{self.ports[f'{short}-his']}", "charset": cs,
                             "ack_timeout_s": 2, "connect_timeout_s": 2,
                             "referral_id_field": referral_id_field}}]})
-        self.alliance = Alliance(folder / "alliance", members, RULES)
+        self.alliance = Alliance(folder / "alliance", members, RULES, dsn_for=dsn_for)
         self.procs: list[subprocess.Popen[bytes]] = []
         self.logs: list[Any] = []
         self.his: dict[str, VendorHis] = {}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import urllib.parse
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -286,6 +287,44 @@ def test_real_style_referral_with_date_only_times_nulls_and_untyped_notes(env: E
     assert got.summary.split("\n") == [*s.summary.split("\n"), "患者自诉头晕",
                                        "CLINICAL_INFORMATION: 既往史见附件"]
     assert got.reason == s.reason and got.patient_name == "周億"
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_visits_on_postgresql(tmp_path: Path, pg_node_dbs: Any) -> None:
+    """The same visit events on nodes whose store is PostgreSQL: one Encounter with its
+    history, the open-visit lookup, a conflicting visit number, re-send and reused MSH-10."""
+    e = Env(tmp_path, dsn_for=pg_node_dbs)
+    try:
+        e.alliance.start("fuxing", "yuetan-chc")
+        assert e.alliance.node("fuxing").plan.storage_dsn.startswith("postgresql")
+        port = e.ports["core-adapter"]
+        assert mllp(port, adt("A01", "PG-1", mrn="PG1", visit="", location="A^1",
+                              sent="20261210080000"))[0] == "AA"
+        # no visit number: the transfer and the discharge find the patient's one open visit
+        assert mllp(port, adt("A02", "PG-2", mrn="PG1", visit="", location="B^2",
+                              sent="20261211080000"))[0] == "AA"
+        first = adt("A03", "PG-3", mrn="PG1", visit="", sent="20261212080000")
+        assert mllp(port, first)[0] == "AA"
+        assert mllp(port, first.replace(b"20261212080000||", b"20261212090000||", 1))[0] == "AA"
+        pid = search(e, "Patient", identifier=f"{MRN}|PG1")[0]["id"]
+        encs = search(e, "Encounter", patient=pid)
+        assert len(encs) == 1 and encs[0]["status"] == "finished"
+        assert encs[0]["meta"]["versionId"] == "3"  # the re-send changed nothing
+        assert [loc["location"]["display"] for loc in encs[0]["location"]] == ["A 1", "B 2"]
+        assert [x["id"] for x in search(e, "Encounter", date="ge2026-12-11",
+                                        **{"class": "IMP"})] == [encs[0]["id"]]
+        # with nothing open, a discharge without a visit number is refused naming PV1-19
+        code, _, why = mllp(port, adt("A03", "PG-4", mrn="PG1", visit=""))
+        assert code == "AE" and why.startswith("PV1-19")
+        # another patient under a used visit number; then a new message under a used MSH-10
+        assert mllp(port, adt("A01", "PG-5", mrn="PG2", visit="PGV"))[0] == "AA"
+        code, _, why = mllp(port, adt("A01", "PG-6", mrn="PG3", visit="PGV"))
+        assert code == "AE" and why.startswith("PV1-19")
+        assert mllp(port, adt("A01", "PG-5", mrn="PG4", visit="PGW"))[0] == "AA"
+        assert encounter(e, "PGW")["status"] == "in-progress"
+    finally:
+        e.stop()
 
 
 # -- pure layers (no node) ----------------------------------------------------------------------
