@@ -188,6 +188,10 @@ def test_same_control_id_different_message_both_taken_true_resend_once(env: Env)
     audits = db_rows(node, "SELECT resource FROM audit WHERE action = "
                      "'hl7-control-reused'")
     assert any("MSH-10 DUPCTL-1 " in r[0] for r in audits)
+    from tests.test_web import Browser  # IT sees it on its page, with the adapter's counters
+
+    page = Browser(node).login("it").get("/ui/it")
+    assert "control-id-reused=1" in page
     # a true re-send (MSH-7 renewed) gets the ACK again and is stored once
     resend = first.replace(b"20261203080000||", b"20261203090000||", 1)
     assert resend != first
