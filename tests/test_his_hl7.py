@@ -307,7 +307,8 @@ def quarantined(node: Any) -> list[dict[str, Any]]:
     ("date", lambda t: t.replace("|19500315|", "|1950-3-15|"), "PID-7", "AE"),
     ("code", lambda t: t.replace("|F|", "|Q|"), "PID-8", "AE"),
     ("type", lambda t: t.replace("REF^I12^REF_I12", "ORM^O01^ORM_O01"), "MSH-9", "AR"),
-    ("dup-rows", lambda t: t.replace("\rDG1|", "\rDG1|1||YTZ-02\rDG1|", 1), "DG1", "AE"),
+    ("dup-rows", lambda t: t.replace("\rPID|", "\rPID|1||YTX-9^^^YTHIS^MR||重复||19500101|M"
+                                     "\rPID|", 1), "PID", "AE"),
 ])
 def test_bad_data_is_nakked_quarantined_and_audited(env: Env, name: str, mutate: Any,
                                                     field: str, code: str) -> None:

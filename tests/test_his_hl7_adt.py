@@ -281,6 +281,12 @@ def test_real_style_referral_with_date_only_times_nulls_and_untyped_notes(env: E
     p += [""] * (14 - len(p))
     p[6], p[10] = '""', '""'  # mother's maiden name, race: null
     segs[pid] = "|".join(p)
+    dg1 = next(i for i, x in enumerate(segs) if x.startswith("DG1|"))
+    d = segs[dg1].split("|")
+    d += [""] * (16 - len(d))
+    d[15] = "1"  # DG1-15: the primary diagnosis, listed after another one
+    segs[dg1] = "|".join(d)
+    segs.insert(dg1, "DG1|2||YTZ-99^其他诊断^LOCALDX||||W")
     segs = [x for x in segs if x]
     segs.insert(-1, "ZXT|1|vendor segment")  # an unknown optional segment
     segs += ["NTE|4||患者自诉头晕", "NTE|5||既往史见附件|^CLINICAL_INFORMATION"]
@@ -291,6 +297,7 @@ def test_real_style_referral_with_date_only_times_nulls_and_untyped_notes(env: E
     assert got.summary.split("\n") == [*s.summary.split("\n"), "患者自诉头晕",
                                        "CLINICAL_INFORMATION: 既往史见附件"]
     assert got.reason == s.reason and got.patient_name == "周億"
+    assert got.diagnosis_code == "FXZD0101"  # YTZ-01 (DG1-15 = 1) in the core's codes
 
 
 @pytest.mark.slow

@@ -361,6 +361,15 @@ def _with_notes(text: str, notes: dict[str, str]) -> str:
     return "\n".join(t for t in (text, extra) if t)
 
 
+def _dg1(msg: Message) -> Any:
+    """The slip's diagnosis: DG1 repeats in REF/RRI (a sender lists every diagnosis), so the
+    primary one (DG1-15 priority 1) is taken, else the first; missing DG1 is refused."""
+    found = v2.segments(msg, "DG1")
+    if not found:
+        raise Hl7DataError("segment DG1 is missing", field="DG1", hl7_error="100")
+    return next((d for d in found if _get(msg, d, 15).strip() == "1"), found[0])
+
+
 def _prd(msg: Message, role: str) -> Any | None:
     found = [s for s in v2.segments(msg, "PRD") if _get(msg, s, 1) == role]
     if len(found) > 1:
@@ -401,7 +410,7 @@ def referral_slip(msg: Message, known: dict[str, str], offset: timedelta, *,
             what = "MR identifier" if key == "mrn" else "NNCHN identifier (national ID)" \
                 if key == "id_number" else "value"
             raise Hl7DataError(f"required {what} is missing", field=where, hl7_error="101")
-    dg1 = v2.one(msg, "DG1")
+    dg1 = _dg1(msg)
     notes = _notes(msg)
     if not notes.get("CS", "").strip():
         raise Hl7DataError("no consent recorded (NTE with NTE-4 = CS: who signed)",
@@ -465,7 +474,7 @@ def return_slip(msg: Message, offset: timedelta) -> ReturnSlip:
         raise Hl7DataError(f"a return slip is down-discharge or down-outpatient, not {kind!r}",
                            field="RF1-3", hl7_error="103")
     rp = _prd(msg, "RP")
-    dg1 = v2.one(msg, "DG1")
+    dg1 = _dg1(msg)
     notes = _notes(msg)
     results = []
     for obx in v2.segments(msg, "OBX"):
