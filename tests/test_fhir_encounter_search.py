@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 import pytest
-from sqlalchemy import delete, update
+from sqlalchemy import delete
 
 from bridge.api import fhir_api
 from bridge.api.fhir_search import parse_query
@@ -140,5 +140,3 @@ def test_a_schema_2_store_gains_the_rows_on_open(db: Store) -> None:
     assert found(db, ("date", "ge2026-12-04")) == ["e-open", "e-stay"]
     with db.read() as conn:
         assert state.get(conn, schema.MARKER) == schema.SCHEMA_VERSION
-    with db.write() as conn:  # untouched rows stay
-        conn.execute(update(T).where(T.c.id == "nothing").values(status="x"))

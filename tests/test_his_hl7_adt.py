@@ -51,7 +51,8 @@ def mllp(port: int, raw: bytes) -> tuple[str, str, str]:
 
 def adt(event: str, control: str, *, mrn: str = "FX5001", visit: str = "V5001",
         klass: str = "I", location: str = "", admitted: str = "", discharged: str = "",
-        preadmit: str = "", referral: str = "", name: str = "钱^秀英", sent: str = "20261201080000",
+        preadmit: str = "", referral: str = "", name: str = "钱^秀英",
+        sent: str = "20261201080000",
         evn: str = "", national_id: str = "") -> bytes:
     pv1 = [""] * 51
     pv1[1], pv1[2], pv1[3], pv1[5] = "1", klass, location, preadmit
@@ -395,7 +396,8 @@ def test_rejection_and_withdrawal_reasons_from_untyped_notes() -> None:
     i14 = ("MSH|^~\\&|YT|yt|HUTONG|yt|20261201||REF^I14|C1|P|2.5\r"
            "RF1||||||YT-9|20261201\rNTE|1||家属要求撤回\rNTE|2||改日再转|^REASON\r")
     note = messages.cancel_note(messages.read(i14).msg, OFFSET)
-    assert note.reason == "家属要求撤回\nREASON: 改日再转" and note.cancelled_at == "2026-12-01"
+    assert note.reason == "家属要求撤回\nREASON: 改日再转"
+    assert note.cancelled_at == "2026-12-01"
     missing = i14.replace("|YT-9|", "||")
     with pytest.raises(Exception) as err:
         messages.cancel_note(messages.read(missing).msg, OFFSET)

@@ -422,7 +422,8 @@ def referral_slip(msg: Message, known: dict[str, str], offset: timedelta, *,
         mrn=patient.get("mrn", ""),
         diagnosis_code=_need(msg, dg1, 3, what="diagnosis code"),
         diagnosis_name=_get(msg, dg1, 3, 2), reason=notes.get("1R", ""),
-        summary=_with_notes(notes.get("RE", ""), notes), department_code=_get(msg, rt, 4, 1) if rt else "",
+        summary=_with_notes(notes.get("RE", ""), notes),
+        department_code=_get(msg, rt, 4, 1) if rt else "",
         urgent=priority in ("S", "A"), consent_by=notes["CS"],
         doctor=_get(msg, rp, 2) if rp is not None else "", written_at=written)
 

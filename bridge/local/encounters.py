@@ -31,7 +31,8 @@ VISIT_SYSTEM = "urn:hutong:visit:{member}"
 LOCATION_SYSTEM = "urn:hutong:location:{member}"
 
 #: v2 table 0004 patient class -> Encounter.class (v2-to-FHIR PatientClass[EncounterClass])
-CLASS_FROM_V2 = {"E": (ACT_CODE, "EMER", "emergency"), "I": (ACT_CODE, "IMP", "inpatient encounter"),
+CLASS_FROM_V2 = {"E": (ACT_CODE, "EMER", "emergency"),
+                 "I": (ACT_CODE, "IMP", "inpatient encounter"),
                  "O": (ACT_CODE, "AMB", "ambulatory"), "P": (ACT_CODE, "PRENC", "pre-admission"),
                  "R": (V2_0004, "R", "Recurring patient"), "B": (V2_0004, "B", "Obstetrics"),
                  "C": (V2_0004, "C", "Commercial Account"), "N": (V2_0004, "N", "Not Applicable"),
