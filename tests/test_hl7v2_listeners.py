@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import socket
 import sqlite3
+import ssl
 from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import replace
@@ -34,7 +35,7 @@ from bridge.store.db import Store
 from bridge.store.tables import QUARANTINE
 from simulators.ports import free_port_block
 from tests.harness import ROOT, Alliance, NodeProcess, wait_for
-from tests.lis_site import write_site
+from tests.lis_site import self_signed, write_site
 from tests.test_his_hl7 import HEADER, MEMBERS, RULES, slip
 from tests.test_hl7v2_kit import sample_for
 
@@ -48,9 +49,11 @@ QUICK = {"idle_timeout_s": 1.5, "frame_timeout_s": 2}
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     root = tmp_path_factory.mktemp("hl7v2")
     site = write_site(root / "mappings" / "fxlab")
-    base = free_port_block(9)
+    cert, key = self_signed(root / "tls")
+    base = free_port_block(13)
     ports = {"lis": base, "lis-override": base + 1, "lis-quick": base + 2, "his": base + 3,
-             "his-override": base + 4, "his-quick": base + 5}
+             "his-override": base + 4, "his-quick": base + 5, "his-tls": base + 9,
+             "his-slow": base + 10}
     lis = {"type": "lis-hl7", "mappings": str(site)}
     his = {"type": "his-hl7", "mappings": str(ROOT / "mappings" / "yuetan-chc")}
 
@@ -66,13 +69,17 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         {**his, "name": "his-override",
          "options": his_opts("his-override", 7, charset_override="UNICODE UTF-8")},
         {**his, "name": "his-quick", "options": his_opts("his-quick", 8, **QUICK)},
+        {**his, "name": "his-tls", "options": his_opts(
+            "his-tls", 11, tls={"cert": str(cert), "key": str(key)})},
+        {**his, "name": "his-slow", "options": his_opts(
+            "his-slow", 12, rate_limit={"per_second": 0.001, "burst": 1, "hold_s": 0})},
     ]
     members = [MEMBERS[0], {**MEMBERS[1], "adapters": adapters}]
     a = Alliance(root / "alliance", members, RULES)
     a.start("yuetan-chc")
     node = a.node("yuetan-chc")
     store = Store(node.plan.storage_dsn)
-    yield {"node": node, "ports": ports, "store": store}
+    yield {"node": node, "ports": ports, "store": store, "cert": cert}
     store.dispose()
     a.stop_all()
 
@@ -90,7 +97,8 @@ def read_frame(sock: socket.socket, data: bytes = b"") -> bytes:
     return data
 
 
-def send(port: int, *msgs: bytes) -> list[tuple[str, str, str]]:
+def send(port: int, *msgs: bytes, tls: ssl.SSLContext | None = None
+         ) -> list[tuple[str, str, str]]:
     """Each message on one python-hl7 MLLPClient connection; (MSA-1, MSA-2, ERR-8/MSA-3).
 
     MLLPClient.send_message makes one ``socket.send`` call, which may send only part of a
@@ -98,6 +106,8 @@ def send(port: int, *msgs: bytes) -> list[tuple[str, str, str]]:
     out = []
     with MLLPClient("127.0.0.1", port) as client:
         client.socket.settimeout(120)
+        if tls is not None:
+            client.socket = tls.wrap_socket(client.socket, server_hostname="127.0.0.1")
         for m in msgs:
             if len(m) > 65536:
                 client.socket.sendall(b"\x0b" + m + b"\x1c\r")
@@ -377,3 +387,46 @@ def test_line_break_escape_is_a_newline(world: dict[str, Any]) -> None:
     assert send(world["ports"]["lis"], raw) == [("AA", control, "")]
     _, report, _ = lis_taken(world["store"], control)
     assert report["conclusion"] == "第一行\n第二行 & 随访"
+
+
+# -- TLS, rate limit, the LIS export sender --------------------------------------------------
+
+
+def test_his_listener_tls_and_rate_limit(world: dict[str, Any]) -> None:
+    """The HIS listener has the LIS's TLS and per-channel rate limit (the kit's)."""
+    ctx = ssl.create_default_context(cafile=str(world["cert"]))
+    assert send(world["ports"]["his-tls"], adt("TLS-1", "王").encode(), tls=ctx) == \
+        [("AA", "TLS-1", "")]
+    assert his_patient(world["node"], "his-tls", "TLS-1") is not None
+    with MLLPClient("127.0.0.1", world["ports"]["his-tls"]) as client:  # plain text: no ACK
+        client.socket.settimeout(30)
+        try:
+            answer = client.send_message(adt("TLS-2", "王").encode())
+        except OSError:
+            answer = b""
+    assert b"MSA" not in answer
+    store: Store = world["store"]
+    before = len(quarantined(store, "his-slow"))
+    answers = send(world["ports"]["his-slow"], adt("RATE-1", "王").encode(),
+                   adt("RATE-2", "王").encode())
+    assert answers[0] == ("AA", "RATE-1", "")
+    assert answers[1][:2] == ("AE", "RATE-2") and "rate limit" in answers[1][2]
+    assert his_patient(world["node"], "his-slow", "RATE-2") is None
+    assert len(quarantined(store, "his-slow")) == before  # the HIS resends: not quarantined
+
+
+def test_lis_export_sender_sends_large_files_whole(world: dict[str, Any],
+                                                   tmp_path: Path) -> None:
+    """``simulators.lis send-dir`` (adapters.lis.sender): a 1.1 MB export file reaches the
+    listener whole (sendall, not one socket.send) and moves to done/; a refused one to
+    refused/ with its ACK beside it."""
+    from adapters.lis.sender import send_folder
+
+    note = "复核" * 200_000
+    (tmp_path / "a.hl7").write_bytes(oru("EXPORT-1", note=note).encode())
+    (tmp_path / "b.hl7").write_bytes(oru("EXPORT-2", msh2="^~ &").encode())
+    assert send_folder(tmp_path, "127.0.0.1", world["ports"]["lis"]) == \
+        {"accepted": 1, "refused": 1}
+    assert (tmp_path / "done" / "a.hl7").exists() and (tmp_path / "refused" / "b.hl7").exists()
+    assert ack.read_ack((tmp_path / "refused" / "b.hl7.ack").read_bytes())[0] == "AR"
+    assert lis_taken(world["store"], "EXPORT-1")[1]["conclusion"] == note

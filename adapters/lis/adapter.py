@@ -41,7 +41,7 @@ from adapters.hl7v2 import charset as v2charset
 from adapters.hl7v2.ack import Answering, build_ack
 from adapters.hl7v2.charset import Charset
 from adapters.hl7v2.mllp import Fault, Handlers, Limits, MllpListener, TokenBucket, server_tls
-from adapters.lis.errors import LisMessageError, RateLimited, Rejected, from_kit
+from adapters.lis.errors import LisMessageError, RateLimited, from_kit
 from adapters.lis.intake import read
 from adapters.lis.oru import Settings, to_fhir
 from bridge.errors import ConfigError, HutongError, InvalidFhir
