@@ -274,3 +274,10 @@ class Busy(TransportError):
 
     code = "HT-BUSY"
     http_status = 503
+
+
+class VisitConflict(WorkflowError):
+    """A local system's visit number already names a visit of another patient here."""
+
+    code = "HT-VISIT-CONFLICT"
+    http_status = 409

@@ -183,7 +183,8 @@ RULES = [{"from": "yuetan-chc", "to": "fuxing", "kinds": KINDS},
 
 
 class Env:
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, referral_id_field: str = "PV1-50",
+                 dsn_for: Any = None) -> None:
         base = free_port_block(4)
         self.ports = {"chc-adapter": base, "chc-his": base + 1, "core-adapter": base + 2,
                       "core-his": base + 3}
@@ -197,8 +198,9 @@ class Env:
                 "receives": ["referral.*"],
                 "options": {"listen": f"127.0.0.1:{self.ports[f'{short}-adapter']}",
                             "his": f"127.0.0.1:{self.ports[f'{short}-his']}", "charset": cs,
-                            "ack_timeout_s": 2, "connect_timeout_s": 2}}]})
-        self.alliance = Alliance(folder / "alliance", members, RULES)
+                            "ack_timeout_s": 2, "connect_timeout_s": 2,
+                            "referral_id_field": referral_id_field}}]})
+        self.alliance = Alliance(folder / "alliance", members, RULES, dsn_for=dsn_for)
         self.procs: list[subprocess.Popen[bytes]] = []
         self.logs: list[Any] = []
         self.his: dict[str, VendorHis] = {}
@@ -305,7 +307,8 @@ def quarantined(node: Any) -> list[dict[str, Any]]:
     ("date", lambda t: t.replace("|19500315|", "|1950-3-15|"), "PID-7", "AE"),
     ("code", lambda t: t.replace("|F|", "|Q|"), "PID-8", "AE"),
     ("type", lambda t: t.replace("REF^I12^REF_I12", "ORM^O01^ORM_O01"), "MSH-9", "AR"),
-    ("dup-rows", lambda t: t.replace("\rDG1|", "\rDG1|1||YTZ-02\rDG1|", 1), "DG1", "AE"),
+    ("dup-rows", lambda t: t.replace("\rPID|", "\rPID|1||YTX-9^^^YTHIS^MR||重复||19500101|M"
+                                     "\rPID|", 1), "PID", "AE"),
 ])
 def test_bad_data_is_nakked_quarantined_and_audited(env: Env, name: str, mutate: Any,
                                                     field: str, code: str) -> None:
@@ -421,8 +424,8 @@ def test_his_naks_drops_and_is_down_then_gets_each_message_once_in_order(env: En
     env.procs.remove(proc)
     late = slip(slip_no="YTRETRY-down", patient_name="赵乗", mrn="YTD1",
                 id_number="110102198001010022")
+    before = len(fx.api("GET", "/local/v1/referrals"))  # counted before it can arrive
     assert chc.refer(late).code == "AA"
-    before = len(fx.api("GET", "/local/v1/referrals"))
     wait_for(lambda: len(fx.api("GET", "/local/v1/referrals")) > before, timeout=60,
              what="the referral at the core node while its HIS is down")
     assert not [r for r in core.received() if r.slip_no == late.slip_no]
@@ -454,7 +457,7 @@ def hl7_centre_db_core(folder: Path) -> Iterator[tuple[Alliance, VendorHis, Any]
             "name": "his", "type": "his-hl7", "mappings": str(ROOT / "mappings" / "yuetan-chc"),
             "receives": ["referral.*"],
             "options": {"listen": f"127.0.0.1:{ports}", "his": f"127.0.0.1:{ports + 1}",
-                        "charset": "GB 18030-2000"}}]},
+                        "charset": "GB 18030-2000", "referral_id_field": "PV1-50"}}]},
     ]
     alliance = Alliance(folder / "alliance", members, RULES)
     his = VendorHis(folder / "chc-his.sqlite", f"127.0.0.1:{ports}", charset_name="GB 18030-2000")

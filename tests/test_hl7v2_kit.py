@@ -166,6 +166,23 @@ def test_utf8_under_a_single_byte_declaration_is_refused_or_overridden() -> None
     assert text.endswith("Müller")
 
 
+def test_utf8_under_a_two_byte_declaration() -> None:
+    """UTF-8 中国人民医院 is also valid GB 18030 (as 涓浗浜烘皯鍖婚櫌): refused, not stored as
+    that; a short real GB text that happens to be valid UTF-8 (隆隆 = C2 A1 C2 A1) is read as
+    GB, since so few characters cannot tell the two apart."""
+    body = "MSH|^~\\&|A|B|||||ADT^A08|C1|P|2.5||||||GB18030\rPID|1||X||{}\r"
+    raw = body.format("中国人民医院").encode("utf-8")
+    assert raw.decode("gb18030")  # it would decode: the mojibake the check prevents
+    with pytest.raises(CharsetRefused) as err:
+        charset.decode(raw)
+    assert err.value.field == "MSH-18" and "PID-5" in err.value.reason
+    assert "two-byte GB 18030-2000" in err.value.reason
+    assert charset.decode(raw, override="UNICODE UTF-8").text.endswith("中国人民医院")
+    short = body.format("隆隆").encode("gb18030")
+    assert short.decode("utf-8") and charset.decode(short).text.endswith("隆隆")
+    assert charset.decode(body.format("中国人民医院").encode("gb18030")).text.endswith("医院")
+
+
 def test_bytes_invalid_in_the_declared_charset_name_the_field() -> None:
     body = "MSH|^~\\&|A|B|||||ADT^A08|C1|P|2.5||||||UNICODE UTF-8\rPID|1||X||王億\r"
     with pytest.raises(CharsetRefused) as err:

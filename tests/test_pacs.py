@@ -29,6 +29,7 @@ from sqlalchemy import select
 
 from adapters.pacs import fetch
 from adapters.pacs.errors import PacsFailed, PacsUnavailable, status_error
+from adapters.pacs.errors import ReportRejected
 from adapters.pacs.report import parse_oru, report_from_oru
 from adapters.pacs.study import fhir_datetime, study_resource_id
 from bridge.audit.tables import AuditRecord
@@ -406,7 +407,7 @@ def test_bad_instance_is_refused_and_quarantined(site: Site, tmp_path: Path) -> 
                 / f"{S1}.9.9.dcm").exists()
 
 
-ORU = ("MSH|^~\\&|RIS|FUXING|HUTONG|FUXING|20261120110000||ORU^R01|RIS-77|P|2.5.1|||||||UNICODE UTF-8\r"
+ORU = ("MSH|^~\\&|RIS|FUXING|HUTONG|FUXING|20261120110000||ORU^R01|RIS-77|P|2.5.1||||||UNICODE UTF-8\r"
        "PID|||FX0001||Zhang^San\r"
        "OBR|1||{acc}|71250^CT Chest^LN|||20261120093000|||||||||||||||||F\r"
        "OBX|1|TX|59776-5^Findings^LN||右下肺见一枚约4mm结节。||||||F\r"
@@ -430,6 +431,22 @@ def test_hl7_oru_report_attaches_to_the_study(site: Site) -> None:
         _post_text(site.core, ORU.format(acc="ACC-NONE", imp="x"))
     assert err.value.status == 422 and err.value.json["code"] == "HT-REPORT-REJECTED"
     assert "record RIS-77" in err.value.json["message"]
+
+
+@pytest.mark.slow
+def test_ris_report_is_read_by_its_msh18(site: Site) -> None:
+    """The RIS reader decodes by MSH-18 (the HL7 v2 kit), not as UTF-8 whatever it says:
+    a GB 18030 report keeps its text; UTF-8 declared 8859/1 is refused naming the field."""
+    wait_for(lambda: get(site.core, "ImagingStudy", study_resource_id(S1)), what="study at core")
+    gb = ORU.replace("UNICODE UTF-8", "GB 18030-2000").replace("RIS-77", "RIS-80")
+    answer = _post_text(site.core, gb.format(acc="ACC-1001", imp="右下肺億结节。").encode("gb18030"))
+    assert get(site.core, "DiagnosticReport", answer["id"])["conclusion"] == "右下肺億结节。"
+    latin = ORU.replace("UNICODE UTF-8", "8859/1").replace("RIS-77", "RIS-81")
+    with pytest.raises(ApiError) as err:
+        _post_text(site.core, latin.format(acc="ACC-1001", imp="张无忌").encode("utf-8"))
+    assert err.value.status == 422 and err.value.json["code"] == "HT-REPORT-REJECTED"
+    assert "OBX-5" in err.value.json["message"] and "8859/1" in err.value.json["message"]
+    assert "张" not in err.value.json["message"]
 
 
 @pytest.mark.slow
@@ -468,11 +485,12 @@ def test_report_follows_an_open_referral_as_result_imaging(site: Site) -> None:
     assert len(sent) == 1 and sent[0].thread == thread
 
 
-def _post_text(node: NodeProcess, text: str) -> Any:
+def _post_text(node: NodeProcess, text: str | bytes) -> Any:
     import urllib.error
 
+    data = text.encode() if isinstance(text, str) else text
     req = urllib.request.Request(
-        f"{node.local_url}/local/v1/adapters/pacs/reports", method="POST", data=text.encode(),
+        f"{node.local_url}/local/v1/adapters/pacs/reports", method="POST", data=data,
         headers={"Authorization": f"Bearer {node.token('clinician')}",
                  "Content-Type": "application/hl7-v2"})
     try:
@@ -535,6 +553,15 @@ def test_fhir_datetime_and_oru_parsing() -> None:
     report = report_from_oru(oru, subject={"reference": "Patient/x"}, study_ref=None)
     r4b(report)
     assert report["conclusion"] == "结论"
+    # bytes are decoded by MSH-18; escapes are replaced after splitting; \.br\ is a newline
+    gb = ORU.replace("UNICODE UTF-8", "GB 18030-2000").format(
+        acc="A\\T\\2", imp="第一行\\.br\\第二行 \\S\\ 億").encode("gb18030")
+    oru = parse_oru(gb, "+08:00")
+    assert oru.accession == "A&2" and oru.texts[-1] == ("19005-8", "第一行\n第二行 ^ 億")
+    utf8 = ORU.replace("UNICODE UTF-8", "8859/1").format(acc="A-1", imp="结论").encode()
+    with pytest.raises(ReportRejected, match="OBX-5 holds multi-byte UTF-8"):
+        parse_oru(utf8, "+08:00")
+    assert parse_oru(utf8, "+08:00", charset_override="UNICODE UTF-8").texts[-1][1] == "结论"
 
 
 def test_fetch_packets_are_valid_fhir_and_tampering_is_caught() -> None:

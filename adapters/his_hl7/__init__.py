@@ -2,11 +2,12 @@
 ADT <-> referrals, and lab results from other members (``result.lab``) -> ORU^R01 into the HIS.
 
 Modules: :mod:`.adapter` (options, life cycle), :mod:`.inbound` (HIS -> node),
+:mod:`.adt` (ADT -> Patient + Encounter through ``host.record_encounter``),
 :mod:`.outbound` (node -> HIS), :mod:`.messages` (HL7 <-> slips, the interface sheet),
 :mod:`.results` (result.lab -> ORU^R01 v2.5.1),
-:mod:`.charset` (MSH-18), :mod:`.v2` (escaping, fields, dates over python-hl7), :mod:`.ack`,
-:mod:`.mllp` (listener and sender), :mod:`.state` (the adapter's own SQLite file),
-:mod:`.errors`.
+:mod:`.v2` (this adapter's binding of the shared HL7 v2 kit :mod:`adapters.hl7v2`, which
+does charsets, parsing, escapes, dates, ACKs and MLLP for it), :mod:`.state` (the adapter's own
+SQLite file), :mod:`.errors`.
 """
 
 from __future__ import annotations

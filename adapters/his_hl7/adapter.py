@@ -15,6 +15,8 @@ Options (``[adapters.options]``)::
     his_application = "HIS"          # MSH-5 of what we send
     his_facility = ""                # MSH-6 of what we send
     utc_offset = "+08:00"            # for HIS times without an offset
+    referral_id_field = ""           # where an ADT names the alliance referral (e.g. "PV1-50");
+                                     # empty: visits are never linked to referrals
     connect_timeout_s = 5
     ack_timeout_s = 15
     idle_timeout_s = 300             # listener: a connection with no frame in progress
@@ -100,6 +102,7 @@ class Options(BaseModel):
     charset_override: str | None = None
     tls: TlsOptions | None = None
     rate_limit: RateOptions | None = None
+    referral_id_field: str = ""
 
     _listen = field_validator("listen", "his")(_addr)
 
@@ -107,6 +110,15 @@ class Options(BaseModel):
     @classmethod
     def _known(cls, value: str | None) -> str | None:
         return charset.check_name(value) if value is not None else None
+
+    @field_validator("referral_id_field")
+    @classmethod
+    def _field(cls, value: str) -> str:
+        if value:
+            from adapters.his_hl7.adt import parse_field
+
+            parse_field(value)
+        return value.strip()
 
     @field_validator("utc_offset")
     @classmethod

@@ -46,7 +46,7 @@ class Answering:
         return cls(f[3].split(comp)[0], f[4].split(comp)[0], f[5].split(comp)[0],
                    f[6].split(comp)[0], f[10], f[11] or "P",
                    version if version in fields.VERSIONS else "2.5.1",
-                   (f[9].split(comp) + ["", ""])[1], charset.declared(raw))
+                   (f[9].split(comp) + ["", ""])[1], _usable(charset.declared(raw)))
 
     @classmethod
     def from_message(cls, msg: fields.Message) -> Answering:
@@ -59,6 +59,16 @@ class Answering:
 
     def with_charset(self, name: str) -> Answering:
         return replace(self, charset=name)
+
+
+def _usable(name: str) -> str:
+    """MSH-18 to echo in an ACK written before (or without) decoding: only a name the ACK's
+    bytes can honour (an unknown or undecodable one is left out, the ACK is ASCII)."""
+    try:
+        cs = charset.lookup(name) if name.strip() else None
+    except V2Error:
+        return ""
+    return name if cs is not None and cs.decoder is not None and not cs.wide else ""
 
 
 def sniff_msh(raw: bytes, last_field: int = 18) -> list[str] | None:

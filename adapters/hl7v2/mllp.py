@@ -89,9 +89,9 @@ class Fault:
 
     @property
     def reason(self) -> str:
-        if self.kind == "oversize":
-            return (f"message of {self.size} bytes is larger than this listener's frame limit "
-                    f"of {self.limit} bytes (MLLP max_message_bytes)")
+        if self.kind == "oversize":  # size counts <VT> and <FS><CR>; the message is the rest
+            return (f"message of {self.size - 3} bytes is larger than this listener's frame "
+                    f"limit of {self.limit} bytes (MLLP max_message_bytes)")
         if self.kind == "truncated":
             return (f"connection closed before the end of the MLLP block (truncated frame, "
                     f"{self.size} bytes received)")

@@ -44,7 +44,7 @@ from adapters.hl7v2.ack import Answering, build_ack
 from adapters.hl7v2.charset import Charset
 from adapters.hl7v2.mllp import Fault, Handlers, Limits, MllpListener, TokenBucket, server_tls
 from adapters.lis import once
-from adapters.lis.errors import LisMessageError, RateLimited, Rejected, from_kit
+from adapters.lis.errors import LisMessageError, RateLimited, from_kit
 from adapters.lis.intake import read
 from adapters.lis.oru import Settings, to_fhir
 from bridge.errors import ConfigError, HutongError, InvalidFhir
@@ -274,6 +274,7 @@ class LisAdapter(BaseAdapter):
         prefix and digest are quarantined; the sender gets AR unless it is gone."""
         exc = from_kit(fault.error())
         to = Answering.from_raw(fault.prefix.lstrip(b"\x0b"))
+        nak = build_ack(to, "AR", at=self.host.now(), error=exc)
         try:
             self.host.quarantine(exc, raw=fault.prefix, kind=self.opts.kind,
                                  record=f"MSH-10 {to.control_id}" if to.control_id else None)
@@ -281,6 +282,4 @@ class LisAdapter(BaseAdapter):
             log.error("LIS adapter %s could not quarantine: %s", self.name, store_exc.code)
         self.count(f"frame-{fault.kind}")
         self.failed(exc.code)
-        if fault.kind == "truncated":
-            return None
-        return v2ack.encode(build_ack(to, "AR", at=self.host.now(), error=exc), None)
+        return None if fault.kind == "truncated" else v2ack.encode(nak, None)

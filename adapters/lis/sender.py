@@ -15,25 +15,28 @@ from pathlib import Path
 from hl7.client import MLLPClient
 
 from adapters.hl7v2.ack import ack_code_of
+from adapters.hl7v2.mllp import END, START, Frame, FrameReader
 
-FRAME = b"\x0b\x1c\r"
-
-
-def _recv_ack(client: MLLPClient, first: bytes) -> bytes:
-    """MLLPClient returns one recv(); keep reading until the end-of-block bytes arrived."""
-    data = first
-    while data and not data.rstrip(b"\r\n").endswith(b"\x1c"):
-        more = client.socket.recv(4096)
+def _recv_ack(client: MLLPClient) -> bytes:
+    """The ACK frame's payload: read until the kit's framer has one whole frame."""
+    reader = FrameReader()
+    while True:
+        more = client.socket.recv(65536)
         if not more:
-            break
-        data += more
-    return data.strip(FRAME)
+            raise ConnectionError("the listener closed the connection without an ACK")
+        for event in reader.feed(more):
+            if isinstance(event, Frame):
+                return event.payload
+            raise ConnectionError(f"the listener answered with a bad MLLP frame ({event.kind})")
 
 
 def send_messages(host: str, port: int, messages: Iterable[bytes], *,
                   tls: ssl.SSLContext | None = None, server_hostname: str | None = None,
                   timeout: float = 30.0) -> list[bytes]:
-    """Send each message (bytes, already in its MSH-18 charset) on one connection; the ACKs."""
+    """Send each message (bytes, already in its MSH-18 charset) on one connection; the ACKs.
+
+    The frame is written with ``sendall``: MLLPClient.send_message makes a single
+    ``socket.send``, which with a timeout set may write only part of a large message."""
     acks: list[bytes] = []
     with MLLPClient(host, port) as client:
         client.socket.settimeout(timeout)
@@ -41,7 +44,8 @@ def send_messages(host: str, port: int, messages: Iterable[bytes], *,
             client.socket = tls.wrap_socket(client.socket,
                                             server_hostname=server_hostname or host)
         for m in messages:
-            acks.append(_recv_ack(client, client.send_message(m)))
+            client.socket.sendall(START + m + END)
+            acks.append(_recv_ack(client))
     return acks
 
 

@@ -130,15 +130,23 @@ class Workflow:
         with self.ctx.store.write() as conn:
             if once is not None and (prior := intake.seen(conn, *once)) is not None:
                 return prior
-            row = self._row(conn, thread)
-            check(event, row.status, row.side)
-            task = store.get(conn, "Task", row.task_id)
-            self._advance(conn, row, task, event, reason=reason, outputs=outputs, actor=actor)
-            extra = [self._revoke(conn, row)] if event == "cancelled" else []
-            self._send(conn, row, event, task, extra)
+            task = self.step_in(conn, thread, event, actor, reason=reason, outputs=outputs)
             if once is not None:
                 intake.remember(conn, *once, task, self.ctx.now(), thread=thread)
         self.wake()
+        return task
+
+    def step_in(self, conn: Connection, thread: str, event: str, actor: str, *,
+                reason: str | None = None,
+                outputs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """:meth:`step` inside the caller's transaction (e.g. with an Encounter from the HIS);
+        the caller wakes the senders after its commit."""
+        row = self._row(conn, thread)
+        check(event, row.status, row.side)
+        task = store.get(conn, "Task", row.task_id)
+        self._advance(conn, row, task, event, reason=reason, outputs=outputs, actor=actor)
+        extra = [self._revoke(conn, row)] if event == "cancelled" else []
+        self._send(conn, row, event, task, extra)
         return task
 
     def _revoke(self, conn: Connection, row: Any) -> dict[str, Any]:
@@ -422,6 +430,10 @@ class Workflow:
             wire.append(R.for_the_wire(patient, row.patient_hash,
                                        self.plan.alliance.national_id_system))
         orgs = [R.organization(self.plan.directory[m]) for m in (row.referrer, row.receiver)]
+        # this side's own visits (host.record_encounter) stay here: not the other's to resolve
+        sent = {R.ref(r) for r in wire}
+        task = _without_local_visits(task, sent)
+        wire = [_without_local_visits(r, sent) for r in wire]
         msg = R.message(event, sender=self.me, receiver=other, task=task,
                         resources=[*wire, *orgs], at=now)
         result = queue_packets(self.ctx, conn, [Outgoing(other, EVENTS[event], orjson.dumps(msg),
@@ -580,6 +592,25 @@ class Workflow:
             stmt = stmt.where(REFERRAL.c.status == status)
         with self.ctx.store.read() as conn:
             return [dict(r._mapping) for r in conn.execute(stmt)]
+
+
+def _without_local_visits(r: dict[str, Any], sent: set[str]) -> dict[str, Any]:
+    """A Task or ServiceRequest as it leaves: references to Encounters of this node that the
+    message does not carry (``Task.encounter``, ``ServiceRequest.supportingInfo``) left out."""
+    def local(ref: Any) -> bool:
+        target = (ref or {}).get("reference", "") if isinstance(ref, dict) else ""
+        return target.startswith("Encounter/") and target not in sent
+
+    if r.get("resourceType") == "Task" and local(r.get("encounter")):
+        return {k: v for k, v in r.items() if k != "encounter"}
+    if r.get("resourceType") == "ServiceRequest" and any(map(local, r.get("supportingInfo")
+                                                              or [])):
+        out = dict(r)
+        out["supportingInfo"] = [i for i in r["supportingInfo"] if not local(i)]
+        if not out["supportingInfo"]:
+            del out["supportingInfo"]
+        return out
+    return r
 
 
 def _is_placer(ident: dict[str, Any]) -> bool:
