@@ -6,7 +6,9 @@ internals beyond it, so an adapter written against this class runs on any node.
 
 from __future__ import annotations
 
+import copy
 import logging
+import uuid
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -160,6 +162,151 @@ class AdapterHost:
             self.node.wake_all_senders()
         return out
 
+    def record_encounter(self, build: Callable[[dict[str, Any] | None], dict[str, Any]] | None,
+                         *, source_key: str, visit: tuple[str, str] | None = None,
+                         patient: dict[str, Any] | None = None,
+                         referral_thread: str | None = None, kind: str | None = None,
+                         answer: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A visit event from the local system: its Patient and Encounter stored or updated in
+        the node's FHIR store, in ONE transaction with the exactly-once intake key; audited.
+
+        Contract (every HIS style uses it the same way):
+
+        * ``source_key``: the local record; a repeated key changes nothing and returns the
+          first answer with ``repeated: True``.
+        * ``visit`` = (system, value): the HIS's visit number (e.g.
+          ``bridge.local.encounters.VISIT_SYSTEM``); the Encounter already stored under it is
+          the one updated. ``build(current)`` gets that Encounter (None if new) and returns
+          the Encounter after the event (``bridge.local.encounters.apply``); the host sets
+          ``id`` (kept), ``subject`` and, when linked, ``basedOn``. ``build=None``: Patient only.
+        * ``patient``: an R4 Patient as the HIS describes it now (MRN under
+          ``urn:hutong:mrn:<member>``, the national ID number under the alliance's system,
+          kept in clear in this node's store as the referral workflow keeps it, and hashed
+          for the ``patient_hash`` column and the audit). Matched by MRN, else by keyed hash,
+          else the linked referral's patient; else created. Given fields replace stored ones,
+          identifiers are merged by system.
+        * ``referral_thread``: only when the local record says which referral this visit is
+          (an option naming the field: never guessed). It must be a referral received here
+          (else :class:`~bridge.errors.UnknownReference`, nothing stored). If it is open: an
+          ``arrived`` / ``in-progress`` Encounter of an accepted referral takes the "arrive"
+          step (sent to the referrer in the same transaction), and the Task gets
+          ``encounter`` and the ServiceRequest a ``supportingInfo`` reference to it; a closed
+          referral (rejected, cancelled, completed) is left as it is.
+        * Invalid R4 -> :class:`~bridge.errors.InvalidResource`, nothing stored.
+
+        Returns ``{"encounter", "patient", "status", "created", "referral", "arrived"}`` plus
+        ``answer`` (e.g. the ACK to give a re-send).
+        """
+        from bridge.errors import InvalidResource, UnknownReference
+        from bridge.fhir.validate import errors as fhir_errors
+        from bridge.privacy import patient_hash
+
+        now = self.ctx.now()
+        actor = f"adapter:{self.adapter_name}"
+        system = self.plan.alliance.national_id_system
+        woke = False
+        with self.ctx.store.write() as conn:
+            prior = intake.seen(conn, self.adapter_name, source_key)
+            if prior is not None:
+                return {**prior, "repeated": True}
+            row = None
+            if referral_thread:
+                row = conn.execute(select(REFERRAL).where(
+                    REFERRAL.c.thread == referral_thread)).first()
+                if row is None or row.side != "receiver":
+                    raise UnknownReference("no referral received here with that id")
+            current = fhirstore.find_by_identifier(conn, "Encounter", *visit) \
+                if visit and build is not None else None
+            # -- the patient
+            phash = None
+            stored_patient = None
+            if patient is not None:
+                nid = next((i.get("value") for i in patient.get("identifier") or []
+                            if i.get("system") == system and i.get("value")), None)
+                phash = patient_hash(self.plan.patient_hash_key, nid) if nid else None
+                for ident in patient.get("identifier") or []:
+                    if str(ident.get("system", "")).startswith("urn:hutong:mrn:") \
+                            and ident.get("value"):
+                        stored_patient = fhirstore.find_by_identifier(
+                            conn, "Patient", ident["system"], ident["value"])
+                        if stored_patient is not None:
+                            break
+                if stored_patient is None and phash:
+                    stored_patient = fhirstore.find_patient_by_hash(conn, phash)
+            if stored_patient is None and current is not None:
+                ref = (current.get("subject") or {}).get("reference", "")
+                if ref.startswith("Patient/"):
+                    stored_patient = fhirstore.get(conn, "Patient", ref.split("/", 1)[1])
+            if stored_patient is None and row is not None:
+                task = fhirstore.get(conn, "Task", row.task_id)
+                ref = (task.get("for") or {}).get("reference", "")
+                if ref.startswith("Patient/") and fhirstore.exists(conn, "Patient",
+                                                                   ref.split("/", 1)[1]):
+                    stored_patient = fhirstore.get(conn, "Patient", ref.split("/", 1)[1])
+            if patient is None and stored_patient is None:
+                raise InvalidResource("a new Encounter needs its Patient")
+            merged = _merge_patient(stored_patient, patient)
+            problems = fhir_errors(merged, limit=3)
+            if problems:
+                raise InvalidResource(f"Patient is not valid FHIR R4: {'; '.join(problems)}")
+            if phash is None and stored_patient is not None:
+                phash = fhirstore.get_row(conn, "Patient", stored_patient["id"]).patient_hash \
+                    if "id" in stored_patient else None
+            if patient is not None:
+                fhirstore.put(conn, merged, at=now, origin=self.node_id, patient_hash=phash)
+            pref = f"Patient/{merged['id']}"
+            # -- the encounter
+            enc = None
+            if build is not None:
+                enc = build(copy.deepcopy(current) if current else None)
+                enc["resourceType"] = "Encounter"
+                if current is not None:
+                    enc["id"] = current["id"]
+                enc["subject"] = {"reference": pref}
+                if row is not None:
+                    based = {"reference": f"ServiceRequest/{row.sr_id}"}
+                    if based not in (enc.get("basedOn") or []):
+                        enc.setdefault("basedOn", []).append(based)
+                enc.setdefault("id", str(uuid.uuid4()))
+                problems = fhir_errors(enc, limit=3)
+                if problems:
+                    raise InvalidResource(
+                        f"Encounter is not valid FHIR R4: {'; '.join(problems)}")
+                fhirstore.put(conn, enc, at=now, origin=self.node_id, patient_hash=phash)
+            # -- the referral it belongs to (only when the record said so)
+            arrived = False
+            if row is not None and enc is not None \
+                    and row.status not in ("rejected", "cancelled", "completed"):
+                if row.status == "accepted" and enc.get("status") in ("arrived", "in-progress"):
+                    self.node.workflow.step_in(conn, row.thread, "arrive", actor)
+                    arrived = woke = True
+                eref = {"reference": f"Encounter/{enc['id']}"}
+                task = fhirstore.get(conn, "Task", row.task_id)
+                if task.get("encounter") != eref:
+                    task["encounter"] = eref
+                    fhirstore.put(conn, task, at=now, thread=row.thread, origin=self.node_id,
+                                  patient_hash=row.patient_hash)
+                sr = fhirstore.get(conn, "ServiceRequest", row.sr_id)
+                if eref not in (sr.get("supportingInfo") or []):
+                    sr.setdefault("supportingInfo", []).append(eref)
+                    fhirstore.put(conn, sr, at=now, thread=row.thread,
+                                  patient_hash=row.patient_hash)
+            result = {"encounter": enc["id"] if enc else None, "patient": merged["id"],
+                      "status": enc.get("status") if enc else None,
+                      "created": enc is not None and current is None,
+                      "referral": row.thread if row is not None else None,
+                      "arrived": arrived, **(answer or {})}
+            intake.remember(conn, self.adapter_name, source_key, result, now,
+                            thread=row.thread if row is not None else None)
+            what = f"Encounter/{enc['id']} {'created' if current is None else 'updated'} " \
+                f"({enc.get('status')})" if enc else f"Patient/{merged['id']} updated"
+            self.ctx.audit.append(conn, [AuditEntry(
+                action="encounter", message=what, kind=kind, at=now, actor=actor,
+                patient_hash=phash, thread=row.thread if row is not None else None)])
+        if woke:
+            self.node.wake_all_senders()
+        return result
+
     # -- sink side: what the node knows of a referral -----------------------------------------
 
     def referral(self, thread: str) -> dict[str, Any] | None:
@@ -224,3 +371,27 @@ class AdapterHost:
                 log.error("%s failed: %s", name, type(exc).__name__)
 
         self.node.add_job(name, run, seconds)
+
+
+def _merge_patient(stored: dict[str, Any] | None, given: dict[str, Any] | None
+                   ) -> dict[str, Any]:
+    """The stored Patient with what the local system said now: fields it gives replace the
+    stored ones; identifiers are merged by system (a new value replaces the old of its system)."""
+    out = copy.deepcopy(stored) if stored else {"resourceType": "Patient",
+                                                 "id": str(uuid.uuid4())}
+    out.pop("meta", None)
+    for key, value in (given or {}).items():
+        if key in ("resourceType", "id", "meta", "identifier"):
+            continue
+        if value not in (None, "", [], {}):
+            out[key] = copy.deepcopy(value)
+    idents = list(out.get("identifier") or [])
+    for ident in (given or {}).get("identifier") or []:
+        same = [i for i, old in enumerate(idents) if old.get("system") == ident.get("system")]
+        if same:
+            idents[same[0]] = copy.deepcopy(ident)
+        else:
+            idents.append(copy.deepcopy(ident))
+    if idents:
+        out["identifier"] = idents
+    return out

@@ -130,15 +130,23 @@ class Workflow:
         with self.ctx.store.write() as conn:
             if once is not None and (prior := intake.seen(conn, *once)) is not None:
                 return prior
-            row = self._row(conn, thread)
-            check(event, row.status, row.side)
-            task = store.get(conn, "Task", row.task_id)
-            self._advance(conn, row, task, event, reason=reason, outputs=outputs, actor=actor)
-            extra = [self._revoke(conn, row)] if event == "cancelled" else []
-            self._send(conn, row, event, task, extra)
+            task = self.step_in(conn, thread, event, actor, reason=reason, outputs=outputs)
             if once is not None:
                 intake.remember(conn, *once, task, self.ctx.now(), thread=thread)
         self.wake()
+        return task
+
+    def step_in(self, conn: Connection, thread: str, event: str, actor: str, *,
+                reason: str | None = None,
+                outputs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """:meth:`step` inside the caller's transaction (e.g. with an Encounter from the HIS);
+        the caller wakes the senders after its commit."""
+        row = self._row(conn, thread)
+        check(event, row.status, row.side)
+        task = store.get(conn, "Task", row.task_id)
+        self._advance(conn, row, task, event, reason=reason, outputs=outputs, actor=actor)
+        extra = [self._revoke(conn, row)] if event == "cancelled" else []
+        self._send(conn, row, event, task, extra)
         return task
 
     def _revoke(self, conn: Connection, row: Any) -> dict[str, Any]:
