@@ -167,10 +167,13 @@ def event_of(v: Visit, me: str) -> enc.VisitEvent:
     """The engine's neutral visit event for a checked :class:`Visit`."""
     at = {"admit": v.admitted_at, "register": v.admitted_at, "transfer": v.transferred_at,
           "discharge": v.discharged_at}.get(v.event) or v.recorded_at or v.admitted_at
+    # a cancel puts the patient back where they were: the row's ward and bed are that place,
+    # not a move (given, apply() would open a new location period instead of reopening it)
+    where = "" if v.event in ("cancel-transfer", "cancel-discharge") else location_text(v)
     return enc.VisitEvent(
         event=v.event, at=at, visit_system=enc.VISIT_SYSTEM.format(member=me),
         visit_number=v.visit_no, class_code=CLASSES[v.visit_class], start=v.admitted_at,
-        end=v.discharged_at, location=location_text(v),
+        end=v.discharged_at, location=where,
         location_system=enc.LOCATION_SYSTEM.format(member=me), status_hint=v.status)
 
 
