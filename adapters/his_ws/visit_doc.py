@@ -58,7 +58,7 @@ from adapters.his_ws.cda import (
     iso,
     ts,
 )
-from adapters.his_ws.errors import MissingElement, SchemaInvalid
+from adapters.his_ws.errors import BadDocument, MissingElement, SchemaInvalid
 from adapters.visits import Visit
 
 VISIT_XSD = "cda-visit.xsd"
@@ -197,6 +197,15 @@ def write(doc: VisitDoc, site: Site, encoding: str = "UTF-8") -> bytes:
 def read(raw: bytes, site: Site, *, record: str, known: Known | None = None) -> VisitDoc:
     """Check and read one visit document from the HIS (``record`` names it in every error).
     Whether the visit's values agree (times, status) is :func:`adapters.visits.check`'s."""
+    try:
+        return _read(raw, site, record, known)
+    except BadDocument as exc:
+        if record not in exc.message:
+            exc.message = f"document {record}: {exc.message}"
+        raise
+
+
+def _read(raw: bytes, site: Site, record: str, known: Known | None) -> VisitDoc:
     xmlsafe.check_encoding(raw, record)
     root = xmlsafe.parse(raw, record)
     xmlsafe.validate(root, VISIT_XSD, record)
