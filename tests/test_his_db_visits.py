@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from adapters.slips import AcceptanceSlip
 from adapters.visits import Visit
 from bridge.store.db import Store
 from bridge.store.tables import QUARANTINE
-from simulators.his_db import HisDb
+from simulators.his_db import ZZ_JZJL, HisDb
 from tests.harness import Alliance, NodeProcess, db_rows, wait_for
 from tests.test_his_db import RULES, site_folder, slip
 
@@ -190,7 +190,8 @@ def test_cancels_undo_their_event(site: Any) -> None:
                                       "2026-11-21T10:00:00+08:00", None)]
     core_db.write_visit(visit("ZY0003", "discharge", discharged_at="2026-11-24T10:00:00+08:00"))
     encounter_when(core, "ZY0003", lambda e: e["status"] == "finished", "discharge")
-    core_db.write_visit(visit("ZY0003", "cancel-discharge", discharged_at="2026-11-24T10:00:00+08:00",
+    core_db.write_visit(visit("ZY0003", "cancel-discharge",  # the old time left in the row
+                              discharged_at="2026-11-24T10:00:00+08:00",
                               recorded_at="2026-11-24T11:00:00+08:00"))
     enc = encounter_when(core, "ZY0003", lambda e: e["status"] == "in-progress"
                          and version(e) == 5, "cancelled discharge")
@@ -292,6 +293,27 @@ def test_bad_rows_quarantined_naming_column_and_next_taken(site: Any) -> None:
     for rid, (_, _, _, col) in zip(ids, BAD, strict=True):
         assert f"record ZZ_JZJL#{rid} field {col}" in export
     assert core.cli("audit", "verify").returncode == 0
+
+
+def test_quarantined_row_replayed_after_the_his_fixed_it(site: Any) -> None:
+    a, _chc_db, core_db = site
+    core = a.node("fuxing")
+    rid = core_db.write_visit(visit("ZY0600"), BLH="")  # saved without the record number
+    core_db.write_visit(visit("ZY0601"))
+    encounter_when(core, "ZY0601", lambda e: True, "the row after the bad one")
+    item = next(q for q in core.api("GET", "/local/v1/quarantine")
+                if f"record ZZ_JZJL#{rid} field BLH:" in q["message"])
+    # replayed before the HIS fixed the row: still refused, still held
+    res = core.api("POST", f"/local/v1/quarantine/{item['id']}/replay")
+    assert not res["ok"] and f"record ZZ_JZJL#{rid} field BLH" in res["result"]
+    with core_db.tx() as conn:
+        conn.execute(update(ZZ_JZJL).where(ZZ_JZJL.c.ID == rid).values(BLH="FXZY0600"))
+    res = core.api("POST", f"/local/v1/quarantine/{item['id']}/replay")
+    assert res["ok"] and res["result"] == f"ZZ_JZJL#{rid} taken (row re-read from the HIS)"
+    enc = encounter_when(core, "ZY0600", lambda e: True, "the replayed row")
+    patient = core.api("GET", f"/fhir/{enc['subject']['reference']}", role="clinician")
+    assert {"system": MRN, "value": "FXZY0600"} in patient["identifier"]
+    assert enc["status"] == "in-progress" and version(enc) == 1
 
 
 @pytest.mark.postgres

@@ -38,6 +38,8 @@ Options (``[adapters.options]``)::
     encoding = "UTF-8"    # documents written into the HIS: UTF-8 or GB18030
     site_name = "..."     # custodian name in documents written here
     oids = { diagnosis = "...", drug = "...", lab = "...", department = "...", ... }
+    visit_referral = "referral-document"  # visit documents name their referral there
+                                          # (default "": visits are never linked)
 """
 
 from __future__ import annotations
