@@ -240,6 +240,12 @@ def _date(field: str, value: str) -> str:
 
 def _datetime(field: str, value: str) -> str:
     value = _need(field, value)
+    if len(value) == 10:  # a date only (an HL7 sender's YYYYMMDD): FHIR dateTime at day precision
+        try:
+            date.fromisoformat(value)
+        except ValueError:
+            raise BadDate(field, f"'{field}' is not an ISO 8601 date") from None
+        return value
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError:

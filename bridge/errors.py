@@ -226,3 +226,10 @@ class UnknownReference(WorkflowError):
 class InvalidResource(WorkflowError):
     code = "HT-FHIR-INVALID"
     http_status = 422
+
+
+class VisitConflict(WorkflowError):
+    """A local system's visit number already names a visit of another patient here."""
+
+    code = "HT-VISIT-CONFLICT"
+    http_status = 409

@@ -302,7 +302,9 @@ class VendorHis:
                           datetime.now(UTC)),
             v2.segment("EVN", event, v2.ts(datetime.now(UTC))),
             messages._pid(mrn, patient, self.header.sending_app),
-            v2.segment("PV1", "1", patient_class, "", "", v2.esc(referral_id))])
+            # the alliance referral id in PV1-50 (alternate visit id): the adapter's
+            # referral_id_field option names it; PV1-5 is the HIS's own preadmit number
+            v2.segment("PV1", "1", patient_class, *[""] * 47, v2.esc(referral_id))])
         return self._send(text, f"adt-{event}", "")
 
     def received(self, what: str | None = None) -> list[Received]:

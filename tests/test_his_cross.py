@@ -79,7 +79,7 @@ def ws_to_hl7(tmp_path: Path) -> Iterator[tuple[Alliance, Any, VendorHis]]:
             "receives": ["referral.*"],
             "options": {"listen": f"127.0.0.1:{ports}", "his": f"127.0.0.1:{ports + 1}",
                         "charset": "UNICODE UTF-8", "ack_timeout_s": 2,
-                        "connect_timeout_s": 2}}]},
+                        "connect_timeout_s": 2, "referral_id_field": "PV1-50"}}]},
         {**CHC, "adapters": [ws_adapter(CHC, chc_sim)]},
     ]
     alliance = Alliance(tmp_path / "alliance", members, RULES)

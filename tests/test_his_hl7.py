@@ -192,7 +192,8 @@ class Env:
                 "receives": ["referral.*"],
                 "options": {"listen": f"127.0.0.1:{self.ports[f'{short}-adapter']}",
                             "his": f"127.0.0.1:{self.ports[f'{short}-his']}", "charset": cs,
-                            "ack_timeout_s": 2, "connect_timeout_s": 2}}]})
+                            "ack_timeout_s": 2, "connect_timeout_s": 2,
+                            "referral_id_field": "PV1-50"}}]})
         self.alliance = Alliance(folder / "alliance", members, RULES)
         self.procs: list[subprocess.Popen[bytes]] = []
         self.logs: list[Any] = []
@@ -451,7 +452,7 @@ def hl7_centre_db_core(folder: Path) -> Iterator[tuple[Alliance, VendorHis, Any]
             "name": "his", "type": "his-hl7", "mappings": str(ROOT / "mappings" / "yuetan-chc"),
             "receives": ["referral.*"],
             "options": {"listen": f"127.0.0.1:{ports}", "his": f"127.0.0.1:{ports + 1}",
-                        "charset": "GB 18030-2000"}}]},
+                        "charset": "GB 18030-2000", "referral_id_field": "PV1-50"}}]},
     ]
     alliance = Alliance(folder / "alliance", members, RULES)
     his = VendorHis(folder / "chc-his.sqlite", f"127.0.0.1:{ports}", charset_name="GB 18030-2000")

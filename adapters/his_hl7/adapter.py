@@ -15,6 +15,8 @@ Options (``[adapters.options]``)::
     his_application = "HIS"          # MSH-5 of what we send
     his_facility = ""                # MSH-6 of what we send
     utc_offset = "+08:00"            # for HIS times without an offset
+    referral_id_field = ""           # where an ADT names the alliance referral (e.g. "PV1-50");
+                                     # empty: visits are never linked to referrals
     connect_timeout_s = 5
     ack_timeout_s = 15
     idle_timeout_s = 300
@@ -68,6 +70,7 @@ class Options(BaseModel):
     connect_timeout_s: float = 5.0
     ack_timeout_s: float = 15.0
     idle_timeout_s: float = 300.0
+    referral_id_field: str = ""
 
     _listen = field_validator("listen", "his")(_addr)
 
@@ -78,6 +81,15 @@ class Options(BaseModel):
             return _charset(value)
         except charset.CharsetError as exc:
             raise ValueError(exc.reason) from None
+
+    @field_validator("referral_id_field")
+    @classmethod
+    def _field(cls, value: str) -> str:
+        if value:
+            from adapters.his_hl7.adt import parse_field
+
+            parse_field(value)
+        return value.strip()
 
     @field_validator("utc_offset")
     @classmethod

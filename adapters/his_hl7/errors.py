@@ -7,6 +7,8 @@
     │   ├── Hl7Rejected     HT-HL7-REJECTED    unreadable as a message (framing, charset,
     │   │                                      missing MSH, wrong type): AR
     │   └── Hl7Duplicate    HT-HL7-DUPLICATE   a slip already taken under another message
+    ├── Hl7ControlReused    HT-HL7-CONTROL-REUSED  (audit only) a different message under a
+    │                                      used MSH-10: taken as new, IT told
     └── TransportError (bridge.errors, transient): the HIS listener is down, timed out or NAKed
         ├── HisUnreachable  HT-HL7-HIS-DOWN    connect refused / timed out
         └── HisNak          HT-HL7-HIS-NAK     the HIS answered AE/AR/CE/CR
@@ -50,6 +52,14 @@ class Hl7Rejected(Hl7DataError):
 class Hl7Duplicate(Hl7DataError):
     code = "HT-HL7-DUPLICATE"
     hl7_error = "205"  # duplicate key identifier
+
+
+class Hl7ControlReused(HutongError):
+    """Not raised: the audit code for a message that reuses another message's MSH-10 (it is
+    taken as the new message it is; IT sees the reuse in the audit and the adapter counters)."""
+
+    code = "HT-HL7-CONTROL-REUSED"
+    retry = Retry.PERMANENT
 
 
 class HisUnreachable(TransportError):

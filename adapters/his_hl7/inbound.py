@@ -20,10 +20,19 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from adapters import slips_fhir
-from adapters.his_hl7 import ack, charset, messages
-from adapters.his_hl7.errors import Hl7DataError, Hl7Duplicate, Hl7Rejected
+from adapters.his_hl7 import ack, adt, charset, messages
+from adapters.his_hl7.errors import Hl7ControlReused, Hl7DataError, Hl7Duplicate, Hl7Rejected
 from adapters.his_hl7.state import PATIENT_FIELDS
-from bridge.errors import HutongError, IllegalTransition, MissingConsent, Retry, UnknownReference
+from bridge.errors import (
+    HutongError,
+    IllegalTransition,
+    InvalidResource,
+    MissingConsent,
+    Retry,
+    UnknownReference,
+    VisitConflict,
+)
+from bridge.local import encounters
 
 if TYPE_CHECKING:
     from adapters.his_hl7.adapter import HisHl7Adapter
@@ -47,6 +56,31 @@ def hl7_field(slip_field: str) -> str:
         item = rest.partition("].")[2]
         return ITEM_FIELDS.get(item, SLIP_LIST_FIELDS[head])
     return SLIP_FIELDS.get(slip_field, slip_field)
+
+
+def content_digest(text: str) -> str:
+    """What makes two messages "the same": every segment as sent, MSH-7 (the time of sending,
+    which a re-send may renew) left out, segment ends normalised."""
+    segs = [seg for seg in text.replace("\r\n", "\r").replace("\n", "\r").split("\r")
+            if seg.strip()]
+    if segs and segs[0].startswith("MSH") and len(segs[0]) > 3:
+        fields = segs[0].split(segs[0][3])
+        if len(fields) > 6:
+            fields[6] = ""
+        segs[0] = segs[0][3].join(fields)
+    return hashlib.sha256("\r".join(segs).encode("utf-8")).hexdigest()
+
+
+def control_key(inbound: messages.Inbound) -> str:
+    """The sender's control id: MSH-3 / MSH-4 / MSH-10."""
+    return f"{inbound.application[:60]}|{inbound.facility[:60]}|{inbound.control_id[:70]}"
+
+
+def source_key(inbound: messages.Inbound, digest: str) -> str:
+    """The exactly-once key of one message: its sender's facility and control id AND its
+    content, so a true re-send (MSH-7 may differ) is recognised and a different message under
+    a used control id is not mistaken for it (nor given its answer)."""
+    return f"{inbound.facility[:60]}:{inbound.control_id[:70]}#{digest[:24]}"
 
 
 def _record_of(raw: bytes) -> str:
@@ -102,9 +136,10 @@ class Inbound:
                 self.a.count("resent")
                 return self._ack(prior["ack_code"], record, codec, inbound, exc)
             return self._refuse(exc, raw, record, key, codec, inbound)
-        key = f"{inbound.facility}:{inbound.control_id}"
+        digest = content_digest(text)
+        key = source_key(inbound, digest)
         prior = self.state.answer(key)
-        if prior is not None:  # answered before (ADT, or refused): the same answer again
+        if prior is not None:  # this very message was refused before: the same answer again
             self.a.count("resent")
             error = None if prior["ack_code"] == "AA" else Hl7DataError(
                 prior["message"] or "", field=None, hl7_error=prior["error_code"])
@@ -112,9 +147,10 @@ class Inbound:
                 error.message = prior["message"] or ""
                 error.field = prior["field"]
             return self._ack(prior["ack_code"], inbound.control_id, codec, inbound, error)
-        if inbound.what != "adt" and self.host.seen(key) is not None:
+        if self.host.seen(key) is not None:  # taken before: the same ACK, nothing new
             self.a.count("resent")
             return self._ack("AA", inbound.control_id, codec, inbound)
+        self._check_control(inbound, digest, key)
         try:
             self._take(inbound, key)
         except Hl7DataError as exc:
@@ -126,6 +162,23 @@ class Inbound:
         self.a.count(f"taken:{inbound.what}")
         self.a.ok()
         return self._ack("AA", inbound.control_id, codec, inbound)
+
+    def _check_control(self, inbound: messages.Inbound, digest: str, key: str) -> None:
+        """A control id (MSH-3/MSH-4/MSH-10) used before by a *different* message: the new
+        message is taken as the new message it is, and IT is told (audit + counter)."""
+        control = control_key(inbound)
+        with self.state.tx() as c:
+            row = c.execute("SELECT digest FROM controls WHERE control_key = ?",
+                            (control,)).fetchone()
+            c.execute("INSERT OR REPLACE INTO controls VALUES (?, ?, ?, ?)",
+                      (control, digest, key, self.host.now().isoformat()))
+        if row is not None and row["digest"] != digest:
+            self.a.count("control-id-reused")
+            self.host.audit("hl7-control-reused", outcome="4", kind=f"hl7:{inbound.mtype}^"
+                            f"{inbound.event}", code=Hl7ControlReused.code,
+                            message=f"MSH-10 {inbound.control_id} from {inbound.application}/"
+                            f"{inbound.facility} reused by a different message: taken as a "
+                            "new message")
 
     def _take(self, inbound: messages.Inbound, key: str) -> None:
         """Act on one readable message. Bad data raises :class:`Hl7DataError` naming the
@@ -162,8 +215,8 @@ class Inbound:
         except charset.CharsetError as exc:
             raise Hl7Rejected(exc.reason, field="MSH-18", hl7_error="102") from None
         inbound = messages.read(text)
-        key = f"{inbound.facility}:{inbound.control_id}"
-        done = inbound.what != "adt" and self.host.seen(key) is not None
+        key = source_key(inbound, content_digest(text))
+        done = self.host.seen(key) is not None
         if not done:
             self._take(inbound, key)
         with self.state.tx() as c:
@@ -272,33 +325,51 @@ class Inbound:
         self.host.referral_step(thread, "cancel", source_key=key, reason=note.reason)
 
     def _adt(self, inbound: messages.Inbound, key: str) -> None:
-        data = messages.adt_event(inbound.msg, self.offset)
+        """ADT -> Patient (+ Encounter) in the node's FHIR store through the host, exactly once
+        by ``key``; the adapter's patient index is refreshed after (it fills later referrals).
+        A referral is linked only through the ``referral_id_field`` option."""
+        head = inbound.msg.segment("MSH")
+        sent = messages._get(inbound.msg, head, 7).strip()
+        data = adt.read(inbound.msg, inbound.event, self.offset, member=self.host.node_id,
+                        national_id_system=self.host.plan.alliance.national_id_system,
+                        referral_field=self.a.opts.referral_id_field,
+                        sent_at=messages.read_dtm(sent, "MSH-7", self.offset) if sent
+                        else self.host.now().isoformat())
+        visit = data.visit
+        thread = data.referral_id if visit is not None else ""
+        try:
+            self.host.record_encounter(
+                (lambda cur: encounters.apply(cur, visit)) if visit is not None else None,
+                source_key=key, patient=data.patient,
+                visit=(visit.visit_system, visit.visit_number)
+                if visit is not None and visit.visit_number else None,
+                referral_thread=thread or None, kind=f"hl7:ADT^{inbound.event}",
+                without_visit="open" if visit is not None and visit.event in adt.EXISTING
+                else "new",
+                must_exist=visit is not None and visit.event in adt.CANCELS)
+        except UnknownReference as exc:
+            field = self.a.opts.referral_id_field if thread and "referral" in exc.message \
+                else "PV1-19"
+            raise Hl7DataError(exc.message, field=field, hl7_error="204") from None
+        except VisitConflict as exc:
+            raise Hl7DataError(exc.message, field="PV1-19", hl7_error="205") from None
+        except InvalidResource as exc:
+            raise Hl7DataError(exc.message, field="PID" if "Patient" in exc.message
+                               else "PV1", hl7_error="207") from None
         now = self.host.now().isoformat()
-        thread = data.get("referral_id", "")
-        if thread and inbound.event in ("A01", "A04"):
-            view = self.host.referral(thread)
-            if view is None or view["referral"]["side"] != "receiver":
-                raise Hl7DataError(f"no referral received here with id {thread}",
-                                   field="PV1-5", hl7_error="204")
-            if view["referral"]["status"] == "accepted":  # later visits change nothing
-                self.host.referral_step(thread, "arrive", source_key=key)
         with self.state.tx() as c:
-            row = c.execute("SELECT * FROM patients WHERE mrn = ?", (data["mrn"],)).fetchone()
-            merged = {k: (data.get(k) or (row[k] if row is not None else None))
+            row = c.execute("SELECT * FROM patients WHERE mrn = ?", (data.mrn,)).fetchone()
+            merged = {k: (data.index.get(k) or (row[k] if row is not None else None))
                       for k in PATIENT_FIELDS}
-            if inbound.event in ("A01", "A04") and "discharged_at" not in data:
+            if visit is not None and visit.event in ("admit", "register") \
+                    and not data.index.get("discharged_at"):
                 merged["discharged_at"] = None  # a new visit
             c.execute("INSERT OR REPLACE INTO patients VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
-                      "?, ?)", (data["mrn"], *(merged[k] for k in PATIENT_FIELDS),
+                      "?, ?)", (data.mrn, *(merged[k] for k in PATIENT_FIELDS),
                                 inbound.event, key, now))
-            if thread and inbound.event in ("A01", "A04"):  # the HIS's id for the referral
+            if thread:  # the HIS's id for the referral's patient (results into the HIS)
                 c.execute("INSERT OR REPLACE INTO referral_visits VALUES (?, ?, ?)",
-                          (thread, data["mrn"], key))
-            # OR REPLACE: a replayed ADT (quarantine) overwrites its stored refusal
-            c.execute("INSERT OR REPLACE INTO answers "
-                      "VALUES (?, 'AA', NULL, NULL, NULL, NULL, ?)", (key, now))
-        self.host.audit("local-update", message=f"ADT^{inbound.event} {inbound.control_id} "
-                        "applied to the patient index", kind=f"hl7:ADT^{inbound.event}")
+                          (thread, data.mrn, key))
 
     def _gaps(self, gaps: list[Any]) -> None:
         if gaps:

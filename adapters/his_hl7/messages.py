@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import hl7
@@ -54,6 +54,10 @@ MEMBER_TABLE = "HTMEMBER"
 GENDER_TO_V2 = {"male": "M", "female": "F", "other": "O", "unknown": "U"}
 GENDER_FROM_V2 = {v: k for k, v in GENDER_TO_V2.items()}
 RETURN_DISPOSITION = "RP"
+#: ADT events taken (adapters.his_hl7.adt): visits, and person updates (A28/A31). Merges, swaps
+#: and moves of records (A17 A18 A34 A40 A45 ...) are refused (AR, MSH-9): they need a person.
+ADT_EVENTS = ("A01", "A02", "A03", "A04", "A05", "A06", "A07", "A08", "A11", "A12", "A13",
+              "A14", "A28", "A31")
 NUMERIC = re.compile(r"^[+-]?\d+(\.\d+)?$")
 DOSE = re.compile(r"^(\d+(?:\.\d+)?) (\S.*)$")
 
@@ -80,6 +84,7 @@ class Inbound:
     thread: str = ""  # RF1-11
     slip_no: str = ""  # RF1-6
     patient: dict[str, str] = field(default_factory=dict)
+    application: str = ""  # MSH-3
 
 
 # -- building -----------------------------------------------------------------------------------
@@ -116,8 +121,13 @@ def _rf1(status: str, slip_no: str, *, priority: str = "", kind: str = "", dispo
          at: str = "", thread: str = "") -> str:
     kind_ce = v2.comp(kind, v2.esc(KINDS[kind].zh), KIND_TABLE) if kind in KINDS else v2.esc(kind)
     disp = v2.comp(disposition, "Return patient after evaluation", "HL70282") if disposition else ""
-    return v2.segment("RF1", status, priority, kind_ce, disp, "", v2.esc(slip_no), v2.write_ts(at),
+    return v2.segment("RF1", status, priority, kind_ce, disp, "", v2.esc(slip_no), _write_dtm(at),
                       "", "", "", v2.comp(v2.esc(thread), "HUTONG") if thread else "")
+
+
+def _write_dtm(iso: str) -> str:
+    """A slip's time as HL7 DTM; a date-only slip time stays a date (no invented midnight)."""
+    return iso.replace("-", "") if len(iso) == 10 else v2.write_ts(iso)
 
 
 def referral_message(h: Header, slip: ReferralSlip, control_id: str, at: datetime,
@@ -223,32 +233,83 @@ def cancel_message(h: Header, note: CancelNote, control_id: str, at: datetime,
 # -- reading ------------------------------------------------------------------------------------
 
 
+def _get(msg: hl7.Message, seg: Any, field: int, component: int = 1, rep: int = 1,
+         sub: int = 1) -> str:
+    """One leaf, unescaped; the HL7 null ``""`` (the sender says "no value") reads as empty."""
+    value = v2.get(msg, seg, field, component, rep, sub)
+    return "" if value == '""' else value
+
+
+def _need(msg: hl7.Message, seg: Any, field: int, component: int = 1, rep: int = 1,
+          what: str = "") -> str:
+    value = _get(msg, seg, field, component, rep)
+    if not value.strip():
+        where = f"{seg[0]}-{field}" + (f".{component}" if component > 1 else "")
+        raise Hl7DataError(f"required field is empty{f' ({what})' if what else ''}",
+                           field=where, hl7_error="101")
+    return value
+
+
+_DTM = re.compile(r"^(\d{4})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:\.\d{1,4})?)?)?)?)?)?"
+                  r"([+-]\d{4})?$")
+
+
+def read_dtm(value: str, where: str, offset: timedelta, *, day: bool = False) -> str:
+    """HL7 DTM/TS at any precision (YYYY ... YYYYMMDDHHMMSS.SSSS, optional +ZZZZ) -> FHIR
+    dateTime at the same precision: ``2022``, ``2022-01``, ``2022-01-25`` (a date has no
+    zone), or a time with seconds and an offset (the site's when none is given). ``day``:
+    at least a day is needed (a slip's date)."""
+    m = _DTM.match(value.strip())
+    if not m:
+        raise Hl7DataError("unparseable date/time (expected YYYY[MM[DD[HH[MM[SS]]]]][+ZZZZ])",
+                           field=where, hl7_error="102")
+    y, mo, d, h, mi, s, off = m.groups()
+    if day and not d:
+        raise Hl7DataError("a date needs at least the day (YYYYMMDD)", field=where,
+                           hl7_error="102")
+    try:
+        if not h:
+            date = datetime(int(y), int(mo or 1), int(d or 1))
+            return date.strftime("%Y-%m-%d")[:4 + (3 if mo else 0) + (3 if d else 0)]
+        if off:
+            sign = 1 if off[0] == "+" else -1
+            tz = timezone(sign * timedelta(hours=int(off[1:3]), minutes=int(off[3:5])))
+        else:
+            tz = timezone(offset)
+        at = datetime(int(y), int(mo), int(d), int(h), int(mi or 0), int(s or 0), tzinfo=tz)
+    except ValueError:
+        raise Hl7DataError("not a real date/time", field=where, hl7_error="102") from None
+    return at.isoformat()
+
+
 def read(text: str) -> Inbound:
     """Parse and classify; the slip itself is read by the ``*_slip`` functions below."""
     msg = v2.parse(text)
     head = msg.segment("MSH")
-    control = v2.get(msg, head, 10).strip()
+    control = _get(msg, head, 10).strip()
     if not control:
         raise Hl7Rejected("MSH-10 (message control id) is empty", field="MSH-10", hl7_error="101")
-    mtype, event = v2.get(msg, head, 9, 1), v2.get(msg, head, 9, 2)
-    inbound = Inbound(msg, control, v2.get(msg, head, 4), mtype, event, "")
+    mtype, event = _get(msg, head, 9, 1), _get(msg, head, 9, 2)
+    inbound = Inbound(msg, control, _get(msg, head, 4), mtype, event, "",
+                      application=_get(msg, head, 3))
     if (mtype, event) == ("REF", "I12"):
         rf1 = v2.one(msg, "RF1")
-        inbound.what = "return" if v2.get(msg, rf1, 4) == RETURN_DISPOSITION else "referral"
+        inbound.what = "return" if _get(msg, rf1, 4) == RETURN_DISPOSITION else "referral"
     elif (mtype, event) == ("RRI", "I12"):
         inbound.what = "acceptance"
     elif (mtype, event) == ("REF", "I14"):
         inbound.what = "cancel"
-    elif mtype == "ADT" and event in ("A01", "A03", "A04", "A08"):
+    elif mtype == "ADT" and event in ADT_EVENTS:
         inbound.what = "adt"
     else:
         raise Hl7Rejected(f"message type {mtype}^{event} is not taken here (REF^I12, REF^I14, "
-                          "RRI^I12, ADT^A01/A03/A04/A08)", field="MSH-9", hl7_error="200")
+                          f"RRI^I12, ADT^{'/'.join(ADT_EVENTS)})", field="MSH-9",
+                          hl7_error="200")
     rf1s = v2.segments(msg, "RF1")
     if rf1s:
         rf1 = v2.one(msg, "RF1")
-        inbound.slip_no = v2.get(msg, rf1, 6)
-        inbound.thread = v2.get(msg, rf1, 11)
+        inbound.slip_no = _get(msg, rf1, 6)
+        inbound.thread = _get(msg, rf1, 11)
     return inbound
 
 
@@ -259,53 +320,64 @@ def read_patient(msg: hl7.Message, required: bool = False) -> dict[str, str]:
         return {}
     out: dict[str, str] = {}
     for r in range(1, v2.count_reps(pid, 3) + 1):
-        value, kind = v2.get(msg, pid, 3, 1, r), v2.get(msg, pid, 3, 5, r)
+        value, kind = _get(msg, pid, 3, 1, r), _get(msg, pid, 3, 5, r)
         key = "mrn" if kind == "MR" else "id_number" if kind.startswith("NN") else None
         if key and value:
             if key in out and out[key] != value:
                 raise Hl7DataError(f"PID-3 holds two different {kind} identifiers",
                                    field="PID-3", hl7_error="205")
             out[key] = value
-    family, given = v2.get(msg, pid, 5, 1), v2.get(msg, pid, 5, 2)
+    family, given = _get(msg, pid, 5, 1), _get(msg, pid, 5, 2)
     name = family + ("" if not given else given if not (family + given).isascii()
                      else f" {given}")
     if name.strip():
         out["name"] = name
-    birth = v2.get(msg, pid, 7)
+    birth = _get(msg, pid, 7)
     if birth:
         out["birth_date"] = v2.read_date(birth, "PID-7")
-    sex = v2.get(msg, pid, 8)
+    sex = _get(msg, pid, 8)
     if sex:
         if sex not in GENDER_FROM_V2:
             raise Hl7DataError(f"unknown administrative sex code {sex!r} (table 0001: M F O U)",
                                field="PID-8", hl7_error="103")
         out["gender"] = GENDER_FROM_V2[sex]
-    phone = v2.get(msg, pid, 13, 1) or v2.get(msg, pid, 13, 12)
+    phone = _get(msg, pid, 13, 1) or _get(msg, pid, 13, 12)
     if phone:
         out["phone"] = phone
     return out
 
 
 def _notes(msg: hl7.Message) -> dict[str, str]:
-    out: dict[str, str] = {}
+    """NTE text by comment type (NTE-4.1); several NTEs of one type are joined line by line.
+    NTEs without a type (real senders often leave NTE-4 empty, or put only a label in NTE-4.2)
+    are kept under ``""``, each prefixed with its label when it has one."""
+    out: dict[str, list[str]] = {}
     for nte in v2.segments(msg, "NTE"):
-        code = v2.get(msg, nte, 4, 1)
-        lines = [v2.get(msg, nte, 3, 1, r) for r in range(1, v2.count_reps(nte, 3) + 1)]
-        if code in out:
-            raise Hl7DataError(f"two NTE segments of type {code}", field="NTE-4", hl7_error="205")
-        out[code] = "\n".join(lines)
-    return out
+        code = _get(msg, nte, 4, 1)
+        lines = [_get(msg, nte, 3, 1, r) for r in range(1, v2.count_reps(nte, 3) + 1)]
+        text = "\n".join(lines).strip("\n")
+        if not text.strip():
+            continue
+        label = _get(msg, nte, 4, 2) if not code else ""
+        out.setdefault(code, []).append(f"{label}: {text}" if label else text)
+    return {k: "\n".join(v) for k, v in out.items()}
+
+
+def _with_notes(text: str, notes: dict[str, str]) -> str:
+    """A slip text with the untyped notes kept after it."""
+    extra = notes.get("", "")
+    return "\n".join(t for t in (text, extra) if t)
 
 
 def _prd(msg: hl7.Message, role: str) -> Any | None:
-    found = [s for s in v2.segments(msg, "PRD") if v2.get(msg, s, 1) == role]
+    found = [s for s in v2.segments(msg, "PRD") if _get(msg, s, 1) == role]
     if len(found) > 1:
         raise Hl7DataError(f"two PRD segments with role {role}", field="PRD-1", hl7_error="205")
     return found[0] if found else None
 
 
 def _kind(msg: hl7.Message, rf1: Any) -> str:
-    kind = v2.need(msg, rf1, 3, what="referral kind")
+    kind = _need(msg, rf1, 3, what="referral kind")
     if kind not in KINDS:
         raise Hl7DataError(f"unknown referral kind {kind!r} (one of {', '.join(KINDS)})",
                            field="RF1-3", hl7_error="103")
@@ -318,18 +390,18 @@ def referral_slip(msg: hl7.Message, known: dict[str, str], offset: timedelta, *,
     patient as the HIS's ADT feed last described them). ``from_alliance``: read a referral the
     adapter sent to a receiving HIS (no national ID number: it never crosses the gateway)."""
     rf1 = v2.one(msg, "RF1")
-    slip_no = v2.need(msg, rf1, 6, what="referral slip number")
+    slip_no = _need(msg, rf1, 6, what="referral slip number")
     kind = _kind(msg, rf1)
-    priority = v2.get(msg, rf1, 2)
+    priority = _get(msg, rf1, 2)
     if priority not in ("", "R", "S", "A"):
         raise Hl7DataError(f"unknown referral priority {priority!r} (R S A)", field="RF1-2",
                            hl7_error="103")
-    written = v2.read_ts(v2.need(msg, rf1, 7, what="written at"), "RF1-7", offset)
+    written = read_dtm(_need(msg, rf1, 7, what="written at"), "RF1-7", offset, day=True)
     rt, rp = _prd(msg, "RT"), _prd(msg, "RP")
     if rt is None:
         raise Hl7DataError("no PRD segment with role RT (referred-to member)", field="PRD-1",
                            hl7_error="101")
-    to_member = v2.need(msg, rt, 7, what="receiving member")
+    to_member = _need(msg, rt, 7, what="receiving member")
     patient = {**known, **read_patient(msg, required=True)}
     for key, where in (("mrn", "PID-3"), ("id_number", "PID-3"), ("name", "PID-5"),
                        ("birth_date", "PID-7"), ("gender", "PID-8")):
@@ -347,48 +419,51 @@ def referral_slip(msg: hl7.Message, known: dict[str, str], offset: timedelta, *,
         gender=patient["gender"], birth_date=patient["birth_date"],
         id_number=patient.get("id_number", ""), phone=patient.get("phone", ""),
         mrn=patient.get("mrn", ""),
-        diagnosis_code=v2.need(msg, dg1, 3, what="diagnosis code"),
-        diagnosis_name=v2.get(msg, dg1, 3, 2), reason=notes.get("1R", ""),
-        summary=notes.get("RE", ""), department_code=v2.get(msg, rt, 4, 1) if rt else "",
+        diagnosis_code=_need(msg, dg1, 3, what="diagnosis code"),
+        diagnosis_name=_get(msg, dg1, 3, 2), reason=notes.get("1R", ""),
+        summary=_with_notes(notes.get("RE", ""), notes), department_code=_get(msg, rt, 4, 1) if rt else "",
         urgent=priority in ("S", "A"), consent_by=notes["CS"],
-        doctor=v2.get(msg, rp, 2) if rp is not None else "", written_at=written)
+        doctor=_get(msg, rp, 2) if rp is not None else "", written_at=written)
 
 
 def acceptance_slip(msg: hl7.Message, offset: timedelta) -> AcceptanceSlip:
     rf1 = v2.one(msg, "RF1")
-    status = v2.need(msg, rf1, 1, what="referral status")
+    status = _need(msg, rf1, 1, what="referral status")
     if status not in ("A", "R"):
         raise Hl7DataError(f"unknown referral status {status!r} (A accepted, R rejected)",
                            field="RF1-1", hl7_error="103")
-    at = v2.get(msg, rf1, 7)
+    at = _get(msg, rf1, 7)
     rt = _prd(msg, "RT")
     pv1 = v2.one(msg, "PV1", required=False)
     notes = _notes(msg)
+    if status == "R" and not notes.get("1R", "").strip() and notes.get(""):
+        notes["1R"] = notes.pop("")  # a rejection's only note is its reason
     if status == "R" and not notes.get("1R", "").strip():
         raise Hl7DataError("a rejection needs its reason (NTE-4 = 1R)", field="NTE-4",
                            hl7_error="101")
     return AcceptanceSlip(
-        slip_no=v2.need(msg, rf1, 6, what="referrer's slip number"), accepted=status == "A",
+        slip_no=_need(msg, rf1, 6, what="referrer's slip number"), accepted=status == "A",
         reason=notes.get("1R", ""),
-        appointment_at=v2.read_ts(at, "RF1-7", offset) if at else "",
-        department_code=v2.get(msg, pv1, 3, 1) if pv1 is not None else "",
-        bed_no=v2.get(msg, pv1, 3, 3) if pv1 is not None else "",
-        doctor=v2.get(msg, rt, 2) if rt is not None else "")
+        appointment_at=read_dtm(at, "RF1-7", offset, day=True) if at else "",
+        department_code=_get(msg, pv1, 3, 1) if pv1 is not None else "",
+        bed_no=_get(msg, pv1, 3, 3) if pv1 is not None else "",
+        doctor=_get(msg, rt, 2) if rt is not None else "")
 
 
 def cancel_note(msg: hl7.Message, offset: timedelta) -> CancelNote:
     """REF^I14: the slip number is required, and so is a reason (NTE 1R, else RF1-10)."""
     rf1 = v2.one(msg, "RF1")
-    slip_no = v2.need(msg, rf1, 6, what="referrer's slip number")
-    reason = _notes(msg).get("1R", "").strip() or v2.get(msg, rf1, 10, 2).strip() \
-        or v2.get(msg, rf1, 10, 1).strip()
+    slip_no = _need(msg, rf1, 6, what="referrer's slip number")
+    notes = _notes(msg)
+    reason = notes.get("1R", "").strip() or _get(msg, rf1, 10, 2).strip() \
+        or _get(msg, rf1, 10, 1).strip() or notes.get("", "").strip()
     if not reason:
         raise Hl7DataError("a cancellation needs its reason (NTE-4 = 1R, or RF1-10)",
                            field="NTE-3", hl7_error="101")
-    at = v2.get(msg, rf1, 7)
+    at = _get(msg, rf1, 7)
     return CancelNote(slip_no=slip_no, reason=reason,
-                      cancelled_at=v2.read_ts(at, "RF1-7", offset) if at else "",
-                      thread=v2.get(msg, rf1, 11))
+                      cancelled_at=read_dtm(at, "RF1-7", offset, day=True) if at else "",
+                      thread=_get(msg, rf1, 11))
 
 
 def return_slip(msg: hl7.Message, offset: timedelta) -> ReturnSlip:
@@ -403,37 +478,37 @@ def return_slip(msg: hl7.Message, offset: timedelta) -> ReturnSlip:
     results = []
     for obx in v2.segments(msg, "OBX"):
         results.append(LabResult(
-            item_code=v2.need(msg, obx, 3, what="lab item code"),
-            item_name=v2.get(msg, obx, 3, 2), value=v2.get(msg, obx, 5),
-            unit=v2.get(msg, obx, 6, 1), flag=v2.get(msg, obx, 8),
-            reference_range=v2.get(msg, obx, 7)))
+            item_code=_need(msg, obx, 3, what="lab item code"),
+            item_name=_get(msg, obx, 3, 2), value=_get(msg, obx, 5),
+            unit=_get(msg, obx, 6, 1), flag=_get(msg, obx, 8),
+            reference_range=_get(msg, obx, 7)))
     prescriptions: list[Prescription] = []
     pending: Any = None
     for seg in list(msg) + [None]:
         name = str(seg[0]) if seg is not None else ""
         if name == "TQ1" and pending is not None:
-            days = v2.get(msg, seg, 6, 1)
+            days = _get(msg, seg, 6, 1)
             if days and not days.isdigit():
                 raise Hl7DataError("duration is not a whole number of days", field="TQ1-6",
                                    hl7_error="102")
-            pending.frequency, pending.days = v2.get(msg, seg, 3, 1), int(days or 0)
+            pending.frequency, pending.days = _get(msg, seg, 3, 1), int(days or 0)
         elif name == "RXE" or seg is None:
             if pending is not None:
                 prescriptions.append(pending)
                 pending = None
             if seg is not None:
-                amount, unit = v2.get(msg, seg, 3), v2.get(msg, seg, 5, 1)
-                dose = f"{amount} {unit}" if amount else v2.get(msg, seg, 5, 2)
+                amount, unit = _get(msg, seg, 3), _get(msg, seg, 5, 1)
+                dose = f"{amount} {unit}" if amount else _get(msg, seg, 5, 2)
                 pending = Prescription(
-                    drug_code=v2.need(msg, seg, 2, what="drug code"),
-                    drug_name=v2.get(msg, seg, 2, 2), dose=dose, frequency="", days=0)
+                    drug_code=_need(msg, seg, 2, what="drug code"),
+                    drug_name=_get(msg, seg, 2, 2), dose=dose, frequency="", days=0)
     return ReturnSlip(
-        slip_no=v2.need(msg, rf1, 6, what="referrer's slip number"),
+        slip_no=_need(msg, rf1, 6, what="referrer's slip number"),
         discharge=kind == "down-discharge",
-        diagnosis_code=v2.need(msg, dg1, 3, what="diagnosis code"),
-        diagnosis_name=v2.get(msg, dg1, 3, 2), course=notes.get("RE", ""),
-        advice=notes.get("PI", ""), doctor=v2.get(msg, rp, 2) if rp is not None else "",
-        written_at=v2.read_ts(v2.need(msg, rf1, 7, what="written at"), "RF1-7", offset),
+        diagnosis_code=_need(msg, dg1, 3, what="diagnosis code"),
+        diagnosis_name=_get(msg, dg1, 3, 2), course=_with_notes(notes.get("RE", ""), notes),
+        advice=notes.get("PI", ""), doctor=_get(msg, rp, 2) if rp is not None else "",
+        written_at=read_dtm(_need(msg, rf1, 7, what="written at"), "RF1-7", offset, day=True),
         prescriptions=prescriptions, results=results)
 
 
@@ -445,11 +520,11 @@ def adt_event(msg: hl7.Message, offset: timedelta) -> dict[str, str]:
     pv1 = v2.one(msg, "PV1", required=False)
     visit: dict[str, str] = {}
     if pv1 is not None:
-        visit["patient_class"] = v2.get(msg, pv1, 2)
-        visit["visit_number"] = v2.get(msg, pv1, 19)
-        visit["referral_id"] = v2.get(msg, pv1, 5, 1)  # preadmit number = the referral id
+        visit["patient_class"] = _get(msg, pv1, 2)
+        visit["visit_number"] = _get(msg, pv1, 19)
+        visit["referral_id"] = _get(msg, pv1, 5, 1)  # preadmit number = the referral id
         for key, n in (("admitted_at", 44), ("discharged_at", 45)):
-            value = v2.get(msg, pv1, n)
+            value = _get(msg, pv1, n)
             if value:
                 visit[key] = v2.read_ts(value, f"PV1-{n}", offset)
     return {**patient, **visit}

@@ -4,7 +4,9 @@ What the node does not keep for us: the answers given to messages that did not b
 referral step (ADT, refused messages), so a resent MSH-10 gets the same ACK; the patients as
 the HIS's ADT feed describes them; which slip numbers were taken (duplicate detection) and the
 referral thread each slip belongs to on this side; the HIS's own patient id for a referral it
-received (the ADT A01/A04 naming the referral in PV1-5), for results sent into the HIS.
+received (an ADT naming the referral in the field the ``referral_id_field`` option names), for
+results sent into the HIS; the content digest last seen under each control id (MSH-3/4/10), to
+tell IT when a different message reuses one.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ CREATE TABLE IF NOT EXISTS slips (
     PRIMARY KEY (slip_no, side));
 CREATE TABLE IF NOT EXISTS sent (
     packet_id TEXT PRIMARY KEY, thread TEXT NOT NULL, what TEXT NOT NULL, at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS controls (
+    control_key TEXT PRIMARY KEY, digest TEXT NOT NULL, source_key TEXT NOT NULL, at TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS referral_visits (
     thread TEXT PRIMARY KEY, mrn TEXT NOT NULL, source_key TEXT NOT NULL);
 """

@@ -30,7 +30,7 @@ import orjson
 from sqlalchemy import ColumnElement, Table, and_, not_, or_
 
 from bridge.api.outcome import BadRequest
-from bridge.fhirstore.store import identifier_match
+from bridge.fhirstore.store import identifier_match, period_match, token_match
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,11 @@ SEARCH_PARAMS: dict[str, tuple[Param, ...]] = {
                    Param("focus", "reference", "focus", "What the task is about (the referral)")),
     "Encounter": _types(_PATIENT, _SUBJECT, _STATUS, _IDENT,
                         Param("service-provider", "reference", "performer",
-                              "Organization providing the encounter", "Organization")),
+                              "Organization providing the encounter", "Organization"),
+                        Param("date", "date", "@period", "The period overlaps (ge gt le lt), "
+                              "lies within (eq) or lies after/before (sa/eb) the value"),
+                        Param("class", "token", "@token", "Encounter.class code (v3 ActCode: "
+                              "IMP AMB EMER ...), system|code or code")),
     "DiagnosticReport": _types(_PATIENT, _SUBJECT, _STATUS, _PERFORMER, _IDENT),
     "Observation": _types(_PATIENT, _SUBJECT, _STATUS, _PERFORMER, _IDENT),
     "ImagingStudy": _types(_PATIENT, _SUBJECT, _STATUS, _IDENT),
@@ -189,8 +193,14 @@ def _result_param(q: Query, name: str, value: str) -> None:
 
 
 def condition(p: Param, raw: str, table: Table, rtype: str) -> ColumnElement[bool]:
-    col = table.c[p.column]
     values = [v.strip() for v in raw.split(",")] if p.type != "date" else [raw]
+    if p.column == "@token":  # kept in fhir_token under the parameter's name
+        return token_match(rtype, p.name, values)
+    if p.column == "@period":  # kept in fhir_date
+        prefix, value = _date_prefix(raw, p.name)
+        lo, hi = parse_date(value, p.name)
+        return period_match(rtype, p.name, prefix, lo, hi)
+    col = table.c[p.column]
     if p.type == "date":
         return date_condition(col, raw, p.name)
     if p.type == "reference":
@@ -282,13 +292,16 @@ def parse_date(value: str, name: str = "date") -> tuple[datetime, datetime]:
         raise BadRequest(f"{name}: not a real date or time") from exc
 
 
-def date_condition(col: Any, raw: str, name: str) -> ColumnElement[bool]:
+def _date_prefix(raw: str, name: str) -> tuple[str, str]:
     if raw[:2] in _PREFIXES:
-        prefix, value = raw[:2], raw[2:]
-    elif raw[:2].isalpha():
+        return raw[:2], raw[2:]
+    if raw[:2].isalpha():
         raise BadRequest(f"{name}: prefix {raw[:2]!r} is not supported", issue="not-supported")
-    else:
-        prefix, value = "eq", raw
+    return "eq", raw
+
+
+def date_condition(col: Any, raw: str, name: str) -> ColumnElement[bool]:
+    prefix, value = _date_prefix(raw, name)
     lo, hi = parse_date(value, name)
     return {
         "eq": lambda: and_(col >= lo, col < hi),

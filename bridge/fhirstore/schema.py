@@ -6,7 +6,8 @@ indexes (see ``tables``) get, in one transaction on open:
 
 1. ``ix_fhir_type_newest`` and ``ix_fhir_type_patient_newest`` (``IF NOT EXISTS``), and the
    indexes they replace dropped;
-2. ``fhir_token`` filled from every stored resource's identifiers (the backfill);
+2. ``fhir_token`` filled from every stored resource's identifiers (the backfill), and
+   ``fhir_date`` from every Encounter's period (schema 3);
 3. the marker ``node_state['schema.fhirstore'] = SCHEMA_VERSION``.
 
 With the marker in place, opening costs one primary-key read. Several processes opening one
@@ -25,8 +26,9 @@ from sqlalchemy import Connection, delete, insert, select, text, tuple_
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.schema import CreateIndex
 
-from bridge.fhirstore.store import token_rows
+from bridge.fhirstore.store import CODED, DATED, date_rows, token_rows
 from bridge.fhirstore.tables import (
+    FHIR_DATE,
     FHIR_RESOURCE,
     FHIR_TOKEN,
     IX_NEWEST,
@@ -42,7 +44,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MARKER = "schema.fhirstore"
-SCHEMA_VERSION = "2"  # 2: fhir_token + page-order indexes
+SCHEMA_VERSION = "3"  # 2: fhir_token + page-order indexes; 3: Encounter class tokens, fhir_date
 BACKFILL_CHUNK = 5_000
 T = FHIR_RESOURCE
 
@@ -68,6 +70,7 @@ def upgrade(store: Store) -> int:
             for name in OLD_INDEXES:
                 conn.execute(text(f"DROP INDEX IF EXISTS {name}"))
             n = backfill_tokens(conn)
+            backfill_dates(conn)
     except IntegrityError:
         return 0  # another process inserted the marker and did the work
     if n:
@@ -76,13 +79,35 @@ def upgrade(store: Store) -> int:
     return n
 
 
+def backfill_dates(conn: Connection) -> int:
+    """(Re)make every ``fhir_date`` row from the stored bodies of the types that have one."""
+    conn.execute(delete(FHIR_DATE))
+    made = 0
+    for rtype in DATED:
+        after: str | None = None
+        while True:
+            stmt = select(T.c.id, T.c.body).where(T.c.rtype == rtype)
+            if after is not None:
+                stmt = stmt.where(T.c.id > after)
+            chunk = conn.execute(stmt.order_by(T.c.id).limit(BACKFILL_CHUNK)).all()
+            if not chunk:
+                break
+            rows = [d for r in chunk for d in date_rows(orjson.loads(r.body))]
+            if rows:
+                conn.execute(insert(FHIR_DATE), rows)
+                made += len(rows)
+            after = chunk[-1].id
+    return made
+
+
 def backfill_tokens(conn: Connection) -> int:
     """(Re)make every ``fhir_token`` row from the stored bodies, in chunks by primary key."""
     conn.execute(delete(FHIR_TOKEN))
     after: tuple[str, str] | None = None
     made = 0
     while True:
-        stmt = select(T.c.rtype, T.c.id, T.c.body).where(T.c.identifiers.is_not(None))
+        stmt = select(T.c.rtype, T.c.id, T.c.body).where(
+            T.c.identifiers.is_not(None) | T.c.rtype.in_(list(CODED)))
         if after is not None:
             stmt = stmt.where(tuple_(T.c.rtype, T.c.id) > tuple_(*after))
         chunk = conn.execute(stmt.order_by(T.c.rtype, T.c.id).limit(BACKFILL_CHUNK)).all()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -30,11 +30,22 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.types import Boolean
 
 from bridge.errors import NotFound
-from bridge.fhirstore.tables import FHIR_HISTORY, FHIR_RESOURCE, FHIR_TOKEN, TOKEN_CHARS
+from bridge.fhirstore.tables import (
+    FHIR_DATE,
+    FHIR_HISTORY,
+    FHIR_RESOURCE,
+    FHIR_TOKEN,
+    TOKEN_CHARS,
+)
 
 T = FHIR_RESOURCE
 TOK = FHIR_TOKEN
-IDENTIFIER = "identifier"  # the one token parameter kept in fhir_token so far
+IDENTIFIER = "identifier"  # the token parameter every type keeps in fhir_token
+#: further token parameters kept in fhir_token: type -> {param: path of a Coding}
+CODED = {"Encounter": {"class": "class"}}
+#: date parameters kept in fhir_date: type -> {param: path of a Period}
+DATED = {"Encounter": {"date": "period"}}
+D = FHIR_DATE
 
 #: where each search column comes from, per resource type (first path found wins)
 _PATIENT_PATHS = ("subject", "patient", "for", "beneficiary")
@@ -94,7 +105,8 @@ def token_key(text: Any) -> str:
 
 
 def token_rows(resource: dict[str, Any]) -> list[dict[str, str]]:
-    """The ``fhir_token`` rows of a resource: each distinct (system, value) identifier once."""
+    """The ``fhir_token`` rows of a resource: each distinct (system, value) identifier once,
+    then the codes of its ``CODED`` parameters."""
     rtype, rid = resource["resourceType"], resource["id"]
     seen: set[tuple[str, str]] = set()
     rows = []
@@ -104,7 +116,83 @@ def token_rows(resource: dict[str, Any]) -> list[dict[str, str]]:
             seen.add(key)
             rows.append({"rtype": rtype, "id": rid, "param": IDENTIFIER,
                          "system": key[0], "value": key[1]})
+    for param, path in CODED.get(rtype, {}).items():
+        coding = resource.get(path)
+        if isinstance(coding, dict) and coding.get("code"):
+            rows.append({"rtype": rtype, "id": rid, "param": param,
+                         "system": token_key(coding.get("system") or ""),
+                         "value": token_key(coding["code"])})
     return rows
+
+
+def instant_range(value: str) -> tuple[datetime, datetime] | None:
+    """[start, end) in UTC of a FHIR date or dateTime at its precision (a date without a time
+    is a UTC day, as the search parser reads it); None if unreadable."""
+    try:
+        if len(value) <= 10:
+            y, m, d = int(value[:4]), int(value[5:7] or 1), int(value[8:10] or 1)
+            start = datetime(y, m, d, tzinfo=UTC)
+            if len(value) == 10:
+                return start, start + timedelta(days=1)
+            if len(value) == 7:
+                return start, datetime(y + m // 12, m % 12 + 1, 1, tzinfo=UTC)
+            return start, datetime(y + 1, 1, 1, tzinfo=UTC)
+        at = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        if at.tzinfo is None:
+            return None
+        step = timedelta(microseconds=1) if at.microsecond else timedelta(seconds=1)
+        return at.astimezone(UTC), at.astimezone(UTC) + step
+    except ValueError:
+        return None
+
+
+def date_rows(resource: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ``fhir_date`` rows of a resource: one per ``DATED`` parameter it has a value for."""
+    rtype, rid = resource["resourceType"], resource["id"]
+    rows = []
+    for param, path in DATED.get(rtype, {}).items():
+        period = resource.get(path)
+        if not isinstance(period, dict):
+            continue
+        lo = instant_range(str(period["start"])) if period.get("start") else None
+        hi = instant_range(str(period["end"])) if period.get("end") else None
+        if lo or hi:
+            rows.append({"rtype": rtype, "id": rid, "param": param,
+                         "start": lo[0] if lo else None, "end": hi[1] if hi else None})
+    return rows
+
+
+def token_match(rtype: str, param: str, values: Sequence[str]) -> ColumnElement[bool]:
+    """Condition on ``fhir_resource``: a ``CODED`` parameter's code is one of ``values``
+    (``code`` or ``system|code``), looked up in ``fhir_token``."""
+    conds = []
+    for raw in values:
+        system, bar, code = raw.rpartition("|")
+        conds.append(and_(TOK.c.system == token_key(system), TOK.c.value == token_key(code))
+                     if bar and system else TOK.c.value == token_key(code))
+    return tuple_(T.c.rtype, T.c.id).in_(select(TOK.c.rtype, TOK.c.id).where(
+        TOK.c.rtype == rtype, TOK.c.param == param, or_(*conds)))
+
+
+def period_match(rtype: str, param: str, prefix: str, lo: datetime,
+                 hi: datetime) -> ColumnElement[bool]:
+    """Condition on ``fhir_resource``: its period for ``param`` against the search range
+    [lo, hi) under a FHIR prefix (R4 search: ``eq`` the period lies within the range; ``ge``/
+    ``gt``/``le``/``lt`` it overlaps the range above/below; ``sa``/``eb`` it starts after /
+    ends before). An open side (no start, no end) reaches to infinity."""
+    s, e = D.c.start, D.c.end
+    cond = {
+        "eq": lambda: and_(s >= lo, e <= hi),
+        "ne": lambda: or_(s.is_(None), e.is_(None), s < lo, e > hi),
+        "ge": lambda: or_(e.is_(None), e > lo),
+        "gt": lambda: or_(e.is_(None), e > hi),
+        "le": lambda: or_(s.is_(None), s < hi),
+        "lt": lambda: or_(s.is_(None), s < lo),
+        "sa": lambda: s >= hi,
+        "eb": lambda: e <= lo,
+    }[prefix]()
+    return tuple_(T.c.rtype, T.c.id).in_(select(D.c.rtype, D.c.id).where(
+        D.c.rtype == rtype, D.c.param == param, cond))
 
 
 # constant statements with bound parameters: ``.values(**row)`` built a new statement per call
@@ -116,6 +204,8 @@ _INSERT = insert(T)
 _HISTORY = insert(FHIR_HISTORY)
 _TOKENS = insert(TOK)
 _TOKENS_GONE = delete(TOK).where(TOK.c.rtype == bindparam("_rt"), TOK.c.id == bindparam("_id"))
+_DATES = insert(D)
+_DATES_GONE = delete(D).where(D.c.rtype == bindparam("_rt"), D.c.id == bindparam("_id"))
 
 
 def put(
@@ -145,12 +235,18 @@ def put(
     }
     if current:
         conn.execute(_UPDATE, [{"_rt": rtype, "_id": rid, **values}])
-        if current.identifiers != values["identifiers"]:  # the tokens change with them only
+        # the tokens change with the identifiers only (and with a coded parameter's value)
+        if current.identifiers != values["identifiers"] or rtype in CODED:
             conn.execute(_TOKENS_GONE, [{"_rt": rtype, "_id": rid}])
             _put_tokens(conn, resource)
+        if rtype in DATED:
+            conn.execute(_DATES_GONE, [{"_rt": rtype, "_id": rid}])
+            _put_dates(conn, resource)
     else:
         conn.execute(_INSERT, [{"rtype": rtype, "id": rid, **values}])
         _put_tokens(conn, resource)
+        if rtype in DATED:
+            _put_dates(conn, resource)
     conn.execute(_HISTORY, [{"rtype": rtype, "id": rid, "version": version, "at": at,
                              "body": data}])
     return resource
@@ -160,6 +256,12 @@ def _put_tokens(conn: Connection, resource: dict[str, Any]) -> None:
     rows = token_rows(resource)
     if rows:
         conn.execute(_TOKENS, rows)
+
+
+def _put_dates(conn: Connection, resource: dict[str, Any]) -> None:
+    rows = date_rows(resource)
+    if rows:
+        conn.execute(_DATES, rows)
 
 
 def get(conn: Connection, rtype: str, rid: str) -> dict[str, Any]:
@@ -323,6 +425,7 @@ def count(conn: Connection, rtype: str, *, where: Sequence[Any] = (), typed: boo
 __all__ = [
     "by_thread",
     "count",
+    "date_rows",
     "exists",
     "find_by_identifier",
     "find_patient_by_hash",
@@ -330,8 +433,10 @@ __all__ = [
     "get_row",
     "identifier_match",
     "or_",
+    "period_match",
     "put",
     "search",
     "search_columns",
+    "token_match",
     "token_rows",
 ]

@@ -11,8 +11,10 @@ Indexes that serve the searches (``EXPLAIN QUERY PLAN`` in tests/test_fhir_searc
 * ``ix_fhir_type_patient_newest`` (rtype, patient, last_updated DESC, id): a patient's resources
   of a type, already in page order; the count is a range of this index;
 * ``fhir_token``: one row per business identifier (system, value) of a resource, so
-  ``identifier=`` is an index lookup instead of a ``LIKE '%|system|value|%'`` over every row.
-  Written in the same transaction as the resource (``store.put``).
+  ``identifier=`` is an index lookup instead of a ``LIKE '%|system|value|%'`` over every row
+  (and an Encounter's ``class``, param ``class``). Written in the same transaction as the
+  resource (``store.put``);
+* ``fhir_date``: an Encounter's period for ``date=`` (range conditions on its two indexes).
 
 Stores made before these existed are upgraded on open (``bridge.fhirstore.schema``).
 """
@@ -69,6 +71,24 @@ class FhirToken(SQLModel, table=True):
     value: str = Field(primary_key=True, max_length=256)
 
 
+class FhirDate(SQLModel, table=True):
+    """One date range of one resource for a date search parameter (``param``: ``date`` of an
+    Encounter = its period): ``start`` inclusive, ``end`` exclusive, each at the precision the
+    resource wrote it; NULL = open on that side (an ongoing visit has no end)."""
+
+    __tablename__ = "fhir_date"
+    __table_args__ = (
+        Index("ix_fhir_date_start", "rtype", "param", "start", "id"),
+        Index("ix_fhir_date_end", "rtype", "param", "end", "id"),
+    )
+
+    rtype: str = Field(primary_key=True, max_length=40)
+    id: str = Field(primary_key=True, max_length=64)
+    param: str = Field(primary_key=True, max_length=32)
+    start: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    end: datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+
 class FhirHistory(SQLModel, table=True):
     __tablename__ = "fhir_history"
 
@@ -83,6 +103,7 @@ class FhirHistory(SQLModel, table=True):
 FHIR_RESOURCE = FhirResource.__table__  # type: ignore[attr-defined]
 FHIR_TOKEN = FhirToken.__table__  # type: ignore[attr-defined]
 FHIR_HISTORY = FhirHistory.__table__  # type: ignore[attr-defined]
+FHIR_DATE = FhirDate.__table__  # type: ignore[attr-defined]
 TOKEN_CHARS = 256
 
 #: page order of the API (newest first, then id), for a type and for a patient's resources

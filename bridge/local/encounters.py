@@ -165,12 +165,13 @@ def _set_class(enc: Resource, code: str, at: str) -> None:
 
 def apply(current: Resource | None, ev: VisitEvent) -> Resource:
     """The Encounter after ``ev``: ``current`` (as stored, or None) is not modified."""
-    enc: Resource = copy.deepcopy(current) if current else {
-        "resourceType": "Encounter",
-        "identifier": [{"type": {"coding": [{"system": V2_0203, "code": "VN"}],
-                                 "text": "visit number"},
-                        "system": ev.visit_system, "value": ev.visit_number}],
-    }
+    enc: Resource = copy.deepcopy(current) if current else {"resourceType": "Encounter"}
+    if ev.visit_number and not any(i.get("system") == ev.visit_system
+                                   and i.get("value") == ev.visit_number
+                                   for i in enc.get("identifier") or []):
+        enc.setdefault("identifier", []).append(
+            {"type": {"coding": [{"system": V2_0203, "code": "VN"}], "text": "visit number"},
+             "system": ev.visit_system, "value": ev.visit_number})
     enc.pop("meta", None)
     status = STATUS_AFTER[ev.event]
     if current is None and status is None:

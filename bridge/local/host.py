@@ -19,7 +19,8 @@ from sqlalchemy import select
 from bridge.audit.events import AuditEntry
 from bridge.errors import HutongError
 from bridge.fhirstore import store as fhirstore
-from bridge.local import intake
+from bridge.fhirstore.tables import FHIR_RESOURCE
+from bridge.local import encounters, intake
 from bridge.referral.tables import REFERRAL
 from bridge.store.quarantine import quarantine_row
 from bridge.store.tables import QUARANTINE
@@ -166,7 +167,8 @@ class AdapterHost:
                          *, source_key: str, visit: tuple[str, str] | None = None,
                          patient: dict[str, Any] | None = None,
                          referral_thread: str | None = None, kind: str | None = None,
-                         answer: dict[str, Any] | None = None) -> dict[str, Any]:
+                         answer: dict[str, Any] | None = None, without_visit: str = "new",
+                         must_exist: bool = False) -> dict[str, Any]:
         """A visit event from the local system: its Patient and Encounter stored or updated in
         the node's FHIR store, in ONE transaction with the exactly-once intake key; audited.
 
@@ -176,7 +178,12 @@ class AdapterHost:
           first answer with ``repeated: True``.
         * ``visit`` = (system, value): the HIS's visit number (e.g.
           ``bridge.local.encounters.VISIT_SYSTEM``); the Encounter already stored under it is
-          the one updated. ``build(current)`` gets that Encounter (None if new) and returns
+          the one updated; ``visit=None`` (the record has no visit number): a new Encounter
+          (``without_visit="new"``) or the patient's one open Encounter from this node
+          (``"open"``; none or several -> :class:`~bridge.errors.UnknownReference`).
+          ``must_exist``: an unknown visit is refused (a cancel of a visit never seen). A visit
+          number that names another patient's Encounter: :class:`~bridge.errors.VisitConflict`.
+          ``build(current)`` gets that Encounter (None if new) and returns
           the Encounter after the event (``bridge.local.encounters.apply``); the host sets
           ``id`` (kept), ``subject`` and, when linked, ``basedOn``. ``build=None``: Patient only.
         * ``patient``: an R4 Patient as the HIS describes it now (MRN under
@@ -197,7 +204,7 @@ class AdapterHost:
         Returns ``{"encounter", "patient", "status", "created", "referral", "arrived"}`` plus
         ``answer`` (e.g. the ACK to give a re-send).
         """
-        from bridge.errors import InvalidResource, UnknownReference
+        from bridge.errors import InvalidResource, UnknownReference, VisitConflict
         from bridge.fhir.validate import errors as fhir_errors
         from bridge.privacy import patient_hash
 
@@ -233,7 +240,7 @@ class AdapterHost:
                             break
                 if stored_patient is None and phash:
                     stored_patient = fhirstore.find_patient_by_hash(conn, phash)
-            if stored_patient is None and current is not None:
+            if stored_patient is None and patient is None and current is not None:
                 ref = (current.get("subject") or {}).get("reference", "")
                 if ref.startswith("Patient/"):
                     stored_patient = fhirstore.get(conn, "Patient", ref.split("/", 1)[1])
@@ -255,6 +262,21 @@ class AdapterHost:
             if patient is not None:
                 fhirstore.put(conn, merged, at=now, origin=self.node_id, patient_hash=phash)
             pref = f"Patient/{merged['id']}"
+            if build is not None and visit is None and without_visit == "open":
+                rows = conn.execute(select(FHIR_RESOURCE.c.id).where(
+                    FHIR_RESOURCE.c.rtype == "Encounter", FHIR_RESOURCE.c.patient == pref,
+                    FHIR_RESOURCE.c.status.in_(encounters.OPEN),
+                    FHIR_RESOURCE.c.origin == self.node_id).limit(2)).all()
+                if len(rows) != 1:
+                    raise UnknownReference(f"no visit number, and the patient has "
+                                           f"{'no' if not rows else 'several'} open visits here")
+                current = fhirstore.get(conn, "Encounter", rows[0].id)
+            if current is not None and (current.get("subject") or {}).get("reference") \
+                    not in (None, pref):
+                raise VisitConflict("the visit number already names a visit of another "
+                                    "patient here")
+            if build is not None and current is None and must_exist:
+                raise UnknownReference("no visit known here with that visit number")
             # -- the encounter
             enc = None
             if build is not None:
