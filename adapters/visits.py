@@ -44,10 +44,12 @@ from adapters.slips_fhir import (
     BadDate,
     BadValue,
     Codes,
+    SlipError,
     _date,
     _datetime,
     _need,
 )
+from bridge.errors import HutongError, UnknownReference, VisitConflict
 from bridge.local import encounters as enc
 from bridge.mapping import mark_unmapped
 from bridge.privacy import NATIONAL_ID_SYSTEM
@@ -200,12 +202,34 @@ def builder(v: Visit, codes: Codes, me: str) -> Any:
     return build
 
 
+class VisitRefused(SlipError):
+    """The node refused the event for a reason that is one field of the record (the visit
+    number names another patient's visit, or a cancel names a visit never seen); keeps the
+    node's stable code and names the field, so the adapter names its column or XPath."""
+
+    def __init__(self, field: str, error: HutongError) -> None:
+        super().__init__(field, error.message)
+        self.code = error.code
+
+
 def record(host: Any, v: Visit, *, source_key: str, codes: Codes,
            referral_thread: str | None = None, kind: str) -> dict[str, Any]:
-    """A checked visit event into the node: Patient and Encounter, once per ``source_key``."""
+    """A checked visit event into the node: Patient and Encounter, once per ``source_key``.
+
+    A cancel must find its visit (a cancel of a visit never seen is refused, not stored as a
+    new cancelled visit) and does not touch the referral (the workflow has no "un-arrive")."""
     me = host.node_id
-    return host.record_encounter(
-        builder(v, codes, me), source_key=source_key,
-        visit=(enc.VISIT_SYSTEM.format(member=me), v.visit_no),
-        patient=patient_of(v, me, host.plan.alliance.national_id_system),
-        referral_thread=referral_thread, kind=kind)
+    cancel = v.event.startswith("cancel-")
+    thread = None if cancel else referral_thread
+    try:
+        return host.record_encounter(
+            builder(v, codes, me), source_key=source_key,
+            visit=(enc.VISIT_SYSTEM.format(member=me), v.visit_no),
+            patient=patient_of(v, me, host.plan.alliance.national_id_system),
+            referral_thread=thread, kind=kind, must_exist=cancel)
+    except VisitConflict as exc:
+        raise VisitRefused("visit_no", exc) from None
+    except UnknownReference as exc:
+        if thread is not None:  # the referral, named through the site's option
+            raise
+        raise VisitRefused("visit_no", exc) from None

@@ -268,12 +268,16 @@ BAD = [  # (event, vendor column overrides, error code, column named)
     ("admit", {"BQMC": "病区".encode()[:-1]}, "HT-LOCAL-ENCODING", "BQMC"),
     ("admit", {"ZZDH": "NO-SUCH-SLIP"}, "HT-REF-UNKNOWN", "ZZDH"),
     ("admit", {"BLH": ""}, "HT-MAP-FIELD", "BLH"),
+    ("cancel-admit", {}, "HT-REF-UNKNOWN", "JZH"),  # a cancel of a visit never seen
+    ("transfer", {"JZH": "ZY0990"}, "HT-VISIT-CONFLICT", "JZH"),  # another patient's visit
 ]
 
 
 def test_bad_rows_quarantined_naming_column_and_next_taken(site: Any) -> None:
     a, _chc_db, core_db = site
     core = a.node("fuxing")
+    core_db.write_visit(visit("ZY0990"))
+    encounter_when(core, "ZY0990", lambda e: True, "the visit another row's number names")
     ids = []
     for n, (event, cols, _, _) in enumerate(BAD):
         extra = {"discharged_at": "2026-11-25T10:00:00+08:00"} if event == "discharge" else \
@@ -289,6 +293,7 @@ def test_bad_rows_quarantined_naming_column_and_next_taken(site: Any) -> None:
         assert "王秀英" not in q.message and "110102195003" not in q.message
     for n in range(len(BAD)):
         assert encounters(core, f"ZY09{n:02d}") == []
+    assert version(encounters(core, "ZY0990")[0]) == 1  # the conflicting row changed nothing
     export = core.cli("audit", "export", "--format", "ndjson").stdout
     for rid, (_, _, _, col) in zip(ids, BAD, strict=True):
         assert f"record ZZ_JZJL#{rid} field {col}" in export

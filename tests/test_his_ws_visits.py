@@ -271,6 +271,8 @@ def test_resent_document_stored_once(world: World) -> None:
 def test_bad_visit_documents_quarantined_and_next_taken(world: World) -> None:
     his = world.sims["fuxing"].his
     core = world.alliance.node("fuxing")
+    his.write_visit(visit("ZY0990"))
+    encounter_when(core, "ZY0990", lambda e: True, "the visit another document's number names")
 
     def doc(n: int, v: Visit, **kw: Any) -> bytes:
         return visit_doc.write(visit_doc.VisitDoc(f"BADV-{n}", v, "fuxing", **kw), his.site)
@@ -288,6 +290,12 @@ def test_bad_visit_documents_quarantined_and_next_taken(world: World) -> None:
                    "HT-LOCAL-DATE", visit_doc.FIELD_PATHS["discharged_at"]),
         "BADV-4": (BAD["missing-mrn"][0].replace(b"FX-RYDJ-1", b"BADV-4"), "HT-WS-MISSING",
                    BAD["missing-mrn"][2]),
+        "BADV-5": (doc(5, visit("ZY0905", "cancel-discharge")), "HT-REF-UNKNOWN",
+                   visit_doc.FIELD_PATHS["visit_no"]),  # a cancel of a visit never seen
+        "BADV-6": (doc(6, replace(visit("ZY0906", "transfer",
+                                        transferred_at="2026-11-22T10:00:00+08:00"),
+                                  visit_no="ZY0990")),
+                   "HT-VISIT-CONFLICT", visit_doc.FIELD_PATHS["visit_no"]),
     }
     for doc_id, (raw, _, _) in cases.items():
         his.write_raw(doc_id, "visit", raw)
@@ -301,8 +309,9 @@ def test_bad_visit_documents_quarantined_and_next_taken(world: World) -> None:
         assert mine[0]["code"] == code
         assert f"record {doc_id} field {field}:" in mine[0]["message"]
         assert "李淑珍" not in mine[0]["message"] and "110102" not in mine[0]["message"]
-    for n in range(4):
+    for n in range(7):
         assert encounters(core, f"ZY090{n}") == []
+    assert encounters(core, "ZY0990")[0]["meta"]["versionId"] == "1"
     export = core.cli("audit", "export", "--format", "ndjson").stdout
     for doc_id in cases:
         assert f"record {doc_id} field" in export
