@@ -316,3 +316,26 @@ def test_bad_visit_documents_quarantined_and_next_taken(world: World) -> None:
     for doc_id in cases:
         assert f"record {doc_id} field" in export
     assert core.cli("audit", "verify").returncode == 0
+
+
+@pytest.mark.slow
+def test_cancel_before_its_admission_replayed_once_the_admission_came(world: World) -> None:
+    """The admission office's cancel reached the node before the admission (held: no such
+    visit); once the admission is taken, IT replays the held cancel and it applies, once."""
+    his = world.sims["fuxing"].his
+    core = world.alliance.node("fuxing")
+    cancel_id = his.write_visit(visit("ZY0950", "cancel-admit",
+                                      recorded_at="2026-11-21T12:00:00+08:00"))
+    item = wait_for(lambda: next((q for q in core.api("GET", "/local/v1/quarantine")
+                                  if f"record {cancel_id} " in q["message"]), None),
+                    timeout=60, what="the cancel held")
+    assert item["code"] == "HT-REF-UNKNOWN" and item["kind"] == "his-ws.visit"
+    his.write_visit(visit("ZY0950"))
+    encounter_when(core, "ZY0950", lambda e: e["status"] == "in-progress", "the admission")
+    res = core.api("POST", f"/local/v1/quarantine/{item['id']}/replay")
+    assert res["ok"] and res["result"] == f"document {cancel_id} (visit) taken", res
+    enc = encounter_when(core, "ZY0950", lambda e: e["status"] == "cancelled", "the cancel")
+    assert enc["statusHistory"] == [{"status": "in-progress", "period": {
+        "start": "2026-11-21T10:00:00+08:00", "end": "2026-11-21T12:00:00+08:00"}}]
+    assert core.api("POST", f"/local/v1/quarantine/{item['id']}/replay")["ok"] is False
+    assert encounters(core, "ZY0950")[0]["meta"]["versionId"] == "2"
