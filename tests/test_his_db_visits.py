@@ -201,6 +201,29 @@ def test_cancels_undo_their_event(site: Any) -> None:
     assert [h["status"] for h in enc["statusHistory"]] == ["in-progress", "finished"]
 
 
+def test_update_changes_class_and_details(site: Any) -> None:
+    """An emergency visit the HIS turns into an admission (急诊转住院) by an update row."""
+    a, _chc_db, core_db = site
+    core = a.node("fuxing")
+    er = visit("JZ0006", visit_class="emergency", department_code="0300", ward="急诊留观",
+               bed="5床", doctor="刘医生")
+    core_db.write_visit(er)
+    encounter_when(core, "JZ0006", lambda e: e["status"] == "in-progress", "emergency visit")
+    core_db.write_visit(replace(er, event="update", visit_class="inpatient", status="in-progress",
+                                department_code="0301", phone="13800000006",
+                                recorded_at="2026-11-21T16:00:00+08:00"))
+    enc = encounter_when(core, "JZ0006", lambda e: e["class"]["code"] == "IMP", "the update")
+    assert enc["classHistory"] == [{"class": {
+        "system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "EMER",
+        "display": "emergency"}, "period": {"start": "2026-11-21T10:00:00+08:00",
+                                           "end": "2026-11-21T16:00:00+08:00"}}]
+    assert enc["status"] == "in-progress" and "statusHistory" not in enc
+    assert (LOCAL_DEPT, "0301") in {(c["system"], c["code"]) for c in enc["serviceType"]["coding"]}
+    assert location_history(enc) == [("急诊留观 5床", "active", "2026-11-21T10:00:00+08:00", None)]
+    patient = core.api("GET", f"/fhir/{enc['subject']['reference']}", role="clinician")
+    assert patient["telecom"][0]["value"] == "13800000006"
+
+
 def test_referred_patient_admitted_and_discharged(site: Any) -> None:
     a, chc_db, core_db = site
     chc, core = a.node("desheng-chc"), a.node("fuxing")
