@@ -29,6 +29,8 @@ cancel-discharge   取消出院 / 召回 (in-progress again; period.end removed)
 
 ``status`` is the visit's state as the HIS shows it after the event (在院, 出院, 作废); it must
 agree with the event (a discharge that leaves the patient 在院 is contradictory: quarantined).
+The Encounter's status follows the event (a registration shown 就诊中 is in-progress); an
+update's status is used only when the update is the first the node hears of the visit.
 """
 
 from __future__ import annotations
@@ -172,8 +174,10 @@ def event_of(v: Visit, me: str) -> enc.VisitEvent:
     # a cancel puts the patient back where they were: the row's ward and bed are that place,
     # not a move (given, apply() would open a new location period instead of reopening it)
     where = "" if v.event in ("cancel-transfer", "cancel-discharge") else location_text(v)
+    # a registration the HIS already shows as 就诊中 is the visit under way, as an admission
+    event = "admit" if v.event == "register" and v.status == "in-progress" else v.event
     return enc.VisitEvent(
-        event=v.event, at=at, visit_system=enc.VISIT_SYSTEM.format(member=me),
+        event=event, at=at, visit_system=enc.VISIT_SYSTEM.format(member=me),
         visit_number=v.visit_no, class_code=CLASSES[v.visit_class], start=v.admitted_at,
         end=v.discharged_at, location=where,
         location_system=enc.LOCATION_SYSTEM.format(member=me), status_hint=v.status)
