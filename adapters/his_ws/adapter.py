@@ -295,8 +295,8 @@ class WsAdapter(BaseAdapter):
         thread = None
         if self.host.seen(key) is None:
             if self.opts.visit_referral and doc.referral_doc:
-                thread = self._ledger().thread_of(doc.referral_doc)
-                if thread is None:
+                thread = ledger.thread_of(doc.referral_doc)
+                if thread is None or ledger.referral_doc(thread) != doc.referral_doc:
                     raise BadDocument(
                         f"document {doc.doc_id} names referral document {doc.referral_doc}, "
                         "which this node never wrote into the HIS",
