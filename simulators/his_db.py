@@ -23,7 +23,20 @@ the site's field maps (``simulators/his_db_fields/*.csv``) must describe:
   withdrew is marked the same way in ``ZZ_JS_SQD`` (``ZT`` 9, ``CXSJ``, ``CXYY``, ``CLBZ`` back
   to 0 = unread);
 * GBK era: ``BLZY`` (病历摘要) and ``ZLJG`` (诊疗经过) are BLOBs holding GBK bytes, and CHAR
-  columns come padded with full-width spaces (U+3000).
+  columns come padded with full-width spaces (U+3000);
+* visits (就诊记录 ``ZZ_JZJL``, outbound): the admission office and the outpatient registry
+  write one row per event of a visit, as the vendor's triggers on 住院登记/门诊挂号 copy them
+  out (ids from ``ZZ_XH``, so late commits happen here too): ``JZH`` 就诊号 (the visit number:
+  住院号 + 次数 or 门诊流水号, the same on every row of a visit), ``BLH`` 病历号, the patient
+  (``HZXM`` padded, ``XB``, ``CSRQ``, ``SFZH``, ``LXDH``), ``JZLX`` 就诊类型 (1 门诊, 2 急诊,
+  3 住院), ``SJLX`` 事件类型 (1 入院登记, 2 转科/转床, 3 出院, 4 信息修改, 5 取消入院/退号,
+  6 取消转科, 7 取消出院, 8 门急诊挂号), ``KSDM`` 科室代码 (the visit's department after the
+  event), ``BQMC`` 病区名称 (a GBK BLOB), ``CWH`` 床位号, ``RYSJ`` 入院/挂号时间 (on every
+  row), ``ZKSJ`` 转科时间 (transfer rows), ``CYSJ`` 出院时间 (discharge rows and after), ``ZT``
+  就诊状态 after the event (0 候诊, 1 在院/就诊中, 2 已出院/已结束, 9 作废), ``YSXM`` 主治医生,
+  ``CZSJ`` 操作时间 (when the clerk saved it), and ``ZZDH`` 转诊单号: the referrer's slip
+  number of a referral this hospital received (``ZZ_JS_SQD.ZZDH``), which the admission clerk
+  copies into the admission of a referred patient (empty otherwise).
 
 CLI (a clinician-simulating process)::
 
@@ -65,6 +78,7 @@ from sqlalchemy import (
 )
 
 from adapters.slips import AcceptanceSlip, LabResult, Prescription, ReferralSlip, ReturnSlip
+from adapters.visits import IMPLIED_STATUS, Visit
 
 CHINA = timezone(timedelta(hours=8))
 PAD = "\u3000"  # full-width space: how GBK-era CHAR columns are padded
@@ -169,6 +183,21 @@ ZZ_JS_JCBG = Table(
     Column("CLBZ", String(1), default="0"))
 
 
+# visit events (就诊记录): one row per admission, registration, transfer, discharge, update or
+# cancellation of a visit, ids from ZZ_XH; BQMC (病区名称) is a GBK BLOB like BLZY
+ZZ_JZJL = Table(
+    "ZZ_JZJL", metadata, _id(), _s("JZH", 32), _s("BLH", 32), _s("HZXM", 32), _s("XB", 1),
+    _s("CSRQ", 8), _s("SFZH", 18), _s("LXDH", 20), _s("JZLX", 1), _s("SJLX", 1),
+    _s("KSDM", 16), Column("BQMC", LargeBinary), _s("CWH", 16), _s("RYSJ", 14),
+    _s("ZKSJ", 14), _s("CYSJ", 14), _s("ZT", 1), _s("YSXM", 32), _s("CZSJ", 14),
+    _s("ZZDH", 64))
+VISIT_EVENTS = {"admit": "1", "transfer": "2", "discharge": "3", "update": "4",
+                "cancel-admit": "5", "cancel-transfer": "6", "cancel-discharge": "7",
+                "register": "8"}
+VISIT_CLASSES = {"outpatient": "1", "emergency": "2", "inpatient": "3"}
+VISIT_STATES = {"arrived": "0", "in-progress": "1", "finished": "2", "cancelled": "9"}
+
+
 # -- vendor value conventions -----------------------------------------------------------------
 
 def vendor_time(iso: str) -> str:
@@ -259,6 +288,40 @@ class HisDb:
             conn.execute(update(ZZ_SQD).where(ZZ_SQD.c.ID == row_id).values(
                 ZT="9", CXSJ=when, CXYY=reason, CXXH=seq))
         return seq
+
+    # -- the admission office and the outpatient registry (visits) ---------------------------
+
+    def visit_row(self, v: Visit) -> dict[str, Any]:
+        """A visit event as the vendor stores it (before any quirk a test adds)."""
+        status = v.status or IMPLIED_STATUS[v.event]
+        return {
+            "JZH": v.visit_no, "BLH": v.mrn, "HZXM": padded(v.patient_name, 10),
+            "XB": GENDER_CODES.get(v.gender, v.gender), "CSRQ": v.birth_date.replace("-", ""),
+            "SFZH": v.id_number, "LXDH": v.phone,
+            "JZLX": VISIT_CLASSES.get(v.visit_class, v.visit_class),
+            "SJLX": VISIT_EVENTS.get(v.event, v.event), "KSDM": v.department_code,
+            "BQMC": v.ward.encode(ENCODING), "CWH": v.bed, "RYSJ": vendor_time(v.admitted_at),
+            "ZKSJ": vendor_time(v.transferred_at), "CYSJ": vendor_time(v.discharged_at),
+            "ZT": VISIT_STATES.get(status, status), "YSXM": v.doctor,
+            "CZSJ": vendor_time(v.recorded_at) or datetime.now(CHINA).strftime("%Y%m%d%H%M%S"),
+            "ZZDH": v.referral_no}
+
+    def write_visit(self, v: Visit | dict[str, Any], *, row_id: int | None = None,
+                    **override: Any) -> int:
+        """Insert one ``ZZ_JZJL`` row (a visit event, or raw vendor columns); returns its id."""
+        row = self.visit_row(v) if isinstance(v, Visit) else dict(v)
+        row.update(override)
+        rid = row_id if row_id is not None else self.allocate_id("ZZ_JZJL")
+        with self.tx() as conn:
+            conn.execute(insert(ZZ_JZJL).values(ID=rid, **row))
+        return rid
+
+    def visit_rows(self, visit_no: str) -> list[dict[str, Any]]:
+        """A visit's event rows as stored (padding stripped, BLOBs decoded), oldest first."""
+        with self.engine.connect() as conn:
+            return [{k: _clean(v) if k != "ID" else v for k, v in r._mapping.items()}
+                    for r in conn.execute(select(ZZ_JZJL).where(ZZ_JZJL.c.JZH == visit_no)
+                                          .order_by(ZZ_JZJL.c.ID))]
 
     # -- the receiving doctor -----------------------------------------------------------------
 

@@ -5,9 +5,11 @@ share it: the doctor-facing side writes documents (:meth:`HisWs.write_referral`,
 ``reject``, ``write_return``, ``cancel``, or raw bytes for bad-data cases) that the node pulls
 with ``GetPendingDocuments``/``AckDocuments``; documents the node writes (``ReceiveReferral``
 etc.) are checked against the XSD, stored and listed by :meth:`HisWs.received`; lab reports
-(``ReceiveLabReport``, checked against ``cda-lab-report.xsd``) by :meth:`HisWs.lab_reports`. ``fail_next(n)``
-makes the next n calls answer a SOAP Fault (soap:Server, HTTP 500), as a HIS does while its
-database is locked for the nightly job.
+(``ReceiveLabReport``, checked against ``cda-lab-report.xsd``) by :meth:`HisWs.lab_reports`.
+The admission office's visit events (:meth:`HisWs.write_visit`: 入院登记, 挂号, 转科, 出院, 修改 and
+the cancels, :mod:`adapters.his_ws.visit_doc`) are offered as documents of type ``visit``.
+``fail_next(n)`` makes the next n calls answer a SOAP Fault (soap:Server, HTTP 500), as a HIS
+does while its database is locked for the nightly job.
 
     python -m simulators.his_ws serve --db his.sqlite --port 8600 --member chc
     python -m simulators.his_ws write-referral --db his.sqlite --json slip.json
@@ -36,9 +38,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from adapters.his_ws import cda, lab_report, soap
+from adapters.his_ws import cda, lab_report, soap, visit_doc
 from adapters.his_ws.errors import BadDocument
 from adapters.slips import AcceptanceSlip, LabResult, Prescription, ReferralSlip, ReturnSlip
+from adapters.visits import Visit
 from simulators.ports import free_port_block
 
 SCHEMA = """
@@ -134,6 +137,18 @@ class HisWs:
                                                                      doctor=doctor),
             datetime.now().astimezone().isoformat(timespec="seconds"), self.member,
             referral_doc))
+
+    def write_visit(self, v: Visit, *, referral_doc: str = "", doc_id: str | None = None,
+                    encoding: str | None = None) -> str:
+        """The admission office records a visit event (入院/挂号/转科/出院/修改/取消): one visit
+        document offered to the node. ``referral_doc``: the referral document this HIS received
+        (a referred patient's admission names it, with its slip number)."""
+        slip_no = self.received_doc(referral_doc).slip.slip_no if referral_doc else ""
+        doc = visit_doc.VisitDoc(doc_id or self._next_id(visit_doc.CODE_OF[v.event]), v,
+                                 self.member, referral_doc=referral_doc, slip_no=slip_no)
+        raw = visit_doc.write(doc, self.site, encoding or self._setting("encoding") or "UTF-8")
+        self.write_raw(doc.doc_id, visit_doc.DOC_TYPE, raw)
+        return doc.doc_id
 
     def _own_slip_no(self, doc_id: str) -> str:
         with self._db() as db:

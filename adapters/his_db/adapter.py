@@ -14,6 +14,10 @@ with the row as source key (``ZZ_SQD:<id>``), so each row acts exactly once:
   ``ZZ_SQD:<id>:cancel``) -> ``host.referral_step(thread, "cancel", reason=CXYY)``
   (:mod:`~adapters.his_db.cancel`); a row whose referral was never sent, or that can no longer
   be withdrawn (the patient arrived), is quarantined naming ``ZZDH`` / ``ZT``.
+* ``ZZ_JZJL`` (visit events: admission, registration, transfer, discharge, update, cancels;
+  ``fields/visit.csv``) -> ``host.record_encounter``: one Encounter per visit number, moved on
+  by each row once, linked to a referral received here only through the column the option
+  ``visit_referral_column`` names (:mod:`~adapters.his_db.visits`).
 
 Bad rows are quarantined (``record`` ``ZZ_SQD#<id>``, ``field`` the vendor column) and the poll
 goes on with the next row: missing mandatory field, unparseable date, value not in the field
@@ -74,6 +78,7 @@ from sqlalchemy.types import LargeBinary
 from adapters import slips_fhir as sf
 from adapters.base import BaseAdapter
 from adapters.his_db import cancel as cx
+from adapters.his_db import visits as vz
 from adapters.his_db.options import Resolved
 from adapters.his_db.replay import (
     RECORD_KEY,
@@ -92,6 +97,7 @@ from adapters.his_db.results import (
 )
 from adapters.his_db.watermark import Watermark
 from adapters.slips import AcceptanceSlip, LabResult, Prescription, ReferralSlip, ReturnSlip
+from adapters.visits import Visit
 from bridge import faults
 from bridge.delivery.handlers import Delivery
 from bridge.errors import (
@@ -135,6 +141,8 @@ class HisDbAdapter(BaseAdapter):
                    for rec, cls in RECORDS.items()}
         if cx.has_map(opts.fields):
             self.fm[cx.RECORD] = load_field_map(opts.fields, cx.RECORD, fields=cx.CancelSlip)
+        if vz.has_map(opts.fields):
+            self.fm[vz.RECORD] = load_field_map(opts.fields, vz.RECORD, fields=Visit)
         self.engine: Any = None
         self._tables: dict[str, Table | None] = {}
         self._meta = MetaData()  # this vendor database's reflected tables
@@ -176,6 +184,8 @@ class HisDbAdapter(BaseAdapter):
                                   ("return_out", self._take_return)):
                 self._poll_table(logical, take)
             self._poll_cancels()
+            if vz.RECORD in self.fm:  # after acceptances: an admission may name the referral
+                self._poll_table("visit_out", self._take_visit)
             self.ok()
         except SQLAlchemyError as exc:  # the vendor database, not the node's
             self.failed(f"vendor database: {type(exc).__name__}")
@@ -284,7 +294,8 @@ class HisDbAdapter(BaseAdapter):
             column, error = self._column("referral", "consent_by"), exc
         except UnknownReference as exc:
             error = exc
-            column = self._column(record, "to_member" if record == "referral" else "slip_no")
+            column = self.opts.visit_referral_column if record == vz.RECORD else \
+                self._column(record, "to_member" if record == "referral" else "slip_no")
         except IllegalTransition as exc:  # e.g. a withdrawal after the patient arrived
             error = exc
             column = self.opts.status_column if record == cx.RECORD else None
@@ -409,6 +420,10 @@ class HisDbAdapter(BaseAdapter):
             self.host.referral_step(thread, "cancel", source_key=key, reason=slip.reason)
         self._guard(table, rid, row, cx.RECORD, work, replay, suffix=":cancel")
 
+    def _take_visit(self, table: Table, rid: int, row: dict[str, Any],
+                    replay: bool = False) -> None:
+        vz.take(self, table, rid, row, replay)
+
     # -- quarantine replay --------------------------------------------------------------------
 
     def replay(self, raw: bytes) -> str:
@@ -453,7 +468,7 @@ class HisDbAdapter(BaseAdapter):
                                         "the HIS")
             row = dict(fresh._mapping) if fresh is not None else kept
             take = {"referral_out": self._take_referral, "acceptance_out": self._take_acceptance,
-                    "return_out": self._take_return}[logical]
+                    "return_out": self._take_return, "visit_out": self._take_visit}[logical]
             if withdrawal:
                 take = self._take_cancel
             try:
@@ -471,7 +486,7 @@ class HisDbAdapter(BaseAdapter):
     def _source_table(self, name: str | None, kept: dict[str, Any]) -> tuple[str, Table]:
         """The outbound table a held row came from: named in the item, or (items kept before
         the name was recorded) the one whose columns are exactly the row's."""
-        for logical in ("referral_out", "acceptance_out", "return_out"):
+        for logical in ("referral_out", "acceptance_out", "return_out", "visit_out"):
             table = self.table(logical)
             if table is None:
                 continue

@@ -8,8 +8,10 @@
     fields = "../../../mappings/yuetan-chc"          # folder holding fields/*.csv (default:
                                                      # the adapter's ``mappings`` folder)
     encoding = "gbk"                                 # BLOB text columns are bytes in this
+    visit_referral_column = "ZZDH"                   # visits: which column names a referral
     [adapters.options.tables]                        # logical name -> vendor table name
     referral_out = "ZZ_SQD"
+    visit_out = "ZZ_JZJL"                            # visit events (fields/visit.csv)
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ TABLES = {
     "return_in_drugs": "ZZ_JS_ZHD_YP", "return_in_labs": "ZZ_JS_ZHD_JY",
     "results_in": "ZZ_JS_JYBG", "results_in_items": "ZZ_JS_JYBG_MX",
     "imaging_in": "ZZ_JS_JCBG",
+    "visit_out": "ZZ_JZJL",
 }
 
 
@@ -49,6 +52,7 @@ class Tables(BaseModel):
     results_in: str = TABLES["results_in"]  # lab reports from other members (result.lab)
     results_in_items: str = TABLES["results_in_items"]
     imaging_in: str = TABLES["imaging_in"]  # imaging reports from other members (result.imaging)
+    visit_out: str = TABLES["visit_out"]  # visit events (就诊记录): admissions, transfers, ...
 
 
 class Options(BaseModel):
@@ -72,6 +76,10 @@ class Options(BaseModel):
     status_column: str = "ZT"  # 状态 of a referral row, outbound and inbox
     cancelled_value: str = "9"  # ZT of a withdrawn referral (撤销)
     cancel_seq_column: str = "CXXH"  # 撤销序号: the sequence number a withdrawal takes
+    #: the visit-event column holding the slip number of a referral received here, which the
+    #: admission clerk copies into a referred patient's admission; "" = visits are never
+    #: linked to referrals (the adapter does not guess from the patient)
+    visit_referral_column: str = ""
     tables: Tables = Tables()
 
 

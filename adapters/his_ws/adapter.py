@@ -7,6 +7,10 @@ return -> arrive if needed, then the return bundle; cancel (转诊撤销单, the
 withdraws a referral written in this HIS, with a reason) -> the workflow's ``cancel`` step, once:
 a second cancel document for a referral already withdrawn is taken without a second step) keyed
 ``doc:<document id>``, and only then acks it. A crash between commit and ack re-pulls the document and the key makes it a no-op.
+Visit documents (type ``visit``: admission, registration, transfer, discharge, update and the
+cancels, :mod:`adapters.his_ws.visit_doc`, ``schemas/cda-visit.xsd``) -> ``host.record_encounter``
+keyed ``doc:<document id>``: one Encounter per visit number moved on by each document once,
+linked to a referral only when ``visit_referral`` says which element names it.
 A bad document is quarantined (record = document id, field = XPath) and acked; the next one
 goes on. A transient failure stops the round there, unacked, so order is kept.
 Quarantine replay (``replay``): the held item is the document's bytes; after IT fixed the
@@ -37,20 +41,22 @@ Options (``[adapters.options]``)::
     encoding = "UTF-8"    # documents written into the HIS: UTF-8 or GB18030
     site_name = "..."     # custodian name in documents written here
     oids = { diagnosis = "...", drug = "...", lab = "...", department = "...", ... }
+    visit_referral = "referral-document"  # visit documents name their referral there
+                                          # (default "": visits are never linked)
 """
 
 from __future__ import annotations
 
 import hashlib
 import threading
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from adapters import slips_fhir
+from adapters import slips_fhir, visits
 from adapters.base import BaseAdapter
-from adapters.his_ws import cda, lab_report
+from adapters.his_ws import cda, lab_report, visit_doc
 from adapters.his_ws.client import DEFAULT_MAX_DOCUMENT, HisClient
 from adapters.his_ws.errors import (
     BadDocument,
@@ -70,6 +76,7 @@ WORKFLOW_FIELD = {
     "acceptance": "/ClinicalDocument/inFulfillmentOf/order",
     "return": "/ClinicalDocument/inFulfillmentOf/order",
     "cancel": "/ClinicalDocument/inFulfillmentOf/order",
+    "visit": "/ClinicalDocument/inFulfillmentOf/order",
 }
 #: the message event of a delivered packet -> the document written into the HIS
 WRITES = {"request": "referral", "accept": "acceptance", "reject": "acceptance",
@@ -79,7 +86,7 @@ WRITES = {"request": "referral", "accept": "acceptance", "reject": "acceptance",
 REFUSED_REASON = "患者已到诊，转诊不能撤销 (the patient has arrived: the referral cannot be cancelled)"
 CANCELLED_REASON = "转诊已撤销 (the referral was withdrawn)"
 OID_KEYS = ("org_oid", "doc_oid", "slip_oid", "mrn_oid", "items", "doc_types", "diagnosis",
-            "drug", "lab", "department")
+            "drug", "lab", "department", "visit_oid")
 
 
 class Options(BaseModel):
@@ -94,6 +101,10 @@ class Options(BaseModel):
     encoding: str = "UTF-8"
     site_name: str = ""
     oids: dict[str, str] = {}
+    #: which part of a visit document names the referral it fulfils: "" = none is read (visits
+    #: are never linked), "referral-document" = inFulfillmentOf/order/id under the document
+    #: OID, the referral document the node wrote into this HIS (as acceptances name it)
+    visit_referral: Literal["", "referral-document"] = ""
 
     @field_validator("encoding")
     @classmethod
@@ -205,7 +216,8 @@ class WsAdapter(BaseAdapter):
         """The XPath a refusal points at (quarantine reasons, replay answers)."""
         field = getattr(exc, "field", None)
         if isinstance(exc, slips_fhir.SlipError):
-            field = cda.field_path(exc.field)
+            field = visit_doc.field_path(exc.field) if d.type == visit_doc.DOC_TYPE \
+                else cda.field_path(exc.field)
         elif isinstance(exc, WorkflowError):
             field = WORKFLOW_FIELD.get(d.type, "/ClinicalDocument")
         return field
@@ -238,6 +250,10 @@ class WsAdapter(BaseAdapter):
         Returns a line for IT (no patient data).
         """
         doc_id, dtype = cda.identify(raw)
+        if dtype is None:
+            vid, is_visit = visit_doc.identify(raw)
+            if is_visit:
+                doc_id, dtype = vid, visit_doc.DOC_TYPE
         d = Pending(0, doc_id or "(unreadable id)", dtype or "", raw)
         with self._lock:
             self.host.reload_maps()
@@ -260,6 +276,9 @@ class WsAdapter(BaseAdapter):
 
     def take(self, d: Pending) -> None:
         ledger = self._ledger()
+        if d.type == visit_doc.DOC_TYPE:
+            self._take_visit(d)
+            return
         doc = cda.read(d.raw, self.site, record=d.doc_id, known=self._known,
                        expect=d.type or None)
         if doc.doc_id != d.doc_id:
@@ -283,6 +302,43 @@ class WsAdapter(BaseAdapter):
                 slips_fhir.record_gaps(self.host.store, gaps, self.host.now())
         thread = self.host.thread_for(key)
         ledger.remember(doc.doc_id, "in", doc.type, thread, digest)
+
+    def _take_visit(self, d: Pending) -> None:
+        """A visit document -> the visit's Encounter and Patient, once per document id (the
+        same bytes again change nothing; other bytes under a taken id are a duplicate)."""
+        ledger = self._ledger()
+        doc = visit_doc.read(d.raw, self.site, record=d.doc_id, known=self._known)
+        if doc.doc_id != d.doc_id:
+            raise SchemaInvalid(f"document listed as {d.doc_id} carries id {doc.doc_id}",
+                                field="/ClinicalDocument/id/@extension")
+        digest = hashlib.sha256(d.raw).hexdigest()
+        prior = ledger.digest(doc.doc_id)
+        if prior is not None:
+            if prior != digest:
+                raise DuplicateDocument(f"document id {doc.doc_id} was taken before with "
+                                        "other content", field="/ClinicalDocument/id/@extension")
+            return
+        v = visits.check(doc.visit)
+        key = f"doc:{doc.doc_id}"
+        thread = None
+        if self.host.seen(key) is None:
+            if self.opts.visit_referral and doc.referral_doc:
+                thread = ledger.thread_of(doc.referral_doc)
+                if thread is None or ledger.referral_doc(thread) != doc.referral_doc:
+                    raise BadDocument(
+                        f"document {doc.doc_id} names referral document {doc.referral_doc}, "
+                        "which this node never wrote into the HIS",
+                        field=f"/ClinicalDocument/inFulfillmentOf/order/id[@root="
+                              f"'{self.site.doc_oid}']/@extension")
+                v.referral_no = doc.referral_doc
+            gaps: list[Any] = []
+            visits.record(self.host, v, source_key=key, referral_thread=thread,
+                          kind="his-ws.visit", codes=slips_fhir.Codes(self.host.maps, self.me,
+                                                                      gaps))
+            if gaps:
+                slips_fhir.record_gaps(self.host.store, gaps, self.host.now())
+        ledger.remember(doc.doc_id, "in", visit_doc.DOC_TYPE, thread or self.host.thread_for(key),
+                        digest)
 
     def _known(self, category: str, code: str) -> bool:
         """Strict maps only (slips_fhir.STRICT): other unlisted codes travel as mapping gaps."""

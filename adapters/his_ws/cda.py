@@ -76,6 +76,7 @@ class Site:
     mrn_oid: str = "2.999.156.4"  # the HIS's patient record numbers
     items: str = "2.999.156.5"  # this module's own item codes (kind, priority, decision, ...)
     doc_types: str = "2.999.156.6"  # ZZD / JZD / ZHD
+    visit_oid: str = "2.999.156.7"  # the HIS's visit numbers (就诊号/住院号)
     diagnosis: str = "2.999.156.10"
     drug: str = "2.999.156.11"
     lab: str = "2.999.156.12"
