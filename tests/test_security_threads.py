@@ -473,3 +473,54 @@ def test_a_fetch_response_for_a_task_not_opened_here_is_refused(al: Alliance) ->
     assert files_under(fetched) == before
     assert fetch_task(chc, asked["task_id"])["status"] == "failed"
 
+
+
+# -- the file store itself (in process) -------------------------------------------------------
+
+def test_the_instance_store_refuses_symlinks_out_and_non_uids(tmp_path: Path) -> None:
+    from adapters.pacs.files import InstanceStore
+    from bridge.errors import UnsafePath
+
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    store = InstanceStore(tmp_path / "data" / "fetched")
+    data = dicom(STUDY, STUDY + ".1", STUDY + ".1.1")
+    # a study folder that is a symlink out of the root
+    (store.root / STUDY).symlink_to(outside, target_is_directory=True)
+    with pytest.raises(UnsafePath):
+        store.write(STUDY, STUDY + ".1", STUDY + ".1.1", data)
+    # a series folder that is one, under a real study folder
+    other = "1.2.826.0.1.3680043.8.498.7003"
+    (store.root / other).mkdir()
+    (store.root / other / (other + ".1")).symlink_to(outside, target_is_directory=True)
+    with pytest.raises(UnsafePath):
+        store.write(other, other + ".1", other + ".1.1", data)
+    # an instance file that is a symlink to a file outside: not followed, not replaced
+    third = "1.2.826.0.1.3680043.8.498.7004"
+    (store.root / third / (third + ".1")).mkdir(parents=True)
+    target = outside / "victim.txt"
+    target.write_bytes(b"keep me")
+    (store.root / third / (third + ".1") / (third + ".1.1.dcm")).symlink_to(target)
+    with pytest.raises(UnsafePath):
+        store.write(third, third + ".1", third + ".1.1", data)
+    assert target.read_bytes() == b"keep me"
+    assert sorted(p.name for p in outside.iterdir()) == ["victim.txt"]
+    # UIDs outside the PS3.5 grammar never become a path, nor a glob
+    for bad in ("../" + STUDY, STUDY + "/..", "1.02.3", "1..2", ".1", "1.2.", "1" * 65, ""):
+        with pytest.raises(UnsafePath):
+            store.write(bad, STUDY + ".1", STUDY + ".1.1", data)
+        with pytest.raises(UnsafePath):
+            store.write(STUDY, STUDY + ".1", bad, data)
+        assert store.study_files(bad) == []
+    assert store.study_files("..") == [] and store.study_files("*") == []
+    # a fetch request naming a study that is not a UID is refused before any file is looked at
+    task = fetch.request_task("t-1", STUDY, "chc", "core", "2026-11-20T10:00:00+08:00")
+    task["input"][0]["valueOid"] = "urn:oid:../../../etc"
+    with pytest.raises(UnsafePath):
+        fetch.parse_request(orjson.dumps(fetch.request_bundle(task, None)))
+    # a good one still lands where it belongs
+    fine = "1.2.826.0.1.3680043.8.498.7005"
+    path = store.write(fine, fine + ".1", fine + ".1.1", data)
+    assert path == store.root.resolve() / fine / (fine + ".1") / (fine + ".1.1.dcm")
+    assert path.read_bytes() == data
+    assert [p.resolve() for p in store.study_files(fine)] == [path]
