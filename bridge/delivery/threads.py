@@ -38,8 +38,8 @@ def open_threads(conn: Connection, me: str, pairs: Iterable[tuple[str, str]],
     thread from now on (an existing row, and its next seq, stays as it is)."""
     rows = [{"thread": t, "peer": p, "next_seq": 1, "opened_by": me, "at": at}
             for t, p in dict.fromkeys(pairs)]
-    if rows:
-        stmt = _insert(conn)(THREAD_PARTY).values(rows)
+    for i in range(0, len(rows), _CHUNK):  # a multi-row VALUES: keep under parameter limits
+        stmt = _insert(conn)(THREAD_PARTY).values(rows[i:i + _CHUNK])
         conn.execute(stmt.on_conflict_do_nothing(index_elements=["thread", "peer"]))
 
 
@@ -126,9 +126,10 @@ class ThreadGate:
         rows = [{"thread": t, "peer": p, "next_seq": self.parties[t][p],
                  "opened_by": p if (t, p) in self.opened else self.me, "at": at}
                 for t, p in sorted(keys)]
-        stmt = _insert(conn)(THREAD_PARTY).values(rows)
-        conn.execute(stmt.on_conflict_do_update(
-            index_elements=["thread", "peer"], set_={"next_seq": stmt.excluded.next_seq}))
+        for i in range(0, len(rows), _CHUNK):
+            stmt = _insert(conn)(THREAD_PARTY).values(rows[i:i + _CHUNK])
+            conn.execute(stmt.on_conflict_do_update(
+                index_elements=["thread", "peer"], set_={"next_seq": stmt.excluded.next_seq}))
         threads = sorted({t for t, _ in self.moved})
         for i in range(0, len(threads), _CHUNK):
             conn.execute(update(INBOX).where(INBOX.c.state == "held",
