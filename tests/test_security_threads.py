@@ -524,3 +524,66 @@ def test_the_instance_store_refuses_symlinks_out_and_non_uids(tmp_path: Path) ->
     assert path == store.root.resolve() / fine / (fine + ".1") / (fine + ".1.1.dcm")
     assert path.read_bytes() == data
     assert [p.resolve() for p in store.study_files(fine)] == [path]
+
+
+# -- the gate's bookkeeping on both databases (in process) -------------------------------------
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    dsn = (f"sqlite:///{tmp_path / 'node.db'}" if request.param == "sqlite"
+           else str(request.getfixturevalue("pg_db")))
+    s = Store(dsn)
+    s.create_all()
+    yield s
+    s.dispose()
+
+
+def test_the_gate_keeps_parties_and_turns_on_sqlite_and_postgresql(store: Store) -> None:
+    from collections import namedtuple
+
+    from sqlalchemy import insert, select
+
+    from bridge.delivery.threads import HOLD, TAKE, ThreadGate, open_threads
+    from bridge.errors import NotThreadParty, StaleSequence
+    from bridge.store.tables import INBOX, THREAD_PARTY
+
+    Row = namedtuple("Row", "thread sender seq")
+    now = datetime.now(UTC)
+    with store.write() as conn:  # chc sends on t-ours to core (twice: one party row)
+        open_threads(conn, "chc", [("t-ours", "core"), ("t-ours", "core")], now)
+        open_threads(conn, "chc", [("t-ours", "core")], now)
+        conn.execute(insert(INBOX).values(
+            packet_id="p-held", sender="core", kind="result.lab", thread="t-ours", seq=3,
+            digest="0" * 64, size=1, state="held", created_at=now, received_at=now,
+            next_try_at=now, body=b"{}", receipt=b"r"))
+    gate = ThreadGate("chc")
+    with store.read() as conn:
+        gate.load(conn, ["t-ours", "t-new"])
+    assert gate.judge(Row("t-ours", "core", 2)) == HOLD and gate.due(Row("t-ours", "core", 2)) == 1
+    assert gate.judge(Row("t-ours", "core", 1)) == TAKE
+    gate.taken(Row("t-ours", "core", 1))
+    assert gate.judge(Row("t-ours", "core", 2)) == TAKE
+    gate.taken(Row("t-ours", "core", 2))
+    with pytest.raises(NotThreadParty):
+        gate.judge(Row("t-ours", "gchc", 1))
+    with pytest.raises(StaleSequence):
+        gate.judge(Row("t-ours", "core", 2))
+    # a thread new here: held until its seq 1 arrives, which opens it for that sender only
+    assert gate.judge(Row("t-new", "gchc", 2)) == HOLD
+    assert gate.judge(Row("t-new", "gchc", 1)) == TAKE
+    gate.taken(Row("t-new", "gchc", 1))
+    with pytest.raises(NotThreadParty):
+        gate.judge(Row("t-new", "core", 1))
+    with store.write() as conn:
+        gate.commit(conn, now)
+        open_threads(conn, "chc", [("t-new", "gchc")], now)  # our reply keeps the turn
+    with store.read() as conn:
+        parties = {(r.thread, r.peer, r.next_seq, r.opened_by)
+                   for r in conn.execute(select(THREAD_PARTY))}
+        held = conn.execute(select(INBOX.c.state).where(INBOX.c.packet_id == "p-held")).scalar()
+    assert parties == {("t-ours", "core", 3, "chc"), ("t-new", "gchc", 2, "gchc")}
+    assert held == "received"  # its thread moved: back in the queue, now due
+    again = ThreadGate("chc")
+    with store.read() as conn:
+        again.load(conn, ["t-ours"])
+    assert again.judge(Row("t-ours", "core", 3)) == TAKE
