@@ -25,6 +25,11 @@
         ├── MissingConsent           HT-REF-CONSENT     a referral without the patient's consent
         ├── UnknownReference         HT-REF-UNKNOWN     a reference to nothing in the bundle/store
         └── InvalidResource          HT-FHIR-INVALID    a resource that is not valid FHIR R4
+    ThreadRefused                    (permanent)        a packet its thread does not take
+        ├── NotThreadParty           HT-THREAD-PARTY    sender is not the thread's other party
+        └── StaleSequence            HT-THREAD-SEQ      a seq whose turn has passed
+    UnsafePath                       HT-UNSAFE-PATH     an id used as a path fails its grammar or
+                                                        would leave its folder
 
 Retry decides on ``retry`` (transient / ambiguous / permanent), never on a flag: transient and
 ambiguous failures are retried with backoff; permanent ones go to quarantine or dead letter.
@@ -281,3 +286,32 @@ class VisitConflict(WorkflowError):
 
     code = "HT-VISIT-CONFLICT"
     http_status = 409
+
+
+class ThreadRefused(HutongError):
+    """A packet its thread does not take (issue 13): quarantined and audited at delivery."""
+
+    code = "HT-THREAD"
+    http_status = 403
+
+
+class NotThreadParty(ThreadRefused):
+    """The (authenticated, original) sender is not the thread's other party: a member may
+    speak only on the threads it opened with us or we opened with it."""
+
+    code = "HT-THREAD-PARTY"
+
+
+class StaleSequence(ThreadRefused):
+    """A new packet with a sequence number whose turn has passed on its thread."""
+
+    code = "HT-THREAD-SEQ"
+    http_status = 409
+
+
+class UnsafePath(HutongError):
+    """An identifier that would become part of a file path fails its grammar, or its path
+    would leave the folder it belongs in (``..``, a symlink out)."""
+
+    code = "HT-UNSAFE-PATH"
+    http_status = 422

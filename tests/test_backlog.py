@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.factory import bundle
-from tests.harness import ROOT, Alliance, NodeProcess, spooled, wait_for
+from tests.harness import ROOT, Alliance, NodeProcess, db_rows, spooled, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -219,7 +219,15 @@ def test_down_peer_waits_in_its_own_queue_then_drains_once_and_dead_ones_wait_fo
         # --- IT retries the dead ones: one by outbox id, then all the rest -------------------
         r = cli(gwc, "outbox", "retry", str(dead_rows[1]["id"]))
         assert (r.returncode, r.stdout.strip()) == (0, "re-queued 1 packet(s)"), r.stderr
-        wait_for(lambda: dead[1] in spooled_ids(sec), what="the retried packet")
+        # sec takes it (its receipt comes back) but holds it: its thread's seq 1 has not
+        # arrived, and a gap is held, never skipped over (bridge/delivery/threads.py)
+        wait_for(lambda: peer_counts(gwc)["sec"].get("acknowledged") == 2,
+                 what="the retried packet's receipt")
+        wait_for(lambda: db_rows(sec, "SELECT state, last_error FROM inbox WHERE packet_id = :p",
+                                 p=dead[1]) == [("held", f"held: seq 2 waits for seq 1 from gwc "
+                                                         "on its thread")],
+                 what="the retried packet held at sec")
+        assert dead[1] not in spooled_ids(sec)
         assert [row["packet_id"] for row in outbox(gwc, state="dead")] == [dead[0], dead[2]]
         r = cli(gwc, "outbox", "retry")
         assert (r.returncode, r.stdout.strip()) == (0, "re-queued 2 packet(s)"), r.stderr
@@ -227,6 +235,10 @@ def test_down_peer_waits_in_its_own_queue_then_drains_once_and_dead_ones_wait_fo
         assert outbox(gwc) == []
         assert sorted(f.stem.split("-", 1)[1] for f in spooled(sec) if f.parent.name == "t-dead"
                       ) == sorted(dead)
+        # handed over in the sender's order although they arrived 2, 1, 3
+        assert [pid for (pid,) in db_rows(sec, "SELECT packet_id FROM audit WHERE action = "
+                                               "'delivered' AND thread = 't-dead' ORDER BY seq")
+                ] == dead
         acked = {row["packet_id"]: row for row in outbox(gwc, state="acknowledged")}
         for pid in dead:
             assert acked[pid]["attempts"] == 1  # counted afresh from the retry

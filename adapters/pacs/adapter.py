@@ -42,7 +42,7 @@ from sqlalchemy import select
 from adapters.base import BaseAdapter
 from adapters.pacs import dimse, fetch
 from adapters.pacs.errors import DicomRejected, FetchFailed, PacsFailed, ReportRejected
-from adapters.pacs.files import InstanceStore, check_structure, check_uid, read_header
+from adapters.pacs.files import InstanceStore, check_structure, check_uid, path_uid, read_header
 from adapters.pacs.options import parse_options
 from adapters.pacs.report import parse_oru, report_from_oru, report_from_sr
 from adapters.pacs.study import (
@@ -54,11 +54,13 @@ from adapters.pacs.study import (
     text,
 )
 from bridge.audit.events import AuditEntry
-from bridge.errors import ConfigError, HutongError, NotFound
+from bridge.errors import ConfigError, HutongError, NotFound, UnsafePath
 from bridge.fhir.validate import validate_resource
 from bridge.fhirstore import store as fstore
 from bridge.fhirstore.tables import FHIR_RESOURCE
+from bridge.local import intake
 from bridge.privacy import patient_hash
+from bridge.referral.workflow import foreign_resource
 
 if TYPE_CHECKING:
     from bridge.delivery.handlers import Delivery
@@ -124,7 +126,7 @@ class PacsAdapter(BaseAdapter):
             if not text(ds, "PatientID"):
                 raise DicomRejected(f"instance {sop}: PatientID (0010,0020) is missing")
             self.instances.write(study, series, sop, raw)
-        except DicomRejected as exc:
+        except (DicomRejected, UnsafePath) as exc:
             self.count("instances_rejected")
             log.warning("pacs: C-STORE refused (%s): %s", exc.code, exc.message)  # UIDs only
             if len(raw) > self.opts.max_dataset_bytes:  # keep the head, where the header is
@@ -441,27 +443,56 @@ class PacsAdapter(BaseAdapter):
                        source_key=key, write=write)
         self.count("fetches_served" if reason is None else "fetches_refused")
 
-    def _receive(self, item: Delivery) -> None:
-        resp = fetch.parse_response(item.body)
-        try:
-            task = self.host.resource("Task", resp.task_id)
-        except NotFound:
-            raise FetchFailed(f"response for Task/{resp.task_id}, which was never asked for "
-                              "here") from None
+    def _open_fetch(self, task_id: str, item: Delivery) -> dict[str, Any]:
+        """The node's own open fetch Task this response answers, asked of its sender on this
+        very thread; FetchFailed for anything else (never asked, asked of someone else or on
+        another thread, or already completed or failed)."""
+        with self.host.store.read() as conn:
+            try:
+                row = fstore.get_row(conn, "Task", task_id)
+            except NotFound:
+                raise FetchFailed(f"response for Task/{task_id}, which was never asked for "
+                                  "here") from None
+            task = orjson.loads(row.body)
+        code = [c.get("code") for c in (task.get("code") or {}).get("coding") or ()]
+        requester = ((task.get("requester") or {}).get("identifier") or {}).get("value")
         owner = ((task.get("owner") or {}).get("identifier") or {}).get("value")
-        if owner != item.sender:
-            raise FetchFailed(f"response for Task/{resp.task_id} came from {item.sender}, "
-                              f"not from {owner}")
-        for sop, data in resp.instances:
+        if "imaging-fetch" not in code or requester != self.host.node_id \
+                or row.origin != self.host.node_id:
+            raise FetchFailed(f"response for Task/{task_id}, which is not a fetch this node "
+                              "asked for")
+        if owner != item.sender or row.thread != item.thread:
+            raise FetchFailed(f"response for Task/{task_id} came from {item.sender} on thread "
+                              f"{item.thread}; it was asked of {owner} on another thread")
+        if task.get("status") not in ("requested", "in-progress"):
+            raise FetchFailed(f"response for Task/{task_id}, which is {task.get('status')}")
+        return dict(task)
+
+    def _receive(self, item: Delivery) -> None:
+        key = f"fetch-in:{item.packet_id}"
+        if self.host.seen(key) is not None:
+            return  # applied before a crash: the Task is already past it
+        resp = fetch.parse_response(item.body)  # sizes, SHA-1s, the study UID's grammar
+        task = self._open_fetch(resp.task_id, item)
+        asked = fetch.study_uid_of(task)
+        if resp.study_uid != asked:
+            raise FetchFailed(f"response for Task/{resp.task_id} is for another study")
+        checked: list[tuple[str, str, bytes]] = []
+        for sop, data in resp.instances:  # every instance checked before any is written
+            path_uid(sop, field="dicom-instance title (SOPInstanceUID)")
             try:
                 ds = read_header(data)
             except DicomRejected:
                 raise FetchFailed(f"instance {sop}: not a readable DICOM file") from None
+            path_uid(str(ds.get("SOPInstanceUID", "")), field="SOPInstanceUID (0008,0018)")
+            path_uid(str(ds.get("StudyInstanceUID", "")), field="StudyInstanceUID (0020,000D)")
+            series = path_uid(str(ds.get("SeriesInstanceUID", "")),
+                              field="SeriesInstanceUID (0020,000E)")
             if str(ds.get("SOPInstanceUID")) != sop or \
                     str(ds.get("StudyInstanceUID")) != resp.study_uid:
                 raise FetchFailed(f"instance {sop}: UIDs differ from the manifest")
-            series = check_uid(ds.get("SeriesInstanceUID"), record=sop,
-                               field="SeriesInstanceUID (0020,000E)")
+            checked.append((series, sop, data))
+        for series, sop, data in checked:
             self.fetched.write(resp.study_uid, series, sop, data)
         have = len(self.fetched.study_files(resp.study_uid))
         now = self.host.now()
@@ -482,8 +513,10 @@ class PacsAdapter(BaseAdapter):
         validate_resource(task)  # what arrived was validated at the gateway; only ours is new
         with self.host.store.write() as conn:
             for r in resp.resources:
+                foreign_resource(conn, r, item.thread, item.sender)
                 fstore.put(conn, r, at=now, origin=item.sender, patient_hash=resp.patient_hash)
             fstore.put(conn, task, at=now, thread=item.thread, origin=self.host.node_id)
+            intake.remember(conn, self.name, key, {"task": task["id"]}, now, thread=item.thread)
             self.host.ctx.audit.append(conn, [AuditEntry(
                 action="imaging-fetch-received", at=now, actor=f"adapter:{self.name}",
                 peer=item.sender, kind=item.kind, thread=item.thread, packet_id=item.packet_id,

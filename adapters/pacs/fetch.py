@@ -28,6 +28,7 @@ from typing import Any
 import orjson
 
 from adapters.pacs.errors import FetchFailed
+from adapters.pacs.files import path_uid
 from adapters.pacs.study import study_identifier
 
 KIND_REQUEST = "imaging.fetch-request"
@@ -95,9 +96,14 @@ def _study_uid_of(task: dict[str, Any]) -> str:
     for item in task.get("input") or ():
         if (item.get("type") or {}).get("text") == "StudyInstanceUID":
             value = str(item.get("valueOid") or "")
-            if value.startswith("urn:oid:"):
-                return value[8:]
+            if value.startswith("urn:oid:"):  # names folders on both sides: a UID or nothing
+                return path_uid(value[8:], field="Task.input StudyInstanceUID")
     raise FetchFailed(f"record Task/{task.get('id')} field Task.input: no StudyInstanceUID")
+
+
+def study_uid_of(task: dict[str, Any]) -> str:
+    """The StudyInstanceUID a fetch Task asks for (checked as a UID)."""
+    return _study_uid_of(task)
 
 
 def _patient_hash_of(resources: list[dict[str, Any]]) -> str | None:

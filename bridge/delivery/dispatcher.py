@@ -20,7 +20,8 @@ from bridge.context import NodeContext
 from bridge.delivery.handlers import Delivery, Handler
 from bridge.delivery.lanes import Lanes, lane_of
 from bridge.delivery.sender import backoff
-from bridge.errors import HutongError, Retry
+from bridge.delivery.threads import HOLD, ThreadGate
+from bridge.errors import HutongError, Retry, ThreadRefused
 from bridge.store.quarantine import quarantine_row
 from bridge.store.tables import INBOX, QUARANTINE
 
@@ -51,7 +52,7 @@ class Dispatcher:
         stmt = (
             select(INBOX.c.id, INBOX.c.packet_id, INBOX.c.sender, INBOX.c.kind, INBOX.c.thread,
                    INBOX.c.seq, INBOX.c.patient_hash, INBOX.c.received_at, INBOX.c.body,
-                   INBOX.c.attempts, INBOX.c.next_try_at)
+                   INBOX.c.attempts, INBOX.c.next_try_at, INBOX.c.last_error)
             .where(INBOX.c.state == "received")
             .order_by(INBOX.c.id)
             .limit(self.batch)
@@ -62,19 +63,31 @@ class Dispatcher:
                 if not held:
                     return 0
                 stmt = stmt.where(lane_of(INBOX.c.thread).in_(sorted(held)))
+        gate = ThreadGate(self.ctx.node_id)
         with self.ctx.store.read() as conn:
             rows = conn.execute(stmt).all()
+            if rows:
+                gate.load(conn, (r.thread for r in rows))
         if not rows:
             return 0
         # hand over outside any transaction: handlers may do slow I/O (sockets, fsync)
         blocked: set[str] = set()
         delivered: list[Any] = []
         failed: list[tuple[Any, HutongError]] = []
+        held: list[tuple[Any, int]] = []
+        refused: list[tuple[Any, ThreadRefused]] = []
         for r in rows:
             if r.thread in blocked:  # keep order: nothing passes an earlier packet waiting
                 continue
             if r.next_try_at > now:  # backing off: later packets of its thread wait behind it
                 blocked.add(r.thread)
+                continue
+            try:  # only the thread's party, only its next seq (threads.py)
+                if gate.judge(r) == HOLD:
+                    held.append((r, gate.due(r)))
+                    continue
+            except ThreadRefused as exc:
+                refused.append((r, exc))
                 continue
             handler = self.handler_for(r.kind)
             try:
@@ -88,11 +101,15 @@ class Dispatcher:
             except HutongError as exc:
                 blocked.add(r.thread)
                 failed.append((r, exc))
+                self._turn(gate, r, exc)
                 continue
             except Exception as exc:  # noqa: BLE001 - an adapter's bug must not stop delivery
                 blocked.add(r.thread)
-                failed.append((r, HutongError(f"local handler failed: {type(exc).__name__}")))
+                err = HutongError(f"local handler failed: {type(exc).__name__}")
+                failed.append((r, err))
+                self._turn(gate, r, err)
                 continue
+            gate.taken(r)
             delivered.append(r)
             faults.point("dispatcher.during_delivery")
         for h in {id(h): h for h in self.handlers.values()}.values():
@@ -115,9 +132,49 @@ class Dispatcher:
                 ))
             for r, exc in failed:
                 audit.extend(self._failed(conn, r, exc))
+            audit.extend(self._hold(conn, held, now))
+            audit.extend(self._refuse(conn, refused, now))
+            gate.commit(conn, now)  # after the holds: a packet now due goes back to the queue
             if audit:
                 self.ctx.audit.append(conn, audit)
         return len(delivered)
+
+    def _turn(self, gate: ThreadGate, r: Any, exc: HutongError) -> None:
+        """A packet refused for good has had its turn (the next one is due); one that will be
+        retried keeps it."""
+        if exc.retry is Retry.PERMANENT or r.attempts + 1 >= self.ctx.plan.delivery.max_attempts:
+            gate.taken(r)
+        else:
+            gate.forget(r)
+
+    def _hold(self, conn: Any, held: list[tuple[Any, int]], now: Any) -> list[AuditEntry]:
+        """Packets ahead of their turn wait (state ``held``), audited when first held."""
+        out: list[AuditEntry] = []
+        for r, due in held:
+            note = f"held: seq {r.seq} waits for seq {due} from {r.sender} on its thread"
+            conn.execute(update(INBOX).where(INBOX.c.id == r.id).values(
+                state="held", last_error=note))
+            if not (r.last_error or "").startswith("held:"):
+                out.append(AuditEntry(action="held", outcome="4", packet_id=r.packet_id,
+                                      kind=r.kind, peer=r.sender, thread=r.thread,
+                                      patient_hash=r.patient_hash, message=note, at=now))
+        return out
+
+    def _refuse(self, conn: Any, refused: list[tuple[Any, ThreadRefused]],
+                now: Any) -> list[AuditEntry]:
+        """A packet from outside its thread, or behind its turn: refused, kept, audited."""
+        out: list[AuditEntry] = []
+        for r, exc in refused:
+            conn.execute(update(INBOX).where(INBOX.c.id == r.id).values(
+                state="refused", last_error=str(exc)[:500]))
+            conn.execute(QUARANTINE.insert(), [quarantine_row(
+                now, "thread", exc, raw=r.body or b"", sender=r.sender, packet_id=r.packet_id,
+                kind=r.kind, thread=r.thread)])
+            out.append(AuditEntry(action="refused", outcome="4", packet_id=r.packet_id,
+                                  kind=r.kind, peer=r.sender, thread=r.thread,
+                                  patient_hash=r.patient_hash, code=exc.code,
+                                  message=exc.message, at=now))
+        return out
 
     def _failed(self, conn: Any, r: Any, exc: HutongError) -> list[AuditEntry]:
         now = self.ctx.now()
@@ -128,7 +185,7 @@ class Dispatcher:
                 state="failed", attempts=attempts, last_error=str(exc)[:500]))
             conn.execute(QUARANTINE.insert(), [quarantine_row(
                 now, "delivery", exc, raw=r.body or b"", sender=r.sender,
-                packet_id=r.packet_id, kind=r.kind)])
+                packet_id=r.packet_id, kind=r.kind, thread=r.thread)])
             return [AuditEntry(action="dead-lettered", outcome="8", packet_id=r.packet_id,
                                kind=r.kind, peer=r.sender, thread=r.thread,
                                patient_hash=r.patient_hash, code=exc.code, message=exc.message,

@@ -15,6 +15,7 @@ from bridge.audit.events import AuditEntry
 from bridge.context import NodeContext
 from bridge.crypto.envelope import body_digest
 from bridge.delivery.egress import check_egress
+from bridge.delivery.threads import open_threads
 from bridge.errors import PacketRefused, PacketTooLarge, RouteDenied
 from bridge.fhir.validate import parse_and_validate_bundle
 from bridge.privacy import bundle_patient_hash
@@ -65,7 +66,7 @@ def queue_packets(
     refused: list[dict[str, object]] = []
     audit: list[AuditEntry] = []
     results: list[Queued] = []
-    next_seq: dict[str, int] = {}
+    next_seq: dict[tuple[str, str], int] = {}
     for item in items:
         packet_id = str(uuid.uuid4())
         thread = item.thread or packet_id
@@ -94,15 +95,19 @@ def queue_packets(
             )
             results.append(Queued(None, exc))
             continue
-        if thread not in next_seq:
+        # numbered per thread AND recipient: each recipient takes a thread's packets only at
+        # the next seq it expects from us (bridge/delivery/threads.py), so no gaps
+        turn = (thread, item.recipient)
+        if turn not in next_seq:
             last = conn.execute(
                 select(func.max(OUTBOX.c.seq)).where(
-                    OUTBOX.c.thread == thread, OUTBOX.c.sender == plan.node_id
+                    OUTBOX.c.thread == thread, OUTBOX.c.sender == plan.node_id,
+                    OUTBOX.c.recipient == item.recipient,
                 )
             ).scalar()
-            next_seq[thread] = (last or 0) + 1
-        seq = next_seq[thread]
-        next_seq[thread] = seq + 1
+            next_seq[turn] = (last or 0) + 1
+        seq = next_seq[turn]
+        next_seq[turn] = seq + 1
         phash = bundle_patient_hash(plan.patient_hash_key, bundle, plan.alliance.national_id_system)
         rows.append(
             {
@@ -123,6 +128,8 @@ def queue_packets(
         results.append(Queued(packet_id))
     if rows:
         conn.execute(insert(OUTBOX), rows)
+        open_threads(conn, plan.node_id, [(str(r["thread"]), str(r["recipient"])) for r in rows],
+                     now)
     if refused:
         conn.execute(insert(QUARANTINE), refused)
     if audit:

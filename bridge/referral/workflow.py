@@ -2,8 +2,10 @@
 
 Local steps (``submit``, ``move``, ``step``) check the state machine, update the Task and the
 store, and queue the message packet in ONE transaction. Arriving packets are applied by
-``apply_packet`` (idempotent by packet id; a packet older than the last one applied from that
-side is ignored), so duplicates and reordering leave both sides in the same state.
+``apply_packet`` (idempotent by packet id), so duplicates leave both sides in the same state.
+The dispatcher hands a thread's packets over only from the referral's other party and in that
+party's sequence order (``bridge/delivery/threads.py``); here a step from the other side is
+checked again (party, then the same state machine as a local step) before anything is stored.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from bridge.errors import (
     InvalidResource,
     MissingConsent,
     NotFound,
+    NotThreadParty,
     UnknownReference,
 )
 from bridge.fhir.validate import errors as fhir_errors
@@ -289,6 +292,7 @@ class Workflow:
         for r in carried:
             if r["resourceType"] == "Organization" and store.exists(conn, "Organization", r["id"]):
                 continue
+            foreign_resource(conn, r, item.thread, item.sender)
             store.put(conn, r, at=now, thread=item.thread, origin=item.sender,
                       patient_hash=phash)
         task = next(r for r in carried if r["resourceType"] == "Task")
@@ -312,6 +316,15 @@ class Workflow:
         row = conn.execute(select(REFERRAL).where(REFERRAL.c.thread == item.thread)).first()
         if row is None:
             raise UnknownReference(f"referral step '{event}' for an unknown referral")
+        other = row.receiver if row.side == "referrer" else row.referrer
+        if item.sender != other:  # the dispatcher's gate refuses these first; kept as a guard
+            raise NotThreadParty(f"referral step '{event}' on thread {row.thread} from "
+                                 f"'{item.sender}', which is not a party of that referral")
+        if task.get("id") != row.task_id:
+            raise InvalidResource(f"referral step '{event}' carries Task/{task.get('id')}, "
+                                  f"not this referral's Task")
+        # a peer's step takes the same state machine as a local one, before anything is stored
+        self._peer_move(row, event, task)
         if item.seq <= row.last_seq_in:
             self._log_step(conn, row.thread, event, row.status, row.status, item.packet_id,
                            item.sender)
@@ -324,6 +337,7 @@ class Workflow:
                 continue  # our own records of the patient and of members stay as they are
             if r["resourceType"] == "Task" and row.side == "receiver":
                 continue  # the receiver owns the Task; the referrer's copy never overwrites it
+            foreign_resource(conn, r, row.thread, item.sender)
             store.put(conn, R.rewrite_refs(r, alias), at=now, thread=row.thread,
                       origin=item.sender, patient_hash=row.patient_hash)
         conn.execute(update(REFERRAL).where(REFERRAL.c.thread == row.thread)
@@ -355,12 +369,31 @@ class Workflow:
             self._advance(conn, row, mine, "return-received", actor=f"node:{self.me}")
             self._send(conn, row, "return-received", mine, [])
 
+    def _peer_move(self, row: Any, event: str, task: dict[str, Any]) -> None:
+        """Check a step arriving from the other side against the state machine, as a local
+        step is checked: the move must be the other side's to take, from the status this side
+        holds now, and (from the receiver) the Task it sends must be in the move's target."""
+        theirs = "receiver" if row.side == "referrer" else "referrer"
+        if event == "cancel" and theirs == "referrer":
+            return  # always taken: answered with "cancelled" or "cancel-refused" (_answer)
+        if event == "cancel-refused" and theirs == "receiver":
+            if task.get("status") != row.status:  # a refusal changes nothing
+                raise IllegalTransition(f"'cancel-refused' with Task.status "
+                                        f"'{task.get('status')}', not '{row.status}'")
+            return
+        move = check(event, row.status, theirs)
+        if theirs == "receiver" and task.get("status") != (move.target or row.status):
+            raise IllegalTransition(f"'{event}' from '{row.status}' leads to "
+                                    f"'{move.target or row.status}', the Task sent says "
+                                    f"'{task.get('status')}'")
+
     def _answer(self, conn: Connection, row: Any, event: str, task: dict[str, Any],
                 item: Delivery) -> None:
         """The receiver takes the referrer's cancel request or its return-received note."""
         mine = store.get(conn, "Task", row.task_id)
         actor = f"node:{item.sender}"
         if event == "return-received":
+            check("return-received", row.status, "referrer")
             self._advance(conn, row, mine, "return-received", actor=actor)
             return
         if event != "cancel":
@@ -611,6 +644,22 @@ def _without_local_visits(r: dict[str, Any], sent: set[str]) -> dict[str, Any]:
             del out["supportingInfo"]
         return out
     return r
+
+
+def foreign_resource(conn: Connection, resource: dict[str, Any], thread: str,
+                     sender: str) -> None:
+    """A peer's packet may create resources, and update those of its own thread or its own
+    making; one that would overwrite another thread's or this node's record is refused."""
+    rid = resource.get("id")
+    if not isinstance(rid, str):
+        return
+    try:
+        row = store.get_row(conn, resource["resourceType"], rid)
+    except NotFound:
+        return
+    if row.thread != thread and row.origin != sender:
+        raise NotThreadParty(f"{resource['resourceType']}/{rid} belongs to another thread "
+                             f"here; '{sender}' may not change it from thread {thread}")
 
 
 def _is_placer(ident: dict[str, Any]) -> bool:

@@ -10,16 +10,19 @@ Patient is registered (with the hash, never an ID number: none travels).
 
 from __future__ import annotations
 
+from typing import Any
+
 import orjson
 from sqlalchemy import insert, select
 
 from bridge.audit.events import AuditEntry
 from bridge.context import NodeContext
 from bridge.delivery.handlers import Delivery
-from bridge.errors import InvalidResource
+from bridge.errors import InvalidResource, NotFound, NotThreadParty
 from bridge.fhirstore import store
 from bridge.referral import resources as R
 from bridge.referral.tables import REFERRAL
+from bridge.referral.workflow import foreign_resource
 from bridge.results.tables import RESULT_PACKET
 
 
@@ -40,6 +43,11 @@ class ResultsInbox:
                     RESULT_PACKET.c.packet_id == item.packet_id)).first():
                 return
             row = conn.execute(select(REFERRAL).where(REFERRAL.c.thread == item.thread)).first()
+            if row is not None and item.sender != (row.receiver if row.side == "referrer"
+                                                   else row.referrer):
+                # the dispatcher's gate refuses these first; kept as a guard
+                raise NotThreadParty(f"result on referral thread {row.thread} from "
+                                     f"'{item.sender}', which is not a party of that referral")
             phash = row.patient_hash if row is not None else item.patient_hash
             theirs = next((r for r in resources if r.get("resourceType") == "Patient"), None)
             mine: str | None = None
@@ -55,8 +63,11 @@ class ResultsInbox:
                 if r is theirs and mine:
                     continue  # our own record of the patient stays as it is
                 if r.get("resourceType") == "Organization":
+                    if _others(conn, r, item.sender):
+                        continue  # another member's (or our own) record of an organisation
                     store.put(conn, r, at=now, origin=item.sender)
                 else:
+                    foreign_resource(conn, r, item.thread, item.sender)
                     store.put(conn, R.rewrite_refs(r, alias), at=now, thread=thread,
                               origin=item.sender, patient_hash=phash)
                 count += 1
@@ -70,3 +81,11 @@ class ResultsInbox:
                         + ("" if row is not None else " (no referral known for the thread)"),
                 extra={"linked": row is not None})])
 
+
+def _others(conn: Any, resource: dict[str, Any], sender: str) -> bool:
+    """Is there a record of this resource here that ``sender`` did not make?"""
+    try:
+        return bool(store.get_row(conn, resource["resourceType"], str(resource.get("id")))
+                    .origin != sender)
+    except NotFound:
+        return False

@@ -122,3 +122,23 @@ OUTBOX = OutboxItem.__table__  # type: ignore[attr-defined]
 INBOX = InboxItem.__table__  # type: ignore[attr-defined]
 QUARANTINE = QuarantineItem.__table__  # type: ignore[attr-defined]
 NODE_STATE = NodeState.__table__  # type: ignore[attr-defined]
+
+
+class ThreadParty(SQLModel, table=True):
+    """Who may speak to this node on a thread, and the next sequence number due from them.
+
+    A row is made when this node first sends on a thread (the recipient is its party) or when
+    a peer opens a new thread with its seq 1 (the sender is). The dispatcher takes a packet
+    only from a party and only at ``next_seq``; see ``bridge/delivery/threads.py``.
+    """
+
+    __tablename__ = "thread_party"
+
+    thread: str = Field(primary_key=True, max_length=64)
+    peer: str = Field(primary_key=True, max_length=32)
+    next_seq: int = 1
+    opened_by: str = Field(max_length=32)  # this node's id, or the peer's
+    at: datetime = Field(sa_type=UTCDateTime)
+
+
+THREAD_PARTY = ThreadParty.__table__  # type: ignore[attr-defined]
