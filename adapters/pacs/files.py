@@ -21,9 +21,10 @@ from pydicom.errors import InvalidDicomError
 from adapters.pacs.errors import DicomRejected
 from bridge.errors import UnsafePath
 
-#: PS3.5 9.1: digits in dot-separated components, no leading zero unless the component is
-#: "0", at most 64 characters. A UID becomes a file or folder name: nothing else passes.
-_UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+#: PS3.5 9.1: digits in dot-separated components, at most 64 characters. A UID becomes a file
+#: or folder name: nothing else passes. A component with a leading zero (not allowed by 9.1) is
+#: taken: real PACS write them, and such a name is as safe as any.
+_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 
 
 def is_uid(value: object) -> bool:
