@@ -322,6 +322,8 @@ class MllpListener:
                 loop.call_soon_threadsafe(stop.set)
         if thread is not None:
             thread.join(timeout=10)
+        elif not loop.is_closed():  # never started: nothing runs the loop
+            loop.close()
         self._thread = None
 
     def _run(self) -> None:
