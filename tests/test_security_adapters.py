@@ -19,7 +19,6 @@ import csv
 import io
 import re
 import socket
-import urllib.parse
 from pathlib import Path
 
 import pytest
