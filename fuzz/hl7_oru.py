@@ -5,8 +5,8 @@ import sys
 import atheris
 
 with atheris.instrument_imports():
-    from adapters.lis.intake import decode
     from adapters.lis.errors import LisMessageError
+    from adapters.lis.intake import decode
     from adapters.lis.oru import Settings, header, parse, to_fhir
     from bridge.errors import InvalidFhir
     from bridge.fhir.validate import validate_bundle

@@ -1,5 +1,5 @@
 """Bad-input suite, HL7 v2 intake (the LIS ORU^R01 path of ``adapters/lis``): bytes -> charset
--> python-hl7 parse -> MSH checks -> FHIR -> R4 validation, exactly as the adapter runs it.
+-> the HL7 v2 kit's parse -> MSH checks -> FHIR -> R4 validation, as the adapter runs it.
 
 Arbitrary bytes and the shipped fixtures with one to three edits may only end in the adapter's
 own refusal tree (``LisMessageError``, answered AE/AR) or ``InvalidFhir`` (which the adapter
@@ -13,8 +13,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from adapters.lis.intake import decode
 from adapters.lis.errors import LisMessageError
+from adapters.lis.intake import decode
 from adapters.lis.oru import Settings, header, parse, to_fhir
 from bridge.errors import InvalidFhir
 from bridge.fhir.validate import validate_bundle

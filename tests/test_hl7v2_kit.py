@@ -1,16 +1,28 @@
 """The HL7 v2 kit (adapters/hl7v2) without sockets: MLLP framing fed byte by byte (as python-hl7
 tests its stream reader), the MSH-18 table, charset mismatch, MSH-2, escapes after splitting,
-the HL7 null, DTM at every precision, versions 2.1-2.8, ACKs by version."""
+the HL7 null, DTM at every precision, versions 2.1-2.8, ACKs by version; and bad input
+(hypothesis): any chunking of any frames, edited fixtures and arbitrary bytes end in a frame,
+a reading or a refusal naming a field, never a crash."""
 
 from __future__ import annotations
 
 import hashlib
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from adapters.hl7v2 import ack, build, charset, fields, mllp
-from adapters.hl7v2.errors import BadEncodingChars, BadValue, CharsetRefused, VersionRefused
+from adapters.hl7v2.errors import (
+    BadEncodingChars,
+    BadValue,
+    CharsetRefused,
+    V2Error,
+    VersionRefused,
+)
+from tests.fuzzkit import mutated
 
 MSG = b"MSH|^~\\&|LIS|LAB|HUTONG|CORE|20261120||ORU^R01|C1|P|2.5.1\rPID|1||X1||Wang\r"
 
@@ -336,3 +348,75 @@ def test_ack_is_written_in_the_message_charset() -> None:
     to = ack.Answering.from_message(fields.parse(text, cs))
     out = ack.encode(ack.build_ack(to, "AA", at=datetime.now(UTC)), cs)
     assert "月坛億".encode("gbk") in out and ack.read_ack(out)[:2] == ("AA", "C1")
+
+
+# -- bad input -----------------------------------------------------------------------------------
+
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+_PAYLOAD = st.binary(max_size=300).map(lambda b: b.replace(b"\x1c\r", b"\x1c"))
+
+
+@FUZZ
+@given(payloads=st.lists(_PAYLOAD.filter(lambda b: b.strip(b"\r\n\t ") != b""), max_size=5),
+       cuts=st.lists(st.integers(0, 2000), max_size=12), limit=st.integers(1, 400))
+def test_framing_is_the_same_whatever_the_chunks(payloads: list[bytes], cuts: list[int],
+                                                 limit: int) -> None:
+    """Any payloads, any split of the stream, any limit: each frame comes out once, whole if
+    within the limit, else as an oversize fault with its digest; nothing else is invented."""
+    stream = b"".join(b"\x0b" + p + b"\x1c\r" for p in payloads)
+    reader = mllp.FrameReader(max_bytes=limit, keep_bytes=16)
+    events: list[mllp.Event] = []
+    last = 0
+    for cut in sorted({min(c, len(stream)) for c in cuts} | {len(stream)}):
+        events += reader.feed(stream[last:cut])
+        last = cut
+    assert reader.eof() is None and len(events) == len(payloads)
+    for p, e in zip(payloads, events, strict=True):
+        if len(p) <= limit:
+            assert e == mllp.Frame(p)
+        else:
+            framed = b"\x0b" + p + b"\x1c\r"
+            assert isinstance(e, mllp.Fault) and e.kind == "oversize"
+            assert e.sha256 == hashlib.sha256(framed).hexdigest()
+            assert e.prefix == (b"\x0b" + p)[:16] and e.size == len(framed)
+
+
+KIT_FIXTURES = sorted((Path(__file__).parent / "fixtures" / "hl7").rglob("*.hl7"))
+
+
+def read_everything(raw: bytes) -> None:
+    """What a listener does with bytes before the adapter's own rules: only V2Error may stop
+    it (AR/AE naming a field); anything else would be a crash."""
+    try:
+        text, cs = charset.decode(raw, "GB 18030-2000")
+        msg = fields.parse(text, cs)
+        fields.header(msg)
+        ack.Answering.from_message(msg)
+        for seg in msg:
+            for f in range(1, len(seg)):
+                for r in range(1, fields.reps(seg, f) + 1):
+                    fields.rep_text(seg, f, r)
+                    fields.dtm(fields.value(seg, f, 1, r), f"{seg.name}-{f}") \
+                        if fields.value(seg, f, 1, r).isdigit() else None
+    except V2Error as exc:
+        assert exc.field and exc.ack_code in ("AE", "AR")
+    ack.Answering.from_raw(raw)
+
+
+@pytest.mark.parametrize("fixture", KIT_FIXTURES, ids=[f.stem for f in KIT_FIXTURES])
+def test_edited_fixtures_end_in_a_named_refusal_or_a_reading(fixture: Path) -> None:
+    original = fixture.read_bytes()
+
+    @FUZZ
+    @given(raw=mutated(original))
+    def run(raw: bytes) -> None:
+        read_everything(raw)
+
+    run()
+
+
+@FUZZ
+@given(raw=st.binary(max_size=300))
+def test_arbitrary_bytes_end_in_a_named_refusal_or_a_reading(raw: bytes) -> None:
+    read_everything(b"MSH|^~\\&|" + raw)
+    read_everything(raw)

@@ -131,7 +131,7 @@ def oru(control: str, *, name: str = "王^秀英", cs: str = "UNICODE UTF-8", va
             f"OBX|1|ST|XYZ99^未映射项目^L||{value}||||||F|||20261120090000\r")
 
 
-def adt(control: str, name: str, *, cs: str = "UNICODE UTF-8", msh2: str = "^~\\&",
+def adt(control: str, name: str = "王", *, cs: str = "UNICODE UTF-8", msh2: str = "^~\\&",
         version: str = "2.5", mrn: str = "", extra: str = "") -> str:
     return (f"MSH|{msh2}|YTHIS|yuetan-his|HUTONG||20261120090000||ADT^A08^ADT_A01|{control}|P|"
             f"{version}||||||{cs}\r"
@@ -368,6 +368,16 @@ def test_msh2_with_a_space_is_refused(world: dict[str, Any], adapter: str) -> No
     raw = build("SPACE-1", name="王^秀英", msh2="^~ &").encode()
     [(code, control, why)] = send(world["ports"][adapter], raw)
     assert (code, control) == ("AR", "SPACE-1") and "MSH-2" in why
+
+
+@pytest.mark.parametrize("adapter", ["lis", "his"])
+def test_version_29_and_an_empty_version_are_refused_alike(world: dict[str, Any],
+                                                          adapter: str) -> None:
+    build = oru if adapter == "lis" else adt
+    answers = send(world["ports"][adapter], build("V29", version="2.9").encode(),
+                   build("V0", version="").encode())
+    assert [a[:2] for a in answers] == [("AR", "V29"), ("AR", "V0")]
+    assert all("MSH-12" in why for _, _, why in answers)
 
 
 @pytest.mark.parametrize("version", ["2.1", "2.2", "2.6", "2.7.1", "2.8"])

@@ -16,12 +16,9 @@
 from __future__ import annotations
 
 import csv
-import http.cookiejar
 import io
 import re
 import socket
-import urllib.parse
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -35,6 +32,7 @@ from pynetdicom.sop_class import CTImageStorage
 
 from simulators.his_ws import HisWsProcess
 from tests.harness import ROOT, Alliance, NodeProcess, db_rows, free_port_block, wait_for
+from tests.test_web import Browser
 
 pytestmark = pytest.mark.slow
 
@@ -42,13 +40,7 @@ XML = ROOT / "tests" / "fixtures" / "xml"
 
 
 def it_page(node: NodeProcess) -> str:
-    jar = http.cookiejar.CookieJar()
-    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
-    form = urllib.parse.urlencode({"token": node.token("it")}).encode()
-    with opener.open(node.local_url + "/ui/login", data=form, timeout=30) as r:
-        assert not r.geturl().endswith("/ui/login")
-    with opener.open(node.local_url + "/ui/it?lang=en", timeout=30) as r:
-        return r.read().decode()
+    return Browser(node).login("it").get("/ui/it?lang=en")
 
 
 def section(body: str, cls: str) -> str:

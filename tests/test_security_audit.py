@@ -369,9 +369,7 @@ def test_peer_anchors_kept_highest_and_a_chain_that_went_back_is_audited_once(tm
 
 
 def test_running_node_shows_a_tail_cut_under_it_on_the_auditor_page(exchanged) -> None:
-    import http.cookiejar
-    import urllib.parse
-    import urllib.request
+    from tests.test_web import Browser
 
     core = exchanged.node("core")
     config, data = clone(core, "live")
@@ -380,14 +378,10 @@ def test_running_node_shows_a_tail_cut_under_it_on_the_auditor_page(exchanged) -
     node.start()
     try:
         node.wait_ready()
-        jar = http.cookiejar.CookieJar()
-        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
-        form = urllib.parse.urlencode({"token": node.token("auditor")}).encode()
-        opener.open(node.local_url + "/ui/login", data=form, timeout=30).close()
+        auditor = Browser(node).login("auditor")
 
         def page() -> str:
-            with opener.open(node.local_url + "/ui/audit?verify=full&lang=en", timeout=60) as r:
-                return r.read().decode()
+            return auditor.get("/ui/audit?verify=full&lang=en")
         assert 'class="chain ok"' in page()
         rows, cps = cut_after(data / "node.db", anchored - 2)
         assert rows >= 2 and cps >= 1

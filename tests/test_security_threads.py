@@ -505,8 +505,11 @@ def test_the_instance_store_refuses_symlinks_out_and_non_uids(tmp_path: Path) ->
         store.write(third, third + ".1", third + ".1.1", data)
     assert target.read_bytes() == b"keep me"
     assert sorted(p.name for p in outside.iterdir()) == ["victim.txt"]
-    # UIDs outside the PS3.5 grammar never become a path, nor a glob
-    for bad in ("../" + STUDY, STUDY + "/..", "1.02.3", "1..2", ".1", "1.2.", "1" * 65, ""):
+    # only digits-and-dots UIDs of at most 64 characters become a path, never a glob (a
+    # component with a leading zero, outside PS3.5 9.1 but written by real PACS, is taken)
+    store.write("1.02.3", "1.02.3.1", "1.02.3.1.1", data)
+    assert [p.name for p in store.study_files("1.02.3")] == ["1.02.3.1.1.dcm"]
+    for bad in ("../" + STUDY, STUDY + "/..", "1..2", ".1", "1.2.", "1" * 65, "", "1.2 3"):
         with pytest.raises(UnsafePath):
             store.write(bad, STUDY + ".1", STUDY + ".1.1", data)
         with pytest.raises(UnsafePath):

@@ -33,6 +33,8 @@ kit's (:mod:`adapters.hl7v2`), the same as the LIS's.
 
 from __future__ import annotations
 
+import logging
+from dataclasses import replace
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -40,11 +42,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from adapters.base import BaseAdapter
 from adapters.his_hl7 import v2
+from adapters.his_hl7.errors import Hl7DataError
 from adapters.his_hl7.inbound import Inbound
 from adapters.his_hl7.messages import Header
 from adapters.his_hl7.outbound import Outbound
-from adapters.hl7v2 import charset
+from adapters.his_hl7.state import State
+from adapters.hl7v2 import ack, charset
+from adapters.hl7v2.fields import Message
 from adapters.hl7v2.mllp import (
+    Fault,
     Handlers,
     Limits,
     MllpListener,
@@ -53,12 +59,13 @@ from adapters.hl7v2.mllp import (
     server_tls,
     split_addr,
 )
-from adapters.his_hl7.state import State
-from bridge.errors import ConfigError
+from bridge.errors import ConfigError, HutongError
 
 if TYPE_CHECKING:
     from bridge.delivery.handlers import Delivery
     from bridge.local.host import AdapterHost
+
+log = logging.getLogger("hutong.adapters.his_hl7")
 
 
 def _addr(value: str) -> str:
@@ -156,6 +163,39 @@ class HisHl7Adapter(BaseAdapter):
         return v2.kit_errors(charset.decode)(raw, self.opts.default_charset,
                                              self.opts.charset_override)
 
+    def answer(self, code: str, control: str, cs: charset.Charset | None,
+               msg: Message | None, error: Hl7DataError | None = None,
+               raw: bytes = b"") -> bytes:
+        """The kit's ACK (MSA/ERR by the message's version), in the charset it was read in;
+        from the parsed message, else from what can be sniffed of the raw bytes."""
+        to = ack.Answering.from_message(msg) if msg is not None else ack.Answering.from_raw(raw)
+        return ack.encode(ack.build_ack(replace(to, control_id=control), code,
+                                        at=self.host.now(), error=error, app="HUTONG",
+                                        facility=self.facility), cs)
+
+    def frame_fault(self, fault: Fault) -> bytes | None:
+        """An MLLP frame not handled (oversize, truncated, too slow, no <VT>): its bounded
+        prefix and digest are quarantined; the HIS gets AR unless it is gone."""
+        exc = v2.from_kit(fault.error())
+        head = fault.prefix.lstrip(b"\x0b")
+        record = ack.Answering.from_raw(head).control_id.strip() or "?"
+        nak = self.answer("AR", record, None, None, exc, raw=head)
+        try:
+            qid = self.host.quarantine(exc, raw=fault.prefix, record=f"MSH-10 {record}",
+                                       field=exc.field, kind="hl7")
+            self.failed(f"{exc.code} MLLP {fault.kind} (quarantine {qid})")
+        except HutongError as store_exc:
+            log.error("his-hl7 %s: could not quarantine (%s)", self.name, store_exc.code)
+        self.count(f"frame-{fault.kind}")
+        return None if fault.kind == "truncated" else nak
+
+    def over_rate(self, raw: bytes) -> bytes:
+        """Over the listener's rate limit: AE, not quarantined (the HIS keeps it, resends)."""
+        self.count("rate-limited")
+        return self.answer("AE", ack.Answering.from_raw(raw).control_id or "?", None, None,
+                           Hl7DataError("rate limit exceeded on this channel; resend later",
+                                        hl7_error="207"), raw=raw)
+
     def header(self) -> Header:
         return Header("HUTONG", self.facility, self.opts.his_application, self.opts.his_facility,
                       self.charset.name)
@@ -170,8 +210,7 @@ class HisHl7Adapter(BaseAdapter):
                          str(self.host.path(o.tls.client_ca)) if o.tls.client_ca else None) \
             if o.tls is not None else None
         self.listener = MllpListener(
-            host, port, Handlers(self.inbound.handle, self.inbound.frame_fault,
-                                 self.inbound.over_rate),
+            host, port, Handlers(self.inbound.handle, self.frame_fault, self.over_rate),
             limits=Limits(max_bytes=o.max_message_bytes, idle_timeout_s=o.idle_timeout_s,
                           frame_timeout_s=o.frame_timeout_s),
             ssl_context=tls,

@@ -20,16 +20,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import replace
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from adapters import slips_fhir
-from adapters.his_hl7 import adt, messages, v2
+from adapters.his_hl7 import adt, messages
 from adapters.his_hl7.errors import Hl7ControlReused, Hl7DataError, Hl7Duplicate
 from adapters.hl7v2 import ack
 from adapters.hl7v2.charset import Charset
-from adapters.hl7v2.mllp import Fault
 from adapters.his_hl7.state import PATIENT_FIELDS
 from bridge.errors import (
     HutongError,
@@ -118,34 +116,7 @@ class Inbound:
     def _ack(self, code: str, control: str, cs: Charset | None,
              inbound: messages.Inbound | None, error: Hl7DataError | None = None,
              raw: bytes = b"") -> bytes:
-        """The kit's ACK (MSA/ERR by the message's version), in the charset it was read in."""
-        to = ack.Answering.from_message(inbound.msg) if inbound is not None \
-            else ack.Answering.from_raw(raw)
-        to = replace(to, control_id=control)
-        return ack.encode(ack.build_ack(to, code, at=self.host.now(), error=error,
-                                        app="HUTONG", facility=self.a.facility), cs)
-
-    def frame_fault(self, fault: Fault) -> bytes | None:
-        """An MLLP frame not handled (oversize, truncated, too slow, no <VT>): its bounded
-        prefix and digest are quarantined; the HIS gets AR unless it is gone."""
-        exc = v2.from_kit(fault.error())
-        record = _record_of(fault.prefix.lstrip(b"\x0b"))
-        nak = self._ack("AR", record, None, None, exc, raw=fault.prefix.lstrip(b"\x0b"))
-        try:
-            qid = self.host.quarantine(exc, raw=fault.prefix, record=f"MSH-10 {record}",
-                                       field=exc.field, kind="hl7")
-            self.a.failed(f"{exc.code} MLLP {fault.kind} (quarantine {qid})")
-        except HutongError as store_exc:
-            log.error("his-hl7 %s: could not quarantine (%s)", self.a.name, store_exc.code)
-        self.a.count(f"frame-{fault.kind}")
-        return None if fault.kind == "truncated" else nak
-
-    def over_rate(self, raw: bytes) -> bytes:
-        """Over the listener's rate limit: AE, not quarantined (the HIS keeps it, resends)."""
-        self.a.count("rate-limited")
-        return self._ack("AE", _record_of(raw), None, None,
-                         Hl7DataError("rate limit exceeded on this channel; resend later",
-                                      hl7_error="207"), raw=raw)
+        return self.a.answer(code, control, cs, inbound.msg if inbound else None, error, raw)
 
     def _handle(self, raw: bytes) -> bytes:
         self.a.count("received")

@@ -55,7 +55,10 @@ def kit_errors(fn: Callable[P, T]) -> Callable[P, T]:
 
 @kit_errors
 def parse(text: str, charset: Charset = UTF8) -> Message:
-    return fields.parse(text, charset)
+    """The kit's parse (MSH-1/MSH-2 checked) and MSH-12 within 2.1-2.8, as on every listener."""
+    msg = fields.parse(text, charset)
+    fields.header(msg)
+    return msg
 
 
 def segments(msg: Message, name: str) -> list[Segment]:

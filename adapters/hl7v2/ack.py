@@ -161,6 +161,9 @@ def read_ack(raw: bytes, default: str = "UNICODE UTF-8") -> tuple[str, str, str]
 def ack_code_of(ack: str | bytes) -> str:
     """MSA-1 of an ACK, as text or as the bytes received (for logs, tests and simulators)."""
     if isinstance(ack, bytes):
-        return read_ack(ack)[0]
+        try:
+            return read_ack(ack)[0]
+        except V2Error:  # MSA-1 is ASCII: read it even when the rest does not decode
+            ack = ack.decode("latin-1")
     msg = fields.parse(ack)
     return fields.value(msg.segment("MSA"), 1) if msg.segments("MSA") else ""

@@ -1,8 +1,8 @@
 """Writing HL7 v2: escaped values, components, segments, messages, timestamps.
 
-Values are escaped with the message's delimiters (``|`` -> ``\\F\\``, ``^`` -> ``\\S\\``, ``&``
--> ``\\T\\``, ``~`` -> ``\\R\\``, ``\\`` -> ``\\E\\``, a line break -> ``\\.br\\``); non-ASCII text is
-written as is, since the whole message is encoded in its MSH-18 charset
+Values are escaped with the message's delimiters (``|`` -> ``\\F\\``, ``^`` -> ``\\S\\``,
+``&`` -> ``\\T\\``, ``~`` -> ``\\R\\``, ``\\`` -> ``\\E\\``, a line break -> ``\\.br\\``);
+non-ASCII text is written as is, since the whole message is encoded in its MSH-18 charset
 (:func:`adapters.hl7v2.charset.encode`), never as ``\\Xhh\\`` code points.
 """
 

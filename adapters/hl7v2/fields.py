@@ -4,8 +4,8 @@
 digits nor spaces: a space as escape character would eat the words of an address) and splits
 segments -> fields -> repetitions -> components -> subcomponents. Escapes are replaced only in
 the leaf a reader asks for, after splitting, so ``\\F\\`` is a ``|`` inside a value and never a
-field boundary: ``\\F\\ \\S\\ \\T\\ \\R\\ \\E\\ \\P\\`` -> the delimiters, ``\\Xhh..\\`` -> those bytes
-in the message's charset, ``\\.br\\`` -> newline (``\\.sp\\``: blank lines, ``\\.sk N\\``:
+field boundary: ``\\F\\ \\S\\ \\T\\ \\R\\ \\E\\ \\P\\`` -> the delimiters, ``\\Xhh..\\`` -> those
+bytes in the message's charset, ``\\.br\\`` -> newline (``\\.sp\\``: blank lines, ``\\.sk N\\``:
 spaces, other formatting commands and ``\\H\\ \\N\\`` dropped), a local ``\\Z..\\`` kept as
 written, an unterminated or empty escape refused naming the field.
 

@@ -82,7 +82,7 @@ class Fault:
     """A frame (or stray bytes) that will not be handled: what is kept of it, and why."""
 
     kind: str  # "oversize" | "truncated" | "slow" | "no-start"
-    prefix: bytes  # the first bytes (at most keep_bytes), as received (with <VT> if any)
+    prefix: bytes  # the first bytes (at most keep_bytes) as received, with <VT>, without <FS><CR>
     size: int  # bytes of the whole thing
     sha256: str  # digest of the whole thing
     limit: int = 0  # the frame limit (oversize) or the timeout in seconds (slow)
@@ -182,11 +182,13 @@ class FrameReader:
             end = data.find(END)
             stop, ended = (len(data), False) if end < 0 else (end + 2, True)
         self._hash.update(data[:stop])
+        if len(self._prefix) < self.keep_bytes:
+            self._prefix += data[: min(stop, self.keep_bytes - len(self._prefix))]
         self._size += stop
         self._last = data[stop - 1]
-        if ended:
-            out.append(Fault("oversize", self._prefix, self._size, self._hash.hexdigest(),
-                             self.max_bytes))
+        if ended:  # the prefix never holds the <FS><CR> that ended the frame
+            out.append(Fault("oversize", self._prefix[: self._size - 2], self._size,
+                             self._hash.hexdigest(), self.max_bytes))
             self._reset()
         return data[stop:]
 
@@ -322,6 +324,8 @@ class MllpListener:
                 loop.call_soon_threadsafe(stop.set)
         if thread is not None:
             thread.join(timeout=10)
+        elif not loop.is_closed():  # never started: nothing runs the loop
+            loop.close()
         self._thread = None
 
     def _run(self) -> None:

@@ -45,8 +45,8 @@ from adapters.hl7v2.charset import Charset
 from adapters.hl7v2.mllp import Fault, Handlers, Limits, MllpListener, TokenBucket, server_tls
 from adapters.lis import once
 from adapters.lis.errors import LisMessageError, RateLimited, from_kit
-from adapters.lis.intake import read
-from adapters.lis.oru import Settings, to_fhir
+from adapters.lis.intake import decode
+from adapters.lis.oru import Settings, header, parse, to_fhir
 from bridge.errors import ConfigError, HutongError, InvalidFhir
 from bridge.fhir.validate import validate_bundle
 
@@ -172,8 +172,10 @@ class LisAdapter(BaseAdapter):
         to = Answering.from_raw(raw)
         cs: Charset | None = None
         try:
-            msg, head, cs = read(raw, self.opts.default_charset, self.opts.charset_override)
+            text, cs = decode(raw, self.opts.default_charset, self.opts.charset_override)
+            msg = parse(text, cs)  # a refusal from here on is answered in the sender's charset
             to = Answering.from_message(msg)
+            head = header(msg)
             key = once.source_key(head.sending_app, head.facility, head.control_id, str(msg))
             prior = self.host.seen(key)
             if prior is not None:

@@ -4,8 +4,9 @@ Two sources: a DICOM SR stored with the study (Basic/Enhanced/Comprehensive Text
 HL7 v2 ORU^R01 text report from the RIS. The ORU reader is deliberately minimal (MSH, OBR,
 OBX, ZDS): it reads what a radiology report needs and nothing of lab results, which the LIS
 adapter owns. It reads through the HL7 v2 kit (:mod:`adapters.hl7v2`): charset by MSH-18,
-MSH-2 and version checks, escapes per leaf, DTM at any precision. The report is tied to its study by the Study Instance UID (OBX-3 ``113014^^DCM``
-or ZDS-1, IHE RAD) or else by the accession number (OBR-3 filler order number).
+MSH-2 and version checks, escapes per leaf, DTM at any precision. The report is tied to its
+study by the Study Instance UID (OBX-3 ``113014^^DCM`` or ZDS-1, IHE RAD) or else by the
+accession number (OBR-3 filler order number).
 """
 
 from __future__ import annotations
