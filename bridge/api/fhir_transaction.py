@@ -31,6 +31,7 @@ from sqlalchemy import Connection, select
 
 from bridge.api.capability import CLINICAL_TYPES
 from bridge.api.outcome import BadRequest, fhir_status, operation_outcome
+from bridge.fhir.validate import validate_resource
 from bridge.errors import (
     HutongError,
     InvalidResource,
@@ -249,10 +250,14 @@ class Transactions:
         return row.patient_hash if row else None
 
     def batch(self, bundle: dict[str, Any], actor: str, move_task: Any) -> dict[str, Any]:
+        from bridge.api.fhir_api import checked
+
         out = []
         for i, entry in enumerate(bundle.get("entry") or []):
             one = {"resourceType": "Bundle", "type": "transaction", "entry": [entry]}
             try:
+                if isinstance(entry, dict) and "resource" in entry:
+                    checked(validate_resource, entry["resource"])
                 (e,) = parse_entries(one)
                 e.index = i
                 if e.resource["resourceType"] == "Task" and e.method == "PUT" \
