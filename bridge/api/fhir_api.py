@@ -338,7 +338,7 @@ def fhir_router(node: Node) -> APIRouter:
             raise Forbidden(f"role '{role}' may not change referrals")
         return role
 
-    @router.post("", responses=answers("Bundle", 403, 404, 409, 501),
+    @router.post("", responses=answers("Bundle", 403, 404, 412, 415, 501),
                  openapi_extra=fhir_body("Bundle"))
     @router.post("/", include_in_schema=False)  # "[base]/" as many clients write it
     async def transaction(request: Request) -> Response:
@@ -364,7 +364,7 @@ def fhir_router(node: Node) -> APIRouter:
             lambda: transactions.run(bundle, actor, move_task))
         return fhir_json(result)
 
-    @router.put("/Task/{rid}", responses=answers("Task", 403, 404, 409, 501),
+    @router.put("/Task/{rid}", responses=answers("Task", 403, 404, 412, 415, 501),
                 openapi_extra=fhir_body("Task"))
     async def move(rid: str, request: Request) -> Response:
         role = writer(request)
