@@ -314,6 +314,24 @@ def test_if_match_and_prefer(core: NodeProcess, chc: NodeProcess) -> None:
 
 def test_two_writers_of_one_task_one_gets_412_nothing_lost(core: NodeProcess,
                                                             chc: NodeProcess) -> None:
+    race(core, chc)
+
+
+@pytest.mark.postgres
+def test_two_writers_on_postgresql(tmp_path, pg_node_dbs) -> None:
+    """The same race with core's store on PostgreSQL (READ COMMITTED: the version check
+    holds only because the Task row is locked for the transaction)."""
+    a = Alliance(tmp_path / "alliance", MEMBERS, RULES, dsn_for=pg_node_dbs)
+    try:
+        a.start("core", "chc")
+        for _ in range(3):
+            race(a.node("core"), a.node("chc"))
+    finally:
+        a.stop_all()
+
+
+def race(core: NodeProcess, chc: NodeProcess) -> None:
+    """Two clients PUT the same version of one Task at once (accept vs reject)."""
     task = received_task(chc, core)
     v = version(task)
     tag = f'W/"{v}"'

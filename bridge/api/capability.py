@@ -59,7 +59,8 @@ def _resource(rtype: str, params: tuple[Param, ...], roles: str) -> dict[str, An
         "documentation": f"Roles: {roles}. Every read and search is itself audited.",
         "interaction": interactions,
         "versioning": "versioned" if rtype != AUDIT_TYPE else "no-version",
-        **(_VERSIONED if rtype != AUDIT_TYPE else _NO_CONDITIONALS),
+        **(_NO_CONDITIONALS if rtype == AUDIT_TYPE else
+           {**_VERSIONED, "conditionalCreate": rtype not in UPDATABLE}),
         "searchParam": _search_params(params),
     }
     if rtype in INCLUDES:
