@@ -443,3 +443,20 @@ def test_since_limits_the_history(core: NodeProcess) -> None:
             "HT-FHIR-REQUEST")
     refused(call(core, "GET", "/fhir/Patient/_history", params={"name": "王"}), 400,
             "HT-FHIR-REQUEST")
+
+
+def test_capability_statement_says_what_versions_and_writes_do(core: NodeProcess) -> None:
+    cs = ok(call(core, "GET", "/fhir/metadata"))
+    validate_resource(cs)
+    (rest,) = cs["rest"]
+    by_type = {r["type"]: r for r in rest["resource"]}
+    for rtype in ("Patient", "Task", "Coverage"):
+        r = by_type[rtype]
+        assert r["versioning"] == "versioned" and r["readHistory"] is True
+        assert r["conditionalRead"] == "full-support"
+        codes = [i["code"] for i in r["interaction"]]
+        assert {"vread", "history-instance", "history-type"} <= set(codes)
+    assert by_type["Patient"]["conditionalCreate"] is True
+    assert by_type["Task"]["conditionalCreate"] is False  # Tasks are the workflow's
+    assert by_type["AuditEvent"]["readHistory"] is False
+    assert [i["code"] for i in rest["interaction"]] == ["transaction", "batch"]
