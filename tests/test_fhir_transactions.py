@@ -245,3 +245,49 @@ def test_batch_each_entry_on_its_own(core: NodeProcess, chc: NodeProcess) -> Non
     assert answer["entry"][3]["response"]["etag"] == f'W/"{v + 1}"'
     wait_for(lambda: referrals(chc)[thread]["status"] == "accepted",
              what="the referrer to see the acceptance made in a batch")
+
+
+def concurrent_conditional_creates(node: NodeProcess) -> None:
+    """Two clients create "the patient with MRN x, if none exists" at once: one creates, the
+    other is answered with that one (no duplicate)."""
+    import threading
+
+    import httpx
+
+    mrn = f"FX-{uuid.uuid4().hex[:8]}"
+    body = tx(post({"resourceType": "Patient", "identifier": [{"system": MRN, "value": mrn}]},
+                   u(), ifNoneExist=f"identifier={MRN}|{mrn}"))
+    answers: list[httpx.Response] = []
+    go = threading.Barrier(2)
+
+    def create() -> None:
+        with httpx.Client(timeout=30) as client:
+            go.wait()
+            answers.append(client.post(node.local_url + "/fhir", json=body, headers={
+                "Authorization": f"Bearer {node.token('clinician')}"}))
+
+    threads = [threading.Thread(target=create) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    responses = [ok(r)["entry"][0]["response"] for r in answers]
+    assert sorted(r["status"] for r in responses) == ["200 OK", "201 Created"]
+    assert responses[0]["location"] == responses[1]["location"]
+    found = ok(call(node, "GET", "/fhir/Patient", params={"identifier": f"{MRN}|{mrn}"}))
+    assert len(found["entry"]) == 1
+
+
+def test_concurrent_conditional_creates_make_one(core: NodeProcess) -> None:
+    concurrent_conditional_creates(core)
+
+
+@pytest.mark.postgres
+def test_concurrent_conditional_creates_on_postgresql(tmp_path, pg_node_dbs) -> None:
+    a = Alliance(tmp_path / "alliance", MEMBERS, RULES, dsn_for=pg_node_dbs)
+    try:
+        a.start("core")
+        for _ in range(3):
+            concurrent_conditional_creates(a.node("core"))
+    finally:
+        a.stop_all()

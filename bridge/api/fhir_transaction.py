@@ -22,12 +22,13 @@ entry answers with its status and an OperationOutcome; the others are kept.
 from __future__ import annotations
 
 import copy
+import hashlib
 import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, select, text
 
 from bridge.api.capability import CLINICAL_TYPES
 from bridge.api.outcome import BadRequest, fhir_status, operation_outcome
@@ -119,6 +120,16 @@ def existing(conn: Connection, rtype: str, query: str, where: str) -> Any | None
     return rows[0] if rows else None
 
 
+def _serialise(conn: Connection, key: str) -> None:
+    """Two transactions creating "if none exist" with the same search wait for each other until
+    commit (PostgreSQL: a transaction-scoped advisory lock on the search; SQLite's write
+    transactions are serial already), so the second finds what the first made."""
+    if conn.dialect.name != "postgresql":
+        return
+    k = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big", signed=True)
+    conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": k})
+
+
 def _stamp(at: Any) -> str:
     return at.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -141,6 +152,7 @@ def conditions(conn: Connection, bundle: dict[str, Any]
                                       f"{e.if_match}, {R.ref(e.resource)} is at "
                                       f"{have if have is not None else 'none'}")
         if e.if_none_exist and e.method == "POST":
+            _serialise(conn, f"{rtype}?{e.if_none_exist}")
             row = existing(conn, rtype, e.if_none_exist, f"entry[{e.index}].request.ifNoneExist")
             if row is not None:
                 answered[e.index] = {"response": {
