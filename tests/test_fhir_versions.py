@@ -224,6 +224,11 @@ def test_content_negotiation(core: NodeProcess, chc: NodeProcess) -> None:
     for fmt in ("json", "application/fhir+json", "application/json"):
         assert ok(call(core, "GET", "/fhir/Patient/pat-wang",
                        params={"_format": fmt}))["id"] == "pat-wang"
+    found = ok(call(core, "GET", "/fhir/Patient",
+                    params={"identifier": "FX0001", "_format": "application/fhir+json"}))
+    assert [e["resource"]["id"] for e in found["entry"]] == ["pat-wang"]
+    refused(call(core, "GET", "/fhir/Patient", params={"identifier": "FX0001",
+                                                       "_format": "xml"}), 406, "HT-FHIR-FORMAT")
     for fmt in ("xml", "application/fhir+xml", "ttl"):
         refused(call(core, "GET", "/fhir/Patient/pat-wang", params={"_format": fmt}), 406,
                 "HT-FHIR-FORMAT")
