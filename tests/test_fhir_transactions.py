@@ -245,6 +245,23 @@ def test_batch_each_entry_on_its_own(core: NodeProcess, chc: NodeProcess) -> Non
     assert answer["entry"][3]["response"]["etag"] == f'W/"{v + 1}"'
     wait_for(lambda: referrals(chc)[thread]["status"] == "accepted",
              what="the referrer to see the acceptance made in a batch")
+    # reads in a batch: the current resource, an older version, refusals per entry
+    reads = ok(call(core, "POST", "/fhir", body=tx(
+        {"request": {"method": "GET", "url": f"Task/{task['id']}"}},
+        {"request": {"method": "GET", "url": f"Task/{task['id']}/_history/{v}"}},
+        {"request": {"method": "GET", "url": "Task/nope"}},
+        {"request": {"method": "GET", "url": "Task?status=accepted"}},
+        kind="batch")))
+    validate_resource(reads)
+    now, old, missing, search = reads["entry"]
+    assert now["resource"] == moved and now["response"]["etag"] == f'W/"{v + 1}"'
+    assert now["response"]["lastModified"] == moved["meta"]["lastUpdated"]
+    assert old["resource"] == task and old["response"]["etag"] == f'W/"{v}"'
+    assert missing["response"]["status"] == "404" and search["response"]["status"] == "400"
+    audit = ok(call(core, "GET", "/fhir/AuditEvent", role="auditor",
+                    params={"subtype": "read", "_count": "50"}))
+    queries = [x["extension"] for e in audit["entry"] for x in [e["resource"]]]
+    assert any(f"batch GET Task/{task['id']}" in str(q) for q in queries)
 
 
 def concurrent_conditional_creates(node: NodeProcess) -> None:

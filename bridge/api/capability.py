@@ -140,6 +140,7 @@ def capability_statement(base_url: str, node_id: str, date: str) -> dict[str, An
                              "all or nothing; ifNoneExist and ifMatch honoured"},
                             {"code": "batch", "documentation":
                              "clinician only: each entry on its own; a Task PUT moves the "
-                             "referral as PUT /fhir/Task/{id} does"}],
+                             "referral as PUT /fhir/Task/{id} does; GET Type/id and "
+                             "Type/id/_history/vid read (audited)"}],
         }],
     }

@@ -15,8 +15,9 @@ first version, 200 otherwise), the versioned location that ``GET`` resolves, ``e
 ``lastModified``.
 
 Batch: each entry on its own (its own transaction): a PUT of a referral Task moves it through
-the workflow as ``PUT /fhir/Task/{id}`` does; other entries are stored as above. A refused
-entry answers with its status and an OperationOutcome; the others are kept.
+the workflow as ``PUT /fhir/Task/{id}`` does; a GET reads ``Type/id`` or a version (audited);
+other entries are stored as above. A refused entry answers with its status and an
+OperationOutcome; the others are kept.
 """
 
 from __future__ import annotations
@@ -28,17 +29,19 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
+import orjson
 from sqlalchemy import Connection, select, text
 
 from bridge.api.capability import CLINICAL_TYPES
 from bridge.api.outcome import BadRequest, fhir_status, operation_outcome
-from bridge.fhir.validate import validate_resource
 from bridge.errors import (
     HutongError,
     InvalidResource,
+    NotFound,
     UnknownReference,
     VersionConflict,
 )
+from bridge.fhir.validate import validate_resource
 from bridge.fhirstore import store
 from bridge.fhirstore.tables import FHIR_RESOURCE as T
 from bridge.privacy import patient_hash
@@ -261,6 +264,33 @@ class Transactions:
                            ).first()
         return row.patient_hash if row else None
 
+    def read_entry(self, i: int, url: str, actor: str) -> dict[str, Any]:
+        """A batch entry ``GET Type/id`` or ``GET Type/id/_history/vid``: the resource (that
+        version), its etag and lastModified; audited like any read. Searches are the search
+        API's (``GET /fhir/Type?...``)."""
+        from bridge.api.fhir_audit import read_entries
+
+        path = url.split("?", 1)[0].strip("/")
+        parts = path.split("/")
+        if "?" in url or len(parts) not in (2, 4) or (len(parts) == 4 and (
+                parts[2] != "_history" or not parts[3].isdigit() or len(parts[3]) > 9)):
+            raise BadRequest(f"entry[{i}].request.url: a batch reads Type/id or "
+                             "Type/id/_history/vid (search with GET /fhir/Type?...)")
+        rtype, rid = parts[0], parts[1]
+        if rtype not in CLINICAL_TYPES:
+            raise NotFound(f"entry[{i}]: this resource type is not served here")
+        with self.ctx.store.write() as conn:
+            row = store.get_row(conn, rtype, rid)
+            version, at, body = row.version, row.last_updated, row.body
+            if len(parts) == 4:
+                old = store.get_version(conn, rtype, rid, int(parts[3]))
+                version, at, body = old.version, old.at, old.body
+            self.ctx.audit.append(conn, read_entries(
+                actor.removeprefix("role:"), f"batch GET {path}"[:200],
+                [(f"{rtype}/{rid}", row.patient_hash)], self.ctx.now()))
+        return {"resource": orjson.loads(body), "response": {
+            "status": "200 OK", "etag": f'W/"{version}"', "lastModified": _stamp(at)}}
+
     def batch(self, bundle: dict[str, Any], actor: str, move_task: Any) -> dict[str, Any]:
         from bridge.api.fhir_api import checked
 
@@ -268,6 +298,10 @@ class Transactions:
         for i, entry in enumerate(bundle.get("entry") or []):
             one = {"resourceType": "Bundle", "type": "transaction", "entry": [entry]}
             try:
+                req = entry.get("request") if isinstance(entry, dict) else None
+                if isinstance(req, dict) and req.get("method") == "GET":
+                    out.append(self.read_entry(i, str(req.get("url") or ""), actor))
+                    continue
                 if isinstance(entry, dict) and "resource" in entry:
                     checked(validate_resource, entry["resource"])
                 (e,) = parse_entries(one)
