@@ -329,3 +329,23 @@ class UnsafePath(HutongError):
 
     code = "HT-UNSAFE-PATH"
     http_status = 422
+
+
+class VersionConflict(HutongError):
+    """A write conditional on a version (``If-Match``, a transaction entry's ``ifMatch``) whose
+    resource is at another version now: nothing was changed; read it again and retry."""
+
+    code = "HT-FHIR-VERSION"
+    http_status = 412
+
+
+class ChangeNotApplied(WorkflowError):
+    """An update whose change the workflow would not apply (e.g. ``Task.note`` on a referral
+    Task): refused whole, naming the elements, instead of answered 200 without them."""
+
+    code = "HT-FHIR-UNAPPLIED"
+    http_status = 422
+
+    def __init__(self, message: str, *, elements: list[str]) -> None:
+        super().__init__(message)
+        self.elements = elements

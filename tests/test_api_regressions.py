@@ -140,19 +140,19 @@ def openapi(node: NodeProcess) -> dict[str, Any]:
 def test_openapi_declares_fhir_json_and_outcomes(node: NodeProcess) -> None:
     paths = openapi(node)["paths"]
     metadata = paths["/fhir/metadata"]["get"]["responses"]
-    assert list(metadata) == ["200", "400", "401", "422"]
+    assert list(metadata) == ["200", "400", "401", "406", "422"]
     assert metadata["200"]["content"] == {"application/fhir+json": {"schema": {
         "type": "object", "required": ["resourceType"],
         "properties": {"resourceType": {"const": "CapabilityStatement"}}}}}
     search = paths["/fhir/{rtype}"]["get"]["responses"]
-    assert sorted(search) == ["200", "400", "401", "403", "404", "422"]
-    for status in ("400", "401", "403", "404", "422"):
+    assert sorted(search) == ["200", "400", "401", "403", "404", "406", "422"]
+    for status in ("400", "401", "403", "404", "406", "422"):
         [(media, body)] = search[status]["content"].items()
         assert media == "application/fhir+json"
         assert body["schema"]["properties"]["resourceType"] == {"const": "OperationOutcome"}
     transaction = paths["/fhir"]["post"]
-    assert sorted(transaction["responses"]) == ["200", "400", "401", "403", "404", "409",
-                                                "422", "501"]
+    assert sorted(transaction["responses"]) == ["200", "400", "401", "403", "404", "406",
+                                                "412", "415", "422", "501"]
     assert transaction["requestBody"]["content"]["application/fhir+json"]["schema"][
         "properties"]["resourceType"] == {"const": "Bundle"}
     packets = paths["/local/v1/packets"]["post"]["responses"]

@@ -247,15 +247,18 @@ def test_metadata_is_a_valid_truthful_capability_statement(core: NodeProcess) ->
     # the site's code maps: read, search and $translate (detail: tests/test_mapping.py)
     assert [i["code"] for i in by_type["ConceptMap"]["interaction"]] == ["read", "search-type"]
     assert [o["name"] for o in by_type["ConceptMap"]["operation"]] == ["translate"]
-    assert [i["code"] for i in by_type["Task"]["interaction"]] == ["read", "search-type", "update"]
-    assert [i["code"] for i in by_type["Patient"]["interaction"]] == ["read", "search-type"]
+    history = ["vread", "history-instance", "history-type"]
+    assert [i["code"] for i in by_type["Task"]["interaction"]] == [
+        "read", *history, "search-type", "update"]
+    assert [i["code"] for i in by_type["Patient"]["interaction"]] == [
+        "read", *history, "search-type"]
     assert by_type["Task"]["searchInclude"] == ["Task:focus"]
     sr_params = {p["name"] for p in by_type["ServiceRequest"]["searchParam"]}
     assert sr_params == {"_id", "_lastUpdated", "patient", "subject", "status", "requester",
                          "performer", "identifier", "_count", "_cursor", "_total"}
     assert {p["name"] for p in by_type["AuditEvent"]["searchParam"]} >= {
         "date", "subtype", "action", "entity-identifier", "patient-hash"}
-    assert [i["code"] for i in rest["interaction"]] == ["transaction"]
+    assert [i["code"] for i in rest["interaction"]] == ["transaction", "batch"]
     assert "Bearer" in rest["security"]["description"]
     assert cs["implementation"]["url"] == core.local_url + "/fhir"
 
@@ -289,7 +292,7 @@ def test_unknown_id_type_and_method(core: NodeProcess) -> None:
     assert "ServiceRequest/nope" in msg
     outcome(call(core, "GET", "/fhir/Specimen/x"), 404, "not-found", "HT-NOT-FOUND")
     outcome(call(core, "GET", "/fhir/Specimen"), 404, "not-found", "HT-NOT-FOUND")
-    outcome(call(core, "GET", "/fhir/Task/task-0/_history/1"), 404, "not-found",
+    outcome(call(core, "GET", "/fhir/Task/task-0/_history/9"), 404, "not-found",
             "HT-NOT-FOUND")
     outcome(call(core, "DELETE", "/fhir/Task/task-0"), 405, "not-supported",
             "HT-FHIR-UNSUPPORTED")
@@ -614,7 +617,7 @@ def test_post_transaction_then_put_task_moves_the_referral(env, core: NodeProces
     # the referrer may not move the fulfiller's Task
     theirs = ok(call(chc, "GET", f"/fhir/Task/{referrals(chc)[thread]['task_id']}"))
     msg = outcome(call(chc, "PUT", f"/fhir/Task/{theirs['id']}",
-                       body={**theirs, "status": "accepted"}), 409, "business-rule",
+                       body={**theirs, "status": "accepted"}), 422, "business-rule",
                   "HT-REF-TRANSITION")
     assert "receiver" in msg
     # the receiver accepts by PUT, with the acceptance slip as outputs
@@ -636,7 +639,7 @@ def test_post_transaction_then_put_task_moves_the_referral(env, core: NodeProces
     # an illegal move is refused with a business-rule OperationOutcome and changes nothing
     for status in ("requested", "completed"):
         outcome(call(core, "PUT", f"/fhir/Task/{task['id']}", body={**moved, "status": status}),
-                409, "business-rule", "HT-REF-TRANSITION")
+                422, "business-rule", "HT-REF-TRANSITION")
     assert ok(call(core, "GET", f"/fhir/Task/{task['id']}"))["meta"] == moved["meta"]
 
 

@@ -31,6 +31,13 @@ _NO_CONDITIONALS: dict[str, Any] = {
     "conditionalRead": "not-supported", "conditionalUpdate": False,
     "conditionalDelete": "not-supported",
 }
+#: versioned clinical types: every version kept and readable, ETag / If-None-Match /
+#: If-Modified-Since (304), If-Match on update, ifNoneExist in transactions (fhir_api)
+_VERSIONED: dict[str, Any] = {
+    **_NO_CONDITIONALS, "readHistory": True, "conditionalCreate": True,
+    "conditionalRead": "full-support",
+}
+_HISTORY = [{"code": "vread"}, {"code": "history-instance"}, {"code": "history-type"}]
 
 
 def _search_params(params: tuple[Param, ...]) -> list[dict[str, Any]]:
@@ -42,6 +49,8 @@ def _search_params(params: tuple[Param, ...]) -> list[dict[str, Any]]:
 
 def _resource(rtype: str, params: tuple[Param, ...], roles: str) -> dict[str, Any]:
     interactions = [{"code": "read"}, {"code": "search-type"}]
+    if rtype != AUDIT_TYPE:
+        interactions[1:1] = _HISTORY
     if rtype in UPDATABLE:
         interactions.append({"code": "update", "documentation":
                              "clinician only: moves the referral through the workflow"})
@@ -50,7 +59,8 @@ def _resource(rtype: str, params: tuple[Param, ...], roles: str) -> dict[str, An
         "documentation": f"Roles: {roles}. Every read and search is itself audited.",
         "interaction": interactions,
         "versioning": "versioned" if rtype != AUDIT_TYPE else "no-version",
-        **_NO_CONDITIONALS,
+        **(_NO_CONDITIONALS if rtype == AUDIT_TYPE else
+           {**_VERSIONED, "conditionalCreate": rtype not in UPDATABLE}),
         "searchParam": _search_params(params),
     }
     if rtype in INCLUDES:
@@ -125,6 +135,12 @@ def capability_statement(base_url: str, node_id: str, date: str) -> dict[str, An
             },
             "resource": resources,
             "interaction": [{"code": "transaction", "documentation":
-                             "clinician only: a referral submitted to the workflow"}],
+                             "clinician only: a referral or its return (with a "
+                             "ServiceRequest) through the workflow, or any stored types; "
+                             "all or nothing; ifNoneExist and ifMatch honoured"},
+                            {"code": "batch", "documentation":
+                             "clinician only: each entry on its own; a Task PUT moves the "
+                             "referral as PUT /fhir/Task/{id} does; GET Type/id and "
+                             "Type/id/_history/vid read (audited)"}],
         }],
     }

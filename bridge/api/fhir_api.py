@@ -3,8 +3,14 @@
     GET  /fhir/metadata            CapabilityStatement (no token)
     GET  /fhir/{type}?...          search -> searchset Bundle        clinician; AuditEvent: auditor
     GET  /fhir/{type}/{id}         read                               clinician; AuditEvent: auditor
-    POST /fhir                     transaction Bundle -> node.workflow.submit   clinician
+    GET  /fhir/{type}/{id}/_history[/{vid}]   history / vread         clinician
+    GET  /fhir/{type}/_history     the type's history, newest first   clinician
+    POST /fhir                     transaction or batch Bundle (fhir_transaction)  clinician
     PUT  /fhir/Task/{id}           Task -> node.workflow.move                   clinician
+
+HEAD on every GET route, 406/415 for formats not served, trailing slashes: ``fhir_http``.
+Reads carry ETag and Last-Modified and answer 304 to a current ``If-None-Match`` /
+``If-Modified-Since``; a PUT with ``If-Match`` of another version is refused 412.
 
 Minimum necessary: clinicians see clinical resources and never the audit log; auditors see only
 AuditEvent; IT sees no FHIR data (queues live under /local/v1). Every read and search is audited
@@ -26,7 +32,15 @@ from sqlalchemy import Connection, and_, or_, select
 from starlette.responses import Response
 
 from bridge.api.auth import role_of
-from bridge.api.capability import AUDIT_TYPE, CLINICAL_TYPES, capability_statement
+from bridge.api.capability import AUDIT_TYPE, CLINICAL_TYPES, UPDATABLE, capability_statement
+from bridge.api.fhir_http import (
+    etag,
+    if_match,
+    not_modified,
+    not_modified_response,
+    version_headers,
+    written,
+)
 from bridge.api.fhir_audit import (
     AUDIT,
     read_audit_event,
@@ -36,6 +50,7 @@ from bridge.api.fhir_audit import (
 )
 from bridge.api.fhir_search import Query, encode_cursor, parse_query
 from bridge.api.fhir_terminology import terminology_router
+from bridge.api.fhir_transaction import Transactions
 from bridge.api.outcome import (
     BadRequest,
     FhirResponse,
@@ -45,7 +60,14 @@ from bridge.api.outcome import (
     fhir_json,
 )
 from bridge.api.outcome import fhir_responses as answers
-from bridge.errors import Forbidden, HutongError, InvalidFhir, InvalidResource, NotFound
+from bridge.errors import (
+    ChangeNotApplied,
+    Forbidden,
+    HutongError,
+    InvalidFhir,
+    InvalidResource,
+    NotFound,
+)
 from bridge.fhir.validate import validate_bundle, validate_resource
 from bridge.fhirstore import store
 from bridge.fhirstore.tables import FHIR_RESOURCE as T
@@ -195,6 +217,57 @@ def fhir_router(node: Node) -> APIRouter:
 
     router.include_router(terminology_router(node))  # ConceptMap read/search, $translate
 
+    def history_answer(request: Request, rtype: str, rid: str | None) -> Response:
+        role = _allowed(request, rtype)
+        if rtype == AUDIT_TYPE:
+            raise NotFound("the audit log keeps one version of each event: no history")
+        count, before, since = _history_params(request)
+        base = _base(request)
+        with ctx.store.write() as conn:
+            current = store.get_row(conn, rtype, rid) if rid is not None else None
+            rows, more = store.history(conn, rtype, rid, count=count, before=before,
+                                       since=since)
+            hashes = {current.id: current.patient_hash} if current is not None else \
+                _patient_hashes(conn, rtype, {r.id for r in rows})
+            audited(role, request, [(f"{rtype}/{i}", h) for i, h in hashes.items()], conn)
+        url = f"{base}/{rtype}" + (f"/{rid}" if rid else "") + "/_history"
+        kept = [(k, v) for k, v in request.query_params.multi_items() if k != "_cursor"]
+        links = [{"relation": "self", "url": url + ("?" + urlencode(
+            list(request.query_params.multi_items())) if request.url.query else "")}]
+        if more and rows:
+            links.append({"relation": "next",
+                          "url": f"{url}?{urlencode(kept + [('_cursor', str(rows[-1].seq))])}"})
+        entries = [_history_entry(base, r) for r in rows]
+        bundle: dict[str, Any] = {"resourceType": "Bundle", "id": str(uuid.uuid4()),
+                                  "meta": {"lastUpdated": now()}, "type": "history",
+                                  "link": links}
+        if rid is not None and before is None and since is None and not more:
+            bundle["total"] = len(rows)
+        if entries:
+            bundle["entry"] = entries
+        return fhir_json(bundle)
+
+    @router.get("/{rtype}/_history", responses=answers("Bundle", 403, 404))
+    def type_history(rtype: str, request: Request) -> Response:
+        return history_answer(request, rtype, None)
+
+    @router.get("/{rtype}/{rid}/_history", responses=answers("Bundle", 403, 404))
+    def instance_history(rtype: str, rid: str, request: Request) -> Response:
+        return history_answer(request, rtype, rid)
+
+    @router.get("/{rtype}/{rid}/_history/{vid}", responses=answers(None, 403, 404))
+    def vread(rtype: str, rid: str, vid: str, request: Request) -> Response:
+        role = _allowed(request, rtype)
+        if rtype == AUDIT_TYPE or not vid.isdigit() or len(vid) > 9:
+            raise NotFound(f"{rtype}/{rid} has no such version here")
+        with ctx.store.write() as conn:
+            current = store.get_row(conn, rtype, rid)
+            row = store.get_version(conn, rtype, rid, int(vid))
+            audited(role, request, [(f"{rtype}/{rid}", current.patient_hash)], conn)
+        if not_modified(request, row.version, row.at):
+            return not_modified_response(row.version, row.at)
+        return fhir_json(orjson.loads(row.body), headers=version_headers(row.version, row.at))
+
     @router.get("/{rtype}", responses=answers("Bundle", 403, 404))
     def search(rtype: str, request: Request) -> Response:
         role = _allowed(request, rtype)
@@ -228,6 +301,8 @@ def fhir_router(node: Node) -> APIRouter:
                 return fhir_json(resource)
             row = store.get_row(conn, rtype, rid)
             audited(role, request, [(f"{rtype}/{rid}", row.patient_hash)], conn)
+        if not_modified(request, row.version, row.last_updated):
+            return not_modified_response(row.version, row.last_updated)
         resource = orjson.loads(row.body)
         headers = _headers(resource)
         headers["Last-Modified"] = format_datetime(row.last_updated, usegmt=True)
@@ -245,26 +320,51 @@ def fhir_router(node: Node) -> APIRouter:
         except orjson.JSONDecodeError as exc:
             raise BadRequest("the body is not JSON", issue="structure") from exc
 
+    transactions = Transactions(node)
+
+    def update_task(rid: str, task: dict[str, Any], actor: str,
+                    version: int | None) -> dict[str, Any]:
+        """PUT of a referral Task: refused whole (naming the elements) if it changes what the
+        workflow would not apply; else the workflow's move, conditional on ``version``."""
+        wf = workflow()
+        with ctx.store.read() as conn:
+            current = store.get(conn, "Task", rid)
+        refuse_unapplied(current, task)
+        return dict(wf.move(rid, task, actor, if_match=version))
+
     def writer(request: Request) -> str:
         role = _role(request)
         if role != WRITER:
             raise Forbidden(f"role '{role}' may not change referrals")
         return role
 
-    @router.post("", responses=answers("Bundle", 403, 404, 409, 501),
+    @router.post("", responses=answers("Bundle", 403, 404, 412, 415, 501),
                  openapi_extra=fhir_body("Bundle"))
     @router.post("/", include_in_schema=False)  # "[base]/" as many clients write it
     async def transaction(request: Request) -> Response:
         role = writer(request)
         bundle = await body_of(request)
         if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle" \
-                or bundle.get("type") != "transaction":
-            raise BadRequest("POST /fhir takes a Bundle of type transaction")
-        checked(validate_bundle, bundle)
-        result = await run_in_threadpool(lambda: workflow().submit(bundle, actor=f"role:{role}"))
+                or bundle.get("type") not in ("transaction", "batch"):
+            raise BadRequest("POST /fhir takes a Bundle of type transaction or batch")
+        if bundle.get("type") == "batch":  # each entry's resource is checked on its own
+            entries = bundle.get("entry")
+            checked(validate_bundle, {**bundle, "entry": [
+                {k: v for k, v in e.items() if k != "resource"} if isinstance(e, dict) else e
+                for e in entries]} if isinstance(entries, list) else bundle)
+        else:
+            checked(validate_bundle, bundle)
+        actor = f"role:{role}"
+
+        def move_task(rid: str, task: dict[str, Any], version: int | None) -> dict[str, Any]:
+            checked(validate_resource, task)
+            return update_task(rid, task, actor, version)
+
+        result = await run_in_threadpool(
+            lambda: transactions.run(bundle, actor, move_task))
         return fhir_json(result)
 
-    @router.put("/Task/{rid}", responses=answers("Task", 403, 404, 409, 501),
+    @router.put("/Task/{rid}", responses=answers("Task", 403, 404, 412, 415, 501),
                 openapi_extra=fhir_body("Task"))
     async def move(rid: str, request: Request) -> Response:
         role = writer(request)
@@ -274,20 +374,119 @@ def fhir_router(node: Node) -> APIRouter:
         if task.get("id") != rid:
             raise BadRequest("Task.id must be the id in the URL")
         checked(validate_resource, task)
+        version = if_match(request.headers.get("if-match"))
+        before = task.get("meta", {}).get("versionId") if isinstance(task.get("meta"),
+                                                                       dict) else None
         result = await run_in_threadpool(
-            lambda: workflow().move(rid, task, actor=f"role:{role}"))
-        return fhir_json(result, headers=_headers(result))
+            lambda: update_task(rid, task, f"role:{role}", version))
+        at = _instant(result)
+        same = before is not None and str(before) == str(result["meta"]["versionId"])
+        what = (f"Task/{rid} unchanged at version {result['meta']['versionId']}" if same else
+                f"Task/{rid} updated to version {result['meta']['versionId']}")
+        return written(request, result, _base(request), 200, at, what)
 
     @router.api_route("", methods=["GET", "PUT", "PATCH", "DELETE"], include_in_schema=False)
     @router.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
                       include_in_schema=False)
     def unknown(request: Request, path: str = "") -> Response:
         parts = [p for p in path.split("/") if p]
-        if parts and len(parts) <= 2 and parts[0] in ROLE_FOR:
-            raise NotSupported(f"{request.method} is not supported on /fhir/{parts[0]}")
+        if not parts:
+            raise NotSupported(f"{request.method} is not supported on /fhir", allow="POST")
+        if parts[0] in ROLE_FOR and (len(parts) <= 2 or (
+                parts[-1] == "_history" or (len(parts) == 4 and parts[2] == "_history"))):
+            allow = "GET, HEAD"
+            if len(parts) == 2 and parts[0] in UPDATABLE and parts[1] != "_history":
+                allow += ", PUT"
+            raise NotSupported(f"{request.method} is not supported on /fhir/{parts[0]}",
+                               allow=allow)
         raise NotFound("this path is not part of the /fhir API")
 
     return router
+
+
+#: what a PUT of a referral Task may change, by the status it asks for (everything else the
+#: workflow writes itself: businessStatus, lastModified, the acceptance slip identifier)
+_MOVABLE = {"accepted": ("status", "output"), "rejected": ("status", "statusReason"),
+            "cancelled": ("status", "statusReason")}
+#: meta elements the server sets (a client sends back what it read)
+_SERVER_META = ("versionId", "lastUpdated", "source")
+
+
+def refuse_unapplied(current: dict[str, Any], task: dict[str, Any]) -> None:
+    """ChangeNotApplied naming every element the PUT changes that the workflow would not
+    apply (R4 update replaces the whole resource: a change silently dropped is a lie)."""
+    wanted = task.get("status")
+    movable = () if wanted == current.get("status") else _MOVABLE.get(str(wanted), ("status",))
+    changed = []
+    for key in sorted(set(current) | set(task)):
+        if key in ("resourceType", "id") or key in movable:
+            continue
+        a, b = current.get(key), task.get(key)
+        if key == "meta":
+            a = {k: v for k, v in (a or {}).items() if k not in _SERVER_META} or None
+            b = {k: v for k, v in (b or {}).items() if k not in _SERVER_META} \
+                if isinstance(b, dict) else b
+            b = b or None
+        if a != b:
+            changed.append(f"Task.{key}")
+    if changed:
+        raise ChangeNotApplied(
+            f"a referral Task is moved by the workflow: this PUT may change "
+            f"{', '.join('Task.' + m for m in movable) or 'nothing (same status)'}, and also "
+            f"changes {', '.join(changed[:20])}, which the workflow does not apply; nothing "
+            f"was changed", elements=changed)
+
+
+def _instant(resource: dict[str, Any]) -> datetime | None:
+    stamp = (resource.get("meta") or {}).get("lastUpdated")
+    try:
+        return datetime.fromisoformat(str(stamp).replace("Z", "+00:00")) if stamp else None
+    except ValueError:
+        return None
+
+
+def _history_params(request: Request) -> tuple[int, int | None, datetime | None]:
+    """``_count`` (1-100, default 20), ``_cursor`` (from a next link), ``_since`` (instant)."""
+    count, before, since = 20, None, None
+    for k, v in request.query_params.multi_items():
+        if k == "_count":
+            if not v.isdigit() or not 1 <= int(v) <= 100:
+                raise BadRequest("_count: a whole number from 1 to 100")
+            count = int(v)
+        elif k == "_cursor":
+            if not v.isdigit():
+                raise BadRequest("_cursor is not one this server gave out")
+            before = int(v)
+        elif k == "_since":
+            try:
+                since = datetime.fromisoformat(v.replace("Z", "+00:00").replace(" ", "+"))
+            except ValueError as exc:
+                raise BadRequest("_since: an instant, e.g. 2026-11-01T08:00:00Z") from exc
+            if since.tzinfo is None:
+                raise BadRequest("_since: an instant with a time zone")
+        elif k != "_format":
+            raise BadRequest(f"unknown history parameter: {k[:40]} (_count, _since)")
+    return count, before, since
+
+
+def _history_entry(base: str, row: Any) -> dict[str, Any]:
+    """One version as a history entry: R4 needs ``request``; ``response`` tells the version."""
+    first = row.version == 1
+    return {"fullUrl": f"{base}/{row.rtype}/{row.id}",
+            "resource": orjson.loads(row.body),
+            "request": {"method": "POST" if first else "PUT",
+                        "url": row.rtype if first else f"{row.rtype}/{row.id}"},
+            "response": {"status": "201 Created" if first else "200 OK",
+                         "etag": etag(row.version),
+                         "lastModified": row.at.isoformat(timespec="milliseconds")
+                         .replace("+00:00", "Z")}}
+
+
+def _patient_hashes(conn: Connection, rtype: str, rids: set[str]) -> dict[str, str | None]:
+    if not rids:
+        return {}
+    return {r.id: r.patient_hash for r in conn.execute(
+        select(T.c.id, T.c.patient_hash).where(T.c.rtype == rtype, T.c.id.in_(sorted(rids))))}
 
 
 def checked(validate: Any, obj: dict[str, Any]) -> None:

@@ -20,6 +20,7 @@ from bridge.api.auth import AnyRole, ClinicianRole, ITRole, SenderRole
 from bridge.api.body_limit import LocalBodyGuard
 from bridge.api.docs import docs_router
 from bridge.api.fhir_api import fhir_router
+from bridge.api.fhir_http import FhirHttp
 from bridge.api.outcome import local_responses as errs
 from bridge.api.outcome import request_invalid_response
 from bridge.delivery.queue import Outgoing, queue_packets
@@ -73,6 +74,8 @@ def create_local_app(node: Node) -> FastAPI:
     app.state.tokens = dict(ctx.plan.tokens)
     app.state.node = node
     limits = ctx.plan.limits
+    # /fhir formats (406/415), HEAD and trailing slashes; inside the guard: token first
+    app.add_middleware(FhirHttp)
     # no body is read before the token, none over the limit (bridge/api/body_limit.py)
     app.add_middleware(LocalBodyGuard, tokens=app.state.tokens,
                        max_body=limits.local_max_body_bytes,

@@ -21,6 +21,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from bridge.errors import (
+    ChangeNotApplied,
     Forbidden,
     HutongError,
     IllegalTransition,
@@ -31,6 +32,7 @@ from bridge.errors import (
     Retry,
     Unauthorized,
     UnknownReference,
+    VersionConflict,
     WorkflowError,
 )
 
@@ -58,6 +60,27 @@ class NotSupported(BadRequest):
     code = "HT-FHIR-UNSUPPORTED"
     http_status = 405
 
+    def __init__(self, message: str, *, allow: str | None = None) -> None:
+        super().__init__(message, issue="not-supported")
+        self.allow = allow  # the ``Allow`` header of the 405: what the path does answer
+
+
+class NotAcceptable(BadRequest):
+    """``Accept`` / ``_format`` asks only for what is not served (XML, another FHIR version)."""
+
+    code = "HT-FHIR-FORMAT"
+    http_status = 406
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, issue="not-supported")
+
+
+class UnsupportedMediaType(BadRequest):
+    """A body in a format the API does not read (``Content-Type`` XML, text, ...)."""
+
+    code = "HT-FHIR-MEDIA"
+    http_status = 415
+
     def __init__(self, message: str) -> None:
         super().__init__(message, issue="not-supported")
 
@@ -73,6 +96,8 @@ _ISSUE: dict[type[HutongError], str] = {
     Unauthorized: "login",
     Forbidden: "forbidden",
     IllegalTransition: "business-rule",
+    ChangeNotApplied: "business-rule",
+    VersionConflict: "conflict",
     MissingConsent: "business-rule",
     UnknownReference: "processing",
     InvalidResource: "invalid",
@@ -102,6 +127,8 @@ def operation_outcome(exc: HutongError) -> dict[str, Any]:
     problems = [p for p in (exc.detail or "").splitlines() if p][:50]
     if isinstance(exc, (InvalidFhir, InvalidResource)) and problems:
         issue["expression"] = [p.split(":", 1)[0][:200] for p in problems]
+    if isinstance(exc, ChangeNotApplied):
+        issue["expression"] = exc.elements[:50]
     return {"resourceType": "OperationOutcome", "issue": [issue]}
 
 
@@ -121,10 +148,19 @@ def fhir_json(body: dict[str, Any], status: int = 200,
                         media_type=f"{FHIR_JSON}; charset=utf-8")
 
 
+def fhir_status(exc: HutongError) -> int:
+    """The HTTP status under /fhir: R4 answers a refused state change with 422 (the local API
+    keeps 409 for ``IllegalTransition``)."""
+    return 422 if isinstance(exc, IllegalTransition) else exc.http_status
+
+
 def outcome_response(exc: HutongError) -> FhirResponse:
     headers = {"WWW-Authenticate": 'Bearer realm="hutong"'} if isinstance(exc, Unauthorized) \
         else None
-    return fhir_json(operation_outcome(exc), exc.http_status, headers)
+    allow = getattr(exc, "allow", None)
+    if allow:
+        headers = {**(headers or {}), "Allow": allow}
+    return fhir_json(operation_outcome(exc), fhir_status(exc), headers)
 
 
 def as_hutong(exc: Exception) -> HutongError:
@@ -160,7 +196,10 @@ WHY = {
     401: "no bearer token, or an unknown one",
     403: "this role may not do this (minimum necessary)",
     404: "no such resource, item, referral or resource type here",
+    406: "the Accept header or _format asks only for formats not served (JSON R4 is)",
     409: "the referral's state does not allow this step",
+    412: "If-Match (or a transaction entry's ifMatch) names another version than the current",
+    415: "the body's Content-Type is not JSON",
     422: "refused: not valid FHIR R4, a malformed request, or the workflow refuses it "
          "(consent, references); the message names the path and the rule, never the value",
     501: "the referral workflow is not available on this node",
@@ -199,7 +238,7 @@ def fhir_responses(ok: str | None, *errors: int) -> dict[int | str, dict[str, An
     out: dict[int | str, dict[str, Any]] = {200: {
         "description": f"a {ok or 'FHIR resource'}",
         "content": {FHIR_JSON: {"schema": resource_schema(ok)}}}}
-    for status in sorted({400, 401, 422, *errors}):
+    for status in sorted({400, 401, 406, 422, *errors}):
         out[status] = {"description": WHY[status],
                        "content": {FHIR_JSON: {"schema": OUTCOME_SCHEMA}}}
     return out

@@ -64,6 +64,8 @@ import orjson
 from bridge.errors import InvalidFhir
 
 SCHEMA_PATH = Path(__file__).with_name("schema") / "fhir.schema.json"
+#: codes of required bindings the schema leaves open (generated: ``bindings_gen.py``)
+BINDINGS_PATH = Path(__file__).with_name("bindings.json")
 
 #: FHIR versions appended to the schema's ``fhirVersion`` enums at load time (fix 1)
 EXTRA_FHIR_VERSIONS = ("4.0.1",)
@@ -108,6 +110,12 @@ class _Schema:
         self._base = {"$schema": doc["$schema"], "definitions": defs}
         #: compiled validators by resource type, filled on first use of each type
         self.validators: dict[str, jsonschema_rs.Validator] = {}
+        #: required bindings the schema leaves open (``bindings.json``): type -> [(path, codes)]
+        table = orjson.loads(BINDINGS_PATH.read_bytes())["bindings"]
+        self.bindings: dict[str, list[tuple[tuple[str, ...], frozenset[str], list[str]]]] = {
+            t: [(tuple(path.split(".")), frozenset(codes), codes)
+                for path, codes in sorted(paths.items())]
+            for t, paths in table.items()}
 
     def validator(self, resource_type: str) -> jsonschema_rs.Validator:
         v = self.validators.get(resource_type)
@@ -238,6 +246,12 @@ def _is_valid(obj: Any, s: _Schema) -> bool:
         v = s.validator(rtype)
     if not v.is_valid(obj):
         return False
+    bound = s.bindings.get(rtype)
+    if bound is not None:
+        for parts, codes, _ in bound:
+            for _, value in _values(obj, parts, ""):
+                if value not in codes:
+                    return False
     contained = obj.get("contained")
     if contained:
         for c in contained:
@@ -258,6 +272,21 @@ def _is_valid(obj: Any, s: _Schema) -> bool:
     return True
 
 
+def _values(obj: Any, parts: tuple[str, ...], path: str) -> Iterable[tuple[str, str]]:
+    """(path, code) of every string at ``parts`` (lists walked at any step); what is not a
+    string there is the schema's to refuse."""
+    if isinstance(obj, list):
+        for i, item in enumerate(obj):
+            yield from _values(item, parts, f"{path}[{i}]")
+        return
+    if not parts:
+        if isinstance(obj, str):
+            yield path, obj
+        return
+    if isinstance(obj, dict) and parts[0] in obj:
+        yield from _values(obj[parts[0]], parts[1:], _join(path, parts[0]))
+
+
 def _collect(obj: Any, path: str, s: _Schema, out: list[str], limit: int | None) -> None:
     if limit is not None and len(out) >= limit:
         return
@@ -270,6 +299,13 @@ def _collect(obj: Any, path: str, s: _Schema, out: list[str], limit: int | None)
         out.append(_clip(_format(err, label)))
         if limit is not None and len(out) >= limit:
             return
+    for parts, codes, listed in s.bindings.get(rtype, ()):
+        for where, value in _values(obj, parts, ""):
+            if value not in codes:
+                out.append(_clip(f"{_join(label, where)}: not one of the allowed codes "
+                                 f"{_options(listed)} (required binding)"))
+                if limit is not None and len(out) >= limit:
+                    return
     for sub_path, sub in _embedded(obj, rtype):
         _collect(sub, _join(label, sub_path), s, out, limit)
 

@@ -118,3 +118,30 @@ def backfill_tokens(conn: Connection) -> int:
             conn.execute(insert(FHIR_TOKEN), rows)
             made += len(rows)
         after = (chunk[-1].rtype, chunk[-1].id)
+
+
+HISTORY_MARKER = "schema.fhirhistory"
+HISTORY_VERSION = "1"  # 1: ix_fhir_history_type_seq (GET /fhir/Type/_history)
+
+
+def upgrade_history(store: Store) -> None:
+    """The history index of older stores (versions were always kept: nothing to backfill)."""
+    from bridge.fhirstore.tables import IX_HISTORY_TYPE_SEQ
+
+    with store.read() as conn:
+        if state.get(conn, HISTORY_MARKER) == HISTORY_VERSION:
+            return
+    try:
+        with store.write() as conn:
+            have = state.get(conn, HISTORY_MARKER)
+            if have == HISTORY_VERSION:
+                return
+            now = datetime.now(UTC)
+            if have is None:
+                conn.execute(insert(NODE_STATE).values(key=HISTORY_MARKER,
+                                                       value=HISTORY_VERSION, updated_at=now))
+            else:
+                state.put(conn, HISTORY_MARKER, HISTORY_VERSION, now)
+            conn.execute(CreateIndex(IX_HISTORY_TYPE_SEQ, if_not_exists=True))
+    except IntegrityError:
+        return  # another process did it

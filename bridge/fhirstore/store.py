@@ -278,6 +278,52 @@ def get_row(conn: Connection, rtype: str, rid: str) -> Any:
     return row
 
 
+H = FHIR_HISTORY
+
+
+def get_version(conn: Connection, rtype: str, rid: str, version: int) -> Any:
+    """One stored version (vread): a ``fhir_history`` row with ``body``, ``version``, ``at``."""
+    row = conn.execute(select(H.c.version, H.c.at, H.c.body).where(
+        H.c.rtype == rtype, H.c.id == rid, H.c.version == version)).first()
+    if row is None:
+        raise NotFound(f"{rtype}/{rid} has no version {version} here")
+    return row
+
+
+def history(conn: Connection, rtype: str, rid: str | None = None, *, count: int = 20,
+            before: int | None = None, since: datetime | None = None
+            ) -> tuple[list[Any], bool]:
+    """Versions newest first (of one resource, or of a whole type) and whether more follow;
+    ``before``: keyset paging on ``seq`` (the last row's seq of the previous page)."""
+    stmt = select(H.c.seq, H.c.rtype, H.c.id, H.c.version, H.c.at, H.c.body).where(
+        H.c.rtype == rtype)
+    if rid is not None:
+        stmt = stmt.where(H.c.id == rid)
+    if before is not None:
+        stmt = stmt.where(H.c.seq < before)
+    if since is not None:
+        stmt = stmt.where(H.c.at >= since)
+    rows = conn.execute(stmt.order_by(H.c.seq.desc()).limit(count + 1)).all()
+    return rows[:count], len(rows) > count
+
+
+def current_version(conn: Connection, rtype: str, rid: str) -> int | None:
+    """The current version number of a resource, or None if it is not here."""
+    row = conn.execute(select(T.c.version).where(T.c.rtype == rtype, T.c.id == rid)).first()
+    return int(row.version) if row else None
+
+
+def lock_version(conn: Connection, rtype: str, rid: str) -> int:
+    """The current version, its row locked until the transaction ends (PostgreSQL ``FOR
+    UPDATE``; SQLite's write transactions are serial already): a version check and the write
+    it guards cannot interleave with another writer's."""
+    row = conn.execute(select(T.c.version).where(T.c.rtype == rtype, T.c.id == rid)
+                       .with_for_update()).first()
+    if row is None:
+        raise NotFound(f"{rtype}/{rid} is not known here")
+    return int(row.version)
+
+
 def exists(conn: Connection, rtype: str, rid: str) -> bool:
     return conn.execute(select(T.c.id).where(T.c.rtype == rtype, T.c.id == rid)).first() is not None
 
@@ -431,6 +477,8 @@ __all__ = [
     "find_patient_by_hash",
     "get",
     "get_row",
+    "get_version",
+    "history",
     "identifier_match",
     "or_",
     "period_match",

@@ -90,7 +90,13 @@ class FhirDate(SQLModel, table=True):
 
 
 class FhirHistory(SQLModel, table=True):
+    """Every version of every resource, kept (vread, ``_history``, audit). ``seq`` orders them
+    as written; ``ix_fhir_history_type_seq`` serves a type's history newest first."""
+
     __tablename__ = "fhir_history"
+    __table_args__ = (
+        Index("ix_fhir_history_type_seq", "rtype", "seq"),
+    )
 
     seq: int | None = Field(default=None, primary_key=True)
     rtype: str = Field(max_length=40, index=True)
@@ -112,5 +118,8 @@ IX_NEWEST = Index("ix_fhir_type_newest", FHIR_RESOURCE.c.rtype,
 IX_PATIENT_NEWEST = Index("ix_fhir_type_patient_newest", FHIR_RESOURCE.c.rtype,
                           FHIR_RESOURCE.c.patient, FHIR_RESOURCE.c.last_updated.desc(),
                           FHIR_RESOURCE.c.id)
+#: a type's history in write order (``GET /fhir/Type/_history``); made on open for older stores
+IX_HISTORY_TYPE_SEQ = next(ix for ix in FHIR_HISTORY.indexes
+                           if ix.name == "ix_fhir_history_type_seq")
 #: indexes of earlier versions that the two above replace (dropped on upgrade)
 OLD_INDEXES = ("ix_fhir_type_updated", "ix_fhir_type_patient")

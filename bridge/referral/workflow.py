@@ -29,6 +29,7 @@ from bridge.errors import (
     NotFound,
     NotThreadParty,
     UnknownReference,
+    VersionConflict,
 )
 from bridge.fhir.validate import errors as fhir_errors
 from bridge.fhirstore import store
@@ -66,46 +67,60 @@ class Workflow:
     # -- API entry points ---------------------------------------------------------------------
 
     def submit(self, bundle: dict[str, Any], actor: str, *,
-               once: tuple[str, str] | None = None) -> dict[str, Any]:
+               once: tuple[str, str] | None = None,
+               prepare: Callable[[Connection, dict[str, Any]],
+                                 tuple[dict[str, Any], dict[int, dict[str, Any]]]] | None = None,
+               ) -> dict[str, Any]:
         """POST /fhir transaction: a new referral, or the return of one we received.
 
         ``once`` = (adapter, source key): the local record that caused this call. The key
         commits with the referral, and a repeated call returns the first answer unchanged.
+        ``prepare(conn, bundle)``, inside the write transaction before anything is stored, may
+        refuse (``ifMatch``) or answer entries itself (``ifNoneExist`` matches): it returns the
+        bundle left to store and the response entries it answered, by entry index. The answer
+        has one entry per request entry, in order, each with the stored version's real status,
+        location, etag and lastModified.
         """
         if bundle.get("type") != "transaction":
             raise InvalidResource("POST /fhir takes a Bundle of type 'transaction'")
-        resources, created = self._unpack(bundle)
-        srs = [r for r in resources if r["resourceType"] == "ServiceRequest"]
-        if len(srs) != 1:
-            raise InvalidResource(f"a referral bundle holds exactly one ServiceRequest, "
-                                  f"found {len(srs)}")
         with self.ctx.store.write() as conn:
             if once is not None and (prior := intake.seen(conn, *once)) is not None:
                 return prior
+            answered: dict[int, dict[str, Any]] = {}
+            if prepare is not None:
+                bundle, answered = prepare(conn, bundle)
+            resources, created = self._unpack(bundle)
+            srs = [r for r in resources if r["resourceType"] == "ServiceRequest"]
+            if len(srs) != 1:
+                raise InvalidResource(f"a referral bundle holds exactly one ServiceRequest, "
+                                      f"found {len(srs)}")
             based = self._returned_referral(conn, srs[0])
             if based is not None:
                 thread = self._return(conn, based, resources, actor)
             else:
                 thread = self._request(conn, srs[0], resources, actor)
-            answer = {
-                "resourceType": "Bundle", "type": "transaction-response",
-                "entry": [{"response": {"status": "201 Created",
-                                        "location": f"{R.ref(r)}/_history/1"}}
-                          for r in created],
-            }
+            made = iter(created)
+            entries = [answered[i] if i in answered else {"response": response_of(next(made))}
+                       for i in range(len(answered) + len(created))]
+            answer = {"resourceType": "Bundle", "type": "transaction-response",
+                      "entry": entries}
             if once is not None:
                 intake.remember(conn, *once, answer, self.ctx.now(), thread=thread)
         self.wake()
         return answer
 
-    def move(self, task_id: str, task: dict[str, Any], actor: str) -> dict[str, Any]:
-        """PUT /fhir/Task/{id}: a status change asks for the matching step."""
+    def move(self, task_id: str, task: dict[str, Any], actor: str, *,
+             if_match: int | None = None) -> dict[str, Any]:
+        """PUT /fhir/Task/{id}: a status change asks for the matching step. ``if_match``: the
+        version the client changed; another current version refuses it (VersionConflict)."""
         with self.ctx.store.read() as conn:
             row = self._row_by_task(conn, task_id)
         wanted = task.get("status")
         if wanted == row.status:
             with self.ctx.store.read() as conn:
-                return store.get(conn, "Task", task_id)
+                current = store.get(conn, "Task", task_id)
+            _check_version(current, if_match)
+            return current
         event = target_for_status(str(wanted))
         if wanted == "cancelled":
             event = "cancel" if row.side == "referrer" else "cancelled"
@@ -122,18 +137,20 @@ class Workflow:
             if not reason:
                 raise InvalidResource(f"'{event}' needs Task.statusReason.text")
             details["reason"] = reason
-        return self.step(row.thread, event, actor, **details)
+        return self.step(row.thread, event, actor, if_match=if_match, **details)
 
     def step(self, thread: str, event: str, actor: str, *, reason: str | None = None,
              outputs: list[dict[str, Any]] | None = None,
-             once: tuple[str, str] | None = None) -> dict[str, Any]:
+             once: tuple[str, str] | None = None,
+             if_match: int | None = None) -> dict[str, Any]:
         """Take a local step (accept, reject, arrive, cancel) and send it to the other side.
 
         ``once`` as in :meth:`submit`: a repeated call returns the Task as first answered."""
         with self.ctx.store.write() as conn:
             if once is not None and (prior := intake.seen(conn, *once)) is not None:
                 return prior
-            task = self.step_in(conn, thread, event, actor, reason=reason, outputs=outputs)
+            task = self.step_in(conn, thread, event, actor, reason=reason, outputs=outputs,
+                                if_match=if_match)
             if once is not None:
                 intake.remember(conn, *once, task, self.ctx.now(), thread=thread)
         self.wake()
@@ -141,10 +158,14 @@ class Workflow:
 
     def step_in(self, conn: Connection, thread: str, event: str, actor: str, *,
                 reason: str | None = None,
-                outputs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+                outputs: list[dict[str, Any]] | None = None,
+                if_match: int | None = None) -> dict[str, Any]:
         """:meth:`step` inside the caller's transaction (e.g. with an Encounter from the HIS);
         the caller wakes the senders after its commit."""
         row = self._row(conn, thread)
+        if if_match is not None:  # in this transaction, the Task row locked: no lost update
+            _check_version({"meta": {"versionId": str(store.lock_version(
+                conn, "Task", row.task_id))}}, if_match)
         check(event, row.status, row.side)
         task = store.get(conn, "Task", row.task_id)
         self._advance(conn, row, task, event, reason=reason, outputs=outputs, actor=actor)
@@ -660,6 +681,27 @@ def foreign_resource(conn: Connection, resource: dict[str, Any], thread: str,
     if row.thread != thread and row.origin != sender:
         raise NotThreadParty(f"{resource['resourceType']}/{rid} belongs to another thread "
                              f"here; '{sender}' may not change it from thread {thread}")
+
+
+def response_of(resource: dict[str, Any]) -> dict[str, Any]:
+    """A transaction response entry's ``response`` for a resource just stored: 201 for a first
+    version, 200 for a new version of one that was here; the versioned location."""
+    meta = resource.get("meta") or {}
+    version = str(meta.get("versionId", "1"))
+    out = {"status": "201 Created" if version == "1" else "200 OK",
+           "location": f"{R.ref(resource)}/_history/{version}", "etag": f'W/"{version}"'}
+    if meta.get("lastUpdated"):
+        out["lastModified"] = meta["lastUpdated"]
+    return out
+
+
+def _check_version(task: dict[str, Any], if_match: int | None) -> None:
+    if if_match is None:
+        return
+    have = str((task.get("meta") or {}).get("versionId"))
+    if have != str(if_match):
+        raise VersionConflict(f"If-Match names version {if_match}, the current version is "
+                              f"{have}: read it again and reapply the change")
 
 
 def _is_placer(ident: dict[str, Any]) -> bool:

@@ -91,6 +91,9 @@ class Store:
         with self._translate(), self._schema_lock():
             SQLModel.metadata.create_all(self._writer)
             upgrade(self)
+            from bridge.fhirstore.schema import upgrade_history
+
+            upgrade_history(self)
             from bridge.store.quarantine import upgrade_schema
 
             with self._writer.begin() as conn:
