@@ -281,6 +281,22 @@ class AlertsConfig(_Model):
     probe_timeout_s: PositiveFloat = 3.0  # peer health probe
     webhook_url: Annotated[str, AfterValidator(_webhook_url)] | None = None
     webhook_timeout_s: PositiveFloat = 5.0
+    # issue 15: rules that fire early, robot formats, e-mail (bridge/alerts.py)
+    peer_unreachable_grace_s: float = Field(default=60.0, ge=0)  # after the first failed probe
+    quarantine_held: int = Field(default=0, ge=0)  # held items per source above this: alert
+    dead_letters: int = Field(default=0, ge=0)  # dead packets per peer above this: alert
+    disk_free_pct: float = Field(default=10.0, ge=0, le=100)  # free space of the data folder
+    keys_rotate_by: str | None = None  # YYYY-MM-DD the alliance's key policy renews this site
+    key_expiry_warn_days: PositiveInt = 30
+    off: tuple[str, ...] = ()  # rule names not evaluated at all (e.g. "adapter-silent")
+    webhook_format: Literal["json", "wecom", "dingtalk"] = "json"
+    smtp_host: str | None = None  # e-mail each raise/clear when set (with email_to)
+    smtp_port: PositiveInt = 25
+    smtp_starttls: bool = False
+    smtp_user: str | None = None
+    smtp_password: str | None = None  # a secret reference (env:NAME / file:path)
+    email_from: str = "hutong@localhost"
+    email_to: tuple[str, ...] = ()
 
 
 class WebConfig(_Model):
