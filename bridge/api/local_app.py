@@ -73,6 +73,9 @@ def create_local_app(node: Node) -> FastAPI:
     app.state.tokens = dict(ctx.plan.tokens)
     app.state.node = node
     app.include_router(web_router(node))  # /ui pages (and the node's alert job)
+    from bridge.metrics import metrics_router
+
+    app.include_router(metrics_router(node, getattr(node, "alerter", None)))  # Prometheus
     app.include_router(fhir_router(node))  # /fhir: errors are OperationOutcomes (FhirRoute)
 
     @app.exception_handler(HutongError)

@@ -299,6 +299,13 @@ class AlertsConfig(_Model):
     email_to: tuple[str, ...] = ()
 
 
+class MetricsConfig(_Model):
+    """``/metrics`` on the local port (Prometheus): the IT token, or this token of its own
+    (a secret reference) so the Prometheus server holds no IT rights."""
+
+    token: SecretRef | None = None
+
+
 class WebConfig(_Model):
     """Browser sessions on the local port's /ui pages: an idle limit (reset by each request)
     and an absolute one (from login); past either the session is dropped and the user logs in
@@ -349,6 +356,7 @@ class NodeFile(_Model):
     adapters: list[AdapterConfig] = []
     alerts: AlertsConfig = AlertsConfig()
     web: WebConfig = WebConfig()
+    metrics: MetricsConfig = MetricsConfig()
     egress: EgressConfig = EgressConfig()
 
     @field_validator("adapters")
@@ -463,6 +471,7 @@ class NodePlan:
     source_files: tuple[Path, ...]
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
     web: WebConfig = field(default_factory=WebConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     #: identifier systems no outgoing packet may carry (bridge.delivery.egress)
     egress_refused_systems: tuple[str, ...] = RESIDENT_ID_SYSTEMS
 
