@@ -266,3 +266,21 @@ class DataDirLocked(HutongError):
     """Another ``hutong run`` already holds this node's data folder."""
 
     code = "HT-DATA-LOCKED"
+
+
+class DemoLocked(HutongError):
+    """Another ``hutong demo`` is using this demo folder (issue 15: it would wipe it)."""
+
+    code = "HT-DEMO-LOCKED"
+
+
+class PortInUse(HutongError):
+    """A port the command is about to listen on is taken (checked before anything starts)."""
+
+    code = "HT-PORT-IN-USE"
+
+
+class CliInputError(HutongError):
+    """A command-line argument or file the CLI cannot use (one line, never a traceback)."""
+
+    code = "HT-CLI-INPUT"
