@@ -7,10 +7,12 @@ from __future__ import annotations
 import fcntl
 import os
 import re
-import socket
 from pathlib import Path
 
-from bridge.errors import DemoLocked, PortInUse
+from bridge.errors import DemoLocked
+from bridge.portcheck import check_free, holder_of
+
+__all__ = ["check_free", "holder_of", "lock_folder", "ports_in", "release", "shift_ports"]
 
 #: the shipped Fuxing files use 8101-8107 (local), 9101-9107 (peer), 8200-8299 (vendor systems)
 SHIPPED_BASE = 8000
@@ -61,48 +63,3 @@ def ports_in(text: str) -> set[int]:
     live = "\n".join(line.split("#", 1)[0] for line in text.splitlines())
     return {int(m.group(2)) for m in _ADDR.finditer(live)} | {
         int(m.group(2)) for m in _PORT.finditer(live)}
-
-
-def check_free(ports: set[int], host: str = "127.0.0.1") -> None:
-    """PortInUse for the first taken port (lowest first), naming who holds it if known."""
-    for port in sorted(ports):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind((host, port))
-            except OSError:
-                holder = holder_of(port)
-                raise PortInUse(
-                    f"port {port} on {host} is already in use"
-                    + (f" by {holder}" if holder else "")
-                    + "; stop that process or move the demo with --port-base N "
-                    "(ports N+101..N+299 and N+1101..N+1107)") from None
-
-
-def holder_of(port: int) -> str | None:
-    """``pid 123 (python3)`` listening on the port, from /proc (Linux; None elsewhere or when
-    the process belongs to another user)."""
-    inodes: set[str] = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table, encoding="ascii") as f:
-                next(f, None)
-                for line in f:
-                    parts = line.split()
-                    if len(parts) > 9 and parts[3] == "0A" and \
-                            int(parts[1].rsplit(":", 1)[1], 16) == port:
-                        inodes.add(parts[9])
-        except OSError:
-            continue
-    if not inodes:
-        return None
-    wanted = {f"socket:[{i}]" for i in inodes}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-            for fd in fds:
-                if os.readlink(f"/proc/{pid}/fd/{fd}") in wanted:
-                    with open(f"/proc/{pid}/comm", encoding="utf-8") as c:
-                        return f"pid {pid} ({c.read().strip()})"
-        except OSError:
-            continue
-    return None
