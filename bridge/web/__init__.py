@@ -31,6 +31,9 @@ def web_router(node: Node) -> APIRouter:
     from bridge.web.stats import stats_routes
 
     web = Web(node)
+    from bridge.web import words
+
+    words.install(node)  # display names of codes from this node's maps (clinical pages)
     alerter = Alerter(node)
     node.alerter = alerter  # type: ignore[attr-defined] - /metrics reports the active alerts
     node.add_job("alerts", alerter.run_once, node.plan.alerts.every_s)
