@@ -216,7 +216,8 @@ def clinician_routes(web: Web) -> APIRouter:
               e(f'{status_name(lang, s["from_status"])} → {status_name(lang, s["to_status"])}'),
               e(actor_name(lang, s["actor"], web.member_name))] for s in d["steps"]],
             t(lang, "none"), "history")
-        body = (summary + action_forms(lang, row)
+        msg = web.sessions.pop_flash(request)  # e.g. "fetch requested"
+        body = ((f'<p class="msg">{e(msg)}</p>' if msg else "") + summary + action_forms(lang, row)
                 + fv.clinical(lang, d["task"], d["res"], thread)
                 + f'<h3>{e(t(lang, "history"))}</h3>{history}')
         return web.page(request, t(lang, "detail"), body, role=role)
