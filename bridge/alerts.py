@@ -42,6 +42,7 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from email.message import EmailMessage
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, or_, select
@@ -105,6 +106,7 @@ class Facts:
     quarantined: dict[str, int] = field(default_factory=dict)  # held items by source
     disk_free_pct: float | None = None
     key_days_left: float | None = None
+    cert_days_left: dict[str, float] = field(default_factory=dict)  # adapter -> TLS cert
 
 
 def _aware(t: datetime | None) -> datetime | None:
@@ -196,6 +198,14 @@ def _more_rules(facts: Facts, cfg: AlertsConfig) -> list[Alert]:
         out.append(Alert("disk", "disk", "data", round(facts.disk_free_pct, 1), cfg.disk_free_pct,
                          f"data folder has {facts.disk_free_pct:.1f}% free "
                          f"(threshold {cfg.disk_free_pct:.0f}%)"))
+    for name in sorted(facts.cert_days_left):
+        days = facts.cert_days_left[name]
+        if days < cfg.key_expiry_warn_days:
+            out.append(Alert(f"cert-expiry:{name}", "cert-expiry", name, round(days, 1),
+                             cfg.key_expiry_warn_days, f"TLS certificate of adapter {name} "
+                             + (f"expired {-days:.0f} days ago" if days < 0 else
+                                f"expires in {days:.0f} days")
+                             + f" (warn at {cfg.key_expiry_warn_days})"))
     if facts.key_days_left is not None and facts.key_days_left < cfg.key_expiry_warn_days:
         out.append(Alert("key-expiry", "key-expiry", "keys", round(facts.key_days_left, 1),
                          cfg.key_expiry_warn_days, f"site keys are due for renewal in "
@@ -300,9 +310,28 @@ class Alerter:
                       if oldest_in is not None else None,
                       adapters=adapters, chain_ok=self.chain[1], chain_problem=self.chain[2],
                       quarantined=quarantined, disk_free_pct=self._disk_free_pct(),
-                      key_days_left=_days_left(self.cfg.keys_rotate_by, now))
+                      key_days_left=_days_left(self.cfg.keys_rotate_by, now),
+                      cert_days_left=self._cert_days(now))
         self.last_facts = facts
         return facts
+
+    def _cert_days(self, now: datetime) -> dict[str, float]:
+        """Days until each adapter's TLS certificate (``options.tls.cert``) expires."""
+        out: dict[str, float] = {}
+        for a in getattr(self.node.plan, "adapters", ()) or ():
+            tls = a.options.get("tls") if hasattr(a.options, "get") else None
+            cert = tls.get("cert") if isinstance(tls, dict) else None
+            if not isinstance(cert, str):
+                continue
+            try:
+                from cryptography import x509
+
+                path = Path(cert) if Path(cert).is_absolute() else a.base_dir / cert
+                c = x509.load_pem_x509_certificate(path.read_bytes())
+                out[a.name] = (c.not_valid_after_utc - now).total_seconds() / 86400.0
+            except (OSError, ValueError):
+                out[a.name] = -1.0  # unreadable: as good as expired, and said so
+        return out
 
     def _disk_free_pct(self) -> float | None:
         try:
@@ -460,6 +489,7 @@ RULE_ZH = {
     "adapter-silent": "接口长时间未成功", "audit-chain": "审计链校验失败",
     "peer-unreachable": "对方机构不可达", "quarantine": "有数据被隔离",
     "dead-letters": "有无法投递的数据包", "disk": "磁盘空间不足", "key-expiry": "密钥即将到期",
+    "cert-expiry": "证书即将到期",
 }
 
 

@@ -94,6 +94,11 @@ def test_quarantine_dead_letters_disk_and_keys() -> None:
     assert keys(facts(peers={"chc": PeerFacts("chc", dead=2, last_probe_ok=NOW)},
                       quarantined={"gateway": 3}, disk_free_pct=4.44, key_days_left=12.5),
                 calm) == {}
+    certs = keys(facts(cert_days_left={"lis": 10.4, "pacs": 200.0, "his": -2.0}))
+    assert sorted(certs) == ["cert-expiry:his", "cert-expiry:lis"]
+    assert certs["cert-expiry:lis"].message == ("TLS certificate of adapter lis expires in 10 "
+                                                "days (warn at 30)")
+    assert certs["cert-expiry:his"].message.startswith("TLS certificate of adapter his expired")
     assert _days_left("2026-12-20", T0) == pytest.approx(29 + 16 / 24)
     assert _days_left(None, T0) is None and _days_left("soon", T0) is None
 
@@ -281,3 +286,27 @@ def test_unreachable_peer_and_quarantine_raise_and_clear_once(
         assert len(robot.docs) == len(mailbox.subjects)
     finally:
         a.stop_all()
+
+
+def test_adapter_tls_certificates_are_read_for_expiry(tmp_path: Path) -> None:
+    """The days left come from the certificate file itself (here one valid for a day)."""
+    from types import MappingProxyType, SimpleNamespace
+
+    from bridge.alerts import Alerter
+    from bridge.config.models import AdapterSettings
+    from tests.lis_site import self_signed
+
+    cert, key = self_signed(tmp_path / "tls")
+    adapters = [AdapterSettings(name="lis", type="lis-hl7", mappings=None, receives=(),
+                                options=MappingProxyType({"tls": {"cert": "tls/lis.crt",
+                                                                  "key": "tls/lis.key"}}),
+                                base_dir=tmp_path),
+                AdapterSettings(name="his", type="his-hl7", mappings=None, receives=(),
+                                options=MappingProxyType({"tls": {"cert": str(tmp_path / "gone")}}),
+                                base_dir=tmp_path)]
+    holder = SimpleNamespace(node=SimpleNamespace(plan=SimpleNamespace(adapters=adapters)))
+    now = datetime.now(UTC)
+    days = Alerter._cert_days(holder, now)  # type: ignore[arg-type]
+    assert set(days) == {"lis", "his"}
+    assert 0.9 < days["lis"] <= 1.0 and days["his"] == -1.0
+    assert sorted(keys(facts(cert_days_left=days))) == ["cert-expiry:his", "cert-expiry:lis"]

@@ -14,6 +14,7 @@ LABELS.update({
     "rule_dead-letters": ("有无法投递的数据包", "Dead letters"),
     "rule_disk": ("磁盘空间不足", "Disk nearly full"),
     "rule_key-expiry": ("密钥即将到期", "Keys due for renewal"),
+    "rule_cert-expiry": ("证书即将到期", "TLS certificate expiring"),
     "dashboard": ("实时概况", "Live dashboard"),
     "channel": ("通道", "Channel"),
     "state": ("状态", "State"),
