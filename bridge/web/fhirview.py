@@ -99,7 +99,7 @@ def output_label(lang: str, o: dict[str, Any]) -> str:
     return t(lang, SLIP_FIELDS[label]) if label in SLIP_FIELDS else label
 
 
-def output_value(o: dict[str, Any]) -> str:
+def output_value(o: dict[str, Any], lang: str = "zh") -> str:
     """A Task output's value as written on a slip: a concept by its name, a time as people
     write it (Beijing time), a reference by its display."""
     for key, v in o.items():
@@ -110,16 +110,16 @@ def output_value(o: dict[str, Any]) -> str:
         if key == "valueCoding":
             return text({"coding": [v]})
         if key in ("valueDateTime", "valueInstant"):
-            return when(v)
+            return when(v, lang)
         if key == "valuePeriod" and isinstance(v, dict):
-            return " – ".join(when(x) for x in (v.get("start"), v.get("end")) if x)
+            return " – ".join(when(x, lang) for x in (v.get("start"), v.get("end")) if x)
         if isinstance(v, dict):
             return str(v.get("display") or v.get("text") or v.get("reference") or "")
         return str(v)
     return ""
 
 
-def when(value: Any) -> str:
+def when(value: Any, lang: str = "zh") -> str:
     """A FHIR date/dateTime/instant for people: instants in Beijing time with the zone named,
     dates as they are."""
     if not value:
@@ -127,7 +127,8 @@ def when(value: Any) -> str:
     v = str(value)
     if len(v) >= 16 and "T" in v:
         shown = fmt_time(v if len(v) >= 19 else v + ":00")
-        return f"{shown[:16]} (北京时间)" if shown and shown[4:5] == "-" else v
+        zone = "Beijing time" if lang == "en" else "北京时间"
+        return f"{shown[:16]} ({zone})" if shown and shown[4:5] == "-" else v
     return v
 
 
@@ -172,7 +173,7 @@ def coverage_ids(res: dict[str, list[dict[str, Any]]]) -> list[str]:
 def acceptance(lang: str, task: dict[str, Any]) -> str:
     slip = [o for o in task.get("output") or [] if "valueReference" not in o]
     return table([t(lang, "item"), t(lang, "value")],
-                 [[e(output_label(lang, o)), e(output_value(o))] for o in slip],
+                 [[e(output_label(lang, o)), e(output_value(o, lang))] for o in slip],
                  t(lang, "none"), "acceptance")
 
 
@@ -183,7 +184,7 @@ def documents(lang: str, res: dict[str, list[dict[str, Any]]]) -> str:
                        f'{e(plain((s.get("text") or {}).get("div")))}</p>'
                        for s in c.get("section") or [])
         docs.append(f'<div class="doc"><h4>{e(c.get("title"))} '
-                    f'<small>{e(when(c.get("date")))}</small></h4>{secs}</div>')
+                    f'<small>{e(when(c.get("date"), lang))}</small></h4>{secs}</div>')
     return "".join(docs) or f'<p>{e(t(lang, "none"))}</p>'
 
 
@@ -220,7 +221,7 @@ def lab_tables(lang: str, res: dict[str, list[dict[str, Any]]]) -> str:
             continue
         rows = [row(obs[r]) for r in refs if r in obs]
         concl = f'<p>{e(dr.get("conclusion"))}</p>' if dr.get("conclusion") else ""
-        at = when(dr.get("effectiveDateTime") or dr.get("issued") or "")
+        at = when(dr.get("effectiveDateTime") or dr.get("issued") or "", lang)
         out.append(f'<h4>{e(text(dr.get("code")))} <small>{e(at)}</small></h4>{concl}'
                    + table(heads, rows, t(lang, "none"), "results"))
     loose = [row(o) for k, o in obs.items() if k not in used]
@@ -242,7 +243,8 @@ def imaging(lang: str, res: dict[str, list[dict[str, Any]]], thread: str = "") -
         shown.update(r for r in study_refs if r)
         out.append(
             f'<div class="imaging-report"><h4>{e(text(dr.get("code")))} '
-            f'<small>{e(when(dr.get("effectiveDateTime") or dr.get("issued") or ""))}</small></h4>'
+            f'<small>{e(when(dr.get("effectiveDateTime") or dr.get("issued") or "", lang))}'
+            f'</small></h4>'
             f'<p><b>{e(t(lang, "impression"))}:</b> <span class="conclusion">'
             f'{e(dr.get("conclusion"))}</span>'
             + (f' ({e(codes)})' if codes else "") + "</p>"
@@ -264,7 +266,7 @@ def study(lang: str, s: dict[str, Any], thread: str = "") -> str:
               for se in s.get("series") or []]
     return (f'<div class="study"><p><b>{e(t(lang, "study"))}:</b> {e(s.get("description"))} '
             f'&nbsp; <b>{e(t(lang, "modality"))}:</b> {e(", ".join(modalities))} &nbsp; '
-            f'<b>{e(t(lang, "started"))}:</b> {e(when(s.get("started")))} &nbsp; '
+            f'<b>{e(t(lang, "started"))}:</b> {e(when(s.get("started"), lang))} &nbsp; '
             f'<b>{e(t(lang, "instances"))}:</b> {e(s.get("numberOfInstances"))} &nbsp; '
             f'<b>Study UID:</b> <code class="study-uid">{e(uid)}</code></p>'
             + study_actions(lang, uid, s.get("_origin"), thread)
