@@ -536,7 +536,8 @@ app.add_typer(site_app, name="site")
 
 def _one_line(exc: BaseException) -> str:
     """An unexpected error as one line with a code (HUTONG_DEBUG=1 shows the traceback)."""
-    if isinstance(exc, FileNotFoundError | IsADirectoryError | PermissionError | NotADirectoryError):
+    if isinstance(exc, FileNotFoundError | IsADirectoryError | PermissionError
+                  | NotADirectoryError):
         return f"HT-CLI-INPUT: cannot use {exc.filename}: {exc.strerror}"
     if isinstance(exc, UnicodeDecodeError):
         return "HT-CLI-INPUT: a file given is not UTF-8 text"

@@ -56,8 +56,9 @@ def site_init(
     from bridge.demo.run import hutong_command
 
     cmd = hutong_command()
-    steps = [f"send {show(report.public_keys)} to every other member (they put it in "  # type: ignore[arg-type]
-             f"their keys/ folder); put theirs in {show(alliance_dir / 'keys')}"]
+    public = show(report.public_keys)  # type: ignore[arg-type]
+    steps = [f"send {public} to every other member (they put it in their keys/ folder); "
+             f"put theirs in {show(alliance_dir / 'keys')}"]
     if report.hash_key_placeholder:
         steps.append(f"copy the alliance's patient-hash key over the placeholder in "
                      f"{show(alliance_dir / 'secrets')} (the node refuses to start until then)")

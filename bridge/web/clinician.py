@@ -204,7 +204,8 @@ def clinician_routes(web: Web) -> APIRouter:
             + f'<p><b>{e(t(lang, "notes"))}:</b> <span class="notes">{e(fv.notes(sr))}</span>'
             + (f' &nbsp; <b>{e(t(lang, "reason_text"))}:</b> {e(row["reason"])}'
                if row.get("reason") else "") + "</p>"
-            + f'<p><b>{e(t(lang, "priority"))}:</b> {e(priority_name(lang, sr.get("priority")))} &nbsp; '
+            + f'<p><b>{e(t(lang, "priority"))}:</b> '
+            f'{e(priority_name(lang, sr.get("priority")))} &nbsp; '
             f'<b>{e(t(lang, "slip_no"))}:</b> {e(fv.identifiers(sr, "PLAC"))} '
             f'{e(fv.identifiers(d["task"], "FILL"))}'
             + (f' &nbsp; <b>{e(t(lang, "insurance"))}:</b> {e(", ".join(cov))}' if cov else "")
