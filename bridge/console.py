@@ -217,6 +217,8 @@ def snapshot(node: Node) -> Snapshot:
                 select(QUARANTINE.c.source, QUARANTINE.c.state, func.count())
                 .group_by(QUARANTINE.c.source, QUARANTINE.c.state)):
             totals[f"quarantine:{source}:{st}"] = n
+        if adapters:
+            _adapter_windows(node, conn, adapters, since, now)
     return Snapshot(now=now, peers=[peers[p] for p in sorted(peers)],
                     adapters=list(adapters.values()), hours=hours, per_hour=per_hour,
                     totals=totals)
@@ -230,3 +232,48 @@ def pause_target(node: Node, kind: str, name: str) -> str:
     if kind == "adapter" and name in (getattr(node, "adapters", {}) or {}):
         return f"adapter:{name}"
     raise NotFound(f"no {kind} of that name on this node")
+
+
+def _adapter_windows(node: Node, conn: Any, adapters: dict[str, Channel], since: datetime,
+                     now: datetime) -> None:
+    """Per adapter, last hour/day: packets it handed on (audited ``queued`` with the adapter as
+    actor) count as received from the local system; packets delivered to it (the dispatcher's
+    handler for their kind) as sent; deliveries to it that failed as failed."""
+    import orjson
+
+    from bridge.audit.events import event_fields
+    from bridge.audit.tables import AuditRecord
+
+    audit = AuditRecord.__table__  # type: ignore[attr-defined]
+    for at, resource in conn.execute(select(audit.c.at, audit.c.resource)
+                                     .where(audit.c.action == "queued", audit.c.at >= since)):
+        actor = str(event_fields(orjson.loads(resource)).get("actor") or "")
+        ch = adapters.get(actor.removeprefix("adapter:")) if actor.startswith("adapter:") \
+            else None
+        if ch is not None:
+            for w in _windows(_aware(at, now), now):
+                ch.received[w] += 1
+    dispatcher = getattr(node, "dispatcher", None)
+    if dispatcher is None:
+        return
+    by_handler = {id(a): ch for name, ch in adapters.items()
+                  if (a := node.adapters.get(name)) is not None}
+    for kind, st, delivered, received in conn.execute(
+            select(INBOX.c.kind, INBOX.c.state, INBOX.c.delivered_at, INBOX.c.received_at)
+            .where((INBOX.c.delivered_at >= since)
+                   | ((INBOX.c.state == "failed") & (INBOX.c.received_at >= since)))):
+        ch = by_handler.get(id(dispatcher.handler_for(kind)))
+        if ch is None:
+            continue
+        if delivered is not None:
+            for w in _windows(_aware(delivered, now), now):
+                ch.sent[w] += 1
+        elif st == "failed":
+            for w in _windows(_aware(received, now), now):
+                ch.failed[w] += 1
+    ch_waiting = conn.execute(select(INBOX.c.kind, func.count())
+                              .where(INBOX.c.state == "received").group_by(INBOX.c.kind))
+    for kind, n in ch_waiting:
+        ch = by_handler.get(id(dispatcher.handler_for(kind)))
+        if ch is not None:
+            ch.queued += n

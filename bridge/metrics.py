@@ -63,6 +63,21 @@ class NodeCollector:
         yield g
         yield age
         yield paused
+        for what, helptext in (("received", "packets an adapter handed on (from the local "
+                                            "system)"),
+                               ("sent", "packets delivered to an adapter (to the local system)"),
+                               ("failed", "deliveries to an adapter that failed")):
+            g = GaugeMetricFamily(f"hutong_adapter_{what}_window", f"{helptext}, in the last "
+                                  "hour/day", labels=["node", "adapter", "window"])
+            for ch in snap.adapters:
+                for w, _ in windows:
+                    g.add_metric([node_id, ch.name, w], getattr(ch, what)[w])
+            yield g
+        g = GaugeMetricFamily("hutong_adapter_queued", "received packets waiting for delivery "
+                              "to the adapter", labels=["node", "adapter"])
+        for ch in snap.adapters:
+            g.add_metric([node_id, ch.name], ch.queued)
+        yield g
         q = GaugeMetricFamily("hutong_adapter_quarantined_window",
                               "items an adapter quarantined in the last hour/day",
                               labels=["node", "adapter", "window"])

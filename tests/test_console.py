@@ -170,8 +170,20 @@ def test_pause_holds_one_peer_and_the_numbers_follow(trio: Alliance) -> None:
 
 
 def test_pause_an_adapter_and_refuse_unknown_names(trio: Alliance) -> None:
+    from tests.test_lis_mllp import GBK, msa, send
+
     core = trio.node("core")
     it = Browser(core).login("it")
+    # a lab message in an undeclared charset: NAKed and quarantined by the LIS channel
+    port = int(next(a for a in core.plan.adapters if a.name == "lis").options["port"])
+    (ack,) = send(port, GBK.replace(b"|CHN|GB18030\r", b"|CHN|\r"))
+    assert msa(ack)[0] == "AR"
+    cells = row(it.get("/ui/it"), "live-adapters", "data-adapter", "lis")
+    assert cells[6] == "1 / 1" and cells[4] == "0"  # quarantined last hour / day; queued
+    text = scrape(core, METRICS_TOKEN)[2]
+    assert value(text, "hutong_adapter_quarantined_window", adapter="lis", window="1h") == 1.0
+    assert value(text, "hutong_adapter_received_window", adapter="lis", window="24h") == 0.0
+    assert value(text, "hutong_adapter_queued", adapter="lis") == 0.0
     it.get("/ui/it")
     _s, _u, page = it.open("/ui/it/pause?kind=adapter&name=lis&paused=1", {})
     assert row(page, "live-adapters", "data-adapter", "lis")[1] == "⏸ 已暂停"

@@ -44,5 +44,7 @@ LABELS.update({
     "resumed_done": ("已恢复", "Resumed"),
     "email": ("邮件", "E-mail"),
     "peer_kind": ("对方机构", "Peer"),
+    "adapter_in": ("从本院系统收到", "From the local system"),
+    "adapter_out": ("交给本院系统", "To the local system"),
     "adapter_kind": ("本院接口", "Local adapter"),
 })

@@ -56,14 +56,17 @@ def live_html(web: Web, lang: str, snap: Snapshot | None = None) -> str:
         f'<small>{e(ch.last_error or "")}</small>', toggle(ch)] for ch in snap.peers],
         t(lang, "none"), "live-peers", num=(2, 3, 4, 5, 6))
     adapters = table(
-        [t(lang, "adapter"), t(lang, "state"), t(lang, "counters"),
-         t(lang, "series_quarantined") + " 1h/24h", t(lang, "last_ok"), t(lang, "last_error"),
-         ""],
+        [t(lang, "adapter"), t(lang, "state"), t(lang, "adapter_in") + " 1h/24h",
+         t(lang, "adapter_out") + " 1h/24h", t(lang, "queued_now"),
+         t(lang, "series_failed") + " 1h/24h", t(lang, "series_quarantined") + " 1h/24h",
+         t(lang, "last_ok"), t(lang, "last_error"), t(lang, "counters"), ""],
         [[f'<span data-adapter="{e(ch.name)}">{e(ch.name)}</span>', state_cell(ch),
-          e(", ".join(f"{k}={v}" for k, v in sorted(ch.counters.items()))),
+          e(pair(ch.received)), e(pair(ch.sent)), e(ch.queued), e(pair(ch.failed)),
           e(pair(ch.quarantined)), e(fmt_time(ch.last_ok_at)),
-          f'<small>{e(ch.last_error or "")}</small>', toggle(ch)] for ch in snap.adapters],
-        t(lang, "no_adapters"), "live-adapters", num=(3,))
+          f'<small>{e(ch.last_error or "")}</small>',
+          f'<small>{e(", ".join(f"{k}={v}" for k, v in sorted(ch.counters.items())))}</small>',
+          toggle(ch)] for ch in snap.adapters],
+        t(lang, "no_adapters"), "live-adapters", num=(2, 3, 4, 5, 6))
     labels = [h.astimezone(CST).strftime("%H") for h in snap.hours]
     rate = grouped_bars(t(lang, "chart_rate"), labels, [
         (t(lang, "series_in"), snap.per_hour["received"]),
