@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -38,18 +39,21 @@ HOURS = 24
 
 
 class Pauses:
-    """What IT paused, cached in memory (checked on every send/deliver round), kept in the
-    store so a restart keeps it."""
+    """What IT paused, kept in the store (a restart keeps it) and cached for ``ttl_s`` (checked
+    on every send/deliver round; other processes on a shared store see a change that soon)."""
 
-    def __init__(self, ctx: NodeContext) -> None:
+    def __init__(self, ctx: NodeContext, ttl_s: float = 2.0) -> None:
         self.ctx = ctx
+        self.ttl_s = ttl_s
         self._lock = threading.Lock()
         self._cache: set[str] | None = None
+        self._read_at = 0.0
 
     def all(self) -> set[str]:
-        if self._cache is None:
+        if self._cache is None or time.monotonic() - self._read_at > self.ttl_s:
             with self.ctx.store.read() as conn:
                 self._cache = set(json.loads(state.get(conn, PAUSED_KEY) or "[]"))
+            self._read_at = time.monotonic()
         return set(self._cache)
 
     def has(self, what: str) -> bool:
