@@ -10,7 +10,18 @@ Rules (thresholds from ``[alerts]`` in the node file, ``AlertsConfig``):
   peer is not silent);
 - ``adapter-silent:<name>``: an adapter's ``status()['last_ok_at']`` (or the node's start, if it
   never succeeded) is older than ``adapter_silent_s``;
-- ``audit-chain``: the audit chain fails to verify (checked every ``chain_every_s``).
+- ``audit-chain``: the audit chain fails to verify (checked every ``chain_every_s``);
+- ``peer-unreachable:<peer>``: the health probe of a next hop has failed without a success
+  since, for ``peer_unreachable_grace_s`` (default 60 s after the first failed probe);
+- ``quarantine:<source>``: more than ``quarantine_held`` items held from one source (default:
+  any); ``dead-letters:<peer>``: more than ``dead_letters`` dead packets for a peer (any);
+- ``disk``: the data folder's file system has less than ``disk_free_pct`` free;
+- ``key-expiry``: ``keys_rotate_by`` is less than ``key_expiry_warn_days`` away (Ed25519 keys
+  carry no date of their own; the alliance's key policy gives the day).
+
+Rules named in ``off`` are not evaluated. Each raise/clear also goes to e-mail (``smtp_*``,
+``email_to``); the webhook body is generic JSON or a WeCom / DingTalk robot message
+(``webhook_format``). See docs/it/operations.md.
 
 :func:`evaluate` is a pure function of :class:`Facts`; :class:`Alerter` collects the facts, keeps
 the active set in ``node_state`` (so a restart does not raise again), audits each raise and
@@ -23,19 +34,24 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+import smtplib
 import threading
 import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from email.message import EmailMessage
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, or_, select
 
 from bridge.audit.events import AuditEntry
 from bridge.config.models import AlertsConfig
+from bridge.config.secrets import is_secret_ref, resolve_secret
 from bridge.store import state
-from bridge.store.tables import INBOX, OUTBOX
+from bridge.store.tables import INBOX, OUTBOX, QUARANTINE
 
 if TYPE_CHECKING:
     from bridge.node import Node
@@ -44,6 +60,7 @@ log = logging.getLogger("hutong.alerts")
 
 ACTIVE_KEY = "alerts_active"
 PENDING_KEY = "alerts_webhook_pending"
+EMAIL_PENDING_KEY = "alerts_email_pending"
 MAX_PENDING = 200
 WAITING = ("queued", "sent")
 
@@ -68,6 +85,7 @@ class PeerFacts:
     last_packet_in: datetime | None = None
     last_probe_ok: datetime | None = None
     last_probe_error: str | None = None
+    failing_since: datetime | None = None  # first failed probe with no success after it
 
     @property
     def last_contact(self) -> datetime | None:
@@ -85,6 +103,10 @@ class Facts:
     adapters: dict[str, dict[str, Any]] = field(default_factory=dict)
     chain_ok: bool | None = None  # None: not verified yet
     chain_problem: str | None = None
+    quarantined: dict[str, int] = field(default_factory=dict)  # held items by source
+    disk_free_pct: float | None = None
+    key_days_left: float | None = None
+    cert_days_left: dict[str, float] = field(default_factory=dict)  # adapter -> TLS cert
 
 
 def _aware(t: datetime | None) -> datetime | None:
@@ -144,6 +166,50 @@ def evaluate(facts: Facts, cfg: AlertsConfig) -> list[Alert]:
     if facts.chain_ok is False:
         out.append(Alert("audit-chain", "audit-chain", "audit", None, None,
                          f"audit chain fails to verify: {facts.chain_problem}"))
+    out += _more_rules(facts, cfg)
+    off = set(getattr(cfg, "off", ()) or ())
+    return [a for a in out if a.rule not in off]
+
+
+def _more_rules(facts: Facts, cfg: AlertsConfig) -> list[Alert]:
+    """The rules that fire early (issue 15): unreachable peer, quarantine, dead letters, disk,
+    key rotation."""
+    out: list[Alert] = []
+    for p in sorted(facts.peers.values(), key=lambda p: p.peer):
+        if p.failing_since is not None:
+            down = (facts.now - p.failing_since).total_seconds()
+            if down >= cfg.peer_unreachable_grace_s:
+                out.append(Alert(f"peer-unreachable:{p.peer}", "peer-unreachable", p.peer,
+                                 round(down, 1), cfg.peer_unreachable_grace_s,
+                                 f"{p.peer} unreachable for {down:.0f} s "
+                                 f"(grace {cfg.peer_unreachable_grace_s:.0f} s)"
+                                 + (f": {p.last_probe_error}" if p.last_probe_error else "")))
+        if p.dead > cfg.dead_letters:
+            out.append(Alert(f"dead-letters:{p.peer}", "dead-letters", p.peer, p.dead,
+                             cfg.dead_letters, f"{p.dead} dead packets for {p.peer} "
+                             f"(threshold {cfg.dead_letters}); retry them on the IT page"))
+    for source in sorted(facts.quarantined):
+        n = facts.quarantined[source]
+        if n > cfg.quarantine_held:
+            out.append(Alert(f"quarantine:{source}", "quarantine", source, n,
+                             cfg.quarantine_held, f"{n} items held in quarantine from {source} "
+                             f"(threshold {cfg.quarantine_held})"))
+    if facts.disk_free_pct is not None and facts.disk_free_pct < cfg.disk_free_pct:
+        out.append(Alert("disk", "disk", "data", round(facts.disk_free_pct, 1), cfg.disk_free_pct,
+                         f"data folder has {facts.disk_free_pct:.1f}% free "
+                         f"(threshold {cfg.disk_free_pct:.0f}%)"))
+    for name in sorted(facts.cert_days_left):
+        days = facts.cert_days_left[name]
+        if days < cfg.key_expiry_warn_days:
+            out.append(Alert(f"cert-expiry:{name}", "cert-expiry", name, round(days, 1),
+                             cfg.key_expiry_warn_days, f"TLS certificate of adapter {name} "
+                             + (f"expired {-days:.0f} days ago" if days < 0 else
+                                f"expires in {days:.0f} days")
+                             + f" (warn at {cfg.key_expiry_warn_days})"))
+    if facts.key_days_left is not None and facts.key_days_left < cfg.key_expiry_warn_days:
+        out.append(Alert("key-expiry", "key-expiry", "keys", round(facts.key_days_left, 1),
+                         cfg.key_expiry_warn_days, f"site keys are due for renewal in "
+                         f"{facts.key_days_left:.0f} days (warn at {cfg.key_expiry_warn_days})"))
     return out
 
 
@@ -156,6 +222,7 @@ class Alerter:
         self.cfg: AlertsConfig = getattr(node.plan, "alerts", None) or AlertsConfig()
         self.started_at = self.ctx.now()
         self.probes: dict[str, tuple[datetime | None, str | None]] = {}
+        self.failing_since: dict[str, datetime] = {}  # peer -> first failed probe since success
         self.chain: tuple[datetime, bool, str | None] | None = None
         self.last_facts: Facts | None = None
         self._lock = threading.Lock()
@@ -173,6 +240,7 @@ class Alerter:
                 r.read()
                 if r.status == 200:
                     self.probes[peer] = (self.ctx.now(), None)
+                    self.failing_since.pop(peer, None)
                     return
                 error = f"health answered HTTP {r.status}"
         except urllib.error.HTTPError as exc:
@@ -181,6 +249,7 @@ class Alerter:
         except (OSError, ValueError) as exc:
             error = f"health probe failed: {type(exc).__name__}"
         self.probes[peer] = (ok_at, error)
+        self.failing_since.setdefault(peer, self.ctx.now())
 
     def verify_chain(self, now: datetime) -> None:
         """Rows added since the last full run are checked every round; the whole chain every
@@ -221,9 +290,13 @@ class Alerter:
             n_in, oldest_in = conn.execute(
                 select(func.count(), func.min(INBOX.c.received_at))
                 .where(INBOX.c.state == "received")).one()
+            quarantined = {src: n for src, n in conn.execute(
+                select(QUARANTINE.c.source, func.count()).where(QUARANTINE.c.state == "held")
+                .group_by(QUARANTINE.c.source))}
         for peer, (ok_at, err) in self.probes.items():
             if peer in peers:
                 peers[peer].last_probe_ok, peers[peer].last_probe_error = ok_at, err
+                peers[peer].failing_since = self.failing_since.get(peer)
         adapters: dict[str, dict[str, Any]] = {}
         for name, adapter in (getattr(self.node, "adapters", {}) or {}).items():
             try:
@@ -235,9 +308,40 @@ class Alerter:
         facts = Facts(now=now, started_at=self.started_at, peers=peers, inbox_waiting=n_in,
                       inbox_oldest_s=(now - _aware(oldest_in)).total_seconds()  # type: ignore[operator]
                       if oldest_in is not None else None,
-                      adapters=adapters, chain_ok=self.chain[1], chain_problem=self.chain[2])
+                      adapters=adapters, chain_ok=self.chain[1], chain_problem=self.chain[2],
+                      quarantined=quarantined, disk_free_pct=self._disk_free_pct(),
+                      key_days_left=_days_left(self.cfg.keys_rotate_by, now),
+                      cert_days_left=self._cert_days(now))
         self.last_facts = facts
         return facts
+
+    def _cert_days(self, now: datetime) -> dict[str, float]:
+        """Days until each adapter's TLS certificate (``options.tls.cert``) expires."""
+        out: dict[str, float] = {}
+        for a in getattr(self.node.plan, "adapters", ()) or ():
+            tls = a.options.get("tls") if hasattr(a.options, "get") else None
+            cert = tls.get("cert") if isinstance(tls, dict) else None
+            if not isinstance(cert, str):
+                continue
+            try:
+                from cryptography import x509
+
+                path = Path(cert) if Path(cert).is_absolute() else a.base_dir / cert
+                c = x509.load_pem_x509_certificate(path.read_bytes())
+                out[a.name] = (c.not_valid_after_utc - now).total_seconds() / 86400.0
+            except (OSError, ValueError):
+                out[a.name] = -1.0  # unreadable: as good as expired, and said so
+        return out
+
+    def _disk_free_pct(self) -> float | None:
+        try:
+            folder = self.node.plan.data_dir
+            while not folder.exists() and folder != folder.parent:
+                folder = folder.parent
+            use = shutil.disk_usage(folder)
+        except (OSError, AttributeError, TypeError):
+            return None
+        return 100.0 * use.free / use.total if use.total else None
 
     # -- state -------------------------------------------------------------------------------
 
@@ -262,6 +366,7 @@ class Alerter:
         with self.ctx.store.write() as conn:
             active: dict[str, dict[str, Any]] = json.loads(state.get(conn, ACTIVE_KEY) or "{}")
             pending: list[dict[str, Any]] = json.loads(state.get(conn, PENDING_KEY) or "[]")
+            before = len(pending)
             raised = [k for k in found if k not in active]
             cleared = [k for k in active if k not in found]
             entries: list[AuditEntry] = []
@@ -286,6 +391,10 @@ class Alerter:
                                            now))
             if entries:
                 self.ctx.audit.append(conn, entries)
+            if self.cfg.smtp_host and self.cfg.email_to and len(pending) > before:
+                mails = json.loads(state.get(conn, EMAIL_PENDING_KEY) or "[]")
+                mails = (mails + pending[before:])[-MAX_PENDING:]
+                state.put(conn, EMAIL_PENDING_KEY, json.dumps(mails, ensure_ascii=False), now)
             if len(pending) > MAX_PENDING:
                 log.warning("alert webhook: dropping %d oldest undelivered notifications",
                             len(pending) - MAX_PENDING)
@@ -297,6 +406,7 @@ class Alerter:
         for k in cleared:
             log.info("alert cleared: %s", k)
         self._notify()
+        self._notify_email()
         return {"raised": raised, "cleared": cleared}
 
     def _event(self, what: str, alert: dict[str, Any], now: datetime) -> dict[str, Any]:
@@ -314,11 +424,15 @@ class Alerter:
         sent = 0
         for doc in pending:
             req = urllib.request.Request(
-                url, data=json.dumps(doc, ensure_ascii=False).encode(), method="POST",
+                url, data=json.dumps(webhook_body(doc, self.cfg.webhook_format),
+                                     ensure_ascii=False).encode(), method="POST",
                 headers={"Content-Type": "application/json; charset=utf-8"})
             try:
                 with urllib.request.urlopen(req, timeout=self.cfg.webhook_timeout_s) as r:
-                    r.read()
+                    answer = r.read()
+                if self.cfg.webhook_format != "json" and not _robot_ok(answer):
+                    log.warning("alert robot refused the message; will retry")
+                    break
             except urllib.error.HTTPError as exc:
                 exc.close()
                 log.warning("alert webhook answered HTTP %s; will retry", exc.code)
@@ -332,3 +446,107 @@ class Alerter:
                 now_pending = json.loads(state.get(conn, PENDING_KEY) or "[]")
                 state.put(conn, PENDING_KEY, json.dumps(now_pending[sent:], ensure_ascii=False),
                           self.ctx.now())
+
+    def _notify_email(self) -> None:
+        """Each pending raise/clear as one e-mail; a failed send is kept for the next round."""
+        cfg = self.cfg
+        if not (cfg.smtp_host and cfg.email_to):
+            return
+        with self.ctx.store.read() as conn:
+            mails: list[dict[str, Any]] = json.loads(state.get(conn, EMAIL_PENDING_KEY) or "[]")
+        if not mails:
+            return
+        sent = 0
+        try:
+            with smtplib.SMTP(cfg.smtp_host, cfg.smtp_port, timeout=cfg.webhook_timeout_s) as smtp:
+                if cfg.smtp_starttls:
+                    smtp.starttls()
+                if cfg.smtp_user:
+                    smtp.login(cfg.smtp_user, self._smtp_password())
+                for doc in mails:
+                    smtp.send_message(email_message(doc, cfg.email_from, cfg.email_to))
+                    sent += 1
+        except (OSError, smtplib.SMTPException, ValueError) as exc:
+            log.warning("alert e-mail failed (%s); will retry", type(exc).__name__)
+        if sent:
+            with self.ctx.store.write() as conn:
+                now_mails = json.loads(state.get(conn, EMAIL_PENDING_KEY) or "[]")
+                state.put(conn, EMAIL_PENDING_KEY,
+                          json.dumps(now_mails[sent:], ensure_ascii=False), self.ctx.now())
+
+    def _smtp_password(self) -> str:
+        ref = self.cfg.smtp_password or ""
+        if not is_secret_ref(ref):
+            return ref
+        base = self.node.plan.source_files[1].parent  # the node file's folder
+        return resolve_secret(ref, base).strip()
+
+
+# -- notification formats ------------------------------------------------------------------
+
+RULE_ZH = {
+    "queue-depth": "队列积压", "queue-age": "队列等待过久", "peer-silent": "对方机构无响应",
+    "adapter-silent": "接口长时间未成功", "audit-chain": "审计链校验失败",
+    "peer-unreachable": "对方机构不可达", "quarantine": "有数据被隔离",
+    "dead-letters": "有无法投递的数据包", "disk": "磁盘空间不足", "key-expiry": "密钥即将到期",
+    "cert-expiry": "证书即将到期",
+}
+
+
+def alert_text(doc: dict[str, Any]) -> tuple[str, str]:
+    """(one-line title, body) of a raise/clear, Chinese first, for robots and e-mail."""
+    a = doc["alert"]
+    what = "告警" if doc["event"] == "raised" else "告警解除"
+    title = (f"[互通{what}] {RULE_ZH.get(a['rule'], a['rule'])} · {a['subject']} · "
+             f"{doc.get('node_name') or doc['node']}")
+    body = "\n".join([
+        title,
+        f"机构 node: {doc['node']} ({doc.get('alliance', '')})",
+        f"规则 rule: {a['rule']}  对象 subject: {a['subject']}",
+        f"事件 event: {doc['event']}  时间 at: {doc['at']}",
+        f"说明 message: {a['message']}",
+    ])
+    return title, body
+
+
+def webhook_body(doc: dict[str, Any], fmt: str) -> dict[str, Any]:
+    """The POSTed document: ours as is, or a WeCom (企业微信) / DingTalk (钉钉) robot message.
+    Robot texts start with "互通" so a DingTalk keyword rule can allow them."""
+    if fmt == "json":
+        return doc
+    title, body = alert_text(doc)
+    if fmt == "wecom":
+        return {"msgtype": "text", "text": {"content": body}}
+    if fmt == "dingtalk":
+        return {"msgtype": "text", "text": {"content": body}}
+    raise ValueError(f"unknown webhook format {fmt}")
+
+
+def _robot_ok(answer: bytes) -> bool:
+    """WeCom and DingTalk answer HTTP 200 with ``{"errcode": 0}`` on success."""
+    try:
+        return json.loads(answer or b"{}").get("errcode", 0) == 0
+    except (ValueError, AttributeError):
+        return False
+
+
+def email_message(doc: dict[str, Any], sender: str, to: tuple[str, ...]) -> EmailMessage:
+    title, body = alert_text(doc)
+    msg = EmailMessage()
+    msg["Subject"] = title
+    msg["From"] = sender
+    msg["To"] = ", ".join(to)
+    msg["X-Hutong-Alert"] = f"{doc['event']} {doc['alert']['key']}"
+    msg.set_content(body)
+    return msg
+
+
+def _days_left(day: str | None, now: datetime) -> float | None:
+    if not day:
+        return None
+    try:
+        due = datetime.fromisoformat(day)
+    except ValueError:
+        return None
+    due = due if due.tzinfo else due.replace(tzinfo=UTC)
+    return (due - now).total_seconds() / 86400.0

@@ -56,7 +56,13 @@ def _when(text: str | None) -> datetime | None:
         return None
     from datetime import UTC
 
-    t = datetime.fromisoformat(text)
+    try:
+        t = datetime.fromisoformat(text)
+    except ValueError:
+        from bridge.errors import CliInputError
+
+        raise CliInputError(f"{text!r} is not a date or time; write 2026-11-20 or "
+                            "2026-11-20T08:00:00+08:00") from None
     return t if t.tzinfo else t.replace(tzinfo=UTC)
 
 
@@ -70,6 +76,10 @@ def run(config: ConfigOpt) -> None:
     private_umask()  # database, WAL, spool, DICOM files, logs: 0600/0700 from the first byte
     plan = _plan(config)
     lock_data_dir(plan.data_dir)  # one 'hutong run' per data folder (workers take none)
+    from bridge.portcheck import RUN_HINT, check_free
+
+    for host, port in ((plan.peer_host, plan.peer_port), (plan.local_host, plan.local_port)):
+        check_free({port}, host, RUN_HINT)  # one line naming the port, not a uvicorn log
     check_sqlite(plan)  # PRAGMA quick_check; a deleted store that an anchor remembers
     for path, mode in open_to_others([plan.data_dir], limit=20):
         err.print(f"warning: {describe(path, mode)}")
@@ -403,7 +413,7 @@ def keys_init(
         help="env var holding a passphrase to encrypt the private keys")] = None,
 ) -> None:
     """Create Ed25519 signing and X25519 encryption keys (private files 0600)."""
-    passphrase = os.environ[passphrase_env].encode() if passphrase_env else None
+    passphrase = _env_passphrase(passphrase_env)
     if alliance:
         from bridge.config.scaffold import init_keys_and_secrets
 
@@ -423,17 +433,40 @@ def keys_show(config: ConfigOpt) -> None:
     """Print this node's public keys, as they go into the alliance directory."""
     from bridge.crypto.keys import key_id, load_encryption_key, load_signing_key, public_text
 
-    plan = _plan(config)
-    s = load_signing_key(plan.keys.signing, plan.keys.passphrase)
-    e = load_encryption_key(plan.keys.encryption, plan.keys.passphrase)
+    node_id, sign_path, enc_path, passphrase = _own_keys(config)  # works before the others'
+    s = load_signing_key(sign_path, passphrase)                     # keys are in place
+    e = load_encryption_key(enc_path, passphrase)
     from cryptography.hazmat.primitives import serialization as ser
 
     raw = ser.Encoding.Raw, ser.PublicFormat.Raw
     out.print_json(json.dumps({
-        "node": plan.node_id, "signing": public_text(s), "encryption": public_text(e),
+        "node": node_id, "signing": public_text(s), "encryption": public_text(e),
         "signing_id": key_id(s.public_key().public_bytes(*raw)),
         "encryption_id": key_id(e.public_key().public_bytes(*raw)),
     }))
+
+
+def _own_keys(config: Path) -> tuple[str, Path, Path, bytes | None]:
+    """This node's id, key files and passphrase from its node file alone (issue 15: a new
+    site shows its public keys before the rest of the alliance is configured)."""
+    import tomllib
+
+    from bridge.config.secrets import resolve_secret
+    from bridge.errors import ConfigError
+
+    try:
+        data = tomllib.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{config}: cannot read: {type(exc).__name__}") from None
+    keys = data.get("keys")
+    node_id = data.get("node_id")
+    if not isinstance(keys, dict) or not isinstance(node_id, str) or not keys.get("signing") \
+            or not keys.get("encryption"):
+        raise ConfigError(f"{config}: needs node_id and [keys] signing / encryption")
+    base = config.parent
+    ref = keys.get("passphrase")
+    passphrase = resolve_secret(ref, base).encode() if isinstance(ref, str) else None
+    return node_id, base / str(keys["signing"]), base / str(keys["encryption"]), passphrase
 
 
 @config_app.command("check")
@@ -471,13 +504,47 @@ def demo(
     once: Annotated[bool, typer.Option(help="play, check, print a summary and exit")] = False,
     folder: Annotated[Path, typer.Option(help="demo data folder (wiped first)")] = Path(
         "demo-data/fuxing"),
+    port_base: Annotated[int, typer.Option(
+        help="move every demo port: N+101..N+107 local, N+1101..N+1107 peer, N+200..N+299 "
+             "vendor systems (default 8000: the shipped ports)", min=1024, max=64000)] = 8000,
 ) -> None:
     """The Fuxing alliance on this machine: seven nodes, a referral scenario, self-checked."""
     from bridge.demo import run_demo
     from bridge.filemodes import private_umask
 
     private_umask()  # the demo's data, keys, logs and its nodes (children inherit it)
-    raise typer.Exit(run_demo(folder, once))
+    raise typer.Exit(run_demo(folder, once, port_base))
+
+
+def _env_passphrase(name: str | None) -> bytes | None:
+    """The passphrase in environment variable ``name`` (None: no encryption)."""
+    if not name:
+        return None
+    value = os.environ.get(name)
+    if not value:
+        from bridge.errors import CliInputError
+
+        raise CliInputError(f"environment variable {name} (--passphrase-env) is not set or "
+                            "empty; export it first")
+    return value.encode()
+
+
+from bridge.cli_site import site_app  # noqa: E402 - issue 15: hutong site init
+
+app.add_typer(site_app, name="site")
+
+
+def _one_line(exc: BaseException) -> str:
+    """An unexpected error as one line with a code (HUTONG_DEBUG=1 shows the traceback)."""
+    if isinstance(exc, FileNotFoundError | IsADirectoryError | PermissionError
+                  | NotADirectoryError):
+        return f"HT-CLI-INPUT: cannot use {exc.filename}: {exc.strerror}"
+    if isinstance(exc, UnicodeDecodeError):
+        return "HT-CLI-INPUT: a file given is not UTF-8 text"
+    if isinstance(exc, OSError):
+        return f"HT-CLI-INPUT: {exc.strerror or type(exc).__name__}"
+    return (f"HT-INTERNAL: unexpected {type(exc).__name__}; run again with HUTONG_DEBUG=1 for "
+            "the details and report it")
 
 
 def main() -> None:
@@ -493,6 +560,11 @@ def main() -> None:
         raise
     except KeyboardInterrupt:
         sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - the promise: one line with a code, no traceback
+        if os.environ.get("HUTONG_DEBUG"):
+            raise
+        err.print(f"error: {_one_line(exc)}")
+        sys.exit(2)
 
 
 if __name__ == "__main__":

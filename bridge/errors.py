@@ -349,3 +349,21 @@ class ChangeNotApplied(WorkflowError):
     def __init__(self, message: str, *, elements: list[str]) -> None:
         super().__init__(message)
         self.elements = elements
+
+
+class DemoLocked(HutongError):
+    """Another ``hutong demo`` is using this demo folder (issue 15: it would wipe it)."""
+
+    code = "HT-DEMO-LOCKED"
+
+
+class PortInUse(HutongError):
+    """A port the command is about to listen on is taken (checked before anything starts)."""
+
+    code = "HT-PORT-IN-USE"
+
+
+class CliInputError(HutongError):
+    """A command-line argument or file the CLI cannot use (one line, never a traceback)."""
+
+    code = "HT-CLI-INPUT"

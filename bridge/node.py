@@ -73,6 +73,9 @@ class Node:
         self.intake = Intake(self.ctx)
         self.workflow = Workflow(self.ctx, wake=self.wake_all_senders)
         self._jobs: list[tuple[str, Any, float]] = []
+        from bridge.console import Pauses
+
+        self.pauses = Pauses(self.ctx)  # IT's pause of a peer's sending or of an adapter
         self.adapters = load_adapters(self)
         handlers: dict[str, Any] = load_handlers(dict(plan.delivery.handlers),
                                                  {"spool_dir": plan.delivery.spool_dir})
@@ -82,6 +85,8 @@ class Node:
                                       "result.": ResultsInbox(self.ctx).apply_packet},
             lanes=self.lanes,
         )
+        self.dispatcher.held = lambda h: any(  # a paused adapter receives nothing meanwhile
+            a is h and self.pauses.has(f"adapter:{n}") for n, a in self.adapters.items())
         me = plan.directory[plan.node_id]
         if me.role == "platform" or not me.via:
             hops = [m for m in plan.directory if m != plan.node_id]
@@ -123,7 +128,9 @@ class Node:
     def start_jobs(self) -> None:
         cfg = self.plan.delivery
         for peer, sender in self.senders.items():
-            def step(s: PeerSender = sender) -> tuple[int, bool]:
+            def step(s: PeerSender = sender, p: str = peer) -> tuple[int, bool]:
+                if self.pauses.has(f"peer:{p}"):  # paused by IT: packets stay queued
+                    return 0, False
                 report = s.send_batch()
                 # k > 1 partitions: keep draining while some partition got through
                 return report.sent, report.failed > 0 and report.sent == 0

@@ -43,7 +43,9 @@ def run_worker(plan: NodePlan) -> None:
             message="worker started", extra={"pid": os.getpid(), "delivers": delivers})])
     cfg = plan.delivery
     for peer, sender in node.senders.items():
-        def step(s: object = sender) -> tuple[int, bool]:
+        def step(s: object = sender, p: str = peer) -> tuple[int, bool]:
+            if node.pauses.has(f"peer:{p}"):  # paused by IT on the dashboard (any process)
+                return 0, False
             report = s.send_batch()  # type: ignore[attr-defined]
             return report.sent, report.failed > 0 and report.sent == 0
         node._add_drain(f"send:{peer}", step, cfg.poll_interval_s)

@@ -3,13 +3,14 @@ the scenario played through the vendor systems and self-checked."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.harness import ROOT
+from tests.harness import ROOT, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -39,11 +40,36 @@ STEPS = [
 ]
 
 
+def demo_ports() -> int:
+    """A --port-base whose whole span (base+101 .. base+1107) is free now."""
+    from simulators.ports import free_port_block
+
+    return free_port_block(1010) - 100
+
+
 def test_demo_once_plays_the_scenario_and_exits_zero(tmp_path: Path) -> None:
     folder = tmp_path / "fuxing"
-    r = subprocess.run([sys.executable, "-m", "bridge.cli", "demo", "--once", "--folder",
-                        str(folder)], check=False, capture_output=True, text=True, cwd=ROOT,
-                       timeout=300)
+    base = demo_ports()
+    cmd = [sys.executable, "-m", "bridge.cli", "demo", "--once", "--folder", str(folder),
+           "--port-base", str(base)]
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             cwd=ROOT)
+    try:
+        lock = folder.parent / ".fuxing.demo.lock"
+        wait_for(lambda: lock.exists() and lock.read_text().strip() == str(first.pid),
+                 timeout=60, what="the first demo's lock")
+        # a second demo on the same folder refuses in one line and touches nothing
+        second = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=60)
+        assert second.returncode == 2 and second.stdout == ""
+        assert second.stderr.strip().splitlines() == [
+            f"error: HT-DEMO-LOCKED: demo folder {folder} is in use by another 'hutong demo' "
+            f"(pid {first.pid}); stop it first or use --folder elsewhere (and --port-base)"]
+        out, errtext = first.communicate(timeout=300)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    r = subprocess.CompletedProcess(cmd, first.returncode, out, errtext)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     out = r.stdout
     assert "31/31 steps landed where they should" in out
@@ -65,12 +91,40 @@ def test_demo_once_plays_the_scenario_and_exits_zero(tmp_path: Path) -> None:
     finally:
         yuetan.close()
     # where to look: every member's pages by role, with the token file to log in with
-    for port in range(8101, 8108):
-        for page in ("/ui/referrals", "/ui/it", "/ui/audit"):
+    platform = base + 107
+    for port in range(base + 101, base + 108):
+        pages = ("/ui/it", "/ui/audit") if port == platform else (
+            "/ui/referrals", "/ui/stats", "/ui/it", "/ui/audit")
+        for page in pages:
             assert f"http://127.0.0.1:{port}{page}" in out
+    assert f"http://127.0.0.1:{platform}/ui/referrals" not in out  # no clinicians there
     assert f"{folder / 'secrets'}/fuxing.clinician.token" in out
+    # commands printed as they run from here (the venv's script unless PATH finds it)
+    (line,) = [x for x in lines if "quarantine at the command line" in x]
+    command = line.split(": ", 1)[1].split()
+    shown = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert "HT-LIS" in shown.stdout or "AE" in shown.stdout or "lis" in shown.stdout
     # every process the demo started is gone: the ports are free again
     import socket
-    for port in (8101, 8107, 9101, 8201, 8202, 8203, 8204, 8211, 8241, 8251, 8252):
+    for port in (101, 107, 1101, 201, 202, 203, 204, 211, 241, 251, 252):
         with socket.socket() as s:
-            assert s.connect_ex(("127.0.0.1", port)) != 0, port
+            assert s.connect_ex(("127.0.0.1", base + port)) != 0, port
+
+
+def test_demo_with_a_taken_port_fails_at_once_naming_it(tmp_path: Path) -> None:
+    import socket
+
+    base = demo_ports()
+    folder = tmp_path / "fuxing"
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", base + 203))  # the Fuxing LIS port after --port-base
+        holder.listen()
+        r = subprocess.run([sys.executable, "-m", "bridge.cli", "demo", "--once", "--folder",
+                            str(folder), "--port-base", str(base)], capture_output=True,
+                           text=True, cwd=ROOT, timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith(f"error: HT-PORT-IN-USE: port {base + 203} on 127.0.0.1 is already "
+                           f"in use by pid {os.getpid()} (")
+    assert not folder.exists()  # nothing was started or written

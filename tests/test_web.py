@@ -19,6 +19,7 @@ from sqlalchemy import select
 from bridge.referral.tables import REFERRAL
 from bridge.store.db import Store
 from bridge.web.stats import month_of
+from tests.clinical_html import assert_readable
 from tests.factory import bundle as factory_bundle
 from tests.harness import Alliance, NodeProcess, wait_for
 from tests.referrals import referral, return_bundle
@@ -154,8 +155,11 @@ def test_accept_through_the_form_shows_on_the_other_node(pair: Alliance) -> None
     there = gp.get(f"/ui/referrals/{thread}")
     assert "已接收" in there and "已预约" in there
     slip = section(there, "acceptance")
-    assert "心内科 12床" in slip and "张主任" in slip and "2026-11-21T10:00:00+08:00" in slip
-    assert "<h1>接诊单</h1>" in gp.get(f"/ui/referrals/{thread}/slip")
+    assert "心内科 12床" in slip and "张主任" in slip and "2026-11-21 10:00 (北京时间)" in slip
+    assert_readable(there, "referral detail at the referrer")
+    accept_slip = gp.get(f"/ui/referrals/{thread}/slip")
+    assert "<h1>接诊单</h1>" in accept_slip
+    assert_readable(accept_slip, "acceptance slip")
     # arrive via the form, return through the API, then the return slip at the referrer
     doctor.open(f"/ui/referrals/{thread}/steps/arrive", {})
     both(pair, thread, "in-progress", "arrived")
@@ -170,6 +174,9 @@ def test_accept_through_the_form_shows_on_the_other_node(pair: Alliance) -> None
     assert "3.9–6.1" in results
     printed = gp.get(f"/ui/referrals/{thread}/slip")
     assert "<h1>转回单</h1>" in printed and "YB-2026-0001" in printed
+    assert_readable(there, "referral detail after the return")
+    assert_readable(printed, "return slip")
+    assert_readable(doctor.get(f"/ui/referrals/{thread}"), "referral detail at the receiver")
 
 
 def test_reject_needs_reason_and_errors_render(pair: Alliance) -> None:
@@ -179,6 +186,10 @@ def test_reject_needs_reason_and_errors_render(pair: Alliance) -> None:
     doctor = Browser(core).login("clinician")
     status, _url, body = doctor.open(f"/ui/referrals/{thread}/steps/arrive", {})
     assert status >= 400 and "HT-REF-TRANSITION" in body
+    # a reason is required to decline: an empty one is refused on the server too
+    status, _url, body = doctor.open(f"/ui/referrals/{thread}/steps/reject", {"reason": "  "})
+    assert status >= 400 and "HT-FHIR-INVALID" in body and "reason" in body
+    assert state(core, thread)["status"] == "received"
     doctor.open(f"/ui/referrals/{thread}/steps/reject", {"reason": "床位已满"})
     both(pair, thread, "rejected", "rejected")
     gp = Browser(chc).login("clinician")
@@ -319,7 +330,8 @@ def test_detail_shows_imaging_report_and_study(pair: Alliance) -> None:
     report = re.search(r'<div class="imaging-report">.*?</table></div></div>', page, re.DOTALL)
     assert report, "no imaging report block"
     block = report.group(0)
-    assert "头颅CT报告" in block and "2026-11-22T14:05:00+08:00" in block
+    assert "头颅CT报告" in block and "2026-11-22 14:05 (北京时间)" in block
+    assert_readable(page, "referral detail with imaging")
     assert '<span class="conclusion">右侧基底节区腔隙性脑梗死</span>' in block
     assert f'<code class="study-uid">{STUDY_UID}</code>' in block
     assert "头颅CT平扫" in block and "180" in block

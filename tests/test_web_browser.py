@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from tests.clinical_html import assert_readable
 from tests.harness import ROOT, Alliance, NodeProcess, wait_for
 from tests.referrals import referral
 from tests.test_referral_loop import MEMBERS, RULES, both, new_thread, state
@@ -63,7 +64,7 @@ class User:
     """One person at one node: a browser context (own cookies) and a page."""
 
     def __init__(self, browser: Any, node: NodeProcess, role: str, tag: str) -> None:
-        self.node, self.tag = node, tag
+        self.node, self.tag, self.role = node, tag, role
         self.context = browser.new_context(viewport={"width": 1280, "height": 900},
                                            accept_downloads=True, locale="zh-CN")
         self.page = self.context.new_page()
@@ -79,6 +80,10 @@ class User:
         return self.page.goto(self.node.local_url + path)
 
     def shot(self, name: str) -> Path:
+        if self.role == "clinician" and re.search(
+                r"/ui/referrals(/[^/?]+(/slip(/\w+)?)?)?([?#].*)?$", self.page.url):
+            # what the clinician reads: no raw codes, status words or ISO times (issue 15)
+            assert_readable(self.page.content(), f"{self.tag} {name}")
         self.shots += 1
         out = SHOTS / f"{self.tag}-{self.shots:02d}-{name}.png"
         self.page.screenshot(path=str(out), full_page=True)
@@ -144,7 +149,7 @@ def test_accept_in_browser_and_see_it_on_the_other_node(pair: Alliance, browser:
         assert gp.text("span.status") == "已接收"
         slip = {r[0]: r[1] for r in rows(gp.page, "acceptance")}
         assert slip == {"床位": "心内科 12床", "科室": "心血管内科", "接诊医生": "张主任",
-                        "预约时间": "2026-11-21T10:00:00+08:00"}
+                        "预约时间": "2026-11-21 10:00 (北京时间)"}
         gp.shot("detail-scheduled")
         gp.go("/ui/referrals")
         out = [r for r in rows(gp.page, "outbox") if "已预约" in r]

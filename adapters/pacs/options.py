@@ -37,6 +37,8 @@ class PacsOptions(BaseModel):
     # really sends when its MSH-18 is wrong (adapters.hl7v2.charset)
     default_charset: str = "UNICODE UTF-8"
     charset_override: str | None = None
+    # the site's web viewer for a study, "{study_uid}" replaced (the referral page links it)
+    viewer_url: str | None = Field(None, pattern=r"^https?://[^\s]*\{study_uid\}[^\s]*$")
 
     @field_validator("default_charset", "charset_override")
     @classmethod

@@ -86,6 +86,9 @@ def create_local_app(node: Node) -> FastAPI:
     app.add_middleware(SecurityHeaders, css=CSS)
     app.include_router(docs_router(app.title))
     app.include_router(web_router(node))  # /ui pages (and the node's alert job)
+    from bridge.metrics import metrics_router
+
+    app.include_router(metrics_router(node, getattr(node, "alerter", None)))  # Prometheus
     app.include_router(fhir_router(node))  # /fhir: errors are OperationOutcomes (FhirRoute)
 
     @app.exception_handler(HutongError)

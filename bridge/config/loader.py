@@ -631,6 +631,7 @@ def _build_plan(alliance: _Alliance, node: _Node) -> NodePlan:
         source_files=(alliance.path, node.path, *alliance.key_files),
         alerts=config.alerts.model_copy(update={"webhook_url": node.webhook_url}),
         web=config.web,
+        metrics=config.metrics,
         egress_refused_systems=_egress_systems(config, model.alliance.national_id_system),
     )
 

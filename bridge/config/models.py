@@ -309,6 +309,29 @@ class AlertsConfig(_Model):
     probe_timeout_s: PositiveFloat = 3.0  # peer health probe
     webhook_url: Annotated[str, AfterValidator(_webhook_url)] | None = None
     webhook_timeout_s: PositiveFloat = 5.0
+    # issue 15: rules that fire early, robot formats, e-mail (bridge/alerts.py)
+    peer_unreachable_grace_s: float = Field(default=60.0, ge=0)  # after the first failed probe
+    quarantine_held: int = Field(default=0, ge=0)  # held items per source above this: alert
+    dead_letters: int = Field(default=0, ge=0)  # dead packets per peer above this: alert
+    disk_free_pct: float = Field(default=10.0, ge=0, le=100)  # free space of the data folder
+    keys_rotate_by: str | None = None  # YYYY-MM-DD the alliance's key policy renews this site
+    key_expiry_warn_days: PositiveInt = 30
+    off: tuple[str, ...] = ()  # rule names not evaluated at all (e.g. "adapter-silent")
+    webhook_format: Literal["json", "wecom", "dingtalk"] = "json"
+    smtp_host: str | None = None  # e-mail each raise/clear when set (with email_to)
+    smtp_port: PositiveInt = 25
+    smtp_starttls: bool = False
+    smtp_user: str | None = None
+    smtp_password: str | None = None  # a secret reference (env:NAME / file:path)
+    email_from: str = "hutong@localhost"
+    email_to: tuple[str, ...] = ()
+
+
+class MetricsConfig(_Model):
+    """``/metrics`` on the local port (Prometheus): the IT token, or this token of its own
+    (a secret reference) so the Prometheus server holds no IT rights."""
+
+    token: SecretRef | None = None
 
 
 class WebConfig(_Model):
@@ -361,6 +384,7 @@ class NodeFile(_Model):
     adapters: list[AdapterConfig] = []
     alerts: AlertsConfig = AlertsConfig()
     web: WebConfig = WebConfig()
+    metrics: MetricsConfig = MetricsConfig()
     egress: EgressConfig = EgressConfig()
 
     @field_validator("adapters")
@@ -478,6 +502,7 @@ class NodePlan:
     source_files: tuple[Path, ...]
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
     web: WebConfig = field(default_factory=WebConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     #: identifier systems no outgoing packet may carry (bridge.delivery.egress)
     egress_refused_systems: tuple[str, ...] = RESIDENT_ID_SYSTEMS
 

@@ -9,6 +9,7 @@ delivered by one process at a time, in order.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -35,6 +36,7 @@ class Dispatcher:
         self.handlers = handlers
         self.hooks = hooks or {}
         self.lanes = lanes
+        self.held: Callable[[Any], bool] = lambda handler: False  # node: paused adapters
         self.batch = ctx.plan.delivery.batch_size
 
     def handler_for(self, kind: str) -> Handler | None:
@@ -90,6 +92,9 @@ class Dispatcher:
                 refused.append((r, exc))
                 continue
             handler = self.handler_for(r.kind)
+            if handler is not None and self.held(handler):  # paused by IT: wait, no attempt
+                blocked.add(r.thread)
+                continue
             try:
                 if handler is None:
                     raise HutongError(f"no local handler for kind '{r.kind}'")

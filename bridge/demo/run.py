@@ -13,29 +13,39 @@ from rich.console import Console
 
 from bridge.demo.scenario import Scenario
 from bridge.demo.vendors import Vendors
-from bridge.demo.world import Member, World
+from bridge.demo.guard import SHIPPED_BASE, check_free, lock_folder, release
+from bridge.demo.world import PROGRESS, Member, World
 from bridge.errors import HutongError
 
-#: pages under /ui by role (bridge/web)
+#: pages under /ui by role (bridge/web); the statistics page is the clinicians'
 PAGES = {"clinician": ("/ui/referrals", "转诊 referrals"), "it": ("/ui/it", "运维 IT"),
          "auditor": ("/ui/audit", "审计 audit")}
+EXTRA_PAGES = {"clinician": [("/ui/stats", "统计 statistics")]}
 
 
 def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def run_demo(folder: Path, once: bool) -> int:
+def run_demo(folder: Path, once: bool, port_base: int = SHIPPED_BASE) -> int:
     console = Console(soft_wrap=True)
     world = World(folder.resolve())
+    # before anything is touched: one demo per folder, every port free (HutongError: one line)
+    lock = lock_folder(world.folder)
+    try:
+        check_free(world.ports(port_base))
+    except HutongError:
+        release(lock)
+        raise
     vendors = Vendors(world)
+    PROGRESS.append(lambda line: console.print(line, style="dim"))
     # Ctrl-C and SIGTERM both end the demo through the finally below (even when the shell
     # started it with SIGINT ignored, as background jobs are)
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     console.print("[bold]Hutong demo: the Fuxing medical alliance (复兴医院医联体)[/]")
     started = time.monotonic()
     try:
-        world.prepare()
+        world.prepare(port_base)
         console.print(f"  demo folder {world.folder} (keys and secrets generated)")
         vendors.start()
         world.start_nodes()
@@ -61,6 +71,8 @@ def run_demo(folder: Path, once: bool) -> int:
     finally:
         world.stop_nodes()
         vendors.stop()
+        PROGRESS.clear()
+        release(lock)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
@@ -83,10 +95,36 @@ def where_to_look(world: World, console: Console) -> None:
     for m in world.members.values():
         console.print(f"  {m.zh} ({m.node_id})  {m.url}/ui")
         for role, (path, label) in PAGES.items():
+            if role == "clinician" and m.plan.role == "platform":
+                continue  # the platform relays; it has no clinicians and no referrals
             console.print(f"      {role:<9} {m.url}{path}  {label}   token: "
                           f"{_token_file(m, role, secrets)}")
-    console.print(f"  quarantine at the command line: hutong quarantine list --config "
-                  f"{world.members['fuxing'].config}")
+            for extra, extra_label in EXTRA_PAGES.get(role, []):
+                console.print(f"      {'':<9} {m.url}{extra}  {extra_label}")
+    console.print(f"  quarantine at the command line: {hutong_command()} quarantine list "
+                  f"--config {world.members['fuxing'].config}")
+    console.print(f"  metrics for Prometheus: curl -H \"Authorization: Bearer $(cat "
+                  f"{_token_file(world.members['fuxing'], 'it', secrets)})\" "
+                  f"{world.members['fuxing'].url}/metrics")
+
+
+def hutong_command() -> str:
+    """The ``hutong`` command as this shell can run it: the bare name when PATH finds this
+    very installation, else the venv's script by a path relative to here (``.venv/bin/hutong``
+    after ``make demo``), else absolute."""
+    import os
+    import shutil
+    import sys
+
+    script = Path(sys.executable).parent / "hutong"
+    found = shutil.which("hutong")
+    if found and Path(found).resolve() == script.resolve():
+        return "hutong"
+    try:
+        rel = os.path.relpath(script, Path.cwd())
+    except ValueError:
+        return str(script)
+    return rel if not rel.startswith("..") else str(script)
 
 
 def _token_file(m: Member, role: str, secrets: Path) -> str:

@@ -24,6 +24,7 @@ from typing import Any
 
 from bridge.config.loader import load_node
 from bridge.config.scaffold import init_keys_and_secrets
+from bridge.demo.guard import SHIPPED_BASE, ports_in, shift_ports
 from bridge.errors import HutongError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,11 +33,24 @@ SHIPPED = ROOT / "config" / "alliances" / "fuxing"
 REPO_RELATIVE = '"../../../../'
 
 
+#: where ``wait`` reports a long wait (``hutong demo`` prints; None: silent)
+PROGRESS: list[Callable[[str], None]] = []
+PROGRESS_EVERY_S = 5.0
+
+
 def wait(cond: Callable[[], Any], what: str, timeout: float = 30) -> Any:
-    """Poll ``cond`` every 0.1 s until it returns something true; HutongError on timeout."""
-    deadline = time.monotonic() + timeout
+    """Poll ``cond`` every 0.1 s until it returns something true; HutongError on timeout.
+    Every 5 s of waiting a progress line says what is awaited (no silent minute)."""
+    start = time.monotonic()
+    deadline = start + timeout
+    next_note = start + PROGRESS_EVERY_S
     last = ""
     while time.monotonic() < deadline:
+        if PROGRESS and time.monotonic() >= next_note:
+            next_note += PROGRESS_EVERY_S
+            for note in PROGRESS:
+                note(f"  … still waiting for {what} ({time.monotonic() - start:.0f} s of "
+                     f"{timeout:.0f} s){last}")
         try:
             got = cond()
             if got:
@@ -90,13 +104,21 @@ class World:
     folder: Path
     members: dict[str, Member] = field(default_factory=dict)
 
-    def prepare(self) -> None:
+    def ports(self, port_base: int = SHIPPED_BASE) -> set[int]:
+        """Every port the demo will listen on or call, after ``--port-base`` (from the shipped
+        files, so it can be checked before the folder is touched)."""
+        shift = port_base - SHIPPED_BASE
+        return {p for f in (SHIPPED / "alliance.toml", *sorted((SHIPPED / "nodes").glob("*.toml")))
+                for p in ports_in(shift_ports(f.read_text(encoding="utf-8"), shift))}
+
+    def prepare(self, port_base: int = SHIPPED_BASE) -> None:
         if self.folder.exists():
-            shutil.rmtree(self.folder)  # re-running starts clean
+            shutil.rmtree(self.folder)  # re-running starts clean (the caller holds the lock)
         shutil.copytree(SHIPPED, self.folder, ignore=shutil.ignore_patterns(
             "keys", "secrets", "data"))
-        for f in (self.folder / "nodes").glob("*.toml"):
-            text = f.read_text(encoding="utf-8")
+        shift = port_base - SHIPPED_BASE
+        for f in [self.folder / "alliance.toml", *(self.folder / "nodes").glob("*.toml")]:
+            text = shift_ports(f.read_text(encoding="utf-8"), shift)
             f.write_text(text.replace(REPO_RELATIVE, f'"{ROOT.as_posix()}/'), encoding="utf-8")
         init_keys_and_secrets(self.folder)
         (self.folder / "his").mkdir()

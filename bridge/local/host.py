@@ -399,6 +399,9 @@ class AdapterHost:
         name = f"adapter:{self.adapter_name}:{job_id}"
 
         def run() -> None:
+            pauses = getattr(self.node, "pauses", None)
+            if pauses is not None and pauses.has(f"adapter:{self.adapter_name}"):
+                return  # paused by IT on the dashboard
             try:
                 func()
             except Exception as exc:  # noqa: BLE001 - a job must survive a bad round

@@ -31,7 +31,11 @@ def web_router(node: Node) -> APIRouter:
     from bridge.web.stats import stats_routes
 
     web = Web(node)
+    from bridge.web import words
+
+    words.install(node)  # display names of codes from this node's maps (clinical pages)
     alerter = Alerter(node)
+    node.alerter = alerter  # type: ignore[attr-defined] - /metrics reports the active alerts
     node.add_job("alerts", alerter.run_once, node.plan.alerts.every_s)
     # every form post: the session's anti-forgery token (the origin check is the middleware's,
     # bridge.web.security.SecurityHeaders, installed by the local app)
@@ -41,6 +45,10 @@ def web_router(node: Node) -> APIRouter:
     router.add_api_route("", home, methods=["GET"])
     router.add_api_route("/", home, methods=["GET"])
     router.add_api_route("/static/print.js", print_script, methods=["GET"])
+    from bridge.web.dashboard import dashboard_routes, dashboard_script
+
+    router.add_api_route("/static/dashboard.js", dashboard_script, methods=["GET"])
+    router.include_router(dashboard_routes(web))  # the live part of /ui/it, pause/resume
     for part in (login_routes(web), clinician_routes(web), slip_routes(web),
                  auditor_routes(web), it_routes(web, alerter), stats_routes(web)):
         router.include_router(part)

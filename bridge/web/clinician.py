@@ -22,6 +22,7 @@ from bridge.web import fhirview as fv
 from bridge.web.i18n import kind_name, pilot_name, status_name, step_name, t
 from bridge.web.layout import Web, e, fmt_time, read_form, table
 from bridge.web.returns import return_bundle
+from bridge.web.words import actor_name, event_name, priority_name
 
 ACTIONS = ("accept", "reject", "arrive", "cancel")
 
@@ -45,8 +46,44 @@ def load_thread(web: Web, thread: str) -> dict[str, Any] | None:
     by_type: dict[str, list[dict[str, Any]]] = {}
     for r in res:
         by_type.setdefault(r["resourceType"], []).append(r)
+    mine = {fv.ref(r) for r in res}
+    for r in patient_imaging(web, row.patient_hash):  # done for this patient, other threads
+        if fv.ref(r) not in mine:
+            by_type.setdefault(r["resourceType"], []).append(r)
     return {"row": dict(row._mapping), "task": task, "sr": sr, "patient": patient,
             "res": by_type, "steps": steps}
+
+
+def patient_imaging(web: Web, patient_hash: str | None, limit: int = 20) -> list[dict[str, Any]]:
+    """Imaging studies and imaging reports this node holds for the referral's patient (by the
+    keyed patient hash): a CT done before the referral, or at the receiver after it, is listed
+    on the referral whether it travelled in the thread or not. Newest first, at most ``limit``
+    of each."""
+    if not patient_hash:
+        return []
+    import orjson
+
+    from bridge.fhirstore.tables import FHIR_RESOURCE
+
+    out: list[dict[str, Any]] = []
+    with web.ctx.store.read() as conn:
+        for rtype in ("ImagingStudy", "DiagnosticReport"):
+            rows = conn.execute(
+                select(FHIR_RESOURCE.c.body, FHIR_RESOURCE.c.origin)
+                .where(FHIR_RESOURCE.c.rtype == rtype,
+                       FHIR_RESOURCE.c.patient_hash == patient_hash)
+                .order_by(FHIR_RESOURCE.c.last_updated.desc()).limit(limit * 3)).all()
+            found = 0
+            for body, origin in rows:
+                r = orjson.loads(body)
+                if rtype == "DiagnosticReport" and not fv.is_imaging_report(r):
+                    continue
+                r.setdefault("_origin", origin)  # shown, never stored
+                out.append(r)
+                found += 1
+                if found >= limit:
+                    break
+    return out
 
 
 def allowed(row: dict[str, Any], event: str) -> bool:
@@ -167,7 +204,8 @@ def clinician_routes(web: Web) -> APIRouter:
             + f'<p><b>{e(t(lang, "notes"))}:</b> <span class="notes">{e(fv.notes(sr))}</span>'
             + (f' &nbsp; <b>{e(t(lang, "reason_text"))}:</b> {e(row["reason"])}'
                if row.get("reason") else "") + "</p>"
-            + f'<p><b>{e(t(lang, "priority"))}:</b> {e(sr.get("priority"))} &nbsp; '
+            + f'<p><b>{e(t(lang, "priority"))}:</b> '
+            f'{e(priority_name(lang, sr.get("priority")))} &nbsp; '
             f'<b>{e(t(lang, "slip_no"))}:</b> {e(fv.identifiers(sr, "PLAC"))} '
             f'{e(fv.identifiers(d["task"], "FILL"))}'
             + (f' &nbsp; <b>{e(t(lang, "insurance"))}:</b> {e(", ".join(cov))}' if cov else "")
@@ -175,10 +213,13 @@ def clinician_routes(web: Web) -> APIRouter:
             + f'<p class="noprint">{slips}</p>')
         history = table(
             [t(lang, "at"), t(lang, "step"), t(lang, "status"), t(lang, "actor")],
-            [[e(fmt_time(s["at"])), e(s["event"]),
+            [[e(fmt_time(s["at"])), e(event_name(lang, s["event"])),
               e(f'{status_name(lang, s["from_status"])} → {status_name(lang, s["to_status"])}'),
-              e(s["actor"])] for s in d["steps"]], t(lang, "none"), "history")
-        body = (summary + action_forms(lang, row) + fv.clinical(lang, d["task"], d["res"])
+              e(actor_name(lang, s["actor"], web.member_name))] for s in d["steps"]],
+            t(lang, "none"), "history")
+        msg = web.sessions.pop_flash(request)  # e.g. "fetch requested"
+        body = ((f'<p class="msg">{e(msg)}</p>' if msg else "") + summary + action_forms(lang, row)
+                + fv.clinical(lang, d["task"], d["res"], thread)
                 + f'<h3>{e(t(lang, "history"))}</h3>{history}')
         return web.page(request, t(lang, "detail"), body, role=role)
 
@@ -206,6 +247,8 @@ def clinician_routes(web: Web) -> APIRouter:
                         when += "+08:00"  # the alliance's wall clock is China Standard Time
                     outputs.append({"type": {"text": "appointment"}, "valueDateTime": when})
             reason = f.get("reason", "").strip() or None
+            if event in ("reject", "cancel") and reason is None:  # the form says required too
+                raise InvalidResource("reason: required to decline or withdraw a referral")
             await run_in_threadpool(lambda: node.workflow.step(
                 thread, event, f"role:{role}", reason=reason, outputs=outputs or None))
         except HutongError as exc:
@@ -213,6 +256,29 @@ def clinician_routes(web: Web) -> APIRouter:
         except ValueError:  # the only parse here; its text would quote the input
             return web.error_page(request, role, InvalidResource(
                 "appointment: not a date and time (YYYY-MM-DDThh:mm)"), back)
+        return RedirectResponse(back, status_code=303)
+
+    @router.post("/referrals/{thread}/imaging/fetch")
+    def fetch_imaging(request: Request, thread: str, peer: str, study: str) -> Response:
+        """Ask the member holding a study of this referral's patient for its images (the
+        node's PACS adapter, ``imaging.fetch-request``); audited there."""
+        role = web.gate(request, "clinician")
+        if not isinstance(role, str):
+            return role
+        back = f"/ui/referrals/{thread}"
+        pacs = next((a for a in node.adapters.values()
+                     if hasattr(a, "request_fetch")), None)
+        try:
+            if pacs is None:
+                raise NotFound("no PACS adapter on this node")
+            if peer not in web.plan.directory or peer == web.plan.node_id:
+                raise NotFound("no such member to fetch from")
+            if load_thread(web, thread) is None:
+                raise NotFound("no such referral")
+            pacs.request_fetch(peer, study, f"role:{role}")
+        except HutongError as exc:
+            return web.error_page(request, role, exc, back)
+        web.sessions.flash(request, t(web.lang(request), "imaging_fetched"))
         return RedirectResponse(back, status_code=303)
 
     @router.post("/referrals/{thread}/return")

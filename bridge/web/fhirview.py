@@ -14,6 +14,7 @@ from typing import Any
 
 from bridge.referral.codes import ICD10
 from bridge.web.i18n import t
+from bridge.web.words import resource_status
 from bridge.web.layout import e, fmt_time, table
 
 _TAGS = re.compile(r"<[^>]+>")
@@ -24,15 +25,24 @@ SLIP_FIELDS = {"bed": "bed", "department": "department", "doctor": "doctor",
 
 
 def text(cc: dict[str, Any] | None) -> str:
-    """A CodeableConcept as a person reads it."""
+    """A CodeableConcept as a person reads it: its text, a coding's display, else the display
+    the node's code maps give a coding (``bridge.web.words``), else the codes."""
     if not cc:
         return ""
+    if not isinstance(cc, dict):
+        return str(cc)
     codings = cc.get("coding") or []
     if cc.get("text"):
         return str(cc["text"])
     for c in codings:
         if c.get("display"):
             return str(c["display"])
+    from bridge.web import words
+
+    for c in codings:
+        known = words.DISPLAYS.get(c.get("system"), c.get("code"))
+        if known:
+            return known
     return ", ".join(str(c.get("code", "")) for c in codings)
 
 
@@ -89,13 +99,37 @@ def output_label(lang: str, o: dict[str, Any]) -> str:
     return t(lang, SLIP_FIELDS[label]) if label in SLIP_FIELDS else label
 
 
-def output_value(o: dict[str, Any]) -> str:
+def output_value(o: dict[str, Any], lang: str = "zh") -> str:
+    """A Task output's value as written on a slip: a concept by its name, a time as people
+    write it (Beijing time), a reference by its display."""
     for key, v in o.items():
-        if key.startswith("value"):
-            if isinstance(v, dict):
-                return str(v.get("reference") or v.get("display") or v)
-            return str(v)
+        if not key.startswith("value"):
+            continue
+        if key == "valueCodeableConcept":
+            return text(v)
+        if key == "valueCoding":
+            return text({"coding": [v]})
+        if key in ("valueDateTime", "valueInstant"):
+            return when(v, lang)
+        if key == "valuePeriod" and isinstance(v, dict):
+            return " – ".join(when(x, lang) for x in (v.get("start"), v.get("end")) if x)
+        if isinstance(v, dict):
+            return str(v.get("display") or v.get("text") or v.get("reference") or "")
+        return str(v)
     return ""
+
+
+def when(value: Any, lang: str = "zh") -> str:
+    """A FHIR date/dateTime/instant for people: instants in Beijing time with the zone named,
+    dates as they are."""
+    if not value:
+        return ""
+    v = str(value)
+    if len(v) >= 16 and "T" in v:
+        shown = fmt_time(v if len(v) >= 19 else v + ":00")
+        zone = "Beijing time" if lang == "en" else "北京时间"
+        return f"{shown[:16]} ({zone})" if shown and shown[4:5] == "-" else v
+    return v
 
 
 def patient_line(lang: str, p: dict[str, Any] | None) -> str:
@@ -139,7 +173,7 @@ def coverage_ids(res: dict[str, list[dict[str, Any]]]) -> list[str]:
 def acceptance(lang: str, task: dict[str, Any]) -> str:
     slip = [o for o in task.get("output") or [] if "valueReference" not in o]
     return table([t(lang, "item"), t(lang, "value")],
-                 [[e(output_label(lang, o)), e(output_value(o))] for o in slip],
+                 [[e(output_label(lang, o)), e(output_value(o, lang))] for o in slip],
                  t(lang, "none"), "acceptance")
 
 
@@ -150,7 +184,7 @@ def documents(lang: str, res: dict[str, list[dict[str, Any]]]) -> str:
                        f'{e(plain((s.get("text") or {}).get("div")))}</p>'
                        for s in c.get("section") or [])
         docs.append(f'<div class="doc"><h4>{e(c.get("title"))} '
-                    f'<small>{e(fmt_time(c.get("date")))}</small></h4>{secs}</div>')
+                    f'<small>{e(when(c.get("date"), lang))}</small></h4>{secs}</div>')
     return "".join(docs) or f'<p>{e(t(lang, "none"))}</p>'
 
 
@@ -159,6 +193,11 @@ def _is_imaging(dr: dict[str, Any]) -> bool:
         return True
     return any(c.get("code") in ("RAD", "IMG") for cc in dr.get("category") or []
                for c in cc.get("coding") or [])
+
+
+def is_imaging_report(dr: dict[str, Any]) -> bool:
+    """An imaging report (not a lab report with results)."""
+    return _is_imaging(dr) and not dr.get("result")
 
 
 def lab_tables(lang: str, res: dict[str, list[dict[str, Any]]]) -> str:
@@ -182,8 +221,8 @@ def lab_tables(lang: str, res: dict[str, list[dict[str, Any]]]) -> str:
             continue
         rows = [row(obs[r]) for r in refs if r in obs]
         concl = f'<p>{e(dr.get("conclusion"))}</p>' if dr.get("conclusion") else ""
-        when = dr.get("effectiveDateTime") or dr.get("issued") or ""
-        out.append(f'<h4>{e(text(dr.get("code")))} <small>{e(when)}</small></h4>{concl}'
+        at = when(dr.get("effectiveDateTime") or dr.get("issued") or "", lang)
+        out.append(f'<h4>{e(text(dr.get("code")))} <small>{e(at)}</small></h4>{concl}'
                    + table(heads, rows, t(lang, "none"), "results"))
     loose = [row(o) for k, o in obs.items() if k not in used]
     if loose:
@@ -191,7 +230,7 @@ def lab_tables(lang: str, res: dict[str, list[dict[str, Any]]]) -> str:
     return "".join(out)
 
 
-def imaging(lang: str, res: dict[str, list[dict[str, Any]]]) -> str:
+def imaging(lang: str, res: dict[str, list[dict[str, Any]]], thread: str = "") -> str:
     """Imaging reports (findings, impression) and the studies they describe."""
     studies = {ref(s): s for s in res.get("ImagingStudy", [])}
     shown: set[str] = set()
@@ -204,17 +243,18 @@ def imaging(lang: str, res: dict[str, list[dict[str, Any]]]) -> str:
         shown.update(r for r in study_refs if r)
         out.append(
             f'<div class="imaging-report"><h4>{e(text(dr.get("code")))} '
-            f'<small>{e(dr.get("effectiveDateTime") or dr.get("issued") or "")}</small></h4>'
+            f'<small>{e(when(dr.get("effectiveDateTime") or dr.get("issued") or "", lang))}'
+            f'</small></h4>'
             f'<p><b>{e(t(lang, "impression"))}:</b> <span class="conclusion">'
             f'{e(dr.get("conclusion"))}</span>'
             + (f' ({e(codes)})' if codes else "") + "</p>"
-            + "".join(study(lang, studies[r]) for r in study_refs if r in studies)
+            + "".join(study(lang, studies[r], thread) for r in study_refs if r in studies)
             + "</div>")
-    out += [study(lang, s) for k, s in studies.items() if k not in shown]
+    out += [study(lang, s, thread) for k, s in studies.items() if k not in shown]
     return "".join(out)
 
 
-def study(lang: str, s: dict[str, Any]) -> str:
+def study(lang: str, s: dict[str, Any], thread: str = "") -> str:
     uid = next((str(i.get("value", "")).removeprefix("urn:oid:")
                 for i in s.get("identifier") or [] if i.get("system") == "urn:dicom:uid"), "")
     modalities = sorted({str(m.get("code")) for m in s.get("modality") or []}
@@ -226,28 +266,57 @@ def study(lang: str, s: dict[str, Any]) -> str:
               for se in s.get("series") or []]
     return (f'<div class="study"><p><b>{e(t(lang, "study"))}:</b> {e(s.get("description"))} '
             f'&nbsp; <b>{e(t(lang, "modality"))}:</b> {e(", ".join(modalities))} &nbsp; '
-            f'<b>{e(t(lang, "started"))}:</b> {e(s.get("started"))} &nbsp; '
+            f'<b>{e(t(lang, "started"))}:</b> {e(when(s.get("started"), lang))} &nbsp; '
             f'<b>{e(t(lang, "instances"))}:</b> {e(s.get("numberOfInstances"))} &nbsp; '
             f'<b>Study UID:</b> <code class="study-uid">{e(uid)}</code></p>'
+            + study_actions(lang, uid, s.get("_origin"), thread)
             + table(["#", t(lang, "modality"), t(lang, "description"), t(lang, "body_site"),
                      t(lang, "instances")], series, t(lang, "none"), "series", num=(0, 4))
             + "</div>")
+
+
+def study_actions(lang: str, uid: str, origin: Any, thread: str) -> str:
+    """A viewer link where the site has a viewer (a PACS adapter's ``viewer_url`` option with
+    ``{study_uid}``), and an on-demand fetch button for a study another member holds."""
+    from urllib.parse import quote, urlencode
+
+    from bridge.web import words
+
+    node = words.DISPLAYS.node
+    if node is None or not uid:
+        return ""
+    out = []
+    pacs = [a for a in node.plan.adapters if a.type == "pacs-dicom"]
+    for a in pacs:
+        viewer = a.options.get("viewer_url")
+        if isinstance(viewer, str) and "{study_uid}" in viewer:
+            out.append(f'<a class="viewer" href="{e(viewer.replace("{study_uid}", quote(uid)))}"'
+                       f' rel="noopener" target="_blank">{e(t(lang, "imaging_viewer"))}</a>')
+            break
+    if pacs and thread and isinstance(origin, str) and origin != node.plan.node_id \
+            and origin in node.plan.directory:
+        q = urlencode({"peer": origin, "study": uid})
+        out.append(f'<form method="post" action="/ui/referrals/{e(thread)}/imaging/fetch?'
+                   f'{e(q)}" class="inline fetch"><button type="submit">'
+                   f'{e(t(lang, "imaging_fetch"))}</button></form>')
+    return f'<p class="imaging-actions noprint">{" ".join(out)}</p>' if out else ""
 
 
 def medications(lang: str, res: dict[str, list[dict[str, Any]]]) -> str:
     meds = [[e(text(m.get("medicationCodeableConcept")) or
                (m.get("medicationReference") or {}).get("display")),
              e("; ".join(str(di.get("text", "")) for di in m.get("dosageInstruction") or [])),
-             e(m.get("status"))]
+             e(resource_status(lang, m.get("status")))]
             for m in res.get("MedicationRequest", [])]
     return table([t(lang, "item"), t(lang, "dosage"), t(lang, "status")], meds,
                  t(lang, "none"), "meds")
 
 
-def clinical(lang: str, task: dict[str, Any], res: dict[str, list[dict[str, Any]]]) -> str:
+def clinical(lang: str, task: dict[str, Any], res: dict[str, list[dict[str, Any]]],
+             thread: str = "") -> str:
     """Acceptance slip, documents, lab results, imaging and medications of a thread."""
     labs = lab_tables(lang, res)
-    img = imaging(lang, res)
+    img = imaging(lang, res, thread)
     return (f'<h3>{e(t(lang, "acceptance"))}</h3>{acceptance(lang, task)}'
             f'<h3>{e(t(lang, "documents"))}</h3>{documents(lang, res)}'
             f'<h3>{e(t(lang, "reports"))}</h3>{labs or "<p>" + e(t(lang, "none")) + "</p>"}'

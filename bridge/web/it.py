@@ -21,6 +21,8 @@ from bridge.store import quarantine
 from bridge.store.tables import INBOX, QUARANTINE
 from bridge.web.i18n import kind_name, t
 from bridge.web.layout import Web, e, fmt_age, fmt_time, table
+from bridge.web import console_labels  # noqa: F401 - labels of the new rules and the dashboard
+from bridge.web.dashboard import dashboard_section
 
 
 def mapping_gaps(web: Web) -> list[dict[str, Any]] | None:
@@ -188,6 +190,7 @@ def it_routes(web: Web, alerter: Alerter) -> APIRouter:
         msg = web.sessions.pop_flash(request)
         body = ((f'<p class="msg">{e(msg)}</p>' if msg else "")
                 + f'<h3>{e(t(lang, "alerts"))}</h3><div class="alerts">{alerts}</div>'
+                + dashboard_section(web, request, lang) +
                 f'<h3>{e(t(lang, "peers"))}</h3>{peers}'
                 f'<h3>{e(t(lang, "queues"))}</h3>{queues}'
                 f'<h3>{e(t(lang, "inbound"))} / {e(t(lang, "quarantine"))}</h3>{inbound}'

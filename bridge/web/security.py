@@ -55,9 +55,11 @@ def style_hash(css: str) -> str:
 
 
 def page_csp(css: str) -> str:
-    """/ui pages: the one inline stylesheet by its hash, scripts only from this node's files."""
+    """/ui pages: the one inline stylesheet by its hash, scripts only from this node's files;
+    those scripts may fetch from this node only (the IT dashboard's refresh)."""
     return (f"default-src 'none'; style-src {style_hash(css)}; script-src 'self'; "
-            "img-src 'self' data:; form-action 'self'; frame-ancestors 'none'; "
+            "img-src 'self' data:; connect-src 'self'; form-action 'self'; "
+            "frame-ancestors 'none'; "
             "base-uri 'none'")
 
 

@@ -15,6 +15,7 @@ from bridge.web import fhirview as fv
 from bridge.web.clinician import available_slips, load_thread
 from bridge.web.i18n import kind_name, step_name, t
 from bridge.web.layout import Web, e, fmt_time, table
+from bridge.web.words import priority_name
 
 
 def slip_routes(web: Web) -> APIRouter:
@@ -44,7 +45,7 @@ def slip_routes(web: Web) -> APIRouter:
             heading = t(lang, "slip_referral")
             body = fields(lang, [
                 *common, ("created", fmt_time(row["created_at"])),
-                ("priority", sr.get("priority")), ("reason", fv.reasons(sr)),
+                ("priority", priority_name(lang, sr.get("priority"))), ("reason", fv.reasons(sr)),
                 ("notes", fv.notes(sr))])
             body += f'<h3>{e(t(lang, "documents"))}</h3>{fv.documents(lang, sent)}'
             labs = fv.lab_tables(lang, sent)
@@ -63,7 +64,8 @@ def slip_routes(web: Web) -> APIRouter:
             enc = next((r for r in back.get("Encounter", [])), {})
             period = enc.get("period") or {}
             body = fields(lang, [*common, ("reason", fv.reasons(sr)),
-                                 ("stay", f'{fmt_time(period.get("start"))} – {fmt_time(period.get("end"))}'),
+                                 ("stay", f'{fv.when(period.get("start"), lang)} – '
+                                          f'{fv.when(period.get("end"), lang)}'),
                                  ("instructions", fv.notes(down)),
                                  ("completed_at", fmt_time(row["completed_at"]))])
             body += f'<h3>{e(t(lang, "documents"))}</h3>{fv.documents(lang, back)}'

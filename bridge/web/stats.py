@@ -159,7 +159,8 @@ def stats_routes(web: Web) -> APIRouter:
         yearly_rows = [cells_of(str(year), who, c) for who, c in sorted(per_member.items())]
         if per_member:
             yearly_rows.append(cells_of(str(year), "", total))
-        yearly = table(heads, yearly_rows, t(lang, "none"), "yearly", num=num)
+        yearly = table([t(lang, "year"), *heads[1:]], yearly_rows, t(lang, "none"), "yearly",
+                       num=num)  # its first column holds the year, not a month
         months = [f"{year:04d}-{m:02d}" for m in range(1, 13)]
         by_month = [(t(lang, "up"), [sum(c.up for (m, _), c in cells.items() if m == mm)
                                      for mm in months]),
