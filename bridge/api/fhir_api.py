@@ -25,7 +25,7 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import Connection, and_, or_, select
 from starlette.responses import Response
 
-from bridge.api.auth import role_of
+from bridge.api.auth import actor_of, principal_of, who
 from bridge.api.capability import AUDIT_TYPE, CLINICAL_TYPES, capability_statement
 from bridge.api.fhir_audit import (
     AUDIT,
@@ -64,19 +64,22 @@ class WorkflowUnavailable(HutongError):
 
 
 def _role(request: Request) -> str:
-    return role_of(request.app.state.tokens, request.headers.get("authorization"))
+    """The caller's first role (401 without a good token); personal tokens name the person
+    on ``request.state.principal`` (bridge.api.auth)."""
+    return principal_of(request).roles[0]
 
 
 def _allowed(request: Request, rtype: str) -> str:
     """The caller's role, if it may read ``rtype``: 401 without a good token, then 404, 403."""
-    role = _role(request)
+    principal = principal_of(request)
     needed = ROLE_FOR.get(rtype)
     if needed is None:
         raise NotFound("this resource type is not served here")
-    if role != needed:
+    if principal.acting((needed,)) is None:
         what = "the audit log" if rtype == AUDIT_TYPE else "clinical resources"
-        raise Forbidden(f"role '{role}' may not read {what} (minimum necessary)")
-    return role
+        raise Forbidden(f"role '{','.join(principal.roles)}' may not read {what} "
+                        "(minimum necessary)")
+    return needed
 
 
 def _base(request: Request) -> str:
@@ -187,7 +190,9 @@ def fhir_router(node: Node) -> APIRouter:
     def audited(role: str, request: Request, seen: list[tuple[str, str | None]],
                 conn: Connection) -> None:
         query = redacted_query(request.url.path, request.url.query)
-        ctx.audit.append(conn, read_entries(role, query, seen, ctx.now()))
+        interaction = "read" if request.path_params.get("rid") else "search-type"
+        ctx.audit.append(conn, read_entries(role, query, seen, ctx.now(),
+                                            interaction=interaction, **who(request, role)))
 
     @router.get("/metadata", responses=answers("CapabilityStatement"))
     def metadata(request: Request) -> Response:
@@ -246,10 +251,10 @@ def fhir_router(node: Node) -> APIRouter:
             raise BadRequest("the body is not JSON", issue="structure") from exc
 
     def writer(request: Request) -> str:
-        role = _role(request)
-        if role != WRITER:
-            raise Forbidden(f"role '{role}' may not change referrals")
-        return role
+        principal = principal_of(request)
+        if principal.acting((WRITER,)) is None:
+            raise Forbidden(f"role '{','.join(principal.roles)}' may not change referrals")
+        return WRITER
 
     @router.post("", responses=answers("Bundle", 403, 404, 409, 501),
                  openapi_extra=fhir_body("Bundle"))
@@ -261,7 +266,7 @@ def fhir_router(node: Node) -> APIRouter:
                 or bundle.get("type") != "transaction":
             raise BadRequest("POST /fhir takes a Bundle of type transaction")
         checked(validate_bundle, bundle)
-        result = await run_in_threadpool(lambda: workflow().submit(bundle, actor=f"role:{role}"))
+        result = await run_in_threadpool(lambda: workflow().submit(bundle, actor=actor_of(request, role)))
         return fhir_json(result)
 
     @router.put("/Task/{rid}", responses=answers("Task", 403, 404, 409, 501),
@@ -275,7 +280,7 @@ def fhir_router(node: Node) -> APIRouter:
             raise BadRequest("Task.id must be the id in the URL")
         checked(validate_resource, task)
         result = await run_in_threadpool(
-            lambda: workflow().move(rid, task, actor=f"role:{role}"))
+            lambda: workflow().move(rid, task, actor=actor_of(request, role)))
         return fhir_json(result, headers=_headers(result))
 
     @router.api_route("", methods=["GET", "PUT", "PATCH", "DELETE"], include_in_schema=False)

@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 def web_router(node: Node) -> APIRouter:
     """All /ui routes for one node; also registers the node's alert job (``bridge.alerts``)."""
     from bridge.alerts import Alerter
+    from bridge.web.accounts import account_routes
+    from bridge.web.messages import message_routes
     from bridge.web.auditor import auditor_routes
     from bridge.web.clinician import clinician_routes
     from bridge.web.it import it_routes
@@ -42,7 +44,8 @@ def web_router(node: Node) -> APIRouter:
     router.add_api_route("/", home, methods=["GET"])
     router.add_api_route("/static/print.js", print_script, methods=["GET"])
     for part in (login_routes(web), clinician_routes(web), slip_routes(web),
-                 auditor_routes(web), it_routes(web, alerter), stats_routes(web)):
+                 auditor_routes(web), it_routes(web, alerter), stats_routes(web),
+                 account_routes(web), message_routes(web)):
         router.include_router(part)
     return router
 

@@ -16,7 +16,7 @@ from urllib.parse import urlencode
 
 import orjson
 from fastapi import APIRouter, Request
-from fastapi.responses import Response
+from fastapi.responses import RedirectResponse, Response
 from sqlalchemy import select
 
 from bridge.audit.events import event_fields
@@ -25,9 +25,13 @@ from bridge.audit.export import export as export_audit
 from bridge.audit.export import query as query_audit
 from bridge.audit.tables import AuditRecord
 from bridge.web.i18n import t
-from bridge.web.layout import Web, e, fmt_time, parse_time, table
+from bridge.audit.events import AuditEntry, who_fields
+from bridge.audit.export import count as count_audit
+from bridge.privacy import patient_hash
+from bridge.timeinput import TIME_RULE
+from bridge.web.layout import Web, e, fmt_time, parse_time, read_form, table
 
-FILTERS = ("since", "until", "peer", "kind", "action", "outcome", "patient_hash")
+FILTERS = ("since", "until", "peer", "kind", "action", "outcome", "patient_hash", "actor")
 SHOWN = 500
 AUDIT = AuditRecord.__table__  # type: ignore[attr-defined]
 
@@ -36,7 +40,7 @@ def audit_filters(request: Request) -> tuple[dict[str, Any], str | None]:
     """(export/query filters, kind) from the query string; ValueError on a bad time."""
     q = request.query_params
     out: dict[str, Any] = {}
-    for k in ("peer", "action", "outcome", "patient_hash"):
+    for k in ("peer", "action", "outcome", "patient_hash", "actor"):
         if q.get(k):
             out[k] = q[k].strip()
     for k in ("since", "until"):
@@ -72,8 +76,8 @@ def export_filtered(conn: Any, out: io.StringIO, fmt: str, kind: str | None,
 
 
 #: a filter that does not parse (ValueError texts quote the input, so they are not shown)
-BAD_FILTER = ("filter not understood: times are ISO 8601 (2026-11-20 or 2026-11-20T08:00), "
-              "a patient is a hash of hex digits")
+BAD_FILTER = ("filter not understood: " + TIME_RULE + "; a patient is a hash of hex digits "
+              "(or use the ID number lookup)")
 
 
 def auditor_routes(web: Web) -> APIRouter:
@@ -96,11 +100,19 @@ def auditor_routes(web: Web) -> APIRouter:
         # the whole chain is recomputed every alerts.chain_every_s or on request (?verify=full);
         # in between only the rows after the last full run are checked (bridge/audit/watch.py)
         result = web.node.chain_watch.check(full=q.get("verify") == "full")
+        before = q.get("before") if not error else None
+        before_seq = int(before) if before and before.isdigit() and len(before) < 19 else None
         with ctx.store.read() as conn:
-            rows = query_audit(conn, limit=MAX_LIMIT if kind else SHOWN, **filters)
+            rows = query_audit(conn, limit=MAX_LIMIT if kind else SHOWN, before_seq=before_seq,
+                               **filters)
+            total = count_audit(conn, **filters) if not kind else None
             actions = sorted(a for (a,) in conn.execute(select(AUDIT.c.action).distinct()))
+            who = {r.seq: who_fields(orjson.loads(r.resource)) for r in conn.execute(
+                select(AUDIT.c.seq, AUDIT.c.resource).where(
+                    AUDIT.c.seq.in_([r["seq"] for r in rows])))} if rows else {}
         if kind:
             rows = [r for r in rows if r["kind"] == kind][:SHOWN]
+        next_before = rows[-1]["seq"] if len(rows) >= SHOWN else None
         full_link = (f'<a class="noprint" href="/ui/audit?verify=full">'
                      f'{e(t(lang, "verify_full_now"))}</a>')
         if result.ok:
@@ -140,26 +152,45 @@ def auditor_routes(web: Web) -> APIRouter:
                 f'{opts(outcomes, q.get("outcome"))}</select></label>'
                 f'<label>{e(t(lang, "patient_hash"))} <input name="patient_hash" size="20" '
                 f'value="{e(q.get("patient_hash"))}"></label>'
+                f'<label>{e(t(lang, "actor"))} <input name="actor" size="16" '
+                f'placeholder="user:…" value="{e(q.get("actor"))}"></label>'
                 f'<button type="submit">{e(t(lang, "filter"))}</button>'
                 f'<p><small>{e(t(lang, "time_hint"))}</small></p></form>')
         keep = {k: q[k] for k in FILTERS if q.get(k)}
         links = " ".join(
             f'<a class="export export-{fmt}" href="/ui/audit/export.{fmt}?{e(urlencode(keep))}"'
             f'>{e(t(lang, "export"))} {fmt.upper()}</a>' for fmt in ("csv", "ndjson"))
+        if next_before is not None:
+            links += (f' <a class="next-page" href="/ui/audit?'
+                      f'{e(urlencode({**keep, "before": next_before}))}">'
+                      f'{e(t(lang, "next_page"))} →</a>')
+        lookup = (f'<form method="post" action="/ui/audit/lookup" class="inline noprint lookup">'
+                  f'<label>{e(t(lang, "national_id"))} <input name="national_id" size="20" '
+                  f'autocomplete="off"></label><input type="hidden" name="back" value="audit">'
+                  f'<button type="submit">{e(t(lang, "who_looked"))}</button>'
+                  f'<p><small>{e(t(lang, "lookup_hint"))}</small></p></form>')
         log = table(
             [t(lang, "seq"), t(lang, "at"), t(lang, "action"), t(lang, "outcome"),
              t(lang, "kind"), t(lang, "member"), t(lang, "thread"), t(lang, "packet"),
-             t(lang, "patient_hash"), t(lang, "actor"), t(lang, "message")],
-            [[e(r["seq"]), e(r["at"]), e(r["action"]), e(r["outcome"]), e(r["kind"]),
-              e(r["peer"]), e(r["thread"]), e(r["packet_id"]),
+             t(lang, "patient_hash"), t(lang, "actor"), t(lang, "role"), t(lang, "address"),
+             t(lang, "shown_what"), t(lang, "message")],
+            [[e(r["seq"]), f'<time>{e(fmt_time(r["at"]))}</time>', e(r["action"]),
+              e(r["outcome"]), e(r["kind"]), e(r["peer"]), e(r["thread"]), e(r["packet_id"]),
               f'<span title="{e(r["patient_hash"])}">{e((r["patient_hash"] or "")[:16])}</span>',
-              e(r["actor"]), e(" ".join(x for x in (r["code"], r["message"]) if x))]
+              (f'<a class="actor" href="/ui/audit?{e(urlencode({"actor": r["actor"]}))}">'
+               f'{e(r["actor"])}</a>' if r["actor"] else ""),
+              e(who.get(r["seq"], {}).get("actor_role")),
+              e(who.get(r["seq"], {}).get("address")),
+              e(who.get(r["seq"], {}).get("shown")),
+              e(" ".join(x for x in (r["code"], r["message"]) if x))]
              for r in rows],
             t(lang, "none"), "audit")
         body = (f'<h3>{e(t(lang, "chain"))}</h3>{chain}'
                 + (f'<p class="bad">{e(error)}</p>' if error else "")
-                + form + f'<p class="noprint">{links} &nbsp; <small>{len(rows)} '
-                f'{e(t(lang, "shown"))}</small></p>' + log)
+                + lookup + form + f'<p class="noprint count">{links} &nbsp; <small>'
+                + (f'<span class="total">{total}</span> {e(t(lang, "matching"))}, '
+                   if total is not None else "")
+                + f'{len(rows)} {e(t(lang, "shown"))}</small></p>' + log)
         return web.page(request, t(lang, "audit"), body, role=role,
                         status=400 if error else 200)
 
@@ -175,8 +206,15 @@ def auditor_routes(web: Web) -> APIRouter:
         except ValueError:
             return Response(BAD_FILTER, status_code=400)
         buf = io.StringIO(newline="")
-        with ctx.store.read() as conn:
-            export_filtered(conn, buf, fmt, kind, **filters)
+        with ctx.store.write() as conn:
+            n = export_filtered(conn, buf, fmt, kind, **filters)
+            # the export itself is audited (after the rows it carries: it is not in itself)
+            shown = "&".join(f"{k}={q_}" for k, q_ in request.query_params.items()
+                             if k in FILTERS)[:250]
+            ctx.audit.append(conn, [AuditEntry(
+                action="export", actor=web.actor(request, role), actor_role=role,
+                address=request.client.host if request.client else None, at=ctx.now(),
+                message=f"audit export {fmt}", extra={"rows": n, "filters": shown or None})])
         data = buf.getvalue().encode()
         if fmt == "csv":
             data = b"\xef\xbb\xbf" + data  # BOM so Excel reads the Chinese text
@@ -184,5 +222,25 @@ def auditor_routes(web: Web) -> APIRouter:
         stamp = ctx.now().strftime("%Y%m%dT%H%M%SZ")
         return Response(data, media_type=media, headers={
             "Content-Disposition": f'attachment; filename="audit-{plan.node_id}-{stamp}.{fmt}"'})
+
+    @router.post("/audit/lookup")
+    async def lookup(request: Request) -> Response:
+        """A national ID number typed by an auditor (or IT): its keyed hash, computed here and
+        put in the filter; the typed value is neither stored, logged nor sent back."""
+        role = web.gate(request, "auditor", "it")
+        if not isinstance(role, str):
+            return role
+        form = await read_form(request)
+        typed = form.get("national_id", "").strip()
+        back = "/ui/messages" if form.get("back") == "messages" else "/ui/audit"
+        if back == "/ui/audit" and role != "auditor":
+            back = "/ui/messages"
+        if not typed:
+            return RedirectResponse(back, status_code=303)
+        phash = patient_hash(plan.patient_hash_key, typed)
+        del typed, form
+        keep = {"patient_hash": phash, **({"action": "read"} if back == "/ui/audit" else {})}
+        return RedirectResponse(f"{back}?{urlencode(keep)}",
+                                status_code=303)
 
     return router
