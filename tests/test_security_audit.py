@@ -382,8 +382,14 @@ def test_running_node_shows_a_tail_cut_under_it_on_the_auditor_page(exchanged) -
         node.wait_ready()
         jar = http.cookiejar.CookieJar()
         opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
-        form = urllib.parse.urlencode({"token": node.token("auditor")}).encode()
-        opener.open(node.local_url + "/ui/login", data=form, timeout=30).close()
+        import re
+
+        with opener.open(node.local_url + "/ui/login", timeout=30) as r:  # the form's token
+            csrf = re.search(r'name="csrf-token" content="([^"]+)"', r.read().decode()).group(1)
+        form = urllib.parse.urlencode({"token": node.token("auditor"), "csrf": csrf}).encode()
+        opener.open(urllib.request.Request(node.local_url + "/ui/login", data=form,
+                                           headers={"Origin": node.local_url}),
+                    timeout=30).close()
 
         def page() -> str:
             with opener.open(node.local_url + "/ui/audit?verify=full&lang=en", timeout=60) as r:

@@ -174,7 +174,7 @@ def auditor_routes(web: Web) -> APIRouter:
              t(lang, "kind"), t(lang, "member"), t(lang, "thread"), t(lang, "packet"),
              t(lang, "patient_hash"), t(lang, "actor"), t(lang, "role"), t(lang, "address"),
              t(lang, "shown_what"), t(lang, "message")],
-            [[e(r["seq"]), f'<time>{e(fmt_time(r["at"]))}</time>', e(r["action"]),
+            [[e(r["seq"]), e(fmt_time(r["at"])), e(r["action"]),
               e(r["outcome"]), e(r["kind"]), e(r["peer"]), e(r["thread"]), e(r["packet_id"]),
               f'<span title="{e(r["patient_hash"])}">{e((r["patient_hash"] or "")[:16])}</span>',
               (f'<a class="actor" href="/ui/audit?{e(urlencode({"actor": r["actor"]}))}">'
@@ -206,8 +206,9 @@ def auditor_routes(web: Web) -> APIRouter:
         except ValueError:
             return Response(BAD_FILTER, status_code=400)
         buf = io.StringIO(newline="")
-        with ctx.store.write() as conn:
+        with ctx.store.read() as conn:  # a long export must not hold the write lock
             n = export_filtered(conn, buf, fmt, kind, **filters)
+        with ctx.store.write() as conn:
             # the export itself is audited (after the rows it carries: it is not in itself)
             shown = "&".join(f"{k}={q_}" for k, q_ in request.query_params.items()
                              if k in FILTERS)[:250]
