@@ -212,12 +212,12 @@ class Accounts:
             elif row["locked_until"] is not None and row["locked_until"] > now:
                 ok, why = False, "account locked"
         roles = tuple(row["roles"].split(",")) if row else ()
+        # a refusal is committed (counter, lock, audit) before it is raised
         with self.ctx.store.write() as conn:
             if row is None:
                 self._audit(conn, "login-failed", "user:?", outcome="4", message=why,
                             address=address)
-                raise refused
-            if not ok:
+            elif not ok:
                 failed = row["failed"] + 1
                 values: dict[str, Any] = {"failed": failed}
                 if failed >= self.lockout_after and why == "wrong password":
@@ -226,7 +226,9 @@ class Accounts:
                 conn.execute(update(USERS).where(USERS.c.name == name).values(**values))
                 self._audit(conn, "login-failed", f"user:{name}", outcome="4", message=why,
                             address=address)
-                raise refused
+        if row is None or not ok:
+            raise refused
+        with self.ctx.store.write() as conn:
             conn.execute(update(USERS).where(USERS.c.name == name).values(
                 failed=0, locked_until=None, last_login_at=now))
             self._audit(conn, "login", f"user:{name}", message="logged in",

@@ -179,7 +179,9 @@ def create_local_app(node: Node) -> FastAPI:
                                 directory=ctx.plan.directory)
             ctx.audit.append(conn, read_entries(
                 role, f"/local/v1/patients/{patient_hash}/results",
-                [(i["report"], patient_hash) for i in items], ctx.now(),
+                # an empty answer is still a look at this patient
+                [(i["report"], patient_hash) for i in items] or [("results", patient_hash)],
+                ctx.now(),
                 interaction="search-type", **who(request, role)))
         return {"patient_hash": patient_hash, "node": ctx.node_id, "results": items}
 

@@ -303,8 +303,10 @@ def event_fields(event: dict[str, Any]) -> dict[str, Any]:
 
 def who_fields(event: dict[str, Any]) -> dict[str, Any]:
     """What ``event_fields`` leaves out about the person: ``actor_role``, ``address``,
-    ``interaction`` (the RESTful subtype) and ``shown`` (the ``extra`` resources/what)."""
-    out: dict[str, Any] = dict.fromkeys(("actor_role", "address", "interaction", "shown"))
+    ``interaction`` (the RESTful subtype), ``shown`` (the page or query) and ``resources``
+    (the ``Type/id`` list shown)."""
+    out: dict[str, Any] = dict.fromkeys(("actor_role", "address", "interaction", "shown",
+                                         "resources"))
     for coding in event.get("subtype", ()):
         if coding.get("system") == RESTFUL_SYSTEM:
             out["interaction"] = coding.get("code")
@@ -319,8 +321,9 @@ def who_fields(event: dict[str, Any]) -> dict[str, Any]:
     for ext in event.get("extension", ()):
         if ext.get("url") == EXTRA_EXTENSION:
             parts = {p.get("url"): p for p in ext.get("extension", ())}
-            for key in ("shown", "resources", "query"):
+            for key in ("query", "shown"):  # the page or API query, or what was opened
                 if key in parts:
                     out["shown"] = parts[key].get("valueString")
-                    break
+            if "resources" in parts:
+                out["resources"] = parts["resources"].get("valueString")
     return out

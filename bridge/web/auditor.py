@@ -112,6 +112,10 @@ def auditor_routes(web: Web) -> APIRouter:
                     AUDIT.c.seq.in_([r["seq"] for r in rows])))} if rows else {}
         if kind:
             rows = [r for r in rows if r["kind"] == kind][:SHOWN]
+        # the auditor's own searches are recorded too (one entry, no patient: hashes only)
+        web.audit_read(request, role, [], "/ui/audit?" + "&".join(
+            f"{k}={v}" for k, v in request.query_params.items() if k in FILTERS)[:250],
+            interaction="search-type")
         next_before = rows[-1]["seq"] if len(rows) >= SHOWN else None
         full_link = (f'<a class="noprint" href="/ui/audit?verify=full">'
                      f'{e(t(lang, "verify_full_now"))}</a>')
@@ -181,7 +185,8 @@ def auditor_routes(web: Web) -> APIRouter:
                f'{e(r["actor"])}</a>' if r["actor"] else ""),
               e(who.get(r["seq"], {}).get("actor_role")),
               e(who.get(r["seq"], {}).get("address")),
-              e(who.get(r["seq"], {}).get("shown")),
+              e(" ".join(x for x in (who.get(r["seq"], {}).get("shown"),
+                                     who.get(r["seq"], {}).get("resources")) if x)),
               e(" ".join(x for x in (r["code"], r["message"]) if x))]
              for r in rows],
             t(lang, "none"), "audit")

@@ -85,10 +85,10 @@ def login_routes(web: Web) -> APIRouter:
         name = form.get("name", "").strip()
         try:
             if name:
+                bad = "bad_login"
                 principal = await run_in_threadpool(
                     web.accounts.login, name, form.get("password", ""), form.get("totp"),
                     address(request))
-                bad = "bad_login"
             else:
                 bad = "bad_token"
                 principal = await run_in_threadpool(

@@ -108,4 +108,7 @@ def _patient(conn: Connection, row: dict[str, Any]) -> tuple[str, str, str | Non
     p = store.get(conn, "Patient", ref[1])
     name = next((n.get("text") or "".join([*(n.get("family") or ""), *(n.get("given") or [])])
                  for n in p.get("name") or []), "")
-    return name, fv.identifiers(p, "MR"), ref[1]
+    mrn = fv.identifiers(p, "MR") or ", ".join(
+        str(i.get("value")) for i in p.get("identifier") or []
+        if "mrn" in str(i.get("system") or "").lower() and i.get("value"))
+    return name, mrn, ref[1]
