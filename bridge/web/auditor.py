@@ -142,9 +142,9 @@ def auditor_routes(web: Web) -> APIRouter:
         kinds = sorted({k for r in plan.rules.describe() for k in r["kinds"] if k != "*"})
         outcomes = [(o, f'{o} {t(lang, "outcome_" + o)}') for o in ("0", "4", "8", "12")]
         form = (f'<form method="get" action="/ui/audit" class="inline noprint audit-filter">'
-                f'<label>{e(t(lang, "since"))} <input type="datetime-local" name="since" '
+                f'<label>{e(t(lang, "since"))} <input name="since" size="18" placeholder="2026-12-01 / -2h / yesterday" '
                 f'value="{e(q.get("since"))}"></label>'
-                f'<label>{e(t(lang, "until"))} <input type="datetime-local" name="until" '
+                f'<label>{e(t(lang, "until"))} <input name="until" size="18" placeholder="2026-12-01 / -2h / yesterday" '
                 f'value="{e(q.get("until"))}"></label>'
                 f'<label>{e(t(lang, "member"))} <select name="peer">'
                 f'{opts(members, q.get("peer"))}</select></label>'
@@ -159,7 +159,7 @@ def auditor_routes(web: Web) -> APIRouter:
                 f'<label>{e(t(lang, "actor"))} <input name="actor" size="16" '
                 f'placeholder="user:…" value="{e(q.get("actor"))}"></label>'
                 f'<button type="submit">{e(t(lang, "filter"))}</button>'
-                f'<p><small>{e(t(lang, "time_hint"))}</small></p></form>')
+                f'<p><small>{e(t(lang, "time_rule"))}</small></p></form>')
         keep = {k: q[k] for k in FILTERS if q.get(k)}
         links = " ".join(
             f'<a class="export export-{fmt}" href="/ui/audit/export.{fmt}?{e(urlencode(keep))}"'

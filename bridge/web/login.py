@@ -38,7 +38,7 @@ def login_routes(web: Web) -> APIRouter:
             nonce = secrets.token_urlsafe(24)
             token = web.login_token(nonce)
         msg = f'<p class="bad">{e(error)}</p>' if error else ""
-        body = (f'{msg}<form method="post" action="/ui/login" class="inline login personal">'
+        body = (f'{msg}<form method="post" action="/ui/login" class="inline login-personal">'
                 f'<label>{e(t(lang, "user_name"))} <input name="name" autocomplete="username" '
                 f'size="20"></label>'
                 f'<label>{e(t(lang, "password"))} <input type="password" name="password" '
