@@ -250,16 +250,21 @@ class Accounts:
         account still decides roles and whether the person may log in at all."""
         if not (self.ldap_url and self.ldap_user_dn and password):
             return False
-        import ldap3  # optional dependency: only nodes with a directory need it
+        import warnings
 
-        dn = self.ldap_user_dn.replace("{user}", ldap3.utils.dn.escape_rdn(name))
-        try:
-            conn = ldap3.Connection(ldap3.Server(self.ldap_url, connect_timeout=5), user=dn,
-                                    password=password, receive_timeout=5)
-            ok = bool(conn.bind())
-            conn.unbind()
-        except ldap3.core.exceptions.LDAPException:
-            return False
+        # ldap3 2.9 still calls pyasn1 names that newer pyasn1 marks deprecated
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            import ldap3  # optional dependency: only nodes with a directory need it
+
+            dn = self.ldap_user_dn.replace("{user}", ldap3.utils.dn.escape_rdn(name))
+            try:
+                conn = ldap3.Connection(ldap3.Server(self.ldap_url, connect_timeout=5),
+                                        user=dn, password=password, receive_timeout=5)
+                ok = bool(conn.bind())
+                conn.unbind()
+            except ldap3.core.exceptions.LDAPException:
+                return False
         return ok
 
     def logout(self, principal: Principal, address: str | None = None) -> None:

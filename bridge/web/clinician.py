@@ -103,19 +103,18 @@ def clinician_routes(web: Web) -> APIRouter:
                     conn, web.plan.patient_hash_key, since=since, until=until, **filters)
         except ValueError:  # a time or page token not understood: the rule, not the input
             error, rows, total, nxt, filters = TIME_RULE, [], 0, None, {}
-        heads = [t(lang, "patient"), t(lang, "record_no"), t(lang, "direction"),
-                 t(lang, "kind"), t(lang, "status"), t(lang, "step"), t(lang, "peer"),
-                 t(lang, "green"), t(lang, "updated"), ""]
+        heads = [t(lang, "patient"), t(lang, "record_no"), t(lang, "kind"), t(lang, "peer"),
+                 t(lang, "status"), t(lang, "step"), t(lang, "green"), t(lang, "updated"), ""]
 
         def cells(r: dict[str, Any]) -> list[str]:
             peer = r["referrer"] if r["side"] == "receiver" else r["receiver"]
             green = f'<span class="green">✚ {e(t(lang, "green"))}</span>' \
                 if r["green_channel"] else ""
             return [f'<span class="name">{e(r["patient_name"])}</span>', e(r["record_no"]),
-                    e(t(lang, "inbox" if r["side"] == "receiver" else "outbox")),
-                    e(kind_name(lang, r["kind"])), e(status_name(lang, r["status"])),
+                    e(kind_name(lang, r["kind"])), e(web.member_name(lang, peer)),
+                    e(status_name(lang, r["status"])),
                     f'<span class="step-{e(r["step"])}">{e(step_name(lang, r["step"]))}</span>',
-                    e(web.member_name(lang, peer)), green, e(fmt_time(r["updated_at"])),
+                    green, e(fmt_time(r["updated_at"])),
                     f'<a href="/ui/referrals/{e(r["thread"])}">{e(t(lang, "open"))}</a>']
 
         web.audit_read(request, role, [
