@@ -135,3 +135,80 @@ def test_without_a_directory_a_password_is_required(tmp_path: Path) -> None:
             Accounts(ctx).add("dr.x", ["surgeon"], password="long enough pw", by="test")
     finally:
         ctx.store.dispose()
+
+
+@pytest.mark.postgres
+def test_accounts_and_tokens_on_postgresql(pg_db: str, tmp_path: Path) -> None:
+    from sqlalchemy import select
+
+    from bridge.accounts.service import principal_for_token
+    from bridge.audit.tables import AuditRecord
+
+    a = Alliance(tmp_path / "alliance", MEMBERS, RULES, dsn_for=lambda n: pg_db)
+    ctx = NodeContext.open(load_node(a.files["core"]))
+    try:
+        assert not ctx.store.is_sqlite
+        accounts = Accounts(ctx)
+        accounts.add("dr.pg", "clinician,auditor", password="a long pg password", by="test")
+        assert accounts.login("dr.pg", "a long pg password") == \
+            Principal("dr.pg", "user", ("clinician", "auditor"))
+        for _ in range(ctx.plan.web.lockout_after):
+            with pytest.raises(Unauthorized):
+                accounts.login("dr.pg", "wrong")
+        assert next(u for u in accounts.list() if u["name"] == "dr.pg")["locked"] is True
+        tid, secret = accounts.issue_token("dr.pg", roles="auditor", by="test")
+        with ctx.store.read() as conn:
+            assert principal_for_token(conn, secret) == Principal("dr.pg", "user", ("auditor",))
+            assert principal_for_token(conn, secret + "x") is None
+        accounts.revoke_token(tid, by="test")
+        with ctx.store.read() as conn:
+            assert principal_for_token(conn, secret) is None
+            actions = [r.action for r in conn.execute(
+                select(AuditRecord.__table__.c.action).order_by(AuditRecord.__table__.c.seq))]
+        assert actions[-9:] == ["account", "login", *["login-failed"] * 5, "token", "token"]
+        assert ctx.audit  # the chain verifies with the new agent fields
+        with ctx.store.read() as conn:
+            assert ctx.audit.verify(conn).ok
+    finally:
+        ctx.store.dispose()
+
+
+def test_shared_role_tokens_off_refuses_them_everywhere(tmp_path: Path) -> None:
+    """``[web] shared_role_tokens = false``: the config's role tokens neither log in nor call
+    the API; a client's own token still does, and the login page offers no token form."""
+    import urllib.error
+    import urllib.request
+
+    a = Alliance(tmp_path / "alliance", MEMBERS, RULES)
+    with open(a.files["core"], "a", encoding="utf-8") as f:
+        f.write("\n[web]\nshared_role_tokens = false\n")
+    core = a.node("core")
+    assert core.plan.web.shared_role_tokens is False
+    ctx = NodeContext.open(core.plan)
+    try:
+        _tid, secret = Accounts(ctx).issue_token("his-main", kind="client", roles="clinician",
+                                                 by="test")
+    finally:
+        ctx.store.dispose()
+
+    def status(path: str, token: str | None = None) -> tuple[int, str]:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        req = urllib.request.Request(core.local_url + path, headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as exc:
+            with exc:
+                return exc.code, exc.read().decode()
+
+    a.start("core")
+    try:
+        shared_token = core.token("clinician")
+        assert status("/fhir/Patient", shared_token)[0] == 401
+        assert status("/local/v1/referrals", shared_token)[0] == 401
+        assert status("/fhir/Patient", secret)[0] == 200
+        assert status("/local/v1/referrals", secret)[0] == 200
+        code, page = status("/ui/login")
+        assert code == 200 and 'name="password"' in page and 'name="token"' not in page
+    finally:
+        a.stop_all()
