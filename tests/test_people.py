@@ -237,6 +237,7 @@ def test_personal_and_client_tokens_name_the_caller_and_can_be_revoked(pair: All
     admin = person(core, "adm.he")
     page = admin.get("/ui/accounts")
     assert 'class="alert shared-tokens"' in page and "dr.li" in page and tid in page
+    assert 'class="alert shared-tokens"' in admin.get("/ui/it")  # adm.he is IT too
 
 
 def test_accounts_page_adds_a_person_who_can_then_log_in(pair: Alliance) -> None:
@@ -355,6 +356,7 @@ ROUTES: dict[tuple[str, str], str] = {
     ("POST", "/ui/referrals/{thread}/steps/{event}"): "a step (audited by the workflow)",
     ("POST", "/ui/referrals/{thread}/return"): "a return (audited by the workflow)",
     ("POST", "/ui/audit/lookup"): "computes a hash; redirects",
+    ("POST", "/ui/referrals/search"): "the list's filter: an ID number becomes a hash; redirects",
     ("GET", "/ui/it"): "queues and counts, no patient data",
     ("POST", "/ui/it/quarantine/{item_id}/replay"): "replay (audited)",
     ("POST", "/ui/it/outbox/retry"): "retry (audited)",
@@ -478,12 +480,17 @@ def test_referral_list_shows_names_and_record_numbers_with_search_and_paging(
     # the receiver matched one patient for the three (same ID number): its record number
     assert "王秀英" in inbox and "YT7788" in inbox and "赵建国" in inbox and "YT9000" in inbox, \
         re.sub(r"<[^>]+>", " ", inbox)[:3000]
-    found = li.get("/ui/referrals?" + urlencode({"q": "赵建国"}))
+    status, url, found = li.open("/ui/referrals/search", {"q": "赵建国"})
+    assert status == 200 and "q=" in url
     assert re.search(r'<span class="total">(\d+)</span>', found).group(1) == "3"
     assert "王秀英" not in section(found, "inbox")
-    by_id = li.get("/ui/referrals?" + urlencode({"q": ZHAO_ID}))
+    status, url, by_id = li.open("/ui/referrals/search", {"q": ZHAO_ID, "side": "receiver"})
+    assert status == 200 and ZHAO_ID not in url  # the ID number became the keyed hash
+    assert f"patient_hash={patient_hash(core.plan.patient_hash_key, ZHAO_ID)}" in url
     assert re.search(r'<span class="total">(\d+)</span>', by_id).group(1) == "3"
-    assert ZHAO_ID not in by_id.split("<main>")[1].split("</form>", 1)[1]
+    assert ZHAO_ID not in by_id
+    by_mrn = li.get("/ui/referrals?" + urlencode({"q": "YT7788"}))
+    assert re.search(r'<span class="total">(\d+)</span>', by_mrn).group(1) == "1"
     # keyset paging: two per page, every referral exactly once
     from bridge.web import referral_list
 
@@ -525,6 +532,17 @@ def test_message_browser_finds_a_patients_packets_and_resends_once(
     assert "queued" in path and "sent" in path and "+08:00" in path
     status, url, body = it.open(f"/ui/messages/outbox/{out['id']}/resend", {"reason": ""})
     assert status == 422 and "reason: a resend needs a reason" in body
+    core = pair.node("core")
+    from bridge.referral.tables import REFERRAL_STEP
+
+    def core_steps() -> int:
+        s = store(core)
+        with s.read() as conn:
+            n = conn.execute(select(func.count()).select_from(REFERRAL_STEP).where(
+                REFERRAL_STEP.c.thread == thread)).scalar()
+        s.dispose()
+        return n
+    steps_before = core_steps()
     before = head(chc)
     status, url, page = it.open(f"/ui/messages/outbox/{out['id']}/resend",
                                 {"reason": "HIS lost the request"})
@@ -532,7 +550,6 @@ def test_message_browser_finds_a_patients_packets_and_resends_once(
     resent = [r for r in rows_after(chc, before) if r["action"] == "replayed"]
     assert [(r["actor"], r["packet_id"]) for r in resent] == [("user:it.ma", out["packet_id"])]
     assert "HIS lost the request" in resent[0]["message"]
-    core = pair.node("core")
 
     def delivered_once() -> bool:
         s = store(chc)
@@ -549,6 +566,7 @@ def test_message_browser_finds_a_patients_packets_and_resends_once(
             INBOX.c.packet_id == out["packet_id"])).scalar()
     s.dispose()
     assert n == 1  # the receiver keeps it once
+    assert core_steps() == steps_before  # and its referral workflow applied it once
 
 
 def test_the_same_typed_time_gives_the_same_rows_on_the_page_and_in_the_cli(

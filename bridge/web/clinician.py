@@ -17,6 +17,7 @@ from sqlalchemy import select
 
 from bridge.errors import HutongError, InvalidResource, NotFound
 from bridge.fhirstore import store
+from bridge.privacy import patient_hash
 from bridge.referral.states import check
 from bridge.referral.tables import REFERRAL, REFERRAL_STEP
 from bridge.web import fhirview as fv
@@ -96,7 +97,8 @@ def clinician_routes(web: Web) -> APIRouter:
         error = ""
         try:
             filters = {k: (q.get(k) or "").strip() or None
-                       for k in ("side", "status", "kind", "peer", "q", "after")}
+                       for k in ("side", "status", "kind", "peer", "q", "after",
+                                 "patient_hash")}
             since, until = parse_time(q.get("since")), parse_time(q.get("until"))
             with web.ctx.store.read() as conn:
                 rows, total, nxt = referral_list.page(
@@ -127,11 +129,18 @@ def clinician_routes(web: Web) -> APIRouter:
                 f'</option>' for v, label in values)
 
         members = [(m, web.member_name(lang, m)) for m in sorted(web.plan.directory)]
-        form = (f'<form method="get" action="/ui/referrals" class="inline noprint filter">'
+        sides = [("receiver", t(lang, "inbox")), ("referrer", t(lang, "outbox"))]
+        # a POST: an ID number typed here never becomes part of a URL (it is turned into the
+        # patient's keyed hash first, see search_post)
+        form = (f'<form method="post" action="/ui/referrals/search" '
+                f'class="inline noprint filter">'
                 f'<label>{e(t(lang, "search_patient"))} <input name="q" size="18" '
                 f'value="{e(filters.get("q"))}"></label>'
-                f'<label>{e(t(lang, "direction"))} <select name="side">'
-                f'{opts([("receiver", t(lang, "inbox")), ("referrer", t(lang, "outbox"))], filters.get("side"))}'
+                + (f'<input type="hidden" name="patient_hash" '
+                   f'value="{e(filters.get("patient_hash"))}">'
+                   if filters.get("patient_hash") else "")
+                + f'<label>{e(t(lang, "direction"))} <select name="side">'
+                f'{opts(sides, filters.get("side"))}'
                 f'</select></label>'
                 f'<label>{e(t(lang, "status"))} <select name="status">'
                 f'{opts([(k, status_name(lang, k)) for k in STATUS], filters.get("status"))}'
@@ -158,6 +167,20 @@ def clinician_routes(web: Web) -> APIRouter:
                         t(lang, "none"), "outbox"))
         return web.page(request, t(lang, "referrals"), body, role=role,
                         status=400 if error else 200)
+
+    @router.post("/referrals/search")
+    async def search_post(request: Request) -> Response:
+        """The list's filter form: an ID number becomes the patient's keyed hash here, so it
+        is never in a URL, the browser history or a log; other filters become the query."""
+        role = web.gate(request, "clinician")
+        if not isinstance(role, str):
+            return role
+        f = await read_form(request)
+        keep = {k: f[k].strip() for k in ("side", "status", "peer", "since", "until", "q",
+                                          "patient_hash") if f.get(k, "").strip()}
+        if referral_list.is_national_id(keep.get("q", "")):
+            keep["patient_hash"] = patient_hash(web.plan.patient_hash_key, keep.pop("q"))
+        return RedirectResponse("/ui/referrals?" + urlencode(keep), status_code=303)
 
     def action_forms(lang: str, row: dict[str, Any]) -> str:
         base = f'/ui/referrals/{e(row["thread"])}/steps'

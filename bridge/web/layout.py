@@ -193,6 +193,10 @@ class Web:
              status: int = 200, csrf: str | None = None) -> HTMLResponse:
         lang = self.lang(request)
         token = csrf or self.csrf_for(request)
+        if request.url.path == "/ui/it" and status < 400 and self.plan.web.shared_role_tokens:
+            # flagged on the IT page until every person and system has their own account
+            body = (f'<p class="alert shared-tokens"><a href="/ui/accounts">'
+                    f'{e(t(lang, "shared_tokens_on"))}</a></p>' + body)
         meta = field = ""
         if token:  # every post form carries it; scripts and test clients find it in the head
             meta = f'<meta name="csrf-token" content="{e(token)}">'

@@ -25,6 +25,10 @@ R = REFERRAL
 _NATIONAL_ID = __import__("re").compile(r"\d{17}[\dXx]")
 
 
+def is_national_id(q: str) -> bool:
+    return _NATIONAL_ID.fullmatch(q.strip()) is not None
+
+
 def hashes_for(conn: Connection, key: bytes, q: str) -> set[str]:
     """Patient hashes a clinician's search text names (empty set: none)."""
     q = q.strip()
@@ -61,6 +65,7 @@ def decode_after(token: str) -> tuple[datetime, str]:
 def page(conn: Connection, key: bytes, *, side: str | None = None, status: str | None = None,
          kind: str | None = None, peer: str | None = None, since: datetime | None = None,
          until: datetime | None = None, q: str | None = None, after: str | None = None,
+         patient_hash: str | None = None,
          size: int = PAGE) -> tuple[list[dict[str, Any]], int, str | None]:
     """(rows with ``patient_name`` and ``record_no``, total matching, next-page token)."""
     where: list[Any] = []
@@ -76,6 +81,8 @@ def page(conn: Connection, key: bytes, *, side: str | None = None, status: str |
         where.append(R.c.updated_at >= since)
     if until is not None:
         where.append(R.c.updated_at < until)
+    if patient_hash:
+        where.append(R.c.patient_hash == patient_hash)
     if q and q.strip():
         hashes = hashes_for(conn, key, q)
         where.append(R.c.patient_hash.in_(hashes) if hashes else R.c.thread.is_(None))
