@@ -298,6 +298,11 @@ def test_two_clinicians_open_the_same_referral_and_the_auditor_sees_both(
     assert status == 200
     exported = list(csv.DictReader(io.StringIO(data.lstrip("\ufeff"))))
     assert {"user:dr.li", "user:dr.chen"} <= {r["actor"] for r in exported}
+    opened = [r for r in exported if r["shown"] == f"/ui/referrals/{thread}"]
+    assert [(r["actor"], r["actor_role"], r["address"], r["interaction"]) for r in opened] == [
+        ("user:dr.li", "clinician", "127.0.0.1", "read"),
+        ("user:dr.chen", "clinician", "127.0.0.1", "read")]
+    assert all(f"Task/" in r["resources"] for r in opened)
     export_rows = [r for r in rows_after(core, before_export) if r["action"] == "export"]
     assert [(r["actor"], r["actor_role"]) for r in export_rows] == [("user:aud.wu", "auditor")]
     # what did this person look at

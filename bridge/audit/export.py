@@ -6,7 +6,8 @@ and ``hash``; the seq is already in the ``audit-seq`` extension. Each line stays
 AuditEvent for FHIR tools, and ``unwrap`` strips the chain extension so anyone can re-hash the
 lines offline: ``link_hash(prev_hash, canonical(resource)) == hash``.
 
-csv: flat columns ``CSV_COLUMNS`` (``at`` as a UTC FHIR instant). Write to a file opened with
+csv: flat columns ``CSV_COLUMNS`` (``at`` as a UTC FHIR instant; the person's role, address,
+the RESTful interaction and what was shown at the end). Write to a file opened with
 ``newline=""``; add a UTF-8 BOM yourself if it is for Excel.
 
 Time filters: ``since`` inclusive, ``until`` exclusive, both timezone-aware. Rows are only ever
@@ -22,12 +23,14 @@ from typing import Any, Literal, TextIO
 import orjson
 from sqlalchemy import Connection, Select, select
 
-from .events import event_fields
+from .events import event_fields, who_fields
 from .tables import AuditRecord
 
 CHAIN_EXTENSION = "http://hutong.dev/StructureDefinition/audit-chain"
 CSV_COLUMNS = ("seq", "at", "action", "outcome", "kind", "peer", "thread", "packet_id",
-               "patient_hash", "actor", "code", "message", "hash")
+               "patient_hash", "actor", "code", "message", "hash",
+               # who and what, for "who looked at this patient" (events.who_fields)
+               "actor_role", "address", "interaction", "shown", "resources")
 MAX_LIMIT = 1000
 _BATCH = 2000
 
@@ -69,7 +72,7 @@ def _select(
 
 
 def _flat(seq: int, resource: dict[str, Any], hash_: str) -> dict[str, Any]:
-    fields = event_fields(resource)
+    fields = {**event_fields(resource), **who_fields(resource)}
     fields["seq"] = seq
     fields["hash"] = hash_
     return {name: fields[name] for name in CSV_COLUMNS}

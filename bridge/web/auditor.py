@@ -25,7 +25,7 @@ from bridge.audit.export import export as export_audit
 from bridge.audit.export import query as query_audit
 from bridge.audit.tables import AuditRecord
 from bridge.web.i18n import t
-from bridge.audit.events import AuditEntry, who_fields
+from bridge.audit.events import AuditEntry
 from bridge.audit.export import count as count_audit
 from bridge.privacy import patient_hash
 from bridge.timeinput import TIME_RULE
@@ -107,9 +107,6 @@ def auditor_routes(web: Web) -> APIRouter:
                                **filters)
             total = count_audit(conn, **filters) if not kind else None
             actions = sorted(a for (a,) in conn.execute(select(AUDIT.c.action).distinct()))
-            who = {r.seq: who_fields(orjson.loads(r.resource)) for r in conn.execute(
-                select(AUDIT.c.seq, AUDIT.c.resource).where(
-                    AUDIT.c.seq.in_([r["seq"] for r in rows])))} if rows else {}
         if kind:
             rows = [r for r in rows if r["kind"] == kind][:SHOWN]
         # the auditor's own searches are recorded too (one entry, no patient: hashes only)
@@ -183,10 +180,8 @@ def auditor_routes(web: Web) -> APIRouter:
               f'<span title="{e(r["patient_hash"])}">{e((r["patient_hash"] or "")[:16])}</span>',
               (f'<a class="actor" href="/ui/audit?{e(urlencode({"actor": r["actor"]}))}">'
                f'{e(r["actor"])}</a>' if r["actor"] else ""),
-              e(who.get(r["seq"], {}).get("actor_role")),
-              e(who.get(r["seq"], {}).get("address")),
-              e(" ".join(x for x in (who.get(r["seq"], {}).get("shown"),
-                                     who.get(r["seq"], {}).get("resources")) if x)),
+              e(r["actor_role"]), e(r["address"]),
+              e(" ".join(x for x in (r["shown"], r["resources"]) if x)),
               e(" ".join(x for x in (r["code"], r["message"]) if x))]
              for r in rows],
             t(lang, "none"), "audit")
