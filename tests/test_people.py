@@ -305,6 +305,13 @@ def test_two_clinicians_open_the_same_referral_and_the_auditor_sees_both(
     assert all(f"Task/" in r["resources"] for r in opened)
     export_rows = [r for r in rows_after(core, before_export) if r["action"] == "export"]
     assert [(r["actor"], r["actor_role"]) for r in export_rows] == [("user:aud.wu", "auditor")]
+    # the command line answers the same questions (hash computed locally, typed on stdin)
+    r = cli(core, "audit", "patient-hash", "--national-id", WANG_ID)
+    assert r.returncode == 0 and r.stdout.strip() == phash
+    r = cli(core, "audit", "who", "--patient", phash, "--since", "-1h", "--format", "csv")
+    assert r.returncode == 0, r.stderr
+    who = {row["actor"] for row in csv.DictReader(io.StringIO(r.stdout))}
+    assert {"user:dr.li", "user:dr.chen"} <= who
     # what did this person look at
     page = aud.get("/ui/audit?" + urlencode({"actor": "user:dr.chen", "action": "read"}))
     assert thread in section(page, "audit")
@@ -572,6 +579,18 @@ def test_message_browser_finds_a_patients_packets_and_resends_once(
     s.dispose()
     assert n == 1  # the receiver keeps it once
     assert core_steps() == steps_before  # and its referral workflow applied it once
+    # the same from the command line: opening the body is a read naming the OS user
+    before = head(chc)
+    r = cli(chc, "messages", "show", "outbox", str(out["id"]), "--body")
+    assert r.returncode == 0, r.stderr
+    assert '"resourceType": "Bundle"' in r.stdout and "+08:00" in r.stdout
+    reads = [x for x in rows_after(chc, before) if x["action"] == "read"]
+    assert len(reads) == 1 and reads[0]["actor"].startswith("cli:")
+    assert reads[0]["packet_id"] == out["packet_id"]
+    r = cli(chc, "messages", "resend", "outbox", str(out["id"]))
+    assert r.returncode != 0  # a reason is required
+    r = cli(chc, "messages", "resend", "outbox", str(out["id"]), "--reason", "test again")
+    assert r.returncode == 0 and "queued" in r.stdout, r.stderr
 
 
 def test_the_same_typed_time_gives_the_same_rows_on_the_page_and_in_the_cli(
