@@ -111,6 +111,7 @@ def users_add(
 @users_app.command("list")
 def users_list(config: ConfigOpt,
                as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Accounts with roles, state and last login (no password hashes, no TOTP secrets)."""
     ctx = _ctx(config)
     rows = _accounts(ctx).list()
     if as_json:
@@ -188,6 +189,7 @@ def tokens_issue(
 
 @tokens_app.command("list")
 def tokens_list(config: ConfigOpt) -> None:
+    """Issued tokens by id and owner (the secrets are not kept, so not shown)."""
     ctx = _ctx(config)
     t = Table(title=f"API tokens of {ctx.node_id}")
     for col in ("id", "owner", "roles", "created", "revoked"):
@@ -200,6 +202,7 @@ def tokens_list(config: ConfigOpt) -> None:
 
 @tokens_app.command("revoke")
 def tokens_revoke(config: ConfigOpt, token_id: str) -> None:
+    """Revoke a token by its id: the next request with it gets 401."""
     _accounts(_ctx(config)).revoke_token(token_id, by=cli_actor())
     out.print(f"revoked {token_id}")
 
