@@ -54,6 +54,7 @@ def _select(
     outcome: str | None,
     packet_id: str | None,
     actor: str | None = None,
+    kind: str | None = None,
 ) -> Select[Any]:
     stmt = select(_audit.c.seq, _audit.c.resource, _audit.c.prev_hash, _audit.c.hash)
     if (start := _utc(since, "since")) is not None:
@@ -65,7 +66,8 @@ def _select(
         stmt = stmt.where(_audit.c.patient_hash.startswith(patient_hash, autoescape=True))
         patient_hash = None
     for column, value in (("patient_hash", patient_hash), ("peer", peer), ("action", action),
-                          ("outcome", outcome), ("packet_id", packet_id), ("actor", actor)):
+                          ("outcome", outcome), ("packet_id", packet_id), ("actor", actor),
+                          ("kind", kind)):
         if value is not None:
             stmt = stmt.where(_audit.c[column] == value)
     return stmt
@@ -91,11 +93,12 @@ def export(
     outcome: str | None = None,
     packet_id: str | None = None,
     actor: str | None = None,
+    kind: str | None = None,
 ) -> int:
     """Write matching records to ``out`` in seq order, streaming; returns how many."""
     if fmt not in ("ndjson", "csv"):
         raise ValueError(f"export format must be ndjson or csv, got {fmt!r}")
-    stmt = _select(since, until, patient_hash, peer, action, outcome, packet_id, actor)
+    stmt = _select(since, until, patient_hash, peer, action, outcome, packet_id, actor, kind)
     result = conn.execute(stmt.order_by(_audit.c.seq).execution_options(yield_per=_BATCH))
     count = 0
     try:
@@ -151,6 +154,7 @@ def query(
     newest_first: bool = True,
     actor: str | None = None,
     before_seq: int | None = None,
+    kind: str | None = None,
 ) -> list[dict[str, Any]]:
     """One page of matching records as flat dicts (keys ``CSV_COLUMNS``), for the web pages."""
     if not 1 <= limit <= MAX_LIMIT:
@@ -158,7 +162,7 @@ def query(
     if offset < 0:
         raise ValueError("offset must be >= 0")
     order = _audit.c.seq.desc() if newest_first else _audit.c.seq
-    stmt = _select(since, until, patient_hash, peer, action, outcome, packet_id, actor)
+    stmt = _select(since, until, patient_hash, peer, action, outcome, packet_id, actor, kind)
     if before_seq is not None:  # keyset paging: the page after the one ending at before_seq
         stmt = stmt.where(_audit.c.seq < before_seq)
     rows = conn.execute(stmt.order_by(order).limit(limit).offset(offset))
@@ -171,9 +175,9 @@ __all__ = ["CHAIN_EXTENSION", "CSV_COLUMNS", "MAX_LIMIT", "export", "query", "un
 def count(conn: Connection, *, since: datetime | None = None, until: datetime | None = None,
           patient_hash: str | None = None, peer: str | None = None, action: str | None = None,
           outcome: str | None = None, packet_id: str | None = None,
-          actor: str | None = None) -> int:
+          actor: str | None = None, kind: str | None = None) -> int:
     """How many records match (the pages say how many there are, not just how many shown)."""
     from sqlalchemy import func
 
-    stmt = _select(since, until, patient_hash, peer, action, outcome, packet_id, actor)
+    stmt = _select(since, until, patient_hash, peer, action, outcome, packet_id, actor, kind)
     return conn.execute(select(func.count()).select_from(stmt.subquery())).scalar() or 0

@@ -1,34 +1,30 @@
 """Auditor pages: the exchange log with filters, the chain's verification, export.
 
-Filters: time (since inclusive, until exclusive; Beijing time unless an offset is typed),
-member (the peer of the exchange), kind, action, outcome, patient hash. The log holds keyed
-patient hashes only, never names. Export streams the same selection as CSV (with a BOM for
+Filters: time (since inclusive, until exclusive; bridge.timeinput's rule), member (the peer
+of the exchange), kind, action, outcome, patient hash (or the ID-number lookup), actor; counts
+and keyset pages. The log holds keyed patient hashes only, never names. Export streams the same selection as CSV (with a BOM for
 Excel) or FHIR AuditEvent ndjson carrying the chain hashes.
 """
 
 from __future__ import annotations
 
-import csv
 import io
 from collections.abc import Iterable
 from typing import Any
 from urllib.parse import urlencode
 
-import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import RedirectResponse, Response
 from sqlalchemy import select
 
-from bridge.audit.events import event_fields
-from bridge.audit.export import CSV_COLUMNS, MAX_LIMIT
+from bridge.audit.events import AuditEntry
+from bridge.audit.export import count as count_audit
 from bridge.audit.export import export as export_audit
 from bridge.audit.export import query as query_audit
 from bridge.audit.tables import AuditRecord
-from bridge.web.i18n import t
-from bridge.audit.events import AuditEntry
-from bridge.audit.export import count as count_audit
 from bridge.privacy import patient_hash
 from bridge.timeinput import TIME_RULE
+from bridge.web.i18n import t
 from bridge.web.layout import Web, e, fmt_time, parse_time, read_form, table
 
 FILTERS = ("since", "until", "peer", "kind", "action", "outcome", "patient_hash", "actor")
@@ -47,32 +43,6 @@ def audit_filters(request: Request) -> tuple[dict[str, Any], str | None]:
         if q.get(k):
             out[k] = parse_time(q[k])
     return out, (q.get("kind") or "").strip() or None
-
-
-def export_filtered(conn: Any, out: io.StringIO, fmt: str, kind: str | None,
-                    **filters: Any) -> int:
-    """``audit.export`` plus a kind filter (kind is inside the AuditEvent, not a column)."""
-    if kind is None:
-        return export_audit(conn, out, fmt=fmt, **filters)  # type: ignore[arg-type]
-    buf = io.StringIO(newline="")
-    export_audit(conn, buf, fmt=fmt, **filters)  # type: ignore[arg-type]
-    buf.seek(0)
-    n = 0
-    if fmt == "csv":
-        reader = csv.reader(buf)
-        writer = csv.writer(out)
-        writer.writerow(next(reader))
-        at = CSV_COLUMNS.index("kind")
-        for row in reader:
-            if row[at] == kind:
-                writer.writerow(row)
-                n += 1
-    else:
-        for line in buf:
-            if line.strip() and event_fields(orjson.loads(line)).get("kind") == kind:
-                out.write(line)
-                n += 1
-    return n
 
 
 #: a filter that does not parse (ValueError texts quote the input, so they are not shown)
@@ -102,13 +72,10 @@ def auditor_routes(web: Web) -> APIRouter:
         result = web.node.chain_watch.check(full=q.get("verify") == "full")
         before = q.get("before") if not error else None
         before_seq = int(before) if before and before.isdigit() and len(before) < 19 else None
-        with ctx.store.read() as conn:
-            rows = query_audit(conn, limit=MAX_LIMIT if kind else SHOWN, before_seq=before_seq,
-                               **filters)
-            total = count_audit(conn, **filters) if not kind else None
+        with ctx.store.read() as conn:  # kind is a column too: no filtering after the query
+            rows = query_audit(conn, limit=SHOWN, before_seq=before_seq, kind=kind, **filters)
+            total = count_audit(conn, kind=kind, **filters)
             actions = sorted(a for (a,) in conn.execute(select(AUDIT.c.action).distinct()))
-        if kind:
-            rows = [r for r in rows if r["kind"] == kind][:SHOWN]
         # the auditor's own searches are recorded too (one entry, no patient: hashes only)
         web.audit_read(request, role, [], "/ui/audit?" + "&".join(
             f"{k}={v}" for k, v in request.query_params.items() if k in FILTERS)[:250],
@@ -188,8 +155,7 @@ def auditor_routes(web: Web) -> APIRouter:
         body = (f'<h3>{e(t(lang, "chain"))}</h3>{chain}'
                 + (f'<p class="bad">{e(error)}</p>' if error else "")
                 + lookup + form + f'<p class="noprint count">{links} &nbsp; <small>'
-                + (f'<span class="total">{total}</span> {e(t(lang, "matching"))}, '
-                   if total is not None else "")
+                + f'<span class="total">{total}</span> {e(t(lang, "matching"))}, '
                 + f'{len(rows)} {e(t(lang, "shown"))}</small></p>' + log)
         return web.page(request, t(lang, "audit"), body, role=role,
                         status=400 if error else 200)
@@ -207,7 +173,7 @@ def auditor_routes(web: Web) -> APIRouter:
             return Response(BAD_FILTER, status_code=400)
         buf = io.StringIO(newline="")
         with ctx.store.read() as conn:  # a long export must not hold the write lock
-            n = export_filtered(conn, buf, fmt, kind, **filters)
+            n = export_audit(conn, buf, fmt=fmt, kind=kind, **filters)  # type: ignore[arg-type]
         with ctx.store.write() as conn:
             # the export itself is audited (after the rows it carries: it is not in itself)
             shown = "&".join(f"{k}={q_}" for k, q_ in request.query_params.items()
