@@ -8,6 +8,7 @@
 3. ``results.py``: LIS ORU^R01 -> validated, stored FHIR, messages/s (in-process and over MLLP).
 4. ``growth.py``: packets/s A -> B with 10 k, 100 k and 1 M packets already in both stores.
 5. ``search.py``: local FHIR API searches/s on stores of growing size.
+6. ``messages.py``: the message browser's patient search and keyset paging over 1 M packets.
 Peak RSS (VmHWM) of both node processes is read in every exchange run. One throwaway
 PostgreSQL cluster (or ``HUTONG_PG_DSN``) serves every PostgreSQL section.
 
@@ -41,6 +42,8 @@ from growth import growth
 from relay import relay
 from scaleout import scaleout
 from search import search
+
+from messages import messages  # noqa: I001 - bench/ modules by name, like the others
 
 
 def machine() -> dict[str, Any]:
@@ -112,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="packets in the store, comma list")
     p.add_argument("--search", default="10000,100000,1000000",
                    help="FHIR resources in the store, comma list")
+    p.add_argument("--messages", default="1000000",
+                   help="packet counts for the message browser section, comma list")
     p.add_argument("--only", help="run only these sections, comma list (e.g. growth,search)")
     p.add_argument("--json", type=Path, help="result file (default bench/results/<date>.json)")
     args = p.parse_args(argv)
@@ -143,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         ("growth", lambda root: growth(root, _levels(args.growth), 2000)),
         ("search", lambda root: search(root, _levels(args.search))),
         ("relay", lambda root: relay(root)),
+        ("messages", lambda root: messages(root, _levels(args.messages))),
     ]
     try:
         for name, func in steps:
@@ -288,6 +294,16 @@ def summary(results: dict[str, Any]) -> None:
         t.add_row(f"{r['steady_pps']:.0f}", f"{r['wall_pps']:.0f}", str(r["received_once"]),
                   str(r["duplicates"]), f"{r['p50_ms']:.0f} / {r['p99_ms']:.0f}",
                   f"{r['platform_cpu']:.0%}", _f(r["platform_rss_mib"]))
+        ex.console.print(t)
+    if results.get("messages"):
+        t = ex._table("message browser (SQLite, in-process): a patient's packets across "
+                      "outbox/inbox/quarantine, and keyset pages",
+                      ["packets", "patient p50 / p95 / max ms", "first page ms",
+                       "page 200 ms", "db MB"])
+        for r in results["messages"]:
+            t.add_row(f"{r['packets']:,}", f"{r['patient_p50_ms']:.1f} / "
+                      f"{r['patient_p95_ms']:.1f} / {r['patient_max_ms']:.1f}",
+                      f"{r['first_page_ms']:.1f}", f"{r['page_200_ms']:.1f}", f"{r['db_mb']:.0f}")
         ex.console.print(t)
     t = ex._table(f"elapsed seconds by section ({results['elapsed_s']:.0f} s in all)",
                   ["section", "seconds", "share"])

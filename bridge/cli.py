@@ -31,6 +31,9 @@ app.add_typer(audit_app, name="audit")
 app.add_typer(keys_app, name="keys")
 app.add_typer(config_app, name="config")
 app.add_typer(mapping_app, name="mapping")
+from bridge.people_cli import register as _register_people  # noqa: E402 - users, tokens, messages
+
+_register_people(app, audit_app)
 
 out = Console()
 # errors: one line each, exactly as written (no hard wrap at 80 columns, no markup parsing)
@@ -51,19 +54,28 @@ def _ctx(config: Path) -> Any:
     return NodeContext.open(_plan(config))
 
 
-def _when(text: str | None) -> datetime | None:
+def _when(text: str | None, ctx: Any = None) -> datetime | None:
+    """A typed time by the one rule of bridge.timeinput: an offset, a date alone or a relative
+    form (-2h, yesterday); without an offset, the node's display zone (as on the pages)."""
     if not text:
         return None
-    from datetime import UTC
+    from bridge.people_cli import when
 
-    try:
-        t = datetime.fromisoformat(text)
-    except ValueError:
-        from bridge.errors import CliInputError
+    if ctx is None:
+        from bridge.timeinput import TIME_RULE, parse_when, zone
 
-        raise CliInputError(f"{text!r} is not a date or time; write 2026-11-20 or "
-                            "2026-11-20T08:00:00+08:00") from None
-    return t if t.tzinfo else t.replace(tzinfo=UTC)
+        try:
+            return parse_when(text, zone(None))
+        except ValueError:
+            raise HutongError(TIME_RULE) from None
+    return when(text, ctx)
+
+
+def _shown(value: datetime | None, ctx: Any) -> str:
+    """A time for people: the node's display zone, with its offset."""
+    from bridge.timeinput import show, zone
+
+    return show(value, zone(ctx.plan.web.display_zone)) if value is not None else "-"
 
 
 @app.command()
@@ -192,7 +204,7 @@ def quarantine_list(
     for col in ("id", "at", "source", "code", "from", "kind", "state", "reason"):
         t.add_column(col)
     for r in rows:
-        t.add_row(str(r["id"]), r["at"].strftime("%Y-%m-%d %H:%M:%S"), r["source"], r["code"],
+        t.add_row(str(r["id"]), _shown(r["at"], ctx), r["source"], r["code"],
                   r["sender"] or "-", r["kind"] or "-", r["state"], r["message"][:70])
     out.print(t)
 
@@ -382,11 +394,15 @@ def audit_accept_restore(
 @audit_app.command("export")
 def audit_export(
     config: ConfigOpt,
-    since: Annotated[str | None, typer.Option(help="ISO time, UTC if no zone")] = None,
+    since: Annotated[str | None, typer.Option(
+        help="2026-12-01, 2026-12-01T08:00(+08:00), -2h, yesterday; no offset: display zone")
+    ] = None,
     until: Annotated[str | None, typer.Option()] = None,
     fmt: Annotated[str, typer.Option("--format", help="ndjson|csv")] = "ndjson",
     patient: Annotated[str | None, typer.Option(help="patient hash")] = None,
     output: Annotated[Path | None, typer.Option("--out", "-o")] = None,
+    actor: Annotated[str | None, typer.Option(help="user:<name>, client:<name>, role:<r>")] = None,
+    action: Annotated[str | None, typer.Option(help="read, login, export, ...")] = None,
 ) -> None:
     """Write the audit trail for an auditor (patients appear only as keyed hashes)."""
     from bridge.audit.export import export
@@ -396,9 +412,16 @@ def audit_export(
     ctx = _ctx(config)
     stream = open(output, "w", encoding="utf-8", newline="") if output else sys.stdout  # noqa: SIM115 - closed below unless stdout
     try:
-        with ctx.store.read() as conn:
-            export(conn, stream, since=_when(since), until=_when(until), fmt=fmt,
-                   patient_hash=patient)
+        with ctx.store.read() as conn:  # a long export must not hold the write lock
+            n = export(conn, stream, since=_when(since, ctx), until=_when(until, ctx), fmt=fmt,
+                       patient_hash=patient, actor=actor, action=action)
+        from bridge.audit.events import AuditEntry
+        from bridge.people_cli import cli_actor
+
+        with ctx.store.write() as conn:
+            ctx.audit.append(conn, [AuditEntry(  # the export itself is audited
+                action="export", actor=cli_actor(), at=ctx.now(),
+                message=f"audit export {fmt}", extra={"rows": n})])
     finally:
         if output:
             stream.close()

@@ -31,7 +31,7 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import Connection, and_, or_, select
 from starlette.responses import Response
 
-from bridge.api.auth import role_of
+from bridge.api.auth import actor_of, principal_of, who
 from bridge.api.capability import AUDIT_TYPE, CLINICAL_TYPES, UPDATABLE, capability_statement
 from bridge.api.fhir_http import (
     etag,
@@ -86,19 +86,22 @@ class WorkflowUnavailable(HutongError):
 
 
 def _role(request: Request) -> str:
-    return role_of(request.app.state.tokens, request.headers.get("authorization"))
+    """The caller's first role (401 without a good token); personal tokens name the person
+    on ``request.state.principal`` (bridge.api.auth)."""
+    return principal_of(request).roles[0]
 
 
 def _allowed(request: Request, rtype: str) -> str:
     """The caller's role, if it may read ``rtype``: 401 without a good token, then 404, 403."""
-    role = _role(request)
+    principal = principal_of(request)
     needed = ROLE_FOR.get(rtype)
     if needed is None:
         raise NotFound("this resource type is not served here")
-    if role != needed:
+    if principal.acting((needed,)) is None:
         what = "the audit log" if rtype == AUDIT_TYPE else "clinical resources"
-        raise Forbidden(f"role '{role}' may not read {what} (minimum necessary)")
-    return role
+        raise Forbidden(f"role '{','.join(principal.roles)}' may not read {what} "
+                        "(minimum necessary)")
+    return needed
 
 
 def _base(request: Request) -> str:
@@ -209,7 +212,9 @@ def fhir_router(node: Node) -> APIRouter:
     def audited(role: str, request: Request, seen: list[tuple[str, str | None]],
                 conn: Connection) -> None:
         query = redacted_query(request.url.path, request.url.query)
-        ctx.audit.append(conn, read_entries(role, query, seen, ctx.now()))
+        interaction = "read" if request.path_params.get("rid") else "search-type"
+        ctx.audit.append(conn, read_entries(role, query, seen, ctx.now(),
+                                            interaction=interaction, **who(request, role)))
 
     @router.get("/metadata", responses=answers("CapabilityStatement"))
     def metadata(request: Request) -> Response:
@@ -333,10 +338,10 @@ def fhir_router(node: Node) -> APIRouter:
         return dict(wf.move(rid, task, actor, if_match=version))
 
     def writer(request: Request) -> str:
-        role = _role(request)
-        if role != WRITER:
-            raise Forbidden(f"role '{role}' may not change referrals")
-        return role
+        principal = principal_of(request)
+        if principal.acting((WRITER,)) is None:
+            raise Forbidden(f"role '{','.join(principal.roles)}' may not change referrals")
+        return WRITER
 
     @router.post("", responses=answers("Bundle", 403, 404, 412, 415, 501),
                  openapi_extra=fhir_body("Bundle"))
@@ -354,7 +359,7 @@ def fhir_router(node: Node) -> APIRouter:
                 for e in entries]} if isinstance(entries, list) else bundle)
         else:
             checked(validate_bundle, bundle)
-        actor = f"role:{role}"
+        actor = actor_of(request, role)
 
         def move_task(rid: str, task: dict[str, Any], version: int | None) -> dict[str, Any]:
             checked(validate_resource, task)
@@ -378,7 +383,7 @@ def fhir_router(node: Node) -> APIRouter:
         before = task.get("meta", {}).get("versionId") if isinstance(task.get("meta"),
                                                                        dict) else None
         result = await run_in_threadpool(
-            lambda: update_task(rid, task, f"role:{role}", version))
+            lambda: update_task(rid, task, actor_of(request, role), version))
         at = _instant(result)
         same = before is not None and str(before) == str(result["meta"]["versionId"])
         what = (f"Task/{rid} unchanged at version {result['meta']['versionId']}" if same else

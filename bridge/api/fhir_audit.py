@@ -90,9 +90,12 @@ def _names(refs: Sequence[str]) -> str:
 
 
 def read_entries(role: str, query: str, seen: Iterable[tuple[str, str | None]],
-                 at: datetime) -> list[AuditEntry]:
+                 at: datetime, *, actor: str | None = None, actor_role: str | None = None,
+                 address: str | None = None, interaction: str | None = None,
+                 message: str = "FHIR API read") -> list[AuditEntry]:
     """One ``read`` entry per distinct patient hash among ``seen`` (``Type/id``, hash) pairs;
-    an empty result still records who searched for what."""
+    an empty result still records who searched for what. ``actor`` names the person or client
+    (default: the shared ``role:<role>``); ``query`` says what was asked or shown."""
     by_patient: dict[str | None, list[str]] = {}
     for ref, phash in seen:
         if phash is not None and not _HASH_RE.fullmatch(phash):
@@ -103,8 +106,10 @@ def read_entries(role: str, query: str, seen: Iterable[tuple[str, str | None]],
     if not by_patient:
         by_patient[None] = []
     return [
-        AuditEntry(action="read", actor=f"role:{role}", patient_hash=phash, at=at,
-                   message="FHIR API read", extra={
+        AuditEntry(action="read", actor=actor or f"role:{role}", patient_hash=phash, at=at,
+                   actor_role=actor_role or role, address=address,
+                   interaction=interaction or ("search-type" if "?" in query else "read"),
+                   message=message, extra={
                        "query": query, "resources": _names(refs) or None,
                        "resource_count": len(refs)})
         for phash, refs in by_patient.items()

@@ -28,7 +28,7 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from bridge.api.auth import role_of
+from bridge.api.auth import principal_of
 from bridge.api.fhir_search import safe_name
 from bridge.api.outcome import BadRequest, FhirResponse, FhirRoute, fhir_body, fhir_json
 from bridge.api.outcome import fhir_responses as answers
@@ -137,7 +137,7 @@ def terminology_router(node: Node) -> APIRouter:
         return state["maps"]
 
     def authorised(request: Request) -> None:
-        role_of(request.app.state.tokens, request.headers.get("authorization"))
+        principal_of(request)
 
     def base(request: Request) -> str:
         return str(request.base_url).rstrip("/") + "/fhir"

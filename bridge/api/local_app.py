@@ -16,7 +16,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel
 
 from bridge import ops
-from bridge.api.auth import AnyRole, ClinicianRole, ITRole, SenderRole
+from bridge.api.auth import AnyRole, ClinicianRole, ITRole, SenderRole, actor_of, who
 from bridge.api.body_limit import LocalBodyGuard
 from bridge.api.docs import docs_router
 from bridge.api.fhir_api import fhir_router
@@ -71,7 +71,9 @@ def create_local_app(node: Node) -> FastAPI:
     # the docs page is served from the installed Swagger UI package (bridge.api.docs)
     app = FastAPI(title=f"Hutong node {ctx.node_id}", docs_url=None, redoc_url=None,
                   swagger_ui_oauth2_redirect_url=None)
-    app.state.tokens = dict(ctx.plan.tokens)
+    # the shared per-role tokens log in and call the API only while [web] shared_role_tokens
+    # is on (one release, flagged on the accounts page); personal tokens: bridge.accounts
+    app.state.tokens = dict(ctx.plan.tokens) if ctx.plan.web.shared_role_tokens else {}
     app.state.node = node
     limits = ctx.plan.limits
     # /fhir formats (406/415), HEAD and trailing slashes; inside the guard: token first
@@ -105,13 +107,13 @@ def create_local_app(node: Node) -> FastAPI:
         return {"status": "ok", "node": ctx.node_id, "role": ctx.plan.role}
 
     @app.post("/local/v1/packets", responses=errs(400, 401, 403))
-    async def send(items: list[PacketIn], role: SenderRole) -> dict[str, Any]:
+    async def send(items: list[PacketIn], role: SenderRole, request: Request) -> dict[str, Any]:
         check_sender_kinds(role, [i.kind for i in items])
         outgoing = [Outgoing(i.to, i.kind, orjson.dumps(i.bundle), i.thread) for i in items]
 
         def work() -> list[Any]:
             with ctx.store.write() as conn:
-                return queue_packets(ctx, conn, outgoing, actor=f"role:{role}")
+                return queue_packets(ctx, conn, outgoing, actor=actor_of(request, role))
 
         results = await run_in_threadpool(work)
         node.wake_all_senders()
@@ -130,8 +132,8 @@ def create_local_app(node: Node) -> FastAPI:
         return ops.queue_summary(ctx)
 
     @app.post("/local/v1/outbox/retry", responses=errs(401, 403))
-    def retry(role: ITRole, peer: str | None = None) -> dict[str, int]:
-        n = ops.outbox_retry(ctx, peer=peer, actor=f"role:{role}")
+    def retry(role: ITRole, request: Request, peer: str | None = None) -> dict[str, int]:
+        n = ops.outbox_retry(ctx, peer=peer, actor=actor_of(request, role))
         node.wake_all_senders()
         return {"requeued": n}
 
@@ -141,8 +143,9 @@ def create_local_app(node: Node) -> FastAPI:
             return quarantine.list_items(conn, state=state)
 
     @app.post("/local/v1/quarantine/{item_id}/replay", responses=errs(401, 403, 404))
-    def replay(item_id: int, role: ITRole) -> dict[str, Any]:
-        ok, result = ops.quarantine_replay(ctx, node.intake, item_id, actor=f"role:{role}",
+    def replay(item_id: int, role: ITRole, request: Request) -> dict[str, Any]:
+        ok, result = ops.quarantine_replay(ctx, node.intake, item_id,
+                                           actor=actor_of(request, role),
                                            adapters=node.adapters)
         node.wake_all_senders()
         node.wake("deliver")
@@ -158,18 +161,20 @@ def create_local_app(node: Node) -> FastAPI:
         return node.workflow.list(status=status)
 
     @app.post("/local/v1/referrals", responses=errs(400, 401, 403, 409))
-    async def submit(bundle: dict[str, Any], role: ClinicianRole) -> dict[str, Any]:
+    async def submit(bundle: dict[str, Any], role: ClinicianRole,
+                     request: Request) -> dict[str, Any]:
         """A new referral (or a return) as a FHIR transaction Bundle; same as POST /fhir."""
         validate_bundle(bundle)
-        return await run_in_threadpool(node.workflow.submit, bundle, f"role:{role}")
+        return await run_in_threadpool(node.workflow.submit, bundle, actor_of(request, role))
 
     @app.post("/local/v1/referrals/{thread}/steps/{event}",
               responses=errs(400, 401, 403, 404, 409))
     async def take_step(thread: str, event: str, body: StepIn,
-                        role: ClinicianRole) -> dict[str, Any]:
+                        role: ClinicianRole, request: Request) -> dict[str, Any]:
         """accept (with slip outputs) / reject / arrive / cancel (with a reason)."""
         return await run_in_threadpool(
-            lambda: node.workflow.step(thread, event, f"role:{role}", reason=body.reason,
+            lambda: node.workflow.step(thread, event, actor_of(request, role),
+                                       reason=body.reason,
                                        outputs=body.outputs or None))
 
     @app.get("/local/v1/reminders", responses=errs(401))
@@ -178,7 +183,8 @@ def create_local_app(node: Node) -> FastAPI:
                 and r["status"] in ("requested", "received")]
 
     @app.get("/local/v1/patients/{patient_hash}/results", responses=errs(401, 403))
-    def patient_results(patient_hash: str, role: ClinicianRole) -> dict[str, Any]:
+    def patient_results(patient_hash: str, role: ClinicianRole,
+                        request: Request) -> dict[str, Any]:
         """Mutual-recognition view (结果互认): the patient's results known here, with where and
         when each was produced (bridge/results/recognition.py). The read is audited."""
         from bridge.api.fhir_audit import read_entries
@@ -189,7 +195,10 @@ def create_local_app(node: Node) -> FastAPI:
                                 directory=ctx.plan.directory)
             ctx.audit.append(conn, read_entries(
                 role, f"/local/v1/patients/{patient_hash}/results",
-                [(i["report"], patient_hash) for i in items], ctx.now()))
+                # an empty answer is still a look at this patient
+                [(i["report"], patient_hash) for i in items] or [("results", patient_hash)],
+                ctx.now(),
+                interaction="search-type", **who(request, role)))
         return {"patient_hash": patient_hash, "node": ctx.node_id, "results": items}
 
     for adapter in node.adapters.values():  # an adapter may offer routes of its own (no import)

@@ -57,6 +57,13 @@ ACTIONS: dict[str, str] = {
     "checkpoint": "E",
 }
 
+#: AuditEvent.agent.role: the Hutong role a person or client acted in
+ROLE_SYSTEM = "http://hutong.dev/CodeSystem/role"
+#: R4 RESTful interactions (AuditEvent.subtype of a ``rest`` event)
+RESTFUL_SYSTEM = "http://hl7.org/fhir/restful-interaction"
+_REST_TYPE = {"system": "http://terminology.hl7.org/CodeSystem/audit-event-type", "code": "rest",
+              "display": "RESTful Operation"}
+
 _TYPE_DEFAULT = {"system": DCM, "code": "110100", "display": "Application Activity"}
 _TYPES: dict[str, dict[str, str]] = {
     "read": {"system": DCM, "code": "110112", "display": "Query"},
@@ -102,6 +109,13 @@ class AuditEntry:
     message: str | None = None
     at: datetime | None = None
     extra: dict[str, Any] | None = None
+    #: who acted, beyond ``actor``: the role they acted in and the network address they came
+    #: from (AuditEvent.agent.role / agent.network); set for people and API clients
+    actor_role: str | None = None
+    address: str | None = None
+    #: a FHIR RESTful interaction (read, search-type, ...): the event is then typed ``rest``
+    #: with this subtype as well, as R4 asks of a RESTful read or query
+    interaction: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.action, str) or not _ACTION_RE.fullmatch(self.action):
@@ -121,6 +135,9 @@ class AuditEntry:
         self.actor = _one_line("actor", self.actor, _MAX_TEXT)
         self.code = _one_line("code", self.code, _MAX_CODE)
         self.message = _one_line("message", self.message, _MAX_MESSAGE)
+        self.actor_role = _one_line("actor_role", self.actor_role, _MAX_CODE)
+        self.address = _one_line("address", self.address, _MAX_CODE)
+        self.interaction = _one_line("interaction", self.interaction, _MAX_CODE)
         if self.at is None:
             self.at = datetime.now(UTC)
         elif self.at.tzinfo is None or self.at.utcoffset() is None:
@@ -187,14 +204,23 @@ def to_audit_event(entry: AuditEntry, node_id: str, seq: int) -> dict[str, Any]:
         {"who": {"identifier": node}, "requestor": True}
     ]
     if entry.actor:
-        agents.append({"who": {"identifier": {"system": ACTOR_SYSTEM, "value": entry.actor}},
-                       "requestor": True})
+        person: dict[str, Any] = {
+            "who": {"identifier": {"system": ACTOR_SYSTEM, "value": entry.actor}},
+            "requestor": True}
+        if entry.actor_role:
+            person["role"] = [{"coding": [{"system": ROLE_SYSTEM, "code": entry.actor_role}]}]
+        if entry.address:
+            person["network"] = {"address": entry.address, "type": "2"}  # IP address
+        agents.append(person)
 
+    subtype = [{"system": ACTION_SYSTEM, "code": entry.action}]
+    if entry.interaction:
+        subtype.append({"system": RESTFUL_SYSTEM, "code": entry.interaction})
     event: dict[str, Any] = {
         "resourceType": "AuditEvent",
         "extension": extensions,
-        "type": _TYPES.get(entry.action, _TYPE_DEFAULT),
-        "subtype": [{"system": ACTION_SYSTEM, "code": entry.action}],
+        "type": _REST_TYPE if entry.interaction else _TYPES.get(entry.action, _TYPE_DEFAULT),
+        "subtype": subtype,
         "action": ACTIONS.get(entry.action, "E"),
         "recorded": instant(entry.at),
         "outcome": entry.outcome,
@@ -272,4 +298,32 @@ def event_fields(event: dict[str, Any]) -> dict[str, Any]:
             out["message"] = desc[len(prefix):]
         elif desc != out["code"]:
             out["message"] = desc
+    return out
+
+
+def who_fields(event: dict[str, Any]) -> dict[str, Any]:
+    """What ``event_fields`` leaves out about the person: ``actor_role``, ``address``,
+    ``interaction`` (the RESTful subtype), ``shown`` (the page or query) and ``resources``
+    (the ``Type/id`` list shown)."""
+    out: dict[str, Any] = dict.fromkeys(("actor_role", "address", "interaction", "shown",
+                                         "resources"))
+    for coding in event.get("subtype", ()):
+        if coding.get("system") == RESTFUL_SYSTEM:
+            out["interaction"] = coding.get("code")
+    for agent in event.get("agent", ()):
+        if agent.get("who", {}).get("identifier", {}).get("system") != ACTOR_SYSTEM:
+            continue
+        for role in agent.get("role", ()):
+            for coding in role.get("coding", ()):
+                if coding.get("system") == ROLE_SYSTEM:
+                    out["actor_role"] = coding.get("code")
+        out["address"] = (agent.get("network") or {}).get("address")
+    for ext in event.get("extension", ()):
+        if ext.get("url") == EXTRA_EXTENSION:
+            parts = {p.get("url"): p for p in ext.get("extension", ())}
+            for key in ("query", "shown"):  # the page or API query, or what was opened
+                if key in parts:
+                    out["shown"] = parts[key].get("valueString")
+            if "resources" in parts:
+                out["resources"] = parts["resources"].get("valueString")
     return out

@@ -33,7 +33,7 @@ class AuditRecord(SQLModel, table=True):
     peer: str | None = Field(default=None, index=True)
     thread: str | None = None
     patient_hash: str | None = Field(default=None, index=True)  # keyed HMAC, never a name or ID
-    actor: str | None = None
+    actor: str | None = Field(default=None, index=True)  # "what did this person look at"
     resource: str = Field(sa_type=Text)  # canonical AuditEvent JSON (sorted keys), the hashed bytes
     prev_hash: str = Field(max_length=64)
     hash: str = Field(max_length=64)

@@ -341,6 +341,18 @@ class WebConfig(_Model):
 
     session_idle_s: PositiveFloat = 1800.0
     session_max_s: PositiveFloat = 12 * 3600.0
+    #: personal accounts (bridge.accounts): the zone every page and CLI shows times in
+    display_zone: NonEmpty = "Asia/Shanghai"
+    #: the shared per-role tokens of [tokens] still log in and call the API (one release);
+    #: flagged on the accounts page while on
+    shared_role_tokens: bool = True
+    #: failed logins in a row that lock an account, and for how long
+    lockout_after: PositiveInt = 5
+    lockout_s: PositiveFloat = 900.0
+    #: optional directory bind (ldap3): ``ldap://host:389``; the user DN is the template with
+    #: ``{user}`` replaced; roles still come from the node's own account row
+    ldap_url: str | None = None
+    ldap_user_dn: str | None = None
 
 
 #: identifier systems of the Chinese resident ID number (居民身份证号) as the code meets them:

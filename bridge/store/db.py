@@ -17,6 +17,7 @@ from sqlalchemy.exc import OperationalError
 from sqlmodel import SQLModel
 
 from bridge.errors import StoreError
+from bridge.accounts import tables as _account_tables  # noqa: F401
 from bridge.fhirstore import tables as _fhir_tables  # noqa: F401
 from bridge.local import tables as _local_tables  # noqa: F401
 from bridge.mapping import tables as _mapping_tables  # noqa: F401
@@ -98,6 +99,11 @@ class Store:
 
             with self._writer.begin() as conn:
                 upgrade_schema(conn)
+            with self._writer.begin() as conn:  # stores made before the audit's actor index
+                conn.execute(text("CREATE INDEX IF NOT EXISTS ix_audit_actor ON audit (actor)"))
+                from bridge.messages import ensure_indexes  # the message browser's searches
+
+                ensure_indexes(conn)
 
     @contextmanager
     def _schema_lock(self) -> Iterator[None]:

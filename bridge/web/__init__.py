@@ -1,10 +1,12 @@
 """Server-rendered web pages on the node's local port, by audience.
 
-``login`` (role tokens from the site config -> session), ``clinician`` (referral inbox and
+``login`` (personal accounts, or for one release the config's role tokens -> session), ``clinician`` (referral inbox and
 outbox, detail, step forms, discharge-and-return), ``slips`` (printable slips), ``auditor``
 (exchange log, chain status, export), ``it`` (alerts, peers, queues, quarantine, adapters,
-mapping gaps, rules), ``stats`` (the yearly-report table with SVG charts). ``layout`` holds the
-page frame; ``fhirview`` renders FHIR resources for people.
+mapping gaps, rules), ``stats`` (the yearly-report table with SVG charts), ``accounts``
+(people, roles and API tokens; admin), ``messages`` (the message browser; IT). ``layout``
+holds the page frame; ``fhirview`` renders FHIR resources for people. Every page that shows
+patient data audits the look by name (``Web.audit_read``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ if TYPE_CHECKING:
 def web_router(node: Node) -> APIRouter:
     """All /ui routes for one node; also registers the node's alert job (``bridge.alerts``)."""
     from bridge.alerts import Alerter
+    from bridge.web.accounts import account_routes
+    from bridge.web.messages import message_routes
     from bridge.web.auditor import auditor_routes
     from bridge.web.clinician import clinician_routes
     from bridge.web.it import it_routes
@@ -50,7 +54,8 @@ def web_router(node: Node) -> APIRouter:
     router.add_api_route("/static/dashboard.js", dashboard_script, methods=["GET"])
     router.include_router(dashboard_routes(web))  # the live part of /ui/it, pause/resume
     for part in (login_routes(web), clinician_routes(web), slip_routes(web),
-                 auditor_routes(web), it_routes(web, alerter), stats_routes(web)):
+                 auditor_routes(web), it_routes(web, alerter), stats_routes(web),
+                 account_routes(web), message_routes(web)):
         router.include_router(part)
     return router
 

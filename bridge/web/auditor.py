@@ -1,33 +1,33 @@
 """Auditor pages: the exchange log with filters, the chain's verification, export.
 
-Filters: time (since inclusive, until exclusive; Beijing time unless an offset is typed),
-member (the peer of the exchange), kind, action, outcome, patient hash. The log holds keyed
-patient hashes only, never names. Export streams the same selection as CSV (with a BOM for
+Filters: time (since inclusive, until exclusive; bridge.timeinput's rule), member (the peer
+of the exchange), kind, action, outcome, patient hash (or the ID-number lookup), actor; counts
+and keyset pages. The log holds keyed patient hashes only, never names. Export streams the same selection as CSV (with a BOM for
 Excel) or FHIR AuditEvent ndjson carrying the chain hashes.
 """
 
 from __future__ import annotations
 
-import csv
 import io
 from collections.abc import Iterable
 from typing import Any
 from urllib.parse import urlencode
 
-import orjson
 from fastapi import APIRouter, Request
-from fastapi.responses import Response
+from fastapi.responses import RedirectResponse, Response
 from sqlalchemy import select
 
-from bridge.audit.events import event_fields
-from bridge.audit.export import CSV_COLUMNS, MAX_LIMIT
+from bridge.audit.events import AuditEntry
+from bridge.audit.export import count as count_audit
 from bridge.audit.export import export as export_audit
 from bridge.audit.export import query as query_audit
 from bridge.audit.tables import AuditRecord
+from bridge.privacy import patient_hash
+from bridge.timeinput import TIME_RULE
 from bridge.web.i18n import t
-from bridge.web.layout import Web, e, fmt_time, parse_time, table
+from bridge.web.layout import Web, e, fmt_time, parse_time, read_form, table
 
-FILTERS = ("since", "until", "peer", "kind", "action", "outcome", "patient_hash")
+FILTERS = ("since", "until", "peer", "kind", "action", "outcome", "patient_hash", "actor")
 SHOWN = 500
 AUDIT = AuditRecord.__table__  # type: ignore[attr-defined]
 
@@ -36,7 +36,7 @@ def audit_filters(request: Request) -> tuple[dict[str, Any], str | None]:
     """(export/query filters, kind) from the query string; ValueError on a bad time."""
     q = request.query_params
     out: dict[str, Any] = {}
-    for k in ("peer", "action", "outcome", "patient_hash"):
+    for k in ("peer", "action", "outcome", "patient_hash", "actor"):
         if q.get(k):
             out[k] = q[k].strip()
     for k in ("since", "until"):
@@ -45,35 +45,9 @@ def audit_filters(request: Request) -> tuple[dict[str, Any], str | None]:
     return out, (q.get("kind") or "").strip() or None
 
 
-def export_filtered(conn: Any, out: io.StringIO, fmt: str, kind: str | None,
-                    **filters: Any) -> int:
-    """``audit.export`` plus a kind filter (kind is inside the AuditEvent, not a column)."""
-    if kind is None:
-        return export_audit(conn, out, fmt=fmt, **filters)  # type: ignore[arg-type]
-    buf = io.StringIO(newline="")
-    export_audit(conn, buf, fmt=fmt, **filters)  # type: ignore[arg-type]
-    buf.seek(0)
-    n = 0
-    if fmt == "csv":
-        reader = csv.reader(buf)
-        writer = csv.writer(out)
-        writer.writerow(next(reader))
-        at = CSV_COLUMNS.index("kind")
-        for row in reader:
-            if row[at] == kind:
-                writer.writerow(row)
-                n += 1
-    else:
-        for line in buf:
-            if line.strip() and event_fields(orjson.loads(line)).get("kind") == kind:
-                out.write(line)
-                n += 1
-    return n
-
-
 #: a filter that does not parse (ValueError texts quote the input, so they are not shown)
-BAD_FILTER = ("filter not understood: times are ISO 8601 (2026-11-20 or 2026-11-20T08:00), "
-              "a patient is a hash of hex digits")
+BAD_FILTER = ("filter not understood: " + TIME_RULE + "; a patient is a hash of hex digits "
+              "(or use the ID number lookup)")
 
 
 def auditor_routes(web: Web) -> APIRouter:
@@ -96,11 +70,17 @@ def auditor_routes(web: Web) -> APIRouter:
         # the whole chain is recomputed every alerts.chain_every_s or on request (?verify=full);
         # in between only the rows after the last full run are checked (bridge/audit/watch.py)
         result = web.node.chain_watch.check(full=q.get("verify") == "full")
-        with ctx.store.read() as conn:
-            rows = query_audit(conn, limit=MAX_LIMIT if kind else SHOWN, **filters)
+        before = q.get("before") if not error else None
+        before_seq = int(before) if before and before.isdigit() and len(before) < 19 else None
+        with ctx.store.read() as conn:  # kind is a column too: no filtering after the query
+            rows = query_audit(conn, limit=SHOWN, before_seq=before_seq, kind=kind, **filters)
+            total = count_audit(conn, kind=kind, **filters)
             actions = sorted(a for (a,) in conn.execute(select(AUDIT.c.action).distinct()))
-        if kind:
-            rows = [r for r in rows if r["kind"] == kind][:SHOWN]
+        # the auditor's own searches are recorded too (one entry, no patient: hashes only)
+        web.audit_read(request, role, [], "/ui/audit?" + "&".join(
+            f"{k}={v}" for k, v in request.query_params.items() if k in FILTERS)[:250],
+            interaction="search-type")
+        next_before = rows[-1]["seq"] if len(rows) >= SHOWN else None
         full_link = (f'<a class="noprint" href="/ui/audit?verify=full">'
                      f'{e(t(lang, "verify_full_now"))}</a>')
         if result.ok:
@@ -126,9 +106,9 @@ def auditor_routes(web: Web) -> APIRouter:
         kinds = sorted({k for r in plan.rules.describe() for k in r["kinds"] if k != "*"})
         outcomes = [(o, f'{o} {t(lang, "outcome_" + o)}') for o in ("0", "4", "8", "12")]
         form = (f'<form method="get" action="/ui/audit" class="inline noprint audit-filter">'
-                f'<label>{e(t(lang, "since"))} <input type="datetime-local" name="since" '
+                f'<label>{e(t(lang, "since"))} <input name="since" size="18" placeholder="2026-12-01 / -2h / yesterday" '
                 f'value="{e(q.get("since"))}"></label>'
-                f'<label>{e(t(lang, "until"))} <input type="datetime-local" name="until" '
+                f'<label>{e(t(lang, "until"))} <input name="until" size="18" placeholder="2026-12-01 / -2h / yesterday" '
                 f'value="{e(q.get("until"))}"></label>'
                 f'<label>{e(t(lang, "member"))} <select name="peer">'
                 f'{opts(members, q.get("peer"))}</select></label>'
@@ -140,26 +120,43 @@ def auditor_routes(web: Web) -> APIRouter:
                 f'{opts(outcomes, q.get("outcome"))}</select></label>'
                 f'<label>{e(t(lang, "patient_hash"))} <input name="patient_hash" size="20" '
                 f'value="{e(q.get("patient_hash"))}"></label>'
+                f'<label>{e(t(lang, "actor"))} <input name="actor" size="16" '
+                f'placeholder="user:…" value="{e(q.get("actor"))}"></label>'
                 f'<button type="submit">{e(t(lang, "filter"))}</button>'
-                f'<p><small>{e(t(lang, "time_hint"))}</small></p></form>')
+                f'<p><small>{e(t(lang, "time_rule"))}</small></p></form>')
         keep = {k: q[k] for k in FILTERS if q.get(k)}
         links = " ".join(
             f'<a class="export export-{fmt}" href="/ui/audit/export.{fmt}?{e(urlencode(keep))}"'
             f'>{e(t(lang, "export"))} {fmt.upper()}</a>' for fmt in ("csv", "ndjson"))
+        if next_before is not None:
+            links += (f' <a class="next-page" href="/ui/audit?'
+                      f'{e(urlencode({**keep, "before": next_before}))}">'
+                      f'{e(t(lang, "next_page"))} →</a>')
+        lookup = (f'<form method="post" action="/ui/audit/lookup" class="inline noprint lookup">'
+                  f'<label>{e(t(lang, "national_id"))} <input name="national_id" size="20" '
+                  f'autocomplete="off"></label><input type="hidden" name="back" value="audit">'
+                  f'<button type="submit">{e(t(lang, "who_looked"))}</button>'
+                  f'<p><small>{e(t(lang, "lookup_hint"))}</small></p></form>')
         log = table(
             [t(lang, "seq"), t(lang, "at"), t(lang, "action"), t(lang, "outcome"),
              t(lang, "kind"), t(lang, "member"), t(lang, "thread"), t(lang, "packet"),
-             t(lang, "patient_hash"), t(lang, "actor"), t(lang, "message")],
-            [[e(r["seq"]), e(r["at"]), e(r["action"]), e(r["outcome"]), e(r["kind"]),
-              e(r["peer"]), e(r["thread"]), e(r["packet_id"]),
+             t(lang, "patient_hash"), t(lang, "actor"), t(lang, "role"), t(lang, "address"),
+             t(lang, "shown_what"), t(lang, "message")],
+            [[e(r["seq"]), e(fmt_time(r["at"])), e(r["action"]),
+              e(r["outcome"]), e(r["kind"]), e(r["peer"]), e(r["thread"]), e(r["packet_id"]),
               f'<span title="{e(r["patient_hash"])}">{e((r["patient_hash"] or "")[:16])}</span>',
-              e(r["actor"]), e(" ".join(x for x in (r["code"], r["message"]) if x))]
+              (f'<a class="actor" href="/ui/audit?{e(urlencode({"actor": r["actor"]}))}">'
+               f'{e(r["actor"])}</a>' if r["actor"] else ""),
+              e(r["actor_role"]), e(r["address"]),
+              e(" ".join(x for x in (r["shown"], r["resources"]) if x)),
+              e(" ".join(x for x in (r["code"], r["message"]) if x))]
              for r in rows],
             t(lang, "none"), "audit")
         body = (f'<h3>{e(t(lang, "chain"))}</h3>{chain}'
                 + (f'<p class="bad">{e(error)}</p>' if error else "")
-                + form + f'<p class="noprint">{links} &nbsp; <small>{len(rows)} '
-                f'{e(t(lang, "shown"))}</small></p>' + log)
+                + lookup + form + f'<p class="noprint count">{links} &nbsp; <small>'
+                + f'<span class="total">{total}</span> {e(t(lang, "matching"))}, '
+                + f'{len(rows)} {e(t(lang, "shown"))}</small></p>' + log)
         return web.page(request, t(lang, "audit"), body, role=role,
                         status=400 if error else 200)
 
@@ -175,8 +172,16 @@ def auditor_routes(web: Web) -> APIRouter:
         except ValueError:
             return Response(BAD_FILTER, status_code=400)
         buf = io.StringIO(newline="")
-        with ctx.store.read() as conn:
-            export_filtered(conn, buf, fmt, kind, **filters)
+        with ctx.store.read() as conn:  # a long export must not hold the write lock
+            n = export_audit(conn, buf, fmt=fmt, kind=kind, **filters)  # type: ignore[arg-type]
+        with ctx.store.write() as conn:
+            # the export itself is audited (after the rows it carries: it is not in itself)
+            shown = "&".join(f"{k}={q_}" for k, q_ in request.query_params.items()
+                             if k in FILTERS)[:250]
+            ctx.audit.append(conn, [AuditEntry(
+                action="export", actor=web.actor(request, role), actor_role=role,
+                address=request.client.host if request.client else None, at=ctx.now(),
+                message=f"audit export {fmt}", extra={"rows": n, "filters": shown or None})])
         data = buf.getvalue().encode()
         if fmt == "csv":
             data = b"\xef\xbb\xbf" + data  # BOM so Excel reads the Chinese text
@@ -184,5 +189,25 @@ def auditor_routes(web: Web) -> APIRouter:
         stamp = ctx.now().strftime("%Y%m%dT%H%M%SZ")
         return Response(data, media_type=media, headers={
             "Content-Disposition": f'attachment; filename="audit-{plan.node_id}-{stamp}.{fmt}"'})
+
+    @router.post("/audit/lookup")
+    async def lookup(request: Request) -> Response:
+        """A national ID number typed by an auditor (or IT): its keyed hash, computed here and
+        put in the filter; the typed value is neither stored, logged nor sent back."""
+        role = web.gate(request, "auditor", "it")
+        if not isinstance(role, str):
+            return role
+        form = await read_form(request)
+        typed = form.get("national_id", "").strip()
+        back = "/ui/messages" if form.get("back") == "messages" else "/ui/audit"
+        if back == "/ui/audit" and role != "auditor":
+            back = "/ui/messages"
+        if not typed:
+            return RedirectResponse(back, status_code=303)
+        phash = patient_hash(plan.patient_hash_key, typed)
+        del typed, form
+        keep = {"patient_hash": phash, **({"action": "read"} if back == "/ui/audit" else {})}
+        return RedirectResponse(f"{back}?{urlencode(keep)}",
+                                status_code=303)
 
     return router

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from typing import Any
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
@@ -16,11 +17,14 @@ from sqlalchemy import select
 
 from bridge.errors import HutongError, InvalidResource, NotFound
 from bridge.fhirstore import store
+from bridge.privacy import patient_hash
 from bridge.referral.states import check
 from bridge.referral.tables import REFERRAL, REFERRAL_STEP
 from bridge.web import fhirview as fv
-from bridge.web.i18n import kind_name, pilot_name, status_name, step_name, t
-from bridge.web.layout import Web, e, fmt_time, read_form, table
+from bridge.timeinput import TIME_RULE
+from bridge.web import referral_list
+from bridge.web.i18n import STATUS, kind_name, pilot_name, status_name, step_name, t
+from bridge.web.layout import Web, e, fmt_time, parse_time, read_form, table
 from bridge.web.returns import return_bundle
 from bridge.web.words import actor_name, event_name, priority_name
 
@@ -86,6 +90,15 @@ def patient_imaging(web: Web, patient_hash: str | None, limit: int = 20) -> list
     return out
 
 
+def shown_refs(d: dict[str, Any]) -> list[tuple[str, str | None]]:
+    """What a referral page shows, as (``Type/id``, patient hash) for its audit entry."""
+    phash = d["row"].get("patient_hash")
+    refs = [f'Task/{d["row"]["task_id"]}', f'ServiceRequest/{d["row"]["sr_id"]}']
+    if d["patient"] is not None:
+        refs.append(f'Patient/{d["patient"].get("id")}')
+    return [(r, phash) for r in refs]
+
+
 def allowed(row: dict[str, Any], event: str) -> bool:
     try:
         check(event, row["status"], row["side"])
@@ -111,29 +124,100 @@ def clinician_routes(web: Web) -> APIRouter:
 
     @router.get("/referrals")
     def referrals(request: Request) -> Response:
+        """Inbox and outbox in one list with filters, patient search, counts and keyset
+        paging; each patient shown is audited (one entry per patient on the page)."""
         role = web.gate(request, "clinician")
         if not isinstance(role, str):
             return role
         lang = web.lang(request)
-        rows = node.workflow.list(limit=500)
-        heads = [t(lang, "kind"), t(lang, "status"), t(lang, "step"), t(lang, "peer"),
-                 t(lang, "green"), t(lang, "updated"), ""]
+        q = request.query_params
+        error = ""
+        try:
+            filters = {k: (q.get(k) or "").strip() or None
+                       for k in ("side", "status", "kind", "peer", "q", "after",
+                                 "patient_hash")}
+            since, until = parse_time(q.get("since")), parse_time(q.get("until"))
+            with web.ctx.store.read() as conn:
+                rows, total, nxt = referral_list.page(
+                    conn, web.plan.patient_hash_key, since=since, until=until, **filters)
+        except ValueError:  # a time or page token not understood: the rule, not the input
+            error, rows, total, nxt, filters = TIME_RULE, [], 0, None, {}
+        heads = [t(lang, "patient"), t(lang, "record_no"), t(lang, "kind"), t(lang, "peer"),
+                 t(lang, "status"), t(lang, "step"), t(lang, "green"), t(lang, "updated"), ""]
 
         def cells(r: dict[str, Any]) -> list[str]:
             peer = r["referrer"] if r["side"] == "receiver" else r["receiver"]
             green = f'<span class="green">✚ {e(t(lang, "green"))}</span>' \
                 if r["green_channel"] else ""
-            return [e(kind_name(lang, r["kind"])), e(status_name(lang, r["status"])),
+            return [f'<span class="name">{e(r["patient_name"])}</span>', e(r["record_no"]),
+                    e(kind_name(lang, r["kind"])), e(web.member_name(lang, peer)),
+                    e(status_name(lang, r["status"])),
                     f'<span class="step-{e(r["step"])}">{e(step_name(lang, r["step"]))}</span>',
-                    e(web.member_name(lang, peer)), green, e(fmt_time(r["updated_at"])),
+                    green, e(fmt_time(r["updated_at"])),
                     f'<a href="/ui/referrals/{e(r["thread"])}">{e(t(lang, "open"))}</a>']
 
-        inbox = [cells(r) for r in rows if r["side"] == "receiver"]
-        outbox = [cells(r) for r in rows if r["side"] == "referrer"]
-        body = (f'<h3>{e(t(lang, "inbox"))}</h3>{table(heads, inbox, t(lang, "none"), "inbox")}'
-                f'<h3>{e(t(lang, "outbox"))}</h3>'
-                f'{table(heads, outbox, t(lang, "none"), "outbox")}')
-        return web.page(request, t(lang, "referrals"), body, role=role)
+        web.audit_read(request, role, [
+            (f'Patient/{r["patient_id"]}' if r["patient_id"] else f'Task/{r["task_id"]}',
+             r["patient_hash"]) for r in rows], "/ui/referrals", interaction="search-type")
+
+        def opts(values: list[tuple[str, str]], current: str | None) -> str:
+            return '<option value=""></option>' + "".join(
+                f'<option value="{e(v)}"{" selected" if v == current else ""}>{e(label)}'
+                f'</option>' for v, label in values)
+
+        members = [(m, web.member_name(lang, m)) for m in sorted(web.plan.directory)]
+        sides = [("receiver", t(lang, "inbox")), ("referrer", t(lang, "outbox"))]
+        # a POST: an ID number typed here never becomes part of a URL (it is turned into the
+        # patient's keyed hash first, see search_post)
+        form = (f'<form method="post" action="/ui/referrals/search" '
+                f'class="inline noprint filter">'
+                f'<label>{e(t(lang, "search_patient"))} <input name="q" size="18" '
+                f'value="{e(filters.get("q"))}"></label>'
+                + (f'<input type="hidden" name="patient_hash" '
+                   f'value="{e(filters.get("patient_hash"))}">'
+                   if filters.get("patient_hash") else "")
+                + f'<label>{e(t(lang, "direction"))} <select name="side">'
+                f'{opts(sides, filters.get("side"))}'
+                f'</select></label>'
+                f'<label>{e(t(lang, "status"))} <select name="status">'
+                f'{opts([(k, status_name(lang, k)) for k in STATUS], filters.get("status"))}'
+                f'</select></label>'
+                f'<label>{e(t(lang, "peer"))} <select name="peer">'
+                f'{opts(members, filters.get("peer"))}</select></label>'
+                f'<label>{e(t(lang, "since"))} <input name="since" size="16" '
+                f'value="{e(q.get("since") if not error else "")}"></label>'
+                f'<label>{e(t(lang, "until"))} <input name="until" size="16" '
+                f'value="{e(q.get("until") if not error else "")}"></label>'
+                f'<button type="submit">{e(t(lang, "filter"))}</button></form>')
+        keep = {k: v for k, v in q.items() if k not in ("after", "lang") and v}
+        more = (f' <a class="next-page" href="/ui/referrals?'
+                f'{e(urlencode({**keep, "after": nxt}))}">{e(t(lang, "next_page"))} →</a>'
+                if nxt else "")
+        body = ((f'<p class="bad">{e(error)}</p>' if error else "") + form
+                + f'<p class="count"><span class="total">{total}</span> '
+                f'{e(t(lang, "matching"))}, {len(rows)} {e(t(lang, "on_page"))}{more}</p>'
+                + f'<h3>{e(t(lang, "inbox"))}</h3>'
+                + table(heads, [cells(r) for r in rows if r["side"] == "receiver"],
+                        t(lang, "none"), "inbox")
+                + f'<h3>{e(t(lang, "outbox"))}</h3>'
+                + table(heads, [cells(r) for r in rows if r["side"] == "referrer"],
+                        t(lang, "none"), "outbox"))
+        return web.page(request, t(lang, "referrals"), body, role=role,
+                        status=400 if error else 200)
+
+    @router.post("/referrals/search")
+    async def search_post(request: Request) -> Response:
+        """The list's filter form: an ID number becomes the patient's keyed hash here, so it
+        is never in a URL, the browser history or a log; other filters become the query."""
+        role = web.gate(request, "clinician")
+        if not isinstance(role, str):
+            return role
+        f = await read_form(request)
+        keep = {k: f[k].strip() for k in ("side", "status", "peer", "since", "until", "q",
+                                          "patient_hash") if f.get(k, "").strip()}
+        if referral_list.is_national_id(keep.get("q", "")):
+            keep["patient_hash"] = patient_hash(web.plan.patient_hash_key, keep.pop("q"))
+        return RedirectResponse("/ui/referrals?" + urlencode(keep), status_code=303)
 
     def action_forms(lang: str, row: dict[str, Any]) -> str:
         base = f'/ui/referrals/{e(row["thread"])}/steps'
@@ -217,6 +301,7 @@ def clinician_routes(web: Web) -> APIRouter:
               e(f'{status_name(lang, s["from_status"])} → {status_name(lang, s["to_status"])}'),
               e(actor_name(lang, s["actor"], web.member_name))] for s in d["steps"]],
             t(lang, "none"), "history")
+        web.audit_read(request, role, shown_refs(d), f"/ui/referrals/{thread}")
         msg = web.sessions.pop_flash(request)  # e.g. "fetch requested"
         body = ((f'<p class="msg">{e(msg)}</p>' if msg else "") + summary + action_forms(lang, row)
                 + fv.clinical(lang, d["task"], d["res"], thread)
@@ -250,7 +335,8 @@ def clinician_routes(web: Web) -> APIRouter:
             if event in ("reject", "cancel") and reason is None:  # the form says required too
                 raise InvalidResource("reason: required to decline or withdraw a referral")
             await run_in_threadpool(lambda: node.workflow.step(
-                thread, event, f"role:{role}", reason=reason, outputs=outputs or None))
+                thread, event, web.actor(request, role), reason=reason,
+                outputs=outputs or None))
         except HutongError as exc:
             return web.error_page(request, role, exc, back)
         except ValueError:  # the only parse here; its text would quote the input
@@ -294,7 +380,7 @@ def clinician_routes(web: Web) -> APIRouter:
         arrived = next((s["at"] for s in d["steps"] if s["event"] == "arrive"), None)
         try:
             bundle = return_bundle(d["row"], d["task"], arrived, web.ctx.now(), f)
-            await run_in_threadpool(node.workflow.submit, bundle, f"role:{role}")
+            await run_in_threadpool(node.workflow.submit, bundle, web.actor(request, role))
         except HutongError as exc:
             return web.error_page(request, role, exc, back)
         except ValueError as exc:

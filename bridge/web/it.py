@@ -209,7 +209,8 @@ def it_routes(web: Web, alerter: Alerter) -> APIRouter:
         if not isinstance(role, str):
             return role
         try:
-            ok, result = ops.quarantine_replay(ctx, node.intake, item_id, actor=f"role:{role}",
+            ok, result = ops.quarantine_replay(ctx, node.intake, item_id,
+                                               actor=web.actor(request, role),
                                                adapters=node.adapters)
         except HutongError as exc:
             return web.error_page(request, role, exc, "/ui/it")
@@ -223,7 +224,7 @@ def it_routes(web: Web, alerter: Alerter) -> APIRouter:
         role = web.gate(request, "it")
         if not isinstance(role, str):
             return role
-        n = ops.outbox_retry(ctx, peer=peer, actor=f"role:{role}")
+        n = ops.outbox_retry(ctx, peer=peer, actor=web.actor(request, role))
         node.wake_all_senders()
         web.sessions.flash(request, f"{t(web.lang(request), 'requeued')}: {n} ({peer or '*'})")
         return RedirectResponse("/ui/it", status_code=303)

@@ -23,7 +23,8 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from bridge.errors import CsrfRefused, HutongError
 from bridge.web.i18n import LANG_COOKIE, pick_lang, t
 from bridge.web.security import CSRF_FIELD, SAFE_METHODS, same_token
-from bridge.web.session import Sessions
+from bridge.timeinput import parse_when, show, zone
+from bridge.web.session import Session, Sessions
 
 if TYPE_CHECKING:
     from bridge.node import Node
@@ -33,13 +34,17 @@ CST = timezone(timedelta(hours=8), "CST")
 #: the login form's anti-forgery nonce (before there is a session)
 LOGIN_COOKIE = "hutong_login"
 _POST_FORM = re.compile(r'(<form method="post"[^>]*>)')
-HOME = {"clinician": "/ui/referrals", "auditor": "/ui/audit", "it": "/ui/it"}
+HOME = {"clinician": "/ui/referrals", "auditor": "/ui/audit", "it": "/ui/it",
+        "admin": "/ui/accounts"}
 #: nav links per role: (label key, path); statistics are aggregates, open to every role
 NAV = {
     "clinician": (("referrals", "/ui/referrals"), ("stats", "/ui/stats")),
     "auditor": (("audit", "/ui/audit"), ("stats", "/ui/stats")),
-    "it": (("it", "/ui/it"), ("stats", "/ui/stats")),
+    "it": (("it", "/ui/it"), ("messages", "/ui/messages"), ("stats", "/ui/stats")),
+    "admin": (("accounts", "/ui/accounts"),),
 }
+#: the display zone of this process's pages (``[web] display_zone``, set by ``Web``)
+DISPLAY: dict[str, Any] = {"zone": CST}
 
 CSS = """
 body{font-family:"Noto Sans CJK SC","PingFang SC","Microsoft YaHei","WenQuanYi Micro Hei",
@@ -79,14 +84,14 @@ def aware(value: datetime) -> datetime:
 
 
 def fmt_time(value: Any) -> str:
-    """An instant as the alliance reads it (Beijing time)."""
+    """An instant in the node's display zone, with its offset (bridge.timeinput)."""
     if isinstance(value, str) and len(value) >= 19 and value[4] == "-" and value[10] == "T":
         try:
-            value = datetime.fromisoformat(value)
+            value = datetime.fromisoformat(value.replace("Z", "+00:00"))
         except ValueError:
             return value
     if isinstance(value, datetime):
-        return aware(value).astimezone(CST).strftime("%Y-%m-%d %H:%M:%S")
+        return show(aware(value), DISPLAY["zone"])
     return "" if value is None else str(value)
 
 
@@ -105,11 +110,9 @@ def fmt_age(seconds: float | None) -> str:
 
 
 def parse_time(value: str | None) -> datetime | None:
-    """A form's time: ISO 8601; without an offset it is Beijing time (what people type)."""
-    if not value:
-        return None
-    dt = datetime.fromisoformat(value.strip())
-    return dt if dt.tzinfo else dt.replace(tzinfo=CST)
+    """A form's time, by the one rule of bridge.timeinput (offset, date alone, relative;
+    the display zone when none is given); ValueError if not understood."""
+    return parse_when(value, DISPLAY["zone"])
 
 
 def table(headers: Iterable[str], rows: Iterable[Iterable[str]], empty: str,
@@ -143,6 +146,11 @@ class Web:
         web = getattr(self.plan, "web", None)
         self.sessions = Sessions(web.session_idle_s, web.session_max_s) if web else Sessions()
         self._login_key = secrets.token_bytes(32)  # per process, like the sessions
+        if web is not None:
+            DISPLAY["zone"] = zone(web.display_zone)
+        from bridge.accounts.service import Accounts
+
+        self.accounts = Accounts(node.ctx)
 
     def login_token(self, nonce: str | None) -> str | None:
         """The login form's token: bound to the browser's login nonce cookie by an HMAC under a
@@ -185,6 +193,10 @@ class Web:
              status: int = 200, csrf: str | None = None) -> HTMLResponse:
         lang = self.lang(request)
         token = csrf or self.csrf_for(request)
+        if request.url.path == "/ui/it" and status < 400 and self.plan.web.shared_role_tokens:
+            # flagged on the IT page until every person and system has their own account
+            body = (f'<p class="alert shared-tokens"><a href="/ui/accounts">'
+                    f'{e(t(lang, "shared_tokens_on"))}</a></p>' + body)
         meta = field = ""
         if token:  # every post form carries it; scripts and test clients find it in the head
             meta = f'<meta name="csrf-token" content="{e(token)}">'
@@ -200,10 +212,17 @@ class Web:
                   f'{"English" if other == "en" else "中文"}</a>')
         nav = ""
         if role:
+            s = self.sessions.get(request)
+            roles = s.who.roles if s else (role,)
+            seen_links = {href: key for r in (role, *roles) for key, href in NAV.get(r, ())}
             links = "".join(f'<a href="{href}">{e(t(lang, key))}</a>'
-                            for key, href in NAV[role])
+                            for href, key in seen_links.items())
+            person = (f'<span class="who">{e(s.who.name)}</span>'
+                      if s and s.who.kind == "user" else "")
+            links += ('<a href="/ui/password">' + e(t(lang, "password")) + "</a>"
+                      if s and s.who.kind == "user" else "")
             # logging out changes state: a form post (with the token), not a link
-            nav = (f'<span>{e(t(lang, "role"))}: {e(t(lang, "role_" + role))}</span>{links}'
+            nav = (f'{person}<span>{e(t(lang, "role"))}: {e(t(lang, "role_" + role))}</span>{links}'
                    f'<form method="post" action="/ui/logout" class="logout">{field}'
                    f'<button type="submit">{e(t(lang, "logout"))}</button></form>')
         doc = (f'<!DOCTYPE html><html lang="{"en" if lang == "en" else "zh-CN"}"><head>'
@@ -218,11 +237,36 @@ class Web:
             resp.set_cookie(LANG_COOKIE, lang, max_age=365 * 86400, samesite="lax", path="/ui")
         return resp
 
+    def actor(self, request: Request, role: str) -> str:
+        """The audit actor of this session: ``user:<name>`` (or ``role:<role>``)."""
+        s = self.sessions.get(request)
+        return s.who.actor if s else f"role:{role}"
+
+    def session(self, request: Request) -> Session | None:
+        return self.sessions.get(request)
+
+    def audit_read(self, request: Request, role: str, seen: list[tuple[str, str | None]],
+                   shown: str, *, interaction: str = "read") -> None:
+        """One ``read`` AuditEvent per patient this page shows (one without a patient when it
+        shows none), naming the person, role, address and what was shown; written before the
+        page is sent, so an unaudited look cannot happen."""
+        from bridge.api.fhir_audit import read_entries
+
+        s = self.sessions.get(request)
+        actor = s.who.actor if s else f"role:{role}"
+        address = request.client.host if request.client else None
+        with self.ctx.store.write() as conn:
+            self.ctx.audit.append(conn, read_entries(
+                role, shown, seen, self.ctx.now(), actor=actor, actor_role=role,
+                address=address, interaction=interaction, message="page read"))
+
     def gate(self, request: Request, *allowed: str) -> str | Response:
-        """The session's role, or the response to send instead (login redirect or 403)."""
-        role = self.sessions.role(request)
-        if role is None:
+        """The role the session acts in here, or the response to send instead (login redirect
+        or 403). A person with several roles acts in the first one the page allows."""
+        s = self.sessions.get(request)
+        if s is None:
             return RedirectResponse("/ui/login", status_code=303)
+        role = s.who.acting(allowed) or s.role
         if role not in allowed:
             lang = self.lang(request)
             return self.page(request, t(lang, "forbidden"),

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 from fastapi import Request
 
+from bridge.accounts.service import Principal, shared
+
 SESSION_COOKIE = "hutong_session"
 
 
@@ -27,6 +29,12 @@ class Session:
     created: float
     seen: float
     flash: str | None = None  # the result of the last action, shown once on the next page
+    #: who logged in (a named person, or a shared role token for one release)
+    principal: Principal | None = None
+
+    @property
+    def who(self) -> Principal:
+        return self.principal or shared(self.role)
 
 
 class Sessions:
@@ -41,13 +49,14 @@ class Sessions:
     def _expired(self, s: Session, now: float) -> bool:
         return now - s.seen > self.idle_s or now - s.created > self.max_s
 
-    def create(self, role: str) -> str:
+    def create(self, role: str, principal: Principal | None = None) -> str:
         sid = secrets.token_urlsafe(32)
         now = self.clock()
         with self._lock:
             for old in [k for k, s in self._sessions.items() if self._expired(s, now)]:
                 del self._sessions[old]  # ended sessions do not pile up in memory
-            self._sessions[sid] = Session(role, secrets.token_urlsafe(32), now, now)
+            self._sessions[sid] = Session(role, secrets.token_urlsafe(32), now, now,
+                                          principal=principal)
         return sid
 
     def get(self, request: Request) -> Session | None:
@@ -83,6 +92,6 @@ class Sessions:
         message, s.flash = s.flash, None
         return message
 
-    def drop(self, request: Request) -> None:
+    def drop(self, request: Request) -> Session | None:
         with self._lock:
-            self._sessions.pop(request.cookies.get(SESSION_COOKIE) or "", None)
+            return self._sessions.pop(request.cookies.get(SESSION_COOKIE) or "", None)

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from bridge.web import fhirview as fv
-from bridge.web.clinician import available_slips, load_thread
+from bridge.web.clinician import available_slips, load_thread, shown_refs
 from bridge.web.i18n import kind_name, step_name, t
 from bridge.web.layout import Web, e, fmt_time, table
 from bridge.web.words import priority_name
@@ -76,6 +76,7 @@ def slip_routes(web: Web) -> APIRouter:
                 body += f'<h3>{e(t(lang, "imaging"))}</h3>{img}'
             body += f'<h3>{e(t(lang, "meds"))}</h3>{fv.medications(lang, back)}'
             date = row["completed_at"] or row["updated_at"]
+        web.audit_read(request, role, shown_refs(d), f"/ui/referrals/{thread}/slip/{which}")
         page = (f'<div class="slip slip-{which}"><h1>{e(heading)}</h1>'
                 + fv.patient_line(lang, d["patient"]) + body
                 + f'<p>{e(t(lang, "signature"))}: ________ &nbsp; {e(t(lang, "date"))}: '
