@@ -138,7 +138,14 @@ def _page(conn: Connection, q: Query) -> tuple[list[Any], int | None, str | None
     when it is asked for and the first page does not already hold every match (then it is the
     page's length); the count runs on the index that serves the conditions."""
     where = list(q.where)
-    if q.cursor is not None:
+    order = sort_order(q)
+    offset = 0
+    if q.cursor is not None and order:  # another order than newest first pages by position
+        if not (isinstance(q.cursor, dict) and isinstance(q.cursor.get("o"), int)
+                and 0 <= q.cursor["o"] <= 10**9):
+            raise BadRequest("_cursor is not one this server gave out")
+        offset = q.cursor["o"]
+    elif q.cursor is not None:
         try:
             at, rid = store_time(q.cursor[0]), str(q.cursor[1])
         except (TypeError, ValueError, IndexError, KeyError) as exc:
@@ -147,16 +154,6 @@ def _page(conn: Connection, q: Query) -> tuple[list[Any], int | None, str | None
         where.append(and_(T.c.last_updated <= at,
                           or_(T.c.last_updated < at, T.c.id > rid)))
     typed = not q.by_token
-    order = sort_order(q)
-    offset = 0
-    if order and q.cursor is not None:  # another order than newest first pages by position
-        where = list(q.where)
-        if not (isinstance(q.cursor, dict) and isinstance(q.cursor.get("o"), int)
-                and 0 <= q.cursor["o"] <= 10**9):
-            raise BadRequest("_cursor is not one this server gave out")
-        offset = q.cursor["o"]
-    elif not order and isinstance(q.cursor, dict):
-        raise BadRequest("_cursor is not one this server gave out")
     rows, more = store.search(conn, q.rtype, where=where, count=q.count, typed=typed,
                               order=order, offset=offset)
     total: int | None = None
