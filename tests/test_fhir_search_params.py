@@ -277,11 +277,11 @@ def test_summary_and_elements_subsets(db: Store) -> None:
     s = subset(copy.deepcopy(body), parse_query("Patient", [("_elements", "gender,name")], T))
     assert s == {"resourceType": "Patient", "id": "p-wang", "gender": "female",
                  "name": body["name"], "meta": {**body["meta"], "tag": [SUBSETTED]}}
-    # the elements the R4 schema requires stay (Observation.code)
+    # the elements R4 requires stay (Observation.status and .code)
     with db.read() as conn:
         obs = orjson.loads(store.get_row(conn, "Observation", "obs-hb").body)
     s = subset(obs, parse_query("Observation", [("_elements", "subject")], T))
-    assert set(s) == {"resourceType", "id", "meta", "code", "subject"}
+    assert set(s) == {"resourceType", "id", "meta", "status", "code", "subject"}
     validate_resource(s)
     # _summary=count: the total only
     rows, total, nxt = page(db, "Observation", ("_summary", "count"), ("status", "final"))

@@ -6,7 +6,7 @@ Includes are primary-key reads of the references on the page; revincludes are in
 each bounded by ``MAX_INCLUDED`` (past it the Bundle carries a warning). Subsets follow R4:
 ``_summary=true`` keeps the elements the R4 definitions mark as summary (read from the
 ``fhir.resources`` R4B models, whose flags are R4's for the types served here), ``text`` keeps
-the narrative and the required elements, ``data`` drops the narrative, ``_elements`` keeps the
+the narrative and the required elements (min 1, from the same models), ``data`` drops the narrative, ``_elements`` keeps the
 listed elements and the required ones; each subset is tagged ``SUBSETTED``.
 """
 
@@ -120,21 +120,27 @@ def revincluded(conn: Connection, q: Query, rows: list[Any]) -> tuple[list[Any],
 
 
 @cache
-def summary_elements(rtype: str) -> frozenset[str]:
-    """The elements R4 marks as summary (``isSummary``) for a type."""
+def _model_fields(rtype: str) -> dict[str, dict[str, Any]]:
+    """The R4B model's elements of a type: JSON name -> its R4 flags."""
     module = importlib.import_module(f"fhir.resources.R4B.{rtype.lower()}")
     model = getattr(module, rtype)
-    return frozenset((f.alias or name) for name, f in model.model_fields.items()
-                     if isinstance(f.json_schema_extra, dict)
-                     and f.json_schema_extra.get("summary_element_property"))
+    return {(f.alias or name): {**f.json_schema_extra, "_required": f.is_required()}
+            for name, f in model.model_fields.items() if isinstance(f.json_schema_extra, dict)}
+
+
+@cache
+def summary_elements(rtype: str) -> frozenset[str]:
+    """The elements R4 marks as summary (``isSummary``) for a type."""
+    return frozenset(n for n, f in _model_fields(rtype).items()
+                     if f.get("summary_element_property"))
 
 
 @cache
 def required_elements(rtype: str) -> frozenset[str]:
-    """The elements the R4 schema requires of a type (min 1)."""
-    from bridge.fhir.validate import _schema
-
-    return frozenset(_schema()._base["definitions"].get(rtype, {}).get("required", ()))
+    """The elements R4 requires of a type (min 1, a required choice's every form)."""
+    return frozenset(n for n, f in _model_fields(rtype).items()
+                     if f["_required"] or f.get("element_required")
+                     or f.get("one_of_many_required"))
 
 
 def subset(resource: dict[str, Any], q: Query) -> dict[str, Any]:

@@ -151,6 +151,8 @@ RESULT_PARAMS = {
     "_pretty": "true: indented JSON",
     "_format": "json, application/json or application/fhir+json (JSON is the only format)",
 }
+#: the result parameters AuditEvent searches take (the chain has its own order and no subsets)
+AUDIT_RESULT_PARAMS = ("_count", "_cursor", "_total", "_pretty", "_format")
 #: ``_include`` values per searched type: the references whose targets join the page
 INCLUDES: dict[str, tuple[str, ...]] = {
     "Task": ("Task:focus", "Task:patient"),
@@ -267,7 +269,7 @@ def parse_query(rtype: str, items: list[tuple[str, str]], table: Table, *,
         if name == "_format":
             if value.split(";")[0].strip() not in _FORMATS:
                 raise BadRequest("_format: only JSON is supported", issue="not-supported")
-        elif name in RESULT_PARAMS:
+        elif name in RESULT_PARAMS and (rtype != "AuditEvent" or name in AUDIT_RESULT_PARAMS):
             _result_param(q, name, value)
         elif name in ("_include", "_revinclude"):
             allowed = (INCLUDES if name == "_include" else REVINCLUDES).get(rtype, ())
@@ -299,7 +301,8 @@ def parse_query(rtype: str, items: list[tuple[str, str]], table: Table, *,
                 q.by_token = q.by_token or implies_type
         q.used.append((name, value))
     if unknown and not lenient:
-        supported = ", ".join(sorted(known) + sorted(RESULT_PARAMS)
+        results = AUDIT_RESULT_PARAMS if rtype == "AuditEvent" else RESULT_PARAMS
+        supported = ", ".join(sorted(known) + sorted(results)
                               + (["_include"] if rtype in INCLUDES else [])
                               + (["_revinclude"] if rtype in REVINCLUDES else []))
         raise BadRequest(f"unknown search parameter(s) for {rtype}: {', '.join(unknown)} "
