@@ -255,7 +255,8 @@ def test_metadata_is_a_valid_truthful_capability_statement(core: NodeProcess) ->
     sr_params = {p["name"] for p in by_type["ServiceRequest"]["searchParam"]}
     assert sr_params == {"_id", "_lastUpdated", "patient", "subject", "status", "requester",
                          "performer", "identifier", "encounter", "_count", "_cursor", "_total",
-                         "_sort", "_summary", "_elements", "_pretty", "_format"}
+                         "_totalMethod", "_sort", "_summary", "_elements", "_pretty",
+                         "_format"}
     assert {p["name"] for p in by_type["AuditEvent"]["searchParam"]} & {
         "_sort", "_summary", "_elements"} == set()
     # every listed parameter answers: tests/test_fhir_search_api.py walks the statement

@@ -122,6 +122,10 @@ def _result_parameter(core: NodeProcess, rtype: str, name: str, every: list[str]
     elif name == "_total":
         assert get(core, rtype, {"_total": "accurate"})["total"] == len(every)
         assert "total" not in get(core, rtype, {"_total": "none"})
+    elif name == "_totalMethod":
+        b = get(core, rtype, {"_totalMethod": "count", "_count": "0"})
+        assert b["total"] == len(every) and "entry" not in b
+        assert "total" not in get(core, rtype, {"_totalMethod": "none"})
     elif name == "_sort":
         assert ids(get(core, rtype, {"_sort": "_id"})) == sorted(every)
         assert ids(get(core, rtype, {"_sort": "_lastUpdated"})) == every[::-1]

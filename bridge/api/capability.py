@@ -32,7 +32,8 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     HUTONG_VERSION = "0.0.0"
 
-_RESULT_TYPES = {"_count": "number", "_cursor": "string", "_total": "token", "_sort": "string",
+_RESULT_TYPES = {"_count": "number", "_cursor": "string", "_total": "token",
+                 "_totalMethod": "token", "_sort": "string",
                  "_summary": "token", "_elements": "string", "_pretty": "token",
                  "_format": "token"}
 #: what no served type supports: history reads, client ids, conditional interactions

@@ -43,7 +43,7 @@ _KEEP_VALUE: dict[str, re.Pattern[str]] = {
     "_count": re.compile(r"\d{1,4}"), "_total": _CODES, "_format": re.compile(r"[a-z/+]{1,30}"),
     "_include": _INCLUDE, "_revinclude": _INCLUDE, "status": _CODES, "gender": _CODES,
     "_sort": re.compile(r"-?[_a-zA-Z][a-zA-Z\-]{0,30}(,-?[_a-zA-Z][a-zA-Z\-]{0,30}){0,9}"),
-    "_summary": _CODES, "_pretty": _CODES,
+    "_summary": _CODES, "_pretty": _CODES, "_totalMethod": _CODES,
     "_elements": re.compile(r"[a-z][A-Za-z0-9]{0,63}(,[a-z][A-Za-z0-9]{0,63}){0,19}"),
     "subtype": _CODES, "action": re.compile(r"[CRUDE]"), "outcome": re.compile(r"\d{1,2}"),
     "_lastUpdated": _DATES, "date": _DATES,

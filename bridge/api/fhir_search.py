@@ -143,6 +143,8 @@ RESULT_PARAMS = {
     "_cursor": "Opaque page position; use the Bundle's next link",
     "_total": "none | estimate (default: exact up to 1,000 matches, above that a count at "
               "most 60 s old) | accurate (counted at each request)",
+    "_totalMethod": "count | estimate | none: the same as _total accurate | estimate | none "
+                    "(what fhirpy's count() sends)",
     "_sort": "Comma-separated keys, - for descending: _lastUpdated, _id, and the type's status, "
              "date and string parameters (default -_lastUpdated)",
     "_summary": "true (summary elements) | text | data | count (total only) | false",
@@ -152,7 +154,7 @@ RESULT_PARAMS = {
     "_format": "json, application/json or application/fhir+json (JSON is the only format)",
 }
 #: the result parameters AuditEvent searches take (the chain has its own order and no subsets)
-AUDIT_RESULT_PARAMS = ("_count", "_cursor", "_total", "_pretty", "_format")
+AUDIT_RESULT_PARAMS = ("_count", "_cursor", "_total", "_totalMethod", "_pretty", "_format")
 #: ``_include`` values per searched type: the references whose targets join the page
 INCLUDES: dict[str, tuple[str, ...]] = {
     "Task": ("Task:focus", "Task:patient"),
@@ -413,6 +415,11 @@ def _result_param(q: Query, name: str, value: str) -> None:
             raise BadRequest("_total must be none, estimate or accurate")
         q.total = value != "none"
         q.accurate = value == "accurate"
+    elif name == "_totalMethod":
+        if value not in ("none", "estimate", "count"):
+            raise BadRequest("_totalMethod must be none, estimate or count")
+        q.total = value != "none"
+        q.accurate = value == "count"
     elif name == "_sort":
         allowed = sort_keys(q.rtype)
         keys = [k.strip() for k in value.split(",") if k.strip()]
