@@ -259,6 +259,33 @@ class _Unknown(Exception):
     """A parameter name (or modifier, or chain) this API does not serve."""
 
 
+#: how a lookup's matches are bounded, best first: ids, then an identifier or a reference
+#: (a handful), a patient's resources (the patient index), a name, a day; NEVER: a code or an
+#: open date range, which most rows of a type may meet (tested row by row as the page walks)
+RANK_ID, RANK_TOKEN, RANK_PATIENT, RANK_STRING, RANK_DAY, NEVER = 0, 1, 2, 3, 4, 9
+
+
+@dataclass
+class Cond:
+    """One search condition in the two forms of ``bridge.fhirstore.store``: ``probe`` tests a
+    row (a column, or a correlated EXISTS on an index table's key), ``lookup`` finds the
+    matches first (``(rtype, id) IN (index range)``, None if it has none); ``rank``: how few
+    matches the lookup (or the patient index, for ``patient``) is expected to give."""
+
+    probe: Any
+    lookup: Any = None
+    rank: int = NEVER
+
+
+def combine(conds: list[Cond]) -> tuple[list[Any], bool]:
+    """The WHERE of a search and whether it implies the type: the best-ranked condition drives
+    (its lookup, or a typed walk of the patient / page-order index), the others are probes."""
+    best = min(conds, key=lambda c: c.rank, default=None)
+    if best is None or best.rank >= NEVER or best.lookup is None:
+        return [c.probe for c in conds], False
+    return [best.lookup, *(c.probe for c in conds if c is not best)], True
+
+
 def parse_query(rtype: str, items: list[tuple[str, str]], table: Table, *,
                 lenient: bool = False, base: str | None = None) -> Query:
     """Check every (name, value) of the query string; build SQL conditions on ``table``.
@@ -266,6 +293,7 @@ def parse_query(rtype: str, items: list[tuple[str, str]], table: Table, *,
     known = {p.name: p for p in params_for(rtype)}
     q = Query(rtype)
     unknown: list[str] = []
+    conds: list[Cond] = []
     for name, value in items:
         base_name, _, modifier = name.partition(":")
         if name == "_format":
@@ -294,14 +322,15 @@ def parse_query(rtype: str, items: list[tuple[str, str]], table: Table, *,
                 continue
         else:
             try:
-                cond, implies_type = _search_param(rtype, name, value, table, base)
+                cond = _search_param(rtype, name, value, table, base)
             except _Unknown:
                 unknown.append(safe_name(name))
                 continue
             if cond is not None:
-                q.where.append(cond)
-                q.by_token = q.by_token or implies_type
+                conds.append(cond)
         q.used.append((name, value))
+    if conds:
+        q.where, q.by_token = combine(conds)
     if unknown and not lenient:
         results = AUDIT_RESULT_PARAMS if rtype == "AuditEvent" else RESULT_PARAMS
         supported = ", ".join(sorted(known) + sorted(results)
@@ -331,9 +360,9 @@ def _param_of(rtype: str, name: str) -> Param | None:
 
 
 def _search_param(rtype: str, name: str, value: str, table: Any,
-                  base: str | None) -> tuple[ColumnElement[bool] | None, bool]:
-    """The condition of one (name, value) on a clinical type, and whether it implies the type
-    (an ``(rtype, id) IN (index lookup)``); raises _Unknown for names it does not serve."""
+                  base: str | None) -> Cond | None:
+    """The condition of one (name, value) on a clinical type (None: an empty value, which
+    FHIR ignores); raises _Unknown for names it does not serve."""
     head, dot, tail = name.partition(".")
     base_name, _, modifier = head.partition(":")
     p = _param_of(rtype, base_name)
@@ -352,15 +381,13 @@ def _search_param(rtype: str, name: str, value: str, table: Any,
                                                                              "_lastUpdated")):
         raise _Unknown
     if value == "":
-        return None, False  # FHIR: an empty parameter value is ignored
+        return None  # FHIR: an empty parameter value is ignored
     if modifier == "missing":
         if value not in ("true", "false"):
             raise BadRequest(f"{safe_name(name)}: the value is true or false")
         present = _present(rtype, p, table)
-        return (~present if value == "true" else present), False
-    cond = condition(p, value, table, rtype, modifier=modifier, base=base)
-    implies = p.column in ("@ref", "@string", "identifiers") and modifier != "not"
-    return cond, implies
+        return Cond(~present if value == "true" else present)
+    return conditions(p, value, table, rtype, modifier=modifier, base=base)
 
 
 def _present(rtype: str, p: Param, table: Any) -> ColumnElement[bool]:
@@ -386,20 +413,24 @@ def chain_target(p: Param, modifier: str) -> str | None:
 
 
 def _chain(rtype: str, p: Param, modifier: str, inner_name: str, value: str, table: Any,
-           base: str | None) -> tuple[ColumnElement[bool] | None, bool]:
+           base: str | None) -> Cond | None:
     """``ref[:Type].param=value``: the reference is one of the ``Type`` resources the inner
     search finds (one level; the inner parameter may carry its own modifier)."""
     target = chain_target(p, modifier) if p.type == "reference" else None
     if target is None or "." in inner_name:
         raise _Unknown
     alias = FHIR_RESOURCE.alias("chained")
-    inner, _ = _search_param(target, inner_name, value, alias, base)
+    inner = _search_param(target, inner_name, value, alias, base)
     if inner is None:
-        return None, False
-    refs = select(literal(f"{target}/") + alias.c.id).where(alias.c.rtype == target, inner)
+        return None
+    where, typed = combine([inner])
+    refs = select(literal(f"{target}/") + alias.c.id).where(
+        *([] if typed else [alias.c.rtype == target]), *where)
     if p.column == "@ref":
-        return store.ref_match(rtype, p.name, refs, table), True
-    return table.c[p.column].in_(refs), False
+        return Cond(store.ref_match(rtype, p.name, refs, table, lookup=False),
+                    store.ref_match(rtype, p.name, refs, table), RANK_PATIENT)
+    return Cond(table.c[p.column].in_(refs),
+                rank=RANK_PATIENT if p.column == "patient" else NEVER)
 
 
 def _result_param(q: Query, name: str, value: str) -> None:
@@ -445,38 +476,55 @@ def _result_param(q: Query, name: str, value: str) -> None:
 
 def condition(p: Param, raw: str, table: Table, rtype: str, *, modifier: str = "",
               base: str | None = None) -> ColumnElement[bool]:
+    """One parameter's condition as a row test (AuditEvent; see ``conditions``)."""
+    return conditions(p, raw, table, rtype, modifier=modifier, base=base).probe
+
+
+def conditions(p: Param, raw: str, table: Table, rtype: str, *, modifier: str = "",
+               base: str | None = None) -> Cond:
+    """One parameter's condition, as a probe and (for the index tables) a lookup."""
     values = [v.strip() for v in raw.split(",")] if p.type != "date" else [raw]
     if p.column == "@token":  # kept in fhir_token under the parameter's name
-        return token_match(rtype, p.name, values, table, negate=modifier == "not")
+        return Cond(token_match(rtype, p.name, values, table, negate=modifier == "not"))
     if p.column == "@period":  # kept in fhir_date
         prefix, value = _date_prefix(raw, p.name)
         lo, hi = parse_date(value, p.name)
-        return period_match(rtype, p.name, prefix, lo, hi, table)
+        return Cond(period_match(rtype, p.name, prefix, lo, hi, table),
+                    period_match(rtype, p.name, prefix, lo, hi, table, lookup=True)
+                    if prefix == "eq" else None, RANK_DAY if prefix == "eq" else NEVER)
     if p.column == "@string":
         if any(v == "" for v in values):
             raise BadRequest(f"{p.name}: an empty alternative in the comma list")
-        return store.string_match(rtype, p.name, values, modifier, table)
+        return Cond(store.string_match(rtype, p.name, values, modifier, table, lookup=False),
+                    store.string_match(rtype, p.name, values, modifier, table),
+                    RANK_STRING if modifier != "contains" else RANK_DAY)
     if p.column == "@ref":
-        return store.ref_match(rtype, p.name, [_reference_text(v, p, base) for v in values],
-                               table)
+        refs = [_reference_text(v, p, base) for v in values]
+        return Cond(store.ref_match(rtype, p.name, refs, table, lookup=False),
+                    store.ref_match(rtype, p.name, refs, table), RANK_TOKEN)
     col = table.c[p.column]
     if p.type == "date":
-        return date_condition(col, raw, p.name)
+        return Cond(date_condition(col, raw, p.name))
     if p.type == "reference":
-        return or_(*(_reference(col, v, p, base) for v in values))
-    if p.name == "identifier":
-        match = identifier_match(rtype, values, table)  # via the fhir_token index
-        return ~match if modifier == "not" else match
+        return Cond(or_(*(_reference(col, v, p, base) for v in values)),
+                    rank=RANK_PATIENT if p.column == "patient" else NEVER)
+    if p.name == "identifier":  # via the fhir_token index
+        probe = identifier_match(rtype, values, table, lookup=False)
+        if modifier == "not":
+            return Cond(~probe)
+        broad = all(v.endswith("|") for v in values)  # system| : every value of a system
+        return Cond(probe, identifier_match(rtype, values, table),
+                    NEVER - 1 if broad else RANK_TOKEN)
     if rtype == "AuditEvent":
-        return or_(*(_audit_token(table, p, v) for v in values))
+        return Cond(or_(*(_audit_token(table, p, v) for v in values)))
     if p.name == "_id":
         for v in values:
             _check_id(v, p.name)
-        return col.in_([v.rpartition("|")[2] for v in values])
+        return Cond(col.in_([v.rpartition("|")[2] for v in values]), rank=RANK_ID)
     codes = _status_codes(rtype, p, values)
     if modifier == "not":
-        return or_(col.is_(None), col.not_in(codes))
-    return col.in_(codes)
+        return Cond(or_(col.is_(None), col.not_in(codes)))
+    return Cond(col.in_(codes))
 
 
 def _status_codes(rtype: str, p: Param, values: list[str]) -> list[str]:

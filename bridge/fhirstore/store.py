@@ -250,13 +250,23 @@ def date_rows(resource: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def token_match(rtype: str, param: str, values: Sequence[str], table: Any = None, *,
-                negate: bool = False) -> ColumnElement[bool]:
-    """Condition on ``fhir_resource`` (or an alias, ``table``): a ``CODED`` parameter's code is
-    one of ``values`` (``code``, ``system|code``, ``|code`` (no system), ``system|`` (any code
-    of the system)); ``negate``: none is (``:not``). A correlated EXISTS on the token table's
-    primary key: the page walks its page-order index and probes each row, so a code most
-    resources carry (all Observations of one test) costs a page, not every match."""
+# Every index condition below comes in two forms over ``fhir_resource`` (or an alias,
+# ``table``): a *probe* (``lookup=False``), a correlated EXISTS on the index table's primary
+# key, which a page walking a page-order index evaluates row by row (a condition most rows meet
+# costs a page, not every match), and a *lookup* (``lookup=True``), ``(rtype, id) IN (index
+# range)``, which finds the few matches of a selective condition first (it implies the type:
+# ``page_query(typed=False)``). ``bridge.api.fhir_search.combine`` picks one lookup per search.
+
+
+def _lookup(t: Any, sub: Any) -> ColumnElement[bool]:
+    return tuple_(t.c.rtype, t.c.id).in_(sub)
+
+
+def _t(table: Any) -> Any:
+    return T if table is None else table
+
+
+def _token_conds(values: Sequence[str]) -> list[ColumnElement[bool]]:
     conds = []
     for raw in values:
         if "|" not in raw:
@@ -267,13 +277,23 @@ def token_match(rtype: str, param: str, values: Sequence[str], table: Any = None
             conds.append(TOK.c.system == token_key(system))
         else:
             conds.append(and_(TOK.c.system == token_key(system), TOK.c.value == token_key(code)))
-    cond = _token_exists(rtype, param, table, or_(*conds))
-    return ~cond if negate else cond
+    return conds
+
+
+def token_match(rtype: str, param: str, values: Sequence[str], table: Any = None, *,
+                negate: bool = False, lookup: bool = False) -> ColumnElement[bool]:
+    """A ``CODED`` parameter's code is one of ``values`` (``code``, ``system|code``, ``|code``
+    (no system), ``system|`` (any code of the system)); ``negate``: none is (``:not``)."""
+    cond = or_(*_token_conds(values))
+    if lookup and not negate:
+        return _lookup(_t(table), select(TOK.c.rtype, TOK.c.id).where(
+            TOK.c.rtype == rtype, TOK.c.param == param, cond))
+    found = _token_exists(rtype, param, table, cond)
+    return ~found if negate else found
 
 
 def _token_exists(rtype: str, param: str, table: Any, *conds: Any) -> ColumnElement[bool]:
-    t = T if table is None else table
-    return select(TOK.c.id).where(TOK.c.rtype == rtype, TOK.c.id == t.c.id,
+    return select(TOK.c.id).where(TOK.c.rtype == rtype, TOK.c.id == _t(table).c.id,
                                   TOK.c.param == param, *conds).exists()
 
 
@@ -283,24 +303,23 @@ def has_token(rtype: str, param: str, table: Any = None) -> ColumnElement[bool]:
 
 
 def has_date(rtype: str, param: str, table: Any = None) -> ColumnElement[bool]:
-    t = T if table is None else table
-    return select(D.c.id).where(D.c.rtype == rtype, D.c.id == t.c.id,
+    return select(D.c.id).where(D.c.rtype == rtype, D.c.id == _t(table).c.id,
                                 D.c.param == param).exists()
 
 
 def has_string(rtype: str, param: str, table: Any = None) -> ColumnElement[bool]:
-    t = T if table is None else table
-    return select(S.c.id).where(S.c.rtype == rtype, S.c.id == t.c.id, S.c.param == param,
-                                S.c.pos == 0).exists()
+    return select(S.c.id).where(S.c.rtype == rtype, S.c.id == _t(table).c.id,
+                                S.c.param == param, S.c.pos == 0).exists()
 
 
-def ref_match(rtype: str, param: str, refs: Any, table: Any = None) -> ColumnElement[bool]:
-    """Condition: a reference kept as tokens (``focus``, ``encounter``, ``based-on``, ...) is
-    one of ``refs`` (a list of ``Type/id``, or a subquery of them: a chain). Looked up in
-    ``ix_fhir_token_value``; it implies the type (``page_query(typed=False)``)."""
-    t = T if table is None else table
+def ref_match(rtype: str, param: str, refs: Any, table: Any = None, *,
+              lookup: bool = True) -> ColumnElement[bool]:
+    """A reference kept as tokens (``focus``, ``encounter``, ``based-on``, ...) is one of
+    ``refs`` (a list of ``Type/id``, or a subquery of them: a chain)."""
     match = TOK.c.value.in_(refs if not isinstance(refs, list) else [token_key(r) for r in refs])
-    return tuple_(t.c.rtype, t.c.id).in_(select(TOK.c.rtype, TOK.c.id).where(
+    if not lookup:
+        return _token_exists(rtype, param, table, match)
+    return _lookup(_t(table), select(TOK.c.rtype, TOK.c.id).where(
         TOK.c.rtype == rtype, TOK.c.param == param, match))
 
 
@@ -311,11 +330,10 @@ def _next_string(text: str) -> str | None:
 
 
 def string_match(rtype: str, param: str, values: Sequence[str], modifier: str = "",
-                 table: Any = None) -> ColumnElement[bool]:
-    """Condition: a ``STRINGS`` parameter starts with (default), equals (``exact``: the
-    original, case and accents kept) or contains (``contains``) one of ``values``; a range or
-    an equality on ``ix_fhir_string_value``. It implies the type (``typed=False``)."""
-    t = T if table is None else table
+                 table: Any = None, *, lookup: bool = True) -> ColumnElement[bool]:
+    """A ``STRINGS`` parameter starts with (default), equals (``exact``: the original, case
+    and accents kept) or contains (``contains``) one of ``values``: a range or an equality on
+    ``ix_fhir_string_value``."""
     conds = []
     for raw in values:
         norm = fold(raw)[:STRING_CHARS]
@@ -325,20 +343,24 @@ def string_match(rtype: str, param: str, values: Sequence[str], modifier: str = 
         upper = _next_string(norm) if norm else None
         rng = and_(S.c.norm >= norm, S.c.norm < upper) if upper else S.c.norm >= norm
         conds.append(rng if modifier == "contains" else and_(rng, S.c.pos == 0))
-    return tuple_(t.c.rtype, t.c.id).in_(select(S.c.rtype, S.c.id).where(
+    if not lookup:
+        return select(S.c.id).where(S.c.rtype == rtype, S.c.id == _t(table).c.id,
+                                    S.c.param == param, or_(*conds)).exists()
+    return _lookup(_t(table), select(S.c.rtype, S.c.id).where(
         S.c.rtype == rtype, S.c.param == param, or_(*conds)))
 
 
 def period_match(rtype: str, param: str, prefix: str, lo: datetime,
-                 hi: datetime, table: Any = None) -> ColumnElement[bool]:
-    """Condition on ``fhir_resource``: its period for ``param`` against the search range
-    [lo, hi) under a FHIR prefix (R4 search: ``eq`` the period lies within the range; ``ge``/
-    ``gt``/``le``/``lt`` it overlaps the range above/below; ``sa``/``eb`` it starts after /
-    ends before). An open side (no start, no end) reaches to infinity. A correlated EXISTS on
-    ``fhir_date``'s primary key, as ``token_match``."""
+                 hi: datetime, table: Any = None, *, lookup: bool = False
+                 ) -> ColumnElement[bool]:
+    """The resource's period for ``param`` against the search range [lo, hi) under a FHIR
+    prefix (R4 search: ``eq`` the period lies within the range; ``ge``/``gt``/``le``/``lt`` it
+    overlaps the range above/below; ``sa``/``eb`` it starts after / ends before). An open side
+    (no start, no end) reaches to infinity. ``lookup`` (``eq`` only): a range of
+    ``ix_fhir_date_start``."""
     s, e = D.c.start, D.c.end
     cond = {
-        "eq": lambda: and_(s >= lo, e <= hi),
+        "eq": lambda: and_(s >= lo, s < hi, e <= hi),
         "ne": lambda: or_(s.is_(None), e.is_(None), s < lo, e > hi),
         "ge": lambda: or_(e.is_(None), e > lo),
         "gt": lambda: or_(e.is_(None), e > hi),
@@ -347,9 +369,11 @@ def period_match(rtype: str, param: str, prefix: str, lo: datetime,
         "sa": lambda: s >= hi,
         "eb": lambda: e <= lo,
     }[prefix]()
-    t = T if table is None else table
-    return select(D.c.id).where(D.c.rtype == rtype, D.c.id == t.c.id, D.c.param == param,
-                                cond).exists()
+    if lookup and prefix == "eq":
+        return _lookup(_t(table), select(D.c.rtype, D.c.id).where(
+            D.c.rtype == rtype, D.c.param == param, cond))
+    return select(D.c.id).where(D.c.rtype == rtype, D.c.id == _t(table).c.id,
+                                D.c.param == param, cond).exists()
 
 
 def date_key(rtype: str, param: str, table: Any = None) -> Any:
@@ -499,7 +523,8 @@ def _token_match_sqlite(element: _TokenMatch, compiler: Any, **kw: Any) -> str:
     return "(" + str(compiler.process(element.any_of, **kw)) + ")"
 
 
-def identifier_match(rtype: str, values: Sequence[str], table: Any = None) -> ColumnElement[bool]:
+def identifier_match(rtype: str, values: Sequence[str], table: Any = None, *,
+                     lookup: bool = True) -> ColumnElement[bool]:
     """Condition on ``fhir_resource``: one of its identifiers matches one of ``values``, each
     FHIR token syntax: ``system|value``, ``|value`` (no system), ``system|`` (any value) or
     ``value`` (any system). Index lookups in ``fhir_token``, then the primary key.
@@ -517,6 +542,8 @@ def identifier_match(rtype: str, values: Sequence[str], table: Any = None) -> Co
         conds.append(and_(TOK.c.system == token_key(system), TOK.c.value == token_key(value))
                      if value else TOK.c.system == token_key(system))
     t = T if table is None else table
+    if not lookup:
+        return _token_exists(rtype, IDENTIFIER, table, or_(*conds))
     key = tuple_(t.c.rtype, t.c.id)
 
     def tokens(cond: ColumnElement[bool]) -> Any:
