@@ -356,6 +356,11 @@ def _plan(conn: Connection, stmt: Any) -> str:
     ("Patient", [("given:contains", "ar")], "ix_fhir_string_value"),
     ("Patient", [("gender", "female")], "fhir_token"),
     ("Patient", [("birthdate", "lt1970")], "fhir_date"),
+    # a day is looked up on the start index; beside a patient, the patient index drives
+    ("Patient", [("birthdate", "1965-05-05"), ("gender", "male")], "ix_fhir_date_start"),
+    ("Observation", [("patient", "p-wang"), ("date", "2026-11-02")],
+     "ix_fhir_type_patient_newest"),
+    ("Patient", [("given", "秀"), ("birthdate", "1950-03-15")], "ix_fhir_string_value"),
     ("Observation", [("code", f"{sd.LOINC}|718-7")], "fhir_token"),
     ("Observation", [("patient", "p-wang"), ("code", "718-7")], "ix_fhir_type_patient_newest"),
     ("Observation", [("category", "laboratory"), ("date", "ge2026-11-02")], "fhir_date"),
