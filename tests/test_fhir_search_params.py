@@ -360,7 +360,10 @@ def _plan(conn: Connection, stmt: Any) -> str:
     ("Patient", [("birthdate", "1965-05-05"), ("gender", "male")], "ix_fhir_date_start"),
     ("Observation", [("patient", "p-wang"), ("date", "2026-11-02")],
      "ix_fhir_type_patient_newest"),
-    ("Patient", [("given", "秀"), ("birthdate", "1950-03-15")], "ix_fhir_string_value"),
+    # a name of one character is broad (a family name): the day drives; two characters drive
+    ("Patient", [("given", "秀"), ("birthdate", "1950-03-15")], "ix_fhir_date_start"),
+    ("Patient", [("given", "秀英"), ("birthdate", "1950-03-15")], "ix_fhir_string_value"),
+    ("Patient", [("birthdate", "1950-03"), ("gender", "female")], "ix_fhir_date_start"),
     ("Observation", [("code", f"{sd.LOINC}|718-7")], "fhir_token"),
     ("Observation", [("patient", "p-wang"), ("code", "718-7")], "ix_fhir_type_patient_newest"),
     ("Observation", [("category", "laboratory"), ("date", "ge2026-11-02")], "fhir_date"),

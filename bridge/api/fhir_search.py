@@ -489,15 +489,21 @@ def conditions(p: Param, raw: str, table: Table, rtype: str, *, modifier: str = 
     if p.column == "@period":  # kept in fhir_date
         prefix, value = _date_prefix(raw, p.name)
         lo, hi = parse_date(value, p.name)
+        # a day or less is a lookup worth making first; a month or a year (eq), or an open
+        # range, may hold most of a type: tested row by row unless nothing else narrows
+        day = hi - lo <= timedelta(days=1)
         return Cond(period_match(rtype, p.name, prefix, lo, hi, table),
                     period_match(rtype, p.name, prefix, lo, hi, table, lookup=True)
-                    if prefix == "eq" else None, RANK_DAY if prefix == "eq" else NEVER)
+                    if prefix == "eq" else None,
+                    NEVER if prefix != "eq" else RANK_DAY if day else NEVER - 1)
     if p.column == "@string":
         if any(v == "" for v in values):
             raise BadRequest(f"{p.name}: an empty alternative in the comma list")
+        # one character (a Chinese family name: 王 is one person in fifteen) is broad
+        short = any(len(store.fold(v)) < 2 for v in values)
         return Cond(store.string_match(rtype, p.name, values, modifier, table, lookup=False),
                     store.string_match(rtype, p.name, values, modifier, table),
-                    RANK_STRING if modifier != "contains" else RANK_DAY)
+                    NEVER - 1 if short else RANK_STRING if modifier != "contains" else RANK_DAY)
     if p.column == "@ref":
         refs = [_reference_text(v, p, base) for v in values]
         return Cond(store.ref_match(rtype, p.name, refs, table, lookup=False),
