@@ -402,6 +402,27 @@ def test_plans_use_indexes_never_a_table_scan(db: Store, rtype: str,
             assert "TEMP B-TREE" not in _plan(conn, stmts["page"])
 
 
+@pytest.mark.parametrize(("params", "want"), [
+    ([("patient.identifier", f"{sd.NID}|110102195003151234")], ["obs-bp", "obs-glu"]),
+    ([("subject:identifier", "110102195003151234")], ["obs-bp", "obs-glu"]),
+    ([("patient.name", "王秀英"), ("code", "2345-7")], ["obs-glu"]),
+])
+def test_a_narrow_chain_drives_the_search(db: Store, params: list[tuple[str, str]],
+                                          want: list[str]) -> None:
+    """The patients found first, then their Observations by the patient index: never a walk
+    of every Observation in page order testing each against the chain."""
+    q = parse_query("Observation", params, T)
+    assert q.by_token
+    with db.read() as conn:
+        plan = _plan(conn, store.page_query("Observation", q.where, 21, typed=False))
+    if db.is_sqlite:
+        assert "ix_fhir_type_patient_newest (rtype=? AND patient=?)" in plan, plan
+        assert "ix_fhir_type_newest" not in plan and "SCAN fhir_" not in plan, plan
+    else:
+        assert "Seq Scan" not in plan, plan
+    assert found(db, "Observation", *params) == want
+
+
 def test_revinclude_lookups_use_indexes(db: Store) -> None:
     from sqlalchemy import select, tuple_
 

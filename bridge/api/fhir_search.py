@@ -35,7 +35,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
-from sqlalchemy import ColumnElement, Table, and_, literal, not_, or_, select
+from sqlalchemy import ColumnElement, Table, and_, literal, not_, or_, select, tuple_
 
 from bridge.api.outcome import BadRequest
 from bridge.fhirstore import store
@@ -426,11 +426,21 @@ def _chain(rtype: str, p: Param, modifier: str, inner_name: str, value: str, tab
     where, typed = combine([inner])
     refs = select(literal(f"{target}/") + alias.c.id).where(
         *([] if typed else [alias.c.rtype == target]), *where)
+    # a chain drives when its inner search is narrow (an identifier, a name, ids)
+    rank = RANK_PATIENT if inner.rank < RANK_DAY else NEVER
     if p.column == "@ref":
         return Cond(store.ref_match(rtype, p.name, refs, table, lookup=False),
-                    store.ref_match(rtype, p.name, refs, table), RANK_PATIENT)
-    return Cond(table.c[p.column].in_(refs),
-                rank=RANK_PATIENT if p.column == "patient" else NEVER)
+                    store.ref_match(rtype, p.name, refs, table), rank)
+    probe = table.c[p.column].in_(refs)
+    if p.column != "patient":
+        return Cond(probe)
+    # the lookup reads the patient index for the references found (a page walk in page
+    # order would test every row of the type against them)
+    by_patient = FHIR_RESOURCE.alias("by_patient")
+    return Cond(probe, tuple_(table.c.rtype, table.c.id).in_(
+        select(by_patient.c.rtype, by_patient.c.id).where(by_patient.c.rtype == rtype,
+                                                          by_patient.c.patient.in_(refs))),
+        rank)
 
 
 def _result_param(q: Query, name: str, value: str) -> None:
