@@ -22,7 +22,7 @@ from urllib.parse import parse_qsl, urlencode
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
-from sqlalchemy import Connection, and_, or_, select
+from sqlalchemy import Connection, and_, or_
 from starlette.responses import Response
 
 from bridge.api.auth import role_of
