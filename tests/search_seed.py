@@ -160,13 +160,16 @@ RESOURCES: list[dict[str, Any]] = [
 ]
 
 
-def seed(conn: Connection) -> dict[str, dict[str, Any]]:
-    """Write RESOURCES (each validated); what was stored, by id."""
+def seed(conn: Connection, hashes: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
+    """Write RESOURCES (each validated); what was stored, by id. ``hashes``: patient id ->
+    patient hash, kept on the Patient and on what refers to it (what the audit records)."""
     out = {}
     for i, r in enumerate(RESOURCES):
         validate_resource(r)
-        out[r["id"]] = copy.deepcopy(store.put(conn, copy.deepcopy(r),
-                                               at=T0 + timedelta(minutes=i)))
+        patient = store.search_columns(r)["patient"] or ""
+        out[r["id"]] = copy.deepcopy(store.put(
+            conn, copy.deepcopy(r), at=T0 + timedelta(minutes=i),
+            patient_hash=(hashes or {}).get(patient.rpartition("/")[2])))
     return out
 
 

@@ -20,6 +20,7 @@ from bridge.api.fhir_results import SUBSETTED
 from bridge.config.loader import load_node
 from bridge.context import NodeContext
 from bridge.fhir.validate import validate_resource
+from bridge.privacy import patient_hash
 from tests import search_seed as sd
 from tests.harness import Alliance, NodeProcess
 from tests.test_fhir_api import MEMBERS, RULES, call, close_http, extra_of, http, ok
@@ -32,8 +33,11 @@ def core(tmp_path_factory: pytest.TempPathFactory):
     a = Alliance(tmp_path_factory.mktemp("fhirsearch") / "alliance", MEMBERS, RULES)
     ctx = NodeContext.open(load_node(a.files["core"]))
     try:
+        key = ctx.plan.patient_hash_key
+        hashes = {r["id"]: patient_hash(key, r["identifier"][0]["value"])
+                  for r in sd.RESOURCES if r["resourceType"] == "Patient"}
         with ctx.store.write() as conn:
-            sd.seed(conn)
+            sd.seed(conn, hashes)
     finally:
         ctx.store.dispose()
     a.start("core")
@@ -214,3 +218,70 @@ def test_searches_are_audited_with_names_never_values(core: NodeProcess) -> None
     text = " ".join(queries)
     for secret in ("王秀英", "1950-03-15", "110102195003151234", "Müller", "M%C3%BCller"):
         assert secret not in text
+
+
+def _audit(core: NodeProcess, params: Any) -> dict[str, Any]:
+    return ok(call(core, "GET", "/fhir/AuditEvent", role="auditor", params=params))
+
+
+def test_every_audit_event_parameter_listed_answers(core: NodeProcess) -> None:
+    """The AuditEvent half of the walk: each listed parameter with a value taken from the
+    chain, the ids checked against a snapshot of the chain (bounded by ``date=le`` its newest
+    record: the walk's own searches are audited too)."""
+    get(core, "Patient", {"_id": "p-wang"})  # a read with a patient hash in the chain
+    snap: list[dict[str, Any]] = []
+    b = _audit(core, {"_count": "200"})
+    while True:
+        snap += [e["resource"] for e in b["entry"]]
+        nxt = next((x["url"] for x in b["link"] if x["relation"] == "next"), None)
+        if nxt is None:
+            break
+        b = ok(call(core, "GET", nxt, role="auditor"))
+    until = snap[0]["recorded"]
+
+    def hashes(e: dict[str, Any]) -> list[str]:
+        return [x["what"]["identifier"]["value"] for x in e.get("entity", [])
+                if x.get("what", {}).get("identifier", {}).get("system")
+                == "urn:hutong:patient-hash"]
+
+    with_patient = next(e for e in snap if hashes(e))
+    h = hashes(with_patient)[0]
+    examples = {
+        "_id": (with_patient["id"], [with_patient["id"]]),
+        "date": (with_patient["recorded"], [e["id"] for e in snap
+                                            if e["recorded"] == with_patient["recorded"]]),
+        "subtype": ("read", [e["id"] for e in snap if e["subtype"][0]["code"] == "read"]),
+        "action": ("R", [e["id"] for e in snap if e["action"] == "R"]),
+        "outcome": ("0", [e["id"] for e in snap if e["outcome"] == "0"]),
+        "entity-identifier": (f"urn:hutong:patient-hash|{h}",
+                              [e["id"] for e in snap if h in hashes(e)]),
+        "patient-hash": (h, [e["id"] for e in snap if h in hashes(e)]),
+    }
+    cs = ok(call(core, "GET", "/fhir/metadata", role=None))
+    (res,) = [r for r in cs["rest"][0]["resource"] if r["type"] == "AuditEvent"]
+    for sp in res["searchParam"]:
+        name = sp["name"]
+        if name in examples:
+            value, want = examples[name]
+            params = [(name, value)] + ([("date", f"le{until}")] if name != "_id" else [])
+            got = _audit(core, params + [("_count", "200"), ("_total", "accurate")])
+            assert [e["resource"]["id"] for e in got.get("entry", [])] == want[:200], name
+            assert got["total"] == len(want) and want, name
+        elif name == "_count":
+            assert len(_audit(core, {"_count": "1"})["entry"]) == 1
+        elif name == "_cursor":
+            first = _audit(core, {"_count": "1", "date": f"le{until}"})
+            nxt = next(x["url"] for x in first["link"] if x["relation"] == "next")
+            assert ok(call(core, "GET", nxt, role="auditor"))["entry"][0]["resource"]["id"] \
+                == snap[1]["id"]
+        elif name in ("_total", "_totalMethod"):
+            value = "accurate" if name == "_total" else "count"
+            assert _audit(core, {name: value, "date": f"le{until}"})["total"] == len(snap)
+        elif name == "_pretty":
+            r = call(core, "GET", "/fhir/AuditEvent", role="auditor",
+                     params={"_pretty": "true", "_count": "1"})
+            assert r.status_code == 200 and "\n  " in r.text
+        elif name == "_format":
+            assert len(_audit(core, {"_format": "json", "_count": "1"})["entry"]) == 1
+        else:
+            raise AssertionError(f"AuditEvent?{name} is listed but untested")
