@@ -285,3 +285,17 @@ def test_every_audit_event_parameter_listed_answers(core: NodeProcess) -> None:
             assert len(_audit(core, {"_format": "json", "_count": "1"})["entry"]) == 1
         else:
             raise AssertionError(f"AuditEvent?{name} is listed but untested")
+
+
+def test_references_as_this_servers_absolute_url(core: NodeProcess) -> None:
+    base = core.local_url + "/fhir"
+    assert ids(get(core, "Observation", {"patient": f"{base}/Patient/p-zhang"})) == ["obs-hb"]
+    assert ids(get(core, "Task", {"focus": f"{base}/ServiceRequest/sr-1"})) == ["task-1"]
+    # a full URL as a bundle's fullUrl names it, and the fullUrl of a search entry
+    b = get(core, "Patient", {"_id": "p-wang"})
+    assert ids(get(core, "Observation", {"subject": b["entry"][0]["fullUrl"],
+                                         "code": "2345-7"})) == ["obs-glu"]
+    r = call(core, "GET", "/fhir/Observation",
+             params={"patient": "https://elsewhere.example/fhir/Patient/p-zhang"})
+    assert r.status_code == 400 and "another server's URL" in r.text
+    assert "elsewhere" not in r.text
