@@ -20,8 +20,15 @@ import pytest
 from sqlalchemy import Connection, delete
 
 from bridge.api import fhir_api
-from bridge.api.fhir_results import SUBSETTED, included, revincluded, sort_order, subset
-from bridge.api.fhir_search import parse_query
+from bridge.api.fhir_results import (
+    SUBSETTED,
+    included,
+    revinclude_query,
+    revincluded,
+    sort_order,
+    subset,
+)
+from bridge.api.fhir_search import REVINCLUDES, parse_query
 from bridge.api.outcome import BadRequest
 from bridge.fhir.validate import validate_resource
 from bridge.fhirstore import schema, store
@@ -115,6 +122,8 @@ def test_every_example_finds_its_ids_with_the_stored_bodies(db: Store) -> None:
     ("Task", [("focus:ServiceRequest", "sr-2")], ["task-2"]),
     ("Observation", [("subject:identifier", f"{sd.NID}|110102195003151234")],
      ["obs-bp", "obs-glu"]),
+    ("Observation", [("patient", "p-wang,Patient/p-zhang")], ["obs-bp", "obs-hb", "obs-glu"]),
+    ("Observation", [("patient", "p-wang,p-zhang"), ("status", "final")], ["obs-hb", "obs-glu"]),
     ("Observation", [("encounter:identifier", "ENC-2")], ["obs-hb"]),
     # chains, one level
     ("Observation", [("patient.identifier", f"{sd.NID}|11010119650505231X")], ["obs-hb"]),
@@ -366,6 +375,7 @@ def _plan(conn: Connection, stmt: Any) -> str:
     ("Patient", [("birthdate", "1950-03"), ("gender", "female")], "ix_fhir_date_start"),
     ("Observation", [("code", f"{sd.LOINC}|718-7")], "fhir_token"),
     ("Observation", [("patient", "p-wang"), ("code", "718-7")], "ix_fhir_type_patient_newest"),
+    ("Observation", [("patient", "p-wang,Patient/p-zhang")], "ix_fhir_type_patient_newest"),
     ("Observation", [("category", "laboratory"), ("date", "ge2026-11-02")], "fhir_date"),
     ("Observation", [("encounter", "enc-1")], "ix_fhir_token_value"),
     ("Observation", [("based-on", "sr-1")], "ix_fhir_token_value"),
@@ -423,20 +433,21 @@ def test_a_narrow_chain_drives_the_search(db: Store, params: list[tuple[str, str
     assert found(db, "Observation", *params) == want
 
 
-def test_revinclude_lookups_use_indexes(db: Store) -> None:
-    from sqlalchemy import select, tuple_
-
-    targets = ["ServiceRequest/sr-1", "ServiceRequest/sr-2"]
-    TOK = FHIR_TOKEN
-    by_token = select(T).where(tuple_(T.c.rtype, T.c.id).in_(select(TOK.c.rtype, TOK.c.id).where(
-        TOK.c.rtype == "Task", TOK.c.param == "focus", TOK.c.value.in_(targets))))
-    by_patient = select(T).where(T.c.rtype == "Observation",
-                                 T.c.patient.in_(["Patient/p-wang"]))
-    for stmt, index in ((by_token, "ix_fhir_token_value"),
-                        (by_patient, "ix_fhir_type_patient_newest")):
-        with db.read() as conn:
-            plan = _plan(conn, stmt)
-        if db.is_sqlite:
-            assert index in plan and "SCAN fhir_" not in plan, plan
-        else:
-            assert "Seq Scan" not in plan, plan
+@pytest.mark.parametrize("spec", sorted({s for v in REVINCLUDES.values() for s in v}))
+def test_revinclude_lookups_use_indexes(db: Store, spec: str) -> None:
+    """Several targets (a page): the ids are looked up, never a walk of the type's rows."""
+    target = {"Task:focus": "ServiceRequest", "DiagnosticReport:based-on": "ServiceRequest",
+              "Observation:based-on": "ServiceRequest", "ImagingStudy:basedon": "ServiceRequest",
+              "DiagnosticReport:result": "Observation"}.get(spec)
+    if target is None:
+        target = "Encounter" if spec.endswith(":encounter") else "Patient"
+    targets = [f"{target}/a", f"{target}/b", f"{target}/c"]
+    with db.read() as conn:
+        plan = _plan(conn, revinclude_query(spec, targets))
+    if db.is_sqlite:
+        index = "ix_fhir_token_value" if spec.split(":")[1] != "patient" \
+            else "ix_fhir_type_patient_newest"
+        assert index in plan and "SCAN fhir_" not in plan, plan
+        assert "ix_fhir_type_newest" not in plan, plan
+    else:
+        assert "Seq Scan" not in plan, plan

@@ -2,7 +2,8 @@
 ``_include`` and ``_revinclude`` add, and the subset of each match (``_summary``, ``_elements``).
 
 Includes are primary-key reads of the references on the page; revincludes are index lookups
-(``fhir_token`` for references kept as tokens, ``ix_fhir_type_patient_newest`` for a patient),
+(``fhir_token`` for references kept as tokens, ``ix_fhir_type_patient_newest`` for a patient;
+``revinclude_query``),
 each bounded by ``MAX_INCLUDED`` (past it the Bundle carries a warning). Subsets follow R4:
 ``_summary=true`` keeps the elements the R4 definitions mark as summary (read from the
 ``fhir.resources`` R4B models, whose flags are R4's for the types served here), ``text`` keeps
@@ -91,6 +92,24 @@ def included(conn: Connection, q: Query, rows: list[Any]) -> tuple[list[Any], li
     return out[:MAX_INCLUDED], warnings
 
 
+def revinclude_query(spec: str, targets: list[str]) -> Any:
+    """The rows of ``_revinclude=spec`` pointing at ``targets`` (``Type/id``), newest first,
+    one more than MAX_INCLUDED: an index lookup of their ids, then the primary key."""
+    src, _, name = spec.partition(":")
+    p = _param(src, name)
+    if p.column == "@ref":
+        ids = select(TOK.c.rtype, TOK.c.id).where(TOK.c.rtype == src, TOK.c.param == name,
+                                                  TOK.c.value.in_(targets))
+    else:
+        # through the patient index: with the page order asked of the same table, SQLite
+        # would walk every row of the type in that order instead
+        by_ref = T.alias("by_ref")
+        ids = select(by_ref.c.rtype, by_ref.c.id).where(by_ref.c.rtype == src,
+                                                         by_ref.c[p.column].in_(targets))
+    return select(T).where(tuple_(T.c.rtype, T.c.id).in_(ids)).order_by(
+        T.c.last_updated.desc(), T.c.id).limit(MAX_INCLUDED + 1)
+
+
 def revincluded(conn: Connection, q: Query, rows: list[Any]) -> tuple[list[Any], list[str]]:
     """Rows ``_revinclude`` adds: resources whose reference points at a page row."""
     seen = {(r.rtype, r.id) for r in rows}
@@ -100,16 +119,8 @@ def revincluded(conn: Connection, q: Query, rows: list[Any]) -> tuple[list[Any],
     if not targets:
         return out, warnings
     for spec in q.revinclude:
-        src, _, name = spec.partition(":")
-        p = _param(src, name)
-        if p.column == "@ref":
-            cond = tuple_(T.c.rtype, T.c.id).in_(select(TOK.c.rtype, TOK.c.id).where(
-                TOK.c.rtype == src, TOK.c.param == name, TOK.c.value.in_(targets)))
-            stmt = select(T).where(cond)
-        else:
-            stmt = select(T).where(T.c.rtype == src, T.c[p.column].in_(targets))
-        found = conn.execute(stmt.order_by(T.c.last_updated.desc(), T.c.id)
-                             .limit(MAX_INCLUDED + 1)).all()
+        stmt = revinclude_query(spec, targets)
+        found = conn.execute(stmt).all()
         if len(found) > MAX_INCLUDED:
             warnings.append(f"_revinclude={spec} added the newest {MAX_INCLUDED} only")
         for r in found[:MAX_INCLUDED]:

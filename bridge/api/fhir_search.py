@@ -522,8 +522,19 @@ def conditions(p: Param, raw: str, table: Table, rtype: str, *, modifier: str = 
     if p.type == "date":
         return Cond(date_condition(col, raw, p.name))
     if p.type == "reference":
-        return Cond(or_(*(_reference(col, v, p, base) for v in values)),
-                    rank=RANK_PATIENT if p.column == "patient" else NEVER)
+        probe = or_(*(_reference(col, v, p, base) for v in values))
+        if p.column != "patient":
+            return Cond(probe)
+        if len(values) == 1:  # the patient index, already in page order
+            return Cond(probe, rank=RANK_PATIENT)
+        # several patients: their ids through the patient index, then sorted (asked in page
+        # order of the same table, SQLite would walk every row of the type)
+        by_patient = FHIR_RESOURCE.alias("by_patient")
+        return Cond(probe, tuple_(table.c.rtype, table.c.id).in_(select(
+            by_patient.c.rtype, by_patient.c.id).where(
+                by_patient.c.rtype == rtype,
+                or_(*(_reference(by_patient.c.patient, v, p, base) for v in values)))),
+            RANK_PATIENT)
     if p.name == "identifier":  # via the fhir_token index
         probe = identifier_match(rtype, values, table, lookup=False)
         if modifier == "not":
