@@ -376,6 +376,7 @@ def _plan(conn: Connection, stmt: Any) -> str:
     ("Observation", [("code", f"{sd.LOINC}|718-7")], "fhir_token"),
     ("Observation", [("patient", "p-wang"), ("code", "718-7")], "ix_fhir_type_patient_newest"),
     ("Observation", [("patient", "p-wang,Patient/p-zhang")], "ix_fhir_type_patient_newest"),
+    ("Observation", [("_id", "obs-hb,obs-bp")], "sqlite_autoindex_fhir_resource_1 (rtype=? AND id=?)"),
     ("Observation", [("category", "laboratory"), ("date", "ge2026-11-02")], "fhir_date"),
     ("Observation", [("encounter", "enc-1")], "ix_fhir_token_value"),
     ("Observation", [("based-on", "sr-1")], "ix_fhir_token_value"),

@@ -547,7 +547,15 @@ def conditions(p: Param, raw: str, table: Table, rtype: str, *, modifier: str = 
     if p.name == "_id":
         for v in values:
             _check_id(v, p.name)
-        return Cond(col.in_([v.rpartition("|")[2] for v in values]), rank=RANK_ID)
+        wanted = [v.rpartition("|")[2] for v in values]
+        if len(wanted) == 1:
+            return Cond(col == wanted[0], rank=RANK_ID)
+        # several: primary-key lookups (typed, with the page order asked of the same table,
+        # SQLite would walk every row of the type in that order)
+        by_id = FHIR_RESOURCE.alias("by_id")
+        return Cond(col.in_(wanted), tuple_(table.c.rtype, table.c.id).in_(
+            select(by_id.c.rtype, by_id.c.id).where(by_id.c.rtype == rtype,
+                                                    by_id.c.id.in_(wanted))), RANK_ID)
     codes = _status_codes(rtype, p, values)
     if modifier == "not":
         return Cond(or_(col.is_(None), col.not_in(codes)))
