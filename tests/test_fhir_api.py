@@ -252,10 +252,17 @@ def test_metadata_is_a_valid_truthful_capability_statement(core: NodeProcess) ->
         "read", *history, "search-type", "update"]
     assert [i["code"] for i in by_type["Patient"]["interaction"]] == [
         "read", *history, "search-type"]
-    assert by_type["Task"]["searchInclude"] == ["Task:focus"]
+    assert by_type["Task"]["searchInclude"] == ["Task:focus", "Task:patient"]
+    assert by_type["ServiceRequest"]["searchRevInclude"] == [
+        "Task:focus", "DiagnosticReport:based-on", "Observation:based-on", "ImagingStudy:basedon"]
     sr_params = {p["name"] for p in by_type["ServiceRequest"]["searchParam"]}
     assert sr_params == {"_id", "_lastUpdated", "patient", "subject", "status", "requester",
-                         "performer", "identifier", "_count", "_cursor", "_total"}
+                         "performer", "identifier", "encounter", "_count", "_cursor", "_total",
+                         "_totalMethod", "_sort", "_summary", "_elements", "_pretty",
+                         "_format"}
+    assert {p["name"] for p in by_type["AuditEvent"]["searchParam"]} & {
+        "_sort", "_summary", "_elements"} == set()
+    # every listed parameter answers: tests/test_fhir_search_api.py walks the statement
     assert {p["name"] for p in by_type["AuditEvent"]["searchParam"]} >= {
         "date", "subtype", "action", "entity-identifier", "patient-hash"}
     assert [i["code"] for i in rest["interaction"]] == ["transaction", "batch"]
@@ -448,10 +455,17 @@ def test_total_none_and_bad_values(core: NodeProcess) -> None:
 
 def test_unknown_parameters_are_refused_by_name(core: NodeProcess) -> None:
     r = call(core, "GET", "/fhir/ServiceRequest",
-             params=[("status", "active"), ("name", "王"), ("status:not", "revoked"),
-                     ("_sort", "-_lastUpdated")])
+             params=[("status", "active"), ("name", "王"), ("status:contains", "revoked"),
+                     ("code", "3457005"), ("requester.name", "李"), ("_has:Task:focus:status",
+                                                                  "accepted")])
     msg = outcome(r, 400, "not-supported", "HT-FHIR-REQUEST")
-    assert "unknown search parameter(s) for ServiceRequest: name, status:not, _sort" in msg
+    assert "unknown search parameter(s) for ServiceRequest: name, status:contains, code, " \
+        "requester.name, (unreadable name)" in msg
+    assert "王" not in msg and "李" not in msg and "revoked" not in msg
+    # what issue #19 added is accepted: status:not, _sort, _summary, _elements, _pretty
+    b = search(core, "ServiceRequest", [("status:not", "revoked"), ("_sort", "-_lastUpdated"),
+                                        ("_summary", "false"), ("_pretty", "false")])
+    assert b["total"] == 20
     # Prefer: handling=lenient ignores them, says so, and leaves them out of the self link
     b = ok(call(core, "GET", "/fhir/ServiceRequest", params=[("status", "revoked"),
                                                               ("name", "王")],

@@ -189,3 +189,97 @@ def test_fhirclient_errors(env) -> None:
     with pytest.raises(FHIRPermissionDeniedException):
         FcTask.read("task-0", smart(core, "it").server)
 
+
+
+# -------------------------------------------------------------------------------------------
+# issue #19: the search calls clients make (count, sort, elements, revinclude, _summary=count)
+
+
+def _dr_li(seed) -> list[dict]:
+    return [s for s in seed.srs if s["requester"]["reference"] == "Practitioner/dr-li"]
+
+
+def test_fhirpy_count_sort_elements_revinclude(env) -> None:
+    a, seed = env
+    client = fhirpy(a.node("core"))
+    srs = client.resources("ServiceRequest")
+    # count(): _count=0 with fhirpy's _totalMethod=count
+    # (seeded referrals only: test_fhirpy_moves_a_referral_task adds one of its own)
+    mine = _dr_li(seed)
+    assert srs.search(requester="Practitioner/dr-li").count() == len(mine) == 20
+    assert srs.search(requester="Practitioner/dr-li", status="revoked").count() == len(
+        [s for s in mine if s["status"] == "revoked"])
+    # sort(): ascending really ascending, descending, several keys
+    assert [r.id for r in srs.search(requester="Practitioner/dr-li").sort("_lastUpdated")
+            .limit(5).fetch()] == [s["id"] for s in mine[:5]]
+    assert [r.id for r in srs.search(requester="Practitioner/dr-li").sort("-_lastUpdated")
+            .limit(5).fetch()] == newest_first(mine)[:5]
+    by_status = [r.id for r in srs.search(requester="Practitioner/dr-li")
+                 .sort("status", "-_lastUpdated").limit(50).fetch_all()]
+    assert by_status == [s["id"] for st in sorted({s["status"] for s in mine})
+                         for s in reversed(mine) if s["status"] == st]
+    # elements(): only what was asked (and what R4 requires), tagged SUBSETTED
+    got = srs.search(_id="sr-04").elements("status").fetch()
+    assert [r.serialize() for r in got] == [{
+        "resourceType": "ServiceRequest", "id": "sr-04", "status": seed.srs[4]["status"],
+        "intent": "order", "subject": seed.srs[4]["subject"],
+        "meta": {**got[0]["meta"], "tag": [{
+            "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
+            "code": "SUBSETTED"}]}}]
+    # revinclude(): the referral and the Task that points at it
+    raw = srs.search(_id="sr-04").revinclude("Task", "focus").fetch_raw()
+    assert [(e.search.mode, e.resource.resourceType, e.resource.id) for e in raw.entry] == [
+        ("match", "ServiceRequest", "sr-04"), ("include", "Task", "task-1")]
+    assert [r.id for r in srs.search(_id="sr-04").revinclude("Task", "focus").fetch()] == [
+        "sr-04"]
+
+
+def test_fhirpy_async_count_sort_elements_revinclude(env) -> None:
+    import asyncio
+
+    from fhirpy import AsyncFHIRClient
+
+    a, seed = env
+    core = a.node("core")
+    mine = _dr_li(seed)
+
+    async def run() -> None:
+        client = AsyncFHIRClient(core.local_url + "/fhir",
+                                 authorization=f"Bearer {core.token('clinician')}")
+        srs = client.resources("ServiceRequest")
+        assert await srs.search(patient="pat-zhang", requester="Practitioner/dr-li"
+                                ).count() == len([s for s in mine if s["id"][-1] in "13579"])
+        asc = await srs.search(requester="Practitioner/dr-li").sort("_lastUpdated").limit(
+            3).fetch()
+        assert [r.id for r in asc] == [s["id"] for s in mine[:3]]
+        assert [r.id for r in await srs.search(requester="Practitioner/dr-li")
+                .sort("-_id").limit(3).fetch()] == sorted((s["id"] for s in mine),
+                                                         reverse=True)[:3]
+        got = await client.resources("Patient").search(_id="pat-zhang").elements(
+            "gender").fetch()
+        assert {k: v for k, v in got[0].items() if k != "meta"} == {
+            "resourceType": "Patient", "id": "pat-zhang", "gender": "male"}
+        raw = await srs.search(_id="sr-05").revinclude("Task", "focus").fetch_raw()
+        assert [(e.search.mode, e.resource.id) for e in raw.entry] == [
+            ("match", "sr-05"), ("include", "task-2")]
+
+    asyncio.run(run())
+
+
+def test_fhirclient_summary_count_and_sort(env) -> None:
+    a, seed = env
+    fc = smart(a.node("core"))
+    bundle = next(FHIRSearch(FcServiceRequest, {"requester": "Practitioner/dr-li",
+                                                "_summary": "count"}).perform_iter(fc.server))
+    assert isinstance(bundle, FcBundle) and bundle.total == 20 and not bundle.entry
+    asc = next(FHIRSearch(FcServiceRequest, {"requester": "Practitioner/dr-li",
+                                             "_sort": "_lastUpdated", "_count": "4"}
+                          ).perform_iter(fc.server))
+    assert [e.resource.id for e in asc.entry] == [s["id"] for s in _dr_li(seed)[:4]]
+    summary = next(FHIRSearch(FcTask, {"_id": "task-0", "_summary": "true"}
+                              ).perform_iter(fc.server))
+    (task,) = [e.resource for e in summary.entry]
+    assert task.status == seed.tasks[0]["status"] and task.focus.reference == "ServiceRequest/sr-03"
+    assert task.authoredOn is None  # not a summary element of Task
+    assert [(t.system, t.code) for t in task.meta.tag] == [
+        ("http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "SUBSETTED")]

@@ -237,7 +237,8 @@ def test_an_old_store_is_upgraded_once_on_open_with_the_same_answers(dsn: str) -
         s.create_all()
         seed(s)
         want_answers, want_tokens = _answers(s), _tokens(s)
-        assert len(want_tokens) == 8 + 12  # each (system, value) of each resource once
+        # each (system, value) identifier of each resource once, and each Observation's code
+        assert len(want_tokens) == 8 + 12 + 12
         _make_old(s)
         with s.read() as conn:
             assert not conn.dialect.has_table(conn, "fhir_token")

@@ -11,7 +11,15 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from bridge.api import fhir_terminology
-from bridge.api.fhir_search import AUDIT_PARAMS, INCLUDES, RESULT_PARAMS, SEARCH_PARAMS, Param
+from bridge.api.fhir_search import (
+    AUDIT_PARAMS,
+    AUDIT_RESULT_PARAMS,
+    INCLUDES,
+    RESULT_PARAMS,
+    REVINCLUDES,
+    SEARCH_PARAMS,
+    Param,
+)
 
 #: types the clinician role may read and search (everything but AuditEvent)
 CLINICAL_TYPES = tuple(SEARCH_PARAMS)
@@ -24,7 +32,10 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     HUTONG_VERSION = "0.0.0"
 
-_RESULT_TYPES = {"_count": "number", "_cursor": "string", "_total": "token"}
+_RESULT_TYPES = {"_count": "number", "_cursor": "string", "_total": "token",
+                 "_totalMethod": "token", "_sort": "string",
+                 "_summary": "token", "_elements": "string", "_pretty": "token",
+                 "_format": "token"}
 #: what no served type supports: history reads, client ids, conditional interactions
 _NO_CONDITIONALS: dict[str, Any] = {
     "readHistory": False, "updateCreate": False, "conditionalCreate": False,
@@ -40,15 +51,16 @@ _VERSIONED: dict[str, Any] = {
 _HISTORY = [{"code": "vread"}, {"code": "history-instance"}, {"code": "history-type"}]
 
 
-def _search_params(params: tuple[Param, ...]) -> list[dict[str, Any]]:
+def _search_params(params: tuple[Param, ...], audit: bool = False) -> list[dict[str, Any]]:
     out = [{"name": p.name, "type": p.type, "documentation": p.doc} for p in params]
     out += [{"name": n, "type": _RESULT_TYPES[n], "documentation": doc}
-            for n, doc in RESULT_PARAMS.items()]
+            for n, doc in RESULT_PARAMS.items() if not audit or n in AUDIT_RESULT_PARAMS]
     return out
 
 
 def _resource(rtype: str, params: tuple[Param, ...], roles: str) -> dict[str, Any]:
-    interactions = [{"code": "read"}, {"code": "search-type"}]
+    interactions = [{"code": "read"}, {"code": "search-type", "documentation":
+                     "GET [type]?... or POST [type]/_search (form-encoded): the same answer"}]
     if rtype != AUDIT_TYPE:
         interactions[1:1] = _HISTORY
     if rtype in UPDATABLE:
@@ -61,10 +73,12 @@ def _resource(rtype: str, params: tuple[Param, ...], roles: str) -> dict[str, An
         "versioning": "versioned" if rtype != AUDIT_TYPE else "no-version",
         **(_NO_CONDITIONALS if rtype == AUDIT_TYPE else
            {**_VERSIONED, "conditionalCreate": rtype not in UPDATABLE}),
-        "searchParam": _search_params(params),
+        "searchParam": _search_params(params, rtype == AUDIT_TYPE),
     }
     if rtype in INCLUDES:
         res["searchInclude"] = list(INCLUDES[rtype])
+    if rtype in REVINCLUDES:
+        res["searchRevInclude"] = list(REVINCLUDES[rtype])
     return res
 
 
@@ -125,7 +139,11 @@ def capability_statement(base_url: str, node_id: str, date: str) -> dict[str, An
         "rest": [{
             "mode": "server",
             "documentation": "Paging: Bundle.link next carries an opaque _cursor; results are "
-                             "newest first (_lastUpdated descending).",
+                             "newest first (_lastUpdated descending) unless _sort says "
+                             "otherwise. Modifiers: :missing (all types), :not (token), "
+                             ":exact and :contains (string), :identifier and :[Type] "
+                             "(reference). Chains one level deep on reference parameters "
+                             "(patient.identifier=..., focus:ServiceRequest.status=...).",
             "security": {
                 "cors": False,
                 "description": "Authorization: Bearer <token>, one static token per role from "

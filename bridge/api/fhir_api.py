@@ -23,12 +23,12 @@ import uuid
 from datetime import datetime
 from email.utils import format_datetime
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlencode
+from urllib.parse import parse_qsl, urlencode
 
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
-from sqlalchemy import Connection, and_, or_, select
+from sqlalchemy import Connection, and_, or_
 from starlette.responses import Response
 
 from bridge.api.auth import actor_of, principal_of, who
@@ -48,6 +48,7 @@ from bridge.api.fhir_audit import (
     redacted_query,
     search_audit,
 )
+from bridge.api.fhir_results import included, revincluded, sort_order, subset
 from bridge.api.fhir_search import Query, encode_cursor, parse_query
 from bridge.api.fhir_terminology import terminology_router
 from bridge.api.fhir_transaction import Transactions
@@ -118,7 +119,7 @@ def _entry(base: str, resource: dict[str, Any], mode: str) -> dict[str, Any]:
 
 
 def _searchset(request: Request, q: Query, entries: list[dict[str, Any]], total: int | None,
-               nxt: str | None, now: str) -> dict[str, Any]:
+               nxt: str | None, now: str, warnings: list[str] | None = None) -> dict[str, Any]:
     base = _base(request)
     url = f"{base}/{q.rtype}"
     links = [{"relation": "self", "url": url + ("?" + urlencode(q.used) if q.used else "")}]
@@ -139,7 +140,20 @@ def _searchset(request: Request, q: Query, entries: list[dict[str, Any]], total:
                 "severity": "warning", "code": "not-supported",
                 "diagnostics": "ignored: " + ", ".join(q.ignored)[:500]}]},
             "search": {"mode": "outcome"}})
+    if warnings:  # a bounded _include / _revinclude
+        bundle.setdefault("entry", []).append({"resource": {
+            "resourceType": "OperationOutcome", "issue": [{
+                "severity": "warning", "code": "too-costly", "diagnostics": w}
+                for w in warnings]}, "search": {"mode": "outcome"}})
     return bundle
+
+
+def _bundle_json(bundle: dict[str, Any], q: Query) -> Response:
+    """The searchset as JSON, indented if ``_pretty=true``."""
+    if not q.pretty:
+        return fhir_json(bundle)
+    return Response(orjson.dumps(bundle, option=orjson.OPT_INDENT_2),
+                    media_type="application/fhir+json; charset=utf-8")
 
 
 def _page(conn: Connection, q: Query) -> tuple[list[Any], int | None, str | None]:
@@ -149,7 +163,14 @@ def _page(conn: Connection, q: Query) -> tuple[list[Any], int | None, str | None
     when it is asked for and the first page does not already hold every match (then it is the
     page's length); the count runs on the index that serves the conditions."""
     where = list(q.where)
-    if q.cursor is not None:
+    order = sort_order(q)
+    offset = 0
+    if q.cursor is not None and order:  # another order than newest first pages by position
+        if not (isinstance(q.cursor, dict) and isinstance(q.cursor.get("o"), int)
+                and 0 <= q.cursor["o"] <= 10**9):
+            raise BadRequest("_cursor is not one this server gave out")
+        offset = q.cursor["o"]
+    elif q.cursor is not None:
         try:
             at, rid = store_time(q.cursor[0]), str(q.cursor[1])
         except (TypeError, ValueError, IndexError, KeyError) as exc:
@@ -158,39 +179,30 @@ def _page(conn: Connection, q: Query) -> tuple[list[Any], int | None, str | None
         where.append(and_(T.c.last_updated <= at,
                           or_(T.c.last_updated < at, T.c.id > rid)))
     typed = not q.by_token
-    rows, more = store.search(conn, q.rtype, where=where, count=q.count, typed=typed)
+    rows, more = store.search(conn, q.rtype, where=where, count=q.count, typed=typed,
+                              order=order, offset=offset)
     total: int | None = None
     if q.total:
         key = None if q.accurate else tuple(
-            (k, v) for k, v in q.used if k not in ("_count", "_cursor", "_total", "_include"))
-        total = len(rows) if q.cursor is None and not more else store.count(
+            (k, v) for k, v in q.used if k not in _NOT_MATCHING)
+        total = offset + len(rows) if q.cursor is None and not more else store.count(
             conn, q.rtype, where=q.where, typed=typed, estimate_key=key)
     nxt = None
     if rows and more:
-        nxt = encode_cursor([rows[-1].last_updated.isoformat(), rows[-1].id])
+        nxt = encode_cursor({"o": offset + len(rows)} if order else
+                            [rows[-1].last_updated.isoformat(), rows[-1].id])
     return rows, total, nxt
+
+
+#: result parameters that do not change which resources match (the count's estimate key)
+_NOT_MATCHING = ("_count", "_cursor", "_total", "_totalMethod", "_include", "_revinclude", "_sort", "_summary",
+                 "_elements", "_pretty", "_format")
 
 
 def store_time(value: Any) -> datetime:
     if not isinstance(value, str):
         raise TypeError("cursor time")
     return datetime.fromisoformat(value)
-
-
-def _focus_rows(conn: Connection, rows: list[Any]) -> list[Any]:
-    """Rows that ``_include=Task:focus`` adds: each focused clinical resource once, in order."""
-    seen = {(r.rtype, r.id) for r in rows}
-    wanted: list[tuple[str, str]] = []
-    for r in rows:
-        rtype, _, rid = (r.focus or "").partition("/")
-        if rtype in CLINICAL_TYPES and rid and (rtype, rid) not in seen:
-            seen.add((rtype, rid))
-            wanted.append((rtype, rid))
-    if not wanted:
-        return []
-    found = {(r.rtype, r.id): r for r in conn.execute(select(T).where(or_(
-        *(and_(T.c.rtype == t, T.c.id == i) for t, i in wanted))))}
-    return [found[k] for k in wanted if k in found]
 
 
 def _headers(resource: dict[str, Any]) -> dict[str, str]:
@@ -210,8 +222,9 @@ def fhir_router(node: Node) -> APIRouter:
         return ctx.now().isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
     def audited(role: str, request: Request, seen: list[tuple[str, str | None]],
-                conn: Connection) -> None:
-        query = redacted_query(request.url.path, request.url.query)
+                conn: Connection, query_string: str | None = None) -> None:
+        query = redacted_query(request.url.path, request.url.query if query_string is None
+                               else query_string)
         interaction = "read" if request.path_params.get("rid") else "search-type"
         ctx.audit.append(conn, read_entries(role, query, seen, ctx.now(),
                                             interaction=interaction, **who(request, role)))
@@ -273,28 +286,50 @@ def fhir_router(node: Node) -> APIRouter:
             return not_modified_response(row.version, row.at)
         return fhir_json(orjson.loads(row.body), headers=version_headers(row.version, row.at))
 
-    @router.get("/{rtype}", responses=answers("Bundle", 403, 404))
-    def search(rtype: str, request: Request) -> Response:
+    def run_search(rtype: str, request: Request, items: list[tuple[str, str]]) -> Response:
+        """One search (GET or POST _search: the same parameters, the same answer)."""
         role = _allowed(request, rtype)
-        items = list(request.query_params.multi_items())
         lenient = _lenient(request)
+        query = urlencode(items)
         if rtype == AUDIT_TYPE:
             q = parse_query(rtype, items, AUDIT, lenient=lenient)
             with ctx.store.write() as conn:
                 events, total, nxt = search_audit(conn, q)
-                audited(role, request, [], conn)
+                audited(role, request, [], conn, query)
             entries = [_entry(_base(request), e, "match") for e in events]
-            return fhir_json(_searchset(request, q, entries, total, nxt, now()))
-        q = parse_query(rtype, items, T, lenient=lenient)
+            return _bundle_json(_searchset(request, q, entries, total, nxt, now()), q)
         base = _base(request)
+        q = parse_query(rtype, items, T, lenient=lenient, base=base)
         with ctx.store.write() as conn:
             rows, total, nxt = _page(conn, q)
-            extra = _focus_rows(conn, rows) if q.include_focus else []
+            extra, warnings = included(conn, q, rows)
+            more, more_warnings = revincluded(conn, q, rows + extra)
+            extra += more
             audited(role, request, [(f"{r.rtype}/{r.id}", r.patient_hash) for r in rows + extra],
-                    conn)
-        entries = [_entry(base, orjson.loads(r.body), "match") for r in rows]
+                    conn, query)
+        entries = [_entry(base, subset(orjson.loads(r.body), q), "match") for r in rows]
         entries += [_entry(base, orjson.loads(r.body), "include") for r in extra]
-        return fhir_json(_searchset(request, q, entries, total, nxt, now()))
+        return _bundle_json(_searchset(request, q, entries, total, nxt, now(),
+                                       warnings + more_warnings), q)
+
+    @router.get("/{rtype}", responses=answers("Bundle", 403, 404))
+    def search(rtype: str, request: Request) -> Response:
+        return run_search(rtype, request, list(request.query_params.multi_items()))
+
+    @router.post("/{rtype}/_search", responses=answers("Bundle", 403, 404))
+    async def search_post(rtype: str, request: Request) -> Response:
+        """R4 ``POST [type]/_search``: parameters in the query string and the form body."""
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        body = await request.body()
+        if body and kind != "application/x-www-form-urlencoded":
+            raise BadRequest("POST _search takes its parameters as "
+                             "application/x-www-form-urlencoded")
+        try:
+            form = parse_qsl(body.decode("utf-8"), keep_blank_values=True)
+        except UnicodeDecodeError as exc:
+            raise BadRequest("POST _search: the form is not UTF-8") from exc
+        items = list(request.query_params.multi_items()) + form
+        return await run_in_threadpool(run_search, rtype, request, items)
 
     @router.get("/{rtype}/{rid}", responses=answers(None, 403, 404))
     def read(rtype: str, rid: str, request: Request) -> Response:

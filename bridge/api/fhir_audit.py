@@ -36,10 +36,15 @@ _EXTRA_CHARS = 256
 #: (never a person). Every other value, including any a lenient search ignored, becomes ***;
 #: the names stay (identifier keeps its system: ``identifier=urn:oid:...|***``).
 _CODES = re.compile(r"[a-z][a-z\-]{0,30}(,[a-z][a-z\-]{0,30}){0,9}")
+#: ``Type:param[:Target]`` (what ``_include`` / ``_revinclude`` name: no person)
+_INCLUDE = re.compile(r"[A-Z][A-Za-z]{1,40}:[a-z][a-z\-]{0,40}(:[A-Z][A-Za-z]{1,40})?")
 _DATES = re.compile(r"([a-z]{2})?\d{4}(-\d\d(-\d\d(T[0-9:.]{5,15}(Z|[+\- ]\d\d:\d\d)?)?)?)?")
 _KEEP_VALUE: dict[str, re.Pattern[str]] = {
     "_count": re.compile(r"\d{1,4}"), "_total": _CODES, "_format": re.compile(r"[a-z/+]{1,30}"),
-    "_include": re.compile(r"Task:focus(:ServiceRequest)?"), "status": _CODES,
+    "_include": _INCLUDE, "_revinclude": _INCLUDE, "status": _CODES, "gender": _CODES,
+    "_sort": re.compile(r"-?[_a-zA-Z][a-zA-Z\-]{0,30}(,-?[_a-zA-Z][a-zA-Z\-]{0,30}){0,9}"),
+    "_summary": _CODES, "_pretty": _CODES, "_totalMethod": _CODES,
+    "_elements": re.compile(r"[a-z][A-Za-z0-9]{0,63}(,[a-z][A-Za-z0-9]{0,63}){0,19}"),
     "subtype": _CODES, "action": re.compile(r"[CRUDE]"), "outcome": re.compile(r"\d{1,2}"),
     "_lastUpdated": _DATES, "date": _DATES,
 }

@@ -7,7 +7,8 @@ indexes (see ``tables``) get, in one transaction on open:
 1. ``ix_fhir_type_newest`` and ``ix_fhir_type_patient_newest`` (``IF NOT EXISTS``), and the
    indexes they replace dropped;
 2. ``fhir_token`` filled from every stored resource's identifiers (the backfill), and
-   ``fhir_date`` from every Encounter's period (schema 3);
+   ``fhir_date`` from every Encounter's period (schema 3); schema 4: the codes and references
+   of ``store.CODED``, the dates of ``store.DATED``, ``fhir_string`` from ``store.STRINGS``;
 3. the marker ``node_state['schema.fhirstore'] = SCHEMA_VERSION``.
 
 With the marker in place, opening costs one primary-key read. Several processes opening one
@@ -19,17 +20,18 @@ from __future__ import annotations
 
 import logging
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from sqlalchemy import Connection, delete, insert, select, text, tuple_
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.schema import CreateIndex
 
-from bridge.fhirstore.store import CODED, DATED, date_rows, token_rows
+from bridge.fhirstore.store import CODED, DATED, STRINGS, date_rows, string_rows, token_rows
 from bridge.fhirstore.tables import (
     FHIR_DATE,
     FHIR_RESOURCE,
+    FHIR_STRING,
     FHIR_TOKEN,
     IX_NEWEST,
     IX_PATIENT_NEWEST,
@@ -44,7 +46,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MARKER = "schema.fhirstore"
-SCHEMA_VERSION = "3"  # 2: fhir_token + page-order indexes; 3: Encounter class tokens, fhir_date
+#: 2: fhir_token + page-order indexes; 3: Encounter class tokens, fhir_date; 4: codes, reference
+#: tokens, Observation/DiagnosticReport/Patient dates, fhir_string (the search parameters of #19)
+SCHEMA_VERSION = "4"
 BACKFILL_CHUNK = 5_000
 T = FHIR_RESOURCE
 
@@ -71,6 +75,7 @@ def upgrade(store: Store) -> int:
                 conn.execute(text(f"DROP INDEX IF EXISTS {name}"))
             n = backfill_tokens(conn)
             backfill_dates(conn)
+            backfill_strings(conn)
     except IntegrityError:
         return 0  # another process inserted the marker and did the work
     if n:
@@ -81,9 +86,18 @@ def upgrade(store: Store) -> int:
 
 def backfill_dates(conn: Connection) -> int:
     """(Re)make every ``fhir_date`` row from the stored bodies of the types that have one."""
-    conn.execute(delete(FHIR_DATE))
+    return _backfill(conn, FHIR_DATE, DATED, date_rows)
+
+
+def backfill_strings(conn: Connection) -> int:
+    """(Re)make every ``fhir_string`` row (the names of ``STRINGS`` types)."""
+    return _backfill(conn, FHIR_STRING, STRINGS, string_rows)
+
+
+def _backfill(conn: Connection, table: Any, types: Any, rows_of: Any) -> int:
+    conn.execute(delete(table))
     made = 0
-    for rtype in DATED:
+    for rtype in types:
         after: str | None = None
         while True:
             stmt = select(T.c.id, T.c.body).where(T.c.rtype == rtype)
@@ -92,9 +106,9 @@ def backfill_dates(conn: Connection) -> int:
             chunk = conn.execute(stmt.order_by(T.c.id).limit(BACKFILL_CHUNK)).all()
             if not chunk:
                 break
-            rows = [d for r in chunk for d in date_rows(orjson.loads(r.body))]
+            rows = [d for r in chunk for d in rows_of(orjson.loads(r.body))]
             if rows:
-                conn.execute(insert(FHIR_DATE), rows)
+                conn.execute(insert(table), rows)
                 made += len(rows)
             after = chunk[-1].id
     return made

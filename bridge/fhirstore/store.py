@@ -7,6 +7,7 @@ search columns and writes bytes: nothing is parsed or validated twice.
 from __future__ import annotations
 
 import time
+import unicodedata
 import uuid
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -34,17 +35,45 @@ from bridge.fhirstore.tables import (
     FHIR_DATE,
     FHIR_HISTORY,
     FHIR_RESOURCE,
+    FHIR_STRING,
     FHIR_TOKEN,
+    STRING_CHARS,
     TOKEN_CHARS,
 )
 
 T = FHIR_RESOURCE
 TOK = FHIR_TOKEN
+S = FHIR_STRING
 IDENTIFIER = "identifier"  # the token parameter every type keeps in fhir_token
-#: further token parameters kept in fhir_token: type -> {param: path of a Coding}
-CODED = {"Encounter": {"class": "class"}}
-#: date parameters kept in fhir_date: type -> {param: path of a Period}
-DATED = {"Encounter": {"date": "period"}}
+_OBS_CODED = {"code": ("concept", "code"), "category": ("concept", "category"),
+              "encounter": ("ref", "encounter"), "based-on": ("ref", "basedOn")}
+#: further token parameters kept in fhir_token: type -> {param: (kind, element)}; kind
+#: ``coding`` (a Coding), ``concept`` (CodeableConcept or a list of them), ``ref`` (Reference
+#: or a list: the reference string as value, no system), ``code`` (a code of the system
+#: ``CODE_SYSTEMS[(type, param)]``)
+CODED: dict[str, dict[str, tuple[str, str]]] = {
+    "Encounter": {"class": ("coding", "class")},
+    "Observation": _OBS_CODED,
+    "DiagnosticReport": {**_OBS_CODED, "result": ("ref", "result")},
+    "Patient": {"gender": ("code", "gender")},
+    "Task": {"focus": ("ref", "focus")},
+    "ImagingStudy": {"basedon": ("ref", "basedOn"), "encounter": ("ref", "encounter")},
+    "ServiceRequest": {"encounter": ("ref", "encounter")},
+}
+CODE_SYSTEMS = {("Patient", "gender"): "http://hl7.org/fhir/administrative-gender"}
+#: date parameters kept in fhir_date: type -> {param: elements, the first present wins (a
+#: Period, or a date/dateTime/instant as a range at its precision)}
+DATED: dict[str, dict[str, tuple[str, ...]]] = {
+    "Encounter": {"date": ("period",)},
+    "Observation": {"date": ("effectiveDateTime", "effectivePeriod", "effectiveInstant")},
+    "DiagnosticReport": {"date": ("effectiveDateTime", "effectivePeriod")},
+    "Patient": {"birthdate": ("birthDate",)},
+}
+#: string parameters kept in fhir_string: type -> {param: HumanName parts it searches}
+STRINGS: dict[str, dict[str, tuple[str, ...]]] = {
+    "Patient": {"name": ("text", "family", "given", "prefix", "suffix"),
+                "family": ("family",), "given": ("given",)},
+}
 D = FHIR_DATE
 
 #: where each search column comes from, per resource type (first path found wins)
@@ -109,6 +138,7 @@ def token_rows(resource: dict[str, Any]) -> list[dict[str, str]]:
     then the codes of its ``CODED`` parameters."""
     rtype, rid = resource["resourceType"], resource["id"]
     seen: set[tuple[str, str]] = set()
+    seen_coded: set[tuple[str, str, str]] = set()
     rows = []
     for ident in _identifiers(resource):
         key = (token_key(ident.get("system") or ""), token_key(ident.get("value") or ""))
@@ -116,12 +146,67 @@ def token_rows(resource: dict[str, Any]) -> list[dict[str, str]]:
             seen.add(key)
             rows.append({"rtype": rtype, "id": rid, "param": IDENTIFIER,
                          "system": key[0], "value": key[1]})
-    for param, path in CODED.get(rtype, {}).items():
-        coding = resource.get(path)
-        if isinstance(coding, dict) and coding.get("code"):
-            rows.append({"rtype": rtype, "id": rid, "param": param,
-                         "system": token_key(coding.get("system") or ""),
-                         "value": token_key(coding["code"])})
+    for param, (kind, path) in CODED.get(rtype, {}).items():
+        for system, code in _coded_values(rtype, param, kind, resource.get(path)):
+            key = (param, token_key(system), token_key(code))
+            if key not in seen_coded:
+                seen_coded.add(key)
+                rows.append({"rtype": rtype, "id": rid, "param": param,
+                             "system": key[1], "value": key[2]})
+    return rows
+
+
+def _listed(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
+
+
+def _coded_values(rtype: str, param: str, kind: str, value: Any) -> list[tuple[str, str]]:
+    """(system, code) pairs of one element for a ``CODED`` parameter ('' = no system)."""
+    out: list[tuple[str, str]] = []
+    for v in _listed(value):
+        if kind == "code" and isinstance(v, str) and v:
+            out.append((CODE_SYSTEMS.get((rtype, param), ""), v))
+        elif kind == "ref" and isinstance(v, dict) and isinstance(v.get("reference"), str):
+            out.append(("", v["reference"]))
+        elif kind == "coding" and isinstance(v, dict) and v.get("code"):
+            out.append((str(v.get("system") or ""), str(v["code"])))
+        elif kind == "concept" and isinstance(v, dict):
+            out += [(str(c.get("system") or ""), str(c["code"]))
+                    for c in _listed(v.get("coding") or []) if isinstance(c, dict)
+                    and c.get("code")]
+    return out
+
+
+def fold(text: str) -> str:
+    """A string as string search compares it: accents dropped, case folded, spaces single."""
+    decomposed = unicodedata.normalize("NFKD", text)
+    bare = "".join(c for c in decomposed if not unicodedata.combining(c))
+    return " ".join(bare.casefold().split())
+
+
+def string_rows(resource: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ``fhir_string`` rows of a resource: each name part of each ``STRINGS`` parameter,
+    whole (pos 0, with the original) and by suffix (pos n)."""
+    rtype, rid = resource["resourceType"], resource["id"]
+    seen: set[tuple[str, str, int, str]] = set()
+    rows = []
+    for param, parts in STRINGS.get(rtype, {}).items():
+        for name in _listed(resource.get("name") or []):
+            if not isinstance(name, dict):
+                continue
+            for part in parts:
+                for text in _listed(name.get(part) or []):
+                    if not isinstance(text, str) or not fold(text):
+                        continue
+                    norm = fold(text)[:STRING_CHARS]
+                    keys = [(param, norm, 0, text[:TOKEN_CHARS])]
+                    keys += [(param, norm[i:], i, "") for i in range(1, len(norm))
+                             if norm[i] != " "]
+                    for key in keys:
+                        if key not in seen:
+                            seen.add(key)
+                            rows.append({"rtype": rtype, "id": rid, "param": key[0],
+                                         "norm": key[1], "pos": key[2], "raw": key[3]})
     return rows
 
 
@@ -150,39 +235,132 @@ def date_rows(resource: dict[str, Any]) -> list[dict[str, Any]]:
     """The ``fhir_date`` rows of a resource: one per ``DATED`` parameter it has a value for."""
     rtype, rid = resource["resourceType"], resource["id"]
     rows = []
-    for param, path in DATED.get(rtype, {}).items():
-        period = resource.get(path)
-        if not isinstance(period, dict):
+    for param, paths in DATED.get(rtype, {}).items():
+        value = next((resource[p] for p in paths if resource.get(p)), None)
+        if isinstance(value, str):  # a date, dateTime or instant: its precision's range
+            lo = hi = instant_range(value)
+        elif isinstance(value, dict):  # a Period
+            lo = instant_range(str(value["start"])) if value.get("start") else None
+            hi = instant_range(str(value["end"])) if value.get("end") else None
+        else:
             continue
-        lo = instant_range(str(period["start"])) if period.get("start") else None
-        hi = instant_range(str(period["end"])) if period.get("end") else None
         if lo or hi:
             rows.append({"rtype": rtype, "id": rid, "param": param,
                          "start": lo[0] if lo else None, "end": hi[1] if hi else None})
     return rows
 
 
-def token_match(rtype: str, param: str, values: Sequence[str]) -> ColumnElement[bool]:
-    """Condition on ``fhir_resource``: a ``CODED`` parameter's code is one of ``values``
-    (``code`` or ``system|code``), looked up in ``fhir_token``."""
+# Every index condition below comes in two forms over ``fhir_resource`` (or an alias,
+# ``table``): a *probe* (``lookup=False``), a correlated EXISTS on the index table's primary
+# key, which a page walking a page-order index evaluates row by row (a condition most rows meet
+# costs a page, not every match), and a *lookup* (``lookup=True``), ``(rtype, id) IN (index
+# range)``, which finds the few matches of a selective condition first (it implies the type:
+# ``page_query(typed=False)``). ``bridge.api.fhir_search.combine`` picks one lookup per search.
+
+
+def _lookup(t: Any, sub: Any) -> ColumnElement[bool]:
+    return tuple_(t.c.rtype, t.c.id).in_(sub)
+
+
+def _t(table: Any) -> Any:
+    return T if table is None else table
+
+
+def _token_conds(values: Sequence[str]) -> list[ColumnElement[bool]]:
     conds = []
     for raw in values:
-        system, bar, code = raw.rpartition("|")
-        conds.append(and_(TOK.c.system == token_key(system), TOK.c.value == token_key(code))
-                     if bar and system else TOK.c.value == token_key(code))
-    return tuple_(T.c.rtype, T.c.id).in_(select(TOK.c.rtype, TOK.c.id).where(
-        TOK.c.rtype == rtype, TOK.c.param == param, or_(*conds)))
+        if "|" not in raw:
+            conds.append(TOK.c.value == token_key(raw))
+            continue
+        system, _, code = raw.partition("|")
+        if not code:
+            conds.append(TOK.c.system == token_key(system))
+        else:
+            conds.append(and_(TOK.c.system == token_key(system), TOK.c.value == token_key(code)))
+    return conds
+
+
+def token_match(rtype: str, param: str, values: Sequence[str], table: Any = None, *,
+                negate: bool = False, lookup: bool = False) -> ColumnElement[bool]:
+    """A ``CODED`` parameter's code is one of ``values`` (``code``, ``system|code``, ``|code``
+    (no system), ``system|`` (any code of the system)); ``negate``: none is (``:not``)."""
+    cond = or_(*_token_conds(values))
+    if lookup and not negate:
+        return _lookup(_t(table), select(TOK.c.rtype, TOK.c.id).where(
+            TOK.c.rtype == rtype, TOK.c.param == param, cond))
+    found = _token_exists(rtype, param, table, cond)
+    return ~found if negate else found
+
+
+def _token_exists(rtype: str, param: str, table: Any, *conds: Any) -> ColumnElement[bool]:
+    return select(TOK.c.id).where(TOK.c.rtype == rtype, TOK.c.id == _t(table).c.id,
+                                  TOK.c.param == param, *conds).exists()
+
+
+def has_token(rtype: str, param: str, table: Any = None) -> ColumnElement[bool]:
+    """Condition: the resource has some value for a ``fhir_token`` parameter (``:missing``)."""
+    return _token_exists(rtype, param, table)
+
+
+def has_date(rtype: str, param: str, table: Any = None) -> ColumnElement[bool]:
+    return select(D.c.id).where(D.c.rtype == rtype, D.c.id == _t(table).c.id,
+                                D.c.param == param).exists()
+
+
+def has_string(rtype: str, param: str, table: Any = None) -> ColumnElement[bool]:
+    return select(S.c.id).where(S.c.rtype == rtype, S.c.id == _t(table).c.id,
+                                S.c.param == param, S.c.pos == 0).exists()
+
+
+def ref_match(rtype: str, param: str, refs: Any, table: Any = None, *,
+              lookup: bool = True) -> ColumnElement[bool]:
+    """A reference kept as tokens (``focus``, ``encounter``, ``based-on``, ...) is one of
+    ``refs`` (a list of ``Type/id``, or a subquery of them: a chain)."""
+    match = TOK.c.value.in_(refs if not isinstance(refs, list) else [token_key(r) for r in refs])
+    if not lookup:
+        return _token_exists(rtype, param, table, match)
+    return _lookup(_t(table), select(TOK.c.rtype, TOK.c.id).where(
+        TOK.c.rtype == rtype, TOK.c.param == param, match))
+
+
+def _next_string(text: str) -> str | None:
+    """The first string after every string that starts with ``text`` (None: no bound)."""
+    last = ord(text[-1])
+    return None if last >= 0x10FFFF else text[:-1] + chr(last + 1)
+
+
+def string_match(rtype: str, param: str, values: Sequence[str], modifier: str = "",
+                 table: Any = None, *, lookup: bool = True) -> ColumnElement[bool]:
+    """A ``STRINGS`` parameter starts with (default), equals (``exact``: the original, case
+    and accents kept) or contains (``contains``) one of ``values``: a range or an equality on
+    ``ix_fhir_string_value``."""
+    conds = []
+    for raw in values:
+        norm = fold(raw)[:STRING_CHARS]
+        if modifier == "exact":
+            conds.append(and_(S.c.norm == norm, S.c.pos == 0, S.c.raw == raw[:TOKEN_CHARS]))
+            continue
+        upper = _next_string(norm) if norm else None
+        rng = and_(S.c.norm >= norm, S.c.norm < upper) if upper else S.c.norm >= norm
+        conds.append(rng if modifier == "contains" else and_(rng, S.c.pos == 0))
+    if not lookup:
+        return select(S.c.id).where(S.c.rtype == rtype, S.c.id == _t(table).c.id,
+                                    S.c.param == param, or_(*conds)).exists()
+    return _lookup(_t(table), select(S.c.rtype, S.c.id).where(
+        S.c.rtype == rtype, S.c.param == param, or_(*conds)))
 
 
 def period_match(rtype: str, param: str, prefix: str, lo: datetime,
-                 hi: datetime) -> ColumnElement[bool]:
-    """Condition on ``fhir_resource``: its period for ``param`` against the search range
-    [lo, hi) under a FHIR prefix (R4 search: ``eq`` the period lies within the range; ``ge``/
-    ``gt``/``le``/``lt`` it overlaps the range above/below; ``sa``/``eb`` it starts after /
-    ends before). An open side (no start, no end) reaches to infinity."""
+                 hi: datetime, table: Any = None, *, lookup: bool = False
+                 ) -> ColumnElement[bool]:
+    """The resource's period for ``param`` against the search range [lo, hi) under a FHIR
+    prefix (R4 search: ``eq`` the period lies within the range; ``ge``/``gt``/``le``/``lt`` it
+    overlaps the range above/below; ``sa``/``eb`` it starts after / ends before). An open side
+    (no start, no end) reaches to infinity. ``lookup`` (``eq`` only): a range of
+    ``ix_fhir_date_start``."""
     s, e = D.c.start, D.c.end
     cond = {
-        "eq": lambda: and_(s >= lo, e <= hi),
+        "eq": lambda: and_(s >= lo, s < hi, e <= hi),
         "ne": lambda: or_(s.is_(None), e.is_(None), s < lo, e > hi),
         "ge": lambda: or_(e.is_(None), e > lo),
         "gt": lambda: or_(e.is_(None), e > hi),
@@ -191,8 +369,25 @@ def period_match(rtype: str, param: str, prefix: str, lo: datetime,
         "sa": lambda: s >= hi,
         "eb": lambda: e <= lo,
     }[prefix]()
-    return tuple_(T.c.rtype, T.c.id).in_(select(D.c.rtype, D.c.id).where(
-        D.c.rtype == rtype, D.c.param == param, cond))
+    if lookup and prefix == "eq":
+        return _lookup(_t(table), select(D.c.rtype, D.c.id).where(
+            D.c.rtype == rtype, D.c.param == param, cond))
+    return select(D.c.id).where(D.c.rtype == rtype, D.c.id == _t(table).c.id,
+                                D.c.param == param, cond).exists()
+
+
+def date_key(rtype: str, param: str, table: Any = None) -> Any:
+    """A resource's date for ``param`` as a sort key (its start; NULL if it has none)."""
+    t = T if table is None else table
+    return select(func.coalesce(D.c.start, D.c.end)).where(
+        D.c.rtype == rtype, D.c.id == t.c.id, D.c.param == param).scalar_subquery()
+
+
+def string_key(rtype: str, param: str, table: Any = None) -> Any:
+    """A resource's first (folded) string for ``param`` as a sort key."""
+    t = T if table is None else table
+    return select(func.min(S.c.norm)).where(S.c.rtype == rtype, S.c.id == t.c.id,
+                                            S.c.param == param, S.c.pos == 0).scalar_subquery()
 
 
 # constant statements with bound parameters: ``.values(**row)`` built a new statement per call
@@ -206,6 +401,8 @@ _TOKENS = insert(TOK)
 _TOKENS_GONE = delete(TOK).where(TOK.c.rtype == bindparam("_rt"), TOK.c.id == bindparam("_id"))
 _DATES = insert(D)
 _DATES_GONE = delete(D).where(D.c.rtype == bindparam("_rt"), D.c.id == bindparam("_id"))
+_STRINGS = insert(S)
+_STRINGS_GONE = delete(S).where(S.c.rtype == bindparam("_rt"), S.c.id == bindparam("_id"))
 
 
 def put(
@@ -242,11 +439,16 @@ def put(
         if rtype in DATED:
             conn.execute(_DATES_GONE, [{"_rt": rtype, "_id": rid}])
             _put_dates(conn, resource)
+        if rtype in STRINGS:
+            conn.execute(_STRINGS_GONE, [{"_rt": rtype, "_id": rid}])
+            _put_strings(conn, resource)
     else:
         conn.execute(_INSERT, [{"rtype": rtype, "id": rid, **values}])
         _put_tokens(conn, resource)
         if rtype in DATED:
             _put_dates(conn, resource)
+        if rtype in STRINGS:
+            _put_strings(conn, resource)
     conn.execute(_HISTORY, [{"rtype": rtype, "id": rid, "version": version, "at": at,
                              "body": data}])
     return resource
@@ -262,6 +464,12 @@ def _put_dates(conn: Connection, resource: dict[str, Any]) -> None:
     rows = date_rows(resource)
     if rows:
         conn.execute(_DATES, rows)
+
+
+def _put_strings(conn: Connection, resource: dict[str, Any]) -> None:
+    rows = string_rows(resource)
+    if rows:
+        conn.execute(_STRINGS, rows)
 
 
 def get(conn: Connection, rtype: str, rid: str) -> dict[str, Any]:
@@ -361,7 +569,8 @@ def _token_match_sqlite(element: _TokenMatch, compiler: Any, **kw: Any) -> str:
     return "(" + str(compiler.process(element.any_of, **kw)) + ")"
 
 
-def identifier_match(rtype: str, values: Sequence[str]) -> ColumnElement[bool]:
+def identifier_match(rtype: str, values: Sequence[str], table: Any = None, *,
+                     lookup: bool = True) -> ColumnElement[bool]:
     """Condition on ``fhir_resource``: one of its identifiers matches one of ``values``, each
     FHIR token syntax: ``system|value``, ``|value`` (no system), ``system|`` (any value) or
     ``value`` (any system). Index lookups in ``fhir_token``, then the primary key.
@@ -378,7 +587,10 @@ def identifier_match(rtype: str, values: Sequence[str]) -> ColumnElement[bool]:
         system, _, value = raw.partition("|")
         conds.append(and_(TOK.c.system == token_key(system), TOK.c.value == token_key(value))
                      if value else TOK.c.system == token_key(system))
-    key = tuple_(T.c.rtype, T.c.id)
+    t = T if table is None else table
+    if not lookup:
+        return _token_exists(rtype, IDENTIFIER, table, or_(*conds))
+    key = tuple_(t.c.rtype, t.c.id)
 
     def tokens(cond: ColumnElement[bool]) -> Any:
         return select(TOK.c.rtype, TOK.c.id).where(TOK.c.rtype == rtype,
@@ -408,12 +620,14 @@ def _typed(rtype: str, where: Sequence[Any], typed: bool) -> list[Any]:
 
 
 def page_query(rtype: str, where: Sequence[Any] = (), limit: int = 20, *,
-               typed: bool = True) -> Any:
+               typed: bool = True, order: Sequence[Any] | None = None, offset: int = 0) -> Any:
     """Rows matching SQL conditions on the search columns, newest first (then id): the order of
     ``ix_fhir_type_newest`` / ``ix_fhir_type_patient_newest``, so no sort and no scan.
-    ``typed=False``: the conditions already imply the type (``identifier_match``)."""
-    return select(T).where(*_typed(rtype, where, typed)).order_by(
-        T.c.last_updated.desc(), T.c.id).limit(limit)
+    ``typed=False``: the conditions already imply the type (``identifier_match``).
+    ``order``/``offset``: another order (``_sort``), paged by position."""
+    stmt = select(T).where(*_typed(rtype, where, typed)).order_by(
+        *(order if order else (T.c.last_updated.desc(), T.c.id))).limit(limit)
+    return stmt.offset(offset) if offset else stmt
 
 
 def count_query(rtype: str, where: Sequence[Any] = (), *, typed: bool = True,
@@ -434,9 +648,12 @@ def search(
     where: Sequence[Any] = (),
     count: int = 20,
     typed: bool = True,
+    order: Sequence[Any] | None = None,
+    offset: int = 0,
 ) -> tuple[list[Any], bool]:
     """One page of matching rows, newest first, and whether more rows follow it."""
-    rows = conn.execute(page_query(rtype, where, count + 1, typed=typed)).all()
+    rows = conn.execute(page_query(rtype, where, count + 1, typed=typed, order=order,
+                                   offset=offset)).all()
     return rows[:count], len(rows) > count
 
 
@@ -485,6 +702,8 @@ __all__ = [
     "put",
     "search",
     "search_columns",
+    "string_match",
+    "string_rows",
     "token_match",
     "token_rows",
 ]

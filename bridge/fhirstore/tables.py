@@ -14,7 +14,15 @@ Indexes that serve the searches (``EXPLAIN QUERY PLAN`` in tests/test_fhir_searc
   ``identifier=`` is an index lookup instead of a ``LIKE '%|system|value|%'`` over every row
   (and an Encounter's ``class``, param ``class``). Written in the same transaction as the
   resource (``store.put``);
-* ``fhir_date``: an Encounter's period for ``date=`` (range conditions on its two indexes).
+* ``fhir_date``: an Encounter's period for ``date=`` (range conditions on its two indexes), an
+  Observation's or DiagnosticReport's effective time, a Patient's birth date;
+* ``fhir_string``: a Patient's names (``name``, ``family``, ``given``), normalised (case and
+  accents folded) with one row per suffix, so starts-with, ``:exact`` and ``:contains`` are
+  index ranges.
+
+Further token rows (``fhir_token``): codes (``code``, ``category``, ``gender``), and the
+references ``_revinclude`` and chains follow (``focus``, ``encounter``, ``based-on``, ``result``)
+with the reference as ``value`` and no system.
 
 Stores made before these existed are upgraded on open (``bridge.fhirstore.schema``).
 """
@@ -23,7 +31,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import Column, Index, LargeBinary
+from sqlalchemy import Column, Index, LargeBinary, String
 from sqlmodel import Field, SQLModel
 
 from bridge.store.types import UTCDateTime
@@ -89,6 +97,29 @@ class FhirDate(SQLModel, table=True):
     end: datetime | None = Field(default=None, sa_type=UTCDateTime)
 
 
+#: byte order on PostgreSQL too (a prefix is a range ``[x, next(x))`` under any locale)
+_BYTEWISE = String(64).with_variant(String(64, collation="C"), "postgresql")
+
+
+class FhirString(SQLModel, table=True):
+    """One string of one resource for a string search parameter: ``norm`` is the string case-
+    and accent-folded and cut to ``STRING_CHARS``; ``pos`` 0 is the whole string (``raw`` the
+    original, for ``:exact``), ``pos`` n > 0 its suffix from character n (for ``:contains``)."""
+
+    __tablename__ = "fhir_string"
+    __table_args__ = (
+        Index("ix_fhir_string_value", "rtype", "param", "norm", "pos", "id"),
+        {"sqlite_with_rowid": False},
+    )
+
+    rtype: str = Field(primary_key=True, max_length=40)
+    id: str = Field(primary_key=True, max_length=64)
+    param: str = Field(primary_key=True, max_length=32)
+    norm: str = Field(primary_key=True, sa_type=_BYTEWISE)
+    pos: int = Field(primary_key=True)
+    raw: str = Field(primary_key=True, max_length=256)
+
+
 class FhirHistory(SQLModel, table=True):
     """Every version of every resource, kept (vread, ``_history``, audit). ``seq`` orders them
     as written; ``ix_fhir_history_type_seq`` serves a type's history newest first."""
@@ -110,7 +141,9 @@ FHIR_RESOURCE = FhirResource.__table__  # type: ignore[attr-defined]
 FHIR_TOKEN = FhirToken.__table__  # type: ignore[attr-defined]
 FHIR_HISTORY = FhirHistory.__table__  # type: ignore[attr-defined]
 FHIR_DATE = FhirDate.__table__  # type: ignore[attr-defined]
+FHIR_STRING = FhirString.__table__  # type: ignore[attr-defined]
 TOKEN_CHARS = 256
+STRING_CHARS = 64
 
 #: page order of the API (newest first, then id), for a type and for a patient's resources
 IX_NEWEST = Index("ix_fhir_type_newest", FHIR_RESOURCE.c.rtype,
