@@ -28,7 +28,7 @@ from urllib.parse import parse_qsl, urlencode
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
-from sqlalchemy import Connection, and_, or_
+from sqlalchemy import Connection, and_, or_, select
 from starlette.responses import Response
 
 from bridge.api.auth import actor_of, principal_of, who
