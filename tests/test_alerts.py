@@ -128,14 +128,14 @@ class Hook:
         self.thread.join(timeout=10)
 
 
-@pytest.fixture()
+@pytest.fixture
 def hook() -> Iterator[Hook]:
     h = Hook()
     yield h
     h.close()
 
 
-@pytest.fixture()
+@pytest.fixture
 def watched(tmp_path: Path, hook: Hook) -> Iterator[Alliance]:
     a = Alliance(tmp_path / "alliance", MEMBERS, RULES)
     # the webhook URL is read from a secret file (a robot URL carries its access key)
@@ -216,14 +216,14 @@ def test_peer_down_raises_once_clears_once_and_posts_the_webhook(watched: Allian
     wait_for(lambda: seen.add(active(core)["peer-silent:chc"]["updated_at"]) or len(seen) >= 4,
              what="four more alert rounds")
     assert {k: len(v) - before.get(k, 0) for k, v in hook.events("raised").items()} == \
-        {k: 1 for k in keys}
+        dict.fromkeys(keys, 1)
 
     chc.start()
     chc.wait_ready()
     wait_for(lambda: keys <= set(hook.events("cleared")), timeout=60,
              what="the alerts to clear at the webhook")
     cleared = hook.events("cleared")
-    assert {k: len(v) - before.get(k, 0) for k, v in cleared.items()} == {k: 1 for k in keys}
+    assert {k: len(v) - before.get(k, 0) for k, v in cleared.items()} == dict.fromkeys(keys, 1)
     assert cleared["queue-depth:chc"][0]["alert"]["raised_at"] == a["raised_at"]
     assert "cleared_at" in cleared["queue-depth:chc"][0]["alert"]
     wait_for(lambda: 'class="ok no-alerts"' in it.get("/ui/it"), what="a quiet IT page")

@@ -9,13 +9,12 @@ clearly invalid.
 from __future__ import annotations
 
 import hashlib
-import os
 import subprocess
 import sys
-import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jsonschema_rs
 import orjson

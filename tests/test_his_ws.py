@@ -123,7 +123,7 @@ BAD = {
                         MissingElement, f"{ROLE}/id[@root='{cda.ID_CARD_OID}']"),
     "missing-recipient": (_edit(REF, "v3:informationRecipient", "drop"), MissingElement,
                           "/ClinicalDocument/informationRecipient/intendedRecipient/"
-                          + "receivedOrganization/id"),
+                           "receivedOrganization/id"),
     "date-birth": (_edit(REF, "//v3:birthTime", "value", "19500231"), BadDate,
                    f"{ROLE}/patient/birthTime/@value"),
     "date-effective": (_edit(REF, "v3:effectiveTime", "value", "20261131090000+0800"), BadDate,
@@ -135,7 +135,7 @@ BAD = {
     "code-kind": (_edit(REF, "//v3:observation[v3:code/@code='kind']/v3:value", "code",
                         "sideways"), UnknownCode,
                   "/ClinicalDocument/component/structuredBody/component[1]/section/entry[1]/"
-                  + "observation/value/@code"),
+                   "observation/value/@code"),
     "encoding-utf8-labelled-gb": (REF.replace(b"encoding='UTF-8'", b"encoding='GB18030'"),
                                   WrongEncoding, "xml-declaration/@encoding"),
     "encoding-gb-labelled-utf8": (

@@ -28,8 +28,7 @@ from pynetdicom.dsutils import split_dataset
 from sqlalchemy import select
 
 from adapters.pacs import fetch
-from adapters.pacs.errors import PacsFailed, PacsUnavailable, status_error
-from adapters.pacs.errors import ReportRejected
+from adapters.pacs.errors import PacsFailed, PacsUnavailable, ReportRejected, status_error
 from adapters.pacs.report import parse_oru, report_from_oru
 from adapters.pacs.study import fhir_datetime, study_resource_id
 from bridge.audit.tables import AuditRecord

@@ -4,6 +4,7 @@ steps leave both sides in the same state; every emitted Bundle is valid FHIR R4.
 from __future__ import annotations
 
 from pathlib import Path
+
 import orjson
 import pytest
 from fhir.resources.R4B.bundle import Bundle

@@ -335,7 +335,7 @@ def test_detail_shows_imaging_report_and_study(pair: Alliance) -> None:
 # -- statistics ---------------------------------------------------------------------------
 
 
-@pytest.fixture()
+@pytest.fixture
 def fresh(tmp_path: Path):
     rules = [*RULES, {"from": "chc", "to": "core", "kinds": ["result.lab"]}]
     a = Alliance(tmp_path / "alliance", MEMBERS, rules)

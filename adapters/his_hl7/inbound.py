@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING, Any
 from adapters import slips_fhir
 from adapters.his_hl7 import adt, messages
 from adapters.his_hl7.errors import Hl7ControlReused, Hl7DataError, Hl7Duplicate
+from adapters.his_hl7.state import PATIENT_FIELDS
 from adapters.hl7v2 import ack
 from adapters.hl7v2.charset import Charset
-from adapters.his_hl7.state import PATIENT_FIELDS
 from bridge.errors import (
     HutongError,
     IllegalTransition,

@@ -49,8 +49,8 @@ from typing import Any
 
 from adapters.his_hl7 import v2
 from adapters.his_hl7.errors import Hl7DataError, Hl7Rejected
-from adapters.hl7v2.charset import UTF8, Charset
 from adapters.hl7v2 import fields
+from adapters.hl7v2.charset import UTF8, Charset
 from adapters.hl7v2.errors import V2Error
 from adapters.hl7v2.fields import Message
 from adapters.slips import AcceptanceSlip, LabResult, Prescription, ReferralSlip, ReturnSlip

@@ -77,7 +77,7 @@ def delimiters(text: str) -> Delimiters:
         raise V2Rejected("message does not start with an MSH segment", field="MSH")
     sep = text[3]
     end = text.find(sep, 4)
-    line_end = min((i for i in (text.find("\r", 4), len(text)) if i >= 0))
+    line_end = min(i for i in (text.find("\r", 4), len(text)) if i >= 0)
     chars = text[4:end] if 0 <= end < line_end else text[4:line_end]
 
     def usable(c: str) -> bool:
@@ -97,7 +97,7 @@ class Segment:
     """One segment; ``seg[n]`` is field n as written (``seg[0]`` the name, ``MSH[1]`` the
     field separator, ``MSH[2]`` the encoding characters), "" past the end."""
 
-    __slots__ = ("name", "fields", "d", "charset")
+    __slots__ = ("charset", "d", "fields", "name")
 
     def __init__(self, fields: list[str], d: Delimiters, charset: Charset) -> None:
         self.name = fields[0]
@@ -281,7 +281,7 @@ def unescape(leaf: str, d: Delimiters = DEFAULT, charset: Charset = UTF8, *,
                   "E": esc, "P": d.truncation}
         if not seq:
             raise BadValue("empty escape sequence", field=at)
-        if seq in simple and simple[seq]:
+        if simple.get(seq):
             out.append(simple[seq])
         elif seq in _FORMAT:
             out.append(_FORMAT[seq])
