@@ -156,7 +156,8 @@ def outbox_list(
 @outbox_app.command("retry")
 def outbox_retry(
     config: ConfigOpt,
-    ids: Annotated[list[int] | None, typer.Argument(help="outbox row ids (default: all dead)")] = None,
+    ids: Annotated[list[int] | None,
+                   typer.Argument(help="outbox row ids (default: all dead)")] = None,
     peer: Annotated[str | None, typer.Option()] = None,
     waiting: Annotated[bool, typer.Option(help="also retry queued rows now")] = False,
 ) -> None:
@@ -396,9 +397,11 @@ def audit_export(
 
 @keys_app.command("init")
 def keys_init(
-    alliance: Annotated[Path | None, typer.Option(help="alliance folder: keys for every node")] = None,
+    alliance: Annotated[Path | None,
+                        typer.Option(help="alliance folder: keys for every node")] = None,
     node: Annotated[str | None, typer.Option(help="one node id (with --out)")] = None,
-    out_dir: Annotated[Path | None, typer.Option("--out", help="folder for one node's keys")] = None,
+    out_dir: Annotated[Path | None,
+                       typer.Option("--out", help="folder for one node's keys")] = None,
     passphrase_env: Annotated[str | None, typer.Option(
         help="env var holding a passphrase to encrypt the private keys")] = None,
 ) -> None:
@@ -437,7 +440,8 @@ def keys_show(config: ConfigOpt) -> None:
 
 
 @config_app.command("check")
-def config_check(path: Annotated[Path, typer.Argument(help="a node file or an alliance folder")]) -> None:
+def config_check(
+        path: Annotated[Path, typer.Argument(help="a node file or an alliance folder")]) -> None:
     """Validate every file and report every problem at once, with file and key."""
     from bridge.config.loader import check_alliance, load_node
 

@@ -113,7 +113,7 @@ class Node:
         drain.dirty.set()
         try:
             self.scheduler.modify_job(job_id, next_run_time=datetime.now(UTC))
-        except Exception:  # scheduler shutting down
+        except Exception:  # noqa: BLE001, S110 - scheduler shutting down; a wake-up is a hint
             pass
 
     def wake_all_senders(self) -> None:

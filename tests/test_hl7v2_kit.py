@@ -94,7 +94,7 @@ def test_truncated_and_slow_frames_and_stray_bytes() -> None:
 def test_limits_are_finite() -> None:
     for bad in ({"idle_timeout_s": 0}, {"frame_timeout_s": float("inf")},
                 {"write_timeout_s": -1}):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="must be a positive, finite number"):
             mllp.Limits(**bad)  # type: ignore[arg-type]
     assert mllp.Limits().max_bytes >= 10 * 1024 * 1024
 

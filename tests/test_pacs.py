@@ -406,7 +406,8 @@ def test_bad_instance_is_refused_and_quarantined(site: Site, tmp_path: Path) -> 
                 / f"{S1}.9.9.dcm").exists()
 
 
-ORU = ("MSH|^~\\&|RIS|FUXING|HUTONG|FUXING|20261120110000||ORU^R01|RIS-77|P|2.5.1||||||UNICODE UTF-8\r"
+ORU = ("MSH|^~\\&|RIS|FUXING|HUTONG|FUXING|20261120110000||ORU^R01|RIS-77|P|2.5.1||||||"
+       "UNICODE UTF-8\r"
        "PID|||FX0001||Zhang^San\r"
        "OBR|1||{acc}|71250^CT Chest^LN|||20261120093000|||||||||||||||||F\r"
        "OBX|1|TX|59776-5^Findings^LN||右下肺见一枚约4mm结节。||||||F\r"
@@ -438,7 +439,8 @@ def test_ris_report_is_read_by_its_msh18(site: Site) -> None:
     a GB 18030 report keeps its text; UTF-8 declared 8859/1 is refused naming the field."""
     wait_for(lambda: get(site.core, "ImagingStudy", study_resource_id(S1)), what="study at core")
     gb = ORU.replace("UNICODE UTF-8", "GB 18030-2000").replace("RIS-77", "RIS-80")
-    answer = _post_text(site.core, gb.format(acc="ACC-1001", imp="右下肺億结节。").encode("gb18030"))
+    answer = _post_text(site.core,
+                        gb.format(acc="ACC-1001", imp="右下肺億结节。").encode("gb18030"))
     assert get(site.core, "DiagnosticReport", answer["id"])["conclusion"] == "右下肺億结节。"
     latin = ORU.replace("UNICODE UTF-8", "8859/1").replace("RIS-77", "RIS-81")
     with pytest.raises(ApiError) as err:

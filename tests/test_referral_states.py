@@ -25,7 +25,8 @@ MEMBERS = [
     {"id": "chc", "zh": "月坛社区卫生服务中心", "en": "Yuetan CHC", "role": "community"},
 ]
 KINDS = ["referral.request", "referral.status", "referral.cancel", "referral.return"]
-RULES = [{"from": "chc", "to": "core", "kinds": KINDS}, {"from": "core", "to": "chc", "kinds": KINDS}]
+RULES = [{"from": "chc", "to": "core", "kinds": KINDS},
+         {"from": "core", "to": "chc", "kinds": KINDS}]
 
 
 class Side:

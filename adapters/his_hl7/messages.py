@@ -100,7 +100,8 @@ class Inbound:
 def _msh(h: Header, mtype: str, event: str, control_id: str, at: datetime,
          version: str = "2.5") -> str:
     fields = [v2.esc(h.sending_app), v2.esc(h.sending_facility), v2.esc(h.receiving_app),
-              v2.esc(h.receiving_facility), v2.ts(at), "", v2.comp(mtype, event, f"{mtype}_{event}"),
+              v2.esc(h.receiving_facility), v2.ts(at), "",
+              v2.comp(mtype, event, f"{mtype}_{event}"),
               v2.esc(control_id), "P", version, "", "", "AL", "NE", "CHN", v2.esc(h.charset)]
     return "MSH|" + v2.ENCODING_CHARS + "|" + "|".join(fields)
 

@@ -419,7 +419,7 @@ def dtm(text: str, at: str | None = None) -> Dtm | None:
     if off is not None and (int(off[1:3]) > 14 or int(off[3:5]) > 59):
         raise BadValue("not a valid time zone offset", field=at)
     try:
-        datetime(parts[0] or 1, parts[1] or 1, parts[2] or 1, parts[3] or 0, parts[4] or 0,
+        datetime(parts[0] or 1, parts[1] or 1, parts[2] or 1, parts[3] or 0, parts[4] or 0,  # noqa: DTZ001 - a validity check only
                  parts[5] or 0)
     except ValueError:
         raise BadValue("not a valid date or time", field=at) from None

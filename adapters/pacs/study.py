@@ -117,7 +117,8 @@ def patient_info(ds: Dataset, *, national_id_issuer: str, id_is_national: bool) 
                        and birth.isdigit() else None)
 
 
-def patient_resource(info: PatientInfo, *, pacs_id_system: str, national_system: str) -> dict[str, Any]:
+def patient_resource(info: PatientInfo, *, pacs_id_system: str,
+                     national_system: str) -> dict[str, Any]:
     pid = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{pacs_id_system}|{info.pacs_id}"))
     idents = [{"system": pacs_id_system, "value": info.pacs_id}]
     if info.national_id:

@@ -132,7 +132,7 @@ def as_hutong(exc: Exception) -> HutongError:
         return exc
     if isinstance(exc, RequestValidationError):
         return BadRequest("request does not match this interaction")
-    log.exception("unexpected error in the FHIR API", exc_info=exc)
+    log.error("unexpected error in the FHIR API", exc_info=exc)
     return _Internal("internal error; see the node log")
 
 

@@ -343,7 +343,8 @@ def identifier_match(rtype: str, values: Sequence[str]) -> ColumnElement[bool]:
     return _TokenMatch(or_(*(key.in_(tokens(c)) for c in conds)), key.in_(tokens(or_(*conds))))
 
 
-def find_by_identifier(conn: Connection, rtype: str, system: str, value: str) -> dict[str, Any] | None:
+def find_by_identifier(conn: Connection, rtype: str, system: str,
+                       value: str) -> dict[str, Any] | None:
     row = conn.execute(
         select(T.c.body).where(identifier_match(rtype, [f"{system}|{value}"]))
     ).first()

@@ -21,6 +21,7 @@ import hashlib
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
+from functools import partial
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -147,8 +148,8 @@ def create_gateway(ctx: NodeContext, intake: Intake, on_received: object = None)
                     _rate_episode_over(verdict.episode)
             try:
                 answers = await run_in_threadpool(
-                    lambda: intake.receive(frames, remote=remote,
-                                           admit_refusal=lambda: keep(remote)))
+                    partial(intake.receive, frames, remote=remote,
+                            admit_refusal=lambda: keep(remote)))
             except HutongError as exc:  # store unavailable: nothing was committed, sender retries
                 return JSONResponse(exc.as_dict(), status_code=503)
             del frames

@@ -168,7 +168,8 @@ class Intake:
         if prior is not None:
             if prior["identity"] != identity:
                 raise ReplayedPacket(f"packet id {h.id} already taken with other content")
-            batch.audit.append(self._entry("duplicate", h, now, relay_id, prior.get("patient_hash")))
+            batch.audit.append(self._entry("duplicate", h, now, relay_id,
+                                           prior.get("patient_hash")))
             seen[h.id] = (identity, len(answers))
             return prior["receipt"]
         seen[h.id] = (identity, len(answers))

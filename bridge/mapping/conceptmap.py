@@ -468,9 +468,9 @@ def map_coding(
     a row with an empty target, or a coding from another system than the map's source):
     ``[local coding]`` and ``unmapped=True`` - then record the gap
     (:func:`bridge.mapping.gaps.record_gap`) and mark the resource
-    (:func:`bridge.mapping.marker.mark_unmapped`). A coding without a system (``{"code": "FX-0101"}``)
-    gets the map's source system, so it stays meaningful on the wire. A coding already in the
-    map's shared (target) system passes through as mapped.
+    (:func:`bridge.mapping.marker.mark_unmapped`). A coding without a system
+    (``{"code": "FX-0101"}``) gets the map's source system, so it stays meaningful on the wire.
+    A coding already in the map's shared (target) system passes through as mapped.
     """
     t = _translator(maps)
     local = copy.deepcopy(dict(coding))

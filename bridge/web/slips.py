@@ -63,7 +63,8 @@ def slip_routes(web: Web) -> APIRouter:
             enc = next((r for r in back.get("Encounter", [])), {})
             period = enc.get("period") or {}
             body = fields(lang, [*common, ("reason", fv.reasons(sr)),
-                                 ("stay", f'{fmt_time(period.get("start"))} – {fmt_time(period.get("end"))}'),
+                                 ("stay", (f'{fmt_time(period.get("start"))} – '
+                                           f'{fmt_time(period.get("end"))}')),
                                  ("instructions", fv.notes(down)),
                                  ("completed_at", fmt_time(row["completed_at"]))])
             body += f'<h3>{e(t(lang, "documents"))}</h3>{fv.documents(lang, back)}'
