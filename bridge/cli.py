@@ -388,7 +388,8 @@ def audit_export(
     stream = open(output, "w", encoding="utf-8", newline="") if output else sys.stdout  # noqa: SIM115 - closed below unless stdout
     try:
         with ctx.store.read() as conn:
-            export(conn, stream, since=_when(since), until=_when(until), fmt=fmt,
+            export(conn, stream, since=_when(since), until=_when(until),
+                   fmt="csv" if fmt == "csv" else "ndjson",
                    patient_hash=patient)
     finally:
         if output:

@@ -31,6 +31,9 @@ from bridge.store.tables import OUTBOX, QUARANTINE
 from tests.factory import bundle_bytes
 from tests.harness import ROOT
 
+# every test here runs the CLI as a child process
+pytestmark = pytest.mark.slow
+
 SHIPPED = ROOT / "config" / "alliances" / "fuxing"
 NODES = ("fuxing", "guangwai-chc", "guangwai-hosp", "platform", "yuetan-chc", "zhanlanlu-chc",
          "zhanlanlu-hosp")

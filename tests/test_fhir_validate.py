@@ -486,6 +486,7 @@ def test_same_verdicts_as_the_full_schema_oneof():
         assert full.is_valid(case) == (fv.errors(case) == []), fv.errors(case)
 
 
+@pytest.mark.slow  # a fresh interpreter, as a child process
 def test_nothing_compiled_at_import():
     code = (
         "import bridge.fhir.validate as v, sys; "

@@ -95,6 +95,7 @@ def check_exactly_once_in_order(core: NodeProcess, sent: dict[str, list[str]]) -
     assert len(delivered) == total and set(delivered.values()) == {1}
 
 
+@pytest.mark.slow  # runs the CLI as a child process
 def test_worker_is_refused_on_sqlite(tmp_path: Path) -> None:
     a = Alliance(tmp_path / "alliance", MEMBERS, RULES)
     r = subprocess.run([sys.executable, "-m", "bridge.cli", "worker", "--config",

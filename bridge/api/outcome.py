@@ -86,7 +86,7 @@ def issue_type(exc: HutongError) -> str:
         return exc.issue
     for cls in type(exc).__mro__:
         if cls in _ISSUE:
-            return _ISSUE[cls]  # type: ignore[index]
+            return _ISSUE[cls]
     if exc.retry is not Retry.PERMANENT:
         return "transient"
     return "processing" if exc.http_status >= 500 else "invalid"

@@ -391,7 +391,7 @@ def search(
     typed: bool = True,
 ) -> tuple[list[Any], bool]:
     """One page of matching rows, newest first, and whether more rows follow it."""
-    rows = conn.execute(page_query(rtype, where, count + 1, typed=typed)).all()
+    rows = list(conn.execute(page_query(rtype, where, count + 1, typed=typed)).all())
     return rows[:count], len(rows) > count
 
 

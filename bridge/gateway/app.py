@@ -30,6 +30,7 @@ from sqlalchemy import insert
 from starlette.requests import ClientDisconnect
 
 from bridge.audit.events import AuditEntry
+from bridge.config.models import LimitsConfig
 from bridge.context import NodeContext
 from bridge.crypto import envelope as env
 from bridge.errors import (
@@ -58,9 +59,9 @@ CLOSE = {"Connection": "close"}
 log = logging.getLogger("hutong.gateway")
 
 
-def max_request_bytes(limits: object) -> int:
+def max_request_bytes(limits: LimitsConfig) -> int:
     """The largest request the peer port reads: a batch of up to two largest bodies."""
-    return limits.max_body_bytes * 2 + (8 << 20)  # type: ignore[attr-defined]
+    return limits.max_body_bytes * 2 + (8 << 20)
 
 
 def create_gateway(ctx: NodeContext, intake: Intake, on_received: object = None) -> FastAPI:
