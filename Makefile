@@ -21,11 +21,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:randomly
 
-# Unit and single-process tests (not marked `slow` or `postgres`) in a random order: pytest-randomly
-# prints its seed first; `pytest -m "not slow and not postgres" -p randomly --randomly-seed=N`
-# replays that order. Tests must pass alone and in any order.
+# Unit and single-process tests (not marked `slow` or `postgres`) in a random order
+# (pytest-randomly, which also seeds random and Hypothesis): the seed is printed first, and
+# `make test-fast SEED=N` replays that order. Tests must pass alone and in any order.
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow and not postgres"
+	@seed=$${SEED:-$$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')}; \
+	echo "test-fast: random order, SEED=$$seed"; \
+	$(BIN)/python -m pytest -q -m "not slow and not postgres" -p randomly --randomly-seed=$$seed
 
 # Lint and type checks (the `dev` extra: ruff, mypy, stubs); config in pyproject.toml.
 DEV_STAMP := $(VENV)/.dev-installed
