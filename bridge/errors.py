@@ -14,22 +14,36 @@
     │   ├── DecryptFailed            HT-PKT-DECRYPT     body does not open with our key
     │   ├── DigestMismatch           HT-PKT-DIGEST      body does not match the header digest
     │   ├── InvalidFhir              HT-PKT-INVALID-FHIR body is not a valid FHIR R4 Bundle
-    │   └── RouteDenied              HT-PKT-ROUTE-DENIED no allow rule for (from, to, kind)
-    ├── TransportError               (transient)        peer unreachable, timed out, 5xx
+    │   ├── RouteDenied              HT-PKT-ROUTE-DENIED no allow rule for (from, to, kind)
+    │   └── NationalIdEgress         HT-PKT-NATIONAL-ID a packet queued to leave carries a national ID
+    ├── TransportError               (transient)        peer unreachable, timed out, 5xx (HT-TRANSPORT)
+    │   ├── RateLimited              HT-PKT-RATE        over a rate: not taken, resend after Retry-After
+    │   └── Busy                     HT-BUSY            a port at its bound of requests/bytes in flight
     ├── AmbiguousDelivery            (ambiguous)        sent, but no answer: resend, receiver dedupes
-    ├── StoreError                   (transient)        database unavailable or locked
+    ├── StoreError                   (transient)        database unavailable or locked (HT-STORE)
     ├── NotFound                     HT-NOT-FOUND       asked-for item does not exist
-    ├── Unauthorized / Forbidden     HT-AUTH / HT-FORBIDDEN  missing or wrong-role token
-    └── WorkflowError                (permanent)        a referral step that cannot be taken
-        ├── IllegalTransition        HT-REF-TRANSITION  e.g. accept a cancelled referral
-        ├── MissingConsent           HT-REF-CONSENT     a referral without the patient's consent
-        ├── UnknownReference         HT-REF-UNKNOWN     a reference to nothing in the bundle/store
-        └── InvalidResource          HT-FHIR-INVALID    a resource that is not valid FHIR R4
-    ThreadRefused                    (permanent)        a packet its thread does not take
-        ├── NotThreadParty           HT-THREAD-PARTY    sender is not the thread's other party
-        └── StaleSequence            HT-THREAD-SEQ      a seq whose turn has passed
-    UnsafePath                       HT-UNSAFE-PATH     an id used as a path fails its grammar or
+    ├── Unauthorized                 HT-AUTH            missing or unknown token
+    ├── Forbidden                    HT-FORBIDDEN       a token of the wrong role
+    │   ├── CrossOriginRefused       HT-WEB-ORIGIN      a /ui post from another origin
+    │   └── CsrfRefused              HT-WEB-CSRF        a /ui post without the session's token
+    ├── WorkflowError                (permanent)        a referral step that cannot be taken
+    │   ├── IllegalTransition        HT-REF-TRANSITION  e.g. accept a cancelled referral
+    │   ├── MissingConsent           HT-REF-CONSENT     a referral without the patient's consent
+    │   ├── UnknownReference         HT-REF-UNKNOWN     a reference to nothing in the bundle/store
+    │   ├── InvalidResource          HT-FHIR-INVALID    a resource that is not valid FHIR R4
+    │   └── VisitConflict            HT-VISIT-CONFLICT  a visit number that names another patient's visit
+    ├── AuditAnchorMismatch          HT-AUDIT-ANCHOR    the store is younger than, or differs from, its anchor
+    ├── StoreCorrupt                 HT-STORE-CORRUPT   the SQLite file fails quick_check
+    ├── DataDirLocked                HT-DATA-LOCKED     another `hutong run` holds the data folder
+    ├── ThreadRefused                (permanent)        a packet its thread does not take
+    │   ├── NotThreadParty           HT-THREAD-PARTY    sender is not the thread's other party
+    │   └── StaleSequence            HT-THREAD-SEQ      a seq whose turn has passed
+    └── UnsafePath                   HT-UNSAFE-PATH     an id used as a path fails its grammar or
                                                         would leave its folder
+
+Adapters keep their own subtrees under HutongError (adapters/hl7v2/errors.py ``HT-V2-*``,
+adapters/lis/errors.py ``HT-LIS-*``, adapters/his_hl7/errors.py ``HT-HL7-*``,
+adapters/his_ws/errors.py ``HT-WS-*``, adapters/pacs/errors.py ``HT-DICOM-*``/``HT-IMAGING-*``...).
 
 Retry decides on ``retry`` (transient / ambiguous / permanent), never on a flag: transient and
 ambiguous failures are retried with backoff; permanent ones go to quarantine or dead letter.

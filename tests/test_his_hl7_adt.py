@@ -187,12 +187,14 @@ def test_same_control_id_different_message_both_taken_true_resend_once(env: Env)
     assert encounter(env, "V5102")["status"] == "in-progress"
     node = env.alliance.node("fuxing")
     audits = db_rows(node, "SELECT resource FROM audit WHERE action = "
-                     "'hl7-control-reused'")
+                     "'hl7-control-id-reused'")  # the LIS's action too: one list for IT
     assert any("MSH-10 DUPCTL-1 " in r[0] for r in audits)
     from tests.test_web import Browser  # IT sees it on its page, with the adapter's counters
 
     page = Browser(node).login("it").get("/ui/it")
     assert "control-id-reused=1" in page
+    reused = page[page.index('class="reused-ids"'):]
+    assert "MSH-10 DUPCTL-1 " in reused[:reused.index("</table>")]
     # a true re-send (MSH-7 renewed) gets the ACK again and is stored once
     resend = first.replace(b"20261203080000||", b"20261203090000||", 1)
     assert resend != first

@@ -2,8 +2,8 @@
 
 Keyed by ``<MSH-4>:<MSH-10>#<content digest>`` (MSH-7 left out of the digest): a true re-send
 gets the same ACK and changes nothing; a different message under a used control id is a new
-message (taken or refused on its own, audited ``hl7-control-reused`` for IT), never answered
-with the other's ACK or NAK. ADT -> Patient + Encounter in the node's store through
+message (taken or refused on its own, audited as ``RECORD_ID_REUSED`` like the LIS and
+listed for IT), never answered with the other's ACK or NAK. ADT -> Patient + Encounter in the node's store through
 ``host.record_encounter`` (:mod:`.adt`), linked to a referral only through the field the
 ``referral_id_field`` option names (an admission of an accepted referral is its "arrive"
 step); the HIS's patient index here is refreshed after it (a referral's PID fields left empty
@@ -39,6 +39,7 @@ from bridge.errors import (
     VisitConflict,
 )
 from bridge.local import encounters
+from bridge.local.intake import RECORD_ID_REUSED
 
 if TYPE_CHECKING:
     from adapters.his_hl7.adapter import HisHl7Adapter
@@ -172,7 +173,7 @@ class Inbound:
                       (control, digest, key, self.host.now().isoformat()))
         if row is not None and row["digest"] != digest:
             self.a.count("control-id-reused")
-            self.host.audit("hl7-control-reused", outcome="4", kind=f"hl7:{inbound.mtype}^"
+            self.host.audit(RECORD_ID_REUSED, outcome="4", kind=f"hl7:{inbound.mtype}^"
                             f"{inbound.event}", code=Hl7ControlReused.code,
                             message=f"MSH-10 {inbound.control_id} from {inbound.application}/"
                             f"{inbound.facility} reused by a different message: taken as a "
