@@ -17,9 +17,10 @@ $(STAMP): $(BIN)/python pyproject.toml
 demo: $(STAMP)
 	$(BIN)/hutong demo
 
-# The whole suite, in file order (-p no:randomly): multi-process tests included.
+# The whole suite, in file order (pyproject's addopts keep pytest-randomly off): multi-process
+# tests included.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:randomly
+	$(BIN)/python -m pytest -q
 
 # Unit and single-process tests (not marked `slow` or `postgres`) in a random order
 # (pytest-randomly, which also seeds random and Hypothesis): the seed is printed first, and
