@@ -1160,7 +1160,8 @@ def report(results: dict[str, Any]) -> None:
         console.print(
             "[dim]steady pkt/s = packets of all but the last batch / (last − first batch "
             "received_at at B); wall pkt/s = N / (queue commit → N rows in B's inbox), so it "
-            "includes A's next poll (≤ 0.5 s); MB/s counts bundle bytes at the steady rate; delivered = "
+            "includes A's next poll (≤ 0.5 s); MB/s counts bundle bytes at the steady rate; "
+            "delivered = "
             "N / time until B's spool handler had written all N; CPU = process CPU seconds / "
             f"steady-window seconds (100% = one core of {os.cpu_count()}); CPU db = all "
             "'postgres' processes; CPU others = busy cores used by anything but A, B, the "

@@ -1,6 +1,7 @@
 """Platform relay: packets/s through one platform node for 50 members, counted at two receivers.
 
-Run ``.venv/bin/python bench/relay.py [--members 50] [-n 1500] [--py-spy [EXE]]``. See bench/README.md.
+Run ``.venv/bin/python bench/relay.py [--members 50] [-n 1500] [--py-spy [EXE]]``.
+See bench/README.md.
 
 An alliance of ``members`` sending members (role community, ``via = "platform"``), one
 ``platform`` node and two receiving nodes (``recv-a``, ``recv-b``, also behind the platform) is
@@ -256,7 +257,7 @@ class Senders:
             proc.start()
             theirs.close()
             self.procs.append((proc, ours))
-        for proc, pipe in self.procs:  # sealed (or keys loaded) before the clock starts
+        for _proc, pipe in self.procs:  # sealed (or keys loaded) before the clock starts
             if not pipe.poll(300):
                 raise TimeoutError("a sender process did not get ready")
             pipe.recv()

@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         ("oru", lambda root: lis_results.measure(args.oru_n)),
         ("growth", lambda root: growth(root, _levels(args.growth), 2000)),
         ("search", lambda root: search(root, _levels(args.search))),
-        ("relay", lambda root: relay(root)),
+        ("relay", relay),
         ("messages", lambda root: messages(root, _levels(args.messages))),
     ]
     try:

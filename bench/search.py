@@ -74,7 +74,8 @@ def resource_for(j: int, base: datetime) -> tuple[dict[str, Any], datetime]:
     lu = at.isoformat(timespec="milliseconds").replace("+00:00", "Z")
     if j % 10 == 0:
         res: dict[str, Any] = {
-            "resourceType": "Patient", "id": pid_of(p), "meta": {"versionId": "1", "lastUpdated": lu},
+            "resourceType": "Patient", "id": pid_of(p),
+            "meta": {"versionId": "1", "lastUpdated": lu},
             "identifier": [{"system": ID_SYSTEM, "value": f"1101021950{p:08d}"}],
             "name": [{"family": SURNAMES[p % 20], "given": [f"{p:06d}"]}],
             "gender": "female" if p % 2 == 0 else "male",

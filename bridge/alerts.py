@@ -348,11 +348,13 @@ class Alerter:
     def active(self) -> dict[str, dict[str, Any]]:
         """The alerts raised and not cleared, by key (what the IT page shows)."""
         with self.ctx.store.read() as conn:
-            return json.loads(state.get(conn, ACTIVE_KEY) or "{}")
+            active: dict[str, dict[str, Any]] = json.loads(state.get(conn, ACTIVE_KEY) or "{}")
+        return active
 
     def pending(self) -> list[dict[str, Any]]:
         with self.ctx.store.read() as conn:
-            return json.loads(state.get(conn, PENDING_KEY) or "[]")
+            pending: list[dict[str, Any]] = json.loads(state.get(conn, PENDING_KEY) or "[]")
+        return pending
 
     def run_once(self) -> dict[str, list[str]]:
         """One round; returns the keys raised and cleared (for tests and logs)."""

@@ -178,7 +178,8 @@ def outbox_list(
 @outbox_app.command("retry")
 def outbox_retry(
     config: ConfigOpt,
-    ids: Annotated[list[int] | None, typer.Argument(help="outbox row ids (default: all dead)")] = None,
+    ids: Annotated[list[int] | None,
+                   typer.Argument(help="outbox row ids (default: all dead)")] = None,
     peer: Annotated[str | None, typer.Option()] = None,
     waiting: Annotated[bool, typer.Option(help="also retry queued rows now")] = False,
 ) -> None:
@@ -413,7 +414,8 @@ def audit_export(
     stream = open(output, "w", encoding="utf-8", newline="") if output else sys.stdout  # noqa: SIM115 - closed below unless stdout
     try:
         with ctx.store.read() as conn:  # a long export must not hold the write lock
-            n = export(conn, stream, since=_when(since, ctx), until=_when(until, ctx), fmt=fmt,
+            n = export(conn, stream, since=_when(since, ctx), until=_when(until, ctx),
+                       fmt="csv" if fmt == "csv" else "ndjson",
                        patient_hash=patient, actor=actor, action=action)
         from bridge.audit.events import AuditEntry
         from bridge.people_cli import cli_actor
@@ -429,9 +431,11 @@ def audit_export(
 
 @keys_app.command("init")
 def keys_init(
-    alliance: Annotated[Path | None, typer.Option(help="alliance folder: keys for every node")] = None,
+    alliance: Annotated[Path | None,
+                        typer.Option(help="alliance folder: keys for every node")] = None,
     node: Annotated[str | None, typer.Option(help="one node id (with --out)")] = None,
-    out_dir: Annotated[Path | None, typer.Option("--out", help="folder for one node's keys")] = None,
+    out_dir: Annotated[Path | None,
+                       typer.Option("--out", help="folder for one node's keys")] = None,
     passphrase_env: Annotated[str | None, typer.Option(
         help="env var holding a passphrase to encrypt the private keys")] = None,
 ) -> None:
@@ -493,7 +497,8 @@ def _own_keys(config: Path) -> tuple[str, Path, Path, bytes | None]:
 
 
 @config_app.command("check")
-def config_check(path: Annotated[Path, typer.Argument(help="a node file or an alliance folder")]) -> None:
+def config_check(
+        path: Annotated[Path, typer.Argument(help="a node file or an alliance folder")]) -> None:
     """Validate every file and report every problem at once, with file and key."""
     from bridge.config.loader import check_alliance, load_node
 

@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from bridge.audit.anchor import ANCHOR_NAME, AnchorFile
 from bridge.audit.chain import AuditChain
-from bridge.config.loader import NodePlan
+from bridge.config.models import NodePlan
 from bridge.crypto.keys import load_encryption_key, load_signing_key
 from bridge.store.db import Store
 

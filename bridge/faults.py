@@ -83,7 +83,8 @@ def clock(base: Callable[[], datetime]) -> Callable[[], datetime]:
                 cache["mtime"] = mtime
         except (OSError, ValueError):
             pass
-        return base() + timedelta(seconds=fixed) + cache["offset"]
+        offset: timedelta = cache["offset"]
+        return base() + timedelta(seconds=fixed) + offset
 
     return now
 

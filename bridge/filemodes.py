@@ -125,6 +125,6 @@ def node_file_problems(node_file: Path) -> list[str]:
             seen.add(p)
             lines.append(f"{label}: {where}: {describe(p, mode)}")
     if len(lines) > MAX_REPORTED:
-        lines = [*lines[:MAX_REPORTED], f"{label}: ... and {len(lines) - MAX_REPORTED} "
-                 "more paths open to group/others"]
+        lines = [*lines[:MAX_REPORTED], (f"{label}: ... and {len(lines) - MAX_REPORTED} "
+                 "more paths open to group/others")]
     return lines

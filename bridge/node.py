@@ -8,6 +8,7 @@ batch) wakes the right job at once; the interval is only the safety net.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import threading
@@ -21,7 +22,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from bridge import faults
 from bridge.audit.events import AuditEntry
 from bridge.audit.watch import ChainWatch
-from bridge.config.loader import NodePlan
+from bridge.config.models import NodePlan
 from bridge.context import NodeContext
 from bridge.delivery.dispatcher import Dispatcher
 from bridge.delivery.handlers import load_handlers
@@ -94,7 +95,7 @@ class Node:
             hops = [me.via]
         self.senders = {peer: PeerSender(self.ctx, peer, self.lanes) for peer in hops}
         # a platform wakes only the senders of the hops a batch was relayed to, not all of them
-        self.intake.on_relayed = lambda next_hops: [self.wake(f"send:{h}") for h in next_hops]
+        self.intake.on_relayed = self._wake_hops
         self.drains: dict[str, _Drain] = {}
         self.scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(len(hops) + 6 + len(self.adapters))},
@@ -118,12 +119,17 @@ class Node:
         drain.dirty.set()
         try:
             self.scheduler.modify_job(job_id, next_run_time=datetime.now(UTC))
-        except Exception:  # scheduler shutting down
+        except Exception:  # noqa: BLE001, S110 - scheduler shutting down; a wake-up is a hint
             pass
 
     def wake_all_senders(self) -> None:
         for peer in self.senders:
             self.wake(f"send:{peer}")
+
+    def _wake_hops(self, next_hops: set[str]) -> None:
+        """A platform wakes only the senders of the hops a batch was relayed to."""
+        for hop in next_hops:
+            self.wake(f"send:{hop}")
 
     def start_jobs(self) -> None:
         cfg = self.plan.delivery
@@ -217,8 +223,10 @@ class Node:
                                           port=self.plan.local_port, log_level="warning",
                                           access_log=False, **port_guards(self.plan))),
         ]
+        # main() below owns SIGINT/SIGTERM for both servers; uvicorn (>= 0.29) would otherwise
+        # take them in serve() (its install_signal_handlers, overridden here before, is gone)
         for s in servers:
-            s.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+            s.capture_signals = contextlib.nullcontext  # type: ignore[method-assign, assignment]
         self.start_jobs()
 
         async def main() -> None:

@@ -127,5 +127,5 @@ def _latest_checkpoint(conn: Any) -> Any:
 
     from bridge.audit.tables import AuditCheckpoint
 
-    t = AuditCheckpoint.__table__
+    t = AuditCheckpoint.__table__  # type: ignore[attr-defined]
     return conn.execute(select(t).order_by(t.c.seq.desc(), t.c.id.desc()).limit(1)).first()

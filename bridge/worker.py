@@ -16,7 +16,7 @@ import signal
 import threading
 
 from bridge.audit.events import AuditEntry
-from bridge.config.loader import NodePlan
+from bridge.config.models import NodePlan
 from bridge.errors import ConfigError
 
 log = logging.getLogger("hutong.worker")

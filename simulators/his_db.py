@@ -460,7 +460,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("init", help="create the vendor tables")
     refer = sub.add_parser("refer", help="write a referral row (ZZ_SQD) from a slip as JSON")
-    refer.add_argument("--json", required=True, help="file with a ReferralSlip as JSON ('-': stdin)")
+    refer.add_argument("--json", required=True,
+                       help="file with a ReferralSlip as JSON ('-': stdin)")
     refer.add_argument("--late-hold-s", type=float, default=0.0,
                        help="allocate the id now, commit the row after this many seconds")
     sub.add_parser("received", help="print received referrals (ZZ_JS_SQD) as JSON lines")

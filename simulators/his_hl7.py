@@ -6,9 +6,9 @@ node's adapter and keeps each message once (by MSH-10) as a slip (a REF^I14 canc
 its :class:`~adapters.his_hl7.messages.CancelNote`); ORU^R01 (lab results from
 another member) is kept once by MSH-10 as its fields read back (:func:`read_results`), and every
 message offered is counted per MSH-10 (``attempts``). Doctors' actions are the
-Python API (:class:`VendorHis`), which sends REF^I12 / REF^I14 / RRI^I12 / ADT to the adapter's listener
-over real MLLP and records what it sent. Faults for retry tests: ``set_mode(nak=N)`` answers
-the next N messages with AE, ``set_mode(drop=N)`` closes the connection without an answer.
+Python API (:class:`VendorHis`), which sends REF^I12 / REF^I14 / RRI^I12 / ADT to the adapter's
+listener over real MLLP and records what it sent. Faults for retry tests: ``set_mode(nak=N)``
+answers the next N messages with AE, ``set_mode(drop=N)`` closes the connection without an answer.
 
 The HL7 layout is the one in :mod:`adapters.his_hl7.messages` (the vendor's interface sheet);
 the tests check the slips this HIS stores against the slips the other HIS wrote, field by field,

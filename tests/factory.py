@@ -62,7 +62,8 @@ def bundle(n_obs: int = 3, *, national_id: str = "110102195003151234", marker: s
     if pad_to:
         size = len(orjson.dumps(b))
         if size < pad_to:
-            entries[1]["resource"].setdefault("note", []).append({"text": "x" * (pad_to - size - 20)})
+            entries[1]["resource"].setdefault("note", []).append(
+                {"text": "x" * (pad_to - size - 20)})
     return b
 
 

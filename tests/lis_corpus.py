@@ -51,10 +51,8 @@ def split(data: bytes) -> list[bytes]:
     lines = data.replace(b"\r\n", b"\r").replace(b"\n", b"\r").split(b"\r")
     messages: list[list[bytes]] = []
     current: list[bytes] | None = None
-    sep = b"|"
     for line in lines:
         if line.startswith(b"MSH") and len(line) > 3:
-            sep = line[3:4]
             current = [line]
             messages.append(current)
         elif line[:3] in _BATCH:

@@ -44,7 +44,8 @@ def referral(kind: str, receiver: str, *, national_id: str = "110102195003151234
                          "div": "<div xmlns=\"http://www.w3.org/1999/xhtml\">头晕两周</div>"}}]}},
         {"fullUrl": cov, "resource": {
             "resourceType": "Coverage", "status": "active",
-            "identifier": [{"system": "urn:hutong:insurance-referral-slip", "value": "YB-2026-0001"}],
+            "identifier": [{"system": "urn:hutong:insurance-referral-slip",
+                            "value": "YB-2026-0001"}],
             "beneficiary": {"reference": p},
             "payor": [{"display": "北京市医疗保险"}]}},
     ]
@@ -87,7 +88,8 @@ def return_bundle(sr_id: str, patient_ref: str, *, discharge: bool = True) -> di
             "date": "2026-11-25T09:00:00+08:00", "author": [{"display": "张主任"}],
             "title": "出院小结",
             "section": [{"title": "给社区医生的指导", "text": {"status": "generated",
-                         "div": "<div xmlns=\"http://www.w3.org/1999/xhtml\">氨氯地平 5mg qd</div>"}}]}},
+                         "div": "<div xmlns=\"http://www.w3.org/1999/xhtml\">"
+                                "氨氯地平 5mg qd</div>"}}]}},
         {"fullUrl": dr, "resource": {
             "resourceType": "DiagnosticReport", "status": "final",
             "code": {"coding": [{"system": "http://loinc.org", "code": "24323-8"}]},
@@ -96,7 +98,8 @@ def return_bundle(sr_id: str, patient_ref: str, *, discharge: bool = True) -> di
         {"fullUrl": mr, "resource": {
             "resourceType": "MedicationRequest", "status": "active", "intent": "order",
             "medicationCodeableConcept": {"coding": [{"system": "urn:hutong:drug:core",
-                                                      "code": "FX-0101", "display": "氨氯地平片 5mg"}]},
+                                                      "code": "FX-0101",
+                                                      "display": "氨氯地平片 5mg"}]},
             "subject": {"reference": patient_ref},
             "dosageInstruction": [{"text": "5mg 每日一次"}]}},
     ] + [{"fullUrl": u, "resource": o} for u, o in obs]

@@ -128,14 +128,14 @@ class Hook:
         self.thread.join(timeout=10)
 
 
-@pytest.fixture()
+@pytest.fixture
 def hook() -> Iterator[Hook]:
     h = Hook()
     yield h
     h.close()
 
 
-@pytest.fixture()
+@pytest.fixture
 def watched(tmp_path: Path, hook: Hook) -> Iterator[Alliance]:
     a = Alliance(tmp_path / "alliance", MEMBERS, RULES)
     # the webhook URL is read from a secret file (a robot URL carries its access key)
@@ -200,7 +200,8 @@ def test_peer_down_raises_once_clears_once_and_posts_the_webhook(watched: Allian
     assert (a["rule"], a["subject"], a["value"], a["threshold"]) == ("queue-depth", "chc", 5, 3)
     assert a["message"] == "5 packets waiting for chc (threshold 3)"
     assert raised["queue-age:chc"][0]["alert"]["threshold"] == 2.0
-    assert raised["queue-age:chc"][0]["alert"]["value"] >= 2.0  # rounded to 0.1 s: 2.04 shows as 2.0
+    # rounded to 0.1 s: 2.04 shows as 2.0
+    assert raised["queue-age:chc"][0]["alert"]["value"] >= 2.0
     silent = raised["peer-silent:chc"][-1]["alert"]
     assert silent["rule"] == "peer-silent" and silent["value"] > 2.0
     assert "health probe failed" in silent["message"]
@@ -216,14 +217,14 @@ def test_peer_down_raises_once_clears_once_and_posts_the_webhook(watched: Allian
     wait_for(lambda: seen.add(active(core)["peer-silent:chc"]["updated_at"]) or len(seen) >= 4,
              what="four more alert rounds")
     assert {k: len(v) - before.get(k, 0) for k, v in hook.events("raised").items()} == \
-        {k: 1 for k in keys}
+        dict.fromkeys(keys, 1)
 
     chc.start()
     chc.wait_ready()
     wait_for(lambda: keys <= set(hook.events("cleared")), timeout=60,
              what="the alerts to clear at the webhook")
     cleared = hook.events("cleared")
-    assert {k: len(v) - before.get(k, 0) for k, v in cleared.items()} == {k: 1 for k in keys}
+    assert {k: len(v) - before.get(k, 0) for k, v in cleared.items()} == dict.fromkeys(keys, 1)
     assert cleared["queue-depth:chc"][0]["alert"]["raised_at"] == a["raised_at"]
     assert "cleared_at" in cleared["queue-depth:chc"][0]["alert"]
     wait_for(lambda: 'class="ok no-alerts"' in it.get("/ui/it"), what="a quiet IT page")

@@ -196,12 +196,12 @@ def test_verify_names_the_exact_record_of_each_tampering(exchanged) -> None:
     assert ok.stdout.startswith(f"audit chain of core verifies: {n} records, ")
     assert ok.stderr == ""
     expected = {
-        "edited": (bad_a, f"audit chain of core is BROKEN at record {k}: seq {k}: hash "
-                          "mismatch, resource or hash was edited"),
-        "deleted": (bad_b, f"audit chain of core is BROKEN at record {d + 1}: seq {d + 1}: "
-                           f"follows seq {d - 1}, row {d} missing"),
-        "swapped": (bad_c, f"audit chain of core is BROKEN at record {i}: seq {i}: prev_hash "
-                           f"does not link to seq {i - 1} (row deleted, moved or reordered)"),
+        "edited": (bad_a, (f"audit chain of core is BROKEN at record {k}: seq {k}: hash "
+                          "mismatch, resource or hash was edited")),
+        "deleted": (bad_b, (f"audit chain of core is BROKEN at record {d + 1}: seq {d + 1}: "
+                           f"follows seq {d - 1}, row {d} missing")),
+        "swapped": (bad_c, (f"audit chain of core is BROKEN at record {i}: seq {i}: prev_hash "
+                           f"does not link to seq {i - 1} (row deleted, moved or reordered)")),
     }
     for case, (r, line) in expected.items():
         assert r.returncode == 1, (case, r.stdout, r.stderr)

@@ -224,8 +224,8 @@ def test_down_peer_waits_in_its_own_queue_then_drains_once_and_dead_ones_wait_fo
         wait_for(lambda: peer_counts(gwc)["sec"].get("acknowledged") == 2,
                  what="the retried packet's receipt")
         wait_for(lambda: db_rows(sec, "SELECT state, last_error FROM inbox WHERE packet_id = :p",
-                                 p=dead[1]) == [("held", f"held: seq 2 waits for seq 1 from gwc "
-                                                         "on its thread")],
+                                 p=dead[1]) == [("held", ("held: seq 2 waits for seq 1 from gwc "
+                                                         "on its thread"))],
                  what="the retried packet held at sec")
         assert dead[1] not in spooled_ids(sec)
         assert [row["packet_id"] for row in outbox(gwc, state="dead")] == [dead[0], dead[2]]
@@ -251,7 +251,7 @@ def test_down_peer_waits_in_its_own_queue_then_drains_once_and_dead_ones_wait_fo
             assert r.returncode == 0, r.stderr
         sec_events = [json.loads(line) for line in sec_audit.stdout.splitlines()]
         received = Counter(packet_of(e) for e in sec_events if action_of(e) == "received")
-        assert received == Counter({pid: 1 for pid in to_sec + fresh + dead})
+        assert received == Counter(dict.fromkeys(to_sec + fresh + dead, 1))
         assert [e for e in sec_events if action_of(e) == "duplicate"] == []
 
         events = [json.loads(line) for line in gwc_audit.stdout.splitlines()]

@@ -31,6 +31,9 @@ from bridge.store.tables import OUTBOX, QUARANTINE
 from tests.factory import bundle_bytes
 from tests.harness import ROOT
 
+# every test here runs the CLI as a child process
+pytestmark = pytest.mark.slow
+
 SHIPPED = ROOT / "config" / "alliances" / "fuxing"
 NODES = ("fuxing", "guangwai-chc", "guangwai-hosp", "platform", "yuetan-chc", "zhanlanlu-chc",
          "zhanlanlu-hosp")
@@ -39,7 +42,7 @@ UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
 
 def hutong(*args: str | Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "bridge.cli", *map(str, args)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+                          capture_output=True, text=True, cwd=ROOT, timeout=timeout, check=False)
 
 
 def one_line_error(r: subprocess.CompletedProcess[str]) -> str:
@@ -118,16 +121,16 @@ def test_config_check_lists_every_problem_with_file_and_key(shipped: Path, tmp_p
     assert r.stdout == ""
     assert "Traceback" not in r.stderr
     assert r.stderr.splitlines() == [
-        "alliance.toml: members[1].exchange_url: 'ftp://127.0.0.1:9102' is not an http(s) URL "
-        "such as http://127.0.0.1:9101",
+        ("alliance.toml: members[1].exchange_url: 'ftp://127.0.0.1:9102' is not an http(s) URL "
+        "such as http://127.0.0.1:9101"),
         "alliance.toml: rules[0].to: unknown member 'fuxin'",
-        "nodes/guangwai-chc.toml: tokens.it: secret file ../secrets/guangwai-chc.it.token looks "
-        "like a placeholder ('changeme'); a node refuses to start with a placeholder secret",
+        ("nodes/guangwai-chc.toml: tokens.it: secret file ../secrets/guangwai-chc.it.token looks "
+        "like a placeholder ('changeme'); a node refuses to start with a placeholder secret"),
         "nodes/platform.toml: delivery.max_attempts: Input should be greater than 0",
         "nodes/yuetan-chc.toml: peer_bind: 127.0.0.1:9101 is also peer_bind of nodes/fuxing.toml",
         "nodes/zhanlanlu-chc.toml: colour: Extra inputs are not permitted",
-        "nodes/zhanlanlu-hosp.toml: keys.signing: private key file "
-        "../keys/zhanlanlu-hosp.sign.key is open to others (mode 644); chmod 600",
+        ("nodes/zhanlanlu-hosp.toml: keys.signing: private key file "
+        "../keys/zhanlanlu-hosp.sign.key is open to others (mode 644); chmod 600"),
         "7 problem(s)",
     ]
 
@@ -191,8 +194,8 @@ def test_cli_errors_are_one_line_without_traceback(shipped: Path, tmp_path: Path
     assert line.endswith("node.toml: (file): not found")
     r = hutong("audit", "export", "--format", "xml", "--config",
                shipped / "nodes" / "fuxing.toml")
-    assert (r.returncode, one_line_error(r)) == (2, "error: HT-ERROR: --format must be ndjson "
-                                                    "or csv")
+    assert (r.returncode, one_line_error(r)) == (2, ("error: HT-ERROR: --format must be ndjson "
+                                                    "or csv"))
     r = hutong("keys", "init")
     assert (r.returncode, one_line_error(r)) == (
         2, "error: HT-ERROR: give --alliance DIR, or --node ID with --out DIR")

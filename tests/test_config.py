@@ -281,23 +281,23 @@ def test_broken_alliance_reports_every_problem(alliance: Path) -> None:
     problems = check_alliance(alliance)
     placeholder = "a node refuses to start with a placeholder secret"
     expected = [
-        "alliance.toml: members[1].role: Input should be 'core', 'secondary', 'community' or "
-        "'platform'",
+        ("alliance.toml: members[1].role: Input should be 'core', 'secondary', 'community' or "
+        "'platform'"),
         "alliance.toml: members[3].id: duplicate member id 'core' (also members[0])",
-        "alliance.toml: members[0].via: 'chc' is a hospital member; via must name a platform "
-        "member",
-        "alliance.toml: rules[0].to: unknown role 'hospital' (roles: core, secondary, community, "
-        "platform)",
+        ("alliance.toml: members[0].via: 'chc' is a hospital member; via must name a platform "
+        "member"),
+        ("alliance.toml: rules[0].to: unknown role 'hospital' (roles: core, secondary, community, "
+        "platform)"),
         "alliance.toml: rules[1].from: unknown member 'yuetan'",
         "alliance.toml: members[2].via: a member cannot be reached via itself",
         "nodes/chc.toml: delivery.batch_size: Input should be greater than 0",
         "nodes/chc.toml: tokens.nurse: Extra inputs are not permitted",
         "nodes/chc.toml: peer_bind: must differ from local_bind (127.0.0.1:8102)",
-        "nodes/core.toml: tokens.clinician: secret file ../secrets/core.clinician.token looks "
-        f"like a placeholder ('changeme'); {placeholder}",
+        ("nodes/core.toml: tokens.clinician: secret file ../secrets/core.clinician.token looks "
+        f"like a placeholder ('changeme'); {placeholder}"),
         "nodes/extra.toml: line 2, column 14: TOML syntax error: Invalid value",
-        "nodes/hub.toml: tokens.auditor: secret file ../secrets/hub.auditor.token is shorter "
-        f"than 16 characters; {placeholder}",
+        ("nodes/hub.toml: tokens.auditor: secret file ../secrets/hub.auditor.token is shorter "
+        f"than 16 characters; {placeholder}"),
         "nodes/hub.toml: keys.encryption: private key file ../keys/hub.enc.key not found",
     ]
     for line in expected:
@@ -330,28 +330,28 @@ def test_more_problems_each_on_its_own_line(alliance: Path) -> None:
 
     problems = check_alliance(alliance)
     expected = [
-        "alliance.toml: members[1].exchange_url: 'ftp://chc' is not an http(s) URL such as "
-        "http://127.0.0.1:9101",
-        "alliance.toml: rules[2].kinds[0]: 'Receipt' is not a message kind such as "
-        "'referral.request' or '*'",
-        "alliance.toml: alliance.patient_hash_key: is 16 bytes; national ID numbers are few "
-        "enough to enumerate, so the HMAC key needs at least 32 random bytes",
-        "alliance.toml: members[2].signing_key: keys/hub.pub.json holds the keys of 'core', "
-        "not 'hub'",
-        "alliance.toml: members[2].encryption_key: keys/hub.pub.json holds the keys of 'core', "
-        "not 'hub'",
-        "nodes/chc.toml: keys.signing: private key file ../keys/chc.sign.key is open to others "
-        "(mode 644); chmod 600",
-        "nodes/chc.toml: keys.signing: private key file ../keys/chc.sign.key does not match the "
-        "public key alliance.toml lists for this node",
-        "nodes/chc.toml: keys.encryption: private key file ../keys/chc.enc.key does not match "
-        "the public key alliance.toml lists for this node",
+        ("alliance.toml: members[1].exchange_url: 'ftp://chc' is not an http(s) URL such as "
+        "http://127.0.0.1:9101"),
+        ("alliance.toml: rules[2].kinds[0]: 'Receipt' is not a message kind such as "
+        "'referral.request' or '*'"),
+        ("alliance.toml: alliance.patient_hash_key: is 16 bytes; national ID numbers are few "
+        "enough to enumerate, so the HMAC key needs at least 32 random bytes"),
+        ("alliance.toml: members[2].signing_key: keys/hub.pub.json holds the keys of 'core', "
+        "not 'hub'"),
+        ("alliance.toml: members[2].encryption_key: keys/hub.pub.json holds the keys of 'core', "
+        "not 'hub'"),
+        ("nodes/chc.toml: keys.signing: private key file ../keys/chc.sign.key is open to others "
+        "(mode 644); chmod 600"),
+        ("nodes/chc.toml: keys.signing: private key file ../keys/chc.sign.key does not match the "
+        "public key alliance.toml lists for this node"),
+        ("nodes/chc.toml: keys.encryption: private key file ../keys/chc.enc.key does not match "
+        "the public key alliance.toml lists for this node"),
         "nodes/core.toml: node_id: 'core' is also nodes/chc.toml",
         "nodes/chc.toml: node_id: 'core' does not match the file name",
-        "nodes/core.toml: tokens.it: must be a secret reference 'env:NAME' or 'file:path' "
-        "(no inline secrets in config files)",
-        "nodes/core.toml: retention.audit_days: must be at least 183: MLPS 2.0 (等级保护 2.0) "
-        "keeps audit logs for six months",
+        ("nodes/core.toml: tokens.it: must be a secret reference 'env:NAME' or 'file:path' "
+        "(no inline secrets in config files)"),
+        ("nodes/core.toml: retention.audit_days: must be at least 183: MLPS 2.0 (等级保护 2.0) "
+        "keeps audit logs for six months"),
         "nodes/core.toml: tokens.auditor: environment variable HT_NO_SUCH_VAR is not set",
     ]
     assert sorted(problems) == sorted(expected)

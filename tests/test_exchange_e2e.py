@@ -55,10 +55,10 @@ def test_thousand_packets_exactly_once_in_order(pair: Alliance) -> None:
             bundles.append(bundle(1, marker=marker))
             threads.append(thread)
         for thread in sorted(set(threads)):
-            mine = [b for b, t in zip(bundles, threads) if t == thread]
+            mine = [b for b, t in zip(bundles, threads, strict=True) if t == thread]
             ids = chc.send("core", "result.imaging", mine, thread=thread)
             sent[thread].extend(ids)
-            for pid, b in zip(ids, mine):
+            for pid, b in zip(ids, mine, strict=True):
                 markers[pid] = b["entry"][1]["resource"]["note"][0]["text"]
     wait_for(lambda: len(spooled(core)) >= 1000, timeout=120, what="1000 deliveries")
     files = spooled(core)

@@ -27,7 +27,8 @@ FUZZ = settings(max_examples=150, deadline=None,
                                        HealthCheck.too_slow])
 
 JSON = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False) | st.text(max_size=20),
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False)
+    | st.text(max_size=20),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner,
                                                                 max_size=4),
     max_leaves=20)
@@ -46,7 +47,8 @@ def validated(data: bytes) -> dict[str, Any] | None:
 
 @FUZZ
 @given(data=st.binary(max_size=300))
-@example(data=b'{"resourceType": "Bundle", "type": "collection", "total": 123456789012345678901234}')
+@example(data=b'{"resourceType": "Bundle", "type": "collection", '
+              b'"total": 123456789012345678901234}')
 @example(data=b'{"resourceType": "Bundle", "type": "collection", "entry": [' * 200)
 @example(data=b'{"resourceType": "Bundle", "type": "collection", "id": "\\ud800"}')
 def test_arbitrary_bytes(data: bytes) -> None:

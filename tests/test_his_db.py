@@ -54,7 +54,8 @@ def his_adapter(mappings: Path, dsn: str) -> dict[str, Any]:
 
 def make_alliance(root: Path, chc_dsn: str, core_dsn: str) -> Alliance:
     chc_maps = site_folder(root / "mappings", "desheng-chc", "yuetan-chc",
-                           {"department": ["KS20,转诊·心血管内科,03.04,心血管内科专业,equivalent,"]})
+                           {"department": [
+                               "KS20,转诊·心血管内科,03.04,心血管内科专业,equivalent,"]})
     core_maps = site_folder(root / "mappings", "fuxing", "fuxing", {})
     members = [
         {"id": "fuxing", "zh": "复兴医院", "en": "Fuxing Hospital", "role": "core",

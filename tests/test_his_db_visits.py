@@ -35,7 +35,8 @@ LOCAL_DEPT = "http://hutong.dev/CodeSystem/fuxing/department"
 
 def make_alliance(root: Path, chc_dsn: str, core_dsn: str) -> Alliance:
     chc_maps = site_folder(root / "mappings", "desheng-chc", "yuetan-chc",
-                           {"department": ["KS20,转诊·心血管内科,03.04,心血管内科专业,equivalent,"]})
+                           {"department": [
+                               "KS20,转诊·心血管内科,03.04,心血管内科专业,equivalent,"]})
     core_maps = site_folder(root / "mappings", "fuxing", "fuxing", {})
     members = [
         {"id": "fuxing", "zh": "复兴医院", "en": "Fuxing Hospital", "role": "core",

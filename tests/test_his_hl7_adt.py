@@ -58,8 +58,8 @@ def adt(event: str, control: str, *, mrn: str = "FX5001", visit: str = "V5001",
     pv1[1], pv1[2], pv1[3], pv1[5] = "1", klass, location, preadmit
     pv1[19], pv1[44], pv1[45], pv1[50] = visit, admitted, discharged, referral
     ids = f"{mrn}^^^FXHIS^MR" + (f"~{national_id}^^^CHN^NNCHN" if national_id else "")
-    segs = [f"MSH|^~\\&|FXHIS|fuxing-his|HUTONG|fuxing|{sent}||ADT^{event}^ADT_A01|{control}|P|"
-            "2.5|||AL|NE|CHN|UNICODE UTF-8",
+    segs = [(f"MSH|^~\\&|FXHIS|fuxing-his|HUTONG|fuxing|{sent}||ADT^{event}^ADT_A01|{control}|P|"
+            "2.5|||AL|NE|CHN|UNICODE UTF-8"),
             f"EVN|{event}|{evn or sent}",
             f"PID|1||{ids}||{name}||19500315|F|||||13901234567",
             "PV1|" + "|".join(pv1[1:]).rstrip("|")]
@@ -269,7 +269,7 @@ def test_linked_admission_points_the_referral_to_its_encounter(env: Env) -> None
 
 @pytest.mark.slow
 def test_real_style_referral_with_date_only_times_nulls_and_untyped_notes(env: Env) -> None:
-    chc, core = env.his["chc"], env.his["core"]
+    core = env.his["core"]
     s = slip(slip_no="YTREAL-1", patient_name="周億", mrn="YTR9", id_number="110102196001010018")
     text = referral_bytes(s, "GB 18030-2000", control="REAL-1").decode("gb18030")
     segs = text.split("\r")
@@ -401,6 +401,6 @@ def test_rejection_and_withdrawal_reasons_from_untyped_notes() -> None:
     assert note.reason == "家属要求撤回\nREASON: 改日再转"
     assert note.cancelled_at == "2026-12-01"
     missing = i14.replace("|YT-9|", "||")
-    with pytest.raises(Exception) as err:
+    with pytest.raises(messages.Hl7DataError) as err:
         messages.cancel_note(messages.read(missing).msg, OFFSET)
     assert getattr(err.value, "field", None) == "RF1-6"

@@ -224,7 +224,7 @@ def run(env: Env) -> list[dict[str, str]]:
         event = m.get("MSH", 9, 2)
         mrn = mrn_of(m) if m.all("PID") else ""
         before = _one(env, "Patient", identifier=f"{MRN}|{mrn}") if mrn else None
-        code, control, why = mllp(port, raw)
+        code, _control, why = mllp(port, raw)
         row = {"file": file, "index": str(index), "type": mtype, "control": m.field("MSH-10"),
                "ack": code}
         if code == "AA":

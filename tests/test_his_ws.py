@@ -122,8 +122,8 @@ BAD = {
     "missing-id-card": (_edit(REF, f"//v3:patientRole/v3:id[@root='{cda.ID_CARD_OID}']", "drop"),
                         MissingElement, f"{ROLE}/id[@root='{cda.ID_CARD_OID}']"),
     "missing-recipient": (_edit(REF, "v3:informationRecipient", "drop"), MissingElement,
-                          "/ClinicalDocument/informationRecipient/intendedRecipient/"
-                          + "receivedOrganization/id"),
+                          ("/ClinicalDocument/informationRecipient/intendedRecipient/"
+                           "receivedOrganization/id")),
     "date-birth": (_edit(REF, "//v3:birthTime", "value", "19500231"), BadDate,
                    f"{ROLE}/patient/birthTime/@value"),
     "date-effective": (_edit(REF, "v3:effectiveTime", "value", "20261131090000+0800"), BadDate,
@@ -134,8 +134,8 @@ BAD = {
                           "codeSystem", "2.16.156.10011.2.3.3.11"), UnknownCode, DX + "/@code"),
     "code-kind": (_edit(REF, "//v3:observation[v3:code/@code='kind']/v3:value", "code",
                         "sideways"), UnknownCode,
-                  "/ClinicalDocument/component/structuredBody/component[1]/section/entry[1]/"
-                  + "observation/value/@code"),
+                  ("/ClinicalDocument/component/structuredBody/component[1]/section/entry[1]/"
+                   "observation/value/@code")),
     "encoding-utf8-labelled-gb": (REF.replace(b"encoding='UTF-8'", b"encoding='GB18030'"),
                                   WrongEncoding, "xml-declaration/@encoding"),
     "encoding-gb-labelled-utf8": (
@@ -315,7 +315,8 @@ def test_bad_documents_quarantined_audited_and_the_next_goes_through(world: Worl
         raw, error, field = BAD[case]
         doc_id = f"BAD-{n}"
         chc_his.write_raw(doc_id, "referral",
-                          raw.replace(b'extension="YT-ZZD-000001"', f'extension="{doc_id}"'.encode()))
+                          raw.replace(b'extension="YT-ZZD-000001"',
+                                      f'extension="{doc_id}"'.encode()))
         expect[doc_id] = (error.code, field)
     # a second document under a taken id, with other content (a corrected phone number)
     first = referral_slip(slip_no="YTZZ-DUP-1", patient_name="钱桂兰",

@@ -290,7 +290,7 @@ def test_lab_results_in_the_centres_ws_his_field_by_field(site: dict[str, Any]) 
         chc, "SELECT state, attempts, last_error FROM inbox WHERE packet_id = :p",
         p=packet))[0][0] == "delivered" and r, what="the corrected packet delivered")
     assert sent[0][1] == 2 and "HT-WS-UNAVAILABLE" in sent[0][2]
-    wanted.update({c: 2 for c in ("24323-8", "1988-5", "5196-1", "XYZ99", "TITER")})
+    wanted.update(dict.fromkeys(("24323-8", "1988-5", "5196-1", "XYZ99", "TITER"), 2))
     wait_for(lambda: lab_gaps(chc) == wanted, what="mapping gaps counted again")
     for node in (chc, core):
         text = node.log.read_text(encoding="utf-8", errors="replace")

@@ -81,8 +81,8 @@ BAD = {  # case -> (bytes, error, XPath named)
                   SchemaInvalid, f"{ENC}/code"),
     "xsd-event": (_edit(ADMIT, "v3:code", "code", "RYXX"), SchemaInvalid, "/ClinicalDocument/code"),
     "missing-mrn": (_edit(ADMIT, f"//v3:patientRole/v3:id[@root='{SITE.mrn_oid}']", "drop"),
-                    MissingElement, f"/ClinicalDocument/recordTarget/patientRole/id[@root="
-                                    f"'{SITE.mrn_oid}']/@extension"),
+                    MissingElement, (f"/ClinicalDocument/recordTarget/patientRole/id[@root="
+                                    f"'{SITE.mrn_oid}']/@extension")),
     "date-admitted": (_edit(ADMIT, "//v3:encompassingEncounter/v3:effectiveTime/v3:low",
                             "value", "20261131100000+0800"), BadDate,
                       f"{ENC}/effectiveTime/low/@value"),
@@ -283,8 +283,8 @@ def test_bad_visit_documents_quarantined_and_next_taken(world: World) -> None:
         "BADV-1": (doc(1, visit("ZY0901", "transfer")), "HT-LOCAL-MISSING",
                    visit_doc.FIELD_PATHS["transferred_at"]),
         "BADV-2": (doc(2, visit("ZY0902"), referral_doc="NO-SUCH-REFERRAL"), "HT-WS-DOC",
-                   f"/ClinicalDocument/inFulfillmentOf/order/id[@root='{his.site.doc_oid}']"
-                   "/@extension"),
+                   (f"/ClinicalDocument/inFulfillmentOf/order/id[@root='{his.site.doc_oid}']"
+                   "/@extension")),
         "BADV-3": (doc(3, visit("ZY0903", "discharge",
                                 discharged_at="2026-11-20T10:00:00+08:00")),
                    "HT-LOCAL-DATE", visit_doc.FIELD_PATHS["discharged_at"]),

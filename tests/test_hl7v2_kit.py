@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from adapters.hl7v2 import ack, build, charset, fields, mllp
@@ -94,7 +94,7 @@ def test_truncated_and_slow_frames_and_stray_bytes() -> None:
 def test_limits_are_finite() -> None:
     for bad in ({"idle_timeout_s": 0}, {"frame_timeout_s": float("inf")},
                 {"write_timeout_s": -1}):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="must be a positive, finite number"):
             mllp.Limits(**bad)  # type: ignore[arg-type]
     assert mllp.Limits().max_bytes >= 10 * 1024 * 1024
 
@@ -359,6 +359,7 @@ _PAYLOAD = st.binary(max_size=300).map(lambda b: b.replace(b"\x1c\r", b"\x1c"))
 @FUZZ
 @given(payloads=st.lists(_PAYLOAD.filter(lambda b: b.strip(b"\r\n\t ") != b""), max_size=5),
        cuts=st.lists(st.integers(0, 2000), max_size=12), limit=st.integers(1, 400))
+@example(payloads=[b"\x00"], cuts=[3], limit=1)  # cut between <FS> and <CR> of a frame at the limit
 def test_framing_is_the_same_whatever_the_chunks(payloads: list[bytes], cuts: list[int],
                                                  limit: int) -> None:
     """Any payloads, any split of the stream, any limit: each frame comes out once, whole if

@@ -89,7 +89,7 @@ def test_passphrase_encrypts_and_wrong_passphrase_is_refused(tmp_path: Path) -> 
     assert isinstance(
         keys.load_encryption_key(tmp_path / "hosp-b.enc.key", b"correct horse"), X25519PrivateKey
     )
-    with pytest.raises(KeyFileError, match="wrong passphrase for key file .*hosp-b.sign.key"):
+    with pytest.raises(KeyFileError, match=r"wrong passphrase for key file .*hosp-b.sign.key"):
         keys.load_signing_key(sign_path, b"battery staple")
     with pytest.raises(KeyFileError, match="encrypted and no passphrase was given"):
         keys.load_signing_key(sign_path)
@@ -125,15 +125,15 @@ def test_0400_key_is_accepted(tmp_path: Path) -> None:
 
 
 def test_missing_key_file_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(KeyFileError, match="nope.sign.key does not exist"):
+    with pytest.raises(KeyFileError, match=r"nope.sign.key does not exist"):
         keys.load_signing_key(tmp_path / "nope.sign.key")
 
 
 def test_wrong_key_type_is_refused(tmp_path: Path) -> None:
     keys.generate_node_keys(tmp_path, "n")
-    with pytest.raises(KeyFileError, match="n.enc.key holds an X25519 key, expected an Ed25519"):
+    with pytest.raises(KeyFileError, match=r"n.enc.key holds an X25519 key, expected an Ed25519"):
         keys.load_signing_key(tmp_path / "n.enc.key")
-    with pytest.raises(KeyFileError, match="n.sign.key holds an Ed25519 key, expected an X25519"):
+    with pytest.raises(KeyFileError, match=r"n.sign.key holds an Ed25519 key, expected an X25519"):
         keys.load_encryption_key(tmp_path / "n.sign.key")
 
 
@@ -141,7 +141,7 @@ def test_garbage_key_file_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "bad.key"
     path.write_bytes(b"not a key")
     path.chmod(0o600)
-    with pytest.raises(KeyFileError, match="bad.key is not a PEM PKCS8 private key"):
+    with pytest.raises(KeyFileError, match=r"bad.key is not a PEM PKCS8 private key"):
         keys.load_signing_key(path)
 
 
@@ -160,7 +160,7 @@ def test_existing_keys_are_not_overwritten(tmp_path: Path) -> None:
 
 def test_one_existing_file_blocks_all(tmp_path: Path) -> None:
     (tmp_path / "n.enc.key").write_bytes(b"keep me")
-    with pytest.raises(KeyFileError, match="n.enc.key"):
+    with pytest.raises(KeyFileError, match=r"n.enc.key"):
         keys.generate_node_keys(tmp_path, "n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["n.enc.key"]
 

@@ -11,8 +11,8 @@ import hl7
 import pytest
 from fhir.resources.R4B import get_fhir_model_class
 
-from adapters.lis import errors as E
 from adapters.hl7v2.ack import Answering, ack_code_of, build_ack
+from adapters.lis import errors as E
 from adapters.lis.intake import decode
 from adapters.lis.oru import Settings, header, parse, to_fhir
 from bridge.fhir.validate import validate_bundle, validate_resource

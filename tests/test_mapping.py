@@ -377,6 +377,7 @@ def test_record_gap_counts_on_postgresql(pg_db: str) -> None:
     check_record_gap_counts(Store(pg_db))
 
 
+@pytest.mark.slow  # runs the CLI as a child process
 def test_check_site_lists_planted_rows_and_exits_1(tmp_path: Path) -> None:
     site = make_site(tmp_path)
     clean = hutong("mapping", "check", "--site", str(site))
@@ -406,6 +407,7 @@ RULES = [{"from": "chc", "to": "core", "kinds": KINDS},
          {"from": "core", "to": "chc", "kinds": KINDS}]
 
 
+@pytest.mark.slow  # runs the CLI as a child process
 def test_check_node_adds_the_gaps_the_store_has_seen_with_counts(tmp_path: Path) -> None:
     alliance = Alliance(tmp_path / "alliance", MEMBERS, RULES)
     node_file = alliance.files["core"]
@@ -455,6 +457,7 @@ def test_check_node_adds_the_gaps_the_store_has_seen_with_counts(tmp_path: Path)
     assert body["sites"]["core"]["maps"]["lab"] == []
 
 
+@pytest.mark.slow  # runs the CLI as a child process
 def test_check_needs_one_source() -> None:
     res = hutong("mapping", "check")
     assert res.returncode == 2
@@ -669,6 +672,7 @@ def _json_lines(res: subprocess.CompletedProcess[str]) -> Any:
     return json.loads(res.stdout)
 
 
+@pytest.mark.slow  # runs the CLI as a child process
 def test_translate_and_export_commands(tmp_path: Path) -> None:
     res = hutong("mapping", "translate", "drug", "XC-YP-053", "--site",
                  str(MAPPINGS / "yuetan-chc"), "--reverse")

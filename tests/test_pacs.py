@@ -28,8 +28,7 @@ from pynetdicom.dsutils import split_dataset
 from sqlalchemy import select
 
 from adapters.pacs import fetch
-from adapters.pacs.errors import PacsFailed, PacsUnavailable, status_error
-from adapters.pacs.errors import ReportRejected
+from adapters.pacs.errors import PacsFailed, PacsUnavailable, ReportRejected, status_error
 from adapters.pacs.report import parse_oru, report_from_oru
 from adapters.pacs.study import fhir_datetime, study_resource_id
 from bridge.audit.tables import AuditRecord
@@ -161,6 +160,15 @@ class Site:
         self.alliance = Alliance(tmp / "alliance", members, RULES)
         self.alliance.start("core", "chc")
         self.core, self.chc = self.alliance.node("core"), self.alliance.node("chc")
+        self.s1_push: subprocess.CompletedProcess[str] | None = None
+
+    def s1_at_core(self) -> dict[str, Any]:
+        """Study S1 pushed from the vendor PACS's copy to the core node (once per site) and its
+        ImagingStudy there: a test that starts from it passes alone and in any order."""
+        if self.s1_push is None:
+            self.s1_push = push(self.pacs_dir, self.core_scp, study=S1)
+        return wait_for(lambda: get(self.core, "ImagingStudy", study_resource_id(S1)),
+                        what="study at core")
 
     def originals(self, study: str) -> dict[str, Path]:
         """SOP Instance UID -> the vendor PACS's file (the bytes every copy must equal)."""
@@ -257,8 +265,9 @@ def test_pushed_study_becomes_imaging_study(site: Site) -> None:
     for sop, path in originals.items():  # the PACS kept what the modality sent, unchanged
         assert dataset_bytes(path) == dataset_bytes(site.modality / f"{sop}.dcm")
 
-    done = push(site.pacs_dir, site.core_scp, study=S1)
-    assert done.returncode == 0, done.stdout + done.stderr
+    site.s1_at_core()
+    done = site.s1_push
+    assert done is not None and done.returncode == 0, done.stdout + done.stderr
     assert json.loads(done.stdout) == {"sent": 4, "failed": 0, "statuses": [0, 0, 0, 0]}
 
     sid = study_resource_id(S1)
@@ -317,7 +326,7 @@ def test_pushed_study_becomes_imaging_study(site: Site) -> None:
 
 @pytest.mark.slow
 def test_another_node_fetches_the_study_byte_identical(site: Site) -> None:
-    wait_for(lambda: get(site.core, "ImagingStudy", study_resource_id(S1)), what="study at core")
+    site.s1_at_core()
     result = fetched(site.chc, "core", S1)
     assert result["status"] == "completed", result
     assert result["progress"] == "4/4 instances" and result["files"] == 4
@@ -407,7 +416,8 @@ def test_bad_instance_is_refused_and_quarantined(site: Site, tmp_path: Path) -> 
                 / f"{S1}.9.9.dcm").exists()
 
 
-ORU = ("MSH|^~\\&|RIS|FUXING|HUTONG|FUXING|20261120110000||ORU^R01|RIS-77|P|2.5.1||||||UNICODE UTF-8\r"
+ORU = ("MSH|^~\\&|RIS|FUXING|HUTONG|FUXING|20261120110000||ORU^R01|RIS-77|P|2.5.1||||||"
+       "UNICODE UTF-8\r"
        "PID|||FX0001||Zhang^San\r"
        "OBR|1||{acc}|71250^CT Chest^LN|||20261120093000|||||||||||||||||F\r"
        "OBX|1|TX|59776-5^Findings^LN||右下肺见一枚约4mm结节。||||||F\r"
@@ -416,7 +426,7 @@ ORU = ("MSH|^~\\&|RIS|FUXING|HUTONG|FUXING|20261120110000||ORU^R01|RIS-77|P|2.5.
 
 @pytest.mark.slow
 def test_hl7_oru_report_attaches_to_the_study(site: Site) -> None:
-    wait_for(lambda: get(site.core, "ImagingStudy", study_resource_id(S1)), what="study at core")
+    site.s1_at_core()
     answer = _post_text(site.core, ORU.format(acc="ACC-1001", imp=ORU_IMPRESSION))
     report = get(site.core, "DiagnosticReport", answer["id"])
     r4b(report)
@@ -437,9 +447,10 @@ def test_hl7_oru_report_attaches_to_the_study(site: Site) -> None:
 def test_ris_report_is_read_by_its_msh18(site: Site) -> None:
     """The RIS reader decodes by MSH-18 (the HL7 v2 kit), not as UTF-8 whatever it says:
     a GB 18030 report keeps its text; UTF-8 declared 8859/1 is refused naming the field."""
-    wait_for(lambda: get(site.core, "ImagingStudy", study_resource_id(S1)), what="study at core")
+    site.s1_at_core()
     gb = ORU.replace("UNICODE UTF-8", "GB 18030-2000").replace("RIS-77", "RIS-80")
-    answer = _post_text(site.core, gb.format(acc="ACC-1001", imp="右下肺億结节。").encode("gb18030"))
+    answer = _post_text(site.core,
+                        gb.format(acc="ACC-1001", imp="右下肺億结节。").encode("gb18030"))
     assert get(site.core, "DiagnosticReport", answer["id"])["conclusion"] == "右下肺億结节。"
     latin = ORU.replace("UNICODE UTF-8", "8859/1").replace("RIS-77", "RIS-81")
     with pytest.raises(ApiError) as err:
@@ -453,7 +464,7 @@ def test_ris_report_is_read_by_its_msh18(site: Site) -> None:
 def test_report_follows_an_open_referral_as_result_imaging(site: Site) -> None:
     """A RIS report for a patient the centre has referred goes to the centre with its study
     (result.imaging, on the referral's thread); an identical re-sent message goes once."""
-    wait_for(lambda: get(site.core, "ImagingStudy", study_resource_id(S1)), what="study at core")
+    site.s1_at_core()
     chc = site.alliance.node("chc")
     chc.api("POST", "/local/v1/referrals", referral("up-exam", "core", national_id=NID1),
             role="clinician")
@@ -508,6 +519,7 @@ def test_instances_held_before_a_crash_are_completed_at_start(site: Site) -> Non
     s3 = "1.2.826.0.1.3680043.8.498.3003"
     ds = _instance("CT_small.dcm", study=s3, series=s3 + ".1", sop=s3 + ".1.1", series_no=1,
                    inst_no=1, patient=("FX0001", "Zhang^San=张^三", NID1))
+    site.s1_at_core()
     site.core.kill()
     folder = site.core.plan.data_dir / "adapters" / "pacs" / "studies" / s3 / (s3 + ".1")
     folder.mkdir(parents=True)

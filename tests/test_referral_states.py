@@ -4,6 +4,7 @@ steps leave both sides in the same state; every emitted Bundle is valid FHIR R4.
 from __future__ import annotations
 
 from pathlib import Path
+
 import orjson
 import pytest
 from fhir.resources.R4B.bundle import Bundle
@@ -24,7 +25,8 @@ MEMBERS = [
     {"id": "chc", "zh": "月坛社区卫生服务中心", "en": "Yuetan CHC", "role": "community"},
 ]
 KINDS = ["referral.request", "referral.status", "referral.cancel", "referral.return"]
-RULES = [{"from": "chc", "to": "core", "kinds": KINDS}, {"from": "core", "to": "chc", "kinds": KINDS}]
+RULES = [{"from": "chc", "to": "core", "kinds": KINDS},
+         {"from": "core", "to": "chc", "kinds": KINDS}]
 
 
 class Side:

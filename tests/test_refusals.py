@@ -146,7 +146,7 @@ def test_every_refusal_class_is_answered_quarantined_audited_not_delivered(allia
     assert set(made) | {"HT-PKT-REPLAY"} == set(REFUSALS)
     signed = {c: fr for c, fr in made.items() if c not in UNAUTHENTICATED}
     receipts = post(alliance, list(signed.values()))
-    for (code, _frame), receipt in zip(signed.items(), receipts):
+    for (code, _frame), receipt in zip(signed.items(), receipts, strict=True):
         assert receipt["status"] == "refused", code
         assert receipt["code"] == code, (code, receipt)
         assert receipt["receiver"] == "core"

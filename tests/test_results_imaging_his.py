@@ -48,7 +48,8 @@ ORU = ("MSH|^~\\&|RIS|FUXING|HUTONG|FUXING|20261120110000||ORU^R01|{ctl}|P|2.5.1
        "OBX|2|TX|19005-8^Impression^LN||{impression}||||||F\r"
        "ZDS|{uid}^^Application^DICOM\r")
 CT = {"ctl": "RIS-1", "acc": "ACC-7001", "code": "24627-2^胸部CT平扫^LN", "at": "20261120093000",
-      "status": "F", "findings": "右下肺见一枚约4mm结节。", "impression": "右下肺小结节，建议3个月复查。",
+      "status": "F", "findings": "右下肺见一枚约4mm结节。",
+      "impression": "右下肺小结节，建议3个月复查。",
       "uid": UID}
 MR = {"ctl": "RIS-2", "acc": "ACC-7002", "code": "MR-HEAD-01^头颅MR平扫^L", "at": "20261120101500",
       "status": "P", "findings": "脑实质未见异常信号。", "impression": "头颅MR未见明显异常。",

@@ -81,7 +81,8 @@ def write_private_key(path: Path, key: Ed25519PrivateKey) -> None:
 
 def keys_show(node: NodeProcess) -> dict:
     r = subprocess.run([sys.executable, "-m", "bridge.cli", "keys", "show", "--config",
-                        str(node.config)], capture_output=True, text=True, cwd=ROOT, timeout=60)
+                        str(node.config)], capture_output=True, text=True, cwd=ROOT, timeout=60,
+                       check=False)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
 

@@ -57,7 +57,8 @@ def lane_holders(node: NodeProcess, job: str) -> dict[int, int]:
     rows = _scalar(node, "SELECT pid, count(*) FROM pg_locks WHERE locktype = 'advisory' "
                          "AND granted AND objsubid = 2 AND classid = CAST(:c AS bigint)::oid "
                          "AND objid::bigint < :lanes AND database = (SELECT oid FROM pg_database "
-                         "WHERE datname = current_database()) GROUP BY pid", c=job_class(job), lanes=LANES)
+                         "WHERE datname = current_database()) GROUP BY pid",
+                         c=job_class(job), lanes=LANES)
     return {int(pid): int(n) for pid, n in rows}
 
 
@@ -94,6 +95,7 @@ def check_exactly_once_in_order(core: NodeProcess, sent: dict[str, list[str]]) -
     assert len(delivered) == total and set(delivered.values()) == {1}
 
 
+@pytest.mark.slow  # runs the CLI as a child process
 def test_worker_is_refused_on_sqlite(tmp_path: Path) -> None:
     a = Alliance(tmp_path / "alliance", MEMBERS, RULES)
     r = subprocess.run([sys.executable, "-m", "bridge.cli", "worker", "--config",

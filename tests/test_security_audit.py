@@ -76,7 +76,7 @@ def clone(node: NodeProcess, name: str) -> tuple[Path, Path]:
 
 def hutong(*args: str, config: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "bridge.cli", *args, "--config", str(config)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+                          capture_output=True, text=True, cwd=ROOT, timeout=120, check=False)
 
 
 def run_refused(config: Path) -> subprocess.CompletedProcess[str]:
@@ -136,9 +136,9 @@ def test_dropped_tail_with_its_checkpoints_is_caught_by_the_anchor_file(exchange
     assert r.returncode == 1, (r.stdout, r.stderr)
     assert r.stdout == ""
     assert r.stderr.splitlines() == [
-        f"audit chain of core is BROKEN at record {last - n + 1}: truncated: the anchor file "
+        (f"audit chain of core is BROKEN at record {last - n + 1}: truncated: the anchor file "
         f"{data / 'audit-anchor.json'} records seq {last} (hash {last_hash[:16]}) but the log "
-        f"ends at seq {last - n}, row(s) {last - n + 1}..{last} missing"]
+        f"ends at seq {last - n}, row(s) {last - n + 1}..{last} missing")]
 
     started = run_refused(config)
     assert started.returncode == 2, started.stderr[-2000:]
@@ -160,15 +160,15 @@ def test_deleted_store_refuses_to_start_until_it_restores_on_purpose(exchanged) 
     started = run_refused(config)
     assert started.returncode == 2
     assert started.stderr.splitlines() == [
-        f"error: HT-AUDIT-ANCHOR: store {db} is missing but {data / 'audit-anchor.json'} "
+        (f"error: HT-AUDIT-ANCHOR: store {db} is missing but {data / 'audit-anchor.json'} "
         f"records audit seq {last}: the store was deleted or moved; if the store was restored "
-        "on purpose: hutong audit accept-restore --config <file>"]
+        "on purpose: hutong audit accept-restore --config <file>")]
     assert not db.exists()  # refused before anything created a fresh store
     r = hutong("audit", "verify", config=config)
     assert r.returncode == 1
     assert r.stderr.splitlines() == [
-        f"audit chain of core is BROKEN at record 1: store {db} is missing, the anchor file "
-        f"{data / 'audit-anchor.json'} records seq {last}"]
+        (f"audit chain of core is BROKEN at record 1: store {db} is missing, the anchor file "
+        f"{data / 'audit-anchor.json'} records seq {last}")]
 
     # the documented, audited IT override for a deliberate restore (here: a fresh store)
     ok = hutong("audit", "accept-restore", "--reason", "ticket 42: disk replaced", config=config)
@@ -218,9 +218,9 @@ def test_peer_held_anchor_catches_a_truncation_the_node_cannot_see(exchanged, tm
     r = hutong("audit", "verify", "--anchor", str(exported), config=config)
     assert r.returncode == 1, r.stdout
     assert r.stderr.splitlines() == [
-        f"audit chain of core is BROKEN at record {seq - 1}: truncated: the anchor in "
+        (f"audit chain of core is BROKEN at record {seq - 1}: truncated: the anchor in "
         f"{exported} records seq {seq} (hash {held['hash'][:16]}) but the log ends at seq "
-        f"{seq - 2}, row(s) {seq - 1}..{seq} missing"]
+        f"{seq - 2}, row(s) {seq - 1}..{seq} missing")]
 
     # a forged anchor (another seq under the same signature) is refused, not trusted
     forged = tmp_path / "forged.json"
@@ -228,8 +228,8 @@ def test_peer_held_anchor_catches_a_truncation_the_node_cannot_see(exchanged, tm
     f = hutong("audit", "verify", "--anchor", str(forged), config=config)
     assert f.returncode == 1
     assert f.stderr.splitlines() == [
-        f"audit chain of core is BROKEN at record {seq + 1}: the anchor in {forged}: its "
-        "signature does not verify with core's keys"]
+        (f"audit chain of core is BROKEN at record {seq + 1}: the anchor in {forged}: its "
+        "signature does not verify with core's keys")]
 
 
 def test_corrupt_page_refuses_to_start_naming_the_file(exchanged) -> None:
@@ -261,8 +261,8 @@ def test_second_run_on_the_same_data_folder_refuses_naming_the_pid(exchanged) ->
         second = run_refused(config)
         assert second.returncode == 2
         assert second.stderr.splitlines() == [
-            f"error: HT-DATA-LOCKED: data folder {data} is in use by another 'hutong run' "
-            f"(pid {first.proc.pid}, lock file {data / 'hutong-run.lock'})"]
+            (f"error: HT-DATA-LOCKED: data folder {data} is in use by another 'hutong run' "
+            f"(pid {first.proc.pid}, lock file {data / 'hutong-run.lock'})")]
         assert first.proc.poll() is None  # the first one serves on
         assert first.api("GET", "/local/v1/queues")["inbox"]["delivered"]["count"] == 7
     finally:
@@ -292,7 +292,7 @@ def test_anchor_file_moves_forward_only_atomically_0600_after_commit(tmp_path) -
     store.create_all()
     path = tmp_path / "audit-anchor.json"
     chain = AuditChain("core", key, checkpoint_every=2, anchor_file=AnchorFile(path))
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError):  # noqa: PT012 - the rollback is what is under test
         with store.write() as conn:
             chain.append(conn, [AuditEntry(action="config") for _ in range(2)])
             raise RuntimeError("rolled back")

@@ -448,7 +448,8 @@ def test_a_body_dripped_slower_than_its_deadline_is_cut_off(tmp_path: Path) -> N
             body = b"HTB1" + U32(1) + U32(988) + b"HTP1" + U32(900) + b"a" * 976
             sent = {"n": 0}
 
-            def cut_off(s: socket.socket = s, body: bytes = body) -> bool:
+            def cut_off(s: socket.socket = s, body: bytes = body,
+                        sent: dict[str, int] = sent) -> bool:
                 try:
                     s.send(body[sent["n"]:sent["n"] + 1])
                     sent["n"] += 1

@@ -216,7 +216,8 @@ def test_auditor_sees_exchange_log_verified_and_exports(pair: Alliance) -> None:
     assert status == 200 and csv_text.lstrip("\ufeff").startswith("seq,at,action")
     assert thread in csv_text
     status, _url, nd = auditor.open("/ui/audit/export.ndjson")
-    assert status == 200 and {json.loads(x)["resourceType"] for x in nd.splitlines()} == {"AuditEvent"}
+    assert status == 200
+    assert {json.loads(x)["resourceType"] for x in nd.splitlines()} == {"AuditEvent"}
     en = auditor.get("/ui/audit?lang=en")
     assert "verified" in en and "Recompute the whole chain now" in en
     # between full runs the page checks only what was added since; ?verify=full recomputes all
@@ -347,7 +348,7 @@ def test_detail_shows_imaging_report_and_study(pair: Alliance) -> None:
 # -- statistics ---------------------------------------------------------------------------
 
 
-@pytest.fixture()
+@pytest.fixture
 def fresh(tmp_path: Path):
     rules = [*RULES, {"from": "chc", "to": "core", "kinds": ["result.lab"]}]
     a = Alliance(tmp_path / "alliance", MEMBERS, rules)

@@ -1,4 +1,5 @@
-"""Intermediate-database HIS style (中间库): vendor tables polled by watermark, inbox tables written.
+"""Intermediate-database HIS style (中间库): vendor tables polled by watermark, inbox tables
+written.
 
 Entry point ``his-middle-db`` (``pyproject.toml``). See :mod:`adapters.his_db.adapter` for what
 it does and :mod:`adapters.his_db.options` for the ``[adapters.options]`` keys.

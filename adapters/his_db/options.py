@@ -65,7 +65,8 @@ class Options(BaseModel):
     #: how long an id below the watermark that has no row yet is watched for a late commit
     hole_keep_s: float = Field(default=3600.0, gt=0)
     id_column: str = "ID"
-    thread_column: str = "LSH"  # the 流水号 the adapter writes to inbox rows, copied back by the HIS
+    # the 流水号 the adapter writes to inbox rows, copied back by the HIS
+    thread_column: str = "LSH"
     packet_column: str = "XXID"  # unique column of inbox rows: the packet id
     line_parent_column: str = "ZHD_ID"
     line_order_column: str = "XH"

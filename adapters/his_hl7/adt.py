@@ -33,9 +33,9 @@ from datetime import timedelta
 from typing import Any
 
 from adapters.his_hl7 import v2
-from adapters.hl7v2.fields import Message
 from adapters.his_hl7.errors import Hl7DataError
 from adapters.his_hl7.messages import _get, read_dtm
+from adapters.hl7v2.fields import Message
 from bridge.local import encounters
 from bridge.local.encounters import CLASS_FROM_V2, VisitEvent
 

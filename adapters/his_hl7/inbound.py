@@ -3,11 +3,11 @@
 Keyed by ``<MSH-4>:<MSH-10>#<content digest>`` (MSH-7 left out of the digest): a true re-send
 gets the same ACK and changes nothing; a different message under a used control id is a new
 message (taken or refused on its own, audited as ``RECORD_ID_REUSED`` like the LIS and
-listed for IT), never answered with the other's ACK or NAK. ADT -> Patient + Encounter in the node's store through
-``host.record_encounter`` (:mod:`.adt`), linked to a referral only through the field the
-``referral_id_field`` option names (an admission of an accepted referral is its "arrive"
-step); the HIS's patient index here is refreshed after it (a referral's PID fields left empty
-are filled from it, so an A08 phone change shows in the next referral's Patient). A REF^I14
+listed for IT), never answered with the other's ACK or NAK. ADT -> Patient + Encounter in the
+node's store through ``host.record_encounter`` (:mod:`.adt`), linked to a referral only through
+the field the ``referral_id_field`` option names (an admission of an accepted referral is its
+"arrive" step); the HIS's patient index here is refreshed after it (a referral's PID fields left
+empty are filled from it, so an A08 phone change shows in the next referral's Patient). A REF^I14
 from the referring HIS (RF1-6 its slip number, NTE 1R the reason) takes the "cancel" step: the
 workflow asks the receiver, who confirms it unless the patient has arrived. Every kind commits
 through the host in one transaction with its key (``submit_referral`` / ``referral_step`` /
@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING, Any
 from adapters import slips_fhir
 from adapters.his_hl7 import adt, messages
 from adapters.his_hl7.errors import Hl7ControlReused, Hl7DataError, Hl7Duplicate
+from adapters.his_hl7.state import PATIENT_FIELDS
 from adapters.hl7v2 import ack
 from adapters.hl7v2.charset import Charset
-from adapters.his_hl7.state import PATIENT_FIELDS
 from bridge.errors import (
     HutongError,
     IllegalTransition,

@@ -49,8 +49,8 @@ from typing import Any
 
 from adapters.his_hl7 import v2
 from adapters.his_hl7.errors import Hl7DataError, Hl7Rejected
-from adapters.hl7v2.charset import UTF8, Charset
 from adapters.hl7v2 import fields
+from adapters.hl7v2.charset import UTF8, Charset
 from adapters.hl7v2.errors import V2Error
 from adapters.hl7v2.fields import Message
 from adapters.slips import AcceptanceSlip, LabResult, Prescription, ReferralSlip, ReturnSlip
@@ -100,7 +100,8 @@ class Inbound:
 def _msh(h: Header, mtype: str, event: str, control_id: str, at: datetime,
          version: str = "2.5") -> str:
     fields = [v2.esc(h.sending_app), v2.esc(h.sending_facility), v2.esc(h.receiving_app),
-              v2.esc(h.receiving_facility), v2.ts(at), "", v2.comp(mtype, event, f"{mtype}_{event}"),
+              v2.esc(h.receiving_facility), v2.ts(at), "",
+              v2.comp(mtype, event, f"{mtype}_{event}"),
               v2.esc(control_id), "P", version, "", "", "AL", "NE", "CHN", v2.esc(h.charset)]
     return "MSH|" + v2.ENCODING_CHARS + "|" + "|".join(fields)
 

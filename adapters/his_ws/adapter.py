@@ -6,7 +6,8 @@ referral step it records (referral -> ``host.submit_referral``; acceptance -> ac
 return -> arrive if needed, then the return bundle; cancel (转诊撤销单, the referring doctor
 withdraws a referral written in this HIS, with a reason) -> the workflow's ``cancel`` step, once:
 a second cancel document for a referral already withdrawn is taken without a second step) keyed
-``doc:<document id>``, and only then acks it. A crash between commit and ack re-pulls the document and the key makes it a no-op.
+``doc:<document id>``, and only then acks it. A crash between commit and ack re-pulls the
+document and the key makes it a no-op.
 Visit documents (type ``visit``: admission, registration, transfer, discharge, update and the
 cancels, :mod:`adapters.his_ws.visit_doc`, ``schemas/cda-visit.xsd``) -> ``host.record_encounter``
 keyed ``doc:<document id>``: one Encounter per visit number moved on by each document once,
@@ -26,7 +27,8 @@ per DiagnosticReport (:mod:`adapters.his_ws.lab_report`, ``ReceiveLabReport``), 
 ``<report id>-v<version>``: a correction is the next version of the same report, a redelivery
 the same document; item codes in this HIS's lab catalogue, unmapped codes counted as gaps once
 the HIS has stored every report of the packet. Results for a referral this HIS never got a
-document for stay in the node (the recognition view) and are counted ``skipped:result``. A SOAP Fault or a connection failure is :class:`HisUnavailable` (transient): the
+document for stay in the node (the recognition view) and are counted ``skipped:result``. A SOAP
+Fault or a connection failure is :class:`HisUnavailable` (transient): the
 dispatcher retries with backoff, keeping the thread's order.
 
 Options (``[adapters.options]``)::
@@ -83,7 +85,8 @@ WRITES = {"request": "referral", "accept": "acceptance", "reject": "acceptance",
           "return": "return", "cancel": "cancel", "cancelled": "cancel",
           "cancel-refused": "cancel"}
 #: a cancellation notice's reason when the Task carries none (the receiver refused: too late)
-REFUSED_REASON = "患者已到诊，转诊不能撤销 (the patient has arrived: the referral cannot be cancelled)"
+REFUSED_REASON = ("患者已到诊，转诊不能撤销 "
+                  "(the patient has arrived: the referral cannot be cancelled)")
 CANCELLED_REASON = "转诊已撤销 (the referral was withdrawn)"
 OID_KEYS = ("org_oid", "doc_oid", "slip_oid", "mrn_oid", "items", "doc_types", "diagnosis",
             "drug", "lab", "department", "visit_oid")

@@ -134,7 +134,7 @@ def iso(value: str, where: str) -> str:
             digits, zone = value.split(s, 1)
             sign = s
     try:
-        dt = datetime.strptime(digits.ljust(14, "0"), "%Y%m%d%H%M%S")
+        dt = datetime.strptime(digits.ljust(14, "0"), "%Y%m%d%H%M%S")  # noqa: DTZ007 - zone set below
         tz = CST
         if sign:
             h, m = int(zone[:2]), int(zone[2:])
@@ -151,7 +151,7 @@ def iso(value: str, where: str) -> str:
 def birth(value: str, where: str) -> str:
     try:
         return datetime.strptime(value[:8], "%Y%m%d").date().isoformat() \
-            if len(value) >= 8 else _bad_date(value, where)
+            if len(value) >= 8 else _bad_date(value, where)  # noqa: DTZ007 - a date
     except ValueError:
         return _bad_date(value, where)
 

@@ -77,7 +77,7 @@ def delimiters(text: str) -> Delimiters:
         raise V2Rejected("message does not start with an MSH segment", field="MSH")
     sep = text[3]
     end = text.find(sep, 4)
-    line_end = min((i for i in (text.find("\r", 4), len(text)) if i >= 0))
+    line_end = min(i for i in (text.find("\r", 4), len(text)) if i >= 0)
     chars = text[4:end] if 0 <= end < line_end else text[4:line_end]
 
     def usable(c: str) -> bool:
@@ -97,7 +97,7 @@ class Segment:
     """One segment; ``seg[n]`` is field n as written (``seg[0]`` the name, ``MSH[1]`` the
     field separator, ``MSH[2]`` the encoding characters), "" past the end."""
 
-    __slots__ = ("name", "fields", "d", "charset")
+    __slots__ = ("charset", "d", "fields", "name")
 
     def __init__(self, fields: list[str], d: Delimiters, charset: Charset) -> None:
         self.name = fields[0]
@@ -281,7 +281,7 @@ def unescape(leaf: str, d: Delimiters = DEFAULT, charset: Charset = UTF8, *,
                   "E": esc, "P": d.truncation}
         if not seq:
             raise BadValue("empty escape sequence", field=at)
-        if seq in simple and simple[seq]:
+        if simple.get(seq):
             out.append(simple[seq])
         elif seq in _FORMAT:
             out.append(_FORMAT[seq])
@@ -419,7 +419,7 @@ def dtm(text: str, at: str | None = None) -> Dtm | None:
     if off is not None and (int(off[1:3]) > 14 or int(off[3:5]) > 59):
         raise BadValue("not a valid time zone offset", field=at)
     try:
-        datetime(parts[0] or 1, parts[1] or 1, parts[2] or 1, parts[3] or 0, parts[4] or 0,
+        datetime(parts[0] or 1, parts[1] or 1, parts[2] or 1, parts[3] or 0, parts[4] or 0,  # noqa: DTZ001 - a validity check only
                  parts[5] or 0)
     except ValueError:
         raise BadValue("not a valid date or time", field=at) from None

@@ -148,7 +148,9 @@ class FrameReader:
             data = b""
             end = self._buf.find(END, start)
             if end < 0:
-                if len(self._buf) > self.max_bytes + 1:  # + 1: the <VT>
+                # + 1: the <VT>; a last <FS> may be the first half of the <FS><CR> that ends
+                # the frame (the chunk was cut between the two), so it does not count yet
+                if len(self._buf) - (self._buf[-1] == FS) > self.max_bytes + 1:
                     self._go_over()
                 break
             block = bytes(self._buf[:end])

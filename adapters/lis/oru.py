@@ -322,8 +322,8 @@ class _Builder:
         (ID, MED, EI, XCN ...) -> its text. ED/RP never get here (report attachments)."""
         at = where("OBX", n, 5)
         count = reps(obx, 5)
-        if count == 0 or count == 1 and not field_text(obx, 5).replace('""', "").strip(
-                "".join((obx.d.component, obx.d.subcomponent, " "))):
+        if count == 0 or (count == 1 and not field_text(obx, 5).replace('""', "").strip(
+                "".join((obx.d.component, obx.d.subcomponent, " ")))):
             return {}  # no value, only separators, or the v2 null "": no value[x]
         if vtype == "NM" and count == 1:
             m = _NUMBER.match(value(obx, 5))
@@ -357,7 +357,7 @@ class _Builder:
                                         **({"end": end} if end else {})}}
         if vtype == "NR" and count == 1:
             low, high = value(obx, 5, 1), value(obx, 5, 2)
-            if all(not x or _NUMBER.fullmatch(x) and x[0] not in "<>" for x in (low, high)) \
+            if all(not x or (_NUMBER.fullmatch(x) and x[0] not in "<>") for x in (low, high)) \
                     and (low or high):
                 return {"valueRange": {**({"low": self.quantity(low, obx, at)} if low else {}),
                                        **({"high": self.quantity(high, obx, at)}

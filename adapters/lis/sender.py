@@ -17,6 +17,7 @@ from hl7.client import MLLPClient
 from adapters.hl7v2.ack import ack_code_of
 from adapters.hl7v2.mllp import END, START, Frame, FrameReader
 
+
 def _recv_ack(client: MLLPClient) -> bytes:
     """The ACK frame's payload: read until the kit's framer has one whole frame."""
     reader = FrameReader()

@@ -43,7 +43,8 @@ ENVELOPE_ALLOWANCE = 64 * 1024  # JSON around the base64 of one part
 
 def _code() -> dict[str, Any]:
     return {"coding": [{"system": TASK_SYSTEM, "code": "imaging-fetch",
-                        "display": "Fetch imaging study"}], "text": "调阅影像 / Fetch imaging study"}
+                        "display": "Fetch imaging study"}],
+            "text": "调阅影像 / Fetch imaging study"}
 
 
 def _out(code: str, **value: Any) -> dict[str, Any]:

@@ -3,7 +3,7 @@
     POST /query                     C-FIND the vendor PACS {patient_id?, study_date?}  clinician
     POST /reports                   an HL7 v2 ORU^R01 radiology report (text body)     clinician, it
     POST /fetches                   ask a member for a study {from, study_uid}         clinician
-    GET  /fetches/{task_id}         where a fetch stands                                clinician, it
+    GET  /fetches/{task_id}         where a fetch stands                               clinician, it
     GET  /fetches/{task_id}/study.zip   the fetched files, unchanged (audited read)     clinician
 """
 

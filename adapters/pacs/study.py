@@ -108,7 +108,7 @@ def patient_info(ds: Dataset, *, national_id_issuer: str, id_is_national: bool) 
     family = given = None
     if pn:
         pn = PersonName(str(pn)) if not isinstance(pn, PersonName) else pn
-        group = pn.ideographic and PersonName(str(pn.ideographic)) or pn
+        group = (pn.ideographic and PersonName(str(pn.ideographic))) or pn
         family, given = (group.family_name or None), (group.given_name or None)
     birth = text(ds, "PatientBirthDate")
     return PatientInfo(pacs_id, national, family, given, person_name(pn),
@@ -117,7 +117,8 @@ def patient_info(ds: Dataset, *, national_id_issuer: str, id_is_national: bool) 
                        and birth.isdigit() else None)
 
 
-def patient_resource(info: PatientInfo, *, pacs_id_system: str, national_system: str) -> dict[str, Any]:
+def patient_resource(info: PatientInfo, *, pacs_id_system: str,
+                     national_system: str) -> dict[str, Any]:
     pid = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{pacs_id_system}|{info.pacs_id}"))
     idents = [{"system": pacs_id_system, "value": info.pacs_id}]
     if info.national_id:

@@ -111,7 +111,7 @@ def issue_type(exc: HutongError) -> str:
         return exc.issue
     for cls in type(exc).__mro__:
         if cls in _ISSUE:
-            return _ISSUE[cls]  # type: ignore[index]
+            return _ISSUE[cls]
     if exc.retry is not Retry.PERMANENT:
         return "transient"
     return "processing" if exc.http_status >= 500 else "invalid"
@@ -168,7 +168,7 @@ def as_hutong(exc: Exception) -> HutongError:
         return exc
     if isinstance(exc, RequestValidationError):
         return BadRequest("request does not match this interaction")
-    log.exception("unexpected error in the FHIR API", exc_info=exc)
+    log.error("unexpected error in the FHIR API", exc_info=exc)
     return _Internal("internal error; see the node log")
 
 

@@ -42,7 +42,7 @@ ANCHOR_NAME = "audit-anchor.json"
 #: ignored by receivers and refused by ``verify --anchor``
 ANCHOR_VERSION = 1
 _KEYS = ("v", "node", "seq", "hash", "at", "key_id", "signature")
-_audit = AuditRecord.__table__
+_audit = AuditRecord.__table__  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,7 +221,7 @@ def keep_from_receipts(conn: Connection, directory: Any, receipts: Sequence[Any]
     from .events import AuditEntry
     from .tables import PeerAnchor
 
-    table = PeerAnchor.__table__
+    table = PeerAnchor.__table__  # type: ignore[attr-defined]
     shown: dict[str, set[Anchor]] = {}
     for fields in receipts:
         if not isinstance(fields, dict) or not isinstance(fields.get("anchor"), dict):
@@ -238,10 +238,11 @@ def keep_from_receipts(conn: Connection, directory: Any, receipts: Sequence[Any]
         if member is None:
             continue
         # the highest that verifies (a batch's receipts mostly carry one and the same)
-        a = next((c for c in sorted(candidates, key=lambda c: -c.seq)
-                  if c.verifies(member.signing_keys)), None)
-        if a is None:
+        best = next((c for c in sorted(candidates, key=lambda c: -c.seq)
+                     if c.verifies(member.signing_keys)), None)
+        if best is None:
             continue
+        a = best
         row = conn.execute(select(table).where(table.c.node == node)).first()
         values = {"seq": a.seq, "hash": a.hash, "at": a.at, "key_id": a.key_id,
                   "signature": a.signature, "received_at": now}
@@ -266,7 +267,7 @@ def held_for(conn: Connection, node: str) -> dict[str, Any] | None:
     from .events import instant
     from .tables import PeerAnchor
 
-    table = PeerAnchor.__table__
+    table = PeerAnchor.__table__  # type: ignore[attr-defined]
     row = conn.execute(select(table).where(table.c.node == node)).first()
     if row is None:
         return None

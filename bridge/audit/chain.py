@@ -40,8 +40,8 @@ GENESIS_HASH = "0" * 64
 ADVISORY_LOCK_ID = 727274
 _VERIFY_BATCH = 2000
 
-_audit = AuditRecord.__table__
-_checkpoints = AuditCheckpoint.__table__
+_audit = AuditRecord.__table__  # type: ignore[attr-defined]
+_checkpoints = AuditCheckpoint.__table__  # type: ignore[attr-defined]
 #: the indexed copies that must agree with the hashed AuditEvent JSON
 _COLUMNS = ("action", "outcome", "packet_id", "kind", "peer", "thread", "patient_hash", "actor")
 
@@ -188,7 +188,7 @@ class AuditChain:
         assert self.signing_key is not None and self._key_id is not None
         at = datetime.now(UTC)
         signature = self.signing_key.sign(checkpoint_message(self.node_id, seq, hash_, at))
-        values = {
+        values: dict[str, Any] = {
             "seq": seq,
             "hash": hash_,
             "at": at,
@@ -196,7 +196,9 @@ class AuditChain:
             "signature": base64.b64encode(signature).decode(),
         }
         result = conn.execute(insert(_checkpoints), values)
-        cp = AuditCheckpoint(id=result.inserted_primary_key[0], **values)
+        pk = result.inserted_primary_key
+        assert pk is not None
+        cp = AuditCheckpoint(id=pk[0], **values)
         anchor = from_checkpoint(self.node_id, cp)
         after_commit(conn, lambda: self.committed(anchor))
         return cp

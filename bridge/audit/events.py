@@ -158,7 +158,7 @@ def _one_line(name: str, value: str | None, limit: int) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str):
-        raise ValueError(f"audit {name} must be a string")  # noqa: TRY004 - callers catch ValueError
+        raise ValueError(f"audit {name} must be a string")  # callers catch ValueError
     if len(value) <= limit and value.isprintable() and value == value.strip():
         return value or None  # fast path: the usual case
     return _SPACE_RE.sub(" ", value).strip()[:limit].rstrip() or None

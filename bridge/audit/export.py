@@ -34,7 +34,7 @@ CSV_COLUMNS = ("seq", "at", "action", "outcome", "kind", "peer", "thread", "pack
 MAX_LIMIT = 1000
 _BATCH = 2000
 
-_audit = AuditRecord.__table__
+_audit = AuditRecord.__table__  # type: ignore[attr-defined]
 
 
 def _utc(value: datetime | None, name: str) -> datetime | None:

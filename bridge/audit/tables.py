@@ -70,4 +70,4 @@ class PeerAnchor(SQLModel, table=True):
 
 
 #: the tables this package owns, for ``SQLModel.metadata.create_all(engine, tables=AUDIT_TABLES)``
-AUDIT_TABLES = [AuditRecord.__table__, AuditCheckpoint.__table__, PeerAnchor.__table__]
+AUDIT_TABLES = [AuditRecord.__table__, AuditCheckpoint.__table__, PeerAnchor.__table__]  # type: ignore[attr-defined]

@@ -178,7 +178,8 @@ def _check_alliance(path: Path, problems: _Problems) -> _Alliance:
         state.model = AllianceFile.model_validate(data)
     except ValidationError as exc:
         problems.add_validation(path, exc)
-    members = data.get("members") if isinstance(data.get("members"), list) else []
+    raw_members = data.get("members")
+    members: list[Any] = raw_members if isinstance(raw_members, list) else []
     for i, member in enumerate(members):
         member_id = _str(member, "id")
         if member_id is None:

@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import orjson
 from cryptography.exceptions import InvalidSignature, InvalidTag
@@ -353,7 +353,7 @@ def frame_kind(item: bytes) -> Literal["packet", "receipt"]:
     """What a batch item is, told by its magic."""
     kind = _NAMES.get(bytes(item[:4]), "no Hutong frame (bad magic)")
     if kind == "packet" or kind == "receipt":
-        return kind
+        return cast(Literal["packet", "receipt"], kind)
     raise MalformedPacket(f"expected a packet or receipt frame, got: {kind}")
 
 

@@ -60,11 +60,11 @@ class Dispatcher:
             .limit(self.batch)
         )
         if self.lanes is not None:
-            held = self.lanes.hold("deliver")
-            if held is not None:
-                if not held:
+            lanes = self.lanes.hold("deliver")
+            if lanes is not None:
+                if not lanes:
                     return 0
-                stmt = stmt.where(lane_of(INBOX.c.thread).in_(sorted(held)))
+                stmt = stmt.where(lane_of(INBOX.c.thread).in_(sorted(lanes)))
         gate = ThreadGate(self.ctx.node_id)
         with self.ctx.store.read() as conn:
             rows = conn.execute(stmt).all()
@@ -135,8 +135,8 @@ class Dispatcher:
                     action="delivered", packet_id=r.packet_id, kind=r.kind, peer=r.sender,
                     thread=r.thread, patient_hash=r.patient_hash, at=now,
                 ))
-            for r, exc in failed:
-                audit.extend(self._failed(conn, r, exc))
+            for r, failure in failed:
+                audit.extend(self._failed(conn, r, failure))
             audit.extend(self._hold(conn, held, now))
             audit.extend(self._refuse(conn, refused, now))
             gate.commit(conn, now)  # after the holds: a packet now due goes back to the queue

@@ -11,6 +11,7 @@ the quota (``quarantine_max_bytes``) is enforced as at intake. Both audited as c
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 from sqlalchemy import and_, func, or_, update
 
@@ -26,12 +27,12 @@ def purge_bodies(ctx: NodeContext, *, vacuum: bool = True) -> dict[str, int]:
     default = days.pop("*", None)
     purged = {"outbox": 0, "inbox": 0, "quarantine": 0}
 
-    def kind_filter(col: object, cutoff_col: object) -> object:
+    def kind_filter(col: Any, cutoff_col: Any) -> Any:
         clauses = []
         for kind, d in days.items():
             clauses.append(and_(col == kind, cutoff_col < now - timedelta(days=d)))
         if default is not None:
-            clauses.append(and_(col.notin_(list(days)) if days else True,  # type: ignore[attr-defined]
+            clauses.append(and_(col.notin_(list(days)) if days else True,
                                 cutoff_col < now - timedelta(days=default)))
         return or_(*clauses) if clauses else False
 

@@ -100,7 +100,8 @@ class PeerSender:
         rows = self._head(self.cfg.batch_size)
         if rows and rows[0].next_try_at > now:
             return []
-        picked, total = [], 0
+        picked: list[Any] = []
+        total = 0
         for r in rows:
             size = len(r.body or r.frame or b"")
             if picked and total + size > MAX_BATCH_BYTES:
@@ -445,5 +446,5 @@ def partition_of(thread: str | None, k: int) -> int:
 
 def backoff(attempts: int, cfg: Any) -> float:
     """Exponential backoff with equal jitter: half fixed, half random."""
-    delay = min(cfg.backoff_max_s, cfg.backoff_base_s * (2 ** min(attempts - 1, 30)))
+    delay: float = min(cfg.backoff_max_s, cfg.backoff_base_s * (2 ** min(attempts - 1, 30)))
     return delay / 2 + random.uniform(0, delay / 2)

@@ -46,7 +46,8 @@ class PeerConnection:
                 conn.connect()
             except OSError as exc:
                 conn.close()
-                raise TransportError(f"cannot connect to {self.url}: {exc.strerror or exc}") from exc
+                raise TransportError(
+                    f"cannot connect to {self.url}: {exc.strerror or exc}") from exc
             assert conn.sock is not None
             conn.sock.settimeout(self.read_timeout)
             conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -73,7 +74,8 @@ class PeerConnection:
     def _post(self, body: bytes) -> bytes:
         conn = self._connect()
         try:
-            conn.request("POST", self.base + PATH, body=body, headers={"Content-Type": CONTENT_TYPE})
+            conn.request("POST", self.base + PATH, body=body,
+                         headers={"Content-Type": CONTENT_TYPE})
         except OSError as exc:
             self.close()
             # the request may be partly out; nothing was answered: safe to resend

@@ -1,4 +1,5 @@
-"""`hutong demo`: the Fuxing alliance on this machine, each member with its simulated vendor systems.
+"""`hutong demo`: the Fuxing alliance on this machine, each member with its simulated vendor
+systems.
 
 :mod:`~bridge.demo.world` prepares the demo folder and starts the seven nodes,
 :mod:`~bridge.demo.vendors` the vendor HIS, LIS and PACS simulators, :mod:`~bridge.demo.scenario`

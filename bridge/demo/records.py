@@ -86,15 +86,16 @@ def ct_study(folder: Path, nid: str, mrn: str, name: str) -> tuple[str, list[Pat
     from pydicom.data import get_testdata_file
     from pydicom.dataset import Dataset
     from pydicom.sequence import Sequence
+    from pydicom.uid import UID
 
     folder.mkdir(parents=True, exist_ok=True)
     study = f"{STUDY_ROOT}.{datetime.now(CHINA).strftime('%Y%m%d%H%M%S')}"
     out = []
     for i in (1, 2):
-        ds = dcmread(get_testdata_file("CT_small.dcm"))
+        ds = dcmread(str(get_testdata_file("CT_small.dcm")))
         ds.SpecificCharacterSet = "ISO_IR 192"
         ds.StudyInstanceUID, ds.SeriesInstanceUID = study, f"{study}.1"
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"{study}.1.{i}"
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = UID(f"{study}.1.{i}")
         ds.PatientID, ds.PatientName = mrn, name
         other = Dataset()
         other.PatientID, other.IssuerOfPatientID = nid, NATIONAL_ISSUER

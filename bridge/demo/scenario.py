@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import io
+import operator
 import subprocess
 import sys
 import time
 import zipfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any
 
 from rich.console import Console
@@ -99,8 +101,10 @@ class Scenario:
         if isinstance(his, HisWs):
             return [d.slip for d in his.received(what)]
         assert isinstance(his, HisDb)
-        return {"referral": his.received_referrals, "acceptance": his.received_acceptances,
-                "return": his.received_returns}[what]()
+        readers: dict[str, Callable[[], list[Any]]] = {
+            "referral": his.received_referrals, "acceptance": his.received_acceptances,
+            "return": his.received_returns}
+        return readers[what]()
 
     def one(self, node_id: str, what: str, slip_no: str) -> Any:
         got = [s for s in self.inbox(node_id, what) if s.slip_no == slip_no]
@@ -352,7 +356,7 @@ class Scenario:
                 p.kill()
                 p.wait(timeout=10)
                 rc = -1
-            self.check(f"audit chain of {node_id} verifies", lambda rc=rc: rc == 0, timeout=1)
+            self.check(f"audit chain of {node_id} verifies", partial(operator.eq, rc, 0), timeout=1)
 
 
 def _fx_department(local: str, node_id: str) -> str:

@@ -72,7 +72,7 @@ EXTRA_FHIR_VERSIONS = ("4.0.1",)
 #: the published string/markdown pattern (fix 2)
 _XSD_STRING_PATTERN = "^[ \\r\\n\\t\\S]+$"
 #: published integer patterns -> what replaces them (fix 4)
-_INTEGER_PATTERNS = {
+_INTEGER_PATTERNS: dict[str, dict[str, Any]] = {
     "^-?([0]|([1-9][0-9]*))$": {"type": "integer"},
     "^[1-9][0-9]*$": {"type": "integer", "minimum": 1},
     "^[0]|([1-9][0-9]*)$": {"type": "integer", "minimum": 0},
@@ -150,7 +150,8 @@ def _patch_node(node: Any) -> None:
         if pattern == _XSD_STRING_PATTERN:  # fix 2
             del node["pattern"]
             node["minLength"] = 1
-        elif pattern in _INTEGER_PATTERNS and node.get("type") == "number":  # fix 4
+        elif isinstance(pattern, str) and pattern in _INTEGER_PATTERNS \
+                and node.get("type") == "number":  # fix 4
             del node["pattern"]
             node.update(_INTEGER_PATTERNS[pattern])
         for key, value in node.items():
@@ -183,7 +184,7 @@ def resource_types() -> frozenset[str]:
 # walking embedded resources
 
 
-def _embedded(obj: dict, rtype: str) -> Iterable[tuple[str, Any]]:
+def _embedded(obj: dict[str, Any], rtype: str) -> Iterable[tuple[str, Any]]:
     """(relative path, value) of every place this resource holds another resource."""
     contained = obj.get("contained")
     if isinstance(contained, list):
@@ -487,10 +488,10 @@ def validate_bundle(obj: Any, *, allowed_types: str | Iterable[str] | None = Non
 
 def parse_and_validate_bundle(
     data: bytes, *, allowed_types: str | Iterable[str] | None = None
-) -> dict:
+) -> dict[str, Any]:
     """Parse bytes once with orjson, check it is a valid FHIR R4 Bundle, return the dict."""
     try:
-        obj = orjson.loads(data)
+        obj: dict[str, Any] = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise InvalidFhir(f"body is not JSON: {exc}") from None
     validate_bundle(obj, allowed_types=allowed_types)

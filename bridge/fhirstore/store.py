@@ -601,7 +601,8 @@ def identifier_match(rtype: str, values: Sequence[str], table: Any = None, *,
     return _TokenMatch(or_(*(key.in_(tokens(c)) for c in conds)), key.in_(tokens(or_(*conds))))
 
 
-def find_by_identifier(conn: Connection, rtype: str, system: str, value: str) -> dict[str, Any] | None:
+def find_by_identifier(conn: Connection, rtype: str, system: str,
+                       value: str) -> dict[str, Any] | None:
     row = conn.execute(
         select(T.c.body).where(identifier_match(rtype, [f"{system}|{value}"]))
     ).first()
@@ -652,8 +653,8 @@ def search(
     offset: int = 0,
 ) -> tuple[list[Any], bool]:
     """One page of matching rows, newest first, and whether more rows follow it."""
-    rows = conn.execute(page_query(rtype, where, count + 1, typed=typed, order=order,
-                                   offset=offset)).all()
+    rows = list(conn.execute(page_query(rtype, where, count + 1, typed=typed, order=order,
+                                        offset=offset)).all())
     return rows[:count], len(rows) > count
 
 

@@ -21,6 +21,7 @@ import hashlib
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
+from functools import partial
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -29,6 +30,7 @@ from sqlalchemy import insert
 from starlette.requests import ClientDisconnect
 
 from bridge.audit.events import AuditEntry
+from bridge.config.models import LimitsConfig
 from bridge.context import NodeContext
 from bridge.crypto import envelope as env
 from bridge.errors import (
@@ -57,9 +59,9 @@ CLOSE = {"Connection": "close"}
 log = logging.getLogger("hutong.gateway")
 
 
-def max_request_bytes(limits: object) -> int:
+def max_request_bytes(limits: LimitsConfig) -> int:
     """The largest request the peer port reads: a batch of up to two largest bodies."""
-    return limits.max_body_bytes * 2 + (8 << 20)  # type: ignore[attr-defined]
+    return limits.max_body_bytes * 2 + (8 << 20)
 
 
 def create_gateway(ctx: NodeContext, intake: Intake, on_received: object = None) -> FastAPI:
@@ -147,8 +149,8 @@ def create_gateway(ctx: NodeContext, intake: Intake, on_received: object = None)
                     _rate_episode_over(verdict.episode)
             try:
                 answers = await run_in_threadpool(
-                    lambda: intake.receive(frames, remote=remote,
-                                           admit_refusal=lambda: keep(remote)))
+                    partial(intake.receive, frames, remote=remote,
+                            admit_refusal=lambda: keep(remote)))
             except HutongError as exc:  # store unavailable: nothing was committed, sender retries
                 return JSONResponse(exc.as_dict(), status_code=503)
             del frames

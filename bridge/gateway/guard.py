@@ -31,7 +31,7 @@ def guarded_protocol(header_timeout_s: float, body_timeout_s: float) -> type[H11
         _deadline: asyncio.TimerHandle | None = None
         _phase: str = ""
 
-        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
             self._arm("head", header_timeout_s)
 

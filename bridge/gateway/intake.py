@@ -168,9 +168,11 @@ class Intake:
         if prior is not None:
             if prior["identity"] != identity:
                 raise ReplayedPacket(f"packet id {h.id} already taken with other content")
-            batch.audit.append(self._entry("duplicate", h, now, relay_id, prior.get("patient_hash")))
+            batch.audit.append(self._entry("duplicate", h, now, relay_id,
+                                           prior.get("patient_hash")))
             seen[h.id] = (identity, len(answers))
-            return prior["receipt"]
+            receipt: bytes = prior["receipt"]
+            return receipt
         seen[h.id] = (identity, len(answers))
         if relaying:
             return self._relay(h, frame, now, batch)
@@ -279,7 +281,7 @@ class Intake:
         source is within its refusal rate), and the audit says so once per kept refusal."""
         if keep and (admit is None or admit()):
             h = pkt.header if isinstance(pkt, env.Packet) else None
-            claimed = {} if h is None else {
+            claimed: dict[str, Any] = {} if h is None else {
                 "sender": h.sender[:64], "recipient": h.recipient[:64], "packet_id": h.id,
                 "kind": h.kind[:48], "thread": h.thread[:64]}
             batch.quarantine.append(untrusted_row(

@@ -213,8 +213,9 @@ def claimed_peer(frame: bytes) -> str | None:
             slen = int.from_bytes(view[end + 4:end + 8], "big")
             if slen <= env.MAX_STAMP:
                 stamp = orjson.loads(view[end + 8:end + 8 + slen])
-                if isinstance(stamp, dict) and isinstance(stamp.get("relay"), str):
-                    return stamp["relay"]
+                relay = stamp.get("relay") if isinstance(stamp, dict) else None
+                if isinstance(relay, str):
+                    return relay
         sender = header.get("sender") if isinstance(header, dict) else None
         return sender if isinstance(sender, str) else None
     except (orjson.JSONDecodeError, ValueError):

@@ -372,9 +372,11 @@ class AdapterHost:
         now = self.ctx.now()
         source = f"adapter:{self.adapter_name}"
         with self.ctx.store.write() as conn:
-            qid = conn.execute(QUARANTINE.insert().values(**quarantine_row(
+            inserted = conn.execute(QUARANTINE.insert().values(**quarantine_row(
                 now, source, error, raw=raw, sender=self.adapter_name, kind=kind,
-                thread=thread))).inserted_primary_key[0]
+                thread=thread))).inserted_primary_key
+            assert inserted is not None
+            qid = inserted[0]
             self.ctx.audit.append(conn, [AuditEntry(
                 action="quarantined", outcome="4", kind=kind, thread=thread, at=now,
                 actor=source, code=error.code, message=error.message,
@@ -414,7 +416,7 @@ def _merge_patient(stored: dict[str, Any] | None, given: dict[str, Any] | None
                    ) -> dict[str, Any]:
     """The stored Patient with what the local system said now: fields it gives replace the
     stored ones; identifiers are merged by system (a new value replaces the old of its system)."""
-    out = copy.deepcopy(stored) if stored else {"resourceType": "Patient",
+    out: dict[str, Any] = copy.deepcopy(stored) if stored else {"resourceType": "Patient",
                                                  "id": str(uuid.uuid4())}
     out.pop("meta", None)
     for key, value in (given or {}).items():

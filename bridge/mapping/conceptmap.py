@@ -28,7 +28,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, TypedDict, cast
 
 from bridge.errors import ConfigError, InvalidFhir, InvalidResource
 from bridge.fhir.validate import validate_resource
@@ -339,12 +339,12 @@ def translate_matches(conceptmap: Mapping[str, Any], system: str, code: str, *,
             if element.get("code") != code:
                 continue
             for target in element.get("target", []):
-                concept = None
+                mapped: dict[str, Any] | None = None
                 if "code" in target:
-                    concept = {"system": tgt, "code": target["code"]}
+                    mapped = {"system": tgt, "code": target["code"]}
                     if "display" in target:
-                        concept["display"] = target["display"]
-                found.append((target["equivalence"], concept))
+                        mapped["display"] = target["display"]
+                found.append((target["equivalence"], mapped))
     if reverse:
         ranked.sort(key=lambda m: m[0])  # stable: file order within a rank
         found = [(eq, concept) for _, eq, concept in ranked]
@@ -468,9 +468,9 @@ def map_coding(
     a row with an empty target, or a coding from another system than the map's source):
     ``[local coding]`` and ``unmapped=True`` - then record the gap
     (:func:`bridge.mapping.gaps.record_gap`) and mark the resource
-    (:func:`bridge.mapping.marker.mark_unmapped`). A coding without a system (``{"code": "FX-0101"}``)
-    gets the map's source system, so it stays meaningful on the wire. A coding already in the
-    map's shared (target) system passes through as mapped.
+    (:func:`bridge.mapping.marker.mark_unmapped`). A coding without a system
+    (``{"code": "FX-0101"}``) gets the map's source system, so it stays meaningful on the wire.
+    A coding already in the map's shared (target) system passes through as mapped.
     """
     t = _translator(maps)
     local = copy.deepcopy(dict(coding))
@@ -529,7 +529,7 @@ def to_local(maps: SiteMaps | Translator, map_id: str, codings: Sequence[Mapping
     source, target = t.source_system(map_id), t.target_system(map_id)
     for c in codings:
         if c.get("system") == source and isinstance(c.get("code"), str):
-            return Coding(**{k: c[k] for k in ("system", "code", "display") if k in c}), False
+            return cast(Coding, {k: c[k] for k in ("system", "code", "display") if k in c}), False
     for c in codings:
         if c.get("system") == target and isinstance(c.get("code"), str):
             local = t.reverse(map_id, c["code"])

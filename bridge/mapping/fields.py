@@ -242,7 +242,7 @@ def _from_vendor(record: str, rule: FieldRule, raw: str) -> Any:
                                 f"not a {rule.type} in format {rule.format} "
                                 f"({len(raw)} characters, expected {len(rule.format)})")
         try:
-            t = datetime.strptime(raw, rule.strptime)
+            t = datetime.strptime(raw, rule.strptime)  # noqa: DTZ007 - China time attached below
         except ValueError:
             raise FieldMapError(record, rule.field, rule.column,
                                 f"not a {rule.type} in format {rule.format}") from None
@@ -259,7 +259,7 @@ def apply(field_map: FieldMap, row: Mapping[str, Any]) -> dict[str, Any]:
         value = row.get(rule.column) if rule.column else None
         raw = "" if value is None else (value.strip() if isinstance(value, str) else str(value))
         if isinstance(value, datetime | date) and rule.type in ("date", "datetime"):
-            t = value if isinstance(value, datetime) else datetime(value.year, value.month,
+            t = value if isinstance(value, datetime) else datetime(value.year, value.month,  # noqa: DTZ001 - a date
                                                                     value.day)
             if rule.type == "date":
                 out[rule.field] = t.date().isoformat()

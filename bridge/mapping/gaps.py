@@ -134,8 +134,8 @@ def observed_gaps(target: Any, site: str | None = None) -> list[Observed]:
                                           MAPPING_GAP.c.map, MAPPING_GAP.c.code)
         if site is not None:
             q = q.where(MAPPING_GAP.c.site == site)
-        return [Observed(r.site, r.map, r.system, r.code, r.display, r.count, r.first_seen,
-                         r.last_seen) for r in conn.execute(q)]
+        return [Observed(r.site, r.map, r.system, r.code, r.display, r._mapping["count"],
+                         r.first_seen, r.last_seen) for r in conn.execute(q)]
 
     if isinstance(target, Connection):
         return run(target)

@@ -7,6 +7,7 @@ business code as a second coding, so a BSeR-aware system reads them too.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 HUTONG = "http://hutong.dev/CodeSystem"
 KIND_SYSTEM = f"{HUTONG}/referral-kind"
@@ -110,17 +111,17 @@ def step_codeable(step: str) -> dict[str, object]:
     return {"coding": coding, "text": f"{s.zh} / {s.en}"}
 
 
-def step_of(task: dict[str, object]) -> str | None:
+def step_of(task: dict[str, Any]) -> str | None:
     """The alliance step code in a Task's businessStatus."""
-    for c in (task.get("businessStatus") or {}).get("coding") or []:  # type: ignore[union-attr]
+    for c in (task.get("businessStatus") or {}).get("coding") or []:
         if c.get("system") == STEP_SYSTEM and c.get("code") in STEPS:
             return str(c["code"])
     return None
 
 
-def kind_of(service_request: dict[str, object]) -> str | None:
+def kind_of(service_request: dict[str, Any]) -> str | None:
     code = service_request.get("code") or {}
-    for c in code.get("coding") or []:  # type: ignore[union-attr]
+    for c in code.get("coding") or []:
         if c.get("system") == KIND_SYSTEM and c.get("code") in KINDS:
             return str(c["code"])
     return None

@@ -157,6 +157,7 @@ class Store:
             # incremental_vacuum to the end, where execute() stops after its first page
             with self._translate(), self._writer.connect() as conn:
                 raw = conn.connection.driver_connection
+                assert raw is not None
                 raw.executescript("PRAGMA incremental_vacuum;")
                 raw.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
         else:

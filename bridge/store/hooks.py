@@ -25,7 +25,7 @@ def run_after_commit(conn: Any) -> None:
     for hook in conn.__dict__.pop(_KEY, ()):
         try:
             hook()
-        except Exception:  # noqa: BLE001 - the commit stands; the hook's failure is logged
+        except Exception:  # the commit stands; the hook's failure is logged
             logging.getLogger("hutong.store").exception("after-commit hook failed")
 
 

@@ -230,7 +230,7 @@ LABELS: dict[str, tuple[str, str]] = {
 def pick_lang(query: str | None, cookie: str | None) -> str:
     for v in (query, cookie):
         if v in LANGS:
-            return v  # type: ignore[return-value]
+            return v
     return "zh"
 
 

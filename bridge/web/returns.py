@@ -39,7 +39,8 @@ def return_bundle(row: dict[str, Any], task: dict[str, Any], arrived_at: datetim
     u = {k: f"urn:uuid:{uuid.uuid4()}" for k in ("sr", "enc", "comp")}
     sections = []
     if f["diagnosis"]:
-        sections.append({"title": "出院诊断" if inpatient else "诊断", "text": _div(f["diagnosis"])})
+        sections.append({"title": "出院诊断" if inpatient else "诊断",
+                         "text": _div(f["diagnosis"])})
     sections.append({"title": "诊疗经过", "text": _div(f["summary"])})
     sections.append({"title": "给社区医生的指导", "text": _div(f["instructions"])})
     period = {"end": now.isoformat()}

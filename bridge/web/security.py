@@ -17,7 +17,6 @@ import hmac
 import html
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
-
 from urllib.parse import urlsplit
 
 import orjson
