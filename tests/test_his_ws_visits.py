@@ -107,6 +107,26 @@ def test_bad_visit_document_names_element(case: str) -> None:
     assert "李淑珍" not in exc.value.message and "110102" not in exc.value.message
 
 
+def test_pending_list_takes_every_type_the_service_schema_allows() -> None:
+    """The streaming GetPendingDocuments reader checks each document's type before the XSD sees
+    the answer: its list must be the XSD's, or visit documents are refused as unusable."""
+    from adapters.his_ws import soap
+    from adapters.his_ws.client import _pending
+    from adapters.his_ws.errors import HisUnavailable
+    from adapters.his_ws.xmlsafe import SCHEMAS
+
+    xsd = etree.parse(str(SCHEMAS / "his-ws.xsd"))
+    allowed = xsd.xpath("//xs:simpleType[@name='DocumentType']//xs:enumeration/@value",
+                        namespaces={"xs": "http://www.w3.org/2001/XMLSchema"})
+    assert sorted(soap.PENDING_TYPES) == sorted(allowed)
+    assert visit_doc.DOC_TYPE in allowed
+    got = _pending({"seq": "7", "id": "FX-RYDJ-1", "type": visit_doc.DOC_TYPE}, b"<x/>", 0)
+    assert (got.seq, got.doc_id, got.type, got.raw, got.too_large) == (
+        7, "FX-RYDJ-1", "visit", b"<x/>", 0)
+    with pytest.raises(HisUnavailable):
+        _pending({"seq": "8", "id": "X-1", "type": "lab-report"}, b"", 0)
+
+
 # -- two nodes, two simulated HIS processes ------------------------------------------------------
 
 KINDS = ["referral.request", "referral.status", "referral.cancel", "referral.return"]

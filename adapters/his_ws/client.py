@@ -195,7 +195,7 @@ def _pending(attrs: dict[str, str], raw: bytes, too_large: int) -> soap.Pending:
         raise HisUnavailable("HIS GetPendingDocuments: a document without a numeric seq") \
             from None
     doc_id, dtype = attrs.get("id") or "", attrs.get("type") or ""
-    if not doc_id or len(doc_id) > 128 or dtype not in (*soap.RECEIVE, "cancel"):
+    if not doc_id or len(doc_id) > 128 or dtype not in soap.PENDING_TYPES:
         raise HisUnavailable(f"HIS GetPendingDocuments: document seq {seq} has no usable id "
                              "or type")
     return soap.Pending(seq, doc_id, dtype, raw, too_large)

@@ -30,6 +30,9 @@ XSD = "his-ws.xsd"
 RECEIVE = {"referral": "ReceiveReferral", "acceptance": "ReceiveAcceptance",
            "return": "ReceiveReturn", "cancel": "ReceiveCancel", "lab-report": "ReceiveLabReport"}
 TYPE_OF_RECEIVE = {v: k for k, v in RECEIVE.items()}
+#: what GetPendingDocuments may list (his-ws.xsd DocumentType): the receive types but
+#: lab-report (the node sends those, the HIS never offers one), and visit documents
+PENDING_TYPES = ("referral", "acceptance", "return", "cancel", "visit")
 
 
 @dataclass(frozen=True)
