@@ -115,8 +115,11 @@ def rows_after(node: NodeProcess, seq: int) -> list[dict[str, Any]]:
     return out
 
 
-def bearer(node: NodeProcess, path: str, token: str) -> tuple[int, Any]:
-    req = urllib.request.Request(node.local_url + path,
+def bearer(node: NodeProcess, path: str, token: str,
+           form: dict[str, str] | None = None) -> tuple[int, Any]:
+    """GET ``path`` (or POST ``form`` to it, form-encoded) with a bearer token."""
+    data = urlencode(form).encode() if form is not None else None
+    req = urllib.request.Request(node.local_url + path, data=data,
                                  headers={"Authorization": f"Bearer {token}"})
     try:
         with urllib.request.urlopen(req, timeout=60) as r:
@@ -358,6 +361,10 @@ ROUTES: dict[tuple[str, str], str] = {
     ("GET", "/ui/audit"): PHI,  # hashes only, but the auditor's searches are recorded
     ("GET", "/fhir/{rtype}"): PHI,
     ("GET", "/fhir/{rtype}/{rid}"): PHI,
+    ("POST", "/fhir/{rtype}/_search"): PHI,  # the same answer as GET /fhir/{rtype}
+    ("GET", "/fhir/{rtype}/{rid}/_history"): PHI,
+    ("GET", "/fhir/{rtype}/{rid}/_history/{vid}"): PHI,
+    ("GET", "/fhir/{rtype}/_history"): PHI,  # checked below: its patients depend on the store
     ("GET", "/local/v1/patients/{patient_hash}/results"): PHI,
     ("GET", "/ui/audit/export.{fmt}"): "audited as an export (hashes only)",
     ("GET", "/ui"): "redirect", ("GET", "/ui/"): "redirect",
@@ -370,6 +377,11 @@ ROUTES: dict[tuple[str, str], str] = {
     ("POST", "/ui/audit/lookup"): "computes a hash; redirects",
     ("POST", "/ui/referrals/search"): "the list's filter: an ID number becomes a hash; redirects",
     ("GET", "/ui/it"): "queues and counts, no patient data",
+    ("GET", "/ui/it/live"): "the dashboard's counts, no patient data",
+    ("POST", "/ui/it/pause"): "pause or resume a peer or adapter (audited)",
+    ("GET", "/ui/static/dashboard.js"): "static file",
+    ("GET", "/metrics"): "Prometheus counts, no patient data",
+    ("POST", "/ui/referrals/{thread}/imaging/fetch"): "queues a fetch request (audited); redirects",
     ("POST", "/ui/it/quarantine/{item_id}/replay"): "replay (audited)",
     ("POST", "/ui/it/outbox/retry"): "retry (audited)",
     ("GET", "/ui/stats"): "aggregates",
@@ -448,14 +460,26 @@ def test_every_route_is_classified_and_every_look_at_a_patient_is_audited_by_nam
          "user:dr.chen", [phash]),
         (("GET", "/fhir/{rtype}/{rid}"),
          lambda: bearer(core, f"/fhir/Patient/{pid}", chen_token), "user:dr.chen", [phash]),
+        (("POST", "/fhir/{rtype}/_search"),
+         lambda: bearer(core, "/fhir/ServiceRequest/_search", chen_token, {"patient": pid}),
+         "user:dr.chen", [phash]),
+        (("GET", "/fhir/{rtype}/{rid}/_history"),
+         lambda: bearer(core, f"/fhir/Patient/{pid}/_history", chen_token), "user:dr.chen",
+         [phash]),
+        (("GET", "/fhir/{rtype}/{rid}/_history/{vid}"),
+         lambda: bearer(core, f"/fhir/Patient/{pid}/_history/1", chen_token), "user:dr.chen",
+         [phash]),
         (("GET", "/local/v1/patients/{patient_hash}/results"),
          lambda: bearer(core, f"/local/v1/patients/{phash}/results", chen_token),
          "user:dr.chen", [phash]),
     ]
-    assert {c[0] for c in calls} == {k for k, v in ROUTES.items() if v == PHI}
+    assert {c[0] for c in calls} | {("GET", "/fhir/{rtype}/_history")} == {
+        k for k, v in ROUTES.items() if v == PHI}
     for route, call, actor, hashes in calls:
         before = head(core)
-        call()
+        answer = call()
+        if isinstance(answer, tuple):  # a bearer call: (status, body)
+            assert answer[0] == 200, (route, answer)
         reads = [r for r in rows_after(core, before) if r["action"] == "read"]
         if route[1].startswith("/ui/messages"):  # the outbox row's own hash, whatever it is
             hashes = [reads[0]["patient_hash"]] if reads else hashes
@@ -463,6 +487,19 @@ def test_every_route_is_classified_and_every_look_at_a_patient_is_audited_by_nam
         assert {(r["actor"], r["address"]) for r in reads} == {(actor, "127.0.0.1")}, route
         assert all(r["actor_role"] and r["interaction"] in ("read", "search-type")
                    for r in reads), route
+    # a type's history shows the patients of the versions on its page: one read row each
+    before = head(core)
+    status, page = bearer(core, "/fhir/Patient/_history?_count=5", chen_token)
+    assert status == 200 and page["type"] == "history"
+    shown = {e["resource"]["id"] for e in page.get("entry", [])}
+    assert pid in shown or len(shown) == 5
+    s = store(core)
+    with s.read() as conn:
+        expected = {fhirstore.get_row(conn, "Patient", i).patient_hash for i in shown}
+    s.dispose()
+    reads = [r for r in rows_after(core, before) if r["action"] == "read"]
+    assert {r["patient_hash"] for r in reads} == expected and len(reads) == len(expected)
+    assert {r["actor"] for r in reads} == {"user:dr.chen"}
     before = head(core)  # the audit log read through the API names the auditor
     assert bearer(core, "/fhir/AuditEvent/1", aud_token)[0] == 200
     assert [(r["actor"], r["actor_role"]) for r in rows_after(core, before)] == \

@@ -31,6 +31,21 @@ def role_of(tokens: dict[str, str], header: str | None) -> str:
     raise Unauthorized("unknown token")
 
 
+def token_known(node: Any, tokens: dict[str, str], header: str | None) -> bool:
+    """Whether a bearer header names anyone: a shared role token (while allowed) or a
+    personal or client token of the node's account book. For checks made before a route runs
+    (``bridge.api.body_limit``); the route still resolves the principal and its roles."""
+    try:
+        role_of(tokens, header)
+        return True
+    except Unauthorized:
+        pass
+    if node is None or not header or not header.lower().startswith("bearer "):
+        return False
+    with node.ctx.store.read() as conn:
+        return principal_for_token(conn, header[7:].strip()) is not None
+
+
 def principal_of(request: Request) -> Principal:
     """Who the request's bearer token names: a shared role token first (while allowed), then a
     personal or client token from the store. Kept on ``request.state.principal``."""

@@ -3,8 +3,9 @@
 A pure ASGI wrapper around the local app, run before any route (FastAPI reads and parses a
 body before a route's token dependency runs, so the check cannot live in the routes):
 
-* a request with a body (declared or chunked) must carry a valid bearer token of any role,
-  else it is answered 401 ``HT-AUTH`` unread; the routes still check the role. Browser forms
+* a request with a body (declared or chunked) must carry a valid bearer token of any role
+  (shared, personal or a system client's: ``known``), else it is answered 401 ``HT-AUTH``
+  unread; the routes still check the role. Browser forms
   under ``/ui`` (login, and pages behind the session cookie) may come without a token, but
   their body is then limited to ``UI_FORM_MAX`` bytes;
 * a declared length over ``[limits] local_max_body_bytes`` is answered 413 unread, and a
@@ -16,11 +17,12 @@ Errors under ``/fhir`` are OperationOutcomes, elsewhere the usual ``{code, messa
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import orjson
+from starlette.concurrency import run_in_threadpool
 
-from bridge.api.auth import role_of
 from bridge.errors import Busy, HutongError, PacketTooLarge, Unauthorized
 from bridge.gateway.guard import Admission
 
@@ -33,10 +35,10 @@ class _TooLarge(Exception):
 
 
 class LocalBodyGuard:
-    def __init__(self, app: Any, *, tokens: dict[str, str], max_body: int,
+    def __init__(self, app: Any, *, known: Callable[[str], bool], max_body: int,
                  admission: Admission) -> None:
         self.app = app
-        self.tokens = tokens
+        self.known = known
         self.max_body = max_body
         self.admission = admission
 
@@ -52,11 +54,12 @@ class LocalBodyGuard:
         limit = self.max_body
         path: str = scope.get("path", "")
         if has_body:
-            try:
-                role_of(self.tokens, (headers.get(b"authorization") or b"").decode("latin-1"))
-            except Unauthorized as exc:
+            header = (headers.get(b"authorization") or b"").decode("latin-1")
+            if not await run_in_threadpool(self.known, header):  # a hashed lookup, no body read
                 if not path.startswith("/ui/"):
-                    await _answer(send, path, exc)
+                    await _answer(send, path, Unauthorized(
+                        "unknown token" if header else
+                        "a bearer token is required"))
                     return
                 limit = min(limit, UI_FORM_MAX)
         if declared is not None and declared > limit:

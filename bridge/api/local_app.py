@@ -16,7 +16,15 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel
 
 from bridge import ops
-from bridge.api.auth import AnyRole, ClinicianRole, ITRole, SenderRole, actor_of, who
+from bridge.api.auth import (
+    AnyRole,
+    ClinicianRole,
+    ITRole,
+    SenderRole,
+    actor_of,
+    token_known,
+    who,
+)
 from bridge.api.body_limit import LocalBodyGuard
 from bridge.api.docs import docs_router
 from bridge.api.fhir_api import fhir_router
@@ -79,7 +87,8 @@ def create_local_app(node: Node) -> FastAPI:
     # /fhir formats (406/415), HEAD and trailing slashes; inside the guard: token first
     app.add_middleware(FhirHttp)
     # no body is read before the token, none over the limit (bridge/api/body_limit.py)
-    app.add_middleware(LocalBodyGuard, tokens=app.state.tokens,
+    tokens = app.state.tokens
+    app.add_middleware(LocalBodyGuard, known=lambda header: token_known(node, tokens, header),
                        max_body=limits.local_max_body_bytes,
                        admission=Admission(limits.max_requests, max(
                            limits.max_inflight_bytes, limits.local_max_body_bytes),
