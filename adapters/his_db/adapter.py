@@ -132,17 +132,22 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+def field_maps(folder: Any) -> dict[str, Any]:
+    """The vendor tables' field maps under ``folder`` (ConfigError naming file and line)."""
+    fm = {rec: load_field_map(folder, rec, fields=cls) for rec, cls in RECORDS.items()}
+    if cx.has_map(folder):
+        fm[cx.RECORD] = load_field_map(folder, cx.RECORD, fields=cx.CancelSlip)
+    if vz.has_map(folder):
+        fm[vz.RECORD] = load_field_map(folder, vz.RECORD, fields=Visit)
+    return fm
+
+
 class HisDbAdapter(BaseAdapter):
     def __init__(self, host: Any, opts: Resolved) -> None:
         super().__init__(host, {})
         self.opts = opts
         self.me = host.node_id
-        self.fm = {rec: load_field_map(opts.fields, rec, fields=cls)
-                   for rec, cls in RECORDS.items()}
-        if cx.has_map(opts.fields):
-            self.fm[cx.RECORD] = load_field_map(opts.fields, cx.RECORD, fields=cx.CancelSlip)
-        if vz.has_map(opts.fields):
-            self.fm[vz.RECORD] = load_field_map(opts.fields, vz.RECORD, fields=Visit)
+        self.fm = field_maps(opts.fields)
         self.engine: Any = None
         self._tables: dict[str, Table | None] = {}
         self._meta = MetaData()  # this vendor database's reflected tables

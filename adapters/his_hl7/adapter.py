@@ -38,7 +38,7 @@ from dataclasses import replace
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from adapters.base import BaseAdapter
 from adapters.his_hl7 import v2
@@ -59,7 +59,7 @@ from adapters.hl7v2.mllp import (
     server_tls,
     split_addr,
 )
-from bridge.errors import ConfigError, HutongError
+from bridge.errors import HutongError
 
 if TYPE_CHECKING:
     from bridge.delivery.handlers import Delivery
@@ -136,14 +136,9 @@ class Options(BaseModel):
 
 
 class HisHl7Adapter(BaseAdapter):
-    def __init__(self, host: AdapterHost, options: dict[str, Any]) -> None:
-        super().__init__(host, options)
-        try:
-            self.opts = Options.model_validate(options)
-        except ValidationError as exc:
-            raise ConfigError("; ".join(
-                f"adapters.{self.name}.options.{'.'.join(map(str, e['loc']))}: {e['msg']}"
-                for e in exc.errors())) from None
+    def __init__(self, host: AdapterHost, opts: Options) -> None:
+        super().__init__(host, opts)
+        self.opts = opts
         o = self.opts
         self.facility = o.facility or host.node_id
         self.charset = charset.lookup(o.charset)  # what we write

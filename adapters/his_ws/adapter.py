@@ -50,9 +50,10 @@ from __future__ import annotations
 import hashlib
 import threading
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from adapters import slips_fhir, visits
 from adapters.base import BaseAdapter
@@ -68,7 +69,8 @@ from adapters.his_ws.errors import (
 from adapters.his_ws.ledger import Ledger
 from adapters.his_ws.soap import Pending
 from bridge.delivery.handlers import Delivery
-from bridge.errors import ConfigError, HutongError, Retry, WorkflowError
+from bridge.local.contract import AdapterType
+from bridge.errors import HutongError, Retry, WorkflowError
 
 #: which element a workflow refusal points at, by document type
 WORKFLOW_FIELD = {
@@ -106,6 +108,14 @@ class Options(BaseModel):
     #: OID, the referral document the node wrote into this HIS (as acceptances name it)
     visit_referral: Literal["", "referral-document"] = ""
 
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("not an http(s) URL")
+        return value
+
     @field_validator("encoding")
     @classmethod
     def _encoding(cls, value: str) -> str:
@@ -130,24 +140,14 @@ def _named(error: HutongError, record: str, field: str | None) -> HutongError:
     return error
 
 
-def create(host: Any, options: dict[str, Any]) -> WsAdapter:
-    return WsAdapter(host, options)
-
 
 class WsAdapter(BaseAdapter):
-    def __init__(self, host: Any, options: dict[str, Any]) -> None:
-        super().__init__(host, options)
-        try:
-            self.opts = Options.model_validate(options)
-            self.client = HisClient(self.opts.url, self.opts.timeout_s,
-                                    max_document_bytes=self.opts.max_document_bytes,
-                                    call_deadline_s=self.opts.call_deadline_s)
-        except ValidationError as exc:
-            raise ConfigError("; ".join(
-                f"adapters.{self.name}.options.{'.'.join(map(str, e['loc']))}: {e['msg']}"
-                for e in exc.errors())) from None
-        except ValueError as exc:
-            raise ConfigError(f"adapters.{self.name}.options.url: {exc}") from None
+    def __init__(self, host: Any, opts: Options) -> None:
+        super().__init__(host, opts)
+        self.opts = opts
+        self.client = HisClient(self.opts.url, self.opts.timeout_s,
+                                max_document_bytes=self.opts.max_document_bytes,
+                                call_deadline_s=self.opts.call_deadline_s)
         self.me = host.node_id
         self.site = cda.Site(member=self.me, name=self.opts.site_name, **self.opts.oids)
         self.ledger: Ledger | None = None
@@ -519,3 +519,8 @@ class WsAdapter(BaseAdapter):
             slips_fhir.record_gaps(self.host.store, gaps, self.host.now())
             self.count("unmapped_codes", len(gaps))
         self.ok()
+
+
+#: this type's declaration to the engine (entry point ``his-xml-ws``)
+create = AdapterType(name="his-xml-ws", options=Options, build=WsAdapter,
+                     example={"url": "http://127.0.0.1:9/his"})

@@ -43,7 +43,7 @@ from adapters.base import BaseAdapter
 from adapters.pacs import dimse, fetch
 from adapters.pacs.errors import DicomRejected, FetchFailed, PacsFailed, ReportRejected
 from adapters.pacs.files import InstanceStore, check_structure, check_uid, path_uid, read_header
-from adapters.pacs.options import parse_options
+from adapters.pacs.options import PacsOptions
 from adapters.pacs.report import parse_oru, report_from_oru, report_from_sr
 from adapters.pacs.study import (
     imaging_study,
@@ -74,9 +74,9 @@ KEEP_OF_OVERSIZE = 1 << 20
 
 
 class PacsAdapter(BaseAdapter):
-    def __init__(self, host: AdapterHost, options: dict[str, Any]) -> None:
-        super().__init__(host, options)
-        self.opts = parse_options(self.name, options)
+    def __init__(self, host: AdapterHost, opts: PacsOptions) -> None:
+        super().__init__(host, opts)
+        self.opts = opts
         self.pacs_id_system = (self.opts.patient_id_system
                                or f"urn:hutong:{host.node_id}:pacs-patient-id")
         self.accession_system = (self.opts.accession_system
