@@ -52,7 +52,6 @@ import threading
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from adapters import slips_fhir, visits
@@ -68,8 +67,7 @@ from adapters.his_ws.errors import (
 )
 from adapters.his_ws.ledger import Ledger
 from adapters.his_ws.soap import Pending
-from bridge.delivery.handlers import Delivery
-from bridge.local.contract import AdapterType
+from bridge.local.contract import AdapterType, ReferralEvent, ResultEvent
 from bridge.errors import HutongError, Retry, WorkflowError
 
 #: which element a workflow refusal points at, by document type
@@ -299,7 +297,7 @@ class WsAdapter(BaseAdapter):
             else:
                 self._take_answer(doc, key, gaps)
             if gaps:
-                slips_fhir.record_gaps(self.host.store, gaps, self.host.now())
+                self.host.record_gaps(gaps)
         thread = self.host.thread_for(key)
         ledger.remember(doc.doc_id, "in", doc.type, thread, digest)
 
@@ -336,7 +334,7 @@ class WsAdapter(BaseAdapter):
                           kind="his-ws.visit", codes=slips_fhir.Codes(self.host.maps, self.me,
                                                                       gaps))
             if gaps:
-                slips_fhir.record_gaps(self.host.store, gaps, self.host.now())
+                self.host.record_gaps(gaps)
         ledger.remember(doc.doc_id, "in", visit_doc.DOC_TYPE, thread or self.host.thread_for(key),
                         digest)
 
@@ -400,22 +398,14 @@ class WsAdapter(BaseAdapter):
 
     # -- sink: packets that arrived -------------------------------------------------------------
 
-    def deliver(self, item: Delivery) -> None:
-        if item.kind.startswith("result."):
-            self._deliver_results(item)
-            return
-        body = orjson.loads(item.body)
-        entries = [e["resource"] for e in body.get("entry") or []]
-        header = next((r for r in entries if r["resourceType"] == "MessageHeader"), None)
-        event = ((header or {}).get("eventCoding") or {}).get("code", "")
+    def on_referral(self, ev: ReferralEvent) -> None:
+        """A referral step the workflow applied: one CDA-like document into the HIS."""
+        item, event, view = ev.packet, ev.event, ev.view
         doc_type = WRITES.get(event)
         if doc_type is None:
             self.count("not_written")  # received, arrive, return-received: no document
             return
         ledger = self._ledger()
-        view = self.host.referral(item.thread)
-        if view is None:
-            raise HutongError(f"packet {item.packet_id}: thread not known here")
         row = view["referral"]
         gaps: list[Any] = []
         maps = self.host.maps
@@ -434,7 +424,7 @@ class WsAdapter(BaseAdapter):
             refs = {f"{r['resourceType']}/{r['id']}": r for r in view["resources"]}
             slip_no = slips_fhir.slip_no_of(refs.get(f"ServiceRequest/{row['sr_id']}", {}))
             if doc_type == "cancel":
-                task = next(r for r in entries if r["resourceType"] == "Task")
+                task = ev.task
                 done = row["status"] == "cancelled" and event != "cancel-refused"
                 reason = str((task.get("statusReason") or {}).get("text") or "")
                 slip = cda.CancelSlip(slip_no, reason or (CANCELLED_REASON if done
@@ -444,7 +434,7 @@ class WsAdapter(BaseAdapter):
                 doc = cda.Document(item.packet_id, doc_type, slip, written, row["referrer"],
                                    referral_doc=referral_doc)
             elif doc_type == "acceptance":
-                task = next(r for r in entries if r["resourceType"] == "Task")
+                task = ev.task
                 slip = slips_fhir.acceptance_from_task(task, slip_no, maps, me=self.me,
                                                        gaps=gaps)
                 written = task.get("lastModified") or item.received_at.isoformat()
@@ -464,15 +454,16 @@ class WsAdapter(BaseAdapter):
             self.count("deliver_failed")
             raise
         if gaps:
-            slips_fhir.record_gaps(self.host.store, gaps, self.host.now())
+            self.host.record_gaps(gaps)
         self.count(f"wrote_{doc_type}")
         self.ok()
 
     # -- sink: lab results from another member ----------------------------------------------------
 
-    def _deliver_results(self, item: Delivery) -> None:
+    def on_result(self, ev: ResultEvent) -> None:
         """``result.lab`` -> one lab report document per DiagnosticReport, each sent until the
         HIS answers stored or duplicate (a SOAP Fault raises: the dispatcher retries)."""
+        item = ev.packet
         if item.kind != "result.lab":
             self.count(f"skipped:{item.kind}")  # imaging: fetched on demand, not written
             return
@@ -481,7 +472,7 @@ class WsAdapter(BaseAdapter):
             self.count("redelivered")
             return
         referral_doc = ledger.referral_doc(item.thread) if item.thread else None
-        view = self.host.referral(item.thread) if referral_doc else None
+        view = ev.view if referral_doc else None
         if view is None or referral_doc is None:
             # no referral document in this HIS to file them under: they stay in the node's
             # FHIR store and the recognition view (counted for IT, no patient data)
@@ -496,7 +487,7 @@ class WsAdapter(BaseAdapter):
         mrn = slips_fhir._mrn(patient, row["referrer"])
         gaps: list[Any] = []
         docs = lab_report.from_bundle(
-            orjson.loads(item.body), slips_fhir.Codes(self.host.maps, self.me, gaps), self.site,
+            ev.bundle, slips_fhir.Codes(self.host.maps, self.me, gaps), self.site,
             producer=item.sender, slip_no=slip_no, referral_doc=referral_doc, mrn=mrn,
             mrn_authority=row["referrer"] if mrn else "",
             received_at=item.received_at.isoformat())
@@ -516,7 +507,7 @@ class WsAdapter(BaseAdapter):
                 raise
             self.count("wrote_lab_report")
         if ledger.mark_results_written(item.packet_id) and gaps:
-            slips_fhir.record_gaps(self.host.store, gaps, self.host.now())
+            self.host.record_gaps(gaps)
             self.count("unmapped_codes", len(gaps))
         self.ok()
 

@@ -243,10 +243,8 @@ class LisAdapter(BaseAdapter):
             return
         self.count("unmapped_codes", len(unmapped))
         try:
-            from bridge.mapping import record_gap
-
             for coding in unmapped:
-                record_gap(self.host.store, self.site, self.opts.map, coding, at=at)
+                self.host.record_gap(self.opts.map, coding, site=self.site)
         except Exception as exc:  # noqa: BLE001 - the report must not fail the message
             log.warning("LIS adapter %s could not record mapping gaps: %s", self.name,
                         type(exc).__name__)

@@ -22,7 +22,13 @@ from bridge.delivery.lanes import Lanes, lane_of
 from bridge.delivery.sender import backoff
 from bridge.delivery.threads import HOLD, ThreadGate
 from bridge.errors import HutongError, Retry, ThreadRefused
-from bridge.local.contract import as_failure
+from bridge.local.contract import (
+    ReferralEvent,
+    ReferralSink,
+    ResultEvent,
+    ResultSink,
+    as_failure,
+)
 from bridge.store.quarantine import quarantine_row
 from bridge.store.tables import INBOX, QUARANTINE
 
@@ -100,10 +106,17 @@ class Dispatcher:
                 if handler is None:
                     raise HutongError(f"no local handler for kind '{r.kind}'")
                 item = _delivery(r)
+                event: Any = None
                 for prefix, hook in self.hooks.items():
                     if r.kind.startswith(prefix):
-                        hook(item)
-                handler.deliver(item)
+                        event = hook(item)
+                # one handler per event, already decoded; other kinds: the packet as it is
+                if isinstance(event, ReferralEvent) and isinstance(handler, ReferralSink):
+                    handler.on_referral(event)
+                elif isinstance(event, ResultEvent) and isinstance(handler, ResultSink):
+                    handler.on_result(event)
+                else:
+                    handler.deliver(item)
             except Exception as exc:  # noqa: BLE001 - an adapter's bug must not stop delivery
                 blocked.add(r.thread)
                 err = as_failure(exc)  # OSError: transient; anything else: ambiguous

@@ -32,9 +32,14 @@ Life cycle (shaped like a Benthos input: connect, read with an ack, close):
   call with the same key returns the first call's result and does nothing.
   Bad local data -> ``host.quarantine(error, raw=..., record=..., field=...)`` and go on with
   the next record.
-* Sink side (:class:`Sink`): ``deliver(item)`` writes one arrived packet into the local
-  system; it must be idempotent by ``item.packet_id`` (after a crash the same packet is handed
-  over again). ``flush()`` makes everything delivered so far durable. Failures, by class
+* Sink side: the dispatcher decodes and applies a packet once (the referral workflow, the
+  results inbox), then hands the adapter the typed event: ``on_referral(ev)``
+  (:class:`ReferralSink`, :class:`ReferralEvent`: event, side, thread, the stored view of the
+  thread, the Task) or ``on_result(ev)`` (:class:`ResultSink`, :class:`ResultEvent`: the
+  results Bundle and this node's patient reference); any other kind goes to ``deliver(item)``
+  (:class:`Sink`). No sink parses ``item.body`` for a referral or a result. Every handler
+  writes into the local system and must be idempotent by packet id (after a crash the same
+  packet is handed over again). ``flush()`` makes everything delivered so far durable. Failures, by class
   (:func:`retry_class`; the dispatcher acts on the class, never on a flag):
 
   - :class:`~bridge.errors.TransportError` (or any error whose ``retry`` is ``TRANSIENT``):
@@ -75,8 +80,8 @@ if TYPE_CHECKING:
     from bridge.local.host import AdapterHost
 
 __all__ = [
-    "Adapter", "AdapterType", "AmbiguousDelivery", "Delivery", "Problem", "Replayable",
-    "ServesRoutes", "Sink", "TransportError", "as_failure", "options_problems", "retry_class",
+    "Adapter", "AdapterType", "AmbiguousDelivery", "Delivery", "Problem", "ReferralEvent",
+    "ReferralSink", "Replayable", "ResultEvent", "ResultSink", "ServesRoutes", "Sink", "TransportError", "as_failure", "options_problems", "retry_class",
 ]
 
 #: one thing wrong with an adapter's options: (key under ``options``, e.g. ``tls.cert``; what)
@@ -119,6 +124,43 @@ class ServesRoutes(Protocol):
     """An adapter that serves routes of its own under ``/local/v1/adapters/<name>``."""
 
     def local_routes(self) -> Any: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ReferralEvent:
+    """A ``referral.*`` packet as the referral workflow applied it (the dispatcher's hook ran
+    first): what happened, on which side, and the thread as stored after it."""
+
+    packet: Delivery  # the header fields (packet id, sender, kind, thread, seq, received_at)
+    event: str  # the MessageHeader's event: request, accept, reject, return, cancel, ...
+    side: str  # this node's side of the referral: "referrer" or "receiver"
+    thread: str
+    view: dict[str, Any]  # {"referral": the row, "resources": every FHIR resource of the thread}
+    task: dict[str, Any]  # the Task the packet carried
+
+
+@dataclass(frozen=True, slots=True)
+class ResultEvent:
+    """A ``result.*`` packet as the results inbox stored it."""
+
+    packet: Delivery
+    bundle: dict[str, Any]  # the results Bundle as it arrived (the sender's references)
+    patient: str | None  # this node's Patient the results are about ("Patient/<id>"), if known
+    view: dict[str, Any] | None  # the referral the results belong to, if any
+
+
+@runtime_checkable
+class ReferralSink(Protocol):
+    """A sink of referral events: one handler, whose errors propagate to the dispatcher."""
+
+    def on_referral(self, ev: ReferralEvent) -> None: ...
+
+
+@runtime_checkable
+class ResultSink(Protocol):
+    """A sink of result events: one handler, whose errors propagate to the dispatcher."""
+
+    def on_result(self, ev: ResultEvent) -> None: ...
 
 
 def _no_listeners(options: Any) -> list[str]:
