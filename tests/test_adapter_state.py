@@ -102,3 +102,38 @@ def test_the_hl7_his_file_of_an_earlier_version_moves_into_the_node(store: Store
     assert state.referral_visit("thr-1") == {"thread": "thr-1", "mrn": "MRN1",
                                              "source_key": "k2"}
     assert state.take_file(old) == 0  # nothing left to move
+
+
+def test_the_ws_his_document_ledger_in_the_node(store: Store, tmp_path: Path) -> None:
+    """The XML web-service HIS's document links (which HIS document is which referral) live in
+    the node's database; an earlier version's file is moved in and deleted."""
+    from adapters.his_ws.ledger import Ledger
+
+    old = tmp_path / "documents.sqlite"
+    with sqlite3.connect(old) as c:
+        c.executescript("""
+        CREATE TABLE documents (doc_id TEXT PRIMARY KEY, direction TEXT NOT NULL,
+            type TEXT NOT NULL, thread TEXT, digest TEXT NOT NULL);
+        CREATE TABLE report_versions (report_id TEXT NOT NULL, packet_id TEXT NOT NULL,
+            version INTEGER NOT NULL, PRIMARY KEY (report_id, packet_id));
+        CREATE TABLE results_written (packet_id TEXT PRIMARY KEY);
+        INSERT INTO documents VALUES ('HIS-DOC-1', 'in', 'referral', 'thr-1', 'd1');
+        INSERT INTO report_versions VALUES ('R1', 'p1', 1);
+        INSERT INTO report_versions VALUES ('R1', 'p2', 2);
+        INSERT INTO results_written VALUES ('p1');
+        """)
+    ledger = Ledger(AdapterState(store, "his", _now))
+    assert ledger.take_file(old) == 4
+    assert not old.exists()
+    assert (ledger.referral_doc("thr-1"), ledger.thread_of("HIS-DOC-1"),
+            ledger.digest("HIS-DOC-1")) == ("HIS-DOC-1", "thr-1", "d1")
+    assert ledger.results_written("p1") and not ledger.results_written("p2")
+    assert ledger.mark_results_written("p2") is True
+    assert ledger.mark_results_written("p2") is False
+    assert [ledger.report_version("R1", p) for p in ("p2", "p3", "p1", "p3")] == [2, 3, 1, 3]
+    assert ledger.report_version("R2", "p3") == 1
+    # a re-pull keeps the first direction and type; a known thread is not lost
+    ledger.remember("HIS-DOC-1", "out", "acceptance", None, "d2")
+    assert (ledger.referral_doc("thr-1"), ledger.digest("HIS-DOC-1")) == ("HIS-DOC-1", "d2")
+    ledger.remember("ACC-1", "out", "acceptance", "thr-1", "d3")
+    assert ledger.referral_doc("thr-1") == "HIS-DOC-1"

@@ -155,7 +155,7 @@ class WsAdapter(BaseAdapter):
     # -- life cycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        self.ledger = Ledger(self.host.data_dir / "documents.sqlite")
+        self._ledger()
         self.host.every(self.opts.poll_s, self.poll)
 
     def stop(self) -> None:
@@ -165,7 +165,9 @@ class WsAdapter(BaseAdapter):
 
     def _ledger(self) -> Ledger:
         if self.ledger is None:
-            self.ledger = Ledger(self.host.data_dir / "documents.sqlite")
+            ledger = Ledger(self.host.state)
+            ledger.take_file(self.host.data_dir / "documents.sqlite")  # an earlier version's
+            self.ledger = ledger
         return self.ledger
 
     # -- source: documents the HIS wrote --------------------------------------------------------

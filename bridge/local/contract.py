@@ -77,7 +77,10 @@ from bridge.errors import AmbiguousDelivery, ConfigError, HutongError, Retry, Tr
 
 if TYPE_CHECKING:
     from bridge.config.models import AdapterSettings
-    from bridge.local.host import AdapterHost
+
+#: the :class:`bridge.local.host.AdapterHost` an adapter is built with (named, not imported:
+#: the host reaches into the node, and the contract stays below both)
+AdapterHost = Any
 
 __all__ = [
     "Adapter", "AdapterType", "AmbiguousDelivery", "Delivery", "Problem", "ReferralEvent",

@@ -1,104 +1,26 @@
 """Build a node's adapters from its ``[[adapters]]`` tables via the ``hutong.adapters`` group.
 
-Each entry point names an :class:`~bridge.local.contract.AdapterType`; :func:`check_adapters`
-reads those declarations to check every table before anything starts (``hutong config check``
-and node loading share it), so :func:`load_adapters` never refuses what the check passed.
+Each entry point names an :class:`~bridge.local.contract.AdapterType`;
+:func:`bridge.local.check.check_adapters` reads those declarations to check every table before
+anything starts (``hutong config check`` and node loading share it), so :func:`load_adapters`
+never refuses what the check passed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from importlib.metadata import entry_points
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bridge.config.models import AdapterSettings
 from bridge.errors import ConfigError
+from bridge.local.check import GROUP, adapter_type, adapter_types, check_adapters
 from bridge.local.contract import Adapter, AdapterType
 from bridge.local.host import AdapterHost
 
 if TYPE_CHECKING:
     from bridge.node import Node
 
-GROUP = "hutong.adapters"
-
-
-def adapter_types() -> dict[str, Any]:
-    """{type name: entry point} of every installed adapter type."""
-    return {ep.name: ep for ep in entry_points(group=GROUP)}
-
-
-def adapter_type(name: str) -> AdapterType[Any]:
-    """The installed adapter type ``name``; ConfigError if it is not installed or not a type."""
-    types = adapter_types()
-    if name not in types:
-        raise ConfigError(f"unknown adapter type '{name}' "
-                          f"(installed: {', '.join(sorted(types)) or 'none'})")
-    found = types[name].load()
-    if not isinstance(found, AdapterType):
-        raise ConfigError(f"entry point '{name}' ({types[name].value}) is not an AdapterType "
-                          f"(bridge.local.contract)")
-    return found
-
-
-def check_adapters(entries: Any, base_dir: Path,
-                   node_binds: Mapping[str, tuple[str, int]] | None = None
-                   ) -> list[tuple[str, str]]:
-    """Every problem of a node file's ``[[adapters]]`` tables (as read from TOML), as
-    ``(where, what)`` with ``where`` like ``adapters.<name>.options.<key>``: the type is
-    installed, its options pass its model and its own check, the mapping folder exists, and no
-    two listeners (the adapters' and the node's ``node_binds``) share a port."""
-    from bridge.config.loader import _clash
-
-    out: list[tuple[str, str]] = []
-    if not isinstance(entries, list):
-        return out
-    binds: list[tuple[tuple[str, int], str]] = [(b, k) for k, b in (node_binds or {}).items()]
-    received: dict[str, str] = {}
-    for entry in entries:
-        if not isinstance(entry, dict) or entry.get("enabled", True) is False:
-            continue
-        name, kind = entry.get("name"), entry.get("type")
-        if not isinstance(name, str) or not isinstance(kind, str) or not kind:
-            continue  # the node file's own model names these
-        where = f"adapters.{name}"
-        for pattern in entry.get("receives") or []:
-            if pattern in received:
-                out.append((f"{where}.receives", f"'{pattern}' is already received by "
-                                                 f"adapters.{received[pattern]}"))
-            received.setdefault(pattern, name)
-        mappings = entry.get("mappings")
-        folder = None
-        if isinstance(mappings, str) and mappings:
-            folder = (base_dir / mappings).resolve()
-            if not folder.is_dir():
-                out.append((f"{where}.mappings", f"no mapping folder {mappings}"))
-                folder = None
-        try:
-            atype = adapter_type(kind)
-        except ConfigError as exc:
-            out.append((f"{where}.type", exc.problems[0]))
-            continue
-        raw = entry.get("options", {})
-        if not isinstance(raw, dict):
-            continue  # the node file's own model names it
-        settings = AdapterSettings(name=name, type=kind, mappings=folder,
-                                   receives=tuple(entry.get("receives") or ()),
-                                   options=raw, base_dir=base_dir)
-        opts, problems = atype.validate(raw, settings)
-        out.extend((f"{where}.options.{key}" if key else f"{where}.options", what)
-                   for key, what in problems)
-        if opts is None:
-            continue
-        for host, port in atype.listens(opts):
-            if not port:
-                continue  # an ephemeral port (tests) clashes with nothing
-            other = next((who for b, who in binds if _clash((host, port), b)), None)
-            if other is not None:
-                out.append((f"{where}.options", f"listens on {host}:{port}, which is also "
-                                                f"{other}'s port"))
-            binds.append(((host, port), f"adapters.{name}"))
-    return out
+__all__ = ["GROUP", "adapter_type", "adapter_types", "check_adapters", "load_adapters",
+           "receivers"]
 
 
 def load_adapters(node: Node) -> dict[str, Adapter]:

@@ -80,6 +80,14 @@ class AdapterState:
         with self._write() as conn:
             conn.execute(delete(T).where(*self._where(ns, key)))
 
+    def by_thread_keys(self, ns: str, thread: str) -> list[tuple[str, dict[str, Any]]]:
+        """(key, value) of the records in ``ns`` that name ``thread``, oldest first."""
+        with self._read() as conn:
+            rows = conn.execute(select(T.c.key, T.c.value).where(
+                T.c.adapter == self.adapter, T.c.ns == ns, T.c.thread == thread)
+                .order_by(T.c.id)).all()
+        return [(r.key, orjson.loads(r.value)) for r in rows]
+
     def by_thread(self, ns: str, thread: str) -> list[dict[str, Any]]:
         """The values in ``ns`` that name ``thread``, oldest first."""
         with self._read() as conn:
