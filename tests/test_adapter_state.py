@@ -26,6 +26,20 @@ def _now() -> datetime:
 
 
 def test_keyed_state_per_adapter_and_namespace(store: Store) -> None:
+    check_keyed_state(store)
+
+
+@pytest.mark.postgres
+def test_keyed_state_on_postgresql(pg_db: str) -> None:
+    pg = Store(pg_db)
+    try:
+        pg.create_all()
+        check_keyed_state(pg)
+    finally:
+        pg.dispose()
+
+
+def check_keyed_state(store: Store) -> None:
     a, b = AdapterState(store, "his", _now), AdapterState(store, "lis", _now)
     assert a.get("slips", "k") is None
     a.put("slips", "k", {"v": 1}, thread="t1")
