@@ -1,74 +1,43 @@
-"""The adapter contract: how a local system (HIS, LIS, PACS) plugs into a node.
+"""Adapter-side helpers: defaults and status counters for an adapter, checks its options share.
 
-An adapter is one kind of local system, both a *source* (local records -> FHIR -> the node)
-and a *sink* (packets that arrived -> local records). The node finds it by ``type`` in the
-entry-point group ``hutong.adapters`` (declared in ``pyproject.toml``), so the core never
-imports an adapter, and configures it from one ``[[adapters]]`` table of the site's node file::
-
-    [[adapters]]
-    name = "his"                         # unique on the node: audit, quarantine and pages use it
-    type = "his-middle-db"               # entry point name in group hutong.adapters
-    mappings = "../../../mappings/fuxing"  # the site's mapping folder, relative to the node file
-    receives = ["referral.*"]            # packet kinds this adapter writes into the local system
-    [adapters.options]                   # the adapter's own settings, checked by its own model
-    dsn = "sqlite:////var/lib/his/zhongjianku.db"
-
-Life cycle (shaped like a Benthos input: connect, read with an ack, close):
-
-* ``factory(host, options) -> Adapter``: validate ``options`` (raise ``ConfigError`` naming the
-  key) and keep the :class:`~bridge.local.host.AdapterHost`; start nothing yet.
-* ``start()``: open listeners, register poll jobs with ``host.every``. Return quickly.
-* Source side: turn each local record into FHIR and hand it to the host with a ``source_key``
-  (the record's stable identity: a row id, MSH-10 plus sending facility, a document id). The
-  host commits the record's effect and the key in ONE transaction, so a record is acted on
-  exactly once even if the adapter is killed between reading it and marking it read; a second
-  call with the same key returns the first call's result and does nothing.
-  Bad local data -> ``host.quarantine(error, raw=..., record=..., field=...)`` and go on with
-  the next record.
-* Sink side: ``deliver(item)`` writes one arrived packet into the local system; it must be
-  idempotent by ``item.packet_id`` (after a crash the same packet is handed over again).
-  ``flush()`` makes everything delivered so far durable. Raise ``Retry``/``HutongError`` for
-  transient failures (the dispatcher backs off, keeping the thread's order).
-* ``status()``: a small dict for the IT page and alerts (``last_ok_at``, ``last_error``,
-  counters). Never patient data.
-* ``stop()``: close listeners; must be safe to call twice.
-* Optional ``replay(raw) -> str``: a record this adapter quarantined, run through intake again
-  after IT fixed a mapping or the config (``hutong quarantine replay``, the node's local API).
-  Raise the ``HutongError`` if it is still refused (do not quarantine it again); return a short
-  line for IT (no patient data) when it was taken. Exactly-once keys hold as for a live record.
+The contract itself (the protocols, the adapter type an entry point declares, the failure
+classes a sink raises) is the engine's: :mod:`bridge.local.contract`.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from bridge.errors import HutongError
 
 if TYPE_CHECKING:
-    from bridge.delivery.handlers import Delivery
+    from bridge.config.models import AdapterSettings
+    from bridge.local.contract import Delivery, Problem
     from bridge.local.host import AdapterHost
 
 
-class Adapter(Protocol):
-    name: str
-
-    def start(self) -> None: ...
-
-    def deliver(self, item: Delivery) -> None: ...
-
-    def flush(self) -> None: ...
-
-    def status(self) -> dict[str, Any]: ...
-
-    def stop(self) -> None: ...
+def tls_problems(tls: Any, settings: AdapterSettings, key: str = "tls") -> list[Problem]:
+    """A listener's ``tls = {cert, key, client_ca}``: every file it names exists."""
+    if tls is None:
+        return []
+    out: list[Problem] = []
+    for name in ("cert", "key", "client_ca"):
+        value = getattr(tls, name, None)
+        if value and not _path(settings, value).is_file():
+            out.append((f"{key}.{name}", f"no file {value}"))
+    return out
 
 
-class AdapterFactory(Protocol):
-    def __call__(self, host: AdapterHost, options: dict[str, Any]) -> Adapter: ...
+def _path(settings: AdapterSettings, value: str) -> Path:
+    p = Path(value)
+    return p if p.is_absolute() else (settings.base_dir / p).resolve()
 
 
 class BaseAdapter:
     """Defaults for the optional parts; a source-only adapter need not receive anything."""
 
-    def __init__(self, host: AdapterHost, options: dict[str, Any]) -> None:
+    def __init__(self, host: AdapterHost, options: Any) -> None:
         self.host = host
         self.name = host.adapter_name
         self.options = options
@@ -81,8 +50,6 @@ class BaseAdapter:
         pass
 
     def deliver(self, item: Delivery) -> None:
-        from bridge.errors import HutongError
-
         raise HutongError(f"adapter '{self.name}' does not receive packets ({item.kind})")
 
     def flush(self) -> None:

@@ -16,7 +16,7 @@ mapping module only maps forwards, so the reverse index is built here, see :clas
   map does not list, travels as the local coding alone; the resource holding it and the Bundle
   carry the ``unmapped-code`` tag (:func:`bridge.mapping.mark_unmapped`), and the code is
   appended to the caller's ``gaps`` list (:class:`bridge.mapping.Observed`) for the adapter to
-  count in the node (:func:`record_gaps`; codes only, no patient data).
+  count in the node (``host.record_gaps``; codes only, no patient data).
 * A code for a MANDATORY map (``diagnosis`` by default, see ``strict``) that the site's map does
   not list at all is a typing error in the HIS, not a gap: :class:`UnknownCode` is raised and the
   adapter quarantines the record. The diagnosis drives the receiver's triage and the pilot
@@ -41,7 +41,7 @@ from typing import Any
 
 from adapters.slips import AcceptanceSlip, LabResult, Prescription, ReferralSlip, ReturnSlip
 from bridge.errors import HutongError
-from bridge.mapping import Observed, SiteMaps, map_coding, mark_unmapped, record_gap, to_local
+from bridge.mapping import Observed, SiteMaps, map_coding, mark_unmapped, to_local
 from bridge.privacy import NATIONAL_ID_SYSTEM
 from bridge.referral.codes import HUTONG, KIND_SYSTEM, KINDS, OUTPUT_SYSTEM, PLACER
 
@@ -118,7 +118,7 @@ class Codes:
     ``maps`` is the site's :class:`~bridge.mapping.SiteMaps` (``host.maps``) or None (no mapping
     folder: codes travel as local codings of ``urn:hutong:local:<member>:<map>``). Every code
     that could not be translated is appended to ``gaps`` (:class:`~bridge.mapping.Observed`);
-    the adapter counts them in the node with :func:`record_gaps`.
+    the adapter counts them in the node with ``host.record_gaps``.
     """
 
     def __init__(self, maps: SiteMaps | None, member: str = "local",
@@ -205,13 +205,6 @@ class Codes:
         if self.maps is not None:
             self._gap(map_id, first, text)
         return str(first["code"]), text
-
-
-def record_gaps(store: Any, gaps: Iterable[Observed], at: datetime) -> None:
-    """Count the gaps met while converting one record in the node (``host.store``)."""
-    for g in gaps:
-        record_gap(store, g.site, g.map, {"system": g.system, "code": g.code,
-                                          "display": g.display}, at=at)
 
 
 # -- small helpers ----------------------------------------------------------------------------

@@ -111,7 +111,7 @@ def quarantine_replay(
     Peer packets are re-checked as of the moment they first arrived, so the clock window is
     judged against their original arrival, not against today. Items an adapter quarantined
     (``source = "adapter:<name>"``) go back to that adapter's optional ``replay(raw) -> str``
-    (see ``adapters/base.py``); that needs the running node's adapters (``adapters``), so the
+    (see ``bridge/local/contract.py``); that needs the running node's adapters (``adapters``), so the
     CLI hands them to the node's local API.
     """
     from bridge.crypto import envelope as env
@@ -131,6 +131,8 @@ def quarantine_replay(
         return ok, result
     if item["source"].startswith("adapter:"):
         return _replay_by_adapter(ctx, item, adapters, actor, now)
+    if item["source"] == "delivery":
+        return _redeliver(ctx, item, actor, now)
     if item["source"] != "peer":
         return False, f"items from '{item['source']}' cannot be replayed"
     if not item.get("trusted", True):
@@ -147,6 +149,31 @@ def quarantine_replay(
     with ctx.store.write() as conn:
         _finish(ctx, conn, item, ok, str(result), actor, now)
     return ok, str(result)
+
+
+def _redeliver(ctx: NodeContext, item: dict[str, Any], actor: str | None,
+               now: datetime) -> tuple[bool, str]:
+    """A delivery dead letter (the local side refused it for good, or it failed too often):
+    its inbox row goes back to the dispatcher, marked so the thread gate lets it pass once
+    more (its turn was used when it was dead-lettered); audited. For after IT fixed the local
+    side (a mapping, the HIS's interface)."""
+    from bridge.delivery.dispatcher import REDELIVER
+
+    with ctx.store.write() as conn:
+        row = conn.execute(select(INBOX.c.id, INBOX.c.state, INBOX.c.body).where(
+            INBOX.c.packet_id == item["packet_id"])).first()
+        if row is None or row.state != "failed":
+            ok, result = False, (f"packet {item['packet_id']} is "
+                                 f"{row.state if row else 'not in the inbox'}, not failed")
+        elif row.body is None:
+            ok, result = False, f"packet {item['packet_id']}'s body was purged (retention)"
+        else:
+            conn.execute(update(INBOX).where(INBOX.c.id == row.id).values(
+                state="received", attempts=0, next_try_at=now,
+                last_error=f"{REDELIVER} quarantine item {item['id']}"))
+            ok, result = True, "queued for delivery again"
+        _finish(ctx, conn, item, ok, result, actor, now)
+    return ok, result
 
 
 def _replay_by_adapter(ctx: NodeContext, item: dict[str, Any],

@@ -361,8 +361,11 @@ def test_more_problems_each_on_its_own_line(alliance: Path) -> None:
 
 
 def test_shipped_fuxing_alliance(tmp_path: Path) -> None:
-    folder = tmp_path / "fuxing"
+    # the node files name the mapping and vendor field-map folders relative to the repository
+    folder = tmp_path / "config" / "alliances" / "fuxing"
     shutil.copytree(SHIPPED, folder, ignore=shutil.ignore_patterns("keys", "secrets", "data"))
+    for linked in ("mappings", "simulators"):
+        (tmp_path / linked).symlink_to(REPO / linked)
     ids = ["fuxing", "guangwai-hosp", "zhanlanlu-hosp", "yuetan-chc", "guangwai-chc",
            "zhanlanlu-chc", "platform"]
 
@@ -385,10 +388,20 @@ def test_shipped_fuxing_alliance(tmp_path: Path) -> None:
         "alliance.toml: alliance.patient_hash_key: secret file secrets/patient-hash.key not found"
         in missing
     )
-    assert len(missing) == 1 + 7 * 2 + 7 * (2 + 3)  # hash key, public keys, private keys + tokens
+    # the two intermediate-database HIS adapters read their database's DSN from a secret file
+    # of the site (the demo writes it): checked before anything starts, like every option
+    his_dsn = [f"nodes/{n}.toml: adapters.his.options.dsn: cannot read "
+               f"{folder / 'secrets' / f'{n}-his.dsn'} (No such file or directory)"
+               for n in ("yuetan-chc", "zhanlanlu-hosp")]
+    assert [p for p in missing if "adapters." in p] == his_dsn
+    assert len(missing) == 1 + 7 * 2 + 7 * (2 + 3) + 2  # hash key, public keys, private keys,
+    # tokens, HIS DSNs
 
     made = init_keys_and_secrets(folder)
     assert len(made) == 1 + 7 * 3 + 7 * 3
+    assert check_alliance(folder) == his_dsn
+    for n in ("yuetan-chc", "zhanlanlu-hosp"):
+        (folder / "secrets" / f"{n}-his.dsn").write_text(f"sqlite:///{tmp_path}/{n}-his.db\n")
     assert check_alliance(folder) == []
     assert init_keys_and_secrets(folder) == []  # nothing missing: nothing touched
 

@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import socket
-import sqlite3
 import ssl
 from collections.abc import Iterator
-from contextlib import closing
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -159,11 +157,20 @@ def lis_taken(store: Store, control: str) -> tuple[dict[str, Any], dict[str, Any
 
 
 def his_patient(node: NodeProcess, adapter: str, mrn: str) -> dict[str, Any] | None:
-    path = node.plan.data_dir / "adapters" / adapter / "his_hl7.sqlite"
-    with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
-        conn.row_factory = sqlite3.Row
-        row = conn.execute("SELECT * FROM patients WHERE mrn = ?", (mrn,)).fetchone()
-    return dict(row) if row is not None else None
+    """The HL7 HIS adapter's patient index entry: its keyed state in the node's database (no
+    file of its own beside the node)."""
+    from bridge.local.tables import ADAPTER_STATE
+
+    assert not (node.plan.data_dir / "adapters" / adapter / "his_hl7.sqlite").exists()
+    store = Store(node.plan.storage_dsn)
+    try:
+        with store.read() as conn:
+            row = conn.execute(select(ADAPTER_STATE.c.value).where(
+                ADAPTER_STATE.c.adapter == adapter, ADAPTER_STATE.c.ns == "patients",
+                ADAPTER_STATE.c.key == mrn)).first()
+    finally:
+        store.dispose()
+    return orjson.loads(row.value) if row is not None else None
 
 
 def quarantined(store: Store, adapter: str) -> list[Any]:

@@ -348,16 +348,18 @@ def test_record_gap_counts_in_the_node_store(tmp_path: Path) -> None:
 
 
 def test_note_unmapped_counts_and_marks(tmp_path: Path) -> None:
-    """What an adapter calls with its host: the host's store, site maps and clock."""
+    """What an adapter calls with its host: the host counts the gap (``host.record_gap``, the
+    node's store under the site of its maps, at its clock)."""
     from types import SimpleNamespace
 
-    from bridge.mapping import note_unmapped
+    from bridge.mapping import note_unmapped, record_gap
 
     store = Store(f"sqlite:///{tmp_path / 'node.db'}")
     try:
         store.create_all()
-        host = SimpleNamespace(store=store, maps=load_site(MAPPINGS / "fuxing"),
-                               now=lambda: T2, node_id="fuxing")
+        maps = load_site(MAPPINGS / "fuxing")
+        host = SimpleNamespace(maps=maps, record_gap=lambda map_id, coding: record_gap(
+            store, maps.site, map_id, coding, at=T2))
         codings, unmapped = map_coding(host.maps, "drug", {"code": "FX-9001"})
         assert unmapped
         mr: dict[str, Any] = {"resourceType": "MedicationRequest", "id": "m"}

@@ -1,21 +1,25 @@
 """Intermediate-database HIS style (中间库): vendor tables polled by watermark, inbox tables
 written.
 
-Entry point ``his-middle-db`` (``pyproject.toml``). See :mod:`adapters.his_db.adapter` for what
-it does and :mod:`adapters.his_db.options` for the ``[adapters.options]`` keys.
+Entry point ``his-middle-db`` (``pyproject.toml``) names :data:`create`, this type's declaration
+to the engine. See :mod:`adapters.his_db.adapter` for what it does and
+:mod:`adapters.his_db.options` for the ``[adapters.options]`` keys.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
+from adapters.his_db.options import Options, check, resolve
+from bridge.local.contract import AdapterType
+
+
+def _build(host: Any, opts: Options) -> Any:
     from adapters.his_db.adapter import HisDbAdapter
-    from bridge.local.host import AdapterHost
+
+    resolved, _ = resolve(opts, host.settings)  # checked before (AdapterType.validate)
+    return HisDbAdapter(host, resolved)
 
 
-def create(host: AdapterHost, options: dict[str, Any]) -> HisDbAdapter:
-    from adapters.his_db.adapter import HisDbAdapter
-    from adapters.his_db.options import parse_options
-
-    return HisDbAdapter(host, parse_options(host, options))
+create = AdapterType(name="his-middle-db", options=Options, build=_build, check=check,
+                     example={"dsn": "sqlite:///his.db"})

@@ -100,6 +100,7 @@ from adapters.slips import AcceptanceSlip, LabResult, Prescription, ReferralSlip
 from adapters.visits import Visit
 from bridge import faults
 from bridge.delivery.handlers import Delivery
+from bridge.local.contract import ReferralEvent, ResultEvent
 from bridge.errors import (
     HutongError,
     IllegalTransition,
@@ -132,17 +133,22 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+def field_maps(folder: Any) -> dict[str, Any]:
+    """The vendor tables' field maps under ``folder`` (ConfigError naming file and line)."""
+    fm = {rec: load_field_map(folder, rec, fields=cls) for rec, cls in RECORDS.items()}
+    if cx.has_map(folder):
+        fm[cx.RECORD] = load_field_map(folder, cx.RECORD, fields=cx.CancelSlip)
+    if vz.has_map(folder):
+        fm[vz.RECORD] = load_field_map(folder, vz.RECORD, fields=Visit)
+    return fm
+
+
 class HisDbAdapter(BaseAdapter):
     def __init__(self, host: Any, opts: Resolved) -> None:
         super().__init__(host, {})
         self.opts = opts
         self.me = host.node_id
-        self.fm = {rec: load_field_map(opts.fields, rec, fields=cls)
-                   for rec, cls in RECORDS.items()}
-        if cx.has_map(opts.fields):
-            self.fm[cx.RECORD] = load_field_map(opts.fields, cx.RECORD, fields=cx.CancelSlip)
-        if vz.has_map(opts.fields):
-            self.fm[vz.RECORD] = load_field_map(opts.fields, vz.RECORD, fields=Visit)
+        self.fm = field_maps(opts.fields)
         self.engine: Any = None
         self._tables: dict[str, Table | None] = {}
         self._meta = MetaData()  # this vendor database's reflected tables
@@ -198,8 +204,8 @@ class HisDbAdapter(BaseAdapter):
         table = self.table(logical)
         if table is None:
             return
-        store = self.host.store
-        wm = Watermark.load(store, f"adapter:{self.name}:watermark:{table.name}")
+        store = self.host.state
+        wm = Watermark.load(store, table.name)
         idc = table.c[self.opts.id_column]
         cond = idc > wm.high
         if wm.holes:
@@ -230,8 +236,8 @@ class HisDbAdapter(BaseAdapter):
         if table is None or cx.RECORD not in self.fm or o.cancel_seq_column not in table.c \
                 or o.status_column not in table.c:
             return
-        store = self.host.store
-        wm = Watermark.load(store, f"adapter:{self.name}:watermark:{table.name}:cancel")
+        store = self.host.state
+        wm = Watermark.load(store, f"{table.name}:cancel")
         seq = table.c[o.cancel_seq_column]
         cond = seq > wm.high
         if wm.holes:
@@ -310,7 +316,7 @@ class HisDbAdapter(BaseAdapter):
         else:
             faults.point("his_db.after_submit")
             if gaps:
-                sf.record_gaps(self.host.store, gaps, self.host.now())
+                self.host.record_gaps(gaps)
             self.count(f"{record}_sent")
             return
         if replay:
@@ -497,26 +503,15 @@ class HisDbAdapter(BaseAdapter):
 
     # -- sink side ----------------------------------------------------------------------------
 
-    def deliver(self, item: Delivery) -> None:
-        if item.kind.startswith("result."):
-            self._deliver_results(item)
-            return
-        body = orjson.loads(item.body)
-        entries = [e["resource"] for e in body.get("entry") or []]
-        header = next((r for r in entries if r["resourceType"] == "MessageHeader"), {})
-        event = (header.get("eventCoding") or {}).get("code")
-        view = self.host.referral(item.thread)
-        if view is None:
-            self.count("ignored")
-            return
-        side = view["referral"]["side"]
+    def on_referral(self, ev: ReferralEvent) -> None:
+        """A referral step the workflow applied: the slip written into the inbox tables."""
+        item, event, view, side = ev.packet, ev.event, ev.view, ev.side
         gaps: list[Any] = []
         try:
             if event == "request" and side == "receiver":
                 self._write_referral(item, view, gaps)
             elif event in ("accept", "reject") and side == "referrer":
-                task = next(r for r in entries if r["resourceType"] == "Task")
-                self._write_acceptance(item, view, task, gaps)
+                self._write_acceptance(item, view, ev.task, gaps)
             elif event == "return" and side == "referrer":
                 self._write_return(item, view, gaps)
             elif event == "cancel" and side == "receiver":
@@ -529,7 +524,7 @@ class HisDbAdapter(BaseAdapter):
             self.failed(f"vendor database: {type(exc).__name__}")
             raise StoreError(f"vendor database write failed ({type(exc).__name__})") from exc
         if gaps:
-            sf.record_gaps(self.host.store, gaps, self.host.now())
+            self.host.record_gaps(gaps)
         self.count(f"{event}_written")
         self.ok()
 
@@ -658,15 +653,15 @@ class HisDbAdapter(BaseAdapter):
         patient = self.host.resource("Patient", task["for"]["reference"].split("/", 1)[1])
         return sf._mrn(patient, self.me)
 
-    def _deliver_results(self, item: Delivery) -> None:
+    def on_result(self, ev: ResultEvent) -> None:
+        """Results from another member, as the node stored them: into the results tables."""
+        item, view, body = ev.packet, ev.view, ev.bundle
         if item.kind not in ("result.lab", "result.imaging"):
             self.count("ignored")
             return
-        view = self.host.referral(item.thread)
         gaps: list[Any] = []
         codes = sf.Codes(self.host.maps, self.me, gaps)
         slip_no = self._slip_no(view) if view is not None else ""
-        body = orjson.loads(item.body)
         write: Any
         if item.kind == "result.lab":
             self._result_maps(("lab_report", LabReport), ("lab_report_item", LabReportItem))
@@ -688,7 +683,7 @@ class HisDbAdapter(BaseAdapter):
             self.failed(f"vendor database: {type(exc).__name__}")
             raise StoreError(f"vendor database write failed ({type(exc).__name__})") from exc
         if gaps and written:
-            sf.record_gaps(self.host.store, gaps, self.host.now())
+            self.host.record_gaps(gaps)
         self.count("results_written" if written else "redelivered")
         self.ok()
 

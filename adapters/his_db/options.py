@@ -19,12 +19,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from bridge.errors import ConfigError
+from bridge.local.contract import Problem
 
 if TYPE_CHECKING:
-    from bridge.local.host import AdapterHost
+    from bridge.config.models import AdapterSettings
 
 TABLES = {
     "referral_out": "ZZ_SQD", "acceptance_out": "ZZ_JZD", "return_out": "ZZ_ZHD",
@@ -96,31 +96,48 @@ class Resolved:
         return getattr(self.opts, name)
 
 
-def parse_options(host: AdapterHost, raw: dict[str, Any]) -> Resolved:
-    where = f"adapters.{host.adapter_name}.options"
-    try:
-        opts = Options.model_validate(raw)
-    except ValidationError as exc:
-        problems = [f"{where}.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
-        raise ConfigError("; ".join(problems)) from None
+def resolve(opts: Options, settings: AdapterSettings) -> tuple[Resolved | None, list[Problem]]:
+    """The options with the DSN read and the field-map folder found, or what is wrong (named by
+    key); ``config check`` and the node's start both come through here."""
+    problems: list[Problem] = []
     try:
         "".encode(opts.encoding)
     except LookupError:
-        raise ConfigError(f"{where}.encoding: unknown encoding {opts.encoding!r}") from None
+        problems.append(("encoding", f"unknown encoding {opts.encoding!r}"))
     dsn = opts.dsn
     if dsn.startswith("file:"):
-        path = host.path(dsn[5:])
+        path = _path(settings, dsn[5:])
         try:
             dsn = path.read_text(encoding="utf-8").strip()
         except OSError as exc:
-            raise ConfigError(f"{where}.dsn: cannot read {path} ({exc.strerror})") from None
+            problems.append(("dsn", f"cannot read {path} ({exc.strerror})"))
+    fields: Path | None = None
     if opts.fields is not None:
-        fields = host.path(opts.fields)
-    elif host.settings.mappings is not None:
-        fields = Path(host.settings.mappings)
+        fields = _path(settings, opts.fields)
+    elif settings.mappings is not None:
+        fields = Path(settings.mappings)
     else:
-        raise ConfigError(f"{where}.fields: no field map folder (set 'fields' or the adapter's "
-                          "'mappings')")
-    if not (fields / "fields").is_dir():
-        raise ConfigError(f"{where}.fields: {fields} has no fields/ folder")
-    return Resolved(opts, dsn, fields)
+        problems.append(("fields", "no field map folder (set 'fields' or the adapter's "
+                                   "'mappings')"))
+    if fields is not None and not (fields / "fields").is_dir():
+        problems.append(("fields", f"{fields} has no fields/ folder"))
+    if fields is not None and not problems:
+        from adapters.his_db.adapter import field_maps
+        from bridge.errors import HutongError
+
+        try:
+            field_maps(fields)
+        except HutongError as exc:
+            problems.extend(("fields", p) for p in getattr(exc, "problems", [exc.message]))
+    if problems or fields is None:
+        return None, problems
+    return Resolved(opts, dsn, fields), []
+
+
+def check(opts: Options, settings: AdapterSettings) -> list[Problem]:
+    return resolve(opts, settings)[1]
+
+
+def _path(settings: AdapterSettings, value: str) -> Path:
+    p = Path(value)
+    return p if p.is_absolute() else (settings.base_dir / p).resolve()

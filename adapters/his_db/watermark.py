@@ -11,8 +11,9 @@ Late commits. Ids come from a sequence and are taken when the clinician opens th
 with a lower id can commit after rows with higher ids. Every id skipped when the watermark moves
 up is kept as a *hole* with the time it was first noticed; each poll reads ``id > watermark OR
 id IN holes``; a hole is closed when its row arrives, and forgotten after ``hole_keep_s`` (an id
-whose insert was rolled back never gets a row). The state is one JSON value in ``node_state``
-(``adapter:<name>:watermark:<table>``), written after each row is taken.
+whose insert was rolled back never gets a row). The state is one JSON value in the adapter's
+keyed state in the node's database (``host.state``, namespace ``watermark``, key the table),
+written after each row is taken.
 """
 
 from __future__ import annotations
@@ -22,8 +23,6 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
-
-from bridge.store import state
 
 MAX_HOLES = 5000  # a jump larger than this (a resequenced table) keeps only the newest holes
 
@@ -35,19 +34,20 @@ class Watermark:
     holes: dict[int, str] = field(default_factory=dict)  # id -> first noticed (ISO)
 
     @classmethod
-    def load(cls, store: Any, key: str) -> Watermark:
-        with store.read() as conn:
-            raw = state.get(conn, key)
-        if not raw:
+    def load(cls, kv: Any, key: str) -> Watermark:
+        """From the adapter's keyed state (``host.state``); a value an earlier version kept in
+        the node's ``node_state`` under ``adapter:<name>:watermark:<table>`` is taken over."""
+        data = kv.get("watermark", key)
+        if data is None:
+            raw = kv.take_node_state(f"watermark:{key}")
+            data = orjson.loads(raw) if raw else None
+        if not data:
             return cls(key)
-        data = orjson.loads(raw)
         return cls(key, int(data["high"]), {int(k): v for k, v in data["holes"].items()})
 
-    def save(self, store: Any, at: datetime) -> None:
-        value = orjson.dumps({"high": self.high,
-                              "holes": {str(k): v for k, v in self.holes.items()}}).decode()
-        with store.write() as conn:
-            state.put(conn, self.key, value, at)
+    def save(self, kv: Any, at: datetime) -> None:
+        kv.put("watermark", self.key, {"high": self.high,
+                                       "holes": {str(k): v for k, v in self.holes.items()}})
 
     def taken(self, row_id: int, at: datetime) -> None:
         """Row ``row_id`` has been taken (sent or quarantined): move up, note skipped ids."""

@@ -7,19 +7,18 @@ Modules: :mod:`.adapter` (options, life cycle), :mod:`.inbound` (HIS -> node),
 :mod:`.results` (result.lab -> ORU^R01 v2.5.1),
 :mod:`.v2` (this adapter's binding of the shared HL7 v2 kit :mod:`adapters.hl7v2`, which
 does charsets, parsing, escapes, dates, ACKs and MLLP for it), :mod:`.state` (the adapter's own
-SQLite file), :mod:`.errors`.
+SQLite file), :mod:`.errors`. :data:`create` is the type's declaration to the engine (entry
+point ``his-hl7``).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from adapters.base import tls_problems
+from adapters.his_hl7.adapter import HisHl7Adapter, Options
+from adapters.hl7v2.mllp import split_addr
+from bridge.local.contract import AdapterType
 
-if TYPE_CHECKING:
-    from adapters.his_hl7.adapter import HisHl7Adapter
-    from bridge.local.host import AdapterHost
-
-
-def create(host: AdapterHost, options: dict[str, Any]) -> HisHl7Adapter:
-    from adapters.his_hl7.adapter import HisHl7Adapter
-
-    return HisHl7Adapter(host, options)
+create = AdapterType(name="his-hl7", options=Options, build=HisHl7Adapter,
+                     listens=lambda o: [split_addr(o.listen)],
+                     check=lambda o, settings: tls_problems(o.tls, settings),
+                     example={"listen": "127.0.0.1:0", "his": "127.0.0.1:9"})

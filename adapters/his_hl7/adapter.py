@@ -38,7 +38,7 @@ from dataclasses import replace
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from adapters.base import BaseAdapter
 from adapters.his_hl7 import v2
@@ -59,10 +59,10 @@ from adapters.hl7v2.mllp import (
     server_tls,
     split_addr,
 )
-from bridge.errors import ConfigError, HutongError
+from bridge.errors import HutongError
 
 if TYPE_CHECKING:
-    from bridge.delivery.handlers import Delivery
+    from bridge.local.contract import ReferralEvent, ResultEvent
     from bridge.local.host import AdapterHost
 
 log = logging.getLogger("hutong.adapters.his_hl7")
@@ -136,14 +136,9 @@ class Options(BaseModel):
 
 
 class HisHl7Adapter(BaseAdapter):
-    def __init__(self, host: AdapterHost, options: dict[str, Any]) -> None:
-        super().__init__(host, options)
-        try:
-            self.opts = Options.model_validate(options)
-        except ValidationError as exc:
-            raise ConfigError("; ".join(
-                f"adapters.{self.name}.options.{'.'.join(map(str, e['loc']))}: {e['msg']}"
-                for e in exc.errors())) from None
+    def __init__(self, host: AdapterHost, opts: Options) -> None:
+        super().__init__(host, opts)
+        self.opts = opts
         o = self.opts
         self.facility = o.facility or host.node_id
         self.charset = charset.lookup(o.charset)  # what we write
@@ -201,7 +196,11 @@ class HisHl7Adapter(BaseAdapter):
                       self.charset.name)
 
     def start(self) -> None:
-        self.state = State(self.host.data_dir / "his_hl7.sqlite")
+        self.state = State(self.host.state)
+        moved = self.state.take_file(self.host.data_dir / "his_hl7.sqlite")
+        if moved:
+            log.info("his-hl7 %s: %d rows of its old state file moved into the node's "
+                     "database", self.name, moved)
         self.inbound = Inbound(self)
         self.outbound = Outbound(self)
         o = self.opts
@@ -219,12 +218,18 @@ class HisHl7Adapter(BaseAdapter):
             name=f"his-hl7:{self.name}")
         self.listener.start()
 
-    def deliver(self, item: Delivery) -> None:
+    def _out(self) -> Outbound:
         if self.outbound is None:
             from bridge.errors import TransportError
 
             raise TransportError(f"adapter '{self.name}' is not started")
-        self.outbound.deliver(item)
+        return self.outbound
+
+    def on_referral(self, ev: ReferralEvent) -> None:
+        self._out().on_referral(ev)
+
+    def on_result(self, ev: ResultEvent) -> None:
+        self._out().on_result(ev)
 
     def replay(self, raw: bytes) -> str:
         """A quarantined message again (``hutong quarantine replay``, the node's local API):
@@ -246,6 +251,3 @@ class HisHl7Adapter(BaseAdapter):
     def stop(self) -> None:
         if self.listener is not None:
             self.listener.stop()
-        if self.state is not None:
-            self.state.close()
-            self.state = None  # type: ignore[assignment]

@@ -166,12 +166,8 @@ class Inbound:
         """A control id (MSH-3/MSH-4/MSH-10) used before by a *different* message: the new
         message is taken as the new message it is, and IT is told (audit + counter)."""
         control = control_key(inbound)
-        with self.state.tx() as c:
-            row = c.execute("SELECT digest FROM controls WHERE control_key = ?",
-                            (control,)).fetchone()
-            c.execute("INSERT OR REPLACE INTO controls VALUES (?, ?, ?, ?)",
-                      (control, digest, key, self.host.now().isoformat()))
-        if row is not None and row["digest"] != digest:
+        before = self.state.swap_control(control, digest, key, self.host.now().isoformat())
+        if before is not None and before != digest:
             self.a.count("control-id-reused")
             self.host.audit(RECORD_ID_REUSED, outcome="4", kind=f"hl7:{inbound.mtype}^"
                             f"{inbound.event}", code=Hl7ControlReused.code,
@@ -215,8 +211,7 @@ class Inbound:
         done = self.host.seen(key) is not None
         if not done:
             self._take(inbound, key)
-        with self.state.tx() as c:
-            c.execute("DELETE FROM answers WHERE source_key = ? AND ack_code != 'AA'", (key,))
+        self.state.forget_refusal(key)
         self.a.count("replayed")
         self.a.count(f"taken:{inbound.what}")
         return f"MSH-10 {inbound.control_id} ({inbound.mtype}^{inbound.event}) " + \
@@ -230,10 +225,9 @@ class Inbound:
                                    kind=f"hl7:{inbound.mtype}^{inbound.event}" if inbound
                                    else "hl7")
         exc.message = reason  # the ACK names the field in ERR-2; keep its text short
-        with self.state.tx() as c:
-            c.execute("INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?, ?, ?, ?)",
-                      (key, exc.ack_code, exc.field, exc.hl7_error, exc.message, qid,
-                       self.host.now().isoformat()))
+        self.state.remember_answer(key, ack_code=exc.ack_code, field=exc.field,
+                                   error_code=exc.hl7_error, message=exc.message,
+                                   quarantine_id=qid, at=self.host.now().isoformat())
         self.a.count("refused")
         self.a.failed(f"{exc.code} {exc.field or ''} (quarantine {qid})")
         return self._ack(exc.ack_code, record, codec, inbound, exc, raw=raw)
@@ -249,18 +243,15 @@ class Inbound:
                 and self.host.seen(taken["source_key"]) is not None:
             raise Hl7Duplicate(f"slip {slip.slip_no} was already referred by message "
                                f"{taken['source_key']}", field="RF1-6")
-        with self.state.tx() as c:
-            c.execute("INSERT OR REPLACE INTO slips VALUES (?, 'referrer', NULL, ?, ?)",
-                      (slip.slip_no, key, slip.mrn))
+        self.state.put_slip(slip.slip_no, "referrer", thread=None, source_key=key,
+                            mrn=slip.mrn)
         gaps: list[Any] = []
         bundle = slips_fhir.referral_bundle(
             slip, self.host.maps, self.host.node_id, gaps=gaps,
             national_id_system=self.host.plan.alliance.national_id_system)
         self.host.submit_referral(bundle, source_key=key)
         thread = self.host.thread_for(key)
-        with self.state.tx() as c:
-            c.execute("UPDATE slips SET thread = ? WHERE slip_no = ? AND side = 'referrer'",
-                      (thread, slip.slip_no))
+        self.state.set_slip_thread(slip.slip_no, "referrer", thread)
         self._gaps(gaps)
 
     def _thread(self, inbound: messages.Inbound, slip_no: str) -> str:
@@ -353,21 +344,20 @@ class Inbound:
             raise Hl7DataError(exc.message, field="PID" if "Patient" in exc.message
                                else "PV1", hl7_error="207") from None
         now = self.host.now().isoformat()
-        with self.state.tx() as c:
-            row = c.execute("SELECT * FROM patients WHERE mrn = ?", (data.mrn,)).fetchone()
-            merged = {k: (data.index.get(k) or (row[k] if row is not None else None))
+        with self.state.kv.tx() as kv:
+            row = kv.get("patients", data.mrn)
+            merged = {k: (data.index.get(k) or (row.get(k) if row is not None else None))
                       for k in PATIENT_FIELDS}
             if visit is not None and visit.event in ("admit", "register") \
                     and not data.index.get("discharged_at"):
                 merged["discharged_at"] = None  # a new visit
-            c.execute("INSERT OR REPLACE INTO patients VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
-                      "?, ?)", (data.mrn, *(merged[k] for k in PATIENT_FIELDS),
-                                inbound.event, key, now))
+            kv.put("patients", data.mrn, {"mrn": data.mrn, **merged, "last_event": inbound.event,
+                                          "source_key": key, "updated_at": now})
             if thread:  # the HIS's id for the referral's patient (results into the HIS)
-                c.execute("INSERT OR REPLACE INTO referral_visits VALUES (?, ?, ?)",
-                          (thread, data.mrn, key))
+                kv.put("referral_visits", thread, {"thread": thread, "mrn": data.mrn,
+                                                   "source_key": key}, thread=thread)
 
     def _gaps(self, gaps: list[Any]) -> None:
         if gaps:
-            slips_fhir.record_gaps(self.host.store, gaps, self.host.now())
+            self.host.record_gaps(gaps)
             self.a.count("unmapped-codes", len(gaps))

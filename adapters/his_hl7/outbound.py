@@ -27,8 +27,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import orjson
-
 from adapters import slips_fhir
 from adapters.his_hl7 import messages, results
 from adapters.his_hl7.errors import HisNak, HisNoAck, HisUnreachable
@@ -40,15 +38,7 @@ from adapters.hl7v2.mllp import NoAck, PeerUnreachable
 if TYPE_CHECKING:
     from adapters.his_hl7.adapter import HisHl7Adapter
     from bridge.delivery.handlers import Delivery
-
-
-def event_of(body: bytes) -> str:
-    bundle = orjson.loads(body)
-    for e in bundle.get("entry") or []:
-        r = e.get("resource") or {}
-        if r.get("resourceType") == "MessageHeader":
-            return str((r.get("eventCoding") or {}).get("code", ""))
-    return ""
+    from bridge.local.contract import ReferralEvent, ResultEvent
 
 
 class Outbound:
@@ -57,15 +47,9 @@ class Outbound:
         self.host = adapter.host
         self.state = adapter.state
 
-    def deliver(self, item: Delivery) -> None:
-        if item.kind.startswith("result."):
-            self.deliver_results(item)
-            return
-        event = event_of(item.body)
-        view = self.host.referral(item.thread)
-        if view is None:
-            self.a.count(f"skipped:{event or 'unknown'}")
-            return
+    def on_referral(self, ev: ReferralEvent) -> None:
+        """A referral step the workflow applied: one HL7 message to the HIS (or none)."""
+        item, event, view = ev.packet, ev.event, ev.view
         row = view["referral"]
         text = self.build(item, event, view, row)
         if text is None:
@@ -93,21 +77,20 @@ class Outbound:
             self.a.failed(f"HIS answered {code} for {item.packet_id}")
             raise HisNak(f"HIS answered {code or 'no MSA'} to {item.packet_id}"
                          + (f" ({why[:80]})" if why else ""))
-        with self.state.tx() as c:
-            first = c.execute("INSERT OR IGNORE INTO sent VALUES (?, ?, ?, ?)",
-                              (item.packet_id, item.thread, what,
-                               self.host.now().isoformat())).rowcount == 1
+        first = self.state.mark_sent(item.packet_id, item.thread, what,
+                                     self.host.now().isoformat())
         self.a.count(f"sent:{what}")
         self.a.ok()
         return first
 
-    def deliver_results(self, item: Delivery) -> None:
+    def on_result(self, ev: ResultEvent) -> None:
         """``result.lab`` -> ORU^R01 (:mod:`~adapters.his_hl7.results`); other result kinds
         (imaging: fetched on demand) are not written into the HIS."""
+        item = ev.packet
         if item.kind != "result.lab":
             self.a.count(f"skipped:{item.kind}")
             return
-        if self.state.one("SELECT 1 FROM sent WHERE packet_id = ?", item.packet_id):
+        if self.state.sent(item.packet_id):
             self.a.count("redelivered")  # ACKed before a crash: the HIS has it
             return
         to = self._addressee(item.thread)
@@ -118,14 +101,14 @@ class Outbound:
             self.a.failed(f"result {item.packet_id}: no patient id known to the HIS")
             return
         gaps: list[Any] = []
-        text = results.oru_message(self.a.header(), orjson.loads(item.body), to,
+        text = results.oru_message(self.a.header(), ev.bundle, to,
                                    slips_fhir.Codes(self.host.maps, self.host.node_id, gaps),
                                    item.packet_id, self.host.now())
         if text is None:
             self.a.count("skipped:result-no-report")
             return
         if self._send(item, text, "result.lab") and gaps:
-            slips_fhir.record_gaps(self.host.store, gaps, self.host.now())
+            self.host.record_gaps(gaps)
             self.a.count("unmapped-codes", len(gaps))
 
     def _addressee(self, thread: str) -> results.Addressee | None:
@@ -140,7 +123,7 @@ class Outbound:
                    and r["id"] == row["sr_id"]), {})
         slip_no = slips_fhir.slip_no_of(sr)
         own = self.a.opts.his_application  # the HIS assigned its own patient ids
-        visit = self.state.one("SELECT mrn FROM referral_visits WHERE thread = ?", thread)
+        visit = self.state.referral_visit(thread)
         if visit is not None and visit["mrn"]:
             return results.Addressee(str(visit["mrn"]), own, slip_no, thread)
         slip = self.state.thread_slip(thread)
@@ -165,9 +148,8 @@ class Outbound:
                            for r in view["resources"]):
                     patient = self.host.resource(rtype, rid)
             slip = slips_fhir.referral_from_fhir(view, maps, patient=patient, me=me)
-            with self.state.tx() as c:
-                c.execute("INSERT OR REPLACE INTO slips VALUES (?, 'receiver', ?, NULL, ?)",
-                          (slip.slip_no, item.thread, slip.mrn))
+            self.state.put_slip(slip.slip_no, "receiver", thread=item.thread,
+                                source_key=None, mrn=slip.mrn)
             return messages.referral_message(h, slip, item.packet_id, now, thread=item.thread,
                                              mrn_authority=row["referrer"])
         if row["side"] == "referrer" and event in ("accept", "reject"):

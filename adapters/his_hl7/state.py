@@ -1,87 +1,148 @@
-"""The adapter's own small SQLite file (in the node's data folder for this adapter).
+"""What the HL7 HIS adapter remembers, in the node's database (``host.state``, namespaces below).
 
 What the node does not keep for us: the answers given to messages that did not become a
-referral step (ADT, refused messages), so a resent MSH-10 gets the same ACK; the patients as
-the HIS's ADT feed describes them; which slip numbers were taken (duplicate detection) and the
-referral thread each slip belongs to on this side; the HIS's own patient id for a referral it
-received (an ADT naming the referral in the field the ``referral_id_field`` option names), for
-results sent into the HIS; the content digest last seen under each control id (MSH-3/4/10), to
-tell IT when a different message reuses one.
+referral step (ADT, refused messages), so a resent MSH-10 gets the same ACK (``answers``); the
+patients as the HIS's ADT feed describes them (``patients``: names, ID numbers and phone numbers,
+hence in the node's database under its backups and rules, never in a file of the adapter's
+own); which slip numbers were taken (duplicate detection) and the referral thread each slip
+belongs to on this side (``slips``); the HIS's own patient id for a referral it received (an
+ADT naming the referral in the field the ``referral_id_field`` option names,
+``referral_visits``), for results sent into the HIS; the content digest last seen under each
+control id (MSH-3/4/10, ``controls``), to tell IT when a different message reuses one; the
+packets the HIS ACKed (``sent``).
+
+An earlier version kept these in ``<data>/adapters/<name>/his_hl7.sqlite``: :meth:`State.take_file`
+moves such a file's rows into the node's database once and deletes the file.
 """
 
 from __future__ import annotations
 
 import sqlite3
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS answers (
-    source_key TEXT PRIMARY KEY, ack_code TEXT NOT NULL, field TEXT, error_code TEXT,
-    message TEXT, quarantine_id INTEGER, at TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS patients (
-    mrn TEXT PRIMARY KEY, name TEXT, gender TEXT, birth_date TEXT, id_number TEXT, phone TEXT,
-    patient_class TEXT, visit_number TEXT, admitted_at TEXT, discharged_at TEXT,
-    last_event TEXT NOT NULL, source_key TEXT NOT NULL, updated_at TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS slips (
-    slip_no TEXT NOT NULL, side TEXT NOT NULL, thread TEXT, source_key TEXT, mrn TEXT,
-    PRIMARY KEY (slip_no, side));
-CREATE TABLE IF NOT EXISTS sent (
-    packet_id TEXT PRIMARY KEY, thread TEXT NOT NULL, what TEXT NOT NULL, at TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS controls (
-    control_key TEXT PRIMARY KEY, digest TEXT NOT NULL, source_key TEXT NOT NULL, at TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS referral_visits (
-    thread TEXT PRIMARY KEY, mrn TEXT NOT NULL, source_key TEXT NOT NULL);
-"""
 PATIENT_FIELDS = ("name", "gender", "birth_date", "id_number", "phone", "patient_class",
                   "visit_number", "admitted_at", "discharged_at")
 
 
 class State:
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._lock = threading.Lock()
-        self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._conn.row_factory = sqlite3.Row
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=FULL")
-        self._conn.executescript(SCHEMA)
+    def __init__(self, store: Any) -> None:
+        self.kv = store  # bridge.local.state.AdapterState
 
-    @contextmanager
-    def tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._conn
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
+    # -- answers to messages that did not become a step ---------------------------------------
 
-    def one(self, sql: str, *args: Any) -> sqlite3.Row | None:
-        with self._lock:
-            row: sqlite3.Row | None = self._conn.execute(sql, args).fetchone()
-            return row
+    def answer(self, source_key: str) -> dict[str, Any] | None:
+        return self.kv.get("answers", source_key)
 
-    def answer(self, source_key: str) -> sqlite3.Row | None:
-        return self.one("SELECT * FROM answers WHERE source_key = ?", source_key)
+    def remember_answer(self, source_key: str, *, ack_code: str, field: str | None,
+                        error_code: str | None, message: str | None,
+                        quarantine_id: int | None, at: str) -> None:
+        self.kv.put("answers", source_key, {
+            "source_key": source_key, "ack_code": ack_code, "field": field,
+            "error_code": error_code, "message": message, "quarantine_id": quarantine_id,
+            "at": at})
+
+    def forget_refusal(self, source_key: str) -> None:
+        """A replayed message was taken: its earlier refusal is no longer the answer."""
+        with self.kv.tx() as kv:
+            prior = kv.get("answers", source_key)
+            if prior is not None and prior["ack_code"] != "AA":
+                kv.delete("answers", source_key)
+
+    # -- control ids ---------------------------------------------------------------------------
+
+    def swap_control(self, control_key: str, digest: str, source_key: str, at: str
+                     ) -> str | None:
+        """Remember the digest seen under a control id; the one seen before (or None)."""
+        with self.kv.tx() as kv:
+            prior = kv.get("controls", control_key)
+            kv.put("controls", control_key, {"digest": digest, "source_key": source_key,
+                                             "at": at})
+        return None if prior is None else str(prior["digest"])
+
+    # -- the HIS's patient index ---------------------------------------------------------------
 
     def patient(self, mrn: str) -> dict[str, str]:
-        row = self.one("SELECT * FROM patients WHERE mrn = ?", mrn)
+        row = self.kv.get("patients", mrn)
         if row is None:
             return {}
         return {k: row[k] for k in ("mrn", "name", "gender", "birth_date", "id_number", "phone")
-                if row[k]}
+                if row.get(k)}
 
-    def slip(self, slip_no: str, side: str) -> sqlite3.Row | None:
-        return self.one("SELECT * FROM slips WHERE slip_no = ? AND side = ?", slip_no, side)
+    def patient_row(self, mrn: str) -> dict[str, Any] | None:
+        return self.kv.get("patients", mrn)
 
-    def thread_slip(self, thread: str) -> sqlite3.Row | None:
-        return self.one("SELECT * FROM slips WHERE thread = ?", thread)
+    # -- slips and threads ---------------------------------------------------------------------
 
-    def close(self) -> None:
-        with self._lock:
-            self._conn.close()
+    def slip(self, slip_no: str, side: str) -> dict[str, Any] | None:
+        return self.kv.get("slips", f"{side}:{slip_no}")
+
+    def put_slip(self, slip_no: str, side: str, *, thread: str | None,
+                 source_key: str | None, mrn: str | None) -> None:
+        self.kv.put("slips", f"{side}:{slip_no}", {
+            "slip_no": slip_no, "side": side, "thread": thread, "source_key": source_key,
+            "mrn": mrn}, thread=thread)
+
+    def set_slip_thread(self, slip_no: str, side: str, thread: str | None) -> None:
+        with self.kv.tx() as kv:
+            row = kv.get("slips", f"{side}:{slip_no}")
+            if row is not None:
+                kv.put("slips", f"{side}:{slip_no}", {**row, "thread": thread}, thread=thread)
+
+    def thread_slip(self, thread: str) -> dict[str, Any] | None:
+        rows = self.kv.by_thread("slips", thread)
+        return rows[0] if rows else None
+
+    def referral_visit(self, thread: str) -> dict[str, Any] | None:
+        return self.kv.get("referral_visits", thread)
+
+    # -- what the HIS ACKed ----------------------------------------------------------------------
+
+    def sent(self, packet_id: str) -> bool:
+        return self.kv.get("sent", packet_id) is not None
+
+    def mark_sent(self, packet_id: str, thread: str, what: str, at: str) -> bool:
+        """True the first time."""
+        return bool(self.kv.add("sent", packet_id, {"thread": thread, "what": what, "at": at},
+                                thread=thread))
+
+    # -- an earlier version's file -----------------------------------------------------------------
+
+    def take_file(self, path: Path) -> int:
+        """Move the rows of an earlier version's private SQLite file into the node's database
+        (one transaction), then delete the file; the number of rows moved."""
+        if not path.exists():
+            return 0
+        conn = sqlite3.connect(path)
+        conn.row_factory = sqlite3.Row
+        n = 0
+        try:
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master "
+                                                 "WHERE type = 'table'")}
+            def rows(table: str) -> list[sqlite3.Row]:
+                nonlocal n
+                found = conn.execute(f"SELECT * FROM {table}").fetchall() \
+                    if table in tables else []  # noqa: S608 - fixed table names
+                n += len(found)
+                return found
+
+            with self.kv.tx() as kv:
+                for r in rows("answers"):
+                    kv.put("answers", r["source_key"], dict(r))
+                for r in rows("patients"):
+                    kv.put("patients", r["mrn"], dict(r))
+                for r in rows("slips"):
+                    kv.put("slips", f"{r['side']}:{r['slip_no']}", dict(r), thread=r["thread"])
+                for r in rows("sent"):
+                    kv.put("sent", r["packet_id"], {"thread": r["thread"], "what": r["what"],
+                                                    "at": r["at"]}, thread=r["thread"])
+                for r in rows("controls"):
+                    kv.put("controls", r["control_key"], {
+                        "digest": r["digest"], "source_key": r["source_key"], "at": r["at"]})
+                for r in rows("referral_visits"):
+                    kv.put("referral_visits", r["thread"], dict(r), thread=r["thread"])
+        finally:
+            conn.close()
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+        return n

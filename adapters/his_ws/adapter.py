@@ -52,9 +52,9 @@ from __future__ import annotations
 import hashlib
 import threading
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
-import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from adapters import slips_fhir, visits
 from adapters.base import BaseAdapter
@@ -69,8 +69,8 @@ from adapters.his_ws.errors import (
 )
 from adapters.his_ws.ledger import Ledger
 from adapters.his_ws.soap import Pending
-from bridge.delivery.handlers import Delivery
-from bridge.errors import ConfigError, HutongError, Retry, WorkflowError
+from bridge.local.contract import AdapterType, ReferralEvent, ResultEvent
+from bridge.errors import HutongError, Retry, WorkflowError
 
 #: which element a workflow refusal points at, by document type
 WORKFLOW_FIELD = {
@@ -109,6 +109,14 @@ class Options(BaseModel):
     #: OID, the referral document the node wrote into this HIS (as acceptances name it)
     visit_referral: Literal["", "referral-document"] = ""
 
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("not an http(s) URL")
+        return value
+
     @field_validator("encoding")
     @classmethod
     def _encoding(cls, value: str) -> str:
@@ -133,24 +141,14 @@ def _named(error: HutongError, record: str, field: str | None) -> HutongError:
     return error
 
 
-def create(host: Any, options: dict[str, Any]) -> WsAdapter:
-    return WsAdapter(host, options)
-
 
 class WsAdapter(BaseAdapter):
-    def __init__(self, host: Any, options: dict[str, Any]) -> None:
-        super().__init__(host, options)
-        try:
-            self.opts = Options.model_validate(options)
-            self.client = HisClient(self.opts.url, self.opts.timeout_s,
-                                    max_document_bytes=self.opts.max_document_bytes,
-                                    call_deadline_s=self.opts.call_deadline_s)
-        except ValidationError as exc:
-            raise ConfigError("; ".join(
-                f"adapters.{self.name}.options.{'.'.join(map(str, e['loc']))}: {e['msg']}"
-                for e in exc.errors())) from None
-        except ValueError as exc:
-            raise ConfigError(f"adapters.{self.name}.options.url: {exc}") from None
+    def __init__(self, host: Any, opts: Options) -> None:
+        super().__init__(host, opts)
+        self.opts = opts
+        self.client = HisClient(self.opts.url, self.opts.timeout_s,
+                                max_document_bytes=self.opts.max_document_bytes,
+                                call_deadline_s=self.opts.call_deadline_s)
         self.me = host.node_id
         self.site = cda.Site(member=self.me, name=self.opts.site_name, **self.opts.oids)
         self.ledger: Ledger | None = None
@@ -160,7 +158,7 @@ class WsAdapter(BaseAdapter):
     # -- life cycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        self.ledger = Ledger(self.host.data_dir / "documents.sqlite")
+        self._ledger()
         self.host.every(self.opts.poll_s, self.poll)
 
     def stop(self) -> None:
@@ -170,7 +168,9 @@ class WsAdapter(BaseAdapter):
 
     def _ledger(self) -> Ledger:
         if self.ledger is None:
-            self.ledger = Ledger(self.host.data_dir / "documents.sqlite")
+            ledger = Ledger(self.host.state)
+            ledger.take_file(self.host.data_dir / "documents.sqlite")  # an earlier version's
+            self.ledger = ledger
         return self.ledger
 
     # -- source: documents the HIS wrote --------------------------------------------------------
@@ -302,7 +302,7 @@ class WsAdapter(BaseAdapter):
             else:
                 self._take_answer(doc, key, gaps)
             if gaps:
-                slips_fhir.record_gaps(self.host.store, gaps, self.host.now())
+                self.host.record_gaps(gaps)
         thread = self.host.thread_for(key)
         ledger.remember(doc.doc_id, "in", doc.type, thread, digest)
 
@@ -339,7 +339,7 @@ class WsAdapter(BaseAdapter):
                           kind="his-ws.visit", codes=slips_fhir.Codes(self.host.maps, self.me,
                                                                       gaps))
             if gaps:
-                slips_fhir.record_gaps(self.host.store, gaps, self.host.now())
+                self.host.record_gaps(gaps)
         ledger.remember(doc.doc_id, "in", visit_doc.DOC_TYPE, thread or self.host.thread_for(key),
                         digest)
 
@@ -403,22 +403,14 @@ class WsAdapter(BaseAdapter):
 
     # -- sink: packets that arrived -------------------------------------------------------------
 
-    def deliver(self, item: Delivery) -> None:
-        if item.kind.startswith("result."):
-            self._deliver_results(item)
-            return
-        body = orjson.loads(item.body)
-        entries = [e["resource"] for e in body.get("entry") or []]
-        header = next((r for r in entries if r["resourceType"] == "MessageHeader"), None)
-        event = ((header or {}).get("eventCoding") or {}).get("code", "")
+    def on_referral(self, ev: ReferralEvent) -> None:
+        """A referral step the workflow applied: one CDA-like document into the HIS."""
+        item, event, view = ev.packet, ev.event, ev.view
         doc_type = WRITES.get(event)
         if doc_type is None:
             self.count("not_written")  # received, arrive, return-received: no document
             return
         ledger = self._ledger()
-        view = self.host.referral(item.thread)
-        if view is None:
-            raise HutongError(f"packet {item.packet_id}: thread not known here")
         row = view["referral"]
         gaps: list[Any] = []
         maps = self.host.maps
@@ -437,7 +429,7 @@ class WsAdapter(BaseAdapter):
             refs = {f"{r['resourceType']}/{r['id']}": r for r in view["resources"]}
             slip_no = slips_fhir.slip_no_of(refs.get(f"ServiceRequest/{row['sr_id']}", {}))
             if doc_type == "cancel":
-                task = next(r for r in entries if r["resourceType"] == "Task")
+                task = ev.task
                 done = row["status"] == "cancelled" and event != "cancel-refused"
                 reason = str((task.get("statusReason") or {}).get("text") or "")
                 slip = cda.CancelSlip(slip_no, reason or (CANCELLED_REASON if done
@@ -447,7 +439,7 @@ class WsAdapter(BaseAdapter):
                 doc = cda.Document(item.packet_id, doc_type, slip, written, row["referrer"],
                                    referral_doc=referral_doc)
             elif doc_type == "acceptance":
-                task = next(r for r in entries if r["resourceType"] == "Task")
+                task = ev.task
                 slip = slips_fhir.acceptance_from_task(task, slip_no, maps, me=self.me,
                                                        gaps=gaps)
                 written = task.get("lastModified") or item.received_at.isoformat()
@@ -467,15 +459,16 @@ class WsAdapter(BaseAdapter):
             self.count("deliver_failed")
             raise
         if gaps:
-            slips_fhir.record_gaps(self.host.store, gaps, self.host.now())
+            self.host.record_gaps(gaps)
         self.count(f"wrote_{doc_type}")
         self.ok()
 
     # -- sink: lab results from another member ----------------------------------------------------
 
-    def _deliver_results(self, item: Delivery) -> None:
+    def on_result(self, ev: ResultEvent) -> None:
         """``result.lab`` -> one lab report document per DiagnosticReport, each sent until the
         HIS answers stored or duplicate (a SOAP Fault raises: the dispatcher retries)."""
+        item = ev.packet
         if item.kind != "result.lab":
             self.count(f"skipped:{item.kind}")  # imaging: fetched on demand, not written
             return
@@ -484,7 +477,7 @@ class WsAdapter(BaseAdapter):
             self.count("redelivered")
             return
         referral_doc = ledger.referral_doc(item.thread) if item.thread else None
-        view = self.host.referral(item.thread) if referral_doc else None
+        view = ev.view if referral_doc else None
         if view is None or referral_doc is None:
             # no referral document in this HIS to file them under: they stay in the node's
             # FHIR store and the recognition view (counted for IT, no patient data)
@@ -499,7 +492,7 @@ class WsAdapter(BaseAdapter):
         mrn = slips_fhir._mrn(patient, row["referrer"])
         gaps: list[Any] = []
         docs = lab_report.from_bundle(
-            orjson.loads(item.body), slips_fhir.Codes(self.host.maps, self.me, gaps), self.site,
+            ev.bundle, slips_fhir.Codes(self.host.maps, self.me, gaps), self.site,
             producer=item.sender, slip_no=slip_no, referral_doc=referral_doc, mrn=mrn,
             mrn_authority=row["referrer"] if mrn else "",
             received_at=item.received_at.isoformat())
@@ -519,6 +512,11 @@ class WsAdapter(BaseAdapter):
                 raise
             self.count("wrote_lab_report")
         if ledger.mark_results_written(item.packet_id) and gaps:
-            slips_fhir.record_gaps(self.host.store, gaps, self.host.now())
+            self.host.record_gaps(gaps)
             self.count("unmapped_codes", len(gaps))
         self.ok()
+
+
+#: this type's declaration to the engine (entry point ``his-xml-ws``)
+create = AdapterType(name="his-xml-ws", options=Options, build=WsAdapter,
+                     example={"url": "http://127.0.0.1:9/his"})

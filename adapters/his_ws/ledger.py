@@ -1,99 +1,113 @@
 """The adapter's own memory of documents: which thread each belongs to and what it held.
 
-A small SQLite file in the adapter's data folder (``host.data_dir``). It links the HIS's
-document ids to referral threads both ways (a referral document pulled from the HIS, or one the
-node wrote into it under the packet id), and keeps the SHA-256 of every document taken, so a
-second document under a taken id is told apart from a harmless re-pull. Exactly-once intake
-itself is the node's (``host.submit_referral`` with the source key); this file only answers
-"which thread?" and "same content?".
+Kept in the node's database (``host.state``, :mod:`bridge.local.state`), under the node's
+backups: a restored node still knows which HIS document belongs to which referral. It links the
+HIS's document ids to referral threads both ways (a referral document pulled from the HIS, or
+one the node wrote into it under the packet id), and keeps the SHA-256 of every document taken,
+so a second document under a taken id is told apart from a harmless re-pull. Exactly-once intake
+itself is the node's (``host.submit_referral`` with the source key); this only answers "which
+thread?" and "same content?". Namespaces: ``documents`` (doc id -> direction, type, thread,
+digest), ``report_versions`` (report id + packet id -> version), ``report_latest`` (report id
+-> highest version), ``results_written`` (packet ids whose every report the HIS answered OK).
+
+An earlier version kept these in ``<data>/adapters/<name>/documents.sqlite``:
+:meth:`Ledger.take_file` moves such a file's rows in once and deletes it.
 """
 
 from __future__ import annotations
 
 import sqlite3
-import threading
 from pathlib import Path
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS documents (
-    doc_id TEXT PRIMARY KEY,
-    direction TEXT NOT NULL,      -- in: pulled from the HIS; out: written into it
-    type TEXT NOT NULL,           -- referral | acceptance | return | cancel | lab-report
-    thread TEXT,
-    digest TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS documents_thread ON documents (thread, type);
--- a lab report's versions in the HIS: one per result.lab packet that carried the report
-CREATE TABLE IF NOT EXISTS report_versions (
-    report_id TEXT NOT NULL,
-    packet_id TEXT NOT NULL,
-    version INTEGER NOT NULL,
-    PRIMARY KEY (report_id, packet_id)
-);
--- result.lab packets whose every report the HIS answered OK (gaps counted then, once)
-CREATE TABLE IF NOT EXISTS results_written (packet_id TEXT PRIMARY KEY);
-"""
+from typing import Any
 
 
 class Ledger:
-    def __init__(self, path: Path) -> None:
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(SCHEMA)
-        self._lock = threading.Lock()
+    def __init__(self, kv: Any) -> None:
+        self.kv = kv  # bridge.local.state.AdapterState
 
     def digest(self, doc_id: str) -> str | None:
-        with self._lock:
-            row = self._db.execute("SELECT digest FROM documents WHERE doc_id = ?",
-                                   (doc_id,)).fetchone()
-        return None if row is None else str(row[0])
+        row = self.kv.get("documents", doc_id)
+        return None if row is None else str(row["digest"])
 
     def remember(self, doc_id: str, direction: str, doc_type: str, thread: str | None,
                  digest: str) -> None:
-        with self._lock:
-            self._db.execute(
-                "INSERT INTO documents (doc_id, direction, type, thread, digest) "
-                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (doc_id) DO UPDATE SET "
-                "thread = COALESCE(excluded.thread, documents.thread), digest = excluded.digest",
-                (doc_id, direction, doc_type, thread, digest))
+        with self.kv.tx() as kv:
+            prior = kv.get("documents", doc_id)
+            if prior is not None:  # the first direction and type stay; a known thread stays
+                direction, doc_type = prior["direction"], prior["type"]
+                thread = thread or prior["thread"]
+            kv.put("documents", doc_id, {"direction": direction, "type": doc_type,
+                                         "thread": thread, "digest": digest}, thread=thread)
 
     def thread_of(self, doc_id: str) -> str | None:
-        with self._lock:
-            row = self._db.execute("SELECT thread FROM documents WHERE doc_id = ?",
-                                   (doc_id,)).fetchone()
-        return None if row is None else row[0]
+        row = self.kv.get("documents", doc_id)
+        return None if row is None else row["thread"]
 
     def referral_doc(self, thread: str) -> str | None:
         """The referral document of a thread as the HIS knows it (its own id or ours)."""
-        with self._lock:
-            row = self._db.execute("SELECT doc_id FROM documents WHERE thread = ? AND "
-                                   "type = 'referral'", (thread,)).fetchone()
-        return None if row is None else str(row[0])
+        for key, row in self.kv.by_thread_keys("documents", thread):
+            if row["type"] == "referral":
+                return str(key)
+        return None
 
     def report_version(self, report_id: str, packet_id: str) -> int:
         """The version of a report as ``packet_id`` carries it: the next free number the first
         time, the same number on every redelivery of that packet."""
-        with self._lock:
-            self._db.execute(
-                "INSERT OR IGNORE INTO report_versions (report_id, packet_id, version) "
-                "SELECT ?, ?, COALESCE(MAX(version), 0) + 1 FROM report_versions "
-                "WHERE report_id = ?", (report_id, packet_id, report_id))
-            row = self._db.execute("SELECT version FROM report_versions WHERE report_id = ? "
-                                   "AND packet_id = ?", (report_id, packet_id)).fetchone()
-        return int(row[0])
+        with self.kv.tx() as kv:
+            known = kv.get("report_versions", f"{report_id}\n{packet_id}")
+            if known is not None:
+                return int(known["version"])
+            latest = kv.get("report_latest", report_id)
+            version = (int(latest["version"]) if latest else 0) + 1
+            kv.put("report_versions", f"{report_id}\n{packet_id}", {"version": version})
+            kv.put("report_latest", report_id, {"version": version})
+        return version
 
     def results_written(self, packet_id: str) -> bool:
-        with self._lock:
-            return self._db.execute("SELECT 1 FROM results_written WHERE packet_id = ?",
-                                    (packet_id,)).fetchone() is not None
+        return self.kv.get("results_written", packet_id) is not None
 
     def mark_results_written(self, packet_id: str) -> bool:
         """True the first time (the caller then counts the packet's mapping gaps)."""
-        with self._lock:
-            return self._db.execute("INSERT OR IGNORE INTO results_written VALUES (?)",
-                                    (packet_id,)).rowcount == 1
+        return bool(self.kv.add("results_written", packet_id, {}))
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        pass
+
+    def take_file(self, path: Path) -> int:
+        """Move an earlier version's ``documents.sqlite`` into the node's database (one
+        transaction), then delete the file; the number of rows moved."""
+        if not path.exists():
+            return 0
+        conn = sqlite3.connect(path)
+        conn.row_factory = sqlite3.Row
+        n = 0
+        try:
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master "
+                                                 "WHERE type = 'table'")}
+
+            def rows(table: str) -> list[sqlite3.Row]:
+                nonlocal n
+                found = conn.execute(f"SELECT * FROM {table}").fetchall() \
+                    if table in tables else []  # noqa: S608 - fixed table names
+                n += len(found)
+                return found
+
+            with self.kv.tx() as kv:
+                for r in rows("documents"):
+                    kv.put("documents", r["doc_id"], {
+                        "direction": r["direction"], "type": r["type"], "thread": r["thread"],
+                        "digest": r["digest"]}, thread=r["thread"])
+                latest: dict[str, int] = {}
+                for r in rows("report_versions"):
+                    kv.put("report_versions", f"{r['report_id']}\n{r['packet_id']}",
+                           {"version": r["version"]})
+                    latest[r["report_id"]] = max(latest.get(r["report_id"], 0), r["version"])
+                for report_id, version in latest.items():
+                    kv.put("report_latest", report_id, {"version": version})
+                for r in rows("results_written"):
+                    kv.put("results_written", r["packet_id"], {})
+        finally:
+            conn.close()
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+        return n

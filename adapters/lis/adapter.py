@@ -35,7 +35,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from adapters.base import BaseAdapter
 from adapters.hl7v2 import ack as v2ack
@@ -47,7 +47,7 @@ from adapters.lis import once
 from adapters.lis.errors import LisMessageError, RateLimited, from_kit
 from adapters.lis.intake import decode
 from adapters.lis.oru import Settings, header, parse, to_fhir
-from bridge.errors import ConfigError, HutongError, InvalidFhir
+from bridge.errors import HutongError, InvalidFhir
 from bridge.fhir.validate import validate_bundle
 
 log = logging.getLogger("hutong.adapters.lis")
@@ -84,25 +84,16 @@ class LisOptions(BaseModel):
     rate_limit: RateOptions | None = RateOptions()
     kind: str = "result.lab"
 
+    @field_validator("default_charset", "charset_override")
+    @classmethod
+    def _known_charset(cls, value: str | None) -> str | None:
+        return v2charset.check_name(value) if value is not None else None
+
 
 class LisAdapter(BaseAdapter):
-    def __init__(self, host: Any, options: dict[str, Any]) -> None:
-        super().__init__(host, options)
-        try:
-            self.opts = LisOptions.model_validate(options)
-        except ValidationError as exc:
-            problems = [f"adapters.{self.name}.options.{'.'.join(map(str, e['loc']))}: "
-                        f"{e['msg']}" for e in exc.errors()]
-            raise ConfigError("; ".join(problems)) from None
-        for opt in ("default_charset", "charset_override"):
-            name = getattr(self.opts, opt)
-            if name is None:
-                continue
-            try:
-                v2charset.check_name(name)
-            except ValueError:
-                raise ConfigError(f"adapters.{self.name}.options.{opt}: unknown "
-                                  f"character set {name!r}") from None
+    def __init__(self, host: Any, opts: LisOptions) -> None:
+        super().__init__(host, opts)
+        self.opts = opts
         maps = host.maps
         translator = maps.translator() if maps is not None and self.opts.map in maps.info \
             else None
@@ -252,10 +243,8 @@ class LisAdapter(BaseAdapter):
             return
         self.count("unmapped_codes", len(unmapped))
         try:
-            from bridge.mapping import record_gap
-
             for coding in unmapped:
-                record_gap(self.host.store, self.site, self.opts.map, coding, at=at)
+                self.host.record_gap(self.opts.map, coding, site=self.site)
         except Exception as exc:  # noqa: BLE001 - the report must not fail the message
             log.warning("LIS adapter %s could not record mapping gaps: %s", self.name,
                         type(exc).__name__)

@@ -2,18 +2,23 @@
 DiagnosticReport into the node store, on-demand study fetch between members.
 
 See :mod:`adapters.pacs.adapter` for the design, :mod:`adapters.pacs.fetch` for the packets.
+:data:`create` is the type's declaration to the engine (entry point ``pacs-dicom``).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
+from adapters.pacs.options import PacsOptions
+from bridge.local.contract import AdapterType
+
+
+def _build(host: Any, opts: PacsOptions) -> Any:
     from adapters.pacs.adapter import PacsAdapter
-    from bridge.local.host import AdapterHost
+
+    return PacsAdapter(host, opts)
 
 
-def create(host: AdapterHost, options: dict[str, Any]) -> PacsAdapter:
-    from adapters.pacs.adapter import PacsAdapter
-
-    return PacsAdapter(host, options)
+create = AdapterType(name="pacs-dicom", options=PacsOptions, build=_build,
+                     listens=lambda o: [(o.bind_host, o.bind_port)],
+                     example={"bind": "127.0.0.1:0"})

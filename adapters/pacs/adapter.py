@@ -34,16 +34,14 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import orjson
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
-from sqlalchemy import select
 
 from adapters.base import BaseAdapter
 from adapters.pacs import dimse, fetch
 from adapters.pacs.errors import DicomRejected, FetchFailed, PacsFailed, ReportRejected
 from adapters.pacs.files import InstanceStore, check_structure, check_uid, path_uid, read_header
-from adapters.pacs.options import parse_options
+from adapters.pacs.options import PacsOptions
 from adapters.pacs.report import parse_oru, report_from_oru, report_from_sr
 from adapters.pacs.study import (
     imaging_study,
@@ -53,14 +51,9 @@ from adapters.pacs.study import (
     study_resource_id,
     text,
 )
-from bridge.audit.events import AuditEntry
 from bridge.errors import ConfigError, HutongError, NotFound, UnsafePath
 from bridge.fhir.validate import validate_resource
-from bridge.fhirstore import store as fstore
-from bridge.fhirstore.tables import FHIR_RESOURCE
-from bridge.local import intake
 from bridge.privacy import patient_hash
-from bridge.referral.workflow import foreign_resource
 
 if TYPE_CHECKING:
     from bridge.delivery.handlers import Delivery
@@ -74,9 +67,9 @@ KEEP_OF_OVERSIZE = 1 << 20
 
 
 class PacsAdapter(BaseAdapter):
-    def __init__(self, host: AdapterHost, options: dict[str, Any]) -> None:
-        super().__init__(host, options)
-        self.opts = parse_options(self.name, options)
+    def __init__(self, host: AdapterHost, opts: PacsOptions) -> None:
+        super().__init__(host, opts)
+        self.opts = opts
         self.pacs_id_system = (self.opts.patient_id_system
                                or f"urn:hutong:{host.node_id}:pacs-patient-id")
         self.accession_system = (self.opts.accession_system
@@ -197,13 +190,12 @@ class PacsAdapter(BaseAdapter):
                             id_is_national=self.opts.patient_id_is_national_id)
         phash = patient_hash(self.host.plan.patient_hash_key, info.national_id) \
             if info.national_id else None
-        with self.host.store.read() as conn:
-            found = fstore.find_patient_by_hash(conn, phash) if phash else None
-            if found is None and info.pacs_id:
-                found = fstore.find_by_identifier(conn, "Patient", self.pacs_id_system,
-                                                  info.pacs_id)
-                if found is not None and phash is None:
-                    phash = fstore.get_row(conn, "Patient", found["id"]).patient_hash
+        found = self.host.find("Patient", patient_hash=phash) if phash else None
+        if found is None and info.pacs_id:
+            found = self.host.find("Patient", identifier=(self.pacs_id_system, info.pacs_id))
+            if found is not None and phash is None:
+                phash = (self.host.resource_info("Patient", found["id"]) or {}).get(
+                    "patient_hash")
         if found is not None:
             return {"reference": f"Patient/{found['id']}"}, phash, None
         patient = patient_resource(info, pacs_id_system=self.pacs_id_system,
@@ -214,14 +206,10 @@ class PacsAdapter(BaseAdapter):
              message: str, thread: str | None = None) -> None:
         for r in resources:
             validate_resource(r)  # once, before it is stored (InvalidFhir names the path)
-        now = self.host.now()
-        with self.host.store.write() as conn:
+        with self.host.transaction() as tx:
             for r in resources:
-                fstore.put(conn, r, at=now, origin=self.host.node_id, patient_hash=phash,
-                           thread=thread)
-            self.host.ctx.audit.append(conn, [AuditEntry(
-                action=action, at=now, actor=f"adapter:{self.name}", patient_hash=phash,
-                thread=thread, message=message)])
+                tx.put(r, patient_hash=phash, thread=thread)
+            tx.audit(action, patient_hash=phash, thread=thread, message=message)
 
     def complete(self, study_uid: str) -> dict[str, Any] | None:
         """(Re)build and store the ImagingStudy (+ Patient, + SR reports) of a stored study."""
@@ -297,19 +285,19 @@ class PacsAdapter(BaseAdapter):
         try:
             oru = parse_oru(raw, self.opts.timezone, default_charset=self.opts.default_charset,
                             charset_override=self.opts.charset_override)
-            with self.host.store.read() as conn:
-                study = None
-                if oru.study_uid:
-                    rid = study_resource_id(oru.study_uid)
-                    study = fstore.get(conn, "ImagingStudy", rid) \
-                        if fstore.exists(conn, "ImagingStudy", rid) else None
-                if study is None and oru.accession:
-                    study = fstore.find_by_identifier(conn, "ImagingStudy",
-                                                      self.accession_system, oru.accession)
-                if study is None:
-                    raise ReportRejected(f"record {oru.control_id} field ZDS-1/OBR-3: no "
-                                         "ImagingStudy here for this report's study")
-                phash = fstore.get_row(conn, "ImagingStudy", study["id"]).patient_hash
+            study = None
+            if oru.study_uid:
+                rid = study_resource_id(oru.study_uid)
+                study = self.host.resource("ImagingStudy", rid) \
+                    if self.host.resource_info("ImagingStudy", rid) else None
+            if study is None and oru.accession:
+                study = self.host.find("ImagingStudy",
+                                       identifier=(self.accession_system, oru.accession))
+            if study is None:
+                raise ReportRejected(f"record {oru.control_id} field ZDS-1/OBR-3: no "
+                                     "ImagingStudy here for this report's study")
+            phash = (self.host.resource_info("ImagingStudy", study["id"]) or {}).get(
+                "patient_hash")
         except ReportRejected as exc:
             self.host.quarantine(exc, raw=raw, kind="imaging.report")
             raise
@@ -336,10 +324,9 @@ class PacsAdapter(BaseAdapter):
         rtype, _, rid = ref.partition("/")
         if rtype != "Patient" or not rid:
             return None
-        with self.host.store.read() as conn:
-            if not fstore.exists(conn, "Patient", rid):
-                return None
-            patient = fstore.get(conn, "Patient", rid)
+        if self.host.resource_info("Patient", rid) is None:
+            return None
+        patient = self.host.resource("Patient", rid)
         patient.pop("meta", None)
         return patient
 
@@ -348,23 +335,18 @@ class PacsAdapter(BaseAdapter):
     def request_fetch(self, peer: str, study_uid: str, actor: str) -> dict[str, Any]:
         """Ask ``peer`` for a study; a Task here tracks it (requested -> completed/failed)."""
         uid = check_uid(study_uid, record="fetch request", field="study_uid")
-        phash = None
-        with self.host.store.read() as conn:
-            rid = study_resource_id(uid)
-            if fstore.exists(conn, "ImagingStudy", rid):
-                phash = fstore.get_row(conn, "ImagingStudy", rid).patient_hash
+        phash = (self.host.resource_info("ImagingStudy", study_resource_id(uid)) or {}).get(
+            "patient_hash")
         now = self.host.now()
         task_id, thread = str(uuid.uuid4()), str(uuid.uuid4())
         task = fetch.request_task(task_id, uid, self.host.node_id, peer,
                                   now.isoformat(timespec="seconds"))
         validate_resource(task)
 
-        def write(conn: Any) -> None:
-            fstore.put(conn, copy.deepcopy(task), at=now, thread=thread,
-                       origin=self.host.node_id, patient_hash=phash)
-            self.host.ctx.audit.append(conn, [AuditEntry(
-                action="imaging-fetch-requested", at=now, actor=actor, peer=peer,
-                kind=fetch.KIND_REQUEST, thread=thread, patient_hash=phash)])
+        def write(tx: Any) -> None:
+            tx.put(copy.deepcopy(task), thread=thread, patient_hash=phash)
+            tx.audit("imaging-fetch-requested", actor=actor, peer=peer,
+                     kind=fetch.KIND_REQUEST, thread=thread, patient_hash=phash)
 
         self.host.send(peer, fetch.KIND_REQUEST, [fetch.request_bundle(task, phash)],
                        thread=thread, write=write)
@@ -381,11 +363,7 @@ class PacsAdapter(BaseAdapter):
 
     def _reports_for(self, study_id: str) -> list[dict[str, Any]]:
         ref = f"ImagingStudy/{study_id}"
-        with self.host.store.read() as conn:
-            rows = conn.execute(select(FHIR_RESOURCE.c.body).where(
-                FHIR_RESOURCE.c.rtype == "DiagnosticReport",
-                FHIR_RESOURCE.c.origin == self.host.node_id)).all()
-        found = [orjson.loads(r.body) for r in rows]
+        found = self.host.own_resources("DiagnosticReport")
         return [r for r in found if any(s.get("reference") == ref
                                         for s in r.get("imagingStudy") or ())]
 
@@ -409,9 +387,9 @@ class PacsAdapter(BaseAdapter):
         if files and expected is None:  # instances held, study not completed yet: do it now
             self.complete(req.study_uid)
         if files:
-            with self.host.store.read() as conn:
-                study = fstore.get(conn, "ImagingStudy", rid)
-                phash = fstore.get_row(conn, "ImagingStudy", rid).patient_hash or phash
+            study = self.host.resource("ImagingStudy", rid)
+            phash = (self.host.resource_info("ImagingStudy", rid) or {}).get(
+                "patient_hash") or phash
             first = [study, *self._reports_for(rid)]
             for r in first:
                 r.pop("meta", None)
@@ -428,16 +406,14 @@ class PacsAdapter(BaseAdapter):
             reason = "study not held here"
         if reason is not None:
             bundles = [fetch.failure_bundle(req, reason, patient_hash=phash)]
-        now = self.host.now()
         served = sum(1 for b in bundles for e in b["entry"]
                      if e["resource"]["resourceType"] == "Binary")
 
-        def write(conn: Any) -> None:
-            self.host.ctx.audit.append(conn, [AuditEntry(
-                action="imaging-fetch-served", outcome="0" if reason is None else "4",
-                at=now, actor=f"adapter:{self.name}", peer=item.sender,
-                kind=fetch.KIND_RESPONSE, thread=item.thread, patient_hash=phash,
-                message=reason or f"{served} instances in {len(bundles)} packets")])
+        def write(tx: Any) -> None:
+            tx.audit("imaging-fetch-served", outcome="0" if reason is None else "4",
+                     peer=item.sender, kind=fetch.KIND_RESPONSE, thread=item.thread,
+                     patient_hash=phash,
+                     message=reason or f"{served} instances in {len(bundles)} packets")
 
         self.host.send(item.sender, fetch.KIND_RESPONSE, bundles, thread=item.thread,
                        source_key=key, write=write)
@@ -447,21 +423,18 @@ class PacsAdapter(BaseAdapter):
         """The node's own open fetch Task this response answers, asked of its sender on this
         very thread; FetchFailed for anything else (never asked, asked of someone else or on
         another thread, or already completed or failed)."""
-        with self.host.store.read() as conn:
-            try:
-                row = fstore.get_row(conn, "Task", task_id)
-            except NotFound:
-                raise FetchFailed(f"response for Task/{task_id}, which was never asked for "
-                                  "here") from None
-            task = orjson.loads(row.body)
+        row = self.host.resource_info("Task", task_id)
+        if row is None:
+            raise FetchFailed(f"response for Task/{task_id}, which was never asked for here")
+        task = self.host.resource("Task", task_id)
         code = [c.get("code") for c in (task.get("code") or {}).get("coding") or ()]
         requester = ((task.get("requester") or {}).get("identifier") or {}).get("value")
         owner = ((task.get("owner") or {}).get("identifier") or {}).get("value")
         if "imaging-fetch" not in code or requester != self.host.node_id \
-                or row.origin != self.host.node_id:
+                or row["origin"] != self.host.node_id:
             raise FetchFailed(f"response for Task/{task_id}, which is not a fetch this node "
                               "asked for")
-        if owner != item.sender or row.thread != item.thread:
+        if owner != item.sender or row["thread"] != item.thread:
             raise FetchFailed(f"response for Task/{task_id} came from {item.sender} on thread "
                               f"{item.thread}; it was asked of {owner} on another thread")
         if task.get("status") not in ("requested", "in-progress"):
@@ -504,25 +477,24 @@ class PacsAdapter(BaseAdapter):
             task["status"] = "completed" if have >= resp.total else "in-progress"
         task["businessStatus"] = {"text": f"{have}/{resp.total} instances"}
         task["lastModified"] = now.isoformat(timespec="seconds")
-        with self.host.store.read() as conn:
-            local = fstore.find_patient_by_hash(conn, resp.patient_hash) \
-                if resp.patient_hash else None
+        local = self.host.find("Patient", patient_hash=resp.patient_hash) \
+            if resp.patient_hash else None
         for r in resp.resources:
             if local is not None:
                 r["subject"] = {"reference": f"Patient/{local['id']}"}
         validate_resource(task)  # what arrived was validated at the gateway; only ours is new
-        with self.host.store.write() as conn:
+        with self.host.transaction() as tx:
             for r in resp.resources:
-                foreign_resource(conn, r, item.thread, item.sender)
-                fstore.put(conn, r, at=now, origin=item.sender, patient_hash=resp.patient_hash)
-            fstore.put(conn, task, at=now, thread=item.thread, origin=self.host.node_id)
-            intake.remember(conn, self.name, key, {"task": task["id"]}, now, thread=item.thread)
-            self.host.ctx.audit.append(conn, [AuditEntry(
-                action="imaging-fetch-received", at=now, actor=f"adapter:{self.name}",
-                peer=item.sender, kind=item.kind, thread=item.thread, packet_id=item.packet_id,
-                patient_hash=resp.patient_hash, outcome="0" if resp.status != "failed" else "4",
-                message=f"part {resp.part}: {len(resp.instances)} instances, "
-                        f"{have}/{resp.total} held")])
+                tx.put_foreign(r, sender=item.sender, thread=item.thread,
+                               patient_hash=resp.patient_hash)
+            tx.put(task, thread=item.thread)
+            tx.remember(key, {"task": task["id"]}, thread=item.thread)
+            tx.audit("imaging-fetch-received", peer=item.sender, kind=item.kind,
+                     thread=item.thread, packet_id=item.packet_id,
+                     patient_hash=resp.patient_hash,
+                     outcome="0" if resp.status != "failed" else "4",
+                     message=f"part {resp.part}: {len(resp.instances)} instances, "
+                             f"{have}/{resp.total} held")
         self.count("instances_fetched", len(resp.instances))
         self.ok()
 
@@ -535,11 +507,8 @@ class PacsAdapter(BaseAdapter):
     def fetched_patient_hash(self, task_id: str) -> str | None:
         task = self.host.resource("Task", task_id)
         uid = str(task["input"][0]["valueOid"]).removeprefix("urn:oid:")
-        with self.host.store.read() as conn:
-            rid = study_resource_id(uid)
-            if fstore.exists(conn, "ImagingStudy", rid):
-                return fstore.get_row(conn, "ImagingStudy", rid).patient_hash
-        return None
+        info = self.host.resource_info("ImagingStudy", study_resource_id(uid))
+        return info["patient_hash"] if info is not None else None
 
     def local_routes(self) -> Any:
         from adapters.pacs.routes import pacs_router

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from adapters.hl7v2 import charset
-from bridge.errors import ConfigError
 
 
 class PeerAE(BaseModel):
@@ -52,6 +49,14 @@ class PacsOptions(BaseModel):
     dimse_timeout_s: float | None = Field(None, gt=0)  # waiting for the next DIMSE message
     idle_timeout_s: float | None = Field(None, gt=0)  # no bytes at all: the link is closed
 
+    @field_validator("bind")
+    @classmethod
+    def _bind(cls, value: str) -> str:
+        host, _, port = value.rpartition(":")
+        if not host or not port.isdigit() or not 0 <= int(port) < 65536:
+            raise ValueError("use host:port")
+        return value
+
     @property
     def bind_host(self) -> str:
         return self.bind.rsplit(":", 1)[0].strip("[]")
@@ -59,18 +64,3 @@ class PacsOptions(BaseModel):
     @property
     def bind_port(self) -> int:
         return int(self.bind.rsplit(":", 1)[1])
-
-
-def parse_options(name: str, options: dict[str, Any]) -> PacsOptions:
-    """Every problem at once, each named by its key under ``adapters.<name>.options``."""
-    try:
-        opts = PacsOptions.model_validate(options)
-        _ = opts.bind_port
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"adapters.{name}.options.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
-            for e in exc.errors())
-        raise ConfigError(problems) from None
-    except (ValueError, IndexError):
-        raise ConfigError(f"adapters.{name}.options.bind: use host:port") from None
-    return opts

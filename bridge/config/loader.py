@@ -379,6 +379,10 @@ def _check_node(
             pass
     if len(node.binds) == 2 and _clash(node.binds["local_bind"], node.binds["peer_bind"]):
         problems.add(path, "peer_bind", f"must differ from local_bind ({_str(data, 'local_bind')})")
+    from bridge.local.check import check_adapters  # the adapter types' own declarations
+
+    for where, what in check_adapters(data.get("adapters"), base, node.binds):
+        problems.add(path, where, what)
 
     for role in TOKEN_ROLES:
         ref = _ref(data, "tokens", role)

@@ -23,8 +23,19 @@ from bridge.delivery.lanes import Lanes, lane_of
 from bridge.delivery.sender import backoff
 from bridge.delivery.threads import HOLD, ThreadGate
 from bridge.errors import HutongError, Retry, ThreadRefused
+from bridge.local.contract import (
+    ReferralEvent,
+    ReferralSink,
+    ResultEvent,
+    ResultSink,
+    as_failure,
+)
 from bridge.store.quarantine import quarantine_row
 from bridge.store.tables import INBOX, QUARANTINE
+
+#: ``last_error`` of an inbox row a dead letter went back to (``hutong quarantine replay``): the
+#: thread gate lets it pass though its turn was used when it was dead-lettered
+REDELIVER = "redeliver:"
 
 
 class Dispatcher:
@@ -84,8 +95,9 @@ class Dispatcher:
             if r.next_try_at > now:  # backing off: later packets of its thread wait behind it
                 blocked.add(r.thread)
                 continue
+            redo = _redelivery(r)  # a dead letter IT sent again: its turn was used already
             try:  # only the thread's party, only its next seq (threads.py)
-                if gate.judge(r) == HOLD:
+                if not redo and gate.judge(r) == HOLD:
                     held.append((r, gate.due(r)))
                     continue
             except ThreadRefused as exc:
@@ -99,22 +111,26 @@ class Dispatcher:
                 if handler is None:
                     raise HutongError(f"no local handler for kind '{r.kind}'")
                 item = _delivery(r)
+                event: Any = None
                 for prefix, hook in self.hooks.items():
                     if r.kind.startswith(prefix):
-                        hook(item)
-                handler.deliver(item)
-            except HutongError as exc:
-                blocked.add(r.thread)
-                failed.append((r, exc))
-                self._turn(gate, r, exc)
-                continue
+                        event = hook(item)
+                # one handler per event, already decoded; other kinds: the packet as it is
+                if isinstance(event, ReferralEvent) and isinstance(handler, ReferralSink):
+                    handler.on_referral(event)
+                elif isinstance(event, ResultEvent) and isinstance(handler, ResultSink):
+                    handler.on_result(event)
+                else:
+                    handler.deliver(item)
             except Exception as exc:  # noqa: BLE001 - an adapter's bug must not stop delivery
                 blocked.add(r.thread)
-                err = HutongError(f"local handler failed: {type(exc).__name__}")
+                err = as_failure(exc)  # OSError: transient; anything else: ambiguous
                 failed.append((r, err))
-                self._turn(gate, r, err)
+                if not redo:
+                    self._turn(gate, r, err)
                 continue
-            gate.taken(r)
+            if not redo:
+                gate.taken(r)
             delivered.append(r)
             faults.point("dispatcher.during_delivery")
         for h in {id(h): h for h in self.handlers.values()}.values():
@@ -195,10 +211,15 @@ class Dispatcher:
                                kind=r.kind, peer=r.sender, thread=r.thread,
                                patient_hash=r.patient_hash, code=exc.code, message=exc.message,
                                at=now)]
+        mark = f"{REDELIVER} " if _redelivery(r) else ""  # still passes the gate next time
         conn.execute(update(INBOX).where(INBOX.c.id == r.id).values(
-            attempts=attempts, last_error=str(exc)[:500],
+            attempts=attempts, last_error=(mark + str(exc))[:500],
             next_try_at=now + timedelta(seconds=backoff(attempts, cfg))))
         return []
+
+
+def _redelivery(r: Any) -> bool:
+    return (r.last_error or "").startswith(REDELIVER)
 
 
 def _delivery(r: Any) -> Delivery:

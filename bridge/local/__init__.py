@@ -3,5 +3,5 @@
 ``registry`` builds adapters from ``[[adapters]]`` tables through the ``hutong.adapters``
 entry-point group; ``host`` is the one object an adapter talks to; ``intake`` makes every
 local record's effect happen exactly once (its source key commits with the effect).
-The contract itself is documented in :mod:`adapters.base`.
+The contract itself is documented in :mod:`bridge.local.contract`.
 """

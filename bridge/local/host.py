@@ -34,8 +34,8 @@ log = logging.getLogger("hutong.adapters")
 
 class AdapterHost:
     def __init__(self, node: Node, settings: AdapterSettings) -> None:
-        self.node = node
-        self.ctx = node.ctx
+        self._node = node  # closed: an adapter reaches the node only through these methods
+        self._ctx = node.ctx
         self.settings = settings
         self.adapter_name = settings.name
         self.node_id = node.plan.node_id
@@ -46,12 +46,14 @@ class AdapterHost:
     # -- basics -------------------------------------------------------------------------------
 
     def now(self) -> datetime:
-        return self.ctx.now()
+        return self._ctx.now()
 
     @property
-    def store(self) -> Any:
-        """The node's store, for adapters that commit their own rows (an HL7 ACK log)."""
-        return self.ctx.store
+    def state(self) -> Any:
+        """This adapter's keyed state in the node's database (:mod:`bridge.local.state`)."""
+        from bridge.local.state import AdapterState
+
+        return AdapterState(self._ctx.store, self.adapter_name, self._ctx.now)
 
     @property
     def data_dir(self) -> Path:
@@ -86,37 +88,38 @@ class AdapterHost:
     def submit_referral(self, bundle: dict[str, Any], *, source_key: str,
                         actor: str | None = None) -> dict[str, Any]:
         """A new referral (or the return of one received) from a local record."""
-        return self.node.workflow.submit(bundle, actor or f"adapter:{self.adapter_name}",
+        return self._node.workflow.submit(bundle, actor or f"adapter:{self.adapter_name}",
                                          once=(self.adapter_name, source_key))
 
     def referral_step(self, thread: str, event: str, *, source_key: str,
                       reason: str | None = None, outputs: list[dict[str, Any]] | None = None,
                       actor: str | None = None) -> dict[str, Any]:
         """accept / reject / arrive / cancel taken in the local system."""
-        return self.node.workflow.step(thread, event, actor or f"adapter:{self.adapter_name}",
+        return self._node.workflow.step(thread, event, actor or f"adapter:{self.adapter_name}",
                                        reason=reason, outputs=outputs,
                                        once=(self.adapter_name, source_key))
 
     def seen(self, source_key: str) -> dict[str, Any] | None:
-        with self.ctx.store.read() as conn:
+        with self._ctx.store.read() as conn:
             return intake.seen(conn, self.adapter_name, source_key)
 
     def seen_under(self, prefix: str) -> list[str]:
         """The keys taken in so far that start with ``prefix`` (an adapter whose keys are
         ``<record id>:<content digest>`` finds earlier, different contents of one record)."""
-        with self.ctx.store.read() as conn:
+        with self._ctx.store.read() as conn:
             return intake.keys_under(conn, self.adapter_name, prefix)
 
     def thread_for(self, source_key: str) -> str | None:
         """The referral thread a local record (taken in earlier) started or belongs to."""
-        with self.ctx.store.read() as conn:
+        with self._ctx.store.read() as conn:
             return intake.thread_of(conn, self.adapter_name, source_key)
 
     def send(self, recipient: str, kind: str, bundles: list[dict[str, Any]], *,
              thread: str | None = None, source_key: str | None = None,
-             write: Callable[[Any], None] | None = None) -> list[str]:
+             write: Callable[[HostTx], None] | None = None) -> list[str]:
         """Queue packets (validated, rule-checked, audited like any packet) in ONE transaction
-        with ``write(conn)`` (the adapter's own store writes); exactly once by ``source_key``.
+        with ``write(tx)`` (the adapter's own writes, :class:`HostTx`); exactly once by
+        ``source_key``.
 
         Returns the packet ids; a refusal (no rule, too large, invalid FHIR) is quarantined and
         audited by the queue, then raised here after the commit.
@@ -126,24 +129,24 @@ class AdapterHost:
         from bridge.delivery.queue import Outgoing, queue_packets
 
         actor = f"adapter:{self.adapter_name}"
-        with self.ctx.store.write() as conn:
+        with self._ctx.store.write() as conn:
             if source_key is not None:
                 done = intake.seen(conn, self.adapter_name, source_key)
                 if done is not None:
                     return list(done.get("packets") or [])
-            results = queue_packets(self.ctx, conn, [
+            results = queue_packets(self._ctx, conn, [
                 Outgoing(recipient, kind, orjson.dumps(b), thread) for b in bundles], actor=actor)
             ids = [r.packet_id for r in results if r.packet_id is not None]
             refused = next((r.error for r in results if r.error is not None), None)
             if refused is None:
                 if write is not None:
-                    write(conn)
+                    write(HostTx(self, conn))
                 if source_key is not None:
                     intake.remember(conn, self.adapter_name, source_key, {"packets": ids},
-                                    self.ctx.now(), thread=thread)
+                                    self._ctx.now(), thread=thread)
         if refused is not None:
             raise refused
-        self.node.wake_all_senders()
+        self._node.wake_all_senders()
         return ids
 
     def share_results(self, bundle: dict[str, Any], *, source_key: str,
@@ -159,20 +162,20 @@ class AdapterHost:
         """
         from bridge.results.routing import store_and_route
 
-        with self.ctx.store.write() as conn:
+        with self._ctx.store.write() as conn:
             prior = intake.seen(conn, self.adapter_name, source_key)
             if prior is not None:
                 return {**prior, "repeated": True}
-            out = store_and_route(self.ctx, conn, bundle, adapter=self.adapter_name,
+            out = store_and_route(self._ctx, conn, bundle, adapter=self.adapter_name,
                                   source_key=source_key, answer=answer or {},
                                   patient_hash=patient_hash, raw=raw, kind=kind,
-                                  at=self.ctx.now())
+                                  at=self._ctx.now())
             if notes:
-                self.ctx.audit.append(conn, [AuditEntry(
-                    **{"kind": kind, **n}, at=self.ctx.now(),
+                self._ctx.audit.append(conn, [AuditEntry(
+                    **{"kind": kind, **n}, at=self._ctx.now(),
                     actor=f"adapter:{self.adapter_name}") for n in notes])
         if out["routed"]:
-            self.node.wake_all_senders()
+            self._node.wake_all_senders()
         return out
 
     def record_encounter(self, build: Callable[[dict[str, Any] | None], dict[str, Any]] | None,
@@ -220,11 +223,11 @@ class AdapterHost:
         from bridge.fhir.validate import errors as fhir_errors
         from bridge.privacy import patient_hash
 
-        now = self.ctx.now()
+        now = self._ctx.now()
         actor = f"adapter:{self.adapter_name}"
         system = self.plan.alliance.national_id_system
         woke = False
-        with self.ctx.store.write() as conn:
+        with self._ctx.store.write() as conn:
             prior = intake.seen(conn, self.adapter_name, source_key)
             if prior is not None:
                 return {**prior, "repeated": True}
@@ -312,7 +315,7 @@ class AdapterHost:
             if row is not None and enc is not None \
                     and row.status not in ("rejected", "cancelled", "completed"):
                 if row.status == "accepted" and enc.get("status") in ("arrived", "in-progress"):
-                    self.node.workflow.step_in(conn, row.thread, "arrive", actor)
+                    self._node.workflow.step_in(conn, row.thread, "arrive", actor)
                     arrived = woke = True
                 eref = {"reference": f"Encounter/{enc['id']}"}
                 task = fhirstore.get(conn, "Task", row.task_id)
@@ -334,27 +337,89 @@ class AdapterHost:
                             thread=row.thread if row is not None else None)
             what = f"Encounter/{enc['id']} {'created' if current is None else 'updated'} " \
                 f"({enc.get('status')})" if enc else f"Patient/{merged['id']} updated"
-            self.ctx.audit.append(conn, [AuditEntry(
+            self._ctx.audit.append(conn, [AuditEntry(
                 action="encounter", message=what, kind=kind, at=now, actor=actor,
                 patient_hash=phash, thread=row.thread if row is not None else None)])
         if woke:
-            self.node.wake_all_senders()
+            self._node.wake_all_senders()
         return result
 
     # -- sink side: what the node knows of a referral -----------------------------------------
 
     def referral(self, thread: str) -> dict[str, Any] | None:
         """This side's referral row and every FHIR resource of the thread, or None."""
-        with self.ctx.store.read() as conn:
-            row = conn.execute(select(REFERRAL).where(REFERRAL.c.thread == thread)).first()
-            if row is None:
-                return None
-            return {"referral": dict(row._mapping),
-                    "resources": fhirstore.by_thread(conn, thread)}
+        from bridge.referral.workflow import thread_view
+
+        with self._ctx.store.read() as conn:
+            return thread_view(conn, thread)
 
     def resource(self, rtype: str, rid: str) -> dict[str, Any]:
-        with self.ctx.store.read() as conn:
+        with self._ctx.store.read() as conn:
             return fhirstore.get(conn, rtype, rid)
+
+    # -- codes the site's maps do not know ------------------------------------------------------
+
+    def record_gap(self, map_id: str | None, coding: dict[str, Any], *,
+                   site: str | None = None) -> None:
+        """Count one unmapped local code for IT (the mapping-gaps page): codes and code names
+        only, never patient data. ``site``: default the site of the adapter's maps."""
+        from bridge.mapping import record_gap
+
+        where = site or (self.maps.site if self.maps is not None else self.node_id)
+        record_gap(self._ctx.store, where, map_id, coding, at=self.now())
+
+    def record_gaps(self, gaps: Any) -> None:
+        """The gaps (``bridge.mapping.Observed``) met while converting one record."""
+        from bridge.mapping import record_gap
+
+        at = self.now()
+        for g in gaps:
+            record_gap(self._ctx.store, g.site, g.map, {"system": g.system, "code": g.code,
+                                                       "display": g.display}, at=at)
+
+    # -- the node's FHIR store, as an adapter may use it ---------------------------------------
+
+    def find(self, rtype: str, *, identifier: tuple[str, str] | None = None,
+             patient_hash: str | None = None) -> dict[str, Any] | None:
+        """The stored resource with this identifier (system, value), or the Patient with this
+        keyed hash; None if there is none."""
+        with self._ctx.store.read() as conn:
+            if identifier is not None:
+                return fhirstore.find_by_identifier(conn, rtype, *identifier)
+            if patient_hash is not None and rtype == "Patient":
+                return fhirstore.find_patient_by_hash(conn, patient_hash)
+        return None
+
+    def resource_info(self, rtype: str, rid: str) -> dict[str, Any] | None:
+        """What the store keeps beside a resource (``patient_hash``, ``origin``, ``thread``),
+        or None if it is not stored."""
+        from bridge.errors import NotFound
+
+        with self._ctx.store.read() as conn:
+            try:
+                row = fhirstore.get_row(conn, rtype, rid)
+            except NotFound:
+                return None
+        return {"patient_hash": row.patient_hash, "origin": row.origin, "thread": row.thread}
+
+    def own_resources(self, rtype: str) -> list[dict[str, Any]]:
+        """Every stored resource of ``rtype`` this node made (not received from a peer)."""
+        import orjson
+
+        with self._ctx.store.read() as conn:
+            rows = conn.execute(select(FHIR_RESOURCE.c.body).where(
+                FHIR_RESOURCE.c.rtype == rtype, FHIR_RESOURCE.c.origin == self.node_id)).all()
+        return [orjson.loads(r.body) for r in rows]
+
+    def transaction(self) -> Any:
+        """A :class:`HostTx`: resources, audit entries and intake keys in ONE transaction."""
+        from contextlib import contextmanager
+
+        @contextmanager
+        def tx() -> Any:
+            with self._ctx.store.write() as conn:
+                yield HostTx(self, conn)
+        return tx()
 
     # -- bad local data -----------------------------------------------------------------------
 
@@ -369,15 +434,15 @@ class AdapterHost:
                                      f"field {field}" if field else "") if p)
         if where and where not in error.message:
             error.message = f"{where}: {error.message}"
-        now = self.ctx.now()
+        now = self._ctx.now()
         source = f"adapter:{self.adapter_name}"
-        with self.ctx.store.write() as conn:
+        with self._ctx.store.write() as conn:
             inserted = conn.execute(QUARANTINE.insert().values(**quarantine_row(
                 now, source, error, raw=raw, sender=self.adapter_name, kind=kind,
                 thread=thread))).inserted_primary_key
             assert inserted is not None
             qid = inserted[0]
-            self.ctx.audit.append(conn, [AuditEntry(
+            self._ctx.audit.append(conn, [AuditEntry(
                 action="quarantined", outcome="4", kind=kind, thread=thread, at=now,
                 actor=source, code=error.code, message=error.message,
                 extra={"quarantine_id": int(qid)})])
@@ -387,10 +452,10 @@ class AdapterHost:
     def audit(self, action: str, *, outcome: str = "0", message: str | None = None,
               thread: str | None = None, patient_hash: str | None = None,
               kind: str | None = None, code: str | None = None) -> None:
-        with self.ctx.store.write() as conn:
-            self.ctx.audit.append(conn, [AuditEntry(
+        with self._ctx.store.write() as conn:
+            self._ctx.audit.append(conn, [AuditEntry(
                 action=action, outcome=outcome, message=message, thread=thread,
-                patient_hash=patient_hash, kind=kind, code=code, at=self.ctx.now(),
+                patient_hash=patient_hash, kind=kind, code=code, at=self._ctx.now(),
                 actor=f"adapter:{self.adapter_name}")])
 
     # -- jobs ---------------------------------------------------------------------------------
@@ -409,7 +474,45 @@ class AdapterHost:
             except Exception as exc:  # noqa: BLE001 - a job must survive a bad round
                 log.error("%s failed: %s", name, type(exc).__name__)
 
-        self.node.add_job(name, run, seconds)
+        self._node.add_job(name, run, seconds)
+
+
+class HostTx:
+    """One write transaction of the node's store, as an adapter may use it (from
+    ``host.transaction()`` or a ``host.send(write=...)`` callback)."""
+
+    def __init__(self, host: AdapterHost, conn: Any) -> None:
+        self._host = host
+        self._conn = conn
+        self.now = host.now()
+
+    def put(self, resource: dict[str, Any], *, patient_hash: str | None = None,
+            thread: str | None = None) -> None:
+        """Store one resource of this node's own (validated before: ``validate_resource``)."""
+        fhirstore.put(self._conn, resource, at=self.now, origin=self._host.node_id,
+                      patient_hash=patient_hash, thread=thread)
+
+    def put_foreign(self, resource: dict[str, Any], *, sender: str, thread: str,
+                    patient_hash: str | None = None) -> None:
+        """Store a resource a peer sent on ``thread``: refused if its id names a resource
+        that is not that peer's (``bridge.referral.workflow.foreign_resource``)."""
+        from bridge.referral.workflow import foreign_resource
+
+        foreign_resource(self._conn, resource, thread, sender)
+        fhirstore.put(self._conn, resource, at=self.now, origin=sender,
+                      patient_hash=patient_hash)
+
+    def audit(self, action: str, *, actor: str | None = None, **fields: Any) -> None:
+        """One audit entry (AuditEntry fields; the actor defaults to this adapter)."""
+        self._host._ctx.audit.append(self._conn, [AuditEntry(
+            action=action, at=self.now, actor=actor or f"adapter:{self._host.adapter_name}",
+            **fields)])
+
+    def remember(self, source_key: str, result: dict[str, Any], *,
+                 thread: str | None = None) -> None:
+        """The exactly-once intake key of a record, with this transaction's effect."""
+        intake.remember(self._conn, self._host.adapter_name, source_key, result, self.now,
+                        thread=thread)
 
 
 def _merge_patient(stored: dict[str, Any] | None, given: dict[str, Any] | None

@@ -1,42 +1,46 @@
-"""Build a node's adapters from its ``[[adapters]]`` tables via the ``hutong.adapters`` group."""
+"""Build a node's adapters from its ``[[adapters]]`` tables via the ``hutong.adapters`` group.
+
+Each entry point names an :class:`~bridge.local.contract.AdapterType`;
+:func:`bridge.local.check.check_adapters` reads those declarations to check every table before
+anything starts (``hutong config check`` and node loading share it), so :func:`load_adapters`
+never refuses what the check passed.
+"""
 
 from __future__ import annotations
 
-from importlib.metadata import entry_points
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from bridge.errors import ConfigError
+from bridge.local.check import GROUP, adapter_type, adapter_types, check_adapters
+from bridge.local.contract import Adapter, AdapterType
 from bridge.local.host import AdapterHost
 
 if TYPE_CHECKING:
-    from adapters.base import Adapter
     from bridge.node import Node
 
-GROUP = "hutong.adapters"
-
-
-def adapter_types() -> dict[str, Any]:
-    return {ep.name: ep for ep in entry_points(group=GROUP)}
+__all__ = ["GROUP", "adapter_type", "adapter_types", "check_adapters", "load_adapters",
+           "receivers"]
 
 
 def load_adapters(node: Node) -> dict[str, Adapter]:
-    """One adapter per enabled ``[[adapters]]`` table; every unknown type reported at once."""
-    types = adapter_types()
-    unknown = [f"adapters.{a.name}.type: unknown adapter type '{a.type}' "
-               f"(installed: {', '.join(sorted(types)) or 'none'})"
-               for a in node.plan.adapters if a.type not in types]
-    if unknown:
-        raise ConfigError("; ".join(unknown))
-    built: dict[str, Adapter] = {}
+    """One adapter per enabled ``[[adapters]]`` table, built from its type's checked options."""
+    problems: list[str] = []
+    types: dict[str, AdapterType[Any]] = {}
     for a in node.plan.adapters:
-        factory = types[a.type].load()
-        built[a.name] = factory(AdapterHost(node, a), dict(a.options))
-    return built
+        try:
+            types[a.type] = adapter_type(a.type)
+        except ConfigError as exc:
+            problems.append(f"adapters.{a.name}.type: {exc.problems[0]}")
+    if problems:
+        raise ConfigError("; ".join(problems), problems=problems)
+    return {a.name: types[a.type](AdapterHost(node, a), dict(a.options))
+            for a in node.plan.adapters}
 
 
-def receivers(node: Node, adapters: dict[str, Adapter]) -> dict[str, Adapter]:
+def receivers(node: Node, adapters: Mapping[str, Adapter]) -> dict[str, Any]:
     """{kind pattern: adapter} for the dispatcher, from each adapter's ``receives`` list."""
-    found: dict[str, Adapter] = {}
+    found: dict[str, Any] = {}
     for a in node.plan.adapters:
         for pattern in a.receives:
             if pattern in found:

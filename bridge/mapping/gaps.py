@@ -15,7 +15,7 @@ Adapter usage (``host`` is the adapter's :class:`~bridge.local.host.AdapterHost`
     codings, unmapped = map_coding(host.maps, "drug", {"code": row.drug_code, "display": name})
     if unmapped:
         note_unmapped(host, "drug", codings[-1], medication_request, bundle)
-        # = record_gap(host.store, host.maps.site, "drug", codings[-1], at=host.now())
+        # = host.record_gap("drug", codings[-1])
         #   + mark_unmapped(medication_request) + mark_unmapped(bundle)
 
 :func:`find_gaps` is pure (maps + observations in, gaps out), so it runs without a database.
@@ -120,8 +120,7 @@ def note_unmapped(host: Any, map_id: str | None, coding: Mapping[str, Any],
                   *resources: dict[str, Any]) -> None:
     """The adapter's one call for an unmapped code: count it in the node's store (under the
     site of ``host.maps``) and put the unmapped-code tag on each resource / Bundle given."""
-    site = host.maps.site if host.maps is not None else host.node_id
-    record_gap(host.store, site, map_id, coding, at=host.now())
+    host.record_gap(map_id, dict(coding))
     for resource in resources:
         mark_unmapped(resource)
 

@@ -34,6 +34,7 @@ from bridge.errors import (
 from bridge.fhir.validate import errors as fhir_errors
 from bridge.fhirstore import store
 from bridge.local import intake
+from bridge.local.contract import ReferralEvent
 from bridge.privacy import patient_hash
 from bridge.referral import resources as R
 from bridge.referral.codes import (
@@ -282,8 +283,17 @@ class Workflow:
 
     # -- arriving packets ---------------------------------------------------------------------
 
-    def apply_packet(self, item: Delivery) -> None:
-        """Apply one referral message from the other side (dispatcher hook, idempotent)."""
+    def apply_packet(self, item: Delivery) -> ReferralEvent:
+        """Apply one referral message from the other side (dispatcher hook, idempotent); the
+        event as applied, for the local sink (bridge.local.contract)."""
+        event, task = self._apply(item)
+        with self.ctx.store.read() as conn:
+            view = thread_view(conn, item.thread)
+        if view is None:  # _apply raises before this for a thread not known here
+            raise UnknownReference(f"referral step '{event}' for an unknown referral")
+        return ReferralEvent(item, event, view["referral"]["side"], item.thread, view, task)
+
+    def _apply(self, item: Delivery) -> tuple[str, dict[str, Any]]:
         bundle = orjson.loads(item.body)
         entries = [e["resource"] for e in bundle.get("entry") or []]
         header = next((r for r in entries if r["resourceType"] == "MessageHeader"), None)
@@ -295,12 +305,13 @@ class Workflow:
         with self.ctx.store.write() as conn:
             if conn.execute(select(REFERRAL_STEP.c.id).where(
                     REFERRAL_STEP.c.packet_id == item.packet_id)).first():
-                return  # applied before a crash; the local hand-over is idempotent too
+                return event, task  # applied before a crash; the local hand-over is idempotent
             if event == "request":
                 self._take_request(conn, item, task, carried)
             else:
                 self._take_step(conn, item, event, task, carried)
         self.wake()
+        return event, task
 
     def _take_request(self, conn: Connection, item: Delivery, task: dict[str, Any],
                       carried: list[dict[str, Any]]) -> None:
@@ -707,3 +718,10 @@ def _check_version(task: dict[str, Any], if_match: int | None) -> None:
 def _is_placer(ident: dict[str, Any]) -> bool:
     return any(c.get("code") == "PLAC" for c in (ident.get("type") or {}).get("coding") or [])
 
+
+def thread_view(conn: Connection, thread: str) -> dict[str, Any] | None:
+    """This side's referral row and every FHIR resource of the thread, or None."""
+    row = conn.execute(select(REFERRAL).where(REFERRAL.c.thread == thread)).first()
+    if row is None:
+        return None
+    return {"referral": dict(row._mapping), "resources": store.by_thread(conn, thread)}

@@ -20,9 +20,10 @@ from bridge.context import NodeContext
 from bridge.delivery.handlers import Delivery
 from bridge.errors import InvalidResource, NotFound, NotThreadParty
 from bridge.fhirstore import store
+from bridge.local.contract import ResultEvent
 from bridge.referral import resources as R
 from bridge.referral.tables import REFERRAL
-from bridge.referral.workflow import foreign_resource
+from bridge.referral.workflow import foreign_resource, thread_view
 from bridge.results.tables import RESULT_PACKET
 
 
@@ -30,8 +31,22 @@ class ResultsInbox:
     def __init__(self, ctx: NodeContext) -> None:
         self.ctx = ctx
 
-    def apply_packet(self, item: Delivery) -> None:
+    def apply_packet(self, item: Delivery) -> ResultEvent:
+        """Store one result packet (dispatcher hook, idempotent by packet id); the event as
+        stored, for the local sink (bridge.local.contract): this node's patient and referral."""
         bundle = orjson.loads(item.body)
+        self._apply(item, bundle)
+        with self.ctx.store.read() as conn:
+            view = thread_view(conn, item.thread)
+            mine: str | None = None
+            if view is not None:
+                mine = store.get(conn, "Task", view["referral"]["task_id"])["for"]["reference"]
+            elif item.patient_hash:
+                local = store.find_patient_by_hash(conn, item.patient_hash)
+                mine = R.ref(local) if local else None
+        return ResultEvent(item, bundle, mine, view)
+
+    def _apply(self, item: Delivery, bundle: dict[str, Any]) -> None:
         resources = [e.get("resource") or {} for e in bundle.get("entry") or ()]
         if not any(r.get("resourceType") in ("DiagnosticReport", "Observation", "ImagingStudy")
                    for r in resources):
