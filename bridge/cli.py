@@ -527,23 +527,6 @@ def _file_mode_problems(path: Path) -> list[str]:
     return [line for f in files for line in node_file_problems(f)]
 
 
-@app.command()
-def demo(
-    once: Annotated[bool, typer.Option(help="play, check, print a summary and exit")] = False,
-    folder: Annotated[Path, typer.Option(help="demo data folder (wiped first)")] = Path(
-        "demo-data/fuxing"),
-    port_base: Annotated[int, typer.Option(
-        help="move every demo port: N+101..N+107 local, N+1101..N+1107 peer, N+200..N+299 "
-             "vendor systems (default 8000: the shipped ports)", min=1024, max=64000)] = 8000,
-) -> None:
-    """The Fuxing alliance on this machine: seven nodes, a referral scenario, self-checked."""
-    from bridge.demo import run_demo
-    from bridge.filemodes import private_umask
-
-    private_umask()  # the demo's data, keys, logs and its nodes (children inherit it)
-    raise typer.Exit(run_demo(folder, once, port_base))
-
-
 def _env_passphrase(name: str | None) -> bytes | None:
     """The passphrase in environment variable ``name`` (None: no encryption)."""
     if not name:
@@ -558,6 +541,19 @@ def _env_passphrase(name: str | None) -> bytes | None:
 
 
 from bridge.cli_site import site_app  # noqa: E402 - issue 15: hutong site init
+
+
+def _plugin_commands() -> None:
+    """Commands that other installed packages add through the ``hutong.commands`` entry points
+    (the Fuxing demo's ``hutong demo``, package ``demo``): the engine never imports them by
+    name, as with adapters (``hutong.adapters``)."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="hutong.commands"):
+        app.command(name=ep.name)(ep.load())
+
+
+_plugin_commands()
 
 app.add_typer(site_app, name="site")
 

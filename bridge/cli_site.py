@@ -53,7 +53,6 @@ def site_init(
         out.print(f"made  {show(p)}")
     for p in report.kept:
         out.print(f"kept  {show(p)}")
-    from bridge.demo.run import hutong_command
 
     cmd = hutong_command()
     public = show(report.public_keys)  # type: ignore[arg-type]
@@ -67,3 +66,22 @@ def site_init(
     out.print("next:")
     for i, step in enumerate(steps, start=1):
         out.print(f"  {i}. {step}")
+
+
+def hutong_command() -> str:
+    """The ``hutong`` command as this shell can run it: the bare name when PATH finds this
+    very installation, else the venv's script by a path relative to here (``.venv/bin/hutong``
+    after ``make demo``), else absolute."""
+    import os
+    import shutil
+    import sys
+
+    script = Path(sys.executable).parent / "hutong"
+    found = shutil.which("hutong")
+    if found and Path(found).resolve() == script.resolve():
+        return "hutong"
+    try:
+        rel = os.path.relpath(script, Path.cwd())
+    except ValueError:
+        return str(script)
+    return rel if not rel.startswith("..") else str(script)

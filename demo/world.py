@@ -24,10 +24,10 @@ from typing import Any
 
 from bridge.config.loader import load_node
 from bridge.config.scaffold import init_keys_and_secrets
-from bridge.demo.guard import SHIPPED_BASE, ports_in, shift_ports
 from bridge.errors import HutongError
+from demo.guard import SHIPPED_BASE, ports_in, shift_ports
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "config" / "alliances" / "fuxing"
 #: how the shipped node files reach the repository from config/alliances/fuxing/nodes
 REPO_RELATIVE = '"../../../../'

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bridge.demo.world import ROOT, World, wait
 from bridge.errors import HutongError
+from demo.world import ROOT, World, wait
 from simulators.his_db import HisDb
 from simulators.his_hl7 import VendorHis
 from simulators.his_ws import HisWs

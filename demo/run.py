@@ -11,11 +11,12 @@ from typing import Any
 
 from rich.console import Console
 
-from bridge.demo.scenario import Scenario
-from bridge.demo.vendors import Vendors
-from bridge.demo.guard import SHIPPED_BASE, check_free, lock_folder, release
-from bridge.demo.world import PROGRESS, Member, World
+from bridge.cli_site import hutong_command
 from bridge.errors import HutongError
+from demo.guard import SHIPPED_BASE, check_free, lock_folder, release
+from demo.scenario import Scenario
+from demo.vendors import Vendors
+from demo.world import PROGRESS, Member, World
 
 #: pages under /ui by role (bridge/web); the statistics page is the clinicians'
 PAGES = {"clinician": ("/ui/referrals", "转诊 referrals"), "it": ("/ui/it", "运维 IT"),
@@ -106,25 +107,6 @@ def where_to_look(world: World, console: Console) -> None:
     console.print(f"  metrics for Prometheus: curl -H \"Authorization: Bearer $(cat "
                   f"{_token_file(world.members['fuxing'], 'it', secrets)})\" "
                   f"{world.members['fuxing'].url}/metrics")
-
-
-def hutong_command() -> str:
-    """The ``hutong`` command as this shell can run it: the bare name when PATH finds this
-    very installation, else the venv's script by a path relative to here (``.venv/bin/hutong``
-    after ``make demo``), else absolute."""
-    import os
-    import shutil
-    import sys
-
-    script = Path(sys.executable).parent / "hutong"
-    found = shutil.which("hutong")
-    if found and Path(found).resolve() == script.resolve():
-        return "hutong"
-    try:
-        rel = os.path.relpath(script, Path.cwd())
-    except ValueError:
-        return str(script)
-    return rel if not rel.startswith("..") else str(script)
 
 
 def _token_file(m: Member, role: str, secrets: Path) -> str:

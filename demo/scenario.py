@@ -23,11 +23,11 @@ from typing import Any
 from rich.console import Console
 
 from adapters.slips import AcceptanceSlip, ReferralSlip
-from bridge.demo import records
-from bridge.demo.vendors import Vendors, lis_send, modality_push
-from bridge.demo.world import ROOT, World, wait
 from bridge.errors import HutongError
 from bridge.privacy import patient_hash
+from demo import records
+from demo.vendors import Vendors, lis_send, modality_push
+from demo.world import ROOT, World, wait
 from simulators.his_db import HisDb
 from simulators.his_hl7 import VendorHis
 from simulators.his_ws import HisWs
