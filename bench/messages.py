@@ -30,8 +30,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bridge import messages as mb  # noqa: E402
-from bridge.store.db import Store  # noqa: E402
+from bridge import messages as mb
+from bridge.store.db import Store
 
 QUERIES = 200
 CHUNK = 100_000

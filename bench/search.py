@@ -315,7 +315,7 @@ def queries_for(rnd: random.Random, patients: int) -> dict[str, Any]:
     }
 
 
-def NEW_QUERIES(p: Any, born: Any) -> dict[str, Any]:  # noqa: N802 - a table of queries
+def NEW_QUERIES(p: Any, born: Any) -> dict[str, Any]:
     """The parameters of issue #19, each with a value some resources have."""
     def given() -> str:
         return f"/fhir/Patient?given={p():06d}"

@@ -189,14 +189,14 @@ class Mailbox:
         self.controller.stop()
 
 
-@pytest.fixture()
+@pytest.fixture
 def robot() -> Iterator[Robot]:
     r = Robot()
     yield r
     r.close()
 
 
-@pytest.fixture()
+@pytest.fixture
 def mailbox() -> Iterator[Mailbox]:
     m = Mailbox()
     yield m

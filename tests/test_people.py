@@ -302,7 +302,7 @@ def test_two_clinicians_open_the_same_referral_and_the_auditor_sees_both(
     assert [(r["actor"], r["actor_role"], r["address"], r["interaction"]) for r in opened] == [
         ("user:dr.li", "clinician", "127.0.0.1", "read"),
         ("user:dr.chen", "clinician", "127.0.0.1", "read")]
-    assert all(f"Task/" in r["resources"] for r in opened)
+    assert all("Task/" in r["resources"] for r in opened)
     export_rows = [r for r in rows_after(core, before_export) if r["action"] == "export"]
     assert [(r["actor"], r["actor_role"]) for r in export_rows] == [("user:aud.wu", "auditor")]
     # the command line answers the same questions (hash computed locally, typed on stdin)

@@ -11,9 +11,9 @@ from typing import Any
 
 from rich.console import Console
 
+from bridge.demo.guard import SHIPPED_BASE, check_free, lock_folder, release
 from bridge.demo.scenario import Scenario
 from bridge.demo.vendors import Vendors
-from bridge.demo.guard import SHIPPED_BASE, check_free, lock_folder, release
 from bridge.demo.world import PROGRESS, Member, World
 from bridge.errors import HutongError
 

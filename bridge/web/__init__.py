@@ -25,12 +25,12 @@ def web_router(node: Node) -> APIRouter:
     """All /ui routes for one node; also registers the node's alert job (``bridge.alerts``)."""
     from bridge.alerts import Alerter
     from bridge.web.accounts import account_routes
-    from bridge.web.messages import message_routes
     from bridge.web.auditor import auditor_routes
     from bridge.web.clinician import clinician_routes
     from bridge.web.it import it_routes
     from bridge.web.layout import Web
     from bridge.web.login import home_route, login_routes
+    from bridge.web.messages import message_routes
     from bridge.web.slips import slip_routes
     from bridge.web.stats import stats_routes
 
