@@ -112,7 +112,7 @@ def measure(root: Path, n: int) -> dict[str, Any]:
                 ms.append((time.perf_counter() - t) * 1000)
                 found.add(len(rows))
             t = time.perf_counter()
-            first, token = mb.search(conn)
+            _first, token = mb.search(conn)
             first_ms = (time.perf_counter() - t) * 1000
             deep_ms = 0.0
             for _ in range(200):

@@ -63,8 +63,8 @@ class NodeCollector:
         yield g
         yield age
         yield paused
-        for what, helptext in (("received", "packets an adapter handed on (from the local "
-                                            "system)"),
+        for what, helptext in (("received", ("packets an adapter handed on (from the local "
+                                             "system)")),
                                ("sent", "packets delivered to an adapter (to the local system)"),
                                ("failed", "deliveries to an adapter that failed")):
             g = GaugeMetricFamily(f"hutong_adapter_{what}_window", f"{helptext}, in the last "

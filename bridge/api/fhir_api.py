@@ -195,8 +195,8 @@ def _page(conn: Connection, q: Query) -> tuple[list[Any], int | None, str | None
 
 
 #: result parameters that do not change which resources match (the count's estimate key)
-_NOT_MATCHING = ("_count", "_cursor", "_total", "_totalMethod", "_include", "_revinclude", "_sort", "_summary",
-                 "_elements", "_pretty", "_format")
+_NOT_MATCHING = ("_count", "_cursor", "_total", "_totalMethod", "_include", "_revinclude",
+                 "_sort", "_summary", "_elements", "_pretty", "_format")
 
 
 def store_time(value: Any) -> datetime:

@@ -1,12 +1,12 @@
 """Server-rendered web pages on the node's local port, by audience.
 
-``login`` (personal accounts, or for one release the config's role tokens -> session), ``clinician`` (referral inbox and
-outbox, detail, step forms, discharge-and-return), ``slips`` (printable slips), ``auditor``
-(exchange log, chain status, export), ``it`` (alerts, peers, queues, quarantine, adapters,
-mapping gaps, rules), ``stats`` (the yearly-report table with SVG charts), ``accounts``
-(people, roles and API tokens; admin), ``messages`` (the message browser; IT). ``layout``
-holds the page frame; ``fhirview`` renders FHIR resources for people. Every page that shows
-patient data audits the look by name (``Web.audit_read``).
+``login`` (personal accounts, or for one release the config's role tokens -> session),
+``clinician`` (referral inbox and outbox, detail, step forms, discharge-and-return), ``slips``
+(printable slips), ``auditor`` (exchange log, chain status, export), ``it`` (alerts, peers,
+queues, quarantine, adapters, mapping gaps, rules), ``stats`` (the yearly-report table with SVG
+charts), ``accounts`` (people, roles and API tokens; admin), ``messages`` (the message browser;
+IT). ``layout`` holds the page frame; ``fhirview`` renders FHIR resources for people. Every page
+that shows patient data audits the look by name (``Web.audit_read``).
 """
 
 from __future__ import annotations
