@@ -527,7 +527,7 @@ def webhook_body(doc: dict[str, Any], fmt: str) -> dict[str, Any]:
 def _robot_ok(answer: bytes) -> bool:
     """WeCom and DingTalk answer HTTP 200 with ``{"errcode": 0}`` on success."""
     try:
-        return json.loads(answer or b"{}").get("errcode", 0) == 0
+        return bool(json.loads(answer or b"{}").get("errcode", 0) == 0)
     except (ValueError, AttributeError):
         return False
 

@@ -125,7 +125,7 @@ def metrics_router(node: Node, alerter: Alerter | None = None) -> APIRouter:
     from bridge.config.secrets import resolve_secret
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(NodeCollector(node, alerter))  # type: ignore[arg-type]
+    registry.register(NodeCollector(node, alerter))
     tokens = [node.plan.tokens.get("it", "")]
     metrics_cfg: Any = getattr(node.plan, "metrics", None)
     if metrics_cfg is not None and metrics_cfg.token:

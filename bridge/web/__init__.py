@@ -39,7 +39,9 @@ def web_router(node: Node) -> APIRouter:
 
     words.install(node)  # display names of codes from this node's maps (clinical pages)
     alerter = Alerter(node)
-    node.alerter = alerter  # type: ignore[attr-defined] - /metrics reports the active alerts
+    # /metrics reports the active alerts (local_app reads it with getattr); declaring it on Node
+    # would touch bridge/node.py for a web-only attribute
+    node.alerter = alerter  # type: ignore[attr-defined]
     node.add_job("alerts", alerter.run_once, node.plan.alerts.every_s)
     # every form post: the session's anti-forgery token (the origin check is the middleware's,
     # bridge.web.security.SecurityHeaders, installed by the local app)

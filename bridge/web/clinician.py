@@ -132,6 +132,7 @@ def clinician_routes(web: Web) -> APIRouter:
         lang = web.lang(request)
         q = request.query_params
         error = ""
+        filters: dict[str, Any]
         try:
             filters = {k: (q.get(k) or "").strip() or None
                        for k in ("side", "status", "kind", "peer", "q", "after",
