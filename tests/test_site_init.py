@@ -151,7 +151,7 @@ def test_every_command_with_bad_input_answers_one_line(tmp_path: Path) -> None:
         (["quarantine", "show", "--config", node, "99999"], {}),
         (["quarantine", "replay", "--config", missing, "1"], {}),
         (["audit", "verify", "--config", missing], {}),
-        (["audit", "export", "--config", node, "--since", "yesterday"], {}),
+        (["audit", "export", "--config", node, "--since", "next tuesday-ish"], {}),
         (["audit", "anchor-export", "--config", missing, "--peer", "chc-b"], {}),
         (["audit", "verify", "--config", node, "--anchor", str(tmp_path / "no-anchor")], {}),
         (["keys", "init", "--node", "x", "--out", str(tmp_path / "k"), "--passphrase-env",
