@@ -30,8 +30,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bridge import messages as mb  # noqa: E402
-from bridge.store.db import Store  # noqa: E402
+from bridge import messages as mb
+from bridge.store.db import Store
 
 QUERIES = 200
 CHUNK = 100_000
@@ -112,7 +112,7 @@ def measure(root: Path, n: int) -> dict[str, Any]:
                 ms.append((time.perf_counter() - t) * 1000)
                 found.add(len(rows))
             t = time.perf_counter()
-            first, token = mb.search(conn)
+            _first, token = mb.search(conn)
             first_ms = (time.perf_counter() - t) * 1000
             deep_ms = 0.0
             for _ in range(200):

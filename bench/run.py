@@ -39,11 +39,10 @@ import exchange as ex
 import orjson
 import results as lis_results
 from growth import growth
+from messages import messages
 from relay import relay
 from scaleout import scaleout
 from search import search
-
-from messages import messages  # noqa: I001 - bench/ modules by name, like the others
 
 
 def machine() -> dict[str, Any]:

@@ -5,8 +5,8 @@ rows (one Patient per ten resources, nine Observations per Patient) together wit
 rows (``fhir_token``: identifiers, codes, categories, genders; ``fhir_date``: effective times and
 birth dates; ``fhir_string``: names), exactly as ``bridge.fhirstore.store.put`` would write them
 (search columns from ``search_columns``, index rows from ``token_rows``, ``date_rows``,
-``string_rows``; no ``fhir_history`` rows, which search does not read). The loader writes finished rows with
-``executemany`` on the raw sqlite3 connection, 250 k rows per transaction, with
+``string_rows``; no ``fhir_history`` rows, which search does not read). The loader writes
+finished rows with ``executemany`` on the raw sqlite3 connection, 250 k rows per transaction, with
 ``synchronous=OFF`` and a large page cache for the load only (the node reopens the file with
 its own settings). Loading through the API would take hours at 1 M. Then the node is started
 and one keep-alive client (clinician token) asks each query for ``SECONDS_PER_QUERY``:
@@ -315,7 +315,7 @@ def queries_for(rnd: random.Random, patients: int) -> dict[str, Any]:
     }
 
 
-def NEW_QUERIES(p: Any, born: Any) -> dict[str, Any]:  # noqa: N802 - a table of queries
+def NEW_QUERIES(p: Any, born: Any) -> dict[str, Any]:
     """The parameters of issue #19, each with a value some resources have."""
     def given() -> str:
         return f"/fhir/Patient?given={p():06d}"

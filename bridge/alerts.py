@@ -516,7 +516,7 @@ def webhook_body(doc: dict[str, Any], fmt: str) -> dict[str, Any]:
     Robot texts start with "互通" so a DingTalk keyword rule can allow them."""
     if fmt == "json":
         return doc
-    title, body = alert_text(doc)
+    _title, body = alert_text(doc)
     if fmt == "wecom":
         return {"msgtype": "text", "text": {"content": body}}
     if fmt == "dingtalk":
@@ -527,7 +527,7 @@ def webhook_body(doc: dict[str, Any], fmt: str) -> dict[str, Any]:
 def _robot_ok(answer: bytes) -> bool:
     """WeCom and DingTalk answer HTTP 200 with ``{"errcode": 0}`` on success."""
     try:
-        return json.loads(answer or b"{}").get("errcode", 0) == 0
+        return bool(json.loads(answer or b"{}").get("errcode", 0) == 0)
     except (ValueError, AttributeError):
         return False
 

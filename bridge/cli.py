@@ -584,7 +584,7 @@ def main() -> None:
         raise
     except KeyboardInterrupt:
         sys.exit(130)
-    except Exception as exc:  # noqa: BLE001 - the promise: one line with a code, no traceback
+    except Exception as exc:  # the promise: one line with a code, no traceback
         if os.environ.get("HUTONG_DEBUG"):
             raise
         err.print(f"error: {_one_line(exc)}")

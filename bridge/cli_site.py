@@ -38,8 +38,8 @@ def site_init(
     report = init_site(alliance_dir, node, local_bind=local_bind, peer_bind=peer_bind,
                        new_hash_key=new_patient_hash_key, passphrase=passphrase)
     if passphrase_env and report.node_file in report.made:
-        text = report.node_file.read_text(encoding="utf-8")  # type: ignore[union-attr]
-        report.node_file.write_text(text.replace(  # type: ignore[union-attr]
+        text = report.node_file.read_text(encoding="utf-8")
+        report.node_file.write_text(text.replace(
             f'encryption = "../keys/{node}.enc.key"\n',
             f'encryption = "../keys/{node}.enc.key"\npassphrase = "env:{passphrase_env}"\n'),
             encoding="utf-8")
@@ -56,8 +56,8 @@ def site_init(
 
     cmd = hutong_command()
     public = show(report.public_keys)  # type: ignore[arg-type]
-    steps = [f"send {public} to every other member (they put it in their keys/ folder); "
-             f"put theirs in {show(alliance_dir / 'keys')}"]
+    steps = [(f"send {public} to every other member (they put it in their keys/ folder); "
+              f"put theirs in {show(alliance_dir / 'keys')}")]
     if report.hash_key_placeholder:
         steps.append(f"copy the alliance's patient-hash key over the placeholder in "
                      f"{show(alliance_dir / 'secrets')} (the node refuses to start until then)")

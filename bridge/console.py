@@ -137,16 +137,16 @@ def snapshot(node: Node) -> Snapshot:
                                  for p in hops}
     adapters: dict[str, Channel] = {}
     for name, adapter in sorted((getattr(node, "adapters", {}) or {}).items()):
-        ch = Channel("adapter", name, paused=f"adapter:{name}" in paused)
+        chan = Channel("adapter", name, paused=f"adapter:{name}" in paused)
         try:
             st = dict(adapter.status())
         except Exception as exc:  # noqa: BLE001 - a broken status() is itself news
             st = {"last_error": f"status() failed: {type(exc).__name__}"}
-        ch.counters = {str(k): int(v) for k, v in (st.get("counters") or {}).items()
-                       if isinstance(v, int | float)}
-        ch.last_error = st.get("last_error")
-        ch.last_ok_at = st.get("last_ok_at")
-        adapters[name] = ch
+        chan.counters = {str(k): int(v) for k, v in (st.get("counters") or {}).items()
+                         if isinstance(v, int | float)}
+        chan.last_error = st.get("last_error")
+        chan.last_ok_at = st.get("last_ok_at")
+        adapters[name] = chan
     totals: dict[str, int] = {}
 
     def peer(name: str | None) -> Channel | None:

@@ -63,8 +63,8 @@ class NodeCollector:
         yield g
         yield age
         yield paused
-        for what, helptext in (("received", "packets an adapter handed on (from the local "
-                                            "system)"),
+        for what, helptext in (("received", ("packets an adapter handed on (from the local "
+                                             "system)")),
                                ("sent", "packets delivered to an adapter (to the local system)"),
                                ("failed", "deliveries to an adapter that failed")):
             g = GaugeMetricFamily(f"hutong_adapter_{what}_window", f"{helptext}, in the last "
@@ -125,7 +125,7 @@ def metrics_router(node: Node, alerter: Alerter | None = None) -> APIRouter:
     from bridge.config.secrets import resolve_secret
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(NodeCollector(node, alerter))  # type: ignore[arg-type]
+    registry.register(NodeCollector(node, alerter))
     tokens = [node.plan.tokens.get("it", "")]
     metrics_cfg: Any = getattr(node.plan, "metrics", None)
     if metrics_cfg is not None and metrics_cfg.token:

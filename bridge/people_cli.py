@@ -12,7 +12,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 from rich.console import Console
@@ -237,8 +237,9 @@ def audit_who(
     f = {"since": when(since, ctx), "until": when(until, ctx), "patient_hash": patient,
          "actor": actor, "action": "read"}
     if fmt in ("csv", "ndjson"):
+        out_fmt: Literal["ndjson", "csv"] = "csv" if fmt == "csv" else "ndjson"
         with ctx.store.read() as conn:
-            n = export(conn, sys.stdout, fmt=fmt, **f)
+            n = export(conn, sys.stdout, fmt=out_fmt, **f)
         with ctx.store.write() as conn:
             ctx.audit.append(conn, [AuditEntry(
                 action="export", actor=cli_actor(), at=ctx.now(),

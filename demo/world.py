@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -123,14 +124,18 @@ class World:
         init_keys_and_secrets(self.folder)
         (self.folder / "his").mkdir()
         for f in sorted((self.folder / "nodes").glob("*.toml")):
-            plan = load_node(f)
-            for a in plan.adapters:
-                dsn = a.options.get("dsn")
+            # the vendor databases' DSN secrets first: loading a node checks its adapters'
+            # options, and a `dsn = "file:..."` must then name a file that is there
+            raw = tomllib.loads(f.read_text(encoding="utf-8"))
+            node_id = raw["node_id"]
+            for a in raw.get("adapters", []):
+                dsn = (a.get("options") or {}).get("dsn")
                 if isinstance(dsn, str) and dsn.startswith("file:"):
                     secret = (f.parent / dsn[5:]).resolve()
-                    db = (self.folder / "his" / f"{plan.node_id}.db").resolve()
+                    db = (self.folder / "his" / f"{node_id}.db").resolve()
                     secret.write_text(f"sqlite:///{db}\n", encoding="utf-8")
                     os.chmod(secret, 0o600)
+            plan = load_node(f)
             self.members[plan.node_id] = Member(plan.node_id, f, plan)
 
     def start_nodes(self) -> None:

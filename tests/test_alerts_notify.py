@@ -189,14 +189,14 @@ class Mailbox:
         self.controller.stop()
 
 
-@pytest.fixture()
+@pytest.fixture
 def robot() -> Iterator[Robot]:
     r = Robot()
     yield r
     r.close()
 
 
-@pytest.fixture()
+@pytest.fixture
 def mailbox() -> Iterator[Mailbox]:
     m = Mailbox()
     yield m
@@ -296,7 +296,7 @@ def test_adapter_tls_certificates_are_read_for_expiry(tmp_path: Path) -> None:
     from bridge.config.models import AdapterSettings
     from tests.lis_site import self_signed
 
-    cert, key = self_signed(tmp_path / "tls")
+    self_signed(tmp_path / "tls")  # writes tls/lis.crt and tls/lis.key, named below
     adapters = [AdapterSettings(name="lis", type="lis-hl7", mappings=None, receives=(),
                                 options=MappingProxyType({"tls": {"cert": "tls/lis.crt",
                                                                   "key": "tls/lis.key"}}),

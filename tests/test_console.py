@@ -18,7 +18,6 @@ import re
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import jsonschema_rs
@@ -107,6 +106,7 @@ def test_metrics_need_a_token_and_speak_prometheus(trio: Alliance) -> None:
     assert status == 200 and ctype.startswith("text/plain; version=")
     status, _, by_it = scrape(core, core.token("it"))
     assert status == 200
+    assert value(by_it, "hutong_node_info", node="core", role="core") == 1.0
     assert value(text, "hutong_node_info", node="core", role="core") == 1.0
     for peer in ("chc", "sec"):
         assert value(text, "hutong_paused", kind="peer", name=peer) == 0.0

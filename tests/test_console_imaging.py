@@ -62,7 +62,7 @@ def study(patient_ref: str) -> dict[str, Any]:
 
 
 def test_patient_imaging_on_the_referral_with_viewer_and_fetch(pair: Alliance) -> None:
-    chc, core = pair.node("chc"), pair.node("core")
+    chc = pair.node("chc")
     thread = new_thread(chc, referral("up-exam", "core", mrn="IM0001", icd10="I63.9"))
     both(pair, thread, "received", "received")
     phash = state(chc, thread)["patient_hash"]

@@ -59,11 +59,12 @@ def test_demo_once_plays_the_scenario_and_exits_zero(tmp_path: Path) -> None:
         wait_for(lambda: lock.exists() and lock.read_text().strip() == str(first.pid),
                  timeout=60, what="the first demo's lock")
         # a second demo on the same folder refuses in one line and touches nothing
-        second = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=60)
+        second = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=ROOT,
+                                timeout=60)
         assert second.returncode == 2 and second.stdout == ""
         assert second.stderr.strip().splitlines() == [
-            f"error: HT-DEMO-LOCKED: demo folder {folder} is in use by another 'hutong demo' "
-            f"(pid {first.pid}); stop it first or use --folder elsewhere (and --port-base)"]
+            (f"error: HT-DEMO-LOCKED: demo folder {folder} is in use by another 'hutong demo' "
+             f"(pid {first.pid}); stop it first or use --folder elsewhere (and --port-base)")]
         out, errtext = first.communicate(timeout=300)
     finally:
         if first.poll() is None:
@@ -102,7 +103,8 @@ def test_demo_once_plays_the_scenario_and_exits_zero(tmp_path: Path) -> None:
     # commands printed as they run from here (the venv's script unless PATH finds it)
     (line,) = [x for x in lines if "quarantine at the command line" in x]
     command = line.split(": ", 1)[1].split()
-    shown = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=60)
+    shown = subprocess.run(command, check=False, capture_output=True, text=True, cwd=ROOT,
+                           timeout=60)
     assert shown.returncode == 0, shown.stderr
     assert "HT-LIS" in shown.stdout or "AE" in shown.stdout or "lis" in shown.stdout
     # every process the demo started is gone: the ports are free again
@@ -121,8 +123,8 @@ def test_demo_with_a_taken_port_fails_at_once_naming_it(tmp_path: Path) -> None:
         holder.bind(("127.0.0.1", base + 203))  # the Fuxing LIS port after --port-base
         holder.listen()
         r = subprocess.run([sys.executable, "-m", "bridge.cli", "demo", "--once", "--folder",
-                            str(folder), "--port-base", str(base)], capture_output=True,
-                           text=True, cwd=ROOT, timeout=60)
+                            str(folder), "--port-base", str(base)], check=False,
+                           capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     (line,) = r.stderr.strip().splitlines()
     assert line.startswith(f"error: HT-PORT-IN-USE: port {base + 203} on 127.0.0.1 is already "

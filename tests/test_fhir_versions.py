@@ -307,7 +307,8 @@ def test_if_match_and_prefer(core: NodeProcess, chc: NodeProcess) -> None:
     assert r.headers["location"] == f"{core.local_url}/fhir/Task/{task['id']}/_history/{v + 1}"
     got = ok(call(core, "GET", r.headers["location"]))
     assert got["status"] == "accepted" and got["output"] == accept["output"]
-    modified = datetime.strptime(r.headers["last-modified"], "%a, %d %b %Y %H:%M:%S GMT")
+    modified = datetime.strptime(r.headers["last-modified"], "%a, %d %b %Y %H:%M:%S GMT"
+                                 ).replace(tzinfo=UTC)
     assert got["meta"]["lastUpdated"].startswith(modified.strftime("%Y-%m-%dT%H:%M:%S"))
     # return=representation (also the default): the stored resource
     r = call(core, "PUT", f"/fhir/Task/{task['id']}", body={**got, "status": "in-progress"},

@@ -9,6 +9,7 @@ name field).
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import re
 import secrets
@@ -167,7 +168,8 @@ class Accounts:
         self._change(name, {"disabled": False, "failed": 0, "locked_until": None}, by,
                      "account enabled")
 
-    def set_roles(self, name: str, roles: list[str] | str, *, by: str = "cli") -> None:
+    def set_roles(self, name: str, roles: builtins.list[str] | str, *, by: str = "cli"
+                  ) -> None:
         role_list = ",".join(check_roles(roles))
         self._change(name, {"roles": role_list}, by, "roles changed", roles=role_list)
 
@@ -204,8 +206,8 @@ class Accounts:
             if ok and row["totp_secret"]:
                 import pyotp
 
-                ok = bool(totp_code) and pyotp.TOTP(row["totp_secret"]).verify(
-                    totp_code.strip(), valid_window=1)
+                ok = bool(totp_code and pyotp.TOTP(row["totp_secret"]).verify(
+                    totp_code.strip(), valid_window=1))
                 why = "wrong second factor"
             if row["disabled"]:
                 ok, why = False, "account disabled"
@@ -256,14 +258,16 @@ class Accounts:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             import ldap3  # optional dependency: only nodes with a directory need it
+            from ldap3.core.exceptions import LDAPException
+            from ldap3.utils.dn import escape_rdn
 
-            dn = self.ldap_user_dn.replace("{user}", ldap3.utils.dn.escape_rdn(name))
+            dn = self.ldap_user_dn.replace("{user}", escape_rdn(name))
             try:
                 conn = ldap3.Connection(ldap3.Server(self.ldap_url, connect_timeout=5),
                                         user=dn, password=password, receive_timeout=5)
                 ok = bool(conn.bind())
                 conn.unbind()
-            except ldap3.core.exceptions.LDAPException:
+            except LDAPException:
                 return False
         return ok
 
@@ -280,7 +284,8 @@ class Accounts:
 
     # -- API tokens --------------------------------------------------------------------------
 
-    def issue_token(self, owner: str, *, kind: str = "user", roles: list[str] | str | None = None,
+    def issue_token(self, owner: str, *, kind: str = "user",
+                    roles: builtins.list[str] | str | None = None,
                     by: str = "cli") -> tuple[str, str]:
         """(token id, secret): the secret is shown once and kept only as its sha256. A user's
         token carries the user's roles unless fewer are asked for; a client names its roles."""
@@ -316,7 +321,7 @@ class Accounts:
                 raise NotFound("no live token with that id")
             self._audit(conn, "token", by, message="token revoked", token=tid)
 
-    def tokens(self) -> list[dict[str, Any]]:
+    def tokens(self) -> builtins.list[dict[str, Any]]:
         with self.ctx.store.read() as conn:
             rows = conn.execute(select(TOKENS).order_by(TOKENS.c.created_at)).all()
         return [{k: v for k, v in r._mapping.items() if k != "digest"} for r in rows]

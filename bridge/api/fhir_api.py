@@ -33,6 +33,13 @@ from starlette.responses import Response
 
 from bridge.api.auth import actor_of, principal_of, who
 from bridge.api.capability import AUDIT_TYPE, CLINICAL_TYPES, UPDATABLE, capability_statement
+from bridge.api.fhir_audit import (
+    AUDIT,
+    read_audit_event,
+    read_entries,
+    redacted_query,
+    search_audit,
+)
 from bridge.api.fhir_http import (
     etag,
     if_match,
@@ -40,13 +47,6 @@ from bridge.api.fhir_http import (
     not_modified_response,
     version_headers,
     written,
-)
-from bridge.api.fhir_audit import (
-    AUDIT,
-    read_audit_event,
-    read_entries,
-    redacted_query,
-    search_audit,
 )
 from bridge.api.fhir_results import included, revincluded, sort_order, subset
 from bridge.api.fhir_search import Query, encode_cursor, parse_query
@@ -195,8 +195,8 @@ def _page(conn: Connection, q: Query) -> tuple[list[Any], int | None, str | None
 
 
 #: result parameters that do not change which resources match (the count's estimate key)
-_NOT_MATCHING = ("_count", "_cursor", "_total", "_totalMethod", "_include", "_revinclude", "_sort", "_summary",
-                 "_elements", "_pretty", "_format")
+_NOT_MATCHING = ("_count", "_cursor", "_total", "_totalMethod", "_include", "_revinclude",
+                 "_sort", "_summary", "_elements", "_pretty", "_format")
 
 
 def store_time(value: Any) -> datetime:

@@ -7,8 +7,9 @@ Includes are primary-key reads of the references on the page; revincludes are in
 each bounded by ``MAX_INCLUDED`` (past it the Bundle carries a warning). Subsets follow R4:
 ``_summary=true`` keeps the elements the R4 definitions mark as summary (read from the
 ``fhir.resources`` R4B models, whose flags are R4's for the types served here), ``text`` keeps
-the narrative and the required elements (min 1, from the same models), ``data`` drops the narrative, ``_elements`` keeps the
-listed elements and the required ones; each subset is tagged ``SUBSETTED``.
+the narrative and the required elements (min 1, from the same models), ``data`` drops the
+narrative, ``_elements`` keeps the listed elements and the required ones; each subset is
+tagged ``SUBSETTED``.
 """
 
 from __future__ import annotations

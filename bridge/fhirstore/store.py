@@ -148,11 +148,11 @@ def token_rows(resource: dict[str, Any]) -> list[dict[str, str]]:
                          "system": key[0], "value": key[1]})
     for param, (kind, path) in CODED.get(rtype, {}).items():
         for system, code in _coded_values(rtype, param, kind, resource.get(path)):
-            key = (param, token_key(system), token_key(code))
-            if key not in seen_coded:
-                seen_coded.add(key)
+            coded = (param, token_key(system), token_key(code))
+            if coded not in seen_coded:
+                seen_coded.add(coded)
                 rows.append({"rtype": rtype, "id": rid, "param": param,
-                             "system": key[1], "value": key[2]})
+                             "system": coded[1], "value": coded[2]})
     return rows
 
 
@@ -512,7 +512,7 @@ def history(conn: Connection, rtype: str, rid: str | None = None, *, count: int 
     if since is not None:
         stmt = stmt.where(H.c.at >= since)
     rows = conn.execute(stmt.order_by(H.c.seq.desc()).limit(count + 1)).all()
-    return rows[:count], len(rows) > count
+    return list(rows[:count]), len(rows) > count
 
 
 def current_version(conn: Connection, rtype: str, rid: str) -> int | None:

@@ -16,8 +16,8 @@ from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.exc import OperationalError
 from sqlmodel import SQLModel
 
-from bridge.errors import StoreError
 from bridge.accounts import tables as _account_tables  # noqa: F401
+from bridge.errors import StoreError
 from bridge.fhirstore import tables as _fhir_tables  # noqa: F401
 from bridge.local import tables as _local_tables  # noqa: F401
 from bridge.mapping import tables as _mapping_tables  # noqa: F401

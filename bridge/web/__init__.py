@@ -1,12 +1,12 @@
 """Server-rendered web pages on the node's local port, by audience.
 
-``login`` (personal accounts, or for one release the config's role tokens -> session), ``clinician`` (referral inbox and
-outbox, detail, step forms, discharge-and-return), ``slips`` (printable slips), ``auditor``
-(exchange log, chain status, export), ``it`` (alerts, peers, queues, quarantine, adapters,
-mapping gaps, rules), ``stats`` (the yearly-report table with SVG charts), ``accounts``
-(people, roles and API tokens; admin), ``messages`` (the message browser; IT). ``layout``
-holds the page frame; ``fhirview`` renders FHIR resources for people. Every page that shows
-patient data audits the look by name (``Web.audit_read``).
+``login`` (personal accounts, or for one release the config's role tokens -> session),
+``clinician`` (referral inbox and outbox, detail, step forms, discharge-and-return), ``slips``
+(printable slips), ``auditor`` (exchange log, chain status, export), ``it`` (alerts, peers,
+queues, quarantine, adapters, mapping gaps, rules), ``stats`` (the yearly-report table with SVG
+charts), ``accounts`` (people, roles and API tokens; admin), ``messages`` (the message browser;
+IT). ``layout`` holds the page frame; ``fhirview`` renders FHIR resources for people. Every page
+that shows patient data audits the look by name (``Web.audit_read``).
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ def web_router(node: Node) -> APIRouter:
     """All /ui routes for one node; also registers the node's alert job (``bridge.alerts``)."""
     from bridge.alerts import Alerter
     from bridge.web.accounts import account_routes
-    from bridge.web.messages import message_routes
     from bridge.web.auditor import auditor_routes
     from bridge.web.clinician import clinician_routes
     from bridge.web.it import it_routes
     from bridge.web.layout import Web
     from bridge.web.login import home_route, login_routes
+    from bridge.web.messages import message_routes
     from bridge.web.slips import slip_routes
     from bridge.web.stats import stats_routes
 
@@ -39,7 +39,9 @@ def web_router(node: Node) -> APIRouter:
 
     words.install(node)  # display names of codes from this node's maps (clinical pages)
     alerter = Alerter(node)
-    node.alerter = alerter  # type: ignore[attr-defined] - /metrics reports the active alerts
+    # /metrics reports the active alerts (local_app reads it with getattr); declaring it on Node
+    # would touch bridge/node.py for a web-only attribute
+    node.alerter = alerter  # type: ignore[attr-defined]
     node.add_job("alerts", alerter.run_once, node.plan.alerts.every_s)
     # every form post: the session's anti-forgery token (the origin check is the middleware's,
     # bridge.web.security.SecurityHeaders, installed by the local app)

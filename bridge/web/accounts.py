@@ -42,10 +42,11 @@ def account_routes(web: Web) -> APIRouter:
               e(t(lang, "disabled") if u["disabled"] else
                 t(lang, "locked") if u["locked"] else t(lang, "active")),
               "✔" if u["totp"] else "", e(fmt_time(u["last_login_at"])),
-              f'<form method="post" action="/ui/accounts/{"enable" if u["disabled"] else "disable"}"'
-              f' class="inline"><input type="hidden" name="name" value="{e(u["name"])}">'
-              f'<button type="submit">{e(t(lang, "enable" if u["disabled"] else "disable"))}'
-              f'</button></form>'] for u in users], t(lang, "none"), "accounts")
+              (f'<form method="post" '
+               f'action="/ui/accounts/{"enable" if u["disabled"] else "disable"}"'
+               f' class="inline"><input type="hidden" name="name" value="{e(u["name"])}">'
+               f'<button type="submit">{e(t(lang, "enable" if u["disabled"] else "disable"))}'
+               f'</button></form>')] for u in users], t(lang, "none"), "accounts")
         toks = table(
             ["id", t(lang, "owner"), t(lang, "roles"), t(lang, "created"), t(lang, "state"), ""],
             [[e(k["id"]), e(f'{k["owner_kind"]}:{k["owner"]}'), e(k["roles"]),

@@ -2,8 +2,8 @@
 
 Filters: time (since inclusive, until exclusive; bridge.timeinput's rule), member (the peer
 of the exchange), kind, action, outcome, patient hash (or the ID-number lookup), actor; counts
-and keyset pages. The log holds keyed patient hashes only, never names. Export streams the same selection as CSV (with a BOM for
-Excel) or FHIR AuditEvent ndjson carrying the chain hashes.
+and keyset pages. The log holds keyed patient hashes only, never names. Export streams the same
+selection as CSV (with a BOM for Excel) or FHIR AuditEvent ndjson carrying the chain hashes.
 """
 
 from __future__ import annotations
@@ -106,9 +106,11 @@ def auditor_routes(web: Web) -> APIRouter:
         kinds = sorted({k for r in plan.rules.describe() for k in r["kinds"] if k != "*"})
         outcomes = [(o, f'{o} {t(lang, "outcome_" + o)}') for o in ("0", "4", "8", "12")]
         form = (f'<form method="get" action="/ui/audit" class="inline noprint audit-filter">'
-                f'<label>{e(t(lang, "since"))} <input name="since" size="18" placeholder="2026-12-01 / -2h / yesterday" '
+                f'<label>{e(t(lang, "since"))} <input name="since" size="18" '
+                f'placeholder="2026-12-01 / -2h / yesterday" '
                 f'value="{e(q.get("since"))}"></label>'
-                f'<label>{e(t(lang, "until"))} <input name="until" size="18" placeholder="2026-12-01 / -2h / yesterday" '
+                f'<label>{e(t(lang, "until"))} <input name="until" size="18" '
+                f'placeholder="2026-12-01 / -2h / yesterday" '
                 f'value="{e(q.get("until"))}"></label>'
                 f'<label>{e(t(lang, "member"))} <select name="peer">'
                 f'{opts(members, q.get("peer"))}</select></label>'

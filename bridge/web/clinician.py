@@ -20,8 +20,8 @@ from bridge.fhirstore import store
 from bridge.privacy import patient_hash
 from bridge.referral.states import check
 from bridge.referral.tables import REFERRAL, REFERRAL_STEP
-from bridge.web import fhirview as fv
 from bridge.timeinput import TIME_RULE
+from bridge.web import fhirview as fv
 from bridge.web import referral_list
 from bridge.web.i18n import STATUS, kind_name, pilot_name, status_name, step_name, t
 from bridge.web.layout import Web, e, fmt_time, parse_time, read_form, table
@@ -132,6 +132,7 @@ def clinician_routes(web: Web) -> APIRouter:
         lang = web.lang(request)
         q = request.query_params
         error = ""
+        filters: dict[str, Any]
         try:
             filters = {k: (q.get(k) or "").strip() or None
                        for k in ("side", "status", "kind", "peer", "q", "after",

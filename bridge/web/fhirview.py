@@ -14,8 +14,8 @@ from typing import Any
 
 from bridge.referral.codes import ICD10
 from bridge.web.i18n import t
-from bridge.web.words import resource_status
 from bridge.web.layout import e, fmt_time, table
+from bridge.web.words import resource_status
 
 _TAGS = re.compile(r"<[^>]+>")
 FLAGS = ("H", "HH", "L", "LL", "A", "AA", "N")

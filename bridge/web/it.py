@@ -19,10 +19,10 @@ from bridge.alerts import Alerter
 from bridge.errors import HutongError
 from bridge.store import quarantine
 from bridge.store.tables import INBOX, QUARANTINE
-from bridge.web.i18n import kind_name, t
-from bridge.web.layout import Web, e, fmt_age, fmt_time, table
 from bridge.web import console_labels  # noqa: F401 - labels of the new rules and the dashboard
 from bridge.web.dashboard import dashboard_section
+from bridge.web.i18n import kind_name, t
+from bridge.web.layout import Web, e, fmt_age, fmt_time, table
 
 
 def mapping_gaps(web: Web) -> list[dict[str, Any]] | None:

@@ -21,9 +21,9 @@ from fastapi import Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from bridge.errors import CsrfRefused, HutongError
+from bridge.timeinput import parse_when, show, zone
 from bridge.web.i18n import LANG_COOKIE, pick_lang, t
 from bridge.web.security import CSRF_FIELD, SAFE_METHODS, same_token
-from bridge.timeinput import parse_when, show, zone
 from bridge.web.session import Session, Sessions
 
 if TYPE_CHECKING:

@@ -64,8 +64,8 @@ def slip_routes(web: Web) -> APIRouter:
             enc = next((r for r in back.get("Encounter", [])), {})
             period = enc.get("period") or {}
             body = fields(lang, [*common, ("reason", fv.reasons(sr)),
-                                 ("stay", f'{fv.when(period.get("start"), lang)} – '
-                                          f'{fv.when(period.get("end"), lang)}'),
+                                 ("stay", (f'{fv.when(period.get("start"), lang)} – '
+                                           f'{fv.when(period.get("end"), lang)}')),
                                  ("instructions", fv.notes(down)),
                                  ("completed_at", fmt_time(row["completed_at"]))])
             body += f'<h3>{e(t(lang, "documents"))}</h3>{fv.documents(lang, back)}'
