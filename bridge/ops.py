@@ -111,8 +111,8 @@ def quarantine_replay(
     Peer packets are re-checked as of the moment they first arrived, so the clock window is
     judged against their original arrival, not against today. Items an adapter quarantined
     (``source = "adapter:<name>"``) go back to that adapter's optional ``replay(raw) -> str``
-    (see ``bridge/local/contract.py``); that needs the running node's adapters (``adapters``), so the
-    CLI hands them to the node's local API.
+    (see ``bridge/local/contract.py``); that needs the running node's adapters (``adapters``),
+    so the CLI hands them to the node's local API.
     """
     from bridge.crypto import envelope as env
 

@@ -133,16 +133,16 @@ def test_listener_ports_may_not_clash(tmp_path: Path) -> None:
          "options": {"listen": f"0.0.0.0:{port}", "his": "127.0.0.1:9"}}]), MEMBERS[1]]
     alliance = Alliance(tmp_path / "alliance", members, RULES)
     assert check_alliance(alliance.folder) == [
-        f"nodes/core.toml: adapters.his.options: listens on 0.0.0.0:{port}, which is also "
-        f"adapters.lis's port"]
+        (f"nodes/core.toml: adapters.his.options: listens on 0.0.0.0:{port}, which is also "
+        f"adapters.lis's port")]
     # on the node's own local port
     core = alliance.files["core"]
     local = tomllib.loads(core.read_text())["local_bind"]
     text = core.read_text().replace(f'"listen" = "0.0.0.0:{port}"', f'"listen" = "{local}"')
     core.write_text(text)
     assert check_alliance(alliance.folder) == [
-        f"nodes/core.toml: adapters.his.options: listens on {local}, which is also "
-        f"local_bind's port"]
+        (f"nodes/core.toml: adapters.his.options: listens on {local}, which is also "
+        f"local_bind's port")]
 
 
 def test_a_missing_type_and_mapping_folder_are_named(tmp_path: Path) -> None:
@@ -162,7 +162,7 @@ def test_config_check_command_names_file_and_key(tmp_path: Path) -> None:
     alliance = alliance_with(tmp_path, "lis-hl7", {**opts, "timezone": "Beijing", "prot": 1})
     r = subprocess.run([sys.executable, "-m", "bridge.cli", "config", "check",
                         str(alliance.files["core"])], capture_output=True, text=True, cwd=ROOT,
-                       timeout=60, env={"COLUMNS": "400", "PATH": "/usr/bin:/bin"})
+                       timeout=60, check=False, env={"COLUMNS": "400", "PATH": "/usr/bin:/bin"})
     assert r.returncode != 0
     assert "adapters.local.options.timezone: String should match pattern" in r.stderr
     assert "adapters.local.options.prot: Extra inputs are not permitted" in r.stderr
@@ -170,7 +170,7 @@ def test_config_check_command_names_file_and_key(tmp_path: Path) -> None:
     good = alliance_with(tmp_path / "good", "lis-hl7", opts)
     r = subprocess.run([sys.executable, "-m", "bridge.cli", "config", "check",
                         str(good.files["core"])], capture_output=True, text=True, cwd=ROOT,
-                       timeout=60, env={"COLUMNS": "400", "PATH": "/usr/bin:/bin"})
+                       timeout=60, check=False, env={"COLUMNS": "400", "PATH": "/usr/bin:/bin"})
     assert r.returncode == 0, r.stderr
     load_node(good.files["core"])
 
@@ -231,8 +231,8 @@ def test_transient_and_ambiguous_failures_are_retried_permanent_ones_dead_letter
         rows = _rows(node)
         assert sink.taken == []
         for pid, error in (("p-transient", "HT-TRANSPORT: HIS refused the connection"),
-                           ("p-oserror", "HT-TRANSPORT: local handler failed: "
-                                         "ConnectionResetError"),
+                           ("p-oserror", ("HT-TRANSPORT: local handler failed: "
+                                         "ConnectionResetError")),
                            ("p-ambiguous", "HT-AMBIGUOUS: sent, no answer"),
                            ("p-bug", "HT-AMBIGUOUS: local handler failed: KeyError")):
             assert (rows[pid].state, rows[pid].attempts, rows[pid].last_error) == \

@@ -59,9 +59,13 @@ def check_keyed_state(store: Store) -> None:
 
 def test_a_transaction_commits_all_or_nothing(store: Store) -> None:
     a = AdapterState(store, "his", _now)
-    with pytest.raises(RuntimeError), a.tx() as kv:
-        kv.put("patients", "MRN1", {"name": "x"})
-        raise RuntimeError("crash in the middle")
+    def crash() -> None:
+        with a.tx() as kv:
+            kv.put("patients", "MRN1", {"name": "x"})
+            raise RuntimeError("crash in the middle")
+
+    with pytest.raises(RuntimeError, match="crash in the middle"):
+        crash()
     assert a.get("patients", "MRN1") is None
     with a.tx() as kv:
         kv.put("patients", "MRN1", {"name": "y"})

@@ -100,7 +100,6 @@ from adapters.slips import AcceptanceSlip, LabResult, Prescription, ReferralSlip
 from adapters.visits import Visit
 from bridge import faults
 from bridge.delivery.handlers import Delivery
-from bridge.local.contract import ReferralEvent, ResultEvent
 from bridge.errors import (
     HutongError,
     IllegalTransition,
@@ -109,6 +108,7 @@ from bridge.errors import (
     StoreError,
     UnknownReference,
 )
+from bridge.local.contract import ReferralEvent, ResultEvent
 from bridge.mapping import FieldMapError, load_field_map
 
 log = logging.getLogger("hutong.adapters.his_db")

@@ -117,8 +117,8 @@ def resolve(opts: Options, settings: AdapterSettings) -> tuple[Resolved | None, 
     elif settings.mappings is not None:
         fields = Path(settings.mappings)
     else:
-        problems.append(("fields", "no field map folder (set 'fields' or the adapter's "
-                                   "'mappings')"))
+        problems.append(("fields", ("no field map folder (set 'fields' or the adapter's "
+                                   "'mappings')")))
     if fields is not None and not (fields / "fields").is_dir():
         problems.append(("fields", f"{fields} has no fields/ folder"))
     if fields is not None and not problems:

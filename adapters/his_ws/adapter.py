@@ -69,8 +69,8 @@ from adapters.his_ws.errors import (
 )
 from adapters.his_ws.ledger import Ledger
 from adapters.his_ws.soap import Pending
-from bridge.local.contract import AdapterType, ReferralEvent, ResultEvent
 from bridge.errors import HutongError, Retry, WorkflowError
+from bridge.local.contract import AdapterType, ReferralEvent, ResultEvent
 
 #: which element a workflow refusal points at, by document type
 WORKFLOW_FIELD = {

@@ -369,7 +369,8 @@ class EgressConfig(_Model):
 
 
 class AdapterConfig(_Model):
-    """One ``[[adapters]]`` table: a local system plugged into this node (bridge/local/contract.py)."""
+    """One ``[[adapters]]`` table: a local system plugged into this node
+    (bridge/local/contract.py)."""
 
     name: Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9-]{0,31}$")]
     type: NonEmpty  # entry point name in group hutong.adapters

@@ -102,8 +102,8 @@ def _toml_value(value: Any) -> str:
 
 
 def adapters_toml(adapters: Sequence[Mapping[str, Any]]) -> str:
-    """``[[adapters]]`` tables (bridge/local/contract.py) from dicts: name, type, mappings, receives,
-    options (a flat dict; values may be lists or inline tables)."""
+    """``[[adapters]]`` tables (bridge/local/contract.py) from dicts: name, type, mappings,
+    receives, options (a flat dict; values may be lists or inline tables)."""
     out: list[str] = []
     for a in adapters:
         out += ["", "[[adapters]]"]

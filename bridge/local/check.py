@@ -58,8 +58,8 @@ def check_adapters(entries: Any, base_dir: Path,
         where = f"adapters.{name}"
         for pattern in entry.get("receives") or []:
             if pattern in received:
-                out.append((f"{where}.receives", f"'{pattern}' is already received by "
-                                                 f"adapters.{received[pattern]}"))
+                out.append((f"{where}.receives", (f"'{pattern}' is already received by "
+                                                 f"adapters.{received[pattern]}")))
             received.setdefault(pattern, name)
         mappings = entry.get("mappings")
         folder = None
@@ -89,8 +89,8 @@ def check_adapters(entries: Any, base_dir: Path,
                 continue  # an ephemeral port (tests) clashes with nothing
             other = next((who for b, who in binds if clash((host, port), b)), None)
             if other is not None:
-                out.append((f"{where}.options", f"listens on {host}:{port}, which is also "
-                                                f"{other}'s port"))
+                out.append((f"{where}.options", (f"listens on {host}:{port}, which is also "
+                                                f"{other}'s port")))
             binds.append(((host, port), f"adapters.{name}"))
     return out
 

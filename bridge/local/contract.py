@@ -39,8 +39,8 @@ Life cycle (shaped like a Benthos input: connect, read with an ack, close):
   results Bundle and this node's patient reference); any other kind goes to ``deliver(item)``
   (:class:`Sink`). No sink parses ``item.body`` for a referral or a result. Every handler
   writes into the local system and must be idempotent by packet id (after a crash the same
-  packet is handed over again). ``flush()`` makes everything delivered so far durable. Failures, by class
-  (:func:`retry_class`; the dispatcher acts on the class, never on a flag):
+  packet is handed over again). ``flush()`` makes everything delivered so far durable.
+  Failures, by class (:func:`retry_class`; the dispatcher acts on the class, never on a flag):
 
   - :class:`~bridge.errors.TransportError` (or any error whose ``retry`` is ``TRANSIENT``):
     nothing was written (the local system is down, refused the connection, timed out before
@@ -84,13 +84,14 @@ AdapterHost = Any
 
 __all__ = [
     "Adapter", "AdapterType", "AmbiguousDelivery", "Delivery", "Problem", "ReferralEvent",
-    "ReferralSink", "Replayable", "ResultEvent", "ResultSink", "ServesRoutes", "Sink", "TransportError", "as_failure", "options_problems", "retry_class",
+    "ReferralSink", "Replayable", "ResultEvent", "ResultSink", "ServesRoutes", "Sink",
+    "TransportError", "as_failure", "options_problems", "retry_class",
 ]
 
 #: one thing wrong with an adapter's options: (key under ``options``, e.g. ``tls.cert``; what)
 Problem = tuple[str, str]
 
-O = TypeVar("O", bound=BaseModel)
+Opts = TypeVar("Opts", bound=BaseModel)
 
 
 @runtime_checkable
@@ -166,7 +167,7 @@ class ResultSink(Protocol):
     def on_result(self, ev: ResultEvent) -> None: ...
 
 
-def _no_listeners(options: Any) -> list[str]:
+def _no_listeners(options: Any) -> list[tuple[str, int]]:
     return []
 
 
@@ -175,7 +176,7 @@ def _no_problems(options: Any, settings: AdapterSettings) -> list[Problem]:
 
 
 @dataclass(frozen=True)
-class AdapterType(Generic[O]):
+class AdapterType(Generic[Opts]):
     """What an adapter type declares to the engine (the entry point's object).
 
     ``listens(options)``: the ``host:port`` binds its listeners will open (checked against each
@@ -186,14 +187,14 @@ class AdapterType(Generic[O]):
     """
 
     name: str
-    options: type[O]
-    build: Callable[[AdapterHost, O], Adapter]
-    listens: Callable[[O], list[str]] = _no_listeners
-    check: Callable[[O, AdapterSettings], list[Problem]] = _no_problems
+    options: type[Opts]
+    build: Callable[[AdapterHost, Opts], Adapter]
+    listens: Callable[[Opts], list[tuple[str, int]]] = _no_listeners
+    check: Callable[[Opts, AdapterSettings], list[Problem]] = _no_problems
     example: Mapping[str, Any] = field(default_factory=dict)
 
     def validate(self, raw: Mapping[str, Any], settings: AdapterSettings | None = None
-                 ) -> tuple[O | None, list[Problem]]:
+                 ) -> tuple[Opts | None, list[Problem]]:
         """The options model and every problem of ``raw`` (model first, then ``check``)."""
         opts, problems = options_problems(self.options, raw)
         if opts is not None and settings is not None:
@@ -210,7 +211,8 @@ class AdapterType(Generic[O]):
         return self.build(host, opts)
 
 
-def options_problems(model: type[O], raw: Mapping[str, Any]) -> tuple[O | None, list[Problem]]:
+def options_problems(model: type[Opts],
+                     raw: Mapping[str, Any]) -> tuple[Opts | None, list[Problem]]:
     """Validate ``raw`` against ``model``: the model, or every problem named by its key."""
     try:
         return model.model_validate(dict(raw)), []

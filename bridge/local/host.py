@@ -466,7 +466,7 @@ class AdapterHost:
         name = f"adapter:{self.adapter_name}:{job_id}"
 
         def run() -> None:
-            pauses = getattr(self.node, "pauses", None)
+            pauses = getattr(self._node, "pauses", None)
             if pauses is not None and pauses.has(f"adapter:{self.adapter_name}"):
                 return  # paused by IT on the dashboard
             try:
