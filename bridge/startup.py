@@ -31,24 +31,39 @@ RESTORE_HINT = "if the store was restored on purpose: hutong audit accept-restor
 _held: list[int] = []  # lock fds kept open for the life of the process
 
 
-def lock_data_dir(data_dir: Path, role: str = "run") -> int:
-    """Take the folder's exclusive lock for ``role`` (non-blocking) and write our pid in it."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    path = data_dir / (LOCK_NAME if role == "run" else f"hutong-{role}.lock")
+def pid_lock(path: Path) -> int | str:
+    """Take an exclusive, non-blocking ``flock`` on ``path`` for the life of this process and
+    write our pid in it: the open fd, or the holder's pid (text) when another process has it."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         try:
-            pid = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+            return os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
         finally:
             os.close(fd)
-        raise DataDirLocked(f"data folder {data_dir} is in use by another 'hutong {role}' "
-                            f"(pid {pid}, lock file {path})") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     _held.append(fd)
     return fd
+
+
+def release(fd: int) -> None:
+    """Give back a lock taken with :func:`pid_lock` (before the process ends)."""
+    if fd in _held:
+        _held.remove(fd)
+        os.close(fd)
+
+
+def lock_data_dir(data_dir: Path, role: str = "run") -> int:
+    """Take the folder's exclusive lock for ``role`` (non-blocking) and write our pid in it."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / (LOCK_NAME if role == "run" else f"hutong-{role}.lock")
+    got = pid_lock(path)
+    if isinstance(got, str):
+        raise DataDirLocked(f"data folder {data_dir} is in use by another 'hutong {role}' "
+                            f"(pid {got}, lock file {path})")
+    return got
 
 
 def sqlite_path(dsn: str) -> Path | None:

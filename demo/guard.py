@@ -4,13 +4,12 @@ process holding it)."""
 
 from __future__ import annotations
 
-import fcntl
-import os
 import re
 from pathlib import Path
 
 from bridge.errors import DemoLocked
 from bridge.portcheck import check_free, holder_of
+from bridge.startup import pid_lock, release
 
 __all__ = ["check_free", "holder_of", "lock_folder", "ports_in", "release", "shift_ports"]
 
@@ -19,34 +18,15 @@ SHIPPED_BASE = 8000
 _ADDR = re.compile(r"(127\.0\.0\.1:)(\d{4,5})\b")
 _PORT = re.compile(r"^(\s*\"?port\"?\s*=\s*)(\d{4,5})\b", re.MULTILINE)
 
-_held: list[int] = []
-
-
 def lock_folder(folder: Path) -> int:
     """An exclusive lock beside the folder (the folder itself is wiped and recreated); a
     second demo on the same folder gets DemoLocked at once, before anything is touched."""
     folder.parent.mkdir(parents=True, exist_ok=True)
-    path = folder.parent / f".{folder.name}.demo.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        try:
-            pid = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
-        finally:
-            os.close(fd)
-        raise DemoLocked(f"demo folder {folder} is in use by another 'hutong demo' (pid {pid});"
-                         f" stop it first or use --folder elsewhere (and --port-base)") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    _held.append(fd)
-    return fd
-
-
-def release(fd: int) -> None:
-    if fd in _held:
-        _held.remove(fd)
-        os.close(fd)
+    got = pid_lock(folder.parent / f".{folder.name}.demo.lock")
+    if isinstance(got, str):
+        raise DemoLocked(f"demo folder {folder} is in use by another 'hutong demo' (pid {got});"
+                         f" stop it first or use --folder elsewhere (and --port-base)")
+    return got
 
 
 def shift_ports(text: str, shift: int) -> str:
