@@ -6,9 +6,9 @@ Modules: :mod:`.adapter` (options, life cycle), :mod:`.inbound` (HIS -> node),
 :mod:`.outbound` (node -> HIS), :mod:`.messages` (HL7 <-> slips, the interface sheet),
 :mod:`.results` (result.lab -> ORU^R01 v2.5.1),
 :mod:`.v2` (this adapter's binding of the shared HL7 v2 kit :mod:`adapters.hl7v2`, which
-does charsets, parsing, escapes, dates, ACKs and MLLP for it), :mod:`.state` (the adapter's own
-SQLite file), :mod:`.errors`. :data:`create` is the type's declaration to the engine (entry
-point ``his-hl7``).
+does charsets, parsing, escapes, dates, ACKs and MLLP for it), :mod:`.state` (what it
+remembers, in the node's database through ``host.state``), :mod:`.errors`. :data:`create` is
+the type's declaration to the engine (entry point ``his-hl7``).
 """
 
 from __future__ import annotations

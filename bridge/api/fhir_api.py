@@ -86,12 +86,6 @@ class WorkflowUnavailable(HutongError):
     http_status = 501
 
 
-def _role(request: Request) -> str:
-    """The caller's first role (401 without a good token); personal tokens name the person
-    on ``request.state.principal`` (bridge.api.auth)."""
-    return principal_of(request).roles[0]
-
-
 def _allowed(request: Request, rtype: str) -> str:
     """The caller's role, if it may read ``rtype``: 401 without a good token, then 404, 403."""
     principal = principal_of(request)
