@@ -22,10 +22,19 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
+from adapters.base import BaseAdapter
 from bridge.audit.tables import AuditRecord
 from bridge.config.loader import check_alliance, load_node
 from bridge.errors import AmbiguousDelivery, ConfigError, HutongError, TransportError
-from bridge.local.contract import Adapter, AdapterType, Delivery, Replayable, Sink
+from bridge.local.contract import (
+    Adapter,
+    AdapterType,
+    Delivery,
+    PacketEvent,
+    PacketSink,
+    Replayable,
+    Sink,
+)
 from bridge.local.registry import adapter_type, adapter_types
 from bridge.store.tables import INBOX, QUARANTINE
 from simulators.ports import free_port_block
@@ -111,6 +120,11 @@ def test_example_options_check_build_stop_twice_and_status(tmp_path: Path, kind:
         adapter.stop()  # twice: safe
         if isinstance(adapter, Sink):
             adapter.flush()
+        # packets reach an adapter as typed events only: none takes the raw ``deliver(item)``
+        # (BaseAdapter's refusal stays), the engine's own spool handler does
+        assert getattr(type(adapter), "deliver", BaseAdapter.deliver) is BaseAdapter.deliver
+        if kind == "pacs-dicom":
+            assert isinstance(adapter, PacketSink)
         if kind in ("his-hl7", "his-middle-db", "his-xml-ws", "lis-hl7"):
             assert isinstance(adapter, Replayable)
     finally:
@@ -196,13 +210,29 @@ class Scripted:
         pass
 
 
-def _inbox(node: Any, packet_id: str, thread: str, seq: int) -> None:
+class Events:
+    """A sink of its own kinds' events: records each decoded Bundle it was handed."""
+
+    def __init__(self) -> None:
+        self.events: list[PacketEvent] = []
+
+    def on_packet(self, ev: PacketEvent) -> None:
+        self.events.append(ev)
+
+    def deliver(self, item: Delivery) -> None:
+        raise AssertionError("an event sink is never handed the raw packet")
+
+    def flush(self) -> None:
+        pass
+
+
+def _inbox(node: Any, packet_id: str, thread: str, seq: int, body: bytes = b"{}") -> None:
     now = datetime.now(UTC)
     with node.ctx.store.write() as conn:
         conn.execute(INBOX.insert().values(
             packet_id=packet_id, sender="chc", kind="test.ping", thread=thread, seq=seq,
-            digest="0" * 64, size=2, state="received", attempts=0, created_at=now,
-            received_at=now, next_try_at=now, body=b"{}", receipt=b""))
+            digest="0" * 64, size=len(body), state="received", attempts=0, created_at=now,
+            received_at=now, next_try_at=now, body=body, receipt=b""))
 
 
 def _rows(node: Any) -> dict[str, Any]:
@@ -277,5 +307,42 @@ def test_transient_and_ambiguous_failures_are_retried_permanent_ones_dead_letter
         assert due == 3  # not moved back by the redelivery of seq 1
         assert audit == [("dead-lettered", "8"), ("replayed", "0"),
                          ("delivered", "0")]
+    finally:
+        node.close()
+
+
+def test_an_adapters_own_kinds_arrive_as_a_decoded_bundle(tmp_path: Path) -> None:
+    """A kind no engine step applies reaches a PacketSink as ``on_packet(PacketEvent)``: the
+    Bundle decoded once by the dispatcher. A body that is no Bundle is never handed over: it is
+    dead-lettered at once (it would not decode on a retry either)."""
+    from bridge.node import Node
+
+    alliance = Alliance(tmp_path / "alliance", MEMBERS, RULES)
+    node = Node(load_node(alliance.files["core"]))
+    try:
+        sink = Events()
+        node.dispatcher.handlers = {"test.*": sink}
+        bundle = {"resourceType": "Bundle", "type": "collection", "entry": [
+            {"resource": {"resourceType": "Basic", "id": "b-1", "code": {"text": "化验"}}}]}
+        _inbox(node, "p-bundle", "t-1", 1, json.dumps(bundle).encode())
+        _inbox(node, "p-list", "t-2", 1, b"[1, 2]")
+        _inbox(node, "p-garbage", "t-3", 1, b"\xff{not json")
+        assert node.dispatcher.run_once() == 1
+        (ev,) = sink.events
+        assert (ev.packet.packet_id, ev.packet.kind, ev.packet.thread, ev.packet.seq,
+                ev.packet.sender) == ("p-bundle", "test.ping", "t-1", 1, "chc")
+        assert ev.bundle == bundle
+        rows = _rows(node)
+        assert {pid: (r.state, r.attempts) for pid, r in rows.items()} == {
+            "p-bundle": ("delivered", 1), "p-list": ("failed", 1), "p-garbage": ("failed", 1)}
+        assert rows["p-list"].last_error == \
+            "HT-PKT-MALFORMED: packet p-list: body is not a FHIR Bundle"
+        assert rows["p-garbage"].last_error == \
+            "HT-PKT-MALFORMED: packet p-garbage: body is not JSON"
+        with node.ctx.store.read() as conn:
+            dead = conn.execute(select(QUARANTINE.c.source, QUARANTINE.c.packet_id)
+                                .order_by(QUARANTINE.c.packet_id)).all()
+        assert [(d.source, d.packet_id) for d in dead] == [("delivery", "p-garbage"),
+                                                            ("delivery", "p-list")]
     finally:
         node.close()

@@ -1,5 +1,7 @@
 """The engine owns the adapter contract: nothing under ``bridge/`` imports an adapter, a
-simulator or the demo, not even for typing (adapters are found by entry point)."""
+simulator or the demo, not even for typing (adapters are found by entry point); and no adapter
+reads a delivered packet's body (the dispatcher hands sinks the decoded event,
+``bridge/local/contract.py``)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import ast
 from pathlib import Path
 
 ENGINE = Path(__file__).resolve().parent.parent / "bridge"
+ADAPTERS = ENGINE.parent / "adapters"
 #: the demo is the top-level package ``demo`` (its ``hutong demo`` command comes in through the
 #: ``hutong.commands`` entry point); ``bridge.demo`` is named so that it can never come back
 FORBIDDEN = ("adapters", "simulators", "demo", "bridge.demo")
@@ -56,3 +59,39 @@ def test_the_rule_sees_an_import_in_a_typing_block(tmp_path: Path) -> None:
                  "def g():\n    import simulators.ports\n    from bridge import demo\n")
     assert [m for _, m in _imports(f) if _forbidden(m)] == [
         "adapters.base", "adapters.base.BaseAdapter", "simulators.ports", "bridge.demo"]
+
+
+def _body_reads(path: Path) -> list[int]:
+    """Lines that read an attribute ``body`` (``item.body``, ``ev.packet.body``,
+    ``getattr(x, "body")``). Calling a method of that name is another thing: a web request's
+    ``await request.body()`` in an adapter's own routes."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    called = {id(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call)}
+    found: list[int] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr == "body" and id(node) not in called:
+            found.append(node.lineno)
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) \
+                and node.func.id in ("getattr", "hasattr") and len(node.args) >= 2 \
+                and isinstance(node.args[1], ast.Constant) and node.args[1].value == "body":
+            found.append(node.lineno)
+    return sorted(found)
+
+
+def test_no_adapter_reads_a_delivered_packets_body() -> None:
+    """Referral, result and an adapter's own kinds reach it decoded (``on_referral``,
+    ``on_result``, ``on_packet``): an adapter that parses ``item.body`` again is refused."""
+    modules = list(ADAPTERS.rglob("*.py"))
+    assert len(modules) > 30  # the walk really saw the adapters
+    bad = [f"{p.relative_to(ENGINE.parent)}:{line}" for p in modules for line in _body_reads(p)]
+    assert bad == []
+
+
+def test_the_body_rule_sees_every_way_of_reading_it(tmp_path: Path) -> None:
+    f = tmp_path / "m.py"
+    f.write_text("import orjson\n"
+                 "def deliver(self, item):\n    return orjson.loads(item.body)\n"
+                 "def on_packet(self, ev):\n    raw = ev.packet.body\n"
+                 "    b = getattr(ev.packet, 'body')\n"
+                 "async def route(request):\n    return await request.body()\n")
+    assert _body_reads(f) == [3, 5, 6]

@@ -56,7 +56,7 @@ from bridge.fhir.validate import validate_resource
 from bridge.privacy import patient_hash
 
 if TYPE_CHECKING:
-    from bridge.delivery.handlers import Delivery
+    from bridge.local.contract import Delivery, PacketEvent
     from bridge.local.host import AdapterHost
 
 log = logging.getLogger("hutong.adapters.pacs")
@@ -353,13 +353,15 @@ class PacsAdapter(BaseAdapter):
         self.count("fetches_requested")
         return {"task_id": task_id, "thread": thread}
 
-    def deliver(self, item: Delivery) -> None:
-        if item.kind == fetch.KIND_REQUEST:
-            self._serve(item)
-        elif item.kind == fetch.KIND_RESPONSE:
-            self._receive(item)
+    def on_packet(self, ev: PacketEvent) -> None:
+        """The fetch packets (the dispatcher decoded the Bundle; errors propagate to it)."""
+        kind = ev.packet.kind
+        if kind == fetch.KIND_REQUEST:
+            self._serve(ev.packet, fetch.parse_request(ev.bundle))
+        elif kind == fetch.KIND_RESPONSE:
+            self._receive(ev.packet, ev.bundle)
         else:
-            raise HutongError(f"adapter '{self.name}' does not take kind {item.kind}")
+            raise HutongError(f"adapter '{self.name}' does not take kind {kind}")
 
     def _reports_for(self, study_id: str) -> list[dict[str, Any]]:
         ref = f"ImagingStudy/{study_id}"
@@ -367,11 +369,10 @@ class PacsAdapter(BaseAdapter):
         return [r for r in found if any(s.get("reference") == ref
                                         for s in r.get("imagingStudy") or ())]
 
-    def _serve(self, item: Delivery) -> None:
+    def _serve(self, item: Delivery, req: fetch.FetchRequest) -> None:
         key = f"fetch:{item.packet_id}"
         if self.host.seen(key) is not None:
             return  # redelivered after a crash: the answer was already queued
-        req = fetch.parse_request(item.body)
         phash, reason, files = req.patient_hash, None, self.instances.study_files(req.study_uid)
         rid = study_resource_id(req.study_uid)
         try:
@@ -441,11 +442,11 @@ class PacsAdapter(BaseAdapter):
             raise FetchFailed(f"response for Task/{task_id}, which is {task.get('status')}")
         return dict(task)
 
-    def _receive(self, item: Delivery) -> None:
+    def _receive(self, item: Delivery, bundle: dict[str, Any]) -> None:
         key = f"fetch-in:{item.packet_id}"
         if self.host.seen(key) is not None:
             return  # applied before a crash: the Task is already past it
-        resp = fetch.parse_response(item.body)  # sizes, SHA-1s, the study UID's grammar
+        resp = fetch.parse_response(bundle)  # sizes, SHA-1s, the study UID's grammar
         task = self._open_fetch(resp.task_id, item)
         asked = fetch.study_uid_of(task)
         if resp.study_uid != asked:

@@ -88,8 +88,9 @@ class FetchRequest:
     patient_hash: str | None
 
 
-def _resources(body: bytes) -> list[dict[str, Any]]:
-    bundle = orjson.loads(body)  # validated against the R4 schema at the gateway already
+def _resources(bundle: dict[str, Any]) -> list[dict[str, Any]]:
+    """The resources of a packet's Bundle (decoded by the dispatcher, validated against the R4
+    schema at the gateway already)."""
     return [e["resource"] for e in bundle.get("entry") or () if "resource" in e]
 
 
@@ -116,8 +117,9 @@ def _patient_hash_of(resources: list[dict[str, Any]]) -> str | None:
     return None
 
 
-def parse_request(body: bytes) -> FetchRequest:
-    resources = _resources(body)
+def parse_request(bundle: dict[str, Any]) -> FetchRequest:
+    """The request a fetch-request Bundle carries (the study UID checked as a UID)."""
+    resources = _resources(bundle)
     task = next((r for r in resources if r["resourceType"] == "Task"), None)
     if task is None:
         raise FetchFailed("fetch request without a Task")
@@ -208,10 +210,11 @@ class FetchResponse:
     instances: list[tuple[str, bytes]] = field(default_factory=list)
 
 
-def parse_response(body: bytes) -> FetchResponse:
-    """Decode and check a response part: every instance against its attachment's size and
-    SHA-1; anything missing or different is a FetchFailed naming the instance."""
-    resources = _resources(body)
+def parse_response(bundle: dict[str, Any]) -> FetchResponse:
+    """Read and check a response part's Bundle: every instance against its attachment's size
+    and SHA-1; anything missing or different is a FetchFailed naming the instance. The
+    resources returned are copies (the caller rewrites their subject)."""
+    resources = _resources(bundle)
     task = next((r for r in resources if r["resourceType"] == "Task"), None)
     if task is None or not task.get("groupIdentifier"):
         raise FetchFailed("fetch response without its Task")

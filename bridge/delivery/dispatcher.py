@@ -24,11 +24,14 @@ from bridge.delivery.sender import backoff
 from bridge.delivery.threads import HOLD, ThreadGate
 from bridge.errors import HutongError, Retry, ThreadRefused
 from bridge.local.contract import (
+    PacketEvent,
+    PacketSink,
     ReferralEvent,
     ReferralSink,
     ResultEvent,
     ResultSink,
     as_failure,
+    decode_bundle,
 )
 from bridge.store.quarantine import quarantine_row
 from bridge.store.tables import INBOX, QUARANTINE
@@ -115,11 +118,13 @@ class Dispatcher:
                 for prefix, hook in self.hooks.items():
                     if r.kind.startswith(prefix):
                         event = hook(item)
-                # one handler per event, already decoded; other kinds: the packet as it is
+                # one handler per event, already decoded; the engine's own handlers: the bytes
                 if isinstance(event, ReferralEvent) and isinstance(handler, ReferralSink):
                     handler.on_referral(event)
                 elif isinstance(event, ResultEvent) and isinstance(handler, ResultSink):
                     handler.on_result(event)
+                elif event is None and isinstance(handler, PacketSink):
+                    handler.on_packet(PacketEvent(item, decode_bundle(item)))
                 else:
                     handler.deliver(item)
             except Exception as exc:  # noqa: BLE001 - an adapter's bug must not stop delivery

@@ -36,8 +36,12 @@ Life cycle (shaped like a Benthos input: connect, read with an ack, close):
   results inbox), then hands the adapter the typed event: ``on_referral(ev)``
   (:class:`ReferralSink`, :class:`ReferralEvent`: event, side, thread, the stored view of the
   thread, the Task) or ``on_result(ev)`` (:class:`ResultSink`, :class:`ResultEvent`: the
-  results Bundle and this node's patient reference); any other kind goes to ``deliver(item)``
-  (:class:`Sink`). No sink parses ``item.body`` for a referral or a result. Every handler
+  results Bundle and this node's patient reference); any other kind (one the engine has no
+  step for, e.g. the PACS adapter's ``imaging.fetch-*``) goes to ``on_packet(ev)``
+  (:class:`PacketSink`, :class:`PacketEvent`: the packet's Bundle, decoded once by the
+  dispatcher; the gateway checked it against the R4 schema on arrival). ``deliver(item)``
+  (:class:`Sink`, the raw bytes) is what the engine's own handlers take (the spool folder); no
+  adapter reads ``item.body`` (``tests/test_engine_imports.py`` walks them). Every handler
   writes into the local system and must be idempotent by packet id (after a crash the same
   packet is handed over again). ``flush()`` makes everything delivered so far durable.
   Failures, by class (:func:`retry_class`; the dispatcher acts on the class, never on a flag):
@@ -70,10 +74,18 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, runtime_checkable
 
+import orjson
 from pydantic import BaseModel, ValidationError
 
 from bridge.delivery.handlers import Delivery
-from bridge.errors import AmbiguousDelivery, ConfigError, HutongError, Retry, TransportError
+from bridge.errors import (
+    AmbiguousDelivery,
+    ConfigError,
+    HutongError,
+    MalformedPacket,
+    Retry,
+    TransportError,
+)
 
 if TYPE_CHECKING:
     from bridge.config.models import AdapterSettings
@@ -83,9 +95,10 @@ if TYPE_CHECKING:
 AdapterHost = Any
 
 __all__ = [
-    "Adapter", "AdapterType", "AmbiguousDelivery", "Delivery", "Problem", "ReferralEvent",
-    "ReferralSink", "Replayable", "ResultEvent", "ResultSink", "ServesRoutes", "Sink",
-    "TransportError", "as_failure", "options_problems", "retry_class",
+    "Adapter", "AdapterType", "AmbiguousDelivery", "Delivery", "PacketEvent", "PacketSink",
+    "Problem", "ReferralEvent", "ReferralSink", "Replayable", "ResultEvent", "ResultSink",
+    "ServesRoutes", "Sink", "TransportError", "as_failure", "decode_bundle", "options_problems",
+    "retry_class",
 ]
 
 #: one thing wrong with an adapter's options: (key under ``options``, e.g. ``tls.cert``; what)
@@ -153,6 +166,15 @@ class ResultEvent:
     view: dict[str, Any] | None  # the referral the results belong to, if any
 
 
+@dataclass(frozen=True, slots=True)
+class PacketEvent:
+    """A packet of a kind no in-node step applies (the adapter's own kinds): its Bundle,
+    decoded once by the dispatcher (:func:`decode_bundle`)."""
+
+    packet: Delivery
+    bundle: dict[str, Any]  # the Bundle as it arrived (validated at the gateway)
+
+
 @runtime_checkable
 class ReferralSink(Protocol):
     """A sink of referral events: one handler, whose errors propagate to the dispatcher."""
@@ -165,6 +187,25 @@ class ResultSink(Protocol):
     """A sink of result events: one handler, whose errors propagate to the dispatcher."""
 
     def on_result(self, ev: ResultEvent) -> None: ...
+
+
+@runtime_checkable
+class PacketSink(Protocol):
+    """A sink of packets of its own kinds: one handler, whose errors propagate."""
+
+    def on_packet(self, ev: PacketEvent) -> None: ...
+
+
+def decode_bundle(item: Delivery) -> dict[str, Any]:
+    """The Bundle a stored packet carries. The gateway validated it before storing, so a body
+    that is not one is a permanent refusal (it would never decode on a retry either)."""
+    try:
+        bundle = orjson.loads(item.body)
+    except orjson.JSONDecodeError:
+        raise MalformedPacket(f"packet {item.packet_id}: body is not JSON") from None
+    if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
+        raise MalformedPacket(f"packet {item.packet_id}: body is not a FHIR Bundle")
+    return bundle
 
 
 def _no_listeners(options: Any) -> list[tuple[str, int]]:

@@ -34,7 +34,7 @@ from bridge.errors import (
 from bridge.fhir.validate import errors as fhir_errors
 from bridge.fhirstore import store
 from bridge.local import intake
-from bridge.local.contract import ReferralEvent
+from bridge.local.contract import ReferralEvent, decode_bundle
 from bridge.privacy import patient_hash
 from bridge.referral import resources as R
 from bridge.referral.codes import (
@@ -294,7 +294,7 @@ class Workflow:
         return ReferralEvent(item, event, view["referral"]["side"], item.thread, view, task)
 
     def _apply(self, item: Delivery) -> tuple[str, dict[str, Any]]:
-        bundle = orjson.loads(item.body)
+        bundle = decode_bundle(item)  # decoded once, for the hook and the sink alike
         entries = [e["resource"] for e in bundle.get("entry") or []]
         header = next((r for r in entries if r["resourceType"] == "MessageHeader"), None)
         task = next((r for r in entries if r["resourceType"] == "Task"), None)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
 from sqlalchemy import insert, select
 
 from bridge.audit.events import AuditEntry
@@ -20,7 +19,7 @@ from bridge.context import NodeContext
 from bridge.delivery.handlers import Delivery
 from bridge.errors import InvalidResource, NotFound, NotThreadParty
 from bridge.fhirstore import store
-from bridge.local.contract import ResultEvent
+from bridge.local.contract import ResultEvent, decode_bundle
 from bridge.referral import resources as R
 from bridge.referral.tables import REFERRAL
 from bridge.referral.workflow import foreign_resource, thread_view
@@ -34,7 +33,7 @@ class ResultsInbox:
     def apply_packet(self, item: Delivery) -> ResultEvent:
         """Store one result packet (dispatcher hook, idempotent by packet id); the event as
         stored, for the local sink (bridge.local.contract): this node's patient and referral."""
-        bundle = orjson.loads(item.body)
+        bundle = decode_bundle(item)  # decoded once, for the hook and the sink alike
         self._apply(item, bundle)
         with self.ctx.store.read() as conn:
             view = thread_view(conn, item.thread)
