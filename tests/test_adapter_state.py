@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -155,3 +156,41 @@ def test_the_ws_his_document_ledger_in_the_node(store: Store, tmp_path: Path) ->
     assert (ledger.referral_doc("thr-1"), ledger.digest("HIS-DOC-1")) == ("HIS-DOC-1", "d2")
     ledger.remember("ACC-1", "out", "acceptance", "thr-1", "d3")
     assert ledger.referral_doc("thr-1") == "HIS-DOC-1"
+
+
+def test_an_old_state_file_is_deleted_only_after_its_rows_are_committed(
+        store: Store, tmp_path: Path) -> None:
+    """``AdapterState.take_file``, the one move of an earlier version's private file for every
+    adapter: a move that fails leaves the file and stores nothing; a move that succeeds
+    counts only the rows it read and deletes the file with its -wal and -shm."""
+    old = tmp_path / "old.sqlite"
+    with sqlite3.connect(old) as c:
+        c.executescript("""
+        CREATE TABLE kept (k TEXT PRIMARY KEY, v TEXT);
+        CREATE TABLE other (x INTEGER);
+        INSERT INTO kept VALUES ('a', '甲'), ('b', NULL);
+        INSERT INTO other VALUES (1), (2), (3);
+        """)
+    for suffix in ("-wal", "-shm"):
+        Path(f"{old}{suffix}").write_bytes(b"")
+    kv = AdapterState(store, "his", _now)
+
+    def broken(tx: AdapterState, rows: Any) -> None:
+        for r in rows("kept"):
+            tx.put("kept", r["k"], r)
+        raise RuntimeError("half way")
+
+    with pytest.raises(RuntimeError):
+        kv.take_file(old, broken)
+    assert old.exists() and kv.get("kept", "a") is None  # rolled back, the file kept
+
+    def move(tx: AdapterState, rows: Any) -> None:
+        assert rows("missing") == []
+        for r in rows("kept"):
+            tx.put("kept", r["k"], r)
+
+    assert kv.take_file(old, move) == 2  # the table it did not read is not counted
+    assert [kv.get("kept", k) for k in ("a", "b")] == [{"k": "a", "v": "甲"},
+                                                       {"k": "b", "v": None}]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("old")] == []
+    assert kv.take_file(old, move) == 0

@@ -49,14 +49,12 @@ from adapters.his_hl7.outbound import Outbound
 from adapters.his_hl7.state import State
 from adapters.hl7v2 import ack, charset
 from adapters.hl7v2.fields import Message
+from adapters.hl7v2.listener import RateOptions, TlsOptions, open_listener
 from adapters.hl7v2.mllp import (
     Fault,
     Handlers,
-    Limits,
     MllpListener,
     Timeouts,
-    TokenBucket,
-    server_tls,
     split_addr,
 )
 from bridge.errors import HutongError
@@ -74,20 +72,6 @@ def _addr(value: str) -> str:
     except ValueError:
         raise ValueError("expected host:port") from None
     return value
-
-
-class TlsOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    cert: str
-    key: str
-    client_ca: str | None = None
-
-
-class RateOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    per_second: float = Field(50.0, gt=0)
-    burst: int = Field(200, ge=1)
-    hold_s: float = Field(2.0, ge=0)
 
 
 class Options(BaseModel):
@@ -203,18 +187,9 @@ class HisHl7Adapter(BaseAdapter):
                      "database", self.name, moved)
         self.inbound = Inbound(self)
         self.outbound = Outbound(self)
-        o = self.opts
-        host, port = split_addr(o.listen)
-        tls = server_tls(str(self.host.path(o.tls.cert)), str(self.host.path(o.tls.key)),
-                         str(self.host.path(o.tls.client_ca)) if o.tls.client_ca else None) \
-            if o.tls is not None else None
-        self.listener = MllpListener(
-            host, port, Handlers(self.inbound.handle, self.frame_fault, self.over_rate),
-            limits=Limits(max_bytes=o.max_message_bytes, idle_timeout_s=o.idle_timeout_s,
-                          frame_timeout_s=o.frame_timeout_s),
-            ssl_context=tls,
-            bucket=TokenBucket(o.rate_limit.per_second, o.rate_limit.burst)
-            if o.rate_limit else None, hold_s=o.rate_limit.hold_s if o.rate_limit else 0.0,
+        self.listener = open_listener(
+            self.host, split_addr(self.opts.listen), self.opts,
+            Handlers(self.inbound.handle, self.frame_fault, self.over_rate),
             name=f"his-hl7:{self.name}")
         self.listener.start()
 

@@ -17,17 +17,19 @@ moves such a file's rows into the node's database once and deletes the file.
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from bridge.local.state import AdapterState, Rows
 
 PATIENT_FIELDS = ("name", "gender", "birth_date", "id_number", "phone", "patient_class",
                   "visit_number", "admitted_at", "discharged_at")
 
 
 class State:
-    def __init__(self, store: Any) -> None:
-        self.kv = store  # bridge.local.state.AdapterState
+    def __init__(self, store: AdapterState) -> None:
+        self.kv = store  # host.state
 
     # -- answers to messages that did not become a step ---------------------------------------
 
@@ -111,38 +113,22 @@ class State:
     def take_file(self, path: Path) -> int:
         """Move the rows of an earlier version's private SQLite file into the node's database
         (one transaction), then delete the file; the number of rows moved."""
-        if not path.exists():
-            return 0
-        conn = sqlite3.connect(path)
-        conn.row_factory = sqlite3.Row
-        n = 0
-        try:
-            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master "
-                                                 "WHERE type = 'table'")}
-            def rows(table: str) -> list[sqlite3.Row]:
-                nonlocal n
-                found = conn.execute(f"SELECT * FROM {table}").fetchall() \
-                    if table in tables else []
-                n += len(found)
-                return found
+        return self.kv.take_file(path, _move)
 
-            with self.kv.tx() as kv:
-                for r in rows("answers"):
-                    kv.put("answers", r["source_key"], dict(r))
-                for r in rows("patients"):
-                    kv.put("patients", r["mrn"], dict(r))
-                for r in rows("slips"):
-                    kv.put("slips", f"{r['side']}:{r['slip_no']}", dict(r), thread=r["thread"])
-                for r in rows("sent"):
-                    kv.put("sent", r["packet_id"], {"thread": r["thread"], "what": r["what"],
-                                                    "at": r["at"]}, thread=r["thread"])
-                for r in rows("controls"):
-                    kv.put("controls", r["control_key"], {
-                        "digest": r["digest"], "source_key": r["source_key"], "at": r["at"]})
-                for r in rows("referral_visits"):
-                    kv.put("referral_visits", r["thread"], dict(r), thread=r["thread"])
-        finally:
-            conn.close()
-        for suffix in ("", "-wal", "-shm"):
-            Path(f"{path}{suffix}").unlink(missing_ok=True)
-        return n
+
+def _move(kv: AdapterState, rows: Rows) -> None:
+    """``his_hl7.sqlite``'s tables into their namespaces (one row a record)."""
+    for r in rows("answers"):
+        kv.put("answers", r["source_key"], r)
+    for r in rows("patients"):
+        kv.put("patients", r["mrn"], r)
+    for r in rows("slips"):
+        kv.put("slips", f"{r['side']}:{r['slip_no']}", r, thread=r["thread"])
+    for r in rows("sent"):
+        kv.put("sent", r["packet_id"], {"thread": r["thread"], "what": r["what"], "at": r["at"]},
+               thread=r["thread"])
+    for r in rows("controls"):
+        kv.put("controls", r["control_key"], {"digest": r["digest"],
+                                               "source_key": r["source_key"], "at": r["at"]})
+    for r in rows("referral_visits"):
+        kv.put("referral_visits", r["thread"], r, thread=r["thread"])

@@ -16,14 +16,16 @@ An earlier version kept these in ``<data>/adapters/<name>/documents.sqlite``:
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from bridge.local.state import AdapterState, Rows
 
 
 class Ledger:
-    def __init__(self, kv: Any) -> None:
-        self.kv = kv  # bridge.local.state.AdapterState
+    def __init__(self, kv: AdapterState) -> None:
+        self.kv = kv  # host.state
 
     def digest(self, doc_id: str) -> str | None:
         row = self.kv.get("documents", doc_id)
@@ -76,38 +78,21 @@ class Ledger:
     def take_file(self, path: Path) -> int:
         """Move an earlier version's ``documents.sqlite`` into the node's database (one
         transaction), then delete the file; the number of rows moved."""
-        if not path.exists():
-            return 0
-        conn = sqlite3.connect(path)
-        conn.row_factory = sqlite3.Row
-        n = 0
-        try:
-            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master "
-                                                 "WHERE type = 'table'")}
+        return self.kv.take_file(path, _move)
 
-            def rows(table: str) -> list[sqlite3.Row]:
-                nonlocal n
-                found = conn.execute(f"SELECT * FROM {table}").fetchall() \
-                    if table in tables else []
-                n += len(found)
-                return found
 
-            with self.kv.tx() as kv:
-                for r in rows("documents"):
-                    kv.put("documents", r["doc_id"], {
-                        "direction": r["direction"], "type": r["type"], "thread": r["thread"],
-                        "digest": r["digest"]}, thread=r["thread"])
-                latest: dict[str, int] = {}
-                for r in rows("report_versions"):
-                    kv.put("report_versions", f"{r['report_id']}\n{r['packet_id']}",
-                           {"version": r["version"]})
-                    latest[r["report_id"]] = max(latest.get(r["report_id"], 0), r["version"])
-                for report_id, version in latest.items():
-                    kv.put("report_latest", report_id, {"version": version})
-                for r in rows("results_written"):
-                    kv.put("results_written", r["packet_id"], {})
-        finally:
-            conn.close()
-        for suffix in ("", "-wal", "-shm"):
-            Path(f"{path}{suffix}").unlink(missing_ok=True)
-        return n
+def _move(kv: AdapterState, rows: Rows) -> None:
+    """``documents.sqlite``'s tables into their namespaces; ``report_latest`` is derived."""
+    for r in rows("documents"):
+        kv.put("documents", r["doc_id"], {"direction": r["direction"], "type": r["type"],
+                                          "thread": r["thread"], "digest": r["digest"]},
+               thread=r["thread"])
+    latest: dict[str, int] = {}
+    for r in rows("report_versions"):
+        kv.put("report_versions", f"{r['report_id']}\n{r['packet_id']}",
+               {"version": r["version"]})
+        latest[r["report_id"]] = max(latest.get(r["report_id"], 0), r["version"])
+    for report_id, version in latest.items():
+        kv.put("report_latest", report_id, {"version": version})
+    for r in rows("results_written"):
+        kv.put("results_written", r["packet_id"], {})

@@ -42,7 +42,8 @@ from adapters.hl7v2 import ack as v2ack
 from adapters.hl7v2 import charset as v2charset
 from adapters.hl7v2.ack import Answering, build_ack
 from adapters.hl7v2.charset import Charset
-from adapters.hl7v2.mllp import Fault, Handlers, Limits, MllpListener, TokenBucket, server_tls
+from adapters.hl7v2.listener import RateOptions, TlsOptions, open_listener
+from adapters.hl7v2.mllp import Fault, Handlers, MllpListener
 from adapters.lis import once
 from adapters.lis.errors import LisMessageError, RateLimited, from_kit
 from adapters.lis.intake import decode
@@ -51,20 +52,6 @@ from bridge.errors import HutongError, InvalidFhir
 from bridge.fhir.validate import validate_bundle
 
 log = logging.getLogger("hutong.adapters.lis")
-
-
-class TlsOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    cert: str
-    key: str
-    client_ca: str | None = None
-
-
-class RateOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    per_second: float = Field(50.0, gt=0)
-    burst: int = Field(200, ge=1)
-    hold_s: float = Field(2.0, ge=0)
 
 
 class LisOptions(BaseModel):
@@ -113,21 +100,12 @@ class LisAdapter(BaseAdapter):
 
     def start(self) -> None:
         o = self.opts
-        tls = None
-        if o.tls is not None:
-            tls = server_tls(str(self.host.path(o.tls.cert)), str(self.host.path(o.tls.key)),
-                             str(self.host.path(o.tls.client_ca)) if o.tls.client_ca else None)
-        bucket = TokenBucket(o.rate_limit.per_second, o.rate_limit.burst) if o.rate_limit \
-            else None
-        self.listener = MllpListener(
-            o.host, o.port, Handlers(self.handle, self.frame_fault, self.over_limit),
-            limits=Limits(max_bytes=o.max_message_bytes, idle_timeout_s=o.idle_timeout_s,
-                          frame_timeout_s=o.frame_timeout_s),
-            ssl_context=tls, bucket=bucket, hold_s=o.rate_limit.hold_s if o.rate_limit else 0.0,
-            name=f"lis:{self.name}")
+        self.listener = open_listener(self.host, (o.host, o.port), o,
+                                      Handlers(self.handle, self.frame_fault, self.over_limit),
+                                      name=f"lis:{self.name}")
         self.listener.start()
         log.info("LIS adapter %s listening on %s:%s%s", self.name, o.host, o.port,
-                 " (TLS)" if tls else "")
+                 " (TLS)" if o.tls is not None else "")
 
     def stop(self) -> None:
         if self.listener is not None:

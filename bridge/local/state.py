@@ -9,9 +9,11 @@ PostgreSQL workers and its rules for patient data cover it. Values are JSON obje
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -20,6 +22,10 @@ from sqlalchemy import Connection, delete, insert, select, update
 from bridge.local.tables import ADAPTER_STATE
 
 T = ADAPTER_STATE
+
+#: ``rows(table)``: the rows of one table of an old state file, as dicts ([] if it has no such
+#: table); what :meth:`AdapterState.take_file` hands the adapter's ``move``
+Rows = Callable[[str], list[dict[str, Any]]]
 
 
 class AdapterState:
@@ -109,3 +115,35 @@ class AdapterState:
             if value is not None:
                 conn.execute(delete(NODE_STATE).where(NODE_STATE.c.key == key))
         return value
+
+    def take_file(self, path: Path, move: Callable[[AdapterState, Rows], None]) -> int:
+        """Move the rows of a private SQLite file an earlier version of this adapter kept beside
+        the node into this store, once: ``move(kv, rows)`` puts them (``kv`` is this store in
+        ONE transaction of the node's database, ``rows(table)`` reads a table of the file); the
+        file and its ``-wal``/``-shm`` are deleted only after that commit. The number of rows
+        ``move`` read; 0 when there is no file. (Files with names, ID numbers and phone numbers
+        must not outlive the move: the node's backups and retention do not cover them.)"""
+        if not path.exists():
+            return 0
+        conn = sqlite3.connect(path)
+        conn.row_factory = sqlite3.Row
+        n = 0
+        try:
+            tables = {str(r[0]) for r in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+            def rows(table: str) -> list[dict[str, Any]]:
+                nonlocal n
+                if table not in tables:
+                    return []
+                found = [dict(r) for r in conn.execute(f'SELECT * FROM "{table}"')]
+                n += len(found)
+                return found
+
+            with self.tx() as kv:
+                move(kv, rows)
+        finally:
+            conn.close()
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+        return n
