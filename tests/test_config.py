@@ -5,20 +5,25 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
+import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+from pydantic import BaseModel
 
 from bridge.config.loader import check_alliance, load_node
-from bridge.config.models import NodePlan
+from bridge.config.models import AdapterConfig, NodeFile, NodePlan
 from bridge.config.rules import Rule, RuleSet
 from bridge.config.scaffold import init_keys_and_secrets, write_alliance
 from bridge.config.secrets import resolve_secret
 from bridge.crypto.keys import generate_node_keys, parse_public_key
 from bridge.errors import ConfigError, NotFound
+from bridge.local.registry import adapter_type
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = REPO / "config" / "alliances" / "fuxing"
@@ -545,3 +550,90 @@ def test_plan_type_is_the_loader_export() -> None:
     from bridge.config import loader
 
     assert loader.NodePlan is NodePlan
+
+
+# --- what the shipped node files and the docs show IT ----------------------------------------
+
+OPTIONAL = "# Optional sections, shown with their defaults."
+SETTING = re.compile(r"^# (\[([a-z_]+)\](?:\s+#.*)?|[a-z_]+ = .*)$")
+
+
+def _optional_block(path: Path) -> tuple[dict[str, Any], dict[tuple[str, str], str]]:
+    """A shipped node file's commented settings block, uncommented and parsed; and each
+    (section, key)'s line, for its comment."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    start = lines.index(next(ln for ln in lines if ln.startswith(OPTIONAL)))
+    body: list[str] = []
+    where: dict[tuple[str, str], str] = {}
+    section = ""
+    for line in lines[start + 1:]:
+        if not line.startswith("#"):
+            break  # the block ends at the first line that is not a comment
+        m = SETTING.match(line)
+        if m is None:
+            continue  # prose
+        body.append(m.group(1))
+        if m.group(2):
+            section = m.group(2)
+        else:
+            where[(section, m.group(1).split(" = ")[0])] = line
+    return tomllib.loads("\n".join(body)), where
+
+
+def _sections() -> dict[str, type[BaseModel]]:
+    """The node file's optional sections and their models (``[keys]`` and ``[tokens]`` are
+    required and written out in every file)."""
+    out: dict[str, type[BaseModel]] = {}
+    for name, f in NodeFile.model_fields.items():
+        model = f.annotation
+        if isinstance(model, type) and issubclass(model, BaseModel) and not f.is_required():
+            out[name] = model
+    return out
+
+
+@pytest.mark.parametrize("node", sorted(p.stem for p in (SHIPPED / "nodes").glob("*.toml")))
+def test_a_shipped_node_file_shows_every_optional_key_with_its_default(node: str) -> None:
+    """IT reads the shipped node files as the reference of what can be set: every key of every
+    optional section is shown, by its real name, with its real default; a key that is off (or
+    derived) until set says ``unset:`` and shows a valid example. A key added to a model and
+    not here, or renamed, or a default changed, fails this test."""
+    table, where = _optional_block(SHIPPED / "nodes" / f"{node}.toml")
+    sections = _sections()
+    assert set(table) == set(sections)
+    for name, model in sections.items():
+        assert set(table[name]) == set(model.model_fields), name
+        given = model.model_validate(table[name])  # every value shown is a valid one
+        for key, f in model.model_fields.items():
+            line = where[(name, key)]
+            if f.default is None:
+                assert "# unset:" in line, line
+            else:
+                assert getattr(given, key) == f.default, line
+                assert "unset:" not in line, line
+
+
+def _toml_blocks(page: Path) -> list[str]:
+    return re.findall(r"```toml\n(.*?)```", page.read_text(encoding="utf-8"), re.S)
+
+
+def test_the_docs_node_file_examples_are_valid_settings() -> None:
+    """Every ```toml example of a node file in the docs and READMEs validates against the
+    section it names (an ``[[adapters]]`` table: against its type's options model too)."""
+    pages = [*sorted((REPO / "docs").rglob("*.md")), *sorted(REPO.glob("README*.md"))]
+    sections = {name: f.annotation for name, f in NodeFile.model_fields.items()}
+    seen = 0
+    for page in pages:
+        for text in _toml_blocks(page):
+            doc = tomllib.loads(text)
+            if "project" in doc:  # pyproject.toml, not a node file
+                continue
+            seen += 1
+            assert set(doc) <= set(sections), (page.name, sorted(doc))
+            for name, value in doc.items():
+                if name == "adapters":
+                    for entry in value:
+                        a = AdapterConfig.model_validate(entry)
+                        assert adapter_type(a.type).validate(a.options)[1] == [], page.name
+                elif isinstance(value, dict):
+                    sections[name].model_validate(value)
+    assert seen >= 5  # accounts, adapters, operations (3)
