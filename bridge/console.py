@@ -113,7 +113,7 @@ def _windows(t: datetime, now: datetime) -> list[str]:
     return [w for w, d in (("1h", timedelta(hours=1)), ("24h", timedelta(hours=24))) if age <= d]
 
 
-def _aware(t: Any, like: datetime) -> datetime:
+def _aware(t: datetime, like: datetime) -> datetime:
     return t if t.tzinfo else t.replace(tzinfo=like.tzinfo)
 
 

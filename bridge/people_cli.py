@@ -11,6 +11,7 @@ import getpass
 import json
 import os
 import sys
+from datetime import datetime, tzinfo
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -44,13 +45,13 @@ def cli_actor() -> str:
     return f"cli:{who}"
 
 
-def _zone(ctx: Any) -> Any:
+def _zone(ctx: Any) -> tzinfo:
     from bridge.timeinput import zone
 
     return zone(ctx.plan.web.display_zone)
 
 
-def when(text: str | None, ctx: Any) -> Any:
+def when(text: str | None, ctx: Any) -> datetime | None:
     """``--since/--until``: the pages' rule (offset, date alone, relative; display zone)."""
     from bridge.timeinput import TIME_RULE, parse_when
 
@@ -71,7 +72,7 @@ def _password(given: str | None, prompt: str = "password") -> str:
         return sys.stdin.readline().rstrip("\n")
     if given:
         return given
-    return typer.prompt(prompt, hide_input=True, confirmation_prompt=True)
+    return str(typer.prompt(prompt, hide_input=True, confirmation_prompt=True))
 
 
 def _accounts(ctx: Any) -> Any:
@@ -234,19 +235,20 @@ def audit_who(
     from bridge.audit.export import export, query
 
     ctx = _ctx(config)
-    f = {"since": when(since, ctx), "until": when(until, ctx), "patient_hash": patient,
-         "actor": actor, "action": "read"}
+    start, end = when(since, ctx), when(until, ctx)
     if fmt in ("csv", "ndjson"):
         out_fmt: Literal["ndjson", "csv"] = "csv" if fmt == "csv" else "ndjson"
         with ctx.store.read() as conn:
-            n = export(conn, sys.stdout, fmt=out_fmt, **f)
+            n = export(conn, sys.stdout, fmt=out_fmt, since=start, until=end,
+                       patient_hash=patient, actor=actor, action="read")
         with ctx.store.write() as conn:
             ctx.audit.append(conn, [AuditEntry(
                 action="export", actor=cli_actor(), at=ctx.now(),
                 message=f"audit export {fmt}", extra={"rows": n})])
         return
     with ctx.store.read() as conn:
-        rows = query(conn, limit=1000, **f)
+        rows = query(conn, limit=1000, since=start, until=end, patient_hash=patient,
+                     actor=actor, action="read")
     t = Table(title="reads of patient data")
     for col in ("seq", "at", "actor", "patient", "message"):
         t.add_column(col)

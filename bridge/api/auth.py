@@ -50,7 +50,7 @@ def principal_of(request: Request) -> Principal:
     """Who the request's bearer token names: a shared role token first (while allowed), then a
     personal or client token from the store. Kept on ``request.state.principal``."""
     known = getattr(request.state, "principal", None)
-    if known is not None:
+    if isinstance(known, Principal):
         return known
     header = request.headers.get("authorization")
     try:
@@ -74,13 +74,14 @@ def address_of(request: Request) -> str | None:
 
 def who(request: Request, role: str) -> dict[str, Any]:
     """The audit's ``actor``, ``actor_role`` and ``address`` for this request."""
-    principal = getattr(request.state, "principal", None)
-    actor = principal.actor if principal is not None else f"role:{role}"
-    return {"actor": actor, "actor_role": role, "address": address_of(request)}
+    return {"actor": actor_of(request, role), "actor_role": role,
+            "address": address_of(request)}
 
 
 def actor_of(request: Request, role: str) -> str:
-    return who(request, role)["actor"]
+    """Who the audit names: the principal's actor, else the shared role."""
+    principal = getattr(request.state, "principal", None)
+    return principal.actor if isinstance(principal, Principal) else f"role:{role}"
 
 
 def acting_role(request: Request, allowed: tuple[str, ...]) -> str:

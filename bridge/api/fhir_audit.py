@@ -127,7 +127,7 @@ def read_entries(role: str, query: str, seen: Iterable[tuple[str, str | None]],
 
 def audit_event(seq: int, resource: str) -> dict[str, Any]:
     """The stored (hashed) AuditEvent with its chain position as the FHIR id."""
-    event = orjson.loads(resource)
+    event: dict[str, Any] = orjson.loads(resource)
     event["id"] = str(seq)
     return event
 

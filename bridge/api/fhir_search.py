@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import base64
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -272,8 +273,8 @@ class Cond:
     matches first (``(rtype, id) IN (index range)``, None if it has none); ``rank``: how few
     matches the lookup (or the patient index, for ``patient``) is expected to give."""
 
-    probe: Any
-    lookup: Any = None
+    probe: ColumnElement[bool]
+    lookup: ColumnElement[bool] | None = None
     rank: int = NEVER
 
 
@@ -390,7 +391,7 @@ def _search_param(rtype: str, name: str, value: str, table: Any,
     return conditions(p, value, table, rtype, modifier=modifier, base=base)
 
 
-def _present(rtype: str, p: Param, table: Any) -> ColumnElement[bool]:
+def _present(rtype: str, p: Param, table: Table) -> ColumnElement[bool]:
     """Condition: the resource has a value for ``p`` (``:missing=false``)."""
     if p.column in ("@token", "@ref"):
         return store.has_token(rtype, p.name, table)
@@ -608,7 +609,8 @@ def _reference_text(value: str, p: Param, base: str | None) -> str:
     return f"{rtype or p.target}/{rid}"
 
 
-def _reference(col: Any, value: str, p: Param, base: str | None = None) -> ColumnElement[bool]:
+def _reference(col: ColumnElement[Any], value: str, p: Param,
+               base: str | None = None) -> ColumnElement[bool]:
     rtype, rid = _split_reference(value, p, base)
     if rtype is None:
         return col == f"{p.target}/{rid}" if p.target else col.endswith(f"/{rid}")
@@ -680,7 +682,7 @@ def _date_prefix(raw: str, name: str) -> tuple[str, str]:
 def date_condition(col: Any, raw: str, name: str) -> ColumnElement[bool]:
     prefix, value = _date_prefix(raw, name)
     lo, hi = parse_date(value, name)
-    return {
+    ops: dict[str, Callable[[], ColumnElement[bool]]] = {
         "eq": lambda: and_(col >= lo, col < hi),
         "ne": lambda: not_(and_(col >= lo, col < hi)),
         "gt": lambda: col >= hi,
@@ -689,7 +691,8 @@ def date_condition(col: Any, raw: str, name: str) -> ColumnElement[bool]:
         "lt": lambda: col < lo,
         "eb": lambda: col < lo,
         "le": lambda: col < hi,
-    }[prefix]()
+    }
+    return ops[prefix]()
 
 
 def encode_cursor(position: Any) -> str:

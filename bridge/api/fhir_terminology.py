@@ -52,7 +52,7 @@ def _lenient(request: Request) -> bool:
 def _bool(name: str, value: Any) -> bool:
     if isinstance(value, bool):
         return value
-    if value in ("true", "false"):
+    if isinstance(value, str) and value in ("true", "false"):
         return value == "true"
     raise BadRequest(f"{name} must be true or false")
 

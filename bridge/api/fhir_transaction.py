@@ -26,6 +26,7 @@ import copy
 import hashlib
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
@@ -133,7 +134,7 @@ def _serialise(conn: Connection, key: str) -> None:
     conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": k})
 
 
-def _stamp(at: Any) -> str:
+def _stamp(at: datetime) -> str:
     return at.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 import unicodedata
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -359,7 +359,7 @@ def period_match(rtype: str, param: str, prefix: str, lo: datetime,
     (no start, no end) reaches to infinity. ``lookup`` (``eq`` only): a range of
     ``ix_fhir_date_start``."""
     s, e = D.c.start, D.c.end
-    cond = {
+    ops: dict[str, Callable[[], ColumnElement[bool]]] = {
         "eq": lambda: and_(s >= lo, s < hi, e <= hi),
         "ne": lambda: or_(s.is_(None), e.is_(None), s < lo, e > hi),
         "ge": lambda: or_(e.is_(None), e > lo),
@@ -368,7 +368,8 @@ def period_match(rtype: str, param: str, prefix: str, lo: datetime,
         "lt": lambda: or_(s.is_(None), s < lo),
         "sa": lambda: s >= hi,
         "eb": lambda: e <= lo,
-    }[prefix]()
+    }
+    cond = ops[prefix]()
     if lookup and prefix == "eq":
         return _lookup(_t(table), select(D.c.rtype, D.c.id).where(
             D.c.rtype == rtype, D.c.param == param, cond))
@@ -476,7 +477,8 @@ def get(conn: Connection, rtype: str, rid: str) -> dict[str, Any]:
     row = conn.execute(select(T.c.body).where(T.c.rtype == rtype, T.c.id == rid)).first()
     if row is None:
         raise NotFound(f"{rtype}/{rid} is not known here")
-    return orjson.loads(row.body)
+    body: dict[str, Any] = orjson.loads(row.body)
+    return body
 
 
 def get_row(conn: Connection, rtype: str, rid: str) -> Any:

@@ -19,7 +19,8 @@ from bridge.errors import HutongError
 from bridge.web import console_labels  # noqa: F401 - registers the labels used here
 from bridge.web.charts import grouped_bars
 from bridge.web.i18n import t
-from bridge.web.layout import _POST_FORM, CSRF_FIELD, CST, Web, e, fmt_age, fmt_time, table
+from bridge.web.layout import _POST_FORM, CST, Web, e, fmt_age, fmt_time, table
+from bridge.web.security import CSRF_FIELD
 
 REFRESH_S = 15
 

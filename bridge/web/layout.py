@@ -86,10 +86,11 @@ def aware(value: datetime) -> datetime:
 def fmt_time(value: Any) -> str:
     """An instant in the node's display zone, with its offset (bridge.timeinput)."""
     if isinstance(value, str) and len(value) >= 19 and value[4] == "-" and value[10] == "T":
+        text: str = value
         try:
-            value = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            value = datetime.fromisoformat(text.replace("Z", "+00:00"))
         except ValueError:
-            return value
+            return text
     if isinstance(value, datetime):
         return show(aware(value), DISPLAY["zone"])
     return "" if value is None else str(value)
