@@ -284,15 +284,8 @@ class WsAdapter(BaseAdapter):
             return
         doc = cda.read(d.raw, self.site, record=d.doc_id, known=self._known,
                        expect=d.type or None)
-        if doc.doc_id != d.doc_id:
-            raise SchemaInvalid(f"document listed as {d.doc_id} carries id {doc.doc_id}",
-                                field="/ClinicalDocument/id/@extension")
-        digest = hashlib.sha256(d.raw).hexdigest()
-        prior = ledger.digest(doc.doc_id)
-        if prior is not None:
-            if prior != digest:
-                raise DuplicateDocument(f"document id {doc.doc_id} was taken before with "
-                                        "other content", field="/ClinicalDocument/id/@extension")
+        digest = self._new_content(d, doc.doc_id)
+        if digest is None:
             return  # the same document again (acked late): nothing to do
         key = f"doc:{doc.doc_id}"
         if self.host.seen(key) is None:
@@ -306,20 +299,29 @@ class WsAdapter(BaseAdapter):
         thread = self.host.thread_for(key)
         ledger.remember(doc.doc_id, "in", doc.type, thread, digest)
 
+    def _new_content(self, d: Pending, doc_id: str) -> str | None:
+        """The SHA-256 of a listed document not taken before; None for the same bytes again.
+        A document whose own id differs from the listed one, or other bytes under a taken id,
+        is refused (the ledger answers "same content?")."""
+        if doc_id != d.doc_id:
+            raise SchemaInvalid(f"document listed as {d.doc_id} carries id {doc_id}",
+                                field="/ClinicalDocument/id/@extension")
+        digest = hashlib.sha256(d.raw).hexdigest()
+        prior = self._ledger().digest(doc_id)
+        if prior is None:
+            return digest
+        if prior != digest:
+            raise DuplicateDocument(f"document id {doc_id} was taken before with other content",
+                                    field="/ClinicalDocument/id/@extension")
+        return None
+
     def _take_visit(self, d: Pending) -> None:
         """A visit document -> the visit's Encounter and Patient, once per document id (the
         same bytes again change nothing; other bytes under a taken id are a duplicate)."""
         ledger = self._ledger()
         doc = visit_doc.read(d.raw, self.site, record=d.doc_id, known=self._known)
-        if doc.doc_id != d.doc_id:
-            raise SchemaInvalid(f"document listed as {d.doc_id} carries id {doc.doc_id}",
-                                field="/ClinicalDocument/id/@extension")
-        digest = hashlib.sha256(d.raw).hexdigest()
-        prior = ledger.digest(doc.doc_id)
-        if prior is not None:
-            if prior != digest:
-                raise DuplicateDocument(f"document id {doc.doc_id} was taken before with "
-                                        "other content", field="/ClinicalDocument/id/@extension")
+        digest = self._new_content(d, doc.doc_id)
+        if digest is None:
             return
         v = visits.check(doc.visit)
         key = f"doc:{doc.doc_id}"
