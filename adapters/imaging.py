@@ -97,6 +97,16 @@ def study_uid_of(study: Resource) -> str:
     return ""
 
 
+def referenced_uid(dr: Resource) -> str:
+    """The Study Instance UID a report names in ``imagingStudy[].identifier`` (a report on a
+    study the reader holds itself carries no ImagingStudy, only the reference)."""
+    for ref in dr.get("imagingStudy") or []:
+        ident = ref.get("identifier") or {}
+        if ident.get("system") == DICOM_UID and ident.get("value"):
+            return str(ident["value"]).removeprefix("urn:oid:")
+    return ""
+
+
 def _accession(dr: Resource) -> str:
     for ident in dr.get("identifier") or []:
         kinds = [c.get("code") for c in (ident.get("type") or {}).get("coding") or []]
@@ -137,7 +147,7 @@ def imaging_reports_from_bundle(bundle: Resource, codes: Codes, *, slip_no: str,
             body_site=_unique([str(s.get("bodySite", {}).get("display")
                                    or s.get("bodySite", {}).get("code") or "")
                                for s in study.get("series") or []]),
-            study_uid=study_uid_of(study), status=str(dr.get("status", "")),
+            study_uid=study_uid_of(study) or referenced_uid(dr), status=str(dr.get("status", "")),
             exam_at=str(study.get("started") or dr.get("effectiveDateTime") or ""),
             issued_at=str(dr.get("issued", "")), findings=_text_form(dr),
             conclusion=str(dr.get("conclusion", "")), doctor=_doctor(dr, by_ref),

@@ -37,7 +37,13 @@ Life cycle (shaped like a Benthos input: connect, read with an ack, close):
   (:class:`ReferralSink`, :class:`ReferralEvent`: event, side, thread, the stored view of the
   thread, the Task) or ``on_result(ev)`` (:class:`ResultSink`, :class:`ResultEvent`: the
   results Bundle and this node's patient reference); any other kind goes to ``deliver(item)``
-  (:class:`Sink`). No sink parses ``item.body`` for a referral or a result. Every handler
+  (:class:`Sink`). No sink parses ``item.body`` for a referral or a result. An imaging report
+  another member wrote on a study (remote imaging reading, 远程影像诊断) is also handed, as an
+  :class:`ImagingReportEvent`, to every adapter that is an :class:`ImagingReportSink` (the PACS
+  adapter: it keeps the report attached to the study when it holds that study, and answers
+  None otherwise), whatever ``receives`` says: by the results inbox for ``result.imaging``
+  packets (:func:`bridge.results.attach.to_imaging_sinks`), and by any workflow that brings a
+  report back (the consultation loop calls the same function). Every handler
   writes into the local system and must be idempotent by packet id (after a crash the same
   packet is handed over again). ``flush()`` makes everything delivered so far durable.
   Failures, by class (:func:`retry_class`; the dispatcher acts on the class, never on a flag):
@@ -83,8 +89,9 @@ if TYPE_CHECKING:
 AdapterHost = Any
 
 __all__ = [
-    "Adapter", "AdapterType", "AmbiguousDelivery", "Delivery", "Problem", "ReferralEvent",
-    "ReferralSink", "Replayable", "ResultEvent", "ResultSink", "ServesRoutes", "Sink",
+    "Adapter", "AdapterType", "AmbiguousDelivery", "Delivery", "ImagingReportEvent",
+    "ImagingReportSink", "Problem", "ReferralEvent", "ReferralSink", "Replayable",
+    "ResultEvent", "ResultSink", "ServesRoutes", "Sink",
     "TransportError", "as_failure", "options_problems", "retry_class",
 ]
 
@@ -151,6 +158,27 @@ class ResultEvent:
     bundle: dict[str, Any]  # the results Bundle as it arrived (the sender's references)
     patient: str | None  # this node's Patient the results are about ("Patient/<id>"), if known
     view: dict[str, Any] | None  # the referral the results belong to, if any
+
+
+@dataclass(frozen=True, slots=True)
+class ImagingReportEvent:
+    """One imaging report (a DiagnosticReport on a DICOM study) another member wrote, as this
+    node stored it: for the PACS side of remote imaging reading."""
+
+    key: str  # what makes it once: "<packet id>:<report id>" (a redelivery has the same key)
+    sender: str  # the member whose radiologist wrote the report
+    thread: str | None  # the thread it came on (a referral, a consultation)
+    study_uid: str  # the DICOM Study Instance UID the report is on
+    report: dict[str, Any]  # the DiagnosticReport (subject: this node's patient when known)
+
+
+@runtime_checkable
+class ImagingReportSink(Protocol):
+    """An adapter that keeps imaging reports with the studies it holds (one handler; errors
+    propagate: the packet is retried). Returns what it did (e.g. ``{"study": <ImagingStudy id>}``)
+    or None when it does not hold the study. Idempotent by ``ev.key``."""
+
+    def on_imaging_report(self, ev: ImagingReportEvent) -> dict[str, Any] | None: ...
 
 
 @runtime_checkable
