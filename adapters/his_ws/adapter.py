@@ -46,7 +46,7 @@ Options (``[adapters.options]``)::
                           # (HT-WS-TOO-LARGE: quarantined naming it, acked, the next go on)
     encoding = "UTF-8"    # documents written into the HIS: UTF-8 or GB18030
     site_name = "..."     # custodian name in documents written here
-    oids = { diagnosis = "...", drug = "...", lab = "...", department = "...", ... }
+    oids = { diagnosis = "...", drug = "...", lab = "...", exam = "...", department = "...", ... }
     visit_referral = "referral-document"  # visit documents name their referral there
                                           # (default "": visits are never linked)
 """
