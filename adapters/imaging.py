@@ -107,6 +107,29 @@ def referenced_uid(dr: Resource) -> str:
     return ""
 
 
+def with_local_studies(bundle: Resource, host: Any) -> Resource:
+    """``bundle`` plus the ImagingStudy each report names but the Bundle lacks, when this node
+    holds it (a remote reading of our own study carries only the reference): the HIS then gets
+    the study's modality, body site and time as for any other report. ``host``: the adapter's
+    :class:`~bridge.local.host.AdapterHost` (read only)."""
+    entries = list(bundle.get("entry") or [])
+    have = {f"{(e.get('resource') or {}).get('resourceType')}/"
+            f"{(e.get('resource') or {}).get('id')}" for e in entries}
+    for e in list(entries):
+        dr = e.get("resource") or {}
+        if dr.get("resourceType") != "DiagnosticReport":
+            continue
+        for ref in dr.get("imagingStudy") or []:
+            rtype, _, rid = str(ref.get("reference", "")).partition("/")
+            if rtype != "ImagingStudy" or not rid or f"{rtype}/{rid}" in have \
+                    or host.resource_info(rtype, rid) is None:
+                continue
+            entries.append({"fullUrl": f"urn:uuid:{rid}", "resource": host.resource(rtype, rid)})
+            have.add(f"{rtype}/{rid}")
+    return {**bundle, "entry": entries} if len(entries) != len(bundle.get("entry") or []) \
+        else bundle
+
+
 def _accession(dr: Resource) -> str:
     for ident in dr.get("identifier") or []:
         kinds = [c.get("code") for c in (ident.get("type") or {}).get("coding") or []]

@@ -359,9 +359,18 @@ def test_imaging_reports_in_the_hl7_his_the_ws_his_and_the_pacs(site: dict[str, 
                                           "胸部CT平扫", "LN"],
                       uid=CORE_UID, findings=FINDINGS_CT, modality="CT", body_site="胸部",
                       pdf=None)
+    # the reading names S1 by its UID only: modality, body site and exam time are those of
+    # Yuetan's own study (its PACS adapter's ImagingStudy)
+    held = {"modality": "/".join(m["code"] for m in s1["modality"] if m["code"] != "SR"),
+            "sites": "/".join(dict.fromkeys(x["bodySite"].get("display") or
+                                            x["bodySite"]["code"] for x in s1["series"]
+                                            if x.get("bodySite")))}
+    assert held["modality"] and held["sites"]
     assert_oru_report(second, read_yt, code=["CT-CH-02", "胸部CT增强",
                                              "urn:hutong:ris:exam-code"],
-                      uid=S1, findings=FINDINGS_READ, modality="", body_site="", pdf=PDF)
+                      uid=S1, findings=FINDINGS_READ, modality=held["modality"],
+                      body_site=held["sites"], pdf=PDF)
+    assert second["collected"] == results.ts(s1["started"])
     assert site["his"].attempts()[control] == (1, "AA")
 
     # -- the web-service HIS: one exam report document per report, over HTTP SOAP
@@ -407,7 +416,8 @@ def test_imaging_reports_in_the_hl7_his_the_ws_his_and_the_pacs(site: dict[str, 
     assert audits == [(CORE, hl7_thread)]
     wait_for(lambda: db_rows(hl7c, "SELECT state FROM inbox WHERE packet_id = :p",
                              p=sent[HL7C][0]) == [("delivered",)], what="the packet delivered")
-    assert second["collected"] == "20261120100000+0800"  # no study sent: the report's time
+    assert r.exam_at == "20261120100000+0800"  # Zhanlanlu holds no S1: the report's time
+    assert (r.modality, r.body_site) == ("", "")
 
     # -- the reading is finalised: a correction of the same report, in a new packet
     for member, thread in ((HL7C, hl7_thread), (WSC, ws_thread)):

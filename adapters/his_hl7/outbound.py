@@ -37,6 +37,7 @@ from adapters.hl7v2 import charset
 from adapters.hl7v2.ack import read_ack
 from adapters.hl7v2.errors import V2Error
 from adapters.hl7v2.mllp import NoAck, PeerUnreachable
+from adapters.imaging import with_local_studies
 
 if TYPE_CHECKING:
     from adapters.his_hl7.adapter import HisHl7Adapter
@@ -106,7 +107,9 @@ class Outbound:
         gaps: list[Any] = []
         build = results.oru_message if item.kind == "result.lab" \
             else results.imaging_oru_message
-        text = build(self.a.header(), ev.bundle, to,
+        bundle = ev.bundle if item.kind == "result.lab" \
+            else with_local_studies(ev.bundle, self.host)
+        text = build(self.a.header(), bundle, to,
                      slips_fhir.Codes(self.host.maps, self.host.node_id, gaps),
                      item.packet_id, self.host.now())
         if text is None:

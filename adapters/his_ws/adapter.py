@@ -73,7 +73,7 @@ from adapters.his_ws.errors import (
 )
 from adapters.his_ws.ledger import Ledger
 from adapters.his_ws.soap import Pending
-from adapters.imaging import imaging_reports_from_bundle
+from adapters.imaging import imaging_reports_from_bundle, with_local_studies
 from bridge.errors import HutongError, Retry, WorkflowError
 from bridge.local.contract import AdapterType, ReferralEvent, ResultEvent
 
@@ -508,7 +508,8 @@ class WsAdapter(BaseAdapter):
         else:
             doc_type, module = "exam-report", exam_report
             docs = exam_report.from_reports(
-                imaging_reports_from_bundle(ev.bundle, codes, slip_no=slip_no,
+                imaging_reports_from_bundle(with_local_studies(ev.bundle, self.host), codes,
+                                            slip_no=slip_no,
                                             sender=item.sender, patient_id=mrn),
                 codes, self.site, producer=item.sender, referral_doc=referral_doc, mrn=mrn,
                 mrn_authority=row["referrer"] if mrn else "",

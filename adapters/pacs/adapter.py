@@ -42,6 +42,7 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
@@ -416,8 +417,13 @@ class PacsAdapter(BaseAdapter):
         try:
             validate_resource(report)
         except InvalidFhir:
-            raise ReportRejected(f"report {report_id} from {ev.sender} is not valid FHIR R4 "
-                                 "once attached to the study") from None
+            # kept for IT, and the packet goes on: the HIS still gets the report
+            self.host.quarantine(ReportRejected(
+                f"report {report_id} from {ev.sender} is not valid FHIR R4 once attached to "
+                f"ImagingStudy/{rid}"), raw=orjson.dumps(ev.report), kind="imaging.report",
+                thread=ev.thread)
+            self.count("reports_refused")
+            return None
         with self.host.state.tx() as kv:  # the list first: a redo of the store is harmless
             known = list((kv.get(ATTACHED, rid) or {}).get("reports") or [])
             if report_id not in known:

@@ -174,9 +174,11 @@ class ImagingReportEvent:
 
 @runtime_checkable
 class ImagingReportSink(Protocol):
-    """An adapter that keeps imaging reports with the studies it holds (one handler; errors
-    propagate: the packet is retried). Returns what it did (e.g. ``{"study": <ImagingStudy id>}``)
-    or None when it does not hold the study. Idempotent by ``ev.key``."""
+    """An adapter that keeps imaging reports with the studies it holds. Returns what it did
+    (e.g. ``{"study": <ImagingStudy id>}``) or None when it does not hold the study or cannot
+    keep the report (then it quarantines it itself: the packet's other handlers go on).
+    Idempotent by ``ev.key``. An error it raises (a transient one: the store is busy) fails
+    the packet, which is retried."""
 
     def on_imaging_report(self, ev: ImagingReportEvent) -> dict[str, Any] | None: ...
 
