@@ -30,8 +30,8 @@ the HIS has stored every report of the packet. ``result.imaging`` packets become
 report document per DiagnosticReport (:mod:`adapters.his_ws.exam_report`,
 ``ReceiveExamReport``): same ids, versions and gaps rule, the exam code in this HIS's exam
 catalogue, the study UID, findings, conclusion and the PDF's exact bytes. Results for a
-referral this HIS never got a
-document for stay in the node (the recognition view) and are counted ``skipped:result``. A SOAP
+referral this HIS never got a document for stay in the node (the recognition view) and are
+counted ``skipped:result``. A SOAP
 Fault or a connection failure is :class:`HisUnavailable` (transient): the
 dispatcher retries with backoff, keeping the thread's order.
 
