@@ -113,7 +113,7 @@ class Node:
         if item.kind == "result.imaging":
             to_imaging_sinks(self.adapters, imaging_events(
                 ev.bundle, key=item.packet_id, sender=item.sender, thread=item.thread,
-                patient=ev.patient))
+                patient=ev.patient, party=ev.view is not None))  # the inbox checked the party
         return ev
 
     # -- jobs ---------------------------------------------------------------------------------

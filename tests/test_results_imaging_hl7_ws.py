@@ -13,7 +13,8 @@ the PDF byte for byte. Yuetan's PACS adapter (real pynetdicom C-STORE of the stu
 shows the remote reading attached to its study; the report on the core's study is not
 attached (not a study Yuetan's PACS holds). The radiologist then finalises the reading: Yuetan's
 HIS gets a second ORU (status F), Zhanlanlu's HIS version 2 of the document (replacing version
-1), and the PACS still lists the reading once, now final.
+1), and the PACS still lists the reading once, now final. A report on Yuetan's study from a
+thread Yuetan does not know is quarantined by its PACS adapter, not attached.
 
 The pure part first: the ORU and the document built from a Bundle and read back, what the XSD
 refuses, and how a report's study UID is found.
@@ -444,6 +445,23 @@ def test_imaging_reports_in_the_hl7_his_the_ws_his_and_the_pacs(site: dict[str, 
         [(read_yt["id"], "final")]
     assert len(db_rows(hl7c, "SELECT 1 FROM audit WHERE action = 'imaging-report-attached'")) \
         == 2
+
+    # -- a report on S1 on a thread Yuetan does not know (not a party, never served the study):
+    # quarantined by the PACS adapter, not attached; the HIS has no patient to file it under
+    b = copy.deepcopy(sent[HL7C][1])
+    stray = b["entry"][3]["resource"]
+    stray["id"], stray["conclusion"] = "rpt-stray", "未经邀请的报告"
+    b["entry"] = [b["entry"][3]]  # the report alone
+    (stray_packet,) = core.send(HL7C, "result.imaging", [b])
+    wait_for(lambda: db_rows(hl7c, "SELECT state FROM inbox WHERE packet_id = :p",
+                             p=stray_packet) == [("delivered",)], what="the stray packet")
+    held = db_rows(hl7c, "SELECT kind, code, message FROM quarantine WHERE kind = "
+                         "'imaging.report'")
+    assert len(held) == 1 and held[0][1] == "HT-REPORT-REJECTED"
+    assert "rpt-stray" in held[0][2] and "neither shared" in held[0][2]
+    got = hl7c.api("GET", f"/local/v1/adapters/pacs/studies/{S1}/reports", role="clinician")
+    assert all(x["id"] != "rpt-stray" for x in got["reports"])
+    assert len(site["his"].imaging_reports()) == 2
     for node in (core, hl7c, wsc):
         text = node.log.read_text(encoding="utf-8", errors="replace")
         assert NID1 not in text and NID2 not in text and "张三" not in text

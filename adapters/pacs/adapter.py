@@ -60,7 +60,7 @@ from adapters.pacs.study import (
     study_resource_id,
     text,
 )
-from bridge.errors import ConfigError, HutongError, InvalidFhir, NotFound, UnsafePath
+from bridge.errors import ConfigError, HutongError, InvalidFhir, NotFound, Retry, UnsafePath
 from bridge.fhir.validate import validate_resource
 from bridge.privacy import patient_hash
 
@@ -74,6 +74,8 @@ log = logging.getLogger("hutong.adapters.pacs")
 SUCCESS, OUT_OF_RESOURCES, CANNOT_UNDERSTAND = 0x0000, 0xA700, 0xC000
 #: adapter state: ImagingStudy id -> the ids of reports other members wrote on it
 ATTACHED = "attached_reports"
+#: adapter state: ImagingStudy id -> the members this PACS served the study to (a fetch)
+SERVED = "served_studies"
 #: of a data set refused for its size, quarantine keeps this much (the header is at the start)
 KEEP_OF_OVERSIZE = 1 << 20
 
@@ -392,9 +394,12 @@ class PacsAdapter(BaseAdapter):
 
     def on_imaging_report(self, ev: ImagingReportEvent) -> dict[str, Any] | None:
         """A report another member wrote on a study: kept with the study when this PACS holds
-        it (our own ImagingStudy), else None. Stored referring to our study and patient, once
-        per ``ev.key`` (a redelivery changes nothing; a correction in a later packet is a new
-        version of the same report)."""
+        it (our own ImagingStudy), else None. Only from a member that may report on it: the
+        other party of the thread it came on (``ev.party``, checked by the engine) or a member
+        this PACS served the study to; anyone else's is quarantined. Stored referring to our
+        study and patient, once per ``ev.key`` (a redelivery changes nothing; a correction in a
+        later packet is a new version of the same report). A report it cannot keep is
+        quarantined and None returned: the packet goes on (the HIS still gets it)."""
         try:
             uid = check_uid(ev.study_uid, record=f"report from {ev.sender}", field="study UID")
         except DicomRejected:
@@ -406,8 +411,16 @@ class PacsAdapter(BaseAdapter):
         report_id = str(ev.report.get("id") or "")
         answer = {"study": rid, "report": report_id}
         key = f"report:{ev.key}"
-        if not report_id or self.host.seen(key) is not None:
+        if not report_id:
+            return None
+        if self.host.seen(key) is not None:
+            self._attach(rid, report_id, ev.thread)  # a crash after the commit: list it now
             return answer
+        served = (self.host.state.get(SERVED, rid) or {}).get("members") or []
+        if not ev.party and ev.sender not in served:
+            return self._refuse(ev, f"report {report_id} from {ev.sender} on ImagingStudy/"
+                                    f"{rid}, which this node neither shared with it nor "
+                                    "asked it to report on")
         study = self.host.resource("ImagingStudy", rid)
         report = copy.deepcopy(ev.report)
         report.pop("meta", None)
@@ -417,28 +430,38 @@ class PacsAdapter(BaseAdapter):
         try:
             validate_resource(report)
         except InvalidFhir:
-            # kept for IT, and the packet goes on: the HIS still gets the report
-            self.host.quarantine(ReportRejected(
-                f"report {report_id} from {ev.sender} is not valid FHIR R4 once attached to "
-                f"ImagingStudy/{rid}"), raw=orjson.dumps(ev.report), kind="imaging.report",
-                thread=ev.thread)
-            self.count("reports_refused")
-            return None
-        with self.host.state.tx() as kv:  # the list first: a redo of the store is harmless
-            known = list((kv.get(ATTACHED, rid) or {}).get("reports") or [])
-            if report_id not in known:
-                kv.put(ATTACHED, rid, {"reports": [*known, report_id]}, thread=ev.thread)
-        with self.host.transaction() as tx:
-            tx.put_foreign(report, sender=ev.sender, thread=ev.thread or "",
-                           patient_hash=info["patient_hash"])
-            tx.remember(key, answer, thread=ev.thread)
-            tx.audit("imaging-report-attached", peer=ev.sender, kind="result.imaging",
-                     thread=ev.thread, patient_hash=info["patient_hash"],
-                     message=f"DiagnosticReport/{report_id} from {ev.sender} attached to "
-                             f"ImagingStudy/{rid}")
+            return self._refuse(ev, f"report {report_id} from {ev.sender} is not valid FHIR "
+                                    f"R4 once attached to ImagingStudy/{rid}")
+        try:
+            with self.host.transaction() as tx:
+                tx.put_foreign(report, sender=ev.sender, thread=ev.thread or "",
+                               patient_hash=info["patient_hash"])
+                tx.remember(key, answer, thread=ev.thread)
+                tx.audit("imaging-report-attached", peer=ev.sender, kind="result.imaging",
+                         thread=ev.thread, patient_hash=info["patient_hash"],
+                         message=f"DiagnosticReport/{report_id} from {ev.sender} attached to "
+                                 f"ImagingStudy/{rid}")
+        except HutongError as exc:
+            if exc.retry is not Retry.PERMANENT:
+                raise
+            # e.g. the id names a resource of this node's or of another thread
+            return self._refuse(ev, f"report {report_id} from {ev.sender}: {exc.message}")
+        self._attach(rid, report_id, ev.thread)
         self.count("reports_attached")
         self.ok()
         return answer
+
+    def _attach(self, rid: str, report_id: str, thread: str | None) -> None:
+        with self.host.state.tx() as kv:
+            known = list((kv.get(ATTACHED, rid) or {}).get("reports") or [])
+            if report_id not in known:
+                kv.put(ATTACHED, rid, {"reports": [*known, report_id]}, thread=thread)
+
+    def _refuse(self, ev: ImagingReportEvent, why: str) -> None:
+        """Kept for IT (quarantined, audited), not attached; the packet goes on."""
+        self.host.quarantine(ReportRejected(why), raw=orjson.dumps(ev.report),
+                             kind="imaging.report", thread=ev.thread)
+        self.count("reports_refused")
 
     def _serve(self, item: Delivery) -> None:
         key = f"fetch:{item.packet_id}"
@@ -481,6 +504,12 @@ class PacsAdapter(BaseAdapter):
             bundles = [fetch.failure_bundle(req, reason, patient_hash=phash)]
         served = sum(1 for b in bundles for e in b["entry"]
                      if e["resource"]["resourceType"] == "Binary")
+        if reason is None:  # it may report on the study (remote imaging reading); kept
+            # before the answer is queued, so a crash in between cannot lose it
+            with self.host.state.tx() as kv:
+                members = list((kv.get(SERVED, rid) or {}).get("members") or [])
+                if item.sender not in members:
+                    kv.put(SERVED, rid, {"members": [*members, item.sender]})
 
         def write(tx: Any) -> None:
             tx.audit("imaging-fetch-served", outcome="0" if reason is None else "4",

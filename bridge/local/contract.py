@@ -170,6 +170,9 @@ class ImagingReportEvent:
     thread: str | None  # the thread it came on (a referral, a consultation)
     study_uid: str  # the DICOM Study Instance UID the report is on
     report: dict[str, Any]  # the DiagnosticReport (subject: this node's patient when known)
+    #: the engine checked that ``sender`` is the other party of ``thread`` (a referral or a
+    #: consultation of this node); False: a packet on a thread this node does not know
+    party: bool = False
 
 
 @runtime_checkable

@@ -30,10 +30,11 @@ def _uid(identifiers: Iterable[dict[str, Any]]) -> str:
     return ""
 
 
-def imaging_events(bundle: dict[str, Any], *, key: str, sender: str,
-                   thread: str | None, patient: str | None = None) -> list[ImagingReportEvent]:
+def imaging_events(bundle: dict[str, Any], *, key: str, sender: str, thread: str | None,
+                   patient: str | None = None, party: bool = False) -> list[ImagingReportEvent]:
     """One event per DiagnosticReport of ``bundle`` that names a DICOM study; ``patient``
-    (``Patient/<id>``, this node's record) replaces the report's subject when given."""
+    (``Patient/<id>``, this node's record) replaces the report's subject when given;
+    ``party``: the caller checked that ``sender`` is the other party of ``thread``."""
     resources = [e.get("resource") or {} for e in bundle.get("entry") or ()]
     studies = {f"ImagingStudy/{r.get('id')}": r for r in resources
                if r.get("resourceType") == "ImagingStudy"}
@@ -52,7 +53,8 @@ def imaging_events(bundle: dict[str, Any], *, key: str, sender: str,
         if patient:
             report["subject"] = {"reference": patient}
         out.append(ImagingReportEvent(key=f"{key}:{dr.get('id')}", sender=sender,
-                                      thread=thread, study_uid=uid, report=report))
+                                      thread=thread, study_uid=uid, report=report,
+                                      party=party))
     return out
 
 
