@@ -376,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     his = VendorHis(args.db, "127.0.0.1:1")
     for r in his.received():
         print(json.dumps({"control_id": r.control_id, "what": r.what, "thread": r.thread,
-                          "slip": asdict(r.slip)}, ensure_ascii=False))
+                          "slip": r.slip if isinstance(r.slip, dict) else asdict(r.slip)},
+                         ensure_ascii=False))
     return 0
 
 
