@@ -413,7 +413,10 @@ class PacsAdapter(BaseAdapter):
         key = f"report:{ev.key}"
         if not report_id:
             return None
-        if self.host.seen(key) is not None:
+        prior = self.host.seen(key)
+        if prior is not None:
+            if prior.get("refused"):
+                return None  # refused and quarantined on an earlier delivery
             self._attach(rid, report_id, ev.thread)  # a crash after the commit: list it now
             return answer
         served = (self.host.state.get(SERVED, rid) or {}).get("members") or []
@@ -458,9 +461,12 @@ class PacsAdapter(BaseAdapter):
                 kv.put(ATTACHED, rid, {"reports": [*known, report_id]}, thread=thread)
 
     def _refuse(self, ev: ImagingReportEvent, why: str) -> None:
-        """Kept for IT (quarantined, audited), not attached; the packet goes on."""
-        self.host.quarantine(ReportRejected(why), raw=orjson.dumps(ev.report),
-                             kind="imaging.report", thread=ev.thread)
+        """Kept for IT (quarantined, audited), not attached; the packet goes on. Remembered
+        under the event's key, so a redelivery does not quarantine it again."""
+        qid = self.host.quarantine(ReportRejected(why), raw=orjson.dumps(ev.report),
+                                   kind="imaging.report", thread=ev.thread)
+        with self.host.transaction() as tx:
+            tx.remember(f"report:{ev.key}", {"refused": qid}, thread=ev.thread)
         self.count("reports_refused")
 
     def _serve(self, item: Delivery) -> None:
