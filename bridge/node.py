@@ -33,6 +33,7 @@ from bridge.gateway.app import create_gateway
 from bridge.gateway.intake import Intake
 from bridge.local.registry import load_adapters, receivers
 from bridge.referral.workflow import Workflow
+from bridge.results.attach import imaging_events, to_imaging_sinks
 from bridge.results.inbox import ResultsInbox
 from bridge.startup import check_anchor
 from bridge.store import state
@@ -78,12 +79,13 @@ class Node:
 
         self.pauses = Pauses(self.ctx)  # IT's pause of a peer's sending or of an adapter
         self.adapters = load_adapters(self)
+        self.results = ResultsInbox(self.ctx)
         handlers: dict[str, Any] = load_handlers(dict(plan.delivery.handlers),
                                                  {"spool_dir": plan.delivery.spool_dir})
         handlers.update(receivers(self, self.adapters))
         self.dispatcher = Dispatcher(
             self.ctx, handlers, hooks={"referral.": self.workflow.apply_packet,
-                                      "result.": ResultsInbox(self.ctx).apply_packet},
+                                      "result.": self._apply_result},
             lanes=self.lanes,
         )
         self.dispatcher.held = lambda h: any(  # a paused adapter receives nothing meanwhile
@@ -103,6 +105,16 @@ class Node:
             timezone=UTC,
         )
         logging.getLogger("apscheduler").setLevel(logging.ERROR)
+
+    def _apply_result(self, item: Any) -> Any:
+        """The dispatcher hook of ``result.*``: the inbox stores the packet; an imaging report
+        then also goes to the adapters that keep reports with their studies (the PACS)."""
+        ev = self.results.apply_packet(item)
+        if item.kind == "result.imaging":
+            to_imaging_sinks(self.adapters, imaging_events(
+                ev.bundle, key=item.packet_id, sender=item.sender, thread=item.thread,
+                patient=ev.patient, party=ev.view is not None))  # the inbox checked the party
+        return ev
 
     # -- jobs ---------------------------------------------------------------------------------
 

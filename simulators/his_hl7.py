@@ -4,8 +4,10 @@ It is a separate process (``python -m simulators.his_hl7 serve --db his.sqlite -
 127.0.0.1:2576``) with its own SQLite file: its MLLP listener ACKs REF^I12 / RRI^I12 from the
 node's adapter and keeps each message once (by MSH-10) as a slip (a REF^I14 cancellation as
 its :class:`~adapters.his_hl7.messages.CancelNote`); ORU^R01 (lab results from
-another member) is kept once by MSH-10 as its fields read back (:func:`read_results`), and every
-message offered is counted per MSH-10 (``attempts``). Doctors' actions are the
+another member) is kept once by MSH-10 as its fields read back (:func:`read_results`; an
+imaging report, an ORU whose OBR is followed by a ZDS naming the study, is kept as ``imaging``
+and listed by :meth:`VendorHis.imaging_reports`, the PDF's bytes decoded from its OBX ED), and
+every message offered is counted per MSH-10 (``attempts``). Doctors' actions are the
 Python API (:class:`VendorHis`), which sends REF^I12 / REF^I14 / RRI^I12 / ADT to the adapter's
 listener over real MLLP and records what it sent. Faults for retry tests: ``set_mode(nak=N)``
 answers the next N messages with AE, ``set_mode(drop=N)`` closes the connection without an answer.
@@ -75,14 +77,14 @@ class Ack:
 @dataclass
 class Received:
     control_id: str
-    what: str  # referral | acceptance | return | cancel | results
+    what: str  # referral | acceptance | return | cancel | results | imaging
     thread: str
     slip_no: str
     slip: Any
 
 
 def _slip(what: str, data: dict[str, Any]) -> Any:
-    if what == "results":
+    if what in ("results", "imaging"):
         return data
     if what == "cancel":
         return messages.CancelNote(**data)
@@ -139,8 +141,12 @@ def read_results(msg: Any) -> dict[str, Any]:
                     "code": _parts(msg, seg, 4)[0], "collected": _first(msg, seg, 7),
                     "lab_no": _first(msg, seg, 20), "issued": _first(msg, seg, 22),
                     "status": _first(msg, seg, 25), "notes": [], "items": [],
-                    "specimen": None}
+                    "specimen": None, "accession": _first(msg, seg, 18),
+                    "modality": _first(msg, seg, 24), "study_uid": "",
+                    "interpreter": _first(msg, seg, 32).partition(seg.d.subcomponent)[2]}
             out["reports"].append(last)
+        elif name == "ZDS":
+            out["reports"][-1]["study_uid"] = _first(msg, seg, 1)
         elif name == "OBX":
             last = {"vtype": _first(msg, seg, 2), "code": _parts(msg, seg, 3)[0],
                     "value": _parts(msg, seg, 5), "unit": _parts(msg, seg, 6),
@@ -186,9 +192,10 @@ def take(conn: sqlite3.Connection, raw: bytes) -> bytes | None:
         _attempt(conn, control, "AA")
         if inbound is None:
             data = read_results(msg)
+            imaging = bool(msg.segments("ZDS"))
             n = conn.execute("SELECT COUNT(*) FROM received").fetchone()[0]
             conn.execute("INSERT OR IGNORE INTO received VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                         (control, "results", data["thread"],
+                         (control, "imaging" if imaging else "results", data["thread"],
                           data["reports"][0]["placer"] if data["reports"] else "",
                           json.dumps(data, ensure_ascii=False), raw, now.isoformat(), n))
             conn.execute("UPDATE mode SET v = v + 1 WHERE k = 'answered'")
@@ -335,6 +342,13 @@ class VendorHis:
                                 "WHERE what = 'results' ORDER BY n").fetchall()
         return [(c, json.loads(j), bytes(raw)) for c, j, raw in rows]
 
+    def imaging_reports(self) -> list[tuple[str, dict[str, Any], bytes]]:
+        """(MSH-10, the imaging ORU as filed, its bytes) for every one kept, in arrival order."""
+        with contextlib.closing(self._conn()) as conn:
+            rows = conn.execute("SELECT control_id, slip, raw FROM received "
+                                "WHERE what = 'imaging' ORDER BY n").fetchall()
+        return [(c, json.loads(j), bytes(raw)) for c, j, raw in rows]
+
     def attempts(self) -> dict[str, tuple[int, str]]:
         """MSH-10 -> (how often it was offered, the last answer)."""
         with contextlib.closing(self._conn()) as conn:
@@ -362,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     his = VendorHis(args.db, "127.0.0.1:1")
     for r in his.received():
         print(json.dumps({"control_id": r.control_id, "what": r.what, "thread": r.thread,
-                          "slip": asdict(r.slip)}, ensure_ascii=False))
+                          "slip": r.slip if isinstance(r.slip, dict) else asdict(r.slip)},
+                         ensure_ascii=False))
     return 0
 
 

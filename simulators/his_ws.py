@@ -5,7 +5,9 @@ share it: the doctor-facing side writes documents (:meth:`HisWs.write_referral`,
 ``reject``, ``write_return``, ``cancel``, or raw bytes for bad-data cases) that the node pulls
 with ``GetPendingDocuments``/``AckDocuments``; documents the node writes (``ReceiveReferral``
 etc.) are checked against the XSD, stored and listed by :meth:`HisWs.received`; lab reports
-(``ReceiveLabReport``, checked against ``cda-lab-report.xsd``) by :meth:`HisWs.lab_reports`.
+(``ReceiveLabReport``, checked against ``cda-lab-report.xsd``) by :meth:`HisWs.lab_reports`;
+exam (imaging) reports (``ReceiveExamReport``, ``cda-exam-report.xsd``) by
+:meth:`HisWs.exam_reports`.
 The admission office's visit events (:meth:`HisWs.write_visit`: 入院登记, 挂号, 转科, 出院, 修改 and
 the cancels, :mod:`adapters.his_ws.visit_doc`) are offered as documents of type ``visit``.
 ``fail_next(n)`` makes the next n calls answer a SOAP Fault (soap:Server, HTTP 500), as a HIS
@@ -17,6 +19,7 @@ does while its database is locked for the nightly job.
     python -m simulators.his_ws accept --db his.sqlite --doc <referral doc id> --bed 12床
     python -m simulators.his_ws cancel --db his.sqlite --doc <referral doc id> --reason 家属要求
     python -m simulators.his_ws lab-reports --db his.sqlite
+    python -m simulators.his_ws exam-reports --db his.sqlite
     python -m simulators.his_ws faults --db his.sqlite --count 3
 """
 
@@ -38,7 +41,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from adapters.his_ws import cda, lab_report, soap, visit_doc
+from adapters.his_ws import cda, exam_report, lab_report, soap, visit_doc
 from adapters.his_ws.errors import BadDocument
 from adapters.slips import AcceptanceSlip, LabResult, Prescription, ReferralSlip, ReturnSlip
 from adapters.visits import Visit
@@ -170,8 +173,8 @@ class HisWs:
     def received(self, doc_type: str | None = None) -> list[cda.Document]:
         """Documents the node delivered, in arrival order (each once, however often sent)."""
         with self._db() as db:
-            rows = db.execute("SELECT doc_id, raw FROM inbound WHERE (? IS NULL AND type != "
-                              "'lab-report') OR type = ? ORDER BY pos",
+            rows = db.execute("SELECT doc_id, raw FROM inbound WHERE (? IS NULL AND type NOT IN "
+                              "('lab-report', 'exam-report')) OR type = ? ORDER BY pos",
                               (doc_type, doc_type)).fetchall()
         return [cda.read(bytes(raw), self.site, record=doc_id, from_node=True)
                 for doc_id, raw in rows]
@@ -182,6 +185,13 @@ class HisWs:
             rows = db.execute("SELECT doc_id, raw FROM inbound WHERE type = 'lab-report' "
                               "ORDER BY pos").fetchall()
         return [lab_report.read(bytes(raw), self.site, record=doc_id) for doc_id, raw in rows]
+
+    def exam_reports(self) -> list[exam_report.ExamReportDoc]:
+        """Exam (imaging) reports the node delivered, in arrival order (each version once)."""
+        with self._db() as db:
+            rows = db.execute("SELECT doc_id, raw FROM inbound WHERE type = 'exam-report' "
+                              "ORDER BY pos").fetchall()
+        return [exam_report.read(bytes(raw), self.site, record=doc_id) for doc_id, raw in rows]
 
     def received_doc(self, doc_id: str) -> cda.Document:
         with self._db() as db:
@@ -242,8 +252,9 @@ class HisWs:
             doc_type, doc_id, raw = soap.read_receive(op)
             doc: Any = lab_report.read(raw, self.site, record=doc_id) \
                 if doc_type == "lab-report" else \
-                cda.read(raw, self.site, record=doc_id, expect=doc_type,  # the vendor checks
-                         from_node=True)
+                exam_report.read(raw, self.site, record=doc_id) if doc_type == "exam-report" \
+                else cda.read(raw, self.site, record=doc_id, expect=doc_type,  # vendor checks
+                              from_node=True)
             if doc.doc_id != doc_id:
                 raise KeyError(f"DocumentId {doc_id} but the document says {doc.doc_id}")
             digest = hashlib.sha256(raw).hexdigest()
@@ -361,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("command", choices=["serve", "write-referral", "write-return", "accept",
                                         "reject", "cancel", "received", "lab-reports",
-                                        "pending", "faults"])
+                                        "exam-reports", "pending", "faults"])
     ap.add_argument("--db", required=True)
     ap.add_argument("--member")
     ap.add_argument("--site-name", default="")
@@ -399,6 +410,9 @@ def main(argv: list[str] | None = None) -> int:
     elif a.command == "lab-reports":
         for r in his.lab_reports():
             print(json.dumps(asdict(r), ensure_ascii=False))
+    elif a.command == "exam-reports":
+        for e in his.exam_reports():
+            print(json.dumps({**asdict(e), "pdf": len(e.pdf)}, ensure_ascii=False))
     elif a.command == "received":
         for d in his.received():
             print(json.dumps({"doc_id": d.doc_id, "type": d.type, "answers": d.referral_doc,

@@ -4,8 +4,9 @@ Run over every entry point of ``hutong.adapters``, so a new adapter type is held
 rules the day it is registered: its options are checked before anything starts (an unknown key
 refused by ``config check`` and node loading alike, naming file and key); its example options
 build on a real node; ``stop`` is safe before ``start`` and twice after it; its status holds no
-patient fields. And the dispatcher retries a sink's transient and ambiguous failures, keeps the
-thread's order while it does, and dead-letters only the permanent ones.
+patient fields; an imaging-report sink (the PACS) ignores a study it does not hold. And the
+dispatcher retries a sink's transient and ambiguous failures, keeps the thread's order while it
+does, and dead-letters only the permanent ones.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from bridge.local.contract import (
     Adapter,
     AdapterType,
     Delivery,
+    ImagingReportEvent,
+    ImagingReportSink,
     PacketEvent,
     PacketSink,
     Replayable,
@@ -116,6 +119,15 @@ def test_example_options_check_build_stop_twice_and_status(tmp_path: Path, kind:
         fields = [k for k in _keys({k: v for k, v in status.items() if k not in ("name",
                                                                                 "counters")})]
         assert not [k for k in fields if any(w in k.lower() for w in PATIENT_WORDS)]
+        # the PACS keeps other members' imaging reports with the studies it holds; a study it
+        # does not hold (or a UID that is none) is not its business: None, nothing stored
+        assert isinstance(adapter, ImagingReportSink) == (kind == "pacs-dicom")
+        if isinstance(adapter, ImagingReportSink):
+            for uid in ("1.2.826.0.1.3680043.8.498.9", "../1.2"):
+                ev = ImagingReportEvent(key="P1:r1", sender="chc", thread=None, study_uid=uid,
+                                        report={"resourceType": "DiagnosticReport", "id": "r1"})
+                assert adapter.on_imaging_report(ev) is None
+            assert adapter.host.resource_info("DiagnosticReport", "r1") is None
         adapter.stop()
         adapter.stop()  # twice: safe
         if isinstance(adapter, Sink):

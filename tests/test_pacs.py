@@ -51,7 +51,8 @@ MEMBERS = [
 ]
 REFERRAL_KINDS = ["referral.request", "referral.status", "referral.cancel", "referral.return"]
 RULES = [
-    {"from": "chc", "to": "core", "kinds": ["imaging.fetch-request", *REFERRAL_KINDS]},
+    {"from": "chc", "to": "core", "kinds": ["imaging.fetch-request", "result.imaging",
+                                            *REFERRAL_KINDS]},
     {"from": "core", "to": "chc", "kinds": ["imaging.fetch-response", "result.imaging",
                                             *REFERRAL_KINDS]},
 ]
@@ -372,6 +373,42 @@ def test_another_node_fetches_the_study_byte_identical(site: Site) -> None:
     r4b(task)
     assert task["status"] == "completed"
     assert NID1 not in orjson.dumps(study).decode()
+
+
+@pytest.mark.slow
+def test_a_reading_by_the_member_served_the_study_is_attached_to_it(site: Site) -> None:
+    """Remote imaging reading with the fetch as the invitation: chc fetched S1 from core and
+    reports on it (result.imaging on a thread core does not know, the study named by its UID
+    only). Core's PACS adapter keeps the reading with S1 beside its own SR report, the reporting
+    member as origin; a later fetch by chc still completes (the reading is not sent back)."""
+    site.s1_at_core()
+    assert fetched(site.chc, "core", S1)["status"] == "completed"
+    rid = study_resource_id(S1)
+    reading = {"resourceType": "DiagnosticReport", "id": "chc-reading-1", "status": "final",
+               "code": {"coding": [{"system": "http://loinc.org", "code": "24627-2"}],
+                        "text": "胸部CT"},
+               "subject": get(site.chc, "ImagingStudy", rid)["subject"],
+               "imagingStudy": [{"reference": f"ImagingStudy/{rid}", "identifier": {
+                   "system": "urn:dicom:uid", "value": f"urn:oid:{S1}"}}],
+               "conclusion": "双肺未见明显异常（远程阅片）。"}
+    site.chc.send("core", "result.imaging", [{"resourceType": "Bundle", "type": "collection",
+                                              "entry": [{"resource": reading}]}])
+
+    def shown() -> Any:
+        got = clinician(site.core, "GET", f"/studies/{S1}/reports")
+        return got if any(r["id"] == reading["id"] for r in got["reports"]) else None
+    got = wait_for(shown, what="the reading attached to S1 at core")
+    mine = [r for r in got["reports"] if r["from"] == "core"]
+    theirs = [r for r in got["reports"] if r["from"] == "chc"]
+    assert mine  # core's own reports on S1 (its SR, RIS reports) are listed beside it
+    assert [(r["id"], r["conclusion"], r["status"]) for r in theirs] == \
+        [(reading["id"], reading["conclusion"], "final")]
+    stored = get(site.core, "DiagnosticReport", reading["id"])
+    r4b(stored)
+    assert stored["subject"] == get(site.core, "ImagingStudy", rid)["subject"]
+    assert stored["imagingStudy"][0]["reference"] == f"ImagingStudy/{rid}"
+    assert [a.peer for a in audits(site.core, "imaging-report-attached")] == ["chc"]
+    assert fetched(site.chc, "core", S1)["status"] == "completed"  # not choked by its own
 
 
 @pytest.mark.slow

@@ -96,6 +96,7 @@ from adapters.his_db.results import (
     reports_from_bundle,
 )
 from adapters.his_db.watermark import Watermark
+from adapters.imaging import with_local_studies
 from adapters.slips import AcceptanceSlip, LabResult, Prescription, ReferralSlip, ReturnSlip
 from adapters.visits import Visit
 from bridge import faults
@@ -670,7 +671,8 @@ class HisDbAdapter(BaseAdapter):
             write = self._write_reports
         else:
             self._result_maps(("imaging_report", ImagingReport))
-            reports = imaging_reports_from_bundle(body, codes, slip_no=slip_no,
+            reports = imaging_reports_from_bundle(with_local_studies(body, self.host), codes,
+                                                  slip_no=slip_no,
                                                   sender=item.sender,
                                                   patient_id=self._patient_id(view))
             write = self._write_imaging

@@ -3,7 +3,8 @@
 The results inbox (:mod:`bridge.results.inbox`) has already stored the packet's resources in the
 local FHIR store, linked to the referral; this module reads the same Bundle into neutral records
 the intermediate-database adapter writes through the site's field maps
-(``fields/lab_report.csv``, ``fields/lab_report_item.csv``):
+(``fields/lab_report.csv``, ``fields/lab_report_item.csv``; imaging reports: the shared
+reader :mod:`adapters.imaging`):
 
 * :class:`LabReport`, one per ``DiagnosticReport`` (检验报告): keyed by the report's id, which the
   producing LIS keeps stable across corrections;
@@ -22,11 +23,18 @@ a ratio as ``1:320``, a range as ``low-high``, a coded value by its text.
 
 from __future__ import annotations
 
-import base64
 from dataclasses import dataclass, field
 from typing import Any
 
+from adapters.imaging import (  # imaging reports: shared by every HIS style
+    NON_IMAGE_MODALITIES,
+    ImagingReport,
+    imaging_reports_from_bundle,
+)
 from adapters.slips_fhir import Codes
+
+__all__ = ["NON_IMAGE_MODALITIES", "ImagingReport", "LabReport", "LabReportItem",
+           "imaging_reports_from_bundle", "reports_from_bundle", "value_text"]
 
 Resource = dict[str, Any]
 
@@ -124,92 +132,4 @@ def reports_from_bundle(bundle: Resource, codes: Codes, *, slip_no: str,
                 status=str(obs.get("status", "")),
                 measured_at=str(obs.get("effectiveDateTime", ""))))
         out.append(report)
-    return out
-
-
-# -- imaging reports (result.imaging) ---------------------------------------------------------
-
-#: DICOM modalities that hold no images of the patient (the report itself, key objects, states)
-NON_IMAGE_MODALITIES = {"SR", "KO", "PR", "DOC"}
-
-
-@dataclass
-class ImagingReport:
-    """One imaging report (检查报告) from another member, for the patient under referral."""
-
-    report_id: str  # the DiagnosticReport id (stable across corrections)
-    slip_no: str
-    from_member: str
-    patient_id: str  # the reader's own record number of the patient (病历号)
-    exam_code: str  # the reader's local exam code, else the sender's code (and its system)
-    exam_code_system: str
-    exam_name: str
-    modality: str  # image modalities of the study, "/"-joined (CT, MR/CT ...)
-    body_site: str
-    study_uid: str  # DICOM Study Instance UID
-    status: str  # FHIR DiagnosticReport.status
-    exam_at: str = ""  # ImagingStudy.started, else the report's effectiveDateTime
-    issued_at: str = ""
-    findings: str = ""  # 所见: the report's full text (presentedForm text/plain)
-    conclusion: str = ""  # 诊断/印象
-    doctor: str = ""  # the reporting doctor's name as the report gives it
-
-
-def _text_form(dr: Resource) -> str:
-    for form in dr.get("presentedForm") or []:
-        if str(form.get("contentType", "")).startswith("text/plain") and form.get("data"):
-            return base64.b64decode(form["data"]).decode("utf-8").strip()
-    return ""
-
-
-def _doctor(dr: Resource, by_ref: dict[str, Resource]) -> str:
-    for who in [*(dr.get("resultsInterpreter") or []), *(dr.get("performer") or [])]:
-        if who.get("display"):
-            return str(who["display"])
-        found = by_ref.get(str(who.get("reference", "")), {})
-        if found.get("resourceType") == "Practitioner":
-            name = (found.get("name") or [{}])[0]
-            return str(name.get("text") or "".join([name.get("family", ""),
-                                                    *name.get("given", [])]))
-    return ""
-
-
-def _study_uid(study: Resource) -> str:
-    for ident in study.get("identifier") or []:
-        if ident.get("system") == "urn:dicom:uid":
-            return str(ident.get("value", "")).removeprefix("urn:oid:")
-    return ""
-
-
-def _unique(values: list[str]) -> str:
-    return "/".join(dict.fromkeys(v for v in values if v))
-
-
-def imaging_reports_from_bundle(bundle: Resource, codes: Codes, *, slip_no: str, sender: str,
-                                patient_id: str) -> list[ImagingReport]:
-    """The imaging reports of a ``result.imaging`` Bundle, each with its ImagingStudy."""
-    resources = [e.get("resource") or {} for e in bundle.get("entry") or []]
-    by_ref = {f"{r.get('resourceType')}/{r.get('id')}": r for r in resources if r.get("id")}
-    out = []
-    for dr in (r for r in resources if r.get("resourceType") == "DiagnosticReport"):
-        study = next((by_ref[s["reference"]] for s in dr.get("imagingStudy") or []
-                      if s.get("reference") in by_ref), {})
-        before = len(codes.gaps)
-        code, name = codes.local("exam", dr.get("code"))
-        system = next((str(c.get("system", "")) for c in (dr.get("code") or {}).get("coding")
-                       or [] if c.get("code") == code), "")
-        if len(codes.gaps) == before:  # translated: the code is the reader's own
-            system = codes.source_system("exam")
-        out.append(ImagingReport(
-            report_id=str(dr["id"]), slip_no=slip_no, from_member=sender,
-            patient_id=patient_id, exam_code=code, exam_code_system=system, exam_name=name,
-            modality=_unique([str(m.get("code", "")) for m in study.get("modality") or []
-                              if m.get("code") not in NON_IMAGE_MODALITIES]),
-            body_site=_unique([str(s.get("bodySite", {}).get("display")
-                                   or s.get("bodySite", {}).get("code") or "")
-                               for s in study.get("series") or []]),
-            study_uid=_study_uid(study), status=str(dr.get("status", "")),
-            exam_at=str(study.get("started") or dr.get("effectiveDateTime") or ""),
-            issued_at=str(dr.get("issued", "")), findings=_text_form(dr),
-            conclusion=str(dr.get("conclusion", "")), doctor=_doctor(dr, by_ref)))
     return out

@@ -1,10 +1,11 @@
 """HL7 v2 over MLLP HIS adapter (``type = "his-hl7"``): REF^I12 / REF^I14 (cancel) / RRI^I12 /
-ADT <-> referrals, and lab results from other members (``result.lab``) -> ORU^R01 into the HIS.
+ADT <-> referrals, and lab and imaging results from other members (``result.lab``,
+``result.imaging``) -> ORU^R01 into the HIS.
 
 Modules: :mod:`.adapter` (options, life cycle), :mod:`.inbound` (HIS -> node),
 :mod:`.adt` (ADT -> Patient + Encounter through ``host.record_encounter``),
 :mod:`.outbound` (node -> HIS), :mod:`.messages` (HL7 <-> slips, the interface sheet),
-:mod:`.results` (result.lab -> ORU^R01 v2.5.1),
+:mod:`.results` (result.lab, result.imaging -> ORU^R01 v2.5.1),
 :mod:`.v2` (this adapter's binding of the shared HL7 v2 kit :mod:`adapters.hl7v2`, which
 does charsets, parsing, escapes, dates, ACKs and MLLP for it), :mod:`.state` (what it
 remembers, in the node's database through ``host.state``), :mod:`.errors`. :data:`create` is

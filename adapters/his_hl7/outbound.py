@@ -1,5 +1,6 @@
 """Node -> HIS: an arrived referral packet becomes one HL7 message sent to the HIS's listener;
-so does an arrived ``result.lab`` packet (one ORU^R01, :mod:`~adapters.his_hl7.results`).
+so does an arrived ``result.lab`` or ``result.imaging`` packet (one ORU^R01,
+:mod:`~adapters.his_hl7.results`).
 
 The referral workflow has already applied the packet (dispatcher hook), so the slip is read
 from the node's view of the thread (:mod:`adapters.slips_fhir`). MSH-10 is the packet id: a
@@ -17,6 +18,8 @@ receiver               cancel (confirmed here)       REF^I14 (RF1-6 slip, RF1-11
                                                      reason, RF1-7 when); a cancel refused
                                                      (patient arrived) sends nothing
 either (result.lab)    -                             ORU^R01 v2.5.1 (adapters.his_hl7.results)
+either (result.imag.)  -                             ORU^R01 v2.5.1: the imaging report,
+                                                     ZDS the study UID, the PDF as OBX ED
 either                 received, arrive, cancelled,  nothing (counted ``skipped:<event>``)
                        cancel-refused,
                        return-received
@@ -34,6 +37,7 @@ from adapters.hl7v2 import charset
 from adapters.hl7v2.ack import read_ack
 from adapters.hl7v2.errors import V2Error
 from adapters.hl7v2.mllp import NoAck, PeerUnreachable
+from adapters.imaging import with_local_studies
 
 if TYPE_CHECKING:
     from adapters.his_hl7.adapter import HisHl7Adapter
@@ -84,10 +88,10 @@ class Outbound:
         return first
 
     def on_result(self, ev: ResultEvent) -> None:
-        """``result.lab`` -> ORU^R01 (:mod:`~adapters.his_hl7.results`); other result kinds
-        (imaging: fetched on demand) are not written into the HIS."""
+        """``result.lab`` / ``result.imaging`` -> ORU^R01 (:mod:`~adapters.his_hl7.results`);
+        other result kinds are not written into the HIS."""
         item = ev.packet
-        if item.kind != "result.lab":
+        if item.kind not in ("result.lab", "result.imaging"):
             self.a.count(f"skipped:{item.kind}")
             return
         if self.state.sent(item.packet_id):
@@ -101,13 +105,17 @@ class Outbound:
             self.a.failed(f"result {item.packet_id}: no patient id known to the HIS")
             return
         gaps: list[Any] = []
-        text = results.oru_message(self.a.header(), ev.bundle, to,
-                                   slips_fhir.Codes(self.host.maps, self.host.node_id, gaps),
-                                   item.packet_id, self.host.now())
+        build = results.oru_message if item.kind == "result.lab" \
+            else results.imaging_oru_message
+        bundle = ev.bundle if item.kind == "result.lab" \
+            else with_local_studies(ev.bundle, self.host)
+        text = build(self.a.header(), bundle, to,
+                     slips_fhir.Codes(self.host.maps, self.host.node_id, gaps),
+                     item.packet_id, self.host.now())
         if text is None:
             self.a.count("skipped:result-no-report")
             return
-        if self._send(item, text, "result.lab") and gaps:
+        if self._send(item, text, item.kind) and gaps:
             self.host.record_gaps(gaps)
             self.a.count("unmapped-codes", len(gaps))
 

@@ -1,4 +1,5 @@
-"""Lab results from another member (``result.lab``) as one ORU^R01 v2.5.1 for the HIS.
+"""Results from another member as one ORU^R01 v2.5.1 for the HIS: lab results (``result.lab``)
+and imaging reports (``result.imaging``, 检查报告).
 
 The results inbox (:mod:`bridge.results.inbox`) has already stored the Bundle in the node's FHIR
 store; this module writes the same Bundle as the HIS vendor's interface sheet has it:
@@ -28,10 +29,30 @@ OBX         per Observation: OBX-2 NM | SN (comparator, ratio, range) | ST/TX | 
 SPM         per report with a Specimen: SPM-2 specimen number, SPM-4 type (table 0487),
             SPM-17 collected, SPM-18 received
 ==========  =====================================================================================
+
+An imaging report (:func:`imaging_oru_message`, one ORU per packet, the same MSH/PID/PV1 and
+ORC) is written as a RIS sends it to a HIS (IHE RAD style, the layout the PACS adapter's own RIS
+reader :func:`adapters.pacs.report.parse_oru` takes back):
+
+==========  =====================================================================================
+OBR         per DiagnosticReport: OBR-2/3 as above (OBR-3 the report id, stable across
+            corrections); OBR-4 the exam in this HIS's exam catalogue ``code^name^LOCALEXAM``
+            (where it has none: the sender's code with its system, ``LN`` for LOINC, and the gap
+            is counted); OBR-7 the exam time (the study's start); OBR-18 the producer's
+            accession number; OBR-22 issued; OBR-24 the study's image modalities (``CT``,
+            ``MR/CT``); OBR-25 status (table 0123: F, P, C ...); OBR-32 the reporting doctor
+            (``&<name>``)
+ZDS         ZDS-1 the Study Instance UID ``<uid>^HUTONG^Application^DICOM`` (IHE RAD)
+OBX         ``TX 59776-5^Findings^LN`` the report's full text, ``TX 19005-8^Impression^LN`` the
+            conclusion (one OBX-5 repetition per line); ``ST 123014^Target Region^DCM`` the body
+            site; ``ED 18748-4^<PDF title>^LN`` the PDF rendering when the report has one
+            (OBX-5 ``^AP^PDF^Base64^<data>``, the exact bytes); OBX-11 the report's status
+==========  =====================================================================================
 """
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -45,6 +66,7 @@ Resource = dict[str, Any]
 
 VERSION = "2.5.1"
 LOCAL_LAB = "LOCALLAB"  # this HIS's own lab catalogue (as in the return slip's OBX-3)
+LOCAL_EXAM = "LOCALEXAM"  # this HIS's own exam catalogue (OBR-4 of an imaging report)
 NAMESPACE = "HUTONG"
 LOINC = "http://loinc.org"
 UCUM = "http://unitsofmeasure.org"
@@ -98,16 +120,18 @@ def ts(iso: str | None) -> str:
     return v2.ts(datetime.fromisoformat(iso))
 
 
-def item_code(codes: Codes, cc: Resource | None) -> str:
+def item_code(codes: Codes, cc: Resource | None, category: str = "lab") -> str:
     """OBX-3 / OBR-4: this HIS's code (LOINC as the alternate), else the sender's code with its
-    system. :meth:`Codes.local` records a gap for anything not in this site's map."""
+    system. :meth:`Codes.local` records a gap for anything not in this site's map
+    (``category``: the site's ``lab`` or ``exam`` map)."""
     if not cc:
         return ""
-    code, text = codes.local("lab", cc)
+    code, text = codes.local(category, cc)
     codings = [c for c in cc.get("coding") or [] if c.get("code")]
     found = next((c for c in codings if str(c["code"]) == code), None)
-    mine = codes.source_system("lab")
-    system = LOCAL_LAB if found is None or found.get("system") == mine \
+    mine = codes.source_system(category)
+    local = LOCAL_EXAM if category == "exam" else LOCAL_LAB
+    system = local if found is None or found.get("system") == mine \
         else system_name(str(found.get("system", "")))
     loinc = next((c for c in codings if c.get("system") == LOINC), None)
     alt: tuple[str, ...] = ()
@@ -248,4 +272,64 @@ def oru_message(h: Header, bundle: Resource, to: Addressee, codes: Codes, contro
                         "HL70487" if coding else ""),
                 *[""] * 12, ts((spec.get("collection") or {}).get("collectedDateTime")),
                 ts(spec.get("receivedTime"))))
+    return v2.message(segs)
+
+
+# -- imaging reports (result.imaging) ----------------------------------------------------------
+
+FINDINGS = v2.comp("59776-5", "Findings", "LN")
+IMPRESSION = v2.comp("19005-8", "Impression", "LN")
+TARGET_REGION = v2.comp("123014", "Target Region", "DCM")
+PDF_TITLE = "影像诊断报告"
+
+
+def _imaging_obx(n: int, vtype: str, code: str, value: str, status: str) -> str:
+    return v2.segment("OBX", str(n), vtype, code, "", value, "", "", "", "", "", status)
+
+
+def imaging_oru_message(h: Header, bundle: Resource, to: Addressee, codes: Codes,
+                        control_id: str, at: datetime) -> str | None:
+    """The ORU^R01 for a ``result.imaging`` Bundle (module text), or None when it holds no
+    DiagnosticReport. The exam code is read with the site's ``exam`` map (gaps in ``codes``)."""
+    from adapters.imaging import imaging_reports_from_bundle
+
+    resources = [e.get("resource") or {} for e in bundle.get("entry") or []]
+    reports = {str(r.get("id")): r for r in resources if r.get("resourceType") ==
+               "DiagnosticReport"}
+    if not reports:
+        return None
+    placer = v2.comp(v2.esc(to.slip_no), v2.esc(h.receiving_app)) if to.slip_no else ""
+    segs = [
+        _msh(h, "ORU", "R01", control_id, at, version=VERSION),
+        v2.segment("PID", "1", "", v2.comp(v2.esc(to.mrn), "", "", v2.esc(to.authority), "MR")),
+        v2.segment("PV1", "1", "N", "", "", v2.comp(v2.esc(to.thread), NAMESPACE)),
+    ]
+    neutral = imaging_reports_from_bundle(bundle, Codes(codes.maps, codes.member, []),
+                                          slip_no=to.slip_no, sender="", patient_id=to.mrn)
+    for n, (rep, dr) in enumerate(((r, reports[r.report_id]) for r in neutral), 1):
+        filler = v2.comp(v2.esc(rep.report_id), NAMESPACE)
+        status = OBR_STATUS.get(rep.status, "")
+        segs.append(v2.segment("ORC", "RE", placer, filler))
+        segs.append(v2.segment(
+            "OBR", str(n), placer, filler, item_code(codes, dr.get("code"), "exam"), "", "",
+            ts(rep.exam_at), *[""] * 10, v2.esc(rep.accession), "", "", "", ts(rep.issued_at),
+            "", v2.esc(rep.modality), status, *[""] * 6,
+            f"&{v2.esc(rep.doctor)}" if rep.doctor else ""))
+        if rep.study_uid:
+            segs.append(v2.segment("ZDS", v2.comp(v2.esc(rep.study_uid), NAMESPACE,
+                                                  "Application", "DICOM")))
+        obx = 0
+        for code, text in ((FINDINGS, rep.findings), (IMPRESSION, rep.conclusion)):
+            if text:
+                obx += 1
+                segs.append(_imaging_obx(obx, "TX", code, _lines(text), status))
+        if rep.body_site:
+            obx += 1
+            segs.append(_imaging_obx(obx, "ST", TARGET_REGION, v2.esc(rep.body_site), status))
+        if rep.pdf:
+            obx += 1
+            data = base64.b64encode(rep.pdf).decode("ascii")  # A-Z a-z 0-9 + / =: no delimiter
+            segs.append(_imaging_obx(
+                obx, "ED", v2.comp("18748-4", v2.esc(rep.pdf_title or PDF_TITLE), "LN"),
+                v2.comp("", "AP", "PDF", "Base64", data), status))
     return v2.message(segs)

@@ -26,8 +26,12 @@ refused). ``result.lab`` packets (``receives = ["result.*"]``) become one lab re
 per DiagnosticReport (:mod:`adapters.his_ws.lab_report`, ``ReceiveLabReport``), id
 ``<report id>-v<version>``: a correction is the next version of the same report, a redelivery
 the same document; item codes in this HIS's lab catalogue, unmapped codes counted as gaps once
-the HIS has stored every report of the packet. Results for a referral this HIS never got a
-document for stay in the node (the recognition view) and are counted ``skipped:result``. A SOAP
+the HIS has stored every report of the packet. ``result.imaging`` packets become one exam
+report document per DiagnosticReport (:mod:`adapters.his_ws.exam_report`,
+``ReceiveExamReport``): same ids, versions and gaps rule, the exam code in this HIS's exam
+catalogue, the study UID, findings, conclusion and the PDF's exact bytes. Results for a
+referral this HIS never got a document for stay in the node (the recognition view) and are
+counted ``skipped:result``. A SOAP
 Fault or a connection failure is :class:`HisUnavailable` (transient): the
 dispatcher retries with backoff, keeping the thread's order.
 
@@ -42,7 +46,7 @@ Options (``[adapters.options]``)::
                           # (HT-WS-TOO-LARGE: quarantined naming it, acked, the next go on)
     encoding = "UTF-8"    # documents written into the HIS: UTF-8 or GB18030
     site_name = "..."     # custodian name in documents written here
-    oids = { diagnosis = "...", drug = "...", lab = "...", department = "...", ... }
+    oids = { diagnosis = "...", drug = "...", lab = "...", exam = "...", department = "...", ... }
     visit_referral = "referral-document"  # visit documents name their referral there
                                           # (default "": visits are never linked)
 """
@@ -58,7 +62,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from adapters import slips_fhir, visits
 from adapters.base import BaseAdapter
-from adapters.his_ws import cda, lab_report, visit_doc
+from adapters.his_ws import cda, exam_report, lab_report, visit_doc
 from adapters.his_ws.client import DEFAULT_MAX_DOCUMENT, HisClient
 from adapters.his_ws.errors import (
     BadDocument,
@@ -69,6 +73,7 @@ from adapters.his_ws.errors import (
 )
 from adapters.his_ws.ledger import Ledger
 from adapters.his_ws.soap import Pending
+from adapters.imaging import imaging_reports_from_bundle, with_local_studies
 from bridge.errors import HutongError, Retry, WorkflowError
 from bridge.local.contract import AdapterType, ReferralEvent, ResultEvent
 
@@ -89,7 +94,7 @@ REFUSED_REASON = ("患者已到诊，转诊不能撤销 "
                   "(the patient has arrived: the referral cannot be cancelled)")
 CANCELLED_REASON = "转诊已撤销 (the referral was withdrawn)"
 OID_KEYS = ("org_oid", "doc_oid", "slip_oid", "mrn_oid", "items", "doc_types", "diagnosis",
-            "drug", "lab", "department", "visit_oid")
+            "drug", "lab", "department", "visit_oid", "exam", "accession")
 
 
 class Options(BaseModel):
@@ -468,11 +473,12 @@ class WsAdapter(BaseAdapter):
     # -- sink: lab results from another member ----------------------------------------------------
 
     def on_result(self, ev: ResultEvent) -> None:
-        """``result.lab`` -> one lab report document per DiagnosticReport, each sent until the
-        HIS answers stored or duplicate (a SOAP Fault raises: the dispatcher retries)."""
+        """``result.lab`` -> one lab report document per DiagnosticReport, ``result.imaging``
+        -> one exam report document per DiagnosticReport, each sent until the HIS answers
+        stored or duplicate (a SOAP Fault raises: the dispatcher retries)."""
         item = ev.packet
-        if item.kind != "result.lab":
-            self.count(f"skipped:{item.kind}")  # imaging: fetched on demand, not written
+        if item.kind not in ("result.lab", "result.imaging"):
+            self.count(f"skipped:{item.kind}")
             return
         ledger = self._ledger()
         if ledger.results_written(item.packet_id):
@@ -493,26 +499,38 @@ class WsAdapter(BaseAdapter):
         patient = refs.get(pref) or self.host.resource("Patient", pref.split("/", 1)[1])
         mrn = slips_fhir._mrn(patient, row["referrer"])
         gaps: list[Any] = []
-        docs = lab_report.from_bundle(
-            ev.bundle, slips_fhir.Codes(self.host.maps, self.me, gaps), self.site,
-            producer=item.sender, slip_no=slip_no, referral_doc=referral_doc, mrn=mrn,
-            mrn_authority=row["referrer"] if mrn else "",
-            received_at=item.received_at.isoformat())
+        codes = slips_fhir.Codes(self.host.maps, self.me, gaps)
+        docs: list[Any]
+        if item.kind == "result.lab":
+            doc_type, module = "lab-report", lab_report
+            docs = lab_report.from_bundle(
+                ev.bundle, codes, self.site, producer=item.sender, slip_no=slip_no,
+                referral_doc=referral_doc, mrn=mrn, mrn_authority=row["referrer"] if mrn else "",
+                received_at=item.received_at.isoformat())
+        else:
+            doc_type, module = "exam-report", exam_report
+            docs = exam_report.from_reports(
+                imaging_reports_from_bundle(with_local_studies(ev.bundle, self.host), codes,
+                                            slip_no=slip_no,
+                                            sender=item.sender, patient_id=mrn),
+                codes, self.site, producer=item.sender, referral_doc=referral_doc, mrn=mrn,
+                mrn_authority=row["referrer"] if mrn else "",
+                received_at=item.received_at.isoformat())
         for doc in docs:
             doc.version = ledger.report_version(doc.report_id, item.packet_id)
-            doc.doc_id = lab_report.doc_id_of(doc.report_id, doc.version)
+            doc.doc_id = module.doc_id_of(doc.report_id, doc.version)
             if doc.version > 1:
-                doc.replaces = lab_report.doc_id_of(doc.report_id, doc.version - 1)
-            raw = lab_report.write(doc, self.site, self.opts.encoding)
-            ledger.remember(doc.doc_id, "out", "lab-report", item.thread,
+                doc.replaces = module.doc_id_of(doc.report_id, doc.version - 1)
+            raw = module.write(doc, self.site, self.opts.encoding)
+            ledger.remember(doc.doc_id, "out", doc_type, item.thread,
                             hashlib.sha256(raw).hexdigest())
             try:
-                self.client.receive("lab-report", doc.doc_id, raw)
+                self.client.receive(doc_type, doc.doc_id, raw)
             except HisUnavailable as exc:
                 self.failed(exc.message)
                 self.count("deliver_failed")
                 raise
-            self.count("wrote_lab_report")
+            self.count(f"wrote_{doc_type.replace('-', '_')}")
         if ledger.mark_results_written(item.packet_id) and gaps:
             self.host.record_gaps(gaps)
             self.count("unmapped_codes", len(gaps))

@@ -81,6 +81,8 @@ class Site:
     drug: str = "2.999.156.11"
     lab: str = "2.999.156.12"
     department: str = "2.999.156.13"
+    exam: str = "2.999.156.14"  # the HIS's exam catalogue (检查项目)
+    accession: str = "2.999.156.15"  # the producing member's accession numbers (检查号)
 
     def system(self, category: str) -> str:
         return str(getattr(self, category))

@@ -3,7 +3,8 @@
 Operations, namespace ``urn:hutong:his-ws:1``:
 
 * ``ReceiveReferral`` / ``ReceiveAcceptance`` / ``ReceiveReturn`` / ``ReceiveCancel`` /
-  ``ReceiveLabReport`` (node -> HIS): one document, base64 of its own bytes, with its id;
+  ``ReceiveLabReport`` / ``ReceiveExamReport`` (node -> HIS): one document, base64 of its own
+  bytes, with its id;
   answered ``ReceiveResponse`` (stored | duplicate).
 * ``GetPendingDocuments(Since, Max)`` (node <- HIS): documents the HIS wrote and nobody acked,
   ``seq`` above ``Since``, oldest first, each ``PendingDocument(seq, id, type)``; a referring
@@ -28,10 +29,12 @@ SOAP = "http://schemas.xmlsoap.org/soap/envelope/"
 HWS = "urn:hutong:his-ws:1"
 XSD = "his-ws.xsd"
 RECEIVE = {"referral": "ReceiveReferral", "acceptance": "ReceiveAcceptance",
-           "return": "ReceiveReturn", "cancel": "ReceiveCancel", "lab-report": "ReceiveLabReport"}
+           "return": "ReceiveReturn", "cancel": "ReceiveCancel", "lab-report": "ReceiveLabReport",
+           "exam-report": "ReceiveExamReport"}
 TYPE_OF_RECEIVE = {v: k for k, v in RECEIVE.items()}
 #: what GetPendingDocuments may list (his-ws.xsd DocumentType): the receive types but
-#: lab-report (the node sends those, the HIS never offers one), and visit documents
+#: lab-report and exam-report (the node sends those, the HIS never offers one), and visit
+#: documents
 PENDING_TYPES = ("referral", "acceptance", "return", "cancel", "visit")
 
 

@@ -16,6 +16,14 @@
   patient with an open referral goes, with its Patient and ImagingStudy, to the referral's other
   side as ``result.imaging`` (``host.share_results``: stored and queued in one transaction; an
   identical re-sent message changes nothing). SR reports stay on the node for now.
+* **Reports from another member** (remote imaging reading, 远程影像诊断:
+  :class:`~bridge.local.contract.ImagingReportSink`). A centre's radiologist reports on a
+  study this PACS holds: the DiagnosticReport is stored in the node's FHIR store (the
+  radiologist's member as its origin) referring to our ImagingStudy and its patient, and
+  listed with the study's own reports (:meth:`PacsAdapter.reports_for`, ``GET
+  .../studies/{study_uid}/reports``). Not done yet: writing it back into the vendor PACS
+  (a DICOM SR or encapsulated PDF C-STOREd into the study, or an ORU to the RIS); the report
+  stays on the node.
 * **On-demand fetch** (:mod:`adapters.pacs.fetch`). Images stay in the producing PACS. A member
   asks for a study with ``imaging.fetch-request``; we answer from our files, or first C-GET the
   study from the vendor PACS, with ``imaging.fetch-response`` packets carrying the files
@@ -34,6 +42,7 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
@@ -51,17 +60,21 @@ from adapters.pacs.study import (
     study_resource_id,
     text,
 )
-from bridge.errors import ConfigError, HutongError, NotFound, UnsafePath
+from bridge.errors import ConfigError, HutongError, InvalidFhir, NotFound, Retry, UnsafePath
 from bridge.fhir.validate import validate_resource
 from bridge.privacy import patient_hash
 
 if TYPE_CHECKING:
-    from bridge.local.contract import Delivery, PacketEvent
+    from bridge.local.contract import Delivery, ImagingReportEvent, PacketEvent
     from bridge.local.host import AdapterHost
 
 log = logging.getLogger("hutong.adapters.pacs")
 
 SUCCESS, OUT_OF_RESOURCES, CANNOT_UNDERSTAND = 0x0000, 0xA700, 0xC000
+#: adapter state: ImagingStudy id -> the ids of reports other members wrote on it
+ATTACHED = "attached_reports"
+#: adapter state: ImagingStudy id -> the members this PACS served the study to (a fetch)
+SERVED = "served_studies"
 #: of a data set refused for its size, quarantine keeps this much (the header is at the start)
 KEEP_OF_OVERSIZE = 1 << 20
 
@@ -364,10 +377,98 @@ class PacsAdapter(BaseAdapter):
             raise HutongError(f"adapter '{self.name}' does not take kind {kind}")
 
     def _reports_for(self, study_id: str) -> list[dict[str, Any]]:
+        """This node's own reports on the study (SR, RIS): what a fetch sends with it. Reports
+        other members wrote stay out: the asker may be their author, and a peer's resource
+        must not come back to it as ours."""
         ref = f"ImagingStudy/{study_id}"
         found = self.host.own_resources("DiagnosticReport")
         return [r for r in found if any(s.get("reference") == ref
                                         for s in r.get("imagingStudy") or ())]
+
+    def reports_for(self, study_id: str) -> list[dict[str, Any]]:
+        """Every report on the study: our own, then those other members attached, oldest
+        first (:meth:`on_imaging_report`)."""
+        attached = (self.host.state.get(ATTACHED, study_id) or {}).get("reports") or []
+        theirs = [self.host.resource("DiagnosticReport", rid) for rid in attached
+                  if self.host.resource_info("DiagnosticReport", rid) is not None]
+        return [*self._reports_for(study_id), *theirs]
+
+    def on_imaging_report(self, ev: ImagingReportEvent) -> dict[str, Any] | None:
+        """A report another member wrote on a study: kept with the study when this PACS holds
+        it (our own ImagingStudy), else None. Only from a member that may report on it: the
+        other party of the thread it came on (``ev.party``, checked by the engine) or a member
+        this PACS served the study to; anyone else's is quarantined. Stored referring to our
+        study and patient, once per ``ev.key`` (a redelivery changes nothing; a correction in a
+        later packet is a new version of the same report). A report it cannot keep is
+        quarantined and None returned: the packet goes on (the HIS still gets it)."""
+        try:
+            uid = check_uid(ev.study_uid, record=f"report from {ev.sender}", field="study UID")
+        except DicomRejected:
+            return None
+        rid = study_resource_id(uid)
+        info = self.host.resource_info("ImagingStudy", rid)
+        if info is None or info["origin"] != self.host.node_id:
+            return None  # not a study of ours (a peer's study fetched or shared here)
+        report_id = str(ev.report.get("id") or "")
+        answer = {"study": rid, "report": report_id}
+        key = f"report:{ev.key}"
+        if not report_id:
+            return None
+        prior = self.host.seen(key)
+        if prior is not None:
+            if prior.get("refused"):
+                return None  # refused and quarantined on an earlier delivery
+            self._attach(rid, report_id, ev.thread)  # a crash after the commit: list it now
+            return answer
+        served = (self.host.state.get(SERVED, rid) or {}).get("members") or []
+        if not ev.party and ev.sender not in served:
+            return self._refuse(ev, f"report {report_id} from {ev.sender} on ImagingStudy/"
+                                    f"{rid}, which this node neither shared with it nor "
+                                    "asked it to report on")
+        study = self.host.resource("ImagingStudy", rid)
+        report = copy.deepcopy(ev.report)
+        report.pop("meta", None)
+        report["subject"] = study["subject"]
+        report["imagingStudy"] = [{"reference": f"ImagingStudy/{rid}", "identifier": {
+            "system": "urn:dicom:uid", "value": f"urn:oid:{uid}"}}]
+        try:
+            validate_resource(report)
+        except InvalidFhir:
+            return self._refuse(ev, f"report {report_id} from {ev.sender} is not valid FHIR "
+                                    f"R4 once attached to ImagingStudy/{rid}")
+        try:
+            with self.host.transaction() as tx:
+                tx.put_foreign(report, sender=ev.sender, thread=ev.thread or "",
+                               patient_hash=info["patient_hash"])
+                tx.remember(key, answer, thread=ev.thread)
+                tx.audit("imaging-report-attached", peer=ev.sender, kind="result.imaging",
+                         thread=ev.thread, patient_hash=info["patient_hash"],
+                         message=f"DiagnosticReport/{report_id} from {ev.sender} attached to "
+                                 f"ImagingStudy/{rid}")
+        except HutongError as exc:
+            if exc.retry is not Retry.PERMANENT:
+                raise
+            # e.g. the id names a resource of this node's or of another thread
+            return self._refuse(ev, f"report {report_id} from {ev.sender}: {exc.message}")
+        self._attach(rid, report_id, ev.thread)
+        self.count("reports_attached")
+        self.ok()
+        return answer
+
+    def _attach(self, rid: str, report_id: str, thread: str | None) -> None:
+        with self.host.state.tx() as kv:
+            known = list((kv.get(ATTACHED, rid) or {}).get("reports") or [])
+            if report_id not in known:
+                kv.put(ATTACHED, rid, {"reports": [*known, report_id]}, thread=thread)
+
+    def _refuse(self, ev: ImagingReportEvent, why: str) -> None:
+        """Kept for IT (quarantined, audited), not attached; the packet goes on. Remembered
+        under the event's key, so a redelivery does not quarantine it again."""
+        qid = self.host.quarantine(ReportRejected(why), raw=orjson.dumps(ev.report),
+                                   kind="imaging.report", thread=ev.thread)
+        with self.host.transaction() as tx:
+            tx.remember(f"report:{ev.key}", {"refused": qid}, thread=ev.thread)
+        self.count("reports_refused")
 
     def _serve(self, item: Delivery, req: fetch.FetchRequest) -> None:
         key = f"fetch:{item.packet_id}"
@@ -409,6 +510,12 @@ class PacsAdapter(BaseAdapter):
             bundles = [fetch.failure_bundle(req, reason, patient_hash=phash)]
         served = sum(1 for b in bundles for e in b["entry"]
                      if e["resource"]["resourceType"] == "Binary")
+        if reason is None:  # it may report on the study (remote imaging reading); kept
+            # before the answer is queued, so a crash in between cannot lose it
+            with self.host.state.tx() as kv:
+                members = list((kv.get(SERVED, rid) or {}).get("members") or [])
+                if item.sender not in members:
+                    kv.put(SERVED, rid, {"members": [*members, item.sender]})
 
         def write(tx: Any) -> None:
             tx.audit("imaging-fetch-served", outcome="0" if reason is None else "4",

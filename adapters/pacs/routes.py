@@ -5,6 +5,8 @@
     POST /fetches                   ask a member for a study {from, study_uid}         clinician
     GET  /fetches/{task_id}         where a fetch stands                               clinician, it
     GET  /fetches/{task_id}/study.zip   the fetched files, unchanged (audited read)     clinician
+    GET  /studies/{study_uid}/reports   the reports on a study held here, ours and those
+                                        other members attached (audited read)           clinician
 """
 
 from __future__ import annotations
@@ -77,5 +79,26 @@ def pacs_router(adapter: PacsAdapter) -> APIRouter:
         adapter.host.audit("imaging-read", patient_hash=row_hash,
                            message=f"study zip of Task/{task_id} read by role:{role}")
         return Response(buf.getvalue(), media_type="application/zip")
+
+    @router.get("/studies/{study_uid}/reports")
+    def reports(study_uid: str, role: ClinicianRole) -> dict[str, Any]:
+        from adapters.pacs.files import check_uid
+        from adapters.pacs.study import study_resource_id
+
+        rid = study_resource_id(check_uid(study_uid, record="reports", field="study_uid"))
+        info = adapter.host.resource_info("ImagingStudy", rid)
+        if info is None:
+            raise NotFound(f"no study {study_uid} here")
+        found = adapter.reports_for(rid)
+        adapter.host.audit("imaging-read", patient_hash=info["patient_hash"],
+                           message=f"{len(found)} report(s) of ImagingStudy/{rid} read by "
+                                   f"role:{role}")
+        return {"study": rid, "study_uid": study_uid, "reports": [{
+            "id": r["id"], "status": r.get("status"), "conclusion": r.get("conclusion"),
+            "code": r.get("code"), "issued": r.get("issued"),
+            "from": (adapter.host.resource_info("DiagnosticReport", r["id"]) or {}).get(
+                "origin"),
+            "presented_form": [f.get("contentType") for f in r.get("presentedForm") or ()]}
+            for r in found]}
 
     return router

@@ -41,7 +41,13 @@ Life cycle (shaped like a Benthos input: connect, read with an ack, close):
   (:class:`PacketSink`, :class:`PacketEvent`: the packet's Bundle, decoded once by the
   dispatcher; the gateway checked it against the R4 schema on arrival). ``deliver(item)``
   (:class:`Sink`, the raw bytes) is what the engine's own handlers take (the spool folder); no
-  adapter reads ``item.body`` (``tests/test_engine_imports.py`` walks them). Every handler
+  adapter reads ``item.body`` (``tests/test_engine_imports.py`` walks them). An imaging report
+  another member wrote on a study (remote imaging reading, 远程影像诊断) is also handed, as an
+  :class:`ImagingReportEvent`, to every adapter that is an :class:`ImagingReportSink` (the PACS
+  adapter: it keeps the report attached to the study when it holds that study, and answers
+  None otherwise), whatever ``receives`` says: by the results inbox for ``result.imaging``
+  packets (:func:`bridge.results.attach.to_imaging_sinks`), and by any workflow that brings a
+  report back (the consultation loop calls the same function). Every handler
   writes into the local system and must be idempotent by packet id (after a crash the same
   packet is handed over again). ``flush()`` makes everything delivered so far durable.
   Failures, by class (:func:`retry_class`; the dispatcher acts on the class, never on a flag):
@@ -95,10 +101,10 @@ if TYPE_CHECKING:
 AdapterHost = Any
 
 __all__ = [
-    "Adapter", "AdapterType", "AmbiguousDelivery", "Delivery", "PacketEvent", "PacketSink",
-    "Problem", "ReferralEvent", "ReferralSink", "Replayable", "ResultEvent", "ResultSink",
-    "ServesRoutes", "Sink", "TransportError", "as_failure", "decode_bundle", "options_problems",
-    "retry_class",
+    "Adapter", "AdapterType", "AmbiguousDelivery", "Delivery", "ImagingReportEvent",
+    "ImagingReportSink", "PacketEvent", "PacketSink", "Problem", "ReferralEvent",
+    "ReferralSink", "Replayable", "ResultEvent", "ResultSink", "ServesRoutes", "Sink",
+    "TransportError", "as_failure", "decode_bundle", "options_problems", "retry_class",
 ]
 
 #: one thing wrong with an adapter's options: (key under ``options``, e.g. ``tls.cert``; what)
@@ -173,6 +179,32 @@ class PacketEvent:
 
     packet: Delivery
     bundle: dict[str, Any]  # the Bundle as it arrived (validated at the gateway)
+
+
+@dataclass(frozen=True, slots=True)
+class ImagingReportEvent:
+    """One imaging report (a DiagnosticReport on a DICOM study) another member wrote, as this
+    node stored it: for the PACS side of remote imaging reading."""
+
+    key: str  # what makes it once: "<packet id>:<report id>" (a redelivery has the same key)
+    sender: str  # the member whose radiologist wrote the report
+    thread: str | None  # the thread it came on (a referral, a consultation)
+    study_uid: str  # the DICOM Study Instance UID the report is on
+    report: dict[str, Any]  # the DiagnosticReport (subject: this node's patient when known)
+    #: the engine checked that ``sender`` is the other party of ``thread`` (a referral or a
+    #: consultation of this node); False: a packet on a thread this node does not know
+    party: bool = False
+
+
+@runtime_checkable
+class ImagingReportSink(Protocol):
+    """An adapter that keeps imaging reports with the studies it holds. Returns what it did
+    (e.g. ``{"study": <ImagingStudy id>}``) or None when it does not hold the study or cannot
+    keep the report (then it quarantines it itself: the packet's other handlers go on).
+    Idempotent by ``ev.key``. An error it raises (a transient one: the store is busy) fails
+    the packet, which is retried."""
+
+    def on_imaging_report(self, ev: ImagingReportEvent) -> dict[str, Any] | None: ...
 
 
 @runtime_checkable
