@@ -35,8 +35,10 @@ Life cycle (shaped like a Benthos input: connect, read with an ack, close):
 * Sink side: the dispatcher decodes and applies a packet once (the referral workflow, the
   results inbox), then hands the adapter the typed event: ``on_referral(ev)``
   (:class:`ReferralSink`, :class:`ReferralEvent`: event, side, thread, the stored view of the
-  thread, the Task) or ``on_result(ev)`` (:class:`ResultSink`, :class:`ResultEvent`: the
-  results Bundle and this node's patient reference); any other kind goes to ``deliver(item)``
+  thread, the Task), ``on_result(ev)`` (:class:`ResultSink`, :class:`ResultEvent`: the
+  results Bundle and this node's patient reference) or ``on_consult(ev)`` (:class:`ConsultSink`,
+  :class:`ConsultEvent`; a referral or result sink without it is not handed consultation
+  packets, a plain sink gets ``deliver``); any other kind goes to ``deliver(item)``
   (:class:`Sink`). No sink parses ``item.body`` for a referral or a result. Every handler
   writes into the local system and must be idempotent by packet id (after a crash the same
   packet is handed over again). ``flush()`` makes everything delivered so far durable.
@@ -83,7 +85,8 @@ if TYPE_CHECKING:
 AdapterHost = Any
 
 __all__ = [
-    "Adapter", "AdapterType", "AmbiguousDelivery", "Delivery", "Problem", "ReferralEvent",
+    "Adapter", "AdapterType", "AmbiguousDelivery", "ConsultEvent", "ConsultSink", "Delivery",
+    "Problem", "ReferralEvent",
     "ReferralSink", "Replayable", "ResultEvent", "ResultSink", "ServesRoutes", "Sink",
     "TransportError", "as_failure", "options_problems", "retry_class",
 ]
@@ -144,6 +147,20 @@ class ReferralEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class ConsultEvent:
+    """A ``consult.*`` packet as the consultation workflow applied it (``bridge/consult``):
+    what happened, on which side, and the consultation as stored after it. Adapters that do
+    not implement :class:`ConsultSink` are not handed these (the step is applied already)."""
+
+    packet: Delivery
+    event: str  # the MessageHeader's event: request, received, return, schedule, release, ...
+    side: str  # this node's side of the consultation: "inviter" or "centre"
+    thread: str
+    view: dict[str, Any]  # {"consultation": the row, "steps": [...], "resources": [...]}
+    task: dict[str, Any]  # the Task the packet carried
+
+
+@dataclass(frozen=True, slots=True)
 class ResultEvent:
     """A ``result.*`` packet as the results inbox stored it."""
 
@@ -165,6 +182,13 @@ class ResultSink(Protocol):
     """A sink of result events: one handler, whose errors propagate to the dispatcher."""
 
     def on_result(self, ev: ResultEvent) -> None: ...
+
+
+@runtime_checkable
+class ConsultSink(Protocol):
+    """A sink of consultation events (status changes, the released report into the HIS)."""
+
+    def on_consult(self, ev: ConsultEvent) -> None: ...
 
 
 def _no_listeners(options: Any) -> list[tuple[str, int]]:

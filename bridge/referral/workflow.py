@@ -237,13 +237,19 @@ class Workflow:
     # -- return (转回单) -----------------------------------------------------------------------
 
     def _returned_referral(self, conn: Connection, sr: dict[str, Any]) -> Any | None:
+        """The referral a ServiceRequest returns (``basedOn`` a referral's), or None for a new
+        referral; a new one may be ``basedOn`` a consultation whose released report recommends
+        referral (bridge/consult), and keeps that ``basedOn``."""
         for b in sr.get("basedOn") or []:
             reference = b.get("reference", "")
             if reference.startswith("ServiceRequest/"):
-                row = conn.execute(select(REFERRAL).where(
-                    REFERRAL.c.sr_id == reference.split("/", 1)[1])).first()
+                sr_id = reference.split("/", 1)[1]
+                row = conn.execute(select(REFERRAL).where(REFERRAL.c.sr_id == sr_id)).first()
+                if row is None and _recommending_consultation(conn, sr_id):
+                    continue
                 if row is None:
-                    raise UnknownReference(f"basedOn {reference} is not a referral known here")
+                    raise UnknownReference(f"basedOn {reference} is not a referral known here "
+                                           "(nor a consultation that recommends referral)")
                 return row
         return None
 
@@ -676,6 +682,19 @@ def _without_local_visits(r: dict[str, Any], sent: set[str]) -> dict[str, Any]:
             del out["supportingInfo"]
         return out
     return r
+
+
+def _recommending_consultation(conn: Connection, sr_id: str) -> bool:
+    """A consultation of this (inviting) side whose released report recommends referral."""
+    from bridge.consult.tables import CONSULTATION
+
+    row = conn.execute(select(CONSULTATION).where(CONSULTATION.c.sr_id == sr_id)).first()
+    if row is None:
+        return False
+    if row.side != "inviter" or not row.released_at or not row.recommends_referral:
+        raise IllegalTransition("a referral is based on a consultation only once its released "
+                                "report recommends referral (on the inviting side)")
+    return True
 
 
 def foreign_resource(conn: Connection, resource: dict[str, Any], thread: str,
