@@ -17,9 +17,11 @@ import pytest
 from fhir.resources.R4B.bundle import Bundle
 from sqlalchemy import select, update
 
+from bridge.alerts import Facts, evaluate
 from bridge.audit.events import EXTRA_EXTENSION
 from bridge.audit.tables import AuditRecord
 from bridge.config.loader import load_node
+from bridge.config.models import AlertsConfig
 from bridge.config.scaffold import write_alliance
 from bridge.consult.codes import VIDEO_EXTENSION, step_of
 from bridge.consult.tables import CONSULTATION
@@ -348,6 +350,10 @@ def test_a_waiting_consultation_is_reminded_once_per_step(sides: tuple[Side, Sid
     assert len(rows) == 1
     assert "consultation waiting at 'received' for 14" in orjson.loads(
         rows[0].resource)["outcomeDesc"]
+    [alert] = [a for a in evaluate(Facts(now=core.ctx.now(), started_at=core.ctx.now(),
+                                         peers={}, consults_overdue=core.cw.overdue()),
+                                   AlertsConfig()) if a.rule == "consult-overdue"]
+    assert (alert.subject, alert.value) == ("consultations", 1)
     core.cw.step(thread, "schedule", "user:dr.chen", bundle=consults.schedule("core", 1))
     assert core.cw.overdue() == 0  # moved on
 

@@ -45,7 +45,8 @@ N_SR = 30
 STATUSES = ("active", "completed", "revoked")
 CLINICAL = ("ServiceRequest", "Task", "Encounter", "DiagnosticReport", "Observation",
             "ImagingStudy", "Patient", "Consent", "Composition", "DocumentReference",
-            "MedicationRequest", "Coverage", "Organization", "Practitioner")
+            "MedicationRequest", "Coverage", "Organization", "Practitioner", "Appointment",
+            "CarePlan", "Condition", "PractitionerRole")
 
 
 _http: httpx.Client | None = None
@@ -257,7 +258,8 @@ def test_metadata_is_a_valid_truthful_capability_statement(core: NodeProcess) ->
         "Task:focus", "DiagnosticReport:based-on", "Observation:based-on", "ImagingStudy:basedon"]
     sr_params = {p["name"] for p in by_type["ServiceRequest"]["searchParam"]}
     assert sr_params == {"_id", "_lastUpdated", "patient", "subject", "status", "requester",
-                         "performer", "identifier", "encounter", "_count", "_cursor", "_total",
+                         "performer", "identifier", "encounter", "code", "category", "authored",
+                         "expert", "_count", "_cursor", "_total",
                          "_totalMethod", "_sort", "_summary", "_elements", "_pretty",
                          "_format"}
     assert {p["name"] for p in by_type["AuditEvent"]["searchParam"]} & {
