@@ -423,7 +423,8 @@ def fhir_router(node: Node) -> APIRouter:
                 f"Task/{rid} updated to version {result['meta']['versionId']}")
         return written(request, result, _base(request), 200, at, what)
 
-    @router.post("/Task/{rid}/{operation}", responses=answers(None, 403, 404, 409, 412, 501),
+    @router.post("/Task/{rid}/{operation}",
+                 responses=answers(None, 403, 404, 409, 412, 415, 501),
                  openapi_extra=fhir_body("Parameters"))
     async def consult_step(rid: str, operation: str, request: Request) -> Response:
         """A consultation step as an operation on its Task (``$return``, ``$resubmit``,
