@@ -31,8 +31,9 @@ from bridge.delivery.handlers import Delivery
 from bridge.errors import IllegalTransition, InvalidResource, MissingConsent
 from bridge.fhir.validate import parse_and_validate_bundle
 from bridge.fhirstore import store
+from bridge.local.contract import ConsultEvent
 from bridge.referral.workflow import Workflow
-from bridge.store.tables import OUTBOX
+from bridge.store.tables import INBOX, OUTBOX
 from tests import consults
 from tests.factory import NATIONAL_ID
 
@@ -429,3 +430,55 @@ def test_a_report_recommending_referral_becomes_a_referral(sides: tuple[Side, Si
     core.wf.apply_packet(items[0])
     assert core.wf.list()[0]["kind"] == "up-inpatient"
     check_emitted(chc, core)
+
+
+class ReferralOnly:
+    """An adapter from before consultations: referral events and plain packets only."""
+
+    def __init__(self) -> None:
+        self.got: list[str] = []
+
+    def on_referral(self, ev: Any) -> None:
+        self.got.append(f"referral:{ev.event}")
+
+    def deliver(self, item: Delivery) -> None:
+        self.got.append(f"deliver:{item.kind}")
+
+    def flush(self) -> None:
+        pass
+
+
+class ConsultAware(ReferralOnly):
+    def on_consult(self, ev: ConsultEvent) -> None:
+        self.got.append(f"consult:{ev.event}:{ev.side}:{ev.view['consultation']['step']}")
+
+
+@pytest.mark.parametrize("sink", [ReferralOnly, ConsultAware])
+def test_the_dispatcher_hands_consult_events_only_to_sinks_that_take_them(
+        sides: tuple[Side, Side], tmp_path: Path, sink: type[ReferralOnly]) -> None:
+    from bridge.node import Node
+
+    chc, core = sides
+    node = Node(core.ctx.plan)  # the core's node in this process: no job, no listener
+    try:
+        adapter = sink()
+        node.dispatcher.handlers = {"consult.*": adapter}
+        chc.cw.submit(consults.consultation("general", "core"), "user:dr.li")
+        [item] = chc.take_outbox()
+        now = core.ctx.now()
+        with core.ctx.store.write() as conn:
+            conn.execute(INBOX.insert().values(
+                packet_id=item.packet_id, sender="chc", kind=item.kind, thread=item.thread,
+                seq=item.seq, digest="0" * 64, size=len(item.body), state="received",
+                attempts=0, created_at=now, received_at=now, next_try_at=now, body=item.body,
+                receipt=b""))
+        assert node.dispatcher.run_once() == 1
+        with core.ctx.store.read() as conn:
+            state = conn.execute(select(INBOX.c.state).where(
+                INBOX.c.packet_id == item.packet_id)).scalar()
+        assert state == "delivered"
+        assert core.state(item.thread) == ("received", "received")  # applied by the hook
+        assert adapter.got == ([] if sink is ReferralOnly
+                               else ["consult:request:centre:received"])
+    finally:
+        node.ctx.store.dispose()
