@@ -251,6 +251,9 @@ def test_metadata_is_a_valid_truthful_capability_statement(core: NodeProcess) ->
     history = ["vread", "history-instance", "history-type"]
     assert [i["code"] for i in by_type["Task"]["interaction"]] == [
         "read", *history, "search-type", "update"]
+    assert [o["name"] for o in by_type["Task"]["operation"]] == [  # consultation steps
+        "return", "resubmit", "schedule", "start", "report", "release", "cancel", "follow-up",
+        "close", "referral-draft"]
     assert [i["code"] for i in by_type["Patient"]["interaction"]] == [
         "read", *history, "search-type"]
     assert by_type["Task"]["searchInclude"] == ["Task:focus", "Task:patient"]

@@ -33,7 +33,13 @@ from sqlalchemy import Connection, and_, or_, select
 from starlette.responses import Response
 
 from bridge.api.auth import actor_of, principal_of, who
-from bridge.api.capability import AUDIT_TYPE, CLINICAL_TYPES, UPDATABLE, capability_statement
+from bridge.api.capability import (
+    AUDIT_TYPE,
+    CLINICAL_TYPES,
+    CONSULT_DOCS,
+    UPDATABLE,
+    capability_statement,
+)
 from bridge.api.fhir_audit import (
     AUDIT,
     read_audit_event,
@@ -491,8 +497,7 @@ def fhir_router(node: Node) -> APIRouter:
 
 
 #: the consultation steps served as ``POST /fhir/Task/{id}/$<step>`` (bridge/consult)
-CONSULT_OPERATIONS = ("return", "resubmit", "schedule", "start", "report", "release", "cancel",
-                      "follow-up", "close", "referral-draft")
+CONSULT_OPERATIONS = tuple(CONSULT_DOCS)  # listed in the CapabilityStatement as well
 
 
 def consult_parameters(body: Any) -> dict[str, Any]:
