@@ -461,10 +461,10 @@ def test_total_none_and_bad_values(core: NodeProcess) -> None:
 def test_unknown_parameters_are_refused_by_name(core: NodeProcess) -> None:
     r = call(core, "GET", "/fhir/ServiceRequest",
              params=[("status", "active"), ("name", "王"), ("status:contains", "revoked"),
-                     ("code", "3457005"), ("requester.name", "李"), ("_has:Task:focus:status",
-                                                                  "accepted")])
+                     ("reason", "3457005"), ("requester.name", "李"), ("_has:Task:focus:status",
+                                                                    "accepted")])
     msg = outcome(r, 400, "not-supported", "HT-FHIR-REQUEST")
-    assert "unknown search parameter(s) for ServiceRequest: name, status:contains, code, " \
+    assert "unknown search parameter(s) for ServiceRequest: name, status:contains, reason, " \
         "requester.name, (unreadable name)" in msg
     assert "王" not in msg and "李" not in msg and "revoked" not in msg
     # what issue #19 added is accepted: status:not, _sort, _summary, _elements, _pretty
