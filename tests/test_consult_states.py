@@ -24,6 +24,7 @@ from bridge.config.loader import load_node
 from bridge.config.models import AlertsConfig
 from bridge.config.scaffold import write_alliance
 from bridge.consult.codes import VIDEO_EXTENSION, step_of
+from bridge.consult.stats import csv_rows
 from bridge.consult.tables import CONSULTATION
 from bridge.consult.workflow import ConsultWorkflow
 from bridge.context import NodeContext
@@ -429,6 +430,18 @@ def test_a_report_recommending_referral_becomes_a_referral(sides: tuple[Side, Si
     assert wire_sr["basedOn"] == [{"reference": consult_sr}]
     core.wf.apply_packet(items[0])
     assert core.wf.list()[0]["kind"] == "up-inpatient"
+    # statistics: one consultation from chc this month, completed, turned into a referral
+    assert chc.row(thread)["referral_thread"] == referral["thread"]
+    year = chc.row(thread)["created_at"].year
+    [(key, cell)] = [(k, c) for k, c in chc.cw.stats(year).items()]
+    assert key[1] == "chc"
+    assert (cell.requested, cell.completed, cell.cancelled, cell.referred) == (1, 1, 0, 1)
+    assert cell.referral_share == 1.0 and cell.by_kind == {"general": 1}
+    assert cell.median_to_report_h is not None and cell.median_to_report_h >= 0
+    [centre] = core.cw.stats(year).values()  # the referral arrived there named its basis
+    assert (centre.requested, centre.completed, centre.referred) == (1, 1, 1)
+    assert core.row(thread)["referral_thread"] == referral["thread"]
+    assert csv_rows({key: cell})[0][2:7] == (1, 1, 0, 1, "1.00")
     check_emitted(chc, core)
 
 

@@ -29,6 +29,7 @@ class Consultation(SQLModel, table=True):
     scheduled_start: datetime | None = Field(default=None, sa_type=UTCDateTime)
     report_refs: str | None = None  # the report's resources (Type/id), space-separated
     recommends_referral: bool = False
+    referral_thread: str | None = Field(default=None, max_length=64)  # the referral made of it
     pending: str | None = Field(default=None, max_length=16)  # "cancel": asked, not answered
     reason: str | None = None  # what is missing, why cancelled
     created_at: datetime = Field(sa_type=UTCDateTime)

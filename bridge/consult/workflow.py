@@ -888,6 +888,14 @@ class ConsultWorkflow:
         with self.ctx.store.read() as conn:
             return [dict(r._mapping) for r in conn.execute(stmt)]
 
+    def stats(self, year: int) -> dict[tuple[str, str], Any]:
+        """Figures per (month, inviting member) for one year (``bridge/consult/stats.py``)."""
+        from bridge.consult.stats import compute
+
+        with self.ctx.store.read() as conn:
+            rows = [dict(r._mapping) for r in conn.execute(select(CONSULTATION))]
+        return compute(rows, year)
+
     def overdue(self) -> int:
         """Consultations reminded about and still waiting at the same step (alerts)."""
         with self.ctx.store.read() as conn:

@@ -215,6 +215,7 @@ class Workflow:
         self._check_refs(conn, resources)
         self._validate(resources)
         thread = str(uuid.uuid4())
+        _note_consultation(conn, sr, thread)
         task = R.new_task(sr, referrer=self.me, receiver=receiver,
                           patient_ref=R.ref(patient), at=now, task_id=thread)
         phash = self._hash(patient)
@@ -327,6 +328,7 @@ class Workflow:
         sr = next(r for r in carried if r["resourceType"] == "ServiceRequest"
                   and R.ref(r) == task["focus"]["reference"])
         carried, match, phash = self._match_patient(conn, carried)
+        _note_consultation(conn, sr, item.thread, item.sender)
         for r in carried:
             if r["resourceType"] == "Organization" and store.exists(conn, "Organization", r["id"]):
                 continue
@@ -695,6 +697,22 @@ def _recommending_consultation(conn: Connection, sr_id: str) -> bool:
         raise IllegalTransition("a referral is based on a consultation only once its released "
                                 "report recommends referral (on the inviting side)")
     return True
+
+
+def _note_consultation(conn: Connection, sr: dict[str, Any], thread: str,
+                       inviter: str | None = None) -> None:
+    """A referral basedOn a consultation: the consultation row names it (statistics). On the
+    receiving side only a consultation that the referring member itself asked for."""
+    from bridge.consult.tables import CONSULTATION
+
+    for b in sr.get("basedOn") or []:
+        reference = b.get("reference", "")
+        if reference.startswith("ServiceRequest/"):
+            where = [CONSULTATION.c.sr_id == reference.split("/", 1)[1],
+                     CONSULTATION.c.referral_thread.is_(None)]
+            if inviter is not None:
+                where.append(CONSULTATION.c.inviter == inviter)
+            conn.execute(update(CONSULTATION).where(*where).values(referral_thread=thread))
 
 
 def foreign_resource(conn: Connection, resource: dict[str, Any], thread: str,
