@@ -24,55 +24,12 @@ acts, e.g. ``user:dr.li``)::
     cw.referral_draft(thread)                           # inviter: a referral Bundle pre-filled
     cw.list(step=..., side=...); cw.view(thread); cw.by_task(task_id)
 
-Steps (``states.MOVES``), who takes them, the Task each leaves:
-
-============== ======= =================================== ================ ===============
-event          by      from                                business step    Task.status
-============== ======= =================================== ================ ===============
-request        inviter (new)                               requested        requested
-received       centre  requested (automatic on arrival)    received         received
-return         centre  received, resubmitted               returned         on-hold
-resubmit       inviter returned                            resubmitted      received
-schedule       centre  received, resubmitted, scheduled    scheduled        accepted
-start          centre  scheduled                           in-consultation  in-progress
-report         centre  in-consultation, reported           reported         in-progress
-release        centre  reported                            released         completed
-report-received inviter released (automatic on arrival)    report-received  completed
-follow-up      inviter report-received, follow-up-planned  follow-up-planned completed
-close          inviter report-received, follow-up-planned  closed           completed
-cancel         inviter before the meeting (asks)           (unchanged)      (unchanged)
-cancelled      centre  before the meeting                  cancelled        cancelled
-============== ======= =================================== ================ ===============
-
-Packets: ``consult.request`` (the request), ``consult.report`` (the released report, the only
-packet that carries it), ``consult.status`` (every other step).
-
-FHIR resources (R4 4.0.1):
-
-* ServiceRequest: category SNOMED CT 11429006 "Consultation"; ``code`` = the kind
-  (``http://hutong.dev/CodeSystem/consult-kind``: general | mdt | imaging-reading); ``reasonCode``
-  (ICD-10) or ``reasonReference``; ``note`` = the question to the experts; ``priority``
-  (routine | urgent | asap | stat); ``performer[0]`` = ``Organization/<centre>`` (after
-  scheduling also the experts' PractitionerRoles); ``requester`` = the inviting doctor
-  (Practitioner or PractitionerRole); ``supportingInfo`` = Consent, the record (Composition /
-  DocumentReference) and the DiagnosticReports / ImagingStudies shared (those known here but not
-  in the Bundle travel with the request; images are fetched on demand by the PACS adapter);
-  identifier PLAC = the inviting side's 会诊申请单号.
-* Consent (active, for the patient): required, else ``MissingConsent`` and nothing is sent.
-* Task (id = the thread): ``code`` fulfill, ``focus`` the ServiceRequest, ``owner`` the centre,
-  ``businessStatus`` the step (``consult-step``), ``statusReason`` what is missing / why
-  cancelled, ``output`` the Appointment, the report, the follow-up plan.
-* Appointment (schedule): ``participant`` = the experts' PractitionerRoles (type v3
-  ParticipationType CON; 1–5, MDT 3–5, imaging reading 1–2) and the inviting doctor (type REF,
-  added from ServiceRequest.requester if absent); the video meeting link as the extension
-  ``http://hutong.dev/StructureDefinition/video-meeting`` (valueUrl), since R4 has no
-  virtualService; ``basedOn`` the ServiceRequest.
-* The report (report / release): a Composition of type LOINC 11488-4 "Consult note" (sections:
-  diagnosis with entries → Conditions, advice; optionally a ServiceRequest of category SNOMED
-  3457005 "Patient referral", intent proposal, recommending referral), or for imaging reading a
-  DiagnosticReport with ``imagingStudy``, ``conclusion`` and optionally ``presentedForm`` (PDF).
-  Written ``preliminary``; release (quality control passed) makes it ``final`` and sends it.
-* Follow-up: a CarePlan (or a Task) from the inviting side.
+The steps and who takes them are ``states.MOVES``; packets: ``consult.request``, ``consult.report``
+(the released report, the only packet that carries it) and ``consult.status`` (every other
+step). The steps' table, the FHIR resources of each step (ServiceRequest of category SNOMED
+11429006, the centre-owned Task, Consent, Appointment with the experts and the video link, the
+Consult note or imaging DiagnosticReport, the follow-up CarePlan) and the HTTP API are in
+docs/contributors/consultation.md; the resources are built and checked in ``resources.py``.
 """
 
 from __future__ import annotations
@@ -80,7 +37,7 @@ from __future__ import annotations
 import copy
 import uuid
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import orjson
@@ -88,6 +45,7 @@ from sqlalchemy import Connection, insert, select, update
 
 from bridge.audit.events import AuditEntry
 from bridge.consult import codes as C
+from bridge.consult import resources as CR
 from bridge.consult.states import CENTRE, INVITER, MOVES, TERMINAL, WAITING, check
 from bridge.consult.tables import CONSULTATION, CONSULTATION_STEP
 from bridge.context import NodeContext
@@ -105,7 +63,8 @@ from bridge.fhirstore import store
 from bridge.local import intake
 from bridge.local.contract import ConsultEvent
 from bridge.referral import resources as R
-from bridge.referral.codes import PLACER, TASK_CODE
+from bridge.referral.codes import KINDS as REFERRAL_KINDS
+from bridge.referral.codes import PLACER
 from bridge.referral.workflow import Workflow, _check_version, foreign_resource, response_of
 
 Resource = dict[str, Any]
@@ -221,9 +180,7 @@ class ConsultWorkflow:
         referral: the ServiceRequest ``basedOn`` the consultation's, reason codes from the
         report's diagnoses, the report as supporting information. The clinician adds the
         patient's Consent to the referral and POSTs it to /fhir (the referral workflow)."""
-        from bridge.referral.codes import KIND_SYSTEM, KINDS
-
-        if kind not in KINDS:
+        if kind not in REFERRAL_KINDS:
             raise InvalidResource(f"unknown referral kind '{kind}'")
         with self.ctx.store.read() as conn:
             row = self._row(conn, thread)
@@ -234,31 +191,7 @@ class ConsultWorkflow:
                 raise IllegalTransition("this consultation's report does not recommend referral")
             sr = store.get(conn, "ServiceRequest", row.sr_id)
             report = [store.get(conn, *r.split("/", 1)) for r in (row.report_refs or "").split()]
-        proposal = next((r for r in report if _recommends(r)), {})
-        reasons = [cc for r in report if r["resourceType"] == "Condition"
-                   for cc in [r.get("code")] if cc]
-        target = receiver or _member_of(proposal.get("performer")) or row.centre
-        note = [n for n in proposal.get("note") or []] or [
-            {"text": "会诊报告建议转诊 / referral recommended by the consultation report"}]
-        out: Resource = {
-            "resourceType": "ServiceRequest", "status": "active", "intent": "order",
-            "priority": sr.get("priority", "routine"),
-            "basedOn": [{"reference": f"ServiceRequest/{row.sr_id}"}],
-            "code": {"coding": [{"system": KIND_SYSTEM, "code": kind,
-                                 "display": KINDS[kind].zh}]},
-            "subject": sr["subject"],
-            "performer": [{"reference": f"Organization/{target}"}],
-            "note": note,
-            "supportingInfo": [{"reference": R.ref(r)} for r in report
-                               if r["resourceType"] in ("Composition", "DiagnosticReport")],
-        }
-        if reasons:
-            out["reasonCode"] = reasons
-        elif sr.get("reasonCode"):
-            out["reasonCode"] = sr["reasonCode"]
-        return {"resourceType": "Bundle", "type": "transaction", "entry": [
-            {"fullUrl": f"urn:uuid:{uuid.uuid4()}", "resource": out,
-             "request": {"method": "POST", "url": "ServiceRequest"}}]}
+        return CR.referral_draft(sr, report, kind, receiver or None, row.centre)
 
     # -- the request ----------------------------------------------------------------------------
 
@@ -312,19 +245,8 @@ class ConsultWorkflow:
                                   "(ServiceRequest.supportingInfo)")
         self.base._validate(resources)
         thread = str(uuid.uuid4())
-        task: Resource = {
-            "resourceType": "Task", "id": thread,
-            "identifier": [{"system": f"urn:hutong:consult:{self.me}", "value": thread}],
-            "basedOn": [{"reference": R.ref(sr)}],
-            "status": "draft", "businessStatus": C.step_codeable("draft"),
-            "intent": "order", "priority": sr["priority"],
-            "code": {"coding": [{"system": TASK_CODE, "code": "fulfill"}],
-                     "text": C.KINDS[kind].zh},
-            "focus": {"reference": R.ref(sr)}, "for": {"reference": R.ref(patient)},
-            "authoredOn": R.iso(now), "lastModified": R.iso(now),
-            "requester": {"reference": f"Organization/{self.me}"},
-            "owner": {"reference": f"Organization/{centre}"},
-        }
+        task = CR.new_task(sr, thread, kind, inviter=self.me, centre=centre,
+                            patient_ref=R.ref(patient), at=now)
         phash = self.base._hash(patient)
         for r in resources:
             store.put(conn, r, at=now, thread=thread, origin=self.me, patient_hash=phash)
@@ -390,7 +312,7 @@ class ConsultWorkflow:
             keep = extra = [*resources, sr]
         elif event == "schedule":
             keep, extra = self._schedule(conn, row, task, resources)
-            outputs = [_output("appointment", "会诊预约", {"reference": R.ref(keep[0])})]
+            outputs = [CR.output("appointment", "会诊预约", {"reference": R.ref(keep[0])})]
         elif event == "report":
             keep = self._report(conn, row, task, resources)  # a draft: it stays here
         elif event == "release":
@@ -406,7 +328,7 @@ class ConsultWorkflow:
             self.base._check_refs(conn, resources)
             self.base._validate(resources)
             keep = extra = resources
-            outputs = [_output("follow-up", "随访计划", {"reference": R.ref(plan)})]
+            outputs = [CR.output("follow-up", "随访计划", {"reference": R.ref(plan)})]
         elif resources:
             raise InvalidResource(f"'{event}' takes no resources")
         for r in keep:
@@ -448,27 +370,7 @@ class ConsultWorkflow:
             raise InvalidResource("Appointment.start and end: when the experts meet")
         sr = store.get(conn, "ServiceRequest", row.sr_id)
         here = {R.ref(r): r for r in resources}
-        parts = appt.setdefault("participant", [])
-        experts = [p["actor"]["reference"] for p in parts
-                   if (p.get("actor") or {}).get("reference", "").startswith("PractitionerRole/")
-                   and _typed(p, C.EXPERT_ROLE)]
-        low, high = C.KINDS[row.kind].experts
-        if not low <= len(experts) <= high:
-            raise InvalidResource(f"a {row.kind} consultation names {low}-{high} experts "
-                                  f"(Appointment.participant of type {C.EXPERT_ROLE} with a "
-                                  f"PractitionerRole), found {len(experts)}")
-        inviting = sr["requester"]["reference"]
-        if not any((p.get("actor") or {}).get("reference") == inviting for p in parts):
-            parts.append({"type": [{"coding": [{"system": C.PARTICIPATION,
-                                                "code": C.INVITER_ROLE,
-                                                "display": "referrer"}]}],
-                          "actor": {"reference": inviting}, "required": "required",
-                          "status": "accepted"})
-        appt["status"] = "booked"
-        appt.setdefault("basedOn", [{"reference": R.ref(sr)}])
-        if not any(c.get("code") == C.CATEGORY["code"] for sc in appt.get("serviceCategory") or []
-                   for c in sc.get("coding") or []):
-            appt.setdefault("serviceCategory", []).append({"coding": [C.CATEGORY]})
+        experts = CR.book(appt, sr, row.kind)
         carried: list[Resource] = []
         for reference in experts:
             role = here.get(reference) or self._known(conn, reference)
@@ -484,7 +386,7 @@ class ConsultWorkflow:
         sr["performer"] = [{"reference": f"Organization/{row.centre}"},
                            *({"reference": e} for e in experts)]
         self.base._validate([*resources, sr])
-        start = _instant(appt["start"])
+        start = CR.instant(appt["start"])
         conn.execute(update(CONSULTATION).where(CONSULTATION.c.thread == row.thread).values(
             appointment_id=appt["id"], experts=" ".join(experts), scheduled_start=start))
         keep = [appt, *[r for r in resources if r is not appt], sr]
@@ -492,42 +394,13 @@ class ConsultWorkflow:
 
     def _report(self, conn: Connection, row: Any, task: Resource,
                 resources: list[Resource]) -> list[Resource]:
-        comps = [r for r in resources if r["resourceType"] == "Composition"]
-        reports = [r for r in resources if r["resourceType"] == "DiagnosticReport"]
-        focus = {"reference": f"ServiceRequest/{row.sr_id}"}
-        if row.kind == "imaging-reading":
-            if len(reports) != 1 or not reports[0].get("imagingStudy") \
-                    or not reports[0].get("conclusion"):
-                raise InvalidResource("an imaging reading's report is one DiagnosticReport with "
-                                      "imagingStudy and conclusion")
-        elif len(comps) != 1:
-            raise InvalidResource("a consultation report is one Composition (LOINC 11488-4 "
-                                  "Consult note)")
-        for comp in comps:
-            coding = (comp.get("type") or {}).get("coding") or []
-            if not any(c.get("system") == C.LOINC and c.get("code") == C.CONSULT_NOTE
-                       for c in coding):
-                raise InvalidResource("the report Composition's type is LOINC 11488-4 "
-                                      "(Consult note)")
-            comp["status"] = "preliminary"
-        for dr in reports:
-            dr["status"] = "preliminary"
-            based = dr.setdefault("basedOn", [])
-            if focus not in based:
-                based.append(focus)
-        for r in resources:
-            if _recommends(r):
-                r["status"] = "draft"
-                r.setdefault("intent", "proposal")
-                based = r.setdefault("basedOn", [])
-                if focus not in based:
-                    based.append(focus)
+        CR.check_report(resources, row.kind, f"ServiceRequest/{row.sr_id}")
         self._own_patient(row, task, resources)
         self.base._check_refs(conn, resources)
         self.base._validate(resources)
         conn.execute(update(CONSULTATION).where(CONSULTATION.c.thread == row.thread).values(
             report_refs=" ".join(R.ref(r) for r in resources),
-            recommends_referral=any(_recommends(r) for r in resources)))
+            recommends_referral=any(CR.recommends(r) for r in resources)))
         return resources
 
     def _release(self, conn: Connection, row: Any
@@ -538,10 +411,10 @@ class ConsultWorkflow:
         for r in report:
             if r["resourceType"] in ("Composition", "DiagnosticReport"):
                 r["status"] = "final"
-                outputs.append(_output("report", "会诊报告", {"reference": R.ref(r)}))
-            elif _recommends(r):
+                outputs.append(CR.output("report", "会诊报告", {"reference": R.ref(r)}))
+            elif CR.recommends(r):
                 r["status"] = "active"
-                outputs.append(_output("referral-recommended", "建议转诊",
+                outputs.append(CR.output("referral-recommended", "建议转诊",
                                        {"reference": R.ref(r)}))
         carried: list[Resource] = []
         here = {R.ref(r) for r in report}
@@ -724,16 +597,16 @@ class ConsultWorkflow:
         if event == "schedule":
             appt = next((r for r in carried if r["resourceType"] == "Appointment"), None)
             if appt is not None:
-                values.update(appointment_id=appt["id"], scheduled_start=_instant(appt["start"]),
+                values.update(appointment_id=appt["id"], scheduled_start=CR.instant(appt["start"]),
                               experts=" ".join(
                                   p["actor"]["reference"] for p in appt.get("participant") or []
-                                  if _typed(p, C.EXPERT_ROLE) and p.get("actor")))
+                                  if CR.typed(p, C.EXPERT_ROLE) and p.get("actor")))
         if event == "release":
             values["released_at"] = now
             report = [r for r in carried if r["resourceType"] in (
-                "Composition", "DiagnosticReport", "Condition") or _recommends(r)]
+                "Composition", "DiagnosticReport", "Condition") or CR.recommends(r)]
             values["report_refs"] = " ".join(R.ref(r) for r in report)
-            values["recommends_referral"] = any(_recommends(r) for r in report)
+            values["recommends_referral"] = any(CR.recommends(r) for r in report)
         conn.execute(update(CONSULTATION).where(CONSULTATION.c.thread == row.thread)
                      .values(**values))
         self._log_step(conn, row.thread, event, row.step, target, item.packet_id, item.sender)
@@ -947,35 +820,4 @@ class ConsultWorkflow:
             kind=C.EVENTS.get(event), at=self.ctx.now(),
             extra={"event": event, "status": row.status, "step": row.step})])
 
-
-def _typed(participant: Resource, code: str) -> bool:
-    return any(c.get("code") == code for t in participant.get("type") or []
-               for c in t.get("coding") or [])
-
-
-def _recommends(r: Resource) -> bool:
-    """A ServiceRequest of the report that recommends referral (category Patient referral)."""
-    return r.get("resourceType") == "ServiceRequest" and any(
-        c.get("code") == C.REFERRAL_CATEGORY["code"] for cat in r.get("category") or []
-        for c in cat.get("coding") or [])
-
-
-def _member_of(performers: Any) -> str | None:
-    for p in performers or []:
-        reference = (p or {}).get("reference", "")
-        if reference.startswith("Organization/"):
-            return str(reference.split("/", 1)[1])
-    return None
-
-
-def _output(code: str, zh: str, value: Resource) -> Resource:
-    return {"type": {"coding": [{"system": C.OUTPUT_SYSTEM, "code": code, "display": zh}]},
-            "valueReference": value}
-
-
-def _instant(value: str) -> datetime | None:
-    try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
 
