@@ -495,3 +495,19 @@ def test_the_dispatcher_hands_consult_events_only_to_sinks_that_take_them(
                                else ["consult:request:centre:received"])
     finally:
         node.ctx.store.dispose()
+
+
+def test_an_operations_inputs_from_parameters_a_bundle_or_one_resource() -> None:
+    from bridge.api.fhir_api import consult_parameters
+
+    records = consults.records("Patient/p-1")
+    assert consult_parameters({}) == {}
+    assert consult_parameters(records) == {"resources": records}
+    got = consult_parameters({"resourceType": "Parameters", "parameter": [
+        {"name": "reason", "valueString": "缺CT报告"}, {"name": "kind", "valueCode": "mdt"},
+        {"name": "resources", "resource": records}]})
+    assert got == {"reason": "缺CT报告", "kind": "mdt", "resources": {
+        "resourceType": "Bundle", "type": "collection", "entry": records["entry"]}}
+    plan = consults.follow_up("Patient/p-1")["entry"][0]["resource"]
+    assert consult_parameters(plan) == {"resources": {
+        "resourceType": "Bundle", "type": "collection", "entry": [{"resource": plan}]}}

@@ -502,23 +502,31 @@ CONSULT_OPERATIONS = tuple(CONSULT_DOCS)  # listed in the CapabilityStatement as
 
 def consult_parameters(body: Any) -> dict[str, Any]:
     """The inputs of a consultation operation: from a Parameters (``reason``, ``kind``,
-    ``receiver`` as value[x]; ``resources`` as a Bundle resource), or a Bundle of resources."""
+    ``receiver`` as value[x]; each ``resources`` part a Bundle or one resource), a Bundle of
+    resources, or one resource (e.g. the Appointment of ``$schedule``)."""
     if not isinstance(body, dict) or not body:
         return {}
     if body.get("resourceType") == "Bundle":
         return {"resources": body}
     if body.get("resourceType") != "Parameters":
-        raise BadRequest("a consultation operation takes a Parameters or a Bundle")
+        checked(validate_resource, body)
+        return {"resources": {"resourceType": "Bundle", "type": "collection",
+                              "entry": [{"resource": body}]}}
     checked(validate_resource, body)
     out: dict[str, Any] = {}
+    entries: list[dict[str, Any]] = []  # every part's entries, their fullUrls kept
     for p in body.get("parameter") or []:
         name = p.get("name")
         if name == "resources" and isinstance(p.get("resource"), dict):
-            out["resources"] = p["resource"]
+            r = p["resource"]
+            entries += [e for e in r.get("entry") or [] if isinstance(e, dict)] \
+                if r.get("resourceType") == "Bundle" else [{"resource": r}]
         elif name in ("reason", "kind", "receiver"):
             value = next((v for k, v in p.items() if k.startswith("value")), None)
             if isinstance(value, str):
                 out[name] = value
+    if entries:
+        out["resources"] = {"resourceType": "Bundle", "type": "collection", "entry": entries}
     return out
 
 
