@@ -65,7 +65,8 @@ def _resource(rtype: str, params: tuple[Param, ...], roles: str) -> dict[str, An
         interactions[1:1] = _HISTORY
     if rtype in UPDATABLE:
         interactions.append({"code": "update", "documentation":
-                             "clinician only: moves the referral through the workflow"})
+                             "clinician only: moves the referral or consultation through "
+                             "its workflow"})
     res: dict[str, Any] = {
         "type": rtype,
         "documentation": f"Roles: {roles}. Every read and search is itself audited.",
