@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -283,3 +284,40 @@ def test_imaging_reading_and_a_report_turned_into_a_referral(al: Alliance,
                 p="%referral-draft%")
     assert reads and reads[-1]["patient_hash"] == row(al.node("chc"), other)["patient_hash"]
     assert orjson.loads(reads[-1]["resource"])["resourceType"] == "AuditEvent"
+
+
+def test_a_waiting_consultation_raises_a_reminder_and_the_alert(tmp_path: Path) -> None:
+    a = Alliance(tmp_path / "alliance", MEMBERS, RULES)
+    core_file = a.files["core"]
+    core_file.write_text(core_file.read_text() + (
+        "\n[consult]\nwait_timeout_s = 30.0\nurgent_timeout_s = 0.5\nreminder_every_s = 0.5\n"
+        "\n[alerts]\nevery_s = 0.5\n"))
+    a.start("core", "chc")
+    try:
+        with httpx.Client(timeout=60) as client:
+            chc, core = Fhir(client, a.node("chc")), Fhir(client, a.node("core"))
+            thread = request(chc, consults.consultation("general", "core", priority="urgent"))
+            reminded = wait_for(lambda: [r for r in a.node("core").api(
+                "GET", "/local/v1/consultations") if r["reminded_at"]], timeout=30,
+                what="a reminder")
+            assert [r["thread"] for r in reminded] == [thread]
+            assert reminded[0]["step"] == "received"
+            rows = sql(a.node("core"), "SELECT outcome, resource FROM audit WHERE "
+                                       "action = 'reminder' AND thread = :t", t=thread)
+            assert len(rows) == 1 and rows[0]["outcome"] == "4"
+            assert "consultation waiting at 'received'" in rows[0]["resource"]
+
+            def alert() -> Any:
+                found = sql(a.node("core"), "SELECT value FROM node_state WHERE key = "
+                                            "'alerts_active'")
+                active = json.loads(found[0]["value"]) if found else {}
+                return active.get("consult-overdue")
+            raised = wait_for(alert, timeout=30, what="the consult-overdue alert")
+            assert raised["value"] == 1 and raised["subject"] == "consultations"
+            # the centre moves on (a scheduled consultation waits for its meeting): it clears
+            core.op(thread, "schedule", consults.schedule("core", 1))
+            wait_for(lambda: alert() is None, timeout=30, what="the alert cleared")
+            assert sql(a.node("core"), "SELECT count(*) AS n FROM audit WHERE action = "
+                                       "'reminder' AND thread = :t", t=thread) == [{"n": 1}]
+    finally:
+        a.stop_all()

@@ -45,8 +45,9 @@ MOVES: dict[str, Move] = {m.event: m for m in (
 
 #: steps after which nothing moves
 TERMINAL = ("cancelled", "closed")
-#: steps where the consultation waits for someone (the reminder job watches these)
-WAITING = ("requested", "received", "resubmitted", "returned", "scheduled", "reported")
+#: steps where the consultation waits for someone (the reminder job watches these; a scheduled
+#: one waits for its meeting, not for a person)
+WAITING = ("requested", "received", "resubmitted", "returned", "reported")
 
 
 def check(event: str, step: str, side: str) -> Move:
