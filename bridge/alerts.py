@@ -15,6 +15,8 @@ Rules (thresholds from ``[alerts]`` in the node file, ``AlertsConfig``):
   since, for ``peer_unreachable_grace_s`` (default 60 s after the first failed probe);
 - ``quarantine:<source>``: more than ``quarantine_held`` items held from one source (default:
   any); ``dead-letters:<peer>``: more than ``dead_letters`` dead packets for a peer (any);
+- ``consult-overdue``: consultations waiting at one step past ``[consult] wait_timeout_s``
+  (the consultation workflow's reminder flagged them; bridge/consult);
 - ``disk``: the data folder's file system has less than ``disk_free_pct`` free;
 - ``key-expiry``: ``keys_rotate_by`` is less than ``key_expiry_warn_days`` away (Ed25519 keys
   carry no date of their own; the alliance's key policy gives the day).
@@ -107,6 +109,7 @@ class Facts:
     disk_free_pct: float | None = None
     key_days_left: float | None = None
     cert_days_left: dict[str, float] = field(default_factory=dict)  # adapter -> TLS cert
+    consults_overdue: int = 0  # consultations reminded about, still at the same step
 
 
 def _aware(t: datetime | None) -> datetime | None:
@@ -206,6 +209,11 @@ def _more_rules(facts: Facts, cfg: AlertsConfig) -> list[Alert]:
                              + (f"expired {-days:.0f} days ago" if days < 0 else
                                 f"expires in {days:.0f} days")
                              + f" (warn at {cfg.key_expiry_warn_days})"))
+    if facts.consults_overdue > 0:
+        out.append(Alert("consult-overdue", "consult-overdue", "consultations",
+                         facts.consults_overdue, 0, f"{facts.consults_overdue} consultations "
+                         "waiting past [consult] wait_timeout_s at one step (see the audit "
+                         "log's reminders)"))
     if facts.key_days_left is not None and facts.key_days_left < cfg.key_expiry_warn_days:
         out.append(Alert("key-expiry", "key-expiry", "keys", round(facts.key_days_left, 1),
                          cfg.key_expiry_warn_days, f"site keys are due for renewal in "
@@ -311,9 +319,14 @@ class Alerter:
                       adapters=adapters, chain_ok=self.chain[1], chain_problem=self.chain[2],
                       quarantined=quarantined, disk_free_pct=self._disk_free_pct(),
                       key_days_left=_days_left(self.cfg.keys_rotate_by, now),
-                      cert_days_left=self._cert_days(now))
+                      cert_days_left=self._cert_days(now),
+                      consults_overdue=self._consults_overdue())
         self.last_facts = facts
         return facts
+
+    def _consults_overdue(self) -> int:
+        consult = getattr(self.node, "consult", None)
+        return int(consult.overdue()) if consult is not None else 0
 
     def _cert_days(self, now: datetime) -> dict[str, float]:
         """Days until each adapter's TLS certificate (``options.tls.cert``) expires."""
@@ -491,7 +504,7 @@ RULE_ZH = {
     "adapter-silent": "接口长时间未成功", "audit-chain": "审计链校验失败",
     "peer-unreachable": "对方机构不可达", "quarantine": "有数据被隔离",
     "dead-letters": "有无法投递的数据包", "disk": "磁盘空间不足", "key-expiry": "密钥即将到期",
-    "cert-expiry": "证书即将到期",
+    "cert-expiry": "证书即将到期", "consult-overdue": "会诊申请等待超时",
 }
 
 

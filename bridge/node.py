@@ -23,6 +23,7 @@ from bridge import faults
 from bridge.audit.events import AuditEntry
 from bridge.audit.watch import ChainWatch
 from bridge.config.models import NodePlan
+from bridge.consult.workflow import ConsultWorkflow
 from bridge.context import NodeContext
 from bridge.delivery.dispatcher import Dispatcher
 from bridge.delivery.handlers import load_handlers
@@ -74,6 +75,7 @@ class Node:
         self.lanes = None if self.ctx.store.is_sqlite else Lanes(plan.storage_dsn)
         self.intake = Intake(self.ctx)
         self.workflow = Workflow(self.ctx, wake=self.wake_all_senders)
+        self.consult = ConsultWorkflow(self.ctx, self.workflow, wake=self.wake_all_senders)
         self._jobs: list[tuple[str, Any, float]] = []
         from bridge.console import Pauses
 
@@ -85,6 +87,7 @@ class Node:
         handlers.update(receivers(self, self.adapters))
         self.dispatcher = Dispatcher(
             self.ctx, handlers, hooks={"referral.": self.workflow.apply_packet,
+                                      "consult.": self.consult.apply_packet,
                                       "result.": self._apply_result},
             lanes=self.lanes,
         )
@@ -160,6 +163,8 @@ class Node:
         self.scheduler.add_job(self._checkpoint, "interval", id="checkpoint", seconds=60)
         self.scheduler.add_job(self.workflow.remind, "interval", id="referral-reminders",
                                seconds=self.plan.referral.reminder_every_s)
+        self.scheduler.add_job(self.consult.remind, "interval", id="consult-reminders",
+                               seconds=self.plan.consult.reminder_every_s)
         self.scheduler.add_job(self._watch_config, "interval", id="config-watch", seconds=10)
         for adapter in self.adapters.values():
             adapter.start()

@@ -22,6 +22,7 @@ LOINC = "http://loinc.org"
 OBS_CAT = "http://terminology.hl7.org/CodeSystem/observation-category"
 V2_0074 = "http://terminology.hl7.org/CodeSystem/v2-0074"
 ACT = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
+SNOMED = "http://snomed.info/sct"
 
 
 def _ref(r: str) -> dict[str, str]:
@@ -81,14 +82,17 @@ def _enc(eid: str, pid: str, status: str, cls: str, period: dict[str, str]) -> d
             "serviceProvider": _ref("Organization/core"), "period": period}
 
 
-def _sr(sid: str, pid: str, status: str, enc: str | None, requester: str) -> dict[str, Any]:
+def _sr(sid: str, pid: str, status: str, enc: str | None, requester: str, category: str,
+        authored: str, experts: tuple[str, ...] = ()) -> dict[str, Any]:
     s: dict[str, Any] = {"resourceType": "ServiceRequest", "id": sid, "status": status,
                          "intent": "order",
                          "identifier": [{"system": "urn:hutong:placer:yuetan-chc",
                                          "value": sid.upper()}],
-                         "code": _cc("http://snomed.info/sct", "3457005"),
+                         "category": [_cc(SNOMED, category)],
+                         "code": _cc(SNOMED, "3457005"),
                          "subject": _ref(f"Patient/{pid}"), "requester": _ref(requester),
-                         "performer": [_ref("Organization/core")]}
+                         "authoredOn": authored,
+                         "performer": [_ref("Organization/core"), *map(_ref, experts)]}
     if enc:
         s["encounter"] = _ref(f"Encounter/{enc}")
     return s
@@ -118,9 +122,11 @@ RESOURCES: list[dict[str, Any]] = [
     _patient("p-li", "110101199912120033", {"family": "李"}, None, None),
     _enc("enc-1", "p-wang", "finished", "AMB", {"start": "2026-11-01", "end": "2026-11-01"}),
     _enc("enc-2", "p-zhang", "in-progress", "IMP", {"start": "2026-11-02T08:00:00+08:00"}),
-    _sr("sr-1", "p-wang", "active", "enc-1", "Practitioner/dr-li"),
-    _sr("sr-2", "p-zhang", "completed", None, "Organization/chc"),
-    _task("task-1", "p-wang", "requested", "sr-1"),
+    _sr("sr-1", "p-wang", "active", "enc-1", "Practitioner/dr-li", "11429006",
+        "2026-11-01T08:00:00+08:00", ("PractitionerRole/role-1",)),
+    _sr("sr-2", "p-zhang", "completed", None, "Organization/chc", "3457005", "2026-11-03"),
+    {**_task("task-1", "p-wang", "requested", "sr-1"), "businessStatus": _cc(
+        "http://hutong.dev/CodeSystem/consult-step", "requested")},
     _task("task-2", "p-zhang", "completed", "sr-2"),
     _obs("obs-glu", "p-wang", "final", "2345-7", "laboratory",
          {"effectiveDateTime": "2026-11-01T09:00:00+08:00"}, "enc-1", "sr-1"),
@@ -157,6 +163,21 @@ RESOURCES: list[dict[str, Any]] = [
     {"resourceType": "Coverage", "id": "cov-1", "status": "active",
      "identifier": [{"system": "urn:hutong:insurance", "value": "INS-1"}],
      "beneficiary": _ref("Patient/p-wang"), "payor": [_ref("Organization/core")]},
+    # the consultation's resources (bridge/consult)
+    {"resourceType": "PractitionerRole", "id": "role-1", "active": True,
+     "identifier": [{"system": "urn:hutong:staff-role:core", "value": "ROLE-1"}],
+     "practitioner": _ref("Practitioner/dr-li"), "organization": _ref("Organization/core")},
+    {"resourceType": "Appointment", "id": "appt-1", "status": "booked",
+     "identifier": [{"system": "urn:hutong:appointment", "value": "APPT-1"}],
+     "basedOn": [_ref("ServiceRequest/sr-1")], "start": "2026-11-06T14:00:00+08:00",
+     "end": "2026-11-06T15:00:00+08:00",
+     "participant": [{"actor": _ref("PractitionerRole/role-1"), "status": "accepted"}]},
+    {"resourceType": "Condition", "id": "cond-1",
+     "identifier": [{"system": "urn:hutong:diagnosis", "value": "COND-1"}],
+     "code": _cc("http://hl7.org/fhir/sid/icd-10", "C34.1"), "subject": _ref("Patient/p-wang")},
+    {"resourceType": "CarePlan", "id": "cp-1", "status": "active", "intent": "plan",
+     "identifier": [{"system": "urn:hutong:careplan", "value": "CP-1"}],
+     "subject": _ref("Patient/p-zhang")},
 ]
 
 
@@ -202,6 +223,24 @@ EXAMPLES: dict[tuple[str, str], tuple[str, list[str]]] = {
     ("ServiceRequest", "performer"): ("Organization/core", ["sr-2", "sr-1"]),
     ("ServiceRequest", "identifier"): ("SR-2", ["sr-2"]),
     ("ServiceRequest", "encounter"): ("enc-1", ["sr-1"]),
+    ("ServiceRequest", "code"): (f"{SNOMED}|3457005", ["sr-2", "sr-1"]),
+    ("ServiceRequest", "category"): (f"{SNOMED}|11429006", ["sr-1"]),
+    ("ServiceRequest", "authored"): ("lt2026-11-02", ["sr-1"]),
+    ("ServiceRequest", "expert"): ("PractitionerRole/role-1", ["sr-1"]),
+    ("Task", "business-status"): ("requested", ["task-1"]),
+    ("Appointment", "status"): ("booked", ["appt-1"]),
+    ("Appointment", "identifier"): ("APPT-1", ["appt-1"]),
+    ("Appointment", "date"): ("ge2026-11-06", ["appt-1"]),
+    ("Appointment", "based-on"): ("ServiceRequest/sr-1", ["appt-1"]),
+    ("CarePlan", "patient"): ("p-zhang", ["cp-1"]),
+    ("CarePlan", "subject"): ("Patient/p-zhang", ["cp-1"]),
+    ("CarePlan", "status"): ("active", ["cp-1"]),
+    ("CarePlan", "identifier"): ("CP-1", ["cp-1"]),
+    ("Condition", "patient"): ("p-wang", ["cond-1"]),
+    ("Condition", "subject"): ("Patient/p-wang", ["cond-1"]),
+    ("Condition", "identifier"): ("COND-1", ["cond-1"]),
+    ("Condition", "code"): ("C34.1", ["cond-1"]),
+    ("PractitionerRole", "identifier"): ("ROLE-1", ["role-1"]),
     ("Task", "patient"): ("p-zhang", ["task-2"]),
     ("Task", "subject"): ("Patient/p-wang", ["task-1"]),
     ("Task", "status"): ("requested", ["task-1"]),

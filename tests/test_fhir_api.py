@@ -45,7 +45,8 @@ N_SR = 30
 STATUSES = ("active", "completed", "revoked")
 CLINICAL = ("ServiceRequest", "Task", "Encounter", "DiagnosticReport", "Observation",
             "ImagingStudy", "Patient", "Consent", "Composition", "DocumentReference",
-            "MedicationRequest", "Coverage", "Organization", "Practitioner")
+            "MedicationRequest", "Coverage", "Organization", "Practitioner", "Appointment",
+            "CarePlan", "Condition", "PractitionerRole")
 
 
 _http: httpx.Client | None = None
@@ -250,6 +251,9 @@ def test_metadata_is_a_valid_truthful_capability_statement(core: NodeProcess) ->
     history = ["vread", "history-instance", "history-type"]
     assert [i["code"] for i in by_type["Task"]["interaction"]] == [
         "read", *history, "search-type", "update"]
+    assert [o["name"] for o in by_type["Task"]["operation"]] == [  # consultation steps
+        "return", "resubmit", "schedule", "start", "report", "release", "cancel", "follow-up",
+        "close", "referral-draft"]
     assert [i["code"] for i in by_type["Patient"]["interaction"]] == [
         "read", *history, "search-type"]
     assert by_type["Task"]["searchInclude"] == ["Task:focus", "Task:patient"]
@@ -257,7 +261,8 @@ def test_metadata_is_a_valid_truthful_capability_statement(core: NodeProcess) ->
         "Task:focus", "DiagnosticReport:based-on", "Observation:based-on", "ImagingStudy:basedon"]
     sr_params = {p["name"] for p in by_type["ServiceRequest"]["searchParam"]}
     assert sr_params == {"_id", "_lastUpdated", "patient", "subject", "status", "requester",
-                         "performer", "identifier", "encounter", "_count", "_cursor", "_total",
+                         "performer", "identifier", "encounter", "code", "category", "authored",
+                         "expert", "_count", "_cursor", "_total",
                          "_totalMethod", "_sort", "_summary", "_elements", "_pretty",
                          "_format"}
     assert {p["name"] for p in by_type["AuditEvent"]["searchParam"]} & {
@@ -456,10 +461,10 @@ def test_total_none_and_bad_values(core: NodeProcess) -> None:
 def test_unknown_parameters_are_refused_by_name(core: NodeProcess) -> None:
     r = call(core, "GET", "/fhir/ServiceRequest",
              params=[("status", "active"), ("name", "王"), ("status:contains", "revoked"),
-                     ("code", "3457005"), ("requester.name", "李"), ("_has:Task:focus:status",
-                                                                  "accepted")])
+                     ("reason", "3457005"), ("requester.name", "李"), ("_has:Task:focus:status",
+                                                                    "accepted")])
     msg = outcome(r, 400, "not-supported", "HT-FHIR-REQUEST")
-    assert "unknown search parameter(s) for ServiceRequest: name, status:contains, code, " \
+    assert "unknown search parameter(s) for ServiceRequest: name, status:contains, reason, " \
         "requester.name, (unreadable name)" in msg
     assert "王" not in msg and "李" not in msg and "revoked" not in msg
     # what issue #19 added is accepted: status:not, _sort, _summary, _elements, _pretty

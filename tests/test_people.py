@@ -393,6 +393,8 @@ ROUTES: dict[tuple[str, str], str] = {
     ("POST", "/fhir"): "a transaction (audited by the workflow)",
     ("POST", "/fhir/"): "a transaction (audited by the workflow)",
     ("PUT", "/fhir/Task/{rid}"): "a Task update (audited by the workflow)",
+    ("POST", "/fhir/Task/{rid}/{operation}"): "a consultation step (audited by the workflow); "
+                                             "$referral-draft is audited as a read by person",
     ("GET", "/fhir"): "an error", ("PUT", "/fhir"): "an error", ("PATCH", "/fhir"): "an error",
     ("DELETE", "/fhir"): "an error",
     ("GET", "/fhir/{path:path}"): "an error", ("POST", "/fhir/{path:path}"): "an error",
@@ -415,6 +417,7 @@ ROUTES: dict[tuple[str, str], str] = {
     ("POST", "/local/v1/referrals"): "a referral (audited by the workflow)",
     ("POST", "/local/v1/referrals/{thread}/steps/{event}"): "a step (audited by the workflow)",
     ("GET", "/local/v1/reminders"): "referral states, patient hashes only",
+    ("GET", "/local/v1/consultations"): "consultation states, patient hashes only",
 }
 
 

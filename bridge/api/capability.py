@@ -65,7 +65,8 @@ def _resource(rtype: str, params: tuple[Param, ...], roles: str) -> dict[str, An
         interactions[1:1] = _HISTORY
     if rtype in UPDATABLE:
         interactions.append({"code": "update", "documentation":
-                             "clinician only: moves the referral through the workflow"})
+                             "clinician only: moves the referral or consultation through "
+                             "its workflow"})
     res: dict[str, Any] = {
         "type": rtype,
         "documentation": f"Roles: {roles}. Every read and search is itself audited.",
@@ -75,11 +76,35 @@ def _resource(rtype: str, params: tuple[Param, ...], roles: str) -> dict[str, An
            {**_VERSIONED, "conditionalCreate": rtype not in UPDATABLE}),
         "searchParam": _search_params(params, rtype == AUDIT_TYPE),
     }
+    if rtype == "Task":
+        res["operation"] = _consult_operations()
     if rtype in INCLUDES:
         res["searchInclude"] = list(INCLUDES[rtype])
     if rtype in REVINCLUDES:
         res["searchRevInclude"] = list(REVINCLUDES[rtype])
     return res
+
+
+#: the consultation steps on a Task (``POST /fhir/Task/{id}/$<step>``, bridge/consult)
+CONSULT_OPERATION = "http://hutong.dev/OperationDefinition/consult-"
+CONSULT_DOCS = {
+    "return": "centre: return for completion; Parameters reason = what is missing",
+    "resubmit": "inviting side: the completed records (Bundle)",
+    "schedule": "centre: the Appointment with the experts' PractitionerRoles (Bundle)",
+    "start": "centre: the consultation meeting has begun",
+    "report": "centre: the draft report (Bundle: Composition LOINC 11488-4 or DiagnosticReport)",
+    "release": "centre: quality control passed; the report goes to the inviting side",
+    "cancel": "either side before the meeting; Parameters reason",
+    "follow-up": "inviting side: the follow-up CarePlan or Task (Bundle)",
+    "close": "inviting side: the consultation is closed",
+    "referral-draft": "inviting side: a referral Bundle pre-filled from a released report "
+                      "that recommends referral (audited as a read)",
+}
+
+
+def _consult_operations() -> list[dict[str, Any]]:
+    return [{"name": name, "definition": CONSULT_OPERATION + name, "documentation": doc}
+            for name, doc in CONSULT_DOCS.items()]
 
 
 #: the site's code maps (``fhir_terminology``): read, search and ``$translate``, any role

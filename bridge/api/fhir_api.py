@@ -6,7 +6,8 @@
     GET  /fhir/{type}/{id}/_history[/{vid}]   history / vread         clinician
     GET  /fhir/{type}/_history     the type's history, newest first   clinician
     POST /fhir                     transaction or batch Bundle (fhir_transaction)  clinician
-    PUT  /fhir/Task/{id}           Task -> node.workflow.move                   clinician
+    PUT  /fhir/Task/{id}           Task -> node.workflow.move (a consultation's: node.consult)
+    POST /fhir/Task/{id}/$<step>   a consultation step (bridge/consult)         clinician
 
 HEAD on every GET route, 406/415 for formats not served, trailing slashes: ``fhir_http``.
 Reads carry ETag and Last-Modified and answer 304 to a current ``If-None-Match`` /
@@ -32,7 +33,13 @@ from sqlalchemy import Connection, and_, or_, select
 from starlette.responses import Response
 
 from bridge.api.auth import actor_of, principal_of, who
-from bridge.api.capability import AUDIT_TYPE, CLINICAL_TYPES, UPDATABLE, capability_statement
+from bridge.api.capability import (
+    AUDIT_TYPE,
+    CLINICAL_TYPES,
+    CONSULT_DOCS,
+    UPDATABLE,
+    capability_statement,
+)
 from bridge.api.fhir_audit import (
     AUDIT,
     read_audit_event,
@@ -364,6 +371,9 @@ def fhir_router(node: Node) -> APIRouter:
         with ctx.store.read() as conn:
             current = store.get(conn, "Task", rid)
         refuse_unapplied(current, task)
+        cw = getattr(node, "consult", None)
+        if cw is not None and cw.by_task(rid) is not None:
+            return dict(cw.move(rid, task, actor, if_match=version))
         return dict(wf.move(rid, task, actor, if_match=version))
 
     def writer(request: Request) -> str:
@@ -419,6 +429,54 @@ def fhir_router(node: Node) -> APIRouter:
                 f"Task/{rid} updated to version {result['meta']['versionId']}")
         return written(request, result, _base(request), 200, at, what)
 
+    @router.post("/Task/{rid}/{operation}",
+                 responses=answers(None, 403, 404, 409, 412, 415, 501),
+                 openapi_extra=fhir_body("Parameters"))
+    async def consult_step(rid: str, operation: str, request: Request) -> Response:
+        """A consultation step as an operation on its Task (``$return``, ``$resubmit``,
+        ``$schedule``, ``$start``, ``$report``, ``$release``, ``$cancel``, ``$follow-up``,
+        ``$close``; ``$referral-draft`` answers a pre-filled referral Bundle). The body: a
+        Parameters (``reason`` valueString, ``resources`` a Bundle resource, ``kind`` and
+        ``receiver`` for the draft), a Bundle of the step's resources, or nothing."""
+        role = writer(request)
+        op = operation.removeprefix("$")
+        if not operation.startswith("$") or op not in CONSULT_OPERATIONS:
+            raise NotFound(f"this path is not part of the /fhir API (Task operations: "
+                           f"{', '.join('$' + o for o in CONSULT_OPERATIONS)})")
+        cw = getattr(node, "consult", None)
+        if cw is None:
+            raise WorkflowUnavailable("the consultation workflow is not available on this node")
+        raw = await request.body()
+        body: Any = {}
+        if raw.strip():
+            body = await body_of(request)
+        params = consult_parameters(body)
+        actor = actor_of(request, role)
+        version = if_match(request.headers.get("if-match"))
+
+        def run() -> tuple[dict[str, Any], dict[str, Any] | None]:
+            row = cw.by_task(rid)
+            if row is None:
+                raise NotFound(f"Task/{rid} is not a consultation known here")
+            if op == "referral-draft":
+                draft = cw.referral_draft(row["thread"], params.get("kind") or "up-outpatient",
+                                          params.get("receiver"))
+                with ctx.store.write() as conn:  # shows the patient's record: audited as read
+                    audited(role, request, [(f"Task/{rid}", row["patient_hash"])], conn)
+                return draft, None
+            event = op
+            if op == "cancel":
+                event = "cancel" if row["side"] == "inviter" else "cancelled"
+            task = cw.step(row["thread"], event, actor, reason=params.get("reason"),
+                           bundle=params.get("resources"), if_match=version)
+            return task, task
+
+        result, task = await run_in_threadpool(run)
+        if task is None:
+            return fhir_json(result)
+        return written(request, result, _base(request), 200, _instant(result),
+                       f"Task/{rid} moved by ${op} to version {result['meta']['versionId']}")
+
     @router.api_route("", methods=["GET", "PUT", "PATCH", "DELETE"], include_in_schema=False)
     @router.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
                       include_in_schema=False)
@@ -438,10 +496,44 @@ def fhir_router(node: Node) -> APIRouter:
     return router
 
 
+#: the consultation steps served as ``POST /fhir/Task/{id}/$<step>`` (bridge/consult)
+CONSULT_OPERATIONS = tuple(CONSULT_DOCS)  # listed in the CapabilityStatement as well
+
+
+def consult_parameters(body: Any) -> dict[str, Any]:
+    """The inputs of a consultation operation: from a Parameters (``reason``, ``kind``,
+    ``receiver`` as value[x]; each ``resources`` part a Bundle or one resource), a Bundle of
+    resources, or one resource (e.g. the Appointment of ``$schedule``)."""
+    if not isinstance(body, dict) or not body:
+        return {}
+    if body.get("resourceType") == "Bundle":
+        return {"resources": body}
+    if body.get("resourceType") != "Parameters":
+        checked(validate_resource, body)
+        return {"resources": {"resourceType": "Bundle", "type": "collection",
+                              "entry": [{"resource": body}]}}
+    checked(validate_resource, body)
+    out: dict[str, Any] = {}
+    entries: list[dict[str, Any]] = []  # every part's entries, their fullUrls kept
+    for p in body.get("parameter") or []:
+        name = p.get("name")
+        if name == "resources" and isinstance(p.get("resource"), dict):
+            r = p["resource"]
+            entries += [e for e in r.get("entry") or [] if isinstance(e, dict)] \
+                if r.get("resourceType") == "Bundle" else [{"resource": r}]
+        elif name in ("reason", "kind", "receiver"):
+            value = next((v for k, v in p.items() if k.startswith("value")), None)
+            if isinstance(value, str):
+                out[name] = value
+    if entries:
+        out["resources"] = {"resourceType": "Bundle", "type": "collection", "entry": entries}
+    return out
+
+
 #: what a PUT of a referral Task may change, by the status it asks for (everything else the
 #: workflow writes itself: businessStatus, lastModified, the acceptance slip identifier)
 _MOVABLE = {"accepted": ("status", "output"), "rejected": ("status", "statusReason"),
-            "cancelled": ("status", "statusReason")}
+            "cancelled": ("status", "statusReason"), "on-hold": ("status", "statusReason")}
 #: meta elements the server sets (a client sends back what it read)
 _SERVER_META = ("versionId", "lastUpdated", "source")
 

@@ -89,8 +89,15 @@ _CLINICAL = (_PATIENT, _SUBJECT, _STATUS, _PERFORMER, _IDENT, _CODE, _CATEGORY, 
 #: search parameters per resource type (AuditEvent: see AUDIT_PARAMS)
 SEARCH_PARAMS: dict[str, tuple[Param, ...]] = {
     "ServiceRequest": _types(_PATIENT, _SUBJECT, _STATUS, _REQUESTER, _PERFORMER, _IDENT,
-                             _ENCOUNTER),
+                             _ENCOUNTER, _CODE, _CATEGORY,
+                             Param("authored", "date", "@period", "When it was asked "
+                                   "(authoredOn), with prefixes; repeat for a range"),
+                             Param("expert", "reference", "@ref", "Any performer, e.g. a "
+                                   "consultation's expert: PractitionerRole/id",
+                                   "PractitionerRole")),
     "Task": _types(_PATIENT, _SUBJECT, _STATUS, _REQUESTER, _IDENT,
+                   Param("business-status", "token", "@token", "The alliance's step "
+                         "(businessStatus): system|code or code"),
                    Param("owner", "reference", "owner", "Receiving member: Type/id or id"),
                    Param("focus", "reference", "@ref", "What the task is about (the referral): "
                          "ServiceRequest/id or id", "ServiceRequest", "ServiceRequest")),
@@ -121,6 +128,13 @@ SEARCH_PARAMS: dict[str, tuple[Param, ...]] = {
     "MedicationRequest": _types(_PATIENT, _SUBJECT, _STATUS, _REQUESTER, _IDENT),
     "Coverage": _types(_PATIENT, _STATUS, _IDENT,
                        Param("beneficiary", "reference", "patient", "Covered party", "Patient")),
+    "Appointment": _types(_STATUS, _IDENT,
+                          Param("date", "date", "@period", "The start, with prefixes"),
+                          Param("based-on", "reference", "@ref", "The order it serves: "
+                                "ServiceRequest/id or id", "ServiceRequest", "ServiceRequest")),
+    "CarePlan": _types(_PATIENT, _SUBJECT, _STATUS, _IDENT),
+    "Condition": _types(_PATIENT, _SUBJECT, _IDENT, _CODE),
+    "PractitionerRole": _types(_IDENT),
     "Organization": _types(_IDENT),
     "Practitioner": _types(_IDENT),
 }

@@ -3,7 +3,8 @@
 Transaction (all or nothing, one database transaction):
 
 * with a ServiceRequest: a referral or its return, through the referral workflow (consent,
-  references, state machine, the packet to the other member) as before;
+  references, state machine, the packet to the other member) as before; a ServiceRequest of
+  category Consultation (SNOMED 11429006) starts a consultation instead (``bridge/consult``);
 * without one: any resources the node stores (``STORABLE``), e.g. a Patient and its Coverage,
   validated, their ``urn:uuid`` references resolved, their references checked.
 
@@ -35,6 +36,7 @@ from sqlalchemy import Connection, select, text
 
 from bridge.api.capability import CLINICAL_TYPES
 from bridge.api.outcome import BadRequest, fhir_status, operation_outcome
+from bridge.consult.codes import is_consultation
 from bridge.errors import (
     HutongError,
     InvalidResource,
@@ -187,7 +189,16 @@ class Transactions:
         if bundle.get("type") == "batch":
             return self.batch(bundle, actor, move_task)
         entries = parse_entries(bundle)
-        if any(e.resource["resourceType"] == "ServiceRequest" for e in entries):
+        srs = [e.resource for e in entries if e.resource["resourceType"] == "ServiceRequest"]
+        if len(srs) == 1 and is_consultation(srs[0]):
+            cw = getattr(self.node, "consult", None)
+            if cw is None:
+                from bridge.api.fhir_api import WorkflowUnavailable
+
+                raise WorkflowUnavailable("the consultation workflow is not available on this "
+                                          "node")
+            return dict(cw.submit(bundle, actor, prepare=conditions))
+        if srs:
             wf = getattr(self.node, "workflow", None)
             if wf is None:
                 from bridge.api.fhir_api import WorkflowUnavailable

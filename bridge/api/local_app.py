@@ -52,7 +52,7 @@ class StepIn(BaseModel):
 #: packet kinds that carry patient care (a referral step, a result, an image): queued by a
 #: clinician, the referral workflow or an adapter, never by IT (bridge.api.auth: IT sees queues
 #: but no patients). IT may queue the alliance's operational kinds, e.g. a connectivity probe.
-CLINICAL_KIND_PREFIXES = ("referral.", "result.", "imaging.")
+CLINICAL_KIND_PREFIXES = ("referral.", "result.", "imaging.", "consult.")
 #: packets only the node itself makes (a receipt answers a received packet)
 NODE_ONLY_KINDS = ("receipt",)
 
@@ -185,6 +185,13 @@ def create_local_app(node: Node) -> FastAPI:
             lambda: node.workflow.step(thread, event, actor_of(request, role),
                                        reason=body.reason,
                                        outputs=body.outputs or None))
+
+    @app.get("/local/v1/consultations", responses=errs(401))
+    def consultations(role: AnyRole, step: str | None = None, status: str | None = None,
+                      side: str | None = None) -> list[dict[str, Any]]:
+        """Where each consultation stands on this side (no patient data: hashes only); the
+        centre's queue is ``?side=centre``. Steps are taken on /fhir (bridge/consult)."""
+        return node.consult.list(step=step, status=status, side=side)
 
     @app.get("/local/v1/reminders", responses=errs(401))
     def reminders(role: AnyRole) -> list[dict[str, Any]]:

@@ -622,6 +622,7 @@ def _build_plan(alliance: _Alliance, node: _Node) -> NodePlan:
         ),
         audit=config.audit,
         referral=config.referral,
+        consult=config.consult,
         rules=rules,
         adapters=tuple(
             AdapterSettings(

@@ -282,6 +282,16 @@ class ReferralConfig(_Model):
     reminder_every_s: PositiveFloat = 60.0
 
 
+class ConsultConfig(_Model):
+    """Consultation timeouts: a consultation waiting at one step (requested, in pre-review,
+    returned for completion, resubmitted, report in quality control) longer than this raises
+    a reminder (audited, and the ``consult-overdue`` alert)."""
+
+    wait_timeout_s: PositiveFloat = 86400.0
+    urgent_timeout_s: PositiveFloat = 7200.0  # priority urgent, asap or stat
+    reminder_every_s: PositiveFloat = 60.0
+
+
 def webhook_url(value: str) -> str:
     """An http(s) URL; the error does not quote it (a webhook URL may carry an access key)."""
     parts = urlsplit(value)
@@ -394,6 +404,7 @@ class NodeFile(_Model):
     retention: RetentionConfig = RetentionConfig()
     audit: AuditConfig = AuditConfig()
     referral: ReferralConfig = ReferralConfig()
+    consult: ConsultConfig = ConsultConfig()
     adapters: list[AdapterConfig] = []
     alerts: AlertsConfig = AlertsConfig()
     web: WebConfig = WebConfig()
@@ -516,6 +527,7 @@ class NodePlan:
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
     web: WebConfig = field(default_factory=WebConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    consult: ConsultConfig = field(default_factory=ConsultConfig)
     #: identifier systems no outgoing packet may carry (bridge.delivery.egress)
     egress_refused_systems: tuple[str, ...] = RESIDENT_ID_SYSTEMS
 

@@ -24,6 +24,8 @@ from bridge.delivery.sender import backoff
 from bridge.delivery.threads import HOLD, ThreadGate
 from bridge.errors import HutongError, Retry, ThreadRefused
 from bridge.local.contract import (
+    ConsultEvent,
+    ConsultSink,
     PacketEvent,
     PacketSink,
     ReferralEvent,
@@ -123,6 +125,11 @@ class Dispatcher:
                     handler.on_referral(event)
                 elif isinstance(event, ResultEvent) and isinstance(handler, ResultSink):
                     handler.on_result(event)
+                elif isinstance(event, ConsultEvent) and isinstance(handler, ConsultSink):
+                    handler.on_consult(event)
+                elif isinstance(event, ConsultEvent) and isinstance(
+                        handler, (ReferralSink, ResultSink)):
+                    pass  # an adapter from before consultations: the step is applied already
                 elif event is None and isinstance(handler, PacketSink):
                     handler.on_packet(PacketEvent(item, decode_bundle(item)))
                 else:

@@ -56,9 +56,12 @@ CODED: dict[str, dict[str, tuple[str, str]]] = {
     "Observation": _OBS_CODED,
     "DiagnosticReport": {**_OBS_CODED, "result": ("ref", "result")},
     "Patient": {"gender": ("code", "gender")},
-    "Task": {"focus": ("ref", "focus")},
+    "Task": {"focus": ("ref", "focus"), "business-status": ("concept", "businessStatus")},
     "ImagingStudy": {"basedon": ("ref", "basedOn"), "encounter": ("ref", "encounter")},
-    "ServiceRequest": {"encounter": ("ref", "encounter")},
+    "ServiceRequest": {"encounter": ("ref", "encounter"), "category": ("concept", "category"),
+                       "code": ("concept", "code"), "expert": ("ref", "performer")},
+    "Appointment": {"based-on": ("ref", "basedOn")},
+    "Condition": {"code": ("concept", "code")},
 }
 CODE_SYSTEMS = {("Patient", "gender"): "http://hl7.org/fhir/administrative-gender"}
 #: date parameters kept in fhir_date: type -> {param: elements, the first present wins (a
@@ -68,6 +71,8 @@ DATED: dict[str, dict[str, tuple[str, ...]]] = {
     "Observation": {"date": ("effectiveDateTime", "effectivePeriod", "effectiveInstant")},
     "DiagnosticReport": {"date": ("effectiveDateTime", "effectivePeriod")},
     "Patient": {"birthdate": ("birthDate",)},
+    "ServiceRequest": {"authored": ("authoredOn",)},
+    "Appointment": {"date": ("start",)},
 }
 #: string parameters kept in fhir_string: type -> {param: HumanName parts it searches}
 STRINGS: dict[str, dict[str, tuple[str, ...]]] = {

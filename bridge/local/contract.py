@@ -35,8 +35,10 @@ Life cycle (shaped like a Benthos input: connect, read with an ack, close):
 * Sink side: the dispatcher decodes and applies a packet once (the referral workflow, the
   results inbox), then hands the adapter the typed event: ``on_referral(ev)``
   (:class:`ReferralSink`, :class:`ReferralEvent`: event, side, thread, the stored view of the
-  thread, the Task) or ``on_result(ev)`` (:class:`ResultSink`, :class:`ResultEvent`: the
-  results Bundle and this node's patient reference); any other kind (one the engine has no
+  thread, the Task), ``on_result(ev)`` (:class:`ResultSink`, :class:`ResultEvent`: the
+  results Bundle and this node's patient reference) or ``on_consult(ev)`` (:class:`ConsultSink`,
+  :class:`ConsultEvent`; a referral or result sink without it is not handed consultation
+  packets); any other kind (one the engine has no
   step for, e.g. the PACS adapter's ``imaging.fetch-*``) goes to ``on_packet(ev)``
   (:class:`PacketSink`, :class:`PacketEvent`: the packet's Bundle, decoded once by the
   dispatcher; the gateway checked it against the R4 schema on arrival). ``deliver(item)``
@@ -101,8 +103,9 @@ if TYPE_CHECKING:
 AdapterHost = Any
 
 __all__ = [
-    "Adapter", "AdapterType", "AmbiguousDelivery", "Delivery", "ImagingReportEvent",
-    "ImagingReportSink", "PacketEvent", "PacketSink", "Problem", "ReferralEvent",
+    "Adapter", "AdapterType", "AmbiguousDelivery", "ConsultEvent", "ConsultSink", "Delivery",
+    "ImagingReportEvent", "ImagingReportSink", "PacketEvent", "PacketSink", "Problem",
+    "ReferralEvent",
     "ReferralSink", "Replayable", "ResultEvent", "ResultSink", "ServesRoutes", "Sink",
     "TransportError", "as_failure", "decode_bundle", "options_problems", "retry_class",
 ]
@@ -159,6 +162,20 @@ class ReferralEvent:
     side: str  # this node's side of the referral: "referrer" or "receiver"
     thread: str
     view: dict[str, Any]  # {"referral": the row, "resources": every FHIR resource of the thread}
+    task: dict[str, Any]  # the Task the packet carried
+
+
+@dataclass(frozen=True, slots=True)
+class ConsultEvent:
+    """A ``consult.*`` packet as the consultation workflow applied it (``bridge/consult``):
+    what happened, on which side, and the consultation as stored after it. Adapters that do
+    not implement :class:`ConsultSink` are not handed these (the step is applied already)."""
+
+    packet: Delivery
+    event: str  # the MessageHeader's event: request, received, return, schedule, release, ...
+    side: str  # this node's side of the consultation: "inviter" or "centre"
+    thread: str
+    view: dict[str, Any]  # {"consultation": the row, "steps": [...], "resources": [...]}
     task: dict[str, Any]  # the Task the packet carried
 
 
@@ -238,6 +255,13 @@ def decode_bundle(item: Delivery) -> dict[str, Any]:
     if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
         raise MalformedPacket(f"packet {item.packet_id}: body is not a FHIR Bundle")
     return bundle
+
+
+@runtime_checkable
+class ConsultSink(Protocol):
+    """A sink of consultation events (status changes, the released report into the HIS)."""
+
+    def on_consult(self, ev: ConsultEvent) -> None: ...
 
 
 def _no_listeners(options: Any) -> list[tuple[str, int]]:

@@ -99,6 +99,20 @@ class AdapterHost:
                                        reason=reason, outputs=outputs,
                                        once=(self.adapter_name, source_key))
 
+    def submit_consultation(self, bundle: dict[str, Any], *, source_key: str,
+                            actor: str | None = None) -> dict[str, Any]:
+        """A new consultation (远程会诊申请) from a local record (bridge/consult)."""
+        return self._node.consult.submit(bundle, actor or f"adapter:{self.adapter_name}",
+                                         once=(self.adapter_name, source_key))
+
+    def consultation_step(self, thread: str, event: str, *, source_key: str,
+                          reason: str | None = None, bundle: dict[str, Any] | None = None,
+                          actor: str | None = None) -> dict[str, Any]:
+        """A consultation step taken in the local system (resubmit, cancel, follow-up, ...)."""
+        return self._node.consult.step(thread, event, actor or f"adapter:{self.adapter_name}",
+                                       reason=reason, bundle=bundle,
+                                       once=(self.adapter_name, source_key))
+
     def seen(self, source_key: str) -> dict[str, Any] | None:
         with self._ctx.store.read() as conn:
             return intake.seen(conn, self.adapter_name, source_key)

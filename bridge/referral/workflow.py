@@ -215,6 +215,7 @@ class Workflow:
         self._check_refs(conn, resources)
         self._validate(resources)
         thread = str(uuid.uuid4())
+        _note_consultation(conn, sr, thread)
         task = R.new_task(sr, referrer=self.me, receiver=receiver,
                           patient_ref=R.ref(patient), at=now, task_id=thread)
         phash = self._hash(patient)
@@ -237,13 +238,19 @@ class Workflow:
     # -- return (转回单) -----------------------------------------------------------------------
 
     def _returned_referral(self, conn: Connection, sr: dict[str, Any]) -> Any | None:
+        """The referral a ServiceRequest returns (``basedOn`` a referral's), or None for a new
+        referral; a new one may be ``basedOn`` a consultation whose released report recommends
+        referral (bridge/consult), and keeps that ``basedOn``."""
         for b in sr.get("basedOn") or []:
             reference = b.get("reference", "")
             if reference.startswith("ServiceRequest/"):
-                row = conn.execute(select(REFERRAL).where(
-                    REFERRAL.c.sr_id == reference.split("/", 1)[1])).first()
+                sr_id = reference.split("/", 1)[1]
+                row = conn.execute(select(REFERRAL).where(REFERRAL.c.sr_id == sr_id)).first()
+                if row is None and _recommending_consultation(conn, sr_id):
+                    continue
                 if row is None:
-                    raise UnknownReference(f"basedOn {reference} is not a referral known here")
+                    raise UnknownReference(f"basedOn {reference} is not a referral known here "
+                                           "(nor a consultation that recommends referral)")
                 return row
         return None
 
@@ -321,6 +328,7 @@ class Workflow:
         sr = next(r for r in carried if r["resourceType"] == "ServiceRequest"
                   and R.ref(r) == task["focus"]["reference"])
         carried, match, phash = self._match_patient(conn, carried)
+        _note_consultation(conn, sr, item.thread, item.sender)
         for r in carried:
             if r["resourceType"] == "Organization" and store.exists(conn, "Organization", r["id"]):
                 continue
@@ -676,6 +684,35 @@ def _without_local_visits(r: dict[str, Any], sent: set[str]) -> dict[str, Any]:
             del out["supportingInfo"]
         return out
     return r
+
+
+def _recommending_consultation(conn: Connection, sr_id: str) -> bool:
+    """A consultation of this (inviting) side whose released report recommends referral."""
+    from bridge.consult.tables import CONSULTATION
+
+    row = conn.execute(select(CONSULTATION).where(CONSULTATION.c.sr_id == sr_id)).first()
+    if row is None:
+        return False
+    if row.side != "inviter" or not row.released_at or not row.recommends_referral:
+        raise IllegalTransition("a referral is based on a consultation only once its released "
+                                "report recommends referral (on the inviting side)")
+    return True
+
+
+def _note_consultation(conn: Connection, sr: dict[str, Any], thread: str,
+                       inviter: str | None = None) -> None:
+    """A referral basedOn a consultation: the consultation row names it (statistics). On the
+    receiving side only a consultation that the referring member itself asked for."""
+    from bridge.consult.tables import CONSULTATION
+
+    for b in sr.get("basedOn") or []:
+        reference = b.get("reference", "")
+        if reference.startswith("ServiceRequest/"):
+            where = [CONSULTATION.c.sr_id == reference.split("/", 1)[1],
+                     CONSULTATION.c.referral_thread.is_(None)]
+            if inviter is not None:
+                where.append(CONSULTATION.c.inviter == inviter)
+            conn.execute(update(CONSULTATION).where(*where).values(referral_thread=thread))
 
 
 def foreign_resource(conn: Connection, resource: dict[str, Any], thread: str,

@@ -17,6 +17,7 @@ from sqlalchemy.exc import OperationalError
 from sqlmodel import SQLModel
 
 from bridge.accounts import tables as _account_tables  # noqa: F401
+from bridge.consult import tables as _consult_tables  # noqa: F401
 from bridge.errors import StoreError
 from bridge.fhirstore import tables as _fhir_tables  # noqa: F401
 from bridge.local import tables as _local_tables  # noqa: F401

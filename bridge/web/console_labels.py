@@ -15,6 +15,7 @@ LABELS.update({
     "rule_disk": ("磁盘空间不足", "Disk nearly full"),
     "rule_key-expiry": ("密钥即将到期", "Keys due for renewal"),
     "rule_cert-expiry": ("证书即将到期", "TLS certificate expiring"),
+    "rule_consult-overdue": ("会诊申请等待超时", "Consultations waiting too long"),
     "dashboard": ("实时概况", "Live dashboard"),
     "channel": ("通道", "Channel"),
     "state": ("状态", "State"),
