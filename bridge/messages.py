@@ -4,8 +4,10 @@ one message opened with its path, and a resend with a reason. Shared by ``/ui/me
 
 Search is by time range, peer, kind, state, thread, patient hash and packet id, newest first,
 paged by keyset ``(time, box, id)`` so page 1000 costs what page 1 costs. The patient filter
-runs on ``(patient_hash, time)`` indexes (``ensure_indexes``; quarantined input carries no
-hash, so it is found by packet id, kind, peer or time). Headers carry no patient data; the
+runs on ``(patient_hash, time)`` indexes of all three tables (``ensure_indexes``; a
+quarantined item carries the hash of the patient its input names, or of its known thread,
+``bridge.store.quarantine.known_patient``; input that names none is found by packet id, kind,
+peer or time). Headers carry no patient data; the
 FHIR body and the raw input are patient data: opening them is an audited read.
 """
 
@@ -33,6 +35,7 @@ INDEXES = (
     "CREATE INDEX IF NOT EXISTS ix_inbox_patient ON inbox (patient_hash, received_at)",
     "CREATE INDEX IF NOT EXISTS ix_outbox_created ON outbox (created_at)",
     "CREATE INDEX IF NOT EXISTS ix_inbox_received ON inbox (received_at)",
+    "CREATE INDEX IF NOT EXISTS ix_quarantine_patient ON quarantine (patient_hash, at)",
 )
 _HEADER_SKIP = ("body", "frame", "receipt", "raw")
 
@@ -107,8 +110,6 @@ def search(conn: Connection, *, boxes: tuple[str, ...] | list[str] | None = None
         if packet_id:
             where.append(table.c.packet_id == packet_id)
         if patient_hash:
-            if box == "quarantine":
-                continue  # quarantined input carries no keyed hash
             where.append(table.c.patient_hash == patient_hash)
         if cursor is not None:
             c_at, c_box, c_id = cursor

@@ -37,7 +37,13 @@ from bridge.errors import (
 )
 from bridge.fhir.validate import parse_and_validate_bundle
 from bridge.privacy import bundle_patient_hash
-from bridge.store.quarantine import enforce_quota, quarantine_row, untrusted_row
+from bridge.store.quarantine import (
+    bundle_patient,
+    enforce_quota,
+    known_patient,
+    quarantine_row,
+    untrusted_row,
+)
 from bridge.store.tables import INBOX, OUTBOX, QUARANTINE
 
 #: the first byte of an unsigned error answer (a receipt starts with ``HTR1``)
@@ -306,18 +312,22 @@ class Intake:
         header = _peek_header(frame)
         if not keep:  # a replay from quarantine: the original item records the outcome
             return self._refusal(header, exc, now)
+        body = getattr(exc, "body", None)  # the opened body, when it failed validation
+        phash = bundle_patient(body, self.plan.patient_hash_key,
+                               self.plan.alliance.national_id_system)
         batch.quarantine.append(
             quarantine_row(
-                now, source, exc, raw=frame, body=getattr(exc, "body", None),
+                now, source, exc, raw=frame, body=body,
                 sender=header.get("sender"), recipient=header.get("recipient"),
                 packet_id=header.get("id"), kind=header.get("kind"), thread=header.get("thread"),
+                patient_hash=phash,
             )
         )
         batch.audit.append(
             AuditEntry(
                 action="refused", outcome="4", packet_id=header.get("id"),
                 kind=header.get("kind"), peer=header.get("sender"), thread=header.get("thread"),
-                code=exc.code, message=exc.message, at=now,
+                patient_hash=phash, code=exc.code, message=exc.message, at=now,
             )
         )
         return self._refusal(header, exc, now)
@@ -391,6 +401,9 @@ class Intake:
         if batch.relay:
             conn.execute(insert(OUTBOX), batch.relay)
         if batch.quarantine:
+            for row in batch.quarantine:  # a signed packet of a thread this node knows
+                if row["trusted"] and row["patient_hash"] is None and row["thread"]:
+                    row["patient_hash"] = known_patient(conn, thread=row["thread"])
             conn.execute(insert(QUARANTINE), batch.quarantine)
             batch.audit.extend(quota_entries(
                 enforce_quota(conn, self.plan.retention.quarantine_max_bytes),
