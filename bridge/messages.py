@@ -72,15 +72,14 @@ def decode_cursor(token: str) -> tuple[datetime, str, int]:
         raise InvalidResource("after: not a page token this browser gave out") from None
 
 
-def search(conn: Connection, *, boxes: tuple[str, ...] | list[str] | None = None,
-           since: datetime | None = None, until: datetime | None = None,
-           peer: str | None = None, kind: str | None = None, state: str | None = None,
-           thread: str | None = None, patient_hash: str | None = None,
-           packet_id: str | None = None, after: str | None = None,
-           limit: int = PAGE) -> tuple[list[dict[str, Any]], str | None]:
-    """One page of headers across the boxes, newest first, and the next page's token."""
-    if not 1 <= limit <= MAX_PAGE:
-        raise InvalidResource(f"limit: 1..{MAX_PAGE}")
+def statements(*, boxes: tuple[str, ...] | list[str] | None = None,
+               since: datetime | None = None, until: datetime | None = None,
+               peer: str | None = None, kind: str | None = None, state: str | None = None,
+               thread: str | None = None, patient_hash: str | None = None,
+               packet_id: str | None = None, after: str | None = None,
+               limit: int = PAGE) -> list[tuple[str, Any]]:
+    """(box table, SELECT) for each table a search reads: its newest ``limit + 1`` headers
+    past the keyset cursor (one per table; :func:`search` merges them)."""
     wanted = [b for b in (boxes or BOXES) if b in BOXES] or list(BOXES)
     cursor = decode_cursor(after) if after else None
     tables: dict[str, str | None] = {}
@@ -90,7 +89,7 @@ def search(conn: Connection, *, boxes: tuple[str, ...] | list[str] | None = None
                 tables["outbox"] = "dead"
         else:
             tables[b] = None
-    rows: list[dict[str, Any]] = []
+    out = []
     for box, only_state in tables.items():
         table, at, peers, st = _spec(box)
         cols = [c for c in table.c if c.name not in _HEADER_SKIP]
@@ -119,8 +118,20 @@ def search(conn: Connection, *, boxes: tuple[str, ...] | list[str] | None = None
                 where.append(or_(at < c_at, and_(at == c_at, table.c.id < c_id)))
             else:
                 where.append(at < c_at)
-        stmt = select(*cols, at.label("at_")).where(and_(True, *where)) \
-            .order_by(at.desc(), table.c.id.desc()).limit(limit + 1)
+        out.append((box, select(*cols, at.label("at_")).where(and_(True, *where))
+                    .order_by(at.desc(), table.c.id.desc()).limit(limit + 1)))
+    return out
+
+
+def search(conn: Connection, *, limit: int = PAGE,
+           **filters: Any) -> tuple[list[dict[str, Any]], str | None]:
+    """One page of headers across the boxes, newest first, and the next page's token.
+    ``filters``: those of :func:`statements` (boxes, since, until, peer, kind, state, thread,
+    patient_hash, packet_id, after)."""
+    if not 1 <= limit <= MAX_PAGE:
+        raise InvalidResource(f"limit: 1..{MAX_PAGE}")
+    rows: list[dict[str, Any]] = []
+    for box, stmt in statements(limit=limit, **filters):
         for r in conn.execute(stmt):
             d = dict(r._mapping)
             d["at"] = d.pop("at_")

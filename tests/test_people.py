@@ -564,16 +564,42 @@ def test_message_browser_finds_a_patients_packets_and_resends_once(
     add_user(chc, "it.ma", "it", "马工")
     it = person(chc, "it.ma")
     it.get("/ui/messages")
+    # two refused packets land in quarantine: one names the patient in its bundle (for a
+    # recipient no rule allows), one names nobody but is on the patient's thread
+    refused = chc.api("POST", "/local/v1/packets", [
+        {"to": "nowhere", "kind": "referral.request", "thread": None,
+         "bundle": referral("up-exam", "nowhere", national_id=WANG_ID)},
+        {"to": "nowhere", "kind": "referral.status", "thread": thread,
+         "bundle": {"resourceType": "Bundle", "type": "collection"}},
+        {"to": "nowhere", "kind": "referral.request", "thread": None,
+         "bundle": referral("up-exam", "nowhere", national_id=ZHAO_ID)}],
+        role="clinician")["results"]
+    assert [x["code"] for x in refused] == ["HT-PKT-ROUTE-DENIED"] * 3, refused
     status, url, page = it.open("/ui/audit/lookup", {"national_id": WANG_ID,
                                                       "back": "messages"})
     assert status == 200 and "/ui/messages?patient_hash=" in url
     listing = section(page, "messages")
     assert thread in listing and WANG_ID not in page
+    boxes = re.findall(r"<tr><td><time>[^<]*</time></td><td>(\w+)</td>", listing)
+    assert {"outbox", "inbox", "quarantine"} <= set(boxes), boxes
+    assert boxes.count("quarantine") == 2  # not the other patient's
     r = cli(chc, "messages", "search", "--patient",
             patient_hash(chc.plan.patient_hash_key, WANG_ID), "--json")
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout)["rows"]
     assert got and {g["thread"] for g in got} >= {thread}
+    assert {g["box"] for g in got} >= {"outbox", "inbox", "quarantine"}
+    q = [g for g in got if g["box"] == "quarantine"]
+    assert sorted(g["kind"] for g in q) == ["referral.request", "referral.status"]
+    assert all(g["patient_hash"] == patient_hash(chc.plan.patient_hash_key, WANG_ID)
+               for g in q)
+    s = store(chc)  # the typed ID number is stored nowhere new
+    with s.read() as conn:
+        from bridge.store.tables import QUARANTINE
+
+        held = conn.execute(select(QUARANTINE.c.message, QUARANTINE.c.patient_hash)).all()
+    s.dispose()
+    assert all(WANG_ID not in (m or "") and (h or "") != WANG_ID for m, h in held)
     out = next(g for g in got if g["box"] in ("outbox", "dead") and g["thread"] == thread
                and g["kind"] == "referral.request")
     one = it.get(f"/ui/messages/outbox/{out['id']}")

@@ -111,6 +111,8 @@ def queue_packets(
         seq = next_seq[turn]
         next_seq[turn] = seq + 1
         phash = bundle_patient_hash(plan.patient_hash_key, bundle, plan.alliance.national_id_system)
+        if phash is None and item.thread:  # a status or result on a known patient's thread
+            phash = known_patient(conn, thread=item.thread)
         rows.append(
             {
                 "packet_id": packet_id, "origin": "local", "sender": plan.node_id,

@@ -397,6 +397,17 @@ class Intake:
 
     def _commit(self, conn: Connection, batch: _Batch) -> None:
         if batch.inbox:
+            # a signed packet whose bundle names no patient (a status, a result) on a thread
+            # this node knows is that thread's patient's, in the browser and the audit
+            found: dict[str, str] = {}
+            for row in batch.inbox:
+                if row["patient_hash"] is None:
+                    row["patient_hash"] = known_patient(conn, thread=row["thread"])
+                    if row["patient_hash"]:
+                        found[row["packet_id"]] = row["patient_hash"]
+            for entry in batch.audit:
+                if entry.action == "received" and entry.packet_id in found:
+                    entry.patient_hash = found[entry.packet_id]
             conn.execute(insert(INBOX), batch.inbox)
         if batch.relay:
             conn.execute(insert(OUTBOX), batch.relay)
