@@ -30,19 +30,25 @@ BOXES = ("outbox", "inbox", "quarantine", "dead")
 _ORDER = {"outbox": 0, "inbox": 1, "quarantine": 2}
 PAGE = 50
 MAX_PAGE = 500
+#: the browser's indexes: each table by (patient, time, id) and by (time, id), so a page in
+#: keyset order is an index range on SQLite and PostgreSQL alike (no sort)
 INDEXES = (
-    "CREATE INDEX IF NOT EXISTS ix_outbox_patient ON outbox (patient_hash, created_at)",
-    "CREATE INDEX IF NOT EXISTS ix_inbox_patient ON inbox (patient_hash, received_at)",
-    "CREATE INDEX IF NOT EXISTS ix_outbox_created ON outbox (created_at)",
-    "CREATE INDEX IF NOT EXISTS ix_inbox_received ON inbox (received_at)",
-    "CREATE INDEX IF NOT EXISTS ix_quarantine_patient ON quarantine (patient_hash, at)",
+    "CREATE INDEX IF NOT EXISTS ix_outbox_patient_time ON outbox (patient_hash, created_at, id)",
+    "CREATE INDEX IF NOT EXISTS ix_inbox_patient_time ON inbox (patient_hash, received_at, id)",
+    "CREATE INDEX IF NOT EXISTS ix_quarantine_patient ON quarantine (patient_hash, at, id)",
+    "CREATE INDEX IF NOT EXISTS ix_outbox_time ON outbox (created_at, id)",
+    "CREATE INDEX IF NOT EXISTS ix_inbox_time ON inbox (received_at, id)",
 )
+#: the first version's indexes (without id: PostgreSQL sorted each page), replaced
+OLD_INDEXES = ("ix_outbox_patient", "ix_inbox_patient", "ix_outbox_created", "ix_inbox_received")
 _HEADER_SKIP = ("body", "frame", "receipt", "raw")
 
 
 def ensure_indexes(conn: Connection) -> None:
     for stmt in INDEXES:
         conn.execute(text(stmt))
+    for name in OLD_INDEXES:
+        conn.execute(text(f"DROP INDEX IF EXISTS {name}"))
 
 
 def _spec(box: str) -> tuple[Any, Any, Any, Any]:
@@ -111,13 +117,15 @@ def statements(*, boxes: tuple[str, ...] | list[str] | None = None,
         if patient_hash:
             where.append(table.c.patient_hash == patient_hash)
         if cursor is not None:
+            # newest first; within one instant outbox, inbox, quarantine (then id down): a
+            # box before the cursor's was shown up to and including the cursor's instant
             c_at, c_box, c_id = cursor
             if _ORDER[box] < _ORDER[c_box]:
-                where.append(at <= c_at)
+                where.append(at < c_at)
             elif _ORDER[box] == _ORDER[c_box]:
                 where.append(or_(at < c_at, and_(at == c_at, table.c.id < c_id)))
             else:
-                where.append(at < c_at)
+                where.append(at <= c_at)
         out.append((box, select(*cols, at.label("at_")).where(and_(True, *where))
                     .order_by(at.desc(), table.c.id.desc()).limit(limit + 1)))
     return out

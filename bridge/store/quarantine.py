@@ -183,7 +183,7 @@ def upgrade_schema(conn: Connection) -> int:
     if state.get(conn, MARKER) == SCHEMA_VERSION:
         return 0
     conn.execute(text("CREATE INDEX IF NOT EXISTS ix_quarantine_patient "
-                      "ON quarantine (patient_hash, at)"))
+                      "ON quarantine (patient_hash, at, id)"))
     q = QUARANTINE
     filled = 0
     rows = conn.execute(select(q.c.id, q.c.thread, q.c.packet_id).where(

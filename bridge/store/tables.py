@@ -84,7 +84,7 @@ class QuarantineItem(SQLModel, table=True):
     """Every refused input, with its reason and raw bytes, for IT to inspect and replay."""
 
     __tablename__ = "quarantine"
-    __table_args__ = (Index("ix_quarantine_patient", "patient_hash", "at"),)
+    __table_args__ = (Index("ix_quarantine_patient", "patient_hash", "at", "id"),)
 
     id: int | None = Field(default=None, primary_key=True)
     at: datetime = Field(sa_type=UTCDateTime, index=True)
