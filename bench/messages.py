@@ -4,11 +4,14 @@ and deep keyset paging, through ``bridge.messages.search`` (what ``/ui/messages`
 
 The store is a node's SQLite file made by ``Store.create_all`` (so the browser's indexes are
 those a node makes), loaded with ``executemany`` on the raw sqlite3 connection: half outbox,
-half inbox, plus 1 % quarantined input; ten packets per patient (N/10 keyed patient hashes),
-spread over 30 days. Bodies are a few bytes (search reads headers only). Then, in-process:
+half inbox, plus 1 % quarantined input (each under a patient's hash); ten packets per patient
+(N/10 keyed patient hashes), spread over 30 days. Bodies are a few bytes (search reads headers
+only). Then, in-process:
 
 * ``patient``: every box for one patient's hash (the ID-number lookup), ``QUERIES`` random
-  patients, p50 / p95 / max milliseconds and rows found (each must be 10);
+  patients, p50 / p95 / max milliseconds, rows found (10 packets, plus a quarantined item
+  for every tenth patient) and the boxes they came from; the query
+  plan of each box's statement (``SEARCH ... USING INDEX ix_*_patient*``);
 * ``first page``: the newest 50 across the boxes, no filter;
 * ``page 200``: following the keyset token 200 pages deep (ms per page at the end).
 
@@ -60,7 +63,7 @@ def load(path: Path, n: int, seed: int = 7) -> list[str]:
                   "patient_hash, state, attempts, created_at, received_at, next_try_at, body, "
                   "receipt) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)")
         q_sql = ("INSERT INTO quarantine (at, source, code, message, sender, packet_id, kind, "
-                 "state, raw) VALUES (?,?,?,?,?,?,?,?,?)")
+                 "state, raw, patient_hash, trusted) VALUES (?,?,?,?,?,?,?,?,?,?,1)")
         for box, count, sql in (("out", half, out_sql), ("in", n - half, in_sql)):
             done = 0
             while done < count:
@@ -85,7 +88,8 @@ def load(path: Path, n: int, seed: int = 7) -> list[str]:
         db.execute("BEGIN")
         db.executemany(q_sql, [(_ts(start + timedelta(seconds=span * i / max(1, n // 100))),
                                 "peer", "HT-SIGNATURE", "bad signature", PEERS[i % 4],
-                                f"q-{i:07d}", KINDS[i % 4], "held", b"x")
+                                f"q-{i:07d}", KINDS[i % 4], "held", b"x",
+                                patients[(i * 7) % len(patients)])
                                for i in range(n // 100)])
         db.execute("COMMIT")
         db.execute("ANALYZE")
@@ -104,6 +108,7 @@ def measure(root: Path, n: int) -> dict[str, Any]:
     rng = random.Random(11)
     ms: list[float] = []
     found: set[int] = set()
+    boxes: set[str] = set()
     try:
         with store.read() as conn:
             for ph in rng.sample(patients, min(QUERIES, len(patients))):
@@ -111,6 +116,9 @@ def measure(root: Path, n: int) -> dict[str, Any]:
                 rows, _nxt = mb.search(conn, patient_hash=ph)
                 ms.append((time.perf_counter() - t) * 1000)
                 found.add(len(rows))
+                boxes |= {r["box"] for r in rows}
+            plans = {box: _plan(conn, stmt) for box, stmt in
+                     mb.statements(patient_hash=patients[0])}
             t = time.perf_counter()
             _first, token = mb.search(conn)
             first_ms = (time.perf_counter() - t) * 1000
@@ -127,8 +135,15 @@ def measure(root: Path, n: int) -> dict[str, Any]:
             "patient_p50_ms": round(statistics.median(ms), 2),
             "patient_p95_ms": round(ms[int(len(ms) * 0.95) - 1], 2),
             "patient_max_ms": round(ms[-1], 2), "rows_per_patient": sorted(found),
+            "boxes_found": sorted(boxes), "plans": plans,
             "first_page_ms": round(first_ms, 2), "page_200_ms": round(deep_ms, 2),
             "db_mb": round(path.stat().st_size / 2**20, 1)}
+
+
+def _plan(conn: Any, stmt: Any) -> str:
+    """SQLite's plan of one box's statement, one line (the index it searches)."""
+    sql = str(stmt.compile(conn, compile_kwargs={"literal_binds": True}))
+    return " | ".join(r[-1] for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql))
 
 
 def messages(root: Path, levels: tuple[int, ...] = (1_000_000,)) -> list[dict[str, Any]]:
