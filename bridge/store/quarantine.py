@@ -198,18 +198,24 @@ def upgrade_schema(conn: Connection) -> int:
     return filled
 
 
-def list_items(
-    conn: Connection, *, state: str | None = "held", limit: int = 100
-) -> list[dict[str, Any]]:
+def list_query(*, state: str | None = "held") -> tuple[Any, list[Any]]:
+    """(SELECT of the headers IT sees, conditions): no bytes, no body."""
     q = QUARANTINE
     stmt = select(
         q.c.id, q.c.at, q.c.source, q.c.code, q.c.message, q.c.sender, q.c.recipient,
         q.c.packet_id, q.c.kind, q.c.state, q.c.replayed_at, q.c.replay_result,
         q.c.raw_digest, q.c.raw_size, q.c.remote, q.c.trusted, q.c.patient_hash,
-    ).order_by(q.c.id.desc()).limit(limit)
-    if state:
-        stmt = stmt.where(q.c.state == state)
-    return [dict(r._mapping) for r in conn.execute(stmt)]
+    )
+    return stmt, [q.c.state == state] if state else []
+
+
+def list_items(
+    conn: Connection, *, state: str | None = "held", limit: int = 100
+) -> list[dict[str, Any]]:
+    """The newest ``limit`` items (the CLI, the IT page's first rows)."""
+    stmt, where = list_query(state=state)
+    return [dict(r._mapping) for r in conn.execute(
+        stmt.where(*where).order_by(QUARANTINE.c.id.desc()).limit(limit))]
 
 
 def get_item(conn: Connection, item_id: int) -> dict[str, Any]:
