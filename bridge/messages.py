@@ -21,6 +21,7 @@ import orjson
 from sqlalchemy import Connection, and_, or_, select, text, update
 
 from bridge.audit.events import AuditEntry
+from bridge.delivery.dispatcher import REDELIVER
 from bridge.errors import InvalidResource, NotFound
 from bridge.local.tables import ADAPTER_INTAKE
 from bridge.store.tables import INBOX, OUTBOX, QUARANTINE
@@ -241,8 +242,11 @@ def resend(ctx: Any, box: str, rid: int, *, reason: str, actor: str, role: str |
         else:
             if row.body is None:
                 raise InvalidResource("the body was purged (retention): nothing to resend")
+            # its turn on the thread was used when it was first handed over: marked as a
+            # redelivery, the thread gate lets it pass once more (else it is a stale seq)
             conn.execute(update(INBOX).where(INBOX.c.id == rid).values(
-                state="received", next_try_at=now, attempts=0, last_error=None))
+                state="received", next_try_at=now, attempts=0,
+                last_error=f"{REDELIVER} resent by {actor}"[:500]))
             peer = row.sender
         ctx.audit.append(conn, [AuditEntry(
             action="replayed", actor=actor, actor_role=role, address=address,
