@@ -18,7 +18,7 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, and_, or_, select, text, update
+from sqlalchemy import Connection, and_, func, literal, or_, select, text, update
 
 from bridge.audit.events import AuditEntry
 from bridge.delivery.dispatcher import REDELIVER
@@ -150,6 +150,24 @@ def search(conn: Connection, *, limit: int = PAGE,
     rows.sort(key=lambda d: (d["at"], -_ORDER[d["box_table"]], d["id"]), reverse=True)
     nxt = encode_cursor(rows[limit - 1]) if len(rows) > limit else None
     return rows[:limit], nxt
+
+
+#: a count of matches stops here per table (so an unfiltered count on 1 M rows stays cheap)
+COUNT_UP_TO = 10_000
+
+
+def count(conn: Connection, *, up_to: int = COUNT_UP_TO, **filters: Any) -> tuple[int, bool]:
+    """(how many headers match ``filters`` across the boxes, exact?): exact up to ``up_to``
+    per table, else a lower bound (the page shows "10,000+"). Without ``after``."""
+    filters.pop("after", None)
+    total, exact = 0, True
+    for _box, stmt in statements(limit=up_to, **filters):
+        inner = stmt.with_only_columns(literal(1)).order_by(None).limit(up_to + 1).subquery()
+        n = int(conn.execute(select(func.count()).select_from(inner)).scalar_one())
+        if n > up_to:
+            n, exact = up_to, False
+        total += n
+    return total, exact
 
 
 def _table(box: str) -> Any:

@@ -583,6 +583,7 @@ def test_message_browser_finds_a_patients_packets_and_resends_once(
     boxes = re.findall(r"<tr><td><time>[^<]*</time></td><td>(\w+)</td>", listing)
     assert {"outbox", "inbox", "quarantine"} <= set(boxes), boxes
     assert boxes.count("quarantine") == 2  # not the other patient's
+    assert re.search(r'<span class="total">([\d,]+)</span>', page).group(1) == str(len(boxes))
     r = cli(chc, "messages", "search", "--patient",
             patient_hash(chc.plan.patient_hash_key, WANG_ID), "--json")
     assert r.returncode == 0, r.stderr
