@@ -672,6 +672,21 @@ def test_the_same_typed_time_gives_the_same_rows_on_the_page_and_in_the_cli(
     web_set = set(web_seqs)
     assert web_set and web_set <= set(cli_seqs)  # the CLI runs later: it may see more
     assert set(cli_seqs) - web_set == {s for s in cli_seqs if s > max(web_seqs)}
+    # the message browser: the same typed time on the page and in `hutong messages search`
+    add_user(core, "it.lu", "it", "卢工")
+    it = person(core, "it.lu")
+    early = (datetime.now(UTC) - timedelta(hours=1)).astimezone(tz).strftime("%Y-%m-%d %H:%M")
+    late = (datetime.now(UTC) - timedelta(seconds=5)).astimezone(tz).strftime("%Y-%m-%dT%H:%M")
+    page = it.get("/ui/messages?" + urlencode({"since": early, "until": late}))
+    web_rows = re.findall(r'href="/ui/messages/(\w+)/(\d+)"', section(page, "messages"))
+    total = int(re.search(r'<span class="total">([\d,]+)</span>', page).group(1)
+                .replace(",", ""))
+    r = cli(core, "messages", "search", "--since", early, "--until", late, "--json",
+            "--limit", "500")
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert web_rows and web_rows == [(g["box_table"], str(g["id"])) for g in got["rows"]][:50]
+    assert got["total"] == total and got["exact"]
     # and the same instant with an explicit offset, a date alone, a relative form
     since = parse_when(typed, tz)
     assert parse_when(typed + show(since, tz)[-6:], tz) == since
