@@ -370,6 +370,6 @@ def _national_id(inbound: messages.Inbound | None) -> str | None:
     if inbound is None:
         return None
     try:
-        return messages.read_patient(inbound.msg).get("id_number") or None
+        return messages.national_id(inbound.msg)
     except HutongError:
         return None
