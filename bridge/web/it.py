@@ -268,8 +268,13 @@ def reused_ids_section(web: Web, lang: str, limit: int = 50) -> str:
         rows = conn.execute(select(audit.c.at, audit.c.resource)
                             .where(audit.c.action == RECORD_ID_REUSED)
                             .order_by(audit.c.seq.desc()).limit(limit)).all()
+        total = conn.execute(select(func.count()).select_from(audit).where(
+            audit.c.action == RECORD_ID_REUSED)).scalar_one()
     items = [(at, event_fields(orjson.loads(res))) for at, res in rows]
+    # the rest are in the audit chain (the auditor's page, hutong audit export --action ...)
     return (f'<h3>{e(t(lang, "reused_ids"))}</h3>'
+            f'<p class="count"><span class="total">{total}</span> · {len(items)} '
+            f'{e(t(lang, "shown"))} (audit: <code>{e(RECORD_ID_REUSED)}</code>)</p>'
             + table([t(lang, "at"), t(lang, "source"), t(lang, "message")],
                     [[e(fmt_time(at)), e(f.get("actor")), e(f.get("message"))]
                      for at, f in items], t(lang, "none"), "reused-ids"))
