@@ -676,7 +676,10 @@ def test_the_same_typed_time_gives_the_same_rows_on_the_page_and_in_the_cli(
     add_user(core, "it.lu", "it", "卢工")
     it = person(core, "it.lu")
     early = (datetime.now(UTC) - timedelta(hours=1)).astimezone(tz).strftime("%Y-%m-%d %H:%M")
-    late = (datetime.now(UTC) - timedelta(seconds=5)).astimezone(tz).strftime("%Y-%m-%dT%H:%M")
+    # to the second, a moment ago: the thread's packets are before it, anything sent while
+    # the test runs is after it on both sides
+    late = (datetime.now(UTC) - timedelta(seconds=1)).astimezone(tz).strftime(
+        "%Y-%m-%dT%H:%M:%S")
     page = it.get("/ui/messages?" + urlencode({"since": early, "until": late}))
     web_rows = re.findall(r'href="/ui/messages/(\w+)/(\d+)"', section(page, "messages"))
     total = int(re.search(r'<span class="total">([\d,]+)</span>', page).group(1)
