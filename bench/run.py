@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     sections: dict[str, float] = results["sections_s"]
     pg: ex.PgServer | None = None
     t = time.perf_counter()
-    if not args.no_pg and (only is None or only & {"exchange", "scaleout"}):
+    if not args.no_pg and (only is None or only & {"exchange", "scaleout", "messages"}):
         ex.console.print("[bold]PostgreSQL[/]: one server for every PostgreSQL section ...")
         pg = ex.PgServer(os.environ.get("HUTONG_PG_DSN"), "HUTONG_PG_DSN")
         if pg.ok:
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         ("growth", lambda root: growth(root, _levels(args.growth), 2000)),
         ("search", lambda root: search(root, _levels(args.search))),
         ("relay", relay),
-        ("messages", lambda root: messages(root, _levels(args.messages))),
+        ("messages", lambda root: messages(root, _levels(args.messages), pg)),
     ]
     try:
         for name, func in steps:
@@ -295,12 +295,12 @@ def summary(results: dict[str, Any]) -> None:
                   f"{r['platform_cpu']:.0%}", _f(r["platform_rss_mib"]))
         ex.console.print(t)
     if results.get("messages"):
-        t = ex._table("message browser (SQLite, in-process): a patient's packets across "
+        t = ex._table("message browser (in-process): a patient's packets across "
                       "outbox/inbox/quarantine, and keyset pages",
-                      ["packets", "patient p50 / p95 / max ms", "first page ms",
+                      ["store", "packets", "patient p50 / p95 / max ms", "first page ms",
                        "page 200 ms", "db MB"])
         for r in results["messages"]:
-            t.add_row(f"{r['packets']:,}", f"{r['patient_p50_ms']:.1f} / "
+            t.add_row(r.get("db", "sqlite"), f"{r['packets']:,}", f"{r['patient_p50_ms']:.1f} / "
                       f"{r['patient_p95_ms']:.1f} / {r['patient_max_ms']:.1f}",
                       f"{r['first_page_ms']:.1f}", f"{r['page_200_ms']:.1f}", f"{r['db_mb']:.0f}")
         ex.console.print(t)

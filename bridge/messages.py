@@ -4,8 +4,10 @@ one message opened with its path, and a resend with a reason. Shared by ``/ui/me
 
 Search is by time range, peer, kind, state, thread, patient hash and packet id, newest first,
 paged by keyset ``(time, box, id)`` so page 1000 costs what page 1 costs. The patient filter
-runs on ``(patient_hash, time)`` indexes (``ensure_indexes``; quarantined input carries no
-hash, so it is found by packet id, kind, peer or time). Headers carry no patient data; the
+runs on ``(patient_hash, time)`` indexes of all three tables (``ensure_indexes``; a
+quarantined item carries the hash of the patient its input names, or of its known thread,
+``bridge.store.quarantine.known_patient``; input that names none is found by packet id, kind,
+peer or time). Headers carry no patient data; the
 FHIR body and the raw input are patient data: opening them is an audited read.
 """
 
@@ -16,9 +18,10 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, and_, or_, select, text, update
+from sqlalchemy import Connection, and_, func, literal, or_, select, text, update
 
 from bridge.audit.events import AuditEntry
+from bridge.delivery.dispatcher import REDELIVER
 from bridge.errors import InvalidResource, NotFound
 from bridge.local.tables import ADAPTER_INTAKE
 from bridge.store.tables import INBOX, OUTBOX, QUARANTINE
@@ -28,18 +31,25 @@ BOXES = ("outbox", "inbox", "quarantine", "dead")
 _ORDER = {"outbox": 0, "inbox": 1, "quarantine": 2}
 PAGE = 50
 MAX_PAGE = 500
+#: the browser's indexes: each table by (patient, time, id) and by (time, id), so a page in
+#: keyset order is an index range on SQLite and PostgreSQL alike (no sort)
 INDEXES = (
-    "CREATE INDEX IF NOT EXISTS ix_outbox_patient ON outbox (patient_hash, created_at)",
-    "CREATE INDEX IF NOT EXISTS ix_inbox_patient ON inbox (patient_hash, received_at)",
-    "CREATE INDEX IF NOT EXISTS ix_outbox_created ON outbox (created_at)",
-    "CREATE INDEX IF NOT EXISTS ix_inbox_received ON inbox (received_at)",
+    "CREATE INDEX IF NOT EXISTS ix_outbox_patient_time ON outbox (patient_hash, created_at, id)",
+    "CREATE INDEX IF NOT EXISTS ix_inbox_patient_time ON inbox (patient_hash, received_at, id)",
+    "CREATE INDEX IF NOT EXISTS ix_quarantine_patient ON quarantine (patient_hash, at, id)",
+    "CREATE INDEX IF NOT EXISTS ix_outbox_time ON outbox (created_at, id)",
+    "CREATE INDEX IF NOT EXISTS ix_inbox_time ON inbox (received_at, id)",
 )
+#: the first version's indexes (without id: PostgreSQL sorted each page), replaced
+OLD_INDEXES = ("ix_outbox_patient", "ix_inbox_patient", "ix_outbox_created", "ix_inbox_received")
 _HEADER_SKIP = ("body", "frame", "receipt", "raw")
 
 
 def ensure_indexes(conn: Connection) -> None:
     for stmt in INDEXES:
         conn.execute(text(stmt))
+    for name in OLD_INDEXES:
+        conn.execute(text(f"DROP INDEX IF EXISTS {name}"))
 
 
 def _spec(box: str) -> tuple[Any, Any, Any, Any]:
@@ -69,15 +79,14 @@ def decode_cursor(token: str) -> tuple[datetime, str, int]:
         raise InvalidResource("after: not a page token this browser gave out") from None
 
 
-def search(conn: Connection, *, boxes: tuple[str, ...] | list[str] | None = None,
-           since: datetime | None = None, until: datetime | None = None,
-           peer: str | None = None, kind: str | None = None, state: str | None = None,
-           thread: str | None = None, patient_hash: str | None = None,
-           packet_id: str | None = None, after: str | None = None,
-           limit: int = PAGE) -> tuple[list[dict[str, Any]], str | None]:
-    """One page of headers across the boxes, newest first, and the next page's token."""
-    if not 1 <= limit <= MAX_PAGE:
-        raise InvalidResource(f"limit: 1..{MAX_PAGE}")
+def statements(*, boxes: tuple[str, ...] | list[str] | None = None,
+               since: datetime | None = None, until: datetime | None = None,
+               peer: str | None = None, kind: str | None = None, state: str | None = None,
+               thread: str | None = None, patient_hash: str | None = None,
+               packet_id: str | None = None, after: str | None = None,
+               limit: int = PAGE) -> list[tuple[str, Any]]:
+    """(box table, SELECT) for each table a search reads: its newest ``limit + 1`` headers
+    past the keyset cursor (one per table; :func:`search` merges them)."""
     wanted = [b for b in (boxes or BOXES) if b in BOXES] or list(BOXES)
     cursor = decode_cursor(after) if after else None
     tables: dict[str, str | None] = {}
@@ -87,7 +96,7 @@ def search(conn: Connection, *, boxes: tuple[str, ...] | list[str] | None = None
                 tables["outbox"] = "dead"
         else:
             tables[b] = None
-    rows: list[dict[str, Any]] = []
+    out = []
     for box, only_state in tables.items():
         table, at, peers, st = _spec(box)
         cols = [c for c in table.c if c.name not in _HEADER_SKIP]
@@ -107,19 +116,31 @@ def search(conn: Connection, *, boxes: tuple[str, ...] | list[str] | None = None
         if packet_id:
             where.append(table.c.packet_id == packet_id)
         if patient_hash:
-            if box == "quarantine":
-                continue  # quarantined input carries no keyed hash
             where.append(table.c.patient_hash == patient_hash)
         if cursor is not None:
+            # newest first; within one instant outbox, inbox, quarantine (then id down): a
+            # box before the cursor's was shown up to and including the cursor's instant
             c_at, c_box, c_id = cursor
             if _ORDER[box] < _ORDER[c_box]:
-                where.append(at <= c_at)
+                where.append(at < c_at)
             elif _ORDER[box] == _ORDER[c_box]:
                 where.append(or_(at < c_at, and_(at == c_at, table.c.id < c_id)))
             else:
-                where.append(at < c_at)
-        stmt = select(*cols, at.label("at_")).where(and_(True, *where)) \
-            .order_by(at.desc(), table.c.id.desc()).limit(limit + 1)
+                where.append(at <= c_at)
+        out.append((box, select(*cols, at.label("at_")).where(and_(True, *where))
+                    .order_by(at.desc(), table.c.id.desc()).limit(limit + 1)))
+    return out
+
+
+def search(conn: Connection, *, limit: int = PAGE,
+           **filters: Any) -> tuple[list[dict[str, Any]], str | None]:
+    """One page of headers across the boxes, newest first, and the next page's token.
+    ``filters``: those of :func:`statements` (boxes, since, until, peer, kind, state, thread,
+    patient_hash, packet_id, after)."""
+    if not 1 <= limit <= MAX_PAGE:
+        raise InvalidResource(f"limit: 1..{MAX_PAGE}")
+    rows: list[dict[str, Any]] = []
+    for box, stmt in statements(limit=limit, **filters):
         for r in conn.execute(stmt):
             d = dict(r._mapping)
             d["at"] = d.pop("at_")
@@ -129,6 +150,24 @@ def search(conn: Connection, *, boxes: tuple[str, ...] | list[str] | None = None
     rows.sort(key=lambda d: (d["at"], -_ORDER[d["box_table"]], d["id"]), reverse=True)
     nxt = encode_cursor(rows[limit - 1]) if len(rows) > limit else None
     return rows[:limit], nxt
+
+
+#: a count of matches stops here per table (so an unfiltered count on 1 M rows stays cheap)
+COUNT_UP_TO = 10_000
+
+
+def count(conn: Connection, *, up_to: int = COUNT_UP_TO, **filters: Any) -> tuple[int, bool]:
+    """(how many headers match ``filters`` across the boxes, exact?): exact up to ``up_to``
+    per table, else a lower bound (the page shows "10,000+"). Without ``after``."""
+    filters.pop("after", None)
+    total, exact = 0, True
+    for _box, stmt in statements(limit=up_to, **filters):
+        inner = stmt.with_only_columns(literal(1)).order_by(None).limit(up_to + 1).subquery()
+        n = int(conn.execute(select(func.count()).select_from(inner)).scalar_one())
+        if n > up_to:
+            n, exact = up_to, False
+        total += n
+    return total, exact
 
 
 def _table(box: str) -> Any:
@@ -221,8 +260,11 @@ def resend(ctx: Any, box: str, rid: int, *, reason: str, actor: str, role: str |
         else:
             if row.body is None:
                 raise InvalidResource("the body was purged (retention): nothing to resend")
+            # its turn on the thread was used when it was first handed over: marked as a
+            # redelivery, the thread gate lets it pass once more (else it is a stale seq)
             conn.execute(update(INBOX).where(INBOX.c.id == rid).values(
-                state="received", next_try_at=now, attempts=0, last_error=None))
+                state="received", next_try_at=now, attempts=0,
+                last_error=f"{REDELIVER} resent by {actor}"[:500]))
             peer = row.sender
         ctx.audit.append(conn, [AuditEntry(
             action="replayed", actor=actor, actor_role=role, address=address,

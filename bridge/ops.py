@@ -21,27 +21,37 @@ from bridge.store.tables import INBOX, OUTBOX
 WAITING = ("queued", "sent")
 
 
-def outbox_list(
-    ctx: NodeContext, *, state: str | None = None, peer: str | None = None, limit: int = 100
-) -> list[dict[str, Any]]:
-    """Rows with their age and last error: what waits, for how long and why."""
-    now = ctx.now()
+def outbox_query(*, state: str | None = None, peer: str | None = None) -> tuple[Any, list[Any]]:
+    """(SELECT of the outbox columns IT sees, conditions) for ``state`` (default: what waits,
+    the dead and the refused) and ``peer`` (the next hop)."""
     stmt = select(
         OUTBOX.c.id, OUTBOX.c.packet_id, OUTBOX.c.origin, OUTBOX.c.recipient, OUTBOX.c.next_hop,
         OUTBOX.c.kind, OUTBOX.c.thread, OUTBOX.c.seq, OUTBOX.c.state, OUTBOX.c.attempts,
         OUTBOX.c.created_at, OUTBOX.c.next_try_at, OUTBOX.c.last_error,
-    ).order_by(OUTBOX.c.id).limit(limit)
-    if state:
-        stmt = stmt.where(OUTBOX.c.state == state)
-    else:
-        stmt = stmt.where(OUTBOX.c.state.in_(WAITING + ("dead", "refused")))
+    )
+    where = [OUTBOX.c.state == state if state
+             else OUTBOX.c.state.in_(WAITING + ("dead", "refused"))]
     if peer:
-        stmt = stmt.where(OUTBOX.c.next_hop == peer)
-    with ctx.store.read() as conn:
-        rows = [dict(r._mapping) for r in conn.execute(stmt)]
+        where.append(OUTBOX.c.next_hop == peer)
+    return stmt, where
+
+
+def with_age(ctx: NodeContext, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    now = ctx.now()
     for r in rows:
         r["age_s"] = round((now - r["created_at"]).total_seconds(), 1)
     return rows
+
+
+def outbox_list(
+    ctx: NodeContext, *, state: str | None = None, peer: str | None = None, limit: int = 100
+) -> list[dict[str, Any]]:
+    """Rows with their age and last error: what waits, for how long and why (oldest first)."""
+    stmt, where = outbox_query(state=state, peer=peer)
+    with ctx.store.read() as conn:
+        rows = [dict(r._mapping) for r in conn.execute(
+            stmt.where(*where).order_by(OUTBOX.c.id).limit(limit))]
+    return with_age(ctx, rows)
 
 
 def queue_summary(ctx: NodeContext) -> dict[str, Any]:

@@ -286,12 +286,15 @@ def messages_search(
     from bridge import messages as mb
 
     ctx = _ctx(config)
+    filters: dict[str, Any] = dict(
+        boxes=box, since=when(since, ctx), until=when(until, ctx), peer=peer, kind=kind,
+        state=state, thread=thread, patient_hash=patient, packet_id=packet)
     with ctx.store.read() as conn:
-        rows, nxt = mb.search(conn, boxes=box, since=when(since, ctx), until=when(until, ctx),
-                              peer=peer, kind=kind, state=state, thread=thread,
-                              patient_hash=patient, packet_id=packet, after=after, limit=limit)
+        rows, nxt = mb.search(conn, after=after, limit=limit, **filters)
+        total, exact = mb.count(conn, **filters)
     if as_json:
-        out.print_json(json.dumps({"rows": rows, "next": nxt}, default=str))
+        out.print_json(json.dumps({"rows": rows, "next": nxt, "total": total, "exact": exact},
+                                  default=str))
         return
     t = Table(title=f"messages of {ctx.node_id}")
     for col in ("at", "box", "id", "packet", "kind", "peer", "state", "thread"):
@@ -301,7 +304,8 @@ def messages_search(
                   r.get("kind") or "", r.get("recipient") or r.get("sender") or "",
                   r.get("state") or "", r.get("thread") or "")
     out.print(t)
-    out.print(f"{len(rows)} shown" + (f"; next page: --after {nxt}" if nxt else ""))
+    out.print(f"{total:,}{'' if exact else '+'} matching, {len(rows)} shown"
+              + (f"; next page: --after {nxt}" if nxt else ""))
 
 
 @messages_app.command("show")

@@ -108,3 +108,18 @@ def test_summary_md_renders_every_section_present() -> None:
     assert table["machine ceiling, same run (µs per op)"] == "seal 4 KiB 355"
     assert table["run time by section (s)"] == "exchange 81, growth 70"
     assert not any(k.startswith(("ORU", "FHIR", "platform relay")) for k in table)
+
+
+def test_message_browser_bench_finds_every_patient_in_every_box(tmp_path: Path) -> None:
+    import messages
+
+    (r,) = messages.messages(tmp_path, (12_000,))
+    assert r["packets"] == 12_000
+    # ten packets per patient, plus the quarantined item every tenth patient has
+    assert r["rows_per_patient"] in ([10, 11], [10], [11])
+    assert r["boxes_found"] == ["inbox", "outbox", "quarantine"] or \
+        set(r["boxes_found"]) == {"inbox", "outbox"}
+    assert r["plans"] == {
+        "outbox": "SEARCH outbox USING INDEX ix_outbox_patient_time (patient_hash=?)",
+        "inbox": "SEARCH inbox USING INDEX ix_inbox_patient_time (patient_hash=?)",
+        "quarantine": "SEARCH quarantine USING INDEX ix_quarantine_patient (patient_hash=?)"}

@@ -18,8 +18,9 @@ import pytest
 from sqlalchemy import select
 
 from adapters.slips import AcceptanceSlip, LabResult, Prescription, ReferralSlip, ReturnSlip
+from bridge.audit.tables import AuditRecord
 from bridge.store.db import Store
-from bridge.store.tables import QUARANTINE
+from bridge.store.tables import INBOX, OUTBOX, QUARANTINE
 from simulators.his_db import HisDb
 from tests.harness import Alliance, NodeProcess, wait_for
 
@@ -27,6 +28,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 FIELDS = ROOT / "simulators" / "his_db_site" / "fields"
+AUDIT = AuditRecord.__table__
 KINDS = ["referral.request", "referral.status", "referral.cancel", "referral.return"]
 RULES = [{"from": "desheng-chc", "to": "fuxing", "kinds": KINDS},
          {"from": "fuxing", "to": "desheng-chc", "kinds": KINDS}]
@@ -205,6 +207,89 @@ def test_bad_rows_quarantined_and_next_row_goes(site: Any) -> None:
     assert not slips & {f"DSZZ{201 + n:06d}" for n in range(len(BAD))}
     assert len(received(core_db, "DSZZ000200")) == 1
     assert chc.cli("audit", "verify").returncode == 0
+
+
+def _outbox_row(node: NodeProcess, kind: str, thread: str) -> Any:
+    s = Store(node.plan.storage_dsn)
+    try:
+        with s.read() as conn:
+            return conn.execute(select(OUTBOX).where(OUTBOX.c.kind == kind,
+                                                     OUTBOX.c.thread == thread)).one()
+    finally:
+        s.dispose()
+
+
+def _inbox_row(node: NodeProcess, packet_id: str) -> Any:
+    s = Store(node.plan.storage_dsn)
+    try:
+        with s.read() as conn:
+            return conn.execute(select(INBOX).where(INBOX.c.packet_id == packet_id)).one()
+    finally:
+        s.dispose()
+
+
+def _actions(node: NodeProcess, packet_id: str) -> list[tuple[str, str | None]]:
+    s = Store(node.plan.storage_dsn)
+    try:
+        with s.read() as conn:
+            return [(r.action, r.actor) for r in conn.execute(
+                select(AUDIT.c.action, AUDIT.c.actor).where(AUDIT.c.packet_id == packet_id)
+                .order_by(AUDIT.c.seq))]
+    finally:
+        s.dispose()
+
+
+def test_resend_from_the_message_browser_reaches_the_receiving_his_once(site: Any) -> None:
+    """IT resends a delivered referral three ways: from the sender's /ui/messages, with
+    ``hutong messages resend`` and from the receiver's inbox (to its HIS again). The receiving
+    HIS holds the referral once; each resend is audited by name and reason."""
+    from tests.test_people import add_user, person
+
+    a, chc_db, core_db = site
+    chc, core = a.node("desheng-chc"), a.node("fuxing")
+    s = slip(600)
+    chc_db.write_referral(s)
+    wait_for(lambda: received(core_db, s.slip_no), what="the referral in the core's HIS")
+    thread = next(r["thread"] for r in referrals(chc) if r["side"] == "referrer"
+                  and r["status"] in ("requested", "received"))
+    out = wait_for(lambda: (lambda r: r if r.state == "acknowledged" else None)(
+        _outbox_row(chc, "referral.request", thread)), what="the request acknowledged")
+    rows_before = len(core_db.received_rows())
+    # 1. the sender's IT, from the page
+    add_user(chc, "it.gao", "it", "高工")
+    it = person(chc, "it.gao")
+    status, url, _page = it.open(f"/ui/messages/outbox/{out.id}/resend",
+                                 {"reason": "the HIS says it lost the referral"})
+    assert status == 200 and url.endswith(f"/ui/messages/outbox/{out.id}")
+    wait_for(lambda: ("duplicate", None) in _actions(core, out.packet_id),
+             what="the resent packet at the receiver (a duplicate)")
+    wait_for(lambda: _outbox_row(chc, "referral.request", thread).state == "acknowledged",
+             what="the resent packet acknowledged again")
+    # 2. the same from the command line
+    r = chc.cli("messages", "resend", "outbox", str(out.id), "--reason", "second try")
+    assert r.returncode == 0 and "queued" in r.stdout, r.stderr
+    wait_for(lambda: [x for x in _actions(core, out.packet_id) if x[0] == "duplicate"][1:],
+             what="the second resend at the receiver")
+    # 3. the receiver's IT hands the inbox packet to its HIS again
+    got = _inbox_row(core, out.packet_id)
+    assert got.state == "delivered"
+    add_user(core, "it.qian", "it", "钱工")
+    it_core = person(core, "it.qian")
+    status, url, _page = it_core.open(f"/ui/messages/inbox/{got.id}/resend",
+                                      {"reason": "HIS restored from backup"})
+    assert status == 200
+    wait_for(lambda: _inbox_row(core, out.packet_id).state != "received",
+             what="the inbox packet handed over again")
+    again = _inbox_row(core, out.packet_id)
+    assert again.state == "delivered", again.last_error
+    # counted at the receiving HIS: the referral once, no other row added
+    assert len(received(core_db, s.slip_no)) == 1
+    assert len(core_db.received_rows()) == rows_before
+    replayed = [actor for action, actor in _actions(chc, out.packet_id) if action == "replayed"]
+    assert len(replayed) == 2 and replayed[0] == "user:it.gao", replayed
+    assert (replayed[1] or "").startswith("cli:"), replayed  # the OS user who ran it
+    assert ("replayed", "user:it.qian") in _actions(core, out.packet_id)
+    assert quarantined(core) == []
 
 
 @pytest.mark.parametrize("point", ["his_db.after_poll", "his_db.after_submit"])

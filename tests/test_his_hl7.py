@@ -321,13 +321,19 @@ def test_bad_data_is_nakked_quarantined_and_audited(env: Env, name: str, mutate:
     assert answer.code == code and answer.control_id == f"BAD-{name}"
     assert answer.text.startswith(field)
     assert chc.send_raw(raw, "referral", s.slip_no).code == code  # same answer when resent
-    _assert_quarantined(node, f"BAD-{name}", field, raw)
+    # readable as far as PID: kept under the patient's keyed hash (PID-3 NNCHN)
+    from bridge.privacy import patient_hash
+
+    _assert_quarantined(node, f"BAD-{name}", field, raw,
+                        None if name in ("type", "dup-rows") else
+                        patient_hash(node.plan.patient_hash_key, s.id_number))
     # the listener keeps serving: a good referral right after is taken
     good = slip(slip_no=f"YTOK-{name}", patient_name="王秀英")
     assert chc.refer(good).code == "AA"
 
 
-def _assert_quarantined(node: Any, record: str, field: str, raw: bytes) -> None:
+def _assert_quarantined(node: Any, record: str, field: str, raw: bytes,
+                        phash: str | None = None) -> None:
     from sqlalchemy import select
 
     from bridge.audit.tables import AuditRecord
@@ -343,6 +349,7 @@ def _assert_quarantined(node: Any, record: str, field: str, raw: bytes) -> None:
             assert len(rows) == 1, "quarantined once, not again on the resend"
             assert f"field {field}" in rows[0]["message"] and bytes(rows[0]["raw"]) == raw
             assert rows[0]["source"] == "adapter:his"
+            assert rows[0]["patient_hash"] == phash
             audits = [a for a in conn.execute(select(audit).where(
                 audit.c.action == "quarantined", audit.c.actor == "adapter:his")).all()
                 if f"MSH-10 {record} " in a.resource]
@@ -371,8 +378,12 @@ def test_duplicate_slip_under_a_new_message_is_refused(env: Env) -> None:
     assert chc.refer(s, control_id="DUP-A").code == "AA"
     answer = chc.refer(s, control_id="DUP-B")
     assert answer.code == "AE" and answer.text.startswith("RF1-6")
-    _assert_quarantined(env.alliance.node("yuetan-chc"), "DUP-B", "RF1-6",
-                        next(r for r in _sent(chc) if r[0] == "DUP-B")[1])
+    node = env.alliance.node("yuetan-chc")
+    from bridge.privacy import patient_hash
+
+    _assert_quarantined(node, "DUP-B", "RF1-6", next(r for r in _sent(chc)
+                                                     if r[0] == "DUP-B")[1],
+                        patient_hash(node.plan.patient_hash_key, s.id_number))
 
 
 def _sent(his: VendorHis) -> list[tuple[str, bytes]]:

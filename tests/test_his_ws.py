@@ -342,6 +342,14 @@ def test_bad_documents_quarantined_audited_and_the_next_goes_through(world: Worl
         else:
             assert f"record {doc_id} field line " in mine[0]["message"]
         assert "钱桂兰" not in mine[0]["message"] and "1950" not in mine[0]["message"]
+    # the held document names its patient in its header: kept under the keyed hash (an ID
+    # number search in the message browser finds it); bytes that are not XML name nobody
+    from bridge.privacy import patient_hash
+
+    by_doc = {d: next(h for h in held if f"record {d} " in h["message"]) for d in expect}
+    assert by_doc["DUP-1"]["patient_hash"] == patient_hash(chc.plan.patient_hash_key,
+                                                           first.id_number)
+    assert by_doc[f"BAD-{NODE_BAD.index('not-xml')}"]["patient_hash"] is None
     rows = list(csv.DictReader(io.StringIO(chc.cli("audit", "export", "--format",
                                                     "csv").stdout)))
     audited = sorted(r["code"] for r in rows if r["action"] == "quarantined")

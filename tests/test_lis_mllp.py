@@ -219,6 +219,14 @@ def test_bad_messages_nak_quarantine_and_keep_serving(core: dict[str, Any]) -> N
                                       "HT-LIS-ENCODING", "HT-LIS-VERSION"]
     assert "OBX[4]-11" in rows[2].message and "MSH-18" in rows[3].message
     assert all("110102195003151234" not in r.message for r in rows)
+    # a message readable as far as its PID (the unknown version too) is kept under the
+    # patient's keyed hash (found by an ID-number search in the message browser); unreadable
+    # input names nobody
+    from bridge.privacy import patient_hash
+
+    key = core["node"].plan.patient_hash_key
+    wang = patient_hash(key, "110102195003151234")
+    assert [r.patient_hash for r in rows] == [None, None, wang, None, wang]
 
 
 def test_framing_faults(core: dict[str, Any]) -> None:

@@ -567,16 +567,43 @@ def test_message_browser_finds_a_patients_packets_and_resends_once(
     add_user(chc, "it.ma", "it", "马工")
     it = person(chc, "it.ma")
     it.get("/ui/messages")
+    # two refused packets land in quarantine: one names the patient in its bundle (for a
+    # recipient no rule allows), one names nobody but is on the patient's thread
+    refused = chc.api("POST", "/local/v1/packets", [
+        {"to": "nowhere", "kind": "referral.request", "thread": None,
+         "bundle": referral("up-exam", "nowhere", national_id=WANG_ID)},
+        {"to": "nowhere", "kind": "referral.status", "thread": thread,
+         "bundle": {"resourceType": "Bundle", "type": "collection"}},
+        {"to": "nowhere", "kind": "referral.request", "thread": None,
+         "bundle": referral("up-exam", "nowhere", national_id=ZHAO_ID)}],
+        role="clinician")["results"]
+    assert [x["code"] for x in refused] == ["HT-PKT-ROUTE-DENIED"] * 3, refused
     status, url, page = it.open("/ui/audit/lookup", {"national_id": WANG_ID,
                                                       "back": "messages"})
     assert status == 200 and "/ui/messages?patient_hash=" in url
     listing = section(page, "messages")
     assert thread in listing and WANG_ID not in page
+    boxes = re.findall(r"<tr><td><time>[^<]*</time></td><td>(\w+)</td>", listing)
+    assert {"outbox", "inbox", "quarantine"} <= set(boxes), boxes
+    assert boxes.count("quarantine") == 2  # not the other patient's
+    assert re.search(r'<span class="total">([\d,]+)</span>', page).group(1) == str(len(boxes))
     r = cli(chc, "messages", "search", "--patient",
             patient_hash(chc.plan.patient_hash_key, WANG_ID), "--json")
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout)["rows"]
     assert got and {g["thread"] for g in got} >= {thread}
+    assert {g["box"] for g in got} >= {"outbox", "inbox", "quarantine"}
+    q = [g for g in got if g["box"] == "quarantine"]
+    assert sorted(g["kind"] for g in q) == ["referral.request", "referral.status"]
+    assert all(g["patient_hash"] == patient_hash(chc.plan.patient_hash_key, WANG_ID)
+               for g in q)
+    s = store(chc)  # the typed ID number is stored nowhere new
+    with s.read() as conn:
+        from bridge.store.tables import QUARANTINE
+
+        held = conn.execute(select(QUARANTINE.c.message, QUARANTINE.c.patient_hash)).all()
+    s.dispose()
+    assert all(WANG_ID not in (m or "") and (h or "") != WANG_ID for m, h in held)
     out = next(g for g in got if g["box"] in ("outbox", "dead") and g["thread"] == thread
                and g["kind"] == "referral.request")
     one = it.get(f"/ui/messages/outbox/{out['id']}")
@@ -648,6 +675,24 @@ def test_the_same_typed_time_gives_the_same_rows_on_the_page_and_in_the_cli(
     web_set = set(web_seqs)
     assert web_set and web_set <= set(cli_seqs)  # the CLI runs later: it may see more
     assert set(cli_seqs) - web_set == {s for s in cli_seqs if s > max(web_seqs)}
+    # the message browser: the same typed time on the page and in `hutong messages search`
+    add_user(core, "it.lu", "it", "卢工")
+    it = person(core, "it.lu")
+    early = (datetime.now(UTC) - timedelta(hours=1)).astimezone(tz).strftime("%Y-%m-%d %H:%M")
+    # to the second, a moment ago: the thread's packets are before it, anything sent while
+    # the test runs is after it on both sides
+    late = (datetime.now(UTC) - timedelta(seconds=1)).astimezone(tz).strftime(
+        "%Y-%m-%dT%H:%M:%S")
+    page = it.get("/ui/messages?" + urlencode({"since": early, "until": late}))
+    web_rows = re.findall(r'href="/ui/messages/(\w+)/(\d+)"', section(page, "messages"))
+    total = int(re.search(r'<span class="total">([\d,]+)</span>', page).group(1)
+                .replace(",", ""))
+    r = cli(core, "messages", "search", "--since", early, "--until", late, "--json",
+            "--limit", "500")
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert web_rows and web_rows == [(g["box_table"], str(g["id"])) for g in got["rows"]][:50]
+    assert got["total"] == total and got["exact"]
     # and the same instant with an explicit offset, a date alone, a relative form
     since = parse_when(typed, tz)
     assert parse_when(typed + show(since, tz)[-6:], tz) == since

@@ -283,6 +283,10 @@ def test_a_huge_seq_is_held_and_the_genuine_next_step_applies(al: Alliance) -> N
               t=thread)[0]
     assert (row["status"], row["step"]) == ("accepted", "scheduled")
     assert row["accepted_at"] is not None
+    # the thread moved on: held packets go back to the queue and the dispatcher holds this
+    # one again (not its turn); wait for that rather than read it in between
+    wait_for(lambda: (inbox(chc, huge) or {}).get("state") == "held", timeout=40,
+             what="the huge-seq packet held again after the thread moved on")
     held = inbox(chc, huge)
     assert (held["state"], held["seq"], held["sender"]) == ("held", 2**62, "core")
     assert audited(chc, huge, "held"), "holding is audited"

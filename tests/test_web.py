@@ -258,6 +258,16 @@ def test_it_page_shows_queues_rules_and_quarantine(pair: Alliance) -> None:
     assert row["state"] == "held" and "HT-PKT-ROUTE-DENIED" in row["replay_result"]
     status, _url, body = it.open("/ui/it/quarantine/999999/replay", {})
     assert status == 404 and "HT-NOT-FOUND" in body
+    # each list says how many there are; what is not shown is in the message browser
+    counts = re.findall(r'<p class="count"><span class="total">(\d+)</span> · (\d+) ',
+                        it.get("/ui/it"))
+    every = core.api("GET", "/local/v1/quarantine?state=&limit=1000")
+    dead = core.api("GET", "/local/v1/outbox?state=dead&limit=1000")
+    reminded = core.api("GET", "/local/v1/reminders?limit=1000")
+    assert counts == [(str(len(every)), str(min(len(every), 100))),
+                      (str(len(dead)), str(min(len(dead), 100))),
+                      ("0", "0"),  # messages under a reused control id (no HL7 adapter here)
+                      (str(len(reminded)), str(min(len(reminded), 100)))]
 
 
 def test_language_switch_is_remembered(pair: Alliance) -> None:

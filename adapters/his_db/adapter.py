@@ -326,8 +326,10 @@ class HisDbAdapter(BaseAdapter):
         marks = {TABLE_KEY: table.name, **({RECORD_KEY: record} if suffix else {})}
         raw = orjson.dumps({**marks, **{str(k): v for k, v in row.items()}},
                            default=_jsonable)
-        self.host.quarantine(error, raw=raw, record=where,
-                             field=column, kind=f"his-db.{record}")
+        nid = row.get(self._column(record, "id_number")) if record in self.fm else None
+        self.host.quarantine(error, raw=raw, record=where, field=column,
+                             kind=f"his-db.{record}",
+                             national_id=str(nid) if nid not in (None, "") else None)
         faults.point("his_db.after_quarantine")
 
     def _check_duplicate(self, table: Table, rid: int, record: str, slip_no: str) -> None:

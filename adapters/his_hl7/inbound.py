@@ -223,7 +223,8 @@ class Inbound:
         reason = exc.message
         qid = self.host.quarantine(exc, raw=raw, record=f"MSH-10 {record}", field=exc.field,
                                    kind=f"hl7:{inbound.mtype}^{inbound.event}" if inbound
-                                   else "hl7")
+                                   else "hl7", thread=inbound.thread or None if inbound
+                                   else None, national_id=_national_id(inbound))
         exc.message = reason  # the ACK names the field in ERR-2; keep its text short
         self.state.remember_answer(key, ack_code=exc.ack_code, field=exc.field,
                                    error_code=exc.hl7_error, message=exc.message,
@@ -361,3 +362,14 @@ class Inbound:
         if gaps:
             self.host.record_gaps(gaps)
             self.a.count("unmapped-codes", len(gaps))
+
+
+def _national_id(inbound: messages.Inbound | None) -> str | None:
+    """The PID's national ID (PID-3 typed NN*) as intake reads it, for the quarantined item's
+    patient hash; None when the message has none or its PID cannot be read."""
+    if inbound is None:
+        return None
+    try:
+        return messages.national_id(inbound.msg)
+    except HutongError:
+        return None

@@ -306,6 +306,20 @@ def read(text: str, charset: Charset = UTF8) -> Inbound:
     return inbound
 
 
+def national_id(msg: Message) -> str | None:
+    """The first PID's national ID (PID-3 typed NN*) as :func:`read_patient` reads it, without
+    checking anything else of the message (for a refused message's quarantine hash)."""
+    pids = v2.segments(msg, "PID")
+    if not pids:
+        return None
+    pid = pids[0]
+    for r in range(1, v2.count_reps(pid, 3) + 1):
+        value, kind = _get(msg, pid, 3, 1, r).strip(), _get(msg, pid, 3, 5, r)
+        if value and kind.startswith("NN"):
+            return value
+    return None
+
+
 def read_patient(msg: Message, required: bool = False) -> dict[str, str]:
     """PID as a dict (only fields present); identifiers by type code in PID-3.5."""
     pid = v2.one(msg, "PID", required=required)

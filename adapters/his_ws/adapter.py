@@ -243,7 +243,7 @@ class WsAdapter(BaseAdapter):
 
     def _quarantine(self, d: Pending, exc: HutongError) -> None:
         self.host.quarantine(exc, raw=d.raw, record=d.doc_id, field=self._field_of(d, exc),
-                             kind=f"his-ws.{d.type}")
+                             kind=f"his-ws.{d.type}", national_id=cda.id_number_in(d.raw))
         self.count("quarantined")
 
     # -- quarantine replay ----------------------------------------------------------------------

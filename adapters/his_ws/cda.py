@@ -489,6 +489,21 @@ def _read(raw: bytes, site: Site, record: str, known: Known | None,
     return Document(doc_id, dtype, slip, written, custodian, referral_doc)
 
 
+def id_number_in(raw: bytes) -> str | None:
+    """The patient's ID card number in a (possibly refused) document's header, or None: the
+    quarantined item is hashed under it so IT finds it by patient (every document type of the
+    web-service HIS keeps it at ``recordTarget/patientRole/id[@root=ID_CARD_OID]``)."""
+    if not raw:
+        return None
+    try:
+        root = etree.fromstring(raw, xmlsafe.parser())
+    except (etree.XMLSyntaxError, ValueError):
+        return None
+    found = root.xpath(f"v3:recordTarget/v3:patientRole/v3:id[@root='{ID_CARD_OID}']/@extension",
+                       namespaces=NS)
+    return str(found[0]).strip() or None if found else None
+
+
 def _referral(r: _Reader, site: Site, known: Known | None, slip_no: str, doctor: str,
               written: str, from_node: bool) -> ReferralSlip:
     role = r.one("v3:recordTarget/v3:patientRole")

@@ -42,12 +42,13 @@ from adapters.hl7v2 import ack as v2ack
 from adapters.hl7v2 import charset as v2charset
 from adapters.hl7v2.ack import Answering, build_ack
 from adapters.hl7v2.charset import Charset
+from adapters.hl7v2.fields import Message
 from adapters.hl7v2.listener import RateOptions, TlsOptions, open_listener
 from adapters.hl7v2.mllp import Fault, Handlers, MllpListener
 from adapters.lis import once
 from adapters.lis.errors import LisMessageError, RateLimited, from_kit
 from adapters.lis.intake import decode
-from adapters.lis.oru import Settings, header, parse, to_fhir
+from adapters.lis.oru import Settings, header, national_id, parse, to_fhir
 from bridge.errors import HutongError, InvalidFhir
 from bridge.fhir.validate import validate_bundle
 
@@ -140,6 +141,7 @@ class LisAdapter(BaseAdapter):
         at = self.host.now()
         to = Answering.from_raw(raw)
         cs: Charset | None = None
+        msg: Message | None = None
         try:
             text, cs = decode(raw, self.opts.default_charset, self.opts.charset_override)
             msg = parse(text, cs)  # a refusal from here on is answered in the sender's charset
@@ -165,7 +167,7 @@ class LisAdapter(BaseAdapter):
         except LisMessageError as exc:
             if replaying:
                 raise
-            return self._refuse(exc, raw, to, cs, at)
+            return self._refuse(exc, raw, to, cs, at, msg)
         except HutongError as exc:  # the store failed: nothing was kept, the LIS resends
             if replaying:
                 raise
@@ -204,11 +206,18 @@ class LisAdapter(BaseAdapter):
                  "extra": {"control_id": head.control_id[:64], "earlier": len(earlier)}}]
 
     def _refuse(self, exc: LisMessageError, raw: bytes, to: Answering, cs: Charset | None,
-                at: Any) -> bytes:
+                at: Any, msg: Message | None = None) -> bytes:
         nak = build_ack(to, exc.ack_code, at=at, error=exc)
         record = f"MSH-10 {to.control_id}" if to.control_id else None
+        nid = None
+        if msg is not None:
+            try:
+                nid = national_id(msg, self.settings.national_id_system)
+            except Exception:  # noqa: BLE001 - a malformed PID: the item is kept without it
+                nid = None
         try:
-            self.host.quarantine(exc, raw=raw, record=record, kind=self.opts.kind)
+            self.host.quarantine(exc, raw=raw, record=record, kind=self.opts.kind,
+                                 national_id=nid)
         except HutongError as store_exc:
             log.error("LIS adapter %s could not quarantine: %s", self.name, store_exc.code)
         self.count("rejected" if exc.ack_code == "AR" else "errors")

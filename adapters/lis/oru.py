@@ -252,12 +252,10 @@ class _Builder:
         idents: list[dict[str, Any]] = []
         national = None
         for r in range(1, reps(pid, 3) + 1):
-            ident, authority, kind = value(pid, 3, 1, r), value(pid, 3, 4, r), value(pid, 3, 5, r)
+            ident, kind = value(pid, 3, 1, r), value(pid, 3, 5, r)
             if not ident:
                 continue
-            is_national = kind.upper() in NATIONAL_ID_TYPES or authority in (
-                self.cfg.national_id_system, self.cfg.national_id_system.removeprefix("urn:oid:"))
-            if is_national:
+            if is_national_id(pid, r, self.cfg.national_id_system):
                 national = normalise_national_id(ident)
                 idents.append({"system": self.cfg.national_id_system, "value": national})
             else:
@@ -734,6 +732,28 @@ class _Builder:
 
 
 @kit_errors
+def is_national_id(pid: Any, r: int, national_id_system: str) -> bool:
+    """Whether PID-3 repetition ``r`` is the resident ID card number (by CX.5 type or CX.4
+    assigning authority)."""
+    authority, kind = value(pid, 3, 4, r), value(pid, 3, 5, r)
+    return kind.upper() in NATIONAL_ID_TYPES or authority in (
+        national_id_system, national_id_system.removeprefix("urn:oid:"))
+
+
+def national_id(msg: Message, national_id_system: str) -> str | None:
+    """The national ID of the message's (first) PID as intake reads it, or None: a refused
+    message's quarantine item is hashed under it so IT finds it by patient."""
+    for seg in msg:
+        if str(seg[0]) != "PID":
+            continue
+        for r in range(1, reps(seg, 3) + 1):
+            ident = value(seg, 3, 1, r)
+            if ident and is_national_id(seg, r, national_id_system):
+                return normalise_national_id(ident)
+        return None
+    return None
+
+
 def to_fhir(msg: Message, head: Header, cfg: Settings) -> Results:
     """The Bundle (type collection) for one checked message; LisMessageError when it cannot."""
     return _Builder(msg, head, cfg).build()

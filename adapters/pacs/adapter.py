@@ -117,6 +117,7 @@ class PacsAdapter(BaseAdapter):
         """Commit one received instance, then give the status to answer (never raises)."""
         raw: bytes = event.encoded_dataset()
         hint = str(getattr(event.request, "AffectedSOPInstanceUID", "") or "unknown")
+        ds: Any = None
         try:
             self._bounded(raw, hint, event.context.transfer_syntax)
             ds = read_header(raw)
@@ -138,7 +139,13 @@ class PacsAdapter(BaseAdapter):
             if len(raw) > self.opts.max_dataset_bytes:  # keep the head, where the header is
                 raw = raw[:KEEP_OF_OVERSIZE]
             try:
-                self.host.quarantine(exc, raw=raw, kind="imaging.instance")
+                nid = None if ds is None else patient_info(
+                    ds, national_id_issuer=self.opts.national_id_issuer,
+                    id_is_national=self.opts.patient_id_is_national_id).national_id
+            except Exception:  # noqa: BLE001 - a header too broken to name its patient
+                nid = None
+            try:
+                self.host.quarantine(exc, raw=raw, kind="imaging.instance", national_id=nid)
             except Exception:
                 log.exception("quarantine of a rejected instance failed")
                 return OUT_OF_RESOURCES, None

@@ -9,13 +9,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel
+from sqlalchemy import select
 
 from bridge import ops
+from bridge.api import paging
 from bridge.api.auth import (
     AnyRole,
     ClinicianRole,
@@ -35,7 +37,9 @@ from bridge.delivery.queue import Outgoing, queue_packets
 from bridge.errors import Forbidden, HutongError
 from bridge.fhir.validate import validate_bundle
 from bridge.gateway.guard import Admission
+from bridge.referral.tables import REFERRAL
 from bridge.store import quarantine
+from bridge.store.tables import OUTBOX, QUARANTINE
 from bridge.web import web_router
 from bridge.web.layout import CSS
 from bridge.web.security import SecurityHeaders, refusal_html
@@ -132,9 +136,16 @@ def create_local_app(node: Node) -> FastAPI:
         ]}
 
     @app.get("/local/v1/outbox", responses=errs(401))
-    def outbox(role: AnyRole, state: str | None = None, peer: str | None = None,
-               limit: int = 100) -> list[dict[str, Any]]:
-        return ops.outbox_list(ctx, state=state, peer=peer, limit=limit)
+    def outbox(role: AnyRole, request: Request, response: Response, state: str | None = None,
+               peer: str | None = None, limit: int = 100,
+               after: str | None = None) -> list[dict[str, Any]]:
+        """Oldest first; ``X-Total-Count`` and a ``Link`` to the next page (keyset)."""
+        stmt, where = ops.outbox_query(state=state, peer=peer)
+        with ctx.store.read() as conn:
+            rows, total, nxt = paging.page(conn, stmt, where=where, order=[OUTBOX.c.id],
+                                           desc=False, limit=limit, after=after)
+        paging.headers(request, response, total, nxt)
+        return ops.with_age(ctx, rows)
 
     @app.get("/local/v1/queues", responses=errs(401))
     def queues(role: AnyRole) -> dict[str, Any]:
@@ -147,9 +158,16 @@ def create_local_app(node: Node) -> FastAPI:
         return {"requeued": n}
 
     @app.get("/local/v1/quarantine", responses=errs(401, 403))
-    def quarantine_list(role: ITRole, state: str | None = "held") -> list[dict[str, Any]]:
+    def quarantine_list(role: ITRole, request: Request, response: Response,
+                        state: str | None = "held", limit: int = 100,
+                        after: str | None = None) -> list[dict[str, Any]]:
+        """Newest first; ``state=`` (empty) for every state; paged as ``/outbox``."""
+        stmt, where = quarantine.list_query(state=state or None)
         with ctx.store.read() as conn:
-            return quarantine.list_items(conn, state=state)
+            rows, total, nxt = paging.page(conn, stmt, where=where, order=[QUARANTINE.c.id],
+                                           desc=True, limit=limit, after=after)
+        paging.headers(request, response, total, nxt)
+        return rows
 
     @app.post("/local/v1/quarantine/{item_id}/replay", responses=errs(401, 403, 404))
     def replay(item_id: int, role: ITRole, request: Request) -> dict[str, Any]:
@@ -164,10 +182,24 @@ def create_local_app(node: Node) -> FastAPI:
     def packet(packet_id: str, role: ITRole) -> dict[str, Any]:
         return ops.find_packet(ctx, packet_id)
 
+    def referral_page(request: Request, response: Response, where: list[Any], limit: int,
+                      after: str | None) -> list[dict[str, Any]]:
+        with ctx.store.read() as conn:
+            rows, total, nxt = paging.page(
+                conn, select(REFERRAL), where=where,
+                order=[REFERRAL.c.updated_at, REFERRAL.c.thread], desc=True, limit=limit,
+                after=after)
+        paging.headers(request, response, total, nxt)
+        return rows
+
     @app.get("/local/v1/referrals", responses=errs(401))
-    def referrals(role: AnyRole, status: str | None = None) -> list[dict[str, Any]]:
-        """Where each referral stands on this side (no patient data: hashes only)."""
-        return node.workflow.list(status=status)
+    def referrals(role: AnyRole, request: Request, response: Response,
+                  status: str | None = None, limit: int = 200,
+                  after: str | None = None) -> list[dict[str, Any]]:
+        """Where each referral stands on this side (no patient data: hashes only), the most
+        recently changed first; paged as ``/outbox``."""
+        return referral_page(request, response,
+                             [REFERRAL.c.status == status] if status else [], limit, after)
 
     @app.post("/local/v1/referrals", responses=errs(400, 401, 403, 409))
     async def submit(bundle: dict[str, Any], role: ClinicianRole,
@@ -194,9 +226,12 @@ def create_local_app(node: Node) -> FastAPI:
         return node.consult.list(step=step, status=status, side=side)
 
     @app.get("/local/v1/reminders", responses=errs(401))
-    def reminders(role: AnyRole) -> list[dict[str, Any]]:
-        return [r for r in node.workflow.list() if r["reminded_at"] is not None
-                and r["status"] in ("requested", "received")]
+    def reminders(role: AnyRole, request: Request, response: Response, limit: int = 200,
+                  after: str | None = None) -> list[dict[str, Any]]:
+        """Unaccepted referrals past their time (reminded), paged as ``/referrals``."""
+        return referral_page(request, response, [
+            REFERRAL.c.reminded_at.is_not(None),
+            REFERRAL.c.status.in_(("requested", "received"))], limit, after)
 
     @app.get("/local/v1/patients/{patient_hash}/results", responses=errs(401, 403))
     def patient_results(patient_hash: str, role: ClinicianRole,

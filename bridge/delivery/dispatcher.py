@@ -202,7 +202,7 @@ class Dispatcher:
                 state="refused", last_error=str(exc)[:500]))
             conn.execute(QUARANTINE.insert(), [quarantine_row(
                 now, "thread", exc, raw=r.body or b"", sender=r.sender, packet_id=r.packet_id,
-                kind=r.kind, thread=r.thread)])
+                kind=r.kind, thread=r.thread, patient_hash=r.patient_hash)])
             out.append(AuditEntry(action="refused", outcome="4", packet_id=r.packet_id,
                                   kind=r.kind, peer=r.sender, thread=r.thread,
                                   patient_hash=r.patient_hash, code=exc.code,
@@ -218,7 +218,8 @@ class Dispatcher:
                 state="failed", attempts=attempts, last_error=str(exc)[:500]))
             conn.execute(QUARANTINE.insert(), [quarantine_row(
                 now, "delivery", exc, raw=r.body or b"", sender=r.sender,
-                packet_id=r.packet_id, kind=r.kind, thread=r.thread)])
+                packet_id=r.packet_id, kind=r.kind, thread=r.thread,
+                patient_hash=r.patient_hash)])
             return [AuditEntry(action="dead-lettered", outcome="8", packet_id=r.packet_id,
                                kind=r.kind, peer=r.sender, thread=r.thread,
                                patient_hash=r.patient_hash, code=exc.code, message=exc.message,

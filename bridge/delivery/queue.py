@@ -19,7 +19,7 @@ from bridge.delivery.threads import open_threads
 from bridge.errors import PacketRefused, PacketTooLarge, RouteDenied
 from bridge.fhir.validate import parse_and_validate_bundle
 from bridge.privacy import bundle_patient_hash
-from bridge.store.quarantine import quarantine_row
+from bridge.store.quarantine import bundle_patient, known_patient, quarantine_row
 from bridge.store.tables import OUTBOX, QUARANTINE
 
 #: a validator message quotes the offending value (``path: 'value' is not one of [...]``,
@@ -83,7 +83,9 @@ def queue_packets(
                 quarantine_row(
                     now, "local", exc, raw=item.body, sender=plan.node_id,
                     recipient=item.recipient, packet_id=packet_id, kind=item.kind,
-                    thread=item.thread,
+                    thread=item.thread, patient_hash=bundle_patient(
+                        item.body, plan.patient_hash_key, plan.alliance.national_id_system)
+                    or (known_patient(conn, thread=item.thread) if item.thread else None),
                 )
             )
             audit.append(
@@ -109,6 +111,8 @@ def queue_packets(
         seq = next_seq[turn]
         next_seq[turn] = seq + 1
         phash = bundle_patient_hash(plan.patient_hash_key, bundle, plan.alliance.national_id_system)
+        if phash is None and item.thread:  # a status or result on a known patient's thread
+            phash = known_patient(conn, thread=item.thread)
         rows.append(
             {
                 "packet_id": packet_id, "origin": "local", "sender": plan.node_id,

@@ -37,7 +37,13 @@ from bridge.errors import (
 )
 from bridge.fhir.validate import parse_and_validate_bundle
 from bridge.privacy import bundle_patient_hash
-from bridge.store.quarantine import enforce_quota, quarantine_row, untrusted_row
+from bridge.store.quarantine import (
+    bundle_patient,
+    enforce_quota,
+    known_patient,
+    quarantine_row,
+    untrusted_row,
+)
 from bridge.store.tables import INBOX, OUTBOX, QUARANTINE
 
 #: the first byte of an unsigned error answer (a receipt starts with ``HTR1``)
@@ -306,18 +312,22 @@ class Intake:
         header = _peek_header(frame)
         if not keep:  # a replay from quarantine: the original item records the outcome
             return self._refusal(header, exc, now)
+        body = getattr(exc, "body", None)  # the opened body, when it failed validation
+        phash = bundle_patient(body, self.plan.patient_hash_key,
+                               self.plan.alliance.national_id_system)
         batch.quarantine.append(
             quarantine_row(
-                now, source, exc, raw=frame, body=getattr(exc, "body", None),
+                now, source, exc, raw=frame, body=body,
                 sender=header.get("sender"), recipient=header.get("recipient"),
                 packet_id=header.get("id"), kind=header.get("kind"), thread=header.get("thread"),
+                patient_hash=phash,
             )
         )
         batch.audit.append(
             AuditEntry(
                 action="refused", outcome="4", packet_id=header.get("id"),
                 kind=header.get("kind"), peer=header.get("sender"), thread=header.get("thread"),
-                code=exc.code, message=exc.message, at=now,
+                patient_hash=phash, code=exc.code, message=exc.message, at=now,
             )
         )
         return self._refusal(header, exc, now)
@@ -387,10 +397,24 @@ class Intake:
 
     def _commit(self, conn: Connection, batch: _Batch) -> None:
         if batch.inbox:
+            # a signed packet whose bundle names no patient (a status, a result) on a thread
+            # this node knows is that thread's patient's, in the browser and the audit
+            found: dict[str, str] = {}
+            for row in batch.inbox:
+                if row["patient_hash"] is None:
+                    row["patient_hash"] = known_patient(conn, thread=row["thread"])
+                    if row["patient_hash"]:
+                        found[row["packet_id"]] = row["patient_hash"]
+            for entry in batch.audit:
+                if entry.action == "received" and entry.packet_id in found:
+                    entry.patient_hash = found[entry.packet_id]
             conn.execute(insert(INBOX), batch.inbox)
         if batch.relay:
             conn.execute(insert(OUTBOX), batch.relay)
         if batch.quarantine:
+            for row in batch.quarantine:  # a signed packet of a thread this node knows
+                if row["trusted"] and row["patient_hash"] is None and row["thread"]:
+                    row["patient_hash"] = known_patient(conn, thread=row["thread"])
             conn.execute(insert(QUARANTINE), batch.quarantine)
             batch.audit.extend(quota_entries(
                 enforce_quota(conn, self.plan.retention.quarantine_max_bytes),

@@ -21,8 +21,9 @@ from bridge.errors import HutongError
 from bridge.fhirstore import store as fhirstore
 from bridge.fhirstore.tables import FHIR_RESOURCE
 from bridge.local import encounters, intake
+from bridge.privacy import patient_hash
 from bridge.referral.tables import REFERRAL
-from bridge.store.quarantine import quarantine_row
+from bridge.store.quarantine import known_patient, quarantine_row
 from bridge.store.tables import QUARANTINE
 
 if TYPE_CHECKING:
@@ -439,10 +440,14 @@ class AdapterHost:
 
     def quarantine(self, error: HutongError, *, raw: bytes, record: str | None = None,
                    field: str | None = None, kind: str | None = None,
-                   thread: str | None = None) -> int:
+                   thread: str | None = None, national_id: str | None = None) -> int:
         """Keep a local record we cannot take, with a reason naming record and field; audited.
 
-        Returns the quarantine id (shown to IT, replayable through ``hutong quarantine``).
+        ``national_id``: the patient's ID number as the adapter read it from the record, if
+        it could; only its keyed hash is kept (on the item and the audit row), so the message
+        browser's patient search finds the item. Without it, the patient of a known
+        ``thread`` is used. Returns the quarantine id (shown to IT, replayable through
+        ``hutong quarantine``).
         """
         where = " ".join(p for p in (f"record {record}" if record else "",
                                      f"field {field}" if field else "") if p)
@@ -450,14 +455,19 @@ class AdapterHost:
             error.message = f"{where}: {error.message}"
         now = self._ctx.now()
         source = f"adapter:{self.adapter_name}"
+        phash = patient_hash(self.plan.patient_hash_key, national_id) \
+            if national_id and national_id.strip() else None
         with self._ctx.store.write() as conn:
+            if phash is None and thread:
+                phash = known_patient(conn, thread=thread)
             inserted = conn.execute(QUARANTINE.insert().values(**quarantine_row(
                 now, source, error, raw=raw, sender=self.adapter_name, kind=kind,
-                thread=thread))).inserted_primary_key
+                thread=thread, patient_hash=phash))).inserted_primary_key
             assert inserted is not None
             qid = inserted[0]
             self._ctx.audit.append(conn, [AuditEntry(
                 action="quarantined", outcome="4", kind=kind, thread=thread, at=now,
+                patient_hash=phash,
                 actor=source, code=error.code, message=error.message,
                 extra={"quarantine_id": int(qid)})])
         log.warning("%s quarantined a local record (%s, quarantine id %s)", source, error.code, qid)

@@ -105,6 +105,10 @@ class Store:
                 from bridge.messages import ensure_indexes  # the message browser's searches
 
                 ensure_indexes(conn)
+        if self.is_sqlite and self._reader is not self._writer:
+            # pooled readers opened during the upgrade keep the schema they loaded then until
+            # a statement of theirs touches a table: an EXPLAIN would plan without the indexes
+            self._reader.dispose()
 
     @contextmanager
     def _schema_lock(self) -> Iterator[None]:

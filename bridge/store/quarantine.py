@@ -10,9 +10,10 @@ first (the drop audited as a count), then the oldest members' items lose their b
 from __future__ import annotations
 
 import hashlib
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 from sqlalchemy import Connection, and_, delete, func, inspect, select, text, update
 
 from bridge.errors import HutongError, NotFound
@@ -35,13 +36,58 @@ def quarantine_row(
     packet_id: str | None = None,
     kind: str | None = None,
     thread: str | None = None,
+    patient_hash: str | None = None,
 ) -> dict[str, Any]:
     return {
         "at": at, "source": source, "code": exc.code, "message": exc.message,
         "sender": sender, "recipient": recipient, "packet_id": packet_id, "kind": kind,
         "thread": thread, "state": "held", "raw": raw, "body": body,
         "raw_digest": None, "raw_size": len(raw), "remote": None, "trusted": True,
+        "patient_hash": patient_hash,
     }
+
+
+def known_patient(conn: Connection, *, thread: str | None = None,
+                  packet_id: str | None = None) -> str | None:
+    """The keyed patient hash this node already holds for a thread or packet (the referral of
+    the thread, a packet of it in the outbox, the packet itself in the inbox), or None.
+
+    Only for input whose thread is vouched for (a member's signed packet, a local adapter's
+    record): an unauthenticated claim of a thread must not put input under a patient."""
+    from bridge.referral.tables import REFERRAL
+    from bridge.store.tables import INBOX, OUTBOX
+
+    lookups = []
+    if thread:
+        lookups += [select(REFERRAL.c.patient_hash).where(REFERRAL.c.thread == thread),
+                    select(OUTBOX.c.patient_hash).where(OUTBOX.c.thread == thread,
+                                                        OUTBOX.c.patient_hash.is_not(None))]
+    if packet_id:
+        lookups.append(select(INBOX.c.patient_hash).where(INBOX.c.packet_id == packet_id))
+    for stmt in lookups:
+        found = conn.execute(stmt.limit(1)).scalar()
+        if found:
+            return str(found)
+    return None
+
+
+def bundle_patient(body: bytes | None, key: bytes, system: str) -> str | None:
+    """The keyed hash of the patient a (possibly invalid) FHIR bundle names, or None: refused
+    input is often a bundle that failed validation but still carries its Patient."""
+    from bridge.privacy import bundle_patient_hash
+
+    if not body:
+        return None
+    try:
+        bundle = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(bundle, dict):
+        return None
+    try:
+        return bundle_patient_hash(key, bundle, system)
+    except (AttributeError, TypeError):  # a hostile shape (entry not a list of objects)
+        return None
 
 
 def untrusted_row(
@@ -117,27 +163,59 @@ def purge_old(conn: Connection, cutoff: datetime) -> dict[str, int]:
     return {"dropped": gone.rowcount or 0, "emptied": emptied.rowcount or 0}
 
 
-def upgrade_schema(conn: Connection) -> None:
-    """Stores made before the unauthenticated-refusal columns get them (once, on open)."""
+#: node_state marker of the quarantine's schema; 2: ``patient_hash`` and its index, backfilled
+MARKER = "schema.quarantine"
+SCHEMA_VERSION = "2"
+
+
+def upgrade_schema(conn: Connection) -> int:
+    """Bring an older quarantine table up to date (once, on open, under the schema lock):
+    the unauthenticated-refusal columns; schema 2: ``patient_hash`` with its index, filled
+    for held items whose packet or thread the node knows. Rows given a hash (0 if none)."""
+    from bridge.store import state
+
     have = {c["name"] for c in inspect(conn).get_columns("quarantine")}
     for name, ddl in (("raw_digest", "VARCHAR(64)"), ("raw_size", "INTEGER"),
-                      ("remote", "VARCHAR(64)"), ("trusted", "BOOLEAN NOT NULL DEFAULT TRUE")):
+                      ("remote", "VARCHAR(64)"), ("trusted", "BOOLEAN NOT NULL DEFAULT TRUE"),
+                      ("patient_hash", "VARCHAR(64)")):
         if name not in have:
             conn.execute(text(f"ALTER TABLE quarantine ADD COLUMN {name} {ddl}"))
+    if state.get(conn, MARKER) == SCHEMA_VERSION:
+        return 0
+    conn.execute(text("CREATE INDEX IF NOT EXISTS ix_quarantine_patient "
+                      "ON quarantine (patient_hash, at, id)"))
+    q = QUARANTINE
+    filled = 0
+    rows = conn.execute(select(q.c.id, q.c.thread, q.c.packet_id).where(
+        q.c.trusted == True, q.c.patient_hash.is_(None),  # noqa: E712
+        (q.c.thread.is_not(None)) | (q.c.packet_id.is_not(None)))).all()
+    for r in rows:
+        found = known_patient(conn, thread=r.thread, packet_id=r.packet_id)
+        if found:
+            conn.execute(update(q).where(q.c.id == r.id).values(patient_hash=found))
+            filled += 1
+    state.put(conn, MARKER, SCHEMA_VERSION, datetime.now(UTC))
+    return filled
+
+
+def list_query(*, state: str | None = "held") -> tuple[Any, list[Any]]:
+    """(SELECT of the headers IT sees, conditions): no bytes, no body."""
+    q = QUARANTINE
+    stmt = select(
+        q.c.id, q.c.at, q.c.source, q.c.code, q.c.message, q.c.sender, q.c.recipient,
+        q.c.packet_id, q.c.kind, q.c.state, q.c.replayed_at, q.c.replay_result,
+        q.c.raw_digest, q.c.raw_size, q.c.remote, q.c.trusted, q.c.patient_hash,
+    )
+    return stmt, [q.c.state == state] if state else []
 
 
 def list_items(
     conn: Connection, *, state: str | None = "held", limit: int = 100
 ) -> list[dict[str, Any]]:
-    q = QUARANTINE
-    stmt = select(
-        q.c.id, q.c.at, q.c.source, q.c.code, q.c.message, q.c.sender, q.c.recipient,
-        q.c.packet_id, q.c.kind, q.c.state, q.c.replayed_at, q.c.replay_result,
-        q.c.raw_digest, q.c.raw_size, q.c.remote, q.c.trusted,
-    ).order_by(q.c.id.desc()).limit(limit)
-    if state:
-        stmt = stmt.where(q.c.state == state)
-    return [dict(r._mapping) for r in conn.execute(stmt)]
+    """The newest ``limit`` items (the CLI, the IT page's first rows)."""
+    stmt, where = list_query(state=state)
+    return [dict(r._mapping) for r in conn.execute(
+        stmt.where(*where).order_by(QUARANTINE.c.id.desc()).limit(limit))]
 
 
 def get_item(conn: Connection, item_id: int) -> dict[str, Any]:

@@ -84,6 +84,7 @@ class QuarantineItem(SQLModel, table=True):
     """Every refused input, with its reason and raw bytes, for IT to inspect and replay."""
 
     __tablename__ = "quarantine"
+    __table_args__ = (Index("ix_quarantine_patient", "patient_hash", "at", "id"),)
 
     id: int | None = Field(default=None, primary_key=True)
     at: datetime = Field(sa_type=UTCDateTime, index=True)
@@ -106,6 +107,10 @@ class QuarantineItem(SQLModel, table=True):
     raw_size: int | None = None
     remote: str | None = Field(default=None, max_length=64)
     trusted: bool = True
+    # the keyed hash of the patient the input names (a Patient identifier in its bundle, the
+    # national ID an adapter read, or the patient of its known thread), so the message
+    # browser's patient search finds it; never the plain ID
+    patient_hash: str | None = Field(default=None, max_length=64)
 
 
 class NodeState(SQLModel, table=True):

@@ -336,4 +336,6 @@ LABELS.update({  # people branch: personal accounts, audit by name, message brow
     "time_rule": ("时间可写 2026-12-01、2026-12-01T08:00、带时区 +08:00，或相对时间 -2h、-30m、-7d、today、yesterday；不带时区按本节点显示时区（默认北京时间）；起始含、截止不含",
                   "Times: 2026-12-01, 2026-12-01T08:00, with an offset (+08:00), or relative (-2h, -30m, -7d, today, yesterday); without an offset they mean the node's display zone (default Beijing time); since inclusive, until exclusive"),
     "on_page": ("条在本页", "on this page"),
+    "shown": ("条显示于此", "shown here"),
+    "see_all": ("查看全部", "See all"),
 })

@@ -17,12 +17,16 @@ from sqlalchemy import func, select
 from bridge import ops
 from bridge.alerts import Alerter
 from bridge.errors import HutongError
+from bridge.referral.tables import REFERRAL
 from bridge.store import quarantine
-from bridge.store.tables import INBOX, QUARANTINE
+from bridge.store.tables import INBOX, OUTBOX, QUARANTINE
 from bridge.web import console_labels  # noqa: F401 - labels of the new rules and the dashboard
 from bridge.web.dashboard import dashboard_section
 from bridge.web.i18n import kind_name, t
 from bridge.web.layout import Web, e, fmt_age, fmt_time, table
+
+#: rows of each list shown on the IT page; the page says how many there are and links the rest
+SHOWN = 100
 
 
 def mapping_gaps(web: Web) -> list[dict[str, Any]] | None:
@@ -111,7 +115,24 @@ def it_routes(web: Web, alerter: Alerter) -> APIRouter:
             q_rows = conn.execute(
                 select(QUARANTINE.c.state, func.count(), func.min(QUARANTINE.c.at))
                 .group_by(QUARANTINE.c.state)).all()
-            held = quarantine.list_items(conn, state=None, limit=200)
+            held = quarantine.list_items(conn, state=None, limit=SHOWN)
+            held_total = sum(n for _st, n, _oldest in q_rows)
+            dead_total = conn.execute(select(func.count()).select_from(OUTBOX).where(
+                OUTBOX.c.state == "dead")).scalar_one()
+            due_where = (REFERRAL.c.reminded_at.is_not(None),
+                         REFERRAL.c.status.in_(("requested", "received")))
+            due_total = conn.execute(select(func.count()).select_from(REFERRAL)
+                                     .where(*due_where)).scalar_one()
+            due = [dict(r._mapping) for r in conn.execute(
+                select(REFERRAL).where(*due_where)
+                .order_by(REFERRAL.c.updated_at.desc()).limit(SHOWN))]
+
+        def shown(n: int, total: int, href: str) -> str:
+            """How many of how many; the rest where a list pages through all of them."""
+            rest = (f' <a class="all" href="{e(href)}">{e(t(lang, "see_all"))} →</a>'
+                    if total > n else "")
+            return (f'<p class="count"><span class="total">{total}</span> · {n} '
+                    f'{e(t(lang, "shown"))}{rest}</p>')
         inbound = table(
             [t(lang, "queue"), t(lang, "status"), t(lang, "count"), t(lang, "oldest")],
             [[e(t(lang, "inbound")), e(st), e(n), e(fmt_age(
@@ -137,7 +158,7 @@ def it_routes(web: Web, alerter: Alerter) -> APIRouter:
               e(i["message"]), e(i["sender"]), e(i["kind"]), e(i["state"]),
               e(i["replay_result"]), replay_cell(i)] for i in held],
             t(lang, "none"), "quarantine")
-        dead = ops.outbox_list(ctx, state="dead", limit=100)
+        dead = ops.outbox_list(ctx, state="dead", limit=SHOWN)
         deads = table(
             ["#", t(lang, "peer"), t(lang, "kind"), t(lang, "thread"), t(lang, "attempts"),
              t(lang, "age"), t(lang, "message")],
@@ -176,8 +197,6 @@ def it_routes(web: Web, alerter: Alerter) -> APIRouter:
             [[e(r["index"]), e(r["from"]), e(r["to"]), e(", ".join(r["kinds"])),
               e(", ".join(r["senders"])), e(", ".join(r["recipients"])), e(r["note"])]
              for r in plan.rules.describe()], t(lang, "none"), "rules")
-        due = [r for r in node.workflow.list(limit=500) if r["reminded_at"] is not None
-               and r["status"] in ("requested", "received")]
         reminders = table(
             [t(lang, "thread"), t(lang, "kind"), t(lang, "peer"), t(lang, "green"),
              t(lang, "created"), t(lang, "reminded")],
@@ -194,12 +213,15 @@ def it_routes(web: Web, alerter: Alerter) -> APIRouter:
                 f'<h3>{e(t(lang, "peers"))}</h3>{peers}'
                 f'<h3>{e(t(lang, "queues"))}</h3>{queues}'
                 f'<h3>{e(t(lang, "inbound"))} / {e(t(lang, "quarantine"))}</h3>{inbound}'
-                f'<h3>{e(t(lang, "quarantine"))}</h3>{quar}'
-                f'<h3>{e(t(lang, "dead_letters"))}</h3>{deads}'
+                f'<h3>{e(t(lang, "quarantine"))}</h3>'
+                + shown(len(held), held_total, "/ui/messages?box=quarantine") + quar
+                + f'<h3>{e(t(lang, "dead_letters"))}</h3>'
+                + shown(len(dead), dead_total, "/ui/messages?box=dead") + deads +
                 f'<h3>{e(t(lang, "adapters"))}</h3>{adapters}'
                 f'<h3>{e(t(lang, "mapping_gaps"))}</h3>{gap_html}'
                 + reused_ids_section(web, lang) +
-                f'<h3>{e(t(lang, "reminders"))}</h3>{reminders}'
+                f'<h3>{e(t(lang, "reminders"))}</h3>'
+                + shown(len(due), due_total, "/ui/referrals") + reminders +
                 f'<h3>{e(t(lang, "rules"))}</h3>{rules}')
         return web.page(request, t(lang, "it"), body, role=role)
 
@@ -246,8 +268,13 @@ def reused_ids_section(web: Web, lang: str, limit: int = 50) -> str:
         rows = conn.execute(select(audit.c.at, audit.c.resource)
                             .where(audit.c.action == RECORD_ID_REUSED)
                             .order_by(audit.c.seq.desc()).limit(limit)).all()
+        total = conn.execute(select(func.count()).select_from(audit).where(
+            audit.c.action == RECORD_ID_REUSED)).scalar_one()
     items = [(at, event_fields(orjson.loads(res))) for at, res in rows]
+    # the rest are in the audit chain (the auditor's page, hutong audit export --action ...)
     return (f'<h3>{e(t(lang, "reused_ids"))}</h3>'
+            f'<p class="count"><span class="total">{total}</span> · {len(items)} '
+            f'{e(t(lang, "shown"))} (audit: <code>{e(RECORD_ID_REUSED)}</code>)</p>'
             + table([t(lang, "at"), t(lang, "source"), t(lang, "message")],
                     [[e(fmt_time(at)), e(f.get("actor")), e(f.get("message"))]
                      for at, f in items], t(lang, "none"), "reused-ids"))

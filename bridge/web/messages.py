@@ -39,14 +39,16 @@ def message_routes(web: Web) -> APIRouter:
         error = ""
         rows: list[dict[str, Any]] = []
         nxt = None
+        total, exact = 0, True
         try:
             since, until = parse_time(f["since"]), parse_time(f["until"])
+            filters: dict[str, Any] = dict(
+                boxes=[f["box"]] if f["box"] else None, since=since, until=until,
+                peer=f["peer"], kind=f["kind"], state=f["state"], thread=f["thread"],
+                patient_hash=f["patient_hash"], packet_id=f["packet_id"])
             with ctx.store.read() as conn:
-                rows, nxt = mb.search(
-                    conn, boxes=[f["box"]] if f["box"] else None, since=since, until=until,
-                    peer=f["peer"], kind=f["kind"], state=f["state"], thread=f["thread"],
-                    patient_hash=f["patient_hash"], packet_id=f["packet_id"],
-                    after=q.get("after") or None)
+                rows, nxt = mb.search(conn, after=q.get("after") or None, **filters)
+                total, exact = mb.count(conn, **filters)
         except ValueError:
             error = TIME_RULE
         except HutongError as exc:
@@ -83,7 +85,9 @@ def message_routes(web: Web) -> APIRouter:
               f'<a href="/ui/messages/{e(r["box_table"])}/{r["id"]}">{e(t(lang, "open"))}</a>']
              for r in rows], t(lang, "none"), "messages")
         body = ((f'<p class="bad">{e(error)}</p>' if error else "") + form
-                + f'<p class="count">{len(rows)} {e(t(lang, "on_page"))} {more}</p>' + listing)
+                + f'<p class="count"><span class="total">{total:,}{"" if exact else "+"}'
+                f'</span> {e(t(lang, "matching"))} · {len(rows)} {e(t(lang, "on_page"))} '
+                f'{more}</p>' + listing)
         return web.page(request, t(lang, "messages"), body, role=role,
                         status=400 if error else 200)
 
