@@ -3,11 +3,16 @@
 SQLite write transactions start with BEGIN IMMEDIATE so that concurrent writers queue on the
 database lock instead of failing mid-transaction with a stale snapshot (the audit chain reads its
 head and appends in one transaction). Reads use a second engine with plain deferred transactions.
+Within one process the writers of a SQLite store also queue on a Python lock before BEGIN
+IMMEDIATE: SQLite's busy handler polls with sleeps of up to 100 ms, so threads that found the
+database locked woke late (4 MLLP connections took in fewer messages than one); a lock hands
+over at once. Other processes still meet the database lock and its busy timeout.
 """
 
 from __future__ import annotations
 
 import sqlite3
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,11 +31,15 @@ from bridge.results import tables as _results_tables  # noqa: F401
 
 # importing registers every table on SQLModel.metadata
 from bridge.store import tables as _tables  # noqa: F401
+from bridge.store.checkpoint import Checkpointer
 from bridge.store.hooks import drop_after_commit, run_after_commit
 
 #: session advisory lock held while a process creates or upgrades the schema (the audit chain
 #: uses 727274; the delivery lanes use the two-int4 key space, which does not overlap)
 SCHEMA_LOCK_ID = 727275
+#: how long a writer waits for the other writers of its process (SQLite's busy timeout is the
+#: same 30 s)
+WRITE_LOCK_TIMEOUT_S = 30.0
 
 
 def _audit_tables() -> None:
@@ -48,16 +57,26 @@ class Store:
             path = dsn.split("///", 1)[1] if "///" in dsn else ""
             if path and path != ":memory:":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
-            self._writer = self._sqlite_engine(dsn, immediate=True, synchronous=synchronous)
+            self._checkpointer: Checkpointer | None = None
+            if path and path != ":memory:":
+                # WAL checkpoints on a thread of their own, not in the commit that crosses
+                # SQLite's threshold (bridge.store.checkpoint)
+                self._checkpointer = Checkpointer(path, self._locked)
+            self._writer = self._sqlite_engine(dsn, immediate=True, synchronous=synchronous,
+                                               autocheckpoint=self._checkpointer is None)
             self._reader = self._sqlite_engine(dsn, immediate=False, synchronous=synchronous)
+            self._write_lock: threading.RLock | None = threading.RLock()
         else:
+            self._write_lock = None
+            self._checkpointer = None
             # hide_parameters: a failed statement's error must not carry bodies into the log
             self._writer = create_engine(dsn, pool_pre_ping=True, pool_size=8, max_overflow=8,
                                          hide_parameters=True)
             self._reader = self._writer
 
     @staticmethod
-    def _sqlite_engine(dsn: str, *, immediate: bool, synchronous: str) -> Engine:
+    def _sqlite_engine(dsn: str, *, immediate: bool, synchronous: str,
+                       autocheckpoint: bool = True) -> Engine:
         engine = create_engine(
             dsn, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=8,
             hide_parameters=True,
@@ -72,6 +91,8 @@ class Store:
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute(f"PRAGMA synchronous={synchronous}")
             cur.execute("PRAGMA foreign_keys=ON")
+            if not autocheckpoint:
+                cur.execute("PRAGMA wal_autocheckpoint=0")
             cur.close()
 
         begin = "BEGIN IMMEDIATE" if immediate else "BEGIN"
@@ -127,6 +148,9 @@ class Store:
         """A write transaction: committed when the block ends, rolled back on error."""
         with self._translate():
             conn: Connection | None = None
+            lock = self._write_lock
+            if lock is not None and not lock.acquire(timeout=WRITE_LOCK_TIMEOUT_S):
+                raise StoreError("database unavailable: write lock timeout")
             try:
                 with self._writer.begin() as conn:
                     yield conn
@@ -134,7 +158,19 @@ class Store:
                 if conn is not None:
                     drop_after_commit(conn)
                 raise
+            finally:
+                if lock is not None:
+                    lock.release()
+            if self._checkpointer is not None:
+                self._checkpointer.committed()
             run_after_commit(conn)  # e.g. the audit anchor file, once the checkpoint is durable
+
+    @contextmanager
+    def _locked(self) -> Iterator[object]:
+        """The writers' lock alone (the checkpointer's RESTART holds it: no commit meanwhile)."""
+        assert self._write_lock is not None
+        with self._write_lock:
+            yield self
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
@@ -167,6 +203,8 @@ class Store:
                 conn.execute(text("VACUUM quarantine"))
 
     def dispose(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.close()
         self._writer.dispose()
         if self._reader is not self._writer:
             self._reader.dispose()
