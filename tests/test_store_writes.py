@@ -221,3 +221,43 @@ def test_the_wal_is_checkpointed_by_its_own_thread(tmp_path: Path) -> None:
     finally:
         s.dispose()
     assert cp._thread is None  # stopped with the store
+
+
+def test_grouped_writes_each_get_their_own_result_and_a_failure_keeps_nothing(
+        sqlite_store: Store) -> None:
+    """Threads share commits (``write_grouped``): each caller gets its own work's value; a work
+    that raises gets its error, its rows are not kept, and the others' rows are."""
+    s = sqlite_store
+    results: dict[int, Any] = {}
+    gate = threading.Event()
+
+    def work_of(i: int) -> Any:
+        def work(conn: Connection) -> int:
+            conn.execute(insert(NODE_STATE).values(key=f"k{i}", value=str(i), updated_at=T0))
+            if i % 5 == 3:
+                raise ValueError(f"refused {i}")
+            return i * 10
+        return work
+
+    def caller(i: int) -> None:
+        gate.wait()
+        try:
+            results[i] = s.write_grouped(work_of(i))
+        except ValueError as exc:
+            results[i] = str(exc)
+
+    # hold the writer lock so that the callers queue up and form one group behind it
+    with s.write() as conn:
+        threads = [threading.Thread(target=caller, args=(i,)) for i in range(10)]
+        for t in threads:
+            t.start()
+        gate.set()
+        wait_for(lambda: len(s._queue) == 10, 30, what="ten queued writes")
+        conn.execute(insert(NODE_STATE).values(key="holder", value="x", updated_at=T0))
+    for t in threads:
+        t.join(60)
+    assert results == {i: (f"refused {i}" if i % 5 == 3 else i * 10) for i in range(10)}
+    with s.read() as conn:
+        keys = {r.key for r in conn.execute(select(NODE_STATE.c.key))}
+    assert {f"k{i}" for i in range(10) if i % 5 != 3} | {"holder"} <= keys
+    assert not {"k3", "k8"} & keys

@@ -15,7 +15,6 @@ key with its answer (the stored ACK) - commits in the caller's single transactio
 
 from __future__ import annotations
 
-import copy
 from datetime import datetime
 from typing import Any
 
@@ -54,7 +53,9 @@ def store_and_route(ctx: NodeContext, conn: Connection, bundle: dict[str, Any], 
     ([{to, thread, code, message}]). A Patient already known here by the same hash is kept as it
     is and the results point at it.
     """
-    resources = [copy.deepcopy(e["resource"]) for e in bundle.get("entry") or ()]
+    # shallow copies: put_many sets only top-level keys (id, meta) and rewrite_refs builds
+    # new objects, so the caller's Bundle is left as it was without copying every Observation
+    resources = [dict(e["resource"]) for e in bundle.get("entry") or ()]
     patient = next((r for r in resources if r["resourceType"] == "Patient"), None)
     alias: dict[str, str] = {}
     if patient is not None and patient_hash:
