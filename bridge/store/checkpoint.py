@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 INTERVAL_S = 0.2
 RESTART_FRAMES = 4096  # 16 MiB of 4 KiB pages
+RESTART_WAIT_S = 2.0
 
 
 class Checkpointer:
@@ -70,7 +71,9 @@ class Checkpointer:
     def _run(self) -> None:
         conn: sqlite3.Connection | None = None
         try:
-            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None,
+            # a short busy timeout: RESTART waits for readers of older snapshots while the
+            # writers wait for it; it gives up after this and the next round tries again
+            conn = sqlite3.connect(self.path, timeout=RESTART_WAIT_S, isolation_level=None,
                                    check_same_thread=False)
             conn.execute("PRAGMA synchronous=FULL")  # the database file fsynced by the copy
             conn.execute("PRAGMA wal_autocheckpoint=0")
