@@ -261,3 +261,37 @@ def test_grouped_writes_each_get_their_own_result_and_a_failure_keeps_nothing(
         keys = {r.key for r in conn.execute(select(NODE_STATE.c.key))}
     assert {f"k{i}" for i in range(10) if i % 5 != 3} | {"holder"} <= keys
     assert not {"k3", "k8"} & keys
+
+
+def test_a_log_that_never_catches_up_is_restarted_under_the_writer_lock(tmp_path: Path) -> None:
+    """A reader holding an old snapshot keeps the passive checkpoints from copying the log;
+    past ``restart_frames`` the checkpointer tries a RESTART under the writer lock, gives up
+    after its short busy timeout (writers go on), and once the reader is gone the log is
+    copied and starts over."""
+    path = tmp_path / "node.db"
+    s = Store(f"sqlite:///{path}")
+    try:
+        s.create_all()
+        cp = s._checkpointer
+        assert cp is not None
+        cp.restart_frames = 16
+        reader = sqlite3.connect(path, isolation_level=None)
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM node_state").fetchone()  # holds this snapshot
+        for k in range(4):
+            write(s, True, [resources(8, mrn=f"FX{k}")])
+        wait_for(lambda: cp.restarts >= 1, 30, what="a RESTART attempt")
+        write(s, True, [resources(8, mrn="FX-during")])  # the writers were not held
+        frames, copied = _wal(path)
+        assert copied < frames  # the reader's snapshot still pins the log
+        reader.execute("COMMIT")
+        reader.close()
+        runs = cp.runs
+        write(s, True, [resources(8, mrn="FX-after")])
+        wait_for(lambda: cp.runs > runs and _wal(path)[0] == _wal(path)[1], 30,
+                 what="the whole log copied")
+        with s.write() as conn:
+            conn.execute(insert(NODE_STATE).values(key="y", value="1", updated_at=T0))
+        assert _wal(path)[0] < 10
+    finally:
+        s.dispose()
