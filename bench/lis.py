@@ -95,6 +95,13 @@ def start_plain(port: int, db: Path) -> subprocess.Popen[bytes]:
     return proc
 
 
+def stop_plain(proc: subprocess.Popen[bytes]) -> None:
+    proc.kill()
+    proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()
+
+
 # -- the client (the LIS side) --------------------------------------------------------------------
 
 
@@ -219,8 +226,7 @@ def measure(n: int = 300, conns: tuple[int, ...] = (1, 4), py_spy: str | None = 
             if spy is not None:
                 spy.send_signal(2)
                 spy.wait(30)
-            plain.kill()
-            plain.wait()
+            stop_plain(plain)
             a.stop_all()
     out = {"n": n, "runs": runs}
     print_table(out)
