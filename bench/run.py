@@ -9,6 +9,9 @@
 4. ``growth.py``: packets/s A -> B with 10 k, 100 k and 1 M packets already in both stores.
 5. ``search.py``: local FHIR API searches/s on stores of growing size.
 6. ``messages.py``: the message browser's patient search and keyset paging over 1 M packets.
+7. ``lis.py``: LIS intake per connection, Hutong beside a plain store-and-ACK MLLP receiver
+   (python-hl7's asyncio server, one SQLite commit per message) on the same messages, 1 and 4
+   connections, 8 and 20 OBX.
 Peak RSS (VmHWM) of both node processes is read in every exchange run. One throwaway
 PostgreSQL cluster (or ``HUTONG_PG_DSN``) serves every PostgreSQL section.
 
@@ -36,6 +39,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import exchange as ex
+import lis as lis_intake
 import orjson
 import results as lis_results
 from growth import growth
@@ -116,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="FHIR resources in the store, comma list")
     p.add_argument("--messages", default="1000000",
                    help="packet counts for the message browser section, comma list")
+    p.add_argument("--lis-n", type=int, default=300, help="LIS messages per run (lis section)")
     p.add_argument("--only", help="run only these sections, comma list (e.g. growth,search)")
     p.add_argument("--json", type=Path, help="result file (default bench/results/<date>.json)")
     args = p.parse_args(argv)
@@ -148,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         ("search", lambda root: search(root, _levels(args.search))),
         ("relay", relay),
         ("messages", lambda root: messages(root, _levels(args.messages), pg)),
+        ("lis", lambda root: lis_intake.measure(args.lis_n)),
     ]
     try:
         for name, func in steps:
@@ -303,6 +309,23 @@ def summary(results: dict[str, Any]) -> None:
             t.add_row(r.get("db", "sqlite"), f"{r['packets']:,}", f"{r['patient_p50_ms']:.1f} / "
                       f"{r['patient_p95_ms']:.1f} / {r['patient_max_ms']:.1f}",
                       f"{r['first_page_ms']:.1f}", f"{r['page_200_ms']:.1f}", f"{r['db_mb']:.0f}")
+        ex.console.print(t)
+    if results.get("lis"):
+        runs = results["lis"]["runs"]
+        one = {r["obx"]: r["hutong"]["per_s"] for r in runs if r["conns"] == 1}
+        t = ex._table("LIS intake per connection: Hutong vs a plain store-and-ACK receiver "
+                      "(python-hl7 asyncio + one SQLite commit), same messages, same run",
+                      ["OBX", "connections", "plain msg/s", "Hutong msg/s",
+                       "Hutong ACK p50 / p99 ms", "ratio (aim 1 conn >= 0.6x)",
+                       "vs 1 conn (aim 4 >= 1.6x)"])
+        for r in runs:
+            h = r["hutong"]
+            vs = f"{h['per_s'] / one[r['obx']]:.2f}x" if r["conns"] > 1 and r["obx"] in one \
+                else "-"
+            met = "MET" if r["ratio"] >= 0.6 else "NOT MET"
+            t.add_row(str(r["obx"]), str(r["conns"]), f"{r['plain']['per_s']:.0f}",
+                      f"{h['per_s']:.0f}", f"{h['p50_ms']:.0f} / {h['p99_ms']:.0f}",
+                      f"{r['ratio']:.2f}x" + (f" {met}" if r["conns"] == 1 else ""), vs)
         ex.console.print(t)
     t = ex._table(f"elapsed seconds by section ({results['elapsed_s']:.0f} s in all)",
                   ["section", "seconds", "share"])

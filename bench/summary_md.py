@@ -102,6 +102,18 @@ def rows(r: dict[str, Any]) -> Iterator[tuple[str, str]]:
                " / ".join(_n(v) for v in rates.values()) + " msg/s")
         yield ("ORU^R01 → FHIR end to end over MLLP, durable",
                f"{_n(oru['end_to_end_per_s'], 1)} msg/s ({oru['n']} messages)")
+    lis = r.get("lis")
+    if lis:
+        for x in lis["runs"]:
+            h = x["hutong"]
+            aim = " (aim ≥ 0.6×: " + ("MET" if x["ratio"] >= 0.6 else "NOT MET") + ")" \
+                if x["conns"] == 1 else ""
+            what = (f"LIS intake, {x['obx']} OBX, {x['conns']} connection(s): Hutong vs a "
+                    "plain store-and-ACK receiver")
+            figure = (f"{_n(h['per_s'])} vs {_n(x['plain']['per_s'])} msg/s = "
+                      f"{x['ratio']:.2f}×{aim}; ACK p50 / p99 {_n(h['p50_ms'])} / "
+                      f"{_n(h['p99_ms'])} ms")
+            yield (what, figure)
     growth = r.get("growth")
     if growth:
         yield ((f"store growth: {' / '.join(_count(x['history']) for x in growth)} "

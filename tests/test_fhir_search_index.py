@@ -30,7 +30,14 @@ from bridge.api.fhir_search import parse_query
 from bridge.fhir.validate import validate_resource
 from bridge.fhirstore import schema, store
 from bridge.fhirstore.tables import FHIR_RESOURCE as T
-from bridge.fhirstore.tables import FHIR_TOKEN, IX_NEWEST, IX_PATIENT_NEWEST, OLD_INDEXES
+from bridge.fhirstore.tables import (
+    FHIR_TOKEN,
+    IX_NEWEST,
+    IX_PATIENT_HASH,
+    IX_PATIENT_NEWEST,
+    OLD_INDEXES,
+)
+from bridge.results.recognition import results_for
 from bridge.store.db import Store
 from bridge.store.tables import NODE_STATE
 
@@ -216,10 +223,11 @@ def _make_old(s: Store) -> None:
     """What a store made before fhir_token looks like: no table, no marker, the old indexes."""
     FHIR_TOKEN.drop(s.engine)
     with s.write() as conn:
-        for ix in (IX_NEWEST, IX_PATIENT_NEWEST):
+        for ix in (IX_NEWEST, IX_PATIENT_NEWEST, IX_PATIENT_HASH):
             conn.execute(text(f"DROP INDEX {ix.name}"))
         conn.execute(text(f"CREATE INDEX {OLD_INDEXES[0]} ON fhir_resource (rtype, last_updated)"))
         conn.execute(text(f"CREATE INDEX {OLD_INDEXES[1]} ON fhir_resource (rtype, patient)"))
+        conn.execute(text(f"CREATE INDEX {OLD_INDEXES[2]} ON fhir_resource (patient_hash)"))
         conn.execute(delete(NODE_STATE).where(NODE_STATE.c.key == schema.MARKER))
 
 
@@ -252,7 +260,7 @@ def test_an_old_store_is_upgraded_once_on_open_with_the_same_answers(dsn: str) -
             names = _index_names(conn)
             assert conn.execute(select(NODE_STATE.c.value).where(
                 NODE_STATE.c.key == schema.MARKER)).scalar() == schema.SCHEMA_VERSION
-        assert {IX_NEWEST.name, IX_PATIENT_NEWEST.name} <= names
+        assert {IX_NEWEST.name, IX_PATIENT_NEWEST.name, IX_PATIENT_HASH.name} <= names
         assert not set(OLD_INDEXES) & names
         assert _tokens(reopened) == want_tokens
         assert _answers(reopened) == want_answers
@@ -362,7 +370,90 @@ def test_token_rows_are_each_distinct_identifier_once() -> None:
 
 def test_index_objects_are_declared_on_the_table() -> None:
     names = {ix.name for ix in T.indexes if isinstance(ix, Index)}
-    assert {IX_NEWEST.name, IX_PATIENT_NEWEST.name} <= names and not set(OLD_INDEXES) & names
+    assert {IX_NEWEST.name, IX_PATIENT_NEWEST.name, IX_PATIENT_HASH.name} <= names
+    assert not set(OLD_INDEXES) & names
+
+
+def test_a_store_at_schema_4_gains_the_patient_hash_index_without_a_backfill(dsn: str) -> None:
+    """Schema 5 only swaps an index: a store at 4 is not read through again (its side tables
+    are left as they are: a row removed here stays removed)."""
+    s = Store(dsn)
+    try:
+        s.create_all()
+        seed(s)
+        want = _tokens(s)
+        with s.write() as conn:
+            conn.execute(text(f"DROP INDEX {IX_PATIENT_HASH.name}"))
+            conn.execute(text(f"CREATE INDEX {OLD_INDEXES[2]} ON fhir_resource (patient_hash)"))
+            conn.execute(delete(FHIR_TOKEN).where(FHIR_TOKEN.c.id == "p-li"))
+            conn.execute(NODE_STATE.update().where(NODE_STATE.c.key == schema.MARKER)
+                         .values(value="4"))
+    finally:
+        s.dispose()
+    reopened = Store(dsn)
+    try:
+        reopened.create_all()
+        with reopened.read() as conn:
+            names = _index_names(conn)
+            assert conn.execute(select(NODE_STATE.c.value).where(
+                NODE_STATE.c.key == schema.MARKER)).scalar() == schema.SCHEMA_VERSION == "5"
+        assert IX_PATIENT_HASH.name in names and OLD_INDEXES[2] not in names
+        assert len(_tokens(reopened)) == len(want) - 2
+    finally:
+        reopened.dispose()
+
+
+def _run_by_hash(s: Store, name: str, phash: str) -> list[tuple[str, Any]]:
+    """Run one of the functions that find a patient's resources by keyed hash against the
+    store; the SQL statements it sent (with their parameters), captured at the driver."""
+    from types import SimpleNamespace
+
+    from sqlalchemy import Engine, event
+
+    from bridge.web.clinician import patient_imaging
+
+    sent: list[tuple[str, Any]] = []
+
+    def spy(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+        if "patient_hash" in statement and statement.lstrip().upper().startswith("SELECT"):
+            sent.append((statement, parameters))
+
+    event.listen(Engine, "before_cursor_execute", spy)  # the store's reader and writer
+    try:
+        if name == "find_patient_by_hash":
+            with s.read() as conn:
+                assert store.find_patient_by_hash(conn, phash) is not None
+        elif name == "results_for":
+            with s.read() as conn:
+                results_for(conn, phash, node_id="core")
+        else:
+            patient_imaging(SimpleNamespace(ctx=SimpleNamespace(store=s)), phash)  # type: ignore[arg-type]
+    finally:
+        event.remove(Engine, "before_cursor_execute", spy)
+    assert sent
+    return sent
+
+
+@pytest.mark.parametrize("name", ["find_patient_by_hash", "results_for", "patient_imaging"])
+def test_finding_a_patient_by_hash_uses_the_type_and_hash_index(db: Store, name: str) -> None:
+    """One patient with many Observations: finding their Patient row (or their reports) by hash
+    is a range of ``ix_fhir_type_patient_hash``, not a walk over all of that patient's rows."""
+    seed(db)
+    phash = "a" * 64
+    with db.write() as conn:
+        conn.execute(T.update().values(patient_hash=phash))
+    for sql, params in _run_by_hash(db, name, phash):
+        with db.read() as conn:
+            if db.is_sqlite:
+                plan = "\n".join(r[-1] for r in conn.exec_driver_sql(
+                    "EXPLAIN QUERY PLAN " + sql, params))
+                assert "ix_fhir_type_patient_hash (rtype=? AND patient_hash=?)" in plan, plan
+                assert "TEMP B-TREE" not in plan and "SCAN fhir_" not in plan, plan
+            else:
+                conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
+                plan = "\n".join(r[0] for r in conn.exec_driver_sql("EXPLAIN " + sql, params))
+                # the planner's choice among indexes follows statistics (a tiny table here)
+                assert "Seq Scan" not in plan and "Index" in plan, plan
 
 
 def test_two_processes_opening_an_old_store_at_once_backfill_it_once(dsn: str) -> None:

@@ -42,6 +42,9 @@ _VERIFY_BATCH = 2000
 
 _audit = AuditRecord.__table__  # type: ignore[attr-defined]
 _checkpoints = AuditCheckpoint.__table__  # type: ignore[attr-defined]
+#: the chain's head (built once: this runs in every audited transaction)
+_HEAD = select(_audit.c.seq, _audit.c.hash).order_by(_audit.c.seq.desc()).limit(1)
+_APPEND = insert(_audit)
 #: the indexed copies that must agree with the hashed AuditEvent JSON
 _COLUMNS = ("action", "outcome", "packet_id", "kind", "peer", "thread", "patient_hash", "actor")
 
@@ -109,9 +112,7 @@ class AuditChain:
     def _lock_and_head(self, conn: Connection) -> tuple[int, str]:
         if conn.dialect.name == "postgresql":
             conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({ADVISORY_LOCK_ID})")
-        row = conn.execute(
-            select(_audit.c.seq, _audit.c.hash).order_by(_audit.c.seq.desc()).limit(1)
-        ).first()
+        row = conn.execute(_HEAD).first()
         return (row[0], row[1]) if row else (0, GENESIS_HASH)
 
     def append(self, conn: Connection, entries: Sequence[AuditEntry]) -> int:
@@ -150,7 +151,7 @@ class AuditChain:
                 if seq % every == 0:
                     marks.append((seq, digest))
                 prev = digest
-            conn.execute(insert(_audit), rows)
+            conn.execute(_APPEND, rows)
             if self.signing_key is not None:
                 for mark_seq, mark_hash in marks:
                     self._insert_checkpoint(conn, mark_seq, mark_hash)

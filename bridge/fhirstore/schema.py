@@ -9,7 +9,10 @@ indexes (see ``tables``) get, in one transaction on open:
 2. ``fhir_token`` filled from every stored resource's identifiers (the backfill), and
    ``fhir_date`` from every Encounter's period (schema 3); schema 4: the codes and references
    of ``store.CODED``, the dates of ``store.DATED``, ``fhir_string`` from ``store.STRINGS``;
-3. the marker ``node_state['schema.fhirstore'] = SCHEMA_VERSION``.
+3. schema 5: ``ix_fhir_type_patient_hash`` (rtype, patient_hash, ...) instead of
+   ``ix_fhir_resource_patient_hash`` on the hash alone (an index, no backfill: a store at 4
+   is not read through);
+4. the marker ``node_state['schema.fhirstore'] = SCHEMA_VERSION``.
 
 With the marker in place, opening costs one primary-key read. Several processes opening one
 PostgreSQL store at once: the marker row is inserted first, so the second waits on it and then
@@ -34,6 +37,7 @@ from bridge.fhirstore.tables import (
     FHIR_STRING,
     FHIR_TOKEN,
     IX_NEWEST,
+    IX_PATIENT_HASH,
     IX_PATIENT_NEWEST,
     OLD_INDEXES,
 )
@@ -47,8 +51,11 @@ log = logging.getLogger(__name__)
 
 MARKER = "schema.fhirstore"
 #: 2: fhir_token + page-order indexes; 3: Encounter class tokens, fhir_date; 4: codes, reference
-#: tokens, Observation/DiagnosticReport/Patient dates, fhir_string (the search parameters of #19)
-SCHEMA_VERSION = "4"
+#: tokens, Observation/DiagnosticReport/Patient dates, fhir_string (the search parameters of #19);
+#: 5: ix_fhir_type_patient_hash replaces the index on patient_hash alone (issue 17)
+SCHEMA_VERSION = "5"
+#: the last version whose upgrade rewrote the side tables (later ones only add indexes)
+BACKFILLED_AT = 4
 BACKFILL_CHUNK = 5_000
 T = FHIR_RESOURCE
 
@@ -69,13 +76,15 @@ def upgrade(store: Store) -> int:
                                                        updated_at=now))
             else:
                 state.put(conn, MARKER, SCHEMA_VERSION, now)
-            for ix in (IX_NEWEST, IX_PATIENT_NEWEST):
+            for ix in (IX_NEWEST, IX_PATIENT_NEWEST, IX_PATIENT_HASH):
                 conn.execute(CreateIndex(ix, if_not_exists=True))
             for name in OLD_INDEXES:
                 conn.execute(text(f"DROP INDEX IF EXISTS {name}"))
-            n = backfill_tokens(conn)
-            backfill_dates(conn)
-            backfill_strings(conn)
+            n = 0
+            if have is None or not have.isdigit() or int(have) < BACKFILLED_AT:
+                n = backfill_tokens(conn)
+                backfill_dates(conn)
+                backfill_strings(conn)
     except IntegrityError:
         return 0  # another process inserted the marker and did the work
     if n:

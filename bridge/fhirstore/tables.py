@@ -10,6 +10,11 @@ Indexes that serve the searches (``EXPLAIN QUERY PLAN`` in tests/test_fhir_searc
   order, and its count, without a sort;
 * ``ix_fhir_type_patient_newest`` (rtype, patient, last_updated DESC, id): a patient's resources
   of a type, already in page order; the count is a range of this index;
+* ``ix_fhir_type_patient_hash`` (rtype, patient_hash, last_updated DESC, id): a patient found by
+  keyed hash (results filed from another member, a clinician's result list), newest first. It
+  replaced ``ix_fhir_resource_patient_hash`` on the hash alone, which made finding a patient's
+  Patient row walk every resource of that patient (48.8 ms with 95,000 Observations of one
+  patient, against 0.003 ms);
 * ``fhir_token``: one row per business identifier (system, value) of a resource, so
   ``identifier=`` is an index lookup instead of a ``LIKE '%|system|value|%'`` over every row
   (and an Encounter's ``class``, param ``class``). Written in the same transaction as the
@@ -48,7 +53,7 @@ class FhirResource(SQLModel, table=True):
     version: int = 1
     last_updated: datetime = Field(sa_type=UTCDateTime)
     patient: str | None = Field(default=None, max_length=110)  # "Patient/<id>"
-    patient_hash: str | None = Field(default=None, max_length=64, index=True)
+    patient_hash: str | None = Field(default=None, max_length=64)
     status: str | None = Field(default=None, max_length=32)
     requester: str | None = Field(default=None, max_length=110)
     performer: str | None = Field(default=None, max_length=110)
@@ -151,8 +156,13 @@ IX_NEWEST = Index("ix_fhir_type_newest", FHIR_RESOURCE.c.rtype,
 IX_PATIENT_NEWEST = Index("ix_fhir_type_patient_newest", FHIR_RESOURCE.c.rtype,
                           FHIR_RESOURCE.c.patient, FHIR_RESOURCE.c.last_updated.desc(),
                           FHIR_RESOURCE.c.id)
+#: a patient's resources of a type by keyed hash, newest first (``find_patient_by_hash``,
+#: ``results_for``, the clinician's imaging list)
+IX_PATIENT_HASH = Index("ix_fhir_type_patient_hash", FHIR_RESOURCE.c.rtype,
+                        FHIR_RESOURCE.c.patient_hash, FHIR_RESOURCE.c.last_updated.desc(),
+                        FHIR_RESOURCE.c.id)
 #: a type's history in write order (``GET /fhir/Type/_history``); made on open for older stores
 IX_HISTORY_TYPE_SEQ = next(ix for ix in FHIR_HISTORY.indexes
                            if ix.name == "ix_fhir_history_type_seq")
-#: indexes of earlier versions that the two above replace (dropped on upgrade)
-OLD_INDEXES = ("ix_fhir_type_updated", "ix_fhir_type_patient")
+#: indexes of earlier versions that the three above replace (dropped on upgrade)
+OLD_INDEXES = ("ix_fhir_type_updated", "ix_fhir_type_patient", "ix_fhir_resource_patient_hash")

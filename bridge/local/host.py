@@ -177,7 +177,7 @@ class AdapterHost:
         """
         from bridge.results.routing import store_and_route
 
-        with self._ctx.store.write() as conn:
+        def work(conn: Any) -> dict[str, Any]:
             prior = intake.seen(conn, self.adapter_name, source_key)
             if prior is not None:
                 return {**prior, "repeated": True}
@@ -189,6 +189,13 @@ class AdapterHost:
                 self._ctx.audit.append(conn, [AuditEntry(
                     **{"kind": kind, **n}, at=self._ctx.now(),
                     actor=f"adapter:{self.adapter_name}") for n in notes])
+            return out
+
+        # several connections' messages may share one commit (Store.write_grouped); each
+        # returns only once its own rows are durable
+        out = self._ctx.store.write_grouped(work)
+        if out.get("repeated"):
+            return out
         if out["routed"]:
             self._node.wake_all_senders()
         return out

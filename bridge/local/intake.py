@@ -6,7 +6,7 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, insert, select
+from sqlalchemy import Connection, bindparam, insert, select
 
 from bridge.local.tables import ADAPTER_INTAKE
 
@@ -15,19 +15,22 @@ from bridge.local.tables import ADAPTER_INTAKE
 RECORD_ID_REUSED = "hl7-control-id-reused"
 
 
+# constant statements: run for every record taken in
+_SEEN = select(ADAPTER_INTAKE.c.result).where(ADAPTER_INTAKE.c.adapter == bindparam("_a"),
+                                             ADAPTER_INTAKE.c.source_key == bindparam("_k"))
+_REMEMBER = insert(ADAPTER_INTAKE)
+
+
 def seen(conn: Connection, adapter: str, source_key: str) -> dict[str, Any] | None:
     """The stored result of an earlier call with this key, or None if the record is new."""
-    row = conn.execute(select(ADAPTER_INTAKE.c.result).where(
-        ADAPTER_INTAKE.c.adapter == adapter,
-        ADAPTER_INTAKE.c.source_key == source_key)).first()
+    row = conn.execute(_SEEN, {"_a": adapter, "_k": source_key}).first()
     return None if row is None else orjson.loads(row.result)
 
 
 def remember(conn: Connection, adapter: str, source_key: str, result: dict[str, Any],
              at: datetime, thread: str | None = None) -> None:
-    conn.execute(insert(ADAPTER_INTAKE).values(
-        adapter=adapter, source_key=source_key, thread=thread, at=at,
-        result=orjson.dumps(result).decode()))
+    conn.execute(_REMEMBER, [{"adapter": adapter, "source_key": source_key, "thread": thread,
+                              "at": at, "result": orjson.dumps(result).decode()}])
 
 
 def thread_of(conn: Connection, adapter: str, source_key: str) -> str | None:

@@ -15,12 +15,11 @@ key with its answer (the stored ACK) - commits in the caller's single transactio
 
 from __future__ import annotations
 
-import copy
 from datetime import datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, insert, select
+from sqlalchemy import Connection, bindparam, insert, select
 
 from bridge.audit.events import AuditEntry
 from bridge.context import NodeContext
@@ -33,13 +32,15 @@ from bridge.results.tables import RESULT_MESSAGE
 
 #: referral statuses under which results follow the patient to the other side
 OPEN_STATUSES = ("requested", "received", "accepted", "in-progress")
+# constant statements (bound parameters): built once, not per message
+_RAW = insert(RESULT_MESSAGE)
+_OPEN = select(REFERRAL).where(REFERRAL.c.patient_hash == bindparam("_ph"),
+                               REFERRAL.c.status.in_(OPEN_STATUSES)
+                               ).order_by(REFERRAL.c.created_at)
 
 
 def open_referrals(conn: Connection, patient_hash: str) -> list[Any]:
-    return list(conn.execute(
-        select(REFERRAL).where(REFERRAL.c.patient_hash == patient_hash,
-                               REFERRAL.c.status.in_(OPEN_STATUSES))
-        .order_by(REFERRAL.c.created_at)))
+    return list(conn.execute(_OPEN, {"_ph": patient_hash}))
 
 
 def store_and_route(ctx: NodeContext, conn: Connection, bundle: dict[str, Any], *,
@@ -52,7 +53,9 @@ def store_and_route(ctx: NodeContext, conn: Connection, bundle: dict[str, Any], 
     ([{to, thread, code, message}]). A Patient already known here by the same hash is kept as it
     is and the results point at it.
     """
-    resources = [copy.deepcopy(e["resource"]) for e in bundle.get("entry") or ()]
+    # shallow copies: put_many sets only top-level keys (id, meta) and rewrite_refs builds
+    # new objects, so the caller's Bundle is left as it was without copying every Observation
+    resources = [dict(e["resource"]) for e in bundle.get("entry") or ()]
     patient = next((r for r in resources if r["resourceType"] == "Patient"), None)
     alias: dict[str, str] = {}
     if patient is not None and patient_hash:
@@ -63,13 +66,12 @@ def store_and_route(ctx: NodeContext, conn: Connection, bundle: dict[str, Any], 
             patient = local
     referrals = open_referrals(conn, patient_hash) if patient_hash else []
     thread = referrals[0].thread if referrals else None
-    stored: list[dict[str, Any]] = []
+    items = []
     for r in resources:
         r = R.rewrite_refs(r, alias) if alias else r
         personal = r["resourceType"] != "Organization"
-        stored.append(store.put(conn, r, at=at, origin=ctx.node_id,
-                                thread=thread if personal else None,
-                                patient_hash=patient_hash if personal else None))
+        items.append((r, thread if personal else None, patient_hash if personal else None))
+    stored = store.put_many(conn, items, at=at, origin=ctx.node_id)
     routed: list[dict[str, Any]] = []
     refused: list[dict[str, Any]] = []
     if referrals and patient is not None:
@@ -94,9 +96,9 @@ def store_and_route(ctx: NodeContext, conn: Connection, bundle: dict[str, Any], 
     reports = [r["id"] for r in stored if r["resourceType"] in ("DiagnosticReport",
                                                                 "ImagingStudy")]
     if raw is not None:
-        conn.execute(insert(RESULT_MESSAGE).values(
-            adapter=adapter, source_key=source_key, received_at=at, patient_hash=patient_hash,
-            reports=len(reports), routed=len(routed), raw=raw))
+        conn.execute(_RAW, [{"adapter": adapter, "source_key": source_key, "received_at": at,
+                             "patient_hash": patient_hash, "reports": len(reports),
+                             "routed": len(routed), "raw": raw}])
     ctx.audit.append(conn, [AuditEntry(
         action="results", actor=f"adapter:{adapter}", kind=kind, thread=thread,
         patient_hash=patient_hash, at=at,
