@@ -754,6 +754,7 @@ def national_id(msg: Message, national_id_system: str) -> str | None:
     return None
 
 
+@kit_errors
 def to_fhir(msg: Message, head: Header, cfg: Settings) -> Results:
     """The Bundle (type collection) for one checked message; LisMessageError when it cannot."""
     return _Builder(msg, head, cfg).build()
