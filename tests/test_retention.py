@@ -36,6 +36,7 @@ from bridge.gateway.intake import Intake
 from bridge.privacy import patient_hash
 from bridge.store.tables import INBOX, OUTBOX
 from tests.factory import bundle_bytes
+from tests.harness import wait_for
 
 AUDIT = AuditRecord.__table__  # type: ignore[attr-defined]
 BODY = 50 * 1024
@@ -73,8 +74,10 @@ def on_disk(ctx: NodeContext) -> int:
     path = db_path(ctx)
     conn = sqlite3.connect(path)
     try:
-        busy, _log, _done = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-        assert busy == 0
+        # the store's own checkpoint thread (bridge/store/checkpoint.py) may be copying the WAL
+        # at this moment: SQLite answers busy to a second checkpoint, so ask again until ours ran
+        wait_for(lambda: conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0,
+                 timeout=30, what="a TRUNCATE checkpoint not busy")
     finally:
         conn.close()
     wal = path.with_name(path.name + "-wal")
