@@ -133,7 +133,8 @@ def test_the_centre_works_an_mdt_through_the_pages_and_the_inviter_refers_from_t
     status, _url, page = staff.open(f"/ui/consultations/{thread}/steps/report", {
         "icd10": "C34.1", "diagnosis": "右肺上叶恶性肿瘤（待病理证实）",
         "advice": "建议行胸腔镜下右肺上叶楔形切除术", "refer": "1", "refer_to": "core",
-        "referral_note": "建议上转胸外科住院手术（已与家属沟通同意）", "author": "张主任（呼吸内科）"})
+        "referral_note": "建议上转胸外科住院手术（已与家属沟通同意）",
+        "author": "张主任（呼吸内科）"})
     assert status == 200 and span(page, "step") == "报告质控中"
     assert span(page, "diagnosis") == "右肺上叶恶性肿瘤（待病理证实）"
     assert span(page, "report-status") == "初步"
@@ -159,11 +160,13 @@ def test_the_centre_works_an_mdt_through_the_pages_and_the_inviter_refers_from_t
                      r'<div class="org-en">Fuxing Hospital</div></div><h1>远程会诊报告</h1>', paper)
     assert 'class="draft-mark"' not in paper
     assert span(paper, "diagnosis") == "右肺上叶恶性肿瘤（待病理证实）"
-    assert cells(paper, "slip-fields")["会诊专家"] == "张主任 呼吸内科；王主任 胸外科；赵主任 病理科"
+    assert cells(paper, "slip-fields")["会诊专家"] == \
+        "张主任 呼吸内科；王主任 胸外科；赵主任 病理科"
     assert_readable(paper, "printed report")
     paper = gp.get(f"/ui/consultations/{thread}/print/application")
     assert '<div class="org">月坛社区卫生服务中心</div>' in paper
-    assert cells(paper, "slip-fields")["会诊目的（需解答的问题）"] == "右肺上叶结节性质？是否需要手术？"
+    assert cells(paper, "slip-fields")["会诊目的（需解答的问题）"] == \
+        "右肺上叶结节性质？是否需要手术？"
     paper = gp.get(f"/ui/consultations/{thread}/print/consent")
     assert "远程会诊知情同意书" in paper and "患者（或家属）签名" in paper
     assert cells(paper, "slip-fields")["签署记录"] == "远程会诊知情同意书：患者本人签署 执行中"
