@@ -151,7 +151,7 @@ def test_the_centre_works_an_mdt_through_the_pages_and_the_inviter_refers_from_t
     assert span(mine, "step") == "报告已接收"
     assert span(mine, "diagnosis") == "右肺上叶恶性肿瘤（待病理证实）"
     assert span(mine, "advice") == "建议行胸腔镜下右肺上叶楔形切除术"
-    assert span(mine, "referral") == "建议上转胸外科住院手术（已与家属沟通同意） → core"
+    assert span(mine, "referral") == "建议上转胸外科住院手术（已与家属沟通同意） → 复兴医院 (core)"
     assert span(mine, "report-status") == "最终" and span(mine, "author") == "张主任（呼吸内科）"
     assert "(ICD-10 C34.1)" in mine
     # the printed report under the centre's letterhead; application and consent under chc's

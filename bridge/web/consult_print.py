@@ -93,7 +93,7 @@ def consult_print_routes(web: Web) -> APIRouter:
                     ("video_link", e(video_link(appt))),
                     ("step", e(consult_step_name(lang, row["step"]))),
                     ("released_at", e(fmt_time(row["released_at"]))),
-                ]) + f'<h3>{e(t(lang, "report"))}</h3>{report_html(lang, d)}'
+                ]) + f'<h3>{e(t(lang, "report"))}</h3>{report_html(lang, d, web.member_name)}'
                 + signatures(lang, ["expert_signature", "qc_signature"]))
 
     @router.get("/consultations/{thread}/print/{which}")

@@ -13,6 +13,7 @@ refused one renders its error code. Every page showing the patient audits the lo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlencode
 
@@ -168,9 +169,11 @@ def study_of(d: dict[str, Any]) -> dict[str, Any] | None:
     return studies[0] if studies else None
 
 
-def report_html(lang: str, d: dict[str, Any]) -> str:
+def report_html(lang: str, d: dict[str, Any],
+                member: Callable[[str, str], str] | None = None) -> str:
     """The report as the inviting doctor reads it: diagnosis (with its ICD-10 code), advice,
-    a referral recommendation, or an imaging reading's conclusion on its study."""
+    a referral recommendation (to ``member``'s name of the member), or an imaging reading's
+    conclusion on its study."""
     out = []
     by_ref = d["by_ref"]
     for r in d["report"]:
@@ -191,7 +194,7 @@ def report_html(lang: str, d: dict[str, Any]) -> str:
                     to = next((CR.member_of(x.get("performer")) for x in entries
                                if x and CR.recommends(x)), None)
                     if to:
-                        txt += f" → {to}"
+                        txt += f" → {member(lang, to) if member else to}"
                 parts.append(f'<p><b>{e(s.get("title"))}:</b> <span class="{cls}">{e(txt)}'
                              f'</span>{(" (" + e(", ".join(icd)) + ")") if icd else ""}</p>')
             authors = "、".join(str(a.get("display") or "") for a in r.get("author") or [])
@@ -540,7 +543,7 @@ def consult_routes(web: Web) -> APIRouter:
             return web.not_found(request, role, thread)
         row = d["row"]
         actions, editor = step_forms(lang, d)
-        report = report_html(lang, d)
+        report = report_html(lang, d, web.member_name)
         draft = row["side"] == CENTRE and row["step"] in ("in-consultation", "reported")
         report_part = ""
         if report:
