@@ -130,6 +130,12 @@ def test_the_centre_works_an_mdt_through_the_pages_and_the_inviter_refers_from_t
     assert '<div class="beside">' in page and 'class="step report"' in page
     editor_side = page.split('<div class="beside">', 1)[1]
     assert "咳嗽两月" in editor_side  # the records are beside the editor
+    # a first draft, printed marked as a draft, then rewritten: only the last one is shown
+    status, _url, page = staff.open(f"/ui/consultations/{thread}/steps/report", {
+        "diagnosis": "肺结节待查", "advice": "初稿：建议随访", "author": "张主任"})
+    assert status == 200 and span(page, "advice") == "初稿：建议随访"
+    paper = staff.get(f"/ui/consultations/{thread}/print/report")
+    assert '<p class="draft-mark">草稿，未经质控</p>' in paper
     status, _url, page = staff.open(f"/ui/consultations/{thread}/steps/report", {
         "icd10": "C34.1", "diagnosis": "右肺上叶恶性肿瘤（待病理证实）",
         "advice": "建议行胸腔镜下右肺上叶楔形切除术", "refer": "1", "refer_to": "core",
@@ -139,6 +145,7 @@ def test_the_centre_works_an_mdt_through_the_pages_and_the_inviter_refers_from_t
     assert span(page, "diagnosis") == "右肺上叶恶性肿瘤（待病理证实）"
     assert span(page, "report-status") == "初步"
     assert 'value="C34.1"' in page  # the editor keeps the draft for the next edit
+    assert "初稿" not in page  # the earlier draft is neither the report nor a record
     mine = gp.get(f"/ui/consultations/{thread}")
     assert 'class="report-box' not in mine  # a draft stays at the centre
     status, _url, page = staff.open(f"/ui/consultations/{thread}/steps/release", {})
@@ -240,6 +247,22 @@ def test_cancel_before_the_meeting_and_refused_steps(al: Alliance, client: httpx
     assert status == 409 and "HT-REF-TRANSITION" in page
     status, _url, page = gp.open(f"/ui/consultations/{thread}/steps/cancel", {"reason": " "})
     assert status == 422 and row(chc, thread)["pending"] is None
+    # a video link that is not a web address: refused on the form; from the other side (the
+    # centre's API) it is shown as text, never made a link
+    status, _url, page = staff.open(f"/ui/consultations/{thread}/steps/schedule", {
+        "experts": "张主任 呼吸内科", "start": "2026-12-05T14:00", "end": "2026-12-05T15:00",
+        "link": "javascript:alert(1)"})
+    assert status == 422 and row(core, thread)["step"] == "received"
+    hostile = consults.schedule("core", 1)
+    hostile["entry"][0]["resource"]["extension"][0]["valueUrl"] = "javascript:alert(1)"
+    Fhir(client, core).op(thread, "schedule", hostile)
+    both(al, client, thread, "accepted", "scheduled")
+    mine = gp.get(f"/ui/consultations/{thread}")
+    assert cells(mine, "meeting")["视频会议链接"] == "javascript:alert(1)"
+    assert 'class="video"' not in mine and 'href="javascript' not in mine
+    # the schedule form offers the booked time again, in Beijing time
+    page = staff.get(f"/ui/consultations/{thread}")
+    assert 'name="start" value="2026-12-05T14:00"' in page
     # a form posted without the page's token changes nothing
     status, _url, _page = gp.open(f"/ui/consultations/{thread}/steps/cancel",
                                   {"reason": "患者已转往他院"}, csrf=False)

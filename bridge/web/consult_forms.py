@@ -10,8 +10,10 @@ import html
 import uuid
 from datetime import datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 from bridge.consult import codes as C
+from bridge.errors import InvalidResource
 from bridge.referral.codes import ICD10
 
 Resource = dict[str, Any]
@@ -39,7 +41,12 @@ def local_time(value: str) -> str:
     v = value.strip()
     if len(v) == 16:  # datetime-local has no seconds and no offset
         v += ":00"
-    parsed = datetime.fromisoformat(v)
+    try:
+        parsed = datetime.fromisoformat(v) if "T" in v else None
+    except ValueError:
+        parsed = None
+    if parsed is None:
+        raise ValueError("not a date and time (YYYY-MM-DDThh:mm)")
     if parsed.tzinfo is None:
         v += "+08:00"  # the alliance's wall clock is China Standard Time
     return v
@@ -77,8 +84,17 @@ def schedule(centre: str, names: list[tuple[str, str]], start: str, end: str,
                       "description": "远程会诊（视频）", "start": local_time(start),
                       "end": local_time(end), "participant": parts}
     if link.strip():
+        if not is_web_link(link):
+            raise InvalidResource("video meeting link: an http:// or https:// address")
         appt["extension"] = [{"url": C.VIDEO_EXTENSION, "valueUrl": link.strip()}]
     return collection([(_u(), appt), *made])
+
+
+def is_web_link(link: str) -> bool:
+    """An http(s) address with a host: the only links the pages make clickable (a link from
+    the other side could be ``javascript:`` or a local file)."""
+    parts = urlsplit(link.strip())
+    return parts.scheme in ("http", "https") and bool(parts.netloc)
 
 
 def report(patient_ref: str, f: dict[str, str], *, now: str) -> Resource:

@@ -14,6 +14,7 @@ refused one renders its error code. Every page showing the patient audits the lo
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 from urllib.parse import urlencode
 
@@ -46,7 +47,7 @@ from bridge.web.i18n import (
     status_name,
     t,
 )
-from bridge.web.layout import Web, e, fmt_time, parse_time, read_form, table
+from bridge.web.layout import CST, Web, e, fmt_time, parse_time, read_form, table
 from bridge.web.words import actor_name, priority_name, resource_status
 
 #: the steps a person takes on these pages (the others are taken by the nodes themselves)
@@ -71,6 +72,7 @@ def load(web: Web, thread: str) -> dict[str, Any] | None:
             return None
         task = store.get(conn, "Task", row.task_id)
         sr = store.get(conn, "ServiceRequest", row.sr_id)
+        pref = str((task.get("for") or {}).get("reference") or "")
         res = store.by_thread(conn, thread)
         have = {fv.ref(r) for r in res}
         for s in sr.get("supportingInfo") or []:  # shared results kept outside the thread
@@ -78,6 +80,8 @@ def load(web: Web, thread: str) -> dict[str, Any] | None:
             rtype, _, rid = reference.partition("/")
             if reference not in have and rtype in RECORD_TYPES and store.exists(conn, rtype, rid):
                 r = store.get(conn, rtype, rid)
+                if (r.get("subject") or r.get("patient") or {}).get("reference") != pref:
+                    continue  # only this consultation's patient's records, whatever it names
                 res.append(r)
                 have.add(reference)
                 for o in r.get("result") or []:
@@ -94,18 +98,28 @@ def load(web: Web, thread: str) -> dict[str, Any] | None:
             referral = conn.execute(select(REFERRAL.c.thread).where(
                 REFERRAL.c.thread == row.referral_thread)).scalar()
     by_ref = {fv.ref(r): r for r in res}
-    pref = str((task.get("for") or {}).get("reference") or "")
     report_refs = (row.report_refs or "").split()
     report = [by_ref[r] for r in report_refs if r in by_ref]
     records: dict[str, list[dict[str, Any]]] = {}
     for r in res:
-        if r["resourceType"] in RECORD_TYPES and fv.ref(r) not in report_refs:
+        if r["resourceType"] in RECORD_TYPES and fv.ref(r) not in report_refs \
+                and not is_report(r, f"ServiceRequest/{row.sr_id}"):
             records.setdefault(r["resourceType"], []).append(r)
     appt = by_ref.get(f"Appointment/{row.appointment_id}") if row.appointment_id else None
     return {"row": dict(row._mapping), "task": task, "sr": sr, "patient": by_ref.get(pref),
             "by_ref": by_ref, "report": report, "records": records, "steps": steps,
             "appointment": appt, "referral": referral,
             "consent": next((r for r in res if r["resourceType"] == "Consent"), None)}
+
+
+def is_report(r: dict[str, Any], focus: str) -> bool:
+    """A report of this consultation (an earlier draft included): a Consult note, or a
+    DiagnosticReport based on the consultation; not part of the shared record."""
+    if r["resourceType"] == "Composition":
+        return any(c.get("code") == CC.CONSULT_NOTE
+                   for c in (r.get("type") or {}).get("coding") or [])
+    return r["resourceType"] == "DiagnosticReport" and {"reference": focus} in (
+        r.get("basedOn") or [])
 
 
 def shown_refs(d: dict[str, Any]) -> list[tuple[str, str | None]]:
@@ -157,6 +171,15 @@ def experts(d: dict[str, Any]) -> list[str]:
         dept = "、".join(fv.text(s) for s in role.get("specialty") or [])
         out.append(f"{name} {dept}".strip() or str((p.get("actor") or {}).get("display") or ""))
     return out
+
+
+def wall(value: Any) -> str:
+    """A FHIR instant as a datetime-local field's value, in Beijing time."""
+    try:
+        at = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return ""
+    return (at.astimezone(CST) if at.tzinfo else at).strftime("%Y-%m-%dT%H:%M")
 
 
 def video_link(appt: dict[str, Any] | None) -> str:
@@ -287,8 +310,9 @@ def summary_html(web: Web, lang: str, d: dict[str, Any]) -> str:
                                       f'{e(fv.when(appt.get("end"), lang))}</span>')],
              [e(t(lang, "experts")), '<span class="experts">'
               + e("；".join(experts(d))) + "</span>"],
-             [e(t(lang, "video_link")), (f'<a class="video" href="{e(link)}" rel="noopener" '
-                                         f'target="_blank">{e(link)}</a>') if link else ""]],
+             [e(t(lang, "video_link")),
+              (f'<a class="video" href="{e(link)}" rel="noopener noreferrer" '
+               f'target="_blank">{e(link)}</a>') if forms.is_web_link(link) else e(link)]],
             "", "meeting"))
     return out
 
@@ -431,9 +455,9 @@ def consult_routes(web: Web) -> APIRouter:
                 f'{e(t(lang, "experts_hint"))})<br><textarea name="experts" rows="{high}" '
                 f'cols="40" required>{e(names)}</textarea></label><br>'
                 f'<label>{e(t(lang, "start_time"))} <input type="datetime-local" name="start" '
-                f'value="{e(str(appt.get("start") or "")[:16])}" required></label>'
+                f'value="{e(wall(appt.get("start")))}" required></label>'
                 f'<label>{e(t(lang, "end_time"))} <input type="datetime-local" name="end" '
-                f'value="{e(str(appt.get("end") or "")[:16])}" required></label>'
+                f'value="{e(wall(appt.get("end")))}" required></label>'
                 f'<label>{e(t(lang, "video_link"))} <input type="url" name="link" size="40" '
                 f'value="{e(video_link(appt))}"></label>')))
         if allowed(row, "start"):
