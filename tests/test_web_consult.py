@@ -361,3 +361,23 @@ def total_all(conn: Any) -> int:
 
     return int(conn.execute(select(func.count()).select_from(CONSULTATION).where(
         CONSULTATION.c.side == "centre")).scalar() or 0)
+
+
+def test_a_patient_the_centre_already_knows_is_named_on_the_page(al: Alliance,
+                                                                   client: httpx.Client) -> None:
+    chc, core = al.node("chc"), al.node("core")
+    fhir = Fhir(client, chc)
+    first, second = (request(fhir, consults.consultation(
+        "general", "core", national_id="110102198808080088", name="吴九", mrn=f"YT701{i}"))
+        for i in range(2))
+    both(al, client, second, "received", "received")
+    centre = Fhir(client, core)
+    patient = centre.read(f"Task/{second}")["for"]["reference"]
+    assert centre.read(f"Task/{first}")["for"]["reference"] == patient  # matched, not copied
+    staff = Browser(core).login("clinician")
+    for thread in (first, second):
+        page = staff.get(f"/ui/consultations/{thread}")
+        assert span(page, "name") == "吴九"
+        reads = sql(core, "SELECT resource FROM audit WHERE action = 'read' AND resource LIKE :p"
+                          " ORDER BY seq DESC LIMIT 1", p=f"%/ui/consultations/{thread}%")
+        assert patient in reads[0]["resource"]

@@ -90,6 +90,9 @@ def load(web: Web, thread: str) -> dict[str, Any] | None:
                             and store.exists(conn, *target.split("/", 1)):
                         res.append(store.get(conn, *target.split("/", 1)))
                         have.add(target)
+        ptype, _, pid = pref.partition("/")
+        if ptype == "Patient" and pref not in have and store.exists(conn, "Patient", pid):
+            res.append(store.get(conn, "Patient", pid))  # matched to a patient known here
         steps = [dict(s._mapping) for s in conn.execute(
             select(CONSULTATION_STEP).where(CONSULTATION_STEP.c.thread == thread)
             .order_by(CONSULTATION_STEP.c.id))]
