@@ -363,7 +363,7 @@ def total_all(conn: Any) -> int:
         CONSULTATION.c.side == "centre")).scalar() or 0)
 
 
-def test_a_patient_the_centre_already_knows_is_named_on_the_page(al: Alliance,
+def test_a_patient_and_an_expert_the_centre_knew_are_named_on_the_pages(al: Alliance,
                                                                    client: httpx.Client) -> None:
     chc, core = al.node("chc"), al.node("core")
     fhir = Fhir(client, chc)
@@ -381,3 +381,19 @@ def test_a_patient_the_centre_already_knows_is_named_on_the_page(al: Alliance,
         reads = sql(core, "SELECT resource FROM audit WHERE action = 'read' AND resource LIKE :p"
                           " ORDER BY seq DESC LIMIT 1", p=f"%/ui/consultations/{thread}%")
         assert patient in reads[0]["resource"]
+    # the second one booked with the expert the first one brought (known here, not in its
+    # bundle): both sides name the expert
+    centre.op(first, "schedule", consults.schedule("core", 1))
+    appt = centre.read(f"Appointment/{row(core, first)['appointment_id']}")
+    role = next(p["actor"]["reference"] for p in appt["participant"]
+                if p["actor"]["reference"].startswith("PractitionerRole/"))
+    again = consults.schedule("core", 1)
+    again["entry"] = again["entry"][:1]
+    again["entry"][0]["resource"]["participant"] = [{
+        "type": [{"coding": [{"system": consults.PARTICIPATION, "code": "CON"}]}],
+        "actor": {"reference": role}, "required": "required", "status": "accepted"}]
+    centre.op(second, "schedule", again)
+    both(al, client, second, "accepted", "scheduled")
+    for node in (core, chc):
+        page = Browser(node).login("clinician").get(f"/ui/consultations/{second}")
+        assert span(page, "experts") == "张主任 呼吸内科", node.local_url

@@ -90,6 +90,26 @@ def load(web: Web, thread: str) -> dict[str, Any] | None:
                             and store.exists(conn, *target.split("/", 1)):
                         res.append(store.get(conn, *target.split("/", 1)))
                         have.add(target)
+        def known(reference: str) -> dict[str, Any] | None:
+            """A person the page names (the inviting doctor, an expert), from the store when
+            the thread does not hold them (e.g. a PractitionerRole the centre had before)."""
+            rtype, _, rid = reference.partition("/")
+            if reference in have or rtype not in ("Practitioner", "PractitionerRole") \
+                    or not store.exists(conn, rtype, rid):
+                return None
+            r = store.get(conn, rtype, rid)
+            res.append(r)
+            have.add(reference)
+            return r
+
+        appt_ref = f"Appointment/{row.appointment_id}"
+        people = [str((sr.get("requester") or {}).get("reference") or "")] + [
+            str((p.get("actor") or {}).get("reference") or "")
+            for a in res if fv.ref(a) == appt_ref for p in a.get("participant") or []]
+        for reference in people:
+            role = known(reference) or next((r for r in res if fv.ref(r) == reference), None)
+            if role is not None and role["resourceType"] == "PractitionerRole":
+                known(str((role.get("practitioner") or {}).get("reference") or ""))
         ptype, _, pid = pref.partition("/")
         if ptype == "Patient" and pref not in have and store.exists(conn, "Patient", pid):
             res.append(store.get(conn, "Patient", pid))  # matched to a patient known here
