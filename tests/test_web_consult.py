@@ -363,8 +363,8 @@ def total_all(conn: Any) -> int:
         CONSULTATION.c.side == "centre")).scalar() or 0)
 
 
-def test_a_patient_and_an_expert_the_centre_knew_are_named_on_the_pages(al: Alliance,
-                                                                   client: httpx.Client) -> None:
+def test_a_patient_and_an_expert_the_centre_knew_are_named_on_the_pages(
+        al: Alliance, client: httpx.Client) -> None:
     chc, core = al.node("chc"), al.node("core")
     fhir = Fhir(client, chc)
     first, second = (request(fhir, consults.consultation(
