@@ -2,9 +2,10 @@
 
 ``login`` (personal accounts, or for one release the config's role tokens -> session),
 ``clinician`` (referral inbox and outbox, detail, step forms, discharge-and-return), ``slips``
-(printable slips), ``consultations`` and ``consult_print`` (remote consultation: the
-centre's queue, pre-review, schedule, report editor, release; the inviting side's view, the
-referral from a report; the printable application, consent and report), ``auditor``
+(printable slips), ``consultations`` (remote consultation: the centre's queue, pre-review,
+schedule, report editor, release; the inviting side's view, the referral from a report; what
+it shows in ``consult_view``, its forms' FHIR in ``consult_forms``) and ``consult_print`` (the
+printable application, consent and report), ``auditor``
 (exchange log, chain status, export), ``it`` (alerts, peers, queues, quarantine, adapters,
 mapping gaps, rules), ``stats`` (the yearly-report table with SVG charts, the consultation
 figures and their CSV), ``accounts`` (people, roles and API tokens; admin), ``messages`` (the

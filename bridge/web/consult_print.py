@@ -15,7 +15,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from bridge.web import fhirview as fv
-from bridge.web.consultations import (
+from bridge.web.consult_view import (
     doctor,
     experts,
     load,
