@@ -84,7 +84,8 @@ class Person:
             self.page.click(f"{form} button[type=submit]")
 
     def shot(self, name: str) -> None:
-        if "/ui/consultations" in self.page.url:  # no raw codes, statuses or ISO times
+        if "/ui/consultations" in self.page.url and self.page.evaluate(
+                "document.documentElement.lang") == "zh-CN":  # no raw codes or ISO times
             assert_readable(self.page.content(), name)
         Person.shots += 1
         out = SHOTS / f"consult-{Person.shots:02d}-{name}.png"
@@ -200,6 +201,17 @@ def test_an_expert_writes_and_releases_the_report_and_the_inviter_reads_and_prin
         assert referral and gp.page.url.endswith(f"/ui/referrals/{referral}")
         assert re.search(r"上转", gp.text("main"))
         gp.shot("referral-made")
+
+        # English is one click away, and the report reads the same
+        gp.go(f"/ui/consultations/{thread}")
+        with gp.page.expect_navigation():
+            gp.page.click("header a.lang")
+        assert gp.page.evaluate("document.documentElement.lang") == "en"
+        assert gp.text("h2") == "Consultation"
+        assert gp.text("span.step") == "Report received by the inviting side"
+        assert gp.text("span.diagnosis") == "右肺上叶恶性肿瘤（待病理证实）"
+        assert "Referral made from this report" in gp.text("p.referral-made")
+        gp.shot("inviter-report-en")
     finally:
         expert.close()
         gp.close()
