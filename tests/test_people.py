@@ -29,6 +29,7 @@ from bridge.privacy import patient_hash
 from bridge.store.db import Store
 from bridge.store.tables import OUTBOX
 from bridge.timeinput import parse_when, show, zone
+from tests import consults
 from tests.harness import ROOT, Alliance, NodeProcess, wait_for
 from tests.referrals import referral
 from tests.test_referral_loop import MEMBERS, RULES, both, new_thread
@@ -40,6 +41,9 @@ AUDIT = AuditRecord.__table__
 PASSWORD = "correct horse battery"
 WANG_ID = "110102195003151234"
 ZHAO_ID = "11010219620101002X"
+QIAN_ID = "110102197308080088"  # the consultation's patient (issue 16's pages)
+CONSULT_KINDS = ["consult.request", "consult.status", "consult.report"]
+PEOPLE_RULES = [{**r, "kinds": [*r["kinds"], *CONSULT_KINDS]} for r in RULES]
 
 
 def cli(node: NodeProcess, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -57,7 +61,7 @@ def add_user(node: NodeProcess, name: str, roles: str, display: str) -> None:
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory):
-    a = Alliance(tmp_path_factory.mktemp("people") / "alliance", MEMBERS, RULES)
+    a = Alliance(tmp_path_factory.mktemp("people") / "alliance", MEMBERS, PEOPLE_RULES)
     core, chc = a.node("core"), a.node("chc")
     for name, roles, display in (("dr.li", "clinician", "李医生"),
                                  ("dr.chen", "clinician", "陈医生"),
@@ -268,6 +272,21 @@ def thread(pair: Alliance) -> str:
     return t
 
 
+@pytest.fixture(scope="module")
+def consultation(pair: Alliance) -> str:
+    """A consultation chc asked core for, in core's queue (core is the centre)."""
+    chc, core = pair.node("chc"), pair.node("core")
+    answer = chc.api("POST", "/fhir", consults.consultation(
+        "general", "core", national_id=QIAN_ID, name="钱七", mrn="YT7799"), role="clinician")
+    sr_id = next(e["response"]["location"].split("/")[1] for e in answer["entry"]
+                 if e["response"]["location"].startswith("ServiceRequest/"))
+    found = wait_for(lambda: [r for r in core.api("GET", "/local/v1/consultations")
+                              if r["step"] == "received"], timeout=40,
+                     what="the consultation at the centre")
+    assert len(found) == 1 and sr_id
+    return str(found[0]["thread"])
+
+
 def test_two_clinicians_open_the_same_referral_and_the_auditor_sees_both(
         pair: Alliance, thread: str) -> None:
     core = pair.node("core")
@@ -357,6 +376,9 @@ ROUTES: dict[tuple[str, str], str] = {
     ("GET", "/ui/referrals/{thread}"): PHI,
     ("GET", "/ui/referrals/{thread}/slip"): PHI,
     ("GET", "/ui/referrals/{thread}/slip/{which}"): PHI,
+    ("GET", "/ui/consultations"): PHI,
+    ("GET", "/ui/consultations/{thread}"): PHI,
+    ("GET", "/ui/consultations/{thread}/print/{which}"): PHI,
     ("GET", "/ui/messages/{box}/{rid}"): PHI,  # the body only on ?body=1 (headers: none)
     ("GET", "/ui/audit"): PHI,  # hashes only, but the auditor's searches are recorded
     ("GET", "/fhir/{rtype}"): PHI,
@@ -376,6 +398,13 @@ ROUTES: dict[tuple[str, str], str] = {
     ("POST", "/ui/referrals/{thread}/return"): "a return (audited by the workflow)",
     ("POST", "/ui/audit/lookup"): "computes a hash; redirects",
     ("POST", "/ui/referrals/search"): "the list's filter: an ID number becomes a hash; redirects",
+    ("POST", "/ui/consultations/search"): "the list's filter: an ID number becomes a hash; "
+                                          "redirects",
+    ("POST", "/ui/consultations/{thread}/steps/{event}"): "a consultation step (audited by the "
+                                                          "workflow)",
+    ("POST", "/ui/consultations/{thread}/referral"): "a referral from the report (audited by "
+                                                     "the workflow)",
+    ("GET", "/ui/stats/consultations.csv"): "aggregates",
     ("GET", "/ui/it"): "queues and counts, no patient data",
     ("GET", "/ui/it/live"): "the dashboard's counts, no patient data",
     ("POST", "/ui/it/pause"): "pause or resume a peer or adapter (audited)",
@@ -422,7 +451,7 @@ ROUTES: dict[tuple[str, str], str] = {
 
 
 def test_every_route_is_classified_and_every_look_at_a_patient_is_audited_by_name(
-        pair: Alliance, thread: str) -> None:
+        pair: Alliance, thread: str, consultation: str) -> None:
     core, chc = pair.node("core"), pair.node("chc")
     routes = node_routes(core)
     unclassified = sorted(routes - set(ROUTES))
@@ -430,6 +459,7 @@ def test_every_route_is_classified_and_every_look_at_a_patient_is_audited_by_nam
                              f"{unclassified}"
     assert not set(ROUTES) - routes, "ROUTES names routes the app no longer has"
     phash = patient_hash(core.plan.patient_hash_key, WANG_ID)
+    qhash = patient_hash(core.plan.patient_hash_key, QIAN_ID)
     r = cli(core, "tokens", "issue", "--user", "dr.chen")
     chen_token = r.stdout.strip()
     r = cli(core, "tokens", "issue", "--user", "aud.wu")
@@ -455,6 +485,13 @@ def test_every_route_is_classified_and_every_look_at_a_patient_is_audited_by_nam
          "user:dr.li", [phash]),
         (("GET", "/ui/referrals/{thread}/slip/{which}"),
          lambda: li.get(f"/ui/referrals/{thread}/slip/referral"), "user:dr.li", [phash]),
+        (("GET", "/ui/consultations"), lambda: li.get("/ui/consultations?side=centre"),
+         "user:dr.li", [qhash]),
+        (("GET", "/ui/consultations/{thread}"),
+         lambda: li.get(f"/ui/consultations/{consultation}"), "user:dr.li", [qhash]),
+        (("GET", "/ui/consultations/{thread}/print/{which}"),
+         lambda: li.get(f"/ui/consultations/{consultation}/print/application"), "user:dr.li",
+         [qhash]),
         (("GET", "/ui/messages/{box}/{rid}"),
          lambda: it.get(f"/ui/messages/outbox/{box_id}?body=1"), "user:it.zhou", [None]),
         (("GET", "/ui/audit"), lambda: aud.get("/ui/audit"), "user:aud.wu", [None]),

@@ -2,11 +2,15 @@
 
 ``login`` (personal accounts, or for one release the config's role tokens -> session),
 ``clinician`` (referral inbox and outbox, detail, step forms, discharge-and-return), ``slips``
-(printable slips), ``auditor`` (exchange log, chain status, export), ``it`` (alerts, peers,
-queues, quarantine, adapters, mapping gaps, rules), ``stats`` (the yearly-report table with SVG
-charts), ``accounts`` (people, roles and API tokens; admin), ``messages`` (the message browser;
-IT). ``layout`` holds the page frame; ``fhirview`` renders FHIR resources for people. Every page
-that shows patient data audits the look by name (``Web.audit_read``).
+(printable slips), ``consultations`` (remote consultation: the centre's queue, pre-review,
+schedule, report editor, release; the inviting side's view, the referral from a report; what
+it shows in ``consult_view``, its forms' FHIR in ``consult_forms``) and ``consult_print`` (the
+printable application, consent and report), ``auditor``
+(exchange log, chain status, export), ``it`` (alerts, peers, queues, quarantine, adapters,
+mapping gaps, rules), ``stats`` (the yearly-report table with SVG charts, the consultation
+figures and their CSV), ``accounts`` (people, roles and API tokens; admin), ``messages`` (the
+message browser; IT). ``layout`` holds the page frame; ``fhirview`` renders FHIR resources for
+people. Every page that shows patient data audits the look by name (``Web.audit_read``).
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ def web_router(node: Node) -> APIRouter:
     from bridge.web.accounts import account_routes
     from bridge.web.auditor import auditor_routes
     from bridge.web.clinician import clinician_routes
+    from bridge.web.consult_print import consult_print_routes
+    from bridge.web.consultations import consult_routes
     from bridge.web.it import it_routes
     from bridge.web.layout import Web
     from bridge.web.login import home_route, login_routes
@@ -56,6 +62,7 @@ def web_router(node: Node) -> APIRouter:
     router.add_api_route("/static/dashboard.js", dashboard_script, methods=["GET"])
     router.include_router(dashboard_routes(web))  # the live part of /ui/it, pause/resume
     for part in (login_routes(web), clinician_routes(web), slip_routes(web),
+                 consult_routes(web), consult_print_routes(web),
                  auditor_routes(web), it_routes(web, alerter), stats_routes(web),
                  account_routes(web), message_routes(web)):
         router.include_router(part)

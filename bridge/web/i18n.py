@@ -339,3 +339,122 @@ LABELS.update({  # people branch: personal accounts, audit by name, message brow
     "shown": ("条显示于此", "shown here"),
     "see_all": ("查看全部", "See all"),
 })
+
+
+LABELS.update({  # consultations (远程会诊, MDT, imaging reading): bridge/web/consultations.py
+    "consultations": ("远程会诊", "Consultations"),
+    "consult_detail": ("会诊详情", "Consultation"),
+    "consult_queue": ("会诊中心待办（本院为会诊中心）", "Centre queue (we are the centre)"),
+    "consult_mine": ("本院发起的会诊", "Our consultations (we invite)"),
+    "centre": ("会诊中心", "Consultation centre"),
+    "inviter": ("申请机构", "Inviting member"),
+    "inviting_doctor": ("申请医生", "Inviting doctor"),
+    "consult_no": ("会诊申请单号", "Application no."),
+    "consult_reason": ("申请原因", "Reason"),
+    "question": ("会诊目的（需解答的问题）", "Question to the experts"),
+    "missing": ("需补充的资料", "What is missing"),
+    "cancel_asked": ("已申请取消，等待会诊中心确认", "Cancellation asked, waiting for the centre"),
+    "shared_records": ("病历资料与检查检验结果", "Shared records and results"),
+    "records_text": ("补充资料内容", "The completed records"),
+    "experts": ("会诊专家", "Experts"),
+    "experts_hint": ("每行一位：姓名 科室", "One per line: name department"),
+    "experts_n": ("本类会诊专家人数", "Experts for this kind"),
+    "meeting": ("会诊时间", "Meeting time"),
+    "start_time": ("开始时间", "Start"),
+    "end_time": ("结束时间", "End"),
+    "video_link": ("视频会议链接", "Video meeting link"),
+    "report": ("会诊报告", "Consultation report"),
+    "report_draft": ("报告草稿（质控前）", "Draft report (before quality control)"),
+    "report_editor": ("书写会诊报告", "Write the report"),
+    "consult_diagnosis": ("会诊诊断", "Diagnosis"),
+    "icd10": ("诊断编码（ICD-10）", "Diagnosis code (ICD-10)"),
+    "advice": ("诊疗建议", "Treatment advice"),
+    "author": ("报告医师", "Reporting expert"),
+    "recommend_referral": ("建议转诊", "Recommend referral"),
+    "refer_to": ("建议转往", "Refer to"),
+    "referral_note": ("转诊建议说明（已与家属沟通）", "Referral advice (agreed with the family)"),
+    "conclusion": ("影像诊断结论", "Conclusion of the study"),
+    "findings": ("影像所见", "Findings"),
+    "released_at": ("报告发布时间", "Released at"),
+    "step_return": ("退回补充资料", "Return for completion"),
+    "step_schedule": ("分配专家并排期", "Assign experts and schedule"),
+    "step_start": ("开始会诊", "Start the consultation"),
+    "step_report": ("保存报告草稿", "Save the draft report"),
+    "step_release": ("质控通过并发布报告", "Quality check passed: release"),
+    "step_cancelled": ("取消会诊", "Cancel the consultation"),
+    "step_cancel": ("申请取消会诊", "Ask to cancel"),
+    "step_resubmit": ("补充资料后重新提交", "Resubmit with the records"),
+    "step_follow-up": ("安排随访", "Plan the follow-up"),
+    "step_close": ("结束会诊", "Close"),
+    "follow_up_text": ("随访安排", "Follow-up plan"),
+    "follow_up_start": ("随访开始日期", "Follow-up from"),
+    "make_referral": ("按会诊建议发起转诊", "Refer as the report recommends"),
+    "referral_kind": ("转诊类型", "Referral kind"),
+    "referral_consent": ("患者或家属已签署转诊知情同意", "The patient or family consented to the referral"),
+    "referral_made": ("已据此发起转诊", "Referral made from this report"),
+    "open_referral": ("查看转诊", "Open the referral"),
+    "print_application": ("远程会诊申请单", "Consultation application"),
+    "print_consent": ("远程会诊知情同意书", "Consultation consent"),
+    "print_report": ("远程会诊报告", "Consultation report"),
+    "prints": ("打印", "Print"),
+    "consent_text": (("本人已了解远程会诊的目的、方式及可能的风险：会诊专家依据所提供的病历资料和检查结果提出诊疗意见，"
+                     "会诊意见仅供经治医师参考；本人同意将病历资料和检查检验结果提供给会诊中心及会诊专家，"
+                     "并同意以视频方式进行会诊。"),
+                     ("I understand the purpose, manner and possible risks of the remote consultation: the "
+                     "experts give their opinion from the records and results provided, and the opinion "
+                     "advises my treating doctor. I agree that my records and results are shared with the "
+                     "consultation centre and its experts, and to a consultation by video.")),
+    "consent_recorded": ("签署记录", "Consent as recorded"),
+    "consent_at": ("签署时间", "Signed at"),
+    "patient_signature": ("患者（或家属）签名", "Patient (or family) signature"),
+    "relationship": ("与患者关系", "Relationship to the patient"),
+    "doctor_signature": ("经治医师签名", "Treating doctor's signature"),
+    "expert_signature": ("会诊专家签名", "Experts' signatures"),
+    "qc_signature": ("质控", "Quality control"),
+    "draft_mark": ("草稿，未经质控", "Draft, not yet quality-checked"),
+    "stats_consult": ("远程会诊统计（按申请机构与月份）", "Consultations by inviting member and month"),
+    "consult_requested": ("申请", "Requested"),
+    "consult_completed": ("完成（报告已发布）", "Completed (report released)"),
+    "consult_referred": ("转为转诊", "Turned into referrals"),
+    "referral_share": ("转诊比例", "Share referred"),
+    "median_report": ("申请至报告（中位）", "Median time to report"),
+    "export_csv": ("导出 CSV", "Export CSV"),
+    "returned_for": ("退回原因", "Returned because"),
+})
+
+CONSULT_EVENTS: dict[str, tuple[str, str]] = {  # the consultation history's events
+    "request": ("提交会诊申请", "requested"), "received": ("会诊中心已收到", "received"),
+    "return": ("退回补充资料", "returned for completion"),
+    "resubmit": ("补充资料重新提交", "resubmitted"), "schedule": ("分配专家并排期", "scheduled"),
+    "start": ("开始会诊", "consultation started"), "report": ("书写报告", "report written"),
+    "release": ("质控通过，报告发布", "report released"),
+    "report-received": ("报告已接收", "report received"),
+    "follow-up": ("安排随访", "follow-up planned"), "close": ("结束", "closed"),
+    "cancel": ("申请取消", "cancellation asked"), "cancelled": ("已取消", "cancelled"),
+    "cancel-refused": ("取消未获同意（会诊已开始）", "cancellation refused"),
+}
+
+
+def consult_step_name(lang: str, code: str | None) -> str:
+    from bridge.consult.codes import STEPS as CONSULT_STEPS
+
+    s = CONSULT_STEPS.get(code or "")
+    if s is None:
+        return code or ""
+    return s.en if lang == "en" else s.zh
+
+
+def consult_kind_name(lang: str, code: str | None) -> str:
+    from bridge.consult.codes import KINDS as CONSULT_KINDS
+
+    k = CONSULT_KINDS.get(code or "")
+    if k is None:
+        return code or ""
+    return k.en if lang == "en" else k.zh
+
+
+def consult_event_name(lang: str, code: str | None) -> str:
+    pair = CONSULT_EVENTS.get(code or "")
+    if pair is None:
+        return code or ""
+    return pair[1] if lang == "en" else pair[0]

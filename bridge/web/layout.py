@@ -38,7 +38,8 @@ HOME = {"clinician": "/ui/referrals", "auditor": "/ui/audit", "it": "/ui/it",
         "admin": "/ui/accounts"}
 #: nav links per role: (label key, path); statistics are aggregates, open to every role
 NAV = {
-    "clinician": (("referrals", "/ui/referrals"), ("stats", "/ui/stats")),
+    "clinician": (("referrals", "/ui/referrals"), ("consultations", "/ui/consultations"),
+                  ("stats", "/ui/stats")),
     "auditor": (("audit", "/ui/audit"), ("stats", "/ui/stats")),
     "it": (("it", "/ui/it"), ("messages", "/ui/messages"), ("stats", "/ui/stats")),
     "admin": (("accounts", "/ui/accounts"),),
@@ -70,7 +71,16 @@ label{display:inline-block;margin-right:.6em}
 .slip{background:#fff;padding:2em;max-width:800px;border:1px solid #999}
 .slip h1{text-align:center;letter-spacing:.3em}
 .chart{background:#fff;border:1px solid #ccd;margin:.5em 0 1.5em}
-@media print{header,.noprint{display:none}body{background:#fff}main{padding:0}
+.beside{display:grid;grid-template-columns:minmax(0,1fr) minmax(0,1fr);gap:1em}
+.beside>div,.report-box{background:#fff;border:1px solid #ccd;padding:.5em 1em;margin:.5em 0}
+form.step textarea{max-width:100%;box-sizing:border-box}
+.letterhead{text-align:center;border-bottom:2px solid #1d4e89;padding-bottom:.4em}
+.letterhead .org{font-size:1.5em;font-weight:bold;letter-spacing:.2em}
+.letterhead .org-en{font-size:.85em;color:#444}
+.draft-mark{color:#b36b00;font-weight:bold;text-align:center}
+.signatures p{margin:1.6em 0 .4em}
+@page{size:A4;margin:15mm}
+@media print{header,.noprint{display:none}body{background:#fff}main{padding:0}main>h2{display:none}
  .slip{border:none;padding:0;max-width:none}table{page-break-inside:avoid}}
 """
 

@@ -4,12 +4,16 @@ Per member (the member that made the referral) and month (Beijing time): up- and
 down-referrals, green channel, accepted, rejected, cancelled, returned, acceptance rate
 (accepted / decided), median time from request to acceptance and from request to return;
 results shared (``result.*`` packets this node sent and had acknowledged, or received) per
-sending member. The referral table holds both sides' rows (``side``), so a node counts every
-referral it took part in once. Open to every role: aggregates only, no patient data.
+sending member; consultations per inviting member and month (``bridge/consult/stats.py``), also
+as CSV (``/ui/stats/consultations.csv``). The referral table holds both sides' rows
+(``side``), so a node counts every referral it took part in once. Open to every role:
+aggregates only, no patient data.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -20,6 +24,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from sqlalchemy import select
 
+from bridge.consult.stats import CSV_HEADER, ConsultCell, csv_rows
 from bridge.referral.codes import KINDS
 from bridge.referral.tables import REFERRAL
 from bridge.store.tables import INBOX, OUTBOX
@@ -180,7 +185,61 @@ def stats_routes(web: Web) -> APIRouter:
                  f'{e(t(lang, "filter"))}</button></form>')
         body = (years + f'<p><small>{e(t(lang, "stats_hint"))}</small></p>'
                 f'<h3>{e(t(lang, "stats_year"))}</h3>{yearly}<div class="charts">{charts}</div>'
-                f'<h3>{e(t(lang, "stats_month"))}</h3>{monthly}')
+                f'<h3>{e(t(lang, "stats_month"))}</h3>{monthly}'
+                + consult_section(lang, year))
         return web.page(request, t(lang, "stats"), body, role=role)
+
+    def consult_section(lang: str, year: int) -> str:
+        """Consultations per inviting member and month (``bridge/consult/stats.py``): requested,
+        completed (report released), cancelled, turned into referrals, the share referred and
+        the median time from request to report; a total row; the CSV link."""
+        cells = web.node.consult.stats(year)
+        heads = [t(lang, "month"), t(lang, "member"), t(lang, "consult_requested"),
+                 t(lang, "consult_completed"), t(lang, "cancelled_n"),
+                 t(lang, "consult_referred"), t(lang, "referral_share"),
+                 t(lang, "median_report")]
+        total = ConsultCell()
+        for c in cells.values():
+            total.requested += c.requested
+            total.completed += c.completed
+            total.cancelled += c.cancelled
+            total.referred += c.referred
+            total.to_report_h += c.to_report_h
+
+        def row(month: str, member: str, c: ConsultCell) -> list[str]:
+            share, median = c.referral_share, c.median_to_report_h
+            return [e(month), e(web.member_name(lang, member) if member else t(lang, "total")),
+                    e(c.requested), e(c.completed), e(c.cancelled), e(c.referred),
+                    e("—" if share is None else f"{share * 100:.1f}%"),
+                    "—" if median is None else
+                    f'<span data-seconds="{median * 3600:.1f}">{e(fmt_age(median * 3600))}'
+                    f'</span>']
+
+        rows = [row(m, who, c) for (m, who), c in sorted(cells.items())]
+        if cells:
+            rows.append(row(str(year), "", total))
+        return (f'<h3>{e(t(lang, "stats_consult"))}</h3>'
+                + table(heads, rows, t(lang, "none"), "consult-stats", num=tuple(range(2, 8)))
+                + f'<p class="noprint"><a class="consult-csv" '
+                f'href="/ui/stats/consultations.csv?year={year}">{e(t(lang, "export_csv"))}'
+                f'</a></p>')
+
+    @router.get("/stats/consultations.csv")
+    def consult_csv(request: Request) -> Response:
+        """The consultation figures of one year as CSV (aggregates only, no patient data)."""
+        role = web.gate(request, "clinician", "auditor", "it")
+        if not isinstance(role, str):
+            return role
+        this_year = ctx.now().astimezone(CST).year
+        try:
+            year = int(request.query_params.get("year") or this_year)
+        except ValueError:
+            year = this_year
+        out = io.StringIO()
+        w = csv.writer(out, lineterminator="\n")
+        w.writerow(CSV_HEADER)
+        w.writerows(csv_rows(web.node.consult.stats(year)))
+        return Response(out.getvalue(), media_type="text/csv; charset=utf-8", headers={
+            "Content-Disposition": f'attachment; filename="consultations-{year}.csv"'})
 
     return router
