@@ -87,7 +87,7 @@ class Node:
         handlers.update(receivers(self, self.adapters))
         self.dispatcher = Dispatcher(
             self.ctx, handlers, hooks={"referral.": self.workflow.apply_packet,
-                                      "consult.": self.consult.apply_packet,
+                                      "consult.": self._apply_consult,
                                       "result.": self._apply_result},
             lanes=self.lanes,
         )
@@ -117,6 +117,24 @@ class Node:
             to_imaging_sinks(self.adapters, imaging_events(
                 ev.bundle, key=item.packet_id, sender=item.sender, thread=item.thread,
                 patient=ev.patient, party=ev.view is not None))  # the inbox checked the party
+        return ev
+
+    def _apply_consult(self, item: Any) -> Any:
+        """The dispatcher hook of ``consult.*``: the workflow applies the step (its party
+        check first); a released imaging reading then also goes to the adapters that keep
+        reports with their studies (the PACS), as a ``result.imaging`` report does."""
+        ev = self.consult.apply_packet(item)
+        if item.kind == "consult.report" and ev.side == "inviter":
+            mine = ev.view["resources"]
+            task: dict[str, Any] = next(
+                (r for r in mine if r["resourceType"] == "Task"
+                 and r["id"] == ev.view["consultation"]["task_id"]), {})
+            bundle = {"resourceType": "Bundle", "entry": [
+                {"resource": r} for r in mine
+                if r["resourceType"] in ("DiagnosticReport", "ImagingStudy")]}
+            to_imaging_sinks(self.adapters, imaging_events(
+                bundle, key=item.packet_id, sender=item.sender, thread=item.thread,
+                patient=(task.get("for") or {}).get("reference"), party=True))
         return ev
 
     # -- jobs ---------------------------------------------------------------------------------
