@@ -12,6 +12,9 @@ the site's field maps (``simulators/his_db_fields/*.csv``) must describe:
   ``ZZ_JS_JCBG`` (检查报告, updated in place by the report's id); the slip tables each
   with a unique ``XXID`` (the packet id: a re-delivery never adds a row) and ``LSH``
   (流水号: the referral thread, which the HIS copies into its acceptance and return);
+* consultations (远程会诊): outbound ``ZZ_HZSQ`` 会诊申请 and ``ZZ_HZBC`` 补充资料, inbox
+  ``ZZ_JS_HZZT`` 会诊状态 (one row per step the centre took) and ``ZZ_JS_HZBG`` 会诊报告 (the
+  released report, the PDF of an imaging reading in ``BGWJ``): see the tables below;
 * pinyin column names, 性别 ``XB`` 1/2/9, dates ``CSRQ`` as ``yyyyMMdd`` text, times ``TXSJ``
   as ``yyyyMMddHHmmss`` (China time), flags 1/0, referral type ``ZZLX`` 1..5;
 * row ids come from a sequence table ``ZZ_XH`` (like an Oracle sequence), so an id can be taken

@@ -19,6 +19,10 @@ with the row as source key (``ZZ_SQD:<id>``), so each row acts exactly once:
   by each row once, linked to a referral received here only through the column the option
   ``visit_referral_column`` names (:mod:`~adapters.his_db.visits`).
 
+Consultations (远程会诊, MDT, imaging reading): ``ZZ_HZSQ`` requests and ``ZZ_HZBC`` completed
+records in, the centre's steps (``ZZ_JS_HZZT``) and the released report (``ZZ_JS_HZBG``) out,
+in :mod:`~adapters.his_db.consult`.
+
 Bad rows are quarantined (``record`` ``ZZ_SQD#<id>``, ``field`` the vendor column) and the poll
 goes on with the next row: missing mandatory field, unparseable date, value not in the field
 map's value list, unknown diagnosis code (see :mod:`adapters.slips_fhir` for which code gaps
