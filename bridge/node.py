@@ -121,18 +121,21 @@ class Node:
         return ev
 
     def _apply_consult(self, item: Any) -> Any:
-        """The dispatcher hook of ``consult.*``: the consultation workflow applies the step; a
-        released imaging reading (``consult.report`` at the inviting side) then also goes to
-        the adapters that keep reports with their studies (the PACS that holds the study)."""
+        """The dispatcher hook of ``consult.*``: the workflow applies the step (its party
+        check first); a released imaging reading (``consult.report`` at the inviting side)
+        then also goes to the adapters that keep reports with their studies (the PACS that
+        holds the study), as a ``result.imaging`` report does. The packet's Bundle is read, not
+        the thread's stored resources: the study the report names may be our own PACS record
+        outside the thread, which travels back with the report but is not stored again."""
         ev = self.consult.apply_packet(item)
         if item.kind == "consult.report" and ev.side == "inviter":
             row = ev.view["consultation"]
-            mine: dict[str, Any] = next((r for r in ev.view["resources"]
-                                         if r.get("resourceType") == "Task"
-                                         and r.get("id") == row["task_id"]), {})
+            task: dict[str, Any] = next(
+                (r for r in ev.view["resources"] if r["resourceType"] == "Task"
+                 and r["id"] == row["task_id"]), {})
             to_imaging_sinks(self.adapters, imaging_events(
                 orjson.loads(item.body), key=item.packet_id, sender=item.sender,
-                thread=item.thread, patient=(mine.get("for") or {}).get("reference"),
+                thread=item.thread, patient=(task.get("for") or {}).get("reference"),
                 party=row["centre"] == item.sender))  # the workflow checked the party
         return ev
 
