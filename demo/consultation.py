@@ -2,14 +2,19 @@
 a respiratory MDT and for a reading of a CT its own PACS holds, and every step is checked on
 both nodes and where it lands.
 
-Yuetan's doctor and the centre's staff act over each node's hospital-facing FHIR API (``POST
-/fhir`` transaction, ``POST /fhir/Task/{id}/$<step>``), as a HIS or the centre's pages would; the
-CT comes from Yuetan's scanner (DICOM C-STORE into its PACS adapter) and the centre fetches it
-on demand (``imaging.fetch-request``). The steps and resources: docs/contributors/consultation.md.
+Yuetan's doctor works in Yuetan's intermediate-database HIS: a 会诊申请 row (``ZZ_HZSQ``), the
+records the centre asked for (``ZZ_HZBC``); the centre's steps and reports come back as
+``ZZ_JS_HZZT`` / ``ZZ_JS_HZBG`` rows (an imaging reading also in ``ZZ_JS_JCBG``). The centre's
+staff act over Fuxing's hospital-facing FHIR API (``POST /fhir/Task/{id}/$<step>``), as its
+consultation pages do; Yuetan's follow-up, close and the one-click referral go over Yuetan's
+(no HIS style carries them). The CT comes from Yuetan's scanner (DICOM C-STORE into its PACS
+adapter) and the centre fetches it on demand (``imaging.fetch-request``). The steps and
+resources: docs/contributors/consultation.md.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import zipfile
@@ -18,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from adapters.consult_slips import ConsultSlip, ResubmitSlip
 from bridge.consult.codes import EXPERT_ROLE, INVITER_ROLE, STEP_SYSTEM
 from bridge.errors import HutongError
 from demo import records
@@ -26,10 +32,13 @@ from demo.vendors import modality_push
 if TYPE_CHECKING:
     from demo.scenario import Scenario
     from demo.world import Member
+    from simulators.his_db import HisDb
 
 CENTRE, INVITER = "fuxing", "yuetan-chc"
 #: the consultation's patient at Yuetan (the CT's DICOM header names her)
 PATIENT = ("刘桂珍", "F", "19560606", "110102195606066789", "YT0016")
+#: the diagnosis Yuetan writes (its own code; R91 in ICD-10) and the report's, back in Yuetan's
+LOCAL_DIAGNOSIS, REPORT_LOCAL = ("YTZ-14", "肺结节"), "YTZ-15"
 QUESTION_MDT = "右肺上叶结节 18mm，性质？手术还是随访？请呼吸、胸外、放射科多学科会诊"
 QUESTION_CT = "请阅胸部CT：右肺上叶结节性质及分级"
 MISSING = "缺肺功能报告，请补充后重新提交"
@@ -101,17 +110,35 @@ class Consultations:
         study = self.ct_at_yuetan()
         if study is None:
             return
-        uid, study_ref, patient = study
-        mdt = self.request("mdt", "respiratory MDT (多学科会诊)", records.consult_request(
-            "mdt", patient, QUESTION_MDT, priority="urgent",
-            summary="咳嗽两月，胸部CT示右肺上叶结节 18mm；吸烟三十年"))
-        ct = self.request("imaging-reading", "CT reading (远程影像诊断)", records.consult_request(
-            "imaging-reading", patient, QUESTION_CT, summary="社区胸部CT平扫，请上级医院阅片",
-            study_ref=study_ref))
+        uid, study_ref, _ = study
+        n = self.scenario.run_id
+        mdt = self.request(self.slip(f"YTHZ{n}1", "mdt", QUESTION_MDT, urgent=True,
+                                     summary="咳嗽两月，胸部CT示右肺上叶结节 18mm；吸烟三十年"),
+                           "respiratory MDT (多学科会诊)")
+        ct = self.request(self.slip(f"YTHZ{n}2", "imaging-reading", QUESTION_CT, study=uid,
+                                    summary="社区胸部CT平扫，请上级医院阅片"),
+                          "CT reading (远程影像诊断)")
         if mdt:
-            self.mdt(mdt)
+            self.mdt(*mdt)
         if ct:
-            self.reading(ct, uid, study_ref)
+            self.reading(*ct, uid, study_ref)
+
+    @property
+    def his(self) -> HisDb:
+        return self.scenario.vendors.his[INVITER]  # type: ignore[no-any-return]
+
+    def slip(self, slip_no: str, kind: str, question: str, *, summary: str,
+             urgent: bool = False, study: str = "") -> ConsultSlip:
+        name, sex, birth, nid, mrn = PATIENT
+        return ConsultSlip(
+            slip_no=slip_no, kind=kind, to_member=CENTRE, patient_name=name,
+            gender={"F": "female", "M": "male"}[sex],
+            birth_date=f"{birth[:4]}-{birth[4:6]}-{birth[6:]}", id_number=nid,
+            phone="13901230016", mrn=mrn, diagnosis_code=LOCAL_DIAGNOSIS[0],
+            diagnosis_name=LOCAL_DIAGNOSIS[1], reason="明确结节性质，制定诊疗方案",
+            question=question, summary=summary, specialties="KS05", urgent=urgent,
+            consent_by="患者本人", consent_doc=f"ZQTY-{slip_no}", study_uid=study,
+            shared_results="", doctor="李医生", written_at=records.now())
 
     def ct_at_yuetan(self) -> tuple[str, str, str] | None:
         """Yuetan's CT scanner stores a chest CT in Yuetan's PACS adapter (an ImagingStudy
@@ -138,22 +165,47 @@ class Consultations:
         self.files = files
         return (uid, f"ImagingStudy/{rid}", patient) if patient else None
 
-    def request(self, kind: str, what: str, bundle: dict[str, Any]) -> str | None:
-        """Yuetan's doctor sends the application with the consent; the Task is the thread."""
-        def send() -> str:
-            answer = fhir(self.yt, "POST", "", bundle)
-            sr = next(e["response"]["location"].split("/")[1] for e in answer["entry"]
-                      if e["response"]["location"].startswith("ServiceRequest/"))
-            found = fhir(self.yt, "GET", f"/Task?focus=ServiceRequest/{sr}")
-            return str(found["entry"][0]["resource"]["id"])
-        thread = self.act(f"Yuetan asks for a {what}", send)
+    def request(self, slip: ConsultSlip, what: str) -> tuple[str, str] | None:
+        """Yuetan's doctor writes the application (ZZ_HZSQ, consent signer and document); the
+        centre has it with the question and the consent, and Yuetan's HIS the 'received'."""
+        before = {r["thread"] for r in self.fx.api("GET", "/local/v1/consultations")}
+        if self.act(f"{what}: 会诊申请 written in Yuetan's HIS (ZZ_HZSQ)",
+                    lambda: self.his.write_consult(slip)) is None:
+            return None
+
+        def at_centre() -> str | None:
+            new = [r for r in self.fx.api("GET", "/local/v1/consultations")
+                   if r["thread"] not in before and r["inviter"] == INVITER]
+            if not new:
+                return None
+            sr = fhir(self.fx, "GET", f"/ServiceRequest/{new[0]['sr_id']}")
+            consent = next(fhir(self.fx, "GET", "/" + x["reference"])
+                           for x in sr["supportingInfo"]
+                           if x["reference"].startswith("Consent/"))
+            got = (new[0]["kind"], sr["note"][0]["text"], sr["reasonCode"][0]["coding"][0]["code"],
+                   consent["performer"][0]["display"])
+            if got != (slip.kind, slip.question, "R91", "患者本人"):
+                raise HutongError(f"the request at the centre: {got}")
+            return str(new[0]["thread"])
+        thread = self.scenario.check(f"{what} from Yuetan's HIS (ZZ_HZSQ) at the centre: kind, "
+                                     "question, R91 (Yuetan's YTZ-14), the consent's signer",
+                                     at_centre)
         if thread is None:
             return None
-        ok = self.at(thread, "received", "received",
-                     f"{what} from Yuetan received by the centre")
-        return str(thread) if ok else None
+        if not self.at(thread, "received", "received", f"{what} received by the centre"):
+            return None
+        ok = self.scenario.check(f"{what}: 'received' in Yuetan's HIS (ZZ_JS_HZZT)",
+                                 lambda: self.his_step(slip.slip_no, "received", thread))
+        return (thread, slip.slip_no) if ok else None
 
-    def mdt(self, thread: str) -> None:
+    def his_step(self, slip_no: str, event: str, thread: str) -> dict[str, Any] | None:
+        """The centre's step as Yuetan's HIS has it (a ZZ_JS_HZZT row on the thread)."""
+        rows = [r for r in self.his.consult_states(slip_no) if r["SJLX"] == event]
+        if rows and rows[-1]["LSH"] != thread:
+            raise HutongError(f"ZZ_JS_HZZT {event} row on thread {rows[-1]['LSH']}")
+        return rows[-1] if rows else None
+
+    def mdt(self, thread: str, slip_no: str) -> None:
         yt, fx = self.yt, self.fx
         # pre-review: returned for completion, with what is missing
         if self.act("the centre returns the MDT for completion", lambda: fhir(
@@ -163,13 +215,17 @@ class Consultations:
         if not self.at(thread, "on-hold", "returned", "MDT returned for completion "
                                                       "(the reason at Yuetan)"):
             return
-        self.scenario.check("what is missing reaches Yuetan (Task.statusReason)",
-                            lambda: (row(yt, thread) or {}).get("reason") == MISSING and
-                            fhir(yt, "GET", f"/Task/{thread}")["statusReason"]["text"] == MISSING)
+        self.scenario.check("what is missing in Yuetan's HIS (ZZ_JS_HZZT: returned, on-hold, "
+                            "ZTSM) and on its node", lambda: (
+                                (st := self.his_step(slip_no, "return", thread)) is not None
+                                and (st["HZZT"], st["RWZT"], st["ZTSM"]) == (
+                                    "returned", "on-hold", MISSING)
+                                and (row(yt, thread) or {}).get("reason") == MISSING))
         patient = fhir(yt, "GET", f"/Task/{thread}")["for"]["reference"]
-        if self.act("Yuetan resubmits the MDT with the lung function report", lambda: fhir(
-                yt, "POST", f"/Task/{thread}/$resubmit",
-                records.consult_records(patient, LUNG_FUNCTION))) is None:
+        if self.act("Yuetan's doctor adds the lung function report (ZZ_HZBC)", lambda: (
+                self.his.resubmit_consult(ResubmitSlip(
+                    slip_no=slip_no, title="肺功能报告", text=LUNG_FUNCTION, doctor="李医生",
+                    written_at=records.now())))) is None:
             return
         if not self.at(thread, "received", "resubmitted", "MDT resubmitted"):
             return
@@ -178,7 +234,11 @@ class Consultations:
             sr = fhir(fx, "GET", f"/ServiceRequest/{row(fx, thread)['sr_id']}")  # type: ignore[index]
             docs = [s["reference"] for s in sr.get("supportingInfo") or []
                     if s["reference"].startswith("DocumentReference/")]
-            return bool(docs) and fhir(fx, "GET", "/" + docs[0])["description"] == LUNG_FUNCTION
+            if not docs:
+                return False
+            doc = fhir(fx, "GET", "/" + docs[-1])
+            text = base64.b64decode(doc["content"][0]["attachment"]["data"]).decode()
+            return doc["description"] == "肺功能报告" and text == LUNG_FUNCTION
         self.scenario.check("the resubmitted record is at the centre with the application",
                             record_at_centre)
         room = f"hz-{thread[:8]}"
@@ -191,6 +251,12 @@ class Consultations:
         self.scenario.check("the Appointment at Yuetan: 3 experts (呼吸内科, 胸外科, 放射科), the "
                             "video link, the inviting doctor", lambda: self.appointment(
                                 thread, ["呼吸内科", "胸外科", "放射科"], room))
+        self.scenario.check("the schedule in Yuetan's HIS (ZZ_JS_HZZT): the three experts, the "
+                            "video link", lambda: (
+                                (st := self.his_step(slip_no, "schedule", thread)) is not None
+                                and (st["HZZT"], st["HZZJ"], st["SPLJ"]) == (
+                                    "scheduled", "张主任(呼吸内科);王主任(胸外科);孙主任(放射科)",
+                                    records.MEETING + room)))
         centre_patient = fhir(fx, "GET", f"/Task/{thread}")["for"]["reference"]
         if not self.meeting(thread, "MDT", records.consult_report(
                 centre_patient, DIAGNOSIS, ADVICE, REFER)):
@@ -207,6 +273,21 @@ class Consultations:
                     and bool((row(yt, thread) or {}).get("recommends_referral")))
         self.scenario.check("the MDT report at Yuetan: final, its patient, the advice, "
                             f"diagnosis {DIAGNOSIS[0]}, referral recommended", report_at_yuetan)
+
+        def report_in_his() -> bool:
+            got = self.his.consult_reports(slip_no)
+            if not got:
+                return False
+            r = got[-1]
+            want = ("2", "F", REPORT_LOCAL, ADVICE, "1", CENTRE, REFER, thread)
+            have = (r["HZLX"], r["BGZT"], r["ZDDM"], r["ZLJY"], r["JYZZ"], r["ZZJG"],
+                    r["ZZSM"], r["LSH"])
+            if have != want:
+                raise HutongError(f"ZZ_JS_HZBG differs: {have}")
+            return True
+        self.scenario.check(f"the MDT report in Yuetan's HIS (ZZ_JS_HZBG): {DIAGNOSIS[0]} as "
+                            f"Yuetan's {REPORT_LOCAL}, the advice, referral recommended to "
+                            "fuxing", report_in_his)
         self.referral(thread)
 
     def appointment(self, thread: str, departments: list[str], room: str) -> bool:
@@ -277,7 +358,7 @@ class Consultations:
         self.scenario.check("the referral (basedOn the consultation, reason C34.1) arrives at "
                             "Fuxing and in its HIS (REF^I12)", arrived)
 
-    def reading(self, thread: str, uid: str, study_ref: str) -> None:
+    def reading(self, thread: str, slip_no: str, uid: str, study_ref: str) -> None:
         yt, fx = self.yt, self.fx
         fetch = self.act("the centre fetches Yuetan's CT on demand", lambda: fx.api(
             "POST", "/local/v1/adapters/pacs/fetches", {"from": INVITER, "study_uid": uid}))
@@ -325,6 +406,22 @@ class Consultations:
             got = yt.api("GET", f"/local/v1/adapters/pacs/studies/{uid}/reports")
             return [(r["conclusion"], r["from"]) for r in got["reports"]] == [
                 (CONCLUSION, CENTRE)]
+
+        def in_his() -> bool:
+            got, exams = self.his.consult_reports(slip_no), [
+                r for r in self.his.received_imaging() if r["LSH"] == thread]
+            if not got or not exams:
+                return False
+            # ZZ_JS_HZBG.JCUID stays empty for a study Yuetan's own PACS holds (the adapter
+            # looks for the study among the thread's resources); ZZ_JS_JCBG names it
+            have = (got[-1]["HZLX"], got[-1]["BGZT"], got[-1]["YXJL"], got[-1]["BGWJ"],
+                    exams[-1]["ZZDH"], exams[-1]["JCUID"], exams[-1]["ZDYJ"], exams[-1]["FSJG"])
+            want = ("3", "F", CONCLUSION, records.READING_PDF, slip_no, uid, CONCLUSION, CENTRE)
+            if have != want:
+                raise HutongError(f"the reading in Yuetan's HIS differs: {have[:3]}, {have[4:]}")
+            return True
+        self.scenario.check("the CT reading in Yuetan's HIS: ZZ_JS_HZBG with its PDF, and as an "
+                            "exam report (ZZ_JS_JCBG) on the study", in_his)
         self.scenario.check("the CT reading attached to the study at Yuetan's PACS adapter "
                             "(from fuxing)", at_pacs)
         patient = fhir(yt, "GET", f"/Task/{thread}")["for"]["reference"]
