@@ -37,8 +37,9 @@ if TYPE_CHECKING:
 CENTRE, INVITER = "fuxing", "yuetan-chc"
 #: the consultation's patient at Yuetan (the CT's DICOM header names her)
 PATIENT = ("刘桂珍", "F", "19560606", "110102195606066789", "YT0016")
-#: the diagnosis Yuetan writes (its own code; R91 in ICD-10) and the report's, back in Yuetan's
-LOCAL_DIAGNOSIS, REPORT_LOCAL = ("YTZ-14", "肺结节"), "YTZ-15"
+#: the diagnosis Yuetan writes (its own code; R91 in ICD-10); the report's C34.1 is not in
+#: Yuetan's catalogue and arrives as the ICD-10 code
+LOCAL_DIAGNOSIS = ("YTZ-14", "肺结节")
 QUESTION_MDT = "右肺上叶结节 18mm，性质？手术还是随访？请呼吸、胸外、放射科多学科会诊"
 QUESTION_CT = "请阅胸部CT：右肺上叶结节性质及分级"
 MISSING = "缺肺功能报告，请补充后重新提交"
@@ -279,14 +280,14 @@ class Consultations:
             if not got:
                 return False
             r = got[-1]
-            want = ("2", "F", REPORT_LOCAL, ADVICE, "1", CENTRE, REFER, thread)
+            want = ("2", "F", DIAGNOSIS[0], ADVICE, "1", CENTRE, REFER, thread)
             have = (r["HZLX"], r["BGZT"], r["ZDDM"], r["ZLJY"], r["JYZZ"], r["ZZJG"],
                     r["ZZSM"], r["LSH"])
             if have != want:
                 raise HutongError(f"ZZ_JS_HZBG differs: {have}")
             return True
-        self.scenario.check(f"the MDT report in Yuetan's HIS (ZZ_JS_HZBG): {DIAGNOSIS[0]} as "
-                            f"Yuetan's {REPORT_LOCAL}, the advice, referral recommended to "
+        self.scenario.check(f"the MDT report in Yuetan's HIS (ZZ_JS_HZBG): {DIAGNOSIS[0]} (ICD-10, "
+                            "not in Yuetan's catalogue), the advice, referral recommended to "
                             "fuxing", report_in_his)
         self.referral(thread)
 

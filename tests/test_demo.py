@@ -50,8 +50,8 @@ STEPS = [
     "the schedule in Yuetan's HIS (ZZ_JS_HZZT): the three experts, the video link",
     "MDT report drafted at the centre; nothing sent to Yuetan yet",
     "MDT report released, received at Yuetan: Task completed (report-received) on both nodes",
-    ("the MDT report in Yuetan's HIS (ZZ_JS_HZBG): C34.1 as Yuetan's YTZ-15, the advice, "
-     "referral recommended to fuxing"),
+    ("the MDT report in Yuetan's HIS (ZZ_JS_HZBG): C34.1 (ICD-10, not in Yuetan's catalogue), "
+     "the advice, referral recommended to fuxing"),
     ("the referral (basedOn the consultation, reason C34.1) arrives at Fuxing and in its HIS "
      "(REF^I12)"),
     "the centre fetches the CT from Yuetan's PACS on demand: same instances, same pixel data",
@@ -127,7 +127,7 @@ def test_demo_once_plays_the_scenario_and_exits_zero(tmp_path: Path) -> None:
             "received", "schedule", "start", "report", "release"]
         [report] = yuetan.consult_reports(mdt)
         assert (report["HZLX"], report["BGZT"], report["ZDDM"], report["JYZZ"],
-                report["ZZJG"]) == ("2", "F", "YTZ-15", "1", "fuxing")
+                report["ZZJG"]) == ("2", "F", "C34.1", "1", "fuxing")
         [reading] = yuetan.consult_reports(ct)
         assert (reading["HZLX"], reading["BGZT"], reading["BGYS"] is not None) == ("3", "F", True)
         [exam] = [r for r in yuetan.received_imaging() if r["ZZDH"] == ct]
