@@ -7,15 +7,33 @@ it; the demo checks that the receiving HIS gets the codes of ITS catalogue.
 
 from __future__ import annotations
 
+import base64
+import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 from adapters.slips import AcceptanceSlip, LabResult, Prescription, ReferralSlip, ReturnSlip
+from bridge.consult.codes import (
+    CONSULT_NOTE,
+    EXPERT_ROLE,
+    KIND_SYSTEM,
+    KINDS,
+    LOINC,
+    PARTICIPATION,
+    VIDEO_EXTENSION,
+)
+from bridge.referral.codes import ICD10, SNOMED
 
 CHINA = timezone(timedelta(hours=8))
 NATIONAL_ISSUER = "2.16.156.10011.1.3"
 #: the CT study's UID root (a demo-only UID under the pydicom example root)
 STUDY_ROOT = "1.2.826.0.1.3680043.8.498.7701"
+CONSENT_SCOPE = "http://terminology.hl7.org/CodeSystem/consentscope"
+CONDITION_CLINICAL = "http://terminology.hl7.org/CodeSystem/condition-clinical"
+CONDITION_VERIFICATION = "http://terminology.hl7.org/CodeSystem/condition-ver-status"
+#: the reading's printable form (a minimal PDF; the report's presentedForm)
+READING_PDF = b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF\n"
 
 
 def now() -> str:
@@ -80,8 +98,11 @@ def malformed_oru(n: int, nid: str, mrn: str) -> bytes:
     return oru(n, nid, mrn, ("王", "秀英"), glucose="8..9")
 
 
-def ct_study(folder: Path, nid: str, mrn: str, name: str) -> tuple[str, list[Path]]:
-    """Two CT images (copies of pydicom's CT_small.dcm) as the patient's chest CT."""
+def ct_study(folder: Path, nid: str, mrn: str, name: str, *, site: str = "1",
+             station: str = "FXCT", birth: str = "19500315", sex: str = "F"
+             ) -> tuple[str, list[Path]]:
+    """Two CT images (copies of pydicom's CT_small.dcm) as the patient's chest CT; ``site``
+    keeps two members' studies of the same second apart."""
     from pydicom import dcmread
     from pydicom.data import get_testdata_file
     from pydicom.dataset import Dataset
@@ -89,7 +110,7 @@ def ct_study(folder: Path, nid: str, mrn: str, name: str) -> tuple[str, list[Pat
     from pydicom.uid import UID
 
     folder.mkdir(parents=True, exist_ok=True)
-    study = f"{STUDY_ROOT}.{datetime.now(CHINA).strftime('%Y%m%d%H%M%S')}"
+    study = f"{STUDY_ROOT}.{site}.{datetime.now(CHINA).strftime('%Y%m%d%H%M%S')}"
     out = []
     for i in (1, 2):
         ds = dcmread(str(get_testdata_file("CT_small.dcm")))
@@ -97,12 +118,13 @@ def ct_study(folder: Path, nid: str, mrn: str, name: str) -> tuple[str, list[Pat
         ds.StudyInstanceUID, ds.SeriesInstanceUID = study, f"{study}.1"
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = UID(f"{study}.1.{i}")
         ds.PatientID, ds.PatientName = mrn, name
+        ds.PatientBirthDate, ds.PatientSex = birth, sex
         other = Dataset()
         other.PatientID, other.IssuerOfPatientID = nid, NATIONAL_ISSUER
         ds.OtherPatientIDsSequence = Sequence([other])
         ds.StudyDate = ds.SeriesDate = datetime.now(CHINA).strftime("%Y%m%d")
         ds.StudyTime = "100000"
-        ds.AccessionNumber = f"FXCT{study[-6:]}"
+        ds.AccessionNumber = f"{station}{study[-6:]}"
         ds.ReferringPhysicianName = "Zhang^Zhuren"
         ds.StudyDescription = "胸部CT平扫"
         ds.BodyPartExamined = "CHEST"
@@ -111,3 +133,174 @@ def ct_study(folder: Path, nid: str, mrn: str, name: str) -> tuple[str, list[Pat
         ds.save_as(p, enforce_file_format=True)
         out.append(p)
     return study, out
+
+
+# -- the consultation loop (远程会诊): Bundles as Yuetan's doctor and Fuxing's centre send them ----
+
+#: the video meeting of the respiratory MDT (the Appointment's video-meeting extension)
+MEETING = "https://meet.fuxing.example/room/"
+#: (department, SNOMED CT specialty, expert) of the centre: the respiratory MDT's three experts,
+#: the radiologist who reads the CT
+MDT_EXPERTS = [("呼吸内科", "418112009", "张主任"), ("胸外科", "408456005", "王主任"),
+               ("放射科", "394914008", "孙主任")]
+RADIOLOGIST = [("放射科", "394914008", "孙主任")]
+
+
+def _u() -> str:
+    return f"urn:uuid:{uuid.uuid4()}"
+
+
+def _div(text: str) -> dict[str, str]:
+    return {"status": "generated", "div": f'<div xmlns="http://www.w3.org/1999/xhtml">{text}</div>'}
+
+
+def _collection(resources: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"resourceType": "Bundle", "type": "collection",
+            "entry": [{"fullUrl": url, "resource": r} for url, r in resources]}
+
+
+def consult_request(kind: str, patient_ref: str, question: str, *, priority: str = "routine",
+                    summary: str, study_ref: str | None = None) -> dict[str, Any]:
+    """Yuetan's application (远程会诊申请单) as a transaction: the inviting doctor, the
+    ServiceRequest (kind, reason ICD-10 R91, the question), the record summary and the signed
+    consent (远程会诊知情同意书), for the patient Yuetan's PACS registered with the CT;
+    ``study_ref`` (an imaging reading) names the CT Yuetan's PACS holds."""
+    doc, sr, comp, con = _u(), _u(), _u(), _u()
+    request: dict[str, Any] = {
+        "resourceType": "ServiceRequest", "status": "active", "intent": "order",
+        "priority": priority,
+        "code": {"coding": [{"system": KIND_SYSTEM, "code": kind, "display": KINDS[kind].zh}]},
+        "subject": {"reference": patient_ref}, "requester": {"reference": doc},
+        "reasonCode": [{"coding": [{"system": ICD10, "code": "R91",
+                                    "display": "肺部影像学异常"}]}],
+        "performer": [{"reference": "Organization/fuxing"}], "note": [{"text": question}]}
+    if study_ref:
+        request["supportingInfo"] = [{"reference": study_ref}]
+    entries: list[tuple[str, dict[str, Any]]] = [
+        (doc, {"resourceType": "Practitioner",
+               "identifier": [{"system": "urn:hutong:staff:yuetan-chc", "value": "YT-D007"}],
+               "name": [{"text": "李医生"}]}),
+        (sr, request),
+        (comp, {"resourceType": "Composition", "status": "final",
+                "type": {"coding": [{"system": LOINC, "code": "34133-9",
+                                     "display": "Summary of episode note"}], "text": "病历摘要"},
+                "subject": {"reference": patient_ref}, "date": now(),
+                "author": [{"reference": doc}], "title": "会诊病历摘要",
+                "section": [{"title": "现病史", "text": _div(summary)}]}),
+        (con, {"resourceType": "Consent", "status": "active",
+               "scope": {"coding": [{"system": CONSENT_SCOPE, "code": "treatment"}]},
+               "category": [{"coding": [{"system": LOINC, "code": "59284-0"}]}],
+               "patient": {"reference": patient_ref}, "dateTime": now(),
+               "performer": [{"display": "患者本人"}],
+               "policyRule": {"text": "远程会诊知情同意书：患者本人签署"}})]
+    return {"resourceType": "Bundle", "type": "transaction",
+            "entry": [{"fullUrl": url, "resource": r,
+                       "request": {"method": "POST", "url": r["resourceType"]}}
+                      for url, r in entries]}
+
+
+def consult_records(patient_ref: str, text: str) -> dict[str, Any]:
+    """What the centre asked for, resubmitted: the lung function report."""
+    return _collection([(_u(), {
+        "resourceType": "DocumentReference", "status": "current",
+        "type": {"coding": [{"system": LOINC, "code": "19835-8",
+                             "display": "Pulmonary function study"}], "text": "肺功能报告"},
+        "subject": {"reference": patient_ref}, "date": now(), "description": text,
+        "content": [{"attachment": {"contentType": "text/plain", "language": "zh-CN",
+                                    "data": base64.b64encode(text.encode()).decode()}}]})])
+
+
+def consult_schedule(experts: list[tuple[str, str, str]], room: str, *, day: int = 1,
+                     hour: int = 14) -> dict[str, Any]:
+    """The centre's Appointment: the experts' PractitionerRoles (CON), the video link."""
+    entries: list[tuple[str, dict[str, Any]]] = []
+    parts = []
+    for dept, code, who in experts:
+        doc, role = _u(), _u()
+        entries += [(doc, {"resourceType": "Practitioner", "name": [{"text": who}]}),
+                    (role, {"resourceType": "PractitionerRole", "active": True,
+                            "practitioner": {"reference": doc},
+                            "organization": {"reference": "Organization/fuxing"},
+                            "specialty": [{"coding": [{"system": SNOMED, "code": code}],
+                                           "text": dept}]})]
+        parts.append({"type": [{"coding": [{"system": PARTICIPATION, "code": EXPERT_ROLE,
+                                            "display": "consultant"}]}],
+                      "actor": {"reference": role}, "required": "required",
+                      "status": "accepted"})
+    appt = {"resourceType": "Appointment", "status": "booked",
+            "extension": [{"url": VIDEO_EXTENSION, "valueUrl": MEETING + room}],
+            "description": "远程会诊（视频）", "start": later(day, hour),
+            "end": later(day, hour + 1), "participant": parts,
+            "comment": f"视频会议：{MEETING + room}"}
+    return _collection([(_u(), appt), *entries])
+
+
+def consult_report(patient_ref: str, diagnosis: tuple[str, str], advice: str,
+                   refer: str) -> dict[str, Any]:
+    """The MDT's report (远程会诊报告): a Consult note Composition, the diagnosis Condition and
+    a ServiceRequest recommending referral (``refer``: why, agreed with the family)."""
+    comp, cond, rec = _u(), _u(), _u()
+    return _collection([
+        (comp, {"resourceType": "Composition", "status": "preliminary",
+                "type": {"coding": [{"system": LOINC, "code": CONSULT_NOTE,
+                                     "display": "Consult note"}], "text": "远程会诊报告"},
+                "subject": {"reference": patient_ref}, "date": now(),
+                "author": [{"display": "张主任（呼吸内科）"}], "title": "远程会诊报告",
+                "section": [
+                    {"title": "会诊诊断", "code": {"coding": [{
+                        "system": LOINC, "code": "29548-5", "display": "Diagnosis"}]},
+                     "text": _div(diagnosis[1]), "entry": [{"reference": cond}]},
+                    {"title": "诊疗建议", "code": {"coding": [{
+                        "system": LOINC, "code": "18776-5", "display": "Plan of care"}]},
+                     "text": _div(advice)},
+                    {"title": "转诊建议", "text": _div(refer), "entry": [{"reference": rec}]}]}),
+        (cond, {"resourceType": "Condition",
+                "clinicalStatus": {"coding": [{"system": CONDITION_CLINICAL,
+                                               "code": "active"}]},
+                "verificationStatus": {"coding": [{"system": CONDITION_VERIFICATION,
+                                                   "code": "provisional"}]},
+                "code": {"coding": [{"system": ICD10, "code": diagnosis[0],
+                                     "display": diagnosis[1]}]},
+                "subject": {"reference": patient_ref}}),
+        (rec, {"resourceType": "ServiceRequest", "status": "draft", "intent": "proposal",
+               "category": [{"coding": [{"system": SNOMED, "code": "3457005",
+                                         "display": "Patient referral"}]}],
+               "subject": {"reference": patient_ref},
+               "performer": [{"reference": "Organization/fuxing"}],
+               "note": [{"text": refer}]})])
+
+
+def imaging_reading(patient_ref: str, study_ref: str, conclusion: str) -> dict[str, Any]:
+    """The radiologist's reading of Yuetan's CT (远程影像诊断报告), with its PDF."""
+    return _collection([(_u(), {
+        "resourceType": "DiagnosticReport", "status": "preliminary",
+        "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0074",
+                                  "code": "RAD"}]}],
+        "code": {"coding": [{"system": LOINC, "code": "24627-2", "display": "Chest CT"}],
+                 "text": "胸部CT"},
+        "subject": {"reference": patient_ref}, "effectiveDateTime": now(),
+        "imagingStudy": [{"reference": study_ref}], "conclusion": conclusion,
+        "presentedForm": [{"contentType": "application/pdf", "language": "zh-CN",
+                           "title": "影像诊断报告.pdf",
+                           "data": base64.b64encode(READING_PDF).decode()}]})])
+
+
+def follow_up(patient_ref: str) -> dict[str, Any]:
+    """Yuetan's follow-up after the reading (a CarePlan)."""
+    return _collection([(_u(), {
+        "resourceType": "CarePlan", "status": "active", "intent": "plan",
+        "title": "会诊后随访", "description": "3个月后复查胸部CT",
+        "subject": {"reference": patient_ref},
+        "period": {"start": later(1, 9)[:10], "end": later(90, 9)[:10]}})])
+
+
+def referral_consent(patient_ref: str) -> dict[str, Any]:
+    """The family's consent that turns the recommended referral into one (a transaction
+    entry, added to the referral draft before it is POSTed)."""
+    return {"fullUrl": _u(), "request": {"method": "POST", "url": "Consent"}, "resource": {
+        "resourceType": "Consent", "status": "active",
+        "scope": {"coding": [{"system": CONSENT_SCOPE, "code": "treatment"}]},
+        "category": [{"coding": [{"system": LOINC, "code": "59284-0"}]}],
+        "patient": {"reference": patient_ref}, "dateTime": now(),
+        "performer": [{"display": "家属"}],  # who signed (the HIS's consent field)
+        "policyRule": {"text": "家属同意转诊"}}}

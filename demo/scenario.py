@@ -26,6 +26,7 @@ from adapters.slips import AcceptanceSlip, ReferralSlip
 from bridge.errors import HutongError
 from bridge.privacy import patient_hash
 from demo import records
+from demo.consultation import Consultations
 from demo.vendors import Vendors, lis_send, modality_push
 from demo.world import ROOT, World, wait
 from simulators.his_db import HisDb
@@ -163,6 +164,7 @@ class Scenario:
             f"ZH{n}05", "up-exam", "周国强", "male", "1960-05-05", "110102196005055678",
             ("ZL-D0001", "原发性高血压"), "101", "请行动态血压及心脏超声检查", "高血压五年",
             mrn="ZH0005", doctor="吴医生"), "I10", "特殊检查", department="101")
+        Consultations(self).play()
         self.malformed_lab()
         self.audit_chains()
 
@@ -322,7 +324,7 @@ class Scenario:
         return int(self.node(CORE).adapter("lis-hl7").options["port"])
 
     def malformed_lab(self) -> None:
-        self.console.print("[bold]6. A malformed lab message from Fuxing's LIS[/]")
+        self.console.print("[bold]7. A malformed lab message from Fuxing's LIS[/]")
         before = self.quarantined(CORE, "adapter:lis")
         acks = lis_send(self.lis_port(), [records.malformed_oru(
             int(self.run_id) + 1, "110102195003151234", "FX778")], self.world.folder / "lis")
@@ -344,7 +346,7 @@ class Scenario:
             store.dispose()
 
     def audit_chains(self) -> None:
-        self.console.print("[bold]7. Every member's audit chain verifies[/]")
+        self.console.print("[bold]8. Every member's audit chain verifies[/]")
         procs = {m.node_id: subprocess.Popen(
             [sys.executable, "-m", "bridge.cli", "audit", "verify", "--config", str(m.config)],
             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

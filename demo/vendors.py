@@ -122,9 +122,10 @@ def lis_send(port: int, messages: list[bytes], folder: Path) -> list[str]:
     return [line.rsplit(" ", 1)[1] for line in r.stdout.splitlines() if line.strip()]
 
 
-def modality_push(files: Path, bind: str, called_ae: str) -> dict[str, Any]:
+def modality_push(files: Path, bind: str, called_ae: str, calling_ae: str = "FX-CT-01"
+                  ) -> dict[str, Any]:
     r = subprocess.run([sys.executable, "-m", "simulators.pacs", "push", "--dir", str(files),
-                        "--to", bind, "--called-ae", called_ae, "--ae", "FX-CT-01"],
+                        "--to", bind, "--called-ae", called_ae, "--ae", calling_ae],
                        check=False, cwd=ROOT, capture_output=True, text=True, timeout=120)
     try:
         return dict(json.loads(r.stdout))

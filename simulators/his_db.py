@@ -12,6 +12,9 @@ the site's field maps (``simulators/his_db_fields/*.csv``) must describe:
   ``ZZ_JS_JCBG`` (检查报告, updated in place by the report's id); the slip tables each
   with a unique ``XXID`` (the packet id: a re-delivery never adds a row) and ``LSH``
   (流水号: the referral thread, which the HIS copies into its acceptance and return);
+* consultations (远程会诊): outbound ``ZZ_HZSQ`` 会诊申请 and ``ZZ_HZBC`` 补充资料, inbox
+  ``ZZ_JS_HZZT`` 会诊状态 (one row per step the centre took) and ``ZZ_JS_HZBG`` 会诊报告 (the
+  released report, the PDF of an imaging reading in ``BGWJ``): see the tables below;
 * pinyin column names, 性别 ``XB`` 1/2/9, dates ``CSRQ`` as ``yyyyMMdd`` text, times ``TXSJ``
   as ``yyyyMMddHHmmss`` (China time), flags 1/0, referral type ``ZZLX`` 1..5;
 * row ids come from a sequence table ``ZZ_XH`` (like an Oracle sequence), so an id can be taken
@@ -77,6 +80,7 @@ from sqlalchemy import (
     update,
 )
 
+from adapters.consult_slips import ConsultSlip, ResubmitSlip
 from adapters.slips import AcceptanceSlip, LabResult, Prescription, ReferralSlip, ReturnSlip
 from adapters.visits import IMPLIED_STATUS, Visit
 
@@ -181,6 +185,40 @@ ZZ_JS_JCBG = Table(
     _s("JCUID"), _s("BGZT", 1), _s("JCSJ", 14), _s("BGSJ", 14), Column("YXSJ", Text),
     Column("ZDYJ", Text), _s("BGYS", 32), Column("BBH", Integer), _s("JSSJ", 14),
     Column("CLBZ", String(1), default="0"))
+
+
+# consultations (远程会诊, MDT, 远程影像诊断), issue 16. Outbound: ZZ_HZSQ 会诊申请 (ids from ZZ_XH;
+# HZLX 1 普通会诊 general, 2 多学科会诊 MDT, 3 远程影像诊断 imaging reading; SQKS the requested
+# specialties, ';'-separated department codes; TYR/TYSBH who signed the consent and its document
+# number; JCUID the study to read; GXBG ids of shared reports, ';'-separated; HZWT/BLZY GBK
+# BLOBs like the referral's summary) and ZZ_HZBC 补充资料 (the records the centre asked for,
+# LSH copied from the status row that returned it). Inbox: ZZ_JS_HZZT 会诊状态 (one row per
+# step the centre took: SJLX the event, HZZT the step, ZTSM what is missing / why cancelled,
+# HZKS/HZJS the meeting, HZZJ the experts, SPLJ the video link) and ZZ_JS_HZBG 会诊报告 (one
+# row per released report, keyed by BGID; BGWJ the PDF of an imaging reading).
+ZZ_HZSQ = Table(
+    "ZZ_HZSQ", metadata, _id(), _s("HZDH"), _s("HZLX", 1), _s("HZJG", 32), _s("HZXM", 32),
+    _s("XB", 1), _s("CSRQ", 8), _s("SFZH", 18), _s("LXDH", 20), _s("BLH", 32), _s("ZDDM", 32),
+    _s("ZDMC", 100), _s("HZMD", 200), Column("HZWT", LargeBinary), Column("BLZY", LargeBinary),
+    _s("SQKS", 200), _s("JJBZ", 1), _s("TYR", 32), _s("TYSBH", 64), _s("JCUID", 64),
+    _s("GXBG", 500), _s("YSXM", 32), _s("TXSJ", 14),
+    Column("ZT", String(1), default="1", server_default="1"))
+ZZ_HZBC = Table(
+    "ZZ_HZBC", metadata, _id(), _s("LSH"), _s("HZDH"), _s("ZLMC", 100),
+    Column("ZLNR", LargeBinary), _s("YSXM", 32), _s("TXSJ", 14))
+ZZ_JS_HZZT = Table(
+    "ZZ_JS_HZZT", metadata, _id(True), Column("XXID", String(64), unique=True, nullable=False),
+    _s("LSH"), _s("HZDH"), _s("SJLX", 32), _s("HZZT", 32), _s("RWZT", 32), Column("ZTSM", Text),
+    _s("HZKS", 14), _s("HZJS", 14), Column("HZZJ", Text), _s("SPLJ", 500), _s("CZSJ", 14),
+    _s("JSSJ", 14), Column("CLBZ", String(1), default="0"))
+ZZ_JS_HZBG = Table(
+    "ZZ_JS_HZBG", metadata, _id(True), Column("BGID", String(64), unique=True, nullable=False),
+    Column("XXID", String(64), nullable=False), _s("LSH"), _s("HZDH"), _s("HZLX", 1),
+    _s("BGZT", 1), _s("ZDDM", 32), _s("ZDMC", 100), Column("ZDMS", Text), Column("ZLJY", Text),
+    _s("JYZZ", 1), _s("ZZJG", 32), Column("ZZSM", Text), Column("YXJL", Text), _s("JCUID"),
+    Column("BGWJ", LargeBinary), _s("BGYS", 64), _s("BGSJ", 14), _s("JSSJ", 14),
+    Column("CLBZ", String(1), default="0"))
+CONSULT_KINDS = {"general": "1", "mdt": "2", "imaging-reading": "3"}
 
 
 # visit events (就诊记录): one row per admission, registration, transfer, discharge, update or
@@ -442,6 +480,68 @@ class HisDb:
             return [{k: _clean(v) if k not in ("ID", "BBH") else v
                      for k, v in r._mapping.items()}
                     for r in conn.execute(select(ZZ_JS_JCBG).order_by(ZZ_JS_JCBG.c.ID)).all()]
+
+    # -- consultations (远程会诊) ----------------------------------------------------------------
+
+    def consult_row(self, slip: ConsultSlip) -> dict[str, Any]:
+        """A consultation request as the vendor stores it (before any quirk a test adds)."""
+        return {
+            "HZDH": slip.slip_no, "HZLX": CONSULT_KINDS.get(slip.kind, slip.kind),
+            "HZJG": slip.to_member, "HZXM": padded(slip.patient_name, 10),
+            "XB": GENDER_CODES.get(slip.gender, slip.gender),
+            "CSRQ": slip.birth_date.replace("-", ""), "SFZH": slip.id_number,
+            "LXDH": slip.phone, "BLH": slip.mrn, "ZDDM": slip.diagnosis_code,
+            "ZDMC": slip.diagnosis_name, "HZMD": slip.reason,
+            "HZWT": slip.question.encode(ENCODING), "BLZY": slip.summary.encode(ENCODING),
+            "SQKS": slip.specialties, "JJBZ": "1" if slip.urgent else "0",
+            "TYR": slip.consent_by, "TYSBH": slip.consent_doc, "JCUID": slip.study_uid,
+            "GXBG": slip.shared_results, "YSXM": slip.doctor,
+            "TXSJ": vendor_time(slip.written_at), "ZT": "1"}
+
+    def write_consult(self, slip: ConsultSlip | dict[str, Any], *, row_id: int | None = None,
+                      **override: Any) -> int:
+        """Insert one ``ZZ_HZSQ`` row (a slip, or raw vendor columns); returns its id."""
+        row = self.consult_row(slip) if isinstance(slip, ConsultSlip) else dict(slip)
+        row.update(override)
+        rid = row_id if row_id is not None else self.allocate_id("ZZ_HZSQ")
+        with self.tx() as conn:
+            conn.execute(insert(ZZ_HZSQ).values(ID=rid, **row))
+        return rid
+
+    def consult_thread(self, slip_no: str) -> str:
+        """The 流水号 the adapter wrote with the consultation's status rows (the HIS copies it
+        into a 补充资料 row)."""
+        with self.engine.connect() as conn:
+            return str(conn.execute(select(ZZ_JS_HZZT.c.LSH).where(ZZ_JS_HZZT.c.HZDH == slip_no)
+                                    .order_by(ZZ_JS_HZZT.c.ID.desc())).scalar() or "")
+
+    def resubmit_consult(self, slip: ResubmitSlip, *, with_thread: bool = True) -> int:
+        """The doctor adds the records the centre asked for (``ZZ_HZBC``); returns the row id."""
+        rid = self.allocate_id("ZZ_HZBC")
+        with self.tx() as conn:
+            conn.execute(insert(ZZ_HZBC).values(
+                ID=rid, LSH=self.consult_thread(slip.slip_no) if with_thread else "",
+                HZDH=slip.slip_no, ZLMC=slip.title, ZLNR=slip.text.encode(ENCODING),
+                YSXM=slip.doctor, TXSJ=vendor_time(slip.written_at)))
+        return rid
+
+    def consult_states(self, slip_no: str | None = None) -> list[dict[str, Any]]:
+        """The status rows (``ZZ_JS_HZZT``) as stored (padding stripped), oldest first."""
+        with self.engine.connect() as conn:
+            q = select(ZZ_JS_HZZT).order_by(ZZ_JS_HZZT.c.ID)
+            if slip_no is not None:
+                q = q.where(ZZ_JS_HZZT.c.HZDH == slip_no)
+            return [{k: _clean(v) if k != "ID" else v for k, v in r._mapping.items()}
+                    for r in conn.execute(q).all()]
+
+    def consult_reports(self, slip_no: str | None = None) -> list[dict[str, Any]]:
+        """The report rows (``ZZ_JS_HZBG``): text columns stripped, the PDF as bytes."""
+        with self.engine.connect() as conn:
+            q = select(ZZ_JS_HZBG).order_by(ZZ_JS_HZBG.c.ID)
+            if slip_no is not None:
+                q = q.where(ZZ_JS_HZBG.c.HZDH == slip_no)
+            return [{k: v if k in ("ID", "BGWJ") else _clean(v) for k, v in r._mapping.items()}
+                    for r in conn.execute(q).all()]
 
     def count(self, table: Table) -> int:
         with self.engine.connect() as conn:

@@ -321,3 +321,60 @@ def test_a_waiting_consultation_raises_a_reminder_and_the_alert(tmp_path: Path) 
                                        "'reminder' AND thread = :t", t=thread) == [{"n": 1}]
     finally:
         a.stop_all()
+
+
+def test_a_reading_of_a_study_the_inviters_own_pacs_holds(tmp_path: Path) -> None:
+    """The study to read is the inviting member's own PACS record, shared by reference: the
+    released reading comes back with that study (the centre carries what the report names),
+    which the inviter keeps as it is instead of refusing the report; the reading is attached
+    to the study at the inviter's PACS adapter (the consult.* hook, as for result.imaging)."""
+    from adapters.pacs.study import study_resource_id
+    from tests.harness import free_port_block
+    from tests.test_pacs import S1, push, write_modality_files
+
+    scp = free_port_block(1)
+    write_modality_files(tmp_path / "modality")
+    members = [MEMBERS[0], {**MEMBERS[1], "adapters": [
+        {"name": "pacs", "type": "pacs-dicom", "receives": ["imaging.*"],
+         "options": {"bind": f"127.0.0.1:{scp}", "ae_title": "YUETAN",
+                     "complete_after_s": 120}}]}]
+    a = Alliance(tmp_path / "alliance", members, RULES[:2])
+    a.start("core", "chc")
+    try:
+        pushed = push(tmp_path / "modality", scp, study=S1, called="YUETAN")
+        assert pushed.returncode == 0, pushed.stderr
+        with httpx.Client(timeout=60) as client:
+            chc, core = Fhir(client, a.node("chc")), Fhir(client, a.node("core"))
+            rid = study_resource_id(S1)
+            before = wait_for(lambda: chc.call("GET", f"/ImagingStudy/{rid}").status_code == 200
+                              and chc.read(f"ImagingStudy/{rid}"), timeout=40,
+                              what="the study at the inviter's PACS")
+            bundle = consults.consultation("general", "core", national_id="110102199001010033")
+            sr = next(e["resource"] for e in bundle["entry"]
+                      if e["resource"]["resourceType"] == "ServiceRequest")
+            sr["code"]["coding"][0]["code"] = "imaging-reading"
+            sr["supportingInfo"] = [{"reference": f"ImagingStudy/{rid}"}]
+            thread = request(chc, bundle)
+            both(a, client, thread, "received", "received")
+            assert core.read(f"ImagingStudy/{rid}")["identifier"] == before["identifier"]
+            core.op(thread, "schedule", consults.schedule("core", 1))
+            core.op(thread, "start")
+            patient = core.read(f"Task/{thread}")["for"]["reference"]
+            core.op(thread, "report", consults.imaging_report(patient, f"ImagingStudy/{rid}"))
+            core.op(thread, "release")
+            both(a, client, thread, "completed", "report-received")
+            dr_ref = row(a.node("chc"), thread)["report_refs"].split()[0]
+            got = a.node("chc").api("GET", f"/local/v1/adapters/pacs/studies/{S1}/reports",
+                                    role="clinician")
+            mine = [r for r in got["reports"] if f"DiagnosticReport/{r['id']}" == dr_ref]
+            assert [(r["from"], r["conclusion"], r["status"]) for r in mine] == [
+                ("core", "右肺上叶磨玻璃结节，Lung-RADS 4A，建议3个月复查", "final")]
+            after = chc.read(f"ImagingStudy/{rid}")
+            assert after["meta"]["versionId"] == before["meta"]["versionId"]  # ours, unchanged
+            assert after["subject"] == before["subject"]
+            assert sql(a.node("chc"), "SELECT code FROM quarantine") == []
+            assert sql(a.node("chc"), "SELECT count(*) AS n FROM audit WHERE action = "
+                                      "'imaging-report-attached' AND thread = :t",
+                       t=thread) == [{"n": 1}]
+    finally:
+        a.stop_all()

@@ -33,6 +33,36 @@ STEPS = [
     "cancellation confirmed by Fuxing (both nodes: cancelled)",
     "acceptance (接诊单) written in Fuxing's HIS arrives in 西城区广外社区卫生服务中心's HIS",
     "acceptance (接诊单) written in Fuxing's HIS arrives in 北京市西城区展览路医院's HIS",
+    # the consultation loop (远程会诊): Yuetan's HIS asks, Fuxing's centre answers
+    "Yuetan's CT (DICOM C-STORE from its scanner) is an ImagingStudy at Yuetan's PACS adapter",
+    *(f"{w} from Yuetan's HIS (ZZ_HZSQ) at the centre: kind, question, R91 (Yuetan's YTZ-14), "
+      "the consent's signer"
+      for w in ("respiratory MDT (多学科会诊)", "CT reading (远程影像诊断)")),
+    "respiratory MDT (多学科会诊) received by the centre: Task received (received) on both nodes",
+    "respiratory MDT (多学科会诊): 'received' in Yuetan's HIS (ZZ_JS_HZZT)",
+    "MDT returned for completion (the reason at Yuetan): Task on-hold (returned) on both nodes",
+    "what is missing in Yuetan's HIS (ZZ_JS_HZZT: returned, on-hold, ZTSM) and on its node",
+    "MDT resubmitted: Task received (resubmitted) on both nodes",
+    "the resubmitted record is at the centre with the application",
+    "MDT scheduled: Task accepted (scheduled) on both nodes",
+    ("the Appointment at Yuetan: 3 experts (呼吸内科, 胸外科, 放射科), the video link, the "
+     "inviting doctor"),
+    "the schedule in Yuetan's HIS (ZZ_JS_HZZT): the three experts, the video link",
+    "MDT report drafted at the centre; nothing sent to Yuetan yet",
+    "MDT report released, received at Yuetan: Task completed (report-received) on both nodes",
+    ("the MDT report in Yuetan's HIS (ZZ_JS_HZBG): C34.1 (ICD-10, not in Yuetan's catalogue), "
+     "the advice, referral recommended to fuxing"),
+    ("the referral (basedOn the consultation, reason C34.1) arrives at Fuxing and in its HIS "
+     "(REF^I12)"),
+    "the centre fetches the CT from Yuetan's PACS on demand: same instances, same pixel data",
+    "CT reading scheduled (1 radiologist): Task accepted (scheduled) on both nodes",
+    ("CT reading report released, received at Yuetan: Task completed (report-received) on both "
+     "nodes"),
+    "the CT reading at Yuetan: final DiagnosticReport on its study, conclusion and PDF as written",
+    ("the CT reading in Yuetan's HIS: ZZ_JS_HZBG with its PDF, and as an exam report "
+     "(ZZ_JS_JCBG) on the study"),
+    "the CT reading attached to the study at Yuetan's PACS adapter (from fuxing)",
+    "CT reading closed: Task completed (closed) on both nodes",
     "malformed ORU^R01 NAKed (AE) and quarantined at Fuxing (IT page, hutong quarantine list)",
     *(f"audit chain of {n} verifies" for n in ("fuxing", "guangwai-chc", "guangwai-hosp",
                                                "platform", "yuetan-chc", "zhanlanlu-chc",
@@ -65,7 +95,7 @@ def test_demo_once_plays_the_scenario_and_exits_zero(tmp_path: Path) -> None:
         assert second.stderr.strip().splitlines() == [
             (f"error: HT-DEMO-LOCKED: demo folder {folder} is in use by another 'hutong demo' "
              f"(pid {first.pid}); stop it first or use --folder elsewhere (and --port-base)")]
-        out, errtext = first.communicate(timeout=300)
+        out, errtext = first.communicate(timeout=480)
     finally:
         if first.poll() is None:
             first.kill()
@@ -73,7 +103,7 @@ def test_demo_once_plays_the_scenario_and_exits_zero(tmp_path: Path) -> None:
     r = subprocess.CompletedProcess(cmd, first.returncode, out, errtext)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     out = r.stdout
-    assert "31/31 steps landed where they should" in out
+    assert "61/61 steps landed where they should" in out
     lines = out.splitlines()
     for step in STEPS:
         assert f"  ✓ {step}" in lines, step  # shown as it happened
@@ -89,6 +119,20 @@ def test_demo_once_plays_the_scenario_and_exits_zero(tmp_path: Path) -> None:
         labs = yuetan.received_results()
         assert [(x["XMDM"], x["JG"]) for x in labs[0]["items"]] == [
             ("3001", "8.9"), ("3003", "72"), ("3010", "4.1")]
+        # the consultations: the centre's steps and both reports as Yuetan's HIS rows
+        mdt, ct = sorted({r["HZDH"] for r in yuetan.consult_states()})
+        assert [r["SJLX"] for r in yuetan.consult_states(mdt)] == [
+            "received", "return", "schedule", "start", "report", "release"]
+        assert [r["SJLX"] for r in yuetan.consult_states(ct)] == [
+            "received", "schedule", "start", "report", "release"]
+        [report] = yuetan.consult_reports(mdt)
+        assert (report["HZLX"], report["BGZT"], report["ZDDM"], report["JYZZ"],
+                report["ZZJG"]) == ("2", "F", "C34.1", "1", "fuxing")
+        [reading] = yuetan.consult_reports(ct)
+        assert (reading["HZLX"], reading["BGZT"], reading["BGYS"] is not None) == ("3", "F", True)
+        [exam] = [r for r in yuetan.received_imaging() if r["ZZDH"] == ct]
+        assert exam["JCUID"].startswith("1.2.826.0.1.3680043.8.498.7701.2.")
+        assert exam["ZDYJ"] == reading["YXJL"]
     finally:
         yuetan.close()
     # where to look: every member's pages by role, with the token file to log in with

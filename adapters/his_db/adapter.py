@@ -19,6 +19,10 @@ with the row as source key (``ZZ_SQD:<id>``), so each row acts exactly once:
   by each row once, linked to a referral received here only through the column the option
   ``visit_referral_column`` names (:mod:`~adapters.his_db.visits`).
 
+Consultations (远程会诊, MDT, imaging reading): ``ZZ_HZSQ`` requests and ``ZZ_HZBC`` completed
+records in, the centre's steps (``ZZ_JS_HZZT``) and the released report (``ZZ_JS_HZBG``) out,
+in :mod:`~adapters.his_db.consult`.
+
 Bad rows are quarantined (``record`` ``ZZ_SQD#<id>``, ``field`` the vendor column) and the poll
 goes on with the next row: missing mandatory field, unparseable date, value not in the field
 map's value list, unknown diagnosis code (see :mod:`adapters.slips_fhir` for which code gaps
@@ -78,6 +82,7 @@ from sqlalchemy.types import LargeBinary
 from adapters import slips_fhir as sf
 from adapters.base import BaseAdapter
 from adapters.his_db import cancel as cx
+from adapters.his_db import consult as hz
 from adapters.his_db import visits as vz
 from adapters.his_db.options import Resolved
 from adapters.his_db.replay import (
@@ -109,7 +114,7 @@ from bridge.errors import (
     StoreError,
     UnknownReference,
 )
-from bridge.local.contract import ReferralEvent, ResultEvent
+from bridge.local.contract import ConsultEvent, ReferralEvent, ResultEvent
 from bridge.mapping import FieldMapError, load_field_map
 
 log = logging.getLogger("hutong.adapters.his_db")
@@ -141,6 +146,9 @@ def field_maps(folder: Any) -> dict[str, Any]:
         fm[cx.RECORD] = load_field_map(folder, cx.RECORD, fields=cx.CancelSlip)
     if vz.has_map(folder):
         fm[vz.RECORD] = load_field_map(folder, vz.RECORD, fields=Visit)
+    for record, cls in hz.RECORDS.items():
+        if hz.has_map(folder, record):
+            fm[record] = load_field_map(folder, record, fields=cls)
     return fm
 
 
@@ -193,6 +201,10 @@ class HisDbAdapter(BaseAdapter):
             self._poll_cancels()
             if vz.RECORD in self.fm:  # after acceptances: an admission may name the referral
                 self._poll_table("visit_out", self._take_visit)
+            if hz.RECORD in self.fm:
+                self._poll_table("consult_out", self._take_consult)
+            if hz.RESUBMIT in self.fm:  # after requests: a resubmission names one
+                self._poll_table("consult_resubmit_out", self._take_consult_resubmit)
             self.ok()
         except SQLAlchemyError as exc:  # the vendor database, not the node's
             self.failed(f"vendor database: {type(exc).__name__}")
@@ -298,11 +310,13 @@ class HisDbAdapter(BaseAdapter):
             error = exc
             where = getattr(exc, "record", None) or where
         except MissingConsent as exc:
-            column, error = self._column("referral", "consent_by"), exc
+            column = self._column(hz.RECORD if record == hz.RECORD else "referral", "consent_by")
+            error = exc
         except UnknownReference as exc:
             error = exc
             column = self.opts.visit_referral_column if record == vz.RECORD else \
-                self._column(record, "to_member" if record == "referral" else "slip_no")
+                self._column(record, {"referral": "to_member", hz.RECORD: "shared_results"}
+                             .get(record, "slip_no"))
         except IllegalTransition as exc:  # e.g. a withdrawal after the patient arrived
             error = exc
             column = self.opts.status_column if record == cx.RECORD else None
@@ -433,6 +447,14 @@ class HisDbAdapter(BaseAdapter):
                     replay: bool = False) -> None:
         vz.take(self, table, rid, row, replay)
 
+    def _take_consult(self, table: Table, rid: int, row: dict[str, Any],
+                      replay: bool = False) -> None:
+        hz.take(self, table, rid, row, replay)
+
+    def _take_consult_resubmit(self, table: Table, rid: int, row: dict[str, Any],
+                               replay: bool = False) -> None:
+        hz.take_resubmit(self, table, rid, row, replay)
+
     # -- quarantine replay --------------------------------------------------------------------
 
     def replay(self, raw: bytes) -> str:
@@ -477,7 +499,9 @@ class HisDbAdapter(BaseAdapter):
                                         "the HIS")
             row = dict(fresh._mapping) if fresh is not None else kept
             take = {"referral_out": self._take_referral, "acceptance_out": self._take_acceptance,
-                    "return_out": self._take_return, "visit_out": self._take_visit}[logical]
+                    "return_out": self._take_return, "visit_out": self._take_visit,
+                    "consult_out": self._take_consult,
+                    "consult_resubmit_out": self._take_consult_resubmit}[logical]
             if withdrawal:
                 take = self._take_cancel
             try:
@@ -495,7 +519,8 @@ class HisDbAdapter(BaseAdapter):
     def _source_table(self, name: str | None, kept: dict[str, Any]) -> tuple[str, Table]:
         """The outbound table a held row came from: named in the item, or (items kept before
         the name was recorded) the one whose columns are exactly the row's."""
-        for logical in ("referral_out", "acceptance_out", "return_out", "visit_out"):
+        for logical in ("referral_out", "acceptance_out", "return_out", "visit_out",
+                        "consult_out", "consult_resubmit_out"):
             table = self.table(logical)
             if table is None:
                 continue
@@ -529,6 +554,17 @@ class HisDbAdapter(BaseAdapter):
         if gaps:
             self.host.record_gaps(gaps)
         self.count(f"{event}_written")
+        self.ok()
+
+    def on_consult(self, ev: ConsultEvent) -> None:
+        """A consultation step the centre took (and its released report): into the inbox
+        tables of the inviting HIS (:mod:`adapters.his_db.consult`)."""
+        try:
+            written = hz.on_consult(self, ev)
+        except SQLAlchemyError as exc:
+            self.failed(f"vendor database: {type(exc).__name__}")
+            raise StoreError(f"vendor database write failed ({type(exc).__name__})") from exc
+        self.count(f"consult_{ev.event}_written" if written else "ignored")
         self.ok()
 
     def _vendor_row(self, table: Table, record: str, slip: Any) -> dict[str, Any]:
@@ -649,10 +685,12 @@ class HisDbAdapter(BaseAdapter):
                 self.fm[record] = load_field_map(self.opts.fields, record, fields=cls)
 
     def _patient_id(self, view: dict[str, Any] | None) -> str:
-        """The HIS's own record number of the referral's patient ("" if it has none here)."""
+        """The HIS's own record number of the patient of a referral or a consultation thread
+        ("" if it has none here)."""
         if view is None:
             return ""
-        task = self.host.resource("Task", view["referral"]["task_id"])
+        task = self.host.resource("Task", (view.get("referral") or view["consultation"])[
+            "task_id"])
         patient = self.host.resource("Patient", task["for"]["reference"].split("/", 1)[1])
         return sf._mrn(patient, self.me)
 

@@ -34,6 +34,8 @@ TABLES = {
     "results_in": "ZZ_JS_JYBG", "results_in_items": "ZZ_JS_JYBG_MX",
     "imaging_in": "ZZ_JS_JCBG",
     "visit_out": "ZZ_JZJL",
+    "consult_out": "ZZ_HZSQ", "consult_resubmit_out": "ZZ_HZBC",
+    "consult_status_in": "ZZ_JS_HZZT", "consult_report_in": "ZZ_JS_HZBG",
 }
 
 
@@ -53,6 +55,10 @@ class Tables(BaseModel):
     results_in_items: str = TABLES["results_in_items"]
     imaging_in: str = TABLES["imaging_in"]  # imaging reports from other members (result.imaging)
     visit_out: str = TABLES["visit_out"]  # visit events (就诊记录): admissions, transfers, ...
+    consult_out: str = TABLES["consult_out"]  # 会诊申请 (fields/consult.csv)
+    consult_resubmit_out: str = TABLES["consult_resubmit_out"]  # 补充资料 of a returned request
+    consult_status_in: str = TABLES["consult_status_in"]  # the centre's steps (会诊状态)
+    consult_report_in: str = TABLES["consult_report_in"]  # released reports (会诊报告)
 
 
 class Options(BaseModel):
@@ -81,6 +87,7 @@ class Options(BaseModel):
     #: admission clerk copies into a referred patient's admission; "" = visits are never
     #: linked to referrals (the adapter does not guess from the patient)
     visit_referral_column: str = ""
+    report_pdf_column: str = "BGWJ"  # the consultation report row's PDF (an imaging reading)
     tables: Tables = Tables()
 
 

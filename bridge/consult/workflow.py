@@ -553,6 +553,8 @@ class ConsultWorkflow(ConsultQueries):
                 continue  # our own records of the patient and of members stay as they are
             if r["resourceType"] == "Task" and r.get("id") == row.task_id:
                 continue  # each side writes its own Task (below)
+            if self._ours_elsewhere(conn, r, row.thread):
+                continue  # our record the report names (the study our PACS holds): ours stays
             foreign_resource(conn, r, row.thread, item.sender)
             store.put(conn, R.rewrite_refs(r, alias), at=now, thread=row.thread,
                       origin=item.sender, patient_hash=row.patient_hash)
@@ -570,6 +572,16 @@ class ConsultWorkflow(ConsultQueries):
                        if o not in (mine.get("output") or [])]
             self._advance(conn, row, mine, event, actor=actor, outputs=outputs,
                           packet_id=item.packet_id)
+
+    def _ours_elsewhere(self, conn: Connection, r: Resource, thread: str) -> bool:
+        """A resource of this node's own making outside the consultation's thread, sent back
+        as the context of a step (an imaging reading's study that the request shared from our
+        PACS): kept as we have it, neither overwritten nor refused."""
+        rid = r.get("id")
+        if not isinstance(rid, str) or not store.exists(conn, r["resourceType"], rid):
+            return False
+        known = store.get_row(conn, r["resourceType"], rid)
+        return bool(known.origin == self.me and known.thread != thread)
 
     def _mirror(self, conn: Connection, row: Any, event: str, task: Resource, item: Delivery,
                 carried: list[Resource]) -> None:

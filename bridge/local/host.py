@@ -375,6 +375,11 @@ class AdapterHost:
         with self._ctx.store.read() as conn:
             return thread_view(conn, thread)
 
+    def consultation(self, thread: str) -> dict[str, Any] | None:
+        """This side's consultation row, its steps and every FHIR resource of the thread, or
+        None (``bridge/consult``)."""
+        return self._node.consult.view(thread)
+
     def resource(self, rtype: str, rid: str) -> dict[str, Any]:
         with self._ctx.store.read() as conn:
             return fhirstore.get(conn, rtype, rid)
