@@ -21,7 +21,8 @@ from demo.world import PROGRESS, Member, World
 #: pages under /ui by role (bridge/web); the statistics page is the clinicians'
 PAGES = {"clinician": ("/ui/referrals", "转诊 referrals"), "it": ("/ui/it", "运维 IT"),
          "auditor": ("/ui/audit", "审计 audit")}
-EXTRA_PAGES = {"clinician": [("/ui/stats", "统计 statistics")]}
+EXTRA_PAGES = {"clinician": [("/ui/consultations", "远程会诊 consultations"),
+                            ("/ui/stats", "统计 statistics")]}
 
 
 def _interrupt(signum: int, frame: Any) -> None:

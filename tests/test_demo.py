@@ -139,7 +139,7 @@ def test_demo_once_plays_the_scenario_and_exits_zero(tmp_path: Path) -> None:
     platform = base + 107
     for port in range(base + 101, base + 108):
         pages = ("/ui/it", "/ui/audit") if port == platform else (
-            "/ui/referrals", "/ui/stats", "/ui/it", "/ui/audit")
+            "/ui/referrals", "/ui/consultations", "/ui/stats", "/ui/it", "/ui/audit")
         for page in pages:
             assert f"http://127.0.0.1:{port}{page}" in out
     assert f"http://127.0.0.1:{platform}/ui/referrals" not in out  # no clinicians there
