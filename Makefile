@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint format-check typecheck bench docs clean
+.PHONY: demo test test-fast lint format-check typecheck bench docs screenshots clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -59,6 +59,12 @@ $(DOCS_STAMP): $(STAMP)
 
 docs: $(DOCS_STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -d build/site
+
+# The screenshots the docs show (docs/img/), retaken by the browser tests (Debian Chromium):
+# only the files docs/img already holds are replaced.
+screenshots: $(DEV_STAMP)
+	$(BIN)/python -m pytest -q tests/test_web_browser.py tests/test_web_people_browser.py
+	for f in docs/img/*.png; do cp "test-artifacts/screenshots/$$(basename "$$f")" "$$f"; done
 
 clean:
 	rm -rf $(VENV) var demo-data

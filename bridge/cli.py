@@ -145,16 +145,23 @@ def outbox_list(
     config: ConfigOpt,
     state: Annotated[str | None, typer.Option(help="queued|sent|acknowledged|dead|refused")] = None,
     peer: Annotated[str | None, typer.Option(help="next hop")] = None,
-    limit: int = 100,
+    limit: Annotated[int, typer.Option(help="rows per page (1..1000)")] = 100,
+    after: Annotated[str | None, typer.Option(help="next-page token of a previous list")] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """What waits, for how long, and why."""
+    """What waits, for how long, and why: oldest first, one page, with how many match in all
+    and the next page's --after (--json: the rows on stdout, that line on stderr)."""
     from bridge import ops
+    from bridge.store.tables import OUTBOX
 
     ctx = _ctx(config)
-    rows = ops.outbox_list(ctx, state=state, peer=peer, limit=limit)
+    stmt, where = ops.outbox_query(state=state, peer=peer)
+    rows, total, nxt = _page(ctx, stmt, where, [OUTBOX.c.id], desc=False, limit=limit,
+                             after=after)
+    rows = ops.with_age(ctx, rows)
     if as_json:
         out.print_json(json.dumps(rows, default=str))
+        _count_line(total, len(rows), nxt, "packets", as_json)
         return
     summary = ops.queue_summary(ctx)
     t = Table(title=f"outbox of {ctx.node_id}: per peer")
@@ -173,6 +180,24 @@ def outbox_list(
                   str(r["seq"]), r["state"], str(r["attempts"]), str(r["age_s"]),
                   (r["last_error"] or "")[:60])
     out.print(t)
+    _count_line(total, len(rows), nxt, "packets", as_json)
+
+
+def _page(ctx: Any, stmt: Any, where: list[Any], order: list[Any], *, desc: bool, limit: int,
+          after: str | None) -> tuple[list[dict[str, Any]], int, str | None]:
+    """One keyset page of a list, as ``/local/v1`` pages it (bridge/api/paging.py)."""
+    from bridge.api import paging
+
+    with ctx.store.read() as conn:
+        return paging.page(conn, stmt, where=where, order=order, desc=desc, limit=limit,
+                           after=after)
+
+
+def _count_line(total: int, shown: int, nxt: str | None, what: str, as_json: bool) -> None:
+    """How many match in all and how to get the next page: no list stops silently."""
+    line = (f"{total:,} {what} in all, {shown} shown"
+            + (f"; next page: --after {nxt}" if nxt else ""))
+    (err if as_json else out).print(line, soft_wrap=True)
 
 
 @outbox_app.command("retry")
@@ -195,12 +220,24 @@ def outbox_retry(
 def quarantine_list(
     config: ConfigOpt,
     state: Annotated[str, typer.Option(help="held|replayed|all")] = "held",
+    limit: Annotated[int, typer.Option(help="items per page (1..1000)")] = 100,
+    after: Annotated[str | None, typer.Option(help="next-page token of a previous list")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
+    """Refused inputs, newest first, one page, with how many there are in all and the next
+    page's --after (--json: the headers on stdout, that line on stderr; no bytes, no body)."""
     from bridge.store import quarantine
+    from bridge.store.tables import QUARANTINE
 
     ctx = _ctx(config)
-    with ctx.store.read() as conn:
-        rows = quarantine.list_items(conn, state=None if state == "all" else state)
+    stmt, where = quarantine.list_query(state=None if state == "all" else state)
+    rows, total, nxt = _page(ctx, stmt, where, [QUARANTINE.c.id], desc=True, limit=limit,
+                             after=after)
+    what = "items" if state == "all" else f"{state} items"
+    if as_json:
+        out.print_json(json.dumps(rows, default=str, ensure_ascii=False))
+        _count_line(total, len(rows), nxt, what, as_json)
+        return
     t = Table(title=f"quarantine of {ctx.node_id}")
     for col in ("id", "at", "source", "code", "from", "kind", "state", "reason"):
         t.add_column(col)
@@ -208,6 +245,7 @@ def quarantine_list(
         t.add_row(str(r["id"]), _shown(r["at"], ctx), r["source"], r["code"],
                   r["sender"] or "-", r["kind"] or "-", r["state"], r["message"][:70])
     out.print(t)
+    _count_line(total, len(rows), nxt, what, as_json)
 
 
 @quarantine_app.command("show")

@@ -229,10 +229,13 @@ def audit_who(
     since: Annotated[str | None, typer.Option(help="2026-12-01, -2h, yesterday, ...")] = None,
     until: Annotated[str | None, typer.Option()] = None,
     fmt: Annotated[str, typer.Option("--format", help="table|csv|ndjson")] = "table",
+    limit: Annotated[int, typer.Option(help="table rows per page (1..1000)")] = 100,
+    after: Annotated[str | None, typer.Option(help="next-page token of a previous table")] = None,
 ) -> None:
-    """Reads of patient data, by patient or by person, over a time range."""
+    """Reads of patient data, by patient or by person, over a time range: a table page by
+    page, newest first, with how many there are in all; csv/ndjson: all of them."""
     from bridge.audit.events import AuditEntry
-    from bridge.audit.export import export, query
+    from bridge.audit.export import count, export, query
 
     ctx = _ctx(config)
     start, end = when(since, ctx), when(until, ctx)
@@ -246,9 +249,20 @@ def audit_who(
                 action="export", actor=cli_actor(), at=ctx.now(),
                 message=f"audit export {fmt}", extra={"rows": n})])
         return
+    if after is not None and not after.isdigit():
+        raise HutongError("--after: not a token this command gave out")
+    filters: dict[str, Any] = dict(since=start, until=end, patient_hash=patient, actor=actor,
+                                   action="read")
     with ctx.store.read() as conn:
-        rows = query(conn, limit=1000, since=start, until=end, patient_hash=patient,
-                     actor=actor, action="read")
+        try:
+            rows = query(conn, limit=limit, before_seq=int(after) if after else None,
+                         **filters)
+        except ValueError as exc:
+            raise HutongError(f"--limit: {exc}") from None
+        total = count(conn, **filters)
+        last = rows[-1]["seq"] if len(rows) == limit else None
+        nxt = str(last) if last is not None and query(conn, limit=1, before_seq=last,
+                                                       **filters) else None
     t = Table(title="reads of patient data")
     for col in ("seq", "at", "actor", "patient", "message"):
         t.add_column(col)
@@ -256,6 +270,8 @@ def audit_who(
         t.add_row(str(r["seq"]), _show_instant(r["at"], ctx), r["actor"] or "",
                   (r["patient_hash"] or "")[:16], r["message"] or "")
     out.print(t)
+    out.print(f"{total:,} reads in all, {len(rows)} shown"
+              + (f"; next page: --after {nxt}" if nxt else ""))
 
 
 def _show_instant(text: str | None, ctx: Any) -> str:

@@ -181,6 +181,7 @@ def test_a_missing_type_and_mapping_folder_are_named(tmp_path: Path) -> None:
         + ", ".join(TYPES) + ")"]
 
 
+@pytest.mark.slow  # runs the CLI as a process
 def test_config_check_command_names_file_and_key(tmp_path: Path) -> None:
     """`hutong config check` on the node file fails naming file and key; what it passes, the
     node loads (the same check runs in both)."""

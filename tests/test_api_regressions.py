@@ -13,7 +13,10 @@ here against the live answer it documents.)
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import re
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -249,3 +252,78 @@ def test_every_local_list_counts_its_items_and_pages_through_all_of_them(
         assert r.status_code == 422, (bad, r.text)
         assert r.json()["code"] == "HT-REQUEST-INVALID", r.text
         assert r.json()["message"].split(":")[0] in ("after", "limit"), r.text
+
+
+COUNT_LINE = re.compile(r"([\d,]+) (.+) in all, (\d+) shown(?:; next page: --after (\S+))?")
+
+
+def _cli_pages(node: NodeProcess, *args: str, limit: int = 2) -> tuple[list[Any], set[str]]:
+    """Run a CLI list with ``--json`` page by page from the first to the last ``--after``:
+    every row's id, and the count lines' "<total> <what>" (one per list)."""
+    seen: list[Any] = []
+    counted: set[str] = set()
+    after: list[str] = []
+    while True:
+        r = node.cli(*args, "--json", "--limit", str(limit), *after)
+        assert r.returncode == 0, r.stderr
+        page = json.loads(r.stdout)
+        m = COUNT_LINE.fullmatch(r.stderr.strip())
+        assert m is not None, r.stderr  # the rows on stdout, how many in all on stderr
+        assert int(m[3]) == len(page)
+        counted.add(f"{m[1]} {m[2]}")
+        seen += [row["id"] for row in page]
+        if m[4] is None:
+            return seen, counted
+        assert len(page) == limit  # a full page before every next page
+        after = ["--after", m[4]]
+
+
+def test_cli_lists_count_their_items_and_page_through_all_of_them(node: NodeProcess) -> None:
+    """``hutong quarantine list``, ``outbox list`` and ``audit who`` say how many there are in
+    all and page (keyset, as /local/v1) to the last item; none stops silently at 100."""
+    node.api("POST", "/local/v1/packets", [
+        {"to": "nowhere", "kind": "result.lab", "thread": None, "bundle": bundle(1)}
+        for _ in range(3)], role="clinician")  # 3 refusals held
+    node.send("chc", "result.lab", [bundle(1) for _ in range(3)], thread="cli-paging")
+    for args in (("quarantine", "list", "--state", "all"), ("outbox", "list")):
+        whole = json.loads(node.cli(*args, "--json", "--limit", "1000", check=True).stdout)
+        seen, counted = _cli_pages(node, *args)
+        what = "items" if args[0] == "quarantine" else "packets"
+        assert counted == {f"{len(whole)} {what}"}, args
+        assert seen == [w["id"] for w in whole], args  # each once, in the one order
+        assert seen == sorted(seen, reverse=args[0] == "quarantine"), args
+    held = json.loads(node.cli("quarantine", "list", "--json", check=True).stdout)
+    assert len(held) >= 3 and {h["state"] for h in held} == {"held"}
+    # the table form says it too, on the same stream as the table
+    r = node.cli("quarantine", "list", "--limit", "1", check=True)
+    m = COUNT_LINE.search(r.stdout)
+    assert m is not None and m[2] == "held items" and int(m[1]) == len(held) and m[3] == "1"
+    assert m[4] is not None and r.stdout.rstrip().endswith(m[4])
+    # a token the list did not give, a page size out of range: one line, exit 2
+    for bad in (("quarantine", "list", "--after", "bm90LWEtY3Vyc29y"),
+                ("outbox", "list", "--limit", "0"), ("audit", "who", "--after", "x")):
+        r = node.cli(*bad)
+        assert r.returncode == 2 and r.stderr.startswith("error: "), (bad, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+    # audit who: reads of patient data, newest first, page by page to the oldest
+    node.api("POST", "/local/v1/referrals", referral("up-exam", "chc"), role="clinician")
+    newest = node.api("GET", "/local/v1/referrals?limit=1")[0]
+    for _ in range(4):
+        node.api("GET", f"/fhir/Task/{newest['task_id']}", role="clinician")
+    export = node.cli("audit", "who", "--format", "csv", check=True).stdout
+    want = [int(row["seq"]) for row in csv.DictReader(io.StringIO(export))]
+    assert len(want) >= 4
+    seqs: list[int] = []
+    after: list[str] = []
+    while True:
+        r = node.cli("audit", "who", "--limit", "3", *after, check=True)
+        m = COUNT_LINE.search(r.stdout)
+        assert m is not None and m[2] == "reads" and int(m[1].replace(",", "")) == len(want)
+        page = [int(s) for s in re.findall(r"^\S\s*(\d+)\s*\S", r.stdout, re.M)]
+        assert len(page) == int(m[3])
+        seqs += page
+        if m[4] is None:
+            break
+        after = ["--after", m[4]]
+    assert seqs == sorted(want, reverse=True)

@@ -100,3 +100,54 @@ def test_patient_imaging_on_the_referral_with_viewer_and_fetch(pair: Alliance) -
     # a made-up member is refused, nothing queued
     status, _u, body = gp.open(f"/ui/referrals/{thread}/imaging/fetch?peer=nobody&study=1.2", {})
     assert status == 404 and "HT-NOT-FOUND" in body
+
+
+def test_a_patients_many_studies_are_counted_and_paged_on_the_referral(pair: Alliance) -> None:
+    """23 studies of one patient: the referral page says how many there are, shows the
+    newest 20, and its next-page link shows the other 3 (and a link back); no silent cap."""
+    import html
+    import re
+
+    chc = pair.node("chc")
+    thread = new_thread(chc, referral("up-exam", "core", mrn="IM0003",
+                                      national_id="110102197203031233"))
+    phash = state(chc, thread)["patient_hash"]
+    uids = [f"1.2.826.0.1.3680043.8.498.77{i:02d}" for i in range(23)]
+    s = Store(chc.plan.storage_dsn)
+    try:
+        with s.write() as conn:
+            for i, uid in enumerate(uids):  # uids[22] the newest
+                st = study("Patient/x")
+                st["id"], st["description"] = f"ct-many-{i:02d}", f"随访CT {i:02d}"
+                st["identifier"] = [{"system": "urn:dicom:uid", "value": f"urn:oid:{uid}"}]
+                fstore.put(conn, st, at=datetime(2026, 11, 1, 8, i, tzinfo=UTC),
+                           origin="core", patient_hash=phash)
+    finally:
+        s.dispose()
+    gp = Browser(chc).login("clinician")
+
+    def listed(page: str) -> list[str]:
+        return re.findall(r'<code class="study-uid">([\d.]+)</code>', page)
+
+    def count_line(page: str) -> re.Match[str]:
+        m = re.search(r'<p class="count imaging-count" data-type="ImagingStudy">[^<]*: '
+                      r'<span class="total">(\d+)</span>, (\d+) 条在本页 ?(.*?)</p>', page)
+        assert m is not None, page
+        return m
+
+    first = gp.get(f"/ui/referrals/{thread}")
+    m = count_line(first)
+    assert (m[1], m[2]) == ("23", "20") and "本院存有该患者的影像检查" in first
+    assert listed(first) == uids[::-1][:20]  # newest first
+    nxt = re.search(r'<a class="next-page" href="([^"]+)">下一页 →</a>', m[3])
+    assert nxt is not None and "first-page" not in m[3]
+    second = gp.get(html.unescape(nxt[1]))
+    m = count_line(second)
+    assert (m[1], m[2]) == ("23", "3") and "next-page" not in m[3]
+    assert listed(second) == uids[::-1][20:]  # the last three: every study reached once
+    back = re.search(r'<a class="first-page" href="([^"]+)">第一页</a>', m[3])
+    assert back is not None and html.unescape(back[1]) == f"/ui/referrals/{thread}#imaging"
+    assert_readable(second, "the second page of the patient's imaging")
+    # a cursor the page did not give: an error page naming the parameter, nothing listed
+    status, _u, bad = gp.open(f"/ui/referrals/{thread}?imaging_after_ImagingStudy=bm90", None)
+    assert status == 422 and "HT-REQUEST-INVALID" in bad and not listed(bad)

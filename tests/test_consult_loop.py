@@ -286,6 +286,32 @@ def test_imaging_reading_and_a_report_turned_into_a_referral(al: Alliance,
     assert orjson.loads(reads[-1]["resource"])["resourceType"] == "AuditEvent"
 
 
+def test_the_consultation_list_counts_and_pages_through_all(al: Alliance,
+                                                            client: httpx.Client) -> None:
+    """``/local/v1/consultations`` says how many there are (``X-Total-Count``) and pages by
+    keyset to the last one (``Link`` rel=next), as the other /local/v1 lists; no cap at 200."""
+    from tests.test_api_regressions import _all_pages
+
+    chc = al.node("chc")
+    made = [request(Fhir(client, chc), consults.consultation(
+        "general", "core", national_id=f"11010219700101{i:03d}X", mrn=f"PG{i:04d}"))
+        for i in range(3)]
+    for thread in made:
+        both(al, client, thread, "received", "received")
+    whole = chc.api("GET", "/local/v1/consultations?limit=1000")
+    seen, totals = _all_pages(chc, "/local/v1/consultations?limit=2", "thread")
+    assert totals == {len(whole)} and len(whole) >= 3
+    assert seen == [w["thread"] for w in whole] and set(made) <= set(seen)
+    assert [w["updated_at"] for w in whole] == sorted((w["updated_at"] for w in whole),
+                                                      reverse=True)  # latest change first
+    # a filter is counted as it is paged: the centre's queue at core
+    queue = al.node("core").api("GET", "/local/v1/consultations?side=centre&limit=1000")
+    seen, totals = _all_pages(al.node("core"), "/local/v1/consultations?side=centre&limit=2",
+                              "thread")
+    assert totals == {len(queue)} and set(made) <= set(seen) == {q["thread"] for q in queue}
+    assert {q["side"] for q in queue} == {"centre"}
+
+
 def test_a_waiting_consultation_raises_a_reminder_and_the_alert(tmp_path: Path) -> None:
     a = Alliance(tmp_path / "alliance", MEMBERS, RULES)
     core_file = a.files["core"]

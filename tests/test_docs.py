@@ -150,3 +150,15 @@ def test_changelog_keeps_an_unreleased_section_on_top() -> None:
     heads = re.findall(r"^## \[([^\]]+)\]", (ROOT / "CHANGELOG.md").read_text(), re.M)
     assert heads[0] == "Unreleased"
     assert "0.1.0" in heads
+
+
+def test_every_test_file_is_in_the_feature_table() -> None:
+    """tests/README.md's feature table names every test file, so a newcomer finds where a
+    feature is specified (a new file without its row fails here)."""
+    text = (ROOT / "tests" / "README.md").read_text(encoding="utf-8")
+    table = text.split("## Feature → the tests that specify it", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in table.splitlines() if line.startswith("| ")]
+    named = {m for row in rows for m in re.findall(r"`(test_\w+\.py)", row)}
+    files = {p.name for p in (ROOT / "tests").glob("test_*.py")}
+    assert files - named == set(), "test files missing from tests/README.md's table"
+    assert named - files == set(), "the table names test files that do not exist"

@@ -40,6 +40,7 @@ from bridge.fhirstore.tables import (
 from bridge.results.recognition import results_for
 from bridge.store.db import Store
 from bridge.store.tables import NODE_STATE
+from bridge.web import fhirview
 
 NID = "urn:oid:2.16.156.10011.1.3"  # national ID numbers
 MRN = "urn:hutong:mrn:fuxing"
@@ -490,3 +491,76 @@ def test_two_processes_opening_an_old_store_at_once_backfill_it_once(dsn: str) -
     finally:
         for st in stores:
             st.dispose()
+
+
+def _imaging_seed(s: Store, phash: str) -> dict[str, list[tuple[datetime, str]]]:
+    """Imaging and other reports of one patient (and a study of another): what the referral
+    page's imaging lists must hold, as (lastUpdated, id) per type, newest first."""
+    rad = [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0074",
+                        "code": "RAD"}]}]
+    lab = [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0074",
+                        "code": "LAB"}]}]
+    study_ref = [{"reference": "ImagingStudy/st-000"}]
+    items: list[tuple[dict[str, Any], str]] = []
+    for i in range(45):  # some at the same instant: the id breaks the tie
+        items.append(({"resourceType": "ImagingStudy", "id": f"st-{i:03d}",
+                       "status": "available"}, phash))
+    items.append(({"resourceType": "ImagingStudy", "id": "st-other", "status": "available"},
+                  "b" * 64))
+    for i in range(25):  # coded RAD, naming a study, or both
+        dr: dict[str, Any] = {"resourceType": "DiagnosticReport", "id": f"img-{i:03d}",
+                              "status": "final", "code": {"text": "CT"}}
+        if i % 3 != 1:
+            dr["category"] = rad
+        if i % 3 != 0:
+            dr["imagingStudy"] = study_ref
+        items.append((dr, phash))
+    for i in range(6):  # lab reports, one coded RAD by mistake: they hold results
+        items.append(({"resourceType": "DiagnosticReport", "id": f"lab-{i}", "status": "final",
+                       "code": {"text": "CBC"}, "category": rad if i == 0 else lab,
+                       "result": [{"reference": f"Observation/o-{i}"}]}, phash))
+    items.append(({"resourceType": "DiagnosticReport", "id": "quoted", "status": "final",
+                   "code": {"text": "note"}, "conclusion": 'see "imagingStudy": none'}, phash))
+    want: dict[str, list[tuple[datetime, str]]] = {"ImagingStudy": [], "DiagnosticReport": []}
+    with s.write() as conn:
+        for n, (r, h) in enumerate(items):
+            at = T0 + timedelta(minutes=n // 4)
+            store.put(conn, r, at=at, patient_hash=h, origin="core")
+            if h == phash and (r["resourceType"] == "ImagingStudy"
+                               or fhirview.is_imaging_report(r)):
+                want[r["resourceType"]].append((at, r["id"]))
+    return {k: sorted(v, key=lambda w: (-w[0].timestamp(), w[1])) for k, v in want.items()}
+
+
+def test_a_patients_imaging_is_counted_and_paged_to_the_last_item(db: Store) -> None:
+    """The referral page's imaging of the patient (bridge/web/clinician.py): each type counted
+    exactly (an imaging report as ``is_imaging_report`` says, in SQL) and paged by keyset,
+    newest first, to the last item; no cap at 20 per type."""
+    from types import SimpleNamespace
+
+    from bridge.api.outcome import RequestInvalid
+    from bridge.web.clinician import IMAGING_PAGE, patient_imaging_page
+
+    phash = "a" * 64
+    want = _imaging_seed(db, phash)
+    assert (len(want["ImagingStudy"]), len(want["DiagnosticReport"])) == (45, 25)
+    web: Any = SimpleNamespace(ctx=SimpleNamespace(store=db))
+    for rtype, expected in want.items():
+        seen: list[str] = []
+        after: str | None = None
+        pages = 0
+        while True:
+            items, total, after = patient_imaging_page(web, phash, rtype, after=after)
+            pages += 1
+            assert total == len(expected), rtype
+            assert {r["resourceType"] for r in items} == {rtype}
+            assert {r["_origin"] for r in items} == {"core"}
+            seen += [r["id"] for r in items]
+            if after is None:
+                break
+            assert len(items) == IMAGING_PAGE  # a full page before every next one
+        assert seen == [rid for _at, rid in expected], rtype  # each once, in order
+        assert pages == -(-len(expected) // IMAGING_PAGE)
+    assert patient_imaging_page(web, "c" * 64, "ImagingStudy") == ([], 0, None)
+    with pytest.raises(RequestInvalid):
+        patient_imaging_page(web, phash, "ImagingStudy", after="bm90LWEtY3Vyc29y")

@@ -665,3 +665,73 @@ def test_fetch_packets_are_valid_fhir_and_tampering_is_caught() -> None:
     binary["data"] = "AAAA" + binary["data"][4:]
     with pytest.raises(Exception, match=f"instance {S1}.1.1: size or SHA-1 differs"):
         fetch.parse_response(bad)
+
+
+def test_refused_imaging_reports_are_quarantined_under_their_patient(tmp_path: Path) -> None:
+    """A report the PACS adapter refuses is filed under the patient it is about, so the message
+    browser's patient search finds it: one from a member it did not serve, or not valid FHIR
+    once on our study, under the study's patient hash; a RIS ORU for a study it does not hold,
+    under the hash of the Patient its PID-3 names here; one not read as far as PID-3, none."""
+    from bridge.config.loader import load_node
+    from bridge.local.contract import ImagingReportEvent
+    from bridge.node import Node
+    from bridge.store.tables import QUARANTINE
+
+    members = [dict(MEMBERS[0], adapters=[{"name": "pacs", "type": "pacs-dicom", "options": {
+        "bind": f"127.0.0.1:{free_port_block(1)}", "ae_title": "HUTONG"}}]), MEMBERS[1]]
+    node = Node(load_node(Alliance(tmp_path / "alliance", members, RULES).files["core"]))
+    try:
+        pacs: Any = node.adapters["pacs"]
+        host = pacs.host
+        phash = patient_hash(node.plan.patient_hash_key, NID1)
+        rid = study_resource_id(S1)
+        patient = {"resourceType": "Patient", "id": "p-fx1",
+                   "identifier": [{"system": pacs.pacs_id_system, "value": "FX0001"}]}
+        with host.transaction() as tx:
+            tx.put(patient, patient_hash=phash)
+            tx.put({"resourceType": "ImagingStudy", "id": rid, "status": "available",
+                    "subject": {"reference": "Patient/p-fx1"}}, patient_hash=phash)
+        report = {"resourceType": "DiagnosticReport", "id": "rpt-1", "status": "final",
+                  "code": {"text": "CT"}}
+
+        def held() -> list[tuple[str, str | None, str | None]]:
+            with node.ctx.store.read() as conn:
+                return [(r.message, r.patient_hash, r.kind) for r in conn.execute(
+                    select(QUARANTINE).order_by(QUARANTINE.c.id))]
+
+        def quarantine_audits() -> list[tuple[str | None, str]]:
+            audit = AuditRecord.__table__  # type: ignore[attr-defined]
+            with node.ctx.store.read() as conn:
+                return [(a.patient_hash, a.actor) for a in conn.execute(
+                    select(audit).where(audit.c.action == "quarantined").order_by(audit.c.seq))]
+
+        # a member this PACS neither served the study to nor is a party of the thread
+        stray = ImagingReportEvent(key="P1:rpt-1", sender="chc", thread=None, study_uid=S1,
+                                   report=report)
+        assert pacs.on_imaging_report(stray) is None
+        assert pacs.on_imaging_report(stray) is None  # redelivered: not quarantined again
+        # the party of the thread, but the report is not R4 once on our study
+        bad = ImagingReportEvent(key="P2:rpt-2", sender="chc", thread="t-1", study_uid=S1,
+                                 report={**report, "id": "rpt-2", "status": "nonsense"},
+                                 party=True)
+        assert pacs.on_imaging_report(bad) is None
+        # RIS reports: on a study not held here (PID-3 names our Patient), and one unreadable
+        for text in (ORU.format(acc="ACC-NONE", imp="x"), "MSH|^~\\&|RIS"):
+            with pytest.raises(ReportRejected):
+                pacs.take_report(text, "ris")
+        assert [(h, k) for _m, h, k in held()] == [
+            (phash, "imaging.report"), (phash, "imaging.report"), (phash, "imaging.report"),
+            (None, "imaging.report")]
+        messages = [m for m, _h, _k in held()]
+        assert "rpt-1 from chc" in messages[0] and "neither shared" in messages[0]
+        assert "rpt-2 from chc is not valid FHIR R4" in messages[1]
+        assert "record RIS-77" in messages[2] and "no ImagingStudy here" in messages[2]
+        assert quarantine_audits() == [(phash, "adapter:pacs")] * 3 + [(None, "adapter:pacs")]
+        assert host.resource_info("DiagnosticReport", "rpt-1") is None
+        # where the PACS keeps the ID number as PatientID, the ORU's PID-3 is hashed
+        pacs.opts = pacs.opts.model_copy(update={"patient_id_is_national_id": True})
+        with pytest.raises(ReportRejected):
+            pacs.take_report(ORU.format(acc="ACC-NONE", imp="x").replace("FX0001", NID2), "ris")
+        assert held()[-1][1] == patient_hash(node.plan.patient_hash_key, NID2)
+    finally:
+        node.close()

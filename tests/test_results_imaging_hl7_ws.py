@@ -455,10 +455,14 @@ def test_imaging_reports_in_the_hl7_his_the_ws_his_and_the_pacs(site: dict[str, 
     (stray_packet,) = core.send(HL7C, "result.imaging", [b])
     wait_for(lambda: db_rows(hl7c, "SELECT state FROM inbox WHERE packet_id = :p",
                              p=stray_packet) == [("delivered",)], what="the stray packet")
-    held = db_rows(hl7c, "SELECT kind, code, message FROM quarantine WHERE kind = "
-                         "'imaging.report'")
+    held = db_rows(hl7c, "SELECT kind, code, message, patient_hash FROM quarantine WHERE "
+                         "kind = 'imaging.report'")
     assert len(held) == 1 and held[0][1] == "HT-REPORT-REJECTED"
     assert "rpt-stray" in held[0][2] and "neither shared" in held[0][2]
+    # filed under the patient of the study it is on: the message browser's patient search
+    assert db_rows(hl7c, "SELECT patient_hash FROM fhir_resource WHERE rtype = 'ImagingStudy' "
+                         "AND id = :i", i=study_resource_id(S1)) == [(held[0][3],)]
+    assert held[0][3] is not None
     got = hl7c.api("GET", f"/local/v1/adapters/pacs/studies/{S1}/reports", role="clinician")
     assert all(x["id"] != "rpt-stray" for x in got["reports"])
     assert len(site["his"].imaging_reports()) == 2

@@ -55,6 +55,7 @@ def digest(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow  # runs the CLI as a process
 def test_site_init_makes_one_sites_files_and_touches_no_other(tmp_path: Path) -> None:
     site = tmp_path / "site-b"
     site.mkdir()
@@ -125,6 +126,7 @@ def test_two_site_script_runs_as_written(tmp_path: Path) -> None:
         assert json.dumps(body, ensure_ascii=False).count("SAMPLE-0001") >= 1
 
 
+@pytest.mark.slow  # runs the CLI as a process
 def test_every_command_with_bad_input_answers_one_line(tmp_path: Path) -> None:
     """Each subcommand given something it cannot use: exit != 0, no traceback, one error line
     that carries a code."""

@@ -454,3 +454,39 @@ def test_statistics_count_known_referrals(fresh: Alliance) -> None:
     # another year is empty
     assert "<td colspan" in section(Browser(core).login("it").get("/ui/stats?year=2001"),
                                     "monthly")
+
+
+def test_it_pages_reused_ids_say_how_many_and_link_to_all(tmp_path: Path) -> None:
+    """The IT page's list of reused control ids shows the newest 50, says how many there are
+    and links to the auditor's page filtered to them, which pages through all (no silent cap);
+    with 50 or fewer, no link."""
+    from datetime import UTC, datetime
+    from types import SimpleNamespace
+
+    from bridge.audit.events import AuditEntry
+    from bridge.config.loader import load_node
+    from bridge.local.intake import RECORD_ID_REUSED
+    from bridge.node import Node
+    from bridge.web.it import reused_ids_section
+
+    node = Node(load_node(Alliance(tmp_path / "alliance", MEMBERS, RULES).files["core"]))
+    try:
+        web: Any = SimpleNamespace(ctx=node.ctx)
+
+        def add(n: int) -> None:
+            with node.ctx.store.write() as conn:
+                node.ctx.audit.append(conn, [AuditEntry(
+                    action=RECORD_ID_REUSED, actor="adapter:lis", at=datetime.now(UTC),
+                    message=f"MSH-10 R{i} reused with other content") for i in range(n)])
+
+        add(50)
+        page = reused_ids_section(web, "zh")
+        assert '<span class="total">50</span> · 50 ' in page and 'class="all"' not in page
+        add(7)
+        page = reused_ids_section(web, "en")
+        assert '<span class="total">57</span> · 50 shown here' in page
+        assert ('<a class="all" href="/ui/audit?action=hl7-control-id-reused">See all →</a>'
+                in page)
+        assert page.count("reused with other content") == 50
+    finally:
+        node.close()

@@ -51,7 +51,7 @@ from adapters.pacs import dimse, fetch
 from adapters.pacs.errors import DicomRejected, FetchFailed, PacsFailed, ReportRejected
 from adapters.pacs.files import InstanceStore, check_structure, check_uid, path_uid, read_header
 from adapters.pacs.options import PacsOptions
-from adapters.pacs.report import parse_oru, report_from_oru, report_from_sr
+from adapters.pacs.report import OruReport, parse_oru, report_from_oru, report_from_sr
 from adapters.pacs.study import (
     imaging_study,
     imaging_study_from_find,
@@ -302,6 +302,7 @@ class PacsAdapter(BaseAdapter):
         """An ORU^R01 report from the RIS (bytes as received: decoded by MSH-18, else the
         adapter's ``default_charset``; ``charset_override`` wins)."""
         raw = message.encode("utf-8") if isinstance(message, str) else message
+        oru: OruReport | None = None
         try:
             oru = parse_oru(raw, self.opts.timezone, default_charset=self.opts.default_charset,
                             charset_override=self.opts.charset_override)
@@ -319,7 +320,7 @@ class PacsAdapter(BaseAdapter):
             phash = (self.host.resource_info("ImagingStudy", study["id"]) or {}).get(
                 "patient_hash")
         except ReportRejected as exc:
-            self.host.quarantine(exc, raw=raw, kind="imaging.report")
+            self.host.quarantine(exc, raw=raw, kind="imaging.report", **self._oru_patient(oru))
             raise
         report = report_from_oru(oru, subject=study["subject"],
                                  study_ref={"reference": f"ImagingStudy/{study['id']}"})
@@ -338,6 +339,19 @@ class PacsAdapter(BaseAdapter):
         key = f"oru:{oru.control_id}:{hashlib.sha256(raw).hexdigest()[:16]}"
         return self.host.share_results(bundle, source_key=key, patient_hash=phash,
                                        answer=answer, kind="result.imaging")
+
+    def _oru_patient(self, oru: OruReport | None) -> dict[str, str | None]:
+        """Whom a refused ORU is about, as far as its PID-3 tells (nothing if it was not read
+        that far): the ID number where this PACS keeps it as PatientID, else the keyed hash
+        of the Patient this PACS's patient ID names here."""
+        pid = oru.patient_id if oru is not None else None
+        if not pid:
+            return {}
+        if self.opts.patient_id_is_national_id:
+            return {"national_id": pid}
+        found = self.host.find("Patient", identifier=(self.pacs_id_system, pid))
+        info = self.host.resource_info("Patient", found["id"]) if found is not None else None
+        return {"patient_hash": (info or {}).get("patient_hash")}
 
     def _patient_of(self, study: dict[str, Any]) -> dict[str, Any] | None:
         ref = (study.get("subject") or {}).get("reference") or ""
@@ -431,7 +445,7 @@ class PacsAdapter(BaseAdapter):
         if not ev.party and ev.sender not in served:
             return self._refuse(ev, f"report {report_id} from {ev.sender} on ImagingStudy/"
                                     f"{rid}, which this node neither shared with it nor "
-                                    "asked it to report on")
+                                    "asked it to report on", info["patient_hash"])
         study = self.host.resource("ImagingStudy", rid)
         report = copy.deepcopy(ev.report)
         report.pop("meta", None)
@@ -442,7 +456,8 @@ class PacsAdapter(BaseAdapter):
             validate_resource(report)
         except InvalidFhir:
             return self._refuse(ev, f"report {report_id} from {ev.sender} is not valid FHIR "
-                                    f"R4 once attached to ImagingStudy/{rid}")
+                                    f"R4 once attached to ImagingStudy/{rid}",
+                                info["patient_hash"])
         try:
             with self.host.transaction() as tx:
                 tx.put_foreign(report, sender=ev.sender, thread=ev.thread or "",
@@ -456,7 +471,8 @@ class PacsAdapter(BaseAdapter):
             if exc.retry is not Retry.PERMANENT:
                 raise
             # e.g. the id names a resource of this node's or of another thread
-            return self._refuse(ev, f"report {report_id} from {ev.sender}: {exc.message}")
+            return self._refuse(ev, f"report {report_id} from {ev.sender}: {exc.message}",
+                                info["patient_hash"])
         self._attach(rid, report_id, ev.thread)
         self.count("reports_attached")
         self.ok()
@@ -468,11 +484,13 @@ class PacsAdapter(BaseAdapter):
             if report_id not in known:
                 kv.put(ATTACHED, rid, {"reports": [*known, report_id]}, thread=thread)
 
-    def _refuse(self, ev: ImagingReportEvent, why: str) -> None:
-        """Kept for IT (quarantined, audited), not attached; the packet goes on. Remembered
-        under the event's key, so a redelivery does not quarantine it again."""
+    def _refuse(self, ev: ImagingReportEvent, why: str, phash: str | None) -> None:
+        """Kept for IT (quarantined, audited), not attached; the packet goes on. Filed under
+        the patient of the study it is on (``phash``, as the study is stored), so the message
+        browser's patient search finds it. Remembered under the event's key, so a redelivery
+        does not quarantine it again."""
         qid = self.host.quarantine(ReportRejected(why), raw=orjson.dumps(ev.report),
-                                   kind="imaging.report", thread=ev.thread)
+                                   kind="imaging.report", thread=ev.thread, patient_hash=phash)
         with self.host.transaction() as tx:
             tx.remember(f"report:{ev.key}", {"refused": qid}, thread=ev.thread)
         self.count("reports_refused")

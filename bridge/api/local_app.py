@@ -33,6 +33,7 @@ from bridge.api.fhir_api import fhir_router
 from bridge.api.fhir_http import FhirHttp
 from bridge.api.outcome import local_responses as errs
 from bridge.api.outcome import request_invalid_response
+from bridge.consult.tables import CONSULTATION
 from bridge.delivery.queue import Outgoing, queue_packets
 from bridge.errors import Forbidden, HutongError
 from bridge.fhir.validate import validate_bundle
@@ -219,11 +220,22 @@ def create_local_app(node: Node) -> FastAPI:
                                        outputs=body.outputs or None))
 
     @app.get("/local/v1/consultations", responses=errs(401))
-    def consultations(role: AnyRole, step: str | None = None, status: str | None = None,
-                      side: str | None = None) -> list[dict[str, Any]]:
-        """Where each consultation stands on this side (no patient data: hashes only); the
-        centre's queue is ``?side=centre``. Steps are taken on /fhir (bridge/consult)."""
-        return node.consult.list(step=step, status=status, side=side)
+    def consultations(role: AnyRole, request: Request, response: Response,
+                      step: str | None = None, status: str | None = None,
+                      side: str | None = None, limit: int = 200,
+                      after: str | None = None) -> list[dict[str, Any]]:
+        """Where each consultation stands on this side (no patient data: hashes only), the
+        most recently changed first; the centre's queue is ``?side=centre``; paged as
+        ``/outbox``. Steps are taken on /fhir (bridge/consult)."""
+        c = CONSULTATION.c
+        where = [col == v for col, v in ((c.step, step), (c.status, status), (c.side, side))
+                 if v]
+        with ctx.store.read() as conn:
+            rows, total, nxt = paging.page(conn, select(CONSULTATION), where=where,
+                                           order=[c.updated_at, c.thread], desc=True,
+                                           limit=limit, after=after)
+        paging.headers(request, response, total, nxt)
+        return rows
 
     @app.get("/local/v1/reminders", responses=errs(401))
     def reminders(role: AnyRole, request: Request, response: Response, limit: int = 200,

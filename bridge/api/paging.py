@@ -50,31 +50,37 @@ def decode(token: str, columns: Sequence[Any]) -> list[Any]:
         raise RequestInvalid("after: not a cursor this list gave out") from None
 
 
-def _past(columns: Sequence[Any], values: Sequence[Any], desc: bool) -> Any:
-    """Rows strictly after the cursor in the order (c1, c2, ...) ascending or descending."""
+def _past(columns: Sequence[Any], values: Sequence[Any], desc: Sequence[bool]) -> Any:
+    """Rows strictly after the cursor in the order (c1, c2, ...), each column ascending or
+    descending as ``desc`` says."""
     terms = []
     for i, col in enumerate(columns):
         same = [c == literal(v, c.type) for c, v in zip(columns[:i], values[:i], strict=True)]
-        beyond = col < literal(values[i], col.type) if desc else col > literal(values[i],
-                                                                                 col.type)
-        terms.append(and_(*same, beyond))
+        value = literal(values[i], col.type)
+        terms.append(and_(*same, col < value if desc[i] else col > value))
     return or_(*terms)
 
 
 def page(conn: Connection, stmt: Any, *, where: Sequence[Any], order: Sequence[Any],
-         desc: bool, limit: int, after: str | None) -> tuple[list[dict[str, Any]], int,
-                                                             str | None]:
+         desc: bool | Sequence[bool], limit: int,
+         after: str | None) -> tuple[list[dict[str, Any]], int, str | None]:
     """(items, total matching ``where``, cursor of the next page or None) for a SELECT of one
-    table, ordered by the unique key ``order`` (its last column unique)."""
+    table, ordered by the unique key ``order`` (its last column unique). ``desc``: one
+    direction for every column, or one per column (to walk an index such as
+    ``(last_updated DESC, id)`` in its own order)."""
     if not 1 <= limit <= MAX_LIMIT:
         raise RequestInvalid(f"limit: 1..{MAX_LIMIT}")
+    dirs = [desc] * len(order) if isinstance(desc, bool) else list(desc)
+    if len(dirs) != len(order):
+        raise ValueError("desc: one direction per order column")
     froms = stmt.get_final_froms()
     total = int(conn.execute(select(func.count()).select_from(*froms)
                              .where(and_(True, *where))).scalar_one())
     q = stmt.where(and_(True, *where))
     if after:
-        q = q.where(_past(order, decode(after, order), desc))
-    q = q.order_by(*(c.desc() if desc else c.asc() for c in order)).limit(limit + 1)
+        q = q.where(_past(order, decode(after, order), dirs))
+    q = q.order_by(*(c.desc() if d else c.asc() for c, d in zip(order, dirs, strict=True))
+                   ).limit(limit + 1)
     rows = [dict(r._mapping) for r in conn.execute(q)]
     nxt = None
     if len(rows) > limit:

@@ -17,11 +17,15 @@ import orjson
 from sqlalchemy import (
     ColumnElement,
     Connection,
+    LargeBinary,
+    Text,
     and_,
     bindparam,
+    cast,
     delete,
     func,
     insert,
+    literal,
     or_,
     select,
     tuple_,
@@ -645,6 +649,42 @@ def _token_match(element: _TokenMatch, compiler: Any, **kw: Any) -> str:
 @compiles(_TokenMatch, "sqlite")
 def _token_match_sqlite(element: _TokenMatch, compiler: Any, **kw: Any) -> str:
     return "(" + str(compiler.process(element.any_of, **kw)) + ")"
+
+
+class _BodyHas(ColumnElement[bool]):
+    """The stored JSON bytes contain a text: LIKE on the bytes themselves in PostgreSQL
+    (``bytea LIKE bytea``); SQLite's LIKE matches no BLOB operand, so there it reads them as
+    text first."""
+
+    type = Boolean()
+    inherit_cache = False
+    _is_implicitly_boolean = True
+
+    def __init__(self, body: Any, pattern: str) -> None:
+        self.body = body
+        self.pattern = pattern
+
+
+@compiles(_BodyHas)
+def _body_has(element: _BodyHas, compiler: Any, **kw: Any) -> str:
+    cond = element.body.op("LIKE", is_comparison=True)(
+        literal(element.pattern.encode(), LargeBinary))
+    return str(compiler.process(cond, **kw))
+
+
+@compiles(_BodyHas, "sqlite")
+def _body_has_sqlite(element: _BodyHas, compiler: Any, **kw: Any) -> str:
+    return str(compiler.process(cast(element.body, Text).like(element.pattern), **kw))
+
+
+def body_has(text: str, table: Any = None) -> ColumnElement[bool]:
+    """Condition: the resource's stored JSON (orjson's compact bytes) contains ``text``, e.g.
+    a key as ``'"imagingStudy":'`` (a value quoting it would have escaped quotes). No index
+    serves it: for the few rows other conditions leave (one patient's reports). ``text`` is
+    a literal fragment: no ``%`` or ``_``."""
+    if "%" in text or "_" in text:
+        raise ValueError("body_has: a literal fragment, no % or _")
+    return _BodyHas(_t(table).c.body, f"%{text}%")
 
 
 def identifier_match(rtype: str, values: Sequence[str], table: Any = None, *,

@@ -21,7 +21,7 @@ from bridge.errors import HutongError
 from bridge.fhirstore import store as fhirstore
 from bridge.fhirstore.tables import FHIR_RESOURCE
 from bridge.local import encounters, intake
-from bridge.privacy import patient_hash
+from bridge.privacy import patient_hash as _patient_hash
 from bridge.referral.tables import REFERRAL
 from bridge.store.quarantine import known_patient, quarantine_row
 from bridge.store.tables import QUARANTINE
@@ -452,14 +452,16 @@ class AdapterHost:
 
     def quarantine(self, error: HutongError, *, raw: bytes, record: str | None = None,
                    field: str | None = None, kind: str | None = None,
-                   thread: str | None = None, national_id: str | None = None) -> int:
+                   thread: str | None = None, national_id: str | None = None,
+                   patient_hash: str | None = None) -> int:
         """Keep a local record we cannot take, with a reason naming record and field; audited.
 
         ``national_id``: the patient's ID number as the adapter read it from the record, if
         it could; only its keyed hash is kept (on the item and the audit row), so the message
-        browser's patient search finds the item. Without it, the patient of a known
-        ``thread`` is used. Returns the quarantine id (shown to IT, replayable through
-        ``hutong quarantine``).
+        browser's patient search finds the item. Without it, ``patient_hash``: the keyed hash
+        the adapter already holds for the record's patient (e.g. of the study a report is
+        on); without either, the patient of a known ``thread``. Returns the quarantine id
+        (shown to IT, replayable through ``hutong quarantine``).
         """
         where = " ".join(p for p in (f"record {record}" if record else "",
                                      f"field {field}" if field else "") if p)
@@ -467,8 +469,8 @@ class AdapterHost:
             error.message = f"{where}: {error.message}"
         now = self._ctx.now()
         source = f"adapter:{self.adapter_name}"
-        phash = patient_hash(self.plan.patient_hash_key, national_id) \
-            if national_id and national_id.strip() else None
+        phash = _patient_hash(self.plan.patient_hash_key, national_id) \
+            if national_id and national_id.strip() else patient_hash
         with self._ctx.store.write() as conn:
             if phash is None and thread:
                 phash = known_patient(conn, thread=thread)

@@ -6,6 +6,7 @@ machine allows on this side are offered, and a refused one renders its error cod
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 from urllib.parse import urlencode
@@ -13,7 +14,7 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import RedirectResponse, Response
-from sqlalchemy import select
+from sqlalchemy import or_, select
 
 from bridge.errors import HutongError, InvalidResource, NotFound
 from bridge.fhirstore import store
@@ -31,8 +32,16 @@ from bridge.web.words import actor_name, event_name, priority_name
 ACTIONS = ("accept", "reject", "arrive", "cancel")
 
 
-def load_thread(web: Web, thread: str) -> dict[str, Any] | None:
-    """This side's referral row, Task, ServiceRequest, Patient, steps and resources by type."""
+#: the patient's imaging listed on a referral page: this many of each type a page, newest first
+IMAGING_PAGE = 20
+IMAGING_TYPES = ("ImagingStudy", "DiagnosticReport")
+
+
+def load_thread(web: Web, thread: str, imaging_after: Mapping[str, str | None] | None = None,
+                ) -> dict[str, Any] | None:
+    """This side's referral row, Task, ServiceRequest, Patient, steps and resources by type,
+    with a page of the patient's imaging of each type held here (``imaging_after``: the
+    cursor of each type's page) and how many there are (``imaging``: total and next page)."""
     with web.ctx.store.read() as conn:
         row = conn.execute(select(REFERRAL).where(REFERRAL.c.thread == thread)).first()
         if row is None:
@@ -51,43 +60,91 @@ def load_thread(web: Web, thread: str) -> dict[str, Any] | None:
     for r in res:
         by_type.setdefault(r["resourceType"], []).append(r)
     mine = {fv.ref(r) for r in res}
-    for r in patient_imaging(web, row.patient_hash):  # done for this patient, other threads
-        if fv.ref(r) not in mine:
-            by_type.setdefault(r["resourceType"], []).append(r)
+    imaging: dict[str, dict[str, Any]] = {}
+    for rtype in IMAGING_TYPES if row.patient_hash else ():  # this patient's, other threads
+        items, total, nxt = patient_imaging_page(web, row.patient_hash, rtype,
+                                                 after=(imaging_after or {}).get(rtype))
+        imaging[rtype] = {"total": total, "shown": len(items), "next": nxt}
+        for r in items:
+            if fv.ref(r) not in mine:
+                by_type.setdefault(r["resourceType"], []).append(r)
     return {"row": dict(row._mapping), "task": task, "sr": sr, "patient": patient,
-            "res": by_type, "steps": steps}
+            "res": by_type, "steps": steps, "imaging": imaging}
 
 
-def patient_imaging(web: Web, patient_hash: str | None, limit: int = 20) -> list[dict[str, Any]]:
-    """Imaging studies and imaging reports this node holds for the referral's patient (by the
-    keyed patient hash): a CT done before the referral, or at the receiver after it, is listed
-    on the referral whether it travelled in the thread or not. Newest first, at most ``limit``
-    of each."""
-    if not patient_hash:
-        return []
+def imaging_where(rtype: str, patient_hash: str) -> list[Any]:
+    """A patient's imaging of one type held here, by keyed hash, as SQL: every ImagingStudy;
+    a DiagnosticReport when it is an imaging report (``fv.is_imaging_report``: it names a
+    study or is coded RAD/IMG, and holds no lab results), so counts and pages are exact."""
+    from bridge.fhirstore.tables import FHIR_RESOURCE as T
+
+    where = [T.c.rtype == rtype, T.c.patient_hash == patient_hash]
+    if rtype == "DiagnosticReport":
+        where += [~store.has_token(rtype, "result"),
+                  or_(store.token_match(rtype, "category", ["RAD", "IMG"]),
+                      store.body_has('"imagingStudy":'))]
+    return where
+
+
+def patient_imaging_page(web: Web, patient_hash: str, rtype: str, *, after: str | None = None,
+                         limit: int = IMAGING_PAGE) -> tuple[list[dict[str, Any]], int,
+                                                              str | None]:
+    """One page of a patient's imaging studies or imaging reports held here (a CT done before
+    the referral, or at the receiver after it, whether it travelled in the thread or not),
+    newest first: (resources, how many in all, next page's cursor). Keyset paging as the
+    /local/v1 lists (bridge/api/paging.py), in the order of ``ix_fhir_type_patient_hash``."""
     import orjson
 
-    from bridge.fhirstore.tables import FHIR_RESOURCE
+    from bridge.api import paging
+    from bridge.fhirstore.tables import FHIR_RESOURCE as T
 
-    out: list[dict[str, Any]] = []
     with web.ctx.store.read() as conn:
-        for rtype in ("ImagingStudy", "DiagnosticReport"):
-            rows = conn.execute(
-                select(FHIR_RESOURCE.c.body, FHIR_RESOURCE.c.origin)
-                .where(FHIR_RESOURCE.c.rtype == rtype,
-                       FHIR_RESOURCE.c.patient_hash == patient_hash)
-                .order_by(FHIR_RESOURCE.c.last_updated.desc()).limit(limit * 3)).all()
-            found = 0
-            for body, origin in rows:
-                r = orjson.loads(body)
-                if rtype == "DiagnosticReport" and not fv.is_imaging_report(r):
-                    continue
-                r.setdefault("_origin", origin)  # shown, never stored
-                out.append(r)
-                found += 1
-                if found >= limit:
-                    break
-    return out
+        rows, total, nxt = paging.page(
+            conn, select(T.c.body, T.c.origin, T.c.last_updated, T.c.id),
+            where=imaging_where(rtype, patient_hash), order=[T.c.last_updated, T.c.id],
+            desc=(True, False), limit=limit, after=after)
+    out = []
+    for row in rows:
+        r = orjson.loads(row["body"])
+        r.setdefault("_origin", row["origin"])  # shown, never stored
+        out.append(r)
+    return out, total, nxt
+
+
+def patient_imaging(web: Web, patient_hash: str | None,
+                    limit: int = IMAGING_PAGE) -> list[dict[str, Any]]:
+    """The first page of each type of the patient's imaging held here (newest first)."""
+    if not patient_hash:
+        return []
+    return [r for rtype in IMAGING_TYPES
+            for r in patient_imaging_page(web, patient_hash, rtype, limit=limit)[0]]
+
+
+def imaging_counts(lang: str, thread: str, d: dict[str, Any],
+                   query: Mapping[str, str]) -> str:
+    """How many imaging studies and reports of the patient this node holds, how many are on
+    this page, and the links to the next page and back to the first: no silent cap."""
+    out = []
+    for rtype, c in d.get("imaging", {}).items():
+        if not c["total"]:
+            continue
+        key = f"imaging_after_{rtype}"
+        keep = {k: v for k, v in query.items() if k.startswith("imaging_after_") and v}
+        links = []
+        if c["next"]:
+            links.append(f'<a class="next-page" href="/ui/referrals/{e(thread)}?'
+                         f'{e(urlencode({**keep, key: c["next"]}))}#imaging">'
+                         f'{e(t(lang, "next_page"))} →</a>')
+        if keep.get(key):
+            first = {k: v for k, v in keep.items() if k != key}
+            links.append(f'<a class="first-page" href="/ui/referrals/{e(thread)}'
+                         f'{"?" + e(urlencode(first)) if first else ""}#imaging">'
+                         f'{e(t(lang, "first_page"))}</a>')
+        out.append(f'<p class="count imaging-count" data-type="{e(rtype)}">'
+                   f'{e(t(lang, "patient_imaging_" + rtype))}: '
+                   f'<span class="total">{c["total"]}</span>, {c["shown"]} '
+                   f'{e(t(lang, "on_page"))} {" ".join(links)}</p>')
+    return "".join(out)
 
 
 def shown_refs(d: dict[str, Any]) -> list[tuple[str, str | None]]:
@@ -262,7 +319,11 @@ def clinician_routes(web: Web) -> APIRouter:
         if not isinstance(role, str):
             return role
         lang = web.lang(request)
-        d = load_thread(web, thread)
+        try:
+            d = load_thread(web, thread, {k: request.query_params.get(f"imaging_after_{k}")
+                                          for k in IMAGING_TYPES})
+        except HutongError as exc:  # an imaging page's cursor this page did not give
+            return web.error_page(request, role, exc, f"/ui/referrals/{thread}")
         if d is None:
             return web.not_found(request, role, thread)
         row, sr = d["row"], d["sr"]
@@ -305,7 +366,8 @@ def clinician_routes(web: Web) -> APIRouter:
         web.audit_read(request, role, shown_refs(d), f"/ui/referrals/{thread}")
         msg = web.sessions.pop_flash(request)  # e.g. "fetch requested"
         body = ((f'<p class="msg">{e(msg)}</p>' if msg else "") + summary + action_forms(lang, row)
-                + fv.clinical(lang, d["task"], d["res"], thread)
+                + fv.clinical(lang, d["task"], d["res"], thread,
+                              imaging_counts(lang, thread, d, request.query_params))
                 + f'<h3>{e(t(lang, "history"))}</h3>{history}')
         return web.page(request, t(lang, "detail"), body, role=role)
 

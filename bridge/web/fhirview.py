@@ -313,14 +313,16 @@ def medications(lang: str, res: dict[str, list[dict[str, Any]]]) -> str:
 
 
 def clinical(lang: str, task: dict[str, Any], res: dict[str, list[dict[str, Any]]],
-             thread: str = "") -> str:
-    """Acceptance slip, documents, lab results, imaging and medications of a thread."""
+             thread: str = "", imaging_note: str = "") -> str:
+    """Acceptance slip, documents, lab results, imaging and medications of a thread;
+    ``imaging_note``: how many imaging items there are and their pages (a referral page)."""
     labs = lab_tables(lang, res)
     img = imaging(lang, res, thread)
     return (f'<h3>{e(t(lang, "acceptance"))}</h3>{acceptance(lang, task)}'
             f'<h3>{e(t(lang, "documents"))}</h3>{documents(lang, res)}'
             f'<h3>{e(t(lang, "reports"))}</h3>{labs or "<p>" + e(t(lang, "none")) + "</p>"}'
-            f'<h3>{e(t(lang, "imaging"))}</h3>{img or "<p>" + e(t(lang, "none")) + "</p>"}'
+            f'<h3 id="imaging">{e(t(lang, "imaging"))}</h3>{imaging_note}'
+            f'{img or "<p>" + e(t(lang, "none")) + "</p>"}'
             f'<h3>{e(t(lang, "meds"))}</h3>{medications(lang, res)}')
 
 

@@ -271,10 +271,13 @@ def reused_ids_section(web: Web, lang: str, limit: int = 50) -> str:
         total = conn.execute(select(func.count()).select_from(audit).where(
             audit.c.action == RECORD_ID_REUSED)).scalar_one()
     items = [(at, event_fields(orjson.loads(res))) for at, res in rows]
-    # the rest are in the audit chain (the auditor's page, hutong audit export --action ...)
+    # the rest are in the audit chain: the auditor's page pages through them, as does
+    # hutong audit export --action ...
+    rest = (f' <a class="all" href="/ui/audit?{e(urlencode({"action": RECORD_ID_REUSED}))}">'
+            f'{e(t(lang, "see_all"))} →</a>' if total > len(items) else "")
     return (f'<h3>{e(t(lang, "reused_ids"))}</h3>'
             f'<p class="count"><span class="total">{total}</span> · {len(items)} '
-            f'{e(t(lang, "shown"))} (audit: <code>{e(RECORD_ID_REUSED)}</code>)</p>'
+            f'{e(t(lang, "shown"))} (audit: <code>{e(RECORD_ID_REUSED)}</code>){rest}</p>'
             + table([t(lang, "at"), t(lang, "source"), t(lang, "message")],
                     [[e(fmt_time(at)), e(f.get("actor")), e(f.get("message"))]
                      for at, f in items], t(lang, "none"), "reused-ids"))

@@ -49,6 +49,11 @@ LABELS.update({
     "imaging_fetch": ("调阅影像", "Fetch images"),
     "imaging_viewer": ("在影像浏览器中打开", "Open in viewer"),
     "imaging_fetched": ("已请求调阅", "Fetch requested"),
+    "patient_imaging_ImagingStudy": ("本院存有该患者的影像检查",
+                                     "Imaging studies of this patient held here"),
+    "patient_imaging_DiagnosticReport": ("本院存有该患者的影像报告",
+                                         "Imaging reports of this patient held here"),
+    "first_page": ("第一页", "First page"),
     "reason_required": ("拒绝或撤销须填写原因", "A reason is required to decline or withdraw"),
 })
 
