@@ -1044,17 +1044,19 @@ def breakdown(root: Path, n: int) -> dict[str, Any]:
 
 
 class Spy:
-    """``py-spy record --gil`` on A and B during one run (stacks holding the GIL = Python CPU)."""
+    """``py-spy record --gil`` on A and B during one run (stacks holding the GIL = Python CPU);
+    ``idle=True``: ``--idle`` instead, every thread's stack whether it runs or waits."""
 
-    def __init__(self, exe: str, out_dir: Path, stamp: str) -> None:
-        self.exe, self.out_dir, self.stamp = exe, out_dir, stamp
+    def __init__(self, exe: str, out_dir: Path, stamp: str, idle: bool = False) -> None:
+        self.exe, self.out_dir, self.stamp, self.idle = exe, out_dir, stamp, idle
         self.procs: list[tuple[str, subprocess.Popen[bytes], Path]] = []
 
     def start(self, node: str, pid: int) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         out = self.out_dir / f"pyspy-{self.stamp}-{node}.txt"
         p = subprocess.Popen([self.exe, "record", "-p", str(pid), "-r", "200", "-f", "raw",
-                              "-o", str(out), "--gil", "--nonblocking"],
+                              "-o", str(out), "--idle" if self.idle else "--gil",
+                              "--nonblocking"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.procs.append((node, p, out))
 

@@ -380,8 +380,9 @@ def platform_intake(dsn: str, ids: list[str]) -> dict[str, float]:
 
 def relay(root: Path, members: int = 50, n: int = 1500, *, procs: int = 3, batch: int = 20,
           lat_rate: float | None = None, lat_seconds: float = 4.0, timeout: float = 300.0,
-          spy: ex.Spy | None = None) -> dict[str, Any]:
-    """Scaffold, start, run throughput then latency, stop; returns the figures (see module)."""
+          spy: ex.Spy | None = None, spy_latency: ex.Spy | None = None) -> dict[str, Any]:
+    """Scaffold, start, run throughput then latency, stop; returns the figures (see module).
+    ``spy_latency``: sample the platform (``--idle``) during the latency run."""
     started = time.perf_counter()
     people, rules = alliance_members(members)
     mpc = mp.get_context("fork")
@@ -455,7 +456,12 @@ def relay(root: Path, members: int = 50, n: int = 1500, *, procs: int = 3, batch
         senders = Senders(ljobs, procs, ctx, preseal=False)
         before2 = recv.marks()
         senders.start()
-        _wait_received(recv, before2, m, alliance, timeout, "latency")
+        if spy_latency is not None and pp is not None:
+            spy_latency.start("platform", pp)
+        try:
+            _wait_received(recv, before2, m, alliance, timeout, "latency")
+        finally:
+            lat_profile = spy_latency.stop() if spy_latency is not None else None
         lsent = senders.results(timeout)
         senders.close()
         senders = None
@@ -513,6 +519,7 @@ def relay(root: Path, members: int = 50, n: int = 1500, *, procs: int = 3, batch
         "receipts_back": len({p for p, _, s in receipts if s == "accepted"}),
         "receipt_statuses": dict(accepted), "receipts_expected": want,
         "elapsed_s": time.perf_counter() - started, "pyspy": profile,
+        "pyspy_latency": lat_profile,
     }
 
 
@@ -559,6 +566,12 @@ def report(r: dict[str, Any]) -> None:
         for name, share in prof["top"]:
             t.add_row(name, f"{share:.0%}")
         ex.console.print(t)
+    for node, prof in (r.get("pyspy_latency") or {}).items():
+        t = ex._table(f"py-spy --idle, {node}, latency run ({prof['file']})",
+                      ["bridge function (inclusive)", "samples, all threads"])
+        for name, share in prof["top"]:
+            t.add_row(name, f"{share:.0%}")
+        ex.console.print(t)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -572,8 +585,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true", help="keep the temp dir (node logs, DBs)")
     p.add_argument("--py-spy", nargs="?", const="py-spy", metavar="EXE",
                    help="sample the platform with py-spy (--gil) during the throughput run")
+    p.add_argument("--py-spy-latency", nargs="?", const="py-spy", metavar="EXE",
+                   help="sample the platform with py-spy --idle during the latency run")
     args = p.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="hutong-bench-relay-"))
+    spy_latency = None
+    if args.py_spy_latency:
+        exe = shutil.which(args.py_spy_latency) or os.environ.get("PY_SPY")
+        if not exe:
+            p.error(f"py-spy '{args.py_spy_latency}' not found")
+        spy_latency = ex.Spy(exe, ex.ROOT / "bench" / "results",
+                             time.strftime("relay-lat-%Y%m%d-%H%M%S"), idle=True)
     spy = None
     if args.py_spy:
         exe = shutil.which(args.py_spy) or os.environ.get("PY_SPY")
@@ -582,7 +604,7 @@ def main(argv: list[str] | None = None) -> int:
         spy = ex.Spy(exe, ex.ROOT / "bench" / "results", time.strftime("relay-%Y%m%d-%H%M%S"))
     try:
         r = relay(root, args.members, args.n, procs=args.procs, batch=args.batch,
-                  lat_rate=args.lat_rate, spy=spy)
+                  lat_rate=args.lat_rate, spy=spy, spy_latency=spy_latency)
     finally:
         if args.keep:
             ex.console.print(f"[dim]kept {root}[/]")

@@ -47,13 +47,13 @@ from email.message import EmailMessage
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import bindparam, func, select, text
 
 from bridge.audit.events import AuditEntry
 from bridge.config.models import AlertsConfig
 from bridge.config.secrets import is_secret_ref, resolve_secret
 from bridge.store import state
-from bridge.store.tables import INBOX, OUTBOX, QUARANTINE
+from bridge.store.tables import INBOX, OPEN_WHERE, OUTBOX, QUARANTINE
 
 if TYPE_CHECKING:
     from bridge.node import Node
@@ -65,6 +65,16 @@ PENDING_KEY = "alerts_webhook_pending"
 EMAIL_PENDING_KEY = "alerts_email_pending"
 MAX_PENDING = 200
 WAITING = ("queued", "sent")
+#: the alerts' reads of the outbox and inbox, each answered from an index range that does not
+#: grow with the store (bridge/store/tables.py: ix_outbox_open, ix_outbox_hop_acked,
+#: ix_inbox_sender_time, ix_inbox_relay_time); the open rows' condition is written out as the
+#: partial index has it, so the planner can take that index
+_OPEN = (select(OUTBOX.c.next_hop, OUTBOX.c.state, func.count(), func.min(OUTBOX.c.created_at))
+         .where(text(OPEN_WHERE)).group_by(OUTBOX.c.next_hop, OUTBOX.c.state))
+_LAST_ACK = select(func.max(OUTBOX.c.acked_at)).where(
+    OUTBOX.c.next_hop == bindparam("hop"), OUTBOX.c.acked_at.is_not(None))
+_LAST_IN = (select(func.max(INBOX.c.received_at)).where(INBOX.c.sender == bindparam("peer")),
+            select(func.max(INBOX.c.received_at)).where(INBOX.c.relay == bindparam("peer")))
 
 
 @dataclass(frozen=True)
@@ -275,10 +285,7 @@ class Alerter:
         self.verify_chain(now)
         peers = {p: PeerFacts(p) for p in hops}
         with self.ctx.store.read() as conn:
-            for hop, st, n, oldest in conn.execute(
-                    select(OUTBOX.c.next_hop, OUTBOX.c.state, func.count(),
-                           func.min(OUTBOX.c.created_at))
-                    .group_by(OUTBOX.c.next_hop, OUTBOX.c.state)):
+            for hop, st, n, oldest in conn.execute(_OPEN):
                 p = peers.setdefault(hop, PeerFacts(hop))
                 if st in WAITING:
                     p.waiting += n
@@ -286,15 +293,11 @@ class Alerter:
                     p.oldest_waiting_s = max(p.oldest_waiting_s or 0.0, age)
                 elif st == "dead":
                     p.dead += n
-            for hop, last in conn.execute(
-                    select(OUTBOX.c.next_hop, func.max(OUTBOX.c.acked_at))
-                    .group_by(OUTBOX.c.next_hop)):
-                if hop in peers:
-                    peers[hop].last_ack = _aware(last)
-            for p in peers.values():
-                last = conn.execute(select(func.max(INBOX.c.received_at)).where(
-                    or_(INBOX.c.sender == p.peer, INBOX.c.relay == p.peer))).scalar()
-                p.last_packet_in = _aware(last)
+            for p in peers.values():  # each the newest entry of the peer's index range
+                p.last_ack = _aware(conn.execute(_LAST_ACK, {"hop": p.peer}).scalar())
+                last_in = [conn.execute(q, {"peer": p.peer}).scalar() for q in _LAST_IN]
+                p.last_packet_in = _aware(max((t for t in last_in if t is not None),
+                                              default=None))
             n_in, oldest_in = conn.execute(
                 select(func.count(), func.min(INBOX.c.received_at))
                 .where(INBOX.c.state == "received")).one()

@@ -1,8 +1,9 @@
 """A running node: two ports (peer-facing gateway, hospital-facing local API) and the jobs.
 
 Jobs (APScheduler, one thread each at most): ``send:<peer>`` per next hop, ``deliver``,
-``retention``, ``checkpoint``, ``config-watch``. Work that arrives (a queued packet, a received
-batch) wakes the right job at once; the interval is only the safety net.
+``retention``, ``checkpoint``, ``config-watch``; a platform also ``receipts`` (the end-to-end
+receipts it returns to every member, one commit a round). Work that arrives (a queued packet, a
+received batch) wakes the right job at once; the interval is only the safety net.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from bridge.context import NodeContext
 from bridge.delivery.dispatcher import Dispatcher
 from bridge.delivery.handlers import load_handlers
 from bridge.delivery.lanes import Lanes
+from bridge.delivery.receipts import ReceiptReturn
 from bridge.delivery.retention import purge_bodies
 from bridge.delivery.sender import PeerSender
 from bridge.gateway.app import create_gateway
@@ -100,11 +102,15 @@ class Node:
         else:
             hops = [me.via]
         self.senders = {peer: PeerSender(self.ctx, peer, self.lanes) for peer in hops}
+        #: a platform returns the recipients' receipts to every member in one round
+        self.receipts = ReceiptReturn(
+            self.ctx, hops, self.lanes, paused=lambda hop: self.pauses.has(f"peer:{hop}")
+        ) if me.role == "platform" else None
         # a platform wakes only the senders of the hops a batch was relayed to, not all of them
         self.intake.on_relayed = self._wake_hops
         self.drains: dict[str, _Drain] = {}
         self.scheduler = BackgroundScheduler(
-            executors={"default": ThreadPoolExecutor(len(hops) + 6 + len(self.adapters))},
+            executors={"default": ThreadPoolExecutor(len(hops) + 7 + len(self.adapters))},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
             timezone=UTC,
         )
@@ -173,9 +179,12 @@ class Node:
                 if self.pauses.has(f"peer:{p}"):  # paused by IT: packets stay queued
                     return 0, False
                 report = s.send_batch()
+                if report.sent and self.receipts is not None:
+                    self.wake("receipts")  # relayed packets' receipts to return, maybe
                 # k > 1 partitions: keep draining while some partition got through
                 return report.sent, report.failed > 0 and report.sent == 0
             self._add_drain(f"send:{peer}", step, cfg.poll_interval_s)
+        self.add_receipts_job()
         self._add_drain("deliver", lambda: (self.dispatcher.run_once(), False),
                         cfg.poll_interval_s)
         self.scheduler.add_job(self._retention, "interval", id="retention",
@@ -192,6 +201,17 @@ class Node:
             self.scheduler.add_job(func, "interval", id=job_id, seconds=every,
                                    next_run_time=datetime.now(UTC))
         self.scheduler.start()
+
+    def add_receipts_job(self) -> None:
+        """A platform's ``receipts`` job (also run by its ``hutong worker`` processes)."""
+        if self.receipts is None:
+            return
+        receipts = self.receipts
+
+        def step() -> tuple[int, bool]:
+            report = receipts.run_once()
+            return report.sent, report.failed > 0 and report.sent == 0
+        self._add_drain("receipts", step, self.plan.delivery.poll_interval_s)
 
     def add_job(self, job_id: str, func: Any, every: float) -> None:
         """An adapter's periodic job (registered before or after the scheduler starts)."""
@@ -298,6 +318,8 @@ class Node:
             log.exception("final checkpoint failed")
         for sender in self.senders.values():
             sender.close()
+        if self.receipts is not None:
+            self.receipts.close()
         if self.lanes is not None:
             self.lanes.close()
         self.ctx.store.dispose()

@@ -1,5 +1,6 @@
-"""bench/growth.py's bulk-loaded history is what the node's own code reads, and
-bench/summary_md.py renders a run's JSON into the README table (no node processes)."""
+"""bench/growth.py's bulk-loaded history is what the node's own code reads, bench/statements.py
+counts every statement of the round, and bench/summary_md.py renders a run's JSON into the
+README table (no node processes)."""
 
 from __future__ import annotations
 
@@ -123,3 +124,29 @@ def test_message_browser_bench_finds_every_patient_in_every_box(tmp_path: Path) 
         "outbox": "SEARCH outbox USING INDEX ix_outbox_patient_time (patient_hash=?)",
         "inbox": "SEARCH inbox USING INDEX ix_inbox_patient_time (patient_hash=?)",
         "quarantine": "SEARCH quarantine USING INDEX ix_quarantine_patient (patient_hash=?)"}
+
+
+def test_statements_bench_times_every_statement_of_the_round_at_each_level(tmp_path: Path
+                                                                           ) -> None:
+    """bench/statements.py: in process, two small levels; every packet is queued, sent,
+    received and delivered once per level, and each statement row counts its calls."""
+    import statements
+
+    r = statements.statements(tmp_path, (300, 600), 30)
+    assert r["levels"] == [300, 600] and r["n"] == 30
+    rows = {(s["node"], s["part"], s["sql"].split(" (")[0]): s for s in r["statements"]}
+    inbox = rows[("B", "send + intake (A, B)", "INSERT INTO inbox")]
+    assert inbox["calls"] == {300: 1, 600: 1}  # 30 packets: one batch, one executemany
+    outbox = rows[("A", "queue (A)", "INSERT INTO outbox")]
+    assert outbox["calls"] == {300: 1, 600: 1}
+    claims = [s for (node, part, sql), s in rows.items()
+              if node == "A" and sql.startswith("SELECT outbox.id") and part.startswith("send")]
+    assert claims and all(s["plan"].startswith("SEARCH outbox USING INDEX ix_outbox_due")
+                          for s in claims)
+    facts = [s for (node, part, sql), s in rows.items()
+             if part == "alert facts (A, B)" and "ix_outbox_open" in s["plan"]]
+    assert {s["node"] for s in facts} == {"A", "B"}
+    for s in r["statements"]:
+        assert all(v is None or v > 0 for v in s["us_per_call"].values())
+    # both levels ran every part
+    assert set(r["walls_s"][300]) == set(r["walls_s"][600]) == set(statements.PARTS)

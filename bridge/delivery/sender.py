@@ -42,16 +42,19 @@ from bridge.store.tables import OUTBOX
 
 MAX_BATCH_BYTES = 8 << 20
 
-_COLS = (
+HEAD_COLUMNS = (
     OUTBOX.c.id, OUTBOX.c.packet_id, OUTBOX.c.origin, OUTBOX.c.sender, OUTBOX.c.recipient,
     OUTBOX.c.kind, OUTBOX.c.thread, OUTBOX.c.seq, OUTBOX.c.patient_hash, OUTBOX.c.attempts,
     OUTBOX.c.created_at, OUTBOX.c.next_try_at, OUTBOX.c.body, OUTBOX.c.frame,
 )
 #: one constant statement: a platform polls a head per member, and building the statement
-#: (and SQLAlchemy's cache key over its literals) each time cost more than running it
+#: (and SQLAlchemy's cache key over its literals) each time cost more than running it.
+#: Receipts a platform returns to their senders are not a hop's: one job returns every hop's
+#: in a round (``receipts.py``)
 _HEAD = (
-    select(*_COLS)
-    .where(OUTBOX.c.next_hop == bindparam("_peer"), OUTBOX.c.state == "queued")
+    select(*HEAD_COLUMNS)
+    .where(OUTBOX.c.next_hop == bindparam("_peer"), OUTBOX.c.state == "queued",
+           OUTBOX.c.origin != "receipt")
     .order_by(OUTBOX.c.id)
     .limit(bindparam("_limit"))
 )
@@ -147,17 +150,17 @@ class PeerSender:
         faults.point("sender.after_commit_before_send")
         frames = [self._frame(r, now) for r in rows]
         try:
-            checked = self._exchange(self.conn, rows, frames)
+            checked = self.exchange(self.conn, rows, frames)
         except HutongError as exc:
-            self._failed(rows, exc)
+            self.failed(rows, exc)
             return SendReport(failed=len(rows), error=str(exc))
         with self.ctx.store.write() as conn:
-            entries = self._record_answers(conn, checked)
+            entries = self.record_answers(conn, checked)
             if entries:
                 self.ctx.audit.append(conn, entries)
         return SendReport(sent=len(rows))
 
-    def _exchange(self, peer: PeerConnection, rows: list[Any],
+    def exchange(self, peer: PeerConnection, rows: list[Any],
                   frames: list[bytes]) -> list[tuple[Any, bytes, dict[str, Any] | HutongError]]:
         """POST one batch on ``peer`` and check every receipt; touches no store."""
         answers = env.decode_batch(
@@ -170,7 +173,7 @@ class PeerSender:
         # verify every receipt BEFORE taking the write lock (Ed25519 verify is ~0.2 ms each)
         return [self._check(r, a) for r, a in zip(rows, answers, strict=True)]
 
-    def _record_answers(self, conn: Connection, checked: list[Any]) -> list[AuditEntry]:
+    def record_answers(self, conn: Connection, checked: list[Any]) -> list[AuditEntry]:
         fast = [(r, a, f) for r, a, f in checked if r.origin in ("local", "relay")
                 and isinstance(f, dict) and f.get("status") == "accepted"]
         taken = [c for c in checked if c[0].origin == "receipt" and not c[1]]
@@ -190,7 +193,7 @@ class PeerSender:
         HutongError that failed the whole batch (recorded by the caller)."""
         frames = [self._frame(r, now) for r in rows]
         try:
-            return self._exchange(self.conns[part], rows, frames)
+            return self.exchange(self.conns[part], rows, frames)
         except HutongError as exc:
             return exc
 
@@ -219,7 +222,7 @@ class PeerSender:
             entries: list[AuditEntry] = []
             for (_, rows), outcome in zip(parts, outcomes, strict=True):
                 if isinstance(outcome, HutongError):
-                    self._failed(rows, outcome, conn=conn)
+                    self.failed(rows, outcome, conn=conn)
                     report.failed += len(rows)
                     report.error = report.error or str(outcome)
                 elif isinstance(outcome, BaseException):
@@ -227,7 +230,7 @@ class PeerSender:
                     # again next round (the receiver answers a re-send with its receipt)
                     unexpected = unexpected or outcome
                 else:
-                    entries += self._record_answers(conn, outcome)
+                    entries += self.record_answers(conn, outcome)
                     report.sent += len(rows)
             if entries:
                 self.ctx.audit.append(conn, entries)
@@ -295,7 +298,7 @@ class PeerSender:
                 fields: dict[str, Any] | HutongError) -> list[AuditEntry]:
         now = self.ctx.now()
         if isinstance(fields, HutongError):
-            self._failed([r], fields, conn=conn)
+            self.failed([r], fields, conn=conn)
             return []
         if r.origin == "receipt":
             state = "acknowledged" if not answer else "refused"
@@ -308,7 +311,7 @@ class PeerSender:
         if status == "refused" and fields.get("code") == ClockSkew.code:
             # the clocks disagree, not the packet: keep it queued (resealed with a fresh
             # created-at at each try) so it goes once the clocks agree again; IT sees why
-            self._failed([r], TransportError(
+            self.failed([r], TransportError(
                 f"{self.peer} refused our clock ({ClockSkew.code}): {fields.get('message')}"),
                 conn=conn)
             return [AuditEntry(
@@ -371,7 +374,7 @@ class PeerSender:
             [{"_id": r.id, "_attempts": r.attempts + 1} for r, _, _ in taken],
         )
 
-    def _failed(self, rows: list[Any], exc: HutongError, conn: Connection | None = None) -> None:
+    def failed(self, rows: list[Any], exc: HutongError, conn: Connection | None = None) -> None:
         """Back off (transient/ambiguous) or dead-letter (permanent, too many tries, too old)."""
         now = self.ctx.now()
         cfg = self.cfg

@@ -33,7 +33,7 @@ from bridge.referral import tables as _referral_tables  # noqa: F401
 from bridge.results import tables as _results_tables  # noqa: F401
 
 # importing registers every table on SQLModel.metadata
-from bridge.store import tables as _tables  # noqa: F401
+from bridge.store import tables as _tables
 from bridge.store.checkpoint import Checkpointer
 from bridge.store.hooks import drop_after_commit, run_after_commit
 
@@ -143,6 +143,12 @@ class Store:
                 upgrade_schema(conn)
             with self._writer.begin() as conn:  # stores made before the audit's actor index
                 conn.execute(text("CREATE INDEX IF NOT EXISTS ix_audit_actor ON audit (actor)"))
+                # ... and before the outbox's and inbox's newer indexes (the receipts a
+                # platform returns in one round, the alerts' facts): create_all makes the
+                # indexes of new tables only
+                for table in (_tables.OUTBOX, _tables.INBOX):
+                    for index in sorted(table.indexes, key=lambda ix: str(ix.name)):
+                        index.create(conn, checkfirst=True)
                 from bridge.messages import ensure_indexes  # the message browser's searches
 
                 ensure_indexes(conn)

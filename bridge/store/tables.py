@@ -9,10 +9,17 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import Column, Index, LargeBinary
+from sqlalchemy import Column, Index, LargeBinary, text
 from sqlmodel import Field, SQLModel
 
 from bridge.store.types import UTCDateTime
+
+#: the rows of the partial index ``ix_outbox_receipts`` (a query must repeat it literally: a
+#: planner takes a partial index only when the query's WHERE shows it holds, which a bound
+#: parameter cannot)
+RECEIPTS_WHERE = "origin = 'receipt' AND state = 'queued'"
+#: the rows of ``ix_outbox_open``: waiting to leave, or dead (what the alerts count)
+OPEN_WHERE = "state IN ('queued', 'sent', 'dead')"
 
 
 class OutboxItem(SQLModel, table=True):
@@ -27,6 +34,18 @@ class OutboxItem(SQLModel, table=True):
     __table_args__ = (
         Index("ix_outbox_due", "next_hop", "state", "next_try_at"),
         Index("ix_outbox_thread", "thread", "seq"),
+        # the receipts a platform has yet to return (bridge/delivery/receipts.py): only those
+        # rows, so the job's poll reads a handful of entries whatever the outbox holds
+        Index("ix_outbox_receipts", "id", sqlite_where=text(RECEIPTS_WHERE),
+              postgresql_where=text(RECEIPTS_WHERE)),
+        # the alerts' facts every 30 s (bridge/alerts.py): per hop the waiting and dead rows,
+        # and the last receipt, read from index entries of those rows only; both walked every
+        # outbox row before (2.3 s each at 1 M packets)
+        Index("ix_outbox_open", "next_hop", "state", "created_at",
+              sqlite_where=text(OPEN_WHERE), postgresql_where=text(OPEN_WHERE)),
+        Index("ix_outbox_hop_acked", "next_hop", "acked_at",
+              sqlite_where=text("acked_at IS NOT NULL"),
+              postgresql_where=text("acked_at IS NOT NULL")),
     )
 
     id: int | None = Field(default=None, primary_key=True)
@@ -57,7 +76,15 @@ class InboxItem(SQLModel, table=True):
     """A packet that arrived for us: received -> delivered (to the local side) | failed."""
 
     __tablename__ = "inbox"
-    __table_args__ = (Index("ix_inbox_pending", "state", "id"),)
+    __table_args__ = (
+        Index("ix_inbox_pending", "state", "id"),
+        # the last packet in from a hop (the alerts' peer-silent rule): the newest entry of
+        # the peer's range, where walking the time index back found nothing for a silent peer
+        # before the whole inbox was read
+        Index("ix_inbox_sender_time", "sender", "received_at"),
+        Index("ix_inbox_relay_time", "relay", "received_at",
+              sqlite_where=text("relay IS NOT NULL"), postgresql_where=text("relay IS NOT NULL")),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     packet_id: str = Field(unique=True, max_length=64)
