@@ -138,10 +138,12 @@ def _split(text: str) -> list[str]:
 
 def consult_bundle(slip: ConsultSlip, maps: Any, me: str, *,
                    national_id_system: str = NATIONAL_ID_SYSTEM,
-                   study_ref: str | None = None, gaps: list[Any] | None = None) -> Resource:
+                   study: Resource | None = None, gaps: list[Any] | None = None) -> Resource:
     """The transaction Bundle for ``host.submit_consultation``. Raises
-    :class:`~adapters.slips_fhir.SlipError` naming the slip field. ``study_ref``: the
-    ImagingStudy of ``study_uid`` already stored here (the PACS adapter's), else one is made."""
+    :class:`~adapters.slips_fhir.SlipError` naming the slip field. ``study``: the ImagingStudy
+    of ``study_uid`` stored here (the PACS adapter's): its series counts, modality and start
+    travel in the request's own ImagingStudy (subject: this slip's patient; the PACS's record
+    names the PACS's Patient, which the centre does not get); images stay in the PACS."""
     codes = Codes(maps, me, gaps)
     slip_no = _need("slip_no", slip.slip_no)
     if slip.kind not in C.KINDS:
@@ -218,13 +220,14 @@ def consult_bundle(slip: ConsultSlip, maps: Any, me: str, *,
             consent["identifier"] = [{"system": CONSENT_DOC_SYSTEM.format(member=me),
                                       "value": slip.consent_doc.strip()}]
         resources.append((_u(), consent))
-    if uid and study_ref:
-        request["supportingInfo"].append({"reference": study_ref})
-    elif uid:
+    if uid:
+        known = {k: v for k, v in (study or {}).items()
+                 if k in ("started", "modality", "numberOfSeries", "numberOfInstances",
+                          "description", "procedureCode")}
         resources.append((_u(), {
             "resourceType": "ImagingStudy", "status": "available",
             "identifier": [{"system": DICOM_UID, "value": f"urn:oid:{uid}"}],
-            "subject": {"reference": p}}))
+            "subject": {"reference": p}, **known}))
     for rid in _split(slip.shared_results):
         request["supportingInfo"].append({"reference": f"DiagnosticReport/{rid}"})
     if not request["supportingInfo"]:

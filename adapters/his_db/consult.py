@@ -69,15 +69,14 @@ def take(a: HisDbAdapter, table: Table, rid: int, row: dict[str, Any],
         slip = slip_of(a, RECORD, row)
         a._check_duplicate(table, rid, RECORD, slip.slip_no)
         study = None
-        if slip.study_uid.strip():
-            found = a.host.find("ImagingStudy", identifier=(
+        if slip.study_uid.strip():  # the PACS adapter's record of it, if this node holds it
+            study = a.host.find("ImagingStudy", identifier=(
                 cs.DICOM_UID, f"urn:oid:{slip.study_uid.strip()}"))
-            study = f"ImagingStudy/{found['id']}" if found else None
         for rid_ in cs._split(slip.shared_results):
             if a.host.resource_info("DiagnosticReport", rid_) is None:
                 raise UnknownReference(f"shared report {rid_} is not held by this node")
         bundle = cs.consult_bundle(
-            slip, a.host.maps, a.me, gaps=gaps, study_ref=study,
+            slip, a.host.maps, a.me, gaps=gaps, study=study,
             national_id_system=a.host.plan.alliance.national_id_system)
         a.host.submit_consultation(bundle, source_key=key)
     a._guard(table, rid, row, RECORD, work, replay)
