@@ -9,9 +9,11 @@ the field the ``referral_id_field`` option names (an admission of an accepted re
 "arrive" step); the HIS's patient index here is refreshed after it (a referral's PID fields left
 empty are filled from it, so an A08 phone change shows in the next referral's Patient). A REF^I14
 from the referring HIS (RF1-6 its slip number, NTE 1R the reason) takes the "cancel" step: the
-workflow asks the receiver, who confirms it unless the patient has arrived. Every kind commits
-through the host in one transaction with its key (``submit_referral`` / ``referral_step`` /
-``record_encounter``). Bad data -> AE/AR with an ERR segment naming the field, quarantine (raw
+workflow asks the receiver, who confirms it unless the patient has arrived. A REF^I12 whose
+RF1-3 is a consultation kind (table HTCONSULT) is a consultation request
+(``submit_consultation``) and a REF^I13 the records a returned one was completed with
+(``resubmit``), :mod:`.consult`. Every kind commits through the host in one transaction with its
+key (``submit_referral`` / ``referral_step`` / ``record_encounter``). Bad data -> AE/AR with an ERR segment naming the field, quarantine (raw
 bytes, record MSH-10, field) and audit, the answer kept here for a re-send of the same message;
 a transient failure (database busy) -> AE without quarantine, so the HIS resends.
 """

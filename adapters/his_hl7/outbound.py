@@ -20,6 +20,10 @@ receiver               cancel (confirmed here)       REF^I14 (RF1-6 slip, RF1-11
 either (result.lab)    -                             ORU^R01 v2.5.1 (adapters.his_hl7.results)
 either (result.imag.)  -                             ORU^R01 v2.5.1: the imaging report,
                                                      ZDS the study UID, the PDF as OBX ED
+inviter (consult.*)    the centre's steps            RRI^I12 (RF1-1 the step ^HTCSTEP, ZHZ the
+                                                     meeting); release: + ORU^R01 (the report,
+                                                     or the imaging ORU), MSH-10 <packet>-R
+                                                     (adapters.his_hl7.consult)
 either                 received, arrive, cancelled,  nothing (counted ``skipped:<event>``)
                        cancel-refused,
                        return-received

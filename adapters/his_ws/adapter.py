@@ -12,6 +12,10 @@ Visit documents (type ``visit``: admission, registration, transfer, discharge, u
 cancels, :mod:`adapters.his_ws.visit_doc`, ``schemas/cda-visit.xsd``) -> ``host.record_encounter``
 keyed ``doc:<document id>``: one Encounter per visit number moved on by each document once,
 linked to a referral only when ``visit_referral`` says which element names it.
+Consultation documents (``consult``: 远程会诊申请单 -> ``host.submit_consultation``;
+``consult-records``: 补充资料 -> ``resubmit``; :mod:`adapters.his_ws.consult_doc`,
+``schemas/consult.xsd``) keyed ``doc:<document id>``; the centre's steps and the released
+report go back as ConsultStatus / ConsultReport documents (``on_consult``).
 A bad document is quarantined (record = document id, field = XPath) and acked; the next one
 goes on. A transient failure stops the round there, unacked, so order is kept.
 Quarantine replay (``replay``): the held item is the document's bytes; after IT fixed the
