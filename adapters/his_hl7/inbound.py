@@ -13,8 +13,8 @@ workflow asks the receiver, who confirms it unless the patient has arrived. A RE
 RF1-3 is a consultation kind (table HTCONSULT) is a consultation request
 (``submit_consultation``) and a REF^I13 the records a returned one was completed with
 (``resubmit``), :mod:`.consult`. Every kind commits through the host in one transaction with its
-key (``submit_referral`` / ``referral_step`` / ``record_encounter``). Bad data -> AE/AR with an ERR segment naming the field, quarantine (raw
-bytes, record MSH-10, field) and audit, the answer kept here for a re-send of the same message;
+key (``submit_referral`` / ``referral_step`` / ``record_encounter``). Bad data -> AE/AR with an
+ERR segment naming the field, quarantine (raw bytes, record MSH-10, field) and audit, the answer kept here for a re-send of the same message;
 a transient failure (database busy) -> AE without quarantine, so the HIS resends.
 """
 
