@@ -14,8 +14,9 @@ RF1-3 is a consultation kind (table HTCONSULT) is a consultation request
 (``submit_consultation``) and a REF^I13 the records a returned one was completed with
 (``resubmit``), :mod:`.consult`. Every kind commits through the host in one transaction with its
 key (``submit_referral`` / ``referral_step`` / ``record_encounter``). Bad data -> AE/AR with an
-ERR segment naming the field, quarantine (raw bytes, record MSH-10, field) and audit, the answer kept here for a re-send of the same message;
-a transient failure (database busy) -> AE without quarantine, so the HIS resends.
+ERR segment naming the field, quarantine (raw bytes, record MSH-10, field) and audit, the answer
+kept here for a re-send of the same message; a transient failure (database busy) -> AE without
+quarantine, so the HIS resends.
 """
 
 from __future__ import annotations
