@@ -266,3 +266,24 @@ def test_imaging_reading_of_a_study_in_the_pacs_is_attached_to_it(
     [shown] = wait_for(attached, timeout=40, what="the reading attached to S1")
     assert (shown["from"], shown["conclusion"], shown["status"]) == \
         (CORE, "右肺上叶磨玻璃结节，Lung-RADS 4A，建议3个月复查", "final")
+
+
+def test_a_consultation_the_centre_cancels_shows_cancelled_with_the_reason(
+        site: tuple[Alliance, HisDb], client: httpx.Client) -> None:
+    a, db = site
+    core = a.node(CORE)
+    before = set(thread_of(core))
+    s = slip(4, kind="general", specialties="", id_number="110102197707070077")
+    db.write_consult(s)
+    [thread] = wait_for(lambda: [t for t in thread_of(core) if t not in before], timeout=40,
+                        what="the request at the centre")
+    fc = Fhir(client, core)
+    wait_for(lambda: (row(core, thread) or {}).get("step") == "received", timeout=40,
+             what="received")
+    task = fc.read(f"Task/{thread}")
+    task["status"], task["statusReason"] = "cancelled", {"text": "患者已转上级医院就诊"}
+    fc.ok("PUT", f"/Task/{thread}", task)
+    got = wait_for(lambda: states(db, s.slip_no, 2), timeout=40, what="'cancelled' in the HIS")
+    assert (got[1]["SJLX"], got[1]["HZZT"], got[1]["RWZT"], got[1]["ZTSM"], got[1]["LSH"]) == \
+        ("cancelled", "cancelled", "cancelled", "患者已转上级医院就诊", thread)
+    assert db.consult_reports(s.slip_no) == []

@@ -233,3 +233,23 @@ def test_a_bad_request_is_naked_naming_the_field(site: tuple[Alliance, VendorHis
     ack = his.consult(slip(900, **change))
     assert ack.code in ("AE", "AR")
     assert ack.text.startswith(f"{field}:"), ack.text
+
+
+@pytest.mark.slow
+def test_a_consultation_the_centre_cancels_reaches_the_his_with_the_reason(
+        site: tuple[Alliance, VendorHis], client: httpx.Client) -> None:
+    a, his = site
+    core = a.node(CORE)
+    before = set(threads(core))
+    s = slip(3, kind="general", specialties="", id_number="110102197707070077", mrn="YT0003")
+    assert his.consult(s).code == "AA"
+    thread = new_thread(core, before)
+    fc = Fhir(client, core)
+    wait_for(lambda: (row(core, thread) or {}).get("step") == "received", timeout=40,
+             what="received")
+    task = fc.read(f"Task/{thread}")
+    task["status"], task["statusReason"] = "cancelled", {"text": "患者已转上级医院就诊"}
+    fc.ok("PUT", f"/Task/{thread}", task)
+    got = wait_for(lambda: statuses(his, s.slip_no, 2), timeout=40, what="cancelled")
+    assert (got[1]["step"], got[1]["event"], got[1]["reason"], got[1]["mrn"]) == \
+        ("cancelled", "cancelled", "患者已转上级医院就诊", "YT0003")

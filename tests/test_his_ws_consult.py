@@ -254,3 +254,23 @@ def test_a_bad_request_is_quarantined_naming_the_element(
     assert held[0].message.startswith(f"record {doc_id} field {field}:"), held[0].message
     assert "110102198003030033" not in held[0].message
     assert "110102198003030033" not in Path(chc.log).read_text(encoding="utf-8")
+
+
+@pytest.mark.slow
+def test_a_consultation_the_centre_cancels_reaches_the_his_with_the_reason(
+        site: tuple[Alliance, HisWs], client: httpx.Client) -> None:
+    a, his = site
+    core = a.node(CORE)
+    before = set(threads(core))
+    s = slip(12, kind="general", specialties="", id_number="110102197707070077")
+    request_doc = his.write_consult(s)
+    thread = new_thread(core, before)
+    fc = Fhir(client, core)
+    wait_for(lambda: (row(core, thread) or {}).get("step") == "received", timeout=40,
+             what="received")
+    task = fc.read(f"Task/{thread}")
+    task["status"], task["statusReason"] = "cancelled", {"text": "患者已转上级医院就诊"}
+    fc.ok("PUT", f"/Task/{thread}", task)
+    got = wait_for(lambda: statuses(his, s.slip_no, 2), timeout=40, what="cancelled")
+    assert (got[1].consult_doc, got[1].record.step, got[1].record.status,
+            got[1].record.reason) == (request_doc, "cancelled", "cancelled", "患者已转上级医院就诊")
