@@ -46,6 +46,10 @@ CLI (a clinician-simulating process)::
     python -m simulators.his_db --dsn sqlite:///his.db init
     python -m simulators.his_db --dsn ... refer --json slip.json [--late-hold-s 5]
     python -m simulators.his_db --dsn ... received      # inbox referrals as JSON lines
+    python -m simulators.his_db --dsn ... consult --json slip.json   # a 会诊申请 row (ZZ_HZSQ)
+    python -m simulators.his_db --dsn ... consult-records --json records.json  # 补充资料
+    python -m simulators.his_db --dsn ... consult-states   # ZZ_JS_HZZT rows as JSON lines
+    python -m simulators.his_db --dsn ... consult-reports  # ZZ_JS_HZBG rows (PDF: its size)
 
 ``refer --late-hold-s N`` allocates the id, then holds the row for N seconds before committing
 it (meanwhile other writers commit rows with higher ids).
@@ -565,6 +569,15 @@ def main(argv: list[str] | None = None) -> int:
     refer.add_argument("--late-hold-s", type=float, default=0.0,
                        help="allocate the id now, commit the row after this many seconds")
     sub.add_parser("received", help="print received referrals (ZZ_JS_SQD) as JSON lines")
+    consult = sub.add_parser("consult", help="write a consultation request row (ZZ_HZSQ) from "
+                                             "a ConsultSlip as JSON")
+    consult.add_argument("--json", required=True, help="file with the slip ('-': stdin)")
+    records = sub.add_parser("consult-records", help="write a 补充资料 row (ZZ_HZBC) from a "
+                                                     "ResubmitSlip as JSON")
+    records.add_argument("--json", required=True, help="file with the slip ('-': stdin)")
+    sub.add_parser("consult-states", help="print consultation status rows (ZZ_JS_HZZT)")
+    sub.add_parser("consult-reports", help="print consultation report rows (ZZ_JS_HZBG; the "
+                                           "PDF as its size)")
     args = ap.parse_args(argv)
     db = HisDb(args.dsn)
     try:
@@ -584,6 +597,20 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "received":
             for s in db.received_referrals():
                 print(json.dumps(asdict(s), ensure_ascii=False))
+        elif args.cmd in ("consult", "consult-records"):
+            text = sys.stdin.read() if args.json == "-" else \
+                Path(args.json).read_text(encoding="utf-8")
+            if args.cmd == "consult":
+                print(json.dumps({"id": db.write_consult(ConsultSlip(**json.loads(text)))}))
+            else:
+                print(json.dumps({"id": db.resubmit_consult(ResubmitSlip(**json.loads(text)))}))
+        elif args.cmd == "consult-states":
+            for st in db.consult_states():
+                print(json.dumps(st, ensure_ascii=False))
+        elif args.cmd == "consult-reports":
+            for rep in db.consult_reports():
+                pdf = rep.pop("BGWJ")
+                print(json.dumps({**rep, "BGWJ": len(pdf or b"")}, ensure_ascii=False))
     finally:
         db.close()
     return 0
