@@ -193,7 +193,8 @@ ZZ_JS_JCBG = Table(
 
 # consultations (远程会诊, MDT, 远程影像诊断), issue 16. Outbound: ZZ_HZSQ 会诊申请 (ids from ZZ_XH;
 # HZLX 1 普通会诊 general, 2 多学科会诊 MDT, 3 远程影像诊断 imaging reading; SQKS the requested
-# specialties, ';'-separated department codes; TYR/TYSBH who signed the consent and its document
+# specialties, ';'-separated department codes; ZT 9 with CXSJ/CXYY/CXXH a request the doctor
+# withdrew, as a referral row is marked; TYR/TYSBH who signed the consent and its document
 # number; JCUID the study to read; GXBG ids of shared reports, ';'-separated; HZWT/BLZY GBK
 # BLOBs like the referral's summary) and ZZ_HZBC 补充资料 (the records the centre asked for,
 # LSH copied from the status row that returned it). Inbox: ZZ_JS_HZZT 会诊状态 (one row per
@@ -206,7 +207,8 @@ ZZ_HZSQ = Table(
     _s("ZDMC", 100), _s("HZMD", 200), Column("HZWT", LargeBinary), Column("BLZY", LargeBinary),
     _s("SQKS", 200), _s("JJBZ", 1), _s("TYR", 32), _s("TYSBH", 64), _s("JCUID", 64),
     _s("GXBG", 500), _s("YSXM", 32), _s("TXSJ", 14),
-    Column("ZT", String(1), default="1", server_default="1"))
+    Column("ZT", String(1), default="1", server_default="1"), _s("CXSJ", 14), _s("CXYY", 200),
+    Column("CXXH", Integer, index=True))
 ZZ_HZBC = Table(
     "ZZ_HZBC", metadata, _id(), _s("LSH"), _s("HZDH"), _s("ZLMC", 100),
     Column("ZLNR", LargeBinary), _s("YSXM", 32), _s("TXSJ", 14))
@@ -511,6 +513,16 @@ class HisDb:
         with self.tx() as conn:
             conn.execute(insert(ZZ_HZSQ).values(ID=rid, **row))
         return rid
+
+    def cancel_consult(self, row_id: int, reason: str, *, at: str = "") -> int:
+        """The doctor withdraws consultation request ``row_id`` (患者/家属撤回): ``ZT`` 9 with
+        time, reason and a fresh ``CXXH``; returns the CXXH."""
+        seq = self.allocate_id("ZZ_HZSQ_CX")
+        when = vendor_time(at) if at else datetime.now(CHINA).strftime("%Y%m%d%H%M%S")
+        with self.tx() as conn:
+            conn.execute(update(ZZ_HZSQ).where(ZZ_HZSQ.c.ID == row_id).values(
+                ZT="9", CXSJ=when, CXYY=reason, CXXH=seq))
+        return seq
 
     def consult_thread(self, slip_no: str) -> str:
         """The 流水号 the adapter wrote with the consultation's status rows (the HIS copies it

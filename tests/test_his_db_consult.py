@@ -287,3 +287,44 @@ def test_a_consultation_the_centre_cancels_shows_cancelled_with_the_reason(
     assert (got[1]["SJLX"], got[1]["HZZT"], got[1]["RWZT"], got[1]["ZTSM"], got[1]["LSH"]) == \
         ("cancelled", "cancelled", "cancelled", "患者已转上级医院就诊", thread)
     assert db.consult_reports(s.slip_no) == []
+
+
+def test_a_request_the_his_withdraws_is_cancelled_and_the_his_is_told(
+        site: tuple[Alliance, HisDb], client: httpx.Client) -> None:
+    """The doctor marks the request row withdrawn (ZT 9, CXYY, CXXH): the inviter's cancel
+    step; the centre confirms before the meeting, and the HIS gets the cancelled status row.
+    A withdrawal once the meeting has begun is not allowed: the row is quarantined naming
+    ZT, and nothing changes at the centre."""
+    a, db = site
+    chc, core = a.node(CHC), a.node(CORE)
+    before = set(thread_of(core))
+    s = slip(5, kind="general", specialties="", id_number="110102196606060066")
+    rid = db.write_consult(s)
+    [thread] = wait_for(lambda: [t for t in thread_of(core) if t not in before], timeout=40,
+                        what="the request at the centre")
+    wait_for(lambda: states(db, s.slip_no, 1), timeout=40, what="received")
+    db.cancel_consult(rid, "患者已在外院就诊")
+    got = wait_for(lambda: states(db, s.slip_no, 2), timeout=40, what="cancelled")
+    assert (got[1]["SJLX"], got[1]["HZZT"], got[1]["ZTSM"]) == \
+        ("cancelled", "cancelled", "患者已在外院就诊")
+    assert row(core, thread)["step"] == "cancelled"
+    assert row(chc, thread)["status"] == "cancelled"
+    # after the meeting began: the centre refuses, the HIS is told, nothing changes
+    before = set(thread_of(core))
+    s = slip(6, kind="general", specialties="", id_number="110102196606060066")
+    rid = db.write_consult(s)
+    [thread] = wait_for(lambda: [t for t in thread_of(core) if t not in before], timeout=40,
+                        what="the second request at the centre")
+    fc = Fhir(client, core)
+    wait_for(lambda: (row(core, thread) or {}).get("step") == "received", timeout=40,
+             what="received")
+    fc.op(thread, "schedule", consults.schedule(CORE, 1))
+    fc.op(thread, "start")
+    wait_for(lambda: states(db, s.slip_no, 3), timeout=40, what="started")
+    db.cancel_consult(rid, "家属要求撤回")
+    held = wait_for(lambda: [q for q in quarantined(chc)
+                             if q.message.startswith(f"record ZZ_HZSQ#{rid} field ZT:")],
+                    timeout=40, what="the late withdrawal quarantined")
+    assert held[0].code == "HT-REF-TRANSITION", held[0].message
+    assert row(core, thread)["step"] == "in-consultation"
+    assert len(db.consult_states(s.slip_no)) == 3
