@@ -253,3 +253,37 @@ def test_a_consultation_the_centre_cancels_reaches_the_his_with_the_reason(
     got = wait_for(lambda: statuses(his, s.slip_no, 2), timeout=40, what="cancelled")
     assert (got[1]["step"], got[1]["event"], got[1]["reason"], got[1]["mrn"]) == \
         ("cancelled", "cancelled", "患者已转上级医院就诊", "YT0003")
+
+
+@pytest.mark.slow
+def test_a_request_the_his_withdraws_with_ref_i14_is_cancelled(
+        site: tuple[Alliance, VendorHis], client: httpx.Client) -> None:
+    """REF^I14 naming the consultation number: the inviter's cancel; the centre confirms
+    before the meeting and the HIS gets the RRI^I12 cancelled; after the meeting began the
+    REF^I14 is refused naming RF1-6 and nothing changes."""
+    a, his = site
+    core = a.node(CORE)
+    before = set(threads(core))
+    s = slip(4, kind="general", specialties="", id_number="110102196606060066", mrn="YT0004")
+    assert his.consult(s).code == "AA"
+    thread = new_thread(core, before)
+    wait_for(lambda: statuses(his, s.slip_no, 1), timeout=40, what="received")
+    ack = his.cancel(s.slip_no, "患者已在外院就诊", mrn="YT0004")
+    assert ack.code == "AA", ack.text
+    got = wait_for(lambda: statuses(his, s.slip_no, 2), timeout=40, what="cancelled")
+    assert (got[1]["event"], got[1]["step"], got[1]["reason"]) == \
+        ("cancelled", "cancelled", "患者已在外院就诊")
+    assert row(core, thread)["step"] == "cancelled"
+    before = set(threads(core))
+    s = slip(5, kind="general", specialties="", id_number="110102196606060066", mrn="YT0004")
+    assert his.consult(s).code == "AA"
+    thread = new_thread(core, before)
+    fc = Fhir(client, core)
+    wait_for(lambda: (row(core, thread) or {}).get("step") == "received", timeout=40,
+             what="received")
+    fc.op(thread, "schedule", consults.schedule(CORE, 1))
+    fc.op(thread, "start")
+    wait_for(lambda: statuses(his, s.slip_no, 3), timeout=40, what="started")
+    ack = his.cancel(s.slip_no, "家属要求撤回", mrn="YT0004")
+    assert ack.code in ("AE", "AR") and ack.text.startswith("RF1-6:"), ack.text
+    assert row(core, thread)["step"] == "in-consultation"

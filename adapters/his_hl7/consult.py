@@ -19,6 +19,9 @@ HIS -> adapter)            ``general|mdt|imaging-reading^<中文>^HTCONSULT`` (w
 REF^I13 (补充资料,          RF1-6 the consultation number, RF1-11 the consultation id (optional:
 HIS -> adapter)            the number finds it), RF1-7 written at; PRD|RP PRD-2 doctor; OBX-3
                            ``11506-3^<title>^LN``, OBX-5 the text (one repetition per line)
+REF^I14 (撤回,              RF1-6 a consultation number this HIS sent, NTE 1R the reason: the
+HIS -> adapter)            inviter's cancel (the referral withdrawal's message; the number
+                           tells them apart)
 RRI^I12 (会诊状态,          RF1-1 the step ``<step>^<中文>^HTCSTEP`` (table of
 adapter -> HIS)            ``bridge.consult.codes.STEPS``), RF1-3 the kind, RF1-6 the
                            consultation number, RF1-7 when, RF1-11 the consultation id; PID-3

@@ -305,6 +305,10 @@ class Inbound:
         (:mod:`bridge.referral.states`): anything else is refused naming RF1-6."""
         note = messages.cancel_note(inbound.msg, self.offset)
         row = self.state.slip(note.slip_no, "referrer")
+        consult = self.state.slip(note.slip_no, "inviter")
+        if row is None and consult is not None:  # a consultation this HIS asked for
+            self._consult_cancel(inbound, note, consult, key)
+            return
         thread = row["thread"] if row is not None and row["thread"] else ""
         if note.thread and thread and note.thread != thread:
             raise Hl7DataError(f"referral id does not belong to slip {note.slip_no}",
@@ -406,6 +410,20 @@ class Inbound:
         task = self.host.resource("Task", view["consultation"]["task_id"])
         bundle = consult_slips.resubmit_bundle(slip, task["for"]["reference"])
         self.host.consultation_step(thread, "resubmit", source_key=key, bundle=bundle)
+
+    def _consult_cancel(self, inbound: messages.Inbound, note: messages.CancelNote,
+                        row: dict[str, Any], key: str) -> None:
+        """REF^I14 naming a consultation number this HIS sent: the inviter's cancel, which
+        the centre answers (the RRI^I12 ``cancelled`` comes back); after the meeting began it
+        is refused naming RF1-6."""
+        thread = str(row["thread"] or "")
+        if note.thread and thread and note.thread != thread:
+            raise Hl7DataError(f"consultation id does not belong to {note.slip_no}",
+                               field="RF1-11", hl7_error="204")
+        if not thread or self.host.consultation(thread) is None:
+            raise Hl7DataError(f"no consultation sent from here with number {note.slip_no}",
+                               field="RF1-6", hl7_error="204")
+        self.host.consultation_step(thread, "cancel", source_key=key, reason=note.reason)
 
     def _consult_status(self, inbound: messages.Inbound, key: str) -> None:
         raise Hl7Rejected("a consultation status (RRI^I12, RF1-1 HTCSTEP) goes to the HIS, "
