@@ -5,7 +5,8 @@ HIS styles like :mod:`adapters.slips` is for referrals.
   it the transaction Bundle of ``host.submit_consultation`` (Patient, the inviting doctor, the
   ServiceRequest of kind general / mdt / imaging-reading, the record summary, the signed
   Consent, the study to read, the shared reports named by id).
-* :class:`ResubmitSlip`: the records the centre asked for (补充资料), for ``resubmit``.
+* :class:`ResubmitSlip`: the records the centre asked for (补充资料), for ``resubmit``;
+  :class:`ConsultCancel`: the request withdrawn before the meeting, for ``cancel``.
 * :class:`ConsultStatus`: one step the centre took, as the inviting HIS shows it (returned with
   what is missing, scheduled with time, experts and video link, cancelled, ...).
 * :class:`ConsultReport`: the released report (consult note: diagnosis, advice, referral
@@ -88,6 +89,15 @@ class ResubmitSlip:
     text: str
     doctor: str
     written_at: str
+
+
+@dataclass
+class ConsultCancel:
+    """会诊撤回: the inviting doctor withdraws the request before the meeting."""
+
+    slip_no: str
+    reason: str = ""
+    cancelled_at: str = ""  # ISO 8601 (may be empty)
 
 
 @dataclass

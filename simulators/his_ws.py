@@ -41,7 +41,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from adapters.consult_slips import ConsultSlip, ResubmitSlip
+from adapters.consult_slips import ConsultCancel, ConsultSlip, ResubmitSlip
 from adapters.his_ws import cda, consult_doc, exam_report, lab_report, soap, visit_doc
 from adapters.his_ws.errors import BadDocument
 from adapters.slips import AcceptanceSlip, LabResult, Prescription, ReferralSlip, ReturnSlip
@@ -170,6 +170,15 @@ class HisWs:
         doc = consult_doc.Doc(doc_id or self._next_id("HZBC"), "consult-records", slip,
                               consult_doc=request_doc)
         self.write_raw(doc.doc_id, "consult-records", consult_doc.write(
+            doc, self._setting("encoding") or "UTF-8"))
+        return doc.doc_id
+
+    def cancel_consult(self, request_doc: str, slip_no: str, reason: str,
+                       doc_id: str | None = None) -> str:
+        """The inviting doctor withdraws a request (ConsultCancel naming the request)."""
+        doc = consult_doc.Doc(doc_id or self._next_id("HZCH"), "consult-cancel",
+                              ConsultCancel(slip_no, reason), consult_doc=request_doc)
+        self.write_raw(doc.doc_id, "consult-cancel", consult_doc.write(
             doc, self._setting("encoding") or "UTF-8"))
         return doc.doc_id
 

@@ -274,3 +274,22 @@ def test_a_consultation_the_centre_cancels_reaches_the_his_with_the_reason(
     got = wait_for(lambda: statuses(his, s.slip_no, 2), timeout=40, what="cancelled")
     assert (got[1].consult_doc, got[1].record.step, got[1].record.status,
             got[1].record.reason) == (request_doc, "cancelled", "cancelled", "患者已转上级医院就诊")
+
+
+@pytest.mark.slow
+def test_a_request_the_his_withdraws_is_cancelled_and_the_his_is_told(
+        site: tuple[Alliance, HisWs]) -> None:
+    """A ConsultCancel document naming the request: the inviter's cancel; the centre confirms
+    before the meeting and the HIS gets the cancelled ConsultStatus."""
+    a, his = site
+    core = a.node(CORE)
+    before = set(threads(core))
+    s = slip(13, kind="general", specialties="", id_number="110102196606060066")
+    request_doc = his.write_consult(s)
+    thread = new_thread(core, before)
+    wait_for(lambda: statuses(his, s.slip_no, 1), timeout=40, what="received")
+    his.cancel_consult(request_doc, s.slip_no, "患者已在外院就诊")
+    got = wait_for(lambda: statuses(his, s.slip_no, 2), timeout=40, what="cancelled")
+    assert (got[1].record.event, got[1].record.step, got[1].record.reason) == \
+        ("cancelled", "cancelled", "患者已在外院就诊")
+    assert row(core, thread)["step"] == "cancelled"

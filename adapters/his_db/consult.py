@@ -38,7 +38,6 @@ from sqlalchemy.exc import IntegrityError
 
 from adapters import consult_slips as cs
 from adapters import slips_fhir as sf
-from adapters.his_db.cancel import CancelSlip
 from adapters.imaging import ImagingReport, imaging_reports_from_bundle, with_local_studies
 from bridge.delivery.handlers import Delivery
 from bridge.errors import UnknownReference
@@ -54,7 +53,7 @@ STATUS = "consult_status"
 REPORT = "consult_report"
 RECORDS: dict[str, type] = {RECORD: cs.ConsultSlip, RESUBMIT: cs.ResubmitSlip,
                             STATUS: cs.ConsultStatus, REPORT: cs.ConsultReport,
-                            CANCEL: CancelSlip}
+                            CANCEL: cs.ConsultCancel}
 #: the inviting side's events the HIS is told about (the centre's steps)
 SHOWN = ("received", "return", "schedule", "start", "report", "release", "cancelled",
          "cancel-refused")

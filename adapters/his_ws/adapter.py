@@ -90,6 +90,7 @@ WORKFLOW_FIELD = {
     "visit": "/ClinicalDocument/inFulfillmentOf/order",
     "consult": "/ConsultRequest/to_member",
     "consult-records": "/ConsultRecords/consult_doc",
+    "consult-cancel": "/ConsultCancel/consult_doc",
 }
 #: the centre's steps the inviting HIS is told about (ConsultStatus documents)
 CONSULT_SHOWN = ("received", "return", "schedule", "start", "report", "release", "cancelled",
@@ -301,7 +302,7 @@ class WsAdapter(BaseAdapter):
         if d.type == visit_doc.DOC_TYPE:
             self._take_visit(d)
             return
-        if d.type in ("consult", "consult-records"):
+        if d.type in ("consult", "consult-records", "consult-cancel"):
             self._take_consult(d)
             return
         doc = cda.read(d.raw, self.site, record=d.doc_id, known=self._known,
@@ -399,13 +400,18 @@ class WsAdapter(BaseAdapter):
                 view = self.host.consultation(thread) if thread else None
                 if view is None or ledger.referral_doc(thread or "", "consult") != \
                         doc.consult_doc:
-                    raise BadDocument(f"document {doc.doc_id} completes consultation request "
+                    raise BadDocument(f"document {doc.doc_id} names consultation request "
                                       f"{doc.consult_doc}, which this node never took",
-                                      field="/ConsultRecords/consult_doc")
-                task = self.host.resource("Task", view["consultation"]["task_id"])
-                self.host.consultation_step(
-                    str(thread), "resubmit", source_key=key,
-                    bundle=consult_slips.resubmit_bundle(doc.record, task["for"]["reference"]))
+                                      field=f"/{consult_doc.ROOTS[doc.type]}/consult_doc")
+                if doc.type == "consult-cancel":
+                    self.host.consultation_step(str(thread), "cancel", source_key=key,
+                                                reason=doc.record.reason)
+                else:
+                    task = self.host.resource("Task", view["consultation"]["task_id"])
+                    self.host.consultation_step(
+                        str(thread), "resubmit", source_key=key,
+                        bundle=consult_slips.resubmit_bundle(doc.record,
+                                                             task["for"]["reference"]))
         ledger.remember(doc.doc_id, "in", doc.type, self.host.thread_for(key), digest)
 
     def on_consult(self, ev: ConsultEvent) -> None:

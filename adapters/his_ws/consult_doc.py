@@ -8,6 +8,8 @@ document                 direction  what
                                     and ``shared_report`` repeated -> ``submit_consultation``
 ``ConsultRecords``       HIS->node  补充资料 (pending type ``consult-records``): ``consult_doc`` the
                                     request document's id -> ``resubmit``
+``ConsultCancel``        HIS->node  会诊撤回单 (``consult-cancel``): ``consult_doc``, ``reason`` ->
+                                    the inviter's ``cancel`` (the centre answers ``cancelled``)
 ``ConsultStatus``        node->HIS  会诊状态通知 (``ReceiveConsultStatus``, id = the packet id):
                                     event, step, Task status, what is missing / why cancelled,
                                     the meeting (start, end, video link, experts)
@@ -35,6 +37,7 @@ from adapters.his_ws import xmlsafe
 NS = "urn:hutong:his-ws:consult:1"
 XSD = "consult.xsd"
 ROOTS = {"consult": "ConsultRequest", "consult-records": "ConsultRecords",
+         "consult-cancel": "ConsultCancel",
          "consult-status": "ConsultStatus", "consult-report": "ConsultReport"}
 TYPE_OF_ROOT = {v: k for k, v in ROOTS.items()}
 
@@ -85,6 +88,10 @@ def write(doc: Doc, encoding: str = "UTF-8") -> bytes:
     elif doc.type == "consult-records":
         _add(root, "consult_doc", doc.consult_doc)
         for f in fields(cs.ResubmitSlip):
+            _add(root, f.name, getattr(r, f.name))
+    elif doc.type == "consult-cancel":
+        _add(root, "consult_doc", doc.consult_doc)
+        for f in fields(cs.ConsultCancel):
             _add(root, f.name, getattr(r, f.name))
     elif doc.type == "consult-status":
         _add(root, "consult_doc", doc.consult_doc)
@@ -156,6 +163,10 @@ def read(raw: bytes, record: str, expect: str | None = None) -> Doc:
     if doc_type == "consult-records":
         return Doc(doc_id, doc_type, cs.ResubmitSlip(**{f.name: t(f.name)
                                                          for f in fields(cs.ResubmitSlip)}),
+                   consult_doc=t("consult_doc"))
+    if doc_type == "consult-cancel":
+        return Doc(doc_id, doc_type, cs.ConsultCancel(**{f.name: t(f.name)
+                                                   for f in fields(cs.ConsultCancel)}),
                    consult_doc=t("consult_doc"))
     if doc_type == "consult-status":
         experts = ";".join(f"{t('name', e)}({t('specialty', e)})" if t("specialty", e)

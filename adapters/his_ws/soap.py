@@ -37,7 +37,7 @@ TYPE_OF_RECEIVE = {v: k for k, v in RECEIVE.items()}
 #: lab-report and exam-report (the node sends those, the HIS never offers one), and visit
 #: documents
 PENDING_TYPES = ("referral", "acceptance", "return", "cancel", "visit", "consult",
-                 "consult-records")
+                 "consult-records", "consult-cancel")
 
 
 @dataclass(frozen=True)
