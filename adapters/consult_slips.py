@@ -151,9 +151,9 @@ def consult_bundle(slip: ConsultSlip, maps: Any, me: str, *,
                    study: Resource | None = None, gaps: list[Any] | None = None) -> Resource:
     """The transaction Bundle for ``host.submit_consultation``. Raises
     :class:`~adapters.slips_fhir.SlipError` naming the slip field. ``study``: the ImagingStudy
-    of ``study_uid`` stored here (the PACS adapter's): its series counts, modality and start
-    travel in the request's own ImagingStudy (subject: this slip's patient; the PACS's record
-    names the PACS's Patient, which the centre does not get); images stay in the PACS."""
+    of ``study_uid`` stored here (the PACS adapter's): the request names it (the workflow sends
+    it about the request's patient, and the reading comes back on it); else the request brings
+    an ImagingStudy of that UID. Images stay in the PACS (fetched on demand)."""
     codes = Codes(maps, me, gaps)
     slip_no = _need("slip_no", slip.slip_no)
     if slip.kind not in C.KINDS:
@@ -230,14 +230,13 @@ def consult_bundle(slip: ConsultSlip, maps: Any, me: str, *,
             consent["identifier"] = [{"system": CONSENT_DOC_SYSTEM.format(member=me),
                                       "value": slip.consent_doc.strip()}]
         resources.append((_u(), consent))
-    if uid:
-        known = {k: v for k, v in (study or {}).items()
-                 if k in ("started", "modality", "numberOfSeries", "numberOfInstances",
-                          "description", "procedureCode")}
+    if uid and study is not None:
+        request["supportingInfo"].append({"reference": f"ImagingStudy/{study['id']}"})
+    elif uid:
         resources.append((_u(), {
             "resourceType": "ImagingStudy", "status": "available",
             "identifier": [{"system": DICOM_UID, "value": f"urn:oid:{uid}"}],
-            "subject": {"reference": p}, **known}))
+            "subject": {"reference": p}}))
     for rid in _split(slip.shared_results):
         request["supportingInfo"].append({"reference": f"DiagnosticReport/{rid}"})
     if not request["supportingInfo"]:
@@ -325,10 +324,21 @@ def _section(comp: Resource, code: str, title: str) -> Resource:
                  or s.get("title") == title), {})
 
 
-def reports_of(view: dict[str, Any], codes: Codes) -> list[ConsultReport]:
-    """The released report of a consultation, one record per Composition / DiagnosticReport."""
+def reports_of(view: dict[str, Any], codes: Codes, host: Any = None) -> list[ConsultReport]:
+    """The released report of a consultation, one record per Composition / DiagnosticReport.
+    ``host`` (an AdapterHost, read only): the study a reading names when it is this node's own
+    record outside the thread (the PACS adapter's study the request shared)."""
     row = view["consultation"]
     refs = _refs(view["resources"])
+    if host is not None:
+        for r in list(refs.values()):
+            for s in r.get("imagingStudy") or [] if r["resourceType"] == "DiagnosticReport" \
+                    else []:
+                ref = str(s.get("reference", ""))
+                rtype, _, rid = ref.partition("/")
+                if ref not in refs and rtype == "ImagingStudy" and rid \
+                        and host.resource_info(rtype, rid) is not None:
+                    refs[ref] = host.resource(rtype, rid)
     slip_no = slip_no_of(request_of(view))
     report = [refs[r] for r in (row.get("report_refs") or "").split() if r in refs]
     rec = next((r for r in report if r["resourceType"] == "ServiceRequest"), None)

@@ -15,6 +15,7 @@ import threading
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 import uvicorn
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -121,20 +122,21 @@ class Node:
 
     def _apply_consult(self, item: Any) -> Any:
         """The dispatcher hook of ``consult.*``: the workflow applies the step (its party
-        check first); a released imaging reading then also goes to the adapters that keep
-        reports with their studies (the PACS), as a ``result.imaging`` report does."""
+        check first); a released imaging reading (``consult.report`` at the inviting side)
+        then also goes to the adapters that keep reports with their studies (the PACS that
+        holds the study), as a ``result.imaging`` report does. The packet's Bundle is read, not
+        the thread's stored resources: the study the report names may be our own PACS record
+        outside the thread, which travels back with the report but is not stored again."""
         ev = self.consult.apply_packet(item)
         if item.kind == "consult.report" and ev.side == "inviter":
-            mine = ev.view["resources"]
+            row = ev.view["consultation"]
             task: dict[str, Any] = next(
-                (r for r in mine if r["resourceType"] == "Task"
-                 and r["id"] == ev.view["consultation"]["task_id"]), {})
-            bundle = {"resourceType": "Bundle", "entry": [
-                {"resource": r} for r in mine
-                if r["resourceType"] in ("DiagnosticReport", "ImagingStudy")]}
+                (r for r in ev.view["resources"] if r["resourceType"] == "Task"
+                 and r["id"] == row["task_id"]), {})
             to_imaging_sinks(self.adapters, imaging_events(
-                bundle, key=item.packet_id, sender=item.sender, thread=item.thread,
-                patient=(task.get("for") or {}).get("reference"), party=True))
+                orjson.loads(item.body), key=item.packet_id, sender=item.sender,
+                thread=item.thread, patient=(task.get("for") or {}).get("reference"),
+                party=row["centre"] == item.sender))  # the workflow checked the party
         return ev
 
     # -- jobs ---------------------------------------------------------------------------------

@@ -247,9 +247,11 @@ def test_imaging_reading_of_a_study_in_the_pacs_is_attached_to_it(
     wait_for(lambda: (row(core, thread) or {}).get("step") == "received", timeout=40,
              what="received")
     patient = fc.read(f"Task/{thread}")["for"]["reference"]
+    # the PACS adapter's study travels, filed with the consultation's patient at the centre
     [found] = fc.ok("GET", "/ImagingStudy", params={"patient": patient})["entry"]
-    study = found["resource"]  # the request's own, with what the PACS adapter knows of it
+    study = found["resource"]
     pacs = chc.api("GET", f"/fhir/ImagingStudy/{study_resource_id(S1)}", role="clinician")
+    assert study["id"] == study_resource_id(S1)
     assert study["identifier"][0]["value"] == f"urn:oid:{S1}"
     assert (study["modality"], study["numberOfInstances"]) == \
         (pacs["modality"], pacs["numberOfInstances"])

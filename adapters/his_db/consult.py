@@ -145,7 +145,7 @@ def on_consult(a: HisDbAdapter, ev: ConsultEvent) -> bool:
     reports: list[cs.ConsultReport] = []
     imaging: list[ImagingReport] = []
     if ev.event == "release":
-        reports = cs.reports_of(ev.view, codes)
+        reports = cs.reports_of(ev.view, codes, a.host)
         if ev.view["consultation"]["kind"] == "imaging-reading":
             imaging = imaging_reports_from_bundle(
                 with_local_studies(cs.imaging_bundle(ev.view), a.host), codes,

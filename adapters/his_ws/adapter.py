@@ -435,7 +435,7 @@ class WsAdapter(BaseAdapter):
         gaps: list[Any] = []
         if ev.event == "release":
             codes = slips_fhir.Codes(self.host.maps, self.me, gaps)
-            for rep in consult_slips.reports_of(view, codes):
+            for rep in consult_slips.reports_of(view, codes, self.host):
                 doc_id = f"{rep.report_id}-R"
                 out.append(("consult-report", doc_id, consult_doc.write(consult_doc.Doc(
                     doc_id, "consult-report", rep, consult_doc=request_doc),

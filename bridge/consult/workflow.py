@@ -237,7 +237,7 @@ class ConsultWorkflow(ConsultQueries):
             if r["resourceType"] in ("Consent", *SHARED) and R.ref(r) not in support:
                 sr.setdefault("supportingInfo", []).append({"reference": R.ref(r)})
         self.base._check_refs(conn, resources)
-        shared = self._shared(conn, sr, resources)
+        shared = self._shared(conn, sr, resources, patient)
         if kind == "imaging-reading" and not any(
                 r["resourceType"] == "ImagingStudy" for r in [*resources, *shared]):
             raise InvalidResource("an imaging reading names the ImagingStudy to read "
@@ -260,10 +260,13 @@ class ConsultWorkflow(ConsultQueries):
                    [*[r for r in resources if r is not sr], *shared, sr])
         return thread
 
-    def _shared(self, conn: Connection, sr: Resource, resources: list[Resource]
-                ) -> list[Resource]:
+    def _shared(self, conn: Connection, sr: Resource, resources: list[Resource],
+                patient: Resource | None = None) -> list[Resource]:
         """Records the request names but does not hold (earlier results, studies, the
-        inviting doctor): read from this node's store to travel with it."""
+        inviting doctor): read from this node's store to travel with it. A record kept under
+        another local Patient of the same person (the PACS adapter's Patient of a study, by
+        keyed hash) travels about the request's patient, so the centre files it with the
+        consultation's patient (its own copy here is left as it is)."""
         here = {R.ref(r) for r in resources}
         wanted = [s.get("reference", "") for s in sr.get("supportingInfo") or []]
         wanted.append((sr.get("requester") or {}).get("reference", ""))
@@ -276,6 +279,8 @@ class ConsultWorkflow(ConsultQueries):
                     or not store.exists(conn, rtype, rid):
                 continue
             r = store.get(conn, rtype, rid)
+            if patient is not None:
+                r = self._about(conn, r, patient)
             out.append(r)
             here.add(reference)
             for extra in (r.get("result") or []) + [r.get("practitioner") or {}]:
@@ -285,6 +290,20 @@ class ConsultWorkflow(ConsultQueries):
                     out.append(store.get(conn, *target.split("/", 1)))
                     here.add(target)
         return out
+
+    def _about(self, conn: Connection, r: Resource, patient: Resource) -> Resource:
+        """``r`` with its subject set to ``patient`` when it names another Patient record of
+        the same person (keyed hash); unchanged otherwise."""
+        mine = R.ref(patient)
+        key = "subject" if "subject" in r else "patient" if "patient" in r else None
+        other = str(((r.get(key) or {}) if key else {}).get("reference", ""))
+        if key is None or other == mine or not other.startswith("Patient/") \
+                or not store.exists(conn, "Patient", other.split("/", 1)[1]):
+            return r
+        theirs = store.get(conn, "Patient", other.split("/", 1)[1])
+        if self.base._hash(theirs) != self.base._hash(patient):
+            return r
+        return {**r, key: {**r[key], "reference": mine}}
 
     # -- local steps ------------------------------------------------------------------------------
 
@@ -553,6 +572,8 @@ class ConsultWorkflow(ConsultQueries):
                 continue  # our own records of the patient and of members stay as they are
             if r["resourceType"] == "Task" and r.get("id") == row.task_id:
                 continue  # each side writes its own Task (below)
+            if self._ours_elsewhere(conn, r, row.thread):
+                continue  # our record the report names (the study our PACS holds): ours stays
             foreign_resource(conn, r, row.thread, item.sender)
             store.put(conn, R.rewrite_refs(r, alias), at=now, thread=row.thread,
                       origin=item.sender, patient_hash=row.patient_hash)
@@ -570,6 +591,16 @@ class ConsultWorkflow(ConsultQueries):
                        if o not in (mine.get("output") or [])]
             self._advance(conn, row, mine, event, actor=actor, outputs=outputs,
                           packet_id=item.packet_id)
+
+    def _ours_elsewhere(self, conn: Connection, r: Resource, thread: str) -> bool:
+        """A resource of this node's own making outside the consultation's thread, sent back
+        as the context of a step (an imaging reading's study that the request shared from our
+        PACS): kept as we have it, neither overwritten nor refused."""
+        rid = r.get("id")
+        if not isinstance(rid, str) or not store.exists(conn, r["resourceType"], rid):
+            return False
+        known = store.get_row(conn, r["resourceType"], rid)
+        return bool(known.origin == self.me and known.thread != thread)
 
     def _mirror(self, conn: Connection, row: Any, event: str, task: Resource, item: Delivery,
                 carried: list[Resource]) -> None:
