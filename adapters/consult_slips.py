@@ -5,7 +5,8 @@ HIS styles like :mod:`adapters.slips` is for referrals.
   it the transaction Bundle of ``host.submit_consultation`` (Patient, the inviting doctor, the
   ServiceRequest of kind general / mdt / imaging-reading, the record summary, the signed
   Consent, the study to read, the shared reports named by id).
-* :class:`ResubmitSlip`: the records the centre asked for (补充资料), for ``resubmit``.
+* :class:`ResubmitSlip`: the records the centre asked for (补充资料), for ``resubmit``;
+  :class:`ConsultCancel`: the request withdrawn before the meeting, for ``cancel``.
 * :class:`ConsultStatus`: one step the centre took, as the inviting HIS shows it (returned with
   what is missing, scheduled with time, experts and video link, cancelled, ...).
 * :class:`ConsultReport`: the released report (consult note: diagnosis, advice, referral
@@ -91,6 +92,15 @@ class ResubmitSlip:
 
 
 @dataclass
+class ConsultCancel:
+    """会诊撤回: the inviting doctor withdraws the request before the meeting."""
+
+    slip_no: str
+    reason: str = ""
+    cancelled_at: str = ""  # ISO 8601 (may be empty)
+
+
+@dataclass
 class ConsultStatus:
     """One step of the consultation as the inviting HIS shows it (会诊状态)."""
 
@@ -138,10 +148,12 @@ def _split(text: str) -> list[str]:
 
 def consult_bundle(slip: ConsultSlip, maps: Any, me: str, *,
                    national_id_system: str = NATIONAL_ID_SYSTEM,
-                   study_ref: str | None = None, gaps: list[Any] | None = None) -> Resource:
+                   study: Resource | None = None, gaps: list[Any] | None = None) -> Resource:
     """The transaction Bundle for ``host.submit_consultation``. Raises
-    :class:`~adapters.slips_fhir.SlipError` naming the slip field. ``study_ref``: the
-    ImagingStudy of ``study_uid`` already stored here (the PACS adapter's), else one is made."""
+    :class:`~adapters.slips_fhir.SlipError` naming the slip field. ``study``: the ImagingStudy
+    of ``study_uid`` stored here (the PACS adapter's): the request names it (the workflow sends
+    it about the request's patient, and the reading comes back on it); else the request brings
+    an ImagingStudy of that UID. Images stay in the PACS (fetched on demand)."""
     codes = Codes(maps, me, gaps)
     slip_no = _need("slip_no", slip.slip_no)
     if slip.kind not in C.KINDS:
@@ -218,8 +230,8 @@ def consult_bundle(slip: ConsultSlip, maps: Any, me: str, *,
             consent["identifier"] = [{"system": CONSENT_DOC_SYSTEM.format(member=me),
                                       "value": slip.consent_doc.strip()}]
         resources.append((_u(), consent))
-    if uid and study_ref:
-        request["supportingInfo"].append({"reference": study_ref})
+    if uid and study is not None:
+        request["supportingInfo"].append({"reference": f"ImagingStudy/{study['id']}"})
     elif uid:
         resources.append((_u(), {
             "resourceType": "ImagingStudy", "status": "available",
@@ -312,10 +324,21 @@ def _section(comp: Resource, code: str, title: str) -> Resource:
                  or s.get("title") == title), {})
 
 
-def reports_of(view: dict[str, Any], codes: Codes) -> list[ConsultReport]:
-    """The released report of a consultation, one record per Composition / DiagnosticReport."""
+def reports_of(view: dict[str, Any], codes: Codes, host: Any = None) -> list[ConsultReport]:
+    """The released report of a consultation, one record per Composition / DiagnosticReport.
+    ``host`` (an AdapterHost, read only): the study a reading names when it is this node's own
+    record outside the thread (the PACS adapter's study the request shared)."""
     row = view["consultation"]
     refs = _refs(view["resources"])
+    if host is not None:
+        for r in list(refs.values()):
+            for s in r.get("imagingStudy") or [] if r["resourceType"] == "DiagnosticReport" \
+                    else []:
+                ref = str(s.get("reference", ""))
+                rtype, _, rid = ref.partition("/")
+                if ref not in refs and rtype == "ImagingStudy" and rid \
+                        and host.resource_info(rtype, rid) is not None:
+                    refs[ref] = host.resource(rtype, rid)
     slip_no = slip_no_of(request_of(view))
     report = [refs[r] for r in (row.get("report_refs") or "").split() if r in refs]
     rec = next((r for r in report if r["resourceType"] == "ServiceRequest"), None)

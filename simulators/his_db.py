@@ -46,6 +46,10 @@ CLI (a clinician-simulating process)::
     python -m simulators.his_db --dsn sqlite:///his.db init
     python -m simulators.his_db --dsn ... refer --json slip.json [--late-hold-s 5]
     python -m simulators.his_db --dsn ... received      # inbox referrals as JSON lines
+    python -m simulators.his_db --dsn ... consult --json slip.json   # a 会诊申请 row (ZZ_HZSQ)
+    python -m simulators.his_db --dsn ... consult-records --json records.json  # 补充资料
+    python -m simulators.his_db --dsn ... consult-states   # ZZ_JS_HZZT rows as JSON lines
+    python -m simulators.his_db --dsn ... consult-reports  # ZZ_JS_HZBG rows (PDF: its size)
 
 ``refer --late-hold-s N`` allocates the id, then holds the row for N seconds before committing
 it (meanwhile other writers commit rows with higher ids).
@@ -189,7 +193,8 @@ ZZ_JS_JCBG = Table(
 
 # consultations (远程会诊, MDT, 远程影像诊断), issue 16. Outbound: ZZ_HZSQ 会诊申请 (ids from ZZ_XH;
 # HZLX 1 普通会诊 general, 2 多学科会诊 MDT, 3 远程影像诊断 imaging reading; SQKS the requested
-# specialties, ';'-separated department codes; TYR/TYSBH who signed the consent and its document
+# specialties, ';'-separated department codes; ZT 9 with CXSJ/CXYY/CXXH a request the doctor
+# withdrew, as a referral row is marked; TYR/TYSBH who signed the consent and its document
 # number; JCUID the study to read; GXBG ids of shared reports, ';'-separated; HZWT/BLZY GBK
 # BLOBs like the referral's summary) and ZZ_HZBC 补充资料 (the records the centre asked for,
 # LSH copied from the status row that returned it). Inbox: ZZ_JS_HZZT 会诊状态 (one row per
@@ -202,7 +207,8 @@ ZZ_HZSQ = Table(
     _s("ZDMC", 100), _s("HZMD", 200), Column("HZWT", LargeBinary), Column("BLZY", LargeBinary),
     _s("SQKS", 200), _s("JJBZ", 1), _s("TYR", 32), _s("TYSBH", 64), _s("JCUID", 64),
     _s("GXBG", 500), _s("YSXM", 32), _s("TXSJ", 14),
-    Column("ZT", String(1), default="1", server_default="1"))
+    Column("ZT", String(1), default="1", server_default="1"), _s("CXSJ", 14), _s("CXYY", 200),
+    Column("CXXH", Integer, index=True))
 ZZ_HZBC = Table(
     "ZZ_HZBC", metadata, _id(), _s("LSH"), _s("HZDH"), _s("ZLMC", 100),
     Column("ZLNR", LargeBinary), _s("YSXM", 32), _s("TXSJ", 14))
@@ -508,6 +514,16 @@ class HisDb:
             conn.execute(insert(ZZ_HZSQ).values(ID=rid, **row))
         return rid
 
+    def cancel_consult(self, row_id: int, reason: str, *, at: str = "") -> int:
+        """The doctor withdraws consultation request ``row_id`` (患者/家属撤回): ``ZT`` 9 with
+        time, reason and a fresh ``CXXH``; returns the CXXH."""
+        seq = self.allocate_id("ZZ_HZSQ_CX")
+        when = vendor_time(at) if at else datetime.now(CHINA).strftime("%Y%m%d%H%M%S")
+        with self.tx() as conn:
+            conn.execute(update(ZZ_HZSQ).where(ZZ_HZSQ.c.ID == row_id).values(
+                ZT="9", CXSJ=when, CXYY=reason, CXXH=seq))
+        return seq
+
     def consult_thread(self, slip_no: str) -> str:
         """The 流水号 the adapter wrote with the consultation's status rows (the HIS copies it
         into a 补充资料 row)."""
@@ -565,6 +581,15 @@ def main(argv: list[str] | None = None) -> int:
     refer.add_argument("--late-hold-s", type=float, default=0.0,
                        help="allocate the id now, commit the row after this many seconds")
     sub.add_parser("received", help="print received referrals (ZZ_JS_SQD) as JSON lines")
+    consult = sub.add_parser("consult", help="write a consultation request row (ZZ_HZSQ) from "
+                                             "a ConsultSlip as JSON")
+    consult.add_argument("--json", required=True, help="file with the slip ('-': stdin)")
+    records = sub.add_parser("consult-records", help="write a 补充资料 row (ZZ_HZBC) from a "
+                                                     "ResubmitSlip as JSON")
+    records.add_argument("--json", required=True, help="file with the slip ('-': stdin)")
+    sub.add_parser("consult-states", help="print consultation status rows (ZZ_JS_HZZT)")
+    sub.add_parser("consult-reports", help="print consultation report rows (ZZ_JS_HZBG; the "
+                                           "PDF as its size)")
     args = ap.parse_args(argv)
     db = HisDb(args.dsn)
     try:
@@ -584,6 +609,20 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "received":
             for s in db.received_referrals():
                 print(json.dumps(asdict(s), ensure_ascii=False))
+        elif args.cmd in ("consult", "consult-records"):
+            text = sys.stdin.read() if args.json == "-" else \
+                Path(args.json).read_text(encoding="utf-8")
+            if args.cmd == "consult":
+                print(json.dumps({"id": db.write_consult(ConsultSlip(**json.loads(text)))}))
+            else:
+                print(json.dumps({"id": db.resubmit_consult(ResubmitSlip(**json.loads(text)))}))
+        elif args.cmd == "consult-states":
+            for st in db.consult_states():
+                print(json.dumps(st, ensure_ascii=False))
+        elif args.cmd == "consult-reports":
+            for rep in db.consult_reports():
+                pdf = rep.pop("BGWJ")
+                print(json.dumps({**rep, "BGWJ": len(pdf or b"")}, ensure_ascii=False))
     finally:
         db.close()
     return 0

@@ -31,6 +31,8 @@ from typing import Any
 
 from hl7.mllp import start_hl7_server
 
+from adapters.consult_slips import ConsultSlip, ResubmitSlip
+from adapters.his_hl7 import consult as hz
 from adapters.his_hl7 import messages, v2
 from adapters.his_hl7.errors import Hl7DataError
 from adapters.hl7v2 import charset, fields
@@ -84,7 +86,7 @@ class Received:
 
 
 def _slip(what: str, data: dict[str, Any]) -> Any:
-    if what in ("results", "imaging"):
+    if what in ("results", "imaging", "consult_status", "consult_report"):
         return data
     if what == "cancel":
         return messages.CancelNote(**data)
@@ -193,9 +195,11 @@ def take(conn: sqlite3.Connection, raw: bytes) -> bytes | None:
         if inbound is None:
             data = read_results(msg)
             imaging = bool(msg.segments("ZDS"))
+            what = "imaging" if imaging else "consult_report" if data["reports"] and \
+                data["reports"][0]["code"][0] == hz.CONSULT_NOTE else "results"
             n = conn.execute("SELECT COUNT(*) FROM received").fetchone()[0]
             conn.execute("INSERT OR IGNORE INTO received VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                         (control, "imaging" if imaging else "results", data["thread"],
+                         (control, what, data["thread"],
                           data["reports"][0]["placer"] if data["reports"] else "",
                           json.dumps(data, ensure_ascii=False), raw, now.isoformat(), n))
             conn.execute("UPDATE mode SET v = v + 1 WHERE k = 'answered'")
@@ -209,6 +213,8 @@ def take(conn: sqlite3.Connection, raw: bytes) -> bytes | None:
             slip = messages.return_slip(inbound.msg, OFFSET)
         elif inbound.what == "cancel":
             slip = messages.cancel_note(inbound.msg, OFFSET)
+        elif inbound.what == "consult_status":
+            slip = hz.read_status(inbound.msg)
         else:
             raise Hl7DataError("this HIS takes REF^I12, REF^I14, RRI^I12 and ORU^R01 only",
                                field="MSH-9",
@@ -216,7 +222,8 @@ def take(conn: sqlite3.Connection, raw: bytes) -> bytes | None:
         n = conn.execute("SELECT COUNT(*) FROM received").fetchone()[0]
         conn.execute("INSERT OR IGNORE INTO received VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                      (inbound.control_id, inbound.what, inbound.thread, inbound.slip_no,
-                      json.dumps(asdict(slip), ensure_ascii=False), raw, now.isoformat(), n))
+                      json.dumps(slip if isinstance(slip, dict) else asdict(slip),
+                                 ensure_ascii=False), raw, now.isoformat(), n))
         conn.execute("UPDATE mode SET v = v + 1 WHERE k = 'answered'")
         conn.execute("COMMIT")
         return answer("AA", inbound.control_id, now, codec)
@@ -306,6 +313,19 @@ class VendorHis:
         text = messages.cancel_message(self.header, note, control_id or v2.control_id(),
                                        datetime.now(UTC), mrn=mrn)
         return self._send(text, "cancel", slip_no)
+
+    def consult(self, slip: ConsultSlip, control_id: str | None = None) -> Ack:
+        """The inviting doctor asks for a consultation (REF^I12, RF1-3 HTCONSULT)."""
+        text = hz.request_message(self.header, slip, control_id or v2.control_id(),
+                                  datetime.now(UTC))
+        return self._send(text, "consult", slip.slip_no)
+
+    def resubmit(self, slip: ResubmitSlip, thread: str = "",
+                 control_id: str | None = None) -> Ack:
+        """The records the centre asked for (REF^I13)."""
+        text = hz.resubmit_message(self.header, slip, control_id or v2.control_id(),
+                                   datetime.now(UTC), thread=thread)
+        return self._send(text, "consult_resubmit", slip.slip_no)
 
     def adt(self, event: str, mrn: str, *, name: str = "", gender: str = "",
             birth_date: str = "", phone: str = "", id_number: str = "",

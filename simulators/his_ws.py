@@ -41,7 +41,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from adapters.his_ws import cda, exam_report, lab_report, soap, visit_doc
+from adapters.consult_slips import ConsultCancel, ConsultSlip, ResubmitSlip
+from adapters.his_ws import cda, consult_doc, exam_report, lab_report, soap, visit_doc
 from adapters.his_ws.errors import BadDocument
 from adapters.slips import AcceptanceSlip, LabResult, Prescription, ReferralSlip, ReturnSlip
 from adapters.visits import Visit
@@ -153,6 +154,42 @@ class HisWs:
         self.write_raw(doc.doc_id, visit_doc.DOC_TYPE, raw)
         return doc.doc_id
 
+    # -- consultations (远程会诊申请单, 补充资料; consult.xsd) ----------------------------------
+
+    def write_consult(self, slip: ConsultSlip, doc_id: str | None = None,
+                      encoding: str | None = None) -> str:
+        """The inviting doctor asks for a consultation: a ConsultRequest offered to the node."""
+        doc = consult_doc.Doc(doc_id or self._next_id("HZSQ"), "consult", slip)
+        self.write_raw(doc.doc_id, "consult", consult_doc.write(
+            doc, encoding or self._setting("encoding") or "UTF-8"))
+        return doc.doc_id
+
+    def write_records(self, request_doc: str, slip: ResubmitSlip,
+                      doc_id: str | None = None) -> str:
+        """The records the centre asked for (ConsultRecords naming the request document)."""
+        doc = consult_doc.Doc(doc_id or self._next_id("HZBC"), "consult-records", slip,
+                              consult_doc=request_doc)
+        self.write_raw(doc.doc_id, "consult-records", consult_doc.write(
+            doc, self._setting("encoding") or "UTF-8"))
+        return doc.doc_id
+
+    def cancel_consult(self, request_doc: str, slip_no: str, reason: str,
+                       doc_id: str | None = None) -> str:
+        """The inviting doctor withdraws a request (ConsultCancel naming the request)."""
+        doc = consult_doc.Doc(doc_id or self._next_id("HZCH"), "consult-cancel",
+                              ConsultCancel(slip_no, reason), consult_doc=request_doc)
+        self.write_raw(doc.doc_id, "consult-cancel", consult_doc.write(
+            doc, self._setting("encoding") or "UTF-8"))
+        return doc.doc_id
+
+    def consult_documents(self, doc_type: str) -> list[consult_doc.Doc]:
+        """ConsultStatus (``consult-status``) or ConsultReport (``consult-report``) documents
+        the node delivered, in arrival order (each once)."""
+        with self._db() as db:
+            rows = db.execute("SELECT doc_id, raw FROM inbound WHERE type = ? ORDER BY pos",
+                              (doc_type,)).fetchall()
+        return [consult_doc.read(bytes(raw), doc_id) for doc_id, raw in rows]
+
     def _own_slip_no(self, doc_id: str) -> str:
         with self._db() as db:
             row = db.execute("SELECT raw FROM outbound WHERE doc_id = ? ORDER BY seq",
@@ -174,7 +211,8 @@ class HisWs:
         """Documents the node delivered, in arrival order (each once, however often sent)."""
         with self._db() as db:
             rows = db.execute("SELECT doc_id, raw FROM inbound WHERE (? IS NULL AND type NOT IN "
-                              "('lab-report', 'exam-report')) OR type = ? ORDER BY pos",
+                              "('lab-report', 'exam-report', 'consult-status', "
+                              "'consult-report')) OR type = ? ORDER BY pos",
                               (doc_type, doc_type)).fetchall()
         return [cda.read(bytes(raw), self.site, record=doc_id, from_node=True)
                 for doc_id, raw in rows]
@@ -252,6 +290,8 @@ class HisWs:
             doc_type, doc_id, raw = soap.read_receive(op)
             doc: Any = lab_report.read(raw, self.site, record=doc_id) \
                 if doc_type == "lab-report" else \
+                consult_doc.read(raw, doc_id, expect=doc_type) \
+                if doc_type in consult_doc.ROOTS else \
                 exam_report.read(raw, self.site, record=doc_id) if doc_type == "exam-report" \
                 else cda.read(raw, self.site, record=doc_id, expect=doc_type,  # vendor checks
                               from_node=True)

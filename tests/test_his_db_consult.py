@@ -20,11 +20,13 @@ import httpx
 import pytest
 
 from adapters.consult_slips import ConsultSlip, ResubmitSlip
+from adapters.pacs.study import study_resource_id
 from simulators.his_db import HisDb
 from tests import consults
-from tests.harness import Alliance, NodeProcess, wait_for
+from tests.harness import Alliance, NodeProcess, free_port_block, wait_for
 from tests.test_consult_loop import Fhir, row
 from tests.test_his_db import quarantined, site_folder
+from tests.test_pacs import NID1, S1, push, write_modality_files
 
 pytestmark = pytest.mark.slow
 
@@ -37,6 +39,8 @@ STUDY = "1.2.826.0.1.3680043.8.498.30303"
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Alliance, HisDb]]:
     root = tmp_path_factory.mktemp("hisdb-consult")
+    scp = free_port_block(1)
+    write_modality_files(root / "modality")
     db = HisDb(f"sqlite:///{root / 'desheng-his.db'}").init()
     maps = site_folder(root / "mappings", CHC, "yuetan-chc", {"department": [
         "KS20,转诊·心血管内科,03.04,心血管内科专业,equivalent,"]})
@@ -45,10 +49,14 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Alliance, H
         {"id": CHC, "zh": "德胜社区卫生服务中心", "en": "Desheng CHC", "role": "community",
          "adapters": [{"name": "his", "type": "his-middle-db", "mappings": str(maps),
                        "receives": ["consult.*"],
-                       "options": {"dsn": db.dsn, "poll_every_s": 0.3}}]},
+                       "options": {"dsn": db.dsn, "poll_every_s": 0.3}},
+                      {"name": "pacs", "type": "pacs-dicom", "receives": ["imaging.*"],
+                       "options": {"bind": f"127.0.0.1:{scp}", "ae_title": "DESHENG",
+                                   "complete_after_s": 120}}]},
     ]
     a = Alliance(root / "alliance", members, RULES)
     a.start(CORE, CHC)
+    a.scp, a.modality = scp, root / "modality"  # type: ignore[attr-defined]
     yield a, db
     a.stop_all()
     db.close()
@@ -73,9 +81,8 @@ def slip(n: int, **kw: Any) -> ConsultSlip:
     return replace(base, **kw)
 
 
-def thread_of(node: NodeProcess, n: int = 1) -> list[str]:
-    rows = [r["thread"] for r in node.api("GET", "/local/v1/consultations")]
-    return rows if len(rows) >= n else []
+def thread_of(node: NodeProcess) -> list[str]:
+    return [r["thread"] for r in node.api("GET", "/local/v1/consultations")]
 
 
 def states(db: HisDb, slip_no: str, n: int) -> list[dict[str, Any]]:
@@ -87,9 +94,11 @@ def test_mdt_from_the_his_returned_resubmitted_scheduled_and_reported(
         site: tuple[Alliance, HisDb], client: httpx.Client) -> None:
     a, db = site
     chc, core = a.node(CHC), a.node(CORE)
+    before = set(thread_of(core))
     s = slip(1)
-    db.write_consult(s)
-    [thread] = wait_for(lambda: thread_of(core), timeout=40, what="the request at the centre")
+    rid = db.write_consult(s)
+    [thread] = wait_for(lambda: [t for t in thread_of(core) if t not in before], timeout=40,
+                        what="the request at the centre")
     fc, fi = Fhir(client, core), Fhir(client, chc)
     wait_for(lambda: (row(chc, thread) or {}).get("step") == "received", timeout=40,
              what="received on the inviting side")
@@ -116,7 +125,7 @@ def test_mdt_from_the_his_returned_resubmitted_scheduled_and_reported(
     assert (got[1]["SJLX"], got[1]["HZZT"], got[1]["RWZT"], got[1]["ZTSM"]) == \
         ("return", "returned", "on-hold", "缺肺功能报告")
     # the HIS adds the records (补充资料), the 流水号 copied from the status row
-    db.resubmit_consult(ResubmitSlip(slip_no=s.slip_no, title="肺功能报告",
+    bc = db.resubmit_consult(ResubmitSlip(slip_no=s.slip_no, title="肺功能报告",
                                      text="FEV1 78%，轻度阻塞性通气功能障碍", doctor="李医生",
                                      written_at="2026-12-02T10:00:00+08:00"))
     wait_for(lambda: (row(core, thread) or {}).get("step") == "resubmitted", timeout=40,
@@ -156,7 +165,8 @@ def test_mdt_from_the_his_returned_resubmitted_scheduled_and_reported(
         ("张主任（呼吸内科）", "20261205151000", "0", None)
     wait_for(lambda: (row(chc, thread) or {}).get("step") == "report-received", timeout=40,
              what="report received")
-    assert quarantined(chc) == []
+    assert not [q for q in quarantined(chc) if q.message.startswith(
+        (f"record ZZ_HZSQ#{rid} ", f"record ZZ_HZBC#{bc} "))]
 
 
 def test_imaging_reading_report_lands_in_the_his_with_its_pdf(
@@ -214,3 +224,109 @@ def test_a_bad_request_row_is_quarantined_naming_its_column(
     assert held[0].code == code, held[0].message
     assert "110102198003030033" not in held[0].message
     assert "110102198003030033" not in Path(chc.log).read_text(encoding="utf-8")
+
+
+def test_imaging_reading_of_a_study_in_the_pacs_is_attached_to_it(
+        site: tuple[Alliance, HisDb], client: httpx.Client) -> None:
+    """The HIS asks for a reading of a study its PACS holds (by UID): the study travels from
+    the PACS adapter's store; the released reading lands in the HIS and is attached to the
+    study at the PACS adapter."""
+    a, db = site
+    chc, core = a.node(CHC), a.node(CORE)
+    pushed = push(a.modality, a.scp, study=S1, called="DESHENG")  # type: ignore[attr-defined]
+    assert pushed.returncode == 0, pushed.stdout + pushed.stderr
+    wait_for(lambda: chc.api("GET", f"/local/v1/adapters/pacs/studies/{S1}/reports",
+                             role="clinician"), timeout=60, what="S1 in the PACS adapter")
+    before = set(thread_of(core))
+    s = slip(3, kind="imaging-reading", study_uid=S1, specialties="", id_number=NID1,
+             patient_name="张三", gender="male", birth_date="1980-01-01", mrn="DS0003")
+    db.write_consult(s)
+    [thread] = wait_for(lambda: [t for t in thread_of(core) if t not in before], timeout=40,
+                        what="the reading at the centre")
+    fc = Fhir(client, core)
+    wait_for(lambda: (row(core, thread) or {}).get("step") == "received", timeout=40,
+             what="received")
+    patient = fc.read(f"Task/{thread}")["for"]["reference"]
+    # the PACS adapter's study travels, filed with the consultation's patient at the centre
+    [found] = fc.ok("GET", "/ImagingStudy", params={"patient": patient})["entry"]
+    study = found["resource"]
+    pacs = chc.api("GET", f"/fhir/ImagingStudy/{study_resource_id(S1)}", role="clinician")
+    assert study["id"] == study_resource_id(S1)
+    assert study["identifier"][0]["value"] == f"urn:oid:{S1}"
+    assert (study["modality"], study["numberOfInstances"]) == \
+        (pacs["modality"], pacs["numberOfInstances"])
+    fc.op(thread, "schedule", consults.schedule(CORE, 1))
+    fc.op(thread, "start")
+    fc.op(thread, "report", consults.imaging_report(patient, f"ImagingStudy/{study['id']}"))
+    fc.op(thread, "release")
+    [rep] = wait_for(lambda: db.consult_reports(s.slip_no), timeout=40, what="in the HIS")
+    assert (rep["JCUID"], rep["BGWJ"]) == (S1, consults.PDF)
+
+    def attached() -> Any:
+        got = chc.api("GET", f"/local/v1/adapters/pacs/studies/{S1}/reports", role="clinician")
+        return [x for x in got["reports"] if x["id"] == rep["BGID"]]
+    [shown] = wait_for(attached, timeout=40, what="the reading attached to S1")
+    assert (shown["from"], shown["conclusion"], shown["status"]) == \
+        (CORE, "右肺上叶磨玻璃结节，Lung-RADS 4A，建议3个月复查", "final")
+
+
+def test_a_consultation_the_centre_cancels_shows_cancelled_with_the_reason(
+        site: tuple[Alliance, HisDb], client: httpx.Client) -> None:
+    a, db = site
+    core = a.node(CORE)
+    before = set(thread_of(core))
+    s = slip(4, kind="general", specialties="", id_number="110102197707070077")
+    db.write_consult(s)
+    [thread] = wait_for(lambda: [t for t in thread_of(core) if t not in before], timeout=40,
+                        what="the request at the centre")
+    fc = Fhir(client, core)
+    wait_for(lambda: (row(core, thread) or {}).get("step") == "received", timeout=40,
+             what="received")
+    task = fc.read(f"Task/{thread}")
+    task["status"], task["statusReason"] = "cancelled", {"text": "患者已转上级医院就诊"}
+    fc.ok("PUT", f"/Task/{thread}", task)
+    got = wait_for(lambda: states(db, s.slip_no, 2), timeout=40, what="'cancelled' in the HIS")
+    assert (got[1]["SJLX"], got[1]["HZZT"], got[1]["RWZT"], got[1]["ZTSM"], got[1]["LSH"]) == \
+        ("cancelled", "cancelled", "cancelled", "患者已转上级医院就诊", thread)
+    assert db.consult_reports(s.slip_no) == []
+
+
+def test_a_request_the_his_withdraws_is_cancelled_and_the_his_is_told(
+        site: tuple[Alliance, HisDb], client: httpx.Client) -> None:
+    """The doctor marks the request row withdrawn (ZT 9, CXYY, CXXH): the inviter's cancel
+    step; the centre confirms before the meeting, and the HIS gets the cancelled status row.
+    A withdrawal once the meeting has begun is not allowed: the row is quarantined naming
+    ZT, and nothing changes at the centre."""
+    a, db = site
+    chc, core = a.node(CHC), a.node(CORE)
+    before = set(thread_of(core))
+    s = slip(5, kind="general", specialties="", id_number="110102196606060066")
+    rid = db.write_consult(s)
+    [thread] = wait_for(lambda: [t for t in thread_of(core) if t not in before], timeout=40,
+                        what="the request at the centre")
+    wait_for(lambda: states(db, s.slip_no, 1), timeout=40, what="received")
+    db.cancel_consult(rid, "患者已在外院就诊")
+    got = wait_for(lambda: states(db, s.slip_no, 2), timeout=40, what="cancelled")
+    assert (got[1]["SJLX"], got[1]["HZZT"], got[1]["ZTSM"]) == \
+        ("cancelled", "cancelled", "患者已在外院就诊")
+    assert row(core, thread)["step"] == "cancelled"
+    assert row(chc, thread)["status"] == "cancelled"
+    # after the meeting began: the centre refuses, the HIS is told, nothing changes
+    before = set(thread_of(core))
+    s = slip(6, kind="general", specialties="", id_number="110102196606060066")
+    rid = db.write_consult(s)
+    [thread] = wait_for(lambda: [t for t in thread_of(core) if t not in before], timeout=40,
+                        what="the second request at the centre")
+    fc = Fhir(client, core)
+    wait_for(lambda: (row(core, thread) or {}).get("step") == "received", timeout=40,
+             what="received")
+    fc.op(thread, "schedule", consults.schedule(CORE, 1))
+    fc.op(thread, "start")
+    wait_for(lambda: states(db, s.slip_no, 3), timeout=40, what="started")
+    db.cancel_consult(rid, "家属要求撤回")
+    held = wait_for(lambda: [q for q in quarantined(chc)
+                             if q.message.startswith(f"record ZZ_HZSQ#{rid} field ZT:")],
+                    timeout=40, what="the late withdrawal quarantined")
+    assert held[0].code == "HT-REF-TRANSITION", held[0].message
+    assert row(core, thread)["step"] == "in-consultation"
+    assert len(db.consult_states(s.slip_no)) == 3

@@ -205,6 +205,7 @@ class HisDbAdapter(BaseAdapter):
                 self._poll_table("consult_out", self._take_consult)
             if hz.RESUBMIT in self.fm:  # after requests: a resubmission names one
                 self._poll_table("consult_resubmit_out", self._take_consult_resubmit)
+            self._poll_cancels("consult_out", hz.CANCEL, self._take_consult_cancel)
             self.ok()
         except SQLAlchemyError as exc:  # the vendor database, not the node's
             self.failed(f"vendor database: {type(exc).__name__}")
@@ -241,12 +242,15 @@ class HisDbAdapter(BaseAdapter):
             log.info("adapter %s: %d id(s) of %s never committed, no longer watched",
                      self.name, len(expired), table.name)
 
-    def _poll_cancels(self) -> None:
-        """Referral rows the HIS marked withdrawn, by their withdrawal number (watermark and
-        holes as for new rows: the number comes from a sequence, so it can commit late)."""
-        table = self.table("referral_out")
+    def _poll_cancels(self, logical: str = "referral_out", record: str = cx.RECORD,
+                      take: Any = None) -> None:
+        """Referral rows (or, with ``logical``/``record``/``take``, consultation rows) the HIS
+        marked withdrawn, by their withdrawal number (watermark and holes as for new rows: the
+        number comes from a sequence, so it can commit late)."""
+        table = self.table(logical)
         o = self.opts
-        if table is None or cx.RECORD not in self.fm or o.cancel_seq_column not in table.c \
+        take = take or self._take_cancel
+        if table is None or record not in self.fm or o.cancel_seq_column not in table.c \
                 or o.status_column not in table.c:
             return
         store = self.host.state
@@ -260,7 +264,7 @@ class HisDbAdapter(BaseAdapter):
                 select(table).where(cond, table.c[o.status_column] == o.cancelled_value)
                 .order_by(seq).limit(o.batch))]
         for row in rows:
-            self._take_cancel(table, int(row[o.id_column]), row)
+            take(table, int(row[o.id_column]), row)
             now = self.host.now()
             wm.taken(int(row[o.cancel_seq_column]), now)
             wm.save(store, now)
@@ -319,7 +323,7 @@ class HisDbAdapter(BaseAdapter):
                              .get(record, "slip_no"))
         except IllegalTransition as exc:  # e.g. a withdrawal after the patient arrived
             error = exc
-            column = self.opts.status_column if record == cx.RECORD else None
+            column = self.opts.status_column if record in (cx.RECORD, hz.CANCEL) else None
         except HutongError as exc:
             if exc.retry is not Retry.PERMANENT:
                 raise
@@ -455,6 +459,10 @@ class HisDbAdapter(BaseAdapter):
                                replay: bool = False) -> None:
         hz.take_resubmit(self, table, rid, row, replay)
 
+    def _take_consult_cancel(self, table: Table, rid: int, row: dict[str, Any],
+                             replay: bool = False) -> None:
+        hz.take_cancel(self, table, rid, row, replay)
+
     # -- quarantine replay --------------------------------------------------------------------
 
     def replay(self, raw: bytes) -> str:
@@ -471,7 +479,7 @@ class HisDbAdapter(BaseAdapter):
 
             raise TransportError(f"adapter '{self.name}' is not started")
         name, kept = kept_row(raw)
-        withdrawal = kept_record(raw) == cx.RECORD
+        withdrawal = kept_record(raw) in (cx.RECORD, hz.CANCEL)
         with self._lock:
             self.host.reload_maps()
             try:
@@ -503,7 +511,8 @@ class HisDbAdapter(BaseAdapter):
                     "consult_out": self._take_consult,
                     "consult_resubmit_out": self._take_consult_resubmit}[logical]
             if withdrawal:
-                take = self._take_cancel
+                take = self._take_consult_cancel if logical == "consult_out" \
+                    else self._take_cancel
             try:
                 take(table, rid, row, replay=True)
             except SQLAlchemyError as exc:

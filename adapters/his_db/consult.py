@@ -12,6 +12,10 @@ Source side, polled with the same watermark, holes and exactly-once source keys 
   HIS copies it from the status row that returned the request), else the one the request row
   with the same ``HZDH`` started.
 
+* ``ZZ_HZSQ`` rows marked withdrawn (``ZT`` 9, ``CXYY``, polled by their ``CXXH`` as referral
+  withdrawals are; ``fields/consult_cancel.csv``) -> ``consultation_step(thread, "cancel")``
+  (source key ``ZZ_HZSQ:<id>:cancel``); after the meeting began: quarantined naming ``ZT``.
+
 Sink side (``receives`` includes ``consult.*``), on the inviting member only: every step the
 centre took is a ``ZZ_JS_HZZT`` row (``fields/consult_status.csv``: event, step, what is
 missing / why cancelled, the meeting's time, experts and video link), one per packet (unique
@@ -44,10 +48,12 @@ if TYPE_CHECKING:
 
 RECORD = "consult"
 RESUBMIT = "consult_resubmit"
+CANCEL = "consult_cancel"
 STATUS = "consult_status"
 REPORT = "consult_report"
 RECORDS: dict[str, type] = {RECORD: cs.ConsultSlip, RESUBMIT: cs.ResubmitSlip,
-                            STATUS: cs.ConsultStatus, REPORT: cs.ConsultReport}
+                            STATUS: cs.ConsultStatus, REPORT: cs.ConsultReport,
+                            CANCEL: cs.ConsultCancel}
 #: the inviting side's events the HIS is told about (the centre's steps)
 SHOWN = ("received", "return", "schedule", "start", "report", "release", "cancelled",
          "cancel-refused")
@@ -69,18 +75,32 @@ def take(a: HisDbAdapter, table: Table, rid: int, row: dict[str, Any],
         slip = slip_of(a, RECORD, row)
         a._check_duplicate(table, rid, RECORD, slip.slip_no)
         study = None
-        if slip.study_uid.strip():
-            found = a.host.find("ImagingStudy", identifier=(
+        if slip.study_uid.strip():  # the PACS adapter's record of it, if this node holds it
+            study = a.host.find("ImagingStudy", identifier=(
                 cs.DICOM_UID, f"urn:oid:{slip.study_uid.strip()}"))
-            study = f"ImagingStudy/{found['id']}" if found else None
         for rid_ in cs._split(slip.shared_results):
             if a.host.resource_info("DiagnosticReport", rid_) is None:
                 raise UnknownReference(f"shared report {rid_} is not held by this node")
         bundle = cs.consult_bundle(
-            slip, a.host.maps, a.me, gaps=gaps, study_ref=study,
+            slip, a.host.maps, a.me, gaps=gaps, study=study,
             national_id_system=a.host.plan.alliance.national_id_system)
         a.host.submit_consultation(bundle, source_key=key)
     a._guard(table, rid, row, RECORD, work, replay)
+
+
+def take_cancel(a: HisDbAdapter, table: Table, rid: int, row: dict[str, Any],
+                replay: bool = False) -> None:
+    """A request row the HIS marked withdrawn (``ZT`` 9, ``CXYY`` the reason, polled by its
+    ``CXXH``): the inviter's ``cancel`` step, which the centre answers with ``cancelled`` (or
+    ``cancel-refused`` once the meeting has begun): both come back as status rows."""
+    def work(key: str, gaps: list[Any]) -> None:
+        slip = slip_of(a, CANCEL, row)
+        thread = a.host.thread_for(f"{table.name}:{rid}")
+        if thread is None:
+            raise UnknownReference(f"no consultation was sent for this row ({slip.slip_no}), "
+                                   "so there is none to withdraw")
+        a.host.consultation_step(thread, "cancel", source_key=key, reason=slip.reason)
+    a._guard(table, rid, row, CANCEL, work, replay, suffix=":cancel")
 
 
 def _thread(a: HisDbAdapter, row: dict[str, Any], slip_no: str) -> str:
@@ -125,7 +145,7 @@ def on_consult(a: HisDbAdapter, ev: ConsultEvent) -> bool:
     reports: list[cs.ConsultReport] = []
     imaging: list[ImagingReport] = []
     if ev.event == "release":
-        reports = cs.reports_of(ev.view, codes)
+        reports = cs.reports_of(ev.view, codes, a.host)
         if ev.view["consultation"]["kind"] == "imaging-reading":
             imaging = imaging_reports_from_bundle(
                 with_local_studies(cs.imaging_bundle(ev.view), a.host), codes,

@@ -60,7 +60,7 @@ from adapters.hl7v2.mllp import (
 from bridge.errors import HutongError
 
 if TYPE_CHECKING:
-    from bridge.local.contract import ReferralEvent, ResultEvent
+    from bridge.local.contract import ConsultEvent, ReferralEvent, ResultEvent
     from bridge.local.host import AdapterHost
 
 log = logging.getLogger("hutong.adapters.his_hl7")
@@ -205,6 +205,9 @@ class HisHl7Adapter(BaseAdapter):
 
     def on_result(self, ev: ResultEvent) -> None:
         self._out().on_result(ev)
+
+    def on_consult(self, ev: ConsultEvent) -> None:
+        self._out().on_consult(ev)
 
     def replay(self, raw: bytes) -> str:
         """A quarantined message again (``hutong quarantine replay``, the node's local API):

@@ -9,11 +9,14 @@ the field the ``referral_id_field`` option names (an admission of an accepted re
 "arrive" step); the HIS's patient index here is refreshed after it (a referral's PID fields left
 empty are filled from it, so an A08 phone change shows in the next referral's Patient). A REF^I14
 from the referring HIS (RF1-6 its slip number, NTE 1R the reason) takes the "cancel" step: the
-workflow asks the receiver, who confirms it unless the patient has arrived. Every kind commits
-through the host in one transaction with its key (``submit_referral`` / ``referral_step`` /
-``record_encounter``). Bad data -> AE/AR with an ERR segment naming the field, quarantine (raw
-bytes, record MSH-10, field) and audit, the answer kept here for a re-send of the same message;
-a transient failure (database busy) -> AE without quarantine, so the HIS resends.
+workflow asks the receiver, who confirms it unless the patient has arrived. A REF^I12 whose
+RF1-3 is a consultation kind (table HTCONSULT) is a consultation request
+(``submit_consultation``) and a REF^I13 the records a returned one was completed with
+(``resubmit``), :mod:`.consult`. Every kind commits through the host in one transaction with its
+key (``submit_referral`` / ``referral_step`` / ``record_encounter``). Bad data -> AE/AR with an
+ERR segment naming the field, quarantine (raw bytes, record MSH-10, field) and audit, the answer
+kept here for a re-send of the same message; a transient failure (database busy) -> AE without
+quarantine, so the HIS resends.
 """
 
 from __future__ import annotations
@@ -23,9 +26,10 @@ import logging
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from adapters import slips_fhir
+from adapters import consult_slips, slips_fhir
 from adapters.his_hl7 import adt, messages
-from adapters.his_hl7.errors import Hl7ControlReused, Hl7DataError, Hl7Duplicate
+from adapters.his_hl7 import consult as hz
+from adapters.his_hl7.errors import Hl7ControlReused, Hl7DataError, Hl7Duplicate, Hl7Rejected
 from adapters.his_hl7.state import PATIENT_FIELDS
 from adapters.hl7v2 import ack
 from adapters.hl7v2.charset import Charset
@@ -183,7 +187,9 @@ class Inbound:
         except Hl7DataError:
             raise
         except slips_fhir.SlipError as exc:
-            raise Hl7DataError(exc.message, field=hl7_field(exc.field),
+            field = hz.FIELDS.get(exc.field, exc.field) if inbound.what.startswith("consult") \
+                else hl7_field(exc.field)
+            raise Hl7DataError(exc.message, field=field,
                                hl7_error="103" if isinstance(exc, slips_fhir.UnknownCode)
                                else "102" if isinstance(exc, slips_fhir.BadDate)
                                else "207") from None
@@ -191,6 +197,7 @@ class Inbound:
             if exc.retry is not Retry.PERMANENT:
                 raise
             field = "PRD-7" if isinstance(exc, UnknownReference) and inbound.what == "referral" \
+                else "NTE-4" if isinstance(exc, UnknownReference) and inbound.what == "consult" \
                 else "RF1-6" if inbound.what == "cancel" \
                 else "NTE-4" if isinstance(exc, MissingConsent) \
                 else "RF1-1" if isinstance(exc, IllegalTransition) else None
@@ -299,6 +306,10 @@ class Inbound:
         (:mod:`bridge.referral.states`): anything else is refused naming RF1-6."""
         note = messages.cancel_note(inbound.msg, self.offset)
         row = self.state.slip(note.slip_no, "referrer")
+        consult = self.state.slip(note.slip_no, "inviter")
+        if row is None and consult is not None:  # a consultation this HIS asked for
+            self._consult_cancel(inbound, note, consult, key)
+            return
         thread = row["thread"] if row is not None and row["thread"] else ""
         if note.thread and thread and note.thread != thread:
             raise Hl7DataError(f"referral id does not belong to slip {note.slip_no}",
@@ -357,6 +368,67 @@ class Inbound:
             if thread:  # the HIS's id for the referral's patient (results into the HIS)
                 kv.put("referral_visits", thread, {"thread": thread, "mrn": data.mrn,
                                                    "source_key": key}, thread=thread)
+
+    # -- consultations (adapters.his_hl7.consult) ----------------------------------------------
+
+    def _consult(self, inbound: messages.Inbound, key: str) -> None:
+        """REF^I12 with a consultation kind: a new consultation (会诊申请)."""
+        mrn = messages.read_patient(inbound.msg).get("mrn", "")
+        known = self.state.patient(mrn) if mrn else {}
+        slip = hz.request_slip(inbound.msg, known, self.offset)
+        taken = self.state.slip(slip.slip_no, "inviter")
+        if taken is not None and taken["source_key"] != key \
+                and self.host.seen(taken["source_key"]) is not None:
+            raise Hl7Duplicate(f"consultation {slip.slip_no} was already sent by message "
+                               f"{taken['source_key']}", field="RF1-6")
+        for rid in consult_slips._split(slip.shared_results):
+            if self.host.resource_info("DiagnosticReport", rid) is None:
+                raise Hl7DataError(f"shared report {rid} is not held by this node",
+                                   field="NTE-4", hl7_error="204")
+        study = self.host.find("ImagingStudy", identifier=(
+            consult_slips.DICOM_UID, f"urn:oid:{slip.study_uid}")) if slip.study_uid else None
+        self.state.put_slip(slip.slip_no, "inviter", thread=None, source_key=key, mrn=slip.mrn)
+        gaps: list[Any] = []
+        bundle = consult_slips.consult_bundle(
+            slip, self.host.maps, self.host.node_id, gaps=gaps, study=study,
+            national_id_system=self.host.plan.alliance.national_id_system)
+        self.host.submit_consultation(bundle, source_key=key)
+        self.state.set_slip_thread(slip.slip_no, "inviter", self.host.thread_for(key))
+        self._gaps(gaps)
+
+    def _consult_resubmit(self, inbound: messages.Inbound, key: str) -> None:
+        """REF^I13: the records the centre asked for (补充资料)."""
+        slip = hz.resubmit_slip(inbound.msg, self.offset)
+        row = self.state.slip(slip.slip_no, "inviter")
+        thread = row["thread"] if row is not None and row["thread"] else ""
+        if inbound.thread and thread and inbound.thread != thread:
+            raise Hl7DataError(f"consultation id does not belong to {slip.slip_no}",
+                               field="RF1-11", hl7_error="204")
+        view = self.host.consultation(thread) if thread else None
+        if view is None:
+            raise Hl7DataError(f"no consultation sent from here with number {slip.slip_no}",
+                               field="RF1-6", hl7_error="204")
+        task = self.host.resource("Task", view["consultation"]["task_id"])
+        bundle = consult_slips.resubmit_bundle(slip, task["for"]["reference"])
+        self.host.consultation_step(thread, "resubmit", source_key=key, bundle=bundle)
+
+    def _consult_cancel(self, inbound: messages.Inbound, note: messages.CancelNote,
+                        row: dict[str, Any], key: str) -> None:
+        """REF^I14 naming a consultation number this HIS sent: the inviter's cancel, which
+        the centre answers (the RRI^I12 ``cancelled`` comes back); after the meeting began it
+        is refused naming RF1-6."""
+        thread = str(row["thread"] or "")
+        if note.thread and thread and note.thread != thread:
+            raise Hl7DataError(f"consultation id does not belong to {note.slip_no}",
+                               field="RF1-11", hl7_error="204")
+        if not thread or self.host.consultation(thread) is None:
+            raise Hl7DataError(f"no consultation sent from here with number {note.slip_no}",
+                               field="RF1-6", hl7_error="204")
+        self.host.consultation_step(thread, "cancel", source_key=key, reason=note.reason)
+
+    def _consult_status(self, inbound: messages.Inbound, key: str) -> None:
+        raise Hl7Rejected("a consultation status (RRI^I12, RF1-1 HTCSTEP) goes to the HIS, "
+                          "not from it", field="RF1-1", hl7_error="200")
 
     def _gaps(self, gaps: list[Any]) -> None:
         if gaps:

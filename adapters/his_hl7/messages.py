@@ -57,6 +57,8 @@ from adapters.slips import AcceptanceSlip, LabResult, Prescription, ReferralSlip
 from bridge.referral.codes import KINDS
 
 KIND_TABLE = "HTKIND"
+CONSULT_TABLE = "HTCONSULT"  # RF1-3 of a consultation request (adapters.his_hl7.consult)
+STEP_TABLE = "HTCSTEP"  # RF1-1 of a consultation status (RRI^I12 to the HIS)
 MEMBER_TABLE = "HTMEMBER"
 GENDER_TO_V2 = {"male": "M", "female": "F", "other": "O", "unknown": "U"}
 GENDER_FROM_V2 = {v: k for k, v in GENDER_TO_V2.items()}
@@ -288,15 +290,21 @@ def read(text: str, charset: Charset = UTF8) -> Inbound:
     if (mtype, event) == ("REF", "I12"):
         rf1 = v2.one(msg, "RF1")
         inbound.what = "return" if _get(msg, rf1, 4) == RETURN_DISPOSITION else "referral"
+        if _get(msg, rf1, 3, 3) == CONSULT_TABLE:  # adapters.his_hl7.consult
+            inbound.what = "consult"
+    elif (mtype, event) == ("REF", "I13"):
+        inbound.what = "consult_resubmit"
     elif (mtype, event) == ("RRI", "I12"):
-        inbound.what = "acceptance"
+        rf1 = v2.one(msg, "RF1")
+        inbound.what = "consult_status" if _get(msg, rf1, 1, 3) == STEP_TABLE \
+            else "acceptance"
     elif (mtype, event) == ("REF", "I14"):
         inbound.what = "cancel"
     elif mtype == "ADT" and event in ADT_EVENTS:
         inbound.what = "adt"
     else:
-        raise Hl7Rejected(f"message type {mtype}^{event} is not taken here (REF^I12, REF^I14, "
-                          f"RRI^I12, ADT^{'/'.join(ADT_EVENTS)})", field="MSH-9",
+        raise Hl7Rejected(f"message type {mtype}^{event} is not taken here (REF^I12, REF^I13, "
+                          f"REF^I14, RRI^I12, ADT^{'/'.join(ADT_EVENTS)})", field="MSH-9",
                           hl7_error="200")
     rf1s = v2.segments(msg, "RF1")
     if rf1s:

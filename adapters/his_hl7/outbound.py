@@ -20,6 +20,10 @@ receiver               cancel (confirmed here)       REF^I14 (RF1-6 slip, RF1-11
 either (result.lab)    -                             ORU^R01 v2.5.1 (adapters.his_hl7.results)
 either (result.imag.)  -                             ORU^R01 v2.5.1: the imaging report,
                                                      ZDS the study UID, the PDF as OBX ED
+inviter (consult.*)    the centre's steps            RRI^I12 (RF1-1 the step ^HTCSTEP, ZHZ the
+                                                     meeting); release: + ORU^R01 (the report,
+                                                     or the imaging ORU), MSH-10 <packet>-R
+                                                     (adapters.his_hl7.consult)
 either                 received, arrive, cancelled,  nothing (counted ``skipped:<event>``)
                        cancel-refused,
                        return-received
@@ -30,7 +34,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from adapters import slips_fhir
+from adapters import consult_slips, slips_fhir
+from adapters.his_hl7 import consult as hz
 from adapters.his_hl7 import messages, results
 from adapters.his_hl7.errors import HisNak, HisNoAck, HisUnreachable
 from adapters.hl7v2 import charset
@@ -42,7 +47,11 @@ from adapters.imaging import with_local_studies
 if TYPE_CHECKING:
     from adapters.his_hl7.adapter import HisHl7Adapter
     from bridge.delivery.handlers import Delivery
-    from bridge.local.contract import ReferralEvent, ResultEvent
+    from bridge.local.contract import ConsultEvent, ReferralEvent, ResultEvent
+
+#: the centre's steps the inviting HIS is told about (RRI^I12)
+CONSULT_SHOWN = ("received", "return", "schedule", "start", "report", "release", "cancelled",
+                 "cancel-refused")
 
 
 class Outbound:
@@ -61,9 +70,11 @@ class Outbound:
             return
         self._send(item, text, event)
 
-    def _send(self, item: Delivery, text: str, what: str) -> bool:
+    def _send(self, item: Delivery, text: str, what: str, control: str | None = None) -> bool:
         """Send until the HIS ACKs (a NAK raises; the dispatcher retries the same MSH-10).
-        True the first time this packet is ACKed."""
+        True the first time this packet is ACKed. ``control``: MSH-10 when it is not the
+        packet id (a second message of one packet)."""
+        control = control or item.packet_id
         raw = charset.encode(text, self.a.charset)
         try:
             answer = self.a.listener.send(self.a.his_host, self.a.his_port, raw,
@@ -76,12 +87,12 @@ class Outbound:
             code, acked, why = read_ack(answer, self.a.opts.default_charset)
         except V2Error as exc:
             code, acked, why = "", "", f"unreadable ACK ({exc.message})"
-        if code not in ("AA", "CA") or acked != item.packet_id:
+        if code not in ("AA", "CA") or acked != control:
             self.a.count("his-nak")
-            self.a.failed(f"HIS answered {code} for {item.packet_id}")
-            raise HisNak(f"HIS answered {code or 'no MSA'} to {item.packet_id}"
+            self.a.failed(f"HIS answered {code} for {control}")
+            raise HisNak(f"HIS answered {code or 'no MSA'} to {control}"
                          + (f" ({why[:80]})" if why else ""))
-        first = self.state.mark_sent(item.packet_id, item.thread, what,
+        first = self.state.mark_sent(control, item.thread, what,
                                      self.host.now().isoformat())
         self.a.count(f"sent:{what}")
         self.a.ok()
@@ -119,13 +130,61 @@ class Outbound:
             self.host.record_gaps(gaps)
             self.a.count("unmapped-codes", len(gaps))
 
+    def on_consult(self, ev: ConsultEvent) -> None:
+        """A step the consultation centre took: RRI^I12 to the inviting HIS; with the released
+        report, an ORU^R01 after it (:mod:`~adapters.his_hl7.consult`)."""
+        item, view = ev.packet, ev.view
+        if ev.side != "inviter" or ev.event not in CONSULT_SHOWN:
+            self.a.count(f"skipped:consult-{ev.event}")
+            return
+        to = self._addressee(item.thread)
+        status = consult_slips.status_of(ev.event, view, ev.task)
+        h, now = self.a.header(), self.host.now()
+        kind = view["consultation"]["kind"]
+        if not self.state.sent(item.packet_id):
+            self._send(item, hz.status_message(h, status, kind, item.packet_id, now,
+                                               item.thread, to.mrn if to else ""),
+                       f"consult-{ev.event}")
+        if ev.event != "release":
+            return
+        control = f"{item.packet_id}-R"
+        if self.state.sent(control):
+            self.a.count("redelivered")
+            return
+        if to is None:
+            self.a.count("skipped:result-no-patient")
+            return
+        gaps: list[Any] = []
+        codes = slips_fhir.Codes(self.host.maps, self.host.node_id, gaps)
+        text: str | None
+        if kind == "imaging-reading":
+            text = results.imaging_oru_message(
+                h, with_local_studies(consult_slips.imaging_bundle(view), self.host), to, codes,
+                control, now)
+        else:
+            reports = consult_slips.reports_of(view, codes)
+            text = hz.report_message(h, reports[0], control, now, item.thread, to.mrn,
+                                     to.authority) if reports else None
+        if text is not None and self._send(item, text, "consult-report", control) and gaps:
+            self.host.record_gaps(gaps)
+            self.a.count("unmapped-codes", len(gaps))
+
     def _addressee(self, thread: str) -> results.Addressee | None:
         """The patient's id in this HIS for a referral thread: the HIS's own MRN (from its REF^I12
         on the referring side, from the ADT naming the referral on the receiving side), else the
-        referrer's MRN under the referrer's id (as the HIS got it in the REF^I12)."""
+        referrer's MRN under the referrer's id (as the HIS got it in the REF^I12). For a
+        consultation thread: the MRN of the HIS's own REF^I12 (会诊申请)."""
         view = self.host.referral(thread)
         if view is None:
-            return None
+            consult = self.host.consultation(thread)
+            if consult is None:
+                return None
+            number = consult_slips.slip_no_of(consult_slips.request_of(consult))
+            mine = self.state.slip(number, "inviter")
+            if mine is None or not mine["mrn"]:
+                return None
+            return results.Addressee(str(mine["mrn"]), self.a.opts.his_application, number,
+                                     thread)
         row = view["referral"]
         sr = next((r for r in view["resources"] if r["resourceType"] == "ServiceRequest"
                    and r["id"] == row["sr_id"]), {})

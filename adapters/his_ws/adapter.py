@@ -12,6 +12,10 @@ Visit documents (type ``visit``: admission, registration, transfer, discharge, u
 cancels, :mod:`adapters.his_ws.visit_doc`, ``schemas/cda-visit.xsd``) -> ``host.record_encounter``
 keyed ``doc:<document id>``: one Encounter per visit number moved on by each document once,
 linked to a referral only when ``visit_referral`` says which element names it.
+Consultation documents (``consult``: 远程会诊申请单 -> ``host.submit_consultation``;
+``consult-records``: 补充资料 -> ``resubmit``; :mod:`adapters.his_ws.consult_doc`,
+``schemas/consult.xsd``) keyed ``doc:<document id>``; the centre's steps and the released
+report go back as ConsultStatus / ConsultReport documents (``on_consult``).
 A bad document is quarantined (record = document id, field = XPath) and acked; the next one
 goes on. A transient failure stops the round there, unacked, so order is kept.
 Quarantine replay (``replay``): the held item is the document's bytes; after IT fixed the
@@ -60,9 +64,9 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from adapters import slips_fhir, visits
+from adapters import consult_slips, slips_fhir, visits
 from adapters.base import BaseAdapter
-from adapters.his_ws import cda, exam_report, lab_report, visit_doc
+from adapters.his_ws import cda, consult_doc, exam_report, lab_report, visit_doc
 from adapters.his_ws.client import DEFAULT_MAX_DOCUMENT, HisClient
 from adapters.his_ws.errors import (
     BadDocument,
@@ -74,8 +78,8 @@ from adapters.his_ws.errors import (
 from adapters.his_ws.ledger import Ledger
 from adapters.his_ws.soap import Pending
 from adapters.imaging import imaging_reports_from_bundle, with_local_studies
-from bridge.errors import HutongError, Retry, WorkflowError
-from bridge.local.contract import AdapterType, ReferralEvent, ResultEvent
+from bridge.errors import HutongError, MissingConsent, Retry, WorkflowError
+from bridge.local.contract import AdapterType, ConsultEvent, ReferralEvent, ResultEvent
 
 #: which element a workflow refusal points at, by document type
 WORKFLOW_FIELD = {
@@ -84,7 +88,13 @@ WORKFLOW_FIELD = {
     "return": "/ClinicalDocument/inFulfillmentOf/order",
     "cancel": "/ClinicalDocument/inFulfillmentOf/order",
     "visit": "/ClinicalDocument/inFulfillmentOf/order",
+    "consult": "/ConsultRequest/to_member",
+    "consult-records": "/ConsultRecords/consult_doc",
+    "consult-cancel": "/ConsultCancel/consult_doc",
 }
+#: the centre's steps the inviting HIS is told about (ConsultStatus documents)
+CONSULT_SHOWN = ("received", "return", "schedule", "start", "report", "release", "cancelled",
+                 "cancel-refused")
 #: the message event of a delivered packet -> the document written into the HIS
 WRITES = {"request": "referral", "accept": "acceptance", "reject": "acceptance",
           "return": "return", "cancel": "cancel", "cancelled": "cancel",
@@ -225,7 +235,10 @@ class WsAdapter(BaseAdapter):
         field = getattr(exc, "field", None)
         if isinstance(exc, slips_fhir.SlipError):
             field = visit_doc.field_path(exc.field) if d.type == visit_doc.DOC_TYPE \
+                else consult_doc.field_path(d.type, exc.field) if d.type in consult_doc.ROOTS \
                 else cda.field_path(exc.field)
+        elif isinstance(exc, MissingConsent) and d.type == "consult":
+            field = "/ConsultRequest/consent_by"
         elif isinstance(exc, WorkflowError):
             field = WORKFLOW_FIELD.get(d.type, "/ClinicalDocument")
         return field
@@ -259,6 +272,8 @@ class WsAdapter(BaseAdapter):
         """
         doc_id, dtype = cda.identify(raw)
         if dtype is None:
+            doc_id, dtype = consult_doc.identify(raw)
+        if dtype is None:
             vid, is_visit = visit_doc.identify(raw)
             if is_visit:
                 doc_id, dtype = vid, visit_doc.DOC_TYPE
@@ -286,6 +301,9 @@ class WsAdapter(BaseAdapter):
         ledger = self._ledger()
         if d.type == visit_doc.DOC_TYPE:
             self._take_visit(d)
+            return
+        if d.type in ("consult", "consult-records", "consult-cancel"):
+            self._take_consult(d)
             return
         doc = cda.read(d.raw, self.site, record=d.doc_id, known=self._known,
                        expect=d.type or None)
@@ -349,6 +367,108 @@ class WsAdapter(BaseAdapter):
                 self.host.record_gaps(gaps)
         ledger.remember(doc.doc_id, "in", visit_doc.DOC_TYPE, thread or self.host.thread_for(key),
                         digest)
+
+    # -- consultations (adapters.his_ws.consult_doc) -------------------------------------------
+
+    def _take_consult(self, d: Pending) -> None:
+        """A 远程会诊申请单 -> a new consultation; 补充资料 -> resubmit; once per document id."""
+        ledger = self._ledger()
+        doc = consult_doc.read(d.raw, d.doc_id, expect=d.type)
+        digest = self._new_content(d, doc.doc_id)
+        if digest is None:
+            return
+        key = f"doc:{doc.doc_id}"
+        if self.host.seen(key) is None:
+            if doc.type == "consult":
+                slip = doc.record
+                for rid in consult_slips._split(slip.shared_results):
+                    if self.host.resource_info("DiagnosticReport", rid) is None:
+                        raise BadDocument(f"shared report {rid} is not held by this node",
+                                          field="/ConsultRequest/shared_report")
+                study = self.host.find("ImagingStudy", identifier=(
+                    consult_slips.DICOM_UID, f"urn:oid:{slip.study_uid}")) \
+                    if slip.study_uid else None
+                gaps: list[Any] = []
+                bundle = consult_slips.consult_bundle(
+                    slip, self.host.maps, self.me, gaps=gaps, study=study,
+                    national_id_system=self.host.plan.alliance.national_id_system)
+                self.host.submit_consultation(bundle, source_key=key)
+                if gaps:
+                    self.host.record_gaps(gaps)
+            else:
+                thread = ledger.thread_of(doc.consult_doc)
+                view = self.host.consultation(thread) if thread else None
+                if view is None or ledger.referral_doc(thread or "", "consult") != \
+                        doc.consult_doc:
+                    raise BadDocument(f"document {doc.doc_id} names consultation request "
+                                      f"{doc.consult_doc}, which this node never took",
+                                      field=f"/{consult_doc.ROOTS[doc.type]}/consult_doc")
+                if doc.type == "consult-cancel":
+                    self.host.consultation_step(str(thread), "cancel", source_key=key,
+                                                reason=doc.record.reason)
+                else:
+                    task = self.host.resource("Task", view["consultation"]["task_id"])
+                    self.host.consultation_step(
+                        str(thread), "resubmit", source_key=key,
+                        bundle=consult_slips.resubmit_bundle(doc.record,
+                                                             task["for"]["reference"]))
+        ledger.remember(doc.doc_id, "in", doc.type, self.host.thread_for(key), digest)
+
+    def on_consult(self, ev: ConsultEvent) -> None:
+        """A step the consultation centre took: a ConsultStatus document into the inviting HIS;
+        with the released report, a ConsultReport document (and for an imaging reading also
+        the exam report document, as for ``result.imaging``)."""
+        item, view = ev.packet, ev.view
+        if ev.side != "inviter" or ev.event not in CONSULT_SHOWN:
+            self.count("not_written")
+            return
+        ledger = self._ledger()
+        request_doc = ledger.referral_doc(item.thread, "consult")
+        if request_doc is None:  # not asked for from this HIS (the web page, the API)
+            self.count("not_written")
+            return
+        row = view["consultation"]
+        status = consult_slips.status_of(ev.event, view, ev.task)
+        out: list[tuple[str, str, bytes]] = [("consult-status", item.packet_id, consult_doc.write(
+            consult_doc.Doc(item.packet_id, "consult-status", status, consult_doc=request_doc,
+                            thread=item.thread), self.opts.encoding))]
+        gaps: list[Any] = []
+        if ev.event == "release":
+            codes = slips_fhir.Codes(self.host.maps, self.me, gaps)
+            for rep in consult_slips.reports_of(view, codes, self.host):
+                doc_id = f"{rep.report_id}-R"
+                out.append(("consult-report", doc_id, consult_doc.write(consult_doc.Doc(
+                    doc_id, "consult-report", rep, consult_doc=request_doc),
+                    self.opts.encoding)))
+            if row["kind"] == "imaging-reading":
+                task = self.host.resource("Task", row["task_id"])
+                patient = self.host.resource("Patient", task["for"]["reference"].split("/")[1])
+                mrn = slips_fhir._mrn(patient, self.me)
+                for doc in exam_report.from_reports(
+                        imaging_reports_from_bundle(
+                            with_local_studies(consult_slips.imaging_bundle(view), self.host),
+                            codes, slip_no=status.slip_no, sender=item.sender,
+                            patient_id=mrn),
+                        codes, self.site, producer=item.sender, referral_doc=request_doc,
+                        mrn=mrn, mrn_authority=self.me if mrn else "",
+                        received_at=item.received_at.isoformat()):
+                    doc.version = ledger.report_version(doc.report_id, item.packet_id)
+                    doc.doc_id = exam_report.doc_id_of(doc.report_id, doc.version)
+                    out.append(("exam-report", doc.doc_id,
+                                exam_report.write(doc, self.site, self.opts.encoding)))
+        for doc_type, doc_id, raw in out:
+            ledger.remember(doc_id, "out", doc_type, item.thread,
+                            hashlib.sha256(raw).hexdigest())
+            try:
+                self.client.receive(doc_type, doc_id, raw)
+            except HisUnavailable as exc:
+                self.failed(exc.message)
+                self.count("deliver_failed")
+                raise
+            self.count(f"wrote_{doc_type.replace('-', '_')}")
+        if gaps:
+            self.host.record_gaps(gaps)
+        self.ok()
 
     def _known(self, category: str, code: str) -> bool:
         """Strict maps only (slips_fhir.STRICT): other unlisted codes travel as mapping gaps."""

@@ -45,10 +45,12 @@ class Ledger:
         row = self.kv.get("documents", doc_id)
         return None if row is None else row["thread"]
 
-    def referral_doc(self, thread: str) -> str | None:
-        """The referral document of a thread as the HIS knows it (its own id or ours)."""
+    def referral_doc(self, thread: str, doc_type: str = "referral") -> str | None:
+        """The referral document of a thread as the HIS knows it (its own id or ours); with
+        ``doc_type="consult"`` the consultation request (远程会诊申请单) of a consultation
+        thread."""
         for key, row in self.kv.by_thread_keys("documents", thread):
-            if row["type"] == "referral":
+            if row["type"] == doc_type:
                 return str(key)
         return None
 

@@ -30,12 +30,14 @@ HWS = "urn:hutong:his-ws:1"
 XSD = "his-ws.xsd"
 RECEIVE = {"referral": "ReceiveReferral", "acceptance": "ReceiveAcceptance",
            "return": "ReceiveReturn", "cancel": "ReceiveCancel", "lab-report": "ReceiveLabReport",
-           "exam-report": "ReceiveExamReport"}
+           "exam-report": "ReceiveExamReport", "consult-status": "ReceiveConsultStatus",
+           "consult-report": "ReceiveConsultReport"}
 TYPE_OF_RECEIVE = {v: k for k, v in RECEIVE.items()}
 #: what GetPendingDocuments may list (his-ws.xsd DocumentType): the receive types but
 #: lab-report and exam-report (the node sends those, the HIS never offers one), and visit
 #: documents
-PENDING_TYPES = ("referral", "acceptance", "return", "cancel", "visit")
+PENDING_TYPES = ("referral", "acceptance", "return", "cancel", "visit", "consult",
+                 "consult-records", "consult-cancel")
 
 
 @dataclass(frozen=True)

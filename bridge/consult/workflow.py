@@ -237,7 +237,7 @@ class ConsultWorkflow(ConsultQueries):
             if r["resourceType"] in ("Consent", *SHARED) and R.ref(r) not in support:
                 sr.setdefault("supportingInfo", []).append({"reference": R.ref(r)})
         self.base._check_refs(conn, resources)
-        shared = self._shared(conn, sr, resources)
+        shared = self._shared(conn, sr, resources, patient)
         if kind == "imaging-reading" and not any(
                 r["resourceType"] == "ImagingStudy" for r in [*resources, *shared]):
             raise InvalidResource("an imaging reading names the ImagingStudy to read "
@@ -260,10 +260,13 @@ class ConsultWorkflow(ConsultQueries):
                    [*[r for r in resources if r is not sr], *shared, sr])
         return thread
 
-    def _shared(self, conn: Connection, sr: Resource, resources: list[Resource]
-                ) -> list[Resource]:
+    def _shared(self, conn: Connection, sr: Resource, resources: list[Resource],
+                patient: Resource | None = None) -> list[Resource]:
         """Records the request names but does not hold (earlier results, studies, the
-        inviting doctor): read from this node's store to travel with it."""
+        inviting doctor): read from this node's store to travel with it. A record kept under
+        another local Patient of the same person (the PACS adapter's Patient of a study, by
+        keyed hash) travels about the request's patient, so the centre files it with the
+        consultation's patient (its own copy here is left as it is)."""
         here = {R.ref(r) for r in resources}
         wanted = [s.get("reference", "") for s in sr.get("supportingInfo") or []]
         wanted.append((sr.get("requester") or {}).get("reference", ""))
@@ -276,6 +279,8 @@ class ConsultWorkflow(ConsultQueries):
                     or not store.exists(conn, rtype, rid):
                 continue
             r = store.get(conn, rtype, rid)
+            if patient is not None:
+                r = self._about(conn, r, patient)
             out.append(r)
             here.add(reference)
             for extra in (r.get("result") or []) + [r.get("practitioner") or {}]:
@@ -285,6 +290,20 @@ class ConsultWorkflow(ConsultQueries):
                     out.append(store.get(conn, *target.split("/", 1)))
                     here.add(target)
         return out
+
+    def _about(self, conn: Connection, r: Resource, patient: Resource) -> Resource:
+        """``r`` with its subject set to ``patient`` when it names another Patient record of
+        the same person (keyed hash); unchanged otherwise."""
+        mine = R.ref(patient)
+        key = "subject" if "subject" in r else "patient" if "patient" in r else None
+        other = str(((r.get(key) or {}) if key else {}).get("reference", ""))
+        if key is None or other == mine or not other.startswith("Patient/") \
+                or not store.exists(conn, "Patient", other.split("/", 1)[1]):
+            return r
+        theirs = store.get(conn, "Patient", other.split("/", 1)[1])
+        if self.base._hash(theirs) != self.base._hash(patient):
+            return r
+        return {**r, key: {**r[key], "reference": mine}}
 
     # -- local steps ------------------------------------------------------------------------------
 
