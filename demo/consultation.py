@@ -413,11 +413,12 @@ class Consultations:
                 r for r in self.his.received_imaging() if r["LSH"] == thread]
             if not got or not exams:
                 return False
-            # ZZ_JS_HZBG.JCUID stays empty for a study Yuetan's own PACS holds (the adapter
-            # looks for the study among the thread's resources); ZZ_JS_JCBG names it
+            # the study's UID in both tables: the consultation report and the exam report
             have = (got[-1]["HZLX"], got[-1]["BGZT"], got[-1]["YXJL"], got[-1]["BGWJ"],
-                    exams[-1]["ZZDH"], exams[-1]["JCUID"], exams[-1]["ZDYJ"], exams[-1]["FSJG"])
-            want = ("3", "F", CONCLUSION, records.READING_PDF, slip_no, uid, CONCLUSION, CENTRE)
+                    got[-1]["JCUID"], exams[-1]["ZZDH"], exams[-1]["JCUID"], exams[-1]["ZDYJ"],
+                    exams[-1]["FSJG"])
+            want = ("3", "F", CONCLUSION, records.READING_PDF, uid, slip_no, uid, CONCLUSION,
+                    CENTRE)
             if have != want:
                 raise HutongError(f"the reading in Yuetan's HIS differs: {have[:3]}, {have[4:]}")
             return True

@@ -132,6 +132,7 @@ def test_demo_once_plays_the_scenario_and_exits_zero(tmp_path: Path) -> None:
         assert (reading["HZLX"], reading["BGZT"], reading["BGYS"] is not None) == ("3", "F", True)
         [exam] = [r for r in yuetan.received_imaging() if r["ZZDH"] == ct]
         assert exam["JCUID"].startswith("1.2.826.0.1.3680043.8.498.7701.2.")
+        assert reading["JCUID"] == exam["JCUID"]
         assert exam["ZDYJ"] == reading["YXJL"]
     finally:
         yuetan.close()
