@@ -21,6 +21,7 @@ other Patient id is mapped too, rather than failing or pointing at another recor
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,17 @@ from bridge.referral.codes import PATIENT_HASH_SYSTEM
 
 Resource = dict[str, Any]
 MRN_PREFIX = "urn:hutong:mrn:"
+_PATIENT_REF = re.compile(r"Patient/[A-Za-z0-9\-.]{1,64}")  # an R4 id: fits peer_patient
+
+
+def peer_ref(carried: Iterable[Resource]) -> str | None:
+    """The sender's Patient reference in a request (None: none, or not an R4 id: the thread
+    then names the patient by the hash only)."""
+    for r in carried:
+        if r.get("resourceType") == "Patient":
+            ref = f"Patient/{r.get('id')}"
+            return ref if _PATIENT_REF.fullmatch(ref) else None
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +107,10 @@ def wire_patient(tp: ThreadPatient, patient: Resource, *, me: str, peer: str,
     out["identifier"] = [i for i in out.get("identifier") or []
                          if i.get("system") not in others]
     out.pop("link", None)  # links name other records of this node
+    # who else cares for her is not the other party's to learn (this node itself may say so)
+    out.pop("generalPractitioner", None)
+    if (out.get("managingOrganization") or {}).get("reference") != f"Organization/{me}":
+        out.pop("managingOrganization", None)
     return _rename(out, lambda d: {**d, "reference": tp.wire})  # type: ignore[no-any-return]
 
 

@@ -673,7 +673,7 @@ class Workflow:
 
 def peer_patient(carried: list[dict[str, Any]]) -> str | None:
     """The sender's Patient reference in a request: how packets back name the patient."""
-    return next((R.ref(r) for r in carried if r["resourceType"] == "Patient"), None)
+    return naming.peer_ref(carried)
 
 
 def _without_local_visits(r: dict[str, Any], sent: set[str]) -> dict[str, Any]:
