@@ -256,3 +256,31 @@ def test_a_thread_without_the_peers_id_names_the_patient_by_hash(sides: tuple[Si
     mine = task_of(chc, thread)["for"]
     deliver(chc, [item])
     assert chc.state(thread)[0] == "accepted" and task_of(chc, thread)["for"] == mine
+
+
+def test_an_older_store_gets_peer_patient_on_open(tmp_path: Path) -> None:
+    """Referral and consultation rows of a store made before ``peer_patient`` get the column
+    when the node opens the store (their threads name the patient by the hash)."""
+    import sqlite3
+    from contextlib import closing
+
+    from bridge.store.db import Store
+
+    dsn = f"sqlite:///{tmp_path / 'n.db'}"
+    store = Store(dsn)
+    store.create_all()
+    store.dispose()
+
+    def columns() -> list[bool]:
+        with closing(sqlite3.connect(tmp_path / "n.db")) as db:
+            return ["peer_patient" in [r[1] for r in db.execute(f"PRAGMA table_info({t})")]
+                    for t in ("referral", "consultation")]
+    with closing(sqlite3.connect(tmp_path / "n.db")) as db:
+        for table in ("referral", "consultation"):
+            db.execute(f"ALTER TABLE {table} DROP COLUMN peer_patient")
+        db.commit()
+    assert columns() == [False, False]
+    store = Store(dsn)
+    store.create_all()
+    store.dispose()
+    assert columns() == [True, True]
