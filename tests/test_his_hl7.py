@@ -254,11 +254,14 @@ def referral_row(node: Any, thread: str) -> dict[str, Any]:
 def test_referral_loop_between_two_hl7_his(env: Env) -> None:
     chc, core = env.his["chc"], env.his["core"]
     fx = env.alliance.node("fuxing")
+    # a patient of this test's own (record number, ID number, slip): the module's other tests
+    # refer theirs, in any order, and change nothing this test reads
+    mrn, id_number = "YTLOOP1", "110102195003152015"
     # the HIS's ADT feed: register, then a name/phone change the REF^I12 does not repeat
-    assert chc.adt("A04", "YT0001", name="王秀", gender="female", birth_date="1950-03-15",
-                   phone="13900000000", id_number="110102195003151234").code == "AA"
-    assert chc.adt("A08", "YT0001", name="王億英", phone="13901234567").code == "AA"
-    s = slip(patient_name="", phone="")
+    assert chc.adt("A04", mrn, name="王秀", gender="female", birth_date="1950-03-15",
+                   phone="13900000000", id_number=id_number).code == "AA"
+    assert chc.adt("A08", mrn, name="王億英", phone="13901234567").code == "AA"
+    s = slip(slip_no="YTZZ-LOOP-HL7", patient_name="", phone="", mrn=mrn, id_number=id_number)
     ack1 = chc.refer(s, control_id="YT-REF-0001")
     assert ack1.code == "AA" and ack1.control_id == "YT-REF-0001"
     # resent with the same MSH-10: the same ACK, nothing new
@@ -269,7 +272,10 @@ def test_referral_loop_between_two_hl7_his(env: Env) -> None:
     assert asdict(got[0].slip) == asdict(replace(
         s, patient_name="王億英", phone="13901234567", id_number="",
         diagnosis_code="FXZD0101", department_code="0200"))
-    assert len([r for r in fx.api("GET", "/local/v1/referrals")]) == 1
+    # one referral at the core for this slip (the module's other tests send theirs)
+    assert [r["thread"] for r in fx.api("GET", "/local/v1/referrals")
+            if (fx.api("GET", f"/fhir/ServiceRequest/{r['sr_id']}", role="clinician")
+                .get("requisition") or {}).get("value") == s.slip_no] == [thread]
     # the core hospital's HIS accepts: RRI^I12 -> accept step -> RRI^I12 into the centre's HIS
     a = AcceptanceSlip(slip_no=s.slip_no, accepted=True,
                        appointment_at="2026-11-21T10:00:00+08:00", department_code="0301",
@@ -283,7 +289,7 @@ def test_referral_loop_between_two_hl7_his(env: Env) -> None:
                     referral_id=thread, patient_class="I").code == "AA"
     wait_for(lambda: referral_row(fx, thread).get("status") == "in-progress", timeout=30,
              what="arrival")
-    r = back_slip()
+    r = back_slip(slip_no=s.slip_no)
     assert core.write_return(r, thread).code == "AA"
     ret = one(chc, "return", s.slip_no)
     want = replace(r, diagnosis_code="YTZ-01", prescriptions=[
@@ -292,7 +298,8 @@ def test_referral_loop_between_two_hl7_his(env: Env) -> None:
         replace(r.results[0], item_code="3001"), replace(r.results[1], item_code="3003"),
         replace(r.results[2], item_code="3002")])
     assert asdict(ret[0].slip) == asdict(want)
-    assert len(chc.received()) == 2 and len(core.received()) == 1
+    assert len([r for r in chc.received() if r.slip_no == s.slip_no]) == 2
+    assert len([r for r in core.received() if r.slip_no == s.slip_no]) == 1
 
 
 def quarantined(node: Any) -> list[dict[str, Any]]:

@@ -4,6 +4,7 @@ steps leave both sides in the same state; every emitted Bundle is valid FHIR R4.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -154,3 +155,132 @@ def test_every_emitted_bundle_is_valid_r4(sides: tuple[Side, Side]) -> None:
                 assert "urn:oid:2.16.156.10011.1.3" not in systems  # never the ID in clear
     assert events == ["request", "return-received", "received", "accept", "arrive", "return"]
 
+
+
+# -- one patient, two referring centres: each named its own way, nothing crosses ----------------
+
+THREE = [*MEMBERS, {"id": "gchc", "zh": "广外社区卫生服务中心", "en": "Guangwai CHC",
+                    "role": "community"}]
+THREE_RULES = [*RULES, {"from": "gchc", "to": "core", "kinds": KINDS},
+               {"from": "core", "to": "gchc", "kinds": KINDS}]
+
+
+def take_for(side: Side, recipient: str) -> list[Delivery]:
+    """The queued packets to one recipient, as its dispatcher would hand them over."""
+    with side.ctx.store.write() as conn:
+        rows = conn.execute(select(OUTBOX).where(OUTBOX.c.state == "queued",
+                                                 OUTBOX.c.recipient == recipient)
+                            .order_by(OUTBOX.c.id)).all()
+        conn.execute(update(OUTBOX).where(OUTBOX.c.id.in_([r.id for r in rows]))
+                     .values(state="acknowledged"))
+    side.emitted += [r.body for r in rows]
+    return [Delivery(r.packet_id, r.sender, r.kind, r.thread, r.seq, r.patient_hash,
+                     r.created_at, r.body) for r in rows]
+
+
+def task_of(side: Side, thread: str) -> dict[str, Any]:
+    from bridge.fhirstore import store
+
+    row = next(r for r in side.wf.list() if r["thread"] == thread)
+    with side.ctx.store.read() as conn:
+        return store.get(conn, "Task", row["task_id"])
+
+
+def test_one_patient_from_two_centres_is_named_each_centres_way(tmp_path: Path) -> None:
+    files = write_alliance(tmp_path / "a", THREE, THREE_RULES, base_port_local=33000,
+                           base_port_peer=34000)
+    chc, gchc, core = Side(files["chc"]), Side(files["gchc"]), Side(files["core"])
+    try:
+        threads, mine = {}, {}
+        for name, centre, mrn in (("chc", chc, "YT0001"), ("gchc", gchc, "GW0077")):
+            centre.wf.submit(referral("up-inpatient", "core", mrn=mrn), "test")
+            threads[name] = centre.wf.list()[0]["thread"]
+            mine[name] = task_of(centre, threads[name])["for"]["reference"]
+            deliver(core, take_for(centre, "core"))
+        # one record at the core, under an id of its own
+        ours = {task_of(core, t)["for"]["reference"] for t in threads.values()}
+        assert len(ours) == 1 and not ours & set(mine.values())
+        for t in threads.values():
+            core.wf.step(t, "accept", "test", outputs=[{"type": {"text": "bed"},
+                                                        "valueString": "12床"}])
+            core.wf.step(t, "arrive", "test")
+            row = next(r for r in core.wf.list() if r["thread"] == t)
+            core.wf.submit(return_bundle(row["sr_id"], next(iter(ours))), "test")
+        for name, centre in (("chc", chc), ("gchc", gchc)):
+            got = take_for(core, name)
+            other = "gchc" if name == "chc" else "chc"
+            for item in got:  # nothing about the other centre's referral, nor the core's id
+                for secret in (mine[other].split("/")[1], threads[other],
+                               next(iter(ours)).split("/")[1],
+                               "GW0077" if name == "chc" else "YT0001", f'/{other}"',
+                               f':{other}"'):
+                    assert secret.encode() not in item.body, (name, secret)
+                parse_and_validate_bundle(item.body)
+            deliver(centre, got)
+            assert centre.state(threads[name]) == ("completed", "return-received")
+            from bridge.fhirstore import store
+
+            with centre.ctx.store.read() as conn:
+                here = store.by_thread(conn, threads[name])
+            assert task_of(centre, threads[name])["for"]["reference"] == mine[name]
+            subjects = {(r.get("subject") or r.get("for") or {}).get("reference")
+                        for r in here if r["resourceType"] in (
+                            "Task", "ServiceRequest", "Observation", "DiagnosticReport",
+                            "Encounter", "Composition", "MedicationRequest")}
+            assert subjects == {mine[name]}
+    finally:
+        for s in (chc, gchc, core):
+            s.ctx.store.dispose()
+
+
+def test_a_thread_without_the_peers_id_names_the_patient_by_hash(sides: tuple[Side, Side]
+                                                                  ) -> None:
+    """A referral received before ``peer_patient``: its packets name the patient by the keyed
+    hash only, and the referrer maps them to its own record."""
+    from bridge.referral.tables import REFERRAL
+
+    chc, core = sides
+    thread = start(chc, core)
+    deliver(chc, core.take_outbox())
+    with core.ctx.store.write() as conn:
+        conn.execute(update(REFERRAL).where(REFERRAL.c.thread == thread)
+                     .values(peer_patient=None))
+    core.wf.step(thread, "accept", "test", outputs=[])
+    [item] = core.take_outbox()
+    sent = next(e["resource"] for e in orjson.loads(item.body)["entry"]
+                if e["resource"]["resourceType"] == "Task")
+    assert sent["for"] == {"type": "Patient", "identifier": {
+        "system": "urn:hutong:patient-hash",
+        "value": next(r for r in core.wf.list() if r["thread"] == thread)["patient_hash"]}}
+    assert b"Patient/" not in item.body
+    mine = task_of(chc, thread)["for"]
+    deliver(chc, [item])
+    assert chc.state(thread)[0] == "accepted" and task_of(chc, thread)["for"] == mine
+
+
+def test_an_older_store_gets_peer_patient_on_open(tmp_path: Path) -> None:
+    """Referral and consultation rows of a store made before ``peer_patient`` get the column
+    when the node opens the store (their threads name the patient by the hash)."""
+    import sqlite3
+    from contextlib import closing
+
+    from bridge.store.db import Store
+
+    dsn = f"sqlite:///{tmp_path / 'n.db'}"
+    store = Store(dsn)
+    store.create_all()
+    store.dispose()
+
+    def columns() -> list[bool]:
+        with closing(sqlite3.connect(tmp_path / "n.db")) as db:
+            return ["peer_patient" in [r[1] for r in db.execute(f"PRAGMA table_info({t})")]
+                    for t in ("referral", "consultation")]
+    with closing(sqlite3.connect(tmp_path / "n.db")) as db:
+        for table in ("referral", "consultation"):
+            db.execute(f"ALTER TABLE {table} DROP COLUMN peer_patient")
+        db.commit()
+    assert columns() == [False, False]
+    store = Store(dsn)
+    store.create_all()
+    store.dispose()
+    assert columns() == [True, True]

@@ -22,6 +22,8 @@ class Consultation(SQLModel, table=True):
     priority: str = Field(default="routine", max_length=8)
     patient_hash: str | None = Field(default=None, max_length=64, index=True)
     patient_match: str | None = Field(default=None, max_length=16)
+    #: the centre: the inviter's Patient reference (bridge/referral/naming.py)
+    peer_patient: str | None = Field(default=None, max_length=80)
     task_id: str = Field(max_length=64, index=True)
     sr_id: str = Field(max_length=64, index=True)
     appointment_id: str | None = Field(default=None, max_length=64)

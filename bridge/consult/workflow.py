@@ -61,10 +61,17 @@ from bridge.errors import (
 from bridge.fhirstore import store
 from bridge.local import intake
 from bridge.local.contract import ConsultEvent
+from bridge.referral import naming
 from bridge.referral import resources as R
 from bridge.referral.codes import KINDS as REFERRAL_KINDS
 from bridge.referral.codes import PLACER
-from bridge.referral.workflow import Workflow, _check_version, foreign_resource, response_of
+from bridge.referral.workflow import (
+    Workflow,
+    _check_version,
+    foreign_resource,
+    peer_patient,
+    response_of,
+)
 
 Resource = dict[str, Any]
 
@@ -511,6 +518,7 @@ class ConsultWorkflow(ConsultQueries):
         if sr is None or C.kind_of(sr) is None:
             raise InvalidResource("a consultation request carries its ServiceRequest with a "
                                   "consultation kind")
+        peer = peer_patient(carried)
         carried, match, phash = self.base._match_patient(conn, carried)
         for r in carried:
             if r["resourceType"] == "Organization" and store.exists(conn, "Organization", r["id"]):
@@ -523,6 +531,7 @@ class ConsultWorkflow(ConsultQueries):
             thread=item.thread, side=CENTRE, kind=C.kind_of(sr), inviter=item.sender,
             centre=self.me, status="requested", step="requested",
             priority=sr.get("priority", "routine"), patient_hash=phash, patient_match=match,
+            peer_patient=peer,
             task_id=task["id"], sr_id=sr["id"], created_at=now, updated_at=now, step_at=now,
             last_seq_in=item.seq))
         self._log_step(conn, item.thread, "request", "draft", "requested", item.packet_id,
@@ -564,19 +573,18 @@ class ConsultWorkflow(ConsultQueries):
                          .values(last_seq_in=item.seq))
             return
         self._peer_move(row, event, task)  # the same state machine as a local step
-        alias = self.base._patient_alias(conn, row, carried)
-        for r in carried:
-            if r["resourceType"] == "Patient" or (
-                    r["resourceType"] == "Organization"
-                    and store.exists(conn, "Organization", r["id"])):
-                continue  # our own records of the patient and of members stay as they are
+        # named our way: our own record of the patient stays as it is (naming.incoming)
+        for r in self.base._ours(conn, row, carried):
+            if r["resourceType"] == "Organization" and store.exists(conn, "Organization",
+                                                                     r["id"]):
+                continue  # our own records of members stay as they are
             if r["resourceType"] == "Task" and r.get("id") == row.task_id:
                 continue  # each side writes its own Task (below)
             if self._ours_elsewhere(conn, r, row.thread):
                 continue  # our record the report names (the study our PACS holds): ours stays
             foreign_resource(conn, r, row.thread, item.sender)
-            store.put(conn, R.rewrite_refs(r, alias), at=now, thread=row.thread,
-                      origin=item.sender, patient_hash=row.patient_hash)
+            store.put(conn, r, at=now, thread=row.thread, origin=item.sender,
+                      patient_hash=row.patient_hash)
         conn.execute(update(CONSULTATION).where(CONSULTATION.c.thread == row.thread)
                      .values(last_seq_in=item.seq))
         row = self._row(conn, row.thread)
@@ -719,17 +727,18 @@ class ConsultWorkflow(ConsultQueries):
               extra: list[Resource]) -> None:
         other = row.centre if row.side == INVITER else row.inviter
         now = self.ctx.now()
-        system = self.plan.alliance.national_id_system
-        wire = [R.for_the_wire(r, row.patient_hash, system) if r["resourceType"] == "Patient"
-                else r for r in extra]
-        if (extra or event == "request") and not any(r["resourceType"] == "Patient"
-                                                     for r in wire):
-            # the patient travels with every clinical content, so the other side can map it
-            patient = store.get(conn, "Patient", task["for"]["reference"].split("/", 1)[1])
-            wire.append(R.for_the_wire(patient, row.patient_hash, system))
+        mine = task["for"]["reference"]
+        # the patient travels with every clinical content, so the other side can map it
+        patient = store.get(conn, "Patient", mine.split("/", 1)[1]) \
+            if extra or event == "request" else None
+        # the patient as the other side knows her, never by this node's own id (naming)
+        wire = naming.outgoing(
+            naming.of_row(row, mine, opener=row.side == INVITER), [task, *extra], me=self.me,
+            peer=other, members=self.plan.directory,
+            national_id_system=self.plan.alliance.national_id_system, patient=patient)
         orgs = [R.organization(self.plan.directory[m]) for m in (row.inviter, row.centre)]
-        msg = R.message(event, sender=self.me, receiver=other, task=task,
-                        resources=[*wire, *orgs], at=now)
+        msg = R.message(event, sender=self.me, receiver=other, task=wire[0],
+                        resources=[*wire[1:], *orgs], at=now)
         msg["entry"][0]["resource"]["eventCoding"]["system"] = C.EVENT_SYSTEM
         result = queue_packets(self.ctx, conn, [Outgoing(other, C.EVENTS[event],
                                                          orjson.dumps(msg), row.thread)],

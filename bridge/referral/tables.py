@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from sqlalchemy import Connection, inspect, text
 from sqlmodel import Field, SQLModel
 
 from bridge.store.types import UTCDateTime
@@ -23,6 +24,9 @@ class Referral(SQLModel, table=True):
     pilot: str | None = Field(default=None, max_length=24)
     patient_hash: str | None = Field(default=None, max_length=64, index=True)
     patient_match: str | None = Field(default=None, max_length=16)  # matched|registered|manual
+    #: the receiver: the referrer's Patient reference, how packets to it name the patient
+    #: (bridge/referral/naming.py); None on the referrer's side and on older rows
+    peer_patient: str | None = Field(default=None, max_length=80)
     task_id: str = Field(max_length=64)
     sr_id: str = Field(max_length=64)
     based_on: str | None = Field(default=None, max_length=64)  # thread this one returns
@@ -50,3 +54,14 @@ class ReferralStep(SQLModel, table=True):
 
 REFERRAL = Referral.__table__  # type: ignore[attr-defined]
 REFERRAL_STEP = ReferralStep.__table__  # type: ignore[attr-defined]
+
+
+def upgrade_schema(conn: Connection) -> None:
+    """Stores made before ``peer_patient`` get the column on the referral and consultation
+    tables (once, on open); their threads name the patient by the hash only."""
+    found = inspect(conn)
+    for table in ("referral", "consultation"):
+        if not found.has_table(table):
+            continue
+        if "peer_patient" not in {c["name"] for c in found.get_columns(table)}:
+            conn.execute(text(f"ALTER TABLE {table} ADD COLUMN peer_patient VARCHAR(80)"))

@@ -36,6 +36,7 @@ from bridge.fhirstore import store
 from bridge.local import intake
 from bridge.local.contract import ReferralEvent, decode_bundle
 from bridge.privacy import patient_hash
+from bridge.referral import naming
 from bridge.referral import resources as R
 from bridge.referral.codes import (
     EVENTS,
@@ -327,6 +328,7 @@ class Workflow:
             return
         sr = next(r for r in carried if r["resourceType"] == "ServiceRequest"
                   and R.ref(r) == task["focus"]["reference"])
+        peer = peer_patient(carried)
         carried, match, phash = self._match_patient(conn, carried)
         _note_consultation(conn, sr, item.thread, item.sender)
         for r in carried:
@@ -340,8 +342,8 @@ class Workflow:
             thread=item.thread, side="receiver", kind=kind_of(sr) or "up-outpatient",
             referrer=item.sender, receiver=self.me, status="requested", step="requested",
             green_channel=sr.get("priority") in ("urgent", "asap", "stat"), patient_hash=phash,
-            patient_match=match, task_id=task["id"], sr_id=sr["id"], created_at=now,
-            updated_at=now, last_seq_in=item.seq))
+            patient_match=match, peer_patient=peer, task_id=task["id"], sr_id=sr["id"],
+            created_at=now, updated_at=now, last_seq_in=item.seq))
         self._log_step(conn, item.thread, "request", "draft", "requested", item.packet_id,
                        item.sender)
         row = self._row(conn, item.thread)
@@ -369,17 +371,16 @@ class Workflow:
             self._log_step(conn, row.thread, event, row.status, row.status, item.packet_id,
                            item.sender)
             return  # older than what we already applied from that side
-        alias = self._patient_alias(conn, row, carried)
-        for r in carried:
-            if r["resourceType"] == "Patient" or (
-                    r["resourceType"] == "Organization" and store.exists(conn, "Organization",
-                                                                         r["id"])):
-                continue  # our own records of the patient and of members stay as they are
+        # named our way: our own record of the patient stays as it is (naming.incoming)
+        for r in self._ours(conn, row, carried):
+            if r["resourceType"] == "Organization" and store.exists(conn, "Organization",
+                                                                     r["id"]):
+                continue  # our own records of members stay as they are
             if r["resourceType"] == "Task" and row.side == "receiver":
                 continue  # the receiver owns the Task; the referrer's copy never overwrites it
             foreign_resource(conn, r, row.thread, item.sender)
-            store.put(conn, R.rewrite_refs(r, alias), at=now, thread=row.thread,
-                      origin=item.sender, patient_hash=row.patient_hash)
+            store.put(conn, r, at=now, thread=row.thread, origin=item.sender,
+                      patient_hash=row.patient_hash)
         conn.execute(update(REFERRAL).where(REFERRAL.c.thread == row.thread)
                      .values(last_seq_in=item.seq))
         if row.side == "referrer":
@@ -492,23 +493,21 @@ class Workflow:
               extra: list[dict[str, Any]]) -> None:
         other = row.receiver if row.side == "referrer" else row.referrer
         now = self.ctx.now()
-        wire: list[dict[str, Any]] = []
-        for r in extra:
-            if r["resourceType"] == "Patient":
-                r = R.for_the_wire(r, row.patient_hash, self.plan.alliance.national_id_system)
-            wire.append(r)
-        if event in ("request", "return") and not any(r["resourceType"] == "Patient"
-                                                      for r in wire):
-            patient = store.get(conn, "Patient", task["for"]["reference"].split("/", 1)[1])
-            wire.append(R.for_the_wire(patient, row.patient_hash,
-                                       self.plan.alliance.national_id_system))
+        mine = task["for"]["reference"]
+        patient = None
+        if event in ("request", "return") or any(r["resourceType"] == "Patient" for r in extra):
+            patient = store.get(conn, "Patient", mine.split("/", 1)[1])
         orgs = [R.organization(self.plan.directory[m]) for m in (row.referrer, row.receiver)]
         # this side's own visits (host.record_encounter) stay here: not the other's to resolve
-        sent = {R.ref(r) for r in wire}
-        task = _without_local_visits(task, sent)
-        wire = [_without_local_visits(r, sent) for r in wire]
-        msg = R.message(event, sender=self.me, receiver=other, task=task,
-                        resources=[*wire, *orgs], at=now)
+        sent = {R.ref(r) for r in extra}
+        wire = [_without_local_visits(r, sent) for r in [task, *extra]]
+        # the patient as the other side knows her, never by this node's own id (naming)
+        wire = naming.outgoing(
+            naming.of_row(row, mine, opener=row.side == "referrer"), wire, me=self.me,
+            peer=other, members=self.plan.directory,
+            national_id_system=self.plan.alliance.national_id_system, patient=patient)
+        msg = R.message(event, sender=self.me, receiver=other, task=wire[0],
+                        resources=[*wire[1:], *orgs], at=now)
         result = queue_packets(self.ctx, conn, [Outgoing(other, EVENTS[event], orjson.dumps(msg),
                                                          row.thread)],
                                actor=f"node:{self.me}")[0]
@@ -591,24 +590,29 @@ class Workflow:
 
     def _match_patient(self, conn: Connection, carried: list[dict[str, Any]]
                        ) -> tuple[list[dict[str, Any]], str, str | None]:
-        """Match by keyed hash, else register the patient here, else flag for manual match."""
+        """Match by keyed hash, else register the patient here, else flag for manual match.
+
+        A patient registered here gets an id of this node's own: the sender's id is its own
+        (a core that centres refer one patient to must never name her to one centre by
+        another's id, nor by an id that once was another's). What is returned names this
+        node's record everywhere (naming.incoming)."""
         patient = next((r for r in carried if r["resourceType"] == "Patient"), None)
         if patient is None:
             return carried, "manual", None
         phash = R.hash_of(patient)
         local = store.find_patient_by_hash(conn, phash) if phash else None
-        if local is None:
-            return carried, "registered" if phash else "manual", phash
-        alias = {R.ref(patient): R.ref(local)}
-        rest = [R.rewrite_refs(r, alias) for r in carried if r is not patient]
-        return rest, "matched", phash
+        if local is not None:
+            return naming.incoming(R.ref(local), phash, carried), "matched", phash
+        fresh = {**patient, "id": str(uuid.uuid4())}
+        rest = naming.incoming(R.ref(fresh), phash, carried)
+        return [fresh, *rest], "registered" if phash else "manual", phash
 
-    def _patient_alias(self, conn: Connection, row: Any,
-                       carried: list[dict[str, Any]]) -> dict[str, str]:
-        task = store.get(conn, "Task", row.task_id)
-        mine = task["for"]["reference"]
-        return {R.ref(r): mine for r in carried if r["resourceType"] == "Patient"
-                and R.ref(r) != mine}
+    def _ours(self, conn: Connection, row: Any,
+              carried: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """What a step of the other side carries, naming this side's record of the patient
+        (Patient resources left out: ours stays as it is)."""
+        mine = store.get(conn, "Task", row.task_id)["for"]["reference"]
+        return naming.incoming(mine, row.patient_hash, carried)
 
     def _row(self, conn: Connection, thread: str) -> Any:
         row = conn.execute(select(REFERRAL).where(REFERRAL.c.thread == thread)).first()
@@ -665,6 +669,11 @@ class Workflow:
             stmt = stmt.where(REFERRAL.c.status == status)
         with self.ctx.store.read() as conn:
             return [dict(r._mapping) for r in conn.execute(stmt)]
+
+
+def peer_patient(carried: list[dict[str, Any]]) -> str | None:
+    """The sender's Patient reference in a request: how packets back name the patient."""
+    return naming.peer_ref(carried)
 
 
 def _without_local_visits(r: dict[str, Any], sent: set[str]) -> dict[str, Any]:

@@ -4,7 +4,8 @@ Runs as the dispatcher hook for ``result.*`` kinds, before the packet is handed 
 handler (the HIS adapter, or the spool), so by the time the HIS gets the Bundle the results are
 also readable through the local FHIR API. Idempotent by packet id. The sender's Patient is
 replaced by this side's own record of the patient: the referral's patient when the packet is on
-a referral thread known here, else the patient with the same keyed hash, else the sender's
+a referral thread known here, else the patient with the same keyed hash (every Patient
+reference and hash-only subject mapped to it, bridge/referral/naming.py), else the sender's
 Patient is registered (with the hash, never an ID number: none travels).
 """
 
@@ -20,6 +21,7 @@ from bridge.delivery.handlers import Delivery
 from bridge.errors import InvalidResource, NotFound, NotThreadParty
 from bridge.fhirstore import store
 from bridge.local.contract import ResultEvent, decode_bundle
+from bridge.referral import naming
 from bridge.referral import resources as R
 from bridge.referral.tables import REFERRAL
 from bridge.referral.workflow import foreign_resource, thread_view
@@ -63,26 +65,24 @@ class ResultsInbox:
                 raise NotThreadParty(f"result on referral thread {row.thread} from "
                                      f"'{item.sender}', which is not a party of that referral")
             phash = row.patient_hash if row is not None else item.patient_hash
-            theirs = next((r for r in resources if r.get("resourceType") == "Patient"), None)
             mine: str | None = None
             if row is not None:
                 mine = store.get(conn, "Task", row.task_id)["for"]["reference"]
             elif phash:
                 local = store.find_patient_by_hash(conn, phash)
                 mine = R.ref(local) if local else None
-            alias = {R.ref(theirs): mine} if theirs is not None and mine else {}
+            if mine:  # named our way; our own record of the patient stays as it is (naming)
+                resources = naming.incoming(mine, phash, resources)
             thread = row.thread if row is not None else None
             items: list[tuple[dict[str, Any], str | None, str | None]] = []
             for r in resources:
-                if r is theirs and mine:
-                    continue  # our own record of the patient stays as it is
                 if r.get("resourceType") == "Organization":
                     if _others(conn, r, item.sender):
                         continue  # another member's (or our own) record of an organisation
                     items.append((r, None, None))
                 else:
                     foreign_resource(conn, r, item.thread, item.sender)
-                    items.append((R.rewrite_refs(r, alias), thread, phash))
+                    items.append((r, thread, phash))
             # one statement per table for the packet's resources (bench/README.md, lis.py)
             store.put_many(conn, items, at=now, origin=item.sender)
             count = len(items)

@@ -26,6 +26,7 @@ from bridge.context import NodeContext
 from bridge.delivery.queue import Outgoing, queue_packets
 from bridge.fhirstore import store
 from bridge.local import intake
+from bridge.referral import naming
 from bridge.referral import resources as R
 from bridge.referral.tables import REFERRAL
 from bridge.results.tables import RESULT_MESSAGE
@@ -75,17 +76,26 @@ def store_and_route(ctx: NodeContext, conn: Connection, bundle: dict[str, Any], 
     routed: list[dict[str, Any]] = []
     refused: list[dict[str, Any]] = []
     if referrals and patient is not None:
-        wire = [R.for_the_wire(patient, patient_hash, ctx.plan.alliance.national_id_system)]
-        wire += [_strip_meta(r) for r in stored if r["resourceType"] != "Patient"]
-        body = orjson.dumps({"resourceType": "Bundle", "type": "collection",
-                             "entry": [{"fullUrl": f"urn:uuid:{r['id']}", "resource": r}
-                                       for r in wire]})
-        targets = []
+        results = [_strip_meta(r) for r in stored if r["resourceType"] != "Patient"]
+        targets: list[tuple[str, str]] = []
+        bodies: list[bytes] = []
         for row in referrals:
             other = row.receiver if row.side == "referrer" else row.referrer
-            if (other, row.thread) not in targets:
-                targets.append((other, row.thread))
-        queued = queue_packets(ctx, conn, [Outgoing(to, kind, body, th) for to, th in targets],
+            if (other, row.thread) in targets:
+                continue
+            targets.append((other, row.thread))
+            # one body per thread: each names the patient the way that thread's other side
+            # knows her, and nothing another member told this node about her (naming)
+            mine = store.get(conn, "Task", row.task_id)["for"]["reference"]
+            wire = naming.outgoing(
+                naming.of_row(row, mine, opener=row.side == "referrer"), results,
+                me=ctx.node_id, peer=other, members=ctx.plan.directory,
+                national_id_system=ctx.plan.alliance.national_id_system, patient=patient)
+            bodies.append(orjson.dumps({"resourceType": "Bundle", "type": "collection",
+                                        "entry": [{"fullUrl": f"urn:uuid:{r['id']}",
+                                                   "resource": r} for r in wire]}))
+        queued = queue_packets(ctx, conn, [Outgoing(to, kind, body, th) for (to, th), body
+                                           in zip(targets, bodies, strict=True)],
                                actor=f"adapter:{adapter}")
         for (to, th), q in zip(targets, queued, strict=True):
             if q.error is None:

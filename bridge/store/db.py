@@ -137,10 +137,12 @@ class Store:
             from bridge.fhirstore.schema import upgrade_history
 
             upgrade_history(self)
+            from bridge.referral.tables import upgrade_schema as upgrade_threads
             from bridge.store.quarantine import upgrade_schema
 
             with self._writer.begin() as conn:
                 upgrade_schema(conn)
+                upgrade_threads(conn)
             with self._writer.begin() as conn:  # stores made before the audit's actor index
                 conn.execute(text("CREATE INDEX IF NOT EXISTS ix_audit_actor ON audit (actor)"))
                 # ... and before the outbox's and inbox's newer indexes (the receipts a
