@@ -524,7 +524,7 @@ def test_the_instance_store_refuses_symlinks_out_and_non_uids(tmp_path: Path) ->
     task = fetch.request_task("t-1", STUDY, "chc", "core", "2026-11-20T10:00:00+08:00")
     task["input"][0]["valueOid"] = "urn:oid:../../../etc"
     with pytest.raises(UnsafePath):
-        fetch.parse_request(orjson.dumps(fetch.request_bundle(task, None)))
+        fetch.parse_request(fetch.request_bundle(task, None))
     # a good one still lands where it belongs
     fine = "1.2.826.0.1.3680043.8.498.7005"
     path = store.write(fine, fine + ".1", fine + ".1.1", data)
