@@ -71,9 +71,14 @@ class BaseAdapter:
         self.last_error_at = now().isoformat()
 
     def status(self) -> dict[str, Any]:
-        return {"name": self.name, "type": type(self).__name__, "last_ok_at": self.last_ok_at,
-                "last_error": self.last_error, "last_error_at": self.last_error_at,
-                "counters": dict(self.counters)}
+        return {
+            "name": self.name,
+            "type": type(self).__name__,
+            "last_ok_at": self.last_ok_at,
+            "last_error": self.last_error,
+            "last_error_at": self.last_error_at,
+            "counters": dict(self.counters),
+        }
 
     def stop(self) -> None:
         pass

@@ -146,9 +146,15 @@ def _split(text: str) -> list[str]:
     return [p for p in re.split(r"[;,；，\s]+", text or "") if p]
 
 
-def consult_bundle(slip: ConsultSlip, maps: Any, me: str, *,
-                   national_id_system: str = NATIONAL_ID_SYSTEM,
-                   study: Resource | None = None, gaps: list[Any] | None = None) -> Resource:
+def consult_bundle(
+    slip: ConsultSlip,
+    maps: Any,
+    me: str,
+    *,
+    national_id_system: str = NATIONAL_ID_SYSTEM,
+    study: Resource | None = None,
+    gaps: list[Any] | None = None,
+) -> Resource:
     """The transaction Bundle for ``host.submit_consultation``. Raises
     :class:`~adapters.slips_fhir.SlipError` naming the slip field. ``study``: the ImagingStudy
     of ``study_uid`` stored here (the PACS adapter's): the request names it (the workflow sends
@@ -157,8 +163,9 @@ def consult_bundle(slip: ConsultSlip, maps: Any, me: str, *,
     codes = Codes(maps, me, gaps)
     slip_no = _need("slip_no", slip.slip_no)
     if slip.kind not in C.KINDS:
-        raise BadValue("kind", f"consultation kind {slip.kind!r} is not one of "
-                               f"{', '.join(C.KINDS)}")
+        raise BadValue(
+            "kind", f"consultation kind {slip.kind!r} is not one of {', '.join(C.KINDS)}"
+        )
     centre = _need("to_member", slip.to_member)
     name = _need("patient_name", slip.patient_name)
     if slip.gender not in GENDERS:
@@ -171,72 +178,124 @@ def consult_bundle(slip: ConsultSlip, maps: Any, me: str, *,
     written = _datetime("written_at", slip.written_at)
     uid = slip.study_uid.strip()
     if slip.kind == "imaging-reading" and not uid:
-        raise MissingField("study_uid", "an imaging reading names the study to read "
-                                        "(Study Instance UID)")
+        raise MissingField(
+            "study_uid", "an imaging reading names the study to read (Study Instance UID)"
+        )
     if uid and not re.fullmatch(r"[0-9]+(\.[0-9]+)*", uid):
         raise BadValue("study_uid", "'study_uid' is not a DICOM UID (digits and dots)")
-    diagnosis = codes.concept("diagnosis", _need("diagnosis_code", slip.diagnosis_code),
-                              slip.diagnosis_name.strip(), field="diagnosis_code",
-                              strict=STRICT)
+    diagnosis = codes.concept(
+        "diagnosis",
+        _need("diagnosis_code", slip.diagnosis_code),
+        slip.diagnosis_name.strip(),
+        field="diagnosis_code",
+        strict=STRICT,
+    )
     p, doc, sr, comp = _u(), _u(), _u(), _u()
     idents = [{"system": national_id_system, "value": id_number}]
     if slip.mrn.strip():
         idents.append({"system": MRN_SYSTEM.format(member=me), "value": slip.mrn.strip()})
-    patient: Resource = {"resourceType": "Patient", "identifier": idents,
-                         "name": [{"text": name}], "gender": slip.gender, "birthDate": birth}
+    patient: Resource = {
+        "resourceType": "Patient",
+        "identifier": idents,
+        "name": [{"text": name}],
+        "gender": slip.gender,
+        "birthDate": birth,
+    }
     if slip.phone.strip():
         patient["telecom"] = [{"system": "phone", "value": slip.phone.strip(), "use": "mobile"}]
-    doctor: Resource = {"resourceType": "Practitioner",
-                        "name": [{"text": slip.doctor.strip() or "未署名"}]}
+    doctor: Resource = {
+        "resourceType": "Practitioner",
+        "name": [{"text": slip.doctor.strip() or "未署名"}],
+    }
     notes = [{"text": question}]
     if slip.reason.strip():
         notes.append({"text": f"会诊目的：{slip.reason.strip()}"})
     request: Resource = {
-        "resourceType": "ServiceRequest", "status": "active", "intent": "order",
-        "identifier": [{"type": {"coding": [{"system": PLACER, "code": "PLAC"}]},
-                        "system": CONSULT_SLIP_SYSTEM.format(member=me), "value": slip_no}],
+        "resourceType": "ServiceRequest",
+        "status": "active",
+        "intent": "order",
+        "identifier": [
+            {
+                "type": {"coding": [{"system": PLACER, "code": "PLAC"}]},
+                "system": CONSULT_SLIP_SYSTEM.format(member=me),
+                "value": slip_no,
+            }
+        ],
         "category": [{"coding": [C.CATEGORY]}],
         "priority": "urgent" if slip.urgent else "routine",
-        "code": C.kind_codeable(slip.kind), "subject": {"reference": p},
-        "authoredOn": written, "requester": {"reference": doc},
+        "code": C.kind_codeable(slip.kind),
+        "subject": {"reference": p},
+        "authoredOn": written,
+        "requester": {"reference": doc},
         "performer": [{"reference": f"Organization/{centre}"}],
-        "reasonCode": [diagnosis], "note": notes, "supportingInfo": [],
+        "reasonCode": [diagnosis],
+        "note": notes,
+        "supportingInfo": [],
     }
-    specialties = [codes.concept("department", code, field="specialties")
-                   for code in _split(slip.specialties)]
+    specialties = [
+        codes.concept("department", code, field="specialties") for code in _split(slip.specialties)
+    ]
     if specialties:
         request["orderDetail"] = specialties
     codes.mark(request)
     composition: Resource = {
-        "resourceType": "Composition", "status": "final",
-        "type": {"coding": [{"system": LOINC, "code": SUMMARY_NOTE[0],
-                             "display": SUMMARY_NOTE[1]}], "text": "会诊病历摘要"},
-        "subject": {"reference": p}, "date": written, "author": [{"reference": doc}],
+        "resourceType": "Composition",
+        "status": "final",
+        "type": {
+            "coding": [{"system": LOINC, "code": SUMMARY_NOTE[0], "display": SUMMARY_NOTE[1]}],
+            "text": "会诊病历摘要",
+        },
+        "subject": {"reference": p},
+        "date": written,
+        "author": [{"reference": doc}],
         "title": "会诊病历摘要",
-        "section": [{"title": "病历摘要", "text": _div(slip.summary.strip() or "无")}]}
-    resources: list[tuple[str, Resource]] = [(p, patient), (doc, doctor), (sr, request),
-                                             (comp, composition)]
+        "section": [{"title": "病历摘要", "text": _div(slip.summary.strip() or "无")}],
+    }
+    resources: list[tuple[str, Resource]] = [
+        (p, patient),
+        (doc, doctor),
+        (sr, request),
+        (comp, composition),
+    ]
     if slip.consent_by.strip():
         consent: Resource = {
-            "resourceType": "Consent", "status": "active",
-            "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope",
-                                  "code": "treatment"}]},
-            "category": [{"coding": [{"system": LOINC, "code": "59284-0",
-                                      "display": "Patient Consent"}]}],
-            "patient": {"reference": p}, "dateTime": written,
+            "resourceType": "Consent",
+            "status": "active",
+            "scope": {
+                "coding": [
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/consentscope",
+                        "code": "treatment",
+                    }
+                ]
+            },
+            "category": [
+                {"coding": [{"system": LOINC, "code": "59284-0", "display": "Patient Consent"}]}
+            ],
+            "patient": {"reference": p},
+            "dateTime": written,
             "performer": [{"display": slip.consent_by.strip()}],
-            "policyRule": {"text": f"远程会诊知情同意书：{slip.consent_by.strip()}签署"}}
+            "policyRule": {"text": f"远程会诊知情同意书：{slip.consent_by.strip()}签署"},
+        }
         if slip.consent_doc.strip():
-            consent["identifier"] = [{"system": CONSENT_DOC_SYSTEM.format(member=me),
-                                      "value": slip.consent_doc.strip()}]
+            consent["identifier"] = [
+                {"system": CONSENT_DOC_SYSTEM.format(member=me), "value": slip.consent_doc.strip()}
+            ]
         resources.append((_u(), consent))
     if uid and study is not None:
         request["supportingInfo"].append({"reference": f"ImagingStudy/{study['id']}"})
     elif uid:
-        resources.append((_u(), {
-            "resourceType": "ImagingStudy", "status": "available",
-            "identifier": [{"system": DICOM_UID, "value": f"urn:oid:{uid}"}],
-            "subject": {"reference": p}}))
+        resources.append(
+            (
+                _u(),
+                {
+                    "resourceType": "ImagingStudy",
+                    "status": "available",
+                    "identifier": [{"system": DICOM_UID, "value": f"urn:oid:{uid}"}],
+                    "subject": {"reference": p},
+                },
+            )
+        )
     for rid in _split(slip.shared_results):
         request["supportingInfo"].append({"reference": f"DiagnosticReport/{rid}"})
     if not request["supportingInfo"]:
@@ -250,20 +309,37 @@ def resubmit_bundle(slip: ResubmitSlip, patient_ref: str) -> Resource:
     written = _datetime("written_at", slip.written_at)
     title = slip.title.strip() or "补充资料"
     doc: Resource = {
-        "resourceType": "DocumentReference", "status": "current",
-        "type": {"coding": [{"system": LOINC, "code": RECORDS_NOTE[0],
-                             "display": RECORDS_NOTE[1]}], "text": title},
-        "subject": {"reference": patient_ref}, "date": written, "description": title,
-        "content": [{"attachment": {"contentType": "text/plain", "language": "zh-CN",
-                                    "title": title,
-                                    "data": base64.b64encode(text.encode()).decode()}}]}
+        "resourceType": "DocumentReference",
+        "status": "current",
+        "type": {
+            "coding": [{"system": LOINC, "code": RECORDS_NOTE[0], "display": RECORDS_NOTE[1]}],
+            "text": title,
+        },
+        "subject": {"reference": patient_ref},
+        "date": written,
+        "description": title,
+        "content": [
+            {
+                "attachment": {
+                    "contentType": "text/plain",
+                    "language": "zh-CN",
+                    "title": title,
+                    "data": base64.b64encode(text.encode()).decode(),
+                }
+            }
+        ],
+    }
     if slip.doctor.strip():
         doc["author"] = [{"display": slip.doctor.strip()}]
-    return {"resourceType": "Bundle", "type": "collection",
-            "entry": [{"fullUrl": _u(), "resource": doc}]}
+    return {
+        "resourceType": "Bundle",
+        "type": "collection",
+        "entry": [{"fullUrl": _u(), "resource": doc}],
+    }
 
 
 # -- what comes back ---------------------------------------------------------------------------
+
 
 def slip_no_of(sr: Resource) -> str:
     """The inviting HIS's consultation number (PLAC identifier) of a consultation request."""
@@ -285,13 +361,17 @@ def request_of(view: dict[str, Any]) -> Resource:
 def _expert_names(appt: Resource, refs: dict[str, Resource]) -> str:
     out = []
     for part in appt.get("participant") or []:
-        if not any(c.get("code") == C.EXPERT_ROLE for t in part.get("type") or []
-                   for c in t.get("coding") or []):
+        if not any(
+            c.get("code") == C.EXPERT_ROLE
+            for t in part.get("type") or []
+            for c in t.get("coding") or []
+        ):
             continue
         role = refs.get((part.get("actor") or {}).get("reference", ""), {})
         doc = refs.get((role.get("practitioner") or {}).get("reference", ""), {})
         who = ((doc.get("name") or [{}])[0]).get("text") or (part.get("actor") or {}).get(
-            "display", "")
+            "display", ""
+        )
         dept = next((s.get("text", "") for s in role.get("specialty") or []), "")
         out.append(f"{who}({dept})" if dept else str(who))
     return ";".join(out)
@@ -303,25 +383,41 @@ def status_of(event: str, view: dict[str, Any], task: Resource) -> ConsultStatus
     refs = _refs(view["resources"])
     move = MOVES.get(event)
     step = (move.target if move is not None else None) or row["step"]
-    out = ConsultStatus(slip_no=slip_no_of(request_of(view)), event=event, step=step,
-                        status=C.STEP_STATUS.get(step, row["status"]),
-                        reason=str((task.get("statusReason") or {}).get("text") or ""),
-                        at=str(task.get("lastModified") or ""))
+    out = ConsultStatus(
+        slip_no=slip_no_of(request_of(view)),
+        event=event,
+        step=step,
+        status=C.STEP_STATUS.get(step, row["status"]),
+        reason=str((task.get("statusReason") or {}).get("text") or ""),
+        at=str(task.get("lastModified") or ""),
+    )
     if event in ("schedule", "start") and row.get("appointment_id"):
         appt = refs.get(f"Appointment/{row['appointment_id']}", {})
         out.start, out.end = str(appt.get("start", "")), str(appt.get("end", ""))
         out.experts = _expert_names(appt, refs)
-        out.video_link = next((str(e.get("valueUrl", "")) for e in appt.get("extension") or []
-                               if e.get("url") == C.VIDEO_EXTENSION), "")
+        out.video_link = next(
+            (
+                str(e.get("valueUrl", ""))
+                for e in appt.get("extension") or []
+                if e.get("url") == C.VIDEO_EXTENSION
+            ),
+            "",
+        )
     if event not in ("return", "cancelled", "cancel-refused"):
         out.reason = ""
     return out
 
 
 def _section(comp: Resource, code: str, title: str) -> Resource:
-    return next((s for s in comp.get("section") or []
-                 if any(c.get("code") == code for c in (s.get("code") or {}).get("coding") or [])
-                 or s.get("title") == title), {})
+    return next(
+        (
+            s
+            for s in comp.get("section") or []
+            if any(c.get("code") == code for c in (s.get("code") or {}).get("coding") or [])
+            or s.get("title") == title
+        ),
+        {},
+    )
 
 
 def reports_of(view: dict[str, Any], codes: Codes, host: Any = None) -> list[ConsultReport]:
@@ -332,12 +428,15 @@ def reports_of(view: dict[str, Any], codes: Codes, host: Any = None) -> list[Con
     refs = _refs(view["resources"])
     if host is not None:
         for r in list(refs.values()):
-            for s in r.get("imagingStudy") or [] if r["resourceType"] == "DiagnosticReport" \
-                    else []:
+            for s in r.get("imagingStudy") or [] if r["resourceType"] == "DiagnosticReport" else []:
                 ref = str(s.get("reference", ""))
                 rtype, _, rid = ref.partition("/")
-                if ref not in refs and rtype == "ImagingStudy" and rid \
-                        and host.resource_info(rtype, rid) is not None:
+                if (
+                    ref not in refs
+                    and rtype == "ImagingStudy"
+                    and rid
+                    and host.resource_info(rtype, rid) is not None
+                ):
                     refs[ref] = host.resource(rtype, rid)
     slip_no = slip_no_of(request_of(view))
     report = [refs[r] for r in (row.get("report_refs") or "").split() if r in refs]
@@ -346,36 +445,74 @@ def reports_of(view: dict[str, Any], codes: Codes, host: Any = None) -> list[Con
     for r in report:
         if r["resourceType"] == "Composition":
             dx = _section(r, "29548-5", "会诊诊断")
-            cond = next((refs[e["reference"]] for e in dx.get("entry") or []
-                         if e.get("reference") in refs), {})
+            cond = next(
+                (refs[e["reference"]] for e in dx.get("entry") or [] if e.get("reference") in refs),
+                {},
+            )
             code, name = codes.local("diagnosis", cond.get("code")) if cond else ("", "")
-            out.append(ConsultReport(
-                slip_no=slip_no, report_id=str(r["id"]), kind=row["kind"],
-                status=str(r.get("status", "")), diagnosis_code=code, diagnosis_name=name,
-                diagnosis_text=_undiv(dx.get("text")),
-                advice=_undiv(_section(r, "18776-5", "诊疗建议").get("text")),
-                referral_recommended=rec is not None,
-                referral_to=((rec or {}).get("performer") or [{}])[0].get(
-                    "reference", "").removeprefix("Organization/"),
-                referral_note=" ".join(n.get("text", "") for n in (rec or {}).get("note") or []),
-                author=((r.get("author") or [{}])[0]).get("display", ""),
-                issued_at=str(r.get("date", ""))))
+            out.append(
+                ConsultReport(
+                    slip_no=slip_no,
+                    report_id=str(r["id"]),
+                    kind=row["kind"],
+                    status=str(r.get("status", "")),
+                    diagnosis_code=code,
+                    diagnosis_name=name,
+                    diagnosis_text=_undiv(dx.get("text")),
+                    advice=_undiv(_section(r, "18776-5", "诊疗建议").get("text")),
+                    referral_recommended=rec is not None,
+                    referral_to=((rec or {}).get("performer") or [{}])[0]
+                    .get("reference", "")
+                    .removeprefix("Organization/"),
+                    referral_note=" ".join(
+                        n.get("text", "") for n in (rec or {}).get("note") or []
+                    ),
+                    author=((r.get("author") or [{}])[0]).get("display", ""),
+                    issued_at=str(r.get("date", "")),
+                )
+            )
         elif r["resourceType"] == "DiagnosticReport":
             uid = ""
             for s in r.get("imagingStudy") or []:
                 study = refs.get(s.get("reference", ""), {})
-                uid = next((str(i["value"]).removeprefix("urn:oid:")
+                uid = (
+                    next(
+                        (
+                            str(i["value"]).removeprefix("urn:oid:")
                             for i in study.get("identifier") or []
-                            if i.get("system") == DICOM_UID and i.get("value")), "") or uid
-            pdf = next((base64.b64decode(f["data"]) for f in r.get("presentedForm") or []
-                        if f.get("contentType") == "application/pdf" and f.get("data")), b"")
-            out.append(ConsultReport(
-                slip_no=slip_no, report_id=str(r["id"]), kind=row["kind"],
-                status=str(r.get("status", "")), conclusion=str(r.get("conclusion", "")),
-                study_uid=uid, pdf=pdf,
-                author=next((str(p.get("display", "")) for p in r.get("resultsInterpreter")
-                             or r.get("performer") or []), ""),
-                issued_at=str(r.get("issued") or r.get("effectiveDateTime") or "")))
+                            if i.get("system") == DICOM_UID and i.get("value")
+                        ),
+                        "",
+                    )
+                    or uid
+                )
+            pdf = next(
+                (
+                    base64.b64decode(f["data"])
+                    for f in r.get("presentedForm") or []
+                    if f.get("contentType") == "application/pdf" and f.get("data")
+                ),
+                b"",
+            )
+            out.append(
+                ConsultReport(
+                    slip_no=slip_no,
+                    report_id=str(r["id"]),
+                    kind=row["kind"],
+                    status=str(r.get("status", "")),
+                    conclusion=str(r.get("conclusion", "")),
+                    study_uid=uid,
+                    pdf=pdf,
+                    author=next(
+                        (
+                            str(p.get("display", ""))
+                            for p in r.get("resultsInterpreter") or r.get("performer") or []
+                        ),
+                        "",
+                    ),
+                    issued_at=str(r.get("issued") or r.get("effectiveDateTime") or ""),
+                )
+            )
     return out
 
 
@@ -383,9 +520,19 @@ def imaging_bundle(view: dict[str, Any]) -> Resource:
     """The thread's released imaging-reading report with its study, as a Bundle the shared
     imaging reader (:func:`adapters.imaging.imaging_reports_from_bundle`) takes."""
     refs = _refs(view["resources"])
-    report = [refs[r] for r in (view["consultation"].get("report_refs") or "").split()
-              if r in refs and r.startswith("DiagnosticReport/")]
-    studies = [refs[s["reference"]] for r in report for s in r.get("imagingStudy") or []
-               if s.get("reference") in refs]
-    return {"resourceType": "Bundle", "type": "collection",
-            "entry": [{"resource": r} for r in [*report, *studies]]}
+    report = [
+        refs[r]
+        for r in (view["consultation"].get("report_refs") or "").split()
+        if r in refs and r.startswith("DiagnosticReport/")
+    ]
+    studies = [
+        refs[s["reference"]]
+        for r in report
+        for s in r.get("imagingStudy") or []
+        if s.get("reference") in refs
+    ]
+    return {
+        "resourceType": "Bundle",
+        "type": "collection",
+        "entry": [{"resource": r} for r in [*report, *studies]],
+    }

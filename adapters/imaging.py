@@ -59,8 +59,9 @@ class ImagingReport:
 
 def _form(dr: Resource, content_type: str) -> Resource | None:
     for form in dr.get("presentedForm") or []:
-        if str(form.get("contentType", "")).split(";")[0].strip().lower() == content_type \
-                and form.get("data"):
+        if str(form.get("contentType", "")).split(";")[
+            0
+        ].strip().lower() == content_type and form.get("data"):
             return dict(form)
     return None
 
@@ -85,8 +86,9 @@ def _doctor(dr: Resource, by_ref: dict[str, Resource]) -> str:
         found = by_ref.get(str(who.get("reference", "")), {})
         if found.get("resourceType") == "Practitioner":
             name = (found.get("name") or [{}])[0]
-            return str(name.get("text") or "".join([name.get("family", ""),
-                                                    *name.get("given", [])]))
+            return str(
+                name.get("text") or "".join([name.get("family", ""), *name.get("given", [])])
+            )
     return ""
 
 
@@ -113,21 +115,28 @@ def with_local_studies(bundle: Resource, host: Any) -> Resource:
     the study's modality, body site and time as for any other report. ``host``: the adapter's
     :class:`~bridge.local.host.AdapterHost` (read only)."""
     entries = list(bundle.get("entry") or [])
-    have = {f"{(e.get('resource') or {}).get('resourceType')}/"
-            f"{(e.get('resource') or {}).get('id')}" for e in entries}
+    have = {
+        f"{(e.get('resource') or {}).get('resourceType')}/{(e.get('resource') or {}).get('id')}"
+        for e in entries
+    }
     for e in list(entries):
         dr = e.get("resource") or {}
         if dr.get("resourceType") != "DiagnosticReport":
             continue
         for ref in dr.get("imagingStudy") or []:
             rtype, _, rid = str(ref.get("reference", "")).partition("/")
-            if rtype != "ImagingStudy" or not rid or f"{rtype}/{rid}" in have \
-                    or host.resource_info(rtype, rid) is None:
+            if (
+                rtype != "ImagingStudy"
+                or not rid
+                or f"{rtype}/{rid}" in have
+                or host.resource_info(rtype, rid) is None
+            ):
                 continue
             entries.append({"fullUrl": f"urn:uuid:{rid}", "resource": host.resource(rtype, rid)})
             have.add(f"{rtype}/{rid}")
-    return {**bundle, "entry": entries} if len(entries) != len(bundle.get("entry") or []) \
-        else bundle
+    return (
+        {**bundle, "entry": entries} if len(entries) != len(bundle.get("entry") or []) else bundle
+    )
 
 
 def _accession(dr: Resource) -> str:
@@ -142,38 +151,77 @@ def _unique(values: list[str]) -> str:
     return "/".join(dict.fromkeys(v for v in values if v))
 
 
-def imaging_reports_from_bundle(bundle: Resource, codes: Codes, *, slip_no: str, sender: str,
-                                patient_id: str) -> list[ImagingReport]:
+def imaging_reports_from_bundle(
+    bundle: Resource, codes: Codes, *, slip_no: str, sender: str, patient_id: str
+) -> list[ImagingReport]:
     """The imaging reports of a ``result.imaging`` Bundle, each with its ImagingStudy."""
     resources = [e.get("resource") or {} for e in bundle.get("entry") or []]
     by_ref = {f"{r.get('resourceType')}/{r.get('id')}": r for r in resources if r.get("id")}
     out = []
     for dr in (r for r in resources if r.get("resourceType") == "DiagnosticReport"):
-        study = next((by_ref[s["reference"]] for s in dr.get("imagingStudy") or []
-                      if s.get("reference") in by_ref), {})
+        study = next(
+            (
+                by_ref[s["reference"]]
+                for s in dr.get("imagingStudy") or []
+                if s.get("reference") in by_ref
+            ),
+            {},
+        )
         before = len(codes.gaps)
         code, name = codes.local("exam", dr.get("code"))
-        system = next((str(c.get("system", "")) for c in (dr.get("code") or {}).get("coding")
-                       or [] if c.get("code") == code), "")
+        system = next(
+            (
+                str(c.get("system", ""))
+                for c in (dr.get("code") or {}).get("coding") or []
+                if c.get("code") == code
+            ),
+            "",
+        )
         # the reader's own code: no gap met, and a map said so (no maps at all: only a code
         # already in the reader's own system)
         translated = len(codes.gaps) == before and (
-            codes.maps is not None or system == codes.source_system("exam"))
+            codes.maps is not None or system == codes.source_system("exam")
+        )
         if translated:
             system = codes.source_system("exam")
         pdf = _form(dr, "application/pdf")
-        out.append(ImagingReport(
-            report_id=str(dr["id"]), slip_no=slip_no, from_member=sender,
-            patient_id=patient_id, exam_code=code, exam_code_system=system, exam_name=name,
-            modality=_unique([str(m.get("code", "")) for m in study.get("modality") or []
-                              if m.get("code") not in NON_IMAGE_MODALITIES]),
-            body_site=_unique([str(s.get("bodySite", {}).get("display")
-                                   or s.get("bodySite", {}).get("code") or "")
-                               for s in study.get("series") or []]),
-            study_uid=study_uid_of(study) or referenced_uid(dr), status=str(dr.get("status", "")),
-            exam_at=str(study.get("started") or dr.get("effectiveDateTime") or ""),
-            issued_at=str(dr.get("issued", "")), findings=_text_form(dr),
-            conclusion=str(dr.get("conclusion", "")), doctor=_doctor(dr, by_ref),
-            accession=_accession(dr), translated=translated, pdf=_decoded(pdf),
-            pdf_title=str((pdf or {}).get("title") or "")))
+        out.append(
+            ImagingReport(
+                report_id=str(dr["id"]),
+                slip_no=slip_no,
+                from_member=sender,
+                patient_id=patient_id,
+                exam_code=code,
+                exam_code_system=system,
+                exam_name=name,
+                modality=_unique(
+                    [
+                        str(m.get("code", ""))
+                        for m in study.get("modality") or []
+                        if m.get("code") not in NON_IMAGE_MODALITIES
+                    ]
+                ),
+                body_site=_unique(
+                    [
+                        str(
+                            s.get("bodySite", {}).get("display")
+                            or s.get("bodySite", {}).get("code")
+                            or ""
+                        )
+                        for s in study.get("series") or []
+                    ]
+                ),
+                study_uid=study_uid_of(study) or referenced_uid(dr),
+                status=str(dr.get("status", "")),
+                exam_at=str(study.get("started") or dr.get("effectiveDateTime") or ""),
+                issued_at=str(dr.get("issued", "")),
+                findings=_text_form(dr),
+                conclusion=str(dr.get("conclusion", "")),
+                doctor=_doctor(dr, by_ref),
+                accession=_accession(dr),
+                translated=translated,
+                pdf=_decoded(pdf),
+                pdf_title=str((pdf or {}).get("title") or ""),
+            )
+        )
     return out

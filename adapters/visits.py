@@ -58,17 +58,30 @@ from bridge.privacy import NATIONAL_ID_SYSTEM
 
 Resource = dict[str, Any]
 
-EVENTS = ("admit", "register", "transfer", "discharge", "update", "cancel-admit",
-          "cancel-transfer", "cancel-discharge")
+EVENTS = (
+    "admit",
+    "register",
+    "transfer",
+    "discharge",
+    "update",
+    "cancel-admit",
+    "cancel-transfer",
+    "cancel-discharge",
+)
 #: visit class -> HL7 v2 table 0004 patient class (bridge.local.encounters maps it to v3 ActCode)
 CLASSES = {"outpatient": "O", "emergency": "E", "inpatient": "I"}
 STATUSES = ("planned", "arrived", "in-progress", "finished", "cancelled")
 #: statuses the HIS may show after each event ("update": any but cancelled)
-AGREES = {"admit": ("in-progress",), "register": ("arrived", "in-progress"),
-          "transfer": ("in-progress",), "discharge": ("finished",),
-          "update": ("planned", "arrived", "in-progress", "finished"),
-          "cancel-admit": ("cancelled",), "cancel-transfer": ("in-progress",),
-          "cancel-discharge": ("in-progress",)}
+AGREES = {
+    "admit": ("in-progress",),
+    "register": ("arrived", "in-progress"),
+    "transfer": ("in-progress",),
+    "discharge": ("finished",),
+    "update": ("planned", "arrived", "in-progress", "finished"),
+    "cancel-admit": ("cancelled",),
+    "cancel-transfer": ("in-progress",),
+    "cancel-discharge": ("in-progress",),
+}
 #: the status an event leaves the visit in when the record does not say (an update must say)
 IMPLIED_STATUS = {e: s[0] for e, s in AGREES.items() if e != "update"}
 
@@ -117,9 +130,11 @@ def check(v: Visit) -> Visit:
             raise BadValue("id_number", "'id_number' is not an 18-character resident ID number")
     else:
         v.id_number = ""
-    for name, needed in (("transferred_at", v.event == "transfer"),
-                         ("discharged_at", v.event == "discharge"),
-                         ("recorded_at", False)):
+    for name, needed in (
+        ("transferred_at", v.event == "transfer"),
+        ("discharged_at", v.event == "discharge"),
+        ("recorded_at", False),
+    ):
         value = str(getattr(v, name) or "").strip()
         if needed or value:
             value = _datetime(name, value)
@@ -134,8 +149,11 @@ def check(v: Visit) -> Visit:
     if status not in STATUSES:
         raise BadValue("status", f"visit status is not one of {', '.join(STATUSES)}")
     if status not in AGREES[v.event]:
-        raise BadValue("status", f"a {v.event} event leaves the visit "
-                                 f"{' or '.join(AGREES[v.event])}; the record says otherwise")
+        raise BadValue(
+            "status",
+            f"a {v.event} event leaves the visit "
+            f"{' or '.join(AGREES[v.event])}; the record says otherwise",
+        )
     v.status = status
     for name in ("department_code", "ward", "bed", "referral_no", "doctor", "phone"):
         setattr(v, name, str(getattr(v, name) or "").strip())
@@ -149,14 +167,19 @@ def _not_before(field: str, value: str, start: str) -> None:
 
 # -- FHIR ----------------------------------------------------------------------------------------
 
+
 def patient_of(v: Visit, me: str, national_id_system: str = NATIONAL_ID_SYSTEM) -> Resource:
     """The patient as the HIS describes them at this event (record number, ID number if any)."""
     idents = [{"system": MRN_SYSTEM.format(member=me), "value": v.mrn}]
     if v.id_number:
         idents.insert(0, {"system": national_id_system, "value": v.id_number})
-    patient: Resource = {"resourceType": "Patient", "identifier": idents,
-                         "name": [{"text": v.patient_name}], "gender": v.gender,
-                         "birthDate": v.birth_date}
+    patient: Resource = {
+        "resourceType": "Patient",
+        "identifier": idents,
+        "name": [{"text": v.patient_name}],
+        "gender": v.gender,
+        "birthDate": v.birth_date,
+    }
     if v.phone:
         patient["telecom"] = [{"system": "phone", "value": v.phone, "use": "mobile"}]
     return patient
@@ -169,18 +192,33 @@ def location_text(v: Visit) -> str:
 
 def event_of(v: Visit, me: str) -> enc.VisitEvent:
     """The engine's neutral visit event for a checked :class:`Visit`."""
-    at = {"admit": v.admitted_at, "register": v.admitted_at, "transfer": v.transferred_at,
-          "discharge": v.discharged_at}.get(v.event) or v.recorded_at or v.admitted_at
+    at = (
+        {
+            "admit": v.admitted_at,
+            "register": v.admitted_at,
+            "transfer": v.transferred_at,
+            "discharge": v.discharged_at,
+        }.get(v.event)
+        or v.recorded_at
+        or v.admitted_at
+    )
     # a cancel puts the patient back where they were: the row's ward and bed are that place,
     # not a move (given, apply() would open a new location period instead of reopening it)
     where = "" if v.event in ("cancel-transfer", "cancel-discharge") else location_text(v)
     # a registration the HIS already shows as 就诊中 is the visit under way, as an admission
     event = "admit" if v.event == "register" and v.status == "in-progress" else v.event
     return enc.VisitEvent(
-        event=event, at=at, visit_system=enc.VISIT_SYSTEM.format(member=me),
-        visit_number=v.visit_no, class_code=CLASSES[v.visit_class], start=v.admitted_at,
-        end=v.discharged_at, location=where,
-        location_system=enc.LOCATION_SYSTEM.format(member=me), status_hint=v.status)
+        event=event,
+        at=at,
+        visit_system=enc.VISIT_SYSTEM.format(member=me),
+        visit_number=v.visit_no,
+        class_code=CLASSES[v.visit_class],
+        start=v.admitted_at,
+        end=v.discharged_at,
+        location=where,
+        location_system=enc.LOCATION_SYSTEM.format(member=me),
+        status_hint=v.status,
+    )
 
 
 def builder(v: Visit, codes: Codes, me: str) -> Any:
@@ -198,9 +236,22 @@ def builder(v: Visit, codes: Codes, me: str) -> Any:
             if unmapped:
                 mark_unmapped(out)
         if v.doctor:
-            out["participant"] = [{"type": [{"coding": [{
-                "system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType",
-                "code": "ATND", "display": "attender"}]}], "individual": {"display": v.doctor}}]
+            out["participant"] = [
+                {
+                    "type": [
+                        {
+                            "coding": [
+                                {
+                                    "system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType",
+                                    "code": "ATND",
+                                    "display": "attender",
+                                }
+                            ]
+                        }
+                    ],
+                    "individual": {"display": v.doctor},
+                }
+            ]
         return out
 
     return build
@@ -216,8 +267,15 @@ class VisitRefused(SlipError):
         self.code = error.code
 
 
-def record(host: Any, v: Visit, *, source_key: str, codes: Codes,
-           referral_thread: str | None = None, kind: str) -> dict[str, Any]:
+def record(
+    host: Any,
+    v: Visit,
+    *,
+    source_key: str,
+    codes: Codes,
+    referral_thread: str | None = None,
+    kind: str,
+) -> dict[str, Any]:
     """A checked visit event into the node: Patient and Encounter, once per ``source_key``.
 
     A cancel must find its visit (a cancel of a visit never seen is refused, not stored as a
@@ -227,10 +285,14 @@ def record(host: Any, v: Visit, *, source_key: str, codes: Codes,
     thread = None if cancel else referral_thread
     try:
         return host.record_encounter(
-            builder(v, codes, me), source_key=source_key,
+            builder(v, codes, me),
+            source_key=source_key,
             visit=(enc.VISIT_SYSTEM.format(member=me), v.visit_no),
             patient=patient_of(v, me, host.plan.alliance.national_id_system),
-            referral_thread=thread, kind=kind, must_exist=cancel)
+            referral_thread=thread,
+            kind=kind,
+            must_exist=cancel,
+        )
     except VisitConflict as exc:
         raise VisitRefused("visit_no", exc) from None
     except UnknownReference as exc:

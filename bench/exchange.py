@@ -121,10 +121,26 @@ class Settings:
 
 def settings(quick: bool) -> Settings:
     if quick:  # the 1-thread run at 64 KiB is left out; 400 x 64 KiB = 4 batches (127 each)
-        return Settings(True, 0.12, {4096: 1000, 65536: 400}, LATENCY_RATE, 3.0, 10, 600,
-                        ((4096, MANY_THREADS), (4096, 1), (65536, MANY_THREADS)))
-    return Settings(False, 0.5, {4096: 5000, 65536: 1000}, LATENCY_RATE, 10.0, 10, 2000,
-                    ((4096, MANY_THREADS), (4096, 1), (65536, MANY_THREADS), (65536, 1)))
+        return Settings(
+            True,
+            0.12,
+            {4096: 1000, 65536: 400},
+            LATENCY_RATE,
+            3.0,
+            10,
+            600,
+            ((4096, MANY_THREADS), (4096, 1), (65536, MANY_THREADS)),
+        )
+    return Settings(
+        False,
+        0.5,
+        {4096: 5000, 65536: 1000},
+        LATENCY_RATE,
+        10.0,
+        10,
+        2000,
+        ((4096, MANY_THREADS), (4096, 1), (65536, MANY_THREADS), (65536, 1)),
+    )
 
 
 def body_of(size: int) -> bytes:
@@ -194,8 +210,9 @@ class PgCommit:
 
         self.conn = psycopg.connect(libpq_url(dsn), autocommit=True)
         self.conn.execute("SET synchronous_commit = on")
-        self.conn.execute("CREATE TABLE IF NOT EXISTS bench_commit (id bigserial PRIMARY KEY,"
-                          " v text)")
+        self.conn.execute(
+            "CREATE TABLE IF NOT EXISTS bench_commit (id bigserial PRIMARY KEY, v text)"
+        )
 
     def __call__(self) -> None:
         self.conn.execute("INSERT INTO bench_commit (v) VALUES ('packet-id-0000')")
@@ -206,8 +223,9 @@ class PgCommit:
         self.conn.close()
 
 
-def measure_ceiling(cfg: Settings, disk_dir: Path, pg_dsn: str | None
-                    ) -> tuple[dict[str, float], dict[str, float]]:
+def measure_ceiling(
+    cfg: Settings, disk_dir: Path, pg_dsn: str | None
+) -> tuple[dict[str, float], dict[str, float]]:
     """Each op's best and median seconds per call."""
     sk = Ed25519PrivateKey.generate()
     pk = sk.public_key()
@@ -224,8 +242,15 @@ def measure_ceiling(cfg: Settings, disk_dir: Path, pg_dsn: str | None
     run("ed25519 verify 4 KiB", lambda: pk.verify(sig, msg))
     for size in SIZES:
         body = body_of(size)
-        kw: dict[str, Any] = {"sender": A, "recipient": B, "kind": KIND, "thread": "t",
-                              "seq": 1, "signing_key": sk, "recipient_key": rk.public_key()}
+        kw: dict[str, Any] = {
+            "sender": A,
+            "recipient": B,
+            "kind": KIND,
+            "thread": "t",
+            "seq": 1,
+            "signing_key": sk,
+            "recipient_key": rk.public_key(),
+        }
         frame = env.seal(body, **kw)
 
         def open_(frame: bytes = frame) -> bytes:
@@ -238,9 +263,17 @@ def measure_ceiling(cfg: Settings, disk_dir: Path, pg_dsn: str | None
         run(f"decode+verify+open {KIB[size]}", open_)
         run(f"validate FHIR {KIB[size]}", lambda body=body: parse_and_validate_bundle(body))
     # what the receiver signs per packet and the sender verifies (not in the formula)
-    fields = {"packet": "0b7e2f5c-8d1a-4c2e-9f3a-5b6c7d8e9f00", "sender": A, "recipient": B,
-              "receiver": B, "status": "accepted", "code": None, "message": None,
-              "at": datetime.now(UTC), "digest": "ab" * 32}
+    fields = {
+        "packet": "0b7e2f5c-8d1a-4c2e-9f3a-5b6c7d8e9f00",
+        "sender": A,
+        "recipient": B,
+        "receiver": B,
+        "status": "accepted",
+        "code": None,
+        "message": None,
+        "at": datetime.now(UTC),
+        "digest": "ab" * 32,
+    }
     receipt = env.sign_receipt(fields, sk)
     run("receipt sign (B)", lambda: env.sign_receipt(fields, sk))
     run("receipt verify (A)", lambda: env.verify_receipt(receipt, lambda _n: (pk,)))
@@ -275,10 +308,14 @@ def ceiling_for(ops: dict[str, float], size: int, backend: str) -> dict[str, flo
     }
     per_packet = sum(parts.values())
     receipts = ops["receipt sign (B)"] + ops["receipt verify (A)"]
-    return {"per_packet_us": per_packet * 1e6, "packets_per_s": 1 / per_packet, "batch": batch,
-            **{f"{k}_us": v * 1e6 for k, v in parts.items()},
-            "receipts_us": receipts * 1e6,
-            "with_receipts_packets_per_s": 1 / (per_packet + receipts)}
+    return {
+        "per_packet_us": per_packet * 1e6,
+        "packets_per_s": 1 / per_packet,
+        "batch": batch,
+        **{f"{k}_us": v * 1e6 for k, v in parts.items()},
+        "receipts_us": receipts * 1e6,
+        "with_receipts_packets_per_s": 1 / (per_packet + receipts),
+    }
 
 
 # =============================================================================================
@@ -300,8 +337,11 @@ def with_database(dsn: str, name: str) -> str:
     return make_url(dsn).set(database=name).render_as_string(hide_password=False)
 
 
-_DURABLE = {"fsync=off": "fsync=on", "synchronous_commit=off": "synchronous_commit=on",
-            "full_page_writes=off": "full_page_writes=on"}
+_DURABLE = {
+    "fsync=off": "fsync=on",
+    "synchronous_commit=off": "synchronous_commit=on",
+    "full_page_writes=off": "full_page_writes=on",
+}
 
 
 def _cluster_class() -> tuple[type, str]:
@@ -333,8 +373,9 @@ def _cluster_class() -> tuple[type, str]:
 
 def _mini_bindir() -> str:
     found = shutil.which("pg_ctl")
-    if found and os.access(os.path.join(os.path.dirname(os.path.realpath(found)), "initdb"),
-                           os.X_OK):
+    if found and os.access(
+        os.path.join(os.path.dirname(os.path.realpath(found)), "initdb"), os.X_OK
+    ):
         return os.path.dirname(os.path.realpath(found))
     import glob
 
@@ -362,8 +403,9 @@ class _MiniCluster:
         cmd = [os.path.join(self.bindir, args[0]), *args[1:]]
         if self.as_user:
             cmd = ["runuser", "-u", self.as_user, "--", *cmd]
-        p = subprocess.run(cmd, cwd=self.tmp, capture_output=True, text=True, timeout=timeout,
-                           check=False)
+        p = subprocess.run(
+            cmd, cwd=self.tmp, capture_output=True, text=True, timeout=timeout, check=False
+        )
         if p.returncode:
             raise RuntimeError(f"{args[0]} exited {p.returncode}: {p.stderr.strip()[-300:]}")
 
@@ -379,14 +421,38 @@ class _MiniCluster:
             pw = pwd.getpwnam(self.as_user)
             for p in (self.tmp, sock, pwfile):
                 os.chown(p, pw.pw_uid, pw.pw_gid)
-        self.run("initdb", "-D", self.data, "-U", "hutong", "--pwfile", pwfile,
-                 "--auth", "scram-sha-256", "--encoding", "UTF8", "--no-locale", "--no-sync")
+        self.run(
+            "initdb",
+            "-D",
+            self.data,
+            "-U",
+            "hutong",
+            "--pwfile",
+            pwfile,
+            "--auth",
+            "scram-sha-256",
+            "--encoding",
+            "UTF8",
+            "--no-locale",
+            "--no-sync",
+        )
         os.unlink(pwfile)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        self.run("pg_ctl", "-D", self.data, "-l", self.log, "-w", "-t", "60", "-o",
-                 f"-p {port} -k {sock} -c listen_addresses=127.0.0.1", "start")
+        self.run(
+            "pg_ctl",
+            "-D",
+            self.data,
+            "-l",
+            self.log,
+            "-w",
+            "-t",
+            "60",
+            "-o",
+            f"-p {port} -k {sock} -c listen_addresses=127.0.0.1",
+            "start",
+        )
         self.started = True
         return f"postgresql+psycopg://hutong:{self.password}@127.0.0.1:{port}/postgres"
 
@@ -420,8 +486,9 @@ class PgServer:
                 self.admin_dsn = self.cluster.start()
             import psycopg
 
-            with psycopg.connect(libpq_url(self.admin_dsn), autocommit=True,
-                                 connect_timeout=10) as conn:
+            with psycopg.connect(
+                libpq_url(self.admin_dsn), autocommit=True, connect_timeout=10
+            ) as conn:
                 fsync = conn.execute("SHOW fsync").fetchone()[0]
                 sync = conn.execute("SHOW synchronous_commit").fetchone()[0]
                 self.durable = f"fsync={fsync}, synchronous_commit={sync}"
@@ -444,11 +511,12 @@ class PgServer:
 
         self.drop_dbs()
         assert self.admin_dsn is not None
-        with psycopg.connect(libpq_url(self.admin_dsn), autocommit=True,
-                             connect_timeout=10) as conn:
+        with psycopg.connect(
+            libpq_url(self.admin_dsn), autocommit=True, connect_timeout=10
+        ) as conn:
             for node in (A, B):
                 name = f"hutong_bench_{node}_{secrets.token_hex(4)}"
-                conn.execute(f'CREATE DATABASE "{name}" ENCODING \'UTF8\' TEMPLATE template0')
+                conn.execute(f"CREATE DATABASE \"{name}\" ENCODING 'UTF8' TEMPLATE template0")
                 self.dbs[node] = with_database(self.admin_dsn, name)
         return self.dbs
 
@@ -484,8 +552,9 @@ class Reader:
     def __init__(self, dsn: str, write: bool = False) -> None:
         self.sqlite = dsn.startswith("sqlite:///")
         if self.sqlite:
-            self.conn: Any = sqlite3.connect(dsn[len("sqlite:///"):], timeout=30,
-                                             isolation_level=None)
+            self.conn: Any = sqlite3.connect(
+                dsn[len("sqlite:///") :], timeout=30, isolation_level=None
+            )
             if not write:
                 self.conn.execute("PRAGMA query_only = 1")
         else:
@@ -576,13 +645,15 @@ def pct(values: list[float], p: float) -> float:
 class Pair:
     """A -> B, scaffolded as the tests do; both run throughout, B is restarted between runs."""
 
-    def __init__(self, folder: Path, backend: str, dsns: dict[str, str] | None,
-                 start_b: bool = True) -> None:
+    def __init__(
+        self, folder: Path, backend: str, dsns: dict[str, str] | None, start_b: bool = True
+    ) -> None:
         """``start_b=False``: both stores are created but A and B are left stopped
         (``ready_a`` / ``restart_b`` start them), for a caller that loads the stores first."""
         self.backend = backend
-        self.alliance = Alliance(folder, MEMBERS, RULES,
-                                 dsn_for=(lambda n: dsns[n]) if dsns else None)
+        self.alliance = Alliance(
+            folder, MEMBERS, RULES, dsn_for=(lambda n: dsns[n]) if dsns else None
+        )
         self.a = self.alliance.node(A)
         self.b = self.alliance.node(B)
         self.rb: Reader | None = None
@@ -601,16 +672,29 @@ class Pair:
         ctx = NodeContext.open(self.a.plan)
         try:
             rk = ctx.plan.directory[B].encryption_keys[0]
-            frames = [env.seal(body_of(size), sender=A, recipient=B, kind=KIND, thread="warm-up",
-                               seq=i + 1, signing_key=ctx.signing_key, recipient_key=rk)
-                      for i, size in enumerate([4096] * 8 + [65536] * 2)]
+            frames = [
+                env.seal(
+                    body_of(size),
+                    sender=A,
+                    recipient=B,
+                    kind=KIND,
+                    thread="warm-up",
+                    seq=i + 1,
+                    signing_key=ctx.signing_key,
+                    recipient_key=rk,
+                )
+                for i, size in enumerate([4096] * 8 + [65536] * 2)
+            ]
         finally:
             ctx.store.dispose()
-        conn = http.client.HTTPConnection(self.b.plan.peer_host, self.b.plan.peer_port,
-                                          timeout=60)
+        conn = http.client.HTTPConnection(self.b.plan.peer_host, self.b.plan.peer_port, timeout=60)
         try:
-            conn.request("POST", "/exchange/v1/packets", body=env.encode_batch(frames),
-                         headers={"Content-Type": "application/x-hutong-batch"})
+            conn.request(
+                "POST",
+                "/exchange/v1/packets",
+                body=env.encode_batch(frames),
+                headers={"Content-Type": "application/x-hutong-batch"},
+            )
             r = conn.getresponse()
             r.read()
             if r.status != 200:
@@ -632,8 +716,7 @@ class Pair:
         with contextlib.suppress(Exception):
             w = Reader(self.b.plan.storage_dsn, write=True)
             try:
-                w.rows("UPDATE inbox SET state = 'delivered' WHERE state = 'received'"
-                       " RETURNING id")
+                w.rows("UPDATE inbox SET state = 'delivered' WHERE state = 'received' RETURNING id")
             finally:
                 w.close()
         self.b.start()
@@ -661,12 +744,16 @@ class Pair:
         self.alliance.stop_all()
 
     def logs(self) -> str:
-        return "\n".join(f"--- {n.node_id}.log ---\n{n.log.read_text()[-1500:]}"
-                         for n in (self.a, self.b) if n.log.exists())
+        return "\n".join(
+            f"--- {n.node_id}.log ---\n{n.log.read_text()[-1500:]}"
+            for n in (self.a, self.b)
+            if n.log.exists()
+        )
 
 
-def queue_direct(plan: Any, bodies: list[bytes], threads: list[str],
-                 one_transaction: bool = False) -> list[str]:
+def queue_direct(
+    plan: Any, bodies: list[bytes], threads: list[str], one_transaction: bool = False
+) -> list[str]:
     """Queue packets into A's store from this process, as the local API would: 500 a
     transaction, or all in one (a running A then sees the whole backlog at once)."""
     ctx = NodeContext.open(plan)
@@ -674,8 +761,10 @@ def queue_direct(plan: Any, bodies: list[bytes], threads: list[str],
     step = len(bodies) if one_transaction else 500
     try:
         for i in range(0, len(bodies), step):
-            items = [Outgoing(B, KIND, b, t)
-                     for b, t in zip(bodies[i:i + step], threads[i:i + step], strict=True)]
+            items = [
+                Outgoing(B, KIND, b, t)
+                for b, t in zip(bodies[i : i + step], threads[i : i + step], strict=True)
+            ]
             with ctx.store.write() as conn:
                 results = queue_packets(ctx, conn, items, actor="bench")
                 bad = [r.error for r in results if r.error is not None]
@@ -687,9 +776,16 @@ def queue_direct(plan: Any, bodies: list[bytes], threads: list[str],
     return ids
 
 
-def throughput(pair: Pair, size: int, n: int, nthreads: int, tag: str,
-               timeout: float, spy: Spy | None = None, wait_delivered: bool = True
-               ) -> dict[str, Any]:
+def throughput(
+    pair: Pair,
+    size: int,
+    n: int,
+    nthreads: int,
+    tag: str,
+    timeout: float,
+    spy: Spy | None = None,
+    wait_delivered: bool = True,
+) -> dict[str, Any]:
     """One run; with ``wait_delivered`` the clock also runs until B's local side has all N
     (end to end), else it stops once B has received and A has recorded every receipt.
 
@@ -723,36 +819,54 @@ def throughput(pair: Pair, size: int, n: int, nthreads: int, tag: str,
             if received_s is None or (wait_delivered and delivered_s is None):
                 got, done = rb.rows(
                     "SELECT COUNT(*), COALESCE(SUM(CASE WHEN state = 'delivered' THEN 1 ELSE 0"
-                    " END), 0) FROM inbox WHERE id > ?", b_before)[0]
+                    " END), 0) FROM inbox WHERE id > ?",
+                    b_before,
+                )[0]
                 if got and first_seen is None:
                     first_seen = now
                     if spy is not None and pid_of(a):
                         spy.start("A", pid_of(a))  # type: ignore[arg-type]  # A is up by now
-                    cpu0 = (cpu_seconds(pid_of(a)), cpu_seconds(b_pid), machine_busy_s(),
-                            time.process_time(), postgres_cpu_s() if is_pg else 0.0)
+                    cpu0 = (
+                        cpu_seconds(pid_of(a)),
+                        cpu_seconds(b_pid),
+                        machine_busy_s(),
+                        time.process_time(),
+                        postgres_cpu_s() if is_pg else 0.0,
+                    )
                 if received_s is None and got >= n:
                     received_s = now - t0
-                    cpu1 = (cpu_seconds(pid_of(a)), cpu_seconds(b_pid), machine_busy_s(),
-                            time.process_time(), postgres_cpu_s() if is_pg else 0.0)
+                    cpu1 = (
+                        cpu_seconds(pid_of(a)),
+                        cpu_seconds(b_pid),
+                        machine_busy_s(),
+                        time.process_time(),
+                        postgres_cpu_s() if is_pg else 0.0,
+                    )
                     window = max(now - first_seen, 1e-3)
                 if delivered_s is None and done >= n:
                     delivered_s = now - t0
             if received_s is not None and acked_s is None:
-                acked = ra.scalar("SELECT COUNT(*) FROM outbox WHERE id > ? AND state ="
-                                  " 'acknowledged'", a_before)
+                acked = ra.scalar(
+                    "SELECT COUNT(*) FROM outbox WHERE id > ? AND state = 'acknowledged'", a_before
+                )
                 if acked >= n:
                     acked_s = now - t0
-            if received_s is not None and acked_s is not None and (
-                    delivered_s is not None or not wait_delivered):
+            if (
+                received_s is not None
+                and acked_s is not None
+                and (delivered_s is not None or not wait_delivered)
+            ):
                 break
             if a.proc is not None and a.proc.poll() is not None:
                 raise RuntimeError(f"node A exited during the run\n{pair.logs()}")
             time.sleep(0.01)
         else:
-            raise TimeoutError(f"{tag}: not all {n} packets arrived within {timeout:.0f} s\n"
-                               f"{pair.logs()}")
-        times = sorted(ts(r[0]) for r in rb.rows(
-            "SELECT received_at FROM inbox WHERE id > ?", b_before))
+            raise TimeoutError(
+                f"{tag}: not all {n} packets arrived within {timeout:.0f} s\n{pair.logs()}"
+            )
+        times = sorted(
+            ts(r[0]) for r in rb.rows("SELECT received_at FROM inbox WHERE id > ?", b_before)
+        )
         rss_a, rss_b = peak_rss_mib(pid_of(a)), peak_rss_mib(b_pid)  # A and B still up
         last_batch = sum(1 for x in times if x == times[-1])
         span = times[-1] - times[0]
@@ -762,20 +876,28 @@ def throughput(pair: Pair, size: int, n: int, nthreads: int, tag: str,
         profile = spy.stop() if spy is not None else None
     used = [c1 - c0 for c0, c1 in zip(cpu0, cpu1, strict=True)]
     return {
-        "backend": pair.backend, "size": size, "n": n, "threads": nthreads,
+        "backend": pair.backend,
+        "size": size,
+        "n": n,
+        "threads": nthreads,
         "queue_s": queue_s,
-        "received_all_s": received_s, "acked_all_s": acked_s, "delivered_all_s": delivered_s,
+        "received_all_s": received_s,
+        "acked_all_s": acked_s,
+        "delivered_all_s": delivered_s,
         "wall_pps": n / received_s,
-        "steady_pps": steady, "steady_span_s": span,
+        "steady_pps": steady,
+        "steady_span_s": span,
         "batches": len(set(times)),
         "mb_per_s": steady * size / 1e6,
         "delivered_pps": n / delivered_s if delivered_s else None,
-        "cpu_a": used[0] / window, "cpu_b": used[1] / window,
+        "cpu_a": used[0] / window,
+        "cpu_b": used[1] / window,
         "cpu_db": used[4] / window if is_pg else None,  # the PostgreSQL server's processes
         # busy cores not spent by A, B, the database or this process: other users of the machine
         "cpu_others": max(0.0, used[2] - used[0] - used[1] - used[3] - used[4]) / window,
         "steady_window_s": window,
-        "rss_a_peak_mib": rss_a, "rss_b_peak_mib": rss_b,  # VmHWM: A since its start, B since
+        "rss_a_peak_mib": rss_a,
+        "rss_b_peak_mib": rss_b,  # VmHWM: A since its start, B since
         "pyspy": profile,
     }
 
@@ -784,14 +906,18 @@ class LocalClient:
     """Keep-alive client for A's local API (orjson, no urllib per request)."""
 
     def __init__(self, node: NodeProcess) -> None:
-        self.conn = http.client.HTTPConnection(node.plan.local_host, node.plan.local_port,
-                                               timeout=60)
-        self.headers = {"Authorization": f"Bearer {node.token('clinician')}",
-                        "Content-Type": "application/json"}
+        self.conn = http.client.HTTPConnection(
+            node.plan.local_host, node.plan.local_port, timeout=60
+        )
+        self.headers = {
+            "Authorization": f"Bearer {node.token('clinician')}",
+            "Content-Type": "application/json",
+        }
 
     def send(self, items: list[dict[str, Any]]) -> list[str]:
-        self.conn.request("POST", "/local/v1/packets", body=orjson.dumps(items),
-                          headers=self.headers)
+        self.conn.request(
+            "POST", "/local/v1/packets", body=orjson.dumps(items), headers=self.headers
+        )
         r = self.conn.getresponse()
         data = orjson.loads(r.read())
         if r.status != 200:
@@ -828,8 +954,10 @@ def latency(pair: Pair, cfg: Settings, size: int = 4096) -> dict[str, Any]:
                 time.sleep(pause)
             elif pause < -interval:
                 late += 1
-            items = [{"to": B, "kind": KIND, "thread": f"lat-{(k + j) % MANY_THREADS}",
-                      "bundle": d} for j, d in enumerate(docs[k:k + per])]
+            items = [
+                {"to": B, "kind": KIND, "thread": f"lat-{(k + j) % MANY_THREADS}", "bundle": d}
+                for j, d in enumerate(docs[k : k + per])
+            ]
             ids += client.send(items)
         send_s = time.perf_counter() - t0
     finally:
@@ -839,33 +967,56 @@ def latency(pair: Pair, cfg: Settings, size: int = 4096) -> dict[str, Any]:
     try:
         while time.perf_counter() < deadline:
             got = rb.scalar("SELECT COUNT(*) FROM inbox WHERE id > ?", b_before)
-            acked = ra.scalar("SELECT COUNT(*) FROM outbox WHERE id >= (SELECT id FROM outbox"
-                              " WHERE packet_id = ?) AND state = 'acknowledged'", ids[0])
+            acked = ra.scalar(
+                "SELECT COUNT(*) FROM outbox WHERE id >= (SELECT id FROM outbox"
+                " WHERE packet_id = ?) AND state = 'acknowledged'",
+                ids[0],
+            )
             if got >= total and acked >= total:
                 break
             time.sleep(0.02)
         else:
             raise TimeoutError(f"latency run: packets did not all arrive\n{pair.logs()}")
-        recv = {r[0]: ts(r[1]) for r in rb.rows(
-            "SELECT packet_id, received_at FROM inbox WHERE id > ?", b_before)}
+        recv = {
+            r[0]: ts(r[1])
+            for r in rb.rows("SELECT packet_id, received_at FROM inbox WHERE id > ?", b_before)
+        }
         first = ra.scalar("SELECT id FROM outbox WHERE packet_id = ?", ids[0])
-        sent = {r[0]: (ts(r[1]), ts(r[2]) if r[2] is not None else None) for r in ra.rows(
-            "SELECT packet_id, created_at, acked_at FROM outbox WHERE id >= ?", first)}
+        sent = {
+            r[0]: (ts(r[1]), ts(r[2]) if r[2] is not None else None)
+            for r in ra.rows(
+                "SELECT packet_id, created_at, acked_at FROM outbox WHERE id >= ?", first
+            )
+        }
     finally:
         ra.close()
     one_way = [(recv[i] - sent[i][0]) * 1000 for i in ids if i in recv]
     acked = [(sent[i][1] - sent[i][0]) * 1000 for i in ids if sent[i][1] is not None]
     return {
-        "backend": pair.backend, "size": size, "packets": total, "batch": per,
-        "target_rate": cfg.lat_rate, "achieved_rate": total / send_s, "late_batches": late,
-        "received_p50_ms": pct(one_way, 0.5), "received_p99_ms": pct(one_way, 0.99),
-        "received_max_ms": max(one_way), "acked_p50_ms": pct(acked, 0.5),
-        "acked_p99_ms": pct(acked, 0.99), "acked_n": len(acked),
+        "backend": pair.backend,
+        "size": size,
+        "packets": total,
+        "batch": per,
+        "target_rate": cfg.lat_rate,
+        "achieved_rate": total / send_s,
+        "late_batches": late,
+        "received_p50_ms": pct(one_way, 0.5),
+        "received_p99_ms": pct(one_way, 0.99),
+        "received_max_ms": max(one_way),
+        "acked_p50_ms": pct(acked, 0.5),
+        "acked_p99_ms": pct(acked, 0.99),
+        "acked_n": len(acked),
     }
 
 
-def node_to_node(root: Path, backend: str, dsns: dict[str, str] | None, cfg: Settings,
-                 results: dict[str, Any], spy: Spy | None = None) -> None:
+def node_to_node(
+    root: Path,
+    backend: str,
+    dsns: dict[str, str] | None,
+    cfg: Settings,
+    results: dict[str, Any],
+    spy: Spy | None = None,
+) -> None:
     console.print(f"[bold]node to node, {backend}[/]: scaffolding and starting B ...")
     pair = Pair(root / f"alliance-{backend}", backend, dsns)
     try:
@@ -876,22 +1027,32 @@ def node_to_node(root: Path, backend: str, dsns: dict[str, str] | None, cfg: Set
                 pair.restart_b()  # B idle and fresh, its previous backlog skipped
             # only SQLite's first run waits for B's local delivery (the end-to-end figure;
             # on PostgreSQL it cost 20-75 s a run, more than the rest of the run)
-            r = throughput(pair, size, cfg.n[size], nthreads, tag, cfg.timeout_s,
-                           spy if first else None,
-                           wait_delivered=first and backend == "sqlite")
+            r = throughput(
+                pair,
+                size,
+                cfg.n[size],
+                nthreads,
+                tag,
+                cfg.timeout_s,
+                spy if first else None,
+                wait_delivered=first and backend == "sqlite",
+            )
             results["throughput"].append(r)
             console.print(
                 f"  {KIB[size]:>6} x {cfg.n[size]:>5}, {nthreads:>2} thread(s): "
                 f"{r['steady_pps']:7.0f} packets/s steady, {r['wall_pps']:7.0f} from the "
                 f"commit ({r['received_all_s']:.1f} s); CPU A {r['cpu_a']:.0%} "
-                f"B {r['cpu_b']:.0%}" + ("" if r["cpu_db"] is None else
-                                         f" db {r['cpu_db']:.0%}") +
-                f", others {r['cpu_others']:.0%}")
+                f"B {r['cpu_b']:.0%}"
+                + ("" if r["cpu_db"] is None else f" db {r['cpu_db']:.0%}")
+                + f", others {r['cpu_others']:.0%}"
+            )
         pair.restart_b()
         r = latency(pair, cfg)
         results["latency"].append(r)
-        console.print(f"  latency at {r['achieved_rate']:.0f}/s: received p50 "
-                      f"{r['received_p50_ms']:.1f} ms p99 {r['received_p99_ms']:.1f} ms")
+        console.print(
+            f"  latency at {r['achieved_rate']:.0f}/s: received p50 "
+            f"{r['received_p50_ms']:.1f} ms p99 {r['received_p99_ms']:.1f} ms"
+        )
     finally:
         pair.close()
 
@@ -915,8 +1076,9 @@ class StageTimer:
         self.calls[label] = self.calls.get(label, 0) + 1
 
     def wrap(self, owner: Any, name: str, label: str) -> None:
-        original = owner.__dict__.get(name) if isinstance(owner, type) else getattr(owner, name,
-                                                                                     None)
+        original = (
+            owner.__dict__.get(name) if isinstance(owner, type) else getattr(owner, name, None)
+        )
         if original is None:
             return
         timer = self
@@ -970,8 +1132,9 @@ def breakdown(root: Path, n: int) -> dict[str, Any]:
 
     files = write_alliance(root, MEMBERS, RULES, base_port_local=20100, base_port_peer=20200)
     plan_a, plan_b = load_node(files[A]), load_node(files[B])
-    queue_direct(plan_a, [body_of(4096) for _ in range(n)],
-                 [f"p-{i % MANY_THREADS}" for i in range(n)])
+    queue_direct(
+        plan_a, [body_of(4096) for _ in range(n)], [f"p-{i % MANY_THREADS}" for i in range(n)]
+    )
     ctx_a, ctx_b = NodeContext.open(plan_a), NodeContext.open(plan_b)
     intake = intake_mod.Intake(ctx_b)
     sender = PeerSender(ctx_a, B)
@@ -979,8 +1142,7 @@ def breakdown(root: Path, n: int) -> dict[str, Any]:
 
     class Direct:
         def post_batch(self, body: bytes) -> bytes:
-            frames = env.decode_batch(body, max_items=plan_b.limits.max_batch,
-                                      max_total=max_total)
+            frames = env.decode_batch(body, max_items=plan_b.limits.max_batch, max_total=max_total)
             return env.encode_batch(intake.receive(frames))
 
         def close(self) -> None:
@@ -1032,10 +1194,19 @@ def breakdown(root: Path, n: int) -> dict[str, Any]:
         ctx_b.store.dispose()
     if sent != n:
         raise RuntimeError(f"in-process pipeline sent {sent} of {n}")
-    stages = {label: {"us_per_packet": timer.total[label] / n * 1e6,
-                      "calls": timer.calls[label]} for label, _ in STAGES if label in timer.total}
-    return {"n": n, "size": 4096, "wall_s": wall, "packets_per_s": n / wall,
-            "us_per_packet": wall / n * 1e6, "stages": stages}
+    stages = {
+        label: {"us_per_packet": timer.total[label] / n * 1e6, "calls": timer.calls[label]}
+        for label, _ in STAGES
+        if label in timer.total
+    }
+    return {
+        "n": n,
+        "size": 4096,
+        "wall_s": wall,
+        "packets_per_s": n / wall,
+        "us_per_packet": wall / n * 1e6,
+        "stages": stages,
+    }
 
 
 # =============================================================================================
@@ -1054,10 +1225,24 @@ class Spy:
     def start(self, node: str, pid: int) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         out = self.out_dir / f"pyspy-{self.stamp}-{node}.txt"
-        p = subprocess.Popen([self.exe, "record", "-p", str(pid), "-r", "200", "-f", "raw",
-                              "-o", str(out), "--idle" if self.idle else "--gil",
-                              "--nonblocking"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        p = subprocess.Popen(
+            [
+                self.exe,
+                "record",
+                "-p",
+                str(pid),
+                "-r",
+                "200",
+                "-f",
+                "raw",
+                "-o",
+                str(out),
+                "--idle" if self.idle else "--gil",
+                "--nonblocking",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         self.procs.append((node, p, out))
 
     def stop(self) -> dict[str, Any]:
@@ -1119,45 +1304,96 @@ def _table(title: str, columns: list[str], left: int = 1) -> Table:
 
 def report(results: dict[str, Any]) -> None:
     ceiling = results["ceiling"]
-    t = _table("1. Machine ceiling, in-process, this run (best loop; median in the JSON)",
-               ["operation", "µs/op", "ops/s", "median µs/op"])
+    t = _table(
+        "1. Machine ceiling, in-process, this run (best loop; median in the JSON)",
+        ["operation", "µs/op", "ops/s", "median µs/op"],
+    )
     for name, s in ceiling["best_s"].items():
         t.add_row(name, fmt_us(s), f"{1 / s:,.0f}", fmt_us(ceiling["median_s"][name]))
     console.print(t)
 
-    t = _table(f"Ceiling of one A→B pipeline = 1 / (seal + open + validate + commit × "
-               f"{COMMITS_PER_BATCH} / batch)", ["backend", "body", "seal µs", "open µs",
-               "validate µs", "commit×2/batch µs", "batch", "= µs/packet", "ceiling pkt/s",
-               "+ receipts µs", "ceiling incl. receipts"], left=2)
+    t = _table(
+        f"Ceiling of one A→B pipeline = 1 / (seal + open + validate + commit × "
+        f"{COMMITS_PER_BATCH} / batch)",
+        [
+            "backend",
+            "body",
+            "seal µs",
+            "open µs",
+            "validate µs",
+            "commit×2/batch µs",
+            "batch",
+            "= µs/packet",
+            "ceiling pkt/s",
+            "+ receipts µs",
+            "ceiling incl. receipts",
+        ],
+        left=2,
+    )
     for key, c in ceiling["pipeline"].items():
         backend, size = key.split(":")
-        t.add_row(backend, KIB[int(size)], f"{c['seal_us']:.0f}", f"{c['open_us']:.0f}",
-                  f"{c['validate_us']:.0f}", f"{c['commit/batch_us']:.1f}", str(c["batch"]),
-                  f"{c['per_packet_us']:.0f}", f"{c['packets_per_s']:,.0f}",
-                  f"{c['receipts_us']:.0f}", f"{c['with_receipts_packets_per_s']:,.0f}")
+        t.add_row(
+            backend,
+            KIB[int(size)],
+            f"{c['seal_us']:.0f}",
+            f"{c['open_us']:.0f}",
+            f"{c['validate_us']:.0f}",
+            f"{c['commit/batch_us']:.1f}",
+            str(c["batch"]),
+            f"{c['per_packet_us']:.0f}",
+            f"{c['packets_per_s']:,.0f}",
+            f"{c['receipts_us']:.0f}",
+            f"{c['with_receipts_packets_per_s']:,.0f}",
+        )
     console.print(t)
     console.print(
         "[dim]seal = A encrypts + signs; open = B decodes, verifies, decrypts; validate = B's "
         "FHIR check; commit = one fsync'd commit, two per batch (B stores the batch, A records "
         "the receipts), shared by the batch's packets. Serial, because a peer has one batch in "
         "flight: A and B take turns. Receipts (B signs one per packet, A verifies it) are not "
-        "in the formula; the last column adds them.[/]")
+        "in the formula; the last column adds them.[/]"
+    )
 
     if results["throughput"]:
-        t = _table("2. Node to node A→B, real processes, durable commits",
-                   ["backend", "body", "threads", "N", "steady pkt/s", "MB/s", "% of ceiling",
-                    "wall pkt/s", "all acked s", "delivered pkt/s", "CPU A", "CPU B",
-                    "CPU db", "CPU others"], left=2)
+        t = _table(
+            "2. Node to node A→B, real processes, durable commits",
+            [
+                "backend",
+                "body",
+                "threads",
+                "N",
+                "steady pkt/s",
+                "MB/s",
+                "% of ceiling",
+                "wall pkt/s",
+                "all acked s",
+                "delivered pkt/s",
+                "CPU A",
+                "CPU B",
+                "CPU db",
+                "CPU others",
+            ],
+            left=2,
+        )
         for r in results["throughput"]:
             c = ceiling["pipeline"].get(f"{r['backend']}:{r['size']}")
             frac = f"{r['steady_pps'] / c['packets_per_s']:.0%}" if c else "-"
-            t.add_row(r["backend"], KIB[r["size"]], str(r["threads"]), f"{r['n']:,}",
-                      f"{r['steady_pps']:,.0f}", f"{r['mb_per_s']:.1f}", frac,
-                      f"{r['wall_pps']:,.0f}", f"{r['acked_all_s']:.1f}",
-                      "-" if r.get("delivered_pps") is None else f"{r['delivered_pps']:,.0f}",
-                      f"{r['cpu_a']:.0%}", f"{r['cpu_b']:.0%}",
-                      "-" if r.get("cpu_db") is None else f"{r['cpu_db']:.0%}",
-                      f"{r['cpu_others']:.0%}")
+            t.add_row(
+                r["backend"],
+                KIB[r["size"]],
+                str(r["threads"]),
+                f"{r['n']:,}",
+                f"{r['steady_pps']:,.0f}",
+                f"{r['mb_per_s']:.1f}",
+                frac,
+                f"{r['wall_pps']:,.0f}",
+                f"{r['acked_all_s']:.1f}",
+                "-" if r.get("delivered_pps") is None else f"{r['delivered_pps']:,.0f}",
+                f"{r['cpu_a']:.0%}",
+                f"{r['cpu_b']:.0%}",
+                "-" if r.get("cpu_db") is None else f"{r['cpu_db']:.0%}",
+                f"{r['cpu_others']:.0%}",
+            )
         console.print(t)
         console.print(
             "[dim]steady pkt/s = packets of all but the last batch / (last − first batch "
@@ -1167,38 +1403,65 @@ def report(results: dict[str, Any]) -> None:
             "N / time until B's spool handler had written all N; CPU = process CPU seconds / "
             f"steady-window seconds (100% = one core of {os.cpu_count()}); CPU db = all "
             "'postgres' processes; CPU others = busy cores used by anything but A, B, the "
-            "database and this script (other users of a shared machine).[/]")
+            "database and this script (other users of a shared machine).[/]"
+        )
     if results["latency"]:
-        t = _table("Latency, both nodes up, packets queued through A's local API",
-                   ["backend", "body", "rate/s", "per call", "packets",
-                    "created→received p50 ms", "p99 ms", "max ms", "created→acked p50 ms",
-                    "p99 ms"], left=2)
+        t = _table(
+            "Latency, both nodes up, packets queued through A's local API",
+            [
+                "backend",
+                "body",
+                "rate/s",
+                "per call",
+                "packets",
+                "created→received p50 ms",
+                "p99 ms",
+                "max ms",
+                "created→acked p50 ms",
+                "p99 ms",
+            ],
+            left=2,
+        )
         for r in results["latency"]:
-            t.add_row(r["backend"], KIB[r["size"]], f"{r['achieved_rate']:.0f}",
-                      str(r["batch"]), str(r["packets"]), f"{r['received_p50_ms']:.1f}",
-                      f"{r['received_p99_ms']:.1f}", f"{r['received_max_ms']:.1f}",
-                      f"{r['acked_p50_ms']:.1f}", f"{r['acked_p99_ms']:.1f}")
+            t.add_row(
+                r["backend"],
+                KIB[r["size"]],
+                f"{r['achieved_rate']:.0f}",
+                str(r["batch"]),
+                str(r["packets"]),
+                f"{r['received_p50_ms']:.1f}",
+                f"{r['received_p99_ms']:.1f}",
+                f"{r['received_max_ms']:.1f}",
+                f"{r['acked_p50_ms']:.1f}",
+                f"{r['acked_p99_ms']:.1f}",
+            )
         console.print(t)
         console.print(
             "[dim]created = A's outbox.created_at (queue_packets started); received = B's "
             "inbox.received_at (Intake.receive started, before B's commit); acked = A's "
-            "outbox.acked_at (B's signed receipt recorded at A). Same clock, same machine.[/]")
+            "outbox.acked_at (B's signed receipt recorded at A). Same clock, same machine.[/]"
+        )
     bd = results.get("breakdown")
     if bd:
-        t = _table(f"3. Where the time goes: A sender → B intake in one process, no HTTP, "
-                   f"no delivery, SQLite, 4 KiB × {bd['n']:,} = {bd['packets_per_s']:,.0f} "
-                   f"pkt/s ({bd['us_per_packet']:,.0f} µs/packet)",
-                   ["stage", "µs/packet", "% of wall"])
+        t = _table(
+            f"3. Where the time goes: A sender → B intake in one process, no HTTP, "
+            f"no delivery, SQLite, 4 KiB × {bd['n']:,} = {bd['packets_per_s']:,.0f} "
+            f"pkt/s ({bd['us_per_packet']:,.0f} µs/packet)",
+            ["stage", "µs/packet", "% of wall"],
+        )
         indent = dict(STAGES)
         for label, v in bd["stages"].items():
             share = v["us_per_packet"] / bd["us_per_packet"]
-            t.add_row("    " * indent.get(label, 0) + label, f"{v['us_per_packet']:,.0f}",
-                      f"{share:.0%}")
+            t.add_row(
+                "    " * indent.get(label, 0) + label, f"{v['us_per_packet']:,.0f}", f"{share:.0%}"
+            )
         console.print(t)
     for r in results["throughput"]:
         for node, prof in (r.get("pyspy") or {}).items():
-            t = _table(f"py-spy --gil, node {node}, {r['backend']} {KIB[r['size']]} "
-                       f"({prof['file']})", ["bridge function (inclusive)", "GIL samples"])
+            t = _table(
+                f"py-spy --gil, node {node}, {r['backend']} {KIB[r['size']]} ({prof['file']})",
+                ["bridge function (inclusive)", "GIL samples"],
+            )
             for name, share in prof["top"]:
                 t.add_row(name, f"{share:.0%}")
             console.print(t)
@@ -1210,20 +1473,36 @@ def report(results: dict[str, Any]) -> None:
     if aim:
         best = max(r["steady_pps"] for r in aim)
         verdict = "[green]met[/]" if best >= 1500 else "[red]NOT met[/]"
-        console.print(f"[bold]Aim: ≥ 1,500 sealed 4 KiB packets/s A→B with durable commits on "
-                      f"SQLite — best measured {best:,.0f}/s: {verdict}[/]")
+        console.print(
+            f"[bold]Aim: ≥ 1,500 sealed 4 KiB packets/s A→B with durable commits on "
+            f"SQLite — best measured {best:,.0f}/s: {verdict}[/]"
+        )
     load = results.get("loadavg")
     if load:
-        console.print(f"[dim]load average at start {load['start']}, at end {load['end']} "
-                      f"(this machine has {os.cpu_count()} cores and may be shared).[/]")
+        console.print(
+            f"[dim]load average at start {load['start']}, at end {load['end']} "
+            f"(this machine has {os.cpu_count()} cores and may be shared).[/]"
+        )
 
 
 def git_rev() -> str | None:
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
-                             capture_output=True, timeout=10, check=False).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "bridge"], cwd=ROOT, text=True,
-                               capture_output=True, timeout=10, check=False).stdout.strip()
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=ROOT,
+            text=True,
+            capture_output=True,
+            timeout=10,
+            check=False,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "bridge"],
+            cwd=ROOT,
+            text=True,
+            capture_output=True,
+            timeout=10,
+            check=False,
+        ).stdout.strip()
         return rev + ("+dirty" if dirty else "") if rev else None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -1232,16 +1511,27 @@ def git_rev() -> str | None:
 def main(argv: list[str] | None = None, pg_server: PgServer | None = None) -> int:
     """``pg_server``: a server the caller started (``run.py`` shares one across sections);
     it is used as is and left running."""
-    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=(__doc__ or "").split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--quick", action="store_true", help="smaller runs, under a minute")
-    p.add_argument("--json", type=Path, help="result file (default bench/results/"
-                                             "exchange-<date>.json)")
-    p.add_argument("--pg-dsn", help="PostgreSQL DSN allowed to CREATE DATABASE (default: "
-                                    "HUTONG_PG_DSN, else a throwaway durable cluster)")
+    p.add_argument(
+        "--json", type=Path, help="result file (default bench/results/exchange-<date>.json)"
+    )
+    p.add_argument(
+        "--pg-dsn",
+        help="PostgreSQL DSN allowed to CREATE DATABASE (default: "
+        "HUTONG_PG_DSN, else a throwaway durable cluster)",
+    )
     p.add_argument("--no-pg", action="store_true", help="skip PostgreSQL")
-    p.add_argument("--py-spy", nargs="?", const="py-spy", metavar="EXE",
-                   help="profile both nodes with py-spy (--gil) during the first SQLite run")
+    p.add_argument(
+        "--py-spy",
+        nargs="?",
+        const="py-spy",
+        metavar="EXE",
+        help="profile both nodes with py-spy (--gil) during the first SQLite run",
+    )
     p.add_argument("--keep", action="store_true", help="keep the temp dir (node logs, DBs)")
     args = p.parse_args(argv)
     cfg = settings(args.quick)
@@ -1251,16 +1541,28 @@ def main(argv: list[str] | None = None, pg_server: PgServer | None = None) -> in
     out = args.json or results_dir / f"exchange-{stamp}.json"
     root = Path(tempfile.mkdtemp(prefix="hutong-bench-"))
     results: dict[str, Any] = {
-        "when": datetime.now(UTC).isoformat(timespec="seconds"), "quick": cfg.quick,
-        "git": git_rev(), "python": platform.python_version(),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                    "data_dir": str(root)},
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "quick": cfg.quick,
+        "git": git_rev(),
+        "python": platform.python_version(),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "data_dir": str(root)},
         "loadavg": {"start": [round(x, 2) for x in os.getloadavg()]},
-        "settings": {"n": cfg.n, "variants": cfg.variants, "batch_size":
-                     DeliveryConfig().batch_size, "commits_per_batch": COMMITS_PER_BATCH,
-                     "latency": {"rate": cfg.lat_rate, "seconds": cfg.lat_seconds,
-                                 "per_call": cfg.lat_batch}},
-        "ceiling": {}, "throughput": [], "latency": [], "skipped": [], "errors": [],
+        "settings": {
+            "n": cfg.n,
+            "variants": cfg.variants,
+            "batch_size": DeliveryConfig().batch_size,
+            "commits_per_batch": COMMITS_PER_BATCH,
+            "latency": {
+                "rate": cfg.lat_rate,
+                "seconds": cfg.lat_seconds,
+                "per_call": cfg.lat_batch,
+            },
+        },
+        "ceiling": {},
+        "throughput": [],
+        "latency": [],
+        "skipped": [],
+        "errors": [],
     }
     spy = None
     if args.py_spy:
@@ -1284,26 +1586,35 @@ def main(argv: list[str] | None = None, pg_server: PgServer | None = None) -> in
             results["skipped"].append("PostgreSQL: --no-pg")
         elif pg is not None:
             if pg.ok:
-                results["postgresql"] = {"source": pg.source, "durability": pg.durable,
-                                         "version": pg.version}
+                results["postgresql"] = {
+                    "source": pg.source,
+                    "durability": pg.durable,
+                    "version": pg.version,
+                }
             else:
                 results["skipped"].append(f"PostgreSQL: {pg.skip_reason}")
         else:
             given = args.pg_dsn or os.environ.get("HUTONG_PG_DSN")
-            console.print("[bold]PostgreSQL[/]: " + ("connecting ..." if given else
-                                                     "starting a throwaway cluster ..."))
+            console.print(
+                "[bold]PostgreSQL[/]: "
+                + ("connecting ..." if given else "starting a throwaway cluster ...")
+            )
             pg = PgServer(given, "--pg-dsn" if args.pg_dsn else "HUTONG_PG_DSN")
             if pg.ok:
-                results["postgresql"] = {"source": pg.source, "durability": pg.durable,
-                                         "version": pg.version}
+                results["postgresql"] = {
+                    "source": pg.source,
+                    "durability": pg.durable,
+                    "version": pg.version,
+                }
                 console.print(f"  {pg.source}; {pg.durable}")
             else:
                 results["skipped"].append(f"PostgreSQL: {pg.skip_reason}")
                 console.print(f"  [yellow]skipped: {pg.skip_reason}[/]")
         lap("postgresql start")
         console.print("[bold]machine ceiling[/] ...")
-        best, median = measure_ceiling(cfg, root / "commit",
-                                       pg.dbs.get(A) if pg and pg.ok else None)
+        best, median = measure_ceiling(
+            cfg, root / "commit", pg.dbs.get(A) if pg and pg.ok else None
+        )
         pipeline = {}
         for backend in ("sqlite", "postgresql"):
             for size in SIZES:
@@ -1324,8 +1635,9 @@ def main(argv: list[str] | None = None, pg_server: PgServer | None = None) -> in
             backends.append(("postgresql", pg.dbs))
         for backend, dsns in backends:
             try:
-                node_to_node(root, backend, dsns, cfg, results,
-                             spy if backend == "sqlite" else None)
+                node_to_node(
+                    root, backend, dsns, cfg, results, spy if backend == "sqlite" else None
+                )
             except Exception as exc:  # noqa: BLE001 - report, keep the other backend's figures
                 results["errors"].append(f"{backend}: {exc}")
                 console.print(f"[red]{backend} run failed:[/] {str(exc)[:2000]}")
@@ -1343,8 +1655,7 @@ def main(argv: list[str] | None = None, pg_server: PgServer | None = None) -> in
     console.print()
     report(results)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2 |
-                                 orjson.OPT_NON_STR_KEYS))
+    out.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS))
     console.print(f"wrote {out} ({results['elapsed_s']:.0f} s)")
     return 1 if results["errors"] else 0
 

@@ -36,27 +36,29 @@ _ROWS = """WITH RECURSIVE c(j) AS (SELECT :start UNION ALL SELECT j + 1 FROM c W
 r(j, t) AS (SELECT j, strftime('%Y-%m-%d %H:%M:%S', :base, '+' || j || ' seconds') || '.000000'
             FROM c)
 """
-_FIELDS = ("printf('%s-%08d', :tag, j) AS packet_id, :a AS sender, :kind AS kind, "
-           "printf('%s-t%d', :tag, j % :threads) AS thread, j / :threads + 1 AS seq, "
-           "lower(hex(randomblob(32))) AS digest, 4096 AS size, "
-           "printf('%064x', j % :patients) AS patient_hash, 1 AS attempts, "
-           "t AS created_at, t AS next_try_at, :receipt AS receipt")
+_FIELDS = (
+    "printf('%s-%08d', :tag, j) AS packet_id, :a AS sender, :kind AS kind, "
+    "printf('%s-t%d', :tag, j % :threads) AS thread, j / :threads + 1 AS seq, "
+    "lower(hex(randomblob(32))) AS digest, 4096 AS size, "
+    "printf('%064x', j % :patients) AS patient_hash, 1 AS attempts, "
+    "t AS created_at, t AS next_try_at, :receipt AS receipt"
+)
 SQL = {
     "outbox": _ROWS + "INSERT INTO outbox (packet_id, sender, kind, thread, seq, digest, size, "
     "patient_hash, attempts, created_at, next_try_at, receipt, origin, recipient, next_hop, "
-    "state, sent_at, acked_at) SELECT " + _FIELDS +
-    ", 'local', :b, :b, 'acknowledged', t, t FROM r",
+    "state, sent_at, acked_at) SELECT "
+    + _FIELDS
+    + ", 'local', :b, :b, 'acknowledged', t, t FROM r",
     "inbox": _ROWS + "INSERT INTO inbox (packet_id, sender, kind, thread, seq, digest, size, "
     "patient_hash, attempts, created_at, next_try_at, receipt, state, received_at, "
-    "delivered_at) SELECT " + _FIELDS +
-    ", 'delivered', t, t FROM r",
+    "delivered_at) SELECT " + _FIELDS + ", 'delivered', t, t FROM r",
 }
 
 
 def _path(dsn: str) -> str:
     if not dsn.startswith("sqlite:///"):
         raise ValueError("growth loads SQLite stores only")
-    return dsn[len("sqlite:///"):]
+    return dsn[len("sqlite:///") :]
 
 
 def fill(dsn: str, table: str, target: int, tag: str = "hist") -> tuple[float, float]:
@@ -75,10 +77,21 @@ def fill(dsn: str, table: str, target: int, tag: str = "hist") -> tuple[float, f
         while i < target:
             stop = min(target, i + CHUNK)
             conn.execute("BEGIN IMMEDIATE")
-            conn.execute(SQL[table], {
-                "start": i, "stop": stop, "base": f"{base:%Y-%m-%d %H:%M:%S}", "tag": tag,
-                "a": ex.A, "b": ex.B, "kind": ex.KIND, "threads": THREADS,
-                "patients": PATIENTS, "receipt": RECEIPT})
+            conn.execute(
+                SQL[table],
+                {
+                    "start": i,
+                    "stop": stop,
+                    "base": f"{base:%Y-%m-%d %H:%M:%S}",
+                    "tag": tag,
+                    "a": ex.A,
+                    "b": ex.B,
+                    "kind": ex.KIND,
+                    "threads": THREADS,
+                    "patients": PATIENTS,
+                    "receipt": RECEIPT,
+                },
+            )
             conn.execute("COMMIT")
             i = stop
         # synchronous=FULL, then a checkpoint: the WAL and the database file are fsynced once,
@@ -90,8 +103,9 @@ def fill(dsn: str, table: str, target: int, tag: str = "hist") -> tuple[float, f
     return time.perf_counter() - t0, time.thread_time() - c0
 
 
-def growth(root: Path, levels: tuple[int, ...], n: int, timeout: float = 300.0
-           ) -> list[dict[str, Any]]:
+def growth(
+    root: Path, levels: tuple[int, ...], n: int, timeout: float = 300.0
+) -> list[dict[str, Any]]:
     pair = ex.Pair(root / "alliance-growth", "sqlite", None, start_b=False)
     out = []
     try:
@@ -103,20 +117,31 @@ def growth(root: Path, levels: tuple[int, ...], n: int, timeout: float = 300.0
                 fb = pool.submit(fill, pair.b.plan.storage_dsn, "inbox", level)
                 (load_a, cpu_a), (load_b, cpu_b) = fa.result(), fb.result()
             pair.restart_b()
-            r = ex.throughput(pair, 4096, n, ex.MANY_THREADS, f"growth-{level}", timeout,
-                              wait_delivered=False)
+            r = ex.throughput(
+                pair, 4096, n, ex.MANY_THREADS, f"growth-{level}", timeout, wait_delivered=False
+            )
             size_b = sum(p.stat().st_size for p in Path(pair.b.plan.data_dir).glob("*.db*"))
-            row = {"history": level, "n": n, "steady_pps": r["steady_pps"],
-                   "wall_pps": r["wall_pps"], "load_a_s": load_a, "load_b_s": load_b,
-                   "load_cpu_s": cpu_a + cpu_b,
-                   "b_db_mb": size_b / 1e6, "cpu_a": r["cpu_a"], "cpu_b": r["cpu_b"],
-                   "cpu_others": r["cpu_others"],
-                   "rss_a_peak_mib": r.get("rss_a_peak_mib"),
-                   "rss_b_peak_mib": r.get("rss_b_peak_mib")}
+            row = {
+                "history": level,
+                "n": n,
+                "steady_pps": r["steady_pps"],
+                "wall_pps": r["wall_pps"],
+                "load_a_s": load_a,
+                "load_b_s": load_b,
+                "load_cpu_s": cpu_a + cpu_b,
+                "b_db_mb": size_b / 1e6,
+                "cpu_a": r["cpu_a"],
+                "cpu_b": r["cpu_b"],
+                "cpu_others": r["cpu_others"],
+                "rss_a_peak_mib": r.get("rss_a_peak_mib"),
+                "rss_b_peak_mib": r.get("rss_b_peak_mib"),
+            }
             out.append(row)
-            ex.console.print(f"  {level:>9,} packets in the store: {r['steady_pps']:6.0f} "
-                             f"packets/s steady (history loaded in {max(load_a, load_b):.0f} s, "
-                             f"B's database {row['b_db_mb']:.0f} MB)")
+            ex.console.print(
+                f"  {level:>9,} packets in the store: {r['steady_pps']:6.0f} "
+                f"packets/s steady (history loaded in {max(load_a, load_b):.0f} s, "
+                f"B's database {row['b_db_mb']:.0f} MB)"
+            )
     finally:
         pair.close()
     return out

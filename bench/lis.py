@@ -42,8 +42,10 @@ sys.path.insert(0, str(ROOT))
 
 #: messages sent to one side before the other gets the same ones
 CHUNK = 50
-PLAIN_SCHEMA = ("CREATE TABLE IF NOT EXISTS message (id INTEGER PRIMARY KEY, received_at TEXT "
-                "NOT NULL, control_id TEXT, raw BLOB NOT NULL)")
+PLAIN_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS message (id INTEGER PRIMARY KEY, received_at TEXT "
+    "NOT NULL, control_id TEXT, raw BLOB NOT NULL)"
+)
 
 
 # -- the plain receiver (its own process) ---------------------------------------------------------
@@ -65,8 +67,11 @@ def plain_main(port: int, db: str) -> None:
                 msg = await reader.readmessage()
                 raw = str(msg).encode("utf-8")
                 conn.execute("BEGIN IMMEDIATE")
-                conn.execute("INSERT INTO message (received_at, control_id, raw) "
-                             "VALUES (datetime('now'), ?, ?)", (str(msg.segment("MSH")[10]), raw))
+                conn.execute(
+                    "INSERT INTO message (received_at, control_id, raw) "
+                    "VALUES (datetime('now'), ?, ?)",
+                    (str(msg.segment("MSH")[10]), raw),
+                )
                 conn.execute("COMMIT")
                 writer.writemessage(msg.create_ack())
                 await writer.drain()
@@ -86,8 +91,11 @@ def plain_main(port: int, db: str) -> None:
 
 
 def start_plain(port: int, db: Path) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen([sys.executable, __file__, "plain", "--port", str(port),
-                             "--db", str(db)], stdout=subprocess.PIPE, cwd=ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "plain", "--port", str(port), "--db", str(db)],
+        stdout=subprocess.PIPE,
+        cwd=ROOT,
+    )
     assert proc.stdout is not None
     if proc.stdout.readline().strip() != b"ready":
         proc.kill()
@@ -137,27 +145,38 @@ def drive(port: int, messages: list[bytes], conns: int) -> dict[str, Any]:
     elapsed = time.perf_counter() - t0
     for cl in clients:
         cl.close()
-    return {"n": len(messages), "conns": conns, "elapsed": elapsed,
-            "lat": [x for c in lat for x in c], "not_aa": sum(bad)}
+    return {
+        "n": len(messages),
+        "conns": conns,
+        "elapsed": elapsed,
+        "lat": [x for c in lat for x in c],
+        "not_aa": sum(bad),
+    }
 
 
-def alternate(plain_port: int, port: int, messages: list[bytes], conns: int,
-              chunk: int = CHUNK) -> tuple[dict[str, Any], dict[str, Any]]:
+def alternate(
+    plain_port: int, port: int, messages: list[bytes], conns: int, chunk: int = CHUNK
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """The messages in chunks, each sent to the plain receiver and then to Hutong: both sides
     meet the same moments of a shared machine (its disk's fsync latency drifts over seconds)."""
     sides: dict[str, list[dict[str, Any]]] = {"plain": [], "hutong": []}
     for i in range(0, len(messages), chunk):
-        part = messages[i:i + chunk]
+        part = messages[i : i + chunk]
         sides["plain"].append(drive(plain_port, part, conns))
         sides["hutong"].append(drive(port, part, conns))
     out = []
     for runs in sides.values():
         lat = sorted(x for r in runs for x in r["lat"])
-        out.append({"n": len(messages), "conns": conns,
-                    "per_s": len(messages) / sum(r["elapsed"] for r in runs),
-                    "p50_ms": statistics.median(lat) * 1000,
-                    "p99_ms": lat[max(int(len(lat) * 0.99) - 1, 0)] * 1000,
-                    "not_aa": sum(r["not_aa"] for r in runs)})
+        out.append(
+            {
+                "n": len(messages),
+                "conns": conns,
+                "per_s": len(messages) / sum(r["elapsed"] for r in runs),
+                "p50_ms": statistics.median(lat) * 1000,
+                "p99_ms": lat[max(int(len(lat) * 0.99) - 1, 0)] * 1000,
+                "not_aa": sum(r["not_aa"] for r in runs),
+            }
+        )
     return out[0], out[1]
 
 
@@ -178,8 +197,12 @@ def hutong_site(root: Path) -> Path:
     return site
 
 
-def measure(n: int = 300, conns: tuple[int, ...] = (1, 4), py_spy: str | None = None,
-            keep: Path | None = None) -> dict[str, Any]:
+def measure(
+    n: int = 300,
+    conns: tuple[int, ...] = (1, 4),
+    py_spy: str | None = None,
+    keep: Path | None = None,
+) -> dict[str, Any]:
     """Every figure of the module docstring; prints them and returns them."""
     from simulators.lis import oru_message
     from tests.harness import Alliance, free_port_block
@@ -190,14 +213,28 @@ def measure(n: int = 300, conns: tuple[int, ...] = (1, 4), py_spy: str | None = 
         port = free_port_block(2)
         plain_port = port + 1
         members = [
-            {"id": "core", "zh": "复兴医院", "en": "Fuxing Hospital", "role": "core",
-             "adapters": [{"name": "lis", "type": "lis-hl7", "mappings": str(site),
-                           "options": {"port": port, "rate_limit": {
-                               "per_second": 100000, "burst": 100000, "hold_s": 0}}}]},
+            {
+                "id": "core",
+                "zh": "复兴医院",
+                "en": "Fuxing Hospital",
+                "role": "core",
+                "adapters": [
+                    {
+                        "name": "lis",
+                        "type": "lis-hl7",
+                        "mappings": str(site),
+                        "options": {
+                            "port": port,
+                            "rate_limit": {"per_second": 100000, "burst": 100000, "hold_s": 0},
+                        },
+                    }
+                ],
+            },
             {"id": "chc", "zh": "月坛社区卫生服务中心", "en": "Yuetan CHC", "role": "community"},
         ]
-        a = Alliance(root / "alliance", members,
-                     [{"from": "core", "to": "chc", "kinds": ["result.lab"]}])
+        a = Alliance(
+            root / "alliance", members, [{"from": "core", "to": "chc", "kinds": ["result.lab"]}]
+        )
         plain = start_plain(plain_port, root / "plain.db")
         spy: subprocess.Popen[bytes] | None = None
         runs: list[dict[str, Any]] = []
@@ -209,9 +246,22 @@ def measure(n: int = 300, conns: tuple[int, ...] = (1, 4), py_spy: str | None = 
             drive(port, warm, 1)  # schema compiled, connections opened
             drive(plain_port, warm, 1)
             if py_spy:
-                spy = subprocess.Popen([py_spy, "record", "--idle", "-r", "200", "-f", "raw",
-                                        "-o", str(ROOT / "bench" / "results" / "pyspy-lis.txt"),
-                                        "-p", str(node.pid)], stdout=subprocess.DEVNULL)
+                spy = subprocess.Popen(
+                    [
+                        py_spy,
+                        "record",
+                        "--idle",
+                        "-r",
+                        "200",
+                        "-f",
+                        "raw",
+                        "-o",
+                        str(ROOT / "bench" / "results" / "pyspy-lis.txt"),
+                        "-p",
+                        str(node.pid),
+                    ],
+                    stdout=subprocess.DEVNULL,
+                )
                 time.sleep(1.0)
             first = 1
             for obx, full in ((8, False), (20, True)):
@@ -219,9 +269,16 @@ def measure(n: int = 300, conns: tuple[int, ...] = (1, 4), py_spy: str | None = 
                     msgs = [oru_message(i, full_cbc=full) for i in range(first, first + n)]
                     first += n
                     p, h = alternate(plain_port, port, msgs, c)
-                    runs.append({"obx": obx, "conns": c, "bytes": sum(map(len, msgs)) / n,
-                                 "plain": p, "hutong": h,
-                                 "ratio": h["per_s"] / p["per_s"]})
+                    runs.append(
+                        {
+                            "obx": obx,
+                            "conns": c,
+                            "bytes": sum(map(len, msgs)) / n,
+                            "plain": p,
+                            "hutong": h,
+                            "ratio": h["per_s"] / p["per_s"],
+                        }
+                    )
         finally:
             if spy is not None:
                 spy.send_signal(2)
@@ -234,20 +291,29 @@ def measure(n: int = 300, conns: tuple[int, ...] = (1, 4), py_spy: str | None = 
 
 
 def print_table(out: dict[str, Any]) -> None:
-    print(f"LIS intake per connection ({out['n']} messages a run; plain = python-hl7 asyncio "
-          "server + one SQLite commit per message)")
-    print(f"  {'OBX':>3} {'conns':>5} {'plain msg/s':>11} {'p50 ms':>7} {'Hutong msg/s':>12} "
-          f"{'p50 ms':>7} {'p99 ms':>7} {'ratio':>6} {'not AA':>6}")
+    print(
+        f"LIS intake per connection ({out['n']} messages a run; plain = python-hl7 asyncio "
+        "server + one SQLite commit per message)"
+    )
+    print(
+        f"  {'OBX':>3} {'conns':>5} {'plain msg/s':>11} {'p50 ms':>7} {'Hutong msg/s':>12} "
+        f"{'p50 ms':>7} {'p99 ms':>7} {'ratio':>6} {'not AA':>6}"
+    )
     one: dict[int, float] = {}
     for r in out["runs"]:
         p, h = r["plain"], r["hutong"]
         if r["conns"] == 1:
             one[r["obx"]] = h["per_s"]
-        scale = f"  {h['per_s'] / one[r['obx']]:.2f}x one conn" if r["conns"] > 1 and \
-            r["obx"] in one else ""
-        print(f"  {r['obx']:>3} {r['conns']:>5} {p['per_s']:>11.0f} {p['p50_ms']:>7.1f} "
-              f"{h['per_s']:>12.0f} {h['p50_ms']:>7.1f} {h['p99_ms']:>7.1f} "
-              f"{r['ratio']:>5.2f}x {p['not_aa'] + h['not_aa']:>6}{scale}")
+        scale = (
+            f"  {h['per_s'] / one[r['obx']]:.2f}x one conn"
+            if r["conns"] > 1 and r["obx"] in one
+            else ""
+        )
+        print(
+            f"  {r['obx']:>3} {r['conns']:>5} {p['per_s']:>11.0f} {p['p50_ms']:>7.1f} "
+            f"{h['per_s']:>12.0f} {h['p50_ms']:>7.1f} {h['p99_ms']:>7.1f} "
+            f"{r['ratio']:>5.2f}x {p['not_aa'] + h['not_aa']:>6}{scale}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -258,8 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     pl.add_argument("--db", required=True)
     p.add_argument("-n", type=int, default=300, help="messages a run")
     p.add_argument("--conns", default="1,4", help="connections, comma list")
-    p.add_argument("--py-spy", help="py-spy binary: sample the node (--idle) to "
-                                    "bench/results/pyspy-lis.txt")
+    p.add_argument(
+        "--py-spy", help="py-spy binary: sample the node (--idle) to bench/results/pyspy-lis.txt"
+    )
     p.add_argument("--keep", type=Path, help="keep the node's folder here")
     args = p.parse_args(argv)
     if args.cmd == "plain":

@@ -50,13 +50,54 @@ def _ts(d: datetime) -> str:
     return d.strftime("%Y-%m-%d %H:%M:%S.%f")
 
 
-OUT_COLS = ("packet_id", "origin", "sender", "recipient", "next_hop", "kind", "thread", "seq",
-            "digest", "size", "patient_hash", "state", "attempts", "created_at", "next_try_at",
-            "body")
-IN_COLS = ("packet_id", "sender", "kind", "thread", "seq", "digest", "size", "patient_hash",
-           "state", "attempts", "created_at", "received_at", "next_try_at", "body", "receipt")
-Q_COLS = ("at", "source", "code", "message", "sender", "packet_id", "kind", "state", "raw",
-          "patient_hash", "trusted")
+OUT_COLS = (
+    "packet_id",
+    "origin",
+    "sender",
+    "recipient",
+    "next_hop",
+    "kind",
+    "thread",
+    "seq",
+    "digest",
+    "size",
+    "patient_hash",
+    "state",
+    "attempts",
+    "created_at",
+    "next_try_at",
+    "body",
+)
+IN_COLS = (
+    "packet_id",
+    "sender",
+    "kind",
+    "thread",
+    "seq",
+    "digest",
+    "size",
+    "patient_hash",
+    "state",
+    "attempts",
+    "created_at",
+    "received_at",
+    "next_try_at",
+    "body",
+    "receipt",
+)
+Q_COLS = (
+    "at",
+    "source",
+    "code",
+    "message",
+    "sender",
+    "packet_id",
+    "kind",
+    "state",
+    "raw",
+    "patient_hash",
+    "trusted",
+)
 
 
 def generate(n: int, seed: int = 7) -> tuple[list[str], dict[str, Iterator[tuple[Any, ...]]]]:
@@ -76,20 +117,64 @@ def generate(n: int, seed: int = 7) -> tuple[list[str], dict[str, Iterator[tuple
             ph = patients[k % len(patients)]
             thread = f"t-{k // 4:09d}"
             if box == "out":
-                yield (pid, "local", "core", peer, peer, KINDS[k % 4], thread, i, "0" * 64,
-                       900, ph, "acknowledged", 1, at, at, b"{}")
+                yield (
+                    pid,
+                    "local",
+                    "core",
+                    peer,
+                    peer,
+                    KINDS[k % 4],
+                    thread,
+                    i,
+                    "0" * 64,
+                    900,
+                    ph,
+                    "acknowledged",
+                    1,
+                    at,
+                    at,
+                    b"{}",
+                )
             else:
-                yield (pid, peer, KINDS[k % 4], thread, i, "0" * 64, 900, ph, "delivered", 1,
-                       at, at, at, b"{}", b"{}")
+                yield (
+                    pid,
+                    peer,
+                    KINDS[k % 4],
+                    thread,
+                    i,
+                    "0" * 64,
+                    900,
+                    ph,
+                    "delivered",
+                    1,
+                    at,
+                    at,
+                    at,
+                    b"{}",
+                    b"{}",
+                )
 
     def held() -> Iterator[tuple[Any, ...]]:
         for i in range(n // 100):
-            yield (_ts(start + timedelta(seconds=span * i / max(1, n // 100))), "peer",
-                   "HT-SIGNATURE", "bad signature", PEERS[i % 4], f"q-{i:07d}", KINDS[i % 4],
-                   "held", b"x", patients[(i * 7) % len(patients)], True)
+            yield (
+                _ts(start + timedelta(seconds=span * i / max(1, n // 100))),
+                "peer",
+                "HT-SIGNATURE",
+                "bad signature",
+                PEERS[i % 4],
+                f"q-{i:07d}",
+                KINDS[i % 4],
+                "held",
+                b"x",
+                patients[(i * 7) % len(patients)],
+                True,
+            )
 
-    return patients, {"outbox": packets("out", half), "inbox": packets("in", n - half),
-                      "quarantine": held()}
+    return patients, {
+        "outbox": packets("out", half),
+        "inbox": packets("in", n - half),
+        "quarantine": held(),
+    }
 
 
 def load(path: Path, n: int, seed: int = 7) -> list[str]:
@@ -100,8 +185,10 @@ def load(path: Path, n: int, seed: int = 7) -> list[str]:
         db.execute("PRAGMA synchronous=OFF")
         db.execute("PRAGMA cache_size=-200000")
         for table, rows in tables.items():
-            sql = (f"INSERT INTO {table} ({', '.join(cols[table])}) VALUES "
-                   f"({', '.join('?' * len(cols[table]))})")
+            sql = (
+                f"INSERT INTO {table} ({', '.join(cols[table])}) VALUES "
+                f"({', '.join('?' * len(cols[table]))})"
+            )
             while True:
                 chunk = list(itertools.islice(rows, CHUNK))
                 if not chunk:
@@ -121,8 +208,10 @@ def load_pg(dsn: str, n: int, seed: int = 7) -> list[str]:
     cols = {"outbox": OUT_COLS, "inbox": IN_COLS, "quarantine": Q_COLS}
     with psycopg.connect(re.sub(r"^postgres(ql)?(\+\w+)?://", "postgresql://", dsn)) as conn:
         for table, rows in tables.items():
-            with conn.cursor() as cur, cur.copy(
-                    f"COPY {table} ({', '.join(cols[table])}) FROM STDIN") as copy:
+            with (
+                conn.cursor() as cur,
+                cur.copy(f"COPY {table} ({', '.join(cols[table])}) FROM STDIN") as copy,
+            ):
                 for row in rows:
                     copy.write_row(row)
         conn.commit()
@@ -156,8 +245,9 @@ def measure(root: Path, n: int, pg_dsn: str | None = None) -> dict[str, Any]:
                 ms.append((time.perf_counter() - t) * 1000)
                 found.add(len(rows))
                 boxes |= {r["box"] for r in rows}
-            plans = {box: _plan(conn, stmt) for box, stmt in
-                     mb.statements(patient_hash=patients[0])}
+            plans = {
+                box: _plan(conn, stmt) for box, stmt in mb.statements(patient_hash=patients[0])
+            }
             t = time.perf_counter()
             _first, token = mb.search(conn)
             first_ms = (time.perf_counter() - t) * 1000
@@ -175,14 +265,20 @@ def measure(root: Path, n: int, pg_dsn: str | None = None) -> dict[str, Any]:
     finally:
         store.dispose()
     ms.sort()
-    return {"packets": n, "db": "postgresql" if pg_dsn else "sqlite",
-            "load_s": round(load_s, 1),
-            "patient_p50_ms": round(statistics.median(ms), 2),
-            "patient_p95_ms": round(ms[int(len(ms) * 0.95) - 1], 2),
-            "patient_max_ms": round(ms[-1], 2), "rows_per_patient": sorted(found),
-            "boxes_found": sorted(boxes), "plans": plans,
-            "first_page_ms": round(first_ms, 2), "page_200_ms": round(deep_ms, 2),
-            "db_mb": db_mb}
+    return {
+        "packets": n,
+        "db": "postgresql" if pg_dsn else "sqlite",
+        "load_s": round(load_s, 1),
+        "patient_p50_ms": round(statistics.median(ms), 2),
+        "patient_p95_ms": round(ms[int(len(ms) * 0.95) - 1], 2),
+        "patient_max_ms": round(ms[-1], 2),
+        "rows_per_patient": sorted(found),
+        "boxes_found": sorted(boxes),
+        "plans": plans,
+        "first_page_ms": round(first_ms, 2),
+        "page_200_ms": round(deep_ms, 2),
+        "db_mb": db_mb,
+    }
 
 
 def _plan(conn: Any, stmt: Any) -> str:
@@ -195,8 +291,9 @@ def _plan(conn: Any, stmt: Any) -> str:
     return " | ".join(line.strip() for line in lines if "Cond" not in line)
 
 
-def messages(root: Path, levels: tuple[int, ...] = (1_000_000,),
-             pg: Any = None) -> list[dict[str, Any]]:
+def messages(
+    root: Path, levels: tuple[int, ...] = (1_000_000,), pg: Any = None
+) -> list[dict[str, Any]]:
     """Each level on SQLite, and on PostgreSQL when ``pg`` (bench/exchange.PgServer) is up."""
     out = []
     for n in levels:

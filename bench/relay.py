@@ -61,8 +61,7 @@ from tests.harness import Alliance
 PLATFORM = "platform"
 RECEIVERS = ("recv-a", "recv-b")
 KIND = "result.lab"
-KINDS = ["result.lab", "referral.request", "referral.status", "referral.cancel",
-         "referral.return"]
+KINDS = ["result.lab", "referral.request", "referral.status", "referral.cancel", "referral.return"]
 THREADS_PER_MEMBER = 2  # FHIR threads per member: order holds within each
 SIZE = 4096
 
@@ -77,15 +76,36 @@ def receiver_of(i: int) -> str:
 
 def alliance_members(members: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Directory entries and rules: one rule per member to its receiver."""
-    out = [{"id": PLATFORM, "zh": "医联体信息平台", "en": "Alliance platform", "role": "platform"},
-           {"id": RECEIVERS[0], "zh": "复兴医院", "en": "Fuxing Hospital", "role": "core",
-            "via": PLATFORM},
-           {"id": RECEIVERS[1], "zh": "广外医院", "en": "Guangwai Hospital", "role": "secondary",
-            "via": PLATFORM}]
-    out += [{"id": member_id(i), "zh": f"社区卫生服务中心 {i}", "en": f"Community centre {i}",
-             "role": "community", "via": PLATFORM} for i in range(1, members + 1)]
-    rules = [{"from": member_id(i), "to": receiver_of(i), "kinds": KINDS}
-             for i in range(1, members + 1)]
+    out = [
+        {"id": PLATFORM, "zh": "医联体信息平台", "en": "Alliance platform", "role": "platform"},
+        {
+            "id": RECEIVERS[0],
+            "zh": "复兴医院",
+            "en": "Fuxing Hospital",
+            "role": "core",
+            "via": PLATFORM,
+        },
+        {
+            "id": RECEIVERS[1],
+            "zh": "广外医院",
+            "en": "Guangwai Hospital",
+            "role": "secondary",
+            "via": PLATFORM,
+        },
+    ]
+    out += [
+        {
+            "id": member_id(i),
+            "zh": f"社区卫生服务中心 {i}",
+            "en": f"Community centre {i}",
+            "role": "community",
+            "via": PLATFORM,
+        }
+        for i in range(1, members + 1)
+    ]
+    rules = [
+        {"from": member_id(i), "to": receiver_of(i), "kinds": KINDS} for i in range(1, members + 1)
+    ]
     return out, rules
 
 
@@ -94,8 +114,10 @@ def point_members_at(alliance_toml: Path, url: str) -> None:
     blocks = alliance_toml.read_text(encoding="utf-8").split("\n[[members]]\n")
     for k, block in enumerate(blocks):
         if 'id = "member-' in block:
-            lines = [f'exchange_url = "{url}"' if line.startswith("exchange_url = ") else line
-                     for line in block.split("\n")]
+            lines = [
+                f'exchange_url = "{url}"' if line.startswith("exchange_url = ") else line
+                for line in block.split("\n")
+            ]
             blocks[k] = "\n".join(lines)
     alliance_toml.write_text("\n[[members]]\n".join(blocks), encoding="utf-8")
 
@@ -153,21 +175,23 @@ def _sink_main(pipe: Any, keys: dict[str, tuple[Any, ...]]) -> None:
 # =============================================================================================
 
 
-def _post(conn: PeerConnection, frames: list[bytes], platform_keys: tuple[Any, ...],
-          stats: dict[str, Any]) -> None:
+def _post(
+    conn: PeerConnection, frames: list[bytes], platform_keys: tuple[Any, ...], stats: dict[str, Any]
+) -> None:
     """POST one member's batch until the platform took it (a re-send after a lost answer gets
     the original receipts: the platform dedupes by packet id). Checks every signed answer."""
     body = env.encode_batch(frames)
     for attempt in range(50):
         try:
-            answers = env.decode_batch(conn.post_batch(body), max_items=len(frames),
-                                       max_total=64 << 20)
+            answers = env.decode_batch(
+                conn.post_batch(body), max_items=len(frames), max_total=64 << 20
+            )
             break
         except RateLimited as exc:
             time.sleep(exc.retry_after)
         except HutongError as exc:
             stats["errors"].append(f"{exc.code}: {str(exc)[:200]}")
-            time.sleep(min(2.0, 0.1 * 2 ** attempt))
+            time.sleep(min(2.0, 0.1 * 2**attempt))
         stats["retries"] += 1
     else:
         raise RuntimeError(f"platform did not take a batch: {stats['errors'][-1:]}")
@@ -182,16 +206,21 @@ def _post(conn: PeerConnection, frames: list[bytes], platform_keys: tuple[Any, .
             stats["errors"].append(f"{exc.code}: {str(exc)[:200]}")
 
 
-def _member_loop(jobs: list[dict[str, Any]], frames: list[bytes] | None, ctx: dict[str, Any],
-                 stats: dict[str, Any], t0: float) -> None:
+def _member_loop(
+    jobs: list[dict[str, Any]],
+    frames: list[bytes] | None,
+    ctx: dict[str, Any],
+    stats: dict[str, Any],
+    t0: float,
+) -> None:
     """One member's packets in order: pre-sealed in batches, or sealed one by one when due."""
     conn = PeerConnection(ctx["url"])
     try:
         if frames is not None:
             for k in range(0, len(frames), ctx["batch"]):
                 posted = time.time()
-                _post(conn, frames[k:k + ctx["batch"]], ctx["platform_keys"], stats)
-                for job in jobs[k:k + ctx["batch"]]:
+                _post(conn, frames[k : k + ctx["batch"]], ctx["platform_keys"], stats)
+                for job in jobs[k : k + ctx["batch"]]:
                     stats["posted"][job["id"]] = posted
             return
         for job in jobs:
@@ -209,24 +238,38 @@ def _member_loop(jobs: list[dict[str, Any]], frames: list[bytes] | None, ctx: di
 
 
 def _seal(job: dict[str, Any], ctx: dict[str, Any]) -> bytes:
-    return env.seal(ex.body_of(SIZE), sender=job["sender"], recipient=job["to"], kind=KIND,
-                    thread=job["thread"], seq=job["seq"], packet_id=job["id"],
-                    signing_key=ctx["signing"][job["sender"]],
-                    recipient_key=ctx["recipient_keys"][job["to"]])
+    return env.seal(
+        ex.body_of(SIZE),
+        sender=job["sender"],
+        recipient=job["to"],
+        kind=KIND,
+        thread=job["thread"],
+        seq=job["seq"],
+        packet_id=job["id"],
+        signing_key=ctx["signing"][job["sender"]],
+        recipient_key=ctx["recipient_keys"][job["to"]],
+    )
 
 
-def _sender_main(pipe: Any, go: Any, jobs: dict[str, list[dict[str, Any]]],
-                 ctx: dict[str, Any], preseal: bool) -> None:
-    ctx = dict(ctx, signing={m: load_signing_key(ctx["keys_dir"] / f"{m}.sign.key")
-                             for m in jobs})
+def _sender_main(
+    pipe: Any, go: Any, jobs: dict[str, list[dict[str, Any]]], ctx: dict[str, Any], preseal: bool
+) -> None:
+    ctx = dict(ctx, signing={m: load_signing_key(ctx["keys_dir"] / f"{m}.sign.key") for m in jobs})
     frames = {m: [_seal(j, ctx) for j in js] for m, js in jobs.items()} if preseal else {}
-    stats: dict[str, Any] = {"posted": {}, "status": Counter(), "errors": [], "retries": 0,
-                             "fatal": False}
+    stats: dict[str, Any] = {
+        "posted": {},
+        "status": Counter(),
+        "errors": [],
+        "retries": 0,
+        "fatal": False,
+    }
     pipe.send("ready")
     go.wait()
     t0 = time.perf_counter()
-    threads = [threading.Thread(target=_member_loop, args=(js, frames.get(m), ctx, stats, t0))
-               for m, js in jobs.items()]
+    threads = [
+        threading.Thread(target=_member_loop, args=(js, frames.get(m), ctx, stats, t0))
+        for m, js in jobs.items()
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -238,8 +281,9 @@ def _sender_main(pipe: Any, go: Any, jobs: dict[str, list[dict[str, Any]]],
 class Senders:
     """``procs`` sender processes sharing the members; ``run`` releases them and collects."""
 
-    def __init__(self, jobs: list[dict[str, Any]], procs: int, ctx: dict[str, Any],
-                 preseal: bool) -> None:
+    def __init__(
+        self, jobs: list[dict[str, Any]], procs: int, ctx: dict[str, Any], preseal: bool
+    ) -> None:
         by_member: dict[str, list[dict[str, Any]]] = {}
         for job in jobs:
             by_member.setdefault(job["sender"], []).append(job)
@@ -252,8 +296,9 @@ class Senders:
             if not share:
                 continue
             ours, theirs = mpc.Pipe()
-            proc = mpc.Process(target=_sender_main, args=(theirs, self.go, share, ctx, preseal),
-                               daemon=True)
+            proc = mpc.Process(
+                target=_sender_main, args=(theirs, self.go, share, ctx, preseal), daemon=True
+            )
             proc.start()
             theirs.close()
             self.procs.append((proc, ours))
@@ -294,8 +339,9 @@ class Senders:
             pipe.close()
 
 
-def plan_jobs(members: int, n: int, tag: str, seq_from: dict[tuple[str, str], int],
-              spacing: float = 0.0) -> list[dict[str, Any]]:
+def plan_jobs(
+    members: int, n: int, tag: str, seq_from: dict[tuple[str, str], int], spacing: float = 0.0
+) -> list[dict[str, Any]]:
     """n packets round-robin over the members; ``due`` = when to post (paced runs)."""
     jobs = []
     for j in range(n):
@@ -303,8 +349,16 @@ def plan_jobs(members: int, n: int, tag: str, seq_from: dict[tuple[str, str], in
         sender = member_id(i)
         thread = f"{sender}-{tag}-{(j // members) % THREADS_PER_MEMBER}"
         seq = seq_from[(sender, thread)] = seq_from.get((sender, thread), 0) + 1
-        jobs.append({"id": str(uuid.uuid4()), "sender": sender, "to": receiver_of(i),
-                     "thread": thread, "seq": seq, "due": j * spacing})
+        jobs.append(
+            {
+                "id": str(uuid.uuid4()),
+                "sender": sender,
+                "to": receiver_of(i),
+                "thread": thread,
+                "seq": seq,
+                "due": j * spacing,
+            }
+        )
     return jobs
 
 
@@ -320,49 +374,64 @@ class Receivers:
         self.readers = {r: ex.Reader(alliance.node(r).plan.storage_dsn) for r in RECEIVERS}
 
     def count(self, after: dict[str, int]) -> int:
-        return sum(rd.scalar("SELECT COUNT(*) FROM inbox WHERE id > ?", after[r])
-                   for r, rd in self.readers.items())
+        return sum(
+            rd.scalar("SELECT COUNT(*) FROM inbox WHERE id > ?", after[r])
+            for r, rd in self.readers.items()
+        )
 
     def marks(self) -> dict[str, int]:
-        return {r: rd.scalar("SELECT COALESCE(MAX(id), 0) FROM inbox")
-                for r, rd in self.readers.items()}
+        return {
+            r: rd.scalar("SELECT COALESCE(MAX(id), 0) FROM inbox") for r, rd in self.readers.items()
+        }
 
     def rows(self, after: dict[str, int]) -> dict[str, list[tuple[Any, ...]]]:
-        return {r: rd.rows("SELECT packet_id, received_at, created_at, sender FROM inbox"
-                           " WHERE id > ?", after[r]) for r, rd in self.readers.items()}
+        return {
+            r: rd.rows(
+                "SELECT packet_id, received_at, created_at, sender FROM inbox WHERE id > ?",
+                after[r],
+            )
+            for r, rd in self.readers.items()
+        }
 
     def duplicates(self) -> int:
-        return sum(rd.scalar("SELECT COUNT(*) FROM audit WHERE action = 'duplicate'")
-                   for rd in self.readers.values())
+        return sum(
+            rd.scalar("SELECT COUNT(*) FROM audit WHERE action = 'duplicate'")
+            for rd in self.readers.values()
+        )
 
     def close(self) -> None:
         for rd in self.readers.values():
             rd.close()
 
 
-def _wait_received(recv: Receivers, before: dict[str, int], n: int, alliance: Alliance,
-                   timeout: float, what: str) -> float:
+def _wait_received(
+    recv: Receivers, before: dict[str, int], n: int, alliance: Alliance, timeout: float, what: str
+) -> float:
     deadline = time.perf_counter() + timeout
     while recv.count(before) < n:
         for node in alliance.nodes.values():
             if node.proc is not None and node.proc.poll() is not None:
                 raise RuntimeError(f"{node.node_id} exited during the {what} run")
         if time.perf_counter() > deadline:
-            raise TimeoutError(f"{what}: {recv.count(before)} of {n} packets arrived in "
-                               f"{timeout:.0f} s")
+            raise TimeoutError(
+                f"{what}: {recv.count(before)} of {n} packets arrived in {timeout:.0f} s"
+            )
         time.sleep(0.02)
     return time.perf_counter()
 
 
-def _check_once(rows: dict[str, list[tuple[Any, ...]]], jobs: list[dict[str, Any]]
-                ) -> dict[str, Any]:
+def _check_once(
+    rows: dict[str, list[tuple[Any, ...]]], jobs: list[dict[str, Any]]
+) -> dict[str, Any]:
     """Every packet in the inbox it was addressed to, exactly once."""
     addressed: dict[str, list[str]] = {r: [] for r in RECEIVERS}
     for job in jobs:
         addressed[job["to"]].append(job["id"])
     got = {r: [x[0] for x in rs] for r, rs in rows.items()}
-    per = {r: {"addressed": len(addressed[r]), "received": len(got[r]),
-               "distinct": len(set(got[r]))} for r in RECEIVERS}
+    per = {
+        r: {"addressed": len(addressed[r]), "received": len(got[r]), "distinct": len(set(got[r]))}
+        for r in RECEIVERS
+    }
     once = all(sorted(got[r]) == sorted(addressed[r]) for r in RECEIVERS)
     return {"received_once": once, "per_receiver": per}
 
@@ -378,9 +447,19 @@ def platform_intake(dsn: str, ids: list[str]) -> dict[str, float]:
     return {r[0]: ex.ts(r[1]) for r in rows if r[0] in wanted}
 
 
-def relay(root: Path, members: int = 50, n: int = 1500, *, procs: int = 3, batch: int = 20,
-          lat_rate: float | None = None, lat_seconds: float = 4.0, timeout: float = 300.0,
-          spy: ex.Spy | None = None, spy_latency: ex.Spy | None = None) -> dict[str, Any]:
+def relay(
+    root: Path,
+    members: int = 50,
+    n: int = 1500,
+    *,
+    procs: int = 3,
+    batch: int = 20,
+    lat_rate: float | None = None,
+    lat_seconds: float = 4.0,
+    timeout: float = 300.0,
+    spy: ex.Spy | None = None,
+    spy_latency: ex.Spy | None = None,
+) -> dict[str, Any]:
     """Scaffold, start, run throughput then latency, stop; returns the figures (see module).
     ``spy_latency``: sample the platform (``--idle``) during the latency run."""
     started = time.perf_counter()
@@ -399,10 +478,13 @@ def relay(root: Path, members: int = 50, n: int = 1500, *, procs: int = 3, batch
     platform = alliance.node(PLATFORM)
     recv: Receivers | None = None
     senders: Senders | None = None
-    ctx = {"url": platform.peer_url, "batch": batch, "keys_dir": root / "alliance-relay" / "keys",
-           "platform_keys": platform.plan.directory[PLATFORM].signing_keys,
-           "recipient_keys": {r: platform.plan.directory[r].encryption_keys[0]
-                              for r in RECEIVERS}}
+    ctx = {
+        "url": platform.peer_url,
+        "batch": batch,
+        "keys_dir": root / "alliance-relay" / "keys",
+        "platform_keys": platform.plan.directory[PLATFORM].signing_keys,
+        "recipient_keys": {r: platform.plan.directory[r].encryption_keys[0] for r in RECEIVERS},
+    }
     seqs: dict[tuple[str, str], int] = {}
     profile = None
     try:
@@ -421,9 +503,13 @@ def relay(root: Path, members: int = 50, n: int = 1500, *, procs: int = 3, batch
         spids = senders.pids() + [sink.pid]
 
         def cpu() -> tuple[float, ...]:
-            return (ex.cpu_seconds(pp), sum(ex.cpu_seconds(p) for p in rpids),
-                    sum(ex.cpu_seconds(p) for p in spids), ex.machine_busy_s(),
-                    time.process_time())
+            return (
+                ex.cpu_seconds(pp),
+                sum(ex.cpu_seconds(p) for p in rpids),
+                sum(ex.cpu_seconds(p) for p in spids),
+                ex.machine_busy_s(),
+                time.process_time(),
+            )
 
         c0 = cpu()
         t0 = senders.start()
@@ -441,13 +527,16 @@ def relay(root: Path, members: int = 50, n: int = 1500, *, procs: int = 3, batch
         used = [b - a for a, b in zip(c0, c1, strict=True)]
         rows = recv.rows(before)
         once = _check_once(rows, jobs)
-        per_sender = {r: dict(sorted(Counter(x[3] for x in rs).items()))
-                      for r, rs in rows.items()}
+        per_sender = {r: dict(sorted(Counter(x[3] for x in rs).items())) for r, rs in rows.items()}
         times = sorted(ex.ts(r[1]) for rs in rows.values() for r in rs)
         span = times[-1] - times[0]
         steady = sum(1 for x in times if x < times[-1]) / span if span > 0 else float("nan")
-        queued = [(ex.ts(r[1]) - sent["posted"][r[0]]) * 1000 for rs in rows.values()
-                  for r in rs if r[0] in sent["posted"]]
+        queued = [
+            (ex.ts(r[1]) - sent["posted"][r[0]]) * 1000
+            for rs in rows.values()
+            for r in rs
+            if r[0] in sent["posted"]
+        ]
         rss = ex.peak_rss_mib(pp)
         # ---- 2. latency: one packet per post, sealed when due, below the measured rate ------
         rate = lat_rate or max(5.0, min(0.4 * steady, 200.0))
@@ -471,10 +560,18 @@ def relay(root: Path, members: int = 50, n: int = 1500, *, procs: int = 3, batch
         # where it waited: sealed -> the platform's intake (its relay row's created_at) and
         # from there -> the receiver's intake
         at_platform = platform_intake(platform.plan.storage_dsn, [j["id"] for j in ljobs])
-        lat_in = [(at_platform[r[0]] - ex.ts(r[2])) * 1000 for rs in lrows.values() for r in rs
-                  if r[0] in at_platform]
-        lat_out = [(ex.ts(r[1]) - at_platform[r[0]]) * 1000 for rs in lrows.values()
-                   for r in rs if r[0] in at_platform]
+        lat_in = [
+            (at_platform[r[0]] - ex.ts(r[2])) * 1000
+            for rs in lrows.values()
+            for r in rs
+            if r[0] in at_platform
+        ]
+        lat_out = [
+            (ex.ts(r[1]) - at_platform[r[0]]) * 1000
+            for rs in lrows.values()
+            for r in rs
+            if r[0] in at_platform
+        ]
         # ---- end-to-end receipts back at the members, through the platform ------------------
         want = n + m
         deadline = time.perf_counter() + 60
@@ -499,55 +596,93 @@ def relay(root: Path, members: int = 50, n: int = 1500, *, procs: int = 3, batch
             sink.join(10)
         sink_pipe.close()
     return {
-        "members": members, "n": n, "procs": procs, "batch": batch, "size": SIZE,
-        "steady_pps": steady, "wall_pps": n / window, "window_s": window, "span_s": span,
+        "members": members,
+        "n": n,
+        "procs": procs,
+        "batch": batch,
+        "size": SIZE,
+        "steady_pps": steady,
+        "wall_pps": n / window,
+        "window_s": window,
+        "span_s": span,
         "received_once": once["received_once"] and lonce["received_once"],
-        "per_receiver": once["per_receiver"], "per_sender": per_sender, "duplicates": dups,
-        "platform_cpu": used[0] / window, "receivers_cpu": used[1] / window,
+        "per_receiver": once["per_receiver"],
+        "per_sender": per_sender,
+        "duplicates": dups,
+        "platform_cpu": used[0] / window,
+        "receivers_cpu": used[1] / window,
         "senders_cpu": used[2] / window,
         "others_cpu": max(0.0, used[3] - sum(used[:3]) - used[4]) / window,
         "platform_rss_mib": rss,
         "sender_retries": sent["retries"] + lsent["retries"],
         "sender_errors": (sent["errors"] + lsent["errors"])[:10],
         "platform_answers": sent["status"],
-        "saturated_p50_ms": ex.pct(queued, 0.5), "saturated_p99_ms": ex.pct(queued, 0.99),
-        "lat_rate": rate, "lat_n": m, "lat_received_once": lonce["received_once"],
-        "p50_ms": ex.pct(lat, 0.5), "p99_ms": ex.pct(lat, 0.99), "max_ms": max(lat),
-        "to_platform_p50_ms": ex.pct(lat_in, 0.5), "to_platform_p99_ms": ex.pct(lat_in, 0.99),
+        "saturated_p50_ms": ex.pct(queued, 0.5),
+        "saturated_p99_ms": ex.pct(queued, 0.99),
+        "lat_rate": rate,
+        "lat_n": m,
+        "lat_received_once": lonce["received_once"],
+        "p50_ms": ex.pct(lat, 0.5),
+        "p99_ms": ex.pct(lat, 0.99),
+        "max_ms": max(lat),
+        "to_platform_p50_ms": ex.pct(lat_in, 0.5),
+        "to_platform_p99_ms": ex.pct(lat_in, 0.99),
         "from_platform_p50_ms": ex.pct(lat_out, 0.5),
         "from_platform_p99_ms": ex.pct(lat_out, 0.99),
         "receipts_back": len({p for p, _, s in receipts if s == "accepted"}),
-        "receipt_statuses": dict(accepted), "receipts_expected": want,
-        "elapsed_s": time.perf_counter() - started, "pyspy": profile,
+        "receipt_statuses": dict(accepted),
+        "receipts_expected": want,
+        "elapsed_s": time.perf_counter() - started,
+        "pyspy": profile,
         "pyspy_latency": lat_profile,
     }
 
 
 def report(r: dict[str, Any]) -> None:
-    t = ex._table(f"Platform relay: {r['members']} members -> platform -> 2 receivers, "
-                  f"4 KiB, SQLite, {r['procs']} sender processes, {r['batch']} per post",
-                  ["what", "figure"])
+    t = ex._table(
+        f"Platform relay: {r['members']} members -> platform -> 2 receivers, "
+        f"4 KiB, SQLite, {r['procs']} sender processes, {r['batch']} per post",
+        ["what", "figure"],
+    )
     rows = [
         ("packets", f"{r['n']:,} (+ {r['lat_n']:,} in the latency run)"),
         ("steady packets/s through the platform", f"{r['steady_pps']:,.0f}"),
         ("wall packets/s (go -> all received)", f"{r['wall_pps']:,.0f} ({r['window_s']:.1f} s)"),
         ("every packet received once, where addressed", str(r["received_once"])),
         ("duplicates at the receivers", str(r["duplicates"])),
-        ("per receiver: addressed / received",
-         ", ".join(f"{k} {v['addressed']}/{v['received']}" for k, v in r["per_receiver"].items())),
-        ("end-to-end receipts back at the members", (f"{r['receipts_back']:,} of "
-                                                    f"{r['receipts_expected']:,}")),
-        (f"latency sealed -> received at {r['lat_rate']:.0f}/s: p50 / p99 / max",
-         f"{r['p50_ms']:.0f} / {r['p99_ms']:.0f} / {r['max_ms']:.0f} ms"),
-        ("  of which sealed -> platform intake: p50 / p99",
-         f"{r['to_platform_p50_ms']:.0f} / {r['to_platform_p99_ms']:.0f} ms"),
-        ("  and platform intake -> receiver intake: p50 / p99",
-         f"{r['from_platform_p50_ms']:.0f} / {r['from_platform_p99_ms']:.0f} ms"),
-        ("posted -> received under saturation: p50 / p99",
-         f"{r['saturated_p50_ms']:.0f} / {r['saturated_p99_ms']:.0f} ms"),
-        ("CPU platform / receivers / senders+sink / others",
-         (f"{r['platform_cpu']:.0%} / {r['receivers_cpu']:.0%} / {r['senders_cpu']:.0%} / "
-         f"{r['others_cpu']:.0%}")),
+        (
+            "per receiver: addressed / received",
+            ", ".join(
+                f"{k} {v['addressed']}/{v['received']}" for k, v in r["per_receiver"].items()
+            ),
+        ),
+        (
+            "end-to-end receipts back at the members",
+            (f"{r['receipts_back']:,} of {r['receipts_expected']:,}"),
+        ),
+        (
+            f"latency sealed -> received at {r['lat_rate']:.0f}/s: p50 / p99 / max",
+            f"{r['p50_ms']:.0f} / {r['p99_ms']:.0f} / {r['max_ms']:.0f} ms",
+        ),
+        (
+            "  of which sealed -> platform intake: p50 / p99",
+            f"{r['to_platform_p50_ms']:.0f} / {r['to_platform_p99_ms']:.0f} ms",
+        ),
+        (
+            "  and platform intake -> receiver intake: p50 / p99",
+            f"{r['from_platform_p50_ms']:.0f} / {r['from_platform_p99_ms']:.0f} ms",
+        ),
+        (
+            "posted -> received under saturation: p50 / p99",
+            f"{r['saturated_p50_ms']:.0f} / {r['saturated_p99_ms']:.0f} ms",
+        ),
+        (
+            "CPU platform / receivers / senders+sink / others",
+            (
+                f"{r['platform_cpu']:.0%} / {r['receivers_cpu']:.0%} / {r['senders_cpu']:.0%} / "
+                f"{r['others_cpu']:.0%}"
+            ),
+        ),
         ("platform peak RSS (VmHWM)", f"{r['platform_rss_mib']:.0f} MiB"),
         ("sender retries (platform answered 503 / no answer)", str(r["sender_retries"])),
         ("whole run incl. scaffolding and start-up", f"{r['elapsed_s']:.0f} s"),
@@ -555,20 +690,26 @@ def report(r: dict[str, Any]) -> None:
     for what, fig in rows:
         t.add_row(what, fig)
     ex.console.print(t)
-    ex.console.print(f"[dim]CPU = process CPU seconds / seconds of the throughput window "
-                     f"(100% = one core of {os.cpu_count()}); others = busy cores used by "
-                     f"anything else on the machine. Load average {os.getloadavg()[0]:.1f}.[/]")
+    ex.console.print(
+        f"[dim]CPU = process CPU seconds / seconds of the throughput window "
+        f"(100% = one core of {os.cpu_count()}); others = busy cores used by "
+        f"anything else on the machine. Load average {os.getloadavg()[0]:.1f}.[/]"
+    )
     for e in r["sender_errors"]:
         ex.console.print(f"[yellow]sender: {e}[/]")
     for node, prof in (r.get("pyspy") or {}).items():
-        t = ex._table(f"py-spy --gil, {node}, throughput run ({prof['file']})",
-                      ["bridge function (inclusive)", "GIL samples"])
+        t = ex._table(
+            f"py-spy --gil, {node}, throughput run ({prof['file']})",
+            ["bridge function (inclusive)", "GIL samples"],
+        )
         for name, share in prof["top"]:
             t.add_row(name, f"{share:.0%}")
         ex.console.print(t)
     for node, prof in (r.get("pyspy_latency") or {}).items():
-        t = ex._table(f"py-spy --idle, {node}, latency run ({prof['file']})",
-                      ["bridge function (inclusive)", "samples, all threads"])
+        t = ex._table(
+            f"py-spy --idle, {node}, latency run ({prof['file']})",
+            ["bridge function (inclusive)", "samples, all threads"],
+        )
         for name, share in prof["top"]:
             t.add_row(name, f"{share:.0%}")
         ex.console.print(t)
@@ -580,13 +721,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-n", type=int, default=1500, help="packets in the throughput run")
     p.add_argument("--procs", type=int, default=3, help="sender processes")
     p.add_argument("--batch", type=int, default=20, help="packets per post by one member")
-    p.add_argument("--lat-rate", type=float, help="packets/s of the latency run (default: "
-                                                   "40%% of the measured steady rate)")
+    p.add_argument(
+        "--lat-rate",
+        type=float,
+        help="packets/s of the latency run (default: 40%% of the measured steady rate)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the temp dir (node logs, DBs)")
-    p.add_argument("--py-spy", nargs="?", const="py-spy", metavar="EXE",
-                   help="sample the platform with py-spy (--gil) during the throughput run")
-    p.add_argument("--py-spy-latency", nargs="?", const="py-spy", metavar="EXE",
-                   help="sample the platform with py-spy --idle during the latency run")
+    p.add_argument(
+        "--py-spy",
+        nargs="?",
+        const="py-spy",
+        metavar="EXE",
+        help="sample the platform with py-spy (--gil) during the throughput run",
+    )
+    p.add_argument(
+        "--py-spy-latency",
+        nargs="?",
+        const="py-spy",
+        metavar="EXE",
+        help="sample the platform with py-spy --idle during the latency run",
+    )
     args = p.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="hutong-bench-relay-"))
     spy_latency = None
@@ -594,8 +748,9 @@ def main(argv: list[str] | None = None) -> int:
         exe = shutil.which(args.py_spy_latency) or os.environ.get("PY_SPY")
         if not exe:
             p.error(f"py-spy '{args.py_spy_latency}' not found")
-        spy_latency = ex.Spy(exe, ex.ROOT / "bench" / "results",
-                             time.strftime("relay-lat-%Y%m%d-%H%M%S"), idle=True)
+        spy_latency = ex.Spy(
+            exe, ex.ROOT / "bench" / "results", time.strftime("relay-lat-%Y%m%d-%H%M%S"), idle=True
+        )
     spy = None
     if args.py_spy:
         exe = shutil.which(args.py_spy) or os.environ.get("PY_SPY")
@@ -603,8 +758,16 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"py-spy '{args.py_spy}' not found")
         spy = ex.Spy(exe, ex.ROOT / "bench" / "results", time.strftime("relay-%Y%m%d-%H%M%S"))
     try:
-        r = relay(root, args.members, args.n, procs=args.procs, batch=args.batch,
-                  lat_rate=args.lat_rate, spy=spy, spy_latency=spy_latency)
+        r = relay(
+            root,
+            args.members,
+            args.n,
+            procs=args.procs,
+            batch=args.batch,
+            lat_rate=args.lat_rate,
+            spy=spy,
+            spy_latency=spy_latency,
+        )
     finally:
         if args.keep:
             ex.console.print(f"[dim]kept {root}[/]")

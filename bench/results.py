@@ -71,10 +71,13 @@ def measure(n: int) -> dict[str, Any]:
         texts = [t for t, _ in decoded]
         msgs = [parse(t, cs) for t, cs in decoded]
         heads = [header(m) for m in msgs]
-        cfg = Settings(node_id="core", hash_key=bytes(32),
-                       national_id_system="urn:oid:2.16.156.10011.1.3",
-                       local_system="http://hutong.dev/CodeSystem/fxlab/lab",
-                       translator=load_site(site).translator())
+        cfg = Settings(
+            node_id="core",
+            hash_key=bytes(32),
+            national_id_system="urn:oid:2.16.156.10011.1.3",
+            local_system="http://hutong.dev/CodeSystem/fxlab/lab",
+            translator=load_site(site).translator(),
+        )
         bundles = [to_fhir(m, h, cfg).bundle for m, h in zip(msgs, heads, strict=True)]
         size = sum(map(len, raws)) / len(raws)
 
@@ -87,20 +90,35 @@ def measure(n: int) -> dict[str, Any]:
         rates = {
             "bare python-hl7 parse": per_second(hl7.parse, texts),
             "bare resource construction (to_fhir)": per_second(
-                lambda mh: to_fhir(mh[0], mh[1], cfg), list(zip(msgs, heads, strict=True))),
+                lambda mh: to_fhir(mh[0], mh[1], cfg), list(zip(msgs, heads, strict=True))
+            ),
             "schema validation of the Bundle": per_second(validate_bundle, bundles),
             "in-process ORU -> validated FHIR (no store)": per_second(pipeline, raws),
         }
         port = free_port_block(1)
         members = [
-            {"id": "core", "zh": "复兴医院", "en": "Fuxing Hospital", "role": "core",
-             "adapters": [{"name": "lis", "type": "lis-hl7", "mappings": str(site),
-                           "options": {"port": port, "rate_limit": {
-                               "per_second": 100000, "burst": 100000, "hold_s": 0}}}]},
+            {
+                "id": "core",
+                "zh": "复兴医院",
+                "en": "Fuxing Hospital",
+                "role": "core",
+                "adapters": [
+                    {
+                        "name": "lis",
+                        "type": "lis-hl7",
+                        "mappings": str(site),
+                        "options": {
+                            "port": port,
+                            "rate_limit": {"per_second": 100000, "burst": 100000, "hold_s": 0},
+                        },
+                    }
+                ],
+            },
             {"id": "chc", "zh": "月坛社区卫生服务中心", "en": "Yuetan CHC", "role": "community"},
         ]
-        a = Alliance(root / "alliance", members,
-                     [{"from": "core", "to": "chc", "kinds": ["result.lab"]}])
+        a = Alliance(
+            root / "alliance", members, [{"from": "core", "to": "chc", "kinds": ["result.lab"]}]
+        )
         try:
             a.start("core")
             with MLLPClient("127.0.0.1", port) as client:
@@ -118,10 +136,17 @@ def measure(n: int) -> dict[str, Any]:
     for name, rate in rates.items():
         print(f"  {name:<48} {rate:9.0f} msg/s  ({1e6 / rate:7.0f} µs)")
     e2e = n / elapsed
-    print(f"  {'end to end over MLLP, durable, one connection':<48} {e2e:9.0f} msg/s  "
-          f"({1e6 / e2e:7.0f} µs)  [{n} messages, {refused} not AA]")
-    return {"bytes_per_message": size, "rates": rates, "end_to_end_per_s": e2e, "n": n,
-            "refused": refused}
+    print(
+        f"  {'end to end over MLLP, durable, one connection':<48} {e2e:9.0f} msg/s  "
+        f"({1e6 / e2e:7.0f} µs)  [{n} messages, {refused} not AA]"
+    )
+    return {
+        "bytes_per_message": size,
+        "rates": rates,
+        "end_to_end_per_s": e2e,
+        "n": n,
+        "refused": refused,
+    }
 
 
 if __name__ == "__main__":

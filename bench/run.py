@@ -66,9 +66,16 @@ def machine() -> dict[str, Any]:
                 ram = int(line.split()[1]) / 1024 / 1024
     except (OSError, ValueError):
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": ram, "disk": disk(),
-            "os": platform.platform(), "python": platform.python_version(),
-            "sqlite": sqlite3.sqlite_version, "postgresql": None}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "ram_gib": ram,
+        "disk": disk(),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "sqlite": sqlite3.sqlite_version,
+        "postgresql": None,
+    }
 
 
 def disk() -> dict[str, Any]:
@@ -91,35 +98,50 @@ def disk() -> dict[str, Any]:
     except OSError:
         rotational = None
     usage = shutil.disk_usage(where)
-    return {"device": dev, "fs": fs, "mount": best, "size_gb": usage.total / 1e9,
-            "rotational": rotational}
+    return {
+        "device": dev,
+        "fs": fs,
+        "mount": best,
+        "size_gb": usage.total / 1e9,
+        "rotational": rotational,
+    }
 
 
 def header(results: dict[str, Any]) -> str:
     m = results["machine"]
     d = m["disk"]
-    rot = {True: "kernel: rotational", False: "kernel: non-rotational", None: "?"}[
-        d["rotational"]]
+    rot = {True: "kernel: rotational", False: "kernel: non-rotational", None: "?"}[d["rotational"]]
     load = results["loadavg"]
-    return (f"{results['when'][:10]} · {m['cpu']}, {m['cores']} cores, "
-            f"{m['ram_gib']:.0f} GiB RAM · disk {d['device']} ({d['fs']}, {d['size_gb']:.0f} GB,"
-            f" {rot}) · Python {m['python']} · SQLite {m['sqlite']} · PostgreSQL "
-            f"{m['postgresql'] or '-'} · load average {load['start'][0]:.1f} → "
-            f"{load['end'][0]:.1f} · git {results.get('git') or '?'}")
+    return (
+        f"{results['when'][:10]} · {m['cpu']}, {m['cores']} cores, "
+        f"{m['ram_gib']:.0f} GiB RAM · disk {d['device']} ({d['fs']}, {d['size_gb']:.0f} GB,"
+        f" {rot}) · Python {m['python']} · SQLite {m['sqlite']} · PostgreSQL "
+        f"{m['postgresql'] or '-'} · load average {load['start'][0]:.1f} → "
+        f"{load['end'][0]:.1f} · git {results.get('git') or '?'}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--scaleout-n", type=int, default=3000, help="packets per scale-out run")
     p.add_argument("--no-pg", action="store_true", help="SQLite only (no scale-out section)")
-    p.add_argument("--oru-n", type=int, default=200,
-                   help="ORU messages: end to end over MLLP, and the in-process loops")
-    p.add_argument("--growth", default="10000,100000,1000000",
-                   help="packets in the store, comma list")
-    p.add_argument("--search", default="10000,100000,1000000",
-                   help="FHIR resources in the store, comma list")
-    p.add_argument("--messages", default="1000000",
-                   help="packet counts for the message browser section, comma list")
+    p.add_argument(
+        "--oru-n",
+        type=int,
+        default=200,
+        help="ORU messages: end to end over MLLP, and the in-process loops",
+    )
+    p.add_argument(
+        "--growth", default="10000,100000,1000000", help="packets in the store, comma list"
+    )
+    p.add_argument(
+        "--search", default="10000,100000,1000000", help="FHIR resources in the store, comma list"
+    )
+    p.add_argument(
+        "--messages",
+        default="1000000",
+        help="packet counts for the message browser section, comma list",
+    )
     p.add_argument("--lis-n", type=int, default=300, help="LIS messages per run (lis section)")
     p.add_argument("--only", help="run only these sections, comma list (e.g. growth,search)")
     p.add_argument("--json", type=Path, help="result file (default bench/results/<date>.json)")
@@ -129,9 +151,15 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = ex.ROOT / "bench" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {
-        "when": datetime.now(UTC).isoformat(timespec="seconds"), "git": ex.git_rev(),
-        "machine": machine(), "loadavg": {"start": [round(x, 2) for x in os.getloadavg()]},
-        "sections_s": {}, "exchange": None, "scaleout": None, "errors": []}
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "git": ex.git_rev(),
+        "machine": machine(),
+        "loadavg": {"start": [round(x, 2) for x in os.getloadavg()]},
+        "sections_s": {},
+        "exchange": None,
+        "scaleout": None,
+        "errors": [],
+    }
     only = set(args.only.split(",")) if args.only else None
     sections: dict[str, float] = results["sections_s"]
     pg: ex.PgServer | None = None
@@ -180,8 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     summary(results)
     out = args.json or out_dir / f"{day}.json"
     out.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS))
-    ex.console.print(f"wrote {out} ({results['elapsed_s']:.0f} s in all); "
-                     f"Markdown: .venv/bin/python bench/summary_md.py {out}")
+    ex.console.print(
+        f"wrote {out} ({results['elapsed_s']:.0f} s in all); "
+        f"Markdown: .venv/bin/python bench/summary_md.py {out}"
+    )
     failed = results["errors"] or (results.get("exchange") or {}).get("errors")
     return 1 if failed else 0
 
@@ -189,8 +219,10 @@ def main(argv: list[str] | None = None) -> int:
 def run_exchange(root: Path, pg: ex.PgServer | None, no_pg: bool) -> dict[str, Any]:
     """exchange.py --quick on the shared PostgreSQL server; its own JSON is folded in."""
     path = root / "exchange.json"
-    ex.main(["--quick", "--json", str(path)] + (["--no-pg"] if no_pg or pg is None else []),
-            pg_server=pg)
+    ex.main(
+        ["--quick", "--json", str(path)] + (["--no-pg"] if no_pg or pg is None else []),
+        pg_server=pg,
+    )
     return orjson.loads(path.read_bytes())
 
 
@@ -216,119 +248,231 @@ def summary(results: dict[str, Any]) -> None:
     exch = results.get("exchange") or {}
     ceiling = exch.get("ceiling") or {}
     if ceiling.get("best_s"):
-        t = ex._table("machine ceiling, same run (in-process, best loop)",
-                      ["operation", "µs/op", "ops/s"])
+        t = ex._table(
+            "machine ceiling, same run (in-process, best loop)", ["operation", "µs/op", "ops/s"]
+        )
         for name, s in ceiling["best_s"].items():
             t.add_row(name, ex.fmt_us(s), f"{1 / s:,.0f}")
         ex.console.print(t)
     pipe = ceiling.get("pipeline", {})
     if exch.get("throughput"):
-        t = ex._table("node to node A -> B: sealed packets/s (durable commits), share of the "
-                      "ceiling", ["store", "body", "threads", "packets/s", "ceiling/s", "share",
-                                  "from commit", "delivered/s", "CPU others"])
+        t = ex._table(
+            "node to node A -> B: sealed packets/s (durable commits), share of the ceiling",
+            [
+                "store",
+                "body",
+                "threads",
+                "packets/s",
+                "ceiling/s",
+                "share",
+                "from commit",
+                "delivered/s",
+                "CPU others",
+            ],
+        )
         for r in exch["throughput"]:
             c = pipe.get(f"{r['backend']}:{r['size']}", {})
             cap = c.get("packets_per_s")
-            t.add_row(r["backend"], ex.KIB[r["size"]], str(r["threads"]),
-                      f"{r['steady_pps']:.0f}", _f(cap), f"{r['steady_pps'] / cap:.0%}"
-                      if cap else "-", f"{r['wall_pps']:.0f}", _f(r.get("delivered_pps")),
-                      f"{r['cpu_others']:.0%}")
+            t.add_row(
+                r["backend"],
+                ex.KIB[r["size"]],
+                str(r["threads"]),
+                f"{r['steady_pps']:.0f}",
+                _f(cap),
+                f"{r['steady_pps'] / cap:.0%}" if cap else "-",
+                f"{r['wall_pps']:.0f}",
+                _f(r.get("delivered_pps")),
+                f"{r['cpu_others']:.0%}",
+            )
         ex.console.print(t)
     if exch.get("latency"):
-        t = ex._table("latency node to node (4 KiB, queued through A's local API)",
-                      ["store", "offered/s", "packets", "created→received p50 ms", "p99 ms",
-                       "created→acked p50 ms", "p99 ms"])
+        t = ex._table(
+            "latency node to node (4 KiB, queued through A's local API)",
+            [
+                "store",
+                "offered/s",
+                "packets",
+                "created→received p50 ms",
+                "p99 ms",
+                "created→acked p50 ms",
+                "p99 ms",
+            ],
+        )
         for r in exch["latency"]:
-            t.add_row(r["backend"], f"{r['achieved_rate']:.0f}", str(r["packets"]),
-                      f"{r['received_p50_ms']:.0f}", f"{r['received_p99_ms']:.0f}",
-                      f"{r['acked_p50_ms']:.0f}", f"{r['acked_p99_ms']:.0f}")
+            t.add_row(
+                r["backend"],
+                f"{r['achieved_rate']:.0f}",
+                str(r["packets"]),
+                f"{r['received_p50_ms']:.0f}",
+                f"{r['received_p99_ms']:.0f}",
+                f"{r['acked_p50_ms']:.0f}",
+                f"{r['acked_p99_ms']:.0f}",
+            )
         ex.console.print(t)
     if results.get("scaleout"):
-        s = ex._table("scale-out on PostgreSQL (4 KiB, 64 threads)",
-                      ["processes", "packets/s", "vs 1", "received once", "duplicates"])
+        s = ex._table(
+            "scale-out on PostgreSQL (4 KiB, 64 threads)",
+            ["processes", "packets/s", "vs 1", "received once", "duplicates"],
+        )
         base = results["scaleout"][0]["steady_pps"]
         for r in results["scaleout"]:
-            s.add_row(str(r["processes"]), f"{r['steady_pps']:.0f}",
-                      f"{r['steady_pps'] / base:.2f}x", str(r["all_received_once"]),
-                      str(r["duplicates_at_b"]))
+            s.add_row(
+                str(r["processes"]),
+                f"{r['steady_pps']:.0f}",
+                f"{r['steady_pps'] / base:.2f}x",
+                str(r["all_received_once"]),
+                str(r["duplicates_at_b"]),
+            )
         ex.console.print(s)
-    rss = [(r["backend"], ex.KIB[r["size"]], r["threads"], r.get("rss_a_peak_mib"),
-            r.get("rss_b_peak_mib")) for r in exch.get("throughput") or []]
+    rss = [
+        (
+            r["backend"],
+            ex.KIB[r["size"]],
+            r["threads"],
+            r.get("rss_a_peak_mib"),
+            r.get("rss_b_peak_mib"),
+        )
+        for r in exch.get("throughput") or []
+    ]
     if rss:
-        t = ex._table("peak RSS per node process (VmHWM, MiB; each run's own processes)",
-                      ["store", "body", "threads", "A (sender)", "B (receiver)"])
+        t = ex._table(
+            "peak RSS per node process (VmHWM, MiB; each run's own processes)",
+            ["store", "body", "threads", "A (sender)", "B (receiver)"],
+        )
         for b, size, th, ra, rb in rss:
             t.add_row(b, size, str(th), _f(ra), _f(rb))
         ex.console.print(t)
     if results.get("oru"):
         o = results["oru"]
-        t = ex._table(f"LIS ORU^R01 -> FHIR ({o['bytes_per_message']:.0f} bytes, 8 OBX)",
-                      ["stage", "messages/s"])
+        t = ex._table(
+            f"LIS ORU^R01 -> FHIR ({o['bytes_per_message']:.0f} bytes, 8 OBX)",
+            ["stage", "messages/s"],
+        )
         for k, v in o["rates"].items():
             t.add_row(k, f"{v:.0f}")
-        t.add_row("end to end over MLLP (durable, one connection)",
-                  f"{o['end_to_end_per_s']:.1f}")
+        t.add_row("end to end over MLLP (durable, one connection)", f"{o['end_to_end_per_s']:.1f}")
         ex.console.print(t)
     if results.get("growth"):
-        t = ex._table("store growth: packets/s A -> B (SQLite, 4 KiB, 50 threads)",
-                      ["packets already stored", "packets/s", "vs first", "load s",
-                       "load CPU s", "B's db MB", "CPU others"])
+        t = ex._table(
+            "store growth: packets/s A -> B (SQLite, 4 KiB, 50 threads)",
+            [
+                "packets already stored",
+                "packets/s",
+                "vs first",
+                "load s",
+                "load CPU s",
+                "B's db MB",
+                "CPU others",
+            ],
+        )
         base = results["growth"][0]["steady_pps"]
         for r in results["growth"]:
-            t.add_row(f"{r['history']:,}", f"{r['steady_pps']:.0f}",
-                      f"{r['steady_pps'] / base:.2f}x",
-                      f"{max(r['load_a_s'], r['load_b_s']):.0f}",
-                      _f(r.get("load_cpu_s")), f"{r['b_db_mb']:.0f}",
-                      f"{r['cpu_others']:.0%}")
+            t.add_row(
+                f"{r['history']:,}",
+                f"{r['steady_pps']:.0f}",
+                f"{r['steady_pps'] / base:.2f}x",
+                f"{max(r['load_a_s'], r['load_b_s']):.0f}",
+                _f(r.get("load_cpu_s")),
+                f"{r['b_db_mb']:.0f}",
+                f"{r['cpu_others']:.0%}",
+            )
         ex.console.print(t)
     if results.get("search"):
         names = [k for k in results["search"][0] if "?" in k]
-        t = ex._table("local FHIR API searches/s (one client, every search audited)",
-                      ["resources", *names, "db MB"])
+        t = ex._table(
+            "local FHIR API searches/s (one client, every search audited)",
+            ["resources", *names, "db MB"],
+        )
         for r in results["search"]:
-            t.add_row(f"{r['resources']:,}", *(f"{r[k]['per_s']:.1f} (p50 {r[k]['p50_ms']:.0f}"
-                                               f" ms)" for k in names), f"{r['db_mb']:.0f}")
+            t.add_row(
+                f"{r['resources']:,}",
+                *(f"{r[k]['per_s']:.1f} (p50 {r[k]['p50_ms']:.0f} ms)" for k in names),
+                f"{r['db_mb']:.0f}",
+            )
         ex.console.print(t)
     if results.get("relay"):
         r = results["relay"]
-        t = ex._table(f"platform relay: {r['members']} members -> platform -> 2 receivers "
-                      f"(SQLite, 4 KiB, {r['n']:,} packets)",
-                      ["packets/s", "wall", "received once", "duplicates",
-                       f"latency p50 / p99 ms at {r['lat_rate']:.0f}/s", "platform CPU",
-                       "platform RSS MiB"])
-        t.add_row(f"{r['steady_pps']:.0f}", f"{r['wall_pps']:.0f}", str(r["received_once"]),
-                  str(r["duplicates"]), f"{r['p50_ms']:.0f} / {r['p99_ms']:.0f}",
-                  f"{r['platform_cpu']:.0%}", _f(r["platform_rss_mib"]))
+        t = ex._table(
+            f"platform relay: {r['members']} members -> platform -> 2 receivers "
+            f"(SQLite, 4 KiB, {r['n']:,} packets)",
+            [
+                "packets/s",
+                "wall",
+                "received once",
+                "duplicates",
+                f"latency p50 / p99 ms at {r['lat_rate']:.0f}/s",
+                "platform CPU",
+                "platform RSS MiB",
+            ],
+        )
+        t.add_row(
+            f"{r['steady_pps']:.0f}",
+            f"{r['wall_pps']:.0f}",
+            str(r["received_once"]),
+            str(r["duplicates"]),
+            f"{r['p50_ms']:.0f} / {r['p99_ms']:.0f}",
+            f"{r['platform_cpu']:.0%}",
+            _f(r["platform_rss_mib"]),
+        )
         ex.console.print(t)
     if results.get("messages"):
-        t = ex._table("message browser (in-process): a patient's packets across "
-                      "outbox/inbox/quarantine, and keyset pages",
-                      ["store", "packets", "patient p50 / p95 / max ms", "first page ms",
-                       "page 200 ms", "db MB"])
+        t = ex._table(
+            "message browser (in-process): a patient's packets across "
+            "outbox/inbox/quarantine, and keyset pages",
+            [
+                "store",
+                "packets",
+                "patient p50 / p95 / max ms",
+                "first page ms",
+                "page 200 ms",
+                "db MB",
+            ],
+        )
         for r in results["messages"]:
-            t.add_row(r.get("db", "sqlite"), f"{r['packets']:,}", f"{r['patient_p50_ms']:.1f} / "
-                      f"{r['patient_p95_ms']:.1f} / {r['patient_max_ms']:.1f}",
-                      f"{r['first_page_ms']:.1f}", f"{r['page_200_ms']:.1f}", f"{r['db_mb']:.0f}")
+            t.add_row(
+                r.get("db", "sqlite"),
+                f"{r['packets']:,}",
+                f"{r['patient_p50_ms']:.1f} / "
+                f"{r['patient_p95_ms']:.1f} / {r['patient_max_ms']:.1f}",
+                f"{r['first_page_ms']:.1f}",
+                f"{r['page_200_ms']:.1f}",
+                f"{r['db_mb']:.0f}",
+            )
         ex.console.print(t)
     if results.get("lis"):
         runs = results["lis"]["runs"]
         one = {r["obx"]: r["hutong"]["per_s"] for r in runs if r["conns"] == 1}
-        t = ex._table("LIS intake per connection: Hutong vs a plain store-and-ACK receiver "
-                      "(python-hl7 asyncio + one SQLite commit), same messages, same run",
-                      ["OBX", "connections", "plain msg/s", "Hutong msg/s",
-                       "Hutong ACK p50 / p99 ms", "ratio (aim 1 conn >= 0.6x)",
-                       "vs 1 conn (aim 4 >= 1.6x)"])
+        t = ex._table(
+            "LIS intake per connection: Hutong vs a plain store-and-ACK receiver "
+            "(python-hl7 asyncio + one SQLite commit), same messages, same run",
+            [
+                "OBX",
+                "connections",
+                "plain msg/s",
+                "Hutong msg/s",
+                "Hutong ACK p50 / p99 ms",
+                "ratio (aim 1 conn >= 0.6x)",
+                "vs 1 conn (aim 4 >= 1.6x)",
+            ],
+        )
         for r in runs:
             h = r["hutong"]
-            vs = f"{h['per_s'] / one[r['obx']]:.2f}x" if r["conns"] > 1 and r["obx"] in one \
-                else "-"
+            vs = f"{h['per_s'] / one[r['obx']]:.2f}x" if r["conns"] > 1 and r["obx"] in one else "-"
             met = "MET" if r["ratio"] >= 0.6 else "NOT MET"
-            t.add_row(str(r["obx"]), str(r["conns"]), f"{r['plain']['per_s']:.0f}",
-                      f"{h['per_s']:.0f}", f"{h['p50_ms']:.0f} / {h['p99_ms']:.0f}",
-                      f"{r['ratio']:.2f}x" + (f" {met}" if r["conns"] == 1 else ""), vs)
+            t.add_row(
+                str(r["obx"]),
+                str(r["conns"]),
+                f"{r['plain']['per_s']:.0f}",
+                f"{h['per_s']:.0f}",
+                f"{h['p50_ms']:.0f} / {h['p99_ms']:.0f}",
+                f"{r['ratio']:.2f}x" + (f" {met}" if r["conns"] == 1 else ""),
+                vs,
+            )
         ex.console.print(t)
-    t = ex._table(f"elapsed seconds by section ({results['elapsed_s']:.0f} s in all)",
-                  ["section", "seconds", "share"])
+    t = ex._table(
+        f"elapsed seconds by section ({results['elapsed_s']:.0f} s in all)",
+        ["section", "seconds", "share"],
+    )
     for name, s in results["sections_s"].items():
         t.add_row(name, f"{s:.0f}", f"{s / results['elapsed_s']:.0%}")
     for name, s in (exch.get("parts_s") or {}).items():

@@ -26,11 +26,17 @@ from bridge.delivery.lanes import LANES, job_class
 
 def lane_holders(reader: ex.Reader) -> list[int]:
     """Lanes held per process for A's ``send:core`` job (from pg_locks on A's database)."""
-    return sorted(int(r[1]) for r in reader.rows(
-        "SELECT pid, count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
-        "AND objsubid = 2 AND classid = CAST(? AS bigint)::oid AND objid::bigint < ? "
-        "AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
-        "GROUP BY pid", job_class(f"send:{ex.B}"), LANES))
+    return sorted(
+        int(r[1])
+        for r in reader.rows(
+            "SELECT pid, count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+            "AND objsubid = 2 AND classid = CAST(? AS bigint)::oid AND objid::bigint < ? "
+            "AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+            "GROUP BY pid",
+            job_class(f"send:{ex.B}"),
+            LANES,
+        )
+    )
 
 
 def run_workers(pair: ex.Pair, workers: int, n: int, timeout: float) -> dict[str, Any]:
@@ -44,9 +50,14 @@ def run_workers(pair: ex.Pair, workers: int, n: int, timeout: float) -> dict[str
     for i in range(workers - 1):  # they start while B (restarted) starts too
         log = a.log.with_name(f"{a.node_id}-worker{i}.log")
         with open(log, "ab") as fh:
-            extra.append(subprocess.Popen(
-                [sys.executable, "-m", "bridge.cli", "worker", "--config", str(a.config)],
-                stdout=fh, stderr=subprocess.STDOUT, cwd=ex.ROOT))
+            extra.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "bridge.cli", "worker", "--config", str(a.config)],
+                    stdout=fh,
+                    stderr=subprocess.STDOUT,
+                    cwd=ex.ROOT,
+                )
+            )
     ra = None
     try:
         pair.ready_a()
@@ -72,8 +83,9 @@ def run_workers(pair: ex.Pair, workers: int, n: int, timeout: float) -> dict[str
         else:
             raise TimeoutError(f"{workers} worker(s): not all {n} packets arrived\n{pair.logs()}")
         wall = time.perf_counter() - t0
-        times = sorted(ex.ts(r[0]) for r in rb.rows(
-            "SELECT received_at FROM inbox WHERE id > ?", b_before))
+        times = sorted(
+            ex.ts(r[0]) for r in rb.rows("SELECT received_at FROM inbox WHERE id > ?", b_before)
+        )
         span = times[-1] - times[0]
         received = [r[0] for r in rb.rows("SELECT packet_id FROM inbox WHERE id > ?", b_before)]
         dups = rb.scalar("SELECT COUNT(*) FROM audit WHERE action = 'duplicate'") - dup_before
@@ -84,13 +96,20 @@ def run_workers(pair: ex.Pair, workers: int, n: int, timeout: float) -> dict[str
                 p.wait(timeout=30)
         if ra is not None:
             ra.close()
-    return {"processes": workers, "n": n, "wall_s": wall, "wall_pps": n / wall,
-            "steady_pps": n / span if span > 0 else float("nan"),
-            "all_received_once": sorted(received) == sorted(ids), "duplicates_at_b": dups}
+    return {
+        "processes": workers,
+        "n": n,
+        "wall_s": wall,
+        "wall_pps": n / wall,
+        "steady_pps": n / span if span > 0 else float("nan"),
+        "all_received_once": sorted(received) == sorted(ids),
+        "duplicates_at_b": dups,
+    }
 
 
-def scaleout(root: Path, dsns: dict[str, str], n: int, timeout: float = 300.0
-             ) -> list[dict[str, Any]]:
+def scaleout(
+    root: Path, dsns: dict[str, str], n: int, timeout: float = 300.0
+) -> list[dict[str, Any]]:
     pair = ex.Pair(root / "alliance-scaleout", "postgresql", dsns)
     pair.ready_a()
     out = []
@@ -100,9 +119,11 @@ def scaleout(root: Path, dsns: dict[str, str], n: int, timeout: float = 300.0
                 pair.restart_b()  # B idle again: the previous run's local deliveries skipped
             r = run_workers(pair, workers, n, timeout)
             out.append(r)
-            ex.console.print(f"  {workers} process(es): {r['steady_pps']:6.0f} packets/s steady,"
-                             f" {r['wall_pps']:6.0f} from the commit; received once: "
-                             f"{r['all_received_once']}, duplicates at B: {r['duplicates_at_b']}")
+            ex.console.print(
+                f"  {workers} process(es): {r['steady_pps']:6.0f} packets/s steady,"
+                f" {r['wall_pps']:6.0f} from the commit; received once: "
+                f"{r['all_received_once']}, duplicates at B: {r['duplicates_at_b']}"
+            )
     finally:
         pair.close()
     return out

@@ -51,8 +51,23 @@ CHUNK = 250_000
 ID_SYSTEM = "urn:oid:2.16.156.10011.1.3"
 SECONDS_PER_QUERY = 1.5
 #: fhir_resource columns in the order the loader writes them
-COLUMNS = ("rtype", "id", "version", "last_updated", "patient", "patient_hash", "status",
-           "requester", "performer", "owner", "focus", "identifiers", "thread", "origin", "body")
+COLUMNS = (
+    "rtype",
+    "id",
+    "version",
+    "last_updated",
+    "patient",
+    "patient_hash",
+    "status",
+    "requester",
+    "performer",
+    "owner",
+    "focus",
+    "identifiers",
+    "thread",
+    "origin",
+    "body",
+)
 TOKEN_COLUMNS = ("rtype", "id", "param", "system", "value")
 DATE_COLUMNS = ("rtype", "id", "param", "start", "end")
 STRING_COLUMNS = ("rtype", "id", "param", "norm", "pos", "raw")
@@ -74,29 +89,43 @@ def resource_for(j: int, base: datetime) -> tuple[dict[str, Any], datetime]:
     lu = at.isoformat(timespec="milliseconds").replace("+00:00", "Z")
     if j % 10 == 0:
         res: dict[str, Any] = {
-            "resourceType": "Patient", "id": pid_of(p),
+            "resourceType": "Patient",
+            "id": pid_of(p),
             "meta": {"versionId": "1", "lastUpdated": lu},
             "identifier": [{"system": ID_SYSTEM, "value": f"1101021950{p:08d}"}],
             "name": [{"family": SURNAMES[p % 20], "given": [f"{p:06d}"]}],
             "gender": "female" if p % 2 == 0 else "male",
-            "birthDate": (BIRTH0 + timedelta(days=p % 25000)).strftime("%Y-%m-%d")}
+            "birthDate": (BIRTH0 + timedelta(days=p % 25000)).strftime("%Y-%m-%d"),
+        }
     else:
-        res = {"resourceType": "Observation", "id": str(uuid.UUID(int=(1 << 64) + j)),
-               "meta": {"versionId": "1", "lastUpdated": lu}, "status": "final",
-               "category": [{"coding": [{"system": OBS_CAT, "code": "laboratory"}]}],
-               "code": {"coding": [{"system": "http://loinc.org", "code": "718-7"}]},
-               "subject": {"reference": f"Patient/{pid_of(p)}"},
-               "effectiveDateTime": at.strftime("%Y-%m-%dT%H:%M:%SZ"),
-               "valueQuantity": {"value": 120 + j % 40, "unit": "g/L"}}
+        res = {
+            "resourceType": "Observation",
+            "id": str(uuid.UUID(int=(1 << 64) + j)),
+            "meta": {"versionId": "1", "lastUpdated": lu},
+            "status": "final",
+            "category": [{"coding": [{"system": OBS_CAT, "code": "laboratory"}]}],
+            "code": {"coding": [{"system": "http://loinc.org", "code": "718-7"}]},
+            "subject": {"reference": f"Patient/{pid_of(p)}"},
+            "effectiveDateTime": at.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "valueQuantity": {"value": 120 + j % 40, "unit": "g/L"},
+        }
     return res, at
 
 
 def row_for(j: int, base: datetime) -> dict[str, Any]:
     """The fhir_resource row of resource j (as ``store.put`` writes it)."""
     res, at = resource_for(j, base)
-    return {"rtype": res["resourceType"], "id": res["id"], "version": 1, "last_updated": at,
-            "body": orjson.dumps(res), "thread": None, "patient_hash": None, "origin": "bench",
-            **search_columns(res)}
+    return {
+        "rtype": res["resourceType"],
+        "id": res["id"],
+        "version": 1,
+        "last_updated": at,
+        "body": orjson.dumps(res),
+        "thread": None,
+        "patient_hash": None,
+        "origin": "bench",
+        **search_columns(res),
+    }
 
 
 BASE = datetime(2025, 1, 1, tzinfo=UTC)
@@ -191,23 +220,34 @@ def _check(db: sqlite3.Connection, js: list[int]) -> None:
     """Loaded rows are what ``store.put`` writes: every column, and the token rows."""
     for j in js:
         want = row_for(j, BASE)
-        got = db.execute(f"SELECT {', '.join(COLUMNS)} FROM fhir_resource WHERE rtype = ? AND "
-                         "id = ?", (want["rtype"], want["id"])).fetchone()
-        want["last_updated"] = want["last_updated"].replace(tzinfo=None).strftime(
-            "%Y-%m-%d %H:%M:%S.%f")
+        got = db.execute(
+            f"SELECT {', '.join(COLUMNS)} FROM fhir_resource WHERE rtype = ? AND id = ?",
+            (want["rtype"], want["id"]),
+        ).fetchone()
+        want["last_updated"] = (
+            want["last_updated"].replace(tzinfo=None).strftime("%Y-%m-%d %H:%M:%S.%f")
+        )
         if got != tuple(want[c] for c in COLUMNS):
-            raise RuntimeError(f"bench loader: resource {j} differs from store.put's row: "
-                               f"{got!r} != {want!r}")
+            raise RuntimeError(
+                f"bench loader: resource {j} differs from store.put's row: {got!r} != {want!r}"
+            )
         body = orjson.loads(want["body"])
-        for table, cols, made in (("fhir_token", TOKEN_COLUMNS, token_rows(body)),
-                                  ("fhir_date", DATE_COLUMNS, date_rows(body)),
-                                  ("fhir_string", STRING_COLUMNS, string_rows(body))):
-            got_rows = sorted(db.execute(f"SELECT {', '.join(cols)} FROM {table} WHERE rtype = ? "
-                                         "AND id = ?", (want["rtype"], want["id"])).fetchall())
+        for table, cols, made in (
+            ("fhir_token", TOKEN_COLUMNS, token_rows(body)),
+            ("fhir_date", DATE_COLUMNS, date_rows(body)),
+            ("fhir_string", STRING_COLUMNS, string_rows(body)),
+        ):
+            got_rows = sorted(
+                db.execute(
+                    f"SELECT {', '.join(cols)} FROM {table} WHERE rtype = ? AND id = ?",
+                    (want["rtype"], want["id"]),
+                ).fetchall()
+            )
             want_rows = sorted(tuple(_sqlite_value(r[c]) for c in cols) for r in made)
             if got_rows != want_rows:
-                raise RuntimeError(f"bench loader: {table} rows of resource {j}: {got_rows} "
-                                   f"!= {want_rows}")
+                raise RuntimeError(
+                    f"bench loader: {table} rows of resource {j}: {got_rows} != {want_rows}"
+                )
 
 
 def _sqlite_value(v: Any) -> Any:
@@ -238,8 +278,14 @@ def _fill_sqlite(path: str, have: int, target: int) -> None:
             db.execute("COMMIT")
             i = stop
         first_patient = have + (-have % 10)
-        _check(db, sorted(j for j in {have, (have + target) // 2, target - 1, first_patient}
-                          if have <= j < target))
+        _check(
+            db,
+            sorted(
+                j
+                for j in {have, (have + target) // 2, target - 1, first_patient}
+                if have <= j < target
+            ),
+        )
         db.execute("PRAGMA journal_mode=WAL")
     finally:
         db.close()
@@ -270,8 +316,11 @@ def fill(dsn: str, target: int) -> float:
             bodies = [orjson.loads(r["body"]) for r in rows]
             with engine.begin() as conn:
                 conn.execute(insert(FHIR_RESOURCE), rows)
-                for table, rows_of in ((FHIR_TOKEN, token_rows), (FHIR_DATE, date_rows),
-                                       (FHIR_STRING, string_rows)):
+                for table, rows_of in (
+                    (FHIR_TOKEN, token_rows),
+                    (FHIR_DATE, date_rows),
+                    (FHIR_STRING, string_rows),
+                ):
                     made = [x for b in bodies for x in rows_of(b)]
                     if made:
                         conn.execute(insert(table), made)
@@ -280,8 +329,9 @@ def fill(dsn: str, target: int) -> float:
     return time.perf_counter() - t0
 
 
-def rate(conn: http.client.HTTPConnection, token: str, make_path: Any,
-         seconds: float = SECONDS_PER_QUERY) -> dict[str, float]:
+def rate(
+    conn: http.client.HTTPConnection, token: str, make_path: Any, seconds: float = SECONDS_PER_QUERY
+) -> dict[str, float]:
     lat: list[float] = []
     end = time.perf_counter() + seconds
     t0 = time.perf_counter()
@@ -295,8 +345,12 @@ def rate(conn: http.client.HTTPConnection, token: str, make_path: Any,
             raise RuntimeError(f"GET {path}: HTTP {r.status} {body[:200]!r}")
         lat.append(time.perf_counter() - t)
     wall = time.perf_counter() - t0
-    return {"per_s": len(lat) / wall, "p50_ms": ex.pct(lat, 0.5) * 1e3,
-            "p99_ms": ex.pct(lat, 0.99) * 1e3, "n": len(lat)}
+    return {
+        "per_s": len(lat) / wall,
+        "p50_ms": ex.pct(lat, 0.5) * 1e3,
+        "p99_ms": ex.pct(lat, 0.99) * 1e3,
+        "n": len(lat),
+    }
 
 
 def queries_for(rnd: random.Random, patients: int) -> dict[str, Any]:
@@ -308,8 +362,7 @@ def queries_for(rnd: random.Random, patients: int) -> dict[str, Any]:
 
     return {
         "Observation?patient": lambda: "/fhir/Observation?patient=Patient/" + pid_of(p()),
-        "Patient?identifier": lambda: f"/fhir/Patient?identifier={ID_SYSTEM}|"
-        f"1101021950{p():08d}",
+        "Patient?identifier": lambda: f"/fhir/Patient?identifier={ID_SYSTEM}|1101021950{p():08d}",
         "Observation?_count=20": lambda: "/fhir/Observation?_count=20",
         **NEW_QUERIES(p, born),
     }
@@ -317,6 +370,7 @@ def queries_for(rnd: random.Random, patients: int) -> dict[str, Any]:
 
 def NEW_QUERIES(p: Any, born: Any) -> dict[str, Any]:
     """The parameters of issue #19, each with a value some resources have."""
+
     def given() -> str:
         return f"/fhir/Patient?given={p():06d}"
 
@@ -327,20 +381,27 @@ def NEW_QUERIES(p: Any, born: Any) -> dict[str, Any]:
     return {
         "Patient?given": given,
         "Patient?birthdate&gender": birth,
-        "Observation?patient&code&_sort=-date": lambda: "/fhir/Observation?patient="
-        + pid_of(p()) + "&code=http://loinc.org|718-7&_sort=-date",
-        "Observation?code&date=ge": lambda: "/fhir/Observation?code=718-7&date=ge2025-01-01"
-        "&_count=20",
-        "Observation?patient.identifier": lambda: "/fhir/Observation?patient.identifier="
-        f"{ID_SYSTEM}|1101021950{p():08d}",
-        "Patient?_id&_revinclude": lambda: f"/fhir/Patient?_id={pid_of(p())}"
-        "&_revinclude=Observation:patient",
-        "Observation?_sort=_lastUpdated": lambda: "/fhir/Observation?_sort=_lastUpdated"
-        "&_count=20",
-        "Observation?patient&_summary=count": lambda: "/fhir/Observation?patient="
-        + pid_of(p()) + "&_summary=count",
-        "Observation?patient&_elements": lambda: "/fhir/Observation?patient=" + pid_of(p())
-        + "&_elements=code,effectiveDateTime,valueQuantity",
+        "Observation?patient&code&_sort=-date": lambda: (
+            "/fhir/Observation?patient=" + pid_of(p()) + "&code=http://loinc.org|718-7&_sort=-date"
+        ),
+        "Observation?code&date=ge": lambda: (
+            "/fhir/Observation?code=718-7&date=ge2025-01-01&_count=20"
+        ),
+        "Observation?patient.identifier": lambda: (
+            f"/fhir/Observation?patient.identifier={ID_SYSTEM}|1101021950{p():08d}"
+        ),
+        "Patient?_id&_revinclude": lambda: (
+            f"/fhir/Patient?_id={pid_of(p())}&_revinclude=Observation:patient"
+        ),
+        "Observation?_sort=_lastUpdated": lambda: "/fhir/Observation?_sort=_lastUpdated&_count=20",
+        "Observation?patient&_summary=count": lambda: (
+            "/fhir/Observation?patient=" + pid_of(p()) + "&_summary=count"
+        ),
+        "Observation?patient&_elements": lambda: (
+            "/fhir/Observation?patient="
+            + pid_of(p())
+            + "&_elements=code,effectiveDateTime,valueQuantity"
+        ),
     }
 
 
@@ -358,8 +419,9 @@ def search(root: Path, levels: tuple[int, ...]) -> list[dict[str, Any]]:
             node.wait_ready(60)
             patients = level // 10
             rnd = random.Random(level)
-            conn = http.client.HTTPConnection(node.plan.local_host, node.plan.local_port,
-                                              timeout=60)
+            conn = http.client.HTTPConnection(
+                node.plan.local_host, node.plan.local_port, timeout=60
+            )
             token = node.token("clinician")
             try:
                 queries = queries_for(rnd, patients)
@@ -375,10 +437,15 @@ def search(root: Path, levels: tuple[int, ...]) -> list[dict[str, Any]]:
             db = Path(node.plan.data_dir)
             row["db_mb"] = sum(p.stat().st_size for p in db.glob("*.db*")) / 1e6
             out.append(row)
-            ex.console.print(f"  {level:>9,} resources (loaded in {load_s:.1f} s, "
-                             f"{row['db_mb']:.0f} MB): " + ", ".join(
-                                 f"{k} {row[k]['per_s']:.0f}/s (p50 {row[k]['p50_ms']:.1f} ms,"
-                                 f" first {row[k]['first_ms']:.0f} ms)" for k in queries))
+            ex.console.print(
+                f"  {level:>9,} resources (loaded in {load_s:.1f} s, "
+                f"{row['db_mb']:.0f} MB): "
+                + ", ".join(
+                    f"{k} {row[k]['per_s']:.0f}/s (p50 {row[k]['p50_ms']:.1f} ms,"
+                    f" first {row[k]['first_ms']:.0f} ms)"
+                    for k in queries
+                )
+            )
     finally:
         a.stop_all()
         shutil.rmtree(folder, ignore_errors=True)

@@ -57,12 +57,14 @@ class StatementTimer:
         self.rows[key] = self.rows.get(key, 0) + rows
 
     def watch(self, node: str, engine: Any) -> None:
-        def before(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any,
-                   executemany: bool) -> None:
+        def before(
+            conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool
+        ) -> None:
             conn.info.setdefault("_t", []).append(time.perf_counter())
 
-        def after(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any,
-                  executemany: bool) -> None:
+        def after(
+            conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool
+        ) -> None:
             t = conn.info["_t"].pop()
             sql = " ".join(statement.split())
             rows = len(parameters) if executemany else 1
@@ -72,8 +74,10 @@ class StatementTimer:
 
         event.listen(engine, "before_cursor_execute", before)
         event.listen(engine, "after_cursor_execute", after)
-        self._undo += [(engine, "before_cursor_execute", before),
-                       (engine, "after_cursor_execute", after)]
+        self._undo += [
+            (engine, "before_cursor_execute", before),
+            (engine, "after_cursor_execute", after),
+        ]
 
     def close(self) -> None:
         for engine, name, fn in self._undo:
@@ -102,8 +106,7 @@ def timed_commits(timer: StatementTimer, stores: dict[int, str]) -> Iterator[Non
         db_mod.Store.write = original  # type: ignore[method-assign]
 
 
-def run_level(plans: dict[str, Any], level: int, n: int, timer: StatementTimer
-              ) -> dict[str, float]:
+def run_level(plans: dict[str, Any], level: int, n: int, timer: StatementTimer) -> dict[str, float]:
     """Top both stores up to ``level``, then queue, send, receive, deliver ``n`` packets."""
     from bridge.alerts import Alerter
     from bridge.node import Node
@@ -121,8 +124,9 @@ def run_level(plans: dict[str, Any], level: int, n: int, timer: StatementTimer
 
         class Direct:
             def post_batch(self, body: bytes) -> bytes:
-                frames = ex.env.decode_batch(body, max_items=b.plan.limits.max_batch,
-                                             max_total=max_total)
+                frames = ex.env.decode_batch(
+                    body, max_items=b.plan.limits.max_batch, max_total=max_total
+                )
                 return ex.env.encode_batch(b.intake.receive(frames))
 
             def close(self) -> None:
@@ -134,8 +138,7 @@ def run_level(plans: dict[str, Any], level: int, n: int, timer: StatementTimer
             timer.watch(name, node.ctx.store._writer)
             timer.watch(name, node.ctx.store._reader)
         stack.callback(timer.close)
-        stack.enter_context(timed_commits(timer, {id(a.ctx.store): "A",
-                                                  id(b.ctx.store): "B"}))
+        stack.enter_context(timed_commits(timer, {id(a.ctx.store): "A", id(b.ctx.store): "B"}))
         walls: dict[str, float] = {}
         tag = f"lvl{level}"
         bodies = [ex.body_of(4096) for _ in range(n)]
@@ -143,9 +146,14 @@ def run_level(plans: dict[str, Any], level: int, n: int, timer: StatementTimer
         timer.part = PARTS[0]
         t = time.perf_counter()
         with a.ctx.store.write() as conn:  # one transaction, as the bench queues its backlog
-            got = ex.queue_packets(a.ctx, conn, [ex.Outgoing(ex.B, ex.KIND, body, th)
-                                                 for body, th in zip(bodies, threads,
-                                                                     strict=True)])
+            got = ex.queue_packets(
+                a.ctx,
+                conn,
+                [
+                    ex.Outgoing(ex.B, ex.KIND, body, th)
+                    for body, th in zip(bodies, threads, strict=True)
+                ],
+            )
         assert all(q.error is None for q in got)
         walls[PARTS[0]] = time.perf_counter() - t
         timer.part = PARTS[1]
@@ -192,8 +200,7 @@ def statements(root: Path, levels: tuple[int, ...], n: int) -> dict[str, Any]:
     from bridge.config.loader import load_node
     from bridge.config.scaffold import write_alliance
 
-    files = write_alliance(root, ex.MEMBERS, ex.RULES, base_port_local=20300,
-                           base_port_peer=20400)
+    files = write_alliance(root, ex.MEMBERS, ex.RULES, base_port_local=20300, base_port_peer=20400)
     plans = {"A": load_node(files[ex.A]), "B": load_node(files[ex.B])}
     for plan in plans.values():
         ex.NodeContext.open(plan).store.dispose()  # creates the tables
@@ -202,41 +209,59 @@ def statements(root: Path, levels: tuple[int, ...], n: int) -> dict[str, Any]:
     for level in levels:
         timers[level] = timer = StatementTimer()
         walls[level] = run_level(plans, level, n, timer)
-        ex.console.print(f"  {level:>9,} packets stored: " + ", ".join(
-            f"{part} {s:.2f} s" for part, s in walls[level].items()))
+        ex.console.print(
+            f"  {level:>9,} packets stored: "
+            + ", ".join(f"{part} {s:.2f} s" for part, s in walls[level].items())
+        )
     last = timers[levels[-1]]
-    keys = sorted({k for t in timers.values() for k in t.total},
-                  key=lambda k: (PARTS.index(k[1]), k[0], -last.total.get(k, 0.0)))
+    keys = sorted(
+        {k for t in timers.values() for k in t.total},
+        key=lambda k: (PARTS.index(k[1]), k[0], -last.total.get(k, 0.0)),
+    )
     rows = []
     for key in keys:
         node, part, sql = key
-        rows.append({
-            "node": node, "part": part, "sql": sql,
-            "calls": {lv: timers[lv].calls.get(key, 0) for lv in levels},
-            "us_per_call": {lv: (timers[lv].total[key] / timers[lv].calls[key] * 1e6
-                                 if key in timers[lv].total else None) for lv in levels},
-            "plan": explain(plans[node].storage_dsn, sql, last.params.get(sql)),
-        })
+        rows.append(
+            {
+                "node": node,
+                "part": part,
+                "sql": sql,
+                "calls": {lv: timers[lv].calls.get(key, 0) for lv in levels},
+                "us_per_call": {
+                    lv: (
+                        timers[lv].total[key] / timers[lv].calls[key] * 1e6
+                        if key in timers[lv].total
+                        else None
+                    )
+                    for lv in levels
+                },
+                "plan": explain(plans[node].storage_dsn, sql, last.params.get(sql)),
+            }
+        )
     return {"levels": list(levels), "n": n, "walls_s": walls, "statements": rows}
 
 
 def report(result: dict[str, Any], width: int = 110) -> None:
     levels = result["levels"]
     for part in PARTS:
-        print(f"\n== {part}: " + " | ".join(
-            f"{lv:,}: {result['walls_s'][lv][part]:.2f} s" for lv in levels))
+        print(
+            f"\n== {part}: "
+            + " | ".join(f"{lv:,}: {result['walls_s'][lv][part]:.2f} s" for lv in levels)
+        )
         for r in result["statements"]:
             if r["part"] != part:
                 continue
             figures = " ".join(
-                f"{r['us_per_call'][lv]:9.0f}" if r["us_per_call"][lv] is not None
-                else f"{'-':>9}" for lv in levels)
+                f"{r['us_per_call'][lv]:9.0f}" if r["us_per_call"][lv] is not None else f"{'-':>9}"
+                for lv in levels
+            )
             ratio = ""
             first, final = r["us_per_call"][levels[0]], r["us_per_call"][levels[-1]]
             if first and final:
                 ratio = f"{final / first:5.1f}x"
-            print(f"{r['node']} {r['calls'][levels[-1]]:5d} {figures} {ratio:>6}  "
-                  f"{r['sql'][:width]}")
+            print(
+                f"{r['node']} {r['calls'][levels[-1]]:5d} {figures} {ratio:>6}  {r['sql'][:width]}"
+            )
             if r["plan"]:
                 print(f"{'':>8}{'':>{10 * len(levels)}} plan: {r['plan'][:width]}")
 

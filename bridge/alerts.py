@@ -69,12 +69,18 @@ WAITING = ("queued", "sent")
 #: grow with the store (bridge/store/tables.py: ix_outbox_open, ix_outbox_hop_acked,
 #: ix_inbox_sender_time, ix_inbox_relay_time); the open rows' condition is written out as the
 #: partial index has it, so the planner can take that index
-_OPEN = (select(OUTBOX.c.next_hop, OUTBOX.c.state, func.count(), func.min(OUTBOX.c.created_at))
-         .where(text(OPEN_WHERE)).group_by(OUTBOX.c.next_hop, OUTBOX.c.state))
+_OPEN = (
+    select(OUTBOX.c.next_hop, OUTBOX.c.state, func.count(), func.min(OUTBOX.c.created_at))
+    .where(text(OPEN_WHERE))
+    .group_by(OUTBOX.c.next_hop, OUTBOX.c.state)
+)
 _LAST_ACK = select(func.max(OUTBOX.c.acked_at)).where(
-    OUTBOX.c.next_hop == bindparam("hop"), OUTBOX.c.acked_at.is_not(None))
-_LAST_IN = (select(func.max(INBOX.c.received_at)).where(INBOX.c.sender == bindparam("peer")),
-            select(func.max(INBOX.c.received_at)).where(INBOX.c.relay == bindparam("peer")))
+    OUTBOX.c.next_hop == bindparam("hop"), OUTBOX.c.acked_at.is_not(None)
+)
+_LAST_IN = (
+    select(func.max(INBOX.c.received_at)).where(INBOX.c.sender == bindparam("peer")),
+    select(func.max(INBOX.c.received_at)).where(INBOX.c.relay == bindparam("peer")),
+)
 
 
 @dataclass(frozen=True)
@@ -144,27 +150,57 @@ def evaluate(facts: Facts, cfg: AlertsConfig) -> list[Alert]:
     out: list[Alert] = []
     for p in sorted(facts.peers.values(), key=lambda p: p.peer):
         if p.waiting > cfg.queue_depth:
-            out.append(Alert(f"queue-depth:{p.peer}", "queue-depth", p.peer, p.waiting,
-                             cfg.queue_depth, f"{p.waiting} packets waiting for {p.peer} "
-                             f"(threshold {cfg.queue_depth})"))
+            out.append(
+                Alert(
+                    f"queue-depth:{p.peer}",
+                    "queue-depth",
+                    p.peer,
+                    p.waiting,
+                    cfg.queue_depth,
+                    f"{p.waiting} packets waiting for {p.peer} (threshold {cfg.queue_depth})",
+                )
+            )
         if p.oldest_waiting_s is not None and p.oldest_waiting_s > cfg.queue_age_s:
-            out.append(Alert(f"queue-age:{p.peer}", "queue-age", p.peer,
-                             round(p.oldest_waiting_s, 1), cfg.queue_age_s,
-                             f"oldest packet for {p.peer} has waited {p.oldest_waiting_s:.0f} s "
-                             f"(threshold {cfg.queue_age_s:.0f} s)"))
+            out.append(
+                Alert(
+                    f"queue-age:{p.peer}",
+                    "queue-age",
+                    p.peer,
+                    round(p.oldest_waiting_s, 1),
+                    cfg.queue_age_s,
+                    f"oldest packet for {p.peer} has waited {p.oldest_waiting_s:.0f} s "
+                    f"(threshold {cfg.queue_age_s:.0f} s)",
+                )
+            )
         since = p.last_contact or facts.started_at
         silent = (facts.now - since).total_seconds()
         if silent > cfg.peer_silent_s:
             seen = "never" if p.last_contact is None else f"{silent:.0f} s ago"
-            out.append(Alert(f"peer-silent:{p.peer}", "peer-silent", p.peer, round(silent, 1),
-                             cfg.peer_silent_s, f"no answer from {p.peer} (last contact "
-                             f"{seen}, threshold {cfg.peer_silent_s:.0f} s)"
-                             + (f": {p.last_probe_error}" if p.last_probe_error else "")))
+            out.append(
+                Alert(
+                    f"peer-silent:{p.peer}",
+                    "peer-silent",
+                    p.peer,
+                    round(silent, 1),
+                    cfg.peer_silent_s,
+                    f"no answer from {p.peer} (last contact "
+                    f"{seen}, threshold {cfg.peer_silent_s:.0f} s)"
+                    + (f": {p.last_probe_error}" if p.last_probe_error else ""),
+                )
+            )
     if facts.inbox_oldest_s is not None and facts.inbox_oldest_s > cfg.queue_age_s:
-        out.append(Alert("queue-age:inbox", "queue-age", "inbox", round(facts.inbox_oldest_s, 1),
-                         cfg.queue_age_s, f"{facts.inbox_waiting} received packets not handed "
-                         f"to the local side, oldest {facts.inbox_oldest_s:.0f} s "
-                         f"(threshold {cfg.queue_age_s:.0f} s)"))
+        out.append(
+            Alert(
+                "queue-age:inbox",
+                "queue-age",
+                "inbox",
+                round(facts.inbox_oldest_s, 1),
+                cfg.queue_age_s,
+                f"{facts.inbox_waiting} received packets not handed "
+                f"to the local side, oldest {facts.inbox_oldest_s:.0f} s "
+                f"(threshold {cfg.queue_age_s:.0f} s)",
+            )
+        )
     for name in sorted(facts.adapters):
         st = facts.adapters[name]
         last_ok = _parse(st.get("last_ok_at"))
@@ -172,13 +208,29 @@ def evaluate(facts: Facts, cfg: AlertsConfig) -> list[Alert]:
         if quiet > cfg.adapter_silent_s:
             seen = "never" if last_ok is None else f"{quiet:.0f} s ago"
             err = st.get("last_error")
-            out.append(Alert(f"adapter-silent:{name}", "adapter-silent", name, round(quiet, 1),
-                             cfg.adapter_silent_s, f"adapter {name} has not succeeded "
-                             f"({seen}, threshold {cfg.adapter_silent_s:.0f} s)"
-                             + (f": {err}" if err else "")))
+            out.append(
+                Alert(
+                    f"adapter-silent:{name}",
+                    "adapter-silent",
+                    name,
+                    round(quiet, 1),
+                    cfg.adapter_silent_s,
+                    f"adapter {name} has not succeeded "
+                    f"({seen}, threshold {cfg.adapter_silent_s:.0f} s)"
+                    + (f": {err}" if err else ""),
+                )
+            )
     if facts.chain_ok is False:
-        out.append(Alert("audit-chain", "audit-chain", "audit", None, None,
-                         f"audit chain fails to verify: {facts.chain_problem}"))
+        out.append(
+            Alert(
+                "audit-chain",
+                "audit-chain",
+                "audit",
+                None,
+                None,
+                f"audit chain fails to verify: {facts.chain_problem}",
+            )
+        )
     out += _more_rules(facts, cfg)
     off = set(getattr(cfg, "off", ()) or ())
     return [a for a in out if a.rule not in off]
@@ -192,42 +244,99 @@ def _more_rules(facts: Facts, cfg: AlertsConfig) -> list[Alert]:
         if p.failing_since is not None:
             down = (facts.now - p.failing_since).total_seconds()
             if down >= cfg.peer_unreachable_grace_s:
-                out.append(Alert(f"peer-unreachable:{p.peer}", "peer-unreachable", p.peer,
-                                 round(down, 1), cfg.peer_unreachable_grace_s,
-                                 f"{p.peer} unreachable for {down:.0f} s "
-                                 f"(grace {cfg.peer_unreachable_grace_s:.0f} s)"
-                                 + (f": {p.last_probe_error}" if p.last_probe_error else "")))
+                out.append(
+                    Alert(
+                        f"peer-unreachable:{p.peer}",
+                        "peer-unreachable",
+                        p.peer,
+                        round(down, 1),
+                        cfg.peer_unreachable_grace_s,
+                        f"{p.peer} unreachable for {down:.0f} s "
+                        f"(grace {cfg.peer_unreachable_grace_s:.0f} s)"
+                        + (f": {p.last_probe_error}" if p.last_probe_error else ""),
+                    )
+                )
         if p.dead > cfg.dead_letters:
-            out.append(Alert(f"dead-letters:{p.peer}", "dead-letters", p.peer, p.dead,
-                             cfg.dead_letters, f"{p.dead} dead packets for {p.peer} "
-                             f"(threshold {cfg.dead_letters}); retry them on the IT page"))
+            out.append(
+                Alert(
+                    f"dead-letters:{p.peer}",
+                    "dead-letters",
+                    p.peer,
+                    p.dead,
+                    cfg.dead_letters,
+                    f"{p.dead} dead packets for {p.peer} "
+                    f"(threshold {cfg.dead_letters}); retry them on the IT page",
+                )
+            )
     for source in sorted(facts.quarantined):
         n = facts.quarantined[source]
         if n > cfg.quarantine_held:
-            out.append(Alert(f"quarantine:{source}", "quarantine", source, n,
-                             cfg.quarantine_held, f"{n} items held in quarantine from {source} "
-                             f"(threshold {cfg.quarantine_held})"))
+            out.append(
+                Alert(
+                    f"quarantine:{source}",
+                    "quarantine",
+                    source,
+                    n,
+                    cfg.quarantine_held,
+                    f"{n} items held in quarantine from {source} (threshold {cfg.quarantine_held})",
+                )
+            )
     if facts.disk_free_pct is not None and facts.disk_free_pct < cfg.disk_free_pct:
-        out.append(Alert("disk", "disk", "data", round(facts.disk_free_pct, 1), cfg.disk_free_pct,
-                         f"data folder has {facts.disk_free_pct:.1f}% free "
-                         f"(threshold {cfg.disk_free_pct:.0f}%)"))
+        out.append(
+            Alert(
+                "disk",
+                "disk",
+                "data",
+                round(facts.disk_free_pct, 1),
+                cfg.disk_free_pct,
+                f"data folder has {facts.disk_free_pct:.1f}% free "
+                f"(threshold {cfg.disk_free_pct:.0f}%)",
+            )
+        )
     for name in sorted(facts.cert_days_left):
         days = facts.cert_days_left[name]
         if days < cfg.key_expiry_warn_days:
-            out.append(Alert(f"cert-expiry:{name}", "cert-expiry", name, round(days, 1),
-                             cfg.key_expiry_warn_days, f"TLS certificate of adapter {name} "
-                             + (f"expired {-days:.0f} days ago" if days < 0 else
-                                f"expires in {days:.0f} days")
-                             + f" (warn at {cfg.key_expiry_warn_days})"))
+            out.append(
+                Alert(
+                    f"cert-expiry:{name}",
+                    "cert-expiry",
+                    name,
+                    round(days, 1),
+                    cfg.key_expiry_warn_days,
+                    f"TLS certificate of adapter {name} "
+                    + (
+                        f"expired {-days:.0f} days ago"
+                        if days < 0
+                        else f"expires in {days:.0f} days"
+                    )
+                    + f" (warn at {cfg.key_expiry_warn_days})",
+                )
+            )
     if facts.consults_overdue > 0:
-        out.append(Alert("consult-overdue", "consult-overdue", "consultations",
-                         facts.consults_overdue, 0, f"{facts.consults_overdue} consultations "
-                         "waiting past [consult] wait_timeout_s at one step (see the audit "
-                         "log's reminders)"))
+        out.append(
+            Alert(
+                "consult-overdue",
+                "consult-overdue",
+                "consultations",
+                facts.consults_overdue,
+                0,
+                f"{facts.consults_overdue} consultations "
+                "waiting past [consult] wait_timeout_s at one step (see the audit "
+                "log's reminders)",
+            )
+        )
     if facts.key_days_left is not None and facts.key_days_left < cfg.key_expiry_warn_days:
-        out.append(Alert("key-expiry", "key-expiry", "keys", round(facts.key_days_left, 1),
-                         cfg.key_expiry_warn_days, f"site keys are due for renewal in "
-                         f"{facts.key_days_left:.0f} days (warn at {cfg.key_expiry_warn_days})"))
+        out.append(
+            Alert(
+                "key-expiry",
+                "key-expiry",
+                "keys",
+                round(facts.key_days_left, 1),
+                cfg.key_expiry_warn_days,
+                f"site keys are due for renewal in "
+                f"{facts.key_days_left:.0f} days (warn at {cfg.key_expiry_warn_days})",
+            )
+        )
     return out
 
 
@@ -296,14 +405,20 @@ class Alerter:
             for p in peers.values():  # each the newest entry of the peer's index range
                 p.last_ack = _aware(conn.execute(_LAST_ACK, {"hop": p.peer}).scalar())
                 last_in = [conn.execute(q, {"peer": p.peer}).scalar() for q in _LAST_IN]
-                p.last_packet_in = _aware(max((t for t in last_in if t is not None),
-                                              default=None))
+                p.last_packet_in = _aware(max((t for t in last_in if t is not None), default=None))
             n_in, oldest_in = conn.execute(
-                select(func.count(), func.min(INBOX.c.received_at))
-                .where(INBOX.c.state == "received")).one()
-            quarantined = {src: n for src, n in conn.execute(
-                select(QUARANTINE.c.source, func.count()).where(QUARANTINE.c.state == "held")
-                .group_by(QUARANTINE.c.source))}
+                select(func.count(), func.min(INBOX.c.received_at)).where(
+                    INBOX.c.state == "received"
+                )
+            ).one()
+            quarantined = {
+                src: n
+                for src, n in conn.execute(
+                    select(QUARANTINE.c.source, func.count())
+                    .where(QUARANTINE.c.state == "held")
+                    .group_by(QUARANTINE.c.source)
+                )
+            }
         for peer, (ok_at, err) in self.probes.items():
             if peer in peers:
                 peers[peer].last_probe_ok, peers[peer].last_probe_error = ok_at, err
@@ -313,17 +428,28 @@ class Alerter:
             try:
                 adapters[name] = dict(adapter.status())
             except Exception as exc:  # noqa: BLE001 - a broken status() is itself news
-                adapters[name] = {"last_ok_at": None,
-                                  "last_error": f"status() failed: {type(exc).__name__}"}
+                adapters[name] = {
+                    "last_ok_at": None,
+                    "last_error": f"status() failed: {type(exc).__name__}",
+                }
         assert self.chain is not None
-        facts = Facts(now=now, started_at=self.started_at, peers=peers, inbox_waiting=n_in,
-                      inbox_oldest_s=(now - _aware(oldest_in)).total_seconds()  # type: ignore[operator]
-                      if oldest_in is not None else None,
-                      adapters=adapters, chain_ok=self.chain[1], chain_problem=self.chain[2],
-                      quarantined=quarantined, disk_free_pct=self._disk_free_pct(),
-                      key_days_left=_days_left(self.cfg.keys_rotate_by, now),
-                      cert_days_left=self._cert_days(now),
-                      consults_overdue=self._consults_overdue())
+        facts = Facts(
+            now=now,
+            started_at=self.started_at,
+            peers=peers,
+            inbox_waiting=n_in,
+            inbox_oldest_s=(now - _aware(oldest_in)).total_seconds()  # type: ignore[operator]
+            if oldest_in is not None
+            else None,
+            adapters=adapters,
+            chain_ok=self.chain[1],
+            chain_problem=self.chain[2],
+            quarantined=quarantined,
+            disk_free_pct=self._disk_free_pct(),
+            key_days_left=_days_left(self.cfg.keys_rotate_by, now),
+            cert_days_left=self._cert_days(now),
+            consults_overdue=self._consults_overdue(),
+        )
         self.last_facts = facts
         return facts
 
@@ -390,23 +516,40 @@ class Alerter:
             entries: list[AuditEntry] = []
             for k in raised:
                 a = found[k]
-                active[k] = {**asdict(a), "raised_at": now.isoformat(), "updated_at":
-                             now.isoformat()}
-                entries.append(AuditEntry(action="alert", outcome="4", at=now, actor=node_id,
-                                          code=a.rule, message=f"raised {k}: {a.message}",
-                                          extra={"alert": k, "state": "raised"}))
+                active[k] = {
+                    **asdict(a),
+                    "raised_at": now.isoformat(),
+                    "updated_at": now.isoformat(),
+                }
+                entries.append(
+                    AuditEntry(
+                        action="alert",
+                        outcome="4",
+                        at=now,
+                        actor=node_id,
+                        code=a.rule,
+                        message=f"raised {k}: {a.message}",
+                        extra={"alert": k, "state": "raised"},
+                    )
+                )
                 pending.append(self._event("raised", active[k], now))
             for k, a in found.items():
                 if k not in raised:  # still on: refresh the value shown, no audit, no POST
-                    active[k].update(value=a.value, message=a.message,
-                                     updated_at=now.isoformat())
+                    active[k].update(value=a.value, message=a.message, updated_at=now.isoformat())
             for k in cleared:
                 gone = active.pop(k)
-                entries.append(AuditEntry(action="alert", outcome="0", at=now, actor=node_id,
-                                          code=gone["rule"], message=f"cleared {k}",
-                                          extra={"alert": k, "state": "cleared"}))
-                pending.append(self._event("cleared", {**gone, "cleared_at": now.isoformat()},
-                                           now))
+                entries.append(
+                    AuditEntry(
+                        action="alert",
+                        outcome="0",
+                        at=now,
+                        actor=node_id,
+                        code=gone["rule"],
+                        message=f"cleared {k}",
+                        extra={"alert": k, "state": "cleared"},
+                    )
+                )
+                pending.append(self._event("cleared", {**gone, "cleared_at": now.isoformat()}, now))
             if entries:
                 self.ctx.audit.append(conn, entries)
             if self.cfg.smtp_host and self.cfg.email_to and len(pending) > before:
@@ -414,8 +557,10 @@ class Alerter:
                 mails = (mails + pending[before:])[-MAX_PENDING:]
                 state.put(conn, EMAIL_PENDING_KEY, json.dumps(mails, ensure_ascii=False), now)
             if len(pending) > MAX_PENDING:
-                log.warning("alert webhook: dropping %d oldest undelivered notifications",
-                            len(pending) - MAX_PENDING)
+                log.warning(
+                    "alert webhook: dropping %d oldest undelivered notifications",
+                    len(pending) - MAX_PENDING,
+                )
                 pending = pending[-MAX_PENDING:]
             state.put(conn, ACTIVE_KEY, json.dumps(active, ensure_ascii=False), now)
             state.put(conn, PENDING_KEY, json.dumps(pending, ensure_ascii=False), now)
@@ -429,9 +574,15 @@ class Alerter:
 
     def _event(self, what: str, alert: dict[str, Any], now: datetime) -> dict[str, Any]:
         plan = self.node.plan
-        return {"source": "hutong", "node": plan.node_id, "node_name": plan.names.zh,
-                "alliance": plan.alliance.id, "event": what, "at": now.isoformat(),
-                "alert": alert}
+        return {
+            "source": "hutong",
+            "node": plan.node_id,
+            "node_name": plan.names.zh,
+            "alliance": plan.alliance.id,
+            "event": what,
+            "at": now.isoformat(),
+            "alert": alert,
+        }
 
     def _notify(self) -> None:
         url = self.cfg.webhook_url
@@ -442,9 +593,13 @@ class Alerter:
         sent = 0
         for doc in pending:
             req = urllib.request.Request(
-                url, data=json.dumps(webhook_body(doc, self.cfg.webhook_format),
-                                     ensure_ascii=False).encode(), method="POST",
-                headers={"Content-Type": "application/json; charset=utf-8"})
+                url,
+                data=json.dumps(
+                    webhook_body(doc, self.cfg.webhook_format), ensure_ascii=False
+                ).encode(),
+                method="POST",
+                headers={"Content-Type": "application/json; charset=utf-8"},
+            )
             try:
                 with urllib.request.urlopen(req, timeout=self.cfg.webhook_timeout_s) as r:
                     answer = r.read()
@@ -462,8 +617,12 @@ class Alerter:
         if sent:
             with self.ctx.store.write() as conn:
                 now_pending = json.loads(state.get(conn, PENDING_KEY) or "[]")
-                state.put(conn, PENDING_KEY, json.dumps(now_pending[sent:], ensure_ascii=False),
-                          self.ctx.now())
+                state.put(
+                    conn,
+                    PENDING_KEY,
+                    json.dumps(now_pending[sent:], ensure_ascii=False),
+                    self.ctx.now(),
+                )
 
     def _notify_email(self) -> None:
         """Each pending raise/clear as one e-mail; a failed send is kept for the next round."""
@@ -489,8 +648,12 @@ class Alerter:
         if sent:
             with self.ctx.store.write() as conn:
                 now_mails = json.loads(state.get(conn, EMAIL_PENDING_KEY) or "[]")
-                state.put(conn, EMAIL_PENDING_KEY,
-                          json.dumps(now_mails[sent:], ensure_ascii=False), self.ctx.now())
+                state.put(
+                    conn,
+                    EMAIL_PENDING_KEY,
+                    json.dumps(now_mails[sent:], ensure_ascii=False),
+                    self.ctx.now(),
+                )
 
     def _smtp_password(self) -> str:
         ref = self.cfg.smtp_password or ""
@@ -503,11 +666,18 @@ class Alerter:
 # -- notification formats ------------------------------------------------------------------
 
 RULE_ZH = {
-    "queue-depth": "队列积压", "queue-age": "队列等待过久", "peer-silent": "对方机构无响应",
-    "adapter-silent": "接口长时间未成功", "audit-chain": "审计链校验失败",
-    "peer-unreachable": "对方机构不可达", "quarantine": "有数据被隔离",
-    "dead-letters": "有无法投递的数据包", "disk": "磁盘空间不足", "key-expiry": "密钥即将到期",
-    "cert-expiry": "证书即将到期", "consult-overdue": "会诊申请等待超时",
+    "queue-depth": "队列积压",
+    "queue-age": "队列等待过久",
+    "peer-silent": "对方机构无响应",
+    "adapter-silent": "接口长时间未成功",
+    "audit-chain": "审计链校验失败",
+    "peer-unreachable": "对方机构不可达",
+    "quarantine": "有数据被隔离",
+    "dead-letters": "有无法投递的数据包",
+    "disk": "磁盘空间不足",
+    "key-expiry": "密钥即将到期",
+    "cert-expiry": "证书即将到期",
+    "consult-overdue": "会诊申请等待超时",
 }
 
 
@@ -515,15 +685,19 @@ def alert_text(doc: dict[str, Any]) -> tuple[str, str]:
     """(one-line title, body) of a raise/clear, Chinese first, for robots and e-mail."""
     a = doc["alert"]
     what = "告警" if doc["event"] == "raised" else "告警解除"
-    title = (f"[互通{what}] {RULE_ZH.get(a['rule'], a['rule'])} · {a['subject']} · "
-             f"{doc.get('node_name') or doc['node']}")
-    body = "\n".join([
-        title,
-        f"机构 node: {doc['node']} ({doc.get('alliance', '')})",
-        f"规则 rule: {a['rule']}  对象 subject: {a['subject']}",
-        f"事件 event: {doc['event']}  时间 at: {doc['at']}",
-        f"说明 message: {a['message']}",
-    ])
+    title = (
+        f"[互通{what}] {RULE_ZH.get(a['rule'], a['rule'])} · {a['subject']} · "
+        f"{doc.get('node_name') or doc['node']}"
+    )
+    body = "\n".join(
+        [
+            title,
+            f"机构 node: {doc['node']} ({doc.get('alliance', '')})",
+            f"规则 rule: {a['rule']}  对象 subject: {a['subject']}",
+            f"事件 event: {doc['event']}  时间 at: {doc['at']}",
+            f"说明 message: {a['message']}",
+        ]
+    )
     return title, body
 
 

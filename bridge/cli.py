@@ -17,7 +17,9 @@ from bridge.errors import HutongError
 from bridge.mapping.cli import mapping_app
 
 app = typer.Typer(
-    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
     help="Hutong (互通) node and tools",
 )
 outbox_app = typer.Typer(no_args_is_help=True, help="What waits to leave, and retries")
@@ -97,8 +99,10 @@ def run(config: ConfigOpt) -> None:
         err.print(f"warning: {describe(path, mode)}")
     node = Node(plan)
     p = node.plan
-    err.print(f"hutong node {p.node_id}: peer port {p.peer_host}:{p.peer_port}, "
-              f"local port {p.local_host}:{p.local_port}")
+    err.print(
+        f"hutong node {p.node_id}: peer port {p.peer_host}:{p.peer_port}, "
+        f"local port {p.local_host}:{p.local_port}"
+    )
     node.run()
 
 
@@ -156,8 +160,7 @@ def outbox_list(
 
     ctx = _ctx(config)
     stmt, where = ops.outbox_query(state=state, peer=peer)
-    rows, total, nxt = _page(ctx, stmt, where, [OUTBOX.c.id], desc=False, limit=limit,
-                             after=after)
+    rows, total, nxt = _page(ctx, stmt, where, [OUTBOX.c.id], desc=False, limit=limit, after=after)
     rows = ops.with_age(ctx, rows)
     if as_json:
         out.print_json(json.dumps(rows, default=str))
@@ -168,43 +171,65 @@ def outbox_list(
     for col in ("peer", "queued", "sent", "dead", "refused", "acknowledged", "oldest waiting s"):
         t.add_column(col)
     for p in summary["outbox"]:
-        t.add_row(p["peer"], *(str(p.get(k, 0)) for k in
-                               ("queued", "sent", "dead", "refused", "acknowledged")),
-                  str(p["oldest_waiting_s"] or "-"))
+        t.add_row(
+            p["peer"],
+            *(str(p.get(k, 0)) for k in ("queued", "sent", "dead", "refused", "acknowledged")),
+            str(p["oldest_waiting_s"] or "-"),
+        )
     out.print(t)
     t = Table(title="waiting and failed packets")
     for col in ("id", "packet", "to", "via", "kind", "seq", "state", "tries", "age s", "why"):
         t.add_column(col)
     for r in rows:
-        t.add_row(str(r["id"]), r["packet_id"][:8], r["recipient"], r["next_hop"], r["kind"],
-                  str(r["seq"]), r["state"], str(r["attempts"]), str(r["age_s"]),
-                  (r["last_error"] or "")[:60])
+        t.add_row(
+            str(r["id"]),
+            r["packet_id"][:8],
+            r["recipient"],
+            r["next_hop"],
+            r["kind"],
+            str(r["seq"]),
+            r["state"],
+            str(r["attempts"]),
+            str(r["age_s"]),
+            (r["last_error"] or "")[:60],
+        )
     out.print(t)
     _count_line(total, len(rows), nxt, "packets", as_json)
 
 
-def _page(ctx: Any, stmt: Any, where: list[Any], order: list[Any], *, desc: bool, limit: int,
-          after: str | None) -> tuple[list[dict[str, Any]], int, str | None]:
+def _page(
+    ctx: Any,
+    stmt: Any,
+    where: list[Any],
+    order: list[Any],
+    *,
+    desc: bool,
+    limit: int,
+    after: str | None,
+) -> tuple[list[dict[str, Any]], int, str | None]:
     """One keyset page of a list, as ``/local/v1`` pages it (bridge/api/paging.py)."""
     from bridge.api import paging
 
     with ctx.store.read() as conn:
-        return paging.page(conn, stmt, where=where, order=order, desc=desc, limit=limit,
-                           after=after)
+        return paging.page(
+            conn, stmt, where=where, order=order, desc=desc, limit=limit, after=after
+        )
 
 
 def _count_line(total: int, shown: int, nxt: str | None, what: str, as_json: bool) -> None:
     """How many match in all and how to get the next page: no list stops silently."""
-    line = (f"{total:,} {what} in all, {shown} shown"
-            + (f"; next page: --after {nxt}" if nxt else ""))
+    line = f"{total:,} {what} in all, {shown} shown" + (
+        f"; next page: --after {nxt}" if nxt else ""
+    )
     (err if as_json else out).print(line, soft_wrap=True)
 
 
 @outbox_app.command("retry")
 def outbox_retry(
     config: ConfigOpt,
-    ids: Annotated[list[int] | None,
-                   typer.Argument(help="outbox row ids (default: all dead)")] = None,
+    ids: Annotated[
+        list[int] | None, typer.Argument(help="outbox row ids (default: all dead)")
+    ] = None,
     peer: Annotated[str | None, typer.Option()] = None,
     waiting: Annotated[bool, typer.Option(help="also retry queued rows now")] = False,
 ) -> None:
@@ -231,8 +256,9 @@ def quarantine_list(
 
     ctx = _ctx(config)
     stmt, where = quarantine.list_query(state=None if state == "all" else state)
-    rows, total, nxt = _page(ctx, stmt, where, [QUARANTINE.c.id], desc=True, limit=limit,
-                             after=after)
+    rows, total, nxt = _page(
+        ctx, stmt, where, [QUARANTINE.c.id], desc=True, limit=limit, after=after
+    )
     what = "items" if state == "all" else f"{state} items"
     if as_json:
         out.print_json(json.dumps(rows, default=str, ensure_ascii=False))
@@ -242,8 +268,16 @@ def quarantine_list(
     for col in ("id", "at", "source", "code", "from", "kind", "state", "reason"):
         t.add_column(col)
     for r in rows:
-        t.add_row(str(r["id"]), _shown(r["at"], ctx), r["source"], r["code"],
-                  r["sender"] or "-", r["kind"] or "-", r["state"], r["message"][:70])
+        t.add_row(
+            str(r["id"]),
+            _shown(r["at"], ctx),
+            r["source"],
+            r["code"],
+            r["sender"] or "-",
+            r["kind"] or "-",
+            r["state"],
+            r["message"][:70],
+        )
     out.print(t)
     _count_line(total, len(rows), nxt, what, as_json)
 
@@ -288,8 +322,9 @@ def _replay_on_node(plan: Any, item_id: int) -> tuple[bool, str]:
     import urllib.request
 
     url = f"http://{plan.local_host}:{plan.local_port}/local/v1/quarantine/{item_id}/replay"
-    req = urllib.request.Request(url, data=b"", method="POST",
-                                 headers={"Authorization": f"Bearer {plan.tokens['it']}"})
+    req = urllib.request.Request(
+        url, data=b"", method="POST", headers={"Authorization": f"Bearer {plan.tokens['it']}"}
+    )
     try:
         with urllib.request.urlopen(req, timeout=120) as r:
             answer = json.loads(r.read())
@@ -297,16 +332,21 @@ def _replay_on_node(plan: Any, item_id: int) -> tuple[bool, str]:
         with exc:
             return False, f"the node answered HTTP {exc.code}"
     except OSError:
-        return False, (f"the node is not running at {plan.local_host}:{plan.local_port}: "
-                       "an adapter's items are replayed by the running node")
+        return False, (
+            f"the node is not running at {plan.local_host}:{plan.local_port}: "
+            "an adapter's items are replayed by the running node"
+        )
     return bool(answer["ok"]), str(answer["result"])
 
 
 @audit_app.command("verify")
 def audit_verify(
     config: ConfigOpt,
-    anchor: Annotated[list[Path] | None, typer.Option(
-        "--anchor", help="an anchor a peer holds for this node (hutong audit anchor-export)")
+    anchor: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--anchor", help="an anchor a peer holds for this node (hutong audit anchor-export)"
+        ),
     ] = None,
 ) -> None:
     """Recompute the hash chain and checkpoints, and check it against its anchors (the local
@@ -352,15 +392,18 @@ def audit_verify(
                 if a.node != ctx.node_id:
                     broken(None, f"{source} is for node {a.node}, not {ctx.node_id}")
                 if not a.verifies(keys):
-                    broken(a.seq, f"{source}: its signature does not verify with "
-                                  f"{ctx.node_id}'s keys")
+                    broken(
+                        a.seq, f"{source}: its signature does not verify with {ctx.node_id}'s keys"
+                    )
                 found = anchors.problem(conn, a, source)
                 if found is not None:
                     broken(*found)
     if result.ok:
-        out.print(f"audit chain of {ctx.node_id} verifies: {result.checked} records, "
-                  f"{result.checkpoints_checked} signed checkpoints, head {result.last_hash[:16]}"
-                  + (f", {len(held)} anchor(s) held" if held else ""))
+        out.print(
+            f"audit chain of {ctx.node_id} verifies: {result.checked} records, "
+            f"{result.checkpoints_checked} signed checkpoints, head {result.last_hash[:16]}"
+            + (f", {len(held)} anchor(s) held" if held else "")
+        )
         return
     broken(result.first_bad_seq, str(result.reason))
 
@@ -379,8 +422,9 @@ def audit_anchor_export(
     with ctx.store.read() as conn:
         held = held_for(conn, peer)
     if held is None:
-        raise HutongError(f"this node holds no audit anchor of '{peer}' (none of its receipts "
-                          "carried one yet)")
+        raise HutongError(
+            f"this node holds no audit anchor of '{peer}' (none of its receipts carried one yet)"
+        )
     held["held_by"] = ctx.node_id
     text = json.dumps(held, sort_keys=True) + "\n"
     if output:
@@ -418,23 +462,40 @@ def audit_accept_restore(
     ctx = _ctx(config)
     with ctx.store.write() as conn:
         head_seq, _ = anchors.head(conn)
-        ctx.audit.append(conn, [AuditEntry(
-            action="anchor-reset", outcome="4", at=ctx.now(), actor="cli",
-            message=f"store accepted as restored by IT: {reason}",
-            extra={"superseded_seq": old.seq if old else None,
-                   "superseded_hash": old.hash if old else None, "store_head": head_seq})])
+        ctx.audit.append(
+            conn,
+            [
+                AuditEntry(
+                    action="anchor-reset",
+                    outcome="4",
+                    at=ctx.now(),
+                    actor="cli",
+                    message=f"store accepted as restored by IT: {reason}",
+                    extra={
+                        "superseded_seq": old.seq if old else None,
+                        "superseded_hash": old.hash if old else None,
+                        "store_head": head_seq,
+                    },
+                )
+            ],
+        )
         cp = ctx.audit.checkpoint(conn)
     if cp is not None:
         ctx.audit.anchor_file.replace(anchors.from_checkpoint(ctx.node_id, cp))
-    out.print(f"store of {ctx.node_id} accepted: anchor moved from seq "
-              f"{old.seq if old else '-'} to seq {cp.seq if cp else '-'}")
+    out.print(
+        f"store of {ctx.node_id} accepted: anchor moved from seq "
+        f"{old.seq if old else '-'} to seq {cp.seq if cp else '-'}"
+    )
 
 
 @audit_app.command("export")
 def audit_export(
     config: ConfigOpt,
-    since: Annotated[str | None, typer.Option(
-        help="2026-12-01, 2026-12-01T08:00(+08:00), -2h, yesterday; no offset: display zone")
+    since: Annotated[
+        str | None,
+        typer.Option(
+            help="2026-12-01, 2026-12-01T08:00(+08:00), -2h, yesterday; no offset: display zone"
+        ),
     ] = None,
     until: Annotated[str | None, typer.Option()] = None,
     fmt: Annotated[str, typer.Option("--format", help="ndjson|csv")] = "ndjson",
@@ -452,16 +513,32 @@ def audit_export(
     stream = open(output, "w", encoding="utf-8", newline="") if output else sys.stdout  # noqa: SIM115 - closed below unless stdout
     try:
         with ctx.store.read() as conn:  # a long export must not hold the write lock
-            n = export(conn, stream, since=_when(since, ctx), until=_when(until, ctx),
-                       fmt="csv" if fmt == "csv" else "ndjson",
-                       patient_hash=patient, actor=actor, action=action)
+            n = export(
+                conn,
+                stream,
+                since=_when(since, ctx),
+                until=_when(until, ctx),
+                fmt="csv" if fmt == "csv" else "ndjson",
+                patient_hash=patient,
+                actor=actor,
+                action=action,
+            )
         from bridge.audit.events import AuditEntry
         from bridge.people_cli import cli_actor
 
         with ctx.store.write() as conn:
-            ctx.audit.append(conn, [AuditEntry(  # the export itself is audited
-                action="export", actor=cli_actor(), at=ctx.now(),
-                message=f"audit export {fmt}", extra={"rows": n})])
+            ctx.audit.append(
+                conn,
+                [
+                    AuditEntry(  # the export itself is audited
+                        action="export",
+                        actor=cli_actor(),
+                        at=ctx.now(),
+                        message=f"audit export {fmt}",
+                        extra={"rows": n},
+                    )
+                ],
+            )
     finally:
         if output:
             stream.close()
@@ -469,13 +546,16 @@ def audit_export(
 
 @keys_app.command("init")
 def keys_init(
-    alliance: Annotated[Path | None,
-                        typer.Option(help="alliance folder: keys for every node")] = None,
+    alliance: Annotated[
+        Path | None, typer.Option(help="alliance folder: keys for every node")
+    ] = None,
     node: Annotated[str | None, typer.Option(help="one node id (with --out)")] = None,
-    out_dir: Annotated[Path | None,
-                       typer.Option("--out", help="folder for one node's keys")] = None,
-    passphrase_env: Annotated[str | None, typer.Option(
-        help="env var holding a passphrase to encrypt the private keys")] = None,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="folder for one node's keys")
+    ] = None,
+    passphrase_env: Annotated[
+        str | None, typer.Option(help="env var holding a passphrase to encrypt the private keys")
+    ] = None,
 ) -> None:
     """Create Ed25519 signing and X25519 encryption keys (private files 0600)."""
     passphrase = _env_passphrase(passphrase_env)
@@ -499,16 +579,22 @@ def keys_show(config: ConfigOpt) -> None:
     from bridge.crypto.keys import key_id, load_encryption_key, load_signing_key, public_text
 
     node_id, sign_path, enc_path, passphrase = _own_keys(config)  # works before the others'
-    s = load_signing_key(sign_path, passphrase)                     # keys are in place
+    s = load_signing_key(sign_path, passphrase)  # keys are in place
     e = load_encryption_key(enc_path, passphrase)
     from cryptography.hazmat.primitives import serialization as ser
 
     raw = ser.Encoding.Raw, ser.PublicFormat.Raw
-    out.print_json(json.dumps({
-        "node": node_id, "signing": public_text(s), "encryption": public_text(e),
-        "signing_id": key_id(s.public_key().public_bytes(*raw)),
-        "encryption_id": key_id(e.public_key().public_bytes(*raw)),
-    }))
+    out.print_json(
+        json.dumps(
+            {
+                "node": node_id,
+                "signing": public_text(s),
+                "encryption": public_text(e),
+                "signing_id": key_id(s.public_key().public_bytes(*raw)),
+                "encryption_id": key_id(e.public_key().public_bytes(*raw)),
+            }
+        )
+    )
 
 
 def _own_keys(config: Path) -> tuple[str, Path, Path, bytes | None]:
@@ -525,8 +611,12 @@ def _own_keys(config: Path) -> tuple[str, Path, Path, bytes | None]:
         raise ConfigError(f"{config}: cannot read: {type(exc).__name__}") from None
     keys = data.get("keys")
     node_id = data.get("node_id")
-    if not isinstance(keys, dict) or not isinstance(node_id, str) or not keys.get("signing") \
-            or not keys.get("encryption"):
+    if (
+        not isinstance(keys, dict)
+        or not isinstance(node_id, str)
+        or not keys.get("signing")
+        or not keys.get("encryption")
+    ):
         raise ConfigError(f"{config}: needs node_id and [keys] signing / encryption")
     base = config.parent
     ref = keys.get("passphrase")
@@ -536,7 +626,8 @@ def _own_keys(config: Path) -> tuple[str, Path, Path, bytes | None]:
 
 @config_app.command("check")
 def config_check(
-        path: Annotated[Path, typer.Argument(help="a node file or an alliance folder")]) -> None:
+    path: Annotated[Path, typer.Argument(help="a node file or an alliance folder")],
+) -> None:
     """Validate every file and report every problem at once, with file and key."""
     from bridge.config.loader import check_alliance, load_node
 
@@ -573,8 +664,9 @@ def _env_passphrase(name: str | None) -> bytes | None:
     if not value:
         from bridge.errors import CliInputError
 
-        raise CliInputError(f"environment variable {name} (--passphrase-env) is not set or "
-                            "empty; export it first")
+        raise CliInputError(
+            f"environment variable {name} (--passphrase-env) is not set or empty; export it first"
+        )
     return value.encode()
 
 
@@ -598,15 +690,18 @@ app.add_typer(site_app, name="site")
 
 def _one_line(exc: BaseException) -> str:
     """An unexpected error as one line with a code (HUTONG_DEBUG=1 shows the traceback)."""
-    if isinstance(exc, FileNotFoundError | IsADirectoryError | PermissionError
-                  | NotADirectoryError):
+    if isinstance(
+        exc, FileNotFoundError | IsADirectoryError | PermissionError | NotADirectoryError
+    ):
         return f"HT-CLI-INPUT: cannot use {exc.filename}: {exc.strerror}"
     if isinstance(exc, UnicodeDecodeError):
         return "HT-CLI-INPUT: a file given is not UTF-8 text"
     if isinstance(exc, OSError):
         return f"HT-CLI-INPUT: {exc.strerror or type(exc).__name__}"
-    return (f"HT-INTERNAL: unexpected {type(exc).__name__}; run again with HUTONG_DEBUG=1 for "
-            "the details and report it")
+    return (
+        f"HT-INTERNAL: unexpected {type(exc).__name__}; run again with HUTONG_DEBUG=1 for "
+        "the details and report it"
+    )
 
 
 def main() -> None:

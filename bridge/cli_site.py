@@ -15,19 +15,35 @@ out = Console(soft_wrap=True, highlight=False)
 
 @site_app.command("init")
 def site_init(
-    alliance_dir: Annotated[Path, typer.Option(
-        "--alliance-dir", help="this site's copy of the alliance folder (with alliance.toml)")],
+    alliance_dir: Annotated[
+        Path,
+        typer.Option(
+            "--alliance-dir", help="this site's copy of the alliance folder (with alliance.toml)"
+        ),
+    ],
     node: Annotated[str, typer.Option("--node", help="this site's member id")],
-    local_bind: Annotated[str | None, typer.Option(
-        help="host:port for the hospital-facing local API (default 127.0.0.1 and the peer "
-             "port - 1000)")] = None,
-    peer_bind: Annotated[str | None, typer.Option(
-        help="host:port for the gateway (default: from the member's exchange_url)")] = None,
-    new_patient_hash_key: Annotated[bool, typer.Option(
-        "--new-patient-hash-key", help="make the alliance's patient-hash key (the coordinator "
-        "does this once; every other site copies that file)")] = False,
-    passphrase_env: Annotated[str | None, typer.Option(
-        help="env var holding a passphrase to encrypt the private keys")] = None,
+    local_bind: Annotated[
+        str | None,
+        typer.Option(
+            help="host:port for the hospital-facing local API (default 127.0.0.1 and the peer "
+            "port - 1000)"
+        ),
+    ] = None,
+    peer_bind: Annotated[
+        str | None,
+        typer.Option(help="host:port for the gateway (default: from the member's exchange_url)"),
+    ] = None,
+    new_patient_hash_key: Annotated[
+        bool,
+        typer.Option(
+            "--new-patient-hash-key",
+            help="make the alliance's patient-hash key (the coordinator "
+            "does this once; every other site copies that file)",
+        ),
+    ] = False,
+    passphrase_env: Annotated[
+        str | None, typer.Option(help="env var holding a passphrase to encrypt the private keys")
+    ] = None,
 ) -> None:
     """Keys, tokens, patient-hash key (or its placeholder) and node file of ONE site; files of
     other members are not touched, files already present are kept."""
@@ -35,14 +51,23 @@ def site_init(
     from bridge.config.site import init_site
 
     passphrase = _env_passphrase(passphrase_env)
-    report = init_site(alliance_dir, node, local_bind=local_bind, peer_bind=peer_bind,
-                       new_hash_key=new_patient_hash_key, passphrase=passphrase)
+    report = init_site(
+        alliance_dir,
+        node,
+        local_bind=local_bind,
+        peer_bind=peer_bind,
+        new_hash_key=new_patient_hash_key,
+        passphrase=passphrase,
+    )
     if passphrase_env and report.node_file in report.made:
         text = report.node_file.read_text(encoding="utf-8")
-        report.node_file.write_text(text.replace(
-            f'encryption = "../keys/{node}.enc.key"\n',
-            f'encryption = "../keys/{node}.enc.key"\npassphrase = "env:{passphrase_env}"\n'),
-            encoding="utf-8")
+        report.node_file.write_text(
+            text.replace(
+                f'encryption = "../keys/{node}.enc.key"\n',
+                f'encryption = "../keys/{node}.enc.key"\npassphrase = "env:{passphrase_env}"\n',
+            ),
+            encoding="utf-8",
+        )
     here = Path.cwd()
 
     def show(p: Path) -> str:
@@ -56,13 +81,20 @@ def site_init(
 
     cmd = hutong_command()
     public = show(report.public_keys)  # type: ignore[arg-type]
-    steps = [(f"send {public} to every other member (they put it in their keys/ folder); "
-              f"put theirs in {show(alliance_dir / 'keys')}")]
+    steps = [
+        (
+            f"send {public} to every other member (they put it in their keys/ folder); "
+            f"put theirs in {show(alliance_dir / 'keys')}"
+        )
+    ]
     if report.hash_key_placeholder:
-        steps.append(f"copy the alliance's patient-hash key over the placeholder in "
-                     f"{show(alliance_dir / 'secrets')} (the node refuses to start until then)")
-    steps.append(f"{cmd} config check {show(alliance_dir)}, then {cmd} run --config "
-                 f"{show(report.node_file)}")  # type: ignore[arg-type]
+        steps.append(
+            f"copy the alliance's patient-hash key over the placeholder in "
+            f"{show(alliance_dir / 'secrets')} (the node refuses to start until then)"
+        )
+    steps.append(
+        f"{cmd} config check {show(alliance_dir)}, then {cmd} run --config {show(report.node_file)}"
+    )  # type: ignore[arg-type]
     out.print("next:")
     for i, step in enumerate(steps, start=1):
         out.print(f"  {i}. {step}")

@@ -71,11 +71,20 @@ class Pauses:
             current = current | {what} if paused else current - {what}
             state.put(conn, PAUSED_KEY, json.dumps(sorted(current)), now)
             kind, _, name = what.partition(":")
-            self.ctx.audit.append(conn, [AuditEntry(
-                action="paused" if paused else "resumed", outcome="0", at=now, actor=actor,
-                peer=name if kind == "peer" else None,
-                message=f"{'paused' if paused else 'resumed'} {what}",
-                extra={"target": what})])
+            self.ctx.audit.append(
+                conn,
+                [
+                    AuditEntry(
+                        action="paused" if paused else "resumed",
+                        outcome="0",
+                        at=now,
+                        actor=actor,
+                        peer=name if kind == "peer" else None,
+                        message=f"{'paused' if paused else 'resumed'} {what}",
+                        extra={"target": what},
+                    )
+                ],
+            )
             self._cache = current
             return True
 
@@ -133,8 +142,7 @@ def snapshot(node: Node) -> Snapshot:
 
     paused = node.pauses.all() if hasattr(node, "pauses") else set()
     hops = sorted(getattr(node, "senders", {}) or {})
-    peers: dict[str, Channel] = {p: Channel("peer", p, paused=f"peer:{p}" in paused)
-                                 for p in hops}
+    peers: dict[str, Channel] = {p: Channel("peer", p, paused=f"peer:{p}" in paused) for p in hops}
     adapters: dict[str, Channel] = {}
     for name, adapter in sorted((getattr(node, "adapters", {}) or {}).items()):
         chan = Channel("adapter", name, paused=f"adapter:{name}" in paused)
@@ -142,8 +150,11 @@ def snapshot(node: Node) -> Snapshot:
             st = dict(adapter.status())
         except Exception as exc:  # noqa: BLE001 - a broken status() is itself news
             st = {"last_error": f"status() failed: {type(exc).__name__}"}
-        chan.counters = {str(k): int(v) for k, v in (st.get("counters") or {}).items()
-                         if isinstance(v, int | float)}
+        chan.counters = {
+            str(k): int(v)
+            for k, v in (st.get("counters") or {}).items()
+            if isinstance(v, int | float)
+        }
         chan.last_error = st.get("last_error")
         chan.last_ok_at = st.get("last_ok_at")
         adapters[name] = chan
@@ -157,22 +168,28 @@ def snapshot(node: Node) -> Snapshot:
         return peers[name]
 
     with ctx.store.read() as conn:
-        for hop, st, n in conn.execute(select(OUTBOX.c.next_hop, OUTBOX.c.state, func.count())
-                                       .group_by(OUTBOX.c.next_hop, OUTBOX.c.state)):
+        for hop, st, n in conn.execute(
+            select(OUTBOX.c.next_hop, OUTBOX.c.state, func.count()).group_by(
+                OUTBOX.c.next_hop, OUTBOX.c.state
+            )
+        ):
             totals[f"outbox:{hop}:{st}"] = n
             ch = peer(hop)
             if ch is not None and st in WAITING:
                 ch.queued += n
-        for hop, oldest in conn.execute(select(OUTBOX.c.next_hop, func.min(OUTBOX.c.created_at))
-                                        .where(OUTBOX.c.state.in_(WAITING))
-                                        .group_by(OUTBOX.c.next_hop)):
+        for hop, oldest in conn.execute(
+            select(OUTBOX.c.next_hop, func.min(OUTBOX.c.created_at))
+            .where(OUTBOX.c.state.in_(WAITING))
+            .group_by(OUTBOX.c.next_hop)
+        ):
             ch = peer(hop)
             if ch is not None and oldest is not None:
                 ch.oldest_waiting_s = (now - _aware(oldest, now)).total_seconds()
         for hop, st, created, acked in conn.execute(
-                select(OUTBOX.c.next_hop, OUTBOX.c.state, OUTBOX.c.created_at,
-                       OUTBOX.c.acked_at)
-                .where((OUTBOX.c.created_at >= since) | (OUTBOX.c.acked_at >= since))):
+            select(OUTBOX.c.next_hop, OUTBOX.c.state, OUTBOX.c.created_at, OUTBOX.c.acked_at).where(
+                (OUTBOX.c.created_at >= since) | (OUTBOX.c.acked_at >= since)
+            )
+        ):
             ch = peer(hop)
             if ch is None:
                 continue
@@ -185,15 +202,19 @@ def snapshot(node: Node) -> Snapshot:
                     ch.failed[w] += 1
                 bucket("failed", _aware(created, now))
         for hop, err in conn.execute(
-                select(OUTBOX.c.next_hop, OUTBOX.c.last_error)
-                .where(OUTBOX.c.last_error.is_not(None))
-                .order_by(OUTBOX.c.id.desc()).limit(200)):
+            select(OUTBOX.c.next_hop, OUTBOX.c.last_error)
+            .where(OUTBOX.c.last_error.is_not(None))
+            .order_by(OUTBOX.c.id.desc())
+            .limit(200)
+        ):
             ch = peer(hop)
             if ch is not None and ch.last_error is None:
                 ch.last_error = err
         for sender, relay, st, received in conn.execute(
-                select(INBOX.c.sender, INBOX.c.relay, INBOX.c.state, INBOX.c.received_at)
-                .where(INBOX.c.received_at >= since)):
+            select(INBOX.c.sender, INBOX.c.relay, INBOX.c.state, INBOX.c.received_at).where(
+                INBOX.c.received_at >= since
+            )
+        ):
             t = _aware(received, now)
             ch = peer(relay if relay in peers else sender)
             bucket("received", t)
@@ -208,8 +229,10 @@ def snapshot(node: Node) -> Snapshot:
         for st, n in conn.execute(select(INBOX.c.state, func.count()).group_by(INBOX.c.state)):
             totals[f"inbox:{st}"] = n
         for source, sender, at in conn.execute(
-                select(QUARANTINE.c.source, QUARANTINE.c.sender, QUARANTINE.c.at)
-                .where(QUARANTINE.c.at >= since)):
+            select(QUARANTINE.c.source, QUARANTINE.c.sender, QUARANTINE.c.at).where(
+                QUARANTINE.c.at >= since
+            )
+        ):
             t = _aware(at, now)
             bucket("quarantined", t)
             name = source.removeprefix("adapter:") if source.startswith("adapter:") else None
@@ -218,14 +241,21 @@ def snapshot(node: Node) -> Snapshot:
                 for w in _windows(t, now):
                     ch.quarantined[w] += 1
         for source, st, n in conn.execute(
-                select(QUARANTINE.c.source, QUARANTINE.c.state, func.count())
-                .group_by(QUARANTINE.c.source, QUARANTINE.c.state)):
+            select(QUARANTINE.c.source, QUARANTINE.c.state, func.count()).group_by(
+                QUARANTINE.c.source, QUARANTINE.c.state
+            )
+        ):
             totals[f"quarantine:{source}:{st}"] = n
         if adapters:
             _adapter_windows(node, conn, adapters, since, now)
-    return Snapshot(now=now, peers=[peers[p] for p in sorted(peers)],
-                    adapters=list(adapters.values()), hours=hours, per_hour=per_hour,
-                    totals=totals)
+    return Snapshot(
+        now=now,
+        peers=[peers[p] for p in sorted(peers)],
+        adapters=list(adapters.values()),
+        hours=hours,
+        per_hour=per_hour,
+        totals=totals,
+    )
 
 
 def pause_target(node: Node, kind: str, name: str) -> str:
@@ -238,8 +268,9 @@ def pause_target(node: Node, kind: str, name: str) -> str:
     raise NotFound(f"no {kind} of that name on this node")
 
 
-def _adapter_windows(node: Node, conn: Any, adapters: dict[str, Channel], since: datetime,
-                     now: datetime) -> None:
+def _adapter_windows(
+    node: Node, conn: Any, adapters: dict[str, Channel], since: datetime, now: datetime
+) -> None:
     """Per adapter, last hour/day: packets it handed on (audited ``queued`` with the adapter as
     actor) count as received from the local system; packets delivered to it (the dispatcher's
     handler for their kind) as sent; deliveries to it that failed as failed."""
@@ -249,23 +280,26 @@ def _adapter_windows(node: Node, conn: Any, adapters: dict[str, Channel], since:
     from bridge.audit.tables import AuditRecord
 
     audit = AuditRecord.__table__  # type: ignore[attr-defined]
-    for at, resource in conn.execute(select(audit.c.at, audit.c.resource)
-                                     .where(audit.c.action == "queued", audit.c.at >= since)):
+    for at, resource in conn.execute(
+        select(audit.c.at, audit.c.resource).where(audit.c.action == "queued", audit.c.at >= since)
+    ):
         actor = str(event_fields(orjson.loads(resource)).get("actor") or "")
-        ch = adapters.get(actor.removeprefix("adapter:")) if actor.startswith("adapter:") \
-            else None
+        ch = adapters.get(actor.removeprefix("adapter:")) if actor.startswith("adapter:") else None
         if ch is not None:
             for w in _windows(_aware(at, now), now):
                 ch.received[w] += 1
     dispatcher = getattr(node, "dispatcher", None)
     if dispatcher is None:
         return
-    by_handler = {id(a): ch for name, ch in adapters.items()
-                  if (a := node.adapters.get(name)) is not None}
+    by_handler = {
+        id(a): ch for name, ch in adapters.items() if (a := node.adapters.get(name)) is not None
+    }
     for kind, st, delivered, received in conn.execute(
-            select(INBOX.c.kind, INBOX.c.state, INBOX.c.delivered_at, INBOX.c.received_at)
-            .where((INBOX.c.delivered_at >= since)
-                   | ((INBOX.c.state == "failed") & (INBOX.c.received_at >= since)))):
+        select(INBOX.c.kind, INBOX.c.state, INBOX.c.delivered_at, INBOX.c.received_at).where(
+            (INBOX.c.delivered_at >= since)
+            | ((INBOX.c.state == "failed") & (INBOX.c.received_at >= since))
+        )
+    ):
         ch = by_handler.get(id(dispatcher.handler_for(kind)))
         if ch is None:
             continue
@@ -275,8 +309,9 @@ def _adapter_windows(node: Node, conn: Any, adapters: dict[str, Channel], since:
         elif st == "failed":
             for w in _windows(_aware(received, now), now):
                 ch.failed[w] += 1
-    ch_waiting = conn.execute(select(INBOX.c.kind, func.count())
-                              .where(INBOX.c.state == "received").group_by(INBOX.c.kind))
+    ch_waiting = conn.execute(
+        select(INBOX.c.kind, func.count()).where(INBOX.c.state == "received").group_by(INBOX.c.kind)
+    )
     for kind, n in ch_waiting:
         ch = by_handler.get(id(dispatcher.handler_for(kind)))
         if ch is not None:

@@ -36,8 +36,12 @@ class NodeContext:
         store = Store(plan.storage_dsn)
         if create:
             store.create_all()
-        audit = AuditChain(plan.node_id, signing, checkpoint_every=plan.audit.checkpoint_every,
-                           anchor_file=AnchorFile(plan.data_dir / ANCHOR_NAME))
+        audit = AuditChain(
+            plan.node_id,
+            signing,
+            checkpoint_every=plan.audit.checkpoint_every,
+            anchor_file=AnchorFile(plan.data_dir / ANCHOR_NAME),
+        )
         return cls(plan, store, audit, signing, (encryption,))
 
     @property

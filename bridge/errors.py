@@ -176,8 +176,9 @@ class RateLimited(TransportError):
     code = "HT-PKT-RATE"
     http_status = 429
 
-    def __init__(self, message: str, *, retry_after: float = 1.0, detail: str | None = None
-                 ) -> None:
+    def __init__(
+        self, message: str, *, retry_after: float = 1.0, detail: str | None = None
+    ) -> None:
         super().__init__(message, detail=detail)
         self.retry_after = retry_after
 

@@ -72,9 +72,11 @@ def _secret_refs(data: Any) -> Iterator[tuple[str, str]]:
     for role, ref in (tokens or {}).items() if isinstance(tokens, dict) else ():
         if isinstance(ref, str) and ref.startswith("file:"):
             yield f"tokens.{role}", ref[5:]
-    for where, ref in (("storage_dsn", data.get("storage_dsn")),
-                       ("keys.passphrase", (data.get("keys") or {}).get("passphrase")),
-                       ("alerts.webhook_url", (data.get("alerts") or {}).get("webhook_url"))):
+    for where, ref in (
+        ("storage_dsn", data.get("storage_dsn")),
+        ("keys.passphrase", (data.get("keys") or {}).get("passphrase")),
+        ("alerts.webhook_url", (data.get("alerts") or {}).get("webhook_url")),
+    ):
         if isinstance(ref, str) and ref.startswith("file:"):
             yield where, ref[5:]
 
@@ -97,8 +99,11 @@ def node_file_problems(node_file: Path) -> list[str]:
     if isinstance(dsn, str) and dsn.startswith("sqlite:///") and len(dsn) > 10:
         db = Path(dsn[10:])
         db = db if db.is_absolute() else (base / db).resolve()
-        checks += [("storage_dsn", db), ("storage_dsn", Path(f"{db}-wal")),
-                   ("storage_dsn", Path(f"{db}-shm"))]
+        checks += [
+            ("storage_dsn", db),
+            ("storage_dsn", Path(f"{db}-wal")),
+            ("storage_dsn", Path(f"{db}-shm")),
+        ]
     spool = (data.get("delivery") or {}).get("spool_dir")
     if isinstance(spool, str):
         checks.append(("delivery.spool_dir", (base / spool).resolve()))
@@ -111,8 +116,9 @@ def node_file_problems(node_file: Path) -> list[str]:
             adata = tomllib.loads((base / alliance).read_text(encoding="utf-8"))
             ref = (adata.get("alliance") or {}).get("patient_hash_key")
             if isinstance(ref, str) and ref.startswith("file:"):
-                checks.append(("alliance.patient_hash_key",
-                               ((base / alliance).parent / ref[5:]).resolve()))
+                checks.append(
+                    ("alliance.patient_hash_key", ((base / alliance).parent / ref[5:]).resolve())
+                )
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
             pass
     label = f"{node_file.parent.name}/{node_file.name}"  # as the loader names it: nodes/x.toml
@@ -125,6 +131,8 @@ def node_file_problems(node_file: Path) -> list[str]:
             seen.add(p)
             lines.append(f"{label}: {where}: {describe(p, mode)}")
     if len(lines) > MAX_REPORTED:
-        lines = [*lines[:MAX_REPORTED], (f"{label}: ... and {len(lines) - MAX_REPORTED} "
-                 "more paths open to group/others")]
+        lines = [
+            *lines[:MAX_REPORTED],
+            (f"{label}: ... and {len(lines) - MAX_REPORTED} more paths open to group/others"),
+        ]
     return lines

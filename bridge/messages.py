@@ -55,16 +55,19 @@ def ensure_indexes(conn: Connection) -> None:
 def _spec(box: str) -> tuple[Any, Any, Any, Any]:
     """(table, time column, peer condition builder, state column) of one box."""
     if box == "outbox":
-        return OUTBOX, OUTBOX.c.created_at, (OUTBOX.c.recipient, OUTBOX.c.next_hop), \
-            OUTBOX.c.state
+        return OUTBOX, OUTBOX.c.created_at, (OUTBOX.c.recipient, OUTBOX.c.next_hop), OUTBOX.c.state
     if box == "inbox":
         return INBOX, INBOX.c.received_at, (INBOX.c.sender, INBOX.c.relay), INBOX.c.state
-    return QUARANTINE, QUARANTINE.c.at, (QUARANTINE.c.sender, QUARANTINE.c.recipient), \
-        QUARANTINE.c.state
+    return (
+        QUARANTINE,
+        QUARANTINE.c.at,
+        (QUARANTINE.c.sender, QUARANTINE.c.recipient),
+        QUARANTINE.c.state,
+    )
 
 
 def encode_cursor(row: dict[str, Any]) -> str:
-    raw = f'{row["at"].isoformat()}|{row["box_table"]}|{row["id"]}'
+    raw = f"{row['at'].isoformat()}|{row['box_table']}|{row['id']}"
     return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
 
 
@@ -79,12 +82,20 @@ def decode_cursor(token: str) -> tuple[datetime, str, int]:
         raise InvalidResource("after: not a page token this browser gave out") from None
 
 
-def statements(*, boxes: tuple[str, ...] | list[str] | None = None,
-               since: datetime | None = None, until: datetime | None = None,
-               peer: str | None = None, kind: str | None = None, state: str | None = None,
-               thread: str | None = None, patient_hash: str | None = None,
-               packet_id: str | None = None, after: str | None = None,
-               limit: int = PAGE) -> list[tuple[str, Any]]:
+def statements(
+    *,
+    boxes: tuple[str, ...] | list[str] | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    peer: str | None = None,
+    kind: str | None = None,
+    state: str | None = None,
+    thread: str | None = None,
+    patient_hash: str | None = None,
+    packet_id: str | None = None,
+    after: str | None = None,
+    limit: int = PAGE,
+) -> list[tuple[str, Any]]:
     """(box table, SELECT) for each table a search reads: its newest ``limit + 1`` headers
     past the keyset cursor (one per table; :func:`search` merges them)."""
     wanted = [b for b in (boxes or BOXES) if b in BOXES] or list(BOXES)
@@ -127,13 +138,21 @@ def statements(*, boxes: tuple[str, ...] | list[str] | None = None,
                 where.append(or_(at < c_at, and_(at == c_at, table.c.id < c_id)))
             else:
                 where.append(at <= c_at)
-        out.append((box, select(*cols, at.label("at_")).where(and_(True, *where))
-                    .order_by(at.desc(), table.c.id.desc()).limit(limit + 1)))
+        out.append(
+            (
+                box,
+                select(*cols, at.label("at_"))
+                .where(and_(True, *where))
+                .order_by(at.desc(), table.c.id.desc())
+                .limit(limit + 1),
+            )
+        )
     return out
 
 
-def search(conn: Connection, *, limit: int = PAGE,
-           **filters: Any) -> tuple[list[dict[str, Any]], str | None]:
+def search(
+    conn: Connection, *, limit: int = PAGE, **filters: Any
+) -> tuple[list[dict[str, Any]], str | None]:
     """One page of headers across the boxes, newest first, and the next page's token.
     ``filters``: those of :func:`statements` (boxes, since, until, peer, kind, state, thread,
     patient_hash, packet_id, after)."""
@@ -198,35 +217,87 @@ def show(conn: Connection, box: str, rid: int) -> dict[str, Any]:
     path: list[dict[str, Any]] = []
     audit = AuditRecord.__table__  # type: ignore[attr-defined]
     if d.get("packet_id"):
-        for a in conn.execute(select(audit.c.seq, audit.c.at, audit.c.action, audit.c.outcome,
-                                     audit.c.peer, audit.c.actor)
-                              .where(audit.c.packet_id == d["packet_id"])
-                              .order_by(audit.c.seq)):
+        for a in conn.execute(
+            select(
+                audit.c.seq,
+                audit.c.at,
+                audit.c.action,
+                audit.c.outcome,
+                audit.c.peer,
+                audit.c.actor,
+            )
+            .where(audit.c.packet_id == d["packet_id"])
+            .order_by(audit.c.seq)
+        ):
             path.append(dict(a._mapping))
     receipt = d.get("receipt")
     intake = []
     if d.get("thread"):
-        intake = [dict(r._mapping) for r in conn.execute(
-            select(ADAPTER_INTAKE.c.adapter, ADAPTER_INTAKE.c.source_key, ADAPTER_INTAKE.c.at)
-            .where(ADAPTER_INTAKE.c.thread == d["thread"]).order_by(ADAPTER_INTAKE.c.id))]
-    return {"box": box, "id": rid, "headers": headers, "body": body, "raw": raw,
-            "path": path, "receipt": receipt is not None, "intake": intake,
-            "patient_hash": d.get("patient_hash")}
+        intake = [
+            dict(r._mapping)
+            for r in conn.execute(
+                select(ADAPTER_INTAKE.c.adapter, ADAPTER_INTAKE.c.source_key, ADAPTER_INTAKE.c.at)
+                .where(ADAPTER_INTAKE.c.thread == d["thread"])
+                .order_by(ADAPTER_INTAKE.c.id)
+            )
+        ]
+    return {
+        "box": box,
+        "id": rid,
+        "headers": headers,
+        "body": body,
+        "raw": raw,
+        "path": path,
+        "receipt": receipt is not None,
+        "intake": intake,
+        "patient_hash": d.get("patient_hash"),
+    }
 
 
-def audit_body_read(ctx: Any, conn: Connection, msg: dict[str, Any], *, actor: str,
-                    role: str, address: str | None, via: str) -> None:
+def audit_body_read(
+    ctx: Any,
+    conn: Connection,
+    msg: dict[str, Any],
+    *,
+    actor: str,
+    role: str,
+    address: str | None,
+    via: str,
+) -> None:
     """Opening a message's body or raw input is a read of patient data: one entry."""
     h = msg["headers"]
-    ctx.audit.append(conn, [AuditEntry(
-        action="read", actor=actor, actor_role=role, address=address, interaction="read",
-        packet_id=h.get("packet_id"), kind=h.get("kind"), thread=h.get("thread"),
-        patient_hash=msg.get("patient_hash"), at=ctx.now(), message="message body read",
-        extra={"shown": f"{via} {msg['box']}/{msg['id']} body"})])
+    ctx.audit.append(
+        conn,
+        [
+            AuditEntry(
+                action="read",
+                actor=actor,
+                actor_role=role,
+                address=address,
+                interaction="read",
+                packet_id=h.get("packet_id"),
+                kind=h.get("kind"),
+                thread=h.get("thread"),
+                patient_hash=msg.get("patient_hash"),
+                at=ctx.now(),
+                message="message body read",
+                extra={"shown": f"{via} {msg['box']}/{msg['id']} body"},
+            )
+        ],
+    )
 
 
-def resend(ctx: Any, box: str, rid: int, *, reason: str, actor: str, role: str | None = None,
-           address: str | None = None, node: Any = None) -> str:
+def resend(
+    ctx: Any,
+    box: str,
+    rid: int,
+    *,
+    reason: str,
+    actor: str,
+    role: str | None = None,
+    address: str | None = None,
+    node: Any = None,
+) -> str:
     """Send an outbox packet (or dead letter) again, hand an inbox packet to its local system
     again, or replay a quarantined input; audited ``replayed`` with the reason. The receiver
     keeps packets by id, so a resend of a delivered packet is not delivered twice."""
@@ -239,12 +310,23 @@ def resend(ctx: Any, box: str, rid: int, *, reason: str, actor: str, role: str |
 
         if node is None:
             raise InvalidResource("a quarantined input is replayed by the running node")
-        ok, result = ops.quarantine_replay(ctx, node.intake, rid, actor=actor,
-                                           adapters=node.adapters)
+        ok, result = ops.quarantine_replay(
+            ctx, node.intake, rid, actor=actor, adapters=node.adapters
+        )
         with ctx.store.write() as conn:
-            ctx.audit.append(conn, [AuditEntry(
-                action="replayed", actor=actor, actor_role=role, address=address, at=now,
-                message=f"quarantine {rid} resent: {reason}"[:480])])
+            ctx.audit.append(
+                conn,
+                [
+                    AuditEntry(
+                        action="replayed",
+                        actor=actor,
+                        actor_role=role,
+                        address=address,
+                        at=now,
+                        message=f"quarantine {rid} resent: {reason}"[:480],
+                    )
+                ],
+            )
         return f"{'OK' if ok else 'FAILED'} {result}"
     table = _table(box)
     with ctx.store.write() as conn:
@@ -254,22 +336,46 @@ def resend(ctx: Any, box: str, rid: int, *, reason: str, actor: str, role: str |
         if table is OUTBOX:
             if row.body is None and row.frame is None:
                 raise InvalidResource("the body was purged (retention): nothing to resend")
-            conn.execute(update(OUTBOX).where(OUTBOX.c.id == rid).values(
-                state="queued", next_try_at=now, attempts=0, last_error=None))
+            conn.execute(
+                update(OUTBOX)
+                .where(OUTBOX.c.id == rid)
+                .values(state="queued", next_try_at=now, attempts=0, last_error=None)
+            )
             peer = row.recipient
         else:
             if row.body is None:
                 raise InvalidResource("the body was purged (retention): nothing to resend")
             # its turn on the thread was used when it was first handed over: marked as a
             # redelivery, the thread gate lets it pass once more (else it is a stale seq)
-            conn.execute(update(INBOX).where(INBOX.c.id == rid).values(
-                state="received", next_try_at=now, attempts=0,
-                last_error=f"{REDELIVER} resent by {actor}"[:500]))
+            conn.execute(
+                update(INBOX)
+                .where(INBOX.c.id == rid)
+                .values(
+                    state="received",
+                    next_try_at=now,
+                    attempts=0,
+                    last_error=f"{REDELIVER} resent by {actor}"[:500],
+                )
+            )
             peer = row.sender
-        ctx.audit.append(conn, [AuditEntry(
-            action="replayed", actor=actor, actor_role=role, address=address,
-            packet_id=row.packet_id, kind=row.kind, thread=row.thread, peer=peer,
-            patient_hash=row.patient_hash, at=now, message=f"resent from {box}: {reason}"[:480])])
+        ctx.audit.append(
+            conn,
+            [
+                AuditEntry(
+                    action="replayed",
+                    actor=actor,
+                    actor_role=role,
+                    address=address,
+                    packet_id=row.packet_id,
+                    kind=row.kind,
+                    thread=row.thread,
+                    peer=peer,
+                    patient_hash=row.patient_hash,
+                    at=now,
+                    message=f"resent from {box}: {reason}"[:480],
+                )
+            ],
+        )
     if node is not None:
         node.wake_all_senders()
         node.wake("deliver")

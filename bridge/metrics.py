@@ -37,23 +37,32 @@ class NodeCollector:
         snap = snapshot(self.node)
         node_id = self.node.plan.node_id
         windows = (("1h", "hour"), ("24h", "day"))
-        for what, helptext in (("received", "packets received from the peer"),
-                               ("sent", "packets acknowledged by the peer"),
-                               ("failed", "packets dead, refused or failed"),
-                               ("quarantined", "items quarantined")):
-            g = GaugeMetricFamily(f"hutong_peer_{what}_window", f"{helptext}, in the last "
-                                  "hour/day", labels=["node", "peer", "window"])
+        for what, helptext in (
+            ("received", "packets received from the peer"),
+            ("sent", "packets acknowledged by the peer"),
+            ("failed", "packets dead, refused or failed"),
+            ("quarantined", "items quarantined"),
+        ):
+            g = GaugeMetricFamily(
+                f"hutong_peer_{what}_window",
+                f"{helptext}, in the last hour/day",
+                labels=["node", "peer", "window"],
+            )
             for ch in snap.peers:
                 for w, _ in windows:
                     g.add_metric([node_id, ch.name, w], getattr(ch, what)[w])
             yield g
-        g = GaugeMetricFamily("hutong_peer_queued", "packets waiting for the peer now",
-                              labels=["node", "peer"])
-        age = GaugeMetricFamily("hutong_peer_oldest_waiting_seconds",
-                                "age of the oldest packet waiting for the peer (0: none)",
-                                labels=["node", "peer"])
-        paused = GaugeMetricFamily("hutong_paused", "1 while IT has paused this channel",
-                                   labels=["node", "kind", "name"])
+        g = GaugeMetricFamily(
+            "hutong_peer_queued", "packets waiting for the peer now", labels=["node", "peer"]
+        )
+        age = GaugeMetricFamily(
+            "hutong_peer_oldest_waiting_seconds",
+            "age of the oldest packet waiting for the peer (0: none)",
+            labels=["node", "peer"],
+        )
+        paused = GaugeMetricFamily(
+            "hutong_paused", "1 while IT has paused this channel", labels=["node", "kind", "name"]
+        )
         for ch in snap.peers:
             g.add_metric([node_id, ch.name], ch.queued)
             age.add_metric([node_id, ch.name], ch.oldest_waiting_s or 0.0)
@@ -63,26 +72,38 @@ class NodeCollector:
         yield g
         yield age
         yield paused
-        for what, helptext in (("received", ("packets an adapter handed on (from the local "
-                                             "system)")),
-                               ("sent", "packets delivered to an adapter (to the local system)"),
-                               ("failed", "deliveries to an adapter that failed")):
-            g = GaugeMetricFamily(f"hutong_adapter_{what}_window", f"{helptext}, in the last "
-                                  "hour/day", labels=["node", "adapter", "window"])
+        for what, helptext in (
+            ("received", ("packets an adapter handed on (from the local system)")),
+            ("sent", "packets delivered to an adapter (to the local system)"),
+            ("failed", "deliveries to an adapter that failed"),
+        ):
+            g = GaugeMetricFamily(
+                f"hutong_adapter_{what}_window",
+                f"{helptext}, in the last hour/day",
+                labels=["node", "adapter", "window"],
+            )
             for ch in snap.adapters:
                 for w, _ in windows:
                     g.add_metric([node_id, ch.name, w], getattr(ch, what)[w])
             yield g
-        g = GaugeMetricFamily("hutong_adapter_queued", "received packets waiting for delivery "
-                              "to the adapter", labels=["node", "adapter"])
+        g = GaugeMetricFamily(
+            "hutong_adapter_queued",
+            "received packets waiting for delivery to the adapter",
+            labels=["node", "adapter"],
+        )
         for ch in snap.adapters:
             g.add_metric([node_id, ch.name], ch.queued)
         yield g
-        q = GaugeMetricFamily("hutong_adapter_quarantined_window",
-                              "items an adapter quarantined in the last hour/day",
-                              labels=["node", "adapter", "window"])
-        c = CounterMetricFamily("hutong_adapter_events", "an adapter's own counters since the "
-                                "node started", labels=["node", "adapter", "event"])
+        q = GaugeMetricFamily(
+            "hutong_adapter_quarantined_window",
+            "items an adapter quarantined in the last hour/day",
+            labels=["node", "adapter", "window"],
+        )
+        c = CounterMetricFamily(
+            "hutong_adapter_events",
+            "an adapter's own counters since the node started",
+            labels=["node", "adapter", "event"],
+        )
         for ch in snap.adapters:
             for w, _ in windows:
                 q.add_metric([node_id, ch.name, w], ch.quarantined[w])
@@ -90,9 +111,11 @@ class NodeCollector:
                 c.add_metric([node_id, ch.name, event], n)
         yield q
         yield c
-        t = GaugeMetricFamily("hutong_store_items", "rows by table and state (outbox per peer, "
-                              "quarantine per source)", labels=["node", "table", "subject",
-                                                                "state"])
+        t = GaugeMetricFamily(
+            "hutong_store_items",
+            "rows by table and state (outbox per peer, quarantine per source)",
+            labels=["node", "table", "subject", "state"],
+        )
         for key, n in sorted(snap.totals.items()):
             parts = key.split(":")
             if parts[0] == "inbox":
@@ -101,13 +124,17 @@ class NodeCollector:
                 t.add_metric([node_id, parts[0], ":".join(parts[1:-1]), parts[-1]], n)
         yield t
         if self.alerter is not None:
-            a = GaugeMetricFamily("hutong_alert_active", "1 per alert raised and not cleared",
-                                  labels=["node", "rule", "subject"])
+            a = GaugeMetricFamily(
+                "hutong_alert_active",
+                "1 per alert raised and not cleared",
+                labels=["node", "rule", "subject"],
+            )
             for alert in self.alerter.active().values():
                 a.add_metric([node_id, alert["rule"], str(alert["subject"])], 1)
             yield a
-        up = GaugeMetricFamily("hutong_node_info", "1; the node's id and role",
-                               labels=["node", "role"])
+        up = GaugeMetricFamily(
+            "hutong_node_info", "1; the node's id and role", labels=["node", "role"]
+        )
         up.add_metric([node_id, str(self.node.plan.role)], 1)
         yield up
 
@@ -129,8 +156,7 @@ def metrics_router(node: Node, alerter: Alerter | None = None) -> APIRouter:
     tokens = [node.plan.tokens.get("it", "")]
     metrics_cfg: Any = getattr(node.plan, "metrics", None)
     if metrics_cfg is not None and metrics_cfg.token:
-        tokens.append(resolve_secret(metrics_cfg.token,
-                                     node.plan.source_files[1].parent).strip())
+        tokens.append(resolve_secret(metrics_cfg.token, node.plan.source_files[1].parent).strip())
     router = APIRouter(include_in_schema=False)
 
     @router.get("/metrics")

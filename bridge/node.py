@@ -72,8 +72,10 @@ class Node:
         check_anchor(self.ctx)  # a store younger than its audit anchor does not start
         faults.install(self.ctx)
         self.chain_watch = ChainWatch(
-            self.ctx, lambda conn: [*plan.me.signing_keys, *own_signing_keys(conn)],
-            plan.alerts.chain_every_s)
+            self.ctx,
+            lambda conn: [*plan.me.signing_keys, *own_signing_keys(conn)],
+            plan.alerts.chain_every_s,
+        )
         # PostgreSQL: several processes may share this store (hutong worker); see lanes.py
         self.lanes = None if self.ctx.store.is_sqlite else Lanes(plan.storage_dsn)
         self.intake = Intake(self.ctx)
@@ -85,17 +87,23 @@ class Node:
         self.pauses = Pauses(self.ctx)  # IT's pause of a peer's sending or of an adapter
         self.adapters = load_adapters(self)
         self.results = ResultsInbox(self.ctx)
-        handlers: dict[str, Any] = load_handlers(dict(plan.delivery.handlers),
-                                                 {"spool_dir": plan.delivery.spool_dir})
+        handlers: dict[str, Any] = load_handlers(
+            dict(plan.delivery.handlers), {"spool_dir": plan.delivery.spool_dir}
+        )
         handlers.update(receivers(self, self.adapters))
         self.dispatcher = Dispatcher(
-            self.ctx, handlers, hooks={"referral.": self.workflow.apply_packet,
-                                      "consult.": self._apply_consult,
-                                      "result.": self._apply_result},
+            self.ctx,
+            handlers,
+            hooks={
+                "referral.": self.workflow.apply_packet,
+                "consult.": self._apply_consult,
+                "result.": self._apply_result,
+            },
             lanes=self.lanes,
         )
         self.dispatcher.held = lambda h: any(  # a paused adapter receives nothing meanwhile
-            a is h and self.pauses.has(f"adapter:{n}") for n, a in self.adapters.items())
+            a is h and self.pauses.has(f"adapter:{n}") for n, a in self.adapters.items()
+        )
         me = plan.directory[plan.node_id]
         if me.role == "platform" or not me.via:
             hops = [m for m in plan.directory if m != plan.node_id]
@@ -103,9 +111,13 @@ class Node:
             hops = [me.via]
         self.senders = {peer: PeerSender(self.ctx, peer, self.lanes) for peer in hops}
         #: a platform returns the recipients' receipts to every member in one round
-        self.receipts = ReceiptReturn(
-            self.ctx, hops, self.lanes, paused=lambda hop: self.pauses.has(f"peer:{hop}")
-        ) if me.role == "platform" else None
+        self.receipts = (
+            ReceiptReturn(
+                self.ctx, hops, self.lanes, paused=lambda hop: self.pauses.has(f"peer:{hop}")
+            )
+            if me.role == "platform"
+            else None
+        )
         # a platform wakes only the senders of the hops a batch was relayed to, not all of them
         self.intake.on_relayed = self._wake_hops
         self.drains: dict[str, _Drain] = {}
@@ -121,9 +133,17 @@ class Node:
         then also goes to the adapters that keep reports with their studies (the PACS)."""
         ev = self.results.apply_packet(item)
         if item.kind == "result.imaging":
-            to_imaging_sinks(self.adapters, imaging_events(
-                ev.bundle, key=item.packet_id, sender=item.sender, thread=item.thread,
-                patient=ev.patient, party=ev.view is not None))  # the inbox checked the party
+            to_imaging_sinks(
+                self.adapters,
+                imaging_events(
+                    ev.bundle,
+                    key=item.packet_id,
+                    sender=item.sender,
+                    thread=item.thread,
+                    patient=ev.patient,
+                    party=ev.view is not None,
+                ),
+            )  # the inbox checked the party
         return ev
 
     def _apply_consult(self, item: Any) -> Any:
@@ -137,12 +157,24 @@ class Node:
         if item.kind == "consult.report" and ev.side == "inviter":
             row = ev.view["consultation"]
             task: dict[str, Any] = next(
-                (r for r in ev.view["resources"] if r["resourceType"] == "Task"
-                 and r["id"] == row["task_id"]), {})
-            to_imaging_sinks(self.adapters, imaging_events(
-                orjson.loads(item.body), key=item.packet_id, sender=item.sender,
-                thread=item.thread, patient=(task.get("for") or {}).get("reference"),
-                party=row["centre"] == item.sender))  # the workflow checked the party
+                (
+                    r
+                    for r in ev.view["resources"]
+                    if r["resourceType"] == "Task" and r["id"] == row["task_id"]
+                ),
+                {},
+            )
+            to_imaging_sinks(
+                self.adapters,
+                imaging_events(
+                    orjson.loads(item.body),
+                    key=item.packet_id,
+                    sender=item.sender,
+                    thread=item.thread,
+                    patient=(task.get("for") or {}).get("reference"),
+                    party=row["centre"] == item.sender,
+                ),
+            )  # the workflow checked the party
         return ev
 
     # -- jobs ---------------------------------------------------------------------------------
@@ -150,8 +182,9 @@ class Node:
     def _add_drain(self, job_id: str, step: Any, every: float) -> None:
         drain = _Drain(step)
         self.drains[job_id] = drain
-        self.scheduler.add_job(drain, "interval", seconds=every, id=job_id,
-                               next_run_time=datetime.now(UTC))
+        self.scheduler.add_job(
+            drain, "interval", seconds=every, id=job_id, next_run_time=datetime.now(UTC)
+        )
 
     def wake(self, job_id: str) -> None:
         drain = self.drains.get(job_id)
@@ -175,6 +208,7 @@ class Node:
     def start_jobs(self) -> None:
         cfg = self.plan.delivery
         for peer, sender in self.senders.items():
+
             def step(s: PeerSender = sender, p: str = peer) -> tuple[int, bool]:
                 if self.pauses.has(f"peer:{p}"):  # paused by IT: packets stay queued
                     return 0, False
@@ -183,23 +217,33 @@ class Node:
                     self.wake("receipts")  # relayed packets' receipts to return, maybe
                 # k > 1 partitions: keep draining while some partition got through
                 return report.sent, report.failed > 0 and report.sent == 0
+
             self._add_drain(f"send:{peer}", step, cfg.poll_interval_s)
         self.add_receipts_job()
-        self._add_drain("deliver", lambda: (self.dispatcher.run_once(), False),
-                        cfg.poll_interval_s)
-        self.scheduler.add_job(self._retention, "interval", id="retention",
-                               seconds=self.plan.retention.run_every_s)
+        self._add_drain("deliver", lambda: (self.dispatcher.run_once(), False), cfg.poll_interval_s)
+        self.scheduler.add_job(
+            self._retention, "interval", id="retention", seconds=self.plan.retention.run_every_s
+        )
         self.scheduler.add_job(self._checkpoint, "interval", id="checkpoint", seconds=60)
-        self.scheduler.add_job(self.workflow.remind, "interval", id="referral-reminders",
-                               seconds=self.plan.referral.reminder_every_s)
-        self.scheduler.add_job(self.consult.remind, "interval", id="consult-reminders",
-                               seconds=self.plan.consult.reminder_every_s)
+        self.scheduler.add_job(
+            self.workflow.remind,
+            "interval",
+            id="referral-reminders",
+            seconds=self.plan.referral.reminder_every_s,
+        )
+        self.scheduler.add_job(
+            self.consult.remind,
+            "interval",
+            id="consult-reminders",
+            seconds=self.plan.consult.reminder_every_s,
+        )
         self.scheduler.add_job(self._watch_config, "interval", id="config-watch", seconds=10)
         for adapter in self.adapters.values():
             adapter.start()
         for job_id, func, every in self._jobs:
-            self.scheduler.add_job(func, "interval", id=job_id, seconds=every,
-                                   next_run_time=datetime.now(UTC))
+            self.scheduler.add_job(
+                func, "interval", id=job_id, seconds=every, next_run_time=datetime.now(UTC)
+            )
         self.scheduler.start()
 
     def add_receipts_job(self) -> None:
@@ -211,13 +255,20 @@ class Node:
         def step() -> tuple[int, bool]:
             report = receipts.run_once()
             return report.sent, report.failed > 0 and report.sent == 0
+
         self._add_drain("receipts", step, self.plan.delivery.poll_interval_s)
 
     def add_job(self, job_id: str, func: Any, every: float) -> None:
         """An adapter's periodic job (registered before or after the scheduler starts)."""
         if self.scheduler.running:
-            self.scheduler.add_job(func, "interval", id=job_id, seconds=every,
-                                   next_run_time=datetime.now(UTC), replace_existing=True)
+            self.scheduler.add_job(
+                func,
+                "interval",
+                id=job_id,
+                seconds=every,
+                next_run_time=datetime.now(UTC),
+                replace_existing=True,
+            )
         else:
             self._jobs.append((job_id, func, every))
 
@@ -238,21 +289,41 @@ class Node:
             if known != on_disk:
                 state.put(conn, "config_files_hash", on_disk, self.ctx.now())
                 if known is not None:
-                    self.ctx.audit.append(conn, [AuditEntry(
-                        action="config", outcome="4", at=self.ctx.now(),
-                        message="config files changed on disk; restart to apply",
-                        extra={"files_hash": on_disk})])
+                    self.ctx.audit.append(
+                        conn,
+                        [
+                            AuditEntry(
+                                action="config",
+                                outcome="4",
+                                at=self.ctx.now(),
+                                message="config files changed on disk; restart to apply",
+                                extra={"files_hash": on_disk},
+                            )
+                        ],
+                    )
 
     def record_start(self) -> None:
         with self.ctx.store.write() as conn:
             remember_own_key(conn, self.ctx)
             previous = state.get(conn, "config_hash")
             state.put(conn, "config_hash", self.plan.config_hash, self.ctx.now())
-            self.ctx.audit.append(conn, [AuditEntry(
-                action="config", at=self.ctx.now(), actor=self.plan.node_id,
-                message="node started" + ("" if previous in (None, self.plan.config_hash)
-                                          else "; config changed since last start"),
-                extra={"config_hash": self.plan.config_hash, "previous": previous})])
+            self.ctx.audit.append(
+                conn,
+                [
+                    AuditEntry(
+                        action="config",
+                        at=self.ctx.now(),
+                        actor=self.plan.node_id,
+                        message="node started"
+                        + (
+                            ""
+                            if previous in (None, self.plan.config_hash)
+                            else "; config changed since last start"
+                        ),
+                        extra={"config_hash": self.plan.config_hash, "previous": previous},
+                    )
+                ],
+            )
 
     # -- servers ------------------------------------------------------------------------------
 
@@ -261,6 +332,7 @@ class Node:
 
         def received() -> None:
             self.wake("deliver")
+
         gateway = create_gateway(self.ctx, self.intake, on_received=received)
         from bridge.web.security import SecurityHeaders
 
@@ -273,12 +345,26 @@ class Node:
         _warm_validators()
         gateway, local = self.apps()
         servers = [
-            uvicorn.Server(uvicorn.Config(gateway, host=self.plan.peer_host,
-                                          port=self.plan.peer_port, log_level="warning",
-                                          access_log=False, **port_guards(self.plan))),
-            uvicorn.Server(uvicorn.Config(local, host=self.plan.local_host,
-                                          port=self.plan.local_port, log_level="warning",
-                                          access_log=False, **port_guards(self.plan))),
+            uvicorn.Server(
+                uvicorn.Config(
+                    gateway,
+                    host=self.plan.peer_host,
+                    port=self.plan.peer_port,
+                    log_level="warning",
+                    access_log=False,
+                    **port_guards(self.plan),
+                )
+            ),
+            uvicorn.Server(
+                uvicorn.Config(
+                    local,
+                    host=self.plan.local_host,
+                    port=self.plan.local_port,
+                    log_level="warning",
+                    access_log=False,
+                    **port_guards(self.plan),
+                )
+            ),
         ]
         # main() below owns SIGINT/SIGTERM for both servers; uvicorn (>= 0.29) would otherwise
         # take them in serve() (its install_signal_handlers, overridden here before, is gone)
@@ -329,9 +415,11 @@ def _warm_validators() -> None:
     """Compile the R4 schema before the first packet, not during it (~170 ms once)."""
     from bridge.fhir.validate import validate_resource
 
-    for r in ({"resourceType": "Bundle", "type": "collection"},
-              {"resourceType": "Patient"},
-              {"resourceType": "Observation", "status": "final", "code": {"text": "x"}}):
+    for r in (
+        {"resourceType": "Bundle", "type": "collection"},
+        {"resourceType": "Patient"},
+        {"resourceType": "Observation", "status": "final", "code": {"text": "x"}},
+    ):
         validate_resource(r)
 
 

@@ -23,8 +23,9 @@ from bridge.errors import HutongError
 
 users_app = typer.Typer(no_args_is_help=True, help="Personal accounts of this node")
 tokens_app = typer.Typer(no_args_is_help=True, help="API bearer tokens of users and systems")
-messages_app = typer.Typer(no_args_is_help=True,
-                           help="Message browser: search, show and resend packets")
+messages_app = typer.Typer(
+    no_args_is_help=True, help="Message browser: search, show and resend packets"
+)
 
 out = Console(soft_wrap=True)
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="the node's config file")]
@@ -91,8 +92,9 @@ def users_add(
     name: Annotated[str, typer.Argument(help="login name (a-z 0-9 . _ -)")],
     roles: Annotated[str, typer.Option(help="clinician,it,auditor,admin")],
     display: Annotated[str | None, typer.Option(help="the person's name as shown")] = None,
-    password: Annotated[str | None, typer.Option(
-        help="'-' reads it from stdin; omitted: asked for (hidden)")] = None,
+    password: Annotated[
+        str | None, typer.Option(help="'-' reads it from stdin; omitted: asked for (hidden)")
+    ] = None,
     totp: Annotated[bool, typer.Option(help="require a TOTP second factor")] = False,
     ldap: Annotated[bool, typer.Option(help="no local password: bind to the directory")] = False,
 ) -> None:
@@ -100,8 +102,9 @@ def users_add(
     ctx = _ctx(config)
     pw = None if ldap else _password(password)
     try:
-        secret = _accounts(ctx).add(name, roles, password=pw, display=display, totp=totp,
-                                    by=cli_actor())
+        secret = _accounts(ctx).add(
+            name, roles, password=pw, display=display, totp=totp, by=cli_actor()
+        )
     except ValueError as exc:
         raise _value_error(exc) from None
     out.print(f"added {name} ({roles})")
@@ -110,8 +113,7 @@ def users_add(
 
 
 @users_app.command("list")
-def users_list(config: ConfigOpt,
-               as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def users_list(config: ConfigOpt, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Accounts with roles, state and last login (no password hashes, no TOTP secrets)."""
     ctx = _ctx(config)
     rows = _accounts(ctx).list()
@@ -123,8 +125,14 @@ def users_list(config: ConfigOpt,
         t.add_column(col)
     for u in rows:
         state = "disabled" if u["disabled"] else "locked" if u["locked"] else "active"
-        t.add_row(u["name"], u["display"] or "", u["roles"], state, "yes" if u["totp"] else "",
-                  _show(u["last_login_at"], ctx))
+        t.add_row(
+            u["name"],
+            u["display"] or "",
+            u["roles"],
+            state,
+            "yes" if u["totp"] else "",
+            _show(u["last_login_at"], ctx),
+        )
     out.print(t)
 
 
@@ -144,7 +152,8 @@ def users_enable(config: ConfigOpt, name: str) -> None:
 
 @users_app.command("reset-password")
 def users_reset_password(
-    config: ConfigOpt, name: str,
+    config: ConfigOpt,
+    name: str,
     password: Annotated[str | None, typer.Option(help="'-' reads it from stdin")] = None,
 ) -> None:
     """Set a new password (also lifts a lockout)."""
@@ -156,8 +165,11 @@ def users_reset_password(
 
 
 @users_app.command("roles")
-def users_roles(config: ConfigOpt, name: str,
-                roles: Annotated[str, typer.Argument(help="clinician,it,auditor,admin")]) -> None:
+def users_roles(
+    config: ConfigOpt,
+    name: str,
+    roles: Annotated[str, typer.Argument(help="clinician,it,auditor,admin")],
+) -> None:
     """Set an account's roles."""
     try:
         _accounts(_ctx(config)).set_roles(name, roles, by=cli_actor())
@@ -178,13 +190,15 @@ def tokens_issue(
         raise HutongError("give exactly one of --user or --client")
     try:
         tid, secret = _accounts(_ctx(config)).issue_token(
-            user or client or "", kind="user" if user else "client", roles=roles,
-            by=cli_actor())
+            user or client or "", kind="user" if user else "client", roles=roles, by=cli_actor()
+        )
     except ValueError as exc:
         raise _value_error(exc) from None
     err = Console(stderr=True)
-    err.print(f"token {tid} for {'user' if user else 'client'} {user or client} "
-              "(shown once; store it now):")
+    err.print(
+        f"token {tid} for {'user' if user else 'client'} {user or client} "
+        "(shown once; store it now):"
+    )
     print(secret)
 
 
@@ -196,8 +210,13 @@ def tokens_list(config: ConfigOpt) -> None:
     for col in ("id", "owner", "roles", "created", "revoked"):
         t.add_column(col)
     for k in _accounts(ctx).tokens():
-        t.add_row(k["id"], f'{k["owner_kind"]}:{k["owner"]}', k["roles"],
-                  _show(k["created_at"], ctx), _show(k["revoked_at"], ctx))
+        t.add_row(
+            k["id"],
+            f"{k['owner_kind']}:{k['owner']}",
+            k["roles"],
+            _show(k["created_at"], ctx),
+            _show(k["revoked_at"], ctx),
+        )
     out.print(t)
 
 
@@ -210,8 +229,10 @@ def tokens_revoke(config: ConfigOpt, token_id: str) -> None:
 
 def patient_hash_command(
     config: ConfigOpt,
-    national_id: Annotated[str | None, typer.Option(
-        help="omitted: asked for (hidden), so it stays out of the shell history")] = None,
+    national_id: Annotated[
+        str | None,
+        typer.Option(help="omitted: asked for (hidden), so it stays out of the shell history"),
+    ] = None,
 ) -> None:
     """The keyed hash of a national ID number, computed here; the number is not kept."""
     from bridge.config.loader import load_node
@@ -242,36 +263,63 @@ def audit_who(
     if fmt in ("csv", "ndjson"):
         out_fmt: Literal["ndjson", "csv"] = "csv" if fmt == "csv" else "ndjson"
         with ctx.store.read() as conn:
-            n = export(conn, sys.stdout, fmt=out_fmt, since=start, until=end,
-                       patient_hash=patient, actor=actor, action="read")
+            n = export(
+                conn,
+                sys.stdout,
+                fmt=out_fmt,
+                since=start,
+                until=end,
+                patient_hash=patient,
+                actor=actor,
+                action="read",
+            )
         with ctx.store.write() as conn:
-            ctx.audit.append(conn, [AuditEntry(
-                action="export", actor=cli_actor(), at=ctx.now(),
-                message=f"audit export {fmt}", extra={"rows": n})])
+            ctx.audit.append(
+                conn,
+                [
+                    AuditEntry(
+                        action="export",
+                        actor=cli_actor(),
+                        at=ctx.now(),
+                        message=f"audit export {fmt}",
+                        extra={"rows": n},
+                    )
+                ],
+            )
         return
     if after is not None and not after.isdigit():
         raise HutongError("--after: not a token this command gave out")
-    filters: dict[str, Any] = dict(since=start, until=end, patient_hash=patient, actor=actor,
-                                   action="read")
+    filters: dict[str, Any] = dict(
+        since=start, until=end, patient_hash=patient, actor=actor, action="read"
+    )
     with ctx.store.read() as conn:
         try:
-            rows = query(conn, limit=limit, before_seq=int(after) if after else None,
-                         **filters)
+            rows = query(conn, limit=limit, before_seq=int(after) if after else None, **filters)
         except ValueError as exc:
             raise HutongError(f"--limit: {exc}") from None
         total = count(conn, **filters)
         last = rows[-1]["seq"] if len(rows) == limit else None
-        nxt = str(last) if last is not None and query(conn, limit=1, before_seq=last,
-                                                       **filters) else None
+        nxt = (
+            str(last)
+            if last is not None and query(conn, limit=1, before_seq=last, **filters)
+            else None
+        )
     t = Table(title="reads of patient data")
     for col in ("seq", "at", "actor", "patient", "message"):
         t.add_column(col)
     for r in rows:
-        t.add_row(str(r["seq"]), _show_instant(r["at"], ctx), r["actor"] or "",
-                  (r["patient_hash"] or "")[:16], r["message"] or "")
+        t.add_row(
+            str(r["seq"]),
+            _show_instant(r["at"], ctx),
+            r["actor"] or "",
+            (r["patient_hash"] or "")[:16],
+            r["message"] or "",
+        )
     out.print(t)
-    out.print(f"{total:,} reads in all, {len(rows)} shown"
-              + (f"; next page: --after {nxt}" if nxt else ""))
+    out.print(
+        f"{total:,} reads in all, {len(rows)} shown"
+        + (f"; next page: --after {nxt}" if nxt else "")
+    )
 
 
 def _show_instant(text: str | None, ctx: Any) -> str:
@@ -303,25 +351,43 @@ def messages_search(
 
     ctx = _ctx(config)
     filters: dict[str, Any] = dict(
-        boxes=box, since=when(since, ctx), until=when(until, ctx), peer=peer, kind=kind,
-        state=state, thread=thread, patient_hash=patient, packet_id=packet)
+        boxes=box,
+        since=when(since, ctx),
+        until=when(until, ctx),
+        peer=peer,
+        kind=kind,
+        state=state,
+        thread=thread,
+        patient_hash=patient,
+        packet_id=packet,
+    )
     with ctx.store.read() as conn:
         rows, nxt = mb.search(conn, after=after, limit=limit, **filters)
         total, exact = mb.count(conn, **filters)
     if as_json:
-        out.print_json(json.dumps({"rows": rows, "next": nxt, "total": total, "exact": exact},
-                                  default=str))
+        out.print_json(
+            json.dumps({"rows": rows, "next": nxt, "total": total, "exact": exact}, default=str)
+        )
         return
     t = Table(title=f"messages of {ctx.node_id}")
     for col in ("at", "box", "id", "packet", "kind", "peer", "state", "thread"):
         t.add_column(col)
     for r in rows:
-        t.add_row(_show(r["at"], ctx), r["box"], str(r["id"]), r.get("packet_id") or "",
-                  r.get("kind") or "", r.get("recipient") or r.get("sender") or "",
-                  r.get("state") or "", r.get("thread") or "")
+        t.add_row(
+            _show(r["at"], ctx),
+            r["box"],
+            str(r["id"]),
+            r.get("packet_id") or "",
+            r.get("kind") or "",
+            r.get("recipient") or r.get("sender") or "",
+            r.get("state") or "",
+            r.get("thread") or "",
+        )
     out.print(t)
-    out.print(f"{total:,}{'' if exact else '+'} matching, {len(rows)} shown"
-              + (f"; next page: --after {nxt}" if nxt else ""))
+    out.print(
+        f"{total:,}{'' if exact else '+'} matching, {len(rows)} shown"
+        + (f"; next page: --after {nxt}" if nxt else "")
+    )
 
 
 @messages_app.command("show")
@@ -338,20 +404,25 @@ def messages_show(
     if body:
         with ctx.store.write() as conn:
             msg = mb.show(conn, box, msg_id)
-            mb.audit_body_read(ctx, conn, msg, actor=cli_actor(), role="it", address=None,
-                               via="hutong messages show")
+            mb.audit_body_read(
+                ctx,
+                conn,
+                msg,
+                actor=cli_actor(),
+                role="it",
+                address=None,
+                via="hutong messages show",
+            )
     else:
         with ctx.store.read() as conn:
             msg = mb.show(conn, box, msg_id)
-    headers = {k: (_show(v, ctx) if hasattr(v, "tzinfo") else v)
-               for k, v in msg["headers"].items()}
+    headers = {k: (_show(v, ctx) if hasattr(v, "tzinfo") else v) for k, v in msg["headers"].items()}
     out.print_json(json.dumps(headers, default=str, ensure_ascii=False))
     t = Table(title="path")
     for col in ("at", "action", "outcome", "peer", "actor"):
         t.add_column(col)
     for p in msg["path"]:
-        t.add_row(_show(p["at"], ctx), p["action"], p["outcome"], p["peer"] or "",
-                  p["actor"] or "")
+        t.add_row(_show(p["at"], ctx), p["action"], p["outcome"], p["peer"] or "", p["actor"] or "")
     out.print(t)
     out.print(f"receipt: {'yes' if msg['receipt'] else 'no'}")
     if body:

@@ -8,8 +8,10 @@ import socket
 
 from bridge.errors import PortInUse
 
-DEMO_HINT = ("; stop that process or move the demo with --port-base N "
-             "(ports N+101..N+299 and N+1101..N+1107)")
+DEMO_HINT = (
+    "; stop that process or move the demo with --port-base N "
+    "(ports N+101..N+299 and N+1101..N+1107)"
+)
 RUN_HINT = "; stop that process or change local_bind / peer_bind in the node file"
 
 
@@ -23,8 +25,11 @@ def check_free(ports: set[int], host: str = "127.0.0.1", hint: str = DEMO_HINT) 
                 s.bind((host, port))
             except OSError:
                 holder = holder_of(port)
-                raise PortInUse(f"port {port} on {host} is already in use"
-                                + (f" by {holder}" if holder else "") + hint) from None
+                raise PortInUse(
+                    f"port {port} on {host} is already in use"
+                    + (f" by {holder}" if holder else "")
+                    + hint
+                ) from None
 
 
 def holder_of(port: int) -> str | None:
@@ -37,8 +42,11 @@ def holder_of(port: int) -> str | None:
                 next(f, None)
                 for line in f:
                     parts = line.split()
-                    if len(parts) > 9 and parts[3] == "0A" and \
-                            int(parts[1].rsplit(":", 1)[1], 16) == port:
+                    if (
+                        len(parts) > 9
+                        and parts[3] == "0A"
+                        and int(parts[1].rsplit(":", 1)[1], 16) == port
+                    ):
                         inodes.add(parts[9])
         except OSError:
             continue

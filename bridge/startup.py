@@ -61,8 +61,10 @@ def lock_data_dir(data_dir: Path, role: str = "run") -> int:
     path = data_dir / (LOCK_NAME if role == "run" else f"hutong-{role}.lock")
     got = pid_lock(path)
     if isinstance(got, str):
-        raise DataDirLocked(f"data folder {data_dir} is in use by another 'hutong {role}' "
-                            f"(pid {got}, lock file {path})")
+        raise DataDirLocked(
+            f"data folder {data_dir} is in use by another 'hutong {role}' "
+            f"(pid {got}, lock file {path})"
+        )
     return got
 
 
@@ -86,8 +88,10 @@ def check_sqlite(plan: Any) -> None:
                 seen = f"audit seq {seq.seq}" if seq else "an audit checkpoint"
             except ValueError:
                 seen = "an audit checkpoint"
-            raise AuditAnchorMismatch(f"store {path} is missing but {anchor_path} records "
-                                      f"{seen}: the store was deleted or moved; {RESTORE_HINT}")
+            raise AuditAnchorMismatch(
+                f"store {path} is missing but {anchor_path} records "
+                f"{seen}: the store was deleted or moved; {RESTORE_HINT}"
+            )
         return
     try:
         conn = sqlite3.connect(path, timeout=30)
@@ -96,12 +100,15 @@ def check_sqlite(plan: Any) -> None:
         finally:
             conn.close()
     except sqlite3.DatabaseError as exc:
-        raise StoreCorrupt(f"{path} cannot be read as a SQLite database ({exc}); restore it "
-                           "from a backup") from None
+        raise StoreCorrupt(
+            f"{path} cannot be read as a SQLite database ({exc}); restore it from a backup"
+        ) from None
     if rows != [("ok",)]:
         first = str(rows[0][0]).splitlines()[0][:200] if rows else "no answer"
-        raise StoreCorrupt(f"{path} fails PRAGMA quick_check ({len(rows)} problem(s), first: "
-                           f"{first}); restore it from a backup") from None
+        raise StoreCorrupt(
+            f"{path} fails PRAGMA quick_check ({len(rows)} problem(s), first: "
+            f"{first}); restore it from a backup"
+        ) from None
 
 
 def check_anchor(ctx: Any) -> None:
@@ -115,8 +122,9 @@ def check_anchor(ctx: Any) -> None:
     try:
         anchor = anchor_file.read()
     except ValueError as exc:
-        raise AuditAnchorMismatch(f"audit anchor {path} is unreadable ({exc}); "
-                                  f"{RESTORE_HINT}") from None
+        raise AuditAnchorMismatch(
+            f"audit anchor {path} is unreadable ({exc}); {RESTORE_HINT}"
+        ) from None
     store = sqlite_path(ctx.plan.storage_dsn) or "(PostgreSQL store)"
     with ctx.store.read() as conn:
         if anchor is None:
@@ -126,15 +134,21 @@ def check_anchor(ctx: Any) -> None:
                 ctx.audit.committed(from_checkpoint(ctx.node_id, latest))
             return
         if anchor.node != ctx.node_id or not anchor.verifies(keys):
-            raise AuditAnchorMismatch(f"audit anchor {path} is not a checkpoint signed by "
-                                      f"{ctx.node_id}'s keys; {RESTORE_HINT}")
+            raise AuditAnchorMismatch(
+                f"audit anchor {path} is not a checkpoint signed by "
+                f"{ctx.node_id}'s keys; {RESTORE_HINT}"
+            )
         found = problem(conn, anchor, f"anchor {path}")
         latest = _latest_checkpoint(conn)
     if found is not None:
-        raise AuditAnchorMismatch(f"store {store} is younger than its audit anchor: "
-                                  f"{found[1]}; {RESTORE_HINT}")
-    ctx.audit.committed(from_checkpoint(ctx.node_id, latest) if latest is not None
-                        and latest.seq >= anchor.seq else anchor)
+        raise AuditAnchorMismatch(
+            f"store {store} is younger than its audit anchor: {found[1]}; {RESTORE_HINT}"
+        )
+    ctx.audit.committed(
+        from_checkpoint(ctx.node_id, latest)
+        if latest is not None and latest.seq >= anchor.seq
+        else anchor
+    )
 
 
 def _latest_checkpoint(conn: Any) -> Any:

@@ -29,14 +29,18 @@ def zone(name: str | None) -> tzinfo:
         raise ValueError("display_zone must be an IANA time zone such as Asia/Shanghai") from None
 
 
-def parse_when(text: str | None, tz: tzinfo,
-               now: Callable[[], datetime] = lambda: datetime.now(UTC)) -> datetime | None:
+def parse_when(
+    text: str | None, tz: tzinfo, now: Callable[[], datetime] = lambda: datetime.now(UTC)
+) -> datetime | None:
     """A typed time as an aware UTC instant, or None for empty; ValueError if not understood
     (the message names the accepted forms, never the input: it may be anything)."""
     if text is None or not text.strip():
         return None
-    s = text.strip().lower().replace("t", "T", 1) if text.strip()[:1].isdigit() \
+    s = (
+        text.strip().lower().replace("t", "T", 1)
+        if text.strip()[:1].isdigit()
         else text.strip().lower()
+    )
     current = now().astimezone(tz)
     midnight = current.replace(hour=0, minute=0, second=0, microsecond=0)
     if s == "now":
@@ -47,8 +51,7 @@ def parse_when(text: str | None, tz: tzinfo,
         return _wall(midnight.replace(tzinfo=None) - timedelta(days=1), tz)
     m = _RELATIVE.fullmatch(s)
     if m:
-        return (current - timedelta(seconds=int(m.group(1)) * _UNITS[m.group(2)])
-                ).astimezone(UTC)
+        return (current - timedelta(seconds=int(m.group(1)) * _UNITS[m.group(2)])).astimezone(UTC)
     raw = text.strip()
     if raw.endswith(("z", "Z")):
         raw = raw[:-1] + "+00:00"
@@ -78,8 +81,10 @@ def show(value: datetime | None, tz: tzinfo) -> str:
 
 
 #: what parse_when accepts, for error messages and form hints
-TIME_RULE = ("times are ISO 8601 with or without an offset (2026-11-20, 2026-11-20T08:00, "
-             "2026-11-20T08:00+08:00) or relative (-2h, -30m, -7d, today, yesterday, now); "
-             "without an offset they are in the display zone")
+TIME_RULE = (
+    "times are ISO 8601 with or without an offset (2026-11-20, 2026-11-20T08:00, "
+    "2026-11-20T08:00+08:00) or relative (-2h, -30m, -7d, today, yesterday, now); "
+    "without an offset they are in the display zone"
+)
 
 __all__ = ["DEFAULT_ZONE", "TIME_RULE", "parse_when", "show", "zone"]

@@ -38,11 +38,21 @@ def run_worker(plan: NodePlan) -> None:
     node = Node(plan)
     delivers = not any(a.receives for a in plan.adapters)
     with node.ctx.store.write() as conn:
-        node.ctx.audit.append(conn, [AuditEntry(
-            action="config", at=node.ctx.now(), actor=plan.node_id,
-            message="worker started", extra={"pid": os.getpid(), "delivers": delivers})])
+        node.ctx.audit.append(
+            conn,
+            [
+                AuditEntry(
+                    action="config",
+                    at=node.ctx.now(),
+                    actor=plan.node_id,
+                    message="worker started",
+                    extra={"pid": os.getpid(), "delivers": delivers},
+                )
+            ],
+        )
     cfg = plan.delivery
     for peer, sender in node.senders.items():
+
         def step(s: object = sender, p: str = peer) -> tuple[int, bool]:
             if node.pauses.has(f"peer:{p}"):  # paused by IT on the dashboard (any process)
                 return 0, False
@@ -50,11 +60,11 @@ def run_worker(plan: NodePlan) -> None:
             if report.sent and node.receipts is not None:
                 node.wake("receipts")
             return report.sent, report.failed > 0 and report.sent == 0
+
         node._add_drain(f"send:{peer}", step, cfg.poll_interval_s)
     node.add_receipts_job()  # a platform's returned receipts, for the lanes this worker holds
     if delivers:
-        node._add_drain("deliver", lambda: (node.dispatcher.run_once(), False),
-                        cfg.poll_interval_s)
+        node._add_drain("deliver", lambda: (node.dispatcher.run_once(), False), cfg.poll_interval_s)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -18,14 +18,17 @@ SHIPPED_BASE = 8000
 _ADDR = re.compile(r"(127\.0\.0\.1:)(\d{4,5})\b")
 _PORT = re.compile(r"^(\s*\"?port\"?\s*=\s*)(\d{4,5})\b", re.MULTILINE)
 
+
 def lock_folder(folder: Path) -> int:
     """An exclusive lock beside the folder (the folder itself is wiped and recreated); a
     second demo on the same folder gets DemoLocked at once, before anything is touched."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     got = pid_lock(folder.parent / f".{folder.name}.demo.lock")
     if isinstance(got, str):
-        raise DemoLocked(f"demo folder {folder} is in use by another 'hutong demo' (pid {got});"
-                         f" stop it first or use --folder elsewhere (and --port-base)")
+        raise DemoLocked(
+            f"demo folder {folder} is in use by another 'hutong demo' (pid {got});"
+            f" stop it first or use --folder elsewhere (and --port-base)"
+        )
     return got
 
 
@@ -42,4 +45,5 @@ def ports_in(text: str) -> set[int]:
     ignored)."""
     live = "\n".join(line.split("#", 1)[0] for line in text.splitlines())
     return {int(m.group(2)) for m in _ADDR.finditer(live)} | {
-        int(m.group(2)) for m in _PORT.finditer(live)}
+        int(m.group(2)) for m in _PORT.finditer(live)
+    }

@@ -19,10 +19,14 @@ from demo.vendors import Vendors
 from demo.world import PROGRESS, Member, World
 
 #: pages under /ui by role (bridge/web); the statistics page is the clinicians'
-PAGES = {"clinician": ("/ui/referrals", "转诊 referrals"), "it": ("/ui/it", "运维 IT"),
-         "auditor": ("/ui/audit", "审计 audit")}
-EXTRA_PAGES = {"clinician": [("/ui/consultations", "远程会诊 consultations"),
-                            ("/ui/stats", "统计 statistics")]}
+PAGES = {
+    "clinician": ("/ui/referrals", "转诊 referrals"),
+    "it": ("/ui/it", "运维 IT"),
+    "auditor": ("/ui/audit", "审计 audit"),
+}
+EXTRA_PAGES = {
+    "clinician": [("/ui/consultations", "远程会诊 consultations"), ("/ui/stats", "统计 statistics")]
+}
 
 
 def _interrupt(signum: int, frame: Any) -> None:
@@ -52,9 +56,12 @@ def run_demo(folder: Path, once: bool, port_base: int = SHIPPED_BASE) -> int:
         vendors.start()
         world.start_nodes()
         vendors.wait()
-        world.wait_nodes(lambda m: console.print(
-            f"  [green]started[/] {m.zh} ({m.node_id}) {m.url}"
-            + (f"  HIS: {vendors.style[m.node_id]}" if m.node_id in vendors.style else "")))
+        world.wait_nodes(
+            lambda m: console.print(
+                f"  [green]started[/] {m.zh} ({m.node_id}) {m.url}"
+                + (f"  HIS: {vendors.style[m.node_id]}" if m.node_id in vendors.style else "")
+            )
+        )
         scenario = Scenario(world, vendors, console)
         scenario.play()
         ok = summary(scenario, console, time.monotonic() - started)
@@ -85,29 +92,37 @@ def summary(scenario: Scenario, console: Console, seconds: float) -> bool:
         mark = "[green]OK    [/]" if s.ok else "[red]FAILED[/]"
         console.print(f"  {mark} {s.name}" + (f"  ({s.detail})" if s.detail else ""))
     good = sum(s.ok for s in scenario.steps)
-    console.print(f"[bold]{good}/{len(scenario.steps)} steps landed where they should[/] "
-                  f"({seconds:.0f} s)")
+    console.print(
+        f"[bold]{good}/{len(scenario.steps)} steps landed where they should[/] ({seconds:.0f} s)"
+    )
     return bool(scenario.steps) and good == len(scenario.steps)
 
 
 def where_to_look(world: World, console: Console) -> None:
     secrets = world.folder / "secrets"
-    console.print(f"\n[bold]Where to look[/] (log in at <url>/ui/login with the role's token: "
-                  f"cat {secrets}/<member>.<role>.token)")
+    console.print(
+        f"\n[bold]Where to look[/] (log in at <url>/ui/login with the role's token: "
+        f"cat {secrets}/<member>.<role>.token)"
+    )
     for m in world.members.values():
         console.print(f"  {m.zh} ({m.node_id})  {m.url}/ui")
         for role, (path, label) in PAGES.items():
             if role == "clinician" and m.plan.role == "platform":
                 continue  # the platform relays; it has no clinicians and no referrals
-            console.print(f"      {role:<9} {m.url}{path}  {label}   token: "
-                          f"{_token_file(m, role, secrets)}")
+            console.print(
+                f"      {role:<9} {m.url}{path}  {label}   token: {_token_file(m, role, secrets)}"
+            )
             for extra, extra_label in EXTRA_PAGES.get(role, []):
                 console.print(f"      {'':<9} {m.url}{extra}  {extra_label}")
-    console.print(f"  quarantine at the command line: {hutong_command()} quarantine list "
-                  f"--config {world.members['fuxing'].config}")
-    console.print(f"  metrics for Prometheus: curl -H \"Authorization: Bearer $(cat "
-                  f"{_token_file(world.members['fuxing'], 'it', secrets)})\" "
-                  f"{world.members['fuxing'].url}/metrics")
+    console.print(
+        f"  quarantine at the command line: {hutong_command()} quarantine list "
+        f"--config {world.members['fuxing'].config}"
+    )
+    console.print(
+        f'  metrics for Prometheus: curl -H "Authorization: Bearer $(cat '
+        f'{_token_file(world.members["fuxing"], "it", secrets)})" '
+        f"{world.members['fuxing'].url}/metrics"
+    )
 
 
 def _token_file(m: Member, role: str, secrets: Path) -> str:

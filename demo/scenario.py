@@ -103,8 +103,10 @@ class Scenario:
             return [d.slip for d in his.received(what)]
         assert isinstance(his, HisDb)
         readers: dict[str, Callable[[], list[Any]]] = {
-            "referral": his.received_referrals, "acceptance": his.received_acceptances,
-            "return": his.received_returns}
+            "referral": his.received_referrals,
+            "acceptance": his.received_acceptances,
+            "return": his.received_returns,
+        }
         return readers[what]()
 
     def one(self, node_id: str, what: str, slip_no: str) -> Any:
@@ -122,48 +124,122 @@ class Scenario:
         c = self.console
         n = self.run_id
         yt = records.referral(
-            f"YT{n}01", "up-inpatient", "王秀英", "female", "1950-03-15", "110102195003151234",
-            ("YTZ-01", "原发性高血压"), "KS01", "血压控制不佳，头晕加重，请专科住院调整方案",
-            "高血压十年，近两周头晕。\n院外血压 180/105 mmHg", mrn="YT0001", doctor="李医生",
-            urgent=True)
+            f"YT{n}01",
+            "up-inpatient",
+            "王秀英",
+            "female",
+            "1950-03-15",
+            "110102195003151234",
+            ("YTZ-01", "原发性高血压"),
+            "KS01",
+            "血压控制不佳，头晕加重，请专科住院调整方案",
+            "高血压十年，近两周头晕。\n院外血压 180/105 mmHg",
+            mrn="YT0001",
+            doctor="李医生",
+            urgent=True,
+        )
         thread = self.up_referral(1, "yuetan-chc", yt, "I10", "专科住院")
         if thread:
             self.admission(yt, thread)
-        c.print("[bold]2. 上转·特殊检查 广外医院 (XML Web Service HIS) asks for a coronary CT; "
-                "Fuxing declines[/]")
+        c.print(
+            "[bold]2. 上转·特殊检查 广外医院 (XML Web Service HIS) asks for a coronary CT; "
+            "Fuxing declines[/]"
+        )
         gw = records.referral(
-            f"GW{n}02", "up-exam", "李建国", "male", "1962-07-08", "110102196207082345",
-            ("I10.x00", "原发性高血压"), "NK01", "胸闷一月，请行冠脉CTA检查", "高血压病史八年",
-            mrn="GW0002", doctor="刘医生")
+            f"GW{n}02",
+            "up-exam",
+            "李建国",
+            "male",
+            "1962-07-08",
+            "110102196207082345",
+            ("I10.x00", "原发性高血压"),
+            "NK01",
+            "胸闷一月，请行冠脉CTA检查",
+            "高血压病史八年",
+            mrn="GW0002",
+            doctor="刘医生",
+        )
         t2 = self.referral_arrives("guangwai-hosp", gw, "I10")
         if t2:
             reason = "本院冠脉CTA本周已约满，请改约下周"
             self.fx_his().accept(AcceptanceSlip(gw.slip_no, False, reason), t2)
-            self.check("rejection with its reason in 广外医院's HIS (XML Web Service)",
-                       lambda: (a := self.one("guangwai-hosp", "acceptance", gw.slip_no))
-                       and not a.accepted and a.reason == reason)
-            self.check("rejected on both nodes", lambda: self.both("guangwai-hosp", t2,
-                                                                  "rejected"))
-        c.print("[bold]3. 上转·专科门诊 展览路社区 (HL7 v2 HIS, GB 18030) refers; the family "
-                "withdraws[/]")
+            self.check(
+                "rejection with its reason in 广外医院's HIS (XML Web Service)",
+                lambda: (
+                    (a := self.one("guangwai-hosp", "acceptance", gw.slip_no))
+                    and not a.accepted
+                    and a.reason == reason
+                ),
+            )
+            self.check("rejected on both nodes", lambda: self.both("guangwai-hosp", t2, "rejected"))
+        c.print(
+            "[bold]3. 上转·专科门诊 展览路社区 (HL7 v2 HIS, GB 18030) refers; the family "
+            "withdraws[/]"
+        )
         zl = records.referral(
-            f"ZL{n}03", "up-outpatient", "赵淑芬", "female", "1958-11-11", "110102195811113456",
-            ("ZLS003", "2型糖尿病"), "01", "血糖控制不佳，请内分泌专科门诊", "糖尿病史十二年",
-            mrn="ZL0003", doctor="陈医生")
+            f"ZL{n}03",
+            "up-outpatient",
+            "赵淑芬",
+            "female",
+            "1958-11-11",
+            "110102195811113456",
+            ("ZLS003", "2型糖尿病"),
+            "01",
+            "血糖控制不佳，请内分泌专科门诊",
+            "糖尿病史十二年",
+            mrn="ZL0003",
+            doctor="陈医生",
+        )
         t3 = self.referral_arrives("zhanlanlu-chc", zl, "E11.9")
         if t3:
-            self.node("zhanlanlu-chc").api("POST", f"/local/v1/referrals/{t3}/steps/cancel",
-                                           {"reason": "家属决定暂不转诊"})
-            self.check("cancellation confirmed by Fuxing (both nodes: cancelled)",
-                       lambda: self.both("zhanlanlu-chc", t3, "cancelled"))
-        self.up_referral(4, "guangwai-chc", records.referral(
-            f"GS{n}04", "up-outpatient", "孙桂兰", "female", "1955-02-02", "110102195502024567",
-            ("GWSQ03", "2型糖尿病"), "QK", "糖尿病肾病筛查，请专科门诊", "糖尿病史十年",
-            mrn="GS0004", doctor="周医生"), "E11.9", "专科门诊")
-        self.up_referral(5, "zhanlanlu-hosp", records.referral(
-            f"ZH{n}05", "up-exam", "周国强", "male", "1960-05-05", "110102196005055678",
-            ("ZL-D0001", "原发性高血压"), "101", "请行动态血压及心脏超声检查", "高血压五年",
-            mrn="ZH0005", doctor="吴医生"), "I10", "特殊检查", department="101")
+            self.node("zhanlanlu-chc").api(
+                "POST", f"/local/v1/referrals/{t3}/steps/cancel", {"reason": "家属决定暂不转诊"}
+            )
+            self.check(
+                "cancellation confirmed by Fuxing (both nodes: cancelled)",
+                lambda: self.both("zhanlanlu-chc", t3, "cancelled"),
+            )
+        self.up_referral(
+            4,
+            "guangwai-chc",
+            records.referral(
+                f"GS{n}04",
+                "up-outpatient",
+                "孙桂兰",
+                "female",
+                "1955-02-02",
+                "110102195502024567",
+                ("GWSQ03", "2型糖尿病"),
+                "QK",
+                "糖尿病肾病筛查，请专科门诊",
+                "糖尿病史十年",
+                mrn="GS0004",
+                doctor="周医生",
+            ),
+            "E11.9",
+            "专科门诊",
+        )
+        self.up_referral(
+            5,
+            "zhanlanlu-hosp",
+            records.referral(
+                f"ZH{n}05",
+                "up-exam",
+                "周国强",
+                "male",
+                "1960-05-05",
+                "110102196005055678",
+                ("ZL-D0001", "原发性高血压"),
+                "101",
+                "请行动态血压及心脏超声检查",
+                "高血压五年",
+                mrn="ZH0005",
+                doctor="吴医生",
+            ),
+            "I10",
+            "特殊检查",
+            department="101",
+        )
         Consultations(self).play()
         self.malformed_lab()
         self.audit_chains()
@@ -182,28 +258,54 @@ class Scenario:
             got = self.at_core(slip)
             if got is None:
                 return None
-            want = asdict(slip) | {"id_number": "", "diagnosis_code": FX_DIAGNOSIS[icd10],
-                                   "department_code": _fx_department(slip.department_code,
-                                                                     node_id)}
-            wrong = [k for k in ("slip_no", "kind", "patient_name", "gender", "birth_date",
-                                 "id_number", "diagnosis_code", "department_code", "reason",
-                                 "urgent", "doctor") if asdict(got.slip)[k] != want[k]]
+            want = asdict(slip) | {
+                "id_number": "",
+                "diagnosis_code": FX_DIAGNOSIS[icd10],
+                "department_code": _fx_department(slip.department_code, node_id),
+            }
+            wrong = [
+                k
+                for k in (
+                    "slip_no",
+                    "kind",
+                    "patient_name",
+                    "gender",
+                    "birth_date",
+                    "id_number",
+                    "diagnosis_code",
+                    "department_code",
+                    "reason",
+                    "urgent",
+                    "doctor",
+                )
+                if asdict(got.slip)[k] != want[k]
+            ]
             if wrong:
                 raise HutongError(f"fields differ in Fuxing's HIS: {', '.join(wrong)}")
             return got.thread
-        return self.check(f"{slip.kind} from {zh} ({style} HIS) in Fuxing's HIS (HL7 REF^I12), "
-                          "Fuxing's codes, no ID number", arrived)
 
-    def up_referral(self, no: int, node_id: str, slip: ReferralSlip, icd10: str, kind_zh: str,
-                    department: str | None = None) -> str | None:
+        return self.check(
+            f"{slip.kind} from {zh} ({style} HIS) in Fuxing's HIS (HL7 REF^I12), "
+            "Fuxing's codes, no ID number",
+            arrived,
+        )
+
+    def up_referral(
+        self,
+        no: int,
+        node_id: str,
+        slip: ReferralSlip,
+        icd10: str,
+        kind_zh: str,
+        department: str | None = None,
+    ) -> str | None:
         zh = self.node(node_id).zh
         style = STYLE_ZH[self.vendors.style[node_id]]
         self.console.print(f"[bold]{no}. 上转·{kind_zh} {zh} ({style} HIS) → 复兴医院[/]")
         thread = self.referral_arrives(node_id, slip, icd10)
         if not thread:
             return None
-        self.check(f"{zh}: received on both nodes",
-                   lambda: self.both(node_id, thread, "received"))
+        self.check(f"{zh}: received on both nodes", lambda: self.both(node_id, thread, "received"))
         acc = records.acceptance(slip.slip_no)
         if slip.kind == "up-outpatient":
             acc.bed_no, acc.doctor = "", "李主任"
@@ -213,37 +315,55 @@ class Scenario:
             got = self.one(node_id, "acceptance", slip.slip_no)
             if got is None:
                 return False
-            wrong = [k for k in ("accepted", "appointment_at", "bed_no", "doctor")
-                     if getattr(got, k) != getattr(acc, k)]
+            wrong = [
+                k
+                for k in ("accepted", "appointment_at", "bed_no", "doctor")
+                if getattr(got, k) != getattr(acc, k)
+            ]
             if department is not None and got.department_code != department:
                 wrong.append("department_code")
             if wrong:
                 raise HutongError(f"acceptance fields differ: {', '.join(wrong)}")
             return True
+
         self.check(f"acceptance (接诊单) written in Fuxing's HIS arrives in {zh}'s HIS", accepted)
-        self.check(f"{zh}: accepted on both nodes",
-                   lambda: self.both(node_id, thread, "accepted"))
+        self.check(f"{zh}: accepted on both nodes", lambda: self.both(node_id, thread, "accepted"))
         return thread
 
     def admission(self, slip: ReferralSlip, thread: str) -> None:
         fx, yt = self.fx_his(), "yuetan-chc"
         nid, mrn = slip.id_number, "FX778"
-        ack = fx.adt("A01", mrn, name=slip.patient_name, gender=slip.gender,
-                     birth_date=slip.birth_date, id_number=nid, referral_id=thread,
-                     patient_class="I")
-        self.check(f"admission (ADT^A01, {ack.code}) in Fuxing's HIS: in-progress on both nodes",
-                   lambda: self.both(yt, thread, "in-progress"))
+        ack = fx.adt(
+            "A01",
+            mrn,
+            name=slip.patient_name,
+            gender=slip.gender,
+            birth_date=slip.birth_date,
+            id_number=nid,
+            referral_id=thread,
+            patient_class="I",
+        )
+        self.check(
+            f"admission (ADT^A01, {ack.code}) in Fuxing's HIS: in-progress on both nodes",
+            lambda: self.both(yt, thread, "in-progress"),
+        )
         # labs: Fuxing's LIS reports over MLLP; the results follow the referral to Yuetan
-        acks = lis_send(self.lis_port(), [records.oru(int(self.run_id), nid, mrn, ("王", "秀英"))],
-                        self.world.folder / "lis")
+        acks = lis_send(
+            self.lis_port(),
+            [records.oru(int(self.run_id), nid, mrn, ("王", "秀英"))],
+            self.world.folder / "lis",
+        )
         phash = patient_hash(self.node(yt).plan.patient_hash_key, nid)
 
         def results() -> bool:
             if acks != ["AA"]:
                 raise HutongError(f"the LIS got {acks}")
             view = self.node(yt).api("GET", f"/local/v1/patients/{phash}/results")
-            rows = [r for r in view["results"] if r.get("thread") == thread
-                    and r.get("produced_by") == CORE]
+            rows = [
+                r
+                for r in view["results"]
+                if r.get("thread") == thread and r.get("produced_by") == CORE
+            ]
             if not rows:
                 return False
             obs = {o["local_code"]: o["value"] for o in rows[0]["observations"]}
@@ -256,13 +376,20 @@ class Scenario:
             if not reports:
                 return False
             lines = {x["XMDM"]: (x["JG"], x["DW"], x["BZ"]) for x in reports[0]["items"]}
-            want = {"3001": ("8.9", "mmol/L", "H"), "3003": ("72", "μmol/L", "N"),
-                    "3010": ("4.1", "mmol/L", "N")}
+            want = {
+                "3001": ("8.9", "mmol/L", "H"),
+                "3003": ("72", "μmol/L", "N"),
+                "3010": ("4.1", "mmol/L", "N"),
+            }
             if lines != want or reports[0]["ZZDH"] != slip.slip_no:
                 raise HutongError(f"lab lines in Yuetan's HIS differ: {sorted(lines)}")
             return True
-        self.check("lab results (ORU^R01 from Fuxing's LIS) routed to Yuetan and into its HIS "
-                   "(ZZ_JS_JYBG, Yuetan's item codes), values as sent", results)
+
+        self.check(
+            "lab results (ORU^R01 from Fuxing's LIS) routed to Yuetan and into its HIS "
+            "(ZZ_JS_JYBG, Yuetan's item codes), values as sent",
+            results,
+        )
         self.imaging(nid, mrn, slip.patient_name)
         # discharge: the return slip written in Fuxing's HIS, prescriptions in Fuxing's catalogue
         back = records.discharge(slip.slip_no)
@@ -272,18 +399,28 @@ class Scenario:
             got = self.one(yt, "return", slip.slip_no)
             if got is None:
                 return False
-            drugs = [(p.drug_code, p.drug_name, p.dose, p.frequency, p.days)
-                     for p in got.prescriptions]
-            want = [("YT2037", "苯磺酸氨氯地平片 5mg", "5 mg", "qd", 14),
-                    ("YT2111", "硝苯地平控释片 30mg", "30 mg", "qd", 28)]
+            drugs = [
+                (p.drug_code, p.drug_name, p.dose, p.frequency, p.days) for p in got.prescriptions
+            ]
+            want = [
+                ("YT2037", "苯磺酸氨氯地平片 5mg", "5 mg", "qd", 14),
+                ("YT2111", "硝苯地平控释片 30mg", "30 mg", "qd", 28),
+            ]
             if drugs != want or got.diagnosis_code != "YTZ-01" or got.advice != back.advice:
-                raise HutongError("return slip in Yuetan's HIS differs (drugs, diagnosis or "
-                                  "advice)")
+                raise HutongError(
+                    "return slip in Yuetan's HIS differs (drugs, diagnosis or advice)"
+                )
             return True
-        self.check("return slip (转回单) in Yuetan's HIS: FX-0101/FX-0103 arrive as Yuetan's "
-                   "YT2037/YT2111", returned)
-        self.check("completed on both nodes, return received at Yuetan",
-                   lambda: self.both(yt, thread, "completed", "return-received"))
+
+        self.check(
+            "return slip (转回单) in Yuetan's HIS: FX-0101/FX-0103 arrive as Yuetan's "
+            "YT2037/YT2111",
+            returned,
+        )
+        self.check(
+            "completed on both nodes, return received at Yuetan",
+            lambda: self.both(yt, thread, "completed", "return-received"),
+        )
 
     def imaging(self, nid: str, mrn: str, name: str) -> None:
         from adapters.pacs.study import study_resource_id
@@ -297,14 +434,18 @@ class Scenario:
             if pushed.get("sent") != len(files) or pushed.get("failed"):
                 raise HutongError(f"C-STORE to Fuxing's PACS adapter: {pushed}")
             s = self.node(CORE).api("GET", f"/fhir/ImagingStudy/{study_resource_id(study)}")
-            return s.get("numberOfInstances") == len(files) and \
-                [m["code"] for m in s.get("modality", [])] == ["CT"]
-        if not self.check("CT study (DICOM C-STORE from the scanner) is an ImagingStudy at "
-                          "Fuxing", stored):
+            return s.get("numberOfInstances") == len(files) and [
+                m["code"] for m in s.get("modality", [])
+            ] == ["CT"]
+
+        if not self.check(
+            "CT study (DICOM C-STORE from the scanner) is an ImagingStudy at Fuxing", stored
+        ):
             return
         yt = self.node("yuetan-chc")
-        asked = yt.api("POST", "/local/v1/adapters/pacs/fetches",
-                       {"from": CORE, "study_uid": study})
+        asked = yt.api(
+            "POST", "/local/v1/adapters/pacs/fetches", {"from": CORE, "study_uid": study}
+        )
 
         def fetched() -> bool:
             state = yt.api("GET", f"/local/v1/adapters/pacs/fetches/{asked['task_id']}")
@@ -314,11 +455,15 @@ class Scenario:
                 return False
             raw = yt.api("GET", f"/local/v1/adapters/pacs/fetches/{asked['task_id']}/study.zip")
             with zipfile.ZipFile(io.BytesIO(raw)) as zf:
-                got = {n.rsplit("/", 1)[-1].removesuffix(".dcm"): _pixels(zf.read(n))
-                       for n in zf.namelist()}
+                got = {
+                    n.rsplit("/", 1)[-1].removesuffix(".dcm"): _pixels(zf.read(n))
+                    for n in zf.namelist()
+                }
             return got == {p.stem: _pixels(p.read_bytes()) for p in files}
-        self.check("Yuetan fetches the CT on demand: same instances, same pixel data", fetched,
-                   timeout=60)
+
+        self.check(
+            "Yuetan fetches the CT on demand: same instances, same pixel data", fetched, timeout=60
+        )
 
     def lis_port(self) -> int:
         return int(self.node(CORE).adapter("lis-hl7").options["port"])
@@ -326,12 +471,16 @@ class Scenario:
     def malformed_lab(self) -> None:
         self.console.print("[bold]7. A malformed lab message from Fuxing's LIS[/]")
         before = self.quarantined(CORE, "adapter:lis")
-        acks = lis_send(self.lis_port(), [records.malformed_oru(
-            int(self.run_id) + 1, "110102195003151234", "FX778")], self.world.folder / "lis")
-        self.check(f"malformed ORU^R01 NAKed ({'/'.join(acks)}) and quarantined at Fuxing "
-                   "(IT page, hutong quarantine list)",
-                   lambda: acks[0] in ("AE", "AR")
-                   and self.quarantined(CORE, "adapter:lis") == before + 1)
+        acks = lis_send(
+            self.lis_port(),
+            [records.malformed_oru(int(self.run_id) + 1, "110102195003151234", "FX778")],
+            self.world.folder / "lis",
+        )
+        self.check(
+            f"malformed ORU^R01 NAKed ({'/'.join(acks)}) and quarantined at Fuxing "
+            "(IT page, hutong quarantine list)",
+            lambda: acks[0] in ("AE", "AR") and self.quarantined(CORE, "adapter:lis") == before + 1,
+        )
 
     def quarantined(self, node_id: str, source: str) -> int:
         from bridge.store import quarantine
@@ -340,17 +489,23 @@ class Scenario:
         store = Store(self.node(node_id).plan.storage_dsn)
         try:
             with store.read() as conn:
-                return sum(1 for r in quarantine.list_items(conn, state=None)
-                           if r["source"] == source)
+                return sum(
+                    1 for r in quarantine.list_items(conn, state=None) if r["source"] == source
+                )
         finally:
             store.dispose()
 
     def audit_chains(self) -> None:
         self.console.print("[bold]8. Every member's audit chain verifies[/]")
-        procs = {m.node_id: subprocess.Popen(
-            [sys.executable, "-m", "bridge.cli", "audit", "verify", "--config", str(m.config)],
-            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            for m in self.world.members.values()}
+        procs = {
+            m.node_id: subprocess.Popen(
+                [sys.executable, "-m", "bridge.cli", "audit", "verify", "--config", str(m.config)],
+                cwd=ROOT,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            for m in self.world.members.values()
+        }
         for node_id, p in procs.items():
             try:
                 rc = p.wait(timeout=120)
@@ -364,8 +519,11 @@ class Scenario:
 def _fx_department(local: str, node_id: str) -> str:
     """Fuxing's department for what the sender asked: general practice (02) -> 0200, cardiology
     (03.04) -> 0301 (mappings/*/codes/department.csv)."""
-    return "0301" if (node_id, local) in (("guangwai-hosp", "NK01"),
-                                          ("zhanlanlu-hosp", "101")) else "0200"
+    return (
+        "0301"
+        if (node_id, local) in (("guangwai-hosp", "NK01"), ("zhanlanlu-hosp", "101"))
+        else "0200"
+    )
 
 
 def _pixels(raw: bytes) -> str:

@@ -50,20 +50,34 @@ class Vendors:
                 if a.type == "his-hl7":
                     db = self.folder / f"{m.node_id}.sqlite"
                     self.his[m.node_id] = VendorHis(
-                        db, o["listen"], application=f"{m.node_id.upper()}-HIS",
+                        db,
+                        o["listen"],
+                        application=f"{m.node_id.upper()}-HIS",
                         facility=f"{m.node_id}-his",
-                        charset_name=o.get("charset", "UNICODE UTF-8"))
-                    self._spawn(m.node_id, ["simulators.his_hl7", "serve", "--db", str(db),
-                                            "--listen", o["his"]])
-                    self.ports.append((o["his"].rsplit(":", 1)[0],
-                                       int(o["his"].rsplit(":", 1)[1])))
+                        charset_name=o.get("charset", "UNICODE UTF-8"),
+                    )
+                    self._spawn(
+                        m.node_id,
+                        ["simulators.his_hl7", "serve", "--db", str(db), "--listen", o["his"]],
+                    )
+                    self.ports.append((o["his"].rsplit(":", 1)[0], int(o["his"].rsplit(":", 1)[1])))
                 elif a.type == "his-xml-ws":
                     db = self.folder / f"{m.node_id}.sqlite"
                     url = urllib.parse.urlsplit(o["url"])
                     self.his[m.node_id] = HisWs(db, m.node_id, site_name=o.get("site_name", ""))
-                    self._spawn(m.node_id, ["simulators.his_ws", "serve", "--db", str(db),
-                                            "--host", url.hostname or "127.0.0.1",
-                                            "--port", str(url.port)])
+                    self._spawn(
+                        m.node_id,
+                        [
+                            "simulators.his_ws",
+                            "serve",
+                            "--db",
+                            str(db),
+                            "--host",
+                            url.hostname or "127.0.0.1",
+                            "--port",
+                            str(url.port),
+                        ],
+                    )
                     self.ports.append((url.hostname or "127.0.0.1", int(url.port or 80)))
                 elif a.type == "his-middle-db":
                     secret = m.config.parent / o["dsn"].removeprefix("file:")
@@ -75,18 +89,26 @@ class Vendors:
 
     def _spawn(self, node_id: str, args: list[str]) -> None:
         with open(self.world.folder / "logs" / f"{node_id}-his.log", "ab") as log:
-            self.procs.append(subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT,
-                                               stdout=log, stderr=subprocess.STDOUT))
+            self.procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
+                )
+            )
 
     def wait(self) -> None:
         for (host, port), proc in zip(self.ports, self.procs, strict=True):
-            def listening(host: str = host, port: int = port,
-                          proc: subprocess.Popen[bytes] = proc) -> bool:
+
+            def listening(
+                host: str = host, port: int = port, proc: subprocess.Popen[bytes] = proc
+            ) -> bool:
                 if proc.poll() is not None:
-                    raise HutongError(f"vendor simulator on port {port} exited "
-                                      f"({proc.returncode}); see {self.world.folder / 'logs'}")
+                    raise HutongError(
+                        f"vendor simulator on port {port} exited "
+                        f"({proc.returncode}); see {self.world.folder / 'logs'}"
+                    )
                 with socket.create_connection((host, port), timeout=1):
                     return True
+
             wait(listening, f"the vendor system on {host}:{port}", 60)
 
     def stop(self) -> None:
@@ -115,18 +137,43 @@ def lis_send(port: int, messages: list[bytes], folder: Path) -> list[str]:
         p = folder / f"oru-{len(list(folder.iterdir())) + n:04d}.hl7"
         p.write_bytes(raw)
         paths.append(str(p))
-    r = subprocess.run([sys.executable, "-m", "simulators.lis", "send", "--port", str(port),
-                        *paths], check=False, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "simulators.lis", "send", "--port", str(port), *paths],
+        check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     if r.returncode != 0:
         raise HutongError(f"simulators.lis send failed: {r.stderr[-300:]}")
     return [line.rsplit(" ", 1)[1] for line in r.stdout.splitlines() if line.strip()]
 
 
-def modality_push(files: Path, bind: str, called_ae: str, calling_ae: str = "FX-CT-01"
-                  ) -> dict[str, Any]:
-    r = subprocess.run([sys.executable, "-m", "simulators.pacs", "push", "--dir", str(files),
-                        "--to", bind, "--called-ae", called_ae, "--ae", calling_ae],
-                       check=False, cwd=ROOT, capture_output=True, text=True, timeout=120)
+def modality_push(
+    files: Path, bind: str, called_ae: str, calling_ae: str = "FX-CT-01"
+) -> dict[str, Any]:
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "simulators.pacs",
+            "push",
+            "--dir",
+            str(files),
+            "--to",
+            bind,
+            "--called-ae",
+            called_ae,
+            "--ae",
+            calling_ae,
+        ],
+        check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     try:
         return dict(json.loads(r.stdout))
     except ValueError:

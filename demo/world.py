@@ -50,8 +50,10 @@ def wait(cond: Callable[[], Any], what: str, timeout: float = 30) -> Any:
         if PROGRESS and time.monotonic() >= next_note:
             next_note += PROGRESS_EVERY_S
             for note in PROGRESS:
-                note(f"  … still waiting for {what} ({time.monotonic() - start:.0f} s of "
-                     f"{timeout:.0f} s){last}")
+                note(
+                    f"  … still waiting for {what} ({time.monotonic() - start:.0f} s of "
+                    f"{timeout:.0f} s){last}"
+                )
         try:
             got = cond()
             if got:
@@ -82,21 +84,30 @@ class Member:
 
     def api(self, method: str, path: str, body: Any = None, role: str = "clinician") -> Any:
         data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.url + path, data=data, method=method, headers={
-            "Authorization": f"Bearer {self.plan.tokens[role]}",
-            "Content-Type": "application/json"})
+        req = urllib.request.Request(
+            self.url + path,
+            data=data,
+            method=method,
+            headers={
+                "Authorization": f"Bearer {self.plan.tokens[role]}",
+                "Content-Type": "application/json",
+            },
+        )
         try:
             with urllib.request.urlopen(req, timeout=30) as r:
                 raw = r.read()
                 return json.loads(raw) if raw[:1] in (b"{", b"[") else raw
         except urllib.error.HTTPError as exc:
             with exc:
-                raise HutongError(f"{self.node_id} {method} {path}: HTTP {exc.code} "
-                                  f"{exc.read()[:200].decode('utf-8', 'replace')}") from None
+                raise HutongError(
+                    f"{self.node_id} {method} {path}: HTTP {exc.code} "
+                    f"{exc.read()[:200].decode('utf-8', 'replace')}"
+                ) from None
 
     def referral(self, thread: str) -> dict[str, Any] | None:
-        rows = [r for r in self.api("GET", "/local/v1/referrals", role="it")
-                if r["thread"] == thread]
+        rows = [
+            r for r in self.api("GET", "/local/v1/referrals", role="it") if r["thread"] == thread
+        ]
         return rows[0] if rows else None
 
 
@@ -109,14 +120,18 @@ class World:
         """Every port the demo will listen on or call, after ``--port-base`` (from the shipped
         files, so it can be checked before the folder is touched)."""
         shift = port_base - SHIPPED_BASE
-        return {p for f in (SHIPPED / "alliance.toml", *sorted((SHIPPED / "nodes").glob("*.toml")))
-                for p in ports_in(shift_ports(f.read_text(encoding="utf-8"), shift))}
+        return {
+            p
+            for f in (SHIPPED / "alliance.toml", *sorted((SHIPPED / "nodes").glob("*.toml")))
+            for p in ports_in(shift_ports(f.read_text(encoding="utf-8"), shift))
+        }
 
     def prepare(self, port_base: int = SHIPPED_BASE) -> None:
         if self.folder.exists():
             shutil.rmtree(self.folder)  # re-running starts clean (the caller holds the lock)
-        shutil.copytree(SHIPPED, self.folder, ignore=shutil.ignore_patterns(
-            "keys", "secrets", "data"))
+        shutil.copytree(
+            SHIPPED, self.folder, ignore=shutil.ignore_patterns("keys", "secrets", "data")
+        )
         shift = port_base - SHIPPED_BASE
         for f in [self.folder / "alliance.toml", *(self.folder / "nodes").glob("*.toml")]:
             text = shift_ports(f.read_text(encoding="utf-8"), shift)
@@ -144,17 +159,24 @@ class World:
         logs.mkdir(exist_ok=True)
         for m in self.members.values():
             with open(logs / f"{m.node_id}.log", "ab") as log:
-                m.proc = subprocess.Popen([sys.executable, "-m", "bridge.cli", "run",
-                                           "--config", str(m.config)], cwd=ROOT,
-                                          stdout=log, stderr=subprocess.STDOUT)
+                m.proc = subprocess.Popen(
+                    [sys.executable, "-m", "bridge.cli", "run", "--config", str(m.config)],
+                    cwd=ROOT,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
 
     def wait_nodes(self, report: Callable[[Member], None]) -> None:
         for m in self.members.values():
+
             def up(m: Member = m) -> bool:
                 if m.proc is not None and m.proc.poll() is not None:
-                    raise HutongError(f"{m.node_id} exited with {m.proc.returncode}; see "
-                                      f"{self.folder / 'logs' / (m.node_id + '.log')}")
+                    raise HutongError(
+                        f"{m.node_id} exited with {m.proc.returncode}; see "
+                        f"{self.folder / 'logs' / (m.node_id + '.log')}"
+                    )
                 return _up(m.url + "/health")
+
             wait(up, f"{m.node_id} to start", 90)
             report(m)
 

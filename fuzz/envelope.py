@@ -10,10 +10,12 @@ with atheris.instrument_imports():
 
 
 def one(data: bytes) -> None:
-    for call in (lambda: env.decode_batch(data, max_items=50, max_total=1 << 20),
-                 lambda: env.decode(data, max_body=1 << 20),
-                 lambda: env.verify_receipt(data, lambda _n: ()),
-                 lambda: env.frame_kind(data)):
+    for call in (
+        lambda: env.decode_batch(data, max_items=50, max_total=1 << 20),
+        lambda: env.decode(data, max_body=1 << 20),
+        lambda: env.verify_receipt(data, lambda _n: ()),
+        lambda: env.frame_kind(data),
+    ):
         try:
             call()
         except PacketRefused:

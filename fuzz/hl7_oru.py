@@ -11,9 +11,12 @@ with atheris.instrument_imports():
     from bridge.errors import InvalidFhir
     from bridge.fhir.validate import validate_bundle
 
-SETTINGS = Settings(node_id="core", hash_key=bytes(range(32)),
-                    national_id_system="urn:oid:2.16.156.10011.1.3",
-                    local_system="http://hutong.dev/CodeSystem/fxlab/lab")
+SETTINGS = Settings(
+    node_id="core",
+    hash_key=bytes(range(32)),
+    national_id_system="urn:oid:2.16.156.10011.1.3",
+    local_system="http://hutong.dev/CodeSystem/fxlab/lab",
+)
 
 
 def one(data: bytes) -> None:

@@ -41,11 +41,26 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-STUDY_KEYS = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyDate",
-              "StudyTime", "AccessionNumber", "ReferringPhysicianName", "StudyDescription",
-              "StudyInstanceUID", "OtherPatientIDsSequence")
-SERIES_KEYS = ("SeriesInstanceUID", "Modality", "SeriesNumber", "SeriesDescription",
-               "BodyPartExamined")
+STUDY_KEYS = (
+    "PatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+    "StudyDescription",
+    "StudyInstanceUID",
+    "OtherPatientIDsSequence",
+)
+SERIES_KEYS = (
+    "SeriesInstanceUID",
+    "Modality",
+    "SeriesNumber",
+    "SeriesDescription",
+    "BodyPartExamined",
+)
 
 
 class Archive:
@@ -104,17 +119,24 @@ class VendorPacs:
         self.archive = Archive(folder)
         self.ae = AE(ae_title=ae_title)
         for cx in StoragePresentationContexts:
-            self.ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES,
-                                          scp_role=True, scu_role=True)
+            self.ae.add_supported_context(
+                cx.abstract_syntax, ALL_TRANSFER_SYNTAXES, scp_role=True, scu_role=True
+            )
         self.ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
         self.ae.add_supported_context(StudyRootQueryRetrieveInformationModelGet)
         self.ae.add_supported_context(Verification)
         self.server: Any = None
 
     def start(self, host: str, port: int) -> int:
-        self.server = self.ae.start_server((host, port), block=False, evt_handlers=[
-            (evt.EVT_C_STORE, self.on_store), (evt.EVT_C_FIND, self.on_find),
-            (evt.EVT_C_GET, self.on_get)])
+        self.server = self.ae.start_server(
+            (host, port),
+            block=False,
+            evt_handlers=[
+                (evt.EVT_C_STORE, self.on_store),
+                (evt.EVT_C_FIND, self.on_find),
+                (evt.EVT_C_GET, self.on_get),
+            ],
+        )
         return int(self.server.server_address[1])
 
     def stop(self) -> None:
@@ -124,25 +146,32 @@ class VendorPacs:
 
     def on_store(self, event: Any) -> int:
         try:
-            self.archive.add(str(event.request.AffectedSOPInstanceUID),
-                             event.encoded_dataset())
+            self.archive.add(str(event.request.AffectedSOPInstanceUID), event.encoded_dataset())
         except OSError:
             return 0xA700
         return 0x0000
 
     def _select(self, query: Dataset) -> list[tuple[Path, Dataset]]:
-        keys = ("PatientID", "StudyDate", "StudyInstanceUID", "SeriesInstanceUID",
-                "SOPInstanceUID", "AccessionNumber")
-        return [(p, ds) for p, ds in self.archive.headers()
-                if all(_matches(ds, query, k) for k in keys)]
+        keys = (
+            "PatientID",
+            "StudyDate",
+            "StudyInstanceUID",
+            "SeriesInstanceUID",
+            "SOPInstanceUID",
+            "AccessionNumber",
+        )
+        return [
+            (p, ds) for p, ds in self.archive.headers() if all(_matches(ds, query, k) for k in keys)
+        ]
 
     def on_find(self, event: Any) -> Iterator[tuple[int, Dataset | None]]:
         query = event.identifier
         level = str(query.get("QueryRetrieveLevel") or "")
         found = self._select(query)
         groups: dict[str, list[Dataset]] = {}
-        key = {"STUDY": "StudyInstanceUID", "SERIES": "SeriesInstanceUID"}.get(level,
-                                                                                "SOPInstanceUID")
+        key = {"STUDY": "StudyInstanceUID", "SERIES": "SeriesInstanceUID"}.get(
+            level, "SOPInstanceUID"
+        )
         if level not in ("STUDY", "SERIES", "IMAGE"):
             yield 0xC000, None
             return
@@ -159,8 +188,9 @@ class VendorPacs:
                 if "ModalitiesInStudy" in query:
                     out.ModalitiesInStudy = sorted({str(m.Modality) for m in members})
                 if "NumberOfStudyRelatedSeries" in query:
-                    out.NumberOfStudyRelatedSeries = len({str(m.SeriesInstanceUID)
-                                                          for m in members})
+                    out.NumberOfStudyRelatedSeries = len(
+                        {str(m.SeriesInstanceUID) for m in members}
+                    )
                 if "NumberOfStudyRelatedInstances" in query:
                     out.NumberOfStudyRelatedInstances = len(members)
             elif level == "SERIES":
@@ -190,8 +220,9 @@ def push(files: list[Path], host: str, port: int, called: str, calling: str) -> 
     _config.STORE_SEND_CHUNKED_DATASET = True  # send the file's bytes, never re-encode
     ae = AE(ae_title=calling)
     metas = {f: dcmread(f, stop_before_pixels=True).file_meta for f in files}
-    for pair in sorted({(str(m.MediaStorageSOPClassUID), str(m.TransferSyntaxUID))
-                        for m in metas.values()}):
+    for pair in sorted(
+        {(str(m.MediaStorageSOPClassUID), str(m.TransferSyntaxUID)) for m in metas.values()}
+    ):
         ae.add_requested_context(pair[0], pair[1])
     assoc = ae.associate(host, port, ae_title=called)
     if not assoc.is_established:
@@ -203,21 +234,26 @@ def push(files: list[Path], host: str, port: int, called: str, calling: str) -> 
             statuses.append(int(status.Status) if status and "Status" in status else None)
     finally:
         assoc.release()
-    return {"sent": sum(1 for s in statuses if s == 0), "failed":
-            sum(1 for s in statuses if s != 0), "statuses": statuses}
+    return {
+        "sent": sum(1 for s in statuses if s == 0),
+        "failed": sum(1 for s in statuses if s != 0),
+        "statuses": statuses,
+    }
 
 
 def study_files(folder: Path, study: str | None) -> list[Path]:
     files = sorted(folder.glob("*.dcm"))
     if study is None:
         return files
-    return [f for f in files if str(dcmread(f, stop_before_pixels=True).StudyInstanceUID)
-            == study]
+    return [f for f in files if str(dcmread(f, stop_before_pixels=True).StudyInstanceUID) == study]
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m simulators.pacs", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m simulators.pacs",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("serve")
     s.add_argument("--dir", type=Path, required=True)

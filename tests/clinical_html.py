@@ -12,11 +12,33 @@ import re
 
 ISO_INSTANT = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d")
 #: FHIR codes that must appear as words on a Chinese page (checked as whole words)
-UNTRANSLATED = ("urgent", "routine", "asap", "stat", "active", "completed", "cancelled",
-                "requested", "accepted", "rejected", "in-progress", "request", "accept",
-                "reject", "arrive", "cancel", "return", "return-received", "final",
-                "preliminary", "available", "on-hold", "role:clinician", "role:it",
-                "role:auditor")
+UNTRANSLATED = (
+    "urgent",
+    "routine",
+    "asap",
+    "stat",
+    "active",
+    "completed",
+    "cancelled",
+    "requested",
+    "accepted",
+    "rejected",
+    "in-progress",
+    "request",
+    "accept",
+    "reject",
+    "arrive",
+    "cancel",
+    "return",
+    "return-received",
+    "final",
+    "preliminary",
+    "available",
+    "on-hold",
+    "role:clinician",
+    "role:it",
+    "role:auditor",
+)
 
 
 def page_text(page: str) -> str:

@@ -155,8 +155,7 @@ class _PgCluster:
         else:
             raise RuntimeError(error)
         return (
-            f"postgresql+psycopg://{_PG_USER}:{quote(self.password)}"
-            f"@127.0.0.1:{self.port}/postgres"
+            f"postgresql+psycopg://{_PG_USER}:{quote(self.password)}@127.0.0.1:{self.port}/postgres"
         )
 
     def log_tail(self) -> str:
@@ -181,7 +180,7 @@ def _pg_create_database(admin_dsn: str, name: str) -> str:
     import psycopg
 
     with psycopg.connect(_pg_psycopg_url(admin_dsn), autocommit=True, connect_timeout=10) as conn:
-        conn.execute(f'CREATE DATABASE "{name}" ENCODING \'UTF8\' TEMPLATE template0')
+        conn.execute(f"CREATE DATABASE \"{name}\" ENCODING 'UTF8' TEMPLATE template0")
     return _pg_with_database(admin_dsn, name)
 
 

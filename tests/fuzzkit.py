@@ -33,9 +33,15 @@ class Receiver:
     core_pub: Any
 
     def seal(self, body: bytes, **kw: Any) -> bytes:
-        args: dict[str, Any] = {"sender": "chc", "recipient": "core", "kind": "result.lab",
-                                "thread": "t1", "seq": 1, "signing_key": self.chc_key,
-                                "recipient_key": self.core_pub}
+        args: dict[str, Any] = {
+            "sender": "chc",
+            "recipient": "core",
+            "kind": "result.lab",
+            "thread": "t1",
+            "seq": 1,
+            "signing_key": self.chc_key,
+            "recipient_key": self.core_pub,
+        }
         args.update(kw)
         return env.seal(body, **args)
 
@@ -47,8 +53,12 @@ def receiver(folder: Path) -> Receiver:
     a = Alliance(folder, MEMBERS, RULES)
     ctx = NodeContext.open(load_node(a.files["core"]))
     chc = load_node(a.files["chc"])
-    return Receiver(ctx, Intake(ctx), load_signing_key(chc.keys.signing, chc.keys.passphrase),
-                    ctx.plan.directory["core"].encryption_keys[0])
+    return Receiver(
+        ctx,
+        Intake(ctx),
+        load_signing_key(chc.keys.signing, chc.keys.passphrase),
+        ctx.plan.directory["core"].encryption_keys[0],
+    )
 
 
 @st.composite
@@ -66,7 +76,7 @@ def mutated(draw: st.DrawFn, original: bytes) -> bytes:
         elif op == "insert":
             data[pos:pos] = draw(st.binary(min_size=1, max_size=8))
         elif op == "delete" and data:
-            del data[pos: pos + draw(st.integers(1, 16))]
+            del data[pos : pos + draw(st.integers(1, 16))]
         elif op == "truncate":
             del data[pos:]
         else:

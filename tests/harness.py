@@ -20,8 +20,9 @@ from simulators.ports import free_port_block
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def wait_for(cond: Callable[[], Any], timeout: float = 30.0, every: float = 0.05,
-             what: str = "condition") -> Any:
+def wait_for(
+    cond: Callable[[], Any], timeout: float = 30.0, every: float = 0.05, what: str = "condition"
+) -> Any:
     """Poll until cond() is truthy; no sleep-based waits in tests."""
     deadline = time.monotonic() + timeout
     last_exc: Exception | None = None
@@ -33,8 +34,9 @@ def wait_for(cond: Callable[[], Any], timeout: float = 30.0, every: float = 0.05
         except Exception as exc:  # noqa: BLE001 - keep polling, report the last one
             last_exc = exc
         time.sleep(every)
-    raise TimeoutError(f"timed out waiting for {what}" + (f" (last error: {last_exc})"
-                                                           if last_exc else ""))
+    raise TimeoutError(
+        f"timed out waiting for {what}" + (f" (last error: {last_exc})" if last_exc else "")
+    )
 
 
 class Alliance:
@@ -46,9 +48,14 @@ class Alliance:
     ``<folder>/nodes``.
     """
 
-    def __init__(self, folder: Path, members: Sequence[dict[str, Any]],
-                 rules: Sequence[dict[str, Any]], dsn_for: Callable[[str], str] | None = None,
-                 national_id_egress: bool = False) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        members: Sequence[dict[str, Any]],
+        rules: Sequence[dict[str, Any]],
+        dsn_for: Callable[[str], str] | None = None,
+        national_id_egress: bool = False,
+    ) -> None:
         self.folder = folder
         n = len(members)
         # the scaffold gives member i the ports base+i (i from 1), so check base..base+n
@@ -56,9 +63,15 @@ class Alliance:
         base_peer = free_port_block(n + 1)
         while abs(base_peer - base_local) <= n:
             base_peer = free_port_block(n + 1)
-        self.files = write_alliance(folder, members, rules, base_port_local=base_local,
-                                    base_port_peer=base_peer, dsn_for=dsn_for,
-                                    national_id_egress=national_id_egress)
+        self.files = write_alliance(
+            folder,
+            members,
+            rules,
+            base_port_local=base_local,
+            base_port_peer=base_peer,
+            dsn_for=dsn_for,
+            national_id_egress=national_id_egress,
+        )
         self.nodes: dict[str, NodeProcess] = {}
 
     def node(self, node_id: str) -> NodeProcess:
@@ -113,7 +126,10 @@ class NodeProcess:
         with open(self.log, "ab") as fh:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "bridge.cli", "run", "--config", str(self.config)],
-                stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+                env=env,
             )
 
     def wait_ready(self, timeout: float = 30.0) -> None:
@@ -125,6 +141,7 @@ class NodeProcess:
                     if r.status != 200:
                         return False
             return True
+
         wait_for(up, timeout, what=f"{self.node_id} to start")
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
@@ -142,8 +159,15 @@ class NodeProcess:
 
     def api(self, method: str, path: str, body: Any = None, role: str = "it") -> Any:
         data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.local_url + path, data=data, method=method, headers={
-            "Authorization": f"Bearer {self.token(role)}", "Content-Type": "application/json"})
+        req = urllib.request.Request(
+            self.local_url + path,
+            data=data,
+            method=method,
+            headers={
+                "Authorization": f"Bearer {self.token(role)}",
+                "Content-Type": "application/json",
+            },
+        )
         try:
             with urllib.request.urlopen(req, timeout=60) as r:
                 return json.loads(r.read())
@@ -151,8 +175,9 @@ class NodeProcess:
             with exc:
                 raise ApiError(exc.code, exc.read()) from None
 
-    def send(self, to: str, kind: str, bundles: Sequence[dict[str, Any]],
-             thread: str | None = None) -> list[str]:
+    def send(
+        self, to: str, kind: str, bundles: Sequence[dict[str, Any]], thread: str | None = None
+    ) -> list[str]:
         items = [{"to": to, "kind": kind, "thread": thread, "bundle": b} for b in bundles]
         res = self.api("POST", "/local/v1/packets", items, role="clinician")["results"]
         ids = [r.get("packet_id") for r in res]
@@ -163,7 +188,12 @@ class NodeProcess:
     def cli(self, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "bridge.cli", *args, "--config", str(self.config)],
-            capture_output=True, text=True, cwd=ROOT, check=check, timeout=120)
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            check=check,
+            timeout=120,
+        )
 
 
 def spooled(node: NodeProcess) -> list[Path]:

@@ -16,8 +16,18 @@ from pathlib import Path
 
 CORPUS = Path(__file__).parent / "fixtures" / "hl7v2-corpus"
 OUTCOMES = CORPUS / "outcomes-lis.tsv"
-COLUMNS = ("file", "index", "control_id", "version", "outcome", "ack", "reports",
-           "observations", "code", "justification")
+COLUMNS = (
+    "file",
+    "index",
+    "control_id",
+    "version",
+    "outcome",
+    "ack",
+    "reports",
+    "observations",
+    "code",
+    "justification",
+)
 _BATCH = (b"FHS", b"BHS", b"BTS", b"FTS")
 _NOTES = (b"//", b"/*", b"*")  # comment lines of the text files, between their messages
 
@@ -66,8 +76,11 @@ def messages() -> list[CorpusMessage]:
     """Every message of the corpus, files in path order."""
     out = []
     for path in sorted(CORPUS.rglob("*")):
-        if not path.is_file() or path.suffix not in (".hl7", ".txt") \
-                or path.name.startswith(("LICENSE", "README")):
+        if (
+            not path.is_file()
+            or path.suffix not in (".hl7", ".txt")
+            or path.name.startswith(("LICENSE", "README"))
+        ):
             continue
         rel = path.relative_to(CORPUS).as_posix()
         out += [CorpusMessage(rel, i, raw) for i, raw in enumerate(split(path.read_bytes()))]

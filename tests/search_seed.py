@@ -33,27 +33,48 @@ def _cc(system: str, code: str) -> dict[str, Any]:
     return {"coding": [{"system": system, "code": code}]}
 
 
-def _patient(pid: str, nid: str, name: dict[str, Any], gender: str | None,
-             born: str | None) -> dict[str, Any]:
-    p: dict[str, Any] = {"resourceType": "Patient", "id": pid,
-                         "identifier": [{"system": NID, "value": nid}], "name": [name]}
+def _patient(
+    pid: str, nid: str, name: dict[str, Any], gender: str | None, born: str | None
+) -> dict[str, Any]:
+    p: dict[str, Any] = {
+        "resourceType": "Patient",
+        "id": pid,
+        "identifier": [{"system": NID, "value": nid}],
+        "name": [name],
+    }
     if gender:
         p["gender"] = gender
     if born:
         p["birthDate"] = born
-    p["text"] = {"status": "generated", "div": "<div xmlns=\"http://www.w3.org/1999/xhtml\">"
-                 "patient</div>"}
+    p["text"] = {
+        "status": "generated",
+        "div": '<div xmlns="http://www.w3.org/1999/xhtml">patient</div>',
+    }
     return p
 
 
-def _obs(oid: str, pid: str, status: str, code: str, cat: str, effective: dict[str, Any],
-         enc: str | None, based: str | None) -> dict[str, Any]:
-    o: dict[str, Any] = {"resourceType": "Observation", "id": oid, "status": status,
-                         "identifier": [{"system": "urn:hutong:lis:fuxing", "value": oid.upper()}],
-                         "category": [_cc(OBS_CAT, cat)], "code": _cc(LOINC, code),
-                         "subject": _ref(f"Patient/{pid}"),
-                         "performer": [_ref("Organization/core")], **effective,
-                         "valueString": "ok"}
+def _obs(
+    oid: str,
+    pid: str,
+    status: str,
+    code: str,
+    cat: str,
+    effective: dict[str, Any],
+    enc: str | None,
+    based: str | None,
+) -> dict[str, Any]:
+    o: dict[str, Any] = {
+        "resourceType": "Observation",
+        "id": oid,
+        "status": status,
+        "identifier": [{"system": "urn:hutong:lis:fuxing", "value": oid.upper()}],
+        "category": [_cc(OBS_CAT, cat)],
+        "code": _cc(LOINC, code),
+        "subject": _ref(f"Patient/{pid}"),
+        "performer": [_ref("Organization/core")],
+        **effective,
+        "valueString": "ok",
+    }
     if enc:
         o["encounter"] = _ref(f"Encounter/{enc}")
     if based:
@@ -61,123 +82,293 @@ def _obs(oid: str, pid: str, status: str, code: str, cat: str, effective: dict[s
     return o
 
 
-def _dr(did: str, pid: str, status: str, code: str, cat: str, effective: dict[str, Any],
-        enc: str | None, based: str, result: str) -> dict[str, Any]:
-    d: dict[str, Any] = {"resourceType": "DiagnosticReport", "id": did, "status": status,
-                         "identifier": [{"system": "urn:hutong:lis:fuxing", "value": did.upper()}],
-                         "category": [_cc(V2_0074, cat)], "code": _cc(LOINC, code),
-                         "subject": _ref(f"Patient/{pid}"),
-                         "performer": [_ref("Organization/core")], **effective,
-                         "basedOn": [_ref(f"ServiceRequest/{based}")],
-                         "result": [_ref(f"Observation/{result}")]}
+def _dr(
+    did: str,
+    pid: str,
+    status: str,
+    code: str,
+    cat: str,
+    effective: dict[str, Any],
+    enc: str | None,
+    based: str,
+    result: str,
+) -> dict[str, Any]:
+    d: dict[str, Any] = {
+        "resourceType": "DiagnosticReport",
+        "id": did,
+        "status": status,
+        "identifier": [{"system": "urn:hutong:lis:fuxing", "value": did.upper()}],
+        "category": [_cc(V2_0074, cat)],
+        "code": _cc(LOINC, code),
+        "subject": _ref(f"Patient/{pid}"),
+        "performer": [_ref("Organization/core")],
+        **effective,
+        "basedOn": [_ref(f"ServiceRequest/{based}")],
+        "result": [_ref(f"Observation/{result}")],
+    }
     if enc:
         d["encounter"] = _ref(f"Encounter/{enc}")
     return d
 
 
 def _enc(eid: str, pid: str, status: str, cls: str, period: dict[str, str]) -> dict[str, Any]:
-    return {"resourceType": "Encounter", "id": eid, "status": status,
-            "identifier": [{"system": "urn:hutong:visit:fuxing", "value": eid.upper()}],
-            "class": {"system": ACT, "code": cls}, "subject": _ref(f"Patient/{pid}"),
-            "serviceProvider": _ref("Organization/core"), "period": period}
+    return {
+        "resourceType": "Encounter",
+        "id": eid,
+        "status": status,
+        "identifier": [{"system": "urn:hutong:visit:fuxing", "value": eid.upper()}],
+        "class": {"system": ACT, "code": cls},
+        "subject": _ref(f"Patient/{pid}"),
+        "serviceProvider": _ref("Organization/core"),
+        "period": period,
+    }
 
 
-def _sr(sid: str, pid: str, status: str, enc: str | None, requester: str, category: str,
-        authored: str, experts: tuple[str, ...] = ()) -> dict[str, Any]:
-    s: dict[str, Any] = {"resourceType": "ServiceRequest", "id": sid, "status": status,
-                         "intent": "order",
-                         "identifier": [{"system": "urn:hutong:placer:yuetan-chc",
-                                         "value": sid.upper()}],
-                         "category": [_cc(SNOMED, category)],
-                         "code": _cc(SNOMED, "3457005"),
-                         "subject": _ref(f"Patient/{pid}"), "requester": _ref(requester),
-                         "authoredOn": authored,
-                         "performer": [_ref("Organization/core"), *map(_ref, experts)]}
+def _sr(
+    sid: str,
+    pid: str,
+    status: str,
+    enc: str | None,
+    requester: str,
+    category: str,
+    authored: str,
+    experts: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    s: dict[str, Any] = {
+        "resourceType": "ServiceRequest",
+        "id": sid,
+        "status": status,
+        "intent": "order",
+        "identifier": [{"system": "urn:hutong:placer:yuetan-chc", "value": sid.upper()}],
+        "category": [_cc(SNOMED, category)],
+        "code": _cc(SNOMED, "3457005"),
+        "subject": _ref(f"Patient/{pid}"),
+        "requester": _ref(requester),
+        "authoredOn": authored,
+        "performer": [_ref("Organization/core"), *map(_ref, experts)],
+    }
     if enc:
         s["encounter"] = _ref(f"Encounter/{enc}")
     return s
 
 
 def _task(tid: str, pid: str, status: str, focus: str) -> dict[str, Any]:
-    return {"resourceType": "Task", "id": tid, "status": status, "intent": "order",
-            "identifier": [{"system": "urn:hutong:task", "value": tid.upper()}],
-            "focus": _ref(f"ServiceRequest/{focus}"), "for": _ref(f"Patient/{pid}"),
-            "requester": _ref("Organization/chc"), "owner": _ref("Organization/core")}
+    return {
+        "resourceType": "Task",
+        "id": tid,
+        "status": status,
+        "intent": "order",
+        "identifier": [{"system": "urn:hutong:task", "value": tid.upper()}],
+        "focus": _ref(f"ServiceRequest/{focus}"),
+        "for": _ref(f"Patient/{pid}"),
+        "requester": _ref("Organization/chc"),
+        "owner": _ref("Organization/core"),
+    }
 
 
 #: in write order (lastUpdated T0 + i minutes)
 RESOURCES: list[dict[str, Any]] = [
-    {"resourceType": "Organization", "id": "core", "name": "复兴医院",
-     "identifier": [{"system": "urn:hutong:node", "value": "core"}]},
-    {"resourceType": "Organization", "id": "chc", "name": "月坛社区",
-     "identifier": [{"system": "urn:hutong:node", "value": "chc"}]},
-    {"resourceType": "Practitioner", "id": "dr-li", "name": [{"text": "李医生"}],
-     "identifier": [{"system": "urn:hutong:staff:chc", "value": "D-017"}]},
-    _patient("p-wang", "110102195003151234", {"text": "王秀英", "family": "王", "given": ["秀英"]},
-             "female", "1950-03-15"),
-    _patient("p-zhang", "11010119650505231X", {"text": "张伟", "family": "张", "given": ["伟"]},
-             "male", "1965-05-05"),
-    _patient("p-muller", "110101198001010022", {"family": "Müller", "given": ["Anna", "Maria"],
-                                                "prefix": ["Dr."]}, "female", "1980-01-01"),
+    {
+        "resourceType": "Organization",
+        "id": "core",
+        "name": "复兴医院",
+        "identifier": [{"system": "urn:hutong:node", "value": "core"}],
+    },
+    {
+        "resourceType": "Organization",
+        "id": "chc",
+        "name": "月坛社区",
+        "identifier": [{"system": "urn:hutong:node", "value": "chc"}],
+    },
+    {
+        "resourceType": "Practitioner",
+        "id": "dr-li",
+        "name": [{"text": "李医生"}],
+        "identifier": [{"system": "urn:hutong:staff:chc", "value": "D-017"}],
+    },
+    _patient(
+        "p-wang",
+        "110102195003151234",
+        {"text": "王秀英", "family": "王", "given": ["秀英"]},
+        "female",
+        "1950-03-15",
+    ),
+    _patient(
+        "p-zhang",
+        "11010119650505231X",
+        {"text": "张伟", "family": "张", "given": ["伟"]},
+        "male",
+        "1965-05-05",
+    ),
+    _patient(
+        "p-muller",
+        "110101198001010022",
+        {"family": "Müller", "given": ["Anna", "Maria"], "prefix": ["Dr."]},
+        "female",
+        "1980-01-01",
+    ),
     _patient("p-li", "110101199912120033", {"family": "李"}, None, None),
     _enc("enc-1", "p-wang", "finished", "AMB", {"start": "2026-11-01", "end": "2026-11-01"}),
     _enc("enc-2", "p-zhang", "in-progress", "IMP", {"start": "2026-11-02T08:00:00+08:00"}),
-    _sr("sr-1", "p-wang", "active", "enc-1", "Practitioner/dr-li", "11429006",
-        "2026-11-01T08:00:00+08:00", ("PractitionerRole/role-1",)),
+    _sr(
+        "sr-1",
+        "p-wang",
+        "active",
+        "enc-1",
+        "Practitioner/dr-li",
+        "11429006",
+        "2026-11-01T08:00:00+08:00",
+        ("PractitionerRole/role-1",),
+    ),
     _sr("sr-2", "p-zhang", "completed", None, "Organization/chc", "3457005", "2026-11-03"),
-    {**_task("task-1", "p-wang", "requested", "sr-1"), "businessStatus": _cc(
-        "http://hutong.dev/CodeSystem/consult-step", "requested")},
+    {
+        **_task("task-1", "p-wang", "requested", "sr-1"),
+        "businessStatus": _cc("http://hutong.dev/CodeSystem/consult-step", "requested"),
+    },
     _task("task-2", "p-zhang", "completed", "sr-2"),
-    _obs("obs-glu", "p-wang", "final", "2345-7", "laboratory",
-         {"effectiveDateTime": "2026-11-01T09:00:00+08:00"}, "enc-1", "sr-1"),
-    _obs("obs-hb", "p-zhang", "final", "718-7", "laboratory",
-         {"effectiveDateTime": "2026-11-03"}, "enc-2", "sr-2"),
-    _obs("obs-bp", "p-wang", "preliminary", "85354-9", "vital-signs",
-         {"effectivePeriod": {"start": "2026-11-02T08:00:00Z", "end": "2026-11-02T09:00:00Z"}},
-         None, None),
-    _dr("dr-1", "p-wang", "final", "24323-8", "LAB",
-        {"effectiveDateTime": "2026-11-01T10:00:00+08:00"}, "enc-1", "sr-1", "obs-glu"),
-    _dr("dr-2", "p-zhang", "registered", "58410-2", "HM", {"effectiveDateTime": "2026-11-04"},
-        None, "sr-2", "obs-hb"),
-    {"resourceType": "ImagingStudy", "id": "img-1", "status": "available",
-     "identifier": [{"system": "urn:dicom:uid", "value": "urn:oid:1.2.840.99.1"}],
-     "subject": _ref("Patient/p-zhang"), "encounter": _ref("Encounter/enc-2"),
-     "basedOn": [_ref("ServiceRequest/sr-2")]},
-    {"resourceType": "Consent", "id": "consent-1", "status": "active",
-     "identifier": [{"system": "urn:hutong:consent", "value": "C-1"}],
-     "scope": _cc("http://terminology.hl7.org/CodeSystem/consentscope", "treatment"),
-     "category": [_cc(LOINC, "59284-0")], "patient": _ref("Patient/p-zhang"),
-     "policyRule": {"text": "同意转诊"}},
-    {"resourceType": "Composition", "id": "comp-1", "status": "final",
-     "identifier": {"system": "urn:hutong:doc", "value": "DS-1"},
-     "type": _cc(LOINC, "18842-5"), "subject": _ref("Patient/p-wang"),
-     "date": "2026-11-05", "author": [_ref("Practitioner/dr-li")], "title": "出院小结"},
-    {"resourceType": "DocumentReference", "id": "doc-1", "status": "current",
-     "identifier": [{"system": "urn:hutong:doc", "value": "DR-1"}],
-     "subject": _ref("Patient/p-wang"), "author": [_ref("Practitioner/dr-li")],
-     "content": [{"attachment": {"contentType": "application/pdf", "url": "urn:x:1"}}]},
-    {"resourceType": "MedicationRequest", "id": "med-1", "status": "active", "intent": "order",
-     "identifier": [{"system": "urn:hutong:rx", "value": "RX-1"}],
-     "medicationCodeableConcept": {"text": "阿司匹林"}, "subject": _ref("Patient/p-zhang"),
-     "requester": _ref("Practitioner/dr-li")},
-    {"resourceType": "Coverage", "id": "cov-1", "status": "active",
-     "identifier": [{"system": "urn:hutong:insurance", "value": "INS-1"}],
-     "beneficiary": _ref("Patient/p-wang"), "payor": [_ref("Organization/core")]},
+    _obs(
+        "obs-glu",
+        "p-wang",
+        "final",
+        "2345-7",
+        "laboratory",
+        {"effectiveDateTime": "2026-11-01T09:00:00+08:00"},
+        "enc-1",
+        "sr-1",
+    ),
+    _obs(
+        "obs-hb",
+        "p-zhang",
+        "final",
+        "718-7",
+        "laboratory",
+        {"effectiveDateTime": "2026-11-03"},
+        "enc-2",
+        "sr-2",
+    ),
+    _obs(
+        "obs-bp",
+        "p-wang",
+        "preliminary",
+        "85354-9",
+        "vital-signs",
+        {"effectivePeriod": {"start": "2026-11-02T08:00:00Z", "end": "2026-11-02T09:00:00Z"}},
+        None,
+        None,
+    ),
+    _dr(
+        "dr-1",
+        "p-wang",
+        "final",
+        "24323-8",
+        "LAB",
+        {"effectiveDateTime": "2026-11-01T10:00:00+08:00"},
+        "enc-1",
+        "sr-1",
+        "obs-glu",
+    ),
+    _dr(
+        "dr-2",
+        "p-zhang",
+        "registered",
+        "58410-2",
+        "HM",
+        {"effectiveDateTime": "2026-11-04"},
+        None,
+        "sr-2",
+        "obs-hb",
+    ),
+    {
+        "resourceType": "ImagingStudy",
+        "id": "img-1",
+        "status": "available",
+        "identifier": [{"system": "urn:dicom:uid", "value": "urn:oid:1.2.840.99.1"}],
+        "subject": _ref("Patient/p-zhang"),
+        "encounter": _ref("Encounter/enc-2"),
+        "basedOn": [_ref("ServiceRequest/sr-2")],
+    },
+    {
+        "resourceType": "Consent",
+        "id": "consent-1",
+        "status": "active",
+        "identifier": [{"system": "urn:hutong:consent", "value": "C-1"}],
+        "scope": _cc("http://terminology.hl7.org/CodeSystem/consentscope", "treatment"),
+        "category": [_cc(LOINC, "59284-0")],
+        "patient": _ref("Patient/p-zhang"),
+        "policyRule": {"text": "同意转诊"},
+    },
+    {
+        "resourceType": "Composition",
+        "id": "comp-1",
+        "status": "final",
+        "identifier": {"system": "urn:hutong:doc", "value": "DS-1"},
+        "type": _cc(LOINC, "18842-5"),
+        "subject": _ref("Patient/p-wang"),
+        "date": "2026-11-05",
+        "author": [_ref("Practitioner/dr-li")],
+        "title": "出院小结",
+    },
+    {
+        "resourceType": "DocumentReference",
+        "id": "doc-1",
+        "status": "current",
+        "identifier": [{"system": "urn:hutong:doc", "value": "DR-1"}],
+        "subject": _ref("Patient/p-wang"),
+        "author": [_ref("Practitioner/dr-li")],
+        "content": [{"attachment": {"contentType": "application/pdf", "url": "urn:x:1"}}],
+    },
+    {
+        "resourceType": "MedicationRequest",
+        "id": "med-1",
+        "status": "active",
+        "intent": "order",
+        "identifier": [{"system": "urn:hutong:rx", "value": "RX-1"}],
+        "medicationCodeableConcept": {"text": "阿司匹林"},
+        "subject": _ref("Patient/p-zhang"),
+        "requester": _ref("Practitioner/dr-li"),
+    },
+    {
+        "resourceType": "Coverage",
+        "id": "cov-1",
+        "status": "active",
+        "identifier": [{"system": "urn:hutong:insurance", "value": "INS-1"}],
+        "beneficiary": _ref("Patient/p-wang"),
+        "payor": [_ref("Organization/core")],
+    },
     # the consultation's resources (bridge/consult)
-    {"resourceType": "PractitionerRole", "id": "role-1", "active": True,
-     "identifier": [{"system": "urn:hutong:staff-role:core", "value": "ROLE-1"}],
-     "practitioner": _ref("Practitioner/dr-li"), "organization": _ref("Organization/core")},
-    {"resourceType": "Appointment", "id": "appt-1", "status": "booked",
-     "identifier": [{"system": "urn:hutong:appointment", "value": "APPT-1"}],
-     "basedOn": [_ref("ServiceRequest/sr-1")], "start": "2026-11-06T14:00:00+08:00",
-     "end": "2026-11-06T15:00:00+08:00",
-     "participant": [{"actor": _ref("PractitionerRole/role-1"), "status": "accepted"}]},
-    {"resourceType": "Condition", "id": "cond-1",
-     "identifier": [{"system": "urn:hutong:diagnosis", "value": "COND-1"}],
-     "code": _cc("http://hl7.org/fhir/sid/icd-10", "C34.1"), "subject": _ref("Patient/p-wang")},
-    {"resourceType": "CarePlan", "id": "cp-1", "status": "active", "intent": "plan",
-     "identifier": [{"system": "urn:hutong:careplan", "value": "CP-1"}],
-     "subject": _ref("Patient/p-zhang")},
+    {
+        "resourceType": "PractitionerRole",
+        "id": "role-1",
+        "active": True,
+        "identifier": [{"system": "urn:hutong:staff-role:core", "value": "ROLE-1"}],
+        "practitioner": _ref("Practitioner/dr-li"),
+        "organization": _ref("Organization/core"),
+    },
+    {
+        "resourceType": "Appointment",
+        "id": "appt-1",
+        "status": "booked",
+        "identifier": [{"system": "urn:hutong:appointment", "value": "APPT-1"}],
+        "basedOn": [_ref("ServiceRequest/sr-1")],
+        "start": "2026-11-06T14:00:00+08:00",
+        "end": "2026-11-06T15:00:00+08:00",
+        "participant": [{"actor": _ref("PractitionerRole/role-1"), "status": "accepted"}],
+    },
+    {
+        "resourceType": "Condition",
+        "id": "cond-1",
+        "identifier": [{"system": "urn:hutong:diagnosis", "value": "COND-1"}],
+        "code": _cc("http://hl7.org/fhir/sid/icd-10", "C34.1"),
+        "subject": _ref("Patient/p-wang"),
+    },
+    {
+        "resourceType": "CarePlan",
+        "id": "cp-1",
+        "status": "active",
+        "intent": "plan",
+        "identifier": [{"system": "urn:hutong:careplan", "value": "CP-1"}],
+        "subject": _ref("Patient/p-zhang"),
+    },
 ]
 
 
@@ -188,9 +379,14 @@ def seed(conn: Connection, hashes: dict[str, str] | None = None) -> dict[str, di
     for i, r in enumerate(RESOURCES):
         validate_resource(r)
         patient = store.search_columns(r)["patient"] or ""
-        out[r["id"]] = copy.deepcopy(store.put(
-            conn, copy.deepcopy(r), at=T0 + timedelta(minutes=i),
-            patient_hash=(hashes or {}).get(patient.rpartition("/")[2])))
+        out[r["id"]] = copy.deepcopy(
+            store.put(
+                conn,
+                copy.deepcopy(r),
+                at=T0 + timedelta(minutes=i),
+                patient_hash=(hashes or {}).get(patient.rpartition("/")[2]),
+            )
+        )
     return out
 
 

@@ -74,20 +74,28 @@ def slapd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     (d / "db").mkdir()
     (d / "slapd.conf").write_text(CONF.format(dir=d, suffix=SUFFIX))
     (d / "people.ldif").write_text(LDIF.format(suffix=SUFFIX))
-    subprocess.run([str(SLAPADD), "-f", str(d / "slapd.conf"), "-l", str(d / "people.ldif")],
-                   check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        [str(SLAPADD), "-f", str(d / "slapd.conf"), "-l", str(d / "people.ldif")],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     port = free_port_block(1)
     url = f"ldap://127.0.0.1:{port}"
     log = d / "slapd.log"
     with open(log, "wb") as fh:
-        proc = subprocess.Popen([str(SLAPD), "-f", str(d / "slapd.conf"), "-h", f"{url}/",
-                                 "-d", "0"], stdout=subprocess.DEVNULL, stderr=fh)
+        proc = subprocess.Popen(
+            [str(SLAPD), "-f", str(d / "slapd.conf"), "-h", f"{url}/", "-d", "0"],
+            stdout=subprocess.DEVNULL,
+            stderr=fh,
+        )
 
     def listening() -> bool:
         if proc.poll() is not None:
             raise RuntimeError(f"slapd exited: {log.read_text()[-1000:]}")
         with socket.socket() as s:
             return s.connect_ex(("127.0.0.1", port)) == 0
+
     try:
         wait_for(listening, timeout=30, what="slapd to listen")
         yield url
@@ -150,8 +158,9 @@ def test_accounts_and_tokens_on_postgresql(pg_db: str, tmp_path: Path) -> None:
         assert not ctx.store.is_sqlite
         accounts = Accounts(ctx)
         accounts.add("dr.pg", "clinician,auditor", password="a long pg password", by="test")
-        assert accounts.login("dr.pg", "a long pg password") == \
-            Principal("dr.pg", "user", ("clinician", "auditor"))
+        assert accounts.login("dr.pg", "a long pg password") == Principal(
+            "dr.pg", "user", ("clinician", "auditor")
+        )
         for _ in range(ctx.plan.web.lockout_after):
             with pytest.raises(Unauthorized):
                 accounts.login("dr.pg", "wrong")
@@ -163,8 +172,12 @@ def test_accounts_and_tokens_on_postgresql(pg_db: str, tmp_path: Path) -> None:
         accounts.revoke_token(tid, by="test")
         with ctx.store.read() as conn:
             assert principal_for_token(conn, secret) is None
-            actions = [r.action for r in conn.execute(
-                select(AuditRecord.__table__.c.action).order_by(AuditRecord.__table__.c.seq))]
+            actions = [
+                r.action
+                for r in conn.execute(
+                    select(AuditRecord.__table__.c.action).order_by(AuditRecord.__table__.c.seq)
+                )
+            ]
         assert actions[-9:] == ["account", "login", *["login-failed"] * 5, "token", "token"]
         assert ctx.audit  # the chain verifies with the new agent fields
         with ctx.store.read() as conn:
@@ -186,8 +199,9 @@ def test_shared_role_tokens_off_refuses_them_everywhere(tmp_path: Path) -> None:
     assert core.plan.web.shared_role_tokens is False
     ctx = NodeContext.open(core.plan)
     try:
-        _tid, secret = Accounts(ctx).issue_token("his-main", kind="client", roles="clinician",
-                                                 by="test")
+        _tid, secret = Accounts(ctx).issue_token(
+            "his-main", kind="client", roles="clinician", by="test"
+        )
     finally:
         ctx.store.dispose()
 

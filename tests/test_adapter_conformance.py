@@ -46,22 +46,34 @@ from tests.harness import Alliance
 ROOT = Path(__file__).resolve().parent.parent
 AUDIT = AuditRecord.__table__  # type: ignore[attr-defined]
 TYPES = sorted(adapter_types())
-MEMBERS = [{"id": "core", "zh": "复兴医院", "en": "Fuxing Hospital", "role": "core"},
-           {"id": "chc", "zh": "月坛社区卫生服务中心", "en": "Yuetan CHC", "role": "community"}]
+MEMBERS = [
+    {"id": "core", "zh": "复兴医院", "en": "Fuxing Hospital", "role": "core"},
+    {"id": "chc", "zh": "月坛社区卫生服务中心", "en": "Yuetan CHC", "role": "community"},
+]
 RULES = [{"from": "chc", "to": "core", "kinds": ["referral.request"]}]
 #: what a site adds to a type's example options on this machine (a folder, a free port)
 LISTEN_KEY = {"his-hl7": "listen", "pacs-dicom": "bind"}
 #: status keys an adapter may add to the common ones: addresses and names of its peers
-STATUS_EXTRA = {"listen", "his", "url", "bind", "port", "tls", "connections", "pending_studies",
-                "cursor"}
+STATUS_EXTRA = {
+    "listen",
+    "his",
+    "url",
+    "bind",
+    "port",
+    "tls",
+    "connections",
+    "pending_studies",
+    "cursor",
+}
 PATIENT_WORDS = ("patient", "name", "mrn", "id_number", "phone", "birth", "gender", "address")
 
 
 def site_options(kind: str, tmp: Path, port: int) -> dict[str, Any]:
     opts = dict(adapter_type(kind).example)
     if kind == "his-middle-db":
-        opts.update(dsn=f"sqlite:///{tmp / 'his.db'}",
-                    fields=str(ROOT / "simulators" / "his_db_site"))
+        opts.update(
+            dsn=f"sqlite:///{tmp / 'his.db'}", fields=str(ROOT / "simulators" / "his_db_site")
+        )
     elif kind == "lis-hl7":
         opts["port"] = port
     elif kind in LISTEN_KEY:
@@ -70,8 +82,10 @@ def site_options(kind: str, tmp: Path, port: int) -> dict[str, Any]:
 
 
 def alliance_with(tmp: Path, kind: str, options: dict[str, Any]) -> Alliance:
-    members = [dict(MEMBERS[0], adapters=[{"name": "local", "type": kind, "options": options}]),
-               MEMBERS[1]]
+    members = [
+        dict(MEMBERS[0], adapters=[{"name": "local", "type": kind, "options": options}]),
+        MEMBERS[1],
+    ]
     return Alliance(tmp / "alliance", members, RULES)
 
 
@@ -113,19 +127,28 @@ def test_example_options_check_build_stop_twice_and_status(tmp_path: Path, kind:
         status = adapter.status()
         json.dumps(status)  # plain data for the IT page and alerts
         assert status["name"] == "local"
-        assert set(status) <= {"name", "type", "last_ok_at", "last_error", "last_error_at",
-                               "counters"} | STATUS_EXTRA
+        assert (
+            set(status)
+            <= {"name", "type", "last_ok_at", "last_error", "last_error_at", "counters"}
+            | STATUS_EXTRA
+        )
         assert all(isinstance(n, int) for n in status["counters"].values())  # counts only
-        fields = [k for k in _keys({k: v for k, v in status.items() if k not in ("name",
-                                                                                "counters")})]
+        fields = [
+            k for k in _keys({k: v for k, v in status.items() if k not in ("name", "counters")})
+        ]
         assert not [k for k in fields if any(w in k.lower() for w in PATIENT_WORDS)]
         # the PACS keeps other members' imaging reports with the studies it holds; a study it
         # does not hold (or a UID that is none) is not its business: None, nothing stored
         assert isinstance(adapter, ImagingReportSink) == (kind == "pacs-dicom")
         if isinstance(adapter, ImagingReportSink):
             for uid in ("1.2.826.0.1.3680043.8.498.9", "../1.2"):
-                ev = ImagingReportEvent(key="P1:r1", sender="chc", thread=None, study_uid=uid,
-                                        report={"resourceType": "DiagnosticReport", "id": "r1"})
+                ev = ImagingReportEvent(
+                    key="P1:r1",
+                    sender="chc",
+                    thread=None,
+                    study_uid=uid,
+                    report={"resourceType": "DiagnosticReport", "id": "r1"},
+                )
                 assert adapter.on_imaging_report(ev) is None
             assert adapter.host.resource_info("DiagnosticReport", "r1") is None
         adapter.stop()
@@ -153,32 +176,55 @@ def _keys(value: Any) -> Iterator[str]:
 def test_listener_ports_may_not_clash(tmp_path: Path) -> None:
     """Two adapters on one port, or an adapter on the node's own port: refused by the check."""
     port = free_port_block(1)
-    members = [dict(MEMBERS[0], adapters=[
-        {"name": "lis", "type": "lis-hl7", "options": {"port": port}},
-        {"name": "his", "type": "his-hl7",
-         "options": {"listen": f"0.0.0.0:{port}", "his": "127.0.0.1:9"}}]), MEMBERS[1]]
+    members = [
+        dict(
+            MEMBERS[0],
+            adapters=[
+                {"name": "lis", "type": "lis-hl7", "options": {"port": port}},
+                {
+                    "name": "his",
+                    "type": "his-hl7",
+                    "options": {"listen": f"0.0.0.0:{port}", "his": "127.0.0.1:9"},
+                },
+            ],
+        ),
+        MEMBERS[1],
+    ]
     alliance = Alliance(tmp_path / "alliance", members, RULES)
     assert check_alliance(alliance.folder) == [
-        (f"nodes/core.toml: adapters.his.options: listens on 0.0.0.0:{port}, which is also "
-        f"adapters.lis's port")]
+        (
+            f"nodes/core.toml: adapters.his.options: listens on 0.0.0.0:{port}, which is also "
+            f"adapters.lis's port"
+        )
+    ]
     # on the node's own local port
     core = alliance.files["core"]
     local = tomllib.loads(core.read_text())["local_bind"]
     text = core.read_text().replace(f'"listen" = "0.0.0.0:{port}"', f'"listen" = "{local}"')
     core.write_text(text)
     assert check_alliance(alliance.folder) == [
-        (f"nodes/core.toml: adapters.his.options: listens on {local}, which is also "
-        f"local_bind's port")]
+        (
+            f"nodes/core.toml: adapters.his.options: listens on {local}, which is also "
+            f"local_bind's port"
+        )
+    ]
 
 
 def test_a_missing_type_and_mapping_folder_are_named(tmp_path: Path) -> None:
-    members = [dict(MEMBERS[0], adapters=[
-        {"name": "his", "type": "his-nowhere", "mappings": "../no-such-folder"}]), MEMBERS[1]]
+    members = [
+        dict(
+            MEMBERS[0],
+            adapters=[{"name": "his", "type": "his-nowhere", "mappings": "../no-such-folder"}],
+        ),
+        MEMBERS[1],
+    ]
     alliance = Alliance(tmp_path / "alliance", members, RULES)
     assert check_alliance(alliance.folder) == [
         "nodes/core.toml: adapters.his.mappings: no mapping folder ../no-such-folder",
         "nodes/core.toml: adapters.his.type: unknown adapter type 'his-nowhere' (installed: "
-        + ", ".join(TYPES) + ")"]
+        + ", ".join(TYPES)
+        + ")",
+    ]
 
 
 @pytest.mark.slow  # runs the CLI as a process
@@ -187,17 +233,29 @@ def test_config_check_command_names_file_and_key(tmp_path: Path) -> None:
     node loads (the same check runs in both)."""
     opts = site_options("lis-hl7", tmp_path, free_port_block(1))
     alliance = alliance_with(tmp_path, "lis-hl7", {**opts, "timezone": "Beijing", "prot": 1})
-    r = subprocess.run([sys.executable, "-m", "bridge.cli", "config", "check",
-                        str(alliance.files["core"])], capture_output=True, text=True, cwd=ROOT,
-                       timeout=60, check=False, env={"COLUMNS": "400", "PATH": "/usr/bin:/bin"})
+    r = subprocess.run(
+        [sys.executable, "-m", "bridge.cli", "config", "check", str(alliance.files["core"])],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+        check=False,
+        env={"COLUMNS": "400", "PATH": "/usr/bin:/bin"},
+    )
     assert r.returncode != 0
     assert "adapters.local.options.timezone: String should match pattern" in r.stderr
     assert "adapters.local.options.prot: Extra inputs are not permitted" in r.stderr
     assert "core.toml" in r.stderr
     good = alliance_with(tmp_path / "good", "lis-hl7", opts)
-    r = subprocess.run([sys.executable, "-m", "bridge.cli", "config", "check",
-                        str(good.files["core"])], capture_output=True, text=True, cwd=ROOT,
-                       timeout=60, check=False, env={"COLUMNS": "400", "PATH": "/usr/bin:/bin"})
+    r = subprocess.run(
+        [sys.executable, "-m", "bridge.cli", "config", "check", str(good.files["core"])],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+        check=False,
+        env={"COLUMNS": "400", "PATH": "/usr/bin:/bin"},
+    )
     assert r.returncode == 0, r.stderr
     load_node(good.files["core"])
 
@@ -242,10 +300,24 @@ class Events:
 def _inbox(node: Any, packet_id: str, thread: str, seq: int, body: bytes = b"{}") -> None:
     now = datetime.now(UTC)
     with node.ctx.store.write() as conn:
-        conn.execute(INBOX.insert().values(
-            packet_id=packet_id, sender="chc", kind="test.ping", thread=thread, seq=seq,
-            digest="0" * 64, size=len(body), state="received", attempts=0, created_at=now,
-            received_at=now, next_try_at=now, body=body, receipt=b""))
+        conn.execute(
+            INBOX.insert().values(
+                packet_id=packet_id,
+                sender="chc",
+                kind="test.ping",
+                thread=thread,
+                seq=seq,
+                digest="0" * 64,
+                size=len(body),
+                state="received",
+                attempts=0,
+                created_at=now,
+                received_at=now,
+                next_try_at=now,
+                body=body,
+                receipt=b"",
+            )
+        )
 
 
 def _rows(node: Any) -> dict[str, Any]:
@@ -254,32 +326,42 @@ def _rows(node: Any) -> dict[str, Any]:
 
 
 def test_transient_and_ambiguous_failures_are_retried_permanent_ones_dead_lettered(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     from bridge.node import Node
 
     alliance = Alliance(tmp_path / "alliance", MEMBERS, RULES)
     node = Node(load_node(alliance.files["core"]))
     try:
-        sink = Scripted({"p-transient": [TransportError("HIS refused the connection")],
-                         "p-oserror": [ConnectionResetError("reset")],
-                         "p-ambiguous": [AmbiguousDelivery("sent, no answer")],
-                         "p-bug": [KeyError("a bug")],
-                         "p-permanent": [HutongError("the HIS refused this content")]})
+        sink = Scripted(
+            {
+                "p-transient": [TransportError("HIS refused the connection")],
+                "p-oserror": [ConnectionResetError("reset")],
+                "p-ambiguous": [AmbiguousDelivery("sent, no answer")],
+                "p-bug": [KeyError("a bug")],
+                "p-permanent": [HutongError("the HIS refused this content")],
+            }
+        )
         node.dispatcher.handlers = {"test.*": sink}
-        for i, pid in enumerate(["p-transient", "p-oserror", "p-ambiguous", "p-bug",
-                                 "p-permanent"]):
+        for i, pid in enumerate(
+            ["p-transient", "p-oserror", "p-ambiguous", "p-bug", "p-permanent"]
+        ):
             _inbox(node, pid, f"t-{i}", 1)
         _inbox(node, "p-after", "t-0", 2)  # behind the transient failure on its thread
         node.dispatcher.run_once()
         rows = _rows(node)
         assert sink.taken == []
-        for pid, error in (("p-transient", "HT-TRANSPORT: HIS refused the connection"),
-                           ("p-oserror", ("HT-TRANSPORT: local handler failed: "
-                                         "ConnectionResetError")),
-                           ("p-ambiguous", "HT-AMBIGUOUS: sent, no answer"),
-                           ("p-bug", "HT-AMBIGUOUS: local handler failed: KeyError")):
-            assert (rows[pid].state, rows[pid].attempts, rows[pid].last_error) == \
-                ("received", 1, error)
+        for pid, error in (
+            ("p-transient", "HT-TRANSPORT: HIS refused the connection"),
+            ("p-oserror", ("HT-TRANSPORT: local handler failed: ConnectionResetError")),
+            ("p-ambiguous", "HT-AMBIGUOUS: sent, no answer"),
+            ("p-bug", "HT-AMBIGUOUS: local handler failed: KeyError"),
+        ):
+            assert (rows[pid].state, rows[pid].attempts, rows[pid].last_error) == (
+                "received",
+                1,
+                error,
+            )
         assert rows["p-after"].state in ("received", "held")  # waits behind its thread's head
         assert (rows["p-permanent"].state, rows["p-permanent"].attempts) == ("failed", 1)
         with node.ctx.store.read() as conn:
@@ -291,11 +373,15 @@ def test_transient_and_ambiguous_failures_are_retried_permanent_ones_dead_letter
         for _ in range(3):
             node.dispatcher.run_once()
         assert sink.taken.index("p-transient") < sink.taken.index("p-after")
-        assert sorted(sink.taken) == ["p-after", "p-ambiguous", "p-bug", "p-oserror",
-                                      "p-transient"]
+        assert sorted(sink.taken) == ["p-after", "p-ambiguous", "p-bug", "p-oserror", "p-transient"]
         assert {pid: r.state for pid, r in _rows(node).items()} == {
-            "p-transient": "delivered", "p-oserror": "delivered", "p-ambiguous": "delivered",
-            "p-bug": "delivered", "p-after": "delivered", "p-permanent": "failed"}
+            "p-transient": "delivered",
+            "p-oserror": "delivered",
+            "p-ambiguous": "delivered",
+            "p-bug": "delivered",
+            "p-after": "delivered",
+            "p-permanent": "failed",
+        }
         # IT fixed the local side: the dead letter is replayed from quarantine and delivered,
         # past the thread gate (its turn was used), which is left as it was
         from bridge import ops
@@ -306,20 +392,27 @@ def test_transient_and_ambiguous_failures_are_retried_permanent_ones_dead_letter
         _inbox(node, "p-next", "t-4", 2)  # the thread went on meanwhile
         node.dispatcher.run_once()
         assert ops.quarantine_replay(node.ctx, node.intake, qid, actor="it") == (
-            True, "queued for delivery again")
+            True,
+            "queued for delivery again",
+        )
         assert ops.quarantine_replay(node.ctx, node.intake, qid, actor="it")[0] is False
         node.dispatcher.run_once()
         assert sink.taken[-2:] == ["p-next", "p-permanent"]
         assert _rows(node)["p-permanent"].state == "delivered"
         with node.ctx.store.read() as conn:
-            due = conn.execute(select(THREAD_PARTY.c.next_seq).where(
-                THREAD_PARTY.c.thread == "t-4")).scalar_one()
-            audit = [(r.action, r.outcome) for r in conn.execute(
-                select(AUDIT.c.action, AUDIT.c.outcome).where(
-                    AUDIT.c.packet_id == "p-permanent").order_by(AUDIT.c.seq))]
+            due = conn.execute(
+                select(THREAD_PARTY.c.next_seq).where(THREAD_PARTY.c.thread == "t-4")
+            ).scalar_one()
+            audit = [
+                (r.action, r.outcome)
+                for r in conn.execute(
+                    select(AUDIT.c.action, AUDIT.c.outcome)
+                    .where(AUDIT.c.packet_id == "p-permanent")
+                    .order_by(AUDIT.c.seq)
+                )
+            ]
         assert due == 3  # not moved back by the redelivery of seq 1
-        assert audit == [("dead-lettered", "8"), ("replayed", "0"),
-                         ("delivered", "0")]
+        assert audit == [("dead-lettered", "8"), ("replayed", "0"), ("delivered", "0")]
     finally:
         node.close()
 
@@ -335,27 +428,46 @@ def test_an_adapters_own_kinds_arrive_as_a_decoded_bundle(tmp_path: Path) -> Non
     try:
         sink = Events()
         node.dispatcher.handlers = {"test.*": sink}
-        bundle = {"resourceType": "Bundle", "type": "collection", "entry": [
-            {"resource": {"resourceType": "Basic", "id": "b-1", "code": {"text": "化验"}}}]}
+        bundle = {
+            "resourceType": "Bundle",
+            "type": "collection",
+            "entry": [
+                {"resource": {"resourceType": "Basic", "id": "b-1", "code": {"text": "化验"}}}
+            ],
+        }
         _inbox(node, "p-bundle", "t-1", 1, json.dumps(bundle).encode())
         _inbox(node, "p-list", "t-2", 1, b"[1, 2]")
         _inbox(node, "p-garbage", "t-3", 1, b"\xff{not json")
         assert node.dispatcher.run_once() == 1
         (ev,) = sink.events
-        assert (ev.packet.packet_id, ev.packet.kind, ev.packet.thread, ev.packet.seq,
-                ev.packet.sender) == ("p-bundle", "test.ping", "t-1", 1, "chc")
+        assert (
+            ev.packet.packet_id,
+            ev.packet.kind,
+            ev.packet.thread,
+            ev.packet.seq,
+            ev.packet.sender,
+        ) == ("p-bundle", "test.ping", "t-1", 1, "chc")
         assert ev.bundle == bundle
         rows = _rows(node)
         assert {pid: (r.state, r.attempts) for pid, r in rows.items()} == {
-            "p-bundle": ("delivered", 1), "p-list": ("failed", 1), "p-garbage": ("failed", 1)}
-        assert rows["p-list"].last_error == \
-            "HT-PKT-MALFORMED: packet p-list: body is not a FHIR Bundle"
-        assert rows["p-garbage"].last_error == \
-            "HT-PKT-MALFORMED: packet p-garbage: body is not JSON"
+            "p-bundle": ("delivered", 1),
+            "p-list": ("failed", 1),
+            "p-garbage": ("failed", 1),
+        }
+        assert (
+            rows["p-list"].last_error
+            == "HT-PKT-MALFORMED: packet p-list: body is not a FHIR Bundle"
+        )
+        assert (
+            rows["p-garbage"].last_error == "HT-PKT-MALFORMED: packet p-garbage: body is not JSON"
+        )
         with node.ctx.store.read() as conn:
-            dead = conn.execute(select(QUARANTINE.c.source, QUARANTINE.c.packet_id)
-                                .order_by(QUARANTINE.c.packet_id)).all()
-        assert [(d.source, d.packet_id) for d in dead] == [("delivery", "p-garbage"),
-                                                            ("delivery", "p-list")]
+            dead = conn.execute(
+                select(QUARANTINE.c.source, QUARANTINE.c.packet_id).order_by(QUARANTINE.c.packet_id)
+            ).all()
+        assert [(d.source, d.packet_id) for d in dead] == [
+            ("delivery", "p-garbage"),
+            ("delivery", "p-list"),
+        ]
     finally:
         node.close()

@@ -46,8 +46,11 @@ def check_keyed_state(store: Store) -> None:
     a.put("slips", "k", {"v": 1}, thread="t1")
     a.put("slips", "k", {"v": 2}, thread="t1")  # replaced, not added
     b.put("slips", "k", {"v": 9})
-    assert (a.get("slips", "k"), b.get("slips", "k"), a.get("answers", "k")) == \
-        ({"v": 2}, {"v": 9}, None)
+    assert (a.get("slips", "k"), b.get("slips", "k"), a.get("answers", "k")) == (
+        {"v": 2},
+        {"v": 9},
+        None,
+    )
     assert a.add("sent", "p1", {"n": 1}) is True
     assert a.add("sent", "p1", {"n": 2}) is False
     assert a.get("sent", "p1") == {"n": 1}
@@ -60,6 +63,7 @@ def check_keyed_state(store: Store) -> None:
 
 def test_a_transaction_commits_all_or_nothing(store: Store) -> None:
     a = AdapterState(store, "his", _now)
+
     def crash() -> None:
         with a.tx() as kv:
             kv.put("patients", "MRN1", {"name": "x"})
@@ -74,8 +78,9 @@ def test_a_transaction_commits_all_or_nothing(store: Store) -> None:
     assert a.get("patients", "MRN1") == {"name": "y"}
 
 
-def test_the_hl7_his_file_of_an_earlier_version_moves_into_the_node(store: Store,
-                                                                   tmp_path: Path) -> None:
+def test_the_hl7_his_file_of_an_earlier_version_moves_into_the_node(
+    store: Store, tmp_path: Path
+) -> None:
     """Its patient index (names, ID numbers, phones) must not stay outside the node's backups:
     the rows are moved in one transaction and the file is deleted."""
     old = tmp_path / "his_hl7.sqlite"
@@ -106,20 +111,35 @@ def test_the_hl7_his_file_of_an_earlier_version_moves_into_the_node(store: Store
     state = State(AdapterState(store, "his", _now))
     assert state.take_file(old) == 6
     assert not old.exists()
-    assert state.answer("k1") == {"source_key": "k1", "ack_code": "AR", "field": "PID-3",
-                                  "error_code": "204", "message": "no patient",
-                                  "quarantine_id": 7, "at": "2026-12-01"}
-    assert state.patient("MRN1") == {"mrn": "MRN1", "name": "王秀英", "gender": "F",
-                                     "birth_date": "1950-03-15",
-                                     "id_number": "110102195003151234", "phone": "13800000000"}
-    assert state.slip("S1", "referrer") == {"slip_no": "S1", "side": "referrer",
-                                            "thread": "thr-1", "source_key": "k3", "mrn": "MRN1"}
+    assert state.answer("k1") == {
+        "source_key": "k1",
+        "ack_code": "AR",
+        "field": "PID-3",
+        "error_code": "204",
+        "message": "no patient",
+        "quarantine_id": 7,
+        "at": "2026-12-01",
+    }
+    assert state.patient("MRN1") == {
+        "mrn": "MRN1",
+        "name": "王秀英",
+        "gender": "F",
+        "birth_date": "1950-03-15",
+        "id_number": "110102195003151234",
+        "phone": "13800000000",
+    }
+    assert state.slip("S1", "referrer") == {
+        "slip_no": "S1",
+        "side": "referrer",
+        "thread": "thr-1",
+        "source_key": "k3",
+        "mrn": "MRN1",
+    }
     assert state.thread_slip("thr-1") == state.slip("S1", "referrer")
     assert state.sent("pkt-1") and not state.sent("pkt-2")
     assert state.mark_sent("pkt-1", "thr-1", "accept", "x") is False
     assert state.swap_control("HIS/H1/10", "def", "k4", "x") == "abc"
-    assert state.referral_visit("thr-1") == {"thread": "thr-1", "mrn": "MRN1",
-                                             "source_key": "k2"}
+    assert state.referral_visit("thr-1") == {"thread": "thr-1", "mrn": "MRN1", "source_key": "k2"}
     assert state.take_file(old) == 0  # nothing left to move
 
 
@@ -144,8 +164,11 @@ def test_the_ws_his_document_ledger_in_the_node(store: Store, tmp_path: Path) ->
     ledger = Ledger(AdapterState(store, "his", _now))
     assert ledger.take_file(old) == 4
     assert not old.exists()
-    assert (ledger.referral_doc("thr-1"), ledger.thread_of("HIS-DOC-1"),
-            ledger.digest("HIS-DOC-1")) == ("HIS-DOC-1", "thr-1", "d1")
+    assert (
+        ledger.referral_doc("thr-1"),
+        ledger.thread_of("HIS-DOC-1"),
+        ledger.digest("HIS-DOC-1"),
+    ) == ("HIS-DOC-1", "thr-1", "d1")
     assert ledger.results_written("p1") and not ledger.results_written("p2")
     assert ledger.mark_results_written("p2") is True
     assert ledger.mark_results_written("p2") is False
@@ -159,7 +182,8 @@ def test_the_ws_his_document_ledger_in_the_node(store: Store, tmp_path: Path) ->
 
 
 def test_an_old_state_file_is_deleted_only_after_its_rows_are_committed(
-        store: Store, tmp_path: Path) -> None:
+    store: Store, tmp_path: Path
+) -> None:
     """``AdapterState.take_file``, the one move of an earlier version's private file for every
     adapter: a move that fails leaves the file and stores nothing; a move that succeeds
     counts only the rows it read and deletes the file with its -wal and -shm."""
@@ -190,7 +214,6 @@ def test_an_old_state_file_is_deleted_only_after_its_rows_are_committed(
             tx.put("kept", r["k"], r)
 
     assert kv.take_file(old, move) == 2  # the table it did not read is not counted
-    assert [kv.get("kept", k) for k in ("a", "b")] == [{"k": "a", "v": "甲"},
-                                                       {"k": "b", "v": None}]
+    assert [kv.get("kept", k) for k in ("a", "b")] == [{"k": "a", "v": "甲"}, {"k": "b", "v": None}]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("old")] == []
     assert kv.take_file(old, move) == 0

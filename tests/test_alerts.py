@@ -36,8 +36,10 @@ MEMBERS = [
     {"id": "core", "zh": "复兴医院", "en": "Fuxing Hospital", "role": "core"},
     {"id": "chc", "zh": "月坛社区卫生服务中心", "en": "Yuetan CHC", "role": "community"},
 ]
-RULES = [{"from": "core", "to": "chc", "kinds": ["result.lab"]},
-         {"from": "chc", "to": "core", "kinds": ["result.lab"]}]
+RULES = [
+    {"from": "core", "to": "chc", "kinds": ["result.lab"]},
+    {"from": "chc", "to": "core", "kinds": ["result.lab"]},
+]
 
 
 # -- the rules, directly ----------------------------------------------------------------------
@@ -47,35 +49,74 @@ CFG = AlertsConfig(queue_depth=10, queue_age_s=60, peer_silent_s=300, adapter_si
 
 
 def facts(**kw: Any) -> Facts:
-    base: dict[str, Any] = {"now": T0 + timedelta(hours=1), "started_at": T0,
-                            "peers": {}, "chain_ok": True}
+    base: dict[str, Any] = {
+        "now": T0 + timedelta(hours=1),
+        "started_at": T0,
+        "peers": {},
+        "chain_ok": True,
+    }
     return Facts(**{**base, **kw})
 
 
 def test_quiet_node_has_no_alerts() -> None:
     now = T0 + timedelta(hours=1)
-    peer = PeerFacts("chc", waiting=10, oldest_waiting_s=60.0,
-                     last_probe_ok=now - timedelta(seconds=300))
-    assert evaluate(facts(peers={"chc": peer}, inbox_waiting=2, inbox_oldest_s=60.0,
-                          adapters={"his": {"last_ok_at": (now - timedelta(seconds=600))
-                                            .isoformat()}}), CFG) == []
+    peer = PeerFacts(
+        "chc", waiting=10, oldest_waiting_s=60.0, last_probe_ok=now - timedelta(seconds=300)
+    )
+    assert (
+        evaluate(
+            facts(
+                peers={"chc": peer},
+                inbox_waiting=2,
+                inbox_oldest_s=60.0,
+                adapters={"his": {"last_ok_at": (now - timedelta(seconds=600)).isoformat()}},
+            ),
+            CFG,
+        )
+        == []
+    )
 
 
 def test_each_rule_over_its_threshold() -> None:
     now = T0 + timedelta(hours=1)
-    peer = PeerFacts("chc", waiting=11, oldest_waiting_s=61.5,
-                     last_ack=now - timedelta(seconds=900), last_probe_error="health probe "
-                     "failed: ConnectionRefusedError")
+    peer = PeerFacts(
+        "chc",
+        waiting=11,
+        oldest_waiting_s=61.5,
+        last_ack=now - timedelta(seconds=900),
+        last_probe_error="health probe failed: ConnectionRefusedError",
+    )
     never = PeerFacts("sec")  # never heard from since the node started an hour ago
-    got = {a.key: a for a in evaluate(facts(
-        peers={"chc": peer, "sec": never}, inbox_waiting=4, inbox_oldest_s=75.0,
-        adapters={"his": {"last_ok_at": (now - timedelta(seconds=601)).isoformat(),
-                          "last_error": "HIS database unreachable"},
-                  "lis": {"last_ok_at": None}},
-        chain_ok=False, chain_problem="record #7: hash mismatch"), CFG)}
-    assert sorted(got) == ["adapter-silent:his", "adapter-silent:lis", "audit-chain",
-                           "peer-silent:chc", "peer-silent:sec", "queue-age:chc",
-                           "queue-age:inbox", "queue-depth:chc"]
+    got = {
+        a.key: a
+        for a in evaluate(
+            facts(
+                peers={"chc": peer, "sec": never},
+                inbox_waiting=4,
+                inbox_oldest_s=75.0,
+                adapters={
+                    "his": {
+                        "last_ok_at": (now - timedelta(seconds=601)).isoformat(),
+                        "last_error": "HIS database unreachable",
+                    },
+                    "lis": {"last_ok_at": None},
+                },
+                chain_ok=False,
+                chain_problem="record #7: hash mismatch",
+            ),
+            CFG,
+        )
+    }
+    assert sorted(got) == [
+        "adapter-silent:his",
+        "adapter-silent:lis",
+        "audit-chain",
+        "peer-silent:chc",
+        "peer-silent:sec",
+        "queue-age:chc",
+        "queue-age:inbox",
+        "queue-depth:chc",
+    ]
     assert (got["queue-depth:chc"].value, got["queue-depth:chc"].threshold) == (11, 10)
     assert (got["queue-age:chc"].value, got["queue-age:chc"].subject) == (61.5, "chc")
     assert got["peer-silent:chc"].value == 900.0
@@ -141,9 +182,11 @@ def watched(tmp_path: Path, hook: Hook) -> Iterator[Alliance]:
     # the webhook URL is read from a secret file (a robot URL carries its access key)
     (a.files["core"].parent.parent / "secrets" / "core.alerts-url").write_text(hook.url + "\n")
     with open(a.files["core"], "a", encoding="utf-8") as f:
-        f.write('\n[alerts]\nevery_s = 0.3\nqueue_depth = 3\nqueue_age_s = 2\n'
-                'peer_silent_s = 2\nchain_every_s = 0.3\nprobe_timeout_s = 0.5\n'
-                'webhook_url = "file:../secrets/core.alerts-url"\n')
+        f.write(
+            "\n[alerts]\nevery_s = 0.3\nqueue_depth = 3\nqueue_age_s = 2\n"
+            "peer_silent_s = 2\nchain_every_s = 0.3\nprobe_timeout_s = 0.5\n"
+            'webhook_url = "file:../secrets/core.alerts-url"\n'
+        )
     a.start("core", "chc")
     yield a
     a.stop_all()
@@ -153,8 +196,9 @@ def active(node: NodeProcess) -> dict[str, Any]:
     s = Store(node.plan.storage_dsn)
     try:
         with s.read() as conn:
-            value = conn.execute(select(NODE_STATE.c.value)
-                                 .where(NODE_STATE.c.key == ACTIVE_KEY)).scalar()
+            value = conn.execute(
+                select(NODE_STATE.c.value).where(NODE_STATE.c.key == ACTIVE_KEY)
+            ).scalar()
     finally:
         s.dispose()
     return json.loads(value or "{}")
@@ -168,16 +212,17 @@ def alert_audit(node: NodeProcess) -> list[dict[str, str]]:
 
 
 @pytest.mark.slow
-def test_peer_down_raises_once_clears_once_and_posts_the_webhook(watched: Alliance,
-                                                                  hook: Hook) -> None:
+def test_peer_down_raises_once_clears_once_and_posts_the_webhook(
+    watched: Alliance, hook: Hook
+) -> None:
     core, chc = watched.node("core"), watched.node("chc")
     it = Browser(core).login("it")
+
     # core is started first and its alert job probes chc at once, often before chc listens:
     # the page then rightly shows that failed probe until the next round reaches chc.
     def quiet_and_answered() -> str | None:
         page = it.get("/ui/it")
-        return page if ('class="ok no-alerts"' in page
-                        and "✔" in section(page, "peers")) else None
+        return page if ('class="ok no-alerts"' in page and "✔" in section(page, "peers")) else None
 
     page = wait_for(quiet_and_answered, what="a quiet start with chc's health answered")
     peers = section(page, "peers")
@@ -188,13 +233,18 @@ def test_peer_down_raises_once_clears_once_and_posts_the_webhook(watched: Allian
     chc.stop()
     core.send("chc", "result.lab", [bundle(1) for _ in range(5)])
     keys = {"peer-silent:chc", "queue-depth:chc", "queue-age:chc"}
-    wait_for(lambda: keys <= set(hook.events("raised")), timeout=30,
-             what="three alerts at the webhook")
+    wait_for(
+        lambda: keys <= set(hook.events("raised")), timeout=30, what="three alerts at the webhook"
+    )
     raised = hook.events("raised")
     depth = raised["queue-depth:chc"][0]
     assert {k: depth[k] for k in ("source", "node", "node_name", "alliance", "event")} == {
-        "source": "hutong", "node": "core", "node_name": "复兴医院", "alliance": "demo",
-        "event": "raised"}
+        "source": "hutong",
+        "node": "core",
+        "node_name": "复兴医院",
+        "alliance": "demo",
+        "event": "raised",
+    }
     assert datetime.fromisoformat(depth["at"]).tzinfo is not None
     a = depth["alert"]
     assert (a["rule"], a["subject"], a["value"], a["threshold"]) == ("queue-depth", "chc", 5, 3)
@@ -215,15 +265,21 @@ def test_peer_down_raises_once_clears_once_and_posts_the_webhook(watched: Allian
 
     # several more rounds run (the shown value is refreshed) without a second raise or POST
     seen: set[str] = set()
-    wait_for(lambda: seen.add(active(core)["peer-silent:chc"]["updated_at"]) or len(seen) >= 4,
-             what="four more alert rounds")
-    assert {k: len(v) - before.get(k, 0) for k, v in hook.events("raised").items()} == \
-        dict.fromkeys(keys, 1)
+    wait_for(
+        lambda: seen.add(active(core)["peer-silent:chc"]["updated_at"]) or len(seen) >= 4,
+        what="four more alert rounds",
+    )
+    assert {
+        k: len(v) - before.get(k, 0) for k, v in hook.events("raised").items()
+    } == dict.fromkeys(keys, 1)
 
     chc.start()
     chc.wait_ready()
-    wait_for(lambda: keys <= set(hook.events("cleared")), timeout=60,
-             what="the alerts to clear at the webhook")
+    wait_for(
+        lambda: keys <= set(hook.events("cleared")),
+        timeout=60,
+        what="the alerts to clear at the webhook",
+    )
     cleared = hook.events("cleared")
     assert {k: len(v) - before.get(k, 0) for k, v in cleared.items()} == dict.fromkeys(keys, 1)
     assert cleared["queue-depth:chc"][0]["alert"]["raised_at"] == a["raised_at"]
@@ -231,10 +287,17 @@ def test_peer_down_raises_once_clears_once_and_posts_the_webhook(watched: Allian
     wait_for(lambda: 'class="ok no-alerts"' in it.get("/ui/it"), what="a quiet IT page")
 
     rows = alert_audit(core)
-    expected = [(o, f"{w} {k}") for k in keys for o, w in (("4", "raised"), ("0", "cleared"))
-                for _ in range(1 + before.get(k, 0))]
-    assert sorted((r["outcome"], " ".join(r["message"].split(" ")[:2]).rstrip(":")) for r in rows
-                  if "chc" in r["message"]) == sorted(expected)
+    expected = [
+        (o, f"{w} {k}")
+        for k in keys
+        for o, w in (("4", "raised"), ("0", "cleared"))
+        for _ in range(1 + before.get(k, 0))
+    ]
+    assert sorted(
+        (r["outcome"], " ".join(r["message"].split(" ")[:2]).rstrip(":"))
+        for r in rows
+        if "chc" in r["message"]
+    ) == sorted(expected)
     assert {r["code"] for r in rows} == {"peer-silent", "queue-depth", "queue-age"}
 
 
@@ -246,8 +309,10 @@ def test_tampered_audit_chain_raises_an_alert(watched: Alliance, hook: Hook) -> 
     db = Path(core.plan.storage_dsn.removeprefix("sqlite:///"))
     with sqlite3.connect(db, timeout=30) as conn:
         (resource,) = conn.execute("SELECT resource FROM audit WHERE seq = 1").fetchone()
-        conn.execute("UPDATE audit SET resource = ? WHERE seq = 1",
-                     (resource.replace("node started", "node started!"),))
+        conn.execute(
+            "UPDATE audit SET resource = ? WHERE seq = 1",
+            (resource.replace("node started", "node started!"),),
+        )
     conn.close()
     wait_for(lambda: "audit-chain" in hook.events("raised"), what="the chain alert")
     doc = hook.events("raised")["audit-chain"][0]["alert"]

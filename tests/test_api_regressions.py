@@ -34,14 +34,15 @@ pytestmark = pytest.mark.slow
 
 PLANTED_NAME = "司马青云"
 PLANTED_ID = "110105198811230041"
-OBS_STATUS = ("['registered', 'preliminary', 'final', 'amended', 'corrected', 'cancelled', "
-              "'entered-in-error', 'unknown']")
+OBS_STATUS = (
+    "['registered', 'preliminary', 'final', 'amended', 'corrected', 'cancelled', "
+    "'entered-in-error', 'unknown']"
+)
 
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
-    alliance = Alliance(Path(tmp_path_factory.mktemp("regressions")) / "alliance", MEMBERS,
-                        RULES)
+    alliance = Alliance(Path(tmp_path_factory.mktemp("regressions")) / "alliance", MEMBERS, RULES)
     try:
         alliance.start("core")
         yield alliance.node("core")
@@ -49,11 +50,19 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
         alliance.stop_all()
 
 
-def post(node: NodeProcess, path: str, content: bytes, role: str = "clinician",
-         ctype: str = "application/json") -> httpx.Response:
+def post(
+    node: NodeProcess,
+    path: str,
+    content: bytes,
+    role: str = "clinician",
+    ctype: str = "application/json",
+) -> httpx.Response:
     with httpx.Client(timeout=30) as client:
-        return client.post(node.local_url + path, content=content, headers={
-            "Authorization": f"Bearer {node.token(role)}", "Content-Type": ctype})
+        return client.post(
+            node.local_url + path,
+            content=content,
+            headers={"Authorization": f"Bearer {node.token(role)}", "Content-Type": ctype},
+        )
 
 
 def planted_bundle() -> dict[str, Any]:
@@ -65,20 +74,29 @@ def planted_bundle() -> dict[str, Any]:
 
 
 def test_queue_refusal_and_quarantine_reason_name_path_and_rule_only(node: NodeProcess) -> None:
-    [refused] = node.api("POST", "/local/v1/packets", [
-        {"to": "chc", "kind": "result.lab", "thread": "regress-1", "bundle": planted_bundle()}],
-        role="clinician")["results"]
+    [refused] = node.api(
+        "POST",
+        "/local/v1/packets",
+        [{"to": "chc", "kind": "result.lab", "thread": "regress-1", "bundle": planted_bundle()}],
+        role="clinician",
+    )["results"]
     expected = (
         "invalid FHIR: "
         f"entry[1].resource(Observation).status: not one of the allowed codes {OBS_STATUS}; "
-        "entry[1].resource(Observation).valueQuantity.value: expected number, got string")
-    assert refused == {"code": "HT-PKT-INVALID-FHIR", "message": expected,
-                       "retry": "permanent"}
-    [held] = [q for q in node.api("GET", "/local/v1/quarantine")
-              if q["code"] == "HT-PKT-INVALID-FHIR"]
-    assert (held["source"], held["code"], held["message"], held["recipient"], held["kind"],
-            held["state"]) == ("local", "HT-PKT-INVALID-FHIR", expected, "chc", "result.lab",
-                               "held")
+        "entry[1].resource(Observation).valueQuantity.value: expected number, got string"
+    )
+    assert refused == {"code": "HT-PKT-INVALID-FHIR", "message": expected, "retry": "permanent"}
+    [held] = [
+        q for q in node.api("GET", "/local/v1/quarantine") if q["code"] == "HT-PKT-INVALID-FHIR"
+    ]
+    assert (
+        held["source"],
+        held["code"],
+        held["message"],
+        held["recipient"],
+        held["kind"],
+        held["state"],
+    ) == ("local", "HT-PKT-INVALID-FHIR", expected, "chc", "result.lab", "held")
     assert PLANTED_NAME not in json.dumps(held, ensure_ascii=False)
     assert PLANTED_ID not in json.dumps(held, ensure_ascii=False)
 
@@ -92,36 +110,47 @@ def test_fhir_transaction_refusal_names_path_and_rule_only(node: NodeProcess) ->
     assert r.headers["content-type"] == "application/fhir+json; charset=utf-8"
     [issue] = r.json()["issue"]
     assert issue == {
-        "severity": "error", "code": "invalid",
-        "details": {"coding": [{"system": "http://hutong.dev/CodeSystem/error",
-                                "code": "HT-FHIR-INVALID"}], "text": "HT-FHIR-INVALID"},
+        "severity": "error",
+        "code": "invalid",
+        "details": {
+            "coding": [{"system": "http://hutong.dev/CodeSystem/error", "code": "HT-FHIR-INVALID"}],
+            "text": "HT-FHIR-INVALID",
+        },
         "diagnostics": "invalid FHIR: entry[0].resource(Patient).gender: not one of the allowed "
-                       "codes ['male', 'female', 'other', 'unknown']; "
-                       "entry[1].resource(ServiceRequest).authoredOn: not a valid FHIR dateTime",
-        "expression": ["entry[0].resource(Patient).gender",
-                       "entry[1].resource(ServiceRequest).authoredOn"],
+        "codes ['male', 'female', 'other', 'unknown']; "
+        "entry[1].resource(ServiceRequest).authoredOn: not a valid FHIR dateTime",
+        "expression": [
+            "entry[0].resource(Patient).gender",
+            "entry[1].resource(ServiceRequest).authoredOn",
+        ],
     }
     assert PLANTED_NAME not in r.text and PLANTED_ID not in r.text
 
 
 def test_local_request_that_does_not_bind_is_not_echoed(node: NodeProcess) -> None:
     """FastAPI's default 422 quoted the input: here a whole Bundle with a name and ID."""
-    body = [{"kind": "result.lab", "bundle": planted_bundle()}, {"to": 5, "kind": "result.lab",
-                                                                 "bundle": "x"}]
+    body = [
+        {"kind": "result.lab", "bundle": planted_bundle()},
+        {"to": 5, "kind": "result.lab", "bundle": "x"},
+    ]
     r = post(node, "/local/v1/packets", json.dumps(body).encode())
     assert r.status_code == 422
     assert r.headers["content-type"] == "application/json"
     assert r.json() == {
-        "code": "HT-REQUEST-INVALID", "retry": "permanent",
+        "code": "HT-REQUEST-INVALID",
+        "retry": "permanent",
         "message": "request does not match this endpoint: body[0].to: missing; "
-                   "body[1].to: string_type; body[1].bundle: dict_type"}
+        "body[1].to: string_type; body[1].bundle: dict_type",
+    }
     assert PLANTED_NAME not in r.text and PLANTED_ID not in r.text
     with pytest.raises(ApiError) as caught:
         node.api("GET", "/local/v1/outbox?limit=lots", role="it")
     assert caught.value.status == 422
     assert caught.value.json == {
-        "code": "HT-REQUEST-INVALID", "retry": "permanent",
-        "message": "request does not match this endpoint: query.limit: int_parsing"}
+        "code": "HT-REQUEST-INVALID",
+        "retry": "permanent",
+        "message": "request does not match this endpoint: query.limit: int_parsing",
+    }
 
 
 def test_unparsable_body_answer_is_the_documented_one(node: NodeProcess) -> None:
@@ -131,7 +160,8 @@ def test_unparsable_body_answer_is_the_documented_one(node: NodeProcess) -> None
     doc = openapi(node)
     declared = doc["paths"]["/local/v1/referrals"]["post"]["responses"]["400"]
     assert declared["content"]["application/json"]["schema"] == {
-        "$ref": "#/components/schemas/BodyUnreadable"}
+        "$ref": "#/components/schemas/BodyUnreadable"
+    }
     assert doc["components"]["schemas"]["BodyUnreadable"]["required"] == ["detail"]
 
 
@@ -144,9 +174,15 @@ def test_openapi_declares_fhir_json_and_outcomes(node: NodeProcess) -> None:
     paths = openapi(node)["paths"]
     metadata = paths["/fhir/metadata"]["get"]["responses"]
     assert list(metadata) == ["200", "400", "401", "406", "422"]
-    assert metadata["200"]["content"] == {"application/fhir+json": {"schema": {
-        "type": "object", "required": ["resourceType"],
-        "properties": {"resourceType": {"const": "CapabilityStatement"}}}}}
+    assert metadata["200"]["content"] == {
+        "application/fhir+json": {
+            "schema": {
+                "type": "object",
+                "required": ["resourceType"],
+                "properties": {"resourceType": {"const": "CapabilityStatement"}},
+            }
+        }
+    }
     search = paths["/fhir/{rtype}"]["get"]["responses"]
     assert sorted(search) == ["200", "400", "401", "403", "404", "406", "422"]
     for status in ("400", "401", "403", "404", "406", "422"):
@@ -154,21 +190,39 @@ def test_openapi_declares_fhir_json_and_outcomes(node: NodeProcess) -> None:
         assert media == "application/fhir+json"
         assert body["schema"]["properties"]["resourceType"] == {"const": "OperationOutcome"}
     transaction = paths["/fhir"]["post"]
-    assert sorted(transaction["responses"]) == ["200", "400", "401", "403", "404", "406",
-                                                "412", "415", "422", "501"]
-    assert transaction["requestBody"]["content"]["application/fhir+json"]["schema"][
-        "properties"]["resourceType"] == {"const": "Bundle"}
+    assert sorted(transaction["responses"]) == [
+        "200",
+        "400",
+        "401",
+        "403",
+        "404",
+        "406",
+        "412",
+        "415",
+        "422",
+        "501",
+    ]
+    assert transaction["requestBody"]["content"]["application/fhir+json"]["schema"]["properties"][
+        "resourceType"
+    ] == {"const": "Bundle"}
     packets = paths["/local/v1/packets"]["post"]["responses"]
     assert sorted(packets) == ["200", "400", "401", "403", "422"]
     assert packets["401"]["content"]["application/json"]["schema"] == {
-        "$ref": "#/components/schemas/ErrorOut"}
+        "$ref": "#/components/schemas/ErrorOut"
+    }
     assert packets["422"]["content"]["application/json"]["schema"] == {
-        "$ref": "#/components/schemas/ErrorOut"}
+        "$ref": "#/components/schemas/ErrorOut"
+    }
     # the answers those declarations describe
     r = post(node, "/local/v1/packets", b"[]", role="auditor")
-    assert (r.status_code, r.json()) == (403, {
-        "code": "HT-FORBIDDEN", "message": "role 'auditor' may not use this endpoint",
-        "retry": "permanent"})
+    assert (r.status_code, r.json()) == (
+        403,
+        {
+            "code": "HT-FORBIDDEN",
+            "message": "role 'auditor' may not use this endpoint",
+            "retry": "permanent",
+        },
+    )
     with httpx.Client(timeout=30) as client:
         r = client.get(node.local_url + "/fhir/Patient")
     assert r.status_code == 401
@@ -176,31 +230,45 @@ def test_openapi_declares_fhir_json_and_outcomes(node: NodeProcess) -> None:
     assert r.json()["issue"][0]["details"]["coding"][0]["code"] == "HT-AUTH"
 
 
-@pytest.mark.parametrize(("query", "expected"), [
-    (f"Observation?patient=Patient/{PLANTED_NAME}",
-     "patient: not a valid FHIR id (1-64 of A-Z a-z 0-9 - .)"),
-    (f"Observation?subject=a/b/{PLANTED_ID}", "subject: not Type/id or an id"),
-    (f"Task?_lastUpdated=ge{PLANTED_ID}",
-     "_lastUpdated: not a FHIR date or dateTime (a time needs a zone: Z or +08:00)"),
-    ("Task?_lastUpdated=ge1988-11-32", "_lastUpdated: not a real date or time"),
-    (f"Task?_count=-{PLANTED_ID}", "_count must be a whole number 0..200"),
-])
-def test_search_refusal_names_the_parameter_not_the_value(node: NodeProcess, query: str,
-                                                          expected: str) -> None:
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        (
+            f"Observation?patient=Patient/{PLANTED_NAME}",
+            "patient: not a valid FHIR id (1-64 of A-Z a-z 0-9 - .)",
+        ),
+        (f"Observation?subject=a/b/{PLANTED_ID}", "subject: not Type/id or an id"),
+        (
+            f"Task?_lastUpdated=ge{PLANTED_ID}",
+            "_lastUpdated: not a FHIR date or dateTime (a time needs a zone: Z or +08:00)",
+        ),
+        ("Task?_lastUpdated=ge1988-11-32", "_lastUpdated: not a real date or time"),
+        (f"Task?_count=-{PLANTED_ID}", "_count must be a whole number 0..200"),
+    ],
+)
+def test_search_refusal_names_the_parameter_not_the_value(
+    node: NodeProcess, query: str, expected: str
+) -> None:
     with httpx.Client(timeout=30) as client:
-        r = client.get(f"{node.local_url}/fhir/{query}",
-                       headers={"Authorization": f"Bearer {node.token('clinician')}"})
+        r = client.get(
+            f"{node.local_url}/fhir/{query}",
+            headers={"Authorization": f"Bearer {node.token('clinician')}"},
+        )
     assert r.status_code == 400
     [issue] = r.json()["issue"]
-    assert (issue["severity"], issue["code"], issue["diagnostics"]) == ("error", "invalid",
-                                                                         expected)
+    assert (issue["severity"], issue["code"], issue["diagnostics"]) == (
+        "error",
+        "invalid",
+        expected,
+    )
     assert PLANTED_ID not in r.text and PLANTED_NAME not in r.text
 
 
 def _get(node: NodeProcess, path: str, role: str = "it") -> httpx.Response:
     with httpx.Client(timeout=30) as client:
-        return client.get(node.local_url + path,
-                          headers={"Authorization": f"Bearer {node.token(role)}"})
+        return client.get(
+            node.local_url + path, headers={"Authorization": f"Bearer {node.token(role)}"}
+        )
 
 
 def _all_pages(node: NodeProcess, path: str, key: str) -> tuple[list[Any], set[int]]:
@@ -219,23 +287,30 @@ def _all_pages(node: NodeProcess, path: str, key: str) -> tuple[list[Any], set[i
             assert "X-Next-Cursor" not in r.headers
             break
         assert link.endswith('>; rel="next"') and r.headers["X-Next-Cursor"] in link
-        url = link[1:link.index(">")]
+        url = link[1 : link.index(">")]
         assert len(page) == 2  # a full page before every next link
     return seen, totals
 
 
-def test_every_local_list_counts_its_items_and_pages_through_all_of_them(
-        node: NodeProcess) -> None:
+def test_every_local_list_counts_its_items_and_pages_through_all_of_them(node: NodeProcess) -> None:
     # 5 packets wait for chc (not running), 4 refusals are held, 3 referrals go out
     node.send("chc", "result.lab", [bundle(1) for _ in range(5)], thread="paging-1")
-    node.api("POST", "/local/v1/packets", [
-        {"to": "nowhere", "kind": "result.lab", "thread": None, "bundle": bundle(1)}
-        for _ in range(4)], role="clinician")
+    node.api(
+        "POST",
+        "/local/v1/packets",
+        [
+            {"to": "nowhere", "kind": "result.lab", "thread": None, "bundle": bundle(1)}
+            for _ in range(4)
+        ],
+        role="clinician",
+    )
     for _ in range(3):
         node.api("POST", "/local/v1/referrals", referral("up-exam", "chc"), role="clinician")
-    for path, key, order in (("/local/v1/outbox?limit=2", "id", "asc"),
-                             ("/local/v1/quarantine?limit=2", "id", "desc"),
-                             ("/local/v1/referrals?limit=2", "thread", None)):
+    for path, key, order in (
+        ("/local/v1/outbox?limit=2", "id", "asc"),
+        ("/local/v1/quarantine?limit=2", "id", "desc"),
+        ("/local/v1/referrals?limit=2", "thread", None),
+    ):
         whole = node.api("GET", path.replace("limit=2", "limit=1000"))
         seen, totals = _all_pages(node, path, key)
         assert totals == {len(whole)}, path  # every page says how many there are in all
@@ -246,8 +321,11 @@ def test_every_local_list_counts_its_items_and_pages_through_all_of_them(
     assert len(node.api("GET", "/local/v1/quarantine?limit=1000")) >= 4
     assert len(node.api("GET", "/local/v1/referrals?limit=1000")) >= 3
     # a cursor this API did not give, a page size out of range: 422, the parameter named
-    for bad in ("/local/v1/outbox?after=bm90LWEtY3Vyc29y", "/local/v1/quarantine?limit=0",
-                "/local/v1/referrals?limit=1001"):
+    for bad in (
+        "/local/v1/outbox?after=bm90LWEtY3Vyc29y",
+        "/local/v1/quarantine?limit=0",
+        "/local/v1/referrals?limit=1001",
+    ):
         r = _get(node, bad)
         assert r.status_code == 422, (bad, r.text)
         assert r.json()["code"] == "HT-REQUEST-INVALID", r.text
@@ -281,9 +359,15 @@ def _cli_pages(node: NodeProcess, *args: str, limit: int = 2) -> tuple[list[Any]
 def test_cli_lists_count_their_items_and_page_through_all_of_them(node: NodeProcess) -> None:
     """``hutong quarantine list``, ``outbox list`` and ``audit who`` say how many there are in
     all and page (keyset, as /local/v1) to the last item; none stops silently at 100."""
-    node.api("POST", "/local/v1/packets", [
-        {"to": "nowhere", "kind": "result.lab", "thread": None, "bundle": bundle(1)}
-        for _ in range(3)], role="clinician")  # 3 refusals held
+    node.api(
+        "POST",
+        "/local/v1/packets",
+        [
+            {"to": "nowhere", "kind": "result.lab", "thread": None, "bundle": bundle(1)}
+            for _ in range(3)
+        ],
+        role="clinician",
+    )  # 3 refusals held
     node.send("chc", "result.lab", [bundle(1) for _ in range(3)], thread="cli-paging")
     for args in (("quarantine", "list", "--state", "all"), ("outbox", "list")):
         whole = json.loads(node.cli(*args, "--json", "--limit", "1000", check=True).stdout)
@@ -300,8 +384,11 @@ def test_cli_lists_count_their_items_and_page_through_all_of_them(node: NodeProc
     assert m is not None and m[2] == "held items" and int(m[1]) == len(held) and m[3] == "1"
     assert m[4] is not None and r.stdout.rstrip().endswith(m[4])
     # a token the list did not give, a page size out of range: one line, exit 2
-    for bad in (("quarantine", "list", "--after", "bm90LWEtY3Vyc29y"),
-                ("outbox", "list", "--limit", "0"), ("audit", "who", "--after", "x")):
+    for bad in (
+        ("quarantine", "list", "--after", "bm90LWEtY3Vyc29y"),
+        ("outbox", "list", "--limit", "0"),
+        ("audit", "who", "--after", "x"),
+    ):
         r = node.cli(*bad)
         assert r.returncode == 2 and r.stderr.startswith("error: "), (bad, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr

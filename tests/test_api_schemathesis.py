@@ -47,10 +47,11 @@ MEMBERS = [
     {"id": "core", "zh": "复兴医院", "en": "Fuxing Hospital", "role": "core"},
     {"id": "chc", "zh": "月坛社区卫生服务中心", "en": "Yuetan CHC", "role": "community"},
 ]
-KINDS = ["referral.request", "referral.status", "referral.cancel", "referral.return",
-         "result.lab"]
-RULES = [{"from": "chc", "to": "core", "kinds": KINDS},
-         {"from": "core", "to": "chc", "kinds": KINDS}]
+KINDS = ["referral.request", "referral.status", "referral.cancel", "referral.return", "result.lab"]
+RULES = [
+    {"from": "chc", "to": "core", "kinds": KINDS},
+    {"from": "core", "to": "chc", "kinds": KINDS},
+]
 #: each role's token, and no token at all (None)
 ROLES = ("clinician", "it", "auditor", None)
 #: the four conformance checks. Not run: positive_data_acceptance (schema-valid input is refused
@@ -58,8 +59,12 @@ ROLES = ("clinician", "it", "auditor", None)
 #: resourceType Bundle", and {"resourceType": "Bundle"} is rightly refused as not a transaction;
 #: tried, it fails only that way), negative_data_rejection (judged against the same loose
 #: schemas), ignored_auth (no OpenAPI security scheme is declared; each role is sent explicitly)
-CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
-          response_schema_conformance]
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_schema_conformance,
+]
 #: examples per operation (each sent with 4 tokens); keeps the file well under 90 s
 MAX_EXAMPLES = 5
 
@@ -70,8 +75,7 @@ _session: requests.Session | None = None
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
     """The core node only: packets queued for chc stay in its outbox (chc is down)."""
     global _session
-    alliance = Alliance(Path(tmp_path_factory.mktemp("schemathesis")) / "alliance", MEMBERS,
-                        RULES)
+    alliance = Alliance(Path(tmp_path_factory.mktemp("schemathesis")) / "alliance", MEMBERS, RULES)
     _session = requests.Session()
     try:
         alliance.start("core")
@@ -105,37 +109,54 @@ def headers_for(node: NodeProcess, role: str | None) -> dict[str, str]:
 @schema.parametrize()
 # derandomize: the examples derive from the test itself (a fixed seed, same requests each run);
 # health checks (too slow, filtered) would fail on a loaded CI machine, not on a defect
-@settings(max_examples=MAX_EXAMPLES, derandomize=True, deadline=None, database=None,
-          suppress_health_check=list(HealthCheck))
+@settings(
+    max_examples=MAX_EXAMPLES,
+    derandomize=True,
+    deadline=None,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+)
 def test_every_operation_every_role(case: schemathesis.Case, node: NodeProcess) -> None:
     """Each generated request is sent once per role token and once without one."""
     for role in ROLES:
         try:
-            case.call_and_validate(session=_session, headers=headers_for(node, role),
-                                   checks=CHECKS)
+            case.call_and_validate(session=_session, headers=headers_for(node, role), checks=CHECKS)
         except Exception as exc:  # re-raised, with the role named
             exc.add_note(f"as role: {role or 'no token'}")
             raise
 
 
-def test_valid_packet_is_queued_and_answer_conforms(local_api: schemathesis.schemas.BaseSchema,
-                                                    node: NodeProcess) -> None:
+def test_valid_packet_is_queued_and_answer_conforms(
+    local_api: schemathesis.schemas.BaseSchema, node: NodeProcess
+) -> None:
     """The POST that sends: a valid Bundle is queued (the answer names its packet id); IT may
     not queue a clinical kind (a 403, as documented)."""
-    body = [{"to": "chc", "kind": "result.lab", "thread": "schemathesis",
-             "bundle": bundle(1, marker="schemathesis")}]
+    body = [
+        {
+            "to": "chc",
+            "kind": "result.lab",
+            "thread": "schemathesis",
+            "bundle": bundle(1, marker="schemathesis"),
+        }
+    ]
     case = local_api["/local/v1/packets"]["POST"].Case(body=body)
-    response = case.call_and_validate(session=_session, headers=headers_for(node, "it"),
-                                      checks=CHECKS)
+    response = case.call_and_validate(
+        session=_session, headers=headers_for(node, "it"), checks=CHECKS
+    )
     assert response.status_code == 403 and response.json()["code"] == "HT-FORBIDDEN"
     for role in ("clinician",):
         case = local_api["/local/v1/packets"]["POST"].Case(body=body)
-        response = case.call_and_validate(session=_session, headers=headers_for(node, role),
-                                          checks=CHECKS)
+        response = case.call_and_validate(
+            session=_session, headers=headers_for(node, role), checks=CHECKS
+        )
         assert response.status_code == 200
         [result] = response.json()["results"]
         assert set(result) == {"packet_id"}
         queued = node.api("GET", f"/local/v1/packets/{result['packet_id']}")
-        assert (queued["packet_id"], queued["direction"], queued["recipient"], queued["kind"],
-                queued["thread"]) == (result["packet_id"], "out", "chc", "result.lab",
-                                      "schemathesis")
+        assert (
+            queued["packet_id"],
+            queued["direction"],
+            queued["recipient"],
+            queued["kind"],
+            queued["thread"],
+        ) == (result["packet_id"], "out", "chc", "result.lab", "schemathesis")

@@ -133,14 +133,16 @@ def test_append_2500_in_several_calls_verifies_with_checkpoints(engine, key):
 
     with engine.connect() as conn:
         seqs = conn.execute(text("SELECT seq FROM audit ORDER BY seq")).scalars().all()
-        first = conn.execute(text("SELECT prev_hash, hash, resource FROM audit WHERE seq = 1")
-                             ).one()
+        first = conn.execute(
+            text("SELECT prev_hash, hash, resource FROM audit WHERE seq = 1")
+        ).one()
         head = conn.execute(text("SELECT hash FROM audit WHERE seq = 2500")).scalar_one()
         cps = conn.execute(
             text("SELECT seq, hash, at, key_id, signature FROM audit_checkpoint ORDER BY seq")
         ).all()
-        hashes = dict(conn.execute(text("SELECT seq, hash FROM audit WHERE seq IN (1000, 2000)")
-                                   ).all())
+        hashes = dict(
+            conn.execute(text("SELECT seq, hash FROM audit WHERE seq IN (1000, 2000)")).all()
+        )
     assert seqs == list(range(1, 2501))
     assert first.prev_hash == GENESIS_HASH
     assert first.hash == link_hash(GENESIS_HASH, first.resource.encode())
@@ -149,8 +151,9 @@ def test_append_2500_in_several_calls_verifies_with_checkpoints(engine, key):
     for cp in cps:
         assert cp.hash == hashes[cp.seq]
         at = datetime.fromisoformat(cp.at) if isinstance(cp.at, str) else cp.at
-        key.public_key().verify(base64.b64decode(cp.signature),
-                                checkpoint_message(NODE, cp.seq, cp.hash, at))
+        key.public_key().verify(
+            base64.b64decode(cp.signature), checkpoint_message(NODE, cp.seq, cp.hash, at)
+        )
 
     # a verifier holding only some other key cannot vouch for these checkpoints
     other = Ed25519PrivateKey.generate().public_key()
@@ -162,21 +165,39 @@ def test_append_2500_in_several_calls_verifies_with_checkpoints(engine, key):
 def test_append_rows_match_entries_and_resource(engine):
     chain = AuditChain(NODE, None)
     with engine.begin() as conn:
-        last = chain.append(conn, [entry(1, actor="dr.li", outcome="4", code="HT-TRANSPORT",
-                                         message="peer timed out")])
+        last = chain.append(
+            conn,
+            [entry(1, actor="dr.li", outcome="4", code="HT-TRANSPORT", message="peer timed out")],
+        )
         assert chain.append(conn, []) == last == 1
     with engine.connect() as conn:
         row = conn.execute(text("SELECT * FROM audit")).one()
-    assert (row.seq, row.action, row.outcome, row.packet_id, row.kind, row.peer, row.thread,
-            row.patient_hash, row.actor) == (1, "sent", "4", "pkt-1", "referral", "node-b",
-                                             "thr-1", HASH_A, "dr.li")
+    assert (
+        row.seq,
+        row.action,
+        row.outcome,
+        row.packet_id,
+        row.kind,
+        row.peer,
+        row.thread,
+        row.patient_hash,
+        row.actor,
+    ) == (1, "sent", "4", "pkt-1", "referral", "node-b", "thr-1", HASH_A, "dr.li")
     resource = orjson.loads(row.resource)
     assert row.resource.encode() == canonical(resource)  # stored bytes are the canonical form
     assert resource["outcomeDesc"] == "HT-TRANSPORT: peer timed out"
     assert event_fields(resource) == {
-        "seq": 1, "at": "2025-03-01T08:00:01.000000Z", "action": "sent", "outcome": "4",
-        "packet_id": "pkt-1", "kind": "referral", "peer": "node-b", "thread": "thr-1",
-        "patient_hash": HASH_A, "actor": "dr.li", "code": "HT-TRANSPORT",
+        "seq": 1,
+        "at": "2025-03-01T08:00:01.000000Z",
+        "action": "sent",
+        "outcome": "4",
+        "packet_id": "pkt-1",
+        "kind": "referral",
+        "peer": "node-b",
+        "thread": "thr-1",
+        "patient_hash": HASH_A,
+        "actor": "dr.li",
+        "code": "HT-TRANSPORT",
         "message": "peer timed out",
     }
 
@@ -244,8 +265,10 @@ def test_deleted_row_renumbered_is_caught(engine, chain50):
 
 
 def test_swapped_rows_are_caught(engine, chain50):
-    columns = "at, action, outcome, packet_id, kind, peer, thread, patient_hash, actor, " \
-              "resource, prev_hash, hash"
+    columns = (
+        "at, action, outcome, packet_id, kind, peer, thread, patient_hash, actor, "
+        "resource, prev_hash, hash"
+    )
     with engine.begin() as conn:
         a = conn.execute(text(f"SELECT {columns} FROM audit WHERE seq = 12")).one()._asdict()
         b = conn.execute(text(f"SELECT {columns} FROM audit WHERE seq = 13")).one()._asdict()
@@ -283,8 +306,9 @@ def test_forged_checkpoint_signature_is_caught(engine, chain50):
         cp = conn.execute(text("SELECT hash, at FROM audit_checkpoint WHERE seq = 20")).one()
         at = datetime.fromisoformat(cp.at).replace(tzinfo=UTC)
         forged = base64.b64encode(forger.sign(checkpoint_message(NODE, 20, cp.hash, at))).decode()
-        conn.execute(text("UPDATE audit_checkpoint SET signature = :s WHERE seq = 20"),
-                     {"s": forged})
+        conn.execute(
+            text("UPDATE audit_checkpoint SET signature = :s WHERE seq = 20"), {"s": forged}
+        )
     result = verify(engine, chain50)
     assert (result.ok, result.first_bad_seq, result.checkpoints_checked) == (False, 20, 1)
     assert result.reason.startswith("checkpoint at seq 20: signature does not verify")
@@ -299,8 +323,9 @@ def test_garbage_checkpoint_signature_is_caught(engine, chain50):
 def test_rewritten_chain_is_caught_by_checkpoint(engine, chain50):
     # the attacker edits row 15 and recomputes every later hash: only the signed checkpoint knows
     with engine.begin() as conn:
-        rows = conn.execute(text("SELECT seq, resource, prev_hash FROM audit WHERE seq >= 15 "
-                                 "ORDER BY seq")).all()
+        rows = conn.execute(
+            text("SELECT seq, resource, prev_hash FROM audit WHERE seq >= 15 ORDER BY seq")
+        ).all()
         prev = rows[0].prev_hash
         for row in rows:
             resource = orjson.loads(row.resource)
@@ -308,10 +333,19 @@ def test_rewritten_chain_is_caught_by_checkpoint(engine, chain50):
                 resource["outcome"] = "8"
             body = canonical(resource)
             digest = link_hash(prev, body)
-            conn.execute(text("UPDATE audit SET resource = :r, prev_hash = :p, hash = :h, "
-                              "outcome = :o WHERE seq = :s"),
-                         {"r": body.decode(), "p": prev, "h": digest,
-                          "o": resource["outcome"], "s": row.seq})
+            conn.execute(
+                text(
+                    "UPDATE audit SET resource = :r, prev_hash = :p, hash = :h, "
+                    "outcome = :o WHERE seq = :s"
+                ),
+                {
+                    "r": body.decode(),
+                    "p": prev,
+                    "h": digest,
+                    "o": resource["outcome"],
+                    "s": row.seq,
+                },
+            )
             prev = digest
     result = verify(engine, chain50)
     assert (result.ok, result.first_bad_seq, result.checked) == (False, 20, 19)
@@ -320,9 +354,13 @@ def test_rewritten_chain_is_caught_by_checkpoint(engine, chain50):
 
 def test_forged_checkpoint_beyond_tail_is_a_bad_signature(engine, chain50):
     with engine.begin() as conn:
-        conn.execute(text("INSERT INTO audit_checkpoint (seq, hash, at, key_id, signature) "
-                          "SELECT 60, hash, at, key_id, signature FROM audit_checkpoint "
-                          "WHERE seq = 50"))
+        conn.execute(
+            text(
+                "INSERT INTO audit_checkpoint (seq, hash, at, key_id, signature) "
+                "SELECT 60, hash, at, key_id, signature FROM audit_checkpoint "
+                "WHERE seq = 50"
+            )
+        )
     result = verify(engine, chain50)
     assert (result.ok, result.first_bad_seq) == (False, 60)
     assert "signature does not verify" in result.reason
@@ -368,8 +406,12 @@ def test_append_1000_entries_per_call_links_and_checkpoints(engine, key):
             head = chain.append(conn, [entry(run * 1000 + i + 1) for i in range(1000)])
         assert head == (run + 1) * 1000
     result = verify(engine, chain, [key.public_key()])
-    assert (result.ok, result.checked, result.last_seq, result.checkpoints_checked) == \
-        (True, 3000, 3000, 3)
+    assert (result.ok, result.checked, result.last_seq, result.checkpoints_checked) == (
+        True,
+        3000,
+        3000,
+        3,
+    )
 
 
 # -- FHIR and privacy --------------------------------------------------------------------------
@@ -377,11 +419,28 @@ def test_append_1000_entries_per_call_links_and_checkpoints(engine, key):
 
 @pytest.mark.parametrize("action", [*ACTIONS, "custom-thing"])
 def test_every_action_is_a_valid_r4_audit_event(action):
-    full = AuditEntry(action, outcome="8", packet_id="pkt-1", kind="lab-result", peer="node-b",
-                      thread="thr-1", patient_hash=HASH_A, actor="role:admin",
-                      code="HT-PKT-BAD-SIGNATURE", message="signature does not verify",
-                      extra={"attempt": 3, "bytes": 2**40, "late": True, "ratio": 0.5,
-                             "route": "a->b\nc", "none": None, "nan": float("nan"), "blank": " "})
+    full = AuditEntry(
+        action,
+        outcome="8",
+        packet_id="pkt-1",
+        kind="lab-result",
+        peer="node-b",
+        thread="thr-1",
+        patient_hash=HASH_A,
+        actor="role:admin",
+        code="HT-PKT-BAD-SIGNATURE",
+        message="signature does not verify",
+        extra={
+            "attempt": 3,
+            "bytes": 2**40,
+            "late": True,
+            "ratio": 0.5,
+            "route": "a->b\nc",
+            "none": None,
+            "nan": float("nan"),
+            "blank": " ",
+        },
+    )
     bare = AuditEntry(action)
     for item in (full, bare):
         resource = to_audit_event(item, NODE, 2**40)
@@ -391,23 +450,37 @@ def test_every_action_is_a_valid_r4_audit_event(action):
         assert fields["action"] == action and fields["seq"] == 2**40
     resource = to_audit_event(full, NODE, 7)
     assert resource["action"] == ACTIONS.get(action, "E")
-    assert resource["type"]["code"] == {"read": "110112", "sent": "110106",
-                                        "received": "110107"}.get(action, "110100")
-    assert resource["agent"][0] == {"who": {"identifier": {"system": "urn:hutong:node",
-                                                           "value": NODE}}, "requestor": True}
+    assert resource["type"]["code"] == {
+        "read": "110112",
+        "sent": "110106",
+        "received": "110107",
+    }.get(action, "110100")
+    assert resource["agent"][0] == {
+        "who": {"identifier": {"system": "urn:hutong:node", "value": NODE}},
+        "requestor": True,
+    }
     assert resource["source"]["observer"]["identifier"]["value"] == NODE
-    patients = [e for e in resource["entity"]
-                if e["what"].get("identifier", {}).get("system") == PATIENT_HASH_SYSTEM]
-    assert patients == [{
-        "what": {"identifier": {"system": PATIENT_HASH_SYSTEM, "value": HASH_A}},
-        "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-entity-type", "code": "1"},
-        "role": {"system": "http://terminology.hl7.org/CodeSystem/object-role", "code": "1"},
-    }]
+    patients = [
+        e
+        for e in resource["entity"]
+        if e["what"].get("identifier", {}).get("system") == PATIENT_HASH_SYSTEM
+    ]
+    assert patients == [
+        {
+            "what": {"identifier": {"system": PATIENT_HASH_SYSTEM, "value": HASH_A}},
+            "type": {
+                "system": "http://terminology.hl7.org/CodeSystem/audit-entity-type",
+                "code": "1",
+            },
+            "role": {"system": "http://terminology.hl7.org/CodeSystem/object-role", "code": "1"},
+        }
+    ]
     assert "entity" not in to_audit_event(bare, NODE, 1)
 
 
-@pytest.mark.parametrize("raw", ["张三", "11010519491231002X", "110105194912310021", "Zhang San",
-                                 "A1" * 32, ""])
+@pytest.mark.parametrize(
+    "raw", ["张三", "11010519491231002X", "110105194912310021", "Zhang San", "A1" * 32, ""]
+)
 def test_patient_hash_refuses_anything_but_hmac_hex(raw):
     with pytest.raises(ValueError, match="patient_hash must be") as info:
         AuditEntry("received", patient_hash=raw)
@@ -426,8 +499,11 @@ def test_entry_validation():
         AuditEntry("sent", peer=42)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="audit extra 'obj'"):
         AuditEntry("sent", extra={"obj": object()})
-    e = AuditEntry("sent", message="line one\n  line two\t",
-                   at=datetime(2025, 1, 1, 8, tzinfo=ZoneInfo("Asia/Shanghai")))
+    e = AuditEntry(
+        "sent",
+        message="line one\n  line two\t",
+        at=datetime(2025, 1, 1, 8, tzinfo=ZoneInfo("Asia/Shanghai")),
+    )
     assert e.message == "line one line two"
     assert e.at == datetime(2025, 1, 1, 0, tzinfo=UTC) and e.at.tzinfo is UTC
     assert AuditEntry("sent").at.tzinfo is UTC
@@ -435,10 +511,24 @@ def test_entry_validation():
 
 def test_hostile_header_text_is_cleaned_not_refused(engine):
     # a refused packet's header fields come from the peer: they must not stop the audit write
-    item = AuditEntry("refused", outcome="4", packet_id="pkt\n\x00evil  id ", kind="k" * 5000,
-                      peer="\t", thread="", code=" HT-PKT-MALFORMED\r\n", message="a\x1bb\u3000c")
+    item = AuditEntry(
+        "refused",
+        outcome="4",
+        packet_id="pkt\n\x00evil  id ",
+        kind="k" * 5000,
+        peer="\t",
+        thread="",
+        code=" HT-PKT-MALFORMED\r\n",
+        message="a\x1bb\u3000c",
+    )
     assert (item.packet_id, item.kind, item.peer, item.thread, item.code, item.message) == (
-        "pkt evil id", "k" * 256, None, None, "HT-PKT-MALFORMED", "a b c")
+        "pkt evil id",
+        "k" * 256,
+        None,
+        None,
+        "HT-PKT-MALFORMED",
+        "a b c",
+    )
     AuditEvent.model_validate(to_audit_event(item, NODE, 1))
     chain = AuditChain(NODE, None)
     with engine.begin() as conn:
@@ -450,13 +540,27 @@ def test_export_carries_exactly_the_fields_given(engine):
     # the name and ID number below exist only here: no entry carries them, so no export may
     name, id_number = "张三", "11010519491231002X"
     given = [
-        AuditEntry("received", packet_id="pkt-x", kind="referral", peer="node-b", thread="t-9",
-                   patient_hash=HASH_A, at=BASE),
-        AuditEntry("rejected", outcome="8", packet_id="pkt-y", peer="node-c",
-                   code="HT-PKT-INVALID-FHIR", message="Bundle.entry[2] missing resource",
-                   at=BASE + timedelta(seconds=1)),
-        AuditEntry("read", actor="user:wang.clerk", patient_hash=HASH_B,
-                   at=BASE + timedelta(seconds=2)),
+        AuditEntry(
+            "received",
+            packet_id="pkt-x",
+            kind="referral",
+            peer="node-b",
+            thread="t-9",
+            patient_hash=HASH_A,
+            at=BASE,
+        ),
+        AuditEntry(
+            "rejected",
+            outcome="8",
+            packet_id="pkt-y",
+            peer="node-c",
+            code="HT-PKT-INVALID-FHIR",
+            message="Bundle.entry[2] missing resource",
+            at=BASE + timedelta(seconds=1),
+        ),
+        AuditEntry(
+            "read", actor="user:wang.clerk", patient_hash=HASH_B, at=BASE + timedelta(seconds=2)
+        ),
     ]
     chain = AuditChain(NODE, None)
     with engine.begin() as conn:
@@ -472,18 +576,29 @@ def test_export_carries_exactly_the_fields_given(engine):
     for seq, (line, item) in enumerate(zip(lines, given, strict=True), start=1):
         resource, _prev, _hash = unwrap(line)
         expected = {
-            "seq": seq, "at": item.at.isoformat(timespec="microseconds").replace("+00:00", "Z"),
-            "action": item.action, "outcome": item.outcome, "packet_id": item.packet_id,
-            "kind": item.kind, "peer": item.peer, "thread": item.thread,
-            "patient_hash": item.patient_hash, "actor": item.actor, "code": item.code,
+            "seq": seq,
+            "at": item.at.isoformat(timespec="microseconds").replace("+00:00", "Z"),
+            "action": item.action,
+            "outcome": item.outcome,
+            "packet_id": item.packet_id,
+            "kind": item.kind,
+            "peer": item.peer,
+            "thread": item.thread,
+            "patient_hash": item.patient_hash,
+            "actor": item.actor,
+            "code": item.code,
             "message": item.message,
         }
         assert event_fields(resource) == expected
         assert resource == to_audit_event(item, NODE, seq)  # nothing added, nothing lost
         # every string in the exported event is either given or a fixed FHIR/Hutong constant
         strings = set(_strings(resource))
-        free = strings - {NODE, *(v for v in expected.values() if isinstance(v, str)),
-                          f"{item.code}: {item.message}", str(seq)}
+        free = strings - {
+            NODE,
+            *(v for v in expected.values() if isinstance(v, str)),
+            f"{item.code}: {item.message}",
+            str(seq),
+        }
         assert free <= FIXED_VOCABULARY, free - FIXED_VOCABULARY
 
     rows = list(csv.DictReader(io.StringIO(table.getvalue())))
@@ -496,9 +611,30 @@ def test_export_carries_exactly_the_fields_given(engine):
 
 #: every string an AuditEvent may hold that the caller did not give: FHIR/DICOM codes and names
 FIXED_VOCABULARY = {
-    "AuditEvent", "C", "R", "U", "D", "E", "1", "2", "4", "kind", "thread", "peer",
-    "110100", "110106", "110107", "110112", "Application Activity", "Export", "Import", "Query",
-    "urn:hutong:node", "urn:hutong:actor", "urn:hutong:packet", "urn:hutong:patient-hash",
+    "AuditEvent",
+    "C",
+    "R",
+    "U",
+    "D",
+    "E",
+    "1",
+    "2",
+    "4",
+    "kind",
+    "thread",
+    "peer",
+    "110100",
+    "110106",
+    "110107",
+    "110112",
+    "Application Activity",
+    "Export",
+    "Import",
+    "Query",
+    "urn:hutong:node",
+    "urn:hutong:actor",
+    "urn:hutong:packet",
+    "urn:hutong:patient-hash",
     "http://dicom.nema.org/resources/ontology/DCM",
     "http://hutong.dev/CodeSystem/audit-action",
     "http://hutong.dev/StructureDefinition/audit-seq",
@@ -528,10 +664,14 @@ def timeline(engine) -> Engine:
     """20 rows one minute apart from BASE; seq n is at BASE + (n-1) min."""
     chain = AuditChain(NODE, None)
     items = [
-        AuditEntry("sent" if n % 3 else "refused", outcome="0" if n % 3 else "8",
-                   packet_id=f"pkt-{n}", peer="node-b" if n <= 10 else "node-c",
-                   patient_hash=HASH_A if n % 4 == 0 else None,
-                   at=BASE + timedelta(minutes=n - 1))
+        AuditEntry(
+            "sent" if n % 3 else "refused",
+            outcome="0" if n % 3 else "8",
+            packet_id=f"pkt-{n}",
+            peer="node-b" if n <= 10 else "node-c",
+            patient_hash=HASH_A if n % 4 == 0 else None,
+            at=BASE + timedelta(minutes=n - 1),
+        )
         for n in range(1, 21)
     ]
     with engine.begin() as conn:
@@ -562,8 +702,11 @@ def test_export_time_window(timeline):
         assert _csv_seqs(conn, until=BASE + timedelta(minutes=2)) == [1, 2]
         # same instant given in Beijing time selects the same rows
         cst = ZoneInfo("Asia/Shanghai")
-        assert _csv_seqs(conn, since=(BASE + timedelta(minutes=5)).astimezone(cst),
-                         until=(BASE + timedelta(minutes=10)).astimezone(cst)) == [6, 7, 8, 9, 10]
+        assert _csv_seqs(
+            conn,
+            since=(BASE + timedelta(minutes=5)).astimezone(cst),
+            until=(BASE + timedelta(minutes=10)).astimezone(cst),
+        ) == [6, 7, 8, 9, 10]
         with pytest.raises(ValueError, match="since must be timezone-aware"):
             export(conn, io.StringIO(), since=datetime(2025, 1, 1))
         with pytest.raises(ValueError, match="export format must be"):
@@ -616,7 +759,7 @@ def test_query_pages(timeline):
 def _pg_url(dsn: str) -> str:
     for prefix in ("postgresql://", "postgres://"):
         if dsn.startswith(prefix):
-            return "postgresql+psycopg://" + dsn[len(prefix):]
+            return "postgresql+psycopg://" + dsn[len(prefix) :]
     return dsn
 
 
@@ -676,8 +819,9 @@ def test_postgres_append_verify_and_concurrency(pg_engine, key):
     assert (result.ok, result.first_bad_seq) == (False, 1234)
     assert result.reason == "seq 1234: column patient_hash does not match the resource"
     sql(pg_engine, "DELETE FROM audit WHERE seq = 2900")
-    sql(pg_engine, "UPDATE audit SET patient_hash = :v WHERE seq = 1234",
-        v=HASH_B)  # entry(1234) is even: HASH_B, restored
+    sql(
+        pg_engine, "UPDATE audit SET patient_hash = :v WHERE seq = 1234", v=HASH_B
+    )  # entry(1234) is even: HASH_B, restored
     result = verify(pg_engine, chain)
     assert (result.ok, result.first_bad_seq) == (False, 2900)
     assert result.reason.startswith("truncated: checkpoint at seq 2900")
@@ -716,8 +860,9 @@ def test_after_catches_edits_deletes_and_a_changed_base(engine, chain50):
     with engine.connect() as conn:
         res = chain50.verify(conn, after=(30, base))
     assert (res.ok, res.first_bad_seq, res.checked) == (False, 30, 0)
-    assert res.reason == ("seq 30: the row confirmed by the last full verification is gone or "
-                          "changed")
+    assert res.reason == (
+        "seq 30: the row confirmed by the last full verification is gone or changed"
+    )
 
 
 @dataclass
@@ -747,21 +892,38 @@ def test_watch_runs_full_then_incremental_then_full_again(engine, key):
     ctx = _Ctx(engine, chain)
     watch = ChainWatch(ctx, lambda conn: [key.public_key()], full_every_s=300)
     first = watch.check()
-    assert (first.ok, first.ran_full, first.full_at, first.full_checked, first.new_checked,
-            first.head_seq, first.checkpoints_checked) == (True, True, BASE, 25, 0, 25, 2)
+    assert (
+        first.ok,
+        first.ran_full,
+        first.full_at,
+        first.full_checked,
+        first.new_checked,
+        first.head_seq,
+        first.checkpoints_checked,
+    ) == (True, True, BASE, 25, 0, 25, 2)
     with engine.begin() as conn:
         chain.append(conn, [entry(26 + i) for i in range(7)])
     ctx.clock[0] = BASE + timedelta(seconds=60)
     second = watch.check()
-    assert (second.ok, second.ran_full, second.full_at, second.full_checked,
-            second.new_checked, second.head_seq, second.checkpoints_checked) == \
-        (True, False, BASE, 25, 7, 32, 3)
+    assert (
+        second.ok,
+        second.ran_full,
+        second.full_at,
+        second.full_checked,
+        second.new_checked,
+        second.head_seq,
+        second.checkpoints_checked,
+    ) == (True, False, BASE, 25, 7, 32, 3)
     # an old row edited after the full run: unseen until the next full run, which catches it
     sql(engine, "UPDATE audit SET resource = replace(resource, 'pkt-3', 'pkt-9') WHERE seq = 3")
     assert watch.check().ok
     forced = watch.check(full=True)
-    assert (forced.ok, forced.ran_full, forced.first_bad_seq, forced.full_at) == \
-        (False, True, 3, None)
+    assert (forced.ok, forced.ran_full, forced.first_bad_seq, forced.full_at) == (
+        False,
+        True,
+        3,
+        None,
+    )
     # a failed run is never a base: the next look recomputes everything again
     again = watch.check()
     assert (again.ok, again.ran_full, again.first_bad_seq) == (False, True, 3)
@@ -777,5 +939,8 @@ def test_watch_recomputes_when_the_full_run_is_old(engine, key):
     assert not watch.check().ran_full
     ctx.clock[0] = BASE + timedelta(seconds=300)
     late = watch.check()
-    assert (late.ran_full, late.full_at, late.full_checked) == \
-        (True, BASE + timedelta(seconds=300), 12)
+    assert (late.ran_full, late.full_at, late.full_checked) == (
+        True,
+        BASE + timedelta(seconds=300),
+        12,
+    )

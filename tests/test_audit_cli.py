@@ -58,8 +58,19 @@ def cli_many(*calls: tuple) -> list[subprocess.CompletedProcess[str]]:
     procs = []
     for config, *args in calls:
         cmd = [sys.executable, "-m", "bridge.cli", *args, "--config", str(config)]
-        procs.append((cmd, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                            text=True, cwd=ROOT, env=dict(os.environ))))
+        procs.append(
+            (
+                cmd,
+                subprocess.Popen(
+                    cmd,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                    cwd=ROOT,
+                    env=dict(os.environ),
+                ),
+            )
+        )
     done = []
     for cmd, proc in procs:
         out, err = proc.communicate(timeout=120)
@@ -101,12 +112,22 @@ def exchanged(tmp_path_factory: pytest.TempPathFactory):
         t0 = datetime.now(UTC)
 
         def exchange(patients: list[tuple[str, str]], thread: str, total: int) -> list[str]:
-            ids = chc.send("core", "result.lab", [patient_bundle(*p) for p in patients],
-                           thread=thread)
-            wait_for(lambda: core.api("GET", "/local/v1/queues")["inbox"]
-                     .get("delivered", {}).get("count") == total, what="delivered at core")
-            wait_for(lambda: chc.api("GET", "/local/v1/queues")["outbox"][0]
-                     .get("acknowledged") == total, what="acknowledged at chc")
+            ids = chc.send(
+                "core", "result.lab", [patient_bundle(*p) for p in patients], thread=thread
+            )
+            wait_for(
+                lambda: (
+                    core.api("GET", "/local/v1/queues")["inbox"].get("delivered", {}).get("count")
+                    == total
+                ),
+                what="delivered at core",
+            )
+            wait_for(
+                lambda: (
+                    chc.api("GET", "/local/v1/queues")["outbox"][0].get("acknowledged") == total
+                ),
+                what="acknowledged at chc",
+            )
             return ids
 
         first = exchange(PATIENTS[:3], "t-first", 3)
@@ -177,8 +198,13 @@ def test_verify_names_the_exact_record_of_each_tampering(exchanged) -> None:
     k = [r["seq"] for r in rows if r["action"] == "received"][1]
     resource = rows[k - 1]["resource"]
     assert '"outcome":"0"' in resource
-    tamper(edited_db, ("UPDATE audit SET resource = ? WHERE seq = ?",
-                       (resource.replace('"outcome":"0"', '"outcome":"4"'), k)))
+    tamper(
+        edited_db,
+        (
+            "UPDATE audit SET resource = ? WHERE seq = ?",
+            (resource.replace('"outcome":"0"', '"outcome":"4"'), k),
+        ),
+    )
     # (b) a middle row deleted
     d = n // 2
     tamper(deleted_db, ("DELETE FROM audit WHERE seq = ?", (d,)))
@@ -186,22 +212,40 @@ def test_verify_names_the_exact_record_of_each_tampering(exchanged) -> None:
     i, j = 3, n - 2
     cols = [c for c in rows[0].keys() if c != "seq"]
     sets = ", ".join(f"{c} = ?" for c in cols)
-    tamper(swapped_db,
-           (f"UPDATE audit SET {sets} WHERE seq = ?", (*[rows[j - 1][c] for c in cols], i)),
-           (f"UPDATE audit SET {sets} WHERE seq = ?", (*[rows[i - 1][c] for c in cols], j)))
+    tamper(
+        swapped_db,
+        (f"UPDATE audit SET {sets} WHERE seq = ?", (*[rows[j - 1][c] for c in cols], i)),
+        (f"UPDATE audit SET {sets} WHERE seq = ?", (*[rows[i - 1][c] for c in cols], j)),
+    )
 
-    ok, bad_a, bad_b, bad_c = cli_many(*((c, "audit", "verify")
-                                         for c in (intact, edited, deleted, swapped)))
+    ok, bad_a, bad_b, bad_c = cli_many(
+        *((c, "audit", "verify") for c in (intact, edited, deleted, swapped))
+    )
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.startswith(f"audit chain of core verifies: {n} records, ")
     assert ok.stderr == ""
     expected = {
-        "edited": (bad_a, (f"audit chain of core is BROKEN at record {k}: seq {k}: hash "
-                          "mismatch, resource or hash was edited")),
-        "deleted": (bad_b, (f"audit chain of core is BROKEN at record {d + 1}: seq {d + 1}: "
-                           f"follows seq {d - 1}, row {d} missing")),
-        "swapped": (bad_c, (f"audit chain of core is BROKEN at record {i}: seq {i}: prev_hash "
-                           f"does not link to seq {i - 1} (row deleted, moved or reordered)")),
+        "edited": (
+            bad_a,
+            (
+                f"audit chain of core is BROKEN at record {k}: seq {k}: hash "
+                "mismatch, resource or hash was edited"
+            ),
+        ),
+        "deleted": (
+            bad_b,
+            (
+                f"audit chain of core is BROKEN at record {d + 1}: seq {d + 1}: "
+                f"follows seq {d - 1}, row {d} missing"
+            ),
+        ),
+        "swapped": (
+            bad_c,
+            (
+                f"audit chain of core is BROKEN at record {i}: seq {i}: prev_hash "
+                f"does not link to seq {i - 1} (row deleted, moved or reordered)"
+            ),
+        ),
     }
     for case, (r, line) in expected.items():
         assert r.returncode == 1, (case, r.stdout, r.stderr)
@@ -220,13 +264,40 @@ def test_export_windows_hold_the_expected_events_and_only_keyed_patient_hashes(
     # no offset: read in the node's display zone ([web] display_zone, Asia/Shanghai)
     naive_mid = mid.astimezone(ZoneInfo("Asia/Shanghai")).replace(tzinfo=None).isoformat()
     calls = [
-        (chc.config, "audit", "export", "--format", "ndjson", "--since", t0.isoformat(),
-         "--until", mid.isoformat()),
-        (core.config, "audit", "export", "--format", "ndjson", "--since", t0.isoformat(),
-         "--until", mid.isoformat()),
+        (
+            chc.config,
+            "audit",
+            "export",
+            "--format",
+            "ndjson",
+            "--since",
+            t0.isoformat(),
+            "--until",
+            mid.isoformat(),
+        ),
+        (
+            core.config,
+            "audit",
+            "export",
+            "--format",
+            "ndjson",
+            "--since",
+            t0.isoformat(),
+            "--until",
+            mid.isoformat(),
+        ),
         (chc.config, "audit", "export", "--format", "csv", "--since", naive_mid),
-        (core.config, "audit", "export", "--format", "csv", "--since", mid.isoformat(),
-         "--until", end.isoformat()),
+        (
+            core.config,
+            "audit",
+            "export",
+            "--format",
+            "csv",
+            "--since",
+            mid.isoformat(),
+            "--until",
+            end.isoformat(),
+        ),
         (chc.config, "audit", "export", "--format", "ndjson"),
         (core.config, "audit", "export", "--format", "csv"),
     ]
@@ -239,34 +310,42 @@ def test_export_windows_hold_the_expected_events_and_only_keyed_patient_hashes(
     # --- ndjson, first batch only: FHIR AuditEvents that re-hash offline ---------------------
     # core stores each result packet in its FHIR store before handing it on (ResultsInbox, the
     # dispatcher's result.* hook): "results", between "received" and "delivered"
-    for text, node, peer, want in ((chc_nd, "chc", "core", ("queued", "sent")),
-                                   (core_nd, "core", "chc", ("received", "results", "delivered"))):
+    for text, node, peer, want in (
+        (chc_nd, "chc", "core", ("queued", "sent")),
+        (core_nd, "core", "chc", ("received", "results", "delivered")),
+    ):
         events = [json.loads(line) for line in text.splitlines()]
-        assert sorted((action_of(e), entity_value(e, "urn:hutong:packet")) for e in events) == \
-            sorted((action, pid) for action in want for pid in first), node
+        assert sorted(
+            (action_of(e), entity_value(e, "urn:hutong:packet")) for e in events
+        ) == sorted((action, pid) for action in want for pid in first), node
         for e in events:
             resource, prev, hash_ = unwrap(e)
             assert link_hash(prev, canonical(resource)) == hash_
             assert AuditEvent.model_validate(e).subtype[0].code == action_of(e)
             pid = entity_value(e, "urn:hutong:packet")
             assert e["outcome"] == "0"
-            assert e["source"]["observer"]["identifier"] == {"system": "urn:hutong:node",
-                                                             "value": node}
+            assert e["source"]["observer"]["identifier"] == {
+                "system": "urn:hutong:node",
+                "value": node,
+            }
             assert details(e) == {"kind": "result.lab", "thread": "t-first", "peer": peer}
             assert entity_value(e, "urn:hutong:patient-hash") == hash_of[pid]
             assert t0 <= recorded(e) < mid
             if action_of(e) == "results":  # the bundle's Patient and Observation, no referral
-                assert e["outcomeDesc"] == ("2 result resource(s) stored "
-                                            "(no referral known for the thread)")
+                assert e["outcomeDesc"] == (
+                    "2 result resource(s) stored (no referral known for the thread)"
+                )
         # one row per (action, packet), in the order things happened
         for pid in first:
-            assert [action_of(e) for e in events
-                    if entity_value(e, "urn:hutong:packet") == pid] == list(want)
+            assert [
+                action_of(e) for e in events if entity_value(e, "urn:hutong:packet") == pid
+            ] == list(want)
 
     # --- csv, second batch only ---------------------------------------------------------------
-    for text, peer, want, until in ((chc_csv, "core", ("queued", "sent"), None),
-                                    (core_csv, "chc", ("received", "results", "delivered"),
-                                     end)):
+    for text, peer, want, until in (
+        (chc_csv, "core", ("queued", "sent"), None),
+        (core_csv, "chc", ("received", "results", "delivered"), end),
+    ):
         table = list(csv.reader(io.StringIO(text)))
         assert tuple(table[0]) == CSV_COLUMNS
         rows = [dict(zip(CSV_COLUMNS, r, strict=True)) for r in table[1:]]
@@ -275,33 +354,54 @@ def test_export_windows_hold_the_expected_events_and_only_keyed_patient_hashes(
         assert all(r["actor"].startswith("cli:") for r in exports)
         rows = [r for r in rows if r["action"] != "export"]
         assert sorted((r["action"], r["packet_id"]) for r in rows) == sorted(
-            (action, pid) for action in want for pid in second)
+            (action, pid) for action in want for pid in second
+        )
         for r in rows:
             assert (r["outcome"], r["kind"], r["peer"], r["thread"]) == (
-                "0", "result.lab", peer, "t-second")
+                "0",
+                "result.lab",
+                peer,
+                "t-second",
+            )
             assert r["patient_hash"] == hash_of[r["packet_id"]]
             assert r["code"] == "" and len(r["hash"]) == 64
             assert recorded(r) >= mid and (until is None or recorded(r) < until)
         assert [int(r["seq"]) for r in rows] == sorted(int(r["seq"]) for r in rows)
 
     # --- nothing identifying, anywhere: only the keyed hash -----------------------------------
-    every = {"chc ndjson": chc_nd, "core ndjson": core_nd, "chc csv": chc_csv,
-             "core csv": core_csv, "chc all": chc_all, "core all csv": core_all_csv}
+    every = {
+        "chc ndjson": chc_nd,
+        "core ndjson": core_nd,
+        "chc csv": chc_csv,
+        "core csv": core_csv,
+        "chc all": chc_all,
+        "core all csv": core_all_csv,
+    }
     for label, text in every.items():
         assert text.strip(), label
         for name, nid in PATIENTS:
-            for planted in (name, name[1:], nid, nid.upper(), nid.lower(),
-                            hashlib.sha256(nid.upper().encode()).hexdigest()[:32]):
+            for planted in (
+                name,
+                name[1:],
+                nid,
+                nid.upper(),
+                nid.lower(),
+                hashlib.sha256(nid.upper().encode()).hexdigest()[:32],
+            ):
                 assert planted not in text, (label, planted)
     all_events = [json.loads(line) for line in chc_all.splitlines()]
     with_patient = [e for e in all_events if entity_value(e, "urn:hutong:patient-hash")]
-    assert sorted((action_of(e), entity_value(e, "urn:hutong:patient-hash"))
-                  for e in with_patient) == sorted(
-        (action, hash_of[pid]) for action in ("queued", "sent") for pid in first + second)
+    assert sorted(
+        (action_of(e), entity_value(e, "urn:hutong:patient-hash")) for e in with_patient
+    ) == sorted((action, hash_of[pid]) for action in ("queued", "sent") for pid in first + second)
     assert {action_of(e) for e in all_events} - {"export"} == {"config", "queued", "sent"}
     core_rows = list(csv.DictReader(io.StringIO(core_all_csv)))
-    assert sorted((r["action"], r["patient_hash"]) for r in core_rows if r["patient_hash"]) == \
-        sorted((action, hash_of[pid]) for action in ("received", "results", "delivered")
-               for pid in first + second)
+    assert sorted(
+        (r["action"], r["patient_hash"]) for r in core_rows if r["patient_hash"]
+    ) == sorted(
+        (action, hash_of[pid])
+        for action in ("received", "results", "delivered")
+        for pid in first + second
+    )
     # the second batch's lower-case check digit hashes like the upper-case one
     assert hash_of[second[-1]] == patient_hash(key, PATIENTS[-1][1].upper())

@@ -51,8 +51,19 @@ def cli_many(*calls: tuple) -> list[subprocess.CompletedProcess[str]]:
     procs = []
     for node, *args in calls:
         cmd = [sys.executable, "-m", "bridge.cli", *args, "--config", str(node.config)]
-        procs.append((cmd, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                            text=True, cwd=ROOT, env=env)))
+        procs.append(
+            (
+                cmd,
+                subprocess.Popen(
+                    cmd,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                    cwd=ROOT,
+                    env=env,
+                ),
+            )
+        )
     done = []
     for cmd, proc in procs:
         out, err = proc.communicate(timeout=120)
@@ -106,32 +117,43 @@ def test_down_peer_waits_in_its_own_queue_then_drains_once_and_dead_ones_wait_fo
         chc, core, sec, gwc = a.node("chc"), a.node("core"), a.node("sec"), a.node("gwc")
         sec_url = sec.plan.directory["sec"].exchange_url
         refused = f"HT-TRANSPORT: cannot connect to {sec_url}: Connection refused"
-        to_sec = chc.send("sec", "result.lab", [bundle(1, marker=f"s{i}") for i in range(12)],
-                          thread="t-sec")
-        to_sec += chc.send("sec", "result.imaging", [bundle(1) for _ in range(3)],
-                           thread="t-sec-img")
-        to_core = chc.send("core", "result.lab", [bundle(1, marker=f"c{i}") for i in range(25)],
-                           thread="t-core")
+        to_sec = chc.send(
+            "sec", "result.lab", [bundle(1, marker=f"s{i}") for i in range(12)], thread="t-sec"
+        )
+        to_sec += chc.send(
+            "sec", "result.imaging", [bundle(1) for _ in range(3)], thread="t-sec-img"
+        )
+        to_core = chc.send(
+            "core", "result.lab", [bundle(1, marker=f"c{i}") for i in range(25)], thread="t-core"
+        )
         dead = gwc.send("sec", "result.lab", [bundle(1) for _ in range(3)], thread="t-dead")
 
         # the up peer gets all of its packets although sec's queue is stuck
         wait_for(lambda: len(spooled(core)) >= 25, what="core's 25 packets")
         assert sorted(spooled_ids(core)) == sorted(to_core)
-        wait_for(lambda: peer_counts(chc)["core"].get("acknowledged") == 25,
-                 what="core's receipts")
+        wait_for(lambda: peer_counts(chc)["core"].get("acknowledged") == 25, what="core's receipts")
         acked = outbox(chc, state="acknowledged", peer="core")
         assert [row["packet_id"] for row in acked] == to_core
         assert {(row["state"], row["attempts"], row["last_error"]) for row in acked} == {
-            ("acknowledged", 1, None)}
+            ("acknowledged", 1, None)
+        }
         # sec's queue has tried (and failed) more than once on every packet
-        wait_for(lambda: (rows := outbox(chc, peer="sec")) and len(rows) == 15
-                 and all(r["attempts"] >= 2 for r in rows), what="chc's retries to sec")
+        wait_for(
+            lambda: (
+                (rows := outbox(chc, peer="sec"))
+                and len(rows) == 15
+                and all(r["attempts"] >= 2 for r in rows)
+            ),
+            what="chc's retries to sec",
+        )
         wait_for(lambda: len(outbox(gwc, state="dead")) == 3, what="gwc's dead packets")
 
         # --- IT's view, as real CLI processes ------------------------------------------------
         listed, table, dead_listed = cli_many(
-            (chc, "outbox", "list", "--json"), (chc, "outbox", "list"),
-            (gwc, "outbox", "list", "--state", "dead", "--json"))
+            (chc, "outbox", "list", "--json"),
+            (chc, "outbox", "list"),
+            (gwc, "outbox", "list", "--state", "dead", "--json"),
+        )
         for r in (listed, table, dead_listed):
             assert r.returncode == 0, r.stderr
         rows = json.loads(listed.stdout)
@@ -140,9 +162,22 @@ def test_down_peer_waits_in_its_own_queue_then_drains_once_and_dead_ones_wait_fo
         for i, row in enumerate(rows):
             thread = "t-sec" if i < 12 else "t-sec-img"
             seq_in[thread] += 1
-            assert set(row) == {"id", "packet_id", "origin", "recipient", "next_hop", "kind",
-                                "thread", "seq", "state", "attempts", "created_at",
-                                "next_try_at", "last_error", "age_s"}
+            assert set(row) == {
+                "id",
+                "packet_id",
+                "origin",
+                "recipient",
+                "next_hop",
+                "kind",
+                "thread",
+                "seq",
+                "state",
+                "attempts",
+                "created_at",
+                "next_try_at",
+                "last_error",
+                "age_s",
+            }
             assert isinstance(row["id"], int)
             assert row["origin"] == "local"
             assert row["recipient"] == "sec"
@@ -179,17 +214,25 @@ def test_down_peer_waits_in_its_own_queue_then_drains_once_and_dead_ones_wait_fo
         dead_rows = json.loads(dead_listed.stdout)
         assert [row["packet_id"] for row in dead_rows] == dead
         for i, row in enumerate(dead_rows, start=1):
-            assert (row["state"], row["attempts"], row["recipient"], row["thread"], row["seq"],
-                    row["last_error"]) == ("dead", 2, "sec", "t-dead", i, refused)
+            assert (
+                row["state"],
+                row["attempts"],
+                row["recipient"],
+                row["thread"],
+                row["seq"],
+                row["last_error"],
+            ) == ("dead", 2, "sec", "t-dead", i, refused)
 
         # --- sec comes back: chc's backlog drains, each packet exactly once ------------------
         a.start("sec")
         fresh = gwc.send("sec", "result.lab", [bundle(1)], thread="t-fresh")
         wait_for(lambda: len(spooled(sec)) >= 16, what="the backlog and gwc's fresh packet")
-        wait_for(lambda: peer_counts(chc)["sec"].get("acknowledged") == 15,
-                 what="sec's receipts at chc")
-        wait_for(lambda: peer_counts(gwc)["sec"].get("acknowledged") == 1,
-                 what="sec's receipt at gwc")
+        wait_for(
+            lambda: peer_counts(chc)["sec"].get("acknowledged") == 15, what="sec's receipts at chc"
+        )
+        wait_for(
+            lambda: peer_counts(gwc)["sec"].get("acknowledged") == 1, what="sec's receipt at gwc"
+        )
         got = spooled_ids(sec)
         assert sorted(got) == sorted(to_sec + fresh)
         assert Counter(got).most_common(1)[0][1] == 1
@@ -197,7 +240,8 @@ def test_down_peer_waits_in_its_own_queue_then_drains_once_and_dead_ones_wait_fo
         for f in spooled(sec):
             seq, pid = f.stem.split("-", 1)
             by_thread.setdefault(f"{f.parent.parent.name}/{f.parent.name}", []).append(
-                (int(seq), pid))
+                (int(seq), pid)
+            )
         assert by_thread == {
             "chc/t-sec": [(i + 1, pid) for i, pid in enumerate(to_sec[:12])],
             "chc/t-sec-img": [(i + 1, pid) for i, pid in enumerate(to_sec[12:])],
@@ -210,9 +254,10 @@ def test_down_peer_waits_in_its_own_queue_then_drains_once_and_dead_ones_wait_fo
                 assert note == f"s{i}"
         assert sorted(spooled_ids(core)) == sorted(to_core)  # nothing went twice to core
         assert outbox(chc) == []  # nothing waits, nothing dead
-        assert {p: {k: v for k, v in c.items() if k not in ("peer", "oldest_waiting_s")}
-                for p, c in peer_counts(chc).items()} == {"core": {"acknowledged": 25},
-                                                          "sec": {"acknowledged": 15}}
+        assert {
+            p: {k: v for k, v in c.items() if k not in ("peer", "oldest_waiting_s")}
+            for p, c in peer_counts(chc).items()
+        } == {"core": {"acknowledged": 25}, "sec": {"acknowledged": 15}}
         # gwc's dead packets did not go by themselves although sec is up and took a fresh one
         assert [row["packet_id"] for row in outbox(gwc, state="dead")] == dead
 
@@ -221,32 +266,45 @@ def test_down_peer_waits_in_its_own_queue_then_drains_once_and_dead_ones_wait_fo
         assert (r.returncode, r.stdout.strip()) == (0, "re-queued 1 packet(s)"), r.stderr
         # sec takes it (its receipt comes back) but holds it: its thread's seq 1 has not
         # arrived, and a gap is held, never skipped over (bridge/delivery/threads.py)
-        wait_for(lambda: peer_counts(gwc)["sec"].get("acknowledged") == 2,
-                 what="the retried packet's receipt")
-        wait_for(lambda: db_rows(sec, "SELECT state, last_error FROM inbox WHERE packet_id = :p",
-                                 p=dead[1]) == [("held", ("held: seq 2 waits for seq 1 from gwc "
-                                                         "on its thread"))],
-                 what="the retried packet held at sec")
+        wait_for(
+            lambda: peer_counts(gwc)["sec"].get("acknowledged") == 2,
+            what="the retried packet's receipt",
+        )
+        wait_for(
+            lambda: (
+                db_rows(sec, "SELECT state, last_error FROM inbox WHERE packet_id = :p", p=dead[1])
+                == [("held", ("held: seq 2 waits for seq 1 from gwc on its thread"))]
+            ),
+            what="the retried packet held at sec",
+        )
         assert dead[1] not in spooled_ids(sec)
         assert [row["packet_id"] for row in outbox(gwc, state="dead")] == [dead[0], dead[2]]
         r = cli(gwc, "outbox", "retry")
         assert (r.returncode, r.stdout.strip()) == (0, "re-queued 2 packet(s)"), r.stderr
         wait_for(lambda: peer_counts(gwc)["sec"].get("acknowledged") == 4, what="all receipts")
         assert outbox(gwc) == []
-        assert sorted(f.stem.split("-", 1)[1] for f in spooled(sec) if f.parent.name == "t-dead"
-                      ) == sorted(dead)
+        assert sorted(
+            f.stem.split("-", 1)[1] for f in spooled(sec) if f.parent.name == "t-dead"
+        ) == sorted(dead)
         # handed over in the sender's order although they arrived 2, 1, 3
-        assert [pid for (pid,) in db_rows(sec, "SELECT packet_id FROM audit WHERE action = "
-                                               "'delivered' AND thread = 't-dead' ORDER BY seq")
-                ] == dead
+        assert [
+            pid
+            for (pid,) in db_rows(
+                sec,
+                "SELECT packet_id FROM audit WHERE action = "
+                "'delivered' AND thread = 't-dead' ORDER BY seq",
+            )
+        ] == dead
         acked = {row["packet_id"]: row for row in outbox(gwc, state="acknowledged")}
         for pid in dead:
             assert acked[pid]["attempts"] == 1  # counted afresh from the retry
             assert acked[pid]["last_error"] is None
 
         # --- the audit trails -----------------------------------------------------------------
-        sec_audit, gwc_audit = cli_many((sec, "audit", "export", "--format", "ndjson"),
-                                        (gwc, "audit", "export", "--format", "ndjson"))
+        sec_audit, gwc_audit = cli_many(
+            (sec, "audit", "export", "--format", "ndjson"),
+            (gwc, "audit", "export", "--format", "ndjson"),
+        )
         for r in (sec_audit, gwc_audit):
             assert r.returncode == 0, r.stderr
         sec_events = [json.loads(line) for line in sec_audit.stdout.splitlines()]
@@ -270,6 +328,10 @@ def test_down_peer_waits_in_its_own_queue_then_drains_once_and_dead_ones_wait_fo
         # each dead packet: queued, dead-lettered, replayed, then sent, in that order
         for pid in dead:
             assert [action_of(e) for e in events if packet_of(e) == pid] == [
-                "queued", "dead-lettered", "replayed", "sent"]
+                "queued",
+                "dead-lettered",
+                "replayed",
+                "sent",
+            ]
     finally:
         a.stop_all()

@@ -43,8 +43,12 @@ def test_history_rows_read_back_through_the_node_tables(tmp_path: Path) -> None:
     # one packet a second from 90 days ago, read back as aware UTC datetimes by UTCDateTime
     assert base.tzinfo is not None
     assert abs((before - timedelta(days=90)) - base) < timedelta(seconds=5)
-    assert (row.sender, row.recipient, row.next_hop, row.kind) == ("chc", "core", "core",
-                                                                  "result.lab")
+    assert (row.sender, row.recipient, row.next_hop, row.kind) == (
+        "chc",
+        "core",
+        "core",
+        "result.lab",
+    )
     assert (row.origin, row.state, row.attempts, row.size) == ("local", "acknowledged", 1, 4096)
     assert (row.thread, row.seq) == ("hist-t1234", 1)
     assert row.next_try_at == row.sent_at == row.acked_at == row.created_at
@@ -52,7 +56,11 @@ def test_history_rows_read_back_through_the_node_tables(tmp_path: Path) -> None:
     assert len(row.digest) == 64 and int(row.digest, 16) >= 0
     assert row.patient_hash == f"{1234:064x}"
     assert (inrow.sender, inrow.kind, inrow.state, inrow.thread) == (
-        "chc", "result.lab", "delivered", "hist-t699")
+        "chc",
+        "result.lab",
+        "delivered",
+        "hist-t699",
+    )
     assert inrow.received_at == inrow.delivered_at == inrow.created_at
     assert inrow.created_at.microsecond == 0
     assert abs(inrow.created_at - timedelta(seconds=699) - base) < timedelta(seconds=5)
@@ -61,51 +69,93 @@ def test_history_rows_read_back_through_the_node_tables(tmp_path: Path) -> None:
 
 def test_summary_md_renders_every_section_present() -> None:
     run = {
-        "when": "2026-11-24T08:00:00+00:00", "elapsed_s": 401.4, "git": "abc1234",
-        "machine": {"cpu": "AMD EPYC", "cores": 2, "ram_gib": 23.5, "python": "3.11.7",
-                    "sqlite": "3.40.1", "postgresql": "15.18",
-                    "disk": {"device": "/dev/vda", "fs": "ext4", "size_gb": 271.0,
-                             "rotational": True}},
+        "when": "2026-11-24T08:00:00+00:00",
+        "elapsed_s": 401.4,
+        "git": "abc1234",
+        "machine": {
+            "cpu": "AMD EPYC",
+            "cores": 2,
+            "ram_gib": 23.5,
+            "python": "3.11.7",
+            "sqlite": "3.40.1",
+            "postgresql": "15.18",
+            "disk": {"device": "/dev/vda", "fs": "ext4", "size_gb": 271.0, "rotational": True},
+        },
         "loadavg": {"start": [0.4, 0.5, 0.6], "end": [1.9, 1.0, 0.8]},
         "sections_s": {"exchange": 81.2, "growth": 70.4},
         "exchange": {
-            "ceiling": {"best_s": {"seal 4 KiB": 0.000355},
-                        "pipeline": {"sqlite:4096": {"packets_per_s": 884.2}}},
+            "ceiling": {
+                "best_s": {"seal 4 KiB": 0.000355},
+                "pipeline": {"sqlite:4096": {"packets_per_s": 884.2}},
+            },
             "throughput": [
-                {"backend": "sqlite", "size": 4096, "threads": 50, "steady_pps": 505.3,
-                 "delivered_pps": 71.4, "rss_a_peak_mib": 133.3, "rss_b_peak_mib": 140.2},
-                {"backend": "sqlite", "size": 4096, "threads": 1, "steady_pps": 410.0,
-                 "delivered_pps": None, "rss_a_peak_mib": 137.0, "rss_b_peak_mib": 150.6}],
-            "latency": [{"backend": "sqlite", "achieved_rate": 99.6, "received_p50_ms": 21.4,
-                         "received_p99_ms": 80.2, "acked_p50_ms": 40.0, "acked_p99_ms": 120.9}],
-            "errors": []},
-        "scaleout": [{"processes": 1, "steady_pps": 300.0, "all_received_once": True,
-                      "duplicates_at_b": 0},
-                     {"processes": 4, "steady_pps": 450.0, "all_received_once": True,
-                      "duplicates_at_b": 0}],
-        "growth": [{"history": 10_000, "steady_pps": 505.0, "b_db_mb": 21.4},
-                   {"history": 1_000_000, "steady_pps": 380.0, "b_db_mb": 681.2}],
+                {
+                    "backend": "sqlite",
+                    "size": 4096,
+                    "threads": 50,
+                    "steady_pps": 505.3,
+                    "delivered_pps": 71.4,
+                    "rss_a_peak_mib": 133.3,
+                    "rss_b_peak_mib": 140.2,
+                },
+                {
+                    "backend": "sqlite",
+                    "size": 4096,
+                    "threads": 1,
+                    "steady_pps": 410.0,
+                    "delivered_pps": None,
+                    "rss_a_peak_mib": 137.0,
+                    "rss_b_peak_mib": 150.6,
+                },
+            ],
+            "latency": [
+                {
+                    "backend": "sqlite",
+                    "achieved_rate": 99.6,
+                    "received_p50_ms": 21.4,
+                    "received_p99_ms": 80.2,
+                    "acked_p50_ms": 40.0,
+                    "acked_p99_ms": 120.9,
+                }
+            ],
+            "errors": [],
+        },
+        "scaleout": [
+            {"processes": 1, "steady_pps": 300.0, "all_received_once": True, "duplicates_at_b": 0},
+            {"processes": 4, "steady_pps": 450.0, "all_received_once": True, "duplicates_at_b": 0},
+        ],
+        "growth": [
+            {"history": 10_000, "steady_pps": 505.0, "b_db_mb": 21.4},
+            {"history": 1_000_000, "steady_pps": 380.0, "b_db_mb": 681.2},
+        ],
         "errors": [],
     }
     md = summary_md.markdown(run)
     lines = md.splitlines()
     assert lines[0] == "## Figures of 2026-11-24 (`make bench`, 401 s)"
-    assert lines[2] == ("AMD EPYC, 2 cores, 24 GiB RAM; disk /dev/vda (ext4, 271 GB, kernel: "
-                        "rotational); Python 3.11.7, SQLite 3.40.1, PostgreSQL 15.18; load "
-                        "average 0.4 → 1.9; git abc1234.")
+    assert lines[2] == (
+        "AMD EPYC, 2 cores, 24 GiB RAM; disk /dev/vda (ext4, 271 GB, kernel: "
+        "rotational); Python 3.11.7, SQLite 3.40.1, PostgreSQL 15.18; load "
+        "average 0.4 → 1.9; git abc1234."
+    )
     table = dict(line.strip("|").split(" | ", 1) for line in lines[6:])
     table = {k.strip(): v.strip() for k, v in table.items()}
     assert table["SQLite 4 KiB, 50 / 1 threads"] == "505 / 410 packets/s (ceiling 884)"
     assert table["end to end, B's local side has stored the results"] == (
-        "SQLite 4 KiB 50 threads: 71 packets/s")
+        "SQLite 4 KiB 50 threads: 71 packets/s"
+    )
     assert table["latency SQLite at 100 packets/s (created → received, → acked)"] == (
-        "p50 21 / p99 80 ms; acked p50 40 / p99 121 ms")
+        "p50 21 / p99 80 ms; acked p50 40 / p99 121 ms"
+    )
     assert table["scale-out PostgreSQL 1 / 4 processes"] == (
-        "300 / 450 packets/s, received once, 0 duplicates")
+        "300 / 450 packets/s, received once, 0 duplicates"
+    )
     assert table["peak RSS per node, receiver (VmHWM)"] == (
-        "140–151 MiB (highest: SQLite 4 KiB 1 threads)")
+        "140–151 MiB (highest: SQLite 4 KiB 1 threads)"
+    )
     assert table["store growth: 10 k / 1 M packets stored"] == (
-        "505 / 380 packets/s (B's database 21 / 681 MB)")
+        "505 / 380 packets/s (B's database 21 / 681 MB)"
+    )
     assert table["machine ceiling, same run (µs per op)"] == "seal 4 KiB 355"
     assert table["run time by section (s)"] == "exchange 81, growth 70"
     assert not any(k.startswith(("ORU", "FHIR", "platform relay")) for k in table)
@@ -118,16 +168,18 @@ def test_message_browser_bench_finds_every_patient_in_every_box(tmp_path: Path) 
     assert r["packets"] == 12_000
     # ten packets per patient, plus the quarantined item every tenth patient has
     assert r["rows_per_patient"] in ([10, 11], [10], [11])
-    assert r["boxes_found"] == ["inbox", "outbox", "quarantine"] or \
-        set(r["boxes_found"]) == {"inbox", "outbox"}
+    assert r["boxes_found"] == ["inbox", "outbox", "quarantine"] or set(r["boxes_found"]) == {
+        "inbox",
+        "outbox",
+    }
     assert r["plans"] == {
         "outbox": "SEARCH outbox USING INDEX ix_outbox_patient_time (patient_hash=?)",
         "inbox": "SEARCH inbox USING INDEX ix_inbox_patient_time (patient_hash=?)",
-        "quarantine": "SEARCH quarantine USING INDEX ix_quarantine_patient (patient_hash=?)"}
+        "quarantine": "SEARCH quarantine USING INDEX ix_quarantine_patient (patient_hash=?)",
+    }
 
 
-def test_statements_bench_times_every_statement_of_the_round_at_each_level(tmp_path: Path
-                                                                           ) -> None:
+def test_statements_bench_times_every_statement_of_the_round_at_each_level(tmp_path: Path) -> None:
     """bench/statements.py: in process, two small levels; every packet is queued, sent,
     received and delivered once per level, and each statement row counts its calls."""
     import statements
@@ -139,12 +191,19 @@ def test_statements_bench_times_every_statement_of_the_round_at_each_level(tmp_p
     assert inbox["calls"] == {300: 1, 600: 1}  # 30 packets: one batch, one executemany
     outbox = rows[("A", "queue (A)", "INSERT INTO outbox")]
     assert outbox["calls"] == {300: 1, 600: 1}
-    claims = [s for (node, part, sql), s in rows.items()
-              if node == "A" and sql.startswith("SELECT outbox.id") and part.startswith("send")]
-    assert claims and all(s["plan"].startswith("SEARCH outbox USING INDEX ix_outbox_due")
-                          for s in claims)
-    facts = [s for (node, part, sql), s in rows.items()
-             if part == "alert facts (A, B)" and "ix_outbox_open" in s["plan"]]
+    claims = [
+        s
+        for (node, part, sql), s in rows.items()
+        if node == "A" and sql.startswith("SELECT outbox.id") and part.startswith("send")
+    ]
+    assert claims and all(
+        s["plan"].startswith("SEARCH outbox USING INDEX ix_outbox_due") for s in claims
+    )
+    facts = [
+        s
+        for (node, part, sql), s in rows.items()
+        if part == "alert facts (A, B)" and "ix_outbox_open" in s["plan"]
+    ]
     assert {s["node"] for s in facts} == {"A", "B"}
     for s in r["statements"]:
         assert all(v is None or v > 0 for v in s["us_per_call"].values())

@@ -14,10 +14,10 @@ import relay as relay_bench  # bench/ is not a package
 pytestmark = pytest.mark.slow
 
 
-def test_relay_bench_every_packet_once_at_the_receiver_it_was_addressed_to(tmp_path: Path
-                                                                            ) -> None:
-    r = relay_bench.relay(tmp_path, members=6, n=60, procs=2, batch=5, lat_rate=10.0,
-                          lat_seconds=1.0)
+def test_relay_bench_every_packet_once_at_the_receiver_it_was_addressed_to(tmp_path: Path) -> None:
+    r = relay_bench.relay(
+        tmp_path, members=6, n=60, procs=2, batch=5, lat_rate=10.0, lat_seconds=1.0
+    )
     assert (r["members"], r["n"]) == (6, 60)
     # round robin over 6 members, 10 packets each; odd members' rule names recv-a, even recv-b
     assert r["per_sender"] == {

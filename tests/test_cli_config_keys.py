@@ -35,15 +35,28 @@ from tests.harness import ROOT
 pytestmark = pytest.mark.slow
 
 SHIPPED = ROOT / "config" / "alliances" / "fuxing"
-NODES = ("fuxing", "guangwai-chc", "guangwai-hosp", "platform", "yuetan-chc", "zhanlanlu-chc",
-         "zhanlanlu-hosp")
+NODES = (
+    "fuxing",
+    "guangwai-chc",
+    "guangwai-hosp",
+    "platform",
+    "yuetan-chc",
+    "zhanlanlu-chc",
+    "zhanlanlu-hosp",
+)
 UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
 
 
 def hutong(*args: str | Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "bridge.cli", *map(str, args)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=timeout, check=False,
-                          env={**os.environ, "COLUMNS": "400"})  # no folding of long paths
+    return subprocess.run(
+        [sys.executable, "-m", "bridge.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=timeout,
+        check=False,
+        env={**os.environ, "COLUMNS": "400"},
+    )  # no folding of long paths
 
 
 def one_line_error(r: subprocess.CompletedProcess[str]) -> str:
@@ -69,7 +82,8 @@ def shipped(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert r.returncode == 0, r.stderr
     for node in ("yuetan-chc", "zhanlanlu-hosp"):  # their HIS database's DSN: the site's own
         (folder / "secrets" / f"{node}-his.dsn").write_text(
-            f"sqlite:///{folder.parent}/{node}-his.db\n")
+            f"sqlite:///{folder.parent}/{node}-his.db\n"
+        )
     # (the console wraps the longer path: compare the words)
     assert " ".join(r.stdout.split()).startswith(f"keys and secrets ready in {folder}")
     for node in NODES:
@@ -104,24 +118,27 @@ def test_config_check_passes_on_the_shipped_alliance(shipped: Path) -> None:
     plan = load_node(shipped / "nodes" / "fuxing.toml")
     assert r.returncode == 0, r.stderr
     # stdout goes through rich, which folds long lines at 80 columns when piped
-    assert " ".join(r.stdout.split()) == (f"{shipped / 'nodes' / 'fuxing.toml'}: ok "
-                                          f"(config hash {plan.config_hash[:16]})")
+    assert " ".join(r.stdout.split()) == (
+        f"{shipped / 'nodes' / 'fuxing.toml'}: ok (config hash {plan.config_hash[:16]})"
+    )
 
 
-def test_config_check_lists_every_problem_with_file_and_key(shipped: Path, tmp_path: Path
-                                                            ) -> None:
+def test_config_check_lists_every_problem_with_file_and_key(shipped: Path, tmp_path: Path) -> None:
     folder = copy_of(shipped, tmp_path)
     alliance = folder / "alliance.toml"
     text = alliance.read_text()
-    text = text.replace('exchange_url = "http://127.0.0.1:9102"',
-                        'exchange_url = "ftp://127.0.0.1:9102"')
-    text = text.replace('from = "role:secondary"\nto = "fuxing"',
-                        'from = "role:secondary"\nto = "fuxin"', 1)  # the first such rule only
+    text = text.replace(
+        'exchange_url = "http://127.0.0.1:9102"', 'exchange_url = "ftp://127.0.0.1:9102"'
+    )
+    text = text.replace(
+        'from = "role:secondary"\nto = "fuxing"', 'from = "role:secondary"\nto = "fuxin"', 1
+    )  # the first such rule only
     alliance.write_text(text)
     nodes = folder / "nodes"
     yuetan = nodes / "yuetan-chc.toml"
-    yuetan.write_text(yuetan.read_text().replace('peer_bind = "127.0.0.1:9104"',
-                                                 'peer_bind = "127.0.0.1:9101"'))
+    yuetan.write_text(
+        yuetan.read_text().replace('peer_bind = "127.0.0.1:9104"', 'peer_bind = "127.0.0.1:9101"')
+    )
     platform = nodes / "platform.toml"
     platform.write_text(platform.read_text() + "\n[delivery]\nmax_attempts = 0\n")
     zchc = nodes / "zhanlanlu-chc.toml"
@@ -134,16 +151,22 @@ def test_config_check_lists_every_problem_with_file_and_key(shipped: Path, tmp_p
     assert r.stdout == ""
     assert "Traceback" not in r.stderr
     assert r.stderr.splitlines() == [
-        ("alliance.toml: members[1].exchange_url: 'ftp://127.0.0.1:9102' is not an http(s) URL "
-        "such as http://127.0.0.1:9101"),
+        (
+            "alliance.toml: members[1].exchange_url: 'ftp://127.0.0.1:9102' is not an http(s) URL "
+            "such as http://127.0.0.1:9101"
+        ),
         "alliance.toml: rules[0].to: unknown member 'fuxin'",
-        ("nodes/guangwai-chc.toml: tokens.it: secret file ../secrets/guangwai-chc.it.token looks "
-        "like a placeholder ('changeme'); a node refuses to start with a placeholder secret"),
+        (
+            "nodes/guangwai-chc.toml: tokens.it: secret file ../secrets/guangwai-chc.it.token looks "
+            "like a placeholder ('changeme'); a node refuses to start with a placeholder secret"
+        ),
         "nodes/platform.toml: delivery.max_attempts: Input should be greater than 0",
         "nodes/yuetan-chc.toml: peer_bind: 127.0.0.1:9101 is also peer_bind of nodes/fuxing.toml",
         "nodes/zhanlanlu-chc.toml: colour: Extra inputs are not permitted",
-        ("nodes/zhanlanlu-hosp.toml: keys.signing: private key file "
-        "../keys/zhanlanlu-hosp.sign.key is open to others (mode 644); chmod 600"),
+        (
+            "nodes/zhanlanlu-hosp.toml: keys.signing: private key file "
+            "../keys/zhanlanlu-hosp.sign.key is open to others (mode 644); chmod 600"
+        ),
         "7 problem(s)",
     ]
 
@@ -157,7 +180,8 @@ def test_run_refuses_a_placeholder_secret_in_one_line(shipped: Path, tmp_path: P
     assert one_line_error(r) == (
         "error: HT-CONFIG: nodes/fuxing.toml: tokens.clinician: secret file "
         "../secrets/fuxing.clinician.token looks like a placeholder ('changeme'); a node refuses "
-        "to start with a placeholder secret")
+        "to start with a placeholder secret"
+    )
     assert not (folder / "data").exists()  # refused before touching storage
 
 
@@ -175,16 +199,22 @@ def test_keys_init_writes_private_files_0600_and_keys_show_matches_the_directory
     sign = load_pem_private_key((out / "x.sign.key").read_bytes(), None)
     enc = load_pem_private_key((out / "x.enc.key").read_bytes(), None)
     assert isinstance(sign, Ed25519PrivateKey) and isinstance(enc, X25519PrivateKey)
-    assert printed == {"node": "x", "signing": public_text(sign), "encryption": public_text(enc),
-                       "signing_id": key_id(public_raw(sign)),
-                       "encryption_id": key_id(public_raw(enc))}
+    assert printed == {
+        "node": "x",
+        "signing": public_text(sign),
+        "encryption": public_text(enc),
+        "signing_id": key_id(public_raw(sign)),
+        "encryption_id": key_id(public_raw(enc)),
+    }
     # a second init must not replace keys peers may already trust
     again = hutong("keys", "init", "--node", "x", "--out", out)
     assert again.returncode == 2
     assert one_line_error(again).startswith(
-        "error: HT-KEY: key files already exist, not overwriting: ")
-    assert load_pem_private_key((out / "x.sign.key").read_bytes(), None).public_key() \
-        .public_bytes_raw() == public_raw(sign)
+        "error: HT-KEY: key files already exist, not overwriting: "
+    )
+    assert load_pem_private_key(
+        (out / "x.sign.key").read_bytes(), None
+    ).public_key().public_bytes_raw() == public_raw(sign)
 
     for node in ("fuxing", "yuetan-chc"):
         config = shipped / "nodes" / f"{node}.toml"
@@ -205,13 +235,16 @@ def test_cli_errors_are_one_line_without_traceback(shipped: Path, tmp_path: Path
     line = one_line_error(r)
     assert line.startswith("error: HT-CONFIG: ")
     assert line.endswith("node.toml: (file): not found")
-    r = hutong("audit", "export", "--format", "xml", "--config",
-               shipped / "nodes" / "fuxing.toml")
-    assert (r.returncode, one_line_error(r)) == (2, ("error: HT-ERROR: --format must be ndjson "
-                                                    "or csv"))
+    r = hutong("audit", "export", "--format", "xml", "--config", shipped / "nodes" / "fuxing.toml")
+    assert (r.returncode, one_line_error(r)) == (
+        2,
+        ("error: HT-ERROR: --format must be ndjson or csv"),
+    )
     r = hutong("keys", "init")
     assert (r.returncode, one_line_error(r)) == (
-        2, "error: HT-ERROR: give --alliance DIR, or --node ID with --out DIR")
+        2,
+        "error: HT-ERROR: give --alliance DIR, or --node ID with --out DIR",
+    )
 
 
 def test_send_queues_a_bundle_and_refuses_an_invalid_one(shipped: Path, tmp_path: Path) -> None:
@@ -222,11 +255,23 @@ def test_send_queues_a_bundle_and_refuses_an_invalid_one(shipped: Path, tmp_path
     key = load_node(config).patient_hash_key
     doc = orjson.loads(bundle_bytes(n_obs=2, national_id="110102195003151234"))
     doc["entry"][0]["resource"]["identifier"][0] = {
-        "system": "urn:hutong:patient-hash", "value": patient_hash(key, "110102195003151234")}
+        "system": "urn:hutong:patient-hash",
+        "value": patient_hash(key, "110102195003151234"),
+    }
     body = orjson.dumps(doc)
     good.write_bytes(body)
-    r = hutong("send", "--config", config, "--to", "fuxing", "--kind", "result.lab",
-               "--thread", "t-cli", good)
+    r = hutong(
+        "send",
+        "--config",
+        config,
+        "--to",
+        "fuxing",
+        "--kind",
+        "result.lab",
+        "--thread",
+        "t-cli",
+        good,
+    )
     assert r.returncode == 0, r.stderr
     assert r.stderr == ""
     m = re.fullmatch(rf"queued ({UUID})  lab\.json", r.stdout.strip())
@@ -251,15 +296,39 @@ def test_send_queues_a_bundle_and_refuses_an_invalid_one(shipped: Path, tmp_path
         ctx.store.dispose()
     assert len(rows) == 1
     row = rows[0]
-    assert (row["packet_id"], row["origin"], row["sender"], row["recipient"], row["next_hop"],
-            row["kind"], row["thread"], row["seq"], row["state"], row["attempts"]) == (
-        packet_id, "local", "yuetan-chc", "fuxing", "platform", "result.lab", "t-cli", 1,
-        "queued", 0)
+    assert (
+        row["packet_id"],
+        row["origin"],
+        row["sender"],
+        row["recipient"],
+        row["next_hop"],
+        row["kind"],
+        row["thread"],
+        row["seq"],
+        row["state"],
+        row["attempts"],
+    ) == (
+        packet_id,
+        "local",
+        "yuetan-chc",
+        "fuxing",
+        "platform",
+        "result.lab",
+        "t-cli",
+        1,
+        "queued",
+        0,
+    )
     assert row["body"] == body
     assert row["digest"] == body_digest(body) and row["size"] == len(body)
     assert row["patient_hash"] == patient_hash(plan.patient_hash_key, "110102195003151234")
     assert len(held) == 1
-    assert (held[0]["source"], held[0]["code"], held[0]["recipient"], held[0]["kind"],
-            held[0]["state"]) == ("local", "HT-PKT-INVALID-FHIR", "fuxing", "result.lab", "held")
+    assert (
+        held[0]["source"],
+        held[0]["code"],
+        held[0]["recipient"],
+        held[0]["kind"],
+        held[0]["state"],
+    ) == ("local", "HT-PKT-INVALID-FHIR", "fuxing", "result.lab", "held")
     assert held[0]["raw"] == bad.read_bytes()
     assert line == f"refused bad.json: HT-PKT-INVALID-FHIR: {held[0]['message']}"

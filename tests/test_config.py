@@ -30,8 +30,13 @@ SHIPPED = REPO / "config" / "alliances" / "fuxing"
 
 MEMBERS = [
     {"id": "core", "zh": "复兴医院", "en": "Fuxing Hospital", "role": "core", "via": "hub"},
-    {"id": "chc", "zh": "月坛社区卫生服务中心", "en": "Yuetan CHC", "role": "community",
-     "via": "hub"},
+    {
+        "id": "chc",
+        "zh": "月坛社区卫生服务中心",
+        "en": "Yuetan CHC",
+        "role": "community",
+        "via": "hub",
+    },
     {"id": "hub", "zh": "医联体信息平台", "en": "Alliance Platform", "role": "platform"},
 ]
 RULES = [
@@ -226,8 +231,9 @@ def test_dsn_with_password_goes_to_a_secret_file(tmp_path: Path) -> None:
     )
 
 
-def test_alert_webhook_url_may_be_a_secret_reference(tmp_path: Path,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_alert_webhook_url_may_be_a_secret_reference(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # chat-robot webhooks carry their access key in the URL: the node file names where it is
     nodes = write_alliance(tmp_path / "hook", MEMBERS, RULES)
     url = "https://robot.example.cn/send?key=3f9a1c55-kept-out-of-the-node-file"
@@ -245,17 +251,20 @@ def test_alert_webhook_url_may_be_a_secret_reference(tmp_path: Path,
     with pytest.raises(ConfigError) as exc:
         load_node(nodes["core"])
     assert exc.value.problems == [
-        "nodes/core.toml: alerts.webhook_url: is not an http(s) URL for the alert webhook"]
+        "nodes/core.toml: alerts.webhook_url: is not an http(s) URL for the alert webhook"
+    ]
     monkeypatch.delenv("HUTONG_ALERT_HOOK")
     with pytest.raises(ConfigError) as exc:
         load_node(nodes["core"])
     assert exc.value.problems == [
-        "nodes/core.toml: alerts.webhook_url: environment variable HUTONG_ALERT_HOOK is not set"]
+        "nodes/core.toml: alerts.webhook_url: environment variable HUTONG_ALERT_HOOK is not set"
+    ]
     edit(nodes["core"], "env:HUTONG_ALERT_HOOK", "ftp://inline.example.cn/hook")
     with pytest.raises(ConfigError) as exc:
         load_node(nodes["core"])
     assert exc.value.problems == [
-        "nodes/core.toml: alerts.webhook_url: is not an http(s) URL for the alert webhook"]
+        "nodes/core.toml: alerts.webhook_url: is not an http(s) URL for the alert webhook"
+    ]
 
 
 # --- a broken alliance: every problem at once -----------------------------------------------
@@ -277,7 +286,7 @@ def test_broken_alliance_reports_every_problem(alliance: Path) -> None:
     chc = alliance / "nodes" / "chc.toml"
     edit(chc, 'peer_bind = "127.0.0.1:9102"', 'peer_bind = "127.0.0.1:8102"')
     edit(chc, 'data_dir = "../data/chc"', 'data_dir = "../data/chc"\n[delivery]\nbatch_size = 0')
-    edit(chc, "[tokens]", "[tokens]\nnurse = \"file:../secrets/chc.it.token\"")
+    edit(chc, "[tokens]", '[tokens]\nnurse = "file:../secrets/chc.it.token"')
     (alliance / "secrets" / "core.clinician.token").write_text("changeme\n")
     (alliance / "secrets" / "hub.auditor.token").write_text("short-token\n")
     (alliance / "keys" / "hub.enc.key").unlink()
@@ -286,23 +295,33 @@ def test_broken_alliance_reports_every_problem(alliance: Path) -> None:
     problems = check_alliance(alliance)
     placeholder = "a node refuses to start with a placeholder secret"
     expected = [
-        ("alliance.toml: members[1].role: Input should be 'core', 'secondary', 'community' or "
-        "'platform'"),
+        (
+            "alliance.toml: members[1].role: Input should be 'core', 'secondary', 'community' or "
+            "'platform'"
+        ),
         "alliance.toml: members[3].id: duplicate member id 'core' (also members[0])",
-        ("alliance.toml: members[0].via: 'chc' is a hospital member; via must name a platform "
-        "member"),
-        ("alliance.toml: rules[0].to: unknown role 'hospital' (roles: core, secondary, community, "
-        "platform)"),
+        (
+            "alliance.toml: members[0].via: 'chc' is a hospital member; via must name a platform "
+            "member"
+        ),
+        (
+            "alliance.toml: rules[0].to: unknown role 'hospital' (roles: core, secondary, community, "
+            "platform)"
+        ),
         "alliance.toml: rules[1].from: unknown member 'yuetan'",
         "alliance.toml: members[2].via: a member cannot be reached via itself",
         "nodes/chc.toml: delivery.batch_size: Input should be greater than 0",
         "nodes/chc.toml: tokens.nurse: Extra inputs are not permitted",
         "nodes/chc.toml: peer_bind: must differ from local_bind (127.0.0.1:8102)",
-        ("nodes/core.toml: tokens.clinician: secret file ../secrets/core.clinician.token looks "
-        f"like a placeholder ('changeme'); {placeholder}"),
+        (
+            "nodes/core.toml: tokens.clinician: secret file ../secrets/core.clinician.token looks "
+            f"like a placeholder ('changeme'); {placeholder}"
+        ),
         "nodes/extra.toml: line 2, column 14: TOML syntax error: Invalid value",
-        ("nodes/hub.toml: tokens.auditor: secret file ../secrets/hub.auditor.token is shorter "
-        f"than 16 characters; {placeholder}"),
+        (
+            "nodes/hub.toml: tokens.auditor: secret file ../secrets/hub.auditor.token is shorter "
+            f"than 16 characters; {placeholder}"
+        ),
         "nodes/hub.toml: keys.encryption: private key file ../keys/hub.enc.key not found",
     ]
     for line in expected:
@@ -326,7 +345,7 @@ def test_more_problems_each_on_its_own_line(alliance: Path) -> None:
     (alliance / "secrets" / "patient-hash.key").write_text("ab" * 16)
     shutil.copy(alliance / "keys" / "core.pub.json", alliance / "keys" / "hub.pub.json")
     core = alliance / "nodes" / "core.toml"
-    edit(core, "[tokens]", '[retention]\naudit_days = 90\n\n[tokens]')
+    edit(core, "[tokens]", "[retention]\naudit_days = 90\n\n[tokens]")
     edit(core, 'it = "file:../secrets/core.it.token"', 'it = "s3cr3t-inline-token-value"')
     edit(core, 'auditor = "file:../secrets/core.auditor.token"', 'auditor = "env:HT_NO_SUCH_VAR"')
     chc = alliance / "nodes" / "chc.toml"
@@ -335,28 +354,48 @@ def test_more_problems_each_on_its_own_line(alliance: Path) -> None:
 
     problems = check_alliance(alliance)
     expected = [
-        ("alliance.toml: members[1].exchange_url: 'ftp://chc' is not an http(s) URL such as "
-        "http://127.0.0.1:9101"),
-        ("alliance.toml: rules[2].kinds[0]: 'Receipt' is not a message kind such as "
-        "'referral.request' or '*'"),
-        ("alliance.toml: alliance.patient_hash_key: is 16 bytes; national ID numbers are few "
-        "enough to enumerate, so the HMAC key needs at least 32 random bytes"),
-        ("alliance.toml: members[2].signing_key: keys/hub.pub.json holds the keys of 'core', "
-        "not 'hub'"),
-        ("alliance.toml: members[2].encryption_key: keys/hub.pub.json holds the keys of 'core', "
-        "not 'hub'"),
-        ("nodes/chc.toml: keys.signing: private key file ../keys/chc.sign.key is open to others "
-        "(mode 644); chmod 600"),
-        ("nodes/chc.toml: keys.signing: private key file ../keys/chc.sign.key does not match the "
-        "public key alliance.toml lists for this node"),
-        ("nodes/chc.toml: keys.encryption: private key file ../keys/chc.enc.key does not match "
-        "the public key alliance.toml lists for this node"),
+        (
+            "alliance.toml: members[1].exchange_url: 'ftp://chc' is not an http(s) URL such as "
+            "http://127.0.0.1:9101"
+        ),
+        (
+            "alliance.toml: rules[2].kinds[0]: 'Receipt' is not a message kind such as "
+            "'referral.request' or '*'"
+        ),
+        (
+            "alliance.toml: alliance.patient_hash_key: is 16 bytes; national ID numbers are few "
+            "enough to enumerate, so the HMAC key needs at least 32 random bytes"
+        ),
+        (
+            "alliance.toml: members[2].signing_key: keys/hub.pub.json holds the keys of 'core', "
+            "not 'hub'"
+        ),
+        (
+            "alliance.toml: members[2].encryption_key: keys/hub.pub.json holds the keys of 'core', "
+            "not 'hub'"
+        ),
+        (
+            "nodes/chc.toml: keys.signing: private key file ../keys/chc.sign.key is open to others "
+            "(mode 644); chmod 600"
+        ),
+        (
+            "nodes/chc.toml: keys.signing: private key file ../keys/chc.sign.key does not match the "
+            "public key alliance.toml lists for this node"
+        ),
+        (
+            "nodes/chc.toml: keys.encryption: private key file ../keys/chc.enc.key does not match "
+            "the public key alliance.toml lists for this node"
+        ),
         "nodes/core.toml: node_id: 'core' is also nodes/chc.toml",
         "nodes/chc.toml: node_id: 'core' does not match the file name",
-        ("nodes/core.toml: tokens.it: must be a secret reference 'env:NAME' or 'file:path' "
-        "(no inline secrets in config files)"),
-        ("nodes/core.toml: retention.audit_days: must be at least 183: MLPS 2.0 (等级保护 2.0) "
-        "keeps audit logs for six months"),
+        (
+            "nodes/core.toml: tokens.it: must be a secret reference 'env:NAME' or 'file:path' "
+            "(no inline secrets in config files)"
+        ),
+        (
+            "nodes/core.toml: retention.audit_days: must be at least 183: MLPS 2.0 (等级保护 2.0) "
+            "keeps audit logs for six months"
+        ),
         "nodes/core.toml: tokens.auditor: environment variable HT_NO_SUCH_VAR is not set",
     ]
     assert sorted(problems) == sorted(expected)
@@ -371,8 +410,15 @@ def test_shipped_fuxing_alliance(tmp_path: Path) -> None:
     shutil.copytree(SHIPPED, folder, ignore=shutil.ignore_patterns("keys", "secrets", "data"))
     for linked in ("mappings", "simulators"):
         (tmp_path / linked).symlink_to(REPO / linked)
-    ids = ["fuxing", "guangwai-hosp", "zhanlanlu-hosp", "yuetan-chc", "guangwai-chc",
-           "zhanlanlu-chc", "platform"]
+    ids = [
+        "fuxing",
+        "guangwai-hosp",
+        "zhanlanlu-hosp",
+        "yuetan-chc",
+        "guangwai-chc",
+        "zhanlanlu-chc",
+        "platform",
+    ]
 
     missing = check_alliance(folder)
     for i, node_id in enumerate(ids):
@@ -395,9 +441,11 @@ def test_shipped_fuxing_alliance(tmp_path: Path) -> None:
     )
     # the two intermediate-database HIS adapters read their database's DSN from a secret file
     # of the site (the demo writes it): checked before anything starts, like every option
-    his_dsn = [f"nodes/{n}.toml: adapters.his.options.dsn: cannot read "
-               f"{folder / 'secrets' / f'{n}-his.dsn'} (No such file or directory)"
-               for n in ("yuetan-chc", "zhanlanlu-hosp")]
+    his_dsn = [
+        f"nodes/{n}.toml: adapters.his.options.dsn: cannot read "
+        f"{folder / 'secrets' / f'{n}-his.dsn'} (No such file or directory)"
+        for n in ("yuetan-chc", "zhanlanlu-hosp")
+    ]
     assert [p for p in missing if "adapters." in p] == his_dsn
     assert len(missing) == 1 + 7 * 2 + 7 * (2 + 3) + 2  # hash key, public keys, private keys,
     # tokens, HIS DSNs
@@ -436,8 +484,15 @@ def test_shipped_fuxing_alliance(tmp_path: Path) -> None:
     rules = fuxing.rules
     # both directions carry the whole referral loop: up-referrals start at the members,
     # down-referrals for continuing care start at the core hospital
-    up = ["referral.request", "referral.status", "referral.cancel", "referral.return",
-          "result.lab", "result.imaging", "receipt"]
+    up = [
+        "referral.request",
+        "referral.status",
+        "referral.cancel",
+        "referral.return",
+        "result.lab",
+        "result.imaging",
+        "receipt",
+    ]
     down = list(up)
     kinds = sorted(set(up) | set(down))
     for other in ids[1:6]:
@@ -488,8 +543,11 @@ def test_rollover_member_has_two_signing_keys(alliance: Path) -> None:
     assert load_node(chc_node).keys.signing == alliance.resolve() / "keys/next/chc.sign.key"
 
     # a key of the wrong algorithm is refused
-    edit(alliance / "alliance.toml", f'next_signing_key = "{new["signing"]}"',
-         f'next_signing_key = "{new["encryption"]}"')
+    edit(
+        alliance / "alliance.toml",
+        f'next_signing_key = "{new["signing"]}"',
+        f'next_signing_key = "{new["encryption"]}"',
+    )
     assert "alliance.toml: members[1].next_signing_key: must be an ed25519 key" in check_alliance(
         alliance
     )
@@ -566,7 +624,7 @@ def _optional_block(path: Path) -> tuple[dict[str, Any], dict[tuple[str, str], s
     body: list[str] = []
     where: dict[tuple[str, str], str] = {}
     section = ""
-    for line in lines[start + 1:]:
+    for line in lines[start + 1 :]:
         if not line.startswith("#"):
             break  # the block ends at the first line that is not a comment
         m = SETTING.match(line)

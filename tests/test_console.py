@@ -36,8 +36,10 @@ MEMBERS_BASE = [
     {"id": "chc", "zh": "月坛社区卫生服务中心", "en": "Yuetan CHC", "role": "community"},
     {"id": "sec", "zh": "展览路社区卫生服务中心", "en": "Zhanlanlu CHC", "role": "community"},
 ]
-RULES = [{"from": "core", "to": "chc", "kinds": ["result.lab"]},
-         {"from": "core", "to": "sec", "kinds": ["result.lab"]}]
+RULES = [
+    {"from": "core", "to": "chc", "kinds": ["result.lab"]},
+    {"from": "core", "to": "sec", "kinds": ["result.lab"]},
+]
 GRAFANA = ROOT / "docs" / "it" / "grafana-hutong.json"
 METRICS_TOKEN = "prom-scrape-token-0123456789abcdef"
 
@@ -48,9 +50,21 @@ def trio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Alliance]:
 
     tmp = tmp_path_factory.mktemp("console")
     core, chc, sec = MEMBERS_BASE
-    members = [{**core, "adapters": [{
-        "name": "lis", "type": "lis-hl7", "mappings": str(write_site(tmp / "mappings")),
-        "options": {"port": free_port_block(1)}}]}, chc, sec]
+    members = [
+        {
+            **core,
+            "adapters": [
+                {
+                    "name": "lis",
+                    "type": "lis-hl7",
+                    "mappings": str(write_site(tmp / "mappings")),
+                    "options": {"port": free_port_block(1)},
+                }
+            ],
+        },
+        chc,
+        sec,
+    ]
     a = Alliance(tmp / "alliance", members, RULES)
     secrets = a.files["core"].parent.parent / "secrets"
     (secrets / "core.metrics.token").write_text(METRICS_TOKEN + "\n")
@@ -92,8 +106,10 @@ def row(page: str, cls: str, attr: str, name: str) -> list[str]:
     """The cells (tags stripped) of the dashboard row for that peer/adapter."""
     for tr in re.findall(r"<tr>(.*?)</tr>", section(page, cls), re.DOTALL):
         if f'{attr}="{name}"' in tr:
-            return [re.sub(r"<[^>]+>", "", c).strip()
-                    for c in re.findall(r"<td[^>]*>(.*?)</td>", tr, re.DOTALL)]
+            return [
+                re.sub(r"<[^>]+>", "", c).strip()
+                for c in re.findall(r"<td[^>]*>(.*?)</td>", tr, re.DOTALL)
+            ]
     raise AssertionError(f"no row {name} in {cls}")
 
 
@@ -120,8 +136,10 @@ def test_pause_holds_one_peer_and_the_numbers_follow(trio: Alliance) -> None:
     it = Browser(core).login("it")
     page = it.get("/ui/it")
     assert row(page, "live-peers", "data-peer", "chc")[1] == "▶ 运行中"
-    sent_before = value(scrape(core, METRICS_TOKEN)[2], "hutong_peer_sent_window", peer="chc",
-                        window="1h") or 0.0
+    sent_before = (
+        value(scrape(core, METRICS_TOKEN)[2], "hutong_peer_sent_window", peer="chc", window="1h")
+        or 0.0
+    )
 
     status, url, page = it.open("/ui/it/pause?kind=peer&name=chc&paused=1", {})
     assert status == 200 and url.endswith("/ui/it")
@@ -133,11 +151,23 @@ def test_pause_holds_one_peer_and_the_numbers_follow(trio: Alliance) -> None:
 
     held = core.send("chc", "result.lab", [bundle(1 + i) for i in range(3)])
     went = core.send("sec", "result.lab", [bundle(2)])
-    wait_for(lambda: db_rows(core, "SELECT state FROM outbox WHERE packet_id = :p",
-                             p=went[0]) == [("acknowledged",)], what="sec's packet acknowledged")
-    assert sorted(db_rows(core, "SELECT state, attempts FROM outbox WHERE next_hop = 'chc' "
-                                "AND packet_id IN ('" + "','".join(held) + "')")) == \
-        [("queued", 0)] * 3
+    wait_for(
+        lambda: (
+            db_rows(core, "SELECT state FROM outbox WHERE packet_id = :p", p=went[0])
+            == [("acknowledged",)]
+        ),
+        what="sec's packet acknowledged",
+    )
+    assert (
+        sorted(
+            db_rows(
+                core,
+                "SELECT state, attempts FROM outbox WHERE next_hop = 'chc' "
+                "AND packet_id IN ('" + "','".join(held) + "')",
+            )
+        )
+        == [("queued", 0)] * 3
+    )
     live = it.get("/ui/it/live")
     assert "<html" not in live and 'name="csrf"' in live
     cells = row(live, "live-peers", "data-peer", "chc")
@@ -150,9 +180,17 @@ def test_pause_holds_one_peer_and_the_numbers_follow(trio: Alliance) -> None:
     it.get("/ui/it")
     status, _url, page = it.open("/ui/it/pause?kind=peer&name=chc&paused=0", {})
     assert "已恢复: peer:chc" in page
-    wait_for(lambda: sorted(db_rows(core, "SELECT state FROM outbox WHERE packet_id IN ('"
-                                    + "','".join(held) + "')")) == [("acknowledged",)] * 3,
-             what="the held packets acknowledged after resume")
+    wait_for(
+        lambda: (
+            sorted(
+                db_rows(
+                    core, "SELECT state FROM outbox WHERE packet_id IN ('" + "','".join(held) + "')"
+                )
+            )
+            == [("acknowledged",)] * 3
+        ),
+        what="the held packets acknowledged after resume",
+    )
     text = scrape(core, METRICS_TOKEN)[2]
     assert value(text, "hutong_peer_queued", peer="chc") == 0.0
     assert value(text, "hutong_peer_sent_window", peer="chc", window="1h") == sent_before + 3
@@ -160,13 +198,14 @@ def test_pause_holds_one_peer_and_the_numbers_follow(trio: Alliance) -> None:
     assert cells[1] == "▶ 运行中" and cells[3].split(" / ")[0] == str(int(sent_before + 3))
     # the centre's own dashboard counts what it received from core
     chc_it = Browser(chc).login("it")
-    assert int(row(chc_it.get("/ui/it"), "live-peers", "data-peer", "core")[2]
-               .split(" / ")[0]) >= 3
+    assert int(row(chc_it.get("/ui/it"), "live-peers", "data-peer", "core")[2].split(" / ")[0]) >= 3
     assert sec.api("GET", "/health")["node"] == "sec"
 
     rows = audit_rows(core, "paused") + audit_rows(core, "resumed")
     assert [(r["action"], r["message"]) for r in rows if "peer:chc" in r["message"]] == [
-        ("paused", "paused peer:chc"), ("resumed", "resumed peer:chc")]
+        ("paused", "paused peer:chc"),
+        ("resumed", "resumed peer:chc"),
+    ]
 
 
 def test_pause_an_adapter_and_refuse_unknown_names(trio: Alliance) -> None:
@@ -187,8 +226,7 @@ def test_pause_an_adapter_and_refuse_unknown_names(trio: Alliance) -> None:
     it.get("/ui/it")
     _s, _u, page = it.open("/ui/it/pause?kind=adapter&name=lis&paused=1", {})
     assert row(page, "live-adapters", "data-adapter", "lis")[1] == "⏸ 已暂停"
-    assert value(scrape(core, METRICS_TOKEN)[2], "hutong_paused", kind="adapter",
-                 name="lis") == 1.0
+    assert value(scrape(core, METRICS_TOKEN)[2], "hutong_paused", kind="adapter", name="lis") == 1.0
     _s, _u, page = it.open("/ui/it/pause?kind=adapter&name=lis&paused=0", {})
     assert row(page, "live-adapters", "data-adapter", "lis")[1] == "▶ 运行中"
     status, _u, page = it.open("/ui/it/pause?kind=adapter&name=..%2Fetc&paused=1", {})
@@ -199,11 +237,12 @@ def test_pause_an_adapter_and_refuse_unknown_names(trio: Alliance) -> None:
     clinician.get("/ui/")
     status, _u, _p = clinician.open("/ui/it/pause?kind=peer&name=chc&paused=1", {})
     assert status == 403
-    assert value(scrape(core, METRICS_TOKEN)[2], "hutong_paused", kind="peer",
-                 name="chc") == 0.0
-    actions = [(r["action"], r["message"]) for r in
-               audit_rows(core, "paused") + audit_rows(core, "resumed")
-               if "adapter:lis" in r["message"]]
+    assert value(scrape(core, METRICS_TOKEN)[2], "hutong_paused", kind="peer", name="chc") == 0.0
+    actions = [
+        (r["action"], r["message"])
+        for r in audit_rows(core, "paused") + audit_rows(core, "resumed")
+        if "adapter:lis" in r["message"]
+    ]
     assert actions == [("paused", "paused adapter:lis"), ("resumed", "resumed adapter:lis")]
 
 
@@ -227,22 +266,42 @@ GRAFANA_SCHEMA: dict[str, Any] = {
         "schemaVersion": {"type": "integer", "minimum": 36},
         "refresh": {"type": "string"},
         "time": {"type": "object", "required": ["from", "to"]},
-        "templating": {"type": "object", "required": ["list"], "properties": {"list": {
-            "type": "array", "items": {"type": "object", "required": ["name", "type"]}}}},
-        "panels": {"type": "array", "minItems": 1, "items": {
+        "templating": {
             "type": "object",
-            "required": ["id", "type", "title", "gridPos", "targets", "datasource"],
+            "required": ["list"],
             "properties": {
-                "id": {"type": "integer"},
-                "type": {"enum": ["timeseries", "stat", "table", "bargauge", "gauge"]},
-                "gridPos": {"type": "object", "required": ["h", "w", "x", "y"],
-                            "properties": {k: {"type": "integer", "minimum": 0}
-                                           for k in ("h", "w", "x", "y")}},
-                "datasource": {"type": "object", "required": ["type", "uid"],
-                               "properties": {"type": {"const": "prometheus"}}},
-                "targets": {"type": "array", "minItems": 1, "items": {
-                    "type": "object", "required": ["expr", "refId"]}},
-            }}},
+                "list": {"type": "array", "items": {"type": "object", "required": ["name", "type"]}}
+            },
+        },
+        "panels": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "required": ["id", "type", "title", "gridPos", "targets", "datasource"],
+                "properties": {
+                    "id": {"type": "integer"},
+                    "type": {"enum": ["timeseries", "stat", "table", "bargauge", "gauge"]},
+                    "gridPos": {
+                        "type": "object",
+                        "required": ["h", "w", "x", "y"],
+                        "properties": {
+                            k: {"type": "integer", "minimum": 0} for k in ("h", "w", "x", "y")
+                        },
+                    },
+                    "datasource": {
+                        "type": "object",
+                        "required": ["type", "uid"],
+                        "properties": {"type": {"const": "prometheus"}},
+                    },
+                    "targets": {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": {"type": "object", "required": ["expr", "refId"]},
+                    },
+                },
+            },
+        },
     },
 }
 
@@ -252,8 +311,14 @@ def test_grafana_dashboard_loads_and_queries_what_the_node_exports(trio: Allianc
     jsonschema_rs.validate(GRAFANA_SCHEMA, doc)
     ids = [p["id"] for p in doc["panels"]]
     assert len(ids) == len(set(ids))
-    exported = {fam.name for fam in text_string_to_metric_families(
-        scrape(trio.node("core"), METRICS_TOKEN)[2])}
-    used = {m for p in doc["panels"] for t in p["targets"]
-            for m in re.findall(r"\b(hutong_[a-z_]+)", t["expr"])}
+    exported = {
+        fam.name
+        for fam in text_string_to_metric_families(scrape(trio.node("core"), METRICS_TOKEN)[2])
+    }
+    used = {
+        m
+        for p in doc["panels"]
+        for t in p["targets"]
+        for m in re.findall(r"\b(hutong_[a-z_]+)", t["expr"])
+    }
     assert used and used <= exported | {f"{n}_total" for n in exported}, used - exported

@@ -22,8 +22,16 @@ pytestmark = pytest.mark.slow
 
 CHROMIUM = Path("/usr/bin/chromium")
 SHOTS = ROOT / "test-artifacts" / "screenshots"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 if not CHROMIUM.exists():
     pytest.skip("Debian chromium is not installed at /usr/bin/chromium", allow_module_level=True)
@@ -36,14 +44,26 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Alliance]:
     from tests.lis_site import write_site
 
     tmp = tmp_path_factory.mktemp("console-browser")
-    members = [{"id": "core", "zh": "复兴医院", "en": "Fuxing Hospital", "role": "core",
-                "adapters": [{"name": "lis", "type": "lis-hl7",
-                              "mappings": str(write_site(tmp / "mappings")),
-                              "options": {"port": free_port_block(1)}}]},
-               {"id": "chc", "zh": "月坛社区卫生服务中心", "en": "Yuetan CHC",
-                "role": "community"}]
-    a = Alliance(tmp / "alliance", members, [{"from": "core", "to": "chc",
-                                              "kinds": ["result.lab"]}])
+    members = [
+        {
+            "id": "core",
+            "zh": "复兴医院",
+            "en": "Fuxing Hospital",
+            "role": "core",
+            "adapters": [
+                {
+                    "name": "lis",
+                    "type": "lis-hl7",
+                    "mappings": str(write_site(tmp / "mappings")),
+                    "options": {"port": free_port_block(1)},
+                }
+            ],
+        },
+        {"id": "chc", "zh": "月坛社区卫生服务中心", "en": "Yuetan CHC", "role": "community"},
+    ]
+    a = Alliance(
+        tmp / "alliance", members, [{"from": "core", "to": "chc", "kinds": ["result.lab"]}]
+    )
     a.start("core", "chc")
     yield a
     a.stop_all()
@@ -76,7 +96,9 @@ def test_dashboard_updates_in_place_and_pauses(pair: Alliance) -> None:
                   const row = document.querySelector('#live span[data-peer="chc"]')
                     .closest('tr');
                   return row.cells[3].textContent.trim().startsWith('4 /');
-                }""", timeout=60_000)
+                }""",
+                timeout=60_000,
+            )
             assert page.get_attribute("#live p.updated", "data-updated") != first
             assert page.evaluate("window.__marker") == "same page"
             assert page.locator("#live svg.chart-rate rect.bar").count() == 48

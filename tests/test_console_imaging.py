@@ -34,15 +34,43 @@ VIEWER = "http://viewer.yuetan.example/ohif/viewer?StudyInstanceUIDs={study_uid}
 def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Alliance]:
     ports = free_port_block(2)
     members = [
-        {"id": "core", "zh": "复兴医院", "en": "Fuxing Hospital", "role": "core",
-         "adapters": [{"name": "pacs", "type": "pacs-dicom", "receives": ["imaging.*"],
-                       "options": {"bind": f"127.0.0.1:{ports}", "ae_title": "HUTONG"}}]},
-        {"id": "chc", "zh": "月坛社区卫生服务中心", "en": "Yuetan CHC", "role": "community",
-         "adapters": [{"name": "pacs", "type": "pacs-dicom", "receives": ["imaging.*"],
-                       "options": {"bind": f"127.0.0.1:{ports + 1}", "ae_title": "YUETAN",
-                                   "viewer_url": VIEWER}}]}]
-    rules = [{"from": "chc", "to": "core", "kinds": ["imaging.fetch-request", *REFERRAL_KINDS]},
-             {"from": "core", "to": "chc", "kinds": ["imaging.fetch-response", *REFERRAL_KINDS]}]
+        {
+            "id": "core",
+            "zh": "复兴医院",
+            "en": "Fuxing Hospital",
+            "role": "core",
+            "adapters": [
+                {
+                    "name": "pacs",
+                    "type": "pacs-dicom",
+                    "receives": ["imaging.*"],
+                    "options": {"bind": f"127.0.0.1:{ports}", "ae_title": "HUTONG"},
+                }
+            ],
+        },
+        {
+            "id": "chc",
+            "zh": "月坛社区卫生服务中心",
+            "en": "Yuetan CHC",
+            "role": "community",
+            "adapters": [
+                {
+                    "name": "pacs",
+                    "type": "pacs-dicom",
+                    "receives": ["imaging.*"],
+                    "options": {
+                        "bind": f"127.0.0.1:{ports + 1}",
+                        "ae_title": "YUETAN",
+                        "viewer_url": VIEWER,
+                    },
+                }
+            ],
+        },
+    ]
+    rules = [
+        {"from": "chc", "to": "core", "kinds": ["imaging.fetch-request", *REFERRAL_KINDS]},
+        {"from": "core", "to": "chc", "kinds": ["imaging.fetch-response", *REFERRAL_KINDS]},
+    ]
     a = Alliance(tmp_path_factory.mktemp("imaging") / "alliance", members, rules)
     a.start("core", "chc")
     yield a
@@ -50,15 +78,29 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Alliance]:
 
 
 def study(patient_ref: str) -> dict[str, Any]:
-    return {"resourceType": "ImagingStudy", "id": "ct-before-referral", "status": "available",
-            "identifier": [{"system": "urn:dicom:uid", "value": f"urn:oid:{STUDY_UID}"}],
-            "subject": {"reference": patient_ref}, "started": "2026-11-19T09:12:00+08:00",
-            "description": "头颅CT平扫", "numberOfInstances": 120,
-            "modality": [{"system": "http://dicom.nema.org/resources/ontology/DCM",
-                          "code": "CT"}],
-            "series": [{"uid": f"{STUDY_UID}.1", "number": 1, "numberOfInstances": 120,
-                        "modality": {"system": "http://dicom.nema.org/resources/ontology/DCM",
-                                     "code": "CT"}, "description": "轴位 5mm"}]}
+    return {
+        "resourceType": "ImagingStudy",
+        "id": "ct-before-referral",
+        "status": "available",
+        "identifier": [{"system": "urn:dicom:uid", "value": f"urn:oid:{STUDY_UID}"}],
+        "subject": {"reference": patient_ref},
+        "started": "2026-11-19T09:12:00+08:00",
+        "description": "头颅CT平扫",
+        "numberOfInstances": 120,
+        "modality": [{"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "CT"}],
+        "series": [
+            {
+                "uid": f"{STUDY_UID}.1",
+                "number": 1,
+                "numberOfInstances": 120,
+                "modality": {
+                    "system": "http://dicom.nema.org/resources/ontology/DCM",
+                    "code": "CT",
+                },
+                "description": "轴位 5mm",
+            }
+        ],
+    }
 
 
 def test_patient_imaging_on_the_referral_with_viewer_and_fetch(pair: Alliance) -> None:
@@ -71,32 +113,42 @@ def test_patient_imaging_on_the_referral_with_viewer_and_fetch(pair: Alliance) -
     s = Store(chc.plan.storage_dsn)
     try:
         with s.write() as conn:
-            fstore.put(conn, study("Patient/x"), at=datetime.now(UTC), origin="core",
-                       patient_hash=phash)
+            fstore.put(
+                conn, study("Patient/x"), at=datetime.now(UTC), origin="core", patient_hash=phash
+            )
     finally:
         s.dispose()
     gp = Browser(chc).login("clinician")
     page = gp.get(f"/ui/referrals/{thread}")
     assert f'<code class="study-uid">{STUDY_UID}</code>' in page
     assert "头颅CT平扫" in page and "2026-11-19 09:12 (北京时间)" in page
-    assert (f'href="http://viewer.yuetan.example/ohif/viewer?StudyInstanceUIDs={STUDY_UID}"'
-            in page)
-    assert f'action="/ui/referrals/{thread}/imaging/fetch?peer=core&amp;study={STUDY_UID}"' \
-        in page
+    assert f'href="http://viewer.yuetan.example/ohif/viewer?StudyInstanceUIDs={STUDY_UID}"' in page
+    assert f'action="/ui/referrals/{thread}/imaging/fetch?peer=core&amp;study={STUDY_UID}"' in page
     assert_readable(page, "referral with the patient's imaging")
     # another patient's referral does not show this study
-    other = new_thread(chc, referral("up-exam", "core", mrn="IM0002",
-                                     national_id="110102196001011234"))
+    other = new_thread(
+        chc, referral("up-exam", "core", mrn="IM0002", national_id="110102196001011234")
+    )
     assert STUDY_UID not in gp.get(f"/ui/referrals/{other}")
 
     status, url, after = gp.open(
-        f"/ui/referrals/{thread}/imaging/fetch?peer=core&study={STUDY_UID}", {})
+        f"/ui/referrals/{thread}/imaging/fetch?peer=core&study={STUDY_UID}", {}
+    )
     assert status == 200 and url.endswith(f"/ui/referrals/{thread}") and "已请求调阅" in after
-    wait_for(lambda: db_rows(chc, "SELECT count(*) FROM outbox WHERE kind = "
-                                  "'imaging.fetch-request' AND recipient = 'core'") == [(1,)],
-             what="the fetch request queued for core")
-    assert db_rows(chc, "SELECT count(*) FROM audit WHERE action = "
-                        "'imaging-fetch-requested'") == [(1,)]
+    wait_for(
+        lambda: (
+            db_rows(
+                chc,
+                "SELECT count(*) FROM outbox WHERE kind = "
+                "'imaging.fetch-request' AND recipient = 'core'",
+            )
+            == [(1,)]
+        ),
+        what="the fetch request queued for core",
+    )
+    assert db_rows(chc, "SELECT count(*) FROM audit WHERE action = 'imaging-fetch-requested'") == [
+        (1,)
+    ]
     # a made-up member is refused, nothing queued
     status, _u, body = gp.open(f"/ui/referrals/{thread}/imaging/fetch?peer=nobody&study=1.2", {})
     assert status == 404 and "HT-NOT-FOUND" in body
@@ -109,8 +161,9 @@ def test_a_patients_many_studies_are_counted_and_paged_on_the_referral(pair: All
     import re
 
     chc = pair.node("chc")
-    thread = new_thread(chc, referral("up-exam", "core", mrn="IM0003",
-                                      national_id="110102197203031233"))
+    thread = new_thread(
+        chc, referral("up-exam", "core", mrn="IM0003", national_id="110102197203031233")
+    )
     phash = state(chc, thread)["patient_hash"]
     uids = [f"1.2.826.0.1.3680043.8.498.77{i:02d}" for i in range(23)]
     s = Store(chc.plan.storage_dsn)
@@ -120,8 +173,13 @@ def test_a_patients_many_studies_are_counted_and_paged_on_the_referral(pair: All
                 st = study("Patient/x")
                 st["id"], st["description"] = f"ct-many-{i:02d}", f"随访CT {i:02d}"
                 st["identifier"] = [{"system": "urn:dicom:uid", "value": f"urn:oid:{uid}"}]
-                fstore.put(conn, st, at=datetime(2026, 11, 1, 8, i, tzinfo=UTC),
-                           origin="core", patient_hash=phash)
+                fstore.put(
+                    conn,
+                    st,
+                    at=datetime(2026, 11, 1, 8, i, tzinfo=UTC),
+                    origin="core",
+                    patient_hash=phash,
+                )
     finally:
         s.dispose()
     gp = Browser(chc).login("clinician")
@@ -130,8 +188,11 @@ def test_a_patients_many_studies_are_counted_and_paged_on_the_referral(pair: All
         return re.findall(r'<code class="study-uid">([\d.]+)</code>', page)
 
     def count_line(page: str) -> re.Match[str]:
-        m = re.search(r'<p class="count imaging-count" data-type="ImagingStudy">[^<]*: '
-                      r'<span class="total">(\d+)</span>, (\d+) 条在本页 ?(.*?)</p>', page)
+        m = re.search(
+            r'<p class="count imaging-count" data-type="ImagingStudy">[^<]*: '
+            r'<span class="total">(\d+)</span>, (\d+) 条在本页 ?(.*?)</p>',
+            page,
+        )
         assert m is not None, page
         return m
 

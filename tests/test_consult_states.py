@@ -43,10 +43,19 @@ MEMBERS = [
     {"id": "core", "zh": "复兴医院", "en": "Fuxing Hospital", "role": "core"},
     {"id": "chc", "zh": "月坛社区卫生服务中心", "en": "Yuetan CHC", "role": "community"},
 ]
-KINDS = ["consult.request", "consult.status", "consult.report", "referral.request",
-         "referral.status", "referral.cancel", "referral.return"]
-RULES = [{"from": "chc", "to": "core", "kinds": KINDS},
-         {"from": "core", "to": "chc", "kinds": KINDS}]
+KINDS = [
+    "consult.request",
+    "consult.status",
+    "consult.report",
+    "referral.request",
+    "referral.status",
+    "referral.cancel",
+    "referral.return",
+]
+RULES = [
+    {"from": "chc", "to": "core", "kinds": KINDS},
+    {"from": "core", "to": "chc", "kinds": KINDS},
+]
 
 
 class Side:
@@ -59,13 +68,19 @@ class Side:
     def take_outbox(self) -> list[Delivery]:
         """Queued packets, as the other side's dispatcher would hand them over."""
         with self.ctx.store.write() as conn:
-            rows = conn.execute(select(OUTBOX).where(OUTBOX.c.state == "queued")
-                                .order_by(OUTBOX.c.id)).all()
-            conn.execute(update(OUTBOX).where(OUTBOX.c.state == "queued")
-                         .values(state="acknowledged"))
+            rows = conn.execute(
+                select(OUTBOX).where(OUTBOX.c.state == "queued").order_by(OUTBOX.c.id)
+            ).all()
+            conn.execute(
+                update(OUTBOX).where(OUTBOX.c.state == "queued").values(state="acknowledged")
+            )
         self.emitted += [r.body for r in rows]
-        return [Delivery(r.packet_id, r.sender, r.kind, r.thread, r.seq, r.patient_hash,
-                         r.created_at, r.body) for r in rows]
+        return [
+            Delivery(
+                r.packet_id, r.sender, r.kind, r.thread, r.seq, r.patient_hash, r.created_at, r.body
+            )
+            for r in rows
+        ]
 
     def row(self, thread: str) -> dict[str, Any]:
         return next(r for r in self.cw.list() if r["thread"] == thread)
@@ -90,8 +105,9 @@ class Side:
 
 @pytest.fixture
 def sides(tmp_path: Path) -> Iterator[tuple[Side, Side]]:
-    files = write_alliance(tmp_path / "a", MEMBERS, RULES, base_port_local=31100,
-                           base_port_peer=32100)
+    files = write_alliance(
+        tmp_path / "a", MEMBERS, RULES, base_port_local=31100, base_port_peer=32100
+    )
     chc, core = Side(files["chc"]), Side(files["core"])
     yield chc, core
     for s in (chc, core):
@@ -140,13 +156,15 @@ def test_whole_mdt_loop_both_sides_equal_at_every_step(sides: tuple[Side, Side])
     equal(chc, core, thread, ("on-hold", "returned"))
     assert chc.task(thread)["statusReason"] == {"text": "缺肺功能报告"}
     assert chc.row(thread)["reason"] == "缺肺功能报告"
-    chc.cw.step(thread, "resubmit", "user:dr.li", bundle=consults.records(
-        chc.patient_ref(thread)))
+    chc.cw.step(thread, "resubmit", "user:dr.li", bundle=consults.records(chc.patient_ref(thread)))
     shuttle(chc, core)
     equal(chc, core, thread, ("received", "resubmitted"))
     assert "statusReason" not in core.task(thread)
-    docs = [r for r in core.cw.view(thread)["resources"]  # type: ignore[index]
-            if r["resourceType"] == "DocumentReference"]
+    docs = [
+        r
+        for r in core.cw.view(thread)["resources"]  # type: ignore[index]
+        if r["resourceType"] == "DocumentReference"
+    ]
     assert [d["description"] for d in docs] == ["肺功能：FEV1 78%"]
     assert docs[0]["subject"] == {"reference": core.patient_ref(thread)}
     # accepted and scheduled: 3 experts, the inviting doctor added, the video link
@@ -166,18 +184,26 @@ def test_whole_mdt_loop_both_sides_equal_at_every_step(sides: tuple[Side, Side])
         assert role["organization"] == {"reference": "Organization/core"}
         assert chc.get(role["practitioner"]["reference"])["name"][0]["text"]
     assert chc.task(thread)["output"][0]["valueReference"] == {
-        "reference": f"Appointment/{appt['id']}"}
+        "reference": f"Appointment/{appt['id']}"
+    }
     core.cw.step(thread, "start", "user:dr.chen")
     shuttle(chc, core)
     equal(chc, core, thread, ("in-progress", "in-consultation"))
     # the draft report stays at the centre
-    core.cw.step(thread, "report", "user:dr.zhang",
-                 bundle=consults.report(core.patient_ref(thread), refer_to="core"))
+    core.cw.step(
+        thread,
+        "report",
+        "user:dr.zhang",
+        bundle=consults.report(core.patient_ref(thread), refer_to="core"),
+    )
     items = core.take_outbox()
     assert [i.kind for i in items] == ["consult.status"]
     body = orjson.loads(items[0].body)
     assert {e["resource"]["resourceType"] for e in body["entry"]} == {
-        "MessageHeader", "Task", "Organization"}
+        "MessageHeader",
+        "Task",
+        "Organization",
+    }
     deliver(chc, items)
     equal(chc, core, thread, ("in-progress", "reported"))
     core.cw.step(thread, "release", "user:qc.wang")
@@ -195,20 +221,33 @@ def test_whole_mdt_loop_both_sides_equal_at_every_step(sides: tuple[Side, Side])
     assert cond["code"]["coding"][0]["code"] == "C34.1"
     assert chc.row(thread)["recommends_referral"] is True
     assert chc.get(f"ServiceRequest/{chc.row(thread)['sr_id']}")["status"] == "completed"
-    chc.cw.step(thread, "follow-up", "user:dr.li",
-                bundle=consults.follow_up(chc.patient_ref(thread)))
+    chc.cw.step(
+        thread, "follow-up", "user:dr.li", bundle=consults.follow_up(chc.patient_ref(thread))
+    )
     shuttle(chc, core)
     equal(chc, core, thread, ("completed", "follow-up-planned"))
-    plan = next(o for o in core.task(thread)["output"]
-                if o["type"]["coding"][0]["code"] == "follow-up")
+    plan = next(
+        o for o in core.task(thread)["output"] if o["type"]["coding"][0]["code"] == "follow-up"
+    )
     assert core.get(plan["valueReference"]["reference"])["title"] == "会诊后随访"
     chc.cw.step(thread, "close", "user:dr.li")
     shuttle(chc, core)
     equal(chc, core, thread, ("completed", "closed"))
     assert chc.task(thread)["output"] == core.task(thread)["output"]
     # every step audited on both sides, the same events in the same order
-    events = ["request", "received", "return", "resubmit", "schedule", "start", "report",
-              "release", "report-received", "follow-up", "close"]
+    events = [
+        "request",
+        "received",
+        "return",
+        "resubmit",
+        "schedule",
+        "start",
+        "report",
+        "release",
+        "report-received",
+        "follow-up",
+        "close",
+    ]
     for side in (chc, core):
         assert audited_events(side, thread) == events
     check_emitted(chc, core)
@@ -217,13 +256,16 @@ def test_whole_mdt_loop_both_sides_equal_at_every_step(sides: tuple[Side, Side])
 def audited_events(side: Side, thread: str) -> list[str]:
     """The ``event`` of each successful consultation audit record of the thread, in order."""
     with side.ctx.store.read() as conn:
-        rows = conn.execute(select(AUDIT.c.resource).where(
-            AUDIT.c.action == "consultation", AUDIT.c.thread == thread,
-            AUDIT.c.outcome == "0").order_by(AUDIT.c.seq)).all()
+        rows = conn.execute(
+            select(AUDIT.c.resource)
+            .where(
+                AUDIT.c.action == "consultation", AUDIT.c.thread == thread, AUDIT.c.outcome == "0"
+            )
+            .order_by(AUDIT.c.seq)
+        ).all()
     out = []
     for r in rows:
-        ext = next(e for e in orjson.loads(r.resource)["extension"]
-                   if e["url"] == EXTRA_EXTENSION)
+        ext = next(e for e in orjson.loads(r.resource)["extension"] if e["url"] == EXTRA_EXTENSION)
         out.append(next(x["valueString"] for x in ext["extension"] if x["url"] == "event"))
     return out
 
@@ -326,8 +368,7 @@ def test_cancel_before_the_meeting_and_after_it(sides: tuple[Side, Side]) -> Non
     third = start(chc, core, "general", national_id="110102197001010011", name="张三")
     core.cw.step(third, "return", "user:dr.chen", reason="缺CT报告")
     shuttle(chc, core)
-    chc.cw.step(third, "resubmit", "user:dr.li", bundle=consults.records(
-        chc.patient_ref(third)))
+    chc.cw.step(third, "resubmit", "user:dr.li", bundle=consults.records(chc.patient_ref(third)))
     core.cw.step(third, "cancelled", "user:dr.chen", reason="超过会诊期限")
     shuttle(chc, core)
     equal(chc, core, third, ("cancelled", "cancelled"))
@@ -339,22 +380,36 @@ def test_a_waiting_consultation_is_reminded_once_per_step(sides: tuple[Side, Sid
     thread = start(chc, core, "general")
     assert core.cw.remind() == 0
     with core.ctx.store.write() as conn:
-        old = core.row(thread)["step_at"] - timedelta(seconds=core.ctx.plan.consult
-                                                      .wait_timeout_s + 60)
-        conn.execute(update(CONSULTATION).where(CONSULTATION.c.thread == thread)
-                     .values(step_at=old))
+        old = core.row(thread)["step_at"] - timedelta(
+            seconds=core.ctx.plan.consult.wait_timeout_s + 60
+        )
+        conn.execute(
+            update(CONSULTATION).where(CONSULTATION.c.thread == thread).values(step_at=old)
+        )
     assert core.cw.remind() == 1
     assert core.cw.remind() == 0  # once per step
     assert core.cw.overdue() == 1
     with core.ctx.store.read() as conn:
-        rows = conn.execute(select(AUDIT.c.resource).where(AUDIT.c.action == "reminder",
-                                                           AUDIT.c.thread == thread)).all()
+        rows = conn.execute(
+            select(AUDIT.c.resource).where(AUDIT.c.action == "reminder", AUDIT.c.thread == thread)
+        ).all()
     assert len(rows) == 1
-    assert "consultation waiting at 'received' for 14" in orjson.loads(
-        rows[0].resource)["outcomeDesc"]
-    [alert] = [a for a in evaluate(Facts(now=core.ctx.now(), started_at=core.ctx.now(),
-                                         peers={}, consults_overdue=core.cw.overdue()),
-                                   AlertsConfig()) if a.rule == "consult-overdue"]
+    assert (
+        "consultation waiting at 'received' for 14" in orjson.loads(rows[0].resource)["outcomeDesc"]
+    )
+    [alert] = [
+        a
+        for a in evaluate(
+            Facts(
+                now=core.ctx.now(),
+                started_at=core.ctx.now(),
+                peers={},
+                consults_overdue=core.cw.overdue(),
+            ),
+            AlertsConfig(),
+        )
+        if a.rule == "consult-overdue"
+    ]
     assert (alert.subject, alert.value) == ("consultations", 1)
     core.cw.step(thread, "schedule", "user:dr.chen", bundle=consults.schedule("core", 1))
     assert core.cw.overdue() == 0  # moved on
@@ -363,16 +418,24 @@ def test_a_waiting_consultation_is_reminded_once_per_step(sides: tuple[Side, Sid
 def test_imaging_reading_report_arrives_with_its_study(sides: tuple[Side, Side]) -> None:
     chc, core = sides
     thread = start(chc, core, "imaging-reading")
-    study = next(r for r in core.cw.view(thread)["resources"]  # type: ignore[index]
-                 if r["resourceType"] == "ImagingStudy")
+    study = next(
+        r
+        for r in core.cw.view(thread)["resources"]  # type: ignore[index]
+        if r["resourceType"] == "ImagingStudy"
+    )
     assert study["identifier"][0]["value"] == f"urn:oid:{consults.STUDY_UID}"
     core.cw.step(thread, "schedule", "user:dr.sun", bundle=consults.schedule("core", 1))
     core.cw.step(thread, "start", "user:dr.sun")
     with pytest.raises(InvalidResource, match="imagingStudy"):
-        core.cw.step(thread, "report", "user:dr.sun",
-                     bundle=consults.report(core.patient_ref(thread)))
-    core.cw.step(thread, "report", "user:dr.sun", bundle=consults.imaging_report(
-        core.patient_ref(thread), f"ImagingStudy/{study['id']}"))
+        core.cw.step(
+            thread, "report", "user:dr.sun", bundle=consults.report(core.patient_ref(thread))
+        )
+    core.cw.step(
+        thread,
+        "report",
+        "user:dr.sun",
+        bundle=consults.imaging_report(core.patient_ref(thread), f"ImagingStudy/{study['id']}"),
+    )
     core.cw.step(thread, "release", "user:qc.wang")
     shuttle(chc, core)
     equal(chc, core, thread, ("completed", "report-received"))
@@ -385,7 +448,8 @@ def test_imaging_reading_report_arrives_with_its_study(sides: tuple[Side, Side])
     assert dr["subject"] == {"reference": chc.patient_ref(thread)}
     assert {"reference": f"ServiceRequest/{chc.row(thread)['sr_id']}"} in dr["basedOn"]
     assert chc.get(f"ImagingStudy/{study['id']}")["subject"] == {
-        "reference": chc.patient_ref(thread)}
+        "reference": chc.patient_ref(thread)
+    }
     check_emitted(chc, core)
 
 
@@ -396,8 +460,12 @@ def test_a_report_recommending_referral_becomes_a_referral(sides: tuple[Side, Si
         chc.cw.referral_draft(thread)
     core.cw.step(thread, "schedule", "user:dr.chen", bundle=consults.schedule("core", 1))
     core.cw.step(thread, "start", "user:dr.chen")
-    core.cw.step(thread, "report", "user:dr.chen",
-                 bundle=consults.report(core.patient_ref(thread), refer_to="core"))
+    core.cw.step(
+        thread,
+        "report",
+        "user:dr.chen",
+        bundle=consults.report(core.patient_ref(thread), refer_to="core"),
+    )
     core.cw.step(thread, "release", "user:qc.wang")
     shuttle(chc, core)
     draft = chc.cw.referral_draft(thread, "up-inpatient")
@@ -410,13 +478,27 @@ def test_a_report_recommending_referral_becomes_a_referral(sides: tuple[Side, Si
     assert sr["note"][0]["text"].startswith("建议上转胸外科")
     with pytest.raises(MissingConsent):  # the referral asks its own consent
         chc.wf.submit(copy.deepcopy(draft), "user:dr.li")
-    draft["entry"].append({"fullUrl": "urn:uuid:7d1b1d1e-0000-4000-8000-000000000001",
-                           "request": {"method": "POST", "url": "Consent"}, "resource": {
-        "resourceType": "Consent", "status": "active",
-        "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope",
-                              "code": "treatment"}]},
-        "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
-        "patient": sr["subject"], "policyRule": {"text": "家属同意转诊"}}})
+    draft["entry"].append(
+        {
+            "fullUrl": "urn:uuid:7d1b1d1e-0000-4000-8000-000000000001",
+            "request": {"method": "POST", "url": "Consent"},
+            "resource": {
+                "resourceType": "Consent",
+                "status": "active",
+                "scope": {
+                    "coding": [
+                        {
+                            "system": "http://terminology.hl7.org/CodeSystem/consentscope",
+                            "code": "treatment",
+                        }
+                    ]
+                },
+                "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
+                "patient": sr["subject"],
+                "policyRule": {"text": "家属同意转诊"},
+            },
+        }
+    )
     chc.wf.submit(draft, "user:dr.li")
     referral = chc.wf.list()[0]
     assert referral["side"] == "referrer" and referral["kind"] == "up-inpatient"
@@ -425,8 +507,7 @@ def test_a_report_recommending_referral_becomes_a_referral(sides: tuple[Side, Si
     items = chc.take_outbox()
     assert [i.kind for i in items] == ["referral.request"]
     sent = orjson.loads(items[0].body)
-    wire_sr = next(e["resource"] for e in sent["entry"]
-                   if e["resource"]["id"] == referral["sr_id"])
+    wire_sr = next(e["resource"] for e in sent["entry"] if e["resource"]["id"] == referral["sr_id"])
     assert wire_sr["basedOn"] == [{"reference": consult_sr}]
     core.wf.apply_packet(items[0])
     assert core.wf.list()[0]["kind"] == "up-inpatient"
@@ -468,7 +549,8 @@ class ConsultAware(ReferralOnly):
 
 @pytest.mark.parametrize("sink", [ReferralOnly, ConsultAware])
 def test_the_dispatcher_hands_consult_events_only_to_sinks_that_take_them(
-        sides: tuple[Side, Side], tmp_path: Path, sink: type[ReferralOnly]) -> None:
+    sides: tuple[Side, Side], tmp_path: Path, sink: type[ReferralOnly]
+) -> None:
     from bridge.node import Node
 
     chc, core = sides
@@ -480,19 +562,32 @@ def test_the_dispatcher_hands_consult_events_only_to_sinks_that_take_them(
         [item] = chc.take_outbox()
         now = core.ctx.now()
         with core.ctx.store.write() as conn:
-            conn.execute(INBOX.insert().values(
-                packet_id=item.packet_id, sender="chc", kind=item.kind, thread=item.thread,
-                seq=item.seq, digest="0" * 64, size=len(item.body), state="received",
-                attempts=0, created_at=now, received_at=now, next_try_at=now, body=item.body,
-                receipt=b""))
+            conn.execute(
+                INBOX.insert().values(
+                    packet_id=item.packet_id,
+                    sender="chc",
+                    kind=item.kind,
+                    thread=item.thread,
+                    seq=item.seq,
+                    digest="0" * 64,
+                    size=len(item.body),
+                    state="received",
+                    attempts=0,
+                    created_at=now,
+                    received_at=now,
+                    next_try_at=now,
+                    body=item.body,
+                    receipt=b"",
+                )
+            )
         assert node.dispatcher.run_once() == 1
         with core.ctx.store.read() as conn:
-            state = conn.execute(select(INBOX.c.state).where(
-                INBOX.c.packet_id == item.packet_id)).scalar()
+            state = conn.execute(
+                select(INBOX.c.state).where(INBOX.c.packet_id == item.packet_id)
+            ).scalar()
         assert state == "delivered"
         assert core.state(item.thread) == ("received", "received")  # applied by the hook
-        assert adapter.got == ([] if sink is ReferralOnly
-                               else ["consult:request:centre:received"])
+        assert adapter.got == ([] if sink is ReferralOnly else ["consult:request:centre:received"])
     finally:
         node.ctx.store.dispose()
 
@@ -503,11 +598,22 @@ def test_an_operations_inputs_from_parameters_a_bundle_or_one_resource() -> None
     records = consults.records("Patient/p-1")
     assert consult_parameters({}) == {}
     assert consult_parameters(records) == {"resources": records}
-    got = consult_parameters({"resourceType": "Parameters", "parameter": [
-        {"name": "reason", "valueString": "缺CT报告"}, {"name": "kind", "valueCode": "mdt"},
-        {"name": "resources", "resource": records}]})
-    assert got == {"reason": "缺CT报告", "kind": "mdt", "resources": {
-        "resourceType": "Bundle", "type": "collection", "entry": records["entry"]}}
+    got = consult_parameters(
+        {
+            "resourceType": "Parameters",
+            "parameter": [
+                {"name": "reason", "valueString": "缺CT报告"},
+                {"name": "kind", "valueCode": "mdt"},
+                {"name": "resources", "resource": records},
+            ],
+        }
+    )
+    assert got == {
+        "reason": "缺CT报告",
+        "kind": "mdt",
+        "resources": {"resourceType": "Bundle", "type": "collection", "entry": records["entry"]},
+    }
     plan = consults.follow_up("Patient/p-1")["entry"][0]["resource"]
-    assert consult_parameters(plan) == {"resources": {
-        "resourceType": "Bundle", "type": "collection", "entry": [{"resource": plan}]}}
+    assert consult_parameters(plan) == {
+        "resources": {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": plan}]}
+    }

@@ -32,8 +32,11 @@ EXTERNAL = re.compile(r"^[a-z][a-z0-9+.-]*:", re.I)  # http:, https:, mailto:, .
 def markdown_files() -> list[Path]:
     """Every Markdown file the docs tell people to read (docs/pending/ is notes in transit)."""
     top = [ROOT / n for n in ("README.md", "README.zh-CN.md", "CONTRIBUTING.md", "CHANGELOG.md")]
-    docs = [p for p in sorted((ROOT / "docs").rglob("*.md"))
-            if "pending" not in p.relative_to(ROOT / "docs").parts]
+    docs = [
+        p
+        for p in sorted((ROOT / "docs").rglob("*.md"))
+        if "pending" not in p.relative_to(ROOT / "docs").parts
+    ]
     return [*top, ROOT / "bench" / "README.md", *docs]
 
 
@@ -87,8 +90,10 @@ def test_every_relative_link_resolves(path: Path) -> None:
 
 def test_link_finder_sees_links_and_skips_code() -> None:
     """The checker itself: a link in prose is found, one in code is not, URLs are skipped."""
-    text = ("See [a](docs/a.md#x) and ![b](img/b.png \"t\").\n`[c](c.md)` [d](https://e.org)\n"
-            "```\n[f](f.md)\n```\n[g](#anchor)\n")
+    text = (
+        'See [a](docs/a.md#x) and ![b](img/b.png "t").\n`[c](c.md)` [d](https://e.org)\n'
+        "```\n[f](f.md)\n```\n[g](#anchor)\n"
+    )
     assert relative_links(text) == ["docs/a.md#x", "img/b.png"]
 
 
@@ -99,7 +104,7 @@ def mkdocs_config() -> dict:
 def nav_pages(nav: list) -> list[str]:
     out: list[str] = []
     for item in nav:
-        for value in (item.values() if isinstance(item, dict) else [item]):
+        for value in item.values() if isinstance(item, dict) else [item]:
             out += nav_pages(value) if isinstance(value, list) else [value]
     return out
 
@@ -111,14 +116,22 @@ def test_site_nav_covers_every_page_and_excludes_pending_notes() -> None:
     assert "pending/" in cfg["exclude_docs"].split()
     pages = nav_pages(cfg["nav"])
     assert len(pages) == len(set(pages))
-    on_disk = {str(p.relative_to(ROOT / "docs")) for p in markdown_files()
-               if p.is_relative_to(ROOT / "docs")}
+    on_disk = {
+        str(p.relative_to(ROOT / "docs"))
+        for p in markdown_files()
+        if p.is_relative_to(ROOT / "docs")
+    }
     assert set(pages) == on_disk
     # the audiences the site is organised by, in this order
-    sections = [name for item in cfg["nav"] for name, value in item.items()
-                if isinstance(value, list)]
+    sections = [
+        name for item in cfg["nav"] for name, value in item.items() if isinstance(value, list)
+    ]
     assert [s.split(" / ")[1] for s in sections] == [
-        "Hospital IT", "Clinicians", "Auditors", "Contributors"]
+        "Hospital IT",
+        "Clinicians",
+        "Auditors",
+        "Contributors",
+    ]
 
 
 def test_snippets_and_images_exist() -> None:
@@ -129,10 +142,17 @@ def test_snippets_and_images_exist() -> None:
         for name in re.findall(r'^--8<-- "([^":]+)', text, re.M):
             included.add(name)
             assert (ROOT / name).is_file(), f"{page}: snippet {name} missing"
-        shown |= {(page.parent / t).resolve().name for t in relative_links(text)
-                  if t.endswith(".png")}
-    assert {"bench/README.md", "mappings/README.md", "config/alliances/fuxing/README.md",
-            "CONTRIBUTING.md", "CHANGELOG.md", "fuzz/README.md"} <= included
+        shown |= {
+            (page.parent / t).resolve().name for t in relative_links(text) if t.endswith(".png")
+        }
+    assert {
+        "bench/README.md",
+        "mappings/README.md",
+        "config/alliances/fuxing/README.md",
+        "CONTRIBUTING.md",
+        "CHANGELOG.md",
+        "fuzz/README.md",
+    } <= included
     images = {p.name for p in (ROOT / "docs" / "img").glob("*.png")}
     assert images and images == shown, f"unused or missing screenshots: {images ^ shown}"
 

@@ -35,8 +35,12 @@ def test_the_engine_imports_no_adapter_simulator_or_demo() -> None:
     modules = list(ENGINE.rglob("*.py"))
     assert len(modules) > 100  # the walk really saw the engine
     assert not (ENGINE / "demo").exists()
-    bad = [f"{p.relative_to(ENGINE.parent)}:{line}: {m}" for p in modules
-           for line, m in _imports(p) if _forbidden(m)]
+    bad = [
+        f"{p.relative_to(ENGINE.parent)}:{line}: {m}"
+        for p in modules
+        for line, m in _imports(p)
+        if _forbidden(m)
+    ]
     assert bad == []
 
 
@@ -54,11 +58,17 @@ def test_hutong_demo_comes_from_the_demo_package_by_entry_point() -> None:
 def test_the_rule_sees_an_import_in_a_typing_block(tmp_path: Path) -> None:
     """The walk reads every import, also under ``if TYPE_CHECKING`` and inside functions."""
     f = tmp_path / "m.py"
-    f.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
-                 "    from adapters.base import BaseAdapter\n"
-                 "def g():\n    import simulators.ports\n    from bridge import demo\n")
+    f.write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+        "    from adapters.base import BaseAdapter\n"
+        "def g():\n    import simulators.ports\n    from bridge import demo\n"
+    )
     assert [m for _, m in _imports(f) if _forbidden(m)] == [
-        "adapters.base", "adapters.base.BaseAdapter", "simulators.ports", "bridge.demo"]
+        "adapters.base",
+        "adapters.base.BaseAdapter",
+        "simulators.ports",
+        "bridge.demo",
+    ]
 
 
 def _body_reads(path: Path) -> list[int]:
@@ -71,9 +81,14 @@ def _body_reads(path: Path) -> list[int]:
     for node in ast.walk(tree):
         if isinstance(node, ast.Attribute) and node.attr == "body" and id(node) not in called:
             found.append(node.lineno)
-        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) \
-                and node.func.id in ("getattr", "hasattr") and len(node.args) >= 2 \
-                and isinstance(node.args[1], ast.Constant) and node.args[1].value == "body":
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id in ("getattr", "hasattr")
+            and len(node.args) >= 2
+            and isinstance(node.args[1], ast.Constant)
+            and node.args[1].value == "body"
+        ):
             found.append(node.lineno)
     return sorted(found)
 
@@ -89,9 +104,11 @@ def test_no_adapter_reads_a_delivered_packets_body() -> None:
 
 def test_the_body_rule_sees_every_way_of_reading_it(tmp_path: Path) -> None:
     f = tmp_path / "m.py"
-    f.write_text("import orjson\n"
-                 "def deliver(self, item):\n    return orjson.loads(item.body)\n"
-                 "def on_packet(self, ev):\n    raw = ev.packet.body\n"
-                 "    b = getattr(ev.packet, 'body')\n"
-                 "async def route(request):\n    return await request.body()\n")
+    f.write_text(
+        "import orjson\n"
+        "def deliver(self, item):\n    return orjson.loads(item.body)\n"
+        "def on_packet(self, ev):\n    raw = ev.packet.body\n"
+        "    b = getattr(ev.packet, 'body')\n"
+        "async def route(request):\n    return await request.body()\n"
+    )
     assert _body_reads(f) == [3, 5, 6]

@@ -61,28 +61,47 @@ def canonical(obj: dict[str, Any]) -> bytes:
 
 def vector_seal() -> bytes:
     return env.seal(
-        BODY, sender=VIN["sender"], recipient=VIN["recipient"], kind=VIN["kind"],
-        thread=VIN["thread"], seq=VIN["seq"], signing_key=SIGN,
-        recipient_key=RECIPIENT.public_key(), packet_id=VIN["packet_id"],
-        created_at=datetime.fromisoformat(VIN["created_at"]), ephemeral_key=EPHEMERAL,
+        BODY,
+        sender=VIN["sender"],
+        recipient=VIN["recipient"],
+        kind=VIN["kind"],
+        thread=VIN["thread"],
+        seq=VIN["seq"],
+        signing_key=SIGN,
+        recipient_key=RECIPIENT.public_key(),
+        packet_id=VIN["packet_id"],
+        created_at=datetime.fromisoformat(VIN["created_at"]),
+        ephemeral_key=EPHEMERAL,
         nonce=bytes.fromhex(VIN["nonce"]),
     )
 
 
 def seal(body: bytes = b"hello", key: Ed25519PrivateKey = SIGN, **kw: Any) -> bytes:
-    args: dict[str, Any] = dict(sender="hosp-a", recipient="hosp-b", kind="referral",
-                                thread="t1", seq=1, signing_key=key,
-                                recipient_key=RECIPIENT.public_key())
+    args: dict[str, Any] = dict(
+        sender="hosp-a",
+        recipient="hosp-b",
+        kind="referral",
+        thread="t1",
+        seq=1,
+        signing_key=key,
+        recipient_key=RECIPIENT.public_key(),
+    )
     args.update(kw)
     return env.seal(body, **args)
 
 
-def encrypt(header: bytes, body: bytes, recipient: X25519PublicKey = RECIPIENT.public_key(),  # noqa: B008 - a fixed key
-            ephemeral: X25519PrivateKey = EPHEMERAL, nonce: bytes = b"\x01" * 12) -> bytes:
+def encrypt(
+    header: bytes,
+    body: bytes,
+    recipient: X25519PublicKey = RECIPIENT.public_key(),  # noqa: B008 - a fixed key
+    ephemeral: X25519PrivateKey = EPHEMERAL,
+    nonce: bytes = b"\x01" * 12,
+) -> bytes:
     """The body encryption done step by step, outside the module."""
     epk = ephemeral.public_key().public_bytes_raw()
-    key = hkdf_sha256(ephemeral.exchange(recipient), epk + recipient.public_bytes_raw(),
-                      b"hutong/v1/body")
+    key = hkdf_sha256(
+        ephemeral.exchange(recipient), epk + recipient.public_bytes_raw(), b"hutong/v1/body"
+    )
     return AESGCM(key).encrypt(nonce, body, header)
 
 
@@ -120,10 +139,18 @@ def test_vector_parts_match_an_independent_construction() -> None:
     # the header, field by field, from the inputs alone
     header = VOUT["header"].encode()
     assert json.loads(header) == {
-        "v": 1, "id": VIN["packet_id"], "sender": "hosp-a", "recipient": "hosp-b",
-        "kind": "referral", "created_at": "2025-03-14T01:59:26.535Z", "thread": "t-0001",
-        "seq": 7, "digest": hashlib.sha256(BODY).hexdigest(), "size": len(BODY),
-        "suite": "X25519-HKDF-SHA256-A256GCM/Ed25519", "epk": base64.b64encode(epk).decode(),
+        "v": 1,
+        "id": VIN["packet_id"],
+        "sender": "hosp-a",
+        "recipient": "hosp-b",
+        "kind": "referral",
+        "created_at": "2025-03-14T01:59:26.535Z",
+        "thread": "t-0001",
+        "seq": 7,
+        "digest": hashlib.sha256(BODY).hexdigest(),
+        "size": len(BODY),
+        "suite": "X25519-HKDF-SHA256-A256GCM/Ed25519",
+        "epk": base64.b64encode(epk).decode(),
         "nonce": base64.b64encode(bytes.fromhex(VIN["nonce"])).decode(),
         "sig_key": "k" + hashlib.sha256(sign_pub).hexdigest()[:16],
         "enc_key": "k" + hashlib.sha256(rpk).hexdigest()[:16],
@@ -160,14 +187,21 @@ def test_vector_decodes_verifies_and_opens() -> None:
 
 def test_vector_relay_stamp_and_receipt() -> None:
     pkt = env.decode(bytes.fromhex(VOUT["frame"]), max_body=MAX)
-    stamped = env.stamp_relay(pkt, relay_id="platform", signing_key=RELAY,
-                              now=datetime.fromisoformat(VIN["relayed_at"]))
+    stamped = env.stamp_relay(
+        pkt, relay_id="platform", signing_key=RELAY, now=datetime.fromisoformat(VIN["relayed_at"])
+    )
     assert hashlib.sha256(stamped).hexdigest() == VOUT["stamped_frame_sha256"]
     stamp = VOUT["relay_stamp"].encode()
-    assert stamped == (bytes.fromhex(VOUT["frame"]) + b"RLY1" + u32(len(stamp)) + stamp
-                       + bytes.fromhex(VOUT["relay_signature"]))
-    RELAY.public_key().verify(bytes.fromhex(VOUT["relay_signature"]),
-                              b"hutong/v1/relay\x00" + stamp + pkt.signature)
+    assert stamped == (
+        bytes.fromhex(VOUT["frame"])
+        + b"RLY1"
+        + u32(len(stamp))
+        + stamp
+        + bytes.fromhex(VOUT["relay_signature"])
+    )
+    RELAY.public_key().verify(
+        bytes.fromhex(VOUT["relay_signature"]), b"hutong/v1/relay\x00" + stamp + pkt.signature
+    )
     receipt = env.sign_receipt(VOUT["receipt_fields"], RECEIVER)
     assert receipt.hex() == VOUT["receipt"]
     raw = canonical(VOUT["receipt_fields"])
@@ -188,7 +222,14 @@ def test_round_trip(size: int) -> None:
     assert env.open_body(pkt, [RECIPIENT]) == body
     h = pkt.header
     assert (h.v, h.sender, h.recipient, h.kind, h.thread, h.seq, h.size) == (
-        1, "hosp-a", "hosp-b", "lab-result", "th-9", 42, size)
+        1,
+        "hosp-a",
+        "hosp-b",
+        "lab-result",
+        "th-9",
+        42,
+        size,
+    )
     assert h.digest == env.body_digest(body) == hashlib.sha256(body).hexdigest()
     assert h.created_at == datetime(2025, 6, 1, 4, 0, 0, 123000, tzinfo=UTC)  # UTC, ms
     assert json.loads(h.raw)["created_at"] == "2025-06-01T04:00:00.123Z"
@@ -227,7 +268,7 @@ def test_every_header_byte_flip_is_refused() -> None:
     frame = seal(b"body")
     hlen = struct.unpack(">I", frame[4:8])[0]
     for i in range(8, 8 + hlen):
-        bad = frame[:i] + bytes([frame[i] ^ 0x01]) + frame[i + 1:]
+        bad = frame[:i] + bytes([frame[i] ^ 0x01]) + frame[i + 1 :]
         try:
             pkt = env.decode(bad, max_body=MAX)
         except MalformedPacket:
@@ -239,9 +280,12 @@ def test_every_header_byte_flip_is_refused() -> None:
 @pytest.mark.parametrize("where", ["ciphertext-first", "ciphertext-last", "signature"])
 def test_flipped_ciphertext_or_signature_byte_is_bad_signature(where: str) -> None:
     frame = seal(b"some body bytes")
-    i = {"ciphertext-first": len(frame) - 64 - 31, "ciphertext-last": len(frame) - 65,
-         "signature": len(frame) - 10}[where]
-    bad = frame[:i] + bytes([frame[i] ^ 0x80]) + frame[i + 1:]
+    i = {
+        "ciphertext-first": len(frame) - 64 - 31,
+        "ciphertext-last": len(frame) - 65,
+        "signature": len(frame) - 10,
+    }[where]
+    bad = frame[:i] + bytes([frame[i] ^ 0x80]) + frame[i + 1 :]
     pkt = env.decode(bad, max_body=MAX)
     with pytest.raises(BadSignature, match="signature does not verify"):
         env.verify(pkt, [SIGN.public_key()])
@@ -354,8 +398,9 @@ def _header_case(name: str) -> bytes:
         "not utf-8": b'{"v":"\xff"}',
         "array": b"[1,2]",
         "not canonical (spaces)": json.dumps(h, sort_keys=True).encode(),
-        "not canonical (order)": json.dumps(dict(reversed(list(h.items()))),
-                                            separators=(",", ":")).encode(),
+        "not canonical (order)": json.dumps(
+            dict(reversed(list(h.items()))), separators=(",", ":")
+        ).encode(),
         "duplicate key": canonical(h)[:-1] + b',"v":1}',
         "missing field": canonical({k: v for k, v in h.items() if k != "digest"}),
         "unknown field": canonical({**h, "zz": 1}),
@@ -382,14 +427,38 @@ def _header_case(name: str) -> bytes:
     return cases[name]
 
 
-@pytest.mark.parametrize("case", [
-    "not json", "not utf-8", "array", "not canonical (spaces)", "not canonical (order)",
-    "duplicate key", "missing field", "unknown field", "v=2", "v as bool", "seq as string",
-    "negative seq", "float size", "uppercase uuid", "uuid without hyphens", "empty sender",
-    "long kind", "time without ms", "time with offset", "month 13", "unknown suite", "short epk",
-    "epk not base64", "nonce not base64", "epk non-canonical base64", "uppercase digest",
-    "bad key id",
-])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "not json",
+        "not utf-8",
+        "array",
+        "not canonical (spaces)",
+        "not canonical (order)",
+        "duplicate key",
+        "missing field",
+        "unknown field",
+        "v=2",
+        "v as bool",
+        "seq as string",
+        "negative seq",
+        "float size",
+        "uppercase uuid",
+        "uuid without hyphens",
+        "empty sender",
+        "long kind",
+        "time without ms",
+        "time with offset",
+        "month 13",
+        "unknown suite",
+        "short epk",
+        "epk not base64",
+        "nonce not base64",
+        "epk non-canonical base64",
+        "uppercase digest",
+        "bad key id",
+    ],
+)
 def test_bad_header_is_malformed(case: str) -> None:
     header = _header_case(case)
     with pytest.raises(MalformedPacket) as caught:
@@ -408,8 +477,10 @@ def test_bad_header_messages_name_the_field() -> None:
         with pytest.raises(MalformedPacket, match=expected):
             env.decode(frame_of(canonical({**h, field: value}), bytes(32)), max_body=MAX)
     with pytest.raises(MalformedPacket, match="missing field\\(s\\) digest"):
-        env.decode(frame_of(canonical({k: v for k, v in h.items() if k != "digest"}),
-                            bytes(32)), max_body=MAX)
+        env.decode(
+            frame_of(canonical({k: v for k, v in h.items() if k != "digest"}), bytes(32)),
+            max_body=MAX,
+        )
 
 
 def test_ciphertext_shorter_than_tag_is_malformed() -> None:
@@ -456,8 +527,9 @@ def test_rollover_current_and_next_key_both_verify() -> None:
 def test_relay_stamp_verifies_and_keeps_sender_signature() -> None:
     frame = seal(b"through the platform")
     at = datetime(2025, 5, 1, 10, 0, 0, 250000, tzinfo=UTC)
-    stamped = env.stamp_relay(env.decode(frame, max_body=MAX), relay_id="platform",
-                              signing_key=RELAY, now=at)
+    stamped = env.stamp_relay(
+        env.decode(frame, max_body=MAX), relay_id="platform", signing_key=RELAY, now=at
+    )
     pkt = env.decode(stamped, max_body=MAX)
     assert pkt.relay is not None
     assert (pkt.relay.relay, pkt.relay.relayed_at) == ("platform", at)
@@ -495,11 +567,13 @@ def test_relay_stamp_tampering_is_bad_signature() -> None:
 
 
 def test_relay_stamp_moved_to_another_packet_is_bad_signature() -> None:
-    a = env.decode(env.stamp_relay(env.decode(seal(b"a"), max_body=MAX), relay_id="p",
-                                   signing_key=RELAY), max_body=MAX)
+    a = env.decode(
+        env.stamp_relay(env.decode(seal(b"a"), max_body=MAX), relay_id="p", signing_key=RELAY),
+        max_body=MAX,
+    )
     b_frame = seal(b"b")
     assert a.relay is not None
-    moved = b_frame + a.frame[len(a.unstamped):]
+    moved = b_frame + a.frame[len(a.unstamped) :]
     with pytest.raises(BadSignature, match="relay stamp names packet"):
         env.verify_relay(env.decode(moved, max_body=MAX), [RELAY.public_key()])
 
@@ -508,9 +582,18 @@ def test_relay_stamp_moved_to_another_packet_is_bad_signature() -> None:
 
 
 def receipt_fields(**kw: Any) -> dict[str, Any]:
-    return {"packet": VIN["packet_id"], "sender": "hosp-a", "recipient": "hosp-b",
-            "receiver": "hosp-b", "status": "accepted", "code": None, "message": None,
-            "at": "2025-03-14T01:59:28.250Z", "digest": "ab" * 32, **kw}
+    return {
+        "packet": VIN["packet_id"],
+        "sender": "hosp-a",
+        "recipient": "hosp-b",
+        "receiver": "hosp-b",
+        "status": "accepted",
+        "code": None,
+        "message": None,
+        "at": "2025-03-14T01:59:28.250Z",
+        "digest": "ab" * 32,
+        **kw,
+    }
 
 
 def test_receipt_round_trip_looks_up_the_receiver() -> None:
@@ -557,8 +640,11 @@ def test_receipt_with_bad_fields_is_refused() -> None:
     data = b"HTR1" + u32(len(bad)) + bad + RECEIVER.sign(b"hutong/v1/receipt\x00" + bad)
     with pytest.raises(MalformedPacket, match="missing field\\(s\\) status"):
         env.verify_receipt(data, lambda n: [RECEIVER.public_key()])
-    for fields in (receipt_fields(status="maybe"), receipt_fields(code=5),
-                   {k: v for k, v in receipt_fields().items() if k != "receiver"}):
+    for fields in (
+        receipt_fields(status="maybe"),
+        receipt_fields(code=5),
+        {k: v for k, v in receipt_fields().items() if k != "receiver"},
+    ):
         with pytest.raises(ValueError, match="receipt: "):
             env.sign_receipt(fields, RECEIVER)
 
@@ -602,15 +688,18 @@ def test_frame_kind_refuses_other_things(item: bytes) -> None:
 # -- seal's own argument checks ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kw", [
-    {"created_at": datetime(2025, 1, 1)},  # naive
-    {"packet_id": "not-a-uuid"},
-    {"packet_id": "0B5F6D1E-2C3A-4B7D-9E8F-1A2B3C4D5E6F"},
-    {"nonce": b"short"},
-    {"sender": ""},
-    {"seq": -1},
-    {"seq": True},
-])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"created_at": datetime(2025, 1, 1)},  # naive
+        {"packet_id": "not-a-uuid"},
+        {"packet_id": "0B5F6D1E-2C3A-4B7D-9E8F-1A2B3C4D5E6F"},
+        {"nonce": b"short"},
+        {"sender": ""},
+        {"seq": -1},
+        {"seq": True},
+    ],
+)
 def test_seal_refuses_bad_arguments(kw: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match="must be"):
         seal(b"x", **kw)
@@ -623,8 +712,9 @@ def test_stamp_relay_refuses_empty_relay_id() -> None:
 
 # -- receipts carrying an audit anchor (additive field, anchor v1) ----------------------------
 
-ANCHOR_VECTORS = json.loads((Path(__file__).parent / "vectors" / "receipt_anchor_v1.json")
-                            .read_text())
+ANCHOR_VECTORS = json.loads(
+    (Path(__file__).parent / "vectors" / "receipt_anchor_v1.json").read_text()
+)
 
 
 def test_vector_receipt_with_anchor_is_a_v1_receipt_old_and_new_peers_read() -> None:
@@ -640,9 +730,15 @@ def test_vector_receipt_with_anchor_is_a_v1_receipt_old_and_new_peers_read() -> 
     message = f"{ain['node']}|{ain['seq']}|{ain['hash']}|{ain['checkpoint_at']}".encode()
     assert message.decode() == aout["checkpoint_message"]
     signature = base64.b64encode(RECEIVER.sign(message)).decode()  # Ed25519 is deterministic
-    anchor = {"v": 1, "node": ain["node"], "seq": ain["seq"], "hash": ain["hash"],
-              "at": ain["checkpoint_at"], "key_id": key_id(RECEIVER.public_key()),
-              "signature": signature}
+    anchor = {
+        "v": 1,
+        "node": ain["node"],
+        "seq": ain["seq"],
+        "hash": ain["hash"],
+        "at": ain["checkpoint_at"],
+        "key_id": key_id(RECEIVER.public_key()),
+        "signature": signature,
+    }
     assert anchor == aout["anchor"]
     fields = {**VOUT["receipt_fields"], "anchor": anchor}
     assert fields == aout["receipt_fields"]

@@ -74,8 +74,10 @@ def test_thousand_packets_exactly_once_in_order(pair: Alliance) -> None:
         pid = f.stem.split("-", 1)[1]
         body = orjson.loads(f.read_bytes())
         assert body["entry"][1]["resource"]["note"][0]["text"] == markers[pid]
-    wait_for(lambda: chc.api("GET", "/local/v1/queues")["outbox"][0].get("acknowledged") == 1000,
-             what="all acknowledged at the sender")
+    wait_for(
+        lambda: chc.api("GET", "/local/v1/queues")["outbox"][0].get("acknowledged") == 1000,
+        what="all acknowledged at the sender",
+    )
     for node in (chc, core):
         r = node.cli("audit", "verify")
         assert r.returncode == 0, r.stderr
@@ -86,8 +88,12 @@ def test_sigkill_receiver_and_sender_mid_stream(pair: Alliance) -> None:
     chc, core = pair.node("chc"), pair.node("core")
     ids: list[str] = []
     for k in range(3):
-        ids += chc.send("core", "result.lab", [bundle(1, marker=f"k{k}-{i}") for i in range(150)],
-                        thread="t-kill")
+        ids += chc.send(
+            "core",
+            "result.lab",
+            [bundle(1, marker=f"k{k}-{i}") for i in range(150)],
+            thread="t-kill",
+        )
     wait_for(lambda: len(spooled(core)) >= 20, what="some deliveries")
     core.kill(signal.SIGKILL)
     ids += chc.send("core", "result.lab", [bundle(1) for _ in range(150)], thread="t-kill")
@@ -116,18 +122,27 @@ def test_platform_relays_sealed_packets_it_cannot_read(tmp_path: Path) -> None:
     try:
         chc, core, hub = a.node("chc"), a.node("core"), a.node("hub")
         secret = "王秀英-plaintext-marker-7731"
-        ids = chc.send("core", "result.imaging", [bundle(2, marker=secret) for _ in range(20)],
-                       thread="via-hub")
+        ids = chc.send(
+            "core",
+            "result.imaging",
+            [bundle(2, marker=secret) for _ in range(20)],
+            thread="via-hub",
+        )
         wait_for(lambda: len(spooled(core)) == 20, what="relayed deliveries")
         assert [pid for _, pid in sorted(delivered_by_thread(core)["via-hub"])] == ids
         # end-to-end receipts came back through the platform
-        wait_for(lambda: chc.api("GET", "/local/v1/queues")["outbox"][0].get("acknowledged") == 20,
-                 what="end-to-end receipts at the sender")
+        wait_for(
+            lambda: chc.api("GET", "/local/v1/queues")["outbox"][0].get("acknowledged") == 20,
+            what="end-to-end receipts at the sender",
+        )
         # the platform's store holds no readable body
         hub.stop()
         db = Path(hub.plan.storage_dsn.split("///", 1)[1])
-        raw = db.read_bytes() + (db.with_name(db.name + "-wal").read_bytes()
-                                 if db.with_name(db.name + "-wal").exists() else b"")
+        raw = db.read_bytes() + (
+            db.with_name(db.name + "-wal").read_bytes()
+            if db.with_name(db.name + "-wal").exists()
+            else b""
+        )
         assert secret.encode() not in raw
         assert "王秀英".encode() not in raw
         # and a direct packet, bypassing the platform, is refused by the member

@@ -28,8 +28,13 @@ pytestmark = pytest.mark.slow
 
 VIA_HUB = [
     {"id": "core", "zh": "复兴医院", "en": "Fuxing Hospital", "role": "core", "via": "hub"},
-    {"id": "chc", "zh": "月坛社区卫生服务中心", "en": "Yuetan CHC", "role": "community",
-     "via": "hub"},
+    {
+        "id": "chc",
+        "zh": "月坛社区卫生服务中心",
+        "en": "Yuetan CHC",
+        "role": "community",
+        "via": "hub",
+    },
     {"id": "hub", "zh": "医联体信息平台", "en": "Alliance platform", "role": "platform"},
 ]
 DIRECT = [
@@ -37,8 +42,10 @@ DIRECT = [
     {"id": "chc", "zh": "月坛社区卫生服务中心", "en": "Yuetan CHC", "role": "community"},
     {"id": "gw", "zh": "广外医院", "en": "Guangwai Hospital", "role": "secondary"},
 ]
-RULES = [{"from": "chc", "to": "core", "kinds": ["result.lab"]},
-         {"from": "chc", "to": "gw", "kinds": ["result.lab"]}]
+RULES = [
+    {"from": "chc", "to": "core", "kinds": ["result.lab"]},
+    {"from": "chc", "to": "gw", "kinds": ["result.lab"]},
+]
 
 
 class Ledger:
@@ -48,12 +55,17 @@ class Ledger:
         self.ids: dict[str, list[str]] = defaultdict(list)
         self.marker: dict[str, str] = {}
 
-    def send(self, node: NodeProcess, to: str, thread: str, markers: list[str],
-             pad_to: int = 0) -> bool:
+    def send(
+        self, node: NodeProcess, to: str, thread: str, markers: list[str], pad_to: int = 0
+    ) -> bool:
         """Queue; False when the node died before answering (nothing confirmed)."""
         try:
-            ids = node.send(to, "result.lab",
-                            [bundle(1, marker=m, pad_to=pad_to) for m in markers], thread=thread)
+            ids = node.send(
+                to,
+                "result.lab",
+                [bundle(1, marker=m, pad_to=pad_to) for m in markers],
+                thread=thread,
+            )
         except (ApiError, OSError, http.client.HTTPException):  # e.g. died mid-answer
             return False
         self.ids[thread] += ids
@@ -98,8 +110,9 @@ def verify_chains(nodes: tuple[NodeProcess, ...]) -> None:
         assert result.checked > 0
 
 
-def check_delivered_once(receiver: NodeProcess, ledger: Ledger, *nodes: NodeProcess,
-                         shared: bool = False) -> None:
+def check_delivered_once(
+    receiver: NodeProcess, ledger: Ledger, *nodes: NodeProcess, shared: bool = False
+) -> None:
     """Counted at the receiving HIS: every confirmed packet once, in order, body intact.
 
     On an alliance ``shared`` by several cases, only the ledger's threads are counted (each
@@ -107,10 +120,19 @@ def check_delivered_once(receiver: NodeProcess, ledger: Ledger, *nodes: NodeProc
     threads = ledger.threads
     # The dispatcher hands a batch over (spool files), syncs, THEN commits the 'delivered'
     # marks with their audit rows; a full spool folder does not mean that commit is done yet.
-    wait_for(lambda: len(in_threads(receiver, "SELECT thread, id FROM inbox "
-                                              "WHERE state = 'delivered'", threads))
-             >= ledger.total, timeout=60, every=0.1,
-             what="the receiver to mark every packet delivered")
+    wait_for(
+        lambda: (
+            len(
+                in_threads(
+                    receiver, "SELECT thread, id FROM inbox WHERE state = 'delivered'", threads
+                )
+            )
+            >= ledger.total
+        ),
+        timeout=60,
+        every=0.1,
+        what="the receiver to mark every packet delivered",
+    )
     got: dict[str, list[tuple[int, str]]] = defaultdict(list)
     markers: Counter[str] = Counter()
     files = spooled(receiver)
@@ -128,8 +150,7 @@ def check_delivered_once(receiver: NodeProcess, ledger: Ledger, *nodes: NodeProc
     assert markers == Counter(ledger.marker.values())  # no marker twice, none missing
     assert set(markers.values()) == {1}
     for action in ("received", "delivered"):
-        found = rows(receiver, "SELECT thread, packet_id FROM audit WHERE action = :a",
-                     a=action)
+        found = rows(receiver, "SELECT thread, packet_id FROM audit WHERE action = :a", a=action)
         if not shared:
             assert {t for t, _ in found} <= threads, action
         counted = Counter(p for t, p in found if t in threads)
@@ -214,8 +235,9 @@ STAGES = [
 
 
 @pytest.mark.parametrize(("victim", "point"), STAGES, ids=[f"{v}-{p}" for v, p in STAGES])
-def test_sigkill_at_every_stage(via_hub: SharedAlliance, monkeypatch: pytest.MonkeyPatch,
-                                victim: str, point: str) -> None:
+def test_sigkill_at_every_stage(
+    via_hub: SharedAlliance, monkeypatch: pytest.MonkeyPatch, victim: str, point: str
+) -> None:
     """Sender, platform and receiver, each killed at each stage of a packet's way."""
     alliance = via_hub.take()
     chc, core = alliance.node("chc"), alliance.node("core")
@@ -233,8 +255,14 @@ def test_sigkill_at_every_stage(via_hub: SharedAlliance, monkeypatch: pytest.Mon
     killed.start()
     killed.wait_ready()
     if not answered:  # chc died before its answer went out: what did it commit?
-        committed = [p for (p,) in rows(chc, "SELECT packet_id FROM outbox WHERE thread = :t "
-                                             "AND origin = 'local' ORDER BY id", t=t1)]
+        committed = [
+            p
+            for (p,) in rows(
+                chc,
+                "SELECT packet_id FROM outbox WHERE thread = :t AND origin = 'local' ORDER BY id",
+                t=t1,
+            )
+        ]
         if point == "queue.before_commit":
             assert committed == []  # died before the commit: nothing was accepted
             assert ledger.send(chc, "core", t1, first)  # the client retries it
@@ -245,10 +273,20 @@ def test_sigkill_at_every_stage(via_hub: SharedAlliance, monkeypatch: pytest.Mon
     assert ledger.send(chc, "core", t2, [f"{point}-c{i}" for i in range(5)])
 
     def acknowledged() -> int:
-        return len(in_threads(chc, "SELECT thread, id FROM outbox WHERE origin = 'local' "
-                                   "AND state = 'acknowledged'", ledger.threads))
-    wait_for(lambda: acknowledged() == ledger.total, timeout=60, every=0.1,
-             what="end-to-end receipts at the sender")
+        return len(
+            in_threads(
+                chc,
+                "SELECT thread, id FROM outbox WHERE origin = 'local' AND state = 'acknowledged'",
+                ledger.threads,
+            )
+        )
+
+    wait_for(
+        lambda: acknowledged() == ledger.total,
+        timeout=60,
+        every=0.1,
+        what="end-to-end receipts at the sender",
+    )
     check_delivered_once(core, ledger, *nodes, shared=True)
     wait_for(lambda: nothing_waiting(*nodes), what="every outbox to drain")
     via_hub.clean = True
@@ -286,13 +324,14 @@ def test_full_disk_on_the_receiver(direct: Alliance, monkeypatch: pytest.MonkeyP
     core.wait_ready()
     ledger = Ledger()
     for k in range(4):
-        assert ledger.send(chc, "core", "full", [f"full-{k}-{i}" for i in range(10)],
-                           pad_to=4096)
+        assert ledger.send(chc, "core", "full", [f"full-{k}-{i}" for i in range(10)], pad_to=4096)
 
     def refused_for_room() -> bool:
         waiting = chc.api("GET", "/local/v1/outbox?state=queued")
-        return any("HTTP 503" in (r["last_error"] or "") and "HT-STORE" in r["last_error"]
-                   for r in waiting)
+        return any(
+            "HTTP 503" in (r["last_error"] or "") and "HT-STORE" in r["last_error"] for r in waiting
+        )
+
     wait_for(refused_for_room, timeout=60, what="the receiver refusing for lack of room")
     assert len(spooled(core)) < ledger.total
     core.kill(signal.SIGKILL)
@@ -315,6 +354,7 @@ def test_clock_skew_beyond_the_window(direct: Alliance, monkeypatch: pytest.Monk
     def refused_for_clock() -> list[dict]:
         waiting = chc.api("GET", "/local/v1/outbox?state=queued")
         return [r for r in waiting if "HT-PKT-CLOCK" in (r["last_error"] or "")]
+
     wait_for(lambda: len(refused_for_clock()) == 5, timeout=60, what="clock refusals")
     held = core.api("GET", "/local/v1/quarantine")
     assert {h["code"] for h in held} == {"HT-PKT-CLOCK"} and spooled(core) == []
@@ -327,8 +367,9 @@ def test_clock_skew_beyond_the_window(direct: Alliance, monkeypatch: pytest.Monk
     check_delivered_once(core, ledger, chc, core)
 
 
-def test_peer_down_for_an_hour_of_simulated_time(direct: Alliance, tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_peer_down_for_an_hour_of_simulated_time(
+    direct: Alliance, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Both clocks read one offset file; the receiver stays down while an hour passes."""
     chc, core = direct.node("chc"), direct.node("core")
     clock = tmp_path / "clock-offset"
@@ -340,6 +381,7 @@ def test_peer_down_for_an_hour_of_simulated_time(direct: Alliance, tmp_path: Pat
 
     def attempts() -> int:
         return min(r["attempts"] for r in chc.api("GET", "/local/v1/outbox?state=queued"))
+
     wait_for(lambda: attempts() >= 1, what="a first failed try")
     for minute in range(5, 61, 5):  # twelve 5-minute steps; backoff tops out at 300 s
         before = attempts()
@@ -370,18 +412,23 @@ def restart_postgres(dsn: str, dbnames: list[str]) -> str:
     bindirs = sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)
     pg_ctl = shutil.which("pg_ctl") or next(
         (os.path.join(b, "pg_ctl") for b in bindirs if os.path.exists(os.path.join(b, "pg_ctl"))),
-        None)
+        None,
+    )
     if pg_ctl and os.path.isdir(data):
         log = os.path.join(os.path.dirname(data), "restart.log")  # the server's own output
         cmd = [pg_ctl, "-D", data, "-l", log, "-m", "fast", "-w", "-t", "60", "restart"]
         if os.geteuid() == 0:
             cmd = ["runuser", "-u", "postgres", "--", *cmd]
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                       timeout=90)
+        subprocess.run(
+            cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=90
+        )
         return "restarted"
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                     "WHERE datname = ANY(%s) AND pid <> pg_backend_pid()", (dbnames,))
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = ANY(%s) AND pid <> pg_backend_pid()",
+            (dbnames,),
+        )
     return "sessions ended"
 
 
@@ -399,11 +446,16 @@ def test_restarted_database(tmp_path: Path, pg_node_dbs) -> None:
         attempt = iter(range(1000))
         # the local API answers again once its pool has reconnected; an attempt that fails
         # confirmed nothing, so the next one simply uses new markers
-        wait_for(lambda: ledger.send(chc, "core", "pg",
-                                     [f"pg-b{next(attempt)}-{i}" for i in range(10)]),
-                 timeout=60, what="chc accepting packets again")
-        wait_for(lambda: len(spooled(core)) >= ledger.total, timeout=120,
-                 what="all deliveries after the restart")
+        wait_for(
+            lambda: ledger.send(chc, "core", "pg", [f"pg-b{next(attempt)}-{i}" for i in range(10)]),
+            timeout=60,
+            what="chc accepting packets again",
+        )
+        wait_for(
+            lambda: len(spooled(core)) >= ledger.total,
+            timeout=120,
+            what="all deliveries after the restart",
+        )
         assert not dead(chc) and not dead(core)  # the nodes rode it out, no restart of theirs
         check_delivered_once(core, ledger, chc, core)
     finally:

@@ -56,8 +56,9 @@ _smart_clients: list[smart_client.FHIRClient] = []
 
 
 def smart(node: NodeProcess, role: str = "clinician") -> smart_client.FHIRClient:
-    c = smart_client.FHIRClient(settings={"app_id": "hutong-tests",
-                                          "api_base": node.local_url + "/fhir"})
+    c = smart_client.FHIRClient(
+        settings={"app_id": "hutong-tests", "api_base": node.local_url + "/fhir"}
+    )
     c.server.session.headers["Authorization"] = f"Bearer {node.token(role)}"
     _smart_clients.append(c)  # its requests.Session is closed by the module fixture
     return c
@@ -73,8 +74,9 @@ def test_fhirpy_search_paging_include_read(env) -> None:
     client = fhirpy(core)
     wang = client.resources("ServiceRequest").search(patient="Patient/pat-wang").limit(4)
     got = [r.id for r in wang.fetch_all()]  # follows Bundle.link next to the end
-    assert got == newest_first([s for s in seed.srs if s["subject"]["reference"]
-                                == "Patient/pat-wang"])
+    assert got == newest_first(
+        [s for s in seed.srs if s["subject"]["reference"] == "Patient/pat-wang"]
+    )
     everything = client.resources("ServiceRequest").search(performer="Organization/core")
     assert [r.id for r in everything.limit(7)] == newest_first(seed.srs)
     first = everything.limit(7).fetch()
@@ -82,14 +84,17 @@ def test_fhirpy_search_paging_include_read(env) -> None:
     # fhirpy writes OR as a comma list and AND as a repeated parameter
     srs = client.resources("ServiceRequest").search(requester="Practitioner/dr-li").limit(50)
     assert [r.id for r in srs.search(status="active,revoked").fetch()] == newest_first(
-        [s for s in seed.srs[:20] if s["status"] != "completed"])
+        [s for s in seed.srs[:20] if s["status"] != "completed"]
+    )
     assert srs.search(status=["active", "revoked"]).fetch() == []
     # _include=Task:focus: fetch() keeps the Tasks, fetch_raw() has the included referrals
     tasks = client.resources("Task").include("Task", "focus").search(status="accepted")
     assert [t.id for t in tasks.fetch()] == ["task-1"]
     raw = tasks.fetch_raw()
     assert [(e.search.mode, e.resource.resourceType, e.resource.id) for e in raw.entry] == [
-        ("match", "Task", "task-1"), ("include", "ServiceRequest", "sr-04")]
+        ("match", "Task", "task-1"),
+        ("include", "ServiceRequest", "sr-04"),
+    ]
     # read, and the reference it holds
     task = client.reference("Task", "task-1").to_resource()
     assert task["status"] == "accepted" and task["owner"].reference == "Organization/core"
@@ -111,8 +116,9 @@ def test_fhirpy_errors_are_its_own_exceptions(env) -> None:
     assert "unknown search parameter(s) for ServiceRequest: name" in str(exc.value)
     # the auditor's client reads the audit trail of what the clinician's client did
     events = fhirpy(core, "auditor").resources("AuditEvent").search(subtype="read").limit(3)
-    assert any(e["agent"][1]["who"]["identifier"]["value"] == "role:clinician"
-               for e in events.fetch())
+    assert any(
+        e["agent"][1]["who"]["identifier"]["value"] == "role:clinician" for e in events.fetch()
+    )
 
 
 def test_fhirpy_moves_a_referral_task(env) -> None:
@@ -121,8 +127,12 @@ def test_fhirpy_moves_a_referral_task(env) -> None:
     before = set(referrals(chc))
     ok(call(chc, "POST", "/fhir/", body=referral("up-inpatient", "core")))  # trailing slash
     (thread,) = set(referrals(chc)) - before
-    row = wait_for(lambda: referrals(core).get(thread, {}).get("status") == "received"
-                   and referrals(core)[thread], what="core to receive the referral")
+    row = wait_for(
+        lambda: (
+            referrals(core).get(thread, {}).get("status") == "received" and referrals(core)[thread]
+        ),
+        what="core to receive the referral",
+    )
     client = fhirpy(core)
     task = client.reference("Task", row["task_id"]).to_resource()
     assert task["status"] == "received"
@@ -131,8 +141,10 @@ def test_fhirpy_moves_a_referral_task(env) -> None:
     task.save()  # PUT /fhir/Task/{id}; fhirpy refreshes the object from the answer
     assert task["status"] == "accepted" and task["meta"]["versionId"] != "1"
     assert client.reference("Task", row["task_id"]).to_resource()["status"] == "accepted"
-    wait_for(lambda: referrals(chc)[thread]["status"] == "accepted",
-             what="the referrer to see it accepted")
+    wait_for(
+        lambda: referrals(chc)[thread]["status"] == "accepted",
+        what="the referrer to see it accepted",
+    )
     # an illegal move comes back as fhirpy's OperationOutcome with the Hutong code
     task["status"] = "requested"
     with pytest.raises(OperationOutcome) as exc:
@@ -146,8 +158,10 @@ def test_fhirpy_moves_a_referral_task(env) -> None:
     fc_task.status = "in-progress"
     answer = fc_task.update()
     assert FcTask(answer).status == "in-progress"
-    wait_for(lambda: referrals(chc)[thread]["status"] == "in-progress",
-             what="the referrer to see the arrival")
+    wait_for(
+        lambda: referrals(chc)[thread]["status"] == "in-progress",
+        what="the referrer to see the arrival",
+    )
 
 
 # -------------------------------------------------------------------------------------------
@@ -164,19 +178,23 @@ def test_fhirclient_capability_search_paging_include_read(env) -> None:
     assert {r.type for r in cs.rest[0].resource} >= {"ServiceRequest", "Task", "AuditEvent"}
     search = FcServiceRequest.where(struct={"patient": "Patient/pat-zhang", "_count": "4"})
     pages = list(search.perform_iter(fc.server))  # follows next links
-    assert len(pages) == 4 and all(isinstance(p, FcBundle) and p.total == N_SR // 2
-                                   for p in pages)
+    assert len(pages) == 4 and all(isinstance(p, FcBundle) and p.total == N_SR // 2 for p in pages)
     got = [e.resource.id for p in pages for e in p.entry]
-    assert got == newest_first([s for s in seed.srs if s["subject"]["reference"]
-                                == "Patient/pat-zhang"])
+    assert got == newest_first(
+        [s for s in seed.srs if s["subject"]["reference"] == "Patient/pat-zhang"]
+    )
     assert all(isinstance(e.resource, FcServiceRequest) for p in pages for e in p.entry)
     # _include through its own include() builder
-    inc = FHIRSearch(FcTask, {"status": "requested,in-progress", "patient": "pat-zhang"}
-                     ).include("focus")
+    inc = FHIRSearch(FcTask, {"status": "requested,in-progress", "patient": "pat-zhang"}).include(
+        "focus"
+    )
     bundle = next(inc.perform_iter(fc.server))
     assert [(e.search.mode, e.resource.resource_type, e.resource.id) for e in bundle.entry] == [
-        ("match", "Task", "task-2"), ("match", "Task", "task-0"),
-        ("include", "ServiceRequest", "sr-05"), ("include", "ServiceRequest", "sr-03")]
+        ("match", "Task", "task-2"),
+        ("match", "Task", "task-0"),
+        ("include", "ServiceRequest", "sr-05"),
+        ("include", "ServiceRequest", "sr-03"),
+    ]
     task = FcTask.read("task-0", fc.server)
     assert task.focus.reference == "ServiceRequest/sr-03" and task.status == "requested"
     assert task.as_json()["for"] == {"reference": "Patient/pat-zhang"}
@@ -188,7 +206,6 @@ def test_fhirclient_errors(env) -> None:
         FcTask.read("nope", smart(core).server)
     with pytest.raises(FHIRPermissionDeniedException):
         FcTask.read("task-0", smart(core, "it").server)
-
 
 
 # -------------------------------------------------------------------------------------------
@@ -208,30 +225,57 @@ def test_fhirpy_count_sort_elements_revinclude(env) -> None:
     mine = _dr_li(seed)
     assert srs.search(requester="Practitioner/dr-li").count() == len(mine) == 20
     assert srs.search(requester="Practitioner/dr-li", status="revoked").count() == len(
-        [s for s in mine if s["status"] == "revoked"])
+        [s for s in mine if s["status"] == "revoked"]
+    )
     # sort(): ascending really ascending, descending, several keys
-    assert [r.id for r in srs.search(requester="Practitioner/dr-li").sort("_lastUpdated")
-            .limit(5).fetch()] == [s["id"] for s in mine[:5]]
-    assert [r.id for r in srs.search(requester="Practitioner/dr-li").sort("-_lastUpdated")
-            .limit(5).fetch()] == newest_first(mine)[:5]
-    by_status = [r.id for r in srs.search(requester="Practitioner/dr-li")
-                 .sort("status", "-_lastUpdated").limit(50).fetch_all()]
-    assert by_status == [s["id"] for st in sorted({s["status"] for s in mine})
-                         for s in reversed(mine) if s["status"] == st]
+    assert [
+        r.id
+        for r in srs.search(requester="Practitioner/dr-li").sort("_lastUpdated").limit(5).fetch()
+    ] == [s["id"] for s in mine[:5]]
+    assert [
+        r.id
+        for r in srs.search(requester="Practitioner/dr-li").sort("-_lastUpdated").limit(5).fetch()
+    ] == newest_first(mine)[:5]
+    by_status = [
+        r.id
+        for r in srs.search(requester="Practitioner/dr-li")
+        .sort("status", "-_lastUpdated")
+        .limit(50)
+        .fetch_all()
+    ]
+    assert by_status == [
+        s["id"]
+        for st in sorted({s["status"] for s in mine})
+        for s in reversed(mine)
+        if s["status"] == st
+    ]
     # elements(): only what was asked (and what R4 requires), tagged SUBSETTED
     got = srs.search(_id="sr-04").elements("status").fetch()
-    assert [r.serialize() for r in got] == [{
-        "resourceType": "ServiceRequest", "id": "sr-04", "status": seed.srs[4]["status"],
-        "intent": "order", "subject": seed.srs[4]["subject"],
-        "meta": {**got[0]["meta"], "tag": [{
-            "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
-            "code": "SUBSETTED"}]}}]
+    assert [r.serialize() for r in got] == [
+        {
+            "resourceType": "ServiceRequest",
+            "id": "sr-04",
+            "status": seed.srs[4]["status"],
+            "intent": "order",
+            "subject": seed.srs[4]["subject"],
+            "meta": {
+                **got[0]["meta"],
+                "tag": [
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
+                        "code": "SUBSETTED",
+                    }
+                ],
+            },
+        }
+    ]
     # revinclude(): the referral and the Task that points at it
     raw = srs.search(_id="sr-04").revinclude("Task", "focus").fetch_raw()
     assert [(e.search.mode, e.resource.resourceType, e.resource.id) for e in raw.entry] == [
-        ("match", "ServiceRequest", "sr-04"), ("include", "Task", "task-1")]
-    assert [r.id for r in srs.search(_id="sr-04").revinclude("Task", "focus").fetch()] == [
-        "sr-04"]
+        ("match", "ServiceRequest", "sr-04"),
+        ("include", "Task", "task-1"),
+    ]
+    assert [r.id for r in srs.search(_id="sr-04").revinclude("Task", "focus").fetch()] == ["sr-04"]
 
 
 def test_fhirpy_async_count_sort_elements_revinclude(env) -> None:
@@ -244,24 +288,30 @@ def test_fhirpy_async_count_sort_elements_revinclude(env) -> None:
     mine = _dr_li(seed)
 
     async def run() -> None:
-        client = AsyncFHIRClient(core.local_url + "/fhir",
-                                 authorization=f"Bearer {core.token('clinician')}")
+        client = AsyncFHIRClient(
+            core.local_url + "/fhir", authorization=f"Bearer {core.token('clinician')}"
+        )
         srs = client.resources("ServiceRequest")
-        assert await srs.search(patient="pat-zhang", requester="Practitioner/dr-li"
-                                ).count() == len([s for s in mine if s["id"][-1] in "13579"])
-        asc = await srs.search(requester="Practitioner/dr-li").sort("_lastUpdated").limit(
-            3).fetch()
+        assert await srs.search(patient="pat-zhang", requester="Practitioner/dr-li").count() == len(
+            [s for s in mine if s["id"][-1] in "13579"]
+        )
+        asc = await srs.search(requester="Practitioner/dr-li").sort("_lastUpdated").limit(3).fetch()
         assert [r.id for r in asc] == [s["id"] for s in mine[:3]]
-        assert [r.id for r in await srs.search(requester="Practitioner/dr-li")
-                .sort("-_id").limit(3).fetch()] == sorted((s["id"] for s in mine),
-                                                         reverse=True)[:3]
-        got = await client.resources("Patient").search(_id="pat-zhang").elements(
-            "gender").fetch()
+        assert [
+            r.id
+            for r in await srs.search(requester="Practitioner/dr-li").sort("-_id").limit(3).fetch()
+        ] == sorted((s["id"] for s in mine), reverse=True)[:3]
+        got = await client.resources("Patient").search(_id="pat-zhang").elements("gender").fetch()
         assert {k: v for k, v in got[0].items() if k != "meta"} == {
-            "resourceType": "Patient", "id": "pat-zhang", "gender": "male"}
+            "resourceType": "Patient",
+            "id": "pat-zhang",
+            "gender": "male",
+        }
         raw = await srs.search(_id="sr-05").revinclude("Task", "focus").fetch_raw()
         assert [(e.search.mode, e.resource.id) for e in raw.entry] == [
-            ("match", "sr-05"), ("include", "task-2")]
+            ("match", "sr-05"),
+            ("include", "task-2"),
+        ]
 
     asyncio.run(run())
 
@@ -269,17 +319,25 @@ def test_fhirpy_async_count_sort_elements_revinclude(env) -> None:
 def test_fhirclient_summary_count_and_sort(env) -> None:
     a, seed = env
     fc = smart(a.node("core"))
-    bundle = next(FHIRSearch(FcServiceRequest, {"requester": "Practitioner/dr-li",
-                                                "_summary": "count"}).perform_iter(fc.server))
+    bundle = next(
+        FHIRSearch(
+            FcServiceRequest, {"requester": "Practitioner/dr-li", "_summary": "count"}
+        ).perform_iter(fc.server)
+    )
     assert isinstance(bundle, FcBundle) and bundle.total == 20 and not bundle.entry
-    asc = next(FHIRSearch(FcServiceRequest, {"requester": "Practitioner/dr-li",
-                                             "_sort": "_lastUpdated", "_count": "4"}
-                          ).perform_iter(fc.server))
+    asc = next(
+        FHIRSearch(
+            FcServiceRequest,
+            {"requester": "Practitioner/dr-li", "_sort": "_lastUpdated", "_count": "4"},
+        ).perform_iter(fc.server)
+    )
     assert [e.resource.id for e in asc.entry] == [s["id"] for s in _dr_li(seed)[:4]]
-    summary = next(FHIRSearch(FcTask, {"_id": "task-0", "_summary": "true"}
-                              ).perform_iter(fc.server))
+    summary = next(
+        FHIRSearch(FcTask, {"_id": "task-0", "_summary": "true"}).perform_iter(fc.server)
+    )
     (task,) = [e.resource for e in summary.entry]
     assert task.status == seed.tasks[0]["status"] and task.focus.reference == "ServiceRequest/sr-03"
     assert task.authoredOn is None  # not a summary element of Task
     assert [(t.system, t.code) for t in task.meta.tag] == [
-        ("http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "SUBSETTED")]
+        ("http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "SUBSETTED")
+    ]

@@ -33,8 +33,11 @@ ACT = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    dsn = f"sqlite:///{tmp_path / 'node.db'}" if request.param == "sqlite" \
+    dsn = (
+        f"sqlite:///{tmp_path / 'node.db'}"
+        if request.param == "sqlite"
         else str(request.getfixturevalue("pg_db"))
+    )
     s = Store(dsn)
     s.create_all()
     yield s
@@ -43,9 +46,13 @@ def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
 
 def enc(eid: str, code: str, start: str | None, end: str | None) -> dict[str, Any]:
     period = {k: v for k, v in (("start", start), ("end", end)) if v}
-    out: dict[str, Any] = {"resourceType": "Encounter", "id": eid, "status": "finished",
-                           "class": {"system": ACT, "code": code},
-                           "subject": {"reference": "Patient/p1"}}
+    out: dict[str, Any] = {
+        "resourceType": "Encounter",
+        "id": eid,
+        "status": "finished",
+        "class": {"system": ACT, "code": code},
+        "subject": {"reference": "Patient/p1"},
+    }
     if period:
         out["period"] = period
     return out
@@ -74,23 +81,26 @@ def found(s: Store, *params: tuple[str, str]) -> list[str]:
     return sorted(orjson.loads(r.body)["id"] for r in rows)
 
 
-@pytest.mark.parametrize(("params", "want"), [
-    ([("date", "2026-12")], ["e-stay", "e-visit"]),  # eq: lies within December (open: not)
-    ([("date", "2026-12-03")], ["e-visit"]),  # the stay is not within one day
-    ([("date", "ge2026-12-04")], ["e-open", "e-stay"]),  # overlaps from the 4th on
-    ([("date", "gt2026-12-05")], ["e-open"]),
-    ([("date", "lt2026-12-03")], ["e-stay"]),
-    ([("date", "le2026-12-03")], ["e-stay", "e-visit"]),
-    ([("date", "ge2026-12-03"), ("date", "le2026-12-03")], ["e-stay", "e-visit"]),
-    ([("date", "sa2026-12-05")], ["e-open"]),
-    ([("date", "eb2026-12-03")], []),  # the stay ends on the 5th (in +08:00: 02:00 UTC)
-    ([("date", "eb2026-12-06")], ["e-stay", "e-visit"]),
-    ([("date", "ne2026-12-03")], ["e-open", "e-stay"]),
-    ([("class", "IMP")], ["e-open", "e-stay"]),
-    ([("class", f"{ACT}|AMB")], ["e-visit"]),
-    ([("class", "AMB,EMER")], ["e-none", "e-visit"]),
-    ([("class", "IMP"), ("date", "ge2026-12-06")], ["e-open"]),
-])
+@pytest.mark.parametrize(
+    ("params", "want"),
+    [
+        ([("date", "2026-12")], ["e-stay", "e-visit"]),  # eq: lies within December (open: not)
+        ([("date", "2026-12-03")], ["e-visit"]),  # the stay is not within one day
+        ([("date", "ge2026-12-04")], ["e-open", "e-stay"]),  # overlaps from the 4th on
+        ([("date", "gt2026-12-05")], ["e-open"]),
+        ([("date", "lt2026-12-03")], ["e-stay"]),
+        ([("date", "le2026-12-03")], ["e-stay", "e-visit"]),
+        ([("date", "ge2026-12-03"), ("date", "le2026-12-03")], ["e-stay", "e-visit"]),
+        ([("date", "sa2026-12-05")], ["e-open"]),
+        ([("date", "eb2026-12-03")], []),  # the stay ends on the 5th (in +08:00: 02:00 UTC)
+        ([("date", "eb2026-12-06")], ["e-stay", "e-visit"]),
+        ([("date", "ne2026-12-03")], ["e-open", "e-stay"]),
+        ([("class", "IMP")], ["e-open", "e-stay"]),
+        ([("class", f"{ACT}|AMB")], ["e-visit"]),
+        ([("class", "AMB,EMER")], ["e-none", "e-visit"]),
+        ([("class", "IMP"), ("date", "ge2026-12-06")], ["e-open"]),
+    ],
+)
 def test_date_and_class(db: Store, params: list[tuple[str, str]], want: list[str]) -> None:
     seed(db)
     assert found(db, *params) == want
@@ -107,15 +117,18 @@ def test_an_update_moves_the_rows(db: Store) -> None:
     with db.read() as conn:
         rows = conn.execute(FHIR_DATE.select().where(FHIR_DATE.c.id == "e-open")).all()
     assert [(r.start, r.end) for r in rows] == [
-        (datetime(2026, 12, 10, 1, 0, tzinfo=UTC), datetime(2026, 12, 11, 1, 0, 1, tzinfo=UTC))]
+        (datetime(2026, 12, 10, 1, 0, tzinfo=UTC), datetime(2026, 12, 11, 1, 0, 1, tzinfo=UTC))
+    ]
 
 
 def test_plans_use_the_indexes(db: Store) -> None:
     seed(db)
     # the page walks the type's page-order index and probes each row's date or token by the
     # table's primary key (a correlated EXISTS: a broad condition costs a page, not every match)
-    for params, index in ((("date", "ge2026-12-04"), "fhir_date USING INDEX sqlite_autoindex"),
-                          (("class", "IMP"), "SEARCH fhir_token USING")):
+    for params, index in (
+        (("date", "ge2026-12-04"), "fhir_date USING INDEX sqlite_autoindex"),
+        (("class", "IMP"), "SEARCH fhir_token USING"),
+    ):
         q = parse_query("Encounter", [params], T)
         stmt = store.page_query("Encounter", q.where, 21)
         with db.read() as conn:

@@ -51,7 +51,10 @@ def test_every_version_is_kept_read_and_paged(db: Store) -> None:
             row = store.get_version(conn, "Patient", "p1", v)
             body = orjson.loads(row.body)
             assert (row.version, body["name"][0]["family"], body["meta"]["versionId"]) == (
-                v, family, str(v))
+                v,
+                family,
+                str(v),
+            )
             assert row.at == T0 + timedelta(minutes=v - 1)
         with pytest.raises(NotFound):
             store.get_version(conn, "Patient", "p1", 5)
@@ -62,8 +65,13 @@ def test_every_version_is_kept_read_and_paged(db: Store) -> None:
         rows2, more2 = store.history(conn, "Patient", "p1", count=3, before=rows[-1].seq)
         assert [r.version for r in rows2] == [1] and not more2
         typed, _ = store.history(conn, "Patient", count=10)
-        assert [(r.id, r.version) for r in typed] == [("p2", 1), ("p1", 4), ("p1", 3),
-                                                      ("p1", 2), ("p1", 1)]
+        assert [(r.id, r.version) for r in typed] == [
+            ("p2", 1),
+            ("p1", 4),
+            ("p1", 3),
+            ("p1", 2),
+            ("p1", 1),
+        ]
         since, _ = store.history(conn, "Patient", count=10, since=T0 + timedelta(minutes=3))
         assert [(r.id, r.version) for r in since] == [("p2", 1), ("p1", 4)]
 
@@ -97,8 +105,9 @@ def test_version_lock_serialises_two_writers(db: Store) -> None:
 def _history_indexes(s: Store) -> set[str]:
     with s.read() as conn:
         if conn.dialect.name == "sqlite":
-            sql = ("SELECT name FROM sqlite_master WHERE type = 'index' "
-                   "AND tbl_name = 'fhir_history'")
+            sql = (
+                "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'fhir_history'"
+            )
         else:
             sql = "SELECT indexname FROM pg_indexes WHERE tablename = 'fhir_history'"
         return {r[0] for r in conn.exec_driver_sql(sql)}

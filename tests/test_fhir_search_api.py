@@ -34,8 +34,11 @@ def core(tmp_path_factory: pytest.TempPathFactory):
     ctx = NodeContext.open(load_node(a.files["core"]))
     try:
         key = ctx.plan.patient_hash_key
-        hashes = {r["id"]: patient_hash(key, r["identifier"][0]["value"])
-                  for r in sd.RESOURCES if r["resourceType"] == "Patient"}
+        hashes = {
+            r["id"]: patient_hash(key, r["identifier"][0]["value"])
+            for r in sd.RESOURCES
+            if r["resourceType"] == "Patient"
+        }
         with ctx.store.write() as conn:
             sd.seed(conn, hashes)
     finally:
@@ -55,12 +58,16 @@ def ids(bundle: dict[str, Any], mode: str = "match") -> list[str]:
 
 
 def included_refs(bundle: dict[str, Any]) -> list[str]:
-    return [f"{e['resource']['resourceType']}/{e['resource']['id']}"
-            for e in bundle.get("entry", []) if e["search"]["mode"] == "include"]
+    return [
+        f"{e['resource']['resourceType']}/{e['resource']['id']}"
+        for e in bundle.get("entry", [])
+        if e["search"]["mode"] == "include"
+    ]
 
 
 def test_the_capability_statement_is_valid_and_every_listed_parameter_answers(
-        core: NodeProcess) -> None:
+    core: NodeProcess,
+) -> None:
     cs = ok(call(core, "GET", "/fhir/metadata", role=None))
     validate_resource(cs)  # the R4 JSON schema
     CapabilityStatement.model_validate(cs)
@@ -155,25 +162,43 @@ def _result_parameter(core: NodeProcess, rtype: str, name: str, every: list[str]
         raise AssertionError(f"result parameter {name} is listed but untested")
 
 
-def _post(node: NodeProcess, rtype: str, form: list[tuple[str, str]], query: str = ""
-          ) -> httpx.Response:
-    return http().post(f"{node.local_url}/fhir/{rtype}/_search{query}",
-                       content=urlencode(form).encode(),
-                       headers={"Authorization": f"Bearer {node.token('clinician')}",
-                                "Accept": "application/fhir+json",
-                                "Content-Type": "application/x-www-form-urlencoded"})
+def _post(
+    node: NodeProcess, rtype: str, form: list[tuple[str, str]], query: str = ""
+) -> httpx.Response:
+    return http().post(
+        f"{node.local_url}/fhir/{rtype}/_search{query}",
+        content=urlencode(form).encode(),
+        headers={
+            "Authorization": f"Bearer {node.token('clinician')}",
+            "Accept": "application/fhir+json",
+            "Content-Type": "application/x-www-form-urlencoded",
+        },
+    )
 
 
-@pytest.mark.parametrize(("rtype", "params"), [
-    ("Patient", [("name", "王"), ("_summary", "true")]),
-    ("Observation", [("patient.identifier", f"{sd.NID}|110102195003151234"),
-                     ("_sort", "-date"), ("_include", "Observation:encounter")]),
-    ("ServiceRequest", [("_revinclude", "Task:focus"), ("_count", "1"), ("_total", "accurate")]),
-    ("Task", [("status", "requested,completed"), ("_elements", "status,focus")]),
-    ("Patient", [("gender", "female"), ("gender:not", "male"), ("_sort", "birthdate")]),
-])
-def test_post_search_gives_the_get_answer(core: NodeProcess, rtype: str,
-                                          params: list[tuple[str, str]]) -> None:
+@pytest.mark.parametrize(
+    ("rtype", "params"),
+    [
+        ("Patient", [("name", "王"), ("_summary", "true")]),
+        (
+            "Observation",
+            [
+                ("patient.identifier", f"{sd.NID}|110102195003151234"),
+                ("_sort", "-date"),
+                ("_include", "Observation:encounter"),
+            ],
+        ),
+        (
+            "ServiceRequest",
+            [("_revinclude", "Task:focus"), ("_count", "1"), ("_total", "accurate")],
+        ),
+        ("Task", [("status", "requested,completed"), ("_elements", "status,focus")]),
+        ("Patient", [("gender", "female"), ("gender:not", "male"), ("_sort", "birthdate")]),
+    ],
+)
+def test_post_search_gives_the_get_answer(
+    core: NodeProcess, rtype: str, params: list[tuple[str, str]]
+) -> None:
     got = _post(core, rtype, params)
     assert got.status_code == 200, got.text
     post, want = got.json(), get(core, rtype, params)
@@ -188,33 +213,57 @@ def test_post_search_gives_the_get_answer(core: NodeProcess, rtype: str,
 
 
 def test_post_search_refusals(core: NodeProcess) -> None:
-    r = http().post(f"{core.local_url}/fhir/Patient/_search", content=b'{"name": "x"}',
-                    headers={"Authorization": f"Bearer {core.token('clinician')}",
-                             "Content-Type": "application/json"})
+    r = http().post(
+        f"{core.local_url}/fhir/Patient/_search",
+        content=b'{"name": "x"}',
+        headers={
+            "Authorization": f"Bearer {core.token('clinician')}",
+            "Content-Type": "application/json",
+        },
+    )
     assert r.status_code == 400 and "application/x-www-form-urlencoded" in r.text
     r = _post(core, "Patient", [("nickname", "王秀英")])
     assert r.status_code == 400 and "nickname" in r.text and "王秀英" not in r.text
-    r = http().post(f"{core.local_url}/fhir/Patient/_search", content=b"name=x",
-                    headers={"Content-Type": "application/x-www-form-urlencoded"})
+    r = http().post(
+        f"{core.local_url}/fhir/Patient/_search",
+        content=b"name=x",
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
     assert r.status_code == 401
 
 
 def test_searches_are_audited_with_names_never_values(core: NodeProcess) -> None:
-    searched = [("Patient", {"name": "王秀英", "birthdate": "1950-03-15", "_sort": "-birthdate"}),
-                ("Observation", {"patient.identifier": f"{sd.NID}|110102195003151234",
-                                 "subject:identifier": "110102195003151234",
-                                 "_revinclude": "DiagnosticReport:result"})]
+    searched = [
+        ("Patient", {"name": "王秀英", "birthdate": "1950-03-15", "_sort": "-birthdate"}),
+        (
+            "Observation",
+            {
+                "patient.identifier": f"{sd.NID}|110102195003151234",
+                "subject:identifier": "110102195003151234",
+                "_revinclude": "DiagnosticReport:result",
+            },
+        ),
+    ]
     for rtype, params in searched:
         assert get(core, rtype, params)["entry"]
     r = _post(core, "Patient", [("family:exact", "Müller"), ("_summary", "data")])
     assert ids(r.json()) == ["p-muller"]
-    b = ok(call(core, "GET", "/fhir/AuditEvent", role="auditor",
-                params={"subtype": "read", "_count": "10"}))
+    b = ok(
+        call(
+            core,
+            "GET",
+            "/fhir/AuditEvent",
+            role="auditor",
+            params={"subtype": "read", "_count": "10"},
+        )
+    )
     queries = [extra_of(e["resource"]).get("query", "") for e in b["entry"]]
     assert "/fhir/Patient/_search?family:exact=***&_summary=data" in queries
     assert "/fhir/Patient?name=***&birthdate=***&_sort=-birthdate" in queries
-    assert ("/fhir/Observation?patient.identifier=***&subject:identifier=***"
-            "&_revinclude=DiagnosticReport:result") in queries
+    assert (
+        "/fhir/Observation?patient.identifier=***&subject:identifier=***"
+        "&_revinclude=DiagnosticReport:result"
+    ) in queries
     text = " ".join(queries)
     for secret in ("王秀英", "1950-03-15", "110102195003151234", "Müller", "M%C3%BCller"):
         assert secret not in text
@@ -240,21 +289,27 @@ def test_every_audit_event_parameter_listed_answers(core: NodeProcess) -> None:
     until = snap[0]["recorded"]
 
     def hashes(e: dict[str, Any]) -> list[str]:
-        return [x["what"]["identifier"]["value"] for x in e.get("entity", [])
-                if x.get("what", {}).get("identifier", {}).get("system")
-                == "urn:hutong:patient-hash"]
+        return [
+            x["what"]["identifier"]["value"]
+            for x in e.get("entity", [])
+            if x.get("what", {}).get("identifier", {}).get("system") == "urn:hutong:patient-hash"
+        ]
 
     with_patient = next(e for e in snap if hashes(e))
     h = hashes(with_patient)[0]
     examples = {
         "_id": (with_patient["id"], [with_patient["id"]]),
-        "date": (with_patient["recorded"], [e["id"] for e in snap
-                                            if e["recorded"] == with_patient["recorded"]]),
+        "date": (
+            with_patient["recorded"],
+            [e["id"] for e in snap if e["recorded"] == with_patient["recorded"]],
+        ),
         "subtype": ("read", [e["id"] for e in snap if e["subtype"][0]["code"] == "read"]),
         "action": ("R", [e["id"] for e in snap if e["action"] == "R"]),
         "outcome": ("0", [e["id"] for e in snap if e["outcome"] == "0"]),
-        "entity-identifier": (f"urn:hutong:patient-hash|{h}",
-                              [e["id"] for e in snap if h in hashes(e)]),
+        "entity-identifier": (
+            f"urn:hutong:patient-hash|{h}",
+            [e["id"] for e in snap if h in hashes(e)],
+        ),
         "patient-hash": (h, [e["id"] for e in snap if h in hashes(e)]),
     }
     cs = ok(call(core, "GET", "/fhir/metadata", role=None))
@@ -272,14 +327,21 @@ def test_every_audit_event_parameter_listed_answers(core: NodeProcess) -> None:
         elif name == "_cursor":
             first = _audit(core, {"_count": "1", "date": f"le{until}"})
             nxt = next(x["url"] for x in first["link"] if x["relation"] == "next")
-            assert ok(call(core, "GET", nxt, role="auditor"))["entry"][0]["resource"]["id"] \
+            assert (
+                ok(call(core, "GET", nxt, role="auditor"))["entry"][0]["resource"]["id"]
                 == snap[1]["id"]
+            )
         elif name in ("_total", "_totalMethod"):
             value = "accurate" if name == "_total" else "count"
             assert _audit(core, {name: value, "date": f"le{until}"})["total"] == len(snap)
         elif name == "_pretty":
-            r = call(core, "GET", "/fhir/AuditEvent", role="auditor",
-                     params={"_pretty": "true", "_count": "1"})
+            r = call(
+                core,
+                "GET",
+                "/fhir/AuditEvent",
+                role="auditor",
+                params={"_pretty": "true", "_count": "1"},
+            )
             assert r.status_code == 200 and "\n  " in r.text
         elif name == "_format":
             assert len(_audit(core, {"_format": "json", "_count": "1"})["entry"]) == 1
@@ -293,9 +355,14 @@ def test_references_as_this_servers_absolute_url(core: NodeProcess) -> None:
     assert ids(get(core, "Task", {"focus": f"{base}/ServiceRequest/sr-1"})) == ["task-1"]
     # a full URL as a bundle's fullUrl names it, and the fullUrl of a search entry
     b = get(core, "Patient", {"_id": "p-wang"})
-    assert ids(get(core, "Observation", {"subject": b["entry"][0]["fullUrl"],
-                                         "code": "2345-7"})) == ["obs-glu"]
-    r = call(core, "GET", "/fhir/Observation",
-             params={"patient": "https://elsewhere.example/fhir/Patient/p-zhang"})
+    assert ids(
+        get(core, "Observation", {"subject": b["entry"][0]["fullUrl"], "code": "2345-7"})
+    ) == ["obs-glu"]
+    r = call(
+        core,
+        "GET",
+        "/fhir/Observation",
+        params={"patient": "https://elsewhere.example/fhir/Patient/p-zhang"},
+    )
     assert r.status_code == 400 and "another server's URL" in r.text
     assert "elsewhere" not in r.text

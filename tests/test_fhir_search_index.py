@@ -63,10 +63,12 @@ def db(dsn: str) -> Iterator[Store]:
 
 
 def patient(pid: str, idents: list[tuple[str | None, str]], name: str) -> dict[str, Any]:
-    return {"resourceType": "Patient", "id": pid,
-            "identifier": [{"value": v} if s is None else {"system": s, "value": v}
-                           for s, v in idents],
-            "name": [{"text": name, "family": name[0], "given": [name[1:]]}]}
+    return {
+        "resourceType": "Patient",
+        "id": pid,
+        "identifier": [{"value": v} if s is None else {"system": s, "value": v} for s, v in idents],
+        "name": [{"text": name, "family": name[0], "given": [name[1:]]}],
+    }
 
 
 #: several identifiers per patient, one value shared by two systems, one with no system
@@ -79,11 +81,15 @@ PATIENTS = [
 
 
 def observation(i: int, pid: str) -> dict[str, Any]:
-    return {"resourceType": "Observation", "id": f"obs-{i}", "status": "final",
-            "identifier": [{"system": "urn:hutong:lis:fuxing", "value": f"LAB-{i:04d}"}],
-            "code": {"coding": [{"system": "http://loinc.org", "code": "718-7"}]},
-            "subject": {"reference": f"Patient/{pid}"},
-            "valueQuantity": {"value": 100 + i, "unit": "g/L"}}
+    return {
+        "resourceType": "Observation",
+        "id": f"obs-{i}",
+        "status": "final",
+        "identifier": [{"system": "urn:hutong:lis:fuxing", "value": f"LAB-{i:04d}"}],
+        "code": {"coding": [{"system": "http://loinc.org", "code": "718-7"}]},
+        "subject": {"reference": f"Patient/{pid}"},
+        "valueQuantity": {"value": 100 + i, "unit": "g/L"},
+    }
 
 
 def seed(s: Store) -> dict[str, dict[str, Any]]:
@@ -92,8 +98,9 @@ def seed(s: Store) -> dict[str, dict[str, Any]]:
     with s.write() as conn:
         for i, p in enumerate(PATIENTS):
             validate_resource(p)
-            put[p["id"]] = copy.deepcopy(store.put(conn, copy.deepcopy(p),
-                                                   at=T0 + timedelta(minutes=i)))
+            put[p["id"]] = copy.deepcopy(
+                store.put(conn, copy.deepcopy(p), at=T0 + timedelta(minutes=i))
+            )
         for i in range(12):
             o = observation(i, "p-wang" if i % 2 == 0 else "p-zhang")
             validate_resource(o)
@@ -133,8 +140,9 @@ def test_identifier_search_every_syntax_field_by_field(db: Store) -> None:
     found = find(db, "Patient", identifier=f"{MRN}|")
     assert ids(found) == ["p-li", "p-zhang", "p-wang"] and found[1] == 3
     # comma = OR; a resource matched by two alternatives comes once
-    found = find(db, "Patient", identifier=f"{MRN}|FX0002,{NID}|11010119650505231X,"
-                 f"{MRN}|FX0003,{MRN}|nobody")
+    found = find(
+        db, "Patient", identifier=f"{MRN}|FX0002,{NID}|11010119650505231X,{MRN}|FX0003,{MRN}|nobody"
+    )
     assert ids(found) == ["p-li", "p-zhang"] and found[1] == 2
     # the second identifier of a resource matches as well as the first
     assert ids(find(db, "Patient", identifier=f"{MRN}|FX0002-OLD")) == ["p-zhang"]
@@ -146,13 +154,21 @@ def test_identifier_search_every_syntax_field_by_field(db: Store) -> None:
     assert ids(lab) == ["obs-7"] and lab[0][0]["valueQuantity"] == {"value": 107, "unit": "g/L"}
     Observation.model_validate(lab[0][0])
     # ANDed with another parameter
-    assert ids(find(db, "Observation", identifier="urn:hutong:lis:fuxing|LAB-0007",
-                    status="final")) == ["obs-7"]
-    assert ids(find(db, "Observation", identifier="urn:hutong:lis:fuxing|LAB-0007",
-                    status="preliminary")) == []
+    assert ids(
+        find(db, "Observation", identifier="urn:hutong:lis:fuxing|LAB-0007", status="final")
+    ) == ["obs-7"]
+    assert (
+        ids(
+            find(
+                db, "Observation", identifier="urn:hutong:lis:fuxing|LAB-0007", status="preliminary"
+            )
+        )
+        == []
+    )
     with db.read() as conn:
-        assert store.find_by_identifier(conn, "Patient", MRN, "FX0003")["name"] == \
-            PATIENTS[2]["name"]
+        assert (
+            store.find_by_identifier(conn, "Patient", MRN, "FX0003")["name"] == PATIENTS[2]["name"]
+        )
         assert store.find_by_identifier(conn, "Patient", MRN, "PAPER-77") is None
 
 
@@ -192,11 +208,15 @@ def test_update_that_changes_identifiers_moves_the_tokens(db: Store) -> None:
     assert [h["meta"]["versionId"] for h in hits] == ["2"]
     assert hits[0]["identifier"] == changed["identifier"]
     with db.read() as conn:
-        toks = conn.execute(select(FHIR_TOKEN.c.param, FHIR_TOKEN.c.system, FHIR_TOKEN.c.value)
-                            .where(FHIR_TOKEN.c.rtype == "Patient", FHIR_TOKEN.c.id == "p-wang")
-                            .order_by(FHIR_TOKEN.c.value)).all()
-    assert [tuple(t) for t in toks] == [("identifier", MRN, "FX0001"),
-                                        ("identifier", MRN, "FX9999")]
+        toks = conn.execute(
+            select(FHIR_TOKEN.c.param, FHIR_TOKEN.c.system, FHIR_TOKEN.c.value)
+            .where(FHIR_TOKEN.c.rtype == "Patient", FHIR_TOKEN.c.id == "p-wang")
+            .order_by(FHIR_TOKEN.c.value)
+        ).all()
+    assert [tuple(t) for t in toks] == [
+        ("identifier", MRN, "FX0001"),
+        ("identifier", MRN, "FX9999"),
+    ]
     # an update that keeps the identifiers keeps the rows (and the search) as they were
     again = copy.deepcopy(changed)
     again["gender"] = "female"
@@ -206,12 +226,16 @@ def test_update_that_changes_identifiers_moves_the_tokens(db: Store) -> None:
 
 
 def _answers(s: Store) -> list[Any]:
-    queries = [("Patient", {"identifier": f"{NID}|11010119650505231X"}),
-               ("Patient", {"identifier": "FX0001"}), ("Patient", {"identifier": f"{MRN}|"}),
-               ("Patient", {"identifier": "|PAPER-77"}),
-               ("Patient", {"identifier": f"{MRN}|FX0002,{MRN}|FX0003"}),
-               ("Observation", {"identifier": "urn:hutong:lis:fuxing|LAB-0003"}),
-               ("Observation", {"patient": "p-zhang"}), ("Observation", {"_count": "5"})]
+    queries = [
+        ("Patient", {"identifier": f"{NID}|11010119650505231X"}),
+        ("Patient", {"identifier": "FX0001"}),
+        ("Patient", {"identifier": f"{MRN}|"}),
+        ("Patient", {"identifier": "|PAPER-77"}),
+        ("Patient", {"identifier": f"{MRN}|FX0002,{MRN}|FX0003"}),
+        ("Observation", {"identifier": "urn:hutong:lis:fuxing|LAB-0003"}),
+        ("Observation", {"patient": "p-zhang"}),
+        ("Observation", {"_count": "5"}),
+    ]
     return [find(s, rtype, **params) for rtype, params in queries]
 
 
@@ -259,8 +283,12 @@ def test_an_old_store_is_upgraded_once_on_open_with_the_same_answers(dsn: str) -
         reopened.create_all()
         with reopened.read() as conn:
             names = _index_names(conn)
-            assert conn.execute(select(NODE_STATE.c.value).where(
-                NODE_STATE.c.key == schema.MARKER)).scalar() == schema.SCHEMA_VERSION
+            assert (
+                conn.execute(
+                    select(NODE_STATE.c.value).where(NODE_STATE.c.key == schema.MARKER)
+                ).scalar()
+                == schema.SCHEMA_VERSION
+            )
         assert {IX_NEWEST.name, IX_PATIENT_NEWEST.name, IX_PATIENT_HASH.name} <= names
         assert not set(OLD_INDEXES) & names
         assert _tokens(reopened) == want_tokens
@@ -275,7 +303,8 @@ def test_an_old_store_is_upgraded_once_on_open_with_the_same_answers(dsn: str) -
 
 
 def test_total_is_exact_when_small_and_an_estimate_above_the_bound(
-        db: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    db: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
     seed(db)
     monkeypatch.setattr(store, "EXACT_UP_TO", 3)
     monkeypatch.setattr(store, "_ESTIMATES", {})
@@ -305,24 +334,34 @@ def _plan(conn: Connection, stmt: Any) -> str:
 def _statements(rtype: str, params: dict[str, str]) -> dict[str, Any]:
     q = parse_query(rtype, list(params.items()), T)
     typed = not q.by_token
-    return {"page": store.page_query(rtype, q.where, q.count + 1, typed=typed),
-            "count": store.count_query(rtype, q.where, typed=typed),
-            "bounded count": store.count_query(rtype, q.where, typed=typed, up_to=1000)}
+    return {
+        "page": store.page_query(rtype, q.where, q.count + 1, typed=typed),
+        "count": store.count_query(rtype, q.where, typed=typed),
+        "bounded count": store.count_query(rtype, q.where, typed=typed, up_to=1000),
+    }
 
 
-@pytest.mark.parametrize(("rtype", "params", "index", "ordered"), [
-    ("Observation", {"patient": "Patient/p-wang"}, "ix_fhir_type_patient_newest", True),
-    ("Observation", {"subject": "Patient/p-wang", "_count": "5"},
-     "ix_fhir_type_patient_newest", True),
-    ("Observation", {"_count": "20"}, "ix_fhir_type_newest", True),
-    ("Patient", {"identifier": f"{NID}|11010119650505231X"}, "ix_fhir_token_system", False),
-    ("Patient", {"identifier": "11010119650505231X"}, "ix_fhir_token_value", False),
-    ("Patient", {"identifier": "|PAPER-77"}, "ix_fhir_token", False),
-    ("Patient", {"identifier": f"{MRN}|"}, "ix_fhir_token_system", False),
-    ("Patient", {"identifier": f"{MRN}|FX0002,FX0003"}, "ix_fhir_token", False),
-])
-def test_query_plans_use_the_indexes(db: Store, rtype: str, params: dict[str, str], index: str,
-                                     ordered: bool) -> None:
+@pytest.mark.parametrize(
+    ("rtype", "params", "index", "ordered"),
+    [
+        ("Observation", {"patient": "Patient/p-wang"}, "ix_fhir_type_patient_newest", True),
+        (
+            "Observation",
+            {"subject": "Patient/p-wang", "_count": "5"},
+            "ix_fhir_type_patient_newest",
+            True,
+        ),
+        ("Observation", {"_count": "20"}, "ix_fhir_type_newest", True),
+        ("Patient", {"identifier": f"{NID}|11010119650505231X"}, "ix_fhir_token_system", False),
+        ("Patient", {"identifier": "11010119650505231X"}, "ix_fhir_token_value", False),
+        ("Patient", {"identifier": "|PAPER-77"}, "ix_fhir_token", False),
+        ("Patient", {"identifier": f"{MRN}|"}, "ix_fhir_token_system", False),
+        ("Patient", {"identifier": f"{MRN}|FX0002,FX0003"}, "ix_fhir_token", False),
+    ],
+)
+def test_query_plans_use_the_indexes(
+    db: Store, rtype: str, params: dict[str, str], index: str, ordered: bool
+) -> None:
     seed(db)
     for kind, stmt in _statements(rtype, params).items():
         with db.read() as conn:
@@ -362,8 +401,7 @@ def test_token_rows_are_each_distinct_identifier_once() -> None:
     assert store.token_rows(p) == [
         {"rtype": "Patient", "id": "p-x", "param": "identifier", "system": MRN, "value": "A"},
         {"rtype": "Patient", "id": "p-x", "param": "identifier", "system": "", "value": "B"},
-        {"rtype": "Patient", "id": "p-x", "param": "identifier", "system": MRN,
-         "value": "C" * 256},
+        {"rtype": "Patient", "id": "p-x", "param": "identifier", "system": MRN, "value": "C" * 256},
         {"rtype": "Patient", "id": "p-x", "param": "identifier", "system": MRN, "value": ""},
     ]
     assert store.token_rows({"resourceType": "Patient", "id": "p-y"}) == []
@@ -387,8 +425,9 @@ def test_a_store_at_schema_4_gains_the_patient_hash_index_without_a_backfill(dsn
             conn.execute(text(f"DROP INDEX {IX_PATIENT_HASH.name}"))
             conn.execute(text(f"CREATE INDEX {OLD_INDEXES[2]} ON fhir_resource (patient_hash)"))
             conn.execute(delete(FHIR_TOKEN).where(FHIR_TOKEN.c.id == "p-li"))
-            conn.execute(NODE_STATE.update().where(NODE_STATE.c.key == schema.MARKER)
-                         .values(value="4"))
+            conn.execute(
+                NODE_STATE.update().where(NODE_STATE.c.key == schema.MARKER).values(value="4")
+            )
     finally:
         s.dispose()
     reopened = Store(dsn)
@@ -396,8 +435,13 @@ def test_a_store_at_schema_4_gains_the_patient_hash_index_without_a_backfill(dsn
         reopened.create_all()
         with reopened.read() as conn:
             names = _index_names(conn)
-            assert conn.execute(select(NODE_STATE.c.value).where(
-                NODE_STATE.c.key == schema.MARKER)).scalar() == schema.SCHEMA_VERSION == "5"
+            assert (
+                conn.execute(
+                    select(NODE_STATE.c.value).where(NODE_STATE.c.key == schema.MARKER)
+                ).scalar()
+                == schema.SCHEMA_VERSION
+                == "5"
+            )
         assert IX_PATIENT_HASH.name in names and OLD_INDEXES[2] not in names
         assert len(_tokens(reopened)) == len(want) - 2
     finally:
@@ -446,8 +490,9 @@ def test_finding_a_patient_by_hash_uses_the_type_and_hash_index(db: Store, name:
     for sql, params in _run_by_hash(db, name, phash):
         with db.read() as conn:
             if db.is_sqlite:
-                plan = "\n".join(r[-1] for r in conn.exec_driver_sql(
-                    "EXPLAIN QUERY PLAN " + sql, params))
+                plan = "\n".join(
+                    r[-1] for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql, params)
+                )
                 assert "ix_fhir_type_patient_hash (rtype=? AND patient_hash=?)" in plan, plan
                 assert "TEMP B-TREE" not in plan and "SCAN fhir_" not in plan, plan
             else:
@@ -496,38 +541,63 @@ def test_two_processes_opening_an_old_store_at_once_backfill_it_once(dsn: str) -
 def _imaging_seed(s: Store, phash: str) -> dict[str, list[tuple[datetime, str]]]:
     """Imaging and other reports of one patient (and a study of another): what the referral
     page's imaging lists must hold, as (lastUpdated, id) per type, newest first."""
-    rad = [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0074",
-                        "code": "RAD"}]}]
-    lab = [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0074",
-                        "code": "LAB"}]}]
+    rad = [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0074", "code": "RAD"}]}]
+    lab = [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0074", "code": "LAB"}]}]
     study_ref = [{"reference": "ImagingStudy/st-000"}]
     items: list[tuple[dict[str, Any], str]] = []
     for i in range(45):  # some at the same instant: the id breaks the tie
-        items.append(({"resourceType": "ImagingStudy", "id": f"st-{i:03d}",
-                       "status": "available"}, phash))
-    items.append(({"resourceType": "ImagingStudy", "id": "st-other", "status": "available"},
-                  "b" * 64))
+        items.append(
+            ({"resourceType": "ImagingStudy", "id": f"st-{i:03d}", "status": "available"}, phash)
+        )
+    items.append(
+        ({"resourceType": "ImagingStudy", "id": "st-other", "status": "available"}, "b" * 64)
+    )
     for i in range(25):  # coded RAD, naming a study, or both
-        dr: dict[str, Any] = {"resourceType": "DiagnosticReport", "id": f"img-{i:03d}",
-                              "status": "final", "code": {"text": "CT"}}
+        dr: dict[str, Any] = {
+            "resourceType": "DiagnosticReport",
+            "id": f"img-{i:03d}",
+            "status": "final",
+            "code": {"text": "CT"},
+        }
         if i % 3 != 1:
             dr["category"] = rad
         if i % 3 != 0:
             dr["imagingStudy"] = study_ref
         items.append((dr, phash))
     for i in range(6):  # lab reports, one coded RAD by mistake: they hold results
-        items.append(({"resourceType": "DiagnosticReport", "id": f"lab-{i}", "status": "final",
-                       "code": {"text": "CBC"}, "category": rad if i == 0 else lab,
-                       "result": [{"reference": f"Observation/o-{i}"}]}, phash))
-    items.append(({"resourceType": "DiagnosticReport", "id": "quoted", "status": "final",
-                   "code": {"text": "note"}, "conclusion": 'see "imagingStudy": none'}, phash))
+        items.append(
+            (
+                {
+                    "resourceType": "DiagnosticReport",
+                    "id": f"lab-{i}",
+                    "status": "final",
+                    "code": {"text": "CBC"},
+                    "category": rad if i == 0 else lab,
+                    "result": [{"reference": f"Observation/o-{i}"}],
+                },
+                phash,
+            )
+        )
+    items.append(
+        (
+            {
+                "resourceType": "DiagnosticReport",
+                "id": "quoted",
+                "status": "final",
+                "code": {"text": "note"},
+                "conclusion": 'see "imagingStudy": none',
+            },
+            phash,
+        )
+    )
     want: dict[str, list[tuple[datetime, str]]] = {"ImagingStudy": [], "DiagnosticReport": []}
     with s.write() as conn:
         for n, (r, h) in enumerate(items):
             at = T0 + timedelta(minutes=n // 4)
             store.put(conn, r, at=at, patient_hash=h, origin="core")
-            if h == phash and (r["resourceType"] == "ImagingStudy"
-                               or fhirview.is_imaging_report(r)):
+            if h == phash and (
+                r["resourceType"] == "ImagingStudy" or fhirview.is_imaging_report(r)
+            ):
                 want[r["resourceType"]].append((at, r["id"]))
     return {k: sorted(v, key=lambda w: (-w[0].timestamp(), w[1])) for k, v in want.items()}
 

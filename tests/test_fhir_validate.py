@@ -335,11 +335,15 @@ def test_embedded_resources_get_paths():
     }})  # fmt: skip
     bundle["entry"][1]["response"] = {"status": "201 Created", "outcome": {"resourceType": "Foo"}}
     assert fv.errors(bundle) == [
-        ("entry[0].resource(DiagnosticReport).contained[0](Specimen).status: not one of the "
-         "allowed codes ['available', 'unavailable', 'unsatisfactory', 'entered-in-error']"),
+        (
+            "entry[0].resource(DiagnosticReport).contained[0](Specimen).status: not one of the "
+            "allowed codes ['available', 'unavailable', 'unsatisfactory', 'entered-in-error']"
+        ),
         "entry[1].response.outcome.resourceType: unknown resourceType (not an R4 type)",
-        ("entry[22].resource(Bundle).entry[0].resource(Patient).gender: not one of the allowed "
-         "codes ['male', 'female', 'other', 'unknown']"),
+        (
+            "entry[22].resource(Bundle).entry[0].resource(Patient).gender: not one of the allowed "
+            "codes ['male', 'female', 'other', 'unknown']"
+        ),
     ]
     params = {
         "resourceType": "Parameters",
@@ -378,8 +382,10 @@ def test_offending_values_never_quoted_long_names_truncated():
     res(bundle, 5)["k" * 300] = 1
     problems = fv.errors(bundle)
     text = "\n".join(problems)
-    status_codes = ("['registered', 'preliminary', 'final', 'amended', 'corrected', 'cancelled', "
-                    "'entered-in-error', 'unknown']")
+    status_codes = (
+        "['registered', 'preliminary', 'final', 'amended', 'corrected', 'cancelled', "
+        "'entered-in-error', 'unknown']"
+    )
     assert problems == [
         f"entry[3].resource(Observation).status: not one of the allowed codes {status_codes}",
         f"entry[4].resource(Observation).status: not one of the allowed codes {status_codes}",
@@ -400,8 +406,9 @@ def test_deep_nesting_is_an_error_not_a_crash():
     data = f'{{"resourceType":"Bundle","type":"collection","entry":[{{"resource":{nested}}}]}}'
     with pytest.raises(InvalidFhir) as caught:
         fv.parse_and_validate_bundle(data.encode())
-    assert caught.value.message.endswith("(Patient).gender: not one of the allowed codes "
-                                         "['male', 'female', 'other', 'unknown']")
+    assert caught.value.message.endswith(
+        "(Patient).gender: not one of the allowed codes ['male', 'female', 'other', 'unknown']"
+    )
     assert len(caught.value.message) < 500
 
 
@@ -420,9 +427,7 @@ def test_allowed_types():
 def test_errors_on_non_resources():
     assert fv.errors([1]) == ["(root): expected a resource (JSON object), got array"]
     assert fv.errors({}) == ["(root): resourceType is missing"]
-    assert fv.errors({"resourceType": ["Patient"]}) == [
-        "resourceType: expected string, got array"
-    ]
+    assert fv.errors({"resourceType": ["Patient"]}) == ["resourceType: expected string, got array"]
     with pytest.raises(InvalidFhir, match=r"unknown resourceType \(not an R4 type\)$"):
         fv.validate_resource({"resourceType": "Patent"})
 
@@ -493,8 +498,9 @@ def test_nothing_compiled_at_import():
         "assert v._state is None; "
         "assert 'fhir.resources' not in sys.modules; print('ok')"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                         check=False)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False
+    )
     assert out.stdout.strip() == "ok", out.stderr
 
 
@@ -514,6 +520,12 @@ def test_validators_are_compiled_once_per_type(monkeypatch: pytest.MonkeyPatch) 
     for _ in range(20):
         assert fv.parse_and_validate_bundle(data) == orjson.loads(data)
     assert compiled == []
-    fv.validate_resource({"resourceType": "Flag", "status": "active",
-                          "code": {"text": "x"}, "subject": {"reference": "Patient/p"}})
+    fv.validate_resource(
+        {
+            "resourceType": "Flag",
+            "status": "active",
+            "code": {"text": "x"},
+            "subject": {"reference": "Patient/p"},
+        }
+    )
     assert compiled == ["#/definitions/Flag"]

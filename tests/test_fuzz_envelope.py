@@ -23,9 +23,11 @@ from bridge.store.tables import INBOX, QUARANTINE
 from tests.factory import bundle_bytes
 from tests.fuzzkit import Receiver, mutated, receiver
 
-FUZZ = settings(max_examples=150, deadline=None,
-                suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                       HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 MAGICS = [b"HTP1", b"HTR1", b"HTB1", b"HTS1", b""]
 
 
@@ -40,10 +42,12 @@ def core(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Receiver]:
 @given(magic=st.sampled_from(MAGICS), rest=st.binary(max_size=600))
 def test_decoders_raise_only_refusals(magic: bytes, rest: bytes) -> None:
     data = magic + rest
-    for call in (lambda: env.decode(data, max_body=1 << 20),
-                 lambda: env.decode_batch(data, max_items=50, max_total=1 << 20),
-                 lambda: env.frame_kind(data),
-                 lambda: env.verify_receipt(data, lambda _n: ())):
+    for call in (
+        lambda: env.decode(data, max_body=1 << 20),
+        lambda: env.decode_batch(data, max_items=50, max_total=1 << 20),
+        lambda: env.frame_kind(data),
+        lambda: env.verify_receipt(data, lambda _n: ()),
+    ):
         try:
             call()
         except PacketRefused:
@@ -64,6 +68,7 @@ def answer_fields(r: Receiver, answer: bytes) -> dict:
         if node != "core":
             raise UnknownSender(node)
         return r.ctx.plan.directory["core"].signing_keys
+
     return env.verify_receipt(answer, keys_for)
 
 

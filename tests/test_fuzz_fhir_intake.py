@@ -22,18 +22,40 @@ from bridge.store.tables import INBOX
 from tests.factory import bundle
 from tests.fuzzkit import Receiver, mutated, receiver
 
-FUZZ = settings(max_examples=150, deadline=None,
-                suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                       HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 JSON = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats(allow_nan=False)
     | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner,
-                                                                max_size=4),
-    max_leaves=20)
-FHIR_KEYS = ["resourceType", "type", "entry", "resource", "fullUrl", "id", "status", "code",
-             "subject", "identifier", "valueQuantity", "value", "meta", "text", "note"]
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+FHIR_KEYS = [
+    "resourceType",
+    "type",
+    "entry",
+    "resource",
+    "fullUrl",
+    "id",
+    "status",
+    "code",
+    "subject",
+    "identifier",
+    "valueQuantity",
+    "value",
+    "meta",
+    "text",
+    "note",
+]
 
 
 def validated(data: bytes) -> dict[str, Any] | None:
@@ -47,8 +69,9 @@ def validated(data: bytes) -> dict[str, Any] | None:
 
 @FUZZ
 @given(data=st.binary(max_size=300))
-@example(data=b'{"resourceType": "Bundle", "type": "collection", '
-              b'"total": 123456789012345678901234}')
+@example(
+    data=b'{"resourceType": "Bundle", "type": "collection", "total": 123456789012345678901234}'
+)
 @example(data=b'{"resourceType": "Bundle", "type": "collection", "entry": [' * 200)
 @example(data=b'{"resourceType": "Bundle", "type": "collection", "id": "\\ud800"}')
 def test_arbitrary_bytes(data: bytes) -> None:
@@ -69,8 +92,9 @@ def edited_bundle(draw: st.DrawFn) -> dict[str, Any]:
         node: Any = doc
         path = []
         while isinstance(node, (dict, list)) and node and draw(st.booleans()):
-            key = draw(st.sampled_from(sorted(node) if isinstance(node, dict)
-                                       else list(range(len(node)))))
+            key = draw(
+                st.sampled_from(sorted(node) if isinstance(node, dict) else list(range(len(node))))
+            )
             path.append(key)
             node = node[key]
         parent: Any = doc
@@ -102,8 +126,13 @@ def core(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Receiver]:
 
 
 @FUZZ
-@given(body=st.one_of(edited_bundle().map(orjson.dumps),
-                      mutated(orjson.dumps(bundle(1, marker="m"))), JSON.map(orjson.dumps)))
+@given(
+    body=st.one_of(
+        edited_bundle().map(orjson.dumps),
+        mutated(orjson.dumps(bundle(1, marker="m"))),
+        JSON.map(orjson.dumps),
+    )
+)
 def test_sealed_bodies_are_taken_exactly_when_valid(core: Receiver, body: bytes) -> None:
     frame = core.seal(body)
     pid = env.decode(frame, max_body=1 << 20).header.id

@@ -20,12 +20,14 @@ from bridge.errors import InvalidFhir
 from bridge.fhir.validate import validate_bundle
 from tests.fuzzkit import mutated
 
-FUZZ = settings(max_examples=200, deadline=None,
-                suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FIXTURES = sorted((Path(__file__).parent / "fixtures" / "hl7" / "lis").glob("*.hl7"))
-SETTINGS = Settings(node_id="core", hash_key=bytes(range(32)),
-                    national_id_system="urn:oid:2.16.156.10011.1.3",
-                    local_system="http://hutong.dev/CodeSystem/fxlab/lab")
+SETTINGS = Settings(
+    node_id="core",
+    hash_key=bytes(range(32)),
+    national_id_system="urn:oid:2.16.156.10011.1.3",
+    local_system="http://hutong.dev/CodeSystem/fxlab/lab",
+)
 
 
 def intake(raw: bytes) -> dict | None:

@@ -57,20 +57,25 @@ def thread_of_slip(node: NodeProcess, slip_no: str, side: str) -> str:
                 if any(i.get("value") == slip_no for i in sr.get("identifier") or []):
                     return str(r["thread"])
         return ""
+
     return wait_for(find, timeout=60, what=f"the {side} referral of slip {slip_no}")
 
 
 def fhir_pair(node: NodeProcess, thread: str) -> tuple[Task, ServiceRequest]:
     row = referral_row(node, thread)
     task = Task.model_validate(node.api("GET", f"/fhir/Task/{row['task_id']}", role="clinician"))
-    sr = ServiceRequest.model_validate(node.api("GET", f"/fhir/ServiceRequest/{row['sr_id']}",
-                                           role="clinician"))
+    sr = ServiceRequest.model_validate(
+        node.api("GET", f"/fhir/ServiceRequest/{row['sr_id']}", role="clinician")
+    )
     return task, sr
 
 
 def assert_withdrawn(node: NodeProcess, thread: str, reason: str) -> None:
-    wait_for(lambda: referral_row(node, thread).get("status") == "cancelled", timeout=60,
-             what=f"the referral cancelled at {node.plan.node_id}")
+    wait_for(
+        lambda: referral_row(node, thread).get("status") == "cancelled",
+        timeout=60,
+        what=f"the referral cancelled at {node.plan.node_id}",
+    )
     task, sr = fhir_pair(node, thread)
     assert task.status == "cancelled" and sr.status == "revoked"
     assert task.statusReason is not None and task.statusReason.text == reason
@@ -84,32 +89,51 @@ def audit_rows(node: NodeProcess, **where: str) -> list[Any]:
     store = Store(node.plan.storage_dsn)
     try:
         with store.read() as conn:
-            return list(conn.execute(select(audit).where(
-                *(audit.c[k] == v for k, v in where.items()))).all())
+            return list(
+                conn.execute(
+                    select(audit).where(*(audit.c[k] == v for k, v in where.items()))
+                ).all()
+            )
     finally:
         store.dispose()
 
 
 def cancel_steps(node: NodeProcess, thread: str) -> int:
     """Audited 'cancel' steps the adapter took for the thread (the referrer's side)."""
-    return len([a for a in audit_rows(node, action="referral", thread=thread,
-                                      kind="referral.cancel", actor="adapter:his")
-                if '"cancel"' in a.resource])
+    return len(
+        [
+            a
+            for a in audit_rows(
+                node, action="referral", thread=thread, kind="referral.cancel", actor="adapter:his"
+            )
+            if '"cancel"' in a.resource
+        ]
+    )
 
 
 def quarantined(node: NodeProcess, needle: str) -> list[Any]:
     store = Store(node.plan.storage_dsn)
     try:
         with store.read() as conn:
-            return [r for r in conn.execute(select(QUARANTINE).where(
-                QUARANTINE.c.source == "adapter:his")).all() if needle in r.message]
+            return [
+                r
+                for r in conn.execute(
+                    select(QUARANTINE).where(QUARANTINE.c.source == "adapter:his")
+                ).all()
+                if needle in r.message
+            ]
     finally:
         store.dispose()
 
 
 def quarantine_audited(node: NodeProcess, needle: str) -> int:
-    return len([a for a in audit_rows(node, action="quarantined", actor="adapter:his")
-                if needle in a.resource])
+    return len(
+        [
+            a
+            for a in audit_rows(node, action="quarantined", actor="adapter:his")
+            if needle in a.resource
+        ]
+    )
 
 
 def cancel_bytes(his: VendorHis, note: messages.CancelNote, control: str) -> bytes:
@@ -121,20 +145,33 @@ def cancel_bytes(his: VendorHis, note: messages.CancelNote, control: str) -> byt
 
 def down_slip(slip_no: str) -> ReferralSlip:
     """Fuxing refers a stable patient down to the centre, in Fuxing's own codes."""
-    return replace(slip(slip_no=slip_no, patient_name="赵億乗", mrn=f"FX-{slip_no}",
-                        id_number="110102196001011234"),
-                   kind="down-outpatient", to_member="yuetan-chc", diagnosis_code="FXZD0101",
-                   department_code="0200", urgent=False)
+    return replace(
+        slip(
+            slip_no=slip_no,
+            patient_name="赵億乗",
+            mrn=f"FX-{slip_no}",
+            id_number="110102196001011234",
+        ),
+        kind="down-outpatient",
+        to_member="yuetan-chc",
+        diagnosis_code="FXZD0101",
+        department_code="0200",
+        urgent=False,
+    )
 
 
-def refer_from_hl7(chc: VendorHis, core_db: HisDb, yt: NodeProcess,
-                   slip_no: str) -> tuple[Any, str]:
+def refer_from_hl7(
+    chc: VendorHis, core_db: HisDb, yt: NodeProcess, slip_no: str
+) -> tuple[Any, str]:
     """The centre's HL7 HIS refers up; the referral is in the core's database HIS. (slip,
     thread)"""
     s = slip(slip_no=slip_no, patient_name="王億乗")
     assert chc.refer(s).code == "AA"
-    wait_for(lambda: [x for x in core_db.received_referrals() if x.slip_no == s.slip_no],
-             timeout=60, what="referral in the core's database HIS")
+    wait_for(
+        lambda: [x for x in core_db.received_referrals() if x.slip_no == s.slip_no],
+        timeout=60,
+        what="referral in the core's database HIS",
+    )
     return s, thread_of_slip(yt, s.slip_no, "referrer")
 
 
@@ -146,17 +183,25 @@ def test_hl7_his_withdraws_and_the_db_his_shows_it(pair: Any) -> None:
     fx, yt = alliance.node("fuxing"), alliance.node("yuetan-chc")
     s, thread = refer_from_hl7(chc, core_db, yt, "YTCX-1")
     assert core_db.thread_of(s.slip_no) == thread
-    wait_for(lambda: referral_row(yt, thread).get("status") == "received", timeout=60,
-             what="received at the core")
+    wait_for(
+        lambda: referral_row(yt, thread).get("status") == "received",
+        timeout=60,
+        what="received at the core",
+    )
 
-    raw = cancel_bytes(chc, messages.CancelNote(s.slip_no, REASON_UP,
-                                                "2026-11-23T09:30:00+08:00"), "CX-UP-1")
+    raw = cancel_bytes(
+        chc, messages.CancelNote(s.slip_no, REASON_UP, "2026-11-23T09:30:00+08:00"), "CX-UP-1"
+    )
     answer = chc.send_raw(raw, "cancel", s.slip_no)
     assert (answer.code, answer.control_id) == ("AA", "CX-UP-1")
     # the core's database HIS: the received row marked withdrawn, reason and time, unread
-    state = wait_for(lambda: [r for r in core_db.received_states()
-                              if r["slip_no"] == s.slip_no and r["state"] == "9"],
-                     timeout=60, what="the withdrawal in the core's database HIS")
+    state = wait_for(
+        lambda: [
+            r for r in core_db.received_states() if r["slip_no"] == s.slip_no and r["state"] == "9"
+        ],
+        timeout=60,
+        what="the withdrawal in the core's database HIS",
+    )
     assert len(state) == 1
     assert state[0]["thread"] == thread and state[0]["reason"] == REASON_UP
     assert state[0]["unread"] == "0" and state[0]["cancelled_at"]
@@ -201,17 +246,29 @@ def test_hl7_withdrawal_after_arrival_is_refused(pair: Any) -> None:
     alliance, chc, core_db = pair
     fx, yt = alliance.node("fuxing"), alliance.node("yuetan-chc")
     s, thread = refer_from_hl7(chc, core_db, yt, "YTCX-LATE")
-    core_db.accept(AcceptanceSlip(slip_no=s.slip_no, accepted=True,
-                                  appointment_at="2026-11-24T09:00:00+08:00",
-                                  department_code="0301", bed_no="12", doctor="张主任"))
-    wait_for(lambda: referral_row(fx, thread).get("status") == "accepted", timeout=60,
-             what="accepted at the core")
+    core_db.accept(
+        AcceptanceSlip(
+            slip_no=s.slip_no,
+            accepted=True,
+            appointment_at="2026-11-24T09:00:00+08:00",
+            department_code="0301",
+            bed_no="12",
+            doctor="张主任",
+        )
+    )
+    wait_for(
+        lambda: referral_row(fx, thread).get("status") == "accepted",
+        timeout=60,
+        what="accepted at the core",
+    )
     # the patient is admitted at the core (the clinician takes 'arrive' on the node)
     task = fx.api("GET", f"/fhir/Task/{referral_row(fx, thread)['task_id']}", role="clinician")
-    fx.api("PUT", f"/fhir/Task/{task['id']}", {**task, "status": "in-progress"},
-           role="clinician")
-    wait_for(lambda: referral_row(yt, thread).get("status") == "in-progress", timeout=60,
-             what="the arrival mirrored at the centre")
+    fx.api("PUT", f"/fhir/Task/{task['id']}", {**task, "status": "in-progress"}, role="clinician")
+    wait_for(
+        lambda: referral_row(yt, thread).get("status") == "in-progress",
+        timeout=60,
+        what="the arrival mirrored at the centre",
+    )
     answer = chc.cancel(s.slip_no, "撤回", control_id="CX-LATE")
     assert answer.code == "AE" and answer.text.startswith("RF1-6")
     assert "in-progress" in answer.text
@@ -235,8 +292,11 @@ def test_db_his_withdraws_and_the_hl7_his_gets_ref_i14(pair: Any) -> None:
     got = one(chc, "referral", s.slip_no)
     thread = got[0].thread
     assert thread_of_slip(fx, s.slip_no, "referrer") == thread
-    wait_for(lambda: referral_row(fx, thread).get("status") == "received", timeout=60,
-             what="received at the centre")
+    wait_for(
+        lambda: referral_row(fx, thread).get("status") == "received",
+        timeout=60,
+        what="received at the centre",
+    )
     core_db.cancel_referral(rid, REASON_DOWN, at="2026-11-23T10:15:00+08:00")
     cancels = one(chc, "cancel", s.slip_no)
     assert len(cancels) == 1
@@ -262,11 +322,17 @@ def test_db_withdrawal_of_unsent_or_arrived_referral_is_quarantined(pair: Any) -
     fx, yt = alliance.node("fuxing"), alliance.node("yuetan-chc")
     # a referral row that was never sent (no consent: quarantined), then withdrawn
     unsent = core_db.write_referral(down_slip("FXCX-UNSENT"), TYR="")
-    wait_for(lambda: quarantined(fx, f"record ZZ_SQD#{unsent} field TYR"), timeout=60,
-             what="the row without consent held")
+    wait_for(
+        lambda: quarantined(fx, f"record ZZ_SQD#{unsent} field TYR"),
+        timeout=60,
+        what="the row without consent held",
+    )
     core_db.cancel_referral(unsent, "撤回")
-    held = wait_for(lambda: quarantined(fx, f"record ZZ_SQD#{unsent} field ZZDH"), timeout=60,
-                    what="the withdrawal of an unsent referral held")
+    held = wait_for(
+        lambda: quarantined(fx, f"record ZZ_SQD#{unsent} field ZZDH"),
+        timeout=60,
+        what="the withdrawal of an unsent referral held",
+    )
     assert len(held) == 1 and "no referral was sent" in held[0].message
     assert held[0].kind == "his-db.cancel"
     assert quarantine_audited(fx, f"record ZZ_SQD#{unsent} field ZZDH") == 1
@@ -274,6 +340,7 @@ def test_db_withdrawal_of_unsent_or_arrived_referral_is_quarantined(pair: Any) -
     from sqlalchemy import update
 
     from simulators.his_db import ZZ_SQD
+
     with core_db.tx() as conn:
         conn.execute(update(ZZ_SQD).where(ZZ_SQD.c.ID == unsent).values(TYR="患者本人"))
     early = fx.api("POST", f"/local/v1/quarantine/{held[0].id}/replay")
@@ -292,19 +359,46 @@ def test_db_withdrawal_of_unsent_or_arrived_referral_is_quarantined(pair: Any) -
     s = down_slip("FXCX-LATE")
     rid = core_db.write_referral(s)
     thread = one(chc, "referral", s.slip_no)[0].thread
-    assert chc.accept(AcceptanceSlip(slip_no=s.slip_no, accepted=True,
-                                     appointment_at="2026-11-24T09:00:00+08:00",
-                                     department_code="KS01", doctor="李医生"),
-                      thread).code == "AA"
-    wait_for(lambda: referral_row(fx, thread).get("status") == "accepted", timeout=60,
-             what="accepted, mirrored at the core")
-    assert chc.adt("A04", "YT-LATE", name="赵億乗", gender="female", birth_date="1950-03-15",
-                   referral_id=thread).code == "AA"
-    wait_for(lambda: referral_row(fx, thread).get("status") == "in-progress", timeout=60,
-             what="the arrival mirrored at the core")
+    assert (
+        chc.accept(
+            AcceptanceSlip(
+                slip_no=s.slip_no,
+                accepted=True,
+                appointment_at="2026-11-24T09:00:00+08:00",
+                department_code="KS01",
+                doctor="李医生",
+            ),
+            thread,
+        ).code
+        == "AA"
+    )
+    wait_for(
+        lambda: referral_row(fx, thread).get("status") == "accepted",
+        timeout=60,
+        what="accepted, mirrored at the core",
+    )
+    assert (
+        chc.adt(
+            "A04",
+            "YT-LATE",
+            name="赵億乗",
+            gender="female",
+            birth_date="1950-03-15",
+            referral_id=thread,
+        ).code
+        == "AA"
+    )
+    wait_for(
+        lambda: referral_row(fx, thread).get("status") == "in-progress",
+        timeout=60,
+        what="the arrival mirrored at the core",
+    )
     core_db.cancel_referral(rid, "撤回")
-    held = wait_for(lambda: quarantined(fx, f"record ZZ_SQD#{rid} field ZT"), timeout=60,
-                    what="the late withdrawal held")
+    held = wait_for(
+        lambda: quarantined(fx, f"record ZZ_SQD#{rid} field ZT"),
+        timeout=60,
+        what="the late withdrawal held",
+    )
     assert len(held) == 1 and "in-progress" in held[0].message
     assert held[0].code == "HT-REF-TRANSITION"
     assert cancel_steps(fx, thread) == 0

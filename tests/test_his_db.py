@@ -30,8 +30,10 @@ ROOT = Path(__file__).resolve().parents[1]
 FIELDS = ROOT / "simulators" / "his_db_site" / "fields"
 AUDIT = AuditRecord.__table__
 KINDS = ["referral.request", "referral.status", "referral.cancel", "referral.return"]
-RULES = [{"from": "desheng-chc", "to": "fuxing", "kinds": KINDS},
-         {"from": "fuxing", "to": "desheng-chc", "kinds": KINDS}]
+RULES = [
+    {"from": "desheng-chc", "to": "fuxing", "kinds": KINDS},
+    {"from": "fuxing", "to": "desheng-chc", "kinds": KINDS},
+]
 
 
 def site_folder(root: Path, site: str, like: str, extra: dict[str, list[str]]) -> Path:
@@ -40,8 +42,9 @@ def site_folder(root: Path, site: str, like: str, extra: dict[str, list[str]]) -
     folder = root / site
     shutil.copytree(ROOT / "mappings" / like / "codes", folder / "codes")
     index = folder / "codes" / "maps.csv"
-    index.write_text(index.read_text(encoding="utf-8").replace(f"/{like}/", f"/{site}/"),
-                     encoding="utf-8")
+    index.write_text(
+        index.read_text(encoding="utf-8").replace(f"/{like}/", f"/{site}/"), encoding="utf-8"
+    )
     for name, rows in extra.items():
         with (folder / "codes" / f"{name}.csv").open("a", encoding="utf-8") as fh:
             fh.write("".join(r + "\n" for r in rows))
@@ -50,20 +53,38 @@ def site_folder(root: Path, site: str, like: str, extra: dict[str, list[str]]) -
 
 
 def his_adapter(mappings: Path, dsn: str) -> dict[str, Any]:
-    return {"name": "his", "type": "his-middle-db", "mappings": str(mappings),
-            "receives": ["referral.*"], "options": {"dsn": dsn, "poll_every_s": 0.3}}
+    return {
+        "name": "his",
+        "type": "his-middle-db",
+        "mappings": str(mappings),
+        "receives": ["referral.*"],
+        "options": {"dsn": dsn, "poll_every_s": 0.3},
+    }
 
 
 def make_alliance(root: Path, chc_dsn: str, core_dsn: str) -> Alliance:
-    chc_maps = site_folder(root / "mappings", "desheng-chc", "yuetan-chc",
-                           {"department": [
-                               "KS20,转诊·心血管内科,03.04,心血管内科专业,equivalent,"]})
+    chc_maps = site_folder(
+        root / "mappings",
+        "desheng-chc",
+        "yuetan-chc",
+        {"department": ["KS20,转诊·心血管内科,03.04,心血管内科专业,equivalent,"]},
+    )
     core_maps = site_folder(root / "mappings", "fuxing", "fuxing", {})
     members = [
-        {"id": "fuxing", "zh": "复兴医院", "en": "Fuxing Hospital", "role": "core",
-         "adapters": [his_adapter(core_maps, core_dsn)]},
-        {"id": "desheng-chc", "zh": "德胜社区卫生服务中心", "en": "Desheng CHC",
-         "role": "community", "adapters": [his_adapter(chc_maps, chc_dsn)]},
+        {
+            "id": "fuxing",
+            "zh": "复兴医院",
+            "en": "Fuxing Hospital",
+            "role": "core",
+            "adapters": [his_adapter(core_maps, core_dsn)],
+        },
+        {
+            "id": "desheng-chc",
+            "zh": "德胜社区卫生服务中心",
+            "en": "Desheng CHC",
+            "role": "community",
+            "adapters": [his_adapter(chc_maps, chc_dsn)],
+        },
     ]
     return Alliance(root / "alliance", members, RULES)
 
@@ -83,12 +104,25 @@ def site(tmp_path_factory: pytest.TempPathFactory):
 
 def slip(n: int, **kw: Any) -> ReferralSlip:
     base = ReferralSlip(
-        slip_no=f"DSZZ{n:06d}", kind="up-inpatient", to_member="fuxing", patient_name="王秀英",
-        gender="female", birth_date="1950-03-15", id_number="110102195003151234",
-        phone="13901234567", mrn="DS0001", diagnosis_code="YTZ-01",
-        diagnosis_name="原发性高血压", reason="血压控制不佳，请专科评估",
-        summary="头晕两周。\n既往高血压十年", department_code="KS20", urgent=True,
-        consent_by="患者本人", doctor="李医生", written_at="2026-11-20T09:00:00+08:00")
+        slip_no=f"DSZZ{n:06d}",
+        kind="up-inpatient",
+        to_member="fuxing",
+        patient_name="王秀英",
+        gender="female",
+        birth_date="1950-03-15",
+        id_number="110102195003151234",
+        phone="13901234567",
+        mrn="DS0001",
+        diagnosis_code="YTZ-01",
+        diagnosis_name="原发性高血压",
+        reason="血压控制不佳，请专科评估",
+        summary="头晕两周。\n既往高血压十年",
+        department_code="KS20",
+        urgent=True,
+        consent_by="患者本人",
+        doctor="李医生",
+        written_at="2026-11-20T09:00:00+08:00",
+    )
     return replace(base, **kw)
 
 
@@ -109,8 +143,9 @@ def quarantined(node: NodeProcess) -> list[Any]:
     s = Store(node.plan.storage_dsn)
     try:
         with s.read() as conn:
-            return conn.execute(select(QUARANTINE).where(
-                QUARANTINE.c.source == "adapter:his")).all()
+            return conn.execute(
+                select(QUARANTINE).where(QUARANTINE.c.source == "adapter:his")
+            ).all()
     finally:
         s.dispose()
 
@@ -127,31 +162,60 @@ def test_referral_acceptance_return_field_by_field(site: Any) -> None:
     assert len(row) == 1 and row[0]["kind"] == "up-inpatient" and row[0]["green_channel"]
     thread = row[0]["thread"]
     # the core's HIS accepts; the centre's HIS gets the acceptance slip in its own codes
-    acc = AcceptanceSlip(slip_no=s.slip_no, accepted=True,
-                         appointment_at="2026-11-21T10:00:00+08:00", department_code="0301",
-                         bed_no="心内科 12床", doctor="张主任")
+    acc = AcceptanceSlip(
+        slip_no=s.slip_no,
+        accepted=True,
+        appointment_at="2026-11-21T10:00:00+08:00",
+        department_code="0301",
+        bed_no="心内科 12床",
+        doctor="张主任",
+    )
     core_db.accept(acc)
     got_acc = wait_for(chc_db.received_acceptances, what="acceptance in the centre's HIS")
     assert [asdict(x) for x in got_acc] == [asdict(replace(acc, department_code="KS20"))]
     # the return with prescriptions and results, drug and lab codes in the centre's catalogue
     ret = ReturnSlip(
-        slip_no=s.slip_no, discharge=True, diagnosis_code="FXZD0101",
-        diagnosis_name="原发性高血压", course="入院后调整降压方案，血压平稳",
-        advice="继续氨氯地平 5mg qd，两周后社区复查", doctor="张主任",
+        slip_no=s.slip_no,
+        discharge=True,
+        diagnosis_code="FXZD0101",
+        diagnosis_name="原发性高血压",
+        course="入院后调整降压方案，血压平稳",
+        advice="继续氨氯地平 5mg qd，两周后社区复查",
+        doctor="张主任",
         written_at="2026-11-25T09:00:00+08:00",
-        prescriptions=[Prescription("FX-0101", "苯磺酸氨氯地平片 5mg", "5 mg", "qd", 14),
-                       Prescription("FX-0103", "硝苯地平控释片 30mg", "30mg", "qd", 28)],
-        results=[LabResult("FXL-GLU", "葡萄糖", "8.9", "mmol/L", "H", "3.9-6.1"),
-                 LabResult("FXL-CREA", "肌酐", "72", "μmol/L", "N", "44-133")])
+        prescriptions=[
+            Prescription("FX-0101", "苯磺酸氨氯地平片 5mg", "5 mg", "qd", 14),
+            Prescription("FX-0103", "硝苯地平控释片 30mg", "30mg", "qd", 28),
+        ],
+        results=[
+            LabResult("FXL-GLU", "葡萄糖", "8.9", "mmol/L", "H", "3.9-6.1"),
+            LabResult("FXL-CREA", "肌酐", "72", "μmol/L", "N", "44-133"),
+        ],
+    )
     core_db.write_return(ret)
     got_ret = wait_for(chc_db.received_returns, what="return in the centre's HIS")
-    want = replace(ret, diagnosis_code="YTZ-01", prescriptions=[
-        replace(ret.prescriptions[0], drug_code="YT2037"),
-        replace(ret.prescriptions[1], drug_code="YT2111")], results=[
-        replace(ret.results[0], item_code="3001"), replace(ret.results[1], item_code="3003")])
+    want = replace(
+        ret,
+        diagnosis_code="YTZ-01",
+        prescriptions=[
+            replace(ret.prescriptions[0], drug_code="YT2037"),
+            replace(ret.prescriptions[1], drug_code="YT2111"),
+        ],
+        results=[
+            replace(ret.results[0], item_code="3001"),
+            replace(ret.results[1], item_code="3003"),
+        ],
+    )
     assert [asdict(x) for x in got_ret] == [asdict(want)]
-    wait_for(lambda: all(r["status"] == "completed" for n in (chc, core)
-                         for r in referrals(n) if r["thread"] == thread), what="completed")
+    wait_for(
+        lambda: all(
+            r["status"] == "completed"
+            for n in (chc, core)
+            for r in referrals(n)
+            if r["thread"] == thread
+        ),
+        what="completed",
+    )
     assert quarantined(chc) == [] and quarantined(core) == []
 
 
@@ -213,8 +277,9 @@ def _outbox_row(node: NodeProcess, kind: str, thread: str) -> Any:
     s = Store(node.plan.storage_dsn)
     try:
         with s.read() as conn:
-            return conn.execute(select(OUTBOX).where(OUTBOX.c.kind == kind,
-                                                     OUTBOX.c.thread == thread)).one()
+            return conn.execute(
+                select(OUTBOX).where(OUTBOX.c.kind == kind, OUTBOX.c.thread == thread)
+            ).one()
     finally:
         s.dispose()
 
@@ -232,9 +297,14 @@ def _actions(node: NodeProcess, packet_id: str) -> list[tuple[str, str | None]]:
     s = Store(node.plan.storage_dsn)
     try:
         with s.read() as conn:
-            return [(r.action, r.actor) for r in conn.execute(
-                select(AUDIT.c.action, AUDIT.c.actor).where(AUDIT.c.packet_id == packet_id)
-                .order_by(AUDIT.c.seq))]
+            return [
+                (r.action, r.actor)
+                for r in conn.execute(
+                    select(AUDIT.c.action, AUDIT.c.actor)
+                    .where(AUDIT.c.packet_id == packet_id)
+                    .order_by(AUDIT.c.seq)
+                )
+            ]
     finally:
         s.dispose()
 
@@ -250,36 +320,53 @@ def test_resend_from_the_message_browser_reaches_the_receiving_his_once(site: An
     s = slip(600)
     chc_db.write_referral(s)
     wait_for(lambda: received(core_db, s.slip_no), what="the referral in the core's HIS")
-    thread = next(r["thread"] for r in referrals(chc) if r["side"] == "referrer"
-                  and r["status"] in ("requested", "received"))
-    out = wait_for(lambda: (lambda r: r if r.state == "acknowledged" else None)(
-        _outbox_row(chc, "referral.request", thread)), what="the request acknowledged")
+    thread = next(
+        r["thread"]
+        for r in referrals(chc)
+        if r["side"] == "referrer" and r["status"] in ("requested", "received")
+    )
+    out = wait_for(
+        lambda: (lambda r: r if r.state == "acknowledged" else None)(
+            _outbox_row(chc, "referral.request", thread)
+        ),
+        what="the request acknowledged",
+    )
     rows_before = len(core_db.received_rows())
     # 1. the sender's IT, from the page
     add_user(chc, "it.gao", "it", "高工")
     it = person(chc, "it.gao")
-    status, url, _page = it.open(f"/ui/messages/outbox/{out.id}/resend",
-                                 {"reason": "the HIS says it lost the referral"})
+    status, url, _page = it.open(
+        f"/ui/messages/outbox/{out.id}/resend", {"reason": "the HIS says it lost the referral"}
+    )
     assert status == 200 and url.endswith(f"/ui/messages/outbox/{out.id}")
-    wait_for(lambda: ("duplicate", None) in _actions(core, out.packet_id),
-             what="the resent packet at the receiver (a duplicate)")
-    wait_for(lambda: _outbox_row(chc, "referral.request", thread).state == "acknowledged",
-             what="the resent packet acknowledged again")
+    wait_for(
+        lambda: ("duplicate", None) in _actions(core, out.packet_id),
+        what="the resent packet at the receiver (a duplicate)",
+    )
+    wait_for(
+        lambda: _outbox_row(chc, "referral.request", thread).state == "acknowledged",
+        what="the resent packet acknowledged again",
+    )
     # 2. the same from the command line
     r = chc.cli("messages", "resend", "outbox", str(out.id), "--reason", "second try")
     assert r.returncode == 0 and "queued" in r.stdout, r.stderr
-    wait_for(lambda: [x for x in _actions(core, out.packet_id) if x[0] == "duplicate"][1:],
-             what="the second resend at the receiver")
+    wait_for(
+        lambda: [x for x in _actions(core, out.packet_id) if x[0] == "duplicate"][1:],
+        what="the second resend at the receiver",
+    )
     # 3. the receiver's IT hands the inbox packet to its HIS again
     got = _inbox_row(core, out.packet_id)
     assert got.state == "delivered"
     add_user(core, "it.qian", "it", "钱工")
     it_core = person(core, "it.qian")
-    status, url, _page = it_core.open(f"/ui/messages/inbox/{got.id}/resend",
-                                      {"reason": "HIS restored from backup"})
+    status, url, _page = it_core.open(
+        f"/ui/messages/inbox/{got.id}/resend", {"reason": "HIS restored from backup"}
+    )
     assert status == 200
-    wait_for(lambda: _inbox_row(core, out.packet_id).state != "received",
-             what="the inbox packet handed over again")
+    wait_for(
+        lambda: _inbox_row(core, out.packet_id).state != "received",
+        what="the inbox packet handed over again",
+    )
     again = _inbox_row(core, out.packet_id)
     assert again.state == "delivered", again.last_error
     # counted at the receiving HIS: the referral once, no other row added
@@ -293,8 +380,9 @@ def test_resend_from_the_message_browser_reaches_the_receiving_his_once(site: An
 
 
 @pytest.mark.parametrize("point", ["his_db.after_poll", "his_db.after_submit"])
-def test_sigkill_between_poll_and_commit(site: Any, point: str,
-                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sigkill_between_poll_and_commit(
+    site: Any, point: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     a, chc_db, core_db = site
     chc = a.node("desheng-chc")
     base = 400 if point.endswith("poll") else 500
@@ -334,8 +422,11 @@ def test_vendor_database_on_postgresql(tmp_path: Path, pg_db: str) -> None:
         got = wait_for(lambda: received(core_db, "DSZZ000003"), what="late row on PostgreSQL")
         assert asdict(got[0]) == asdict(as_received(slip(3)))
         q = quarantined(a.node("desheng-chc"))
-        assert len(q) == 1 and q[0].message.startswith("record ZZ_SQD#") \
+        assert (
+            len(q) == 1
+            and q[0].message.startswith("record ZZ_SQD#")
             and "field CSRQ" in q[0].message
+        )
         assert not received(core_db, "DSZZ000002")
     finally:
         a.stop_all()

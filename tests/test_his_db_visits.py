@@ -34,21 +34,48 @@ LOCAL_DEPT = "http://hutong.dev/CodeSystem/fuxing/department"
 
 
 def make_alliance(root: Path, chc_dsn: str, core_dsn: str) -> Alliance:
-    chc_maps = site_folder(root / "mappings", "desheng-chc", "yuetan-chc",
-                           {"department": [
-                               "KS20,转诊·心血管内科,03.04,心血管内科专业,equivalent,"]})
+    chc_maps = site_folder(
+        root / "mappings",
+        "desheng-chc",
+        "yuetan-chc",
+        {"department": ["KS20,转诊·心血管内科,03.04,心血管内科专业,equivalent,"]},
+    )
     core_maps = site_folder(root / "mappings", "fuxing", "fuxing", {})
     members = [
-        {"id": "fuxing", "zh": "复兴医院", "en": "Fuxing Hospital", "role": "core",
-         "adapters": [{"name": "his", "type": "his-middle-db", "mappings": str(core_maps),
-                       "receives": ["referral.*"],
-                       "options": {"dsn": core_dsn, "poll_every_s": 0.3,
-                                   "visit_referral_column": "ZZDH"}}]},
-        {"id": "desheng-chc", "zh": "德胜社区卫生服务中心", "en": "Desheng CHC",
-         "role": "community",
-         "adapters": [{"name": "his", "type": "his-middle-db", "mappings": str(chc_maps),
-                       "receives": ["referral.*"],
-                       "options": {"dsn": chc_dsn, "poll_every_s": 0.3}}]},
+        {
+            "id": "fuxing",
+            "zh": "复兴医院",
+            "en": "Fuxing Hospital",
+            "role": "core",
+            "adapters": [
+                {
+                    "name": "his",
+                    "type": "his-middle-db",
+                    "mappings": str(core_maps),
+                    "receives": ["referral.*"],
+                    "options": {
+                        "dsn": core_dsn,
+                        "poll_every_s": 0.3,
+                        "visit_referral_column": "ZZDH",
+                    },
+                }
+            ],
+        },
+        {
+            "id": "desheng-chc",
+            "zh": "德胜社区卫生服务中心",
+            "en": "Desheng CHC",
+            "role": "community",
+            "adapters": [
+                {
+                    "name": "his",
+                    "type": "his-middle-db",
+                    "mappings": str(chc_maps),
+                    "receives": ["referral.*"],
+                    "options": {"dsn": chc_dsn, "poll_every_s": 0.3},
+                }
+            ],
+        },
     ]
     return Alliance(root / "alliance", members, RULES)
 
@@ -69,12 +96,23 @@ def site(tmp_path_factory: pytest.TempPathFactory):
 def visit(no: str, event: str = "admit", **kw: Any) -> Visit:
     """An event of visit ``no``; each visit number is its own patient (record number and ID)."""
     person = int("".join(c for c in no if c.isdigit()))
-    base = Visit(visit_no=no, event=event, visit_class="inpatient", mrn=f"FX{no}",
-                 patient_name="王秀英", gender="female", birth_date="1950-03-15",
-                 admitted_at="2026-11-21T10:00:00+08:00",
-                 id_number=f"110102195003{person:06d}",
-                 phone="13901234567", department_code="0301", ward="心内科一病区", bed="12床",
-                 doctor="张主任", recorded_at="2026-11-21T10:05:00+08:00")
+    base = Visit(
+        visit_no=no,
+        event=event,
+        visit_class="inpatient",
+        mrn=f"FX{no}",
+        patient_name="王秀英",
+        gender="female",
+        birth_date="1950-03-15",
+        admitted_at="2026-11-21T10:00:00+08:00",
+        id_number=f"110102195003{person:06d}",
+        phone="13901234567",
+        department_code="0301",
+        ward="心内科一病区",
+        bed="12床",
+        doctor="张主任",
+        recorded_at="2026-11-21T10:05:00+08:00",
+    )
     return replace(base, **kw)
 
 
@@ -88,6 +126,7 @@ def encounter_when(node: NodeProcess, visit_no: str, cond: Any, what: str) -> di
         found = encounters(node, visit_no)
         assert len(found) <= 1, f"{len(found)} Encounters for visit {visit_no}"
         return found[0] if found and cond(found[0]) else None
+
     return wait_for(ready, what=what)
 
 
@@ -96,30 +135,46 @@ def version(enc: dict[str, Any]) -> int:
 
 
 def location_history(enc: dict[str, Any]) -> list[tuple[str, str, str, str | None]]:
-    return [(loc["location"]["display"], loc["status"], loc["period"]["start"],
-             loc["period"].get("end")) for loc in enc.get("location") or []]
+    return [
+        (
+            loc["location"]["display"],
+            loc["status"],
+            loc["period"]["start"],
+            loc["period"].get("end"),
+        )
+        for loc in enc.get("location") or []
+    ]
 
 
 def quarantined(node: NodeProcess) -> list[Any]:
     s = Store(node.plan.storage_dsn)
     try:
         with s.read() as conn:
-            return conn.execute(select(QUARANTINE).where(
-                QUARANTINE.c.source == "adapter:his")).all()
+            return conn.execute(
+                select(QUARANTINE).where(QUARANTINE.c.source == "adapter:his")
+            ).all()
     finally:
         s.dispose()
 
 
 def held(node: NodeProcess, *row_ids: int) -> list[Any]:
     """Quarantined items of these ``ZZ_JZJL`` rows (other tests' rows may be held too)."""
-    return [q for q in quarantined(node)
-            if any(q.message.startswith(f"record ZZ_JZJL#{rid} ") for rid in row_ids)]
+    return [
+        q
+        for q in quarantined(node)
+        if any(q.message.startswith(f"record ZZ_JZJL#{rid} ") for rid in row_ids)
+    ]
 
 
 def encounter_audits(node: NodeProcess, enc_id: str) -> int:
     """Audit records of the Encounter being created or moved on."""
-    return len(db_rows(node, "SELECT seq FROM audit WHERE action = 'encounter' AND resource "
-                             "LIKE :ref", ref=f"%Encounter/{enc_id}%"))
+    return len(
+        db_rows(
+            node,
+            "SELECT seq FROM audit WHERE action = 'encounter' AND resource LIKE :ref",
+            ref=f"%Encounter/{enc_id}%",
+        )
+    )
 
 
 def test_admit_transfer_discharge_one_encounter_with_history(site: Any) -> None:
@@ -128,31 +183,54 @@ def test_admit_transfer_discharge_one_encounter_with_history(site: Any) -> None:
     admit = visit("ZY0001")
     rows = [core_db.write_visit(admit)]
     enc = encounter_when(core, "ZY0001", lambda e: e["status"] == "in-progress", "admission")
-    moved = visit("ZY0001", "transfer", ward="心内科CCU", bed="3床",
-                  transferred_at="2026-11-22T08:30:00+08:00",
-                  recorded_at="2026-11-22T08:31:00+08:00")
+    moved = visit(
+        "ZY0001",
+        "transfer",
+        ward="心内科CCU",
+        bed="3床",
+        transferred_at="2026-11-22T08:30:00+08:00",
+        recorded_at="2026-11-22T08:31:00+08:00",
+    )
     rows.append(core_db.write_visit(moved))
     enc = encounter_when(core, "ZY0001", lambda e: len(e.get("location") or []) == 2, "transfer")
     assert enc["status"] == "in-progress"
-    out = visit("ZY0001", "discharge", ward="心内科CCU", bed="3床",
-                transferred_at="2026-11-22T08:30:00+08:00",
-                discharged_at="2026-11-25T09:15:00+08:00", status="finished")
+    out = visit(
+        "ZY0001",
+        "discharge",
+        ward="心内科CCU",
+        bed="3床",
+        transferred_at="2026-11-22T08:30:00+08:00",
+        discharged_at="2026-11-25T09:15:00+08:00",
+        status="finished",
+    )
     rows.append(core_db.write_visit(out))
     enc = encounter_when(core, "ZY0001", lambda e: e["status"] == "finished", "discharge")
     # field by field against the three rows
     assert enc["identifier"][0]["system"] == VISITS and enc["identifier"][0]["value"] == "ZY0001"
     assert enc["class"]["code"] == "IMP"
-    assert enc["period"] == {"start": "2026-11-21T10:00:00+08:00",
-                             "end": "2026-11-25T09:15:00+08:00"}
+    assert enc["period"] == {
+        "start": "2026-11-21T10:00:00+08:00",
+        "end": "2026-11-25T09:15:00+08:00",
+    }
     assert location_history(enc) == [
-        ("心内科一病区 12床", "completed", "2026-11-21T10:00:00+08:00",
-         "2026-11-22T08:30:00+08:00"),
-        ("心内科CCU 3床", "completed", "2026-11-22T08:30:00+08:00",
-         "2026-11-25T09:15:00+08:00")]
-    assert enc["statusHistory"] == [{"status": "in-progress", "period": {
-        "start": "2026-11-21T10:00:00+08:00", "end": "2026-11-25T09:15:00+08:00"}}]
+        (
+            "心内科一病区 12床",
+            "completed",
+            "2026-11-21T10:00:00+08:00",
+            "2026-11-22T08:30:00+08:00",
+        ),
+        ("心内科CCU 3床", "completed", "2026-11-22T08:30:00+08:00", "2026-11-25T09:15:00+08:00"),
+    ]
+    assert enc["statusHistory"] == [
+        {
+            "status": "in-progress",
+            "period": {"start": "2026-11-21T10:00:00+08:00", "end": "2026-11-25T09:15:00+08:00"},
+        }
+    ]
     assert {(c["system"], c["code"]) for c in enc["serviceType"]["coding"]} == {
-        (SHARED_DEPT, "03.04"), (LOCAL_DEPT, "0301")}
+        (SHARED_DEPT, "03.04"),
+        (LOCAL_DEPT, "0301"),
+    }
     assert enc["participant"][0]["individual"]["display"] == "张主任"
     assert version(enc) == 3  # one version per row
     # readable by id, and by patient; the Patient as the rows describe it
@@ -174,37 +252,69 @@ def test_cancels_undo_their_event(site: Any) -> None:
     a, _chc_db, core_db = site
     core = a.node("fuxing")
     # an outpatient registration, then 退号: cancelled
-    reg = visit("MZ0002", "register", visit_class="outpatient", ward="", bed="",
-                status="arrived", admitted_at="2026-11-21T08:00:00+08:00")
+    reg = visit(
+        "MZ0002",
+        "register",
+        visit_class="outpatient",
+        ward="",
+        bed="",
+        status="arrived",
+        admitted_at="2026-11-21T08:00:00+08:00",
+    )
     core_db.write_visit(reg)
     encounter_when(core, "MZ0002", lambda e: e["status"] == "arrived", "registration")
-    core_db.write_visit(replace(reg, event="cancel-admit", status="cancelled",
-                                recorded_at="2026-11-21T08:20:00+08:00"))
+    core_db.write_visit(
+        replace(
+            reg, event="cancel-admit", status="cancelled", recorded_at="2026-11-21T08:20:00+08:00"
+        )
+    )
     enc = encounter_when(core, "MZ0002", lambda e: e["status"] == "cancelled", "退号")
     assert enc["class"]["code"] == "AMB"
-    assert enc["statusHistory"] == [{"status": "arrived", "period": {
-        "start": "2026-11-21T08:00:00+08:00", "end": "2026-11-21T08:20:00+08:00"}}]
+    assert enc["statusHistory"] == [
+        {
+            "status": "arrived",
+            "period": {"start": "2026-11-21T08:00:00+08:00", "end": "2026-11-21T08:20:00+08:00"},
+        }
+    ]
     # an admission, a transfer cancelled, a discharge cancelled (召回)
     core_db.write_visit(visit("ZY0003"))
-    core_db.write_visit(visit("ZY0003", "transfer", ward="神经内科病区", bed="8床",
-                              transferred_at="2026-11-22T09:00:00+08:00"))
+    core_db.write_visit(
+        visit(
+            "ZY0003",
+            "transfer",
+            ward="神经内科病区",
+            bed="8床",
+            transferred_at="2026-11-22T09:00:00+08:00",
+        )
+    )
     encounter_when(core, "ZY0003", lambda e: len(e.get("location") or []) == 2, "transfer")
-    core_db.write_visit(visit("ZY0003", "cancel-transfer",
-                              recorded_at="2026-11-22T09:30:00+08:00"))
-    enc = encounter_when(core, "ZY0003", lambda e: len(e.get("location") or []) == 1,
-                         "cancelled transfer")
-    assert location_history(enc) == [("心内科一病区 12床", "active",
-                                      "2026-11-21T10:00:00+08:00", None)]
+    core_db.write_visit(visit("ZY0003", "cancel-transfer", recorded_at="2026-11-22T09:30:00+08:00"))
+    enc = encounter_when(
+        core, "ZY0003", lambda e: len(e.get("location") or []) == 1, "cancelled transfer"
+    )
+    assert location_history(enc) == [
+        ("心内科一病区 12床", "active", "2026-11-21T10:00:00+08:00", None)
+    ]
     core_db.write_visit(visit("ZY0003", "discharge", discharged_at="2026-11-24T10:00:00+08:00"))
     encounter_when(core, "ZY0003", lambda e: e["status"] == "finished", "discharge")
-    core_db.write_visit(visit("ZY0003", "cancel-discharge",  # the old time left in the row
-                              discharged_at="2026-11-24T10:00:00+08:00",
-                              recorded_at="2026-11-24T11:00:00+08:00"))
-    enc = encounter_when(core, "ZY0003", lambda e: e["status"] == "in-progress"
-                         and version(e) == 5, "cancelled discharge")
+    core_db.write_visit(
+        visit(
+            "ZY0003",
+            "cancel-discharge",  # the old time left in the row
+            discharged_at="2026-11-24T10:00:00+08:00",
+            recorded_at="2026-11-24T11:00:00+08:00",
+        )
+    )
+    enc = encounter_when(
+        core,
+        "ZY0003",
+        lambda e: e["status"] == "in-progress" and version(e) == 5,
+        "cancelled discharge",
+    )
     assert "end" not in enc["period"]
-    assert location_history(enc) == [("心内科一病区 12床", "active",
-                                      "2026-11-21T10:00:00+08:00", None)]
+    assert location_history(enc) == [
+        ("心内科一病区 12床", "active", "2026-11-21T10:00:00+08:00", None)
+    ]
     assert [h["status"] for h in enc["statusHistory"]] == ["in-progress", "finished"]
 
 
@@ -212,18 +322,38 @@ def test_update_changes_class_and_details(site: Any) -> None:
     """An emergency visit the HIS turns into an admission (急诊转住院) by an update row."""
     a, _chc_db, core_db = site
     core = a.node("fuxing")
-    er = visit("JZ0006", visit_class="emergency", department_code="0300", ward="急诊留观",
-               bed="5床", doctor="刘医生")
+    er = visit(
+        "JZ0006",
+        visit_class="emergency",
+        department_code="0300",
+        ward="急诊留观",
+        bed="5床",
+        doctor="刘医生",
+    )
     core_db.write_visit(er)
     encounter_when(core, "JZ0006", lambda e: e["status"] == "in-progress", "emergency visit")
-    core_db.write_visit(replace(er, event="update", visit_class="inpatient", status="in-progress",
-                                department_code="0301", phone="13800000006",
-                                recorded_at="2026-11-21T16:00:00+08:00"))
+    core_db.write_visit(
+        replace(
+            er,
+            event="update",
+            visit_class="inpatient",
+            status="in-progress",
+            department_code="0301",
+            phone="13800000006",
+            recorded_at="2026-11-21T16:00:00+08:00",
+        )
+    )
     enc = encounter_when(core, "JZ0006", lambda e: e["class"]["code"] == "IMP", "the update")
-    assert enc["classHistory"] == [{"class": {
-        "system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "EMER",
-        "display": "emergency"}, "period": {"start": "2026-11-21T10:00:00+08:00",
-                                           "end": "2026-11-21T16:00:00+08:00"}}]
+    assert enc["classHistory"] == [
+        {
+            "class": {
+                "system": "http://terminology.hl7.org/CodeSystem/v3-ActCode",
+                "code": "EMER",
+                "display": "emergency",
+            },
+            "period": {"start": "2026-11-21T10:00:00+08:00", "end": "2026-11-21T16:00:00+08:00"},
+        }
+    ]
     assert enc["status"] == "in-progress" and "statusHistory" not in enc
     assert (LOCAL_DEPT, "0301") in {(c["system"], c["code"]) for c in enc["serviceType"]["coding"]}
     assert location_history(enc) == [("急诊留观 5床", "active", "2026-11-21T10:00:00+08:00", None)]
@@ -236,31 +366,59 @@ def test_referred_patient_admitted_and_discharged(site: Any) -> None:
     chc, core = a.node("desheng-chc"), a.node("fuxing")
     s = slip(7001)
     chc_db.write_referral(s)
-    wait_for(lambda: [r for r in core_db.received_referrals() if r.slip_no == s.slip_no],
-             what="referral in the core's HIS")
-    core_db.accept(AcceptanceSlip(slip_no=s.slip_no, accepted=True,
-                                  appointment_at="2026-11-21T10:00:00+08:00",
-                                  department_code="0301", bed_no="心内科 12床", doctor="张主任"))
-    row = wait_for(lambda: next((r for r in core.api("GET", "/local/v1/referrals")
-                                 if r["side"] == "receiver" and r["status"] == "accepted"),
-                                None), what="accepted")
+    wait_for(
+        lambda: [r for r in core_db.received_referrals() if r.slip_no == s.slip_no],
+        what="referral in the core's HIS",
+    )
+    core_db.accept(
+        AcceptanceSlip(
+            slip_no=s.slip_no,
+            accepted=True,
+            appointment_at="2026-11-21T10:00:00+08:00",
+            department_code="0301",
+            bed_no="心内科 12床",
+            doctor="张主任",
+        )
+    )
+    row = wait_for(
+        lambda: next(
+            (
+                r
+                for r in core.api("GET", "/local/v1/referrals")
+                if r["side"] == "receiver" and r["status"] == "accepted"
+            ),
+            None,
+        ),
+        what="accepted",
+    )
     # the clerk copies the received slip number into the admission (the option names ZZDH)
     rows = [core_db.write_visit(visit("ZY7001", referral_no=s.slip_no, id_number=s.id_number))]
     enc = encounter_when(core, "ZY7001", lambda e: e["status"] == "in-progress", "admission")
     eref = {"reference": f"Encounter/{enc['id']}"}
     assert enc["basedOn"] == [{"reference": f"ServiceRequest/{row['sr_id']}"}]
-    task = wait_for(lambda: (t := core.api("GET", f"/fhir/Task/{row['task_id']}",
-                                           role="clinician"))["status"] == "in-progress" and t,
-                    what="the Task in progress")
+    task = wait_for(
+        lambda: (
+            (t := core.api("GET", f"/fhir/Task/{row['task_id']}", role="clinician"))["status"]
+            == "in-progress"
+            and t
+        ),
+        what="the Task in progress",
+    )
     assert task["encounter"] == eref
     sr = core.api("GET", f"/fhir/ServiceRequest/{row['sr_id']}", role="clinician")
     assert eref in sr["supportingInfo"]
     # the referrer's node hears of the arrival (the receiver's arrive step)
-    wait_for(lambda: any(r["thread"] == row["thread"] and r["status"] == "in-progress"
-                         for r in chc.api("GET", "/local/v1/referrals")), what="arrival at chc")
+    wait_for(
+        lambda: any(
+            r["thread"] == row["thread"] and r["status"] == "in-progress"
+            for r in chc.api("GET", "/local/v1/referrals")
+        ),
+        what="arrival at chc",
+    )
     # the discharge row need not carry the slip number: the Encounter stays on the referral
-    rows.append(core_db.write_visit(visit("ZY7001", "discharge",
-                                          discharged_at="2026-11-25T10:00:00+08:00")))
+    rows.append(
+        core_db.write_visit(visit("ZY7001", "discharge", discharged_at="2026-11-25T10:00:00+08:00"))
+    )
     enc = encounter_when(core, "ZY7001", lambda e: e["status"] == "finished", "discharge")
     assert enc["basedOn"] == [{"reference": f"ServiceRequest/{row['sr_id']}"}]
     task = core.api("GET", f"/fhir/Task/{row['task_id']}", role="clinician")
@@ -311,8 +469,13 @@ def test_bad_rows_quarantined_naming_column_and_next_taken(site: Any) -> None:
     encounter_when(core, "ZY0990", lambda e: True, "the visit another row's number names")
     ids = []
     for n, (event, cols, _, _) in enumerate(BAD):
-        extra = {"discharged_at": "2026-11-25T10:00:00+08:00"} if event == "discharge" else \
-            {"transferred_at": "2026-11-22T10:00:00+08:00"} if event == "transfer" else {}
+        extra = (
+            {"discharged_at": "2026-11-25T10:00:00+08:00"}
+            if event == "discharge"
+            else {"transferred_at": "2026-11-22T10:00:00+08:00"}
+            if event == "transfer"
+            else {}
+        )
         ids.append(core_db.write_visit(visit(f"ZY09{n:02d}", event, **extra), **cols))
     core_db.write_visit(visit("ZY0999"))
     encounter_when(core, "ZY0999", lambda e: True, "the good row after the bad ones")
@@ -337,8 +500,11 @@ def test_quarantined_row_replayed_after_the_his_fixed_it(site: Any) -> None:
     rid = core_db.write_visit(visit("ZY0600"), BLH="")  # saved without the record number
     core_db.write_visit(visit("ZY0601"))
     encounter_when(core, "ZY0601", lambda e: True, "the row after the bad one")
-    item = next(q for q in core.api("GET", "/local/v1/quarantine")
-                if f"record ZZ_JZJL#{rid} field BLH:" in q["message"])
+    item = next(
+        q
+        for q in core.api("GET", "/local/v1/quarantine")
+        if f"record ZZ_JZJL#{rid} field BLH:" in q["message"]
+    )
     # replayed before the HIS fixed the row: still refused, still held
     res = core.api("POST", f"/local/v1/quarantine/{item['id']}/replay")
     assert not res["ok"] and f"record ZZ_JZJL#{rid} field BLH" in res["result"]
@@ -363,22 +529,45 @@ def test_visits_from_postgresql(tmp_path: Path, pg_db: str) -> None:
         early = core_db.allocate_id("ZZ_JZJL")  # an admission form opened first, saved last
         core_db.write_visit(visit("ZY0101"))
         core_db.write_visit(visit("ZY0102"), CSRQ="19501340")  # no 13th month
-        core_db.write_visit(visit("ZY0101", "transfer", ward="心内科CCU", bed="3床",
-                                  transferred_at="2026-11-22T08:30:00+08:00"))
+        core_db.write_visit(
+            visit(
+                "ZY0101",
+                "transfer",
+                ward="心内科CCU",
+                bed="3床",
+                transferred_at="2026-11-22T08:30:00+08:00",
+            )
+        )
         encounter_when(core, "ZY0101", lambda e: version(e) == 2, "transfer row")
         core_db.write_visit(visit("ZY0103", mrn="FX0103"), row_id=early)
-        core_db.write_visit(visit("ZY0101", "discharge", ward="心内科CCU", bed="3床",
-                                  discharged_at="2026-11-25T09:15:00+08:00"))
-        enc = encounter_when(core, "ZY0101", lambda e: e["status"] == "finished"
-                             and version(e) == 3, "discharge from PostgreSQL")
-        assert enc["period"] == {"start": "2026-11-21T10:00:00+08:00",
-                                 "end": "2026-11-25T09:15:00+08:00"}
+        core_db.write_visit(
+            visit(
+                "ZY0101",
+                "discharge",
+                ward="心内科CCU",
+                bed="3床",
+                discharged_at="2026-11-25T09:15:00+08:00",
+            )
+        )
+        enc = encounter_when(
+            core,
+            "ZY0101",
+            lambda e: e["status"] == "finished" and version(e) == 3,
+            "discharge from PostgreSQL",
+        )
+        assert enc["period"] == {
+            "start": "2026-11-21T10:00:00+08:00",
+            "end": "2026-11-25T09:15:00+08:00",
+        }
         assert [x[0] for x in location_history(enc)] == ["心内科一病区 12床", "心内科CCU 3床"]
         late = encounter_when(core, "ZY0103", lambda e: True, "the late-committed row")
         assert late["status"] == "in-progress" and late["id"] != enc["id"]
         q = quarantined(core)
-        assert len(q) == 1 and q[0].message.startswith("record ZZ_JZJL#") \
+        assert (
+            len(q) == 1
+            and q[0].message.startswith("record ZZ_JZJL#")
             and "field CSRQ" in q[0].message
+        )
         assert encounters(core, "ZY0102") == []
     finally:
         a.stop_all()

@@ -41,13 +41,25 @@ HEADER = messages.Header("YTHIS", "yuetan-his", "HUTONG", "yuetan-chc", "UNICODE
 
 def slip(**kw: Any) -> ReferralSlip:
     base = ReferralSlip(
-        slip_no="YTZZ20261120001", kind="up-inpatient", to_member="fuxing",
-        patient_name="王秀英", gender="female", birth_date="1950-03-15",
-        id_number="110102195003151234", phone="13901234567", mrn="YT0001",
-        diagnosis_code="YTZ-01", diagnosis_name="原发性高血压",
-        reason="血压控制不佳 160/100|加量无效", summary="头晕两周。\n既往高血压十年 & 糖尿病 ^_^ ~",
-        department_code="KS01", urgent=True, consent_by="患者本人", doctor="李医生",
-        written_at="2026-11-20T09:00:00+08:00")
+        slip_no="YTZZ20261120001",
+        kind="up-inpatient",
+        to_member="fuxing",
+        patient_name="王秀英",
+        gender="female",
+        birth_date="1950-03-15",
+        id_number="110102195003151234",
+        phone="13901234567",
+        mrn="YT0001",
+        diagnosis_code="YTZ-01",
+        diagnosis_name="原发性高血压",
+        reason="血压控制不佳 160/100|加量无效",
+        summary="头晕两周。\n既往高血压十年 & 糖尿病 ^_^ ~",
+        department_code="KS01",
+        urgent=True,
+        consent_by="患者本人",
+        doctor="李医生",
+        written_at="2026-11-20T09:00:00+08:00",
+    )
     return replace(base, **kw)
 
 
@@ -136,23 +148,27 @@ def test_return_and_acceptance_round_trip() -> None:
     inbound = messages.read(text)
     assert inbound.what == "return" and inbound.thread == "t-1" and inbound.slip_no == r.slip_no
     assert asdict(messages.return_slip(inbound.msg, OFFSET)) == asdict(r)
-    a = AcceptanceSlip(r.slip_no, True, "", "2026-11-21T10:00:00+08:00", "0301", "心内科 12床",
-                       "张主任")
+    a = AcceptanceSlip(
+        r.slip_no, True, "", "2026-11-21T10:00:00+08:00", "0301", "心内科 12床", "张主任"
+    )
     inbound = messages.read(messages.acceptance_message(HEADER, a, "A1", datetime.now(UTC)))
     assert asdict(messages.acceptance_slip(inbound.msg, OFFSET)) == asdict(a)
 
 
-@pytest.mark.parametrize(("mutate", "field"), [
-    (lambda t: t.replace("|19500315|", "|1950-03-15|"), "PID-7"),
-    (lambda t: t.replace("|19500315|", "|19501345|"), "PID-7"),
-    (lambda t: t.replace("|F|", "|X|"), "PID-8"),
-    (lambda t: t.replace("up-inpatient^", "up-nowhere^"), "RF1-3"),
-    (lambda t: t.replace("|YTZZ20261120001|", "||"), "RF1-6"),
-    (lambda t: t.replace("^^^CHN^NNCHN", "^^^CHN^XX"), "PID-3"),
-    (lambda t: t.replace("|20261120090000+0800", "|2026-11-20 09:00"), "RF1-7"),
-    (lambda t: "\r".join(x for x in t.split("\r") if "CS^" not in x), "NTE-4"),
-    (lambda t: t.replace("\rPID|", "\rPID|1||A^^^B^MR||重复||19500101|M\rPID|", 1), "PID"),
-])
+@pytest.mark.parametrize(
+    ("mutate", "field"),
+    [
+        (lambda t: t.replace("|19500315|", "|1950-03-15|"), "PID-7"),
+        (lambda t: t.replace("|19500315|", "|19501345|"), "PID-7"),
+        (lambda t: t.replace("|F|", "|X|"), "PID-8"),
+        (lambda t: t.replace("up-inpatient^", "up-nowhere^"), "RF1-3"),
+        (lambda t: t.replace("|YTZZ20261120001|", "||"), "RF1-6"),
+        (lambda t: t.replace("^^^CHN^NNCHN", "^^^CHN^XX"), "PID-3"),
+        (lambda t: t.replace("|20261120090000+0800", "|2026-11-20 09:00"), "RF1-7"),
+        (lambda t: "\r".join(x for x in t.split("\r") if "CS^" not in x), "NTE-4"),
+        (lambda t: t.replace("\rPID|", "\rPID|1||A^^^B^MR||重复||19500101|M\rPID|", 1), "PID"),
+    ],
+)
 def test_bad_fields_are_named(mutate: Any, field: str) -> None:
     text = mutate(referral_bytes(slip(), "UNICODE UTF-8").decode())
     with pytest.raises(Hl7DataError) as err:
@@ -162,10 +178,17 @@ def test_bad_fields_are_named(mutate: Any, field: str) -> None:
 
 def test_ack_err_names_the_field() -> None:
     to = ack.Answering(control_id="MSG9", version="2.5", charset="GB 18030-2000")
-    raw = ack.encode(ack.build_ack(
-        to, "AE", at=datetime.now(UTC), app="HUTONG", facility="hutong",
-        error=Hl7DataError("unparseable date", field="PID-7", hl7_error="102")),
-        charset.lookup("GB 18030-2000"))
+    raw = ack.encode(
+        ack.build_ack(
+            to,
+            "AE",
+            at=datetime.now(UTC),
+            app="HUTONG",
+            facility="hutong",
+            error=Hl7DataError("unparseable date", field="PID-7", hl7_error="102"),
+        ),
+        charset.lookup("GB 18030-2000"),
+    )
     text = raw.decode("gb18030")
     assert "MSA|AE|MSG9|" in text and "ERR||PID^1^7|102^Data type error^HL70357|E" in text
     assert ack.read_ack(raw) == ("AE", "MSG9", "PID-7: unparseable date")
@@ -178,46 +201,86 @@ MEMBERS = [
     {"id": "yuetan-chc", "zh": "月坛社区卫生服务中心", "en": "Yuetan CHC", "role": "community"},
 ]
 KINDS = ["referral.request", "referral.status", "referral.cancel", "referral.return"]
-RULES = [{"from": "yuetan-chc", "to": "fuxing", "kinds": KINDS},
-         {"from": "fuxing", "to": "yuetan-chc", "kinds": KINDS}]
+RULES = [
+    {"from": "yuetan-chc", "to": "fuxing", "kinds": KINDS},
+    {"from": "fuxing", "to": "yuetan-chc", "kinds": KINDS},
+]
 
 
 class Env:
-    def __init__(self, folder: Path, referral_id_field: str = "PV1-50",
-                 dsn_for: Any = None) -> None:
+    def __init__(
+        self, folder: Path, referral_id_field: str = "PV1-50", dsn_for: Any = None
+    ) -> None:
         base = free_port_block(4)
-        self.ports = {"chc-adapter": base, "chc-his": base + 1, "core-adapter": base + 2,
-                      "core-his": base + 3}
-        sites = {"fuxing": ("core", "fuxing", "UNICODE UTF-8"),
-                 "yuetan-chc": ("chc", "yuetan-chc", "GB 18030-2000")}
+        self.ports = {
+            "chc-adapter": base,
+            "chc-his": base + 1,
+            "core-adapter": base + 2,
+            "core-his": base + 3,
+        }
+        sites = {
+            "fuxing": ("core", "fuxing", "UNICODE UTF-8"),
+            "yuetan-chc": ("chc", "yuetan-chc", "GB 18030-2000"),
+        }
         members = []
         for m in MEMBERS:
             short, mapping, cs = sites[m["id"]]
-            members.append({**m, "adapters": [{
-                "name": "his", "type": "his-hl7", "mappings": str(ROOT / "mappings" / mapping),
-                "receives": ["referral.*"],
-                "options": {"listen": f"127.0.0.1:{self.ports[f'{short}-adapter']}",
-                            "his": f"127.0.0.1:{self.ports[f'{short}-his']}", "charset": cs,
-                            "ack_timeout_s": 2, "connect_timeout_s": 2,
-                            "referral_id_field": referral_id_field}}]})
+            members.append(
+                {
+                    **m,
+                    "adapters": [
+                        {
+                            "name": "his",
+                            "type": "his-hl7",
+                            "mappings": str(ROOT / "mappings" / mapping),
+                            "receives": ["referral.*"],
+                            "options": {
+                                "listen": f"127.0.0.1:{self.ports[f'{short}-adapter']}",
+                                "his": f"127.0.0.1:{self.ports[f'{short}-his']}",
+                                "charset": cs,
+                                "ack_timeout_s": 2,
+                                "connect_timeout_s": 2,
+                                "referral_id_field": referral_id_field,
+                            },
+                        }
+                    ],
+                }
+            )
         self.alliance = Alliance(folder / "alliance", members, RULES, dsn_for=dsn_for)
         self.procs: list[subprocess.Popen[bytes]] = []
         self.logs: list[Any] = []
         self.his: dict[str, VendorHis] = {}
         for short, cs in (("chc", "GB 18030-2000"), ("core", "UNICODE UTF-8")):
             db = folder / f"{short}-his.sqlite"
-            self.his[short] = VendorHis(db, f"127.0.0.1:{self.ports[f'{short}-adapter']}",
-                                        application=f"{short.upper()}HIS",
-                                        facility=f"{short}-his", charset_name=cs)
+            self.his[short] = VendorHis(
+                db,
+                f"127.0.0.1:{self.ports[f'{short}-adapter']}",
+                application=f"{short.upper()}HIS",
+                facility=f"{short}-his",
+                charset_name=cs,
+            )
             self.start_his(short, folder)
 
     def start_his(self, short: str, folder: Path) -> None:
         log = open(folder / f"{short}-his.log", "ab")  # noqa: SIM115 - closed in stop()
         self.logs.append(log)
-        self.procs.append(subprocess.Popen(
-            [sys.executable, "-m", "simulators.his_hl7", "serve", "--db",
-             str(self.his[short].db), "--listen", f"127.0.0.1:{self.ports[f'{short}-his']}"],
-            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
+        self.procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "simulators.his_hl7",
+                    "serve",
+                    "--db",
+                    str(self.his[short].db),
+                    "--listen",
+                    f"127.0.0.1:{self.ports[f'{short}-his']}",
+                ],
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        )
 
     def stop(self) -> None:
         self.alliance.stop_all()
@@ -242,6 +305,7 @@ def one(his: VendorHis, what: str, slip_no: str, n: int = 1) -> Any:
     def got() -> list[Any]:
         rows = [r for r in his.received(what) if r.slip_no == slip_no]
         return rows if len(rows) >= n else []
+
     return wait_for(got, timeout=60, what=f"{what} for {slip_no} in the HIS")
 
 
@@ -258,8 +322,18 @@ def test_referral_loop_between_two_hl7_his(env: Env) -> None:
     # refer theirs, in any order, and change nothing this test reads
     mrn, id_number = "YTLOOP1", "110102195003152015"
     # the HIS's ADT feed: register, then a name/phone change the REF^I12 does not repeat
-    assert chc.adt("A04", mrn, name="王秀", gender="female", birth_date="1950-03-15",
-                   phone="13900000000", id_number=id_number).code == "AA"
+    assert (
+        chc.adt(
+            "A04",
+            mrn,
+            name="王秀",
+            gender="female",
+            birth_date="1950-03-15",
+            phone="13900000000",
+            id_number=id_number,
+        ).code
+        == "AA"
+    )
     assert chc.adt("A08", mrn, name="王億英", phone="13901234567").code == "AA"
     s = slip(slip_no="YTZZ-LOOP-HL7", patient_name="", phone="", mrn=mrn, id_number=id_number)
     ack1 = chc.refer(s, control_id="YT-REF-0001")
@@ -269,34 +343,71 @@ def test_referral_loop_between_two_hl7_his(env: Env) -> None:
     got = one(core, "referral", s.slip_no)
     assert len(got) == 1
     thread = got[0].thread
-    assert asdict(got[0].slip) == asdict(replace(
-        s, patient_name="王億英", phone="13901234567", id_number="",
-        diagnosis_code="FXZD0101", department_code="0200"))
+    assert asdict(got[0].slip) == asdict(
+        replace(
+            s,
+            patient_name="王億英",
+            phone="13901234567",
+            id_number="",
+            diagnosis_code="FXZD0101",
+            department_code="0200",
+        )
+    )
     # one referral at the core for this slip (the module's other tests send theirs)
-    assert [r["thread"] for r in fx.api("GET", "/local/v1/referrals")
-            if (fx.api("GET", f"/fhir/ServiceRequest/{r['sr_id']}", role="clinician")
-                .get("requisition") or {}).get("value") == s.slip_no] == [thread]
+    assert [
+        r["thread"]
+        for r in fx.api("GET", "/local/v1/referrals")
+        if (
+            fx.api("GET", f"/fhir/ServiceRequest/{r['sr_id']}", role="clinician").get("requisition")
+            or {}
+        ).get("value")
+        == s.slip_no
+    ] == [thread]
     # the core hospital's HIS accepts: RRI^I12 -> accept step -> RRI^I12 into the centre's HIS
-    a = AcceptanceSlip(slip_no=s.slip_no, accepted=True,
-                       appointment_at="2026-11-21T10:00:00+08:00", department_code="0301",
-                       bed_no="心内科 12床", doctor="张主任")
+    a = AcceptanceSlip(
+        slip_no=s.slip_no,
+        accepted=True,
+        appointment_at="2026-11-21T10:00:00+08:00",
+        department_code="0301",
+        bed_no="心内科 12床",
+        doctor="张主任",
+    )
     assert core.accept(a, thread).code == "AA"
     acc = one(chc, "acceptance", s.slip_no)
     assert asdict(acc[0].slip) == asdict(replace(a, department_code="03.04"))
     assert acc[0].thread == thread
     # admission (A01 naming the referral in PV1-5) is the arrival; then the return slip
-    assert core.adt("A01", "FX778", name="王億英", gender="female", birth_date="1950-03-15",
-                    referral_id=thread, patient_class="I").code == "AA"
-    wait_for(lambda: referral_row(fx, thread).get("status") == "in-progress", timeout=30,
-             what="arrival")
+    assert (
+        core.adt(
+            "A01",
+            "FX778",
+            name="王億英",
+            gender="female",
+            birth_date="1950-03-15",
+            referral_id=thread,
+            patient_class="I",
+        ).code
+        == "AA"
+    )
+    wait_for(
+        lambda: referral_row(fx, thread).get("status") == "in-progress", timeout=30, what="arrival"
+    )
     r = back_slip(slip_no=s.slip_no)
     assert core.write_return(r, thread).code == "AA"
     ret = one(chc, "return", s.slip_no)
-    want = replace(r, diagnosis_code="YTZ-01", prescriptions=[
-        replace(r.prescriptions[0], drug_code="YT2037"),
-        replace(r.prescriptions[1], drug_code="YT2111")], results=[
-        replace(r.results[0], item_code="3001"), replace(r.results[1], item_code="3003"),
-        replace(r.results[2], item_code="3002")])
+    want = replace(
+        r,
+        diagnosis_code="YTZ-01",
+        prescriptions=[
+            replace(r.prescriptions[0], drug_code="YT2037"),
+            replace(r.prescriptions[1], drug_code="YT2111"),
+        ],
+        results=[
+            replace(r.results[0], item_code="3001"),
+            replace(r.results[1], item_code="3003"),
+            replace(r.results[2], item_code="3002"),
+        ],
+    )
     assert asdict(ret[0].slip) == asdict(want)
     assert len([r for r in chc.received() if r.slip_no == s.slip_no]) == 2
     assert len([r for r in core.received() if r.slip_no == s.slip_no]) == 1
@@ -309,16 +420,24 @@ def quarantined(node: Any) -> list[dict[str, Any]]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("name", "mutate", "field", "code"), [
-    ("missing", lambda t: t.replace("|19500315|", "||"), "PID-7", "AE"),
-    ("date", lambda t: t.replace("|19500315|", "|1950-3-15|"), "PID-7", "AE"),
-    ("code", lambda t: t.replace("|F|", "|Q|"), "PID-8", "AE"),
-    ("type", lambda t: t.replace("REF^I12^REF_I12", "ORM^O01^ORM_O01"), "MSH-9", "AR"),
-    ("dup-rows", lambda t: t.replace("\rPID|", "\rPID|1||YTX-9^^^YTHIS^MR||重复||19500101|M"
-                                     "\rPID|", 1), "PID", "AE"),
-])
-def test_bad_data_is_nakked_quarantined_and_audited(env: Env, name: str, mutate: Any,
-                                                    field: str, code: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "mutate", "field", "code"),
+    [
+        ("missing", lambda t: t.replace("|19500315|", "||"), "PID-7", "AE"),
+        ("date", lambda t: t.replace("|19500315|", "|1950-3-15|"), "PID-7", "AE"),
+        ("code", lambda t: t.replace("|F|", "|Q|"), "PID-8", "AE"),
+        ("type", lambda t: t.replace("REF^I12^REF_I12", "ORM^O01^ORM_O01"), "MSH-9", "AR"),
+        (
+            "dup-rows",
+            lambda t: t.replace("\rPID|", "\rPID|1||YTX-9^^^YTHIS^MR||重复||19500101|M\rPID|", 1),
+            "PID",
+            "AE",
+        ),
+    ],
+)
+def test_bad_data_is_nakked_quarantined_and_audited(
+    env: Env, name: str, mutate: Any, field: str, code: str
+) -> None:
     chc = env.his["chc"]
     node = env.alliance.node("yuetan-chc")
     s = slip(slip_no=f"YTBAD-{name}", patient_name="王億英", mrn=f"YTX-{name}")  # no ADT record
@@ -331,16 +450,23 @@ def test_bad_data_is_nakked_quarantined_and_audited(env: Env, name: str, mutate:
     # readable as far as PID: kept under the patient's keyed hash (PID-3 NNCHN)
     from bridge.privacy import patient_hash
 
-    _assert_quarantined(node, f"BAD-{name}", field, raw,
-                        None if name in ("type", "dup-rows") else
-                        patient_hash(node.plan.patient_hash_key, s.id_number))
+    _assert_quarantined(
+        node,
+        f"BAD-{name}",
+        field,
+        raw,
+        None
+        if name in ("type", "dup-rows")
+        else patient_hash(node.plan.patient_hash_key, s.id_number),
+    )
     # the listener keeps serving: a good referral right after is taken
     good = slip(slip_no=f"YTOK-{name}", patient_name="王秀英")
     assert chc.refer(good).code == "AA"
 
 
-def _assert_quarantined(node: Any, record: str, field: str, raw: bytes,
-                        phash: str | None = None) -> None:
+def _assert_quarantined(
+    node: Any, record: str, field: str, raw: bytes, phash: str | None = None
+) -> None:
     from sqlalchemy import select
 
     from bridge.audit.tables import AuditRecord
@@ -351,18 +477,28 @@ def _assert_quarantined(node: Any, record: str, field: str, raw: bytes,
     store = Store(node.plan.storage_dsn)
     try:
         with store.read() as conn:
-            rows = [r._mapping for r in conn.execute(select(QUARANTINE)).all()
-                    if f"MSH-10 {record} " in r.message]
+            rows = [
+                r._mapping
+                for r in conn.execute(select(QUARANTINE)).all()
+                if f"MSH-10 {record} " in r.message
+            ]
             assert len(rows) == 1, "quarantined once, not again on the resend"
             assert f"field {field}" in rows[0]["message"] and bytes(rows[0]["raw"]) == raw
             assert rows[0]["source"] == "adapter:his"
             assert rows[0]["patient_hash"] == phash
-            audits = [a for a in conn.execute(select(audit).where(
-                audit.c.action == "quarantined", audit.c.actor == "adapter:his")).all()
-                if f"MSH-10 {record} " in a.resource]
+            audits = [
+                a
+                for a in conn.execute(
+                    select(audit).where(
+                        audit.c.action == "quarantined", audit.c.actor == "adapter:his"
+                    )
+                ).all()
+                if f"MSH-10 {record} " in a.resource
+            ]
             assert len(audits) == 1
-            assert '"quarantine_id"' in audits[0].resource or str(rows[0]["id"]) in \
-                audits[0].resource
+            assert (
+                '"quarantine_id"' in audits[0].resource or str(rows[0]["id"]) in audits[0].resource
+            )
     finally:
         store.dispose()
 
@@ -371,8 +507,9 @@ def _assert_quarantined(node: Any, record: str, field: str, raw: bytes,
 def test_wrong_encoding_nakked_and_quarantined(env: Env) -> None:
     chc = env.his["chc"]
     node = env.alliance.node("yuetan-chc")
-    raw = referral_bytes(slip(slip_no="YTBAD-enc", patient_name="王億英"), "GB 18030-2000",
-                         control="BAD-enc").replace(b"GB 18030-2000", b"UNICODE UTF-8")
+    raw = referral_bytes(
+        slip(slip_no="YTBAD-enc", patient_name="王億英"), "GB 18030-2000", control="BAD-enc"
+    ).replace(b"GB 18030-2000", b"UNICODE UTF-8")
     answer = chc.send_raw(raw, "referral")
     assert answer.code == "AR" and answer.text.startswith("MSH-18")
     _assert_quarantined(node, "BAD-enc", "MSH-18", raw)
@@ -388,9 +525,13 @@ def test_duplicate_slip_under_a_new_message_is_refused(env: Env) -> None:
     node = env.alliance.node("yuetan-chc")
     from bridge.privacy import patient_hash
 
-    _assert_quarantined(node, "DUP-B", "RF1-6", next(r for r in _sent(chc)
-                                                     if r[0] == "DUP-B")[1],
-                        patient_hash(node.plan.patient_hash_key, s.id_number))
+    _assert_quarantined(
+        node,
+        "DUP-B",
+        "RF1-6",
+        next(r for r in _sent(chc) if r[0] == "DUP-B")[1],
+        patient_hash(node.plan.patient_hash_key, s.id_number),
+    )
 
 
 def _sent(his: VendorHis) -> list[tuple[str, bytes]]:
@@ -407,8 +548,15 @@ def test_his_naks_drops_and_is_down_then_gets_each_message_once_in_order(env: En
     folder = env.his["core"].db.parent
     # the core HIS NAKs twice, then drops the connection twice, then ACKs
     core.set_mode(nak=2, drop=2)
-    slips = [slip(slip_no=f"YTRETRY-{i}", patient_name=f"患者{i}億", mrn=f"YTR{i}",
-                  id_number=f"1101021960010100{i}X") for i in range(3)]
+    slips = [
+        slip(
+            slip_no=f"YTRETRY-{i}",
+            patient_name=f"患者{i}億",
+            mrn=f"YTR{i}",
+            id_number=f"1101021960010100{i}X",
+        )
+        for i in range(3)
+    ]
     for s in slips:
         assert chc.refer(s).code == "AA"
     for s in slips:
@@ -424,12 +572,20 @@ def test_his_naks_drops_and_is_down_then_gets_each_message_once_in_order(env: En
     assert chc.refer(s).code == "AA"
     thread = one(core, "referral", s.slip_no)[0].thread
     chc.set_mode(nak=2, drop=1)
-    assert core.accept(AcceptanceSlip(s.slip_no, True, "", "2026-11-22T08:00:00+08:00", "0301",
-                                      "3床", "周医生"), thread).code == "AA"
+    assert (
+        core.accept(
+            AcceptanceSlip(
+                s.slip_no, True, "", "2026-11-22T08:00:00+08:00", "0301", "3床", "周医生"
+            ),
+            thread,
+        ).code
+        == "AA"
+    )
     assert core.adt("A04", "FX900", referral_id=thread).code == "AA"
     fx = env.alliance.node("fuxing")
-    wait_for(lambda: referral_row(fx, thread).get("status") == "in-progress", timeout=30,
-             what="arrival")
+    wait_for(
+        lambda: referral_row(fx, thread).get("status") == "in-progress", timeout=30, what="arrival"
+    )
     assert core.write_return(back_slip(slip_no=s.slip_no), thread).code == "AA"
     one(chc, "return", s.slip_no)
     assert chc.mode()["nak"] == 0 and chc.mode()["drop"] == 0
@@ -440,12 +596,16 @@ def test_his_naks_drops_and_is_down_then_gets_each_message_once_in_order(env: En
     proc.terminate()
     proc.wait(30)
     env.procs.remove(proc)
-    late = slip(slip_no="YTRETRY-down", patient_name="赵乗", mrn="YTD1",
-                id_number="110102198001010022")
+    late = slip(
+        slip_no="YTRETRY-down", patient_name="赵乗", mrn="YTD1", id_number="110102198001010022"
+    )
     before = len(fx.api("GET", "/local/v1/referrals"))  # counted before it can arrive
     assert chc.refer(late).code == "AA"
-    wait_for(lambda: len(fx.api("GET", "/local/v1/referrals")) > before, timeout=60,
-             what="the referral at the core node while its HIS is down")
+    wait_for(
+        lambda: len(fx.api("GET", "/local/v1/referrals")) > before,
+        timeout=60,
+        what="the referral at the core node while its HIS is down",
+    )
     assert not [r for r in core.received() if r.slip_no == late.slip_no]
     env.start_his("core", folder)
     rows = one(core, "referral", late.slip_no)
@@ -468,21 +628,54 @@ def hl7_centre_db_core(folder: Path) -> Iterator[tuple[Alliance, VendorHis, Any]
     ports = free_port_block(2)
     core_db = HisDb(f"sqlite:///{folder / 'fuxing-his.db'}").init()
     members = [
-        {**MEMBERS[0], "adapters": [{
-            "name": "his", "type": "his-middle-db", "mappings": str(db_site(folder, "fuxing")),
-            "receives": ["referral.*"], "options": {"dsn": core_db.dsn, "poll_every_s": 0.3}}]},
-        {**MEMBERS[1], "adapters": [{
-            "name": "his", "type": "his-hl7", "mappings": str(ROOT / "mappings" / "yuetan-chc"),
-            "receives": ["referral.*"],
-            "options": {"listen": f"127.0.0.1:{ports}", "his": f"127.0.0.1:{ports + 1}",
-                        "charset": "GB 18030-2000", "referral_id_field": "PV1-50"}}]},
+        {
+            **MEMBERS[0],
+            "adapters": [
+                {
+                    "name": "his",
+                    "type": "his-middle-db",
+                    "mappings": str(db_site(folder, "fuxing")),
+                    "receives": ["referral.*"],
+                    "options": {"dsn": core_db.dsn, "poll_every_s": 0.3},
+                }
+            ],
+        },
+        {
+            **MEMBERS[1],
+            "adapters": [
+                {
+                    "name": "his",
+                    "type": "his-hl7",
+                    "mappings": str(ROOT / "mappings" / "yuetan-chc"),
+                    "receives": ["referral.*"],
+                    "options": {
+                        "listen": f"127.0.0.1:{ports}",
+                        "his": f"127.0.0.1:{ports + 1}",
+                        "charset": "GB 18030-2000",
+                        "referral_id_field": "PV1-50",
+                    },
+                }
+            ],
+        },
     ]
     alliance = Alliance(folder / "alliance", members, RULES)
     his = VendorHis(folder / "chc-his.sqlite", f"127.0.0.1:{ports}", charset_name="GB 18030-2000")
     log = open(folder / "chc-his.log", "ab")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([sys.executable, "-m", "simulators.his_hl7", "serve", "--db",
-                             str(his.db), "--listen", f"127.0.0.1:{ports + 1}"],
-                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "simulators.his_hl7",
+            "serve",
+            "--db",
+            str(his.db),
+            "--listen",
+            f"127.0.0.1:{ports + 1}",
+        ],
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         alliance.start("fuxing", "yuetan-chc")
         yield alliance, his, core_db
@@ -505,26 +698,54 @@ def test_hl7_his_to_middle_db_his_and_back(mixed: Any) -> None:
     _alliance, chc, core_db = mixed
     s = slip(slip_no="YTMIX-1", patient_name="王億乗", department_code="KS01")
     assert chc.refer(s).code == "AA"
-    got = wait_for(lambda: [x for x in core_db.received_referrals() if x.slip_no == s.slip_no],
-                   timeout=60, what="referral in the core's database HIS")
+    got = wait_for(
+        lambda: [x for x in core_db.received_referrals() if x.slip_no == s.slip_no],
+        timeout=60,
+        what="referral in the core's database HIS",
+    )
     # the database HIS's inbox table keeps these columns (simulators/his_db.py); compare them all
-    kept = ("slip_no", "kind", "patient_name", "gender", "birth_date", "id_number", "phone",
-            "mrn", "diagnosis_code", "diagnosis_name", "reason", "department_code", "written_at")
+    kept = (
+        "slip_no",
+        "kind",
+        "patient_name",
+        "gender",
+        "birth_date",
+        "id_number",
+        "phone",
+        "mrn",
+        "diagnosis_code",
+        "diagnosis_name",
+        "reason",
+        "department_code",
+        "written_at",
+    )
     want_ref = asdict(replace(s, id_number="", diagnosis_code="FXZD0101", department_code="0200"))
-    assert len(got) == 1 and {k: asdict(got[0])[k] for k in kept} == \
-        {k: want_ref[k] for k in kept}
-    acc = AcceptanceSlip(slip_no=s.slip_no, accepted=True,
-                         appointment_at="2026-11-21T10:00:00+08:00", department_code="0301",
-                         bed_no="心内科 12床", doctor="张主任")
+    assert len(got) == 1 and {k: asdict(got[0])[k] for k in kept} == {k: want_ref[k] for k in kept}
+    acc = AcceptanceSlip(
+        slip_no=s.slip_no,
+        accepted=True,
+        appointment_at="2026-11-21T10:00:00+08:00",
+        department_code="0301",
+        bed_no="心内科 12床",
+        doctor="张主任",
+    )
     core_db.accept(acc)
     got_acc = one(chc, "acceptance", s.slip_no)
     assert asdict(got_acc[0].slip) == asdict(replace(acc, department_code="03.04"))
     ret = back_slip(slip_no=s.slip_no)
     core_db.write_return(ret)
     got_ret = one(chc, "return", s.slip_no)
-    want = replace(ret, diagnosis_code="YTZ-01", prescriptions=[
-        replace(ret.prescriptions[0], drug_code="YT2037"),
-        replace(ret.prescriptions[1], drug_code="YT2111")], results=[
-        replace(ret.results[0], item_code="3001"), replace(ret.results[1], item_code="3003"),
-        replace(ret.results[2], item_code="3002")])
+    want = replace(
+        ret,
+        diagnosis_code="YTZ-01",
+        prescriptions=[
+            replace(ret.prescriptions[0], drug_code="YT2037"),
+            replace(ret.prescriptions[1], drug_code="YT2111"),
+        ],
+        results=[
+            replace(ret.results[0], item_code="3001"),
+            replace(ret.results[1], item_code="3003"),
+            replace(ret.results[2], item_code="3002"),
+        ],
+    )
     assert asdict(got_ret[0].slip) == asdict(want)

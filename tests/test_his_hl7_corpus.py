@@ -38,25 +38,48 @@ COLUMNS = ["file", "index", "type", "control", "outcome", "ack", "detail", "just
 MRN = "urn:hutong:mrn:fuxing"
 VISIT = "urn:hutong:visit:fuxing"
 SITE = timezone(timedelta(hours=8))  # the adapter's utc_offset (the default)
-STATUS = {"A01": "in-progress", "A06": "in-progress", "A04": "arrived", "A05": "planned",
-          "A14": "planned", "A02": "in-progress", "A03": "finished", "A11": "cancelled",
-          "A13": "in-progress"}
+STATUS = {
+    "A01": "in-progress",
+    "A06": "in-progress",
+    "A04": "arrived",
+    "A05": "planned",
+    "A14": "planned",
+    "A02": "in-progress",
+    "A03": "finished",
+    "A11": "cancelled",
+    "A13": "in-progress",
+}
 VISIT_EVENTS = ("A01", "A02", "A03", "A04", "A05", "A06", "A11", "A12", "A13", "A14")
-CLASS = {"E": "EMER", "I": "IMP", "O": "AMB", "P": "PRENC", "R": "R", "B": "B", "C": "C",
-         "N": "N", "U": "U"}
-GENDER = {"M": "male", "F": "female", "O": "other", "U": "unknown", "A": "other",
-          "N": "unknown"}
+CLASS = {
+    "E": "EMER",
+    "I": "IMP",
+    "O": "AMB",
+    "P": "PRENC",
+    "R": "R",
+    "B": "B",
+    "C": "C",
+    "N": "N",
+    "U": "U",
+}
+GENDER = {"M": "male", "F": "female", "O": "other", "U": "unknown", "A": "other", "N": "unknown"}
 #: HL7 table 0357 code -> the reason class written in the table
-REASON = {"100": "segment", "101": "required-field", "102": "data-type", "103": "table-value",
-          "200": "message-type", "204": "unknown-key", "205": "duplicate-key"}
+REASON = {
+    "100": "segment",
+    "101": "required-field",
+    "102": "data-type",
+    "103": "table-value",
+    "200": "message-type",
+    "204": "unknown-key",
+    "205": "duplicate-key",
+}
 #: why a careful receiver refuses, by field and class (the quoted value comes from the message)
 RULE = {
     ("MSH-2", "102"): "MSH-2 must be the four encoding characters, distinct printable ASCII "
-                      "(^~\\&)",
+    "(^~\\&)",
     ("MSH-10", "101"): "MSH-10 is required: without it the ACK cannot name the message and "
-                       "a re-send cannot be told from a new message",
+    "a re-send cannot be told from a new message",
     ("MSH-9", "200"): "merges, swaps and moves of records (or unknown events) are not applied "
-                      "automatically; refused so the HIS knows",
+    "automatically; refused so the HIS knows",
     ("PID", "100"): "the ADT structure has exactly one PID",
     ("PV1", "100"): "the ADT A01-A14 structure requires PV1 (the visit)",
     ("PID-3", "101"): "no identifier usable as the record number (type MR, PI or PT, or untyped)",
@@ -64,7 +87,7 @@ RULE = {
     ("PV1-2", "103"): "not in HL7 table 0004 (E I O P R B C N U)",
     ("PV1-19", "205"): "this visit number already names another patient's visit",
     ("PV1-19", "204"): "no visit number, and this patient has no (single) open visit here "
-                       "to discharge, transfer or cancel",
+    "to discharge, transfer or cancel",
     ("PV1-44", "102"): "not a real date/time (DTM YYYY[MM[DD[HH[MM[SS]]]]][+/-ZZZZ])",
     ("EVN-2", "102"): "not a date/time (DTM YYYY[MM[DD[HH[MM[SS]]]]][+/-ZZZZ])",
     ("MSH-7", "102"): "not a date/time (DTM YYYY[MM[DD[HH[MM[SS]]]]][+/-ZZZZ])",
@@ -101,8 +124,13 @@ class Msg:
         comps = reps[r - 1].split(self.cs) if not (name == "MSH" and n == 2) else [reps[0]]
         value = comps[c - 1] if len(comps) >= c else ""
         value = value.split(self.ss)[0] if (name, n) != ("MSH", 2) else value
-        for code, ch in (("F", self.fs), ("S", self.cs), ("R", self.rs), ("T", self.ss),
-                         ("E", self.es)):
+        for code, ch in (
+            ("F", self.fs),
+            ("S", self.cs),
+            ("R", self.rs),
+            ("T", self.ss),
+            ("E", self.es),
+        ):
             value = value.replace(f"{self.es}{code}{self.es}", ch)
         return "" if value == '""' else value
 
@@ -129,20 +157,28 @@ def dtm(value: str) -> str:
     off = None
     for sign in "+-":
         if sign in v[8:]:
-            v, off = v[:8 + v[8:].index(sign)], v[8 + v[8:].index(sign):]
+            v, off = v[: 8 + v[8:].index(sign)], v[8 + v[8:].index(sign) :]
     v = v.split(".")[0]
     if len(v) <= 8:
         return "-".join(x for x in (v[:4], v[4:6], v[6:8]) if x)
-    tz = SITE if off is None else timezone((1 if off[0] == "+" else -1) * timedelta(
-        hours=int(off[1:3]), minutes=int(off[3:5])))
+    tz = (
+        SITE
+        if off is None
+        else timezone(
+            (1 if off[0] == "+" else -1) * timedelta(hours=int(off[1:3]), minutes=int(off[3:5]))
+        )
+    )
     v = v.ljust(14, "0")
-    return datetime(int(v[:4]), int(v[4:6]), int(v[6:8]), int(v[8:10]), int(v[10:12]),
-                    int(v[12:14]), tzinfo=tz).isoformat()
+    return datetime(
+        int(v[:4]), int(v[4:6]), int(v[6:8]), int(v[8:10]), int(v[10:12]), int(v[12:14]), tzinfo=tz
+    ).isoformat()
 
 
 def mrn_of(m: Msg) -> str:
-    reps = [(m.get("PID", 3, 1, r).strip(), m.get("PID", 3, 5, r).strip().upper())
-            for r in range(1, m.reps("PID", 3) + 1)]
+    reps = [
+        (m.get("PID", 3, 1, r).strip(), m.get("PID", 3, 5, r).strip().upper())
+        for r in range(1, m.reps("PID", 3) + 1)
+    ]
     reps = [(v, k) for v, k in reps if v]
     for kind in ("MR", "PI", "PT", "MRN"):
         hit = [v for v, k in reps if k == kind]
@@ -211,8 +247,9 @@ def check_encounter(m: Msg, event: str, enc: dict[str, Any], patient: dict[str, 
     if where:
         last = enc["location"][-1]
         assert last["location"]["display"] == where
-        assert last["status"] == ("completed" if event == "A03" else
-                                  "planned" if enc["status"] == "planned" else "active")
+        assert last["status"] == (
+            "completed" if event == "A03" else "planned" if enc["status"] == "planned" else "active"
+        )
 
 
 def run(env: Env) -> list[dict[str, str]]:
@@ -225,32 +262,48 @@ def run(env: Env) -> list[dict[str, str]]:
         mrn = mrn_of(m) if m.all("PID") else ""
         before = _one(env, "Patient", identifier=f"{MRN}|{mrn}") if mrn else None
         code, _control, why = mllp(port, raw)
-        row = {"file": file, "index": str(index), "type": mtype, "control": m.field("MSH-10"),
-               "ack": code}
+        row = {
+            "file": file,
+            "index": str(index),
+            "type": mtype,
+            "control": m.field("MSH-10"),
+            "ack": code,
+        }
         if code == "AA":
             patient = _one(env, "Patient", identifier=f"{MRN}|{mrn}")
             assert patient is not None, (file, "AA but no Patient")
             version = int(patient["meta"]["versionId"])
             if before is not None and int(before["meta"]["versionId"]) == version:
-                row |= {"outcome": "resent", "detail": "identical to an earlier message "
-                        "(MSH-7 aside): its ACK again, nothing stored again",
-                        "justification": "-"}
+                row |= {
+                    "outcome": "resent",
+                    "detail": "identical to an earlier message "
+                    "(MSH-7 aside): its ACK again, nothing stored again",
+                    "justification": "-",
+                }
             else:
                 check_patient(m, patient)
                 detail = f"Patient {made(version)}"
                 if event in VISIT_EVENTS or (event in ("A07", "A08") and m.get("PV1", 19)):
                     visit = m.get("PV1", 19).strip()
-                    enc = _one(env, "Encounter", identifier=f"{VISIT}|{visit}") if visit \
+                    enc = (
+                        _one(env, "Encounter", identifier=f"{VISIT}|{visit}")
+                        if visit
                         else _one(env, "Encounter", patient=patient["id"])
+                    )
                     assert enc is not None, (file, "AA but no Encounter")
                     check_encounter(m, event, enc, patient)
-                    detail += f"; Encounter {made(int(enc['meta']['versionId']))} " \
-                              f"({enc['status']}, class {enc['class']['code']})"
+                    detail += (
+                        f"; Encounter {made(int(enc['meta']['versionId']))} "
+                        f"({enc['status']}, class {enc['class']['code']})"
+                    )
                 row |= {"outcome": "stored", "detail": detail, "justification": "-"}
         else:
             field, err = why.split(":", 1)[0], ack_error_code(why)
-            row |= {"outcome": "refused", "detail": f"{field} {REASON.get(err, err)}",
-                    "justification": justify(m, field, err)}
+            row |= {
+                "outcome": "refused",
+                "detail": f"{field} {REASON.get(err, err)}",
+                "justification": justify(m, field, err),
+            }
         rows.append(row)
     return rows
 
@@ -274,8 +327,9 @@ def justify(m: Msg, field: str, code: str) -> str:
 
 
 @pytest.mark.slow
-def test_every_corpus_adt_and_ref_has_its_pinned_outcome(env: Env, monkeypatch:
-                                                         pytest.MonkeyPatch) -> None:
+def test_every_corpus_adt_and_ref_has_its_pinned_outcome(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import tests.test_his_hl7_adt as adt_tests
 
     real = adt_tests.MLLPClient
@@ -289,8 +343,9 @@ def test_every_corpus_adt_and_ref_has_its_pinned_outcome(env: Env, monkeypatch:
             for seg in answer.strip(b"\x0b\x1c\r\n").split(b"\r"):
                 f = seg.split(b"|")
                 if f[0] == b"ERR":  # v2.5+: ERR-3 code^text; before: ERR-1 SEG^seq^field^code&text
-                    LAST_ERR["code"] = (f[3].split(b"^")[0] if len(f) > 3 else
-                                        f[1].split(b"^")[3].split(b"&")[0]).decode()
+                    LAST_ERR["code"] = (
+                        f[3].split(b"^")[0] if len(f) > 3 else f[1].split(b"^")[3].split(b"&")[0]
+                    ).decode()
             return answer
 
     monkeypatch.setattr(adt_tests, "MLLPClient", Recording)
@@ -298,13 +353,23 @@ def test_every_corpus_adt_and_ref_has_its_pinned_outcome(env: Env, monkeypatch:
     assert len(rows) >= 130
     if os.environ.get("HUTONG_WRITE_HIS_OUTCOMES"):
         with TABLE.open("w", encoding="utf-8", newline="") as fh:
-            w = csv.DictWriter(fh, COLUMNS, delimiter="\t", lineterminator="\n",
-                               quoting=csv.QUOTE_NONE, quotechar=None, escapechar="\\")
+            w = csv.DictWriter(
+                fh,
+                COLUMNS,
+                delimiter="\t",
+                lineterminator="\n",
+                quoting=csv.QUOTE_NONE,
+                quotechar=None,
+                escapechar="\\",
+            )
             w.writeheader()
             w.writerows(rows)
     with TABLE.open(encoding="utf-8", newline="") as fh:
-        pinned = list(csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE,
-                                     quotechar=None, escapechar="\\"))
+        pinned = list(
+            csv.DictReader(
+                fh, delimiter="\t", quoting=csv.QUOTE_NONE, quotechar=None, escapechar="\\"
+            )
+        )
     assert [(r["file"], r["index"]) for r in rows] == [(r["file"], r["index"]) for r in pinned]
     diffs = [(p, r) for p, r in zip(pinned, rows, strict=True) if p != r]
     assert not diffs, "\n".join(f"pinned {p}\n   got {r}" for p, r in diffs[:10])

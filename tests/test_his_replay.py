@@ -49,14 +49,18 @@ def add_mapping(csv_path: Path, code: str) -> None:
 
 
 def held(node: NodeProcess, state: str = "held") -> list[dict[str, Any]]:
-    return [q for q in node.api("GET", f"/local/v1/quarantine?state={state}")
-            if q["source"] == "adapter:his"]
+    return [
+        q
+        for q in node.api("GET", f"/local/v1/quarantine?state={state}")
+        if q["source"] == "adapter:his"
+    ]
 
 
 def item_for(node: NodeProcess, record: str, state: str = "held") -> list[dict[str, Any]]:
     """Held items of one record, oldest first (``record`` as the reason names it)."""
-    return sorted((q for q in held(node, state) if f"record {record} " in q["message"]),
-                  key=lambda q: q["id"])
+    return sorted(
+        (q for q in held(node, state) if f"record {record} " in q["message"]), key=lambda q: q["id"]
+    )
 
 
 def replay_cli(node: NodeProcess, item_id: int) -> tuple[int, str]:
@@ -72,8 +76,11 @@ def replay_api(node: NodeProcess, item_id: int) -> tuple[bool, str]:
 
 def replayed_audit(node: NodeProcess) -> list[tuple[str, str]]:
     rows = csv.DictReader(io.StringIO(node.cli("audit", "export", "--format", "csv").stdout))
-    return [(r["outcome"], r.get("outcomeDesc") or r.get("message") or "") for r in rows
-            if r["action"] == "replayed"]
+    return [
+        (r["outcome"], r.get("outcomeDesc") or r.get("message") or "")
+        for r in rows
+        if r["action"] == "replayed"
+    ]
 
 
 # -- intermediate database (中间库) ----------------------------------------------------------------
@@ -131,18 +138,25 @@ def test_db_unknown_code_replayed_after_the_mapping_fix(db_site: Any) -> None:
     assert code == 0, text
     assert f"replayed: ZZ_SQD#{first} taken (row re-read from the HIS)" in text
     (done,) = item_for(chc, f"ZZ_SQD#{first}", "replayed")
-    assert done["id"] == item["id"] and done["replay_result"].endswith("taken (row re-read "
-                                                                        "from the HIS)")
+    assert done["id"] == item["id"] and done["replay_result"].endswith(
+        "taken (row re-read from the HIS)"
+    )
     got = wait_for(lambda: received(core_db, s.slip_no), timeout=60, what="the replayed row")
-    assert [asdict(x) for x in got] == [asdict(replace(as_received(s),
-                                                       diagnosis_code="FXZD0102"))]
-    ref = next(r for r in chc.api("GET", "/local/v1/referrals") if r["side"] == "referrer"
-               and chc.api("GET", f"/fhir/ServiceRequest/{r['sr_id']}",
-                           role="clinician")["requisition"]["value"] == s.slip_no)
+    assert [asdict(x) for x in got] == [asdict(replace(as_received(s), diagnosis_code="FXZD0102"))]
+    ref = next(
+        r
+        for r in chc.api("GET", "/local/v1/referrals")
+        if r["side"] == "referrer"
+        and chc.api("GET", f"/fhir/ServiceRequest/{r['sr_id']}", role="clinician")["requisition"][
+            "value"
+        ]
+        == s.slip_no
+    )
     sr = chc.api("GET", f"/fhir/ServiceRequest/{ref['sr_id']}", role="clinician")
     assert [(c["system"], c["code"]) for c in sr["reasonCode"][0]["coding"]] == [
         ("http://hl7.org/fhir/sid/icd-10", "I11.9"),
-        ("http://hutong.dev/CodeSystem/desheng-chc/diagnosis", "YTZ-77")]
+        ("http://hutong.dev/CodeSystem/desheng-chc/diagnosis", "YTZ-77"),
+    ]
 
     # the replayed item cannot be replayed again; the second copy of the form is now a
     # duplicate of what was sent: still held, with that new reason
@@ -177,7 +191,9 @@ def test_db_row_corrected_by_the_his_or_deleted(db_site: Any) -> None:
     with chc_db.tx() as conn:
         conn.execute(update(ZZ_SQD).where(ZZ_SQD.c.ID == bad_date).values(CSRQ="19500315"))
     assert replay_api(chc, date_item["id"]) == (
-        True, f"ZZ_SQD#{bad_date} taken (row re-read from the HIS)")
+        True,
+        f"ZZ_SQD#{bad_date} taken (row re-read from the HIS)",
+    )
     got = wait_for(lambda: received(core_db, fixed.slip_no), timeout=60, what="corrected row")
     assert [asdict(x) for x in got] == [asdict(as_received(fixed))]
 
@@ -189,16 +205,20 @@ def test_db_row_corrected_by_the_his_or_deleted(db_site: Any) -> None:
         conn.execute(delete(ZZ_SQD).where(ZZ_SQD.c.ID == deleted))
     add_mapping(diagnosis_csv, "YTZ-78")
     assert replay_api(chc, gone_item["id"]) == (
-        True, f"ZZ_SQD#{deleted} taken (kept copy: the row is gone from the HIS)")
+        True,
+        f"ZZ_SQD#{deleted} taken (kept copy: the row is gone from the HIS)",
+    )
     got = wait_for(lambda: received(core_db, gone.slip_no), timeout=60, what="kept row")
-    assert [asdict(x) for x in got] == [asdict(replace(as_received(gone),
-                                                       diagnosis_code="FXZD0102"))]
+    assert [asdict(x) for x in got] == [
+        asdict(replace(as_received(gone), diagnosis_code="FXZD0102"))
+    ]
 
     # a return slip's head row deleted: its drug and lab lines went with it and are not kept,
     # so the replay refuses rather than send a return slip without them
     ret = chc_db.write_return(return_slip(slip_no="DSZZ-NO-SUCH"))  # no such referral: held
-    (ret_item,) = wait_for(lambda: item_for(chc, f"ZZ_ZHD#{ret}") or None, timeout=60,
-                           what="the return row held")
+    (ret_item,) = wait_for(
+        lambda: item_for(chc, f"ZZ_ZHD#{ret}") or None, timeout=60, what="the return row held"
+    )
     with chc_db.tx() as conn:
         conn.execute(delete(ZZ_ZHD_YP).where(ZZ_ZHD_YP.c.ZHD_ID == ret))
         conn.execute(delete(ZZ_ZHD_JY).where(ZZ_ZHD_JY.c.ZHD_ID == ret))
@@ -206,14 +226,16 @@ def test_db_row_corrected_by_the_his_or_deleted(db_site: Any) -> None:
     ok, text = replay_api(chc, ret_item["id"])
     assert not ok and text == (
         f"HT-LOCAL-REPLAY: ZZ_ZHD#{ret} is gone from the HIS and a return slip's drug and lab "
-        "lines are not kept: enter it again in the HIS")
+        "lines are not kept: enter it again in the HIS"
+    )
     (still,) = item_for(chc, f"ZZ_ZHD#{ret}")
     assert still["id"] == ret_item["id"]
     assert chc.cli("audit", "verify").returncode == 0
 
 
-def test_db_row_quarantined_twice_is_sent_once(db_site: Any,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_db_row_quarantined_twice_is_sent_once(
+    db_site: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Killed after a row's quarantine commit, before the watermark moved: the restarted node
     reads the row again and quarantines it again. Both items replay; the row goes once."""
     a, chc_db, core_db, diagnosis_csv = db_site
@@ -235,20 +257,20 @@ def test_db_row_quarantined_twice_is_sent_once(db_site: Any,
     assert replay_api(chc, one["id"]) == (True, f"ZZ_SQD#{rid} taken (row re-read from the HIS)")
     assert replay_api(chc, two["id"]) == (True, f"ZZ_SQD#{rid} was already taken")
     assert item_for(chc, f"ZZ_SQD#{rid}") == []
-    assert [q["id"] for q in item_for(chc, f"ZZ_SQD#{rid}", "replayed")] == [one["id"],
-                                                                             two["id"]]
+    assert [q["id"] for q in item_for(chc, f"ZZ_SQD#{rid}", "replayed")] == [one["id"], two["id"]]
     barrier(chc_db, core_db, 21)
     got = received(core_db, s.slip_no)
-    assert [asdict(x) for x in got] == [asdict(replace(as_received(s),
-                                                       diagnosis_code="FXZD0102"))]
+    assert [asdict(x) for x in got] == [asdict(replace(as_received(s), diagnosis_code="FXZD0102"))]
     assert chc.cli("audit", "verify").returncode == 0
 
 
 # -- XML web service -------------------------------------------------------------------------------
 
 WS_KINDS = ["referral.request", "referral.status", "referral.cancel", "referral.return"]
-WS_MEMBERS = [("fuxing", "复兴医院", "Fuxing Hospital", "core"),
-              ("yuetan-chc", "月坛社区卫生服务中心", "Yuetan CHC", "community")]
+WS_MEMBERS = [
+    ("fuxing", "复兴医院", "Fuxing Hospital", "core"),
+    ("yuetan-chc", "月坛社区卫生服务中心", "Yuetan CHC", "community"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -257,23 +279,48 @@ def ws_site(tmp_path_factory: pytest.TempPathFactory):
     chc_maps = root / "mappings" / "yuetan-chc"
     shutil.copytree(ROOT / "mappings" / "yuetan-chc", chc_maps)
     maps = {"fuxing": ROOT / "mappings" / "fuxing", "yuetan-chc": chc_maps}
-    sims = {m[0]: HisWsProcess(root / f"his-{m[0]}.sqlite", m[0], site_name=m[1])
-            for m in WS_MEMBERS}
-    members = [{"id": i, "zh": zh, "en": en, "role": role, "adapters": [{
-        "name": "his", "type": "his-xml-ws", "mappings": str(maps[i]),
-        "receives": ["referral.*"],
-        "options": {"url": sims[i].url, "poll_s": 0.2, "timeout_s": 5.0, "site_name": zh}}]}
-        for i, zh, en, role in WS_MEMBERS]
-    rules = [{"from": "fuxing", "to": "yuetan-chc", "kinds": WS_KINDS},
-             {"from": "yuetan-chc", "to": "fuxing", "kinds": WS_KINDS}]
+    sims = {
+        m[0]: HisWsProcess(root / f"his-{m[0]}.sqlite", m[0], site_name=m[1]) for m in WS_MEMBERS
+    }
+    members = [
+        {
+            "id": i,
+            "zh": zh,
+            "en": en,
+            "role": role,
+            "adapters": [
+                {
+                    "name": "his",
+                    "type": "his-xml-ws",
+                    "mappings": str(maps[i]),
+                    "receives": ["referral.*"],
+                    "options": {
+                        "url": sims[i].url,
+                        "poll_s": 0.2,
+                        "timeout_s": 5.0,
+                        "site_name": zh,
+                    },
+                }
+            ],
+        }
+        for i, zh, en, role in WS_MEMBERS
+    ]
+    rules = [
+        {"from": "fuxing", "to": "yuetan-chc", "kinds": WS_KINDS},
+        {"from": "yuetan-chc", "to": "fuxing", "kinds": WS_KINDS},
+    ]
     alliance: Alliance | None = None
     try:
         for sim in sims.values():
             sim.start()
         alliance = Alliance(root / "alliance", members, rules)
         alliance.start("fuxing", "yuetan-chc")
-        yield alliance, sims["yuetan-chc"].his, sims["fuxing"].his, \
-            chc_maps / "codes" / "diagnosis.csv"
+        yield (
+            alliance,
+            sims["yuetan-chc"].his,
+            sims["fuxing"].his,
+            chc_maps / "codes" / "diagnosis.csv",
+        )
     finally:
         if alliance is not None:
             alliance.stop_all()
@@ -288,8 +335,9 @@ def ws_arrived(his: Any, slip_no: str) -> list[Any]:
 def test_ws_unknown_code_replayed_after_the_mapping_fix(ws_site: Any) -> None:
     a, chc_his, core_his, diagnosis_csv = ws_site
     chc = a.node("yuetan-chc")
-    written = referral_slip(slip_no="YTZZ-RP-1", diagnosis_code="YTZ-77",
-                            diagnosis_name="高血压性心脏病(复诊)")
+    written = referral_slip(
+        slip_no="YTZZ-RP-1", diagnosis_code="YTZ-77", diagnosis_name="高血压性心脏病(复诊)"
+    )
     doc = "YT-RP-000001"
     chc_his.write_referral(written, doc_id=doc)
     chc_his.write_referral(written, doc_id=doc)  # offered again (the HIS lost our ack)
@@ -300,8 +348,10 @@ def test_ws_unknown_code_replayed_after_the_mapping_fix(ws_site: Any) -> None:
     wait_for(lambda: chc_his.pending() == [], timeout=30, what="every document acked")
     items = item_for(chc, doc)
     assert len(items) == 3
-    xpath = ("/ClinicalDocument/component/structuredBody/component[3]/section/entry/"
-             "observation/value/@code")
+    xpath = (
+        "/ClinicalDocument/component/structuredBody/component[3]/section/entry/"
+        "observation/value/@code"
+    )
     for q in items:
         assert q["code"] == "HT-WS-CODE" and f"record {doc} field {xpath}:" in q["message"]
         assert "YTZ-77" in q["message"] and written.patient_name not in q["message"]
@@ -317,18 +367,25 @@ def test_ws_unknown_code_replayed_after_the_mapping_fix(ws_site: Any) -> None:
     add_mapping(diagnosis_csv, "YTZ-77")
     code, text = replay_cli(chc, first["id"])
     assert code == 0 and f"replayed: document {doc} (referral) taken" in text, text
-    got = wait_for(lambda: ws_arrived(core_his, written.slip_no), timeout=60,
-                   what="the replayed document in the core's HIS")
-    assert [asdict(d.slip) for d in got] == [asdict(replace(
-        written, id_number="", diagnosis_code="FXZD0102", department_code="0200"))]
+    got = wait_for(
+        lambda: ws_arrived(core_his, written.slip_no),
+        timeout=60,
+        what="the replayed document in the core's HIS",
+    )
+    assert [asdict(d.slip) for d in got] == [
+        asdict(replace(written, id_number="", diagnosis_code="FXZD0102", department_code="0200"))
+    ]
     assert got[0].custodian == "yuetan-chc"
 
     # the second copy of the same document: taken already, nothing sent again
     assert replay_api(chc, again["id"]) == (True, f"document {doc} (referral) was already taken")
     # the edited copy under the same id is now a duplicate with other content: held
     code, text = replay_cli(chc, edited["id"])
-    assert code == 1 and f"still refused: HT-WS-DUPLICATE: record {doc} field " \
-                         "/ClinicalDocument/id/@extension" in text, text
+    assert (
+        code == 1
+        and f"still refused: HT-WS-DUPLICATE: record {doc} field /ClinicalDocument/id/@extension"
+        in text
+    ), text
     (still,) = item_for(chc, doc)
     assert still["id"] == edited["id"] and still["replay_result"].startswith("HT-WS-DUPLICATE")
     # counted at the receiving HIS, behind a document that arrived later

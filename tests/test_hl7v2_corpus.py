@@ -23,15 +23,24 @@ CORPUS = Path(__file__).parent / "fixtures" / "hl7v2-corpus"
 REFUSED: dict[tuple[str, int], tuple[type[V2Error], str]] = {
     # MSH-2 ``^~\\&``: the escape character twice (as written in Java source, and in two
     # LinuxForHealth resource files): five characters that are not distinct
-    **{(name, 0): (BadEncodingChars, "MSH-2") for name in (
-        *(f"Hl7MedicationRequestFHIRConversionTest_0{n}.hl7" for n in range(24, 41, 2)),
-        "Hl7ORUMessageTest_001.hl7", "Hl7ORUMessageTest_002.hl7", "Hl7ORUMessageTest_004.hl7",
-        "Hl7ORUMessageTest_005.hl7", "SegmentUtilTest_007.hl7", "sample_unix.hl7",
-        "sample_win.hl7",
-        # three encoding characters (``~\&``, ``^~}``: HAPI's non-standard delimiter tests),
-        # and a U+FFFD inside MSH-2
-        "EncodingCharactersTest_001.hl7", "messages_04.hl7",
-        "ExtendedMinLowerLayerProtocolTest_001.hl7")},
+    **{
+        (name, 0): (BadEncodingChars, "MSH-2")
+        for name in (
+            *(f"Hl7MedicationRequestFHIRConversionTest_0{n}.hl7" for n in range(24, 41, 2)),
+            "Hl7ORUMessageTest_001.hl7",
+            "Hl7ORUMessageTest_002.hl7",
+            "Hl7ORUMessageTest_004.hl7",
+            "Hl7ORUMessageTest_005.hl7",
+            "SegmentUtilTest_007.hl7",
+            "sample_unix.hl7",
+            "sample_win.hl7",
+            # three encoding characters (``~\&``, ``^~}``: HAPI's non-standard delimiter tests),
+            # and a U+FFFD inside MSH-2
+            "EncodingCharactersTest_001.hl7",
+            "messages_04.hl7",
+            "ExtendedMinLowerLayerProtocolTest_001.hl7",
+        )
+    },
     ("NewPipeParserTest_047.hl7", 0): (VersionRefused, "MSH-12"),  # 2.999 (HAPI: invalid)
     ("ParserTest_005.hl7", 0): (VersionRefused, "MSH-12"),  # 2.999
     ("NewPipeParserTest_021.hl7", 0): (VersionRefused, "MSH-12"),  # "12" (fields numbered)
@@ -64,8 +73,7 @@ def read_all(raw: bytes) -> fields.Header:
         for f in range(1, len(seg)):
             for r in range(1, fields.reps(seg, f) + 1):
                 fields.rep_text(seg, f, r)
-                for c in range(1, seg[f].split(seg.d.repetition)[r - 1]
-                               .count(seg.d.component) + 2):
+                for c in range(1, seg[f].split(seg.d.repetition)[r - 1].count(seg.d.component) + 2):
                     fields.value(seg, f, c, r)
     return head
 

@@ -30,7 +30,7 @@ MSG = b"MSH|^~\\&|LIS|LAB|HUTONG|CORE|20261120||ORU^R01|C1|P|2.5.1\rPID|1||X1||W
 def frames(reader: mllp.FrameReader, data: bytes, step: int) -> list[mllp.Event]:
     out: list[mllp.Event] = []
     for i in range(0, len(data), step):
-        out += reader.feed(data[i:i + step])
+        out += reader.feed(data[i : i + step])
     return out
 
 
@@ -70,8 +70,9 @@ def test_oversize_frame_keeps_prefix_and_digest_then_serves(step: int) -> None:
 
 def test_frame_exactly_at_the_limit_is_taken() -> None:
     payload = b"x" * 1000
-    assert mllp.FrameReader(max_bytes=1000).feed(b"\x0b" + payload + b"\x1c\r") == \
-        [mllp.Frame(payload)]
+    assert mllp.FrameReader(max_bytes=1000).feed(b"\x0b" + payload + b"\x1c\r") == [
+        mllp.Frame(payload)
+    ]
     [fault] = mllp.FrameReader(max_bytes=999).feed(b"\x0b" + payload + b"\x1c\r")
     assert isinstance(fault, mllp.Fault) and fault.kind == "oversize"
 
@@ -92,8 +93,7 @@ def test_truncated_and_slow_frames_and_stray_bytes() -> None:
 
 
 def test_limits_are_finite() -> None:
-    for bad in ({"idle_timeout_s": 0}, {"frame_timeout_s": float("inf")},
-                {"write_timeout_s": -1}):
+    for bad in ({"idle_timeout_s": 0}, {"frame_timeout_s": float("inf")}, {"write_timeout_s": -1}):
         with pytest.raises(ValueError, match="must be a positive, finite number"):
             mllp.Limits(**bad)  # type: ignore[arg-type]
     assert mllp.Limits().max_bytes >= 10 * 1024 * 1024
@@ -102,9 +102,24 @@ def test_limits_are_finite() -> None:
 # -- charsets ------------------------------------------------------------------------------------
 
 #: a text each charset can hold, tried in order: Chinese first, then Latin-1, then the script
-SAMPLES = ["张无忌", "張無忌", "Müller Zoë", "Łódź Żółw", "Ħal Għargħur", "Ąžuolas Ėglė",
-           "Жуков", "مرحبا", "Ωμέγα", "שלום", "Gülşen", "ไทย", "Þórður", "Ŵyn", "Œuvre €",
-           "Smith"]
+SAMPLES = [
+    "张无忌",
+    "張無忌",
+    "Müller Zoë",
+    "Łódź Żółw",
+    "Ħal Għargħur",
+    "Ąžuolas Ėglė",
+    "Жуков",
+    "مرحبا",
+    "Ωμέγα",
+    "שלום",
+    "Gülşen",
+    "ไทย",
+    "Þórður",
+    "Ŵyn",
+    "Œuvre €",
+    "Smith",
+]
 
 
 def sample_for(cs: charset.Charset) -> str:
@@ -118,15 +133,39 @@ def sample_for(cs: charset.Charset) -> str:
 
 
 def test_table_holds_every_standard_and_vendor_name() -> None:
-    for name in ["ASCII", "ISO IR6", "ISO IR100", "ISO IR192", "UNICODE", "UNICODE UTF-8",
-                 "UNICODE UTF-16", "UNICODE UTF-32", "GB 18030-2000", "GB18030", "GB-18030",
-                 "GBK", "CP936", "ISO IR58", "GB2312", "BIG-5", "KS X 1001", "ISO IR87",
-                 "ISO IR159", "ISO IR14", "CNS 11643-1992",
-                 *[f"8859/{n}" for n in (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15)]]:
+    for name in [
+        "ASCII",
+        "ISO IR6",
+        "ISO IR100",
+        "ISO IR192",
+        "UNICODE",
+        "UNICODE UTF-8",
+        "UNICODE UTF-16",
+        "UNICODE UTF-32",
+        "GB 18030-2000",
+        "GB18030",
+        "GB-18030",
+        "GBK",
+        "CP936",
+        "ISO IR58",
+        "GB2312",
+        "BIG-5",
+        "KS X 1001",
+        "ISO IR87",
+        "ISO IR159",
+        "ISO IR14",
+        "CNS 11643-1992",
+        *[f"8859/{n}" for n in (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15)],
+    ]:
         assert charset.lookup(name) is charset.lookup(name.lower())
     # GBK, CP936, GB2312 and ISO IR58 are read as GB 18030 (its superset), written as declared
-    for name, enc in (("GBK", "gbk"), ("CP936", "gbk"), ("GB2312", "gb2312"),
-                      ("ISO IR58", "gb2312"), ("GB-18030", "gb18030")):
+    for name, enc in (
+        ("GBK", "gbk"),
+        ("CP936", "gbk"),
+        ("GB2312", "gb2312"),
+        ("ISO IR58", "gb2312"),
+        ("GB-18030", "gb18030"),
+    ):
         assert (charset.lookup(name).decoder, charset.lookup(name).encoder) == ("gb18030", enc)
     with pytest.raises(CharsetRefused, match="KOI8-R"):
         charset.lookup("KOI8-R")
@@ -140,15 +179,20 @@ def test_every_name_decodes_field_by_field(name: str) -> None:
             charset.decode(MSG.replace(b"2.5.1", b"2.5.1||||||" + name.encode()))
         return
     text = sample_for(cs)
-    body = (f"MSH|^~\\&|LIS|LAB|||20261120||ADT^A08|C1|P|2.5||||||{name}\r"
-            f"PID|1||X1||{text}^{text[:1]}||19500315\rNTE|1||{text}\\.br\\{text}\r")
+    body = (
+        f"MSH|^~\\&|LIS|LAB|||20261120||ADT^A08|C1|P|2.5||||||{name}\r"
+        f"PID|1||X1||{text}^{text[:1]}||19500315\rNTE|1||{text}\\.br\\{text}\r"
+    )
     raw = charset.encode(body, cs)
     decoded = charset.decode(raw)
     assert decoded.charset is cs
     msg = fields.parse(decoded.text, decoded.charset)
     pid = msg.segment("PID")
-    assert (fields.value(pid, 5, 1), fields.value(pid, 5, 2), fields.value(pid, 3)) == \
-        (text, text[:1], "X1")
+    assert (fields.value(pid, 5, 1), fields.value(pid, 5, 2), fields.value(pid, 3)) == (
+        text,
+        text[:1],
+        "X1",
+    )
     assert fields.value(msg.segment("NTE"), 3) == f"{text}\n{text}"
     assert fields.header(msg).charset == name
 
@@ -207,8 +251,9 @@ def test_empty_msh18_uses_the_default_and_wide_frames_are_known() -> None:
     body = "MSH|^~\\&|A|B|||||ADT^A08|C1|P|2.5\rPID|1||X||王\r"
     assert charset.decode(body.encode("gb18030"), "GB18030").text.endswith("王")
     for enc in ("utf-16", "utf-16-le", "utf-16-be", "utf-32"):
-        wide = body.replace("2.5", "2.5||||||UNICODE UTF-16" if "16" in enc
-                            else "2.5||||||UNICODE UTF-32").encode(enc)
+        wide = body.replace(
+            "2.5", "2.5||||||UNICODE UTF-16" if "16" in enc else "2.5||||||UNICODE UTF-32"
+        ).encode(enc)
         assert charset.decode(wide).text.endswith("王"), enc
     with pytest.raises(CharsetRefused, match="UTF-16"):
         charset.decode(body.replace("2.5", "2.5||||||8859/1").encode("utf-16"))
@@ -217,8 +262,9 @@ def test_empty_msh18_uses_the_default_and_wide_frames_are_known() -> None:
 # -- fields --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("msh2", ["^~ &", "^~\\", "^~\\&^", "^~\\&#!", "^A\\&", "^~\\\\&",
-                                  "^~|&", "^~\\\t"])
+@pytest.mark.parametrize(
+    "msh2", ["^~ &", "^~\\", "^~\\&^", "^~\\&#!", "^A\\&", "^~\\\\&", "^~|&", "^~\\\t"]
+)
 def test_bad_msh2_is_refused(msh2: str) -> None:
     with pytest.raises(BadEncodingChars) as err:
         fields.parse(f"MSH|{msh2}|A|B|||||ADT^A08|1|P|2.5\rPID|1\r")
@@ -235,9 +281,11 @@ def test_five_encoding_characters_and_other_delimiters() -> None:
 
 
 def test_escapes_after_splitting() -> None:
-    text = ("MSH|^~\\&|A|B|||||ORU^R01|1|P|2.5.1||||||GB 18030-2000\r"
-            "NTE|1||a\\F\\b\\S\\c\\T\\d\\R\\e\\E\\f^two~x\\.br\\y\\.sp2\\z|\\X837C\\|\\Zlocal\\|"
-            "\\H\\bold\\N\\ \\.sk3\\end\r")
+    text = (
+        "MSH|^~\\&|A|B|||||ORU^R01|1|P|2.5.1||||||GB 18030-2000\r"
+        "NTE|1||a\\F\\b\\S\\c\\T\\d\\R\\e\\E\\f^two~x\\.br\\y\\.sp2\\z|\\X837C\\|\\Zlocal\\|"
+        "\\H\\bold\\N\\ \\.sk3\\end\r"
+    )
     msg = fields.parse(text, charset.lookup("GB 18030-2000"))
     nte = msg.segment("NTE")
     assert fields.value(nte, 3, 1) == "a|b^c&d~e\\f"  # one component: escapes made no split
@@ -248,8 +296,9 @@ def test_escapes_after_splitting() -> None:
     assert fields.value(nte, 6) == "bold    end"
     for bad in ("a\\Fb", "\\\\", "\\X8\\", "\\C2842\\"):
         with pytest.raises(BadValue) as err:
-            fields.value(fields.parse(f"MSH|^~\\&|A|B|||||X^Y|1|P|2.5\rNTE|1||{bad}\r")
-                         .segment("NTE"), 3)
+            fields.value(
+                fields.parse(f"MSH|^~\\&|A|B|||||X^Y|1|P|2.5\rNTE|1||{bad}\r").segment("NTE"), 3
+            )
         assert err.value.field == "NTE-3"
     # writing: escape what needs it, newlines as \.br\, and read it back the same
     value = "a|b^c~d&e\\f\nsecond line"
@@ -266,25 +315,29 @@ def test_hl7_null_is_not_empty() -> None:
     assert fields.dtm('""') is None
 
 
-@pytest.mark.parametrize(("text", "precision", "fhir"), [
-    ("2026", "year", "2026"),
-    ("202611", "month", "2026-11"),
-    ("20261120", "day", "2026-11-20"),
-    ("2026112009", "hour", "2026-11-20T09:00:00+08:00"),
-    ("202611200930", "minute", "2026-11-20T09:30:00+08:00"),
-    ("20261120093015", "second", "2026-11-20T09:30:15+08:00"),
-    ("20261120093015.1", "fraction", "2026-11-20T09:30:15.1+08:00"),
-    ("20261120093015.1234", "fraction", "2026-11-20T09:30:15.1234+08:00"),
-    ("20261120093015-0500", "second", "2026-11-20T09:30:15-05:00"),
-    ("202611200930+0000", "minute", "2026-11-20T09:30:00+00:00"),
-    ("20261120+0100", "day", "2026-11-20"),
-])
+@pytest.mark.parametrize(
+    ("text", "precision", "fhir"),
+    [
+        ("2026", "year", "2026"),
+        ("202611", "month", "2026-11"),
+        ("20261120", "day", "2026-11-20"),
+        ("2026112009", "hour", "2026-11-20T09:00:00+08:00"),
+        ("202611200930", "minute", "2026-11-20T09:30:00+08:00"),
+        ("20261120093015", "second", "2026-11-20T09:30:15+08:00"),
+        ("20261120093015.1", "fraction", "2026-11-20T09:30:15.1+08:00"),
+        ("20261120093015.1234", "fraction", "2026-11-20T09:30:15.1234+08:00"),
+        ("20261120093015-0500", "second", "2026-11-20T09:30:15-05:00"),
+        ("202611200930+0000", "minute", "2026-11-20T09:30:00+00:00"),
+        ("20261120+0100", "day", "2026-11-20"),
+    ],
+)
 def test_dtm_at_every_precision(text: str, precision: str, fhir: str) -> None:
     t = fields.dtm(text, "OBX-14")
     assert t is not None and t.precision == precision
     assert fields.fhir_datetime(text, "OBX-14", "+0800") == fhir
-    assert fields.fhir_datetime(text, "X", "+0800", instant=True) == \
-        (fhir if precision in ("second", "fraction") else None)
+    assert fields.fhir_datetime(text, "X", "+0800", instant=True) == (
+        fhir if precision in ("second", "fraction") else None
+    )
     if precision in ("minute", "second", "fraction"):
         at = datetime.fromisoformat(fields.read_ts(text, "RF1-7", timedelta(hours=8)))
         assert (at.year, at.month, at.day, at.hour, at.minute) == (2026, 11, 20, 9, 30)
@@ -293,9 +346,21 @@ def test_dtm_at_every_precision(text: str, precision: str, fhir: str) -> None:
             fields.read_ts(text, "RF1-7", timedelta(hours=8))
 
 
-@pytest.mark.parametrize("bad", ["2026-11-20", "20261320", "20261131", "2026112", "202611200",
-                                 "2026112025", "20261120093015.12345", "20261120+1500",
-                                 "2026112009.5", "x"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "2026-11-20",
+        "20261320",
+        "20261131",
+        "2026112",
+        "202611200",
+        "2026112025",
+        "20261120093015.12345",
+        "20261120+1500",
+        "2026112009.5",
+        "x",
+    ],
+)
 def test_bad_dtm_names_the_field(bad: str) -> None:
     with pytest.raises(BadValue) as err:
         fields.dtm(bad, "OBR-7")
@@ -326,15 +391,21 @@ def test_ack_err_follows_the_version(version: str) -> None:
     text = ack.build_ack(to, "AE", at=datetime(2026, 11, 20, tzinfo=UTC), error=err)
     msg = fields.parse(text)
     msh, msa, e = msg.segment("MSH"), msg.segment("MSA"), msg.segment("ERR")
-    assert (fields.value(msh, 3), fields.value(msh, 5), fields.value(msh, 12)) == \
-        ("HUTONG", "LIS", version)
+    assert (fields.value(msh, 3), fields.value(msh, 5), fields.value(msh, 12)) == (
+        "HUTONG",
+        "LIS",
+        version,
+    )
     assert (fields.value(msa, 1), fields.value(msa, 2)) == ("AE", "C9")
     assert fields.value(msa, 3) == "OBX[2]-14: not a valid date"
     if version in ("2.1", "2.2", "2.3", "2.3.1", "2.4"):
         assert e[1] == "OBX^2^14^102&Data type error"
     else:
-        assert (fields.value(e, 2, 1), fields.value(e, 2, 2), fields.value(e, 2, 3)) == \
-            ("OBX", "2", "14")
+        assert (fields.value(e, 2, 1), fields.value(e, 2, 2), fields.value(e, 2, 3)) == (
+            "OBX",
+            "2",
+            "14",
+        )
         assert fields.value(e, 3) == "102" and fields.value(e, 4) == "E"
         assert fields.value(e, 8) == "OBX[2]-14: not a valid date"
     assert ack.read_ack(ack.encode(text, None)) == ("AE", "C9", "OBX[2]-14: not a valid date")
@@ -357,11 +428,15 @@ _PAYLOAD = st.binary(max_size=300).map(lambda b: b.replace(b"\x1c\r", b"\x1c"))
 
 
 @FUZZ
-@given(payloads=st.lists(_PAYLOAD.filter(lambda b: b.strip(b"\r\n\t ") != b""), max_size=5),
-       cuts=st.lists(st.integers(0, 2000), max_size=12), limit=st.integers(1, 400))
+@given(
+    payloads=st.lists(_PAYLOAD.filter(lambda b: b.strip(b"\r\n\t ") != b""), max_size=5),
+    cuts=st.lists(st.integers(0, 2000), max_size=12),
+    limit=st.integers(1, 400),
+)
 @example(payloads=[b"\x00"], cuts=[3], limit=1)  # cut between <FS> and <CR> of a frame at the limit
-def test_framing_is_the_same_whatever_the_chunks(payloads: list[bytes], cuts: list[int],
-                                                 limit: int) -> None:
+def test_framing_is_the_same_whatever_the_chunks(
+    payloads: list[bytes], cuts: list[int], limit: int
+) -> None:
     """Any payloads, any split of the stream, any limit: each frame comes out once, whole if
     within the limit, else as an oversize fault with its digest; nothing else is invented."""
     stream = b"".join(b"\x0b" + p + b"\x1c\r" for p in payloads)
@@ -397,8 +472,9 @@ def read_everything(raw: bytes) -> None:
             for f in range(1, len(seg)):
                 for r in range(1, fields.reps(seg, f) + 1):
                     fields.rep_text(seg, f, r)
-                    fields.dtm(fields.value(seg, f, 1, r), f"{seg.name}-{f}") \
-                        if fields.value(seg, f, 1, r).isdigit() else None
+                    fields.dtm(fields.value(seg, f, 1, r), f"{seg.name}-{f}") if fields.value(
+                        seg, f, 1, r
+                    ).isdigit() else None
     except V2Error as exc:
         assert exc.field and exc.ack_code in ("AE", "AR")
     ack.Answering.from_raw(raw)

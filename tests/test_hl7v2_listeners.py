@@ -49,9 +49,16 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     site = write_site(root / "mappings" / "fxlab")
     cert, key = self_signed(root / "tls")
     base = free_port_block(13)
-    ports = {"lis": base, "lis-override": base + 1, "lis-quick": base + 2, "his": base + 3,
-             "his-override": base + 4, "his-quick": base + 5, "his-tls": base + 9,
-             "his-slow": base + 10}
+    ports = {
+        "lis": base,
+        "lis-override": base + 1,
+        "lis-quick": base + 2,
+        "his": base + 3,
+        "his-override": base + 4,
+        "his-quick": base + 5,
+        "his-tls": base + 9,
+        "his-slow": base + 10,
+    }
     lis = {"type": "lis-hl7", "mappings": str(site)}
     his = {"type": "his-hl7", "mappings": str(ROOT / "mappings" / "yuetan-chc")}
 
@@ -60,17 +67,31 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
 
     adapters = [
         {**lis, "name": "lis", "options": {"port": ports["lis"]}},
-        {**lis, "name": "lis-override", "options": {
-            "port": ports["lis-override"], "charset_override": "UNICODE UTF-8"}},
+        {
+            **lis,
+            "name": "lis-override",
+            "options": {"port": ports["lis-override"], "charset_override": "UNICODE UTF-8"},
+        },
         {**lis, "name": "lis-quick", "options": {"port": ports["lis-quick"], **QUICK}},
         {**his, "name": "his", "receives": ["referral.*"], "options": his_opts("his", 6)},
-        {**his, "name": "his-override",
-         "options": his_opts("his-override", 7, charset_override="UNICODE UTF-8")},
+        {
+            **his,
+            "name": "his-override",
+            "options": his_opts("his-override", 7, charset_override="UNICODE UTF-8"),
+        },
         {**his, "name": "his-quick", "options": his_opts("his-quick", 8, **QUICK)},
-        {**his, "name": "his-tls", "options": his_opts(
-            "his-tls", 11, tls={"cert": str(cert), "key": str(key)})},
-        {**his, "name": "his-slow", "options": his_opts(
-            "his-slow", 12, rate_limit={"per_second": 0.001, "burst": 1, "hold_s": 0})},
+        {
+            **his,
+            "name": "his-tls",
+            "options": his_opts("his-tls", 11, tls={"cert": str(cert), "key": str(key)}),
+        },
+        {
+            **his,
+            "name": "his-slow",
+            "options": his_opts(
+                "his-slow", 12, rate_limit={"per_second": 0.001, "burst": 1, "hold_s": 0}
+            ),
+        },
     ]
     members = [MEMBERS[0], {**MEMBERS[1], "adapters": adapters}]
     a = Alliance(root / "alliance", members, RULES)
@@ -95,8 +116,7 @@ def read_frame(sock: socket.socket, data: bytes = b"") -> bytes:
     return data
 
 
-def send(port: int, *msgs: bytes, tls: ssl.SSLContext | None = None
-         ) -> list[tuple[str, str, str]]:
+def send(port: int, *msgs: bytes, tls: ssl.SSLContext | None = None) -> list[tuple[str, str, str]]:
     """Each message on one python-hl7 MLLPClient connection; (MSA-1, MSA-2, ERR-8/MSA-3).
 
     MLLPClient.send_message makes one ``socket.send`` call, which may send only part of a
@@ -117,40 +137,69 @@ def send(port: int, *msgs: bytes, tls: ssl.SSLContext | None = None
     return out
 
 
-def oru(control: str, *, name: str = "王^秀英", cs: str = "UNICODE UTF-8", value: str = "阴性",
-        note: str = "已审核", version: str = "2.5.1", msh2: str = "^~\\&",
-        mrn: str = "") -> str:
-    return (f"MSH|{msh2}|LIS|YTLAB|HUTONG|YT|20261120093000||ORU^R01^ORU_R01|{control}|P|"
-            f"{version}|||AL|NE|CHN|{cs}\r"
-            f"PID|1||{mrn or control}^^^YT^MR||{name}||19500315|F\r"
-            f"OBR|1|O-{control}|F-{control}|CBC^血常规^L|||20261120081500|||||||||||||||"
-            f"20261120092500|||F\r"
-            f"NTE|1||{note}\r"
-            f"OBX|1|ST|XYZ99^未映射项目^L||{value}||||||F|||20261120090000\r")
+def oru(
+    control: str,
+    *,
+    name: str = "王^秀英",
+    cs: str = "UNICODE UTF-8",
+    value: str = "阴性",
+    note: str = "已审核",
+    version: str = "2.5.1",
+    msh2: str = "^~\\&",
+    mrn: str = "",
+) -> str:
+    return (
+        f"MSH|{msh2}|LIS|YTLAB|HUTONG|YT|20261120093000||ORU^R01^ORU_R01|{control}|P|"
+        f"{version}|||AL|NE|CHN|{cs}\r"
+        f"PID|1||{mrn or control}^^^YT^MR||{name}||19500315|F\r"
+        f"OBR|1|O-{control}|F-{control}|CBC^血常规^L|||20261120081500|||||||||||||||"
+        f"20261120092500|||F\r"
+        f"NTE|1||{note}\r"
+        f"OBX|1|ST|XYZ99^未映射项目^L||{value}||||||F|||20261120090000\r"
+    )
 
 
-def adt(control: str, name: str = "王", *, cs: str = "UNICODE UTF-8", msh2: str = "^~\\&",
-        version: str = "2.5", mrn: str = "", extra: str = "") -> str:
-    return (f"MSH|{msh2}|YTHIS|yuetan-his|HUTONG||20261120090000||ADT^A08^ADT_A01|{control}|P|"
-            f"{version}||||||{cs}\r"
-            f"EVN|A08|20261120090000\r"
-            f"PID|1||{mrn or control}^^^YTHIS^MR||{name}||19500315|F\r"
-            f"PV1|1|O\r{extra}")
+def adt(
+    control: str,
+    name: str = "王",
+    *,
+    cs: str = "UNICODE UTF-8",
+    msh2: str = "^~\\&",
+    version: str = "2.5",
+    mrn: str = "",
+    extra: str = "",
+) -> str:
+    return (
+        f"MSH|{msh2}|YTHIS|yuetan-his|HUTONG||20261120090000||ADT^A08^ADT_A01|{control}|P|"
+        f"{version}||||||{cs}\r"
+        f"EVN|A08|20261120090000\r"
+        f"PID|1||{mrn or control}^^^YTHIS^MR||{name}||19500315|F\r"
+        f"PV1|1|O\r{extra}"
+    )
 
 
 def resources(store: Store, rtype: str) -> list[dict[str, Any]]:
     with store.read() as conn:
-        return [orjson.loads(r.body) for r in conn.execute(
-            select(FHIR_RESOURCE.c.body).where(FHIR_RESOURCE.c.rtype == rtype))]
+        return [
+            orjson.loads(r.body)
+            for r in conn.execute(
+                select(FHIR_RESOURCE.c.body).where(FHIR_RESOURCE.c.rtype == rtype)
+            )
+        ]
 
 
-def lis_taken(store: Store, control: str) -> tuple[dict[str, Any], dict[str, Any],
-                                                    dict[str, Any]]:
+def lis_taken(store: Store, control: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """(Patient, DiagnosticReport, Observation) stored for the ORU with this MSH-10."""
-    [patient] = [p for p in resources(store, "Patient")
-                 if any(i["value"] == control for i in p["identifier"])]
-    [report] = [d for d in resources(store, "DiagnosticReport")
-                if d["identifier"][0]["value"] == f"F-{control}"]
+    [patient] = [
+        p
+        for p in resources(store, "Patient")
+        if any(i["value"] == control for i in p["identifier"])
+    ]
+    [report] = [
+        d
+        for d in resources(store, "DiagnosticReport")
+        if d["identifier"][0]["value"] == f"F-{control}"
+    ]
     obs_id = report["result"][0]["reference"].split("/")[1]
     [obs] = [o for o in resources(store, "Observation") if o["id"] == obs_id]
     return patient, report, obs
@@ -165,9 +214,13 @@ def his_patient(node: NodeProcess, adapter: str, mrn: str) -> dict[str, Any] | N
     store = Store(node.plan.storage_dsn)
     try:
         with store.read() as conn:
-            row = conn.execute(select(ADAPTER_STATE.c.value).where(
-                ADAPTER_STATE.c.adapter == adapter, ADAPTER_STATE.c.ns == "patients",
-                ADAPTER_STATE.c.key == mrn)).first()
+            row = conn.execute(
+                select(ADAPTER_STATE.c.value).where(
+                    ADAPTER_STATE.c.adapter == adapter,
+                    ADAPTER_STATE.c.ns == "patients",
+                    ADAPTER_STATE.c.key == mrn,
+                )
+            ).first()
     finally:
         store.dispose()
     return orjson.loads(row.value) if row is not None else None
@@ -175,8 +228,13 @@ def his_patient(node: NodeProcess, adapter: str, mrn: str) -> dict[str, Any] | N
 
 def quarantined(store: Store, adapter: str) -> list[Any]:
     with store.read() as conn:
-        return list(conn.execute(select(QUARANTINE).where(
-            QUARANTINE.c.source == f"adapter:{adapter}").order_by(QUARANTINE.c.id)))
+        return list(
+            conn.execute(
+                select(QUARANTINE)
+                .where(QUARANTINE.c.source == f"adapter:{adapter}")
+                .order_by(QUARANTINE.c.id)
+            )
+        )
 
 
 # -- frame limit ---------------------------------------------------------------------------------
@@ -184,7 +242,8 @@ def quarantined(store: Store, adapter: str) -> list[Any]:
 
 @pytest.mark.parametrize("adapter", ["lis", "his"])
 def test_oversize_frame_gets_ar_naming_the_limit_and_a_bounded_quarantine(
-        world: dict[str, Any], adapter: str) -> None:
+    world: dict[str, Any], adapter: str
+) -> None:
     """11 MiB against the 10 MiB default: AR naming the limit, the first 64 KiB and the
     SHA-256 of the whole frame quarantined; the connection stays open and takes the next."""
     store: Store = world["store"]
@@ -238,17 +297,29 @@ def test_large_referral_is_taken_by_the_his_listener(world: dict[str, Any], size
     """A REF^I12 whose summary makes it 70 KiB (silence before the kit) or 1.1 MB."""
     summary = ("头晕两周，既往高血压十年。" * (size // 36 + 1))[: size // 3]
     s = slip(slip_no=f"YTBIG{size}", summary=summary)
-    raw = charset.encode(messages.referral_message(
-        replace(HEADER, charset="UNICODE UTF-8"), s, f"REF-{size}",
-        datetime(2026, 11, 20, 1, 0, tzinfo=UTC)), "UNICODE UTF-8")
+    raw = charset.encode(
+        messages.referral_message(
+            replace(HEADER, charset="UNICODE UTF-8"),
+            s,
+            f"REF-{size}",
+            datetime(2026, 11, 20, 1, 0, tzinfo=UTC),
+        ),
+        "UNICODE UTF-8",
+    )
     assert len(raw) >= size
     assert send(world["ports"]["his"], raw) == [("AA", f"REF-{size}", "")]
-    requests = [r for r in resources(world["store"], "ServiceRequest")
-                if any(i.get("value") == s.slip_no for i in r.get("identifier", []))]
+    requests = [
+        r
+        for r in resources(world["store"], "ServiceRequest")
+        if any(i.get("value") == s.slip_no for i in r.get("identifier", []))
+    ]
     assert len(requests) == 1
     # the summary travels as the referral Composition's section, every character of it
-    kept = [c for c in resources(world["store"], "Composition")
-            if slips_fhir._undiv((c.get("section") or [{}])[0].get("text")) == summary]
+    kept = [
+        c
+        for c in resources(world["store"], "Composition")
+        if slips_fhir._undiv((c.get("section") or [{}])[0].get("text")) == summary
+    ]
     assert len(kept) == 1
 
 
@@ -271,8 +342,7 @@ def test_idle_connection_is_closed(world: dict[str, Any], adapter: str) -> None:
 
 
 @pytest.mark.parametrize("adapter", ["lis-quick", "his-quick"])
-def test_slow_frame_gets_ar_is_quarantined_and_closed(world: dict[str, Any],
-                                                      adapter: str) -> None:
+def test_slow_frame_gets_ar_is_quarantined_and_closed(world: dict[str, Any], adapter: str) -> None:
     """``frame_timeout_s`` = 2: a frame begun and never finished gets AR naming the timeout,
     its bytes are quarantined and the connection is closed."""
     store: Store = world["store"]
@@ -346,7 +416,8 @@ def test_every_charset_name_through_the_his(world: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize("adapter", ["lis", "his"])
 def test_utf8_declared_latin1_refused_naming_the_field_or_overridden(
-        world: dict[str, Any], adapter: str) -> None:
+    world: dict[str, Any], adapter: str
+) -> None:
     store: Store = world["store"]
     build = oru if adapter == "lis" else adt
     raw = build("MOJI-1", name="张无忌", cs="8859/1").encode("utf-8")
@@ -378,11 +449,15 @@ def test_msh2_with_a_space_is_refused(world: dict[str, Any], adapter: str) -> No
 
 
 @pytest.mark.parametrize("adapter", ["lis", "his"])
-def test_version_29_and_an_empty_version_are_refused_alike(world: dict[str, Any],
-                                                          adapter: str) -> None:
+def test_version_29_and_an_empty_version_are_refused_alike(
+    world: dict[str, Any], adapter: str
+) -> None:
     build = oru if adapter == "lis" else adt
-    answers = send(world["ports"][adapter], build("V29", version="2.9").encode(),
-                   build("V0", version="").encode())
+    answers = send(
+        world["ports"][adapter],
+        build("V29", version="2.9").encode(),
+        build("V0", version="").encode(),
+    )
     assert [a[:2] for a in answers] == [("AR", "V29"), ("AR", "V0")]
     assert all("MSH-12" in why for _, _, why in answers)
 
@@ -390,12 +465,12 @@ def test_version_29_and_an_empty_version_are_refused_alike(world: dict[str, Any]
 @pytest.mark.parametrize("version", ["2.1", "2.2", "2.6", "2.7.1", "2.8"])
 def test_versions_outside_23_251_are_taken(world: dict[str, Any], version: str) -> None:
     control = f"V{version}"
-    assert send(world["ports"]["lis"], oru(control, version=version).encode()) == \
-        [("AA", control, "")]
+    assert send(world["ports"]["lis"], oru(control, version=version).encode()) == [
+        ("AA", control, "")
+    ]
     assert lis_taken(world["store"], control)[0]["name"][0]["text"] == "王秀英"
     hc = f"HV{version}"
-    assert send(world["ports"]["his"], adt(hc, "王", version=version).encode()) == \
-        [("AA", hc, "")]
+    assert send(world["ports"]["his"], adt(hc, "王", version=version).encode()) == [("AA", hc, "")]
 
 
 def test_line_break_escape_is_a_newline(world: dict[str, Any]) -> None:
@@ -412,8 +487,9 @@ def test_line_break_escape_is_a_newline(world: dict[str, Any]) -> None:
 def test_his_listener_tls_and_rate_limit(world: dict[str, Any]) -> None:
     """The HIS listener has the LIS's TLS and per-channel rate limit (the kit's)."""
     ctx = ssl.create_default_context(cafile=str(world["cert"]))
-    assert send(world["ports"]["his-tls"], adt("TLS-1", "王").encode(), tls=ctx) == \
-        [("AA", "TLS-1", "")]
+    assert send(world["ports"]["his-tls"], adt("TLS-1", "王").encode(), tls=ctx) == [
+        ("AA", "TLS-1", "")
+    ]
     assert his_patient(world["node"], "his-tls", "TLS-1") is not None
     with MLLPClient("127.0.0.1", world["ports"]["his-tls"]) as client:  # plain text: no ACK
         client.socket.settimeout(30)
@@ -424,16 +500,16 @@ def test_his_listener_tls_and_rate_limit(world: dict[str, Any]) -> None:
     assert b"MSA" not in answer
     store: Store = world["store"]
     before = len(quarantined(store, "his-slow"))
-    answers = send(world["ports"]["his-slow"], adt("RATE-1", "王").encode(),
-                   adt("RATE-2", "王").encode())
+    answers = send(
+        world["ports"]["his-slow"], adt("RATE-1", "王").encode(), adt("RATE-2", "王").encode()
+    )
     assert answers[0] == ("AA", "RATE-1", "")
     assert answers[1][:2] == ("AE", "RATE-2") and "rate limit" in answers[1][2]
     assert his_patient(world["node"], "his-slow", "RATE-2") is None
     assert len(quarantined(store, "his-slow")) == before  # the HIS resends: not quarantined
 
 
-def test_lis_export_sender_sends_large_files_whole(world: dict[str, Any],
-                                                   tmp_path: Path) -> None:
+def test_lis_export_sender_sends_large_files_whole(world: dict[str, Any], tmp_path: Path) -> None:
     """``simulators.lis send-dir`` (adapters.lis.sender): a 1.1 MB export file reaches the
     listener whole (sendall, not one socket.send) and moves to done/; a refused one to
     refused/ with its ACK beside it."""
@@ -442,8 +518,10 @@ def test_lis_export_sender_sends_large_files_whole(world: dict[str, Any],
     note = "复核" * 200_000
     (tmp_path / "a.hl7").write_bytes(oru("EXPORT-1", note=note).encode())
     (tmp_path / "b.hl7").write_bytes(oru("EXPORT-2", msh2="^~ &").encode())
-    assert send_folder(tmp_path, "127.0.0.1", world["ports"]["lis"]) == \
-        {"accepted": 1, "refused": 1}
+    assert send_folder(tmp_path, "127.0.0.1", world["ports"]["lis"]) == {
+        "accepted": 1,
+        "refused": 1,
+    }
     assert (tmp_path / "done" / "a.hl7").exists() and (tmp_path / "refused" / "b.hl7").exists()
     assert ack.read_ack((tmp_path / "refused" / "b.hl7.ack").read_bytes())[0] == "AR"
     assert lis_taken(world["store"], "EXPORT-1")[1]["conclusion"] == note

@@ -180,13 +180,16 @@ def test_parse_public_key_round_trip() -> None:
     assert parsed_enc.public_bytes_raw() == enc.public_key().public_bytes_raw()
 
 
-@pytest.mark.parametrize("text, message", [
-    ("rsa:AAAA", "must start with 'ed25519:' or 'x25519:'"),
-    ("AAAA", "must start with 'ed25519:' or 'x25519:'"),
-    ("ed25519:not base64!", "must be 32 bytes of standard base64"),
-    ("x25519:" + base64.b64encode(bytes(31)).decode(), "must be 32 bytes"),
-    ("ed25519:" + base64.urlsafe_b64encode(b"\xff" * 32).decode(), "standard base64"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("rsa:AAAA", "must start with 'ed25519:' or 'x25519:'"),
+        ("AAAA", "must start with 'ed25519:' or 'x25519:'"),
+        ("ed25519:not base64!", "must be 32 bytes of standard base64"),
+        ("x25519:" + base64.b64encode(bytes(31)).decode(), "must be 32 bytes"),
+        ("ed25519:" + base64.urlsafe_b64encode(b"\xff" * 32).decode(), "standard base64"),
+    ],
+)
 def test_parse_public_key_refuses_bad_text(text: str, message: str) -> None:
     with pytest.raises(KeyFileError, match=message):
         keys.parse_public_key(text)

@@ -43,10 +43,25 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     root = tmp_path_factory.mktemp("lis-corpus")
     site = write_site(root / "mappings" / "fxlab")
     port = free_port_block(1)
-    members = [{"id": "core", "zh": "复兴医院", "en": "Fuxing Hospital", "role": "core",
-                "adapters": [{"type": "lis-hl7", "name": "lis", "mappings": str(site),
-                              "options": {"port": port, "rate_limit": {
-                                  "per_second": 1000, "burst": 1000, "hold_s": 5}}}]}]
+    members = [
+        {
+            "id": "core",
+            "zh": "复兴医院",
+            "en": "Fuxing Hospital",
+            "role": "core",
+            "adapters": [
+                {
+                    "type": "lis-hl7",
+                    "name": "lis",
+                    "mappings": str(site),
+                    "options": {
+                        "port": port,
+                        "rate_limit": {"per_second": 1000, "burst": 1000, "hold_s": 5},
+                    },
+                }
+            ],
+        }
+    ]
     a = Alliance(root / "alliance", members, [])
     a.start("core")
     node = a.node("core")
@@ -72,23 +87,42 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
 def _kept(store: Store) -> tuple[dict[bytes, list[str]], dict[bytes, str]]:
     """raw -> DiagnosticReport ids (stored messages, in arrival order), raw -> error code."""
     with store.read() as conn:
-        results = {r.source_key: orjson.loads(r.result) for r in conn.execute(
-            select(ADAPTER_INTAKE.c.source_key, ADAPTER_INTAKE.c.result)
-            .where(ADAPTER_INTAKE.c.adapter == "lis"))}
-        stored = {bytes(r.raw): results[r.source_key]["reports"] for r in conn.execute(
-            select(RESULT_MESSAGE.c.raw, RESULT_MESSAGE.c.source_key)
-            .where(RESULT_MESSAGE.c.adapter == "lis").order_by(RESULT_MESSAGE.c.id))}
-        refused = {bytes(r.raw): r.code for r in conn.execute(
-            select(QUARANTINE.c.raw, QUARANTINE.c.code)
-            .where(QUARANTINE.c.source == "adapter:lis"))}
+        results = {
+            r.source_key: orjson.loads(r.result)
+            for r in conn.execute(
+                select(ADAPTER_INTAKE.c.source_key, ADAPTER_INTAKE.c.result).where(
+                    ADAPTER_INTAKE.c.adapter == "lis"
+                )
+            )
+        }
+        stored = {
+            bytes(r.raw): results[r.source_key]["reports"]
+            for r in conn.execute(
+                select(RESULT_MESSAGE.c.raw, RESULT_MESSAGE.c.source_key)
+                .where(RESULT_MESSAGE.c.adapter == "lis")
+                .order_by(RESULT_MESSAGE.c.id)
+            )
+        }
+        refused = {
+            bytes(r.raw): r.code
+            for r in conn.execute(
+                select(QUARANTINE.c.raw, QUARANTINE.c.code).where(
+                    QUARANTINE.c.source == "adapter:lis"
+                )
+            )
+        }
     return stored, refused
 
 
 def _history(store: Store, rtype: str, rid: str, version: int) -> dict[str, Any]:
     with store.read() as conn:
-        row = conn.execute(select(FHIR_HISTORY.c.body).where(
-            FHIR_HISTORY.c.rtype == rtype, FHIR_HISTORY.c.id == rid,
-            FHIR_HISTORY.c.version == version)).first()
+        row = conn.execute(
+            select(FHIR_HISTORY.c.body).where(
+                FHIR_HISTORY.c.rtype == rtype,
+                FHIR_HISTORY.c.id == rid,
+                FHIR_HISTORY.c.version == version,
+            )
+        ).first()
     assert row is not None, f"{rtype}/{rid} version {version} not stored"
     return orjson.loads(row.body)
 
@@ -104,8 +138,13 @@ def test_corpus_outcomes_match_the_table(run: dict[str, Any]) -> None:
         msa = ack.segment("MSA")
         code, echoed = str(msa(1)), str(msa(2))
         assert echoed == m.msh_field(10), f"{m.file}#{m.index}: MSA-2 echoes MSH-10"
-        row = {"file": m.file, "index": str(m.index), "control_id": m.msh_field(10),
-               "version": m.msh_field(12), "ack": code}
+        row = {
+            "file": m.file,
+            "index": str(m.index),
+            "control_id": m.msh_field(10),
+            "version": m.msh_field(12),
+            "ack": code,
+        }
         if code == "AA":
             assert m.raw in stored, f"{m.file}#{m.index}: AA but nothing stored"
             if m.raw in seen_raw:
@@ -134,14 +173,27 @@ def test_corpus_outcomes_match_the_table(run: dict[str, Any]) -> None:
         old = {(r["file"], r["index"]): r for r in read_outcomes()} if _exists() else {}
         for r in observed:
             was = old.get((r["file"], r["index"]), {})
-            r["justification"] = was.get("justification", "") \
-                if r["outcome"] == "refused" and was.get("code") == r["code"] else ""
+            r["justification"] = (
+                was.get("justification", "")
+                if r["outcome"] == "refused" and was.get("code") == r["code"]
+                else ""
+            )
         write_outcomes(observed)
     table = read_outcomes()
-    fields = ("file", "index", "control_id", "version", "outcome", "ack", "reports",
-              "observations", "code")
-    assert [{k: r.get(k, "") or "" for k in fields} for r in observed] == \
-        [{k: r[k] or "" for k in fields} for r in table]
+    fields = (
+        "file",
+        "index",
+        "control_id",
+        "version",
+        "outcome",
+        "ack",
+        "reports",
+        "observations",
+        "code",
+    )
+    assert [{k: r.get(k, "") or "" for k in fields} for r in observed] == [
+        {k: r[k] or "" for k in fields} for r in table
+    ]
     for r in table:
         if r["outcome"] == "refused":
             assert len(r["justification"]) > 20, f"{r['file']}#{r['index']}: why refused?"
@@ -199,7 +251,7 @@ def _check_obx(obx: Any, o: dict[str, Any], where: str) -> None:
         q = o["valueQuantity"]
         number = value.lstrip("<>=").strip()
         assert q["value"] == float(number), f"{where} OBX-5"
-        assert q.get("comparator", "") == value[:len(value) - len(value.lstrip("<>="))]
+        assert q.get("comparator", "") == value[: len(value) - len(value.lstrip("<>="))]
         unit = _v(obx, 6, 2) or _v(obx, 6, 1)
         assert q.get("unit", "") == unit, f"{where} OBX-6"
     elif vtype in ("CE", "CWE", "CNE") and n == 1 and value:
@@ -216,8 +268,9 @@ def _check_obx(obx: Any, o: dict[str, Any], where: str) -> None:
     else:
         assert "referenceRange" not in o, f"{where} OBX-7"
     flags = [_v(obx, 8, 1, r) for r in range(1, _reps(obx, 8) + 1)]
-    assert [i["coding"][0]["code"] for i in o.get("interpretation", ())] == \
-        [f for f in flags if f], f"{where} OBX-8"
+    assert [i["coding"][0]["code"] for i in o.get("interpretation", ())] == [
+        f for f in flags if f
+    ], f"{where} OBX-8"
 
 
 def test_corpus_stored_messages_field_by_field(run: dict[str, Any]) -> None:
@@ -253,8 +306,13 @@ def test_corpus_stored_messages_field_by_field(run: dict[str, Any]) -> None:
                 assert dr["status"] == REPORT_STATUS[_v(obr, 25).upper()], f"{at}-25"
             results = [r["reference"].split("/")[1] for r in dr.get("result", ())]
             forms = list(dr.get("presentedForm", ()))
-            text_form = forms.pop(0) if forms and forms[0].get("contentType", "") \
-                .startswith("text/plain;") and "title" not in forms[0] else None
+            text_form = (
+                forms.pop(0)
+                if forms
+                and forms[0].get("contentType", "").startswith("text/plain;")
+                and "title" not in forms[0]
+                else None
+            )
             text_lines: list[str] = []
             i = 0
             for j, obx in enumerate(obxs, 1):
@@ -270,10 +328,14 @@ def test_corpus_stored_messages_field_by_field(run: dict[str, Any]) -> None:
                     assert forms.pop(0)["url"].startswith(_v(obx, 5, 1)[:4]), ow
                     continue
                 if vtype in ("TX", "FT", "ST") and not any(
-                        _v(obx, 3, c) for c in (1, 2, 4, 5, 9, 10, 11)):
-                    text_lines.append("\n".join(
-                        _rep(obx, r).replace("\r", "\n")
-                        for r in range(1, max(_reps(obx, 5), 1) + 1)))
+                    _v(obx, 3, c) for c in (1, 2, 4, 5, 9, 10, 11)
+                ):
+                    text_lines.append(
+                        "\n".join(
+                            _rep(obx, r).replace("\r", "\n")
+                            for r in range(1, max(_reps(obx, 5), 1) + 1)
+                        )
+                    )
                     continue
                 oid = results[i]
                 i += 1
@@ -287,5 +349,7 @@ def test_corpus_stored_messages_field_by_field(run: dict[str, Any]) -> None:
             checked["OBR"] += 1
     # every report and Observation the table counts was checked against its message
     table = [r for r in read_outcomes() if r["outcome"] == "stored"]
-    assert checked == {"OBR": sum(int(r["reports"]) for r in table),
-                       "OBX": sum(int(r["observations"]) for r in table)}
+    assert checked == {
+        "OBR": sum(int(r["reports"]) for r in table),
+        "OBX": sum(int(r["observations"]) for r in table),
+    }

@@ -28,8 +28,12 @@ from tests.test_web import Browser, section
 pytestmark = pytest.mark.slow
 
 FIX = Path(__file__).parent / "fixtures" / "hl7" / "lis"
-BASE = (FIX / "oru_r01_v251_utf8.hl7").read_bytes().replace(
-    b"|LIS-DH|FXLAB|", b"|LIS-RE|FXLAB|").replace(b"|LIS20261120-0001|", b"|REUSED-0001|")
+BASE = (
+    (FIX / "oru_r01_v251_utf8.hl7")
+    .read_bytes()
+    .replace(b"|LIS-DH|FXLAB|", b"|LIS-RE|FXLAB|")
+    .replace(b"|LIS20261120-0001|", b"|REUSED-0001|")
+)
 AUDIT = AuditRecord.__table__  # type: ignore[attr-defined]
 
 
@@ -38,9 +42,17 @@ def core(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     root = tmp_path_factory.mktemp("lis-once")
     site = write_site(root / "mappings" / "fxlab")
     port = free_port_block(1)
-    members = [{"id": "core", "zh": "复兴医院", "en": "Fuxing Hospital", "role": "core",
-                "adapters": [{"type": "lis-hl7", "name": "lis", "mappings": str(site),
-                              "options": {"port": port}}]}]
+    members = [
+        {
+            "id": "core",
+            "zh": "复兴医院",
+            "en": "Fuxing Hospital",
+            "role": "core",
+            "adapters": [
+                {"type": "lis-hl7", "name": "lis", "mappings": str(site), "options": {"port": port}}
+            ],
+        }
+    ]
     a = Alliance(root / "alliance", members, [])
     a.start("core")
     node = a.node("core")
@@ -72,14 +84,16 @@ def msa(ack: bytes) -> tuple[str, str]:
 
 def kept(store: Store, raw: bytes) -> int:
     with store.read() as conn:
-        return conn.execute(select(func.count()).select_from(RESULT_MESSAGE)
-                            .where(RESULT_MESSAGE.c.raw == raw)).scalar()
+        return conn.execute(
+            select(func.count()).select_from(RESULT_MESSAGE).where(RESULT_MESSAGE.c.raw == raw)
+        ).scalar()
 
 
 def reports_by_filler(store: Store) -> dict[str, dict[str, Any]]:
     with store.read() as conn:
-        rows = conn.execute(select(FHIR_RESOURCE.c.body)
-                            .where(FHIR_RESOURCE.c.rtype == "DiagnosticReport")).all()
+        rows = conn.execute(
+            select(FHIR_RESOURCE.c.body).where(FHIR_RESOURCE.c.rtype == "DiagnosticReport")
+        ).all()
     out = {}
     for r in rows:
         dr = orjson.loads(r.body)
@@ -89,8 +103,9 @@ def reports_by_filler(store: Store) -> dict[str, dict[str, Any]]:
 
 def reuse_audits(store: Store) -> list[dict[str, Any]]:
     with store.read() as conn:
-        rows = conn.execute(select(AUDIT.c.resource).where(AUDIT.c.action == RECORD_ID_REUSED)
-                            .order_by(AUDIT.c.seq)).all()
+        rows = conn.execute(
+            select(AUDIT.c.resource).where(AUDIT.c.action == RECORD_ID_REUSED).order_by(AUDIT.c.seq)
+        ).all()
     return [event_fields(orjson.loads(r.resource)) for r in rows]
 
 
@@ -98,18 +113,28 @@ def test_different_message_under_a_used_control_id_is_stored(core: dict[str, Any
     store: Store = core["store"]
     first = BASE
     # a different message (other reports, another value) under the same MSH-3/MSH-4/MSH-10
-    second = BASE.replace(b"LAB-2026-0001", b"LAB-2026-9001").replace(
-        b"LAB-2026-0002", b"LAB-2026-9002").replace(b"||11.2|", b"||12.4|")
+    second = (
+        BASE.replace(b"LAB-2026-0001", b"LAB-2026-9001")
+        .replace(b"LAB-2026-0002", b"LAB-2026-9002")
+        .replace(b"||11.2|", b"||12.4|")
+    )
     acks = send(core["port"], first, second)
     assert [msa(a) for a in acks] == [("AA", "REUSED-0001"), ("AA", "REUSED-0001")]
     assert kept(store, first) == 1 and kept(store, second) == 1  # both stored, raw kept
     drs = reports_by_filler(store)
     assert {"LAB-2026-0001", "LAB-2026-0002", "LAB-2026-9001", "LAB-2026-9002"} <= set(drs)
     with store.read() as conn:
-        wbc = [orjson.loads(r.body) for r in conn.execute(
-            select(FHIR_RESOURCE.c.body).where(FHIR_RESOURCE.c.rtype == "Observation"))]
-    values = sorted(o["valueQuantity"]["value"] for o in wbc
-                    if any(c["code"] == "WBC" for c in o["code"]["coding"]))
+        wbc = [
+            orjson.loads(r.body)
+            for r in conn.execute(
+                select(FHIR_RESOURCE.c.body).where(FHIR_RESOURCE.c.rtype == "Observation")
+            )
+        ]
+    values = sorted(
+        o["valueQuantity"]["value"]
+        for o in wbc
+        if any(c["code"] == "WBC" for c in o["code"]["coding"])
+    )
     assert values == [11.2, 12.4]
     # the reuse is audited once (for the second message), naming the sender and the id
     [audit] = reuse_audits(store)
@@ -125,7 +150,8 @@ def test_different_message_under_a_used_control_id_is_stored(core: dict[str, Any
 def test_true_resend_gets_the_original_ack_and_is_stored_once(core: dict[str, Any]) -> None:
     store: Store = core["store"]
     original = BASE.replace(b"|REUSED-0001|", b"|RESEND-0001|").replace(
-        b"LAB-2026-000", b"LAB-2026-700")
+        b"LAB-2026-000", b"LAB-2026-700"
+    )
     restamped = original.replace(b"|20261120093000|", b"|20261120094512|")  # MSH-7 only
     assert restamped != original
     [ack1] = send(core["port"], original)

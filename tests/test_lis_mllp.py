@@ -46,14 +46,28 @@ def core(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     ports = {"plain": base, "tls": base + 1, "slow": base + 2}
     common = {"type": "lis-hl7", "mappings": str(site)}
     members = [
-        {"id": "core", "zh": "复兴医院", "en": "Fuxing Hospital", "role": "core", "adapters": [
-            {**common, "name": "lis", "options": {"port": ports["plain"]}},
-            {**common, "name": "lis-tls", "options": {
-                "port": ports["tls"], "tls": {"cert": str(cert), "key": str(key)}}},
-            {**common, "name": "lis-slow", "options": {
-                "port": ports["slow"],
-                "rate_limit": {"per_second": 0.001, "burst": 2, "hold_s": 0}}},
-        ]},
+        {
+            "id": "core",
+            "zh": "复兴医院",
+            "en": "Fuxing Hospital",
+            "role": "core",
+            "adapters": [
+                {**common, "name": "lis", "options": {"port": ports["plain"]}},
+                {
+                    **common,
+                    "name": "lis-tls",
+                    "options": {"port": ports["tls"], "tls": {"cert": str(cert), "key": str(key)}},
+                },
+                {
+                    **common,
+                    "name": "lis-slow",
+                    "options": {
+                        "port": ports["slow"],
+                        "rate_limit": {"per_second": 0.001, "burst": 2, "hold_s": 0},
+                    },
+                },
+            ],
+        },
         {"id": "chc", "zh": "月坛社区卫生服务中心", "en": "Yuetan CHC", "role": "community"},
     ]
     rules = [{"from": "core", "to": "chc", "kinds": ["result.lab"]}]
@@ -82,8 +96,11 @@ def send(port: int, *messages: bytes, tls: ssl.SSLContext | None = None) -> list
 
 def msa(ack: hl7.Message) -> tuple[str, str, str]:
     seg = ack.segment("MSA")
-    return (seg.extract_field(1, 1), seg.extract_field(1, 2),
-            seg.extract_field(1, 3) if len(seg) > 3 else "")
+    return (
+        seg.extract_field(1, 1),
+        seg.extract_field(1, 2),
+        seg.extract_field(1, 3) if len(seg) > 3 else "",
+    )
 
 
 def resources(store: Store, rtype: str, phash: str | None = None) -> list[dict[str, Any]]:
@@ -95,8 +112,9 @@ def resources(store: Store, rtype: str, phash: str | None = None) -> list[dict[s
 
 
 def report(store: Store, filler: str) -> dict[str, Any]:
-    found = [d for d in resources(store, "DiagnosticReport")
-             if d["identifier"][0]["value"] == filler]
+    found = [
+        d for d in resources(store, "DiagnosticReport") if d["identifier"][0]["value"] == filler
+    ]
     assert len(found) == 1
     return found[0]
 
@@ -113,8 +131,13 @@ def observations_of(store: Store, dr: dict[str, Any]) -> dict[str, dict[str, Any
 
 def quarantined(store: Store) -> list[Any]:
     with store.read() as conn:
-        return list(conn.execute(select(QUARANTINE).where(
-            QUARANTINE.c.source.like("adapter:lis%")).order_by(QUARANTINE.c.id)))
+        return list(
+            conn.execute(
+                select(QUARANTINE)
+                .where(QUARANTINE.c.source.like("adapter:lis%"))
+                .order_by(QUARANTINE.c.id)
+            )
+        )
 
 
 def test_results_over_mllp_field_by_field(core: dict[str, Any]) -> None:
@@ -123,8 +146,10 @@ def test_results_over_mllp_field_by_field(core: dict[str, Any]) -> None:
     acks = send(core["ports"]["plain"], UTF8, GBK)
     assert [msa(a)[:2] for a in acks] == [("AA", "LIS20261120-0001"), ("AA", "YT-000042")]
     assert str(acks[1].segment("MSH")(18)) == "GB18030"  # answered in the message's charset
-    obs = {**observations_of(store, report(store, "LAB-2026-0001")),
-           **observations_of(store, report(store, "LAB-2026-0002"))}
+    obs = {
+        **observations_of(store, report(store, "LAB-2026-0001")),
+        **observations_of(store, report(store, "LAB-2026-0002")),
+    }
     assert sorted(obs) == sorted(EXPECTED_251)
     for code, exp in EXPECTED_251.items():
         check_observation(obs[code], exp)
@@ -135,8 +160,12 @@ def test_results_over_mllp_field_by_field(core: dict[str, Any]) -> None:
     assert gb["GLU"]["performer"][0]["display"] == "月坛社区检验室"
     # the same results through the hospital-facing FHIR API
     via_api = node.api("GET", f"/fhir/Observation/{obs['WBC']['id']}", role="clinician")
-    assert via_api["valueQuantity"] == {"value": 11.2, "unit": "10^9/L",
-                                        "system": "http://unitsofmeasure.org", "code": "10*9/L"}
+    assert via_api["valueQuantity"] == {
+        "value": 11.2,
+        "unit": "10^9/L",
+        "system": "http://unitsofmeasure.org",
+        "code": "10*9/L",
+    }
     # one patient (matched by hash for both labs), every resource valid R4 (schema and R4B)
     phash = patient_hash(node.plan.patient_hash_key, NATIONAL_ID)
     assert len(resources(store, "Patient", phash)) == 1
@@ -154,12 +183,14 @@ def test_results_over_mllp_field_by_field(core: dict[str, Any]) -> None:
 def own_run(message: bytes, tag: str, national_id: str) -> bytes:
     """A fixture as another run of the lab for a test of its own: its own control ids, order,
     report and specimen numbers and patient, so no other test's messages touch its results."""
-    return (message.replace(b"LIS20261120-00", f"LIS20261120-{tag}".encode())
-            .replace(b"LAB-2026-00", f"LAB-2026-{tag}".encode())
-            .replace(b"ORD-77", f"ORD-{tag}".encode())
-            .replace(b"SP-00", f"SP-{tag}".encode())
-            .replace(b"FX0012345", f"FX{tag}12345".encode())
-            .replace(NATIONAL_ID.encode(), national_id.encode()))
+    return (
+        message.replace(b"LIS20261120-00", f"LIS20261120-{tag}".encode())
+        .replace(b"LAB-2026-00", f"LAB-2026-{tag}".encode())
+        .replace(b"ORD-77", f"ORD-{tag}".encode())
+        .replace(b"SP-00", f"SP-{tag}".encode())
+        .replace(b"FX0012345", f"FX{tag}12345".encode())
+        .replace(NATIONAL_ID.encode(), national_id.encode())
+    )
 
 
 def kept_messages(store: Store) -> int:
@@ -176,12 +207,19 @@ def test_resent_message_gets_the_stored_ack(core: dict[str, Any]) -> None:
     with MLLPClient("127.0.0.1", core["ports"]["plain"]) as client:
         client.socket.settimeout(30)
         again = client.send_message(message)
-    ids = [o["id"] for filler in ("LAB-2026-8001", "LAB-2026-8002")
-           for o in observations_of(store, report(store, filler)).values()]
+    ids = [
+        o["id"]
+        for filler in ("LAB-2026-8001", "LAB-2026-8002")
+        for o in observations_of(store, report(store, filler)).values()
+    ]
     with store.read() as conn:
-        versions = dict(conn.execute(select(FHIR_RESOURCE.c.id, FHIR_RESOURCE.c.version)
-                                     .where(FHIR_RESOURCE.c.rtype == "Observation",
-                                            FHIR_RESOURCE.c.id.in_(ids))).all())
+        versions = dict(
+            conn.execute(
+                select(FHIR_RESOURCE.c.id, FHIR_RESOURCE.c.version).where(
+                    FHIR_RESOURCE.c.rtype == "Observation", FHIR_RESOURCE.c.id.in_(ids)
+                )
+            ).all()
+        )
     assert msa(hl7.parse(again.strip(b"\x0b\x1c\r").decode()))[:2] == ("AA", "LIS20261120-8001")
     # identical to the first ACK (same ACK MSH-10 and time): it is the stored one
     assert str(hl7.parse(again.strip(b"\x0b\x1c\r").decode())) == str(first)
@@ -209,20 +247,27 @@ def test_correction_updates_in_place(core: dict[str, Any]) -> None:
     assert after["CRP"]["status"] == "final"  # preliminary -> final on the same id
     assert len(resources(store, "Observation")) == count  # updated, never duplicated
     with store.read() as conn:
-        history = conn.execute(select(FHIR_HISTORY.c.body).where(
-            FHIR_HISTORY.c.id == glu["id"]).order_by(FHIR_HISTORY.c.version)).all()
+        history = conn.execute(
+            select(FHIR_HISTORY.c.body)
+            .where(FHIR_HISTORY.c.id == glu["id"])
+            .order_by(FHIR_HISTORY.c.version)
+        ).all()
     assert [orjson.loads(h.body)["valueQuantity"]["value"] for h in history] == [6.85, 7.25]
 
 
 def _bad_messages() -> list[tuple[str, bytes, str, str]]:
-    cut = UTF8[:UTF8.index(b"|%|40-75|")]
+    cut = UTF8[: UTF8.index(b"|%|40-75|")]
     return [
         ("malformed", b"hello, this is not an HL7 message\r", "AR", ""),
-        ("truncated-msh", UTF8[:UTF8.index(b"|P|2.5.1") + 2], "AR", "LIS20261120-0001"),
+        ("truncated-msh", UTF8[: UTF8.index(b"|P|2.5.1") + 2], "AR", "LIS20261120-0001"),
         ("truncated-obx", cut.replace(b"-0001|P|", b"-0101|P|"), "AE", "LIS20261120-0101"),
         ("wrong-encoding", GBK.replace(b"GB18030", b"UNICODE UTF-8"), "AR", "YT-000042"),
-        ("unknown-version", UTF8.replace(b"|2.5.1|", b"|2.9|").replace(b"-0001|P|", b"-0102|P|"),
-         "AR", "LIS20261120-0102"),
+        (
+            "unknown-version",
+            UTF8.replace(b"|2.5.1|", b"|2.9|").replace(b"-0001|P|", b"-0102|P|"),
+            "AR",
+            "LIS20261120-0102",
+        ),
     ]
 
 
@@ -239,8 +284,13 @@ def test_bad_messages_nak_quarantine_and_keep_serving(core: dict[str, Any]) -> N
     assert msa(acks[-1])[0] == "AA"  # the same connection still serves
     rows = quarantined(store)[before:]
     assert [bytes(r.raw) for r in rows] == [m for _, m, _, _ in bad]
-    assert [r.code for r in rows] == ["HT-LIS-STRUCTURE", "HT-LIS-STRUCTURE", "HT-LIS-REQUIRED",
-                                      "HT-LIS-ENCODING", "HT-LIS-VERSION"]
+    assert [r.code for r in rows] == [
+        "HT-LIS-STRUCTURE",
+        "HT-LIS-STRUCTURE",
+        "HT-LIS-REQUIRED",
+        "HT-LIS-ENCODING",
+        "HT-LIS-VERSION",
+    ]
     assert "OBX[4]-11" in rows[2].message and "MSH-18" in rows[3].message
     assert all("110102195003151234" not in r.message for r in rows)
     # a message readable as far as its PID (the unknown version too) is kept under the

@@ -27,16 +27,40 @@ LOINC = "http://loinc.org"
 UCUM = "http://unitsofmeasure.org"
 
 #: a ConceptMap like the site's lab map (only some codes mapped)
-LAB_MAP = {"resourceType": "ConceptMap", "group": [{"source": LOCAL, "target": LOINC, "element": [
-    {"code": c, "target": [{"code": t, "equivalence": "equivalent"}]}
-    for c, t in (("WBC", "6690-2"), ("HGB", "718-7"), ("PLT", "777-3"), ("NEUT%", "770-8"),
-                 ("CBC", "58410-2"), ("BIOCHEM", "24323-8"), ("CRP", "1988-5"),
-                 ("HBSAG", "5196-1"), ("GLU", "2345-7"))]}]}
+LAB_MAP = {
+    "resourceType": "ConceptMap",
+    "group": [
+        {
+            "source": LOCAL,
+            "target": LOINC,
+            "element": [
+                {"code": c, "target": [{"code": t, "equivalence": "equivalent"}]}
+                for c, t in (
+                    ("WBC", "6690-2"),
+                    ("HGB", "718-7"),
+                    ("PLT", "777-3"),
+                    ("NEUT%", "770-8"),
+                    ("CBC", "58410-2"),
+                    ("BIOCHEM", "24323-8"),
+                    ("CRP", "1988-5"),
+                    ("HBSAG", "5196-1"),
+                    ("GLU", "2345-7"),
+                )
+            ],
+        }
+    ],
+}
 
 
 def settings(**kw: Any) -> Settings:
-    return Settings(node_id="core", hash_key=KEY, national_id_system=NID, local_system=LOCAL,
-                    translator=Translator({"lab": LAB_MAP}), **kw)
+    return Settings(
+        node_id="core",
+        hash_key=KEY,
+        national_id_system=NID,
+        local_system=LOCAL,
+        translator=Translator({"lab": LAB_MAP}),
+        **kw,
+    )
 
 
 def convert(raw: bytes, default: str = "UTF-8", **kw: Any) -> Any:
@@ -69,24 +93,123 @@ def check_valid(bundle: dict[str, Any]) -> None:
 # the v2.5.1 message, OBX by OBX: (value-kind, value, unit text, UCUM, low, high, range text,
 # flag, status, effective, LOINC or None)
 EXPECTED_251 = {
-    "WBC": ("q", 11.2, "10^9/L", "10*9/L", 3.5, 9.5, "3.5-9.5", "H", "final",
-            "2026-11-20T09:00:00+08:00", "6690-2"),
-    "HGB": ("q", 128, "g/L", "g/L", 115, 150, "115-150", "N", "final",
-            "2026-11-20T09:00:00+08:00", "718-7"),
-    "PLT": ("q", 86, "10^9/L", "10*9/L", 125, 350, "125-350", "L", "final",
-            "2026-11-20T09:00:00+08:00", "777-3"),
-    "NEUT%": ("q", 78.5, "%", "%", 40, 75, "40-75", "H", "final",
-              "2026-11-20T09:00:00+08:00", "770-8"),
-    "GLU": ("q", 6.85, "mmol/L", "mmol/L", 3.9, 6.1, "3.9-6.1", "H", "preliminary",
-            "2026-11-20T09:10:00+08:00", "2345-7"),
-    "CRP": ("q<", 5, "mg/L", "mg/L", None, 10, "<10", "N", "preliminary",
-            "2026-11-20T09:10:00+08:00", "1988-5"),
-    "HBSAG": ("cc", "NEG", None, None, None, None, None, "N", "preliminary",
-              "2026-11-20T09:10:00+08:00", "5196-1"),
-    "XYZ99": ("s", "弱阳性(+)", None, None, None, None, "阴性", "A", "preliminary",
-              "2026-11-20T09:10:00+08:00", None),
-    "TITER": ("ratio", (1, 320), None, None, None, None, "<1:80", "H", "preliminary",
-              "2026-11-20T09:10:00+08:00", None),
+    "WBC": (
+        "q",
+        11.2,
+        "10^9/L",
+        "10*9/L",
+        3.5,
+        9.5,
+        "3.5-9.5",
+        "H",
+        "final",
+        "2026-11-20T09:00:00+08:00",
+        "6690-2",
+    ),
+    "HGB": (
+        "q",
+        128,
+        "g/L",
+        "g/L",
+        115,
+        150,
+        "115-150",
+        "N",
+        "final",
+        "2026-11-20T09:00:00+08:00",
+        "718-7",
+    ),
+    "PLT": (
+        "q",
+        86,
+        "10^9/L",
+        "10*9/L",
+        125,
+        350,
+        "125-350",
+        "L",
+        "final",
+        "2026-11-20T09:00:00+08:00",
+        "777-3",
+    ),
+    "NEUT%": (
+        "q",
+        78.5,
+        "%",
+        "%",
+        40,
+        75,
+        "40-75",
+        "H",
+        "final",
+        "2026-11-20T09:00:00+08:00",
+        "770-8",
+    ),
+    "GLU": (
+        "q",
+        6.85,
+        "mmol/L",
+        "mmol/L",
+        3.9,
+        6.1,
+        "3.9-6.1",
+        "H",
+        "preliminary",
+        "2026-11-20T09:10:00+08:00",
+        "2345-7",
+    ),
+    "CRP": (
+        "q<",
+        5,
+        "mg/L",
+        "mg/L",
+        None,
+        10,
+        "<10",
+        "N",
+        "preliminary",
+        "2026-11-20T09:10:00+08:00",
+        "1988-5",
+    ),
+    "HBSAG": (
+        "cc",
+        "NEG",
+        None,
+        None,
+        None,
+        None,
+        None,
+        "N",
+        "preliminary",
+        "2026-11-20T09:10:00+08:00",
+        "5196-1",
+    ),
+    "XYZ99": (
+        "s",
+        "弱阳性(+)",
+        None,
+        None,
+        None,
+        None,
+        "阴性",
+        "A",
+        "preliminary",
+        "2026-11-20T09:10:00+08:00",
+        None,
+    ),
+    "TITER": (
+        "ratio",
+        (1, 320),
+        None,
+        None,
+        None,
+        None,
+        "<1:80",
+        "H",
+        "preliminary",
+        "2026-11-20T09:10:00+08:00",
+        None,
+    ),
 }
 
 
@@ -102,8 +225,10 @@ def check_observation(o: dict[str, Any], exp: tuple[Any, ...]) -> None:
     elif kind == "s":
         assert o["valueString"] == val
     elif kind == "ratio":
-        assert (o["valueRatio"]["numerator"]["value"],
-                o["valueRatio"]["denominator"]["value"]) == val
+        assert (
+            o["valueRatio"]["numerator"]["value"],
+            o["valueRatio"]["denominator"]["value"],
+        ) == val
     rr = o.get("referenceRange", [{}])[0]
     assert rr.get("text") == rtext
     assert (rr.get("low") or {}).get("value") == low
@@ -143,22 +268,34 @@ def test_v251_utf8_two_groups_field_by_field() -> None:
     assert reports[0]["issued"] == "2026-11-20T09:25:00+08:00"
     assert [c["code"] for c in reports[0]["code"]["coding"]] == ["58410-2", "CBC"]
     specimens = by_type(r.bundle, "Specimen")
-    assert [(s["identifier"][0]["value"], s["type"]["coding"][0]["code"], s["type"]["text"],
-             s["collection"]["collectedDateTime"], s["receivedTime"]) for s in specimens] == [
+    assert [
+        (
+            s["identifier"][0]["value"],
+            s["type"]["coding"][0]["code"],
+            s["type"]["text"],
+            s["collection"]["collectedDateTime"],
+            s["receivedTime"],
+        )
+        for s in specimens
+    ] == [
         ("SP-0001", "BLD", "全血", "2026-11-20T08:15:00+08:00", "2026-11-20T08:30:00+08:00"),
-        ("SP-0002", "SER", "血清", "2026-11-20T08:15:00+08:00", "2026-11-20T08:35:00+08:00")]
+        ("SP-0002", "SER", "血清", "2026-11-20T08:15:00+08:00", "2026-11-20T08:35:00+08:00"),
+    ]
     assert obs["GLU"]["specimen"]["reference"] == f"Specimen/{specimens[1]['id']}"
     # patient: MRN and national ID from PID-3; the hash is the keyed one
     p = by_type(r.bundle, "Patient")[0]
     assert {i["system"]: i["value"] for i in p["identifier"]} == {
-        "urn:hutong:mrn:core": "FX0012345", NID: "110102195003151234"}
+        "urn:hutong:mrn:core": "FX0012345",
+        NID: "110102195003151234",
+    }
     assert p["name"][0]["text"] == "王秀英" and p["gender"] == "female"
     assert p["birthDate"] == "1950-03-15"
     assert r.patient_hash == patient_hash(KEY, "110102195003151234")
     # unmapped local codes travel with their local system and are reported
     assert [u["code"] for u in r.unmapped] == ["XYZ99", "TITER"]
-    assert obs["XYZ99"]["code"]["coding"] == [{"system": LOCAL, "code": "XYZ99",
-                                               "display": "未映射项目"}]
+    assert obs["XYZ99"]["code"]["coding"] == [
+        {"system": LOCAL, "code": "XYZ99", "display": "未映射项目"}
+    ]
 
 
 def test_v23_gb18030_decodes_before_splitting() -> None:
@@ -170,8 +307,7 @@ def test_v23_gb18030_decodes_before_splitting() -> None:
     assert obs["GLU"]["valueQuantity"]["value"] == 7.9
     assert obs["GLU"]["note"] == [{"text": "患者诉近期饮食不规律；億元(测试字符)"}]
     assert obs["GLU"]["performer"][0]["display"] == "月坛社区检验室"
-    assert obs["HBA1C"]["valueQuantity"] == {"value": 8.1, "unit": "%", "system": UCUM,
-                                             "code": "%"}
+    assert obs["HBA1C"]["valueQuantity"] == {"value": 8.1, "unit": "%", "system": UCUM, "code": "%"}
     # v2.3: specimen from OBR-15 (SPS component 1 subcomponents) and OBR-14
     sp = by_type(r.bundle, "Specimen")[0]
     assert sp["type"]["coding"][0]["code"] == "SER" and sp["type"]["text"] == "血清"
@@ -188,8 +324,10 @@ def test_correction_keeps_ids_and_marks_corrected() -> None:
     assert b["GLU"]["status"] == "corrected" and b["GLU"]["valueQuantity"]["value"] == 7.25
     assert b["GLU"]["note"] == [{"text": "复测后更正"}]
     assert fixed.corrected == 1
-    assert by_type(fixed.bundle, "DiagnosticReport")[0]["id"] == \
-        by_type(first.bundle, "DiagnosticReport")[1]["id"]
+    assert (
+        by_type(fixed.bundle, "DiagnosticReport")[0]["id"]
+        == by_type(first.bundle, "DiagnosticReport")[1]["id"]
+    )
     assert by_type(fixed.bundle, "DiagnosticReport")[0]["status"] == "corrected"
 
 
@@ -205,21 +343,34 @@ BAD = [
     (_mutate(b"|2.5.1|", b"|2.9|"), E.UnsupportedVersion, "AR", "MSH-12"),
     (_mutate(b"ORU^R01^ORU_R01", b"ADT^A01^ADT_A01"), E.UnsupportedMessage, "AR", "MSH-9"),
     ((FIX / "oru_r01_v251_utf8.hl7").read_bytes()[:60], E.Rejected, "AR", "MSH-12"),
-    ((FIX / "oru_r01_v23_gb18030.hl7").read_bytes().replace(b"GB18030", b"UNICODE UTF-8"),
-     E.EncodingError, "AR", "MSH-18"),
+    (
+        (FIX / "oru_r01_v23_gb18030.hl7").read_bytes().replace(b"GB18030", b"UNICODE UTF-8"),
+        E.EncodingError,
+        "AR",
+        "MSH-18",
+    ),
     (_mutate(b"|UNICODE UTF-8", b"|KOI8-R"), E.EncodingError, "AR", "MSH-18"),
     (_mutate(b"||11.2|", b"||eleven|"), E.BadField, "AE", "OBX[1]-5"),
     (_mutate(b"|78.5|%|40-75|H|||F", b"|78.5|%|40-75|H|||Q"), E.BadField, "AE", "OBX[4]-11"),
-    (_mutate(b"|LAB-2026-0001|", b"||").replace(b"|ORD-7781|", b"||")
-     .replace(b"ORC|RE||LAB-2026-0001\r", b"ORC|RE\r"), E.MissingField, "AE", "OBR[1]-3"),
-    (_mutate(b"|128|g/L|115-150|N|||F|||20261120090000", b"|128|g/L|115-150|N|||F|||2026132"),
-     E.BadField, "AE", "OBX[2]-14"),
+    (
+        _mutate(b"|LAB-2026-0001|", b"||")
+        .replace(b"|ORD-7781|", b"||")
+        .replace(b"ORC|RE||LAB-2026-0001\r", b"ORC|RE\r"),
+        E.MissingField,
+        "AE",
+        "OBR[1]-3",
+    ),
+    (
+        _mutate(b"|128|g/L|115-150|N|||F|||20261120090000", b"|128|g/L|115-150|N|||F|||2026132"),
+        E.BadField,
+        "AE",
+        "OBX[2]-14",
+    ),
 ]
 
 
 @pytest.mark.parametrize("raw,cls,code,location", BAD)
-def test_refusals_name_field_and_ack_code(raw: bytes, cls: type, code: str,
-                                          location: str) -> None:
+def test_refusals_name_field_and_ack_code(raw: bytes, cls: type, code: str, location: str) -> None:
     with pytest.raises(E.LisMessageError) as info:
         convert(raw)
     exc = info.value
@@ -239,7 +390,7 @@ def test_refusals_name_field_and_ack_code(raw: bytes, cls: type, code: str,
 
 def test_truncated_inside_obx_is_a_missing_status() -> None:
     raw = (FIX / "oru_r01_v251_utf8.hl7").read_bytes()
-    cut = raw[:raw.index(b"|%|40-75|")]
+    cut = raw[: raw.index(b"|%|40-75|")]
     with pytest.raises(E.MissingField) as info:
         convert(cut)
     assert info.value.field == "OBX[4]-11" and info.value.ack_code == "AE"

@@ -47,8 +47,9 @@ def _bundle(nid: str | None) -> bytes:
     patient: dict[str, Any] = {"resourceType": "Patient"}
     if nid:
         patient["identifier"] = [{"system": NATIONAL_ID_SYSTEM, "value": nid}]
-    return orjson.dumps({"resourceType": "Bundle", "type": "transaction",
-                         "entry": [{"resource": patient}]})
+    return orjson.dumps(
+        {"resourceType": "Bundle", "type": "transaction", "entry": [{"resource": patient}]}
+    )
 
 
 def seed(s: Store, n: int = 60) -> str:
@@ -57,34 +58,94 @@ def seed(s: Store, n: int = 60) -> str:
     wang = patient_hash(KEY, WANG)
     hashes = [wang] + [patient_hash(KEY, f"11010219500315{i:04d}") for i in range(5)]
     with s.write() as conn:
-        conn.execute(insert(REFERRAL), [{
-            "thread": "t-0", "side": "referrer", "kind": "up-exam", "referrer": "chc",
-            "receiver": "core", "status": "requested", "step": "requested",
-            "patient_hash": wang, "task_id": "task-0", "sr_id": "sr-0", "created_at": T0,
-            "updated_at": T0}])
+        conn.execute(
+            insert(REFERRAL),
+            [
+                {
+                    "thread": "t-0",
+                    "side": "referrer",
+                    "kind": "up-exam",
+                    "referrer": "chc",
+                    "receiver": "core",
+                    "status": "requested",
+                    "step": "requested",
+                    "patient_hash": wang,
+                    "task_id": "task-0",
+                    "sr_id": "sr-0",
+                    "created_at": T0,
+                    "updated_at": T0,
+                }
+            ],
+        )
         for i in range(n):
             at = T0 + timedelta(minutes=i)
             ph, thread = hashes[i % 6], f"t-{i % 6}"
-            conn.execute(insert(OUTBOX).values(
-                packet_id=f"out-{i}", sender="chc", recipient="core", next_hop="core",
-                kind="referral.request", thread=thread, seq=i, digest="0" * 64, size=9,
-                patient_hash=ph, state="acknowledged", created_at=at, next_try_at=at,
-                body=b"{}"))
-            conn.execute(insert(INBOX).values(
-                packet_id=f"in-{i}", sender="core", kind="referral.status", thread=thread,
-                seq=i, digest="0" * 64, size=9, patient_hash=ph, state="delivered",
-                created_at=at, received_at=at, next_try_at=at, body=b"{}", receipt=b"{}"))
+            conn.execute(
+                insert(OUTBOX).values(
+                    packet_id=f"out-{i}",
+                    sender="chc",
+                    recipient="core",
+                    next_hop="core",
+                    kind="referral.request",
+                    thread=thread,
+                    seq=i,
+                    digest="0" * 64,
+                    size=9,
+                    patient_hash=ph,
+                    state="acknowledged",
+                    created_at=at,
+                    next_try_at=at,
+                    body=b"{}",
+                )
+            )
+            conn.execute(
+                insert(INBOX).values(
+                    packet_id=f"in-{i}",
+                    sender="core",
+                    kind="referral.status",
+                    thread=thread,
+                    seq=i,
+                    digest="0" * 64,
+                    size=9,
+                    patient_hash=ph,
+                    state="delivered",
+                    created_at=at,
+                    received_at=at,
+                    next_try_at=at,
+                    body=b"{}",
+                    receipt=b"{}",
+                )
+            )
         exc = RouteDenied("no rule allows it")
-        conn.execute(insert(QUARANTINE), [
-            qmod.quarantine_row(T0 + timedelta(hours=2), "local", exc, raw=_bundle(WANG),
-                                kind="referral.request",
-                                patient_hash=qmod.bundle_patient(_bundle(WANG), KEY,
-                                                                 NATIONAL_ID_SYSTEM)),
-            qmod.quarantine_row(T0 + timedelta(hours=3), "local", exc, raw=b"{}",
-                                kind="referral.status", thread="t-0",
-                                patient_hash=qmod.known_patient(conn, thread="t-0")),
-            qmod.quarantine_row(T0 + timedelta(hours=4), "local", exc, raw=_bundle(None),
-                                kind="referral.request")])
+        conn.execute(
+            insert(QUARANTINE),
+            [
+                qmod.quarantine_row(
+                    T0 + timedelta(hours=2),
+                    "local",
+                    exc,
+                    raw=_bundle(WANG),
+                    kind="referral.request",
+                    patient_hash=qmod.bundle_patient(_bundle(WANG), KEY, NATIONAL_ID_SYSTEM),
+                ),
+                qmod.quarantine_row(
+                    T0 + timedelta(hours=3),
+                    "local",
+                    exc,
+                    raw=b"{}",
+                    kind="referral.status",
+                    thread="t-0",
+                    patient_hash=qmod.known_patient(conn, thread="t-0"),
+                ),
+                qmod.quarantine_row(
+                    T0 + timedelta(hours=4),
+                    "local",
+                    exc,
+                    raw=_bundle(None),
+                    kind="referral.request",
+                ),
+            ],
+        )
     return wang
 
 
@@ -94,10 +155,17 @@ def test_a_patient_search_finds_their_packets_in_every_box(db: Store) -> None:
         rows, nxt = mb.search(conn, patient_hash=wang)
     assert nxt is None
     assert [(r["box"], r.get("packet_id"), r.get("kind")) for r in rows] == [
-        ("quarantine", None, "referral.status"), ("quarantine", None, "referral.request"),
-        *[(box, f"{p}-{i}", k) for i in range(54, -1, -6)
-          for box, p, k in (("outbox", "out", "referral.request"),
-                            ("inbox", "in", "referral.status"))]]
+        ("quarantine", None, "referral.status"),
+        ("quarantine", None, "referral.request"),
+        *[
+            (box, f"{p}-{i}", k)
+            for i in range(54, -1, -6)
+            for box, p, k in (
+                ("outbox", "out", "referral.request"),
+                ("inbox", "in", "referral.status"),
+            )
+        ],
+    ]
     assert all(r["patient_hash"] == wang for r in rows)
     # paged two at a time: the same rows, each once
     seen: list[tuple[str, int]] = []
@@ -120,13 +188,18 @@ def _plan(conn: Connection, stmt: Any) -> str:
 
 
 @pytest.mark.parametrize("paged", [False, True])
-def test_the_patient_search_reads_each_box_by_its_patient_index(db: Store,
-                                                                paged: bool) -> None:
+def test_the_patient_search_reads_each_box_by_its_patient_index(db: Store, paged: bool) -> None:
     wang = seed(db)
-    after = mb.encode_cursor({"at": T0 + timedelta(minutes=30), "box_table": "inbox",
-                              "id": 7}) if paged else None
-    want = {"outbox": "ix_outbox_patient_time", "inbox": "ix_inbox_patient_time",
-            "quarantine": "ix_quarantine_patient"}
+    after = (
+        mb.encode_cursor({"at": T0 + timedelta(minutes=30), "box_table": "inbox", "id": 7})
+        if paged
+        else None
+    )
+    want = {
+        "outbox": "ix_outbox_patient_time",
+        "inbox": "ix_inbox_patient_time",
+        "quarantine": "ix_quarantine_patient",
+    }
     with db.read() as conn:
         for box, stmt in mb.statements(patient_hash=wang, after=after):
             plan = _plan(conn, stmt)
@@ -141,8 +214,16 @@ def test_the_patient_search_reads_each_box_by_its_patient_index(db: Store,
 
 def test_bundle_patient_takes_what_a_refused_bundle_names_and_survives_hostile_shapes() -> None:
     assert qmod.bundle_patient(_bundle(WANG), KEY, NATIONAL_ID_SYSTEM) == patient_hash(KEY, WANG)
-    for body in (None, b"", b"not json", b"[1, 2]", b'{"entry": 7}', b'{"entry": [7]}',
-                 b'{"entry": [{"resource": [1]}]}', _bundle(None)):
+    for body in (
+        None,
+        b"",
+        b"not json",
+        b"[1, 2]",
+        b'{"entry": 7}',
+        b'{"entry": [7]}',
+        b'{"entry": [{"resource": [1]}]}',
+        _bundle(None),
+    ):
         assert qmod.bundle_patient(body, KEY, NATIONAL_ID_SYSTEM) is None, body
 
 
@@ -161,15 +242,20 @@ def test_an_older_quarantine_is_upgraded_once_on_open(dsn: str) -> None:
     try:
         reopened.create_all()
         with reopened.read() as conn:
-            got = conn.execute(select(QUARANTINE.c.kind, QUARANTINE.c.thread,
-                                      QUARANTINE.c.patient_hash)
-                               .order_by(QUARANTINE.c.id)).all()
-            marker = conn.execute(select(NODE_STATE.c.value).where(
-                NODE_STATE.c.key == qmod.MARKER)).scalar()
+            got = conn.execute(
+                select(QUARANTINE.c.kind, QUARANTINE.c.thread, QUARANTINE.c.patient_hash).order_by(
+                    QUARANTINE.c.id
+                )
+            ).all()
+            marker = conn.execute(
+                select(NODE_STATE.c.value).where(NODE_STATE.c.key == qmod.MARKER)
+            ).scalar()
         # the thread's item is found again; the bundle's needs the key (new items get it)
-        assert [tuple(r) for r in got] == [("referral.request", None, None),
-                                           ("referral.status", "t-0", wang),
-                                           ("referral.request", None, None)]
+        assert [tuple(r) for r in got] == [
+            ("referral.request", None, None),
+            ("referral.status", "t-0", wang),
+            ("referral.request", None, None),
+        ]
         assert marker == qmod.SCHEMA_VERSION
         with reopened.write() as conn:  # once: a second open changes nothing
             assert qmod.upgrade_schema(conn) == 0

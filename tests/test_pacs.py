@@ -51,17 +51,33 @@ MEMBERS = [
 ]
 REFERRAL_KINDS = ["referral.request", "referral.status", "referral.cancel", "referral.return"]
 RULES = [
-    {"from": "chc", "to": "core", "kinds": ["imaging.fetch-request", "result.imaging",
-                                            *REFERRAL_KINDS]},
-    {"from": "core", "to": "chc", "kinds": ["imaging.fetch-response", "result.imaging",
-                                            *REFERRAL_KINDS]},
+    {
+        "from": "chc",
+        "to": "core",
+        "kinds": ["imaging.fetch-request", "result.imaging", *REFERRAL_KINDS],
+    },
+    {
+        "from": "core",
+        "to": "chc",
+        "kinds": ["imaging.fetch-response", "result.imaging", *REFERRAL_KINDS],
+    },
 ]
 
 
 # -- the study: copies of pydicom test files made into two coherent studies ---------------------
 
-def _instance(src: str, *, study: str, series: str, sop: str, series_no: int, inst_no: int,
-              patient: tuple[str, str, str], extra: dict[str, Any] | None = None) -> Dataset:
+
+def _instance(
+    src: str,
+    *,
+    study: str,
+    series: str,
+    sop: str,
+    series_no: int,
+    inst_no: int,
+    patient: tuple[str, str, str],
+    extra: dict[str, Any] | None = None,
+) -> Dataset:
     ds = dcmread(get_testdata_file(src))
     ds.SpecificCharacterSet = "ISO_IR 192"
     ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study, series, sop
@@ -81,10 +97,21 @@ def _instance(src: str, *, study: str, series: str, sop: str, series_no: int, in
 
 
 def _sr(study: str, series: str, sop: str, patient: tuple[str, str, str]) -> Dataset:
-    ds = _instance("reportsi.dcm", study=study, series=series, sop=sop, series_no=3, inst_no=1,
-                   patient=patient, extra={"CompletionFlag": "COMPLETE",
-                                           "VerificationFlag": "VERIFIED",
-                                           "ContentDate": "20261120", "ContentTime": "101500"})
+    ds = _instance(
+        "reportsi.dcm",
+        study=study,
+        series=series,
+        sop=sop,
+        series_no=3,
+        inst_no=1,
+        patient=patient,
+        extra={
+            "CompletionFlag": "COMPLETE",
+            "VerificationFlag": "VERIFIED",
+            "ContentDate": "20261120",
+            "ContentTime": "101500",
+        },
+    )
     section = ds.ContentSequence[-1]
     section.ContentSequence[0].TextValue = REPORT_TEXT
     return ds
@@ -95,17 +122,56 @@ def write_modality_files(folder: Path) -> None:
     p1 = ("FX0001", "Zhang^San=张^三", NID1)
     p2 = ("FX0002", "Wang^Wu=王^五", NID2)
     items = [
-        _instance("CT_small.dcm", study=S1, series=S1 + ".1", sop=S1 + ".1.1", series_no=1,
-                  inst_no=1, patient=p1, extra={"BodyPartExamined": "CHEST"}),
-        _instance("MR_small.dcm", study=S1, series=S1 + ".2", sop=S1 + ".2.1", series_no=2,
-                  inst_no=1, patient=p1, extra={"BodyPartExamined": "HEAD"}),
-        _instance("MR_small_implicit.dcm", study=S1, series=S1 + ".2", sop=S1 + ".2.2",
-                  series_no=2, inst_no=2, patient=p1, extra={"BodyPartExamined": "HEAD"}),
+        _instance(
+            "CT_small.dcm",
+            study=S1,
+            series=S1 + ".1",
+            sop=S1 + ".1.1",
+            series_no=1,
+            inst_no=1,
+            patient=p1,
+            extra={"BodyPartExamined": "CHEST"},
+        ),
+        _instance(
+            "MR_small.dcm",
+            study=S1,
+            series=S1 + ".2",
+            sop=S1 + ".2.1",
+            series_no=2,
+            inst_no=1,
+            patient=p1,
+            extra={"BodyPartExamined": "HEAD"},
+        ),
+        _instance(
+            "MR_small_implicit.dcm",
+            study=S1,
+            series=S1 + ".2",
+            sop=S1 + ".2.2",
+            series_no=2,
+            inst_no=2,
+            patient=p1,
+            extra={"BodyPartExamined": "HEAD"},
+        ),
         _sr(S1, S1 + ".3", S1 + ".3.1", p1),
-        _instance("CT_small.dcm", study=S2, series=S2 + ".1", sop=S2 + ".1.1", series_no=1,
-                  inst_no=1, patient=p2, extra={"BodyPartExamined": "ABDOMEN"}),
-        _instance("MR_small_padded.dcm", study=S2, series=S2 + ".2", sop=S2 + ".2.1",
-                  series_no=2, inst_no=1, patient=p2),
+        _instance(
+            "CT_small.dcm",
+            study=S2,
+            series=S2 + ".1",
+            sop=S2 + ".1.1",
+            series_no=1,
+            inst_no=1,
+            patient=p2,
+            extra={"BodyPartExamined": "ABDOMEN"},
+        ),
+        _instance(
+            "MR_small_padded.dcm",
+            study=S2,
+            series=S2 + ".2",
+            sop=S2 + ".2.1",
+            series_no=2,
+            inst_no=1,
+            patient=p2,
+        ),
     ]
     for ds in items:
         ds.save_as(folder / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
@@ -120,17 +186,28 @@ def dataset_bytes(path: Path) -> bytes:
     return path.read_bytes()[offset:]
 
 
-def push(folder: Path, port: int, study: str | None = None,
-         called: str = "HUTONG") -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "simulators.pacs", "push", "--dir", str(folder),
-           "--to", f"127.0.0.1:{port}", "--called-ae", called]
+def push(
+    folder: Path, port: int, study: str | None = None, called: str = "HUTONG"
+) -> subprocess.CompletedProcess[str]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "simulators.pacs",
+        "push",
+        "--dir",
+        str(folder),
+        "--to",
+        f"127.0.0.1:{port}",
+        "--called-ae",
+        called,
+    ]
     if study:
         cmd += ["--study", study]
-    return subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=ROOT,
-                          timeout=120)
+    return subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=ROOT, timeout=120)
 
 
 # -- the alliance: core holds the PACS adapter + vendor PACS, chc fetches ----------------------
+
 
 class Site:
     def __init__(self, tmp: Path) -> None:
@@ -142,22 +219,60 @@ class Site:
         self.pacs_dir = tmp / "vendor-pacs"
         self.pacs_log = open(tmp / "vendor-pacs.log", "wb")  # noqa: SIM115 - closed in close()
         self.pacs = subprocess.Popen(
-            [sys.executable, "-m", "simulators.pacs", "serve", "--dir", str(self.pacs_dir),
-             "--port", str(self.vendor_port), "--ae", "VENDORPACS"],
-            stdout=subprocess.PIPE, stderr=self.pacs_log, cwd=ROOT)
+            [
+                sys.executable,
+                "-m",
+                "simulators.pacs",
+                "serve",
+                "--dir",
+                str(self.pacs_dir),
+                "--port",
+                str(self.vendor_port),
+                "--ae",
+                "VENDORPACS",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=self.pacs_log,
+            cwd=ROOT,
+        )
         assert self.pacs.stdout is not None
         assert self.pacs.stdout.readline().decode().strip() == f"READY {self.vendor_port}"
         pushed = push(self.modality, self.vendor_port, called="VENDORPACS")
         assert pushed.returncode == 0, pushed.stdout + pushed.stderr
-        members = [dict(MEMBERS[0], adapters=[{
-            "name": "pacs", "type": "pacs-dicom", "receives": ["imaging.*"], "options": {
-                "bind": f"127.0.0.1:{self.core_scp}", "ae_title": "HUTONG",
-                "pacs": {"host": "127.0.0.1", "port": self.vendor_port,
-                         "ae_title": "VENDORPACS"},
-                "complete_after_s": 120, "fetch_chunk_bytes": 45000}}]),
-            dict(MEMBERS[1], adapters=[{
-                "name": "pacs", "type": "pacs-dicom", "receives": ["imaging.*"],
-                "options": {"bind": f"127.0.0.1:{self.chc_scp}", "ae_title": "YUETAN"}}])]
+        members = [
+            dict(
+                MEMBERS[0],
+                adapters=[
+                    {
+                        "name": "pacs",
+                        "type": "pacs-dicom",
+                        "receives": ["imaging.*"],
+                        "options": {
+                            "bind": f"127.0.0.1:{self.core_scp}",
+                            "ae_title": "HUTONG",
+                            "pacs": {
+                                "host": "127.0.0.1",
+                                "port": self.vendor_port,
+                                "ae_title": "VENDORPACS",
+                            },
+                            "complete_after_s": 120,
+                            "fetch_chunk_bytes": 45000,
+                        },
+                    }
+                ],
+            ),
+            dict(
+                MEMBERS[1],
+                adapters=[
+                    {
+                        "name": "pacs",
+                        "type": "pacs-dicom",
+                        "receives": ["imaging.*"],
+                        "options": {"bind": f"127.0.0.1:{self.chc_scp}", "ae_title": "YUETAN"},
+                    }
+                ],
+            ),
+        ]
         self.alliance = Alliance(tmp / "alliance", members, RULES)
         self.alliance.start("core", "chc")
         self.core, self.chc = self.alliance.node("core"), self.alliance.node("chc")
@@ -168,8 +283,9 @@ class Site:
         ImagingStudy there: a test that starts from it passes alone and in any order."""
         if self.s1_push is None:
             self.s1_push = push(self.pacs_dir, self.core_scp, study=S1)
-        return wait_for(lambda: get(self.core, "ImagingStudy", study_resource_id(S1)),
-                        what="study at core")
+        return wait_for(
+            lambda: get(self.core, "ImagingStudy", study_resource_id(S1)), what="study at core"
+        )
 
     def originals(self, study: str) -> dict[str, Path]:
         """SOP Instance UID -> the vendor PACS's file (the bytes every copy must equal)."""
@@ -226,8 +342,13 @@ def r4b(resource: dict[str, Any]) -> None:
     from fhir.resources.R4B.patient import Patient
     from fhir.resources.R4B.task import Task
 
-    models = {"ImagingStudy": ImagingStudy, "DiagnosticReport": DiagnosticReport,
-              "Patient": Patient, "Task": Task, "Binary": Binary}
+    models = {
+        "ImagingStudy": ImagingStudy,
+        "DiagnosticReport": DiagnosticReport,
+        "Patient": Patient,
+        "Task": Task,
+        "Binary": Binary,
+    }
     validate_resource(resource)
     models[resource["resourceType"]].model_validate(resource)
 
@@ -248,7 +369,8 @@ def clinician(node: NodeProcess, method: str, path: str, body: Any = None) -> An
 def fetch_zip(node: NodeProcess, task_id: str) -> dict[str, bytes]:
     req = urllib.request.Request(
         f"{node.local_url}/local/v1/adapters/pacs/fetches/{task_id}/study.zip",
-        headers={"Authorization": f"Bearer {node.token('clinician')}"})
+        headers={"Authorization": f"Bearer {node.token('clinician')}"},
+    )
     with urllib.request.urlopen(req, timeout=60) as r:
         data = r.read()
     with zipfile.ZipFile(io.BytesIO(data)) as zf:
@@ -263,10 +385,13 @@ def fetched(node: NodeProcess, peer: str, study: str) -> dict[str, Any]:
         return state if state["status"] in ("completed", "failed") else None
 
     return wait_for(finished, timeout=60, what="fetch to finish") | {
-        "task_id": asked["task_id"], "thread": asked["thread"]}
+        "task_id": asked["task_id"],
+        "thread": asked["thread"],
+    }
 
 
 # -- store, ImagingStudy, SR report --------------------------------------------------------------
+
 
 @pytest.mark.slow
 def test_pushed_study_becomes_imaging_study(site: Site) -> None:
@@ -299,8 +424,11 @@ def test_pushed_study_becomes_imaging_study(site: Site) -> None:
     series = {s["uid"]: s for s in study["series"]}
     ct, mr, sr = series[S1 + ".1"], series[S1 + ".2"], series[S1 + ".3"]
     assert (ct["number"], ct["modality"]["code"], ct["numberOfInstances"]) == (1, "CT", 1)
-    assert ct["bodySite"] == {"system": "http://snomed.info/sct", "code": "51185008",
-                              "display": "Thoracic structure"}
+    assert ct["bodySite"] == {
+        "system": "http://snomed.info/sct",
+        "code": "51185008",
+        "display": "Thoracic structure",
+    }
     assert (mr["number"], mr["modality"]["code"], mr["numberOfInstances"]) == (2, "MR", 2)
     assert mr["bodySite"]["code"] == "69536005"
     assert [i["number"] for i in mr["instance"]] == [1, 2]
@@ -328,11 +456,15 @@ def test_pushed_study_becomes_imaging_study(site: Site) -> None:
 
     # what the node holds is byte-identical to the PACS's files
     held = site.core.plan.data_dir / "adapters" / "pacs" / "studies" / S1
-    assert {p.stem: sha(p.read_bytes()) for p in held.glob("*/*.dcm")} == \
-        {sop: sha(p.read_bytes()) for sop, p in originals.items()}
+    assert {p.stem: sha(p.read_bytes()) for p in held.glob("*/*.dcm")} == {
+        sop: sha(p.read_bytes()) for sop, p in originals.items()
+    }
     # (other tests store other studies: this study's row is the one that counts its files)
-    stored = [r for r in audits(site.core, "imaging-study-stored")
-              if "3 series, 4 instances, 1 SR reports" in r.resource]
+    stored = [
+        r
+        for r in audits(site.core, "imaging-study-stored")
+        if "3 series, 4 instances, 1 SR reports" in r.resource
+    ]
     assert stored and {r.patient_hash for r in stored} == {patient_hash(key, NID1)}
 
 
@@ -344,22 +476,30 @@ def test_another_node_fetches_the_study_byte_identical(site: Site) -> None:
     assert result["progress"] == "4/4 instances" and result["files"] == 4
 
     got = fetch_zip(site.chc, result["task_id"])
-    assert {sop: sha(b) for sop, b in got.items()} == \
-        {sop: sha(p.read_bytes()) for sop, p in site.originals(S1).items()}
+    assert {sop: sha(b) for sop, b in got.items()} == {
+        sop: sha(p.read_bytes()) for sop, p in site.originals(S1).items()
+    }
 
     # chunked: the 39 KB CT and the rest travelled in several sealed packets on one thread
     t = AuditRecord.__table__  # type: ignore[attr-defined]
-    queued = read(site.core, lambda c: c.execute(select(t).where(
-        t.c.action == "queued", t.c.kind == "imaging.fetch-response",
-        t.c.thread == result["thread"])).all())
+    queued = read(
+        site.core,
+        lambda c: c.execute(
+            select(t).where(
+                t.c.action == "queued",
+                t.c.kind == "imaging.fetch-response",
+                t.c.thread == result["thread"],
+            )
+        ).all(),
+    )
     assert len(queued) >= 2
     key = site.core.plan.patient_hash_key
     assert {r.patient_hash for r in queued} == {patient_hash(key, NID1)}
-    served = [r for r in audits(site.core, "imaging-fetch-served")
-              if r.thread == result["thread"]]
+    served = [r for r in audits(site.core, "imaging-fetch-served") if r.thread == result["thread"]]
     assert len(served) == 1 and served[0].peer == "chc" and served[0].outcome == "0"
-    received = [r for r in audits(site.chc, "imaging-fetch-received")
-                if r.thread == result["thread"]]
+    received = [
+        r for r in audits(site.chc, "imaging-fetch-received") if r.thread == result["thread"]
+    ]
     assert len(received) == len(queued)
     assert {r.patient_hash for r in received} == {patient_hash(key, NID1)}
 
@@ -384,25 +524,37 @@ def test_a_reading_by_the_member_served_the_study_is_attached_to_it(site: Site) 
     site.s1_at_core()
     assert fetched(site.chc, "core", S1)["status"] == "completed"
     rid = study_resource_id(S1)
-    reading = {"resourceType": "DiagnosticReport", "id": "chc-reading-1", "status": "final",
-               "code": {"coding": [{"system": "http://loinc.org", "code": "24627-2"}],
-                        "text": "胸部CT"},
-               "subject": get(site.chc, "ImagingStudy", rid)["subject"],
-               "imagingStudy": [{"reference": f"ImagingStudy/{rid}", "identifier": {
-                   "system": "urn:dicom:uid", "value": f"urn:oid:{S1}"}}],
-               "conclusion": "双肺未见明显异常（远程阅片）。"}
-    site.chc.send("core", "result.imaging", [{"resourceType": "Bundle", "type": "collection",
-                                              "entry": [{"resource": reading}]}])
+    reading = {
+        "resourceType": "DiagnosticReport",
+        "id": "chc-reading-1",
+        "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "24627-2"}], "text": "胸部CT"},
+        "subject": get(site.chc, "ImagingStudy", rid)["subject"],
+        "imagingStudy": [
+            {
+                "reference": f"ImagingStudy/{rid}",
+                "identifier": {"system": "urn:dicom:uid", "value": f"urn:oid:{S1}"},
+            }
+        ],
+        "conclusion": "双肺未见明显异常（远程阅片）。",
+    }
+    site.chc.send(
+        "core",
+        "result.imaging",
+        [{"resourceType": "Bundle", "type": "collection", "entry": [{"resource": reading}]}],
+    )
 
     def shown() -> Any:
         got = clinician(site.core, "GET", f"/studies/{S1}/reports")
         return got if any(r["id"] == reading["id"] for r in got["reports"]) else None
+
     got = wait_for(shown, what="the reading attached to S1 at core")
     mine = [r for r in got["reports"] if r["from"] == "core"]
     theirs = [r for r in got["reports"] if r["from"] == "chc"]
     assert mine  # core's own reports on S1 (its SR, RIS reports) are listed beside it
-    assert [(r["id"], r["conclusion"], r["status"]) for r in theirs] == \
-        [(reading["id"], reading["conclusion"], "final")]
+    assert [(r["id"], r["conclusion"], r["status"]) for r in theirs] == [
+        (reading["id"], reading["conclusion"], "final")
+    ]
     stored = get(site.core, "DiagnosticReport", reading["id"])
     r4b(stored)
     assert stored["subject"] == get(site.core, "ImagingStudy", rid)["subject"]
@@ -414,13 +566,21 @@ def test_a_reading_by_the_member_served_the_study_is_attached_to_it(site: Site) 
 @pytest.mark.slow
 def test_query_then_fetch_retrieves_from_the_vendor_pacs(site: Site) -> None:
     found = clinician(site.core, "POST", "/query", {"patient_id": "FX0002"})["studies"]
-    assert found == [{"id": study_resource_id(S2), "study_uid": S2, "number_of_series": 2,
-                      "number_of_instances": 2}]
+    assert found == [
+        {
+            "id": study_resource_id(S2),
+            "study_uid": S2,
+            "number_of_series": 2,
+            "number_of_instances": 2,
+        }
+    ]
     study = get(site.core, "ImagingStudy", study_resource_id(S2))
     r4b(study)
     assert [m["code"] for m in study["modality"]] == ["CT", "MR"]
-    assert {s["uid"]: s["numberOfInstances"] for s in study["series"]} == \
-        {S2 + ".1": 1, S2 + ".2": 1}
+    assert {s["uid"]: s["numberOfInstances"] for s in study["series"]} == {
+        S2 + ".1": 1,
+        S2 + ".2": 1,
+    }
     assert study["series"][0]["bodySite"]["code"] == "113345001"
     key = site.core.plan.patient_hash_key
     assert row_hash(site.core, "ImagingStudy", study["id"]) == patient_hash(key, NID2)
@@ -430,12 +590,14 @@ def test_query_then_fetch_retrieves_from_the_vendor_pacs(site: Site) -> None:
     result = fetched(site.chc, "core", S2)
     assert result["status"] == "completed", result
     got = fetch_zip(site.chc, result["task_id"])
-    assert {sop: sha(b) for sop, b in got.items()} == \
-        {sop: sha(p.read_bytes()) for sop, p in site.originals(S2).items()}
+    assert {sop: sha(b) for sop, b in got.items()} == {
+        sop: sha(p.read_bytes()) for sop, p in site.originals(S2).items()
+    }
     # chc never had a record of this patient: its copy names the patient by the keyed hash
     at_chc = get(site.chc, "ImagingStudy", study_resource_id(S2))
-    assert at_chc["subject"] == {"identifier": {"system": fetch.HASH_SYSTEM,
-                                                "value": patient_hash(key, NID2)}}
+    assert at_chc["subject"] == {
+        "identifier": {"system": fetch.HASH_SYSTEM, "value": patient_hash(key, NID2)}
+    }
     full = get(site.core, "ImagingStudy", study_resource_id(S2))  # now from the C-GET files
     assert [len(s["instance"]) for s in full["series"]] == [1, 1]
 
@@ -464,16 +626,25 @@ def test_bad_instance_is_refused_and_quarantined(site: Site, tmp_path: Path) -> 
     mine = [q for q in held if q["source"] == "adapter:pacs" and q["kind"] == "imaging.instance"]
     assert mine and mine[0]["code"] == "HT-DICOM-REJECTED"
     assert mine[0]["message"] == f"instance {S1}.9.9: PatientID (0010,0020) is missing"
-    assert not (site.core.plan.data_dir / "adapters" / "pacs" / "studies" / S1 / (S1 + ".2")
-                / f"{S1}.9.9.dcm").exists()
+    assert not (
+        site.core.plan.data_dir
+        / "adapters"
+        / "pacs"
+        / "studies"
+        / S1
+        / (S1 + ".2")
+        / f"{S1}.9.9.dcm"
+    ).exists()
 
 
-ORU = ("MSH|^~\\&|RIS|FUXING|HUTONG|FUXING|20261120110000||ORU^R01|RIS-77|P|2.5.1||||||"
-       "UNICODE UTF-8\r"
-       "PID|||FX0001||Zhang^San\r"
-       "OBR|1||{acc}|71250^CT Chest^LN|||20261120093000|||||||||||||||||F\r"
-       "OBX|1|TX|59776-5^Findings^LN||右下肺见一枚约4mm结节。||||||F\r"
-       "OBX|2|TX|19005-8^Impression^LN||{imp}||||||F\r")
+ORU = (
+    "MSH|^~\\&|RIS|FUXING|HUTONG|FUXING|20261120110000||ORU^R01|RIS-77|P|2.5.1||||||"
+    "UNICODE UTF-8\r"
+    "PID|||FX0001||Zhang^San\r"
+    "OBR|1||{acc}|71250^CT Chest^LN|||20261120093000|||||||||||||||||F\r"
+    "OBX|1|TX|59776-5^Findings^LN||右下肺见一枚约4mm结节。||||||F\r"
+    "OBX|2|TX|19005-8^Impression^LN||{imp}||||||F\r"
+)
 
 
 @pytest.mark.slow
@@ -484,8 +655,11 @@ def test_hl7_oru_report_attaches_to_the_study(site: Site) -> None:
     r4b(report)
     assert report["conclusion"] == ORU_IMPRESSION
     assert report["imagingStudy"] == [{"reference": f"ImagingStudy/{study_resource_id(S1)}"}]
-    assert report["code"]["coding"][0] == {"system": "http://loinc.org", "code": "71250",
-                                           "display": "CT Chest"}
+    assert report["code"]["coding"][0] == {
+        "system": "http://loinc.org",
+        "code": "71250",
+        "display": "CT Chest",
+    }
     assert report["status"] == "final"
     assert report["effectiveDateTime"] == "2026-11-20T09:30:00+08:00"
 
@@ -501,8 +675,9 @@ def test_ris_report_is_read_by_its_msh18(site: Site) -> None:
     a GB 18030 report keeps its text; UTF-8 declared 8859/1 is refused naming the field."""
     site.s1_at_core()
     gb = ORU.replace("UNICODE UTF-8", "GB 18030-2000").replace("RIS-77", "RIS-80")
-    answer = _post_text(site.core,
-                        gb.format(acc="ACC-1001", imp="右下肺億结节。").encode("gb18030"))
+    answer = _post_text(
+        site.core, gb.format(acc="ACC-1001", imp="右下肺億结节。").encode("gb18030")
+    )
     assert get(site.core, "DiagnosticReport", answer["id"])["conclusion"] == "右下肺億结节。"
     latin = ORU.replace("UNICODE UTF-8", "8859/1").replace("RIS-77", "RIS-81")
     with pytest.raises(ApiError) as err:
@@ -518,16 +693,30 @@ def test_report_follows_an_open_referral_as_result_imaging(site: Site) -> None:
     (result.imaging, on the referral's thread); an identical re-sent message goes once."""
     site.s1_at_core()
     chc = site.alliance.node("chc")
-    chc.api("POST", "/local/v1/referrals", referral("up-exam", "core", national_id=NID1),
-            role="clinician")
-    thread = wait_for(lambda: next((r["thread"] for r in site.core.api(
-        "GET", "/local/v1/referrals") if r["status"] == "received"), None),
-        what="referral received at core")
+    chc.api(
+        "POST",
+        "/local/v1/referrals",
+        referral("up-exam", "core", national_id=NID1),
+        role="clinician",
+    )
+    thread = wait_for(
+        lambda: next(
+            (
+                r["thread"]
+                for r in site.core.api("GET", "/local/v1/referrals")
+                if r["status"] == "received"
+            ),
+            None,
+        ),
+        what="referral received at core",
+    )
     text = ORU.replace("RIS-77", "RIS-78").format(acc="ACC-1001", imp="右下肺结节较前无变化。")
     answer = _post_text(site.core, text)
     assert [(r["to"], r["thread"]) for r in answer["routed"]] == [("chc", thread)]
-    report = wait_for(lambda: read(chc, lambda c: _on_thread(c, answer["id"], thread)),
-                      what="the report at chc, on the referral's thread")
+    report = wait_for(
+        lambda: read(chc, lambda c: _on_thread(c, answer["id"], thread)),
+        what="the report at chc, on the referral's thread",
+    )
     r4b(report)
     mine = get(site.core, "DiagnosticReport", answer["id"])
     for field in ("status", "code", "conclusion", "effectiveDateTime", "imagingStudy"):
@@ -539,8 +728,7 @@ def test_report_follows_an_open_referral_as_result_imaging(site: Site) -> None:
     at_core = get(site.core, "ImagingStudy", study_resource_id(S1))
     for field in ("identifier", "numberOfSeries", "numberOfInstances", "modality", "started"):
         assert study.get(field) == at_core.get(field), field
-    assert read(chc, lambda c: fstore.get_row(c, "DiagnosticReport", answer["id"]).thread) == \
-        thread
+    assert read(chc, lambda c: fstore.get_row(c, "DiagnosticReport", answer["id"]).thread) == thread
     again = _post_text(site.core, text)
     assert again["repeated"] is True and again["routed"] == answer["routed"]
     sent = [a for a in audits(site.core, "queued") if a.kind == "result.imaging"]
@@ -550,8 +738,10 @@ def test_report_follows_an_open_referral_as_result_imaging(site: Site) -> None:
 def _on_thread(conn: Any, report_id: str, thread: str) -> dict[str, Any] | None:
     """The report as stored from the referral's thread (a fetch of the study by another test
     may have brought an earlier version of the same report, keyed by the accession)."""
-    if not fstore.exists(conn, "DiagnosticReport", report_id) or \
-            fstore.get_row(conn, "DiagnosticReport", report_id).thread != thread:
+    if (
+        not fstore.exists(conn, "DiagnosticReport", report_id)
+        or fstore.get_row(conn, "DiagnosticReport", report_id).thread != thread
+    ):
         return None
     return fstore.get(conn, "DiagnosticReport", report_id)
 
@@ -561,9 +751,14 @@ def _post_text(node: NodeProcess, text: str | bytes) -> Any:
 
     data = text.encode() if isinstance(text, str) else text
     req = urllib.request.Request(
-        f"{node.local_url}/local/v1/adapters/pacs/reports", method="POST", data=data,
-        headers={"Authorization": f"Bearer {node.token('clinician')}",
-                 "Content-Type": "application/hl7-v2"})
+        f"{node.local_url}/local/v1/adapters/pacs/reports",
+        method="POST",
+        data=data,
+        headers={
+            "Authorization": f"Bearer {node.token('clinician')}",
+            "Content-Type": "application/hl7-v2",
+        },
+    )
     try:
         with urllib.request.urlopen(req, timeout=30) as r:
             return json.loads(r.read())
@@ -577,8 +772,15 @@ def test_instances_held_before_a_crash_are_completed_at_start(site: Site) -> Non
     """C-STORE success is answered once the file is synced; if the node dies before the
     association ends, the next start builds the ImagingStudy from the files."""
     s3 = "1.2.826.0.1.3680043.8.498.3003"
-    ds = _instance("CT_small.dcm", study=s3, series=s3 + ".1", sop=s3 + ".1.1", series_no=1,
-                   inst_no=1, patient=("FX0001", "Zhang^San=张^三", NID1))
+    ds = _instance(
+        "CT_small.dcm",
+        study=s3,
+        series=s3 + ".1",
+        sop=s3 + ".1.1",
+        series_no=1,
+        inst_no=1,
+        patient=("FX0001", "Zhang^San=张^三", NID1),
+    )
     site.s1_at_core()
     site.core.kill()
     folder = site.core.plan.data_dir / "adapters" / "pacs" / "studies" / s3 / (s3 + ".1")
@@ -586,17 +788,22 @@ def test_instances_held_before_a_crash_are_completed_at_start(site: Site) -> Non
     ds.save_as(folder / f"{s3}.1.1.dcm", enforce_file_format=True)
     site.core.start()
     site.core.wait_ready()
-    study = wait_for(lambda: get(site.core, "ImagingStudy", study_resource_id(s3)),
-                     what="ImagingStudy rebuilt at start")
+    study = wait_for(
+        lambda: get(site.core, "ImagingStudy", study_resource_id(s3)),
+        what="ImagingStudy rebuilt at start",
+    )
     r4b(study)
     assert (study["numberOfSeries"], study["numberOfInstances"]) == (1, 1)
     first = get(site.core, "ImagingStudy", study_resource_id(S1))
     assert study["subject"] == first["subject"]  # the same patient, found by the keyed hash
-    assert get(site.core, "ImagingStudy", study_resource_id(S1))["meta"]["versionId"] == \
-        first["meta"]["versionId"]  # an up-to-date study is left alone
+    assert (
+        get(site.core, "ImagingStudy", study_resource_id(S1))["meta"]["versionId"]
+        == first["meta"]["versionId"]
+    )  # an up-to-date study is left alone
 
 
 # -- pure parts, no sockets ----------------------------------------------------------------------
+
 
 def test_dimse_status_translation_is_complete() -> None:
     assert status_error(0x0000, "C-STORE") is None
@@ -626,8 +833,11 @@ def test_fhir_datetime_and_oru_parsing() -> None:
     r4b(report)
     assert report["conclusion"] == "结论"
     # bytes are decoded by MSH-18; escapes are replaced after splitting; \.br\ is a newline
-    gb = ORU.replace("UNICODE UTF-8", "GB 18030-2000").format(
-        acc="A\\T\\2", imp="第一行\\.br\\第二行 \\S\\ 億").encode("gb18030")
+    gb = (
+        ORU.replace("UNICODE UTF-8", "GB 18030-2000")
+        .format(acc="A\\T\\2", imp="第一行\\.br\\第二行 \\S\\ 億")
+        .encode("gb18030")
+    )
     oru = parse_oru(gb, "+08:00")
     assert oru.accession == "A&2" and oru.texts[-1] == ("19005-8", "第一行\n第二行 ^ 億")
     utf8 = ORU.replace("UNICODE UTF-8", "8859/1").format(acc="A-1", imp="结论").encode()
@@ -677,51 +887,91 @@ def test_refused_imaging_reports_are_quarantined_under_their_patient(tmp_path: P
     from bridge.node import Node
     from bridge.store.tables import QUARANTINE
 
-    members = [dict(MEMBERS[0], adapters=[{"name": "pacs", "type": "pacs-dicom", "options": {
-        "bind": f"127.0.0.1:{free_port_block(1)}", "ae_title": "HUTONG"}}]), MEMBERS[1]]
+    members = [
+        dict(
+            MEMBERS[0],
+            adapters=[
+                {
+                    "name": "pacs",
+                    "type": "pacs-dicom",
+                    "options": {"bind": f"127.0.0.1:{free_port_block(1)}", "ae_title": "HUTONG"},
+                }
+            ],
+        ),
+        MEMBERS[1],
+    ]
     node = Node(load_node(Alliance(tmp_path / "alliance", members, RULES).files["core"]))
     try:
         pacs: Any = node.adapters["pacs"]
         host = pacs.host
         phash = patient_hash(node.plan.patient_hash_key, NID1)
         rid = study_resource_id(S1)
-        patient = {"resourceType": "Patient", "id": "p-fx1",
-                   "identifier": [{"system": pacs.pacs_id_system, "value": "FX0001"}]}
+        patient = {
+            "resourceType": "Patient",
+            "id": "p-fx1",
+            "identifier": [{"system": pacs.pacs_id_system, "value": "FX0001"}],
+        }
         with host.transaction() as tx:
             tx.put(patient, patient_hash=phash)
-            tx.put({"resourceType": "ImagingStudy", "id": rid, "status": "available",
-                    "subject": {"reference": "Patient/p-fx1"}}, patient_hash=phash)
-        report = {"resourceType": "DiagnosticReport", "id": "rpt-1", "status": "final",
-                  "code": {"text": "CT"}}
+            tx.put(
+                {
+                    "resourceType": "ImagingStudy",
+                    "id": rid,
+                    "status": "available",
+                    "subject": {"reference": "Patient/p-fx1"},
+                },
+                patient_hash=phash,
+            )
+        report = {
+            "resourceType": "DiagnosticReport",
+            "id": "rpt-1",
+            "status": "final",
+            "code": {"text": "CT"},
+        }
 
         def held() -> list[tuple[str, str | None, str | None]]:
             with node.ctx.store.read() as conn:
-                return [(r.message, r.patient_hash, r.kind) for r in conn.execute(
-                    select(QUARANTINE).order_by(QUARANTINE.c.id))]
+                return [
+                    (r.message, r.patient_hash, r.kind)
+                    for r in conn.execute(select(QUARANTINE).order_by(QUARANTINE.c.id))
+                ]
 
         def quarantine_audits() -> list[tuple[str | None, str]]:
             audit = AuditRecord.__table__  # type: ignore[attr-defined]
             with node.ctx.store.read() as conn:
-                return [(a.patient_hash, a.actor) for a in conn.execute(
-                    select(audit).where(audit.c.action == "quarantined").order_by(audit.c.seq))]
+                return [
+                    (a.patient_hash, a.actor)
+                    for a in conn.execute(
+                        select(audit).where(audit.c.action == "quarantined").order_by(audit.c.seq)
+                    )
+                ]
 
         # a member this PACS neither served the study to nor is a party of the thread
-        stray = ImagingReportEvent(key="P1:rpt-1", sender="chc", thread=None, study_uid=S1,
-                                   report=report)
+        stray = ImagingReportEvent(
+            key="P1:rpt-1", sender="chc", thread=None, study_uid=S1, report=report
+        )
         assert pacs.on_imaging_report(stray) is None
         assert pacs.on_imaging_report(stray) is None  # redelivered: not quarantined again
         # the party of the thread, but the report is not R4 once on our study
-        bad = ImagingReportEvent(key="P2:rpt-2", sender="chc", thread="t-1", study_uid=S1,
-                                 report={**report, "id": "rpt-2", "status": "nonsense"},
-                                 party=True)
+        bad = ImagingReportEvent(
+            key="P2:rpt-2",
+            sender="chc",
+            thread="t-1",
+            study_uid=S1,
+            report={**report, "id": "rpt-2", "status": "nonsense"},
+            party=True,
+        )
         assert pacs.on_imaging_report(bad) is None
         # RIS reports: on a study not held here (PID-3 names our Patient), and one unreadable
         for text in (ORU.format(acc="ACC-NONE", imp="x"), "MSH|^~\\&|RIS"):
             with pytest.raises(ReportRejected):
                 pacs.take_report(text, "ris")
         assert [(h, k) for _m, h, k in held()] == [
-            (phash, "imaging.report"), (phash, "imaging.report"), (phash, "imaging.report"),
-            (None, "imaging.report")]
+            (phash, "imaging.report"),
+            (phash, "imaging.report"),
+            (phash, "imaging.report"),
+            (None, "imaging.report"),
+        ]
         messages = [m for m, _h, _k in held()]
         assert "rpt-1 from chc" in messages[0] and "neither shared" in messages[0]
         assert "rpt-2 from chc is not valid FHIR R4" in messages[1]

@@ -39,8 +39,10 @@ MEMBERS = [
     {"id": "chc", "zh": "月坛社区卫生服务中心", "en": "Yuetan CHC", "role": "community"},
     {"id": "gw", "zh": "广外医院", "en": "Guangwai Hospital", "role": "secondary"},
 ]
-RULES = [{"from": "chc", "to": "core", "kinds": ["result.lab"]},
-         {"from": "chc", "to": "gw", "kinds": ["result.lab"]}]
+RULES = [
+    {"from": "chc", "to": "core", "kinds": ["result.lab"]},
+    {"from": "chc", "to": "gw", "kinds": ["result.lab"]},
+]
 SLOW_S = 0.4  # the receiver's slow point: each intake answers this long after its commit
 BATCH = 6
 
@@ -56,8 +58,16 @@ def configure(a: Alliance, node: str, section: str, **settings: object) -> None:
 def alliance(tmp_path: Path, k: int, members: int = 2) -> Alliance:
     """core, chc (the sender, k batches per peer) and with ``members=3`` also gw."""
     a = Alliance(tmp_path / f"alliance-k{k}", MEMBERS[:members], RULES[: members - 1])
-    configure(a, "chc", "delivery", batch_size=BATCH, per_peer_concurrency=k,
-              poll_interval_s=0.2, backoff_base_s=0.3, backoff_max_s=1.0)
+    configure(
+        a,
+        "chc",
+        "delivery",
+        batch_size=BATCH,
+        per_peer_concurrency=k,
+        poll_interval_s=0.2,
+        backoff_base_s=0.3,
+        backoff_max_s=1.0,
+    )
     return a
 
 
@@ -67,16 +77,18 @@ def up(*nodes: NodeProcess) -> None:
         node.wait_ready(timeout=90)
 
 
-def queue_interleaved(node: NodeProcess, to: str, threads: int, per_thread: int,
-                      tag: str) -> Ledger:
+def queue_interleaved(
+    node: NodeProcess, to: str, threads: int, per_thread: int, tag: str
+) -> Ledger:
     """Queue threads x per_thread packets in one request (one commit), the threads'
     packets interleaved: t0#0, t1#0, ..., t0#1, t1#1, ... A Ledger of what was queued."""
     items: list[dict[str, Any]] = []
     for i in range(per_thread):
         for t in range(threads):
             marker = f"{tag}-t{t}-{i}"
-            items.append({"to": to, "kind": "result.lab", "thread": f"{tag}-t{t}",
-                          "bundle": _bundle(marker)})
+            items.append(
+                {"to": to, "kind": "result.lab", "thread": f"{tag}-t{t}", "bundle": _bundle(marker)}
+            )
     res = node.api("POST", "/local/v1/packets", items, role="clinician")["results"]
     ledger = Ledger()
     for item, r in zip(items, res, strict=True):
@@ -110,7 +122,8 @@ def intakes(receiver: NodeProcess) -> list[tuple[datetime, set[datetime]]]:
     started: dict[datetime, int] = {}
     sealed: dict[datetime, set[datetime]] = defaultdict(set)
     for row_id, received_at, created_at in rows(
-            receiver, "SELECT id, received_at, created_at FROM inbox ORDER BY id"):
+        receiver, "SELECT id, received_at, created_at FROM inbox ORDER BY id"
+    ):
         at = _ts(received_at)
         started.setdefault(at, row_id)
         sealed[at].add(_ts(created_at))
@@ -137,8 +150,12 @@ def check_arrived_in_order(receiver: NodeProcess, ledger: Ledger) -> None:
     assert set(got) == ledger.threads
     for thread, ids in ledger.ids.items():
         assert got[thread] == ids, thread  # nothing of a thread overtook an older packet
-        seqs = [int(s) for (s,) in rows(
-            receiver, "SELECT seq FROM inbox WHERE thread = :t ORDER BY id", t=thread)]
+        seqs = [
+            int(s)
+            for (s,) in rows(
+                receiver, "SELECT seq FROM inbox WHERE thread = :t ORDER BY id", t=thread
+            )
+        ]
         assert seqs == list(range(1, len(ids) + 1)), thread
 
 
@@ -151,12 +168,15 @@ def all_answered(sender: NodeProcess) -> bool:
 def check_sent_once(sender: NodeProcess, to: str, ledger: Ledger) -> None:
     """Never in flight twice: one attempt and one 'sent' audit entry per packet."""
     wait_for(lambda: all_answered(sender), timeout=60, what="the sender to record every answer")
-    out = rows(sender, "SELECT packet_id, state, attempts FROM outbox WHERE recipient = :r",
-               r=to)
+    out = rows(sender, "SELECT packet_id, state, attempts FROM outbox WHERE recipient = :r", r=to)
     assert {(pid, state, attempts) for pid, state, attempts in out} == {
-        (pid, "acknowledged", 1) for pid in ledger.marker}
-    sent = Counter(pid for pid, peer in rows(
-        sender, "SELECT packet_id, peer FROM audit WHERE action = 'sent'") if peer == to)
+        (pid, "acknowledged", 1) for pid in ledger.marker
+    }
+    sent = Counter(
+        pid
+        for pid, peer in rows(sender, "SELECT packet_id, peer FROM audit WHERE action = 'sent'")
+        if peer == to
+    )
     assert sent == Counter(set(ledger.marker))
 
 
@@ -231,8 +251,9 @@ def test_a_fresh_connection_closed_without_an_answer_is_not_retried() -> None:
     assert len(seen) == 1  # one try: a fresh connection that fails is a real failure
 
 
-def test_four_batches_in_flight_each_thread_in_order(tmp_path: Path,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_four_batches_in_flight_each_thread_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """k = 4 to two peers at once. core is slow (HUTONG_FAULT_DELAY): it sees overlapping
     batches, and gets every packet once, in order within its thread, each sent once. gw
     refuses batches over its rate (HTTP 429, nothing of the batch taken): its refused
@@ -248,10 +269,16 @@ def test_four_batches_in_flight_each_thread_in_order(tmp_path: Path,
         up(core, chc, gw)
         slow = queue_interleaved(chc, "core", threads=16, per_thread=5, tag="slow")
         rated = queue_interleaved(chc, "gw", threads=12, per_thread=5, tag="rate")
-        wait_for(lambda: len(spooled(core)) >= slow.total, timeout=120,
-                 what="every packet at the slow peer's HIS")
-        wait_for(lambda: len(spooled(gw)) >= rated.total, timeout=120,
-                 what="every packet at the rate-limited peer's HIS")
+        wait_for(
+            lambda: len(spooled(core)) >= slow.total,
+            timeout=120,
+            what="every packet at the slow peer's HIS",
+        )
+        wait_for(
+            lambda: len(spooled(gw)) >= rated.total,
+            timeout=120,
+            what="every packet at the rate-limited peer's HIS",
+        )
 
         check_arrived_in_order(core, slow)
         check_sent_once(chc, "core", slow)
@@ -263,9 +290,13 @@ def test_four_batches_in_flight_each_thread_in_order(tmp_path: Path,
             per_stamp.update(stamps)
         assert max(per_stamp.values()) <= 4
 
-        refused = [peer for peer, resource in rows(
-            gw, "SELECT peer, resource FROM audit WHERE action = 'refused'")
-            if RateLimited.code in resource]
+        refused = [
+            peer
+            for peer, resource in rows(
+                gw, "SELECT peer, resource FROM audit WHERE action = 'refused'"
+            )
+            if RateLimited.code in resource
+        ]
         assert refused and set(refused) == {"chc"}  # some batches were refused, then taken
         check_arrived_in_order(gw, rated)
         check_sent_once(chc, "gw", rated)  # a 429 is not a failed attempt
@@ -284,8 +315,11 @@ def test_one_batch_in_flight_by_default(tmp_path: Path, monkeypatch: pytest.Monk
         chc.start()
         up(core, chc)
         ledger = queue_interleaved(chc, "core", threads=8, per_thread=3, tag="one")
-        wait_for(lambda: len(spooled(core)) >= ledger.total, timeout=120,
-                 what="every packet at the receiving HIS")
+        wait_for(
+            lambda: len(spooled(core)) >= ledger.total,
+            timeout=120,
+            what="every packet at the receiving HIS",
+        )
         assert len(intakes(core)) >= ledger.total // BATCH  # several batches
         assert overlaps(core) == 0
         assert split_rounds(core) == 0
@@ -296,16 +330,21 @@ def test_one_batch_in_flight_by_default(tmp_path: Path, monkeypatch: pytest.Monk
         stop_together(a)
 
 
-def test_receiver_killed_with_batches_in_flight(tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_receiver_killed_with_batches_in_flight(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The receiver dies after committing one batch, before answering it, while other
     partitions' batches are in flight: those fail, back off per partition and go again; the
     receiver takes nothing twice and every thread stays in order."""
     a = alliance(tmp_path, 4)
     chc, core = a.node("chc"), a.node("core")
     try:
-        start_with(core, monkeypatch, HUTONG_FAULT="intake.after_commit:2",
-                   HUTONG_FAULT_DELAY=f"intake.after_commit:{SLOW_S}")
+        start_with(
+            core,
+            monkeypatch,
+            HUTONG_FAULT="intake.after_commit:2",
+            HUTONG_FAULT_DELAY=f"intake.after_commit:{SLOW_S}",
+        )
         chc.start()
         up(core, chc)
         ledger = queue_interleaved(chc, "core", threads=12, per_thread=4, tag="kill")
@@ -314,8 +353,11 @@ def test_receiver_killed_with_batches_in_flight(tmp_path: Path,
         assert 0 < taken < ledger.total
         core.start()  # without the fault
         up(core)
-        wait_for(lambda: len(spooled(core)) >= ledger.total, timeout=120,
-                 what="every packet at the receiving HIS")
+        wait_for(
+            lambda: len(spooled(core)) >= ledger.total,
+            timeout=120,
+            what="every packet at the receiving HIS",
+        )
         check_arrived_in_order(core, ledger)
         check_delivered_once(core, ledger, chc, core)
         wait_for(lambda: all_answered(chc), timeout=60, what="the sender to record every answer")

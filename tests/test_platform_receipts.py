@@ -32,11 +32,14 @@ from bridge.store.tables import OUTBOX
 from tests.factory import bundle_bytes
 from tests.harness import Alliance
 
-MEMBERS = [{"id": "hub", "zh": "平台", "en": "Platform", "role": "platform"},
-           {"id": "core", "zh": "复兴医院", "en": "Fuxing Hospital", "role": "core",
-            "via": "hub"}]
-MEMBERS += [{"id": f"m-{i}", "zh": f"社区 {i}", "en": f"CHC {i}", "role": "community",
-             "via": "hub"} for i in (1, 2, 3)]
+MEMBERS = [
+    {"id": "hub", "zh": "平台", "en": "Platform", "role": "platform"},
+    {"id": "core", "zh": "复兴医院", "en": "Fuxing Hospital", "role": "core", "via": "hub"},
+]
+MEMBERS += [
+    {"id": f"m-{i}", "zh": f"社区 {i}", "en": f"CHC {i}", "role": "community", "via": "hub"}
+    for i in (1, 2, 3)
+]
 RULES = [{"from": f"m-{i}", "to": "core", "kinds": ["result.lab"]} for i in (1, 2, 3)]
 PACKETS = {"m-1": 3, "m-2": 2, "m-3": 2}
 
@@ -67,8 +70,7 @@ class _Member(BaseHTTPRequestHandler):
 @pytest.fixture
 def platform(tmp_path: Path) -> Iterator[dict[str, Any]]:
     alliance = Alliance(tmp_path / "alliance", MEMBERS, RULES)
-    ctxs = {m: NodeContext.open(load_node(alliance.files[m])) for m in ("hub", "core",
-                                                                         *PACKETS)}
+    ctxs = {m: NodeContext.open(load_node(alliance.files[m])) for m in ("hub", "core", *PACKETS)}
     servers: dict[str, Any] = {}
     with contextlib.ExitStack() as stack:
         for ctx in ctxs.values():
@@ -95,23 +97,52 @@ def _queue(ctxs: dict[str, NodeContext]) -> dict[str, list[str]]:
     for m, n in PACKETS.items():
         ctx = ctxs[m]
         with ctx.store.write() as conn:
-            queued = queue_packets(ctx, conn, [Outgoing("core", "result.lab", bundle_bytes(marker=
-                f"{m}-{i}")) for i in range(n)])
+            queued = queue_packets(
+                ctx,
+                conn,
+                [Outgoing("core", "result.lab", bundle_bytes(marker=f"{m}-{i}")) for i in range(n)],
+            )
         sent[m] = [q.packet_id for q in queued if q.packet_id]
         with ctx.store.read() as conn:
-            got = conn.execute(select(OUTBOX.c.packet_id, OUTBOX.c.thread, OUTBOX.c.seq,
-                                      OUTBOX.c.digest).where(OUTBOX.c.packet_id.in_(sent[m]))
-                               ).all()
+            got = conn.execute(
+                select(OUTBOX.c.packet_id, OUTBOX.c.thread, OUTBOX.c.seq, OUTBOX.c.digest).where(
+                    OUTBOX.c.packet_id.in_(sent[m])
+                )
+            ).all()
         for r in got:
             receipt = env.sign_receipt(
-                {"packet": r.packet_id, "sender": m, "recipient": "core", "receiver": "core",
-                 "status": "accepted", "code": None, "message": None, "at": now,
-                 "digest": r.digest}, core.signing_key)
-            rows.append({"packet_id": f"receipt:{r.packet_id}", "origin": "receipt",
-                         "sender": "hub", "recipient": m, "next_hop": m, "kind": "receipt",
-                         "thread": r.thread, "seq": r.seq, "digest": "", "size": len(receipt),
-                         "state": "queued", "attempts": 0, "created_at": now,
-                         "next_try_at": now, "frame": receipt})
+                {
+                    "packet": r.packet_id,
+                    "sender": m,
+                    "recipient": "core",
+                    "receiver": "core",
+                    "status": "accepted",
+                    "code": None,
+                    "message": None,
+                    "at": now,
+                    "digest": r.digest,
+                },
+                core.signing_key,
+            )
+            rows.append(
+                {
+                    "packet_id": f"receipt:{r.packet_id}",
+                    "origin": "receipt",
+                    "sender": "hub",
+                    "recipient": m,
+                    "next_hop": m,
+                    "kind": "receipt",
+                    "thread": r.thread,
+                    "seq": r.seq,
+                    "digest": "",
+                    "size": len(receipt),
+                    "state": "queued",
+                    "attempts": 0,
+                    "created_at": now,
+                    "next_try_at": now,
+                    "frame": receipt,
+                }
+            )
     with hub.store.write() as conn:
         conn.execute(insert(OUTBOX), rows)
     return sent
@@ -125,9 +156,9 @@ def _states(ctx: NodeContext, **where: str) -> dict[str, tuple[str, int]]:
         return {r.packet_id: (r.state, r.attempts) for r in conn.execute(stmt)}
 
 
-def test_every_members_receipts_go_in_one_round_and_one_commit(platform: dict[str, Any],
-                                                                 monkeypatch: pytest.MonkeyPatch
-                                                                 ) -> None:
+def test_every_members_receipts_go_in_one_round_and_one_commit(
+    platform: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
     ctxs, servers = platform["ctx"], platform["servers"]
     hub = ctxs["hub"]
     sent = _queue(ctxs)
@@ -151,36 +182,42 @@ def test_every_members_receipts_go_in_one_round_and_one_commit(platform: dict[st
         assert (report.sent, report.failed) == (5, 2)
         assert "HTTP 503" in (report.error or "")
         assert len(writes) == 1  # m-1's, m-2's and m-3's outcomes: one transaction
-        assert (servers["m-1"].posts, servers["m-2"].posts, servers["m-3"].posts) == (
-            [3], [2], [])
+        assert (servers["m-1"].posts, servers["m-2"].posts, servers["m-3"].posts) == ([3], [2], [])
         # each member recorded core's receipt on its own outbox row
         for m in ("m-1", "m-2"):
-            assert _states(ctxs[m], origin="local") == {
-                p: ("acknowledged", 0) for p in sent[m]}
+            assert _states(ctxs[m], origin="local") == {p: ("acknowledged", 0) for p in sent[m]}
         assert _states(ctxs["m-3"], origin="local") == {p: ("queued", 0) for p in sent["m-3"]}
         # at the hub: taken ones acknowledged; m-3's back off, still queued, tried once
         hub_rows = _states(hub, origin="receipt")
         assert hub_rows == {
             **{f"receipt:{p}": ("acknowledged", 1) for p in sent["m-1"] + sent["m-2"]},
-            **{f"receipt:{p}": ("queued", 1) for p in sent["m-3"]}}
+            **{f"receipt:{p}": ("queued", 1) for p in sent["m-3"]},
+        }
         with hub.store.read() as conn:
-            waits = conn.execute(select(OUTBOX.c.next_try_at, OUTBOX.c.last_error)
-                                 .where(OUTBOX.c.next_hop == "m-3")).all()
-        assert all(w.next_try_at > datetime.now(UTC) - timedelta(seconds=1) and
-                   "HTTP 503" in w.last_error for w in waits)
+            waits = conn.execute(
+                select(OUTBOX.c.next_try_at, OUTBOX.c.last_error).where(OUTBOX.c.next_hop == "m-3")
+            ).all()
+        assert all(
+            w.next_try_at > datetime.now(UTC) - timedelta(seconds=1) and "HTTP 503" in w.last_error
+            for w in waits
+        )
         # nothing due: the next round reads, posts nothing and writes nothing
         assert job.run_once().sent == 0
         assert len(writes) == 1
         # m-3 back; once its backoff has passed, its receipts go (and only they)
         servers["m-3"].down = False
         with hub.store.write() as conn:
-            conn.execute(OUTBOX.update().where(OUTBOX.c.next_hop == "m-3")
-                         .values(next_try_at=datetime.now(UTC) - timedelta(seconds=1)))
+            conn.execute(
+                OUTBOX.update()
+                .where(OUTBOX.c.next_hop == "m-3")
+                .values(next_try_at=datetime.now(UTC) - timedelta(seconds=1))
+            )
         assert job.run_once().sent == 2
         assert (servers["m-1"].posts, servers["m-3"].posts) == ([3], [2])
-        assert _states(ctxs["m-3"], origin="local") == {
-            p: ("acknowledged", 0) for p in sent["m-3"]}
-        assert set(_states(hub, origin="receipt").values()) == {("acknowledged", 1),
-                                                                ("acknowledged", 2)}
+        assert _states(ctxs["m-3"], origin="local") == {p: ("acknowledged", 0) for p in sent["m-3"]}
+        assert set(_states(hub, origin="receipt").values()) == {
+            ("acknowledged", 1),
+            ("acknowledged", 2),
+        }
     finally:
         job.close()

@@ -35,13 +35,27 @@ def centre(tmp_path: Path) -> Any:
     maps = tmp_path / "mappings" / "yuetan-chc"
     shutil.copytree(ROOT / "mappings" / "yuetan-chc" / "codes", maps / "codes")
     core, chc = MEMBERS
-    members = [core, {**chc, "adapters": [{
-        "name": "his", "type": "his-hl7", "mappings": str(maps), "receives": ["referral.*"],
-        "options": {"listen": f"127.0.0.1:{ports}", "his": f"127.0.0.1:{ports + 1}",
-                    "charset": "GB 18030-2000"}}]}]
+    members = [
+        core,
+        {
+            **chc,
+            "adapters": [
+                {
+                    "name": "his",
+                    "type": "his-hl7",
+                    "mappings": str(maps),
+                    "receives": ["referral.*"],
+                    "options": {
+                        "listen": f"127.0.0.1:{ports}",
+                        "his": f"127.0.0.1:{ports + 1}",
+                        "charset": "GB 18030-2000",
+                    },
+                }
+            ],
+        },
+    ]
     alliance = Alliance(tmp_path / "alliance", members, RULES)
-    his = VendorHis(tmp_path / "chc-his.sqlite", f"127.0.0.1:{ports}",
-                    charset_name="GB 18030-2000")
+    his = VendorHis(tmp_path / "chc-his.sqlite", f"127.0.0.1:{ports}", charset_name="GB 18030-2000")
     try:
         alliance.start("fuxing", "yuetan-chc")
         yield alliance, his, maps / "codes" / "diagnosis.csv"
@@ -50,8 +64,11 @@ def centre(tmp_path: Path) -> Any:
 
 
 def held(node: Any, state: str = "held") -> list[dict[str, Any]]:
-    return [q for q in node.api("GET", f"/local/v1/quarantine?state={state}")
-            if q["source"] == "adapter:his"]
+    return [
+        q
+        for q in node.api("GET", f"/local/v1/quarantine?state={state}")
+        if q["source"] == "adapter:his"
+    ]
 
 
 def test_hl7_referral_replayed_after_the_code_is_added(centre: Any) -> None:
@@ -84,12 +101,14 @@ def test_hl7_referral_replayed_after_the_code_is_added(centre: Any) -> None:
     def arrived() -> dict[str, Any] | None:
         rows = core.api("GET", "/local/v1/referrals")
         return rows[0] if rows else None
+
     row = wait_for(arrived, timeout=60, what="the replayed referral at the core")
     sr = core.api("GET", f"/fhir/ServiceRequest/{row['sr_id']}", role="clinician")
     assert sr["requisition"]["value"] == s.slip_no
     assert [(c["system"], c["code"]) for c in sr["reasonCode"][0]["coding"]] == [
         ("http://hl7.org/fhir/sid/icd-10", "I12.9"),
-        ("http://hutong.dev/CodeSystem/yuetan-chc/diagnosis", UNLISTED)]
+        ("http://hutong.dev/CodeSystem/yuetan-chc/diagnosis", UNLISTED),
+    ]
 
     # the HIS resends the message it once got a NAK for: AA now, nothing new
     assert his.refer(s, control_id="RP-0001").code == "AA"
@@ -97,8 +116,7 @@ def test_hl7_referral_replayed_after_the_code_is_added(centre: Any) -> None:
     assert len(core.api("GET", "/local/v1/referrals")) == 1
     # replaying a replayed item is refused; both tries are in the audit chain
     assert chc.api("POST", f"/local/v1/quarantine/{item['id']}/replay")["ok"] is False
-    rows = list(csv.DictReader(io.StringIO(chc.cli("audit", "export", "--format",
-                                                    "csv").stdout)))
+    rows = list(csv.DictReader(io.StringIO(chc.cli("audit", "export", "--format", "csv").stdout)))
     assert [r["outcome"] for r in rows if r["action"] == "replayed"] == ["4", "0"]
     assert chc.cli("audit", "verify").returncode == 0
 
@@ -116,32 +134,52 @@ def test_lis_message_replayed_after_the_charset_is_fixed(tmp_path: Path) -> None
     raw = GBK.replace(b"|CHN|GB18030\r", b"|CHN|\r")
     assert raw != GBK
     port = free_port_block(1)
-    members = [{"id": "core", "zh": "复兴医院", "en": "Fuxing Hospital", "role": "core",
-                "adapters": [{"name": "lis", "type": "lis-hl7",
-                              "mappings": str(write_site(tmp_path / "mappings" / "fxlab")),
-                              "options": {"port": port, "default_charset": "UTF-8"}}]},
-               {"id": "chc", "zh": "月坛社区卫生服务中心", "en": "Yuetan CHC",
-                "role": "community"}]
-    alliance = Alliance(tmp_path / "alliance", members,
-                        [{"from": "core", "to": "chc", "kinds": ["result.lab"]}])
+    members = [
+        {
+            "id": "core",
+            "zh": "复兴医院",
+            "en": "Fuxing Hospital",
+            "role": "core",
+            "adapters": [
+                {
+                    "name": "lis",
+                    "type": "lis-hl7",
+                    "mappings": str(write_site(tmp_path / "mappings" / "fxlab")),
+                    "options": {"port": port, "default_charset": "UTF-8"},
+                }
+            ],
+        },
+        {"id": "chc", "zh": "月坛社区卫生服务中心", "en": "Yuetan CHC", "role": "community"},
+    ]
+    alliance = Alliance(
+        tmp_path / "alliance", members, [{"from": "core", "to": "chc", "kinds": ["result.lab"]}]
+    )
     node = alliance.node("core")
     store = Store(node.plan.storage_dsn)
 
     def reports() -> list[bytes]:
         with store.read() as conn:
-            return [r.body for r in conn.execute(select(FHIR_RESOURCE.c.body).where(
-                FHIR_RESOURCE.c.rtype == "DiagnosticReport"))]
+            return [
+                r.body
+                for r in conn.execute(
+                    select(FHIR_RESOURCE.c.body).where(FHIR_RESOURCE.c.rtype == "DiagnosticReport")
+                )
+            ]
+
     try:
         alliance.start("core")
         (ack,) = send(port, raw)
         assert msa(ack)[:2] == ("AR", "YT-000042")
-        (item,) = [q for q in node.api("GET", "/local/v1/quarantine")
-                   if q["source"] == "adapter:lis"]
+        (item,) = [
+            q for q in node.api("GET", "/local/v1/quarantine") if q["source"] == "adapter:lis"
+        ]
         assert item["code"] == "HT-LIS-ENCODING" and reports() == []
         toml = node.config.read_text(encoding="utf-8")
         assert toml.count('"default_charset" = "UTF-8"') == 1
-        node.config.write_text(toml.replace('"default_charset" = "UTF-8"',
-                                            '"default_charset" = "GB18030"'), encoding="utf-8")
+        node.config.write_text(
+            toml.replace('"default_charset" = "UTF-8"', '"default_charset" = "GB18030"'),
+            encoding="utf-8",
+        )
         node.stop()
         node.start()
         node.wait_ready()

@@ -26,12 +26,15 @@ MEMBERS = [
     {"id": "chc", "zh": "月坛社区卫生服务中心", "en": "Yuetan CHC", "role": "community"},
     {"id": "sec", "zh": "广外医院", "en": "Guangwai Hospital", "role": "secondary"},
 ]
-RULES = [{"from": "chc", "to": "core", "kinds": ["result.lab"]},
-         {"from": "sec", "to": "core", "kinds": ["result.lab"]}]
+RULES = [
+    {"from": "chc", "to": "core", "kinds": ["result.lab"]},
+    {"from": "sec", "to": "core", "kinds": ["result.lab"]},
+]
 RATE, BURST = 4, 10  # a batch of 10 empties the bucket; the next needs 2.5 s of refill
 
 
 # -- the bucket alone (fake clock) ---------------------------------------------------------------
+
 
 class Clock:
     def __init__(self) -> None:
@@ -74,13 +77,15 @@ def test_bucket_is_per_peer_and_all_or_nothing():
 
 # -- real nodes -----------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def alliance(tmp_path_factory: pytest.TempPathFactory):
     a = Alliance(tmp_path_factory.mktemp("ratelimit") / "alliance", MEMBERS, RULES)
     core, chc = a.files["core"], a.files["chc"]
     assert "[limits]" not in core.read_text() and "[delivery]" not in chc.read_text()
-    core.write_text(core.read_text() + f"\n[limits]\npeer_rate_per_s = {RATE}\n"
-                                       f"peer_burst = {BURST}\n")
+    core.write_text(
+        core.read_text() + f"\n[limits]\npeer_rate_per_s = {RATE}\npeer_burst = {BURST}\n"
+    )
     chc.write_text(chc.read_text() + "\n[delivery]\nbatch_size = 10\n")
     a.start("core")
     yield a
@@ -91,11 +96,10 @@ def rate_audits(core: NodeProcess, peer: str) -> list[tuple[str, str, str | None
     """(action, outcome, error code, outcomeDesc) of the rate refusals audited for a peer."""
     out = []
     for action, outcome, resource in rows(
-            core, "SELECT action, outcome, resource FROM audit WHERE peer = :p ORDER BY seq",
-            p=peer):
+        core, "SELECT action, outcome, resource FROM audit WHERE peer = :p ORDER BY seq", p=peer
+    ):
         event = json.loads(resource)
-        codes = [e["valueCode"] for e in event.get("extension", [])
-                 if e["url"] == CODE_EXTENSION]
+        codes = [e["valueCode"] for e in event.get("extension", []) if e["url"] == CODE_EXTENSION]
         if codes == ["HT-PKT-RATE"]:
             out.append((action, outcome, codes[0], event.get("outcomeDesc", "")))
     return out
@@ -105,16 +109,30 @@ def sec_frames(a: Alliance, n: int, thread: str) -> list[bytes]:
     sec = a.node("sec").plan
     key = load_signing_key(sec.keys.signing, sec.keys.passphrase)
     core_pub = a.node("core").plan.directory["core"].encryption_keys[0]
-    return [env.seal(bundle_bytes(), sender="sec", recipient="core", kind="result.lab",
-                     thread=thread, seq=i, signing_key=key, recipient_key=core_pub)
-            for i in range(1, n + 1)]
+    return [
+        env.seal(
+            bundle_bytes(),
+            sender="sec",
+            recipient="core",
+            kind="result.lab",
+            thread=thread,
+            seq=i,
+            signing_key=key,
+            recipient_key=core_pub,
+        )
+        for i in range(1, n + 1)
+    ]
 
 
 def raw_post(node: NodeProcess, frames: list[bytes]) -> tuple[int, str | None, bytes]:
     conn = http.client.HTTPConnection(node.plan.peer_host, node.plan.peer_port, timeout=30)
     try:
-        conn.request("POST", "/exchange/v1/packets", body=env.encode_batch(frames),
-                     headers={"Content-Type": "application/x-hutong-batch"})
+        conn.request(
+            "POST",
+            "/exchange/v1/packets",
+            body=env.encode_batch(frames),
+            headers={"Content-Type": "application/x-hutong-batch"},
+        )
         resp = conn.getresponse()
         return resp.status, resp.getheader("Retry-After"), resp.read()
     finally:
@@ -122,8 +140,9 @@ def raw_post(node: NodeProcess, frames: list[bytes]) -> tuple[int, str | None, b
 
 
 def inbox_ids(core: NodeProcess, sender: str) -> Counter[str]:
-    return Counter(p for (p,) in rows(core, "SELECT packet_id FROM inbox WHERE sender = :s",
-                                      s=sender))
+    return Counter(
+        p for (p,) in rows(core, "SELECT packet_id FROM inbox WHERE sender = :s", s=sender)
+    )
 
 
 @pytest.mark.slow
@@ -132,8 +151,9 @@ def test_over_rate_peer_gets_429_with_code_and_one_audit_per_episode(alliance: A
     first, second, third = (sec_frames(alliance, 10, t) for t in ("s1", "s2", "s3"))
     status, _, _ = raw_post(core, first)
     assert status == 200
-    assert inbox_ids(core, "sec") == Counter(env.decode(f, max_body=1 << 30).header.id
-                                             for f in first)
+    assert inbox_ids(core, "sec") == Counter(
+        env.decode(f, max_body=1 << 30).header.id for f in first
+    )
     refused = [raw_post(core, second) for _ in range(3)]  # the bucket is empty: 2.5 s to refill
     for status, retry_after, body in refused:
         assert status == 429
@@ -153,6 +173,7 @@ def test_over_rate_peer_gets_429_with_code_and_one_audit_per_episode(alliance: A
     # the same batch sent again once the bucket has refilled is taken, each packet once
     conn = PeerConnection(core.peer_url)
     try:
+
         def resend() -> bool:
             try:
                 conn.post_batch(env.encode_batch(second))
@@ -160,6 +181,7 @@ def test_over_rate_peer_gets_429_with_code_and_one_audit_per_episode(alliance: A
                 assert exc.retry_after > 0
                 return False
             return True
+
         wait_for(resend, timeout=30, every=0.5, what="second batch taken")
     finally:
         conn.close()
@@ -179,12 +201,18 @@ def test_real_sender_backs_off_and_delivers_everything_once_in_order(alliance: A
     try:
         sent: dict[str, list[str]] = {}
         for thread in ("rl-a", "rl-b"):
-            sent[thread] = chc.send("core", "result.lab",
-                                    [bundle(marker=f"{thread}-{i}") for i in range(20)],
-                                    thread=thread)
+            sent[thread] = chc.send(
+                "core",
+                "result.lab",
+                [bundle(marker=f"{thread}-{i}") for i in range(20)],
+                thread=thread,
+            )
         total = sum(len(v) for v in sent.values())
-        wait_for(lambda: len([f for f in spooled(core) if f.parent.name.startswith("rl-")])
-                 >= total, timeout=120, what="all 40 packets at core's HIS")
+        wait_for(
+            lambda: len([f for f in spooled(core) if f.parent.name.startswith("rl-")]) >= total,
+            timeout=120,
+            what="all 40 packets at core's HIS",
+        )
         got: dict[str, list[tuple[int, str]]] = defaultdict(list)
         for f in spooled(core):
             if f.parent.name.startswith("rl-"):
@@ -200,8 +228,12 @@ def test_real_sender_backs_off_and_delivers_everything_once_in_order(alliance: A
         audits = rate_audits(core, "chc")
         assert 1 <= len(audits) <= 3
         assert {(a, o, c) for a, o, c, _ in audits} == {("refused", "4", "HT-PKT-RATE")}
-        received = Counter(p for (p,) in rows(core, "SELECT packet_id FROM audit "
-                                                    "WHERE action = 'received' AND peer = 'chc'"))
+        received = Counter(
+            p
+            for (p,) in rows(
+                core, "SELECT packet_id FROM audit WHERE action = 'received' AND peer = 'chc'"
+            )
+        )
         assert received == Counter(p for v in sent.values() for p in v)
     finally:
         chc.stop()

@@ -60,11 +60,13 @@ def thread_resources(node: NodeProcess, thread: str, rtype: str) -> list[dict[st
 def both(pair: Alliance, thread: str, status: str, step: str | None = None) -> None:
     def same() -> bool:
         got = [state(pair.node(n), thread) for n in ("chc", "core")]
-        return all(g and g["status"] == status and (step is None or g["step"] == step)
-                   for g in got)
+        return all(g and g["status"] == status and (step is None or g["step"] == step) for g in got)
+
     wait_for(same, timeout=30, what=f"both sides at {status}/{step}")
-    tasks = [resource(pair.node(n), "Task", state(pair.node(n), thread)["task_id"])
-             for n in ("chc", "core")]
+    tasks = [
+        resource(pair.node(n), "Task", state(pair.node(n), thread)["task_id"])
+        for n in ("chc", "core")
+    ]
     assert tasks[0]["status"] == tasks[1]["status"] == status
 
 
@@ -114,7 +116,11 @@ def test_inpatient_up_referral_full_loop(pair: Alliance) -> None:
     both(pair, thread, "accepted", "scheduled")
     task = resource(chc, "Task", state(chc, thread)["task_id"])
     assert [o.get("valueString") or o.get("valueDateTime") for o in task["output"]] == [
-        "心内科 12床", "心血管内科", "张主任", "2026-11-21T10:00:00+08:00"]
+        "心内科 12床",
+        "心血管内科",
+        "张主任",
+        "2026-11-21T10:00:00+08:00",
+    ]
     fill = [i for i in task["identifier"] if i["type"]["coding"][0]["code"] == "FILL"]
     assert len(fill) == 1 and fill[0]["value"].startswith("JZ")
     step(core, thread, "arrive")
@@ -128,22 +134,26 @@ def test_inpatient_up_referral_full_loop(pair: Alliance) -> None:
     assert "氨氯地平" in comps[0]["section"][0]["text"]["div"]
     reports = thread_resources(chc, thread, "DiagnosticReport")
     assert len(reports) == 1 and len(reports[0]["result"]) == 2
-    values = sorted(o["valueQuantity"]["value"] for o in thread_resources(chc, thread,
-                                                                          "Observation"))
+    values = sorted(
+        o["valueQuantity"]["value"] for o in thread_resources(chc, thread, "Observation")
+    )
     assert values == [5.4, 8.9]
     meds = thread_resources(chc, thread, "MedicationRequest")
     assert meds[0]["medicationCodeableConcept"]["coding"][0]["display"] == "氨氯地平片 5mg"
     # references in what arrived point at the referrer's own patient record
     chc_patient = resource(chc, "Task", state(chc, thread)["task_id"])["for"]["reference"]
-    assert {o["subject"]["reference"] for o in thread_resources(chc, thread, "Observation")} \
-        == {chc_patient}
+    assert {o["subject"]["reference"] for o in thread_resources(chc, thread, "Observation")} == {
+        chc_patient
+    }
     # every step is in both audit chains
     for node in (chc, core):
         rows = node.cli("audit", "export", "--format", "ndjson").stdout.splitlines()
         events = [e for e in map(orjson.loads, rows) if _thread(e) == thread]
         steps = {x["valueString"] for e in events for x in _ext(e) if x["url"].endswith("event")}
-        assert {"request", "received", "accept", "arrive", "return",
-                "return-received"} <= steps, (node.node_id, steps)
+        assert {"request", "received", "accept", "arrive", "return", "return-received"} <= steps, (
+            node.node_id,
+            steps,
+        )
         assert node.cli("audit", "verify").returncode == 0
 
 
@@ -153,8 +163,12 @@ def test_other_up_kinds_complete(pair: Alliance, kind: str) -> None:
     thread = new_thread(chc, referral(kind, "core", icd10="E11"))
     both(pair, thread, "received")
     assert state(chc, thread)["pilot"] == "diabetes"
-    step(core, thread, "accept", outputs=[{"type": {"text": "appointment"},
-                                          "valueDateTime": "2026-11-22T08:00:00+08:00"}])
+    step(
+        core,
+        thread,
+        "accept",
+        outputs=[{"type": {"text": "appointment"}, "valueDateTime": "2026-11-22T08:00:00+08:00"}],
+    )
     step(core, thread, "arrive")
     both(pair, thread, "in-progress")
     here = state(core, thread)
@@ -172,16 +186,23 @@ def test_down_referral_from_core_to_community_completes(pair: Alliance, kind: st
     both(pair, thread, "received")
     assert state(core, thread)["pilot"] == "cerebrovascular"
     assert state(chc, thread)["side"] == "receiver"
-    step(chc, thread, "accept", outputs=[{"type": {"text": "doctor"},
-                                         "valueString": "社区全科 刘医生"}])
+    step(
+        chc,
+        thread,
+        "accept",
+        outputs=[{"type": {"text": "doctor"}, "valueString": "社区全科 刘医生"}],
+    )
     both(pair, thread, "accepted")
     step(chc, thread, "arrive")
     here = state(chc, thread)
     task = resource(chc, "Task", here["task_id"])
     submit(chc, return_bundle(here["sr_id"], task["for"]["reference"], discharge=False))
     both(pair, thread, "completed", "return-received")
-    assert [c["title"] for c in thread_resources(core, thread, "Composition")
-            if c["title"] == "出院小结"] == ["出院小结"]
+    assert [
+        c["title"]
+        for c in thread_resources(core, thread, "Composition")
+        if c["title"] == "出院小结"
+    ] == ["出院小结"]
 
 
 def test_rejection_with_reason(pair: Alliance) -> None:
@@ -249,21 +270,24 @@ def _thread(event: dict[str, Any]) -> str | None:
     return None
 
 
-
-
 def test_unaccepted_referral_raises_a_reminder(tmp_path: Path) -> None:
     a = Alliance(tmp_path / "alliance", MEMBERS, RULES)
     core_file = a.files["core"]
-    core_file.write_text(core_file.read_text() + (
-        "\n[referral]\naccept_timeout_s = 1.0\ngreen_channel_timeout_s = 0.5\n"
-        "reminder_every_s = 0.5\n"))
+    core_file.write_text(
+        core_file.read_text()
+        + (
+            "\n[referral]\naccept_timeout_s = 1.0\ngreen_channel_timeout_s = 0.5\n"
+            "reminder_every_s = 0.5\n"
+        )
+    )
     a.start("core", "chc")
     try:
         chc, core = a.node("chc"), a.node("core")
         thread = new_thread(chc, referral("up-outpatient", "core", priority="stat"))
         assert state(chc, thread)["green_channel"] is True
-        reminders = wait_for(lambda: core.api("GET", "/local/v1/reminders"), timeout=20,
-                             what="a reminder")
+        reminders = wait_for(
+            lambda: core.api("GET", "/local/v1/reminders"), timeout=20, what="a reminder"
+        )
         assert [r["thread"] for r in reminders] == [thread]
         assert reminders[0]["status"] == "received"
         rows = core.cli("audit", "export", "--format", "csv").stdout

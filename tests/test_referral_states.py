@@ -26,8 +26,10 @@ MEMBERS = [
     {"id": "chc", "zh": "月坛社区卫生服务中心", "en": "Yuetan CHC", "role": "community"},
 ]
 KINDS = ["referral.request", "referral.status", "referral.cancel", "referral.return"]
-RULES = [{"from": "chc", "to": "core", "kinds": KINDS},
-         {"from": "core", "to": "chc", "kinds": KINDS}]
+RULES = [
+    {"from": "chc", "to": "core", "kinds": KINDS},
+    {"from": "core", "to": "chc", "kinds": KINDS},
+]
 
 
 class Side:
@@ -39,13 +41,19 @@ class Side:
     def take_outbox(self) -> list[Delivery]:
         """Queued packets, as the other side's dispatcher would hand them over."""
         with self.ctx.store.write() as conn:
-            rows = conn.execute(select(OUTBOX).where(OUTBOX.c.state == "queued")
-                                .order_by(OUTBOX.c.id)).all()
-            conn.execute(update(OUTBOX).where(OUTBOX.c.state == "queued")
-                         .values(state="acknowledged"))
+            rows = conn.execute(
+                select(OUTBOX).where(OUTBOX.c.state == "queued").order_by(OUTBOX.c.id)
+            ).all()
+            conn.execute(
+                update(OUTBOX).where(OUTBOX.c.state == "queued").values(state="acknowledged")
+            )
         self.emitted += [r.body for r in rows]
-        return [Delivery(r.packet_id, r.sender, r.kind, r.thread, r.seq, r.patient_hash,
-                         r.created_at, r.body) for r in rows]
+        return [
+            Delivery(
+                r.packet_id, r.sender, r.kind, r.thread, r.seq, r.patient_hash, r.created_at, r.body
+            )
+            for r in rows
+        ]
 
     def state(self, thread: str) -> tuple[str, str]:
         row = next(r for r in self.wf.list() if r["thread"] == thread)
@@ -54,8 +62,9 @@ class Side:
 
 @pytest.fixture
 def sides(tmp_path: Path) -> tuple[Side, Side]:
-    files = write_alliance(tmp_path / "a", MEMBERS, RULES, base_port_local=31000,
-                           base_port_peer=32000)
+    files = write_alliance(
+        tmp_path / "a", MEMBERS, RULES, base_port_local=31000, base_port_peer=32000
+    )
     chc, core = Side(files["chc"]), Side(files["core"])
     yield chc, core
     for s in (chc, core):
@@ -130,12 +139,14 @@ def test_cancel_before_arrival_is_confirmed_by_the_receiver(sides: tuple[Side, S
 def test_every_emitted_bundle_is_valid_r4(sides: tuple[Side, Side]) -> None:
     chc, core = sides
     thread = start(chc, core)
-    core.wf.step(thread, "accept", "test", outputs=[{"type": {"text": "bed"},
-                                                     "valueString": "12床"}])
+    core.wf.step(
+        thread, "accept", "test", outputs=[{"type": {"text": "bed"}, "valueString": "12床"}]
+    )
     core.wf.step(thread, "arrive", "test")
     row = next(r for r in core.wf.list() if r["thread"] == thread)
     with core.ctx.store.read() as conn:
         from bridge.fhirstore import store
+
         task = store.get(conn, "Task", row["task_id"])
     core.wf.submit(return_bundle(row["sr_id"], task["for"]["reference"]), "test")
     deliver(chc, core.take_outbox())
@@ -156,26 +167,37 @@ def test_every_emitted_bundle_is_valid_r4(sides: tuple[Side, Side]) -> None:
     assert events == ["request", "return-received", "received", "accept", "arrive", "return"]
 
 
-
 # -- one patient, two referring centres: each named its own way, nothing crosses ----------------
 
-THREE = [*MEMBERS, {"id": "gchc", "zh": "广外社区卫生服务中心", "en": "Guangwai CHC",
-                    "role": "community"}]
-THREE_RULES = [*RULES, {"from": "gchc", "to": "core", "kinds": KINDS},
-               {"from": "core", "to": "gchc", "kinds": KINDS}]
+THREE = [
+    *MEMBERS,
+    {"id": "gchc", "zh": "广外社区卫生服务中心", "en": "Guangwai CHC", "role": "community"},
+]
+THREE_RULES = [
+    *RULES,
+    {"from": "gchc", "to": "core", "kinds": KINDS},
+    {"from": "core", "to": "gchc", "kinds": KINDS},
+]
 
 
 def take_for(side: Side, recipient: str) -> list[Delivery]:
     """The queued packets to one recipient, as its dispatcher would hand them over."""
     with side.ctx.store.write() as conn:
-        rows = conn.execute(select(OUTBOX).where(OUTBOX.c.state == "queued",
-                                                 OUTBOX.c.recipient == recipient)
-                            .order_by(OUTBOX.c.id)).all()
-        conn.execute(update(OUTBOX).where(OUTBOX.c.id.in_([r.id for r in rows]))
-                     .values(state="acknowledged"))
+        rows = conn.execute(
+            select(OUTBOX)
+            .where(OUTBOX.c.state == "queued", OUTBOX.c.recipient == recipient)
+            .order_by(OUTBOX.c.id)
+        ).all()
+        conn.execute(
+            update(OUTBOX).where(OUTBOX.c.id.in_([r.id for r in rows])).values(state="acknowledged")
+        )
     side.emitted += [r.body for r in rows]
-    return [Delivery(r.packet_id, r.sender, r.kind, r.thread, r.seq, r.patient_hash,
-                     r.created_at, r.body) for r in rows]
+    return [
+        Delivery(
+            r.packet_id, r.sender, r.kind, r.thread, r.seq, r.patient_hash, r.created_at, r.body
+        )
+        for r in rows
+    ]
 
 
 def task_of(side: Side, thread: str) -> dict[str, Any]:
@@ -187,8 +209,9 @@ def task_of(side: Side, thread: str) -> dict[str, Any]:
 
 
 def test_one_patient_from_two_centres_is_named_each_centres_way(tmp_path: Path) -> None:
-    files = write_alliance(tmp_path / "a", THREE, THREE_RULES, base_port_local=33000,
-                           base_port_peer=34000)
+    files = write_alliance(
+        tmp_path / "a", THREE, THREE_RULES, base_port_local=33000, base_port_peer=34000
+    )
     chc, gchc, core = Side(files["chc"]), Side(files["gchc"]), Side(files["core"])
     try:
         threads, mine = {}, {}
@@ -201,8 +224,9 @@ def test_one_patient_from_two_centres_is_named_each_centres_way(tmp_path: Path) 
         ours = {task_of(core, t)["for"]["reference"] for t in threads.values()}
         assert len(ours) == 1 and not ours & set(mine.values())
         for t in threads.values():
-            core.wf.step(t, "accept", "test", outputs=[{"type": {"text": "bed"},
-                                                        "valueString": "12床"}])
+            core.wf.step(
+                t, "accept", "test", outputs=[{"type": {"text": "bed"}, "valueString": "12床"}]
+            )
             core.wf.step(t, "arrive", "test")
             row = next(r for r in core.wf.list() if r["thread"] == t)
             core.wf.submit(return_bundle(row["sr_id"], next(iter(ours))), "test")
@@ -210,10 +234,14 @@ def test_one_patient_from_two_centres_is_named_each_centres_way(tmp_path: Path) 
             got = take_for(core, name)
             other = "gchc" if name == "chc" else "chc"
             for item in got:  # nothing about the other centre's referral, nor the core's id
-                for secret in (mine[other].split("/")[1], threads[other],
-                               next(iter(ours)).split("/")[1],
-                               "GW0077" if name == "chc" else "YT0001", f'/{other}"',
-                               f':{other}"'):
+                for secret in (
+                    mine[other].split("/")[1],
+                    threads[other],
+                    next(iter(ours)).split("/")[1],
+                    "GW0077" if name == "chc" else "YT0001",
+                    f'/{other}"',
+                    f':{other}"',
+                ):
                     assert secret.encode() not in item.body, (name, secret)
                 parse_and_validate_bundle(item.body)
             deliver(centre, got)
@@ -223,18 +251,27 @@ def test_one_patient_from_two_centres_is_named_each_centres_way(tmp_path: Path) 
             with centre.ctx.store.read() as conn:
                 here = store.by_thread(conn, threads[name])
             assert task_of(centre, threads[name])["for"]["reference"] == mine[name]
-            subjects = {(r.get("subject") or r.get("for") or {}).get("reference")
-                        for r in here if r["resourceType"] in (
-                            "Task", "ServiceRequest", "Observation", "DiagnosticReport",
-                            "Encounter", "Composition", "MedicationRequest")}
+            subjects = {
+                (r.get("subject") or r.get("for") or {}).get("reference")
+                for r in here
+                if r["resourceType"]
+                in (
+                    "Task",
+                    "ServiceRequest",
+                    "Observation",
+                    "DiagnosticReport",
+                    "Encounter",
+                    "Composition",
+                    "MedicationRequest",
+                )
+            }
             assert subjects == {mine[name]}
     finally:
         for s in (chc, gchc, core):
             s.ctx.store.dispose()
 
 
-def test_a_thread_without_the_peers_id_names_the_patient_by_hash(sides: tuple[Side, Side]
-                                                                  ) -> None:
+def test_a_thread_without_the_peers_id_names_the_patient_by_hash(sides: tuple[Side, Side]) -> None:
     """A referral received before ``peer_patient``: its packets name the patient by the keyed
     hash only, and the referrer maps them to its own record."""
     from bridge.referral.tables import REFERRAL
@@ -243,15 +280,21 @@ def test_a_thread_without_the_peers_id_names_the_patient_by_hash(sides: tuple[Si
     thread = start(chc, core)
     deliver(chc, core.take_outbox())
     with core.ctx.store.write() as conn:
-        conn.execute(update(REFERRAL).where(REFERRAL.c.thread == thread)
-                     .values(peer_patient=None))
+        conn.execute(update(REFERRAL).where(REFERRAL.c.thread == thread).values(peer_patient=None))
     core.wf.step(thread, "accept", "test", outputs=[])
     [item] = core.take_outbox()
-    sent = next(e["resource"] for e in orjson.loads(item.body)["entry"]
-                if e["resource"]["resourceType"] == "Task")
-    assert sent["for"] == {"type": "Patient", "identifier": {
-        "system": "urn:hutong:patient-hash",
-        "value": next(r for r in core.wf.list() if r["thread"] == thread)["patient_hash"]}}
+    sent = next(
+        e["resource"]
+        for e in orjson.loads(item.body)["entry"]
+        if e["resource"]["resourceType"] == "Task"
+    )
+    assert sent["for"] == {
+        "type": "Patient",
+        "identifier": {
+            "system": "urn:hutong:patient-hash",
+            "value": next(r for r in core.wf.list() if r["thread"] == thread)["patient_hash"],
+        },
+    }
     assert b"Patient/" not in item.body
     mine = task_of(chc, thread)["for"]
     deliver(chc, [item])
@@ -273,8 +316,11 @@ def test_an_older_store_gets_peer_patient_on_open(tmp_path: Path) -> None:
 
     def columns() -> list[bool]:
         with closing(sqlite3.connect(tmp_path / "n.db")) as db:
-            return ["peer_patient" in [r[1] for r in db.execute(f"PRAGMA table_info({t})")]
-                    for t in ("referral", "consultation")]
+            return [
+                "peer_patient" in [r[1] for r in db.execute(f"PRAGMA table_info({t})")]
+                for t in ("referral", "consultation")
+            ]
+
     with closing(sqlite3.connect(tmp_path / "n.db")) as db:
         for table in ("referral", "consultation"):
             db.execute(f"ALTER TABLE {table} DROP COLUMN peer_patient")

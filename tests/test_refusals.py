@@ -56,8 +56,15 @@ class Forge:
         self.chc_pub = chc.directory["chc"].encryption_keys[0]
 
     def seal(self, body: bytes | None = None, **kw: object) -> bytes:
-        args = dict(sender="chc", recipient="core", kind="result.lab", thread="t1", seq=1,
-                    signing_key=self.key, recipient_key=self.core_pub)
+        args = dict(
+            sender="chc",
+            recipient="core",
+            kind="result.lab",
+            thread="t1",
+            seq=1,
+            signing_key=self.key,
+            recipient_key=self.core_pub,
+        )
         args.update(kw)
         return env.seal(body if body is not None else bundle_bytes(), **args)  # type: ignore[arg-type]
 
@@ -109,8 +116,12 @@ def cases(f: Forge) -> dict[str, bytes]:
     }
 
 
-UNAUTHENTICATED = {"HT-PKT-MALFORMED", "HT-PKT-BAD-SIGNATURE", "HT-PKT-UNKNOWN-SENDER",
-                   "HT-PKT-TOO-LARGE"}
+UNAUTHENTICATED = {
+    "HT-PKT-MALFORMED",
+    "HT-PKT-BAD-SIGNATURE",
+    "HT-PKT-UNKNOWN-SENDER",
+    "HT-PKT-TOO-LARGE",
+}
 
 
 def post_alone(a: Alliance, frame: bytes) -> tuple[int, dict]:
@@ -119,13 +130,15 @@ def post_alone(a: Alliance, frame: bytes) -> tuple[int, dict]:
     core = a.node("core")
     body = env.encode_batch([frame])
     with socket.create_connection((core.plan.peer_host, core.plan.peer_port), 60) as s:
-        s.sendall(f"POST /exchange/v1/packets HTTP/1.1\r\nHost: x\r\nContent-Length: "
-                  f"{len(body)}\r\n\r\n".encode())
+        s.sendall(
+            f"POST /exchange/v1/packets HTTP/1.1\r\nHost: x\r\nContent-Length: "
+            f"{len(body)}\r\n\r\n".encode()
+        )
         try:
             for i in range(0, len(body), 1 << 18):
                 if select.select([s], [], [], 0)[0]:
                     break
-                s.sendall(body[i:i + (1 << 18)])
+                s.sendall(body[i : i + (1 << 18)])
         except OSError:
             pass
         data = b""
@@ -154,8 +167,11 @@ def test_every_refusal_class_is_answered_quarantined_audited_not_delivered(allia
     statuses = {"HT-PKT-MALFORMED": 400, "HT-PKT-TOO-LARGE": 413}
     for code in sorted(UNAUTHENTICATED):
         status, error = post_alone(alliance, made[code])
-        assert (status, error["code"], error["retry"]) == (statuses.get(code, 403), code,
-                                                           "transient")
+        assert (status, error["code"], error["retry"]) == (
+            statuses.get(code, 403),
+            code,
+            "transient",
+        )
         assert error["message"]
     held = core.api("GET", "/local/v1/quarantine")
     held_codes = sorted(item["code"] for item in held)
@@ -182,8 +198,9 @@ def test_replay_same_id_other_content_refused_identical_resend_gets_original(all
     assert first["status"] == "accepted"
     again = post(alliance, [f.seal(body, packet_id=pid, thread="t-replay")])[0]
     assert again == first  # the original receipt, not a new one
-    other = post(alliance, [f.seal(bundle_bytes(marker="second"), packet_id=pid,
-                                   thread="t-replay")])[0]
+    other = post(
+        alliance, [f.seal(bundle_bytes(marker="second"), packet_id=pid, thread="t-replay")]
+    )[0]
     assert other["status"] == "refused" and other["code"] == "HT-PKT-REPLAY"
     wait_for(lambda: len([p for p in spooled(core) if pid in p.name]) == 1)
     delivered = [p for p in spooled(core) if pid in p.name]
@@ -193,10 +210,15 @@ def test_replay_same_id_other_content_refused_identical_resend_gets_original(all
 
 def test_disallowed_route_refused_at_queueing_never_leaves(alliance, tmp_path: Path) -> None:
     core = alliance.node("core")
-    res = core.api("POST", "/local/v1/packets", [
-        {"to": "chc", "kind": "result.lab", "bundle": orjson.loads(bundle_bytes())},
-        {"to": "nobody", "kind": "result.lab", "bundle": orjson.loads(bundle_bytes())},
-    ], role="clinician")["results"]
+    res = core.api(
+        "POST",
+        "/local/v1/packets",
+        [
+            {"to": "chc", "kind": "result.lab", "bundle": orjson.loads(bundle_bytes())},
+            {"to": "nobody", "kind": "result.lab", "bundle": orjson.loads(bundle_bytes())},
+        ],
+        role="clinician",
+    )["results"]
     assert [r["code"] for r in res] == ["HT-PKT-ROUTE-DENIED", "HT-PKT-ROUTE-DENIED"]
     assert "no rule allows core -> chc" in res[0]["message"]
     assert core.api("GET", "/local/v1/outbox") == []
@@ -215,8 +237,10 @@ def test_quarantined_packet_replays_after_rule_is_added(tmp_path: Path) -> None:
         r = core.cli("quarantine", "replay", str(item["id"]))
         assert r.returncode == 1 and "HT-PKT-ROUTE-DENIED" in r.stderr
         alliance_toml = a.folder / "alliance.toml"
-        alliance_toml.write_text(alliance_toml.read_text() + (
-            '\n[[rules]]\nfrom = "chc"\nto = "core"\nkinds = ["result.imaging"]\n'))
+        alliance_toml.write_text(
+            alliance_toml.read_text()
+            + ('\n[[rules]]\nfrom = "chc"\nto = "core"\nkinds = ["result.imaging"]\n')
+        )
         core.restart()
         r = core.cli("quarantine", "replay", str(item["id"]))
         assert r.returncode == 0, r.stderr

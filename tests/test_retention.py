@@ -56,8 +56,9 @@ def site(tmp_path: Path) -> Iterator[tuple[NodeContext, NodeContext]]:
     """(core's context, chc's context), core with per-kind body retention."""
     files = write_alliance(tmp_path / "alliance", MEMBERS, RULES)
     core_file = files["core"]
-    core_file.write_text(core_file.read_text() + (
-        '\n[retention]\nbody_days = { "*" = 30.0, "result.lab" = 90.0 }\n'))
+    core_file.write_text(
+        core_file.read_text() + ('\n[retention]\nbody_days = { "*" = 30.0, "result.lab" = 90.0 }\n')
+    )
     core = NodeContext.open(load_node(core_file))
     chc = NodeContext.open(load_node(files["chc"]), create=False)
     yield core, chc
@@ -76,16 +77,20 @@ def on_disk(ctx: NodeContext) -> int:
     try:
         # the store's own checkpoint thread (bridge/store/checkpoint.py) may be copying the WAL
         # at this moment: SQLite answers busy to a second checkpoint, so ask again until ours ran
-        wait_for(lambda: conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0,
-                 timeout=30, what="a TRUNCATE checkpoint not busy")
+        wait_for(
+            lambda: conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0,
+            timeout=30,
+            what="a TRUNCATE checkpoint not busy",
+        )
     finally:
         conn.close()
     wal = path.with_name(path.name + "-wal")
     return os.path.getsize(path) + (os.path.getsize(wal) if wal.exists() else 0)
 
 
-def receive(core: NodeContext, chc: NodeContext, kind: str, thread: str, n: int,
-            id_base: int) -> list[tuple[str, bytes, str]]:
+def receive(
+    core: NodeContext, chc: NodeContext, kind: str, thread: str, n: int, id_base: int
+) -> list[tuple[str, bytes, str]]:
     """n packets from chc through core's real intake; returns (packet id, body, national id)."""
     key = load_signing_key(chc.plan.keys.signing, chc.plan.keys.passphrase)
     core_pub = core.plan.directory["core"].encryption_keys[0]
@@ -93,21 +98,31 @@ def receive(core: NodeContext, chc: NodeContext, kind: str, thread: str, n: int,
     for i in range(n):
         nid = f"1101021950{id_base + i:07d}X"[-18:]
         body = bundle_bytes(n_obs=1, national_id=nid, pad_to=BODY)
-        frame = env.seal(body, sender="chc", recipient="core", kind=kind, thread=thread,
-                         seq=i + 1, signing_key=key, recipient_key=core_pub)
+        frame = env.seal(
+            body,
+            sender="chc",
+            recipient="core",
+            kind=kind,
+            thread=thread,
+            seq=i + 1,
+            signing_key=key,
+            recipient_key=core_pub,
+        )
         frames.append(frame)
         sent.append((env.decode(frame, max_body=1 << 30).header.id, body, nid))
     verify_keys = {m: p.signing_keys for m, p in core.plan.directory.items()}
-    receipts = [env.verify_receipt(r, lambda m: verify_keys[m])
-                for r in Intake(core).receive(frames)]
+    receipts = [
+        env.verify_receipt(r, lambda m: verify_keys[m]) for r in Intake(core).receive(frames)
+    ]
     assert [r["status"] for r in receipts] == ["accepted"] * n
     assert [r["packet"] for r in receipts] == [pid for pid, _, _ in sent]
     return sent
 
 
 def deliver_all(core: NodeContext) -> int:
-    dispatcher = Dispatcher(core, load_handlers({"*": "spool"},
-                                                {"spool_dir": core.plan.delivery.spool_dir}))
+    dispatcher = Dispatcher(
+        core, load_handlers({"*": "spool"}, {"spool_dir": core.plan.delivery.spool_dir})
+    )
     total = 0
     while (n := dispatcher.run_once()) > 0:
         total += n
@@ -122,29 +137,47 @@ def queue(core: NodeContext, kind: str, thread: str, n: int) -> list[tuple[str, 
     return [(str(r.packet_id), i.body) for r, i in zip(results, items, strict=True)]
 
 
-def backdate_inbox(core: NodeContext, ids: list[str], days: float, state: str = "delivered"
-                   ) -> None:
+def backdate_inbox(
+    core: NodeContext, ids: list[str], days: float, state: str = "delivered"
+) -> None:
     when = core.now() - timedelta(days=days)
     with core.store.write() as conn:
-        done = conn.execute(update(INBOX).where(INBOX.c.packet_id.in_(ids)).values(
-            received_at=when, created_at=when, next_try_at=when,
-            delivered_at=when if state == "delivered" else None, state=state))
+        done = conn.execute(
+            update(INBOX)
+            .where(INBOX.c.packet_id.in_(ids))
+            .values(
+                received_at=when,
+                created_at=when,
+                next_try_at=when,
+                delivered_at=when if state == "delivered" else None,
+                state=state,
+            )
+        )
         assert done.rowcount == len(ids)
 
 
 def backdate_outbox(core: NodeContext, ids: list[str], days: float, state: str) -> None:
     when = core.now() - timedelta(days=days)
     with core.store.write() as conn:
-        done = conn.execute(update(OUTBOX).where(OUTBOX.c.packet_id.in_(ids)).values(
-            state=state, created_at=when, next_try_at=when, sent_at=when,
-            acked_at=when if state == "acknowledged" else None))
+        done = conn.execute(
+            update(OUTBOX)
+            .where(OUTBOX.c.packet_id.in_(ids))
+            .values(
+                state=state,
+                created_at=when,
+                next_try_at=when,
+                sent_at=when,
+                acked_at=when if state == "acknowledged" else None,
+            )
+        )
         assert done.rowcount == len(ids)
 
 
 def bodies(core: NodeContext, table: Any, ids: list[str]) -> dict[str, bytes | None]:
     with core.store.read() as conn:
-        rows = conn.execute(select(table.c.packet_id, table.c.body)
-                            .where(table.c.packet_id.in_(ids))).all()
+        rows = conn.execute(
+            select(table.c.packet_id, table.c.body).where(table.c.packet_id.in_(ids))
+        ).all()
     return {r.packet_id: (bytes(r.body) if r.body is not None else None) for r in rows}
 
 
@@ -157,9 +190,16 @@ def test_purge_by_age_and_kind_keeps_headers_audit_and_shrinks_file(site) -> Non
     in_young = receive(core, chc, "referral.request", "in-young", 20, 300)
     in_waiting = receive(core, chc, "referral.request", "in-waiting", 5, 400)
     assert deliver_all(core) == 125
-    ids = {name: [p for p, _, _ in group] for name, group in (
-        ("in_old", in_old), ("in_lab_40", in_lab_40), ("in_lab_100", in_lab_100),
-        ("in_young", in_young), ("in_waiting", in_waiting))}
+    ids = {
+        name: [p for p, _, _ in group]
+        for name, group in (
+            ("in_old", in_old),
+            ("in_lab_40", in_lab_40),
+            ("in_lab_100", in_lab_100),
+            ("in_young", in_young),
+            ("in_waiting", in_waiting),
+        )
+    }
     backdate_inbox(core, ids["in_old"], 40)
     backdate_inbox(core, ids["in_lab_40"], 40)
     backdate_inbox(core, ids["in_lab_100"], 100)
@@ -189,8 +229,11 @@ def test_purge_by_age_and_kind_keeps_headers_audit_and_shrinks_file(site) -> Non
     out_bodies = bodies(core, OUTBOX, [p for group in ids.values() for p in group])
     for pid in ids["in_old"] + ids["in_lab_100"]:
         assert in_bodies[pid] is None, pid
-    by_id = {pid: body for group in (in_old, in_lab_40, in_lab_100, in_young, in_waiting)
-             for pid, body, _ in group}
+    by_id = {
+        pid: body
+        for group in (in_old, in_lab_40, in_lab_100, in_young, in_waiting)
+        for pid, body, _ in group
+    }
     for pid in ids["in_lab_40"] + ids["in_young"] + ids["in_waiting"]:
         assert in_bodies[pid] == by_id[pid], pid
     for pid in ids["out_old"]:
@@ -218,7 +261,13 @@ def test_purge_by_age_and_kind_keeps_headers_audit_and_shrinks_file(site) -> Non
         h = ops.find_packet(core, pid)
         assert "body" not in h and "frame" not in h
         assert (h["direction"], h["recipient"], h["kind"], h["thread"], h["seq"], h["state"]) == (
-            "out", "chc", "referral.request", "out-old", i + 1, "acknowledged")
+            "out",
+            "chc",
+            "referral.request",
+            "out-old",
+            i + 1,
+            "acknowledged",
+        )
         assert h["digest"] == env.body_digest(body)
         assert h["size"] == len(body)
     with pytest.raises(NotFound):
@@ -226,8 +275,11 @@ def test_purge_by_age_and_kind_keeps_headers_audit_and_shrinks_file(site) -> Non
 
     # one audited purge event, with the counts, and the chain still verifies
     with core.store.read() as conn:
-        rows = conn.execute(select(AUDIT.c.seq, AUDIT.c.action, AUDIT.c.resource)
-                            .where(AUDIT.c.seq > seq_before).order_by(AUDIT.c.seq)).all()
+        rows = conn.execute(
+            select(AUDIT.c.seq, AUDIT.c.action, AUDIT.c.resource)
+            .where(AUDIT.c.seq > seq_before)
+            .order_by(AUDIT.c.seq)
+        ).all()
         result = core.audit.verify(conn, core.plan.me.signing_keys)
     assert [(r.seq, r.action) for r in rows] == [(seq_before + 1, "purged")]
     resource = orjson.loads(rows[0].resource)
@@ -247,7 +299,8 @@ def test_purge_by_age_and_kind_keeps_headers_audit_and_shrinks_file(site) -> Non
     assert purge_bodies(core) == {"outbox": 0, "inbox": 0, "quarantine": 0}
     with core.store.read() as conn:
         assert conn.execute(select(AUDIT.c.seq).order_by(AUDIT.c.seq.desc())).scalar() == (
-            seq_before + 1)
+            seq_before + 1
+        )
 
 
 def test_kind_setting_moves_the_cutoff(site) -> None:

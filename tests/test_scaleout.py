@@ -36,7 +36,10 @@ class Worker:
         with open(self.log, "ab") as fh:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "bridge.cli", "worker", "--config", str(node.config)],
-                stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT)
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+            )
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.proc.poll() is None:
@@ -54,26 +57,34 @@ def pg_pair(tmp_path: Path, pg_node_dbs) -> Iterator[Alliance]:
 
 def lane_holders(node: NodeProcess, job: str) -> dict[int, int]:
     """{backend pid: lanes held} for one job of a node, from PostgreSQL's lock table."""
-    rows = _scalar(node, "SELECT pid, count(*) FROM pg_locks WHERE locktype = 'advisory' "
-                         "AND granted AND objsubid = 2 AND classid = CAST(:c AS bigint)::oid "
-                         "AND objid::bigint < :lanes AND database = (SELECT oid FROM pg_database "
-                         "WHERE datname = current_database()) GROUP BY pid",
-                         c=job_class(job), lanes=LANES)
+    rows = _scalar(
+        node,
+        "SELECT pid, count(*) FROM pg_locks WHERE locktype = 'advisory' "
+        "AND granted AND objsubid = 2 AND classid = CAST(:c AS bigint)::oid "
+        "AND objid::bigint < :lanes AND database = (SELECT oid FROM pg_database "
+        "WHERE datname = current_database()) GROUP BY pid",
+        c=job_class(job),
+        lanes=LANES,
+    )
     return {int(pid): int(n) for pid, n in rows}
 
 
 def audit_actions(node: NodeProcess, action: str) -> Counter[str]:
-    return Counter(pid for (pid,) in _scalar(
-        node, "SELECT packet_id FROM audit WHERE action = :a", a=action))
+    return Counter(
+        pid for (pid,) in _scalar(node, "SELECT packet_id FROM audit WHERE action = :a", a=action)
+    )
 
 
 def queue(chc: NodeProcess, n: int, threads: int, tag: str) -> dict[str, list[str]]:
     sent: dict[str, list[str]] = defaultdict(list)
     for t in range(threads):
         thread = f"{tag}-{t}"
-        sent[thread] += chc.send("core", "result.lab",
-                                 [bundle(1, marker=f"{tag}-{t}-{i}") for i in range(n // threads)],
-                                 thread=thread)
+        sent[thread] += chc.send(
+            "core",
+            "result.lab",
+            [bundle(1, marker=f"{tag}-{t}-{i}") for i in range(n // threads)],
+            thread=thread,
+        )
     return sent
 
 
@@ -89,8 +100,11 @@ def check_exactly_once_in_order(core: NodeProcess, sent: dict[str, list[str]]) -
     received = audit_actions(core, "received")
     assert len(received) == total and set(received.values()) == {1}
     # a spool file is written before its 'delivered' audit row commits: wait for the rows
-    wait_for(lambda: len(audit_actions(core, "delivered")) >= total, timeout=60,
-             what="every delivery audited")
+    wait_for(
+        lambda: len(audit_actions(core, "delivered")) >= total,
+        timeout=60,
+        what="every delivery audited",
+    )
     delivered = audit_actions(core, "delivered")
     assert len(delivered) == total and set(delivered.values()) == {1}
 
@@ -98,9 +112,14 @@ def check_exactly_once_in_order(core: NodeProcess, sent: dict[str, list[str]]) -
 @pytest.mark.slow  # runs the CLI as a child process
 def test_worker_is_refused_on_sqlite(tmp_path: Path) -> None:
     a = Alliance(tmp_path / "alliance", MEMBERS, RULES)
-    r = subprocess.run([sys.executable, "-m", "bridge.cli", "worker", "--config",
-                        str(a.files["chc"])], check=False, capture_output=True, text=True,
-                       cwd=ROOT, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "bridge.cli", "worker", "--config", str(a.files["chc"])],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
     assert r.returncode == 2
     assert "hutong worker needs a PostgreSQL store: chc uses SQLite" in r.stderr
     assert "Traceback" not in r.stderr
@@ -113,10 +132,16 @@ def test_four_processes_share_one_store_without_double_send(pg_pair: Alliance) -
     workers = [Worker(chc, n) for n in range(3)] + [Worker(core, 9)]
     try:
         # the sender's four processes split its 64 lanes; the receiver's two split delivery
-        wait_for(lambda: sorted(lane_holders(chc, "send:core").values()) == [LANES // 4] * 4,
-                 timeout=60, what="four processes holding a quarter of the send lanes each")
-        wait_for(lambda: sorted(lane_holders(core, "deliver").values()) == [LANES // 2] * 2,
-                 timeout=60, what="two processes holding half the deliver lanes each")
+        wait_for(
+            lambda: sorted(lane_holders(chc, "send:core").values()) == [LANES // 4] * 4,
+            timeout=60,
+            what="four processes holding a quarter of the send lanes each",
+        )
+        wait_for(
+            lambda: sorted(lane_holders(core, "deliver").values()) == [LANES // 2] * 2,
+            timeout=60,
+            what="two processes holding half the deliver lanes each",
+        )
         sent = queue(chc, 240, 24, "w4")
         wait_for(lambda: len(spooled(core)) >= 240, timeout=120, what="240 deliveries")
         check_exactly_once_in_order(core, sent)
@@ -137,15 +162,23 @@ def test_sigkill_of_a_worker_mid_run_loses_and_repeats_nothing(pg_pair: Alliance
     chc, core = pg_pair.node("chc"), pg_pair.node("core")
     workers = [Worker(chc, n) for n in range(3)]
     try:
-        wait_for(lambda: len(lane_holders(chc, "send:core")) == 4, timeout=60,
-                 what="four processes holding send lanes")
+        wait_for(
+            lambda: len(lane_holders(chc, "send:core")) == 4,
+            timeout=60,
+            what="four processes holding send lanes",
+        )
         sent = queue(chc, 300, 20, "kill")
         wait_for(lambda: len(spooled(core)) >= 40, timeout=60, what="some deliveries")
         workers[1].kill(signal.SIGKILL)
         # its lanes are free at once (the session died) and the others take them up
-        wait_for(lambda: sum(lane_holders(chc, "send:core").values()) == LANES
-                 and len(lane_holders(chc, "send:core")) == 3, timeout=60,
-                 what="the dead worker's lanes taken over")
+        wait_for(
+            lambda: (
+                sum(lane_holders(chc, "send:core").values()) == LANES
+                and len(lane_holders(chc, "send:core")) == 3
+            ),
+            timeout=60,
+            what="the dead worker's lanes taken over",
+        )
         more = queue(chc, 60, 20, "kill")  # same threads: seq continues after the kill
         for thread, ids in more.items():
             sent[thread] += ids
@@ -153,8 +186,10 @@ def test_sigkill_of_a_worker_mid_run_loses_and_repeats_nothing(pg_pair: Alliance
         check_exactly_once_in_order(core, sent)
         # a batch the dead worker had sent but not recorded may be re-sent: the receiver
         # answers it with the original receipt ("duplicate"), and delivers it only once (above)
-        wait_for(lambda: chc.api("GET", "/local/v1/queues")["outbox"][0].get("acknowledged")
-                 == 360, what="all acknowledged at the sender")
+        wait_for(
+            lambda: chc.api("GET", "/local/v1/queues")["outbox"][0].get("acknowledged") == 360,
+            what="all acknowledged at the sender",
+        )
         assert chc.cli("audit", "verify").returncode == 0
     finally:
         for w in workers:

@@ -29,13 +29,20 @@ from tests.harness import Alliance, spooled, wait_for
 
 MEMBERS = [
     {"id": "core", "zh": "复兴医院", "en": "Fuxing Hospital", "role": "core", "via": "hub"},
-    {"id": "chc", "zh": "月坛社区卫生服务中心", "en": "Yuetan CHC", "role": "community",
-     "via": "hub"},
+    {
+        "id": "chc",
+        "zh": "月坛社区卫生服务中心",
+        "en": "Yuetan CHC",
+        "role": "community",
+        "via": "hub",
+    },
     {"id": "sec", "zh": "广外医院", "en": "Guangwai Hospital", "role": "secondary", "via": "hub"},
     {"id": "hub", "zh": "医联体信息平台", "en": "Alliance platform", "role": "platform"},
 ]
-RULES = [{"from": "chc", "to": "core", "kinds": ["result.lab"]},
-         {"from": "chc", "to": "sec", "kinds": ["result.lab"]}]
+RULES = [
+    {"from": "chc", "to": "core", "kinds": ["result.lab"]},
+    {"from": "chc", "to": "sec", "kinds": ["result.lab"]},
+]
 
 
 class Site:
@@ -63,18 +70,30 @@ def sites(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Site]]
         s.ctx.store.dispose()
 
 
-def sealed(sites: dict[str, Site], *, key: Ed25519PrivateKey | None = None,
-           sender: str = "chc", recipient: str = "core") -> bytes:
-    return env.seal(bundle_bytes(n_obs=1), sender=sender, recipient=recipient,
-                    kind="result.lab", thread="sec-t", seq=1,
-                    signing_key=key or sites[sender].key,
-                    recipient_key=sites["hub"].plan.directory[recipient].encryption_keys[0])
+def sealed(
+    sites: dict[str, Site],
+    *,
+    key: Ed25519PrivateKey | None = None,
+    sender: str = "chc",
+    recipient: str = "core",
+) -> bytes:
+    return env.seal(
+        bundle_bytes(n_obs=1),
+        sender=sender,
+        recipient=recipient,
+        kind="result.lab",
+        thread="sec-t",
+        seq=1,
+        signing_key=key or sites[sender].key,
+        recipient_key=sites["hub"].plan.directory[recipient].encryption_keys[0],
+    )
 
 
 def relayed(sites: dict[str, Site], frame: bytes) -> bytes:
     pkt = env.decode(frame, max_body=1 << 20)
-    return env.stamp_relay(pkt, relay_id="hub", signing_key=sites["hub"].key,
-                           now=sites["hub"].ctx.now())
+    return env.stamp_relay(
+        pkt, relay_id="hub", signing_key=sites["hub"].key, now=sites["hub"].ctx.now()
+    )
 
 
 def test_a_key_not_or_no_longer_in_the_directory_is_refused(sites: dict[str, Site]) -> None:
@@ -98,7 +117,7 @@ def test_the_platform_cannot_alter_or_reroute_a_body(sites: dict[str, Site]) -> 
     pkt = env.decode(frame, max_body=1 << 20)
     # alter one ciphertext byte, then stamp as an honest relay would
     at = frame.index(pkt.ciphertext) + 10
-    altered = relayed(sites, frame[:at] + bytes([frame[at] ^ 1]) + frame[at + 1:])
+    altered = relayed(sites, frame[:at] + bytes([frame[at] ^ 1]) + frame[at + 1 :])
     assert sites["core"].answer(altered)["code"] == BadSignature.code
     # rewrite the recipient in the signed header, re-serialised canonically: the signature
     # breaks (a careless byte edit is not even canonical JSON: refused as malformed)
@@ -106,8 +125,7 @@ def test_the_platform_cannot_alter_or_reroute_a_body(sites: dict[str, Site]) -> 
     header["recipient"] = "sec"
     hb = orjson.dumps(header, option=orjson.OPT_SORT_KEYS)
     u32 = struct.Struct(">I").pack
-    forged = (b"HTP1" + u32(len(hb)) + hb + u32(len(pkt.ciphertext)) + pkt.ciphertext
-              + pkt.signature)
+    forged = b"HTP1" + u32(len(hb)) + hb + u32(len(pkt.ciphertext)) + pkt.ciphertext + pkt.signature
     assert sites["sec"].answer(relayed(sites, forged))["code"] == BadSignature.code
     careless = frame.replace(b'"recipient":"core"', b'"recipient":"sec" ', 1)
     assert sites["sec"].answer(careless)["code"] == MalformedPacket.code
@@ -118,7 +136,9 @@ def test_the_platform_cannot_alter_or_reroute_a_body(sites: dict[str, Site]) -> 
     # the same frame sent around the platform to its own recipient: the hop is not the one
     # it must come by, so nothing about it is signed (a captured frame must not earn a refusal)
     assert (sites["core"].answer(frame)["status"], sites["core"].answer(frame)["code"]) == (
-        "unsigned", "HT-PKT-ROUTE-DENIED")
+        "unsigned",
+        "HT-PKT-ROUTE-DENIED",
+    )
     # the honest relay of the same frame is accepted by its recipient
     assert sites["core"].answer(good)["status"] == "accepted"
 
@@ -156,8 +176,12 @@ def test_local_api_without_or_with_the_wrong_roles_token(pair: Alliance) -> None
         if role is not None:
             token = core.plan.tokens.get(role, role)
             headers["Authorization"] = f"Bearer {token}"
-        req = urllib.request.Request(core.local_url + path, method=method, headers=headers,
-                                     data=b"" if method == "POST" else None)
+        req = urllib.request.Request(
+            core.local_url + path,
+            method=method,
+            headers=headers,
+            data=b"" if method == "POST" else None,
+        )
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(req, timeout=30).close()
         with err.value as resp:
@@ -174,30 +198,40 @@ def test_private_keys_and_patient_data_never_in_logs_errors_or_audit(pair: Allia
     bad = bundle(1, national_id=PLANTED_ID)  # invalid FHIR: refused with an error, quarantined
     bad["entry"][0]["resource"]["name"] = [{"text": PLANTED_NAME}]
     bad["entry"][1]["resource"]["status"] = f"{PLANTED_NAME}-{PLANTED_ID}"
-    [refused] = chc.api("POST", "/local/v1/packets", [
-        {"to": "core", "kind": "result.lab", "thread": "planted", "bundle": bad}],
-        role="clinician")["results"]
+    [refused] = chc.api(
+        "POST",
+        "/local/v1/packets",
+        [{"to": "core", "kind": "result.lab", "thread": "planted", "bundle": bad}],
+        role="clinician",
+    )["results"]
     assert refused["code"] == "HT-PKT-INVALID-FHIR" and "status" in refused["message"]
     wait_for(lambda: len(spooled(core)) == 1, what="the planted packet delivered")
     # the refusal names the path and the rule, never the offending value (nor does anything the
     # node keeps or exports: quarantine reason, audit, log)
-    assert "entry[1].resource(Observation).status: not one of the allowed codes" \
-        in refused["message"]
+    assert (
+        "entry[1].resource(Observation).status: not one of the allowed codes" in refused["message"]
+    )
     assert PLANTED_NAME not in str(refused) and PLANTED_ID not in str(refused)
     texts: dict[str, str] = {}
     for node in (chc, core):
         texts[f"{node.node_id}.log"] = node.log.read_text(errors="replace")
-        for args in (("audit", "export", "--format", "ndjson"),
-                     ("audit", "export", "--format", "csv"),
-                     ("quarantine", "list"), ("outbox", "list")):
+        for args in (
+            ("audit", "export", "--format", "ndjson"),
+            ("audit", "export", "--format", "csv"),
+            ("quarantine", "list"),
+            ("outbox", "list"),
+        ):
             r = node.cli(*args)
             texts[f"{node.node_id} {' '.join(args)}"] = r.stdout + r.stderr
     secrets = [PLANTED_NAME, PLANTED_ID]
     for node in (chc, core):
         key = load_signing_key(node.plan.keys.signing, node.plan.keys.passphrase)
         raw = key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
-        secrets += [base64.b64encode(raw).decode(), raw.hex(),
-                    Path(node.plan.keys.signing).read_text().strip().splitlines()[1]]
+        secrets += [
+            base64.b64encode(raw).decode(),
+            raw.hex(),
+            Path(node.plan.keys.signing).read_text().strip().splitlines()[1],
+        ]
         secrets += list(node.plan.tokens.values())
     assert "planted" in texts["core audit export --format ndjson"] or texts  # export ran
     leaks = sorted({where for where, text in texts.items() for s in secrets if s in text})

@@ -58,15 +58,32 @@ def ws_site(tmp_path: Path):
     sim.start()
     members = [
         {"id": "fuxing", "zh": "复兴医院", "en": "Fuxing Hospital", "role": "core"},
-        {"id": "yuetan-chc", "zh": "月坛社区卫生服务中心", "en": "Yuetan CHC",
-         "role": "community", "adapters": [{
-             "name": "his", "type": "his-xml-ws", "mappings": str(ROOT / "mappings" / "yuetan-chc"),
-             "receives": ["referral.*"],
-             "options": {"url": sim.url, "poll_s": 0.2, "timeout_s": 5.0, "site_name": "月坛"}}]},
+        {
+            "id": "yuetan-chc",
+            "zh": "月坛社区卫生服务中心",
+            "en": "Yuetan CHC",
+            "role": "community",
+            "adapters": [
+                {
+                    "name": "his",
+                    "type": "his-xml-ws",
+                    "mappings": str(ROOT / "mappings" / "yuetan-chc"),
+                    "receives": ["referral.*"],
+                    "options": {
+                        "url": sim.url,
+                        "poll_s": 0.2,
+                        "timeout_s": 5.0,
+                        "site_name": "月坛",
+                    },
+                }
+            ],
+        },
     ]
     kinds = ["referral.request", "referral.status", "referral.cancel", "referral.return"]
-    rules = [{"from": "fuxing", "to": "yuetan-chc", "kinds": kinds},
-             {"from": "yuetan-chc", "to": "fuxing", "kinds": kinds}]
+    rules = [
+        {"from": "fuxing", "to": "yuetan-chc", "kinds": kinds},
+        {"from": "yuetan-chc", "to": "fuxing", "kinds": kinds},
+    ]
     a = Alliance(tmp_path / "alliance", members, rules)
     try:
         a.start("fuxing", "yuetan-chc")
@@ -85,11 +102,13 @@ def test_ws_oversize_document_refused_while_arriving_and_the_next_one_served(ws_
     base = (XML / "referral.xml").read_bytes()
     pad = b"<!--" + b"x" * (8 * 1024 * 1024) + b"-->"
     big = base.replace(b'extension="YT-ZZD-000001"', b'extension="BIG-1"').replace(
-        b"<ClinicalDocument", pad + b"<ClinicalDocument", 1)
+        b"<ClinicalDocument", pad + b"<ClinicalDocument", 1
+    )
     assert len(big) > 8 * 1024 * 1024
     big_seq = his.write_raw("BIG-1", "referral", big)
-    after = referral_slip(slip_no="YTZZ-AFTER-BIG", patient_name="周敏",
-                          id_number="110102198003034444")
+    after = referral_slip(
+        slip_no="YTZZ-AFTER-BIG", patient_name="周敏", id_number="110102198003034444"
+    )
     after_id = his.write_referral(after)
 
     wait_for(lambda: his.pending() == [], timeout=120, what="both documents acked")
@@ -101,18 +120,26 @@ def test_ws_oversize_document_refused_while_arriving_and_the_next_one_served(ws_
     assert item["message"].startswith(
         "record BIG-1 field /Envelope/Body/GetPendingDocumentsResponse/PendingDocument: "
         f"document BIG-1 (referral, seq {big_seq}) is over the {limit}-byte limit "
-        "(options.max_document_bytes): refused after ")
+        "(options.max_document_bytes): refused after "
+    )
     stored = db_rows(chc, "SELECT length(raw) FROM quarantine WHERE id = :i", i=item["id"])
     assert stored == [(0,)]  # the rest was never read, nothing of it kept
     # the document after it was taken: a referral at chc (and on its way to core)
-    refs = wait_for(lambda: [r for r in chc.api("GET", "/local/v1/referrals")
-                             if chc.api("GET", f"/fhir/ServiceRequest/{r['sr_id']}",
-                                        role="clinician").get("requisition", {}).get("value")
-                             == after.slip_no], timeout=60, what="the next referral at chc")
+    refs = wait_for(
+        lambda: [
+            r
+            for r in chc.api("GET", "/local/v1/referrals")
+            if chc.api("GET", f"/fhir/ServiceRequest/{r['sr_id']}", role="clinician")
+            .get("requisition", {})
+            .get("value")
+            == after.slip_no
+        ],
+        timeout=60,
+        what="the next referral at chc",
+    )
     assert len(refs) == 1
     assert after_id != "BIG-1"
-    rows = list(csv.DictReader(io.StringIO(chc.cli("audit", "export", "--format",
-                                                    "csv").stdout)))
+    rows = list(csv.DictReader(io.StringIO(chc.cli("audit", "export", "--format", "csv").stdout)))
     audited = [r for r in rows if r["action"] == "quarantined" and r["code"] == "HT-WS-TOO-LARGE"]
     assert len(audited) == 1 and "BIG-1" in audited[0]["message"]
     adapters = section(it_page(chc), "adapters")
@@ -131,15 +158,35 @@ LIMIT = 1_000_000
 def pacs_site(tmp_path: Path):
     port = free_port_block(1)
     members = [
-        {"id": "core", "zh": "复兴医院", "en": "Fuxing Hospital", "role": "core", "adapters": [{
-            "name": "pacs", "type": "pacs-dicom", "receives": ["imaging.*"], "options": {
-                "bind": f"127.0.0.1:{port}", "ae_title": "HUTONG", "complete_after_s": 120,
-                "max_dataset_bytes": LIMIT, "max_sequence_depth": 32,
-                "acse_timeout_s": 2, "idle_timeout_s": 2}}]},
+        {
+            "id": "core",
+            "zh": "复兴医院",
+            "en": "Fuxing Hospital",
+            "role": "core",
+            "adapters": [
+                {
+                    "name": "pacs",
+                    "type": "pacs-dicom",
+                    "receives": ["imaging.*"],
+                    "options": {
+                        "bind": f"127.0.0.1:{port}",
+                        "ae_title": "HUTONG",
+                        "complete_after_s": 120,
+                        "max_dataset_bytes": LIMIT,
+                        "max_sequence_depth": 32,
+                        "acse_timeout_s": 2,
+                        "idle_timeout_s": 2,
+                    },
+                }
+            ],
+        },
         {"id": "chc", "zh": "月坛社区卫生服务中心", "en": "Yuetan CHC", "role": "community"},
     ]
-    a = Alliance(tmp_path / "alliance", members,
-                 [{"from": "chc", "to": "core", "kinds": ["imaging.fetch-request"]}])
+    a = Alliance(
+        tmp_path / "alliance",
+        members,
+        [{"from": "chc", "to": "core", "kinds": ["imaging.fetch-request"]}],
+    )
     try:
         a.start("core")
         yield a.node("core"), port
@@ -194,30 +241,36 @@ def test_dicom_deep_and_oversize_datasets_refused_quarantined_nothing_stored(pac
     assert c_store(port, big) == 0xC000
     assert c_store(port, huge) is None  # cut off while arriving: the association is aborted
     held = {h["message"].split(":")[0]: h for h in core.api("GET", "/local/v1/quarantine")}
-    assert set(held) == {f"instance {STUDY}.1.1", f"instance {STUDY}.1.2",
-                         f"instance {STUDY}.1.4"}
+    assert set(held) == {f"instance {STUDY}.1.1", f"instance {STUDY}.1.2", f"instance {STUDY}.1.4"}
     assert re.fullmatch(
         rf"instance {re.escape(STUDY)}\.1\.4: data set over twice the {LIMIT}-byte limit "
         r"\(options\.max_dataset_bytes\): cut off after (\d+) bytes, association aborted, "
-        r"nothing kept", held[f"instance {STUDY}.1.4"]["message"])
+        r"nothing kept",
+        held[f"instance {STUDY}.1.4"]["message"],
+    )
     assert held[f"instance {STUDY}.1.1"]["message"] == (
-        f"instance {STUDY}.1.1: sequences nested deeper than 32 (options.max_sequence_depth)")
+        f"instance {STUDY}.1.1: sequences nested deeper than 32 (options.max_sequence_depth)"
+    )
     assert re.fullmatch(
         rf"instance {re.escape(STUDY)}\.1\.2: data set of (\d+) bytes is over the {LIMIT}-byte "
         r"limit \(options\.max_dataset_bytes\); the first 1048576 bytes are kept",
-        held[f"instance {STUDY}.1.2"]["message"])
+        held[f"instance {STUDY}.1.2"]["message"],
+    )
     for h in held.values():
         assert (h["code"], h["source"], h["kind"]) == (
-            "HT-DICOM-REJECTED", "adapter:pacs", "imaging.instance")
+            "HT-DICOM-REJECTED",
+            "adapter:pacs",
+            "imaging.instance",
+        )
     sizes = dict(db_rows(core, "SELECT id, length(raw) FROM quarantine"))
     assert sizes[held[f"instance {STUDY}.1.2"]["id"]] == 1 << 20
     assert sizes[held[f"instance {STUDY}.1.4"]["id"]] == 0
     assert sizes[held[f"instance {STUDY}.1.1"]["id"]] > 4000  # the whole deep one
     assert not (studies / STUDY).exists()  # nothing stored
-    rows = list(csv.DictReader(io.StringIO(core.cli("audit", "export", "--format",
-                                                     "csv").stdout)))
-    assert sorted(r["code"] for r in rows if r["action"] == "quarantined") == \
-        ["HT-DICOM-REJECTED"] * 3
+    rows = list(csv.DictReader(io.StringIO(core.cli("audit", "export", "--format", "csv").stdout)))
+    assert (
+        sorted(r["code"] for r in rows if r["action"] == "quarantined") == ["HT-DICOM-REJECTED"] * 3
+    )
     log = core.log.read_text(encoding="utf-8", errors="replace")
     assert "sequences nested deeper than 32" in log and "FX0099" not in log
 
@@ -228,8 +281,12 @@ def test_dicom_deep_and_oversize_datasets_refused_quarantined_nothing_stored(pac
 
     # a peer that connects and never speaks is cut off (idle timeout 2 s, not held forever)
     with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
-        assert wait_for(lambda: s.recv(1024) == b"" or None, timeout=30,
-                        what="the idle connection closed") is True
+        assert (
+            wait_for(
+                lambda: s.recv(1024) == b"" or None, timeout=30, what="the idle connection closed"
+            )
+            is True
+        )
 
 
 def test_ws_options_refuse_a_limit_out_of_range() -> None:
@@ -272,9 +329,11 @@ def test_ws_client_cuts_off_an_oversize_document_and_keeps_the_ones_before_it() 
     from adapters.his_ws import soap
     from adapters.his_ws.client import HisClient
 
-    docs = [soap.Pending(1, "A-1", "referral", b"<a/>" * 10),
-            soap.Pending(2, "BIG-2", "referral", b"x" * 300_000),
-            soap.Pending(3, "C-3", "acceptance", b"<c/>")]
+    docs = [
+        soap.Pending(1, "A-1", "referral", b"<a/>" * 10),
+        soap.Pending(2, "BIG-2", "referral", b"x" * 300_000),
+        soap.Pending(3, "C-3", "acceptance", b"<c/>"),
+    ]
 
     def respond(h, body) -> None:  # type: ignore[no-untyped-def]
         since = int(re.search(rb"<hws:Since>(\d+)<", body).group(1))
@@ -284,7 +343,7 @@ def test_ws_client_cuts_off_an_oversize_document_and_keeps_the_ones_before_it() 
         h.end_headers()
         try:
             for i in range(0, len(answer), 4096):
-                h.wfile.write(answer[i:i + 4096])
+                h.wfile.write(answer[i : i + 4096])
         except OSError:
             pass  # the client closed: the rest is never read
 
@@ -293,7 +352,9 @@ def test_ws_client_cuts_off_an_oversize_document_and_keeps_the_ones_before_it() 
         client = HisClient(server.url, 5.0, max_document_bytes=100_000)
         got = client.pending(0, 50)
         assert [(d.seq, d.doc_id, d.type, d.raw, bool(d.too_large)) for d in got] == [
-            (1, "A-1", "referral", b"<a/>" * 10, False), (2, "BIG-2", "referral", b"", True)]
+            (1, "A-1", "referral", b"<a/>" * 10, False),
+            (2, "BIG-2", "referral", b"", True),
+        ]
         assert got[1].too_large > 100_000 * 4 // 3
         later = client.pending(2, 50)
         assert [(d.seq, d.doc_id, d.raw, d.too_large) for d in later] == [(3, "C-3", b"<c/>", 0)]
@@ -326,8 +387,11 @@ def test_ws_client_gives_up_on_a_service_that_trickles_past_the_call_deadline() 
     server = _Server(respond)
     try:
         client = HisClient(server.url, 5.0, call_deadline_s=1.0)
-        with pytest.raises(HisUnavailable, match=r"GetPendingDocuments: answer not complete "
-                                                 r"within 1 s"):
+        with pytest.raises(
+            HisUnavailable,
+            match=r"GetPendingDocuments: answer not complete "
+            r"within 1 s",
+        ):
             client.pending(0, 50)
         with pytest.raises(HisUnavailable, match=r"AckDocuments: answer not complete within"):
             client.ack([1])

@@ -50,10 +50,16 @@ def exchanged(tmp_path_factory: pytest.TempPathFactory) -> Alliance:
         chc, core = a.node("chc"), a.node("core")
         for round_, n in enumerate((3, 4)):
             chc.send("core", "result.lab", [bundle(i + 1) for i in range(n)], thread=f"t{round_}")
-        wait_for(lambda: chc.api("GET", "/local/v1/queues")["outbox"][0]
-                 .get("acknowledged") == 7, what="acknowledged at chc")
-        wait_for(lambda: core.api("GET", "/local/v1/queues")["inbox"]
-                 .get("delivered", {}).get("count") == 7, what="delivered at core")
+        wait_for(
+            lambda: chc.api("GET", "/local/v1/queues")["outbox"][0].get("acknowledged") == 7,
+            what="acknowledged at chc",
+        )
+        wait_for(
+            lambda: (
+                core.api("GET", "/local/v1/queues")["inbox"].get("delivered", {}).get("count") == 7
+            ),
+            what="delivered at core",
+        )
     finally:
         a.stop_all()
     return a
@@ -75,15 +81,26 @@ def clone(node: NodeProcess, name: str) -> tuple[Path, Path]:
 
 
 def hutong(*args: str, config: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "bridge.cli", *args, "--config", str(config)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=120, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "bridge.cli", *args, "--config", str(config)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        check=False,
+    )
 
 
 def run_refused(config: Path) -> subprocess.CompletedProcess[str]:
     """``hutong run`` that must exit by itself (a node that starts is killed after 60 s, and the
     test then fails on its exit code)."""
-    proc = subprocess.Popen([sys.executable, "-m", "bridge.cli", "run", "--config", str(config)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bridge.cli", "run", "--config", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
     try:
         out, err = proc.communicate(timeout=60)
     except subprocess.TimeoutExpired:
@@ -136,18 +153,23 @@ def test_dropped_tail_with_its_checkpoints_is_caught_by_the_anchor_file(exchange
     assert r.returncode == 1, (r.stdout, r.stderr)
     assert r.stdout == ""
     assert r.stderr.splitlines() == [
-        (f"audit chain of core is BROKEN at record {last - n + 1}: truncated: the anchor file "
-        f"{data / 'audit-anchor.json'} records seq {last} (hash {last_hash[:16]}) but the log "
-        f"ends at seq {last - n}, row(s) {last - n + 1}..{last} missing")]
+        (
+            f"audit chain of core is BROKEN at record {last - n + 1}: truncated: the anchor file "
+            f"{data / 'audit-anchor.json'} records seq {last} (hash {last_hash[:16]}) but the log "
+            f"ends at seq {last - n}, row(s) {last - n + 1}..{last} missing"
+        )
+    ]
 
     started = run_refused(config)
     assert started.returncode == 2, started.stderr[-2000:]
     lines = started.stderr.splitlines()
     assert len(lines) == 1, lines
-    assert lines[0].startswith(f"error: HT-AUDIT-ANCHOR: store {db} is younger than its audit "
-                               f"anchor: truncated: ")
-    assert lines[0].endswith("if the store was restored on purpose: hutong audit "
-                             "accept-restore --config <file>")
+    assert lines[0].startswith(
+        f"error: HT-AUDIT-ANCHOR: store {db} is younger than its audit anchor: truncated: "
+    )
+    assert lines[0].endswith(
+        "if the store was restored on purpose: hutong audit accept-restore --config <file>"
+    )
     assert head(db)[0] == last - n  # the refused start wrote nothing
 
 
@@ -160,15 +182,21 @@ def test_deleted_store_refuses_to_start_until_it_restores_on_purpose(exchanged) 
     started = run_refused(config)
     assert started.returncode == 2
     assert started.stderr.splitlines() == [
-        (f"error: HT-AUDIT-ANCHOR: store {db} is missing but {data / 'audit-anchor.json'} "
-        f"records audit seq {last}: the store was deleted or moved; if the store was restored "
-        "on purpose: hutong audit accept-restore --config <file>")]
+        (
+            f"error: HT-AUDIT-ANCHOR: store {db} is missing but {data / 'audit-anchor.json'} "
+            f"records audit seq {last}: the store was deleted or moved; if the store was restored "
+            "on purpose: hutong audit accept-restore --config <file>"
+        )
+    ]
     assert not db.exists()  # refused before anything created a fresh store
     r = hutong("audit", "verify", config=config)
     assert r.returncode == 1
     assert r.stderr.splitlines() == [
-        (f"audit chain of core is BROKEN at record 1: store {db} is missing, the anchor file "
-        f"{data / 'audit-anchor.json'} records seq {last}")]
+        (
+            f"audit chain of core is BROKEN at record 1: store {db} is missing, the anchor file "
+            f"{data / 'audit-anchor.json'} records seq {last}"
+        )
+    ]
 
     # the documented, audited IT override for a deliberate restore (here: a fresh store)
     ok = hutong("audit", "accept-restore", "--reason", "ticket 42: disk replaced", config=config)
@@ -195,8 +223,9 @@ def test_deleted_store_refuses_to_start_until_it_restores_on_purpose(exchanged) 
 def test_peer_held_anchor_catches_a_truncation_the_node_cannot_see(exchanged, tmp_path) -> None:
     chc, core = exchanged.node("chc"), exchanged.node("core")
     exported = tmp_path / "core-anchor.json"
-    r = hutong("audit", "anchor-export", "--peer", "core", "--out", str(exported),
-               config=chc.config)
+    r = hutong(
+        "audit", "anchor-export", "--peer", "core", "--out", str(exported), config=chc.config
+    )
     assert r.returncode == 0, r.stderr
     held = json.loads(exported.read_text())
     assert held["node"] == "core" and held["held_by"] == "chc" and held["v"] == 1
@@ -205,8 +234,10 @@ def test_peer_held_anchor_catches_a_truncation_the_node_cannot_see(exchanged, tm
     config, data = clone(core, "peer")
     db = data / "node.db"
     with sqlite3.connect(db) as conn:
-        assert conn.execute("SELECT hash FROM audit WHERE seq = ?", (seq,)).fetchone()[0] == \
-            held["hash"]
+        assert (
+            conn.execute("SELECT hash FROM audit WHERE seq = ?", (seq,)).fetchone()[0]
+            == held["hash"]
+        )
     intact = hutong("audit", "verify", "--anchor", str(exported), config=config)
     assert intact.returncode == 0, intact.stderr
     assert intact.stdout.rstrip().endswith(", 2 anchor(s) held")
@@ -218,9 +249,12 @@ def test_peer_held_anchor_catches_a_truncation_the_node_cannot_see(exchanged, tm
     r = hutong("audit", "verify", "--anchor", str(exported), config=config)
     assert r.returncode == 1, r.stdout
     assert r.stderr.splitlines() == [
-        (f"audit chain of core is BROKEN at record {seq - 1}: truncated: the anchor in "
-        f"{exported} records seq {seq} (hash {held['hash'][:16]}) but the log ends at seq "
-        f"{seq - 2}, row(s) {seq - 1}..{seq} missing")]
+        (
+            f"audit chain of core is BROKEN at record {seq - 1}: truncated: the anchor in "
+            f"{exported} records seq {seq} (hash {held['hash'][:16]}) but the log ends at seq "
+            f"{seq - 2}, row(s) {seq - 1}..{seq} missing"
+        )
+    ]
 
     # a forged anchor (another seq under the same signature) is refused, not trusted
     forged = tmp_path / "forged.json"
@@ -228,8 +262,11 @@ def test_peer_held_anchor_catches_a_truncation_the_node_cannot_see(exchanged, tm
     f = hutong("audit", "verify", "--anchor", str(forged), config=config)
     assert f.returncode == 1
     assert f.stderr.splitlines() == [
-        (f"audit chain of core is BROKEN at record {seq + 1}: the anchor in {forged}: its "
-        "signature does not verify with core's keys")]
+        (
+            f"audit chain of core is BROKEN at record {seq + 1}: the anchor in {forged}: its "
+            "signature does not verify with core's keys"
+        )
+    ]
 
 
 def test_corrupt_page_refuses_to_start_naming_the_file(exchanged) -> None:
@@ -261,8 +298,11 @@ def test_second_run_on_the_same_data_folder_refuses_naming_the_pid(exchanged) ->
         second = run_refused(config)
         assert second.returncode == 2
         assert second.stderr.splitlines() == [
-            (f"error: HT-DATA-LOCKED: data folder {data} is in use by another 'hutong run' "
-            f"(pid {first.proc.pid}, lock file {data / 'hutong-run.lock'})")]
+            (
+                f"error: HT-DATA-LOCKED: data folder {data} is in use by another 'hutong run' "
+                f"(pid {first.proc.pid}, lock file {data / 'hutong-run.lock'})"
+            )
+        ]
         assert first.proc.poll() is None  # the first one serves on
         assert first.api("GET", "/local/v1/queues")["inbox"]["delivered"]["count"] == 7
     finally:
@@ -303,8 +343,9 @@ def test_anchor_file_moves_forward_only_atomically_0600_after_commit(tmp_path) -
     assert first["seq"] == 4 and path.stat().st_mode & 0o777 == 0o600
     assert chain.receipt_anchor() == first
     with store.read() as conn:
-        assert conn.exec_driver_sql("SELECT hash FROM audit WHERE seq = 4").scalar() == \
-            first["hash"]
+        assert (
+            conn.exec_driver_sql("SELECT hash FROM audit WHERE seq = 4").scalar() == first["hash"]
+        )
     stale = AnchorFile(path).read()
     assert stale is not None and stale.verifies([key.public_key()])
     assert AnchorFile(path).advance(stale) is False  # never backwards
@@ -316,7 +357,9 @@ def test_anchor_file_moves_forward_only_atomically_0600_after_commit(tmp_path) -
     with store.write() as conn:
         conn.exec_driver_sql("UPDATE audit SET hash = ? WHERE seq = 4", ("0" * 64,))
         assert problem(conn, stale, "the anchor") == (
-            4, "seq 4: hash differs from the anchor's (store replaced or rewritten)")
+            4,
+            "seq 4: hash differs from the anchor's (store replaced or rewritten)",
+        )
     store.dispose()
 
 
@@ -331,12 +374,15 @@ def test_peer_anchors_kept_highest_and_a_chain_that_went_back_is_audited_once(tm
     from bridge.store.db import Store
 
     core, other = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
-    directory = {"core": SimpleNamespace(signing_keys=(core.public_key(),)),
-                 "chc": SimpleNamespace(signing_keys=(other.public_key(),))}
+    directory = {
+        "core": SimpleNamespace(signing_keys=(core.public_key(),)),
+        "chc": SimpleNamespace(signing_keys=(other.public_key(),)),
+    }
 
     def anchor(seq: int, h: str, signer: Ed25519PrivateKey = core) -> dict:
-        a = Anchor("core", seq, h * 64, "2026-12-07T01:00:00.000000Z",
-                   key_id(signer.public_key()), "")
+        a = Anchor(
+            "core", seq, h * 64, "2026-12-07T01:00:00.000000Z", key_id(signer.public_key()), ""
+        )
         sig = base64.b64encode(signer.sign(a.message())).decode()
         return {**a.to_dict(), "signature": sig}
 
@@ -347,13 +393,20 @@ def test_peer_anchors_kept_highest_and_a_chain_that_went_back_is_audited_once(tm
     store.create_all()
     now = datetime.now(UTC)
     with store.write() as conn:
-        got = keep_from_receipts(conn, directory, [
-            receipt(None), receipt(anchor(6, "a")), receipt(anchor(9, "b")),
-            receipt(anchor(12, "c", other)),  # not signed by core: ignored
-            receipt(anchor(15, "d"), receiver="chc"),  # not the signer's own chain: ignored
-            receipt({**anchor(18, "e"), "v": 2}),  # a later version: ignored, not an error
-            RuntimeError("a receipt that failed its own checks"),
-        ], now)
+        got = keep_from_receipts(
+            conn,
+            directory,
+            [
+                receipt(None),
+                receipt(anchor(6, "a")),
+                receipt(anchor(9, "b")),
+                receipt(anchor(12, "c", other)),  # not signed by core: ignored
+                receipt(anchor(15, "d"), receiver="chc"),  # not the signer's own chain: ignored
+                receipt({**anchor(18, "e"), "v": 2}),  # a later version: ignored, not an error
+                RuntimeError("a receipt that failed its own checks"),
+            ],
+            now,
+        )
         assert got == []
         assert held_for(conn, "core")["seq"] == 9
         back = keep_from_receipts(conn, directory, [receipt(anchor(3, "f"))], now)
@@ -363,8 +416,10 @@ def test_peer_anchors_kept_highest_and_a_chain_that_went_back_is_audited_once(tm
     assert len(back) == 1
     e = back[0]
     assert (e.action, e.outcome, e.peer, e.code) == ("peer-anchor", "8", "core", "HT-AUDIT-ANCHOR")
-    assert e.message == (f"core's audit chain went back: it now shows seq 3 (hash {'f' * 16}), "
-                         f"it showed seq 9 (hash {'b' * 16})")
+    assert e.message == (
+        f"core's audit chain went back: it now shows seq 3 (hash {'f' * 16}), "
+        f"it showed seq 9 (hash {'b' * 16})"
+    )
     store.dispose()
 
 
@@ -382,12 +437,15 @@ def test_running_node_shows_a_tail_cut_under_it_on_the_auditor_page(exchanged) -
 
         def page() -> str:
             return auditor.get("/ui/audit?verify=full&lang=en")
+
         assert 'class="chain ok"' in page()
         rows, cps = cut_after(data / "node.db", anchored - 2)
         assert rows >= 2 and cps >= 1
         body = page()
         assert 'class="chain bad"' in body
-        assert "the node&#x27;s latest anchor records seq" in body or \
-            "hash differs from the node&#x27;s latest anchor" in body
+        assert (
+            "the node&#x27;s latest anchor records seq" in body
+            or "hash differs from the node&#x27;s latest anchor" in body
+        )
     finally:
         node.stop()

@@ -38,8 +38,13 @@ pytestmark = pytest.mark.slow
 
 MEMBERS = [
     {"id": "core", "zh": "复兴医院", "en": "Fuxing Hospital", "role": "core", "via": "hub"},
-    {"id": "chc", "zh": "月坛社区卫生服务中心", "en": "Yuetan CHC", "role": "community",
-     "via": "hub"},
+    {
+        "id": "chc",
+        "zh": "月坛社区卫生服务中心",
+        "en": "Yuetan CHC",
+        "role": "community",
+        "via": "hub",
+    },
     {"id": "hub", "zh": "医联体信息平台", "en": "Alliance platform", "role": "platform"},
 ]
 RULES = [{"from": "chc", "to": "core", "kinds": ["result.lab"]}]
@@ -65,12 +70,18 @@ def key_of(a: Alliance, node: str) -> Ed25519PrivateKey:
     return load_signing_key(plan.keys.signing, plan.keys.passphrase)
 
 
-def seal(a: Alliance, *, key: Ed25519PrivateKey | None = None, body: bytes | None = None,
-         **kw: Any) -> bytes:
-    args: dict[str, Any] = dict(sender="chc", recipient="core", kind="result.lab",
-                                thread="gw-t", seq=1, signing_key=key or key_of(a, "chc"),
-                                recipient_key=a.node("hub").plan.directory["core"]
-                                .encryption_keys[0])
+def seal(
+    a: Alliance, *, key: Ed25519PrivateKey | None = None, body: bytes | None = None, **kw: Any
+) -> bytes:
+    args: dict[str, Any] = dict(
+        sender="chc",
+        recipient="core",
+        kind="result.lab",
+        thread="gw-t",
+        seq=1,
+        signing_key=key or key_of(a, "chc"),
+        recipient_key=a.node("hub").plan.directory["core"].encryption_keys[0],
+    )
     args.update(kw)
     return env.seal(body if body is not None else bundle_bytes(n_obs=1), **args)
 
@@ -88,17 +99,29 @@ def db_bytes(node: NodeProcess) -> int:
     return sum(p.stat().st_size for p in node.plan.data_dir.glob("*.db*") if p.is_file())
 
 
-def post_raw(host: str, port: int, body: bytes | None, *, headers: dict[str, str] | None = None,
-             path: str = "/exchange/v1/packets", source: str = ATTACKER,
-             declared: int | None = None, timeout: float = 60.0) -> tuple[int | None, bytes]:
+def post_raw(
+    host: str,
+    port: int,
+    body: bytes | None,
+    *,
+    headers: dict[str, str] | None = None,
+    path: str = "/exchange/v1/packets",
+    source: str = ATTACKER,
+    declared: int | None = None,
+    timeout: float = 60.0,
+) -> tuple[int | None, bytes]:
     """POST from ``source``, streaming the body; read whatever the node answers, even if it
     answers (and closes) before the body is all sent. (status, body); status None: closed
     without an answer."""
     s = socket.create_connection((host, port), timeout=timeout, source_address=(source, 0))
     try:
         length = declared if declared is not None else len(body or b"")
-        head = [f"POST {path} HTTP/1.1", f"Host: {host}", f"Content-Length: {length}",
-                "Content-Type: application/x-hutong-batch"]
+        head = [
+            f"POST {path} HTTP/1.1",
+            f"Host: {host}",
+            f"Content-Length: {length}",
+            "Content-Type: application/x-hutong-batch",
+        ]
         head += [f"{k}: {v}" for k, v in (headers or {}).items()]
         s.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
         view = memoryview(body or b"")
@@ -106,7 +129,7 @@ def post_raw(host: str, port: int, body: bytes | None, *, headers: dict[str, str
             for i in range(0, len(view), 256 * 1024):
                 if select.select([s], [], [], 0)[0]:
                     break  # the node answered before the end of the body: read its answer
-                s.sendall(view[i:i + 256 * 1024])
+                s.sendall(view[i : i + 256 * 1024])
         except OSError:  # the node answered and closed before the end: read its answer
             pass
         return read_response(s)
@@ -124,8 +147,11 @@ def read_response(s: socket.socket) -> tuple[int | None, bytes]:
             data += chunk
             head, sep, rest = data.partition(b"\r\n\r\n")
             if sep:
-                length = [int(x.split(b":")[1]) for x in head.split(b"\r\n")
-                          if x.lower().startswith(b"content-length:")]
+                length = [
+                    int(x.split(b":")[1])
+                    for x in head.split(b"\r\n")
+                    if x.lower().startswith(b"content-length:")
+                ]
                 if length and len(rest) >= length[0]:
                     break
     except OSError:
@@ -136,10 +162,12 @@ def read_response(s: socket.socket) -> tuple[int | None, bytes]:
     return int(head[9:12]), rest
 
 
-def post_frames(node: NodeProcess, frames: list[bytes], source: str = ATTACKER
-                ) -> tuple[int | None, bytes]:
-    return post_raw(node.plan.peer_host, node.plan.peer_port, env.encode_batch(frames),
-                    source=source)
+def post_frames(
+    node: NodeProcess, frames: list[bytes], source: str = ATTACKER
+) -> tuple[int | None, bytes]:
+    return post_raw(
+        node.plan.peer_host, node.plan.peer_port, env.encode_batch(frames), source=source
+    )
 
 
 def forged_big(a: Alliance, size: int) -> bytes:
@@ -148,14 +176,25 @@ def forged_big(a: Alliance, size: int) -> bytes:
     false."""
     real = env.decode(seal(a), max_body=1 << 20)
     hb = real.header_bytes
-    frame = b"".join((b"HTP1", U32(len(hb)), hb, U32(size), os.urandom(1024) * (size // 1024),
-                      os.urandom(64)))
+    frame = b"".join(
+        (b"HTP1", U32(len(hb)), hb, U32(size), os.urandom(1024) * (size // 1024), os.urandom(64))
+    )
     return env.encode_batch([frame])
 
 
 def quarantine(node: NodeProcess) -> list[dict[str, Any]]:
-    cols = ("id", "code", "sender", "packet_id", "raw", "raw_digest", "raw_size", "remote",
-            "trusted", "state")
+    cols = (
+        "id",
+        "code",
+        "sender",
+        "packet_id",
+        "raw",
+        "raw_digest",
+        "raw_size",
+        "remote",
+        "trusted",
+        "state",
+    )
     rows = db_rows(node, f"SELECT {', '.join(cols)} FROM quarantine ORDER BY id")
     return [dict(zip(cols, r, strict=True)) for r in rows]
 
@@ -180,18 +219,23 @@ def test_flood_of_40_mib_garbage_costs_the_platform_little_and_it_keeps_relaying
                     return
                 sent["n"] += 1
                 i = sent["n"]
-            status, _ = post_raw(hub.plan.peer_host, hub.plan.peer_port,
-                                 big if i % 2 else junk, timeout=60)
+            status, _ = post_raw(
+                hub.plan.peer_host, hub.plan.peer_port, big if i % 2 else junk, timeout=60
+            )
             with lock:
                 sent["answered"] += status is not None and status >= 400
 
     with ThreadPoolExecutor(5) as pool:
         flood = [pool.submit(one) for _ in range(5)]
         wait_for(lambda: sent["n"] >= 10, 120, what="the flood to be under way")
-        [pid] = chc.send("core", "result.lab", [orjson.loads(bundle_bytes(marker="in-flood"))],
-                         thread="flood-t")
-        wait_for(lambda: any(pid in p.name for p in spooled(core)), 240,
-                 what="a real packet relayed during the flood")
+        [pid] = chc.send(
+            "core", "result.lab", [orjson.loads(bundle_bytes(marker="in-flood"))], thread="flood-t"
+        )
+        wait_for(
+            lambda: any(pid in p.name for p in spooled(core)),
+            240,
+            what="a real packet relayed during the flood",
+        )
         during = not all(f.done() for f in flood)
         delivered.set()
         for f in flood:
@@ -223,8 +267,12 @@ def test_unauthenticated_frame_gets_an_unsigned_error_never_a_signed_receipt(net
     # unknown sender and garbage that is not a frame: unsigned as well
     status, body = post_frames(hub, [seal(net, key=stranger, sender="nobody")], source=other)
     assert (status, json.loads(body)["code"]) == (403, "HT-PKT-UNKNOWN-SENDER")
-    status, body = post_raw(hub.plan.peer_host, hub.plan.peer_port,
-                            b"HTB1" + U32(1) + U32(60) + b"XXXX" + os.urandom(56), source=other)
+    status, body = post_raw(
+        hub.plan.peer_host,
+        hub.plan.peer_port,
+        b"HTB1" + U32(1) + U32(60) + b"XXXX" + os.urandom(56),
+        source=other,
+    )
     assert status == 400 and b"HTR1" not in body
     assert json.loads(body)["code"] == "HT-PKT-MALFORMED"
     # in a batch with a real packet: the real one gets its signed receipt, the forged one an
@@ -235,8 +283,10 @@ def test_unauthenticated_frame_gets_an_unsigned_error_never_a_signed_receipt(net
     first, second = env.decode_batch(body, max_total=1 << 20)
     keys = hub.plan.directory
     fields = env.verify_receipt(first, lambda n: keys[n].signing_keys)
-    assert (fields["status"], fields["packet"]) == ("relayed", env.decode(
-        real, max_body=1 << 20).header.id)
+    assert (fields["status"], fields["packet"]) == (
+        "relayed",
+        env.decode(real, max_body=1 << 20).header.id,
+    )
     assert not second.startswith(b"HTR1")
     assert json.loads(second)["code"] == "HT-PKT-BAD-SIGNATURE"
 
@@ -248,26 +298,44 @@ def test_a_forged_refusal_cannot_change_a_senders_packet(tmp_path: Path) -> None
     a.start("chc", "core")  # the platform is down: chc's packet stays queued
     try:
         chc, core = a.node("chc"), a.node("core")
-        [pid] = chc.send("core", "result.lab", [orjson.loads(bundle_bytes(marker="real"))],
-                         thread="forge-t")
+        [pid] = chc.send(
+            "core", "result.lab", [orjson.loads(bundle_bytes(marker="real"))], thread="forge-t"
+        )
         stranger = Ed25519PrivateKey.generate()
         forged = seal(a, key=stranger, packet_id=pid, thread="forge-t")
         status, body = post_frames(core, [forged])
         assert status == 403 and b"HTR1" not in body
         assert json.loads(body)["code"] == "HT-PKT-BAD-SIGNATURE"
         # a receipt the stranger signs itself, claiming to be core: not taken either
-        fake = env.sign_receipt({
-            "packet": pid, "sender": "chc", "recipient": "core", "receiver": "core",
-            "status": "refused", "code": "HT-PKT-INVALID-FHIR", "message": "forged",
-            "at": "2026-01-01T00:00:00.000Z", "digest": None}, stranger)
+        fake = env.sign_receipt(
+            {
+                "packet": pid,
+                "sender": "chc",
+                "recipient": "core",
+                "receiver": "core",
+                "status": "refused",
+                "code": "HT-PKT-INVALID-FHIR",
+                "message": "forged",
+                "at": "2026-01-01T00:00:00.000Z",
+                "digest": None,
+            },
+            stranger,
+        )
         status, body = post_frames(chc, [fake])
         assert status == 403 and json.loads(body)["code"] == "HT-PKT-BAD-SIGNATURE"
-        [(state, receipt)] = db_rows(chc, "SELECT state, receipt FROM outbox WHERE "
-                                          "packet_id = :p", p=pid)
+        [(state, receipt)] = db_rows(
+            chc, "SELECT state, receipt FROM outbox WHERE packet_id = :p", p=pid
+        )
         assert (state, receipt) == ("queued", None)
         a.start("hub")
-        wait_for(lambda: db_rows(chc, "SELECT state FROM outbox WHERE packet_id = :p",
-                                 p=pid) == [("acknowledged",)], 60, what="real delivery")
+        wait_for(
+            lambda: (
+                db_rows(chc, "SELECT state FROM outbox WHERE packet_id = :p", p=pid)
+                == [("acknowledged",)]
+            ),
+            60,
+            what="real delivery",
+        )
         assert any(pid in p.name for p in spooled(core))
     finally:
         a.stop_all()
@@ -282,8 +350,9 @@ class _Peer(threading.Thread):
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(4)
         self.port = self.sock.getsockname()[1]
-        self.answer = (f"HTTP/1.1 {status} X\r\nContent-Length: {len(body)}\r\n"
-                       "Connection: close\r\n\r\n").encode() + body
+        self.answer = (
+            f"HTTP/1.1 {status} X\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        ).encode() + body
         self.hits = 0
 
     def run(self) -> None:
@@ -297,8 +366,11 @@ class _Peer(threading.Thread):
                 while b"\r\n\r\n" not in data:
                     data += c.recv(65536)
                 head, _, rest = data.partition(b"\r\n\r\n")
-                n = [int(x.split(b":")[1]) for x in head.split(b"\r\n")
-                     if x.lower().startswith(b"content-length:")][0]
+                n = [
+                    int(x.split(b":")[1])
+                    for x in head.split(b"\r\n")
+                    if x.lower().startswith(b"content-length:")
+                ][0]
                 while len(rest) < n:
                     rest += c.recv(65536)
                 self.hits += 1
@@ -306,7 +378,8 @@ class _Peer(threading.Thread):
 
 
 def test_sender_takes_an_unsigned_or_false_answer_as_not_delivered_and_retries(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     """Whoever answers a sender's batch (the peer, or anyone in between) with an unsigned
     error or a receipt no member signed cannot make the packet refused or dead: it stays
     queued and is tried again after a backoff."""
@@ -318,20 +391,35 @@ def test_sender_takes_an_unsigned_or_false_answer_as_not_delivered_and_retries(
     from bridge.delivery.sender import PeerSender
     from bridge.store.tables import OUTBOX
 
-    error = orjson.dumps({"code": "HT-PKT-BAD-SIGNATURE", "message": "no key verifies",
-                          "retry": "transient"})
+    error = orjson.dumps(
+        {"code": "HT-PKT-BAD-SIGNATURE", "message": "no key verifies", "retry": "transient"}
+    )
     a = Alliance(tmp_path / "alliance", MEMBERS, RULES)
     ctx = NodeContext.open(load_node(a.files["chc"]))
     with ctx.store.write() as conn:
-        [res] = queue_packets(ctx, conn, [Outgoing("core", "result.lab", bundle_bytes(),
-                                                   "retry-t")])
+        [res] = queue_packets(
+            ctx, conn, [Outgoing("core", "result.lab", bundle_bytes(), "retry-t")]
+        )
     stranger = Ed25519PrivateKey.generate()
-    false_receipt = env.sign_receipt({
-        "packet": res.packet_id, "sender": "chc", "recipient": "core", "receiver": "core",
-        "status": "refused", "code": "HT-PKT-INVALID-FHIR", "message": "forged",
-        "at": "2026-01-01T00:00:00.000Z", "digest": None}, stranger)
-    answers = [(200, env.encode_batch([error])), (403, error),
-               (200, env.encode_batch([false_receipt]))]
+    false_receipt = env.sign_receipt(
+        {
+            "packet": res.packet_id,
+            "sender": "chc",
+            "recipient": "core",
+            "receiver": "core",
+            "status": "refused",
+            "code": "HT-PKT-INVALID-FHIR",
+            "message": "forged",
+            "at": "2026-01-01T00:00:00.000Z",
+            "digest": None,
+        },
+        stranger,
+    )
+    answers = [
+        (200, env.encode_batch([error])),
+        (403, error),
+        (200, env.encode_batch([false_receipt])),
+    ]
     try:
         for attempt, (status, body) in enumerate(answers, start=1):
             peer = _Peer(status, body)
@@ -345,17 +433,20 @@ def test_sender_takes_an_unsigned_or_false_answer_as_not_delivered_and_retries(
                 peer.sock.close()
             assert peer.hits == 1, (attempt, report)
             with ctx.store.read() as conn:
-                row = conn.execute(OUTBOX.select().where(
-                    OUTBOX.c.packet_id == res.packet_id)).one()
+                row = conn.execute(OUTBOX.select().where(OUTBOX.c.packet_id == res.packet_id)).one()
             assert row.state == "queued", attempt
             assert row.receipt is None and row.acked_at is None
             assert row.attempts == attempt
             assert row.next_try_at > ctx.now()
-            assert ("HT-PKT-BAD-SIGNATURE" if attempt < 3 else "no valid receipt") in \
-                row.last_error, row.last_error
+            assert (
+                "HT-PKT-BAD-SIGNATURE" if attempt < 3 else "no valid receipt"
+            ) in row.last_error, row.last_error
             with ctx.store.write() as conn:  # due again now, for the next answer
-                conn.execute(update(OUTBOX).where(OUTBOX.c.id == row.id)
-                             .values(next_try_at=ctx.now() - timedelta(seconds=1)))
+                conn.execute(
+                    update(OUTBOX)
+                    .where(OUTBOX.c.id == row.id)
+                    .values(next_try_at=ctx.now() - timedelta(seconds=1))
+                )
     finally:
         ctx.store.dispose()
 
@@ -368,15 +459,25 @@ def test_local_port_refuses_100_mb_without_a_token_before_reading_it(net) -> Non
     before = vm_hwm_kib(core)
     body = b"[" + b" " * (100_000_000 - 2) + b"]"
     for path in ("/local/v1/packets", "/fhir"):
-        status, answer = post_raw(core.plan.local_host, core.plan.local_port, body, path=path,
-                                  source="127.0.0.1", headers={"Content-Type":
-                                                               "application/json"})
+        status, answer = post_raw(
+            core.plan.local_host,
+            core.plan.local_port,
+            body,
+            path=path,
+            source="127.0.0.1",
+            headers={"Content-Type": "application/json"},
+        )
         assert status == 401, (path, status, answer[:200])
         assert b"HT-AUTH" in answer
     # with a token, over the local body limit: refused from the declared length
-    status, answer = post_raw(core.plan.local_host, core.plan.local_port, body,
-                              path="/local/v1/packets", source="127.0.0.1",
-                              headers={"Authorization": f"Bearer {core.token('it')}"})
+    status, answer = post_raw(
+        core.plan.local_host,
+        core.plan.local_port,
+        body,
+        path="/local/v1/packets",
+        source="127.0.0.1",
+        headers={"Authorization": f"Bearer {core.token('it')}"},
+    )
     assert status == 413 and b"HT-PKT-TOO-LARGE" in answer
     grown = vm_hwm_kib(core) - before
     assert grown < 30 * 1024, f"core peak RSS grew by {grown / 1024:.0f} MiB"
@@ -390,8 +491,11 @@ def test_local_port_refuses_100_mb_without_a_token_before_reading_it(net) -> Non
 @pytest.mark.parametrize("port", ["peer", "local"])
 def test_slowloris_and_idle_connections_are_closed(net, port: str) -> None:
     hub = net.node("hub")
-    host, p = ((hub.plan.peer_host, hub.plan.peer_port) if port == "peer"
-               else (hub.plan.local_host, hub.plan.local_port))
+    host, p = (
+        (hub.plan.peer_host, hub.plan.peer_port)
+        if port == "peer"
+        else (hub.plan.local_host, hub.plan.local_port)
+    )
     idle = socket.create_connection((host, p), timeout=1, source_address=(ATTACKER, 0))
     slow = socket.create_connection((host, p), timeout=1, source_address=(ATTACKER, 0))
     slow.sendall(b"POST /exchange/v1/packets HTTP/1.1\r\nHost: x\r\n")
@@ -438,20 +542,24 @@ def test_a_body_dripped_slower_than_its_deadline_is_cut_off(tmp_path: Path) -> N
     a.start("hub")
     hub = a.node("hub")
     try:
-        for host, port, path in ((hub.plan.peer_host, hub.plan.peer_port,
-                                  "/exchange/v1/packets"),
-                                 (hub.plan.local_host, hub.plan.local_port, "/ui/login")):
+        for host, port, path in (
+            (hub.plan.peer_host, hub.plan.peer_port, "/exchange/v1/packets"),
+            (hub.plan.local_host, hub.plan.local_port, "/ui/login"),
+        ):
             s = socket.create_connection((host, port), timeout=1, source_address=(ATTACKER, 0))
-            s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n"
-                      "Content-Type: application/x-www-form-urlencoded\r\n\r\n".encode())
+            s.sendall(
+                f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n"
+                "Content-Type: application/x-www-form-urlencoded\r\n\r\n".encode()
+            )
             # a body that stays plausible as far as it gets (a batch, a packet, its header)
             body = b"HTB1" + U32(1) + U32(988) + b"HTP1" + U32(900) + b"a" * 976
             sent = {"n": 0}
 
-            def cut_off(s: socket.socket = s, body: bytes = body,
-                        sent: dict[str, int] = sent) -> bool:
+            def cut_off(
+                s: socket.socket = s, body: bytes = body, sent: dict[str, int] = sent
+            ) -> bool:
                 try:
-                    s.send(body[sent["n"]:sent["n"] + 1])
+                    s.send(body[sent["n"] : sent["n"] + 1])
                     sent["n"] += 1
                     return s.recv(4096) == b""
                 except TimeoutError:
@@ -494,7 +602,8 @@ def test_refusals_are_rate_limited_per_address_and_for_all_addresses() -> None:
 
 
 def test_quarantine_keeps_prefix_digest_length_source_within_quota_and_retention(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     from sqlalchemy import update
 
     from bridge.config.loader import load_node
@@ -504,15 +613,21 @@ def test_quarantine_keeps_prefix_digest_length_source_within_quota_and_retention
 
     a = Alliance(tmp_path / "alliance", MEMBERS, RULES)
     hub_file = a.files["hub"]
-    hub_file.write_text(hub_file.read_text() + (
-        "\n[retention]\nquarantine_prefix_bytes = 1024\nquarantine_max_bytes = 32768\n"
-        "quarantine_days = 10.0\n\n[limits]\nrefusal_burst = 1000\n"))
+    hub_file.write_text(
+        hub_file.read_text()
+        + (
+            "\n[retention]\nquarantine_prefix_bytes = 1024\nquarantine_max_bytes = 32768\n"
+            "quarantine_days = 10.0\n\n[limits]\nrefusal_burst = 1000\n"
+        )
+    )
     a.start("hub")
     hub = a.node("hub")
     stranger = Ed25519PrivateKey.generate()
     try:
-        frames = [seal(a, key=stranger, thread=f"q-{i}", body=bundle_bytes(marker="x" * 20000))
-                  for i in range(40)]
+        frames = [
+            seal(a, key=stranger, thread=f"q-{i}", body=bundle_bytes(marker="x" * 20000))
+            for i in range(40)
+        ]
         for f in frames:
             status, _ = post_frames(hub, [f])
             assert status == 403
@@ -527,11 +642,15 @@ def test_quarantine_keeps_prefix_digest_length_source_within_quota_and_retention
         assert last["remote"] == ATTACKER
         assert not last["trusted"]
         assert (last["code"], last["sender"], last["packet_id"]) == (
-            "HT-PKT-BAD-SIGNATURE", "chc", header.id)
+            "HT-PKT-BAD-SIGNATURE",
+            "chc",
+            header.id,
+        )
         # quota: 32 KiB for 40 refusals of 1 KiB + row overhead; the oldest went first
         assert 10 < len(rows) < 40
         assert [r["packet_id"] for r in rows] == [
-            env.decode(f, max_body=1 << 20).header.id for f in frames[-len(rows):]]
+            env.decode(f, max_body=1 << 20).header.id for f in frames[-len(rows) :]
+        ]
         dropped = db_rows(hub, "SELECT resource FROM audit WHERE action = 'quarantine-dropped'")
         counts = [json.loads(r)["outcomeDesc"] for (r,) in dropped]
         assert counts and sum(int(c.split()[0]) for c in counts) == 40 - len(rows)
@@ -542,8 +661,11 @@ def test_quarantine_keeps_prefix_digest_length_source_within_quota_and_retention
     try:
         with ctx.store.write() as conn:
             oldest = conn.execute(QUARANTINE.select().order_by(QUARANTINE.c.id)).first()
-            conn.execute(update(QUARANTINE).where(QUARANTINE.c.id == oldest.id)
-                         .values(at=ctx.now() - timedelta(days=11)))
+            conn.execute(
+                update(QUARANTINE)
+                .where(QUARANTINE.c.id == oldest.id)
+                .values(at=ctx.now() - timedelta(days=11))
+            )
         purged = purge_bodies(ctx)
         assert purged["quarantine"] == 1
         with ctx.store.read() as conn:

@@ -51,15 +51,23 @@ NID_SYSTEM = "urn:oid:2.16.156.10011.1.3"
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Alliance]:
-    a = Alliance(tmp_path_factory.mktemp("secweb") / "alliance", MEMBERS, RULES,
-                 national_id_egress=True)
+    a = Alliance(
+        tmp_path_factory.mktemp("secweb") / "alliance", MEMBERS, RULES, national_id_egress=True
+    )
     a.start("core", "chc")
     yield a
     a.stop_all()
 
 
-def raw(node: NodeProcess, method: str, path: str, *, headers: dict[str, str] | None = None,
-        data: bytes | None = None, peer: bool = False) -> tuple[int, dict[str, str], bytes]:
+def raw(
+    node: NodeProcess,
+    method: str,
+    path: str,
+    *,
+    headers: dict[str, str] | None = None,
+    data: bytes | None = None,
+    peer: bool = False,
+) -> tuple[int, dict[str, str], bytes]:
     """(status, headers lower-cased, body) of one request, errors included."""
     url = (node.peer_url if peer else node.local_url) + path
     req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
@@ -177,12 +185,18 @@ def test_the_docs_page_is_served_from_the_node_itself(pair: Alliance) -> None:
     status, headers, body = raw(core, "GET", "/docs")
     page = body.decode()
     assert status == 200 and headers["content-type"].startswith("text/html")
-    assert "http://" not in page and "https://" not in page and "//" not in page.replace(
-        "<!DOCTYPE", "")
+    assert (
+        "http://" not in page
+        and "https://" not in page
+        and "//" not in page.replace("<!DOCTYPE", "")
+    )
     assert "<script>" not in page  # no inline script: the init is a file of its own
     sources = re.findall(r'(?:src|href)="([^"]+)"', page)
-    assert sorted(sources) == ["/docs/static/docs-init.js", "/docs/static/swagger-ui-bundle.js",
-                               "/docs/static/swagger-ui.css"]
+    assert sorted(sources) == [
+        "/docs/static/docs-init.js",
+        "/docs/static/swagger-ui-bundle.js",
+        "/docs/static/swagger-ui.css",
+    ]
     for src in sources:
         status, headers, asset = raw(core, "GET", src)
         assert status == 200 and len(asset) > 100, src
@@ -226,8 +240,9 @@ def test_sessions_end_after_idle_and_absolute_limits_by_the_clock() -> None:
 @pytest.fixture(scope="module")
 def short_sessions(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Alliance]:
     """core: 1.5 s idle limit; chc: 2 s absolute limit (and a long idle one)."""
-    a = Alliance(tmp_path_factory.mktemp("sessions") / "alliance", MEMBERS, RULES,
-                 national_id_egress=True)
+    a = Alliance(
+        tmp_path_factory.mktemp("sessions") / "alliance", MEMBERS, RULES, national_id_egress=True
+    )
     for node, (idle, most) in {"core": (1.5, 3600), "chc": (3600, 2)}.items():
         with open(a.files[node], "a", encoding="utf-8") as fh:
             fh.write(f"\n[web]\nsession_idle_s = {idle}\nsession_max_s = {most}\n")
@@ -238,7 +253,8 @@ def short_sessions(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Allianc
 
 @pytest.mark.slow  # on running nodes
 def test_a_session_past_its_idle_or_absolute_limit_is_sent_to_login(
-        short_sessions: Alliance) -> None:
+    short_sessions: Alliance,
+) -> None:
     for node_id in ("core", "chc"):
         node = short_sessions.node(node_id)
         user = Browser(node).login("clinician")
@@ -264,8 +280,7 @@ def test_a_session_past_its_idle_or_absolute_limit_is_sent_to_login(
 
 
 @pytest.mark.slow  # on running nodes
-def test_a_running_nodes_files_are_private_and_config_check_names_open_ones(
-        pair: Alliance) -> None:
+def test_a_running_nodes_files_are_private_and_config_check_names_open_ones(pair: Alliance) -> None:
     chc, core = pair.node("chc"), pair.node("core")
     thread = new_thread(chc, referral("up-exam", "core", mrn="SW0002"))
     both(pair, thread, "received", "received")  # database, WAL, spool have been written
@@ -279,7 +294,12 @@ def test_a_running_nodes_files_are_private_and_config_check_names_open_ones(
             assert mode == (0o700 if p.is_dir() else 0o600), (str(p), oct(mode))
     check = subprocess.run(
         [sys.executable, "-m", "bridge.cli", "config", "check", str(core.config)],
-        capture_output=True, text=True, cwd=ROOT, timeout=120, check=False)
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        check=False,
+    )
     assert check.returncode == 0, check.stdout + check.stderr
     db = core.plan.data_dir / "node.db"
     token_file = core.config.parent.parent / "secrets" / "core.clinician.token"
@@ -291,15 +311,26 @@ def test_a_running_nodes_files_are_private_and_config_check_names_open_ones(
         for target in (core.config, core.config.parent.parent):  # a node file, the folder
             check = subprocess.run(
                 [sys.executable, "-m", "bridge.cli", "config", "check", str(target)],
-                capture_output=True, text=True, cwd=ROOT, timeout=120, check=False)
+                capture_output=True,
+                text=True,
+                cwd=ROOT,
+                timeout=120,
+                check=False,
+            )
             assert check.returncode == 1, check.stdout
             lines = check.stderr.splitlines()
-            assert f"nodes/core.toml: data_dir: file {db} is open to group/others (mode 644); " \
-                   "chmod 600" in lines
-            assert f"nodes/core.toml: data_dir: folder {core.plan.data_dir} is open to " \
-                   "group/others (mode 755); chmod 700" in lines
-            assert f"nodes/core.toml: tokens.clinician: file {token_file} is open to " \
-                   "group/others (mode 640); chmod 600" in lines
+            assert (
+                f"nodes/core.toml: data_dir: file {db} is open to group/others (mode 644); "
+                "chmod 600" in lines
+            )
+            assert (
+                f"nodes/core.toml: data_dir: folder {core.plan.data_dir} is open to "
+                "group/others (mode 755); chmod 700" in lines
+            )
+            assert (
+                f"nodes/core.toml: tokens.clinician: file {token_file} is open to "
+                "group/others (mode 640); chmod 600" in lines
+            )
             assert lines[-1] == f"{len(lines) - 1} problem(s)"
         # hutong run warns about what it finds open in its data folder at start
         core.stop()
@@ -320,34 +351,46 @@ def test_a_running_nodes_files_are_private_and_config_check_names_open_ones(
 @pytest.mark.slow  # on running nodes
 def test_a_lenient_search_leaves_no_trace_of_the_searched_values(pair: Alliance) -> None:
     core = pair.node("core")
-    query = (f"national-id={PLANTED_ID}&name={quote(PLANTED_NAME)}"
-             f"&identifier={NID_SYSTEM}|{PLANTED_ID}&_id={PLANTED_ID}&{PLANTED_ID}=1"
-             f"&_include=Patient:{PLANTED_ID}&_count=5")
-    status, _h, body = raw(core, "GET", f"/fhir/Patient?{query}", headers={
-        **bearer(core, "clinician"), "Prefer": "handling=lenient"})
+    query = (
+        f"national-id={PLANTED_ID}&name={quote(PLANTED_NAME)}"
+        f"&identifier={NID_SYSTEM}|{PLANTED_ID}&_id={PLANTED_ID}&{PLANTED_ID}=1"
+        f"&_include=Patient:{PLANTED_ID}&_count=5"
+    )
+    status, _h, body = raw(
+        core,
+        "GET",
+        f"/fhir/Patient?{query}",
+        headers={**bearer(core, "clinician"), "Prefer": "handling=lenient"},
+    )
     assert status == 200, body
     answer = json.loads(body)
-    [outcome] = [e["resource"] for e in answer.get("entry", [])
-                 if e["search"]["mode"] == "outcome"]
+    [outcome] = [e["resource"] for e in answer.get("entry", []) if e["search"]["mode"] == "outcome"]
     # `name` is a Patient search parameter now (searched, its value redacted in the audit);
     # the others are unknown and named as ignored, never with their values
-    assert outcome["issue"][0]["diagnostics"] == \
-        "ignored: _include, national-id, (unreadable name)"
+    assert outcome["issue"][0]["diagnostics"] == "ignored: _include, national-id, (unreadable name)"
     for patient in (PLANTED_ID, PLANTED_NAME):
         assert patient not in json.dumps(outcome, ensure_ascii=False)
     # strict mode says which names it does not know, not the values
     strict = query.replace(f"&_include=Patient:{PLANTED_ID}", "")
-    status, _h, body = raw(core, "GET", f"/fhir/Patient?{strict}",
-                           headers=bearer(core, "clinician"))
+    status, _h, body = raw(
+        core, "GET", f"/fhir/Patient?{strict}", headers=bearer(core, "clinician")
+    )
     assert status == 400 and PLANTED_ID not in body.decode()
-    assert "national-id, (unreadable name) (supported" in \
-        json.loads(body)["issue"][0]["diagnostics"]
+    assert (
+        "national-id, (unreadable name) (supported" in json.loads(body)["issue"][0]["diagnostics"]
+    )
     # the audit row records who searched, with the names and *** for the values
-    rows = db_rows(core, "SELECT resource FROM audit WHERE action = 'read' "
-                         "ORDER BY seq DESC LIMIT 2")
+    rows = db_rows(
+        core, "SELECT resource FROM audit WHERE action = 'read' ORDER BY seq DESC LIMIT 2"
+    )
     queries = [json.dumps(json.loads(r[0]), ensure_ascii=False) for r in rows]
-    assert any("national-id=***" in q and "name=***" in q and "_count=5" in q
-               and f"identifier={NID_SYSTEM}|***" in q for q in queries), queries
+    assert any(
+        "national-id=***" in q
+        and "name=***" in q
+        and "_count=5" in q
+        and f"identifier={NID_SYSTEM}|***" in q
+        for q in queries
+    ), queries
     # nothing the node keeps holds the values: database file, its WAL, the node's log
     core.stop()
     try:
@@ -370,48 +413,55 @@ def wire_safe(b: dict[str, Any], key: bytes) -> dict[str, Any]:
     patient = out["entry"][0]["resource"]
     nid = next(i["value"] for i in patient["identifier"] if i["system"] == NID_SYSTEM)
     patient["identifier"] = [i for i in patient["identifier"] if i["system"] != NID_SYSTEM] + [
-        {"system": "urn:hutong:patient-hash", "value": patient_hash(key, nid)}]
+        {"system": "urn:hutong:patient-hash", "value": patient_hash(key, nid)}
+    ]
     return out
 
 
 @pytest.mark.slow  # on running nodes
-def test_a_bundle_carrying_a_national_id_is_refused_at_queueing(pair: Alliance,
-                                                                tmp_path: Path) -> None:
+def test_a_bundle_carrying_a_national_id_is_refused_at_queueing(
+    pair: Alliance, tmp_path: Path
+) -> None:
     chc = pair.node("chc")
     leaking = bundle(1, national_id=PLANTED_ID, marker="egress-cli")
     path = tmp_path / "leaking.json"
     path.write_text(json.dumps(leaking, ensure_ascii=False), encoding="utf-8")
     before = db_rows(chc, "SELECT count(*) FROM outbox")[0][0]
-    r = chc.cli("send", "--to", "core", "--kind", "result.lab", "--thread", "egress-cli",
-                str(path))
+    r = chc.cli("send", "--to", "core", "--kind", "result.lab", "--thread", "egress-cli", str(path))
     assert r.returncode == 1
     assert r.stderr.strip() == (
         "refused leaking.json: HT-PKT-NATIONAL-ID: Bundle.entry[0].resource(Patient)"
         ".identifier[0]: a national ID number may not leave this node (only its keyed patient "
-        "hash may); remove the identifier or send it as urn:hutong:patient-hash")
+        "hash may); remove the identifier or send it as urn:hutong:patient-hash"
+    )
     assert PLANTED_ID not in r.stdout + r.stderr
     assert db_rows(chc, "SELECT count(*) FROM outbox")[0][0] == before  # nothing queued
-    [(event, actor)] = db_rows(chc, "SELECT resource, actor FROM audit WHERE action = "
-                                    "'refused' AND thread = 'egress-cli'")
+    [(event, actor)] = db_rows(
+        chc, "SELECT resource, actor FROM audit WHERE action = 'refused' AND thread = 'egress-cli'"
+    )
     assert actor == "cli"
     assert json.loads(event)["outcomeDesc"].startswith("HT-PKT-NATIONAL-ID: Bundle.entry[0]")
     assert PLANTED_ID not in event
-    [(q_code, q_kind)] = db_rows(chc, "SELECT code, kind FROM quarantine WHERE "
-                                      "thread = 'egress-cli'")
+    [(q_code, q_kind)] = db_rows(
+        chc, "SELECT code, kind FROM quarantine WHERE thread = 'egress-cli'"
+    )
     assert (q_code, q_kind) == ("HT-PKT-NATIONAL-ID", "result.lab")  # held here for IT
     # an identifier of the system anywhere (here a Reference.identifier) is refused as well
     hidden = wire_safe(leaking, chc.plan.patient_hash_key)
     hidden["entry"][1]["resource"]["subject"] = {
-        "identifier": {"system": "2.16.156.10011.1.3", "value": PLANTED_ID}}
-    [res] = chc.api("POST", "/local/v1/packets", [
-        {"to": "core", "kind": "result.lab", "thread": "egress-api", "bundle": hidden}],
-        role="clinician")["results"]
+        "identifier": {"system": "2.16.156.10011.1.3", "value": PLANTED_ID}
+    }
+    [res] = chc.api(
+        "POST",
+        "/local/v1/packets",
+        [{"to": "core", "kind": "result.lab", "thread": "egress-api", "bundle": hidden}],
+        role="clinician",
+    )["results"]
     assert res["code"] == "HT-PKT-NATIONAL-ID"
     assert res["message"].startswith("Bundle.entry[1].resource(Observation).subject.identifier:")
     # the same content with the keyed hash instead is queued and delivered
     path.write_text(json.dumps(wire_safe(leaking, chc.plan.patient_hash_key)), encoding="utf-8")
-    r = chc.cli("send", "--to", "core", "--kind", "result.lab", "--thread", "egress-cli",
-                str(path))
+    r = chc.cli("send", "--to", "core", "--kind", "result.lab", "--thread", "egress-cli", str(path))
     assert r.returncode == 0 and r.stdout.startswith("queued "), r.stderr
     [(phash,)] = db_rows(chc, "SELECT patient_hash FROM outbox WHERE thread = 'egress-cli'")
     assert phash == patient_hash(chc.plan.patient_hash_key, PLANTED_ID)
@@ -425,17 +475,18 @@ def test_huge_or_bad_numbers_are_400_naming_the_parameter(pair: Alliance) -> Non
     core = pair.node("core")
     huge = "9" * 5000
     for value in (huge, "-1", "1e3", "٣"):
-        status, headers, body = raw(core, "GET", f"/fhir/Patient?_count={quote(value)}",
-                                    headers=bearer(core, "clinician"))
+        status, headers, body = raw(
+            core, "GET", f"/fhir/Patient?_count={quote(value)}", headers=bearer(core, "clinician")
+        )
         assert status == 400, value
         issue = json.loads(body)["issue"][0]
         assert issue["diagnostics"] == "_count must be a whole number 0..200"
         assert headers["content-type"].startswith("application/fhir+json")
-    status, _h, body = raw(core, "GET", f"/fhir/AuditEvent?_id={huge}",
-                           headers=bearer(core, "auditor"))
+    status, _h, body = raw(
+        core, "GET", f"/fhir/AuditEvent?_id={huge}", headers=bearer(core, "auditor")
+    )
     assert status == 400 and huge[:50] not in body.decode()
-    status, _h, body = raw(core, "GET", f"/fhir/AuditEvent/{huge}",
-                           headers=bearer(core, "auditor"))
+    status, _h, body = raw(core, "GET", f"/fhir/AuditEvent/{huge}", headers=bearer(core, "auditor"))
     assert status == 404 and huge[:50] not in body.decode()
 
 
@@ -453,8 +504,13 @@ def test_errors_never_echo_the_callers_input(pair: Alliance) -> None:
         raw(core, "GET", f"/fhir/Patient?_lastUpdated=zz{q}", headers=clin),
         raw(core, "GET", f"/fhir/Task?_include={q}", headers=clin),
         raw(core, "GET", f"/fhir/Task?patient=http://x/{PLANTED_ID}", headers=clin),
-        raw(core, "PUT", "/fhir/Task/abc", headers={**clin, "Content-Type": "application/json"},
-            data=json.dumps({"resourceType": "Task", "id": planted}).encode()),
+        raw(
+            core,
+            "PUT",
+            "/fhir/Task/abc",
+            headers={**clin, "Content-Type": "application/json"},
+            data=json.dumps({"resourceType": "Task", "id": planted}).encode(),
+        ),
         raw(core, "GET", f"/fhir/ConceptMap/{q}", headers=clin),
     ]
     for status, _h, body in answers:
@@ -486,23 +542,37 @@ def test_it_may_not_queue_clinical_packets(pair: Alliance) -> None:
     safe = wire_safe(bundle(1, marker="it-kinds"), chc.plan.patient_hash_key)
     for kind in ("result.lab", "referral.request", "imaging.fetch-request"):
         with pytest.raises(ApiError) as err:
-            chc.api("POST", "/local/v1/packets", [
-                {"to": "core", "kind": kind, "thread": "it-kinds", "bundle": safe}], role="it")
+            chc.api(
+                "POST",
+                "/local/v1/packets",
+                [{"to": "core", "kind": kind, "thread": "it-kinds", "bundle": safe}],
+                role="it",
+            )
         assert err.value.status == 403 and err.value.json["code"] == "HT-FORBIDDEN"
         assert "role 'it' may not queue clinical packets" in err.value.json["message"]
     with pytest.raises(ApiError) as err:  # receipts are the node's own, for every role
-        chc.api("POST", "/local/v1/packets", [
-            {"to": "core", "kind": "receipt", "bundle": safe}], role="clinician")
+        chc.api(
+            "POST",
+            "/local/v1/packets",
+            [{"to": "core", "kind": "receipt", "bundle": safe}],
+            role="clinician",
+        )
     assert err.value.status == 403
     assert db_rows(chc, "SELECT count(*) FROM outbox WHERE thread = 'it-kinds'")[0][0] == 0
     # an operational kind is IT's to queue (here refused by the rules: none allows it)
-    [res] = chc.api("POST", "/local/v1/packets", [
-        {"to": "core", "kind": "ops.probe", "thread": "it-kinds", "bundle": safe}],
-        role="it")["results"]
+    [res] = chc.api(
+        "POST",
+        "/local/v1/packets",
+        [{"to": "core", "kind": "ops.probe", "thread": "it-kinds", "bundle": safe}],
+        role="it",
+    )["results"]
     assert res["code"] == "HT-PKT-ROUTE-DENIED"
-    [res] = chc.api("POST", "/local/v1/packets", [
-        {"to": "core", "kind": "result.lab", "thread": "it-kinds", "bundle": safe}],
-        role="clinician")["results"]
+    [res] = chc.api(
+        "POST",
+        "/local/v1/packets",
+        [{"to": "core", "kind": "result.lab", "thread": "it-kinds", "bundle": safe}],
+        role="clinician",
+    )["results"]
     assert "packet_id" in res
 
 
@@ -518,14 +588,19 @@ def test_the_egress_check_sees_through_json_escapes_and_nesting() -> None:
     leaking = bundle(1, national_id=PLANTED_ID)
     escaped = orjson.dumps(leaking).replace(b'"urn:oid:2.16', b'"\\u0075rn:oid:2.16')
     contained = wire_safe(leaking, b"k" * 32)
-    contained["entry"][1]["resource"]["contained"] = [{
-        "resourceType": "Patient", "id": "p",
-        "identifier": [{"system": "urn:oid:2.16.156.10011.1.3", "value": PLANTED_ID}]}]
+    contained["entry"][1]["resource"]["contained"] = [
+        {
+            "resourceType": "Patient",
+            "id": "p",
+            "identifier": [{"system": "urn:oid:2.16.156.10011.1.3", "value": PLANTED_ID}],
+        }
+    ]
     cases = {
         "escaped": (escaped, "Bundle.entry[0].resource(Patient).identifier[0]"),
-        "contained": (orjson.dumps(contained),
-                      ("Bundle.entry[1].resource(Observation).contained[0](Patient)"
-                      ".identifier[0]")),
+        "contained": (
+            orjson.dumps(contained),
+            ("Bundle.entry[1].resource(Observation).contained[0](Patient).identifier[0]"),
+        ),
     }
     for what, (raw_body, where) in cases.items():
         with pytest.raises(NationalIdEgress) as err:

@@ -44,15 +44,26 @@ encryption_key = "keys/chc-b.pub.json"
 """
 
 
-def hutong(*args: str, cwd: Path = ROOT, env: dict[str, str] | None = None
-           ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([HUTONG, *args], check=False, capture_output=True, text=True, cwd=cwd,
-                          timeout=120, env={**os.environ, **(env or {})})
+def hutong(
+    *args: str, cwd: Path = ROOT, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [HUTONG, *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def digest(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.mark.slow  # runs the CLI as a process
@@ -72,11 +83,21 @@ def test_site_init_makes_one_sites_files_and_touches_no_other(tmp_path: Path) ->
     after = digest(site)
     assert {k: v for k, v in after.items() if k in before} == before
     assert sorted(set(after) - set(before)) == [
-        "keys/chc-b.enc.key", "keys/chc-b.pub.json", "keys/chc-b.sign.key",
-        "nodes/chc-b.toml", "secrets/chc-b.auditor.token", "secrets/chc-b.clinician.token",
-        "secrets/chc-b.it.token", "secrets/patient-hash.key"]
-    for secret in ("keys/chc-b.sign.key", "keys/chc-b.enc.key", "secrets/chc-b.it.token",
-                   "secrets/patient-hash.key"):
+        "keys/chc-b.enc.key",
+        "keys/chc-b.pub.json",
+        "keys/chc-b.sign.key",
+        "nodes/chc-b.toml",
+        "secrets/chc-b.auditor.token",
+        "secrets/chc-b.clinician.token",
+        "secrets/chc-b.it.token",
+        "secrets/patient-hash.key",
+    ]
+    for secret in (
+        "keys/chc-b.sign.key",
+        "keys/chc-b.enc.key",
+        "secrets/chc-b.it.token",
+        "secrets/patient-hash.key",
+    ):
         assert (site / secret).stat().st_mode & 0o077 == 0, secret
     node = (site / "nodes" / "chc-b.toml").read_text(encoding="utf-8")
     assert 'node_id = "chc-b"' in node
@@ -99,25 +120,41 @@ def test_site_init_makes_one_sites_files_and_touches_no_other(tmp_path: Path) ->
     assert "made" not in again.stdout
     wrong = hutong("site", "init", "--alliance-dir", str(site), "--node", "nobody")
     assert wrong.returncode == 2
-    assert wrong.stderr.strip() == (f"error: HT-CONFIG: 'nobody' is not a member of "
-                                    f"{site / 'alliance.toml'} (members: hosp-a, chc-b)")
+    assert wrong.stderr.strip() == (
+        f"error: HT-CONFIG: 'nobody' is not a member of "
+        f"{site / 'alliance.toml'} (members: hosp-a, chc-b)"
+    )
 
 
 @pytest.mark.slow
 def test_two_site_script_runs_as_written(tmp_path: Path) -> None:
     base = free_port_block(12) - 1  # the script uses PORT_BASE+1 .. PORT_BASE+12
-    r = subprocess.run(["sh", str(SCRIPT)], check=False, capture_output=True, text=True, cwd=ROOT,
-                       timeout=400, env={**os.environ, "HUTONG": HUTONG,
-                                         "WORK": str(tmp_path), "PORT_BASE": str(base)})
+    r = subprocess.run(
+        ["sh", str(SCRIPT)],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=400,
+        env={**os.environ, "HUTONG": HUTONG, "WORK": str(tmp_path), "PORT_BASE": str(base)},
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert r.stdout.strip().splitlines()[-1] == (
-        f"both packets acknowledged: hosp-a -> chc-b and chc-b -> hosp-a (folders in "
-        f"{tmp_path})")
+        f"both packets acknowledged: hosp-a -> chc-b and chc-b -> hosp-a (folders in {tmp_path})"
+    )
     # each site made only its own private files; the other's public key was copied in
     assert sorted(p.name for p in (tmp_path / "site-a" / "keys").iterdir()) == [
-        "chc-b.pub.json", "hosp-a.enc.key", "hosp-a.pub.json", "hosp-a.sign.key"]
+        "chc-b.pub.json",
+        "hosp-a.enc.key",
+        "hosp-a.pub.json",
+        "hosp-a.sign.key",
+    ]
     assert sorted(p.name for p in (tmp_path / "site-b" / "keys").iterdir()) == [
-        "chc-b.enc.key", "chc-b.pub.json", "chc-b.sign.key", "hosp-a.pub.json"]
+        "chc-b.enc.key",
+        "chc-b.pub.json",
+        "chc-b.sign.key",
+        "hosp-a.pub.json",
+    ]
     # the packet each site sent arrived at the other (the default spool handler's files)
     for site, node in (("site-a", "hosp-a"), ("site-b", "chc-b")):
         spooled = list((tmp_path / site / "data" / node / "spool").rglob("*.json"))
@@ -133,8 +170,18 @@ def test_every_command_with_bad_input_answers_one_line(tmp_path: Path) -> None:
     site = tmp_path / "site"
     site.mkdir()
     (site / "alliance.toml").write_text(ALLIANCE, encoding="utf-8")
-    assert hutong("site", "init", "--alliance-dir", str(site), "--node", "hosp-a",
-                  "--new-patient-hash-key").returncode == 0
+    assert (
+        hutong(
+            "site",
+            "init",
+            "--alliance-dir",
+            str(site),
+            "--node",
+            "hosp-a",
+            "--new-patient-hash-key",
+        ).returncode
+        == 0
+    )
     from bridge.crypto.keys import generate_node_keys
 
     generate_node_keys(tmp_path / "other-site", "chc-b")  # the other member's public keys
@@ -145,8 +192,19 @@ def test_every_command_with_bad_input_answers_one_line(tmp_path: Path) -> None:
     bad_inputs: list[tuple[list[str], dict[str, str]]] = [
         (["run", "--config", missing], {}),
         (["worker", "--config", missing], {}),
-        (["send", "--config", node, "--to", "chc-b", "--kind", "result.lab",
-          str(tmp_path / "no-bundle.json")], {}),
+        (
+            [
+                "send",
+                "--config",
+                node,
+                "--to",
+                "chc-b",
+                "--kind",
+                "result.lab",
+                str(tmp_path / "no-bundle.json"),
+            ],
+            {},
+        ),
         (["outbox", "list", "--config", missing], {}),
         (["outbox", "retry", "--config", missing], {}),
         (["quarantine", "list", "--config", missing], {}),
@@ -156,16 +214,40 @@ def test_every_command_with_bad_input_answers_one_line(tmp_path: Path) -> None:
         (["audit", "export", "--config", node, "--since", "next tuesday-ish"], {}),
         (["audit", "anchor-export", "--config", missing, "--peer", "chc-b"], {}),
         (["audit", "verify", "--config", node, "--anchor", str(tmp_path / "no-anchor")], {}),
-        (["keys", "init", "--node", "x", "--out", str(tmp_path / "k"), "--passphrase-env",
-          "HUTONG_TEST_UNSET_PASSPHRASE"], {}),
+        (
+            [
+                "keys",
+                "init",
+                "--node",
+                "x",
+                "--out",
+                str(tmp_path / "k"),
+                "--passphrase-env",
+                "HUTONG_TEST_UNSET_PASSPHRASE",
+            ],
+            {},
+        ),
         (["keys", "init"], {}),
         (["keys", "show", "--config", missing], {}),
         (["config", "check", str(tmp_path / "nowhere")], {}),
         (["site", "init", "--alliance-dir", str(tmp_path / "nowhere"), "--node", "x"], {}),
-        (["site", "init", "--alliance-dir", str(site), "--node", "chc-b", "--passphrase-env",
-          "HUTONG_TEST_UNSET_PASSPHRASE"], {}),
-        (["demo", "--once", "--folder", str(tmp_path / "demo"), "--port-base",
-          str(taken - 101)], {}),
+        (
+            [
+                "site",
+                "init",
+                "--alliance-dir",
+                str(site),
+                "--node",
+                "chc-b",
+                "--passphrase-env",
+                "HUTONG_TEST_UNSET_PASSPHRASE",
+            ],
+            {},
+        ),
+        (
+            ["demo", "--once", "--folder", str(tmp_path / "demo"), "--port-base", str(taken - 101)],
+            {},
+        ),
     ]
     import socket
 
@@ -184,13 +266,18 @@ def test_every_command_with_bad_input_answers_one_line(tmp_path: Path) -> None:
             assert len(lines) == 1, (where, r.stderr, r.stdout)
             assert lines[0].split(": ")[1].startswith("HT-"), (where, lines)
     # a node whose port is taken: one line naming the port, nothing started
-    plan_port = int(next(line for line in Path(node).read_text().splitlines()
-                         if line.startswith("local_bind")).split(":")[-1].strip('"'))
+    plan_port = int(
+        next(line for line in Path(node).read_text().splitlines() if line.startswith("local_bind"))
+        .split(":")[-1]
+        .strip('"')
+    )
     with socket.socket() as holder:
         holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         holder.bind(("127.0.0.1", plan_port))
         holder.listen()
         r = hutong("run", "--config", node)
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert f"error: HT-PORT-IN-USE: port {plan_port} on 127.0.0.1 is already in use by pid " \
-           f"{os.getpid()}" in r.stderr
+    assert (
+        f"error: HT-PORT-IN-USE: port {plan_port} on 127.0.0.1 is already in use by pid "
+        f"{os.getpid()}" in r.stderr
+    )

@@ -28,12 +28,25 @@ CORE = load_site(ROOT / "mappings" / "fuxing")
 
 def slip(**kw: Any) -> ReferralSlip:
     base = ReferralSlip(
-        slip_no="YTZZ20261120001", kind="up-inpatient", to_member="fuxing",
-        patient_name="王秀英", gender="female", birth_date="1950-03-15",
-        id_number="110102195003151234", phone="13901234567", mrn="YT0001",
-        diagnosis_code="YTZ-01", diagnosis_name="原发性高血压", reason="血压控制不佳 <160/100>",
-        summary="头晕两周。\n既往高血压十年 & 糖尿病", department_code="KS01", urgent=True,
-        consent_by="患者本人", doctor="李医生", written_at="2026-11-20T09:00:00+08:00")
+        slip_no="YTZZ20261120001",
+        kind="up-inpatient",
+        to_member="fuxing",
+        patient_name="王秀英",
+        gender="female",
+        birth_date="1950-03-15",
+        id_number="110102195003151234",
+        phone="13901234567",
+        mrn="YT0001",
+        diagnosis_code="YTZ-01",
+        diagnosis_name="原发性高血压",
+        reason="血压控制不佳 <160/100>",
+        summary="头晕两周。\n既往高血压十年 & 糖尿病",
+        department_code="KS01",
+        urgent=True,
+        consent_by="患者本人",
+        doctor="李医生",
+        written_at="2026-11-20T09:00:00+08:00",
+    )
     return replace(base, **kw)
 
 
@@ -65,13 +78,21 @@ def arrived_referral(bundle: dict[str, Any], referrer: str = "yuetan-chc") -> di
     idx = resources.index(patient)
     resources[idx] = R.for_the_wire(patient, "f" * 32, NATIONAL_ID_SYSTEM)
     sr = next(r for r in resources if r["resourceType"] == "ServiceRequest")
-    task = {"resourceType": "Task", "id": str(uuid.uuid4()), "status": "requested",
-            "intent": "order", "for": {"reference": R.ref(patient)}}
-    return {"referral": {"sr_id": sr["id"], "task_id": task["id"], "referrer": referrer},
-            "resources": [*resources, task]}
+    task = {
+        "resourceType": "Task",
+        "id": str(uuid.uuid4()),
+        "status": "requested",
+        "intent": "order",
+        "for": {"reference": R.ref(patient)},
+    }
+    return {
+        "referral": {"sr_id": sr["id"], "task_id": task["id"], "referrer": referrer},
+        "resources": [*resources, task],
+    }
 
 
 # -- referral -----------------------------------------------------------------------------------
+
 
 def test_referral_bundle_valid_and_carries_every_field() -> None:
     s = slip()
@@ -89,10 +110,16 @@ def test_referral_bundle_valid_and_carries_every_field() -> None:
     assert sr["identifier"][0]["type"]["coding"][0]["code"] == "PLAC"
     assert sr["code"]["coding"][0]["code"] == "up-inpatient"
     dx = sr["reasonCode"][0]["coding"]
-    assert dx[0] == {"system": "http://hl7.org/fhir/sid/icd-10", "code": "I10",
-                     "display": "特发性(原发性)高血压"}
-    assert dx[1] == {"system": "http://hutong.dev/CodeSystem/yuetan-chc/diagnosis",
-                     "code": "YTZ-01", "display": "原发性高血压"}
+    assert dx[0] == {
+        "system": "http://hl7.org/fhir/sid/icd-10",
+        "code": "I10",
+        "display": "特发性(原发性)高血压",
+    }
+    assert dx[1] == {
+        "system": "http://hutong.dev/CodeSystem/yuetan-chc/diagnosis",
+        "code": "YTZ-01",
+        "display": "原发性高血压",
+    }
     assert sr["performerType"]["coding"][0]["code"] == "02"
     assert res["Consent"]["performer"] == [{"display": "患者本人"}]
     assert "&amp; 糖尿病" in res["Composition"]["section"][0]["text"]["div"]
@@ -118,14 +145,15 @@ def test_no_consent_means_no_consent_resource() -> None:
 
 def test_unmapped_optional_code_travels_local_and_marked() -> None:
     gaps: list[Observed] = []
-    b = sf.referral_bundle(slip(department_code="KS99", urgent=False), CHC, "yuetan-chc",
-                           gaps=gaps)
+    b = sf.referral_bundle(slip(department_code="KS99", urgent=False), CHC, "yuetan-chc", gaps=gaps)
     valid(b)
-    sr = next(e["resource"] for e in b["entry"] if e["resource"]["resourceType"]
-              == "ServiceRequest")
+    sr = next(
+        e["resource"] for e in b["entry"] if e["resource"]["resourceType"] == "ServiceRequest"
+    )
     assert sr["priority"] == "routine"
     assert sr["performerType"]["coding"] == [
-        {"system": "http://hutong.dev/CodeSystem/yuetan-chc/department", "code": "KS99"}]
+        {"system": "http://hutong.dev/CodeSystem/yuetan-chc/department", "code": "KS99"}
+    ]
     assert is_marked(sr) and is_marked(b)
     local = "http://hutong.dev/CodeSystem/yuetan-chc/department"
     assert gaps == [Observed("yuetan-chc", "department", local, "KS99", "")]
@@ -146,21 +174,25 @@ def test_shared_code_without_local_entry_reaches_reader_as_shared_code() -> None
     assert got.department_code == "0500"
 
 
-@pytest.mark.parametrize(("change", "error", "field"), [
-    ({"patient_name": ""}, sf.MissingField, "patient_name"),
-    ({"slip_no": "  "}, sf.MissingField, "slip_no"),
-    ({"diagnosis_code": ""}, sf.MissingField, "diagnosis_code"),
-    ({"birth_date": "1950-13-40"}, sf.BadDate, "birth_date"),
-    ({"birth_date": "19500315"}, sf.BadDate, "birth_date"),
-    ({"written_at": "2026-11-20 09:00"}, sf.BadDate, "written_at"),
-    ({"written_at": "yesterday"}, sf.BadDate, "written_at"),
-    ({"gender": "1"}, sf.BadValue, "gender"),
-    ({"kind": "up-somewhere"}, sf.BadValue, "kind"),
-    ({"id_number": "11010219500315"}, sf.BadValue, "id_number"),
-    ({"diagnosis_code": "YTZ-999"}, sf.UnknownCode, "diagnosis_code"),
-])
-def test_bad_slip_names_the_field(change: dict[str, Any], error: type[sf.SlipError],
-                                  field: str) -> None:
+@pytest.mark.parametrize(
+    ("change", "error", "field"),
+    [
+        ({"patient_name": ""}, sf.MissingField, "patient_name"),
+        ({"slip_no": "  "}, sf.MissingField, "slip_no"),
+        ({"diagnosis_code": ""}, sf.MissingField, "diagnosis_code"),
+        ({"birth_date": "1950-13-40"}, sf.BadDate, "birth_date"),
+        ({"birth_date": "19500315"}, sf.BadDate, "birth_date"),
+        ({"written_at": "2026-11-20 09:00"}, sf.BadDate, "written_at"),
+        ({"written_at": "yesterday"}, sf.BadDate, "written_at"),
+        ({"gender": "1"}, sf.BadValue, "gender"),
+        ({"kind": "up-somewhere"}, sf.BadValue, "kind"),
+        ({"id_number": "11010219500315"}, sf.BadValue, "id_number"),
+        ({"diagnosis_code": "YTZ-999"}, sf.UnknownCode, "diagnosis_code"),
+    ],
+)
+def test_bad_slip_names_the_field(
+    change: dict[str, Any], error: type[sf.SlipError], field: str
+) -> None:
     with pytest.raises(error) as exc:
         sf.referral_bundle(slip(**change), CHC, "yuetan-chc")
     assert exc.value.field == field
@@ -177,13 +209,24 @@ def test_without_maps_codes_travel_local() -> None:
 
 # -- acceptance -----------------------------------------------------------------------------------
 
+
 def test_acceptance_round_trip() -> None:
-    a = AcceptanceSlip(slip_no="YTZZ20261120001", accepted=True,
-                       appointment_at="2026-11-21T10:00:00+08:00", department_code="0301",
-                       bed_no="心内科 12床", doctor="张主任")
+    a = AcceptanceSlip(
+        slip_no="YTZZ20261120001",
+        accepted=True,
+        appointment_at="2026-11-21T10:00:00+08:00",
+        department_code="0301",
+        bed_no="心内科 12床",
+        doctor="张主任",
+    )
     outputs = sf.acceptance_outputs(a, CORE, me="fuxing")
-    task = {"resourceType": "Task", "id": "t1", "status": "accepted", "intent": "order",
-            "output": outputs}
+    task = {
+        "resourceType": "Task",
+        "id": "t1",
+        "status": "accepted",
+        "intent": "order",
+        "output": outputs,
+    }
     assert errors(task) == []
     got = sf.acceptance_from_task(task, a.slip_no, CHC, me="yuetan-chc")
     # 0301 心内科 -> 03.04, which the community centre's catalogue does not list
@@ -207,49 +250,84 @@ def test_acceptance_bad_time_names_field() -> None:
 
 # -- return ---------------------------------------------------------------------------------------
 
+
 def arrived_return(bundle: dict[str, Any], up_sr: dict[str, Any]) -> dict[str, Any]:
     """The referrer's view after the return: its own request, the receiver's Task with the
     return outputs (as the workflow lists them), and the return resources."""
     resources = unpack(bundle)
-    outputs = [R.output("return-" + r["resourceType"].lower(), r["resourceType"],
-                        valueReference={"reference": R.ref(r)})
-               for r in resources if r["resourceType"] in (
-                   "ServiceRequest", "Encounter", "Composition", "DiagnosticReport",
-                   "MedicationRequest")]
-    task = {"resourceType": "Task", "id": "t1", "status": "completed", "intent": "order",
-            "output": outputs}
-    return {"referral": {"sr_id": up_sr["id"], "task_id": "t1", "referrer": "yuetan-chc"},
-            "resources": [up_sr, *reversed(resources), task]}
+    outputs = [
+        R.output(
+            "return-" + r["resourceType"].lower(),
+            r["resourceType"],
+            valueReference={"reference": R.ref(r)},
+        )
+        for r in resources
+        if r["resourceType"]
+        in ("ServiceRequest", "Encounter", "Composition", "DiagnosticReport", "MedicationRequest")
+    ]
+    task = {
+        "resourceType": "Task",
+        "id": "t1",
+        "status": "completed",
+        "intent": "order",
+        "output": outputs,
+    }
+    return {
+        "referral": {"sr_id": up_sr["id"], "task_id": "t1", "referrer": "yuetan-chc"},
+        "resources": [up_sr, *reversed(resources), task],
+    }
 
 
 def test_return_bundle_valid_and_round_trip() -> None:
-    up = next(r for r in unpack(sf.referral_bundle(slip(), CHC, "yuetan-chc"))
-              if r["resourceType"] == "ServiceRequest")
+    up = next(
+        r
+        for r in unpack(sf.referral_bundle(slip(), CHC, "yuetan-chc"))
+        if r["resourceType"] == "ServiceRequest"
+    )
     r = back_slip()
     b = sf.return_bundle(r, up["id"], "Patient/p1", CORE, me="fuxing")
     valid(b)
     kinds = [e["resource"]["resourceType"] for e in b["entry"]]
-    assert kinds == ["ServiceRequest", "Encounter", "Composition", "MedicationRequest",
-                     "MedicationRequest", "DiagnosticReport", "Observation", "Observation",
-                     "Observation"]
+    assert kinds == [
+        "ServiceRequest",
+        "Encounter",
+        "Composition",
+        "MedicationRequest",
+        "MedicationRequest",
+        "DiagnosticReport",
+        "Observation",
+        "Observation",
+        "Observation",
+    ]
     down = b["entry"][0]["resource"]
     assert down["basedOn"] == [{"reference": f"ServiceRequest/{up['id']}"}]
     assert down["code"]["coding"][0]["code"] == "down-discharge"
     med = b["entry"][3]["resource"]["medicationCodeableConcept"]["coding"]
     assert med[0]["code"] == "XC-YP-001" and med[1]["code"] == "FX-0101"
     obs = [e["resource"] for e in b["entry"][6:]]
-    assert obs[0]["code"]["coding"][0] == {"system": "http://loinc.org", "code": "2345-7",
-                                           "display": "Glucose [Mass/volume] in Serum or Plasma"}
+    assert obs[0]["code"]["coding"][0] == {
+        "system": "http://loinc.org",
+        "code": "2345-7",
+        "display": "Glucose [Mass/volume] in Serum or Plasma",
+    }
     assert obs[0]["valueQuantity"] == {"value": 8.9, "unit": "mmol/L"}
     assert obs[1]["valueQuantity"] == {"value": 72, "unit": "μmol/L"}
     assert obs[2]["valueString"] == "7.20"  # kept as written, not re-rounded
     gaps: list[Observed] = []
     got = sf.return_from_fhir(arrived_return(b, up), CHC, me="yuetan-chc", gaps=gaps)
-    want = replace(r, diagnosis_code="YTZ-01", prescriptions=[
-        replace(r.prescriptions[0], drug_code="YT2037"),
-        replace(r.prescriptions[1], drug_code="YT2111")], results=[
-        replace(r.results[0], item_code="3001"), replace(r.results[1], item_code="3003"),
-        replace(r.results[2], item_code="3002")])
+    want = replace(
+        r,
+        diagnosis_code="YTZ-01",
+        prescriptions=[
+            replace(r.prescriptions[0], drug_code="YT2037"),
+            replace(r.prescriptions[1], drug_code="YT2111"),
+        ],
+        results=[
+            replace(r.results[0], item_code="3001"),
+            replace(r.results[1], item_code="3003"),
+            replace(r.results[2], item_code="3002"),
+        ],
+    )
     assert asdict(got) == asdict(want)
     assert gaps == []
 
@@ -258,8 +336,11 @@ def test_outpatient_return_without_results() -> None:
     r = back_slip(discharge=False, results=[], prescriptions=[])
     b = sf.return_bundle(r, "sr1", "Patient/p1", CORE, me="fuxing")
     valid(b)
-    up = {"resourceType": "ServiceRequest", "id": "sr1",
-          "requisition": {"value": "YTZZ20261120001"}}
+    up = {
+        "resourceType": "ServiceRequest",
+        "id": "sr1",
+        "requisition": {"value": "YTZZ20261120001"},
+    }
     got = sf.return_from_fhir(arrived_return(b, up), CORE, me="fuxing")
     assert asdict(got) == asdict(r)
     assert b["entry"][1]["resource"]["class"]["code"] == "AMB"

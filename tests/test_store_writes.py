@@ -39,21 +39,38 @@ def dsn(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 def resources(n: int, *, family: str = "王", mrn: str = "FX1") -> list[dict[str, Any]]:
     """A lab message's worth: a Patient, an Organization, a report and n Observations."""
     out: list[dict[str, Any]] = [
-        {"resourceType": "Patient", "id": "p-1", "identifier": [{"system": NID, "value": mrn}],
-         "name": [{"family": family, "given": ["秀英"]}], "gender": "female",
-         "birthDate": "1950-03-15"},
+        {
+            "resourceType": "Patient",
+            "id": "p-1",
+            "identifier": [{"system": NID, "value": mrn}],
+            "name": [{"family": family, "given": ["秀英"]}],
+            "gender": "female",
+            "birthDate": "1950-03-15",
+        },
         {"resourceType": "Organization", "id": "org-1", "name": "检验科"},
-        {"resourceType": "DiagnosticReport", "id": "dr-1", "status": "final",
-         "code": {"coding": [{"system": "http://loinc.org", "code": "58410-2"}]},
-         "subject": {"reference": "Patient/p-1"}, "effectiveDateTime": "2026-12-07T08:00:00Z",
-         "result": [{"reference": f"Observation/o-{i}"} for i in range(n)]},
+        {
+            "resourceType": "DiagnosticReport",
+            "id": "dr-1",
+            "status": "final",
+            "code": {"coding": [{"system": "http://loinc.org", "code": "58410-2"}]},
+            "subject": {"reference": "Patient/p-1"},
+            "effectiveDateTime": "2026-12-07T08:00:00Z",
+            "result": [{"reference": f"Observation/o-{i}"} for i in range(n)],
+        },
     ]
-    out += [{"resourceType": "Observation", "id": f"o-{i}", "status": "final",
-             "identifier": [{"system": "urn:lab", "value": f"L{i}"}],
-             "code": {"coding": [{"system": "http://loinc.org", "code": f"{700 + i}-1"}]},
-             "subject": {"reference": "Patient/p-1"},
-             "effectiveDateTime": "2026-12-07T08:00:00Z",
-             "valueQuantity": {"value": i, "unit": "g/L"}} for i in range(n)]
+    out += [
+        {
+            "resourceType": "Observation",
+            "id": f"o-{i}",
+            "status": "final",
+            "identifier": [{"system": "urn:lab", "value": f"L{i}"}],
+            "code": {"coding": [{"system": "http://loinc.org", "code": f"{700 + i}-1"}]},
+            "subject": {"reference": "Patient/p-1"},
+            "effectiveDateTime": "2026-12-07T08:00:00Z",
+            "valueQuantity": {"value": i, "unit": "g/L"},
+        }
+        for i in range(n)
+    ]
     return out
 
 
@@ -63,8 +80,9 @@ def snapshot(conn: Connection) -> dict[str, list[tuple[Any, ...]]]:
     for table in (FHIR_RESOURCE, FHIR_TOKEN, FHIR_DATE, FHIR_STRING):
         out[table.name] = sorted(tuple(r) for r in conn.execute(select(table)))
     h = FHIR_HISTORY.c
-    out["fhir_history"] = sorted(tuple(r) for r in conn.execute(
-        select(h.rtype, h.id, h.version, h.at, h.body)))
+    out["fhir_history"] = sorted(
+        tuple(r) for r in conn.execute(select(h.rtype, h.id, h.version, h.at, h.body))
+    )
     return out
 
 
@@ -72,8 +90,14 @@ def write(s: Store, many: bool, batches: list[list[dict[str, Any]]]) -> None:
     for k, batch in enumerate(batches):
         at = T0 + timedelta(minutes=k)
         with s.write() as conn:
-            items = [(copy.deepcopy(r), "th-1" if r["resourceType"] != "Organization" else None,
-                      "h" * 64 if r["resourceType"] != "Organization" else None) for r in batch]
+            items = [
+                (
+                    copy.deepcopy(r),
+                    "th-1" if r["resourceType"] != "Organization" else None,
+                    "h" * 64 if r["resourceType"] != "Organization" else None,
+                )
+                for r in batch
+            ]
             if many:
                 store.put_many(conn, items, at=at, origin="core")
             else:
@@ -98,8 +122,7 @@ def test_put_many_writes_the_rows_put_writes(dsn: str, tmp_path: Path) -> None:
                 got.append(snapshot(conn))
             if not dsn.startswith("sqlite"):
                 with s.write() as conn:
-                    for table in (FHIR_RESOURCE, FHIR_TOKEN, FHIR_DATE, FHIR_STRING,
-                                  FHIR_HISTORY):
+                    for table in (FHIR_RESOURCE, FHIR_TOKEN, FHIR_DATE, FHIR_STRING, FHIR_HISTORY):
                         conn.execute(table.delete())
         finally:
             s.dispose()
@@ -118,8 +141,9 @@ def test_put_many_returns_the_resources_with_their_versions(tmp_path: Path) -> N
         with s.write() as conn:
             first = store.put_many(conn, [(r, None, None) for r in resources(2)], at=T0)
         with s.write() as conn:
-            again = store.put_many(conn, [(r, None, None) for r in resources(2)],
-                                   at=T0 + timedelta(seconds=1))
+            again = store.put_many(
+                conn, [(r, None, None) for r in resources(2)], at=T0 + timedelta(seconds=1)
+            )
         assert [r["meta"]["versionId"] for r in first] == ["1"] * 5
         assert [r["meta"]["versionId"] for r in again] == ["2"] * 5
         assert again[0]["meta"]["lastUpdated"] == "2026-12-07T08:00:01.000Z"
@@ -139,8 +163,11 @@ def test_put_many_reads_current_versions_by_primary_key(tmp_path: Path) -> None:
     s = Store(f"sqlite:///{tmp_path / 'node.db'}")
     try:
         s.create_all()
-        sql = str(store._CURRENT_MANY.params(_types=["Patient", "Observation"], _ids=["a", "b"])
-                  .compile(s.engine, compile_kwargs={"literal_binds": True}))
+        sql = str(
+            store._CURRENT_MANY.params(_types=["Patient", "Observation"], _ids=["a", "b"]).compile(
+                s.engine, compile_kwargs={"literal_binds": True}
+            )
+        )
         with s.read() as conn:
             plan = [r[-1] for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql)]
         pk = "sqlite_autoindex_fhir_resource_1"
@@ -169,10 +196,14 @@ def test_writers_of_one_process_queue_and_every_commit_lands(sqlite_store: Store
         try:
             for _ in range(25):
                 with sqlite_store.write() as conn:
-                    n = int(conn.execute(select(NODE_STATE.c.value).where(
-                        NODE_STATE.c.key == "n")).scalar_one())
-                    conn.execute(NODE_STATE.update().where(NODE_STATE.c.key == "n")
-                                 .values(value=str(n + 1)))
+                    n = int(
+                        conn.execute(
+                            select(NODE_STATE.c.value).where(NODE_STATE.c.key == "n")
+                        ).scalar_one()
+                    )
+                    conn.execute(
+                        NODE_STATE.update().where(NODE_STATE.c.key == "n").values(value=str(n + 1))
+                    )
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
@@ -183,8 +214,10 @@ def test_writers_of_one_process_queue_and_every_commit_lands(sqlite_store: Store
         t.join(120)
     assert errors == []
     with sqlite_store.read() as conn:
-        assert conn.execute(select(NODE_STATE.c.value).where(
-            NODE_STATE.c.key == "n")).scalar_one() == "200"
+        assert (
+            conn.execute(select(NODE_STATE.c.value).where(NODE_STATE.c.key == "n")).scalar_one()
+            == "200"
+        )
 
 
 def _wal(path: Path) -> tuple[int, int]:
@@ -211,8 +244,11 @@ def test_the_wal_is_checkpointed_by_its_own_thread(tmp_path: Path) -> None:
         assert cp is not None
         for k in range(10):
             write(s, True, [resources(8, mrn=f"FX{k}")])
-        wait_for(lambda: cp.runs >= 1 and _wal(path)[0] == _wal(path)[1], 30,
-                 what="a checkpoint that copied the whole log")
+        wait_for(
+            lambda: cp.runs >= 1 and _wal(path)[0] == _wal(path)[1],
+            30,
+            what="a checkpoint that copied the whole log",
+        )
         before = _wal(path)[0]
         with s.write() as conn:  # the log starts over at the first commit after it
             conn.execute(insert(NODE_STATE).values(key="x", value="1", updated_at=T0))
@@ -224,7 +260,8 @@ def test_the_wal_is_checkpointed_by_its_own_thread(tmp_path: Path) -> None:
 
 
 def test_grouped_writes_each_get_their_own_result_and_a_failure_keeps_nothing(
-        sqlite_store: Store) -> None:
+    sqlite_store: Store,
+) -> None:
     """Threads share commits (``write_grouped``): each caller gets its own work's value; a work
     that raises gets its error, its rows are not kept, and the others' rows are."""
     s = sqlite_store
@@ -237,6 +274,7 @@ def test_grouped_writes_each_get_their_own_result_and_a_failure_keeps_nothing(
             if i % 5 == 3:
                 raise ValueError(f"refused {i}")
             return i * 10
+
         return work
 
     def caller(i: int) -> None:
@@ -288,8 +326,11 @@ def test_a_log_that_never_catches_up_is_restarted_under_the_writer_lock(tmp_path
         reader.close()
         runs = cp.runs
         write(s, True, [resources(8, mrn="FX-after")])
-        wait_for(lambda: cp.runs > runs and _wal(path)[0] == _wal(path)[1], 30,
-                 what="the whole log copied")
+        wait_for(
+            lambda: cp.runs > runs and _wal(path)[0] == _wal(path)[1],
+            30,
+            what="the whole log copied",
+        )
         with s.write() as conn:
             conn.execute(insert(NODE_STATE).values(key="y", value="1", updated_at=T0))
         assert _wal(path)[0] < 10

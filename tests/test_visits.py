@@ -15,10 +15,21 @@ from bridge.mapping import is_marked, load_site
 from tests.harness import ROOT
 
 MAPS = load_site(ROOT / "mappings" / "fuxing")
-BASE = V.Visit(visit_no="ZY1", event="admit", visit_class="inpatient", mrn="FX1",
-               patient_name="王秀英", gender="female", birth_date="1950-03-15",
-               admitted_at="2026-11-21T10:00:00+08:00", id_number="11010219500315123x",
-               department_code="0301", ward="心内科一病区", bed="12床", doctor="张主任")
+BASE = V.Visit(
+    visit_no="ZY1",
+    event="admit",
+    visit_class="inpatient",
+    mrn="FX1",
+    patient_name="王秀英",
+    gender="female",
+    birth_date="1950-03-15",
+    admitted_at="2026-11-21T10:00:00+08:00",
+    id_number="11010219500315123x",
+    department_code="0301",
+    ward="心内科一病区",
+    bed="12床",
+    doctor="张主任",
+)
 
 
 def visit(**kw: Any) -> V.Visit:
@@ -35,19 +46,33 @@ BAD = [  # (changes, error class, field named)
     ({"admitted_at": "2026-11-21T10:00:00"}, sf.BadDate, "admitted_at"),  # no offset
     ({"id_number": "1101"}, sf.BadValue, "id_number"),
     ({"event": "transfer"}, sf.MissingField, "transferred_at"),
-    ({"event": "discharge", "discharged_at": "2026-11-20T10:00:00+08:00"}, sf.BadDate,
-     "discharged_at"),
-    ({"event": "discharge", "discharged_at": "2026-11-25T10:00:00+08:00",
-      "status": "in-progress"}, sf.BadValue, "status"),
+    (
+        {"event": "discharge", "discharged_at": "2026-11-20T10:00:00+08:00"},
+        sf.BadDate,
+        "discharged_at",
+    ),
+    (
+        {
+            "event": "discharge",
+            "discharged_at": "2026-11-25T10:00:00+08:00",
+            "status": "in-progress",
+        },
+        sf.BadValue,
+        "status",
+    ),
     ({"event": "update"}, sf.BadValue, "status"),
-    ({"event": "transfer", "transferred_at": "2026-11-22T10:00:00+08:00",
-      "status": "cancelled"}, sf.BadValue, "status"),
+    (
+        {"event": "transfer", "transferred_at": "2026-11-22T10:00:00+08:00", "status": "cancelled"},
+        sf.BadValue,
+        "status",
+    ),
     ({"status": "booked"}, sf.BadValue, "status"),
 ]
 
 
-@pytest.mark.parametrize(("changes", "error", "field"), BAD, ids=[f"{b[2]}-{n}" for n, b in
-                                                                    enumerate(BAD)])
+@pytest.mark.parametrize(
+    ("changes", "error", "field"), BAD, ids=[f"{b[2]}-{n}" for n, b in enumerate(BAD)]
+)
 def test_check_names_the_field(changes: dict[str, str], error: type, field: str) -> None:
     with pytest.raises(error) as exc:
         visit(**changes)
@@ -56,16 +81,19 @@ def test_check_names_the_field(changes: dict[str, str], error: type, field: str)
 
 
 def test_check_normalises() -> None:
-    v = visit(event="cancel-discharge", discharged_at="2026-11-25T10:00:00+08:00",
-              ward=" 心内科一病区 ")
+    v = visit(
+        event="cancel-discharge", discharged_at="2026-11-25T10:00:00+08:00", ward=" 心内科一病区 "
+    )
     assert v.id_number == "11010219500315123X" and v.status == "in-progress"
     assert v.discharged_at == "" and v.ward == "心内科一病区"  # the old time no longer holds
 
 
-def build(v: V.Visit, current: dict[str, Any] | None = None,
-          gaps: list[Any] | None = None) -> dict[str, Any]:
+def build(
+    v: V.Visit, current: dict[str, Any] | None = None, gaps: list[Any] | None = None
+) -> dict[str, Any]:
     enc = V.builder(v, sf.Codes(MAPS, "fuxing", gaps if gaps is not None else []), "fuxing")(
-        current)
+        current
+    )
     enc["subject"] = {"reference": "Patient/p1"}
     assert errors(enc, limit=3) == []
     return enc
@@ -80,23 +108,32 @@ def test_registration_shown_under_way_is_in_progress() -> None:
 def test_department_as_service_type_and_unmapped_one_is_a_gap() -> None:
     enc = build(visit())
     assert enc["serviceType"]["coding"] == [
-        {"system": "http://hutong.dev/CodeSystem/xicheng-alliance/department", "code": "03.04",
-         "display": "心血管内科专业"},
-        {"system": "http://hutong.dev/CodeSystem/fuxing/department", "code": "0301"}]
+        {
+            "system": "http://hutong.dev/CodeSystem/xicheng-alliance/department",
+            "code": "03.04",
+            "display": "心血管内科专业",
+        },
+        {"system": "http://hutong.dev/CodeSystem/fuxing/department", "code": "0301"},
+    ]
     assert not is_marked(enc)
     gaps: list[Any] = []
     odd = build(visit(department_code="9999"), gaps=gaps)
     assert odd["serviceType"]["coding"] == [
-        {"system": "http://hutong.dev/CodeSystem/fuxing/department", "code": "9999"}]
+        {"system": "http://hutong.dev/CodeSystem/fuxing/department", "code": "9999"}
+    ]
     assert is_marked(odd) and [(g.map, g.code) for g in gaps] == [("department", "9999")]
 
 
 def test_patient_as_the_record_describes_it() -> None:
     p = V.patient_of(visit(phone="13900000000"), "fuxing", "urn:oid:2.16.156.10011.1.3")
-    assert p["identifier"] == [{"system": "urn:oid:2.16.156.10011.1.3",
-                                "value": "11010219500315123X"},
-                               {"system": "urn:hutong:mrn:fuxing", "value": "FX1"}]
-    assert (p["name"], p["gender"], p["birthDate"]) == ([{"text": "王秀英"}], "female",
-                                                        "1950-03-15")
+    assert p["identifier"] == [
+        {"system": "urn:oid:2.16.156.10011.1.3", "value": "11010219500315123X"},
+        {"system": "urn:hutong:mrn:fuxing", "value": "FX1"},
+    ]
+    assert (p["name"], p["gender"], p["birthDate"]) == (
+        [{"text": "王秀英"}],
+        "female",
+        "1950-03-15",
+    )
     assert p["telecom"] == [{"system": "phone", "value": "13900000000", "use": "mobile"}]
     assert errors(p, limit=3) == []

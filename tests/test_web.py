@@ -47,8 +47,14 @@ class Browser:
 
         self.csrf = ""  # the anti-forgery token of the last page seen (bridge.web.security)
 
-    def open(self, path: str, form: dict[str, str] | None = None, *, csrf: bool = True,
-             origin: str | None = "") -> tuple[int, str, str]:
+    def open(
+        self,
+        path: str,
+        form: dict[str, str] | None = None,
+        *,
+        csrf: bool = True,
+        origin: str | None = "",
+    ) -> tuple[int, str, str]:
         """(status, final url, body) after following redirects. A form is posted as a browser
         posts it from this node's own page: with the page's token and this node's Origin
         (``csrf=False`` leaves the token out; ``origin`` names another one, None sends none)."""
@@ -144,9 +150,15 @@ def test_accept_through_the_form_shows_on_the_other_node(pair: Alliance) -> None
     assert "病历摘要" in page and "头晕两周" in page
     assert 'action="/ui/referrals/' + thread + '/steps/accept"' in page
     assert "/steps/arrive" not in page  # only steps the state machine allows are offered
-    doctor.open(f"/ui/referrals/{thread}/steps/accept", {
-        "bed": "心内科 12床", "department": "心血管内科", "doctor": "张主任",
-        "appointment": "2026-11-21T10:00"})
+    doctor.open(
+        f"/ui/referrals/{thread}/steps/accept",
+        {
+            "bed": "心内科 12床",
+            "department": "心血管内科",
+            "doctor": "张主任",
+            "appointment": "2026-11-21T10:00",
+        },
+    )
     both(pair, thread, "accepted", "scheduled")
     # the referring GP sees the change on the other node's pages
     gp = Browser(chc).login("clinician")
@@ -207,8 +219,9 @@ def test_auditor_sees_exchange_log_verified_and_exports(pair: Alliance) -> None:
     log = section(page, "audit")
     assert thread in log and "referral" in log and "received" in log
     assert "王秀英" not in page  # auditors get hashes, not names
-    only = section(auditor.get("/ui/audit?" + urlencode({"action": "referral", "peer": "chc"})),
-                   "audit")
+    only = section(
+        auditor.get("/ui/audit?" + urlencode({"action": "referral", "peer": "chc"})), "audit"
+    )
     rows = re.findall(r"<tr><td>(\d+)</td><td>[^<]*</td><td>([^<]*)</td>", only)
     assert rows and {a for _, a in rows} == {"referral"}
     assert section(auditor.get("/ui/audit?since=2999-01-01T00:00"), "audit").count("<tr>") == 2
@@ -220,11 +233,13 @@ def test_auditor_sees_exchange_log_verified_and_exports(pair: Alliance) -> None:
     assert {json.loads(x)["resourceType"] for x in nd.splitlines()} == {"AuditEvent"}
     en = auditor.get("/ui/audit?lang=en")
     assert "verified" in en and "Recompute the whole chain now" in en
+
     # between full runs the page checks only what was added since; ?verify=full recomputes all
     def chain_line(page: str) -> tuple[int, int, int]:
         m = re.search(r"verified: (\d+) records.*?\((\d+) records\).*?checked now: (\d+)", page)
         assert m, page
         return int(m[1]), int(m[2]), int(m[3])
+
     total, full, since = chain_line(auditor.get("/ui/audit?lang=en&verify=full"))
     assert (full, since) == (total, 0)
     both(pair, new_thread(chc, referral("up-exam", "core", mrn="YT0005")), "received", "received")
@@ -243,13 +258,16 @@ def test_it_page_shows_queues_rules_and_quarantine(pair: Alliance) -> None:
     wait_for(lambda: "chc" in section(it.get("/ui/it"), "queues"), what="a queue row for chc")
     section(page, "reminders")
     # a packet the rules refuse (only referral kinds are allowed) is held in quarantine
-    res = core.api("POST", "/local/v1/packets", [
-        {"to": "chc", "kind": "lab.result", "bundle": factory_bundle(1)}])["results"]
+    res = core.api(
+        "POST",
+        "/local/v1/packets",
+        [{"to": "chc", "kind": "lab.result", "bundle": factory_bundle(1)}],
+    )["results"]
     assert res[0]["code"] == "HT-PKT-ROUTE-DENIED"
     held = core.api("GET", "/local/v1/quarantine")
     item = held[0]["id"]
     quar = section(it.get("/ui/it"), "quarantine")
-    assert "HT-PKT-ROUTE-DENIED" in quar and f'/ui/it/quarantine/{item}/replay' in quar
+    assert "HT-PKT-ROUTE-DENIED" in quar and f"/ui/it/quarantine/{item}/replay" in quar
     # replay runs the existing replay logic: still refused, so it stays held and says why
     status, url, after = it.open(f"/ui/it/quarantine/{item}/replay", {})
     assert status == 200 and url.endswith("/ui/it")
@@ -259,15 +277,18 @@ def test_it_page_shows_queues_rules_and_quarantine(pair: Alliance) -> None:
     status, _url, body = it.open("/ui/it/quarantine/999999/replay", {})
     assert status == 404 and "HT-NOT-FOUND" in body
     # each list says how many there are; what is not shown is in the message browser
-    counts = re.findall(r'<p class="count"><span class="total">(\d+)</span> · (\d+) ',
-                        it.get("/ui/it"))
+    counts = re.findall(
+        r'<p class="count"><span class="total">(\d+)</span> · (\d+) ', it.get("/ui/it")
+    )
     every = core.api("GET", "/local/v1/quarantine?state=&limit=1000")
     dead = core.api("GET", "/local/v1/outbox?state=dead&limit=1000")
     reminded = core.api("GET", "/local/v1/reminders?limit=1000")
-    assert counts == [(str(len(every)), str(min(len(every), 100))),
-                      (str(len(dead)), str(min(len(dead), 100))),
-                      ("0", "0"),  # messages under a reused control id (no HL7 adapter here)
-                      (str(len(reminded)), str(min(len(reminded), 100)))]
+    assert counts == [
+        (str(len(every)), str(min(len(every), 100))),
+        (str(len(dead)), str(min(len(dead), 100))),
+        ("0", "0"),  # messages under a reused control id (no HL7 adapter here)
+        (str(len(reminded)), str(min(len(reminded), 100))),
+    ]
 
 
 def test_language_switch_is_remembered(pair: Alliance) -> None:
@@ -286,36 +307,83 @@ def test_language_switch_is_remembered(pair: Alliance) -> None:
 def imaging_return(sr_id: str, patient_ref: str) -> dict[str, Any]:
     """A return carrying a CT report (DiagnosticReport -> ImagingStudy) and no lab results."""
     bundle = return_bundle(sr_id, patient_ref)
-    entries = [x for x in bundle["entry"]
-               if x["resource"]["resourceType"] not in ("DiagnosticReport", "Observation")]
+    entries = [
+        x
+        for x in bundle["entry"]
+        if x["resource"]["resourceType"] not in ("DiagnosticReport", "Observation")
+    ]
     study, report = "urn:uuid:" + str(uuid.uuid4()), "urn:uuid:" + str(uuid.uuid4())
     entries += [
-        {"fullUrl": study, "request": {"method": "POST", "url": "ImagingStudy"}, "resource": {
-            "resourceType": "ImagingStudy", "status": "available",
-            "identifier": [{"system": "urn:dicom:uid", "value": STUDY_UID}],
-            "subject": {"reference": patient_ref}, "started": "2026-11-22T14:05:00+08:00",
-            "modality": [{"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "CT"}],
-            "numberOfSeries": 2, "numberOfInstances": 180, "description": "头颅CT平扫",
-            "series": [
-                {"uid": "1.2.840.99.1.1", "number": 1, "numberOfInstances": 120,
-                 "modality": {"system": "http://dicom.nema.org/resources/ontology/DCM",
-                              "code": "CT"}, "description": "轴位 5mm",
-                 "bodySite": {"system": "http://snomed.info/sct", "code": "69536005",
-                              "display": "头部"}},
-                {"uid": "1.2.840.99.1.2", "number": 2, "numberOfInstances": 60,
-                 "modality": {"system": "http://dicom.nema.org/resources/ontology/DCM",
-                              "code": "CT"}, "description": "冠状位重建"}]}},
-        {"fullUrl": report, "request": {"method": "POST", "url": "DiagnosticReport"},
-         "resource": {
-             "resourceType": "DiagnosticReport", "status": "final",
-             "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0074",
-                                       "code": "RAD"}]}],
-             "code": {"coding": [{"system": "http://loinc.org", "code": "24725-4"}],
-                      "text": "头颅CT报告"},
-             "subject": {"reference": patient_ref},
-             "effectiveDateTime": "2026-11-22T14:05:00+08:00",
-             "imagingStudy": [{"reference": study}],
-             "conclusion": "右侧基底节区腔隙性脑梗死"}},
+        {
+            "fullUrl": study,
+            "request": {"method": "POST", "url": "ImagingStudy"},
+            "resource": {
+                "resourceType": "ImagingStudy",
+                "status": "available",
+                "identifier": [{"system": "urn:dicom:uid", "value": STUDY_UID}],
+                "subject": {"reference": patient_ref},
+                "started": "2026-11-22T14:05:00+08:00",
+                "modality": [
+                    {"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "CT"}
+                ],
+                "numberOfSeries": 2,
+                "numberOfInstances": 180,
+                "description": "头颅CT平扫",
+                "series": [
+                    {
+                        "uid": "1.2.840.99.1.1",
+                        "number": 1,
+                        "numberOfInstances": 120,
+                        "modality": {
+                            "system": "http://dicom.nema.org/resources/ontology/DCM",
+                            "code": "CT",
+                        },
+                        "description": "轴位 5mm",
+                        "bodySite": {
+                            "system": "http://snomed.info/sct",
+                            "code": "69536005",
+                            "display": "头部",
+                        },
+                    },
+                    {
+                        "uid": "1.2.840.99.1.2",
+                        "number": 2,
+                        "numberOfInstances": 60,
+                        "modality": {
+                            "system": "http://dicom.nema.org/resources/ontology/DCM",
+                            "code": "CT",
+                        },
+                        "description": "冠状位重建",
+                    },
+                ],
+            },
+        },
+        {
+            "fullUrl": report,
+            "request": {"method": "POST", "url": "DiagnosticReport"},
+            "resource": {
+                "resourceType": "DiagnosticReport",
+                "status": "final",
+                "category": [
+                    {
+                        "coding": [
+                            {
+                                "system": "http://terminology.hl7.org/CodeSystem/v2-0074",
+                                "code": "RAD",
+                            }
+                        ]
+                    }
+                ],
+                "code": {
+                    "coding": [{"system": "http://loinc.org", "code": "24725-4"}],
+                    "text": "头颅CT报告",
+                },
+                "subject": {"reference": patient_ref},
+                "effectiveDateTime": "2026-11-22T14:05:00+08:00",
+                "imagingStudy": [{"reference": study}],
+                "conclusion": "右侧基底节区腔隙性脑梗死",
+            },
+        },
     ]
     return {**bundle, "entry": entries}
 
@@ -327,8 +395,9 @@ def test_detail_shows_imaging_report_and_study(pair: Alliance) -> None:
     chc, core = pair.node("chc"), pair.node("core")
     thread = new_thread(chc, referral("up-exam", "core", mrn="YT0009", icd10="I63.9"))
     both(pair, thread, "received", "received")
-    step(core, thread, "accept", outputs=[{"type": {"text": "department"},
-                                          "valueString": "放射科"}])
+    step(
+        core, thread, "accept", outputs=[{"type": {"text": "department"}, "valueString": "放射科"}]
+    )
     both(pair, thread, "accepted")
     step(core, thread, "arrive")
     both(pair, thread, "in-progress", "arrived")
@@ -394,13 +463,18 @@ def seconds(cell: str) -> float:
 
 def test_statistics_count_known_referrals(fresh: Alliance) -> None:
     chc, core = fresh.node("chc"), fresh.node("core")
-    up = [new_thread(chc, referral(k, "core", mrn=f"ST{i}", priority=p))
-          for i, (k, p) in enumerate([("up-inpatient", "urgent"), ("up-outpatient", "routine"),
-                                      ("up-exam", "routine")])]
+    up = [
+        new_thread(chc, referral(k, "core", mrn=f"ST{i}", priority=p))
+        for i, (k, p) in enumerate(
+            [("up-inpatient", "urgent"), ("up-outpatient", "routine"), ("up-exam", "routine")]
+        )
+    ]
     for th in up:  # new_thread spots the new row, so nothing may arrive meanwhile
         both(fresh, th, "received")
-    down = [new_thread(core, referral(k, "chc", mrn=f"SD{i}", icd10="I63.9"))
-            for i, k in enumerate(["down-outpatient", "down-discharge"])]
+    down = [
+        new_thread(core, referral(k, "chc", mrn=f"SD{i}", icd10="I63.9"))
+        for i, k in enumerate(["down-outpatient", "down-discharge"])
+    ]
     for th in down:
         both(fresh, th, "received")
     step(core, up[0], "accept")
@@ -418,11 +492,24 @@ def test_statistics_count_known_referrals(fresh: Alliance) -> None:
     submit(core, return_bundle(here["sr_id"], task["for"]["reference"]))
     both(fresh, up[0], "completed", "return-received")
     chc.send("core", "result.lab", [factory_bundle(1) for _ in range(4)])
-    wait_for(lambda: all(r["state"] == "acknowledged"
-                         for r in chc.api("GET", "/local/v1/outbox?state=acknowledged")
-                         if r["kind"] == "result.lab")
-             and len([r for r in chc.api("GET", "/local/v1/outbox?state=acknowledged")
-                      if r["kind"] == "result.lab"]) == 4, what="4 results acknowledged")
+    wait_for(
+        lambda: (
+            all(
+                r["state"] == "acknowledged"
+                for r in chc.api("GET", "/local/v1/outbox?state=acknowledged")
+                if r["kind"] == "result.lab"
+            )
+            and len(
+                [
+                    r
+                    for r in chc.api("GET", "/local/v1/outbox?state=acknowledged")
+                    if r["kind"] == "result.lab"
+                ]
+            )
+            == 4
+        ),
+        what="4 results acknowledged",
+    )
 
     chc_name, core_name = "月坛社区卫生服务中心 (chc)", "复兴医院 (core)"
     for node in (core, chc):
@@ -432,15 +519,23 @@ def test_statistics_count_known_referrals(fresh: Alliance) -> None:
         month = month_of(raw[0]["created_at"])
         assert set(rows) == {chc_name, core_name}
         # month, member, up, down, green, accepted, rejected, cancelled, returned, rate, ...
-        assert rows[chc_name][:10] == [month, chc_name, "3", "0", "1", "2", "1", "0", "1",
-                                       "66.7%"]
-        assert rows[core_name][:10] == [month, core_name, "0", "2", "0", "1", "0", "0", "0",
-                                        "100.0%"]
+        assert rows[chc_name][:10] == [month, chc_name, "3", "0", "1", "2", "1", "0", "1", "66.7%"]
+        assert rows[core_name][:10] == [
+            month,
+            core_name,
+            "0",
+            "2",
+            "0",
+            "1",
+            "0",
+            "0",
+            "0",
+            "100.0%",
+        ]
         assert rows[chc_name][12] == "4" and rows[core_name][12] == "0"
         # medians against this node's own timestamps
         mine = {r["thread"]: r for r in raw}
-        accept = [(mine[t]["accepted_at"] - mine[t]["created_at"]).total_seconds()
-                  for t in up[:2]]
+        accept = [(mine[t]["accepted_at"] - mine[t]["created_at"]).total_seconds() for t in up[:2]]
         assert seconds(rows[chc_name][10]) == pytest.approx(statistics.median(accept), abs=0.06)
         ret = (mine[up[0]]["completed_at"] - mine[up[0]]["created_at"]).total_seconds()
         assert seconds(rows[chc_name][11]) == pytest.approx(ret, abs=0.06)
@@ -448,12 +543,10 @@ def test_statistics_count_known_referrals(fresh: Alliance) -> None:
         yearly = stats_cells(viewer, "yearly")
         assert yearly["合计"][2:9] == ["3", "2", "1", "3", "1", "0", "1"]
         page = viewer.get("/ui/stats")
-        bars = dict(re.findall(r'data-series="上转" data-group="(\d\d)" data-value="(\d+)"',
-                               page))
+        bars = dict(re.findall(r'data-series="上转" data-group="(\d\d)" data-value="(\d+)"', page))
         assert bars[month[5:]] == "3" and sum(map(int, bars.values())) == 3
     # another year is empty
-    assert "<td colspan" in section(Browser(core).login("it").get("/ui/stats?year=2001"),
-                                    "monthly")
+    assert "<td colspan" in section(Browser(core).login("it").get("/ui/stats?year=2001"), "monthly")
 
 
 def test_it_pages_reused_ids_say_how_many_and_link_to_all(tmp_path: Path) -> None:
@@ -475,9 +568,18 @@ def test_it_pages_reused_ids_say_how_many_and_link_to_all(tmp_path: Path) -> Non
 
         def add(n: int) -> None:
             with node.ctx.store.write() as conn:
-                node.ctx.audit.append(conn, [AuditEntry(
-                    action=RECORD_ID_REUSED, actor="adapter:lis", at=datetime.now(UTC),
-                    message=f"MSH-10 R{i} reused with other content") for i in range(n)])
+                node.ctx.audit.append(
+                    conn,
+                    [
+                        AuditEntry(
+                            action=RECORD_ID_REUSED,
+                            actor="adapter:lis",
+                            at=datetime.now(UTC),
+                            message=f"MSH-10 R{i} reused with other content",
+                        )
+                        for i in range(n)
+                    ],
+                )
 
         add(50)
         page = reused_ids_section(web, "zh")
@@ -485,8 +587,7 @@ def test_it_pages_reused_ids_say_how_many_and_link_to_all(tmp_path: Path) -> Non
         add(7)
         page = reused_ids_section(web, "en")
         assert '<span class="total">57</span> · 50 shown here' in page
-        assert ('<a class="all" href="/ui/audit?action=hl7-control-id-reused">See all →</a>'
-                in page)
+        assert '<a class="all" href="/ui/audit?action=hl7-control-id-reused">See all →</a>' in page
         assert page.count("reused with other content") == 50
     finally:
         node.close()

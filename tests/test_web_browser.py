@@ -31,12 +31,23 @@ pytestmark = pytest.mark.slow
 
 CHROMIUM = Path("/usr/bin/chromium")
 SHOTS = ROOT / "test-artifacts" / "screenshots"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 if not CHROMIUM.exists():  # CI installs it (.ci/run); a developer without it is told why
-    pytest.skip("Debian chromium is not installed at /usr/bin/chromium (apt-get install "
-                "chromium); .ci/run installs it", allow_module_level=True)
+    pytest.skip(
+        "Debian chromium is not installed at /usr/bin/chromium (apt-get install "
+        "chromium); .ci/run installs it",
+        allow_module_level=True,
+    )
 
 sync_api = pytest.importorskip("playwright.sync_api")
 
@@ -65,8 +76,9 @@ class User:
 
     def __init__(self, browser: Any, node: NodeProcess, role: str, tag: str) -> None:
         self.node, self.tag, self.role = node, tag, role
-        self.context = browser.new_context(viewport={"width": 1280, "height": 900},
-                                           accept_downloads=True, locale="zh-CN")
+        self.context = browser.new_context(
+            viewport={"width": 1280, "height": 900}, accept_downloads=True, locale="zh-CN"
+        )
         self.page = self.context.new_page()
         self.shots = 0
         self.go("/ui/login")
@@ -81,7 +93,8 @@ class User:
 
     def shot(self, name: str) -> Path:
         if self.role == "clinician" and re.search(
-                r"/ui/referrals(/[^/?]+(/slip(/\w+)?)?)?([?#].*)?$", self.page.url):
+            r"/ui/referrals(/[^/?]+(/slip(/\w+)?)?)?([?#].*)?$", self.page.url
+        ):
             # what the clinician reads: no raw codes, status words or ISO times (issue 15)
             assert_readable(self.page.content(), f"{self.tag} {name}")
         self.shots += 1
@@ -101,13 +114,15 @@ def rows(page: Any, table_cls: str) -> list[list[str]]:
     """The body cells of a table, as text."""
     return page.eval_on_selector_all(
         f"table.{table_cls} tbody tr",
-        "trs => trs.map(tr => Array.from(tr.cells).map(td => td.innerText.trim()))")
+        "trs => trs.map(tr => Array.from(tr.cells).map(td => td.innerText.trim()))",
+    )
 
 
 def test_accept_in_browser_and_see_it_on_the_other_node(pair: Alliance, browser: Any) -> None:
     chc, core = pair.node("chc"), pair.node("core")
-    thread = new_thread(chc, referral("up-inpatient", "core", icd10="I10", priority="urgent",
-                                      mrn="BR0001"))
+    thread = new_thread(
+        chc, referral("up-inpatient", "core", icd10="I10", priority="urgent", mrn="BR0001")
+    )
     both(pair, thread, "received", "received")
 
     doctor = User(browser, core, "clinician", "core-clinician")
@@ -117,7 +132,8 @@ def test_accept_in_browser_and_see_it_on_the_other_node(pair: Alliance, browser:
         link = doctor.page.locator(f'table.inbox a[href="/ui/referrals/{thread}"]')
         assert link.count() == 1
         row = doctor.page.locator(
-            "table.inbox tr", has=doctor.page.locator(f'a[href="/ui/referrals/{thread}"]'))
+            "table.inbox tr", has=doctor.page.locator(f'a[href="/ui/referrals/{thread}"]')
+        )
         assert "上转·专科住院" in row.inner_text() and "评估中" in row.inner_text()
         link.click()
         doctor.page.wait_for_url(f"**/ui/referrals/{thread}")
@@ -148,8 +164,12 @@ def test_accept_in_browser_and_see_it_on_the_other_node(pair: Alliance, browser:
         wait_for(gp_sees_scheduled, timeout=30, every=0.3, what="the GP's page to show 已预约")
         assert gp.text("span.status") == "已接收"
         slip = {r[0]: r[1] for r in rows(gp.page, "acceptance")}
-        assert slip == {"床位": "心内科 12床", "科室": "心血管内科", "接诊医生": "张主任",
-                        "预约时间": "2026-11-21 10:00 (北京时间)"}
+        assert slip == {
+            "床位": "心内科 12床",
+            "科室": "心血管内科",
+            "接诊医生": "张主任",
+            "预约时间": "2026-11-21 10:00 (北京时间)",
+        }
         gp.shot("detail-scheduled")
         gp.go("/ui/referrals")
         out = [r for r in rows(gp.page, "outbox") if "已预约" in r]
@@ -280,10 +300,13 @@ def posting_page(target: str, fields: dict[str, str]) -> str:
     """A page that posts a form to ``target`` as soon as it loads."""
     import html
 
-    inputs = "".join(f'<input name="{html.escape(k)}" value="{html.escape(v)}">'
-                     for k, v in fields.items())
-    return (f'<!DOCTYPE html><html><body><form method="post" action="{html.escape(target)}">'
-            f'{inputs}</form><script>document.forms[0].submit()</script></body></html>')
+    inputs = "".join(
+        f'<input name="{html.escape(k)}" value="{html.escape(v)}">' for k, v in fields.items()
+    )
+    return (
+        f'<!DOCTYPE html><html><body><form method="post" action="{html.escape(target)}">'
+        f"{inputs}</form><script>document.forms[0].submit()</script></body></html>"
+    )
 
 
 class ForeignSite:
@@ -324,13 +347,15 @@ class ForeignSite:
 
 
 def test_a_page_on_another_port_cannot_post_as_the_logged_in_clinician(
-        pair: Alliance, browser: Any) -> None:
+    pair: Alliance, browser: Any
+) -> None:
     chc, core = pair.node("chc"), pair.node("core")
     thread = new_thread(chc, referral("up-outpatient", "core", mrn="BR0003"))
     both(pair, thread, "received", "received")
     doctor = User(browser, core, "clinician", "core-clinician-csrf")
-    foreign = ForeignSite(posting_page(f"{core.local_url}/ui/referrals/{thread}/steps/reject",
-                                       {"reason": "跨站伪造"}))
+    foreign = ForeignSite(
+        posting_page(f"{core.local_url}/ui/referrals/{thread}/steps/reject", {"reason": "跨站伪造"})
+    )
     try:
         doctor.go(f"/ui/referrals/{thread}")
         assert doctor.text("span.status") == "已收到"
@@ -355,8 +380,7 @@ def test_a_page_on_another_port_cannot_post_as_the_logged_in_clinician(
         doctor.close()
 
 
-def test_pages_and_docs_run_under_their_policy_in_the_browser(pair: Alliance,
-                                                              browser: Any) -> None:
+def test_pages_and_docs_run_under_their_policy_in_the_browser(pair: Alliance, browser: Any) -> None:
     """The page policy blocks nothing the pages need (the stylesheet applies, the slip's print
     button is wired), a page cannot be framed, and Swagger UI renders from the node's own
     files with no request leaving for another host."""
@@ -364,10 +388,14 @@ def test_pages_and_docs_run_under_their_policy_in_the_browser(pair: Alliance,
     doctor = User(browser, core, "clinician", "core-clinician-policy")
     violations: list[str] = []
     elsewhere: list[str] = []
-    doctor.page.on("console", lambda m: violations.append(m.text)
-                   if "Content Security Policy" in m.text else None)
-    doctor.page.on("request", lambda r: elsewhere.append(r.url)
-                   if not r.url.startswith(core.local_url) else None)
+    doctor.page.on(
+        "console",
+        lambda m: violations.append(m.text) if "Content Security Policy" in m.text else None,
+    )
+    doctor.page.on(
+        "request",
+        lambda r: elsewhere.append(r.url) if not r.url.startswith(core.local_url) else None,
+    )
     try:
         doctor.go("/ui/referrals")
         bg = doctor.page.eval_on_selector("header", "h => getComputedStyle(h).backgroundColor")

@@ -62,8 +62,7 @@ class Person:
 
     def __init__(self, browser: Any, node: NodeProcess, name: str) -> None:
         self.node = node
-        self.context = browser.new_context(viewport={"width": 1280, "height": 900},
-                                           locale="zh-CN")
+        self.context = browser.new_context(viewport={"width": 1280, "height": 900}, locale="zh-CN")
         self.page = self.context.new_page()
         self.go("/ui/login")
         self.page.fill("form.login-personal input[name=name]", name)
@@ -84,8 +83,10 @@ class Person:
             self.page.click(f"{form} button[type=submit]")
 
     def shot(self, name: str) -> None:
-        if "/ui/consultations" in self.page.url and self.page.evaluate(
-                "document.documentElement.lang") == "zh-CN":  # no raw codes or ISO times
+        if (
+            "/ui/consultations" in self.page.url
+            and self.page.evaluate("document.documentElement.lang") == "zh-CN"
+        ):  # no raw codes or ISO times
             assert_readable(self.page.content(), name)
         Person.shots += 1
         out = SHOTS / f"consult-{Person.shots:02d}-{name}.png"
@@ -97,7 +98,8 @@ class Person:
 
 
 def test_an_expert_writes_and_releases_the_report_and_the_inviter_reads_and_prints_it(
-        al: Alliance, browser: Any) -> None:
+    al: Alliance, browser: Any
+) -> None:
     chc, core = al.node("chc"), al.node("core")
     with httpx.Client(timeout=60) as client:
         thread = request(Fhir(client, chc), consults.consultation("mdt", "core", mrn="YT9001"))
@@ -121,8 +123,9 @@ def test_an_expert_writes_and_releases_the_report_and_the_inviter_reads_and_prin
 
         # experts, time and the video meeting
         form = "form.schedule"
-        expert.page.fill(f"{form} textarea[name=experts]",
-                         "张主任 呼吸内科\n王主任 胸外科\n赵主任 病理科")
+        expert.page.fill(
+            f"{form} textarea[name=experts]", "张主任 呼吸内科\n王主任 胸外科\n赵主任 病理科"
+        )
         expert.page.fill(f"{form} input[name=start]", "2026-12-05T14:00")
         expert.page.fill(f"{form} input[name=end]", "2026-12-05T15:00")
         expert.page.fill(f"{form} input[name=link]", consults.MEETING)
@@ -143,8 +146,9 @@ def test_an_expert_writes_and_releases_the_report_and_the_inviter_reads_and_prin
         expert.page.fill(f"{ed} textarea[name=advice]", "建议行胸腔镜下右肺上叶楔形切除术")
         expert.page.check(f"{ed} input[name=refer]")
         expert.page.select_option(f"{ed} select[name=refer_to]", "core")
-        expert.page.fill(f"{ed} input[name=referral_note]",
-                         "建议上转胸外科住院手术（已与家属沟通同意）")
+        expert.page.fill(
+            f"{ed} input[name=referral_note]", "建议上转胸外科住院手术（已与家属沟通同意）"
+        )
         expert.page.fill(f"{ed} input[name=author]", "张主任（呼吸内科）")
         expert.shot("report-editor")
         expert.submit(ed)

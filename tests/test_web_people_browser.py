@@ -38,10 +38,12 @@ sync_api = pytest.importorskip("playwright.sync_api")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Alliance]:
     a = Alliance(tmp_path_factory.mktemp("people-browser") / "alliance", MEMBERS, RULES)
     core = a.node("core")
-    for name, roles, display in (("dr.li", "clinician", "李医生"),
-                                 ("dr.chen", "clinician", "陈医生"),
-                                 ("aud.wu", "auditor", "吴审计"),
-                                 ("it.zhou", "it,admin", "周工")):
+    for name, roles, display in (
+        ("dr.li", "clinician", "李医生"),
+        ("dr.chen", "clinician", "陈医生"),
+        ("aud.wu", "auditor", "吴审计"),
+        ("it.zhou", "it,admin", "周工"),
+    ):
         add_user(core, name, roles, display)
     a.start("core", "chc")
     yield a
@@ -62,11 +64,13 @@ def browser() -> Iterator[Any]:
 class Person:
     """One named person at one node: their own browser context, logged in by name."""
 
-    def __init__(self, browser: Any, node: NodeProcess, name: str,
-                 password: str = PASSWORD) -> None:
+    def __init__(
+        self, browser: Any, node: NodeProcess, name: str, password: str = PASSWORD
+    ) -> None:
         self.node, self.name = node, name
-        self.context = browser.new_context(viewport={"width": 1280, "height": 900},
-                                           accept_downloads=True, locale="zh-CN")
+        self.context = browser.new_context(
+            viewport={"width": 1280, "height": 900}, accept_downloads=True, locale="zh-CN"
+        )
         self.page = self.context.new_page()
         self.go("/ui/login")
         self.page.fill("form.login-personal input[name=name]", name)
@@ -94,8 +98,9 @@ def audit_rows(node: NodeProcess) -> list[dict[str, Any]]:
     s = Store(node.plan.storage_dsn)
     try:
         with s.read() as conn:
-            got = conn.execute(select(AuditRecord.__table__.c.resource)
-                               .order_by(AuditRecord.__table__.c.seq)).all()
+            got = conn.execute(
+                select(AuditRecord.__table__.c.resource).order_by(AuditRecord.__table__.c.seq)
+            ).all()
     finally:
         s.dispose()
     out = []
@@ -142,8 +147,11 @@ def test_two_clinicians_then_the_auditor_sees_both_by_name(pair: Alliance, brows
         assert f"patient_hash={phash}" in aud.page.url
         assert WANG_ID not in aud.page.content()
         log = rows(aud.page, "audit")
-        opened = [r for r in log if r[9] in ("user:dr.li", "user:dr.chen")
-                  and f"/ui/referrals/{thread}" in r[12]]
+        opened = [
+            r
+            for r in log
+            if r[9] in ("user:dr.li", "user:dr.chen") and f"/ui/referrals/{thread}" in r[12]
+        ]
         assert {r[9] for r in opened} == {"user:dr.li", "user:dr.chen"}
         assert all(r[1].endswith("+08:00") and r[10] == "clinician" for r in opened)
         aud.shot("03-auditor-who-looked")
@@ -158,7 +166,8 @@ def test_two_clinicians_then_the_auditor_sees_both_by_name(pair: Alliance, brows
     audit = audit_rows(core)
     failed = [r for r in audit if r["action"] == "login-failed"]
     assert [(r["actor"], r["outcome"], r["address"]) for r in failed] == [
-        ("user:dr.li", "4", "127.0.0.1")]
+        ("user:dr.li", "4", "127.0.0.1")
+    ]
     exports = [r for r in audit if r["action"] == "export"]
     assert [(r["actor"], r["actor_role"]) for r in exports] == [("user:aud.wu", "auditor")]
     logins = {r["actor"] for r in audit if r["action"] == "login"}
@@ -190,6 +199,5 @@ def test_it_sees_the_message_browser_and_accounts(pair: Alliance, browser: Any) 
         it.shot("06-accounts")
     finally:
         it.close()
-    reads = [r for r in audit_rows(core) if r["action"] == "read"
-             and r["actor"] == "user:it.zhou"]
+    reads = [r for r in audit_rows(core) if r["action"] == "read" and r["actor"] == "user:it.zhou"]
     assert len(reads) == 1 and reads[0]["shown"].startswith("/ui/messages inbox/")

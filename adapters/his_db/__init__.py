@@ -21,5 +21,10 @@ def _build(host: Any, opts: Options) -> Any:
     return HisDbAdapter(host, resolved)
 
 
-create = AdapterType(name="his-middle-db", options=Options, build=_build, check=check,
-                     example={"dsn": "sqlite:///his.db"})
+create = AdapterType(
+    name="his-middle-db",
+    options=Options,
+    build=_build,
+    check=check,
+    example={"dsn": "sqlite:///his.db"},
+)

@@ -119,9 +119,13 @@ from bridge.mapping import FieldMapError, load_field_map
 
 log = logging.getLogger("hutong.adapters.his_db")
 CHINA = timezone(timedelta(hours=8))
-RECORDS: dict[str, type] = {"referral": ReferralSlip, "acceptance": AcceptanceSlip,
-                            "return": ReturnSlip, "prescription": Prescription,
-                            "lab_result": LabResult}
+RECORDS: dict[str, type] = {
+    "referral": ReferralSlip,
+    "acceptance": AcceptanceSlip,
+    "return": ReturnSlip,
+    "prescription": Prescription,
+    "lab_result": LabResult,
+}
 
 
 def _slip(cls: type, values: dict[str, Any]) -> Any:
@@ -194,9 +198,11 @@ class HisDbAdapter(BaseAdapter):
 
     def _poll(self) -> None:
         try:
-            for logical, take in (("referral_out", self._take_referral),
-                                  ("acceptance_out", self._take_acceptance),
-                                  ("return_out", self._take_return)):
+            for logical, take in (
+                ("referral_out", self._take_referral),
+                ("acceptance_out", self._take_acceptance),
+                ("return_out", self._take_return),
+            ):
                 self._poll_table(logical, take)
             self._poll_cancels()
             if vz.RECORD in self.fm:  # after acceptances: an admission may name the referral
@@ -225,8 +231,12 @@ class HisDbAdapter(BaseAdapter):
         if wm.holes:
             cond = or_(cond, idc.in_(sorted(wm.holes)))
         with self.engine.connect() as conn:
-            rows = [dict(r._mapping) for r in conn.execute(
-                select(table).where(cond).order_by(idc).limit(self.opts.batch))]
+            rows = [
+                dict(r._mapping)
+                for r in conn.execute(
+                    select(table).where(cond).order_by(idc).limit(self.opts.batch)
+                )
+            ]
         if rows:
             faults.point("his_db.after_poll")
         for row in rows:
@@ -239,19 +249,28 @@ class HisDbAdapter(BaseAdapter):
         if expired:
             wm.save(store, self.host.now())
             self.count("holes_expired", len(expired))
-            log.info("adapter %s: %d id(s) of %s never committed, no longer watched",
-                     self.name, len(expired), table.name)
+            log.info(
+                "adapter %s: %d id(s) of %s never committed, no longer watched",
+                self.name,
+                len(expired),
+                table.name,
+            )
 
-    def _poll_cancels(self, logical: str = "referral_out", record: str = cx.RECORD,
-                      take: Any = None) -> None:
+    def _poll_cancels(
+        self, logical: str = "referral_out", record: str = cx.RECORD, take: Any = None
+    ) -> None:
         """Referral rows (or, with ``logical``/``record``/``take``, consultation rows) the HIS
         marked withdrawn, by their withdrawal number (watermark and holes as for new rows: the
         number comes from a sequence, so it can commit late)."""
         table = self.table(logical)
         o = self.opts
         take = take or self._take_cancel
-        if table is None or record not in self.fm or o.cancel_seq_column not in table.c \
-                or o.status_column not in table.c:
+        if (
+            table is None
+            or record not in self.fm
+            or o.cancel_seq_column not in table.c
+            or o.status_column not in table.c
+        ):
             return
         store = self.host.state
         wm = Watermark.load(store, f"{table.name}:cancel")
@@ -260,9 +279,15 @@ class HisDbAdapter(BaseAdapter):
         if wm.holes:
             cond = or_(cond, seq.in_(sorted(wm.holes)))
         with self.engine.connect() as conn:
-            rows = [dict(r._mapping) for r in conn.execute(
-                select(table).where(cond, table.c[o.status_column] == o.cancelled_value)
-                .order_by(seq).limit(o.batch))]
+            rows = [
+                dict(r._mapping)
+                for r in conn.execute(
+                    select(table)
+                    .where(cond, table.c[o.status_column] == o.cancelled_value)
+                    .order_by(seq)
+                    .limit(o.batch)
+                )
+            ]
         for row in rows:
             take(table, int(row[o.id_column]), row)
             now = self.host.now()
@@ -278,8 +303,9 @@ class HisDbAdapter(BaseAdapter):
                 try:
                     value = bytes(value).decode(self.opts.encoding)
                 except UnicodeDecodeError:
-                    raise sf.BadEncoding(column, f"bytes do not decode as {self.opts.encoding}"
-                                         ) from None
+                    raise sf.BadEncoding(
+                        column, f"bytes do not decode as {self.opts.encoding}"
+                    ) from None
             if isinstance(value, str):
                 value = value.strip()  # str.strip() also removes U+3000 padding
             out[column] = value
@@ -292,8 +318,16 @@ class HisDbAdapter(BaseAdapter):
                 return rule.column or field
         return field
 
-    def _guard(self, table: Table, rid: int, row: dict[str, Any], record: str,
-               work: Any, replay: bool = False, suffix: str = "") -> None:
+    def _guard(
+        self,
+        table: Table,
+        rid: int,
+        row: dict[str, Any],
+        record: str,
+        work: Any,
+        replay: bool = False,
+        suffix: str = "",
+    ) -> None:
         """Run ``work``; a permanent failure quarantines the row (naming column), then go on.
 
         ``replay``: the row comes from a quarantine replay; a failure is raised (its message
@@ -318,9 +352,14 @@ class HisDbAdapter(BaseAdapter):
             error = exc
         except UnknownReference as exc:
             error = exc
-            column = self.opts.visit_referral_column if record == vz.RECORD else \
-                self._column(record, {"referral": "to_member", hz.RECORD: "shared_results"}
-                             .get(record, "slip_no"))
+            column = (
+                self.opts.visit_referral_column
+                if record == vz.RECORD
+                else self._column(
+                    record,
+                    {"referral": "to_member", hz.RECORD: "shared_results"}.get(record, "slip_no"),
+                )
+            )
         except IllegalTransition as exc:  # e.g. a withdrawal after the patient arrived
             error = exc
             column = self.opts.status_column if record in (cx.RECORD, hz.CANCEL) else None
@@ -342,34 +381,51 @@ class HisDbAdapter(BaseAdapter):
             raise named(error, where, column)
         self.count(f"{record}_quarantined")
         marks = {TABLE_KEY: table.name, **({RECORD_KEY: record} if suffix else {})}
-        raw = orjson.dumps({**marks, **{str(k): v for k, v in row.items()}},
-                           default=_jsonable)
+        raw = orjson.dumps({**marks, **{str(k): v for k, v in row.items()}}, default=_jsonable)
         nid = row.get(self._column(record, "id_number")) if record in self.fm else None
-        self.host.quarantine(error, raw=raw, record=where, field=column,
-                             kind=f"his-db.{record}",
-                             national_id=str(nid) if nid not in (None, "") else None)
+        self.host.quarantine(
+            error,
+            raw=raw,
+            record=where,
+            field=column,
+            kind=f"his-db.{record}",
+            national_id=str(nid) if nid not in (None, "") else None,
+        )
         faults.point("his_db.after_quarantine")
 
     def _check_duplicate(self, table: Table, rid: int, record: str, slip_no: str) -> None:
         column = self._column(record, "slip_no")
         with self.engine.connect() as conn:
-            earlier = conn.execute(select(table.c[self.opts.id_column]).where(
-                table.c[column] == slip_no, table.c[self.opts.id_column] != rid)
-                .order_by(table.c[self.opts.id_column])).scalars().all()
+            earlier = (
+                conn.execute(
+                    select(table.c[self.opts.id_column])
+                    .where(table.c[column] == slip_no, table.c[self.opts.id_column] != rid)
+                    .order_by(table.c[self.opts.id_column])
+                )
+                .scalars()
+                .all()
+            )
         for other in earlier:
             if self.host.seen(f"{table.name}:{other}") is not None:
-                raise sf.DuplicateRecord(column, f"slip number already sent as "
-                                                 f"{table.name}#{other} (duplicate row)")
+                raise sf.DuplicateRecord(
+                    column, f"slip number already sent as {table.name}#{other} (duplicate row)"
+                )
 
-    def _take_referral(self, table: Table, rid: int, row: dict[str, Any],
-                       replay: bool = False) -> None:
+    def _take_referral(
+        self, table: Table, rid: int, row: dict[str, Any], replay: bool = False
+    ) -> None:
         def work(key: str, gaps: list[Any]) -> None:
             slip = _slip(ReferralSlip, self.fm["referral"].apply(self._decode(row)))
             self._check_duplicate(table, rid, "referral", slip.slip_no)
             bundle = sf.referral_bundle(
-                slip, self.host.maps, self.me, gaps=gaps,
-                national_id_system=self.host.plan.alliance.national_id_system)
+                slip,
+                self.host.maps,
+                self.me,
+                gaps=gaps,
+                national_id_system=self.host.plan.alliance.national_id_system,
+            )
             self.host.submit_referral(bundle, source_key=key)
+
         self._guard(table, rid, row, "referral", work, replay)
 
     def _thread(self, row: dict[str, Any], record: str, slip_no: str) -> str:
@@ -377,17 +433,23 @@ class HisDbAdapter(BaseAdapter):
         inbox = self.table("referral_in")
         if not thread and inbox is not None:
             with self.engine.connect() as conn:
-                thread = str(conn.execute(
-                    select(inbox.c[self.opts.thread_column])
-                    .where(inbox.c[self._column("referral", "slip_no")] == slip_no)
-                    .order_by(inbox.c[self.opts.id_column].desc())).scalar() or "")
+                thread = str(
+                    conn.execute(
+                        select(inbox.c[self.opts.thread_column])
+                        .where(inbox.c[self._column("referral", "slip_no")] == slip_no)
+                        .order_by(inbox.c[self.opts.id_column].desc())
+                    ).scalar()
+                    or ""
+                )
         if not thread or self.host.referral(thread) is None:
-            raise UnknownReference(f"no referral received here for this slip "
-                                   f"({self.opts.thread_column} / slip number)")
+            raise UnknownReference(
+                f"no referral received here for this slip ({self.opts.thread_column} / slip number)"
+            )
         return thread
 
-    def _take_acceptance(self, table: Table, rid: int, row: dict[str, Any],
-                         replay: bool = False) -> None:
+    def _take_acceptance(
+        self, table: Table, rid: int, row: dict[str, Any], replay: bool = False
+    ) -> None:
         def work(key: str, gaps: list[Any]) -> None:
             slip = _slip(AcceptanceSlip, self.fm["acceptance"].apply(self._decode(row)))
             thread = self._thread(row, "acceptance", slip.slip_no)
@@ -398,6 +460,7 @@ class HisDbAdapter(BaseAdapter):
                 if not slip.reason:
                     raise sf.MissingField("reason", "a rejection needs a reason")
                 self.host.referral_step(thread, "reject", source_key=key, reason=slip.reason)
+
         self._guard(table, rid, row, "acceptance", work, replay)
 
     def _lines(self, logical: str, record: str, rid: int) -> list[Any]:
@@ -405,9 +468,14 @@ class HisDbAdapter(BaseAdapter):
         if table is None:
             return []
         with self.engine.connect() as conn:
-            rows = [dict(r._mapping) for r in conn.execute(
-                select(table).where(table.c[self.opts.line_parent_column] == rid)
-                .order_by(table.c[self.opts.line_order_column]))]
+            rows = [
+                dict(r._mapping)
+                for r in conn.execute(
+                    select(table)
+                    .where(table.c[self.opts.line_parent_column] == rid)
+                    .order_by(table.c[self.opts.line_order_column])
+                )
+            ]
         out = []
         for line in rows:
             try:
@@ -419,8 +487,9 @@ class HisDbAdapter(BaseAdapter):
                 raise err from None
         return out
 
-    def _take_return(self, table: Table, rid: int, row: dict[str, Any],
-                     replay: bool = False) -> None:
+    def _take_return(
+        self, table: Table, rid: int, row: dict[str, Any], replay: bool = False
+    ) -> None:
         def work(key: str, gaps: list[Any]) -> None:
             slip = _slip(ReturnSlip, self.fm["return"].apply(self._decode(row)))
             slip.prescriptions = self._lines("return_out_drugs", "prescription", rid)
@@ -431,36 +500,46 @@ class HisDbAdapter(BaseAdapter):
             if ref["status"] == "accepted":  # the return shows the patient came
                 self.host.referral_step(thread, "arrive", source_key=f"{key}:arrive")
             task = self.host.resource("Task", ref["task_id"])
-            bundle = sf.return_bundle(slip, ref["sr_id"], task["for"]["reference"],
-                                      self.host.maps, me=self.me, gaps=gaps)
+            bundle = sf.return_bundle(
+                slip, ref["sr_id"], task["for"]["reference"], self.host.maps, me=self.me, gaps=gaps
+            )
             self.host.submit_referral(bundle, source_key=key)
+
         self._guard(table, rid, row, "return", work, replay)
 
-    def _take_cancel(self, table: Table, rid: int, row: dict[str, Any],
-                     replay: bool = False) -> None:
+    def _take_cancel(
+        self, table: Table, rid: int, row: dict[str, Any], replay: bool = False
+    ) -> None:
         def work(key: str, gaps: list[Any]) -> None:
             slip = _slip(cx.CancelSlip, self.fm[cx.RECORD].apply(self._decode(row)))
             thread = self.host.thread_for(f"{table.name}:{rid}")
             if thread is None:
-                raise UnknownReference(f"no referral was sent for this row (slip "
-                                       f"{slip.slip_no}), so there is none to withdraw")
+                raise UnknownReference(
+                    f"no referral was sent for this row (slip "
+                    f"{slip.slip_no}), so there is none to withdraw"
+                )
             self.host.referral_step(thread, "cancel", source_key=key, reason=slip.reason)
+
         self._guard(table, rid, row, cx.RECORD, work, replay, suffix=":cancel")
 
-    def _take_visit(self, table: Table, rid: int, row: dict[str, Any],
-                    replay: bool = False) -> None:
+    def _take_visit(
+        self, table: Table, rid: int, row: dict[str, Any], replay: bool = False
+    ) -> None:
         vz.take(self, table, rid, row, replay)
 
-    def _take_consult(self, table: Table, rid: int, row: dict[str, Any],
-                      replay: bool = False) -> None:
+    def _take_consult(
+        self, table: Table, rid: int, row: dict[str, Any], replay: bool = False
+    ) -> None:
         hz.take(self, table, rid, row, replay)
 
-    def _take_consult_resubmit(self, table: Table, rid: int, row: dict[str, Any],
-                               replay: bool = False) -> None:
+    def _take_consult_resubmit(
+        self, table: Table, rid: int, row: dict[str, Any], replay: bool = False
+    ) -> None:
         hz.take_resubmit(self, table, rid, row, replay)
 
-    def _take_consult_cancel(self, table: Table, rid: int, row: dict[str, Any],
-                             replay: bool = False) -> None:
+    def _take_consult_cancel(
+        self, table: Table, rid: int, row: dict[str, Any], replay: bool = False
+    ) -> None:
         hz.take_cancel(self, table, rid, row, replay)
 
     # -- quarantine replay --------------------------------------------------------------------
@@ -486,33 +565,42 @@ class HisDbAdapter(BaseAdapter):
                 logical, table = self._source_table(name, kept)
                 rid = int(kept[self.opts.id_column])
                 record = f"{table.name}#{rid}"
-                if self.host.seen(f"{table.name}:{rid}{':cancel' if withdrawal else ''}") \
-                        is not None:
+                if (
+                    self.host.seen(f"{table.name}:{rid}{':cancel' if withdrawal else ''}")
+                    is not None
+                ):
                     self.count("replayed")
                     return f"{record} was already taken"
                 with self.engine.connect() as conn:
-                    fresh = conn.execute(select(table).where(
-                        table.c[self.opts.id_column] == rid)).first()
+                    fresh = conn.execute(
+                        select(table).where(table.c[self.opts.id_column] == rid)
+                    ).first()
             except SQLAlchemyError as exc:
                 self.failed(f"vendor database: {type(exc).__name__}")
                 raise StoreError(f"vendor database unavailable ({type(exc).__name__})") from exc
             except (KeyError, TypeError, ValueError):
-                raise BadQuarantineItem(f"the held item has no usable {self.opts.id_column}"
-                                        ) from None
+                raise BadQuarantineItem(
+                    f"the held item has no usable {self.opts.id_column}"
+                ) from None
             if fresh is None and logical == "return_out" and not withdrawal:
                 # its drug and lab lines are separate rows, gone with it and not kept: a
                 # return slip without them would reach the GP incomplete
-                raise BadQuarantineItem(f"{record} is gone from the HIS and a return slip's "
-                                        "drug and lab lines are not kept: enter it again in "
-                                        "the HIS")
+                raise BadQuarantineItem(
+                    f"{record} is gone from the HIS and a return slip's "
+                    "drug and lab lines are not kept: enter it again in "
+                    "the HIS"
+                )
             row = dict(fresh._mapping) if fresh is not None else kept
-            take = {"referral_out": self._take_referral, "acceptance_out": self._take_acceptance,
-                    "return_out": self._take_return, "visit_out": self._take_visit,
-                    "consult_out": self._take_consult,
-                    "consult_resubmit_out": self._take_consult_resubmit}[logical]
+            take = {
+                "referral_out": self._take_referral,
+                "acceptance_out": self._take_acceptance,
+                "return_out": self._take_return,
+                "visit_out": self._take_visit,
+                "consult_out": self._take_consult,
+                "consult_resubmit_out": self._take_consult_resubmit,
+            }[logical]
             if withdrawal:
-                take = self._take_consult_cancel if logical == "consult_out" \
-                    else self._take_cancel
+                take = self._take_consult_cancel if logical == "consult_out" else self._take_cancel
             try:
                 take(table, rid, row, replay=True)
             except SQLAlchemyError as exc:
@@ -521,22 +609,33 @@ class HisDbAdapter(BaseAdapter):
             except HutongError as exc:
                 raise named(exc, record, None) from None
         self.count("replayed")
-        source = "row re-read from the HIS" if fresh is not None else \
-            "kept copy: the row is gone from the HIS"
+        source = (
+            "row re-read from the HIS"
+            if fresh is not None
+            else "kept copy: the row is gone from the HIS"
+        )
         return f"{record} taken ({source})"
 
     def _source_table(self, name: str | None, kept: dict[str, Any]) -> tuple[str, Table]:
         """The outbound table a held row came from: named in the item, or (items kept before
         the name was recorded) the one whose columns are exactly the row's."""
-        for logical in ("referral_out", "acceptance_out", "return_out", "visit_out",
-                        "consult_out", "consult_resubmit_out"):
+        for logical in (
+            "referral_out",
+            "acceptance_out",
+            "return_out",
+            "visit_out",
+            "consult_out",
+            "consult_resubmit_out",
+        ):
             table = self.table(logical)
             if table is None:
                 continue
             if table.name == name or (name is None and set(table.c.keys()) == set(kept)):
                 return logical, table
-        raise BadQuarantineItem(f"the held row's table {name or '(not recorded)'} is not an "
-                                "outbound table of this adapter")
+        raise BadQuarantineItem(
+            f"the held row's table {name or '(not recorded)'} is not an "
+            "outbound table of this adapter"
+        )
 
     # -- sink side ----------------------------------------------------------------------------
 
@@ -582,18 +681,30 @@ class HisDbAdapter(BaseAdapter):
         for column, value in values.items():
             if column not in table.c:
                 continue
-            out[column] = value.encode(self.opts.encoding) \
-                if isinstance(table.c[column].type, LargeBinary) else value
+            out[column] = (
+                value.encode(self.opts.encoding)
+                if isinstance(table.c[column].type, LargeBinary)
+                else value
+            )
         return out
 
     def _stamp(self, table: Table, item: Delivery) -> dict[str, Any]:
-        extra = {self.opts.packet_column: item.packet_id, self.opts.thread_column: item.thread,
-                 self.opts.received_at_column:
-                     self.host.now().astimezone(CHINA).strftime("%Y%m%d%H%M%S")}
+        extra = {
+            self.opts.packet_column: item.packet_id,
+            self.opts.thread_column: item.thread,
+            self.opts.received_at_column: self.host.now()
+            .astimezone(CHINA)
+            .strftime("%Y%m%d%H%M%S"),
+        }
         return {k: v for k, v in extra.items() if k in table.c}
 
-    def _insert_once(self, table: Table, item: Delivery, values: dict[str, Any],
-                     lines: list[tuple[Table, list[dict[str, Any]]]] | None = None) -> None:
+    def _insert_once(
+        self,
+        table: Table,
+        item: Delivery,
+        values: dict[str, Any],
+        lines: list[tuple[Table, list[dict[str, Any]]]] | None = None,
+    ) -> None:
         """One transaction; a packet already written (unique packet column) is left alone."""
         try:
             with self.engine.begin() as conn:
@@ -601,13 +712,22 @@ class HisDbAdapter(BaseAdapter):
                 parent = head.inserted_primary_key[0]
                 for line_table, rows in lines or []:
                     for n, line in enumerate(rows, 1):
-                        conn.execute(insert(line_table).values(
-                            **line, **{self.opts.line_parent_column: parent,
-                                       self.opts.line_order_column: n}))
+                        conn.execute(
+                            insert(line_table).values(
+                                **line,
+                                **{
+                                    self.opts.line_parent_column: parent,
+                                    self.opts.line_order_column: n,
+                                },
+                            )
+                        )
         except IntegrityError:
             with self.engine.connect() as conn:
-                there = conn.execute(select(table.c[self.opts.id_column]).where(
-                    table.c[self.opts.packet_column] == item.packet_id)).first()
+                there = conn.execute(
+                    select(table.c[self.opts.id_column]).where(
+                        table.c[self.opts.packet_column] == item.packet_id
+                    )
+                ).first()
             if there is None:
                 raise
             self.count("redelivered")
@@ -615,16 +735,22 @@ class HisDbAdapter(BaseAdapter):
     def _write_referral(self, item: Delivery, view: dict[str, Any], gaps: list[Any]) -> None:
         table = self._need("referral_in")
         ref = view["referral"]
-        task = next((r for r in view["resources"] if r["resourceType"] == "Task"
-                     and r["id"] == ref["task_id"]), None)
+        task = next(
+            (
+                r
+                for r in view["resources"]
+                if r["resourceType"] == "Task" and r["id"] == ref["task_id"]
+            ),
+            None,
+        )
         patient = None
         if task is not None:
             pid = task["for"]["reference"].split("/", 1)[1]
-            if not any(r["resourceType"] == "Patient" and r["id"] == pid
-                       for r in view["resources"]):
+            if not any(
+                r["resourceType"] == "Patient" and r["id"] == pid for r in view["resources"]
+            ):
                 patient = self.host.resource("Patient", pid)
-        slip = sf.referral_from_fhir(view, self.host.maps, patient=patient, me=self.me,
-                                     gaps=gaps)
+        slip = sf.referral_from_fhir(view, self.host.maps, patient=patient, me=self.me, gaps=gaps)
         self._insert_once(table, item, self._vendor_row(table, "referral", slip))
 
     def _write_cancel(self, item: Delivery, view: dict[str, Any]) -> bool:
@@ -638,8 +764,9 @@ class HisDbAdapter(BaseAdapter):
         values: dict[str, Any] = {}
         if cx.RECORD in self.fm:
             at = ref.get("updated_at")
-            values = self.fm[cx.RECORD].unapply({
-                "reason": ref.get("reason") or "", "cancelled_at": at.isoformat() if at else ""})
+            values = self.fm[cx.RECORD].unapply(
+                {"reason": ref.get("reason") or "", "cancelled_at": at.isoformat() if at else ""}
+            )
         values[o.status_column] = o.cancelled_value
         values[o.read_flag_column] = "0"  # unread: the doctor must see it
         values = {k: v for k, v in values.items() if k in table.c}
@@ -648,41 +775,56 @@ class HisDbAdapter(BaseAdapter):
             return False
         status, lsh = table.c[o.status_column], table.c[o.thread_column]
         with self.engine.begin() as conn:
-            n = conn.execute(update(table).where(
-                lsh == item.thread, or_(status.is_(None), status != o.cancelled_value))
-                .values(**values)).rowcount
-            there = n or conn.execute(select(table.c[o.id_column]).where(
-                lsh == item.thread)).first() is not None
+            n = conn.execute(
+                update(table)
+                .where(lsh == item.thread, or_(status.is_(None), status != o.cancelled_value))
+                .values(**values)
+            ).rowcount
+            there = (
+                n
+                or conn.execute(select(table.c[o.id_column]).where(lsh == item.thread)).first()
+                is not None
+            )
         if not there:
-            raise HutongError(f"no received referral row with {o.thread_column} of this "
-                              "thread to mark withdrawn")
+            raise HutongError(
+                f"no received referral row with {o.thread_column} of this thread to mark withdrawn"
+            )
         if not n:
             self.count("redelivered")
             return False
         return True
 
     def _slip_no(self, view: dict[str, Any]) -> str:
-        sr = next((r for r in view["resources"] if r["resourceType"] == "ServiceRequest"
-                   and r["id"] == view["referral"]["sr_id"]), {})
+        sr = next(
+            (
+                r
+                for r in view["resources"]
+                if r["resourceType"] == "ServiceRequest" and r["id"] == view["referral"]["sr_id"]
+            ),
+            {},
+        )
         return sf.slip_no_of(sr)
 
-    def _write_acceptance(self, item: Delivery, view: dict[str, Any], task: dict[str, Any],
-                          gaps: list[Any]) -> None:
+    def _write_acceptance(
+        self, item: Delivery, view: dict[str, Any], task: dict[str, Any], gaps: list[Any]
+    ) -> None:
         table = self._need("acceptance_in")
-        slip = sf.acceptance_from_task(task, self._slip_no(view), self.host.maps, me=self.me,
-                                       gaps=gaps)
+        slip = sf.acceptance_from_task(
+            task, self._slip_no(view), self.host.maps, me=self.me, gaps=gaps
+        )
         self._insert_once(table, item, self._vendor_row(table, "acceptance", slip))
 
     def _write_return(self, item: Delivery, view: dict[str, Any], gaps: list[Any]) -> None:
         table = self._need("return_in")
         slip = sf.return_from_fhir(view, self.host.maps, me=self.me, gaps=gaps)
         lines = []
-        for logical, record, items in (("return_in_drugs", "prescription", slip.prescriptions),
-                                       ("return_in_labs", "lab_result", slip.results)):
+        for logical, record, items in (
+            ("return_in_drugs", "prescription", slip.prescriptions),
+            ("return_in_labs", "lab_result", slip.results),
+        ):
             line_table = self.table(logical)
             if line_table is not None:
-                lines.append((line_table, [self._vendor_row(line_table, record, x)
-                                           for x in items]))
+                lines.append((line_table, [self._vendor_row(line_table, record, x) for x in items]))
         self._insert_once(table, item, self._vendor_row(table, "return", slip), lines)
 
     # -- lab results from other members -------------------------------------------------------
@@ -698,8 +840,7 @@ class HisDbAdapter(BaseAdapter):
         ("" if it has none here)."""
         if view is None:
             return ""
-        task = self.host.resource("Task", (view.get("referral") or view["consultation"])[
-            "task_id"])
+        task = self.host.resource("Task", (view.get("referral") or view["consultation"])["task_id"])
         patient = self.host.resource("Patient", task["for"]["reference"].split("/", 1)[1])
         return sf._mrn(patient, self.me)
 
@@ -715,15 +856,19 @@ class HisDbAdapter(BaseAdapter):
         write: Any
         if item.kind == "result.lab":
             self._result_maps(("lab_report", LabReport), ("lab_report_item", LabReportItem))
-            reports: list[Any] = reports_from_bundle(body, codes, slip_no=slip_no,
-                                                     sender=item.sender)
+            reports: list[Any] = reports_from_bundle(
+                body, codes, slip_no=slip_no, sender=item.sender
+            )
             write = self._write_reports
         else:
             self._result_maps(("imaging_report", ImagingReport))
-            reports = imaging_reports_from_bundle(with_local_studies(body, self.host), codes,
-                                                  slip_no=slip_no,
-                                                  sender=item.sender,
-                                                  patient_id=self._patient_id(view))
+            reports = imaging_reports_from_bundle(
+                with_local_studies(body, self.host),
+                codes,
+                slip_no=slip_no,
+                sender=item.sender,
+                patient_id=self._patient_id(view),
+            )
             write = self._write_imaging
         if not reports:
             self.count("ignored")
@@ -749,29 +894,43 @@ class HisDbAdapter(BaseAdapter):
             for report in reports:
                 parent = self._upsert_report(conn, head, "lab_report", report, item)
                 for n, result in enumerate(report.items, 1):
-                    row = {**self._vendor_row(lines, "lab_report_item", result),
-                           self.opts.result_parent_column: parent}
+                    row = {
+                        **self._vendor_row(lines, "lab_report_item", result),
+                        self.opts.result_parent_column: parent,
+                    }
                     there = conn.execute(select(lid).where(line_key == result.result_id)).scalar()
                     if there is None:
-                        conn.execute(insert(lines).values(**row, **{
-                            self.opts.line_order_column: n}))
+                        conn.execute(
+                            insert(lines).values(**row, **{self.opts.line_order_column: n})
+                        )
                     else:
                         conn.execute(update(lines).where(lid == there).values(**row))
         return True
 
     def _packet_written(self, conn: Any, head: Table, item: Delivery) -> bool:
-        return conn.execute(select(head.c[self.opts.id_column]).where(
-            head.c[self.opts.packet_column] == item.packet_id)).first() is not None
+        return (
+            conn.execute(
+                select(head.c[self.opts.id_column]).where(
+                    head.c[self.opts.packet_column] == item.packet_id
+                )
+            ).first()
+            is not None
+        )
 
-    def _upsert_report(self, conn: Any, head: Table, record: str, report: Any,
-                       item: Delivery) -> Any:
+    def _upsert_report(
+        self, conn: Any, head: Table, record: str, report: Any, item: Delivery
+    ) -> Any:
         """Insert a report row, or update the row of the same report id (a correction, or more
         results): unread again and, if the table keeps one, its version + 1. Returns the id."""
-        hid, flag, version = head.c[self.opts.id_column], self.opts.read_flag_column, \
-            self.opts.version_column
+        hid, flag, version = (
+            head.c[self.opts.id_column],
+            self.opts.read_flag_column,
+            self.opts.version_column,
+        )
         values = self._vendor_row(head, record, report)
-        values.update({self.opts.packet_column: item.packet_id,
-                       self.opts.thread_column: item.thread})
+        values.update(
+            {self.opts.packet_column: item.packet_id, self.opts.thread_column: item.thread}
+        )
         if flag in head.c:
             values[flag] = "0"  # unread (again, after a correction)
         values = {k: v for k, v in values.items() if k in head.c}
@@ -780,8 +939,9 @@ class HisDbAdapter(BaseAdapter):
         if parent is None:
             if version in head.c:
                 values[version] = 1
-            return conn.execute(insert(head).values(
-                {**values, **self._stamp(head, item)})).inserted_primary_key[0]
+            return conn.execute(
+                insert(head).values({**values, **self._stamp(head, item)})
+            ).inserted_primary_key[0]
         if version in head.c:
             values[version] = head.c[version] + 1
         conn.execute(update(head).where(hid == parent).values(**values))
@@ -802,4 +962,3 @@ class HisDbAdapter(BaseAdapter):
         if table is None:
             raise HutongError(f"vendor table {getattr(self.opts.tables, logical)} is missing")
         return table
-

@@ -51,12 +51,24 @@ RESUBMIT = "consult_resubmit"
 CANCEL = "consult_cancel"
 STATUS = "consult_status"
 REPORT = "consult_report"
-RECORDS: dict[str, type] = {RECORD: cs.ConsultSlip, RESUBMIT: cs.ResubmitSlip,
-                            STATUS: cs.ConsultStatus, REPORT: cs.ConsultReport,
-                            CANCEL: cs.ConsultCancel}
+RECORDS: dict[str, type] = {
+    RECORD: cs.ConsultSlip,
+    RESUBMIT: cs.ResubmitSlip,
+    STATUS: cs.ConsultStatus,
+    REPORT: cs.ConsultReport,
+    CANCEL: cs.ConsultCancel,
+}
 #: the inviting side's events the HIS is told about (the centre's steps)
-SHOWN = ("received", "return", "schedule", "start", "report", "release", "cancelled",
-         "cancel-refused")
+SHOWN = (
+    "received",
+    "return",
+    "schedule",
+    "start",
+    "report",
+    "release",
+    "cancelled",
+    "cancel-refused",
+)
 
 
 def has_map(fields_folder: Path, record: str = RECORD) -> bool:
@@ -69,37 +81,50 @@ def slip_of(a: HisDbAdapter, record: str, row: dict[str, Any]) -> Any:
     return _slip(RECORDS[record], a.fm[record].apply(a._decode(row)))
 
 
-def take(a: HisDbAdapter, table: Table, rid: int, row: dict[str, Any],
-         replay: bool = False) -> None:
+def take(
+    a: HisDbAdapter, table: Table, rid: int, row: dict[str, Any], replay: bool = False
+) -> None:
     def work(key: str, gaps: list[Any]) -> None:
         slip = slip_of(a, RECORD, row)
         a._check_duplicate(table, rid, RECORD, slip.slip_no)
         study = None
         if slip.study_uid.strip():  # the PACS adapter's record of it, if this node holds it
-            study = a.host.find("ImagingStudy", identifier=(
-                cs.DICOM_UID, f"urn:oid:{slip.study_uid.strip()}"))
+            study = a.host.find(
+                "ImagingStudy", identifier=(cs.DICOM_UID, f"urn:oid:{slip.study_uid.strip()}")
+            )
         for rid_ in cs._split(slip.shared_results):
             if a.host.resource_info("DiagnosticReport", rid_) is None:
                 raise UnknownReference(f"shared report {rid_} is not held by this node")
         bundle = cs.consult_bundle(
-            slip, a.host.maps, a.me, gaps=gaps, study=study,
-            national_id_system=a.host.plan.alliance.national_id_system)
+            slip,
+            a.host.maps,
+            a.me,
+            gaps=gaps,
+            study=study,
+            national_id_system=a.host.plan.alliance.national_id_system,
+        )
         a.host.submit_consultation(bundle, source_key=key)
+
     a._guard(table, rid, row, RECORD, work, replay)
 
 
-def take_cancel(a: HisDbAdapter, table: Table, rid: int, row: dict[str, Any],
-                replay: bool = False) -> None:
+def take_cancel(
+    a: HisDbAdapter, table: Table, rid: int, row: dict[str, Any], replay: bool = False
+) -> None:
     """A request row the HIS marked withdrawn (``ZT`` 9, ``CXYY`` the reason, polled by its
     ``CXXH``): the inviter's ``cancel`` step, which the centre answers with ``cancelled`` (or
     ``cancel-refused`` once the meeting has begun): both come back as status rows."""
+
     def work(key: str, gaps: list[Any]) -> None:
         slip = slip_of(a, CANCEL, row)
         thread = a.host.thread_for(f"{table.name}:{rid}")
         if thread is None:
-            raise UnknownReference(f"no consultation was sent for this row ({slip.slip_no}), "
-                                   "so there is none to withdraw")
+            raise UnknownReference(
+                f"no consultation was sent for this row ({slip.slip_no}), "
+                "so there is none to withdraw"
+            )
         a.host.consultation_step(thread, "cancel", source_key=key, reason=slip.reason)
+
     a._guard(table, rid, row, CANCEL, work, replay, suffix=":cancel")
 
 
@@ -108,18 +133,27 @@ def _thread(a: HisDbAdapter, row: dict[str, Any], slip_no: str) -> str:
     requests = a.table("consult_out")
     if not thread and requests is not None:
         with a.engine.connect() as conn:
-            ids = conn.execute(select(requests.c[a.opts.id_column]).where(
-                requests.c[a._column(RECORD, "slip_no")] == slip_no)
-                .order_by(requests.c[a.opts.id_column].desc())).scalars().all()
+            ids = (
+                conn.execute(
+                    select(requests.c[a.opts.id_column])
+                    .where(requests.c[a._column(RECORD, "slip_no")] == slip_no)
+                    .order_by(requests.c[a.opts.id_column].desc())
+                )
+                .scalars()
+                .all()
+            )
         thread = next((t for i in ids if (t := a.host.thread_for(f"{requests.name}:{i}"))), "")
     if not thread or a.host.consultation(thread) is None:
-        raise UnknownReference(f"no consultation was sent for this record "
-                               f"({a.opts.thread_column} / consultation number)")
+        raise UnknownReference(
+            f"no consultation was sent for this record "
+            f"({a.opts.thread_column} / consultation number)"
+        )
     return thread
 
 
-def take_resubmit(a: HisDbAdapter, table: Table, rid: int, row: dict[str, Any],
-                  replay: bool = False) -> None:
+def take_resubmit(
+    a: HisDbAdapter, table: Table, rid: int, row: dict[str, Any], replay: bool = False
+) -> None:
     def work(key: str, gaps: list[Any]) -> None:
         slip = slip_of(a, RESUBMIT, row)
         thread = _thread(a, row, slip.slip_no)
@@ -127,6 +161,7 @@ def take_resubmit(a: HisDbAdapter, table: Table, rid: int, row: dict[str, Any],
         task = a.host.resource("Task", view["consultation"]["task_id"])
         bundle = cs.resubmit_bundle(slip, task["for"]["reference"])
         a.host.consultation_step(thread, "resubmit", source_key=key, bundle=bundle)
+
     a._guard(table, rid, row, RESUBMIT, work, replay)
 
 
@@ -138,8 +173,10 @@ def on_consult(a: HisDbAdapter, ev: ConsultEvent) -> bool:
     gaps: list[Any] = []
     codes = sf.Codes(a.host.maps, a.me, gaps)
     status = a._need("consult_status_in")
-    values = {**a._vendor_row(status, STATUS, cs.status_of(ev.event, ev.view, ev.task)),
-              **a._stamp(status, ev.packet)}
+    values = {
+        **a._vendor_row(status, STATUS, cs.status_of(ev.event, ev.view, ev.task)),
+        **a._stamp(status, ev.packet),
+    }
     if a.opts.read_flag_column in status.c:
         values[a.opts.read_flag_column] = "0"  # unread: the doctor must see it
     reports: list[cs.ConsultReport] = []
@@ -148,9 +185,12 @@ def on_consult(a: HisDbAdapter, ev: ConsultEvent) -> bool:
         reports = cs.reports_of(ev.view, codes, a.host)
         if ev.view["consultation"]["kind"] == "imaging-reading":
             imaging = imaging_reports_from_bundle(
-                with_local_studies(cs.imaging_bundle(ev.view), a.host), codes,
-                slip_no=cs.slip_no_of(cs.request_of(ev.view)), sender=ev.packet.sender,
-                patient_id=a._patient_id(ev.view))
+                with_local_studies(cs.imaging_bundle(ev.view), a.host),
+                codes,
+                slip_no=cs.slip_no_of(cs.request_of(ev.view)),
+                sender=ev.packet.sender,
+                patient_id=a._patient_id(ev.view),
+            )
     try:
         with a.engine.begin() as conn:
             conn.execute(insert(status).values(**values))
@@ -172,14 +212,13 @@ def on_consult(a: HisDbAdapter, ev: ConsultEvent) -> bool:
     return True
 
 
-def _write_reports(a: HisDbAdapter, conn: Any, item: Delivery,
-                   reports: list[cs.ConsultReport]) -> None:
+def _write_reports(
+    a: HisDbAdapter, conn: Any, item: Delivery, reports: list[cs.ConsultReport]
+) -> None:
     head = a._need("consult_report_in")
     pdf = a.opts.report_pdf_column
     for report in reports:
         a._upsert_report(conn, head, REPORT, report, item)
         if report.pdf and pdf in head.c:
             key = head.c[a._column(REPORT, "report_id")]
-            conn.execute(head.update().where(key == report.report_id).values(
-                {pdf: report.pdf}))
-
+            conn.execute(head.update().where(key == report.report_id).values({pdf: report.pdf}))

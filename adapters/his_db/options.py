@@ -27,15 +27,24 @@ if TYPE_CHECKING:
     from bridge.config.models import AdapterSettings
 
 TABLES = {
-    "referral_out": "ZZ_SQD", "acceptance_out": "ZZ_JZD", "return_out": "ZZ_ZHD",
-    "return_out_drugs": "ZZ_ZHD_YP", "return_out_labs": "ZZ_ZHD_JY",
-    "referral_in": "ZZ_JS_SQD", "acceptance_in": "ZZ_JS_JZD", "return_in": "ZZ_JS_ZHD",
-    "return_in_drugs": "ZZ_JS_ZHD_YP", "return_in_labs": "ZZ_JS_ZHD_JY",
-    "results_in": "ZZ_JS_JYBG", "results_in_items": "ZZ_JS_JYBG_MX",
+    "referral_out": "ZZ_SQD",
+    "acceptance_out": "ZZ_JZD",
+    "return_out": "ZZ_ZHD",
+    "return_out_drugs": "ZZ_ZHD_YP",
+    "return_out_labs": "ZZ_ZHD_JY",
+    "referral_in": "ZZ_JS_SQD",
+    "acceptance_in": "ZZ_JS_JZD",
+    "return_in": "ZZ_JS_ZHD",
+    "return_in_drugs": "ZZ_JS_ZHD_YP",
+    "return_in_labs": "ZZ_JS_ZHD_JY",
+    "results_in": "ZZ_JS_JYBG",
+    "results_in_items": "ZZ_JS_JYBG_MX",
     "imaging_in": "ZZ_JS_JCBG",
     "visit_out": "ZZ_JZJL",
-    "consult_out": "ZZ_HZSQ", "consult_resubmit_out": "ZZ_HZBC",
-    "consult_status_in": "ZZ_JS_HZZT", "consult_report_in": "ZZ_JS_HZBG",
+    "consult_out": "ZZ_HZSQ",
+    "consult_resubmit_out": "ZZ_HZBC",
+    "consult_status_in": "ZZ_JS_HZZT",
+    "consult_report_in": "ZZ_JS_HZBG",
 }
 
 
@@ -124,8 +133,9 @@ def resolve(opts: Options, settings: AdapterSettings) -> tuple[Resolved | None, 
     elif settings.mappings is not None:
         fields = Path(settings.mappings)
     else:
-        problems.append(("fields", ("no field map folder (set 'fields' or the adapter's "
-                                   "'mappings')")))
+        problems.append(
+            ("fields", ("no field map folder (set 'fields' or the adapter's 'mappings')"))
+        )
     if fields is not None and not (fields / "fields").is_dir():
         problems.append(("fields", f"{fields} has no fields/ folder"))
     if fields is not None and not problems:

@@ -33,8 +33,10 @@ def kept_row(raw: bytes) -> tuple[str | None, dict[str, Any]]:
         raise BadQuarantineItem("the held item is not a kept vendor row")
     table = data.pop(TABLE_KEY, None)
     data.pop(RECORD_KEY, None)
-    row = {k: bytes.fromhex(v["bytes_hex"])
-           if isinstance(v, dict) and set(v) == {"bytes_hex"} else v for k, v in data.items()}
+    row = {
+        k: bytes.fromhex(v["bytes_hex"]) if isinstance(v, dict) and set(v) == {"bytes_hex"} else v
+        for k, v in data.items()
+    }
     return (str(table) if table else None), row
 
 
@@ -50,8 +52,9 @@ def kept_record(raw: bytes) -> str | None:
 
 def named(error: HutongError, record: str | None, field: str | None) -> HutongError:
     """The error's message prefixed with record and field, as ``host.quarantine`` words it."""
-    where = " ".join(p for p in (f"record {record}" if record else "",
-                                 f"field {field}" if field else "") if p)
+    where = " ".join(
+        p for p in (f"record {record}" if record else "", f"field {field}" if field else "") if p
+    )
     if where and where not in error.message:
         error.message = f"{where}: {error.message}"
     return error

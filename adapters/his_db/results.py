@@ -33,8 +33,15 @@ from adapters.imaging import (  # imaging reports: shared by every HIS style
 )
 from adapters.slips_fhir import Codes
 
-__all__ = ["NON_IMAGE_MODALITIES", "ImagingReport", "LabReport", "LabReportItem",
-           "imaging_reports_from_bundle", "reports_from_bundle", "value_text"]
+__all__ = [
+    "NON_IMAGE_MODALITIES",
+    "ImagingReport",
+    "LabReport",
+    "LabReportItem",
+    "imaging_reports_from_bundle",
+    "reports_from_bundle",
+    "value_text",
+]
 
 Resource = dict[str, Any]
 
@@ -79,57 +86,90 @@ def value_text(obs: Resource) -> tuple[str, str]:
     """(value, unit) of an Observation as the lab printed them."""
     if "valueQuantity" in obs:
         q = obs["valueQuantity"]
-        return f"{q.get('comparator', '')}{_num(q.get('value'))}", str(q.get("unit") or
-                                                                      q.get("code") or "")
+        return f"{q.get('comparator', '')}{_num(q.get('value'))}", str(
+            q.get("unit") or q.get("code") or ""
+        )
     if "valueString" in obs:
         return str(obs["valueString"]), ""
     if "valueCodeableConcept" in obs:
         cc = obs["valueCodeableConcept"]
-        return str(cc.get("text") or next((c.get("display") or c.get("code")
-                                           for c in cc.get("coding") or []), "")), ""
+        return str(
+            cc.get("text")
+            or next((c.get("display") or c.get("code") for c in cc.get("coding") or []), "")
+        ), ""
     if "valueRatio" in obs:
         r = obs["valueRatio"]
-        return (f"{_num(r.get('numerator', {}).get('value'))}:"
-                f"{_num(r.get('denominator', {}).get('value'))}"), ""
+        return (
+            f"{_num(r.get('numerator', {}).get('value'))}:"
+            f"{_num(r.get('denominator', {}).get('value'))}"
+        ), ""
     if "valueRange" in obs:
         low, high = obs["valueRange"].get("low", {}), obs["valueRange"].get("high", {})
         return f"{_num(low.get('value'))}-{_num(high.get('value'))}", str(
-            low.get("unit") or high.get("unit") or "")
+            low.get("unit") or high.get("unit") or ""
+        )
     for key in ("valueDateTime", "valueTime", "valueInteger", "valueBoolean"):
         if key in obs:
             return str(obs[key]), ""
     return "", ""
 
 
-def reports_from_bundle(bundle: Resource, codes: Codes, *, slip_no: str,
-                        sender: str) -> list[LabReport]:
+def reports_from_bundle(
+    bundle: Resource, codes: Codes, *, slip_no: str, sender: str
+) -> list[LabReport]:
     """The lab reports of a ``result.lab`` Bundle, lines in the order the report lists them."""
     resources = [e.get("resource") or {} for e in bundle.get("entry") or []]
     by_ref = {f"{r.get('resourceType')}/{r.get('id')}": r for r in resources if r.get("id")}
     out = []
     for dr in (r for r in resources if r.get("resourceType") == "DiagnosticReport"):
         code, name = codes.local("lab", dr.get("code"))
-        lab = next((by_ref.get(p.get("reference", ""), {}).get("name") or p.get("display")
-                    for p in dr.get("performer") or []), "") or ""
+        lab = (
+            next(
+                (
+                    by_ref.get(p.get("reference", ""), {}).get("name") or p.get("display")
+                    for p in dr.get("performer") or []
+                ),
+                "",
+            )
+            or ""
+        )
         report = LabReport(
-            report_id=str(dr["id"]), slip_no=slip_no, from_member=sender, report_code=code,
-            report_name=name, status=str(dr.get("status", "")),
+            report_id=str(dr["id"]),
+            slip_no=slip_no,
+            from_member=sender,
+            report_code=code,
+            report_name=name,
+            status=str(dr.get("status", "")),
             collected_at=str(dr.get("effectiveDateTime", "")),
-            issued_at=str(dr.get("issued", "")), performer=str(lab),
-            conclusion=str(dr.get("conclusion", "")))
+            issued_at=str(dr.get("issued", "")),
+            performer=str(lab),
+            conclusion=str(dr.get("conclusion", "")),
+        )
         for ref in dr.get("result") or []:
             obs = by_ref.get(ref.get("reference", ""))
             if obs is None:
                 continue
             item_code, item_name = codes.local("lab", obs.get("code"))
             value, unit = value_text(obs)
-            report.items.append(LabReportItem(
-                result_id=str(obs["id"]), item_code=item_code, item_name=item_name,
-                value=value, unit=unit,
-                reference_range=str(((obs.get("referenceRange") or [{}])[0]).get("text", "")),
-                flag=next((str(c.get("code", "")) for i in obs.get("interpretation") or []
-                           for c in i.get("coding") or []), ""),
-                status=str(obs.get("status", "")),
-                measured_at=str(obs.get("effectiveDateTime", ""))))
+            report.items.append(
+                LabReportItem(
+                    result_id=str(obs["id"]),
+                    item_code=item_code,
+                    item_name=item_name,
+                    value=value,
+                    unit=unit,
+                    reference_range=str(((obs.get("referenceRange") or [{}])[0]).get("text", "")),
+                    flag=next(
+                        (
+                            str(c.get("code", ""))
+                            for i in obs.get("interpretation") or []
+                            for c in i.get("coding") or []
+                        ),
+                        "",
+                    ),
+                    status=str(obs.get("status", "")),
+                    measured_at=str(obs.get("effectiveDateTime", "")),
+                )
+            )
         out.append(report)
     return out

@@ -36,8 +36,9 @@ def has_map(fields_folder: Path) -> bool:
     return (Path(fields_folder) / "fields" / f"{RECORD}.csv").is_file()
 
 
-def take(adapter: HisDbAdapter, table: Table, rid: int, row: dict[str, Any],
-         replay: bool = False) -> None:
+def take(
+    adapter: HisDbAdapter, table: Table, rid: int, row: dict[str, Any], replay: bool = False
+) -> None:
     """One visit row into the node (or quarantined naming its column), exactly once."""
     from adapters.his_db.adapter import _slip
 
@@ -48,12 +49,19 @@ def take(adapter: HisDbAdapter, table: Table, rid: int, row: dict[str, Any],
         column = adapter.opts.visit_referral_column
         if column:
             if column not in table.c:
-                raise sf.MissingField(column, f"the visit table has no column {column} "
-                                              "(option visit_referral_column)")
+                raise sf.MissingField(
+                    column, f"the visit table has no column {column} (option visit_referral_column)"
+                )
             v.referral_no = str(values.get(column) or "").strip()
             if v.referral_no:
                 thread = adapter._thread({}, RECORD, v.referral_no)
-        visits.record(adapter.host, v, source_key=key, referral_thread=thread, kind=KIND,
-                      codes=sf.Codes(adapter.host.maps, adapter.me, gaps))
+        visits.record(
+            adapter.host,
+            v,
+            source_key=key,
+            referral_thread=thread,
+            kind=KIND,
+            codes=sf.Codes(adapter.host.maps, adapter.me, gaps),
+        )
 
     adapter._guard(table, rid, row, RECORD, work, replay)

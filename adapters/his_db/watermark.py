@@ -46,8 +46,11 @@ class Watermark:
         return cls(key, int(data["high"]), {int(k): v for k, v in data["holes"].items()})
 
     def save(self, kv: Any, at: datetime) -> None:
-        kv.put("watermark", self.key, {"high": self.high,
-                                       "holes": {str(k): v for k, v in self.holes.items()}})
+        kv.put(
+            "watermark",
+            self.key,
+            {"high": self.high, "holes": {str(k): v for k, v in self.holes.items()}},
+        )
 
     def taken(self, row_id: int, at: datetime) -> None:
         """Row ``row_id`` has been taken (sent or quarantined): move up, note skipped ids."""

@@ -19,7 +19,11 @@ from adapters.his_hl7.adapter import HisHl7Adapter, Options
 from adapters.hl7v2.mllp import split_addr
 from bridge.local.contract import AdapterType
 
-create = AdapterType(name="his-hl7", options=Options, build=HisHl7Adapter,
-                     listens=lambda o: [split_addr(o.listen)],
-                     check=lambda o, settings: tls_problems(o.tls, settings),
-                     example={"listen": "127.0.0.1:0", "his": "127.0.0.1:9"})
+create = AdapterType(
+    name="his-hl7",
+    options=Options,
+    build=HisHl7Adapter,
+    listens=lambda o: [split_addr(o.listen)],
+    check=lambda o, settings: tls_problems(o.tls, settings),
+    example={"listen": "127.0.0.1:0", "his": "127.0.0.1:9"},
+)

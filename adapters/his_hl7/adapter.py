@@ -128,8 +128,9 @@ class HisHl7Adapter(BaseAdapter):
         self.charset = charset.lookup(o.charset)  # what we write
         self.his_host, self.his_port = split_addr(o.his)
         sign = -1 if o.utc_offset[0] == "-" else 1
-        self.utc_offset = sign * timedelta(hours=int(o.utc_offset[1:3]),
-                                           minutes=int(o.utc_offset[4:6]))
+        self.utc_offset = sign * timedelta(
+            hours=int(o.utc_offset[1:3]), minutes=int(o.utc_offset[4:6])
+        )
         self.timeouts = Timeouts(o.connect_timeout_s, o.ack_timeout_s, o.idle_timeout_s)
         self.state: State = None  # type: ignore[assignment]  # opened in start()
         self.listener: MllpListener = None  # type: ignore[assignment]
@@ -139,18 +140,33 @@ class HisHl7Adapter(BaseAdapter):
     def decode(self, raw: bytes) -> tuple[str, charset.Charset]:
         """(text, charset) of a message from the HIS: MSH-18, else ``default_charset``;
         ``charset_override`` wins (the kit's table and checks; refusals as Hl7Rejected)."""
-        return v2.kit_errors(charset.decode)(raw, self.opts.default_charset,
-                                             self.opts.charset_override)
+        return v2.kit_errors(charset.decode)(
+            raw, self.opts.default_charset, self.opts.charset_override
+        )
 
-    def answer(self, code: str, control: str, cs: charset.Charset | None,
-               msg: Message | None, error: Hl7DataError | None = None,
-               raw: bytes = b"") -> bytes:
+    def answer(
+        self,
+        code: str,
+        control: str,
+        cs: charset.Charset | None,
+        msg: Message | None,
+        error: Hl7DataError | None = None,
+        raw: bytes = b"",
+    ) -> bytes:
         """The kit's ACK (MSA/ERR by the message's version), in the charset it was read in;
         from the parsed message, else from what can be sniffed of the raw bytes."""
         to = ack.Answering.from_message(msg) if msg is not None else ack.Answering.from_raw(raw)
-        return ack.encode(ack.build_ack(replace(to, control_id=control), code,
-                                        at=self.host.now(), error=error, app="HUTONG",
-                                        facility=self.facility), cs)
+        return ack.encode(
+            ack.build_ack(
+                replace(to, control_id=control),
+                code,
+                at=self.host.now(),
+                error=error,
+                app="HUTONG",
+                facility=self.facility,
+            ),
+            cs,
+        )
 
     def frame_fault(self, fault: Fault) -> bytes | None:
         """An MLLP frame not handled (oversize, truncated, too slow, no <VT>): its bounded
@@ -160,8 +176,9 @@ class HisHl7Adapter(BaseAdapter):
         record = ack.Answering.from_raw(head).control_id.strip() or "?"
         nak = self.answer("AR", record, None, None, exc, raw=head)
         try:
-            qid = self.host.quarantine(exc, raw=fault.prefix, record=f"MSH-10 {record}",
-                                       field=exc.field, kind="hl7")
+            qid = self.host.quarantine(
+                exc, raw=fault.prefix, record=f"MSH-10 {record}", field=exc.field, kind="hl7"
+            )
             self.failed(f"{exc.code} MLLP {fault.kind} (quarantine {qid})")
         except HutongError as store_exc:
             log.error("his-hl7 %s: could not quarantine (%s)", self.name, store_exc.code)
@@ -171,26 +188,42 @@ class HisHl7Adapter(BaseAdapter):
     def over_rate(self, raw: bytes) -> bytes:
         """Over the listener's rate limit: AE, not quarantined (the HIS keeps it, resends)."""
         self.count("rate-limited")
-        return self.answer("AE", ack.Answering.from_raw(raw).control_id or "?", None, None,
-                           Hl7DataError("rate limit exceeded on this channel; resend later",
-                                        hl7_error="207"), raw=raw)
+        return self.answer(
+            "AE",
+            ack.Answering.from_raw(raw).control_id or "?",
+            None,
+            None,
+            Hl7DataError("rate limit exceeded on this channel; resend later", hl7_error="207"),
+            raw=raw,
+        )
 
     def header(self) -> Header:
-        return Header("HUTONG", self.facility, self.opts.his_application, self.opts.his_facility,
-                      self.charset.name)
+        return Header(
+            "HUTONG",
+            self.facility,
+            self.opts.his_application,
+            self.opts.his_facility,
+            self.charset.name,
+        )
 
     def start(self) -> None:
         self.state = State(self.host.state)
         moved = self.state.take_file(self.host.data_dir / "his_hl7.sqlite")
         if moved:
-            log.info("his-hl7 %s: %d rows of its old state file moved into the node's "
-                     "database", self.name, moved)
+            log.info(
+                "his-hl7 %s: %d rows of its old state file moved into the node's database",
+                self.name,
+                moved,
+            )
         self.inbound = Inbound(self)
         self.outbound = Outbound(self)
         self.listener = open_listener(
-            self.host, split_addr(self.opts.listen), self.opts,
+            self.host,
+            split_addr(self.opts.listen),
+            self.opts,
             Handlers(self.inbound.handle, self.frame_fault, self.over_rate),
-            name=f"his-hl7:{self.name}")
+            name=f"his-hl7:{self.name}",
+        )
         self.listener.start()
 
     def _out(self) -> Outbound:

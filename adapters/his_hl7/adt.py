@@ -41,16 +41,26 @@ from bridge.local.encounters import CLASS_FROM_V2, VisitEvent
 
 #: ADT trigger -> visit event (None: the Patient only)
 EVENT_KIND: dict[str, str | None] = {
-    "A01": "admit", "A06": "admit", "A04": "register", "A05": "preadmit", "A14": "preadmit",
-    "A02": "transfer", "A03": "discharge", "A07": "update", "A08": "update",
-    "A11": "cancel-admit", "A12": "cancel-transfer", "A13": "cancel-discharge",
-    "A28": None, "A31": None}
+    "A01": "admit",
+    "A06": "admit",
+    "A04": "register",
+    "A05": "preadmit",
+    "A14": "preadmit",
+    "A02": "transfer",
+    "A03": "discharge",
+    "A07": "update",
+    "A08": "update",
+    "A11": "cancel-admit",
+    "A12": "cancel-transfer",
+    "A13": "cancel-discharge",
+    "A28": None,
+    "A31": None,
+}
 #: events that refer to a visit already known (no visit number: the patient's one open visit)
 EXISTING = ("transfer", "discharge", "cancel-admit", "cancel-transfer", "cancel-discharge")
 CANCELS = ("cancel-admit", "cancel-transfer", "cancel-discharge")
 #: v2 table 0001 -> FHIR administrative gender
-GENDER = {"M": "male", "F": "female", "O": "other", "U": "unknown", "A": "other",
-          "N": "unknown"}
+GENDER = {"M": "male", "F": "female", "O": "other", "U": "unknown", "A": "other", "N": "unknown"}
 MRN_TYPES = ("MR", "PI", "PT", "MRN")
 SERVICE_SYSTEM = "http://terminology.hl7.org/CodeSystem/v2-0069"
 FIELD = re.compile(r"^([A-Z][A-Z0-9]{2})-(\d{1,3})(?:\.(\d{1,2}))?$")
@@ -86,25 +96,42 @@ def _pid_identifiers(msg: Message, pid: Any) -> tuple[str, str]:
     typed = {k: v for v, k in reversed(reps)}
     mrs = {v for v, k in reps if k == "MR"}
     if len(mrs) > 1:
-        raise Hl7DataError("PID-3 holds two different MR identifiers", field="PID-3",
-                           hl7_error="205")
-    mrn = next((typed[k] for k in MRN_TYPES if k in typed), "") \
-        or next((v for v, k in reps if not k), "")
+        raise Hl7DataError(
+            "PID-3 holds two different MR identifiers", field="PID-3", hl7_error="205"
+        )
+    mrn = next((typed[k] for k in MRN_TYPES if k in typed), "") or next(
+        (v for v, k in reps if not k), ""
+    )
     if not mrn:
-        raise Hl7DataError("no patient record number (PID-3 with type MR, PI or PT, or "
-                           "without a type)", field="PID-3", hl7_error="101")
+        raise Hl7DataError(
+            "no patient record number (PID-3 with type MR, PI or PT, or without a type)",
+            field="PID-3",
+            hl7_error="101",
+        )
     return mrn, national
 
 
-def read(msg: Message, event: str, offset: timedelta, *, member: str,
-         national_id_system: str, referral_field: str = "", sent_at: str = "") -> Adt:
+def read(
+    msg: Message,
+    event: str,
+    offset: timedelta,
+    *,
+    member: str,
+    national_id_system: str,
+    referral_field: str = "",
+    sent_at: str = "",
+) -> Adt:
     """Read one ADT message; bad or missing required data raises naming segment and field."""
     kind = EVENT_KIND[event]
     pid = v2.one(msg, "PID")
     mrn, national = _pid_identifiers(msg, pid)
-    idents: list[dict[str, Any]] = [{
-        "type": {"coding": [{"system": encounters.V2_0203, "code": "MR"}]},
-        "system": f"urn:hutong:mrn:{member}", "value": mrn}]
+    idents: list[dict[str, Any]] = [
+        {
+            "type": {"coding": [{"system": encounters.V2_0203, "code": "MR"}]},
+            "system": f"urn:hutong:mrn:{member}",
+            "value": mrn,
+        }
+    ]
     if national:
         idents.insert(0, {"system": national_id_system, "value": national.upper()})
     patient: dict[str, Any] = {"resourceType": "Patient", "identifier": idents}
@@ -113,8 +140,9 @@ def read(msg: Message, event: str, offset: timedelta, *, member: str,
         index["id_number"] = national.upper()
     family, given = _get(msg, pid, 5, 1).strip(), _get(msg, pid, 5, 2).strip()
     if family or given:
-        text = family + ("" if not given else given if not (family + given).isascii()
-                         else f" {given}")
+        text = family + (
+            "" if not given else given if not (family + given).isascii() else f" {given}"
+        )
         name: dict[str, Any] = {"text": text.strip()}
         if family:
             name["family"] = family
@@ -130,8 +158,11 @@ def read(msg: Message, event: str, offset: timedelta, *, member: str,
     sex = _get(msg, pid, 8).strip()
     if sex:
         if sex.upper() not in GENDER:
-            raise Hl7DataError("unknown administrative sex code (table 0001: M F O U A N)",
-                               field="PID-8", hl7_error="103")
+            raise Hl7DataError(
+                "unknown administrative sex code (table 0001: M F O U A N)",
+                field="PID-8",
+                hl7_error="103",
+            )
         patient["gender"] = index["gender"] = GENDER[sex.upper()]
     phone = _get(msg, pid, 13, 1).strip() or _get(msg, pid, 13, 12).strip()
     if phone:
@@ -159,8 +190,9 @@ def read(msg: Message, event: str, offset: timedelta, *, member: str,
         raise Hl7DataError("segment PV1 is missing (the visit)", field="PV1", hl7_error="100")
     klass = _get(msg, pv1, 2, 1).strip().upper()
     if klass and klass not in CLASS_FROM_V2:
-        raise Hl7DataError("unknown patient class (table 0004: E I O P R B C N U)",
-                           field="PV1-2", hl7_error="103")
+        raise Hl7DataError(
+            "unknown patient class (table 0004: E I O P R B C N U)", field="PV1-2", hl7_error="103"
+        )
     visit_number = _get(msg, pv1, 19, 1).strip()
     if not visit_number and kind == "update":  # which visit? the person only
         return Adt(event, None, mrn, patient, index, None, referral_id)
@@ -170,18 +202,30 @@ def read(msg: Message, event: str, offset: timedelta, *, member: str,
         if value:
             times[key] = read_dtm(value, f"PV1-{n}", offset)
     if not at:
-        raise Hl7DataError("no event time (EVN-6, EVN-2 or MSH-7)", field="EVN-2",
-                           hl7_error="101")
+        raise Hl7DataError("no event time (EVN-6, EVN-2 or MSH-7)", field="EVN-2", hl7_error="101")
     where = [_get(msg, pv1, 3, c).strip() for c in (1, 2, 3)]
     service = _get(msg, pv1, 10, 1).strip()
     visit = VisitEvent(
-        event=kind, at=at, visit_system=encounters.VISIT_SYSTEM.format(member=member),
-        visit_number=visit_number, class_code=klass, start=times.get("start", ""),
-        end=times.get("end", ""), location=" ".join(w for w in where if w),
+        event=kind,
+        at=at,
+        visit_system=encounters.VISIT_SYSTEM.format(member=member),
+        visit_number=visit_number,
+        class_code=klass,
+        start=times.get("start", ""),
+        end=times.get("end", ""),
+        location=" ".join(w for w in where if w),
         location_system=encounters.LOCATION_SYSTEM.format(member=member),
-        service_code=service, service_system=SERVICE_SYSTEM if service else "",
+        service_code=service,
+        service_system=SERVICE_SYSTEM if service else "",
         service_display=_get(msg, pv1, 10, 2).strip(),
-        preadmit_number=_get(msg, pv1, 5, 1).strip())
-    index.update({"patient_class": klass, "visit_number": visit_number,
-                  "admitted_at": times.get("start", ""), "discharged_at": times.get("end", "")})
+        preadmit_number=_get(msg, pv1, 5, 1).strip(),
+    )
+    index.update(
+        {
+            "patient_class": klass,
+            "visit_number": visit_number,
+            "admitted_at": times.get("start", ""),
+            "discharged_at": times.get("end", ""),
+        }
+    )
     return Adt(event, kind, mrn, patient, index, visit, referral_id)

@@ -51,14 +51,33 @@ if TYPE_CHECKING:
 log = logging.getLogger("hutong.adapters.his_hl7")
 
 #: slip field (adapters.slips_fhir errors) -> where it travels in our messages
-SLIP_FIELDS = {"slip_no": "RF1-6", "kind": "RF1-3", "to_member": "PRD-7",
-               "patient_name": "PID-5", "gender": "PID-8", "birth_date": "PID-7",
-               "id_number": "PID-3", "phone": "PID-13", "mrn": "PID-3",
-               "diagnosis_code": "DG1-3", "written_at": "RF1-7", "appointment_at": "RF1-7",
-               "department_code": "PRD-4", "reason": "NTE-3", "consent_by": "NTE-4"}
+SLIP_FIELDS = {
+    "slip_no": "RF1-6",
+    "kind": "RF1-3",
+    "to_member": "PRD-7",
+    "patient_name": "PID-5",
+    "gender": "PID-8",
+    "birth_date": "PID-7",
+    "id_number": "PID-3",
+    "phone": "PID-13",
+    "mrn": "PID-3",
+    "diagnosis_code": "DG1-3",
+    "written_at": "RF1-7",
+    "appointment_at": "RF1-7",
+    "department_code": "PRD-4",
+    "reason": "NTE-3",
+    "consent_by": "NTE-4",
+}
 SLIP_LIST_FIELDS = {"prescriptions": "RXE", "results": "OBX"}
-ITEM_FIELDS = {"drug_code": "RXE-2", "dose": "RXE-3", "frequency": "TQ1-3", "days": "TQ1-6",
-               "item_code": "OBX-3", "value": "OBX-5", "flag": "OBX-8"}
+ITEM_FIELDS = {
+    "drug_code": "RXE-2",
+    "dose": "RXE-3",
+    "frequency": "TQ1-3",
+    "days": "TQ1-6",
+    "item_code": "OBX-3",
+    "value": "OBX-5",
+    "flag": "OBX-8",
+}
 
 
 def hl7_field(slip_field: str) -> str:
@@ -72,8 +91,9 @@ def hl7_field(slip_field: str) -> str:
 def content_digest(text: str) -> str:
     """What makes two messages "the same": every segment as sent, MSH-7 (the time of sending,
     which a re-send may renew) left out, segment ends normalised."""
-    segs = [seg for seg in text.replace("\r\n", "\r").replace("\n", "\r").split("\r")
-            if seg.strip()]
+    segs = [
+        seg for seg in text.replace("\r\n", "\r").replace("\n", "\r").split("\r") if seg.strip()
+    ]
     if segs and segs[0].startswith("MSH") and len(segs[0]) > 3:
         fields = segs[0].split(segs[0][3])
         if len(fields) > 6:
@@ -114,13 +134,24 @@ class Inbound:
             # type only: a traceback's values could hold patient data
             log.error("his-hl7 %s: internal error (%s)", self.a.name, type(exc).__name__)
             self.a.failed(f"internal error: {type(exc).__name__}")
-            return self._ack("AE", _record_of(raw), None, None,
-                             Hl7DataError("internal error, resend later", hl7_error="207"),
-                             raw=raw)
+            return self._ack(
+                "AE",
+                _record_of(raw),
+                None,
+                None,
+                Hl7DataError("internal error, resend later", hl7_error="207"),
+                raw=raw,
+            )
 
-    def _ack(self, code: str, control: str, cs: Charset | None,
-             inbound: messages.Inbound | None, error: Hl7DataError | None = None,
-             raw: bytes = b"") -> bytes:
+    def _ack(
+        self,
+        code: str,
+        control: str,
+        cs: Charset | None,
+        inbound: messages.Inbound | None,
+        error: Hl7DataError | None = None,
+        raw: bytes = b"",
+    ) -> bytes:
         return self.a.answer(code, control, cs, inbound.msg if inbound else None, error, raw)
 
     def _handle(self, raw: bytes) -> bytes:
@@ -144,8 +175,11 @@ class Inbound:
         prior = self.state.answer(key)
         if prior is not None:  # this very message was refused before: the same answer again
             self.a.count("resent")
-            error = None if prior["ack_code"] == "AA" else Hl7DataError(
-                prior["message"] or "", field=None, hl7_error=prior["error_code"])
+            error = (
+                None
+                if prior["ack_code"] == "AA"
+                else Hl7DataError(prior["message"] or "", field=None, hl7_error=prior["error_code"])
+            )
             if error is not None:
                 error.message = prior["message"] or ""
                 error.field = prior["field"]
@@ -160,8 +194,13 @@ class Inbound:
             return self._refuse(exc, raw, inbound.control_id, key, codec, inbound)
         except HutongError as exc:  # busy database: let the HIS resend
             self.a.failed(f"{exc.code} (transient)")
-            return self._ack("AE", inbound.control_id, codec, inbound,
-                             Hl7DataError(f"{exc.code}: try again later", hl7_error="207"))
+            return self._ack(
+                "AE",
+                inbound.control_id,
+                codec,
+                inbound,
+                Hl7DataError(f"{exc.code}: try again later", hl7_error="207"),
+            )
         self.a.count(f"taken:{inbound.what}")
         self.a.ok()
         return self._ack("AA", inbound.control_id, codec, inbound)
@@ -173,11 +212,15 @@ class Inbound:
         before = self.state.swap_control(control, digest, key, self.host.now().isoformat())
         if before is not None and before != digest:
             self.a.count("control-id-reused")
-            self.host.audit(RECORD_ID_REUSED, outcome="4", kind=f"hl7:{inbound.mtype}^"
-                            f"{inbound.event}", code=Hl7ControlReused.code,
-                            message=f"MSH-10 {inbound.control_id} from {inbound.application}/"
-                            f"{inbound.facility} reused by a different message: taken as a "
-                            "new message")
+            self.host.audit(
+                RECORD_ID_REUSED,
+                outcome="4",
+                kind=f"hl7:{inbound.mtype}^{inbound.event}",
+                code=Hl7ControlReused.code,
+                message=f"MSH-10 {inbound.control_id} from {inbound.application}/"
+                f"{inbound.facility} reused by a different message: taken as a "
+                "new message",
+            )
 
     def _take(self, inbound: messages.Inbound, key: str) -> None:
         """Act on one readable message. Bad data raises :class:`Hl7DataError` naming the
@@ -187,20 +230,36 @@ class Inbound:
         except Hl7DataError:
             raise
         except slips_fhir.SlipError as exc:
-            field = hz.FIELDS.get(exc.field, exc.field) if inbound.what.startswith("consult") \
+            field = (
+                hz.FIELDS.get(exc.field, exc.field)
+                if inbound.what.startswith("consult")
                 else hl7_field(exc.field)
-            raise Hl7DataError(exc.message, field=field,
-                               hl7_error="103" if isinstance(exc, slips_fhir.UnknownCode)
-                               else "102" if isinstance(exc, slips_fhir.BadDate)
-                               else "207") from None
+            )
+            raise Hl7DataError(
+                exc.message,
+                field=field,
+                hl7_error="103"
+                if isinstance(exc, slips_fhir.UnknownCode)
+                else "102"
+                if isinstance(exc, slips_fhir.BadDate)
+                else "207",
+            ) from None
         except HutongError as exc:
             if exc.retry is not Retry.PERMANENT:
                 raise
-            field = "PRD-7" if isinstance(exc, UnknownReference) and inbound.what == "referral" \
-                else "NTE-4" if isinstance(exc, UnknownReference) and inbound.what == "consult" \
-                else "RF1-6" if inbound.what == "cancel" \
-                else "NTE-4" if isinstance(exc, MissingConsent) \
-                else "RF1-1" if isinstance(exc, IllegalTransition) else None
+            field = (
+                "PRD-7"
+                if isinstance(exc, UnknownReference) and inbound.what == "referral"
+                else "NTE-4"
+                if isinstance(exc, UnknownReference) and inbound.what == "consult"
+                else "RF1-6"
+                if inbound.what == "cancel"
+                else "NTE-4"
+                if isinstance(exc, MissingConsent)
+                else "RF1-1"
+                if isinstance(exc, IllegalTransition)
+                else None
+            )
             error = Hl7DataError(exc.message, field=field)
             error.code = exc.code
             raise error from None
@@ -221,21 +280,40 @@ class Inbound:
         self.state.forget_refusal(key)
         self.a.count("replayed")
         self.a.count(f"taken:{inbound.what}")
-        return f"MSH-10 {inbound.control_id} ({inbound.mtype}^{inbound.event}) " + \
-            ("was already taken" if done else "taken")
+        return f"MSH-10 {inbound.control_id} ({inbound.mtype}^{inbound.event}) " + (
+            "was already taken" if done else "taken"
+        )
 
-    def _refuse(self, exc: Hl7DataError, raw: bytes, record: str, key: str,
-                codec: Charset | None, inbound: messages.Inbound | None) -> bytes:
+    def _refuse(
+        self,
+        exc: Hl7DataError,
+        raw: bytes,
+        record: str,
+        key: str,
+        codec: Charset | None,
+        inbound: messages.Inbound | None,
+    ) -> bytes:
         """Quarantine (raw bytes, record, field) + audit, remember the answer, NAK."""
         reason = exc.message
-        qid = self.host.quarantine(exc, raw=raw, record=f"MSH-10 {record}", field=exc.field,
-                                   kind=f"hl7:{inbound.mtype}^{inbound.event}" if inbound
-                                   else "hl7", thread=inbound.thread or None if inbound
-                                   else None, national_id=_national_id(inbound))
+        qid = self.host.quarantine(
+            exc,
+            raw=raw,
+            record=f"MSH-10 {record}",
+            field=exc.field,
+            kind=f"hl7:{inbound.mtype}^{inbound.event}" if inbound else "hl7",
+            thread=inbound.thread or None if inbound else None,
+            national_id=_national_id(inbound),
+        )
         exc.message = reason  # the ACK names the field in ERR-2; keep its text short
-        self.state.remember_answer(key, ack_code=exc.ack_code, field=exc.field,
-                                   error_code=exc.hl7_error, message=exc.message,
-                                   quarantine_id=qid, at=self.host.now().isoformat())
+        self.state.remember_answer(
+            key,
+            ack_code=exc.ack_code,
+            field=exc.field,
+            error_code=exc.hl7_error,
+            message=exc.message,
+            quarantine_id=qid,
+            at=self.host.now().isoformat(),
+        )
         self.a.count("refused")
         self.a.failed(f"{exc.code} {exc.field or ''} (quarantine {qid})")
         return self._ack(exc.ack_code, record, codec, inbound, exc, raw=raw)
@@ -247,16 +325,24 @@ class Inbound:
         known = self.state.patient(mrn) if mrn else {}
         slip = messages.referral_slip(inbound.msg, known, self.offset)
         taken = self.state.slip(slip.slip_no, "referrer")
-        if taken is not None and taken["source_key"] != key \
-                and self.host.seen(taken["source_key"]) is not None:
-            raise Hl7Duplicate(f"slip {slip.slip_no} was already referred by message "
-                               f"{taken['source_key']}", field="RF1-6")
-        self.state.put_slip(slip.slip_no, "referrer", thread=None, source_key=key,
-                            mrn=slip.mrn)
+        if (
+            taken is not None
+            and taken["source_key"] != key
+            and self.host.seen(taken["source_key"]) is not None
+        ):
+            raise Hl7Duplicate(
+                f"slip {slip.slip_no} was already referred by message {taken['source_key']}",
+                field="RF1-6",
+            )
+        self.state.put_slip(slip.slip_no, "referrer", thread=None, source_key=key, mrn=slip.mrn)
         gaps: list[Any] = []
         bundle = slips_fhir.referral_bundle(
-            slip, self.host.maps, self.host.node_id, gaps=gaps,
-            national_id_system=self.host.plan.alliance.national_id_system)
+            slip,
+            self.host.maps,
+            self.host.node_id,
+            gaps=gaps,
+            national_id_system=self.host.plan.alliance.national_id_system,
+        )
         self.host.submit_referral(bundle, source_key=key)
         thread = self.host.thread_for(key)
         self.state.set_slip_thread(slip.slip_no, "referrer", thread)
@@ -268,9 +354,11 @@ class Inbound:
             row = self.state.slip(slip_no, "receiver")
             thread = row["thread"] if row is not None else ""
         if not thread or self.host.referral(thread) is None:
-            raise Hl7DataError(f"no referral here for slip {slip_no} / referral id "
-                               f"{thread or '-'}", field="RF1-11" if thread else "RF1-6",
-                               hl7_error="204")
+            raise Hl7DataError(
+                f"no referral here for slip {slip_no} / referral id {thread or '-'}",
+                field="RF1-11" if thread else "RF1-6",
+                hl7_error="204",
+            )
         return thread
 
     def _acceptance(self, inbound: messages.Inbound, key: str) -> None:
@@ -278,8 +366,9 @@ class Inbound:
         thread = self._thread(inbound, slip.slip_no)
         if slip.accepted:
             gaps: list[Any] = []
-            outputs = slips_fhir.acceptance_outputs(slip, self.host.maps,
-                                                    me=self.host.node_id, gaps=gaps)
+            outputs = slips_fhir.acceptance_outputs(
+                slip, self.host.maps, me=self.host.node_id, gaps=gaps
+            )
             self.host.referral_step(thread, "accept", source_key=key, outputs=outputs)
             self._gaps(gaps)
         else:
@@ -293,8 +382,14 @@ class Inbound:
         row = view["referral"]
         task = self.host.resource("Task", row["task_id"])
         gaps: list[Any] = []
-        bundle = slips_fhir.return_bundle(slip, row["sr_id"], task["for"]["reference"],
-                                          self.host.maps, me=self.host.node_id, gaps=gaps)
+        bundle = slips_fhir.return_bundle(
+            slip,
+            row["sr_id"],
+            task["for"]["reference"],
+            self.host.maps,
+            me=self.host.node_id,
+            gaps=gaps,
+        )
         self.host.submit_referral(bundle, source_key=key)
         self._gaps(gaps)
 
@@ -312,15 +407,23 @@ class Inbound:
             return
         thread = row["thread"] if row is not None and row["thread"] else ""
         if note.thread and thread and note.thread != thread:
-            raise Hl7DataError(f"referral id does not belong to slip {note.slip_no}",
-                               field="RF1-11", hl7_error="204")
+            raise Hl7DataError(
+                f"referral id does not belong to slip {note.slip_no}",
+                field="RF1-11",
+                hl7_error="204",
+            )
         view = self.host.referral(thread) if thread else None
         if view is None or view["referral"]["side"] != "referrer":
-            raise Hl7DataError(f"no referral sent from here with slip {note.slip_no}",
-                               field="RF1-6", hl7_error="204")
+            raise Hl7DataError(
+                f"no referral sent from here with slip {note.slip_no}",
+                field="RF1-6",
+                hl7_error="204",
+            )
         if view["referral"]["step"] == "cancel-requested":
-            raise Hl7Duplicate(f"the cancellation of slip {note.slip_no} was already sent "
-                               "(another message)", field="RF1-6")
+            raise Hl7Duplicate(
+                f"the cancellation of slip {note.slip_no} was already sent (another message)",
+                field="RF1-6",
+            )
         self.host.referral_step(thread, "cancel", source_key=key, reason=note.reason)
 
     def _adt(self, inbound: messages.Inbound, key: str) -> None:
@@ -329,45 +432,76 @@ class Inbound:
         A referral is linked only through the ``referral_id_field`` option."""
         head = inbound.msg.segment("MSH")
         sent = messages._get(inbound.msg, head, 7).strip()
-        data = adt.read(inbound.msg, inbound.event, self.offset, member=self.host.node_id,
-                        national_id_system=self.host.plan.alliance.national_id_system,
-                        referral_field=self.a.opts.referral_id_field,
-                        sent_at=messages.read_dtm(sent, "MSH-7", self.offset) if sent
-                        else self.host.now().isoformat())
+        data = adt.read(
+            inbound.msg,
+            inbound.event,
+            self.offset,
+            member=self.host.node_id,
+            national_id_system=self.host.plan.alliance.national_id_system,
+            referral_field=self.a.opts.referral_id_field,
+            sent_at=messages.read_dtm(sent, "MSH-7", self.offset)
+            if sent
+            else self.host.now().isoformat(),
+        )
         visit = data.visit
         thread = data.referral_id if visit is not None else ""
         try:
             self.host.record_encounter(
                 (lambda cur: encounters.apply(cur, visit)) if visit is not None else None,
-                source_key=key, patient=data.patient,
+                source_key=key,
+                patient=data.patient,
                 visit=(visit.visit_system, visit.visit_number)
-                if visit is not None and visit.visit_number else None,
-                referral_thread=thread or None, kind=f"hl7:ADT^{inbound.event}",
-                without_visit="open" if visit is not None and visit.event in adt.EXISTING
+                if visit is not None and visit.visit_number
+                else None,
+                referral_thread=thread or None,
+                kind=f"hl7:ADT^{inbound.event}",
+                without_visit="open"
+                if visit is not None and visit.event in adt.EXISTING
                 else "new",
-                must_exist=visit is not None and visit.event in adt.CANCELS)
+                must_exist=visit is not None and visit.event in adt.CANCELS,
+            )
         except UnknownReference as exc:
-            field = self.a.opts.referral_id_field if thread and "referral" in exc.message \
-                else "PV1-19"
+            field = (
+                self.a.opts.referral_id_field if thread and "referral" in exc.message else "PV1-19"
+            )
             raise Hl7DataError(exc.message, field=field, hl7_error="204") from None
         except VisitConflict as exc:
             raise Hl7DataError(exc.message, field="PV1-19", hl7_error="205") from None
         except InvalidResource as exc:
-            raise Hl7DataError(exc.message, field="PID" if "Patient" in exc.message
-                               else "PV1", hl7_error="207") from None
+            raise Hl7DataError(
+                exc.message, field="PID" if "Patient" in exc.message else "PV1", hl7_error="207"
+            ) from None
         now = self.host.now().isoformat()
         with self.state.kv.tx() as kv:
             row = kv.get("patients", data.mrn)
-            merged = {k: (data.index.get(k) or (row.get(k) if row is not None else None))
-                      for k in PATIENT_FIELDS}
-            if visit is not None and visit.event in ("admit", "register") \
-                    and not data.index.get("discharged_at"):
+            merged = {
+                k: (data.index.get(k) or (row.get(k) if row is not None else None))
+                for k in PATIENT_FIELDS
+            }
+            if (
+                visit is not None
+                and visit.event in ("admit", "register")
+                and not data.index.get("discharged_at")
+            ):
                 merged["discharged_at"] = None  # a new visit
-            kv.put("patients", data.mrn, {"mrn": data.mrn, **merged, "last_event": inbound.event,
-                                          "source_key": key, "updated_at": now})
+            kv.put(
+                "patients",
+                data.mrn,
+                {
+                    "mrn": data.mrn,
+                    **merged,
+                    "last_event": inbound.event,
+                    "source_key": key,
+                    "updated_at": now,
+                },
+            )
             if thread:  # the HIS's id for the referral's patient (results into the HIS)
-                kv.put("referral_visits", thread, {"thread": thread, "mrn": data.mrn,
-                                                   "source_key": key}, thread=thread)
+                kv.put(
+                    "referral_visits",
+                    thread,
+                    {"thread": thread, "mrn": data.mrn, "source_key": key},
+                    thread=thread,
+                )
 
     # -- consultations (adapters.his_hl7.consult) ----------------------------------------------
 
@@ -377,21 +511,37 @@ class Inbound:
         known = self.state.patient(mrn) if mrn else {}
         slip = hz.request_slip(inbound.msg, known, self.offset)
         taken = self.state.slip(slip.slip_no, "inviter")
-        if taken is not None and taken["source_key"] != key \
-                and self.host.seen(taken["source_key"]) is not None:
-            raise Hl7Duplicate(f"consultation {slip.slip_no} was already sent by message "
-                               f"{taken['source_key']}", field="RF1-6")
+        if (
+            taken is not None
+            and taken["source_key"] != key
+            and self.host.seen(taken["source_key"]) is not None
+        ):
+            raise Hl7Duplicate(
+                f"consultation {slip.slip_no} was already sent by message {taken['source_key']}",
+                field="RF1-6",
+            )
         for rid in consult_slips._split(slip.shared_results):
             if self.host.resource_info("DiagnosticReport", rid) is None:
-                raise Hl7DataError(f"shared report {rid} is not held by this node",
-                                   field="NTE-4", hl7_error="204")
-        study = self.host.find("ImagingStudy", identifier=(
-            consult_slips.DICOM_UID, f"urn:oid:{slip.study_uid}")) if slip.study_uid else None
+                raise Hl7DataError(
+                    f"shared report {rid} is not held by this node", field="NTE-4", hl7_error="204"
+                )
+        study = (
+            self.host.find(
+                "ImagingStudy", identifier=(consult_slips.DICOM_UID, f"urn:oid:{slip.study_uid}")
+            )
+            if slip.study_uid
+            else None
+        )
         self.state.put_slip(slip.slip_no, "inviter", thread=None, source_key=key, mrn=slip.mrn)
         gaps: list[Any] = []
         bundle = consult_slips.consult_bundle(
-            slip, self.host.maps, self.host.node_id, gaps=gaps, study=study,
-            national_id_system=self.host.plan.alliance.national_id_system)
+            slip,
+            self.host.maps,
+            self.host.node_id,
+            gaps=gaps,
+            study=study,
+            national_id_system=self.host.plan.alliance.national_id_system,
+        )
         self.host.submit_consultation(bundle, source_key=key)
         self.state.set_slip_thread(slip.slip_no, "inviter", self.host.thread_for(key))
         self._gaps(gaps)
@@ -402,33 +552,49 @@ class Inbound:
         row = self.state.slip(slip.slip_no, "inviter")
         thread = row["thread"] if row is not None and row["thread"] else ""
         if inbound.thread and thread and inbound.thread != thread:
-            raise Hl7DataError(f"consultation id does not belong to {slip.slip_no}",
-                               field="RF1-11", hl7_error="204")
+            raise Hl7DataError(
+                f"consultation id does not belong to {slip.slip_no}",
+                field="RF1-11",
+                hl7_error="204",
+            )
         view = self.host.consultation(thread) if thread else None
         if view is None:
-            raise Hl7DataError(f"no consultation sent from here with number {slip.slip_no}",
-                               field="RF1-6", hl7_error="204")
+            raise Hl7DataError(
+                f"no consultation sent from here with number {slip.slip_no}",
+                field="RF1-6",
+                hl7_error="204",
+            )
         task = self.host.resource("Task", view["consultation"]["task_id"])
         bundle = consult_slips.resubmit_bundle(slip, task["for"]["reference"])
         self.host.consultation_step(thread, "resubmit", source_key=key, bundle=bundle)
 
-    def _consult_cancel(self, inbound: messages.Inbound, note: messages.CancelNote,
-                        row: dict[str, Any], key: str) -> None:
+    def _consult_cancel(
+        self, inbound: messages.Inbound, note: messages.CancelNote, row: dict[str, Any], key: str
+    ) -> None:
         """REF^I14 naming a consultation number this HIS sent: the inviter's cancel, which
         the centre answers (the RRI^I12 ``cancelled`` comes back); after the meeting began it
         is refused naming RF1-6."""
         thread = str(row["thread"] or "")
         if note.thread and thread and note.thread != thread:
-            raise Hl7DataError(f"consultation id does not belong to {note.slip_no}",
-                               field="RF1-11", hl7_error="204")
+            raise Hl7DataError(
+                f"consultation id does not belong to {note.slip_no}",
+                field="RF1-11",
+                hl7_error="204",
+            )
         if not thread or self.host.consultation(thread) is None:
-            raise Hl7DataError(f"no consultation sent from here with number {note.slip_no}",
-                               field="RF1-6", hl7_error="204")
+            raise Hl7DataError(
+                f"no consultation sent from here with number {note.slip_no}",
+                field="RF1-6",
+                hl7_error="204",
+            )
         self.host.consultation_step(thread, "cancel", source_key=key, reason=note.reason)
 
     def _consult_status(self, inbound: messages.Inbound, key: str) -> None:
-        raise Hl7Rejected("a consultation status (RRI^I12, RF1-1 HTCSTEP) goes to the HIS, "
-                          "not from it", field="RF1-1", hl7_error="200")
+        raise Hl7Rejected(
+            "a consultation status (RRI^I12, RF1-1 HTCSTEP) goes to the HIS, not from it",
+            field="RF1-1",
+            hl7_error="200",
+        )
 
     def _gaps(self, gaps: list[Any]) -> None:
         if gaps:

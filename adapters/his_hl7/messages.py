@@ -65,8 +65,22 @@ GENDER_FROM_V2 = {v: k for k, v in GENDER_TO_V2.items()}
 RETURN_DISPOSITION = "RP"
 #: ADT events taken (adapters.his_hl7.adt): visits, and person updates (A28/A31). Merges, swaps
 #: and moves of records (A17 A18 A34 A40 A45 ...) are refused (AR, MSH-9): they need a person.
-ADT_EVENTS = ("A01", "A02", "A03", "A04", "A05", "A06", "A07", "A08", "A11", "A12", "A13",
-              "A14", "A28", "A31")
+ADT_EVENTS = (
+    "A01",
+    "A02",
+    "A03",
+    "A04",
+    "A05",
+    "A06",
+    "A07",
+    "A08",
+    "A11",
+    "A12",
+    "A13",
+    "A14",
+    "A28",
+    "A31",
+)
 NUMERIC = re.compile(r"^[+-]?\d+(\.\d+)?$")
 DOSE = re.compile(r"^(\d+(?:\.\d+)?) (\S.*)$")
 
@@ -99,12 +113,27 @@ class Inbound:
 # -- building -----------------------------------------------------------------------------------
 
 
-def _msh(h: Header, mtype: str, event: str, control_id: str, at: datetime,
-         version: str = "2.5") -> str:
-    fields = [v2.esc(h.sending_app), v2.esc(h.sending_facility), v2.esc(h.receiving_app),
-              v2.esc(h.receiving_facility), v2.ts(at), "",
-              v2.comp(mtype, event, f"{mtype}_{event}"),
-              v2.esc(control_id), "P", version, "", "", "AL", "NE", "CHN", v2.esc(h.charset)]
+def _msh(
+    h: Header, mtype: str, event: str, control_id: str, at: datetime, version: str = "2.5"
+) -> str:
+    fields = [
+        v2.esc(h.sending_app),
+        v2.esc(h.sending_facility),
+        v2.esc(h.receiving_app),
+        v2.esc(h.receiving_facility),
+        v2.ts(at),
+        "",
+        v2.comp(mtype, event, f"{mtype}_{event}"),
+        v2.esc(control_id),
+        "P",
+        version,
+        "",
+        "",
+        "AL",
+        "NE",
+        "CHN",
+        v2.esc(h.charset),
+    ]
     return "MSH|" + v2.ENCODING_CHARS + "|" + "|".join(fields)
 
 
@@ -121,18 +150,50 @@ def _pid(mrn: str, patient: dict[str, str], his: str) -> str:
     if patient.get("id_number"):
         ids.append(v2.comp(v2.esc(patient["id_number"]), "", "", "CHN", "NNCHN"))
     gender = GENDER_TO_V2.get(patient.get("gender", ""), "")
-    return v2.segment("PID", "1", "", v2.reps(*ids), "", v2.esc(patient.get("name", "")), "",
-                      v2.write_date(patient.get("birth_date", "")), gender, "", "", "", "",
-                      v2.comp(v2.esc(patient.get("phone", "")), "PRN", "PH")
-                      if patient.get("phone") else "")
+    return v2.segment(
+        "PID",
+        "1",
+        "",
+        v2.reps(*ids),
+        "",
+        v2.esc(patient.get("name", "")),
+        "",
+        v2.write_date(patient.get("birth_date", "")),
+        gender,
+        "",
+        "",
+        "",
+        "",
+        v2.comp(v2.esc(patient.get("phone", "")), "PRN", "PH") if patient.get("phone") else "",
+    )
 
 
-def _rf1(status: str, slip_no: str, *, priority: str = "", kind: str = "", disposition: str = "",
-         at: str = "", thread: str = "") -> str:
+def _rf1(
+    status: str,
+    slip_no: str,
+    *,
+    priority: str = "",
+    kind: str = "",
+    disposition: str = "",
+    at: str = "",
+    thread: str = "",
+) -> str:
     kind_ce = v2.comp(kind, v2.esc(KINDS[kind].zh), KIND_TABLE) if kind in KINDS else v2.esc(kind)
     disp = v2.comp(disposition, "Return patient after evaluation", "HL70282") if disposition else ""
-    return v2.segment("RF1", status, priority, kind_ce, disp, "", v2.esc(slip_no), _write_dtm(at),
-                      "", "", "", v2.comp(v2.esc(thread), "HUTONG") if thread else "")
+    return v2.segment(
+        "RF1",
+        status,
+        priority,
+        kind_ce,
+        disp,
+        "",
+        v2.esc(slip_no),
+        _write_dtm(at),
+        "",
+        "",
+        "",
+        v2.comp(v2.esc(thread), "HUTONG") if thread else "",
+    )
 
 
 def _write_dtm(iso: str) -> str:
@@ -140,80 +201,165 @@ def _write_dtm(iso: str) -> str:
     return iso.replace("-", "") if len(iso) == 10 else v2.write_ts(iso)
 
 
-def referral_message(h: Header, slip: ReferralSlip, control_id: str, at: datetime,
-                     thread: str = "", mrn_authority: str = "") -> str:
+def referral_message(
+    h: Header,
+    slip: ReferralSlip,
+    control_id: str,
+    at: datetime,
+    thread: str = "",
+    mrn_authority: str = "",
+) -> str:
     """REF^I12 for a new referral (HIS -> adapter, or adapter -> receiving HIS)."""
-    patient = {"name": slip.patient_name, "gender": slip.gender, "birth_date": slip.birth_date,
-               "id_number": slip.id_number, "phone": slip.phone}
+    patient = {
+        "name": slip.patient_name,
+        "gender": slip.gender,
+        "birth_date": slip.birth_date,
+        "id_number": slip.id_number,
+        "phone": slip.phone,
+    }
     segs = [
         _msh(h, "REF", "I12", control_id, at),
-        _rf1("P", slip.slip_no, priority="S" if slip.urgent else "R", kind=slip.kind,
-             at=slip.written_at, thread=thread),
+        _rf1(
+            "P",
+            slip.slip_no,
+            priority="S" if slip.urgent else "R",
+            kind=slip.kind,
+            at=slip.written_at,
+            thread=thread,
+        ),
         v2.segment("PRD", "RP", v2.esc(slip.doctor)),
-        v2.segment("PRD", "RT", "", "", v2.esc(slip.department_code), "", "",
-                   v2.comp(v2.esc(slip.to_member), MEMBER_TABLE)),
+        v2.segment(
+            "PRD",
+            "RT",
+            "",
+            "",
+            v2.esc(slip.department_code),
+            "",
+            "",
+            v2.comp(v2.esc(slip.to_member), MEMBER_TABLE),
+        ),
         _pid(slip.mrn, patient, mrn_authority or h.sending_app),
-        v2.segment("DG1", "1", "", v2.comp(v2.esc(slip.diagnosis_code),
-                                           v2.esc(slip.diagnosis_name), "LOCALDX"),
-                   "", "", "", "W"),
+        v2.segment(
+            "DG1",
+            "1",
+            "",
+            v2.comp(v2.esc(slip.diagnosis_code), v2.esc(slip.diagnosis_name), "LOCALDX"),
+            "",
+            "",
+            "",
+            "W",
+        ),
         v2.segment("PV1", "1", "I" if slip.kind == "up-inpatient" else "O"),
     ]
-    notes = [(slip.reason, "1R", "转诊原因"), (slip.summary, "RE", "病历摘要"),
-             (slip.consent_by, "CS", "知情同意签署人")]
-    segs += [_nte(i, text, code, label) for i, (text, code, label)
-             in enumerate([n for n in notes if n[0]], start=1)]
+    notes = [
+        (slip.reason, "1R", "转诊原因"),
+        (slip.summary, "RE", "病历摘要"),
+        (slip.consent_by, "CS", "知情同意签署人"),
+    ]
+    segs += [
+        _nte(i, text, code, label)
+        for i, (text, code, label) in enumerate([n for n in notes if n[0]], start=1)
+    ]
     return v2.message(segs)
 
 
-def acceptance_message(h: Header, slip: AcceptanceSlip, control_id: str, at: datetime,
-                       thread: str = "", mrn: str = "", inpatient: bool = False) -> str:
+def acceptance_message(
+    h: Header,
+    slip: AcceptanceSlip,
+    control_id: str,
+    at: datetime,
+    thread: str = "",
+    mrn: str = "",
+    inpatient: bool = False,
+) -> str:
     """RRI^I12 carrying the receiver's answer."""
     segs = [
         _msh(h, "RRI", "I12", control_id, at),
         _rf1("A" if slip.accepted else "R", slip.slip_no, at=slip.appointment_at, thread=thread),
         v2.segment("PRD", "RT", v2.esc(slip.doctor)),
         _pid(mrn, {}, h.sending_app) if mrn else v2.segment("PID", "1"),
-        v2.segment("PV1", "1", "I" if inpatient else "O",
-                   v2.comp(v2.esc(slip.department_code), "", v2.esc(slip.bed_no))),
+        v2.segment(
+            "PV1",
+            "1",
+            "I" if inpatient else "O",
+            v2.comp(v2.esc(slip.department_code), "", v2.esc(slip.bed_no)),
+        ),
     ]
     if slip.reason:
         segs.append(_nte(1, slip.reason, "1R", "拒收原因"))
     return v2.message(segs)
 
 
-def return_message(h: Header, slip: ReturnSlip, control_id: str, at: datetime,
-                   thread: str = "", mrn: str = "") -> str:
+def return_message(
+    h: Header, slip: ReturnSlip, control_id: str, at: datetime, thread: str = "", mrn: str = ""
+) -> str:
     """REF^I12 with RF1-4 = RP: the return slip, its lab lines and drug lines."""
     kind = "down-discharge" if slip.discharge else "down-outpatient"
     segs = [
         _msh(h, "REF", "I12", control_id, at),
-        _rf1("A", slip.slip_no, priority="R", kind=kind, disposition=RETURN_DISPOSITION,
-             at=slip.written_at, thread=thread),
+        _rf1(
+            "A",
+            slip.slip_no,
+            priority="R",
+            kind=kind,
+            disposition=RETURN_DISPOSITION,
+            at=slip.written_at,
+            thread=thread,
+        ),
         v2.segment("PRD", "RP", v2.esc(slip.doctor)),
         _pid(mrn, {}, h.sending_app) if mrn else v2.segment("PID", "1"),
-        v2.segment("DG1", "1", "", v2.comp(v2.esc(slip.diagnosis_code),
-                                           v2.esc(slip.diagnosis_name), "LOCALDX"),
-                   "", "", "", "F"),
+        v2.segment(
+            "DG1",
+            "1",
+            "",
+            v2.comp(v2.esc(slip.diagnosis_code), v2.esc(slip.diagnosis_name), "LOCALDX"),
+            "",
+            "",
+            "",
+            "F",
+        ),
     ]
     if slip.results:
         segs.append(v2.segment("OBR", "1", "", "", v2.comp("RETURN", v2.esc("转回检验结果"))))
         for i, r in enumerate(slip.results, start=1):
-            segs.append(v2.segment(
-                "OBX", str(i), "NM" if NUMERIC.match(r.value) else "ST",
-                v2.comp(v2.esc(r.item_code), v2.esc(r.item_name), "LOCALLAB"), "",
-                v2.esc(r.value), v2.esc(r.unit), v2.esc(r.reference_range), v2.esc(r.flag),
-                "", "", "F"))
+            segs.append(
+                v2.segment(
+                    "OBX",
+                    str(i),
+                    "NM" if NUMERIC.match(r.value) else "ST",
+                    v2.comp(v2.esc(r.item_code), v2.esc(r.item_name), "LOCALLAB"),
+                    "",
+                    v2.esc(r.value),
+                    v2.esc(r.unit),
+                    v2.esc(r.reference_range),
+                    v2.esc(r.flag),
+                    "",
+                    "",
+                    "F",
+                )
+            )
     for p in slip.prescriptions:
         m = DOSE.match(p.dose)
         amount, unit = (m[1], v2.esc(m[2])) if m else ("", v2.comp("", v2.esc(p.dose)))
-        segs.append(v2.segment("RXE", "", v2.comp(v2.esc(p.drug_code), v2.esc(p.drug_name),
-                                                  "LOCALDRUG"), amount, "", unit))
-        segs.append(v2.segment("TQ1", "1", "", v2.esc(p.frequency), "", "",
-                               v2.comp(str(p.days), "d")))
+        segs.append(
+            v2.segment(
+                "RXE",
+                "",
+                v2.comp(v2.esc(p.drug_code), v2.esc(p.drug_name), "LOCALDRUG"),
+                amount,
+                "",
+                unit,
+            )
+        )
+        segs.append(
+            v2.segment("TQ1", "1", "", v2.esc(p.frequency), "", "", v2.comp(str(p.days), "d"))
+        )
     segs.append(v2.segment("PV1", "1", "I" if slip.discharge else "O"))
     notes = [(slip.course, "RE", "诊疗经过"), (slip.advice, "PI", "康复指导")]
-    segs += [_nte(i, text, code, label) for i, (text, code, label)
-             in enumerate([n for n in notes if n[0]], start=1)]
+    segs += [
+        _nte(i, text, code, label)
+        for i, (text, code, label) in enumerate([n for n in notes if n[0]], start=1)
+    ]
     return v2.message(segs)
 
 
@@ -227,8 +373,14 @@ class CancelNote:
     thread: str = ""
 
 
-def cancel_message(h: Header, note: CancelNote, control_id: str, at: datetime,
-                   mrn: str = "", mrn_authority: str = "") -> str:
+def cancel_message(
+    h: Header,
+    note: CancelNote,
+    control_id: str,
+    at: datetime,
+    mrn: str = "",
+    mrn_authority: str = "",
+) -> str:
     """REF^I14: cancel patient referral (the referring HIS -> adapter, adapter -> the
     receiving HIS)."""
     segs = [
@@ -243,20 +395,21 @@ def cancel_message(h: Header, note: CancelNote, control_id: str, at: datetime,
 # -- reading ------------------------------------------------------------------------------------
 
 
-def _get(msg: Message, seg: Any, field: int, component: int = 1, rep: int = 1,
-         sub: int = 1) -> str:
+def _get(msg: Message, seg: Any, field: int, component: int = 1, rep: int = 1, sub: int = 1) -> str:
     """One leaf, unescaped; the HL7 null ``""`` (the sender says "no value") reads as empty."""
     value = v2.get(msg, seg, field, component, rep, sub)
     return "" if not value or value == '""' else str(value)
 
 
-def _need(msg: Message, seg: Any, field: int, component: int = 1, rep: int = 1,
-          what: str = "") -> str:
+def _need(
+    msg: Message, seg: Any, field: int, component: int = 1, rep: int = 1, what: str = ""
+) -> str:
     value = _get(msg, seg, field, component, rep)
     if not value.strip():
         where = f"{seg[0]}-{field}" + (f".{component}" if component > 1 else "")
-        raise Hl7DataError(f"required field is empty{f' ({what})' if what else ''}",
-                           field=where, hl7_error="101")
+        raise Hl7DataError(
+            f"required field is empty{f' ({what})' if what else ''}", field=where, hl7_error="101"
+        )
     return value
 
 
@@ -272,8 +425,7 @@ def read_dtm(value: str, where: str, offset: timedelta, *, day: bool = False) ->
     if t is None:
         return ""
     if day and t.day is None:
-        raise Hl7DataError("a date needs at least the day (YYYYMMDD)", field=where,
-                           hl7_error="102")
+        raise Hl7DataError("a date needs at least the day (YYYYMMDD)", field=where, hl7_error="102")
     return t.fhir(offset)
 
 
@@ -285,8 +437,9 @@ def read(text: str, charset: Charset = UTF8) -> Inbound:
     if not control:
         raise Hl7Rejected("MSH-10 (message control id) is empty", field="MSH-10", hl7_error="101")
     mtype, event = _get(msg, head, 9, 1), _get(msg, head, 9, 2)
-    inbound = Inbound(msg, control, _get(msg, head, 4), mtype, event, "",
-                      application=_get(msg, head, 3))
+    inbound = Inbound(
+        msg, control, _get(msg, head, 4), mtype, event, "", application=_get(msg, head, 3)
+    )
     if (mtype, event) == ("REF", "I12"):
         rf1 = v2.one(msg, "RF1")
         inbound.what = "return" if _get(msg, rf1, 4) == RETURN_DISPOSITION else "referral"
@@ -296,16 +449,18 @@ def read(text: str, charset: Charset = UTF8) -> Inbound:
         inbound.what = "consult_resubmit"
     elif (mtype, event) == ("RRI", "I12"):
         rf1 = v2.one(msg, "RF1")
-        inbound.what = "consult_status" if _get(msg, rf1, 1, 3) == STEP_TABLE \
-            else "acceptance"
+        inbound.what = "consult_status" if _get(msg, rf1, 1, 3) == STEP_TABLE else "acceptance"
     elif (mtype, event) == ("REF", "I14"):
         inbound.what = "cancel"
     elif mtype == "ADT" and event in ADT_EVENTS:
         inbound.what = "adt"
     else:
-        raise Hl7Rejected(f"message type {mtype}^{event} is not taken here (REF^I12, REF^I13, "
-                          f"REF^I14, RRI^I12, ADT^{'/'.join(ADT_EVENTS)})", field="MSH-9",
-                          hl7_error="200")
+        raise Hl7Rejected(
+            f"message type {mtype}^{event} is not taken here (REF^I12, REF^I13, "
+            f"REF^I14, RRI^I12, ADT^{'/'.join(ADT_EVENTS)})",
+            field="MSH-9",
+            hl7_error="200",
+        )
     rf1s = v2.segments(msg, "RF1")
     if rf1s:
         rf1 = v2.one(msg, "RF1")
@@ -339,12 +494,12 @@ def read_patient(msg: Message, required: bool = False) -> dict[str, str]:
         key = "mrn" if kind == "MR" else "id_number" if kind.startswith("NN") else None
         if key and value:
             if key in out and out[key] != value:
-                raise Hl7DataError(f"PID-3 holds two different {kind} identifiers",
-                                   field="PID-3", hl7_error="205")
+                raise Hl7DataError(
+                    f"PID-3 holds two different {kind} identifiers", field="PID-3", hl7_error="205"
+                )
             out[key] = value
     family, given = _get(msg, pid, 5, 1), _get(msg, pid, 5, 2)
-    name = family + ("" if not given else given if not (family + given).isascii()
-                     else f" {given}")
+    name = family + ("" if not given else given if not (family + given).isascii() else f" {given}")
     if name.strip():
         out["name"] = name
     birth = _get(msg, pid, 7)
@@ -353,8 +508,11 @@ def read_patient(msg: Message, required: bool = False) -> dict[str, str]:
     sex = _get(msg, pid, 8)
     if sex:
         if sex not in GENDER_FROM_V2:
-            raise Hl7DataError(f"unknown administrative sex code {sex!r} (table 0001: M F O U)",
-                               field="PID-8", hl7_error="103")
+            raise Hl7DataError(
+                f"unknown administrative sex code {sex!r} (table 0001: M F O U)",
+                field="PID-8",
+                hl7_error="103",
+            )
         out["gender"] = GENDER_FROM_V2[sex]
     phone = _get(msg, pid, 13, 1) or _get(msg, pid, 13, 12)
     if phone:
@@ -403,13 +561,17 @@ def _prd(msg: Message, role: str) -> Any | None:
 def _kind(msg: Message, rf1: Any) -> str:
     kind = _need(msg, rf1, 3, what="referral kind")
     if kind not in KINDS:
-        raise Hl7DataError(f"unknown referral kind {kind!r} (one of {', '.join(KINDS)})",
-                           field="RF1-3", hl7_error="103")
+        raise Hl7DataError(
+            f"unknown referral kind {kind!r} (one of {', '.join(KINDS)})",
+            field="RF1-3",
+            hl7_error="103",
+        )
     return kind
 
 
-def referral_slip(msg: Message, known: dict[str, str], offset: timedelta, *,
-                  from_alliance: bool = False) -> ReferralSlip:
+def referral_slip(
+    msg: Message, known: dict[str, str], offset: timedelta, *, from_alliance: bool = False
+) -> ReferralSlip:
     """A new referral from the HIS; ``known`` fills PID fields the message leaves empty (the
     patient as the HIS's ADT feed last described them). ``from_alliance``: read a referral the
     adapter sent to a receiving HIS (no national ID number: it never crosses the gateway)."""
@@ -418,45 +580,70 @@ def referral_slip(msg: Message, known: dict[str, str], offset: timedelta, *,
     kind = _kind(msg, rf1)
     priority = _get(msg, rf1, 2)
     if priority not in ("", "R", "S", "A"):
-        raise Hl7DataError(f"unknown referral priority {priority!r} (R S A)", field="RF1-2",
-                           hl7_error="103")
+        raise Hl7DataError(
+            f"unknown referral priority {priority!r} (R S A)", field="RF1-2", hl7_error="103"
+        )
     written = read_dtm(_need(msg, rf1, 7, what="written at"), "RF1-7", offset, day=True)
     rt, rp = _prd(msg, "RT"), _prd(msg, "RP")
     if rt is None:
-        raise Hl7DataError("no PRD segment with role RT (referred-to member)", field="PRD-1",
-                           hl7_error="101")
+        raise Hl7DataError(
+            "no PRD segment with role RT (referred-to member)", field="PRD-1", hl7_error="101"
+        )
     to_member = _need(msg, rt, 7, what="receiving member")
     patient = {**known, **read_patient(msg, required=True)}
-    for key, where in (("mrn", "PID-3"), ("id_number", "PID-3"), ("name", "PID-5"),
-                       ("birth_date", "PID-7"), ("gender", "PID-8")):
+    for key, where in (
+        ("mrn", "PID-3"),
+        ("id_number", "PID-3"),
+        ("name", "PID-5"),
+        ("birth_date", "PID-7"),
+        ("gender", "PID-8"),
+    ):
         if not patient.get(key) and not (from_alliance and key in ("id_number", "mrn")):
-            what = "MR identifier" if key == "mrn" else "NNCHN identifier (national ID)" \
-                if key == "id_number" else "value"
+            what = (
+                "MR identifier"
+                if key == "mrn"
+                else "NNCHN identifier (national ID)"
+                if key == "id_number"
+                else "value"
+            )
             raise Hl7DataError(f"required {what} is missing", field=where, hl7_error="101")
     dg1 = _dg1(msg)
     notes = _notes(msg)
     if not notes.get("CS", "").strip():
-        raise Hl7DataError("no consent recorded (NTE with NTE-4 = CS: who signed)",
-                           field="NTE-4", hl7_error="101")
+        raise Hl7DataError(
+            "no consent recorded (NTE with NTE-4 = CS: who signed)", field="NTE-4", hl7_error="101"
+        )
     return ReferralSlip(
-        slip_no=slip_no, kind=kind, to_member=to_member, patient_name=patient["name"],
-        gender=patient["gender"], birth_date=patient["birth_date"],
-        id_number=patient.get("id_number", ""), phone=patient.get("phone", ""),
+        slip_no=slip_no,
+        kind=kind,
+        to_member=to_member,
+        patient_name=patient["name"],
+        gender=patient["gender"],
+        birth_date=patient["birth_date"],
+        id_number=patient.get("id_number", ""),
+        phone=patient.get("phone", ""),
         mrn=patient.get("mrn", ""),
         diagnosis_code=_need(msg, dg1, 3, what="diagnosis code"),
-        diagnosis_name=_get(msg, dg1, 3, 2), reason=notes.get("1R", ""),
+        diagnosis_name=_get(msg, dg1, 3, 2),
+        reason=notes.get("1R", ""),
         summary=_with_notes(notes.get("RE", ""), notes),
         department_code=_get(msg, rt, 4, 1) if rt else "",
-        urgent=priority in ("S", "A"), consent_by=notes["CS"],
-        doctor=_get(msg, rp, 2) if rp is not None else "", written_at=written)
+        urgent=priority in ("S", "A"),
+        consent_by=notes["CS"],
+        doctor=_get(msg, rp, 2) if rp is not None else "",
+        written_at=written,
+    )
 
 
 def acceptance_slip(msg: Message, offset: timedelta) -> AcceptanceSlip:
     rf1 = v2.one(msg, "RF1")
     status = _need(msg, rf1, 1, what="referral status")
     if status not in ("A", "R"):
-        raise Hl7DataError(f"unknown referral status {status!r} (A accepted, R rejected)",
-                           field="RF1-1", hl7_error="103")
+        raise Hl7DataError(
+            f"unknown referral status {status!r} (A accepted, R rejected)",
+            field="RF1-1",
+            hl7_error="103",
+        )
     at = _get(msg, rf1, 7)
     rt = _prd(msg, "RT")
     pv1 = v2.one(msg, "PV1", required=False)
@@ -464,15 +651,18 @@ def acceptance_slip(msg: Message, offset: timedelta) -> AcceptanceSlip:
     if status == "R" and not notes.get("1R", "").strip() and notes.get(""):
         notes["1R"] = notes.pop("")  # a rejection's only note is its reason
     if status == "R" and not notes.get("1R", "").strip():
-        raise Hl7DataError("a rejection needs its reason (NTE-4 = 1R)", field="NTE-4",
-                           hl7_error="101")
+        raise Hl7DataError(
+            "a rejection needs its reason (NTE-4 = 1R)", field="NTE-4", hl7_error="101"
+        )
     return AcceptanceSlip(
-        slip_no=_need(msg, rf1, 6, what="referrer's slip number"), accepted=status == "A",
+        slip_no=_need(msg, rf1, 6, what="referrer's slip number"),
+        accepted=status == "A",
         reason=notes.get("1R", ""),
         appointment_at=read_dtm(at, "RF1-7", offset, day=True) if at else "",
         department_code=_get(msg, pv1, 3, 1) if pv1 is not None else "",
         bed_no=_get(msg, pv1, 3, 3) if pv1 is not None else "",
-        doctor=_get(msg, rt, 2) if rt is not None else "")
+        doctor=_get(msg, rt, 2) if rt is not None else "",
+    )
 
 
 def cancel_note(msg: Message, offset: timedelta) -> CancelNote:
@@ -480,33 +670,51 @@ def cancel_note(msg: Message, offset: timedelta) -> CancelNote:
     rf1 = v2.one(msg, "RF1")
     slip_no = _need(msg, rf1, 6, what="referrer's slip number")
     notes = _notes(msg)
-    reason = notes.get("1R", "").strip() or _get(msg, rf1, 10, 2).strip() \
-        or _get(msg, rf1, 10, 1).strip() or notes.get("", "").strip()
+    reason = (
+        notes.get("1R", "").strip()
+        or _get(msg, rf1, 10, 2).strip()
+        or _get(msg, rf1, 10, 1).strip()
+        or notes.get("", "").strip()
+    )
     if not reason:
-        raise Hl7DataError("a cancellation needs its reason (NTE-4 = 1R, or RF1-10)",
-                           field="NTE-3", hl7_error="101")
+        raise Hl7DataError(
+            "a cancellation needs its reason (NTE-4 = 1R, or RF1-10)",
+            field="NTE-3",
+            hl7_error="101",
+        )
     at = _get(msg, rf1, 7)
-    return CancelNote(slip_no=slip_no, reason=reason,
-                      cancelled_at=read_dtm(at, "RF1-7", offset, day=True) if at else "",
-                      thread=_get(msg, rf1, 11))
+    return CancelNote(
+        slip_no=slip_no,
+        reason=reason,
+        cancelled_at=read_dtm(at, "RF1-7", offset, day=True) if at else "",
+        thread=_get(msg, rf1, 11),
+    )
 
 
 def return_slip(msg: Message, offset: timedelta) -> ReturnSlip:
     rf1 = v2.one(msg, "RF1")
     kind = _kind(msg, rf1)
     if kind not in ("down-discharge", "down-outpatient"):
-        raise Hl7DataError(f"a return slip is down-discharge or down-outpatient, not {kind!r}",
-                           field="RF1-3", hl7_error="103")
+        raise Hl7DataError(
+            f"a return slip is down-discharge or down-outpatient, not {kind!r}",
+            field="RF1-3",
+            hl7_error="103",
+        )
     rp = _prd(msg, "RP")
     dg1 = _dg1(msg)
     notes = _notes(msg)
     results = []
     for obx in v2.segments(msg, "OBX"):
-        results.append(LabResult(
-            item_code=_need(msg, obx, 3, what="lab item code"),
-            item_name=_get(msg, obx, 3, 2), value=_get(msg, obx, 5),
-            unit=_get(msg, obx, 6, 1), flag=_get(msg, obx, 8),
-            reference_range=_get(msg, obx, 7)))
+        results.append(
+            LabResult(
+                item_code=_need(msg, obx, 3, what="lab item code"),
+                item_name=_get(msg, obx, 3, 2),
+                value=_get(msg, obx, 5),
+                unit=_get(msg, obx, 6, 1),
+                flag=_get(msg, obx, 8),
+                reference_range=_get(msg, obx, 7),
+            )
+        )
     prescriptions: list[Prescription] = []
     pending: Any = None
     for seg in list(msg) + [None]:
@@ -514,8 +722,9 @@ def return_slip(msg: Message, offset: timedelta) -> ReturnSlip:
         if name == "TQ1" and pending is not None:
             days = _get(msg, seg, 6, 1)
             if days and not days.isdigit():
-                raise Hl7DataError("duration is not a whole number of days", field="TQ1-6",
-                                   hl7_error="102")
+                raise Hl7DataError(
+                    "duration is not a whole number of days", field="TQ1-6", hl7_error="102"
+                )
             pending.frequency, pending.days = _get(msg, seg, 3, 1), int(days or 0)
         elif name == "RXE" or seg is None:
             if pending is not None:
@@ -526,12 +735,20 @@ def return_slip(msg: Message, offset: timedelta) -> ReturnSlip:
                 dose = f"{amount} {unit}" if amount else _get(msg, seg, 5, 2)
                 pending = Prescription(
                     drug_code=_need(msg, seg, 2, what="drug code"),
-                    drug_name=_get(msg, seg, 2, 2), dose=dose, frequency="", days=0)
+                    drug_name=_get(msg, seg, 2, 2),
+                    dose=dose,
+                    frequency="",
+                    days=0,
+                )
     return ReturnSlip(
         slip_no=_need(msg, rf1, 6, what="referrer's slip number"),
         discharge=kind == "down-discharge",
         diagnosis_code=_need(msg, dg1, 3, what="diagnosis code"),
-        diagnosis_name=_get(msg, dg1, 3, 2), course=_with_notes(notes.get("RE", ""), notes),
-        advice=notes.get("PI", ""), doctor=_get(msg, rp, 2) if rp is not None else "",
+        diagnosis_name=_get(msg, dg1, 3, 2),
+        course=_with_notes(notes.get("RE", ""), notes),
+        advice=notes.get("PI", ""),
+        doctor=_get(msg, rp, 2) if rp is not None else "",
         written_at=read_dtm(_need(msg, rf1, 7, what="written at"), "RF1-7", offset, day=True),
-        prescriptions=prescriptions, results=results)
+        prescriptions=prescriptions,
+        results=results,
+    )

@@ -50,8 +50,16 @@ if TYPE_CHECKING:
     from bridge.local.contract import ConsultEvent, ReferralEvent, ResultEvent
 
 #: the centre's steps the inviting HIS is told about (RRI^I12)
-CONSULT_SHOWN = ("received", "return", "schedule", "start", "report", "release", "cancelled",
-                 "cancel-refused")
+CONSULT_SHOWN = (
+    "received",
+    "return",
+    "schedule",
+    "start",
+    "report",
+    "release",
+    "cancelled",
+    "cancel-refused",
+)
 
 
 class Outbound:
@@ -77,8 +85,7 @@ class Outbound:
         control = control or item.packet_id
         raw = charset.encode(text, self.a.charset)
         try:
-            answer = self.a.listener.send(self.a.his_host, self.a.his_port, raw,
-                                          self.a.timeouts)
+            answer = self.a.listener.send(self.a.his_host, self.a.his_port, raw, self.a.timeouts)
         except PeerUnreachable as exc:
             raise HisUnreachable(f"HIS listener {exc}") from None
         except NoAck as exc:
@@ -90,10 +97,10 @@ class Outbound:
         if code not in ("AA", "CA") or acked != control:
             self.a.count("his-nak")
             self.a.failed(f"HIS answered {code} for {control}")
-            raise HisNak(f"HIS answered {code or 'no MSA'} to {control}"
-                         + (f" ({why[:80]})" if why else ""))
-        first = self.state.mark_sent(control, item.thread, what,
-                                     self.host.now().isoformat())
+            raise HisNak(
+                f"HIS answered {code or 'no MSA'} to {control}" + (f" ({why[:80]})" if why else "")
+            )
+        first = self.state.mark_sent(control, item.thread, what, self.host.now().isoformat())
         self.a.count(f"sent:{what}")
         self.a.ok()
         return first
@@ -116,13 +123,18 @@ class Outbound:
             self.a.failed(f"result {item.packet_id}: no patient id known to the HIS")
             return
         gaps: list[Any] = []
-        build = results.oru_message if item.kind == "result.lab" \
-            else results.imaging_oru_message
-        bundle = ev.bundle if item.kind == "result.lab" \
-            else with_local_studies(ev.bundle, self.host)
-        text = build(self.a.header(), bundle, to,
-                     slips_fhir.Codes(self.host.maps, self.host.node_id, gaps),
-                     item.packet_id, self.host.now())
+        build = results.oru_message if item.kind == "result.lab" else results.imaging_oru_message
+        bundle = (
+            ev.bundle if item.kind == "result.lab" else with_local_studies(ev.bundle, self.host)
+        )
+        text = build(
+            self.a.header(),
+            bundle,
+            to,
+            slips_fhir.Codes(self.host.maps, self.host.node_id, gaps),
+            item.packet_id,
+            self.host.now(),
+        )
         if text is None:
             self.a.count("skipped:result-no-report")
             return
@@ -142,9 +154,13 @@ class Outbound:
         h, now = self.a.header(), self.host.now()
         kind = view["consultation"]["kind"]
         if not self.state.sent(item.packet_id):
-            self._send(item, hz.status_message(h, status, kind, item.packet_id, now,
-                                               item.thread, to.mrn if to else ""),
-                       f"consult-{ev.event}")
+            self._send(
+                item,
+                hz.status_message(
+                    h, status, kind, item.packet_id, now, item.thread, to.mrn if to else ""
+                ),
+                f"consult-{ev.event}",
+            )
         if ev.event != "release":
             return
         control = f"{item.packet_id}-R"
@@ -159,12 +175,20 @@ class Outbound:
         text: str | None
         if kind == "imaging-reading":
             text = results.imaging_oru_message(
-                h, with_local_studies(consult_slips.imaging_bundle(view), self.host), to, codes,
-                control, now)
+                h,
+                with_local_studies(consult_slips.imaging_bundle(view), self.host),
+                to,
+                codes,
+                control,
+                now,
+            )
         else:
             reports = consult_slips.reports_of(view, codes)
-            text = hz.report_message(h, reports[0], control, now, item.thread, to.mrn,
-                                     to.authority) if reports else None
+            text = (
+                hz.report_message(h, reports[0], control, now, item.thread, to.mrn, to.authority)
+                if reports
+                else None
+            )
         if text is not None and self._send(item, text, "consult-report", control) and gaps:
             self.host.record_gaps(gaps)
             self.a.count("unmapped-codes", len(gaps))
@@ -183,11 +207,16 @@ class Outbound:
             mine = self.state.slip(number, "inviter")
             if mine is None or not mine["mrn"]:
                 return None
-            return results.Addressee(str(mine["mrn"]), self.a.opts.his_application, number,
-                                     thread)
+            return results.Addressee(str(mine["mrn"]), self.a.opts.his_application, number, thread)
         row = view["referral"]
-        sr = next((r for r in view["resources"] if r["resourceType"] == "ServiceRequest"
-                   and r["id"] == row["sr_id"]), {})
+        sr = next(
+            (
+                r
+                for r in view["resources"]
+                if r["resourceType"] == "ServiceRequest" and r["id"] == row["sr_id"]
+            ),
+            {},
+        )
         slip_no = slips_fhir.slip_no_of(sr)
         own = self.a.opts.his_application  # the HIS assigned its own patient ids
         visit = self.state.referral_visit(thread)
@@ -197,28 +226,39 @@ class Outbound:
         if slip is None or not slip["mrn"]:
             return None
         authority = own if slip["side"] == "referrer" else str(row["referrer"])
-        return results.Addressee(str(slip["mrn"]), authority, slip_no or str(slip["slip_no"]),
-                                 thread)
+        return results.Addressee(
+            str(slip["mrn"]), authority, slip_no or str(slip["slip_no"]), thread
+        )
 
-    def build(self, item: Delivery, event: str, view: dict[str, Any],
-              row: dict[str, Any]) -> str | None:
+    def build(
+        self, item: Delivery, event: str, view: dict[str, Any], row: dict[str, Any]
+    ) -> str | None:
         h = self.a.header()
         now = self.host.now()
         me, maps = self.host.node_id, self.host.maps
         if row["side"] == "receiver" and event == "request":
-            task = next((r for r in view["resources"] if r["resourceType"] == "Task"
-                         and r["id"] == row["task_id"]), None)
+            task = next(
+                (
+                    r
+                    for r in view["resources"]
+                    if r["resourceType"] == "Task" and r["id"] == row["task_id"]
+                ),
+                None,
+            )
             patient = None
             if task is not None:
                 rtype, _, rid = task["for"]["reference"].partition("/")
-                if not any(r["resourceType"] == rtype and r["id"] == rid
-                           for r in view["resources"]):
+                if not any(
+                    r["resourceType"] == rtype and r["id"] == rid for r in view["resources"]
+                ):
                     patient = self.host.resource(rtype, rid)
             slip = slips_fhir.referral_from_fhir(view, maps, patient=patient, me=me)
-            self.state.put_slip(slip.slip_no, "receiver", thread=item.thread,
-                                source_key=None, mrn=slip.mrn)
-            return messages.referral_message(h, slip, item.packet_id, now, thread=item.thread,
-                                             mrn_authority=row["referrer"])
+            self.state.put_slip(
+                slip.slip_no, "receiver", thread=item.thread, source_key=None, mrn=slip.mrn
+            )
+            return messages.referral_message(
+                h, slip, item.packet_id, now, thread=item.thread, mrn_authority=row["referrer"]
+            )
         if row["side"] == "referrer" and event in ("accept", "reject"):
             sr = self.host.resource("ServiceRequest", row["sr_id"])
             task = self.host.resource("Task", row["task_id"])
@@ -227,25 +267,40 @@ class Outbound:
             if event == "reject":
                 accepted.accepted = False
                 accepted.reason = accepted.reason or (row.get("reason") or "")
-            return messages.acceptance_message(h, accepted, item.packet_id, now,
-                                               thread=item.thread, mrn=self._mrn(slip_no),
-                                               inpatient=row["kind"] == "up-inpatient")
+            return messages.acceptance_message(
+                h,
+                accepted,
+                item.packet_id,
+                now,
+                thread=item.thread,
+                mrn=self._mrn(slip_no),
+                inpatient=row["kind"] == "up-inpatient",
+            )
         if row["side"] == "receiver" and event == "cancel":
             if row["status"] != "cancelled":  # refused (the patient arrived): nothing to undo
                 return None
             sr = self.host.resource("ServiceRequest", row["sr_id"])
             slip_no = slips_fhir.slip_no_of(sr)
             known = self.state.slip(slip_no, "receiver")
-            note = messages.CancelNote(slip_no=slip_no, reason=str(row.get("reason") or ""),
-                                       cancelled_at=row["updated_at"].isoformat()
-                                       if row.get("updated_at") else "", thread=item.thread)
-            return messages.cancel_message(h, note, item.packet_id, now,
-                                           mrn=str(known["mrn"] or "") if known else "",
-                                           mrn_authority=row["referrer"])
+            note = messages.CancelNote(
+                slip_no=slip_no,
+                reason=str(row.get("reason") or ""),
+                cancelled_at=row["updated_at"].isoformat() if row.get("updated_at") else "",
+                thread=item.thread,
+            )
+            return messages.cancel_message(
+                h,
+                note,
+                item.packet_id,
+                now,
+                mrn=str(known["mrn"] or "") if known else "",
+                mrn_authority=row["referrer"],
+            )
         if row["side"] == "referrer" and event == "return":
             slip = slips_fhir.return_from_fhir(view, maps, me=me)
-            return messages.return_message(h, slip, item.packet_id, now, thread=item.thread,
-                                           mrn=self._mrn(slip.slip_no))
+            return messages.return_message(
+                h, slip, item.packet_id, now, thread=item.thread, mrn=self._mrn(slip.slip_no)
+            )
         return None
 
     def _mrn(self, slip_no: str) -> str:

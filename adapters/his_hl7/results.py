@@ -72,19 +72,38 @@ LOINC = "http://loinc.org"
 UCUM = "http://unitsofmeasure.org"
 #: FHIR system URI -> HL7 table 0396 mnemonic (anything else travels as its URI)
 SYSTEM_NAMES = {
-    LOINC: "LN", "http://snomed.info/sct": "SCT", UCUM: "UCUM",
+    LOINC: "LN",
+    "http://snomed.info/sct": "SCT",
+    UCUM: "UCUM",
     "http://hl7.org/fhir/sid/icd-10": "I10",
     "http://terminology.hl7.org/CodeSystem/v2-0078": "HL70078",
     "http://terminology.hl7.org/CodeSystem/v2-0487": "HL70487",
     "http://terminology.hl7.org/CodeSystem/v2-0136": "HL70136",
 }
 #: Observation.status -> OBX-11 (table 0085)
-OBX_STATUS = {"final": "F", "preliminary": "P", "corrected": "C", "amended": "C",
-              "cancelled": "X", "entered-in-error": "W", "registered": "I", "unknown": "U"}
+OBX_STATUS = {
+    "final": "F",
+    "preliminary": "P",
+    "corrected": "C",
+    "amended": "C",
+    "cancelled": "X",
+    "entered-in-error": "W",
+    "registered": "I",
+    "unknown": "U",
+}
 #: DiagnosticReport.status -> OBR-25 (table 0123)
-OBR_STATUS = {"final": "F", "preliminary": "P", "corrected": "C", "amended": "C",
-              "appended": "C", "partial": "A", "registered": "I", "cancelled": "X",
-              "entered-in-error": "X", "unknown": "I"}
+OBR_STATUS = {
+    "final": "F",
+    "preliminary": "P",
+    "corrected": "C",
+    "amended": "C",
+    "appended": "C",
+    "partial": "A",
+    "registered": "I",
+    "cancelled": "X",
+    "entered-in-error": "X",
+    "unknown": "I",
+}
 
 
 @dataclass
@@ -131,8 +150,11 @@ def item_code(codes: Codes, cc: Resource | None, category: str = "lab") -> str:
     found = next((c for c in codings if str(c["code"]) == code), None)
     mine = codes.source_system(category)
     local = LOCAL_EXAM if category == "exam" else LOCAL_LAB
-    system = local if found is None or found.get("system") == mine \
+    system = (
+        local
+        if found is None or found.get("system") == mine
         else system_name(str(found.get("system", "")))
+    )
     loinc = next((c for c in codings if c.get("system") == LOINC), None)
     alt: tuple[str, ...] = ()
     if loinc is not None and loinc is not found:
@@ -146,8 +168,11 @@ def _coded(cc: Resource) -> str:
     text = str(cc.get("text") or (c or {}).get("display") or "")
     if c is None:
         return v2.comp("", v2.esc(text))
-    return v2.comp(v2.esc(str(c["code"])), v2.esc(str(c.get("display") or text)),
-                   v2.esc(system_name(str(c.get("system", "")))))
+    return v2.comp(
+        v2.esc(str(c["code"])),
+        v2.esc(str(c.get("display") or text)),
+        v2.esc(system_name(str(c.get("system", "")))),
+    )
 
 
 def _unit(q: Resource) -> str:
@@ -168,12 +193,18 @@ def value_fields(obs: Resource) -> tuple[str, str, str]:
     if "valueRatio" in obs:
         r = obs["valueRatio"]
         num, den = r.get("numerator") or {}, r.get("denominator") or {}
-        return "SN", v2.comp("", number(num.get("value")), ":",
-                             number(den.get("value"))), _unit(num)
+        return (
+            "SN",
+            v2.comp("", number(num.get("value")), ":", number(den.get("value"))),
+            _unit(num),
+        )
     if "valueRange" in obs:
         low, high = obs["valueRange"].get("low") or {}, obs["valueRange"].get("high") or {}
-        return "SN", v2.comp("", number(low.get("value")), "-",
-                             number(high.get("value"))), _unit(low or high)
+        return (
+            "SN",
+            v2.comp("", number(low.get("value")), "-", number(high.get("value"))),
+            _unit(low or high),
+        )
     if "valueString" in obs:
         text = str(obs["valueString"])
         return "TX" if "\n" in text else "ST", _lines(text), ""
@@ -194,20 +225,34 @@ def reference_range(obs: Resource) -> str:
     rr = (obs.get("referenceRange") or [{}])[0]
     if rr.get("text"):
         return v2.esc(str(rr["text"]))
-    low, high = number((rr.get("low") or {}).get("value")), \
-        number((rr.get("high") or {}).get("value"))
-    return v2.esc(f"{low}-{high}" if low and high else f"<{high}" if high
-                  else f">{low}" if low else "")
+    low, high = (
+        number((rr.get("low") or {}).get("value")),
+        number((rr.get("high") or {}).get("value")),
+    )
+    return v2.esc(
+        f"{low}-{high}" if low and high else f"<{high}" if high else f">{low}" if low else ""
+    )
 
 
 def _flags(obs: Resource) -> str:
-    return v2.reps(*(v2.esc(str(c["code"])) for i in obs.get("interpretation") or []
-                     for c in (i.get("coding") or [])[:1] if c.get("code")))
+    return v2.reps(
+        *(
+            v2.esc(str(c["code"]))
+            for i in obs.get("interpretation") or []
+            for c in (i.get("coding") or [])[:1]
+            if c.get("code")
+        )
+    )
 
 
 def _performer(r: Resource, by_ref: dict[str, Resource]) -> str:
-    return next((str(by_ref.get(p.get("reference", ""), {}).get("name") or p.get("display")
-                     or "") for p in r.get("performer") or []), "")
+    return next(
+        (
+            str(by_ref.get(p.get("reference", ""), {}).get("name") or p.get("display") or "")
+            for p in r.get("performer") or []
+        ),
+        "",
+    )
 
 
 def _notes(texts: list[str]) -> list[str]:
@@ -222,8 +267,9 @@ def _lab_number(dr: Resource) -> str:
     return ""
 
 
-def oru_message(h: Header, bundle: Resource, to: Addressee, codes: Codes, control_id: str,
-                at: datetime) -> str | None:
+def oru_message(
+    h: Header, bundle: Resource, to: Addressee, codes: Codes, control_id: str, at: datetime
+) -> str | None:
     """The ORU^R01 for a ``result.lab`` Bundle, or None when it holds no DiagnosticReport."""
     resources = [e.get("resource") or {} for e in bundle.get("entry") or []]
     by_ref = {f"{r.get('resourceType')}/{r.get('id')}": r for r in resources if r.get("id")}
@@ -240,38 +286,99 @@ def oru_message(h: Header, bundle: Resource, to: Addressee, codes: Codes, contro
         filler = v2.comp(v2.esc(str(dr["id"])), NAMESPACE)
         lab = _performer(dr, by_ref)
         segs.append(v2.segment("ORC", "RE", placer, filler))
-        segs.append(v2.segment(
-            "OBR", str(n), placer, filler, item_code(codes, dr.get("code")), "", "",
-            ts(dr.get("effectiveDateTime")), "", "", "", "", "", "", "", "", "", "", "", "",
-            v2.esc(_lab_number(dr)), "", ts(dr.get("issued")), "", "",
-            OBR_STATUS.get(str(dr.get("status", "")), "")))
+        segs.append(
+            v2.segment(
+                "OBR",
+                str(n),
+                placer,
+                filler,
+                item_code(codes, dr.get("code")),
+                "",
+                "",
+                ts(dr.get("effectiveDateTime")),
+                "",
+                "",
+                "",
+                "",
+                "",
+                "",
+                "",
+                "",
+                "",
+                "",
+                "",
+                "",
+                v2.esc(_lab_number(dr)),
+                "",
+                ts(dr.get("issued")),
+                "",
+                "",
+                OBR_STATUS.get(str(dr.get("status", "")), ""),
+            )
+        )
         segs += _notes([str(dr.get("conclusion") or "")])
         for i, ref in enumerate(dr.get("result") or [], 1):
             obs = by_ref.get(ref.get("reference", ""))
             if obs is None:
                 continue
             vtype, value, unit = value_fields(obs)
-            segs.append(v2.segment(
-                "OBX", str(i), vtype, item_code(codes, obs.get("code")), "", value, unit,
-                reference_range(obs), _flags(obs), "", "",
-                OBX_STATUS.get(str(obs.get("status", "")), ""), "", "",
-                ts(obs.get("effectiveDateTime")), "", "", "", "", "", "",
-                v2.comp(v2.esc(str(obs["id"])), NAMESPACE), "",
-                v2.esc(_performer(obs, by_ref) or lab)))
+            segs.append(
+                v2.segment(
+                    "OBX",
+                    str(i),
+                    vtype,
+                    item_code(codes, obs.get("code")),
+                    "",
+                    value,
+                    unit,
+                    reference_range(obs),
+                    _flags(obs),
+                    "",
+                    "",
+                    OBX_STATUS.get(str(obs.get("status", "")), ""),
+                    "",
+                    "",
+                    ts(obs.get("effectiveDateTime")),
+                    "",
+                    "",
+                    "",
+                    "",
+                    "",
+                    "",
+                    v2.comp(v2.esc(str(obs["id"])), NAMESPACE),
+                    "",
+                    v2.esc(_performer(obs, by_ref) or lab),
+                )
+            )
             segs += _notes([str(note.get("text") or "") for note in obs.get("note") or []])
-        spec = next((by_ref.get(s.get("reference", "")) for s in dr.get("specimen") or []
-                     if s.get("reference", "") in by_ref), None)
+        spec = next(
+            (
+                by_ref.get(s.get("reference", ""))
+                for s in dr.get("specimen") or []
+                if s.get("reference", "") in by_ref
+            ),
+            None,
+        )
         if spec is not None:
             number_ = next((str(i.get("value", "")) for i in spec.get("identifier") or []), "")
             kind = spec.get("type") or {}
             coding = next((c for c in kind.get("coding") or [] if c.get("code")), {})
-            segs.append(v2.segment(
-                "SPM", "1", v2.comp(v2.esc(number_), v2.esc(number_)), "",
-                v2.comp(v2.esc(str(coding.get("code", ""))),
+            segs.append(
+                v2.segment(
+                    "SPM",
+                    "1",
+                    v2.comp(v2.esc(number_), v2.esc(number_)),
+                    "",
+                    v2.comp(
+                        v2.esc(str(coding.get("code", ""))),
                         v2.esc(str(coding.get("display") or kind.get("text") or "")),
-                        "HL70487" if coding else ""),
-                *[""] * 12, ts((spec.get("collection") or {}).get("collectedDateTime")),
-                ts(spec.get("receivedTime"))))
+                        "HL70487" if coding else "",
+                    ),
+                    *[""] * 12,
+                    ts((spec.get("collection") or {}).get("collectedDateTime")),
+                    ts(spec.get("receivedTime")),
+                )
+            )
     return v2.message(segs)
 
 
@@ -287,15 +394,17 @@ def _imaging_obx(n: int, vtype: str, code: str, value: str, status: str) -> str:
     return v2.segment("OBX", str(n), vtype, code, "", value, "", "", "", "", "", status)
 
 
-def imaging_oru_message(h: Header, bundle: Resource, to: Addressee, codes: Codes,
-                        control_id: str, at: datetime) -> str | None:
+def imaging_oru_message(
+    h: Header, bundle: Resource, to: Addressee, codes: Codes, control_id: str, at: datetime
+) -> str | None:
     """The ORU^R01 for a ``result.imaging`` Bundle (module text), or None when it holds no
     DiagnosticReport. The exam code is read with the site's ``exam`` map (gaps in ``codes``)."""
     from adapters.imaging import imaging_reports_from_bundle
 
     resources = [e.get("resource") or {} for e in bundle.get("entry") or []]
-    reports = {str(r.get("id")): r for r in resources if r.get("resourceType") ==
-               "DiagnosticReport"}
+    reports = {
+        str(r.get("id")): r for r in resources if r.get("resourceType") == "DiagnosticReport"
+    }
     if not reports:
         return None
     placer = v2.comp(v2.esc(to.slip_no), v2.esc(h.receiving_app)) if to.slip_no else ""
@@ -304,20 +413,44 @@ def imaging_oru_message(h: Header, bundle: Resource, to: Addressee, codes: Codes
         v2.segment("PID", "1", "", v2.comp(v2.esc(to.mrn), "", "", v2.esc(to.authority), "MR")),
         v2.segment("PV1", "1", "N", "", "", v2.comp(v2.esc(to.thread), NAMESPACE)),
     ]
-    neutral = imaging_reports_from_bundle(bundle, Codes(codes.maps, codes.member, []),
-                                          slip_no=to.slip_no, sender="", patient_id=to.mrn)
+    neutral = imaging_reports_from_bundle(
+        bundle,
+        Codes(codes.maps, codes.member, []),
+        slip_no=to.slip_no,
+        sender="",
+        patient_id=to.mrn,
+    )
     for n, (rep, dr) in enumerate(((r, reports[r.report_id]) for r in neutral), 1):
         filler = v2.comp(v2.esc(rep.report_id), NAMESPACE)
         status = OBR_STATUS.get(rep.status, "")
         segs.append(v2.segment("ORC", "RE", placer, filler))
-        segs.append(v2.segment(
-            "OBR", str(n), placer, filler, item_code(codes, dr.get("code"), "exam"), "", "",
-            ts(rep.exam_at), *[""] * 10, v2.esc(rep.accession), "", "", "", ts(rep.issued_at),
-            "", v2.esc(rep.modality), status, *[""] * 6,
-            f"&{v2.esc(rep.doctor)}" if rep.doctor else ""))
+        segs.append(
+            v2.segment(
+                "OBR",
+                str(n),
+                placer,
+                filler,
+                item_code(codes, dr.get("code"), "exam"),
+                "",
+                "",
+                ts(rep.exam_at),
+                *[""] * 10,
+                v2.esc(rep.accession),
+                "",
+                "",
+                "",
+                ts(rep.issued_at),
+                "",
+                v2.esc(rep.modality),
+                status,
+                *[""] * 6,
+                f"&{v2.esc(rep.doctor)}" if rep.doctor else "",
+            )
+        )
         if rep.study_uid:
-            segs.append(v2.segment("ZDS", v2.comp(v2.esc(rep.study_uid), NAMESPACE,
-                                                  "Application", "DICOM")))
+            segs.append(
+                v2.segment("ZDS", v2.comp(v2.esc(rep.study_uid), NAMESPACE, "Application", "DICOM"))
+            )
         obx = 0
         for code, text in ((FINDINGS, rep.findings), (IMPRESSION, rep.conclusion)):
             if text:
@@ -329,7 +462,13 @@ def imaging_oru_message(h: Header, bundle: Resource, to: Addressee, codes: Codes
         if rep.pdf:
             obx += 1
             data = base64.b64encode(rep.pdf).decode("ascii")  # A-Z a-z 0-9 + / =: no delimiter
-            segs.append(_imaging_obx(
-                obx, "ED", v2.comp("18748-4", v2.esc(rep.pdf_title or PDF_TITLE), "LN"),
-                v2.comp("", "AP", "PDF", "Base64", data), status))
+            segs.append(
+                _imaging_obx(
+                    obx,
+                    "ED",
+                    v2.comp("18748-4", v2.esc(rep.pdf_title or PDF_TITLE), "LN"),
+                    v2.comp("", "AP", "PDF", "Base64", data),
+                    status,
+                )
+            )
     return v2.message(segs)

@@ -23,8 +23,17 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from bridge.local.state import AdapterState, Rows
 
-PATIENT_FIELDS = ("name", "gender", "birth_date", "id_number", "phone", "patient_class",
-                  "visit_number", "admitted_at", "discharged_at")
+PATIENT_FIELDS = (
+    "name",
+    "gender",
+    "birth_date",
+    "id_number",
+    "phone",
+    "patient_class",
+    "visit_number",
+    "admitted_at",
+    "discharged_at",
+)
 
 
 class State:
@@ -36,13 +45,30 @@ class State:
     def answer(self, source_key: str) -> dict[str, Any] | None:
         return self.kv.get("answers", source_key)
 
-    def remember_answer(self, source_key: str, *, ack_code: str, field: str | None,
-                        error_code: str | None, message: str | None,
-                        quarantine_id: int | None, at: str) -> None:
-        self.kv.put("answers", source_key, {
-            "source_key": source_key, "ack_code": ack_code, "field": field,
-            "error_code": error_code, "message": message, "quarantine_id": quarantine_id,
-            "at": at})
+    def remember_answer(
+        self,
+        source_key: str,
+        *,
+        ack_code: str,
+        field: str | None,
+        error_code: str | None,
+        message: str | None,
+        quarantine_id: int | None,
+        at: str,
+    ) -> None:
+        self.kv.put(
+            "answers",
+            source_key,
+            {
+                "source_key": source_key,
+                "ack_code": ack_code,
+                "field": field,
+                "error_code": error_code,
+                "message": message,
+                "quarantine_id": quarantine_id,
+                "at": at,
+            },
+        )
 
     def forget_refusal(self, source_key: str) -> None:
         """A replayed message was taken: its earlier refusal is no longer the answer."""
@@ -53,13 +79,11 @@ class State:
 
     # -- control ids ---------------------------------------------------------------------------
 
-    def swap_control(self, control_key: str, digest: str, source_key: str, at: str
-                     ) -> str | None:
+    def swap_control(self, control_key: str, digest: str, source_key: str, at: str) -> str | None:
         """Remember the digest seen under a control id; the one seen before (or None)."""
         with self.kv.tx() as kv:
             prior = kv.get("controls", control_key)
-            kv.put("controls", control_key, {"digest": digest, "source_key": source_key,
-                                             "at": at})
+            kv.put("controls", control_key, {"digest": digest, "source_key": source_key, "at": at})
         return None if prior is None else str(prior["digest"])
 
     # -- the HIS's patient index ---------------------------------------------------------------
@@ -68,8 +92,11 @@ class State:
         row = self.kv.get("patients", mrn)
         if row is None:
             return {}
-        return {k: row[k] for k in ("mrn", "name", "gender", "birth_date", "id_number", "phone")
-                if row.get(k)}
+        return {
+            k: row[k]
+            for k in ("mrn", "name", "gender", "birth_date", "id_number", "phone")
+            if row.get(k)
+        }
 
     def patient_row(self, mrn: str) -> dict[str, Any] | None:
         return self.kv.get("patients", mrn)
@@ -79,11 +106,27 @@ class State:
     def slip(self, slip_no: str, side: str) -> dict[str, Any] | None:
         return self.kv.get("slips", f"{side}:{slip_no}")
 
-    def put_slip(self, slip_no: str, side: str, *, thread: str | None,
-                 source_key: str | None, mrn: str | None) -> None:
-        self.kv.put("slips", f"{side}:{slip_no}", {
-            "slip_no": slip_no, "side": side, "thread": thread, "source_key": source_key,
-            "mrn": mrn}, thread=thread)
+    def put_slip(
+        self,
+        slip_no: str,
+        side: str,
+        *,
+        thread: str | None,
+        source_key: str | None,
+        mrn: str | None,
+    ) -> None:
+        self.kv.put(
+            "slips",
+            f"{side}:{slip_no}",
+            {
+                "slip_no": slip_no,
+                "side": side,
+                "thread": thread,
+                "source_key": source_key,
+                "mrn": mrn,
+            },
+            thread=thread,
+        )
 
     def set_slip_thread(self, slip_no: str, side: str, thread: str | None) -> None:
         with self.kv.tx() as kv:
@@ -105,8 +148,11 @@ class State:
 
     def mark_sent(self, packet_id: str, thread: str, what: str, at: str) -> bool:
         """True the first time."""
-        return bool(self.kv.add("sent", packet_id, {"thread": thread, "what": what, "at": at},
-                                thread=thread))
+        return bool(
+            self.kv.add(
+                "sent", packet_id, {"thread": thread, "what": what, "at": at}, thread=thread
+            )
+        )
 
     # -- an earlier version's file -----------------------------------------------------------------
 
@@ -125,10 +171,17 @@ def _move(kv: AdapterState, rows: Rows) -> None:
     for r in rows("slips"):
         kv.put("slips", f"{r['side']}:{r['slip_no']}", r, thread=r["thread"])
     for r in rows("sent"):
-        kv.put("sent", r["packet_id"], {"thread": r["thread"], "what": r["what"], "at": r["at"]},
-               thread=r["thread"])
+        kv.put(
+            "sent",
+            r["packet_id"],
+            {"thread": r["thread"], "what": r["what"], "at": r["at"]},
+            thread=r["thread"],
+        )
     for r in rows("controls"):
-        kv.put("controls", r["control_key"], {"digest": r["digest"],
-                                               "source_key": r["source_key"], "at": r["at"]})
+        kv.put(
+            "controls",
+            r["control_key"],
+            {"digest": r["digest"], "source_key": r["source_key"], "at": r["at"]},
+        )
     for r in rows("referral_visits"):
         kv.put("referral_visits", r["thread"], r, thread=r["thread"])

@@ -50,6 +50,7 @@ def kit_errors(fn: Callable[P, T]) -> Callable[P, T]:
             raise
         except V2Error as exc:
             raise from_kit(exc) from None
+
     return wrapper
 
 
@@ -69,8 +70,9 @@ def one(msg: Message, name: str, *, required: bool = True) -> Segment | None:
     """The only segment with this name; a repeated one is a duplicate row."""
     found = msg.segments(name)
     if len(found) > 1:
-        raise Hl7DataError(f"segment {name} appears {len(found)} times, once expected",
-                           field=name, hl7_error="100")
+        raise Hl7DataError(
+            f"segment {name} appears {len(found)} times, once expected", field=name, hl7_error="100"
+        )
     if not found:
         if required:
             raise Hl7DataError(f"segment {name} is missing", field=name, hl7_error="100")
@@ -83,15 +85,17 @@ def count_reps(seg: Segment, field: int) -> int:
 
 
 @kit_errors
-def get(msg: Message, seg: Segment, field: int, component: int = 1, rep: int = 1,
-        sub: int = 1) -> str:
+def get(
+    msg: Message, seg: Segment, field: int, component: int = 1, rep: int = 1, sub: int = 1
+) -> str:
     """One leaf, unescaped, as written ('' when absent, the kit's NULL for ``""``)."""
     return fields.value(seg, field, component, rep, sub, strip=False)
 
 
 @kit_errors
-def need(msg: Message, seg: Segment, field: int, component: int = 1, rep: int = 1,
-         what: str = "") -> str:
+def need(
+    msg: Message, seg: Segment, field: int, component: int = 1, rep: int = 1, what: str = ""
+) -> str:
     return fields.need(seg, field, component, rep, what)
 
 

@@ -93,18 +93,46 @@ WORKFLOW_FIELD = {
     "consult-cancel": "/ConsultCancel/consult_doc",
 }
 #: the centre's steps the inviting HIS is told about (ConsultStatus documents)
-CONSULT_SHOWN = ("received", "return", "schedule", "start", "report", "release", "cancelled",
-                 "cancel-refused")
+CONSULT_SHOWN = (
+    "received",
+    "return",
+    "schedule",
+    "start",
+    "report",
+    "release",
+    "cancelled",
+    "cancel-refused",
+)
 #: the message event of a delivered packet -> the document written into the HIS
-WRITES = {"request": "referral", "accept": "acceptance", "reject": "acceptance",
-          "return": "return", "cancel": "cancel", "cancelled": "cancel",
-          "cancel-refused": "cancel"}
+WRITES = {
+    "request": "referral",
+    "accept": "acceptance",
+    "reject": "acceptance",
+    "return": "return",
+    "cancel": "cancel",
+    "cancelled": "cancel",
+    "cancel-refused": "cancel",
+}
 #: a cancellation notice's reason when the Task carries none (the receiver refused: too late)
-REFUSED_REASON = ("患者已到诊，转诊不能撤销 "
-                  "(the patient has arrived: the referral cannot be cancelled)")
+REFUSED_REASON = (
+    "患者已到诊，转诊不能撤销 (the patient has arrived: the referral cannot be cancelled)"
+)
 CANCELLED_REASON = "转诊已撤销 (the referral was withdrawn)"
-OID_KEYS = ("org_oid", "doc_oid", "slip_oid", "mrn_oid", "items", "doc_types", "diagnosis",
-            "drug", "lab", "department", "visit_oid", "exam", "accession")
+OID_KEYS = (
+    "org_oid",
+    "doc_oid",
+    "slip_oid",
+    "mrn_oid",
+    "items",
+    "doc_types",
+    "diagnosis",
+    "drug",
+    "lab",
+    "department",
+    "visit_oid",
+    "exam",
+    "accession",
+)
 
 
 class Options(BaseModel):
@@ -156,14 +184,16 @@ def _named(error: HutongError, record: str, field: str | None) -> HutongError:
     return error
 
 
-
 class WsAdapter(BaseAdapter):
     def __init__(self, host: Any, opts: Options) -> None:
         super().__init__(host, opts)
         self.opts = opts
-        self.client = HisClient(self.opts.url, self.opts.timeout_s,
-                                max_document_bytes=self.opts.max_document_bytes,
-                                call_deadline_s=self.opts.call_deadline_s)
+        self.client = HisClient(
+            self.opts.url,
+            self.opts.timeout_s,
+            max_document_bytes=self.opts.max_document_bytes,
+            call_deadline_s=self.opts.call_deadline_s,
+        )
         self.me = host.node_id
         self.site = cda.Site(member=self.me, name=self.opts.site_name, **self.opts.oids)
         self.ledger: Ledger | None = None
@@ -234,9 +264,13 @@ class WsAdapter(BaseAdapter):
         """The XPath a refusal points at (quarantine reasons, replay answers)."""
         field = getattr(exc, "field", None)
         if isinstance(exc, slips_fhir.SlipError):
-            field = visit_doc.field_path(exc.field) if d.type == visit_doc.DOC_TYPE \
-                else consult_doc.field_path(d.type, exc.field) if d.type in consult_doc.ROOTS \
+            field = (
+                visit_doc.field_path(exc.field)
+                if d.type == visit_doc.DOC_TYPE
+                else consult_doc.field_path(d.type, exc.field)
+                if d.type in consult_doc.ROOTS
                 else cda.field_path(exc.field)
+            )
         elif isinstance(exc, MissingConsent) and d.type == "consult":
             field = "/ConsultRequest/consent_by"
         elif isinstance(exc, WorkflowError):
@@ -249,14 +283,21 @@ class WsAdapter(BaseAdapter):
             f"document {d.doc_id} ({d.type}, seq {d.seq}) is over the {limit}-byte limit "
             f"(options.max_document_bytes): refused after {d.too_large} bytes, the rest not "
             "read; the HIS must send it again smaller, or IT raises the limit",
-            field="/Envelope/Body/GetPendingDocumentsResponse/PendingDocument")
+            field="/Envelope/Body/GetPendingDocumentsResponse/PendingDocument",
+        )
         self._quarantine(d, exc)
         self.count("too_large")
         self.failed(exc.message)  # shown as the adapter's last error on the IT page
 
     def _quarantine(self, d: Pending, exc: HutongError) -> None:
-        self.host.quarantine(exc, raw=d.raw, record=d.doc_id, field=self._field_of(d, exc),
-                             kind=f"his-ws.{d.type}", national_id=cda.id_number_in(d.raw))
+        self.host.quarantine(
+            exc,
+            raw=d.raw,
+            record=d.doc_id,
+            field=self._field_of(d, exc),
+            kind=f"his-ws.{d.type}",
+            national_id=cda.id_number_in(d.raw),
+        )
         self.count("quarantined")
 
     # -- quarantine replay ----------------------------------------------------------------------
@@ -284,16 +325,20 @@ class WsAdapter(BaseAdapter):
             digest = hashlib.sha256(raw).hexdigest()
             prior = self._ledger().digest(d.doc_id) if doc_id is not None else None
             # taken before with these bytes; other bytes under a taken id stay a duplicate
-            done = prior == digest or (prior is None and doc_id is not None
-                                       and self.host.seen(key) is not None)
+            done = prior == digest or (
+                prior is None and doc_id is not None and self.host.seen(key) is not None
+            )
             if prior != digest:
                 try:
                     self.take(d)
                 except HutongError as exc:  # refused, or the node's store busy: still held
                     raise _named(exc, d.doc_id, self._field_of(d, exc)) from None
                 except Exception as exc:  # noqa: BLE001 - as a pulled document: held, named
-                    raise _named(HutongError(f"cannot read the document "
-                                             f"({type(exc).__name__})"), d.doc_id, None) from None
+                    raise _named(
+                        HutongError(f"cannot read the document ({type(exc).__name__})"),
+                        d.doc_id,
+                        None,
+                    ) from None
         self.count("replayed")
         return f"document {d.doc_id} ({d.type}) " + ("was already taken" if done else "taken")
 
@@ -305,8 +350,7 @@ class WsAdapter(BaseAdapter):
         if d.type in ("consult", "consult-records", "consult-cancel"):
             self._take_consult(d)
             return
-        doc = cda.read(d.raw, self.site, record=d.doc_id, known=self._known,
-                       expect=d.type or None)
+        doc = cda.read(d.raw, self.site, record=d.doc_id, known=self._known, expect=d.type or None)
         digest = self._new_content(d, doc.doc_id)
         if digest is None:
             return  # the same document again (acked late): nothing to do
@@ -327,15 +371,19 @@ class WsAdapter(BaseAdapter):
         A document whose own id differs from the listed one, or other bytes under a taken id,
         is refused (the ledger answers "same content?")."""
         if doc_id != d.doc_id:
-            raise SchemaInvalid(f"document listed as {d.doc_id} carries id {doc_id}",
-                                field="/ClinicalDocument/id/@extension")
+            raise SchemaInvalid(
+                f"document listed as {d.doc_id} carries id {doc_id}",
+                field="/ClinicalDocument/id/@extension",
+            )
         digest = hashlib.sha256(d.raw).hexdigest()
         prior = self._ledger().digest(doc_id)
         if prior is None:
             return digest
         if prior != digest:
-            raise DuplicateDocument(f"document id {doc_id} was taken before with other content",
-                                    field="/ClinicalDocument/id/@extension")
+            raise DuplicateDocument(
+                f"document id {doc_id} was taken before with other content",
+                field="/ClinicalDocument/id/@extension",
+            )
         return None
 
     def _take_visit(self, d: Pending) -> None:
@@ -357,16 +405,23 @@ class WsAdapter(BaseAdapter):
                         f"document {doc.doc_id} names referral document {doc.referral_doc}, "
                         "which this node never wrote into the HIS",
                         field=f"/ClinicalDocument/inFulfillmentOf/order/id[@root="
-                              f"'{self.site.doc_oid}']/@extension")
+                        f"'{self.site.doc_oid}']/@extension",
+                    )
                 v.referral_no = doc.referral_doc
             gaps: list[Any] = []
-            visits.record(self.host, v, source_key=key, referral_thread=thread,
-                          kind="his-ws.visit", codes=slips_fhir.Codes(self.host.maps, self.me,
-                                                                      gaps))
+            visits.record(
+                self.host,
+                v,
+                source_key=key,
+                referral_thread=thread,
+                kind="his-ws.visit",
+                codes=slips_fhir.Codes(self.host.maps, self.me, gaps),
+            )
             if gaps:
                 self.host.record_gaps(gaps)
-        ledger.remember(doc.doc_id, "in", visit_doc.DOC_TYPE, thread or self.host.thread_for(key),
-                        digest)
+        ledger.remember(
+            doc.doc_id, "in", visit_doc.DOC_TYPE, thread or self.host.thread_for(key), digest
+        )
 
     # -- consultations (adapters.his_ws.consult_doc) -------------------------------------------
 
@@ -383,35 +438,51 @@ class WsAdapter(BaseAdapter):
                 slip = doc.record
                 for rid in consult_slips._split(slip.shared_results):
                     if self.host.resource_info("DiagnosticReport", rid) is None:
-                        raise BadDocument(f"shared report {rid} is not held by this node",
-                                          field="/ConsultRequest/shared_report")
-                study = self.host.find("ImagingStudy", identifier=(
-                    consult_slips.DICOM_UID, f"urn:oid:{slip.study_uid}")) \
-                    if slip.study_uid else None
+                        raise BadDocument(
+                            f"shared report {rid} is not held by this node",
+                            field="/ConsultRequest/shared_report",
+                        )
+                study = (
+                    self.host.find(
+                        "ImagingStudy",
+                        identifier=(consult_slips.DICOM_UID, f"urn:oid:{slip.study_uid}"),
+                    )
+                    if slip.study_uid
+                    else None
+                )
                 gaps: list[Any] = []
                 bundle = consult_slips.consult_bundle(
-                    slip, self.host.maps, self.me, gaps=gaps, study=study,
-                    national_id_system=self.host.plan.alliance.national_id_system)
+                    slip,
+                    self.host.maps,
+                    self.me,
+                    gaps=gaps,
+                    study=study,
+                    national_id_system=self.host.plan.alliance.national_id_system,
+                )
                 self.host.submit_consultation(bundle, source_key=key)
                 if gaps:
                     self.host.record_gaps(gaps)
             else:
                 thread = ledger.thread_of(doc.consult_doc)
                 view = self.host.consultation(thread) if thread else None
-                if view is None or ledger.referral_doc(thread or "", "consult") != \
-                        doc.consult_doc:
-                    raise BadDocument(f"document {doc.doc_id} names consultation request "
-                                      f"{doc.consult_doc}, which this node never took",
-                                      field=f"/{consult_doc.ROOTS[doc.type]}/consult_doc")
+                if view is None or ledger.referral_doc(thread or "", "consult") != doc.consult_doc:
+                    raise BadDocument(
+                        f"document {doc.doc_id} names consultation request "
+                        f"{doc.consult_doc}, which this node never took",
+                        field=f"/{consult_doc.ROOTS[doc.type]}/consult_doc",
+                    )
                 if doc.type == "consult-cancel":
-                    self.host.consultation_step(str(thread), "cancel", source_key=key,
-                                                reason=doc.record.reason)
+                    self.host.consultation_step(
+                        str(thread), "cancel", source_key=key, reason=doc.record.reason
+                    )
                 else:
                     task = self.host.resource("Task", view["consultation"]["task_id"])
                     self.host.consultation_step(
-                        str(thread), "resubmit", source_key=key,
-                        bundle=consult_slips.resubmit_bundle(doc.record,
-                                                             task["for"]["reference"]))
+                        str(thread),
+                        "resubmit",
+                        source_key=key,
+                        bundle=consult_slips.resubmit_bundle(doc.record, task["for"]["reference"]),
+                    )
         ledger.remember(doc.doc_id, "in", doc.type, self.host.thread_for(key), digest)
 
     def on_consult(self, ev: ConsultEvent) -> None:
@@ -429,36 +500,68 @@ class WsAdapter(BaseAdapter):
             return
         row = view["consultation"]
         status = consult_slips.status_of(ev.event, view, ev.task)
-        out: list[tuple[str, str, bytes]] = [("consult-status", item.packet_id, consult_doc.write(
-            consult_doc.Doc(item.packet_id, "consult-status", status, consult_doc=request_doc,
-                            thread=item.thread), self.opts.encoding))]
+        out: list[tuple[str, str, bytes]] = [
+            (
+                "consult-status",
+                item.packet_id,
+                consult_doc.write(
+                    consult_doc.Doc(
+                        item.packet_id,
+                        "consult-status",
+                        status,
+                        consult_doc=request_doc,
+                        thread=item.thread,
+                    ),
+                    self.opts.encoding,
+                ),
+            )
+        ]
         gaps: list[Any] = []
         if ev.event == "release":
             codes = slips_fhir.Codes(self.host.maps, self.me, gaps)
             for rep in consult_slips.reports_of(view, codes, self.host):
                 doc_id = f"{rep.report_id}-R"
-                out.append(("consult-report", doc_id, consult_doc.write(consult_doc.Doc(
-                    doc_id, "consult-report", rep, consult_doc=request_doc),
-                    self.opts.encoding)))
+                out.append(
+                    (
+                        "consult-report",
+                        doc_id,
+                        consult_doc.write(
+                            consult_doc.Doc(doc_id, "consult-report", rep, consult_doc=request_doc),
+                            self.opts.encoding,
+                        ),
+                    )
+                )
             if row["kind"] == "imaging-reading":
                 task = self.host.resource("Task", row["task_id"])
                 patient = self.host.resource("Patient", task["for"]["reference"].split("/")[1])
                 mrn = slips_fhir._mrn(patient, self.me)
                 for doc in exam_report.from_reports(
-                        imaging_reports_from_bundle(
-                            with_local_studies(consult_slips.imaging_bundle(view), self.host),
-                            codes, slip_no=status.slip_no, sender=item.sender,
-                            patient_id=mrn),
-                        codes, self.site, producer=item.sender, referral_doc=request_doc,
-                        mrn=mrn, mrn_authority=self.me if mrn else "",
-                        received_at=item.received_at.isoformat()):
+                    imaging_reports_from_bundle(
+                        with_local_studies(consult_slips.imaging_bundle(view), self.host),
+                        codes,
+                        slip_no=status.slip_no,
+                        sender=item.sender,
+                        patient_id=mrn,
+                    ),
+                    codes,
+                    self.site,
+                    producer=item.sender,
+                    referral_doc=request_doc,
+                    mrn=mrn,
+                    mrn_authority=self.me if mrn else "",
+                    received_at=item.received_at.isoformat(),
+                ):
                     doc.version = ledger.report_version(doc.report_id, item.packet_id)
                     doc.doc_id = exam_report.doc_id_of(doc.report_id, doc.version)
-                    out.append(("exam-report", doc.doc_id,
-                                exam_report.write(doc, self.site, self.opts.encoding)))
+                    out.append(
+                        (
+                            "exam-report",
+                            doc.doc_id,
+                            exam_report.write(doc, self.site, self.opts.encoding),
+                        )
+                    )
         for doc_type, doc_id, raw in out:
-            ledger.remember(doc_id, "out", doc_type, item.thread,
-                            hashlib.sha256(raw).hexdigest())
+            ledger.remember(doc_id, "out", doc_type, item.thread, hashlib.sha256(raw).hexdigest())
             try:
                 self.client.receive(doc_type, doc_id, raw)
             except HisUnavailable as exc:
@@ -479,18 +582,24 @@ class WsAdapter(BaseAdapter):
 
     def _take_referral(self, doc: cda.Document, key: str, gaps: list[Any]) -> None:
         bundle = slips_fhir.referral_bundle(
-            doc.slip, self.host.maps, self.me, gaps=gaps,
-            national_id_system=self.host.plan.alliance.national_id_system)
+            doc.slip,
+            self.host.maps,
+            self.me,
+            gaps=gaps,
+            national_id_system=self.host.plan.alliance.national_id_system,
+        )
         self.host.submit_referral(bundle, source_key=key)
 
     def _take_answer(self, doc: cda.Document, key: str, gaps: list[Any]) -> None:
         thread = self._ledger().thread_of(doc.referral_doc)
         view = self.host.referral(thread) if thread else None
         if view is None:
-            raise BadDocument(f"document {doc.doc_id} answers referral document "
-                              f"{doc.referral_doc}, which this node never wrote into the HIS",
-                              field=f"/ClinicalDocument/inFulfillmentOf/order/id[@root="
-                                    f"'{self.site.doc_oid}']/@extension")
+            raise BadDocument(
+                f"document {doc.doc_id} answers referral document "
+                f"{doc.referral_doc}, which this node never wrote into the HIS",
+                field=f"/ClinicalDocument/inFulfillmentOf/order/id[@root="
+                f"'{self.site.doc_oid}']/@extension",
+            )
         row = view["referral"]
         slip = doc.slip
         if doc.type == "cancel":
@@ -498,32 +607,42 @@ class WsAdapter(BaseAdapter):
             return
         if doc.type == "acceptance":
             if slip.accepted:
-                self.host.referral_step(thread, "accept", source_key=key,
-                                        outputs=slips_fhir.acceptance_outputs(
-                                            slip, self.host.maps, me=self.me, gaps=gaps))
+                self.host.referral_step(
+                    thread,
+                    "accept",
+                    source_key=key,
+                    outputs=slips_fhir.acceptance_outputs(
+                        slip, self.host.maps, me=self.me, gaps=gaps
+                    ),
+                )
             else:
                 self.host.referral_step(thread, "reject", source_key=key, reason=slip.reason)
             return
         if row["status"] == "accepted":  # a return slip means the patient came
             self.host.referral_step(thread, "arrive", source_key=f"{key}:arrive")
         task = self.host.resource("Task", row["task_id"])
-        bundle = slips_fhir.return_bundle(slip, row["sr_id"], task["for"]["reference"],
-                                          self.host.maps, me=self.me, gaps=gaps)
+        bundle = slips_fhir.return_bundle(
+            slip, row["sr_id"], task["for"]["reference"], self.host.maps, me=self.me, gaps=gaps
+        )
         self.host.submit_referral(bundle, source_key=key)
 
-    def _take_cancel(self, doc: cda.Document, key: str, thread: str,
-                     row: dict[str, Any]) -> None:
+    def _take_cancel(self, doc: cda.Document, key: str, thread: str, row: dict[str, Any]) -> None:
         """The referring doctor withdraws the referral: the workflow's cancel step, once."""
         if row["side"] != "referrer":
-            raise BadDocument(f"document {doc.doc_id} withdraws referral document "
-                              f"{doc.referral_doc}, which this hospital received: only the "
-                              "referrer may cancel (the receiver rejects)",
-                              field=WORKFLOW_FIELD["cancel"])
+            raise BadDocument(
+                f"document {doc.doc_id} withdraws referral document "
+                f"{doc.referral_doc}, which this hospital received: only the "
+                "referrer may cancel (the receiver rejects)",
+                field=WORKFLOW_FIELD["cancel"],
+            )
         if row["status"] == "cancelled" or row["step"] == "cancel-requested":
             # the doctor withdrew it twice: applied once, the second one noted for the audit
-            self.host.audit("referral", message=f"cancel document {doc.doc_id}: referral "
-                            "already withdrawn, no second step", thread=thread,
-                            kind="referral.cancel")
+            self.host.audit(
+                "referral",
+                message=f"cancel document {doc.doc_id}: referral already withdrawn, no second step",
+                thread=thread,
+                kind="referral.cancel",
+            )
             self.count("cancel_repeated")
             return
         self.host.referral_step(thread, "cancel", source_key=key, reason=doc.slip.reason)
@@ -544,10 +663,10 @@ class WsAdapter(BaseAdapter):
         if doc_type == "referral":
             task = self.host.resource("Task", row["task_id"])
             patient = self.host.resource("Patient", task["for"]["reference"].split("/", 1)[1])
-            slip: Any = slips_fhir.referral_from_fhir(view, maps, patient=patient, me=self.me,
-                                                      gaps=gaps)
-            doc = cda.Document(item.packet_id, "referral", slip, slip.written_at,
-                               row["referrer"])
+            slip: Any = slips_fhir.referral_from_fhir(
+                view, maps, patient=patient, me=self.me, gaps=gaps
+            )
+            doc = cda.Document(item.packet_id, "referral", slip, slip.written_at, row["referrer"])
         else:
             referral_doc = ledger.referral_doc(item.thread)
             if referral_doc is None:  # the referral was not written in this HIS (web page, API)
@@ -559,26 +678,40 @@ class WsAdapter(BaseAdapter):
                 task = ev.task
                 done = row["status"] == "cancelled" and event != "cancel-refused"
                 reason = str((task.get("statusReason") or {}).get("text") or "")
-                slip = cda.CancelSlip(slip_no, reason or (CANCELLED_REASON if done
-                                                          else REFUSED_REASON),
-                                      "cancelled" if done else "refused")
+                slip = cda.CancelSlip(
+                    slip_no,
+                    reason or (CANCELLED_REASON if done else REFUSED_REASON),
+                    "cancelled" if done else "refused",
+                )
                 written = task.get("lastModified") or item.received_at.isoformat()
-                doc = cda.Document(item.packet_id, doc_type, slip, written, row["referrer"],
-                                   referral_doc=referral_doc)
+                doc = cda.Document(
+                    item.packet_id,
+                    doc_type,
+                    slip,
+                    written,
+                    row["referrer"],
+                    referral_doc=referral_doc,
+                )
             elif doc_type == "acceptance":
                 task = ev.task
-                slip = slips_fhir.acceptance_from_task(task, slip_no, maps, me=self.me,
-                                                       gaps=gaps)
+                slip = slips_fhir.acceptance_from_task(task, slip_no, maps, me=self.me, gaps=gaps)
                 written = task.get("lastModified") or item.received_at.isoformat()
             else:
                 slip = slips_fhir.return_from_fhir(view, maps, me=self.me, gaps=gaps)
                 written = slip.written_at
             if doc_type != "cancel":
-                doc = cda.Document(item.packet_id, doc_type, slip, written, row["receiver"],
-                                   referral_doc=referral_doc)
+                doc = cda.Document(
+                    item.packet_id,
+                    doc_type,
+                    slip,
+                    written,
+                    row["receiver"],
+                    referral_doc=referral_doc,
+                )
         raw = cda.write(doc, self.site, self.opts.encoding)
-        ledger.remember(item.packet_id, "out", doc_type, item.thread,
-                        hashlib.sha256(raw).hexdigest())
+        ledger.remember(
+            item.packet_id, "out", doc_type, item.thread, hashlib.sha256(raw).hexdigest()
+        )
         try:
             self.client.receive(doc_type, item.packet_id, raw)
         except HisUnavailable as exc:
@@ -624,26 +757,43 @@ class WsAdapter(BaseAdapter):
         if item.kind == "result.lab":
             doc_type, module = "lab-report", lab_report
             docs = lab_report.from_bundle(
-                ev.bundle, codes, self.site, producer=item.sender, slip_no=slip_no,
-                referral_doc=referral_doc, mrn=mrn, mrn_authority=row["referrer"] if mrn else "",
-                received_at=item.received_at.isoformat())
+                ev.bundle,
+                codes,
+                self.site,
+                producer=item.sender,
+                slip_no=slip_no,
+                referral_doc=referral_doc,
+                mrn=mrn,
+                mrn_authority=row["referrer"] if mrn else "",
+                received_at=item.received_at.isoformat(),
+            )
         else:
             doc_type, module = "exam-report", exam_report
             docs = exam_report.from_reports(
-                imaging_reports_from_bundle(with_local_studies(ev.bundle, self.host), codes,
-                                            slip_no=slip_no,
-                                            sender=item.sender, patient_id=mrn),
-                codes, self.site, producer=item.sender, referral_doc=referral_doc, mrn=mrn,
+                imaging_reports_from_bundle(
+                    with_local_studies(ev.bundle, self.host),
+                    codes,
+                    slip_no=slip_no,
+                    sender=item.sender,
+                    patient_id=mrn,
+                ),
+                codes,
+                self.site,
+                producer=item.sender,
+                referral_doc=referral_doc,
+                mrn=mrn,
                 mrn_authority=row["referrer"] if mrn else "",
-                received_at=item.received_at.isoformat())
+                received_at=item.received_at.isoformat(),
+            )
         for doc in docs:
             doc.version = ledger.report_version(doc.report_id, item.packet_id)
             doc.doc_id = module.doc_id_of(doc.report_id, doc.version)
             if doc.version > 1:
                 doc.replaces = module.doc_id_of(doc.report_id, doc.version - 1)
             raw = module.write(doc, self.site, self.opts.encoding)
-            ledger.remember(doc.doc_id, "out", doc_type, item.thread,
-                            hashlib.sha256(raw).hexdigest())
+            ledger.remember(
+                doc.doc_id, "out", doc_type, item.thread, hashlib.sha256(raw).hexdigest()
+            )
             try:
                 self.client.receive(doc_type, doc.doc_id, raw)
             except HisUnavailable as exc:
@@ -658,5 +808,6 @@ class WsAdapter(BaseAdapter):
 
 
 #: this type's declaration to the engine (entry point ``his-xml-ws``)
-create = AdapterType(name="his-xml-ws", options=Options, build=WsAdapter,
-                     example={"url": "http://127.0.0.1:9/his"})
+create = AdapterType(
+    name="his-xml-ws", options=Options, build=WsAdapter, example={"url": "http://127.0.0.1:9/his"}
+)

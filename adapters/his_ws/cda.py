@@ -42,8 +42,12 @@ CDA_TYPE_ID = ("2.16.840.1.113883.1.3", "POCD_MT000040")
 CST = timezone(timedelta(hours=8))  # a time written without offset is China Standard Time
 
 #: document type -> (CDA code, title)
-TYPES = {"referral": ("ZZD", "双向转诊单"), "acceptance": ("JZD", "接诊单"),
-         "return": ("ZHD", "转回单"), "cancel": ("CXD", "转诊撤销单")}
+TYPES = {
+    "referral": ("ZZD", "双向转诊单"),
+    "acceptance": ("JZD", "接诊单"),
+    "return": ("ZHD", "转回单"),
+    "cancel": ("CXD", "转诊撤销单"),
+}
 TYPE_OF_CODE = {code: t for t, (code, _) in TYPES.items()}
 GENDER = {"unknown": "0", "male": "1", "female": "2", "other": "9"}
 GENDER_OF = {v: k for k, v in GENDER.items()}
@@ -145,15 +149,19 @@ def iso(value: str, where: str) -> str:
             off = timedelta(hours=h, minutes=m)
             tz = timezone(off if sign == "+" else -off)
     except ValueError:
-        raise BadDate("not a real date and time (HL7 TS yyyyMMddHHmmss+zzzz)",
-                      field=where) from None
+        raise BadDate(
+            "not a real date and time (HL7 TS yyyyMMddHHmmss+zzzz)", field=where
+        ) from None
     return dt.replace(tzinfo=tz).isoformat(timespec="seconds")
 
 
 def birth(value: str, where: str) -> str:
     try:
-        return datetime.strptime(value[:8], "%Y%m%d").date().isoformat() \
-            if len(value) >= 8 else _bad_date(value, where)  # noqa: DTZ007 - a date
+        return (
+            datetime.strptime(value[:8], "%Y%m%d").date().isoformat()  # noqa: DTZ007 - a date
+            if len(value) >= 8
+            else _bad_date(value, where)
+        )
     except ValueError:
         return _bad_date(value, where)
 
@@ -165,8 +173,7 @@ def _bad_date(value: str, where: str) -> str:
 # -- writing ------------------------------------------------------------------------------------
 
 
-def _el(parent: etree._Element, tag: str, text: str | None = None,
-        **attrs: str) -> etree._Element:
+def _el(parent: etree._Element, tag: str, text: str | None = None, **attrs: str) -> etree._Element:
     e = etree.SubElement(parent, f"{{{V3}}}{tag}", {k: v for k, v in attrs.items() if v != ""})
     if text is not None:
         e.text = text
@@ -180,8 +187,7 @@ def _org(parent: etree._Element, tag: str, site: Site, member: str, name: str = 
         _el(org, "name", name)
 
 
-def _section(body: etree._Element, key: str, site: Site,
-             text: str | None = None) -> etree._Element:
+def _section(body: etree._Element, key: str, site: Site, text: str | None = None) -> etree._Element:
     code, system, title = SECTIONS[key]
     sec = _el(_el(body, "component"), "section")
     _el(sec, "code", code=code, codeSystem=system or site.items, displayName=title)
@@ -191,8 +197,9 @@ def _section(body: etree._Element, key: str, site: Site,
     return sec
 
 
-def _obs(sec: etree._Element, item: str, site: Site, text: str | None = None,
-         **value: str) -> etree._Element:
+def _obs(
+    sec: etree._Element, item: str, site: Site, text: str | None = None, **value: str
+) -> etree._Element:
     o = _el(_el(sec, "entry"), "observation", classCode="OBS", moodCode="EVN")
     _el(o, "code", code=item, codeSystem=site.items)
     if text is not None or value:
@@ -251,8 +258,14 @@ def write(doc: Document, site: Site, encoding: str = "UTF-8") -> bytes:
         _obs(sec, "department", site, code=s.department_code, codeSystem=site.department)
         _section(body, "summary", site, s.summary)
         sec = _section(body, "diagnosis", site)
-        _obs(sec, "diagnosis", site, code=s.diagnosis_code, codeSystem=site.diagnosis,
-             displayName=s.diagnosis_name)
+        _obs(
+            sec,
+            "diagnosis",
+            site,
+            code=s.diagnosis_code,
+            codeSystem=site.diagnosis,
+            displayName=s.diagnosis_name,
+        )
     elif isinstance(s, AcceptanceSlip):
         sec = _section(body, "acceptance", site)
         _obs(sec, "decision", site, code="accepted" if s.accepted else "rejected")
@@ -269,17 +282,23 @@ def write(doc: Document, site: Site, encoding: str = "UTF-8") -> bytes:
         _obs(sec, "cancel-status", site, code=s.status)
     else:
         sec = _section(body, "diagnosis", site)
-        _obs(sec, "diagnosis", site, code=s.diagnosis_code, codeSystem=site.diagnosis,
-             displayName=s.diagnosis_name)
+        _obs(
+            sec,
+            "diagnosis",
+            site,
+            code=s.diagnosis_code,
+            codeSystem=site.diagnosis,
+            displayName=s.diagnosis_name,
+        )
         sec = _section(body, "course", site, s.course)
         _obs(sec, "return-type", site, code="discharge" if s.discharge else "outpatient")
         _section(body, "advice", site, s.advice)
         sec = _section(body, "drugs", site)
         for p in s.prescriptions:
-            sa = _el(_el(sec, "entry"), "substanceAdministration", classCode="SBADM",
-                     moodCode="INT")
-            drug = _el(_el(_el(sa, "consumable"), "manufacturedProduct"),
-                       "manufacturedLabeledDrug")
+            sa = _el(
+                _el(sec, "entry"), "substanceAdministration", classCode="SBADM", moodCode="INT"
+            )
+            drug = _el(_el(_el(sa, "consumable"), "manufacturedProduct"), "manufacturedLabeledDrug")
             _el(drug, "code", code=p.drug_code, codeSystem=site.drug, displayName=p.drug_name)
             _el(sa, "doseText", p.dose)
             _el(sa, "frequency", code=p.frequency)
@@ -292,10 +311,8 @@ def write(doc: Document, site: Site, encoding: str = "UTF-8") -> bytes:
             if r.flag:
                 _el(o, "interpretationCode", code=r.flag)
             if r.reference_range:
-                _el(_el(_el(o, "referenceRange"), "observationRange"), "text",
-                    r.reference_range)
-    return bytes(etree.tostring(root, xml_declaration=True, encoding=encoding,
-                                pretty_print=True))
+                _el(_el(_el(o, "referenceRange"), "observationRange"), "text", r.reference_range)
+    return bytes(etree.tostring(root, xml_declaration=True, encoding=encoding, pretty_print=True))
 
 
 # -- reading ------------------------------------------------------------------------------------
@@ -312,29 +329,34 @@ class _Reader:
         found = self.opt(path, base)
         if found is None:
             where = xmlsafe.readable_path(base) if base is not None else ""
-            raise MissingElement(f"document {self.record} lacks mandatory {path}",
-                                 field=f"{where}/{path.replace('v3:', '')}"
-                                 if where else "/ClinicalDocument/" + path.replace("v3:", ""))
+            raise MissingElement(
+                f"document {self.record} lacks mandatory {path}",
+                field=f"{where}/{path.replace('v3:', '')}"
+                if where
+                else "/ClinicalDocument/" + path.replace("v3:", ""),
+            )
         return found
 
     def opt(self, path: str, base: etree._Element | None = None) -> etree._Element | None:
         hits = (base if base is not None else self.root).xpath(path, namespaces=NS)
         return hits[0] if hits else None
 
-    def text(self, path: str, base: etree._Element | None = None, *,
-             required: bool = True) -> str:
+    def text(self, path: str, base: etree._Element | None = None, *, required: bool = True) -> str:
         el = self.one(path, base) if required else self.opt(path, base)
         value = (el.text or "").strip() if el is not None else ""
         if required and not value:
-            raise MissingElement(f"document {self.record}: {path} is empty",
-                                 field=xmlsafe.readable_path(el))
+            raise MissingElement(
+                f"document {self.record}: {path} is empty", field=xmlsafe.readable_path(el)
+            )
         return value
 
     def attr(self, el: etree._Element, name: str) -> str:
         value = (el.get(name) or "").strip()
         if not value:
-            raise MissingElement(f"document {self.record}: @{name} is empty",
-                                 field=f"{xmlsafe.readable_path(el)}/@{name}")
+            raise MissingElement(
+                f"document {self.record}: @{name} is empty",
+                field=f"{xmlsafe.readable_path(el)}/@{name}",
+            )
         return value
 
     def section(self, key: str) -> etree._Element:
@@ -342,39 +364,49 @@ class _Reader:
         path = f"v3:component/v3:structuredBody/v3:component/v3:section[v3:code/@code='{code}']"
         found = self.opt(path)
         if found is None:
-            raise MissingElement(f"document {self.record} lacks the {key} section ({code})",
-                                 field=f"/ClinicalDocument/component/structuredBody/component"
-                                       f"/section[code/@code='{code}']")
+            raise MissingElement(
+                f"document {self.record} lacks the {key} section ({code})",
+                field=f"/ClinicalDocument/component/structuredBody/component"
+                f"/section[code/@code='{code}']",
+            )
         return found
 
-    def item(self, sec: etree._Element, item: str, *, required: bool = True
-             ) -> etree._Element | None:
+    def item(
+        self, sec: etree._Element, item: str, *, required: bool = True
+    ) -> etree._Element | None:
         path = f"v3:entry/v3:observation[v3:code/@code='{item}']/v3:value"
         found = self.opt(path, sec)
         if found is None and required:
-            raise MissingElement(f"document {self.record} lacks the '{item}' entry",
-                                 field=f"{xmlsafe.readable_path(sec)}/entry/observation"
-                                       f"[code/@code='{item}']/value")
+            raise MissingElement(
+                f"document {self.record} lacks the '{item}' entry",
+                field=f"{xmlsafe.readable_path(sec)}/entry/observation[code/@code='{item}']/value",
+            )
         return found
 
-    def coded(self, el: etree._Element, category: str, site: Site,
-              known: Known | None) -> str:
+    def coded(self, el: etree._Element, category: str, site: Site, known: Known | None) -> str:
         code = self.attr(el, "code")
         where = f"{xmlsafe.readable_path(el)}/@code"
         system = el.get("codeSystem") or ""
         if system != site.system(category):
-            raise UnknownCode(f"document {self.record}: {category} code system '{system}' is "
-                              f"not this site's ({site.system(category)})", field=where)
+            raise UnknownCode(
+                f"document {self.record}: {category} code system '{system}' is "
+                f"not this site's ({site.system(category)})",
+                field=where,
+            )
         if known is not None and not known(category, code):
-            raise UnknownCode(f"document {self.record}: {category} code '{code}' is not in the "
-                              "site's catalogue", field=where)
+            raise UnknownCode(
+                f"document {self.record}: {category} code '{code}' is not in the site's catalogue",
+                field=where,
+            )
         return code
 
     def choice(self, el: etree._Element, allowed: tuple[str, ...]) -> str:
         code = self.attr(el, "code")
         if code not in allowed:
-            raise UnknownCode(f"document {self.record}: '{code}' is not one of "
-                              f"{', '.join(allowed)}", field=f"{xmlsafe.readable_path(el)}/@code")
+            raise UnknownCode(
+                f"document {self.record}: '{code}' is not one of {', '.join(allowed)}",
+                field=f"{xmlsafe.readable_path(el)}/@code",
+            )
         return code
 
 
@@ -385,19 +417,18 @@ KINDS = ("up-outpatient", "up-inpatient", "up-exam", "down-outpatient", "down-di
 FIELD_PATHS = {
     "slip_no": "/ClinicalDocument/inFulfillmentOf/order/id[1]/@extension",
     "kind": "/ClinicalDocument/component/structuredBody/component/section[code/@code='42349-1']"
-            "/entry/observation[code/@code='kind']/value/@code",
+    "/entry/observation[code/@code='kind']/value/@code",
     "to_member": "/ClinicalDocument/informationRecipient/intendedRecipient/receivedOrganization"
-                 "/id/@extension",
+    "/id/@extension",
     "patient_name": "/ClinicalDocument/recordTarget/patientRole/patient/name",
     "gender": "/ClinicalDocument/recordTarget/patientRole/patient/administrativeGenderCode/@code",
     "birth_date": "/ClinicalDocument/recordTarget/patientRole/patient/birthTime/@value",
-    "id_number": f"/ClinicalDocument/recordTarget/patientRole/id[@root='{ID_CARD_OID}']"
-                 "/@extension",
+    "id_number": f"/ClinicalDocument/recordTarget/patientRole/id[@root='{ID_CARD_OID}']/@extension",
     "diagnosis_code": "/ClinicalDocument/component/structuredBody/component/section[code/@code="
-                      "'29548-5']/entry/observation[code/@code='diagnosis']/value/@code",
+    "'29548-5']/entry/observation[code/@code='diagnosis']/value/@code",
     "written_at": "/ClinicalDocument/effectiveTime/@value",
     "appointment_at": "/ClinicalDocument/component/structuredBody/component/section/entry"
-                      "/observation[code/@code='appointment']/value/@value",
+    "/observation[code/@code='appointment']/value/@value",
     "consent_by": "/ClinicalDocument/authorization/consent/code/@displayName",
 }
 
@@ -409,9 +440,11 @@ def field_path(slip_field: str) -> str:
     head, _, rest = slip_field.partition(".")
     for name, key in (("prescriptions", "10160-0"), ("results", "30954-2")):
         if head.startswith(name + "["):
-            n = int(head[len(name) + 1:-1]) + 1
-            return (f"/ClinicalDocument/component/structuredBody/component/section[code/@code="
-                    f"'{key}']/entry[{n}]" + (f" ({rest})" if rest else ""))
+            n = int(head[len(name) + 1 : -1]) + 1
+            return (
+                f"/ClinicalDocument/component/structuredBody/component/section[code/@code="
+                f"'{key}']/entry[{n}]" + (f" ({rest})" if rest else "")
+            )
     return f"/ClinicalDocument ({slip_field})"
 
 
@@ -428,8 +461,15 @@ def identify(raw: bytes) -> tuple[str | None, str | None]:
     return doc_id or None, dtype
 
 
-def read(raw: bytes, site: Site, *, record: str, known: Known | None = None,
-         expect: str | None = None, from_node: bool = False) -> Document:
+def read(
+    raw: bytes,
+    site: Site,
+    *,
+    record: str,
+    known: Known | None = None,
+    expect: str | None = None,
+    from_node: bool = False,
+) -> Document:
     """Check and read one document from the HIS (``record`` names it in every error).
 
     ``expect``: the type the envelope announced; a different document code is SchemaInvalid.
@@ -443,8 +483,9 @@ def read(raw: bytes, site: Site, *, record: str, known: Known | None = None,
         raise
 
 
-def _read(raw: bytes, site: Site, record: str, known: Known | None,
-          expect: str | None, from_node: bool) -> Document:
+def _read(
+    raw: bytes, site: Site, record: str, known: Known | None, expect: str | None, from_node: bool
+) -> Document:
     xmlsafe.check_encoding(raw, record)
     root = xmlsafe.parse(raw, record)
     xmlsafe.validate(root, CDA_XSD, record)
@@ -452,27 +493,38 @@ def _read(raw: bytes, site: Site, record: str, known: Known | None,
     doc_id = r.attr(r.one("v3:id"), "extension")
     dtype = TYPE_OF_CODE[r.one("v3:code").get("code", "")]
     if expect is not None and dtype != expect:
-        raise SchemaInvalid(f"document {record} is a {dtype} document, listed as {expect}",
-                            field="/ClinicalDocument/code/@code")
-    written = iso(r.one("v3:effectiveTime").get("value", ""),
-                  "/ClinicalDocument/effectiveTime/@value")
-    custodian = r.attr(r.one("v3:custodian/v3:assignedCustodian/"
-                             "v3:representedCustodianOrganization/v3:id"), "extension")
-    doctor = r.text("v3:author/v3:assignedAuthor/v3:assignedPerson/v3:name",
-                    required=dtype not in ("acceptance", "cancel"))
+        raise SchemaInvalid(
+            f"document {record} is a {dtype} document, listed as {expect}",
+            field="/ClinicalDocument/code/@code",
+        )
+    written = iso(
+        r.one("v3:effectiveTime").get("value", ""), "/ClinicalDocument/effectiveTime/@value"
+    )
+    custodian = r.attr(
+        r.one("v3:custodian/v3:assignedCustodian/v3:representedCustodianOrganization/v3:id"),
+        "extension",
+    )
+    doctor = r.text(
+        "v3:author/v3:assignedAuthor/v3:assignedPerson/v3:name",
+        required=dtype not in ("acceptance", "cancel"),
+    )
     order_ids = root.xpath("v3:inFulfillmentOf/v3:order/v3:id", namespaces=NS)
-    slip_no = next((i.get("extension", "") for i in order_ids if i.get("root") == site.slip_oid),
-                   "")
+    slip_no = next(
+        (i.get("extension", "") for i in order_ids if i.get("root") == site.slip_oid), ""
+    )
     if not slip_no:
-        raise MissingElement(f"document {record} lacks its referral slip number",
-                             field=f"/ClinicalDocument/inFulfillmentOf/order/id[@root="
-                                   f"'{site.slip_oid}']/@extension")
-    referral_doc = next((i.get("extension", "") for i in order_ids
-                         if i.get("root") == site.doc_oid), "")
+        raise MissingElement(
+            f"document {record} lacks its referral slip number",
+            field=f"/ClinicalDocument/inFulfillmentOf/order/id[@root='{site.slip_oid}']/@extension",
+        )
+    referral_doc = next(
+        (i.get("extension", "") for i in order_ids if i.get("root") == site.doc_oid), ""
+    )
     if dtype != "referral" and not referral_doc:
-        raise MissingElement(f"document {record} does not name the referral document it "
-                             "answers", field=f"/ClinicalDocument/inFulfillmentOf/order/id"
-                                              f"[@root='{site.doc_oid}']/@extension")
+        raise MissingElement(
+            f"document {record} does not name the referral document it answers",
+            field=f"/ClinicalDocument/inFulfillmentOf/order/id[@root='{site.doc_oid}']/@extension",
+        )
     slip: Slip
     if dtype == "referral":
         slip = _referral(r, site, known, slip_no, doctor, written, from_node)
@@ -481,9 +533,13 @@ def _read(raw: bytes, site: Site, record: str, known: Known | None,
     elif dtype == "cancel":
         sec = r.section("cancel")
         status = r.item(sec, "cancel-status", required=False)
-        slip = CancelSlip(slip_no, r.text("v3:text", sec),
-                          r.choice(status, CANCEL_STATUS) if status is not None else "requested",
-                          doctor, written)
+        slip = CancelSlip(
+            slip_no,
+            r.text("v3:text", sec),
+            r.choice(status, CANCEL_STATUS) if status is not None else "requested",
+            doctor,
+            written,
+        )
     else:
         slip = _return(r, site, known, slip_no, doctor, written)
     return Document(doc_id, dtype, slip, written, custodian, referral_doc)
@@ -499,19 +555,28 @@ def id_number_in(raw: bytes) -> str | None:
         root = etree.fromstring(raw, xmlsafe.parser())
     except (etree.XMLSyntaxError, ValueError):
         return None
-    found = root.xpath(f"v3:recordTarget/v3:patientRole/v3:id[@root='{ID_CARD_OID}']/@extension",
-                       namespaces=NS)
+    found = root.xpath(
+        f"v3:recordTarget/v3:patientRole/v3:id[@root='{ID_CARD_OID}']/@extension", namespaces=NS
+    )
     return str(found[0]).strip() or None if found else None
 
 
-def _referral(r: _Reader, site: Site, known: Known | None, slip_no: str, doctor: str,
-              written: str, from_node: bool) -> ReferralSlip:
+def _referral(
+    r: _Reader,
+    site: Site,
+    known: Known | None,
+    slip_no: str,
+    doctor: str,
+    written: str,
+    from_node: bool,
+) -> ReferralSlip:
     role = r.one("v3:recordTarget/v3:patientRole")
     ids = {i.get("root"): i for i in role.xpath("v3:id", namespaces=NS)}
     if ID_CARD_OID not in ids and not from_node:
-        raise MissingElement(f"document {r.record} lacks the patient's ID card number",
-                             field=f"/ClinicalDocument/recordTarget/patientRole/id[@root="
-                                   f"'{ID_CARD_OID}']")
+        raise MissingElement(
+            f"document {r.record} lacks the patient's ID card number",
+            field=f"/ClinicalDocument/recordTarget/patientRole/id[@root='{ID_CARD_OID}']",
+        )
     id_number = r.attr(ids[ID_CARD_OID], "extension") if ID_CARD_OID in ids else ""
     mrn = ids[site.mrn_oid].get("extension", "") if site.mrn_oid in ids else ""
     tel = r.opt("v3:telecom", role)
@@ -519,8 +584,7 @@ def _referral(r: _Reader, site: Site, known: Known | None, slip_no: str, doctor:
     patient = r.one("v3:patient", role)
     gender_el = r.one("v3:administrativeGenderCode", patient)
     birth_el = r.one("v3:birthTime", patient)
-    recipient = r.one("v3:informationRecipient/v3:intendedRecipient/"
-                      "v3:receivedOrganization/v3:id")
+    recipient = r.one("v3:informationRecipient/v3:intendedRecipient/v3:receivedOrganization/v3:id")
     consent = r.opt("v3:authorization/v3:consent/v3:code")
     reason = r.section("reason")
     diag = r.item(r.section("diagnosis"), "diagnosis")
@@ -551,8 +615,9 @@ def _referral(r: _Reader, site: Site, known: Known | None, slip_no: str, doctor:
     )
 
 
-def _acceptance(r: _Reader, site: Site, known: Known | None, slip_no: str,
-                doctor: str) -> AcceptanceSlip:
+def _acceptance(
+    r: _Reader, site: Site, known: Known | None, slip_no: str, doctor: str
+) -> AcceptanceSlip:
     sec = r.section("acceptance")
     decision = r.item(sec, "decision")
     assert decision is not None
@@ -562,49 +627,59 @@ def _acceptance(r: _Reader, site: Site, known: Known | None, slip_no: str,
     dept = r.item(sec, "department", required=False)
     bed = r.item(sec, "bed", required=False)
     if not accepted and (reason is None or not (reason.text or "").strip()):
-        raise MissingElement(f"document {r.record}: a rejection needs its reason",
-                             field=f"{xmlsafe.readable_path(sec)}/entry/observation"
-                                   "[code/@code='reject-reason']/value")
+        raise MissingElement(
+            f"document {r.record}: a rejection needs its reason",
+            field=f"{xmlsafe.readable_path(sec)}/entry/observation"
+            "[code/@code='reject-reason']/value",
+        )
     return AcceptanceSlip(
-        slip_no=slip_no, accepted=accepted,
+        slip_no=slip_no,
+        accepted=accepted,
         reason=(reason.text or "").strip() if reason is not None else "",
         appointment_at=iso(appt.get("value", ""), xmlsafe.readable_path(appt) + "/@value")
-        if appt is not None else "",
+        if appt is not None
+        else "",
         department_code=r.coded(dept, "department", site, known) if dept is not None else "",
         bed_no=(bed.text or "").strip() if bed is not None else "",
         doctor=doctor,
     )
 
 
-def _return(r: _Reader, site: Site, known: Known | None, slip_no: str, doctor: str,
-            written: str) -> ReturnSlip:
+def _return(
+    r: _Reader, site: Site, known: Known | None, slip_no: str, doctor: str, written: str
+) -> ReturnSlip:
     diag = r.item(r.section("diagnosis"), "diagnosis")
     course = r.section("course")
     kind = r.item(course, "return-type")
     assert diag is not None and kind is not None
     prescriptions = []
     for sa in r.section("drugs").xpath("v3:entry/v3:substanceAdministration", namespaces=NS):
-        drug = r.one("v3:consumable/v3:manufacturedProduct/v3:manufacturedLabeledDrug/v3:code",
-                     sa)
-        prescriptions.append(Prescription(
-            drug_code=r.coded(drug, "drug", site, known),
-            drug_name=drug.get("displayName", ""),
-            dose=r.text("v3:doseText", sa),
-            frequency=r.attr(r.one("v3:frequency", sa), "code"),
-            days=int(r.one("v3:duration", sa).get("value", "0"))))
+        drug = r.one("v3:consumable/v3:manufacturedProduct/v3:manufacturedLabeledDrug/v3:code", sa)
+        prescriptions.append(
+            Prescription(
+                drug_code=r.coded(drug, "drug", site, known),
+                drug_name=drug.get("displayName", ""),
+                dose=r.text("v3:doseText", sa),
+                frequency=r.attr(r.one("v3:frequency", sa), "code"),
+                days=int(r.one("v3:duration", sa).get("value", "0")),
+            )
+        )
     results = []
     for o in r.section("labs").xpath("v3:entry/v3:observation", namespaces=NS):
         code = r.one("v3:code", o)
         value = r.one("v3:value", o)
         interp = r.opt("v3:interpretationCode", o)
         rng = r.opt("v3:referenceRange/v3:observationRange/v3:text", o)
-        results.append(LabResult(
-            item_code=r.coded(code, "lab", site, known),
-            item_name=code.get("displayName", ""),
-            value=r.attr(value, "value"),
-            unit=value.get("unit", ""),
-            flag=interp.get("code", "") if interp is not None else "",
-            reference_range=(rng.text or "").strip() if rng is not None else ""))
+        results.append(
+            LabResult(
+                item_code=r.coded(code, "lab", site, known),
+                item_name=code.get("displayName", ""),
+                value=r.attr(value, "value"),
+                unit=value.get("unit", ""),
+                flag=interp.get("code", "") if interp is not None else "",
+                reference_range=(rng.text or "").strip() if rng is not None else "",
+            )
+        )
     return ReturnSlip(
         slip_no=slip_no,
         discharge=r.choice(kind, ("discharge", "outpatient")) == "discharge",

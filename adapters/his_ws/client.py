@@ -33,9 +33,14 @@ _PENDING = f"{{{soap.HWS}}}PendingDocument"
 
 
 class HisClient:
-    def __init__(self, url: str, timeout_s: float = 10.0, *,
-                 max_document_bytes: int = DEFAULT_MAX_DOCUMENT,
-                 call_deadline_s: float = 120.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        timeout_s: float = 10.0,
+        *,
+        max_document_bytes: int = DEFAULT_MAX_DOCUMENT,
+        call_deadline_s: float = 120.0,
+    ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {url}")
@@ -46,13 +51,22 @@ class HisClient:
         self.call_deadline_s = call_deadline_s
 
     def _open(self, action: str, body: bytes) -> tuple[Any, Any]:
-        cls = http.client.HTTPSConnection if self.parts.scheme == "https" \
+        cls = (
+            http.client.HTTPSConnection
+            if self.parts.scheme == "https"
             else http.client.HTTPConnection
+        )
         conn = cls(self.parts.hostname, self.parts.port, timeout=self.timeout_s)
         try:
-            conn.request("POST", self.parts.path or "/", body, {
-                "Content-Type": "text/xml; charset=utf-8",
-                "SOAPAction": f'"urn:hutong:his-ws:1#{action}"'})
+            conn.request(
+                "POST",
+                self.parts.path or "/",
+                body,
+                {
+                    "Content-Type": "text/xml; charset=utf-8",
+                    "SOAPAction": f'"urn:hutong:his-ws:1#{action}"',
+                },
+            )
             return conn, conn.getresponse()
         except (OSError, http.client.HTTPException) as exc:  # timeouts are OSError
             conn.close()
@@ -65,8 +79,9 @@ class HisClient:
         try:
             while True:
                 if time.monotonic() > deadline:
-                    raise HisUnavailable(f"HIS {action}: answer not complete within "
-                                         f"{self.call_deadline_s:g} s")
+                    raise HisUnavailable(
+                        f"HIS {action}: answer not complete within {self.call_deadline_s:g} s"
+                    )
                 chunk = resp.read1(_CHUNK)
                 if not chunk:
                     return b"".join(parts)
@@ -81,11 +96,13 @@ class HisClient:
         try:
             return soap.operation(data, f"HIS {action} response")
         except soap.Fault as fault:
-            raise HisUnavailable(f"HIS {action} answered a SOAP Fault {fault.code}: "
-                                 f"{fault.text[:200]}") from None
+            raise HisUnavailable(
+                f"HIS {action} answered a SOAP Fault {fault.code}: {fault.text[:200]}"
+            ) from None
         except BadDocument as exc:
-            raise HisUnavailable(f"HIS {action} answered HTTP {status} without a valid "
-                                 f"envelope ({exc.code})") from None
+            raise HisUnavailable(
+                f"HIS {action} answered HTTP {status} without a valid envelope ({exc.code})"
+            ) from None
 
     def call(self, action: str, body: bytes) -> etree._Element:
         """POST one envelope; the response's operation element, or HisUnavailable."""
@@ -110,21 +127,31 @@ class HisClient:
         conn, resp = self._open(action, soap.get_pending(since, max_docs))
         try:
             if resp.status != 200:  # a Fault: small, read whole
-                return soap.read_pending(self._operation(
-                    action, self._read(action, resp, _SMALL_ANSWER, deadline), resp.status))
+                return soap.read_pending(
+                    self._operation(
+                        action, self._read(action, resp, _SMALL_ANSWER, deadline), resp.status
+                    )
+                )
             return self._stream_pending(action, resp, max_docs, deadline)
         finally:
             conn.close()
 
-    def _stream_pending(self, action: str, resp: Any, max_docs: int,
-                        deadline: float) -> list[soap.Pending]:
+    def _stream_pending(
+        self, action: str, resp: Any, max_docs: int, deadline: float
+    ) -> list[soap.Pending]:
         limit = self.max_document_bytes
         per_doc = (limit + 2) // 3 * 4 + 256  # base64 text of a document at the limit
         total_cap = max_docs * (per_doc + 1024) + _SMALL_ANSWER
         # huge_tree only lifts libxml2's own text ceiling: sizes are bounded here instead
-        parser = etree.XMLPullParser(events=("start", "end"), resolve_entities=False,
-                                     no_network=True, huge_tree=True, load_dtd=False,
-                                     remove_comments=True, remove_pis=True)
+        parser = etree.XMLPullParser(
+            events=("start", "end"),
+            resolve_entities=False,
+            no_network=True,
+            huge_tree=True,
+            load_dtd=False,
+            remove_comments=True,
+            remove_pis=True,
+        )
         fed = 0
         open_at: int | None = None
         open_attrs: dict[str, str] = {}
@@ -132,8 +159,9 @@ class HisClient:
         try:
             while True:
                 if time.monotonic() > deadline:
-                    raise HisUnavailable(f"HIS {action}: answer not complete within "
-                                         f"{self.call_deadline_s:g} s")
+                    raise HisUnavailable(
+                        f"HIS {action}: answer not complete within {self.call_deadline_s:g} s"
+                    )
                 chunk = resp.read1(_CHUNK)
                 if not chunk:
                     break
@@ -156,15 +184,17 @@ class HisClient:
         except (OSError, http.client.HTTPException) as exc:
             raise HisUnavailable(f"HIS {action}: {type(exc).__name__}") from exc
         except etree.XMLSyntaxError as exc:
-            raise HisUnavailable(f"HIS {action} answered an envelope that is not well-formed "
-                                 f"(line {exc.lineno})") from None
+            raise HisUnavailable(
+                f"HIS {action} answered an envelope that is not well-formed (line {exc.lineno})"
+            ) from None
         try:  # a complete answer is checked against the XSD as before
             if root.tag != f"{{{soap.SOAP}}}Envelope":
                 raise BadDocument("not a SOAP 1.1 envelope")
             xmlsafe.validate(root, soap.XSD, f"HIS {action} response")
         except BadDocument as exc:
-            raise HisUnavailable(f"HIS {action} answered HTTP 200 without a valid envelope "
-                                 f"({exc.code})") from None
+            raise HisUnavailable(
+                f"HIS {action} answered HTTP 200 without a valid envelope ({exc.code})"
+            ) from None
         body = root.find(f"{{{soap.SOAP}}}Body")
         if body is None or body[0].tag != f"{{{soap.HWS}}}GetPendingDocumentsResponse":
             raise HisUnavailable(f"HIS {action} answered without a GetPendingDocumentsResponse")
@@ -192,11 +222,10 @@ def _pending(attrs: dict[str, str], raw: bytes, too_large: int) -> soap.Pending:
     try:
         seq = int(attrs.get("seq", ""))
     except ValueError:
-        raise HisUnavailable("HIS GetPendingDocuments: a document without a numeric seq") \
-            from None
+        raise HisUnavailable("HIS GetPendingDocuments: a document without a numeric seq") from None
     doc_id, dtype = attrs.get("id") or "", attrs.get("type") or ""
     if not doc_id or len(doc_id) > 128 or dtype not in soap.PENDING_TYPES:
-        raise HisUnavailable(f"HIS GetPendingDocuments: document seq {seq} has no usable id "
-                             "or type")
+        raise HisUnavailable(
+            f"HIS GetPendingDocuments: document seq {seq} has no usable id or type"
+        )
     return soap.Pending(seq, doc_id, dtype, raw, too_large)
-

@@ -36,9 +36,13 @@ from adapters.his_ws import xmlsafe
 
 NS = "urn:hutong:his-ws:consult:1"
 XSD = "consult.xsd"
-ROOTS = {"consult": "ConsultRequest", "consult-records": "ConsultRecords",
-         "consult-cancel": "ConsultCancel",
-         "consult-status": "ConsultStatus", "consult-report": "ConsultReport"}
+ROOTS = {
+    "consult": "ConsultRequest",
+    "consult-records": "ConsultRecords",
+    "consult-cancel": "ConsultCancel",
+    "consult-status": "ConsultStatus",
+    "consult-report": "ConsultReport",
+}
 TYPE_OF_ROOT = {v: k for k, v in ROOTS.items()}
 
 
@@ -109,8 +113,15 @@ def write(doc: Doc, encoding: str = "UTF-8") -> bytes:
         _add(root, "consult_doc", doc.consult_doc)
         etree.SubElement(root, _q("slip_no")).text = r.slip_no
         values = asdict(r)
-        for name in ("report_id", "kind", "status", "diagnosis_code", "diagnosis_name",
-                     "diagnosis_text", "advice"):
+        for name in (
+            "report_id",
+            "kind",
+            "status",
+            "diagnosis_code",
+            "diagnosis_name",
+            "diagnosis_text",
+            "advice",
+        ):
             _add(root, name, values[name])
         _add(root, "referral_recommended", bool(r.referral_recommended))
         for name in ("referral_to", "referral_note", "conclusion", "study_uid"):
@@ -144,8 +155,10 @@ def read(raw: bytes, record: str, expect: str | None = None) -> Doc:
     if doc_type is None or (expect is not None and doc_type != expect):
         from adapters.his_ws.errors import SchemaInvalid
 
-        raise SchemaInvalid(f"document {record} is not a {ROOTS.get(expect or '', 'consult')} "
-                            "document", field=f"/{qn.localname}")
+        raise SchemaInvalid(
+            f"document {record} is not a {ROOTS.get(expect or '', 'consult')} document",
+            field=f"/{qn.localname}",
+        )
     xmlsafe.validate(root, XSD, record)
 
     def t(tag: str, el: etree._Element = root) -> str:
@@ -155,34 +168,61 @@ def read(raw: bytes, record: str, expect: str | None = None) -> Doc:
     if doc_type == "consult":
         values: dict[str, Any] = {f.name: t(f.name) for f in fields(cs.ConsultSlip)}
         values["urgent"] = t("urgent") in ("true", "1")
-        values["specialties"] = ";".join((e.text or "").strip()
-                                         for e in root.findall(_q("specialty")))
-        values["shared_results"] = ";".join((e.text or "").strip()
-                                            for e in root.findall(_q("shared_report")))
+        values["specialties"] = ";".join(
+            (e.text or "").strip() for e in root.findall(_q("specialty"))
+        )
+        values["shared_results"] = ";".join(
+            (e.text or "").strip() for e in root.findall(_q("shared_report"))
+        )
         return Doc(doc_id, doc_type, cs.ConsultSlip(**values))
     if doc_type == "consult-records":
-        return Doc(doc_id, doc_type, cs.ResubmitSlip(**{f.name: t(f.name)
-                                                         for f in fields(cs.ResubmitSlip)}),
-                   consult_doc=t("consult_doc"))
+        return Doc(
+            doc_id,
+            doc_type,
+            cs.ResubmitSlip(**{f.name: t(f.name) for f in fields(cs.ResubmitSlip)}),
+            consult_doc=t("consult_doc"),
+        )
     if doc_type == "consult-cancel":
-        return Doc(doc_id, doc_type, cs.ConsultCancel(**{f.name: t(f.name)
-                                                   for f in fields(cs.ConsultCancel)}),
-                   consult_doc=t("consult_doc"))
+        return Doc(
+            doc_id,
+            doc_type,
+            cs.ConsultCancel(**{f.name: t(f.name) for f in fields(cs.ConsultCancel)}),
+            consult_doc=t("consult_doc"),
+        )
     if doc_type == "consult-status":
-        experts = ";".join(f"{t('name', e)}({t('specialty', e)})" if t("specialty", e)
-                           else t("name", e) for e in root.findall(_q("expert")))
-        st = cs.ConsultStatus(slip_no=t("slip_no"), event=t("event"), step=t("step"),
-                              status=t("status"), reason=t("reason"), start=t("start"),
-                              end=t("end"), experts=experts, video_link=t("video_link"),
-                              at=t("at"))
+        experts = ";".join(
+            f"{t('name', e)}({t('specialty', e)})" if t("specialty", e) else t("name", e)
+            for e in root.findall(_q("expert"))
+        )
+        st = cs.ConsultStatus(
+            slip_no=t("slip_no"),
+            event=t("event"),
+            step=t("step"),
+            status=t("status"),
+            reason=t("reason"),
+            start=t("start"),
+            end=t("end"),
+            experts=experts,
+            video_link=t("video_link"),
+            at=t("at"),
+        )
         return Doc(doc_id, doc_type, st, consult_doc=t("consult_doc"), thread=t("thread"))
     rep = cs.ConsultReport(
-        slip_no=t("slip_no"), report_id=t("report_id"), kind=t("kind"), status=t("status"),
-        diagnosis_code=t("diagnosis_code"), diagnosis_name=t("diagnosis_name"),
-        diagnosis_text=t("diagnosis_text"), advice=t("advice"),
+        slip_no=t("slip_no"),
+        report_id=t("report_id"),
+        kind=t("kind"),
+        status=t("status"),
+        diagnosis_code=t("diagnosis_code"),
+        diagnosis_name=t("diagnosis_name"),
+        diagnosis_text=t("diagnosis_text"),
+        advice=t("advice"),
         referral_recommended=t("referral_recommended") in ("true", "1"),
-        referral_to=t("referral_to"), referral_note=t("referral_note"),
-        conclusion=t("conclusion"), study_uid=t("study_uid"),
-        pdf=base64.b64decode(t("pdf")) if t("pdf") else b"", author=t("author"),
-        issued_at=t("issued_at"))
+        referral_to=t("referral_to"),
+        referral_note=t("referral_note"),
+        conclusion=t("conclusion"),
+        study_uid=t("study_uid"),
+        pdf=base64.b64decode(t("pdf")) if t("pdf") else b"",
+        author=t("author"),
+        issued_at=t("issued_at"),
+    )
     return Doc(doc_id, doc_type, rep, consult_doc=t("consult_doc"))

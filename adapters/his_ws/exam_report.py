@@ -88,22 +88,53 @@ def doc_id_of(report_id: str, version: int) -> str:
     return f"{report_id}-v{version}"
 
 
-def from_reports(reports: list[ImagingReport], codes: Codes, site: Site, *, producer: str,
-                 referral_doc: str, mrn: str, mrn_authority: str,
-                 received_at: str) -> list[ExamReportDoc]:
+def from_reports(
+    reports: list[ImagingReport],
+    codes: Codes,
+    site: Site,
+    *,
+    producer: str,
+    referral_doc: str,
+    mrn: str,
+    mrn_authority: str,
+    received_at: str,
+) -> list[ExamReportDoc]:
     """One document per report (id and version set by the caller)."""
     out = []
     for r in reports:
-        system = site.exam if r.translated else LOINC_OID if r.exam_code_system == LOINC \
+        system = (
+            site.exam
+            if r.translated
+            else LOINC_OID
+            if r.exam_code_system == LOINC
             else r.exam_code_system
-        out.append(ExamReportDoc(
-            doc_id="", report_id=r.report_id, version=0,
-            written_at=_ts(r.issued_at or received_at), producer=producer, slip_no=r.slip_no,
-            referral_doc=referral_doc, mrn=mrn, mrn_authority=mrn_authority,
-            accession=r.accession, code=r.exam_code, code_system=system, name=r.exam_name,
-            status=r.status, exam_at=_ts(r.exam_at), study_uid=r.study_uid,
-            modality=r.modality, body_site=r.body_site, doctor=r.doctor, findings=r.findings,
-            conclusion=r.conclusion, pdf=r.pdf))
+        )
+        out.append(
+            ExamReportDoc(
+                doc_id="",
+                report_id=r.report_id,
+                version=0,
+                written_at=_ts(r.issued_at or received_at),
+                producer=producer,
+                slip_no=r.slip_no,
+                referral_doc=referral_doc,
+                mrn=mrn,
+                mrn_authority=mrn_authority,
+                accession=r.accession,
+                code=r.exam_code,
+                code_system=system,
+                name=r.exam_name,
+                status=r.status,
+                exam_at=_ts(r.exam_at),
+                study_uid=r.study_uid,
+                modality=r.modality,
+                body_site=r.body_site,
+                doctor=r.doctor,
+                findings=r.findings,
+                conclusion=r.conclusion,
+                pdf=r.pdf,
+            )
+        )
     return out
 
 
@@ -131,17 +162,20 @@ def write(doc: ExamReportDoc, site: Site, encoding: str = "UTF-8") -> bytes:
     _el(root, "versionNumber", value=str(doc.version))
     if doc.mrn:
         role = _el(_el(root, "recordTarget"), "patientRole")
-        _el(role, "id", root=site.mrn_oid, extension=doc.mrn,
-            assigningAuthorityName=doc.mrn_authority)
+        _el(
+            role,
+            "id",
+            root=site.mrn_oid,
+            extension=doc.mrn,
+            assigningAuthorityName=doc.mrn_authority,
+        )
     author = _el(root, "author")
     _el(author, "time", value=doc.written_at)
     assigned = _el(author, "assignedAuthor")
     if doc.doctor:
         _el(_el(assigned, "assignedPerson"), "name", doc.doctor)
-    _el(_el(assigned, "representedOrganization"), "id", root=site.org_oid,
-        extension=doc.producer)
-    cust = _el(_el(_el(root, "custodian"), "assignedCustodian"),
-               "representedCustodianOrganization")
+    _el(_el(assigned, "representedOrganization"), "id", root=site.org_oid, extension=doc.producer)
+    cust = _el(_el(_el(root, "custodian"), "assignedCustodian"), "representedCustodianOrganization")
     _el(cust, "id", root=site.org_oid, extension=doc.producer)
     if doc.replaces:
         parent = _el(_el(root, "relatedDocument", typeCode="RPLC"), "parentDocument")
@@ -153,8 +187,13 @@ def write(doc: ExamReportDoc, site: Site, encoding: str = "UTF-8") -> bytes:
         _el(order, "id", root=site.slip_oid, extension=doc.slip_no)
     _el(order, "id", root=site.doc_oid, extension=doc.referral_doc)
     if doc.accession:
-        _el(order, "id", root=site.accession, extension=doc.accession,
-            assigningAuthorityName=doc.producer)
+        _el(
+            order,
+            "id",
+            root=site.accession,
+            extension=doc.accession,
+            assigningAuthorityName=doc.producer,
+        )
     event = _el(_el(root, "documentationOf"), "serviceEvent")
     if doc.study_uid:
         _el(event, "id", root=doc.study_uid)
@@ -165,8 +204,10 @@ def write(doc: ExamReportDoc, site: Site, encoding: str = "UTF-8") -> bytes:
     _el(event, "statusCode", code=doc.status or "unknown")
     body = _el(_el(root, "component"), "structuredBody")
     found = _section(body, FINDINGS, doc.findings)
-    for (code, system, name), value, vtype in ((MODALITY, doc.modality, "CD"),
-                                               (BODY_SITE, doc.body_site, "ST")):
+    for (code, system, name), value, vtype in (
+        (MODALITY, doc.modality, "CD"),
+        (BODY_SITE, doc.body_site, "ST"),
+    ):
         if value:
             o = _el(_el(found, "entry"), "observation", classCode="OBS", moodCode="EVN")
             _el(o, "code", code=code, codeSystem=system, displayName=name)
@@ -176,13 +217,21 @@ def write(doc: ExamReportDoc, site: Site, encoding: str = "UTF-8") -> bytes:
                 _el(o, "value", value, type="ST")
     _section(body, IMPRESSION, doc.conclusion)
     if doc.pdf:
-        media = _el(_el(_section(body, PDF_SECTION, ""), "entry"), "observationMedia",
-                    classCode="OBS", moodCode="EVN")
-        _el(media, "value", base64.b64encode(doc.pdf).decode("ascii"),
-            mediaType="application/pdf", representation="B64")
+        media = _el(
+            _el(_section(body, PDF_SECTION, ""), "entry"),
+            "observationMedia",
+            classCode="OBS",
+            moodCode="EVN",
+        )
+        _el(
+            media,
+            "value",
+            base64.b64encode(doc.pdf).decode("ascii"),
+            mediaType="application/pdf",
+            representation="B64",
+        )
     xmlsafe.validate(root, EXAM_XSD, doc.doc_id)
-    return bytes(etree.tostring(root, xml_declaration=True, encoding=encoding,
-                                pretty_print=True))
+    return bytes(etree.tostring(root, xml_declaration=True, encoding=encoding, pretty_print=True))
 
 
 # -- reading (the HIS's side) ---------------------------------------------------------------
@@ -199,33 +248,43 @@ def read(raw: bytes, site: Site, *, record: str) -> ExamReportDoc:
         el = r.opt(path, base)
         return (el.get(name) or "") if el is not None else ""
 
-    ids = {i.get("root"): (i.get("extension", ""), i.get("assigningAuthorityName", ""))
-           for i in root.xpath("v3:inFulfillmentOf/v3:order/v3:id", namespaces=NS)}
+    ids = {
+        i.get("root"): (i.get("extension", ""), i.get("assigningAuthorityName", ""))
+        for i in root.xpath("v3:inFulfillmentOf/v3:order/v3:id", namespaces=NS)
+    }
     if not ids.get(site.doc_oid):
         from adapters.his_ws.errors import SchemaInvalid
 
-        raise SchemaInvalid(f"document {record} does not name its referral document",
-                            field="/ClinicalDocument/inFulfillmentOf/order/id")
+        raise SchemaInvalid(
+            f"document {record} does not name its referral document",
+            field="/ClinicalDocument/inFulfillmentOf/order/id",
+        )
     mrn = r.opt("v3:recordTarget/v3:patientRole/v3:id")
     event = "v3:documentationOf/v3:serviceEvent/"
     doc = ExamReportDoc(
-        doc_id=attr("v3:id", "extension"), report_id=attr("v3:setId", "extension"),
+        doc_id=attr("v3:id", "extension"),
+        report_id=attr("v3:setId", "extension"),
         version=int(attr("v3:versionNumber", "value")),
         written_at=attr("v3:effectiveTime", "value"),
-        producer=attr("v3:custodian/v3:assignedCustodian/v3:representedCustodianOrganization/"
-                      "v3:id", "extension"),
-        slip_no=ids.get(site.slip_oid, ("", ""))[0], referral_doc=ids[site.doc_oid][0],
+        producer=attr(
+            "v3:custodian/v3:assignedCustodian/v3:representedCustodianOrganization/v3:id",
+            "extension",
+        ),
+        slip_no=ids.get(site.slip_oid, ("", ""))[0],
+        referral_doc=ids[site.doc_oid][0],
         mrn=mrn.get("extension", "") if mrn is not None else "",
         mrn_authority=mrn.get("assigningAuthorityName", "") if mrn is not None else "",
-        replaces=attr("v3:relatedDocument[@typeCode='RPLC']/v3:parentDocument/v3:id",
-                      "extension"),
+        replaces=attr("v3:relatedDocument[@typeCode='RPLC']/v3:parentDocument/v3:id", "extension"),
         accession=ids.get(site.accession, ("", ""))[0],
-        code=attr(event + "v3:code", "code"), code_system=attr(event + "v3:code", "codeSystem"),
-        name=attr(event + "v3:code", "displayName"), status=attr(event + "v3:statusCode", "code"),
-        exam_at=attr(event + "v3:effectiveTime", "value"), study_uid=attr(event + "v3:id", "root"),
-        doctor=r.text("v3:author/v3:assignedAuthor/v3:assignedPerson/v3:name", required=False))
-    for sec in root.xpath("v3:component/v3:structuredBody/v3:component/v3:section",
-                          namespaces=NS):
+        code=attr(event + "v3:code", "code"),
+        code_system=attr(event + "v3:code", "codeSystem"),
+        name=attr(event + "v3:code", "displayName"),
+        status=attr(event + "v3:statusCode", "code"),
+        exam_at=attr(event + "v3:effectiveTime", "value"),
+        study_uid=attr(event + "v3:id", "root"),
+        doctor=r.text("v3:author/v3:assignedAuthor/v3:assignedPerson/v3:name", required=False),
+    )
+    for sec in root.xpath("v3:component/v3:structuredBody/v3:component/v3:section", namespaces=NS):
         code = r.one("v3:code", sec).get("code")
         text = r.text("v3:text", sec, required=False)
         if code == FINDINGS[0]:

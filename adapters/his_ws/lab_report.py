@@ -168,8 +168,10 @@ def _value(obs: Resource, item: LabItem) -> None:
     elif "valueRatio" in obs:
         r = obs["valueRatio"]
         item.vtype = "RTO"
-        item.value = (f"{_num((r.get('numerator') or {}).get('value'))}:"
-                      f"{_num((r.get('denominator') or {}).get('value'))}")
+        item.value = (
+            f"{_num((r.get('numerator') or {}).get('value'))}:"
+            f"{_num((r.get('denominator') or {}).get('value'))}"
+        )
     elif "valueCodeableConcept" in obs:
         cc = obs["valueCodeableConcept"]
         c = next((c for c in cc.get("coding") or [] if c.get("code")), {})
@@ -203,36 +205,71 @@ def _lab_number(dr: Resource) -> str:
     return ""
 
 
-def from_bundle(bundle: Resource, codes: Codes, site: Site, *, producer: str, slip_no: str,
-                referral_doc: str, mrn: str, mrn_authority: str,
-                received_at: str) -> list[LabReportDoc]:
+def from_bundle(
+    bundle: Resource,
+    codes: Codes,
+    site: Site,
+    *,
+    producer: str,
+    slip_no: str,
+    referral_doc: str,
+    mrn: str,
+    mrn_authority: str,
+    received_at: str,
+) -> list[LabReportDoc]:
     """One document per DiagnosticReport (id and version set by the caller)."""
     resources = [e.get("resource") or {} for e in bundle.get("entry") or []]
     by_ref = {f"{r.get('resourceType')}/{r.get('id')}": r for r in resources if r.get("id")}
     out = []
     for dr in (r for r in resources if r.get("resourceType") == "DiagnosticReport"):
-        lab = next((str(by_ref.get(p.get("reference", ""), {}).get("name") or p.get("display")
-                        or "") for p in dr.get("performer") or []), "")
+        lab = next(
+            (
+                str(by_ref.get(p.get("reference", ""), {}).get("name") or p.get("display") or "")
+                for p in dr.get("performer") or []
+            ),
+            "",
+        )
         code, system, name = _code(codes, site, dr.get("code"))
         doc = LabReportDoc(
-            doc_id="", report_id=str(dr["id"]), version=0,
-            written_at=_ts(str(dr.get("issued") or received_at)), producer=producer, lab=lab,
-            slip_no=slip_no, referral_doc=referral_doc, mrn=mrn, mrn_authority=mrn_authority,
-            lab_no=_lab_number(dr), code=code, code_system=system, name=name,
-            status=str(dr.get("status", "")), collected_at=_ts(dr.get("effectiveDateTime")),
-            conclusion=str(dr.get("conclusion") or ""))
+            doc_id="",
+            report_id=str(dr["id"]),
+            version=0,
+            written_at=_ts(str(dr.get("issued") or received_at)),
+            producer=producer,
+            lab=lab,
+            slip_no=slip_no,
+            referral_doc=referral_doc,
+            mrn=mrn,
+            mrn_authority=mrn_authority,
+            lab_no=_lab_number(dr),
+            code=code,
+            code_system=system,
+            name=name,
+            status=str(dr.get("status", "")),
+            collected_at=_ts(dr.get("effectiveDateTime")),
+            conclusion=str(dr.get("conclusion") or ""),
+        )
         for ref in dr.get("result") or []:
             obs = by_ref.get(ref.get("reference", ""))
             if obs is None:
                 continue
             icode, isystem, iname = _code(codes, site, obs.get("code"))
             item = LabItem(
-                result_id=str(obs["id"]), code=icode, code_system=isystem, name=iname,
+                result_id=str(obs["id"]),
+                code=icode,
+                code_system=isystem,
+                name=iname,
                 status=str(obs.get("status", "")),
-                flags=[str(c["code"]) for i in obs.get("interpretation") or []
-                       for c in (i.get("coding") or [])[:1] if c.get("code")],
-                reference_range=_range(obs), observed_at=_ts(obs.get("effectiveDateTime")),
-                notes="\n".join(str(n.get("text") or "") for n in obs.get("note") or []))
+                flags=[
+                    str(c["code"])
+                    for i in obs.get("interpretation") or []
+                    for c in (i.get("coding") or [])[:1]
+                    if c.get("code")
+                ],
+                reference_range=_range(obs),
+                observed_at=_ts(obs.get("effectiveDateTime")),
+                notes="\n".join(str(n.get("text") or "") for n in obs.get("note") or []),
+            )
             _value(obs, item)
             doc.items.append(item)
         out.append(doc)
@@ -256,16 +293,20 @@ def write(doc: LabReportDoc, site: Site, encoding: str = "UTF-8") -> bytes:
     _el(root, "versionNumber", value=str(doc.version))
     if doc.mrn:
         role = _el(_el(root, "recordTarget"), "patientRole")
-        _el(role, "id", root=site.mrn_oid, extension=doc.mrn,
-            assigningAuthorityName=doc.mrn_authority)
+        _el(
+            role,
+            "id",
+            root=site.mrn_oid,
+            extension=doc.mrn,
+            assigningAuthorityName=doc.mrn_authority,
+        )
     author = _el(root, "author")
     _el(author, "time", value=doc.written_at)
     org = _el(_el(author, "assignedAuthor"), "representedOrganization")
     _el(org, "id", root=site.org_oid, extension=doc.producer)
     if doc.lab:
         _el(org, "name", doc.lab)
-    cust = _el(_el(_el(root, "custodian"), "assignedCustodian"),
-               "representedCustodianOrganization")
+    cust = _el(_el(_el(root, "custodian"), "assignedCustodian"), "representedCustodianOrganization")
     _el(cust, "id", root=site.org_oid, extension=doc.producer)
     if doc.replaces:
         parent = _el(_el(root, "relatedDocument", typeCode="RPLC"), "parentDocument")
@@ -278,8 +319,13 @@ def write(doc: LabReportDoc, site: Site, encoding: str = "UTF-8") -> bytes:
     _el(order, "id", root=site.doc_oid, extension=doc.referral_doc)
     event = _el(_el(root, "documentationOf"), "serviceEvent")
     if doc.lab_no:
-        _el(event, "id", root=site.org_oid, extension=doc.lab_no,
-            assigningAuthorityName=doc.producer)
+        _el(
+            event,
+            "id",
+            root=site.org_oid,
+            extension=doc.lab_no,
+            assigningAuthorityName=doc.producer,
+        )
     if doc.code:
         _el(event, "code", code=doc.code, codeSystem=doc.code_system, displayName=doc.name)
     if doc.collected_at:
@@ -303,18 +349,30 @@ def write(doc: LabReportDoc, site: Site, encoding: str = "UTF-8") -> bytes:
         if it.vtype == "ST":
             _el(o, "value", it.value, type="ST")
         elif it.vtype == "CD":
-            _el(o, "value", type="CD", code=it.value, codeSystem=it.value_system,
-                displayName=it.value_name)
+            _el(
+                o,
+                "value",
+                type="CD",
+                code=it.value,
+                codeSystem=it.value_system,
+                displayName=it.value_name,
+            )
         elif it.vtype:
-            _el(o, "value", type=it.vtype, value=it.value, comparator=it.comparator,
-                unit=it.unit, ucum=it.ucum)
+            _el(
+                o,
+                "value",
+                type=it.vtype,
+                value=it.value,
+                comparator=it.comparator,
+                unit=it.unit,
+                ucum=it.ucum,
+            )
         for flag in it.flags:
             _el(o, "interpretationCode", code=flag)
         if it.reference_range:
             _el(_el(_el(o, "referenceRange"), "observationRange"), "text", it.reference_range)
     xmlsafe.validate(root, LAB_XSD, doc.doc_id)
-    return bytes(etree.tostring(root, xml_declaration=True, encoding=encoding,
-                                pretty_print=True))
+    return bytes(etree.tostring(root, xml_declaration=True, encoding=encoding, pretty_print=True))
 
 
 # -- reading (the HIS's side) ---------------------------------------------------------------
@@ -340,25 +398,33 @@ def read(raw: bytes, site: Site, *, record: str) -> LabReportDoc:
         el = r.opt(path, base)
         return (el.get(name) or "") if el is not None else ""
 
-    ids = {i.get("root"): i.get("extension", "") for i in
-           root.xpath("v3:inFulfillmentOf/v3:order/v3:id", namespaces=NS)}
+    ids = {
+        i.get("root"): i.get("extension", "")
+        for i in root.xpath("v3:inFulfillmentOf/v3:order/v3:id", namespaces=NS)
+    }
     if not ids.get(site.doc_oid):
-        raise SchemaInvalid(f"document {record} does not name its referral document",
-                            field="/ClinicalDocument/inFulfillmentOf/order/id")
+        raise SchemaInvalid(
+            f"document {record} does not name its referral document",
+            field="/ClinicalDocument/inFulfillmentOf/order/id",
+        )
     mrn = r.opt("v3:recordTarget/v3:patientRole/v3:id")
     doc = LabReportDoc(
-        doc_id=attr("v3:id", "extension"), report_id=attr("v3:setId", "extension"),
+        doc_id=attr("v3:id", "extension"),
+        report_id=attr("v3:setId", "extension"),
         version=int(attr("v3:versionNumber", "value")),
         written_at=attr("v3:effectiveTime", "value"),
-        producer=attr("v3:custodian/v3:assignedCustodian/v3:representedCustodianOrganization/"
-                      "v3:id", "extension"),
-        lab=r.text("v3:author/v3:assignedAuthor/v3:representedOrganization/v3:name",
-                   required=False),
-        slip_no=ids.get(site.slip_oid, ""), referral_doc=ids[site.doc_oid],
+        producer=attr(
+            "v3:custodian/v3:assignedCustodian/v3:representedCustodianOrganization/v3:id",
+            "extension",
+        ),
+        lab=r.text(
+            "v3:author/v3:assignedAuthor/v3:representedOrganization/v3:name", required=False
+        ),
+        slip_no=ids.get(site.slip_oid, ""),
+        referral_doc=ids[site.doc_oid],
         mrn=mrn.get("extension", "") if mrn is not None else "",
         mrn_authority=mrn.get("assigningAuthorityName", "") if mrn is not None else "",
-        replaces=attr("v3:relatedDocument[@typeCode='RPLC']/v3:parentDocument/v3:id",
-                      "extension"),
+        replaces=attr("v3:relatedDocument[@typeCode='RPLC']/v3:parentDocument/v3:id", "extension"),
         lab_no=attr("v3:documentationOf/v3:serviceEvent/v3:id", "extension"),
         code=attr("v3:documentationOf/v3:serviceEvent/v3:code", "code"),
         code_system=attr("v3:documentationOf/v3:serviceEvent/v3:code", "codeSystem"),
@@ -373,24 +439,32 @@ def read(raw: bytes, site: Site, *, record: str) -> LabReportDoc:
         value = r.opt("v3:value", o)
         rng = r.opt("v3:referenceRange/v3:observationRange/v3:text", o)
         item = LabItem(
-            result_id=attr("v3:id", "extension", o), code=code.get("code", ""),
-            code_system=code.get("codeSystem", ""), name=code.get("displayName", ""),
+            result_id=attr("v3:id", "extension", o),
+            code=code.get("code", ""),
+            code_system=code.get("codeSystem", ""),
+            name=code.get("displayName", ""),
             status=attr("v3:statusCode", "code", o),
             flags=[e.get("code", "") for e in o.xpath("v3:interpretationCode", namespaces=NS)],
             reference_range=(rng.text or "") if rng is not None else "",
             observed_at=attr("v3:effectiveTime", "value", o),
-            notes=r.text("v3:text", o, required=False))
+            notes=r.text("v3:text", o, required=False),
+        )
         if value is not None:
             item.vtype = value.get("type", "")
             if item.vtype == "ST":
                 item.value = value.text or ""
             elif item.vtype == "CD":
                 item.value, item.value_system, item.value_name = (
-                    value.get("code", ""), value.get("codeSystem", ""),
-                    value.get("displayName", ""))
+                    value.get("code", ""),
+                    value.get("codeSystem", ""),
+                    value.get("displayName", ""),
+                )
             else:
                 item.value, item.unit, item.ucum, item.comparator = (
-                    value.get("value", ""), value.get("unit", ""), value.get("ucum", ""),
-                    value.get("comparator", ""))
+                    value.get("value", ""),
+                    value.get("unit", ""),
+                    value.get("ucum", ""),
+                    value.get("comparator", ""),
+                )
         doc.items.append(item)
     return doc

@@ -31,15 +31,20 @@ class Ledger:
         row = self.kv.get("documents", doc_id)
         return None if row is None else str(row["digest"])
 
-    def remember(self, doc_id: str, direction: str, doc_type: str, thread: str | None,
-                 digest: str) -> None:
+    def remember(
+        self, doc_id: str, direction: str, doc_type: str, thread: str | None, digest: str
+    ) -> None:
         with self.kv.tx() as kv:
             prior = kv.get("documents", doc_id)
             if prior is not None:  # the first direction and type stay; a known thread stays
                 direction, doc_type = prior["direction"], prior["type"]
                 thread = thread or prior["thread"]
-            kv.put("documents", doc_id, {"direction": direction, "type": doc_type,
-                                         "thread": thread, "digest": digest}, thread=thread)
+            kv.put(
+                "documents",
+                doc_id,
+                {"direction": direction, "type": doc_type, "thread": thread, "digest": digest},
+                thread=thread,
+            )
 
     def thread_of(self, doc_id: str) -> str | None:
         row = self.kv.get("documents", doc_id)
@@ -86,13 +91,20 @@ class Ledger:
 def _move(kv: AdapterState, rows: Rows) -> None:
     """``documents.sqlite``'s tables into their namespaces; ``report_latest`` is derived."""
     for r in rows("documents"):
-        kv.put("documents", r["doc_id"], {"direction": r["direction"], "type": r["type"],
-                                          "thread": r["thread"], "digest": r["digest"]},
-               thread=r["thread"])
+        kv.put(
+            "documents",
+            r["doc_id"],
+            {
+                "direction": r["direction"],
+                "type": r["type"],
+                "thread": r["thread"],
+                "digest": r["digest"],
+            },
+            thread=r["thread"],
+        )
     latest: dict[str, int] = {}
     for r in rows("report_versions"):
-        kv.put("report_versions", f"{r['report_id']}\n{r['packet_id']}",
-               {"version": r["version"]})
+        kv.put("report_versions", f"{r['report_id']}\n{r['packet_id']}", {"version": r["version"]})
         latest[r["report_id"]] = max(latest.get(r["report_id"], 0), r["version"])
     for report_id, version in latest.items():
         kv.put("report_latest", report_id, {"version": version})

@@ -28,16 +28,30 @@ from adapters.his_ws.errors import SchemaInvalid
 SOAP = "http://schemas.xmlsoap.org/soap/envelope/"
 HWS = "urn:hutong:his-ws:1"
 XSD = "his-ws.xsd"
-RECEIVE = {"referral": "ReceiveReferral", "acceptance": "ReceiveAcceptance",
-           "return": "ReceiveReturn", "cancel": "ReceiveCancel", "lab-report": "ReceiveLabReport",
-           "exam-report": "ReceiveExamReport", "consult-status": "ReceiveConsultStatus",
-           "consult-report": "ReceiveConsultReport"}
+RECEIVE = {
+    "referral": "ReceiveReferral",
+    "acceptance": "ReceiveAcceptance",
+    "return": "ReceiveReturn",
+    "cancel": "ReceiveCancel",
+    "lab-report": "ReceiveLabReport",
+    "exam-report": "ReceiveExamReport",
+    "consult-status": "ReceiveConsultStatus",
+    "consult-report": "ReceiveConsultReport",
+}
 TYPE_OF_RECEIVE = {v: k for k, v in RECEIVE.items()}
 #: what GetPendingDocuments may list (his-ws.xsd DocumentType): the receive types but
 #: lab-report and exam-report (the node sends those, the HIS never offers one), and visit
 #: documents
-PENDING_TYPES = ("referral", "acceptance", "return", "cancel", "visit", "consult",
-                 "consult-records", "consult-cancel")
+PENDING_TYPES = (
+    "referral",
+    "acceptance",
+    "return",
+    "cancel",
+    "visit",
+    "consult",
+    "consult-records",
+    "consult-cancel",
+)
 
 
 @dataclass(frozen=True)
@@ -138,15 +152,20 @@ def ack_response(n: int) -> bytes:
 
 
 def read_pending(op: etree._Element) -> list[Pending]:
-    return [Pending(int(e.get("seq")), e.get("id"), e.get("type"),
-                    base64.b64decode(e.text or "")) for e in op.iterfind(_h("PendingDocument"))]
+    return [
+        Pending(int(e.get("seq")), e.get("id"), e.get("type"), base64.b64decode(e.text or ""))
+        for e in op.iterfind(_h("PendingDocument"))
+    ]
 
 
 def read_receive(op: etree._Element) -> tuple[str, str, bytes]:
     """(document type, document id, document bytes) of a Receive* request."""
     doc_type = TYPE_OF_RECEIVE[etree.QName(op).localname]
-    return doc_type, op.findtext(_h("DocumentId")) or "", \
-        base64.b64decode(op.findtext(_h("Document")) or "")
+    return (
+        doc_type,
+        op.findtext(_h("DocumentId")) or "",
+        base64.b64decode(op.findtext(_h("Document")) or ""),
+    )
 
 
 def text(op: etree._Element, tag: str) -> str:

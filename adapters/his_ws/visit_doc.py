@@ -64,13 +64,22 @@ from adapters.visits import Visit
 VISIT_XSD = "cda-visit.xsd"
 ACT_CODE_OID = "2.16.840.1.113883.5.4"
 #: document code -> (event, title)
-CODES = {"RYDJ": ("admit", "入院登记"), "GHDJ": ("register", "门急诊挂号登记"),
-         "ZKDJ": ("transfer", "转科登记"), "CYDJ": ("discharge", "出院登记"),
-         "XXXG": ("update", "就诊信息修改"), "QXRY": ("cancel-admit", "取消入院"),
-         "QXZK": ("cancel-transfer", "取消转科"), "QXCY": ("cancel-discharge", "取消出院")}
+CODES = {
+    "RYDJ": ("admit", "入院登记"),
+    "GHDJ": ("register", "门急诊挂号登记"),
+    "ZKDJ": ("transfer", "转科登记"),
+    "CYDJ": ("discharge", "出院登记"),
+    "XXXG": ("update", "就诊信息修改"),
+    "QXRY": ("cancel-admit", "取消入院"),
+    "QXZK": ("cancel-transfer", "取消转科"),
+    "QXCY": ("cancel-discharge", "取消出院"),
+}
 CODE_OF = {event: code for code, (event, _) in CODES.items()}
-CLASS_CODES = {"outpatient": ("AMB", "门诊"), "emergency": ("EMER", "急诊"),
-               "inpatient": ("IMP", "住院")}
+CLASS_CODES = {
+    "outpatient": ("AMB", "门诊"),
+    "emergency": ("EMER", "急诊"),
+    "inpatient": ("IMP", "住院"),
+}
 CLASS_OF = {code: c for c, (code, _) in CLASS_CODES.items()}
 SECTION = ("JZXX", "就诊信息")
 STATUSES = ("planned", "arrived", "in-progress", "finished", "cancelled")
@@ -88,17 +97,16 @@ FIELD_PATHS = {
     "ward": f"{ENCOUNTER}/location/healthCareFacility/location/name",
     "doctor": f"{ENCOUNTER}/responsibleParty/assignedEntity/assignedPerson/name",
     "mrn": "/ClinicalDocument/recordTarget/patientRole/id/@extension",
-    "id_number": f"/ClinicalDocument/recordTarget/patientRole/id[@root='{ID_CARD_OID}']"
-                 "/@extension",
+    "id_number": f"/ClinicalDocument/recordTarget/patientRole/id[@root='{ID_CARD_OID}']/@extension",
     "patient_name": "/ClinicalDocument/recordTarget/patientRole/patient/name",
     "gender": "/ClinicalDocument/recordTarget/patientRole/patient/administrativeGenderCode/@code",
     "birth_date": "/ClinicalDocument/recordTarget/patientRole/patient/birthTime/@value",
     "bed": "/ClinicalDocument/component/structuredBody/component/section/entry/observation"
-           "[code/@code='bed']/value",
+    "[code/@code='bed']/value",
     "status": "/ClinicalDocument/component/structuredBody/component/section/entry/observation"
-              "[code/@code='status']/value/@code",
+    "[code/@code='status']/value/@code",
     "transferred_at": "/ClinicalDocument/component/structuredBody/component/section/entry"
-                      "/observation[code/@code='transfer-time']/value/@value",
+    "/observation[code/@code='transfer-time']/value/@value",
     "referral_no": "/ClinicalDocument/inFulfillmentOf/order/id/@extension",
 }
 
@@ -129,6 +137,7 @@ def identify(raw: bytes) -> tuple[str | None, bool]:
 
 # -- writing (the HIS) ---------------------------------------------------------------------------
 
+
 def write(doc: VisitDoc, site: Site, encoding: str = "UTF-8") -> bytes:
     """The document's bytes in ``encoding`` (UTF-8 or GB18030), with an XML declaration."""
     v = doc.visit
@@ -151,8 +160,13 @@ def write(doc: VisitDoc, site: Site, encoding: str = "UTF-8") -> bytes:
     _el(patient, "name", v.patient_name)
     _el(patient, "administrativeGenderCode", code=GENDER[v.gender], codeSystem=GENDER_OID)
     _el(patient, "birthTime", value=v.birth_date.replace("-", ""))
-    _org(_el(_el(root, "custodian"), "assignedCustodian"), "representedCustodianOrganization",
-         site, doc.custodian, site.name)
+    _org(
+        _el(_el(root, "custodian"), "assignedCustodian"),
+        "representedCustodianOrganization",
+        site,
+        doc.custodian,
+        site.name,
+    )
     if doc.slip_no or doc.referral_doc:
         order = _el(_el(root, "inFulfillmentOf"), "order")
         if doc.slip_no:
@@ -168,8 +182,11 @@ def write(doc: VisitDoc, site: Site, encoding: str = "UTF-8") -> bytes:
     if v.discharged_at:
         _el(period, "high", value=ts(v.discharged_at))
     if v.doctor:
-        _el(_el(_el(_el(enc, "responsibleParty"), "assignedEntity"), "assignedPerson"), "name",
-            v.doctor)
+        _el(
+            _el(_el(_el(enc, "responsibleParty"), "assignedEntity"), "assignedPerson"),
+            "name",
+            v.doctor,
+        )
     if v.department_code or v.ward:
         facility = _el(_el(enc, "location"), "healthCareFacility")
         if v.department_code:
@@ -179,20 +196,21 @@ def write(doc: VisitDoc, site: Site, encoding: str = "UTF-8") -> bytes:
     sec = _el(_el(_el(_el(root, "component"), "structuredBody"), "component"), "section")
     _el(sec, "code", code=SECTION[0], codeSystem=site.items, displayName=SECTION[1])
     _el(sec, "title", SECTION[1])
-    for item, text, attrs in (("status", None, {"code": v.status} if v.status else None),
-                              ("bed", v.bed or None, {} if v.bed else None),
-                              ("transfer-time", None, {"value": ts(v.transferred_at)}
-                               if v.transferred_at else None)):
+    for item, text, attrs in (
+        ("status", None, {"code": v.status} if v.status else None),
+        ("bed", v.bed or None, {} if v.bed else None),
+        ("transfer-time", None, {"value": ts(v.transferred_at)} if v.transferred_at else None),
+    ):
         if attrs is None:
             continue
         o = _el(_el(sec, "entry"), "observation", classCode="OBS", moodCode="EVN")
         _el(o, "code", code=item, codeSystem=site.items)
         _el(o, "value", text, **attrs)
-    return bytes(etree.tostring(root, xml_declaration=True, encoding=encoding,
-                                pretty_print=True))
+    return bytes(etree.tostring(root, xml_declaration=True, encoding=encoding, pretty_print=True))
 
 
 # -- reading (the adapter) -----------------------------------------------------------------------
+
 
 def read(raw: bytes, site: Site, *, record: str, known: Known | None = None) -> VisitDoc:
     """Check and read one visit document from the HIS (``record`` names it in every error).
@@ -213,14 +231,18 @@ def _read(raw: bytes, site: Site, record: str, known: Known | None) -> VisitDoc:
     doc_id = r.attr(r.one("v3:id"), "extension")
     event = CODES[r.one("v3:code").get("code", "")][0]
     recorded = iso(r.one("v3:effectiveTime").get("value", ""), FIELD_PATHS["recorded_at"])
-    custodian = r.attr(r.one("v3:custodian/v3:assignedCustodian/"
-                             "v3:representedCustodianOrganization/v3:id"), "extension")
+    custodian = r.attr(
+        r.one("v3:custodian/v3:assignedCustodian/v3:representedCustodianOrganization/v3:id"),
+        "extension",
+    )
     role = r.one("v3:recordTarget/v3:patientRole")
     ids = {i.get("root"): i for i in role.xpath("v3:id", namespaces=NS)}
     if site.mrn_oid not in ids:
-        raise MissingElement(f"document {record} lacks the patient's record number",
-                             field=f"/ClinicalDocument/recordTarget/patientRole/id[@root="
-                                   f"'{site.mrn_oid}']/@extension")
+        raise MissingElement(
+            f"document {record} lacks the patient's record number",
+            field=f"/ClinicalDocument/recordTarget/patientRole/id[@root="
+            f"'{site.mrn_oid}']/@extension",
+        )
     mrn = r.attr(ids[site.mrn_oid], "extension")
     id_number = r.attr(ids[ID_CARD_OID], "extension") if ID_CARD_OID in ids else ""
     tel = r.opt("v3:telecom", role)
@@ -229,8 +251,11 @@ def _read(raw: bytes, site: Site, record: str, known: Known | None) -> VisitDoc:
     enc = r.one("v3:componentOf/v3:encompassingEncounter")
     visit_id = r.one("v3:id", enc)
     if visit_id.get("root") != site.visit_oid:
-        raise SchemaInvalid(f"document {record}: the visit number is not under this HIS's visit "
-                            f"OID ({site.visit_oid})", field=f"{ENCOUNTER}/id/@root")
+        raise SchemaInvalid(
+            f"document {record}: the visit number is not under this HIS's visit "
+            f"OID ({site.visit_oid})",
+            field=f"{ENCOUNTER}/id/@root",
+        )
     low = r.one("v3:effectiveTime/v3:low", enc)
     high = r.opt("v3:effectiveTime/v3:high", enc)
     dept = r.opt("v3:location/v3:healthCareFacility/v3:code", enc)
@@ -240,9 +265,11 @@ def _read(raw: bytes, site: Site, record: str, known: Known | None) -> VisitDoc:
     moved = r.item(sec, "transfer-time", required=False)
     order_ids = root.xpath("v3:inFulfillmentOf/v3:order/v3:id", namespaces=NS)
     visit = Visit(
-        visit_no=r.attr(visit_id, "extension"), event=event,
+        visit_no=r.attr(visit_id, "extension"),
+        event=event,
         visit_class=CLASS_OF[r.one("v3:code", enc).get("code", "")],
-        mrn=mrn, patient_name=r.text("v3:name", patient),
+        mrn=mrn,
+        patient_name=r.text("v3:name", patient),
         gender=GENDER_OF[r.one("v3:administrativeGenderCode", patient).get("code", "")],
         birth_date=birth(birth_el.get("value", ""), FIELD_PATHS["birth_date"]),
         admitted_at=iso(low.get("value", ""), FIELD_PATHS["admitted_at"]),
@@ -250,18 +277,27 @@ def _read(raw: bytes, site: Site, record: str, known: Known | None) -> VisitDoc:
         id_number=id_number,
         phone=(tel.get("value") or "").removeprefix("tel:") if tel is not None else "",
         department_code=r.coded(dept, "department", site, known) if dept is not None else "",
-        ward=r.text("v3:location/v3:healthCareFacility/v3:location/v3:name", enc,
-                    required=False),
+        ward=r.text("v3:location/v3:healthCareFacility/v3:location/v3:name", enc, required=False),
         bed=(bed.text or "").strip() if bed is not None else "",
         transferred_at=iso(r.attr(moved, "value"), FIELD_PATHS["transferred_at"])
-        if moved is not None else "",
+        if moved is not None
+        else "",
         discharged_at=iso(high.get("value", ""), FIELD_PATHS["discharged_at"])
-        if high is not None else "",
+        if high is not None
+        else "",
         recorded_at=recorded,
-        doctor=r.text("v3:responsibleParty/v3:assignedEntity/v3:assignedPerson/v3:name", enc,
-                      required=False))
-    return VisitDoc(doc_id, visit, custodian,
-                    referral_doc=next((i.get("extension", "") for i in order_ids
-                                       if i.get("root") == site.doc_oid), ""),
-                    slip_no=next((i.get("extension", "") for i in order_ids
-                                  if i.get("root") == site.slip_oid), ""))
+        doctor=r.text(
+            "v3:responsibleParty/v3:assignedEntity/v3:assignedPerson/v3:name", enc, required=False
+        ),
+    )
+    return VisitDoc(
+        doc_id,
+        visit,
+        custodian,
+        referral_doc=next(
+            (i.get("extension", "") for i in order_ids if i.get("root") == site.doc_oid), ""
+        ),
+        slip_no=next(
+            (i.get("extension", "") for i in order_ids if i.get("root") == site.slip_oid), ""
+        ),
+    )

@@ -21,9 +21,15 @@ _DECL = re.compile(rb"""^\s*<\?xml[^>]*?encoding\s*=\s*["']([A-Za-z0-9._\-]+)["'
 
 
 def parser() -> etree.XMLParser:
-    return etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False,
-                           load_dtd=False, dtd_validation=False, remove_comments=True,
-                           remove_pis=True)
+    return etree.XMLParser(
+        resolve_entities=False,
+        no_network=True,
+        huge_tree=False,
+        load_dtd=False,
+        dtd_validation=False,
+        remove_comments=True,
+        remove_pis=True,
+    )
 
 
 @cache
@@ -42,16 +48,22 @@ def check_encoding(raw: bytes, record: str) -> str:
     declared = declared_encoding(raw)
     name = declared.lower().replace("_", "-")
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
-        raise WrongEncoding(f"document {record} is UTF-16; the service takes UTF-8 or GB18030",
-                            field="xml-declaration/@encoding")
+        raise WrongEncoding(
+            f"document {record} is UTF-16; the service takes UTF-8 or GB18030",
+            field="xml-declaration/@encoding",
+        )
     try:
         raw.decode(declared)
     except LookupError:
-        raise WrongEncoding(f"document {record} declares an unknown encoding '{declared}'",
-                            field="xml-declaration/@encoding") from None
+        raise WrongEncoding(
+            f"document {record} declares an unknown encoding '{declared}'",
+            field="xml-declaration/@encoding",
+        ) from None
     except UnicodeDecodeError as exc:
-        raise WrongEncoding(f"document {record} declares {declared} but byte {exc.start} is "
-                            f"not {declared}", field="xml-declaration/@encoding") from None
+        raise WrongEncoding(
+            f"document {record} declares {declared} but byte {exc.start} is not {declared}",
+            field="xml-declaration/@encoding",
+        ) from None
     if name not in ("utf-8", "utf8", "us-ascii", "ascii") and not raw.isascii():
         # GB text that also decodes as UTF-8 is vanishingly rare; UTF-8 labelled GBK is common
         try:
@@ -59,8 +71,10 @@ def check_encoding(raw: bytes, record: str) -> str:
         except UnicodeDecodeError:
             pass
         else:
-            raise WrongEncoding(f"document {record} declares {declared} but its bytes are "
-                                "UTF-8", field="xml-declaration/@encoding")
+            raise WrongEncoding(
+                f"document {record} declares {declared} but its bytes are UTF-8",
+                field="xml-declaration/@encoding",
+            )
     return declared
 
 
@@ -69,11 +83,14 @@ def parse(raw: bytes, record: str) -> etree._Element:
     try:
         root = etree.fromstring(raw, parser())
     except etree.XMLSyntaxError as exc:
-        raise SchemaInvalid(f"document {record} is not well-formed XML (line {exc.lineno}): "
-                            f"{_clean(exc.msg)}", field=f"line {exc.lineno}") from None
+        raise SchemaInvalid(
+            f"document {record} is not well-formed XML (line {exc.lineno}): {_clean(exc.msg)}",
+            field=f"line {exc.lineno}",
+        ) from None
     if root.getroottree().docinfo.doctype:  # as defusedxml: no DTDs, so no entity tricks
-        raise SchemaInvalid(f"document {record} carries a DOCTYPE, which is not accepted",
-                            field="/!DOCTYPE")
+        raise SchemaInvalid(
+            f"document {record} carries a DOCTYPE, which is not accepted", field="/!DOCTYPE"
+        )
     return root
 
 
@@ -90,8 +107,9 @@ def validate(root: etree._Element, schema_name: str, record: str) -> None:
             field = readable_path(found[0])
     except etree.XPathError:
         pass
-    raise SchemaInvalid(f"document {record} fails {schema_name}: {_clean(err.message)}",
-                        field=field)
+    raise SchemaInvalid(
+        f"document {record} fails {schema_name}: {_clean(err.message)}", field=field
+    )
 
 
 def readable_path(el: etree._Element) -> str:

@@ -43,19 +43,34 @@ class Answering:
             return cls()
         comp = f[2][0]
         version = f[12].split(comp)[0]
-        return cls(f[3].split(comp)[0], f[4].split(comp)[0], f[5].split(comp)[0],
-                   f[6].split(comp)[0], f[10], f[11] or "P",
-                   version if version in fields.VERSIONS else "2.5.1",
-                   (f[9].split(comp) + ["", ""])[1], _usable(charset.declared(raw)))
+        return cls(
+            f[3].split(comp)[0],
+            f[4].split(comp)[0],
+            f[5].split(comp)[0],
+            f[6].split(comp)[0],
+            f[10],
+            f[11] or "P",
+            version if version in fields.VERSIONS else "2.5.1",
+            (f[9].split(comp) + ["", ""])[1],
+            _usable(charset.declared(raw)),
+        )
 
     @classmethod
     def from_message(cls, msg: fields.Message) -> Answering:
         msh = msg.segment("MSH")
         v = fields.value
         version = v(msh, 12)
-        return cls(v(msh, 3), v(msh, 4), v(msh, 5), v(msh, 6), v(msh, 10), v(msh, 11) or "P",
-                   version if version in fields.VERSIONS else "2.5.1", v(msh, 9, 2),
-                   v(msh, 18))
+        return cls(
+            v(msh, 3),
+            v(msh, 4),
+            v(msh, 5),
+            v(msh, 6),
+            v(msh, 10),
+            v(msh, 11) or "P",
+            version if version in fields.VERSIONS else "2.5.1",
+            v(msh, 9, 2),
+            v(msh, 18),
+        )
 
     def with_charset(self, name: str) -> Answering:
         return replace(self, charset=name)
@@ -105,18 +120,37 @@ def sniff_msh(raw: bytes, last_field: int = 18) -> list[str] | None:
     return out[: last_field + 1]
 
 
-def build_ack(to: Answering, code: str, *, at: datetime, error: V2Error | None = None,
-              control_id: str | None = None, app: str | None = None,
-              facility: str | None = None) -> str:
+def build_ack(
+    to: Answering,
+    code: str,
+    *,
+    at: datetime,
+    error: V2Error | None = None,
+    control_id: str | None = None,
+    app: str | None = None,
+    facility: str | None = None,
+) -> str:
     """The ACK text (segments joined by CR). MSH-3/4 are ``app``/``facility`` when given, else
     the answered message's receiving application and facility."""
     esc = build.esc
-    msh = build.msh(esc(app if app is not None else to.receiving_app),
-                    esc(facility if facility is not None else to.receiving_facility),
-                    esc(to.sending_app), esc(to.sending_facility), build.ts(at), "",
-                    build.comp("ACK", esc(to.trigger), "ACK") if to.trigger else "ACK",
-                    esc(control_id or build.control_id()), esc(to.processing_id) or "P",
-                    esc(to.version), "", "", "", "", "", esc(to.charset))
+    msh = build.msh(
+        esc(app if app is not None else to.receiving_app),
+        esc(facility if facility is not None else to.receiving_facility),
+        esc(to.sending_app),
+        esc(to.sending_facility),
+        build.ts(at),
+        "",
+        build.comp("ACK", esc(to.trigger), "ACK") if to.trigger else "ACK",
+        esc(control_id or build.control_id()),
+        esc(to.processing_id) or "P",
+        esc(to.version),
+        "",
+        "",
+        "",
+        "",
+        "",
+        esc(to.charset),
+    )
     msa = ["MSA", code, esc(to.control_id)]
     segments = [msh, "|".join(msa)]
     if error is not None:
@@ -129,15 +163,28 @@ def err_segment(version: str, error: V2Error) -> str:
     seg = seq = field = component = ""
     m = _LOCATION.match(error.field or "")
     if m:
-        seg, seq, field, component = m.group(1), m.group(2) or "1", m.group(3) or "", \
-            m.group(4) or ""
+        seg, seq, field, component = (
+            m.group(1),
+            m.group(2) or "1",
+            m.group(3) or "",
+            m.group(4) or "",
+        )
     code = error.hl7_error
     text = ERROR_TEXT.get(code, "")
     if version in _OLD_ERR:
         return f"ERR|{seg}^{seq}^{field}^{code}&{build.esc(text)}"
     location = build.comp(seg, seq, field, "1" if component else "", component) if seg else ""
-    return build.segment("ERR", "", location, build.comp(code, build.esc(text), "HL70357"), "E",
-                         "", "", "", build.esc(error.message[:200]))
+    return build.segment(
+        "ERR",
+        "",
+        location,
+        build.comp(code, build.esc(text), "HL70357"),
+        "E",
+        "",
+        "",
+        "",
+        build.esc(error.message[:200]),
+    )
 
 
 def encode(ack: str, cs: charset.Charset | None) -> bytes:

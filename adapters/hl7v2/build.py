@@ -21,8 +21,12 @@ def esc(text: str | None, d: Delimiters = DEFAULT) -> str:
     if not text:
         return ""
     out = text.replace(d.escape, f"{d.escape}E{d.escape}")
-    for ch, code in ((d.field, "F"), (d.component, "S"), (d.subcomponent, "T"),
-                     (d.repetition, "R")):
+    for ch, code in (
+        (d.field, "F"),
+        (d.component, "S"),
+        (d.subcomponent, "T"),
+        (d.repetition, "R"),
+    ):
         out = out.replace(ch, f"{d.escape}{code}{d.escape}")
     if d.truncation:
         out = out.replace(d.truncation, f"{d.escape}P{d.escape}")

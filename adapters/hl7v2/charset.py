@@ -53,13 +53,20 @@ class Charset:
 
     def decode(self, raw: bytes) -> str:
         if self.decoder is None:
-            raise CharsetRefused(f"character set {self.name!r} is known but cannot be decoded "
-                                 "here", field="MSH-18")
+            raise CharsetRefused(
+                f"character set {self.name!r} is known but cannot be decoded here", field="MSH-18"
+            )
         return raw.decode(self.decoder)
 
 
-def _cs(name: str, decoder: str | None, encoder: str | None = "", *aliases: str,
-        single: bool = False, wide: bool = False) -> tuple[Charset, tuple[str, ...]]:
+def _cs(
+    name: str,
+    decoder: str | None,
+    encoder: str | None = "",
+    *aliases: str,
+    single: bool = False,
+    wide: bool = False,
+) -> tuple[Charset, tuple[str, ...]]:
     return Charset(name, decoder, decoder if encoder == "" else encoder, single, wide), aliases
 
 
@@ -67,8 +74,17 @@ def _cs(name: str, decoder: str | None, encoder: str | None = "", *aliases: str,
 #: use, and the Chinese vendors' own spellings -> one Charset
 _ENTRIES = [
     _cs("ASCII", "ascii", "", "ISO IR6", "US-ASCII", "ISO646", single=True),
-    _cs("8859/1", "latin-1", "", "ISO IR100", "ISO-8859-1", "ISO8859-1", "LATIN1", "LATIN-1",
-        single=True),
+    _cs(
+        "8859/1",
+        "latin-1",
+        "",
+        "ISO IR100",
+        "ISO-8859-1",
+        "ISO8859-1",
+        "LATIN1",
+        "LATIN-1",
+        single=True,
+    ),
     _cs("8859/2", "iso8859_2", "", "ISO IR101", "ISO-8859-2", single=True),
     _cs("8859/3", "iso8859_3", "", "ISO IR109", "ISO-8859-3", single=True),
     _cs("8859/4", "iso8859_4", "", "ISO IR110", "ISO-8859-4", single=True),
@@ -87,8 +103,17 @@ _ENTRIES = [
     _cs("UNICODE", "utf-8"),
     _cs("UNICODE UTF-16", "utf-16", "utf-16", "UTF-16", wide=True),
     _cs("UNICODE UTF-32", "utf-32", "utf-32", "UTF-32", wide=True),
-    _cs("GB 18030-2000", "gb18030", "", "GB18030", "GB-18030", "GB 18030", "GB18030-2005",
-        "GB18030-2022", "CHINESE"),
+    _cs(
+        "GB 18030-2000",
+        "gb18030",
+        "",
+        "GB18030",
+        "GB-18030",
+        "GB 18030",
+        "GB18030-2005",
+        "GB18030-2022",
+        "CHINESE",
+    ),
     _cs("GBK", "gb18030", "gbk", "CP936", "MS936", "WINDOWS-936"),
     _cs("GB2312", "gb18030", "gb2312", "ISO IR58", "GB 2312", "GB2312-80", "EUC-CN"),
     _cs("BIG-5", "big5", "", "BIG5"),
@@ -119,8 +144,9 @@ def lookup(name: str) -> Charset:
     try:
         return TABLE[_key(name)]
     except KeyError:
-        raise CharsetRefused(f"unsupported character set {name.strip()!r}",
-                             field="MSH-18") from None
+        raise CharsetRefused(
+            f"unsupported character set {name.strip()!r}", field="MSH-18"
+        ) from None
 
 
 def check_name(name: str) -> str:
@@ -139,11 +165,16 @@ class Decoded(NamedTuple):
 
 def _wide(raw: bytes) -> str | None:
     """The codec of a UTF-16/32 frame (BOM or NUL-interleaved ``MSH``), else None."""
-    for prefix, codec in ((b"\xff\xfe\x00\x00", "utf-32"), (b"\x00\x00\xfe\xff", "utf-32"),
-                          (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16"),
-                          (b"M\x00\x00\x00S\x00\x00\x00", "utf-32-le"),
-                          (b"\x00\x00\x00M\x00\x00\x00S", "utf-32-be"),
-                          (b"M\x00S\x00H\x00", "utf-16-le"), (b"\x00M\x00S\x00H", "utf-16-be")):
+    for prefix, codec in (
+        (b"\xff\xfe\x00\x00", "utf-32"),
+        (b"\x00\x00\xfe\xff", "utf-32"),
+        (b"\xff\xfe", "utf-16"),
+        (b"\xfe\xff", "utf-16"),
+        (b"M\x00\x00\x00S\x00\x00\x00", "utf-32-le"),
+        (b"\x00\x00\x00M\x00\x00\x00S", "utf-32-be"),
+        (b"M\x00S\x00H\x00", "utf-16-le"),
+        (b"\x00M\x00S\x00H", "utf-16-be"),
+    ):
         if raw.startswith(prefix):
             return codec
     return None
@@ -227,9 +258,12 @@ def _refuse_utf8(raw: bytes, cs: Charset, said: str) -> None:
         return
     at = _where(raw, _first_multibyte(raw), "utf-8")
     kind = "single-byte" if cs.single_byte else "two-byte"
-    raise CharsetRefused(f"{at} holds multi-byte UTF-8 text but {said} is the {kind} "
-                         f"{cs.name} (set the channel's charset_override if this sender really "
-                         "sends UTF-8)", field="MSH-18")
+    raise CharsetRefused(
+        f"{at} holds multi-byte UTF-8 text but {said} is the {kind} "
+        f"{cs.name} (set the channel's charset_override if this sender really "
+        "sends UTF-8)",
+        field="MSH-18",
+    )
 
 
 def decode(raw: bytes, default: str = "UNICODE UTF-8", override: str | None = None) -> Decoded:
@@ -250,12 +284,14 @@ def decode(raw: bytes, default: str = "UNICODE UTF-8", override: str | None = No
     wide = _wide(raw)
     if wide is not None:
         if cs.name not in _WIDE_OK:
-            raise CharsetRefused(f"the message is {wide.upper()} but {said} says otherwise",
-                                 field="MSH-18")
+            raise CharsetRefused(
+                f"the message is {wide.upper()} but {said} says otherwise", field="MSH-18"
+            )
         codec = wide
     elif cs.wide:
-        raise CharsetRefused(f"{said} declares {cs.name} but the bytes are not UTF-16/32",
-                             field="MSH-18")
+        raise CharsetRefused(
+            f"{said} declares {cs.name} but the bytes are not UTF-16/32", field="MSH-18"
+        )
     else:
         codec = cs.decoder or ""
     if not codec:
@@ -263,10 +299,12 @@ def decode(raw: bytes, default: str = "UNICODE UTF-8", override: str | None = No
     try:
         text = raw.decode(codec)
     except UnicodeDecodeError as exc:
-        raise CharsetRefused(f"{_where(raw, exc.start, codec)} holds bytes that are not valid "
-                             f"{cs.name} (byte {exc.start}); {said}", field="MSH-18") from None
-    if not override and not raw.isascii() and codec not in ("utf-8", "utf-8-sig") \
-            and wide is None:
+        raise CharsetRefused(
+            f"{_where(raw, exc.start, codec)} holds bytes that are not valid "
+            f"{cs.name} (byte {exc.start}); {said}",
+            field="MSH-18",
+        ) from None
+    if not override and not raw.isascii() and codec not in ("utf-8", "utf-8-sig") and wide is None:
         _refuse_utf8(raw, cs, said)
     text = text.lstrip("\ufeff").replace("\r\n", "\r").replace("\n", "\r")
     return Decoded(text.strip("\r\x0b\x1c \t"), cs)
@@ -276,6 +314,5 @@ def encode(text: str, charset: Charset | str, errors: str = "strict") -> bytes:
     """Text in a charset (a Charset or an MSH-18 name); strict unless told otherwise."""
     cs = lookup(charset) if isinstance(charset, str) else charset
     if cs.encoder is None:
-        raise CharsetRefused(f"character set {cs.name!r} cannot be written here",
-                             field="MSH-18")
+        raise CharsetRefused(f"character set {cs.name!r} cannot be written here", field="MSH-18")
     return text.encode(cs.encoder, errors)

@@ -28,8 +28,14 @@ class V2Error(HutongError):
     hl7_error = "207"
     http_status = 422
 
-    def __init__(self, reason: str, *, field: str | None = None,
-                 hl7_error: str | None = None, ack_code: str | None = None) -> None:
+    def __init__(
+        self,
+        reason: str,
+        *,
+        field: str | None = None,
+        hl7_error: str | None = None,
+        ack_code: str | None = None,
+    ) -> None:
         super().__init__(f"{field}: {reason}" if field else reason)
         self.reason = reason
         self.field = field
@@ -88,9 +94,16 @@ class MissingValue(V2Error):
 
 
 #: HL7 table 0357 texts for the codes the adapters answer with
-ERROR_TEXT = {"0": "Message accepted", "100": "Segment sequence error",
-              "101": "Required field missing", "102": "Data type error",
-              "103": "Table value not found", "200": "Unsupported message type",
-              "203": "Unsupported version id", "204": "Unknown key identifier",
-              "205": "Duplicate key identifier", "206": "Application record locked",
-              "207": "Application internal error"}
+ERROR_TEXT = {
+    "0": "Message accepted",
+    "100": "Segment sequence error",
+    "101": "Required field missing",
+    "102": "Data type error",
+    "103": "Table value not found",
+    "200": "Unsupported message type",
+    "203": "Unsupported version id",
+    "204": "Unknown key identifier",
+    "205": "Duplicate key identifier",
+    "206": "Application record locked",
+    "207": "Application internal error",
+}

@@ -35,8 +35,21 @@ from adapters.hl7v2.errors import (
 )
 
 #: MSH-12 values read (VID.1); 2.9 and later, and 2.0 or invented ones, are refused
-VERSIONS = ("2.1", "2.2", "2.3", "2.3.1", "2.4", "2.5", "2.5.1", "2.6", "2.7", "2.7.1", "2.8",
-            "2.8.1", "2.8.2")
+VERSIONS = (
+    "2.1",
+    "2.2",
+    "2.3",
+    "2.3.1",
+    "2.4",
+    "2.5",
+    "2.5.1",
+    "2.6",
+    "2.7",
+    "2.7.1",
+    "2.8",
+    "2.8.1",
+    "2.8.2",
+)
 
 
 class _Null(str):
@@ -64,8 +77,7 @@ class Delimiters:
 
     @property
     def msh2(self) -> str:
-        return self.component + self.repetition + self.escape + self.subcomponent + \
-            self.truncation
+        return self.component + self.repetition + self.escape + self.subcomponent + self.truncation
 
 
 DEFAULT = Delimiters()
@@ -84,12 +96,21 @@ def delimiters(text: str) -> Delimiters:
         return "!" <= c <= "~" and not c.isalnum()
 
     if not usable(sep):
-        raise BadEncodingChars("MSH-1 field separator must be a printable character other "
-                               "than a letter, digit or space", field="MSH-1")
-    if len(chars) not in (4, 5) or not all(usable(c) for c in chars) \
-            or len(set(chars + sep)) != len(chars) + 1:
-        raise BadEncodingChars("MSH-2 must be 4 or 5 distinct printable characters, none a "
-                               "letter, digit, space or the field separator", field="MSH-2")
+        raise BadEncodingChars(
+            "MSH-1 field separator must be a printable character other "
+            "than a letter, digit or space",
+            field="MSH-1",
+        )
+    if (
+        len(chars) not in (4, 5)
+        or not all(usable(c) for c in chars)
+        or len(set(chars + sep)) != len(chars) + 1
+    ):
+        raise BadEncodingChars(
+            "MSH-2 must be 4 or 5 distinct printable characters, none a "
+            "letter, digit, space or the field separator",
+            field="MSH-2",
+        )
     return Delimiters(sep, chars[0], chars[1], chars[2], chars[3], chars[4:5])
 
 
@@ -165,8 +186,10 @@ def parse(text: str, charset: Charset = UTF8) -> Message:
         else:
             fields = line.split(d.field)
         if not re.fullmatch(r"[A-Z][A-Z0-9]{2}", fields[0]):
-            raise V2Rejected(f"segment {len(out) + 1} does not start with a segment id",
-                             field=f"segment {len(out) + 1}")
+            raise V2Rejected(
+                f"segment {len(out) + 1} does not start with a segment id",
+                field=f"segment {len(out) + 1}",
+            )
         out.append(Segment(fields, d, charset))
     return Message(out, d, charset)
 
@@ -174,8 +197,9 @@ def parse(text: str, charset: Charset = UTF8) -> Message:
 # -- leaves ---------------------------------------------------------------------------------
 
 
-def raw_leaf(seg: Segment, field: int, component: int = 1, rep: int = 1,
-             sub: int = 1) -> str | None:
+def raw_leaf(
+    seg: Segment, field: int, component: int = 1, rep: int = 1, sub: int = 1
+) -> str | None:
     """A leaf as written (escapes not replaced), None when the path is absent."""
     text = seg[field]
     if seg.name == "MSH" and field in (1, 2):
@@ -199,8 +223,9 @@ def where(seg_name: str, index: int, field: int, component: int | None = None) -
     return f"{seg_name}[{index}]-{field}{comp}" if index else f"{seg_name}-{field}{comp}"
 
 
-def value(seg: Segment, field: int, component: int = 1, rep: int = 1, sub: int = 1, *,
-          strip: bool = True) -> str:
+def value(
+    seg: Segment, field: int, component: int = 1, rep: int = 1, sub: int = 1, *, strip: bool = True
+) -> str:
     """One leaf, unescaped; "" when absent, :data:`NULL` for ``""``. Stripped of outer
     spaces unless ``strip=False``."""
     leaf = raw_leaf(seg, field, component, rep, sub)
@@ -241,12 +266,20 @@ def reps(seg: Segment, field: int) -> int:
 
 def rep_values(seg: Segment, field: int, component: int = 1) -> list[str]:
     """The non-empty values of every repetition of a field (one component of each)."""
-    return [v for v in (value(seg, field, component, r) for r in range(1, reps(seg, field) + 1))
-            if v]
+    return [
+        v for v in (value(seg, field, component, r) for r in range(1, reps(seg, field) + 1)) if v
+    ]
 
 
-def need(seg: Segment, field: int, component: int = 1, rep: int = 1, what: str = "", *,
-         strip: bool = False) -> str:
+def need(
+    seg: Segment,
+    field: int,
+    component: int = 1,
+    rep: int = 1,
+    what: str = "",
+    *,
+    strip: bool = False,
+) -> str:
     """A leaf that must hold a value (:class:`MissingValue` naming it otherwise)."""
     v = value(seg, field, component, rep, strip=strip)
     if not v.strip():
@@ -258,8 +291,9 @@ def need(seg: Segment, field: int, component: int = 1, rep: int = 1, what: str =
 _FORMAT = {".fi": "", ".nf": "", ".ce": "\n", "H": "", "N": ""}
 
 
-def unescape(leaf: str, d: Delimiters = DEFAULT, charset: Charset = UTF8, *,
-             at: str | None = None) -> str:
+def unescape(
+    leaf: str, d: Delimiters = DEFAULT, charset: Charset = UTF8, *, at: str | None = None
+) -> str:
     """Replace the escape sequences of one leaf (HL7 v2 section 2.7)."""
     esc = d.escape
     if esc not in leaf:
@@ -275,10 +309,16 @@ def unescape(leaf: str, d: Delimiters = DEFAULT, charset: Charset = UTF8, *,
         end = leaf.find(esc, i + 1)
         if end < 0:
             raise BadValue("unterminated escape sequence", field=at)
-        seq = leaf[i + 1:end]
+        seq = leaf[i + 1 : end]
         i = end + 1
-        simple = {"F": d.field, "S": d.component, "T": d.subcomponent, "R": d.repetition,
-                  "E": esc, "P": d.truncation}
+        simple = {
+            "F": d.field,
+            "S": d.component,
+            "T": d.subcomponent,
+            "R": d.repetition,
+            "E": esc,
+            "P": d.truncation,
+        }
         if not seq:
             raise BadValue("empty escape sequence", field=at)
         if simple.get(seq):
@@ -300,11 +340,13 @@ def unescape(leaf: str, d: Delimiters = DEFAULT, charset: Charset = UTF8, *,
             try:
                 out.append(charset.decode(bytes.fromhex(hexes)))
             except (UnicodeDecodeError, ValueError):
-                raise BadValue(f"\\X\\ escape bytes are not valid {charset.name}",
-                               field=at) from None
+                raise BadValue(
+                    f"\\X\\ escape bytes are not valid {charset.name}", field=at
+                ) from None
         elif seq[0] in "CM":
-            raise BadValue("character set switch escapes (\\C..\\, \\M..\\) are not supported",
-                           field=at)
+            raise BadValue(
+                "character set switch escapes (\\C..\\, \\M..\\) are not supported", field=at
+            )
         else:  # \Z..\ (locally defined) and anything unknown: kept as written
             out.append(esc + seq + esc)
     return "".join(out)
@@ -332,25 +374,38 @@ def header(msg: Message) -> Header:
     msh = msg.segment("MSH")
     version = value(msh, 12)
     if not version:
-        raise V2Rejected("MSH is truncated or has no MSH-12 version", field="MSH-12",
-                         hl7_error="101")
+        raise V2Rejected(
+            "MSH is truncated or has no MSH-12 version", field="MSH-12", hl7_error="101"
+        )
     check_version(version)
-    return Header(value(msh, 3), value(msh, 4), value(msh, 5), value(msh, 6),
-                  value(msh, 9, 1), value(msh, 9, 2), value(msh, 10), value(msh, 11),
-                  version, value(msh, 18))
+    return Header(
+        value(msh, 3),
+        value(msh, 4),
+        value(msh, 5),
+        value(msh, 6),
+        value(msh, 9, 1),
+        value(msh, 9, 2),
+        value(msh, 10),
+        value(msh, 11),
+        version,
+        value(msh, 18),
+    )
 
 
 def check_version(version: str) -> str:
     if version not in VERSIONS:
-        raise VersionRefused(f"HL7 version {version!r} is not read here (2.1 to 2.8)",
-                             field="MSH-12")
+        raise VersionRefused(
+            f"HL7 version {version!r} is not read here (2.1 to 2.8)", field="MSH-12"
+        )
     return version
 
 
 # -- dates and times --------------------------------------------------------------------------
 
-_DTM = re.compile(r"^(\d{4})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:(\d{2})"
-                  r"(?:\.(\d{1,4}))?)?)?)?)?)?([+-]\d{4})?$")
+_DTM = re.compile(
+    r"^(\d{4})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:(\d{2})"
+    r"(?:\.(\d{1,4}))?)?)?)?)?)?([+-]\d{4})?$"
+)
 PRECISIONS = ("year", "month", "day", "hour", "minute", "second", "fraction")
 
 
@@ -369,8 +424,15 @@ class Dtm:
 
     @property
     def precision(self) -> str:
-        parts = (self.year, self.month, self.day, self.hour, self.minute, self.second,
-                 self.fraction or None)
+        parts = (
+            self.year,
+            self.month,
+            self.day,
+            self.hour,
+            self.minute,
+            self.second,
+            self.fraction or None,
+        )
         return PRECISIONS[max(i for i, p in enumerate(parts) if p is not None)]
 
     def zone(self, default: str | timedelta = "+0800") -> timezone:
@@ -379,17 +441,26 @@ class Dtm:
     def datetime(self, default_zone: str | timedelta = "+0800") -> datetime:
         """As a datetime (missing parts at their lowest), in its own or the default zone."""
         micro = int(self.fraction.ljust(6, "0")[:6]) if self.fraction else 0
-        return datetime(self.year, self.month or 1, self.day or 1, self.hour or 0,
-                        self.minute or 0, self.second or 0, micro,
-                        tzinfo=self.zone(default_zone))
+        return datetime(
+            self.year,
+            self.month or 1,
+            self.day or 1,
+            self.hour or 0,
+            self.minute or 0,
+            self.second or 0,
+            micro,
+            tzinfo=self.zone(default_zone),
+        )
 
     def fhir(self, default_zone: str | timedelta = "+0800") -> str:
         """FHIR ``dateTime`` at the precision sent: ``2026``, ``2026-11``, ``2026-11-20``; a
         time gets seconds (FHIR needs them) and a zone (its own, else the channel's)."""
         if self.hour is None:
-            return "-".join(f"{p:02d}" if i else f"{p:04d}"
-                            for i, p in enumerate((self.year, self.month, self.day))
-                            if p is not None)
+            return "-".join(
+                f"{p:02d}" if i else f"{p:04d}"
+                for i, p in enumerate((self.year, self.month, self.day))
+                if p is not None
+            )
         dt = self.datetime(default_zone).replace(microsecond=0)
         text = dt.isoformat()
         if self.fraction:
@@ -412,23 +483,28 @@ def dtm(text: str, at: str | None = None) -> Dtm | None:
         return None
     m = _DTM.match(text)
     if m is None:
-        raise BadValue("not an HL7 date/time (YYYY[MM[DD[HH[MM[SS[.S...]]]]]][+/-ZZZZ])",
-                       field=at)
+        raise BadValue("not an HL7 date/time (YYYY[MM[DD[HH[MM[SS[.S...]]]]]][+/-ZZZZ])", field=at)
     y, mo, d, h, mi, s, frac, off = m.groups()
     parts = [int(p) if p is not None else None for p in (y, mo, d, h, mi, s)]
     if off is not None and (int(off[1:3]) > 14 or int(off[3:5]) > 59):
         raise BadValue("not a valid time zone offset", field=at)
     try:
-        datetime(parts[0] or 1, parts[1] or 1, parts[2] or 1, parts[3] or 0, parts[4] or 0,  # noqa: DTZ001 - a validity check only
-                 parts[5] or 0)
+        datetime(  # noqa: DTZ001 - a validity check only
+            parts[0] or 1,
+            parts[1] or 1,
+            parts[2] or 1,
+            parts[3] or 0,
+            parts[4] or 0,
+            parts[5] or 0,
+        )
     except ValueError:
         raise BadValue("not a valid date or time", field=at) from None
-    return Dtm(parts[0] or 0, parts[1], parts[2], parts[3], parts[4], parts[5], frac or "",
-               off)
+    return Dtm(parts[0] or 0, parts[1], parts[2], parts[3], parts[4], parts[5], frac or "", off)
 
 
-def fhir_datetime(text: str, at: str | None, default_zone: str | timedelta = "+0800",
-                  instant: bool = False) -> str | None:
+def fhir_datetime(
+    text: str, at: str | None, default_zone: str | timedelta = "+0800", instant: bool = False
+) -> str | None:
     """A v2 TS/DTM as FHIR ``dateTime`` (precision kept) or ``instant`` (None without
     seconds). None for empty; BadValue naming ``at`` for anything that is not a timestamp."""
     t = dtm(text, at)
@@ -443,8 +519,9 @@ def read_ts(text: str, at: str, default_zone: str | timedelta) -> str:
     """A point in time down to the minute at least -> ISO 8601 with seconds and offset."""
     t = dtm(text, at)
     if t is None or t.minute is None:
-        raise BadValue("not a date and time to the minute at least (YYYYMMDDHHMM[SS][+ZZZZ])",
-                       field=at)
+        raise BadValue(
+            "not a date and time to the minute at least (YYYYMMDDHHMM[SS][+ZZZZ])", field=at
+        )
     return t.datetime(default_zone).replace(microsecond=0).isoformat()
 
 

@@ -51,18 +51,30 @@ class ListenerOptions(Protocol):
     rate_limit: RateOptions | None
 
 
-def open_listener(host: AdapterHost, bind: tuple[str, int], o: ListenerOptions,
-                  handlers: Handlers, name: str) -> MllpListener:
+def open_listener(
+    host: AdapterHost, bind: tuple[str, int], o: ListenerOptions, handlers: Handlers, name: str
+) -> MllpListener:
     """The listener on ``bind`` with the options' limits, TLS (files resolved against the node
     file) and rate limit; not started yet."""
     tls = None
     if o.tls is not None:
-        tls = server_tls(str(host.path(o.tls.cert)), str(host.path(o.tls.key)),
-                         str(host.path(o.tls.client_ca)) if o.tls.client_ca else None)
+        tls = server_tls(
+            str(host.path(o.tls.cert)),
+            str(host.path(o.tls.key)),
+            str(host.path(o.tls.client_ca)) if o.tls.client_ca else None,
+        )
     rate = o.rate_limit
     return MllpListener(
-        bind[0], bind[1], handlers,
-        limits=Limits(max_bytes=o.max_message_bytes, idle_timeout_s=o.idle_timeout_s,
-                      frame_timeout_s=o.frame_timeout_s),
-        ssl_context=tls, bucket=TokenBucket(rate.per_second, rate.burst) if rate else None,
-        hold_s=rate.hold_s if rate else 0.0, name=name)
+        bind[0],
+        bind[1],
+        handlers,
+        limits=Limits(
+            max_bytes=o.max_message_bytes,
+            idle_timeout_s=o.idle_timeout_s,
+            frame_timeout_s=o.frame_timeout_s,
+        ),
+        ssl_context=tls,
+        bucket=TokenBucket(rate.per_second, rate.burst) if rate else None,
+        hold_s=rate.hold_s if rate else 0.0,
+        name=name,
+    )

@@ -90,14 +90,20 @@ class Fault:
     @property
     def reason(self) -> str:
         if self.kind == "oversize":  # size counts <VT> and <FS><CR>; the message is the rest
-            return (f"message of {self.size - 3} bytes is larger than this listener's frame "
-                    f"limit of {self.limit} bytes (MLLP max_message_bytes)")
+            return (
+                f"message of {self.size - 3} bytes is larger than this listener's frame "
+                f"limit of {self.limit} bytes (MLLP max_message_bytes)"
+            )
         if self.kind == "truncated":
-            return (f"connection closed before the end of the MLLP block (truncated frame, "
-                    f"{self.size} bytes received)")
+            return (
+                f"connection closed before the end of the MLLP block (truncated frame, "
+                f"{self.size} bytes received)"
+            )
         if self.kind == "slow":
-            return (f"MLLP frame not completed within {self.limit} s of its first byte "
-                    f"({self.size} bytes received); connection closed")
+            return (
+                f"MLLP frame not completed within {self.limit} s of its first byte "
+                f"({self.size} bytes received); connection closed"
+            )
         return "block does not begin with <VT> (0x0B)"
 
     @property
@@ -106,8 +112,7 @@ class Fault:
         return len(self.prefix) == self.size
 
     def error(self) -> FrameRefused:
-        note = "" if self.whole else f"; first {len(self.prefix)} bytes kept, sha256 " \
-            f"{self.sha256}"
+        note = "" if self.whole else f"; first {len(self.prefix)} bytes kept, sha256 {self.sha256}"
         return FrameRefused(self.reason + note, field="MSH")
 
 
@@ -117,8 +122,9 @@ Event = Frame | Fault
 class FrameReader:
     """Feed bytes, get :class:`Frame` and :class:`Fault` events (no I/O, no clock)."""
 
-    def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES,
-                 keep_bytes: int = DEFAULT_KEEP_BYTES) -> None:
+    def __init__(
+        self, max_bytes: int = DEFAULT_MAX_BYTES, keep_bytes: int = DEFAULT_KEEP_BYTES
+    ) -> None:
         self.max_bytes = max_bytes
         self.keep_bytes = keep_bytes
         self._buf = bytearray()  # the current frame (with its <VT>) or stray bytes
@@ -154,18 +160,31 @@ class FrameReader:
                     self._go_over()
                 break
             block = bytes(self._buf[:end])
-            data = bytes(self._buf[end + 2:])
+            data = bytes(self._buf[end + 2 :])
             self._buf = bytearray()
             if len(block) > self.max_bytes + 1:
                 self._hash = hashlib.sha256(block)
                 self._hash.update(END)
-                out.append(Fault("oversize", block[: self.keep_bytes], len(block) + 2,
-                                 self._hash.hexdigest(), self.max_bytes))
+                out.append(
+                    Fault(
+                        "oversize",
+                        block[: self.keep_bytes],
+                        len(block) + 2,
+                        self._hash.hexdigest(),
+                        self.max_bytes,
+                    )
+                )
             elif block[:1] == START:
                 out.append(Frame(block[1:]))
             else:
-                out.append(Fault("no-start", block[: self.keep_bytes], len(block),
-                                 hashlib.sha256(block).hexdigest()))
+                out.append(
+                    Fault(
+                        "no-start",
+                        block[: self.keep_bytes],
+                        len(block),
+                        hashlib.sha256(block).hexdigest(),
+                    )
+                )
         return out
 
     def _go_over(self) -> None:
@@ -189,8 +208,15 @@ class FrameReader:
         self._size += stop
         self._last = data[stop - 1]
         if ended:  # the prefix never holds the <FS><CR> that ended the frame
-            out.append(Fault("oversize", self._prefix[: self._size - 2], self._size,
-                             self._hash.hexdigest(), self.max_bytes))
+            out.append(
+                Fault(
+                    "oversize",
+                    self._prefix[: self._size - 2],
+                    self._size,
+                    self._hash.hexdigest(),
+                    self.max_bytes,
+                )
+            )
             self._reset()
         return data[stop:]
 
@@ -206,8 +232,9 @@ class FrameReader:
             fault = Fault(kind, self._prefix, self._size, self._hash.hexdigest(), limit)
         else:
             block = bytes(self._buf)
-            fault = Fault(kind, block[: self.keep_bytes], len(block),
-                          hashlib.sha256(block).hexdigest(), limit)
+            fault = Fault(
+                kind, block[: self.keep_bytes], len(block), hashlib.sha256(block).hexdigest(), limit
+            )
         self._reset()
         return fault
 
@@ -224,8 +251,9 @@ class FrameReader:
 
 
 class TokenBucket:
-    def __init__(self, per_second: float, burst: int,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, per_second: float, burst: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.rate = per_second
         self.burst = max(1, burst)
         self.tokens = float(self.burst)
@@ -288,9 +316,19 @@ class MllpListener:
     """An MLLP server on its own loop thread; ``start`` returns once it listens (port 0 is
     resolved). The loop is also lent to :meth:`send` (one-shot exchanges with a peer)."""
 
-    def __init__(self, host: str, port: int, handlers: Handlers, *, limits: Limits = Limits(),
-                 ssl_context: ssl.SSLContext | None = None, bucket: TokenBucket | None = None,
-                 hold_s: float = 0.0, name: str = "mllp", read_chunk: int = 65536) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        handlers: Handlers,
+        *,
+        limits: Limits = Limits(),
+        ssl_context: ssl.SSLContext | None = None,
+        bucket: TokenBucket | None = None,
+        hold_s: float = 0.0,
+        name: str = "mllp",
+        read_chunk: int = 65536,
+    ) -> None:
         self.host, self.port = host, port
         self.handlers = handlers
         self.limits = limits
@@ -311,8 +349,9 @@ class MllpListener:
         return self.stats.connections
 
     def start(self, timeout: float = 10.0) -> None:
-        self._thread = threading.Thread(target=self._run, name=f"{self.name}:{self.port}",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, name=f"{self.name}:{self.port}", daemon=True
+        )
         self._thread.start()
         if not self._ready.wait(timeout):
             raise RuntimeError(f"MLLP listener on {self.host}:{self.port} did not start")
@@ -353,8 +392,9 @@ class MllpListener:
 
     async def _serve(self) -> None:
         self._stop = asyncio.Event()
-        server = await asyncio.start_server(self._client, self.host, self.port,
-                                            ssl=self.ssl_context, limit=self.read_chunk * 2)
+        server = await asyncio.start_server(
+            self._client, self.host, self.port, ssl=self.ssl_context, limit=self.read_chunk * 2
+        )
         if self.port == 0:
             self.port = server.sockets[0].getsockname()[1]
         self._ready.set()
@@ -398,8 +438,9 @@ class MllpListener:
                     if isinstance(event, Frame):
                         self.stats.frames += 1
                         if await self._admit():
-                            answer = await loop.run_in_executor(None, self.handlers.handle,
-                                                                event.payload)
+                            answer = await loop.run_in_executor(
+                                None, self.handlers.handle, event.payload
+                            )
                         else:
                             over = self.handlers.over_rate or self.handlers.handle
                             answer = await loop.run_in_executor(None, over, event.payload)
@@ -444,7 +485,8 @@ class MllpListener:
     def send(self, host: str, port: int, raw: bytes, timeouts: Timeouts) -> bytes:
         """One framed message to a peer and its ACK's bytes (blocking, from any thread)."""
         future: Future[bytes] = asyncio.run_coroutine_threadsafe(
-            exchange(host, port, raw, timeouts, self.limits.max_bytes), self.loop)
+            exchange(host, port, raw, timeouts, self.limits.max_bytes), self.loop
+        )
         return future.result(timeouts.connect_s + timeouts.ack_s + 5)
 
 
@@ -466,13 +508,19 @@ class NoAck(TimeoutError):
     """Sent, but no complete ACK frame came back in time."""
 
 
-async def exchange(host: str, port: int, raw: bytes, timeouts: Timeouts,
-                   max_bytes: int = DEFAULT_MAX_BYTES,
-                   ssl_context: ssl.SSLContext | None = None) -> bytes:
+async def exchange(
+    host: str,
+    port: int,
+    raw: bytes,
+    timeouts: Timeouts,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    ssl_context: ssl.SSLContext | None = None,
+) -> bytes:
     """One MLLP round trip: connect, write the frame, read the ACK frame."""
     try:
         reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(host, port, ssl=ssl_context), timeouts.connect_s)
+            asyncio.open_connection(host, port, ssl=ssl_context), timeouts.connect_s
+        )
     except (TimeoutError, OSError) as exc:
         raise PeerUnreachable(f"{host}:{port} unreachable ({type(exc).__name__})") from None
     frames = FrameReader(max_bytes)

@@ -14,9 +14,13 @@ from adapters.base import tls_problems
 from adapters.lis.adapter import LisAdapter, LisOptions
 from bridge.local.contract import AdapterType
 
-create = AdapterType(name="lis-hl7", options=LisOptions, build=LisAdapter,
-                     listens=lambda o: [(o.host, o.port)],
-                     check=lambda o, settings: tls_problems(o.tls, settings),
-                     example={"port": 0})
+create = AdapterType(
+    name="lis-hl7",
+    options=LisOptions,
+    build=LisAdapter,
+    listens=lambda o: [(o.host, o.port)],
+    check=lambda o, settings: tls_problems(o.tls, settings),
+    example={"port": 0},
+)
 
 __all__ = ["LisAdapter", "create"]

@@ -83,17 +83,23 @@ class LisAdapter(BaseAdapter):
         super().__init__(host, opts)
         self.opts = opts
         maps = host.maps
-        translator = maps.translator() if maps is not None and self.opts.map in maps.info \
-            else None
-        local = self.opts.local_system or (translator.source_system(self.opts.map)
-                                           if translator else None) \
+        translator = maps.translator() if maps is not None and self.opts.map in maps.info else None
+        local = (
+            self.opts.local_system
+            or (translator.source_system(self.opts.map) if translator else None)
             or f"http://hutong.dev/CodeSystem/{host.node_id}/lab"
+        )
         plan = host.plan
         self.settings = Settings(
-            node_id=host.node_id, hash_key=plan.patient_hash_key,
-            national_id_system=plan.alliance.national_id_system, local_system=local,
-            translator=translator, map_id=self.opts.map,
-            mrn_system=self.opts.mrn_system or "", default_zone=self.opts.timezone)
+            node_id=host.node_id,
+            hash_key=plan.patient_hash_key,
+            national_id_system=plan.alliance.national_id_system,
+            local_system=local,
+            translator=translator,
+            map_id=self.opts.map,
+            mrn_system=self.opts.mrn_system or "",
+            default_zone=self.opts.timezone,
+        )
         self.site = maps.site if maps is not None else host.node_id
         self.listener: MllpListener | None = None
 
@@ -101,12 +107,21 @@ class LisAdapter(BaseAdapter):
 
     def start(self) -> None:
         o = self.opts
-        self.listener = open_listener(self.host, (o.host, o.port), o,
-                                      Handlers(self.handle, self.frame_fault, self.over_limit),
-                                      name=f"lis:{self.name}")
+        self.listener = open_listener(
+            self.host,
+            (o.host, o.port),
+            o,
+            Handlers(self.handle, self.frame_fault, self.over_limit),
+            name=f"lis:{self.name}",
+        )
         self.listener.start()
-        log.info("LIS adapter %s listening on %s:%s%s", self.name, o.host, o.port,
-                 " (TLS)" if o.tls is not None else "")
+        log.info(
+            "LIS adapter %s listening on %s:%s%s",
+            self.name,
+            o.host,
+            o.port,
+            " (TLS)" if o.tls is not None else "",
+        )
 
     def stop(self) -> None:
         if self.listener is not None:
@@ -157,13 +172,19 @@ class LisAdapter(BaseAdapter):
             try:
                 validate_bundle(results.bundle)
             except InvalidFhir as exc:
-                raise LisMessageError(f"the results are not valid FHIR R4: {exc.message}",
-                                      hl7_error="207") from None
+                raise LisMessageError(
+                    f"the results are not valid FHIR R4: {exc.message}", hl7_error="207"
+                ) from None
             ack = build_ack(to, "AA", at=at)
             out = self.host.share_results(
-                results.bundle, source_key=key, patient_hash=results.patient_hash,
-                answer={"ack": ack, "control_id": head.control_id}, raw=raw,
-                kind=self.opts.kind, notes=notes)
+                results.bundle,
+                source_key=key,
+                patient_hash=results.patient_hash,
+                answer={"ack": ack, "control_id": head.control_id},
+                raw=raw,
+                kind=self.opts.kind,
+                notes=notes,
+            )
         except LisMessageError as exc:
             if replaying:
                 raise
@@ -173,8 +194,9 @@ class LisAdapter(BaseAdapter):
                 raise
             log.error("LIS adapter %s could not store a message: %s", self.name, exc.code)
             self.failed(exc.code)
-            err = LisMessageError(f"temporarily unable to store the message ({exc.code}); "
-                                  "resend later")
+            err = LisMessageError(
+                f"temporarily unable to store the message ({exc.code}); resend later"
+            )
             return v2ack.encode(build_ack(to, "AE", at=at, error=err), cs)
         if out.get("repeated"):
             self.count("repeated")
@@ -195,18 +217,32 @@ class LisAdapter(BaseAdapter):
     def _reused(self, head: Any, key: str) -> list[dict[str, Any]]:
         """The audit note for a different message under a used sender + control id (none if
         the id is new): it is stored as a new message; IT sees the reuse on its page."""
-        earlier = self.host.seen_under(once.sender_prefix(head.sending_app, head.facility,
-                                                          head.control_id))
+        earlier = self.host.seen_under(
+            once.sender_prefix(head.sending_app, head.facility, head.control_id)
+        )
         if not [k for k in earlier if k != key]:
             return []
-        return [{"action": once.REUSED_ACTION, "outcome": "4", "code": "HT-LIS-CONTROL-ID",
-                 "message": f"MSH-10 {head.control_id[:40]} from {head.sending_app[:40]}/"
-                            f"{head.facility[:40]} reused by a different message "
-                            f"({len(earlier)} earlier); stored as a new message",
-                 "extra": {"control_id": head.control_id[:64], "earlier": len(earlier)}}]
+        return [
+            {
+                "action": once.REUSED_ACTION,
+                "outcome": "4",
+                "code": "HT-LIS-CONTROL-ID",
+                "message": f"MSH-10 {head.control_id[:40]} from {head.sending_app[:40]}/"
+                f"{head.facility[:40]} reused by a different message "
+                f"({len(earlier)} earlier); stored as a new message",
+                "extra": {"control_id": head.control_id[:64], "earlier": len(earlier)},
+            }
+        ]
 
-    def _refuse(self, exc: LisMessageError, raw: bytes, to: Answering, cs: Charset | None,
-                at: Any, msg: Message | None = None) -> bytes:
+    def _refuse(
+        self,
+        exc: LisMessageError,
+        raw: bytes,
+        to: Answering,
+        cs: Charset | None,
+        at: Any,
+        msg: Message | None = None,
+    ) -> bytes:
         nak = build_ack(to, exc.ack_code, at=at, error=exc)
         record = f"MSH-10 {to.control_id}" if to.control_id else None
         nid = None
@@ -216,8 +252,7 @@ class LisAdapter(BaseAdapter):
             except Exception:  # noqa: BLE001 - a malformed PID: the item is kept without it
                 nid = None
         try:
-            self.host.quarantine(exc, raw=raw, record=record, kind=self.opts.kind,
-                                 national_id=nid)
+            self.host.quarantine(exc, raw=raw, record=record, kind=self.opts.kind, national_id=nid)
         except HutongError as store_exc:
             log.error("LIS adapter %s could not quarantine: %s", self.name, store_exc.code)
         self.count("rejected" if exc.ack_code == "AR" else "errors")
@@ -233,19 +268,28 @@ class LisAdapter(BaseAdapter):
             for coding in unmapped:
                 self.host.record_gap(self.opts.map, coding, site=self.site)
         except Exception as exc:  # noqa: BLE001 - the report must not fail the message
-            log.warning("LIS adapter %s could not record mapping gaps: %s", self.name,
-                        type(exc).__name__)
-        self.host.audit("unmapped-codes", outcome="4", kind=self.opts.kind,
-                        message=f"{self.opts.map}: no LOINC mapping for "
-                                + ", ".join(c["code"] for c in unmapped)[:200])
+            log.warning(
+                "LIS adapter %s could not record mapping gaps: %s", self.name, type(exc).__name__
+            )
+        self.host.audit(
+            "unmapped-codes",
+            outcome="4",
+            kind=self.opts.kind,
+            message=f"{self.opts.map}: no LOINC mapping for "
+            + ", ".join(c["code"] for c in unmapped)[:200],
+        )
 
     def over_limit(self, raw: bytes) -> bytes:
         self.count("rate_limited")
-        err = RateLimited(f"rate limit exceeded ({self.opts.rate_limit.per_second:g}/s on "
-                          f"channel {self.name}); resend later" if self.opts.rate_limit
-                          else "rate limit exceeded; resend later")
-        return v2ack.encode(build_ack(Answering.from_raw(raw), "AE", at=self.host.now(),
-                                      error=err), None)
+        err = RateLimited(
+            f"rate limit exceeded ({self.opts.rate_limit.per_second:g}/s on "
+            f"channel {self.name}); resend later"
+            if self.opts.rate_limit
+            else "rate limit exceeded; resend later"
+        )
+        return v2ack.encode(
+            build_ack(Answering.from_raw(raw), "AE", at=self.host.now(), error=err), None
+        )
 
     def frame_fault(self, fault: Fault) -> bytes | None:
         """An MLLP frame not handled (oversize, truncated, too slow, no <VT>): its bounded
@@ -254,8 +298,12 @@ class LisAdapter(BaseAdapter):
         to = Answering.from_raw(fault.prefix.lstrip(b"\x0b"))
         nak = build_ack(to, "AR", at=self.host.now(), error=exc)
         try:
-            self.host.quarantine(exc, raw=fault.prefix, kind=self.opts.kind,
-                                 record=f"MSH-10 {to.control_id}" if to.control_id else None)
+            self.host.quarantine(
+                exc,
+                raw=fault.prefix,
+                kind=self.opts.kind,
+                record=f"MSH-10 {to.control_id}" if to.control_id else None,
+            )
         except HutongError as store_exc:
             log.error("LIS adapter %s could not quarantine: %s", self.name, store_exc.code)
         self.count(f"frame-{fault.kind}")

@@ -32,7 +32,6 @@ class LisMessageError(V2Error):
     http_status = 400
 
 
-
 class Rejected(LisMessageError):
     """The message itself is unacceptable (framing, encoding, version, structure): AR."""
 
@@ -86,8 +85,12 @@ class RateLimited(LisMessageError):
 def from_kit(exc: V2Error) -> LisMessageError:
     """The LIS's error for a refusal of the HL7 v2 kit: same reason, field and ERR code."""
     cls: type[LisMessageError] = {
-        "charset": EncodingError, "version": UnsupportedVersion, "type": UnsupportedMessage,
-        "field": BadField, "required": MissingField}.get(exc.kind, Rejected)
+        "charset": EncodingError,
+        "version": UnsupportedVersion,
+        "type": UnsupportedMessage,
+        "field": BadField,
+        "required": MissingField,
+    }.get(exc.kind, Rejected)
     if exc.ack_code == "AR" and not issubclass(cls, Rejected):
         cls = Rejected
     return cls(exc.reason, field=exc.field, hl7_error=exc.hl7_error)
@@ -95,6 +98,7 @@ def from_kit(exc: V2Error) -> LisMessageError:
 
 def kit_errors(fn: Callable[P, T]) -> Callable[P, T]:
     """Raise the LIS's own errors for refusals coming from the kit's readers."""
+
     @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
         try:
@@ -103,4 +107,5 @@ def kit_errors(fn: Callable[P, T]) -> Callable[P, T]:
             raise
         except V2Error as exc:
             raise from_kit(exc) from None
+
     return wrapper

@@ -19,8 +19,9 @@ def decode(raw: bytes, default_charset: str, override: str | None = None) -> tup
     return charset.decode(raw, default_charset, override)
 
 
-def read(raw: bytes, default_charset: str = "UNICODE UTF-8",
-         override: str | None = None) -> tuple[Message, Header, Charset]:
+def read(
+    raw: bytes, default_charset: str = "UNICODE UTF-8", override: str | None = None
+) -> tuple[Message, Header, Charset]:
     """Decode, parse and check the header of one message."""
     text, cs = decode(raw, default_charset, override)
     msg = parse(text, cs)

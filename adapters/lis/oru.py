@@ -56,9 +56,18 @@ _RANGE = re.compile(r"^\s*([+-]?\d+(?:\.\d+)?)\s*(?:-|~|－|—|–)\s*([+-]?\d+
 _BOUND = re.compile(r"^\s*(<=|>=|<|>|≤|≥)\s*([+-]?\d+(?:\.\d+)?)\s*$")
 _PLAIN = re.compile(r"^[+-]?(?:\d+\.?\d*|\.\d+)$")
 #: ED type of data (table 0191) -> MIME top-level type
-_MIME_TOP = {"AP": "application", "APPLICATION": "application", "TEXT": "text", "TX": "text",
-             "IM": "image", "IMAGE": "image", "AU": "audio", "AUDIO": "audio",
-             "VIDEO": "video", "MULTIPART": "multipart"}
+_MIME_TOP = {
+    "AP": "application",
+    "APPLICATION": "application",
+    "TEXT": "text",
+    "TX": "text",
+    "IM": "image",
+    "IMAGE": "image",
+    "AU": "audio",
+    "AUDIO": "audio",
+    "VIDEO": "video",
+    "MULTIPART": "multipart",
+}
 
 
 def _content_type(kind: str, sub: str) -> str:
@@ -178,8 +187,9 @@ class _Builder:
 
     # -- coded values -----------------------------------------------------------------------
 
-    def concept(self, seg: Any, f: int, at: str, *, mapped: bool = True,
-                rep: int = 1) -> tuple[dict[str, Any], bool]:
+    def concept(
+        self, seg: Any, f: int, at: str, *, mapped: bool = True, rep: int = 1
+    ) -> tuple[dict[str, Any], bool]:
         """(CodeableConcept, unmapped) for a CE/CWE field, every triplet kept.
 
         The identifier (components 1-3), the alternate (4-6) and, in CWE, the second alternate
@@ -188,8 +198,11 @@ class _Builder:
         through the site's map (local code -> LOINC). A code carried only in an alternate
         triplet is read from there. ``unmapped``: a local code and no LOINC coding.
         """
-        triplets = [tuple(value(seg, f, c, rep) for c in (a, a + 1, a + 2)) + (
-            value(seg, f, v, rep) if v else "",) for a, v in ((1, 7), (4, 8), (10, 0))]
+        triplets = [
+            tuple(value(seg, f, c, rep) for c in (a, a + 1, a + 2))
+            + (value(seg, f, v, rep) if v else "",)
+            for a, v in ((1, 7), (4, 8), (10, 0))
+        ]
         original = value(seg, f, 9, rep)
         if not any(code or text for code, text, _, _ in triplets):
             raise MissingField("code is empty", field=at)
@@ -200,9 +213,12 @@ class _Builder:
             if not code:
                 continue
             uri = vocab.coding_system(system)
-            coding = {"system": uri or self.cfg.local_system, "code": code,
-                      **({"version": version} if version and uri else {}),
-                      **({"display": text} if text else {})}
+            coding = {
+                "system": uri or self.cfg.local_system,
+                "code": code,
+                **({"version": version} if version and uri else {}),
+                **({"display": text} if text else {}),
+            }
             if uri is None:
                 local_codes.append(coding)
                 if mapped and self.cfg.translator is not None:
@@ -214,17 +230,21 @@ class _Builder:
             else:
                 found = [coding]
             for c in found:
-                if not any(c["system"] == o["system"] and c["code"] == o["code"]
-                           for o in codings):
+                if not any(c["system"] == o["system"] and c["code"] == o["code"] for o in codings):
                     codings.append(c)
-        unmapped = mapped and bool(local_codes) and not any(
-            c["system"] == vocab.LOINC for c in codings)
+        unmapped = (
+            mapped and bool(local_codes) and not any(c["system"] == vocab.LOINC for c in codings)
+        )
         if unmapped:
             for c in local_codes:
                 if not any(u["code"] == c["code"] for u in self.out.unmapped):
-                    self.out.unmapped.append({"system": self.cfg.local_system,
-                                              "code": c["code"],
-                                              "display": c.get("display", "")})
+                    self.out.unmapped.append(
+                        {
+                            "system": self.cfg.local_system,
+                            "code": c["code"],
+                            "display": c.get("display", ""),
+                        }
+                    )
         cc: dict[str, Any] = {"coding": codings} if codings else {}
         text = original or next((t for _, t, _, _ in triplets if t), "")
         if text or not codings:
@@ -234,16 +254,21 @@ class _Builder:
     def organization(self, name: str, ident: str = "") -> dict[str, str]:
         key = ident or name
         if key not in self.orgs:
-            org: dict[str, Any] = {"resourceType": "Organization",
-                                   "id": _id("org", self.head.facility, key), "name": name}
+            org: dict[str, Any] = {
+                "resourceType": "Organization",
+                "id": _id("org", self.head.facility, key),
+                "name": name,
+            }
             if ident:
-                org["identifier"] = [{"system": f"urn:hutong:lab:{self.cfg.node_id}",
-                                      "value": ident}]
+                org["identifier"] = [
+                    {"system": f"urn:hutong:lab:{self.cfg.node_id}", "value": ident}
+                ]
             self.orgs[key] = org
         elif ident and self.orgs[key]["name"] == key and name != key:
             self.orgs[key]["name"] = name  # the facility id seen first, its lab's name now
-            self.orgs[key]["identifier"] = [{"system": f"urn:hutong:lab:{self.cfg.node_id}",
-                                             "value": ident}]
+            self.orgs[key]["identifier"] = [
+                {"system": f"urn:hutong:lab:{self.cfg.node_id}", "value": ident}
+            ]
         return {"reference": f"Organization/{self.orgs[key]['id']}"}
 
     # -- patient ----------------------------------------------------------------------------
@@ -259,17 +284,25 @@ class _Builder:
                 national = normalise_national_id(ident)
                 idents.append({"system": self.cfg.national_id_system, "value": national})
             else:
-                idents.append({"type": {"coding": [{"system": vocab.V2_0203,
-                                                    "code": _code(kind) or "MR"}]},
-                               "system": self.cfg.mrn_system or
-                               f"urn:hutong:mrn:{self.cfg.node_id}", "value": ident})
+                idents.append(
+                    {
+                        "type": {
+                            "coding": [{"system": vocab.V2_0203, "code": _code(kind) or "MR"}]
+                        },
+                        "system": self.cfg.mrn_system or f"urn:hutong:mrn:{self.cfg.node_id}",
+                        "value": ident,
+                    }
+                )
         if not idents:
             raise MissingField("no patient identifier", field="PID-3")
         phash = patient_hash(self.cfg.hash_key, national) if national else None
         self.out.patient_hash = phash
         first = idents[0]["value"] if phash is None else phash
-        p: dict[str, Any] = {"resourceType": "Patient", "id": _id("patient", phash or first),
-                             "identifier": idents}
+        p: dict[str, Any] = {
+            "resourceType": "Patient",
+            "id": _id("patient", phash or first),
+            "identifier": idents,
+        }
         family, given = value(pid, 5, 1), value(pid, 5, 2)
         if family or given:
             name: dict[str, Any] = {"text": f"{family}{given}"}
@@ -278,8 +311,14 @@ class _Builder:
             if given:
                 name["given"] = [given]
             p["name"] = [name]
-        gender = {"M": "male", "F": "female", "O": "other", "U": "unknown", "A": "other",
-                  "N": "unknown"}.get(value(pid, 8).upper())
+        gender = {
+            "M": "male",
+            "F": "female",
+            "O": "other",
+            "U": "unknown",
+            "A": "other",
+            "N": "unknown",
+        }.get(value(pid, 8).upper())
         if gender:
             p["gender"] = gender
         born = fhir_datetime(value(pid, 7), "PID-7", self.cfg.default_zone)
@@ -320,8 +359,12 @@ class _Builder:
         (ID, MED, EI, XCN ...) -> its text. ED/RP never get here (report attachments)."""
         at = where("OBX", n, 5)
         count = reps(obx, 5)
-        if count == 0 or (count == 1 and not field_text(obx, 5).replace('""', "").strip(
-                "".join((obx.d.component, obx.d.subcomponent, " ")))):
+        if count == 0 or (
+            count == 1
+            and not field_text(obx, 5)
+            .replace('""', "")
+            .strip("".join((obx.d.component, obx.d.subcomponent, " ")))
+        ):
             return {}  # no value, only separators, or the v2 null "": no value[x]
         if vtype == "NM" and count == 1:
             m = _NUMBER.match(value(obx, 5))
@@ -339,30 +382,39 @@ class _Builder:
             return {"valueDateTime": fhir_datetime(value(obx, 5), at, self.cfg.default_zone)}
         if vtype == "TM" and count == 1:
             t = value(obx, 5)
-            m = re.fullmatch(r"(\d{2})(\d{2})?(\d{2})?(\.\d{1,4})?", t.split("+")[0]
-                             .split("-")[0])
-            if m is None or int(m.group(1)) > 23 or int(m.group(2) or 0) > 59 \
-                    or int(m.group(3) or 0) > 59:
+            m = re.fullmatch(r"(\d{2})(\d{2})?(\d{2})?(\.\d{1,4})?", t.split("+")[0].split("-")[0])
+            if (
+                m is None
+                or int(m.group(1)) > 23
+                or int(m.group(2) or 0) > 59
+                or int(m.group(3) or 0) > 59
+            ):
                 raise BadField("value type TM but not HH[MM[SS[.S]]]", field=at)
             frac = m.group(4) or ""
-            return {"valueTime": f"{m.group(1)}:{m.group(2) or '00'}:{m.group(3) or '00'}"
-                                 f"{frac}"}
+            return {"valueTime": f"{m.group(1)}:{m.group(2) or '00'}:{m.group(3) or '00'}{frac}"}
         if vtype == "DR" and count == 1:
             start = fhir_datetime(value(obx, 5, 1), at, self.cfg.default_zone)
             end = fhir_datetime(value(obx, 5, 2), at, self.cfg.default_zone)
             if start or end:
-                return {"valuePeriod": {**({"start": start} if start else {}),
-                                        **({"end": end} if end else {})}}
+                return {
+                    "valuePeriod": {
+                        **({"start": start} if start else {}),
+                        **({"end": end} if end else {}),
+                    }
+                }
         if vtype == "NR" and count == 1:
             low, high = value(obx, 5, 1), value(obx, 5, 2)
-            if all(not x or (_NUMBER.fullmatch(x) and x[0] not in "<>") for x in (low, high)) \
-                    and (low or high):
-                return {"valueRange": {**({"low": self.quantity(low, obx, at)} if low else {}),
-                                       **({"high": self.quantity(high, obx, at)}
-                                          if high else {})}}
+            if all(not x or (_NUMBER.fullmatch(x) and x[0] not in "<>") for x in (low, high)) and (
+                low or high
+            ):
+                return {
+                    "valueRange": {
+                        **({"low": self.quantity(low, obx, at)} if low else {}),
+                        **({"high": self.quantity(high, obx, at)} if high else {}),
+                    }
+                }
         if vtype in ("ST", "TX", "FT"):
-            text = "\n".join(_lines(rep_text(obx, 5, r, strip=False))
-                             for r in range(1, count + 1))
+            text = "\n".join(_lines(rep_text(obx, 5, r, strip=False)) for r in range(1, count + 1))
             return {"valueString": text} if text.strip() else {}
         text = field_text(obx, 5)  # any other type: the value as sent
         return {"valueString": text} if text else {}
@@ -377,11 +429,16 @@ class _Builder:
         if not sep and n1 and not n2:
             return {"valueQuantity": self.quantity(n1, obx, at, "" if comp == "=" else comp)}
         if comp in ("", "=") and sep == "-" and n1 and n2:
-            return {"valueRange": {"low": self.quantity(n1, obx, at),
-                                   "high": self.quantity(n2, obx, at)}}
+            return {
+                "valueRange": {
+                    "low": self.quantity(n1, obx, at),
+                    "high": self.quantity(n2, obx, at),
+                }
+            }
         if comp in ("", "=") and sep in (":", "/") and n1 and n2:
-            return {"valueRatio": {"numerator": {"value": _num(n1)},
-                                   "denominator": {"value": _num(n2)}}}
+            return {
+                "valueRatio": {"numerator": {"value": _num(n1)}, "denominator": {"value": _num(n2)}}
+            }
         if comp in ("", "=") and sep == "+" and n1 and not n2:
             return {"valueString": f"{n1}+"}
         return None
@@ -461,8 +518,11 @@ class _Builder:
         out = []
         for flag in rep_values(obx, 8):
             if flag in vocab.V3_FLAGS:
-                coding = {"system": vocab.V3_INTERPRETATION, "code": flag,
-                          "display": vocab.V3_FLAGS[flag]}
+                coding = {
+                    "system": vocab.V3_INTERPRETATION,
+                    "code": flag,
+                    "display": vocab.V3_FLAGS[flag],
+                }
             else:
                 coding = {"system": vocab.V2_0078, "code": _code(flag)}
             out.append({"coding": [coding]})
@@ -476,8 +536,7 @@ class _Builder:
         if not pids:
             raise Rejected("no PID segment", field="PID")
         if len(pids) > 1:
-            raise Rejected("one patient per message is supported (more than one PID)",
-                           field="PID")
+            raise Rejected("one patient per message is supported (more than one PID)", field="PID")
         if not any(str(s[0]) == "OBR" for s in segments):
             raise Rejected("no OBR segment", field="OBR")
         patient = self.patient(pids[0])
@@ -493,8 +552,14 @@ class _Builder:
                 orc = seg
             elif name == "OBR":
                 seen_obr += 1
-                current = {"obr": seg, "n": seen_obr, "obx": [], "spm": None, "notes": [],
-                           "orc": orc}
+                current = {
+                    "obr": seg,
+                    "n": seen_obr,
+                    "obx": [],
+                    "spm": None,
+                    "notes": [],
+                    "orc": orc,
+                }
                 orc = None
                 groups.append(current)
                 last = current
@@ -522,7 +587,8 @@ class _Builder:
             for p in r.get("performer", ()):
                 p["display"] = names[p["reference"]]
         self.out.bundle = {
-            "resourceType": "Bundle", "type": "collection",
+            "resourceType": "Bundle",
+            "type": "collection",
             "entry": [{"fullUrl": f"urn:uuid:{r['id']}", "resource": r} for r in resources],
         }
         if self.out.unmapped:
@@ -537,16 +603,22 @@ class _Builder:
         for g in groups:
             obr, n = g["obr"], g["n"]
             orc = g["orc"]  # ORC-3/ORC-2 when the OBR leaves its order numbers to the ORC
-            filler = value(obr, 3) or value(obr, 2) or (
-                value(orc, 3) or value(orc, 2) if orc is not None else "")
+            filler = (
+                value(obr, 3)
+                or value(obr, 2)
+                or (value(orc, 3) or value(orc, 2) if orc is not None else "")
+            )
             if not filler:
-                raise MissingField("filler (or placer) order number is empty",
-                                   field=where("OBR", n, 3))
+                raise MissingField(
+                    "filler (or placer) order number is empty", field=where("OBR", n, 3)
+                )
             g["filler"] = filler
             g["key"] = (self.head.facility, filler)
-        for extra in (lambda g: value(g["obr"], 4, 1) or value(g["obr"], 4, 4)
-                      or value(g["obr"], 4, 2),
-                      lambda g: value(g["obr"], 1), lambda g: f"#{g['n']}"):
+        for extra in (
+            lambda g: value(g["obr"], 4, 1) or value(g["obr"], 4, 4) or value(g["obr"], 4, 2),
+            lambda g: value(g["obr"], 1),
+            lambda g: f"#{g['n']}",
+        ):
             counts: dict[tuple[str, ...], int] = {}
             for g in groups:
                 counts[g["key"]] = counts.get(g["key"], 0) + 1
@@ -561,8 +633,9 @@ class _Builder:
         filler, key = g["filler"], g["key"]
         code, dr_unmapped = self.concept(obr, 4, where("OBR", n, 4))
         collected = fhir_datetime(value(obr, 7), where("OBR", n, 7), self.cfg.default_zone)
-        issued = fhir_datetime(value(obr, 22), where("OBR", n, 22), self.cfg.default_zone,
-                               instant=True)
+        issued = fhir_datetime(
+            value(obr, 22), where("OBR", n, 22), self.cfg.default_zone, instant=True
+        )
         specimen = self.specimen(g, subject, key, collected)
         lab = self.organization(self.head.facility or f"{self.cfg.node_id} LIS")
         observations: list[dict[str, Any]] = []
@@ -579,10 +652,15 @@ class _Builder:
                     entry["form"] = len(forms)
                     continue
             if vtype in ("TX", "FT", "ST") and not any(
-                    value(obx, 3, c) for c in (1, 2, 4, 5, 9, 10, 11)):
+                value(obx, 3, c) for c in (1, 2, 4, 5, 9, 10, 11)
+            ):
                 # report text sent as code-less lines: the report's own text, in order
-                text_lines.append("\n".join(_lines(rep_text(obx, 5, r, strip=False))
-                                            for r in range(1, max(reps(obx, 5), 1) + 1)))
+                text_lines.append(
+                    "\n".join(
+                        _lines(rep_text(obx, 5, r, strip=False))
+                        for r in range(1, max(reps(obx, 5), 1) + 1)
+                    )
+                )
                 entry["text_line"] = len(text_lines)
                 continue
             obs = self.observation(entry, subject, key, collected, issued, specimen, lab)
@@ -593,40 +671,64 @@ class _Builder:
             entry["observation"] = obs["id"]
             observations.append(obs)
         if text_lines:
-            forms.insert(0, {"contentType": "text/plain;charset=utf-8",
-                             "data": base64.b64encode("\n".join(text_lines).encode("utf-8"))
-                             .decode("ascii")})
+            forms.insert(
+                0,
+                {
+                    "contentType": "text/plain;charset=utf-8",
+                    "data": base64.b64encode("\n".join(text_lines).encode("utf-8")).decode("ascii"),
+                },
+            )
         status_code = value(obr, 25).upper()
         if status_code:
             status = vocab.REPORT_STATUS.get(status_code)
             if status is None:
-                raise BadField(f"result status {status_code!r} is not in table 0123",
-                               field=where("OBR", n, 25))
+                raise BadField(
+                    f"result status {status_code!r} is not in table 0123", field=where("OBR", n, 25)
+                )
         else:
             kinds = {o["status"] for o in observations}
-            status = ("corrected" if "corrected" in kinds else
-                      "final" if kinds <= {"final", "amended"} and kinds else "preliminary")
+            status = (
+                "corrected"
+                if "corrected" in kinds
+                else "final"
+                if kinds <= {"final", "amended"} and kinds
+                else "preliminary"
+            )
         dr: dict[str, Any] = {
-            "resourceType": "DiagnosticReport", "id": _id("report", *key),
-            "identifier": [{"type": {"coding": [{"system": vocab.V2_0203, "code": "FILL"}]},
-                            "system": system_uri("lis", self.cfg.node_id, self.head.facility),
-                            "value": filler}],
+            "resourceType": "DiagnosticReport",
+            "id": _id("report", *key),
+            "identifier": [
+                {
+                    "type": {"coding": [{"system": vocab.V2_0203, "code": "FILL"}]},
+                    "system": system_uri("lis", self.cfg.node_id, self.head.facility),
+                    "value": filler,
+                }
+            ],
             "status": status,
-            "category": [{"coding": [{"system": vocab.V2_0074, "code": "LAB",
-                                      "display": "Laboratory"}]}],
-            "code": code, "subject": subject,
+            "category": [
+                {"coding": [{"system": vocab.V2_0074, "code": "LAB", "display": "Laboratory"}]}
+            ],
+            "code": code,
+            "subject": subject,
         }
         placer = value(obr, 2)
         if placer:
-            dr["identifier"].append({
-                "type": {"coding": [{"system": vocab.V2_0203, "code": "PLAC"}]},
-                "system": f"urn:hutong:order:{self.cfg.node_id}", "value": placer})
+            dr["identifier"].append(
+                {
+                    "type": {"coding": [{"system": vocab.V2_0203, "code": "PLAC"}]},
+                    "system": f"urn:hutong:order:{self.cfg.node_id}",
+                    "value": placer,
+                }
+            )
         if collected:
             dr["effectiveDateTime"] = collected
         if issued:
             dr["issued"] = issued
-        performers = {o["performer"][0]["reference"]: o["performer"][0] for o in observations
-                      if o.get("performer")}
+        performers = {
+            o["performer"][0]["reference"]: o["performer"][0]
+            for o in observations
+            if o.get("performer")
+        }
         dr["performer"] = list(performers.values()) or [lab]
         if specimen:
             dr["specimen"] = [{"reference": f"Specimen/{specimen['id']}"}]
@@ -641,16 +743,20 @@ class _Builder:
         self.out.reports.append(dr["id"])
         return [dr, *([specimen] if specimen else []), *observations]
 
-    def specimen(self, g: dict[str, Any], subject: dict[str, str], key: tuple[str, str],
-                 collected: str | None) -> dict[str, Any] | None:
+    def specimen(
+        self,
+        g: dict[str, Any],
+        subject: dict[str, str],
+        key: tuple[str, str],
+        collected: str | None,
+    ) -> dict[str, Any] | None:
         obr, spm, n = g["obr"], g["spm"], g["n"]
         sp: dict[str, Any] = {"resourceType": "Specimen", "subject": subject}
         if spm is not None:
             ident = value(spm, 2, 2) or value(spm, 2, 1)
             type_code, type_text = value(spm, 4, 1), value(spm, 4, 2)
             when = fhir_datetime(value(spm, 17, 1), "SPM-17", self.cfg.default_zone) or collected
-            received = fhir_datetime(value(spm, 18), "SPM-18", self.cfg.default_zone,
-                                     instant=False)
+            received = fhir_datetime(value(spm, 18), "SPM-18", self.cfg.default_zone, instant=False)
         else:
             ident = ""
             type_code, type_text = value(obr, 15, 1, 1, 1), value(obr, 15, 1, 1, 2)
@@ -660,34 +766,53 @@ class _Builder:
             return None
         sp["id"] = _id("specimen", *key, ident)
         if ident:
-            sp["identifier"] = [{"system": f"urn:hutong:specimen:{self.cfg.node_id}",
-                                 "value": ident}]
+            sp["identifier"] = [
+                {"system": f"urn:hutong:specimen:{self.cfg.node_id}", "value": ident}
+            ]
         if type_code or type_text:
-            coding = [{"system": vocab.V2_0487, "code": _code(type_code),
-                       **({"display": type_text} if type_text else {})}] if type_code else []
-            sp["type"] = {**({"coding": coding} if coding else {}),
-                          **({"text": type_text} if type_text else {})}
+            coding = (
+                [
+                    {
+                        "system": vocab.V2_0487,
+                        "code": _code(type_code),
+                        **({"display": type_text} if type_text else {}),
+                    }
+                ]
+                if type_code
+                else []
+            )
+            sp["type"] = {
+                **({"coding": coding} if coding else {}),
+                **({"text": type_text} if type_text else {}),
+            }
         if when:
             sp["collection"] = {"collectedDateTime": when}
         if received and "T" in received:
             sp["receivedTime"] = received
         return sp
 
-    def observation(self, entry: dict[str, Any], subject: dict[str, str], key: tuple[str, str],
-                    collected: str | None, issued: str | None, specimen: dict[str, Any] | None,
-                    lab: dict[str, str]) -> dict[str, Any]:
+    def observation(
+        self,
+        entry: dict[str, Any],
+        subject: dict[str, str],
+        key: tuple[str, str],
+        collected: str | None,
+        issued: str | None,
+        specimen: dict[str, Any] | None,
+        lab: dict[str, str],
+    ) -> dict[str, Any]:
         obx, n = entry["obx"], entry["n"]
         vtype = value(obx, 2).upper()
-        local_code = value(obx, 3, 1) or value(obx, 3, 4) or value(obx, 3, 10) \
-            or value(obx, 3, 2)
+        local_code = value(obx, 3, 1) or value(obx, 3, 4) or value(obx, 3, 10) or value(obx, 3, 2)
         code, unmapped = self.concept(obx, 3, where("OBX", n, 3))
         status_code = value(obx, 11).upper()
         if not status_code:
             raise MissingField("result status is empty", field=where("OBX", n, 11))
         status = vocab.OBSERVATION_STATUS.get(status_code)
         if status is None:
-            raise BadField(f"result status {status_code!r} is not in table 0085",
-                           field=where("OBX", n, 11))
+            raise BadField(
+                f"result status {status_code!r} is not in table 0085", field=where("OBX", n, 11)
+            )
         if status == "corrected":
             self.out.corrected += 1
         obs: dict[str, Any] = {
@@ -695,26 +820,34 @@ class _Builder:
             # OBX-4 whole: structured sub-ids (1^1, 3^2) tell apart repeated tests
             "id": _id("observation", *key, local_code, field_text(obx, 4)),
             "status": status,
-            "category": [{"coding": [{
-                "system": "http://terminology.hl7.org/CodeSystem/observation-category",
-                "code": "laboratory", "display": "Laboratory"}]}],
-            "code": code, "subject": subject,
+            "category": [
+                {
+                    "coding": [
+                        {
+                            "system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                            "code": "laboratory",
+                            "display": "Laboratory",
+                        }
+                    ]
+                }
+            ],
+            "code": code,
+            "subject": subject,
         }
         if not vtype and reps(obx, 5):
-            raise MissingField("value type is empty but there is a value",
-                               field=where("OBX", n, 2))
+            raise MissingField("value type is empty but there is a value", field=where("OBX", n, 2))
         obs.update(self.obx_value(obx, n, vtype) if vtype else {})
         if not any(k.startswith("value") for k in obs) and status == "cancelled":
-            obs["dataAbsentReason"] = {"coding": [{"system": vocab.DATA_ABSENT,
-                                                   "code": "not-performed"}]}
+            obs["dataAbsentReason"] = {
+                "coding": [{"system": vocab.DATA_ABSENT, "code": "not-performed"}]
+            }
         when = fhir_datetime(value(obx, 14), where("OBX", n, 14), self.cfg.default_zone)
         if when or collected:
             obs["effectiveDateTime"] = when or collected
         if issued:
             obs["issued"] = issued
         lab_name = value(obx, 23, 1) or value(obx, 15, 2) or value(obx, 15, 1)
-        obs["performer"] = [self.organization(lab_name, value(obx, 23, 10))
-                            if lab_name else lab]
+        obs["performer"] = [self.organization(lab_name, value(obx, 23, 10)) if lab_name else lab]
         flags = self.interpretation(obx)
         if flags:
             obs["interpretation"] = flags
@@ -737,7 +870,9 @@ def is_national_id(pid: Any, r: int, national_id_system: str) -> bool:
     assigning authority)."""
     authority, kind = value(pid, 3, 4, r), value(pid, 3, 5, r)
     return kind.upper() in NATIONAL_ID_TYPES or authority in (
-        national_id_system, national_id_system.removeprefix("urn:oid:"))
+        national_id_system,
+        national_id_system.removeprefix("urn:oid:"),
+    )
 
 
 def national_id(msg: Message, national_id_system: str) -> str | None:

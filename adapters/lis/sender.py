@@ -31,9 +31,15 @@ def _recv_ack(client: MLLPClient) -> bytes:
             raise ConnectionError(f"the listener answered with a bad MLLP frame ({event.kind})")
 
 
-def send_messages(host: str, port: int, messages: Iterable[bytes], *,
-                  tls: ssl.SSLContext | None = None, server_hostname: str | None = None,
-                  timeout: float = 30.0) -> list[bytes]:
+def send_messages(
+    host: str,
+    port: int,
+    messages: Iterable[bytes],
+    *,
+    tls: ssl.SSLContext | None = None,
+    server_hostname: str | None = None,
+    timeout: float = 30.0,
+) -> list[bytes]:
     """Send each message (bytes, already in its MSH-18 charset) on one connection; the ACKs.
 
     The frame is written with ``sendall``: MLLPClient.send_message makes a single
@@ -42,16 +48,16 @@ def send_messages(host: str, port: int, messages: Iterable[bytes], *,
     with MLLPClient(host, port) as client:
         client.socket.settimeout(timeout)
         if tls is not None:
-            client.socket = tls.wrap_socket(client.socket,
-                                            server_hostname=server_hostname or host)
+            client.socket = tls.wrap_socket(client.socket, server_hostname=server_hostname or host)
         for m in messages:
             client.socket.sendall(START + m + END)
             acks.append(_recv_ack(client))
     return acks
 
 
-def send_folder(folder: Path, host: str, port: int, *, tls: ssl.SSLContext | None = None
-                ) -> dict[str, int]:
+def send_folder(
+    folder: Path, host: str, port: int, *, tls: ssl.SSLContext | None = None
+) -> dict[str, int]:
     """Send every ``*.hl7`` file of an export folder, oldest name first; returns counts."""
     counts = {"accepted": 0, "refused": 0}
     for path in sorted(folder.glob("*.hl7")):

@@ -19,6 +19,10 @@ def _build(host: Any, opts: PacsOptions) -> Any:
     return PacsAdapter(host, opts)
 
 
-create = AdapterType(name="pacs-dicom", options=PacsOptions, build=_build,
-                     listens=lambda o: [(o.bind_host, o.bind_port)],
-                     example={"bind": "127.0.0.1:0"})
+create = AdapterType(
+    name="pacs-dicom",
+    options=PacsOptions,
+    build=_build,
+    listens=lambda o: [(o.bind_host, o.bind_port)],
+    example={"bind": "127.0.0.1:0"},
+)

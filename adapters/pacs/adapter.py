@@ -83,14 +83,15 @@ class PacsAdapter(BaseAdapter):
     def __init__(self, host: AdapterHost, opts: PacsOptions) -> None:
         super().__init__(host, opts)
         self.opts = opts
-        self.pacs_id_system = (self.opts.patient_id_system
-                               or f"urn:hutong:{host.node_id}:pacs-patient-id")
-        self.accession_system = (self.opts.accession_system
-                                 or f"urn:hutong:{host.node_id}:accession")
+        self.pacs_id_system = (
+            self.opts.patient_id_system or f"urn:hutong:{host.node_id}:pacs-patient-id"
+        )
+        self.accession_system = self.opts.accession_system or f"urn:hutong:{host.node_id}:accession"
         self.instances = InstanceStore(host.data_dir / "studies")
         self.fetched = InstanceStore(host.data_dir / "fetched")
-        self.listener = dimse.StoreListener(self.opts, self._on_store, self._complete_all,
-                                            on_cut=self._on_cut)
+        self.listener = dimse.StoreListener(
+            self.opts, self._on_store, self._complete_all, on_cut=self._on_cut
+        )
         self._pending: dict[str, float] = {}  # study UID -> monotonic time of its last instance
         self._lock = threading.Lock()  # one study build at a time (SCP threads, jobs, fetches)
 
@@ -100,8 +101,9 @@ class PacsAdapter(BaseAdapter):
         for study in self.instances.studies():  # recovered on the first idle round
             self._pending[study] = 0.0
         self.listener.start()
-        self.host.every(min(max(self.opts.complete_after_s / 3, 0.5), 10.0), self._complete_idle,
-                        "complete")
+        self.host.every(
+            min(max(self.opts.complete_after_s / 3, 0.5), 10.0), self._complete_idle, "complete"
+        )
 
     def stop(self) -> None:
         self.listener.stop()
@@ -121,15 +123,20 @@ class PacsAdapter(BaseAdapter):
         try:
             self._bounded(raw, hint, event.context.transfer_syntax)
             ds = read_header(raw)
-            sop = check_uid(ds.get("SOPInstanceUID"), record=hint,
-                            field="SOPInstanceUID (0008,0018)")
+            sop = check_uid(
+                ds.get("SOPInstanceUID"), record=hint, field="SOPInstanceUID (0008,0018)"
+            )
             if sop != hint:
-                raise DicomRejected(f"instance {hint}: SOPInstanceUID (0008,0018) differs from "
-                                    "the C-STORE's Affected SOP Instance UID")
-            study = check_uid(ds.get("StudyInstanceUID"), record=sop,
-                              field="StudyInstanceUID (0020,000D)")
-            series = check_uid(ds.get("SeriesInstanceUID"), record=sop,
-                               field="SeriesInstanceUID (0020,000E)")
+                raise DicomRejected(
+                    f"instance {hint}: SOPInstanceUID (0008,0018) differs from "
+                    "the C-STORE's Affected SOP Instance UID"
+                )
+            study = check_uid(
+                ds.get("StudyInstanceUID"), record=sop, field="StudyInstanceUID (0020,000D)"
+            )
+            series = check_uid(
+                ds.get("SeriesInstanceUID"), record=sop, field="SeriesInstanceUID (0020,000E)"
+            )
             if not text(ds, "PatientID"):
                 raise DicomRejected(f"instance {sop}: PatientID (0010,0020) is missing")
             self.instances.write(study, series, sop, raw)
@@ -139,9 +146,15 @@ class PacsAdapter(BaseAdapter):
             if len(raw) > self.opts.max_dataset_bytes:  # keep the head, where the header is
                 raw = raw[:KEEP_OF_OVERSIZE]
             try:
-                nid = None if ds is None else patient_info(
-                    ds, national_id_issuer=self.opts.national_id_issuer,
-                    id_is_national=self.opts.patient_id_is_national_id).national_id
+                nid = (
+                    None
+                    if ds is None
+                    else patient_info(
+                        ds,
+                        national_id_issuer=self.opts.national_id_issuer,
+                        id_is_national=self.opts.patient_id_is_national_id,
+                    ).national_id
+                )
             except Exception:  # noqa: BLE001 - a header too broken to name its patient
                 nid = None
             try:
@@ -160,10 +173,12 @@ class PacsAdapter(BaseAdapter):
 
     def _on_cut(self, sop: str, received: int) -> None:
         """A C-STORE cut off while arriving (far over the limit): nothing of it is kept."""
-        exc = DicomRejected(f"instance {sop}: data set over twice the "
-                            f"{self.opts.max_dataset_bytes}-byte limit "
-                            f"(options.max_dataset_bytes): cut off after {received} bytes, "
-                            "association aborted, nothing kept")
+        exc = DicomRejected(
+            f"instance {sop}: data set over twice the "
+            f"{self.opts.max_dataset_bytes}-byte limit "
+            f"(options.max_dataset_bytes): cut off after {received} bytes, "
+            "association aborted, nothing kept"
+        )
         self.count("instances_rejected")
         log.warning("pacs: C-STORE cut off (%s): %s", exc.code, exc.message)
         self.host.quarantine(exc, raw=b"", kind="imaging.instance")
@@ -172,13 +187,21 @@ class PacsAdapter(BaseAdapter):
         """Size and nesting caps, judged before pydicom (which recurses) reads anything."""
         o = self.opts
         if len(raw) > o.max_dataset_bytes:
-            raise DicomRejected(f"instance {hint}: data set of {len(raw)} bytes is over the "
-                                f"{o.max_dataset_bytes}-byte limit (options.max_dataset_bytes)"
-                                f"; the first {KEEP_OF_OVERSIZE} bytes are kept")
+            raise DicomRejected(
+                f"instance {hint}: data set of {len(raw)} bytes is over the "
+                f"{o.max_dataset_bytes}-byte limit (options.max_dataset_bytes)"
+                f"; the first {KEEP_OF_OVERSIZE} bytes are kept"
+            )
         ts = UID(str(transfer_syntax))
-        check_structure(raw, implicit=ts.is_implicit_VR, little=ts.is_little_endian,
-                        deflated=ts.is_deflated, max_depth=o.max_sequence_depth,
-                        max_bytes=o.max_dataset_bytes, record=hint)
+        check_structure(
+            raw,
+            implicit=ts.is_implicit_VR,
+            little=ts.is_little_endian,
+            deflated=ts.is_deflated,
+            max_depth=o.max_sequence_depth,
+            max_bytes=o.max_dataset_bytes,
+            record=hint,
+        )
 
     def _complete_all(self, studies: set[str]) -> None:
         for study in sorted(studies):
@@ -206,24 +229,38 @@ class PacsAdapter(BaseAdapter):
 
     def _subject(self, ds: Dataset) -> tuple[dict[str, Any], str | None, dict[str, Any] | None]:
         """(subject reference, patient hash, new Patient to store or None) for a header."""
-        info = patient_info(ds, national_id_issuer=self.opts.national_id_issuer,
-                            id_is_national=self.opts.patient_id_is_national_id)
-        phash = patient_hash(self.host.plan.patient_hash_key, info.national_id) \
-            if info.national_id else None
+        info = patient_info(
+            ds,
+            national_id_issuer=self.opts.national_id_issuer,
+            id_is_national=self.opts.patient_id_is_national_id,
+        )
+        phash = (
+            patient_hash(self.host.plan.patient_hash_key, info.national_id)
+            if info.national_id
+            else None
+        )
         found = self.host.find("Patient", patient_hash=phash) if phash else None
         if found is None and info.pacs_id:
             found = self.host.find("Patient", identifier=(self.pacs_id_system, info.pacs_id))
             if found is not None and phash is None:
-                phash = (self.host.resource_info("Patient", found["id"]) or {}).get(
-                    "patient_hash")
+                phash = (self.host.resource_info("Patient", found["id"]) or {}).get("patient_hash")
         if found is not None:
             return {"reference": f"Patient/{found['id']}"}, phash, None
-        patient = patient_resource(info, pacs_id_system=self.pacs_id_system,
-                                   national_system=self.host.plan.alliance.national_id_system)
+        patient = patient_resource(
+            info,
+            pacs_id_system=self.pacs_id_system,
+            national_system=self.host.plan.alliance.national_id_system,
+        )
         return {"reference": f"Patient/{patient['id']}"}, phash, patient
 
-    def _put(self, resources: list[dict[str, Any]], phash: str | None, action: str,
-             message: str, thread: str | None = None) -> None:
+    def _put(
+        self,
+        resources: list[dict[str, Any]],
+        phash: str | None,
+        action: str,
+        message: str,
+        thread: str | None = None,
+    ) -> None:
         for r in resources:
             validate_resource(r)  # once, before it is stored (InvalidFhir names the path)
         with self.host.transaction() as tx:
@@ -240,15 +277,26 @@ class PacsAdapter(BaseAdapter):
                 return None
             headers = [read_header(p) for p in files]
             subject, phash, patient = self._subject(headers[0])
-            study = imaging_study(headers, study_uid=study_uid, subject=subject,
-                                  tz=self.opts.timezone, accession_system=self.accession_system)
+            study = imaging_study(
+                headers,
+                study_uid=study_uid,
+                subject=subject,
+                tz=self.opts.timezone,
+                accession_system=self.accession_system,
+            )
             ref = {"reference": f"ImagingStudy/{study['id']}"}
-            reports = [report_from_sr(h, subject=subject, study_ref=ref, tz=self.opts.timezone)
-                       for h in headers if text(h, "Modality") == "SR"]
-            self._put([*([patient] if patient else []), study, *reports], phash,
-                      "imaging-study-stored",
-                      f"{study['numberOfSeries']} series, {study['numberOfInstances']} instances, "
-                      f"{len(reports)} SR reports")
+            reports = [
+                report_from_sr(h, subject=subject, study_ref=ref, tz=self.opts.timezone)
+                for h in headers
+                if text(h, "Modality") == "SR"
+            ]
+            self._put(
+                [*([patient] if patient else []), study, *reports],
+                phash,
+                "imaging-study-stored",
+                f"{study['numberOfSeries']} series, {study['numberOfInstances']} instances, "
+                f"{len(reports)} SR reports",
+            )
         self.count("studies_completed")
         self.ok()
         return study
@@ -260,29 +308,48 @@ class PacsAdapter(BaseAdapter):
             raise ConfigError(f"adapters.{self.name}.options.pacs: no vendor PACS configured")
         return self.opts.pacs
 
-    def query(self, *, patient_id: str | None, study_date: str | None,
-              actor: str) -> list[dict[str, Any]]:
+    def query(
+        self, *, patient_id: str | None, study_date: str | None, actor: str
+    ) -> list[dict[str, Any]]:
         """C-FIND the vendor PACS; every study found becomes (or stays) an ImagingStudy."""
         pacs, o = self._pacs(), self.opts
-        found = dimse.find_studies(pacs, o.ae_title, o.timeout_s, patient_id=patient_id,
-                                   study_date=study_date)
+        found = dimse.find_studies(
+            pacs, o.ae_title, o.timeout_s, patient_id=patient_id, study_date=study_date
+        )
         out = []
         for ds in found:
-            uid = check_uid(ds.get("StudyInstanceUID"), record="C-FIND answer",
-                            field="StudyInstanceUID (0020,000D)")
+            uid = check_uid(
+                ds.get("StudyInstanceUID"),
+                record="C-FIND answer",
+                field="StudyInstanceUID (0020,000D)",
+            )
             if self.instances.study_files(uid):  # we hold the instances: the full one stands
                 study = self.host.resource("ImagingStudy", study_resource_id(uid))
             else:
                 series = dimse.find_series(pacs, o.ae_title, o.timeout_s, uid)
                 subject, phash, patient = self._subject(ds)
-                study = imaging_study_from_find(ds, series, study_uid=uid, subject=subject,
-                                                tz=o.timezone,
-                                                accession_system=self.accession_system)
-                self._put([*([patient] if patient else []), study], phash, "imaging-query",
-                          f"C-FIND by {actor}: study known from the PACS")
-            out.append({"id": study["id"], "study_uid": uid,
-                        "number_of_series": study.get("numberOfSeries"),
-                        "number_of_instances": study.get("numberOfInstances")})
+                study = imaging_study_from_find(
+                    ds,
+                    series,
+                    study_uid=uid,
+                    subject=subject,
+                    tz=o.timezone,
+                    accession_system=self.accession_system,
+                )
+                self._put(
+                    [*([patient] if patient else []), study],
+                    phash,
+                    "imaging-query",
+                    f"C-FIND by {actor}: study known from the PACS",
+                )
+            out.append(
+                {
+                    "id": study["id"],
+                    "study_uid": uid,
+                    "number_of_series": study.get("numberOfSeries"),
+                    "number_of_instances": study.get("numberOfInstances"),
+                }
+            )
         self.ok()
         return out
 
@@ -291,8 +358,14 @@ class PacsAdapter(BaseAdapter):
         pacs, o = self._pacs(), self.opts
         classes = dimse.find_sop_classes(pacs, o.ae_title, o.timeout_s, study_uid)
         if classes:
-            dimse.get_study(pacs, o.ae_title, o.timeout_s, study_uid, classes,
-                            lambda event: self._on_store(event)[0])
+            dimse.get_study(
+                pacs,
+                o.ae_title,
+                o.timeout_s,
+                study_uid,
+                classes,
+                lambda event: self._on_store(event)[0],
+            )
             self.complete(study_uid)
         return self.instances.study_files(study_uid)
 
@@ -304,26 +377,36 @@ class PacsAdapter(BaseAdapter):
         raw = message.encode("utf-8") if isinstance(message, str) else message
         oru: OruReport | None = None
         try:
-            oru = parse_oru(raw, self.opts.timezone, default_charset=self.opts.default_charset,
-                            charset_override=self.opts.charset_override)
+            oru = parse_oru(
+                raw,
+                self.opts.timezone,
+                default_charset=self.opts.default_charset,
+                charset_override=self.opts.charset_override,
+            )
             study = None
             if oru.study_uid:
                 rid = study_resource_id(oru.study_uid)
-                study = self.host.resource("ImagingStudy", rid) \
-                    if self.host.resource_info("ImagingStudy", rid) else None
+                study = (
+                    self.host.resource("ImagingStudy", rid)
+                    if self.host.resource_info("ImagingStudy", rid)
+                    else None
+                )
             if study is None and oru.accession:
-                study = self.host.find("ImagingStudy",
-                                       identifier=(self.accession_system, oru.accession))
+                study = self.host.find(
+                    "ImagingStudy", identifier=(self.accession_system, oru.accession)
+                )
             if study is None:
-                raise ReportRejected(f"record {oru.control_id} field ZDS-1/OBR-3: no "
-                                     "ImagingStudy here for this report's study")
-            phash = (self.host.resource_info("ImagingStudy", study["id"]) or {}).get(
-                "patient_hash")
+                raise ReportRejected(
+                    f"record {oru.control_id} field ZDS-1/OBR-3: no "
+                    "ImagingStudy here for this report's study"
+                )
+            phash = (self.host.resource_info("ImagingStudy", study["id"]) or {}).get("patient_hash")
         except ReportRejected as exc:
             self.host.quarantine(exc, raw=raw, kind="imaging.report", **self._oru_patient(oru))
             raise
-        report = report_from_oru(oru, subject=study["subject"],
-                                 study_ref={"reference": f"ImagingStudy/{study['id']}"})
+        report = report_from_oru(
+            oru, subject=study["subject"], study_ref={"reference": f"ImagingStudy/{study['id']}"}
+        )
         answer = {"id": report["id"], "imaging_study": study["id"], "status": report["status"]}
         patient = self._patient_of(study)
         if patient is None or phash is None:  # nobody to route to: stored here only
@@ -333,12 +416,17 @@ class PacsAdapter(BaseAdapter):
         # stored and queued in one transaction; an identical re-sent message changes nothing.
         # Only the report is new: the Patient and the study were validated when stored.
         validate_resource(report)
-        bundle = {"resourceType": "Bundle", "type": "collection",
-                  "entry": [{"fullUrl": f"urn:uuid:{r['id']}", "resource": r}
-                            for r in (patient, study, report)]}
+        bundle = {
+            "resourceType": "Bundle",
+            "type": "collection",
+            "entry": [
+                {"fullUrl": f"urn:uuid:{r['id']}", "resource": r} for r in (patient, study, report)
+            ],
+        }
         key = f"oru:{oru.control_id}:{hashlib.sha256(raw).hexdigest()[:16]}"
-        return self.host.share_results(bundle, source_key=key, patient_hash=phash,
-                                       answer=answer, kind="result.imaging")
+        return self.host.share_results(
+            bundle, source_key=key, patient_hash=phash, answer=answer, kind="result.imaging"
+        )
 
     def _oru_patient(self, oru: OruReport | None) -> dict[str, str | None]:
         """Whom a refused ORU is about, as far as its PID-3 tells (nothing if it was not read
@@ -370,20 +458,33 @@ class PacsAdapter(BaseAdapter):
         """Ask ``peer`` for a study; a Task here tracks it (requested -> completed/failed)."""
         uid = check_uid(study_uid, record="fetch request", field="study_uid")
         phash = (self.host.resource_info("ImagingStudy", study_resource_id(uid)) or {}).get(
-            "patient_hash")
+            "patient_hash"
+        )
         now = self.host.now()
         task_id, thread = str(uuid.uuid4()), str(uuid.uuid4())
-        task = fetch.request_task(task_id, uid, self.host.node_id, peer,
-                                  now.isoformat(timespec="seconds"))
+        task = fetch.request_task(
+            task_id, uid, self.host.node_id, peer, now.isoformat(timespec="seconds")
+        )
         validate_resource(task)
 
         def write(tx: Any) -> None:
             tx.put(copy.deepcopy(task), thread=thread, patient_hash=phash)
-            tx.audit("imaging-fetch-requested", actor=actor, peer=peer,
-                     kind=fetch.KIND_REQUEST, thread=thread, patient_hash=phash)
+            tx.audit(
+                "imaging-fetch-requested",
+                actor=actor,
+                peer=peer,
+                kind=fetch.KIND_REQUEST,
+                thread=thread,
+                patient_hash=phash,
+            )
 
-        self.host.send(peer, fetch.KIND_REQUEST, [fetch.request_bundle(task, phash)],
-                       thread=thread, write=write)
+        self.host.send(
+            peer,
+            fetch.KIND_REQUEST,
+            [fetch.request_bundle(task, phash)],
+            thread=thread,
+            write=write,
+        )
         self.count("fetches_requested")
         return {"task_id": task_id, "thread": thread}
 
@@ -403,15 +504,19 @@ class PacsAdapter(BaseAdapter):
         must not come back to it as ours."""
         ref = f"ImagingStudy/{study_id}"
         found = self.host.own_resources("DiagnosticReport")
-        return [r for r in found if any(s.get("reference") == ref
-                                        for s in r.get("imagingStudy") or ())]
+        return [
+            r for r in found if any(s.get("reference") == ref for s in r.get("imagingStudy") or ())
+        ]
 
     def reports_for(self, study_id: str) -> list[dict[str, Any]]:
         """Every report on the study: our own, then those other members attached, oldest
         first (:meth:`on_imaging_report`)."""
         attached = (self.host.state.get(ATTACHED, study_id) or {}).get("reports") or []
-        theirs = [self.host.resource("DiagnosticReport", rid) for rid in attached
-                  if self.host.resource_info("DiagnosticReport", rid) is not None]
+        theirs = [
+            self.host.resource("DiagnosticReport", rid)
+            for rid in attached
+            if self.host.resource_info("DiagnosticReport", rid) is not None
+        ]
         return [*self._reports_for(study_id), *theirs]
 
     def on_imaging_report(self, ev: ImagingReportEvent) -> dict[str, Any] | None:
@@ -443,36 +548,57 @@ class PacsAdapter(BaseAdapter):
             return answer
         served = (self.host.state.get(SERVED, rid) or {}).get("members") or []
         if not ev.party and ev.sender not in served:
-            return self._refuse(ev, f"report {report_id} from {ev.sender} on ImagingStudy/"
-                                    f"{rid}, which this node neither shared with it nor "
-                                    "asked it to report on", info["patient_hash"])
+            return self._refuse(
+                ev,
+                f"report {report_id} from {ev.sender} on ImagingStudy/"
+                f"{rid}, which this node neither shared with it nor "
+                "asked it to report on",
+                info["patient_hash"],
+            )
         study = self.host.resource("ImagingStudy", rid)
         report = copy.deepcopy(ev.report)
         report.pop("meta", None)
         report["subject"] = study["subject"]
-        report["imagingStudy"] = [{"reference": f"ImagingStudy/{rid}", "identifier": {
-            "system": "urn:dicom:uid", "value": f"urn:oid:{uid}"}}]
+        report["imagingStudy"] = [
+            {
+                "reference": f"ImagingStudy/{rid}",
+                "identifier": {"system": "urn:dicom:uid", "value": f"urn:oid:{uid}"},
+            }
+        ]
         try:
             validate_resource(report)
         except InvalidFhir:
-            return self._refuse(ev, f"report {report_id} from {ev.sender} is not valid FHIR "
-                                    f"R4 once attached to ImagingStudy/{rid}",
-                                info["patient_hash"])
+            return self._refuse(
+                ev,
+                f"report {report_id} from {ev.sender} is not valid FHIR "
+                f"R4 once attached to ImagingStudy/{rid}",
+                info["patient_hash"],
+            )
         try:
             with self.host.transaction() as tx:
-                tx.put_foreign(report, sender=ev.sender, thread=ev.thread or "",
-                               patient_hash=info["patient_hash"])
+                tx.put_foreign(
+                    report,
+                    sender=ev.sender,
+                    thread=ev.thread or "",
+                    patient_hash=info["patient_hash"],
+                )
                 tx.remember(key, answer, thread=ev.thread)
-                tx.audit("imaging-report-attached", peer=ev.sender, kind="result.imaging",
-                         thread=ev.thread, patient_hash=info["patient_hash"],
-                         message=f"DiagnosticReport/{report_id} from {ev.sender} attached to "
-                                 f"ImagingStudy/{rid}")
+                tx.audit(
+                    "imaging-report-attached",
+                    peer=ev.sender,
+                    kind="result.imaging",
+                    thread=ev.thread,
+                    patient_hash=info["patient_hash"],
+                    message=f"DiagnosticReport/{report_id} from {ev.sender} attached to "
+                    f"ImagingStudy/{rid}",
+                )
         except HutongError as exc:
             if exc.retry is not Retry.PERMANENT:
                 raise
             # e.g. the id names a resource of this node's or of another thread
-            return self._refuse(ev, f"report {report_id} from {ev.sender}: {exc.message}",
-                                info["patient_hash"])
+            return self._refuse(
+                ev, f"report {report_id} from {ev.sender}: {exc.message}", info["patient_hash"]
+            )
         self._attach(rid, report_id, ev.thread)
         self.count("reports_attached")
         self.ok()
@@ -489,8 +615,13 @@ class PacsAdapter(BaseAdapter):
         the patient of the study it is on (``phash``, as the study is stored), so the message
         browser's patient search finds it. Remembered under the event's key, so a redelivery
         does not quarantine it again."""
-        qid = self.host.quarantine(ReportRejected(why), raw=orjson.dumps(ev.report),
-                                   kind="imaging.report", thread=ev.thread, patient_hash=phash)
+        qid = self.host.quarantine(
+            ReportRejected(why),
+            raw=orjson.dumps(ev.report),
+            kind="imaging.report",
+            thread=ev.thread,
+            patient_hash=phash,
+        )
         with self.host.transaction() as tx:
             tx.remember(f"report:{ev.key}", {"refused": qid}, thread=ev.thread)
         self.count("reports_refused")
@@ -516,25 +647,27 @@ class PacsAdapter(BaseAdapter):
         if files:
             study = self.host.resource("ImagingStudy", rid)
             phash = (self.host.resource_info("ImagingStudy", rid) or {}).get(
-                "patient_hash") or phash
+                "patient_hash"
+            ) or phash
             first = [study, *self._reports_for(rid)]
             for r in first:
                 r.pop("meta", None)
                 r["subject"] = fetch.hash_subject(phash)
             instances = [(p.stem, p.read_bytes()) for p in files]
-            budget = fetch.raw_budget(self.host.plan.limits.max_body_bytes,
-                                      self.opts.fetch_chunk_bytes)
+            budget = fetch.raw_budget(
+                self.host.plan.limits.max_body_bytes, self.opts.fetch_chunk_bytes
+            )
             try:
-                bundles = fetch.response_bundles(req, instances, first, budget,
-                                                 patient_hash=phash)
+                bundles = fetch.response_bundles(req, instances, first, budget, patient_hash=phash)
             except FetchFailed as exc:
                 reason = exc.message
         elif reason is None:
             reason = "study not held here"
         if reason is not None:
             bundles = [fetch.failure_bundle(req, reason, patient_hash=phash)]
-        served = sum(1 for b in bundles for e in b["entry"]
-                     if e["resource"]["resourceType"] == "Binary")
+        served = sum(
+            1 for b in bundles for e in b["entry"] if e["resource"]["resourceType"] == "Binary"
+        )
         if reason is None:  # it may report on the study (remote imaging reading); kept
             # before the answer is queued, so a crash in between cannot lose it
             with self.host.state.tx() as kv:
@@ -543,13 +676,24 @@ class PacsAdapter(BaseAdapter):
                     kv.put(SERVED, rid, {"members": [*members, item.sender]})
 
         def write(tx: Any) -> None:
-            tx.audit("imaging-fetch-served", outcome="0" if reason is None else "4",
-                     peer=item.sender, kind=fetch.KIND_RESPONSE, thread=item.thread,
-                     patient_hash=phash,
-                     message=reason or f"{served} instances in {len(bundles)} packets")
+            tx.audit(
+                "imaging-fetch-served",
+                outcome="0" if reason is None else "4",
+                peer=item.sender,
+                kind=fetch.KIND_RESPONSE,
+                thread=item.thread,
+                patient_hash=phash,
+                message=reason or f"{served} instances in {len(bundles)} packets",
+            )
 
-        self.host.send(item.sender, fetch.KIND_RESPONSE, bundles, thread=item.thread,
-                       source_key=key, write=write)
+        self.host.send(
+            item.sender,
+            fetch.KIND_RESPONSE,
+            bundles,
+            thread=item.thread,
+            source_key=key,
+            write=write,
+        )
         self.count("fetches_served" if reason is None else "fetches_refused")
 
     def _open_fetch(self, task_id: str, item: Delivery) -> dict[str, Any]:
@@ -563,13 +707,19 @@ class PacsAdapter(BaseAdapter):
         code = [c.get("code") for c in (task.get("code") or {}).get("coding") or ()]
         requester = ((task.get("requester") or {}).get("identifier") or {}).get("value")
         owner = ((task.get("owner") or {}).get("identifier") or {}).get("value")
-        if "imaging-fetch" not in code or requester != self.host.node_id \
-                or row["origin"] != self.host.node_id:
-            raise FetchFailed(f"response for Task/{task_id}, which is not a fetch this node "
-                              "asked for")
+        if (
+            "imaging-fetch" not in code
+            or requester != self.host.node_id
+            or row["origin"] != self.host.node_id
+        ):
+            raise FetchFailed(
+                f"response for Task/{task_id}, which is not a fetch this node asked for"
+            )
         if owner != item.sender or row["thread"] != item.thread:
-            raise FetchFailed(f"response for Task/{task_id} came from {item.sender} on thread "
-                              f"{item.thread}; it was asked of {owner} on another thread")
+            raise FetchFailed(
+                f"response for Task/{task_id} came from {item.sender} on thread "
+                f"{item.thread}; it was asked of {owner} on another thread"
+            )
         if task.get("status") not in ("requested", "in-progress"):
             raise FetchFailed(f"response for Task/{task_id}, which is {task.get('status')}")
         return dict(task)
@@ -592,10 +742,13 @@ class PacsAdapter(BaseAdapter):
                 raise FetchFailed(f"instance {sop}: not a readable DICOM file") from None
             path_uid(str(ds.get("SOPInstanceUID", "")), field="SOPInstanceUID (0008,0018)")
             path_uid(str(ds.get("StudyInstanceUID", "")), field="StudyInstanceUID (0020,000D)")
-            series = path_uid(str(ds.get("SeriesInstanceUID", "")),
-                              field="SeriesInstanceUID (0020,000E)")
-            if str(ds.get("SOPInstanceUID")) != sop or \
-                    str(ds.get("StudyInstanceUID")) != resp.study_uid:
+            series = path_uid(
+                str(ds.get("SeriesInstanceUID", "")), field="SeriesInstanceUID (0020,000E)"
+            )
+            if (
+                str(ds.get("SOPInstanceUID")) != sop
+                or str(ds.get("StudyInstanceUID")) != resp.study_uid
+            ):
                 raise FetchFailed(f"instance {sop}: UIDs differ from the manifest")
             checked.append((series, sop, data))
         for series, sop, data in checked:
@@ -610,24 +763,31 @@ class PacsAdapter(BaseAdapter):
             task["status"] = "completed" if have >= resp.total else "in-progress"
         task["businessStatus"] = {"text": f"{have}/{resp.total} instances"}
         task["lastModified"] = now.isoformat(timespec="seconds")
-        local = self.host.find("Patient", patient_hash=resp.patient_hash) \
-            if resp.patient_hash else None
+        local = (
+            self.host.find("Patient", patient_hash=resp.patient_hash) if resp.patient_hash else None
+        )
         for r in resp.resources:
             if local is not None:
                 r["subject"] = {"reference": f"Patient/{local['id']}"}
         validate_resource(task)  # what arrived was validated at the gateway; only ours is new
         with self.host.transaction() as tx:
             for r in resp.resources:
-                tx.put_foreign(r, sender=item.sender, thread=item.thread,
-                               patient_hash=resp.patient_hash)
+                tx.put_foreign(
+                    r, sender=item.sender, thread=item.thread, patient_hash=resp.patient_hash
+                )
             tx.put(task, thread=item.thread)
             tx.remember(key, {"task": task["id"]}, thread=item.thread)
-            tx.audit("imaging-fetch-received", peer=item.sender, kind=item.kind,
-                     thread=item.thread, packet_id=item.packet_id,
-                     patient_hash=resp.patient_hash,
-                     outcome="0" if resp.status != "failed" else "4",
-                     message=f"part {resp.part}: {len(resp.instances)} instances, "
-                             f"{have}/{resp.total} held")
+            tx.audit(
+                "imaging-fetch-received",
+                peer=item.sender,
+                kind=item.kind,
+                thread=item.thread,
+                packet_id=item.packet_id,
+                patient_hash=resp.patient_hash,
+                outcome="0" if resp.status != "failed" else "4",
+                message=f"part {resp.part}: {len(resp.instances)} instances, "
+                f"{have}/{resp.total} held",
+            )
         self.count("instances_fetched", len(resp.instances))
         self.ok()
 

@@ -41,9 +41,19 @@ logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
 #: transfer syntaxes offered for retrieval, one presentation context each, so a compressed
 #: instance is sent as stored (never transcoded: the bytes must arrive unchanged)
-RETRIEVE_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian,
-                     DeflatedExplicitVRLittleEndian, JPEGBaseline8Bit, JPEGExtended12Bit,
-                     JPEGLosslessSV1, JPEGLSLossless, JPEG2000Lossless, JPEG2000, RLELossless)
+RETRIEVE_SYNTAXES = (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    DeflatedExplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    RLELossless,
+)
 
 StoreCallback = Callable[[Any], int]  # the C-STORE event -> DIMSE status
 
@@ -60,9 +70,13 @@ class StoreListener:
     the status we answer); when an association ends (released or aborted), ``on_closed`` gets
     the Study Instance UIDs it touched."""
 
-    def __init__(self, opts: PacsOptions, on_instance: Callable[[Any], tuple[int, str | None]],
-                 on_closed: Callable[[set[str]], None],
-                 on_cut: Callable[[str, int], None] | None = None) -> None:
+    def __init__(
+        self,
+        opts: PacsOptions,
+        on_instance: Callable[[Any], tuple[int, str | None]],
+        on_closed: Callable[[set[str]], None],
+        on_cut: Callable[[str, int], None] | None = None,
+    ) -> None:
         self.opts = opts
         self.on_instance = on_instance
         self.on_closed = on_closed
@@ -83,9 +97,15 @@ class StoreListener:
         ae.add_supported_context(Verification)
         ae.maximum_associations = o.max_associations
         self._server = ae.start_server(
-            (self.opts.bind_host, self.opts.bind_port), block=False,
-            evt_handlers=[(evt.EVT_C_STORE, self._store), (evt.EVT_RELEASED, self._closed),
-                          (evt.EVT_ABORTED, self._closed), (evt.EVT_ESTABLISHED, self._cap)])
+            (self.opts.bind_host, self.opts.bind_port),
+            block=False,
+            evt_handlers=[
+                (evt.EVT_C_STORE, self._store),
+                (evt.EVT_RELEASED, self._closed),
+                (evt.EVT_ABORTED, self._closed),
+                (evt.EVT_ESTABLISHED, self._cap),
+            ],
+        )
 
     def stop(self) -> None:
         server, self._server = self._server, None
@@ -147,8 +167,10 @@ class StoreListener:
 def _associate(ae: AE, peer: PeerAE, operation: str, **kwargs: Any) -> Any:
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, **kwargs)
     if not assoc.is_established:
-        raise PacsUnavailable(f"{operation}: association with {peer.ae_title} at "
-                              f"{peer.host}:{peer.port} was not established")
+        raise PacsUnavailable(
+            f"{operation}: association with {peer.ae_title} at "
+            f"{peer.host}:{peer.port} was not established"
+        )
     return assoc
 
 
@@ -158,8 +180,9 @@ def _find(peer: PeerAE, calling: str, timeout: float, query: Dataset) -> list[Da
     assoc = _associate(ae, peer, "C-FIND")
     found: list[Dataset] = []
     try:
-        for status, identifier in assoc.send_c_find(query,
-                                                    StudyRootQueryRetrieveInformationModelFind):
+        for status, identifier in assoc.send_c_find(
+            query, StudyRootQueryRetrieveInformationModelFind
+        ):
             code = int(status.Status) if status and "Status" in status else None
             error = status_error(code, "C-FIND")
             if error is not None:
@@ -171,18 +194,34 @@ def _find(peer: PeerAE, calling: str, timeout: float, query: Dataset) -> list[Da
     return found
 
 
-def find_studies(peer: PeerAE, calling: str, timeout: float, *, patient_id: str | None = None,
-                 study_date: str | None = None, study_uid: str | None = None) -> list[Dataset]:
+def find_studies(
+    peer: PeerAE,
+    calling: str,
+    timeout: float,
+    *,
+    patient_id: str | None = None,
+    study_date: str | None = None,
+    study_uid: str | None = None,
+) -> list[Dataset]:
     """Study-level C-FIND (Study Root) by patient ID, date or date range, or study UID."""
     q = Dataset()
     q.QueryRetrieveLevel = "STUDY"
     q.PatientID = patient_id or ""
     q.StudyDate = study_date or ""
     q.StudyInstanceUID = study_uid or ""
-    for keyword in ("PatientName", "PatientBirthDate", "PatientSex", "StudyTime",
-                    "AccessionNumber", "ReferringPhysicianName", "StudyDescription",
-                    "ModalitiesInStudy", "NumberOfStudyRelatedSeries",
-                    "NumberOfStudyRelatedInstances", "OtherPatientIDsSequence"):
+    for keyword in (
+        "PatientName",
+        "PatientBirthDate",
+        "PatientSex",
+        "StudyTime",
+        "AccessionNumber",
+        "ReferringPhysicianName",
+        "StudyDescription",
+        "ModalitiesInStudy",
+        "NumberOfStudyRelatedSeries",
+        "NumberOfStudyRelatedInstances",
+        "OtherPatientIDsSequence",
+    ):
         setattr(q, keyword, [] if keyword.endswith("Sequence") else "")
     return _find(peer, calling, timeout, q)
 
@@ -191,8 +230,14 @@ def find_series(peer: PeerAE, calling: str, timeout: float, study_uid: str) -> l
     q = Dataset()
     q.QueryRetrieveLevel = "SERIES"
     q.StudyInstanceUID = study_uid
-    for keyword in ("SeriesInstanceUID", "Modality", "SeriesNumber", "SeriesDescription",
-                    "BodyPartExamined", "NumberOfSeriesRelatedInstances"):
+    for keyword in (
+        "SeriesInstanceUID",
+        "Modality",
+        "SeriesNumber",
+        "SeriesDescription",
+        "BodyPartExamined",
+        "NumberOfSeriesRelatedInstances",
+    ):
         setattr(q, keyword, "")
     return _find(peer, calling, timeout, q)
 
@@ -208,27 +253,34 @@ def find_sop_classes(peer: PeerAE, calling: str, timeout: float, study_uid: str)
     return {str(d.SOPClassUID) for d in _find(peer, calling, timeout, q) if d.get("SOPClassUID")}
 
 
-def get_study(peer: PeerAE, calling: str, timeout: float, study_uid: str,
-              sop_classes: Iterable[str], on_store: StoreCallback) -> int:
+def get_study(
+    peer: PeerAE,
+    calling: str,
+    timeout: float,
+    study_uid: str,
+    sop_classes: Iterable[str],
+    on_store: StoreCallback,
+) -> int:
     """C-GET a whole study; each instance goes to ``on_store`` on this association.
 
     Returns the number of instances the peer reports sent; any failed sub-operation is an error
     (a partial study must not look complete).
     """
     classes = sorted(set(sop_classes))
-    syntaxes = RETRIEVE_SYNTAXES if len(classes) * len(RETRIEVE_SYNTAXES) < 127 else \
-        RETRIEVE_SYNTAXES[:2]
+    syntaxes = (
+        RETRIEVE_SYNTAXES if len(classes) * len(RETRIEVE_SYNTAXES) < 127 else RETRIEVE_SYNTAXES[:2]
+    )
     if len(classes) * len(syntaxes) >= 127:
-        raise PacsUnavailable(f"C-GET: study has {len(classes)} SOP classes, more than one "
-                              "association can propose")
+        raise PacsUnavailable(
+            f"C-GET: study has {len(classes)} SOP classes, more than one association can propose"
+        )
     ae = _ae(calling, timeout)
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
     for cls in classes:
         for ts in syntaxes:
             ae.add_requested_context(cls, ts)
     roles = [build_role(cls, scp_role=True) for cls in classes]
-    assoc = _associate(ae, peer, "C-GET", ext_neg=roles,
-                       evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assoc = _associate(ae, peer, "C-GET", ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, on_store)])
     q = Dataset()
     q.QueryRetrieveLevel = "STUDY"
     q.StudyInstanceUID = study_uid

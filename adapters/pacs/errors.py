@@ -53,8 +53,12 @@ def status_error(status: int | None, operation: str) -> HutongError | None:
     """None for success/pending/warning, else the error for a DIMSE status (None: no answer)."""
     if status is None:
         return PacsUnavailable(f"{operation}: no response from the peer (timeout or abort)")
-    if status == 0x0000 or status in (0xFF00, 0xFF01) or status in (0x0001, 0x0107, 0x0116) \
-            or 0xB000 <= status <= 0xBFFF:
+    if (
+        status == 0x0000
+        or status in (0xFF00, 0xFF01)
+        or status in (0x0001, 0x0107, 0x0116)
+        or 0xB000 <= status <= 0xBFFF
+    ):
         return None
     if status in _TRANSIENT:
         return PacsUnavailable(f"{operation}: peer out of resources (status 0x{status:04X})")

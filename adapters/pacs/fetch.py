@@ -42,9 +42,12 @@ ENVELOPE_ALLOWANCE = 64 * 1024  # JSON around the base64 of one part
 
 
 def _code() -> dict[str, Any]:
-    return {"coding": [{"system": TASK_SYSTEM, "code": "imaging-fetch",
-                        "display": "Fetch imaging study"}],
-            "text": "调阅影像 / Fetch imaging study"}
+    return {
+        "coding": [
+            {"system": TASK_SYSTEM, "code": "imaging-fetch", "display": "Fetch imaging study"}
+        ],
+        "text": "调阅影像 / Fetch imaging study",
+    }
 
 
 def _out(code: str, **value: Any) -> dict[str, Any]:
@@ -54,8 +57,15 @@ def _out(code: str, **value: Any) -> dict[str, Any]:
 def _hash_patient(patient_hash: str | None) -> list[dict[str, Any]]:
     if not patient_hash:
         return []
-    return [{"resource": {"resourceType": "Patient", "id": "patient", "identifier": [
-        {"system": HASH_SYSTEM, "value": patient_hash}]}}]
+    return [
+        {
+            "resource": {
+                "resourceType": "Patient",
+                "id": "patient",
+                "identifier": [{"system": HASH_SYSTEM, "value": patient_hash}],
+            }
+        }
+    ]
 
 
 def hash_subject(patient_hash: str | None) -> dict[str, Any]:
@@ -65,20 +75,29 @@ def hash_subject(patient_hash: str | None) -> dict[str, Any]:
     return {"display": "unknown patient"}
 
 
-def request_task(task_id: str, study_uid: str, requester: str, owner: str,
-                 authored: str) -> dict[str, Any]:
-    return {"resourceType": "Task", "id": task_id, "status": "requested", "intent": "order",
-            "code": _code(),
-            "focus": {"type": "ImagingStudy", "identifier": study_identifier(study_uid)},
-            "authoredOn": authored,
-            "requester": {"identifier": {"system": MEMBER_SYSTEM, "value": requester}},
-            "owner": {"identifier": {"system": MEMBER_SYSTEM, "value": owner}},
-            "input": [{"type": {"text": "StudyInstanceUID"}, "valueOid": f"urn:oid:{study_uid}"}]}
+def request_task(
+    task_id: str, study_uid: str, requester: str, owner: str, authored: str
+) -> dict[str, Any]:
+    return {
+        "resourceType": "Task",
+        "id": task_id,
+        "status": "requested",
+        "intent": "order",
+        "code": _code(),
+        "focus": {"type": "ImagingStudy", "identifier": study_identifier(study_uid)},
+        "authoredOn": authored,
+        "requester": {"identifier": {"system": MEMBER_SYSTEM, "value": requester}},
+        "owner": {"identifier": {"system": MEMBER_SYSTEM, "value": owner}},
+        "input": [{"type": {"text": "StudyInstanceUID"}, "valueOid": f"urn:oid:{study_uid}"}],
+    }
 
 
 def request_bundle(task: dict[str, Any], patient_hash: str | None) -> dict[str, Any]:
-    return {"resourceType": "Bundle", "type": "collection",
-            "entry": [{"resource": task}, *_hash_patient(patient_hash)]}
+    return {
+        "resourceType": "Bundle",
+        "type": "collection",
+        "entry": [{"resource": task}, *_hash_patient(patient_hash)],
+    }
 
 
 @dataclass
@@ -138,8 +157,10 @@ def plan_parts(sizes: list[int], budget: int, first_extra: int) -> list[list[int
     used = first_extra * 3 // 4
     for i, size in enumerate(sizes):
         if size > budget:
-            raise FetchFailed(f"instance {i + 1} is {size} bytes, more than one packet carries "
-                              f"({budget}); raise limits.max_body_bytes")
+            raise FetchFailed(
+                f"instance {i + 1} is {size} bytes, more than one packet carries "
+                f"({budget}); raise limits.max_body_bytes"
+            )
         if parts[-1] and used + size > budget:
             parts.append([])
             used = 0
@@ -148,53 +169,98 @@ def plan_parts(sizes: list[int], budget: int, first_extra: int) -> list[list[int
     return parts
 
 
-def response_bundles(request: FetchRequest, instances: list[tuple[str, bytes]],
-                     first: list[dict[str, Any]], budget: int, *,
-                     patient_hash: str | None) -> list[dict[str, Any]]:
+def response_bundles(
+    request: FetchRequest,
+    instances: list[tuple[str, bytes]],
+    first: list[dict[str, Any]],
+    budget: int,
+    *,
+    patient_hash: str | None,
+) -> list[dict[str, Any]]:
     """The response packets: instances (SOP UID, Part-10 bytes) cut into parts; ``first``
     (ImagingStudy, DiagnosticReports) rides in part 1."""
     extra = len(orjson.dumps(first))
     parts = plan_parts([len(b) for _, b in instances], budget, extra)
     bundles = []
     for n, indices in enumerate(parts, start=1):
-        outputs = [_out("part", valueString=f"{n}/{len(parts)}"),
-                   _out("instances-total", valueUnsignedInt=len(instances))]
+        outputs = [
+            _out("part", valueString=f"{n}/{len(parts)}"),
+            _out("instances-total", valueUnsignedInt=len(instances)),
+        ]
         entries: list[dict[str, Any]] = []
         for i in indices:
             sop, data = instances[i]
-            outputs.append(_out("dicom-instance", valueAttachment={
-                "contentType": DICOM_MIME, "url": f"Binary/{sop}", "size": len(data),
-                "hash": base64.b64encode(hashlib.sha1(data).digest()).decode("ascii"),
-                "title": sop}))
-            entries.append({"resource": {"resourceType": "Binary", "id": sop,
-                                         "contentType": DICOM_MIME,
-                                         "data": base64.b64encode(data).decode("ascii")}})
+            outputs.append(
+                _out(
+                    "dicom-instance",
+                    valueAttachment={
+                        "contentType": DICOM_MIME,
+                        "url": f"Binary/{sop}",
+                        "size": len(data),
+                        "hash": base64.b64encode(hashlib.sha1(data).digest()).decode("ascii"),
+                        "title": sop,
+                    },
+                )
+            )
+            entries.append(
+                {
+                    "resource": {
+                        "resourceType": "Binary",
+                        "id": sop,
+                        "contentType": DICOM_MIME,
+                        "data": base64.b64encode(data).decode("ascii"),
+                    }
+                }
+            )
         task = _response_task(request, n, "completed", outputs)
-        bundles.append({"resourceType": "Bundle", "type": "collection", "entry": [
-            {"resource": task}, *_hash_patient(patient_hash),
-            *([{"resource": r} for r in first] if n == 1 else []), *entries]})
+        bundles.append(
+            {
+                "resourceType": "Bundle",
+                "type": "collection",
+                "entry": [
+                    {"resource": task},
+                    *_hash_patient(patient_hash),
+                    *([{"resource": r} for r in first] if n == 1 else []),
+                    *entries,
+                ],
+            }
+        )
     return bundles
 
 
-def failure_bundle(request: FetchRequest, reason: str, *,
-                   patient_hash: str | None) -> dict[str, Any]:
-    task = _response_task(request, 1, "failed", [_out("part", valueString="1/1"),
-                                                  _out("instances-total", valueUnsignedInt=0)])
+def failure_bundle(
+    request: FetchRequest, reason: str, *, patient_hash: str | None
+) -> dict[str, Any]:
+    task = _response_task(
+        request,
+        1,
+        "failed",
+        [_out("part", valueString="1/1"), _out("instances-total", valueUnsignedInt=0)],
+    )
     task["statusReason"] = {"text": reason}
-    return {"resourceType": "Bundle", "type": "collection",
-            "entry": [{"resource": task}, *_hash_patient(patient_hash)]}
+    return {
+        "resourceType": "Bundle",
+        "type": "collection",
+        "entry": [{"resource": task}, *_hash_patient(patient_hash)],
+    }
 
 
-def _response_task(request: FetchRequest, part: int, status: str,
-                   outputs: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"resourceType": "Task", "id": f"{request.task_id}-{part}", "status": status,
-            "intent": "order", "code": _code(),
-            "groupIdentifier": {"system": FETCH_GROUP, "value": request.task_id},
-            "focus": {"type": "ImagingStudy",
-                      "identifier": study_identifier(request.study_uid)},
-            "input": [{"type": {"text": "StudyInstanceUID"},
-                       "valueOid": f"urn:oid:{request.study_uid}"}],
-            "output": outputs}
+def _response_task(
+    request: FetchRequest, part: int, status: str, outputs: list[dict[str, Any]]
+) -> dict[str, Any]:
+    return {
+        "resourceType": "Task",
+        "id": f"{request.task_id}-{part}",
+        "status": status,
+        "intent": "order",
+        "code": _code(),
+        "groupIdentifier": {"system": FETCH_GROUP, "value": request.task_id},
+        "focus": {"type": "ImagingStudy", "identifier": study_identifier(request.study_uid)},
+        "input": [
+            {"type": {"text": "StudyInstanceUID"}, "valueOid": f"urn:oid:{request.study_uid}"}
+        ],
+        "output": outputs,
+    }
 
 
 @dataclass
@@ -241,12 +307,20 @@ def parse_response(bundle: dict[str, Any]) -> FetchResponse:
         if len(data) != att.get("size") or digest != att.get("hash"):
             raise FetchFailed(f"instance {sop}: size or SHA-1 differs from the manifest")
         instances.append((sop, data))
-    others = [copy.deepcopy(r) for r in resources
-              if r["resourceType"] in ("ImagingStudy", "DiagnosticReport")]
+    others = [
+        copy.deepcopy(r)
+        for r in resources
+        if r["resourceType"] in ("ImagingStudy", "DiagnosticReport")
+    ]
     reason = (task.get("statusReason") or {}).get("text")
-    return FetchResponse(str(task["groupIdentifier"]["value"]), _study_uid_of(task),
-                         str(task["status"]), reason, str(value("part", "valueString") or "1/1"),
-                         int(value("instances-total", "valueUnsignedInt") or 0),
-                         _patient_hash_of(resources), others, instances)
-
-
+    return FetchResponse(
+        str(task["groupIdentifier"]["value"]),
+        _study_uid_of(task),
+        str(task["status"]),
+        reason,
+        str(value("part", "valueString") or "1/1"),
+        int(value("instances-total", "valueUnsignedInt") or 0),
+        _patient_hash_of(resources),
+        others,
+        instances,
+    )

@@ -54,20 +54,28 @@ def read_header(source: bytes | Path) -> Dataset:
         if isinstance(source, bytes):
             return dcmread(BytesIO(source), stop_before_pixels=True)
         return dcmread(source, stop_before_pixels=True)
-    except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError,
-            RecursionError) as exc:
+    except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, RecursionError) as exc:
         raise DicomRejected(f"not a readable DICOM file ({type(exc).__name__})") from None
 
 
 #: explicit-VR VRs with a 2-byte reserved field and a 4-byte length (PS3.5 7.1.2)
-_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN",
-                       b"UR", b"UT", b"UV"})
+_LONG_VRS = frozenset(
+    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+)
 _UNDEFINED = 0xFFFFFFFF
 _PIXEL_DATA = 0x7FE00010
 
 
-def check_structure(raw: bytes, *, implicit: bool, little: bool, deflated: bool,
-                    max_depth: int, max_bytes: int, record: str) -> int:
+def check_structure(
+    raw: bytes,
+    *,
+    implicit: bool,
+    little: bool,
+    deflated: bool,
+    max_depth: int,
+    max_bytes: int,
+    record: str,
+) -> int:
     """Walk an encoded data set's elements without recursion and without decoding values:
     refuse (DicomRejected) sequences nested deeper than ``max_depth`` before pydicom (which
     recurses) reads it. Returns the deepest nesting seen. A structure that stops holding
@@ -83,11 +91,12 @@ def check_structure(raw: bytes, *, implicit: bool, little: bool, deflated: bool,
         try:
             raw = inflater.decompress(raw, max_bytes + 1)
         except zlib.error:
-            raise DicomRejected(f"instance {record}: deflated data set does not inflate") \
-                from None
+            raise DicomRejected(f"instance {record}: deflated data set does not inflate") from None
         if len(raw) > max_bytes:
-            raise DicomRejected(f"instance {record}: data set inflates to over {max_bytes} "
-                                "bytes (options.max_dataset_bytes)")
+            raise DicomRejected(
+                f"instance {record}: data set inflates to over {max_bytes} "
+                "bytes (options.max_dataset_bytes)"
+            )
     from pydicom.datadict import dictionary_VR
 
     end = len(raw)
@@ -113,8 +122,9 @@ def check_structure(raw: bytes, *, implicit: bool, little: bool, deflated: bool,
                 if elem == 0xE000:  # an item: its own data set
                     if not stack or not stack[-1][1]:
                         raise _Broken()
-                    stack.append((None if length == _UNDEFINED else pos + length, False,
-                                  cur_implicit))
+                    stack.append(
+                        (None if length == _UNDEFINED else pos + length, False, cur_implicit)
+                    )
                 elif elem == 0xE00D:  # item delimiter
                     if not stack or stack[-1][1] or stack[-1][0] is not None:
                         raise _Broken()
@@ -138,7 +148,7 @@ def check_structure(raw: bytes, *, implicit: bool, little: bool, deflated: bool,
                 is_seq = vr == "SQ" or (length == _UNDEFINED and tag != _PIXEL_DATA)
                 inner_implicit = True
             else:
-                vr_b = raw[pos + 4:pos + 6]
+                vr_b = raw[pos + 4 : pos + 6]
                 if vr_b in _LONG_VRS:
                     length = struct.unpack_from(u32, raw, pos + 8)[0]
                     pos += 12
@@ -151,10 +161,11 @@ def check_structure(raw: bytes, *, implicit: bool, little: bool, deflated: bool,
                 depth += 1
                 deepest = max(deepest, depth)
                 if depth > max_depth:
-                    raise DicomRejected(f"instance {record}: sequences nested deeper than "
-                                        f"{max_depth} (options.max_sequence_depth)")
-                stack.append((None if length == _UNDEFINED else pos + length, True,
-                              inner_implicit))
+                    raise DicomRejected(
+                        f"instance {record}: sequences nested deeper than "
+                        f"{max_depth} (options.max_sequence_depth)"
+                    )
+                stack.append((None if length == _UNDEFINED else pos + length, True, inner_implicit))
                 continue
             if length == _UNDEFINED:  # encapsulated pixel data: fragments, then a delimiter
                 while True:
@@ -187,8 +198,11 @@ class InstanceStore:
         root.mkdir(parents=True, exist_ok=True)
 
     def path(self, study: str, series: str, sop: str) -> Path:
-        for field, uid in (("StudyInstanceUID", study), ("SeriesInstanceUID", series),
-                           ("SOPInstanceUID", sop)):
+        for field, uid in (
+            ("StudyInstanceUID", study),
+            ("SeriesInstanceUID", series),
+            ("SOPInstanceUID", sop),
+        ):
             path_uid(uid, field=field)
         return self.root / study / series / f"{sop}.dcm"
 
@@ -199,8 +213,9 @@ class InstanceStore:
         folder = root / study / series
         for part in (root / study, folder):
             if part.is_symlink():
-                raise UnsafePath(f"{part.relative_to(root)} under {self.root.name}/ is a "
-                                 "symbolic link")
+                raise UnsafePath(
+                    f"{part.relative_to(root)} under {self.root.name}/ is a symbolic link"
+                )
         folder.mkdir(parents=True, exist_ok=True)
         if folder.resolve(strict=True) != folder or not folder.is_relative_to(root):
             raise UnsafePath(f"a folder for an instance leaves {self.root.name}/")

@@ -41,6 +41,7 @@ class PacsOptions(BaseModel):
     @classmethod
     def _known_charset(cls, value: str | None) -> str | None:
         return charset.check_name(value) if value is not None else None
+
     # the Store SCP's own bounds (a hostile or broken peer on the LAN costs little):
     max_dataset_bytes: int = Field(1 << 30, gt=0)  # one C-STORE data set; larger: refused
     max_sequence_depth: int = Field(32, ge=1, le=1000)  # nested sequences; deeper: refused

@@ -27,8 +27,15 @@ V2_0074 = "http://terminology.hl7.org/CodeSystem/v2-0074"
 IMAGING_REPORT = {"system": LOINC, "code": "18748-4", "display": "Diagnostic imaging study"}
 IMPRESSION_CODES = {"19005-8", "121073"}  # LOINC Impression, DCM Impressions
 _SCHEMES = {"LN": LOINC, "DCM": DCM, "SCT": SNOMED, "SRT": SNOMED}
-_STATUS = {"F": "final", "C": "corrected", "P": "preliminary", "X": "cancelled",
-           "A": "partial", "I": "registered", "R": "preliminary"}
+_STATUS = {
+    "F": "final",
+    "C": "corrected",
+    "P": "preliminary",
+    "X": "cancelled",
+    "A": "partial",
+    "I": "registered",
+    "R": "preliminary",
+}
 
 
 def _category() -> list[dict[str, Any]]:
@@ -61,8 +68,9 @@ def _sr_texts(items: Any, out: list[tuple[str | None, str]]) -> None:
         _sr_texts(item.get("ContentSequence"), out)
 
 
-def report_from_sr(ds: Dataset, *, subject: dict[str, Any], study_ref: dict[str, Any],
-                   tz: str) -> dict[str, Any]:
+def report_from_sr(
+    ds: Dataset, *, subject: dict[str, Any], study_ref: dict[str, Any], tz: str
+) -> dict[str, Any]:
     sop = str(ds.SOPInstanceUID)
     texts: list[tuple[str | None, str]] = []
     _sr_texts(ds.get("ContentSequence"), texts)
@@ -72,13 +80,17 @@ def report_from_sr(ds: Dataset, *, subject: dict[str, Any], study_ref: dict[str,
     verified = text(ds, "VerificationFlag") == "VERIFIED"
     complete = text(ds, "CompletionFlag") == "COMPLETE"
     report: dict[str, Any] = {
-        "resourceType": "DiagnosticReport", "id": report_resource_id(f"sr:{sop}"),
+        "resourceType": "DiagnosticReport",
+        "id": report_resource_id(f"sr:{sop}"),
         "identifier": [{"system": DICOM_UID, "value": f"urn:oid:{sop}"}],
         "status": "final" if verified and complete else "preliminary",
         "category": _category(),
-        "code": {"coding": [title or IMAGING_REPORT],
-                 "text": (title or IMAGING_REPORT).get("display", "Imaging report")},
-        "subject": subject, "imagingStudy": [study_ref],
+        "code": {
+            "coding": [title or IMAGING_REPORT],
+            "text": (title or IMAGING_REPORT).get("display", "Imaging report"),
+        },
+        "subject": subject,
+        "imagingStudy": [study_ref],
     }
     when = fhir_datetime(text(ds, "ContentDate"), text(ds, "ContentTime"), tz)
     if when:
@@ -110,8 +122,13 @@ def _kit(exc: V2Error, control: str = "") -> ReportRejected:
     return ReportRejected(f"{record}field {exc.field or 'MSH'}: {exc.reason}")
 
 
-def parse_oru(message: str | bytes, tz: str, *, default_charset: str = "UNICODE UTF-8",
-              charset_override: str | None = None) -> OruReport:
+def parse_oru(
+    message: str | bytes,
+    tz: str,
+    *,
+    default_charset: str = "UNICODE UTF-8",
+    charset_override: str | None = None,
+) -> OruReport:
     """Read an ORU^R01 radiology report; ReportRejected names the segment and field.
 
     Bytes are decoded by MSH-18 (else ``default_charset``; ``charset_override`` wins) with the
@@ -145,10 +162,15 @@ def parse_oru(message: str | bytes, tz: str, *, default_charset: str = "UNICODE 
                 coding["display"] = v(obr, 4, 2)
             code = {"coding": [coding], "text": v(obr, 4, 2) or v(obr, 4, 1)}
         report = OruReport(
-            control_id=control, sending=head.sending_facility or head.sending_app,
-            patient_id=pid_3 or None, accession=v(obr, 3) or None, study_uid=None, code=code,
+            control_id=control,
+            sending=head.sending_facility or head.sending_app,
+            patient_id=pid_3 or None,
+            accession=v(obr, 3) or None,
+            study_uid=None,
+            code=code,
             status=_STATUS.get(v(obr, 25)[:1], "final"),
-            effective=fields.fhir_datetime(v(obr, 7), "OBR-7", tz))
+            effective=fields.fhir_datetime(v(obr, 7), "OBR-7", tz),
+        )
         for obx in msg.segments("OBX"):
             if v(obx, 3) == "113014":
                 report.study_uid = report.study_uid or v(obx, 5) or None
@@ -167,24 +189,38 @@ def parse_oru(message: str | bytes, tz: str, *, default_charset: str = "UNICODE 
     return report
 
 
-def report_from_oru(oru: OruReport, *, subject: dict[str, Any],
-                    study_ref: dict[str, Any] | None) -> dict[str, Any]:
+def report_from_oru(
+    oru: OruReport, *, subject: dict[str, Any], study_ref: dict[str, Any] | None
+) -> dict[str, Any]:
     key = f"oru:{oru.sending}:{oru.accession or oru.control_id}"
     impressions = [t for c, t in oru.texts if c in IMPRESSION_CODES]
     full = "\n".join(t for _, t in oru.texts)
     report: dict[str, Any] = {
-        "resourceType": "DiagnosticReport", "id": report_resource_id(key),
-        "status": oru.status, "category": _category(),
+        "resourceType": "DiagnosticReport",
+        "id": report_resource_id(key),
+        "status": oru.status,
+        "category": _category(),
         "code": oru.code or {"coding": [IMAGING_REPORT], "text": IMAGING_REPORT["display"]},
         "subject": subject,
         "conclusion": "\n".join(impressions) or full,
-        "presentedForm": [{"contentType": "text/plain; charset=utf-8",
-                           "data": base64.b64encode(full.encode("utf-8")).decode("ascii")}],
+        "presentedForm": [
+            {
+                "contentType": "text/plain; charset=utf-8",
+                "data": base64.b64encode(full.encode("utf-8")).decode("ascii"),
+            }
+        ],
     }
     if oru.accession:
-        report["identifier"] = [{"type": {"coding": [{
-            "system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "ACSN"}]},
-            "value": oru.accession}]
+        report["identifier"] = [
+            {
+                "type": {
+                    "coding": [
+                        {"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "ACSN"}
+                    ]
+                },
+                "value": oru.accession,
+            }
+        ]
     if study_ref is not None:
         report["imagingStudy"] = [study_ref]
     if oru.effective:

@@ -1,12 +1,12 @@
 """The adapter's routes on the node's local port, under ``/local/v1/adapters/<name>``.
 
-    POST /query                     C-FIND the vendor PACS {patient_id?, study_date?}  clinician
-    POST /reports                   an HL7 v2 ORU^R01 radiology report (text body)     clinician, it
-    POST /fetches                   ask a member for a study {from, study_uid}         clinician
-    GET  /fetches/{task_id}         where a fetch stands                               clinician, it
-    GET  /fetches/{task_id}/study.zip   the fetched files, unchanged (audited read)     clinician
-    GET  /studies/{study_uid}/reports   the reports on a study held here, ours and those
-                                        other members attached (audited read)           clinician
+POST /query                     C-FIND the vendor PACS {patient_id?, study_date?}  clinician
+POST /reports                   an HL7 v2 ORU^R01 radiology report (text body)     clinician, it
+POST /fetches                   ask a member for a study {from, study_uid}         clinician
+GET  /fetches/{task_id}         where a fetch stands                               clinician, it
+GET  /fetches/{task_id}/study.zip   the fetched files, unchanged (audited read)     clinician
+GET  /studies/{study_uid}/reports   the reports on a study held here, ours and those
+                                    other members attached (audited read)           clinician
 """
 
 from __future__ import annotations
@@ -42,8 +42,11 @@ def pacs_router(adapter: PacsAdapter) -> APIRouter:
 
     @router.post("/query")
     def query(body: QueryIn, role: ClinicianRole) -> dict[str, Any]:
-        return {"studies": adapter.query(patient_id=body.patient_id, study_date=body.study_date,
-                                         actor=f"role:{role}")}
+        return {
+            "studies": adapter.query(
+                patient_id=body.patient_id, study_date=body.study_date, actor=f"role:{role}"
+            )
+        }
 
     @router.post("/reports")
     async def report(request: Request, role: SenderRole) -> dict[str, Any]:
@@ -59,25 +62,32 @@ def pacs_router(adapter: PacsAdapter) -> APIRouter:
     @router.get("/fetches/{task_id}")
     def state(task_id: str, role: SenderRole) -> dict[str, Any]:
         task, files = adapter.fetched_files(task_id)
-        return {"task_id": task_id, "status": task["status"],
-                "progress": (task.get("businessStatus") or {}).get("text"),
-                "reason": (task.get("statusReason") or {}).get("text"),
-                "study_uid": task["input"][0]["valueOid"].removeprefix("urn:oid:"),
-                "files": len(files)}
+        return {
+            "task_id": task_id,
+            "status": task["status"],
+            "progress": (task.get("businessStatus") or {}).get("text"),
+            "reason": (task.get("statusReason") or {}).get("text"),
+            "study_uid": task["input"][0]["valueOid"].removeprefix("urn:oid:"),
+            "files": len(files),
+        }
 
     @router.get("/fetches/{task_id}/study.zip")
     def study_zip(task_id: str, role: ClinicianRole) -> Response:
         task, files = adapter.fetched_files(task_id)
         if not files:
-            raise NotFound(f"Task/{task_id} has no completed study to give (status "
-                           f"{task['status']})")
+            raise NotFound(
+                f"Task/{task_id} has no completed study to give (status {task['status']})"
+            )
         buf = io.BytesIO()
         with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
             for p in files:
                 zf.writestr(f"{p.parent.name}/{p.name}", p.read_bytes())
         row_hash = adapter.fetched_patient_hash(task_id)
-        adapter.host.audit("imaging-read", patient_hash=row_hash,
-                           message=f"study zip of Task/{task_id} read by role:{role}")
+        adapter.host.audit(
+            "imaging-read",
+            patient_hash=row_hash,
+            message=f"study zip of Task/{task_id} read by role:{role}",
+        )
         return Response(buf.getvalue(), media_type="application/zip")
 
     @router.get("/studies/{study_uid}/reports")
@@ -90,15 +100,28 @@ def pacs_router(adapter: PacsAdapter) -> APIRouter:
         if info is None:
             raise NotFound(f"no study {study_uid} here")
         found = adapter.reports_for(rid)
-        adapter.host.audit("imaging-read", patient_hash=info["patient_hash"],
-                           message=f"{len(found)} report(s) of ImagingStudy/{rid} read by "
-                                   f"role:{role}")
-        return {"study": rid, "study_uid": study_uid, "reports": [{
-            "id": r["id"], "status": r.get("status"), "conclusion": r.get("conclusion"),
-            "code": r.get("code"), "issued": r.get("issued"),
-            "from": (adapter.host.resource_info("DiagnosticReport", r["id"]) or {}).get(
-                "origin"),
-            "presented_form": [f.get("contentType") for f in r.get("presentedForm") or ()]}
-            for r in found]}
+        adapter.host.audit(
+            "imaging-read",
+            patient_hash=info["patient_hash"],
+            message=f"{len(found)} report(s) of ImagingStudy/{rid} read by role:{role}",
+        )
+        return {
+            "study": rid,
+            "study_uid": study_uid,
+            "reports": [
+                {
+                    "id": r["id"],
+                    "status": r.get("status"),
+                    "conclusion": r.get("conclusion"),
+                    "code": r.get("code"),
+                    "issued": r.get("issued"),
+                    "from": (adapter.host.resource_info("DiagnosticReport", r["id"]) or {}).get(
+                        "origin"
+                    ),
+                    "presented_form": [f.get("contentType") for f in r.get("presentedForm") or ()],
+                }
+                for r in found
+            ],
+        }
 
     return router

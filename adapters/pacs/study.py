@@ -111,14 +111,22 @@ def patient_info(ds: Dataset, *, national_id_issuer: str, id_is_national: bool) 
         group = (pn.ideographic and PersonName(str(pn.ideographic))) or pn
         family, given = (group.family_name or None), (group.given_name or None)
     birth = text(ds, "PatientBirthDate")
-    return PatientInfo(pacs_id, national, family, given, person_name(pn),
-                       text(ds, "PatientSex"),
-                       f"{birth[:4]}-{birth[4:6]}-{birth[6:8]}" if birth and len(birth) == 8
-                       and birth.isdigit() else None)
+    return PatientInfo(
+        pacs_id,
+        national,
+        family,
+        given,
+        person_name(pn),
+        text(ds, "PatientSex"),
+        f"{birth[:4]}-{birth[4:6]}-{birth[6:8]}"
+        if birth and len(birth) == 8 and birth.isdigit()
+        else None,
+    )
 
 
-def patient_resource(info: PatientInfo, *, pacs_id_system: str,
-                     national_system: str) -> dict[str, Any]:
+def patient_resource(
+    info: PatientInfo, *, pacs_id_system: str, national_system: str
+) -> dict[str, Any]:
     pid = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{pacs_id_system}|{info.pacs_id}"))
     idents = [{"system": pacs_id_system, "value": info.pacs_id}]
     if info.national_id:
@@ -153,16 +161,25 @@ def body_site(value: str | None) -> dict[str, str] | None:
     return {"system": BODY_PART_SYSTEM, "code": term, "display": value.strip()}
 
 
-def _study_common(first: Dataset, study_uid: str, subject: dict[str, Any], tz: str,
-                  accession_system: str) -> dict[str, Any]:
-    res: dict[str, Any] = {"resourceType": "ImagingStudy", "id": study_resource_id(study_uid),
-                           "identifier": [study_identifier(study_uid)], "status": "available",
-                           "subject": subject}
+def _study_common(
+    first: Dataset, study_uid: str, subject: dict[str, Any], tz: str, accession_system: str
+) -> dict[str, Any]:
+    res: dict[str, Any] = {
+        "resourceType": "ImagingStudy",
+        "id": study_resource_id(study_uid),
+        "identifier": [study_identifier(study_uid)],
+        "status": "available",
+        "subject": subject,
+    }
     accession = text(first, "AccessionNumber")
     if accession:
-        res["identifier"].append({
-            "type": {"coding": [{"system": V2_0203, "code": "ACSN"}]},
-            "system": accession_system, "value": accession})
+        res["identifier"].append(
+            {
+                "type": {"coding": [{"system": V2_0203, "code": "ACSN"}]},
+                "system": accession_system,
+                "value": accession,
+            }
+        )
     started = fhir_datetime(text(first, "StudyDate"), text(first, "StudyTime"), tz)
     if started:
         res["started"] = started
@@ -175,13 +192,24 @@ def _study_common(first: Dataset, study_uid: str, subject: dict[str, Any], tz: s
     return res
 
 
-def imaging_study(headers: Iterable[Dataset], *, study_uid: str, subject: dict[str, Any],
-                  tz: str, accession_system: str) -> dict[str, Any]:
+def imaging_study(
+    headers: Iterable[Dataset],
+    *,
+    study_uid: str,
+    subject: dict[str, Any],
+    tz: str,
+    accession_system: str,
+) -> dict[str, Any]:
     """The full ImagingStudy from the headers of every stored instance of one study."""
-    items = sorted(headers, key=lambda d: (integer(d, "SeriesNumber") or 0,
-                                           str(d.SeriesInstanceUID),
-                                           integer(d, "InstanceNumber") or 0,
-                                           str(d.SOPInstanceUID)))
+    items = sorted(
+        headers,
+        key=lambda d: (
+            integer(d, "SeriesNumber") or 0,
+            str(d.SeriesInstanceUID),
+            integer(d, "InstanceNumber") or 0,
+            str(d.SOPInstanceUID),
+        ),
+    )
     res = _study_common(items[0], study_uid, subject, tz, accession_system)
     series: dict[str, dict[str, Any]] = {}
     for ds in items:
@@ -203,8 +231,10 @@ def imaging_study(headers: Iterable[Dataset], *, study_uid: str, subject: dict[s
             if started:
                 s["started"] = started
             s["instance"] = []
-        inst: dict[str, Any] = {"uid": str(ds.SOPInstanceUID), "sopClass": {
-            "system": RFC3986, "code": f"urn:oid:{ds.SOPClassUID}"}}
+        inst: dict[str, Any] = {
+            "uid": str(ds.SOPInstanceUID),
+            "sopClass": {"system": RFC3986, "code": f"urn:oid:{ds.SOPClassUID}"},
+        }
         name = UID(str(ds.SOPClassUID)).name
         if name and name != str(ds.SOPClassUID):
             inst["sopClass"]["display"] = name
@@ -221,13 +251,20 @@ def imaging_study(headers: Iterable[Dataset], *, study_uid: str, subject: dict[s
     return res
 
 
-def imaging_study_from_find(study: Dataset, series: Iterable[Dataset], *, study_uid: str,
-                            subject: dict[str, Any], tz: str,
-                            accession_system: str) -> dict[str, Any]:
+def imaging_study_from_find(
+    study: Dataset,
+    series: Iterable[Dataset],
+    *,
+    study_uid: str,
+    subject: dict[str, Any],
+    tz: str,
+    accession_system: str,
+) -> dict[str, Any]:
     """What a C-FIND told us: study-level counts and the series without their instances."""
     res = _study_common(study, study_uid, subject, tz, accession_system)
-    found = sorted(series, key=lambda d: (integer(d, "SeriesNumber") or 0,
-                                          str(d.get("SeriesInstanceUID", ""))))
+    found = sorted(
+        series, key=lambda d: (integer(d, "SeriesNumber") or 0, str(d.get("SeriesInstanceUID", "")))
+    )
     modalities = study.get("ModalitiesInStudy") or [text(s, "Modality") for s in found]
     if isinstance(modalities, str):
         modalities = [modalities]
@@ -242,8 +279,10 @@ def imaging_study_from_find(study: Dataset, series: Iterable[Dataset], *, study_
         res["numberOfInstances"] = n_instances
     out = []
     for ds in found:
-        s: dict[str, Any] = {"uid": str(ds.SeriesInstanceUID),
-                             "modality": _modality(text(ds, "Modality") or "OT")}
+        s: dict[str, Any] = {
+            "uid": str(ds.SeriesInstanceUID),
+            "modality": _modality(text(ds, "Modality") or "OT"),
+        }
         number = integer(ds, "SeriesNumber")
         if number is not None:
             s["number"] = number

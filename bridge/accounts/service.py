@@ -97,17 +97,46 @@ class Accounts:
 
     # -- audit -------------------------------------------------------------------------------
 
-    def _audit(self, conn: Connection, action: str, by: str, *, outcome: str = "0",
-               message: str | None = None, role: str | None = None,
-               address: str | None = None, **extra: Any) -> None:
-        self.ctx.audit.append(conn, [AuditEntry(
-            action=action, outcome=outcome, actor=by, actor_role=role, address=address,
-            message=message, at=self.ctx.now(), extra=extra or None)])
+    def _audit(
+        self,
+        conn: Connection,
+        action: str,
+        by: str,
+        *,
+        outcome: str = "0",
+        message: str | None = None,
+        role: str | None = None,
+        address: str | None = None,
+        **extra: Any,
+    ) -> None:
+        self.ctx.audit.append(
+            conn,
+            [
+                AuditEntry(
+                    action=action,
+                    outcome=outcome,
+                    actor=by,
+                    actor_role=role,
+                    address=address,
+                    message=message,
+                    at=self.ctx.now(),
+                    extra=extra or None,
+                )
+            ],
+        )
 
     # -- accounts ----------------------------------------------------------------------------
 
-    def add(self, name: str, roles: list[str] | str, *, password: str | None = None,
-            display: str | None = None, totp: bool = False, by: str = "cli") -> str | None:
+    def add(
+        self,
+        name: str,
+        roles: list[str] | str,
+        *,
+        password: str | None = None,
+        display: str | None = None,
+        totp: bool = False,
+        by: str = "cli",
+    ) -> str | None:
         """A new account; returns its TOTP secret when asked for one (shown once)."""
         check_name(name)
         role_list = check_roles(roles)
@@ -123,12 +152,28 @@ class Accounts:
         with self.ctx.store.write() as conn:
             if conn.execute(select(USERS.c.name).where(USERS.c.name == name)).first():
                 raise ValueError("an account with that name exists")
-            conn.execute(insert(USERS).values(
-                name=name, display=display, roles=",".join(role_list), password_hash=pw_hash,
-                totp_secret=secret, disabled=False, failed=0, created_at=now,
-                password_changed_at=now if pw_hash else None))
-            self._audit(conn, "account", by, message="account added", account=name,
-                        roles=",".join(role_list), totp=bool(secret))
+            conn.execute(
+                insert(USERS).values(
+                    name=name,
+                    display=display,
+                    roles=",".join(role_list),
+                    password_hash=pw_hash,
+                    totp_secret=secret,
+                    disabled=False,
+                    failed=0,
+                    created_at=now,
+                    password_changed_at=now if pw_hash else None,
+                )
+            )
+            self._audit(
+                conn,
+                "account",
+                by,
+                message="account added",
+                account=name,
+                roles=",".join(role_list),
+                totp=bool(secret),
+            )
         return secret
 
     def list(self) -> list[dict[str, Any]]:
@@ -148,8 +193,15 @@ class Accounts:
             row = conn.execute(select(USERS).where(USERS.c.name == name)).first()
         return dict(row._mapping) if row else None
 
-    def _change(self, name: str, values: dict[str, Any], by: str, message: str,
-                action: str = "account", **extra: Any) -> None:
+    def _change(
+        self,
+        name: str,
+        values: dict[str, Any],
+        by: str,
+        message: str,
+        action: str = "account",
+        **extra: Any,
+    ) -> None:
         with self.ctx.store.write() as conn:
             n = conn.execute(update(USERS).where(USERS.c.name == name).values(**values)).rowcount
             if not n:
@@ -159,17 +211,22 @@ class Accounts:
     def disable(self, name: str, *, by: str = "cli") -> None:
         self._change(name, {"disabled": True}, by, "account disabled")
         with self.ctx.store.write() as conn:  # a disabled person's tokens stop with them
-            conn.execute(update(TOKENS).where(TOKENS.c.owner == name,
-                                              TOKENS.c.owner_kind == "user",
-                                              TOKENS.c.revoked_at.is_(None))
-                         .values(revoked_at=self.ctx.now()))
+            conn.execute(
+                update(TOKENS)
+                .where(
+                    TOKENS.c.owner == name,
+                    TOKENS.c.owner_kind == "user",
+                    TOKENS.c.revoked_at.is_(None),
+                )
+                .values(revoked_at=self.ctx.now())
+            )
 
     def enable(self, name: str, *, by: str = "cli") -> None:
-        self._change(name, {"disabled": False, "failed": 0, "locked_until": None}, by,
-                     "account enabled")
+        self._change(
+            name, {"disabled": False, "failed": 0, "locked_until": None}, by, "account enabled"
+        )
 
-    def set_roles(self, name: str, roles: builtins.list[str] | str, *, by: str = "cli"
-                  ) -> None:
+    def set_roles(self, name: str, roles: builtins.list[str] | str, *, by: str = "cli") -> None:
         role_list = ",".join(check_roles(roles))
         self._change(name, {"roles": role_list}, by, "roles changed", roles=role_list)
 
@@ -177,14 +234,24 @@ class Accounts:
         """A new password set by an administrator (or by the person: ``by`` is then them);
         also lifts a lockout."""
         pw_hash = self.hasher.hash(check_password(password))
-        self._change(name, {"password_hash": pw_hash, "failed": 0, "locked_until": None,
-                            "password_changed_at": self.ctx.now()}, by, "password set",
-                     action="password")
+        self._change(
+            name,
+            {
+                "password_hash": pw_hash,
+                "failed": 0,
+                "locked_until": None,
+                "password_changed_at": self.ctx.now(),
+            },
+            by,
+            "password set",
+            action="password",
+        )
 
     # -- login -------------------------------------------------------------------------------
 
-    def login(self, name: str, password: str, totp_code: str | None = None,
-              address: str | None = None) -> Principal:
+    def login(
+        self, name: str, password: str, totp_code: str | None = None, address: str | None = None
+    ) -> Principal:
         """The person, if the password (and second factor) is right and the account is usable;
         Unauthorized otherwise, with one message for every cause (no account probing)."""
         from argon2.exceptions import InvalidHashError, VerificationError
@@ -206,8 +273,10 @@ class Accounts:
             if ok and row["totp_secret"]:
                 import pyotp
 
-                ok = bool(totp_code and pyotp.TOTP(row["totp_secret"]).verify(
-                    totp_code.strip(), valid_window=1))
+                ok = bool(
+                    totp_code
+                    and pyotp.TOTP(row["totp_secret"]).verify(totp_code.strip(), valid_window=1)
+                )
                 why = "wrong second factor"
             if row["disabled"]:
                 ok, why = False, "account disabled"
@@ -217,8 +286,9 @@ class Accounts:
         # a refusal is committed (counter, lock, audit) before it is raised
         with self.ctx.store.write() as conn:
             if row is None:
-                self._audit(conn, "login-failed", "user:?", outcome="4", message=why,
-                            address=address)
+                self._audit(
+                    conn, "login-failed", "user:?", outcome="4", message=why, address=address
+                )
             elif not ok:
                 failed = row["failed"] + 1
                 values: dict[str, Any] = {"failed": failed}
@@ -226,15 +296,25 @@ class Accounts:
                     values["locked_until"] = now + timedelta(seconds=self.lockout_s)
                     why = f"wrong password; locked after {failed} failures"
                 conn.execute(update(USERS).where(USERS.c.name == name).values(**values))
-                self._audit(conn, "login-failed", f"user:{name}", outcome="4", message=why,
-                            address=address)
+                self._audit(
+                    conn, "login-failed", f"user:{name}", outcome="4", message=why, address=address
+                )
         if row is None or not ok:
             raise refused
         with self.ctx.store.write() as conn:
-            conn.execute(update(USERS).where(USERS.c.name == name).values(
-                failed=0, locked_until=None, last_login_at=now))
-            self._audit(conn, "login", f"user:{name}", message="logged in",
-                        role=",".join(roles), address=address)
+            conn.execute(
+                update(USERS)
+                .where(USERS.c.name == name)
+                .values(failed=0, locked_until=None, last_login_at=now)
+            )
+            self._audit(
+                conn,
+                "login",
+                f"user:{name}",
+                message="logged in",
+                role=",".join(roles),
+                address=address,
+            )
         return Principal(name, "user", roles)
 
     def _check_secret(self, row: dict[str, Any], password: str) -> bool:
@@ -263,8 +343,12 @@ class Accounts:
 
             dn = self.ldap_user_dn.replace("{user}", escape_rdn(name))
             try:
-                conn = ldap3.Connection(ldap3.Server(self.ldap_url, connect_timeout=5),
-                                        user=dn, password=password, receive_timeout=5)
+                conn = ldap3.Connection(
+                    ldap3.Server(self.ldap_url, connect_timeout=5),
+                    user=dn,
+                    password=password,
+                    receive_timeout=5,
+                )
                 ok = bool(conn.bind())
                 conn.unbind()
             except LDAPException:
@@ -273,8 +357,7 @@ class Accounts:
 
     def logout(self, principal: Principal, address: str | None = None) -> None:
         with self.ctx.store.write() as conn:
-            self._audit(conn, "logout", principal.actor, message="logged out",
-                        address=address)
+            self._audit(conn, "logout", principal.actor, message="logged out", address=address)
 
     def change_own_password(self, name: str, old: str, new: str) -> None:
         row = self.get(name)
@@ -284,9 +367,14 @@ class Accounts:
 
     # -- API tokens --------------------------------------------------------------------------
 
-    def issue_token(self, owner: str, *, kind: str = "user",
-                    roles: builtins.list[str] | str | None = None,
-                    by: str = "cli") -> tuple[str, str]:
+    def issue_token(
+        self,
+        owner: str,
+        *,
+        kind: str = "user",
+        roles: builtins.list[str] | str | None = None,
+        by: str = "cli",
+    ) -> tuple[str, str]:
         """(token id, secret): the secret is shown once and kept only as its sha256. A user's
         token carries the user's roles unless fewer are asked for; a client names its roles."""
         check_name(owner)
@@ -305,18 +393,34 @@ class Accounts:
         secret = "ht_" + secrets.token_urlsafe(32)
         tid = secrets.token_hex(6)
         with self.ctx.store.write() as conn:
-            conn.execute(insert(TOKENS).values(
-                id=tid, digest=token_digest(secret), owner=owner, owner_kind=kind,
-                roles=",".join(role_list), created_at=self.ctx.now()))
-            self._audit(conn, "token", by, message="token issued", token=tid,
-                        owner=f"{kind}:{owner}", roles=",".join(role_list))
+            conn.execute(
+                insert(TOKENS).values(
+                    id=tid,
+                    digest=token_digest(secret),
+                    owner=owner,
+                    owner_kind=kind,
+                    roles=",".join(role_list),
+                    created_at=self.ctx.now(),
+                )
+            )
+            self._audit(
+                conn,
+                "token",
+                by,
+                message="token issued",
+                token=tid,
+                owner=f"{kind}:{owner}",
+                roles=",".join(role_list),
+            )
         return tid, secret
 
     def revoke_token(self, tid: str, *, by: str = "cli") -> None:
         with self.ctx.store.write() as conn:
-            n = conn.execute(update(TOKENS).where(TOKENS.c.id == tid,
-                                                  TOKENS.c.revoked_at.is_(None))
-                             .values(revoked_at=self.ctx.now())).rowcount
+            n = conn.execute(
+                update(TOKENS)
+                .where(TOKENS.c.id == tid, TOKENS.c.revoked_at.is_(None))
+                .values(revoked_at=self.ctx.now())
+            ).rowcount
             if not n:
                 raise NotFound("no live token with that id")
             self._audit(conn, "token", by, message="token revoked", token=tid)
@@ -329,9 +433,11 @@ class Accounts:
 
 def principal_for_token(conn: Connection, secret: str) -> Principal | None:
     """The live token's owner, looked up by the secret's digest (an index hit)."""
-    row = conn.execute(select(TOKENS.c.owner, TOKENS.c.owner_kind, TOKENS.c.roles,
-                              TOKENS.c.revoked_at).where(TOKENS.c.digest == token_digest(secret))
-                       ).first()
+    row = conn.execute(
+        select(TOKENS.c.owner, TOKENS.c.owner_kind, TOKENS.c.roles, TOKENS.c.revoked_at).where(
+            TOKENS.c.digest == token_digest(secret)
+        )
+    ).first()
     if row is None or row.revoked_at is not None:
         return None
     if row.owner_kind == "user":
@@ -339,4 +445,3 @@ def principal_for_token(conn: Connection, secret: str) -> Principal | None:
         if user is None or user.disabled:
             return None
     return Principal(row.owner, row.owner_kind, tuple(row.roles.split(",")))
-

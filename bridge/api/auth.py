@@ -74,8 +74,7 @@ def address_of(request: Request) -> str | None:
 
 def who(request: Request, role: str) -> dict[str, Any]:
     """The audit's ``actor``, ``actor_role`` and ``address`` for this request."""
-    return {"actor": actor_of(request, role), "actor_role": role,
-            "address": address_of(request)}
+    return {"actor": actor_of(request, role), "actor_role": role, "address": address_of(request)}
 
 
 def actor_of(request: Request, role: str) -> str:

@@ -35,8 +35,9 @@ class _TooLarge(Exception):
 
 
 class LocalBodyGuard:
-    def __init__(self, app: Any, *, known: Callable[[str], bool], max_body: int,
-                 admission: Admission) -> None:
+    def __init__(
+        self, app: Any, *, known: Callable[[str], bool], max_body: int, admission: Admission
+    ) -> None:
         self.app = app
         self.known = known
         self.max_body = max_body
@@ -57,25 +58,34 @@ class LocalBodyGuard:
             header = (headers.get(b"authorization") or b"").decode("latin-1")
             if not await run_in_threadpool(self.known, header):  # a hashed lookup, no body read
                 if not path.startswith("/ui/"):
-                    await _answer(send, path, Unauthorized(
-                        "unknown token" if header else
-                        "a bearer token is required"))
+                    await _answer(
+                        send,
+                        path,
+                        Unauthorized("unknown token" if header else "a bearer token is required"),
+                    )
                     return
                 limit = min(limit, UI_FORM_MAX)
         if declared is not None and declared > limit:
-            await _answer(send, path, PacketTooLarge(
-                f"request body of {declared} bytes is over the limit of {limit}"))
+            await _answer(
+                send,
+                path,
+                PacketTooLarge(f"request body of {declared} bytes is over the limit of {limit}"),
+            )
             return
         async with self.admission.admit(declared or (limit if chunked else 0)) as admitted:
             if not admitted:
-                await _answer(send, path, Busy(
-                    "the port is at its bound of requests in flight; try again later"),
-                    {"retry-after": "1"})
+                await _answer(
+                    send,
+                    path,
+                    Busy("the port is at its bound of requests in flight; try again later"),
+                    {"retry-after": "1"},
+                )
                 return
             await self._run(scope, receive, send, path, limit)
 
-    async def _run(self, scope: dict[str, Any], receive: Any, send: Any, path: str,
-                   limit: int) -> None:
+    async def _run(
+        self, scope: dict[str, Any], receive: Any, send: Any, path: str, limit: int
+    ) -> None:
         seen = 0
         started = over = False
 
@@ -102,12 +112,14 @@ class LocalBodyGuard:
             if not over:
                 raise
         if over and not started:
-            await _answer(send, path, PacketTooLarge(
-                f"request body is over the limit of {limit} bytes"))
+            await _answer(
+                send, path, PacketTooLarge(f"request body is over the limit of {limit} bytes")
+            )
 
 
-async def _answer(send: Any, path: str, exc: HutongError,
-                  extra: dict[str, str] | None = None) -> None:
+async def _answer(
+    send: Any, path: str, exc: HutongError, extra: dict[str, str] | None = None
+) -> None:
     """The error answer, and the connection closed (an unread body is never read)."""
     if path == "/fhir" or path.startswith("/fhir/"):
         from bridge.api.outcome import operation_outcome
@@ -115,8 +127,11 @@ async def _answer(send: Any, path: str, exc: HutongError,
         body, media = orjson.dumps(operation_outcome(exc)), b"application/fhir+json"
     else:
         body, media = orjson.dumps(exc.as_dict()), b"application/json"
-    headers = [(b"content-type", media), (b"content-length", str(len(body)).encode()),
-               (b"connection", b"close")]
+    headers = [
+        (b"content-type", media),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+    ]
     if isinstance(exc, Unauthorized):
         headers.append((b"www-authenticate", b'Bearer realm="hutong"'))
     headers += [(k.encode(), v.encode()) for k, v in (extra or {}).items()]

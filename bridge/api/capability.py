@@ -32,20 +32,32 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     HUTONG_VERSION = "0.0.0"
 
-_RESULT_TYPES = {"_count": "number", "_cursor": "string", "_total": "token",
-                 "_totalMethod": "token", "_sort": "string",
-                 "_summary": "token", "_elements": "string", "_pretty": "token",
-                 "_format": "token"}
+_RESULT_TYPES = {
+    "_count": "number",
+    "_cursor": "string",
+    "_total": "token",
+    "_totalMethod": "token",
+    "_sort": "string",
+    "_summary": "token",
+    "_elements": "string",
+    "_pretty": "token",
+    "_format": "token",
+}
 #: what no served type supports: history reads, client ids, conditional interactions
 _NO_CONDITIONALS: dict[str, Any] = {
-    "readHistory": False, "updateCreate": False, "conditionalCreate": False,
-    "conditionalRead": "not-supported", "conditionalUpdate": False,
+    "readHistory": False,
+    "updateCreate": False,
+    "conditionalCreate": False,
+    "conditionalRead": "not-supported",
+    "conditionalUpdate": False,
     "conditionalDelete": "not-supported",
 }
 #: versioned clinical types: every version kept and readable, ETag / If-None-Match /
 #: If-Modified-Since (304), If-Match on update, ifNoneExist in transactions (fhir_api)
 _VERSIONED: dict[str, Any] = {
-    **_NO_CONDITIONALS, "readHistory": True, "conditionalCreate": True,
+    **_NO_CONDITIONALS,
+    "readHistory": True,
+    "conditionalCreate": True,
     "conditionalRead": "full-support",
 }
 _HISTORY = [{"code": "vread"}, {"code": "history-instance"}, {"code": "history-type"}]
@@ -53,27 +65,42 @@ _HISTORY = [{"code": "vread"}, {"code": "history-instance"}, {"code": "history-t
 
 def _search_params(params: tuple[Param, ...], audit: bool = False) -> list[dict[str, Any]]:
     out = [{"name": p.name, "type": p.type, "documentation": p.doc} for p in params]
-    out += [{"name": n, "type": _RESULT_TYPES[n], "documentation": doc}
-            for n, doc in RESULT_PARAMS.items() if not audit or n in AUDIT_RESULT_PARAMS]
+    out += [
+        {"name": n, "type": _RESULT_TYPES[n], "documentation": doc}
+        for n, doc in RESULT_PARAMS.items()
+        if not audit or n in AUDIT_RESULT_PARAMS
+    ]
     return out
 
 
 def _resource(rtype: str, params: tuple[Param, ...], roles: str) -> dict[str, Any]:
-    interactions = [{"code": "read"}, {"code": "search-type", "documentation":
-                     "GET [type]?... or POST [type]/_search (form-encoded): the same answer"}]
+    interactions = [
+        {"code": "read"},
+        {
+            "code": "search-type",
+            "documentation": "GET [type]?... or POST [type]/_search (form-encoded): the same answer",
+        },
+    ]
     if rtype != AUDIT_TYPE:
         interactions[1:1] = _HISTORY
     if rtype in UPDATABLE:
-        interactions.append({"code": "update", "documentation":
-                             "clinician only: moves the referral or consultation through "
-                             "its workflow"})
+        interactions.append(
+            {
+                "code": "update",
+                "documentation": "clinician only: moves the referral or consultation through "
+                "its workflow",
+            }
+        )
     res: dict[str, Any] = {
         "type": rtype,
         "documentation": f"Roles: {roles}. Every read and search is itself audited.",
         "interaction": interactions,
         "versioning": "versioned" if rtype != AUDIT_TYPE else "no-version",
-        **(_NO_CONDITIONALS if rtype == AUDIT_TYPE else
-           {**_VERSIONED, "conditionalCreate": rtype not in UPDATABLE}),
+        **(
+            _NO_CONDITIONALS
+            if rtype == AUDIT_TYPE
+            else {**_VERSIONED, "conditionalCreate": rtype not in UPDATABLE}
+        ),
         "searchParam": _search_params(params, rtype == AUDIT_TYPE),
     }
     if rtype == "Task":
@@ -98,13 +125,15 @@ CONSULT_DOCS = {
     "follow-up": "inviting side: the follow-up CarePlan or Task (Bundle)",
     "close": "inviting side: the consultation is closed",
     "referral-draft": "inviting side: a referral Bundle pre-filled from a released report "
-                      "that recommends referral (audited as a read)",
+    "that recommends referral (audited as a read)",
 }
 
 
 def _consult_operations() -> list[dict[str, Any]]:
-    return [{"name": name, "definition": CONSULT_OPERATION + name, "documentation": doc}
-            for name, doc in CONSULT_DOCS.items()]
+    return [
+        {"name": name, "definition": CONSULT_OPERATION + name, "documentation": doc}
+        for name, doc in CONSULT_DOCS.items()
+    ]
 
 
 #: the site's code maps (``fhir_terminology``): read, search and ``$translate``, any role
@@ -122,21 +151,27 @@ TRANSLATE = "http://hl7.org/fhir/OperationDefinition/ConceptMap-translate"
 def _conceptmap_resource() -> dict[str, Any]:
     """What ``fhir_terminology`` serves; a search parameter added there without a line in
     ``_CONCEPTMAP_PARAMS`` fails here (KeyError) rather than going unlisted."""
-    params = [{"name": n, "type": _CONCEPTMAP_PARAMS[n][0],
-               "documentation": _CONCEPTMAP_PARAMS[n][1]}
-              for n in fhir_terminology.SEARCH_PARAMS]
+    params = [
+        {"name": n, "type": _CONCEPTMAP_PARAMS[n][0], "documentation": _CONCEPTMAP_PARAMS[n][1]}
+        for n in fhir_terminology.SEARCH_PARAMS
+    ]
     return {
         "type": CONCEPTMAP_TYPE,
         "documentation": "Roles: any. The site's code maps (catalogue codes, no patient "
-                         "data), loaded from its mapping folder; not audited.",
+        "data), loaded from its mapping folder; not audited.",
         "interaction": [{"code": "read"}, {"code": "search-type"}],
         "versioning": "no-version",
         **_NO_CONDITIONALS,
         "searchParam": params,
-        "operation": [{"name": "translate", "definition": TRANSLATE,
-                       "documentation": "GET (query) or POST (Parameters), on all maps or "
-                                        "one (/ConceptMap/{id}/$translate); parameters: "
-                                        + ", ".join(fhir_terminology.TRANSLATE_PARAMS)}],
+        "operation": [
+            {
+                "name": "translate",
+                "definition": TRANSLATE,
+                "documentation": "GET (query) or POST (Parameters), on all maps or "
+                "one (/ConceptMap/{id}/$translate); parameters: "
+                + ", ".join(fhir_terminology.TRANSLATE_PARAMS),
+            }
+        ],
     }
 
 
@@ -154,36 +189,44 @@ def capability_statement(base_url: str, node_id: str, date: str) -> dict[str, An
         "date": date,
         "publisher": "Hutong",
         "description": "Read and search of this node's FHIR store for the hospital's own "
-                       "systems (never exposed to peers); referral writes go through the "
-                       "workflow. Search handling is strict unless Prefer: handling=lenient.",
+        "systems (never exposed to peers); referral writes go through the "
+        "workflow. Search handling is strict unless Prefer: handling=lenient.",
         "kind": "instance",
         "software": {"name": "Hutong", "version": HUTONG_VERSION},
         "implementation": {"description": f"Hutong node {node_id}", "url": base_url},
         "fhirVersion": "4.0.1",
         "format": ["json"],
-        "rest": [{
-            "mode": "server",
-            "documentation": "Paging: Bundle.link next carries an opaque _cursor; results are "
-                             "newest first (_lastUpdated descending) unless _sort says "
-                             "otherwise. Modifiers: :missing (all types), :not (token), "
-                             ":exact and :contains (string), :identifier and :[Type] "
-                             "(reference). Chains one level deep on reference parameters "
-                             "(patient.identifier=..., focus:ServiceRequest.status=...).",
-            "security": {
-                "cors": False,
-                "description": "Authorization: Bearer <token>, one static token per role from "
-                               "the site config: clinician (clinical resources, Task update, "
-                               "transaction), auditor (AuditEvent only), it (no FHIR data). "
-                               "/fhir/metadata needs no token.",
-            },
-            "resource": resources,
-            "interaction": [{"code": "transaction", "documentation":
-                             "clinician only: a referral or its return (with a "
-                             "ServiceRequest) through the workflow, or any stored types; "
-                             "all or nothing; ifNoneExist and ifMatch honoured"},
-                            {"code": "batch", "documentation":
-                             "clinician only: each entry on its own; a Task PUT moves the "
-                             "referral as PUT /fhir/Task/{id} does; GET Type/id and "
-                             "Type/id/_history/vid read (audited)"}],
-        }],
+        "rest": [
+            {
+                "mode": "server",
+                "documentation": "Paging: Bundle.link next carries an opaque _cursor; results are "
+                "newest first (_lastUpdated descending) unless _sort says "
+                "otherwise. Modifiers: :missing (all types), :not (token), "
+                ":exact and :contains (string), :identifier and :[Type] "
+                "(reference). Chains one level deep on reference parameters "
+                "(patient.identifier=..., focus:ServiceRequest.status=...).",
+                "security": {
+                    "cors": False,
+                    "description": "Authorization: Bearer <token>, one static token per role from "
+                    "the site config: clinician (clinical resources, Task update, "
+                    "transaction), auditor (AuditEvent only), it (no FHIR data). "
+                    "/fhir/metadata needs no token.",
+                },
+                "resource": resources,
+                "interaction": [
+                    {
+                        "code": "transaction",
+                        "documentation": "clinician only: a referral or its return (with a "
+                        "ServiceRequest) through the workflow, or any stored types; "
+                        "all or nothing; ifNoneExist and ifMatch honoured",
+                    },
+                    {
+                        "code": "batch",
+                        "documentation": "clinician only: each entry on its own; a Task PUT moves the "
+                        "referral as PUT /fhir/Task/{id} does; GET Type/id and "
+                        "Type/id/_history/vid read (audited)",
+                    },
+                ],
+            }
+        ],
     }

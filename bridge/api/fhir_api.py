@@ -101,8 +101,9 @@ def _allowed(request: Request, rtype: str) -> str:
         raise NotFound("this resource type is not served here")
     if principal.acting((needed,)) is None:
         what = "the audit log" if rtype == AUDIT_TYPE else "clinical resources"
-        raise Forbidden(f"role '{','.join(principal.roles)}' may not read {what} "
-                        "(minimum necessary)")
+        raise Forbidden(
+            f"role '{','.join(principal.roles)}' may not read {what} (minimum necessary)"
+        )
     return needed
 
 
@@ -115,20 +116,34 @@ def _lenient(request: Request) -> bool:
 
 
 def _entry(base: str, resource: dict[str, Any], mode: str) -> dict[str, Any]:
-    return {"fullUrl": f"{base}/{resource['resourceType']}/{resource['id']}",
-            "resource": resource, "search": {"mode": mode}}
+    return {
+        "fullUrl": f"{base}/{resource['resourceType']}/{resource['id']}",
+        "resource": resource,
+        "search": {"mode": mode},
+    }
 
 
-def _searchset(request: Request, q: Query, entries: list[dict[str, Any]], total: int | None,
-               nxt: str | None, now: str, warnings: list[str] | None = None) -> dict[str, Any]:
+def _searchset(
+    request: Request,
+    q: Query,
+    entries: list[dict[str, Any]],
+    total: int | None,
+    nxt: str | None,
+    now: str,
+    warnings: list[str] | None = None,
+) -> dict[str, Any]:
     base = _base(request)
     url = f"{base}/{q.rtype}"
     links = [{"relation": "self", "url": url + ("?" + urlencode(q.used) if q.used else "")}]
     if nxt:
         kept = [(k, v) for k, v in q.used if k != "_cursor"] + [("_cursor", nxt)]
         links.append({"relation": "next", "url": f"{url}?{urlencode(kept)}"})
-    bundle: dict[str, Any] = {"resourceType": "Bundle", "id": str(uuid.uuid4()),
-                              "meta": {"lastUpdated": now}, "type": "searchset"}
+    bundle: dict[str, Any] = {
+        "resourceType": "Bundle",
+        "id": str(uuid.uuid4()),
+        "meta": {"lastUpdated": now},
+        "type": "searchset",
+    }
     if total is not None:
         bundle["total"] = total
     bundle["link"] = links
@@ -136,16 +151,34 @@ def _searchset(request: Request, q: Query, entries: list[dict[str, Any]], total:
         bundle["entry"] = entries
     if q.ignored:
         # handling=lenient: say what was ignored (FHIR: an OperationOutcome with mode outcome)
-        bundle.setdefault("entry", []).append({"resource": {
-            "resourceType": "OperationOutcome", "issue": [{
-                "severity": "warning", "code": "not-supported",
-                "diagnostics": "ignored: " + ", ".join(q.ignored)[:500]}]},
-            "search": {"mode": "outcome"}})
+        bundle.setdefault("entry", []).append(
+            {
+                "resource": {
+                    "resourceType": "OperationOutcome",
+                    "issue": [
+                        {
+                            "severity": "warning",
+                            "code": "not-supported",
+                            "diagnostics": "ignored: " + ", ".join(q.ignored)[:500],
+                        }
+                    ],
+                },
+                "search": {"mode": "outcome"},
+            }
+        )
     if warnings:  # a bounded _include / _revinclude
-        bundle.setdefault("entry", []).append({"resource": {
-            "resourceType": "OperationOutcome", "issue": [{
-                "severity": "warning", "code": "too-costly", "diagnostics": w}
-                for w in warnings]}, "search": {"mode": "outcome"}})
+        bundle.setdefault("entry", []).append(
+            {
+                "resource": {
+                    "resourceType": "OperationOutcome",
+                    "issue": [
+                        {"severity": "warning", "code": "too-costly", "diagnostics": w}
+                        for w in warnings
+                    ],
+                },
+                "search": {"mode": "outcome"},
+            }
+        )
     return bundle
 
 
@@ -153,8 +186,10 @@ def _bundle_json(bundle: dict[str, Any], q: Query) -> Response:
     """The searchset as JSON, indented if ``_pretty=true``."""
     if not q.pretty:
         return fhir_json(bundle)
-    return Response(orjson.dumps(bundle, option=orjson.OPT_INDENT_2),
-                    media_type="application/fhir+json; charset=utf-8")
+    return Response(
+        orjson.dumps(bundle, option=orjson.OPT_INDENT_2),
+        media_type="application/fhir+json; charset=utf-8",
+    )
 
 
 def _page(conn: Connection, q: Query) -> tuple[list[Any], int | None, str | None]:
@@ -167,8 +202,11 @@ def _page(conn: Connection, q: Query) -> tuple[list[Any], int | None, str | None
     order = sort_order(q)
     offset = 0
     if q.cursor is not None and order:  # another order than newest first pages by position
-        if not (isinstance(q.cursor, dict) and isinstance(q.cursor.get("o"), int)
-                and 0 <= q.cursor["o"] <= 10**9):
+        if not (
+            isinstance(q.cursor, dict)
+            and isinstance(q.cursor.get("o"), int)
+            and 0 <= q.cursor["o"] <= 10**9
+        ):
             raise BadRequest("_cursor is not one this server gave out")
         offset = q.cursor["o"]
     elif q.cursor is not None:
@@ -177,27 +215,41 @@ def _page(conn: Connection, q: Query) -> tuple[list[Any], int | None, str | None
         except (TypeError, ValueError, IndexError, KeyError) as exc:
             raise BadRequest("_cursor is not one this server gave out") from exc
         # a range on last_updated (index order), then the tie on id
-        where.append(and_(T.c.last_updated <= at,
-                          or_(T.c.last_updated < at, T.c.id > rid)))
+        where.append(and_(T.c.last_updated <= at, or_(T.c.last_updated < at, T.c.id > rid)))
     typed = not q.by_token
-    rows, more = store.search(conn, q.rtype, where=where, count=q.count, typed=typed,
-                              order=order, offset=offset)
+    rows, more = store.search(
+        conn, q.rtype, where=where, count=q.count, typed=typed, order=order, offset=offset
+    )
     total: int | None = None
     if q.total:
-        key = None if q.accurate else tuple(
-            (k, v) for k, v in q.used if k not in _NOT_MATCHING)
-        total = offset + len(rows) if q.cursor is None and not more else store.count(
-            conn, q.rtype, where=q.where, typed=typed, estimate_key=key)
+        key = None if q.accurate else tuple((k, v) for k, v in q.used if k not in _NOT_MATCHING)
+        total = (
+            offset + len(rows)
+            if q.cursor is None and not more
+            else store.count(conn, q.rtype, where=q.where, typed=typed, estimate_key=key)
+        )
     nxt = None
     if rows and more:
-        nxt = encode_cursor({"o": offset + len(rows)} if order else
-                            [rows[-1].last_updated.isoformat(), rows[-1].id])
+        nxt = encode_cursor(
+            {"o": offset + len(rows)} if order else [rows[-1].last_updated.isoformat(), rows[-1].id]
+        )
     return rows, total, nxt
 
 
 #: result parameters that do not change which resources match (the count's estimate key)
-_NOT_MATCHING = ("_count", "_cursor", "_total", "_totalMethod", "_include", "_revinclude",
-                 "_sort", "_summary", "_elements", "_pretty", "_format")
+_NOT_MATCHING = (
+    "_count",
+    "_cursor",
+    "_total",
+    "_totalMethod",
+    "_include",
+    "_revinclude",
+    "_sort",
+    "_summary",
+    "_elements",
+    "_pretty",
+    "_format",
+)
 
 
 def store_time(value: Any) -> datetime:
@@ -216,19 +268,30 @@ def _headers(resource: dict[str, Any]) -> dict[str, str]:
 
 def fhir_router(node: Node) -> APIRouter:
     ctx = node.ctx
-    router = APIRouter(prefix="/fhir", route_class=FhirRoute, tags=["fhir"],
-                       default_response_class=FhirResponse)
+    router = APIRouter(
+        prefix="/fhir", route_class=FhirRoute, tags=["fhir"], default_response_class=FhirResponse
+    )
 
     def now() -> str:
         return ctx.now().isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
-    def audited(role: str, request: Request, seen: list[tuple[str, str | None]],
-                conn: Connection, query_string: str | None = None) -> None:
-        query = redacted_query(request.url.path, request.url.query if query_string is None
-                               else query_string)
+    def audited(
+        role: str,
+        request: Request,
+        seen: list[tuple[str, str | None]],
+        conn: Connection,
+        query_string: str | None = None,
+    ) -> None:
+        query = redacted_query(
+            request.url.path, request.url.query if query_string is None else query_string
+        )
         interaction = "read" if request.path_params.get("rid") else "search-type"
-        ctx.audit.append(conn, read_entries(role, query, seen, ctx.now(),
-                                            interaction=interaction, **who(request, role)))
+        ctx.audit.append(
+            conn,
+            read_entries(
+                role, query, seen, ctx.now(), interaction=interaction, **who(request, role)
+            ),
+        )
 
     @router.get("/metadata", responses=answers("CapabilityStatement"))
     def metadata(request: Request) -> Response:
@@ -244,22 +307,41 @@ def fhir_router(node: Node) -> APIRouter:
         base = _base(request)
         with ctx.store.write() as conn:
             current = store.get_row(conn, rtype, rid) if rid is not None else None
-            rows, more = store.history(conn, rtype, rid, count=count, before=before,
-                                       since=since)
-            hashes = {current.id: current.patient_hash} if current is not None else \
-                _patient_hashes(conn, rtype, {r.id for r in rows})
+            rows, more = store.history(conn, rtype, rid, count=count, before=before, since=since)
+            hashes = (
+                {current.id: current.patient_hash}
+                if current is not None
+                else _patient_hashes(conn, rtype, {r.id for r in rows})
+            )
             audited(role, request, [(f"{rtype}/{i}", h) for i, h in hashes.items()], conn)
         url = f"{base}/{rtype}" + (f"/{rid}" if rid else "") + "/_history"
         kept = [(k, v) for k, v in request.query_params.multi_items() if k != "_cursor"]
-        links = [{"relation": "self", "url": url + ("?" + urlencode(
-            list(request.query_params.multi_items())) if request.url.query else "")}]
+        links = [
+            {
+                "relation": "self",
+                "url": url
+                + (
+                    "?" + urlencode(list(request.query_params.multi_items()))
+                    if request.url.query
+                    else ""
+                ),
+            }
+        ]
         if more and rows:
-            links.append({"relation": "next",
-                          "url": f"{url}?{urlencode(kept + [('_cursor', str(rows[-1].seq))])}"})
+            links.append(
+                {
+                    "relation": "next",
+                    "url": f"{url}?{urlencode(kept + [('_cursor', str(rows[-1].seq))])}",
+                }
+            )
         entries = [_history_entry(base, r) for r in rows]
-        bundle: dict[str, Any] = {"resourceType": "Bundle", "id": str(uuid.uuid4()),
-                                  "meta": {"lastUpdated": now()}, "type": "history",
-                                  "link": links}
+        bundle: dict[str, Any] = {
+            "resourceType": "Bundle",
+            "id": str(uuid.uuid4()),
+            "meta": {"lastUpdated": now()},
+            "type": "history",
+            "link": links,
+        }
         if rid is not None and before is None and since is None and not more:
             bundle["total"] = len(rows)
         if entries:
@@ -306,12 +388,18 @@ def fhir_router(node: Node) -> APIRouter:
             extra, warnings = included(conn, q, rows)
             more, more_warnings = revincluded(conn, q, rows + extra)
             extra += more
-            audited(role, request, [(f"{r.rtype}/{r.id}", r.patient_hash) for r in rows + extra],
-                    conn, query)
+            audited(
+                role,
+                request,
+                [(f"{r.rtype}/{r.id}", r.patient_hash) for r in rows + extra],
+                conn,
+                query,
+            )
         entries = [_entry(base, subset(orjson.loads(r.body), q), "match") for r in rows]
         entries += [_entry(base, orjson.loads(r.body), "include") for r in extra]
-        return _bundle_json(_searchset(request, q, entries, total, nxt, now(),
-                                       warnings + more_warnings), q)
+        return _bundle_json(
+            _searchset(request, q, entries, total, nxt, now(), warnings + more_warnings), q
+        )
 
     @router.get("/{rtype}", responses=answers("Bundle", 403, 404))
     def search(rtype: str, request: Request) -> Response:
@@ -323,8 +411,9 @@ def fhir_router(node: Node) -> APIRouter:
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         body = await request.body()
         if body and kind != "application/x-www-form-urlencoded":
-            raise BadRequest("POST _search takes its parameters as "
-                             "application/x-www-form-urlencoded")
+            raise BadRequest(
+                "POST _search takes its parameters as application/x-www-form-urlencoded"
+            )
         try:
             form = parse_qsl(body.decode("utf-8"), keep_blank_values=True)
         except UnicodeDecodeError as exc:
@@ -363,8 +452,9 @@ def fhir_router(node: Node) -> APIRouter:
 
     transactions = Transactions(node)
 
-    def update_task(rid: str, task: dict[str, Any], actor: str,
-                    version: int | None) -> dict[str, Any]:
+    def update_task(
+        rid: str, task: dict[str, Any], actor: str, version: int | None
+    ) -> dict[str, Any]:
         """PUT of a referral Task: refused whole (naming the elements) if it changes what the
         workflow would not apply; else the workflow's move, conditional on ``version``."""
         wf = workflow()
@@ -382,20 +472,35 @@ def fhir_router(node: Node) -> APIRouter:
             raise Forbidden(f"role '{','.join(principal.roles)}' may not change referrals")
         return WRITER
 
-    @router.post("", responses=answers("Bundle", 403, 404, 412, 415, 501),
-                 openapi_extra=fhir_body("Bundle"))
+    @router.post(
+        "", responses=answers("Bundle", 403, 404, 412, 415, 501), openapi_extra=fhir_body("Bundle")
+    )
     @router.post("/", include_in_schema=False)  # "[base]/" as many clients write it
     async def transaction(request: Request) -> Response:
         role = writer(request)
         bundle = await body_of(request)
-        if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle" \
-                or bundle.get("type") not in ("transaction", "batch"):
+        if (
+            not isinstance(bundle, dict)
+            or bundle.get("resourceType") != "Bundle"
+            or bundle.get("type") not in ("transaction", "batch")
+        ):
             raise BadRequest("POST /fhir takes a Bundle of type transaction or batch")
         if bundle.get("type") == "batch":  # each entry's resource is checked on its own
             entries = bundle.get("entry")
-            checked(validate_bundle, {**bundle, "entry": [
-                {k: v for k, v in e.items() if k != "resource"} if isinstance(e, dict) else e
-                for e in entries]} if isinstance(entries, list) else bundle)
+            checked(
+                validate_bundle,
+                {
+                    **bundle,
+                    "entry": [
+                        {k: v for k, v in e.items() if k != "resource"}
+                        if isinstance(e, dict)
+                        else e
+                        for e in entries
+                    ],
+                }
+                if isinstance(entries, list)
+                else bundle,
+            )
         else:
             checked(validate_bundle, bundle)
         actor = actor_of(request, role)
@@ -404,12 +509,14 @@ def fhir_router(node: Node) -> APIRouter:
             checked(validate_resource, task)
             return update_task(rid, task, actor, version)
 
-        result = await run_in_threadpool(
-            lambda: transactions.run(bundle, actor, move_task))
+        result = await run_in_threadpool(lambda: transactions.run(bundle, actor, move_task))
         return fhir_json(result)
 
-    @router.put("/Task/{rid}", responses=answers("Task", 403, 404, 412, 415, 501),
-                openapi_extra=fhir_body("Task"))
+    @router.put(
+        "/Task/{rid}",
+        responses=answers("Task", 403, 404, 412, 415, 501),
+        openapi_extra=fhir_body("Task"),
+    )
     async def move(rid: str, request: Request) -> Response:
         role = writer(request)
         task = await body_of(request)
@@ -419,19 +526,26 @@ def fhir_router(node: Node) -> APIRouter:
             raise BadRequest("Task.id must be the id in the URL")
         checked(validate_resource, task)
         version = if_match(request.headers.get("if-match"))
-        before = task.get("meta", {}).get("versionId") if isinstance(task.get("meta"),
-                                                                       dict) else None
+        before = (
+            task.get("meta", {}).get("versionId") if isinstance(task.get("meta"), dict) else None
+        )
         result = await run_in_threadpool(
-            lambda: update_task(rid, task, actor_of(request, role), version))
+            lambda: update_task(rid, task, actor_of(request, role), version)
+        )
         at = _instant(result)
         same = before is not None and str(before) == str(result["meta"]["versionId"])
-        what = (f"Task/{rid} unchanged at version {result['meta']['versionId']}" if same else
-                f"Task/{rid} updated to version {result['meta']['versionId']}")
+        what = (
+            f"Task/{rid} unchanged at version {result['meta']['versionId']}"
+            if same
+            else f"Task/{rid} updated to version {result['meta']['versionId']}"
+        )
         return written(request, result, _base(request), 200, at, what)
 
-    @router.post("/Task/{rid}/{operation}",
-                 responses=answers(None, 403, 404, 409, 412, 415, 501),
-                 openapi_extra=fhir_body("Parameters"))
+    @router.post(
+        "/Task/{rid}/{operation}",
+        responses=answers(None, 403, 404, 409, 412, 415, 501),
+        openapi_extra=fhir_body("Parameters"),
+    )
     async def consult_step(rid: str, operation: str, request: Request) -> Response:
         """A consultation step as an operation on its Task (``$return``, ``$resubmit``,
         ``$schedule``, ``$start``, ``$report``, ``$release``, ``$cancel``, ``$follow-up``,
@@ -441,8 +555,10 @@ def fhir_router(node: Node) -> APIRouter:
         role = writer(request)
         op = operation.removeprefix("$")
         if not operation.startswith("$") or op not in CONSULT_OPERATIONS:
-            raise NotFound(f"this path is not part of the /fhir API (Task operations: "
-                           f"{', '.join('$' + o for o in CONSULT_OPERATIONS)})")
+            raise NotFound(
+                f"this path is not part of the /fhir API (Task operations: "
+                f"{', '.join('$' + o for o in CONSULT_OPERATIONS)})"
+            )
         cw = getattr(node, "consult", None)
         if cw is None:
             raise WorkflowUnavailable("the consultation workflow is not available on this node")
@@ -459,38 +575,55 @@ def fhir_router(node: Node) -> APIRouter:
             if row is None:
                 raise NotFound(f"Task/{rid} is not a consultation known here")
             if op == "referral-draft":
-                draft = cw.referral_draft(row["thread"], params.get("kind") or "up-outpatient",
-                                          params.get("receiver"))
+                draft = cw.referral_draft(
+                    row["thread"], params.get("kind") or "up-outpatient", params.get("receiver")
+                )
                 with ctx.store.write() as conn:  # shows the patient's record: audited as read
                     audited(role, request, [(f"Task/{rid}", row["patient_hash"])], conn)
                 return draft, None
             event = op
             if op == "cancel":
                 event = "cancel" if row["side"] == "inviter" else "cancelled"
-            task = cw.step(row["thread"], event, actor, reason=params.get("reason"),
-                           bundle=params.get("resources"), if_match=version)
+            task = cw.step(
+                row["thread"],
+                event,
+                actor,
+                reason=params.get("reason"),
+                bundle=params.get("resources"),
+                if_match=version,
+            )
             return task, task
 
         result, task = await run_in_threadpool(run)
         if task is None:
             return fhir_json(result)
-        return written(request, result, _base(request), 200, _instant(result),
-                       f"Task/{rid} moved by ${op} to version {result['meta']['versionId']}")
+        return written(
+            request,
+            result,
+            _base(request),
+            200,
+            _instant(result),
+            f"Task/{rid} moved by ${op} to version {result['meta']['versionId']}",
+        )
 
     @router.api_route("", methods=["GET", "PUT", "PATCH", "DELETE"], include_in_schema=False)
-    @router.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
-                      include_in_schema=False)
+    @router.api_route(
+        "/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False
+    )
     def unknown(request: Request, path: str = "") -> Response:
         parts = [p for p in path.split("/") if p]
         if not parts:
             raise NotSupported(f"{request.method} is not supported on /fhir", allow="POST")
-        if parts[0] in ROLE_FOR and (len(parts) <= 2 or (
-                parts[-1] == "_history" or (len(parts) == 4 and parts[2] == "_history"))):
+        if parts[0] in ROLE_FOR and (
+            len(parts) <= 2
+            or (parts[-1] == "_history" or (len(parts) == 4 and parts[2] == "_history"))
+        ):
             allow = "GET, HEAD"
             if len(parts) == 2 and parts[0] in UPDATABLE and parts[1] != "_history":
                 allow += ", PUT"
-            raise NotSupported(f"{request.method} is not supported on /fhir/{parts[0]}",
-                               allow=allow)
+            raise NotSupported(
+                f"{request.method} is not supported on /fhir/{parts[0]}", allow=allow
+            )
         raise NotFound("this path is not part of the /fhir API")
 
     return router
@@ -510,8 +643,13 @@ def consult_parameters(body: Any) -> dict[str, Any]:
         return {"resources": body}
     if body.get("resourceType") != "Parameters":
         checked(validate_resource, body)
-        return {"resources": {"resourceType": "Bundle", "type": "collection",
-                              "entry": [{"resource": body}]}}
+        return {
+            "resources": {
+                "resourceType": "Bundle",
+                "type": "collection",
+                "entry": [{"resource": body}],
+            }
+        }
     checked(validate_resource, body)
     out: dict[str, Any] = {}
     entries: list[dict[str, Any]] = []  # every part's entries, their fullUrls kept
@@ -519,8 +657,11 @@ def consult_parameters(body: Any) -> dict[str, Any]:
         name = p.get("name")
         if name == "resources" and isinstance(p.get("resource"), dict):
             r = p["resource"]
-            entries += [e for e in r.get("entry") or [] if isinstance(e, dict)] \
-                if r.get("resourceType") == "Bundle" else [{"resource": r}]
+            entries += (
+                [e for e in r.get("entry") or [] if isinstance(e, dict)]
+                if r.get("resourceType") == "Bundle"
+                else [{"resource": r}]
+            )
         elif name in ("reason", "kind", "receiver"):
             value = next((v for k, v in p.items() if k.startswith("value")), None)
             if isinstance(value, str):
@@ -532,8 +673,12 @@ def consult_parameters(body: Any) -> dict[str, Any]:
 
 #: what a PUT of a referral Task may change, by the status it asks for (everything else the
 #: workflow writes itself: businessStatus, lastModified, the acceptance slip identifier)
-_MOVABLE = {"accepted": ("status", "output"), "rejected": ("status", "statusReason"),
-            "cancelled": ("status", "statusReason"), "on-hold": ("status", "statusReason")}
+_MOVABLE = {
+    "accepted": ("status", "output"),
+    "rejected": ("status", "statusReason"),
+    "cancelled": ("status", "statusReason"),
+    "on-hold": ("status", "statusReason"),
+}
 #: meta elements the server sets (a client sends back what it read)
 _SERVER_META = ("versionId", "lastUpdated", "source")
 
@@ -550,8 +695,11 @@ def refuse_unapplied(current: dict[str, Any], task: dict[str, Any]) -> None:
         a, b = current.get(key), task.get(key)
         if key == "meta":
             a = {k: v for k, v in (a or {}).items() if k not in _SERVER_META} or None
-            b = {k: v for k, v in (b or {}).items() if k not in _SERVER_META} \
-                if isinstance(b, dict) else b
+            b = (
+                {k: v for k, v in (b or {}).items() if k not in _SERVER_META}
+                if isinstance(b, dict)
+                else b
+            )
             b = b or None
         if a != b:
             changed.append(f"Task.{key}")
@@ -560,7 +708,9 @@ def refuse_unapplied(current: dict[str, Any], task: dict[str, Any]) -> None:
             f"a referral Task is moved by the workflow: this PUT may change "
             f"{', '.join('Task.' + m for m in movable) or 'nothing (same status)'}, and also "
             f"changes {', '.join(changed[:20])}, which the workflow does not apply; nothing "
-            f"was changed", elements=changed)
+            f"was changed",
+            elements=changed,
+        )
 
 
 def _instant(resource: dict[str, Any]) -> datetime | None:
@@ -598,21 +748,30 @@ def _history_params(request: Request) -> tuple[int, int | None, datetime | None]
 def _history_entry(base: str, row: Any) -> dict[str, Any]:
     """One version as a history entry: R4 needs ``request``; ``response`` tells the version."""
     first = row.version == 1
-    return {"fullUrl": f"{base}/{row.rtype}/{row.id}",
-            "resource": orjson.loads(row.body),
-            "request": {"method": "POST" if first else "PUT",
-                        "url": row.rtype if first else f"{row.rtype}/{row.id}"},
-            "response": {"status": "201 Created" if first else "200 OK",
-                         "etag": etag(row.version),
-                         "lastModified": row.at.isoformat(timespec="milliseconds")
-                         .replace("+00:00", "Z")}}
+    return {
+        "fullUrl": f"{base}/{row.rtype}/{row.id}",
+        "resource": orjson.loads(row.body),
+        "request": {
+            "method": "POST" if first else "PUT",
+            "url": row.rtype if first else f"{row.rtype}/{row.id}",
+        },
+        "response": {
+            "status": "201 Created" if first else "200 OK",
+            "etag": etag(row.version),
+            "lastModified": row.at.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        },
+    }
 
 
 def _patient_hashes(conn: Connection, rtype: str, rids: set[str]) -> dict[str, str | None]:
     if not rids:
         return {}
-    return {r.id: r.patient_hash for r in conn.execute(
-        select(T.c.id, T.c.patient_hash).where(T.c.rtype == rtype, T.c.id.in_(sorted(rids))))}
+    return {
+        r.id: r.patient_hash
+        for r in conn.execute(
+            select(T.c.id, T.c.patient_hash).where(T.c.rtype == rtype, T.c.id.in_(sorted(rids)))
+        )
+    }
 
 
 def checked(validate: Any, obj: dict[str, Any]) -> None:

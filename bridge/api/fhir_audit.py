@@ -40,13 +40,23 @@ _CODES = re.compile(r"[a-z][a-z\-]{0,30}(,[a-z][a-z\-]{0,30}){0,9}")
 _INCLUDE = re.compile(r"[A-Z][A-Za-z]{1,40}:[a-z][a-z\-]{0,40}(:[A-Z][A-Za-z]{1,40})?")
 _DATES = re.compile(r"([a-z]{2})?\d{4}(-\d\d(-\d\d(T[0-9:.]{5,15}(Z|[+\- ]\d\d:\d\d)?)?)?)?")
 _KEEP_VALUE: dict[str, re.Pattern[str]] = {
-    "_count": re.compile(r"\d{1,4}"), "_total": _CODES, "_format": re.compile(r"[a-z/+]{1,30}"),
-    "_include": _INCLUDE, "_revinclude": _INCLUDE, "status": _CODES, "gender": _CODES,
+    "_count": re.compile(r"\d{1,4}"),
+    "_total": _CODES,
+    "_format": re.compile(r"[a-z/+]{1,30}"),
+    "_include": _INCLUDE,
+    "_revinclude": _INCLUDE,
+    "status": _CODES,
+    "gender": _CODES,
     "_sort": re.compile(r"-?[_a-zA-Z][a-zA-Z\-]{0,30}(,-?[_a-zA-Z][a-zA-Z\-]{0,30}){0,9}"),
-    "_summary": _CODES, "_pretty": _CODES, "_totalMethod": _CODES,
+    "_summary": _CODES,
+    "_pretty": _CODES,
+    "_totalMethod": _CODES,
     "_elements": re.compile(r"[a-z][A-Za-z0-9]{0,63}(,[a-z][A-Za-z0-9]{0,63}){0,19}"),
-    "subtype": _CODES, "action": re.compile(r"[CRUDE]"), "outcome": re.compile(r"\d{1,2}"),
-    "_lastUpdated": _DATES, "date": _DATES,
+    "subtype": _CODES,
+    "action": re.compile(r"[CRUDE]"),
+    "outcome": re.compile(r"\d{1,2}"),
+    "_lastUpdated": _DATES,
+    "date": _DATES,
 }
 _REDACT = ("identifier",)
 #: what AuditEntry accepts as a patient hash (bridge.privacy output)
@@ -74,8 +84,9 @@ def _redact(name: str, value: str) -> str:
 
 
 def _mask(value: str) -> str:
-    return ",".join(f"{_system(v.partition('|')[0])}|***" if "|" in v else "***"
-                    for v in value.split(","))
+    return ",".join(
+        f"{_system(v.partition('|')[0])}|***" if "|" in v else "***" for v in value.split(",")
+    )
 
 
 def _system(system: str) -> str:
@@ -94,10 +105,18 @@ def _names(refs: Sequence[str]) -> str:
     return text
 
 
-def read_entries(role: str, query: str, seen: Iterable[tuple[str, str | None]],
-                 at: datetime, *, actor: str | None = None, actor_role: str | None = None,
-                 address: str | None = None, interaction: str | None = None,
-                 message: str = "FHIR API read") -> list[AuditEntry]:
+def read_entries(
+    role: str,
+    query: str,
+    seen: Iterable[tuple[str, str | None]],
+    at: datetime,
+    *,
+    actor: str | None = None,
+    actor_role: str | None = None,
+    address: str | None = None,
+    interaction: str | None = None,
+    message: str = "FHIR API read",
+) -> list[AuditEntry]:
     """One ``read`` entry per distinct patient hash among ``seen`` (``Type/id``, hash) pairs;
     an empty result still records who searched for what. ``actor`` names the person or client
     (default: the shared ``role:<role>``); ``query`` says what was asked or shown."""
@@ -111,12 +130,17 @@ def read_entries(role: str, query: str, seen: Iterable[tuple[str, str | None]],
     if not by_patient:
         by_patient[None] = []
     return [
-        AuditEntry(action="read", actor=actor or f"role:{role}", patient_hash=phash, at=at,
-                   actor_role=actor_role or role, address=address,
-                   interaction=interaction or ("search-type" if "?" in query else "read"),
-                   message=message, extra={
-                       "query": query, "resources": _names(refs) or None,
-                       "resource_count": len(refs)})
+        AuditEntry(
+            action="read",
+            actor=actor or f"role:{role}",
+            patient_hash=phash,
+            at=at,
+            actor_role=actor_role or role,
+            address=address,
+            interaction=interaction or ("search-type" if "?" in query else "read"),
+            message=message,
+            extra={"query": query, "resources": _names(refs) or None, "resource_count": len(refs)},
+        )
         for phash, refs in by_patient.items()
     ]
 
@@ -137,32 +161,33 @@ def read_audit_event(conn: Connection, rid: str) -> dict[str, Any]:
 
     if not (rid.isascii() and rid.isdigit()) or len(rid) > 18:
         raise NotFound("no such AuditEvent here (ids are sequence numbers)")
-    row = conn.execute(select(AUDIT.c.seq, AUDIT.c.resource).where(AUDIT.c.seq == int(rid))
-                       ).first()
+    row = conn.execute(select(AUDIT.c.seq, AUDIT.c.resource).where(AUDIT.c.seq == int(rid))).first()
     if row is None:
         raise NotFound("no such AuditEvent here")
     return audit_event(row.seq, row.resource)
 
 
-def search_audit(conn: Connection, q: Query) -> tuple[list[dict[str, Any]], int | None,
-                                                        str | None]:
+def search_audit(conn: Connection, q: Query) -> tuple[list[dict[str, Any]], int | None, str | None]:
     """(page of AuditEvents newest first, total or None, next cursor or None)."""
     where = list(q.where)
     page_where = list(where)
     if q.cursor is not None:
-        if not isinstance(q.cursor, int) or isinstance(q.cursor, bool) \
-                or not 0 < q.cursor < 2**63:
+        if not isinstance(q.cursor, int) or isinstance(q.cursor, bool) or not 0 < q.cursor < 2**63:
             raise BadRequest("_cursor is not one this server gave out")
         page_where.append(AUDIT.c.seq < q.cursor)
     rows = conn.execute(
-        select(AUDIT.c.seq, AUDIT.c.resource).where(and_(True, *page_where))
-        .order_by(AUDIT.c.seq.desc()).limit(q.count + 1)
+        select(AUDIT.c.seq, AUDIT.c.resource)
+        .where(and_(True, *page_where))
+        .order_by(AUDIT.c.seq.desc())
+        .limit(q.count + 1)
     ).all()
     more = len(rows) > q.count
     rows = rows[: q.count]
     total = None
     if q.total:
-        total = conn.execute(select(func.count()).select_from(AUDIT).where(and_(True, *where))
-                             ).scalar() or 0
+        total = (
+            conn.execute(select(func.count()).select_from(AUDIT).where(and_(True, *where))).scalar()
+            or 0
+        )
     nxt = encode_cursor(rows[-1].seq) if more and rows else None
     return [audit_event(r.seq, r.resource) for r in rows], total, nxt

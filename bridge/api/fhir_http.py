@@ -33,8 +33,9 @@ from bridge.api.outcome import (
 )
 
 #: media types the API reads and writes (the FHIR R4 JSON names, old and new, and plain JSON)
-JSON_TYPES = frozenset({"application/fhir+json", "application/json", "application/json+fhir",
-                        "text/json"})
+JSON_TYPES = frozenset(
+    {"application/fhir+json", "application/json", "application/json+fhir", "text/json"}
+)
 #: ``_format`` values meaning JSON (R4 http.html#mime-type: json, or a JSON MIME type)
 JSON_FORMATS = JSON_TYPES | {"json"}
 #: besides JSON, a POST may send a form (``POST [type]/_search``)
@@ -111,22 +112,26 @@ class FhirHttp:
     def _problem(scope: dict[str, Any]) -> BadRequest | None:
         headers = {k.lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
         if not acceptable(headers.get(b"accept", "")):
-            return NotAcceptable("this API serves FHIR R4 JSON only (application/fhir+json; "
-                                 "fhirVersion=4.0): the Accept header admits none of it")
+            return NotAcceptable(
+                "this API serves FHIR R4 JSON only (application/fhir+json; "
+                "fhirVersion=4.0): the Accept header admits none of it"
+            )
         query = scope.get("query_string", b"").decode("latin-1")
         if "_format=" in query:
             from urllib.parse import parse_qsl
 
             for k, v in parse_qsl(query, keep_blank_values=True):
                 if k == "_format" and not format_ok(v):
-                    return NotAcceptable("_format: this API serves FHIR R4 JSON only "
-                                         "(json, application/fhir+json)")
+                    return NotAcceptable(
+                        "_format: this API serves FHIR R4 JSON only (json, application/fhir+json)"
+                    )
         ctype = headers.get(b"content-type")
         if ctype and scope["method"] in ("POST", "PUT", "PATCH"):
             kind, params = _media(ctype)
             if not ((kind in JSON_TYPES and _r4(params)) or kind == FORM):
-                return UnsupportedMediaType("the body must be FHIR R4 JSON "
-                                            "(Content-Type: application/fhir+json)")
+                return UnsupportedMediaType(
+                    "the body must be FHIR R4 JSON (Content-Type: application/fhir+json)"
+                )
         return None
 
 
@@ -188,7 +193,7 @@ def if_match(value: str | None) -> int | None:
         return None
     tags = _tags(value)
     if len(tags) != 1 or not tags[0].isdigit():
-        raise BadRequest("If-Match must name one version, as W/\"<versionId>\"")
+        raise BadRequest('If-Match must name one version, as W/"<versionId>"')
     return int(tags[0])
 
 
@@ -201,27 +206,44 @@ def prefer_return(request: Request) -> str:
     for part in request.headers.get("prefer", "").split(","):
         for item in part.split(";"):
             k, _, v = item.strip().partition("=")
-            if k.strip() == "return" and v.strip().strip('"') in ("minimal", "OperationOutcome",
-                                                                   "representation"):
+            if k.strip() == "return" and v.strip().strip('"') in (
+                "minimal",
+                "OperationOutcome",
+                "representation",
+            ):
                 return v.strip().strip('"')
     return "representation"
 
 
-def written(request: Request, resource: dict[str, Any], base: str, status: int,
-            at: datetime | None, what: str) -> Response:
+def written(
+    request: Request,
+    resource: dict[str, Any],
+    base: str,
+    status: int,
+    at: datetime | None,
+    what: str,
+) -> Response:
     """The answer to a write: headers with the new version (ETag, Last-Modified, Location) and
     the body ``Prefer: return=`` asks for."""
     meta = resource.get("meta") or {}
     version = meta.get("versionId")
     headers = version_headers(version, at) if version else {}
     if version:
-        headers["Location"] = (f"{base}/{resource['resourceType']}/{resource['id']}"
-                               f"/_history/{version}")
+        headers["Location"] = (
+            f"{base}/{resource['resourceType']}/{resource['id']}/_history/{version}"
+        )
     kind = prefer_return(request)
     if kind == "minimal":
         return Response(status_code=status, headers=headers)
     if kind == "OperationOutcome":
-        return fhir_json({"resourceType": "OperationOutcome", "issue": [{
-            "severity": "information", "code": "informational", "diagnostics": what}]},
-            status, headers)
+        return fhir_json(
+            {
+                "resourceType": "OperationOutcome",
+                "issue": [
+                    {"severity": "information", "code": "informational", "diagnostics": what}
+                ],
+            },
+            status,
+            headers,
+        )
     return fhir_json(resource, status, headers)

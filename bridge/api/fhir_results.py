@@ -26,8 +26,10 @@ from bridge.fhirstore import store
 from bridge.fhirstore.tables import FHIR_RESOURCE as T
 from bridge.fhirstore.tables import FHIR_TOKEN as TOK
 
-SUBSETTED = {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
-             "code": "SUBSETTED"}
+SUBSETTED = {
+    "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
+    "code": "SUBSETTED",
+}
 _ALWAYS = ("resourceType", "id", "meta")
 
 
@@ -49,9 +51,13 @@ def sort_order(q: Query) -> list[Any]:
             expr = T.c.id
         else:
             p = _param(q.rtype, key)
-            expr = (T.c.status if p.column == "status" else
-                    store.date_key(q.rtype, key) if p.column == "@period" else
-                    store.string_key(q.rtype, key))
+            expr = (
+                T.c.status
+                if p.column == "status"
+                else store.date_key(q.rtype, key)
+                if p.column == "@period"
+                else store.string_key(q.rtype, key)
+            )
             out.append(expr.is_(None))
         out.append(expr.desc() if desc else expr.asc())
     if not any(k == "_id" for k, _ in q.sort):
@@ -79,17 +85,20 @@ def included(conn: Connection, q: Query, rows: list[Any]) -> tuple[list[Any], li
         for r in rows:
             for ref in _references(r, p):
                 rtype, _, rid = ref.partition("/")
-                if rtype in SEARCH_PARAMS and rid and "/" not in rid \
-                        and (rtype, rid) not in seen:
+                if rtype in SEARCH_PARAMS and rid and "/" not in rid and (rtype, rid) not in seen:
                     seen.add((rtype, rid))
                     wanted.setdefault(rtype, []).append(rid)
     out: list[Any] = []
     for rtype, ids in wanted.items():
-        found = {r.id: r for r in conn.execute(select(T).where(T.c.rtype == rtype,
-                                                               T.c.id.in_(ids)))}
+        found = {
+            r.id: r for r in conn.execute(select(T).where(T.c.rtype == rtype, T.c.id.in_(ids)))
+        }
         out += [found[i] for i in ids if i in found]
-    warnings = [f"_include added the first {MAX_INCLUDED} resources only"] \
-        if len(out) > MAX_INCLUDED else []
+    warnings = (
+        [f"_include added the first {MAX_INCLUDED} resources only"]
+        if len(out) > MAX_INCLUDED
+        else []
+    )
     return out[:MAX_INCLUDED], warnings
 
 
@@ -99,16 +108,22 @@ def revinclude_query(spec: str, targets: list[str]) -> Any:
     src, _, name = spec.partition(":")
     p = _param(src, name)
     if p.column == "@ref":
-        ids = select(TOK.c.rtype, TOK.c.id).where(TOK.c.rtype == src, TOK.c.param == name,
-                                                  TOK.c.value.in_(targets))
+        ids = select(TOK.c.rtype, TOK.c.id).where(
+            TOK.c.rtype == src, TOK.c.param == name, TOK.c.value.in_(targets)
+        )
     else:
         # through the patient index: with the page order asked of the same table, SQLite
         # would walk every row of the type in that order instead
         by_ref = T.alias("by_ref")
-        ids = select(by_ref.c.rtype, by_ref.c.id).where(by_ref.c.rtype == src,
-                                                         by_ref.c[p.column].in_(targets))
-    return select(T).where(tuple_(T.c.rtype, T.c.id).in_(ids)).order_by(
-        T.c.last_updated.desc(), T.c.id).limit(MAX_INCLUDED + 1)
+        ids = select(by_ref.c.rtype, by_ref.c.id).where(
+            by_ref.c.rtype == src, by_ref.c[p.column].in_(targets)
+        )
+    return (
+        select(T)
+        .where(tuple_(T.c.rtype, T.c.id).in_(ids))
+        .order_by(T.c.last_updated.desc(), T.c.id)
+        .limit(MAX_INCLUDED + 1)
+    )
 
 
 def revincluded(conn: Connection, q: Query, rows: list[Any]) -> tuple[list[Any], list[str]]:
@@ -136,23 +151,29 @@ def _model_fields(rtype: str) -> dict[str, dict[str, Any]]:
     """The R4B model's elements of a type: JSON name -> its R4 flags."""
     module = importlib.import_module(f"fhir.resources.R4B.{rtype.lower()}")
     model = getattr(module, rtype)
-    return {(f.alias or name): {**f.json_schema_extra, "_required": f.is_required()}
-            for name, f in model.model_fields.items() if isinstance(f.json_schema_extra, dict)}
+    return {
+        (f.alias or name): {**f.json_schema_extra, "_required": f.is_required()}
+        for name, f in model.model_fields.items()
+        if isinstance(f.json_schema_extra, dict)
+    }
 
 
 @cache
 def summary_elements(rtype: str) -> frozenset[str]:
     """The elements R4 marks as summary (``isSummary``) for a type."""
-    return frozenset(n for n, f in _model_fields(rtype).items()
-                     if f.get("summary_element_property"))
+    return frozenset(
+        n for n, f in _model_fields(rtype).items() if f.get("summary_element_property")
+    )
 
 
 @cache
 def required_elements(rtype: str) -> frozenset[str]:
     """The elements R4 requires of a type (min 1, a required choice's every form)."""
-    return frozenset(n for n, f in _model_fields(rtype).items()
-                     if f["_required"] or f.get("element_required")
-                     or f.get("one_of_many_required"))
+    return frozenset(
+        n
+        for n, f in _model_fields(rtype).items()
+        if f["_required"] or f.get("element_required") or f.get("one_of_many_required")
+    )
 
 
 def subset(resource: dict[str, Any], q: Query) -> dict[str, Any]:

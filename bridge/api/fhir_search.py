@@ -55,83 +55,205 @@ class Param:
 
 
 _ID = Param("_id", "token", "id", "Logical id; comma-separated ids = OR")
-_UPDATED = Param("_lastUpdated", "date", "last_updated", "meta.lastUpdated, with prefixes "
-                 "eq ne gt ge lt le sa eb; repeat for a range")
+_UPDATED = Param(
+    "_lastUpdated",
+    "date",
+    "last_updated",
+    "meta.lastUpdated, with prefixes eq ne gt ge lt le sa eb; repeat for a range",
+)
 _IDENT = Param("identifier", "token", "identifiers", "Business identifier: system|value or value")
 _STATUS = Param("status", "token", "status", "Status code; comma-separated codes = OR")
-_PATIENT = Param("patient", "reference", "patient", "The patient: Patient/id or id", "Patient",
-                 "Patient")
-_SUBJECT = Param("subject", "reference", "patient", "The subject (Task: for): Type/id or id; "
-                 "chains search the Patient", chain="Patient")
+_PATIENT = Param(
+    "patient", "reference", "patient", "The patient: Patient/id or id", "Patient", "Patient"
+)
+_SUBJECT = Param(
+    "subject",
+    "reference",
+    "patient",
+    "The subject (Task: for): Type/id or id; chains search the Patient",
+    chain="Patient",
+)
 _REQUESTER = Param("requester", "reference", "requester", "Who asked: Type/id or id")
 _AUTHOR = Param("author", "reference", "requester", "Who wrote it: Type/id or id")
 _PERFORMER = Param("performer", "reference", "performer", "Who performs: Type/id or id")
 
 
-_ENCOUNTER = Param("encounter", "reference", "@ref", "The encounter: Encounter/id or id",
-                   "Encounter", "Encounter")
-_BASED_ON = Param("based-on", "reference", "@ref", "The order it fulfils: ServiceRequest/id "
-                  "or id", "ServiceRequest", "ServiceRequest")
+_ENCOUNTER = Param(
+    "encounter", "reference", "@ref", "The encounter: Encounter/id or id", "Encounter", "Encounter"
+)
+_BASED_ON = Param(
+    "based-on",
+    "reference",
+    "@ref",
+    "The order it fulfils: ServiceRequest/id or id",
+    "ServiceRequest",
+    "ServiceRequest",
+)
 _CODE = Param("code", "token", "@token", "The code (any coding): system|code or code")
 _CATEGORY = Param("category", "token", "@token", "The category (any coding): system|code or code")
-_EFFECTIVE = Param("date", "date", "@period", "The effective time (dateTime or Period) against "
-                   "the value, with prefixes; repeat for a range")
+_EFFECTIVE = Param(
+    "date",
+    "date",
+    "@period",
+    "The effective time (dateTime or Period) against the value, with prefixes; repeat for a range",
+)
 
 
 def _types(*params: Param) -> tuple[Param, ...]:
     return (_ID, _UPDATED, *params)
 
 
-_CLINICAL = (_PATIENT, _SUBJECT, _STATUS, _PERFORMER, _IDENT, _CODE, _CATEGORY, _EFFECTIVE,
-             _ENCOUNTER, _BASED_ON)
+_CLINICAL = (
+    _PATIENT,
+    _SUBJECT,
+    _STATUS,
+    _PERFORMER,
+    _IDENT,
+    _CODE,
+    _CATEGORY,
+    _EFFECTIVE,
+    _ENCOUNTER,
+    _BASED_ON,
+)
 
 
 #: search parameters per resource type (AuditEvent: see AUDIT_PARAMS)
 SEARCH_PARAMS: dict[str, tuple[Param, ...]] = {
-    "ServiceRequest": _types(_PATIENT, _SUBJECT, _STATUS, _REQUESTER, _PERFORMER, _IDENT,
-                             _ENCOUNTER, _CODE, _CATEGORY,
-                             Param("authored", "date", "@period", "When it was asked "
-                                   "(authoredOn), with prefixes; repeat for a range"),
-                             Param("expert", "reference", "@ref", "Any performer, e.g. a "
-                                   "consultation's expert: PractitionerRole/id",
-                                   "PractitionerRole")),
-    "Task": _types(_PATIENT, _SUBJECT, _STATUS, _REQUESTER, _IDENT,
-                   Param("business-status", "token", "@token", "The alliance's step "
-                         "(businessStatus): system|code or code"),
-                   Param("owner", "reference", "owner", "Receiving member: Type/id or id"),
-                   Param("focus", "reference", "@ref", "What the task is about (the referral): "
-                         "ServiceRequest/id or id", "ServiceRequest", "ServiceRequest")),
-    "Encounter": _types(_PATIENT, _SUBJECT, _STATUS, _IDENT,
-                        Param("service-provider", "reference", "performer",
-                              "Organization providing the encounter", "Organization"),
-                        Param("date", "date", "@period", "The period overlaps (ge gt le lt), "
-                              "lies within (eq) or lies after/before (sa/eb) the value"),
-                        Param("class", "token", "@token", "Encounter.class code (v3 ActCode: "
-                              "IMP AMB EMER ...), system|code or code")),
-    "DiagnosticReport": _types(*_CLINICAL, Param(
-        "result", "reference", "@ref", "A result it reports: Observation/id or id",
-        "Observation", "Observation")),
+    "ServiceRequest": _types(
+        _PATIENT,
+        _SUBJECT,
+        _STATUS,
+        _REQUESTER,
+        _PERFORMER,
+        _IDENT,
+        _ENCOUNTER,
+        _CODE,
+        _CATEGORY,
+        Param(
+            "authored",
+            "date",
+            "@period",
+            "When it was asked (authoredOn), with prefixes; repeat for a range",
+        ),
+        Param(
+            "expert",
+            "reference",
+            "@ref",
+            "Any performer, e.g. a consultation's expert: PractitionerRole/id",
+            "PractitionerRole",
+        ),
+    ),
+    "Task": _types(
+        _PATIENT,
+        _SUBJECT,
+        _STATUS,
+        _REQUESTER,
+        _IDENT,
+        Param(
+            "business-status",
+            "token",
+            "@token",
+            "The alliance's step (businessStatus): system|code or code",
+        ),
+        Param("owner", "reference", "owner", "Receiving member: Type/id or id"),
+        Param(
+            "focus",
+            "reference",
+            "@ref",
+            "What the task is about (the referral): ServiceRequest/id or id",
+            "ServiceRequest",
+            "ServiceRequest",
+        ),
+    ),
+    "Encounter": _types(
+        _PATIENT,
+        _SUBJECT,
+        _STATUS,
+        _IDENT,
+        Param(
+            "service-provider",
+            "reference",
+            "performer",
+            "Organization providing the encounter",
+            "Organization",
+        ),
+        Param(
+            "date",
+            "date",
+            "@period",
+            "The period overlaps (ge gt le lt), "
+            "lies within (eq) or lies after/before (sa/eb) the value",
+        ),
+        Param(
+            "class",
+            "token",
+            "@token",
+            "Encounter.class code (v3 ActCode: IMP AMB EMER ...), system|code or code",
+        ),
+    ),
+    "DiagnosticReport": _types(
+        *_CLINICAL,
+        Param(
+            "result",
+            "reference",
+            "@ref",
+            "A result it reports: Observation/id or id",
+            "Observation",
+            "Observation",
+        ),
+    ),
     "Observation": _types(*_CLINICAL),
-    "ImagingStudy": _types(_PATIENT, _SUBJECT, _STATUS, _IDENT, _ENCOUNTER, Param(
-        "basedon", "reference", "@ref", "The order it fulfils: ServiceRequest/id or id",
-        "ServiceRequest", "ServiceRequest")),
-    "Patient": _types(_IDENT,
-                      Param("name", "string", "@string", "Any part of a name (text, family, "
-                            "given, prefix, suffix) starts with the value"),
-                      Param("family", "string", "@string", "The family name starts with"),
-                      Param("given", "string", "@string", "A given name starts with"),
-                      Param("birthdate", "date", "@period", "The date of birth, with prefixes"),
-                      Param("gender", "token", "@token", "male | female | other | unknown")),
+    "ImagingStudy": _types(
+        _PATIENT,
+        _SUBJECT,
+        _STATUS,
+        _IDENT,
+        _ENCOUNTER,
+        Param(
+            "basedon",
+            "reference",
+            "@ref",
+            "The order it fulfils: ServiceRequest/id or id",
+            "ServiceRequest",
+            "ServiceRequest",
+        ),
+    ),
+    "Patient": _types(
+        _IDENT,
+        Param(
+            "name",
+            "string",
+            "@string",
+            "Any part of a name (text, family, given, prefix, suffix) starts with the value",
+        ),
+        Param("family", "string", "@string", "The family name starts with"),
+        Param("given", "string", "@string", "A given name starts with"),
+        Param("birthdate", "date", "@period", "The date of birth, with prefixes"),
+        Param("gender", "token", "@token", "male | female | other | unknown"),
+    ),
     "Consent": _types(_PATIENT, _STATUS, _IDENT),
     "Composition": _types(_PATIENT, _SUBJECT, _STATUS, _AUTHOR, _IDENT),
     "DocumentReference": _types(_PATIENT, _SUBJECT, _STATUS, _AUTHOR, _IDENT),
     "MedicationRequest": _types(_PATIENT, _SUBJECT, _STATUS, _REQUESTER, _IDENT),
-    "Coverage": _types(_PATIENT, _STATUS, _IDENT,
-                       Param("beneficiary", "reference", "patient", "Covered party", "Patient")),
-    "Appointment": _types(_STATUS, _IDENT,
-                          Param("date", "date", "@period", "The start, with prefixes"),
-                          Param("based-on", "reference", "@ref", "The order it serves: "
-                                "ServiceRequest/id or id", "ServiceRequest", "ServiceRequest")),
+    "Coverage": _types(
+        _PATIENT,
+        _STATUS,
+        _IDENT,
+        Param("beneficiary", "reference", "patient", "Covered party", "Patient"),
+    ),
+    "Appointment": _types(
+        _STATUS,
+        _IDENT,
+        Param("date", "date", "@period", "The start, with prefixes"),
+        Param(
+            "based-on",
+            "reference",
+            "@ref",
+            "The order it serves: ServiceRequest/id or id",
+            "ServiceRequest",
+            "ServiceRequest",
+        ),
+    ),
     "CarePlan": _types(_PATIENT, _SUBJECT, _STATUS, _IDENT),
     "Condition": _types(_PATIENT, _SUBJECT, _IDENT, _CODE),
     "PractitionerRole": _types(_IDENT),
@@ -143,12 +265,21 @@ SEARCH_PARAMS: dict[str, tuple[Param, ...]] = {
 AUDIT_PARAMS: tuple[Param, ...] = (
     Param("_id", "token", "seq", "The audit record's sequence number in this node's chain"),
     Param("date", "date", "at", "When recorded, with prefixes; repeat for a range"),
-    Param("subtype", "token", "action", "Hutong action (http://hutong.dev/CodeSystem/"
-          "audit-action): queued, sent, received, read, ..."),
+    Param(
+        "subtype",
+        "token",
+        "action",
+        "Hutong action (http://hutong.dev/CodeSystem/"
+        "audit-action): queued, sent, received, read, ...",
+    ),
     Param("action", "token", "action", "FHIR action code C, R, U, D or E"),
     Param("outcome", "token", "outcome", "0 success, 4 minor, 8 serious, 12 major failure"),
-    Param("entity-identifier", "token", "patient_hash", "urn:hutong:patient-hash|<hash>, "
-          "urn:hutong:packet|<packet id>, or a bare patient hash"),
+    Param(
+        "entity-identifier",
+        "token",
+        "patient_hash",
+        "urn:hutong:patient-hash|<hash>, urn:hutong:packet|<packet id>, or a bare patient hash",
+    ),
     Param("patient-hash", "token", "patient_hash", "The keyed patient hash (Hutong extension)"),
 )
 
@@ -157,14 +288,14 @@ RESULT_PARAMS = {
     "_count": "Page size, default 20, at most 200 (0 = total only)",
     "_cursor": "Opaque page position; use the Bundle's next link",
     "_total": "none | estimate (default: exact up to 1,000 matches, above that a count at "
-              "most 60 s old) | accurate (counted at each request)",
+    "most 60 s old) | accurate (counted at each request)",
     "_totalMethod": "count | estimate | none: the same as _total accurate | estimate | none "
-                    "(what fhirpy's count() sends)",
+    "(what fhirpy's count() sends)",
     "_sort": "Comma-separated keys, - for descending: _lastUpdated, _id, and the type's status, "
-             "date and string parameters (default -_lastUpdated)",
+    "date and string parameters (default -_lastUpdated)",
     "_summary": "true (summary elements) | text | data | count (total only) | false",
     "_elements": "Comma-separated top-level elements to return (id, meta and the required "
-                 "elements are kept)",
+    "elements are kept)",
     "_pretty": "true: indented JSON",
     "_format": "json, application/json or application/fhir+json (JSON is the only format)",
 }
@@ -174,25 +305,47 @@ AUDIT_RESULT_PARAMS = ("_count", "_cursor", "_total", "_totalMethod", "_pretty",
 INCLUDES: dict[str, tuple[str, ...]] = {
     "Task": ("Task:focus", "Task:patient"),
     "ServiceRequest": ("ServiceRequest:patient", "ServiceRequest:encounter"),
-    "DiagnosticReport": ("DiagnosticReport:patient", "DiagnosticReport:encounter",
-                         "DiagnosticReport:based-on", "DiagnosticReport:result"),
+    "DiagnosticReport": (
+        "DiagnosticReport:patient",
+        "DiagnosticReport:encounter",
+        "DiagnosticReport:based-on",
+        "DiagnosticReport:result",
+    ),
     "Observation": ("Observation:patient", "Observation:encounter", "Observation:based-on"),
     "Encounter": ("Encounter:patient",),
     "ImagingStudy": ("ImagingStudy:patient", "ImagingStudy:basedon", "ImagingStudy:encounter"),
 }
 #: ``_revinclude`` values per searched type: resources whose reference points at a match
 REVINCLUDES: dict[str, tuple[str, ...]] = {
-    "ServiceRequest": ("Task:focus", "DiagnosticReport:based-on", "Observation:based-on",
-                       "ImagingStudy:basedon"),
-    "Encounter": ("Observation:encounter", "DiagnosticReport:encounter",
-                  "ImagingStudy:encounter", "ServiceRequest:encounter"),
+    "ServiceRequest": (
+        "Task:focus",
+        "DiagnosticReport:based-on",
+        "Observation:based-on",
+        "ImagingStudy:basedon",
+    ),
+    "Encounter": (
+        "Observation:encounter",
+        "DiagnosticReport:encounter",
+        "ImagingStudy:encounter",
+        "ServiceRequest:encounter",
+    ),
     "Observation": ("DiagnosticReport:result",),
-    "Patient": ("Encounter:patient", "Observation:patient", "DiagnosticReport:patient",
-                "ServiceRequest:patient", "Task:patient", "ImagingStudy:patient"),
+    "Patient": (
+        "Encounter:patient",
+        "Observation:patient",
+        "DiagnosticReport:patient",
+        "ServiceRequest:patient",
+        "Task:patient",
+        "ImagingStudy:patient",
+    ),
 }
 #: modifiers per parameter type (``identifier`` and ``Type`` on references: see ``_chain``)
-MODIFIERS = {"token": ("missing", "not"), "string": ("missing", "exact", "contains"),
-             "date": ("missing",), "reference": ("missing", "identifier")}
+MODIFIERS = {
+    "token": ("missing", "not"),
+    "string": ("missing", "exact", "contains"),
+    "date": ("missing",),
+    "reference": ("missing", "identifier"),
+}
 #: the R4 code system of each type's ``status`` (``status=system|code``)
 STATUS_SYSTEMS = {
     "ServiceRequest": "http://hl7.org/fhir/request-status",
@@ -219,7 +372,8 @@ _TYPE_RE = re.compile(r"[A-Z][A-Za-z]{1,63}")
 _ELEMENT_RE = re.compile(r"[a-z][A-Za-z0-9]{0,63}")
 _DATE_RE = re.compile(
     r"(?P<y>\d{4})(?:-(?P<m>\d{2})(?:-(?P<d>\d{2})(?:T(?P<H>\d{2}):(?P<M>\d{2})"
-    r"(?::(?P<S>\d{2})(?:\.(?P<f>\d{1,6}))?)?(?P<tz>Z|[+-]\d{2}:\d{2}))?)?)?")
+    r"(?::(?P<S>\d{2})(?:\.(?P<f>\d{1,6}))?)?(?P<tz>Z|[+-]\d{2}:\d{2}))?)?)?"
+)
 _PREFIXES = ("eq", "ne", "gt", "ge", "lt", "le", "sa", "eb")
 
 
@@ -256,8 +410,7 @@ class Query:
     @property
     def default_order(self) -> bool:
         """Newest first (the page-order indexes; keyset paging)."""
-        return self.sort in ([], [("_lastUpdated", True)], [("_lastUpdated", True),
-                                                             ("_id", False)])
+        return self.sort in ([], [("_lastUpdated", True)], [("_lastUpdated", True), ("_id", False)])
 
 
 def params_for(rtype: str) -> tuple[Param, ...]:
@@ -266,8 +419,15 @@ def params_for(rtype: str) -> tuple[Param, ...]:
 
 def sort_keys(rtype: str) -> tuple[str, ...]:
     """What ``_sort`` accepts for a type: _lastUpdated, _id and its status/date/string params."""
-    return ("_lastUpdated", "_id", *(p.name for p in SEARCH_PARAMS.get(rtype, ())
-                                     if p.column in ("status", "@period", "@string")))
+    return (
+        "_lastUpdated",
+        "_id",
+        *(
+            p.name
+            for p in SEARCH_PARAMS.get(rtype, ())
+            if p.column in ("status", "@period", "@string")
+        ),
+    )
 
 
 class _Unknown(Exception):
@@ -301,8 +461,14 @@ def combine(conds: list[Cond]) -> tuple[list[Any], bool]:
     return [best.lookup, *(c.probe for c in conds if c is not best)], True
 
 
-def parse_query(rtype: str, items: list[tuple[str, str]], table: Table, *,
-                lenient: bool = False, base: str | None = None) -> Query:
+def parse_query(
+    rtype: str,
+    items: list[tuple[str, str]],
+    table: Table,
+    *,
+    lenient: bool = False,
+    base: str | None = None,
+) -> Query:
     """Check every (name, value) of the query string; build SQL conditions on ``table``.
     ``base``: this server's /fhir URL (a reference may be given as an absolute URL under it)."""
     known = {p.name: p for p in params_for(rtype)}
@@ -324,8 +490,10 @@ def parse_query(rtype: str, items: list[tuple[str, str]], table: Table, *,
                     q.ignored.append(name)  # the name only: values never go to the audit
                     continue
                 listed = ", ".join(allowed) if allowed else "none"
-                raise BadRequest(f"{name}: not one this server follows on {rtype} "
-                                 f"(supported: {listed})", issue="not-supported")
+                raise BadRequest(
+                    f"{name}: not one this server follows on {rtype} (supported: {listed})",
+                    issue="not-supported",
+                )
             (q.include if name == "_include" else q.revinclude).append(chosen)
             q.include_focus = q.include_focus or chosen == "Task:focus"
         elif rtype == "AuditEvent":
@@ -348,11 +516,17 @@ def parse_query(rtype: str, items: list[tuple[str, str]], table: Table, *,
         q.where, q.by_token = combine(conds)
     if unknown and not lenient:
         results = AUDIT_RESULT_PARAMS if rtype == "AuditEvent" else RESULT_PARAMS
-        supported = ", ".join(sorted(known) + sorted(results)
-                              + (["_include"] if rtype in INCLUDES else [])
-                              + (["_revinclude"] if rtype in REVINCLUDES else []))
-        raise BadRequest(f"unknown search parameter(s) for {rtype}: {', '.join(unknown)} "
-                         f"(supported: {supported})", issue="not-supported")
+        supported = ", ".join(
+            sorted(known)
+            + sorted(results)
+            + (["_include"] if rtype in INCLUDES else [])
+            + (["_revinclude"] if rtype in REVINCLUDES else [])
+        )
+        raise BadRequest(
+            f"unknown search parameter(s) for {rtype}: {', '.join(unknown)} "
+            f"(supported: {supported})",
+            issue="not-supported",
+        )
     q.ignored.extend(unknown)
     if q.summary == "count":
         q.count, q.total = 0, True
@@ -374,8 +548,7 @@ def _param_of(rtype: str, name: str) -> Param | None:
     return next((p for p in SEARCH_PARAMS.get(rtype, ()) if p.name == name), None)
 
 
-def _search_param(rtype: str, name: str, value: str, table: Any,
-                  base: str | None) -> Cond | None:
+def _search_param(rtype: str, name: str, value: str, table: Any, base: str | None) -> Cond | None:
     """The condition of one (name, value) on a clinical type (None: an empty value, which
     FHIR ignores); raises _Unknown for names it does not serve."""
     head, dot, tail = name.partition(".")
@@ -392,8 +565,9 @@ def _search_param(rtype: str, name: str, value: str, table: Any,
             raise _Unknown
         p = Param(p.name, p.type, p.column, p.doc, modifier, modifier)
         modifier = ""
-    if modifier and (modifier not in MODIFIERS.get(p.type, ()) or p.name in ("_id",
-                                                                             "_lastUpdated")):
+    if modifier and (
+        modifier not in MODIFIERS.get(p.type, ()) or p.name in ("_id", "_lastUpdated")
+    ):
         raise _Unknown
     if value == "":
         return None  # FHIR: an empty parameter value is ignored
@@ -427,8 +601,9 @@ def chain_target(p: Param, modifier: str) -> str | None:
     return p.chain
 
 
-def _chain(rtype: str, p: Param, modifier: str, inner_name: str, value: str, table: Any,
-           base: str | None) -> Cond | None:
+def _chain(
+    rtype: str, p: Param, modifier: str, inner_name: str, value: str, table: Any, base: str | None
+) -> Cond | None:
     """``ref[:Type].param=value``: the reference is one of the ``Type`` resources the inner
     search finds (one level; the inner parameter may carry its own modifier)."""
     target = chain_target(p, modifier) if p.type == "reference" else None
@@ -440,22 +615,31 @@ def _chain(rtype: str, p: Param, modifier: str, inner_name: str, value: str, tab
         return None
     where, typed = combine([inner])
     refs = select(literal(f"{target}/") + alias.c.id).where(
-        *([] if typed else [alias.c.rtype == target]), *where)
+        *([] if typed else [alias.c.rtype == target]), *where
+    )
     # a chain drives when its inner search is narrow (an identifier, a name, ids)
     rank = RANK_PATIENT if inner.rank < RANK_DAY else NEVER
     if p.column == "@ref":
-        return Cond(store.ref_match(rtype, p.name, refs, table, lookup=False),
-                    store.ref_match(rtype, p.name, refs, table), rank)
+        return Cond(
+            store.ref_match(rtype, p.name, refs, table, lookup=False),
+            store.ref_match(rtype, p.name, refs, table),
+            rank,
+        )
     probe = table.c[p.column].in_(refs)
     if p.column != "patient":
         return Cond(probe)
     # the lookup reads the patient index for the references found (a page walk in page
     # order would test every row of the type against them)
     by_patient = FHIR_RESOURCE.alias("by_patient")
-    return Cond(probe, tuple_(table.c.rtype, table.c.id).in_(
-        select(by_patient.c.rtype, by_patient.c.id).where(by_patient.c.rtype == rtype,
-                                                          by_patient.c.patient.in_(refs))),
-        rank)
+    return Cond(
+        probe,
+        tuple_(table.c.rtype, table.c.id).in_(
+            select(by_patient.c.rtype, by_patient.c.id).where(
+                by_patient.c.rtype == rtype, by_patient.c.patient.in_(refs)
+            )
+        ),
+        rank,
+    )
 
 
 def _result_param(q: Query, name: str, value: str) -> None:
@@ -479,10 +663,11 @@ def _result_param(q: Query, name: str, value: str) -> None:
     elif name == "_sort":
         allowed = sort_keys(q.rtype)
         keys = [k.strip() for k in value.split(",") if k.strip()]
-        if q.rtype == "AuditEvent" or not keys or any(k.lstrip("-") not in allowed
-                                                      for k in keys):
-            raise BadRequest(f"_sort: each key is one of {', '.join(allowed)}, - for "
-                             "descending", issue="not-supported")
+        if q.rtype == "AuditEvent" or not keys or any(k.lstrip("-") not in allowed for k in keys):
+            raise BadRequest(
+                f"_sort: each key is one of {', '.join(allowed)}, - for descending",
+                issue="not-supported",
+            )
         q.sort = [(k.lstrip("-"), k.startswith("-")) for k in keys]
     elif name == "_summary":
         if value not in SUMMARY_MODES:
@@ -499,14 +684,16 @@ def _result_param(q: Query, name: str, value: str) -> None:
         q.pretty = value == "true"
 
 
-def condition(p: Param, raw: str, table: Table, rtype: str, *, modifier: str = "",
-              base: str | None = None) -> ColumnElement[bool]:
+def condition(
+    p: Param, raw: str, table: Table, rtype: str, *, modifier: str = "", base: str | None = None
+) -> ColumnElement[bool]:
     """One parameter's condition as a row test (AuditEvent; see ``conditions``)."""
     return conditions(p, raw, table, rtype, modifier=modifier, base=base).probe
 
 
-def conditions(p: Param, raw: str, table: Table, rtype: str, *, modifier: str = "",
-               base: str | None = None) -> Cond:
+def conditions(
+    p: Param, raw: str, table: Table, rtype: str, *, modifier: str = "", base: str | None = None
+) -> Cond:
     """One parameter's condition, as a probe and (for the index tables) a lookup."""
     values = [v.strip() for v in raw.split(",")] if p.type != "date" else [raw]
     if p.column == "@token":  # kept in fhir_token under the parameter's name
@@ -517,22 +704,30 @@ def conditions(p: Param, raw: str, table: Table, rtype: str, *, modifier: str = 
         # a day or less is a lookup worth making first; a month or a year (eq), or an open
         # range, may hold most of a type: tested row by row unless nothing else narrows
         day = hi - lo <= timedelta(days=1)
-        return Cond(period_match(rtype, p.name, prefix, lo, hi, table),
-                    period_match(rtype, p.name, prefix, lo, hi, table, lookup=True)
-                    if prefix == "eq" else None,
-                    NEVER if prefix != "eq" else RANK_DAY if day else NEVER - 1)
+        return Cond(
+            period_match(rtype, p.name, prefix, lo, hi, table),
+            period_match(rtype, p.name, prefix, lo, hi, table, lookup=True)
+            if prefix == "eq"
+            else None,
+            NEVER if prefix != "eq" else RANK_DAY if day else NEVER - 1,
+        )
     if p.column == "@string":
         if any(v == "" for v in values):
             raise BadRequest(f"{p.name}: an empty alternative in the comma list")
         # one character (a Chinese family name: 王 is one person in fifteen) is broad
         short = any(len(store.fold(v)) < 2 for v in values)
-        return Cond(store.string_match(rtype, p.name, values, modifier, table, lookup=False),
-                    store.string_match(rtype, p.name, values, modifier, table),
-                    NEVER - 1 if short else RANK_STRING if modifier != "contains" else RANK_DAY)
+        return Cond(
+            store.string_match(rtype, p.name, values, modifier, table, lookup=False),
+            store.string_match(rtype, p.name, values, modifier, table),
+            NEVER - 1 if short else RANK_STRING if modifier != "contains" else RANK_DAY,
+        )
     if p.column == "@ref":
         refs = [_reference_text(v, p, base) for v in values]
-        return Cond(store.ref_match(rtype, p.name, refs, table, lookup=False),
-                    store.ref_match(rtype, p.name, refs, table), RANK_TOKEN)
+        return Cond(
+            store.ref_match(rtype, p.name, refs, table, lookup=False),
+            store.ref_match(rtype, p.name, refs, table),
+            RANK_TOKEN,
+        )
     col = table.c[p.column]
     if p.type == "date":
         return Cond(date_condition(col, raw, p.name))
@@ -545,18 +740,24 @@ def conditions(p: Param, raw: str, table: Table, rtype: str, *, modifier: str = 
         # several patients: their ids through the patient index, then sorted (asked in page
         # order of the same table, SQLite would walk every row of the type)
         by_patient = FHIR_RESOURCE.alias("by_patient")
-        return Cond(probe, tuple_(table.c.rtype, table.c.id).in_(select(
-            by_patient.c.rtype, by_patient.c.id).where(
-                by_patient.c.rtype == rtype,
-                or_(*(_reference(by_patient.c.patient, v, p, base) for v in values)))),
-            RANK_PATIENT)
+        return Cond(
+            probe,
+            tuple_(table.c.rtype, table.c.id).in_(
+                select(by_patient.c.rtype, by_patient.c.id).where(
+                    by_patient.c.rtype == rtype,
+                    or_(*(_reference(by_patient.c.patient, v, p, base) for v in values)),
+                )
+            ),
+            RANK_PATIENT,
+        )
     if p.name == "identifier":  # via the fhir_token index
         probe = identifier_match(rtype, values, table, lookup=False)
         if modifier == "not":
             return Cond(~probe)
         broad = all(v.endswith("|") for v in values)  # system| : every value of a system
-        return Cond(probe, identifier_match(rtype, values, table),
-                    NEVER - 1 if broad else RANK_TOKEN)
+        return Cond(
+            probe, identifier_match(rtype, values, table), NEVER - 1 if broad else RANK_TOKEN
+        )
     if rtype == "AuditEvent":
         return Cond(or_(*(_audit_token(table, p, v) for v in values)))
     if p.name == "_id":
@@ -568,9 +769,15 @@ def conditions(p: Param, raw: str, table: Table, rtype: str, *, modifier: str = 
         # several: primary-key lookups (typed, with the page order asked of the same table,
         # SQLite would walk every row of the type in that order)
         by_id = FHIR_RESOURCE.alias("by_id")
-        return Cond(col.in_(wanted), tuple_(table.c.rtype, table.c.id).in_(
-            select(by_id.c.rtype, by_id.c.id).where(by_id.c.rtype == rtype,
-                                                    by_id.c.id.in_(wanted))), RANK_ID)
+        return Cond(
+            col.in_(wanted),
+            tuple_(table.c.rtype, table.c.id).in_(
+                select(by_id.c.rtype, by_id.c.id).where(
+                    by_id.c.rtype == rtype, by_id.c.id.in_(wanted)
+                )
+            ),
+            RANK_ID,
+        )
     codes = _status_codes(rtype, p, values)
     if modifier == "not":
         return Cond(or_(col.is_(None), col.not_in(codes)))
@@ -587,6 +794,8 @@ def _status_codes(rtype: str, p: Param, values: list[str]) -> list[str]:
             continue  # another system (or none): this alternative matches nothing
         codes.append(code)
     return codes
+
+
 def _check_id(value: str, name: str) -> str:
     if not _ID_RE.fullmatch(value):
         raise BadRequest(f"{name}: not a valid FHIR id (1-64 of A-Z a-z 0-9 - .)")
@@ -597,9 +806,11 @@ def _local(value: str, p: Param, base: str | None) -> str:
     """A reference value without this server's base URL; any other URL is refused."""
     if "://" in value:
         if base and value.startswith(base.rstrip("/") + "/"):
-            return value[len(base.rstrip("/")) + 1:]
-        raise BadRequest(f"{p.name}: give Type/id, an id or this server's URL of one, not "
-                         "another server's URL", issue="not-supported")
+            return value[len(base.rstrip("/")) + 1 :]
+        raise BadRequest(
+            f"{p.name}: give Type/id, an id or this server's URL of one, not another server's URL",
+            issue="not-supported",
+        )
     return value
 
 
@@ -623,8 +834,9 @@ def _reference_text(value: str, p: Param, base: str | None) -> str:
     return f"{rtype or p.target}/{rid}"
 
 
-def _reference(col: ColumnElement[Any], value: str, p: Param,
-               base: str | None = None) -> ColumnElement[bool]:
+def _reference(
+    col: ColumnElement[Any], value: str, p: Param, base: str | None = None
+) -> ColumnElement[bool]:
     rtype, rid = _split_reference(value, p, base)
     if rtype is None:
         return col == f"{p.target}/{rid}" if p.target else col.endswith(f"/{rid}")
@@ -658,8 +870,7 @@ def parse_date(value: str, name: str = "date") -> tuple[datetime, datetime]:
     """[start, end) of a FHIR date/dateTime at the precision it was written in (UTC)."""
     m = _DATE_RE.fullmatch(value.replace(" ", "+"))
     if not m:
-        raise BadRequest(f"{name}: not a FHIR date or dateTime (a time needs "
-                         "a zone: Z or +08:00)")
+        raise BadRequest(f"{name}: not a FHIR date or dateTime (a time needs a zone: Z or +08:00)")
     g = m.groupdict()
     try:
         if g["H"] is None:
@@ -676,9 +887,15 @@ def parse_date(value: str, name: str = "date") -> tuple[datetime, datetime]:
         tz = "+00:00" if g["tz"] == "Z" else g["tz"]
         start = datetime.fromisoformat(
             f"{g['y']}-{g['m']}-{g['d']}T{g['H']}:{g['M']}:{g['S'] or '00'}"
-            f".{frac.ljust(6, '0')}{tz}").astimezone(UTC)
-        step = (timedelta(microseconds=10 ** (6 - len(frac))) if frac else
-                timedelta(seconds=1) if g["S"] else timedelta(minutes=1))
+            f".{frac.ljust(6, '0')}{tz}"
+        ).astimezone(UTC)
+        step = (
+            timedelta(microseconds=10 ** (6 - len(frac)))
+            if frac
+            else timedelta(seconds=1)
+            if g["S"]
+            else timedelta(minutes=1)
+        )
         return start, start + step
     except ValueError as exc:
         raise BadRequest(f"{name}: not a real date or time") from exc
@@ -688,8 +905,9 @@ def _date_prefix(raw: str, name: str) -> tuple[str, str]:
     if raw[:2] in _PREFIXES:
         return raw[:2], raw[2:]
     if raw[:2].isalpha():
-        raise BadRequest(f"{name}: the prefix is not one of {' '.join(_PREFIXES)}",
-                         issue="not-supported")
+        raise BadRequest(
+            f"{name}: the prefix is not one of {' '.join(_PREFIXES)}", issue="not-supported"
+        )
     return "eq", raw
 
 

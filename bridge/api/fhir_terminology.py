@@ -40,9 +40,20 @@ if TYPE_CHECKING:
     from bridge.node import Node
 
 SEARCH_PARAMS = ("url", "_id", "name", "source-system", "target-system")
-TRANSLATE_PARAMS = ("url", "conceptMapVersion", "system", "code", "version", "source",
-                    "target", "targetsystem", "reverse", "coding", "codeableConcept",
-                    "conceptMap")
+TRANSLATE_PARAMS = (
+    "url",
+    "conceptMapVersion",
+    "system",
+    "code",
+    "version",
+    "source",
+    "target",
+    "targetsystem",
+    "reverse",
+    "coding",
+    "codeableConcept",
+    "conceptMap",
+)
 
 
 def _lenient(request: Request) -> bool:
@@ -69,8 +80,9 @@ def _from_parameters(body: Any) -> dict[str, Any]:
     for p in body.get("parameter", []):
         name = p.get("name")
         if name not in TRANSLATE_PARAMS:
-            raise BadRequest(f"$translate has no parameter {safe_name(str(name))!r}",
-                             issue="not-supported")
+            raise BadRequest(
+                f"$translate has no parameter {safe_name(str(name))!r}", issue="not-supported"
+            )
         if name in out:
             raise BadRequest(f"parameter {name} is given twice")
         if name == "conceptMap":
@@ -91,8 +103,9 @@ def _from_query(request: Request) -> dict[str, Any]:
         if name not in TRANSLATE_PARAMS:
             if _lenient(request):
                 continue
-            raise BadRequest(f"$translate has no parameter {safe_name(name)!r}",
-                             issue="not-supported")
+            raise BadRequest(
+                f"$translate has no parameter {safe_name(name)!r}", issue="not-supported"
+            )
         if name in out:
             raise BadRequest(f"parameter {name} is given twice")
         out[name] = value
@@ -113,8 +126,11 @@ def _codings(args: dict[str, Any]) -> list[tuple[str, str]]:
         pairs.append((c["system"], c["code"]))
     if "codeableConcept" in args:
         cc = args["codeableConcept"]
-        pairs += [(c["system"], c["code"]) for c in (cc or {}).get("coding", [])
-                  if "system" in c and "code" in c]
+        pairs += [
+            (c["system"], c["code"])
+            for c in (cc or {}).get("coding", [])
+            if "system" in c and "code" in c
+        ]
     if not pairs:
         raise BadRequest("$translate needs system and code, coding or codeableConcept")
     return pairs
@@ -132,8 +148,11 @@ def terminology_router(node: Node) -> APIRouter:
                 if "maps" not in state:
                     from bridge.mapping.sites import load_node_maps
 
-                    state["maps"] = {cm["id"]: cm for maps in load_node_maps(node.plan)
-                                     for cm in maps.conceptmaps.values()}
+                    state["maps"] = {
+                        cm["id"]: cm
+                        for maps in load_node_maps(node.plan)
+                        for cm in maps.conceptmaps.values()
+                    }
         return state["maps"]
 
     def authorised(request: Request) -> None:
@@ -172,8 +191,9 @@ def terminology_router(node: Node) -> APIRouter:
         target_system = args.get("targetsystem")
         result: dict[str, Any] | None = None
         for system, code in _codings(args):
-            result = translate_many(maps, system, code, reverse=reverse,
-                                    target_system=target_system)
+            result = translate_many(
+                maps, system, code, reverse=reverse, target_system=target_system
+            )
             if result["parameter"][0]["valueBoolean"]:
                 break
         assert result is not None
@@ -184,8 +204,11 @@ def terminology_router(node: Node) -> APIRouter:
         authorised(request)
         return run_translate(_from_query(request), None)
 
-    @router.post("/ConceptMap/$translate", responses=answers("Parameters", 404),
-                 openapi_extra=fhir_body("Parameters"))
+    @router.post(
+        "/ConceptMap/$translate",
+        responses=answers("Parameters", 404),
+        openapi_extra=fhir_body("Parameters"),
+    )
     async def translate_post(request: Request) -> Response:
         authorised(request)
         return run_translate(_from_parameters(await _json(request)), None)
@@ -195,8 +218,11 @@ def terminology_router(node: Node) -> APIRouter:
         authorised(request)
         return run_translate(_from_query(request), cid)
 
-    @router.post("/ConceptMap/{cid}/$translate", responses=answers("Parameters", 404),
-                 openapi_extra=fhir_body("Parameters"))
+    @router.post(
+        "/ConceptMap/{cid}/$translate",
+        responses=answers("Parameters", 404),
+        openapi_extra=fhir_body("Parameters"),
+    )
     async def translate_one_post(cid: str, request: Request) -> Response:
         authorised(request)
         return run_translate(_from_parameters(await _json(request)), cid)
@@ -212,8 +238,10 @@ def terminology_router(node: Node) -> APIRouter:
             if name not in SEARCH_PARAMS:
                 if lenient:
                     continue
-                raise BadRequest(f"unknown search parameter {safe_name(name)!r} for ConceptMap "
-                                 f"(supported: {', '.join(SEARCH_PARAMS)})")
+                raise BadRequest(
+                    f"unknown search parameter {safe_name(name)!r} for ConceptMap "
+                    f"(supported: {', '.join(SEARCH_PARAMS)})"
+                )
             used.append((name, value))
             wanted = set(value.split(","))
             if name == "url":
@@ -221,23 +249,30 @@ def terminology_router(node: Node) -> APIRouter:
             elif name == "_id":
                 found = [m for m in found if m["id"] in wanted]
             elif name == "name":
-                found = [m for m in found if any(str(m.get("name", "")).lower()
-                                                 .startswith(w.lower()) for w in wanted)]
+                found = [
+                    m
+                    for m in found
+                    if any(str(m.get("name", "")).lower().startswith(w.lower()) for w in wanted)
+                ]
             else:
                 key = "source" if name == "source-system" else "target"
-                found = [m for m in found if any(g.get(key) in wanted
-                                                 for g in m.get("group", []))]
+                found = [m for m in found if any(g.get(key) in wanted for g in m.get("group", []))]
         b = base(request)
         query = urlencode(used)
         bundle: dict[str, Any] = {
-            "resourceType": "Bundle", "id": str(uuid.uuid4()), "type": "searchset",
+            "resourceType": "Bundle",
+            "id": str(uuid.uuid4()),
+            "type": "searchset",
             "total": len(found),
-            "link": [{"relation": "self",
-                      "url": f"{b}/ConceptMap" + (f"?{query}" if query else "")}],
+            "link": [
+                {"relation": "self", "url": f"{b}/ConceptMap" + (f"?{query}" if query else "")}
+            ],
         }
         if found:
-            bundle["entry"] = [{"fullUrl": f"{b}/ConceptMap/{m['id']}", "resource": m,
-                                "search": {"mode": "match"}} for m in found]
+            bundle["entry"] = [
+                {"fullUrl": f"{b}/ConceptMap/{m['id']}", "resource": m, "search": {"mode": "match"}}
+                for m in found
+            ]
         return fhir_json(bundle)
 
     @router.get("/ConceptMap/{cid}", responses=answers("ConceptMap", 404))

@@ -81,25 +81,27 @@ def parse_entries(bundle: dict[str, Any]) -> list[Entry]:
         req = e.get("request") or {}
         method = req.get("method", "POST")
         if method not in ("POST", "PUT"):
-            raise InvalidResource(f"entry[{i}].request.method: entries may POST or PUT, "
-                                  f"not {method}")
+            raise InvalidResource(
+                f"entry[{i}].request.method: entries may POST or PUT, not {method}"
+            )
         url = str(req.get("url") or r["resourceType"]).split("?", 1)[0].strip("/")
         if url.split("/", 1)[0] != r["resourceType"]:
-            raise InvalidResource(f"entry[{i}].request.url: names another type than the "
-                                  "resource")
+            raise InvalidResource(f"entry[{i}].request.url: names another type than the resource")
         if method == "PUT":
             parts = url.split("/")
             if len(parts) != 2 or parts[1] != r.get("id", parts[1]):
-                raise InvalidResource(f"entry[{i}].request.url: a PUT names Type/id, the "
-                                      "resource's id")
+                raise InvalidResource(
+                    f"entry[{i}].request.url: a PUT names Type/id, the resource's id"
+                )
             r["id"] = parts[1]
         try:
             wanted = if_match(req.get("ifMatch"))
         except BadRequest as exc:
             raise InvalidResource(f"entry[{i}].request.ifMatch: {exc.message}") from exc
         if wanted is not None and method != "PUT":
-            raise InvalidResource(f"entry[{i}].request.ifMatch: only a PUT is conditional "
-                                  "on a version")
+            raise InvalidResource(
+                f"entry[{i}].request.ifMatch: only a PUT is conditional on a version"
+            )
         out.append(Entry(i, r, method, url, e.get("fullUrl"), req.get("ifNoneExist"), wanted))
     return out
 
@@ -116,13 +118,16 @@ def existing(conn: Connection, rtype: str, query: str, where: str) -> Any | None
         elif k == "_id" and v:
             conds.append(T.c.id == v)
         else:
-            raise InvalidResource(f"{where}: conditional create searches by identifier and "
-                                  f"_id only, not '{k[:40]}'")
-    rows = conn.execute(select(T.c.rtype, T.c.id, T.c.version, T.c.last_updated, T.c.body)
-                        .where(*conds).limit(2)).all()
+            raise InvalidResource(
+                f"{where}: conditional create searches by identifier and _id only, not '{k[:40]}'"
+            )
+    rows = conn.execute(
+        select(T.c.rtype, T.c.id, T.c.version, T.c.last_updated, T.c.body).where(*conds).limit(2)
+    ).all()
     if len(rows) > 1:
-        raise VersionConflict(f"{where}: matches more than one {rtype} (conditional create "
-                              "needs at most one)")
+        raise VersionConflict(
+            f"{where}: matches more than one {rtype} (conditional create needs at most one)"
+        )
     return rows[0] if rows else None
 
 
@@ -140,8 +145,9 @@ def _stamp(at: datetime) -> str:
     return at.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def conditions(conn: Connection, bundle: dict[str, Any]
-               ) -> tuple[dict[str, Any], dict[int, dict[str, Any]]]:
+def conditions(
+    conn: Connection, bundle: dict[str, Any]
+) -> tuple[dict[str, Any], dict[int, dict[str, Any]]]:
     """ifMatch checked and ifNoneExist resolved inside the write transaction: the bundle left
     to store (matched entries out, references to them rewritten) and the answered entries."""
     entries = parse_entries(bundle)
@@ -154,16 +160,23 @@ def conditions(conn: Connection, bundle: dict[str, Any]
             if have is not None:
                 have = store.lock_version(conn, rtype, e.resource["id"])
             if have != e.if_match:
-                raise VersionConflict(f"entry[{e.index}].request.ifMatch names version "
-                                      f"{e.if_match}, {R.ref(e.resource)} is at "
-                                      f"{have if have is not None else 'none'}")
+                raise VersionConflict(
+                    f"entry[{e.index}].request.ifMatch names version "
+                    f"{e.if_match}, {R.ref(e.resource)} is at "
+                    f"{have if have is not None else 'none'}"
+                )
         if e.if_none_exist and e.method == "POST":
             _serialise(conn, f"{rtype}?{e.if_none_exist}")
             row = existing(conn, rtype, e.if_none_exist, f"entry[{e.index}].request.ifNoneExist")
             if row is not None:
-                answered[e.index] = {"response": {
-                    "status": "200 OK", "location": f"{rtype}/{row.id}/_history/{row.version}",
-                    "etag": f'W/"{row.version}"', "lastModified": _stamp(row.last_updated)}}
+                answered[e.index] = {
+                    "response": {
+                        "status": "200 OK",
+                        "location": f"{rtype}/{row.id}/_history/{row.version}",
+                        "etag": f'W/"{row.version}"',
+                        "lastModified": _stamp(row.last_updated),
+                    }
+                }
                 if e.full_url:
                     alias[e.full_url] = f"{rtype}/{row.id}"
     if not answered:
@@ -184,8 +197,7 @@ class Transactions:
         self.node = node
         self.ctx = node.ctx
 
-    def run(self, bundle: dict[str, Any], actor: str,
-            move_task: Any = None) -> dict[str, Any]:
+    def run(self, bundle: dict[str, Any], actor: str, move_task: Any = None) -> dict[str, Any]:
         if bundle.get("type") == "batch":
             return self.batch(bundle, actor, move_task)
         entries = parse_entries(bundle)
@@ -195,8 +207,7 @@ class Transactions:
             if cw is None:
                 from bridge.api.fhir_api import WorkflowUnavailable
 
-                raise WorkflowUnavailable("the consultation workflow is not available on this "
-                                          "node")
+                raise WorkflowUnavailable("the consultation workflow is not available on this node")
             return dict(cw.submit(bundle, actor, prepare=conditions))
         if srs:
             wf = getattr(self.node, "workflow", None)
@@ -208,10 +219,16 @@ class Transactions:
         with self.ctx.store.write() as conn:
             rest, answered = conditions(conn, bundle)
             made = iter(self.store_plain(conn, rest))
-            entries_out = [answered[i] if i in answered else {"response": response_of(next(made))}
-                           for i in range(len(entries))]
-        return {"resourceType": "Bundle", "id": str(uuid.uuid4()),
-                "type": "transaction-response", "entry": entries_out}
+            entries_out = [
+                answered[i] if i in answered else {"response": response_of(next(made))}
+                for i in range(len(entries))
+            ]
+        return {
+            "resourceType": "Bundle",
+            "id": str(uuid.uuid4()),
+            "type": "transaction-response",
+            "entry": entries_out,
+        }
 
     def store_plain(self, conn: Connection, bundle: dict[str, Any]) -> list[dict[str, Any]]:
         """Store the entries of a transaction without a referral, in order; their urn:uuid
@@ -221,11 +238,12 @@ class Transactions:
         for e in entries:
             rtype = e.resource["resourceType"]
             if rtype == "Task":
-                raise InvalidResource(f"entry[{e.index}]: referral Tasks are made by the "
-                                      "workflow; move one with PUT /fhir/Task/{id}")
+                raise InvalidResource(
+                    f"entry[{e.index}]: referral Tasks are made by the "
+                    "workflow; move one with PUT /fhir/Task/{id}"
+                )
             if rtype not in STORABLE:
-                raise InvalidResource(f"entry[{e.index}]: {rtype} is not a type this node "
-                                      "stores")
+                raise InvalidResource(f"entry[{e.index}]: {rtype} is not a type this node stores")
             if e.method == "POST":
                 e.resource["id"] = str(uuid.uuid4())
             if e.full_url:
@@ -235,18 +253,20 @@ class Transactions:
         directory = self.ctx.plan.directory
         for r in resources:
             for target in R.references(r):
-                if target in here or "/" not in target or target.startswith(("http", "urn:",
-                                                                              "#")):
+                if target in here or "/" not in target or target.startswith(("http", "urn:", "#")):
                     if target.startswith("urn:"):
-                        raise UnknownReference(f"{R.ref(r)} refers to an urn that is no "
-                                               "entry's fullUrl")
+                        raise UnknownReference(
+                            f"{R.ref(r)} refers to an urn that is no entry's fullUrl"
+                        )
                     continue
                 rtype, rid = target.split("/", 1)
                 if rtype == "Organization" and rid in directory:
                     continue
                 if not store.exists(conn, rtype, rid):
-                    raise UnknownReference(f"{R.ref(r)} refers to {target}, which is neither "
-                                           "in the bundle nor known here")
+                    raise UnknownReference(
+                        f"{R.ref(r)} refers to {target}, which is neither "
+                        "in the bundle nor known here"
+                    )
         hashes = {R.ref(r): self._hash(r) for r in resources if r["resourceType"] == "Patient"}
         now = self.ctx.now()
         out = []
@@ -263,8 +283,9 @@ class Transactions:
         return R.hash_of(patient)
 
     @staticmethod
-    def _patient_hash_of(conn: Connection, r: dict[str, Any],
-                         hashes: dict[str, str | None]) -> str | None:
+    def _patient_hash_of(
+        conn: Connection, r: dict[str, Any], hashes: dict[str, str | None]
+    ) -> str | None:
         cols = store.search_columns(r)
         patient = cols.get("patient")
         if not patient:
@@ -272,8 +293,9 @@ class Transactions:
         if patient in hashes:
             return hashes[patient]
         rtype, _, rid = patient.partition("/")
-        row = conn.execute(select(T.c.patient_hash).where(T.c.rtype == rtype, T.c.id == rid)
-                           ).first()
+        row = conn.execute(
+            select(T.c.patient_hash).where(T.c.rtype == rtype, T.c.id == rid)
+        ).first()
         return row.patient_hash if row else None
 
     def read_entry(self, i: int, url: str, actor: str) -> dict[str, Any]:
@@ -284,10 +306,18 @@ class Transactions:
 
         path = url.split("?", 1)[0].strip("/")
         parts = path.split("/")
-        if "?" in url or len(parts) not in (2, 4) or (len(parts) == 4 and (
-                parts[2] != "_history" or not parts[3].isdigit() or len(parts[3]) > 9)):
-            raise BadRequest(f"entry[{i}].request.url: a batch reads Type/id or "
-                             "Type/id/_history/vid (search with GET /fhir/Type?...)")
+        if (
+            "?" in url
+            or len(parts) not in (2, 4)
+            or (
+                len(parts) == 4
+                and (parts[2] != "_history" or not parts[3].isdigit() or len(parts[3]) > 9)
+            )
+        ):
+            raise BadRequest(
+                f"entry[{i}].request.url: a batch reads Type/id or "
+                "Type/id/_history/vid (search with GET /fhir/Type?...)"
+            )
         rtype, rid = parts[0], parts[1]
         if rtype not in CLINICAL_TYPES:
             raise NotFound(f"entry[{i}]: this resource type is not served here")
@@ -297,11 +327,19 @@ class Transactions:
             if len(parts) == 4:
                 old = store.get_version(conn, rtype, rid, int(parts[3]))
                 version, at, body = old.version, old.at, old.body
-            self.ctx.audit.append(conn, read_entries(
-                actor.removeprefix("role:"), f"batch GET {path}"[:200],
-                [(f"{rtype}/{rid}", row.patient_hash)], self.ctx.now()))
-        return {"resource": orjson.loads(body), "response": {
-            "status": "200 OK", "etag": f'W/"{version}"', "lastModified": _stamp(at)}}
+            self.ctx.audit.append(
+                conn,
+                read_entries(
+                    actor.removeprefix("role:"),
+                    f"batch GET {path}"[:200],
+                    [(f"{rtype}/{rid}", row.patient_hash)],
+                    self.ctx.now(),
+                ),
+            )
+        return {
+            "resource": orjson.loads(body),
+            "response": {"status": "200 OK", "etag": f'W/"{version}"', "lastModified": _stamp(at)},
+        }
 
     def batch(self, bundle: dict[str, Any], actor: str, move_task: Any) -> dict[str, Any]:
         from bridge.api.fhir_api import checked
@@ -318,14 +356,19 @@ class Transactions:
                     checked(validate_resource, entry["resource"])
                 (e,) = parse_entries(one)
                 e.index = i
-                if e.resource["resourceType"] == "Task" and e.method == "PUT" \
-                        and move_task is not None:
+                if (
+                    e.resource["resourceType"] == "Task"
+                    and e.method == "PUT"
+                    and move_task is not None
+                ):
                     task = move_task(e.resource["id"], e.resource, e.if_match)
                     out.append({"response": response_of(task) | {"status": "200 OK"}})
                     continue
                 if e.resource["resourceType"] == "ServiceRequest":
-                    raise InvalidResource(f"entry[{i}]: a referral (ServiceRequest) is sent "
-                                          "as a transaction with its Patient and Consent")
+                    raise InvalidResource(
+                        f"entry[{i}]: a referral (ServiceRequest) is sent "
+                        "as a transaction with its Patient and Consent"
+                    )
                 with self.ctx.store.write() as conn:
                     rest, answered = conditions(conn, one)
                     if answered:
@@ -335,7 +378,10 @@ class Transactions:
                 out.append({"response": response_of(made)})
             except HutongError as exc:
                 status = fhir_status(exc)
-                out.append({"response": {"status": str(status),
-                                         "outcome": operation_outcome(exc)}})
-        return {"resourceType": "Bundle", "id": str(uuid.uuid4()), "type": "batch-response",
-                "entry": out}
+                out.append({"response": {"status": str(status), "outcome": operation_outcome(exc)}})
+        return {
+            "resourceType": "Bundle",
+            "id": str(uuid.uuid4()),
+            "type": "batch-response",
+            "entry": out,
+        }

@@ -68,8 +68,10 @@ def check_sender_kinds(role: str, kinds: list[str]) -> None:
         if kind in NODE_ONLY_KINDS:
             raise Forbidden(f"body[{i}].kind: receipts are made by the node, not queued")
         if role == "it" and kind.startswith(CLINICAL_KIND_PREFIXES):
-            raise Forbidden(f"body[{i}].kind: role 'it' may not queue clinical packets "
-                            f"({', '.join(p + '*' for p in CLINICAL_KIND_PREFIXES)})")
+            raise Forbidden(
+                f"body[{i}].kind: role 'it' may not queue clinical packets "
+                f"({', '.join(p + '*' for p in CLINICAL_KIND_PREFIXES)})"
+            )
 
 
 class PacketIn(BaseModel):
@@ -82,8 +84,12 @@ class PacketIn(BaseModel):
 def create_local_app(node: Node) -> FastAPI:
     ctx = node.ctx
     # the docs page is served from the installed Swagger UI package (bridge.api.docs)
-    app = FastAPI(title=f"Hutong node {ctx.node_id}", docs_url=None, redoc_url=None,
-                  swagger_ui_oauth2_redirect_url=None)
+    app = FastAPI(
+        title=f"Hutong node {ctx.node_id}",
+        docs_url=None,
+        redoc_url=None,
+        swagger_ui_oauth2_redirect_url=None,
+    )
     # the shared per-role tokens log in and call the API only while [web] shared_role_tokens
     # is on (one release, flagged on the accounts page); personal tokens: bridge.accounts
     app.state.tokens = dict(ctx.plan.tokens) if ctx.plan.web.shared_role_tokens else {}
@@ -93,11 +99,16 @@ def create_local_app(node: Node) -> FastAPI:
     app.add_middleware(FhirHttp)
     # no body is read before the token, none over the limit (bridge/api/body_limit.py)
     tokens = app.state.tokens
-    app.add_middleware(LocalBodyGuard, known=lambda header: token_known(node, tokens, header),
-                       max_body=limits.local_max_body_bytes,
-                       admission=Admission(limits.max_requests, max(
-                           limits.max_inflight_bytes, limits.local_max_body_bytes),
-                           limits.admit_wait_s))
+    app.add_middleware(
+        LocalBodyGuard,
+        known=lambda header: token_known(node, tokens, header),
+        max_body=limits.local_max_body_bytes,
+        admission=Admission(
+            limits.max_requests,
+            max(limits.max_inflight_bytes, limits.local_max_body_bytes),
+            limits.admit_wait_s,
+        ),
+    )
     # added last, so outermost: headers + origin check on every answer, the guard's included
     app.add_middleware(SecurityHeaders, css=CSS)
     app.include_router(docs_router(app.title))
@@ -131,20 +142,29 @@ def create_local_app(node: Node) -> FastAPI:
 
         results = await run_in_threadpool(work)
         node.wake_all_senders()
-        return {"results": [
-            {"packet_id": r.packet_id} if r.error is None else r.error.as_dict()
-            for r in results
-        ]}
+        return {
+            "results": [
+                {"packet_id": r.packet_id} if r.error is None else r.error.as_dict()
+                for r in results
+            ]
+        }
 
     @app.get("/local/v1/outbox", responses=errs(401))
-    def outbox(role: AnyRole, request: Request, response: Response, state: str | None = None,
-               peer: str | None = None, limit: int = 100,
-               after: str | None = None) -> list[dict[str, Any]]:
+    def outbox(
+        role: AnyRole,
+        request: Request,
+        response: Response,
+        state: str | None = None,
+        peer: str | None = None,
+        limit: int = 100,
+        after: str | None = None,
+    ) -> list[dict[str, Any]]:
         """Oldest first; ``X-Total-Count`` and a ``Link`` to the next page (keyset)."""
         stmt, where = ops.outbox_query(state=state, peer=peer)
         with ctx.store.read() as conn:
-            rows, total, nxt = paging.page(conn, stmt, where=where, order=[OUTBOX.c.id],
-                                           desc=False, limit=limit, after=after)
+            rows, total, nxt = paging.page(
+                conn, stmt, where=where, order=[OUTBOX.c.id], desc=False, limit=limit, after=after
+            )
         paging.headers(request, response, total, nxt)
         return ops.with_age(ctx, rows)
 
@@ -159,22 +179,34 @@ def create_local_app(node: Node) -> FastAPI:
         return {"requeued": n}
 
     @app.get("/local/v1/quarantine", responses=errs(401, 403))
-    def quarantine_list(role: ITRole, request: Request, response: Response,
-                        state: str | None = "held", limit: int = 100,
-                        after: str | None = None) -> list[dict[str, Any]]:
+    def quarantine_list(
+        role: ITRole,
+        request: Request,
+        response: Response,
+        state: str | None = "held",
+        limit: int = 100,
+        after: str | None = None,
+    ) -> list[dict[str, Any]]:
         """Newest first; ``state=`` (empty) for every state; paged as ``/outbox``."""
         stmt, where = quarantine.list_query(state=state or None)
         with ctx.store.read() as conn:
-            rows, total, nxt = paging.page(conn, stmt, where=where, order=[QUARANTINE.c.id],
-                                           desc=True, limit=limit, after=after)
+            rows, total, nxt = paging.page(
+                conn,
+                stmt,
+                where=where,
+                order=[QUARANTINE.c.id],
+                desc=True,
+                limit=limit,
+                after=after,
+            )
         paging.headers(request, response, total, nxt)
         return rows
 
     @app.post("/local/v1/quarantine/{item_id}/replay", responses=errs(401, 403, 404))
     def replay(item_id: int, role: ITRole, request: Request) -> dict[str, Any]:
-        ok, result = ops.quarantine_replay(ctx, node.intake, item_id,
-                                           actor=actor_of(request, role),
-                                           adapters=node.adapters)
+        ok, result = ops.quarantine_replay(
+            ctx, node.intake, item_id, actor=actor_of(request, role), adapters=node.adapters
+        )
         node.wake_all_senders()
         node.wake("deliver")
         return {"ok": ok, "result": result}
@@ -183,85 +215,129 @@ def create_local_app(node: Node) -> FastAPI:
     def packet(packet_id: str, role: ITRole) -> dict[str, Any]:
         return ops.find_packet(ctx, packet_id)
 
-    def referral_page(request: Request, response: Response, where: list[Any], limit: int,
-                      after: str | None) -> list[dict[str, Any]]:
+    def referral_page(
+        request: Request, response: Response, where: list[Any], limit: int, after: str | None
+    ) -> list[dict[str, Any]]:
         with ctx.store.read() as conn:
             rows, total, nxt = paging.page(
-                conn, select(REFERRAL), where=where,
-                order=[REFERRAL.c.updated_at, REFERRAL.c.thread], desc=True, limit=limit,
-                after=after)
+                conn,
+                select(REFERRAL),
+                where=where,
+                order=[REFERRAL.c.updated_at, REFERRAL.c.thread],
+                desc=True,
+                limit=limit,
+                after=after,
+            )
         paging.headers(request, response, total, nxt)
         return rows
 
     @app.get("/local/v1/referrals", responses=errs(401))
-    def referrals(role: AnyRole, request: Request, response: Response,
-                  status: str | None = None, limit: int = 200,
-                  after: str | None = None) -> list[dict[str, Any]]:
+    def referrals(
+        role: AnyRole,
+        request: Request,
+        response: Response,
+        status: str | None = None,
+        limit: int = 200,
+        after: str | None = None,
+    ) -> list[dict[str, Any]]:
         """Where each referral stands on this side (no patient data: hashes only), the most
         recently changed first; paged as ``/outbox``."""
-        return referral_page(request, response,
-                             [REFERRAL.c.status == status] if status else [], limit, after)
+        return referral_page(
+            request, response, [REFERRAL.c.status == status] if status else [], limit, after
+        )
 
     @app.post("/local/v1/referrals", responses=errs(400, 401, 403, 409))
-    async def submit(bundle: dict[str, Any], role: ClinicianRole,
-                     request: Request) -> dict[str, Any]:
+    async def submit(
+        bundle: dict[str, Any], role: ClinicianRole, request: Request
+    ) -> dict[str, Any]:
         """A new referral (or a return) as a FHIR transaction Bundle; same as POST /fhir."""
         validate_bundle(bundle)
         return await run_in_threadpool(node.workflow.submit, bundle, actor_of(request, role))
 
-    @app.post("/local/v1/referrals/{thread}/steps/{event}",
-              responses=errs(400, 401, 403, 404, 409))
-    async def take_step(thread: str, event: str, body: StepIn,
-                        role: ClinicianRole, request: Request) -> dict[str, Any]:
+    @app.post("/local/v1/referrals/{thread}/steps/{event}", responses=errs(400, 401, 403, 404, 409))
+    async def take_step(
+        thread: str, event: str, body: StepIn, role: ClinicianRole, request: Request
+    ) -> dict[str, Any]:
         """accept (with slip outputs) / reject / arrive / cancel (with a reason)."""
         return await run_in_threadpool(
-            lambda: node.workflow.step(thread, event, actor_of(request, role),
-                                       reason=body.reason,
-                                       outputs=body.outputs or None))
+            lambda: node.workflow.step(
+                thread,
+                event,
+                actor_of(request, role),
+                reason=body.reason,
+                outputs=body.outputs or None,
+            )
+        )
 
     @app.get("/local/v1/consultations", responses=errs(401))
-    def consultations(role: AnyRole, request: Request, response: Response,
-                      step: str | None = None, status: str | None = None,
-                      side: str | None = None, limit: int = 200,
-                      after: str | None = None) -> list[dict[str, Any]]:
+    def consultations(
+        role: AnyRole,
+        request: Request,
+        response: Response,
+        step: str | None = None,
+        status: str | None = None,
+        side: str | None = None,
+        limit: int = 200,
+        after: str | None = None,
+    ) -> list[dict[str, Any]]:
         """Where each consultation stands on this side (no patient data: hashes only), the
         most recently changed first; the centre's queue is ``?side=centre``; paged as
         ``/outbox``. Steps are taken on /fhir (bridge/consult)."""
         c = CONSULTATION.c
-        where = [col == v for col, v in ((c.step, step), (c.status, status), (c.side, side))
-                 if v]
+        where = [col == v for col, v in ((c.step, step), (c.status, status), (c.side, side)) if v]
         with ctx.store.read() as conn:
-            rows, total, nxt = paging.page(conn, select(CONSULTATION), where=where,
-                                           order=[c.updated_at, c.thread], desc=True,
-                                           limit=limit, after=after)
+            rows, total, nxt = paging.page(
+                conn,
+                select(CONSULTATION),
+                where=where,
+                order=[c.updated_at, c.thread],
+                desc=True,
+                limit=limit,
+                after=after,
+            )
         paging.headers(request, response, total, nxt)
         return rows
 
     @app.get("/local/v1/reminders", responses=errs(401))
-    def reminders(role: AnyRole, request: Request, response: Response, limit: int = 200,
-                  after: str | None = None) -> list[dict[str, Any]]:
+    def reminders(
+        role: AnyRole,
+        request: Request,
+        response: Response,
+        limit: int = 200,
+        after: str | None = None,
+    ) -> list[dict[str, Any]]:
         """Unaccepted referrals past their time (reminded), paged as ``/referrals``."""
-        return referral_page(request, response, [
-            REFERRAL.c.reminded_at.is_not(None),
-            REFERRAL.c.status.in_(("requested", "received"))], limit, after)
+        return referral_page(
+            request,
+            response,
+            [REFERRAL.c.reminded_at.is_not(None), REFERRAL.c.status.in_(("requested", "received"))],
+            limit,
+            after,
+        )
 
     @app.get("/local/v1/patients/{patient_hash}/results", responses=errs(401, 403))
-    def patient_results(patient_hash: str, role: ClinicianRole,
-                        request: Request) -> dict[str, Any]:
+    def patient_results(patient_hash: str, role: ClinicianRole, request: Request) -> dict[str, Any]:
         """Mutual-recognition view (结果互认): the patient's results known here, with where and
         when each was produced (bridge/results/recognition.py). The read is audited."""
         from bridge.api.fhir_audit import read_entries
         from bridge.results.recognition import results_for
 
         with ctx.store.write() as conn:
-            items = results_for(conn, patient_hash, node_id=ctx.node_id,
-                                directory=ctx.plan.directory)
-            ctx.audit.append(conn, read_entries(
-                role, f"/local/v1/patients/{patient_hash}/results",
-                # an empty answer is still a look at this patient
-                [(i["report"], patient_hash) for i in items] or [("results", patient_hash)],
-                ctx.now(),
-                interaction="search-type", **who(request, role)))
+            items = results_for(
+                conn, patient_hash, node_id=ctx.node_id, directory=ctx.plan.directory
+            )
+            ctx.audit.append(
+                conn,
+                read_entries(
+                    role,
+                    f"/local/v1/patients/{patient_hash}/results",
+                    # an empty answer is still a look at this patient
+                    [(i["report"], patient_hash) for i in items] or [("results", patient_hash)],
+                    ctx.now(),
+                    interaction="search-type",
+                    **who(request, role),
+                ),
+            )
         return {"patient_hash": patient_hash, "node": ctx.node_id, "results": items}
 
     for adapter in node.adapters.values():  # an adapter may offer routes of its own (no import)

@@ -142,10 +142,12 @@ class FhirResponse(JSONResponse):
         return orjson.dumps(content)
 
 
-def fhir_json(body: dict[str, Any], status: int = 200,
-              headers: dict[str, str] | None = None) -> FhirResponse:
-    return FhirResponse(body, status_code=status, headers=headers,
-                        media_type=f"{FHIR_JSON}; charset=utf-8")
+def fhir_json(
+    body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None
+) -> FhirResponse:
+    return FhirResponse(
+        body, status_code=status, headers=headers, media_type=f"{FHIR_JSON}; charset=utf-8"
+    )
 
 
 def fhir_status(exc: HutongError) -> int:
@@ -155,8 +157,9 @@ def fhir_status(exc: HutongError) -> int:
 
 
 def outcome_response(exc: HutongError) -> FhirResponse:
-    headers = {"WWW-Authenticate": 'Bearer realm="hutong"'} if isinstance(exc, Unauthorized) \
-        else None
+    headers = (
+        {"WWW-Authenticate": 'Bearer realm="hutong"'} if isinstance(exc, Unauthorized) else None
+    )
     allow = getattr(exc, "allow", None)
     if allow:
         headers = {**(headers or {}), "Allow": allow}
@@ -201,32 +204,42 @@ WHY = {
     412: "If-Match (or a transaction entry's ifMatch) names another version than the current",
     415: "the body's Content-Type is not JSON",
     422: "refused: not valid FHIR R4, a malformed request, or the workflow refuses it "
-         "(consent, references); the message names the path and the rule, never the value",
+    "(consent, references); the message names the path and the rule, never the value",
     501: "the referral workflow is not available on this node",
 }
 
 #: an OperationOutcome as /fhir writes it (``operation_outcome``)
 OUTCOME_SCHEMA: dict[str, Any] = {
-    "type": "object", "required": ["resourceType", "issue"],
+    "type": "object",
+    "required": ["resourceType", "issue"],
     "properties": {
         "resourceType": {"const": "OperationOutcome"},
-        "issue": {"type": "array", "minItems": 1, "items": {
-            "type": "object", "required": ["severity", "code"],
-            "properties": {
-                "severity": {"enum": ["fatal", "error", "warning", "information"]},
-                "code": {"type": "string"},
-                "details": {"type": "object"},
-                "diagnostics": {"type": "string"},
-                "expression": {"type": "array", "items": {"type": "string"}},
-            }}},
+        "issue": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "required": ["severity", "code"],
+                "properties": {
+                    "severity": {"enum": ["fatal", "error", "warning", "information"]},
+                    "code": {"type": "string"},
+                    "details": {"type": "object"},
+                    "diagnostics": {"type": "string"},
+                    "expression": {"type": "array", "items": {"type": "string"}},
+                },
+            },
+        },
     },
 }
 
 
 def resource_schema(rtype: str | None = None) -> dict[str, Any]:
     """A FHIR resource (of one type, if given): the R4 JSON schema is the full definition."""
-    return {"type": "object", "required": ["resourceType"],
-            "properties": {"resourceType": {"const": rtype} if rtype else {"type": "string"}}}
+    return {
+        "type": "object",
+        "required": ["resourceType"],
+        "properties": {"resourceType": {"const": rtype} if rtype else {"type": "string"}},
+    }
 
 
 def fhir_responses(ok: str | None, *errors: int) -> dict[int | str, dict[str, Any]]:
@@ -235,19 +248,28 @@ def fhir_responses(ok: str | None, *errors: int) -> dict[int | str, dict[str, An
     Every /fhir route can also answer 400 (a request FastAPI cannot bind becomes a BadRequest
     in ``FhirRoute``), 401 and 422 (declared so FastAPI does not document its own 422 model,
     which /fhir never sends)."""
-    out: dict[int | str, dict[str, Any]] = {200: {
-        "description": f"a {ok or 'FHIR resource'}",
-        "content": {FHIR_JSON: {"schema": resource_schema(ok)}}}}
+    out: dict[int | str, dict[str, Any]] = {
+        200: {
+            "description": f"a {ok or 'FHIR resource'}",
+            "content": {FHIR_JSON: {"schema": resource_schema(ok)}},
+        }
+    }
     for status in sorted({400, 401, 406, 422, *errors}):
-        out[status] = {"description": WHY[status],
-                       "content": {FHIR_JSON: {"schema": OUTCOME_SCHEMA}}}
+        out[status] = {
+            "description": WHY[status],
+            "content": {FHIR_JSON: {"schema": OUTCOME_SCHEMA}},
+        }
     return out
 
 
 def fhir_body(rtype: str) -> dict[str, Any]:
     """``openapi_extra=`` for a /fhir route that reads a resource from the raw body itself."""
-    return {"requestBody": {"required": True, "content": {FHIR_JSON: {
-        "schema": resource_schema(rtype)}}}}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {FHIR_JSON: {"schema": resource_schema(rtype)}},
+        }
+    }
 
 
 class ErrorOut(BaseModel):
@@ -270,9 +292,13 @@ def local_responses(*errors: int) -> dict[int | str, dict[str, Any]]:
     422 is always there: a request the route cannot bind is answered by
     ``request_invalid_response`` in that shape (not FastAPI's, which quotes the input). 400 is
     only for routes with a JSON body: FastAPI answers a body that does not parse itself."""
-    return {status: {"model": BodyUnreadable if status == 400 else ErrorOut,
-                     "description": "the body is not JSON" if status == 400 else WHY[status]}
-            for status in sorted({422, *errors})}
+    return {
+        status: {
+            "model": BodyUnreadable if status == 400 else ErrorOut,
+            "description": "the body is not JSON" if status == 400 else WHY[status],
+        }
+        for status in sorted({422, *errors})
+    }
 
 
 class RequestInvalid(HutongError):
@@ -288,8 +314,11 @@ def request_problems(exc: RequestValidationError) -> str:
     for err in exc.errors()[:5]:
         where = ""
         for part in err.get("loc", ()):
-            where = f"{where}[{part}]" if isinstance(part, int) else \
-                (f"{where}.{part}" if where else str(part))
+            where = (
+                f"{where}[{part}]"
+                if isinstance(part, int)
+                else (f"{where}.{part}" if where else str(part))
+            )
         problems.append(f"{where or '(request)'}: {err.get('type', 'invalid')}")
     more = len(exc.errors()) - len(problems)
     return "; ".join(problems) + (f" (and {more} more)" if more > 0 else "")

@@ -61,9 +61,16 @@ def _past(columns: Sequence[Any], values: Sequence[Any], desc: Sequence[bool]) -
     return or_(*terms)
 
 
-def page(conn: Connection, stmt: Any, *, where: Sequence[Any], order: Sequence[Any],
-         desc: bool | Sequence[bool], limit: int,
-         after: str | None) -> tuple[list[dict[str, Any]], int, str | None]:
+def page(
+    conn: Connection,
+    stmt: Any,
+    *,
+    where: Sequence[Any],
+    order: Sequence[Any],
+    desc: bool | Sequence[bool],
+    limit: int,
+    after: str | None,
+) -> tuple[list[dict[str, Any]], int, str | None]:
     """(items, total matching ``where``, cursor of the next page or None) for a SELECT of one
     table, ordered by the unique key ``order`` (its last column unique). ``desc``: one
     direction for every column, or one per column (to walk an index such as
@@ -74,13 +81,17 @@ def page(conn: Connection, stmt: Any, *, where: Sequence[Any], order: Sequence[A
     if len(dirs) != len(order):
         raise ValueError("desc: one direction per order column")
     froms = stmt.get_final_froms()
-    total = int(conn.execute(select(func.count()).select_from(*froms)
-                             .where(and_(True, *where))).scalar_one())
+    total = int(
+        conn.execute(
+            select(func.count()).select_from(*froms).where(and_(True, *where))
+        ).scalar_one()
+    )
     q = stmt.where(and_(True, *where))
     if after:
         q = q.where(_past(order, decode(after, order), dirs))
-    q = q.order_by(*(c.desc() if d else c.asc() for c, d in zip(order, dirs, strict=True))
-                   ).limit(limit + 1)
+    q = q.order_by(*(c.desc() if d else c.asc() for c, d in zip(order, dirs, strict=True))).limit(
+        limit + 1
+    )
     rows = [dict(r._mapping) for r in conn.execute(q)]
     nxt = None
     if len(rows) > limit:

@@ -55,8 +55,15 @@ class Anchor:
     signature: str  # base64 Ed25519 signature over chain.checkpoint_message(...)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"v": ANCHOR_VERSION, "node": self.node, "seq": self.seq, "hash": self.hash,
-                "at": self.at, "key_id": self.key_id, "signature": self.signature}
+        return {
+            "v": ANCHOR_VERSION,
+            "node": self.node,
+            "seq": self.seq,
+            "hash": self.hash,
+            "at": self.at,
+            "key_id": self.key_id,
+            "signature": self.signature,
+        }
 
     @classmethod
     def from_dict(cls, d: Any) -> Anchor:
@@ -138,8 +145,9 @@ class AnchorFile:
     def _write(self, anchor: Anchor, *, force: bool) -> bool:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._lock:
-            fd = os.open(self.path.with_name(self.path.name + ".lock"),
-                         os.O_RDWR | os.O_CREAT, 0o600)
+            fd = os.open(
+                self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600
+            )
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 if not force:
@@ -149,8 +157,9 @@ class AnchorFile:
                         current = None  # an unreadable file is replaced by a good one
                     if current is not None and current.seq >= anchor.seq:
                         return False
-                _atomic_write(self.path, orjson.dumps(anchor.to_dict(),
-                                                      option=orjson.OPT_SORT_KEYS) + b"\n")
+                _atomic_write(
+                    self.path, orjson.dumps(anchor.to_dict(), option=orjson.OPT_SORT_KEYS) + b"\n"
+                )
                 return True
             finally:
                 os.close(fd)  # releases the flock
@@ -173,8 +182,9 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 def head(conn: Connection) -> tuple[int, str | None]:
-    row = conn.execute(select(_audit.c.seq, _audit.c.hash)
-                       .order_by(_audit.c.seq.desc()).limit(1)).first()
+    row = conn.execute(
+        select(_audit.c.seq, _audit.c.hash).order_by(_audit.c.seq.desc()).limit(1)
+    ).first()
     return (int(row[0]), row[1]) if row else (0, None)
 
 
@@ -187,12 +197,15 @@ def problem(conn: Connection, anchor: Anchor, source: str) -> tuple[int, str] | 
         if last < anchor.seq:
             gap = f"{last + 1}" if last + 1 == anchor.seq else f"{last + 1}..{anchor.seq}"
             ends = "the log is empty" if last == 0 else f"the log ends at seq {last}"
-            return last + 1, (f"truncated: {source} records seq {anchor.seq} (hash "
-                              f"{anchor.hash[:16]}) but {ends}, row(s) {gap} missing")
+            return last + 1, (
+                f"truncated: {source} records seq {anchor.seq} (hash "
+                f"{anchor.hash[:16]}) but {ends}, row(s) {gap} missing"
+            )
         return anchor.seq, f"seq {anchor.seq}: row missing, {source} records it"
     if row.hash != anchor.hash:
-        return anchor.seq, (f"seq {anchor.seq}: hash differs from {source}'s "
-                            "(store replaced or rewritten)")
+        return anchor.seq, (
+            f"seq {anchor.seq}: hash differs from {source}'s (store replaced or rewritten)"
+        )
     return None
 
 
@@ -208,8 +221,9 @@ def superseded_name(now: datetime | None = None) -> str:
 # -- anchors held for peers ---------------------------------------------------------------------
 
 
-def keep_from_receipts(conn: Connection, directory: Any, receipts: Sequence[Any],
-                       now: datetime) -> list[Any]:
+def keep_from_receipts(
+    conn: Connection, directory: Any, receipts: Sequence[Any], now: datetime
+) -> list[Any]:
     """Keep the highest anchor each receipt signer showed (inside the caller's transaction).
 
     ``receipts``: verified receipt field dicts (others are skipped). An anchor must be of the
@@ -238,27 +252,51 @@ def keep_from_receipts(conn: Connection, directory: Any, receipts: Sequence[Any]
         if member is None:
             continue
         # the highest that verifies (a batch's receipts mostly carry one and the same)
-        best = next((c for c in sorted(candidates, key=lambda c: -c.seq)
-                     if c.verifies(member.signing_keys)), None)
+        best = next(
+            (
+                c
+                for c in sorted(candidates, key=lambda c: -c.seq)
+                if c.verifies(member.signing_keys)
+            ),
+            None,
+        )
         if best is None:
             continue
         a = best
         row = conn.execute(select(table).where(table.c.node == node)).first()
-        values = {"seq": a.seq, "hash": a.hash, "at": a.at, "key_id": a.key_id,
-                  "signature": a.signature, "received_at": now}
+        values = {
+            "seq": a.seq,
+            "hash": a.hash,
+            "at": a.at,
+            "key_id": a.key_id,
+            "signature": a.signature,
+            "received_at": now,
+        }
         if row is None:
             conn.execute(table.insert().values(node=node, **values))
         elif a.seq > row.seq:
             conn.execute(table.update().where(table.c.node == node).values(**values))
         elif (a.seq < row.seq or a.hash != row.hash) and row.regressed != f"{a.seq}:{a.hash}":
-            conn.execute(table.update().where(table.c.node == node)
-                         .values(regressed=f"{a.seq}:{a.hash}"))
-            entries.append(AuditEntry(
-                action="peer-anchor", outcome="8", peer=node, at=now, code="HT-AUDIT-ANCHOR",
-                message=f"{node}'s audit chain went back: it now shows seq {a.seq} (hash "
-                        f"{a.hash[:16]}), it showed seq {row.seq} (hash {row.hash[:16]})",
-                extra={"held_seq": str(row.seq), "held_hash": row.hash, "shown_seq": str(a.seq),
-                       "shown_hash": a.hash}))
+            conn.execute(
+                table.update().where(table.c.node == node).values(regressed=f"{a.seq}:{a.hash}")
+            )
+            entries.append(
+                AuditEntry(
+                    action="peer-anchor",
+                    outcome="8",
+                    peer=node,
+                    at=now,
+                    code="HT-AUDIT-ANCHOR",
+                    message=f"{node}'s audit chain went back: it now shows seq {a.seq} (hash "
+                    f"{a.hash[:16]}), it showed seq {row.seq} (hash {row.hash[:16]})",
+                    extra={
+                        "held_seq": str(row.seq),
+                        "held_hash": row.hash,
+                        "shown_seq": str(a.seq),
+                        "shown_hash": a.hash,
+                    },
+                )
+            )
     return entries
 
 

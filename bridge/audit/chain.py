@@ -133,21 +133,23 @@ class AuditChain:
                 resource = to_audit_event(entry, self.node_id, seq)
                 body = canonical(resource)
                 digest = link_hash(prev, body)
-                rows.append({
-                    "seq": seq,
-                    "at": entry.at,
-                    "action": entry.action,
-                    "outcome": entry.outcome,
-                    "packet_id": entry.packet_id,
-                    "kind": entry.kind,
-                    "peer": entry.peer,
-                    "thread": entry.thread,
-                    "patient_hash": entry.patient_hash,
-                    "actor": entry.actor,
-                    "resource": body.decode(),
-                    "prev_hash": prev,
-                    "hash": digest,
-                })
+                rows.append(
+                    {
+                        "seq": seq,
+                        "at": entry.at,
+                        "action": entry.action,
+                        "outcome": entry.outcome,
+                        "packet_id": entry.packet_id,
+                        "kind": entry.kind,
+                        "peer": entry.peer,
+                        "thread": entry.thread,
+                        "patient_hash": entry.patient_hash,
+                        "actor": entry.actor,
+                        "resource": body.decode(),
+                        "prev_hash": prev,
+                        "hash": digest,
+                    }
+                )
                 if seq % every == 0:
                     marks.append((seq, digest))
                 prev = digest
@@ -171,8 +173,10 @@ class AuditChain:
             if seq == 0:
                 return None
             existing = conn.execute(
-                select(_checkpoints).where(_checkpoints.c.seq == seq, _checkpoints.c.hash == head)
-                .order_by(_checkpoints.c.id.desc()).limit(1)
+                select(_checkpoints)
+                .where(_checkpoints.c.seq == seq, _checkpoints.c.hash == head)
+                .order_by(_checkpoints.c.id.desc())
+                .limit(1)
             ).first()
             if existing is not None:
                 found = AuditCheckpoint(**existing._asdict())
@@ -226,8 +230,11 @@ class AuditChain:
     # -- verifying ---------------------------------------------------------------------------
 
     def verify(
-        self, conn: Connection, public_keys: Sequence[Ed25519PublicKey] = (),
-        *, after: tuple[int, str] | None = None,
+        self,
+        conn: Connection,
+        public_keys: Sequence[Ed25519PublicKey] = (),
+        *,
+        after: tuple[int, str] | None = None,
     ) -> VerifyResult:
         """Recompute the whole chain in seq order, streaming; stop at the first problem.
 
@@ -245,22 +252,35 @@ class AuditChain:
         except DBAPIError as exc:
             raise StoreError("audit verify failed", detail=type(exc.orig).__name__) from exc
 
-    def _verify(self, conn: Connection, public_keys: Sequence[Ed25519PublicKey],
-                after: tuple[int, str]) -> VerifyResult:
+    def _verify(
+        self, conn: Connection, public_keys: Sequence[Ed25519PublicKey], after: tuple[int, str]
+    ) -> VerifyResult:
         keys = list(public_keys) or ([self.signing_key.public_key()] if self.signing_key else [])
         by_id = {key_id(k): k for k in keys}
         last_seq, last_hash = after
-        cps = list(conn.execute(select(_checkpoints).where(_checkpoints.c.seq > last_seq)
-                                .order_by(_checkpoints.c.seq, _checkpoints.c.id)))
+        cps = list(
+            conn.execute(
+                select(_checkpoints)
+                .where(_checkpoints.c.seq > last_seq)
+                .order_by(_checkpoints.c.seq, _checkpoints.c.id)
+            )
+        )
         cp_i = 0
         cps_checked = 0
         checked = 0
         if last_seq:  # the confirmed row itself must still be there, unchanged
             pinned = conn.execute(select(_audit.c.hash).where(_audit.c.seq == last_seq)).first()
             if pinned is None or pinned.hash != last_hash:
-                return VerifyResult(False, 0, last_seq, f"seq {last_seq}: the row confirmed by "
-                                    "the last full verification is gone or changed",
-                                    last_seq, last_hash, 0)
+                return VerifyResult(
+                    False,
+                    0,
+                    last_seq,
+                    f"seq {last_seq}: the row confirmed by "
+                    "the last full verification is gone or changed",
+                    last_seq,
+                    last_hash,
+                    0,
+                )
 
         def fail(seq: int, reason: str) -> VerifyResult:
             return VerifyResult(False, checked, seq, reason, last_seq, last_hash, cps_checked)
@@ -272,17 +292,27 @@ class AuditChain:
             if key is None:
                 return f"checkpoint at seq {cp.seq}: signed by unknown key {cp.key_id}"
             try:
-                key.verify(base64.b64decode(cp.signature, validate=True),
-                           checkpoint_message(self.node_id, cp.seq, cp.hash, cp.at))
+                key.verify(
+                    base64.b64decode(cp.signature, validate=True),
+                    checkpoint_message(self.node_id, cp.seq, cp.hash, cp.at),
+                )
             except (InvalidSignature, ValueError):
                 return f"checkpoint at seq {cp.seq}: signature does not verify (key {cp.key_id})"
             return None
 
-        stmt = select(
-            _audit.c.seq, _audit.c.at, *(_audit.c[name] for name in _COLUMNS),
-            _audit.c.resource, _audit.c.prev_hash, _audit.c.hash,
-        ).where(_audit.c.seq > last_seq).order_by(_audit.c.seq).execution_options(
-            yield_per=_VERIFY_BATCH)
+        stmt = (
+            select(
+                _audit.c.seq,
+                _audit.c.at,
+                *(_audit.c[name] for name in _COLUMNS),
+                _audit.c.resource,
+                _audit.c.prev_hash,
+                _audit.c.hash,
+            )
+            .where(_audit.c.seq > last_seq)
+            .order_by(_audit.c.seq)
+            .execution_options(yield_per=_VERIFY_BATCH)
+        )
         result = conn.execute(stmt)
         try:
             for row in result:
@@ -293,8 +323,11 @@ class AuditChain:
                     gap = f"{last_seq + 1}" if seq == last_seq + 2 else f"{last_seq + 1}..{seq - 1}"
                     return fail(seq, f"seq {seq}: follows seq {last_seq}, row {gap} missing")
                 if row.prev_hash != last_hash:
-                    return fail(seq, f"seq {seq}: prev_hash does not link to seq {last_seq}"
-                                     " (row deleted, moved or reordered)")
+                    return fail(
+                        seq,
+                        f"seq {seq}: prev_hash does not link to seq {last_seq}"
+                        " (row deleted, moved or reordered)",
+                    )
                 body = row.resource.encode()
                 if link_hash(last_hash, body) != row.hash:
                     return fail(seq, f"seq {seq}: hash mismatch, resource or hash was edited")
@@ -326,6 +359,8 @@ class AuditChain:
         for cp in cps[cp_i:]:  # checkpoints beyond the last row: forged, or the tail was cut
             if problem := bad_signature(cp):
                 return fail(cp.seq, problem)
-            return fail(last_seq + 1, f"truncated: checkpoint at seq {cp.seq} but the log ends"
-                                      f" at seq {last_seq}")
+            return fail(
+                last_seq + 1,
+                f"truncated: checkpoint at seq {cp.seq} but the log ends at seq {last_seq}",
+            )
         return VerifyResult(True, checked, None, None, last_seq, last_hash, cps_checked)

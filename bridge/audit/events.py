@@ -61,8 +61,11 @@ ACTIONS: dict[str, str] = {
 ROLE_SYSTEM = "http://hutong.dev/CodeSystem/role"
 #: R4 RESTful interactions (AuditEvent.subtype of a ``rest`` event)
 RESTFUL_SYSTEM = "http://hl7.org/fhir/restful-interaction"
-_REST_TYPE = {"system": "http://terminology.hl7.org/CodeSystem/audit-event-type", "code": "rest",
-              "display": "RESTful Operation"}
+_REST_TYPE = {
+    "system": "http://terminology.hl7.org/CodeSystem/audit-event-type",
+    "code": "rest",
+    "display": "RESTful Operation",
+}
 
 _TYPE_DEFAULT = {"system": DCM, "code": "110100", "display": "Application Activity"}
 _TYPES: dict[str, dict[str, str]] = {
@@ -200,13 +203,12 @@ def to_audit_event(entry: AuditEntry, node_id: str, seq: int) -> dict[str, Any]:
         extensions.append(extra)
 
     node = {"system": NODE_SYSTEM, "value": node_id}
-    agents: list[dict[str, Any]] = [
-        {"who": {"identifier": node}, "requestor": True}
-    ]
+    agents: list[dict[str, Any]] = [{"who": {"identifier": node}, "requestor": True}]
     if entry.actor:
         person: dict[str, Any] = {
             "who": {"identifier": {"system": ACTOR_SYSTEM, "value": entry.actor}},
-            "requestor": True}
+            "requestor": True,
+        }
         if entry.actor_role:
             person["role"] = [{"coding": [{"system": ROLE_SYSTEM, "code": entry.actor_role}]}]
         if entry.address:
@@ -246,11 +248,15 @@ def to_audit_event(entry: AuditEntry, node_id: str, seq: int) -> dict[str, Any]:
             packet["detail"] = details
         entities.append(packet)
     if entry.patient_hash:
-        entities.append({
-            "what": {"identifier": {"system": PATIENT_HASH_SYSTEM, "value": entry.patient_hash}},
-            "type": _PERSON_TYPE,
-            "role": _PATIENT_ROLE,
-        })
+        entities.append(
+            {
+                "what": {
+                    "identifier": {"system": PATIENT_HASH_SYSTEM, "value": entry.patient_hash}
+                },
+                "type": _PERSON_TYPE,
+                "role": _PATIENT_ROLE,
+            }
+        )
     if entities:
         event["entity"] = entities
     return event
@@ -264,8 +270,19 @@ def event_fields(event: dict[str, Any]) -> dict[str, Any]:
     patient_hash, actor, code, message; missing ones are None.
     """
     out: dict[str, Any] = dict.fromkeys(
-        ("seq", "action", "packet_id", "kind", "peer", "thread", "patient_hash", "actor", "code",
-         "message"))
+        (
+            "seq",
+            "action",
+            "packet_id",
+            "kind",
+            "peer",
+            "thread",
+            "patient_hash",
+            "actor",
+            "code",
+            "message",
+        )
+    )
     out["at"] = event.get("recorded")
     out["outcome"] = event.get("outcome")
     for ext in event.get("extension", ()):
@@ -295,7 +312,7 @@ def event_fields(event: dict[str, Any]) -> dict[str, Any]:
     if desc is not None:
         prefix = f"{out['code']}: " if out["code"] else None
         if prefix and desc.startswith(prefix):
-            out["message"] = desc[len(prefix):]
+            out["message"] = desc[len(prefix) :]
         elif desc != out["code"]:
             out["message"] = desc
     return out
@@ -305,8 +322,9 @@ def who_fields(event: dict[str, Any]) -> dict[str, Any]:
     """What ``event_fields`` leaves out about the person: ``actor_role``, ``address``,
     ``interaction`` (the RESTful subtype), ``shown`` (the page or query) and ``resources``
     (the ``Type/id`` list shown)."""
-    out: dict[str, Any] = dict.fromkeys(("actor_role", "address", "interaction", "shown",
-                                         "resources"))
+    out: dict[str, Any] = dict.fromkeys(
+        ("actor_role", "address", "interaction", "shown", "resources")
+    )
     for coding in event.get("subtype", ()):
         if coding.get("system") == RESTFUL_SYSTEM:
             out["interaction"] = coding.get("code")

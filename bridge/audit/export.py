@@ -27,10 +27,27 @@ from .events import event_fields, who_fields
 from .tables import AuditRecord
 
 CHAIN_EXTENSION = "http://hutong.dev/StructureDefinition/audit-chain"
-CSV_COLUMNS = ("seq", "at", "action", "outcome", "kind", "peer", "thread", "packet_id",
-               "patient_hash", "actor", "code", "message", "hash",
-               # who and what, for "who looked at this patient" (events.who_fields)
-               "actor_role", "address", "interaction", "shown", "resources")
+CSV_COLUMNS = (
+    "seq",
+    "at",
+    "action",
+    "outcome",
+    "kind",
+    "peer",
+    "thread",
+    "packet_id",
+    "patient_hash",
+    "actor",
+    "code",
+    "message",
+    "hash",
+    # who and what, for "who looked at this patient" (events.who_fields)
+    "actor_role",
+    "address",
+    "interaction",
+    "shown",
+    "resources",
+)
 MAX_LIMIT = 1000
 _BATCH = 2000
 
@@ -65,9 +82,15 @@ def _select(
         # the pages show the first 16 hex digits: a copied prefix finds the patient's rows
         stmt = stmt.where(_audit.c.patient_hash.startswith(patient_hash, autoescape=True))
         patient_hash = None
-    for column, value in (("patient_hash", patient_hash), ("peer", peer), ("action", action),
-                          ("outcome", outcome), ("packet_id", packet_id), ("actor", actor),
-                          ("kind", kind)):
+    for column, value in (
+        ("patient_hash", patient_hash),
+        ("peer", peer),
+        ("action", action),
+        ("outcome", outcome),
+        ("packet_id", packet_id),
+        ("actor", actor),
+        ("kind", kind),
+    ):
         if value is not None:
             stmt = stmt.where(_audit.c[column] == value)
     return stmt
@@ -112,11 +135,15 @@ def export(
         else:
             for row in result:
                 resource = orjson.loads(row.resource)
-                resource.setdefault("extension", []).append({
-                    "url": CHAIN_EXTENSION,
-                    "extension": [{"url": "prevHash", "valueString": row.prev_hash},
-                                  {"url": "hash", "valueString": row.hash}],
-                })
+                resource.setdefault("extension", []).append(
+                    {
+                        "url": CHAIN_EXTENSION,
+                        "extension": [
+                            {"url": "prevHash", "valueString": row.prev_hash},
+                            {"url": "hash", "valueString": row.hash},
+                        ],
+                    }
+                )
                 out.write(orjson.dumps(resource).decode())
                 out.write("\n")
                 count += 1
@@ -172,10 +199,19 @@ def query(
 __all__ = ["CHAIN_EXTENSION", "CSV_COLUMNS", "MAX_LIMIT", "export", "query", "unwrap"]
 
 
-def count(conn: Connection, *, since: datetime | None = None, until: datetime | None = None,
-          patient_hash: str | None = None, peer: str | None = None, action: str | None = None,
-          outcome: str | None = None, packet_id: str | None = None,
-          actor: str | None = None, kind: str | None = None) -> int:
+def count(
+    conn: Connection,
+    *,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    patient_hash: str | None = None,
+    peer: str | None = None,
+    action: str | None = None,
+    outcome: str | None = None,
+    packet_id: str | None = None,
+    actor: str | None = None,
+    kind: str | None = None,
+) -> int:
     """How many records match (the pages say how many there are, not just how many shown)."""
     from sqlalchemy import func
 

@@ -43,8 +43,12 @@ class ChainStatus:
 class ChainWatch:
     """One per node process; thread-safe (the page, the alert job and the API share it)."""
 
-    def __init__(self, ctx: NodeContext, keys: Callable[[Connection], Sequence[Ed25519PublicKey]],
-                 full_every_s: float) -> None:
+    def __init__(
+        self,
+        ctx: NodeContext,
+        keys: Callable[[Connection], Sequence[Ed25519PublicKey]],
+        full_every_s: float,
+    ) -> None:
         self.ctx = ctx
         self.keys = keys
         self.full_every_s = full_every_s
@@ -56,25 +60,46 @@ class ChainWatch:
         with self._lock:
             now = ctx.now()
             base = self._base
-            if base is not None and not full and \
-                    (now - base[0]).total_seconds() < self.full_every_s:
+            if (
+                base is not None
+                and not full
+                and (now - base[0]).total_seconds() < self.full_every_s
+            ):
                 at, done = base
                 with ctx.store.read() as conn:
-                    res = ctx.audit.verify(conn, self.keys(conn),
-                                           after=(done.last_seq, done.last_hash))
+                    res = ctx.audit.verify(
+                        conn, self.keys(conn), after=(done.last_seq, done.last_hash)
+                    )
                     res = _anchored(conn, ctx, res)
                 if not res.ok:
                     self._base = None
-                return ChainStatus(res.ok, at, done.checked, res.checked, res.last_seq,
-                                   res.last_hash, done.checkpoints_checked
-                                   + res.checkpoints_checked, res.first_bad_seq, res.reason)
+                return ChainStatus(
+                    res.ok,
+                    at,
+                    done.checked,
+                    res.checked,
+                    res.last_seq,
+                    res.last_hash,
+                    done.checkpoints_checked + res.checkpoints_checked,
+                    res.first_bad_seq,
+                    res.reason,
+                )
             with ctx.store.read() as conn:
                 res = ctx.audit.verify(conn, self.keys(conn))
                 res = _anchored(conn, ctx, res)
             self._base = (now, res) if res.ok else None
-            return ChainStatus(res.ok, now if res.ok else None, res.checked, 0, res.last_seq,
-                               res.last_hash, res.checkpoints_checked, res.first_bad_seq,
-                               res.reason, ran_full=True)
+            return ChainStatus(
+                res.ok,
+                now if res.ok else None,
+                res.checked,
+                0,
+                res.last_seq,
+                res.last_hash,
+                res.checkpoints_checked,
+                res.first_bad_seq,
+                res.reason,
+                ran_full=True,
+            )
 
 
 def _anchored(conn: Connection, ctx: NodeContext, res: VerifyResult) -> VerifyResult:
@@ -88,5 +113,6 @@ def _anchored(conn: Connection, ctx: NodeContext, res: VerifyResult) -> VerifyRe
     found = problem(conn, latest, "the node's latest anchor")
     if found is None:
         return res
-    return VerifyResult(False, res.checked, found[0], found[1], res.last_seq, res.last_hash,
-                        res.checkpoints_checked)
+    return VerifyResult(
+        False, res.checked, found[0], found[1], res.last_seq, res.last_hash, res.checkpoints_checked
+    )

@@ -289,11 +289,13 @@ def _check_public_keys(state: _Alliance, members: list[Any], problems: _Problems
         if any(key is None for key in found.values()) or not found:
             continue
         signing = tuple(
-            k for k in (found.get("signing_key"), found.get("next_signing_key"))
+            k
+            for k in (found.get("signing_key"), found.get("next_signing_key"))
             if isinstance(k, Ed25519PublicKey)
         )
         encryption = tuple(
-            k for k in (found.get("encryption_key"), found.get("next_encryption_key"))
+            k
+            for k in (found.get("encryption_key"), found.get("next_encryption_key"))
             if isinstance(k, X25519PublicKey)
         )
         if signing and encryption:
@@ -404,8 +406,9 @@ def _check_node(
     if hook is not None and is_secret_ref(hook):
         # a chat-robot webhook URL carries its own access key: keep it out of the node file
         try:
-            node.webhook_url = webhook_url(resolve_secret(hook, base, allow_placeholder=True)
-                                           .strip())
+            node.webhook_url = webhook_url(
+                resolve_secret(hook, base, allow_placeholder=True).strip()
+            )
         except (ConfigError, ValueError) as exc:
             msg = exc.problems[0] if isinstance(exc, ConfigError) else str(exc)
             problems.add(path, "alerts.webhook_url", msg)
@@ -485,8 +488,10 @@ def _check_private_key(
     try:
         key = serialization.load_pem_private_key(path.read_bytes(), password=node.passphrase)
     except TypeError:
-        what = "is encrypted: set keys.passphrase" if node.passphrase is None else (
-            "is not encrypted but keys.passphrase is set"
+        what = (
+            "is encrypted: set keys.passphrase"
+            if node.passphrase is None
+            else ("is not encrypted but keys.passphrase is set")
         )
         problems.add(node.path, where, f"private key file {value} {what}")
         return
@@ -626,12 +631,15 @@ def _build_plan(alliance: _Alliance, node: _Node) -> NodePlan:
         rules=rules,
         adapters=tuple(
             AdapterSettings(
-                name=a.name, type=a.type,
+                name=a.name,
+                type=a.type,
                 mappings=_absolute(base, a.mappings) if a.mappings else None,
-                receives=tuple(a.receives), options=MappingProxyType(dict(a.options)),
+                receives=tuple(a.receives),
+                options=MappingProxyType(dict(a.options)),
                 base_dir=base,
             )
-            for a in config.adapters if a.enabled
+            for a in config.adapters
+            if a.enabled
         ),
         config_hash=_config_hash(alliance, config),
         source_files=(alliance.path, node.path, *alliance.key_files),

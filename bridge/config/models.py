@@ -247,9 +247,7 @@ class DeliveryConfig(_Model):
 
 
 class RetentionConfig(_Model):
-    body_days: Annotated[dict[Kind, NonNegativeFloat], AfterValidator(_needs_default)] = {
-        "*": 30.0
-    }
+    body_days: Annotated[dict[Kind, NonNegativeFloat], AfterValidator(_needs_default)] = {"*": 30.0}
     audit_days: int = MIN_AUDIT_DAYS
     run_every_s: PositiveFloat = 3600.0
     #: quarantine: held items older than this lose their bytes (unauthenticated ones go

@@ -96,8 +96,7 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, Mapping):
-        return "{ " + ", ".join(f"{_q(str(k))} = {_toml_value(v)}"
-                                for k, v in value.items()) + " }"
+        return "{ " + ", ".join(f"{_q(str(k))} = {_toml_value(v)}" for k, v in value.items()) + " }"
     raise TypeError(f"cannot write {type(value).__name__} to TOML")
 
 
@@ -192,10 +191,14 @@ def write_alliance(
                 _hostport(host, base_port_local + i),
                 _hostport(host, base_port_peer + i),
                 dsn,
-            ) + (adapters_toml(m["adapters"]) if m.get("adapters") else "")
-            + ("" if national_id_egress else
-               "\n# test bundles carry national ID numbers: the egress rule is off here\n"
-               "[egress]\nrefuse_identifier_systems = []\n"),
+            )
+            + (adapters_toml(m["adapters"]) if m.get("adapters") else "")
+            + (
+                ""
+                if national_id_egress
+                else "\n# test bundles carry national ID numbers: the egress rule is off here\n"
+                "[egress]\nrefuse_identifier_systems = []\n"
+            ),
             encoding="utf-8",
         )
         written[node_id] = path

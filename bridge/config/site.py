@@ -27,8 +27,10 @@ from bridge.config.models import TOKEN_ROLES
 from bridge.config.scaffold import _node_toml, _write_private
 from bridge.errors import ConfigError
 
-PLACEHOLDER = ("REPLACE-ME: copy the alliance's patient-hash key here (the same file on every "
-               "site; the coordinator made it with --new-patient-hash-key)\n")
+PLACEHOLDER = (
+    "REPLACE-ME: copy the alliance's patient-hash key here (the same file on every "
+    "site; the coordinator made it with --new-patient-hash-key)\n"
+)
 
 
 @dataclass
@@ -40,9 +42,15 @@ class SiteReport:
     hash_key_placeholder: bool = False
 
 
-def init_site(alliance_dir: Path, node_id: str, *, local_bind: str | None = None,
-              peer_bind: str | None = None, new_hash_key: bool = False,
-              passphrase: bytes | None = None) -> SiteReport:
+def init_site(
+    alliance_dir: Path,
+    node_id: str,
+    *,
+    local_bind: str | None = None,
+    peer_bind: str | None = None,
+    new_hash_key: bool = False,
+    passphrase: bytes | None = None,
+) -> SiteReport:
     from bridge.crypto.keys import generate_node_keys
 
     root = alliance_dir
@@ -50,15 +58,18 @@ def init_site(alliance_dir: Path, node_id: str, *, local_bind: str | None = None
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConfigError(f"{path} not found: copy the alliance's alliance.toml there first") \
-            from None
+        raise ConfigError(
+            f"{path} not found: copy the alliance's alliance.toml there first"
+        ) from None
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read: {type(exc).__name__}") from None
     members = data.get("members") or []
     ids = [m.get("id") for m in members if isinstance(m, dict)]
     if node_id not in ids:
-        raise ConfigError(f"{node_id!r} is not a member of {path} (members: "
-                          f"{', '.join(str(i) for i in ids) or 'none'})")
+        raise ConfigError(
+            f"{node_id!r} is not a member of {path} (members: "
+            f"{', '.join(str(i) for i in ids) or 'none'})"
+        )
     member = members[ids.index(node_id)]
     url = urlsplit(str(member.get("exchange_url", "")))
     if not url.hostname or not url.port:
@@ -78,12 +89,17 @@ def init_site(alliance_dir: Path, node_id: str, *, local_bind: str | None = None
     report = SiteReport()
 
     keys = root / "keys"
-    files = [keys / f"{node_id}.sign.key", keys / f"{node_id}.enc.key",
-             keys / f"{node_id}.pub.json"]
+    files = [
+        keys / f"{node_id}.sign.key",
+        keys / f"{node_id}.enc.key",
+        keys / f"{node_id}.pub.json",
+    ]
     present = [f for f in files if f.exists()]
     if present and len(present) < len(files):
-        raise ConfigError(f"{node_id}: key set in {keys} is incomplete (missing "
-                          f"{', '.join(f.name for f in files if f not in present)}); restore it")
+        raise ConfigError(
+            f"{node_id}: key set in {keys} is incomplete (missing "
+            f"{', '.join(f.name for f in files if f not in present)}); restore it"
+        )
     if present:
         report.kept += files
     else:
@@ -106,10 +122,10 @@ def init_site(alliance_dir: Path, node_id: str, *, local_bind: str | None = None
         if hash_key.exists():
             report.kept.append(hash_key)
             report.hash_key_placeholder = hash_key.read_text(encoding="utf-8").startswith(
-                "REPLACE-ME")
+                "REPLACE-ME"
+            )
         else:
-            _write_private(hash_key, os.urandom(32).hex() + "\n" if new_hash_key
-                           else PLACEHOLDER)
+            _write_private(hash_key, os.urandom(32).hex() + "\n" if new_hash_key else PLACEHOLDER)
             report.made.append(hash_key)
             report.hash_key_placeholder = not new_hash_key
 

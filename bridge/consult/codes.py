@@ -36,11 +36,14 @@ class Kind:
     experts: tuple[int, int]  # how many experts the Appointment names (min, max)
 
 
-KINDS: dict[str, Kind] = {k.code: k for k in (
-    Kind("general", "远程会诊", "Remote consultation", (1, 5)),
-    Kind("mdt", "多学科会诊", "Multi-disciplinary consultation (MDT)", (3, 5)),
-    Kind("imaging-reading", "远程影像诊断", "Remote imaging reading", (1, 2)),
-)}
+KINDS: dict[str, Kind] = {
+    k.code: k
+    for k in (
+        Kind("general", "远程会诊", "Remote consultation", (1, 5)),
+        Kind("mdt", "多学科会诊", "Multi-disciplinary consultation (MDT)", (3, 5)),
+        Kind("imaging-reading", "远程影像诊断", "Remote imaging reading", (1, 2)),
+    )
+}
 
 
 @dataclass(frozen=True)
@@ -52,22 +55,30 @@ class Step:
     bser: str | None = None
 
 
-STEPS: dict[str, Step] = {s.code: s for s in (
-    Step("draft", "待提交", "Not yet sent", "draft"),
-    Step("requested", "已申请", "Requested", "requested", "2.0"),
-    Step("received", "预审中", "Received, in pre-review", "received"),
-    Step("returned", "退回补充", "Returned for completion", "on-hold"),
-    Step("resubmitted", "已补充重提", "Completed and resubmitted", "received"),
-    Step("scheduled", "已排期", "Accepted and scheduled", "accepted", "5.1.1"),
-    Step("in-consultation", "会诊中", "In consultation", "in-progress"),
-    Step("reported", "报告质控中", "Report written, in quality control", "in-progress"),
-    Step("released", "报告已发布", "Report released", "completed", "7.0"),
-    Step("report-received", "报告已接收", "Report received by the inviting side", "completed",
-         "7.0"),
-    Step("follow-up-planned", "已安排随访", "Follow-up planned", "completed"),
-    Step("closed", "已结束", "Closed", "completed"),
-    Step("cancelled", "已取消", "Cancelled", "cancelled", "6.0"),
-)}
+STEPS: dict[str, Step] = {
+    s.code: s
+    for s in (
+        Step("draft", "待提交", "Not yet sent", "draft"),
+        Step("requested", "已申请", "Requested", "requested", "2.0"),
+        Step("received", "预审中", "Received, in pre-review", "received"),
+        Step("returned", "退回补充", "Returned for completion", "on-hold"),
+        Step("resubmitted", "已补充重提", "Completed and resubmitted", "received"),
+        Step("scheduled", "已排期", "Accepted and scheduled", "accepted", "5.1.1"),
+        Step("in-consultation", "会诊中", "In consultation", "in-progress"),
+        Step("reported", "报告质控中", "Report written, in quality control", "in-progress"),
+        Step("released", "报告已发布", "Report released", "completed", "7.0"),
+        Step(
+            "report-received",
+            "报告已接收",
+            "Report received by the inviting side",
+            "completed",
+            "7.0",
+        ),
+        Step("follow-up-planned", "已安排随访", "Follow-up planned", "completed"),
+        Step("closed", "已结束", "Closed", "completed"),
+        Step("cancelled", "已取消", "Cancelled", "cancelled", "6.0"),
+    )
+}
 
 STEP_STATUS = {s.code: s.status for s in STEPS.values()}
 
@@ -125,5 +136,7 @@ def is_consultation(service_request: dict[str, Any]) -> bool:
 
 def kind_codeable(kind: str) -> dict[str, Any]:
     k = KINDS[kind]
-    return {"coding": [{"system": KIND_SYSTEM, "code": k.code, "display": k.zh}],
-            "text": f"{k.zh} / {k.en}"}
+    return {
+        "coding": [{"system": KIND_SYSTEM, "code": k.code, "display": k.zh}],
+        "text": f"{k.zh} / {k.en}",
+    }

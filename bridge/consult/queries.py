@@ -30,8 +30,7 @@ class ConsultQueries:
         return row
 
     def _row_by_task(self, conn: Connection, task_id: str) -> Any:
-        row = conn.execute(select(CONSULTATION).where(
-            CONSULTATION.c.task_id == task_id)).first()
+        row = conn.execute(select(CONSULTATION).where(CONSULTATION.c.task_id == task_id)).first()
         if row is None:
             raise NotFound(f"Task/{task_id} is not a consultation known here")
         return row
@@ -39,8 +38,9 @@ class ConsultQueries:
     def by_task(self, task_id: str) -> dict[str, Any] | None:
         """This side's consultation row for a Task id, or None (not a consultation)."""
         with self.ctx.store.read() as conn:
-            row = conn.execute(select(CONSULTATION).where(
-                CONSULTATION.c.task_id == task_id)).first()
+            row = conn.execute(
+                select(CONSULTATION).where(CONSULTATION.c.task_id == task_id)
+            ).first()
         return dict(row._mapping) if row is not None else None
 
     def by_service_request(self, conn: Connection, sr_id: str) -> Any | None:
@@ -55,14 +55,28 @@ class ConsultQueries:
         row = conn.execute(select(CONSULTATION).where(CONSULTATION.c.thread == thread)).first()
         if row is None:
             return None
-        steps = [dict(s._mapping) for s in conn.execute(
-            select(CONSULTATION_STEP).where(CONSULTATION_STEP.c.thread == thread)
-            .order_by(CONSULTATION_STEP.c.id))]
-        return {"consultation": dict(row._mapping), "steps": steps,
-                "resources": store.by_thread(conn, thread)}
+        steps = [
+            dict(s._mapping)
+            for s in conn.execute(
+                select(CONSULTATION_STEP)
+                .where(CONSULTATION_STEP.c.thread == thread)
+                .order_by(CONSULTATION_STEP.c.id)
+            )
+        ]
+        return {
+            "consultation": dict(row._mapping),
+            "steps": steps,
+            "resources": store.by_thread(conn, thread),
+        }
 
-    def list(self, *, step: str | None = None, status: str | None = None,
-             side: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
+    def list(
+        self,
+        *,
+        step: str | None = None,
+        status: str | None = None,
+        side: str | None = None,
+        limit: int = 200,
+    ) -> list[dict[str, Any]]:
         """Consultations on this side, the latest change first (the centre's queue:
         ``side="centre"``)."""
         stmt = select(CONSULTATION).order_by(CONSULTATION.c.updated_at.desc()).limit(limit)
@@ -86,9 +100,11 @@ class ConsultQueries:
     def overdue(self) -> int:
         """Consultations reminded about and still waiting at the same step (alerts)."""
         with self.ctx.store.read() as conn:
-            rows = conn.execute(select(CONSULTATION.c.reminded_at, CONSULTATION.c.step_at)
-                                .where(CONSULTATION.c.step.in_(WAITING),
-                                       CONSULTATION.c.reminded_at.is_not(None))).all()
+            rows = conn.execute(
+                select(CONSULTATION.c.reminded_at, CONSULTATION.c.step_at).where(
+                    CONSULTATION.c.step.in_(WAITING), CONSULTATION.c.reminded_at.is_not(None)
+                )
+            ).all()
         return sum(1 for r in rows if r.reminded_at >= r.step_at)
 
     # -- reminders ----------------------------------------------------------------------------
@@ -100,22 +116,40 @@ class ConsultQueries:
         cfg = self.plan.consult
         now = self.ctx.now()
         with self.ctx.store.write() as conn:
-            rows = conn.execute(select(CONSULTATION).where(
-                CONSULTATION.c.step.in_(WAITING))).all()
-            due = [r for r in rows
-                   if (r.reminded_at is None or r.reminded_at < r.step_at)
-                   and now - r.step_at > timedelta(seconds=cfg.urgent_timeout_s
-                                                    if r.priority in ("urgent", "asap", "stat")
-                                                    else cfg.wait_timeout_s)]
+            rows = conn.execute(select(CONSULTATION).where(CONSULTATION.c.step.in_(WAITING))).all()
+            due = [
+                r
+                for r in rows
+                if (r.reminded_at is None or r.reminded_at < r.step_at)
+                and now - r.step_at
+                > timedelta(
+                    seconds=cfg.urgent_timeout_s
+                    if r.priority in ("urgent", "asap", "stat")
+                    else cfg.wait_timeout_s
+                )
+            ]
             for r in due:
-                conn.execute(update(CONSULTATION).where(CONSULTATION.c.thread == r.thread)
-                             .values(reminded_at=now))
+                conn.execute(
+                    update(CONSULTATION)
+                    .where(CONSULTATION.c.thread == r.thread)
+                    .values(reminded_at=now)
+                )
             if due:
-                self.ctx.audit.append(conn, [AuditEntry(
-                    action="reminder", outcome="4", thread=r.thread, patient_hash=r.patient_hash,
-                    peer=r.centre if r.side == INVITER else r.inviter, at=now,
-                    message=f"consultation waiting at '{r.step}' for "
+                self.ctx.audit.append(
+                    conn,
+                    [
+                        AuditEntry(
+                            action="reminder",
+                            outcome="4",
+                            thread=r.thread,
+                            patient_hash=r.patient_hash,
+                            peer=r.centre if r.side == INVITER else r.inviter,
+                            at=now,
+                            message=f"consultation waiting at '{r.step}' for "
                             f"{int((now - r.step_at).total_seconds() // 60)} min",
-                    extra={"step": r.step}) for r in due])
+                            extra={"step": r.step},
+                        )
+                        for r in due
+                    ],
+                )
         return len(due)
-

@@ -27,21 +27,24 @@ class Move:
     target: str | None  # the step after it (None: unchanged)
 
 
-MOVES: dict[str, Move] = {m.event: m for m in (
-    Move("request", INVITER, ("draft",), "requested"),
-    Move("received", CENTRE, ("requested",), "received"),
-    Move("return", CENTRE, ("received", "resubmitted"), "returned"),
-    Move("resubmit", INVITER, ("returned",), "resubmitted"),
-    Move("schedule", CENTRE, ("received", "resubmitted", "scheduled"), "scheduled"),
-    Move("start", CENTRE, ("scheduled",), "in-consultation"),
-    Move("report", CENTRE, ("in-consultation", "reported"), "reported"),
-    Move("release", CENTRE, ("reported",), "released"),
-    Move("report-received", INVITER, ("released",), "report-received"),
-    Move("follow-up", INVITER, ("report-received", "follow-up-planned"), "follow-up-planned"),
-    Move("close", INVITER, ("report-received", "follow-up-planned"), "closed"),
-    Move("cancel", INVITER, BEFORE_MEETING, None),
-    Move("cancelled", CENTRE, BEFORE_MEETING, "cancelled"),
-)}
+MOVES: dict[str, Move] = {
+    m.event: m
+    for m in (
+        Move("request", INVITER, ("draft",), "requested"),
+        Move("received", CENTRE, ("requested",), "received"),
+        Move("return", CENTRE, ("received", "resubmitted"), "returned"),
+        Move("resubmit", INVITER, ("returned",), "resubmitted"),
+        Move("schedule", CENTRE, ("received", "resubmitted", "scheduled"), "scheduled"),
+        Move("start", CENTRE, ("scheduled",), "in-consultation"),
+        Move("report", CENTRE, ("in-consultation", "reported"), "reported"),
+        Move("release", CENTRE, ("reported",), "released"),
+        Move("report-received", INVITER, ("released",), "report-received"),
+        Move("follow-up", INVITER, ("report-received", "follow-up-planned"), "follow-up-planned"),
+        Move("close", INVITER, ("report-received", "follow-up-planned"), "closed"),
+        Move("cancel", INVITER, BEFORE_MEETING, None),
+        Move("cancelled", CENTRE, BEFORE_MEETING, "cancelled"),
+    )
+}
 
 #: steps after which nothing moves
 TERMINAL = ("cancelled", "closed")
@@ -56,9 +59,12 @@ def check(event: str, step: str, side: str) -> Move:
     if move is None:
         raise IllegalTransition(f"unknown consultation step '{event}'")
     if move.by != side:
-        raise IllegalTransition(f"only the {move.by} may '{event}' a consultation (this side "
-                                f"is the {side})")
+        raise IllegalTransition(
+            f"only the {move.by} may '{event}' a consultation (this side is the {side})"
+        )
     if step not in move.sources:
-        raise IllegalTransition(f"cannot '{event}' a consultation that is '{step}' "
-                                f"(allowed from: {', '.join(move.sources)})")
+        raise IllegalTransition(
+            f"cannot '{event}' a consultation that is '{step}' "
+            f"(allowed from: {', '.join(move.sources)})"
+        )
     return move

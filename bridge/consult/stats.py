@@ -53,7 +53,8 @@ def compute(rows: Iterable[dict[str, Any]], year: int) -> dict[tuple[str, str], 
         if r["released_at"] is not None:
             c.completed += 1
             c.to_report_h.append(
-                (_aware(r["released_at"]) - _aware(r["created_at"])).total_seconds() / 3600)
+                (_aware(r["released_at"]) - _aware(r["created_at"])).total_seconds() / 3600
+            )
         if r["step"] == "cancelled":
             c.cancelled += 1
         if r["referral_thread"]:
@@ -61,15 +62,32 @@ def compute(rows: Iterable[dict[str, Any]], year: int) -> dict[tuple[str, str], 
     return cells
 
 
-CSV_HEADER = ("month", "member", "requested", "completed", "cancelled", "referred",
-              "referral_share", "median_hours_to_report")
+CSV_HEADER = (
+    "month",
+    "member",
+    "requested",
+    "completed",
+    "cancelled",
+    "referred",
+    "referral_share",
+    "median_hours_to_report",
+)
 
 
 def csv_rows(cells: dict[tuple[str, str], ConsultCell]) -> list[tuple[Any, ...]]:
     out = []
     for (month, member), c in sorted(cells.items()):
         share, median = c.referral_share, c.median_to_report_h
-        out.append((month, member, c.requested, c.completed, c.cancelled, c.referred,
-                    "" if share is None else f"{share:.2f}",
-                    "" if median is None else f"{median:.1f}"))
+        out.append(
+            (
+                month,
+                member,
+                c.requested,
+                c.completed,
+                c.cancelled,
+                c.referred,
+                "" if share is None else f"{share:.2f}",
+                "" if median is None else f"{median:.1f}",
+            )
+        )
     return out

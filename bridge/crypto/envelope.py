@@ -50,8 +50,12 @@ _U32 = struct.Struct(">I")
 _SORTED = orjson.OPT_SORT_KEYS
 _SHA256 = hashes.SHA256()
 _TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z")
-_NAMES = {MAGIC_PACKET: "packet", MAGIC_RECEIPT: "receipt", MAGIC_BATCH: "batch",
-          MAGIC_RELAY: "relay stamp"}
+_NAMES = {
+    MAGIC_PACKET: "packet",
+    MAGIC_RECEIPT: "receipt",
+    MAGIC_BATCH: "batch",
+    MAGIC_RELAY: "relay stamp",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +112,7 @@ class Packet:
     @property
     def unstamped(self) -> bytes:
         """The frame as the sender made it, without any relay stamp."""
-        return self.frame[:12 + len(self.header_bytes) + len(self.ciphertext) + SIG_LEN]
+        return self.frame[: 12 + len(self.header_bytes) + len(self.ciphertext) + SIG_LEN]
 
 
 def _re(pattern: str) -> Callable[[Any], bool]:
@@ -118,15 +122,24 @@ def _re(pattern: str) -> Callable[[Any], bool]:
 
 # Field checks shared by seal, decode, stamps and receipts: (test, what it must be).
 _IS_TEXT = (_re(rf"(?s).{{1,{MAX_TEXT}}}"), f"a string of 1-{MAX_TEXT} characters")
-_IS_UUID = (_re("[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"),
-            "a lowercase hyphenated UUID")  # canonical form only: one spelling per packet id
+_IS_UUID = (
+    _re("[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"),
+    "a lowercase hyphenated UUID",
+)  # canonical form only: one spelling per packet id
 _IS_TIME = (lambda v: _time(v) is not None, "an RFC 3339 UTC time like 2025-01-31T08:00:00.000Z")
 _IS_KEY_ID = (_re("k[0-9a-f]{16}"), "a key id like k0123456789abcdef")
 _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "v": (lambda v: type(v) is int and v == VERSION, "1, the only supported version"),
-    "id": _IS_UUID, "packet": _IS_UUID, "created_at": _IS_TIME, "relayed_at": _IS_TIME,
-    "sender": _IS_TEXT, "recipient": _IS_TEXT, "kind": _IS_TEXT, "relay": _IS_TEXT,
-    "receiver": _IS_TEXT, "at": _IS_TEXT,
+    "id": _IS_UUID,
+    "packet": _IS_UUID,
+    "created_at": _IS_TIME,
+    "relayed_at": _IS_TIME,
+    "sender": _IS_TEXT,
+    "recipient": _IS_TEXT,
+    "kind": _IS_TEXT,
+    "relay": _IS_TEXT,
+    "receiver": _IS_TEXT,
+    "at": _IS_TEXT,
     "thread": (_re(rf"(?s).{{0,{MAX_TEXT}}}"), f"a string of 0-{MAX_TEXT} characters"),
     "seq": (lambda v: type(v) is int and 0 <= v < 1 << 63, "a non-negative integer"),
     "size": (lambda v: type(v) is int and 0 <= v < 1 << 32, "a non-negative integer"),
@@ -134,14 +147,39 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "suite": (lambda v: v == SUITE, f"{SUITE}, the only supported suite"),
     "epk": (lambda v: len(unb64(v)) == KEY_LEN, f"{KEY_LEN} bytes of base64"),
     "nonce": (lambda v: len(unb64(v)) == NONCE_LEN, f"{NONCE_LEN} bytes of base64"),
-    "sig_key": _IS_KEY_ID, "enc_key": _IS_KEY_ID,
+    "sig_key": _IS_KEY_ID,
+    "enc_key": _IS_KEY_ID,
     "status": (lambda v: v in RECEIPT_STATUSES, "accepted, relayed or refused"),
 }
-_HEADER_KEYS = ("v", "id", "sender", "recipient", "kind", "created_at", "thread", "seq",
-                "digest", "size", "suite", "epk", "nonce", "sig_key", "enc_key")
+_HEADER_KEYS = (
+    "v",
+    "id",
+    "sender",
+    "recipient",
+    "kind",
+    "created_at",
+    "thread",
+    "seq",
+    "digest",
+    "size",
+    "suite",
+    "epk",
+    "nonce",
+    "sig_key",
+    "enc_key",
+)
 _STAMP_KEYS = ("relay", "relayed_at", "packet", "sig_key")
-_RECEIPT_KEYS = ("packet", "sender", "recipient", "receiver", "status", "code", "message",
-                 "at", "digest")
+_RECEIPT_KEYS = (
+    "packet",
+    "sender",
+    "recipient",
+    "receiver",
+    "status",
+    "code",
+    "message",
+    "at",
+    "digest",
+)
 _RECEIPT_NULLABLE = ("packet", "sender", "recipient", "code", "message", "digest")
 
 
@@ -160,10 +198,19 @@ def body_digest(body: bytes) -> str:
 
 
 def seal(
-    body: bytes, *, sender: str, recipient: str, kind: str, thread: str, seq: int,
-    signing_key: Ed25519PrivateKey, recipient_key: X25519PublicKey,
-    packet_id: str | None = None, created_at: datetime | None = None,
-    ephemeral_key: X25519PrivateKey | None = None, nonce: bytes | None = None,
+    body: bytes,
+    *,
+    sender: str,
+    recipient: str,
+    kind: str,
+    thread: str,
+    seq: int,
+    signing_key: Ed25519PrivateKey,
+    recipient_key: X25519PublicKey,
+    packet_id: str | None = None,
+    created_at: datetime | None = None,
+    ephemeral_key: X25519PrivateKey | None = None,
+    nonce: bytes | None = None,
 ) -> bytes:
     """Encrypt ``body`` to the recipient and sign; returns the frame. The optional arguments
     pin random values (test vectors); bad arguments are the caller's bug: ValueError."""
@@ -171,12 +218,21 @@ def seal(
     eph = X25519PrivateKey.generate() if ephemeral_key is None else ephemeral_key
     epk, rpk = eph.public_key().public_bytes_raw(), recipient_key.public_bytes_raw()
     fields = {
-        "v": VERSION, "id": str(uuid.uuid4()) if packet_id is None else packet_id,
-        "sender": sender, "recipient": recipient, "kind": kind,
-        "created_at": format_time(created_at or datetime.now(UTC)), "thread": thread,
-        "seq": seq, "digest": hashlib.sha256(body).hexdigest(), "size": len(body),
-        "suite": SUITE, "epk": b64(epk), "nonce": b64(nonce),
-        "sig_key": key_id(signing_key.public_key().public_bytes_raw()), "enc_key": key_id(rpk),
+        "v": VERSION,
+        "id": str(uuid.uuid4()) if packet_id is None else packet_id,
+        "sender": sender,
+        "recipient": recipient,
+        "kind": kind,
+        "created_at": format_time(created_at or datetime.now(UTC)),
+        "thread": thread,
+        "seq": seq,
+        "digest": hashlib.sha256(body).hexdigest(),
+        "size": len(body),
+        "suite": SUITE,
+        "epk": b64(epk),
+        "nonce": b64(nonce),
+        "sig_key": key_id(signing_key.public_key().public_bytes_raw()),
+        "enc_key": key_id(rpk),
     }
     problem = _problem(fields, ("id", "sender", "recipient", "kind", "thread", "seq", "nonce"))
     if problem:
@@ -186,8 +242,7 @@ def seal(
     ciphertext = AESGCM(key).encrypt(nonce, body, header)
     hlen = _U32.pack(len(header))
     signature = signing_key.sign(b"".join((CTX_PACKET, hlen, header, ciphertext)))
-    return b"".join((MAGIC_PACKET, hlen, header, _U32.pack(len(ciphertext)), ciphertext,
-                     signature))
+    return b"".join((MAGIC_PACKET, hlen, header, _U32.pack(len(ciphertext)), ciphertext, signature))
 
 
 def _body_key(shared: bytes, epk: bytes, rpk: bytes) -> bytes:
@@ -200,23 +255,35 @@ def decode(frame: bytes, *, max_body: int) -> Packet:
     frame = frame if isinstance(frame, bytes) else bytes(frame)
     _magic(frame, MAGIC_PACKET)
     header_raw, pos = _chunk(frame, 4, "packet header", min(max_body, MAX_HEADER), PacketTooLarge)
-    ciphertext, pos = _chunk(frame, pos, "packet body", max_body + TAG_LEN, PacketTooLarge,
-                             extra=SIG_LEN, overhead=TAG_LEN)
+    ciphertext, pos = _chunk(
+        frame,
+        pos,
+        "packet body",
+        max_body + TAG_LEN,
+        PacketTooLarge,
+        extra=SIG_LEN,
+        overhead=TAG_LEN,
+    )
     if len(ciphertext) < TAG_LEN:
         raise MalformedPacket(f"packet ciphertext is {len(ciphertext)} bytes, shorter than a tag")
     d = _object(header_raw, "packet header", _HEADER_KEYS)
     d.update(created_at=_time(d["created_at"]), epk=unb64(d["epk"]), nonce=unb64(d["nonce"]))
     end = pos + SIG_LEN
     relay = _stamp(frame, end) if len(frame) > end else None
-    return Packet(header=Header(**d, raw=header_raw), header_bytes=header_raw,
-                  ciphertext=ciphertext, signature=frame[pos:end], relay=relay, frame=frame)
+    return Packet(
+        header=Header(**d, raw=header_raw),
+        header_bytes=header_raw,
+        ciphertext=ciphertext,
+        signature=frame[pos:end],
+        relay=relay,
+        frame=frame,
+    )
 
 
 def _stamp(frame: bytes, pos: int) -> RelayStamp:
-    if frame[pos:pos + 4] != MAGIC_RELAY:
+    if frame[pos : pos + 4] != MAGIC_RELAY:
         raise MalformedPacket(f"{len(frame) - pos} unexpected bytes after the packet signature")
-    raw, end = _chunk(frame, pos + 4, "relay stamp", MAX_STAMP, MalformedPacket, SIG_LEN,
-                      last=True)
+    raw, end = _chunk(frame, pos + 4, "relay stamp", MAX_STAMP, MalformedPacket, SIG_LEN, last=True)
     d = _object(raw, "relay stamp", _STAMP_KEYS)
     d["relayed_at"] = _time(d["relayed_at"])
     return RelayStamp(**d, raw=raw, signature=frame[end:])
@@ -225,9 +292,14 @@ def _stamp(frame: bytes, pos: int) -> RelayStamp:
 def verify(packet: Packet, signing_keys: Sequence[Ed25519PublicKey]) -> None:
     """Pass if any of the sender's keys signed the packet (current and next, during rollover)."""
     h = packet.header
-    _verify_any(signing_keys, h.sig_key, packet.signature, packet.signed_part,
-                f"packet {h.id} signature does not verify with any of the {len(signing_keys)} "
-                f"key(s) of '{h.sender}' (signed with {h.sig_key})")
+    _verify_any(
+        signing_keys,
+        h.sig_key,
+        packet.signature,
+        packet.signed_part,
+        f"packet {h.id} signature does not verify with any of the {len(signing_keys)} "
+        f"key(s) of '{h.sender}' (signed with {h.sig_key})",
+    )
 
 
 def open_body(packet: Packet, encryption_keys: Sequence[X25519PrivateKey]) -> bytes:
@@ -243,7 +315,8 @@ def open_body(packet: Packet, encryption_keys: Sequence[X25519PrivateKey]) -> by
             raise DecryptFailed(f"packet {h.id} has an unusable ephemeral key") from None
         try:
             body = AESGCM(_body_key(shared, h.epk, rpk)).decrypt(
-                h.nonce, packet.ciphertext, packet.header_bytes)
+                h.nonce, packet.ciphertext, packet.header_bytes
+            )
         except InvalidTag:
             continue
         if len(body) != h.size:
@@ -251,16 +324,22 @@ def open_body(packet: Packet, encryption_keys: Sequence[X25519PrivateKey]) -> by
         if hashlib.sha256(body).hexdigest() != h.digest:
             raise DigestMismatch(f"packet {h.id} body does not match the header digest")
         return body
-    raise DecryptFailed(f"packet {h.id} does not open with any of this node's "
-                        f"{len(pairs)} encryption key(s) (sealed to {h.enc_key})")
+    raise DecryptFailed(
+        f"packet {h.id} does not open with any of this node's "
+        f"{len(pairs)} encryption key(s) (sealed to {h.enc_key})"
+    )
 
 
-def stamp_relay(packet: Packet, *, relay_id: str, signing_key: Ed25519PrivateKey,
-                now: datetime | None = None) -> bytes:
+def stamp_relay(
+    packet: Packet, *, relay_id: str, signing_key: Ed25519PrivateKey, now: datetime | None = None
+) -> bytes:
     """Frame to forward, with a fresh relay stamp (an older one dropped); the body stays sealed."""
-    fields = {"relay": relay_id, "relayed_at": format_time(now or datetime.now(UTC)),
-              "packet": packet.header.id,
-              "sig_key": key_id(signing_key.public_key().public_bytes_raw())}
+    fields = {
+        "relay": relay_id,
+        "relayed_at": format_time(now or datetime.now(UTC)),
+        "packet": packet.header.id,
+        "sig_key": key_id(signing_key.public_key().public_bytes_raw()),
+    }
     problem = _problem(fields, ("relay",))
     if problem:
         raise ValueError(problem)
@@ -276,10 +355,14 @@ def verify_relay(packet: Packet, signing_keys: Sequence[Ed25519PublicKey]) -> No
         raise BadSignature(f"packet {pid} has no relay stamp")
     if s.packet != pid:
         raise BadSignature(f"relay stamp names packet {s.packet}, not {pid}")
-    _verify_any(signing_keys, s.sig_key, s.signature,
-                b"".join((CTX_RELAY, s.raw, packet.signature)),
-                f"relay stamp of packet {pid} does not verify with any of the "
-                f"{len(signing_keys)} key(s) of relay '{s.relay}'")
+    _verify_any(
+        signing_keys,
+        s.sig_key,
+        s.signature,
+        b"".join((CTX_RELAY, s.raw, packet.signature)),
+        f"relay stamp of packet {pid} does not verify with any of the "
+        f"{len(signing_keys)} key(s) of relay '{s.relay}'",
+    )
 
 
 def sign_receipt(fields: dict[str, Any], signing_key: Ed25519PrivateKey) -> bytes:
@@ -297,17 +380,23 @@ def sign_receipt(fields: dict[str, Any], signing_key: Ed25519PrivateKey) -> byte
     return b"".join((MAGIC_RECEIPT, _U32.pack(len(raw)), raw, sig))
 
 
-def verify_receipt(data: bytes, keys_for: Callable[[str], Sequence[Ed25519PublicKey]]
-                   ) -> dict[str, Any]:
+def verify_receipt(
+    data: bytes, keys_for: Callable[[str], Sequence[Ed25519PublicKey]]
+) -> dict[str, Any]:
     """Check a receipt with the keys of the node it names as receiver; returns its fields.
     Whatever ``keys_for`` raises for an unknown node (e.g. UnknownSender) propagates."""
     data = data if isinstance(data, bytes) else bytes(data)
     _magic(data, MAGIC_RECEIPT)
     raw, end = _chunk(data, 4, "receipt", MAX_RECEIPT, PacketTooLarge, SIG_LEN, last=True)
     fields = _object(raw, "receipt", _RECEIPT_KEYS, _receipt_problem)
-    _verify_any(keys_for(fields["receiver"]), None, data[end:], CTX_RECEIPT + raw,
-                f"receipt for packet {fields['packet']} does not verify with any key of "
-                f"'{fields['receiver']}'")
+    _verify_any(
+        keys_for(fields["receiver"]),
+        None,
+        data[end:],
+        CTX_RECEIPT + raw,
+        f"receipt for packet {fields['packet']} does not verify with any key of "
+        f"'{fields['receiver']}'",
+    )
     return fields
 
 
@@ -372,8 +461,16 @@ def _time(value: Any) -> datetime | None:
         return None
 
 
-def _chunk(data: bytes, pos: int, what: str, limit: int, too_big: type[HutongError],
-           extra: int = 0, overhead: int = 0, last: bool = False) -> tuple[bytes, int]:
+def _chunk(
+    data: bytes,
+    pos: int,
+    what: str,
+    limit: int,
+    too_big: type[HutongError],
+    extra: int = 0,
+    overhead: int = 0,
+    last: bool = False,
+) -> tuple[bytes, int]:
     """Read ``u32 len | bytes`` at pos, judging the length before anything is sliced. ``extra``
     bytes must follow (all that is left if ``last``); ``overhead`` is left out of messages."""
     if len(data) < pos + 4:
@@ -386,11 +483,12 @@ def _chunk(data: bytes, pos: int, what: str, limit: int, too_big: type[HutongErr
         raise MalformedPacket(f"{what} is truncated: {len(data)} bytes, needs {end + extra}")
     if last and len(data) > end + extra:
         raise MalformedPacket(f"{len(data) - end - extra} unexpected bytes after the {what}")
-    return data[pos + 4:end], end
+    return data[pos + 4 : end], end
 
 
-def _verify_any(keys: Sequence[Ed25519PublicKey], wanted: str | None, sig: bytes,
-                message: bytes, failure: str) -> None:
+def _verify_any(
+    keys: Sequence[Ed25519PublicKey], wanted: str | None, sig: bytes, message: bytes, failure: str
+) -> None:
     """Any key that verifies is accepted (rollover); the key named ``wanted`` is tried first."""
     for k in sorted(keys, key=lambda k: key_id(k.public_bytes_raw()) != wanted):
         try:
@@ -408,8 +506,12 @@ def _magic(data: bytes, magic: bytes) -> None:
         raise MalformedPacket(f"expected a {_NAMES[magic]} frame, got: {got}")
 
 
-def _object(raw: bytes, what: str, keys: Sequence[str],
-            check: Callable[[dict[str, Any]], str | None] | None = None) -> dict[str, Any]:
+def _object(
+    raw: bytes,
+    what: str,
+    keys: Sequence[str],
+    check: Callable[[dict[str, Any]], str | None] | None = None,
+) -> dict[str, Any]:
     """Parse canonical JSON (one byte form, no duplicate keys) and check its fields: without
     ``check`` it must have exactly ``keys``, each passing its ``_CHECKS`` test."""
     try:
@@ -430,5 +532,3 @@ def _object(raw: bytes, what: str, keys: Sequence[str],
     if problem:
         raise MalformedPacket(f"{what}: {problem}")
     return d
-
-

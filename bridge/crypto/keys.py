@@ -77,9 +77,7 @@ def parse_public_key(text: str) -> PublicKey:
         raise KeyFileError(f"public key must be a string, got {type(text).__name__}")
     algo, sep, text_b64 = text.strip().partition(":")
     if not sep or algo not in ("ed25519", "x25519"):
-        raise KeyFileError(
-            f"public key must start with 'ed25519:' or 'x25519:', got '{algo[:16]}'"
-        )
+        raise KeyFileError(f"public key must start with 'ed25519:' or 'x25519:', got '{algo[:16]}'")
     raw = unb64(text_b64)
     if len(raw) != 32:
         raise KeyFileError(f"{algo} public key must be 32 bytes of standard base64")
@@ -111,9 +109,7 @@ def generate_node_keys(
     if not overwrite:
         existing = [str(p) for p in (sign_path, enc_path, pub_path) if os.path.lexists(p)]
         if existing:
-            raise KeyFileError(
-                f"key files already exist, not overwriting: {', '.join(existing)}"
-            )
+            raise KeyFileError(f"key files already exist, not overwriting: {', '.join(existing)}")
     try:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
@@ -184,7 +180,7 @@ def _write_file(path: Path, data: bytes, mode: int, overwrite: bool) -> None:
                 os.fchmod(fd, mode)  # a umask like 0o200 must not leave a different mode
             view = memoryview(data)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
             os.fsync(fd)
         finally:
             os.close(fd)

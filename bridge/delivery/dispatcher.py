@@ -44,8 +44,13 @@ REDELIVER = "redeliver:"
 
 
 class Dispatcher:
-    def __init__(self, ctx: NodeContext, handlers: dict[str, Handler],
-                 hooks: dict[str, Any] | None = None, lanes: Lanes | None = None) -> None:
+    def __init__(
+        self,
+        ctx: NodeContext,
+        handlers: dict[str, Handler],
+        hooks: dict[str, Any] | None = None,
+        lanes: Lanes | None = None,
+    ) -> None:
         """``hooks`` maps a kind prefix (e.g. ``referral.``) to an in-node step that runs before
         the local handler (the referral workflow applies its packets there)."""
         self.ctx = ctx
@@ -60,17 +65,31 @@ class Dispatcher:
         found = self.handlers.get(kind)
         if found is not None:
             return found
-        best = max((p for p in self.handlers if p.endswith(".*") and kind.startswith(p[:-1])),
-                   key=len, default=None)
+        best = max(
+            (p for p in self.handlers if p.endswith(".*") and kind.startswith(p[:-1])),
+            key=len,
+            default=None,
+        )
         return self.handlers[best] if best else self.handlers.get("*")
 
     def run_once(self) -> int:
         """Deliver one batch; returns how many were handed over."""
         now = self.ctx.now()
         stmt = (
-            select(INBOX.c.id, INBOX.c.packet_id, INBOX.c.sender, INBOX.c.kind, INBOX.c.thread,
-                   INBOX.c.seq, INBOX.c.patient_hash, INBOX.c.received_at, INBOX.c.body,
-                   INBOX.c.attempts, INBOX.c.next_try_at, INBOX.c.last_error)
+            select(
+                INBOX.c.id,
+                INBOX.c.packet_id,
+                INBOX.c.sender,
+                INBOX.c.kind,
+                INBOX.c.thread,
+                INBOX.c.seq,
+                INBOX.c.patient_hash,
+                INBOX.c.received_at,
+                INBOX.c.body,
+                INBOX.c.attempts,
+                INBOX.c.next_try_at,
+                INBOX.c.last_error,
+            )
             .where(INBOX.c.state == "received")
             .order_by(INBOX.c.id)
             .limit(self.batch)
@@ -128,7 +147,8 @@ class Dispatcher:
                 elif isinstance(event, ConsultEvent) and isinstance(handler, ConsultSink):
                     handler.on_consult(event)
                 elif isinstance(event, ConsultEvent) and isinstance(
-                        handler, (ReferralSink, ResultSink)):
+                    handler, (ReferralSink, ResultSink)
+                ):
                     pass  # an adapter from before consultations: the step is applied already
                 elif event is None and isinstance(handler, PacketSink):
                     handler.on_packet(PacketEvent(item, decode_bundle(item)))
@@ -159,10 +179,17 @@ class Dispatcher:
                     .values(state="delivered", delivered_at=now, attempts=INBOX.c.attempts + 1)
                 )
             for r in delivered:
-                audit.append(AuditEntry(
-                    action="delivered", packet_id=r.packet_id, kind=r.kind, peer=r.sender,
-                    thread=r.thread, patient_hash=r.patient_hash, at=now,
-                ))
+                audit.append(
+                    AuditEntry(
+                        action="delivered",
+                        packet_id=r.packet_id,
+                        kind=r.kind,
+                        peer=r.sender,
+                        thread=r.thread,
+                        patient_hash=r.patient_hash,
+                        at=now,
+                    )
+                )
             for r, failure in failed:
                 audit.extend(self._failed(conn, r, failure))
             audit.extend(self._hold(conn, held, now))
@@ -185,28 +212,66 @@ class Dispatcher:
         out: list[AuditEntry] = []
         for r, due in held:
             note = f"held: seq {r.seq} waits for seq {due} from {r.sender} on its thread"
-            conn.execute(update(INBOX).where(INBOX.c.id == r.id).values(
-                state="held", last_error=note))
+            conn.execute(
+                update(INBOX).where(INBOX.c.id == r.id).values(state="held", last_error=note)
+            )
             if not (r.last_error or "").startswith("held:"):
-                out.append(AuditEntry(action="held", outcome="4", packet_id=r.packet_id,
-                                      kind=r.kind, peer=r.sender, thread=r.thread,
-                                      patient_hash=r.patient_hash, message=note, at=now))
+                out.append(
+                    AuditEntry(
+                        action="held",
+                        outcome="4",
+                        packet_id=r.packet_id,
+                        kind=r.kind,
+                        peer=r.sender,
+                        thread=r.thread,
+                        patient_hash=r.patient_hash,
+                        message=note,
+                        at=now,
+                    )
+                )
         return out
 
-    def _refuse(self, conn: Any, refused: list[tuple[Any, ThreadRefused]],
-                now: Any) -> list[AuditEntry]:
+    def _refuse(
+        self, conn: Any, refused: list[tuple[Any, ThreadRefused]], now: Any
+    ) -> list[AuditEntry]:
         """A packet from outside its thread, or behind its turn: refused, kept, audited."""
         out: list[AuditEntry] = []
         for r, exc in refused:
-            conn.execute(update(INBOX).where(INBOX.c.id == r.id).values(
-                state="refused", last_error=str(exc)[:500]))
-            conn.execute(QUARANTINE.insert(), [quarantine_row(
-                now, "thread", exc, raw=r.body or b"", sender=r.sender, packet_id=r.packet_id,
-                kind=r.kind, thread=r.thread, patient_hash=r.patient_hash)])
-            out.append(AuditEntry(action="refused", outcome="4", packet_id=r.packet_id,
-                                  kind=r.kind, peer=r.sender, thread=r.thread,
-                                  patient_hash=r.patient_hash, code=exc.code,
-                                  message=exc.message, at=now))
+            conn.execute(
+                update(INBOX)
+                .where(INBOX.c.id == r.id)
+                .values(state="refused", last_error=str(exc)[:500])
+            )
+            conn.execute(
+                QUARANTINE.insert(),
+                [
+                    quarantine_row(
+                        now,
+                        "thread",
+                        exc,
+                        raw=r.body or b"",
+                        sender=r.sender,
+                        packet_id=r.packet_id,
+                        kind=r.kind,
+                        thread=r.thread,
+                        patient_hash=r.patient_hash,
+                    )
+                ],
+            )
+            out.append(
+                AuditEntry(
+                    action="refused",
+                    outcome="4",
+                    packet_id=r.packet_id,
+                    kind=r.kind,
+                    peer=r.sender,
+                    thread=r.thread,
+                    patient_hash=r.patient_hash,
+                    code=exc.code,
+                    message=exc.message,
+                    at=now,
+                )
+            )
         return out
 
     def _failed(self, conn: Any, r: Any, exc: HutongError) -> list[AuditEntry]:
@@ -214,20 +279,51 @@ class Dispatcher:
         attempts = r.attempts + 1
         cfg = self.ctx.plan.delivery
         if exc.retry is Retry.PERMANENT or attempts >= cfg.max_attempts:
-            conn.execute(update(INBOX).where(INBOX.c.id == r.id).values(
-                state="failed", attempts=attempts, last_error=str(exc)[:500]))
-            conn.execute(QUARANTINE.insert(), [quarantine_row(
-                now, "delivery", exc, raw=r.body or b"", sender=r.sender,
-                packet_id=r.packet_id, kind=r.kind, thread=r.thread,
-                patient_hash=r.patient_hash)])
-            return [AuditEntry(action="dead-lettered", outcome="8", packet_id=r.packet_id,
-                               kind=r.kind, peer=r.sender, thread=r.thread,
-                               patient_hash=r.patient_hash, code=exc.code, message=exc.message,
-                               at=now)]
+            conn.execute(
+                update(INBOX)
+                .where(INBOX.c.id == r.id)
+                .values(state="failed", attempts=attempts, last_error=str(exc)[:500])
+            )
+            conn.execute(
+                QUARANTINE.insert(),
+                [
+                    quarantine_row(
+                        now,
+                        "delivery",
+                        exc,
+                        raw=r.body or b"",
+                        sender=r.sender,
+                        packet_id=r.packet_id,
+                        kind=r.kind,
+                        thread=r.thread,
+                        patient_hash=r.patient_hash,
+                    )
+                ],
+            )
+            return [
+                AuditEntry(
+                    action="dead-lettered",
+                    outcome="8",
+                    packet_id=r.packet_id,
+                    kind=r.kind,
+                    peer=r.sender,
+                    thread=r.thread,
+                    patient_hash=r.patient_hash,
+                    code=exc.code,
+                    message=exc.message,
+                    at=now,
+                )
+            ]
         mark = f"{REDELIVER} " if _redelivery(r) else ""  # still passes the gate next time
-        conn.execute(update(INBOX).where(INBOX.c.id == r.id).values(
-            attempts=attempts, last_error=(mark + str(exc))[:500],
-            next_try_at=now + timedelta(seconds=backoff(attempts, cfg))))
+        conn.execute(
+            update(INBOX)
+            .where(INBOX.c.id == r.id)
+            .values(
+                attempts=attempts,
+                last_error=(mark + str(exc))[:500],
+                next_try_at=now + timedelta(seconds=backoff(attempts, cfg)),
+            )
+        )
         return []
 
 
@@ -236,5 +332,13 @@ def _redelivery(r: Any) -> bool:
 
 
 def _delivery(r: Any) -> Delivery:
-    return Delivery(r.packet_id, r.sender, r.kind, r.thread, r.seq, r.patient_hash,
-                    r.received_at, bytes(r.body or b""))
+    return Delivery(
+        r.packet_id,
+        r.sender,
+        r.kind,
+        r.thread,
+        r.seq,
+        r.patient_hash,
+        r.received_at,
+        bytes(r.body or b""),
+    )

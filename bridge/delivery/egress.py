@@ -15,16 +15,18 @@ from typing import Any
 from bridge.errors import NationalIdEgress
 
 
-def find_refused_identifier(obj: Any, systems: Collection[str], path: str = "Bundle"
-                            ) -> str | None:
+def find_refused_identifier(obj: Any, systems: Collection[str], path: str = "Bundle") -> str | None:
     """The FHIR path of the first identifier of a refused system in ``obj``, or None."""
     stack: list[tuple[Any, str]] = [(obj, path)]
     while stack:
         node, where = stack.pop()
         if isinstance(node, dict):
             system = node.get("system")
-            if isinstance(system, str) and system in systems and node.get("value") not in (
-                    None, ""):
+            if (
+                isinstance(system, str)
+                and system in systems
+                and node.get("value") not in (None, "")
+            ):
                 return where
             for key, value in reversed(list(node.items())):
                 if isinstance(value, (dict, list)):
@@ -41,8 +43,9 @@ def find_refused_identifier(obj: Any, systems: Collection[str], path: str = "Bun
     return None
 
 
-def check_egress(bundle: dict[str, Any], systems: Collection[str], raw: bytes | None = None
-                 ) -> None:
+def check_egress(
+    bundle: dict[str, Any], systems: Collection[str], raw: bytes | None = None
+) -> None:
     """Raise NationalIdEgress if the Bundle carries an identifier of a refused system.
 
     ``raw``: the Bundle's JSON bytes; when no system appears in them literally and they hold
@@ -55,4 +58,5 @@ def check_egress(bundle: dict[str, Any], systems: Collection[str], raw: bytes | 
     if where is not None:
         raise NationalIdEgress(
             f"{where[:200]}: a national ID number may not leave this node (only its keyed "
-            "patient hash may); remove the identifier or send it as urn:hutong:patient-hash")
+            "patient hash may); remove the identifier or send it as urn:hutong:patient-hash"
+        )

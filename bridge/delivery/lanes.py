@@ -55,8 +55,7 @@ class Lanes:
     def __init__(self, dsn: str) -> None:
         from sqlalchemy.engine import make_url
 
-        self.url = make_url(dsn).set(drivername="postgresql").render_as_string(
-            hide_password=False)
+        self.url = make_url(dsn).set(drivername="postgresql").render_as_string(hide_password=False)
         self._lock = threading.Lock()
         self._conn: Any = None
         self._held: dict[str, set[int]] = {}
@@ -84,15 +83,17 @@ class Lanes:
         if self._conn is None or self._conn.closed:
             self._held.clear()
             self._slots.clear()
-            self._conn = psycopg.connect(self.url, autocommit=True, connect_timeout=10,
-                                         application_name="hutong-lanes")
+            self._conn = psycopg.connect(
+                self.url, autocommit=True, connect_timeout=10, application_name="hutong-lanes"
+            )
         return self._conn
 
     def _register(self, conn: Any, job: str, cls: int) -> None:
         while job not in self._slots:
             slot = random.randint(_SLOT_BASE, 0x7FFFFFFF)
-            got = conn.execute("SELECT pg_try_advisory_lock(%s::int, %s::int)",
-                               (cls, slot)).fetchone()[0]
+            got = conn.execute(
+                "SELECT pg_try_advisory_lock(%s::int, %s::int)", (cls, slot)
+            ).fetchone()[0]
             if got:
                 self._slots[job] = slot
                 self._held[job] = set()
@@ -107,8 +108,9 @@ class Lanes:
         share = math.ceil(LANES / workers)
         if len(held) > share:
             extra = random.sample(sorted(held), len(held) - share)
-            conn.execute("SELECT pg_advisory_unlock(%s::int, l) FROM unnest(%s::int[]) l",
-                         (cls, extra))
+            conn.execute(
+                "SELECT pg_advisory_unlock(%s::int, l) FROM unnest(%s::int[]) l", (cls, extra)
+            )
             held.difference_update(extra)
         elif len(held) < share:
             busy = {t for t in taken if t < _SLOT_BASE}
@@ -118,7 +120,8 @@ class Lanes:
             if want:
                 rows = conn.execute(
                     "SELECT l, pg_try_advisory_lock(%s::int, l) FROM unnest(%s::int[]) l",
-                    (cls, want)).fetchall()
+                    (cls, want),
+                ).fetchall()
                 held.update(int(lane) for lane, ok in rows if ok)
         return held
 

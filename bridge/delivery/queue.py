@@ -81,18 +81,33 @@ def queue_packets(
         except PacketRefused as exc:
             refused.append(
                 quarantine_row(
-                    now, "local", exc, raw=item.body, sender=plan.node_id,
-                    recipient=item.recipient, packet_id=packet_id, kind=item.kind,
-                    thread=item.thread, patient_hash=bundle_patient(
-                        item.body, plan.patient_hash_key, plan.alliance.national_id_system)
+                    now,
+                    "local",
+                    exc,
+                    raw=item.body,
+                    sender=plan.node_id,
+                    recipient=item.recipient,
+                    packet_id=packet_id,
+                    kind=item.kind,
+                    thread=item.thread,
+                    patient_hash=bundle_patient(
+                        item.body, plan.patient_hash_key, plan.alliance.national_id_system
+                    )
                     or (known_patient(conn, thread=item.thread) if item.thread else None),
                 )
             )
             audit.append(
                 AuditEntry(
-                    action="refused", outcome="4", packet_id=packet_id, kind=item.kind,
-                    peer=item.recipient, thread=thread, actor=actor, code=exc.code,
-                    message=audit_safe(exc.message), at=now,
+                    action="refused",
+                    outcome="4",
+                    packet_id=packet_id,
+                    kind=item.kind,
+                    peer=item.recipient,
+                    thread=thread,
+                    actor=actor,
+                    code=exc.code,
+                    message=audit_safe(exc.message),
+                    at=now,
                 )
             )
             results.append(Queued(None, exc))
@@ -103,7 +118,8 @@ def queue_packets(
         if turn not in next_seq:
             last = conn.execute(
                 select(func.max(OUTBOX.c.seq)).where(
-                    OUTBOX.c.thread == thread, OUTBOX.c.sender == plan.node_id,
+                    OUTBOX.c.thread == thread,
+                    OUTBOX.c.sender == plan.node_id,
                     OUTBOX.c.recipient == item.recipient,
                 )
             ).scalar()
@@ -115,25 +131,42 @@ def queue_packets(
             phash = known_patient(conn, thread=item.thread)
         rows.append(
             {
-                "packet_id": packet_id, "origin": "local", "sender": plan.node_id,
-                "recipient": item.recipient, "next_hop": plan.next_hop(item.recipient),
-                "kind": item.kind, "thread": thread, "seq": seq,
-                "digest": body_digest(item.body), "size": len(item.body),
-                "patient_hash": phash, "state": "queued", "attempts": 0,
-                "created_at": now, "next_try_at": now, "body": item.body,
+                "packet_id": packet_id,
+                "origin": "local",
+                "sender": plan.node_id,
+                "recipient": item.recipient,
+                "next_hop": plan.next_hop(item.recipient),
+                "kind": item.kind,
+                "thread": thread,
+                "seq": seq,
+                "digest": body_digest(item.body),
+                "size": len(item.body),
+                "patient_hash": phash,
+                "state": "queued",
+                "attempts": 0,
+                "created_at": now,
+                "next_try_at": now,
+                "body": item.body,
             }
         )
         audit.append(
             AuditEntry(
-                action="queued", packet_id=packet_id, kind=item.kind, peer=item.recipient,
-                thread=thread, patient_hash=phash, actor=actor, at=now,
+                action="queued",
+                packet_id=packet_id,
+                kind=item.kind,
+                peer=item.recipient,
+                thread=thread,
+                patient_hash=phash,
+                actor=actor,
+                at=now,
             )
         )
         results.append(Queued(packet_id))
     if rows:
         conn.execute(insert(OUTBOX), rows)
-        open_threads(conn, plan.node_id, [(str(r["thread"]), str(r["recipient"])) for r in rows],
-                     now)
+        open_threads(
+            conn, plan.node_id, [(str(r["thread"]), str(r["recipient"])) for r in rows], now
+        )
     if refused:
         conn.execute(insert(QUARANTINE), refused)
     if audit:

@@ -51,8 +51,13 @@ MAX_POSTS = 16
 class ReceiptReturn:
     """The platform's ``receipts`` job: ``run_once`` is one claim-post-record round."""
 
-    def __init__(self, ctx: NodeContext, hops: list[str], lanes: Lanes | None = None,
-                 paused: Callable[[str], bool] | None = None) -> None:
+    def __init__(
+        self,
+        ctx: NodeContext,
+        hops: list[str],
+        lanes: Lanes | None = None,
+        paused: Callable[[str], bool] | None = None,
+    ) -> None:
         self.ctx = ctx
         self.lanes = lanes
         self.paused = paused or (lambda hop: False)

@@ -32,47 +32,73 @@ def purge_bodies(ctx: NodeContext, *, vacuum: bool = True) -> dict[str, int]:
         for kind, d in days.items():
             clauses.append(and_(col == kind, cutoff_col < now - timedelta(days=d)))
         if default is not None:
-            clauses.append(and_(col.notin_(list(days)) if days else True,
-                                cutoff_col < now - timedelta(days=default)))
+            clauses.append(
+                and_(
+                    col.notin_(list(days)) if days else True,
+                    cutoff_col < now - timedelta(days=default),
+                )
+            )
         return or_(*clauses) if clauses else False
 
     with ctx.store.write() as conn:
         res = conn.execute(
             update(OUTBOX)
-            .where(OUTBOX.c.state.in_(["acknowledged", "refused", "dead"]),
-                   or_(OUTBOX.c.body.is_not(None), OUTBOX.c.frame.is_not(None)),
-                   kind_filter(OUTBOX.c.kind, func.coalesce(OUTBOX.c.acked_at,
-                                                            OUTBOX.c.created_at)))
+            .where(
+                OUTBOX.c.state.in_(["acknowledged", "refused", "dead"]),
+                or_(OUTBOX.c.body.is_not(None), OUTBOX.c.frame.is_not(None)),
+                kind_filter(OUTBOX.c.kind, func.coalesce(OUTBOX.c.acked_at, OUTBOX.c.created_at)),
+            )
             .values(body=None, frame=None)
         )
         purged["outbox"] = res.rowcount or 0
         res = conn.execute(
             update(INBOX)
-            .where(INBOX.c.state == "delivered", INBOX.c.body.is_not(None),
-                   kind_filter(INBOX.c.kind, INBOX.c.delivered_at))
+            .where(
+                INBOX.c.state == "delivered",
+                INBOX.c.body.is_not(None),
+                kind_filter(INBOX.c.kind, INBOX.c.delivered_at),
+            )
             .values(body=None)
         )
         purged["inbox"] = res.rowcount or 0
         if purged["outbox"] or purged["inbox"]:
-            ctx.audit.append(conn, [AuditEntry(action="purged", at=now,
-                                               message="delivered bodies purged by retention",
-                                               extra={k: purged[k] for k in ("outbox",
-                                                                             "inbox")})])
+            ctx.audit.append(
+                conn,
+                [
+                    AuditEntry(
+                        action="purged",
+                        at=now,
+                        message="delivered bodies purged by retention",
+                        extra={k: purged[k] for k in ("outbox", "inbox")},
+                    )
+                ],
+            )
         ret = ctx.plan.retention
         old = purge_old(conn, now - timedelta(days=ret.quarantine_days))
         over = enforce_quota(conn, ret.quarantine_max_bytes)
         purged["quarantine"] = old["dropped"] + old["emptied"]
         if purged["quarantine"] or over["dropped"] or over["emptied"]:
-            ctx.audit.append(conn, [AuditEntry(
-                action="quarantine-purged", at=now,
-                message=(f"quarantine: {old['dropped']} unauthenticated refusal(s) and the "
-                         f"bytes of {old['emptied']} item(s) older than {ret.quarantine_days:g}"
-                         f" days purged; {over['dropped']} dropped and {over['emptied']} "
-                         f"emptied over the quota of {ret.quarantine_max_bytes} bytes"),
-                extra={"old_dropped": old["dropped"], "old_emptied": old["emptied"],
-                       "quota_dropped": over["dropped"], "quota_emptied": over["emptied"]})])
+            ctx.audit.append(
+                conn,
+                [
+                    AuditEntry(
+                        action="quarantine-purged",
+                        at=now,
+                        message=(
+                            f"quarantine: {old['dropped']} unauthenticated refusal(s) and the "
+                            f"bytes of {old['emptied']} item(s) older than {ret.quarantine_days:g}"
+                            f" days purged; {over['dropped']} dropped and {over['emptied']} "
+                            f"emptied over the quota of {ret.quarantine_max_bytes} bytes"
+                        ),
+                        extra={
+                            "old_dropped": old["dropped"],
+                            "old_emptied": old["emptied"],
+                            "quota_dropped": over["dropped"],
+                            "quota_emptied": over["emptied"],
+                        },
+                    )
+                ],
+            )
     if vacuum and any(purged.values()):
         ctx.store.vacuum()
     return purged
-
-

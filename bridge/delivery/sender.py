@@ -43,9 +43,20 @@ from bridge.store.tables import OUTBOX
 MAX_BATCH_BYTES = 8 << 20
 
 HEAD_COLUMNS = (
-    OUTBOX.c.id, OUTBOX.c.packet_id, OUTBOX.c.origin, OUTBOX.c.sender, OUTBOX.c.recipient,
-    OUTBOX.c.kind, OUTBOX.c.thread, OUTBOX.c.seq, OUTBOX.c.patient_hash, OUTBOX.c.attempts,
-    OUTBOX.c.created_at, OUTBOX.c.next_try_at, OUTBOX.c.body, OUTBOX.c.frame,
+    OUTBOX.c.id,
+    OUTBOX.c.packet_id,
+    OUTBOX.c.origin,
+    OUTBOX.c.sender,
+    OUTBOX.c.recipient,
+    OUTBOX.c.kind,
+    OUTBOX.c.thread,
+    OUTBOX.c.seq,
+    OUTBOX.c.patient_hash,
+    OUTBOX.c.attempts,
+    OUTBOX.c.created_at,
+    OUTBOX.c.next_try_at,
+    OUTBOX.c.body,
+    OUTBOX.c.frame,
 )
 #: one constant statement: a platform polls a head per member, and building the statement
 #: (and SQLAlchemy's cache key over its literals) each time cost more than running it.
@@ -53,8 +64,11 @@ HEAD_COLUMNS = (
 #: in a round (``receipts.py``)
 _HEAD = (
     select(*HEAD_COLUMNS)
-    .where(OUTBOX.c.next_hop == bindparam("_peer"), OUTBOX.c.state == "queued",
-           OUTBOX.c.origin != "receipt")
+    .where(
+        OUTBOX.c.next_hop == bindparam("_peer"),
+        OUTBOX.c.state == "queued",
+        OUTBOX.c.origin != "receipt",
+    )
     .order_by(OUTBOX.c.id)
     .limit(bindparam("_limit"))
 )
@@ -79,8 +93,9 @@ class PeerSender:
         self.cfg = ctx.plan.delivery
         self.concurrency = self.cfg.per_peer_concurrency
         # partition i posts on conns[i]; partition 0 on the job's own thread, the rest on a pool
-        self.conns = [self.conn] + [PeerConnection(self.member.exchange_url)
-                                    for _ in range(self.concurrency - 1)]
+        self.conns = [self.conn] + [
+            PeerConnection(self.member.exchange_url) for _ in range(self.concurrency - 1)
+        ]
         self._pool: ThreadPoolExecutor | None = None
 
     def _head(self, limit: int) -> list[Any]:
@@ -160,12 +175,14 @@ class PeerSender:
                 self.ctx.audit.append(conn, entries)
         return SendReport(sent=len(rows))
 
-    def exchange(self, peer: PeerConnection, rows: list[Any],
-                  frames: list[bytes]) -> list[tuple[Any, bytes, dict[str, Any] | HutongError]]:
+    def exchange(
+        self, peer: PeerConnection, rows: list[Any], frames: list[bytes]
+    ) -> list[tuple[Any, bytes, dict[str, Any] | HutongError]]:
         """POST one batch on ``peer`` and check every receipt; touches no store."""
         answers = env.decode_batch(
             peer.post_batch(env.encode_batch(frames)),
-            max_items=len(frames), max_total=64 << 20,
+            max_items=len(frames),
+            max_total=64 << 20,
         )
         faults.point("sender.after_send_before_receipt")
         if len(answers) != len(frames):
@@ -174,15 +191,21 @@ class PeerSender:
         return [self._check(r, a) for r, a in zip(rows, answers, strict=True)]
 
     def record_answers(self, conn: Connection, checked: list[Any]) -> list[AuditEntry]:
-        fast = [(r, a, f) for r, a, f in checked if r.origin in ("local", "relay")
-                and isinstance(f, dict) and f.get("status") == "accepted"]
+        fast = [
+            (r, a, f)
+            for r, a, f in checked
+            if r.origin in ("local", "relay")
+            and isinstance(f, dict)
+            and f.get("status") == "accepted"
+        ]
         taken = [c for c in checked if c[0].origin == "receipt" and not c[1]]
         done = {id(c[0]) for c in (*fast, *taken)}
         slow = [c for c in checked if id(c[0]) not in done]
         entries = self._record_accepted(conn, fast)
         # the peer's latest signed audit checkpoint, kept to check its chain (audit/anchor.py)
-        entries += keep_from_receipts(conn, self.ctx.plan.directory,
-                                      [f for _, _, f in checked], self.ctx.now())
+        entries += keep_from_receipts(
+            conn, self.ctx.plan.directory, [f for _, _, f in checked], self.ctx.now()
+        )
         self._record_receipts_taken(conn, taken)
         for r, a, f in slow:
             entries += self._record(conn, r, a, f)
@@ -205,10 +228,10 @@ class PeerSender:
             return SendReport()
         faults.point("sender.after_commit_before_send")
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.concurrency - 1,
-                                            thread_name_prefix=f"send-{self.peer}")
-        futures = [self._pool.submit(self._send_partition, p, rows, now)
-                   for p, rows in parts[1:]]
+            self._pool = ThreadPoolExecutor(
+                self.concurrency - 1, thread_name_prefix=f"send-{self.peer}"
+            )
+        futures = [self._pool.submit(self._send_partition, p, rows, now) for p, rows in parts[1:]]
         outcomes: list[Any] = []
         try:
             outcomes.append(self._send_partition(parts[0][0], parts[0][1], now))
@@ -253,8 +276,13 @@ class PeerSender:
                 raise TransportError(f"receipt from {self.peer} names another packet")
             return r, answer, fields
         except HutongError as exc:
-            return r, answer, TransportError(
-                f"{self.peer} answered with no valid receipt ({exc.code}): {exc.message}")
+            return (
+                r,
+                answer,
+                TransportError(
+                    f"{self.peer} answered with no valid receipt ({exc.code}): {exc.message}"
+                ),
+            )
 
     def _record_accepted(self, conn: Connection, done: list[Any]) -> list[AuditEntry]:
         """The common case in one executemany: packets the recipient accepted (local ones, and
@@ -263,28 +291,48 @@ class PeerSender:
             return []
         now = self.ctx.now()
         conn.execute(
-            update(OUTBOX).where(OUTBOX.c.id == bindparam("_id")).values(
-                state="acknowledged", attempts=bindparam("_attempts"), sent_at=now,
-                acked_at=now, last_error=None, receipt=bindparam("_receipt")),
+            update(OUTBOX)
+            .where(OUTBOX.c.id == bindparam("_id"))
+            .values(
+                state="acknowledged",
+                attempts=bindparam("_attempts"),
+                sent_at=now,
+                acked_at=now,
+                last_error=None,
+                receipt=bindparam("_receipt"),
+            ),
             [{"_id": r.id, "_attempts": r.attempts + 1, "_receipt": a} for r, a, _ in done],
         )
         relayed = [self._receipt_row(r, a, now) for r, a, _ in done if r.origin == "relay"]
         if relayed:
             conn.execute(insert(OUTBOX), relayed)
-        return [AuditEntry(
-            action="relayed" if r.origin == "relay" else "sent", packet_id=r.packet_id,
-            kind=r.kind, peer=r.recipient,
-            thread=r.thread, patient_hash=r.patient_hash, at=now,
-            extra={"hop": self.peer, "receipt": "accepted", "attempt": r.attempts + 1},
-        ) for r, _, _ in done]
+        return [
+            AuditEntry(
+                action="relayed" if r.origin == "relay" else "sent",
+                packet_id=r.packet_id,
+                kind=r.kind,
+                peer=r.recipient,
+                thread=r.thread,
+                patient_hash=r.patient_hash,
+                at=now,
+                extra={"hop": self.peer, "receipt": "accepted", "attempt": r.attempts + 1},
+            )
+            for r, _, _ in done
+        ]
 
     def _frame(self, r: Any, now: datetime) -> bytes:
         if r.origin == "local":
             recipient = self.ctx.plan.directory[r.recipient]
             return env.seal(
-                r.body, sender=r.sender, recipient=r.recipient, kind=r.kind, thread=r.thread,
-                seq=r.seq, signing_key=self.ctx.signing_key,
-                recipient_key=recipient.encryption_keys[0], packet_id=r.packet_id,
+                r.body,
+                sender=r.sender,
+                recipient=r.recipient,
+                kind=r.kind,
+                thread=r.thread,
+                seq=r.seq,
+                signing_key=self.ctx.signing_key,
+                recipient_key=recipient.encryption_keys[0],
+                packet_id=r.packet_id,
                 created_at=now,
             )
         if r.origin == "relay":
@@ -294,8 +342,9 @@ class PeerSender:
             )
         return bytes(r.frame)  # a forwarded receipt travels as it was signed
 
-    def _record(self, conn: Connection, r: Any, answer: bytes,
-                fields: dict[str, Any] | HutongError) -> list[AuditEntry]:
+    def _record(
+        self, conn: Connection, r: Any, answer: bytes, fields: dict[str, Any] | HutongError
+    ) -> list[AuditEntry]:
         now = self.ctx.now()
         if isinstance(fields, HutongError):
             self.failed([r], fields, conn=conn)
@@ -303,7 +352,8 @@ class PeerSender:
         if r.origin == "receipt":
             state = "acknowledged" if not answer else "refused"
             conn.execute(
-                update(OUTBOX).where(OUTBOX.c.id == r.id)
+                update(OUTBOX)
+                .where(OUTBOX.c.id == r.id)
                 .values(state=state, attempts=r.attempts + 1, sent_at=now, acked_at=now)
             )
             return []
@@ -311,18 +361,37 @@ class PeerSender:
         if status == "refused" and fields.get("code") == ClockSkew.code:
             # the clocks disagree, not the packet: keep it queued (resealed with a fresh
             # created-at at each try) so it goes once the clocks agree again; IT sees why
-            self.failed([r], TransportError(
-                f"{self.peer} refused our clock ({ClockSkew.code}): {fields.get('message')}"),
-                conn=conn)
-            return [AuditEntry(
-                action="rejected", outcome="4", packet_id=r.packet_id, kind=r.kind,
-                peer=r.recipient, thread=r.thread, patient_hash=r.patient_hash, at=now,
-                code=ClockSkew.code, message=fields.get("message"),
-                extra={"hop": self.peer, "attempt": r.attempts + 1, "kept": "queued"})]
+            self.failed(
+                [r],
+                TransportError(
+                    f"{self.peer} refused our clock ({ClockSkew.code}): {fields.get('message')}"
+                ),
+                conn=conn,
+            )
+            return [
+                AuditEntry(
+                    action="rejected",
+                    outcome="4",
+                    packet_id=r.packet_id,
+                    kind=r.kind,
+                    peer=r.recipient,
+                    thread=r.thread,
+                    patient_hash=r.patient_hash,
+                    at=now,
+                    code=ClockSkew.code,
+                    message=fields.get("message"),
+                    extra={"hop": self.peer, "attempt": r.attempts + 1, "kept": "queued"},
+                )
+            ]
         values: dict[str, Any] = {"attempts": r.attempts + 1, "sent_at": now, "last_error": None}
         entry = AuditEntry(
-            action="sent", packet_id=r.packet_id, kind=r.kind, peer=r.recipient,
-            thread=r.thread, patient_hash=r.patient_hash, at=now,
+            action="sent",
+            packet_id=r.packet_id,
+            kind=r.kind,
+            peer=r.recipient,
+            thread=r.thread,
+            patient_hash=r.patient_hash,
+            at=now,
             extra={"hop": self.peer, "receipt": status, "attempt": r.attempts + 1},
         )
         relayed = status == "relayed"
@@ -332,7 +401,9 @@ class PeerSender:
             pass  # 'sent' below, unless the end-to-end receipt has already come back
         else:
             values.update(
-                state="refused", acked_at=now, receipt=answer,
+                state="refused",
+                acked_at=now,
+                receipt=answer,
                 last_error=f"{fields.get('code')}: {fields.get('message')}",
             )
             entry.action, entry.outcome = "rejected", "8"
@@ -342,8 +413,11 @@ class PeerSender:
             # A re-send the platform had already relayed (its answer to our first try was lost,
             # e.g. it died before answering) may find the recipient's end-to-end receipt here
             # before this "relayed" answer is recorded: never turn 'acknowledged' back to 'sent'.
-            conn.execute(update(OUTBOX).where(OUTBOX.c.id == r.id, OUTBOX.c.state == "queued")
-                         .values(state="sent"))
+            conn.execute(
+                update(OUTBOX)
+                .where(OUTBOX.c.id == r.id, OUTBOX.c.state == "queued")
+                .values(state="sent")
+            )
         if r.origin == "relay" and status in ("accepted", "refused"):
             self._forward_receipt(conn, r, answer, now)
             entry.action = "relayed" if status == "accepted" else "rejected"
@@ -355,11 +429,21 @@ class PeerSender:
 
     def _receipt_row(self, r: Any, receipt: bytes, now: datetime) -> dict[str, Any]:
         return {
-            "packet_id": f"receipt:{r.packet_id}", "origin": "receipt",
-            "sender": self.ctx.node_id, "recipient": r.sender, "next_hop": r.sender,
-            "kind": "receipt", "thread": r.thread, "seq": r.seq, "digest": "",
-            "size": len(receipt), "state": "queued", "attempts": 0, "created_at": now,
-            "next_try_at": now, "frame": receipt,
+            "packet_id": f"receipt:{r.packet_id}",
+            "origin": "receipt",
+            "sender": self.ctx.node_id,
+            "recipient": r.sender,
+            "next_hop": r.sender,
+            "kind": "receipt",
+            "thread": r.thread,
+            "seq": r.seq,
+            "digest": "",
+            "size": len(receipt),
+            "state": "queued",
+            "attempts": 0,
+            "created_at": now,
+            "next_try_at": now,
+            "frame": receipt,
         }
 
     def _record_receipts_taken(self, conn: Connection, taken: list[Any]) -> None:
@@ -368,9 +452,11 @@ class PeerSender:
             return
         now = self.ctx.now()
         conn.execute(
-            update(OUTBOX).where(OUTBOX.c.id == bindparam("_id")).values(
-                state="acknowledged", attempts=bindparam("_attempts"), sent_at=now,
-                acked_at=now),
+            update(OUTBOX)
+            .where(OUTBOX.c.id == bindparam("_id"))
+            .values(
+                state="acknowledged", attempts=bindparam("_attempts"), sent_at=now, acked_at=now
+            ),
             [{"_id": r.id, "_attempts": r.attempts + 1} for r, _, _ in taken],
         )
 
@@ -383,9 +469,15 @@ class PeerSender:
         def apply(c: Connection) -> None:
             for r in rows:
                 if isinstance(exc, RateLimited):  # not taken, not a failure: wait and resend
-                    c.execute(update(OUTBOX).where(OUTBOX.c.id == r.id).values(
-                        last_error=str(exc)[:500], next_try_at=now + timedelta(
-                            seconds=exc.retry_after * random.uniform(1.0, 1.25))))
+                    c.execute(
+                        update(OUTBOX)
+                        .where(OUTBOX.c.id == r.id)
+                        .values(
+                            last_error=str(exc)[:500],
+                            next_try_at=now
+                            + timedelta(seconds=exc.retry_after * random.uniform(1.0, 1.25)),
+                        )
+                    )
                     continue
                 attempts = r.attempts + 1
                 age = (now - r.created_at).total_seconds()
@@ -397,11 +489,20 @@ class PeerSender:
                 values: dict[str, Any] = {"attempts": attempts, "last_error": str(exc)[:500]}
                 if dead:
                     values["state"] = "dead"
-                    audit.append(AuditEntry(
-                        action="dead-lettered", outcome="8", packet_id=r.packet_id,
-                        kind=r.kind, peer=r.recipient, thread=r.thread,
-                        patient_hash=r.patient_hash, code=exc.code, message=exc.message, at=now,
-                    ))
+                    audit.append(
+                        AuditEntry(
+                            action="dead-lettered",
+                            outcome="8",
+                            packet_id=r.packet_id,
+                            kind=r.kind,
+                            peer=r.recipient,
+                            thread=r.thread,
+                            patient_hash=r.patient_hash,
+                            code=exc.code,
+                            message=exc.message,
+                            at=now,
+                        )
+                    )
                 else:
                     values["next_try_at"] = now + timedelta(seconds=backoff(attempts, cfg))
                 c.execute(update(OUTBOX).where(OUTBOX.c.id == r.id).values(**values))

@@ -32,14 +32,15 @@ def _insert(conn: Connection) -> Any:
     return pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
 
 
-def open_threads(conn: Connection, me: str, pairs: Iterable[tuple[str, str]],
-                 at: datetime) -> None:
+def open_threads(conn: Connection, me: str, pairs: Iterable[tuple[str, str]], at: datetime) -> None:
     """This node sends on these (thread, recipient) pairs: each recipient is a party of its
     thread from now on (an existing row, and its next seq, stays as it is)."""
-    rows = [{"thread": t, "peer": p, "next_seq": 1, "opened_by": me, "at": at}
-            for t, p in dict.fromkeys(pairs)]
+    rows = [
+        {"thread": t, "peer": p, "next_seq": 1, "opened_by": me, "at": at}
+        for t, p in dict.fromkeys(pairs)
+    ]
     for i in range(0, len(rows), _CHUNK):  # a multi-row VALUES: keep under parameter limits
-        stmt = _insert(conn)(THREAD_PARTY).values(rows[i:i + _CHUNK])
+        stmt = _insert(conn)(THREAD_PARTY).values(rows[i : i + _CHUNK])
         conn.execute(stmt.on_conflict_do_nothing(index_elements=["thread", "peer"]))
 
 
@@ -55,9 +56,11 @@ class ThreadGate:
     def load(self, conn: Connection, threads: Iterable[str]) -> None:
         wanted = sorted(set(threads))
         for i in range(0, len(wanted), _CHUNK):
-            for r in conn.execute(select(THREAD_PARTY.c.thread, THREAD_PARTY.c.peer,
-                                         THREAD_PARTY.c.next_seq)
-                                  .where(THREAD_PARTY.c.thread.in_(wanted[i:i + _CHUNK]))):
+            for r in conn.execute(
+                select(THREAD_PARTY.c.thread, THREAD_PARTY.c.peer, THREAD_PARTY.c.next_seq).where(
+                    THREAD_PARTY.c.thread.in_(wanted[i : i + _CHUNK])
+                )
+            ):
                 self.parties.setdefault(r.thread, {})[r.peer] = r.next_seq
         missing = [t for t in wanted if t not in self.parties]
         if missing:
@@ -68,20 +71,34 @@ class ThreadGate:
         own packets, the next seq from what was already taken from each."""
         found: dict[str, set[str]] = {}
         for i in range(0, len(threads), _CHUNK):
-            part = threads[i:i + _CHUNK]
-            for r in conn.execute(select(REFERRAL.c.thread, REFERRAL.c.side, REFERRAL.c.referrer,
-                                         REFERRAL.c.receiver).where(REFERRAL.c.thread.in_(part))):
+            part = threads[i : i + _CHUNK]
+            for r in conn.execute(
+                select(
+                    REFERRAL.c.thread, REFERRAL.c.side, REFERRAL.c.referrer, REFERRAL.c.receiver
+                ).where(REFERRAL.c.thread.in_(part))
+            ):
                 found.setdefault(r.thread, set()).add(
-                    r.receiver if r.side == "referrer" else r.referrer)
-            for r in conn.execute(select(OUTBOX.c.thread, OUTBOX.c.recipient).distinct().where(
-                    OUTBOX.c.thread.in_(part), OUTBOX.c.origin == "local",
-                    OUTBOX.c.sender == self.me)):
+                    r.receiver if r.side == "referrer" else r.referrer
+                )
+            for r in conn.execute(
+                select(OUTBOX.c.thread, OUTBOX.c.recipient)
+                .distinct()
+                .where(
+                    OUTBOX.c.thread.in_(part),
+                    OUTBOX.c.origin == "local",
+                    OUTBOX.c.sender == self.me,
+                )
+            ):
                 found.setdefault(r.thread, set()).add(r.recipient)
         for thread, peers in found.items():
             for peer in peers:
-                last = conn.execute(select(func.max(INBOX.c.seq)).where(
-                    INBOX.c.thread == thread, INBOX.c.sender == peer,
-                    INBOX.c.state.in_(("delivered", "failed")))).scalar()
+                last = conn.execute(
+                    select(func.max(INBOX.c.seq)).where(
+                        INBOX.c.thread == thread,
+                        INBOX.c.sender == peer,
+                        INBOX.c.state.in_(("delivered", "failed")),
+                    )
+                ).scalar()
                 self.parties.setdefault(thread, {})[peer] = (last or 0) + 1
                 self.opened.add((thread, peer))
 
@@ -95,11 +112,15 @@ class ThreadGate:
             self.opened.add((r.thread, r.sender))
         due = parties.get(r.sender)
         if due is None:
-            raise NotThreadParty(f"packet on thread {r.thread} from '{r.sender}', which is not "
-                                 f"a party of that thread here")
+            raise NotThreadParty(
+                f"packet on thread {r.thread} from '{r.sender}', which is not "
+                f"a party of that thread here"
+            )
         if r.seq < due:
-            raise StaleSequence(f"packet on thread {r.thread} from '{r.sender}' has seq "
-                                f"{r.seq}; that turn has passed (next due: {due})")
+            raise StaleSequence(
+                f"packet on thread {r.thread} from '{r.sender}' has seq "
+                f"{r.seq}; that turn has passed (next due: {due})"
+            )
         return HOLD if r.seq > due else TAKE
 
     def due(self, r: Any) -> int:
@@ -123,15 +144,27 @@ class ThreadGate:
         keys = self.moved | self.opened
         if not keys:
             return
-        rows = [{"thread": t, "peer": p, "next_seq": self.parties[t][p],
-                 "opened_by": p if (t, p) in self.opened else self.me, "at": at}
-                for t, p in sorted(keys)]
+        rows = [
+            {
+                "thread": t,
+                "peer": p,
+                "next_seq": self.parties[t][p],
+                "opened_by": p if (t, p) in self.opened else self.me,
+                "at": at,
+            }
+            for t, p in sorted(keys)
+        ]
         for i in range(0, len(rows), _CHUNK):
-            stmt = _insert(conn)(THREAD_PARTY).values(rows[i:i + _CHUNK])
-            conn.execute(stmt.on_conflict_do_update(
-                index_elements=["thread", "peer"], set_={"next_seq": stmt.excluded.next_seq}))
+            stmt = _insert(conn)(THREAD_PARTY).values(rows[i : i + _CHUNK])
+            conn.execute(
+                stmt.on_conflict_do_update(
+                    index_elements=["thread", "peer"], set_={"next_seq": stmt.excluded.next_seq}
+                )
+            )
         threads = sorted({t for t, _ in self.moved})
         for i in range(0, len(threads), _CHUNK):
-            conn.execute(update(INBOX).where(INBOX.c.state == "held",
-                                             INBOX.c.thread.in_(threads[i:i + _CHUNK]))
-                         .values(state="received"))
+            conn.execute(
+                update(INBOX)
+                .where(INBOX.c.state == "held", INBOX.c.thread.in_(threads[i : i + _CHUNK]))
+                .values(state="received")
+            )

@@ -47,7 +47,8 @@ class PeerConnection:
             except OSError as exc:
                 conn.close()
                 raise TransportError(
-                    f"cannot connect to {self.url}: {exc.strerror or exc}") from exc
+                    f"cannot connect to {self.url}: {exc.strerror or exc}"
+                ) from exc
             assert conn.sock is not None
             conn.sock.settimeout(self.read_timeout)
             conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -66,16 +67,16 @@ class PeerConnection:
         try:
             return self._post(body)
         except AmbiguousDelivery as exc:
-            if not reused or not isinstance(exc.__cause__, (ConnectionResetError,
-                                                            BrokenPipeError)):
+            if not reused or not isinstance(exc.__cause__, (ConnectionResetError, BrokenPipeError)):
                 raise
         return self._post(body)
 
     def _post(self, body: bytes) -> bytes:
         conn = self._connect()
         try:
-            conn.request("POST", self.base + PATH, body=body,
-                         headers={"Content-Type": CONTENT_TYPE})
+            conn.request(
+                "POST", self.base + PATH, body=body, headers={"Content-Type": CONTENT_TYPE}
+            )
         except OSError as exc:
             self.close()
             # the request may be partly out; nothing was answered: safe to resend
@@ -89,9 +90,11 @@ class PeerConnection:
         if resp.status == 200:
             return data
         if resp.status == 429:  # over the peer's rate: nothing taken, keep the connection
-            raise RateLimited(f"{self.url} refused the batch as over rate: "
-                              f"{data[:300].decode('utf-8', 'replace')}",
-                              retry_after=_retry_after(resp.getheader("Retry-After")))
+            raise RateLimited(
+                f"{self.url} refused the batch as over rate: "
+                f"{data[:300].decode('utf-8', 'replace')}",
+                retry_after=_retry_after(resp.getheader("Retry-After")),
+            )
         self.close()
         message = data[:300].decode("utf-8", "replace")
         # an HTTP error is unsigned: whoever wrote it, it says only "not taken this time", so

@@ -29,12 +29,36 @@ SCHEMA = Path(__file__).with_name("schema") / "fhir.schema.json"
 #: what the node accepts (the API's clinical types, what a referral carries, results, images)
 #: and what it emits (messages, outcomes, audit, its CapabilityStatement and code maps)
 TYPES = (
-    "Appointment", "AuditEvent", "Bundle", "CapabilityStatement", "Composition", "ConceptMap",
-    "Condition", "Consent", "Coverage", "DiagnosticReport", "DocumentReference", "Encounter",
-    "ImagingStudy", "Location", "Medication", "MedicationRequest", "MedicationStatement",
-    "MessageHeader", "Observation", "OperationOutcome", "Organization", "Parameters", "Patient",
-    "Practitioner", "PractitionerRole", "Procedure", "Provenance", "ServiceRequest",
-    "Specimen", "Task",
+    "Appointment",
+    "AuditEvent",
+    "Bundle",
+    "CapabilityStatement",
+    "Composition",
+    "ConceptMap",
+    "Condition",
+    "Consent",
+    "Coverage",
+    "DiagnosticReport",
+    "DocumentReference",
+    "Encounter",
+    "ImagingStudy",
+    "Location",
+    "Medication",
+    "MedicationRequest",
+    "MedicationStatement",
+    "MessageHeader",
+    "Observation",
+    "OperationOutcome",
+    "Organization",
+    "Parameters",
+    "Patient",
+    "Practitioner",
+    "PractitionerRole",
+    "Procedure",
+    "Provenance",
+    "ServiceRequest",
+    "Specimen",
+    "Task",
 )
 
 
@@ -44,8 +68,11 @@ def _is_code(prop: dict[str, Any]) -> bool:
     if prop.get("$ref") == "#/definitions/code":
         return True
     items = prop.get("items")
-    return isinstance(items, dict) and items.get("$ref") == "#/definitions/code" \
+    return (
+        isinstance(items, dict)
+        and items.get("$ref") == "#/definitions/code"
         and "enum" not in items
+    )
 
 
 def _model(definition: str) -> Any:
@@ -89,10 +116,10 @@ def generate() -> dict[str, Any]:
     table = {t: _paths(defs, t, "") for t in TYPES}
     return {
         "source": "codes of required bindings from fhir.resources "
-                  f"{version('fhir.resources')} (R4B model enum_values, generated from the HL7 "
-                  "FHIR ValueSets), for the R4 code elements that bridge/fhir/schema/"
-                  "fhir.schema.json leaves without an enum; generator: "
-                  "bridge/fhir/bindings_gen.py",
+        f"{version('fhir.resources')} (R4B model enum_values, generated from the HL7 "
+        "FHIR ValueSets), for the R4 code elements that bridge/fhir/schema/"
+        "fhir.schema.json leaves without an enum; generator: "
+        "bridge/fhir/bindings_gen.py",
         "bindings": {t: p for t, p in table.items() if p},
     }
 

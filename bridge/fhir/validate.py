@@ -113,9 +113,12 @@ class _Schema:
         #: required bindings the schema leaves open (``bindings.json``): type -> [(path, codes)]
         table = orjson.loads(BINDINGS_PATH.read_bytes())["bindings"]
         self.bindings: dict[str, list[tuple[tuple[str, ...], frozenset[str], list[str]]]] = {
-            t: [(tuple(path.split(".")), frozenset(codes), codes)
-                for path, codes in sorted(paths.items())]
-            for t, paths in table.items()}
+            t: [
+                (tuple(path.split(".")), frozenset(codes), codes)
+                for path, codes in sorted(paths.items())
+            ]
+            for t, paths in table.items()
+        }
 
     def validator(self, resource_type: str) -> jsonschema_rs.Validator:
         v = self.validators.get(resource_type)
@@ -150,8 +153,11 @@ def _patch_node(node: Any) -> None:
         if pattern == _XSD_STRING_PATTERN:  # fix 2
             del node["pattern"]
             node["minLength"] = 1
-        elif isinstance(pattern, str) and pattern in _INTEGER_PATTERNS \
-                and node.get("type") == "number":  # fix 4
+        elif (
+            isinstance(pattern, str)
+            and pattern in _INTEGER_PATTERNS
+            and node.get("type") == "number"
+        ):  # fix 4
             del node["pattern"]
             node.update(_INTEGER_PATTERNS[pattern])
         for key, value in node.items():
@@ -303,8 +309,12 @@ def _collect(obj: Any, path: str, s: _Schema, out: list[str], limit: int | None)
     for parts, codes, listed in s.bindings.get(rtype, ()):
         for where, value in _values(obj, parts, ""):
             if value not in codes:
-                out.append(_clip(f"{_join(label, where)}: not one of the allowed codes "
-                                 f"{_options(listed)} (required binding)"))
+                out.append(
+                    _clip(
+                        f"{_join(label, where)}: not one of the allowed codes "
+                        f"{_options(listed)} (required binding)"
+                    )
+                )
                 if limit is not None and len(out) >= limit:
                     return
     for sub_path, sub in _embedded(obj, rtype):

@@ -72,8 +72,9 @@ def upgrade(store: Store) -> int:
                 return 0
             now = datetime.now(UTC)
             if have is None:
-                conn.execute(insert(NODE_STATE).values(key=MARKER, value=SCHEMA_VERSION,
-                                                       updated_at=now))
+                conn.execute(
+                    insert(NODE_STATE).values(key=MARKER, value=SCHEMA_VERSION, updated_at=now)
+                )
             else:
                 state.put(conn, MARKER, SCHEMA_VERSION, now)
             for ix in (IX_NEWEST, IX_PATIENT_NEWEST, IX_PATIENT_HASH):
@@ -88,8 +89,9 @@ def upgrade(store: Store) -> int:
     except IntegrityError:
         return 0  # another process inserted the marker and did the work
     if n:
-        log.info("fhir store upgraded to schema %s: %d identifier tokens backfilled",
-                 SCHEMA_VERSION, n)
+        log.info(
+            "fhir store upgraded to schema %s: %d identifier tokens backfilled", SCHEMA_VERSION, n
+        )
     return n
 
 
@@ -130,7 +132,8 @@ def backfill_tokens(conn: Connection) -> int:
     made = 0
     while True:
         stmt = select(T.c.rtype, T.c.id, T.c.body).where(
-            T.c.identifiers.is_not(None) | T.c.rtype.in_(list(CODED)))
+            T.c.identifiers.is_not(None) | T.c.rtype.in_(list(CODED))
+        )
         if after is not None:
             stmt = stmt.where(tuple_(T.c.rtype, T.c.id) > tuple_(*after))
         chunk = conn.execute(stmt.order_by(T.c.rtype, T.c.id).limit(BACKFILL_CHUNK)).all()
@@ -161,8 +164,11 @@ def upgrade_history(store: Store) -> None:
                 return
             now = datetime.now(UTC)
             if have is None:
-                conn.execute(insert(NODE_STATE).values(key=HISTORY_MARKER,
-                                                       value=HISTORY_VERSION, updated_at=now))
+                conn.execute(
+                    insert(NODE_STATE).values(
+                        key=HISTORY_MARKER, value=HISTORY_VERSION, updated_at=now
+                    )
+                )
             else:
                 state.put(conn, HISTORY_MARKER, HISTORY_VERSION, now)
             conn.execute(CreateIndex(IX_HISTORY_TYPE_SEQ, if_not_exists=True))

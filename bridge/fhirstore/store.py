@@ -49,8 +49,12 @@ T = FHIR_RESOURCE
 TOK = FHIR_TOKEN
 S = FHIR_STRING
 IDENTIFIER = "identifier"  # the token parameter every type keeps in fhir_token
-_OBS_CODED = {"code": ("concept", "code"), "category": ("concept", "category"),
-              "encounter": ("ref", "encounter"), "based-on": ("ref", "basedOn")}
+_OBS_CODED = {
+    "code": ("concept", "code"),
+    "category": ("concept", "category"),
+    "encounter": ("ref", "encounter"),
+    "based-on": ("ref", "basedOn"),
+}
 #: further token parameters kept in fhir_token: type -> {param: (kind, element)}; kind
 #: ``coding`` (a Coding), ``concept`` (CodeableConcept or a list of them), ``ref`` (Reference
 #: or a list: the reference string as value, no system), ``code`` (a code of the system
@@ -62,8 +66,12 @@ CODED: dict[str, dict[str, tuple[str, str]]] = {
     "Patient": {"gender": ("code", "gender")},
     "Task": {"focus": ("ref", "focus"), "business-status": ("concept", "businessStatus")},
     "ImagingStudy": {"basedon": ("ref", "basedOn"), "encounter": ("ref", "encounter")},
-    "ServiceRequest": {"encounter": ("ref", "encounter"), "category": ("concept", "category"),
-                       "code": ("concept", "code"), "expert": ("ref", "performer")},
+    "ServiceRequest": {
+        "encounter": ("ref", "encounter"),
+        "category": ("concept", "category"),
+        "code": ("concept", "code"),
+        "expert": ("ref", "performer"),
+    },
     "Appointment": {"based-on": ("ref", "basedOn")},
     "Condition": {"code": ("concept", "code")},
 }
@@ -80,8 +88,11 @@ DATED: dict[str, dict[str, tuple[str, ...]]] = {
 }
 #: string parameters kept in fhir_string: type -> {param: HumanName parts it searches}
 STRINGS: dict[str, dict[str, tuple[str, ...]]] = {
-    "Patient": {"name": ("text", "family", "given", "prefix", "suffix"),
-                "family": ("family",), "given": ("given",)},
+    "Patient": {
+        "name": ("text", "family", "given", "prefix", "suffix"),
+        "family": ("family",),
+        "given": ("given",),
+    },
 }
 D = FHIR_DATE
 
@@ -120,11 +131,15 @@ def _identifiers(resource: dict[str, Any]) -> list[dict[str, Any]]:
 
 def search_columns(resource: dict[str, Any]) -> dict[str, Any]:
     rtype = resource["resourceType"]
-    patient = f"Patient/{resource['id']}" if rtype == "Patient" else _first_ref(
-        resource, _PATIENT_PATHS)
+    patient = (
+        f"Patient/{resource['id']}" if rtype == "Patient" else _first_ref(resource, _PATIENT_PATHS)
+    )
     idents = _identifiers(resource)
-    token = "".join(f"|{i.get('system', '')}|{i.get('value', '')}" for i in idents) + "|" \
-        if idents else None
+    token = (
+        "".join(f"|{i.get('system', '')}|{i.get('value', '')}" for i in idents) + "|"
+        if idents
+        else None
+    )
     status = resource.get("status")
     return {
         "patient": patient,
@@ -153,15 +168,23 @@ def token_rows(resource: dict[str, Any]) -> list[dict[str, str]]:
         key = (token_key(ident.get("system") or ""), token_key(ident.get("value") or ""))
         if key != ("", "") and key not in seen:
             seen.add(key)
-            rows.append({"rtype": rtype, "id": rid, "param": IDENTIFIER,
-                         "system": key[0], "value": key[1]})
+            rows.append(
+                {"rtype": rtype, "id": rid, "param": IDENTIFIER, "system": key[0], "value": key[1]}
+            )
     for param, (kind, path) in CODED.get(rtype, {}).items():
         for system, code in _coded_values(rtype, param, kind, resource.get(path)):
             coded = (param, token_key(system), token_key(code))
             if coded not in seen_coded:
                 seen_coded.add(coded)
-                rows.append({"rtype": rtype, "id": rid, "param": param,
-                             "system": coded[1], "value": coded[2]})
+                rows.append(
+                    {
+                        "rtype": rtype,
+                        "id": rid,
+                        "param": param,
+                        "system": coded[1],
+                        "value": coded[2],
+                    }
+                )
     return rows
 
 
@@ -180,9 +203,11 @@ def _coded_values(rtype: str, param: str, kind: str, value: Any) -> list[tuple[s
         elif kind == "coding" and isinstance(v, dict) and v.get("code"):
             out.append((str(v.get("system") or ""), str(v["code"])))
         elif kind == "concept" and isinstance(v, dict):
-            out += [(str(c.get("system") or ""), str(c["code"]))
-                    for c in _listed(v.get("coding") or []) if isinstance(c, dict)
-                    and c.get("code")]
+            out += [
+                (str(c.get("system") or ""), str(c["code"]))
+                for c in _listed(v.get("coding") or [])
+                if isinstance(c, dict) and c.get("code")
+            ]
     return out
 
 
@@ -209,13 +234,22 @@ def string_rows(resource: dict[str, Any]) -> list[dict[str, Any]]:
                         continue
                     norm = fold(text)[:STRING_CHARS]
                     keys = [(param, norm, 0, text[:TOKEN_CHARS])]
-                    keys += [(param, norm[i:], i, "") for i in range(1, len(norm))
-                             if norm[i] != " "]
+                    keys += [
+                        (param, norm[i:], i, "") for i in range(1, len(norm)) if norm[i] != " "
+                    ]
                     for key in keys:
                         if key not in seen:
                             seen.add(key)
-                            rows.append({"rtype": rtype, "id": rid, "param": key[0],
-                                         "norm": key[1], "pos": key[2], "raw": key[3]})
+                            rows.append(
+                                {
+                                    "rtype": rtype,
+                                    "id": rid,
+                                    "param": key[0],
+                                    "norm": key[1],
+                                    "pos": key[2],
+                                    "raw": key[3],
+                                }
+                            )
     return rows
 
 
@@ -254,8 +288,15 @@ def date_rows(resource: dict[str, Any]) -> list[dict[str, Any]]:
         else:
             continue
         if lo or hi:
-            rows.append({"rtype": rtype, "id": rid, "param": param,
-                         "start": lo[0] if lo else None, "end": hi[1] if hi else None})
+            rows.append(
+                {
+                    "rtype": rtype,
+                    "id": rid,
+                    "param": param,
+                    "start": lo[0] if lo else None,
+                    "end": hi[1] if hi else None,
+                }
+            )
     return rows
 
 
@@ -289,21 +330,33 @@ def _token_conds(values: Sequence[str]) -> list[ColumnElement[bool]]:
     return conds
 
 
-def token_match(rtype: str, param: str, values: Sequence[str], table: Any = None, *,
-                negate: bool = False, lookup: bool = False) -> ColumnElement[bool]:
+def token_match(
+    rtype: str,
+    param: str,
+    values: Sequence[str],
+    table: Any = None,
+    *,
+    negate: bool = False,
+    lookup: bool = False,
+) -> ColumnElement[bool]:
     """A ``CODED`` parameter's code is one of ``values`` (``code``, ``system|code``, ``|code``
     (no system), ``system|`` (any code of the system)); ``negate``: none is (``:not``)."""
     cond = or_(*_token_conds(values))
     if lookup and not negate:
-        return _lookup(_t(table), select(TOK.c.rtype, TOK.c.id).where(
-            TOK.c.rtype == rtype, TOK.c.param == param, cond))
+        return _lookup(
+            _t(table),
+            select(TOK.c.rtype, TOK.c.id).where(TOK.c.rtype == rtype, TOK.c.param == param, cond),
+        )
     found = _token_exists(rtype, param, table, cond)
     return ~found if negate else found
 
 
 def _token_exists(rtype: str, param: str, table: Any, *conds: Any) -> ColumnElement[bool]:
-    return select(TOK.c.id).where(TOK.c.rtype == rtype, TOK.c.id == _t(table).c.id,
-                                  TOK.c.param == param, *conds).exists()
+    return (
+        select(TOK.c.id)
+        .where(TOK.c.rtype == rtype, TOK.c.id == _t(table).c.id, TOK.c.param == param, *conds)
+        .exists()
+    )
 
 
 def has_token(rtype: str, param: str, table: Any = None) -> ColumnElement[bool]:
@@ -312,24 +365,33 @@ def has_token(rtype: str, param: str, table: Any = None) -> ColumnElement[bool]:
 
 
 def has_date(rtype: str, param: str, table: Any = None) -> ColumnElement[bool]:
-    return select(D.c.id).where(D.c.rtype == rtype, D.c.id == _t(table).c.id,
-                                D.c.param == param).exists()
+    return (
+        select(D.c.id)
+        .where(D.c.rtype == rtype, D.c.id == _t(table).c.id, D.c.param == param)
+        .exists()
+    )
 
 
 def has_string(rtype: str, param: str, table: Any = None) -> ColumnElement[bool]:
-    return select(S.c.id).where(S.c.rtype == rtype, S.c.id == _t(table).c.id,
-                                S.c.param == param, S.c.pos == 0).exists()
+    return (
+        select(S.c.id)
+        .where(S.c.rtype == rtype, S.c.id == _t(table).c.id, S.c.param == param, S.c.pos == 0)
+        .exists()
+    )
 
 
-def ref_match(rtype: str, param: str, refs: Any, table: Any = None, *,
-              lookup: bool = True) -> ColumnElement[bool]:
+def ref_match(
+    rtype: str, param: str, refs: Any, table: Any = None, *, lookup: bool = True
+) -> ColumnElement[bool]:
     """A reference kept as tokens (``focus``, ``encounter``, ``based-on``, ...) is one of
     ``refs`` (a list of ``Type/id``, or a subquery of them: a chain)."""
     match = TOK.c.value.in_(refs if not isinstance(refs, list) else [token_key(r) for r in refs])
     if not lookup:
         return _token_exists(rtype, param, table, match)
-    return _lookup(_t(table), select(TOK.c.rtype, TOK.c.id).where(
-        TOK.c.rtype == rtype, TOK.c.param == param, match))
+    return _lookup(
+        _t(table),
+        select(TOK.c.rtype, TOK.c.id).where(TOK.c.rtype == rtype, TOK.c.param == param, match),
+    )
 
 
 def _next_string(text: str) -> str | None:
@@ -338,8 +400,15 @@ def _next_string(text: str) -> str | None:
     return None if last >= 0x10FFFF else text[:-1] + chr(last + 1)
 
 
-def string_match(rtype: str, param: str, values: Sequence[str], modifier: str = "",
-                 table: Any = None, *, lookup: bool = True) -> ColumnElement[bool]:
+def string_match(
+    rtype: str,
+    param: str,
+    values: Sequence[str],
+    modifier: str = "",
+    table: Any = None,
+    *,
+    lookup: bool = True,
+) -> ColumnElement[bool]:
     """A ``STRINGS`` parameter starts with (default), equals (``exact``: the original, case
     and accents kept) or contains (``contains``) one of ``values``: a range or an equality on
     ``ix_fhir_string_value``."""
@@ -353,15 +422,27 @@ def string_match(rtype: str, param: str, values: Sequence[str], modifier: str = 
         rng = and_(S.c.norm >= norm, S.c.norm < upper) if upper else S.c.norm >= norm
         conds.append(rng if modifier == "contains" else and_(rng, S.c.pos == 0))
     if not lookup:
-        return select(S.c.id).where(S.c.rtype == rtype, S.c.id == _t(table).c.id,
-                                    S.c.param == param, or_(*conds)).exists()
-    return _lookup(_t(table), select(S.c.rtype, S.c.id).where(
-        S.c.rtype == rtype, S.c.param == param, or_(*conds)))
+        return (
+            select(S.c.id)
+            .where(S.c.rtype == rtype, S.c.id == _t(table).c.id, S.c.param == param, or_(*conds))
+            .exists()
+        )
+    return _lookup(
+        _t(table),
+        select(S.c.rtype, S.c.id).where(S.c.rtype == rtype, S.c.param == param, or_(*conds)),
+    )
 
 
-def period_match(rtype: str, param: str, prefix: str, lo: datetime,
-                 hi: datetime, table: Any = None, *, lookup: bool = False
-                 ) -> ColumnElement[bool]:
+def period_match(
+    rtype: str,
+    param: str,
+    prefix: str,
+    lo: datetime,
+    hi: datetime,
+    table: Any = None,
+    *,
+    lookup: bool = False,
+) -> ColumnElement[bool]:
     """The resource's period for ``param`` against the search range [lo, hi) under a FHIR
     prefix (R4 search: ``eq`` the period lies within the range; ``ge``/``gt``/``le``/``lt`` it
     overlaps the range above/below; ``sa``/``eb`` it starts after / ends before). An open side
@@ -380,30 +461,41 @@ def period_match(rtype: str, param: str, prefix: str, lo: datetime,
     }
     cond = ops[prefix]()
     if lookup and prefix == "eq":
-        return _lookup(_t(table), select(D.c.rtype, D.c.id).where(
-            D.c.rtype == rtype, D.c.param == param, cond))
-    return select(D.c.id).where(D.c.rtype == rtype, D.c.id == _t(table).c.id,
-                                D.c.param == param, cond).exists()
+        return _lookup(
+            _t(table), select(D.c.rtype, D.c.id).where(D.c.rtype == rtype, D.c.param == param, cond)
+        )
+    return (
+        select(D.c.id)
+        .where(D.c.rtype == rtype, D.c.id == _t(table).c.id, D.c.param == param, cond)
+        .exists()
+    )
 
 
 def date_key(rtype: str, param: str, table: Any = None) -> Any:
     """A resource's date for ``param`` as a sort key (its start; NULL if it has none)."""
     t = T if table is None else table
-    return select(func.coalesce(D.c.start, D.c.end)).where(
-        D.c.rtype == rtype, D.c.id == t.c.id, D.c.param == param).scalar_subquery()
+    return (
+        select(func.coalesce(D.c.start, D.c.end))
+        .where(D.c.rtype == rtype, D.c.id == t.c.id, D.c.param == param)
+        .scalar_subquery()
+    )
 
 
 def string_key(rtype: str, param: str, table: Any = None) -> Any:
     """A resource's first (folded) string for ``param`` as a sort key."""
     t = T if table is None else table
-    return select(func.min(S.c.norm)).where(S.c.rtype == rtype, S.c.id == t.c.id,
-                                            S.c.param == param, S.c.pos == 0).scalar_subquery()
+    return (
+        select(func.min(S.c.norm))
+        .where(S.c.rtype == rtype, S.c.id == t.c.id, S.c.param == param, S.c.pos == 0)
+        .scalar_subquery()
+    )
 
 
 # constant statements with bound parameters: ``.values(**row)`` built a new statement per call
 # and SQLAlchemy spent ~2 ms a resource on its cache key (measured in bench/results.py)
 _CURRENT = select(T.c.version, T.c.thread, T.c.patient_hash, T.c.identifiers).where(
-    T.c.rtype == bindparam("_rt"), T.c.id == bindparam("_id"))
+    T.c.rtype == bindparam("_rt"), T.c.id == bindparam("_id")
+)
 _UPDATE = update(T).where(T.c.rtype == bindparam("_rt"), T.c.id == bindparam("_id"))
 _INSERT = insert(T)
 _HISTORY = insert(FHIR_HISTORY)
@@ -435,10 +527,13 @@ def put(
     resource["meta"] = meta
     data = orjson.dumps(resource)
     values = {
-        "version": version, "last_updated": at, "body": data,
+        "version": version,
+        "last_updated": at,
+        "body": data,
         "thread": thread or (current.thread if current else None),
         "patient_hash": patient_hash or (current.patient_hash if current else None),
-        "origin": origin, **search_columns(resource),
+        "origin": origin,
+        **search_columns(resource),
     }
     if current:
         conn.execute(_UPDATE, [{"_rt": rtype, "_id": rid, **values}])
@@ -459,31 +554,49 @@ def put(
             _put_dates(conn, resource)
         if rtype in STRINGS:
             _put_strings(conn, resource)
-    conn.execute(_HISTORY, [{"rtype": rtype, "id": rid, "version": version, "at": at,
-                             "body": data}])
+    conn.execute(
+        _HISTORY, [{"rtype": rtype, "id": rid, "version": version, "at": at, "body": data}]
+    )
     return resource
 
 
 # two IN lists, not a row-value IN of (type, id) pairs: SQLite probes the primary key for
 # each type x id combination, where it scanned the table for the row values
-_CURRENT_MANY = select(T.c.rtype, T.c.id, T.c.version, T.c.thread, T.c.patient_hash,
-                      T.c.identifiers).where(T.c.rtype.in_(bindparam("_types", expanding=True)),
-                                             T.c.id.in_(bindparam("_ids", expanding=True)))
+_CURRENT_MANY = select(
+    T.c.rtype, T.c.id, T.c.version, T.c.thread, T.c.patient_hash, T.c.identifiers
+).where(
+    T.c.rtype.in_(bindparam("_types", expanding=True)),
+    T.c.id.in_(bindparam("_ids", expanding=True)),
+)
 
 
-def put_many(conn: Connection, items: Sequence[tuple[dict[str, Any], str | None, str | None]],
-             *, at: datetime, origin: str | None = None) -> list[dict[str, Any]]:
+def put_many(
+    conn: Connection,
+    items: Sequence[tuple[dict[str, Any], str | None, str | None]],
+    *,
+    at: datetime,
+    origin: str | None = None,
+) -> list[dict[str, Any]]:
     """``put`` of several resources (each with its ``thread`` and ``patient_hash``) in a
     constant number of statements: one read of the current versions, then one executemany per
     table, whatever the number of resources (a lab message's 10-30). Same rows as ``put``
     one by one; a (type, id) twice in ``items`` falls back to that."""
     keys = [(r["resourceType"], r.setdefault("id", str(uuid.uuid4()))) for r, _, _ in items]
     if len(set(keys)) != len(keys):
-        return [put(conn, r, at=at, thread=th, origin=origin, patient_hash=ph)
-                for r, th, ph in items]
-    current = {(c.rtype, c.id): c for c in conn.execute(_CURRENT_MANY, {
-        "_types": sorted({t for t, _ in keys}), "_ids": sorted({i for _, i in keys})})} \
-        if keys else {}
+        return [
+            put(conn, r, at=at, thread=th, origin=origin, patient_hash=ph) for r, th, ph in items
+        ]
+    current = (
+        {
+            (c.rtype, c.id): c
+            for c in conn.execute(
+                _CURRENT_MANY,
+                {"_types": sorted({t for t, _ in keys}), "_ids": sorted({i for _, i in keys})},
+            )
+        }
+        if keys
+        else {}
+    )
     stamp = at.isoformat(timespec="milliseconds").replace("+00:00", "Z")
     inserts: list[dict[str, Any]] = []
     updates: list[dict[str, Any]] = []
@@ -503,10 +616,13 @@ def put_many(conn: Connection, items: Sequence[tuple[dict[str, Any], str | None,
         resource["meta"] = meta
         data = orjson.dumps(resource)
         values = {
-            "version": version, "last_updated": at, "body": data,
+            "version": version,
+            "last_updated": at,
+            "body": data,
             "thread": thread or (cur.thread if cur else None),
             "patient_hash": patient_hash or (cur.patient_hash if cur else None),
-            "origin": origin, **search_columns(resource),
+            "origin": origin,
+            **search_columns(resource),
         }
         key = {"_rt": rtype, "_id": rid}
         if cur:
@@ -526,10 +642,17 @@ def put_many(conn: Connection, items: Sequence[tuple[dict[str, Any], str | None,
         if rtype in STRINGS:
             strings += string_rows(resource)
         history.append({"rtype": rtype, "id": rid, "version": version, "at": at, "body": data})
-    for stmt, rows in ((_UPDATE, updates), (_INSERT, inserts), (_TOKENS_GONE, gone_tokens),
-                       (_DATES_GONE, gone_dates), (_STRINGS_GONE, gone_strings),
-                       (_TOKENS, tokens), (_DATES, dates), (_STRINGS, strings),
-                       (_HISTORY, history)):
+    for stmt, rows in (
+        (_UPDATE, updates),
+        (_INSERT, inserts),
+        (_TOKENS_GONE, gone_tokens),
+        (_DATES_GONE, gone_dates),
+        (_STRINGS_GONE, gone_strings),
+        (_TOKENS, tokens),
+        (_DATES, dates),
+        (_STRINGS, strings),
+        (_HISTORY, history),
+    ):
         if rows:
             conn.execute(stmt, rows)
     return [r for r, _, _ in items]
@@ -573,20 +696,30 @@ H = FHIR_HISTORY
 
 def get_version(conn: Connection, rtype: str, rid: str, version: int) -> Any:
     """One stored version (vread): a ``fhir_history`` row with ``body``, ``version``, ``at``."""
-    row = conn.execute(select(H.c.version, H.c.at, H.c.body).where(
-        H.c.rtype == rtype, H.c.id == rid, H.c.version == version)).first()
+    row = conn.execute(
+        select(H.c.version, H.c.at, H.c.body).where(
+            H.c.rtype == rtype, H.c.id == rid, H.c.version == version
+        )
+    ).first()
     if row is None:
         raise NotFound(f"{rtype}/{rid} has no version {version} here")
     return row
 
 
-def history(conn: Connection, rtype: str, rid: str | None = None, *, count: int = 20,
-            before: int | None = None, since: datetime | None = None
-            ) -> tuple[list[Any], bool]:
+def history(
+    conn: Connection,
+    rtype: str,
+    rid: str | None = None,
+    *,
+    count: int = 20,
+    before: int | None = None,
+    since: datetime | None = None,
+) -> tuple[list[Any], bool]:
     """Versions newest first (of one resource, or of a whole type) and whether more follow;
     ``before``: keyset paging on ``seq`` (the last row's seq of the previous page)."""
     stmt = select(H.c.seq, H.c.rtype, H.c.id, H.c.version, H.c.at, H.c.body).where(
-        H.c.rtype == rtype)
+        H.c.rtype == rtype
+    )
     if rid is not None:
         stmt = stmt.where(H.c.id == rid)
     if before is not None:
@@ -607,8 +740,9 @@ def lock_version(conn: Connection, rtype: str, rid: str) -> int:
     """The current version, its row locked until the transaction ends (PostgreSQL ``FOR
     UPDATE``; SQLite's write transactions are serial already): a version check and the write
     it guards cannot interleave with another writer's."""
-    row = conn.execute(select(T.c.version).where(T.c.rtype == rtype, T.c.id == rid)
-                       .with_for_update()).first()
+    row = conn.execute(
+        select(T.c.version).where(T.c.rtype == rtype, T.c.id == rid).with_for_update()
+    ).first()
     if row is None:
         raise NotFound(f"{rtype}/{rid} is not known here")
     return int(row.version)
@@ -668,7 +802,8 @@ class _BodyHas(ColumnElement[bool]):
 @compiles(_BodyHas)
 def _body_has(element: _BodyHas, compiler: Any, **kw: Any) -> str:
     cond = element.body.op("LIKE", is_comparison=True)(
-        literal(element.pattern.encode(), LargeBinary))
+        literal(element.pattern.encode(), LargeBinary)
+    )
     return str(compiler.process(cond, **kw))
 
 
@@ -687,8 +822,9 @@ def body_has(text: str, table: Any = None) -> ColumnElement[bool]:
     return _BodyHas(_t(table).c.body, f"%{text}%")
 
 
-def identifier_match(rtype: str, values: Sequence[str], table: Any = None, *,
-                     lookup: bool = True) -> ColumnElement[bool]:
+def identifier_match(
+    rtype: str, values: Sequence[str], table: Any = None, *, lookup: bool = True
+) -> ColumnElement[bool]:
     """Condition on ``fhir_resource``: one of its identifiers matches one of ``values``, each
     FHIR token syntax: ``system|value``, ``|value`` (no system), ``system|`` (any value) or
     ``value`` (any system). Index lookups in ``fhir_token``, then the primary key.
@@ -703,32 +839,38 @@ def identifier_match(rtype: str, values: Sequence[str], table: Any = None, *,
             conds.append(TOK.c.value == token_key(raw))
             continue
         system, _, value = raw.partition("|")
-        conds.append(and_(TOK.c.system == token_key(system), TOK.c.value == token_key(value))
-                     if value else TOK.c.system == token_key(system))
+        conds.append(
+            and_(TOK.c.system == token_key(system), TOK.c.value == token_key(value))
+            if value
+            else TOK.c.system == token_key(system)
+        )
     t = T if table is None else table
     if not lookup:
         return _token_exists(rtype, IDENTIFIER, table, or_(*conds))
     key = tuple_(t.c.rtype, t.c.id)
 
     def tokens(cond: ColumnElement[bool]) -> Any:
-        return select(TOK.c.rtype, TOK.c.id).where(TOK.c.rtype == rtype,
-                                                   TOK.c.param == IDENTIFIER, cond)
+        return select(TOK.c.rtype, TOK.c.id).where(
+            TOK.c.rtype == rtype, TOK.c.param == IDENTIFIER, cond
+        )
 
     if len(conds) == 1:
         return key.in_(tokens(conds[0]))
     return _TokenMatch(or_(*(key.in_(tokens(c)) for c in conds)), key.in_(tokens(or_(*conds))))
 
 
-def find_by_identifier(conn: Connection, rtype: str, system: str,
-                       value: str) -> dict[str, Any] | None:
+def find_by_identifier(
+    conn: Connection, rtype: str, system: str, value: str
+) -> dict[str, Any] | None:
     row = conn.execute(
         select(T.c.body).where(identifier_match(rtype, [f"{system}|{value}"]))
     ).first()
     return orjson.loads(row.body) if row else None
 
 
-_PATIENT_BY_HASH = select(T.c.body).where(T.c.rtype == "Patient",
-                                          T.c.patient_hash == bindparam("_ph"))
+_PATIENT_BY_HASH = select(T.c.body).where(
+    T.c.rtype == "Patient", T.c.patient_hash == bindparam("_ph")
+)
 
 
 def find_patient_by_hash(conn: Connection, phash: str) -> dict[str, Any] | None:
@@ -740,26 +882,37 @@ def _typed(rtype: str, where: Sequence[Any], typed: bool) -> list[Any]:
     return [T.c.rtype == rtype, *where] if typed else list(where)
 
 
-def page_query(rtype: str, where: Sequence[Any] = (), limit: int = 20, *,
-               typed: bool = True, order: Sequence[Any] | None = None, offset: int = 0) -> Any:
+def page_query(
+    rtype: str,
+    where: Sequence[Any] = (),
+    limit: int = 20,
+    *,
+    typed: bool = True,
+    order: Sequence[Any] | None = None,
+    offset: int = 0,
+) -> Any:
     """Rows matching SQL conditions on the search columns, newest first (then id): the order of
     ``ix_fhir_type_newest`` / ``ix_fhir_type_patient_newest``, so no sort and no scan.
     ``typed=False``: the conditions already imply the type (``identifier_match``).
     ``order``/``offset``: another order (``_sort``), paged by position."""
-    stmt = select(T).where(*_typed(rtype, where, typed)).order_by(
-        *(order if order else (T.c.last_updated.desc(), T.c.id))).limit(limit)
+    stmt = (
+        select(T)
+        .where(*_typed(rtype, where, typed))
+        .order_by(*(order if order else (T.c.last_updated.desc(), T.c.id)))
+        .limit(limit)
+    )
     return stmt.offset(offset) if offset else stmt
 
 
-def count_query(rtype: str, where: Sequence[Any] = (), *, typed: bool = True,
-                up_to: int | None = None) -> Any:
+def count_query(
+    rtype: str, where: Sequence[Any] = (), *, typed: bool = True, up_to: int | None = None
+) -> Any:
     """How many rows match, on the index that serves the conditions (no bodies read);
     ``up_to``: stop counting after that many (plus one)."""
     cond = _typed(rtype, where, typed)
     if up_to is None:
         return select(func.count()).select_from(T).where(*cond)
-    return select(func.count()).select_from(
-        select(T.c.id).where(*cond).limit(up_to + 1).subquery())
+    return select(func.count()).select_from(select(T.c.id).where(*cond).limit(up_to + 1).subquery())
 
 
 def search(
@@ -773,8 +926,11 @@ def search(
     offset: int = 0,
 ) -> tuple[list[Any], bool]:
     """One page of matching rows, newest first, and whether more rows follow it."""
-    rows = list(conn.execute(page_query(rtype, where, count + 1, typed=typed, order=order,
-                                        offset=offset)).all())
+    rows = list(
+        conn.execute(
+            page_query(rtype, where, count + 1, typed=typed, order=order, offset=offset)
+        ).all()
+    )
     return rows[:count], len(rows) > count
 
 
@@ -785,8 +941,14 @@ ESTIMATE_MAX_AGE = 60.0
 _ESTIMATES: dict[tuple[Any, ...], tuple[float, int]] = {}
 
 
-def count(conn: Connection, rtype: str, *, where: Sequence[Any] = (), typed: bool = True,
-          estimate_key: tuple[Any, ...] | None = None) -> int:
+def count(
+    conn: Connection,
+    rtype: str,
+    *,
+    where: Sequence[Any] = (),
+    typed: bool = True,
+    estimate_key: tuple[Any, ...] | None = None,
+) -> int:
     """Matching rows. With ``estimate_key`` (what identifies the conditions, e.g. the query's
     parameters): exact if at most EXACT_UP_TO, else the last exact count of the same key in
     this process if younger than ESTIMATE_MAX_AGE, else counted now and remembered."""

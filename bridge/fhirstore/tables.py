@@ -44,9 +44,7 @@ from bridge.store.types import UTCDateTime
 
 class FhirResource(SQLModel, table=True):
     __tablename__ = "fhir_resource"
-    __table_args__ = (
-        Index("ix_fhir_thread", "thread"),
-    )
+    __table_args__ = (Index("ix_fhir_thread", "thread"),)
 
     rtype: str = Field(primary_key=True, max_length=40)
     id: str = Field(primary_key=True, max_length=64)
@@ -130,9 +128,7 @@ class FhirHistory(SQLModel, table=True):
     as written; ``ix_fhir_history_type_seq`` serves a type's history newest first."""
 
     __tablename__ = "fhir_history"
-    __table_args__ = (
-        Index("ix_fhir_history_type_seq", "rtype", "seq"),
-    )
+    __table_args__ = (Index("ix_fhir_history_type_seq", "rtype", "seq"),)
 
     seq: int | None = Field(default=None, primary_key=True)
     rtype: str = Field(max_length=40, index=True)
@@ -151,18 +147,31 @@ TOKEN_CHARS = 256
 STRING_CHARS = 64
 
 #: page order of the API (newest first, then id), for a type and for a patient's resources
-IX_NEWEST = Index("ix_fhir_type_newest", FHIR_RESOURCE.c.rtype,
-                  FHIR_RESOURCE.c.last_updated.desc(), FHIR_RESOURCE.c.id)
-IX_PATIENT_NEWEST = Index("ix_fhir_type_patient_newest", FHIR_RESOURCE.c.rtype,
-                          FHIR_RESOURCE.c.patient, FHIR_RESOURCE.c.last_updated.desc(),
-                          FHIR_RESOURCE.c.id)
+IX_NEWEST = Index(
+    "ix_fhir_type_newest",
+    FHIR_RESOURCE.c.rtype,
+    FHIR_RESOURCE.c.last_updated.desc(),
+    FHIR_RESOURCE.c.id,
+)
+IX_PATIENT_NEWEST = Index(
+    "ix_fhir_type_patient_newest",
+    FHIR_RESOURCE.c.rtype,
+    FHIR_RESOURCE.c.patient,
+    FHIR_RESOURCE.c.last_updated.desc(),
+    FHIR_RESOURCE.c.id,
+)
 #: a patient's resources of a type by keyed hash, newest first (``find_patient_by_hash``,
 #: ``results_for``, the clinician's imaging list)
-IX_PATIENT_HASH = Index("ix_fhir_type_patient_hash", FHIR_RESOURCE.c.rtype,
-                        FHIR_RESOURCE.c.patient_hash, FHIR_RESOURCE.c.last_updated.desc(),
-                        FHIR_RESOURCE.c.id)
+IX_PATIENT_HASH = Index(
+    "ix_fhir_type_patient_hash",
+    FHIR_RESOURCE.c.rtype,
+    FHIR_RESOURCE.c.patient_hash,
+    FHIR_RESOURCE.c.last_updated.desc(),
+    FHIR_RESOURCE.c.id,
+)
 #: a type's history in write order (``GET /fhir/Type/_history``); made on open for older stores
-IX_HISTORY_TYPE_SEQ = next(ix for ix in FHIR_HISTORY.indexes
-                           if ix.name == "ix_fhir_history_type_seq")
+IX_HISTORY_TYPE_SEQ = next(
+    ix for ix in FHIR_HISTORY.indexes if ix.name == "ix_fhir_history_type_seq"
+)
 #: indexes of earlier versions that the three above replace (dropped on upgrade)
 OLD_INDEXES = ("ix_fhir_type_updated", "ix_fhir_type_patient", "ix_fhir_resource_patient_hash")

@@ -70,10 +70,13 @@ def create_gateway(ctx: NodeContext, intake: Intake, on_received: object = None)
     max_request = max_request_bytes(limits)
     limiter = None
     if limits.peer_rate_per_s:
-        limiter = PeerRateLimit(limits.peer_rate_per_s, limits.peer_burst
-                                or max(1, int(limits.peer_rate_per_s * 2)))
-    refusals = SourceRefusals(limits.refusal_rate_per_s, limits.refusal_burst,
-                              total_per_s=limits.refusal_total_per_s)
+        limiter = PeerRateLimit(
+            limits.peer_rate_per_s, limits.peer_burst or max(1, int(limits.peer_rate_per_s * 2))
+        )
+    refusals = SourceRefusals(
+        limits.refusal_rate_per_s, limits.refusal_burst, total_per_s=limits.refusal_total_per_s
+    )
+
     # a request holds about twice its length at its peak (the bytes, then its frames)
     def keep(remote: str) -> bool:
         """Whether one more unauthenticated refusal of ``remote`` is kept (its rate, and that
@@ -81,12 +84,17 @@ def create_gateway(ctx: NodeContext, intake: Intake, on_received: object = None)
         before = refusals.unkept
         kept = refusals.charge(remote)
         if refusals.unkept != before and refusals.unkept % 1000 == 1:
-            log.warning("%s %d refusal(s) not kept: over %g kept refusals/s from all addresses",
-                        RateLimited.code, refusals.unkept, limits.refusal_total_per_s)
+            log.warning(
+                "%s %d refusal(s) not kept: over %g kept refusals/s from all addresses",
+                RateLimited.code,
+                refusals.unkept,
+                limits.refusal_total_per_s,
+            )
         return kept
 
-    admission = Admission(limits.max_requests, max(limits.max_inflight_bytes, 2 * max_request),
-                          limits.admit_wait_s)
+    admission = Admission(
+        limits.max_requests, max(limits.max_inflight_bytes, 2 * max_request), limits.admit_wait_s
+    )
     directory = ctx.plan.directory
 
     @app.get("/exchange/v1/health")
@@ -100,27 +108,54 @@ def create_gateway(ctx: NodeContext, intake: Intake, on_received: object = None)
         if away is not None and away.retry_after is not None:
             if away.first:
                 await run_in_threadpool(_source_over_rate, ctx, refusals, away)
-            return _unsigned(RateLimited(
-                "too many refused requests from this address; try again later",
-                retry_after=away.retry_after), 429,
-                {"Retry-After": retry_after_header(away.retry_after)})
+            return _unsigned(
+                RateLimited(
+                    "too many refused requests from this address; try again later",
+                    retry_after=away.retry_after,
+                ),
+                429,
+                {"Retry-After": retry_after_header(away.retry_after)},
+            )
         if away is not None and away.episode:
-            log.info("HT-PKT-RATE source=%s back under its refusal rate after %d request(s) "
-                     "turned away", remote, away.episode[remote])
+            log.info(
+                "HT-PKT-RATE source=%s back under its refusal rate after %d request(s) turned away",
+                remote,
+                away.episode[remote],
+            )
         length = request.headers.get("content-length")
         if length is None or not length.isdigit():
-            return await _refuse_early(ctx, keep, remote, MalformedPacket(
-                "a request must declare its Content-Length"), b"", 0, status=411)
+            return await _refuse_early(
+                ctx,
+                keep,
+                remote,
+                MalformedPacket("a request must declare its Content-Length"),
+                b"",
+                0,
+                status=411,
+            )
         declared = int(length)
         if declared > max_request:
-            return await _refuse_early(ctx, keep, remote, PacketTooLarge(
-                f"request of {declared} bytes is over the limit of {max_request}"), b"", 0)
+            return await _refuse_early(
+                ctx,
+                keep,
+                remote,
+                PacketTooLarge(f"request of {declared} bytes is over the limit of {max_request}"),
+                b"",
+                0,
+            )
         async with admission.admit(2 * declared) as admitted:
             if not admitted:
-                return _unsigned(Busy("the port is at its bound of requests in flight; try "
-                                      "again later"), 503, {"Retry-After": "1"})
-            peek = FramePeek(declared, known=directory.__contains__,
-                             max_body=limits.max_body_bytes, max_items=limits.max_batch)
+                return _unsigned(
+                    Busy("the port is at its bound of requests in flight; try again later"),
+                    503,
+                    {"Retry-After": "1"},
+                )
+            peek = FramePeek(
+                declared,
+                known=directory.__contains__,
+                max_body=limits.max_body_bytes,
+                max_items=limits.max_batch,
+            )
             buf = bytearray(declared)
             have = 0
             try:
@@ -129,7 +164,7 @@ def create_gateway(ctx: NodeContext, intake: Intake, on_received: object = None)
                         continue
                     if have + len(chunk) > declared:  # h11 enforces the length; belt and braces
                         raise MalformedPacket("request is longer than its Content-Length")
-                    buf[have:have + len(chunk)] = chunk
+                    buf[have : have + len(chunk)] = chunk
                     have += len(chunk)
                     peek.feed(buf, have)
                 peek.finish(buf, have)
@@ -149,8 +184,10 @@ def create_gateway(ctx: NodeContext, intake: Intake, on_received: object = None)
                     _rate_episode_over(verdict.episode)
             try:
                 answers = await run_in_threadpool(
-                    partial(intake.receive, frames, remote=remote,
-                            admit_refusal=lambda: keep(remote)))
+                    partial(
+                        intake.receive, frames, remote=remote, admit_refusal=lambda: keep(remote)
+                    )
+                )
             except HutongError as exc:  # store unavailable: nothing was committed, sender retries
                 return JSONResponse(exc.as_dict(), status_code=503)
             del frames
@@ -164,23 +201,35 @@ def create_gateway(ctx: NodeContext, intake: Intake, on_received: object = None)
     return app
 
 
-def _unsigned(exc: HutongError, status: int, headers: dict[str, str] | None = None
-              ) -> Response:
+def _unsigned(exc: HutongError, status: int, headers: dict[str, str] | None = None) -> Response:
     """An unsigned HTTP error that also closes the connection (the rest of the body, if any,
     is never read)."""
     body = exc.as_dict() | {"retry": "transient"}
     return JSONResponse(body, status_code=status, headers=CLOSE | (headers or {}))
 
 
-async def _refuse_early(ctx: NodeContext, keep: Callable[[str], bool], remote: str,
-                        exc: PacketRefused, received: bytes | memoryview, size: int,
-                        status: int | None = None) -> Response:
+async def _refuse_early(
+    ctx: NodeContext,
+    keep: Callable[[str], bool],
+    remote: str,
+    exc: PacketRefused,
+    received: bytes | memoryview,
+    size: int,
+    status: int | None = None,
+) -> Response:
     """A request refused before any signature could be checked: if its source is within its
     refusal rate, keep a prefix, the digest and length of what arrived, and audit it."""
     if keep(remote):
         digest = hashlib.sha256(received).hexdigest()
-        await run_in_threadpool(_keep_refusal, ctx, exc, bytes(
-            received[:ctx.plan.retention.quarantine_prefix_bytes]), size, digest, remote)
+        await run_in_threadpool(
+            _keep_refusal,
+            ctx,
+            exc,
+            bytes(received[: ctx.plan.retention.quarantine_prefix_bytes]),
+            size,
+            digest,
+            remote,
+        )
     if status is None:
         status = exc.http_status if isinstance(exc, PacketRefused) else 400
         if isinstance(exc, MalformedPacket):
@@ -188,16 +237,30 @@ async def _refuse_early(ctx: NodeContext, keep: Callable[[str], bool], remote: s
     return _unsigned(exc, status)
 
 
-def _keep_refusal(ctx: NodeContext, exc: PacketRefused, prefix: bytes, size: int, digest: str,
-                  remote: str) -> None:
+def _keep_refusal(
+    ctx: NodeContext, exc: PacketRefused, prefix: bytes, size: int, digest: str, remote: str
+) -> None:
     now = ctx.now()
     quota = ctx.plan.retention.quarantine_max_bytes
     with ctx.store.write() as conn:
-        conn.execute(insert(QUARANTINE), [untrusted_row(
-            now, exc, prefix, prefix=len(prefix), remote=remote, size=size, digest=digest)])
-        entries = [AuditEntry(action="refused", outcome="4", code=exc.code,
-                              message=exc.message, at=now,
-                              extra={"authenticated": False, "remote": remote, "size": size})]
+        conn.execute(
+            insert(QUARANTINE),
+            [
+                untrusted_row(
+                    now, exc, prefix, prefix=len(prefix), remote=remote, size=size, digest=digest
+                )
+            ],
+        )
+        entries = [
+            AuditEntry(
+                action="refused",
+                outcome="4",
+                code=exc.code,
+                message=exc.message,
+                at=now,
+                extra={"authenticated": False, "remote": remote, "size": size},
+            )
+        ]
         entries += quota_entries(enforce_quota(conn, quota), quota, now)
         ctx.audit.append(conn, entries)
 
@@ -206,13 +269,25 @@ def _source_over_rate(ctx: NodeContext, refusals: SourceRefusals, verdict: Verdi
     """The first request of an address turned away for its refusal rate: audited and logged
     once per episode."""
     now = ctx.now()
-    message = (f"address {verdict.peer} is over its rate of {refusals.rate:g} refusals/s "
-               f"(burst {refusals.burst:g}); its requests are turned away unread until it "
-               "slows down")
+    message = (
+        f"address {verdict.peer} is over its rate of {refusals.rate:g} refusals/s "
+        f"(burst {refusals.burst:g}); its requests are turned away unread until it "
+        "slows down"
+    )
     with ctx.store.write() as conn:
-        ctx.audit.append(conn, [AuditEntry(
-            action="refused", outcome="4", code=RateLimited.code, message=message, at=now,
-            extra={"remote": verdict.peer, "authenticated": False})])
+        ctx.audit.append(
+            conn,
+            [
+                AuditEntry(
+                    action="refused",
+                    outcome="4",
+                    code=RateLimited.code,
+                    message=message,
+                    at=now,
+                    extra={"remote": verdict.peer, "authenticated": False},
+                )
+            ],
+        )
     log.warning("%s %s", RateLimited.code, message)
 
 
@@ -222,22 +297,45 @@ def _over_rate(ctx: NodeContext, limiter: PeerRateLimit, verdict: Verdict) -> Re
     exc = RateLimited(
         f"peer '{verdict.peer}' is over its rate of {limiter.rate:g} packets/s (burst "
         f"{limiter.burst:g}); batch of {verdict.packets} not taken, send it again in "
-        f"{verdict.retry_after:.2f} s", retry_after=verdict.retry_after or 1.0)
+        f"{verdict.retry_after:.2f} s",
+        retry_after=verdict.retry_after or 1.0,
+    )
     if verdict.first:
         now = ctx.now()
         with ctx.store.write() as conn:
-            ctx.audit.append(conn, [AuditEntry(
-                action="refused", outcome="4", peer=verdict.peer, code=exc.code,
-                message=exc.message, at=now,
-                extra={"rate_per_s": limiter.rate, "burst": limiter.burst})])
-        log.warning("%s peer=%s over %g packets/s; refusing its batches until it slows down",
-                    exc.code, verdict.peer, limiter.rate)
+            ctx.audit.append(
+                conn,
+                [
+                    AuditEntry(
+                        action="refused",
+                        outcome="4",
+                        peer=verdict.peer,
+                        code=exc.code,
+                        message=exc.message,
+                        at=now,
+                        extra={"rate_per_s": limiter.rate, "burst": limiter.burst},
+                    )
+                ],
+            )
+        log.warning(
+            "%s peer=%s over %g packets/s; refusing its batches until it slows down",
+            exc.code,
+            verdict.peer,
+            limiter.rate,
+        )
     body = exc.as_dict() | {"retry_after_s": round(verdict.retry_after or 1.0, 3)}
-    return JSONResponse(body, status_code=exc.http_status,
-                        headers={"Retry-After": retry_after_header(verdict.retry_after or 1.0)})
+    return JSONResponse(
+        body,
+        status_code=exc.http_status,
+        headers={"Retry-After": retry_after_header(verdict.retry_after or 1.0)},
+    )
 
 
 def _rate_episode_over(episode: dict[str, int]) -> None:
     for peer, batches in episode.items():
-        log.info("%s peer=%s back under its rate after %d refused batch(es)",
-                 RateLimited.code, peer, batches)
+        log.info(
+            "%s peer=%s back under its rate after %d refused batch(es)",
+            RateLimited.code,
+            peer,
+            batches,
+        )

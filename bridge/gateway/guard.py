@@ -91,7 +91,8 @@ class Admission:
 
     def _fits(self, n: int) -> bool:
         return self.requests < self.max_requests and (
-            self.bytes + n <= self.max_bytes or self.bytes == 0)
+            self.bytes + n <= self.max_bytes or self.bytes == 0
+        )
 
     @asynccontextmanager
     async def admit(self, n: int) -> AsyncIterator[bool]:

@@ -103,7 +103,8 @@ class Intake:
                 is_packet = env.frame_kind(frame) == "packet"
                 decoded.append(
                     env.decode(frame, max_body=self.plan.limits.max_body_bytes)
-                    if is_packet else None
+                    if is_packet
+                    else None
                 )
             except PacketRefused as exc:
                 decoded.append(exc)
@@ -117,15 +118,19 @@ class Intake:
                 else:
                     relay_id = self._authenticate(pkt)
             except PacketRefused as exc:
-                answers.append(self._refuse_unauthenticated(
-                    frame, pkt, exc, now, batch, remote, admit_refusal, requarantine))
+                answers.append(
+                    self._refuse_unauthenticated(
+                        frame, pkt, exc, now, batch, remote, admit_refusal, requarantine
+                    )
+                )
                 continue
             try:
                 if pkt is None:
                     answers.append(self._take_receipt(fields, frame, batch))
                     continue
-                answers.append(self._take_packet(pkt, frame, now, batch, existing, seen, answers,
-                                                 relay_id))
+                answers.append(
+                    self._take_packet(pkt, frame, now, batch, existing, seen, answers, relay_id)
+                )
             except PacketRefused as exc:
                 answers.append(self._refuse(frame, exc, now, source, batch, requarantine))
         with self.ctx.store.write() as conn:
@@ -174,8 +179,9 @@ class Intake:
         if prior is not None:
             if prior["identity"] != identity:
                 raise ReplayedPacket(f"packet id {h.id} already taken with other content")
-            batch.audit.append(self._entry("duplicate", h, now, relay_id,
-                                           prior.get("patient_hash")))
+            batch.audit.append(
+                self._entry("duplicate", h, now, relay_id, prior.get("patient_hash"))
+            )
             seen[h.id] = (identity, len(answers))
             receipt: bytes = prior["receipt"]
             return receipt
@@ -188,17 +194,26 @@ class Intake:
         except PacketRefused as exc:
             exc.body = body  # type: ignore[attr-defined]  # kept for IT in quarantine
             raise
-        phash = bundle_patient_hash(
-            plan.patient_hash_key, bundle, plan.alliance.national_id_system
-        )
+        phash = bundle_patient_hash(plan.patient_hash_key, bundle, plan.alliance.national_id_system)
         receipt = self._receipt(h.id, h.sender, h.recipient, h.digest, "accepted", now)
         batch.inbox.append(
             {
-                "packet_id": h.id, "sender": h.sender, "relay": relay_id, "kind": h.kind,
-                "thread": h.thread, "seq": h.seq, "digest": h.digest, "size": h.size,
-                "patient_hash": phash, "state": "received", "attempts": 0,
-                "created_at": h.created_at, "received_at": now, "next_try_at": now,
-                "body": body, "receipt": receipt,
+                "packet_id": h.id,
+                "sender": h.sender,
+                "relay": relay_id,
+                "kind": h.kind,
+                "thread": h.thread,
+                "seq": h.seq,
+                "digest": h.digest,
+                "size": h.size,
+                "patient_hash": phash,
+                "state": "received",
+                "attempts": 0,
+                "created_at": h.created_at,
+                "received_at": now,
+                "next_try_at": now,
+                "body": body,
+                "receipt": receipt,
             }
         )
         batch.audit.append(self._entry("received", h, now, relay_id, phash))
@@ -246,11 +261,23 @@ class Intake:
         raw = frame
         batch.relay.append(
             {
-                "packet_id": h.id, "origin": "relay", "sender": h.sender,
-                "recipient": h.recipient, "next_hop": h.recipient, "kind": h.kind,
-                "thread": h.thread, "seq": h.seq, "digest": h.digest, "size": h.size,
-                "patient_hash": None, "state": "queued", "attempts": 0, "created_at": now,
-                "next_try_at": now, "body": None, "frame": raw,
+                "packet_id": h.id,
+                "origin": "relay",
+                "sender": h.sender,
+                "recipient": h.recipient,
+                "next_hop": h.recipient,
+                "kind": h.kind,
+                "thread": h.thread,
+                "seq": h.seq,
+                "digest": h.digest,
+                "size": h.size,
+                "patient_hash": None,
+                "state": "queued",
+                "attempts": 0,
+                "created_at": now,
+                "next_try_at": now,
+                "body": None,
+                "frame": raw,
             }
         )
         batch.audit.append(self._entry("relay-queued", h, now, None, None))
@@ -287,17 +314,41 @@ class Intake:
         source is within its refusal rate), and the audit says so once per kept refusal."""
         if keep and (admit is None or admit()):
             h = pkt.header if isinstance(pkt, env.Packet) else None
-            claimed: dict[str, Any] = {} if h is None else {
-                "sender": h.sender[:64], "recipient": h.recipient[:64], "packet_id": h.id,
-                "kind": h.kind[:48], "thread": h.thread[:64]}
-            batch.quarantine.append(untrusted_row(
-                now, exc, frame, prefix=self.plan.retention.quarantine_prefix_bytes,
-                remote=remote, **claimed))
-            batch.audit.append(AuditEntry(
-                action="refused", outcome="4", packet_id=claimed.get("packet_id"),
-                kind=claimed.get("kind"), peer=claimed.get("sender"),
-                thread=claimed.get("thread"), code=exc.code, message=exc.message, at=now,
-                extra={"authenticated": False, "remote": remote, "size": len(frame)}))
+            claimed: dict[str, Any] = (
+                {}
+                if h is None
+                else {
+                    "sender": h.sender[:64],
+                    "recipient": h.recipient[:64],
+                    "packet_id": h.id,
+                    "kind": h.kind[:48],
+                    "thread": h.thread[:64],
+                }
+            )
+            batch.quarantine.append(
+                untrusted_row(
+                    now,
+                    exc,
+                    frame,
+                    prefix=self.plan.retention.quarantine_prefix_bytes,
+                    remote=remote,
+                    **claimed,
+                )
+            )
+            batch.audit.append(
+                AuditEntry(
+                    action="refused",
+                    outcome="4",
+                    packet_id=claimed.get("packet_id"),
+                    kind=claimed.get("kind"),
+                    peer=claimed.get("sender"),
+                    thread=claimed.get("thread"),
+                    code=exc.code,
+                    message=exc.message,
+                    at=now,
+                    extra={"authenticated": False, "remote": remote, "size": len(frame)},
+                )
+            )
         return unsigned_error(exc)
 
     def _refuse(
@@ -313,21 +364,36 @@ class Intake:
         if not keep:  # a replay from quarantine: the original item records the outcome
             return self._refusal(header, exc, now)
         body = getattr(exc, "body", None)  # the opened body, when it failed validation
-        phash = bundle_patient(body, self.plan.patient_hash_key,
-                               self.plan.alliance.national_id_system)
+        phash = bundle_patient(
+            body, self.plan.patient_hash_key, self.plan.alliance.national_id_system
+        )
         batch.quarantine.append(
             quarantine_row(
-                now, source, exc, raw=frame, body=body,
-                sender=header.get("sender"), recipient=header.get("recipient"),
-                packet_id=header.get("id"), kind=header.get("kind"), thread=header.get("thread"),
+                now,
+                source,
+                exc,
+                raw=frame,
+                body=body,
+                sender=header.get("sender"),
+                recipient=header.get("recipient"),
+                packet_id=header.get("id"),
+                kind=header.get("kind"),
+                thread=header.get("thread"),
                 patient_hash=phash,
             )
         )
         batch.audit.append(
             AuditEntry(
-                action="refused", outcome="4", packet_id=header.get("id"),
-                kind=header.get("kind"), peer=header.get("sender"), thread=header.get("thread"),
-                patient_hash=phash, code=exc.code, message=exc.message, at=now,
+                action="refused",
+                outcome="4",
+                packet_id=header.get("id"),
+                kind=header.get("kind"),
+                peer=header.get("sender"),
+                thread=header.get("thread"),
+                patient_hash=phash,
+                code=exc.code,
+                message=exc.message,
+                at=now,
             )
         )
         return self._refusal(header, exc, now)
@@ -335,10 +401,15 @@ class Intake:
     def _refusal(self, header: dict[str, Any], exc: PacketRefused, now: datetime) -> bytes:
         return env.sign_receipt(
             {
-                "packet": header.get("id"), "sender": header.get("sender"),
-                "recipient": header.get("recipient"), "receiver": self.plan.node_id,
-                "status": "refused", "code": exc.code, "message": exc.message,
-                "at": _iso(now), "digest": header.get("digest"),
+                "packet": header.get("id"),
+                "sender": header.get("sender"),
+                "recipient": header.get("recipient"),
+                "receiver": self.plan.node_id,
+                "status": "refused",
+                "code": exc.code,
+                "message": exc.message,
+                "at": _iso(now),
+                "digest": header.get("digest"),
             },
             self.ctx.signing_key,
         )
@@ -350,9 +421,15 @@ class Intake:
     ) -> bytes:
         return env.sign_receipt(
             {
-                "packet": packet, "sender": sender, "recipient": recipient,
-                "receiver": self.plan.node_id, "status": status, "code": None,
-                "message": None, "at": _iso(now), "digest": digest,
+                "packet": packet,
+                "sender": sender,
+                "recipient": recipient,
+                "receiver": self.plan.node_id,
+                "status": status,
+                "code": None,
+                "message": None,
+                "at": _iso(now),
+                "digest": digest,
                 **self.ctx.audit.receipt_fields(),  # additive: our latest signed checkpoint
             },
             self.ctx.signing_key,
@@ -362,8 +439,14 @@ class Intake:
         self, action: str, h: env.Header, now: datetime, relay: str | None, phash: str | None
     ) -> AuditEntry:
         return AuditEntry(
-            action=action, packet_id=h.id, kind=h.kind, peer=h.sender, thread=h.thread,
-            patient_hash=phash, at=now, extra={"relay": relay} if relay else None,
+            action=action,
+            packet_id=h.id,
+            kind=h.kind,
+            peer=h.sender,
+            thread=h.thread,
+            patient_hash=phash,
+            at=now,
+            extra={"relay": relay} if relay else None,
         )
 
     def _existing(self, ids: list[str]) -> dict[str, dict[str, Any]]:
@@ -374,18 +457,31 @@ class Intake:
         with self.ctx.store.read() as conn:
             for r in conn.execute(
                 select(
-                    INBOX.c.packet_id, INBOX.c.sender, INBOX.c.kind, INBOX.c.thread,
-                    INBOX.c.seq, INBOX.c.digest, INBOX.c.receipt, INBOX.c.patient_hash,
+                    INBOX.c.packet_id,
+                    INBOX.c.sender,
+                    INBOX.c.kind,
+                    INBOX.c.thread,
+                    INBOX.c.seq,
+                    INBOX.c.digest,
+                    INBOX.c.receipt,
+                    INBOX.c.patient_hash,
                 ).where(INBOX.c.packet_id.in_(ids))
             ):
                 found[r.packet_id] = {
                     "identity": (r.sender, self.plan.node_id, r.kind, r.thread, r.seq, r.digest),
-                    "receipt": r.receipt, "patient_hash": r.patient_hash,
+                    "receipt": r.receipt,
+                    "patient_hash": r.patient_hash,
                 }
             for r in conn.execute(
                 select(
-                    OUTBOX.c.packet_id, OUTBOX.c.sender, OUTBOX.c.recipient, OUTBOX.c.kind,
-                    OUTBOX.c.thread, OUTBOX.c.seq, OUTBOX.c.digest, OUTBOX.c.created_at,
+                    OUTBOX.c.packet_id,
+                    OUTBOX.c.sender,
+                    OUTBOX.c.recipient,
+                    OUTBOX.c.kind,
+                    OUTBOX.c.thread,
+                    OUTBOX.c.seq,
+                    OUTBOX.c.digest,
+                    OUTBOX.c.created_at,
                 ).where(OUTBOX.c.packet_id.in_(ids), OUTBOX.c.origin == "relay")
             ):
                 identity = (r.sender, r.recipient, r.kind, r.thread, r.seq, r.digest)
@@ -416,9 +512,13 @@ class Intake:
                 if row["trusted"] and row["patient_hash"] is None and row["thread"]:
                     row["patient_hash"] = known_patient(conn, thread=row["thread"])
             conn.execute(insert(QUARANTINE), batch.quarantine)
-            batch.audit.extend(quota_entries(
-                enforce_quota(conn, self.plan.retention.quarantine_max_bytes),
-                self.plan.retention.quarantine_max_bytes, self.ctx.now()))
+            batch.audit.extend(
+                quota_entries(
+                    enforce_quota(conn, self.plan.retention.quarantine_max_bytes),
+                    self.plan.retention.quarantine_max_bytes,
+                    self.ctx.now(),
+                )
+            )
         for fields, frame in batch.acks:
             batch.audit.extend(apply_receipt(self.ctx, conn, fields, frame))
         if batch.audit:
@@ -431,9 +531,15 @@ def apply_receipt(
     """Record an end-to-end receipt on the outbox row it answers (idempotent)."""
     now = ctx.now()
     row = conn.execute(
-        select(OUTBOX.c.id, OUTBOX.c.state, OUTBOX.c.recipient, OUTBOX.c.kind, OUTBOX.c.thread,
-               OUTBOX.c.patient_hash, OUTBOX.c.origin)
-        .where(OUTBOX.c.packet_id == fields.get("packet"))
+        select(
+            OUTBOX.c.id,
+            OUTBOX.c.state,
+            OUTBOX.c.recipient,
+            OUTBOX.c.kind,
+            OUTBOX.c.thread,
+            OUTBOX.c.patient_hash,
+            OUTBOX.c.origin,
+        ).where(OUTBOX.c.packet_id == fields.get("packet"))
     ).first()
     if row is None or row.state in ("acknowledged", "refused"):
         return []
@@ -444,16 +550,24 @@ def apply_receipt(
         update(OUTBOX)
         .where(OUTBOX.c.id == row.id)
         .values(
-            state="acknowledged" if accepted else "refused", acked_at=now, receipt=frame,
+            state="acknowledged" if accepted else "refused",
+            acked_at=now,
+            receipt=frame,
             last_error=None if accepted else f"{fields.get('code')}: {fields.get('message')}",
         )
     )
     return [
         AuditEntry(
             action="acknowledged" if accepted else "rejected",
-            outcome="0" if accepted else "8", packet_id=fields.get("packet"), kind=row.kind,
-            peer=row.recipient, thread=row.thread, patient_hash=row.patient_hash,
-            code=fields.get("code"), message=fields.get("message"), at=now,
+            outcome="0" if accepted else "8",
+            packet_id=fields.get("packet"),
+            kind=row.kind,
+            peer=row.recipient,
+            thread=row.thread,
+            patient_hash=row.patient_hash,
+            code=fields.get("code"),
+            message=fields.get("message"),
+            at=now,
         )
     ]
 
@@ -462,11 +576,19 @@ def quota_entries(done: dict[str, int], quota: int, now: datetime) -> list[Audit
     """The audit of a quota enforcement: one entry with the counts, none if nothing went."""
     if not (done["dropped"] or done["emptied"]):
         return []
-    return [AuditEntry(
-        action="quarantine-dropped", outcome="4", at=now,
-        message=(f"{done['dropped']} unauthenticated refusal(s) dropped and "
-                 f"{done['emptied']} member item(s) emptied: quarantine over its quota of "
-                 f"{quota} bytes"), extra=dict(done, quota=quota))]
+    return [
+        AuditEntry(
+            action="quarantine-dropped",
+            outcome="4",
+            at=now,
+            message=(
+                f"{done['dropped']} unauthenticated refusal(s) dropped and "
+                f"{done['emptied']} member item(s) emptied: quarantine over its quota of "
+                f"{quota} bytes"
+            ),
+            extra=dict(done, quota=quota),
+        )
+    ]
 
 
 def _iso(t: datetime) -> str:
@@ -480,5 +602,11 @@ def _peek_header(frame: bytes) -> dict[str, Any]:
     except HutongError:
         return {}
     h = pkt.header
-    return {"id": h.id, "sender": h.sender, "recipient": h.recipient, "kind": h.kind,
-            "thread": h.thread, "digest": h.digest}
+    return {
+        "id": h.id,
+        "sender": h.sender,
+        "recipient": h.recipient,
+        "kind": h.kind,
+        "thread": h.thread,
+        "digest": h.digest,
+    }

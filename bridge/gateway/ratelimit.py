@@ -52,8 +52,9 @@ class Verdict:
 
 
 class PeerRateLimit:
-    def __init__(self, rate_per_s: float, burst: int,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, rate_per_s: float, burst: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.rate = float(rate_per_s)
         self.burst = float(burst)
         self.clock = clock
@@ -73,8 +74,7 @@ class PeerRateLimit:
                     b.limited = True
                     b.refused_batches += 1
                     b.refused_packets += n
-                    return Verdict(retry_after=max(wait, 0.05), peer=peer, packets=n,
-                                   first=first)
+                    return Verdict(retry_after=max(wait, 0.05), peer=peer, packets=n, first=first)
             episode: dict[str, int] = {}
             for peer, n in counts.items():
                 b = self._buckets[peer]
@@ -126,9 +126,14 @@ class SourceRefusals:
 
     MAX_SOURCES = 10_000  # buckets kept; beyond, full (idle) ones are forgotten first
 
-    def __init__(self, rate_per_s: float, burst: int,
-                 clock: Callable[[], float] = time.monotonic, *,
-                 total_per_s: float | None = None) -> None:
+    def __init__(
+        self,
+        rate_per_s: float,
+        burst: int,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        total_per_s: float | None = None,
+    ) -> None:
         self.rate = float(rate_per_s)
         self.burst = float(burst)
         self.clock = clock
@@ -172,8 +177,9 @@ class SourceRefusals:
             first = not b.limited
             b.limited = True
             b.refused_batches += 1
-            return Verdict(retry_after=max((1.0 - b.tokens) / self.rate, 0.05), peer=source,
-                           first=first)
+            return Verdict(
+                retry_after=max((1.0 - b.tokens) / self.rate, 0.05), peer=source, first=first
+            )
 
     def charge(self, source: str) -> bool:
         """One refusal of ``source``: True if it is within its rate and within the rate of all
@@ -205,14 +211,14 @@ def claimed_peer(frame: bytes) -> str | None:
         hlen = int.from_bytes(view[4:8], "big")
         if hlen > env.MAX_HEADER:
             return None
-        header = orjson.loads(view[8:8 + hlen])
+        header = orjson.loads(view[8 : 8 + hlen])
         end = 8 + hlen
-        clen = int.from_bytes(view[end:end + 4], "big")
+        clen = int.from_bytes(view[end : end + 4], "big")
         end += 4 + clen + env.SIG_LEN
-        if len(frame) > end + 8 and view[end:end + 4] == env.MAGIC_RELAY:
-            slen = int.from_bytes(view[end + 4:end + 8], "big")
+        if len(frame) > end + 8 and view[end : end + 4] == env.MAGIC_RELAY:
+            slen = int.from_bytes(view[end + 4 : end + 8], "big")
             if slen <= env.MAX_STAMP:
-                stamp = orjson.loads(view[end + 8:end + 8 + slen])
+                stamp = orjson.loads(view[end + 8 : end + 8 + slen])
                 relay = stamp.get("relay") if isinstance(stamp, dict) else None
                 if isinstance(relay, str):
                     return relay

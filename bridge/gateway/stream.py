@@ -18,12 +18,13 @@ from bridge.errors import MalformedPacket, PacketRefused, PacketTooLarge, Unknow
 
 
 def _u32(buf: bytearray | bytes, pos: int) -> int:
-    return int.from_bytes(buf[pos:pos + 4], "big")
+    return int.from_bytes(buf[pos : pos + 4], "big")
 
 
 class FramePeek:
-    def __init__(self, total: int, *, known: Callable[[str], bool], max_body: int,
-                 max_items: int) -> None:
+    def __init__(
+        self, total: int, *, known: Callable[[str], bool], max_body: int, max_items: int
+    ) -> None:
         self.total = total
         self.known = known
         self.max_body = max_body
@@ -78,8 +79,9 @@ class FramePeek:
         n = _u32(buf, self._pos)
         start = self._pos + 4
         if start + n > self.total:
-            raise MalformedPacket(f"batch item {len(self.items)} of {n} bytes runs past the "
-                                  f"end of the request")
+            raise MalformedPacket(
+                f"batch item {len(self.items)} of {n} bytes runs past the end of the request"
+            )
         self._frame(start, start + n)
         return True
 
@@ -95,16 +97,18 @@ class FramePeek:
             raise MalformedPacket(f"batch item {len(self.items) - 1} is not a frame")
         if have < start + 4:
             return False
-        magic = bytes(buf[start:start + 4])
+        magic = bytes(buf[start : start + 4])
         if magic == env.MAGIC_RECEIPT:
             if end - start > 8 + env.MAX_RECEIPT + env.SIG_LEN:
-                raise PacketTooLarge(f"receipt is {end - start} bytes, limit "
-                                     f"{8 + env.MAX_RECEIPT + env.SIG_LEN}")
+                raise PacketTooLarge(
+                    f"receipt is {end - start} bytes, limit {8 + env.MAX_RECEIPT + env.SIG_LEN}"
+                )
             self._step = self._skip
             return True
         if magic != env.MAGIC_PACKET:
-            raise MalformedPacket(f"batch item {len(self.items) - 1}: expected a packet or "
-                                  "receipt frame (bad magic)")
+            raise MalformedPacket(
+                f"batch item {len(self.items) - 1}: expected a packet or receipt frame (bad magic)"
+            )
         self._step = self._header
         return True
 
@@ -123,15 +127,16 @@ class FramePeek:
             raise MalformedPacket("packet header is truncated")
         if have < body_at + 4:
             return False
-        d = env._object(bytes(buf[start + 8:body_at]), "packet header", env._HEADER_KEYS)
+        d = env._object(bytes(buf[start + 8 : body_at]), "packet header", env._HEADER_KEYS)
         sender = d["sender"]
         if not self.known(sender):
             raise UnknownSender(f"sender '{sender[:64]}' is not in the alliance directory")
         self.senders[-1] = sender
         clen = _u32(buf, body_at)
         if clen > self.max_body + env.TAG_LEN:
-            raise PacketTooLarge(f"packet body is {clen - env.TAG_LEN} bytes, limit "
-                                 f"{self.max_body}")
+            raise PacketTooLarge(
+                f"packet body is {clen - env.TAG_LEN} bytes, limit {self.max_body}"
+            )
         if end < body_at + 4 + clen + env.SIG_LEN:
             raise MalformedPacket("packet body is truncated")
         self._step = self._skip
@@ -148,8 +153,9 @@ class FramePeek:
 
     def _end(self, buf: bytearray | bytes, have: int) -> bool:
         if self._pos != self.total:
-            raise MalformedPacket(f"{self.total - self._pos} unexpected bytes after the "
-                                  f"{len(self.items)} batch items")
+            raise MalformedPacket(
+                f"{self.total - self._pos} unexpected bytes after the {len(self.items)} batch items"
+            )
         self.done = True
         return False
 

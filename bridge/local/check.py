@@ -28,18 +28,21 @@ def adapter_type(name: str) -> AdapterType[Any]:
     """The installed adapter type ``name``; ConfigError if it is not installed or not a type."""
     types = adapter_types()
     if name not in types:
-        raise ConfigError(f"unknown adapter type '{name}' "
-                          f"(installed: {', '.join(sorted(types)) or 'none'})")
+        raise ConfigError(
+            f"unknown adapter type '{name}' (installed: {', '.join(sorted(types)) or 'none'})"
+        )
     found = types[name].load()
     if not isinstance(found, AdapterType):
-        raise ConfigError(f"entry point '{name}' ({types[name].value}) is not an AdapterType "
-                          f"(bridge.local.contract)")
+        raise ConfigError(
+            f"entry point '{name}' ({types[name].value}) is not an AdapterType "
+            f"(bridge.local.contract)"
+        )
     return found
 
 
-def check_adapters(entries: Any, base_dir: Path,
-                   node_binds: Mapping[str, tuple[str, int]] | None = None
-                   ) -> list[tuple[str, str]]:
+def check_adapters(
+    entries: Any, base_dir: Path, node_binds: Mapping[str, tuple[str, int]] | None = None
+) -> list[tuple[str, str]]:
     """Every problem of a node file's ``[[adapters]]`` tables (as read from TOML), as
     ``(where, what)`` with ``where`` like ``adapters.<name>.options.<key>``: the type is
     installed, its options pass its model and its own check, the mapping folder exists, and no
@@ -58,8 +61,12 @@ def check_adapters(entries: Any, base_dir: Path,
         where = f"adapters.{name}"
         for pattern in entry.get("receives") or []:
             if pattern in received:
-                out.append((f"{where}.receives", (f"'{pattern}' is already received by "
-                                                 f"adapters.{received[pattern]}")))
+                out.append(
+                    (
+                        f"{where}.receives",
+                        (f"'{pattern}' is already received by adapters.{received[pattern]}"),
+                    )
+                )
             received.setdefault(pattern, name)
         mappings = entry.get("mappings")
         folder = None
@@ -76,12 +83,19 @@ def check_adapters(entries: Any, base_dir: Path,
         raw = entry.get("options", {})
         if not isinstance(raw, dict):
             continue  # the node file's own model names it
-        settings = AdapterSettings(name=name, type=kind, mappings=folder,
-                                   receives=tuple(entry.get("receives") or ()),
-                                   options=raw, base_dir=base_dir)
+        settings = AdapterSettings(
+            name=name,
+            type=kind,
+            mappings=folder,
+            receives=tuple(entry.get("receives") or ()),
+            options=raw,
+            base_dir=base_dir,
+        )
         opts, problems = atype.validate(raw, settings)
-        out.extend((f"{where}.options.{key}" if key else f"{where}.options", what)
-                   for key, what in problems)
+        out.extend(
+            (f"{where}.options.{key}" if key else f"{where}.options", what)
+            for key, what in problems
+        )
         if opts is None:
             continue
         for host, port in atype.listens(opts):
@@ -89,8 +103,12 @@ def check_adapters(entries: Any, base_dir: Path,
                 continue  # an ephemeral port (tests) clashes with nothing
             other = next((who for b, who in binds if clash((host, port), b)), None)
             if other is not None:
-                out.append((f"{where}.options", (f"listens on {host}:{port}, which is also "
-                                                f"{other}'s port")))
+                out.append(
+                    (
+                        f"{where}.options",
+                        (f"listens on {host}:{port}, which is also {other}'s port"),
+                    )
+                )
             binds.append(((host, port), f"adapters.{name}"))
     return out
 

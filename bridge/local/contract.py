@@ -103,11 +103,29 @@ if TYPE_CHECKING:
 AdapterHost = Any
 
 __all__ = [
-    "Adapter", "AdapterType", "AmbiguousDelivery", "ConsultEvent", "ConsultSink", "Delivery",
-    "ImagingReportEvent", "ImagingReportSink", "PacketEvent", "PacketSink", "Problem",
+    "Adapter",
+    "AdapterType",
+    "AmbiguousDelivery",
+    "ConsultEvent",
+    "ConsultSink",
+    "Delivery",
+    "ImagingReportEvent",
+    "ImagingReportSink",
+    "PacketEvent",
+    "PacketSink",
+    "Problem",
     "ReferralEvent",
-    "ReferralSink", "Replayable", "ResultEvent", "ResultSink", "ServesRoutes", "Sink",
-    "TransportError", "as_failure", "decode_bundle", "options_problems", "retry_class",
+    "ReferralSink",
+    "Replayable",
+    "ResultEvent",
+    "ResultSink",
+    "ServesRoutes",
+    "Sink",
+    "TransportError",
+    "as_failure",
+    "decode_bundle",
+    "options_problems",
+    "retry_class",
 ]
 
 #: one thing wrong with an adapter's options: (key under ``options``, e.g. ``tls.cert``; what)
@@ -290,8 +308,9 @@ class AdapterType(Generic[Opts]):
     check: Callable[[Opts, AdapterSettings], list[Problem]] = _no_problems
     example: Mapping[str, Any] = field(default_factory=dict)
 
-    def validate(self, raw: Mapping[str, Any], settings: AdapterSettings | None = None
-                 ) -> tuple[Opts | None, list[Problem]]:
+    def validate(
+        self, raw: Mapping[str, Any], settings: AdapterSettings | None = None
+    ) -> tuple[Opts | None, list[Problem]]:
         """The options model and every problem of ``raw`` (model first, then ``check``)."""
         opts, problems = options_problems(self.options, raw)
         if opts is not None and settings is not None:
@@ -302,14 +321,16 @@ class AdapterType(Generic[Opts]):
         opts, problems = self.validate(raw, host.settings)
         if opts is None:
             where = f"adapters.{host.adapter_name}.options"
-            lines = [f"{where}.{key}: {what}" if key else f"{where}: {what}"
-                     for key, what in problems]
+            lines = [
+                f"{where}.{key}: {what}" if key else f"{where}: {what}" for key, what in problems
+            ]
             raise ConfigError("; ".join(lines), problems=lines)
         return self.build(host, opts)
 
 
-def options_problems(model: type[Opts],
-                     raw: Mapping[str, Any]) -> tuple[Opts | None, list[Problem]]:
+def options_problems(
+    model: type[Opts], raw: Mapping[str, Any]
+) -> tuple[Opts | None, list[Problem]]:
     """Validate ``raw`` against ``model``: the model, or every problem named by its key."""
     try:
         return model.model_validate(dict(raw)), []
@@ -338,5 +359,4 @@ def as_failure(exc: BaseException) -> HutongError:
     if isinstance(exc, HutongError):
         return exc
     what = f"local handler failed: {type(exc).__name__}"
-    return TransportError(what) if retry_class(exc) is Retry.TRANSIENT \
-        else AmbiguousDelivery(what)
+    return TransportError(what) if retry_class(exc) is Retry.TRANSIENT else AmbiguousDelivery(what)

@@ -31,18 +31,30 @@ VISIT_SYSTEM = "urn:hutong:visit:{member}"
 LOCATION_SYSTEM = "urn:hutong:location:{member}"
 
 #: v2 table 0004 patient class -> Encounter.class (v2-to-FHIR PatientClass[EncounterClass])
-CLASS_FROM_V2 = {"E": (ACT_CODE, "EMER", "emergency"),
-                 "I": (ACT_CODE, "IMP", "inpatient encounter"),
-                 "O": (ACT_CODE, "AMB", "ambulatory"), "P": (ACT_CODE, "PRENC", "pre-admission"),
-                 "R": (V2_0004, "R", "Recurring patient"), "B": (V2_0004, "B", "Obstetrics"),
-                 "C": (V2_0004, "C", "Commercial Account"), "N": (V2_0004, "N", "Not Applicable"),
-                 "U": (V2_0004, "U", "Unknown")}
+CLASS_FROM_V2 = {
+    "E": (ACT_CODE, "EMER", "emergency"),
+    "I": (ACT_CODE, "IMP", "inpatient encounter"),
+    "O": (ACT_CODE, "AMB", "ambulatory"),
+    "P": (ACT_CODE, "PRENC", "pre-admission"),
+    "R": (V2_0004, "R", "Recurring patient"),
+    "B": (V2_0004, "B", "Obstetrics"),
+    "C": (V2_0004, "C", "Commercial Account"),
+    "N": (V2_0004, "N", "Not Applicable"),
+    "U": (V2_0004, "U", "Unknown"),
+}
 
 #: event -> Encounter.status after it (None: unchanged)
-STATUS_AFTER = {"admit": "in-progress", "register": "arrived", "preadmit": "planned",
-                "transfer": "in-progress", "discharge": "finished", "update": None,
-                "cancel-admit": "cancelled", "cancel-transfer": None,
-                "cancel-discharge": "in-progress"}
+STATUS_AFTER = {
+    "admit": "in-progress",
+    "register": "arrived",
+    "preadmit": "planned",
+    "transfer": "in-progress",
+    "discharge": "finished",
+    "update": None,
+    "cancel-admit": "cancelled",
+    "cancel-transfer": None,
+    "cancel-discharge": "in-progress",
+}
 EVENTS = tuple(STATUS_AFTER)
 OPEN = ("planned", "arrived", "triaged", "in-progress", "onleave")
 
@@ -118,8 +130,13 @@ def _move_to(enc: Resource, ev: VisitEvent, planned: bool) -> None:
     if i is not None:
         locs[i]["status"] = "completed"
         locs[i].setdefault("period", {})["end"] = ev.at
-    locs.append({"location": _location_ref(ev), "status": "planned" if planned else "active",
-                 "period": {"start": ev.at}})
+    locs.append(
+        {
+            "location": _location_ref(ev),
+            "status": "planned" if planned else "active",
+            "period": {"start": ev.at},
+        }
+    )
 
 
 def _close_location(enc: Resource, at: str) -> None:
@@ -149,7 +166,8 @@ def _set_status(enc: Resource, status: str, at: str) -> None:
         return
     if old:
         enc.setdefault("statusHistory", []).append(
-            {"status": old, "period": _closed(_since(enc, "statusHistory"), at)})
+            {"status": old, "period": _closed(_since(enc, "statusHistory"), at)}
+        )
     enc["status"] = status
 
 
@@ -160,24 +178,31 @@ def _set_class(enc: Resource, code: str, at: str) -> None:
         return
     if old:
         enc.setdefault("classHistory", []).append(
-            {"class": old, "period": _closed(_since(enc, "classHistory"), at)})
+            {"class": old, "period": _closed(_since(enc, "classHistory"), at)}
+        )
     enc["class"] = new
 
 
 def apply(current: Resource | None, ev: VisitEvent) -> Resource:
     """The Encounter after ``ev``: ``current`` (as stored, or None) is not modified."""
     enc: Resource = copy.deepcopy(current) if current else {"resourceType": "Encounter"}
-    if ev.visit_number and not any(i.get("system") == ev.visit_system
-                                   and i.get("value") == ev.visit_number
-                                   for i in enc.get("identifier") or []):
+    if ev.visit_number and not any(
+        i.get("system") == ev.visit_system and i.get("value") == ev.visit_number
+        for i in enc.get("identifier") or []
+    ):
         enc.setdefault("identifier", []).append(
-            {"type": {"coding": [{"system": V2_0203, "code": "VN"}], "text": "visit number"},
-             "system": ev.visit_system, "value": ev.visit_number})
+            {
+                "type": {"coding": [{"system": V2_0203, "code": "VN"}], "text": "visit number"},
+                "system": ev.visit_system,
+                "value": ev.visit_number,
+            }
+        )
     enc.pop("meta", None)
     status = STATUS_AFTER[ev.event]
     if current is None and status is None:
-        status = ev.status_hint or ("finished" if ev.end else "in-progress" if ev.start
-                                    else "unknown")
+        status = ev.status_hint or (
+            "finished" if ev.end else "in-progress" if ev.start else "unknown"
+        )
     if status is not None:
         _set_status(enc, status, ev.at)
     if ev.class_code:
@@ -209,13 +234,22 @@ def apply(current: Resource | None, ev: VisitEvent) -> Resource:
             locs[-1]["status"] = "active"
             (locs[-1].get("period") or {}).pop("end", None)
     if ev.service_code or ev.service_display:
-        coding = {k: v for k, v in (("system", ev.service_system), ("code", ev.service_code),
-                                    ("display", ev.service_display)) if v}
-        enc["serviceType"] = {"coding": [coding]} if ev.service_code else \
-            {"text": ev.service_display}
+        coding = {
+            k: v
+            for k, v in (
+                ("system", ev.service_system),
+                ("code", ev.service_code),
+                ("display", ev.service_display),
+            )
+            if v
+        }
+        enc["serviceType"] = (
+            {"coding": [coding]} if ev.service_code else {"text": ev.service_display}
+        )
     if ev.preadmit_number:
         enc.setdefault("hospitalization", {})["preAdmissionIdentifier"] = {
-            "value": ev.preadmit_number}
+            "value": ev.preadmit_number
+        }
     return enc
 
 

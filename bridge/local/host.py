@@ -86,33 +86,61 @@ class AdapterHost:
 
     # -- source side: local record -> node, exactly once ---------------------------------------
 
-    def submit_referral(self, bundle: dict[str, Any], *, source_key: str,
-                        actor: str | None = None) -> dict[str, Any]:
+    def submit_referral(
+        self, bundle: dict[str, Any], *, source_key: str, actor: str | None = None
+    ) -> dict[str, Any]:
         """A new referral (or the return of one received) from a local record."""
-        return self._node.workflow.submit(bundle, actor or f"adapter:{self.adapter_name}",
-                                         once=(self.adapter_name, source_key))
+        return self._node.workflow.submit(
+            bundle, actor or f"adapter:{self.adapter_name}", once=(self.adapter_name, source_key)
+        )
 
-    def referral_step(self, thread: str, event: str, *, source_key: str,
-                      reason: str | None = None, outputs: list[dict[str, Any]] | None = None,
-                      actor: str | None = None) -> dict[str, Any]:
+    def referral_step(
+        self,
+        thread: str,
+        event: str,
+        *,
+        source_key: str,
+        reason: str | None = None,
+        outputs: list[dict[str, Any]] | None = None,
+        actor: str | None = None,
+    ) -> dict[str, Any]:
         """accept / reject / arrive / cancel taken in the local system."""
-        return self._node.workflow.step(thread, event, actor or f"adapter:{self.adapter_name}",
-                                       reason=reason, outputs=outputs,
-                                       once=(self.adapter_name, source_key))
+        return self._node.workflow.step(
+            thread,
+            event,
+            actor or f"adapter:{self.adapter_name}",
+            reason=reason,
+            outputs=outputs,
+            once=(self.adapter_name, source_key),
+        )
 
-    def submit_consultation(self, bundle: dict[str, Any], *, source_key: str,
-                            actor: str | None = None) -> dict[str, Any]:
+    def submit_consultation(
+        self, bundle: dict[str, Any], *, source_key: str, actor: str | None = None
+    ) -> dict[str, Any]:
         """A new consultation (远程会诊申请) from a local record (bridge/consult)."""
-        return self._node.consult.submit(bundle, actor or f"adapter:{self.adapter_name}",
-                                         once=(self.adapter_name, source_key))
+        return self._node.consult.submit(
+            bundle, actor or f"adapter:{self.adapter_name}", once=(self.adapter_name, source_key)
+        )
 
-    def consultation_step(self, thread: str, event: str, *, source_key: str,
-                          reason: str | None = None, bundle: dict[str, Any] | None = None,
-                          actor: str | None = None) -> dict[str, Any]:
+    def consultation_step(
+        self,
+        thread: str,
+        event: str,
+        *,
+        source_key: str,
+        reason: str | None = None,
+        bundle: dict[str, Any] | None = None,
+        actor: str | None = None,
+    ) -> dict[str, Any]:
         """A consultation step taken in the local system (resubmit, cancel, follow-up, ...)."""
-        return self._node.consult.step(thread, event, actor or f"adapter:{self.adapter_name}",
-                                       reason=reason, bundle=bundle,
-                                       once=(self.adapter_name, source_key))
+        return self._node.consult.step(
+            thread,
+            event,
+            actor or f"adapter:{self.adapter_name}",
+            reason=reason,
+            bundle=bundle,
+            once=(self.adapter_name, source_key),
+        )
 
     def seen(self, source_key: str) -> dict[str, Any] | None:
         with self._ctx.store.read() as conn:
@@ -129,9 +157,16 @@ class AdapterHost:
         with self._ctx.store.read() as conn:
             return intake.thread_of(conn, self.adapter_name, source_key)
 
-    def send(self, recipient: str, kind: str, bundles: list[dict[str, Any]], *,
-             thread: str | None = None, source_key: str | None = None,
-             write: Callable[[HostTx], None] | None = None) -> list[str]:
+    def send(
+        self,
+        recipient: str,
+        kind: str,
+        bundles: list[dict[str, Any]],
+        *,
+        thread: str | None = None,
+        source_key: str | None = None,
+        write: Callable[[HostTx], None] | None = None,
+    ) -> list[str]:
         """Queue packets (validated, rule-checked, audited like any packet) in ONE transaction
         with ``write(tx)`` (the adapter's own writes, :class:`HostTx`); exactly once by
         ``source_key``.
@@ -149,25 +184,42 @@ class AdapterHost:
                 done = intake.seen(conn, self.adapter_name, source_key)
                 if done is not None:
                     return list(done.get("packets") or [])
-            results = queue_packets(self._ctx, conn, [
-                Outgoing(recipient, kind, orjson.dumps(b), thread) for b in bundles], actor=actor)
+            results = queue_packets(
+                self._ctx,
+                conn,
+                [Outgoing(recipient, kind, orjson.dumps(b), thread) for b in bundles],
+                actor=actor,
+            )
             ids = [r.packet_id for r in results if r.packet_id is not None]
             refused = next((r.error for r in results if r.error is not None), None)
             if refused is None:
                 if write is not None:
                     write(HostTx(self, conn))
                 if source_key is not None:
-                    intake.remember(conn, self.adapter_name, source_key, {"packets": ids},
-                                    self._ctx.now(), thread=thread)
+                    intake.remember(
+                        conn,
+                        self.adapter_name,
+                        source_key,
+                        {"packets": ids},
+                        self._ctx.now(),
+                        thread=thread,
+                    )
         if refused is not None:
             raise refused
         self._node.wake_all_senders()
         return ids
 
-    def share_results(self, bundle: dict[str, Any], *, source_key: str,
-                      patient_hash: str | None, answer: dict[str, Any] | None = None,
-                      raw: bytes | None = None, kind: str = "result.lab",
-                      notes: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    def share_results(
+        self,
+        bundle: dict[str, Any],
+        *,
+        source_key: str,
+        patient_hash: str | None,
+        answer: dict[str, Any] | None = None,
+        raw: bytes | None = None,
+        kind: str = "result.lab",
+        notes: list[dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:
         """Results from a local system (an already validated collection Bundle): stored in the
         node's FHIR store and sent to the other side of every open referral of the patient
         (:mod:`bridge.results.routing`), with ``raw`` and the exactly-once key, in ONE
@@ -181,14 +233,30 @@ class AdapterHost:
             prior = intake.seen(conn, self.adapter_name, source_key)
             if prior is not None:
                 return {**prior, "repeated": True}
-            out = store_and_route(self._ctx, conn, bundle, adapter=self.adapter_name,
-                                  source_key=source_key, answer=answer or {},
-                                  patient_hash=patient_hash, raw=raw, kind=kind,
-                                  at=self._ctx.now())
+            out = store_and_route(
+                self._ctx,
+                conn,
+                bundle,
+                adapter=self.adapter_name,
+                source_key=source_key,
+                answer=answer or {},
+                patient_hash=patient_hash,
+                raw=raw,
+                kind=kind,
+                at=self._ctx.now(),
+            )
             if notes:
-                self._ctx.audit.append(conn, [AuditEntry(
-                    **{"kind": kind, **n}, at=self._ctx.now(),
-                    actor=f"adapter:{self.adapter_name}") for n in notes])
+                self._ctx.audit.append(
+                    conn,
+                    [
+                        AuditEntry(
+                            **{"kind": kind, **n},
+                            at=self._ctx.now(),
+                            actor=f"adapter:{self.adapter_name}",
+                        )
+                        for n in notes
+                    ],
+                )
             return out
 
         # several connections' messages may share one commit (Store.write_grouped); each
@@ -200,12 +268,19 @@ class AdapterHost:
             self._node.wake_all_senders()
         return out
 
-    def record_encounter(self, build: Callable[[dict[str, Any] | None], dict[str, Any]] | None,
-                         *, source_key: str, visit: tuple[str, str] | None = None,
-                         patient: dict[str, Any] | None = None,
-                         referral_thread: str | None = None, kind: str | None = None,
-                         answer: dict[str, Any] | None = None, without_visit: str = "new",
-                         must_exist: bool = False) -> dict[str, Any]:
+    def record_encounter(
+        self,
+        build: Callable[[dict[str, Any] | None], dict[str, Any]] | None,
+        *,
+        source_key: str,
+        visit: tuple[str, str] | None = None,
+        patient: dict[str, Any] | None = None,
+        referral_thread: str | None = None,
+        kind: str | None = None,
+        answer: dict[str, Any] | None = None,
+        without_visit: str = "new",
+        must_exist: bool = False,
+    ) -> dict[str, Any]:
         """A visit event from the local system: its Patient and Encounter stored or updated in
         the node's FHIR store, in ONE transaction with the exactly-once intake key; audited.
 
@@ -255,24 +330,36 @@ class AdapterHost:
                 return {**prior, "repeated": True}
             row = None
             if referral_thread:
-                row = conn.execute(select(REFERRAL).where(
-                    REFERRAL.c.thread == referral_thread)).first()
+                row = conn.execute(
+                    select(REFERRAL).where(REFERRAL.c.thread == referral_thread)
+                ).first()
                 if row is None or row.side != "receiver":
                     raise UnknownReference("no referral received here with that id")
-            current = fhirstore.find_by_identifier(conn, "Encounter", *visit) \
-                if visit and build is not None else None
+            current = (
+                fhirstore.find_by_identifier(conn, "Encounter", *visit)
+                if visit and build is not None
+                else None
+            )
             # -- the patient
             phash = None
             stored_patient = None
             if patient is not None:
-                nid = next((i.get("value") for i in patient.get("identifier") or []
-                            if i.get("system") == system and i.get("value")), None)
+                nid = next(
+                    (
+                        i.get("value")
+                        for i in patient.get("identifier") or []
+                        if i.get("system") == system and i.get("value")
+                    ),
+                    None,
+                )
                 phash = patient_hash(self.plan.patient_hash_key, nid) if nid else None
                 for ident in patient.get("identifier") or []:
-                    if str(ident.get("system", "")).startswith("urn:hutong:mrn:") \
-                            and ident.get("value"):
+                    if str(ident.get("system", "")).startswith("urn:hutong:mrn:") and ident.get(
+                        "value"
+                    ):
                         stored_patient = fhirstore.find_by_identifier(
-                            conn, "Patient", ident["system"], ident["value"])
+                            conn, "Patient", ident["system"], ident["value"]
+                        )
                         if stored_patient is not None:
                             break
                 if stored_patient is None and phash:
@@ -284,8 +371,9 @@ class AdapterHost:
             if stored_patient is None and row is not None:
                 task = fhirstore.get(conn, "Task", row.task_id)
                 ref = (task.get("for") or {}).get("reference", "")
-                if ref.startswith("Patient/") and fhirstore.exists(conn, "Patient",
-                                                                   ref.split("/", 1)[1]):
+                if ref.startswith("Patient/") and fhirstore.exists(
+                    conn, "Patient", ref.split("/", 1)[1]
+                ):
                     stored_patient = fhirstore.get(conn, "Patient", ref.split("/", 1)[1])
             if patient is None and stored_patient is None:
                 raise InvalidResource("a new Encounter needs its Patient")
@@ -294,24 +382,38 @@ class AdapterHost:
             if problems:
                 raise InvalidResource(f"Patient is not valid FHIR R4: {'; '.join(problems)}")
             if phash is None and stored_patient is not None:
-                phash = fhirstore.get_row(conn, "Patient", stored_patient["id"]).patient_hash \
-                    if "id" in stored_patient else None
+                phash = (
+                    fhirstore.get_row(conn, "Patient", stored_patient["id"]).patient_hash
+                    if "id" in stored_patient
+                    else None
+                )
             if patient is not None:
                 fhirstore.put(conn, merged, at=now, origin=self.node_id, patient_hash=phash)
             pref = f"Patient/{merged['id']}"
             if build is not None and visit is None and without_visit == "open":
-                rows = conn.execute(select(FHIR_RESOURCE.c.id).where(
-                    FHIR_RESOURCE.c.rtype == "Encounter", FHIR_RESOURCE.c.patient == pref,
-                    FHIR_RESOURCE.c.status.in_(encounters.OPEN),
-                    FHIR_RESOURCE.c.origin == self.node_id).limit(2)).all()
+                rows = conn.execute(
+                    select(FHIR_RESOURCE.c.id)
+                    .where(
+                        FHIR_RESOURCE.c.rtype == "Encounter",
+                        FHIR_RESOURCE.c.patient == pref,
+                        FHIR_RESOURCE.c.status.in_(encounters.OPEN),
+                        FHIR_RESOURCE.c.origin == self.node_id,
+                    )
+                    .limit(2)
+                ).all()
                 if len(rows) != 1:
-                    raise UnknownReference(f"no visit number, and the patient has "
-                                           f"{'no' if not rows else 'several'} open visits here")
+                    raise UnknownReference(
+                        f"no visit number, and the patient has "
+                        f"{'no' if not rows else 'several'} open visits here"
+                    )
                 current = fhirstore.get(conn, "Encounter", rows[0].id)
-            if current is not None and (current.get("subject") or {}).get("reference") \
-                    not in (None, pref):
-                raise VisitConflict("the visit number already names a visit of another "
-                                    "patient here")
+            if current is not None and (current.get("subject") or {}).get("reference") not in (
+                None,
+                pref,
+            ):
+                raise VisitConflict(
+                    "the visit number already names a visit of another patient here"
+                )
             if build is not None and current is None and must_exist:
                 raise UnknownReference("no visit known here with that visit number")
             # -- the encounter
@@ -329,13 +431,15 @@ class AdapterHost:
                 enc.setdefault("id", str(uuid.uuid4()))
                 problems = fhir_errors(enc, limit=3)
                 if problems:
-                    raise InvalidResource(
-                        f"Encounter is not valid FHIR R4: {'; '.join(problems)}")
+                    raise InvalidResource(f"Encounter is not valid FHIR R4: {'; '.join(problems)}")
                 fhirstore.put(conn, enc, at=now, origin=self.node_id, patient_hash=phash)
             # -- the referral it belongs to (only when the record said so)
             arrived = False
-            if row is not None and enc is not None \
-                    and row.status not in ("rejected", "cancelled", "completed"):
+            if (
+                row is not None
+                and enc is not None
+                and row.status not in ("rejected", "cancelled", "completed")
+            ):
                 if row.status == "accepted" and enc.get("status") in ("arrived", "in-progress"):
                     self._node.workflow.step_in(conn, row.thread, "arrive", actor)
                     arrived = woke = True
@@ -343,25 +447,57 @@ class AdapterHost:
                 task = fhirstore.get(conn, "Task", row.task_id)
                 if task.get("encounter") != eref:
                     task["encounter"] = eref
-                    fhirstore.put(conn, task, at=now, thread=row.thread, origin=self.node_id,
-                                  patient_hash=row.patient_hash)
+                    fhirstore.put(
+                        conn,
+                        task,
+                        at=now,
+                        thread=row.thread,
+                        origin=self.node_id,
+                        patient_hash=row.patient_hash,
+                    )
                 sr = fhirstore.get(conn, "ServiceRequest", row.sr_id)
                 if eref not in (sr.get("supportingInfo") or []):
                     sr.setdefault("supportingInfo", []).append(eref)
-                    fhirstore.put(conn, sr, at=now, thread=row.thread,
-                                  patient_hash=row.patient_hash)
-            result = {"encounter": enc["id"] if enc else None, "patient": merged["id"],
-                      "status": enc.get("status") if enc else None,
-                      "created": enc is not None and current is None,
-                      "referral": row.thread if row is not None else None,
-                      "arrived": arrived, **(answer or {})}
-            intake.remember(conn, self.adapter_name, source_key, result, now,
-                            thread=row.thread if row is not None else None)
-            what = f"Encounter/{enc['id']} {'created' if current is None else 'updated'} " \
-                f"({enc.get('status')})" if enc else f"Patient/{merged['id']} updated"
-            self._ctx.audit.append(conn, [AuditEntry(
-                action="encounter", message=what, kind=kind, at=now, actor=actor,
-                patient_hash=phash, thread=row.thread if row is not None else None)])
+                    fhirstore.put(
+                        conn, sr, at=now, thread=row.thread, patient_hash=row.patient_hash
+                    )
+            result = {
+                "encounter": enc["id"] if enc else None,
+                "patient": merged["id"],
+                "status": enc.get("status") if enc else None,
+                "created": enc is not None and current is None,
+                "referral": row.thread if row is not None else None,
+                "arrived": arrived,
+                **(answer or {}),
+            }
+            intake.remember(
+                conn,
+                self.adapter_name,
+                source_key,
+                result,
+                now,
+                thread=row.thread if row is not None else None,
+            )
+            what = (
+                f"Encounter/{enc['id']} {'created' if current is None else 'updated'} "
+                f"({enc.get('status')})"
+                if enc
+                else f"Patient/{merged['id']} updated"
+            )
+            self._ctx.audit.append(
+                conn,
+                [
+                    AuditEntry(
+                        action="encounter",
+                        message=what,
+                        kind=kind,
+                        at=now,
+                        actor=actor,
+                        patient_hash=phash,
+                        thread=row.thread if row is not None else None,
+                    )
+                ],
+            )
         if woke:
             self._node.wake_all_senders()
         return result
@@ -386,8 +522,9 @@ class AdapterHost:
 
     # -- codes the site's maps do not know ------------------------------------------------------
 
-    def record_gap(self, map_id: str | None, coding: dict[str, Any], *,
-                   site: str | None = None) -> None:
+    def record_gap(
+        self, map_id: str | None, coding: dict[str, Any], *, site: str | None = None
+    ) -> None:
         """Count one unmapped local code for IT (the mapping-gaps page): codes and code names
         only, never patient data. ``site``: default the site of the adapter's maps."""
         from bridge.mapping import record_gap
@@ -401,13 +538,23 @@ class AdapterHost:
 
         at = self.now()
         for g in gaps:
-            record_gap(self._ctx.store, g.site, g.map, {"system": g.system, "code": g.code,
-                                                       "display": g.display}, at=at)
+            record_gap(
+                self._ctx.store,
+                g.site,
+                g.map,
+                {"system": g.system, "code": g.code, "display": g.display},
+                at=at,
+            )
 
     # -- the node's FHIR store, as an adapter may use it ---------------------------------------
 
-    def find(self, rtype: str, *, identifier: tuple[str, str] | None = None,
-             patient_hash: str | None = None) -> dict[str, Any] | None:
+    def find(
+        self,
+        rtype: str,
+        *,
+        identifier: tuple[str, str] | None = None,
+        patient_hash: str | None = None,
+    ) -> dict[str, Any] | None:
         """The stored resource with this identifier (system, value), or the Patient with this
         keyed hash; None if there is none."""
         with self._ctx.store.read() as conn:
@@ -434,8 +581,11 @@ class AdapterHost:
         import orjson
 
         with self._ctx.store.read() as conn:
-            rows = conn.execute(select(FHIR_RESOURCE.c.body).where(
-                FHIR_RESOURCE.c.rtype == rtype, FHIR_RESOURCE.c.origin == self.node_id)).all()
+            rows = conn.execute(
+                select(FHIR_RESOURCE.c.body).where(
+                    FHIR_RESOURCE.c.rtype == rtype, FHIR_RESOURCE.c.origin == self.node_id
+                )
+            ).all()
         return [orjson.loads(r.body) for r in rows]
 
     def transaction(self) -> Any:
@@ -446,14 +596,23 @@ class AdapterHost:
         def tx() -> Any:
             with self._ctx.store.write() as conn:
                 yield HostTx(self, conn)
+
         return tx()
 
     # -- bad local data -----------------------------------------------------------------------
 
-    def quarantine(self, error: HutongError, *, raw: bytes, record: str | None = None,
-                   field: str | None = None, kind: str | None = None,
-                   thread: str | None = None, national_id: str | None = None,
-                   patient_hash: str | None = None) -> int:
+    def quarantine(
+        self,
+        error: HutongError,
+        *,
+        raw: bytes,
+        record: str | None = None,
+        field: str | None = None,
+        kind: str | None = None,
+        thread: str | None = None,
+        national_id: str | None = None,
+        patient_hash: str | None = None,
+    ) -> int:
         """Keep a local record we cannot take, with a reason naming record and field; audited.
 
         ``national_id``: the patient's ID number as the adapter read it from the record, if
@@ -463,38 +622,87 @@ class AdapterHost:
         on); without either, the patient of a known ``thread``. Returns the quarantine id
         (shown to IT, replayable through ``hutong quarantine``).
         """
-        where = " ".join(p for p in (f"record {record}" if record else "",
-                                     f"field {field}" if field else "") if p)
+        where = " ".join(
+            p
+            for p in (f"record {record}" if record else "", f"field {field}" if field else "")
+            if p
+        )
         if where and where not in error.message:
             error.message = f"{where}: {error.message}"
         now = self._ctx.now()
         source = f"adapter:{self.adapter_name}"
-        phash = _patient_hash(self.plan.patient_hash_key, national_id) \
-            if national_id and national_id.strip() else patient_hash
+        phash = (
+            _patient_hash(self.plan.patient_hash_key, national_id)
+            if national_id and national_id.strip()
+            else patient_hash
+        )
         with self._ctx.store.write() as conn:
             if phash is None and thread:
                 phash = known_patient(conn, thread=thread)
-            inserted = conn.execute(QUARANTINE.insert().values(**quarantine_row(
-                now, source, error, raw=raw, sender=self.adapter_name, kind=kind,
-                thread=thread, patient_hash=phash))).inserted_primary_key
+            inserted = conn.execute(
+                QUARANTINE.insert().values(
+                    **quarantine_row(
+                        now,
+                        source,
+                        error,
+                        raw=raw,
+                        sender=self.adapter_name,
+                        kind=kind,
+                        thread=thread,
+                        patient_hash=phash,
+                    )
+                )
+            ).inserted_primary_key
             assert inserted is not None
             qid = inserted[0]
-            self._ctx.audit.append(conn, [AuditEntry(
-                action="quarantined", outcome="4", kind=kind, thread=thread, at=now,
-                patient_hash=phash,
-                actor=source, code=error.code, message=error.message,
-                extra={"quarantine_id": int(qid)})])
+            self._ctx.audit.append(
+                conn,
+                [
+                    AuditEntry(
+                        action="quarantined",
+                        outcome="4",
+                        kind=kind,
+                        thread=thread,
+                        at=now,
+                        patient_hash=phash,
+                        actor=source,
+                        code=error.code,
+                        message=error.message,
+                        extra={"quarantine_id": int(qid)},
+                    )
+                ],
+            )
         log.warning("%s quarantined a local record (%s, quarantine id %s)", source, error.code, qid)
         return int(qid)
 
-    def audit(self, action: str, *, outcome: str = "0", message: str | None = None,
-              thread: str | None = None, patient_hash: str | None = None,
-              kind: str | None = None, code: str | None = None) -> None:
+    def audit(
+        self,
+        action: str,
+        *,
+        outcome: str = "0",
+        message: str | None = None,
+        thread: str | None = None,
+        patient_hash: str | None = None,
+        kind: str | None = None,
+        code: str | None = None,
+    ) -> None:
         with self._ctx.store.write() as conn:
-            self._ctx.audit.append(conn, [AuditEntry(
-                action=action, outcome=outcome, message=message, thread=thread,
-                patient_hash=patient_hash, kind=kind, code=code, at=self._ctx.now(),
-                actor=f"adapter:{self.adapter_name}")])
+            self._ctx.audit.append(
+                conn,
+                [
+                    AuditEntry(
+                        action=action,
+                        outcome=outcome,
+                        message=message,
+                        thread=thread,
+                        patient_hash=patient_hash,
+                        kind=kind,
+                        code=code,
+                        at=self._ctx.now(),
+                        actor=f"adapter:{self.adapter_name}",
+                    )
+                ],
+            )
 
     # -- jobs ---------------------------------------------------------------------------------
 
@@ -524,41 +732,62 @@ class HostTx:
         self._conn = conn
         self.now = host.now()
 
-    def put(self, resource: dict[str, Any], *, patient_hash: str | None = None,
-            thread: str | None = None) -> None:
+    def put(
+        self,
+        resource: dict[str, Any],
+        *,
+        patient_hash: str | None = None,
+        thread: str | None = None,
+    ) -> None:
         """Store one resource of this node's own (validated before: ``validate_resource``)."""
-        fhirstore.put(self._conn, resource, at=self.now, origin=self._host.node_id,
-                      patient_hash=patient_hash, thread=thread)
+        fhirstore.put(
+            self._conn,
+            resource,
+            at=self.now,
+            origin=self._host.node_id,
+            patient_hash=patient_hash,
+            thread=thread,
+        )
 
-    def put_foreign(self, resource: dict[str, Any], *, sender: str, thread: str,
-                    patient_hash: str | None = None) -> None:
+    def put_foreign(
+        self, resource: dict[str, Any], *, sender: str, thread: str, patient_hash: str | None = None
+    ) -> None:
         """Store a resource a peer sent on ``thread``: refused if its id names a resource
         that is not that peer's (``bridge.referral.workflow.foreign_resource``)."""
         from bridge.referral.workflow import foreign_resource
 
         foreign_resource(self._conn, resource, thread, sender)
-        fhirstore.put(self._conn, resource, at=self.now, origin=sender,
-                      patient_hash=patient_hash)
+        fhirstore.put(self._conn, resource, at=self.now, origin=sender, patient_hash=patient_hash)
 
     def audit(self, action: str, *, actor: str | None = None, **fields: Any) -> None:
         """One audit entry (AuditEntry fields; the actor defaults to this adapter)."""
-        self._host._ctx.audit.append(self._conn, [AuditEntry(
-            action=action, at=self.now, actor=actor or f"adapter:{self._host.adapter_name}",
-            **fields)])
+        self._host._ctx.audit.append(
+            self._conn,
+            [
+                AuditEntry(
+                    action=action,
+                    at=self.now,
+                    actor=actor or f"adapter:{self._host.adapter_name}",
+                    **fields,
+                )
+            ],
+        )
 
-    def remember(self, source_key: str, result: dict[str, Any], *,
-                 thread: str | None = None) -> None:
+    def remember(
+        self, source_key: str, result: dict[str, Any], *, thread: str | None = None
+    ) -> None:
         """The exactly-once intake key of a record, with this transaction's effect."""
-        intake.remember(self._conn, self._host.adapter_name, source_key, result, self.now,
-                        thread=thread)
+        intake.remember(
+            self._conn, self._host.adapter_name, source_key, result, self.now, thread=thread
+        )
 
 
-def _merge_patient(stored: dict[str, Any] | None, given: dict[str, Any] | None
-                   ) -> dict[str, Any]:
+def _merge_patient(stored: dict[str, Any] | None, given: dict[str, Any] | None) -> dict[str, Any]:
     """The stored Patient with what the local system said now: fields it gives replace the
     stored ones; identifiers are merged by system (a new value replaces the old of its system)."""
-    out: dict[str, Any] = copy.deepcopy(stored) if stored else {"resourceType": "Patient",
-                                                 "id": str(uuid.uuid4())}
+    out: dict[str, Any] = (
+        copy.deepcopy(stored) if stored else {"resourceType": "Patient", "id": str(uuid.uuid4())}
+    )
     out.pop("meta", None)
     for key, value in (given or {}).items():
         if key in ("resourceType", "id", "meta", "identifier"):

@@ -16,8 +16,9 @@ RECORD_ID_REUSED = "hl7-control-id-reused"
 
 
 # constant statements: run for every record taken in
-_SEEN = select(ADAPTER_INTAKE.c.result).where(ADAPTER_INTAKE.c.adapter == bindparam("_a"),
-                                             ADAPTER_INTAKE.c.source_key == bindparam("_k"))
+_SEEN = select(ADAPTER_INTAKE.c.result).where(
+    ADAPTER_INTAKE.c.adapter == bindparam("_a"), ADAPTER_INTAKE.c.source_key == bindparam("_k")
+)
 _REMEMBER = insert(ADAPTER_INTAKE)
 
 
@@ -27,16 +28,34 @@ def seen(conn: Connection, adapter: str, source_key: str) -> dict[str, Any] | No
     return None if row is None else orjson.loads(row.result)
 
 
-def remember(conn: Connection, adapter: str, source_key: str, result: dict[str, Any],
-             at: datetime, thread: str | None = None) -> None:
-    conn.execute(_REMEMBER, [{"adapter": adapter, "source_key": source_key, "thread": thread,
-                              "at": at, "result": orjson.dumps(result).decode()}])
+def remember(
+    conn: Connection,
+    adapter: str,
+    source_key: str,
+    result: dict[str, Any],
+    at: datetime,
+    thread: str | None = None,
+) -> None:
+    conn.execute(
+        _REMEMBER,
+        [
+            {
+                "adapter": adapter,
+                "source_key": source_key,
+                "thread": thread,
+                "at": at,
+                "result": orjson.dumps(result).decode(),
+            }
+        ],
+    )
 
 
 def thread_of(conn: Connection, adapter: str, source_key: str) -> str | None:
-    row = conn.execute(select(ADAPTER_INTAKE.c.thread).where(
-        ADAPTER_INTAKE.c.adapter == adapter,
-        ADAPTER_INTAKE.c.source_key == source_key)).first()
+    row = conn.execute(
+        select(ADAPTER_INTAKE.c.thread).where(
+            ADAPTER_INTAKE.c.adapter == adapter, ADAPTER_INTAKE.c.source_key == source_key
+        )
+    ).first()
     return None if row is None else row.thread
 
 
@@ -48,7 +67,16 @@ def keys_under(conn: Connection, adapter: str, prefix: str) -> list[str]:
     the index: this runs for every message.
     """
     col = ADAPTER_INTAKE.c.source_key
-    return [r.source_key for r in conn.execute(
-        select(col).where(ADAPTER_INTAKE.c.adapter == adapter, col >= prefix,
-                          col < prefix + "g", col.startswith(prefix, autoescape=True))
-        .order_by(ADAPTER_INTAKE.c.id))]
+    return [
+        r.source_key
+        for r in conn.execute(
+            select(col)
+            .where(
+                ADAPTER_INTAKE.c.adapter == adapter,
+                col >= prefix,
+                col < prefix + "g",
+                col.startswith(prefix, autoescape=True),
+            )
+            .order_by(ADAPTER_INTAKE.c.id)
+        )
+    ]

@@ -19,8 +19,7 @@ from bridge.local.host import AdapterHost
 if TYPE_CHECKING:
     from bridge.node import Node
 
-__all__ = ["GROUP", "adapter_type", "adapter_types", "check_adapters", "load_adapters",
-           "receivers"]
+__all__ = ["GROUP", "adapter_type", "adapter_types", "check_adapters", "load_adapters", "receivers"]
 
 
 def load_adapters(node: Node) -> dict[str, Adapter]:
@@ -34,8 +33,9 @@ def load_adapters(node: Node) -> dict[str, Adapter]:
             problems.append(f"adapters.{a.name}.type: {exc.problems[0]}")
     if problems:
         raise ConfigError("; ".join(problems), problems=problems)
-    return {a.name: types[a.type](AdapterHost(node, a), dict(a.options))
-            for a in node.plan.adapters}
+    return {
+        a.name: types[a.type](AdapterHost(node, a), dict(a.options)) for a in node.plan.adapters
+    }
 
 
 def receivers(node: Node, adapters: Mapping[str, Adapter]) -> dict[str, Any]:
@@ -44,7 +44,9 @@ def receivers(node: Node, adapters: Mapping[str, Adapter]) -> dict[str, Any]:
     for a in node.plan.adapters:
         for pattern in a.receives:
             if pattern in found:
-                raise ConfigError(f"adapters.{a.name}.receives: '{pattern}' is already "
-                                  f"received by another adapter")
+                raise ConfigError(
+                    f"adapters.{a.name}.receives: '{pattern}' is already "
+                    f"received by another adapter"
+                )
             found[pattern] = adapters[a.name]
     return found

@@ -32,8 +32,9 @@ class AdapterState:
     """``host.state``: get / put / add / delete by (namespace, key), find by thread; ``tx()``
     gives the same methods inside one transaction of the node's store."""
 
-    def __init__(self, store: Any, adapter: str, now: Callable[[], datetime],
-                 conn: Connection | None = None) -> None:
+    def __init__(
+        self, store: Any, adapter: str, now: Callable[[], datetime], conn: Connection | None = None
+    ) -> None:
         self._store = store
         self.adapter = adapter
         self._now = now
@@ -61,25 +62,42 @@ class AdapterState:
             row = conn.execute(select(T.c.value).where(*self._where(ns, key))).first()
         return None if row is None else orjson.loads(row.value)
 
-    def put(self, ns: str, key: str, value: dict[str, Any], *, thread: str | None = None
-            ) -> None:
+    def put(self, ns: str, key: str, value: dict[str, Any], *, thread: str | None = None) -> None:
         """Insert or replace."""
         data = orjson.dumps(value).decode()
         with self._write() as conn:
-            done = conn.execute(update(T).where(*self._where(ns, key)).values(
-                value=data, thread=thread, at=self._now())).rowcount
+            done = conn.execute(
+                update(T)
+                .where(*self._where(ns, key))
+                .values(value=data, thread=thread, at=self._now())
+            ).rowcount
             if not done:
-                conn.execute(insert(T).values(adapter=self.adapter, ns=ns, key=key,
-                                              thread=thread, value=data, at=self._now()))
+                conn.execute(
+                    insert(T).values(
+                        adapter=self.adapter,
+                        ns=ns,
+                        key=key,
+                        thread=thread,
+                        value=data,
+                        at=self._now(),
+                    )
+                )
 
-    def add(self, ns: str, key: str, value: dict[str, Any], *, thread: str | None = None
-            ) -> bool:
+    def add(self, ns: str, key: str, value: dict[str, Any], *, thread: str | None = None) -> bool:
         """Insert unless the key is there; True if it was inserted."""
         with self._write() as conn:
             if conn.execute(select(T.c.id).where(*self._where(ns, key))).first():
                 return False
-            conn.execute(insert(T).values(adapter=self.adapter, ns=ns, key=key, thread=thread,
-                                          value=orjson.dumps(value).decode(), at=self._now()))
+            conn.execute(
+                insert(T).values(
+                    adapter=self.adapter,
+                    ns=ns,
+                    key=key,
+                    thread=thread,
+                    value=orjson.dumps(value).decode(),
+                    at=self._now(),
+                )
+            )
             return True
 
     def delete(self, ns: str, key: str) -> None:
@@ -89,17 +107,21 @@ class AdapterState:
     def by_thread_keys(self, ns: str, thread: str) -> list[tuple[str, dict[str, Any]]]:
         """(key, value) of the records in ``ns`` that name ``thread``, oldest first."""
         with self._read() as conn:
-            rows = conn.execute(select(T.c.key, T.c.value).where(
-                T.c.adapter == self.adapter, T.c.ns == ns, T.c.thread == thread)
-                .order_by(T.c.id)).all()
+            rows = conn.execute(
+                select(T.c.key, T.c.value)
+                .where(T.c.adapter == self.adapter, T.c.ns == ns, T.c.thread == thread)
+                .order_by(T.c.id)
+            ).all()
         return [(r.key, orjson.loads(r.value)) for r in rows]
 
     def by_thread(self, ns: str, thread: str) -> list[dict[str, Any]]:
         """The values in ``ns`` that name ``thread``, oldest first."""
         with self._read() as conn:
-            rows = conn.execute(select(T.c.value).where(
-                T.c.adapter == self.adapter, T.c.ns == ns, T.c.thread == thread)
-                .order_by(T.c.id)).all()
+            rows = conn.execute(
+                select(T.c.value)
+                .where(T.c.adapter == self.adapter, T.c.ns == ns, T.c.thread == thread)
+                .order_by(T.c.id)
+            ).all()
         return [orjson.loads(r.value) for r in rows]
 
     def take_node_state(self, name: str) -> str | None:
@@ -129,8 +151,10 @@ class AdapterState:
         conn.row_factory = sqlite3.Row
         n = 0
         try:
-            tables = {str(r[0]) for r in conn.execute(
-                "SELECT name FROM sqlite_master WHERE type = 'table'")}
+            tables = {
+                str(r[0])
+                for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            }
 
             def rows(table: str) -> list[dict[str, Any]]:
                 nonlocal n

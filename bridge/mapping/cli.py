@@ -11,14 +11,23 @@ import typer
 
 from bridge.errors import ConfigError
 
-mapping_app = typer.Typer(no_args_is_help=True,
-                          help="Code maps: gaps per site, $translate, ConceptMap export")
+mapping_app = typer.Typer(
+    no_args_is_help=True, help="Code maps: gaps per site, $translate, ConceptMap export"
+)
 
-NodeOpt = Annotated[Path | None, typer.Option("--node", "--config", "-c",
-                                              help="a node file: its site maps and the gaps "
-                                                   "its store has seen")]
-SiteOpt = Annotated[list[Path] | None, typer.Option("--site", help="a site mapping folder "
-                                                    "(mappings/<site>); may be repeated")]
+NodeOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--node",
+        "--config",
+        "-c",
+        help="a node file: its site maps and the gaps its store has seen",
+    ),
+]
+SiteOpt = Annotated[
+    list[Path] | None,
+    typer.Option("--site", help="a site mapping folder (mappings/<site>); may be repeated"),
+]
 
 
 def _echo(lines: list[str]) -> None:
@@ -76,8 +85,10 @@ def check(
     for name in sorted({o.site for o in observed} - set(report)):
         report[name] = (None, gaps_without_folder(name, observed))
     if not report:
-        raise ConfigError(f"{node}: the node has no site mapping folder (an [[adapters]] "
-                          "table with mappings = \"...\" holding codes/maps.csv)")
+        raise ConfigError(
+            f"{node}: the node has no site mapping folder (an [[adapters]] "
+            'table with mappings = "..." holding codes/maps.csv)'
+        )
     if as_json:
         sys.stdout.write(report_json(report) + "\n")
     else:

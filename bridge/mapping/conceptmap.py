@@ -41,19 +41,41 @@ INDEX_OPTIONAL = ("version", "description")
 ROW_COLUMNS = ("source_code", "source_display", "target_code", "target_display", "equivalence")
 ROW_OPTIONAL = ("comment",)
 #: R4 ConceptMapEquivalence (http://hl7.org/fhir/concept-map-equivalence)
-EQUIVALENCES = ("relatedto", "equivalent", "equal", "wider", "subsumes", "narrower",
-                "specializes", "inexact", "unmatched", "disjoint")
+EQUIVALENCES = (
+    "relatedto",
+    "equivalent",
+    "equal",
+    "wider",
+    "subsumes",
+    "narrower",
+    "specializes",
+    "inexact",
+    "unmatched",
+    "disjoint",
+)
 #: equivalences that say "there is no usable target"
 NO_MATCH = frozenset({"unmatched", "disjoint"})
 #: R4 invariant cmd-1: these need a comment saying how the concepts differ
 NEEDS_COMMENT = frozenset({"narrower", "inexact"})
 #: reverse direction (standard -> local): when several local codes share one standard code,
 #: the best-ranked equivalence wins, then the first row in the file
-REVERSE_RANK = {"equal": 0, "equivalent": 0, "wider": 1, "subsumes": 1, "narrower": 2,
-                "specializes": 2, "relatedto": 3, "inexact": 3}
+REVERSE_RANK = {
+    "equal": 0,
+    "equivalent": 0,
+    "wider": 1,
+    "subsumes": 1,
+    "narrower": 2,
+    "specializes": 2,
+    "relatedto": 3,
+    "inexact": 3,
+}
 #: an equivalence read in the other direction
-INVERSE = {"wider": "narrower", "narrower": "wider", "subsumes": "specializes",
-           "specializes": "subsumes"}
+INVERSE = {
+    "wider": "narrower",
+    "narrower": "wider",
+    "subsumes": "specializes",
+    "specializes": "subsumes",
+}
 CANONICAL_BASE = "http://hutong.dev/fhir/ConceptMap"
 LOINC = "http://loinc.org"
 ICD10 = "http://hl7.org/fhir/sid/icd-10"
@@ -149,8 +171,7 @@ def _target_problem(system: str, code: str) -> str | None:
     return None
 
 
-def _parse_row(r: CsvRow, info: MapInfo, first_seen: dict[str, int],
-               problems: list[str]) -> MapRow:
+def _parse_row(r: CsvRow, info: MapInfo, first_seen: dict[str, int], problems: list[str]) -> MapRow:
     code, target = r["source_code"], r["target_code"]
     eq = r["equivalence"] or ("equivalent" if target else "unmatched")
     if not code:
@@ -158,16 +179,22 @@ def _parse_row(r: CsvRow, info: MapInfo, first_seen: dict[str, int],
     elif not _CODE.match(code):
         problems.append(f"{r.where('source_code')}: source_code {code!r} has stray whitespace")
     elif code in first_seen:
-        problems.append(f"{r.where('source_code')}: duplicate source_code {code!r} "
-                        f"(first on line {first_seen[code]})")
+        problems.append(
+            f"{r.where('source_code')}: duplicate source_code {code!r} "
+            f"(first on line {first_seen[code]})"
+        )
     else:
         first_seen[code] = r.line
     if eq not in EQUIVALENCES:
-        problems.append(f"{r.where('equivalence')}: unknown equivalence {eq!r} "
-                        f"(one of: {', '.join(EQUIVALENCES)})")
+        problems.append(
+            f"{r.where('equivalence')}: unknown equivalence {eq!r} "
+            f"(one of: {', '.join(EQUIVALENCES)})"
+        )
     elif target and eq in NO_MATCH:
-        problems.append(f"{r.where('equivalence')}: target {target!r} with equivalence {eq} "
-                        "(leave target_code empty for an unmapped code)")
+        problems.append(
+            f"{r.where('equivalence')}: target {target!r} with equivalence {eq} "
+            "(leave target_code empty for an unmapped code)"
+        )
     elif not target and eq not in NO_MATCH:
         eq = "unmatched"  # an empty target is a gap, whatever the row claims
     if target:
@@ -177,18 +204,21 @@ def _parse_row(r: CsvRow, info: MapInfo, first_seen: dict[str, int],
         if bad:
             problems.append(f"{r.where('target_code')}: {bad}")
     if eq in NEEDS_COMMENT and not r["comment"]:
-        problems.append(f"{r.where('equivalence')}: equivalence {eq} needs a comment saying "
-                        "how the concepts differ (FHIR cmd-1)")
-    return MapRow(code, r["source_display"], target, r["target_display"], eq, r["comment"],
-                  r.line)
+        problems.append(
+            f"{r.where('equivalence')}: equivalence {eq} needs a comment saying "
+            "how the concepts differ (FHIR cmd-1)"
+        )
+    return MapRow(code, r["source_display"], target, r["target_display"], eq, r["comment"], r.line)
 
 
 def read_map_rows(path: Path, info: MapInfo) -> list[MapRow]:
     """The rows of one ``codes/<map>.csv``; ConfigError listing every bad row (file:line:col)."""
     problems: list[str] = []
     first_seen: dict[str, int] = {}
-    rows = [_parse_row(r, info, first_seen, problems)
-            for r in read_rows(path, ROW_COLUMNS, ROW_OPTIONAL)]
+    rows = [
+        _parse_row(r, info, first_seen, problems)
+        for r in read_rows(path, ROW_COLUMNS, ROW_OPTIONAL)
+    ]
     if problems:
         raise ConfigError(f"{path}: {len(problems)} bad mapping row(s)", problems=problems)
     return rows
@@ -200,20 +230,33 @@ def read_index(root: Path) -> list[MapInfo]:
     out: list[MapInfo] = []
     seen: dict[str, int] = {}
     for r in read_rows(path, INDEX_COLUMNS, INDEX_OPTIONAL):
-        info = MapInfo(r["map"], r["title_zh"], r["title_en"], r["source_system"],
-                       r["target_system"], r["version"], r["description"])
+        info = MapInfo(
+            r["map"],
+            r["title_zh"],
+            r["title_en"],
+            r["source_system"],
+            r["target_system"],
+            r["version"],
+            r["description"],
+        )
         if not _MAP_ID.match(info.map_id):
-            problems.append(f"{r.where('map')}: map id {info.map_id!r} must be lower-case "
-                            "letters, digits and '-' (it names codes/<map>.csv)")
+            problems.append(
+                f"{r.where('map')}: map id {info.map_id!r} must be lower-case "
+                "letters, digits and '-' (it names codes/<map>.csv)"
+            )
         elif info.map_id in seen:
-            problems.append(f"{r.where('map')}: map {info.map_id!r} is listed twice "
-                            f"(first on line {seen[info.map_id]})")
+            problems.append(
+                f"{r.where('map')}: map {info.map_id!r} is listed twice "
+                f"(first on line {seen[info.map_id]})"
+            )
         else:
             seen[info.map_id] = r.line
         for col in ("source_system", "target_system"):
             if not _URI.match(r[col]):
-                problems.append(f"{r.where(col)}: {r[col]!r} is not an absolute URI "
-                                "(http(s)://... or urn:oid:...)")
+                problems.append(
+                    f"{r.where(col)}: {r[col]!r} is not an absolute URI "
+                    "(http(s)://... or urn:oid:...)"
+                )
         if not info.title_zh:
             problems.append(f"{r.where('title_zh')}: empty title")
         out.append(info)
@@ -278,8 +321,9 @@ def build_conceptmap(site: str, info: MapInfo, rows: Iterable[MapRow]) -> dict[s
         "publisher": site,
         "sourceUri": info.source_system,
         "targetUri": info.target_system,
-        "group": [{"source": info.source_system, "target": info.target_system,
-                   "element": elements}],
+        "group": [
+            {"source": info.source_system, "target": info.target_system, "element": elements}
+        ],
     }
     if info.version:
         cm["version"] = info.version
@@ -297,8 +341,9 @@ def build_conceptmap(site: str, info: MapInfo, rows: Iterable[MapRow]) -> dict[s
 # -- $translate ------------------------------------------------------------------------------
 
 
-def _match(equivalence: str, concept: Mapping[str, Any] | None, source: str | None
-           ) -> dict[str, Any]:
+def _match(
+    equivalence: str, concept: Mapping[str, Any] | None, source: str | None
+) -> dict[str, Any]:
     part: list[dict[str, Any]] = [{"name": "equivalence", "valueCode": equivalence}]
     if concept is not None:
         part.append({"name": "concept", "valueCoding": dict(concept)})
@@ -307,9 +352,14 @@ def _match(equivalence: str, concept: Mapping[str, Any] | None, source: str | No
     return {"name": "match", "part": part}
 
 
-def translate_matches(conceptmap: Mapping[str, Any], system: str, code: str, *,
-                      reverse: bool = False, target_system: str | None = None
-                      ) -> list[tuple[str, dict[str, Any] | None]]:
+def translate_matches(
+    conceptmap: Mapping[str, Any],
+    system: str,
+    code: str,
+    *,
+    reverse: bool = False,
+    target_system: str | None = None,
+) -> list[tuple[str, dict[str, Any] | None]]:
     """(equivalence, concept) pairs for one code in one ConceptMap.
 
     Forward: ``code`` of ``system`` is a source code, concepts are targets. Reverse: ``code`` of
@@ -351,8 +401,14 @@ def translate_matches(conceptmap: Mapping[str, Any], system: str, code: str, *,
     return found
 
 
-def translate_many(conceptmaps: Iterable[Mapping[str, Any]], system: str, code: str, *,
-                   reverse: bool = False, target_system: str | None = None) -> dict[str, Any]:
+def translate_many(
+    conceptmaps: Iterable[Mapping[str, Any]],
+    system: str,
+    code: str,
+    *,
+    reverse: bool = False,
+    target_system: str | None = None,
+) -> dict[str, Any]:
     """``$translate`` over several ConceptMaps: an R4 ``Parameters`` resource.
 
     ``result`` is true when at least one match has an equivalence other than unmatched/disjoint;
@@ -363,26 +419,33 @@ def translate_many(conceptmaps: Iterable[Mapping[str, Any]], system: str, code: 
     params: list[dict[str, Any]] = []
     ok = False
     for cm in maps:
-        for eq, concept in translate_matches(cm, system, code, reverse=reverse,
-                                             target_system=target_system):
+        for eq, concept in translate_matches(
+            cm, system, code, reverse=reverse, target_system=target_system
+        ):
             ok = ok or eq not in NO_MATCH
             params.append(_match(eq, concept, cm.get("url")))
     head: list[dict[str, Any]] = [{"name": "result", "valueBoolean": ok}]
     if not ok:
         what = "is not mapped" if params else "is in no map"
         where = ", ".join(str(cm.get("url", cm.get("id", "?"))) for cm in maps) or "no maps"
-        head.append({"name": "message",
-                     "valueString": f"code {code!r} of system {system} {what} ({where})"})
+        head.append(
+            {"name": "message", "valueString": f"code {code!r} of system {system} {what} ({where})"}
+        )
     out = {"resourceType": "Parameters", "parameter": head + params}
     validate_resource(out)
     return out
 
 
-def translate(conceptmap: Mapping[str, Any], system: str, code: str, *,
-              reverse: bool = False, target_system: str | None = None) -> dict[str, Any]:
+def translate(
+    conceptmap: Mapping[str, Any],
+    system: str,
+    code: str,
+    *,
+    reverse: bool = False,
+    target_system: str | None = None,
+) -> dict[str, Any]:
     """The ``$translate`` operation on one ConceptMap (see :func:`translate_many`)."""
-    return translate_many([conceptmap], system, code, reverse=reverse,
-                          target_system=target_system)
+    return translate_many([conceptmap], system, code, reverse=reverse, target_system=target_system)
 
 
 # -- the hot-path index ----------------------------------------------------------------------
@@ -488,8 +551,9 @@ def map_coding(
     return [dict(target), local], False
 
 
-def map_concept(maps: SiteMaps | Translator, map_id: str, concept: Mapping[str, Any]
-                ) -> tuple[dict[str, Any], bool]:
+def map_concept(
+    maps: SiteMaps | Translator, map_id: str, concept: Mapping[str, Any]
+) -> tuple[dict[str, Any], bool]:
     """``(CodeableConcept, unmapped)``: :func:`map_coding` over each coding of a concept.
 
     The concept's ``text`` is kept; codings of other systems pass through unchanged;
@@ -508,8 +572,9 @@ def map_concept(maps: SiteMaps | Translator, map_id: str, concept: Mapping[str, 
         codings, unmapped = map_coding(t, map_id, coding)
         mapped = mapped or not unmapped
         for c in codings:
-            if not any(o.get("system") == c.get("system") and o.get("code") == c.get("code")
-                       for o in out):
+            if not any(
+                o.get("system") == c.get("system") and o.get("code") == c.get("code") for o in out
+            ):
                 out.append(c)
     result: dict[str, Any] = {k: copy.deepcopy(v) for k, v in concept.items() if k != "coding"}
     if out:
@@ -517,8 +582,9 @@ def map_concept(maps: SiteMaps | Translator, map_id: str, concept: Mapping[str, 
     return result, (not mapped) if local_seen else True
 
 
-def to_local(maps: SiteMaps | Translator, map_id: str, codings: Sequence[Mapping[str, Any]]
-             ) -> tuple[Coding | None, bool]:
+def to_local(
+    maps: SiteMaps | Translator, map_id: str, codings: Sequence[Mapping[str, Any]]
+) -> tuple[Coding | None, bool]:
     """``(local coding, unmapped)`` for codings that arrived, for writing into this site's HIS.
 
     A coding already in this site's own system wins; otherwise the first coding of the map's

@@ -67,8 +67,9 @@ def _records(reader: Iterator[list[str]]) -> Iterator[tuple[int, list[str]]]:
         yield line, [c.strip() for c in record]
 
 
-def _rows(path: Path, reader: Iterator[list[str]], required: tuple[str, ...],
-          known: set[str]) -> list[CsvRow]:
+def _rows(
+    path: Path, reader: Iterator[list[str]], required: tuple[str, ...], known: set[str]
+) -> list[CsvRow]:
     records = _records(reader)
     first = next(records, None)
     if first is None:
@@ -78,23 +79,29 @@ def _rows(path: Path, reader: Iterator[list[str]], required: tuple[str, ...],
     problems: list[str] = []
     for col in required:
         if col not in columns:
-            problems.append(f"{path}:{header_line}: missing column {col!r} "
-                            f"(the header has: {', '.join(columns)})")
+            problems.append(
+                f"{path}:{header_line}: missing column {col!r} "
+                f"(the header has: {', '.join(columns)})"
+            )
     for i, col in enumerate(columns, start=1):
         if not col:
             problems.append(f"{path}:{header_line}:{i}: empty column name")
         elif known and col not in known:
-            problems.append(f"{path}:{header_line}:{i}: unknown column {col!r} "
-                            f"(known: {', '.join(sorted(known))})")
+            problems.append(
+                f"{path}:{header_line}:{i}: unknown column {col!r} "
+                f"(known: {', '.join(sorted(known))})"
+            )
         elif columns.index(col) != i - 1:
             problems.append(f"{path}:{header_line}:{i}: column {col!r} appears twice")
     if problems:
         raise ConfigError(f"{path}: bad header", problems=problems)
     out: list[CsvRow] = []
     for line, record in records:
-        if len(record) > len(columns) and any(record[len(columns):]):
-            problems.append(f"{path}:{line}:{len(columns) + 1}: {len(record)} fields, "
-                            f"the header has {len(columns)} (a comma inside a value needs quotes)")
+        if len(record) > len(columns) and any(record[len(columns) :]):
+            problems.append(
+                f"{path}:{line}:{len(columns) + 1}: {len(record)} fields, "
+                f"the header has {len(columns)} (a comma inside a value needs quotes)"
+            )
             continue
         values = {c: (record[i] if i < len(record) else "") for i, c in enumerate(columns)}
         out.append(CsvRow(path, line, values, columns))

@@ -58,8 +58,7 @@ OPTIONAL = ("label", "type", "format", "values", "required", "default")
 TYPES = ("str", "int", "bool", "date", "datetime")
 CHINA = timezone(timedelta(hours=8))
 _PATTERN = re.compile(r"yyyy|MM|dd|HH|mm|ss|SSS")
-_STRP = {"yyyy": "%Y", "MM": "%m", "dd": "%d", "HH": "%H", "mm": "%M", "ss": "%S",
-         "SSS": "%f"}
+_STRP = {"yyyy": "%Y", "MM": "%m", "dd": "%d", "HH": "%H", "mm": "%M", "ss": "%S", "SSS": "%f"}
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -137,8 +136,9 @@ def _parse_values(text: str) -> tuple[tuple[str, str], ...] | str:
     return tuple(pairs)
 
 
-def load_field_map(folder: str | Path, record: str,
-                   fields: type | Iterable[str] | None = None) -> FieldMap:
+def load_field_map(
+    folder: str | Path, record: str, fields: type | Iterable[str] | None = None
+) -> FieldMap:
     """``<folder>/fields/<record>.csv`` as a :class:`FieldMap`.
 
     ``fields`` (a slip dataclass or a list of names) checks that every ``field`` exists. Raises
@@ -156,29 +156,37 @@ def load_field_map(folder: str | Path, record: str,
         if not _NAME.match(name):
             problems.append(f"{r.where('field')}: {name!r} is not a field name")
         elif allowed is not None and name not in allowed:
-            problems.append(f"{r.where('field')}: unknown field {name!r} for {record} "
-                            f"(known: {', '.join(sorted(allowed))})")
+            problems.append(
+                f"{r.where('field')}: unknown field {name!r} for {record} "
+                f"(known: {', '.join(sorted(allowed))})"
+            )
         elif name in seen_fields:
-            problems.append(f"{r.where('field')}: field {name!r} is mapped twice "
-                            f"(first on line {seen_fields[name]})")
+            problems.append(
+                f"{r.where('field')}: field {name!r} is mapped twice "
+                f"(first on line {seen_fields[name]})"
+            )
         else:
             seen_fields[name] = r.line
         if column:
             if column in seen_columns:
-                problems.append(f"{r.where('column')}: column {column!r} is used twice "
-                                f"(first on line {seen_columns[column]})")
+                problems.append(
+                    f"{r.where('column')}: column {column!r} is used twice "
+                    f"(first on line {seen_columns[column]})"
+                )
             seen_columns.setdefault(column, r.line)
         elif not r["default"]:
             problems.append(f"{r.where('column')}: no column and no default for {name!r}")
         if ftype not in TYPES:
-            problems.append(f"{r.where('type')}: unknown type {ftype!r} "
-                            f"(one of: {', '.join(TYPES)})")
+            problems.append(
+                f"{r.where('type')}: unknown type {ftype!r} (one of: {', '.join(TYPES)})"
+            )
         fmt = r["format"]
         if fmt and ftype not in ("date", "datetime"):
             problems.append(f"{r.where('format')}: a format is for date and datetime only")
         elif fmt and not _PATTERN.search(fmt):
-            problems.append(f"{r.where('format')}: {fmt!r} has no date letters "
-                            "(yyyy MM dd HH mm ss)")
+            problems.append(
+                f"{r.where('format')}: {fmt!r} has no date letters (yyyy MM dd HH mm ss)"
+            )
         values = _parse_values(r["values"])
         if isinstance(values, str):
             problems.append(f"{r.where('values')}: {values}")
@@ -190,8 +198,19 @@ def load_field_map(folder: str | Path, record: str,
         req = r["required"].lower()
         if req not in ("", "yes", "no", "y", "n", "true", "false", "1", "0"):
             problems.append(f"{r.where('required')}: {r['required']!r} is not yes or no")
-        fm.rules.append(FieldRule(name, column, r["label"], ftype, fmt, values,
-                                  req in ("yes", "y", "true", "1"), r["default"], r.line))
+        fm.rules.append(
+            FieldRule(
+                name,
+                column,
+                r["label"],
+                ftype,
+                fmt,
+                values,
+                req in ("yes", "y", "true", "1"),
+                r["default"],
+                r.line,
+            )
+        )
     if problems:
         raise ConfigError(f"{path}: {len(problems)} problem(s)", problems=problems)
     for rule in fm.rules:  # defaults must themselves be valid neutral values
@@ -223,8 +242,7 @@ def _typed(record: str, rule: FieldRule, neutral: str) -> Any:
             t = datetime.fromisoformat(neutral)
             return (t if t.tzinfo else t.replace(tzinfo=CHINA)).isoformat()
     except ValueError:
-        raise FieldMapError(record, rule.field, rule.column,
-                            f"not a {rule.type} value") from None
+        raise FieldMapError(record, rule.field, rule.column, f"not a {rule.type} value") from None
     return neutral
 
 
@@ -234,18 +252,24 @@ def _from_vendor(record: str, rule: FieldRule, raw: str) -> Any:
             if raw == vendor:
                 return _typed(record, rule, neutral)
         known = ", ".join(v for v, _ in rule.values)
-        raise FieldMapError(record, rule.field, rule.column,
-                            f"value not in the value map (known: {known})")
+        raise FieldMapError(
+            record, rule.field, rule.column, f"value not in the value map (known: {known})"
+        )
     if rule.type in ("date", "datetime") and rule.format:
         if len(raw) != len(rule.format):
-            raise FieldMapError(record, rule.field, rule.column,
-                                f"not a {rule.type} in format {rule.format} "
-                                f"({len(raw)} characters, expected {len(rule.format)})")
+            raise FieldMapError(
+                record,
+                rule.field,
+                rule.column,
+                f"not a {rule.type} in format {rule.format} "
+                f"({len(raw)} characters, expected {len(rule.format)})",
+            )
         try:
             t = datetime.strptime(raw, rule.strptime)  # noqa: DTZ007 - China time attached below
         except ValueError:
-            raise FieldMapError(record, rule.field, rule.column,
-                                f"not a {rule.type} in format {rule.format}") from None
+            raise FieldMapError(
+                record, rule.field, rule.column, f"not a {rule.type} in format {rule.format}"
+            ) from None
         if rule.type == "date":
             return t.date().isoformat()
         return t.replace(tzinfo=CHINA).isoformat()
@@ -259,8 +283,15 @@ def apply(field_map: FieldMap, row: Mapping[str, Any]) -> dict[str, Any]:
         value = row.get(rule.column) if rule.column else None
         raw = "" if value is None else (value.strip() if isinstance(value, str) else str(value))
         if isinstance(value, datetime | date) and rule.type in ("date", "datetime"):
-            t = value if isinstance(value, datetime) else datetime(value.year, value.month,  # noqa: DTZ001 - a date
-                                                                    value.day)
+            t = (
+                value
+                if isinstance(value, datetime)
+                else datetime(  # noqa: DTZ001 - a date
+                    value.year,
+                    value.month,
+                    value.day,
+                )
+            )
             if rule.type == "date":
                 out[rule.field] = t.date().isoformat()
             else:
@@ -290,11 +321,11 @@ def _to_vendor(record: str, rule: FieldRule, value: Any) -> str:
                 t = datetime.fromisoformat(str(value))
                 t = (t if t.tzinfo else t.replace(tzinfo=CHINA)).astimezone(CHINA)
         except ValueError:
-            raise FieldMapError(record, rule.field, rule.column,
-                                f"not an ISO {rule.type}") from None
+            raise FieldMapError(
+                record, rule.field, rule.column, f"not an ISO {rule.type}"
+            ) from None
         if not rule.format:
-            return t.date().isoformat() if rule.type == "date" \
-                else t.isoformat(timespec="seconds")
+            return t.date().isoformat() if rule.type == "date" else t.isoformat(timespec="seconds")
         text = t.strftime(rule.strptime)
         return text[:-3] if "SSS" in rule.format else text  # %f is microseconds
     else:
@@ -303,8 +334,9 @@ def _to_vendor(record: str, rule: FieldRule, value: Any) -> str:
         for vendor, mapped in rule.values:
             if mapped == neutral:
                 return vendor
-        raise FieldMapError(record, rule.field, rule.column,
-                            "value has no vendor value in the value map")
+        raise FieldMapError(
+            record, rule.field, rule.column, "value has no vendor value in the value map"
+        )
     return neutral
 
 

@@ -77,15 +77,24 @@ def _upsert(conn: Connection, values: dict[str, Any]) -> None:
     excluded = stmt.excluded
     stmt = stmt.on_conflict_do_update(
         index_elements=["site", "map", "system", "code"],
-        set_={"count": MAPPING_GAP.c.count + excluded.count,
-              "last_seen": excluded.last_seen,
-              "display": excluded.display},
+        set_={
+            "count": MAPPING_GAP.c.count + excluded.count,
+            "last_seen": excluded.last_seen,
+            "display": excluded.display,
+        },
     )
     conn.execute(stmt)
 
 
-def record_gap(target: Any, site: str, map_id: str | None, coding: Mapping[str, Any], *,
-               at: datetime, count: int = 1) -> None:
+def record_gap(
+    target: Any,
+    site: str,
+    map_id: str | None,
+    coding: Mapping[str, Any],
+    *,
+    at: datetime,
+    count: int = 1,
+) -> None:
     """Count one unmapped code in the node's ``mapping_gap`` table.
 
     ``target`` is the node's store (``host.store``: its own short write transaction) or an open
@@ -93,10 +102,16 @@ def record_gap(target: Any, site: str, map_id: str | None, coding: Mapping[str, 
     and ``code``; ``display`` is kept (the latest non-empty one). No patient data belongs here:
     codes and code names only.
     """
-    values = {"site": site[:48], "map": (map_id or "")[:48],
-              "system": str(coding.get("system", ""))[:200], "code": str(coding["code"])[:100],
-              "display": str(coding.get("display", ""))[:200], "count": count,
-              "first_seen": at, "last_seen": at}
+    values = {
+        "site": site[:48],
+        "map": (map_id or "")[:48],
+        "system": str(coding.get("system", ""))[:200],
+        "code": str(coding["code"])[:100],
+        "display": str(coding.get("display", ""))[:200],
+        "count": count,
+        "first_seen": at,
+        "last_seen": at,
+    }
     if isinstance(target, Connection):
         _upsert_keep_display(target, values)
     else:
@@ -107,17 +122,22 @@ def record_gap(target: Any, site: str, map_id: str | None, coding: Mapping[str, 
 def _upsert_keep_display(conn: Connection, values: dict[str, Any]) -> None:
     if not values["display"]:
         # an empty display must not wipe a known one: read it back first (same transaction)
-        held = conn.execute(select(MAPPING_GAP.c.display).where(
-            MAPPING_GAP.c.site == values["site"], MAPPING_GAP.c.map == values["map"],
-            MAPPING_GAP.c.system == values["system"], MAPPING_GAP.c.code == values["code"],
-        )).scalar()
+        held = conn.execute(
+            select(MAPPING_GAP.c.display).where(
+                MAPPING_GAP.c.site == values["site"],
+                MAPPING_GAP.c.map == values["map"],
+                MAPPING_GAP.c.system == values["system"],
+                MAPPING_GAP.c.code == values["code"],
+            )
+        ).scalar()
         if held:
             values = {**values, "display": held}
     _upsert(conn, values)
 
 
-def note_unmapped(host: Any, map_id: str | None, coding: Mapping[str, Any],
-                  *resources: dict[str, Any]) -> None:
+def note_unmapped(
+    host: Any, map_id: str | None, coding: Mapping[str, Any], *resources: dict[str, Any]
+) -> None:
     """The adapter's one call for an unmapped code: count it in the node's store (under the
     site of ``host.maps``) and put the unmapped-code tag on each resource / Bundle given."""
     host.record_gap(map_id, dict(coding))
@@ -129,12 +149,24 @@ def observed_gaps(target: Any, site: str | None = None) -> list[Observed]:
     """The ``mapping_gap`` rows (of one site, or all), most-seen first."""
 
     def run(conn: Connection) -> list[Observed]:
-        q = select(MAPPING_GAP).order_by(MAPPING_GAP.c.count.desc(), MAPPING_GAP.c.site,
-                                          MAPPING_GAP.c.map, MAPPING_GAP.c.code)
+        q = select(MAPPING_GAP).order_by(
+            MAPPING_GAP.c.count.desc(), MAPPING_GAP.c.site, MAPPING_GAP.c.map, MAPPING_GAP.c.code
+        )
         if site is not None:
             q = q.where(MAPPING_GAP.c.site == site)
-        return [Observed(r.site, r.map, r.system, r.code, r.display, r._mapping["count"],
-                         r.first_seen, r.last_seen) for r in conn.execute(q)]
+        return [
+            Observed(
+                r.site,
+                r.map,
+                r.system,
+                r.code,
+                r.display,
+                r._mapping["count"],
+                r.first_seen,
+                r.last_seen,
+            )
+            for r in conn.execute(q)
+        ]
 
     if isinstance(target, Connection):
         return run(target)
@@ -170,8 +202,17 @@ def find_gaps(maps: SiteMaps, observed: Iterable[Observed] = ()) -> list[Gap]:
         for r in rows:
             if not r.target_code or r.equivalence in NO_MATCH:
                 n = counts.get((map_id, info.source_system, r.source_code), 0)
-                found.append(Gap(maps.site, map_id, r.source_code, r.source_display, n,
-                                 "no-target", info.source_system))
+                found.append(
+                    Gap(
+                        maps.site,
+                        map_id,
+                        r.source_code,
+                        r.source_display,
+                        n,
+                        "no-target",
+                        info.source_system,
+                    )
+                )
         for (m, system, code), n in counts.items():
             if m != map_id:
                 continue
@@ -183,18 +224,30 @@ def find_gaps(maps: SiteMaps, observed: Iterable[Observed] = ()) -> list[Gap]:
             elif system not in (info.source_system, info.target_system):
                 found.append(Gap(maps.site, map_id, code, shown, n, "unknown-map", system))
         gaps.extend(sorted(found, key=lambda g: (-g.count, g.code)))
-    unknown = [Gap(maps.site, m, code, displays.get((m, system, code), ""), n, "unknown-map",
-                   system)
-               for (m, system, code), n in counts.items() if m not in maps.rows]
+    unknown = [
+        Gap(maps.site, m, code, displays.get((m, system, code), ""), n, "unknown-map", system)
+        for (m, system, code), n in counts.items()
+        if m not in maps.rows
+    ]
     gaps.extend(sorted(unknown, key=lambda g: (g.map, g.system, -g.count, g.code)))
     return gaps
 
 
 def gaps_without_folder(site: str, observed: Iterable[Observed]) -> list[Gap]:
     """Observed gaps of a site whose mapping folder is not at hand (reported as recorded)."""
-    out = [Gap(o.site, o.map, o.code, o.display, o.count,
-               "unmapped" if o.map else "unknown-map", o.system)
-           for o in observed if o.site == site]
+    out = [
+        Gap(
+            o.site,
+            o.map,
+            o.code,
+            o.display,
+            o.count,
+            "unmapped" if o.map else "unknown-map",
+            o.system,
+        )
+        for o in observed
+        if o.site == site
+    ]
     return sorted(out, key=lambda g: (g.map, -g.count, g.code))
 
 
@@ -228,16 +281,22 @@ def report_lines(sites: Mapping[str, tuple[SiteMaps | None, list[Gap]]]) -> list
             maps_with += 1
             total += len(mine)
             seen = sum(g.count for g in mine)
-            lines.append(f"{label}: {len(mine)} gap{'s' if len(mine) != 1 else ''}, "
-                         f"seen {seen} time{'s' if seen != 1 else ''}")
+            lines.append(
+                f"{label}: {len(mine)} gap{'s' if len(mine) != 1 else ''}, "
+                f"seen {seen} time{'s' if seen != 1 else ''}"
+            )
             width = max(len(g.code) for g in mine)
             for g in mine:
                 system = f"  [{g.system}]" if g.kind == "unknown-map" else ""
-                lines.append(f"  {g.kind:<12}{g.code:<{width}}  seen {g.count}"
-                             f"{'  ' + g.display if g.display else ''}{system}".rstrip())
+                lines.append(
+                    f"  {g.kind:<12}{g.code:<{width}}  seen {g.count}"
+                    f"{'  ' + g.display if g.display else ''}{system}".rstrip()
+                )
     n_sites = len(sites)
-    lines.append(f"total: {total} gap{'s' if total != 1 else ''} in {maps_with} of {maps_all} "
-                 f"map{'s' if maps_all != 1 else ''} ({n_sites} site{'s' if n_sites != 1 else ''})")
+    lines.append(
+        f"total: {total} gap{'s' if total != 1 else ''} in {maps_with} of {maps_all} "
+        f"map{'s' if maps_all != 1 else ''} ({n_sites} site{'s' if n_sites != 1 else ''})"
+    )
     return lines
 
 
@@ -248,7 +307,10 @@ def report_json(sites: Mapping[str, tuple[SiteMaps | None, list[Gap]]]) -> str:
         per: dict[str, list[dict[str, Any]]] = {m: [] for m in (maps.rows if maps else {})}
         for g in gaps:
             per.setdefault(g.map, []).append(g.as_dict())
-        body["sites"][site] = {"folder": str(maps.folder) if maps and maps.folder else None,
-                               "maps": per, "gaps": len(gaps)}
+        body["sites"][site] = {
+            "folder": str(maps.folder) if maps and maps.folder else None,
+            "maps": per,
+            "gaps": len(gaps),
+        }
         body["total"] += len(gaps)
     return json.dumps(body, ensure_ascii=False, indent=2)

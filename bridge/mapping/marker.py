@@ -16,14 +16,19 @@ from typing import Any
 
 FLAGS_SYSTEM = "http://hutong.dev/CodeSystem/flags"
 UNMAPPED_CODE = "unmapped-code"
-UNMAPPED_TAG = {"system": FLAGS_SYSTEM, "code": UNMAPPED_CODE,
-                "display": "含未映射的本地编码 / contains a local code without a standard mapping"}
+UNMAPPED_TAG = {
+    "system": FLAGS_SYSTEM,
+    "code": UNMAPPED_CODE,
+    "display": "含未映射的本地编码 / contains a local code without a standard mapping",
+}
 
 
 def is_marked(resource: dict[str, Any]) -> bool:
     """Whether this resource (or Bundle) itself carries the unmapped-code tag."""
-    return any(t.get("system") == FLAGS_SYSTEM and t.get("code") == UNMAPPED_CODE
-               for t in (resource.get("meta") or {}).get("tag", []))
+    return any(
+        t.get("system") == FLAGS_SYSTEM and t.get("code") == UNMAPPED_CODE
+        for t in (resource.get("meta") or {}).get("tag", [])
+    )
 
 
 def mark_unmapped(resource_or_bundle: dict[str, Any]) -> dict[str, Any]:

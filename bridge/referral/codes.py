@@ -32,18 +32,35 @@ class Kind:
     encounter_class: str  # v3 ActCode: AMB | IMP
 
 
-KINDS: dict[str, Kind] = {k.code: k for k in (
-    Kind("up-outpatient", "up", "上转·专科门诊", "Up-referral: specialist outpatient visit", "AMB"),
-    Kind("up-inpatient", "up", "上转·专科住院", "Up-referral: inpatient admission", "IMP"),
-    Kind("up-exam", "up", "上转·特殊检查", "Up-referral: special examination", "AMB"),
-    Kind("down-outpatient", "down", "下转·专科门诊转回",
-         "Down-referral after a specialist outpatient visit", "AMB"),
-    Kind("down-discharge", "down", "下转·出院转回", "Down-referral after discharge", "IMP"),
-)}
+KINDS: dict[str, Kind] = {
+    k.code: k
+    for k in (
+        Kind(
+            "up-outpatient",
+            "up",
+            "上转·专科门诊",
+            "Up-referral: specialist outpatient visit",
+            "AMB",
+        ),
+        Kind("up-inpatient", "up", "上转·专科住院", "Up-referral: inpatient admission", "IMP"),
+        Kind("up-exam", "up", "上转·特殊检查", "Up-referral: special examination", "AMB"),
+        Kind(
+            "down-outpatient",
+            "down",
+            "下转·专科门诊转回",
+            "Down-referral after a specialist outpatient visit",
+            "AMB",
+        ),
+        Kind("down-discharge", "down", "下转·出院转回", "Down-referral after discharge", "IMP"),
+    )
+}
 
 #: which down-referral kind returns a patient sent up for each up kind
-RETURN_KIND = {"up-outpatient": "down-outpatient", "up-exam": "down-outpatient",
-               "up-inpatient": "down-discharge"}
+RETURN_KIND = {
+    "up-outpatient": "down-outpatient",
+    "up-exam": "down-outpatient",
+    "up-inpatient": "down-discharge",
+}
 
 
 @dataclass(frozen=True)
@@ -54,20 +71,23 @@ class Step:
     bser: str | None
 
 
-STEPS: dict[str, Step] = {s.code: s for s in (
-    Step("draft", "待提交", "Indication confirmed", None),
-    Step("consented", "已签署同意", "Consent signed", None),
-    Step("requested", "已申请", "Referral requested", "2.0"),
-    Step("received", "评估中", "Received, under evaluation", None),
-    Step("accepted", "已接收", "Accepted", "3.0"),
-    Step("scheduled", "已预约", "Appointment or bed booked", "5.1.1"),
-    Step("rejected", "已拒绝", "Declined", "4.0"),
-    Step("arrived", "已到院", "Patient arrived", None),
-    Step("cancel-requested", "申请撤销", "Cancellation requested by the referrer", "5.2"),
-    Step("cancelled", "已撤销", "Withdrawn by the referrer", "6.0"),
-    Step("completed", "已完成", "Care finished, return sent", "7.0"),
-    Step("return-received", "转回已接收", "Return received by the referrer", "7.0"),
-)}
+STEPS: dict[str, Step] = {
+    s.code: s
+    for s in (
+        Step("draft", "待提交", "Indication confirmed", None),
+        Step("consented", "已签署同意", "Consent signed", None),
+        Step("requested", "已申请", "Referral requested", "2.0"),
+        Step("received", "评估中", "Received, under evaluation", None),
+        Step("accepted", "已接收", "Accepted", "3.0"),
+        Step("scheduled", "已预约", "Appointment or bed booked", "5.1.1"),
+        Step("rejected", "已拒绝", "Declined", "4.0"),
+        Step("arrived", "已到院", "Patient arrived", None),
+        Step("cancel-requested", "申请撤销", "Cancellation requested by the referrer", "5.2"),
+        Step("cancelled", "已撤销", "Withdrawn by the referrer", "6.0"),
+        Step("completed", "已完成", "Care finished, return sent", "7.0"),
+        Step("return-received", "转回已接收", "Return received by the referrer", "7.0"),
+    )
+}
 
 
 #: message events (MessageHeader.eventCoding) and the packet kind each travels as
@@ -89,8 +109,11 @@ PILOT_DISEASES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "hypertension": ("高血压", "Hypertension", ("I10", "I11", "I12", "I13", "I15")),
     "diabetes": ("糖尿病", "Diabetes mellitus", ("E10", "E11", "E12", "E13", "E14")),
     "chd": ("冠心病", "Coronary heart disease", ("I20", "I21", "I22", "I23", "I24", "I25")),
-    "cerebrovascular": ("脑血管病", "Cerebrovascular disease",
-                        tuple(f"I{n}" for n in range(60, 70))),
+    "cerebrovascular": (
+        "脑血管病",
+        "Cerebrovascular disease",
+        tuple(f"I{n}" for n in range(60, 70)),
+    ),
 }
 
 

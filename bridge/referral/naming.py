@@ -74,9 +74,12 @@ def _is_patient_ref(d: dict[str, Any]) -> bool:
 
 def _is_hash_ref(d: dict[str, Any], phash: str | None) -> bool:
     ident = d.get("identifier")
-    return ("reference" not in d and isinstance(ident, dict)
-            and ident.get("system") == PATIENT_HASH_SYSTEM
-            and (phash is None or ident.get("value") == phash))
+    return (
+        "reference" not in d
+        and isinstance(ident, dict)
+        and ident.get("system") == PATIENT_HASH_SYSTEM
+        and (phash is None or ident.get("value") == phash)
+    )
 
 
 def _rename(obj: Any, to: Any) -> Any:
@@ -90,8 +93,15 @@ def _rename(obj: Any, to: Any) -> Any:
     return obj
 
 
-def wire_patient(tp: ThreadPatient, patient: Resource, *, me: str, peer: str,
-                 members: Iterable[str], national_id_system: str) -> Resource | None:
+def wire_patient(
+    tp: ThreadPatient,
+    patient: Resource,
+    *,
+    me: str,
+    peer: str,
+    members: Iterable[str],
+    national_id_system: str,
+) -> Resource | None:
     """The Patient a packet to ``peer`` carries, or None (named by the hash only)."""
     if tp.wire is None:
         return None
@@ -104,8 +114,7 @@ def wire_patient(tp: ThreadPatient, patient: Resource, *, me: str, peer: str,
     others = {f"{MRN_PREFIX}{m}" for m in members if m not in (me, peer)}
     out = R.for_the_wire(patient, tp.phash, national_id_system)
     out["id"] = wire_id
-    out["identifier"] = [i for i in out.get("identifier") or []
-                         if i.get("system") not in others]
+    out["identifier"] = [i for i in out.get("identifier") or [] if i.get("system") not in others]
     out.pop("link", None)  # links name other records of this node
     # who else cares for her is not the other party's to learn (this node itself may say so)
     out.pop("generalPractitioner", None)
@@ -114,21 +123,32 @@ def wire_patient(tp: ThreadPatient, patient: Resource, *, me: str, peer: str,
     return _rename(out, lambda d: {**d, "reference": tp.wire})  # type: ignore[no-any-return]
 
 
-def outgoing(tp: ThreadPatient, resources: Iterable[Resource], *, me: str, peer: str,
-             members: Iterable[str], national_id_system: str,
-             patient: Resource | None = None) -> list[Resource]:
+def outgoing(
+    tp: ThreadPatient,
+    resources: Iterable[Resource],
+    *,
+    me: str,
+    peer: str,
+    members: Iterable[str],
+    national_id_system: str,
+    patient: Resource | None = None,
+) -> list[Resource]:
     """``resources`` (no Patient among them) as they leave on the thread, naming the patient
     the other party's way; ``patient`` (this node's record): carried as :func:`wire_patient`."""
+
     def to(d: dict[str, Any]) -> dict[str, Any]:
         if tp.wire is not None:
             return {**d, "reference": tp.wire}
-        return {**{k: v for k, v in d.items() if k not in ("reference", "display")},
-                **hash_subject(tp.phash)}
+        return {
+            **{k: v for k, v in d.items() if k not in ("reference", "display")},
+            **hash_subject(tp.phash),
+        }
 
     out = [_rename(r, to) for r in resources if r.get("resourceType") != "Patient"]
     if patient is not None:
-        carried = wire_patient(tp, patient, me=me, peer=peer, members=members,
-                               national_id_system=national_id_system)
+        carried = wire_patient(
+            tp, patient, me=me, peer=peer, members=members, national_id_system=national_id_system
+        )
         if carried is not None:
             out.append(carried)
     return out
@@ -137,11 +157,15 @@ def outgoing(tp: ThreadPatient, resources: Iterable[Resource], *, me: str, peer:
 def incoming(mine: str, phash: str | None, resources: Iterable[Resource]) -> list[Resource]:
     """Resources that arrived on the thread, naming this node's own record of the patient;
     Patient resources left out (this node's record stays as it is)."""
+
     def walk(obj: Any) -> Any:
         if isinstance(obj, dict):
             if _is_patient_ref(obj) or _is_hash_ref(obj, phash):
-                kept = {k: v for k, v in obj.items()
-                        if k not in ("reference", "identifier", "type", "display")}
+                kept = {
+                    k: v
+                    for k, v in obj.items()
+                    if k not in ("reference", "identifier", "type", "display")
+                }
                 return {**kept, "reference": mine}
             return {k: walk(v) for k, v in obj.items()}
         if isinstance(obj, list):

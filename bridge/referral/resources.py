@@ -48,8 +48,15 @@ def referral_category() -> list[dict[str, Any]]:
     return [{"coding": [{"system": SNOMED, "code": "3457005", "display": "Patient referral"}]}]
 
 
-def new_task(sr: Resource, *, referrer: str, receiver: str, patient_ref: str, at: datetime,
-             task_id: str | None = None) -> Resource:
+def new_task(
+    sr: Resource,
+    *,
+    referrer: str,
+    receiver: str,
+    patient_ref: str,
+    at: datetime,
+    task_id: str | None = None,
+) -> Resource:
     return {
         "resourceType": "Task",
         "id": task_id or str(uuid.uuid4()),
@@ -82,8 +89,12 @@ def message(
         "resourceType": "MessageHeader",
         "id": str(uuid.uuid4()),
         "eventCoding": {"system": EVENT_SYSTEM, "code": event},
-        "destination": [{"endpoint": f"urn:hutong:node:{receiver}",
-                         "receiver": {"reference": f"Organization/{receiver}"}}],
+        "destination": [
+            {
+                "endpoint": f"urn:hutong:node:{receiver}",
+                "receiver": {"reference": f"Organization/{receiver}"},
+            }
+        ],
         "sender": {"reference": f"Organization/{sender}"},
         "source": {"endpoint": f"urn:hutong:node:{sender}", "software": "Hutong"},
         "focus": [{"reference": ref(task)}],
@@ -105,12 +116,14 @@ def message(
     }
 
 
-def for_the_wire(patient: Resource, phash: str | None, national_id_system: str,
-                 clear_id: bool = False) -> Resource:
+def for_the_wire(
+    patient: Resource, phash: str | None, national_id_system: str, clear_id: bool = False
+) -> Resource:
     """The Patient as it leaves: the national ID number replaced by its keyed hash."""
     out = copy.deepcopy(patient)
-    idents = [i for i in out.get("identifier") or []
-              if clear_id or i.get("system") != national_id_system]
+    idents = [
+        i for i in out.get("identifier") or [] if clear_id or i.get("system") != national_id_system
+    ]
     idents = [i for i in idents if i.get("system") != PATIENT_HASH_SYSTEM]
     if phash:
         idents.append({"system": PATIENT_HASH_SYSTEM, "value": phash})
@@ -156,5 +169,4 @@ def references(obj: Any) -> Iterable[str]:
 def output(code: str, zh: str, **value: Any) -> dict[str, Any]:
     from bridge.referral.codes import OUTPUT_SYSTEM
 
-    return {"type": {"coding": [{"system": OUTPUT_SYSTEM, "code": code, "display": zh}]},
-            **value}
+    return {"type": {"coding": [{"system": OUTPUT_SYSTEM, "code": code, "display": zh}]}, **value}

@@ -23,24 +23,36 @@ class Move:
     step: str  # business status after the move
 
 
-MOVES: dict[str, Move] = {m.event: m for m in (
-    Move("request", "referrer", ("draft",), "requested", "requested"),
-    Move("received", "receiver", ("requested",), "received", "received"),
-    Move("accept", "receiver", ("requested", "received"), "accepted", "scheduled"),
-    Move("reject", "receiver", ("requested", "received"), "rejected", "rejected"),
-    Move("arrive", "receiver", ("accepted",), "in-progress", "arrived"),
-    Move("cancel", "referrer", ("requested", "received", "accepted"), None, "cancel-requested"),
-    Move("cancelled", "receiver", ("requested", "received", "accepted"), "cancelled",
-         "cancelled"),
-    Move("return", "receiver", ("in-progress",), "completed", "completed"),
-    Move("return-received", "referrer", ("completed",), None, "return-received"),
-)}
+MOVES: dict[str, Move] = {
+    m.event: m
+    for m in (
+        Move("request", "referrer", ("draft",), "requested", "requested"),
+        Move("received", "receiver", ("requested",), "received", "received"),
+        Move("accept", "receiver", ("requested", "received"), "accepted", "scheduled"),
+        Move("reject", "receiver", ("requested", "received"), "rejected", "rejected"),
+        Move("arrive", "receiver", ("accepted",), "in-progress", "arrived"),
+        Move("cancel", "referrer", ("requested", "received", "accepted"), None, "cancel-requested"),
+        Move(
+            "cancelled", "receiver", ("requested", "received", "accepted"), "cancelled", "cancelled"
+        ),
+        Move("return", "receiver", ("in-progress",), "completed", "completed"),
+        Move("return-received", "referrer", ("completed",), None, "return-received"),
+    )
+}
 
 TERMINAL = ("rejected", "cancelled")
 
 #: how far along a status is; a packet never moves a referral backwards
-RANK = {"draft": 0, "requested": 1, "received": 2, "accepted": 3, "rejected": 9,
-        "in-progress": 4, "cancelled": 9, "completed": 5}
+RANK = {
+    "draft": 0,
+    "requested": 1,
+    "received": 2,
+    "accepted": 3,
+    "rejected": 9,
+    "in-progress": 4,
+    "cancelled": 9,
+    "completed": 5,
+}
 
 
 def check(event: str, status: str, side: str) -> Move:
@@ -49,15 +61,23 @@ def check(event: str, status: str, side: str) -> Move:
     if move is None:
         raise IllegalTransition(f"unknown referral step '{event}'")
     if move.by != side:
-        raise IllegalTransition(f"only the {move.by} may '{event}' a referral (this side is "
-                                f"the {side})")
+        raise IllegalTransition(
+            f"only the {move.by} may '{event}' a referral (this side is the {side})"
+        )
     if status not in move.sources:
-        raise IllegalTransition(f"cannot '{event}' a referral that is '{status}' "
-                                f"(allowed from: {', '.join(move.sources)})")
+        raise IllegalTransition(
+            f"cannot '{event}' a referral that is '{status}' "
+            f"(allowed from: {', '.join(move.sources)})"
+        )
     return move
 
 
 def target_for_status(status: str) -> str | None:
     """The event a client asks for by setting Task.status (PUT Task)."""
-    return {"received": "received", "accepted": "accept", "rejected": "reject",
-            "in-progress": "arrive", "completed": "return"}.get(status)
+    return {
+        "received": "received",
+        "accepted": "accept",
+        "rejected": "reject",
+        "in-progress": "arrive",
+        "completed": "return",
+    }.get(status)

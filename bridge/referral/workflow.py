@@ -54,9 +54,22 @@ from bridge.referral.states import MOVES, check, target_for_status
 from bridge.referral.tables import REFERRAL, REFERRAL_STEP
 
 #: resource types a referral or return may carry besides Patient/ServiceRequest/Task
-CARRIED = ("Consent", "Composition", "DocumentReference", "DiagnosticReport", "Observation",
-           "ImagingStudy", "MedicationRequest", "MedicationStatement", "Coverage", "Encounter",
-           "Practitioner", "Condition", "Specimen", "Appointment")
+CARRIED = (
+    "Consent",
+    "Composition",
+    "DocumentReference",
+    "DiagnosticReport",
+    "Observation",
+    "ImagingStudy",
+    "MedicationRequest",
+    "MedicationStatement",
+    "Coverage",
+    "Encounter",
+    "Practitioner",
+    "Condition",
+    "Specimen",
+    "Appointment",
+)
 
 
 class Workflow:
@@ -68,11 +81,17 @@ class Workflow:
 
     # -- API entry points ---------------------------------------------------------------------
 
-    def submit(self, bundle: dict[str, Any], actor: str, *,
-               once: tuple[str, str] | None = None,
-               prepare: Callable[[Connection, dict[str, Any]],
-                                 tuple[dict[str, Any], dict[int, dict[str, Any]]]] | None = None,
-               ) -> dict[str, Any]:
+    def submit(
+        self,
+        bundle: dict[str, Any],
+        actor: str,
+        *,
+        once: tuple[str, str] | None = None,
+        prepare: Callable[
+            [Connection, dict[str, Any]], tuple[dict[str, Any], dict[int, dict[str, Any]]]
+        ]
+        | None = None,
+    ) -> dict[str, Any]:
         """POST /fhir transaction: a new referral, or the return of one we received.
 
         ``once`` = (adapter, source key): the local record that caused this call. The key
@@ -94,25 +113,28 @@ class Workflow:
             resources, created = self._unpack(bundle)
             srs = [r for r in resources if r["resourceType"] == "ServiceRequest"]
             if len(srs) != 1:
-                raise InvalidResource(f"a referral bundle holds exactly one ServiceRequest, "
-                                      f"found {len(srs)}")
+                raise InvalidResource(
+                    f"a referral bundle holds exactly one ServiceRequest, found {len(srs)}"
+                )
             based = self._returned_referral(conn, srs[0])
             if based is not None:
                 thread = self._return(conn, based, resources, actor)
             else:
                 thread = self._request(conn, srs[0], resources, actor)
             made = iter(created)
-            entries = [answered[i] if i in answered else {"response": response_of(next(made))}
-                       for i in range(len(answered) + len(created))]
-            answer = {"resourceType": "Bundle", "type": "transaction-response",
-                      "entry": entries}
+            entries = [
+                answered[i] if i in answered else {"response": response_of(next(made))}
+                for i in range(len(answered) + len(created))
+            ]
+            answer = {"resourceType": "Bundle", "type": "transaction-response", "entry": entries}
             if once is not None:
                 intake.remember(conn, *once, answer, self.ctx.now(), thread=thread)
         self.wake()
         return answer
 
-    def move(self, task_id: str, task: dict[str, Any], actor: str, *,
-             if_match: int | None = None) -> dict[str, Any]:
+    def move(
+        self, task_id: str, task: dict[str, Any], actor: str, *, if_match: int | None = None
+    ) -> dict[str, Any]:
         """PUT /fhir/Task/{id}: a status change asks for the matching step. ``if_match``: the
         version the client changed; another current version refuses it (VersionConflict)."""
         with self.ctx.store.read() as conn:
@@ -129,8 +151,10 @@ class Workflow:
         if event is None:
             raise IllegalTransition(f"cannot set a referral Task to '{wanted}'")
         if event == "return":
-            raise IllegalTransition("a referral is completed by POSTing its return bundle (a "
-                                    "down-referral ServiceRequest basedOn it) to /fhir")
+            raise IllegalTransition(
+                "a referral is completed by POSTing its return bundle (a "
+                "down-referral ServiceRequest basedOn it) to /fhir"
+            )
         details: dict[str, Any] = {}
         if event == "accept":
             details["outputs"] = [o for o in task.get("output") or []]
@@ -141,33 +165,50 @@ class Workflow:
             details["reason"] = reason
         return self.step(row.thread, event, actor, if_match=if_match, **details)
 
-    def step(self, thread: str, event: str, actor: str, *, reason: str | None = None,
-             outputs: list[dict[str, Any]] | None = None,
-             once: tuple[str, str] | None = None,
-             if_match: int | None = None) -> dict[str, Any]:
+    def step(
+        self,
+        thread: str,
+        event: str,
+        actor: str,
+        *,
+        reason: str | None = None,
+        outputs: list[dict[str, Any]] | None = None,
+        once: tuple[str, str] | None = None,
+        if_match: int | None = None,
+    ) -> dict[str, Any]:
         """Take a local step (accept, reject, arrive, cancel) and send it to the other side.
 
         ``once`` as in :meth:`submit`: a repeated call returns the Task as first answered."""
         with self.ctx.store.write() as conn:
             if once is not None and (prior := intake.seen(conn, *once)) is not None:
                 return prior
-            task = self.step_in(conn, thread, event, actor, reason=reason, outputs=outputs,
-                                if_match=if_match)
+            task = self.step_in(
+                conn, thread, event, actor, reason=reason, outputs=outputs, if_match=if_match
+            )
             if once is not None:
                 intake.remember(conn, *once, task, self.ctx.now(), thread=thread)
         self.wake()
         return task
 
-    def step_in(self, conn: Connection, thread: str, event: str, actor: str, *,
-                reason: str | None = None,
-                outputs: list[dict[str, Any]] | None = None,
-                if_match: int | None = None) -> dict[str, Any]:
+    def step_in(
+        self,
+        conn: Connection,
+        thread: str,
+        event: str,
+        actor: str,
+        *,
+        reason: str | None = None,
+        outputs: list[dict[str, Any]] | None = None,
+        if_match: int | None = None,
+    ) -> dict[str, Any]:
         """:meth:`step` inside the caller's transaction (e.g. with an Encounter from the HIS);
         the caller wakes the senders after its commit."""
         row = self._row(conn, thread)
         if if_match is not None:  # in this transaction, the Task row locked: no lost update
-            _check_version({"meta": {"versionId": str(store.lock_version(
-                conn, "Task", row.task_id))}}, if_match)
+            _check_version(
+                {"meta": {"versionId": str(store.lock_version(conn, "Task", row.task_id))}},
+                if_match,
+            )
         check(event, row.status, row.side)
         task = store.get(conn, "Task", row.task_id)
         self._advance(conn, row, task, event, reason=reason, outputs=outputs, actor=actor)
@@ -182,21 +223,29 @@ class Workflow:
 
     # -- new referral ----------------------------------------------------------------------
 
-    def _request(self, conn: Connection, sr: dict[str, Any], resources: list[dict[str, Any]],
-                 actor: str) -> str:
+    def _request(
+        self, conn: Connection, sr: dict[str, Any], resources: list[dict[str, Any]], actor: str
+    ) -> str:
         now = self.ctx.now()
         kind = kind_of(sr)
         if kind is None:
-            raise InvalidResource("ServiceRequest.code needs a referral kind coding "
-                                  f"({', '.join(KINDS)})")
+            raise InvalidResource(
+                f"ServiceRequest.code needs a referral kind coding ({', '.join(KINDS)})"
+            )
         receiver = self._performer(sr)
         patient = self._patient(conn, sr, resources)
-        consent = [r for r in resources if r["resourceType"] == "Consent"
-                   and r.get("status") == "active"
-                   and (r.get("patient") or {}).get("reference") == R.ref(patient)]
+        consent = [
+            r
+            for r in resources
+            if r["resourceType"] == "Consent"
+            and r.get("status") == "active"
+            and (r.get("patient") or {}).get("reference") == R.ref(patient)
+        ]
         if not consent:
-            raise MissingConsent("a referral cannot be sent without the patient's or family's "
-                                 "consent: add an active Consent for the patient")
+            raise MissingConsent(
+                "a referral cannot be sent without the patient's or family's "
+                "consent: add an active Consent for the patient"
+            )
         sr.setdefault("status", "active")
         sr["status"] = "active"
         sr["intent"] = sr.get("intent", "order")
@@ -205,32 +254,63 @@ class Workflow:
         sr.setdefault("authoredOn", R.iso(now))
         idents = sr.setdefault("identifier", [])
         if not any(_is_placer(i) for i in idents):
-            idents.append({"type": {"coding": [{"system": PLACER, "code": "PLAC"}]},
-                           "system": f"urn:hutong:referral-slip:{self.me}",
-                           "value": f"ZZ{now:%Y%m%d}-{sr['id'][:8].upper()}"})
+            idents.append(
+                {
+                    "type": {"coding": [{"system": PLACER, "code": "PLAC"}]},
+                    "system": f"urn:hutong:referral-slip:{self.me}",
+                    "value": f"ZZ{now:%Y%m%d}-{sr['id'][:8].upper()}",
+                }
+            )
         support = {s.get("reference") for s in sr.get("supportingInfo") or []}
         for r in resources:
-            if r["resourceType"] in CARRIED and R.ref(r) not in support \
-                    and r["resourceType"] not in ("Practitioner", "Observation"):
+            if (
+                r["resourceType"] in CARRIED
+                and R.ref(r) not in support
+                and r["resourceType"] not in ("Practitioner", "Observation")
+            ):
                 sr.setdefault("supportingInfo", []).append({"reference": R.ref(r)})
         self._check_refs(conn, resources)
         self._validate(resources)
         thread = str(uuid.uuid4())
         _note_consultation(conn, sr, thread)
-        task = R.new_task(sr, referrer=self.me, receiver=receiver,
-                          patient_ref=R.ref(patient), at=now, task_id=thread)
+        task = R.new_task(
+            sr,
+            referrer=self.me,
+            receiver=receiver,
+            patient_ref=R.ref(patient),
+            at=now,
+            task_id=thread,
+        )
         phash = self._hash(patient)
         for r in resources:
             store.put(conn, r, at=now, thread=thread, origin=self.me, patient_hash=phash)
         green = sr.get("priority") in ("urgent", "asap", "stat")
-        codes = [c.get("code", "") for rc in sr.get("reasonCode") or []
-                 for c in rc.get("coding") or [] if c.get("system") == ICD10]
+        codes = [
+            c.get("code", "")
+            for rc in sr.get("reasonCode") or []
+            for c in rc.get("coding") or []
+            if c.get("system") == ICD10
+        ]
         pilot = next((p for p in map(pilot_disease, codes) if p), None)
-        conn.execute(insert(REFERRAL).values(
-            thread=thread, side="referrer", kind=kind, referrer=self.me, receiver=receiver,
-            status="draft", step="draft", green_channel=green, pilot=pilot, patient_hash=phash,
-            patient_match="local", task_id=task["id"], sr_id=sr["id"], created_at=now,
-            updated_at=now))
+        conn.execute(
+            insert(REFERRAL).values(
+                thread=thread,
+                side="referrer",
+                kind=kind,
+                referrer=self.me,
+                receiver=receiver,
+                status="draft",
+                step="draft",
+                green_channel=green,
+                pilot=pilot,
+                patient_hash=phash,
+                patient_match="local",
+                task_id=task["id"],
+                sr_id=sr["id"],
+                created_at=now,
+                updated_at=now,
+            )
+        )
         row = self._row(conn, thread)
         self._advance(conn, row, task, "request", actor=actor)
         self._send(conn, row, "request", task, [r for r in resources if r is not sr] + [sr])
@@ -250,21 +330,28 @@ class Workflow:
                 if row is None and _recommending_consultation(conn, sr_id):
                     continue
                 if row is None:
-                    raise UnknownReference(f"basedOn {reference} is not a referral known here "
-                                           "(nor a consultation that recommends referral)")
+                    raise UnknownReference(
+                        f"basedOn {reference} is not a referral known here "
+                        "(nor a consultation that recommends referral)"
+                    )
                 return row
         return None
 
-    def _return(self, conn: Connection, row: Any, resources: list[dict[str, Any]],
-                actor: str) -> str:
+    def _return(
+        self, conn: Connection, row: Any, resources: list[dict[str, Any]], actor: str
+    ) -> str:
         check("return", row.status, row.side)
         now = self.ctx.now()
         down = next(r for r in resources if r["resourceType"] == "ServiceRequest")
         if kind_of(down) is None:
             k = RETURN_KIND.get(row.kind, "down-outpatient")
             down.setdefault("code", {}).setdefault("coding", []).append(
-                {"system": "http://hutong.dev/CodeSystem/referral-kind", "code": k,
-                 "display": KINDS[k].zh})
+                {
+                    "system": "http://hutong.dev/CodeSystem/referral-kind",
+                    "code": k,
+                    "display": KINDS[k].zh,
+                }
+            )
         down["status"] = "active"
         down.setdefault("intent", "order")
         down["category"] = down.get("category") or R.referral_category()
@@ -275,13 +362,26 @@ class Workflow:
         self._check_refs(conn, resources)
         self._validate(resources)
         for r in resources:
-            store.put(conn, r, at=now, thread=row.thread, origin=self.me,
-                      patient_hash=row.patient_hash)
-        outputs = [R.output("return-" + r["resourceType"].lower(), r["resourceType"],
-                            valueReference={"reference": R.ref(r)})
-                   for r in resources if r["resourceType"] in (
-                       "ServiceRequest", "Encounter", "Composition", "DiagnosticReport",
-                       "ImagingStudy", "MedicationRequest")]
+            store.put(
+                conn, r, at=now, thread=row.thread, origin=self.me, patient_hash=row.patient_hash
+            )
+        outputs = [
+            R.output(
+                "return-" + r["resourceType"].lower(),
+                r["resourceType"],
+                valueReference={"reference": R.ref(r)},
+            )
+            for r in resources
+            if r["resourceType"]
+            in (
+                "ServiceRequest",
+                "Encounter",
+                "Composition",
+                "DiagnosticReport",
+                "ImagingStudy",
+                "MedicationRequest",
+            )
+        ]
         self._advance(conn, row, task, "return", outputs=outputs, actor=actor)
         sr = store.get(conn, "ServiceRequest", row.sr_id)
         sr["status"] = "completed"
@@ -311,8 +411,9 @@ class Workflow:
         event = header["eventCoding"]["code"]
         carried = [r for r in entries if r["resourceType"] not in ("MessageHeader",)]
         with self.ctx.store.write() as conn:
-            if conn.execute(select(REFERRAL_STEP.c.id).where(
-                    REFERRAL_STEP.c.packet_id == item.packet_id)).first():
+            if conn.execute(
+                select(REFERRAL_STEP.c.id).where(REFERRAL_STEP.c.packet_id == item.packet_id)
+            ).first():
                 return event, task  # applied before a crash; the local hand-over is idempotent
             if event == "request":
                 self._take_request(conn, item, task, carried)
@@ -321,13 +422,17 @@ class Workflow:
         self.wake()
         return event, task
 
-    def _take_request(self, conn: Connection, item: Delivery, task: dict[str, Any],
-                      carried: list[dict[str, Any]]) -> None:
+    def _take_request(
+        self, conn: Connection, item: Delivery, task: dict[str, Any], carried: list[dict[str, Any]]
+    ) -> None:
         now = self.ctx.now()
         if conn.execute(select(REFERRAL.c.thread).where(REFERRAL.c.thread == item.thread)).first():
             return
-        sr = next(r for r in carried if r["resourceType"] == "ServiceRequest"
-                  and R.ref(r) == task["focus"]["reference"])
+        sr = next(
+            r
+            for r in carried
+            if r["resourceType"] == "ServiceRequest" and R.ref(r) == task["focus"]["reference"]
+        )
         peer = peer_patient(carried)
         carried, match, phash = self._match_patient(conn, carried)
         _note_consultation(conn, sr, item.thread, item.sender)
@@ -335,65 +440,99 @@ class Workflow:
             if r["resourceType"] == "Organization" and store.exists(conn, "Organization", r["id"]):
                 continue
             foreign_resource(conn, r, item.thread, item.sender)
-            store.put(conn, r, at=now, thread=item.thread, origin=item.sender,
-                      patient_hash=phash)
+            store.put(conn, r, at=now, thread=item.thread, origin=item.sender, patient_hash=phash)
         task = next(r for r in carried if r["resourceType"] == "Task")
-        conn.execute(insert(REFERRAL).values(
-            thread=item.thread, side="receiver", kind=kind_of(sr) or "up-outpatient",
-            referrer=item.sender, receiver=self.me, status="requested", step="requested",
-            green_channel=sr.get("priority") in ("urgent", "asap", "stat"), patient_hash=phash,
-            patient_match=match, peer_patient=peer, task_id=task["id"], sr_id=sr["id"],
-            created_at=now, updated_at=now, last_seq_in=item.seq))
-        self._log_step(conn, item.thread, "request", "draft", "requested", item.packet_id,
-                       item.sender)
+        conn.execute(
+            insert(REFERRAL).values(
+                thread=item.thread,
+                side="receiver",
+                kind=kind_of(sr) or "up-outpatient",
+                referrer=item.sender,
+                receiver=self.me,
+                status="requested",
+                step="requested",
+                green_channel=sr.get("priority") in ("urgent", "asap", "stat"),
+                patient_hash=phash,
+                patient_match=match,
+                peer_patient=peer,
+                task_id=task["id"],
+                sr_id=sr["id"],
+                created_at=now,
+                updated_at=now,
+                last_seq_in=item.seq,
+            )
+        )
+        self._log_step(
+            conn, item.thread, "request", "draft", "requested", item.packet_id, item.sender
+        )
         row = self._row(conn, item.thread)
         self._audit(conn, row, "request", item.sender)
         # "received" is automatic on delivery, and tells the referrer at once
         self._advance(conn, row, task, "received", actor=f"node:{self.me}")
         self._send(conn, row, "received", task, [])
 
-    def _take_step(self, conn: Connection, item: Delivery, event: str, task: dict[str, Any],
-                   carried: list[dict[str, Any]]) -> None:
+    def _take_step(
+        self,
+        conn: Connection,
+        item: Delivery,
+        event: str,
+        task: dict[str, Any],
+        carried: list[dict[str, Any]],
+    ) -> None:
         now = self.ctx.now()
         row = conn.execute(select(REFERRAL).where(REFERRAL.c.thread == item.thread)).first()
         if row is None:
             raise UnknownReference(f"referral step '{event}' for an unknown referral")
         other = row.receiver if row.side == "referrer" else row.referrer
         if item.sender != other:  # the dispatcher's gate refuses these first; kept as a guard
-            raise NotThreadParty(f"referral step '{event}' on thread {row.thread} from "
-                                 f"'{item.sender}', which is not a party of that referral")
+            raise NotThreadParty(
+                f"referral step '{event}' on thread {row.thread} from "
+                f"'{item.sender}', which is not a party of that referral"
+            )
         if task.get("id") != row.task_id:
-            raise InvalidResource(f"referral step '{event}' carries Task/{task.get('id')}, "
-                                  f"not this referral's Task")
+            raise InvalidResource(
+                f"referral step '{event}' carries Task/{task.get('id')}, not this referral's Task"
+            )
         # a peer's step takes the same state machine as a local one, before anything is stored
         self._peer_move(row, event, task)
         if item.seq <= row.last_seq_in:
-            self._log_step(conn, row.thread, event, row.status, row.status, item.packet_id,
-                           item.sender)
+            self._log_step(
+                conn, row.thread, event, row.status, row.status, item.packet_id, item.sender
+            )
             return  # older than what we already applied from that side
         # named our way: our own record of the patient stays as it is (naming.incoming)
         for r in self._ours(conn, row, carried):
-            if r["resourceType"] == "Organization" and store.exists(conn, "Organization",
-                                                                     r["id"]):
+            if r["resourceType"] == "Organization" and store.exists(conn, "Organization", r["id"]):
                 continue  # our own records of members stay as they are
             if r["resourceType"] == "Task" and row.side == "receiver":
                 continue  # the receiver owns the Task; the referrer's copy never overwrites it
             foreign_resource(conn, r, row.thread, item.sender)
-            store.put(conn, r, at=now, thread=row.thread, origin=item.sender,
-                      patient_hash=row.patient_hash)
-        conn.execute(update(REFERRAL).where(REFERRAL.c.thread == row.thread)
-                     .values(last_seq_in=item.seq))
+            store.put(
+                conn,
+                r,
+                at=now,
+                thread=row.thread,
+                origin=item.sender,
+                patient_hash=row.patient_hash,
+            )
+        conn.execute(
+            update(REFERRAL).where(REFERRAL.c.thread == row.thread).values(last_seq_in=item.seq)
+        )
         if row.side == "referrer":
             self._mirror(conn, row, event, task, item)
         else:
             self._answer(conn, row, event, task, item)
 
-    def _mirror(self, conn: Connection, row: Any, event: str, task: dict[str, Any],
-                item: Delivery) -> None:
+    def _mirror(
+        self, conn: Connection, row: Any, event: str, task: dict[str, Any], item: Delivery
+    ) -> None:
         """The referrer adopts the receiver's Task: its status is the one truth."""
         now = self.ctx.now()
-        values: dict[str, Any] = {"status": task["status"], "step": step_of(task) or row.step,
-                                  "updated_at": now}
+        values: dict[str, Any] = {
+            "status": task["status"],
+            "step": step_of(task) or row.step,
+            "updated_at": now,
+        }
         if event == "accept":
             values["accepted_at"] = now
         if event == "return":
@@ -401,8 +540,9 @@ class Workflow:
         if task.get("statusReason"):
             values["reason"] = task["statusReason"].get("text")
         conn.execute(update(REFERRAL).where(REFERRAL.c.thread == row.thread).values(**values))
-        self._log_step(conn, row.thread, event, row.status, task["status"], item.packet_id,
-                       item.sender)
+        self._log_step(
+            conn, row.thread, event, row.status, task["status"], item.packet_id, item.sender
+        )
         row = self._row(conn, row.thread)
         self._audit(conn, row, event, item.sender)
         if event == "return":  # close the loop: the referrer records the return as received
@@ -419,17 +559,21 @@ class Workflow:
             return  # always taken: answered with "cancelled" or "cancel-refused" (_answer)
         if event == "cancel-refused" and theirs == "receiver":
             if task.get("status") != row.status:  # a refusal changes nothing
-                raise IllegalTransition(f"'cancel-refused' with Task.status "
-                                        f"'{task.get('status')}', not '{row.status}'")
+                raise IllegalTransition(
+                    f"'cancel-refused' with Task.status '{task.get('status')}', not '{row.status}'"
+                )
             return
         move = check(event, row.status, theirs)
         if theirs == "receiver" and task.get("status") != (move.target or row.status):
-            raise IllegalTransition(f"'{event}' from '{row.status}' leads to "
-                                    f"'{move.target or row.status}', the Task sent says "
-                                    f"'{task.get('status')}'")
+            raise IllegalTransition(
+                f"'{event}' from '{row.status}' leads to "
+                f"'{move.target or row.status}', the Task sent says "
+                f"'{task.get('status')}'"
+            )
 
-    def _answer(self, conn: Connection, row: Any, event: str, task: dict[str, Any],
-                item: Delivery) -> None:
+    def _answer(
+        self, conn: Connection, row: Any, event: str, task: dict[str, Any], item: Delivery
+    ) -> None:
         """The receiver takes the referrer's cancel request or its return-received note."""
         mine = store.get(conn, "Task", row.task_id)
         actor = f"node:{item.sender}"
@@ -443,24 +587,44 @@ class Workflow:
         try:
             check("cancelled", row.status, "receiver")
         except IllegalTransition as exc:  # too late (patient arrived): say so, change nothing
-            self._log_step(conn, row.thread, event, row.status, row.status, item.packet_id,
-                           item.sender)
-            self.ctx.audit.append(conn, [AuditEntry(
-                action="referral", outcome="4", thread=row.thread, peer=item.sender,
-                patient_hash=row.patient_hash, code=exc.code, message=exc.message,
-                at=self.ctx.now(), extra={"event": "cancel-refused"})])
+            self._log_step(
+                conn, row.thread, event, row.status, row.status, item.packet_id, item.sender
+            )
+            self.ctx.audit.append(
+                conn,
+                [
+                    AuditEntry(
+                        action="referral",
+                        outcome="4",
+                        thread=row.thread,
+                        peer=item.sender,
+                        patient_hash=row.patient_hash,
+                        code=exc.code,
+                        message=exc.message,
+                        at=self.ctx.now(),
+                        extra={"event": "cancel-refused"},
+                    )
+                ],
+            )
             self._send(conn, row, "cancel-refused", mine, [])
             return
-        self._log_step(conn, row.thread, event, row.status, row.status, item.packet_id,
-                       item.sender)
+        self._log_step(conn, row.thread, event, row.status, row.status, item.packet_id, item.sender)
         self._advance(conn, row, mine, "cancelled", actor=actor, reason=reason)
         self._send(conn, row, "cancelled", mine, [self._revoke(conn, row)])
 
     # -- shared steps -------------------------------------------------------------------------
 
-    def _advance(self, conn: Connection, row: Any, task: dict[str, Any], event: str, *,
-                 actor: str, reason: str | None = None,
-                 outputs: list[dict[str, Any]] | None = None) -> None:
+    def _advance(
+        self,
+        conn: Connection,
+        row: Any,
+        task: dict[str, Any],
+        event: str,
+        *,
+        actor: str,
+        reason: str | None = None,
+        outputs: list[dict[str, Any]] | None = None,
+    ) -> None:
         now = self.ctx.now()
         move = MOVES[event]
         target = move.target or row.status
@@ -473,11 +637,16 @@ class Workflow:
             task["output"] = [*(task.get("output") or []), *outputs]
         if event == "accept":
             idents = task.setdefault("identifier", [])
-            idents.append({"type": {"coding": [{"system": PLACER, "code": "FILL"}]},
-                           "system": f"urn:hutong:acceptance-slip:{self.me}",
-                           "value": f"JZ{now:%Y%m%d}-{row.thread[:8].upper()}"})
-        store.put(conn, task, at=now, thread=row.thread, origin=self.me,
-                  patient_hash=row.patient_hash)
+            idents.append(
+                {
+                    "type": {"coding": [{"system": PLACER, "code": "FILL"}]},
+                    "system": f"urn:hutong:acceptance-slip:{self.me}",
+                    "value": f"JZ{now:%Y%m%d}-{row.thread[:8].upper()}",
+                }
+            )
+        store.put(
+            conn, task, at=now, thread=row.thread, origin=self.me, patient_hash=row.patient_hash
+        )
         values: dict[str, Any] = {"status": target, "step": move.step, "updated_at": now}
         if event == "accept":
             values["accepted_at"] = now
@@ -489,8 +658,14 @@ class Workflow:
         self._log_step(conn, row.thread, event, row.status, target, None, actor)
         self._audit(conn, self._row(conn, row.thread), event, actor)
 
-    def _send(self, conn: Connection, row: Any, event: str, task: dict[str, Any],
-              extra: list[dict[str, Any]]) -> None:
+    def _send(
+        self,
+        conn: Connection,
+        row: Any,
+        event: str,
+        task: dict[str, Any],
+        extra: list[dict[str, Any]],
+    ) -> None:
         other = row.receiver if row.side == "referrer" else row.referrer
         now = self.ctx.now()
         mine = task["for"]["reference"]
@@ -503,14 +678,28 @@ class Workflow:
         wire = [_without_local_visits(r, sent) for r in [task, *extra]]
         # the patient as the other side knows her, never by this node's own id (naming)
         wire = naming.outgoing(
-            naming.of_row(row, mine, opener=row.side == "referrer"), wire, me=self.me,
-            peer=other, members=self.plan.directory,
-            national_id_system=self.plan.alliance.national_id_system, patient=patient)
-        msg = R.message(event, sender=self.me, receiver=other, task=wire[0],
-                        resources=[*wire[1:], *orgs], at=now)
-        result = queue_packets(self.ctx, conn, [Outgoing(other, EVENTS[event], orjson.dumps(msg),
-                                                         row.thread)],
-                               actor=f"node:{self.me}")[0]
+            naming.of_row(row, mine, opener=row.side == "referrer"),
+            wire,
+            me=self.me,
+            peer=other,
+            members=self.plan.directory,
+            national_id_system=self.plan.alliance.national_id_system,
+            patient=patient,
+        )
+        msg = R.message(
+            event,
+            sender=self.me,
+            receiver=other,
+            task=wire[0],
+            resources=[*wire[1:], *orgs],
+            at=now,
+        )
+        result = queue_packets(
+            self.ctx,
+            conn,
+            [Outgoing(other, EVENTS[event], orjson.dumps(msg), row.thread)],
+            actor=f"node:{self.me}",
+        )[0]
         if result.error is not None:
             raise result.error  # rolls the whole step back: nothing changes
 
@@ -539,17 +728,26 @@ class Workflow:
         for p in sr.get("performer") or []:
             reference = p.get("reference", "")
             ident = p.get("identifier") or {}
-            member = reference.split("/", 1)[1] if reference.startswith("Organization/") \
-                else ident.get("value") if ident.get("system") == MEMBER_SYSTEM else None
+            member = (
+                reference.split("/", 1)[1]
+                if reference.startswith("Organization/")
+                else ident.get("value")
+                if ident.get("system") == MEMBER_SYSTEM
+                else None
+            )
             if member in self.plan.directory and member != self.me:
                 return str(member)
-            raise UnknownReference(f"performer '{reference or ident.get('value')}' is not "
-                                   f"another member of the alliance")
-        raise UnknownReference("ServiceRequest.performer must name the receiving member "
-                               "(Organization/<member id>)")
+            raise UnknownReference(
+                f"performer '{reference or ident.get('value')}' is not "
+                f"another member of the alliance"
+            )
+        raise UnknownReference(
+            "ServiceRequest.performer must name the receiving member (Organization/<member id>)"
+        )
 
-    def _patient(self, conn: Connection, sr: dict[str, Any],
-                 resources: list[dict[str, Any]]) -> dict[str, Any]:
+    def _patient(
+        self, conn: Connection, sr: dict[str, Any], resources: list[dict[str, Any]]
+    ) -> dict[str, Any]:
         subject = (sr.get("subject") or {}).get("reference", "")
         for r in resources:
             if R.ref(r) == subject and r["resourceType"] == "Patient":
@@ -559,8 +757,9 @@ class Workflow:
                 return store.get(conn, "Patient", subject.split("/", 1)[1])
             except NotFound:
                 pass
-        raise UnknownReference(f"ServiceRequest.subject '{subject}' is not a Patient in the "
-                               "bundle or known here")
+        raise UnknownReference(
+            f"ServiceRequest.subject '{subject}' is not a Patient in the bundle or known here"
+        )
 
     def _check_refs(self, conn: Connection, resources: list[dict[str, Any]]) -> None:
         here = {R.ref(r) for r in resources}
@@ -572,8 +771,10 @@ class Workflow:
                 if rtype == "Organization" and rid in self.plan.directory:
                     continue
                 if not store.exists(conn, rtype, rid):
-                    raise UnknownReference(f"{R.ref(r)} refers to {target}, which is neither "
-                                           "in the bundle nor known here")
+                    raise UnknownReference(
+                        f"{R.ref(r)} refers to {target}, which is neither "
+                        "in the bundle nor known here"
+                    )
 
     def _validate(self, resources: list[dict[str, Any]]) -> None:
         for r in resources:
@@ -588,8 +789,9 @@ class Workflow:
                 return patient_hash(self.plan.patient_hash_key, i["value"])
         return R.hash_of(patient)
 
-    def _match_patient(self, conn: Connection, carried: list[dict[str, Any]]
-                       ) -> tuple[list[dict[str, Any]], str, str | None]:
+    def _match_patient(
+        self, conn: Connection, carried: list[dict[str, Any]]
+    ) -> tuple[list[dict[str, Any]], str, str | None]:
         """Match by keyed hash, else register the patient here, else flag for manual match.
 
         A patient registered here gets an id of this node's own: the sender's id is its own
@@ -607,8 +809,9 @@ class Workflow:
         rest = naming.incoming(R.ref(fresh), phash, carried)
         return [fresh, *rest], "registered" if phash else "manual", phash
 
-    def _ours(self, conn: Connection, row: Any,
-              carried: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def _ours(
+        self, conn: Connection, row: Any, carried: list[dict[str, Any]]
+    ) -> list[dict[str, Any]]:
         """What a step of the other side carries, naming this side's record of the patient
         (Patient resources left out: ours stays as it is)."""
         mine = store.get(conn, "Task", row.task_id)["for"]["reference"]
@@ -626,18 +829,44 @@ class Workflow:
             raise NotFound(f"Task/{task_id} is not a referral known here")
         return row
 
-    def _log_step(self, conn: Connection, thread: str, event: str, before: str, after: str,
-                  packet_id: str | None, actor: str | None) -> None:
-        conn.execute(insert(REFERRAL_STEP).values(
-            thread=thread, event=event, packet_id=packet_id, from_status=before,
-            to_status=after, actor=actor, at=self.ctx.now()))
+    def _log_step(
+        self,
+        conn: Connection,
+        thread: str,
+        event: str,
+        before: str,
+        after: str,
+        packet_id: str | None,
+        actor: str | None,
+    ) -> None:
+        conn.execute(
+            insert(REFERRAL_STEP).values(
+                thread=thread,
+                event=event,
+                packet_id=packet_id,
+                from_status=before,
+                to_status=after,
+                actor=actor,
+                at=self.ctx.now(),
+            )
+        )
 
     def _audit(self, conn: Connection, row: Any, event: str, actor: str | None) -> None:
-        self.ctx.audit.append(conn, [AuditEntry(
-            action="referral", thread=row.thread, patient_hash=row.patient_hash,
-            peer=row.receiver if row.side == "referrer" else row.referrer, actor=actor,
-            kind=EVENTS.get(event), at=self.ctx.now(),
-            extra={"event": event, "status": row.status, "step": row.step})])
+        self.ctx.audit.append(
+            conn,
+            [
+                AuditEntry(
+                    action="referral",
+                    thread=row.thread,
+                    patient_hash=row.patient_hash,
+                    peer=row.receiver if row.side == "referrer" else row.referrer,
+                    actor=actor,
+                    kind=EVENTS.get(event),
+                    at=self.ctx.now(),
+                    extra={"event": event, "status": row.status, "step": row.step},
+                )
+            ],
+        )
 
     # -- reminders ----------------------------------------------------------------------------
 
@@ -646,21 +875,41 @@ class Workflow:
         cfg = self.plan.referral
         now = self.ctx.now()
         with self.ctx.store.write() as conn:
-            rows = conn.execute(select(REFERRAL).where(
-                REFERRAL.c.status.in_(["requested", "received"]),
-                REFERRAL.c.reminded_at.is_(None))).all()
-            due = [r for r in rows if now - r.created_at > timedelta(
-                seconds=cfg.green_channel_timeout_s if r.green_channel else cfg.accept_timeout_s)]
+            rows = conn.execute(
+                select(REFERRAL).where(
+                    REFERRAL.c.status.in_(["requested", "received"]),
+                    REFERRAL.c.reminded_at.is_(None),
+                )
+            ).all()
+            due = [
+                r
+                for r in rows
+                if now - r.created_at
+                > timedelta(
+                    seconds=cfg.green_channel_timeout_s if r.green_channel else cfg.accept_timeout_s
+                )
+            ]
             for r in due:
-                conn.execute(update(REFERRAL).where(REFERRAL.c.thread == r.thread)
-                             .values(reminded_at=now))
+                conn.execute(
+                    update(REFERRAL).where(REFERRAL.c.thread == r.thread).values(reminded_at=now)
+                )
             if due:
-                self.ctx.audit.append(conn, [AuditEntry(
-                    action="reminder", outcome="4", thread=r.thread, patient_hash=r.patient_hash,
-                    peer=r.receiver if r.side == "referrer" else r.referrer, at=now,
-                    message=f"referral not accepted after "
-                            f"{int((now - r.created_at).total_seconds() // 60)} min")
-                    for r in due])
+                self.ctx.audit.append(
+                    conn,
+                    [
+                        AuditEntry(
+                            action="reminder",
+                            outcome="4",
+                            thread=r.thread,
+                            patient_hash=r.patient_hash,
+                            peer=r.receiver if r.side == "referrer" else r.referrer,
+                            at=now,
+                            message=f"referral not accepted after "
+                            f"{int((now - r.created_at).total_seconds() // 60)} min",
+                        )
+                        for r in due
+                    ],
+                )
         return len(due)
 
     def list(self, *, status: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
@@ -679,14 +928,14 @@ def peer_patient(carried: list[dict[str, Any]]) -> str | None:
 def _without_local_visits(r: dict[str, Any], sent: set[str]) -> dict[str, Any]:
     """A Task or ServiceRequest as it leaves: references to Encounters of this node that the
     message does not carry (``Task.encounter``, ``ServiceRequest.supportingInfo``) left out."""
+
     def local(ref: Any) -> bool:
         target = (ref or {}).get("reference", "") if isinstance(ref, dict) else ""
         return target.startswith("Encounter/") and target not in sent
 
     if r.get("resourceType") == "Task" and local(r.get("encounter")):
         return {k: v for k, v in r.items() if k != "encounter"}
-    if r.get("resourceType") == "ServiceRequest" and any(map(local, r.get("supportingInfo")
-                                                              or [])):
+    if r.get("resourceType") == "ServiceRequest" and any(map(local, r.get("supportingInfo") or [])):
         out = dict(r)
         out["supportingInfo"] = [i for i in r["supportingInfo"] if not local(i)]
         if not out["supportingInfo"]:
@@ -703,13 +952,16 @@ def _recommending_consultation(conn: Connection, sr_id: str) -> bool:
     if row is None:
         return False
     if row.side != "inviter" or not row.released_at or not row.recommends_referral:
-        raise IllegalTransition("a referral is based on a consultation only once its released "
-                                "report recommends referral (on the inviting side)")
+        raise IllegalTransition(
+            "a referral is based on a consultation only once its released "
+            "report recommends referral (on the inviting side)"
+        )
     return True
 
 
-def _note_consultation(conn: Connection, sr: dict[str, Any], thread: str,
-                       inviter: str | None = None) -> None:
+def _note_consultation(
+    conn: Connection, sr: dict[str, Any], thread: str, inviter: str | None = None
+) -> None:
     """A referral basedOn a consultation: the consultation row names it (statistics). On the
     receiving side only a consultation that the referring member itself asked for."""
     from bridge.consult.tables import CONSULTATION
@@ -717,15 +969,16 @@ def _note_consultation(conn: Connection, sr: dict[str, Any], thread: str,
     for b in sr.get("basedOn") or []:
         reference = b.get("reference", "")
         if reference.startswith("ServiceRequest/"):
-            where = [CONSULTATION.c.sr_id == reference.split("/", 1)[1],
-                     CONSULTATION.c.referral_thread.is_(None)]
+            where = [
+                CONSULTATION.c.sr_id == reference.split("/", 1)[1],
+                CONSULTATION.c.referral_thread.is_(None),
+            ]
             if inviter is not None:
                 where.append(CONSULTATION.c.inviter == inviter)
             conn.execute(update(CONSULTATION).where(*where).values(referral_thread=thread))
 
 
-def foreign_resource(conn: Connection, resource: dict[str, Any], thread: str,
-                     sender: str) -> None:
+def foreign_resource(conn: Connection, resource: dict[str, Any], thread: str, sender: str) -> None:
     """A peer's packet may create resources, and update those of its own thread or its own
     making; one that would overwrite another thread's or this node's record is refused."""
     rid = resource.get("id")
@@ -736,8 +989,10 @@ def foreign_resource(conn: Connection, resource: dict[str, Any], thread: str,
     except NotFound:
         return
     if row.thread != thread and row.origin != sender:
-        raise NotThreadParty(f"{resource['resourceType']}/{rid} belongs to another thread "
-                             f"here; '{sender}' may not change it from thread {thread}")
+        raise NotThreadParty(
+            f"{resource['resourceType']}/{rid} belongs to another thread "
+            f"here; '{sender}' may not change it from thread {thread}"
+        )
 
 
 def response_of(resource: dict[str, Any]) -> dict[str, Any]:
@@ -745,8 +1000,11 @@ def response_of(resource: dict[str, Any]) -> dict[str, Any]:
     version, 200 for a new version of one that was here; the versioned location."""
     meta = resource.get("meta") or {}
     version = str(meta.get("versionId", "1"))
-    out = {"status": "201 Created" if version == "1" else "200 OK",
-           "location": f"{R.ref(resource)}/_history/{version}", "etag": f'W/"{version}"'}
+    out = {
+        "status": "201 Created" if version == "1" else "200 OK",
+        "location": f"{R.ref(resource)}/_history/{version}",
+        "etag": f'W/"{version}"',
+    }
     if meta.get("lastUpdated"):
         out["lastModified"] = meta["lastUpdated"]
     return out
@@ -757,8 +1015,10 @@ def _check_version(task: dict[str, Any], if_match: int | None) -> None:
         return
     have = str((task.get("meta") or {}).get("versionId"))
     if have != str(if_match):
-        raise VersionConflict(f"If-Match names version {if_match}, the current version is "
-                              f"{have}: read it again and reapply the change")
+        raise VersionConflict(
+            f"If-Match names version {if_match}, the current version is "
+            f"{have}: read it again and reapply the change"
+        )
 
 
 def _is_placer(ident: dict[str, Any]) -> bool:

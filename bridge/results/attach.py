@@ -30,21 +30,30 @@ def _uid(identifiers: Iterable[dict[str, Any]]) -> str:
     return ""
 
 
-def imaging_events(bundle: dict[str, Any], *, key: str, sender: str, thread: str | None,
-                   patient: str | None = None, party: bool = False) -> list[ImagingReportEvent]:
+def imaging_events(
+    bundle: dict[str, Any],
+    *,
+    key: str,
+    sender: str,
+    thread: str | None,
+    patient: str | None = None,
+    party: bool = False,
+) -> list[ImagingReportEvent]:
     """One event per DiagnosticReport of ``bundle`` that names a DICOM study; ``patient``
     (``Patient/<id>``, this node's record) replaces the report's subject when given;
     ``party``: the caller checked that ``sender`` is the other party of ``thread``."""
     resources = [e.get("resource") or {} for e in bundle.get("entry") or ()]
-    studies = {f"ImagingStudy/{r.get('id')}": r for r in resources
-               if r.get("resourceType") == "ImagingStudy"}
+    studies = {
+        f"ImagingStudy/{r.get('id')}": r
+        for r in resources
+        if r.get("resourceType") == "ImagingStudy"
+    }
     out = []
     for dr in (r for r in resources if r.get("resourceType") == "DiagnosticReport"):
         uid = ""
         for ref in dr.get("imagingStudy") or ():
             study = studies.get(str(ref.get("reference", "")))
-            uid = _uid((study or {}).get("identifier") or ()) or _uid(
-                [ref.get("identifier") or {}])
+            uid = _uid((study or {}).get("identifier") or ()) or _uid([ref.get("identifier") or {}])
             if uid:
                 break
         if not uid:
@@ -52,14 +61,22 @@ def imaging_events(bundle: dict[str, Any], *, key: str, sender: str, thread: str
         report = dict(dr)
         if patient:
             report["subject"] = {"reference": patient}
-        out.append(ImagingReportEvent(key=f"{key}:{dr.get('id')}", sender=sender,
-                                      thread=thread, study_uid=uid, report=report,
-                                      party=party))
+        out.append(
+            ImagingReportEvent(
+                key=f"{key}:{dr.get('id')}",
+                sender=sender,
+                thread=thread,
+                study_uid=uid,
+                report=report,
+                party=party,
+            )
+        )
     return out
 
 
-def to_imaging_sinks(adapters: Mapping[str, Any],
-                     events: list[ImagingReportEvent]) -> list[dict[str, Any]]:
+def to_imaging_sinks(
+    adapters: Mapping[str, Any], events: list[ImagingReportEvent]
+) -> list[dict[str, Any]]:
     """Hand every event to every ImagingReportSink; what they kept (None answers left out)."""
     kept: list[dict[str, Any]] = []
     sinks = [a for a in adapters.values() if isinstance(a, ImagingReportSink)]

@@ -49,21 +49,28 @@ class ResultsInbox:
 
     def _apply(self, item: Delivery, bundle: dict[str, Any]) -> None:
         resources = [e.get("resource") or {} for e in bundle.get("entry") or ()]
-        if not any(r.get("resourceType") in ("DiagnosticReport", "Observation", "ImagingStudy")
-                   for r in resources):
-            raise InvalidResource("a result packet needs a DiagnosticReport, Observation or "
-                                  "ImagingStudy")
+        if not any(
+            r.get("resourceType") in ("DiagnosticReport", "Observation", "ImagingStudy")
+            for r in resources
+        ):
+            raise InvalidResource(
+                "a result packet needs a DiagnosticReport, Observation or ImagingStudy"
+            )
         now = self.ctx.now()
         with self.ctx.store.write() as conn:
-            if conn.execute(select(RESULT_PACKET.c.packet_id).where(
-                    RESULT_PACKET.c.packet_id == item.packet_id)).first():
+            if conn.execute(
+                select(RESULT_PACKET.c.packet_id).where(RESULT_PACKET.c.packet_id == item.packet_id)
+            ).first():
                 return
             row = conn.execute(select(REFERRAL).where(REFERRAL.c.thread == item.thread)).first()
-            if row is not None and item.sender != (row.receiver if row.side == "referrer"
-                                                   else row.referrer):
+            if row is not None and item.sender != (
+                row.receiver if row.side == "referrer" else row.referrer
+            ):
                 # the dispatcher's gate refuses these first; kept as a guard
-                raise NotThreadParty(f"result on referral thread {row.thread} from "
-                                     f"'{item.sender}', which is not a party of that referral")
+                raise NotThreadParty(
+                    f"result on referral thread {row.thread} from "
+                    f"'{item.sender}', which is not a party of that referral"
+                )
             phash = row.patient_hash if row is not None else item.patient_hash
             mine: str | None = None
             if row is not None:
@@ -86,21 +93,41 @@ class ResultsInbox:
             # one statement per table for the packet's resources (bench/README.md, lis.py)
             store.put_many(conn, items, at=now, origin=item.sender)
             count = len(items)
-            conn.execute(insert(RESULT_PACKET).values(
-                packet_id=item.packet_id, sender=item.sender, kind=item.kind, thread=thread,
-                patient_hash=phash, resources=count, at=now))
-            self.ctx.audit.append(conn, [AuditEntry(
-                action="results", packet_id=item.packet_id, kind=item.kind, peer=item.sender,
-                thread=item.thread, patient_hash=phash, at=now,
-                message=f"{count} result resource(s) stored"
+            conn.execute(
+                insert(RESULT_PACKET).values(
+                    packet_id=item.packet_id,
+                    sender=item.sender,
+                    kind=item.kind,
+                    thread=thread,
+                    patient_hash=phash,
+                    resources=count,
+                    at=now,
+                )
+            )
+            self.ctx.audit.append(
+                conn,
+                [
+                    AuditEntry(
+                        action="results",
+                        packet_id=item.packet_id,
+                        kind=item.kind,
+                        peer=item.sender,
+                        thread=item.thread,
+                        patient_hash=phash,
+                        at=now,
+                        message=f"{count} result resource(s) stored"
                         + ("" if row is not None else " (no referral known for the thread)"),
-                extra={"linked": row is not None})])
+                        extra={"linked": row is not None},
+                    )
+                ],
+            )
 
 
 def _others(conn: Any, resource: dict[str, Any], sender: str) -> bool:
     """Is there a record of this resource here that ``sender`` did not make?"""
     try:
-        return bool(store.get_row(conn, resource["resourceType"], str(resource.get("id")))
-                    .origin != sender)
+        return bool(
+            store.get_row(conn, resource["resourceType"], str(resource.get("id"))).origin != sender
+        )
     except NotFound:
         return False

@@ -22,19 +22,38 @@ RECOGNISABLE = ("final", "amended", "corrected", "appended")
 def _coding(concept: dict[str, Any] | None) -> tuple[str | None, str | None, str | None]:
     """(LOINC code, local code, text) of a CodeableConcept."""
     concept = concept or {}
-    loinc = next((c.get("code") for c in concept.get("coding") or ()
-                  if c.get("system") == "http://loinc.org"), None)
-    local = next((c.get("code") for c in concept.get("coding") or ()
-                  if c.get("system") != "http://loinc.org"), None)
-    return loinc, local, concept.get("text") or next(
-        (c.get("display") for c in concept.get("coding") or () if c.get("display")), None)
+    loinc = next(
+        (
+            c.get("code")
+            for c in concept.get("coding") or ()
+            if c.get("system") == "http://loinc.org"
+        ),
+        None,
+    )
+    local = next(
+        (
+            c.get("code")
+            for c in concept.get("coding") or ()
+            if c.get("system") != "http://loinc.org"
+        ),
+        None,
+    )
+    return (
+        loinc,
+        local,
+        concept.get("text")
+        or next((c.get("display") for c in concept.get("coding") or () if c.get("display")), None),
+    )
 
 
 def _value(obs: dict[str, Any]) -> dict[str, Any]:
     if "valueQuantity" in obs:
         q = obs["valueQuantity"]
-        return {"value": q.get("value"), "comparator": q.get("comparator"),
-                "unit": q.get("unit") or q.get("code")}
+        return {
+            "value": q.get("value"),
+            "comparator": q.get("comparator"),
+            "unit": q.get("unit") or q.get("code"),
+        }
     if "valueString" in obs:
         return {"value": obs["valueString"]}
     if "valueCodeableConcept" in obs:
@@ -44,47 +63,81 @@ def _value(obs: dict[str, Any]) -> dict[str, Any]:
         return {"value": f"{r['numerator'].get('value')}:{r['denominator'].get('value')}"}
     if "valueRange" in obs:
         r = obs["valueRange"]
-        return {"value": f"{r.get('low', {}).get('value')}-{r.get('high', {}).get('value')}",
-                "unit": r.get("low", {}).get("unit")}
+        return {
+            "value": f"{r.get('low', {}).get('value')}-{r.get('high', {}).get('value')}",
+            "unit": r.get("low", {}).get("unit"),
+        }
     return {"value": None}
 
 
-def results_for(conn: Connection, patient_hash: str, *, node_id: str,
-                directory: Any = None, limit: int = 200) -> list[dict[str, Any]]:
+def results_for(
+    conn: Connection, patient_hash: str, *, node_id: str, directory: Any = None, limit: int = 200
+) -> list[dict[str, Any]]:
     """DiagnosticReports of the patient, newest first, each with its Observations' values."""
     rows = conn.execute(
         select(T.c.id, T.c.body, T.c.origin, T.c.thread, T.c.last_updated)
         .where(T.c.rtype == "DiagnosticReport", T.c.patient_hash == patient_hash)
-        .order_by(T.c.last_updated.desc()).limit(limit)).all()
+        .order_by(T.c.last_updated.desc())
+        .limit(limit)
+    ).all()
     out = []
     for row in rows:
         dr = orjson.loads(row.body)
-        ids = [r["reference"].split("/", 1)[1] for r in dr.get("result") or ()
-               if r.get("reference", "").startswith("Observation/")]
-        obs_rows = conn.execute(select(T.c.id, T.c.body).where(
-            T.c.rtype == "Observation", T.c.id.in_(ids))).all() if ids else []
+        ids = [
+            r["reference"].split("/", 1)[1]
+            for r in dr.get("result") or ()
+            if r.get("reference", "").startswith("Observation/")
+        ]
+        obs_rows = (
+            conn.execute(
+                select(T.c.id, T.c.body).where(T.c.rtype == "Observation", T.c.id.in_(ids))
+            ).all()
+            if ids
+            else []
+        )
         by_id = {r.id: orjson.loads(r.body) for r in obs_rows}
         member = row.origin or node_id
         names = getattr(directory.get(member), "names", None) if directory else None
         loinc, local, text = _coding(dr.get("code"))
-        out.append({
-            "report": f"DiagnosticReport/{row.id}", "status": dr.get("status"),
-            "recognisable": dr.get("status") in RECOGNISABLE,
-            "loinc": loinc, "local_code": local, "name": text,
-            "effective": dr.get("effectiveDateTime"), "issued": dr.get("issued"),
-            "produced_by": member, "produced_by_zh": getattr(names, "zh", None),
-            "produced_by_en": getattr(names, "en", None),
-            "performer": [p.get("display") for p in dr.get("performer") or ()],
-            "here": member == node_id, "thread": row.thread,
-            "last_updated": row.last_updated.isoformat(),
-            "observations": [{
-                "id": i, "status": by_id[i].get("status"),
-                **dict(zip(("loinc", "local_code", "name"), _coding(by_id[i].get("code")),
-                           strict=True)),
-                **_value(by_id[i]),
-                "flags": [c.get("code") for f in by_id[i].get("interpretation") or ()
-                          for c in f.get("coding") or ()],
-                "effective": by_id[i].get("effectiveDateTime"),
-            } for i in ids if i in by_id],
-        })
+        out.append(
+            {
+                "report": f"DiagnosticReport/{row.id}",
+                "status": dr.get("status"),
+                "recognisable": dr.get("status") in RECOGNISABLE,
+                "loinc": loinc,
+                "local_code": local,
+                "name": text,
+                "effective": dr.get("effectiveDateTime"),
+                "issued": dr.get("issued"),
+                "produced_by": member,
+                "produced_by_zh": getattr(names, "zh", None),
+                "produced_by_en": getattr(names, "en", None),
+                "performer": [p.get("display") for p in dr.get("performer") or ()],
+                "here": member == node_id,
+                "thread": row.thread,
+                "last_updated": row.last_updated.isoformat(),
+                "observations": [
+                    {
+                        "id": i,
+                        "status": by_id[i].get("status"),
+                        **dict(
+                            zip(
+                                ("loinc", "local_code", "name"),
+                                _coding(by_id[i].get("code")),
+                                strict=True,
+                            )
+                        ),
+                        **_value(by_id[i]),
+                        "flags": [
+                            c.get("code")
+                            for f in by_id[i].get("interpretation") or ()
+                            for c in f.get("coding") or ()
+                        ],
+                        "effective": by_id[i].get("effectiveDateTime"),
+                    }
+                    for i in ids
+                    if i in by_id
+                ],
+            }
+        )
     return out

@@ -35,19 +35,30 @@ from bridge.results.tables import RESULT_MESSAGE
 OPEN_STATUSES = ("requested", "received", "accepted", "in-progress")
 # constant statements (bound parameters): built once, not per message
 _RAW = insert(RESULT_MESSAGE)
-_OPEN = select(REFERRAL).where(REFERRAL.c.patient_hash == bindparam("_ph"),
-                               REFERRAL.c.status.in_(OPEN_STATUSES)
-                               ).order_by(REFERRAL.c.created_at)
+_OPEN = (
+    select(REFERRAL)
+    .where(REFERRAL.c.patient_hash == bindparam("_ph"), REFERRAL.c.status.in_(OPEN_STATUSES))
+    .order_by(REFERRAL.c.created_at)
+)
 
 
 def open_referrals(conn: Connection, patient_hash: str) -> list[Any]:
     return list(conn.execute(_OPEN, {"_ph": patient_hash}))
 
 
-def store_and_route(ctx: NodeContext, conn: Connection, bundle: dict[str, Any], *,
-                    adapter: str, source_key: str, answer: dict[str, Any],
-                    patient_hash: str | None, raw: bytes | None, kind: str,
-                    at: datetime) -> dict[str, Any]:
+def store_and_route(
+    ctx: NodeContext,
+    conn: Connection,
+    bundle: dict[str, Any],
+    *,
+    adapter: str,
+    source_key: str,
+    answer: dict[str, Any],
+    patient_hash: str | None,
+    raw: bytes | None,
+    kind: str,
+    at: datetime,
+) -> dict[str, Any]:
     """Store the Bundle's resources, route them, remember ``source_key`` with ``answer``.
 
     Returns ``answer`` extended with ``routed`` ([{to, thread, packet_id}]) and ``refused``
@@ -88,32 +99,67 @@ def store_and_route(ctx: NodeContext, conn: Connection, bundle: dict[str, Any], 
             # knows her, and nothing another member told this node about her (naming)
             mine = store.get(conn, "Task", row.task_id)["for"]["reference"]
             wire = naming.outgoing(
-                naming.of_row(row, mine, opener=row.side == "referrer"), results,
-                me=ctx.node_id, peer=other, members=ctx.plan.directory,
-                national_id_system=ctx.plan.alliance.national_id_system, patient=patient)
-            bodies.append(orjson.dumps({"resourceType": "Bundle", "type": "collection",
-                                        "entry": [{"fullUrl": f"urn:uuid:{r['id']}",
-                                                   "resource": r} for r in wire]}))
-        queued = queue_packets(ctx, conn, [Outgoing(to, kind, body, th) for (to, th), body
-                                           in zip(targets, bodies, strict=True)],
-                               actor=f"adapter:{adapter}")
+                naming.of_row(row, mine, opener=row.side == "referrer"),
+                results,
+                me=ctx.node_id,
+                peer=other,
+                members=ctx.plan.directory,
+                national_id_system=ctx.plan.alliance.national_id_system,
+                patient=patient,
+            )
+            bodies.append(
+                orjson.dumps(
+                    {
+                        "resourceType": "Bundle",
+                        "type": "collection",
+                        "entry": [{"fullUrl": f"urn:uuid:{r['id']}", "resource": r} for r in wire],
+                    }
+                )
+            )
+        queued = queue_packets(
+            ctx,
+            conn,
+            [Outgoing(to, kind, body, th) for (to, th), body in zip(targets, bodies, strict=True)],
+            actor=f"adapter:{adapter}",
+        )
         for (to, th), q in zip(targets, queued, strict=True):
             if q.error is None:
                 routed.append({"to": to, "thread": th, "packet_id": q.packet_id})
             else:
-                refused.append({"to": to, "thread": th, "code": q.error.code,
-                                "message": q.error.message})
-    reports = [r["id"] for r in stored if r["resourceType"] in ("DiagnosticReport",
-                                                                "ImagingStudy")]
+                refused.append(
+                    {"to": to, "thread": th, "code": q.error.code, "message": q.error.message}
+                )
+    reports = [r["id"] for r in stored if r["resourceType"] in ("DiagnosticReport", "ImagingStudy")]
     if raw is not None:
-        conn.execute(_RAW, [{"adapter": adapter, "source_key": source_key, "received_at": at,
-                             "patient_hash": patient_hash, "reports": len(reports),
-                             "routed": len(routed), "raw": raw}])
-    ctx.audit.append(conn, [AuditEntry(
-        action="results", actor=f"adapter:{adapter}", kind=kind, thread=thread,
-        patient_hash=patient_hash, at=at,
-        message=f"{len(reports)} report(s) stored, routed to {len(routed)} referral side(s)",
-        extra={"resources": len(stored), "routed": len(routed), "refused": len(refused)})])
+        conn.execute(
+            _RAW,
+            [
+                {
+                    "adapter": adapter,
+                    "source_key": source_key,
+                    "received_at": at,
+                    "patient_hash": patient_hash,
+                    "reports": len(reports),
+                    "routed": len(routed),
+                    "raw": raw,
+                }
+            ],
+        )
+    ctx.audit.append(
+        conn,
+        [
+            AuditEntry(
+                action="results",
+                actor=f"adapter:{adapter}",
+                kind=kind,
+                thread=thread,
+                patient_hash=patient_hash,
+                at=at,
+                message=f"{len(reports)} report(s) stored, routed to {len(routed)} referral side(s)",
+                extra={"resources": len(stored), "routed": len(routed), "refused": len(refused)},
+            )
+        ],
+    )
     out = {**answer, "reports": reports, "routed": routed, "refused": refused}
     intake.remember(conn, adapter, source_key, out, at, thread=thread)
     return out
@@ -122,8 +168,11 @@ def store_and_route(ctx: NodeContext, conn: Connection, bundle: dict[str, Any], 
 def _strip_meta(resource: dict[str, Any]) -> dict[str, Any]:
     """The resource as it leaves: our version/lastUpdated do not travel, tags do."""
     out = dict(resource)
-    meta = {k: v for k, v in (out.pop("meta", None) or {}).items()
-            if k not in ("versionId", "lastUpdated")}
+    meta = {
+        k: v
+        for k, v in (out.pop("meta", None) or {}).items()
+        if k not in ("versionId", "lastUpdated")
+    }
     if meta:
         out["meta"] = meta
     return out

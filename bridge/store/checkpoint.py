@@ -34,9 +34,14 @@ RESTART_WAIT_S = 2.0
 class Checkpointer:
     """One per SQLite store of a process; its thread starts on the first commit."""
 
-    def __init__(self, path: str, writer_lock: Callable[[], AbstractContextManager[object]],
-                 *, interval_s: float = INTERVAL_S,
-                 restart_frames: int = RESTART_FRAMES) -> None:
+    def __init__(
+        self,
+        path: str,
+        writer_lock: Callable[[], AbstractContextManager[object]],
+        *,
+        interval_s: float = INTERVAL_S,
+        restart_frames: int = RESTART_FRAMES,
+    ) -> None:
         self.path = path
         self.writer_lock = writer_lock
         self.interval_s = interval_s
@@ -55,8 +60,9 @@ class Checkpointer:
                 if self._stop.is_set():
                     return
                 if self._thread is None:
-                    self._thread = threading.Thread(target=self._run, daemon=True,
-                                                    name="sqlite-checkpoint")
+                    self._thread = threading.Thread(
+                        target=self._run, daemon=True, name="sqlite-checkpoint"
+                    )
                     self._thread.start()
         self._wake.set()
 
@@ -73,8 +79,9 @@ class Checkpointer:
         try:
             # a short busy timeout: RESTART waits for readers of older snapshots while the
             # writers wait for it; it gives up after this and the next round tries again
-            conn = sqlite3.connect(self.path, timeout=RESTART_WAIT_S, isolation_level=None,
-                                   check_same_thread=False)
+            conn = sqlite3.connect(
+                self.path, timeout=RESTART_WAIT_S, isolation_level=None, check_same_thread=False
+            )
             conn.execute("PRAGMA synchronous=FULL")  # the database file fsynced by the copy
             conn.execute("PRAGMA wal_autocheckpoint=0")
             while not self._stop.is_set():

@@ -81,8 +81,12 @@ class Store:
                 # WAL checkpoints on a thread of their own, not in the commit that crosses
                 # SQLite's threshold (bridge.store.checkpoint)
                 self._checkpointer = Checkpointer(path, self._locked)
-            self._writer = self._sqlite_engine(dsn, immediate=True, synchronous=synchronous,
-                                               autocheckpoint=self._checkpointer is None)
+            self._writer = self._sqlite_engine(
+                dsn,
+                immediate=True,
+                synchronous=synchronous,
+                autocheckpoint=self._checkpointer is None,
+            )
             self._reader = self._sqlite_engine(dsn, immediate=False, synchronous=synchronous)
             self._write_lock: threading.RLock | None = threading.RLock()
             self._queue: list[_Pending] = []
@@ -91,15 +95,19 @@ class Store:
             self._write_lock = None
             self._checkpointer = None
             # hide_parameters: a failed statement's error must not carry bodies into the log
-            self._writer = create_engine(dsn, pool_pre_ping=True, pool_size=8, max_overflow=8,
-                                         hide_parameters=True)
+            self._writer = create_engine(
+                dsn, pool_pre_ping=True, pool_size=8, max_overflow=8, hide_parameters=True
+            )
             self._reader = self._writer
 
     @staticmethod
-    def _sqlite_engine(dsn: str, *, immediate: bool, synchronous: str,
-                       autocheckpoint: bool = True) -> Engine:
+    def _sqlite_engine(
+        dsn: str, *, immediate: bool, synchronous: str, autocheckpoint: bool = True
+    ) -> Engine:
         engine = create_engine(
-            dsn, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=8,
+            dsn,
+            connect_args={"check_same_thread": False, "timeout": 30},
+            pool_size=8,
             hide_parameters=True,
         )
 
@@ -239,8 +247,9 @@ class Store:
                     with self.write() as conn:
                         values = [it.work(conn) for it in batch]
                 except Exception as exc:  # noqa: BLE001 - rolled back: each runs alone below
-                    log.debug("group of %d rolled back (%s): one by one", len(batch),
-                              type(exc).__name__)
+                    log.debug(
+                        "group of %d rolled back (%s): one by one", len(batch), type(exc).__name__
+                    )
                 else:
                     for it, value in zip(batch, values, strict=True):
                         it.value = value

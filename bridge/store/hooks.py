@@ -31,4 +31,3 @@ def run_after_commit(conn: Any) -> None:
 
 def drop_after_commit(conn: Any) -> None:
     conn.__dict__.pop(_KEY, None)
-

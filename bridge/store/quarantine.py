@@ -39,16 +39,29 @@ def quarantine_row(
     patient_hash: str | None = None,
 ) -> dict[str, Any]:
     return {
-        "at": at, "source": source, "code": exc.code, "message": exc.message,
-        "sender": sender, "recipient": recipient, "packet_id": packet_id, "kind": kind,
-        "thread": thread, "state": "held", "raw": raw, "body": body,
-        "raw_digest": None, "raw_size": len(raw), "remote": None, "trusted": True,
+        "at": at,
+        "source": source,
+        "code": exc.code,
+        "message": exc.message,
+        "sender": sender,
+        "recipient": recipient,
+        "packet_id": packet_id,
+        "kind": kind,
+        "thread": thread,
+        "state": "held",
+        "raw": raw,
+        "body": body,
+        "raw_digest": None,
+        "raw_size": len(raw),
+        "remote": None,
+        "trusted": True,
         "patient_hash": patient_hash,
     }
 
 
-def known_patient(conn: Connection, *, thread: str | None = None,
-                  packet_id: str | None = None) -> str | None:
+def known_patient(
+    conn: Connection, *, thread: str | None = None, packet_id: str | None = None
+) -> str | None:
     """The keyed patient hash this node already holds for a thread or packet (the referral of
     the thread, a packet of it in the outbox, the packet itself in the inbox), or None.
 
@@ -59,9 +72,12 @@ def known_patient(conn: Connection, *, thread: str | None = None,
 
     lookups = []
     if thread:
-        lookups += [select(REFERRAL.c.patient_hash).where(REFERRAL.c.thread == thread),
-                    select(OUTBOX.c.patient_hash).where(OUTBOX.c.thread == thread,
-                                                        OUTBOX.c.patient_hash.is_not(None))]
+        lookups += [
+            select(REFERRAL.c.patient_hash).where(REFERRAL.c.thread == thread),
+            select(OUTBOX.c.patient_hash).where(
+                OUTBOX.c.thread == thread, OUTBOX.c.patient_hash.is_not(None)
+            ),
+        ]
     if packet_id:
         lookups.append(select(INBOX.c.patient_hash).where(INBOX.c.packet_id == packet_id))
     for stmt in lookups:
@@ -105,14 +121,21 @@ def untrusted_row(
     of all that arrived (``size``/``digest`` when the caller hashed it while reading), the
     source address; never a body."""
     row = quarantine_row(at, "peer", exc, raw=bytes(received[:prefix]), **header)
-    row.update(raw_digest=digest or hashlib.sha256(received).hexdigest(),
-               raw_size=len(received) if size is None else size, remote=remote, trusted=False)
+    row.update(
+        raw_digest=digest or hashlib.sha256(received).hexdigest(),
+        raw_size=len(received) if size is None else size,
+        remote=remote,
+        trusted=False,
+    )
     return row
 
 
 def _kept() -> Any:
-    return (func.length(QUARANTINE.c.raw) + func.coalesce(func.length(QUARANTINE.c.body), 0)
-            + ROW_OVERHEAD)
+    return (
+        func.length(QUARANTINE.c.raw)
+        + func.coalesce(func.length(QUARANTINE.c.body), 0)
+        + ROW_OVERHEAD
+    )
 
 
 def kept_bytes(conn: Connection) -> int:
@@ -139,7 +162,7 @@ def enforce_quota(conn: Connection, max_bytes: int) -> dict[str, int]:
             ids.append(r.id)
             freed += r.kept if not trusted else r.kept - ROW_OVERHEAD
         for i in range(0, len(ids), 500):
-            chunk = ids[i:i + 500]
+            chunk = ids[i : i + 500]
             if trusted:
                 conn.execute(update(q).where(q.c.id.in_(chunk)).values(raw=b"", body=None))
             else:
@@ -157,9 +180,16 @@ def purge_old(conn: Connection, cutoff: datetime) -> dict[str, int]:
     q = QUARANTINE
     gone = conn.execute(delete(q).where(q.c.trusted == False, q.c.at < cutoff))  # noqa: E712
     emptied = conn.execute(
-        update(q).where(and_(q.c.trusted == True, q.c.at < cutoff,  # noqa: E712
-                             func.length(q.c.raw) + func.coalesce(func.length(q.c.body), 0) > 0))
-        .values(raw=b"", body=None))
+        update(q)
+        .where(
+            and_(
+                q.c.trusted == True,  # noqa: E712
+                q.c.at < cutoff,
+                func.length(q.c.raw) + func.coalesce(func.length(q.c.body), 0) > 0,
+            )
+        )
+        .values(raw=b"", body=None)
+    )
     return {"dropped": gone.rowcount or 0, "emptied": emptied.rowcount or 0}
 
 
@@ -175,20 +205,31 @@ def upgrade_schema(conn: Connection) -> int:
     from bridge.store import state
 
     have = {c["name"] for c in inspect(conn).get_columns("quarantine")}
-    for name, ddl in (("raw_digest", "VARCHAR(64)"), ("raw_size", "INTEGER"),
-                      ("remote", "VARCHAR(64)"), ("trusted", "BOOLEAN NOT NULL DEFAULT TRUE"),
-                      ("patient_hash", "VARCHAR(64)")):
+    for name, ddl in (
+        ("raw_digest", "VARCHAR(64)"),
+        ("raw_size", "INTEGER"),
+        ("remote", "VARCHAR(64)"),
+        ("trusted", "BOOLEAN NOT NULL DEFAULT TRUE"),
+        ("patient_hash", "VARCHAR(64)"),
+    ):
         if name not in have:
             conn.execute(text(f"ALTER TABLE quarantine ADD COLUMN {name} {ddl}"))
     if state.get(conn, MARKER) == SCHEMA_VERSION:
         return 0
-    conn.execute(text("CREATE INDEX IF NOT EXISTS ix_quarantine_patient "
-                      "ON quarantine (patient_hash, at, id)"))
+    conn.execute(
+        text(
+            "CREATE INDEX IF NOT EXISTS ix_quarantine_patient ON quarantine (patient_hash, at, id)"
+        )
+    )
     q = QUARANTINE
     filled = 0
-    rows = conn.execute(select(q.c.id, q.c.thread, q.c.packet_id).where(
-        q.c.trusted == True, q.c.patient_hash.is_(None),  # noqa: E712
-        (q.c.thread.is_not(None)) | (q.c.packet_id.is_not(None)))).all()
+    rows = conn.execute(
+        select(q.c.id, q.c.thread, q.c.packet_id).where(
+            q.c.trusted == True,  # noqa: E712
+            q.c.patient_hash.is_(None),
+            (q.c.thread.is_not(None)) | (q.c.packet_id.is_not(None)),
+        )
+    ).all()
     for r in rows:
         found = known_patient(conn, thread=r.thread, packet_id=r.packet_id)
         if found:
@@ -202,9 +243,23 @@ def list_query(*, state: str | None = "held") -> tuple[Any, list[Any]]:
     """(SELECT of the headers IT sees, conditions): no bytes, no body."""
     q = QUARANTINE
     stmt = select(
-        q.c.id, q.c.at, q.c.source, q.c.code, q.c.message, q.c.sender, q.c.recipient,
-        q.c.packet_id, q.c.kind, q.c.state, q.c.replayed_at, q.c.replay_result,
-        q.c.raw_digest, q.c.raw_size, q.c.remote, q.c.trusted, q.c.patient_hash,
+        q.c.id,
+        q.c.at,
+        q.c.source,
+        q.c.code,
+        q.c.message,
+        q.c.sender,
+        q.c.recipient,
+        q.c.packet_id,
+        q.c.kind,
+        q.c.state,
+        q.c.replayed_at,
+        q.c.replay_result,
+        q.c.raw_digest,
+        q.c.raw_size,
+        q.c.remote,
+        q.c.trusted,
+        q.c.patient_hash,
     )
     return stmt, [q.c.state == state] if state else []
 
@@ -214,8 +269,10 @@ def list_items(
 ) -> list[dict[str, Any]]:
     """The newest ``limit`` items (the CLI, the IT page's first rows)."""
     stmt, where = list_query(state=state)
-    return [dict(r._mapping) for r in conn.execute(
-        stmt.where(*where).order_by(QUARANTINE.c.id.desc()).limit(limit))]
+    return [
+        dict(r._mapping)
+        for r in conn.execute(stmt.where(*where).order_by(QUARANTINE.c.id.desc()).limit(limit))
+    ]
 
 
 def get_item(conn: Connection, item_id: int) -> dict[str, Any]:
@@ -236,7 +293,5 @@ def mark_replayed(conn: Connection, item_id: int, at: datetime, result: str, ok:
 def counts(conn: Connection) -> dict[str, int]:
     from sqlalchemy import func
 
-    rows = conn.execute(
-        select(QUARANTINE.c.state, func.count()).group_by(QUARANTINE.c.state)
-    ).all()
+    rows = conn.execute(select(QUARANTINE.c.state, func.count()).group_by(QUARANTINE.c.state)).all()
     return {state: n for state, n in rows}

@@ -36,16 +36,30 @@ class OutboxItem(SQLModel, table=True):
         Index("ix_outbox_thread", "thread", "seq"),
         # the receipts a platform has yet to return (bridge/delivery/receipts.py): only those
         # rows, so the job's poll reads a handful of entries whatever the outbox holds
-        Index("ix_outbox_receipts", "id", sqlite_where=text(RECEIPTS_WHERE),
-              postgresql_where=text(RECEIPTS_WHERE)),
+        Index(
+            "ix_outbox_receipts",
+            "id",
+            sqlite_where=text(RECEIPTS_WHERE),
+            postgresql_where=text(RECEIPTS_WHERE),
+        ),
         # the alerts' facts every 30 s (bridge/alerts.py): per hop the waiting and dead rows,
         # and the last receipt, read from index entries of those rows only; both walked every
         # outbox row before (2.3 s each at 1 M packets)
-        Index("ix_outbox_open", "next_hop", "state", "created_at",
-              sqlite_where=text(OPEN_WHERE), postgresql_where=text(OPEN_WHERE)),
-        Index("ix_outbox_hop_acked", "next_hop", "acked_at",
-              sqlite_where=text("acked_at IS NOT NULL"),
-              postgresql_where=text("acked_at IS NOT NULL")),
+        Index(
+            "ix_outbox_open",
+            "next_hop",
+            "state",
+            "created_at",
+            sqlite_where=text(OPEN_WHERE),
+            postgresql_where=text(OPEN_WHERE),
+        ),
+        Index(
+            "ix_outbox_hop_acked",
+            "next_hop",
+            "acked_at",
+            sqlite_where=text("acked_at IS NOT NULL"),
+            postgresql_where=text("acked_at IS NOT NULL"),
+        ),
     )
 
     id: int | None = Field(default=None, primary_key=True)
@@ -82,8 +96,13 @@ class InboxItem(SQLModel, table=True):
         # the peer's range, where walking the time index back found nothing for a silent peer
         # before the whole inbox was read
         Index("ix_inbox_sender_time", "sender", "received_at"),
-        Index("ix_inbox_relay_time", "relay", "received_at",
-              sqlite_where=text("relay IS NOT NULL"), postgresql_where=text("relay IS NOT NULL")),
+        Index(
+            "ix_inbox_relay_time",
+            "relay",
+            "received_at",
+            sqlite_where=text("relay IS NOT NULL"),
+            postgresql_where=text("relay IS NOT NULL"),
+        ),
     )
 
     id: int | None = Field(default=None, primary_key=True)

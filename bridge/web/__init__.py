@@ -51,8 +51,9 @@ def web_router(node: Node) -> APIRouter:
     node.add_job("alerts", alerter.run_once, node.plan.alerts.every_s)
     # every form post: the session's anti-forgery token (the origin check is the middleware's,
     # bridge.web.security.SecurityHeaders, installed by the local app)
-    router = APIRouter(prefix="/ui", include_in_schema=False,
-                       dependencies=[Depends(web.csrf_guard)])
+    router = APIRouter(
+        prefix="/ui", include_in_schema=False, dependencies=[Depends(web.csrf_guard)]
+    )
     home = home_route(web)
     router.add_api_route("", home, methods=["GET"])
     router.add_api_route("/", home, methods=["GET"])
@@ -61,18 +62,27 @@ def web_router(node: Node) -> APIRouter:
 
     router.add_api_route("/static/dashboard.js", dashboard_script, methods=["GET"])
     router.include_router(dashboard_routes(web))  # the live part of /ui/it, pause/resume
-    for part in (login_routes(web), clinician_routes(web), slip_routes(web),
-                 consult_routes(web), consult_print_routes(web),
-                 auditor_routes(web), it_routes(web, alerter), stats_routes(web),
-                 account_routes(web), message_routes(web)):
+    for part in (
+        login_routes(web),
+        clinician_routes(web),
+        slip_routes(web),
+        consult_routes(web),
+        consult_print_routes(web),
+        auditor_routes(web),
+        it_routes(web, alerter),
+        stats_routes(web),
+        account_routes(web),
+        message_routes(web),
+    ):
         router.include_router(part)
     return router
 
 
 def print_script() -> FileResponse:
     """The slips' print button (a file: the pages' policy runs no inline script)."""
-    return FileResponse(Path(__file__).parent / "static" / "print.js",
-                        media_type="text/javascript; charset=utf-8")
+    return FileResponse(
+        Path(__file__).parent / "static" / "print.js", media_type="text/javascript; charset=utf-8"
+    )
 
 
 __all__ = ["web_router"]

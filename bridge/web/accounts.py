@@ -36,29 +36,67 @@ def account_routes(web: Web) -> APIRouter:
         if web.plan.web.shared_role_tokens:
             warn = f'<p class="alert shared-tokens">{e(t(lang, "shared_tokens_on"))}</p>'
         people = table(
-            [t(lang, "user_name"), t(lang, "display_name"), t(lang, "roles"), t(lang, "state"),
-             "TOTP", t(lang, "last_login"), ""],
-            [[e(u["name"]), e(u["display"]), e(u["roles"]),
-              e(t(lang, "disabled") if u["disabled"] else
-                t(lang, "locked") if u["locked"] else t(lang, "active")),
-              "✔" if u["totp"] else "", e(fmt_time(u["last_login_at"])),
-              (f'<form method="post" '
-               f'action="/ui/accounts/{"enable" if u["disabled"] else "disable"}"'
-               f' class="inline"><input type="hidden" name="name" value="{e(u["name"])}">'
-               f'<button type="submit">{e(t(lang, "enable" if u["disabled"] else "disable"))}'
-               f'</button></form>')] for u in users], t(lang, "none"), "accounts")
+            [
+                t(lang, "user_name"),
+                t(lang, "display_name"),
+                t(lang, "roles"),
+                t(lang, "state"),
+                "TOTP",
+                t(lang, "last_login"),
+                "",
+            ],
+            [
+                [
+                    e(u["name"]),
+                    e(u["display"]),
+                    e(u["roles"]),
+                    e(
+                        t(lang, "disabled")
+                        if u["disabled"]
+                        else t(lang, "locked")
+                        if u["locked"]
+                        else t(lang, "active")
+                    ),
+                    "✔" if u["totp"] else "",
+                    e(fmt_time(u["last_login_at"])),
+                    (
+                        f'<form method="post" '
+                        f'action="/ui/accounts/{"enable" if u["disabled"] else "disable"}"'
+                        f' class="inline"><input type="hidden" name="name" value="{e(u["name"])}">'
+                        f'<button type="submit">{e(t(lang, "enable" if u["disabled"] else "disable"))}'
+                        f"</button></form>"
+                    ),
+                ]
+                for u in users
+            ],
+            t(lang, "none"),
+            "accounts",
+        )
         toks = table(
             ["id", t(lang, "owner"), t(lang, "roles"), t(lang, "created"), t(lang, "state"), ""],
-            [[e(k["id"]), e(f'{k["owner_kind"]}:{k["owner"]}'), e(k["roles"]),
-              e(fmt_time(k["created_at"])),
-              e(t(lang, "revoked") if k["revoked_at"] else t(lang, "active")),
-              "" if k["revoked_at"] else
-              f'<form method="post" action="/ui/accounts/revoke" class="inline">'
-              f'<input type="hidden" name="id" value="{e(k["id"])}">'
-              f'<button type="submit">{e(t(lang, "revoke"))}</button></form>']
-             for k in tokens], t(lang, "none"), "tokens")
-        role_boxes = "".join(f'<label><input type="checkbox" name="role_{r}" value="1"> '
-                             f'{e(t(lang, "role_" + r))}</label>' for r in ROLES)
+            [
+                [
+                    e(k["id"]),
+                    e(f"{k['owner_kind']}:{k['owner']}"),
+                    e(k["roles"]),
+                    e(fmt_time(k["created_at"])),
+                    e(t(lang, "revoked") if k["revoked_at"] else t(lang, "active")),
+                    ""
+                    if k["revoked_at"]
+                    else f'<form method="post" action="/ui/accounts/revoke" class="inline">'
+                    f'<input type="hidden" name="id" value="{e(k["id"])}">'
+                    f'<button type="submit">{e(t(lang, "revoke"))}</button></form>',
+                ]
+                for k in tokens
+            ],
+            t(lang, "none"),
+            "tokens",
+        )
+        role_boxes = "".join(
+            f'<label><input type="checkbox" name="role_{r}" value="1"> '
+            f"{e(t(lang, 'role_' + r))}</label>"
+            for r in ROLES
+        )
         forms = (
             f'<form method="post" action="/ui/accounts/add" class="inline add-user">'
             f'<label>{e(t(lang, "user_name"))} <input name="name" required></label>'
@@ -80,11 +118,15 @@ def account_routes(web: Web) -> APIRouter:
             f'<label><select name="kind"><option value="user">user</option>'
             f'<option value="client">client</option></select></label>'
             f'<label>{e(t(lang, "roles"))} <input name="roles" placeholder="clinician,it">'
-            f'</label><button type="submit">{e(t(lang, "issue_token"))}</button></form>')
-        body = (warn + (f'<p class="msg">{e(flash)}</p>' if flash else "")
-                + f'<h3>{e(t(lang, "accounts"))} ({len(users)})</h3>{people}'
-                + f'<h3>{e(t(lang, "api_tokens"))} ({len(tokens)})</h3>{toks}'
-                + f'<div class="noprint">{forms}</div>')
+            f'</label><button type="submit">{e(t(lang, "issue_token"))}</button></form>'
+        )
+        body = (
+            warn
+            + (f'<p class="msg">{e(flash)}</p>' if flash else "")
+            + f"<h3>{e(t(lang, 'accounts'))} ({len(users)})</h3>{people}"
+            + f"<h3>{e(t(lang, 'api_tokens'))} ({len(tokens)})</h3>{toks}"
+            + f'<div class="noprint">{forms}</div>'
+        )
         return web.page(request, t(lang, "accounts"), body, role=role)
 
     @router.post("/accounts/{action}")
@@ -101,9 +143,14 @@ def account_routes(web: Web) -> APIRouter:
 
         def work() -> str:
             if action == "add":
-                secret = accounts.add(name, roles, password=f.get("password") or None,
-                                      display=f.get("display") or None,
-                                      totp=bool(f.get("totp")), by=by)
+                secret = accounts.add(
+                    name,
+                    roles,
+                    password=f.get("password") or None,
+                    display=f.get("display") or None,
+                    totp=bool(f.get("totp")),
+                    by=by,
+                )
                 return t(lang, "done") + (f" TOTP: {secret}" if secret else "")
             if action == "disable":
                 accounts.disable(name, by=by)
@@ -115,9 +162,12 @@ def account_routes(web: Web) -> APIRouter:
                 accounts.set_roles(name, roles, by=by)
             elif action == "token":
                 tid, secret = accounts.issue_token(
-                    f.get("owner", "").strip(), kind=f.get("kind", "user"),
-                    roles=f.get("roles") or None, by=by)
-                return f'{t(lang, "token_once")} {tid}: {secret}'
+                    f.get("owner", "").strip(),
+                    kind=f.get("kind", "user"),
+                    roles=f.get("roles") or None,
+                    by=by,
+                )
+                return f"{t(lang, 'token_once')} {tid}: {secret}"
             elif action == "revoke":
                 accounts.revoke_token(f.get("id", ""), by=by)
             else:

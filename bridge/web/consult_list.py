@@ -15,11 +15,21 @@ from bridge.web.referral_list import PAGE, _patient, decode_after, encode_after,
 C = CONSULTATION
 
 
-def page(conn: Connection, key: bytes, *, side: str | None = None, step: str | None = None,
-         kind: str | None = None, peer: str | None = None, since: datetime | None = None,
-         until: datetime | None = None, q: str | None = None, after: str | None = None,
-         patient_hash: str | None = None,
-         size: int = PAGE) -> tuple[list[dict[str, Any]], int, str | None]:
+def page(
+    conn: Connection,
+    key: bytes,
+    *,
+    side: str | None = None,
+    step: str | None = None,
+    kind: str | None = None,
+    peer: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    q: str | None = None,
+    after: str | None = None,
+    patient_hash: str | None = None,
+    size: int = PAGE,
+) -> tuple[list[dict[str, Any]], int, str | None]:
     """(rows with ``patient_name``, ``record_no`` and ``patient_id``, total matching, the next
     page's token). ``side`` is ``centre`` (the queue) or ``inviter``; ``peer`` the other
     member; ``since``/``until`` bound the request time."""
@@ -41,16 +51,22 @@ def page(conn: Connection, key: bytes, *, side: str | None = None, step: str | N
     if q and q.strip():
         hashes = hashes_for(conn, key, q)
         where.append(C.c.patient_hash.in_(hashes) if hashes else C.c.thread.is_(None))
-    total = conn.execute(select(func.count()).select_from(C).where(and_(True, *where))
-                         ).scalar() or 0
+    total = (
+        conn.execute(select(func.count()).select_from(C).where(and_(True, *where))).scalar() or 0
+    )
     page_where = list(where)
     if after:
         at, thread = decode_after(after)
-        page_where.append(or_(C.c.updated_at < at,
-                              and_(C.c.updated_at == at, C.c.thread < thread)))
-    rows = [dict(r._mapping) for r in conn.execute(
-        select(C).where(and_(True, *page_where))
-        .order_by(C.c.updated_at.desc(), C.c.thread.desc()).limit(size + 1))]
+        page_where.append(or_(C.c.updated_at < at, and_(C.c.updated_at == at, C.c.thread < thread)))
+    rows = [
+        dict(r._mapping)
+        for r in conn.execute(
+            select(C)
+            .where(and_(True, *page_where))
+            .order_by(C.c.updated_at.desc(), C.c.thread.desc())
+            .limit(size + 1)
+        )
+    ]
     nxt = encode_after(rows[size - 1]) if len(rows) > size else None
     rows = rows[:size]
     for r in rows:

@@ -20,8 +20,12 @@ from bridge.web.words import resource_status
 _TAGS = re.compile(r"<[^>]+>")
 FLAGS = ("H", "HH", "L", "LL", "A", "AA", "N")
 #: acceptance slip fields as the forms and adapters name them
-SLIP_FIELDS = {"bed": "bed", "department": "department", "doctor": "doctor",
-               "appointment": "appointment"}
+SLIP_FIELDS = {
+    "bed": "bed",
+    "department": "department",
+    "doctor": "doctor",
+    "appointment": "appointment",
+}
 
 
 def text(cc: dict[str, Any] | None) -> str:
@@ -51,7 +55,7 @@ def plain(div: str | None) -> str:
 
 
 def ref(resource: dict[str, Any]) -> str:
-    return f'{resource["resourceType"]}/{resource.get("id", "")}'
+    return f"{resource['resourceType']}/{resource.get('id', '')}"
 
 
 def flag(obs: dict[str, Any]) -> str:
@@ -135,13 +139,20 @@ def when(value: Any, lang: str = "zh") -> str:
 def patient_line(lang: str, p: dict[str, Any] | None) -> str:
     if p is None:
         return ""
-    name = next((n.get("text") or "".join([*(n.get("family") or ""), *(n.get("given") or [])])
-                 for n in p.get("name") or []), "")
+    name = next(
+        (
+            n.get("text") or "".join([*(n.get("family") or ""), *(n.get("given") or [])])
+            for n in p.get("name") or []
+        ),
+        "",
+    )
     gender = {"male": ("男", "male"), "female": ("女", "female")}.get(p.get("gender") or "")
     shown = (gender[1] if lang == "en" else gender[0]) if gender else p.get("gender")
-    return (f'<p class="patient"><b>{e(t(lang, "patient"))}:</b> <span class="name">{e(name)}'
-            f'</span> &nbsp; <b>{e(t(lang, "gender"))}:</b> {e(shown)} &nbsp; '
-            f'<b>{e(t(lang, "birth"))}:</b> {e(p.get("birthDate"))}</p>')
+    return (
+        f'<p class="patient"><b>{e(t(lang, "patient"))}:</b> <span class="name">{e(name)}'
+        f"</span> &nbsp; <b>{e(t(lang, 'gender'))}:</b> {e(shown)} &nbsp; "
+        f"<b>{e(t(lang, 'birth'))}:</b> {e(p.get('birthDate'))}</p>"
+    )
 
 
 def reasons(sr: dict[str, Any]) -> str:
@@ -160,39 +171,54 @@ def notes(resource: dict[str, Any]) -> str:
 
 
 def identifiers(resource: dict[str, Any], code: str) -> str:
-    return ", ".join(str(i.get("value")) for i in resource.get("identifier") or []
-                     if any(c.get("code") == code
-                            for c in (i.get("type") or {}).get("coding") or []))
+    return ", ".join(
+        str(i.get("value"))
+        for i in resource.get("identifier") or []
+        if any(c.get("code") == code for c in (i.get("type") or {}).get("coding") or [])
+    )
 
 
 def coverage_ids(res: dict[str, list[dict[str, Any]]]) -> list[str]:
-    return [str(i.get("value")) for c in res.get("Coverage", [])
-            for i in c.get("identifier") or [] if i.get("value")]
+    return [
+        str(i.get("value"))
+        for c in res.get("Coverage", [])
+        for i in c.get("identifier") or []
+        if i.get("value")
+    ]
 
 
 def acceptance(lang: str, task: dict[str, Any]) -> str:
     slip = [o for o in task.get("output") or [] if "valueReference" not in o]
-    return table([t(lang, "item"), t(lang, "value")],
-                 [[e(output_label(lang, o)), e(output_value(o, lang))] for o in slip],
-                 t(lang, "none"), "acceptance")
+    return table(
+        [t(lang, "item"), t(lang, "value")],
+        [[e(output_label(lang, o)), e(output_value(o, lang))] for o in slip],
+        t(lang, "none"),
+        "acceptance",
+    )
 
 
 def documents(lang: str, res: dict[str, list[dict[str, Any]]]) -> str:
     docs = []
     for c in res.get("Composition", []):
-        secs = "".join(f'<p><b>{e(s.get("title"))}</b>: '
-                       f'{e(plain((s.get("text") or {}).get("div")))}</p>'
-                       for s in c.get("section") or [])
-        docs.append(f'<div class="doc"><h4>{e(c.get("title"))} '
-                    f'<small>{e(when(c.get("date"), lang))}</small></h4>{secs}</div>')
-    return "".join(docs) or f'<p>{e(t(lang, "none"))}</p>'
+        secs = "".join(
+            f"<p><b>{e(s.get('title'))}</b>: {e(plain((s.get('text') or {}).get('div')))}</p>"
+            for s in c.get("section") or []
+        )
+        docs.append(
+            f'<div class="doc"><h4>{e(c.get("title"))} '
+            f"<small>{e(when(c.get('date'), lang))}</small></h4>{secs}</div>"
+        )
+    return "".join(docs) or f"<p>{e(t(lang, 'none'))}</p>"
 
 
 def _is_imaging(dr: dict[str, Any]) -> bool:
     if dr.get("imagingStudy"):
         return True
-    return any(c.get("code") in ("RAD", "IMG") for cc in dr.get("category") or []
-               for c in cc.get("coding") or [])
+    return any(
+        c.get("code") in ("RAD", "IMG")
+        for cc in dr.get("category") or []
+        for c in cc.get("coding") or []
+    )
 
 
 def is_imaging_report(dr: dict[str, Any]) -> bool:
@@ -204,14 +230,18 @@ def lab_tables(lang: str, res: dict[str, list[dict[str, Any]]]) -> str:
     """One table per lab report (its Observations), then Observations no report holds."""
     obs = {ref(o): o for o in res.get("Observation", [])}
     used: set[str] = set()
-    heads = [t(lang, "item"), t(lang, "value"), t(lang, "unit"), t(lang, "range"),
-             t(lang, "flag")]
+    heads = [t(lang, "item"), t(lang, "value"), t(lang, "unit"), t(lang, "range"), t(lang, "flag")]
 
     def row(o: dict[str, Any]) -> list[str]:
         v, u = value(o)
         f = flag(o)
-        return [e(text(o.get("code"))), f'<span class="flag-{e(f)}">{e(v)}</span>', e(u),
-                e(ref_range(o)), f'<span class="flag-{e(f)}">{e(f)}</span>']
+        return [
+            e(text(o.get("code"))),
+            f'<span class="flag-{e(f)}">{e(v)}</span>',
+            e(u),
+            e(ref_range(o)),
+            f'<span class="flag-{e(f)}">{e(f)}</span>',
+        ]
 
     out = []
     for dr in res.get("DiagnosticReport", []):
@@ -220,10 +250,12 @@ def lab_tables(lang: str, res: dict[str, list[dict[str, Any]]]) -> str:
         if _is_imaging(dr) and not refs:
             continue
         rows = [row(obs[r]) for r in refs if r in obs]
-        concl = f'<p>{e(dr.get("conclusion"))}</p>' if dr.get("conclusion") else ""
+        concl = f"<p>{e(dr.get('conclusion'))}</p>" if dr.get("conclusion") else ""
         at = when(dr.get("effectiveDateTime") or dr.get("issued") or "", lang)
-        out.append(f'<h4>{e(text(dr.get("code")))} <small>{e(at)}</small></h4>{concl}'
-                   + table(heads, rows, t(lang, "none"), "results"))
+        out.append(
+            f"<h4>{e(text(dr.get('code')))} <small>{e(at)}</small></h4>{concl}"
+            + table(heads, rows, t(lang, "none"), "results")
+        )
     loose = [row(o) for k, o in obs.items() if k not in used]
     if loose:
         out.append(table(heads, loose, t(lang, "none"), "results"))
@@ -243,36 +275,68 @@ def imaging(lang: str, res: dict[str, list[dict[str, Any]]], thread: str = "") -
         shown.update(r for r in study_refs if r)
         out.append(
             f'<div class="imaging-report"><h4>{e(text(dr.get("code")))} '
-            f'<small>{e(when(dr.get("effectiveDateTime") or dr.get("issued") or "", lang))}'
-            f'</small></h4>'
+            f"<small>{e(when(dr.get('effectiveDateTime') or dr.get('issued') or '', lang))}"
+            f"</small></h4>"
             f'<p><b>{e(t(lang, "impression"))}:</b> <span class="conclusion">'
-            f'{e(dr.get("conclusion"))}</span>'
-            + (f' ({e(codes)})' if codes else "") + "</p>"
+            f"{e(dr.get('conclusion'))}</span>"
+            + (f" ({e(codes)})" if codes else "")
+            + "</p>"
             + "".join(study(lang, studies[r], thread) for r in study_refs if r in studies)
-            + "</div>")
+            + "</div>"
+        )
     out += [study(lang, s, thread) for k, s in studies.items() if k not in shown]
     return "".join(out)
 
 
 def study(lang: str, s: dict[str, Any], thread: str = "") -> str:
-    uid = next((str(i.get("value", "")).removeprefix("urn:oid:")
-                for i in s.get("identifier") or [] if i.get("system") == "urn:dicom:uid"), "")
-    modalities = sorted({str(m.get("code")) for m in s.get("modality") or []}
-                        | {str((se.get("modality") or {}).get("code"))
-                           for se in s.get("series") or [] if se.get("modality")})
-    series = [[e(se.get("number")), e((se.get("modality") or {}).get("code")),
-               e(se.get("description")), e((se.get("bodySite") or {}).get("display")),
-               e(se.get("numberOfInstances") or len(se.get("instance") or []))]
-              for se in s.get("series") or []]
-    return (f'<div class="study"><p><b>{e(t(lang, "study"))}:</b> {e(s.get("description"))} '
-            f'&nbsp; <b>{e(t(lang, "modality"))}:</b> {e(", ".join(modalities))} &nbsp; '
-            f'<b>{e(t(lang, "started"))}:</b> {e(when(s.get("started"), lang))} &nbsp; '
-            f'<b>{e(t(lang, "instances"))}:</b> {e(s.get("numberOfInstances"))} &nbsp; '
-            f'<b>Study UID:</b> <code class="study-uid">{e(uid)}</code></p>'
-            + study_actions(lang, uid, s.get("_origin"), thread)
-            + table(["#", t(lang, "modality"), t(lang, "description"), t(lang, "body_site"),
-                     t(lang, "instances")], series, t(lang, "none"), "series", num=(0, 4))
-            + "</div>")
+    uid = next(
+        (
+            str(i.get("value", "")).removeprefix("urn:oid:")
+            for i in s.get("identifier") or []
+            if i.get("system") == "urn:dicom:uid"
+        ),
+        "",
+    )
+    modalities = sorted(
+        {str(m.get("code")) for m in s.get("modality") or []}
+        | {
+            str((se.get("modality") or {}).get("code"))
+            for se in s.get("series") or []
+            if se.get("modality")
+        }
+    )
+    series = [
+        [
+            e(se.get("number")),
+            e((se.get("modality") or {}).get("code")),
+            e(se.get("description")),
+            e((se.get("bodySite") or {}).get("display")),
+            e(se.get("numberOfInstances") or len(se.get("instance") or [])),
+        ]
+        for se in s.get("series") or []
+    ]
+    return (
+        f'<div class="study"><p><b>{e(t(lang, "study"))}:</b> {e(s.get("description"))} '
+        f"&nbsp; <b>{e(t(lang, 'modality'))}:</b> {e(', '.join(modalities))} &nbsp; "
+        f"<b>{e(t(lang, 'started'))}:</b> {e(when(s.get('started'), lang))} &nbsp; "
+        f"<b>{e(t(lang, 'instances'))}:</b> {e(s.get('numberOfInstances'))} &nbsp; "
+        f'<b>Study UID:</b> <code class="study-uid">{e(uid)}</code></p>'
+        + study_actions(lang, uid, s.get("_origin"), thread)
+        + table(
+            [
+                "#",
+                t(lang, "modality"),
+                t(lang, "description"),
+                t(lang, "body_site"),
+                t(lang, "instances"),
+            ],
+            series,
+            t(lang, "none"),
+            "series",
+            num=(0, 4),
+        )
+        + "</div>"
+    )
 
 
 def study_actions(lang: str, uid: str, origin: Any, thread: str) -> str:
@@ -290,48 +354,75 @@ def study_actions(lang: str, uid: str, origin: Any, thread: str) -> str:
     for a in pacs:
         viewer = a.options.get("viewer_url")
         if isinstance(viewer, str) and "{study_uid}" in viewer:
-            out.append(f'<a class="viewer" href="{e(viewer.replace("{study_uid}", quote(uid)))}"'
-                       f' rel="noopener" target="_blank">{e(t(lang, "imaging_viewer"))}</a>')
+            out.append(
+                f'<a class="viewer" href="{e(viewer.replace("{study_uid}", quote(uid)))}"'
+                f' rel="noopener" target="_blank">{e(t(lang, "imaging_viewer"))}</a>'
+            )
             break
-    if pacs and thread and isinstance(origin, str) and origin != node.plan.node_id \
-            and origin in node.plan.directory:
+    if (
+        pacs
+        and thread
+        and isinstance(origin, str)
+        and origin != node.plan.node_id
+        and origin in node.plan.directory
+    ):
         q = urlencode({"peer": origin, "study": uid})
-        out.append(f'<form method="post" action="/ui/referrals/{e(thread)}/imaging/fetch?'
-                   f'{e(q)}" class="inline fetch"><button type="submit">'
-                   f'{e(t(lang, "imaging_fetch"))}</button></form>')
+        out.append(
+            f'<form method="post" action="/ui/referrals/{e(thread)}/imaging/fetch?'
+            f'{e(q)}" class="inline fetch"><button type="submit">'
+            f"{e(t(lang, 'imaging_fetch'))}</button></form>"
+        )
     return f'<p class="imaging-actions noprint">{" ".join(out)}</p>' if out else ""
 
 
 def medications(lang: str, res: dict[str, list[dict[str, Any]]]) -> str:
-    meds = [[e(text(m.get("medicationCodeableConcept")) or
-               (m.get("medicationReference") or {}).get("display")),
-             e("; ".join(str(di.get("text", "")) for di in m.get("dosageInstruction") or [])),
-             e(resource_status(lang, m.get("status")))]
-            for m in res.get("MedicationRequest", [])]
-    return table([t(lang, "item"), t(lang, "dosage"), t(lang, "status")], meds,
-                 t(lang, "none"), "meds")
+    meds = [
+        [
+            e(
+                text(m.get("medicationCodeableConcept"))
+                or (m.get("medicationReference") or {}).get("display")
+            ),
+            e("; ".join(str(di.get("text", "")) for di in m.get("dosageInstruction") or [])),
+            e(resource_status(lang, m.get("status"))),
+        ]
+        for m in res.get("MedicationRequest", [])
+    ]
+    return table(
+        [t(lang, "item"), t(lang, "dosage"), t(lang, "status")], meds, t(lang, "none"), "meds"
+    )
 
 
-def clinical(lang: str, task: dict[str, Any], res: dict[str, list[dict[str, Any]]],
-             thread: str = "", imaging_note: str = "") -> str:
+def clinical(
+    lang: str,
+    task: dict[str, Any],
+    res: dict[str, list[dict[str, Any]]],
+    thread: str = "",
+    imaging_note: str = "",
+) -> str:
     """Acceptance slip, documents, lab results, imaging and medications of a thread;
     ``imaging_note``: how many imaging items there are and their pages (a referral page)."""
     labs = lab_tables(lang, res)
     img = imaging(lang, res, thread)
-    return (f'<h3>{e(t(lang, "acceptance"))}</h3>{acceptance(lang, task)}'
-            f'<h3>{e(t(lang, "documents"))}</h3>{documents(lang, res)}'
-            f'<h3>{e(t(lang, "reports"))}</h3>{labs or "<p>" + e(t(lang, "none")) + "</p>"}'
-            f'<h3 id="imaging">{e(t(lang, "imaging"))}</h3>{imaging_note}'
-            f'{img or "<p>" + e(t(lang, "none")) + "</p>"}'
-            f'<h3>{e(t(lang, "meds"))}</h3>{medications(lang, res)}')
+    return (
+        f"<h3>{e(t(lang, 'acceptance'))}</h3>{acceptance(lang, task)}"
+        f"<h3>{e(t(lang, 'documents'))}</h3>{documents(lang, res)}"
+        f"<h3>{e(t(lang, 'reports'))}</h3>{labs or '<p>' + e(t(lang, 'none')) + '</p>'}"
+        f'<h3 id="imaging">{e(t(lang, "imaging"))}</h3>{imaging_note}'
+        f"{img or '<p>' + e(t(lang, 'none')) + '</p>'}"
+        f"<h3>{e(t(lang, 'meds'))}</h3>{medications(lang, res)}"
+    )
 
 
-def split_returned(task: dict[str, Any], res: dict[str, list[dict[str, Any]]]
-                   ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, list[dict[str, Any]]]]:
+def split_returned(
+    task: dict[str, Any], res: dict[str, list[dict[str, Any]]]
+) -> tuple[dict[str, list[dict[str, Any]]], dict[str, list[dict[str, Any]]]]:
     """(what the referral carried, what the return carried), by the Task's return outputs;
     a returned report's Observations go with it."""
-    returned = {str((o.get("valueReference") or {}).get("reference"))
-                for o in task.get("output") or [] if "valueReference" in o}
+    returned = {
+        str((o.get("valueReference") or {}).get("reference"))
+        for o in task.get("output") or []
+        if "valueReference" in o
+    }
     for dr in res.get("DiagnosticReport", []):
         if ref(dr) in returned:
             returned.update(str(r.get("reference")) for r in dr.get("result") or [])

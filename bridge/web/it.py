@@ -44,11 +44,28 @@ def mapping_gaps(web: Web) -> list[dict[str, Any]] | None:
         try:
             gaps = find_gaps(load_site(folder))
         except HutongError as exc:
-            out.append({"adapter": adapter, "map": str(folder), "code": exc.code, "display":
-                        exc.message, "kind": "error", "count": 0})
+            out.append(
+                {
+                    "adapter": adapter,
+                    "map": str(folder),
+                    "code": exc.code,
+                    "display": exc.message,
+                    "kind": "error",
+                    "count": 0,
+                }
+            )
             continue
-        out += [{"adapter": adapter, "map": g.map, "code": g.code, "display": g.display,
-                 "kind": g.kind, "count": g.count} for g in gaps]
+        out += [
+            {
+                "adapter": adapter,
+                "map": g.map,
+                "code": g.code,
+                "display": g.display,
+                "kind": g.kind,
+                "count": g.count,
+            }
+            for g in gaps
+        ]
     return out
 
 
@@ -67,162 +84,360 @@ def it_routes(web: Web, alerter: Alerter) -> APIRouter:
         summary = ops.queue_summary(ctx)
         now = ctx.now()
 
-        alerts = "".join(
-            f'<div class="alert alert-{e(a["rule"])}" data-key="{e(k)}"><b>'
-            f'{e(t(lang, "rule_" + a["rule"]))}</b> · {e(a["subject"])} · {e(a["message"])} '
-            f'<small>({e(t(lang, "since"))} {e(fmt_time(a["raised_at"]))})</small></div>'
-            for k, a in sorted(active.items())) or \
-            f'<p class="ok no-alerts">✔ {e(t(lang, "no_alerts"))}</p>'
+        alerts = (
+            "".join(
+                f'<div class="alert alert-{e(a["rule"])}" data-key="{e(k)}"><b>'
+                f"{e(t(lang, 'rule_' + a['rule']))}</b> · {e(a['subject'])} · {e(a['message'])} "
+                f"<small>({e(t(lang, 'since'))} {e(fmt_time(a['raised_at']))})</small></div>"
+                for k, a in sorted(active.items())
+            )
+            or f'<p class="ok no-alerts">✔ {e(t(lang, "no_alerts"))}</p>'
+        )
         hook = plan.alerts.webhook_url
-        alerts += (f'<p><small>{e(t(lang, "webhook"))}: '
-                   f'{e(hook.split("?")[0] if hook else t(lang, "not_configured"))}</small></p>')
+        alerts += (
+            f"<p><small>{e(t(lang, 'webhook'))}: "
+            f"{e(hook.split('?')[0] if hook else t(lang, 'not_configured'))}</small></p>"
+        )
 
         def ago(ts: Any) -> str:
             return "" if ts is None else f"{fmt_time(ts)} ({fmt_age((now - ts).total_seconds())})"
 
         peers = table(
-            [t(lang, "peer"), t(lang, "health"), t(lang, "last_ack"), t(lang, "last_in"),
-             t(lang, "last_probe"), t(lang, "waiting"), t(lang, "oldest"), t(lang, "dead")],
-            [[e(web.member_name(lang, p.peer)),
-              (f'<span class="bad">✘ {e(t(lang, "silent"))}</span>'
-               if f"peer-silent:{p.peer}" in active else
-               f'<span class="ok">✔ {e(t(lang, "healthy"))}</span>'
-               if p.last_contact else e(t(lang, "unknown")))
-              + (f'<br><small>{e(p.last_probe_error)}</small>' if p.last_probe_error else ""),
-              e(ago(p.last_ack)), e(ago(p.last_packet_in)), e(ago(p.last_probe_ok)),
-              e(p.waiting), e(fmt_age(p.oldest_waiting_s)), e(p.dead)]
-             for p in sorted(facts.peers.values(), key=lambda p: p.peer)],
-            t(lang, "none"), "peers", num=(5, 7))
+            [
+                t(lang, "peer"),
+                t(lang, "health"),
+                t(lang, "last_ack"),
+                t(lang, "last_in"),
+                t(lang, "last_probe"),
+                t(lang, "waiting"),
+                t(lang, "oldest"),
+                t(lang, "dead"),
+            ],
+            [
+                [
+                    e(web.member_name(lang, p.peer)),
+                    (
+                        f'<span class="bad">✘ {e(t(lang, "silent"))}</span>'
+                        if f"peer-silent:{p.peer}" in active
+                        else f'<span class="ok">✔ {e(t(lang, "healthy"))}</span>'
+                        if p.last_contact
+                        else e(t(lang, "unknown"))
+                    )
+                    + (f"<br><small>{e(p.last_probe_error)}</small>" if p.last_probe_error else ""),
+                    e(ago(p.last_ack)),
+                    e(ago(p.last_packet_in)),
+                    e(ago(p.last_probe_ok)),
+                    e(p.waiting),
+                    e(fmt_age(p.oldest_waiting_s)),
+                    e(p.dead),
+                ]
+                for p in sorted(facts.peers.values(), key=lambda p: p.peer)
+            ],
+            t(lang, "none"),
+            "peers",
+            num=(5, 7),
+        )
 
         states = ("queued", "sent", "acknowledged", "dead", "refused")
 
         def retry_cell(p: dict[str, Any]) -> str:
             if not p.get("dead"):
                 return ""
-            return (f'<form method="post" action="/ui/it/outbox/retry?'
-                    f'{e(urlencode({"peer": p["peer"]}))}" class="retry"><button type="submit">'
-                    f'{e(t(lang, "retry"))}</button></form>')
+            return (
+                f'<form method="post" action="/ui/it/outbox/retry?'
+                f'{e(urlencode({"peer": p["peer"]}))}" class="retry"><button type="submit">'
+                f"{e(t(lang, 'retry'))}</button></form>"
+            )
 
         queues = table(
             [t(lang, "peer"), *(t(lang, "q_" + s) for s in states), t(lang, "oldest"), ""],
-            [[e(web.member_name(lang, p["peer"])), *(e(p.get(s, 0)) for s in states),
-              e(fmt_age(p["oldest_waiting_s"])), retry_cell(p)]
-             for p in summary["outbox"]], t(lang, "none"), "queues", num=(1, 2, 3, 4, 5))
+            [
+                [
+                    e(web.member_name(lang, p["peer"])),
+                    *(e(p.get(s, 0)) for s in states),
+                    e(fmt_age(p["oldest_waiting_s"])),
+                    retry_cell(p),
+                ]
+                for p in summary["outbox"]
+            ],
+            t(lang, "none"),
+            "queues",
+            num=(1, 2, 3, 4, 5),
+        )
         with ctx.store.read() as conn:
             inbox_rows = conn.execute(
-                select(INBOX.c.state, func.count(), func.min(INBOX.c.received_at))
-                .group_by(INBOX.c.state)).all()
+                select(INBOX.c.state, func.count(), func.min(INBOX.c.received_at)).group_by(
+                    INBOX.c.state
+                )
+            ).all()
             q_rows = conn.execute(
-                select(QUARANTINE.c.state, func.count(), func.min(QUARANTINE.c.at))
-                .group_by(QUARANTINE.c.state)).all()
+                select(QUARANTINE.c.state, func.count(), func.min(QUARANTINE.c.at)).group_by(
+                    QUARANTINE.c.state
+                )
+            ).all()
             held = quarantine.list_items(conn, state=None, limit=SHOWN)
             held_total = sum(n for _st, n, _oldest in q_rows)
-            dead_total = conn.execute(select(func.count()).select_from(OUTBOX).where(
-                OUTBOX.c.state == "dead")).scalar_one()
-            due_where = (REFERRAL.c.reminded_at.is_not(None),
-                         REFERRAL.c.status.in_(("requested", "received")))
-            due_total = conn.execute(select(func.count()).select_from(REFERRAL)
-                                     .where(*due_where)).scalar_one()
-            due = [dict(r._mapping) for r in conn.execute(
-                select(REFERRAL).where(*due_where)
-                .order_by(REFERRAL.c.updated_at.desc()).limit(SHOWN))]
+            dead_total = conn.execute(
+                select(func.count()).select_from(OUTBOX).where(OUTBOX.c.state == "dead")
+            ).scalar_one()
+            due_where = (
+                REFERRAL.c.reminded_at.is_not(None),
+                REFERRAL.c.status.in_(("requested", "received")),
+            )
+            due_total = conn.execute(
+                select(func.count()).select_from(REFERRAL).where(*due_where)
+            ).scalar_one()
+            due = [
+                dict(r._mapping)
+                for r in conn.execute(
+                    select(REFERRAL)
+                    .where(*due_where)
+                    .order_by(REFERRAL.c.updated_at.desc())
+                    .limit(SHOWN)
+                )
+            ]
 
         def shown(n: int, total: int, href: str) -> str:
             """How many of how many; the rest where a list pages through all of them."""
-            rest = (f' <a class="all" href="{e(href)}">{e(t(lang, "see_all"))} →</a>'
-                    if total > n else "")
-            return (f'<p class="count"><span class="total">{total}</span> · {n} '
-                    f'{e(t(lang, "shown"))}{rest}</p>')
+            rest = (
+                f' <a class="all" href="{e(href)}">{e(t(lang, "see_all"))} →</a>'
+                if total > n
+                else ""
+            )
+            return (
+                f'<p class="count"><span class="total">{total}</span> · {n} '
+                f"{e(t(lang, 'shown'))}{rest}</p>"
+            )
+
         inbound = table(
             [t(lang, "queue"), t(lang, "status"), t(lang, "count"), t(lang, "oldest")],
-            [[e(t(lang, "inbound")), e(st), e(n), e(fmt_age(
-                (now - oldest).total_seconds()) if st == "received" else "")]
-             for st, n, oldest in inbox_rows]
-            + [[e(t(lang, "quarantine")), e(st), e(n), e(fmt_age(
-                (now - oldest).total_seconds()) if st == "held" else "")]
-               for st, n, oldest in q_rows],
-            t(lang, "none"), "inbound", num=(2,))
+            [
+                [
+                    e(t(lang, "inbound")),
+                    e(st),
+                    e(n),
+                    e(fmt_age((now - oldest).total_seconds()) if st == "received" else ""),
+                ]
+                for st, n, oldest in inbox_rows
+            ]
+            + [
+                [
+                    e(t(lang, "quarantine")),
+                    e(st),
+                    e(n),
+                    e(fmt_age((now - oldest).total_seconds()) if st == "held" else ""),
+                ]
+                for st, n, oldest in q_rows
+            ],
+            t(lang, "none"),
+            "inbound",
+            num=(2,),
+        )
 
         def replay_cell(item: dict[str, Any]) -> str:
             if item["state"] != "held":
                 return ""
-            return (f'<form method="post" action="/ui/it/quarantine/{item["id"]}/replay" '
-                    f'class="replay"><button type="submit">{e(t(lang, "replay"))}</button>'
-                    f'</form>')
+            return (
+                f'<form method="post" action="/ui/it/quarantine/{item["id"]}/replay" '
+                f'class="replay"><button type="submit">{e(t(lang, "replay"))}</button>'
+                f"</form>"
+            )
 
         quar = table(
-            ["#", t(lang, "at"), t(lang, "source"), t(lang, "code"), t(lang, "message"),
-             t(lang, "sender"), t(lang, "kind"), t(lang, "status"), t(lang, "replay_result"),
-             ""],
-            [[e(i["id"]), e(fmt_time(i["at"])), e(i["source"]), e(i["code"]),
-              e(i["message"]), e(i["sender"]), e(i["kind"]), e(i["state"]),
-              e(i["replay_result"]), replay_cell(i)] for i in held],
-            t(lang, "none"), "quarantine")
+            [
+                "#",
+                t(lang, "at"),
+                t(lang, "source"),
+                t(lang, "code"),
+                t(lang, "message"),
+                t(lang, "sender"),
+                t(lang, "kind"),
+                t(lang, "status"),
+                t(lang, "replay_result"),
+                "",
+            ],
+            [
+                [
+                    e(i["id"]),
+                    e(fmt_time(i["at"])),
+                    e(i["source"]),
+                    e(i["code"]),
+                    e(i["message"]),
+                    e(i["sender"]),
+                    e(i["kind"]),
+                    e(i["state"]),
+                    e(i["replay_result"]),
+                    replay_cell(i),
+                ]
+                for i in held
+            ],
+            t(lang, "none"),
+            "quarantine",
+        )
         dead = ops.outbox_list(ctx, state="dead", limit=SHOWN)
         deads = table(
-            ["#", t(lang, "peer"), t(lang, "kind"), t(lang, "thread"), t(lang, "attempts"),
-             t(lang, "age"), t(lang, "message")],
-            [[e(d["id"]), e(d["next_hop"]), e(d["kind"]), e(d["thread"]), e(d["attempts"]),
-              e(fmt_age(d["age_s"])), e(d["last_error"])] for d in dead],
-            t(lang, "none"), "dead")
+            [
+                "#",
+                t(lang, "peer"),
+                t(lang, "kind"),
+                t(lang, "thread"),
+                t(lang, "attempts"),
+                t(lang, "age"),
+                t(lang, "message"),
+            ],
+            [
+                [
+                    e(d["id"]),
+                    e(d["next_hop"]),
+                    e(d["kind"]),
+                    e(d["thread"]),
+                    e(d["attempts"]),
+                    e(fmt_age(d["age_s"])),
+                    e(d["last_error"]),
+                ]
+                for d in dead
+            ],
+            t(lang, "none"),
+            "dead",
+        )
 
         adapters = table(
-            [t(lang, "adapter"), t(lang, "type"), t(lang, "health"), t(lang, "last_ok"),
-             t(lang, "last_error"), t(lang, "counters")],
-            [[e(name), e(st.get("type")),
-              (f'<span class="bad">✘ {e(t(lang, "silent"))}</span>'
-               if f"adapter-silent:{name}" in active else
-               f'<span class="bad">✘ {e(t(lang, "failing"))}</span>' if _failing(st) else
-               f'<span class="ok">✔ {e(t(lang, "healthy"))}</span>'),
-              e(fmt_time(st.get("last_ok_at"))), e(st.get("last_error")),
-              e(", ".join(f"{k}={v}" for k, v in sorted((st.get("counters") or {}).items())))]
-             for name, st in sorted(facts.adapters.items())],
-            t(lang, "no_adapters"), "adapters")
+            [
+                t(lang, "adapter"),
+                t(lang, "type"),
+                t(lang, "health"),
+                t(lang, "last_ok"),
+                t(lang, "last_error"),
+                t(lang, "counters"),
+            ],
+            [
+                [
+                    e(name),
+                    e(st.get("type")),
+                    (
+                        f'<span class="bad">✘ {e(t(lang, "silent"))}</span>'
+                        if f"adapter-silent:{name}" in active
+                        else f'<span class="bad">✘ {e(t(lang, "failing"))}</span>'
+                        if _failing(st)
+                        else f'<span class="ok">✔ {e(t(lang, "healthy"))}</span>'
+                    ),
+                    e(fmt_time(st.get("last_ok_at"))),
+                    e(st.get("last_error")),
+                    e(", ".join(f"{k}={v}" for k, v in sorted((st.get("counters") or {}).items()))),
+                ]
+                for name, st in sorted(facts.adapters.items())
+            ],
+            t(lang, "no_adapters"),
+            "adapters",
+        )
 
         gaps = mapping_gaps(web)
         if gaps is None:
             gap_html = f'<p class="mapping-none">{e(t(lang, "mapping_not_configured"))}</p>'
         else:
             gap_html = table(
-                [t(lang, "adapter"), t(lang, "map"), t(lang, "code"), t(lang, "description"),
-                 t(lang, "gap_kind"), t(lang, "count")],
-                [[e(g["adapter"]), e(g["map"]), e(g["code"]), e(g["display"]),
-                  e(t(lang, "gap_" + g["kind"]) if g["kind"] in
-                    ("unmapped", "no-target", "unknown-map") else g["kind"]), e(g["count"])]
-                 for g in gaps], t(lang, "no_gaps"), "gaps", num=(5,))
+                [
+                    t(lang, "adapter"),
+                    t(lang, "map"),
+                    t(lang, "code"),
+                    t(lang, "description"),
+                    t(lang, "gap_kind"),
+                    t(lang, "count"),
+                ],
+                [
+                    [
+                        e(g["adapter"]),
+                        e(g["map"]),
+                        e(g["code"]),
+                        e(g["display"]),
+                        e(
+                            t(lang, "gap_" + g["kind"])
+                            if g["kind"] in ("unmapped", "no-target", "unknown-map")
+                            else g["kind"]
+                        ),
+                        e(g["count"]),
+                    ]
+                    for g in gaps
+                ],
+                t(lang, "no_gaps"),
+                "gaps",
+                num=(5,),
+            )
 
         rules = table(
-            ["#", t(lang, "from"), t(lang, "to"), t(lang, "kinds"), t(lang, "senders"),
-             t(lang, "recipients"), t(lang, "notes")],
-            [[e(r["index"]), e(r["from"]), e(r["to"]), e(", ".join(r["kinds"])),
-              e(", ".join(r["senders"])), e(", ".join(r["recipients"])), e(r["note"])]
-             for r in plan.rules.describe()], t(lang, "none"), "rules")
+            [
+                "#",
+                t(lang, "from"),
+                t(lang, "to"),
+                t(lang, "kinds"),
+                t(lang, "senders"),
+                t(lang, "recipients"),
+                t(lang, "notes"),
+            ],
+            [
+                [
+                    e(r["index"]),
+                    e(r["from"]),
+                    e(r["to"]),
+                    e(", ".join(r["kinds"])),
+                    e(", ".join(r["senders"])),
+                    e(", ".join(r["recipients"])),
+                    e(r["note"]),
+                ]
+                for r in plan.rules.describe()
+            ],
+            t(lang, "none"),
+            "rules",
+        )
         reminders = table(
-            [t(lang, "thread"), t(lang, "kind"), t(lang, "peer"), t(lang, "green"),
-             t(lang, "created"), t(lang, "reminded")],
-            [[e(r["thread"]), e(kind_name(lang, r["kind"])),
-              e(web.member_name(lang, r["referrer"] if r["side"] == "receiver"
-                                else r["receiver"])),
-              e(t(lang, "yes") if r["green_channel"] else t(lang, "no")),
-              e(fmt_time(r["created_at"])), e(fmt_time(r["reminded_at"]))] for r in due],
-            t(lang, "none"), "reminders")
+            [
+                t(lang, "thread"),
+                t(lang, "kind"),
+                t(lang, "peer"),
+                t(lang, "green"),
+                t(lang, "created"),
+                t(lang, "reminded"),
+            ],
+            [
+                [
+                    e(r["thread"]),
+                    e(kind_name(lang, r["kind"])),
+                    e(
+                        web.member_name(
+                            lang, r["referrer"] if r["side"] == "receiver" else r["receiver"]
+                        )
+                    ),
+                    e(t(lang, "yes") if r["green_channel"] else t(lang, "no")),
+                    e(fmt_time(r["created_at"])),
+                    e(fmt_time(r["reminded_at"])),
+                ]
+                for r in due
+            ],
+            t(lang, "none"),
+            "reminders",
+        )
         msg = web.sessions.pop_flash(request)
-        body = ((f'<p class="msg">{e(msg)}</p>' if msg else "")
-                + f'<h3>{e(t(lang, "alerts"))}</h3><div class="alerts">{alerts}</div>'
-                + dashboard_section(web, request, lang) +
-                f'<h3>{e(t(lang, "peers"))}</h3>{peers}'
-                f'<h3>{e(t(lang, "queues"))}</h3>{queues}'
-                f'<h3>{e(t(lang, "inbound"))} / {e(t(lang, "quarantine"))}</h3>{inbound}'
-                f'<h3>{e(t(lang, "quarantine"))}</h3>'
-                + shown(len(held), held_total, "/ui/messages?box=quarantine") + quar
-                + f'<h3>{e(t(lang, "dead_letters"))}</h3>'
-                + shown(len(dead), dead_total, "/ui/messages?box=dead") + deads +
-                f'<h3>{e(t(lang, "adapters"))}</h3>{adapters}'
-                f'<h3>{e(t(lang, "mapping_gaps"))}</h3>{gap_html}'
-                + reused_ids_section(web, lang) +
-                f'<h3>{e(t(lang, "reminders"))}</h3>'
-                + shown(len(due), due_total, "/ui/referrals") + reminders +
-                f'<h3>{e(t(lang, "rules"))}</h3>{rules}')
+        body = (
+            (f'<p class="msg">{e(msg)}</p>' if msg else "")
+            + f'<h3>{e(t(lang, "alerts"))}</h3><div class="alerts">{alerts}</div>'
+            + dashboard_section(web, request, lang)
+            + f"<h3>{e(t(lang, 'peers'))}</h3>{peers}"
+            f"<h3>{e(t(lang, 'queues'))}</h3>{queues}"
+            f"<h3>{e(t(lang, 'inbound'))} / {e(t(lang, 'quarantine'))}</h3>{inbound}"
+            f"<h3>{e(t(lang, 'quarantine'))}</h3>"
+            + shown(len(held), held_total, "/ui/messages?box=quarantine")
+            + quar
+            + f"<h3>{e(t(lang, 'dead_letters'))}</h3>"
+            + shown(len(dead), dead_total, "/ui/messages?box=dead")
+            + deads
+            + f"<h3>{e(t(lang, 'adapters'))}</h3>{adapters}"
+            f"<h3>{e(t(lang, 'mapping_gaps'))}</h3>{gap_html}"
+            + reused_ids_section(web, lang)
+            + f"<h3>{e(t(lang, 'reminders'))}</h3>"
+            + shown(len(due), due_total, "/ui/referrals")
+            + reminders
+            + f"<h3>{e(t(lang, 'rules'))}</h3>{rules}"
+        )
         return web.page(request, t(lang, "it"), body, role=role)
 
     @router.post("/it/quarantine/{item_id}/replay")
@@ -231,9 +446,9 @@ def it_routes(web: Web, alerter: Alerter) -> APIRouter:
         if not isinstance(role, str):
             return role
         try:
-            ok, result = ops.quarantine_replay(ctx, node.intake, item_id,
-                                               actor=web.actor(request, role),
-                                               adapters=node.adapters)
+            ok, result = ops.quarantine_replay(
+                ctx, node.intake, item_id, actor=web.actor(request, role), adapters=node.adapters
+            )
         except HutongError as exc:
             return web.error_page(request, role, exc, "/ui/it")
         node.wake_all_senders()
@@ -265,22 +480,35 @@ def reused_ids_section(web: Web, lang: str, limit: int = 50) -> str:
 
     audit = AuditRecord.__table__  # type: ignore[attr-defined]
     with web.ctx.store.read() as conn:
-        rows = conn.execute(select(audit.c.at, audit.c.resource)
-                            .where(audit.c.action == RECORD_ID_REUSED)
-                            .order_by(audit.c.seq.desc()).limit(limit)).all()
-        total = conn.execute(select(func.count()).select_from(audit).where(
-            audit.c.action == RECORD_ID_REUSED)).scalar_one()
+        rows = conn.execute(
+            select(audit.c.at, audit.c.resource)
+            .where(audit.c.action == RECORD_ID_REUSED)
+            .order_by(audit.c.seq.desc())
+            .limit(limit)
+        ).all()
+        total = conn.execute(
+            select(func.count()).select_from(audit).where(audit.c.action == RECORD_ID_REUSED)
+        ).scalar_one()
     items = [(at, event_fields(orjson.loads(res))) for at, res in rows]
     # the rest are in the audit chain: the auditor's page pages through them, as does
     # hutong audit export --action ...
-    rest = (f' <a class="all" href="/ui/audit?{e(urlencode({"action": RECORD_ID_REUSED}))}">'
-            f'{e(t(lang, "see_all"))} →</a>' if total > len(items) else "")
-    return (f'<h3>{e(t(lang, "reused_ids"))}</h3>'
-            f'<p class="count"><span class="total">{total}</span> · {len(items)} '
-            f'{e(t(lang, "shown"))} (audit: <code>{e(RECORD_ID_REUSED)}</code>){rest}</p>'
-            + table([t(lang, "at"), t(lang, "source"), t(lang, "message")],
-                    [[e(fmt_time(at)), e(f.get("actor")), e(f.get("message"))]
-                     for at, f in items], t(lang, "none"), "reused-ids"))
+    rest = (
+        f' <a class="all" href="/ui/audit?{e(urlencode({"action": RECORD_ID_REUSED}))}">'
+        f"{e(t(lang, 'see_all'))} →</a>"
+        if total > len(items)
+        else ""
+    )
+    return (
+        f"<h3>{e(t(lang, 'reused_ids'))}</h3>"
+        f'<p class="count"><span class="total">{total}</span> · {len(items)} '
+        f"{e(t(lang, 'shown'))} (audit: <code>{e(RECORD_ID_REUSED)}</code>){rest}</p>"
+        + table(
+            [t(lang, "at"), t(lang, "source"), t(lang, "message")],
+            [[e(fmt_time(at)), e(f.get("actor")), e(f.get("message"))] for at, f in items],
+            t(lang, "none"),
+            "reused-ids",
+        )
+    )
 
 
 def _failing(status: dict[str, Any]) -> bool:

@@ -34,12 +34,19 @@ CST = timezone(timedelta(hours=8), "CST")
 #: the login form's anti-forgery nonce (before there is a session)
 LOGIN_COOKIE = "hutong_login"
 _POST_FORM = re.compile(r'(<form method="post"[^>]*>)')
-HOME = {"clinician": "/ui/referrals", "auditor": "/ui/audit", "it": "/ui/it",
-        "admin": "/ui/accounts"}
+HOME = {
+    "clinician": "/ui/referrals",
+    "auditor": "/ui/audit",
+    "it": "/ui/it",
+    "admin": "/ui/accounts",
+}
 #: nav links per role: (label key, path); statistics are aggregates, open to every role
 NAV = {
-    "clinician": (("referrals", "/ui/referrals"), ("consultations", "/ui/consultations"),
-                  ("stats", "/ui/stats")),
+    "clinician": (
+        ("referrals", "/ui/referrals"),
+        ("consultations", "/ui/consultations"),
+        ("stats", "/ui/stats"),
+    ),
     "auditor": (("audit", "/ui/audit"), ("stats", "/ui/stats")),
     "it": (("it", "/ui/it"), ("messages", "/ui/messages"), ("stats", "/ui/stats")),
     "admin": (("accounts", "/ui/accounts"),),
@@ -126,16 +133,28 @@ def parse_time(value: str | None) -> datetime | None:
     return parse_when(value, DISPLAY["zone"])
 
 
-def table(headers: Iterable[str], rows: Iterable[Iterable[str]], empty: str,
-          cls: str = "", num: Iterable[int] = ()) -> str:
+def table(
+    headers: Iterable[str],
+    rows: Iterable[Iterable[str]],
+    empty: str,
+    cls: str = "",
+    num: Iterable[int] = (),
+) -> str:
     """Rows are already-escaped HTML cells; ``num`` are column indexes aligned right."""
     right = set(num)
     heads = list(headers)
     body = "".join(
-        "<tr>" + "".join(f'<td class="num">{c}</td>' if i in right else f"<td>{c}</td>"
-                         for i, c in enumerate(r)) + "</tr>" for r in rows)
-    head = "".join(f'<th class="num">{e(h)}</th>' if i in right else f"<th>{e(h)}</th>"
-                   for i, h in enumerate(heads))
+        "<tr>"
+        + "".join(
+            f'<td class="num">{c}</td>' if i in right else f"<td>{c}</td>" for i, c in enumerate(r)
+        )
+        + "</tr>"
+        for r in rows
+    )
+    head = "".join(
+        f'<th class="num">{e(h)}</th>' if i in right else f"<th>{e(h)}</th>"
+        for i, h in enumerate(heads)
+    )
     if not body:
         body = f'<tr><td colspan="{len(heads) or 1}">{e(empty)}</td></tr>'
     return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
@@ -188,8 +207,10 @@ class Web:
                 return
             expected = self.csrf_for(request)
         if not same_token(given, expected):
-            raise CsrfRefused("the form's anti-forgery token is missing or wrong; reload the "
-                              "page and submit again")
+            raise CsrfRefused(
+                "the form's anti-forgery token is missing or wrong; reload the "
+                "page and submit again"
+            )
 
     def lang(self, request: Request) -> str:
         return pick_lang(request.query_params.get("lang"), request.cookies.get(LANG_COOKIE))
@@ -200,14 +221,24 @@ class Web:
             return member_id or ""
         return f"{m.names.en if lang == 'en' else m.names.zh} ({member_id})"
 
-    def page(self, request: Request, title: str, body: str, *, role: str | None = None,
-             status: int = 200, csrf: str | None = None) -> HTMLResponse:
+    def page(
+        self,
+        request: Request,
+        title: str,
+        body: str,
+        *,
+        role: str | None = None,
+        status: int = 200,
+        csrf: str | None = None,
+    ) -> HTMLResponse:
         lang = self.lang(request)
         token = csrf or self.csrf_for(request)
         if request.url.path == "/ui/it" and status < 400 and self.plan.web.shared_role_tokens:
             # flagged on the IT page until every person and system has their own account
-            body = (f'<p class="alert shared-tokens"><a href="/ui/accounts">'
-                    f'{e(t(lang, "shared_tokens_on"))}</a></p>' + body)
+            body = (
+                f'<p class="alert shared-tokens"><a href="/ui/accounts">'
+                f"{e(t(lang, 'shared_tokens_on'))}</a></p>" + body
+            )
         meta = field = ""
         if token:  # every post form carries it; scripts and test clients find it in the head
             meta = f'<meta name="csrf-token" content="{e(token)}">'
@@ -218,31 +249,42 @@ class Web:
         here = request.url.path
         if status >= 400:  # an error page does not write the caller's URL back
             keep, here = {}, "/ui/"
-        switch = (f'<a class="lang" href="{e(here)}?'
-                  f'{e(urlencode({**keep, "lang": other}))}">'
-                  f'{"English" if other == "en" else "中文"}</a>')
+        switch = (
+            f'<a class="lang" href="{e(here)}?'
+            f'{e(urlencode({**keep, "lang": other}))}">'
+            f"{'English' if other == 'en' else '中文'}</a>"
+        )
         nav = ""
         if role:
             s = self.sessions.get(request)
             roles = s.who.roles if s else (role,)
             seen_links = {href: key for r in (role, *roles) for key, href in NAV.get(r, ())}
-            links = "".join(f'<a href="{href}">{e(t(lang, key))}</a>'
-                            for href, key in seen_links.items())
-            person = (f'<span class="who">{e(s.who.name)}</span>'
-                      if s and s.who.kind == "user" else "")
-            links += ('<a href="/ui/password">' + e(t(lang, "password")) + "</a>"
-                      if s and s.who.kind == "user" else "")
+            links = "".join(
+                f'<a href="{href}">{e(t(lang, key))}</a>' for href, key in seen_links.items()
+            )
+            person = (
+                f'<span class="who">{e(s.who.name)}</span>' if s and s.who.kind == "user" else ""
+            )
+            links += (
+                '<a href="/ui/password">' + e(t(lang, "password")) + "</a>"
+                if s and s.who.kind == "user"
+                else ""
+            )
             # logging out changes state: a form post (with the token), not a link
-            nav = (f'{person}<span>{e(t(lang, "role"))}: {e(t(lang, "role_" + role))}</span>{links}'
-                   f'<form method="post" action="/ui/logout" class="logout">{field}'
-                   f'<button type="submit">{e(t(lang, "logout"))}</button></form>')
-        doc = (f'<!DOCTYPE html><html lang="{"en" if lang == "en" else "zh-CN"}"><head>'
-               f'<meta charset="utf-8"><meta name="viewport" content="width=device-width">{meta}'
-               f'<title>{e(title)} · {e(t(lang, "app"))}</title>'
-               f'<style>{CSS}</style></head><body><header><strong>{e(t(lang, "app"))}</strong>'
-               f'<span>{e(self.member_name(lang, self.plan.node_id))}</span>'
-               f'<span class="sp"></span>{nav}{switch}</header>'
-               f'<main><h2>{e(title)}</h2>{body}</main></body></html>')
+            nav = (
+                f"{person}<span>{e(t(lang, 'role'))}: {e(t(lang, 'role_' + role))}</span>{links}"
+                f'<form method="post" action="/ui/logout" class="logout">{field}'
+                f'<button type="submit">{e(t(lang, "logout"))}</button></form>'
+            )
+        doc = (
+            f'<!DOCTYPE html><html lang="{"en" if lang == "en" else "zh-CN"}"><head>'
+            f'<meta charset="utf-8"><meta name="viewport" content="width=device-width">{meta}'
+            f"<title>{e(title)} · {e(t(lang, 'app'))}</title>"
+            f"<style>{CSS}</style></head><body><header><strong>{e(t(lang, 'app'))}</strong>"
+            f"<span>{e(self.member_name(lang, self.plan.node_id))}</span>"
+            f'<span class="sp"></span>{nav}{switch}</header>'
+            f"<main><h2>{e(title)}</h2>{body}</main></body></html>"
+        )
         resp = HTMLResponse(doc, status_code=status)
         if request.query_params.get("lang") in ("zh", "en"):
             resp.set_cookie(LANG_COOKIE, lang, max_age=365 * 86400, samesite="lax", path="/ui")
@@ -256,8 +298,15 @@ class Web:
     def session(self, request: Request) -> Session | None:
         return self.sessions.get(request)
 
-    def audit_read(self, request: Request, role: str, seen: list[tuple[str, str | None]],
-                   shown: str, *, interaction: str = "read") -> None:
+    def audit_read(
+        self,
+        request: Request,
+        role: str,
+        seen: list[tuple[str, str | None]],
+        shown: str,
+        *,
+        interaction: str = "read",
+    ) -> None:
         """One ``read`` AuditEvent per patient this page shows (one without a patient when it
         shows none), naming the person, role, address and what was shown; written before the
         page is sent, so an unaudited look cannot happen."""
@@ -267,9 +316,20 @@ class Web:
         actor = s.who.actor if s else f"role:{role}"
         address = request.client.host if request.client else None
         with self.ctx.store.write() as conn:
-            self.ctx.audit.append(conn, read_entries(
-                role, shown, seen, self.ctx.now(), actor=actor, actor_role=role,
-                address=address, interaction=interaction, message="page read"))
+            self.ctx.audit.append(
+                conn,
+                read_entries(
+                    role,
+                    shown,
+                    seen,
+                    self.ctx.now(),
+                    actor=actor,
+                    actor_role=role,
+                    address=address,
+                    interaction=interaction,
+                    message="page read",
+                ),
+            )
 
     def gate(self, request: Request, *allowed: str) -> str | Response:
         """The role the session acts in here, or the response to send instead (login redirect
@@ -280,22 +340,34 @@ class Web:
         role = s.who.acting(allowed) or s.role
         if role not in allowed:
             lang = self.lang(request)
-            return self.page(request, t(lang, "forbidden"),
-                             f'<p class="bad">{e(t(lang, "forbidden_text"))}</p>'
-                             f'<p><a href="{HOME[role]}">{e(t(lang, "back"))}</a></p>',
-                             role=role, status=403)
+            return self.page(
+                request,
+                t(lang, "forbidden"),
+                f'<p class="bad">{e(t(lang, "forbidden_text"))}</p>'
+                f'<p><a href="{HOME[role]}">{e(t(lang, "back"))}</a></p>',
+                role=role,
+                status=403,
+            )
         return role
 
-    def error_page(self, request: Request, role: str, exc: HutongError,
-                   back: str) -> HTMLResponse:
+    def error_page(self, request: Request, role: str, exc: HutongError, back: str) -> HTMLResponse:
         lang = self.lang(request)
-        return self.page(request, t(lang, "error"),
-                         f'<p class="bad">{e(exc.code)}: {e(exc.message)}</p>'
-                         f'<p><a href="{e(back)}">{e(t(lang, "back"))}</a></p>',
-                         role=role, status=exc.http_status)
+        return self.page(
+            request,
+            t(lang, "error"),
+            f'<p class="bad">{e(exc.code)}: {e(exc.message)}</p>'
+            f'<p><a href="{e(back)}">{e(t(lang, "back"))}</a></p>',
+            role=role,
+            status=exc.http_status,
+        )
 
     def not_found(self, request: Request, role: str, what: str) -> HTMLResponse:
         """404 page; ``what`` (caller input: a thread id from the URL) is not shown back."""
         lang = self.lang(request)
-        return self.page(request, t(lang, "not_found"), f"<p>{e(t(lang, 'not_found'))}</p>",
-                         role=role, status=404)
+        return self.page(
+            request,
+            t(lang, "not_found"),
+            f"<p>{e(t(lang, 'not_found'))}</p>",
+            role=role,
+            status=404,
+        )

@@ -38,23 +38,26 @@ def login_routes(web: Web) -> APIRouter:
             nonce = secrets.token_urlsafe(24)
             token = web.login_token(nonce)
         msg = f'<p class="bad">{e(error)}</p>' if error else ""
-        body = (f'{msg}<form method="post" action="/ui/login" class="inline login-personal">'
-                f'<label>{e(t(lang, "user_name"))} <input name="name" autocomplete="username" '
-                f'size="20"></label>'
-                f'<label>{e(t(lang, "password"))} <input type="password" name="password" '
-                f'autocomplete="current-password" size="20"></label>'
-                f'<label>{e(t(lang, "totp"))} <input name="totp" size="8" '
-                f'autocomplete="one-time-code" inputmode="numeric"></label>'
-                f'<button type="submit">{e(t(lang, "login"))}</button></form>')
+        body = (
+            f'{msg}<form method="post" action="/ui/login" class="inline login-personal">'
+            f'<label>{e(t(lang, "user_name"))} <input name="name" autocomplete="username" '
+            f'size="20"></label>'
+            f'<label>{e(t(lang, "password"))} <input type="password" name="password" '
+            f'autocomplete="current-password" size="20"></label>'
+            f'<label>{e(t(lang, "totp"))} <input name="totp" size="8" '
+            f'autocomplete="one-time-code" inputmode="numeric"></label>'
+            f'<button type="submit">{e(t(lang, "login"))}</button></form>'
+        )
         if web.plan.web.shared_role_tokens:
-            body += (f'<form method="post" action="/ui/login" class="inline login">'
-                     f'<label>{e(t(lang, "token"))} <input type="password" name="token" '
-                     f'autocomplete="off" size="40" required></label>'
-                     f'<button type="submit">{e(t(lang, "login"))}</button>'
-                     f'<p><small>{e(t(lang, "token_help"))}</small></p></form>')
+            body += (
+                f'<form method="post" action="/ui/login" class="inline login">'
+                f'<label>{e(t(lang, "token"))} <input type="password" name="token" '
+                f'autocomplete="off" size="40" required></label>'
+                f'<button type="submit">{e(t(lang, "login"))}</button>'
+                f"<p><small>{e(t(lang, 'token_help'))}</small></p></form>"
+            )
         resp = web.page(request, t(lang, "login"), body, status=status, csrf=token)
-        resp.set_cookie(LOGIN_COOKIE, nonce, httponly=True, samesite="strict",
-                        path="/ui/login")
+        resp.set_cookie(LOGIN_COOKIE, nonce, httponly=True, samesite="strict", path="/ui/login")
         return resp
 
     def shared_login(request: Request, token: str) -> Principal:
@@ -64,14 +67,34 @@ def login_routes(web: Web) -> APIRouter:
             role = role_of(request.app.state.tokens, f"Bearer {token}")
         except Unauthorized:
             with ctx.store.write() as conn:
-                ctx.audit.append(conn, [AuditEntry(
-                    action="login-failed", outcome="4", actor="user:?",
-                    address=address(request), message="unknown token", at=ctx.now())])
+                ctx.audit.append(
+                    conn,
+                    [
+                        AuditEntry(
+                            action="login-failed",
+                            outcome="4",
+                            actor="user:?",
+                            address=address(request),
+                            message="unknown token",
+                            at=ctx.now(),
+                        )
+                    ],
+                )
             raise
         with ctx.store.write() as conn:
-            ctx.audit.append(conn, [AuditEntry(
-                action="login", actor=f"role:{role}", actor_role=role, address=address(request),
-                message="logged in with the shared role token", at=ctx.now())])
+            ctx.audit.append(
+                conn,
+                [
+                    AuditEntry(
+                        action="login",
+                        actor=f"role:{role}",
+                        actor_role=role,
+                        address=address(request),
+                        message="logged in with the shared role token",
+                        at=ctx.now(),
+                    )
+                ],
+            )
         return shared(role)
 
     @router.get("/login")
@@ -87,18 +110,28 @@ def login_routes(web: Web) -> APIRouter:
             if name:
                 bad = "bad_login"
                 principal = await run_in_threadpool(
-                    web.accounts.login, name, form.get("password", ""), form.get("totp"),
-                    address(request))
+                    web.accounts.login,
+                    name,
+                    form.get("password", ""),
+                    form.get("totp"),
+                    address(request),
+                )
             else:
                 bad = "bad_token"
                 principal = await run_in_threadpool(
-                    shared_login, request, form.get("token", "").strip())
+                    shared_login, request, form.get("token", "").strip()
+                )
         except Unauthorized:
             return login_form(request, t(lang, bad), 401)
         role = principal.roles[0]
         resp = RedirectResponse(HOME[role], status_code=303)
-        resp.set_cookie(SESSION_COOKIE, web.sessions.create(role, principal), httponly=True,
-                        samesite="strict", path="/ui")
+        resp.set_cookie(
+            SESSION_COOKIE,
+            web.sessions.create(role, principal),
+            httponly=True,
+            samesite="strict",
+            path="/ui",
+        )
         return resp
 
     @router.get("/logout")
@@ -127,13 +160,15 @@ def login_routes(web: Web) -> APIRouter:
             return RedirectResponse("/ui/login", status_code=303)
         lang = web.lang(request)
         flash = web.sessions.pop_flash(request)
-        body = ((f'<p class="msg">{e(flash)}</p>' if flash else "")
-                + f'<form method="post" action="/ui/password" class="inline password">'
-                f'<label>{e(t(lang, "password_old"))} <input type="password" name="old" '
-                f'autocomplete="current-password" required></label>'
-                f'<label>{e(t(lang, "password_new"))} <input type="password" name="new" '
-                f'autocomplete="new-password" minlength="10" required></label>'
-                f'<button type="submit">{e(t(lang, "save"))}</button></form>')
+        body = (
+            (f'<p class="msg">{e(flash)}</p>' if flash else "")
+            + f'<form method="post" action="/ui/password" class="inline password">'
+            f'<label>{e(t(lang, "password_old"))} <input type="password" name="old" '
+            f'autocomplete="current-password" required></label>'
+            f'<label>{e(t(lang, "password_new"))} <input type="password" name="new" '
+            f'autocomplete="new-password" minlength="10" required></label>'
+            f'<button type="submit">{e(t(lang, "save"))}</button></form>'
+        )
         return web.page(request, t(lang, "password"), body, role=s.role)
 
     @router.post("/password")
@@ -144,8 +179,12 @@ def login_routes(web: Web) -> APIRouter:
         form = await read_form(request)
         lang = web.lang(request)
         try:
-            await run_in_threadpool(web.accounts.change_own_password, s.who.name,
-                                    form.get("old", ""), form.get("new", ""))
+            await run_in_threadpool(
+                web.accounts.change_own_password,
+                s.who.name,
+                form.get("old", ""),
+                form.get("new", ""),
+            )
             web.sessions.flash(request, t(lang, "password_changed"))
         except HutongError as exc:
             web.sessions.flash(request, f"{exc.code}: {exc.message}")

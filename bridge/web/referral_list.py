@@ -34,24 +34,40 @@ def hashes_for(conn: Connection, key: bytes, q: str) -> set[str]:
     q = q.strip()
     if _NATIONAL_ID.fullmatch(q):
         return {patient_hash(key, q)}
-    ids = {r.id for r in conn.execute(select(FHIR_TOKEN.c.id).where(
-        FHIR_TOKEN.c.rtype == "Patient", FHIR_TOKEN.c.value == q))}
+    ids = {
+        r.id
+        for r in conn.execute(
+            select(FHIR_TOKEN.c.id).where(FHIR_TOKEN.c.rtype == "Patient", FHIR_TOKEN.c.value == q)
+        )
+    }
     body = FHIR_RESOURCE.c.body
-    text = func.convert_from(body, "UTF8") if conn.dialect.name == "postgresql" \
-        else cast(body, String)
+    text = (
+        func.convert_from(body, "UTF8") if conn.dialect.name == "postgresql" else cast(body, String)
+    )
     like = q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    ids |= {r.id for r in conn.execute(select(FHIR_RESOURCE.c.id).where(
-        FHIR_RESOURCE.c.rtype == "Patient", text.like(f"%{like}%", escape="\\")))}
+    ids |= {
+        r.id
+        for r in conn.execute(
+            select(FHIR_RESOURCE.c.id).where(
+                FHIR_RESOURCE.c.rtype == "Patient", text.like(f"%{like}%", escape="\\")
+            )
+        )
+    }
     if not ids:
         return set()
-    return {r.patient_hash for r in conn.execute(
-        select(FHIR_RESOURCE.c.patient_hash).where(FHIR_RESOURCE.c.rtype == "Patient",
-                                                   FHIR_RESOURCE.c.id.in_(ids)))
-            if r.patient_hash}
+    return {
+        r.patient_hash
+        for r in conn.execute(
+            select(FHIR_RESOURCE.c.patient_hash).where(
+                FHIR_RESOURCE.c.rtype == "Patient", FHIR_RESOURCE.c.id.in_(ids)
+            )
+        )
+        if r.patient_hash
+    }
 
 
 def encode_after(row: dict[str, Any]) -> str:
-    raw = f'{row["updated_at"].isoformat()}|{row["thread"]}'
+    raw = f"{row['updated_at'].isoformat()}|{row['thread']}"
     return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
 
 
@@ -62,11 +78,21 @@ def decode_after(token: str) -> tuple[datetime, str]:
     return datetime.fromisoformat(at), thread
 
 
-def page(conn: Connection, key: bytes, *, side: str | None = None, status: str | None = None,
-         kind: str | None = None, peer: str | None = None, since: datetime | None = None,
-         until: datetime | None = None, q: str | None = None, after: str | None = None,
-         patient_hash: str | None = None,
-         size: int = PAGE) -> tuple[list[dict[str, Any]], int, str | None]:
+def page(
+    conn: Connection,
+    key: bytes,
+    *,
+    side: str | None = None,
+    status: str | None = None,
+    kind: str | None = None,
+    peer: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    q: str | None = None,
+    after: str | None = None,
+    patient_hash: str | None = None,
+    size: int = PAGE,
+) -> tuple[list[dict[str, Any]], int, str | None]:
     """(rows with ``patient_name`` and ``record_no``, total matching, next-page token)."""
     where: list[Any] = []
     if side in ("receiver", "referrer"):
@@ -86,16 +112,22 @@ def page(conn: Connection, key: bytes, *, side: str | None = None, status: str |
     if q and q.strip():
         hashes = hashes_for(conn, key, q)
         where.append(R.c.patient_hash.in_(hashes) if hashes else R.c.thread.is_(None))
-    total = conn.execute(select(func.count()).select_from(R).where(and_(True, *where))
-                         ).scalar() or 0
+    total = (
+        conn.execute(select(func.count()).select_from(R).where(and_(True, *where))).scalar() or 0
+    )
     page_where = list(where)
     if after:
         at, thread = decode_after(after)
-        page_where.append(or_(R.c.updated_at < at,
-                              and_(R.c.updated_at == at, R.c.thread < thread)))
-    rows = [dict(r._mapping) for r in conn.execute(
-        select(R).where(and_(True, *page_where))
-        .order_by(R.c.updated_at.desc(), R.c.thread.desc()).limit(size + 1))]
+        page_where.append(or_(R.c.updated_at < at, and_(R.c.updated_at == at, R.c.thread < thread)))
+    rows = [
+        dict(r._mapping)
+        for r in conn.execute(
+            select(R)
+            .where(and_(True, *page_where))
+            .order_by(R.c.updated_at.desc(), R.c.thread.desc())
+            .limit(size + 1)
+        )
+    ]
     nxt = encode_after(rows[size - 1]) if len(rows) > size else None
     rows = rows[:size]
     for r in rows:
@@ -113,9 +145,16 @@ def _patient(conn: Connection, row: dict[str, Any]) -> tuple[str, str, str | Non
     if len(ref) != 2 or not store.exists(conn, "Patient", ref[1]):
         return "", "", None
     p = store.get(conn, "Patient", ref[1])
-    name = next((n.get("text") or "".join([*(n.get("family") or ""), *(n.get("given") or [])])
-                 for n in p.get("name") or []), "")
+    name = next(
+        (
+            n.get("text") or "".join([*(n.get("family") or ""), *(n.get("given") or [])])
+            for n in p.get("name") or []
+        ),
+        "",
+    )
     mrn = fv.identifiers(p, "MR") or ", ".join(
-        str(i.get("value")) for i in p.get("identifier") or []
-        if "mrn" in str(i.get("system") or "").lower() and i.get("value"))
+        str(i.get("value"))
+        for i in p.get("identifier") or []
+        if "mrn" in str(i.get("system") or "").lower() and i.get("value")
+    )
     return name, mrn, ref[1]

@@ -21,12 +21,19 @@ FIELDS = ("doctor", "diagnosis", "summary", "instructions")
 def _div(text: str) -> dict[str, str]:
     from html import escape
 
-    return {"status": "generated",
-            "div": f'<div xmlns="http://www.w3.org/1999/xhtml">{escape(text)}</div>'}
+    return {
+        "status": "generated",
+        "div": f'<div xmlns="http://www.w3.org/1999/xhtml">{escape(text)}</div>',
+    }
 
 
-def return_bundle(row: dict[str, Any], task: dict[str, Any], arrived_at: datetime | None,
-                  now: datetime, form: dict[str, str]) -> dict[str, Any]:
+def return_bundle(
+    row: dict[str, Any],
+    task: dict[str, Any],
+    arrived_at: datetime | None,
+    now: datetime,
+    form: dict[str, str],
+) -> dict[str, Any]:
     """The return transaction Bundle for one received referral; form fields by ``FIELDS``.
 
     Raises ValueError naming the missing field (the page shows it)."""
@@ -39,32 +46,63 @@ def return_bundle(row: dict[str, Any], task: dict[str, Any], arrived_at: datetim
     u = {k: f"urn:uuid:{uuid.uuid4()}" for k in ("sr", "enc", "comp")}
     sections = []
     if f["diagnosis"]:
-        sections.append({"title": "出院诊断" if inpatient else "诊断",
-                         "text": _div(f["diagnosis"])})
+        sections.append(
+            {"title": "出院诊断" if inpatient else "诊断", "text": _div(f["diagnosis"])}
+        )
     sections.append({"title": "诊疗经过", "text": _div(f["summary"])})
     sections.append({"title": "给社区医生的指导", "text": _div(f["instructions"])})
     period = {"end": now.isoformat()}
     if arrived_at is not None:
         period["start"] = arrived_at.isoformat()
     entries: list[dict[str, Any]] = [
-        {"fullUrl": u["sr"], "resource": {
-            "resourceType": "ServiceRequest", "status": "active", "intent": "order",
-            "basedOn": [{"reference": f"ServiceRequest/{row['sr_id']}"}],
-            "subject": patient, "note": [{"text": f["instructions"]}]}},
-        {"fullUrl": u["enc"], "resource": {
-            "resourceType": "Encounter", "status": "finished",
-            "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode",
-                      "code": "IMP" if inpatient else "AMB"},
-            "subject": patient, "period": period}},
-        {"fullUrl": u["comp"], "resource": {
-            "resourceType": "Composition", "status": "final",
-            "type": {"coding": [{"system": LOINC, "code": "18842-5",
-                                 "display": "Discharge summary"}] if inpatient else
-                     [{"system": LOINC, "code": "11488-4", "display": "Consult note"}]},
-            "subject": patient, "encounter": {"reference": u["enc"]},
-            "date": now.isoformat(), "author": [{"display": f["doctor"]}],
-            "title": "出院小结" if inpatient else "门诊诊疗小结", "section": sections}},
+        {
+            "fullUrl": u["sr"],
+            "resource": {
+                "resourceType": "ServiceRequest",
+                "status": "active",
+                "intent": "order",
+                "basedOn": [{"reference": f"ServiceRequest/{row['sr_id']}"}],
+                "subject": patient,
+                "note": [{"text": f["instructions"]}],
+            },
+        },
+        {
+            "fullUrl": u["enc"],
+            "resource": {
+                "resourceType": "Encounter",
+                "status": "finished",
+                "class": {
+                    "system": "http://terminology.hl7.org/CodeSystem/v3-ActCode",
+                    "code": "IMP" if inpatient else "AMB",
+                },
+                "subject": patient,
+                "period": period,
+            },
+        },
+        {
+            "fullUrl": u["comp"],
+            "resource": {
+                "resourceType": "Composition",
+                "status": "final",
+                "type": {
+                    "coding": [{"system": LOINC, "code": "18842-5", "display": "Discharge summary"}]
+                    if inpatient
+                    else [{"system": LOINC, "code": "11488-4", "display": "Consult note"}]
+                },
+                "subject": patient,
+                "encounter": {"reference": u["enc"]},
+                "date": now.isoformat(),
+                "author": [{"display": f["doctor"]}],
+                "title": "出院小结" if inpatient else "门诊诊疗小结",
+                "section": sections,
+            },
+        },
     ]
-    return {"resourceType": "Bundle", "type": "transaction",
-            "entry": [{**x, "request": {"method": "POST",
-                                        "url": x["resource"]["resourceType"]}} for x in entries]}
+    return {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {**x, "request": {"method": "POST", "url": x["resource"]["resourceType"]}}
+            for x in entries
+        ],
+    }

@@ -43,9 +43,11 @@ COMMON_HEADERS: tuple[tuple[bytes, bytes], ...] = (
 #: JSON, FHIR and packet answers: nothing to load, nothing to frame
 API_CSP = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
 #: the API docs page: Swagger UI's own files from this node, no inline script, no CDN
-DOCS_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-            "connect-src 'self'; font-src 'self'; frame-ancestors 'none'; base-uri 'none'; "
-            "form-action 'none'")
+DOCS_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; font-src 'self'; frame-ancestors 'none'; base-uri 'none'; "
+    "form-action 'none'"
+)
 
 
 def style_hash(css: str) -> str:
@@ -56,10 +58,12 @@ def style_hash(css: str) -> str:
 def page_csp(css: str) -> str:
     """/ui pages: the one inline stylesheet by its hash, scripts only from this node's files;
     those scripts may fetch from this node only (the IT dashboard's refresh)."""
-    return (f"default-src 'none'; style-src {style_hash(css)}; script-src 'self'; "
-            "img-src 'self' data:; connect-src 'self'; form-action 'self'; "
-            "frame-ancestors 'none'; "
-            "base-uri 'none'")
+    return (
+        f"default-src 'none'; style-src {style_hash(css)}; script-src 'self'; "
+        "img-src 'self' data:; connect-src 'self'; form-action 'self'; "
+        "frame-ancestors 'none'; "
+        "base-uri 'none'"
+    )
 
 
 def _authority(url: str) -> str | None:
@@ -85,8 +89,9 @@ def origin_problem(scope: Scope, headers: dict[bytes, bytes], *, required: bool)
             if not host or _authority(value.decode("latin-1")) != host:
                 return "the request comes from another origin"
             return None
-    return "the request does not say where it comes from (no Origin or Referer)" \
-        if required else None
+    return (
+        "the request does not say where it comes from (no Origin or Referer)" if required else None
+    )
 
 
 class SecurityHeaders:
@@ -120,8 +125,10 @@ class SecurityHeaders:
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 names = {k.lower() for k, _ in message.get("headers", [])}
-                message["headers"] = [*message.get("headers", []),
-                                      *((k, v) for k, v in extra if k not in names)]
+                message["headers"] = [
+                    *message.get("headers", []),
+                    *((k, v) for k, v in extra if k not in names),
+                ]
             await send(message)
 
         if scope.get("method", "GET") not in SAFE_METHODS:
@@ -135,10 +142,12 @@ class SecurityHeaders:
 
 def refusal_html(exc: HutongError) -> bytes:
     """A plain page for a refused browser request: the code and the rule, no input echoed."""
-    return (f'<!DOCTYPE html><html lang="zh-CN"><head><meta charset="utf-8"><title>'
-            f'{html.escape(exc.code)}</title></head><body><h2>请求被拒绝 / Request refused</h2>'
-            f'<p>{html.escape(exc.code)}: {html.escape(exc.message)}</p>'
-            f'<p><a href="/ui/login">登录 / Log in</a></p></body></html>').encode()
+    return (
+        f'<!DOCTYPE html><html lang="zh-CN"><head><meta charset="utf-8"><title>'
+        f"{html.escape(exc.code)}</title></head><body><h2>请求被拒绝 / Request refused</h2>"
+        f"<p>{html.escape(exc.code)}: {html.escape(exc.message)}</p>"
+        f'<p><a href="/ui/login">登录 / Log in</a></p></body></html>'
+    ).encode()
 
 
 async def refuse(exc: HutongError, path: str, send: Send) -> None:
@@ -152,9 +161,13 @@ async def refuse(exc: HutongError, path: str, send: Send) -> None:
         body, ctype = orjson.dumps(operation_outcome(exc)), b"application/fhir+json"
     else:
         body, ctype = orjson.dumps(exc.as_dict()), b"application/json"
-    await send({"type": "http.response.start", "status": exc.http_status,
-                "headers": [(b"content-type", ctype),
-                            (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": exc.http_status,
+            "headers": [(b"content-type", ctype), (b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 

@@ -38,8 +38,12 @@ class Session:
 
 
 class Sessions:
-    def __init__(self, idle_s: float = 1800.0, max_s: float = 12 * 3600.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        idle_s: float = 1800.0,
+        max_s: float = 12 * 3600.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.idle_s = idle_s
         self.max_s = max_s
         self.clock = clock
@@ -55,8 +59,9 @@ class Sessions:
         with self._lock:
             for old in [k for k, s in self._sessions.items() if self._expired(s, now)]:
                 del self._sessions[old]  # ended sessions do not pile up in memory
-            self._sessions[sid] = Session(role, secrets.token_urlsafe(32), now, now,
-                                          principal=principal)
+            self._sessions[sid] = Session(
+                role, secrets.token_urlsafe(32), now, now, principal=principal
+            )
         return sid
 
     def get(self, request: Request) -> Session | None:

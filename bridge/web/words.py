@@ -17,45 +17,68 @@ from bridge.web.i18n import LABELS, status_name, step_name, t
 if TYPE_CHECKING:
     from bridge.node import Node
 
-PRIORITY = {"routine": ("普通", "routine"), "urgent": ("紧急", "urgent"),
-            "asap": ("尽快", "as soon as possible"), "stat": ("立即", "immediately")}
+PRIORITY = {
+    "routine": ("普通", "routine"),
+    "urgent": ("紧急", "urgent"),
+    "asap": ("尽快", "as soon as possible"),
+    "stat": ("立即", "immediately"),
+}
 #: MedicationRequest / ImagingStudy / DiagnosticReport / Observation statuses
 RESOURCE_STATUS = {
-    "active": ("执行中", "active"), "on-hold": ("暂停", "on hold"),
-    "cancelled": ("已撤销", "cancelled"), "completed": ("已完成", "completed"),
-    "entered-in-error": ("录入错误", "entered in error"), "stopped": ("已停止", "stopped"),
-    "draft": ("草稿", "draft"), "unknown": ("未知", "unknown"),
-    "registered": ("已登记", "registered"), "available": ("可调阅", "available"),
-    "preliminary": ("初步", "preliminary"), "final": ("最终", "final"),
-    "amended": ("已修改", "amended"), "corrected": ("已更正", "corrected"),
-    "appended": ("已补充", "appended"), "partial": ("部分", "partial"),
+    "active": ("执行中", "active"),
+    "on-hold": ("暂停", "on hold"),
+    "cancelled": ("已撤销", "cancelled"),
+    "completed": ("已完成", "completed"),
+    "entered-in-error": ("录入错误", "entered in error"),
+    "stopped": ("已停止", "stopped"),
+    "draft": ("草稿", "draft"),
+    "unknown": ("未知", "unknown"),
+    "registered": ("已登记", "registered"),
+    "available": ("可调阅", "available"),
+    "preliminary": ("初步", "preliminary"),
+    "final": ("最终", "final"),
+    "amended": ("已修改", "amended"),
+    "corrected": ("已更正", "corrected"),
+    "appended": ("已补充", "appended"),
+    "partial": ("部分", "partial"),
 }
 #: referral step events as the history table lists them
 EVENT_WORDS = {
-    "request": ("提交转诊申请", "referral requested"), "received": ("已收到", "received"),
-    "accept": ("接收", "accepted"), "reject": ("拒绝", "declined"),
-    "arrive": ("患者到院", "patient arrived"), "cancel": ("申请撤销", "cancellation asked"),
+    "request": ("提交转诊申请", "referral requested"),
+    "received": ("已收到", "received"),
+    "accept": ("接收", "accepted"),
+    "reject": ("拒绝", "declined"),
+    "arrive": ("患者到院", "patient arrived"),
+    "cancel": ("申请撤销", "cancellation asked"),
     "cancelled": ("已撤销", "withdrawn"),
     "cancel-refused": ("撤销未获同意", "cancellation refused"),
     "return": ("出院转回", "discharged and returned"),
-    "return-received": ("转回已接收", "return received"), "consent": ("签署同意", "consent"),
-    "schedule": ("预约", "booked"), "complete": ("完成", "completed"),
+    "return-received": ("转回已接收", "return received"),
+    "consent": ("签署同意", "consent"),
+    "schedule": ("预约", "booked"),
+    "complete": ("完成", "completed"),
 }
 
-LABELS.update({
-    "actor_adapter": ("本院系统接口", "local system"),
-    "actor_node": ("节点", "node"),
-    "actor_cli": ("命令行", "command line"),
-    "imaging_fetch": ("调阅影像", "Fetch images"),
-    "imaging_viewer": ("在影像浏览器中打开", "Open in viewer"),
-    "imaging_fetched": ("已请求调阅", "Fetch requested"),
-    "patient_imaging_ImagingStudy": ("本院存有该患者的影像检查",
-                                     "Imaging studies of this patient held here"),
-    "patient_imaging_DiagnosticReport": ("本院存有该患者的影像报告",
-                                         "Imaging reports of this patient held here"),
-    "first_page": ("第一页", "First page"),
-    "reason_required": ("拒绝或撤销须填写原因", "A reason is required to decline or withdraw"),
-})
+LABELS.update(
+    {
+        "actor_adapter": ("本院系统接口", "local system"),
+        "actor_node": ("节点", "node"),
+        "actor_cli": ("命令行", "command line"),
+        "imaging_fetch": ("调阅影像", "Fetch images"),
+        "imaging_viewer": ("在影像浏览器中打开", "Open in viewer"),
+        "imaging_fetched": ("已请求调阅", "Fetch requested"),
+        "patient_imaging_ImagingStudy": (
+            "本院存有该患者的影像检查",
+            "Imaging studies of this patient held here",
+        ),
+        "patient_imaging_DiagnosticReport": (
+            "本院存有该患者的影像报告",
+            "Imaging reports of this patient held here",
+        ),
+        "first_page": ("第一页", "First page"),
+        "reason_required": ("拒绝或撤销须填写原因", "A reason is required to decline or withdraw"),
+    }
+)
 
 
 def _pick(pairs: dict[str, tuple[str, str]], lang: str, code: Any) -> str:
