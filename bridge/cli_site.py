@@ -93,8 +93,8 @@ def site_init(
             f"{show(alliance_dir / 'secrets')} (the node refuses to start until then)"
         )
     steps.append(
-        f"{cmd} config check {show(alliance_dir)}, then {cmd} run --config {show(report.node_file)}"
-    )  # type: ignore[arg-type]
+        f"{cmd} config check {show(alliance_dir)}, then {cmd} run --config {show(report.node_file)}"  # type: ignore[arg-type]
+    )
     out.print("next:")
     for i, step in enumerate(steps, start=1):
         out.print(f"  {i}. {step}")
