@@ -158,7 +158,7 @@ def auditor_routes(web: Web) -> APIRouter:
                 + (f'<p class="bad">{e(error)}</p>' if error else "")
                 + lookup + form + f'<p class="noprint count">{links} &nbsp; <small>'
                 + f'<span class="total">{total}</span> {e(t(lang, "matching"))}, '
-                + f'{len(rows)} {e(t(lang, "shown"))}</small></p>' + log)
+                + f'{len(rows)} {e(t(lang, "audit_shown"))}</small></p>' + log)
         return web.page(request, t(lang, "audit"), body, role=role,
                         status=400 if error else 200)
 

@@ -153,7 +153,7 @@ LABELS: dict[str, tuple[str, str]] = {
     "time_hint": ("时间按北京时间解释（也可带时区）；起始含、截止不含",
                   ("times are Beijing time unless an offset is given; since inclusive, "
                   "until exclusive")),
-    "shown": ("条（最多显示 500 条，导出不受限）", "rows shown (at most 500; export has all)"),
+    "audit_shown": ("条（最多显示 500 条，导出不受限）", "rows shown (at most 500; export has all)"),
     # it
     "alerts": ("告警", "Alerts"),
     "no_alerts": ("当前无告警", "No active alerts"),
@@ -302,7 +302,6 @@ LABELS.update({  # people branch: personal accounts, audit by name, message brow
     "enable": ("启用", "Enable"),
     "disable": ("停用", "Disable"),
     "owner": ("持有者", "Owner"),
-    "created": ("创建时间", "Created"),
     "revoked": ("已吊销", "revoked"),
     "revoke": ("吊销", "Revoke"),
     "add": ("添加", "Add"),
@@ -332,7 +331,6 @@ LABELS.update({  # people branch: personal accounts, audit by name, message brow
     "raw_input": ("原始输入", "Raw input"),
     "resend": ("重发", "Resend"),
     "open_body": ("查看内容（将记入审计）", "Open the body (audited)"),
-    "reason_required": ("请填写原因", "A reason is required"),
     "time_rule": ("时间可写 2026-12-01、2026-12-01T08:00、带时区 +08:00，或相对时间 -2h、-30m、-7d、today、yesterday；不带时区按本节点显示时区（默认北京时间）；起始含、截止不含",
                   "Times: 2026-12-01, 2026-12-01T08:00, with an offset (+08:00), or relative (-2h, -30m, -7d, today, yesterday); without an offset they mean the node's display zone (default Beijing time); since inclusive, until exclusive"),
     "on_page": ("条在本页", "on this page"),
