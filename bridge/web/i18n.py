@@ -123,6 +123,7 @@ LABELS: dict[str, tuple[str, str]] = {
     "recipients": ("接收方", "Recipients"),
     "reminders": ("超时提醒", "Reminders"),
     "reminded": ("提醒时间", "Reminded at"),
+    "overdue": ("仅超时未接收", "Overdue only (not accepted in time)"),
     "yes": ("是", "yes"),
     "no": ("否", "no"),
     # clinician (detail, return, slips)
