@@ -220,6 +220,8 @@ def test_auditor_sees_exchange_log_verified_and_exports(pair: Alliance) -> None:
     assert {json.loads(x)["resourceType"] for x in nd.splitlines()} == {"AuditEvent"}
     en = auditor.get("/ui/audit?lang=en")
     assert "verified" in en and "Recompute the whole chain now" in en
+    # the page's own hint (it was lost to the IT page's label of the same key)
+    assert re.search(r"\d+ rows shown \(at most 500; export has all\)</small>", en)
     # between full runs the page checks only what was added since; ?verify=full recomputes all
     def chain_line(page: str) -> tuple[int, int, int]:
         m = re.search(r"verified: (\d+) records.*?\((\d+) records\).*?checked now: (\d+)", page)
