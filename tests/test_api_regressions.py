@@ -18,6 +18,7 @@ import io
 import json
 import re
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.factory import bundle
+from bridge.privacy import patient_hash
+from tests.factory import NATIONAL_ID, bundle
 from tests.harness import Alliance, ApiError, NodeProcess
 from tests.referrals import referral
 from tests.test_api_schemathesis import MEMBERS, RULES  # the same two-member alliance
@@ -414,3 +416,85 @@ def test_cli_lists_count_their_items_and_page_through_all_of_them(node: NodeProc
             break
         after = ["--after", m[4]]
     assert seqs == sorted(want, reverse=True)
+
+
+def test_results_view_counts_the_patients_reports_and_pages_through_all_of_them(
+    node: NodeProcess,
+) -> None:
+    """``/local/v1/patients/{hash}/results`` (结果互认) no longer stops silently at 200: it
+    says how many reports the patient has and pages, as the lists above, to the last one;
+    each page is audited as a look at the patient."""
+    national_id = "110105197304150027"
+    pid = f"urn:uuid:{uuid.uuid4()}"
+    entries: list[dict[str, Any]] = [
+        {
+            "fullUrl": pid,
+            "request": {"method": "POST", "url": "Patient"},
+            "resource": {
+                "resourceType": "Patient",
+                "identifier": [{"system": NATIONAL_ID, "value": national_id}],
+                "gender": "male",
+            },
+        }
+    ]
+    for i in range(5):
+        entries.append(
+            {
+                "fullUrl": f"urn:uuid:{uuid.uuid4()}",
+                "request": {"method": "POST", "url": "DiagnosticReport"},
+                "resource": {
+                    "resourceType": "DiagnosticReport",
+                    "status": "final",
+                    "code": {"text": f"血常规 {i}"},
+                    "subject": {"reference": pid},
+                },
+            }
+        )
+    with httpx.Client(timeout=30) as client:
+        r = client.post(
+            node.local_url + "/fhir",
+            json={"resourceType": "Bundle", "type": "transaction", "entry": entries},
+            headers={"Authorization": f"Bearer {node.token('clinician')}"},
+        )
+    assert r.status_code == 200, r.text
+    made = [e["response"]["location"].split("/_history")[0] for e in r.json()["entry"][1:]]
+    phash = patient_hash(node.plan.patient_hash_key, national_id)
+    path = f"/local/v1/patients/{phash}/results"
+
+    def audited() -> int:  # AuditEvents of reads of this view of this patient
+        found = node.api(
+            "GET", f"/fhir/AuditEvent?patient-hash={phash}&_count=200", role="auditor"
+        ).get("entry", [])
+        return sum(path in json.dumps(e) for e in found)
+
+    assert audited() == 0
+    seen: list[str] = []
+    url: str | None = f"{path}?limit=2"
+    pages = 0
+    while url is not None:
+        r = _get(node, url, role="clinician")
+        assert r.status_code == 200, r.text
+        pages += 1
+        assert r.headers["X-Total-Count"] == "5"
+        body = r.json()
+        assert (body["patient_hash"], body["node"]) == (phash, "core")
+        seen += [item["report"] for item in body["results"]]
+        link = r.headers.get("Link")
+        if link is None:
+            assert "X-Next-Cursor" not in r.headers and len(body["results"]) == 1
+            break
+        assert link.endswith('>; rel="next"') and r.headers["X-Next-Cursor"] in link
+        assert len(body["results"]) == 2
+        url = link[1 : link.index(">")]
+    # one transaction, one lastUpdated: the reports in id order, each once, the last reached
+    assert pages == 3 and seen == sorted(made) and len(set(seen)) == 5
+    whole = _get(node, path, role="clinician")
+    assert whole.headers["X-Total-Count"] == "5" and "Link" not in whole.headers
+    assert [i["report"] for i in whole.json()["results"]] == seen
+    assert {i["name"] for i in whole.json()["results"]} == {f"血常规 {i}" for i in range(5)}
+    assert audited() == 4  # the three pages and the whole list, each a look at the patient
+    # a cursor the view did not give, a page size out of range: 422 naming the parameter
+    for bad in (f"{path}?after=bm90LWEtY3Vyc29y", f"{path}?limit=0", f"{path}?limit=1001"):
+        r = _get(node, bad, role="clinician")
+        assert r.status_code == 422 and r.json()["code"] == "HT-REQUEST-INVALID", (bad, r.text)
+        assert r.json()["message"].split(":")[0] in ("after", "limit"), r.text

@@ -468,9 +468,10 @@ def _run_by_hash(s: Store, name: str, phash: str) -> list[tuple[str, Any]]:
         if name == "find_patient_by_hash":
             with s.read() as conn:
                 assert store.find_patient_by_hash(conn, phash) is not None
-        elif name == "results_for":
+        elif name == "results_for":  # the first page and the one after its cursor
             with s.read() as conn:
-                results_for(conn, phash, node_id="core")
+                nxt = results_for(conn, phash, node_id="core", limit=1)[2]
+                results_for(conn, phash, node_id="core", limit=1, after=nxt)
         else:
             patient_imaging(SimpleNamespace(ctx=SimpleNamespace(store=s)), phash)  # type: ignore[arg-type]
     finally:
@@ -500,6 +501,72 @@ def test_finding_a_patient_by_hash_uses_the_type_and_hash_index(db: Store, name:
                 plan = "\n".join(r[0] for r in conn.exec_driver_sql("EXPLAIN " + sql, params))
                 # the planner's choice among indexes follows statistics (a tiny table here)
                 assert "Seq Scan" not in plan and "Index" in plan, plan
+
+
+def report(i: int, pid: str, obs: list[str]) -> dict[str, Any]:
+    return {
+        "resourceType": "DiagnosticReport",
+        "id": f"dr-{i}",
+        "status": "final",
+        "code": {
+            "coding": [{"system": "http://loinc.org", "code": "58410-2", "display": "血常规"}],
+            "text": f"血常规 {i}",
+        },
+        "subject": {"reference": f"Patient/{pid}"},
+        "effectiveDateTime": (T0 + timedelta(days=i)).isoformat(),
+        "result": [{"reference": f"Observation/{o}"} for o in obs],
+    }
+
+
+def test_results_view_counts_every_report_and_pages_to_the_last(db: Store) -> None:
+    """The mutual-recognition view (``results_for``, ``/local/v1/patients/{hash}/results``)
+    says how many reports the patient has and pages, newest first, through every one of them
+    (no silent cap at 200): 7 reports, two pairs written at the same instant, pages of 2;
+    another patient's report is neither counted nor listed."""
+    seed(db)
+    wang, zhang = "a" * 64, "b" * 64
+    with db.write() as conn:
+        for i in range(7):  # dr-1/dr-2 and dr-4/dr-5 share their lastUpdated
+            at = T0 + timedelta(days=1, minutes={1: 2, 4: 5}.get(i, i))
+            r = report(i, "p-wang", [f"obs-{2 * (i % 6)}"])
+            validate_resource(r)
+            store.put(conn, r, at=at, patient_hash=wang, origin="chc" if i % 2 else None)
+        store.put(
+            conn, report(9, "p-zhang", ["obs-1"]), at=T0 + timedelta(days=2), patient_hash=zhang
+        )
+    seen: list[dict[str, Any]] = []
+    totals: set[int] = set()
+    after: str | None = None
+    with db.read() as conn:
+        while True:
+            items, total, after = results_for(conn, wang, node_id="core", limit=2, after=after)
+            totals.add(total)
+            seen += items
+            if after is None:
+                break
+            assert len(items) == 2  # a full page before every next cursor
+        whole, total, nxt = results_for(conn, wang, node_id="core", limit=1000)
+    assert totals == {7} and total == 7 and nxt is None and len(seen) == 7
+    assert seen == whole
+    # newest first, ties in id order (the index's own order)
+    assert [s["report"] for s in seen] == [
+        f"DiagnosticReport/dr-{i}" for i in (6, 4, 5, 3, 1, 2, 0)
+    ]
+    for s in seen:  # each report with its own Observation, where it was produced
+        i = int(s["report"].rsplit("-", 1)[1])
+        assert (s["name"], s["loinc"], s["status"], s["recognisable"]) == (
+            f"血常规 {i}",
+            "58410-2",
+            "final",
+            True,
+        )
+        assert (s["produced_by"], s["here"]) == (("chc", False) if i % 2 else ("core", True))
+        assert [(o["id"], o["value"], o["unit"]) for o in s["observations"]] == [
+            (f"obs-{2 * (i % 6)}", 100 + 2 * (i % 6), "g/L")
+        ]
+    with db.read() as conn:
+        assert results_for(conn, zhang, node_id="core")[1] == 1
+        assert results_for(conn, "c" * 64, node_id="core") == ([], 0, None)
 
 
 def test_two_processes_opening_an_old_store_at_once_backfill_it_once(dsn: str) -> None:

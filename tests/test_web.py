@@ -233,6 +233,8 @@ def test_auditor_sees_exchange_log_verified_and_exports(pair: Alliance) -> None:
     assert {json.loads(x)["resourceType"] for x in nd.splitlines()} == {"AuditEvent"}
     en = auditor.get("/ui/audit?lang=en")
     assert "verified" in en and "Recompute the whole chain now" in en
+    # the page's own hint (it was lost to the IT page's label of the same key)
+    assert re.search(r"\d+ rows shown \(at most 500; export has all\)</small>", en)
 
     # between full runs the page checks only what was added since; ?verify=full recomputes all
     def chain_line(page: str) -> tuple[int, int, int]:
@@ -591,3 +593,141 @@ def test_it_pages_reused_ids_say_how_many_and_link_to_all(tmp_path: Path) -> Non
         assert page.count("reused with other content") == 50
     finally:
         node.close()
+
+
+def test_it_pages_reminders_link_to_the_overdue_referrals_only(tmp_path: Path) -> None:
+    """The IT page lists the newest 100 referrals not accepted in time, says how many there
+    are and links to the referral list filtered to the same overdue ones, which pages through
+    all of them (no silent cap); accepted, un-reminded or withdrawn ones are in neither."""
+    from datetime import UTC, datetime, timedelta
+    from types import SimpleNamespace
+
+    from bridge.config.loader import load_node
+    from bridge.node import Node
+    from bridge.web import referral_list
+    from bridge.web.it import OVERDUE_HREF, reminders_section
+
+    node = Node(load_node(Alliance(tmp_path / "alliance", MEMBERS, RULES).files["core"]))
+    try:
+        web: Any = SimpleNamespace(ctx=node.ctx, member_name=lambda _lang, m: m)
+        t0 = datetime(2026, 12, 1, 8, 0, tzinfo=UTC)
+
+        def row(
+            thread: str, status: str, minute: int, reminded: bool, side: str = "receiver"
+        ) -> dict[str, Any]:
+            at = t0 + timedelta(minutes=minute)
+            return {
+                "thread": thread,
+                "side": side,
+                "kind": "up-outpatient",
+                "referrer": "chc",
+                "receiver": "core",
+                "status": status,
+                "step": status,
+                "task_id": f"t-{thread}",
+                "sr_id": f"sr-{thread}",
+                "created_at": at,
+                "updated_at": at,
+                "reminded_at": at if reminded else None,
+            }
+
+        # 101 overdue (one of them this side's own, still requested); pairs share a time
+        overdue = [row(f"od-{i:03d}", "received", i // 2, True) for i in range(100)]
+        overdue.append(row("od-mine", "requested", 7, True, side="referrer"))
+        others = [
+            row("accepted", "accepted", 200, True),
+            row("fresh", "received", 201, False),
+            row("withdrawn", "cancelled", 202, True),
+        ]
+        with node.ctx.store.write() as conn:
+            conn.execute(REFERRAL.insert(), overdue + others)
+        # the referral list, filtered as the link says, pages through exactly the overdue ones
+        want = sorted(overdue, key=lambda r: (r["updated_at"], r["thread"]), reverse=True)
+        seen: list[str] = []
+        after: str | None = None
+        with node.ctx.store.read() as conn:
+            while True:
+                rows, total, after = referral_list.page(
+                    conn, node.ctx.plan.patient_hash_key, overdue=True, after=after
+                )
+                assert total == 101
+                seen += [r["thread"] for r in rows]
+                if after is None:
+                    break
+                assert len(rows) == referral_list.PAGE
+            assert referral_list.page(conn, node.ctx.plan.patient_hash_key)[1] == 104
+            assert (
+                referral_list.page(
+                    conn, node.ctx.plan.patient_hash_key, overdue=True, side="referrer"
+                )[0][0]["thread"]
+                == "od-mine"
+            )
+        assert seen == [r["thread"] for r in want]
+        # the IT page: the newest 100 in the same order, the count and the link
+        page = reminders_section(web, "en")
+        assert '<span class="total">101</span> · 100 shown here' in page
+        assert f'<a class="all" href="{OVERDUE_HREF}">See all →</a>' in page
+        assert OVERDUE_HREF == "/ui/referrals?overdue=1"
+        assert re.findall(r"<tr><td>([^<]+)</td>", page) == seen[:100]
+        for gone in ("accepted", "fresh", "withdrawn"):
+            assert gone not in seen and f"<td>{gone}</td>" not in page
+        assert 'class="all"' not in reminders_section(web, "zh", limit=101)
+    finally:
+        node.close()
+
+
+def test_referral_list_overdue_filter_shows_what_the_reminder_job_flagged(tmp_path: Path) -> None:
+    """With short accept timeouts the node's own reminder job flags unaccepted referrals; the
+    clinician's list with the overdue box ticked (the IT page's "see all") shows those and
+    keeps the filter through the search form, and an accepted one leaves it."""
+    a = Alliance(tmp_path / "alliance", MEMBERS, RULES)
+    core_file = a.files["core"]
+    core_file.write_text(
+        core_file.read_text()
+        + (
+            "\n[referral]\naccept_timeout_s = 1.0\ngreen_channel_timeout_s = 0.5\n"
+            "reminder_every_s = 0.5\n"
+        )
+    )
+    a.start("core", "chc")
+    try:
+        chc, core = a.node("chc"), a.node("core")
+        threads = [
+            new_thread(chc, referral("up-outpatient", "core", mrn=f"OD{i}")) for i in range(3)
+        ]
+        wait_for(
+            lambda: {r["thread"] for r in core.api("GET", "/local/v1/reminders")} == set(threads),
+            timeout=30,
+            what="three reminders at core",
+        )
+        step(core, threads[0], "accept")
+        doctor = Browser(core).login("clinician")
+
+        def listed(path: str) -> tuple[set[str], str]:
+            body = doctor.get(path)
+            total = re.search(r'<p class="count"><span class="total">(\d+)</span>', body)
+            assert total is not None
+            return set(re.findall(r'href="/ui/referrals/([^"/]+)"', body)), total[1]
+
+        assert listed("/ui/referrals?overdue=1") == (set(threads[1:]), "2")
+        assert listed("/ui/referrals")[0] >= set(threads)
+        page = doctor.get("/ui/referrals?overdue=1&lang=en")
+        assert (
+            '<input type="checkbox" name="overdue" value="1" checked> '
+            "Overdue only (not accepted in time)"
+        ) in page
+        # the search form keeps the box: the redirect carries overdue=1
+        status, url, body = doctor.open("/ui/referrals/search", {"overdue": "1", "q": ""})
+        assert status == 200 and url.endswith("/ui/referrals?overdue=1"), url
+        assert set(re.findall(r'href="/ui/referrals/([^"/]+)"', body)) == set(threads[1:])
+        # the IT page counts the same two
+        it = Browser(core).login("it").get("/ui/it")
+        assert '<span class="total">2</span> · 2 ' in section_after(it, "reminders")
+    finally:
+        a.stop_all()
+
+
+def section_after(body: str, cls: str) -> str:
+    """The count line and table of the IT page's section whose table has that class."""
+    end = body.index(f'<table class="{cls}">')
+    return body[body.rindex("<h3>", 0, end) : body.index("</table>", end)]

@@ -316,15 +316,29 @@ def create_local_app(node: Node) -> FastAPI:
         )
 
     @app.get("/local/v1/patients/{patient_hash}/results", responses=errs(401, 403))
-    def patient_results(patient_hash: str, role: ClinicianRole, request: Request) -> dict[str, Any]:
+    def patient_results(
+        patient_hash: str,
+        role: ClinicianRole,
+        request: Request,
+        response: Response,
+        limit: int = 200,
+        after: str | None = None,
+    ) -> dict[str, Any]:
         """Mutual-recognition view (结果互认): the patient's results known here, with where and
-        when each was produced (bridge/results/recognition.py). The read is audited."""
+        when each was produced (bridge/results/recognition.py), newest first; ``results`` is
+        one page, the headers say how many in all and where the next page is (as
+        ``/outbox``). The read is audited, page by page."""
         from bridge.api.fhir_audit import read_entries
         from bridge.results.recognition import results_for
 
         with ctx.store.write() as conn:
-            items = results_for(
-                conn, patient_hash, node_id=ctx.node_id, directory=ctx.plan.directory
+            items, total, nxt = results_for(
+                conn,
+                patient_hash,
+                node_id=ctx.node_id,
+                directory=ctx.plan.directory,
+                limit=limit,
+                after=after,
             )
             ctx.audit.append(
                 conn,
@@ -338,6 +352,7 @@ def create_local_app(node: Node) -> FastAPI:
                     **who(request, role),
                 ),
             )
+        paging.headers(request, response, total, nxt)
         return {"patient_hash": patient_hash, "node": ctx.node_id, "results": items}
 
     for adapter in node.adapters.values():  # an adapter may offer routes of its own (no import)

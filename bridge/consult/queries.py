@@ -70,16 +70,15 @@ class ConsultQueries:
         }
 
     def list(
-        self,
-        *,
-        step: str | None = None,
-        status: str | None = None,
-        side: str | None = None,
-        limit: int = 200,
+        self, *, step: str | None = None, status: str | None = None, side: str | None = None
     ) -> list[dict[str, Any]]:
-        """Consultations on this side, the latest change first (the centre's queue:
-        ``side="centre"``)."""
-        stmt = select(CONSULTATION).order_by(CONSULTATION.c.updated_at.desc()).limit(limit)
+        """Every consultation on this side, the latest change first (the centre's queue:
+        ``side="centre"``), for tests and scripts: no cap, so nothing is left out silently.
+        Pages and the API count and page instead (``/local/v1/consultations``,
+        ``bridge/web/consult_list.py``), in the same order."""
+        stmt = select(CONSULTATION).order_by(
+            CONSULTATION.c.updated_at.desc(), CONSULTATION.c.thread.desc()
+        )
         if step:
             stmt = stmt.where(CONSULTATION.c.step == step)
         if status:

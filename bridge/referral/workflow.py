@@ -912,8 +912,11 @@ class Workflow:
                 )
         return len(due)
 
-    def list(self, *, status: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
-        stmt = select(REFERRAL).order_by(REFERRAL.c.updated_at.desc()).limit(limit)
+    def list(self, *, status: str | None = None) -> list[dict[str, Any]]:
+        """Every referral on this side, the latest change first, for tests and scripts: no
+        cap, so nothing is left out silently. Pages and the API count and page instead
+        (``/local/v1/referrals``, ``bridge/web/referral_list.py``), in the same order."""
+        stmt = select(REFERRAL).order_by(REFERRAL.c.updated_at.desc(), REFERRAL.c.thread.desc())
         if status:
             stmt = stmt.where(REFERRAL.c.status == status)
         with self.ctx.store.read() as conn:

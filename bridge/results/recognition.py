@@ -4,6 +4,8 @@ when each was produced, so a clinician sees that an exam need not be repeated.
 "Known here" is what this node holds: results its own LIS/PACS produced and those that reached
 it from other members (routed along a referral, or carried in a referral's return). There is no
 alliance-wide query: a member never reads another member's store, results travel as packets.
+The view pages by keyset (``bridge/api/paging.py``) and says how many reports there are in all:
+it never stops silently at a page size.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 import orjson
 from sqlalchemy import Connection, select
 
+from bridge.api import paging
 from bridge.fhirstore.tables import FHIR_RESOURCE as T
 
 #: statuses a result can be recognised in (a preliminary one may still change)
@@ -71,18 +74,29 @@ def _value(obs: dict[str, Any]) -> dict[str, Any]:
 
 
 def results_for(
-    conn: Connection, patient_hash: str, *, node_id: str, directory: Any = None, limit: int = 200
-) -> list[dict[str, Any]]:
-    """DiagnosticReports of the patient, newest first, each with its Observations' values."""
-    rows = conn.execute(
-        select(T.c.id, T.c.body, T.c.origin, T.c.thread, T.c.last_updated)
-        .where(T.c.rtype == "DiagnosticReport", T.c.patient_hash == patient_hash)
-        .order_by(T.c.last_updated.desc())
-        .limit(limit)
-    ).all()
+    conn: Connection,
+    patient_hash: str,
+    *,
+    node_id: str,
+    directory: Any = None,
+    limit: int = 200,
+    after: str | None = None,
+) -> tuple[list[dict[str, Any]], int, str | None]:
+    """One page of the patient's DiagnosticReports, newest first, each with its Observations'
+    values: (items, how many reports in all, cursor of the next page or None). The order is
+    ``ix_fhir_type_patient_hash``'s own (last_updated DESC, id), so a page is one index range."""
+    rows, total, nxt = paging.page(
+        conn,
+        select(T.c.id, T.c.body, T.c.origin, T.c.thread, T.c.last_updated),
+        where=[T.c.rtype == "DiagnosticReport", T.c.patient_hash == patient_hash],
+        order=[T.c.last_updated, T.c.id],
+        desc=(True, False),
+        limit=limit,
+        after=after,
+    )
     out = []
     for row in rows:
-        dr = orjson.loads(row.body)
+        dr = orjson.loads(row["body"])
         ids = [
             r["reference"].split("/", 1)[1]
             for r in dr.get("result") or ()
@@ -96,12 +110,12 @@ def results_for(
             else []
         )
         by_id = {r.id: orjson.loads(r.body) for r in obs_rows}
-        member = row.origin or node_id
+        member = row["origin"] or node_id
         names = getattr(directory.get(member), "names", None) if directory else None
         loinc, local, text = _coding(dr.get("code"))
         out.append(
             {
-                "report": f"DiagnosticReport/{row.id}",
+                "report": f"DiagnosticReport/{row['id']}",
                 "status": dr.get("status"),
                 "recognisable": dr.get("status") in RECOGNISABLE,
                 "loinc": loinc,
@@ -114,8 +128,8 @@ def results_for(
                 "produced_by_en": getattr(names, "en", None),
                 "performer": [p.get("display") for p in dr.get("performer") or ()],
                 "here": member == node_id,
-                "thread": row.thread,
-                "last_updated": row.last_updated.isoformat(),
+                "thread": row["thread"],
+                "last_updated": row["last_updated"].isoformat(),
                 "observations": [
                     {
                         "id": i,
@@ -140,4 +154,4 @@ def results_for(
                 ],
             }
         )
-    return out
+    return out, total, nxt

@@ -211,7 +211,7 @@ def auditor_routes(web: Web) -> APIRouter:
             + form
             + f'<p class="noprint count">{links} &nbsp; <small>'
             + f'<span class="total">{total}</span> {e(t(lang, "matching"))}, '
-            + f"{len(rows)} {e(t(lang, 'shown'))}</small></p>"
+            + f"{len(rows)} {e(t(lang, 'audit_shown'))}</small></p>"
             + log
         )
         return web.page(request, t(lang, "audit"), body, role=role, status=400 if error else 200)

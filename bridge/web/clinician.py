@@ -223,6 +223,7 @@ def clinician_routes(web: Web) -> APIRouter:
         q = request.query_params
         error = ""
         filters: dict[str, Any]
+        overdue = q.get("overdue") == "1"  # not accepted in time (the IT page's reminders)
         try:
             filters = {
                 k: (q.get(k) or "").strip() or None
@@ -231,7 +232,12 @@ def clinician_routes(web: Web) -> APIRouter:
             since, until = parse_time(q.get("since")), parse_time(q.get("until"))
             with web.ctx.store.read() as conn:
                 rows, total, nxt = referral_list.page(
-                    conn, web.plan.patient_hash_key, since=since, until=until, **filters
+                    conn,
+                    web.plan.patient_hash_key,
+                    since=since,
+                    until=until,
+                    overdue=overdue,
+                    **filters,
                 )
         except ValueError:  # a time or page token not understood: the rule, not the input
             error, rows, total, nxt, filters = TIME_RULE, [], 0, None, {}
@@ -307,6 +313,8 @@ def clinician_routes(web: Web) -> APIRouter:
             f"</select></label>"
             f'<label>{e(t(lang, "peer"))} <select name="peer">'
             f"{opts(members, filters.get('peer'))}</select></label>"
+            f'<label><input type="checkbox" name="overdue" value="1"'
+            f"{' checked' if overdue else ''}> {e(t(lang, 'overdue'))}</label>"
             f'<label>{e(t(lang, "since"))} <input name="since" size="16" '
             f'value="{e(q.get("since") if not error else "")}"></label>'
             f'<label>{e(t(lang, "until"))} <input name="until" size="16" '
@@ -351,7 +359,7 @@ def clinician_routes(web: Web) -> APIRouter:
         f = await read_form(request)
         keep = {
             k: f[k].strip()
-            for k in ("side", "status", "peer", "since", "until", "q", "patient_hash")
+            for k in ("side", "status", "peer", "since", "until", "q", "patient_hash", "overdue")
             if f.get(k, "").strip()
         }
         if referral_list.is_national_id(keep.get("q", "")):

@@ -19,7 +19,6 @@ LABELS.update(
         "rule_consult-overdue": ("会诊申请等待超时", "Consultations waiting too long"),
         "dashboard": ("实时概况", "Live dashboard"),
         "channel": ("通道", "Channel"),
-        "state": ("状态", "State"),
         "received_1h": ("收到(1小时)", "Received (1 h)"),
         "sent_1h": ("发出(1小时)", "Sent (1 h)"),
         "failed_1h": ("失败(1小时)", "Failed (1 h)"),

@@ -126,6 +126,7 @@ LABELS: dict[str, tuple[str, str]] = {
     "recipients": ("接收方", "Recipients"),
     "reminders": ("超时提醒", "Reminders"),
     "reminded": ("提醒时间", "Reminded at"),
+    "overdue": ("仅超时未接收", "Overdue only (not accepted in time)"),
     "yes": ("是", "yes"),
     "no": ("否", "no"),
     # clinician (detail, return, slips)
@@ -161,7 +162,10 @@ LABELS: dict[str, tuple[str, str]] = {
         "时间按北京时间解释（也可带时区）；起始含、截止不含",
         ("times are Beijing time unless an offset is given; since inclusive, until exclusive"),
     ),
-    "shown": ("条（最多显示 500 条，导出不受限）", "rows shown (at most 500; export has all)"),
+    "audit_shown": (
+        "条（最多显示 500 条，导出不受限）",
+        "rows shown (at most 500; export has all)",
+    ),
     # it
     "alerts": ("告警", "Alerts"),
     "no_alerts": ("当前无告警", "No active alerts"),
@@ -328,7 +332,6 @@ LABELS.update(
         "enable": ("启用", "Enable"),
         "disable": ("停用", "Disable"),
         "owner": ("持有者", "Owner"),
-        "created": ("创建时间", "Created"),
         "revoked": ("已吊销", "revoked"),
         "revoke": ("吊销", "Revoke"),
         "add": ("添加", "Add"),
@@ -369,7 +372,6 @@ LABELS.update(
         "raw_input": ("原始输入", "Raw input"),
         "resend": ("重发", "Resend"),
         "open_body": ("查看内容（将记入审计）", "Open the body (audited)"),
-        "reason_required": ("请填写原因", "A reason is required"),
         "time_rule": (
             "时间可写 2026-12-01、2026-12-01T08:00、带时区 +08:00，或相对时间 -2h、-30m、-7d、today、yesterday；不带时区按本节点显示时区（默认北京时间）；起始含、截止不含",
             "Times: 2026-12-01, 2026-12-01T08:00, with an offset (+08:00), or relative (-2h, -30m, -7d, today, yesterday); without an offset they mean the node's display zone (default Beijing time); since inclusive, until exclusive",

@@ -24,6 +24,7 @@ from bridge.web import console_labels  # noqa: F401 - labels of the new rules an
 from bridge.web.dashboard import dashboard_section
 from bridge.web.i18n import kind_name, t
 from bridge.web.layout import Web, e, fmt_age, fmt_time, table
+from bridge.web.referral_list import OVERDUE
 
 #: rows of each list shown on the IT page; the page says how many there are and links the rest
 SHOWN = 100
@@ -180,22 +181,6 @@ def it_routes(web: Web, alerter: Alerter) -> APIRouter:
             dead_total = conn.execute(
                 select(func.count()).select_from(OUTBOX).where(OUTBOX.c.state == "dead")
             ).scalar_one()
-            due_where = (
-                REFERRAL.c.reminded_at.is_not(None),
-                REFERRAL.c.status.in_(("requested", "received")),
-            )
-            due_total = conn.execute(
-                select(func.count()).select_from(REFERRAL).where(*due_where)
-            ).scalar_one()
-            due = [
-                dict(r._mapping)
-                for r in conn.execute(
-                    select(REFERRAL)
-                    .where(*due_where)
-                    .order_by(REFERRAL.c.updated_at.desc())
-                    .limit(SHOWN)
-                )
-            ]
 
         def shown(n: int, total: int, href: str) -> str:
             """How many of how many; the rest where a list pages through all of them."""
@@ -389,33 +374,6 @@ def it_routes(web: Web, alerter: Alerter) -> APIRouter:
             t(lang, "none"),
             "rules",
         )
-        reminders = table(
-            [
-                t(lang, "thread"),
-                t(lang, "kind"),
-                t(lang, "peer"),
-                t(lang, "green"),
-                t(lang, "created"),
-                t(lang, "reminded"),
-            ],
-            [
-                [
-                    e(r["thread"]),
-                    e(kind_name(lang, r["kind"])),
-                    e(
-                        web.member_name(
-                            lang, r["referrer"] if r["side"] == "receiver" else r["receiver"]
-                        )
-                    ),
-                    e(t(lang, "yes") if r["green_channel"] else t(lang, "no")),
-                    e(fmt_time(r["created_at"])),
-                    e(fmt_time(r["reminded_at"])),
-                ]
-                for r in due
-            ],
-            t(lang, "none"),
-            "reminders",
-        )
         msg = web.sessions.pop_flash(request)
         body = (
             (f'<p class="msg">{e(msg)}</p>' if msg else "")
@@ -433,9 +391,7 @@ def it_routes(web: Web, alerter: Alerter) -> APIRouter:
             + f"<h3>{e(t(lang, 'adapters'))}</h3>{adapters}"
             f"<h3>{e(t(lang, 'mapping_gaps'))}</h3>{gap_html}"
             + reused_ids_section(web, lang)
-            + f"<h3>{e(t(lang, 'reminders'))}</h3>"
-            + shown(len(due), due_total, "/ui/referrals")
-            + reminders
+            + reminders_section(web, lang)
             + f"<h3>{e(t(lang, 'rules'))}</h3>{rules}"
         )
         return web.page(request, t(lang, "it"), body, role=role)
@@ -507,6 +463,65 @@ def reused_ids_section(web: Web, lang: str, limit: int = 50) -> str:
             [[e(fmt_time(at)), e(f.get("actor")), e(f.get("message"))] for at, f in items],
             t(lang, "none"),
             "reused-ids",
+        )
+    )
+
+
+#: the referral list filtered to what the reminders list (a clinician's page: patient names)
+OVERDUE_HREF = "/ui/referrals?overdue=1"
+
+
+def reminders_section(web: Web, lang: str, limit: int = SHOWN) -> str:
+    """Referrals not accepted in time, most recently changed first: the newest ``limit``,
+    how many in all, and the rest in the referral list filtered to the same overdue ones."""
+    with web.ctx.store.read() as conn:
+        total = conn.execute(
+            select(func.count()).select_from(REFERRAL).where(*OVERDUE)
+        ).scalar_one()
+        due = [
+            dict(r._mapping)
+            for r in conn.execute(
+                select(REFERRAL)
+                .where(*OVERDUE)
+                .order_by(REFERRAL.c.updated_at.desc(), REFERRAL.c.thread.desc())
+                .limit(limit)
+            )
+        ]
+    rest = (
+        f' <a class="all" href="{e(OVERDUE_HREF)}">{e(t(lang, "see_all"))} →</a>'
+        if total > len(due)
+        else ""
+    )
+    return (
+        f"<h3>{e(t(lang, 'reminders'))}</h3>"
+        f'<p class="count"><span class="total">{total}</span> · {len(due)} '
+        f"{e(t(lang, 'shown'))}{rest}</p>"
+        + table(
+            [
+                t(lang, "thread"),
+                t(lang, "kind"),
+                t(lang, "peer"),
+                t(lang, "green"),
+                t(lang, "created"),
+                t(lang, "reminded"),
+            ],
+            [
+                [
+                    e(r["thread"]),
+                    e(kind_name(lang, r["kind"])),
+                    e(
+                        web.member_name(
+                            lang, r["referrer"] if r["side"] == "receiver" else r["receiver"]
+                        )
+                    ),
+                    e(t(lang, "yes") if r["green_channel"] else t(lang, "no")),
+                    e(fmt_time(r["created_at"])),
+                    e(fmt_time(r["reminded_at"])),
+                ]
+                for r in due
+            ],
+            t(lang, "none"),
+            "reminders",
         )
     )
 

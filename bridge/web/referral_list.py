@@ -22,6 +22,9 @@ from bridge.web import fhirview as fv
 
 PAGE = 50
 R = REFERRAL
+#: overdue: not accepted in time, so reminded (``ReferralWorkflow.remind``), and still waiting;
+#: the IT page's reminders and ``/local/v1/reminders`` list the same referrals
+OVERDUE = (R.c.reminded_at.is_not(None), R.c.status.in_(("requested", "received")))
 _NATIONAL_ID = __import__("re").compile(r"\d{17}[\dXx]")
 
 
@@ -91,10 +94,12 @@ def page(
     q: str | None = None,
     after: str | None = None,
     patient_hash: str | None = None,
+    overdue: bool = False,
     size: int = PAGE,
 ) -> tuple[list[dict[str, Any]], int, str | None]:
-    """(rows with ``patient_name`` and ``record_no``, total matching, next-page token)."""
-    where: list[Any] = []
+    """(rows with ``patient_name`` and ``record_no``, total matching, next-page token);
+    ``overdue``: only the referrals the IT page lists under reminders (``OVERDUE``)."""
+    where: list[Any] = list(OVERDUE) if overdue else []
     if side in ("receiver", "referrer"):
         where.append(R.c.side == side)
     if status:
