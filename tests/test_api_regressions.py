@@ -155,6 +155,25 @@ def test_local_request_that_does_not_bind_is_not_echoed(node: NodeProcess) -> No
     }
 
 
+def test_numbers_out_of_range_are_refused_not_a_server_error(node: NodeProcess) -> None:
+    """Found by schemathesis: an integer beyond 64 bits in a bundle (orjson cannot write it) and
+    a quarantine id beyond SQLite's INTEGER were answered 500."""
+    body = b'[{"to": "chc", "kind": "result.lab", "bundle": {"resourceType": "Bundle", "n": '
+    body += str(2**70).encode() + b"}}]"
+    r = post(node, "/local/v1/packets", body)
+    assert r.status_code == 422
+    assert r.json() == {
+        "code": "HT-REQUEST-INVALID",
+        "retry": "permanent",
+        "message": "body[].bundle: an integer out of the 64-bit range",
+    }
+    for item in (-(2**90), 2**63, 0):
+        with pytest.raises(ApiError) as caught:
+            node.api("POST", f"/local/v1/quarantine/{item}/replay", role="it")
+        assert caught.value.status == 404
+        assert caught.value.json["code"] == "HT-NOT-FOUND"
+
+
 def test_unparsable_body_answer_is_the_documented_one(node: NodeProcess) -> None:
     r = post(node, "/local/v1/referrals", b"x\x0c\xff\xfepF")
     assert r.status_code == 400

@@ -31,8 +31,8 @@ from bridge.api.body_limit import LocalBodyGuard
 from bridge.api.docs import docs_router
 from bridge.api.fhir_api import fhir_router
 from bridge.api.fhir_http import FhirHttp
+from bridge.api.outcome import RequestInvalid, request_invalid_response
 from bridge.api.outcome import local_responses as errs
-from bridge.api.outcome import request_invalid_response
 from bridge.consult.tables import CONSULTATION
 from bridge.delivery.queue import Outgoing, queue_packets
 from bridge.errors import Forbidden, HutongError
@@ -134,7 +134,10 @@ def create_local_app(node: Node) -> FastAPI:
     @app.post("/local/v1/packets", responses=errs(400, 401, 403))
     async def send(items: list[PacketIn], role: SenderRole, request: Request) -> dict[str, Any]:
         check_sender_kinds(role, [i.kind for i in items])
-        outgoing = [Outgoing(i.to, i.kind, orjson.dumps(i.bundle), i.thread) for i in items]
+        try:
+            outgoing = [Outgoing(i.to, i.kind, orjson.dumps(i.bundle), i.thread) for i in items]
+        except TypeError:  # orjson: an integer beyond 64 bits (FHIR integers are 32-bit)
+            raise RequestInvalid("body[].bundle: an integer out of the 64-bit range") from None
 
         def work() -> list[Any]:
             with ctx.store.write() as conn:

@@ -276,6 +276,8 @@ def list_items(
 
 
 def get_item(conn: Connection, item_id: int) -> dict[str, Any]:
+    if not 0 < item_id < 2**63:  # ids are positive 64-bit integers: anything else names nothing
+        raise NotFound(f"no quarantine item {item_id}")
     row = conn.execute(select(QUARANTINE).where(QUARANTINE.c.id == item_id)).first()
     if row is None:
         raise NotFound(f"no quarantine item {item_id}")
