@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select, text
 
 from bridge.audit.events import AuditEntry
 from bridge.errors import NotFound
-from bridge.store import state
-from bridge.store.tables import INBOX, OUTBOX, QUARANTINE
+from bridge.store import counts, state
+from bridge.store.tables import INBOX, OPEN_WHERE, OUTBOX, QUARANTINE
 
 if TYPE_CHECKING:
     from bridge.context import NodeContext
@@ -117,6 +117,26 @@ class Snapshot:
     totals: dict[str, int]  # lifetime totals by outbox/inbox/quarantine state (for counters)
 
 
+_ROW = (
+    OUTBOX.c.id,
+    OUTBOX.c.next_hop,
+    OUTBOX.c.state,
+    OUTBOX.c.created_at,
+    OUTBOX.c.acked_at,
+    OUTBOX.c.last_error,
+)
+_CREATED_SINCE = select(*_ROW).where(OUTBOX.c.created_at >= bindparam("since"))
+_ACKED_SINCE = select(*_ROW).where(
+    OUTBOX.c.next_hop == bindparam("hop"),
+    OUTBOX.c.acked_at >= bindparam("since"),
+    OUTBOX.c.created_at < bindparam("since"),
+)
+#: the last errors of the packets still open (ix_outbox_open: the backlog, not the store)
+_OPEN_ERRORS = select(OUTBOX.c.id, OUTBOX.c.next_hop, OUTBOX.c.last_error).where(
+    text(OPEN_WHERE), OUTBOX.c.last_error.is_not(None)
+)
+
+
 def _windows(t: datetime, now: datetime) -> list[str]:
     age = now - t
     return [w for w, d in (("1h", timedelta(hours=1)), ("24h", timedelta(hours=24))) if age <= d]
@@ -168,28 +188,21 @@ def snapshot(node: Node) -> Snapshot:
         return peers[name]
 
     with ctx.store.read() as conn:
-        for hop, st, n in conn.execute(
-            select(OUTBOX.c.next_hop, OUTBOX.c.state, func.count()).group_by(
-                OUTBOX.c.next_hop, OUTBOX.c.state
-            )
-        ):
-            totals[f"outbox:{hop}:{st}"] = n
+        for hop, state_, n, oldest in counts.outbox(conn):
+            totals[f"outbox:{hop}:{state_}"] = n
             ch = peer(hop)
-            if ch is not None and st in WAITING:
+            if ch is not None and state_ in WAITING:
                 ch.queued += n
-        for hop, oldest in conn.execute(
-            select(OUTBOX.c.next_hop, func.min(OUTBOX.c.created_at))
-            .where(OUTBOX.c.state.in_(WAITING))
-            .group_by(OUTBOX.c.next_hop)
-        ):
-            ch = peer(hop)
-            if ch is not None and oldest is not None:
-                ch.oldest_waiting_s = (now - _aware(oldest, now)).total_seconds()
-        for hop, st, created, acked in conn.execute(
-            select(OUTBOX.c.next_hop, OUTBOX.c.state, OUTBOX.c.created_at, OUTBOX.c.acked_at).where(
-                (OUTBOX.c.created_at >= since) | (OUTBOX.c.acked_at >= since)
-            )
-        ):
+                if oldest is not None:
+                    age = (now - _aware(oldest, now)).total_seconds()
+                    ch.oldest_waiting_s = max(ch.oldest_waiting_s or 0.0, age)
+        # the last 24 hours' rows: those created since (ix_outbox_time), and per hop those
+        # acknowledged since but created before (ix_outbox_hop_acked); an OR of the two
+        # conditions read every outbox row
+        recent = list(conn.execute(_CREATED_SINCE, {"since": since}))
+        for hop in sorted(peers):
+            recent += conn.execute(_ACKED_SINCE, {"hop": hop, "since": since}).all()
+        for _, hop, st, created, acked, _ in recent:
             ch = peer(hop)
             if ch is None:
                 continue
@@ -201,12 +214,11 @@ def snapshot(node: Node) -> Snapshot:
                 for w in _windows(_aware(created, now), now):
                     ch.failed[w] += 1
                 bucket("failed", _aware(created, now))
-        for hop, err in conn.execute(
-            select(OUTBOX.c.next_hop, OUTBOX.c.last_error)
-            .where(OUTBOX.c.last_error.is_not(None))
-            .order_by(OUTBOX.c.id.desc())
-            .limit(200)
-        ):
+        # a hop's last error: the newest among its open packets and those of the last 24 h
+        # (walking the whole outbox back by id read every row of a healthy node)
+        errors = [(i, hop, err) for i, hop, _, _, _, err in recent if err is not None]
+        errors += conn.execute(_OPEN_ERRORS).all()
+        for _, hop, err in sorted(errors, key=lambda e: e[0], reverse=True):
             ch = peer(hop)
             if ch is not None and ch.last_error is None:
                 ch.last_error = err
@@ -226,8 +238,8 @@ def snapshot(node: Node) -> Snapshot:
                 ch.received[w] += 1
                 if st == "failed":
                     ch.failed[w] += 1
-        for st, n in conn.execute(select(INBOX.c.state, func.count()).group_by(INBOX.c.state)):
-            totals[f"inbox:{st}"] = n
+        for state_, n, _ in counts.inbox(conn):
+            totals[f"inbox:{state_}"] = n
         for source, sender, at in conn.execute(
             select(QUARANTINE.c.source, QUARANTINE.c.sender, QUARANTINE.c.at).where(
                 QUARANTINE.c.at >= since

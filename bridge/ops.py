@@ -9,13 +9,13 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 
 from bridge.audit.events import AuditEntry
 from bridge.context import NodeContext
 from bridge.delivery.queue import Outgoing, queue_packets
 from bridge.errors import HutongError, NotFound
-from bridge.store import quarantine
+from bridge.store import counts, quarantine
 from bridge.store.tables import INBOX, OUTBOX
 
 WAITING = ("queued", "sent")
@@ -71,16 +71,8 @@ def queue_summary(ctx: NodeContext) -> dict[str, Any]:
     """Counts per queue and state, and the oldest waiting item per peer (for IT and alerts)."""
     now = ctx.now()
     with ctx.store.read() as conn:
-        out = conn.execute(
-            select(
-                OUTBOX.c.next_hop, OUTBOX.c.state, func.count(), func.min(OUTBOX.c.created_at)
-            ).group_by(OUTBOX.c.next_hop, OUTBOX.c.state)
-        ).all()
-        inbox = conn.execute(
-            select(INBOX.c.state, func.count(), func.min(INBOX.c.received_at)).group_by(
-                INBOX.c.state
-            )
-        ).all()
+        out = counts.outbox(conn)
+        inbox = counts.inbox(conn)
         held = quarantine.counts(conn)
     peers: dict[str, dict[str, Any]] = {}
     for hop, st, n, oldest in out:

@@ -131,3 +131,50 @@ def test_an_older_store_gets_the_history_index_on_open(dsn: str) -> None:
             assert [(r.id, r.version) for r in rows] == [("p1", 1)]
     finally:
         reopened.dispose()
+
+
+def test_an_older_store_loses_the_index_on_rtype_alone_and_no_read_needed_it(dsn: str) -> None:
+    """(rtype, seq) covers the old index on rtype alone; each history read is a range of
+    ix_fhir_history_type_seq or ix_fhir_history_id (EXPLAIN), never a walk of the table."""
+    s = Store(dsn)
+    s.create_all()
+    assert "ix_fhir_history_rtype" not in _history_indexes(s)
+    with s.write() as conn:
+        conn.execute(text("CREATE INDEX ix_fhir_history_rtype ON fhir_history (rtype)"))
+        state_row = NODE_STATE.c.key == schema.HISTORY_MARKER
+        conn.execute(NODE_STATE.update().where(state_row).values(value="1"))
+        for i in range(3):
+            store.put(conn, patient(f"p{i}", "王"), at=T0 + timedelta(minutes=i))
+        store.put(conn, patient("p1", "李"), at=T0 + timedelta(hours=1))
+    s.dispose()
+    reopened = Store(dsn)
+    reopened.create_all()
+    try:
+        names = _history_indexes(reopened)
+        assert "ix_fhir_history_rtype" not in names
+        assert {"ix_fhir_history_type_seq", "ix_fhir_history_id"} <= names
+        cols = "SELECT seq, rtype, id, version, at, body FROM fhir_history WHERE rtype = 'Patient'"
+        reads = [
+            (f"{cols} AND id = 'p1' AND version = 2", "ix_fhir_history_id"),
+            (f"{cols} ORDER BY seq DESC LIMIT 51", "ix_fhir_history_type_seq"),
+            (f"{cols} AND seq < 3 ORDER BY seq DESC LIMIT 51", "ix_fhir_history_type_seq"),
+            (f"{cols} AND id = 'p1' ORDER BY seq DESC LIMIT 51", "ix_fhir_history_id"),
+        ]
+        with reopened.read() as conn:
+            if not reopened.is_sqlite:
+                conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
+            for sql, index in reads:
+                if reopened.is_sqlite:
+                    rows = conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql)
+                    plan = "\n".join(r[-1] for r in rows)
+                    assert "SCAN fhir_history\n" not in plan + "\n", plan
+                else:
+                    plan = "\n".join(r[0] for r in conn.exec_driver_sql("EXPLAIN " + sql))
+                    assert "Seq Scan" not in plan, plan
+                # by (type, id) either index is a range; the planner picks by its statistics
+                assert index in plan or "AND id = " in sql, (sql, plan)
+                assert "ix_fhir_history_" in plan, (sql, plan)
+            rows, _ = store.history(conn, "Patient")
+            assert [(r.id, r.version) for r in rows] == [("p1", 2), ("p2", 1), ("p1", 1), ("p0", 1)]
+    finally:
+        reopened.dispose()

@@ -1,4 +1,5 @@
-"""The write path of a lab message: ``store.put_many`` writes what ``put`` writes, one by one;
+"""The write path of a lab message: ``store.put_many`` writes what ``put`` writes, one by one,
+except that a resource whose content equals its stored version is kept as it is;
 a SQLite store's writers queue in-process; its WAL is checkpointed off the committing thread.
 
 In process, against real stores (a SQLite file; a fresh PostgreSQL database for ``put_many``).
@@ -19,6 +20,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Connection, insert, select
 
+from bridge.errors import NotFound
 from bridge.fhirstore import store
 from bridge.fhirstore.tables import FHIR_DATE, FHIR_HISTORY, FHIR_RESOURCE, FHIR_STRING, FHIR_TOKEN
 from bridge.store.db import Store
@@ -36,7 +38,9 @@ def dsn(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return str(request.getfixturevalue("pg_db"))
 
 
-def resources(n: int, *, family: str = "王", mrn: str = "FX1") -> list[dict[str, Any]]:
+def resources(
+    n: int, *, family: str = "王", mrn: str = "FX1", shift: int = 0
+) -> list[dict[str, Any]]:
     """A lab message's worth: a Patient, an Organization, a report and n Observations."""
     out: list[dict[str, Any]] = [
         {
@@ -67,7 +71,7 @@ def resources(n: int, *, family: str = "王", mrn: str = "FX1") -> list[dict[str
             "code": {"coding": [{"system": "http://loinc.org", "code": f"{700 + i}-1"}]},
             "subject": {"reference": "Patient/p-1"},
             "effectiveDateTime": "2026-12-07T08:00:00Z",
-            "valueQuantity": {"value": i, "unit": "g/L"},
+            "valueQuantity": {"value": i + shift, "unit": "g/L"},
         }
         for i in range(n)
     ]
@@ -100,15 +104,21 @@ def write(s: Store, many: bool, batches: list[list[dict[str, Any]]]) -> None:
             ]
             if many:
                 store.put_many(conn, items, at=at, origin="core")
-            else:
+            else:  # put, except for a resource whose stored content is the same (put_many's rule)
                 for r, th, ph in items:
-                    store.put(conn, r, at=at, thread=th, origin="core", patient_hash=ph)
+                    try:
+                        now = store.get(conn, r["resourceType"], r["id"])
+                    except NotFound:
+                        now = None
+                    if now is None or store.content(now) != store.content(r):
+                        store.put(conn, r, at=at, thread=th, origin="core", patient_hash=ph)
 
 
 def test_put_many_writes_the_rows_put_writes(dsn: str, tmp_path: Path) -> None:
     """New resources, then the same ids again with a changed identifier, name and value
-    (updates: new versions, tokens, dates and names replaced), then a partial batch."""
-    batches = [resources(8), resources(8, family="李", mrn="FX2"), resources(3)]
+    (updates: new versions, tokens, dates and names replaced; the Organization and the report
+    unchanged: no new version), then a partial batch."""
+    batches = [resources(8), resources(8, family="李", mrn="FX2", shift=10), resources(3)]
     got: list[dict[str, list[tuple[Any, ...]]]] = []
     for many in (False, True):
         if dsn.startswith("sqlite"):
@@ -128,9 +138,16 @@ def test_put_many_writes_the_rows_put_writes(dsn: str, tmp_path: Path) -> None:
             s.dispose()
     one_by_one, batched = got
     assert batched == one_by_one
-    assert len(batched["fhir_history"]) == 11 + 11 + 6
+    # 11 new; Patient + 8 Observations changed; Patient, report and o-0..o-2 changed back
+    assert len(batched["fhir_history"]) == 11 + 9 + 5
+    assert ("Organization", "org-1", 1) in {r[:3] for r in batched["fhir_history"]}
+    assert [r[:3] for r in batched["fhir_history"] if r[0] == "Organization"] == [
+        ("Organization", "org-1", 1)
+    ]
     versions = {(r[0], r[1]): r[2] for r in batched["fhir_resource"]}
     assert versions[("Patient", "p-1")] == 3 and versions[("Observation", "o-7")] == 2
+    assert versions[("Organization", "org-1")] == 1 and versions[("DiagnosticReport", "dr-1")] == 2
+    assert versions[("Observation", "o-0")] == 3
     assert ("Observation", "o-7", "identifier", "urn:lab", "L7") in batched["fhir_token"]
 
 
@@ -145,13 +162,28 @@ def test_put_many_returns_the_resources_with_their_versions(tmp_path: Path) -> N
                 conn, [(r, None, None) for r in resources(2)], at=T0 + timedelta(seconds=1)
             )
         assert [r["meta"]["versionId"] for r in first] == ["1"] * 5
-        assert [r["meta"]["versionId"] for r in again] == ["2"] * 5
-        assert again[0]["meta"]["lastUpdated"] == "2026-12-07T08:00:01.000Z"
+        # the same content again: nothing written, each returned with its stored meta
+        assert [r["meta"] for r in again] == [r["meta"] for r in first]
+        assert again[0]["meta"] == {"versionId": "1", "lastUpdated": "2026-12-07T08:00:00.000Z"}
+        with s.read() as conn:
+            assert store.history(conn, "Patient")[0][0].version == 1
+            assert len(store.history(conn, "Observation")[0]) == 2
+        # a changed Observation only: it alone moves to version 2, at the second write's time
+        changed = resources(2, shift=1)
+        with s.write() as conn:
+            out = store.put_many(
+                conn, [(r, None, None) for r in changed], at=T0 + timedelta(seconds=1)
+            )
+        assert [r["meta"]["versionId"] for r in out] == ["1", "1", "1", "2", "2"]
+        assert out[3]["meta"]["lastUpdated"] == "2026-12-07T08:00:01.000Z"
+        with s.read() as conn:
+            assert store.get(conn, "Observation", "o-1")["valueQuantity"]["value"] == 2
+            assert store.get(conn, "Patient", "p-1")["meta"]["versionId"] == "1"
         # a (type, id) twice in one batch: written in order, as put would
         twice = [resources(0)[0], {**resources(0)[0], "gender": "male"}]
         with s.write() as conn:
             out = store.put_many(conn, [(r, None, None) for r in twice], at=T0)
-        assert [r["meta"]["versionId"] for r in out] == ["3", "4"]
+        assert [r["meta"]["versionId"] for r in out] == ["2", "3"]
         with s.read() as conn:
             assert store.get(conn, "Patient", "p-1")["gender"] == "male"
     finally:

@@ -147,11 +147,14 @@ def backfill_tokens(conn: Connection) -> int:
 
 
 HISTORY_MARKER = "schema.fhirhistory"
-HISTORY_VERSION = "1"  # 1: ix_fhir_history_type_seq (GET /fhir/Type/_history)
+#: 1: ix_fhir_history_type_seq (GET /fhir/Type/_history); 2: ix_fhir_history_rtype dropped (the
+#: index on rtype alone, which (rtype, seq) covers: one B-tree fewer per version written)
+HISTORY_VERSION = "2"
+HISTORY_OLD_INDEXES = ("ix_fhir_history_rtype",)
 
 
 def upgrade_history(store: Store) -> None:
-    """The history index of older stores (versions were always kept: nothing to backfill)."""
+    """The history indexes of older stores (versions were always kept: nothing to backfill)."""
     from bridge.fhirstore.tables import IX_HISTORY_TYPE_SEQ
 
     with store.read() as conn:
@@ -172,5 +175,7 @@ def upgrade_history(store: Store) -> None:
             else:
                 state.put(conn, HISTORY_MARKER, HISTORY_VERSION, now)
             conn.execute(CreateIndex(IX_HISTORY_TYPE_SEQ, if_not_exists=True))
+            for name in HISTORY_OLD_INDEXES:
+                conn.execute(text(f"DROP INDEX IF EXISTS {name}"))
     except IntegrityError:
         return  # another process did it

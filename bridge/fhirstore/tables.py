@@ -131,7 +131,9 @@ class FhirHistory(SQLModel, table=True):
     __table_args__ = (Index("ix_fhir_history_type_seq", "rtype", "seq"),)
 
     seq: int | None = Field(default=None, primary_key=True)
-    rtype: str = Field(max_length=40, index=True)
+    # no index on rtype alone: ix_fhir_history_type_seq (rtype, seq) serves every read by type,
+    # and a second B-tree per version written cost LIS intake pages (schema.HISTORY_VERSION 2)
+    rtype: str = Field(max_length=40)
     id: str = Field(max_length=64, index=True)
     version: int
     at: datetime = Field(sa_type=UTCDateTime)
