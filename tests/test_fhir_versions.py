@@ -426,6 +426,15 @@ def test_if_match_and_prefer(core: NodeProcess, chc: NodeProcess) -> None:
     arrived = ok(r)
     assert arrived["status"] == "in-progress" and version(arrived) == v + 2
     assert arrived == ok(call(core, "GET", f"/fhir/Task/{task['id']}"))
+    # a writer still holding version v (the race's loser): 412 for the version, not a 422
+    # for the elements the other writer changed since
+    stale = {**task, "status": "rejected", "statusReason": {"text": "床位已满"}}
+    refused(
+        call(core, "PUT", f"/fhir/Task/{task['id']}", body=stale, headers={"If-Match": f'W/"{v}"'}),
+        412,
+        "HT-FHIR-VERSION",
+    )
+    assert ok(call(core, "GET", f"/fhir/Task/{task['id']}")) == arrived
 
 
 def test_two_writers_of_one_task_one_gets_412_nothing_lost(

@@ -79,6 +79,7 @@ from bridge.errors import (
 from bridge.fhir.validate import validate_bundle, validate_resource
 from bridge.fhirstore import store
 from bridge.fhirstore.tables import FHIR_RESOURCE as T
+from bridge.referral.workflow import check_version
 
 if TYPE_CHECKING:
     from bridge.node import Node
@@ -460,6 +461,9 @@ def fhir_router(node: Node) -> APIRouter:
         wf = workflow()
         with ctx.store.read() as conn:
             current = store.get(conn, "Task", rid)
+        # the version first: a Task another writer moved since is 412, not a refusal of
+        # elements the client never changed (the step re-checks it with the row locked)
+        check_version(current, version)
         refuse_unapplied(current, task)
         cw = getattr(node, "consult", None)
         if cw is not None and cw.by_task(rid) is not None:

@@ -67,7 +67,7 @@ from bridge.referral.codes import KINDS as REFERRAL_KINDS
 from bridge.referral.codes import PLACER
 from bridge.referral.workflow import (
     Workflow,
-    _check_version,
+    check_version,
     foreign_resource,
     peer_patient,
     response_of,
@@ -183,7 +183,7 @@ class ConsultWorkflow(ConsultQueries):
                 return prior
             row = self._row(conn, thread)
             if if_match is not None:
-                _check_version(
+                check_version(
                     {"meta": {"versionId": str(store.lock_version(conn, "Task", row.task_id))}},
                     if_match,
                 )
@@ -208,7 +208,7 @@ class ConsultWorkflow(ConsultQueries):
             current = store.get(conn, "Task", task_id)
         wanted = task.get("status")
         if wanted == row.status:
-            _check_version(current, if_match)
+            check_version(current, if_match)
             return current
         event = {"on-hold": "return", "in-progress": "start"}.get(str(wanted))
         if wanted == "cancelled":

@@ -143,7 +143,7 @@ class Workflow:
         if wanted == row.status:
             with self.ctx.store.read() as conn:
                 current = store.get(conn, "Task", task_id)
-            _check_version(current, if_match)
+            check_version(current, if_match)
             return current
         event = target_for_status(str(wanted))
         if wanted == "cancelled":
@@ -205,7 +205,7 @@ class Workflow:
         the caller wakes the senders after its commit."""
         row = self._row(conn, thread)
         if if_match is not None:  # in this transaction, the Task row locked: no lost update
-            _check_version(
+            check_version(
                 {"meta": {"versionId": str(store.lock_version(conn, "Task", row.task_id))}},
                 if_match,
             )
@@ -1013,7 +1013,8 @@ def response_of(resource: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _check_version(task: dict[str, Any], if_match: int | None) -> None:
+def check_version(task: dict[str, Any], if_match: int | None) -> None:
+    """Refuse (412) a change made to another version than ``task``'s current one."""
     if if_match is None:
         return
     have = str((task.get("meta") or {}).get("versionId"))
