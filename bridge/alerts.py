@@ -118,6 +118,7 @@ class Facts:
     peers: dict[str, PeerFacts]
     inbox_waiting: int = 0
     inbox_oldest_s: float | None = None
+    inbox_bound: int = 0  # [limits] max_inbox_backlog (0: none)
     adapters: dict[str, dict[str, Any]] = field(default_factory=dict)
     chain_ok: bool | None = None  # None: not verified yet
     chain_problem: str | None = None
@@ -126,6 +127,11 @@ class Facts:
     key_days_left: float | None = None
     cert_days_left: dict[str, float] = field(default_factory=dict)  # adapter -> TLS cert
     consults_overdue: int = 0  # consultations reminded about, still at the same step
+
+
+def _inbox_bound(node: Any) -> int:
+    limits = getattr(getattr(node, "plan", None), "limits", None)
+    return int(getattr(limits, "max_inbox_backlog", 0) or 0)
 
 
 def _aware(t: datetime | None) -> datetime | None:
@@ -188,6 +194,19 @@ def evaluate(facts: Facts, cfg: AlertsConfig) -> list[Alert]:
                     + (f": {p.last_probe_error}" if p.last_probe_error else ""),
                 )
             )
+    if facts.inbox_bound and facts.inbox_waiting >= facts.inbox_bound:
+        out.append(
+            Alert(
+                "queue-depth:inbox",
+                "queue-depth",
+                "inbox",
+                facts.inbox_waiting,
+                facts.inbox_bound,
+                f"{facts.inbox_waiting} received packets wait for local delivery, at the "
+                f"bound of {facts.inbox_bound} ([limits] max_inbox_backlog): peers' batches "
+                "are refused (HT-PKT-BACKLOG) and wait at the senders until it drains",
+            )
+        )
     if facts.inbox_oldest_s is not None and facts.inbox_oldest_s > cfg.queue_age_s:
         out.append(
             Alert(
@@ -438,6 +457,7 @@ class Alerter:
             started_at=self.started_at,
             peers=peers,
             inbox_waiting=n_in,
+            inbox_bound=_inbox_bound(self.node),
             inbox_oldest_s=(now - _aware(oldest_in)).total_seconds()  # type: ignore[operator]
             if oldest_in is not None
             else None,

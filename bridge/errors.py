@@ -17,7 +17,9 @@
     │   ├── RouteDenied              HT-PKT-ROUTE-DENIED no allow rule for (from, to, kind)
     │   └── NationalIdEgress         HT-PKT-NATIONAL-ID a packet queued to leave carries a national ID
     ├── TransportError               (transient)        peer unreachable, timed out, 5xx (HT-TRANSPORT)
-    │   ├── RateLimited              HT-PKT-RATE        over a rate: not taken, resend after Retry-After
+    │   ├── NotTaken                 (no attempt)       not taken this time: resend after Retry-After
+    │   │   ├── RateLimited          HT-PKT-RATE        over a rate
+    │   │   └── Backlogged           HT-PKT-BACKLOG     the receiver's local delivery is behind
     │   └── Busy                     HT-BUSY            a port at its bound of requests/bytes in flight
     ├── AmbiguousDelivery            (ambiguous)        sent, but no answer: resend, receiver dedupes
     ├── StoreError                   (transient)        database unavailable or locked (HT-STORE)
@@ -169,18 +171,31 @@ class AmbiguousDelivery(HutongError):
     http_status = 504
 
 
-class RateLimited(TransportError):
-    """A peer sent more packets than its rate allows: the batch was not taken; send it again
-    after ``retry_after`` seconds (the sender does not count this as a failed attempt)."""
-
-    code = "HT-PKT-RATE"
-    http_status = 429
+class NotTaken(TransportError):
+    """The receiver did not take the batch this time and said when to try again: send it
+    again after ``retry_after`` seconds (the sender does not count this as a failed attempt,
+    so it never leads to a dead letter)."""
 
     def __init__(
         self, message: str, *, retry_after: float = 1.0, detail: str | None = None
     ) -> None:
         super().__init__(message, detail=detail)
         self.retry_after = retry_after
+
+
+class RateLimited(NotTaken):
+    """A peer sent more packets than its rate allows."""
+
+    code = "HT-PKT-RATE"
+    http_status = 429
+
+
+class Backlogged(NotTaken):
+    """The receiver's received packets waiting for local delivery are at its bound
+    (``[limits] max_inbox_backlog``): new batches are refused unread until it drains."""
+
+    code = "HT-PKT-BACKLOG"
+    http_status = 503
 
 
 class StoreError(HutongError):

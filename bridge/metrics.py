@@ -123,6 +123,14 @@ class NodeCollector:
             else:
                 t.add_metric([node_id, parts[0], ":".join(parts[1:-1]), parts[-1]], n)
         yield t
+        bound = GaugeMetricFamily(
+            "hutong_inbox_backlog_limit",
+            "received packets waiting for local delivery at which the peer port refuses new "
+            "batches (HT-PKT-BACKLOG); 0: no bound",
+            labels=["node"],
+        )
+        bound.add_metric([node_id], self.node.plan.limits.max_inbox_backlog)
+        yield bound
         if self.alerter is not None:
             a = GaugeMetricFamily(
                 "hutong_alert_active",

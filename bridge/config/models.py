@@ -26,6 +26,7 @@ from pydantic import (
     ConfigDict,
     Field,
     NonNegativeFloat,
+    NonNegativeInt,
     PositiveFloat,
     PositiveInt,
     StringConstraints,
@@ -218,6 +219,10 @@ class LimitsConfig(_Model):
     body_timeout_s: PositiveFloat = 120.0
     max_header_bytes: PositiveInt = 16 * 1024
     max_connections: PositiveInt = 512
+    #: received packets waiting for local delivery (the inbox backlog) at which the peer port
+    #: refuses new batches unread (503 HT-PKT-BACKLOG, Retry-After) until it is back under
+    #: 90 % of it; the senders keep them queued and back off. 0: no bound
+    max_inbox_backlog: NonNegativeInt = 20_000
 
 
 def _needs_default(table: Mapping[str, object]) -> Mapping[str, object]:

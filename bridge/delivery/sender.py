@@ -37,7 +37,7 @@ from bridge.context import NodeContext
 from bridge.crypto import envelope as env
 from bridge.delivery.lanes import Lanes, lane_of
 from bridge.delivery.transport import PeerConnection
-from bridge.errors import ClockSkew, HutongError, RateLimited, Retry, TransportError
+from bridge.errors import ClockSkew, HutongError, NotTaken, Retry, TransportError
 from bridge.store.tables import OUTBOX
 
 MAX_BATCH_BYTES = 8 << 20
@@ -468,7 +468,7 @@ class PeerSender:
 
         def apply(c: Connection) -> None:
             for r in rows:
-                if isinstance(exc, RateLimited):  # not taken, not a failure: wait and resend
+                if isinstance(exc, NotTaken):  # over rate, backlog full: wait and resend
                     c.execute(
                         update(OUTBOX)
                         .where(OUTBOX.c.id == r.id)

@@ -14,8 +14,11 @@ import http.client
 import socket
 from urllib.parse import urlsplit
 
+import orjson
+
 from bridge.errors import (
     AmbiguousDelivery,
+    Backlogged,
     RateLimited,
     TransportError,
 )
@@ -97,6 +100,12 @@ class PeerConnection:
             )
         self.close()
         message = data[:300].decode("utf-8", "replace")
+        if resp.status == 503 and _code(data) == Backlogged.code:
+            # the receiver's local delivery is behind: nothing taken, not a failed attempt
+            raise Backlogged(
+                f"{self.url} refused the batch, its backlog is full: {message}",
+                retry_after=_retry_after(resp.getheader("Retry-After")),
+            )
         # an HTTP error is unsigned: whoever wrote it, it says only "not taken this time", so
         # the batch stays queued and goes again with backoff (dead only after max_attempts or
         # dead_after_s); only a signed receipt can refuse a packet
@@ -113,3 +122,13 @@ def _retry_after(value: str | None) -> float:
         return min(max(float(value or 1), 0.05), 300.0)
     except ValueError:
         return 1.0
+
+
+def _code(data: bytes) -> str | None:
+    """The ``code`` of an unsigned JSON error answer, if it is one."""
+    try:
+        said = orjson.loads(data[:4096])
+    except orjson.JSONDecodeError:
+        return None
+    code = said.get("code") if isinstance(said, dict) else None
+    return code if isinstance(code, str) else None

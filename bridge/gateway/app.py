@@ -7,6 +7,9 @@ frame's signature verifies, so a refusal must cost the sender more than the node
 * a source address over its refusal rate is turned away before its body is read (429);
 * a request must declare its length, at most the limit (413 from the header alone), and
   gets its share of the port's requests and bytes in flight or waits, then 503 ``HT-BUSY``;
+* while the node's local delivery is behind (``[limits] max_inbox_backlog`` received packets
+  waiting), a batch is refused unread with 503 ``HT-PKT-BACKLOG`` and ``Retry-After``
+  (``backlog.py``): the senders keep their packets and back off;
 * the body is judged while it arrives (``FramePeek``): bad framing, an oversize part or an
   unknown sender stops the read at once (400/413/403, connection closed);
 * refusals before a signature verified are answered unsigned and keep only a prefix, the
@@ -34,6 +37,7 @@ from bridge.config.models import LimitsConfig
 from bridge.context import NodeContext
 from bridge.crypto import envelope as env
 from bridge.errors import (
+    Backlogged,
     Busy,
     HutongError,
     MalformedPacket,
@@ -41,6 +45,7 @@ from bridge.errors import (
     PacketTooLarge,
     RateLimited,
 )
+from bridge.gateway.backlog import RETRY_AFTER_S, BacklogVerdict, InboxBacklog
 from bridge.gateway.guard import Admission
 from bridge.gateway.intake import UNSIGNED, Intake, quota_entries
 from bridge.gateway.ratelimit import (
@@ -96,6 +101,9 @@ def create_gateway(ctx: NodeContext, intake: Intake, on_received: object = None)
         limits.max_requests, max(limits.max_inflight_bytes, 2 * max_request), limits.admit_wait_s
     )
     directory = ctx.plan.directory
+    backlog = (
+        InboxBacklog(ctx.store, limits.max_inbox_backlog) if limits.max_inbox_backlog else None
+    )
 
     @app.get("/exchange/v1/health")
     def health() -> dict[str, str]:
@@ -143,6 +151,30 @@ def create_gateway(ctx: NodeContext, intake: Intake, on_received: object = None)
                 b"",
                 0,
             )
+        if backlog is not None:
+            if backlog.due:
+                await run_in_threadpool(backlog.refresh)
+            judged = backlog.check()
+            if judged.refuse:
+                if judged.first:
+                    await run_in_threadpool(_over_backlog, ctx, backlog, judged, remote)
+                return _unsigned(
+                    Backlogged(
+                        f"{judged.backlog} received packets wait for local delivery (bound "
+                        f"{backlog.bound}); batch not read, send it again later",
+                        retry_after=RETRY_AFTER_S,
+                    ),
+                    503,
+                    {"Retry-After": retry_after_header(RETRY_AFTER_S)},
+                )
+            if judged.ended is not None:
+                log.info(
+                    "%s backlog %d, back under %d: taking batches again after %d refused",
+                    Backlogged.code,
+                    judged.backlog,
+                    backlog.resume,
+                    judged.ended,
+                )
         async with admission.admit(2 * declared) as admitted:
             if not admitted:
                 return _unsigned(
@@ -190,6 +222,8 @@ def create_gateway(ctx: NodeContext, intake: Intake, on_received: object = None)
                 )
             except HutongError as exc:  # store unavailable: nothing was committed, sender retries
                 return JSONResponse(exc.as_dict(), status_code=503)
+            if backlog is not None:
+                backlog.taken(len(frames))  # an upper bound: receipts and refusals add none
             del frames
         if callable(on_received):
             on_received()
@@ -289,6 +323,33 @@ def _source_over_rate(ctx: NodeContext, refusals: SourceRefusals, verdict: Verdi
             ],
         )
     log.warning("%s %s", RateLimited.code, message)
+
+
+def _over_backlog(
+    ctx: NodeContext, backlog: InboxBacklog, judged: BacklogVerdict, remote: str
+) -> None:
+    """The first batch refused for the backlog: audited and logged once per episode (counts
+    and the bound only; the peer is not known, the batch was not read)."""
+    message = (
+        f"{judged.backlog} received packets wait for local delivery, at the bound of "
+        f"{backlog.bound} ([limits] max_inbox_backlog): new batches are refused until it is "
+        f"back under {backlog.resume}"
+    )
+    with ctx.store.write() as conn:
+        ctx.audit.append(
+            conn,
+            [
+                AuditEntry(
+                    action="refused",
+                    outcome="4",
+                    code=Backlogged.code,
+                    message=message,
+                    at=ctx.now(),
+                    extra={"remote": remote, "backlog": judged.backlog, "bound": backlog.bound},
+                )
+            ],
+        )
+    log.warning("%s %s", Backlogged.code, message)
 
 
 def _over_rate(ctx: NodeContext, limiter: PeerRateLimit, verdict: Verdict) -> Response:
