@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint format typecheck bench docs screenshots clean
+.PHONY: demo test test-fast lint format typecheck bench soak docs screenshots clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -49,6 +49,12 @@ typecheck: $(DEV_STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
+
+# Before a release, not in `make bench` nor `make test`: a steady rate for minutes on SQLite and
+# PostgreSQL, sampled every 15 s, first part against last (bench/README.md, "soak").
+# SOAK_ARGS="--minutes 15" for the issue's first-vs-last five minutes.
+soak: $(STAMP)
+	$(BIN)/python bench/soak.py $(SOAK_ARGS)
 
 # The docs site (mkdocs.yml) into build/site; --strict fails on any warning (broken link or
 # anchor, missing page or snippet). NO_MKDOCS_2_WARNING silences Material's end-of-life banner,

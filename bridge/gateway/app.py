@@ -169,7 +169,7 @@ def create_gateway(ctx: NodeContext, intake: Intake, on_received: object = None)
                 )
             if judged.ended is not None:
                 log.info(
-                    "%s backlog %d, back under %d: taking batches again after %d refused",
+                    "%s backlog %d, at most %d: taking batches again after %d refused",
                     Backlogged.code,
                     judged.backlog,
                     backlog.resume,
@@ -332,8 +332,8 @@ def _over_backlog(
     and the bound only; the peer is not known, the batch was not read)."""
     message = (
         f"{judged.backlog} received packets wait for local delivery, at the bound of "
-        f"{backlog.bound} ([limits] max_inbox_backlog): new batches are refused until it is "
-        f"back under {backlog.resume}"
+        f"{backlog.bound} ([limits] max_inbox_backlog): new batches are refused until at most "
+        f"{backlog.resume} wait"
     )
     with ctx.store.write() as conn:
         ctx.audit.append(
