@@ -139,6 +139,24 @@ def test_a_small_bound_resumes_one_under_it(store: Store) -> None:
     assert gate.check().ended == 1
 
 
+def test_a_failed_read_keeps_the_last_count(tmp_path: Path) -> None:
+    """The store failing under the count does not fail the request: the last count stands
+    (the intake's own commit answers 503 if the store is really down) and the read waits for
+    the next refresh instead of being retried by every request."""
+    s = Store(f"sqlite:///{tmp_path / 'node.db'}")
+    s.create_all()
+    clock = Clock()
+    gate = InboxBacklog(s, 5, clock=clock)
+    add_inbox(s, ["received"] * 5)
+    gate.refresh()
+    with s.write() as conn:
+        conn.execute(text("DROP TABLE inbox"))
+    clock.t += 1.0
+    gate.refresh()
+    s.dispose()
+    assert not gate.due and gate.check().refuse and gate.check().backlog == 5
+
+
 def test_the_backlog_read_is_an_index_range_on_sqlite(tmp_path: Path) -> None:
     """EXPLAIN: the count reads ix_inbox_pending's entries of one state, never the table."""
     s = Store(f"sqlite:///{tmp_path / 'node.db'}")
