@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import http.client
 import json
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import insert, text
@@ -28,6 +31,8 @@ from bridge.console import Pauses
 from bridge.context import NodeContext
 from bridge.crypto import envelope as env
 from bridge.crypto.keys import load_signing_key
+from bridge.delivery.transport import PeerConnection
+from bridge.errors import Backlogged, NotTaken, TransportError
 from bridge.gateway.backlog import InboxBacklog
 from bridge.store.db import Store
 from bridge.store.tables import INBOX
@@ -188,6 +193,48 @@ def test_alert_at_the_bound_and_none_without_one() -> None:
         == []
     )
     assert evaluate(Facts(now=T0, started_at=T0, peers={}, inbox_waiting=10**6), cfg) == []
+
+
+@pytest.mark.parametrize(
+    ("code", "retry_after", "raised"),
+    [("HT-PKT-BACKLOG", "3", Backlogged), ("HT-BUSY", "1", TransportError)],
+)
+def test_the_sender_reads_a_backlog_refusal_as_not_taken(
+    code: str, retry_after: str, raised: type[Exception]
+) -> None:
+    """A real socket: 503 with HT-PKT-BACKLOG is ``Backlogged`` (a NotTaken: no attempt is
+    counted, Retry-After is kept); any other 503 stays a transport failure."""
+    body = json.dumps({"code": code, "message": "m", "retry": "transient"}).encode()
+
+    class Refuse(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(503)
+            self.send_header("Retry-After", retry_after)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    conn = PeerConnection(f"http://127.0.0.1:{server.server_address[1]}")
+    try:
+        with pytest.raises(TransportError) as info:
+            conn.post_batch(b"x")
+    finally:
+        conn.close()
+        server.shutdown()
+        server.server_close()
+        thread.join()
+    assert type(info.value) is raised
+    assert isinstance(info.value, NotTaken) is (raised is Backlogged)
+    if raised is Backlogged:
+        assert info.value.retry_after == 3.0  # type: ignore[attr-defined]
+        assert info.value.code == "HT-PKT-BACKLOG"
 
 
 # -- real nodes -----------------------------------------------------------------------------------
