@@ -19,8 +19,8 @@
     ├── TransportError               (transient)        peer unreachable, timed out, 5xx (HT-TRANSPORT)
     │   ├── NotTaken                 (no attempt)       not taken this time: resend after Retry-After
     │   │   ├── RateLimited          HT-PKT-RATE        over a rate
-    │   │   └── Backlogged           HT-PKT-BACKLOG     the receiver's local delivery is behind
-    │   └── Busy                     HT-BUSY            a port at its bound of requests/bytes in flight
+    │   │   ├── Backlogged           HT-PKT-BACKLOG     the receiver's local delivery is behind
+    │   │   └── Busy                 HT-BUSY            a port at its bound of requests/bytes in flight
     ├── AmbiguousDelivery            (ambiguous)        sent, but no answer: resend, receiver dedupes
     ├── StoreError                   (transient)        database unavailable or locked (HT-STORE)
     ├── NotFound                     HT-NOT-FOUND       asked-for item does not exist
@@ -303,9 +303,10 @@ class DataDirLocked(HutongError):
     code = "HT-DATA-LOCKED"
 
 
-class Busy(TransportError):
+class Busy(NotTaken):
     """A port is at its bound of requests or bytes in flight: nothing of the request was read
-    or taken; send it again later (``Retry-After``)."""
+    or taken; send it again later (``Retry-After``). A sender counts no attempt for it, so a
+    busy receiver never turns a packet into a dead letter."""
 
     code = "HT-BUSY"
     http_status = 503

@@ -32,7 +32,7 @@ from bridge.context import NodeContext
 from bridge.crypto import envelope as env
 from bridge.crypto.keys import load_signing_key
 from bridge.delivery.transport import PeerConnection
-from bridge.errors import Backlogged, NotTaken, TransportError
+from bridge.errors import Backlogged, Busy, NotTaken, TransportError
 from bridge.gateway.backlog import InboxBacklog
 from bridge.store.db import Store
 from bridge.store.tables import INBOX
@@ -197,13 +197,18 @@ def test_alert_at_the_bound_and_none_without_one() -> None:
 
 @pytest.mark.parametrize(
     ("code", "retry_after", "raised"),
-    [("HT-PKT-BACKLOG", "3", Backlogged), ("HT-BUSY", "1", TransportError)],
+    [
+        ("HT-PKT-BACKLOG", "3", Backlogged),
+        ("HT-BUSY", "2", Busy),
+        ("HT-STORE", "1", TransportError),
+    ],
 )
 def test_the_sender_reads_a_backlog_refusal_as_not_taken(
     code: str, retry_after: str, raised: type[Exception]
 ) -> None:
-    """A real socket: 503 with HT-PKT-BACKLOG is ``Backlogged`` (a NotTaken: no attempt is
-    counted, Retry-After is kept); any other 503 stays a transport failure."""
+    """A real socket: 503 with HT-PKT-BACKLOG is ``Backlogged`` and with HT-BUSY ``Busy``
+    (NotTaken: no attempt is counted, Retry-After is kept); any other 503 (the receiver's store
+    down) stays a transport failure, counted and backed off."""
     body = json.dumps({"code": code, "message": "m", "retry": "transient"}).encode()
 
     class Refuse(BaseHTTPRequestHandler):
@@ -231,10 +236,10 @@ def test_the_sender_reads_a_backlog_refusal_as_not_taken(
         server.server_close()
         thread.join()
     assert type(info.value) is raised
-    assert isinstance(info.value, NotTaken) is (raised is Backlogged)
-    if raised is Backlogged:
-        assert info.value.retry_after == 3.0  # type: ignore[attr-defined]
-        assert info.value.code == "HT-PKT-BACKLOG"
+    assert isinstance(info.value, NotTaken) is (raised is not TransportError)
+    assert info.value.code == (code if raised is not TransportError else "HT-TRANSPORT")
+    if raised is not TransportError:
+        assert info.value.retry_after == float(retry_after)  # type: ignore[attr-defined]
 
 
 # -- real nodes -----------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import orjson
 from bridge.errors import (
     AmbiguousDelivery,
     Backlogged,
+    Busy,
     RateLimited,
     TransportError,
 )
@@ -104,6 +105,12 @@ class PeerConnection:
             # the receiver's local delivery is behind: nothing taken, not a failed attempt
             raise Backlogged(
                 f"{self.url} refused the batch, its backlog is full: {message}",
+                retry_after=_retry_after(resp.getheader("Retry-After")),
+            )
+        if resp.status == 503 and _code(data) == Busy.code:
+            # the peer port is at its bound of requests in flight: it read none of it
+            raise Busy(
+                f"{self.url} is busy, the batch was not read: {message}",
                 retry_after=_retry_after(resp.getheader("Retry-After")),
             )
         # an HTTP error is unsigned: whoever wrote it, it says only "not taken this time", so
