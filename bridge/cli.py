@@ -679,8 +679,13 @@ def _plugin_commands() -> None:
     name, as with adapters (``hutong.adapters``)."""
     from importlib.metadata import entry_points
 
+    # loaded only when the command line may name one (or asks for the list): ``hutong run``
+    # and the other engine commands start without importing the demo and its simulators
+    words = sys.argv[1:]
+    listing = not words or words[0].startswith("-") or "--help" in words
     for ep in entry_points(group="hutong.commands"):
-        app.command(name=ep.name)(ep.load())
+        if listing or ep.name in words[:1]:
+            app.command(name=ep.name)(ep.load())
 
 
 _plugin_commands()

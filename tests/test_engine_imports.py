@@ -6,6 +6,9 @@ reads a delivered packet's body (the dispatcher hands sinks the decoded event,
 from __future__ import annotations
 
 import ast
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 ENGINE = Path(__file__).resolve().parent.parent / "bridge"
@@ -50,9 +53,28 @@ def test_hutong_demo_comes_from_the_demo_package_by_entry_point() -> None:
 
     (ep,) = [e for e in entry_points(group="hutong.commands") if e.name == "demo"]
     assert ep.value == "demo.command:demo"
-    from bridge.cli import app
+    listed = subprocess.run(
+        [sys.executable, "-m", "bridge.cli", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    assert re.search(r"^│ demo\b", listed, re.M), listed
 
-    assert "demo" in {c.name for c in app.registered_commands}
+
+def test_a_node_process_does_not_load_the_demo() -> None:
+    """``hutong run`` (and every engine command) registers plugin commands only when the
+    command line names one: a node does not import the demo and its simulators (~20 MiB)."""
+    probe = (
+        "import sys; sys.argv = ['hutong', {argv}]; import bridge.cli; "
+        "print(sorted({{m.split('.')[0] for m in sys.modules}} & {{'demo', 'simulators'}}))"
+    )
+    for argv, loaded in (("'run'", "[]"), ("'demo'", "['demo', 'simulators']")):
+        out = subprocess.run(
+            [sys.executable, "-c", probe.format(argv=argv)],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=ENGINE.parent,
+        ).stdout.strip()
+        assert out == loaded, (argv, out)
 
 
 def test_the_rule_sees_an_import_in_a_typing_block(tmp_path: Path) -> None:
