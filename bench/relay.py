@@ -640,8 +640,9 @@ class Platform:
             senders = Senders(ljobs, procs, ctx, preseal=False)
             before2 = recv.marks()
             senders.start()
-            if spy_latency is not None and pp is not None:
-                spy_latency.start("platform", pp)
+            if spy_latency is not None:
+                for k, pid in enumerate(pps):
+                    spy_latency.start("platform" if k == 0 else f"worker{k}", pid)
             try:
                 _wait_received(recv, before2, m, alliance, timeout, "latency")
             finally:
@@ -795,12 +796,14 @@ def relay_pg(
     lat_frac: float = 0.5,
     lat_seconds: float = 4.0,
     timeout: float = 300.0,
+    spy_exe: str | None = None,
 ) -> list[dict[str, Any]]:
     """The platform on PostgreSQL (``pg_dsn``: an empty database) with 1, 2, 4 processes:
     ``hutong run`` and the rest ``hutong worker``s, which split the platform's lanes (its
     relay send jobs and returned receipts; intake stays with ``hutong run``, the process with
     the peer port). One round per count, on one running alliance; latency at ``lat_frac`` of
-    each round's own steady rate."""
+    each round's own steady rate. ``spy_exe``: py-spy ``--idle`` on every platform process
+    during each latency run."""
     started = time.perf_counter()
     plat = Platform(root, members, pg_dsn)
     out = []
@@ -816,6 +819,14 @@ def relay_pg(
                 lat_seconds=lat_seconds,
                 timeout=timeout,
                 tag=f"-{k}",
+                spy_latency=None
+                if spy_exe is None
+                else ex.Spy(
+                    spy_exe,
+                    ex.ROOT / "bench" / "results",
+                    time.strftime(f"relay-pg{count}-lat-%Y%m%d-%H%M%S"),
+                    idle=True,
+                ),
             )
             ex.console.print(
                 f"  {count} platform process(es): {r['steady_pps']:,.0f} packets/s steady; "
@@ -1004,7 +1015,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"py-spy '{args.py_spy}' not found")
         spy = ex.Spy(exe, ex.ROOT / "bench" / "results", time.strftime("relay-%Y%m%d-%H%M%S"))
     if args.pg or args.pg_dsn:
-        return main_pg(args, root)
+        return main_pg(args, root, spy_latency)
     try:
         r = relay(
             root,
@@ -1026,7 +1037,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if r["received_once"] and r["duplicates"] == 0 else 1
 
 
-def main_pg(args: argparse.Namespace, root: Path) -> int:
+def main_pg(args: argparse.Namespace, root: Path, spy_latency: ex.Spy | None) -> int:
     given = args.pg_dsn or os.environ.get("HUTONG_PG_DSN")
     pg = ex.PgServer(given, "--pg-dsn" if args.pg_dsn else "HUTONG_PG_DSN")
     if not pg.ok:
@@ -1044,6 +1055,7 @@ def main_pg(args: argparse.Namespace, root: Path) -> int:
             procs=args.procs,
             batch=args.batch,
             lat_frac=args.lat_frac,
+            spy_exe=spy_latency.exe if spy_latency is not None else None,
         )
     finally:
         pg.close()
