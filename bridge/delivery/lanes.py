@@ -11,12 +11,14 @@ lock of the job's lock class, and holds a fair share of ceil(LANES / registered)
 worker makes the first give up half its lanes, a dead one's lanes are taken up again. A single
 process holds all lanes, and then claims with no lane filter at all.
 
-Who holds what is read from ``pg_locks`` once per ``refresh_s`` for all the process's jobs at
-once, not once per job and round: a platform runs a send job per member, and reading the lock
-table (thousands of lane locks) for each of them, one at a time on the one lanes connection,
-kept its relay jobs waiting seconds in ``hold``. Between two reads a job's lanes are what this
-process locked (its own bookkeeping); a lost connection is found at the next read (within
-``refresh_s``), and its locks are then gone for everyone.
+How many processes work each job is read from ``pg_locks`` once per ``refresh_s`` for all the
+process's jobs at once (one row per job), and a job short of its share reads its busy lanes at
+most once per ``refresh_s``; a round that changes nothing sends no statement. A platform runs a
+send job per member: reading the lock table (thousands of lane locks) for each of them every
+round, one at a time on the one lanes connection, kept its relay jobs waiting seconds in
+``hold``. Between two reads a job's lanes are what this process locked (its own bookkeeping); a
+lost connection is found at the next read (within ``refresh_s``), and its locks are then gone
+for everyone.
 
 SQLite has one writer anyway: a SQLite node is one process and uses no lanes.
 """
@@ -29,7 +31,6 @@ import random
 import threading
 import time
 import zlib
-from collections import defaultdict
 from typing import Any
 
 from sqlalchemy import ColumnElement, func
@@ -39,10 +40,18 @@ from bridge.errors import StoreError
 LANES = 64  # a power of two: lane = hashtext(thread) & (LANES - 1)
 _SLOT_BASE = LANES  # lock object ids >= LANES are registrations, below are lanes
 
-#: every lane and registration lock of this database: (job class, lane or slot)
-_LOCKS_SQL = """
-SELECT classid::bigint, objid::bigint FROM pg_locks
+#: processes registered per job class (registration locks), in this database
+_WORKERS_SQL = """
+SELECT classid::bigint, count(*) FROM pg_locks
+WHERE locktype = 'advisory' AND objsubid = 2 AND granted AND objid::bigint >= %s
+  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+GROUP BY 1
+"""
+#: the lanes of one job class held by any process
+_LANES_SQL = """
+SELECT objid::bigint FROM pg_locks
 WHERE locktype = 'advisory' AND objsubid = 2 AND granted
+  AND classid = %s::bigint::oid AND objid::bigint < %s
   AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
 """
 #: how old the view of every process's locks may be when a job rebalances
@@ -71,7 +80,9 @@ class Lanes:
         self._conn: Any = None
         self._held: dict[str, set[int]] = {}
         self._slots: dict[str, int] = {}
-        self._view: dict[int, set[int]] = {}  # job class -> locks seen at the last read
+        self._workers: dict[int, int] = {}  # job class -> processes registered, at the last read
+        self._busy: dict[int, set[int]] = {}  # job class -> lanes held by anyone, since then
+        self._fresh: set[str] = set()  # jobs registered since the last read
         self._read_at: float | None = None
         #: statements sent on the lanes connection (what a round of jobs costs the database)
         self.statements = 0
@@ -117,26 +128,33 @@ class Lanes:
             if got:
                 self._slots[job] = slot
                 self._held[job] = set()
+                self._fresh.add(job)
 
-    def _locks(self, conn: Any) -> dict[int, set[int]]:
-        """Every process's lane and registration locks, read at most once per refresh_s."""
+    def _registered(self, conn: Any, job: str, cls: int) -> int:
+        """Processes working ``job``: read for every job at once, at most once per refresh_s."""
         now = time.monotonic()
         if self._read_at is None or now - self._read_at >= self.refresh_s:
-            view: dict[int, set[int]] = defaultdict(set)
-            for cls, obj in self._execute(conn, _LOCKS_SQL).fetchall():
-                view[int(cls)].add(int(obj))
-            self._view, self._read_at = view, now
-        return self._view
+            rows = self._execute(conn, _WORKERS_SQL, (_SLOT_BASE,)).fetchall()
+            self._workers = {int(c): int(n) for c, n in rows}
+            self._busy.clear()
+            self._fresh.clear()
+            self._read_at = now
+        return max(1, self._workers.get(cls, 0) + (job in self._fresh))
+
+    def _busy_lanes(self, conn: Any, cls: int) -> set[int]:
+        """The job's lanes held by any process, read once per refresh (only when short)."""
+        busy = self._busy.get(cls)
+        if busy is None:
+            rows = self._execute(conn, _LANES_SQL, (cls, LANES)).fetchall()
+            busy = self._busy[cls] = {int(r[0]) for r in rows}
+        return busy
 
     def _rebalance(self, job: str) -> set[int]:
         conn = self._connection()
         cls = job_class(job)
         self._register(conn, job, cls)
         held = self._held[job]
-        taken = self._locks(conn).setdefault(cls, set())
-        # this process's own locks are its bookkeeping, whatever the view (maybe older) says
-        workers = len({t for t in taken if t >= _SLOT_BASE} | {self._slots[job]})
-        share = math.ceil(LANES / workers)
+        share = math.ceil(LANES / self._registered(conn, job, cls))
         if len(held) > share:
             extra = random.sample(sorted(held), len(held) - share)
             self._execute(
@@ -145,11 +163,11 @@ class Lanes:
                 (cls, extra),
             )
             held.difference_update(extra)
-            taken.difference_update(extra)
+            self._busy.get(cls, set()).difference_update(extra)
         elif len(held) < share:
             # never a lane this process holds: a second lock of it would outlive the unlock
-            busy = {t for t in taken if t < _SLOT_BASE} | held
-            free = [lane for lane in range(LANES) if lane not in busy]
+            busy = self._busy_lanes(conn, cls)
+            free = [lane for lane in range(LANES) if lane not in busy and lane not in held]
             random.shuffle(free)
             want = free[: share - len(held)]
             if want:
@@ -158,9 +176,8 @@ class Lanes:
                     "SELECT l, pg_try_advisory_lock(%s::int, l) FROM unnest(%s::int[]) l",
                     (cls, want),
                 ).fetchall()
-                got = {int(lane) for lane, ok in rows if ok}
-                held.update(got)
-                taken.update(want)  # ours now, or another's: not free either way
+                held.update(int(lane) for lane, ok in rows if ok)
+                busy.update(want)  # ours now, or another's: not free either way
         return held
 
     def _drop(self) -> None:
