@@ -4,9 +4,9 @@ Checks run cheapest first and each refusal has its own error code: frame, size, 
 signature, relay stamp, recipient, clock, rules and topology, replay, decryption, digest, FHIR.
 A whole batch commits in one transaction (inbox rows, relay rows, quarantine rows, audit), and
 only then are the signed receipts returned: a receipt is never given for something not stored.
-On SQLite the batches of several requests that queue behind the write lock share that
-transaction (``Store.write_grouped``: one fsync for all of them; if one fails, each runs again
-alone). So the commit is re-runnable: it works on copies of what the checks prepared, and it
+The batches of several requests that queue behind a running commit share the next transaction
+(``Store.write_grouped``, SQLite and PostgreSQL: one commit for all of them; if one fails, each
+runs again alone). So the commit is re-runnable: it works on copies of what the checks prepared, and it
 looks the batch's packet ids up again inside the transaction, which makes replay detection
 exact across the requests of a group and across requests that raced past the first look-up.
 
