@@ -1,6 +1,7 @@
 """Platform relay: packets/s through one platform node for 50 members, counted at two receivers.
 
-Run ``.venv/bin/python bench/relay.py [--members 50] [-n 1500] [--py-spy [EXE]]``.
+Run ``.venv/bin/python bench/relay.py [--members 50] [-n 1500] [--py-spy [EXE]]``, or with
+``--pg [--pg-dsn DSN] [--processes 1,2,4]`` the platform on PostgreSQL with 1, 2 and 4 processes.
 See bench/README.md.
 
 An alliance of ``members`` sending members (role community, ``via = "platform"``), one
@@ -8,7 +9,10 @@ An alliance of ``members`` sending members (role community, ``via = "platform"``
 scaffolded in a temp dir with ``tests.harness.Alliance``: keys for every member are generated
 there at run time, and one rule per member allows ``result.lab`` and the referral kinds from
 that member to one receiver (odd members to ``recv-a``, even to ``recv-b``). The platform and the
-receivers are real ``hutong run`` processes on SQLite (the embedded default).
+receivers are real ``hutong run`` processes on SQLite (the embedded default). With ``--pg`` the
+platform's store is a PostgreSQL database and each round runs it as ``hutong run`` plus
+``processes - 1`` ``hutong worker`` processes, which split its lanes (the relay send jobs and the
+returned receipts); the peer port, and so the intake, stays with ``hutong run``.
 
 The members themselves are not nodes: sender processes (``multiprocessing``, a thread per
 member, one keep-alive ``PeerConnection`` each, one batch in flight per member as a member node
@@ -25,7 +29,7 @@ process, which verifies each receipt's signature and answers as a member node do
    received). CPU of the platform process (all threads) over go -> all received; its peak RSS
    (VmHWM) at the end.
 2. **Latency**: members send one packet at a time, sealed just before it is posted, at a steady
-   total rate below the measured throughput (``lat_rate``, default 40 % of the steady rate);
+   total rate below the measured throughput (``lat_rate``, default half the steady rate);
    per packet, the receiver's ``inbox.received_at`` - the packet's sealed ``created_at`` (same
    clock). p50 and p99 come from here; the throughput run's post -> received times (queueing
    under saturation) are in the result as ``saturated_p50_ms`` / ``saturated_p99_ms``.
@@ -38,6 +42,8 @@ import contextlib
 import multiprocessing as mp
 import os
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -51,9 +57,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import exchange as ex
+from scaleout import lane_holders
 
 from bridge.crypto import envelope as env
 from bridge.crypto.keys import load_signing_key
+from bridge.delivery.lanes import LANES
 from bridge.delivery.transport import PeerConnection
 from bridge.errors import HutongError, RateLimited
 from tests.harness import Alliance
@@ -447,6 +455,295 @@ def platform_intake(dsn: str, ids: list[str]) -> dict[str, float]:
     return {r[0]: ex.ts(r[1]) for r in rows if r[0] in wanted}
 
 
+class Platform:
+    """The scaffolded alliance, the receipt sink and the running platform and receivers; the
+    platform on SQLite, or on PostgreSQL (``pg_dsn``) with ``hutong worker`` processes added
+    per round (``processes``). ``measure`` runs one throughput and one latency round."""
+
+    def __init__(self, root: Path, members: int, pg_dsn: str | None = None) -> None:
+        self.members = members
+        self.pg = pg_dsn is not None
+        people, rules = alliance_members(members)
+        mpc = mp.get_context("fork")
+        self.sink_pipe, theirs = mpc.Pipe()
+        folder = root / "alliance-relay"
+        self.alliance = Alliance(
+            folder,
+            people,
+            rules,
+            dsn_for=(lambda n: pg_dsn if n == PLATFORM else None)  # type: ignore[arg-type, return-value]
+            if pg_dsn
+            else None,
+        )
+        platform_plan = self.alliance.node(PLATFORM).plan
+        keys = {r: platform_plan.directory[r].signing_keys for r in RECEIVERS}
+        self.sink = mpc.Process(target=_sink_main, args=(theirs, keys), daemon=True)
+        self.sink.start()
+        theirs.close()
+        sink_port = self.sink_pipe.recv()
+        point_members_at(folder / "alliance.toml", f"http://127.0.0.1:{sink_port}")
+        self.alliance.nodes.clear()  # reload the plans with the sink's URL
+        self.platform = self.alliance.node(PLATFORM)
+        self.recv: Receivers | None = None
+        self.workers: list[subprocess.Popen[bytes]] = []
+        self.ctx = {
+            "url": self.platform.peer_url,
+            "keys_dir": folder / "keys",
+            "platform_keys": self.platform.plan.directory[PLATFORM].signing_keys,
+            "recipient_keys": {
+                r: self.platform.plan.directory[r].encryption_keys[0] for r in RECEIVERS
+            },
+        }
+        self.seqs: dict[tuple[str, str], int] = {}
+        self.sent_total = 0  # packets of every round so far: the receipts the sink should get
+
+    def start(self) -> None:
+        for node_id in (PLATFORM, *RECEIVERS):
+            self.alliance.node(node_id).start()
+        for node_id in (PLATFORM, *RECEIVERS):  # a busy machine may take a while to import
+            self.alliance.node(node_id).wait_ready(timeout=180)
+        self.recv = Receivers(self.alliance)
+
+    def use_processes(self, processes: int, timeout: float = 120.0) -> None:
+        """PostgreSQL: ``hutong run`` + processes-1 ``hutong worker``s, waited for until they
+        have split the lanes of the send jobs to both receivers."""
+        assert self.pg
+        self.stop_workers()
+        plat = self.platform
+        for i in range(processes - 1):
+            log = plat.log.with_name(f"{PLATFORM}-worker{i}.log")
+            with open(log, "ab") as fh:
+                self.workers.append(
+                    subprocess.Popen(
+                        [
+                            sys.executable,
+                            "-m",
+                            "bridge.cli",
+                            "worker",
+                            "--config",
+                            str(plat.config),
+                        ],
+                        stdout=fh,
+                        stderr=subprocess.STDOUT,
+                        cwd=ex.ROOT,
+                    )
+                )
+        reader = ex.Reader(plat.plan.storage_dsn)
+        try:
+            share = LANES // processes
+            deadline = time.perf_counter() + timeout
+            while True:
+                held = {r: lane_holders(reader, f"send:{r}") for r in RECEIVERS}
+                if all(h == [share] * processes for h in held.values()):
+                    return
+                for w in self.workers:
+                    if w.poll() is not None:
+                        raise RuntimeError(f"a platform worker exited: see {plat.log.parent}")
+                if time.perf_counter() > deadline:
+                    raise TimeoutError(f"lanes not split {processes} ways: {held}")
+                time.sleep(0.1)
+        finally:
+            reader.close()
+
+    def stop_workers(self) -> None:
+        for w in self.workers:
+            if w.poll() is None:
+                w.send_signal(signal.SIGTERM)
+        for w in self.workers:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                w.wait(timeout=30)
+            if w.poll() is None:
+                w.kill()
+                w.wait(10)
+        self.workers = []
+
+    def pids(self) -> list[int]:
+        """The platform's processes: ``hutong run`` and its workers."""
+        pp = ex.pid_of(self.platform)
+        return [p for p in [pp, *(w.pid for w in self.workers)] if p is not None]
+
+    def measure(
+        self,
+        n: int,
+        *,
+        procs: int = 3,
+        batch: int = 20,
+        lat_rate: float | None = None,
+        lat_frac: float = 0.5,
+        lat_seconds: float = 4.0,
+        timeout: float = 300.0,
+        spy: ex.Spy | None = None,
+        spy_latency: ex.Spy | None = None,
+        tag: str = "",
+    ) -> dict[str, Any]:
+        """One round: throughput of a pre-sealed backlog, then latency at ``lat_rate`` (default
+        ``lat_frac`` of the measured steady rate), then every end-to-end receipt back."""
+        recv, alliance, members = self.recv, self.alliance, self.members
+        assert recv is not None
+        ctx = dict(self.ctx, batch=batch)
+        senders: Senders | None = None
+        profile = lat_profile = None
+        try:
+            # ---- 1. throughput: pre-sealed backlog, all members at once ---------------------
+            jobs = plan_jobs(members, n, f"tp{tag}", self.seqs)
+            senders = Senders(jobs, procs, ctx, preseal=True)
+            before = recv.marks()
+            dup0 = recv.duplicates()
+            pps = self.pids()
+            pp = pps[0] if pps else None
+            rpids = [ex.pid_of(alliance.node(r)) for r in RECEIVERS]
+            spids = senders.pids() + [self.sink.pid]
+
+            def cpu() -> tuple[float, ...]:
+                return (
+                    sum(ex.cpu_seconds(p) for p in pps),
+                    sum(ex.cpu_seconds(p) for p in rpids),
+                    sum(ex.cpu_seconds(p) for p in spids),
+                    ex.postgres_cpu_s() if self.pg else 0.0,
+                    ex.machine_busy_s(),
+                    time.process_time(),
+                )
+
+            c0 = cpu()
+            t0 = senders.start()
+            if spy is not None and pp is not None:
+                spy.start("platform", pp)
+            try:
+                t_all = _wait_received(recv, before, n, alliance, timeout, "throughput")
+            finally:
+                profile = spy.stop() if spy is not None else None
+            c1 = cpu()
+            sent = senders.results(timeout)
+            senders.close()
+            senders = None
+            window = t_all - t0
+            used = [b - a for a, b in zip(c0, c1, strict=True)]
+            rows = recv.rows(before)
+            once = _check_once(rows, jobs)
+            per_sender = {
+                r: dict(sorted(Counter(x[3] for x in rs).items())) for r, rs in rows.items()
+            }
+            times = sorted(ex.ts(r[1]) for rs in rows.values() for r in rs)
+            span = times[-1] - times[0]
+            steady = sum(1 for x in times if x < times[-1]) / span if span > 0 else float("nan")
+            queued = [
+                (ex.ts(r[1]) - sent["posted"][r[0]]) * 1000
+                for rs in rows.values()
+                for r in rs
+                if r[0] in sent["posted"]
+            ]
+            rss = ex.peak_rss_mib(pp)
+            # ---- 2. latency: one packet per post, sealed when due, below the measured rate --
+            rate = lat_rate or max(5.0, lat_frac * steady)
+            m = max(members, int(rate * lat_seconds))
+            ljobs = plan_jobs(members, m, f"lat{tag}", self.seqs, spacing=1 / rate)
+            senders = Senders(ljobs, procs, ctx, preseal=False)
+            before2 = recv.marks()
+            senders.start()
+            if spy_latency is not None:
+                for k, pid in enumerate(pps):
+                    spy_latency.start("platform" if k == 0 else f"worker{k}", pid)
+            try:
+                _wait_received(recv, before2, m, alliance, timeout, "latency")
+            finally:
+                lat_profile = spy_latency.stop() if spy_latency is not None else None
+            lsent = senders.results(timeout)
+            senders.close()
+            senders = None
+            lrows = recv.rows(before2)
+            lonce = _check_once(lrows, ljobs)
+            lat = [(ex.ts(r[1]) - ex.ts(r[2])) * 1000 for rs in lrows.values() for r in rs]
+            # where it waited: sealed -> the platform's intake (its relay row's created_at)
+            # and from there -> the receiver's intake
+            at_platform = platform_intake(self.platform.plan.storage_dsn, [j["id"] for j in ljobs])
+            lat_in = [
+                (at_platform[r[0]] - ex.ts(r[2])) * 1000
+                for rs in lrows.values()
+                for r in rs
+                if r[0] in at_platform
+            ]
+            lat_out = [
+                (ex.ts(r[1]) - at_platform[r[0]]) * 1000
+                for rs in lrows.values()
+                for r in rs
+                if r[0] in at_platform
+            ]
+            # ---- end-to-end receipts back at the members, through the platform --------------
+            self.sent_total += n + m
+            want = self.sent_total
+            deadline = time.perf_counter() + 60
+            while time.perf_counter() < deadline:  # the platform may still be forwarding some
+                self.sink_pipe.send("count")
+                if self.sink_pipe.recv() >= want:
+                    break
+                time.sleep(0.1)
+            self.sink_pipe.send("count")
+            back = self.sink_pipe.recv()
+            dups = recv.duplicates() - dup0
+        finally:
+            if senders is not None:
+                senders.close()
+        return {
+            "members": members,
+            "n": n,
+            "procs": procs,
+            "batch": batch,
+            "size": SIZE,
+            "backend": "postgresql" if self.pg else "sqlite",
+            "processes": len(pps),
+            "steady_pps": steady,
+            "wall_pps": n / window,
+            "window_s": window,
+            "span_s": span,
+            "received_once": once["received_once"] and lonce["received_once"],
+            "per_receiver": once["per_receiver"],
+            "per_sender": per_sender,
+            "duplicates": dups,
+            "platform_cpu": used[0] / window,
+            "receivers_cpu": used[1] / window,
+            "senders_cpu": used[2] / window,
+            "db_cpu": used[3] / window,
+            "others_cpu": max(0.0, used[4] - sum(used[:4]) - used[5]) / window,
+            "platform_rss_mib": rss,
+            "sender_retries": sent["retries"] + lsent["retries"],
+            "sender_errors": (sent["errors"] + lsent["errors"])[:10],
+            "platform_answers": sent["status"],
+            "saturated_p50_ms": ex.pct(queued, 0.5),
+            "saturated_p99_ms": ex.pct(queued, 0.99),
+            "lat_rate": rate,
+            "lat_n": m,
+            "lat_received_once": lonce["received_once"],
+            "p50_ms": ex.pct(lat, 0.5),
+            "p99_ms": ex.pct(lat, 0.99),
+            "max_ms": max(lat),
+            "to_platform_p50_ms": ex.pct(lat_in, 0.5),
+            "to_platform_p99_ms": ex.pct(lat_in, 0.99),
+            "from_platform_p50_ms": ex.pct(lat_out, 0.5),
+            "from_platform_p99_ms": ex.pct(lat_out, 0.99),
+            "receipts_back": back,
+            "receipts_expected": want,
+            "pyspy": profile,
+            "pyspy_latency": lat_profile,
+        }
+
+    def receipts(self) -> list[tuple[Any, ...]]:
+        """Stop the sink; every receipt it got (packet, receiver, status)."""
+        self.sink_pipe.send("stop")
+        got: list[tuple[Any, ...]] = self.sink_pipe.recv()
+        return got
+
+    def close(self) -> None:
+        self.stop_workers()
+        if self.recv is not None:
+            self.recv.close()
+        self.alliance.stop_all()
+        with contextlib.suppress(Exception):
+            if self.sink.is_alive():
+                self.sink.terminate()
+            self.sink.join(10)
+        self.sink_pipe.close()
+
+
 def relay(
     root: Path,
     members: int = 50,
@@ -455,193 +752,103 @@ def relay(
     procs: int = 3,
     batch: int = 20,
     lat_rate: float | None = None,
+    lat_frac: float = 0.5,
     lat_seconds: float = 4.0,
     timeout: float = 300.0,
     spy: ex.Spy | None = None,
     spy_latency: ex.Spy | None = None,
 ) -> dict[str, Any]:
-    """Scaffold, start, run throughput then latency, stop; returns the figures (see module).
+    """The platform on SQLite: scaffold, start, one round (see ``Platform.measure``), stop.
     ``spy_latency``: sample the platform (``--idle``) during the latency run."""
     started = time.perf_counter()
-    people, rules = alliance_members(members)
-    mpc = mp.get_context("fork")
-    sink_pipe, theirs = mpc.Pipe()
-    alliance = Alliance(root / "alliance-relay", people, rules)
-    platform_plan = alliance.node(PLATFORM).plan
-    keys = {r: platform_plan.directory[r].signing_keys for r in RECEIVERS}
-    sink = mpc.Process(target=_sink_main, args=(theirs, keys), daemon=True)
-    sink.start()
-    theirs.close()
-    sink_port = sink_pipe.recv()
-    point_members_at(root / "alliance-relay" / "alliance.toml", f"http://127.0.0.1:{sink_port}")
-    alliance.nodes.clear()  # reload the plans with the sink's URL
-    platform = alliance.node(PLATFORM)
-    recv: Receivers | None = None
-    senders: Senders | None = None
-    ctx = {
-        "url": platform.peer_url,
-        "batch": batch,
-        "keys_dir": root / "alliance-relay" / "keys",
-        "platform_keys": platform.plan.directory[PLATFORM].signing_keys,
-        "recipient_keys": {r: platform.plan.directory[r].encryption_keys[0] for r in RECEIVERS},
-    }
-    seqs: dict[tuple[str, str], int] = {}
-    profile = None
+    plat = Platform(root, members)
     try:
-        for node_id in (PLATFORM, *RECEIVERS):
-            alliance.node(node_id).start()
-        for node_id in (PLATFORM, *RECEIVERS):  # a busy machine may take a while to import
-            alliance.node(node_id).wait_ready(timeout=180)
-        recv = Receivers(alliance)
-        # ---- 1. throughput: pre-sealed backlog, all members at once -------------------------
-        jobs = plan_jobs(members, n, "tp", seqs)
-        senders = Senders(jobs, procs, ctx, preseal=True)
-        before = recv.marks()
-        dup0 = recv.duplicates()
-        pp = ex.pid_of(platform)
-        rpids = [ex.pid_of(alliance.node(r)) for r in RECEIVERS]
-        spids = senders.pids() + [sink.pid]
-
-        def cpu() -> tuple[float, ...]:
-            return (
-                ex.cpu_seconds(pp),
-                sum(ex.cpu_seconds(p) for p in rpids),
-                sum(ex.cpu_seconds(p) for p in spids),
-                ex.machine_busy_s(),
-                time.process_time(),
-            )
-
-        c0 = cpu()
-        t0 = senders.start()
-        if spy is not None and pp is not None:
-            spy.start("platform", pp)
-        try:
-            t_all = _wait_received(recv, before, n, alliance, timeout, "throughput")
-        finally:
-            profile = spy.stop() if spy is not None else None
-        c1 = cpu()
-        sent = senders.results(timeout)
-        senders.close()
-        senders = None
-        window = t_all - t0
-        used = [b - a for a, b in zip(c0, c1, strict=True)]
-        rows = recv.rows(before)
-        once = _check_once(rows, jobs)
-        per_sender = {r: dict(sorted(Counter(x[3] for x in rs).items())) for r, rs in rows.items()}
-        times = sorted(ex.ts(r[1]) for rs in rows.values() for r in rs)
-        span = times[-1] - times[0]
-        steady = sum(1 for x in times if x < times[-1]) / span if span > 0 else float("nan")
-        queued = [
-            (ex.ts(r[1]) - sent["posted"][r[0]]) * 1000
-            for rs in rows.values()
-            for r in rs
-            if r[0] in sent["posted"]
-        ]
-        rss = ex.peak_rss_mib(pp)
-        # ---- 2. latency: one packet per post, sealed when due, below the measured rate ------
-        rate = lat_rate or max(5.0, min(0.4 * steady, 200.0))
-        m = max(members, int(rate * lat_seconds))
-        ljobs = plan_jobs(members, m, "lat", seqs, spacing=1 / rate)
-        senders = Senders(ljobs, procs, ctx, preseal=False)
-        before2 = recv.marks()
-        senders.start()
-        if spy_latency is not None and pp is not None:
-            spy_latency.start("platform", pp)
-        try:
-            _wait_received(recv, before2, m, alliance, timeout, "latency")
-        finally:
-            lat_profile = spy_latency.stop() if spy_latency is not None else None
-        lsent = senders.results(timeout)
-        senders.close()
-        senders = None
-        lrows = recv.rows(before2)
-        lonce = _check_once(lrows, ljobs)
-        lat = [(ex.ts(r[1]) - ex.ts(r[2])) * 1000 for rs in lrows.values() for r in rs]
-        # where it waited: sealed -> the platform's intake (its relay row's created_at) and
-        # from there -> the receiver's intake
-        at_platform = platform_intake(platform.plan.storage_dsn, [j["id"] for j in ljobs])
-        lat_in = [
-            (at_platform[r[0]] - ex.ts(r[2])) * 1000
-            for rs in lrows.values()
-            for r in rs
-            if r[0] in at_platform
-        ]
-        lat_out = [
-            (ex.ts(r[1]) - at_platform[r[0]]) * 1000
-            for rs in lrows.values()
-            for r in rs
-            if r[0] in at_platform
-        ]
-        # ---- end-to-end receipts back at the members, through the platform ------------------
-        want = n + m
-        deadline = time.perf_counter() + 60
-        while time.perf_counter() < deadline:  # the platform may still be forwarding some
-            sink_pipe.send("count")
-            if sink_pipe.recv() >= want:
-                break
-            time.sleep(0.1)
-        sink_pipe.send("stop")
-        receipts = sink_pipe.recv()
-        dups = recv.duplicates() - dup0
-        accepted = Counter(s for _, _, s in receipts)
+        plat.start()
+        r = plat.measure(
+            n,
+            procs=procs,
+            batch=batch,
+            lat_rate=lat_rate,
+            lat_frac=lat_frac,
+            lat_seconds=lat_seconds,
+            timeout=timeout,
+            spy=spy,
+            spy_latency=spy_latency,
+        )
+        receipts = plat.receipts()
     finally:
-        if senders is not None:
-            senders.close()
-        if recv is not None:
-            recv.close()
-        alliance.stop_all()
-        with contextlib.suppress(Exception):
-            if sink.is_alive():
-                sink.terminate()
-            sink.join(10)
-        sink_pipe.close()
-    return {
-        "members": members,
-        "n": n,
-        "procs": procs,
-        "batch": batch,
-        "size": SIZE,
-        "steady_pps": steady,
-        "wall_pps": n / window,
-        "window_s": window,
-        "span_s": span,
-        "received_once": once["received_once"] and lonce["received_once"],
-        "per_receiver": once["per_receiver"],
-        "per_sender": per_sender,
-        "duplicates": dups,
-        "platform_cpu": used[0] / window,
-        "receivers_cpu": used[1] / window,
-        "senders_cpu": used[2] / window,
-        "others_cpu": max(0.0, used[3] - sum(used[:3]) - used[4]) / window,
-        "platform_rss_mib": rss,
-        "sender_retries": sent["retries"] + lsent["retries"],
-        "sender_errors": (sent["errors"] + lsent["errors"])[:10],
-        "platform_answers": sent["status"],
-        "saturated_p50_ms": ex.pct(queued, 0.5),
-        "saturated_p99_ms": ex.pct(queued, 0.99),
-        "lat_rate": rate,
-        "lat_n": m,
-        "lat_received_once": lonce["received_once"],
-        "p50_ms": ex.pct(lat, 0.5),
-        "p99_ms": ex.pct(lat, 0.99),
-        "max_ms": max(lat),
-        "to_platform_p50_ms": ex.pct(lat_in, 0.5),
-        "to_platform_p99_ms": ex.pct(lat_in, 0.99),
-        "from_platform_p50_ms": ex.pct(lat_out, 0.5),
-        "from_platform_p99_ms": ex.pct(lat_out, 0.99),
-        "receipts_back": len({p for p, _, s in receipts if s == "accepted"}),
-        "receipt_statuses": dict(accepted),
-        "receipts_expected": want,
-        "elapsed_s": time.perf_counter() - started,
-        "pyspy": profile,
-        "pyspy_latency": lat_profile,
-    }
+        plat.close()
+    r["receipts_back"] = len({p for p, _, s in receipts if s == "accepted"})
+    r["receipt_statuses"] = dict(Counter(s for _, _, s in receipts))
+    r["elapsed_s"] = time.perf_counter() - started
+    return r
+
+
+def relay_pg(
+    root: Path,
+    pg_dsn: str,
+    members: int = 50,
+    n: int = 1500,
+    *,
+    processes: tuple[int, ...] = (1, 2, 4),
+    procs: int = 3,
+    batch: int = 20,
+    lat_frac: float = 0.5,
+    lat_seconds: float = 4.0,
+    timeout: float = 300.0,
+    spy_exe: str | None = None,
+) -> list[dict[str, Any]]:
+    """The platform on PostgreSQL (``pg_dsn``: an empty database) with 1, 2, 4 processes:
+    ``hutong run`` and the rest ``hutong worker``s, which split the platform's lanes (its
+    relay send jobs and returned receipts; intake stays with ``hutong run``, the process with
+    the peer port). One round per count, on one running alliance; latency at ``lat_frac`` of
+    each round's own steady rate. ``spy_exe``: py-spy ``--idle`` on every platform process
+    during each latency run."""
+    started = time.perf_counter()
+    plat = Platform(root, members, pg_dsn)
+    out = []
+    try:
+        plat.start()
+        for k, count in enumerate(processes):
+            plat.use_processes(count)
+            r = plat.measure(
+                n,
+                procs=procs,
+                batch=batch,
+                lat_frac=lat_frac,
+                lat_seconds=lat_seconds,
+                timeout=timeout,
+                tag=f"-{k}",
+                spy_latency=None
+                if spy_exe is None
+                else ex.Spy(
+                    spy_exe,
+                    ex.ROOT / "bench" / "results",
+                    time.strftime(f"relay-pg{count}-lat-%Y%m%d-%H%M%S"),
+                    idle=True,
+                ),
+            )
+            ex.console.print(
+                f"  {count} platform process(es): {r['steady_pps']:,.0f} packets/s steady; "
+                f"at {r['lat_rate']:.0f}/s p50 {r['p50_ms']:.0f} / p99 {r['p99_ms']:.0f} ms"
+            )
+            out.append(r)
+        receipts = plat.receipts()
+    finally:
+        plat.close()
+    statuses = dict(Counter(s for _, _, s in receipts))
+    for r in out:
+        r["receipt_statuses"] = statuses
+        r["elapsed_s"] = time.perf_counter() - started
+    out[-1]["receipts_back"] = len({p for p, _, s in receipts if s == "accepted"})
+    return out
 
 
 def report(r: dict[str, Any]) -> None:
+    store = "SQLite" if r["backend"] == "sqlite" else f"PostgreSQL, {r['processes']} process(es)"
     t = ex._table(
         f"Platform relay: {r['members']} members -> platform -> 2 receivers, "
-        f"4 KiB, SQLite, {r['procs']} sender processes, {r['batch']} per post",
+        f"4 KiB, {store}, {r['procs']} sender processes, {r['batch']} per post",
         ["what", "figure"],
     )
     rows = [
@@ -677,16 +884,18 @@ def report(r: dict[str, Any]) -> None:
             f"{r['saturated_p50_ms']:.0f} / {r['saturated_p99_ms']:.0f} ms",
         ),
         (
-            "CPU platform / receivers / senders+sink / others",
+            "CPU platform / PostgreSQL / receivers / senders+sink / others",
             (
-                f"{r['platform_cpu']:.0%} / {r['receivers_cpu']:.0%} / {r['senders_cpu']:.0%} / "
-                f"{r['others_cpu']:.0%}"
+                f"{r['platform_cpu']:.0%} / {r['db_cpu']:.0%} / {r['receivers_cpu']:.0%} / "
+                f"{r['senders_cpu']:.0%} / {r['others_cpu']:.0%}"
             ),
         ),
-        ("platform peak RSS (VmHWM)", f"{r['platform_rss_mib']:.0f} MiB"),
+        ("platform peak RSS (VmHWM, hutong run)", f"{r['platform_rss_mib']:.0f} MiB"),
         ("sender retries (platform answered 503 / no answer)", str(r["sender_retries"])),
         ("whole run incl. scaffolding and start-up", f"{r['elapsed_s']:.0f} s"),
     ]
+    if r["backend"] != "sqlite":
+        rows[0] = ("packets", f"{r['n']:,} (+ {r['lat_n']:,} in the latency run) in this round")
     for what, fig in rows:
         t.add_row(what, fig)
     ex.console.print(t)
@@ -715,6 +924,36 @@ def report(r: dict[str, Any]) -> None:
         ex.console.print(t)
 
 
+def report_pg(results: list[dict[str, Any]], server: str) -> None:
+    """One line per process count, then each round's full table."""
+    t = ex._table(
+        f"Platform relay on PostgreSQL ({server}): {results[0]['members']} members, 4 KiB, "
+        "hutong run + workers",
+        [
+            "processes",
+            "steady packets/s",
+            "latency at",
+            "p50 / p99 ms",
+            "platform -> receiver p50 / p99 ms",
+            "CPU platform / PostgreSQL",
+            "once, no duplicate",
+        ],
+    )
+    for r in results:
+        t.add_row(
+            str(r["processes"]),
+            f"{r['steady_pps']:,.0f}",
+            f"{r['lat_rate']:.0f}/s",
+            f"{r['p50_ms']:,.0f} / {r['p99_ms']:,.0f}",
+            f"{r['from_platform_p50_ms']:,.0f} / {r['from_platform_p99_ms']:,.0f}",
+            f"{r['platform_cpu']:.0%} / {r['db_cpu']:.0%}",
+            str(r["received_once"] and r["duplicates"] == 0),
+        )
+    ex.console.print(t)
+    for r in results:
+        report(r)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--members", type=int, default=50)
@@ -724,7 +963,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--lat-rate",
         type=float,
-        help="packets/s of the latency run (default: 40%% of the measured steady rate)",
+        help="packets/s of the latency run (default: --lat-frac of the measured steady rate)",
+    )
+    p.add_argument(
+        "--lat-frac",
+        type=float,
+        default=0.5,
+        help="the latency run's rate as a share of the steady rate (default 0.5: half)",
+    )
+    p.add_argument(
+        "--pg",
+        action="store_true",
+        help="the platform on PostgreSQL with 1, 2, 4 processes (hutong run + workers): "
+        "--pg-dsn, else HUTONG_PG_DSN, else a throwaway cluster",
+    )
+    p.add_argument("--pg-dsn", help="a role allowed to CREATE DATABASE (implies --pg)")
+    p.add_argument(
+        "--processes",
+        default="1,2,4",
+        help="PostgreSQL: platform process counts, one round each (default 1,2,4)",
     )
     p.add_argument("--keep", action="store_true", help="keep the temp dir (node logs, DBs)")
     p.add_argument(
@@ -757,6 +1014,8 @@ def main(argv: list[str] | None = None) -> int:
         if not exe:
             p.error(f"py-spy '{args.py_spy}' not found")
         spy = ex.Spy(exe, ex.ROOT / "bench" / "results", time.strftime("relay-%Y%m%d-%H%M%S"))
+    if args.pg or args.pg_dsn:
+        return main_pg(args, root, spy_latency)
     try:
         r = relay(
             root,
@@ -765,6 +1024,7 @@ def main(argv: list[str] | None = None) -> int:
             procs=args.procs,
             batch=args.batch,
             lat_rate=args.lat_rate,
+            lat_frac=args.lat_frac,
             spy=spy,
             spy_latency=spy_latency,
         )
@@ -775,6 +1035,37 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(root, ignore_errors=True)
     report(r)
     return 0 if r["received_once"] and r["duplicates"] == 0 else 1
+
+
+def main_pg(args: argparse.Namespace, root: Path, spy_latency: ex.Spy | None) -> int:
+    given = args.pg_dsn or os.environ.get("HUTONG_PG_DSN")
+    pg = ex.PgServer(given, "--pg-dsn" if args.pg_dsn else "HUTONG_PG_DSN")
+    if not pg.ok:
+        ex.console.print(f"[red]no PostgreSQL: {pg.skip_reason}[/]")
+        return 1
+    server = f"{pg.version}, {pg.durable}"
+    ex.console.print(f"[dim]PostgreSQL: {pg.source}; {server}[/]")
+    try:
+        results = relay_pg(
+            root,
+            pg.dbs[ex.A],
+            args.members,
+            args.n,
+            processes=tuple(int(x) for x in args.processes.split(",")),
+            procs=args.procs,
+            batch=args.batch,
+            lat_frac=args.lat_frac,
+            spy_exe=spy_latency.exe if spy_latency is not None else None,
+        )
+    finally:
+        pg.close()
+        if args.keep:
+            ex.console.print(f"[dim]kept {root}[/]")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+    report_pg(results, server)
+    ok = all(r["received_once"] and r["duplicates"] == 0 for r in results)
+    return 0 if ok and results[-1]["receipts_back"] >= results[-1]["receipts_expected"] else 1
 
 
 if __name__ == "__main__":

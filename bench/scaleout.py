@@ -24,8 +24,9 @@ import exchange as ex
 from bridge.delivery.lanes import LANES, job_class
 
 
-def lane_holders(reader: ex.Reader) -> list[int]:
-    """Lanes held per process for A's ``send:core`` job (from pg_locks on A's database)."""
+def lane_holders(reader: ex.Reader, job: str = f"send:{ex.B}") -> list[int]:
+    """Lanes held per process for a job (default A's ``send:core``), from pg_locks on the
+    node's database."""
     return sorted(
         int(r[1])
         for r in reader.rows(
@@ -33,7 +34,7 @@ def lane_holders(reader: ex.Reader) -> list[int]:
             "AND objsubid = 2 AND classid = CAST(? AS bigint)::oid AND objid::bigint < ? "
             "AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
             "GROUP BY pid",
-            job_class(f"send:{ex.B}"),
+            job_class(job),
             LANES,
         )
     )

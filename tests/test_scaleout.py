@@ -14,9 +14,10 @@ from collections import Counter, defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 
-from bridge.delivery.lanes import LANES, job_class
+from bridge.delivery.lanes import LANES, Lanes, job_class
 from tests.factory import bundle
 from tests.harness import ROOT, Alliance, NodeProcess, spooled, wait_for
 from tests.harness import db_rows as _scalar
@@ -194,3 +195,44 @@ def test_sigkill_of_a_worker_mid_run_loses_and_repeats_nothing(pg_pair: Alliance
     finally:
         for w in workers:
             w.kill(signal.SIGTERM)
+
+
+@pytest.mark.postgres
+def test_many_jobs_rebalance_on_one_read_of_the_lock_table(pg_db: str) -> None:
+    """A platform has a send job per member: their rounds read who holds which lane once per
+    ``refresh_s`` for all jobs, and a round that changes nothing sends no statement. Two
+    processes (two ``Lanes``, two connections) split every job's lanes, none held twice."""
+    jobs = [f"send:m-{i}" for i in range(50)] + ["receipts"]
+    first = Lanes(pg_db, refresh_s=3600)
+    second = Lanes(pg_db, refresh_s=3600)
+    try:
+        assert all(first.hold(job) is None for job in jobs)  # alone: every lane, no filter
+        sent = first.statements
+        # per job a registration, a read of its busy lanes, the lanes; one read of who works
+        assert sent == len(jobs) * 3 + 1
+        assert all(first.hold(job) is None for job in jobs)
+        assert first.statements == sent  # nothing changed: no round trip at all
+        assert all(second.hold(job) == frozenset() for job in jobs)  # all lanes are taken
+        first._read_at = second._read_at = None  # as if refresh_s had passed
+        halves = [first.hold(job) for job in jobs]
+        assert first.statements == sent + 1 + len(jobs)  # one read; each job gives up half
+        first_lanes = {job: lanes for job, lanes in zip(jobs, halves, strict=True)}
+        second._read_at = None
+        for job in jobs:
+            mine, theirs = first_lanes[job], second.hold(job)
+            assert mine is not None and theirs is not None
+            assert len(mine) == len(theirs) == LANES // 2
+            assert not mine & theirs
+        with psycopg.connect(first.url, autocommit=True) as conn:
+            holders = conn.execute(
+                "SELECT classid::bigint, objid::bigint, count(*) FROM pg_locks "
+                "WHERE locktype = 'advisory' AND objsubid = 2 AND granted AND objid::bigint < %s "
+                "AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+                "GROUP BY 1, 2",
+                (LANES,),
+            ).fetchall()
+        assert len(holders) == len(jobs) * LANES  # every lane of every job held ...
+        assert {n for _, _, n in holders} == {1}  # ... by one process, once
+    finally:
+        first.close()
+        second.close()

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Connection, insert, select
+from sqlalchemy import Connection, event, insert, select
 
 from bridge.errors import NotFound
 from bridge.fhirstore import store
@@ -291,12 +291,52 @@ def test_the_wal_is_checkpointed_by_its_own_thread(tmp_path: Path) -> None:
     assert cp._thread is None  # stopped with the store
 
 
-def test_grouped_writes_each_get_their_own_result_and_a_failure_keeps_nothing(
-    sqlite_store: Store,
-) -> None:
-    """Threads share commits (``write_grouped``): each caller gets its own work's value; a work
-    that raises gets its error, its rows are not kept, and the others' rows are."""
-    s = sqlite_store
+def test_grouped_writes_each_get_their_own_result_and_a_failure_keeps_nothing(dsn: str) -> None:
+    """Threads share commits (``write_grouped``, SQLite and PostgreSQL): each caller gets its
+    own work's value; a work that raises gets its error, its rows are not kept, and the
+    others' rows are. Commits counted: the group's (rolled back), then one per work alone."""
+    s = Store(dsn)
+    s.create_all()
+    commits: list[int] = []
+    event.listen(s.engine, "commit", lambda _conn: commits.append(1))
+    try:
+        _grouped_writes(s, commits)
+    finally:
+        s.dispose()
+
+
+def test_grouped_writes_without_a_failure_share_one_commit(dsn: str) -> None:
+    s = Store(dsn)
+    s.create_all()
+    commits: list[int] = []
+    event.listen(s.engine, "commit", lambda _conn: commits.append(1))
+    done: dict[int, int] = {}
+
+    def caller(i: int) -> None:
+        def work(conn: Connection) -> int:
+            conn.execute(insert(NODE_STATE).values(key=f"g{i}", value=str(i), updated_at=T0))
+            return i
+
+        done[i] = s.write_grouped(work)
+
+    try:
+        with s._group_lock:  # a group in progress: the callers queue up behind it
+            threads = [threading.Thread(target=caller, args=(i,)) for i in range(6)]
+            for t in threads:
+                t.start()
+            wait_for(lambda: len(s._queue) == 6, 30, what="six queued writes")
+        for t in threads:
+            t.join(60)
+        assert done == {i: i for i in range(6)}
+        assert len(commits) == 1
+        with s.read() as conn:
+            keys = {r.key for r in conn.execute(select(NODE_STATE.c.key))}
+        assert {f"g{i}" for i in range(6)} <= keys
+    finally:
+        s.dispose()
+
+
+def _grouped_writes(s: Store, commits: list[int]) -> None:
     results: dict[int, Any] = {}
     gate = threading.Event()
 
@@ -316,20 +356,20 @@ def test_grouped_writes_each_get_their_own_result_and_a_failure_keeps_nothing(
         except ValueError as exc:
             results[i] = str(exc)
 
-    # hold the writer lock so that the callers queue up and form one group behind it
-    with s.write() as conn:
+    # hold the group lock so that the callers queue up and form one group behind it
+    with s._group_lock:
         threads = [threading.Thread(target=caller, args=(i,)) for i in range(10)]
         for t in threads:
             t.start()
         gate.set()
         wait_for(lambda: len(s._queue) == 10, 30, what="ten queued writes")
-        conn.execute(insert(NODE_STATE).values(key="holder", value="x", updated_at=T0))
     for t in threads:
         t.join(60)
     assert results == {i: (f"refused {i}" if i % 5 == 3 else i * 10) for i in range(10)}
+    assert len(commits) == 8  # the group rolled back; each of the eight that passed alone
     with s.read() as conn:
         keys = {r.key for r in conn.execute(select(NODE_STATE.c.key))}
-    assert {f"k{i}" for i in range(10) if i % 5 != 3} | {"holder"} <= keys
+    assert {f"k{i}" for i in range(10) if i % 5 != 3} <= keys
     assert not {"k3", "k8"} & keys
 
 

@@ -4,6 +4,11 @@ Checks run cheapest first and each refusal has its own error code: frame, size, 
 signature, relay stamp, recipient, clock, rules and topology, replay, decryption, digest, FHIR.
 A whole batch commits in one transaction (inbox rows, relay rows, quarantine rows, audit), and
 only then are the signed receipts returned: a receipt is never given for something not stored.
+The batches of several requests that queue behind a running commit share the next transaction
+(``Store.write_grouped``, SQLite and PostgreSQL: one commit for all of them; if one fails, each
+runs again alone). So the commit is re-runnable: it works on copies of what the checks prepared, and it
+looks the batch's packet ids up again inside the transaction, which makes replay detection
+exact across the requests of a group and across requests that raced past the first look-up.
 
 A signed receipt is given only for a frame whose sender's signature verified (and its relay
 stamp, and the hop it must arrive by): the node signs nothing about bytes anybody could have
@@ -15,12 +20,13 @@ and a sender treats such an answer as "not delivered, try again", never as a ref
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
 from sqlalchemy import Connection, insert, select, update
+from sqlalchemy.exc import IntegrityError
 
 from bridge import faults
 from bridge.audit.events import AuditEntry
@@ -32,6 +38,7 @@ from bridge.errors import (
     PacketRefused,
     ReplayedPacket,
     RouteDenied,
+    StoreError,
     UnknownSender,
     WrongRecipient,
 )
@@ -56,15 +63,35 @@ def unsigned_error(exc: HutongError) -> bytes:
     return orjson.dumps({"code": exc.code, "message": exc.message, "retry": "transient"})
 
 
+@dataclass(frozen=True)
+class _New:
+    """A packet the checks found new: stored by the commit unless the look-up inside the
+    transaction finds its id taken meanwhile (then a duplicate or a replay)."""
+
+    index: int  # its answer's position
+    audit: int  # its audit entry's position
+    header: env.Header
+    frame: bytes
+    relay_id: str | None
+    identity: tuple[Any, ...]
+    relayed: bool  # an outbox relay row, else an inbox row
+    row: dict[str, Any]
+
+
 @dataclass
 class _Batch:
-    """Everything one batch will write, collected before the single commit."""
+    """Everything one batch will write, collected before the commit; the commit only reads
+    it (it may run twice: grouped with other requests, then alone)."""
 
-    inbox: list[dict[str, Any]] = field(default_factory=list)
-    relay: list[dict[str, Any]] = field(default_factory=list)
+    now: datetime
+    source: str
+    keep: bool
+    new: list[_New] = field(default_factory=list)
     quarantine: list[dict[str, Any]] = field(default_factory=list)
     audit: list[AuditEntry] = field(default_factory=list)
     acks: list[tuple[dict[str, Any], bytes]] = field(default_factory=list)
+    #: (answer, first answer): a packet id repeated within the batch gets its first's answer
+    alias: list[tuple[int, int]] = field(default_factory=list)
 
 
 class Intake:
@@ -94,7 +121,7 @@ class Intake:
         more unauthenticated refusal of it may be kept (its rate), else it is only answered.
         Raises StoreError if the batch could not be committed."""
         now = now or self.ctx.now()
-        batch = _Batch()
+        batch = _Batch(now=now, source=source, keep=requarantine)
         answers: list[bytes | None] = []
         seen: dict[str, tuple[tuple[Any, ...], int]] = {}
         decoded: list[env.Packet | PacketRefused | None] = []
@@ -108,7 +135,9 @@ class Intake:
                 )
             except PacketRefused as exc:
                 decoded.append(exc)
-        existing = self._existing([p.header.id for p in decoded if isinstance(p, env.Packet)])
+        ids = [p.header.id for p in decoded if isinstance(p, env.Packet)]
+        with self.ctx.store.read() as conn:  # spares the work on a resent packet; not final
+            existing = self._existing(conn, ids) if ids else {}
         for frame, pkt in zip(frames, decoded, strict=True):
             try:  # who made it, and by which hop it came: nothing is signed before this holds
                 if isinstance(pkt, PacketRefused):
@@ -133,13 +162,16 @@ class Intake:
                 )
             except PacketRefused as exc:
                 answers.append(self._refuse(frame, exc, now, source, batch, requarantine))
-        with self.ctx.store.write() as conn:
-            self._commit(conn, batch)
-            faults.point("intake.before_commit")
+        try:
+            final, hops = self.ctx.store.write_grouped(
+                lambda conn: self._commit(conn, batch, answers)
+            )
+        except IntegrityError as exc:  # PostgreSQL: a request with one of these ids won a race
+            raise StoreError("packet id taken meanwhile: try again") from exc
         faults.point("intake.after_commit")
-        if batch.relay and self.on_relayed is not None:
-            self.on_relayed({r["next_hop"] for r in batch.relay})
-        return [a if a is not None else b"" for a in answers]
+        if hops and self.on_relayed is not None:
+            self.on_relayed(hops)
+        return final
 
     # -- packets ------------------------------------------------------------------------------
 
@@ -174,6 +206,7 @@ class Intake:
             first_identity, index = seen[h.id]
             if first_identity != identity:
                 raise ReplayedPacket(f"packet id {h.id} already taken with other content")
+            batch.alias.append((len(answers), index))
             return answers[index]
         prior = existing.get(h.id)
         if prior is not None:
@@ -187,7 +220,7 @@ class Intake:
             return receipt
         seen[h.id] = (identity, len(answers))
         if relaying:
-            return self._relay(h, frame, now, batch)
+            return self._relay(h, frame, now, batch, len(answers), identity)
         body = env.open_body(pkt, self.ctx.encryption_keys)
         try:
             bundle = parse_and_validate_bundle(body)
@@ -196,25 +229,26 @@ class Intake:
             raise
         phash = bundle_patient_hash(plan.patient_hash_key, bundle, plan.alliance.national_id_system)
         receipt = self._receipt(h.id, h.sender, h.recipient, h.digest, "accepted", now)
-        batch.inbox.append(
-            {
-                "packet_id": h.id,
-                "sender": h.sender,
-                "relay": relay_id,
-                "kind": h.kind,
-                "thread": h.thread,
-                "seq": h.seq,
-                "digest": h.digest,
-                "size": h.size,
-                "patient_hash": phash,
-                "state": "received",
-                "attempts": 0,
-                "created_at": h.created_at,
-                "received_at": now,
-                "next_try_at": now,
-                "body": body,
-                "receipt": receipt,
-            }
+        row = {
+            "packet_id": h.id,
+            "sender": h.sender,
+            "relay": relay_id,
+            "kind": h.kind,
+            "thread": h.thread,
+            "seq": h.seq,
+            "digest": h.digest,
+            "size": h.size,
+            "patient_hash": phash,
+            "state": "received",
+            "attempts": 0,
+            "created_at": h.created_at,
+            "received_at": now,
+            "next_try_at": now,
+            "body": body,
+            "receipt": receipt,
+        }
+        batch.new.append(
+            _New(len(answers), len(batch.audit), h, frame, relay_id, identity, False, row)
         )
         batch.audit.append(self._entry("received", h, now, relay_id, phash))
         return receipt
@@ -255,31 +289,37 @@ class Intake:
         elif hub is not None and relay_id != hub:
             raise RouteDenied(f"{sender} -> {recipient} must arrive through '{hub}'")
 
-    def _relay(self, h: env.Header, frame: bytes, now: datetime, batch: _Batch) -> bytes:
+    def _relay(
+        self,
+        h: env.Header,
+        frame: bytes,
+        now: datetime,
+        batch: _Batch,
+        index: int,
+        identity: tuple[Any, ...],
+    ) -> bytes:
         """Store and forward: the platform keeps the sealed frame, never a readable body.
         (A stamp of an earlier relay, if any, is replaced when this platform forwards it.)"""
-        raw = frame
-        batch.relay.append(
-            {
-                "packet_id": h.id,
-                "origin": "relay",
-                "sender": h.sender,
-                "recipient": h.recipient,
-                "next_hop": h.recipient,
-                "kind": h.kind,
-                "thread": h.thread,
-                "seq": h.seq,
-                "digest": h.digest,
-                "size": h.size,
-                "patient_hash": None,
-                "state": "queued",
-                "attempts": 0,
-                "created_at": now,
-                "next_try_at": now,
-                "body": None,
-                "frame": raw,
-            }
-        )
+        row = {
+            "packet_id": h.id,
+            "origin": "relay",
+            "sender": h.sender,
+            "recipient": h.recipient,
+            "next_hop": h.recipient,
+            "kind": h.kind,
+            "thread": h.thread,
+            "seq": h.seq,
+            "digest": h.digest,
+            "size": h.size,
+            "patient_hash": None,
+            "state": "queued",
+            "attempts": 0,
+            "created_at": now,
+            "next_try_at": now,
+            "body": None,
+            "frame": frame,
+        }
+        batch.new.append(_New(index, len(batch.audit), h, frame, None, identity, True, row))
         batch.audit.append(self._entry("relay-queued", h, now, None, None))
         return self._receipt(h.id, h.sender, h.recipient, h.digest, "relayed", now)
 
@@ -449,80 +489,114 @@ class Intake:
             extra={"relay": relay} if relay else None,
         )
 
-    def _existing(self, ids: list[str]) -> dict[str, dict[str, Any]]:
-        """Packet ids of this batch already taken (one query for the whole batch)."""
-        if not ids:
-            return {}
+    def _existing(self, conn: Connection, ids: list[str]) -> dict[str, dict[str, Any]]:
+        """Packet ids of this batch already taken (one query a table for the whole batch)."""
         found: dict[str, dict[str, Any]] = {}
-        with self.ctx.store.read() as conn:
-            for r in conn.execute(
-                select(
-                    INBOX.c.packet_id,
-                    INBOX.c.sender,
-                    INBOX.c.kind,
-                    INBOX.c.thread,
-                    INBOX.c.seq,
-                    INBOX.c.digest,
-                    INBOX.c.receipt,
-                    INBOX.c.patient_hash,
-                ).where(INBOX.c.packet_id.in_(ids))
-            ):
-                found[r.packet_id] = {
-                    "identity": (r.sender, self.plan.node_id, r.kind, r.thread, r.seq, r.digest),
-                    "receipt": r.receipt,
-                    "patient_hash": r.patient_hash,
-                }
-            for r in conn.execute(
-                select(
-                    OUTBOX.c.packet_id,
-                    OUTBOX.c.sender,
-                    OUTBOX.c.recipient,
-                    OUTBOX.c.kind,
-                    OUTBOX.c.thread,
-                    OUTBOX.c.seq,
-                    OUTBOX.c.digest,
-                    OUTBOX.c.created_at,
-                ).where(OUTBOX.c.packet_id.in_(ids), OUTBOX.c.origin == "relay")
-            ):
-                identity = (r.sender, r.recipient, r.kind, r.thread, r.seq, r.digest)
-                receipt = self._receipt(
-                    r.packet_id, r.sender, r.recipient, r.digest, "relayed", r.created_at
-                )
-                found[r.packet_id] = {"identity": identity, "receipt": receipt}
+        for r in conn.execute(
+            select(
+                INBOX.c.packet_id,
+                INBOX.c.sender,
+                INBOX.c.kind,
+                INBOX.c.thread,
+                INBOX.c.seq,
+                INBOX.c.digest,
+                INBOX.c.receipt,
+                INBOX.c.patient_hash,
+            ).where(INBOX.c.packet_id.in_(ids))
+        ):
+            found[r.packet_id] = {
+                "identity": (r.sender, self.plan.node_id, r.kind, r.thread, r.seq, r.digest),
+                "receipt": r.receipt,
+                "patient_hash": r.patient_hash,
+            }
+        for r in conn.execute(
+            select(
+                OUTBOX.c.packet_id,
+                OUTBOX.c.sender,
+                OUTBOX.c.recipient,
+                OUTBOX.c.kind,
+                OUTBOX.c.thread,
+                OUTBOX.c.seq,
+                OUTBOX.c.digest,
+                OUTBOX.c.created_at,
+            ).where(OUTBOX.c.packet_id.in_(ids), OUTBOX.c.origin == "relay")
+        ):
+            identity = (r.sender, r.recipient, r.kind, r.thread, r.seq, r.digest)
+            receipt = self._receipt(
+                r.packet_id, r.sender, r.recipient, r.digest, "relayed", r.created_at
+            )
+            found[r.packet_id] = {"identity": identity, "receipt": receipt}
         return found
 
-    def _commit(self, conn: Connection, batch: _Batch) -> None:
-        if batch.inbox:
+    def _commit(
+        self, conn: Connection, batch: _Batch, provisional: list[bytes | None]
+    ) -> tuple[list[bytes], set[str]]:
+        """Write the batch in ``conn``'s transaction: its answers and the next hops of what it
+        queued for relay. Reads ``batch`` and changes nothing of it, so it can run again after
+        a rollback (a group that failed, each request then alone)."""
+        answers = list(provisional)
+        audit: list[AuditEntry | None] = list(batch.audit)
+        quarantine = [dict(row) for row in batch.quarantine]
+        inbox: list[dict[str, Any]] = []
+        relay: list[dict[str, Any]] = []
+        # the exact look-up: under the write lock (SQLite), so it also sees the packets of the
+        # requests committed since the first look-up and of those earlier in this group
+        taken = self._existing(conn, [n.header.id for n in batch.new]) if batch.new else {}
+        for new in batch.new:
+            prior = taken.get(new.header.id)
+            if prior is None:
+                (relay if new.relayed else inbox).append(dict(new.row))
+            elif prior["identity"] == new.identity:
+                answers[new.index] = prior["receipt"]
+                audit[new.audit] = self._entry(
+                    "duplicate", new.header, batch.now, new.relay_id, prior.get("patient_hash")
+                )
+            else:
+                refused = _Batch(now=batch.now, source=batch.source, keep=batch.keep)
+                exc = ReplayedPacket(f"packet id {new.header.id} already taken with other content")
+                answers[new.index] = self._refuse(
+                    new.frame, exc, batch.now, batch.source, refused, batch.keep
+                )
+                quarantine += refused.quarantine
+                audit[new.audit] = refused.audit[0] if refused.audit else None
+        for index, first in batch.alias:
+            answers[index] = answers[first]
+        if inbox:
             # a signed packet whose bundle names no patient (a status, a result) on a thread
             # this node knows is that thread's patient's, in the browser and the audit
             found: dict[str, str] = {}
-            for row in batch.inbox:
+            for row in inbox:
                 if row["patient_hash"] is None:
                     row["patient_hash"] = known_patient(conn, thread=row["thread"])
                     if row["patient_hash"]:
                         found[row["packet_id"]] = row["patient_hash"]
-            for entry in batch.audit:
-                if entry.action == "received" and entry.packet_id in found:
-                    entry.patient_hash = found[entry.packet_id]
-            conn.execute(insert(INBOX), batch.inbox)
-        if batch.relay:
-            conn.execute(insert(OUTBOX), batch.relay)
-        if batch.quarantine:
-            for row in batch.quarantine:  # a signed packet of a thread this node knows
+            if found:
+                audit = [
+                    replace(e, patient_hash=found[e.packet_id])
+                    if e is not None and e.action == "received" and e.packet_id in found
+                    else e
+                    for e in audit
+                ]
+            conn.execute(insert(INBOX), inbox)
+        if relay:
+            conn.execute(insert(OUTBOX), relay)
+        entries = [e for e in audit if e is not None]
+        if quarantine:
+            for row in quarantine:  # a signed packet of a thread this node knows
                 if row["trusted"] and row["patient_hash"] is None and row["thread"]:
                     row["patient_hash"] = known_patient(conn, thread=row["thread"])
-            conn.execute(insert(QUARANTINE), batch.quarantine)
-            batch.audit.extend(
-                quota_entries(
-                    enforce_quota(conn, self.plan.retention.quarantine_max_bytes),
-                    self.plan.retention.quarantine_max_bytes,
-                    self.ctx.now(),
-                )
+            conn.execute(insert(QUARANTINE), quarantine)
+            entries += quota_entries(
+                enforce_quota(conn, self.plan.retention.quarantine_max_bytes),
+                self.plan.retention.quarantine_max_bytes,
+                self.ctx.now(),
             )
         for fields, frame in batch.acks:
-            batch.audit.extend(apply_receipt(self.ctx, conn, fields, frame))
-        if batch.audit:
-            self.ctx.audit.append(conn, batch.audit)
+            entries += apply_receipt(self.ctx, conn, fields, frame)
+        if entries:
+            self.ctx.audit.append(conn, entries)
+        faults.point("intake.before_commit")
+        return [a if a is not None else b"" for a in answers], {r["next_hop"] for r in relay}
 
 
 def apply_receipt(

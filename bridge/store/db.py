@@ -89,8 +89,6 @@ class Store:
             )
             self._reader = self._sqlite_engine(dsn, immediate=False, synchronous=synchronous)
             self._write_lock: threading.RLock | None = threading.RLock()
-            self._queue: list[_Pending] = []
-            self._queue_guard = threading.Lock()
         else:
             self._write_lock = None
             self._checkpointer = None
@@ -99,6 +97,12 @@ class Store:
                 dsn, pool_pre_ping=True, pool_size=8, max_overflow=8, hide_parameters=True
             )
             self._reader = self._writer
+        #: ``write_grouped``: the callers waiting for the next group, and the lock its leader
+        #: holds (SQLite: the writers' lock; PostgreSQL: one of its own, only grouped writers
+        #: take it, every other transaction runs beside them as before)
+        self._queue: list[_Pending] = []
+        self._queue_guard = threading.Lock()
+        self._group_lock: threading.RLock = self._write_lock or threading.RLock()
 
     @staticmethod
     def _sqlite_engine(
@@ -215,16 +219,15 @@ class Store:
         work of the group runs again in a transaction of its own, so each caller gets its own
         result or error and nothing of a failed one is kept (no SAVEPOINT: in WAL mode SQLite
         copies every page a savepoint touches to a sub-journal, which halved the rate). ``work``
-        must therefore be safe to run again after a rollback. On PostgreSQL: a transaction of
-        its own."""
-        if self._write_lock is None:
-            with self.write() as conn:
-                return work(conn)
+        must therefore be safe to run again after a rollback. On PostgreSQL the same, among the
+        grouped writers of this process: their transactions append to the audit chain, whose
+        lock already makes them commit one after another, so a group costs them no concurrency
+        and spares them commits."""
         item = _Pending(work)
         with self._queue_guard:
             self._queue.append(item)
         with self._translate():
-            if not self._write_lock.acquire(timeout=WRITE_LOCK_TIMEOUT_S):
+            if not self._group_lock.acquire(timeout=WRITE_LOCK_TIMEOUT_S):
                 raise StoreError("database unavailable: write lock timeout")
             try:
                 if not item.done:  # not taken by the group before: lead the next one
@@ -232,7 +235,7 @@ class Store:
                         batch, self._queue = self._queue, []
                     self._run_group(batch)
             finally:
-                self._write_lock.release()
+                self._group_lock.release()
         if self._checkpointer is not None:
             self._checkpointer.committed()
         if item.error is not None:
@@ -240,7 +243,7 @@ class Store:
         return item.value  # type: ignore[no-any-return]
 
     def _run_group(self, batch: list[_Pending]) -> None:
-        """Under the writer lock: the batch in one transaction, or each alone if one fails."""
+        """Under the group lock: the batch in one transaction, or each alone if one fails."""
         try:
             if len(batch) > 1:
                 try:
