@@ -2,23 +2,27 @@
 
 Runs as the dispatcher hook for ``result.*`` kinds, before the packet is handed to the local
 handler (the HIS adapter, or the spool), so by the time the HIS gets the Bundle the results are
-also readable through the local FHIR API. Idempotent by packet id. The sender's Patient is
-replaced by this side's own record of the patient: the referral's patient when the packet is on
-a referral thread known here, else the patient with the same keyed hash (every Patient
-reference and hash-only subject mapped to it, bridge/referral/naming.py), else the sender's
-Patient is registered (with the hash, never an ID number: none travels).
+also readable through the local FHIR API. The result packets of one dispatcher round are stored
+in ONE write transaction (:meth:`ResultsInbox.apply_many`), each still idempotent by packet id.
+The sender's Patient is replaced by this side's own record of the patient: the referral's patient
+when the packet is on a referral thread known here, else the patient with the same keyed hash
+(every Patient reference and hash-only subject mapped to it, bridge/referral/naming.py), else the
+sender's Patient is registered (with the hash, never an ID number: none travels).
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import insert, select
+from sqlalchemy import Connection, insert, select
 
 from bridge.audit.events import AuditEntry
 from bridge.context import NodeContext
 from bridge.delivery.handlers import Delivery
-from bridge.errors import InvalidResource, NotFound, NotThreadParty
+from bridge.errors import HutongError, InvalidResource, NotFound, NotThreadParty
 from bridge.fhirstore import store
 from bridge.local.contract import ResultEvent, decode_bundle
 from bridge.referral import naming
@@ -27,27 +31,101 @@ from bridge.referral.tables import REFERRAL
 from bridge.referral.workflow import foreign_resource, thread_view
 from bridge.results.tables import RESULT_PACKET
 
+log = logging.getLogger(__name__)
+
+#: what :meth:`ResultsInbox.apply_many` answers per packet: the event as stored, the packet's
+#: error, or None (not applied: an earlier packet of its thread in the same call failed)
+Outcome = ResultEvent | Exception | None
+
+
+@dataclass(slots=True)
+class _Planned:
+    """One packet's writes, worked out by reads and checks alone (nothing written yet)."""
+
+    item: Delivery
+    bundle: dict[str, Any]
+    row: Any  # the referral row of the packet's thread, or None
+    phash: str | None
+    mine: str | None  # this node's Patient reference, if known before the packet's writes
+    items: list[tuple[dict[str, Any], str | None, str | None]]
+    stored: bool  # applied before (RESULT_PACKET): nothing to write, only the event
+
 
 class ResultsInbox:
     def __init__(self, ctx: NodeContext) -> None:
         self.ctx = ctx
 
     def apply_packet(self, item: Delivery) -> ResultEvent:
-        """Store one result packet (dispatcher hook, idempotent by packet id); the event as
-        stored, for the local sink (bridge.local.contract): this node's patient and referral."""
-        bundle = decode_bundle(item)  # decoded once, for the hook and the sink alike
-        self._apply(item, bundle)
-        with self.ctx.store.read() as conn:
-            view = thread_view(conn, item.thread)
-            mine: str | None = None
-            if view is not None:
-                mine = store.get(conn, "Task", view["referral"]["task_id"])["for"]["reference"]
-            elif item.patient_hash:
-                local = store.find_patient_by_hash(conn, item.patient_hash)
-                mine = R.ref(local) if local else None
-        return ResultEvent(item, bundle, mine, view)
+        """Store one result packet in a transaction of its own (idempotent by packet id); the
+        event as stored, for the local sink (bridge.local.contract)."""
+        out = self.apply_many([item])[0]
+        if isinstance(out, Exception):
+            raise out
+        assert out is not None  # None only behind a failed packet of the same call
+        return out
 
-    def _apply(self, item: Delivery, bundle: dict[str, Any]) -> None:
+    def apply_many(self, items: Sequence[Delivery]) -> list[Outcome]:
+        """Store result packets (in the dispatcher's order) in ONE write transaction: per packet
+        the event as stored (this node's patient and referral), or its error. A packet that a
+        check refuses writes nothing and fails alone; the packets after it on its thread are
+        not applied (None): a thread's results are stored in order, never past a failed one.
+        If the transaction itself fails (a constraint, the disk), it is rolled back and each
+        packet runs again in a transaction of its own, so only the bad one fails
+        (``Store.write_grouped`` does the same for the LIS intake). Idempotent by packet id
+        (``RESULT_PACKET``, written with the packet's resources): a crash after the commit and
+        before the dispatcher marks the packets delivered stores nothing twice."""
+        if not items:
+            return []
+        try:
+            with self.ctx.store.write() as conn:
+                return self._apply_in(conn, items)
+        except Exception as exc:  # noqa: BLE001 - rolled back: each alone below
+            if len(items) == 1:
+                return [exc]
+            log.debug(
+                "%d result packets rolled back (%s): one by one", len(items), type(exc).__name__
+            )
+        out: list[Outcome] = []
+        failed: set[str] = set()
+        for item in items:
+            one: Outcome = None
+            if item.thread not in failed:
+                try:
+                    with self.ctx.store.write() as conn:
+                        one = self._apply_in(conn, [item])[0]
+                except Exception as exc:  # noqa: BLE001 - this packet's, handed back
+                    one = exc
+                if isinstance(one, Exception):
+                    failed.add(item.thread)
+            out.append(one)
+        return out
+
+    def _apply_in(self, conn: Connection, items: Sequence[Delivery]) -> list[Outcome]:
+        """Every packet in ``conn``'s transaction; a check's refusal is that packet's answer,
+        any other error propagates (the caller rolls the whole transaction back)."""
+        out: list[Outcome] = []
+        failed: set[str] = set()
+        audit: list[AuditEntry] = []
+        for item in items:
+            if item.thread in failed:
+                out.append(None)
+                continue
+            try:
+                plan = self._plan(conn, item)
+            except HutongError as exc:  # refused before any write of its own
+                failed.add(item.thread)
+                out.append(exc)
+                continue
+            if not plan.stored:
+                audit.append(self._write(conn, plan))
+            out.append(self._event(conn, plan))
+        if audit:  # the chain's head read once for the whole call
+            self.ctx.audit.append(conn, audit)
+        return out
+
+    def _plan(self, conn: Connection, item: Delivery) -> _Planned:
+        """Reads and checks only: what the packet will write (refusals raise HutongError)."""
+        bundle = decode_bundle(item)  # decoded once, for the hook and the sink alike
         resources = [e.get("resource") or {} for e in bundle.get("entry") or ()]
         if not any(
             r.get("resourceType") in ("DiagnosticReport", "Observation", "ImagingStudy")
@@ -56,71 +134,85 @@ class ResultsInbox:
             raise InvalidResource(
                 "a result packet needs a DiagnosticReport, Observation or ImagingStudy"
             )
-        now = self.ctx.now()
-        with self.ctx.store.write() as conn:
-            if conn.execute(
-                select(RESULT_PACKET.c.packet_id).where(RESULT_PACKET.c.packet_id == item.packet_id)
-            ).first():
-                return
-            row = conn.execute(select(REFERRAL).where(REFERRAL.c.thread == item.thread)).first()
-            if row is not None and item.sender != (
-                row.receiver if row.side == "referrer" else row.referrer
-            ):
-                # the dispatcher's gate refuses these first; kept as a guard
-                raise NotThreadParty(
-                    f"result on referral thread {row.thread} from "
-                    f"'{item.sender}', which is not a party of that referral"
-                )
-            phash = row.patient_hash if row is not None else item.patient_hash
-            mine: str | None = None
-            if row is not None:
-                mine = store.get(conn, "Task", row.task_id)["for"]["reference"]
-            elif phash:
-                local = store.find_patient_by_hash(conn, phash)
-                mine = R.ref(local) if local else None
-            if mine:  # named our way; our own record of the patient stays as it is (naming)
-                resources = naming.incoming(mine, phash, resources)
-            thread = row.thread if row is not None else None
-            items: list[tuple[dict[str, Any], str | None, str | None]] = []
-            for r in resources:
-                if r.get("resourceType") == "Organization":
-                    if _others(conn, r, item.sender):
-                        continue  # another member's (or our own) record of an organisation
-                    items.append((r, None, None))
-                else:
-                    foreign_resource(conn, r, item.thread, item.sender)
-                    items.append((r, thread, phash))
-            # one statement per table for the packet's resources (bench/README.md, lis.py)
-            store.put_many(conn, items, at=now, origin=item.sender)
-            count = len(items)
-            conn.execute(
-                insert(RESULT_PACKET).values(
-                    packet_id=item.packet_id,
-                    sender=item.sender,
-                    kind=item.kind,
-                    thread=thread,
-                    patient_hash=phash,
-                    resources=count,
-                    at=now,
-                )
+        row = conn.execute(select(REFERRAL).where(REFERRAL.c.thread == item.thread)).first()
+        phash = row.patient_hash if row is not None else item.patient_hash
+        stored = conn.execute(
+            select(RESULT_PACKET.c.packet_id).where(RESULT_PACKET.c.packet_id == item.packet_id)
+        ).first()
+        if stored:
+            return _Planned(item, bundle, row, phash, None, [], stored=True)
+        if row is not None and item.sender != (
+            row.receiver if row.side == "referrer" else row.referrer
+        ):
+            # the dispatcher's gate refuses these first; kept as a guard
+            raise NotThreadParty(
+                f"result on referral thread {row.thread} from "
+                f"'{item.sender}', which is not a party of that referral"
             )
-            self.ctx.audit.append(
-                conn,
-                [
-                    AuditEntry(
-                        action="results",
-                        packet_id=item.packet_id,
-                        kind=item.kind,
-                        peer=item.sender,
-                        thread=item.thread,
-                        patient_hash=phash,
-                        at=now,
-                        message=f"{count} result resource(s) stored"
-                        + ("" if row is not None else " (no referral known for the thread)"),
-                        extra={"linked": row is not None},
-                    )
-                ],
+        mine: str | None = None
+        if row is not None:
+            mine = store.get(conn, "Task", row.task_id)["for"]["reference"]
+        elif phash:
+            local = store.find_patient_by_hash(conn, phash)
+            mine = R.ref(local) if local else None
+        if mine:  # named our way; our own record of the patient stays as it is (naming)
+            resources = naming.incoming(mine, phash, resources)
+        thread = row.thread if row is not None else None
+        items: list[tuple[dict[str, Any], str | None, str | None]] = []
+        for r in resources:
+            if r.get("resourceType") == "Organization":
+                if _others(conn, r, item.sender):
+                    continue  # another member's (or our own) record of an organisation
+                items.append((r, None, None))
+            else:
+                foreign_resource(conn, r, item.thread, item.sender)
+                items.append((r, thread, phash))
+        return _Planned(item, bundle, row, phash, mine, items, stored=False)
+
+    def _write(self, conn: Connection, plan: _Planned) -> AuditEntry:
+        """The packet's resources and its RESULT_PACKET row; its audit entry, to append."""
+        item, row, now = plan.item, plan.row, self.ctx.now()
+        # one statement per table for the packet's resources (bench/README.md, lis.py)
+        store.put_many(conn, plan.items, at=now, origin=item.sender)
+        count = len(plan.items)
+        conn.execute(
+            insert(RESULT_PACKET).values(
+                packet_id=item.packet_id,
+                sender=item.sender,
+                kind=item.kind,
+                thread=row.thread if row is not None else None,
+                patient_hash=plan.phash,
+                resources=count,
+                at=now,
             )
+        )
+        return AuditEntry(
+            action="results",
+            packet_id=item.packet_id,
+            kind=item.kind,
+            peer=item.sender,
+            thread=item.thread,
+            patient_hash=plan.phash,
+            at=now,
+            message=f"{count} result resource(s) stored"
+            + ("" if row is not None else " (no referral known for the thread)"),
+            extra={"linked": row is not None},
+        )
+
+    def _event(self, conn: Connection, plan: _Planned) -> ResultEvent:
+        """The packet as stored, read in the same transaction right after its writes (a later
+        packet of the same call is not in it yet)."""
+        item = plan.item
+        view = thread_view(conn, item.thread) if plan.row is not None else None
+        mine: str | None = None
+        if view is not None:
+            mine = store.get(conn, "Task", view["referral"]["task_id"])["for"]["reference"]
+        elif plan.mine is not None:
+            mine = plan.mine  # the packet registered no Patient of its own
+        elif item.patient_hash:
+            local = store.find_patient_by_hash(conn, item.patient_hash)
+            mine = R.ref(local) if local else None
+        return ResultEvent(item, plan.bundle, mine, view)
 
 
 def _others(conn: Any, resource: dict[str, Any], sender: str) -> bool:
