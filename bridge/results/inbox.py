@@ -13,6 +13,7 @@ sender's Patient is registered (with the hash, never an ID number: none travels)
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +23,7 @@ from sqlalchemy import Connection, insert, select
 from bridge.audit.events import AuditEntry
 from bridge.context import NodeContext
 from bridge.delivery.handlers import Delivery
-from bridge.errors import HutongError, InvalidResource, NotFound, NotThreadParty
+from bridge.errors import HutongError, InvalidResource, NotFound, NotThreadParty, StoreError
 from bridge.fhirstore import store
 from bridge.local.contract import ResultEvent, decode_bundle
 from bridge.referral import naming
@@ -32,6 +33,10 @@ from bridge.referral.workflow import foreign_resource, thread_view
 from bridge.results.tables import RESULT_PACKET
 
 log = logging.getLogger(__name__)
+
+#: how long one transaction of ``apply_many`` goes on taking packets: the intake, SQLite's other
+#: writer, waits behind it about this long at most (a packet takes a few ms)
+HOLD_S = 0.05
 
 #: what :meth:`ResultsInbox.apply_many` answers per packet: the event as stored, the packet's
 #: error, or None (not applied: an earlier packet of its thread in the same call failed)
@@ -65,48 +70,60 @@ class ResultsInbox:
         return out
 
     def apply_many(self, items: Sequence[Delivery]) -> list[Outcome]:
-        """Store result packets (in the dispatcher's order) in ONE write transaction: per packet
-        the event as stored (this node's patient and referral), or its error. A packet that a
-        check refuses writes nothing and fails alone; the packets after it on its thread are
-        not applied (None): a thread's results are stored in order, never past a failed one.
-        If the transaction itself fails (a constraint, the disk), it is rolled back and each
-        packet runs again in a transaction of its own, so only the bad one fails
-        (``Store.write_grouped`` does the same for the LIS intake). Idempotent by packet id
-        (``RESULT_PACKET``, written with the packet's resources): a crash after the commit and
-        before the dispatcher marks the packets delivered stores nothing twice."""
-        if not items:
-            return []
-        try:
-            with self.ctx.store.write() as conn:
-                return self._apply_in(conn, items)
-        except Exception as exc:  # noqa: BLE001 - rolled back: each alone below
-            if len(items) == 1:
-                return [exc]
-            log.debug(
-                "%d result packets rolled back (%s): one by one", len(items), type(exc).__name__
-            )
+        """Store result packets, in the dispatcher's order, in as few write transactions as
+        hold the writer about ``HOLD_S`` each (a round's 200 packets in about ten, instead of
+        200 transactions and 200 reads); per packet the event as stored (this node's patient
+        and referral), or its error. A packet that a check refuses writes nothing and fails
+        alone; the packets after it on its thread are not applied (None): a thread's results
+        are stored in order, never past a failed one. If a statement fails (a constraint, the
+        disk), the transaction is rolled back, the packets before the one that broke it are
+        applied again together and that one alone, so only it fails (``Store.write_grouped``
+        does the same for the LIS intake); a store that is unavailable fails the rest.
+        Idempotent by packet id (``RESULT_PACKET``, written with the packet's resources): a
+        crash after a commit and before the dispatcher marks the packets delivered stores
+        nothing twice."""
         out: list[Outcome] = []
-        failed: set[str] = set()
-        for item in items:
-            one: Outcome = None
-            if item.thread not in failed:
-                try:
-                    with self.ctx.store.write() as conn:
-                        one = self._apply_in(conn, [item])[0]
-                except Exception as exc:  # noqa: BLE001 - this packet's, handed back
-                    one = exc
-                if isinstance(one, Exception):
-                    failed.add(item.thread)
-            out.append(one)
+        failed: set[str] = set()  # threads with a failed packet: the rest of each waits
+        todo = list(items)
+        upto: int | None = None  # after a rollback: the packets before the one that broke it
+        while todo:
+            part, upto = todo[:upto] if upto else todo, None
+            marked, reached = set(failed), [0]
+            try:
+                with self.ctx.store.write() as conn:
+                    done = self._apply_in(conn, part, marked, reached)
+            except Exception as exc:  # noqa: BLE001 - rolled back; whose it is, below
+                k = reached[0]
+                if isinstance(exc, StoreError):  # the store, not a packet: all wait
+                    for i in todo:  # the error for each thread's first, None behind it
+                        out.append(None if i.thread in failed else exc)
+                        failed.add(i.thread)
+                    return out
+                if k:  # applied again without it, then it runs first, alone
+                    upto = k
+                    log.debug("result packet %d of %d broke its transaction", k + 1, len(part))
+                else:  # it was the first: its own error
+                    failed.add(todo[0].thread)
+                    out.append(exc)
+                    todo = todo[1:]
+                continue
+            out += done
+            failed = marked
+            todo = todo[len(done) :]
         return out
 
-    def _apply_in(self, conn: Connection, items: Sequence[Delivery]) -> list[Outcome]:
-        """Every packet in ``conn``'s transaction; a check's refusal is that packet's answer,
-        any other error propagates (the caller rolls the whole transaction back)."""
+    def _apply_in(
+        self, conn: Connection, items: Sequence[Delivery], failed: set[str], reached: list[int]
+    ) -> list[Outcome]:
+        """Packets in ``conn``'s transaction, from the first, until ``HOLD_S`` has passed; a
+        check's refusal is that packet's answer (its thread added to ``failed``), any other
+        error propagates with ``reached[0]`` = the index of the packet it broke."""
         out: list[Outcome] = []
-        failed: set[str] = set()
-        audit: list[AuditEntry] = []
-        for item in items:
+        until = time.monotonic() + HOLD_S
+        for k, item in enumerate(items):
+            if k and time.monotonic() > until:
+                break
+            reached[0] = k
             if item.thread in failed:
                 out.append(None)
                 continue
@@ -117,10 +134,8 @@ class ResultsInbox:
                 out.append(exc)
                 continue
             if not plan.stored:
-                audit.append(self._write(conn, plan))
+                self._write(conn, plan)
             out.append(self._event(conn, plan))
-        if audit:  # the chain's head read once for the whole call
-            self.ctx.audit.append(conn, audit)
         return out
 
     def _plan(self, conn: Connection, item: Delivery) -> _Planned:
@@ -169,8 +184,8 @@ class ResultsInbox:
                 items.append((r, thread, phash))
         return _Planned(item, bundle, row, phash, mine, items, stored=False)
 
-    def _write(self, conn: Connection, plan: _Planned) -> AuditEntry:
-        """The packet's resources and its RESULT_PACKET row; its audit entry, to append."""
+    def _write(self, conn: Connection, plan: _Planned) -> None:
+        """The packet's resources, its RESULT_PACKET row and its audit row."""
         item, row, now = plan.item, plan.row, self.ctx.now()
         # one statement per table for the packet's resources (bench/README.md, lis.py)
         store.put_many(conn, plan.items, at=now, origin=item.sender)
@@ -186,7 +201,7 @@ class ResultsInbox:
                 at=now,
             )
         )
-        return AuditEntry(
+        entry = AuditEntry(
             action="results",
             packet_id=item.packet_id,
             kind=item.kind,
@@ -198,6 +213,7 @@ class ResultsInbox:
             + ("" if row is not None else " (no referral known for the thread)"),
             extra={"linked": row is not None},
         )
+        self.ctx.audit.append(conn, [entry])
 
     def _event(self, conn: Connection, plan: _Planned) -> ResultEvent:
         """The packet as stored, read in the same transaction right after its writes (a later
