@@ -48,6 +48,26 @@ from bridge.store.tables import INBOX, QUARANTINE
 #: ``last_error`` of an inbox row a dead letter went back to (``hutong quarantine replay``): the
 #: thread gate lets it pass though its turn was used when it was dead-lettered
 REDELIVER = "redeliver:"
+#: the received rows, oldest first: a range of ``ix_inbox_pending (state, id)``, in its order
+#: (no sort), however many rows were delivered before (tests/test_store_growth_plans.py)
+RECEIVED = (
+    select(
+        INBOX.c.id,
+        INBOX.c.packet_id,
+        INBOX.c.sender,
+        INBOX.c.kind,
+        INBOX.c.thread,
+        INBOX.c.seq,
+        INBOX.c.patient_hash,
+        INBOX.c.received_at,
+        INBOX.c.body,
+        INBOX.c.attempts,
+        INBOX.c.next_try_at,
+        INBOX.c.last_error,
+    )
+    .where(INBOX.c.state == "received")
+    .order_by(INBOX.c.id)
+)
 #: what ``Dispatcher._admit`` answers for a packet of a kind no handler takes (it fails)
 _NO_HANDLER = object()
 
@@ -149,25 +169,7 @@ class Dispatcher:
     def _claim(self) -> tuple[list[Any], ThreadGate]:
         """The next batch of received rows (of the lanes this process holds), oldest first, and
         the thread gate loaded for their threads."""
-        stmt = (
-            select(
-                INBOX.c.id,
-                INBOX.c.packet_id,
-                INBOX.c.sender,
-                INBOX.c.kind,
-                INBOX.c.thread,
-                INBOX.c.seq,
-                INBOX.c.patient_hash,
-                INBOX.c.received_at,
-                INBOX.c.body,
-                INBOX.c.attempts,
-                INBOX.c.next_try_at,
-                INBOX.c.last_error,
-            )
-            .where(INBOX.c.state == "received")
-            .order_by(INBOX.c.id)
-            .limit(self.batch)
-        )
+        stmt = RECEIVED.limit(self.batch)
         gate = ThreadGate(self.ctx.node_id)
         if self.lanes is not None:
             lanes = self.lanes.hold("deliver")
