@@ -14,10 +14,13 @@ packets sealed by A (4 KiB, 3 Observations, 50 threads) are posted into B's ``In
 by one thread, 10 a call, at ``--rate`` packets/s (0: as fast as it takes them), while the main
 thread runs B's ``Dispatcher.run_once`` until all N are delivered (results in the FHIR store,
 bundles in the spool). Printed per level: delivered/s (N / first post -> all delivered), the
-intake's time per call (p50 / p99: what a peer's batch waits, mostly for the writer), the
-delivery's write transactions per packet; then every statement of the delivery thread with its
-calls, µs per call at each level and SQLite's ``EXPLAIN QUERY PLAN`` (parameters of its first
-call) at the last level.
+intake's time per call (p50 / p99: what a peer's batch waits), the delivery's write
+transactions, CPU (its thread) and time holding the writer per packet, and the intake's wait
+for the writer per write; then every statement of the delivery thread with its calls, µs per
+call at each level and SQLite's ``EXPLAIN QUERY PLAN`` (parameters of its first call) at the
+last level. The statement times are the cursor's ``execute`` only: what SQLite does while the
+rows are fetched (pysqlite steps one row ahead of ``fetchone``) is in delivered/s and CPU, not
+in the statement's figure (bench/README.md: the patient lookup before its index).
 """
 
 from __future__ import annotations
@@ -126,17 +129,36 @@ class Timer:
             event.remove(engine, name, fn)
 
 
+class Writes:
+    """Per thread name: write transactions (``Store.write`` of one store), seconds waiting for
+    the writer (the call to the open transaction: the process's lock, then BEGIN IMMEDIATE)
+    and seconds holding it (the open transaction to its end, COMMIT included)."""
+
+    def __init__(self) -> None:
+        self.count: dict[str, int] = {}
+        self.wait: dict[str, float] = {}
+        self.hold: dict[str, float] = {}
+
+    def add(self, name: str, wait: float, hold: float) -> None:
+        self.count[name] = self.count.get(name, 0) + 1
+        self.wait[name] = self.wait.get(name, 0.0) + wait
+        self.hold[name] = self.hold.get(name, 0.0) + hold
+
+
 @contextlib.contextmanager
-def counted_writes(store: Any, counts: dict[str, int]) -> Iterator[None]:
-    """Write transactions per thread name (``Store.write`` of this store)."""
+def counted_writes(store: Any, writes: Writes) -> Iterator[None]:
     original = store.write
 
     @contextlib.contextmanager
     def write() -> Iterator[Any]:
-        name = threading.current_thread().name
-        counts[name] = counts.get(name, 0) + 1
-        with original() as conn:
-            yield conn
+        t0 = time.perf_counter()
+        t1 = t0
+        try:
+            with original() as conn:
+                t1 = time.perf_counter()
+                yield conn
+        finally:
+            writes.add(threading.current_thread().name, t1 - t0, time.perf_counter() - t1)
 
     store.write = write
     try:
@@ -174,7 +196,7 @@ def run_level(plans: dict[str, Any], level: int, n: int, rate: float, timer: Tim
     load_s = fill_results(plans["B"].storage_dsn, level) if level else 0.0
     frames = sealed(plans, n, f"lvl{level}")
     b = Node(plans["B"])
-    writes: dict[str, int] = {}
+    writes = Writes()
     calls: list[float] = []
     try:
         timer.watch(b.ctx.store._writer)
@@ -194,7 +216,7 @@ def run_level(plans: dict[str, Any], level: int, n: int, rate: float, timer: Tim
 
             intake = threading.Thread(target=feed, name="intake")
             threading.current_thread().name = "delivery"
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             intake.start()
             delivered, idle = 0, 0
             while delivered < n:
@@ -203,7 +225,7 @@ def run_level(plans: dict[str, Any], level: int, n: int, rate: float, timer: Tim
                 if not step:
                     idle += 1
                     time.sleep(0.05)  # the node's poll: 0.5 s, woken by the intake
-            wall = time.perf_counter() - t0
+            wall, cpu = time.perf_counter() - t0, time.thread_time() - c0
             intake.join()
     finally:
         timer.close()
@@ -216,7 +238,12 @@ def run_level(plans: dict[str, Any], level: int, n: int, rate: float, timer: Tim
         "delivered_pps": n / wall,
         "intake_ms_p50": statistics.median(calls) * 1e3,
         "intake_ms_p99": calls[int(len(calls) * 0.99)] * 1e3,
-        "delivery_writes_per_packet": writes.get("delivery", 0) / n,
+        "delivery_writes_per_packet": writes.count.get("delivery", 0) / n,
+        "delivery_cpu_ms_per_packet": cpu / n * 1e3,
+        "delivery_hold_ms_per_packet": writes.hold.get("delivery", 0.0) / n * 1e3,
+        "intake_wait_ms_per_call": writes.wait.get("intake", 0.0)
+        / max(1, writes.count.get("intake", 0))
+        * 1e3,
     }
 
 
@@ -259,7 +286,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"{level:>9,} Observations stored (filled in {r['load_s']:.0f} s): "
                 f"delivered {r['delivered_pps']:.0f}/s, intake call p50 "
                 f"{r['intake_ms_p50']:.1f} / p99 {r['intake_ms_p99']:.1f} ms, "
-                f"{r['delivery_writes_per_packet']:.3f} delivery writes a packet",
+                f"{r['delivery_writes_per_packet']:.3f} delivery writes a packet; delivery "
+                f"CPU {r['delivery_cpu_ms_per_packet']:.1f} ms and writer held "
+                f"{r['delivery_hold_ms_per_packet']:.1f} ms a packet; intake waited "
+                f"{r['intake_wait_ms_per_call']:.1f} ms a write for the writer",
                 flush=True,
             )
         last = timers[levels[-1]]
