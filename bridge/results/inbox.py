@@ -35,8 +35,10 @@ from bridge.results.tables import RESULT_PACKET
 log = logging.getLogger(__name__)
 
 #: how long one transaction of ``apply_many`` goes on taking packets: the intake, SQLite's other
-#: writer, waits behind it about this long at most (a packet takes a few ms)
-HOLD_S = 0.05
+#: writer, waits behind it about this long at most (a packet takes 5-15 ms on the 2-core VM;
+#: 0.05 s made the intake wait 3-5x longer per write than one packet a transaction did,
+#: bench/README.md "B's local delivery")
+HOLD_S = 0.02
 
 #: what :meth:`ResultsInbox.apply_many` answers per packet: the event as stored, the packet's
 #: error, or None (not applied: an earlier packet of its thread in the same call failed)
@@ -70,10 +72,10 @@ class ResultsInbox:
         return out
 
     def apply_many(self, items: Sequence[Delivery]) -> list[Outcome]:
-        """Store result packets, in the dispatcher's order, in as few write transactions as
-        hold the writer about ``HOLD_S`` each (a round's 200 packets in about ten, instead of
-        200 transactions and 200 reads); per packet the event as stored (this node's patient
-        and referral), or its error. A packet that a check refuses writes nothing and fails
+        """Store result packets, in the dispatcher's order, in write transactions that hold
+        the writer about ``HOLD_S`` each (a few packets each, instead of a transaction and a
+        read per packet); per packet the event as stored (this node's patient and referral),
+        or its error. A packet that a check refuses writes nothing and fails
         alone; the packets after it on its thread are not applied (None): a thread's results
         are stored in order, never past a failed one. If a statement fails (a constraint, the
         disk), the transaction is rolled back, the packets before the one that broke it are
