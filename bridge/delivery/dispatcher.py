@@ -6,11 +6,12 @@ the same packet and the local side still sees it once. On PostgreSQL several pro
 deliver: each takes only the threads of the lanes it holds (``lanes.py``), so a thread is
 delivered by one process at a time, in order.
 
-A round: claim a batch (``_claim``), apply the in-node steps of batched kinds in one write
-transaction (``_apply_batched``: the results inbox), hand each packet over in order
-(``_admit``, its hook, ``_hand_over``), flush the handlers, then commit the round's outcome in
-one write transaction (``_close``). So a batch of N result packets costs two write commits,
-not N + 1, and the intake (SQLite's other writer) waits behind two.
+A round: claim a batch (``_claim``), apply the in-node steps of batched kinds together
+(``_apply_batched``: the results inbox, a few packets a write transaction), hand each packet
+over in order (``_admit``, its hook, ``_hand_over``), flush the handlers, then commit the
+round's outcome in one write transaction (``_close``). So a batch of N result packets no
+longer costs N + 1 write commits and N reads, each queued with the intake's on SQLite's one
+writer.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ _NO_HANDLER = object()
 class BatchHook:
     """A hook whose in-node step is applied for all of a round's packets of its kinds at once.
 
-    ``apply_many(items)`` stores them in one write transaction, in order, and answers per
+    ``apply_many(items)`` stores them in order, several a write transaction, and answers per
     packet its event, its error, or None (not applied: an earlier packet of its thread
     failed); ``then(item, event)`` runs per packet when the round hands it over, after that
     commit (the parts of the step that reach outside the node: the PACS)."""
@@ -207,9 +208,9 @@ class Dispatcher:
 
     def _apply_batched(self, rows: list[Any], gate: ThreadGate, now: Any) -> dict[str, Any]:
         """The in-node step of every packet the round will hand over whose hook is a
-        :class:`BatchHook` (the results inbox), in ONE write transaction per hook before
-        anything is handed over, instead of one per packet while the intake waits for the
-        same single writer (SQLite). The batch is walked as the round will walk it (the same
+        :class:`BatchHook` (the results inbox), all at once before anything is handed over
+        (a few packets a write transaction), instead of a transaction per packet while the
+        intake waits for the same single writer (SQLite). The batch is walked as the round will walk it (the same
         admission, on a copy of the gate, each packet assumed to pass); a thread's packets are
         taken up to its first packet of another kind, whose own step runs (and may fail) in
         the round first. What each packet's step answered (its event, or its error) is used
