@@ -210,13 +210,14 @@ class Dispatcher:
         """The in-node step of every packet the round will hand over whose hook is a
         :class:`BatchHook` (the results inbox), all at once before anything is handed over
         (a few packets a write transaction), instead of a transaction per packet while the
-        intake waits for the same single writer (SQLite). The batch is walked as the round will walk it (the same
-        admission, on a copy of the gate, each packet assumed to pass); a thread's packets are
-        taken up to its first packet of another kind, whose own step runs (and may fail) in
-        the round first. What each packet's step answered (its event, or its error) is used
-        when the round reaches it. A packet whose step was applied here but which the round
-        then does not hand over (an earlier packet's handler failed) is handed over in a later
-        round, in its thread's order; the step is idempotent by packet id."""
+        intake waits for the same single writer (SQLite). The batch is walked as the round
+        will walk it (the same admission, on a copy of the gate, each packet assumed to
+        pass); a thread's packets are taken up to its first packet of another kind, whose own
+        step runs (and may fail) in the round first. What each packet's step answered (its
+        event, or its error) is used when the round reaches it. A packet whose step was
+        applied here but which the round then does not hand over (an earlier packet's handler
+        failed) is handed over in a later round, in its thread's order; the step is
+        idempotent by packet id."""
         batched = [(p, h) for p, h in self.hooks.items() if isinstance(h, BatchHook)]
         if not batched:
             return {}
