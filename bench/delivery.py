@@ -53,7 +53,8 @@ PER_CALL = 10  # packets per intake call (a peer's batch is up to 200; smaller: 
 def fill_results(dsn: str, observations: int) -> float:
     """Top B's store up to ``observations`` Observation rows (the node is closed): copies of
     the Observations there, each under a new random id in every table that keys it, doubling
-    at most per pass; result_packet and delivered inbox rows to a third of that. Returns s."""
+    at most per pass; result_packet rows (doubling too) and delivered inbox rows up to a
+    third of that. Returns the seconds it took."""
     t0 = time.perf_counter()
     conn = sqlite3.connect(gr._path(dsn), isolation_level=None, timeout=30)
     try:
@@ -82,10 +83,11 @@ def fill_results(dsn: str, observations: int) -> float:
                     f"INSERT INTO {table} ({names}) SELECT {picked} FROM {table} t "
                     "JOIN m ON t.rtype = 'Observation' AND t.id = m.old"
                 )
+            packets = conn.execute("SELECT count(*) FROM result_packet").fetchone()[0]
             conn.execute(
                 "INSERT INTO result_packet SELECT lower(hex(randomblob(16))), sender, kind, "
                 "thread, patient_hash, resources, at FROM result_packet LIMIT ?",
-                ((observations - have) // 3,),
+                (max(0, observations // 3 - packets),),
             )
             conn.execute("COMMIT")
         conn.execute("PRAGMA synchronous=FULL")
