@@ -1,6 +1,6 @@
 """Result packets of one dispatcher round are stored in ONE write transaction (issue 17, item 2).
 
-In process, on SQLite: a scaffolded alliance, core's NodeContext, packets sealed by chc and taken
+In process, on SQLite and PostgreSQL: a scaffolded alliance, core's NodeContext, packets sealed by chc and taken
 in by core's real ``Intake``, delivered by the real ``Dispatcher`` with the results inbox as its
 batched ``result.`` hook (as ``bridge.node.Node`` wires it) and the spool handler. Checked where
 it lands, field by field: ``result_packet``, the FHIR rows and their write order
@@ -48,10 +48,16 @@ RULES = [{"from": "chc", "to": "core", "kinds": ["result.lab"]}]
 
 
 class Site:
-    """core (the receiver, with its dispatcher) and chc (the sender's key)."""
+    """core (the receiver, with its dispatcher; its store on ``dsn_ref`` if given) and chc
+    (the sender's key)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, dsn_ref: str = "") -> None:
         files = write_alliance(root / "alliance", MEMBERS, RULES)
+        if dsn_ref:
+            text = files["core"].read_text()
+            files["core"].write_text(
+                text.replace("[keys]", f'storage_dsn = "{dsn_ref}"\n[keys]', 1)
+            )
         self.core = NodeContext.open(load_node(files["core"]))
         self.chc = NodeContext.open(load_node(files["chc"]), create=False)
         self.results = ResultsInbox(self.core)
@@ -154,11 +160,17 @@ class Site:
         self.chc.store.dispose()
 
 
-@pytest.fixture
-def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Site]:
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def site(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Site]:
     # a transaction takes every packet of these small rounds, however loaded the machine is
     monkeypatch.setattr(inbox, "HOLD_S", 60.0)
-    s = Site(tmp_path)
+    ref = ""
+    if request.param == "postgres":
+        monkeypatch.setenv("HUTONG_TEST_CORE_DSN", str(request.getfixturevalue("pg_db")))
+        ref = "env:HUTONG_TEST_CORE_DSN"
+    s = Site(tmp_path, ref)
     yield s
     s.close()
 
