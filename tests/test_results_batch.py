@@ -1,11 +1,14 @@
-"""Result packets of one dispatcher round are stored in ONE write transaction (issue 17, item 2).
+"""Result packets of one dispatcher round are stored together, not a transaction each (issue 17,
+item 2).
 
-In process, on SQLite and PostgreSQL: a scaffolded alliance, core's NodeContext, packets sealed by chc and taken
-in by core's real ``Intake``, delivered by the real ``Dispatcher`` with the results inbox as its
-batched ``result.`` hook (as ``bridge.node.Node`` wires it) and the spool handler. Checked where
-it lands, field by field: ``result_packet``, the FHIR rows and their write order
-(``fhir_history.seq``), the inbox states, the quarantine, the audit rows, the spool files, and
-how many write transactions a round took (``Store.write`` counted on the store).
+In process, on SQLite and PostgreSQL: a scaffolded alliance, core's NodeContext, packets sealed
+by chc and taken in by core's real ``Intake``, delivered by the real ``Dispatcher`` with the
+results inbox as its batched ``result.`` hook (as ``bridge.node.Node`` wires it) and the spool
+handler. A transaction may take packets for ``HOLD_S``; here it is long enough for a whole
+round, except where a test sets it to nothing. Checked where it lands, field by field:
+``result_packet``, the FHIR rows and their write order (``fhir_history.seq``), the inbox
+states, the quarantine, the audit rows, the spool files, and how many write transactions a
+round took (``Store.write`` counted on the store).
 """
 
 from __future__ import annotations
