@@ -129,7 +129,7 @@ class Node:
         logging.getLogger("apscheduler").setLevel(logging.ERROR)
 
     def _after_result(self, item: Any, ev: Any) -> Any:
-        """After the inbox stored a ``result.*`` packet (a round's packets in one transaction):
+        """After the inbox stored a ``result.*`` packet (with the round's others, a few a commit):
         an imaging report also goes to the adapters that keep reports with their studies (the
         PACS)."""
         if item.kind == "result.imaging":
