@@ -62,15 +62,6 @@ class ResultsInbox:
     def __init__(self, ctx: NodeContext) -> None:
         self.ctx = ctx
 
-    def apply_packet(self, item: Delivery) -> ResultEvent:
-        """Store one result packet in a transaction of its own (idempotent by packet id); the
-        event as stored, for the local sink (bridge.local.contract)."""
-        out = self.apply_many([item])[0]
-        if isinstance(out, Exception):
-            raise out
-        assert out is not None  # None only behind a failed packet of the same call
-        return out
-
     def apply_many(self, items: Sequence[Delivery]) -> list[Outcome]:
         """Store result packets, in the dispatcher's order, in write transactions that hold
         the writer about ``HOLD_S`` each (a few packets each, instead of a transaction and a
