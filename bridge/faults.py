@@ -8,6 +8,8 @@ lookup. The variables (set by tests on the process they start, never in a site's
                                       ``sender.after_commit_before_send``,
                                       ``sender.after_send_before_receipt``,
                                       ``intake.before_commit``, ``intake.after_commit``,
+                                      ``dispatcher.after_batch_applied`` (a round's
+                                      results committed, nothing handed over yet),
                                       ``dispatcher.during_delivery``; adapters:
                                       ``his_db.after_poll``, ``his_db.after_submit``,
                                       ``his_db.after_quarantine``.

@@ -27,7 +27,7 @@ from bridge.audit.watch import ChainWatch
 from bridge.config.models import NodePlan
 from bridge.consult.workflow import ConsultWorkflow
 from bridge.context import NodeContext
-from bridge.delivery.dispatcher import Dispatcher
+from bridge.delivery.dispatcher import BatchHook, Dispatcher
 from bridge.delivery.handlers import load_handlers
 from bridge.delivery.lanes import Lanes
 from bridge.delivery.receipts import ReceiptReturn
@@ -97,7 +97,7 @@ class Node:
             hooks={
                 "referral.": self.workflow.apply_packet,
                 "consult.": self._apply_consult,
-                "result.": self._apply_result,
+                "result.": BatchHook(self.results.apply_many, self._after_result),
             },
             lanes=self.lanes,
         )
@@ -128,10 +128,10 @@ class Node:
         )
         logging.getLogger("apscheduler").setLevel(logging.ERROR)
 
-    def _apply_result(self, item: Any) -> Any:
-        """The dispatcher hook of ``result.*``: the inbox stores the packet; an imaging report
-        then also goes to the adapters that keep reports with their studies (the PACS)."""
-        ev = self.results.apply_packet(item)
+    def _after_result(self, item: Any, ev: Any) -> Any:
+        """After the inbox stored a ``result.*`` packet (with the round's others, a few a commit):
+        an imaging report also goes to the adapters that keep reports with their studies (the
+        PACS)."""
         if item.kind == "result.imaging":
             to_imaging_sinks(
                 self.adapters,

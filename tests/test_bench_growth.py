@@ -1,5 +1,6 @@
 """bench/growth.py's bulk-loaded history is what the node's own code reads, bench/statements.py
-counts every statement of the round, and bench/summary_md.py renders a run's JSON into the
+counts every statement of the round, bench/delivery.py's top-up of result packets copies each
+Observation whole under a new id, and bench/summary_md.py renders a run's JSON into the
 README table (no node processes)."""
 
 from __future__ import annotations
@@ -12,11 +13,16 @@ from sqlalchemy import func, select
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-import growth  # bench/ is not a package
+import delivery  # bench/ is not a package
+import growth
 import summary_md
 
+from bridge.fhirstore import store as fhir
+from bridge.fhirstore.tables import FHIR_DATE, FHIR_HISTORY, FHIR_RESOURCE, FHIR_TOKEN
+from bridge.results.tables import RESULT_PACKET
 from bridge.store.db import Store
 from bridge.store.tables import INBOX, OUTBOX
+from tests.factory import observation
 
 
 def test_history_rows_read_back_through_the_node_tables(tmp_path: Path) -> None:
@@ -209,3 +215,52 @@ def test_statements_bench_times_every_statement_of_the_round_at_each_level(tmp_p
         assert all(v is None or v > 0 for v in s["us_per_call"].values())
     # both levels ran every part
     assert set(r["walls_s"][300]) == set(r["walls_s"][600]) == set(statements.PARTS)
+
+
+def test_the_results_fill_copies_each_observation_whole_under_a_new_id(tmp_path: Path) -> None:
+    dsn = f"sqlite:///{tmp_path / 'b.db'}"
+    store = Store(dsn)
+    store.create_all()
+    at = datetime(2026, 12, 1, 8, 0, tzinfo=UTC)
+    try:
+        with store.write() as conn:
+            obs = [observation(i, "Patient/p1", value=5.0 + i) for i in range(2)]
+            fhir.put_many(conn, [(o, None, "ph1") for o in obs], at=at, origin="chc")
+            conn.execute(
+                RESULT_PACKET.insert().values(
+                    packet_id="pk1", sender="chc", kind="result.lab", resources=2, at=at
+                )
+            )
+        store.dispose()  # the fill runs on a closed store
+        assert delivery.fill_results(dsn, 10) >= 0
+        with store.read() as conn:
+            rows = conn.execute(select(FHIR_RESOURCE).order_by(FHIR_RESOURCE.c.id)).all()
+            history = conn.execute(select(FHIR_HISTORY.c.id, FHIR_HISTORY.c.body)).all()
+            tokens = conn.execute(select(FHIR_TOKEN)).all()
+            dates = conn.execute(select(FHIR_DATE)).all()
+            packets = conn.execute(select(RESULT_PACKET.c.packet_id)).scalars().all()
+            inbox = conn.execute(select(func.count()).select_from(INBOX)).scalar_one()
+    finally:
+        store.dispose()
+    assert len(rows) == 10 and len({r.id for r in rows}) == 10
+    originals = {o["id"]: o for o in obs}
+    by_body = {r.body: r for r in rows if r.id in originals}
+    for r in rows:  # each copy: its original's row but the id (the body keeps the old id)
+        src = by_body[r.body]
+        assert (r.rtype, r.version, r.patient, r.patient_hash, r.status, r.origin) == (
+            src.rtype,
+            src.version,
+            src.patient,
+            src.patient_hash,
+            src.status,
+            src.origin,
+        )
+        assert [h.body for h in history if h.id == r.id] == [r.body]
+        mine = sorted((t.param, t.system, t.value) for t in tokens if t.id == r.id)
+        assert mine == sorted((t.param, t.system, t.value) for t in tokens if t.id == src.id)
+        assert mine  # the code at least
+        assert [(d.param, d.start) for d in dates if d.id == r.id] == [
+            (d.param, d.start) for d in dates if d.id == src.id
+        ]
+    assert len(packets) == len(set(packets)) == 3  # 1, doubled, topped up to a third of 10
+    assert inbox == 3

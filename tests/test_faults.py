@@ -2,7 +2,8 @@
 
 Every case ends the same way: each packet the sending side accepted reaches the receiving HIS
 (the spool folder) exactly once, in thread order, the receiver audited exactly one ``received``
-and one ``delivered`` per packet, and every node's audit chain verifies.
+and one ``delivered`` per packet, its results inbox stored each packet's resources once
+(``results``), and every node's audit chain verifies.
 """
 
 from __future__ import annotations
@@ -149,7 +150,9 @@ def check_delivered_once(
         assert [pid for _, pid in sorted(got[thread])] == ids
     assert markers == Counter(ledger.marker.values())  # no marker twice, none missing
     assert set(markers.values()) == {1}
-    for action in ("received", "delivered"):
+    # "results": the results inbox stored each packet's resources once (result_packet), also
+    # when the node died after that commit and delivered the packet again
+    for action in ("received", "delivered", "results"):
         found = rows(receiver, "SELECT thread, packet_id FROM audit WHERE action = :a", a=action)
         if not shared:
             assert {t for t, _ in found} <= threads, action
@@ -230,6 +233,7 @@ STAGES = [
     ("hub", "sender.after_send_before_receipt"),
     ("core", "intake.before_commit"),
     ("core", "intake.after_commit"),
+    ("core", "dispatcher.after_batch_applied"),
     ("core", "dispatcher.during_delivery"),
 ]
 

@@ -102,6 +102,14 @@ class ThreadGate:
                 self.parties.setdefault(thread, {})[peer] = (last or 0) + 1
                 self.opened.add((thread, peer))
 
+    def copy(self) -> ThreadGate:
+        """A scratch gate to walk a batch ahead of the round (the dispatcher's batched hooks);
+        nothing it judges or takes reaches this one."""
+        other = ThreadGate(self.me)
+        other.parties = {t: dict(p) for t, p in self.parties.items()}
+        other.opened, other.moved = set(self.opened), set(self.moved)
+        return other
+
     def judge(self, r: Any) -> str:
         """TAKE or HOLD for an inbox row (thread, sender, seq); raises a ThreadRefused."""
         parties = self.parties.get(r.thread)

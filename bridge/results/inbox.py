@@ -2,23 +2,28 @@
 
 Runs as the dispatcher hook for ``result.*`` kinds, before the packet is handed to the local
 handler (the HIS adapter, or the spool), so by the time the HIS gets the Bundle the results are
-also readable through the local FHIR API. Idempotent by packet id. The sender's Patient is
-replaced by this side's own record of the patient: the referral's patient when the packet is on
-a referral thread known here, else the patient with the same keyed hash (every Patient
-reference and hash-only subject mapped to it, bridge/referral/naming.py), else the sender's
-Patient is registered (with the hash, never an ID number: none travels).
+also readable through the local FHIR API. The result packets of one dispatcher round are stored
+in ONE write transaction (:meth:`ResultsInbox.apply_many`), each still idempotent by packet id.
+The sender's Patient is replaced by this side's own record of the patient: the referral's patient
+when the packet is on a referral thread known here, else the patient with the same keyed hash
+(every Patient reference and hash-only subject mapped to it, bridge/referral/naming.py), else the
+sender's Patient is registered (with the hash, never an ID number: none travels).
 """
 
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import insert, select
+from sqlalchemy import Connection, insert, select
 
 from bridge.audit.events import AuditEntry
 from bridge.context import NodeContext
 from bridge.delivery.handlers import Delivery
-from bridge.errors import InvalidResource, NotFound, NotThreadParty
+from bridge.errors import HutongError, InvalidResource, NotFound, NotThreadParty, StoreError
 from bridge.fhirstore import store
 from bridge.local.contract import ResultEvent, decode_bundle
 from bridge.referral import naming
@@ -27,27 +32,108 @@ from bridge.referral.tables import REFERRAL
 from bridge.referral.workflow import foreign_resource, thread_view
 from bridge.results.tables import RESULT_PACKET
 
+log = logging.getLogger(__name__)
+
+#: how long one transaction of ``apply_many`` goes on taking packets: the intake, SQLite's other
+#: writer, waits behind it about this long at most (a packet takes 5-15 ms on the 2-core VM;
+#: 0.05 s made the intake wait 3-5x longer per write than one packet a transaction did,
+#: bench/README.md "B's local delivery")
+HOLD_S = 0.02
+
+#: what :meth:`ResultsInbox.apply_many` answers per packet: the event as stored, the packet's
+#: error, or None (not applied: an earlier packet of its thread in the same call failed)
+Outcome = ResultEvent | Exception | None
+
+
+@dataclass(slots=True)
+class _Planned:
+    """One packet's writes, worked out by reads and checks alone (nothing written yet)."""
+
+    item: Delivery
+    bundle: dict[str, Any]
+    row: Any  # the referral row of the packet's thread, or None
+    phash: str | None
+    mine: str | None  # this node's Patient reference, if known before the packet's writes
+    items: list[tuple[dict[str, Any], str | None, str | None]]
+    stored: bool  # applied before (RESULT_PACKET): nothing to write, only the event
+
 
 class ResultsInbox:
     def __init__(self, ctx: NodeContext) -> None:
         self.ctx = ctx
 
-    def apply_packet(self, item: Delivery) -> ResultEvent:
-        """Store one result packet (dispatcher hook, idempotent by packet id); the event as
-        stored, for the local sink (bridge.local.contract): this node's patient and referral."""
-        bundle = decode_bundle(item)  # decoded once, for the hook and the sink alike
-        self._apply(item, bundle)
-        with self.ctx.store.read() as conn:
-            view = thread_view(conn, item.thread)
-            mine: str | None = None
-            if view is not None:
-                mine = store.get(conn, "Task", view["referral"]["task_id"])["for"]["reference"]
-            elif item.patient_hash:
-                local = store.find_patient_by_hash(conn, item.patient_hash)
-                mine = R.ref(local) if local else None
-        return ResultEvent(item, bundle, mine, view)
+    def apply_many(self, items: Sequence[Delivery]) -> list[Outcome]:
+        """Store result packets, in the dispatcher's order, in write transactions that hold
+        the writer about ``HOLD_S`` each (a few packets each, instead of a transaction and a
+        read per packet); per packet the event as stored (this node's patient and referral),
+        or its error. A packet that a check refuses writes nothing and fails
+        alone; the packets after it on its thread are not applied (None): a thread's results
+        are stored in order, never past a failed one. If a statement fails (a constraint, the
+        disk), the transaction is rolled back, the packets before the one that broke it are
+        applied again together and that one alone, so only it fails (``Store.write_grouped``
+        does the same for the LIS intake); a store that is unavailable fails the rest.
+        Idempotent by packet id (``RESULT_PACKET``, written with the packet's resources): a
+        crash after a commit and before the dispatcher marks the packets delivered stores
+        nothing twice."""
+        out: list[Outcome] = []
+        failed: set[str] = set()  # threads with a failed packet: the rest of each waits
+        todo = list(items)
+        upto: int | None = None  # after a rollback: the packets before the one that broke it
+        while todo:
+            part, upto = todo[:upto] if upto else todo, None
+            marked, reached = set(failed), [0]
+            try:
+                with self.ctx.store.write() as conn:
+                    done = self._apply_in(conn, part, marked, reached)
+            except Exception as exc:  # noqa: BLE001 - rolled back; whose it is, below
+                k = reached[0]
+                if isinstance(exc, StoreError):  # the store, not a packet: all wait
+                    for i in todo:  # the error for each thread's first, None behind it
+                        out.append(None if i.thread in failed else exc)
+                        failed.add(i.thread)
+                    return out
+                if k:  # applied again without it, then it runs first, alone
+                    upto = k
+                    log.debug("result packet %d of %d broke its transaction", k + 1, len(part))
+                else:  # it was the first: its own error
+                    failed.add(todo[0].thread)
+                    out.append(exc)
+                    todo = todo[1:]
+                continue
+            out += done
+            failed = marked
+            todo = todo[len(done) :]
+        return out
 
-    def _apply(self, item: Delivery, bundle: dict[str, Any]) -> None:
+    def _apply_in(
+        self, conn: Connection, items: Sequence[Delivery], failed: set[str], reached: list[int]
+    ) -> list[Outcome]:
+        """Packets in ``conn``'s transaction, from the first, until ``HOLD_S`` has passed; a
+        check's refusal is that packet's answer (its thread added to ``failed``), any other
+        error propagates with ``reached[0]`` = the index of the packet it broke."""
+        out: list[Outcome] = []
+        until = time.monotonic() + HOLD_S
+        for k, item in enumerate(items):
+            if k and time.monotonic() > until:
+                break
+            reached[0] = k
+            if item.thread in failed:
+                out.append(None)
+                continue
+            try:
+                plan = self._plan(conn, item)
+            except HutongError as exc:  # refused before any write of its own
+                failed.add(item.thread)
+                out.append(exc)
+                continue
+            if not plan.stored:
+                self._write(conn, plan)
+            out.append(self._event(conn, plan))
+        return out
+
+    def _plan(self, conn: Connection, item: Delivery) -> _Planned:
+        """Reads and checks only: what the packet will write (refusals raise HutongError)."""
+        bundle = decode_bundle(item)  # decoded once, for the hook and the sink alike
         resources = [e.get("resource") or {} for e in bundle.get("entry") or ()]
         if not any(
             r.get("resourceType") in ("DiagnosticReport", "Observation", "ImagingStudy")
@@ -56,71 +142,86 @@ class ResultsInbox:
             raise InvalidResource(
                 "a result packet needs a DiagnosticReport, Observation or ImagingStudy"
             )
-        now = self.ctx.now()
-        with self.ctx.store.write() as conn:
-            if conn.execute(
-                select(RESULT_PACKET.c.packet_id).where(RESULT_PACKET.c.packet_id == item.packet_id)
-            ).first():
-                return
-            row = conn.execute(select(REFERRAL).where(REFERRAL.c.thread == item.thread)).first()
-            if row is not None and item.sender != (
-                row.receiver if row.side == "referrer" else row.referrer
-            ):
-                # the dispatcher's gate refuses these first; kept as a guard
-                raise NotThreadParty(
-                    f"result on referral thread {row.thread} from "
-                    f"'{item.sender}', which is not a party of that referral"
-                )
-            phash = row.patient_hash if row is not None else item.patient_hash
-            mine: str | None = None
-            if row is not None:
-                mine = store.get(conn, "Task", row.task_id)["for"]["reference"]
-            elif phash:
-                local = store.find_patient_by_hash(conn, phash)
-                mine = R.ref(local) if local else None
-            if mine:  # named our way; our own record of the patient stays as it is (naming)
-                resources = naming.incoming(mine, phash, resources)
-            thread = row.thread if row is not None else None
-            items: list[tuple[dict[str, Any], str | None, str | None]] = []
-            for r in resources:
-                if r.get("resourceType") == "Organization":
-                    if _others(conn, r, item.sender):
-                        continue  # another member's (or our own) record of an organisation
-                    items.append((r, None, None))
-                else:
-                    foreign_resource(conn, r, item.thread, item.sender)
-                    items.append((r, thread, phash))
-            # one statement per table for the packet's resources (bench/README.md, lis.py)
-            store.put_many(conn, items, at=now, origin=item.sender)
-            count = len(items)
-            conn.execute(
-                insert(RESULT_PACKET).values(
-                    packet_id=item.packet_id,
-                    sender=item.sender,
-                    kind=item.kind,
-                    thread=thread,
-                    patient_hash=phash,
-                    resources=count,
-                    at=now,
-                )
+        row = conn.execute(select(REFERRAL).where(REFERRAL.c.thread == item.thread)).first()
+        phash = row.patient_hash if row is not None else item.patient_hash
+        stored = conn.execute(
+            select(RESULT_PACKET.c.packet_id).where(RESULT_PACKET.c.packet_id == item.packet_id)
+        ).first()
+        if stored:
+            return _Planned(item, bundle, row, phash, None, [], stored=True)
+        if row is not None and item.sender != (
+            row.receiver if row.side == "referrer" else row.referrer
+        ):
+            # the dispatcher's gate refuses these first; kept as a guard
+            raise NotThreadParty(
+                f"result on referral thread {row.thread} from "
+                f"'{item.sender}', which is not a party of that referral"
             )
-            self.ctx.audit.append(
-                conn,
-                [
-                    AuditEntry(
-                        action="results",
-                        packet_id=item.packet_id,
-                        kind=item.kind,
-                        peer=item.sender,
-                        thread=item.thread,
-                        patient_hash=phash,
-                        at=now,
-                        message=f"{count} result resource(s) stored"
-                        + ("" if row is not None else " (no referral known for the thread)"),
-                        extra={"linked": row is not None},
-                    )
-                ],
+        mine: str | None = None
+        if row is not None:
+            mine = store.get(conn, "Task", row.task_id)["for"]["reference"]
+        elif phash:
+            local = store.find_patient_by_hash(conn, phash)
+            mine = R.ref(local) if local else None
+        if mine:  # named our way; our own record of the patient stays as it is (naming)
+            resources = naming.incoming(mine, phash, resources)
+        thread = row.thread if row is not None else None
+        items: list[tuple[dict[str, Any], str | None, str | None]] = []
+        for r in resources:
+            if r.get("resourceType") == "Organization":
+                if _others(conn, r, item.sender):
+                    continue  # another member's (or our own) record of an organisation
+                items.append((r, None, None))
+            else:
+                foreign_resource(conn, r, item.thread, item.sender)
+                items.append((r, thread, phash))
+        return _Planned(item, bundle, row, phash, mine, items, stored=False)
+
+    def _write(self, conn: Connection, plan: _Planned) -> None:
+        """The packet's resources, its RESULT_PACKET row and its audit row."""
+        item, row, now = plan.item, plan.row, self.ctx.now()
+        # one statement per table for the packet's resources (bench/README.md, lis.py)
+        store.put_many(conn, plan.items, at=now, origin=item.sender)
+        count = len(plan.items)
+        conn.execute(
+            insert(RESULT_PACKET).values(
+                packet_id=item.packet_id,
+                sender=item.sender,
+                kind=item.kind,
+                thread=row.thread if row is not None else None,
+                patient_hash=plan.phash,
+                resources=count,
+                at=now,
             )
+        )
+        entry = AuditEntry(
+            action="results",
+            packet_id=item.packet_id,
+            kind=item.kind,
+            peer=item.sender,
+            thread=item.thread,
+            patient_hash=plan.phash,
+            at=now,
+            message=f"{count} result resource(s) stored"
+            + ("" if row is not None else " (no referral known for the thread)"),
+            extra={"linked": row is not None},
+        )
+        self.ctx.audit.append(conn, [entry])
+
+    def _event(self, conn: Connection, plan: _Planned) -> ResultEvent:
+        """The packet as stored, read in the same transaction right after its writes (a later
+        packet of the same call is not in it yet)."""
+        item = plan.item
+        view = thread_view(conn, item.thread) if plan.row is not None else None
+        mine: str | None = None
+        if view is not None:
+            mine = store.get(conn, "Task", view["referral"]["task_id"])["for"]["reference"]
+        elif plan.mine is not None:
+            mine = plan.mine  # the packet registered no Patient of its own
+        elif item.patient_hash:
+            local = store.find_patient_by_hash(conn, item.patient_hash)
+            mine = R.ref(local) if local else None
+        return ResultEvent(item, plan.bundle, mine, view)
 
 
 def _others(conn: Any, resource: dict[str, Any], sender: str) -> bool:
