@@ -42,6 +42,7 @@ import exchange as ex
 import lis as lis_intake
 import orjson
 import results as lis_results
+from aims import aims
 from growth import growth
 from messages import messages
 from relay import relay
@@ -205,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             pg.close()
     results["loadavg"]["end"] = [round(x, 2) for x in os.getloadavg()]
     results["elapsed_s"] = time.perf_counter() - started
+    results["aims"] = aims(results)
     summary(results)
     out = args.json or out_dir / f"{day}.json"
     out.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS))
@@ -477,6 +479,11 @@ def summary(results: dict[str, Any]) -> None:
         t.add_row(name, f"{s:.0f}", f"{s / results['elapsed_s']:.0%}")
     for name, s in (exch.get("parts_s") or {}).items():
         t.add_row(f"  exchange: {name}", f"{s:.0f}", f"{s / results['elapsed_s']:.0%}")
+    ex.console.print(t)
+    t = ex._table("issue 17's aims (the soak's: make soak)", ["what", "measured", "aim", "verdict"])
+    for a in results.get("aims") or aims(results):
+        colour = {"MET": "green", "NOT MET": "red"}.get(a["verdict"], "dim")
+        t.add_row(a["what"], a["measured"], a["aim"], f"[{colour}]{a['verdict']}[/]")
     ex.console.print(t)
     for e in results["errors"] + list(exch.get("errors") or []):
         ex.console.print(f"[red]{e.splitlines()[0] if e else e}[/]")

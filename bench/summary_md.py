@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from aims import aims
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STORES = {"sqlite": "SQLite", "postgresql": "PostgreSQL"}
@@ -201,6 +202,17 @@ def markdown(r: dict[str, Any]) -> str:
         "| --- | --- |",
     ]
     out += [f"| {_cell(a)} | {_cell(b)} |" for a, b in rows(r)]
+    out += [
+        "",
+        "Issue 17's aims (the soak's are judged by `make soak`):",
+        "",
+        "| what | measured | aim | verdict |",
+        "| --- | --- | --- | --- |",
+    ]
+    out += [
+        f"| {_cell(a['what'])} | {_cell(a['measured'])} | {_cell(a['aim'])} | {a['verdict']} |"
+        for a in r.get("aims") or aims(r)
+    ]
     errors = list(r.get("errors") or []) + list((r.get("exchange") or {}).get("errors") or [])
     if errors:
         out += ["", "Errors in this run: " + "; ".join(e.splitlines()[0] for e in errors if e)]

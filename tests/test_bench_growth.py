@@ -144,7 +144,8 @@ def test_summary_md_renders_every_section_present() -> None:
         "rotational); Python 3.11.7, SQLite 3.40.1, PostgreSQL 15.18; load "
         "average 0.4 → 1.9; git abc1234."
     )
-    table = dict(line.strip("|").split(" | ", 1) for line in lines[6:])
+    end = lines.index("", 6)  # the figures' table, then issue 17's aims
+    table = dict(line.strip("|").split(" | ", 1) for line in lines[6:end])
     table = {k.strip(): v.strip() for k, v in table.items()}
     assert table["SQLite 4 KiB, 50 / 1 threads"] == "505 / 410 packets/s (ceiling 884)"
     assert table["end to end, B's local side has stored the results"] == (
@@ -165,6 +166,79 @@ def test_summary_md_renders_every_section_present() -> None:
     assert table["machine ceiling, same run (µs per op)"] == "seal 4 KiB 355"
     assert table["run time by section (s)"] == "exchange 81, growth 70"
     assert not any(k.startswith(("ORU", "FHIR", "platform relay")) for k in table)
+    # issue 17's aims: each row's figure from the same JSON, judged; absent sections say so
+    assert lines[end + 1] == "Issue 17's aims (the soak's are judged by `make soak`):"
+    aims = [
+        [c.strip() for c in line.strip("|").split(" | ")]
+        for line in lines[end + 5 :]
+        if line.startswith("| ")
+    ]
+    by_what = {a[0]: a[1:] for a in aims}
+    assert by_what["packets received A -> B (SQLite, 4 KiB, 50 threads)"] == [
+        "505/s",
+        ">= 1,500/s",
+        "NOT MET",
+    ]
+    assert by_what["... and stored by B's local side (results in B's FHIR store)"] == [
+        "71/s = 14%",
+        ">= 80 % of received",
+        "NOT MET",
+    ]
+    assert by_what[
+        "exchange with the most packets already stored vs the fewest (1,000,000 vs 10,000)"
+    ] == [
+        "75%",
+        ">= 90 %",
+        "NOT MET",
+    ]
+    assert by_what["created -> acked p99 at ~100 packets/s (SQLite)"] == [
+        "121 ms at 100/s",
+        "< 50 ms",
+        "NOT MET",
+    ]
+    assert by_what["created -> acked p99 at ~100 packets/s (PostgreSQL)"] == [
+        "-",
+        "< 50 ms",
+        "not measured",
+    ]
+    assert by_what["PostgreSQL scale-out 1 -> 2 processes"][2] == "not measured"  # 1 and 4 only
+    assert by_what["peak RSS per node process (every exchange run and the platform)"] == [
+        "151 MiB",
+        "< 150 MiB",
+        "NOT MET",
+    ]
+    assert (
+        by_what["LIS ORU^R01 (8 OBX), one MLLP connection, vs a plain store-and-ACK receiver"][2]
+        == "not measured"
+    )
+    assert len(aims) == 11
+
+
+def test_the_aims_say_met_where_the_figure_reaches_the_aim() -> None:
+    import aims
+
+    run = {
+        "lis": {
+            "runs": [
+                {"obx": 8, "conns": 1, "ratio": 0.61, "hutong": {"per_s": 100.0}},
+                {"obx": 8, "conns": 4, "ratio": 0.5, "hutong": {"per_s": 159.0}},
+            ]
+        },
+        "scaleout": [{"processes": 1, "steady_pps": 100.0}, {"processes": 2, "steady_pps": 170.0}],
+        "relay": {"steady_pps": 2000.0, "p99_ms": 100.0, "lat_rate": 1000.0},
+    }
+    got = {a["what"]: (a["measured"], a["verdict"]) for a in aims.aims(run)}
+    assert got["LIS ORU^R01 (8 OBX), one MLLP connection, vs a plain store-and-ACK receiver"] == (
+        "0.61x",
+        "MET",
+    )
+    assert got["LIS intake, 4 connections vs one"] == ("1.59x", "NOT MET")
+    assert got["PostgreSQL scale-out 1 -> 2 processes"] == ("1.70x", "MET")
+    assert got["platform relay, 50 members, one platform process (SQLite)"] == (
+        "2,000/s",
+        "MET",
+    )
+    assert got["platform relay p99 at half its rate"] == ("100 ms at 1000/s", "NOT MET")
 
 
 def test_message_browser_bench_finds_every_patient_in_every_box(tmp_path: Path) -> None:
