@@ -443,7 +443,7 @@ def check_linked(site: Site, b: dict[str, Any], mine: str) -> None:
     """The packet's resources as stored at core, their references to one another made the
     stored ``Type/id`` and the patient ``mine``; found by the patient's searches and shown
     with its values in the patient's results view."""
-    p, first, second, report = (e["resource"] for e in b["entry"])
+    first, second, report = (e["resource"] for e in b["entry"][1:])
     obs = {k: body for k, (_, body) in site.observations().items()}
     (second_id,) = set(obs) - {first["id"]}  # the id-less one got an id of its own
     assert obs[first["id"]]["subject"] == {"reference": mine}
@@ -491,7 +491,17 @@ def test_references_by_full_url_are_stored_as_the_entries_type_and_id(site: Site
     assert [r.id for r in patients] == [b["entry"][0]["resource"]["id"]]
     check_linked(site, b, f"Patient/{patients[0].id}")
     assert site.stored()[pid].resources == 4
-    assert orjson.loads(site.spool()[pid]) == b  # handed over as it came: the wire is unchanged
+    assert orjson.loads(site.spool()[pid]) == b  # the packet's body as it came
+    # the local side gets the Bundle as it came, the id-less entry with the id it is stored
+    # under, the same when the packet is applied again
+    (row,) = site.rows(select(INBOX).where(INBOX.c.packet_id == pid))
+    (second_id,) = set(site.observations()) - {b["entry"][1]["resource"]["id"]}
+    for _ in range(2):
+        (ev,) = site.results.apply_many([_delivery(row)])
+        assert ev.bundle["entry"][2]["resource"] == {**b["entry"][2]["resource"], "id": second_id}
+        assert [e for k, e in enumerate(ev.bundle["entry"]) if k != 2] == [
+            e for k, e in enumerate(b["entry"]) if k != 2
+        ]
 
 
 def test_references_by_full_url_name_the_patient_known_here(site: Site) -> None:

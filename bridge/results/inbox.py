@@ -138,7 +138,7 @@ class ResultsInbox:
     def _plan(self, conn: Connection, item: Delivery) -> _Planned:
         """Reads and checks only: what the packet will write (refusals raise HutongError)."""
         bundle = decode_bundle(item)  # decoded once, for the hook and the sink alike
-        resources = _by_type_and_id(bundle)
+        resources = _by_type_and_id(bundle, item.packet_id)
         if not any(
             r.get("resourceType") in ("DiagnosticReport", "Observation", "ImagingStudy")
             for r in resources
@@ -228,20 +228,22 @@ class ResultsInbox:
         return ResultEvent(item, plan.bundle, mine, view)
 
 
-def _by_type_and_id(bundle: dict[str, Any]) -> list[dict[str, Any]]:
-    """The Bundle's resources (copies: the Bundle is handed over as it came), every reference
-    to an entry's ``fullUrl`` made that entry's ``Type/id`` (``R.rewrite_refs``, as
-    ``fhir_transaction.store_plain`` does); an entry without an id is given one here, as the
-    store would, so that references to it hold. Any other reference stays as sent."""
+def _by_type_and_id(bundle: dict[str, Any], packet_id: str) -> list[dict[str, Any]]:
+    """The Bundle's resources, every reference to an entry's ``fullUrl`` made that entry's
+    ``Type/id`` (``R.rewrite_refs``, as ``fhir_transaction.store_plain`` does); any other
+    reference stays as sent. An entry without an id is given one, in the Bundle too, so the
+    local side gets the id that is stored: derived from the packet, so a packet applied again
+    (after a rollback, or a crash before it was marked delivered) names the same resources.
+    Copies: the store's meta does not reach the Bundle that is handed over."""
     resources: list[dict[str, Any]] = []
     mapping: dict[str, str] = {}
-    for e in bundle.get("entry") or ():
-        r = dict(e.get("resource") or {})
+    for k, e in enumerate(bundle.get("entry") or ()):
+        r = e.get("resource") or {}
         if "resourceType" in r:
-            r.setdefault("id", str(uuid.uuid4()))
+            r.setdefault("id", str(uuid.uuid5(uuid.NAMESPACE_URL, f"{packet_id}/{k}")))
             if isinstance(e.get("fullUrl"), str):
                 mapping[e["fullUrl"]] = R.ref(r)
-        resources.append(r)
+        resources.append(dict(r))
     return [R.rewrite_refs(r, mapping) for r in resources] if mapping else resources
 
 
