@@ -22,7 +22,7 @@ from typing import Any
 
 import orjson
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import insert, select, update
 
 from bridge import faults
 from bridge.api import fhir_api
@@ -39,6 +39,7 @@ from bridge.fhirstore import store
 from bridge.fhirstore.tables import FHIR_HISTORY, FHIR_RESOURCE
 from bridge.gateway.intake import Intake
 from bridge.privacy import patient_hash
+from bridge.referral.tables import REFERRAL
 from bridge.results import inbox
 from bridge.results.inbox import ResultsInbox
 from bridge.results.recognition import results_for
@@ -504,18 +505,48 @@ def test_references_by_full_url_are_stored_as_the_entries_type_and_id(site: Site
         ]
 
 
-def test_references_by_full_url_name_the_patient_known_here(site: Site) -> None:
-    """A patient with the same keyed hash is known here: the references by fullUrl to the
-    sender's Patient name ours, and the sender's Patient is not stored."""
+@pytest.mark.parametrize("known", ["by-hash", "by-thread"])
+def test_references_by_full_url_name_the_patient_known_here(site: Site, known: str) -> None:
+    """A patient with the same keyed hash is known here, or the packet is on a referral thread
+    core opened for its own patient: the references by fullUrl to the sender's Patient name
+    ours, and the sender's Patient is not stored."""
     ours = {"resourceType": "Patient", "id": "core-p1", "name": [{"text": "王秀英"}]}
     phash = patient_hash(site.core.plan.patient_hash_key, NID)
+    now = site.core.now()
     with site.core.store.write() as conn:
-        store.put(conn, ours, at=site.core.now(), origin="core", patient_hash=phash)
+        store.put(conn, ours, at=now, origin="core", patient_hash=phash)
+        if known == "by-thread":
+            task = {
+                "resourceType": "Task",
+                "id": "core-task-1",
+                "status": "accepted",
+                "intent": "order",
+                "for": {"reference": "Patient/core-p1"},
+            }
+            store.put(conn, task, at=now, thread="t1", origin="core", patient_hash=phash)
+            conn.execute(
+                insert(REFERRAL).values(
+                    thread="t1",
+                    side="referrer",
+                    kind="referral",
+                    referrer="core",
+                    receiver="chc",
+                    status="accepted",
+                    step="accepted",
+                    patient_hash=phash,
+                    task_id="core-task-1",
+                    sr_id="core-sr-1",
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
     b = linked()
     (pid,) = site.receive([("t1", 1, b)])
     assert site.round() == (1, 2)
+    assert site.states([pid]) == [("delivered", 1)]
     patients = site.rows(select(FHIR_RESOURCE.c.id).where(FHIR_RESOURCE.c.rtype == "Patient"))
     assert [r.id for r in patients] == ["core-p1"]
     check_linked(site, b, "Patient/core-p1")
-    assert site.stored()[pid].resources == 3
+    row = site.stored()[pid]
+    assert (row.resources, row.thread) == (3, "t1" if known == "by-thread" else None)
     assert found(site, "Observation", f"Patient/{b['entry'][0]['resource']['id']}") == []
