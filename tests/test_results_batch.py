@@ -14,6 +14,7 @@ round took (``Store.write`` counted on the store).
 from __future__ import annotations
 
 import copy
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,9 +22,11 @@ from typing import Any
 
 import orjson
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import insert, select, update
 
 from bridge import faults
+from bridge.api import fhir_api
+from bridge.api.fhir_search import parse_query
 from bridge.audit.tables import AuditRecord
 from bridge.config.loader import load_node
 from bridge.config.scaffold import write_alliance
@@ -32,14 +35,17 @@ from bridge.crypto import envelope as env
 from bridge.crypto.keys import load_signing_key
 from bridge.delivery.dispatcher import BatchHook, Dispatcher, _delivery
 from bridge.delivery.handlers import load_handlers
+from bridge.fhirstore import store
 from bridge.fhirstore.tables import FHIR_HISTORY, FHIR_RESOURCE
 from bridge.gateway.intake import Intake
 from bridge.privacy import patient_hash
+from bridge.referral.tables import REFERRAL
 from bridge.results import inbox
 from bridge.results.inbox import ResultsInbox
+from bridge.results.recognition import results_for
 from bridge.results.tables import RESULT_PACKET
 from bridge.store.tables import INBOX, QUARANTINE
-from tests.factory import bundle
+from tests.factory import bundle, observation
 
 AUDIT = AuditRecord.__table__  # type: ignore[attr-defined]
 NID = "110102195003151234"
@@ -393,3 +399,154 @@ def test_a_transaction_holds_the_writer_about_hold_s(
     assert sorted(site.stored()) == sorted(ids)
     check_stored(site, ids, bundles)
     assert site.audit("results") == ids
+
+
+def linked() -> dict[str, Any]:
+    """A result bundle whose entries refer to each other by ``fullUrl`` only (as a FHIR
+    transaction or collection Bundle commonly does): the Patient and two Observations by
+    ``urn:uuid`` (the second Observation has no id at all), the DiagnosticReport by an absolute
+    URL; the report also names a specimen by an urn that is no entry's and an order by
+    ``Type/id``, neither of them in the bundle."""
+    b = bundle(n_obs=1, national_id=NID, marker="linked")
+    p = b["entry"][0]["resource"]
+    first = b["entry"][1]["resource"]
+    second = observation(1, f"urn:uuid:{p['id']}", value=9.4)
+    second_url = f"urn:uuid:{second.pop('id')}"
+    dr_id = str(uuid.uuid4())
+    dr_url = f"https://lis.chc.example/fhir/DiagnosticReport/{dr_id}"
+    report = {
+        "resourceType": "DiagnosticReport",
+        "id": dr_id,
+        "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "24323-8"}], "text": "生化"},
+        "subject": {"reference": f"urn:uuid:{p['id']}"},
+        "effectiveDateTime": "2026-11-20T08:30:00+08:00",
+        "issued": "2026-11-20T10:00:00+08:00",
+        "basedOn": [{"reference": "ServiceRequest/chc-order-1"}],
+        "specimen": [{"reference": f"urn:uuid:{uuid.uuid4()}"}],
+        "result": [{"reference": f"urn:uuid:{first['id']}"}, {"reference": second_url}],
+    }
+    b["entry"] += [
+        {"fullUrl": second_url, "resource": second},
+        {"fullUrl": dr_url, "resource": report},
+    ]
+    return b
+
+
+def found(site: Site, rtype: str, patient: str) -> list[str]:
+    """``<rtype>?patient=<patient>`` through the FHIR API's own parser and page: the ids."""
+    with site.core.store.read() as conn:
+        rows = fhir_api._page(conn, parse_query(rtype, [("patient", patient)], FHIR_RESOURCE))[0]
+    return sorted(r.id for r in rows)
+
+
+def check_linked(site: Site, b: dict[str, Any], mine: str) -> None:
+    """The packet's resources as stored at core, their references to one another made the
+    stored ``Type/id`` and the patient ``mine``; found by the patient's searches and shown
+    with its values in the patient's results view."""
+    first, second, report = (e["resource"] for e in b["entry"][1:])
+    obs = {k: body for k, (_, body) in site.observations().items()}
+    (second_id,) = set(obs) - {first["id"]}  # the id-less one got an id of its own
+    assert obs[first["id"]]["subject"] == {"reference": mine}
+    assert obs[first["id"]]["valueQuantity"] == first["valueQuantity"]
+    assert obs[first["id"]]["note"] == [{"text": "linked"}]
+    assert obs[second_id]["subject"] == {"reference": mine}
+    assert obs[second_id]["valueQuantity"] == second["valueQuantity"]
+    assert obs[second_id]["code"] == second["code"]
+    (dr,) = site.rows(
+        select(FHIR_RESOURCE.c.id, FHIR_RESOURCE.c.body, FHIR_RESOURCE.c.patient_hash).where(
+            FHIR_RESOURCE.c.rtype == "DiagnosticReport"
+        )
+    )
+    got = orjson.loads(dr.body)
+    assert dr.id == report["id"]
+    assert dr.patient_hash == patient_hash(site.core.plan.patient_hash_key, NID)
+    assert got["subject"] == {"reference": mine}
+    assert got["result"] == [
+        {"reference": f"Observation/{first['id']}"},
+        {"reference": f"Observation/{second_id}"},
+    ]
+    assert got["basedOn"] == report["basedOn"]  # not in the bundle: as sent
+    assert got["specimen"] == report["specimen"]
+    assert got["code"] == report["code"]
+    assert found(site, "Observation", mine) == sorted([first["id"], second_id])
+    assert found(site, "DiagnosticReport", mine) == [report["id"]]
+    with site.core.store.read() as conn:
+        items, total, _ = results_for(conn, dr.patient_hash, node_id="core")
+    assert total == 1
+    assert items[0]["report"] == f"DiagnosticReport/{report['id']}"
+    assert [(o["id"], o["status"]) for o in items[0]["observations"]] == [
+        (first["id"], "final"),
+        (second_id, "final"),
+    ]
+
+
+def test_references_by_full_url_are_stored_as_the_entries_type_and_id(site: Site) -> None:
+    """No patient known here: the sender's Patient is registered, and every reference that
+    names an entry's fullUrl (urn:uuid or absolute) becomes that entry's stored Type/id."""
+    b = linked()
+    (pid,) = site.receive([("t1", 1, b)])
+    assert site.round() == (1, 2)
+    assert site.states([pid]) == [("delivered", 1)]
+    patients = site.rows(select(FHIR_RESOURCE.c.id).where(FHIR_RESOURCE.c.rtype == "Patient"))
+    assert [r.id for r in patients] == [b["entry"][0]["resource"]["id"]]
+    check_linked(site, b, f"Patient/{patients[0].id}")
+    assert site.stored()[pid].resources == 4
+    assert orjson.loads(site.spool()[pid]) == b  # the packet's body as it came
+    # the local side gets the Bundle as it came, the id-less entry with the id it is stored
+    # under, the same when the packet is applied again
+    (row,) = site.rows(select(INBOX).where(INBOX.c.packet_id == pid))
+    (second_id,) = set(site.observations()) - {b["entry"][1]["resource"]["id"]}
+    for _ in range(2):
+        (ev,) = site.results.apply_many([_delivery(row)])
+        assert ev.bundle["entry"][2]["resource"] == {**b["entry"][2]["resource"], "id": second_id}
+        assert [e for k, e in enumerate(ev.bundle["entry"]) if k != 2] == [
+            e for k, e in enumerate(b["entry"]) if k != 2
+        ]
+
+
+@pytest.mark.parametrize("known", ["by-hash", "by-thread"])
+def test_references_by_full_url_name_the_patient_known_here(site: Site, known: str) -> None:
+    """A patient with the same keyed hash is known here, or the packet is on a referral thread
+    core opened for its own patient: the references by fullUrl to the sender's Patient name
+    ours, and the sender's Patient is not stored."""
+    ours = {"resourceType": "Patient", "id": "core-p1", "name": [{"text": "王秀英"}]}
+    phash = patient_hash(site.core.plan.patient_hash_key, NID)
+    now = site.core.now()
+    with site.core.store.write() as conn:
+        store.put(conn, ours, at=now, origin="core", patient_hash=phash)
+        if known == "by-thread":
+            task = {
+                "resourceType": "Task",
+                "id": "core-task-1",
+                "status": "accepted",
+                "intent": "order",
+                "for": {"reference": "Patient/core-p1"},
+            }
+            store.put(conn, task, at=now, thread="t1", origin="core", patient_hash=phash)
+            conn.execute(
+                insert(REFERRAL).values(
+                    thread="t1",
+                    side="referrer",
+                    kind="referral",
+                    referrer="core",
+                    receiver="chc",
+                    status="accepted",
+                    step="accepted",
+                    patient_hash=phash,
+                    task_id="core-task-1",
+                    sr_id="core-sr-1",
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+    b = linked()
+    (pid,) = site.receive([("t1", 1, b)])
+    assert site.round() == (1, 2)
+    assert site.states([pid]) == [("delivered", 1)]
+    patients = site.rows(select(FHIR_RESOURCE.c.id).where(FHIR_RESOURCE.c.rtype == "Patient"))
+    assert [r.id for r in patients] == ["core-p1"]
+    check_linked(site, b, "Patient/core-p1")
+    row = site.stored()[pid]
+    assert (row.resources, row.thread) == (3, "t1" if known == "by-thread" else None)
+    assert found(site, "Observation", f"Patient/{b['entry'][0]['resource']['id']}") == []

@@ -7,13 +7,17 @@ in ONE write transaction (:meth:`ResultsInbox.apply_many`), each still idempoten
 The sender's Patient is replaced by this side's own record of the patient: the referral's patient
 when the packet is on a referral thread known here, else the patient with the same keyed hash
 (every Patient reference and hash-only subject mapped to it, bridge/referral/naming.py), else the
-sender's Patient is registered (with the hash, never an ID number: none travels).
+sender's Patient is registered (with the hash, never an ID number: none travels). Before that, a
+reference that names another entry's ``fullUrl`` (``urn:uuid:``, or an absolute URL) is made that
+entry's ``Type/id``, as a transaction's are: stored as sent, an ``urn:uuid`` subject would be found
+by no patient search (``Observation?patient=``) and no report's ``result`` by the results view.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -134,7 +138,7 @@ class ResultsInbox:
     def _plan(self, conn: Connection, item: Delivery) -> _Planned:
         """Reads and checks only: what the packet will write (refusals raise HutongError)."""
         bundle = decode_bundle(item)  # decoded once, for the hook and the sink alike
-        resources = [e.get("resource") or {} for e in bundle.get("entry") or ()]
+        resources = _by_type_and_id(bundle, item.packet_id)
         if not any(
             r.get("resourceType") in ("DiagnosticReport", "Observation", "ImagingStudy")
             for r in resources
@@ -222,6 +226,25 @@ class ResultsInbox:
             local = store.find_patient_by_hash(conn, item.patient_hash)
             mine = R.ref(local) if local else None
         return ResultEvent(item, plan.bundle, mine, view)
+
+
+def _by_type_and_id(bundle: dict[str, Any], packet_id: str) -> list[dict[str, Any]]:
+    """The Bundle's resources, every reference to an entry's ``fullUrl`` made that entry's
+    ``Type/id`` (``R.rewrite_refs``, as ``fhir_transaction.store_plain`` does); any other
+    reference stays as sent. An entry without an id is given one, in the Bundle too, so the
+    local side gets the id that is stored: derived from the packet, so a packet applied again
+    (after a rollback, or a crash before it was marked delivered) names the same resources.
+    Copies: the store's meta does not reach the Bundle that is handed over."""
+    resources: list[dict[str, Any]] = []
+    mapping: dict[str, str] = {}
+    for k, e in enumerate(bundle.get("entry") or ()):
+        r = e.get("resource") or {}
+        if "resourceType" in r:
+            r.setdefault("id", str(uuid.uuid5(uuid.NAMESPACE_URL, f"{packet_id}/{k}")))
+            if isinstance(e.get("fullUrl"), str):
+                mapping[e["fullUrl"]] = R.ref(r)
+        resources.append(dict(r))
+    return [R.rewrite_refs(r, mapping) for r in resources] if mapping else resources
 
 
 def _others(conn: Any, resource: dict[str, Any], sender: str) -> bool:
