@@ -493,15 +493,24 @@ def test_references_by_full_url_are_stored_as_the_entries_type_and_id(site: Site
     check_linked(site, b, f"Patient/{patients[0].id}")
     assert site.stored()[pid].resources == 4
     assert orjson.loads(site.spool()[pid]) == b  # the packet's body as it came
-    # the local side gets the Bundle as it came, the id-less entry with the id it is stored
-    # under, the same when the packet is applied again
+    # the local side (a HIS adapter looks a report's results up by Type/id) gets the Bundle
+    # with the references stored and the id-less entry's stored id, the same when the packet
+    # is applied again; the rest as it came
     (row,) = site.rows(select(INBOX).where(INBOX.c.packet_id == pid))
     (second_id,) = set(site.observations()) - {b["entry"][1]["resource"]["id"]}
+    patient = f"Patient/{patients[0].id}"
+    first = b["entry"][1]["resource"]
     for _ in range(2):
         (ev,) = site.results.apply_many([_delivery(row)])
-        assert ev.bundle["entry"][2]["resource"] == {**b["entry"][2]["resource"], "id": second_id}
-        assert [e for k, e in enumerate(ev.bundle["entry"]) if k != 2] == [
-            e for k, e in enumerate(b["entry"]) if k != 2
+        got = [e["resource"] for e in ev.bundle["entry"]]
+        assert [e["fullUrl"] for e in ev.bundle["entry"]] == [e["fullUrl"] for e in b["entry"]]
+        assert got[0] == b["entry"][0]["resource"]
+        assert got[1] == {**first, "subject": {**first["subject"], "reference": patient}}
+        assert got[2]["id"] == second_id and got[2]["subject"]["reference"] == patient
+        assert got[3]["subject"]["reference"] == patient
+        assert [r["reference"] for r in got[3]["result"]] == [
+            f"Observation/{first['id']}",
+            f"Observation/{second_id}",
         ]
 
 

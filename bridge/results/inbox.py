@@ -231,11 +231,12 @@ class ResultsInbox:
 def _by_type_and_id(bundle: dict[str, Any], packet_id: str) -> list[dict[str, Any]]:
     """The Bundle's resources, every reference to an entry's ``fullUrl`` made that entry's
     ``Type/id`` (``R.rewrite_refs``, as ``fhir_transaction.store_plain`` does); any other
-    reference stays as sent. An entry without an id is given one, in the Bundle too, so the
-    local side gets the id that is stored: derived from the packet, so a packet applied again
-    (after a rollback, or a crash before it was marked delivered) names the same resources.
-    Copies: the store's meta does not reach the Bundle that is handed over."""
-    resources: list[dict[str, Any]] = []
+    reference stays as sent. The Bundle handed to the local side gets the same: an entry
+    without an id is given one, derived from the packet so that a packet applied again (after
+    a rollback, or a crash before it was marked delivered) names the same resources, and the
+    references are those stored, so a HIS adapter that looks a report's results up by
+    ``Type/id`` finds them. Copies: the store's meta does not reach the Bundle handed over."""
+    entries = [e for e in bundle.get("entry") or () if "resourceType" in (e.get("resource") or {})]
     mapping: dict[str, str] = {}
     for k, e in enumerate(bundle.get("entry") or ()):
         r = e.get("resource") or {}
@@ -243,8 +244,10 @@ def _by_type_and_id(bundle: dict[str, Any], packet_id: str) -> list[dict[str, An
             r.setdefault("id", str(uuid.uuid5(uuid.NAMESPACE_URL, f"{packet_id}/{k}")))
             if isinstance(e.get("fullUrl"), str):
                 mapping[e["fullUrl"]] = R.ref(r)
-        resources.append(dict(r))
-    return [R.rewrite_refs(r, mapping) for r in resources] if mapping else resources
+    if mapping:
+        for e in entries:
+            e["resource"] = R.rewrite_refs(e["resource"], mapping)
+    return [dict(e["resource"]) for e in entries]
 
 
 def _others(conn: Any, resource: dict[str, Any], sender: str) -> bool:
