@@ -2,7 +2,10 @@
 write lock share one commit (``Store.write_grouped``), each answered only after it; a packet id
 carried by two requests of one group is stored once and the second answered as a duplicate (or
 refused as a replay if its content differs); a request whose commit fails takes nothing of the
-others with it (the group runs again one by one).
+others with it (the group runs again one by one). A peer's packet with the id of one of the
+node's own packets is refused as a replay at once, for good (at a platform it would otherwise
+hit the outbox's unique key on every try), while two processes racing with one packet on
+PostgreSQL still end in a 503 and then a duplicate.
 
 The real ``Intake`` in process with real keys and a real store (SQLite, and PostgreSQL for the
 platform); requests are threads calling ``Intake.receive`` as the gateway's thread pool does. To
@@ -19,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Connection, event, select
+from sqlalchemy import Connection, event, select, text
 
 from bridge.audit.tables import AuditRecord
 from bridge.config.loader import load_node
@@ -400,3 +403,77 @@ def test_a_packet_with_the_id_of_the_nodes_own_packet_is_refused_on_a_plain_node
         ("HT-PKT-REPLAY", pid)
     ] * 2
     assert chain_ok(core)
+
+
+@pytest.mark.postgres
+def test_two_processes_racing_with_one_packet_on_postgresql_end_in_a_duplicate(
+    tmp_path: Path, pg_node_dbs: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two processes of a platform on one database (lanes) take the same packet at once:
+    neither look-up sees the other's uncommitted row, the second's insert waits on the
+    outbox's unique key and fails when the first commits. That one is a 503 (the sender tries
+    again), never a refusal, and the next try gets the duplicate answer."""
+    a = Alliance(tmp_path / "alliance", MEMBERS, RULES, dsn_for=pg_node_dbs)
+    first, second = Node(a, "hub"), Node(a, "hub")  # two processes, one database
+    member = load_node(a.files["m-1"])
+    key = load_signing_key(member.keys.signing, member.keys.passphrase)
+    wrote, go = threading.Event(), threading.Event()
+    try:
+        pkt = env.seal(
+            bundle_bytes(n_obs=1),
+            sender="m-1",
+            recipient="core",
+            kind="result.lab",
+            thread="t-race",
+            seq=1,
+            signing_key=key,
+            recipient_key=first.plan.directory["core"].encryption_keys[0],
+        )
+        [pid] = ids_of([pkt])
+        real: Callable[..., Any] = first.intake._commit
+
+        def held(conn: Connection, batch: Any, provisional: Any) -> Any:
+            out = real(conn, batch, provisional)
+            wrote.set()
+            assert go.wait(60)  # the row written, not committed: the other one runs now
+            return out
+
+        monkeypatch.setattr(first.intake, "_commit", held)
+        got: dict[str, Any] = {}
+
+        def call(name: str, node: Node) -> None:
+            try:
+                got[name] = node.intake.receive([pkt])
+            except Exception as exc:  # noqa: BLE001 - the caller's outcome, asserted below
+                got[name] = exc
+
+        one = threading.Thread(target=call, args=("first", first))
+        one.start()
+        assert wrote.wait(60)
+        two = threading.Thread(target=call, args=("second", second))
+        two.start()
+        waiting = text(  # a session of this database waiting on a lock
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        )
+        wait_for(  # the second's insert waits on the first's uncommitted key
+            lambda: second.rows(waiting)[0][0] == 1, 30, what="the second insert waiting"
+        )
+        go.set()
+        one.join(60)
+        two.join(60)
+        assert env.verify_receipt(got["first"][0], first.keys)["status"] == "relayed"
+        assert isinstance(got["second"], StoreError), got["second"]
+        assert got["second"].code == "HT-STORE"
+        again = env.verify_receipt(second.intake.receive([pkt])[0], second.keys)
+        assert (again["packet"], again["status"], again["code"]) == (pid, "relayed", None)
+        assert second.rows(select(OUTBOX.c.packet_id, OUTBOX.c.origin)) == [(pid, "relay")]
+        assert audit_of(second, "relay-queued") == Counter({pid: 1})
+        assert audit_of(second, "duplicate") == Counter({pid: 1})
+        assert audit_of(second, "refused") == Counter()
+        assert second.rows(select(QUARANTINE.c.id)) == []
+        assert chain_ok(second)
+    finally:
+        go.set()
+        first.ctx.store.dispose()
+        second.ctx.store.dispose()
