@@ -16,6 +16,7 @@ being committed does).
 from __future__ import annotations
 
 import threading
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -477,3 +478,20 @@ def test_two_processes_racing_with_one_packet_on_postgresql_end_in_a_duplicate(
         go.set()
         first.ctx.store.dispose()
         second.ctx.store.dispose()
+
+
+def test_a_packet_stored_before_the_node_used_its_id_itself_is_still_a_duplicate(
+    nodes: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store from before the own-id check may hold a peer's packet under an id the node has
+    since used for its own: the stored packet's resend still gets its stored receipt."""
+    core: Node = nodes["core"]
+    pkt = sealed(nodes, "chc", "t-old", 1)
+    [receipt] = core.intake.receive([pkt])
+    [pid] = ids_of([pkt])
+    monkeypatch.setattr(uuid, "uuid4", lambda: uuid.UUID(pid))  # the node's next packet id
+    assert own_packet(core, "chc") == pid
+    monkeypatch.undo()
+    assert core.intake.receive([pkt]) == [receipt]
+    assert audit_of(core, "duplicate") == Counter({pid: 1})
+    assert audit_of(core, "refused") == Counter()
