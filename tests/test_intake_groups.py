@@ -2,7 +2,10 @@
 write lock share one commit (``Store.write_grouped``), each answered only after it; a packet id
 carried by two requests of one group is stored once and the second answered as a duplicate (or
 refused as a replay if its content differs); a request whose commit fails takes nothing of the
-others with it (the group runs again one by one).
+others with it (the group runs again one by one). A peer's packet with the id of one of the
+node's own packets is refused as a replay at once, for good (at a platform it would otherwise
+hit the outbox's unique key on every try), while two processes racing with one packet on
+PostgreSQL still end in a 503 and then a duplicate.
 
 The real ``Intake`` in process with real keys and a real store (SQLite, and PostgreSQL for the
 platform); requests are threads calling ``Intake.receive`` as the gateway's thread pool does. To
@@ -13,19 +16,21 @@ being committed does).
 from __future__ import annotations
 
 import threading
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Connection, event, select
+from sqlalchemy import Connection, event, select, text
 
 from bridge.audit.tables import AuditRecord
 from bridge.config.loader import load_node
 from bridge.context import NodeContext
 from bridge.crypto import envelope as env
 from bridge.crypto.keys import load_signing_key
+from bridge.delivery.queue import Outgoing, queue_packets
 from bridge.errors import StoreError
 from bridge.gateway.intake import Intake
 from bridge.store.tables import INBOX, OUTBOX, QUARANTINE
@@ -43,6 +48,8 @@ RULES = [
     {"from": "chc", "to": "core", "kinds": ["result.lab"]},
     {"from": "m-1", "to": "core", "kinds": ["result.lab"]},
     {"from": "m-2", "to": "core", "kinds": ["result.lab"]},
+    {"from": "hub", "to": "m-1", "kinds": ["result.lab"]},  # the platform's own packets
+    {"from": "core", "to": "chc", "kinds": ["result.lab"]},
 ]
 
 
@@ -129,6 +136,15 @@ def audit_of(node: Node, action: str) -> Counter[str]:
     return Counter(
         r.packet_id for r in node.rows(select(audit.c.packet_id).where(audit.c.action == action))
     )
+
+
+def own_packet(node: Node, to: str) -> str:
+    """The id of a packet ``node`` queued itself (its outbox, origin ``local``) for ``to``,
+    who reads that id on the packet when it arrives."""
+    with node.ctx.store.write() as conn:
+        [queued] = queue_packets(node.ctx, conn, [Outgoing(to, "result.lab", bundle_bytes())])
+    assert queued.packet_id is not None, queued.error
+    return queued.packet_id
 
 
 def chain_ok(node: Node) -> bool:
@@ -272,3 +288,210 @@ def test_a_packet_twice_in_one_request_gets_the_answer_its_first_got(
     assert (refusal["status"], refusal["code"]) == ("refused", "HT-PKT-REPLAY")
     assert audit_of(core, "received") == Counter(ids_of([same]))
     assert audit_of(core, "refused") == Counter(ids_of([same]))
+
+
+def test_a_relayed_packet_with_the_id_of_the_platforms_own_packet_is_refused_for_good(
+    nodes: dict[str, Any],
+) -> None:
+    """m-1 read the id of the hub's own packet to it and sends a packet for core with that id:
+    refused at once as a replay (signed, quarantined, audited), not answered 503 on every try
+    by the outbox's unique key; the rest of its request and of the group relayed, the hub's
+    own packet untouched. Sent again, the same final answer."""
+    hub: Node = nodes["hub"]
+    pid = own_packet(hub, "m-1")
+    hostile = sealed(nodes, "m-1", "t-h", 1, packet_id=pid)
+    requests = [
+        [sealed(nodes, "m-1", "t-a", 1), hostile, sealed(nodes, "m-1", "t-a", 2)],
+        [sealed(nodes, "m-2", "t-b", 1)],
+    ]
+    good = ids_of(requests[0][::2] + requests[1])
+    before = hub.commits
+    answers = one_group(hub, requests)
+    assert hub.commits - before == 1
+    assert all(isinstance(got, list) for got in answers), answers
+    fields = [env.verify_receipt(raw, hub.keys) for got in answers for raw in got]
+    assert [(f["packet"], f["status"], f["code"]) for f in fields] == [
+        (good[0], "relayed", None),
+        (pid, "refused", "HT-PKT-REPLAY"),
+        (good[1], "relayed", None),
+        (good[2], "relayed", None),
+    ]
+    assert (fields[1]["sender"], fields[1]["recipient"], fields[1]["receiver"]) == (
+        "m-1",
+        "core",
+        "hub",
+    )
+    outbox = hub.rows(select(OUTBOX.c.packet_id, OUTBOX.c.origin, OUTBOX.c.sender))
+    assert sorted(tuple(r) for r in outbox) == sorted(
+        [(pid, "local", "hub"), (good[0], "relay", "m-1"), (good[1], "relay", "m-1")]
+        + [(good[2], "relay", "m-2")]
+    )
+    [mine] = hub.rows(
+        select(OUTBOX.c.recipient, OUTBOX.c.state, OUTBOX.c.frame).where(OUTBOX.c.packet_id == pid)
+    )
+    assert tuple(mine) == ("m-1", "queued", None)
+    quarantined = hub.rows(
+        select(QUARANTINE.c.sender, QUARANTINE.c.code, QUARANTINE.c.packet_id, QUARANTINE.c.raw)
+    )
+    assert [tuple(r) for r in quarantined] == [("m-1", "HT-PKT-REPLAY", pid, hostile)]
+    assert audit_of(hub, "refused") == Counter({pid: 1})
+    assert audit_of(hub, "relay-queued") == Counter(good)
+    assert hub.relayed == [{"core"}, {"core"}]
+
+    again = hub.intake.receive([hostile])  # the member's retry: the same answer, for good
+    refusal = env.verify_receipt(again[0], hub.keys)
+    assert (refusal["packet"], refusal["status"], refusal["code"]) == (
+        pid,
+        "refused",
+        "HT-PKT-REPLAY",
+    )
+    assert len(hub.rows(select(QUARANTINE.c.id))) == 2
+    assert audit_of(hub, "refused") == Counter({pid: 2})
+
+    # the hub's own packet itself, sent back to it by m-1 (its header is the outbox row's
+    # word for word): not a duplicate of a relay, refused the same way
+    [row] = hub.rows(
+        select(OUTBOX.c.body, OUTBOX.c.thread, OUTBOX.c.seq).where(OUTBOX.c.packet_id == pid)
+    )
+    hub_key = load_signing_key(hub.plan.keys.signing, hub.plan.keys.passphrase)
+    reflected = env.seal(
+        row.body,
+        sender="hub",
+        recipient="m-1",
+        kind="result.lab",
+        thread=row.thread,
+        seq=row.seq,
+        signing_key=hub_key,
+        recipient_key=hub.plan.directory["m-1"].encryption_keys[0],
+        packet_id=pid,
+    )
+    refusal = env.verify_receipt(hub.intake.receive([reflected])[0], hub.keys)
+    assert (refusal["packet"], refusal["status"], refusal["code"]) == (
+        pid,
+        "refused",
+        "HT-PKT-REPLAY",
+    )
+    assert audit_of(hub, "refused") == Counter({pid: 3})
+    assert audit_of(hub, "duplicate") == Counter()
+    assert len(hub.rows(select(OUTBOX.c.id))) == 4
+    assert chain_ok(hub)
+
+
+def test_a_packet_with_the_id_of_the_nodes_own_packet_is_refused_on_a_plain_node(
+    nodes: dict[str, Any],
+) -> None:
+    """On a node that relays nothing the intake writes only inbox rows, so no unique key is
+    hit; the id is refused all the same (one packet id, one packet at a node), and the node's
+    own packet is untouched."""
+    core: Node = nodes["core"]
+    pid = own_packet(core, "chc")
+    hostile = sealed(nodes, "chc", "t-h", 1, packet_id=pid)
+    other = sealed(nodes, "chc", "t-o", 1)
+    for attempt in (1, 2):
+        got = core.intake.receive([hostile, other])
+        fields = [env.verify_receipt(raw, core.keys) for raw in got]
+        assert [(f["packet"], f["status"], f["code"]) for f in fields] == [
+            (pid, "refused", "HT-PKT-REPLAY"),
+            (ids_of([other])[0], "accepted", None),
+        ]
+        assert audit_of(core, "refused") == Counter({pid: attempt})
+    assert [r.packet_id for r in core.rows(select(INBOX.c.packet_id))] == ids_of([other])
+    [mine] = core.rows(
+        select(OUTBOX.c.origin, OUTBOX.c.recipient, OUTBOX.c.state).where(OUTBOX.c.packet_id == pid)
+    )
+    assert tuple(mine) == ("local", "chc", "queued")
+    assert [tuple(r) for r in core.rows(select(QUARANTINE.c.code, QUARANTINE.c.packet_id))] == [
+        ("HT-PKT-REPLAY", pid)
+    ] * 2
+    assert chain_ok(core)
+
+
+@pytest.mark.postgres
+def test_two_processes_racing_with_one_packet_on_postgresql_end_in_a_duplicate(
+    tmp_path: Path, pg_node_dbs: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two processes of a platform on one database (lanes) take the same packet at once:
+    neither look-up sees the other's uncommitted row, the second's insert waits on the
+    outbox's unique key and fails when the first commits. That one is a 503 (the sender tries
+    again), never a refusal, and the next try gets the duplicate answer."""
+    a = Alliance(tmp_path / "alliance", MEMBERS, RULES, dsn_for=pg_node_dbs)
+    first, second = Node(a, "hub"), Node(a, "hub")  # two processes, one database
+    member = load_node(a.files["m-1"])
+    key = load_signing_key(member.keys.signing, member.keys.passphrase)
+    wrote, go = threading.Event(), threading.Event()
+    try:
+        pkt = env.seal(
+            bundle_bytes(n_obs=1),
+            sender="m-1",
+            recipient="core",
+            kind="result.lab",
+            thread="t-race",
+            seq=1,
+            signing_key=key,
+            recipient_key=first.plan.directory["core"].encryption_keys[0],
+        )
+        [pid] = ids_of([pkt])
+        real: Callable[..., Any] = first.intake._commit
+
+        def held(conn: Connection, batch: Any, provisional: Any) -> Any:
+            out = real(conn, batch, provisional)
+            wrote.set()
+            assert go.wait(60)  # the row written, not committed: the other one runs now
+            return out
+
+        monkeypatch.setattr(first.intake, "_commit", held)
+        got: dict[str, Any] = {}
+
+        def call(name: str, node: Node) -> None:
+            try:
+                got[name] = node.intake.receive([pkt])
+            except Exception as exc:  # noqa: BLE001 - the caller's outcome, asserted below
+                got[name] = exc
+
+        one = threading.Thread(target=call, args=("first", first))
+        one.start()
+        assert wrote.wait(60)
+        two = threading.Thread(target=call, args=("second", second))
+        two.start()
+        waiting = text(  # a session of this database waiting on a lock
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        )
+        wait_for(  # the second's insert waits on the first's uncommitted key
+            lambda: second.rows(waiting)[0][0] == 1, 30, what="the second insert waiting"
+        )
+        go.set()
+        one.join(60)
+        two.join(60)
+        assert env.verify_receipt(got["first"][0], first.keys)["status"] == "relayed"
+        assert isinstance(got["second"], StoreError), got["second"]
+        assert got["second"].code == "HT-STORE"
+        again = env.verify_receipt(second.intake.receive([pkt])[0], second.keys)
+        assert (again["packet"], again["status"], again["code"]) == (pid, "relayed", None)
+        assert second.rows(select(OUTBOX.c.packet_id, OUTBOX.c.origin)) == [(pid, "relay")]
+        assert audit_of(second, "relay-queued") == Counter({pid: 1})
+        assert audit_of(second, "duplicate") == Counter({pid: 1})
+        assert audit_of(second, "refused") == Counter()
+        assert second.rows(select(QUARANTINE.c.id)) == []
+        assert chain_ok(second)
+    finally:
+        go.set()
+        first.ctx.store.dispose()
+        second.ctx.store.dispose()
+
+
+def test_a_packet_stored_before_the_node_used_its_id_itself_is_still_a_duplicate(
+    nodes: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store from before the own-id check may hold a peer's packet under an id the node has
+    since used for its own: the stored packet's resend still gets its stored receipt."""
+    core: Node = nodes["core"]
+    pkt = sealed(nodes, "chc", "t-old", 1)
+    [receipt] = core.intake.receive([pkt])
+    [pid] = ids_of([pkt])
+    monkeypatch.setattr(uuid, "uuid4", lambda: uuid.UUID(pid))  # the node's next packet id
+    assert own_packet(core, "chc") == pid
+    monkeypatch.undo()
+    assert core.intake.receive([pkt]) == [receipt]
+    assert audit_of(core, "duplicate") == Counter({pid: 1})
+    assert audit_of(core, "refused") == Counter()

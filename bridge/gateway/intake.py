@@ -490,7 +490,8 @@ class Intake:
         )
 
     def _existing(self, conn: Connection, ids: list[str]) -> dict[str, dict[str, Any]]:
-        """Packet ids of this batch already taken (one query a table for the whole batch)."""
+        """Packet ids of this batch already taken (one query a table for the whole batch): by
+        a packet received or relayed, or by one of this node's own (never a duplicate)."""
         found: dict[str, dict[str, Any]] = {}
         for r in conn.execute(
             select(
@@ -509,7 +510,7 @@ class Intake:
                 "receipt": r.receipt,
                 "patient_hash": r.patient_hash,
             }
-        for r in conn.execute(
+        for o in conn.execute(
             select(
                 OUTBOX.c.packet_id,
                 OUTBOX.c.sender,
@@ -519,13 +520,20 @@ class Intake:
                 OUTBOX.c.seq,
                 OUTBOX.c.digest,
                 OUTBOX.c.created_at,
-            ).where(OUTBOX.c.packet_id.in_(ids), OUTBOX.c.origin == "relay")
+                OUTBOX.c.origin,
+            ).where(OUTBOX.c.packet_id.in_(ids))
         ):
-            identity = (r.sender, r.recipient, r.kind, r.thread, r.seq, r.digest)
+            if o.origin != "relay":
+                # this node's own packet (a peer may have read its id on it): taken by content
+                # no peer's packet has, refused as a replay here rather than by the outbox's
+                # unique key at commit (a 503 on every try) if it was to be relayed
+                found.setdefault(o.packet_id, {"identity": None})
+                continue
+            identity = (o.sender, o.recipient, o.kind, o.thread, o.seq, o.digest)
             receipt = self._receipt(
-                r.packet_id, r.sender, r.recipient, r.digest, "relayed", r.created_at
+                o.packet_id, o.sender, o.recipient, o.digest, "relayed", o.created_at
             )
-            found[r.packet_id] = {"identity": identity, "receipt": receipt}
+            found[o.packet_id] = {"identity": identity, "receipt": receipt}
         return found
 
     def _commit(
