@@ -40,7 +40,7 @@ from bridge.delivery.transport import PeerConnection
 from bridge.errors import ClockSkew, HutongError, NotTaken, Retry, TransportError
 from bridge.store.tables import OUTBOX
 
-MAX_BATCH_BYTES = 8 << 20
+MAX_BATCH_BYTES = 4 << 20
 
 HEAD_COLUMNS = (
     OUTBOX.c.id,
