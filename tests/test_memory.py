@@ -34,7 +34,8 @@ def _rss_kib() -> int:
 
 def test_a_batch_of_64_kib_packets_holds_at_most_max_batch_bytes(tmp_path: Path) -> None:
     """150 queued 64 KiB packets: one claim takes the oldest that fit in MAX_BATCH_BYTES, in
-    queue order, and no more; with 3 partitions each holds at most as much."""
+    queue order, and no more, reading only one body more than it takes; with 3 partitions
+    each holds at most as much."""
     a = Alliance(tmp_path / "alliance", MEMBERS, RULES)
     ctx = NodeContext.open(load_node(a.files["chc"]))
     try:
@@ -50,6 +51,8 @@ def test_a_batch_of_64_kib_packets_holds_at_most_max_batch_bytes(tmp_path: Path)
             rows = sender.claim(ctx.now())
             assert [r.packet_id for r in rows] == ids[:fits]
             assert sum(len(r.body) for r in rows) <= MAX_BATCH_BYTES
+            # the head read holds no more bodies than the batch takes, plus the one that is over
+            assert len(sender._head(ctx.plan.delivery.batch_size)) == fits + 1
             sender.concurrency = 3
             parts = sender.claim_partitions(ctx.now())
             assert len(parts) == 3
