@@ -32,8 +32,8 @@ See bench/README.md for what each figure means. Summary:
    the signature and decrypts; validate: B validates the FHIR bundle; commit: one durable commit
    (fsync), of which a batch needs two (B stores the batch's inbox rows, A records the receipts),
    amortised over the batch (``delivery.batch_size`` = 200, capped by the sender's 4 MiB per
-   batch: 63 bodies of 64 KiB; 8 MiB and 127 until 2026-12-07). The sum is serial because a peer has one batch in flight at a
-   time, so A and B take turns. Not in it: queueing (done before the clock starts), receipt
+   batch: 63 bodies of 64 KiB; 8 MiB and 127 until 2026-12-07). The sum is serial because a
+   peer has one batch in flight at a time, so A and B take turns. Not in it: queueing (done before the clock starts), receipt
    sign/verify, HTTP, SQL statements, the audit chain and B's local delivery; the fraction shown
    is therefore how much of the raw crypto+validation+fsync budget survives the rest.
 
