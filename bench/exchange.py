@@ -33,9 +33,10 @@ See bench/README.md for what each figure means. Summary:
    (fsync), of which a batch needs two (B stores the batch's inbox rows, A records the receipts),
    amortised over the batch (``delivery.batch_size`` = 200, capped by the sender's 4 MiB per
    batch: 63 bodies of 64 KiB; 8 MiB and 127 until 2026-12-07). The sum is serial because a
-   peer has one batch in flight at a time, so A and B take turns. Not in it: queueing (done before the clock starts), receipt
-   sign/verify, HTTP, SQL statements, the audit chain and B's local delivery; the fraction shown
-   is therefore how much of the raw crypto+validation+fsync budget survives the rest.
+   peer has one batch in flight at a time, so A and B take turns. Not in it: queueing (done
+   before the clock starts), receipt sign/verify, HTTP, SQL statements, the audit chain and B's
+   local delivery; the fraction shown is therefore how much of the raw
+   crypto+validation+fsync budget survives the rest.
 
 4. **Where the time goes**: the same pipeline in this one process (A's ``PeerSender.send_batch``
    posting straight into B's ``Intake.receive``, SQLite, no HTTP, no delivery), with the
