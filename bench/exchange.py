@@ -31,11 +31,12 @@ See bench/README.md for what each figure means. Summary:
    seal: A seals each packet (X25519 + HKDF + AES-GCM + Ed25519 sign); open: B decodes, verifies
    the signature and decrypts; validate: B validates the FHIR bundle; commit: one durable commit
    (fsync), of which a batch needs two (B stores the batch's inbox rows, A records the receipts),
-   amortised over the batch (``delivery.batch_size`` = 200, capped by the sender's 8 MiB per
-   batch: 127 bodies of 64 KiB). The sum is serial because a peer has one batch in flight at a
-   time, so A and B take turns. Not in it: queueing (done before the clock starts), receipt
-   sign/verify, HTTP, SQL statements, the audit chain and B's local delivery; the fraction shown
-   is therefore how much of the raw crypto+validation+fsync budget survives the rest.
+   amortised over the batch (``delivery.batch_size`` = 200, capped by the sender's 4 MiB per
+   batch: 63 bodies of 64 KiB; 8 MiB and 127 until 2026-12-07). The sum is serial because a
+   peer has one batch in flight at a time, so A and B take turns. Not in it: queueing (done
+   before the clock starts), receipt sign/verify, HTTP, SQL statements, the audit chain and B's
+   local delivery; the fraction shown is therefore how much of the raw
+   crypto+validation+fsync budget survives the rest.
 
 4. **Where the time goes**: the same pipeline in this one process (A's ``PeerSender.send_batch``
    posting straight into B's ``Intake.receive``, SQLite, no HTTP, no delivery), with the
@@ -120,7 +121,7 @@ class Settings:
 
 
 def settings(quick: bool) -> Settings:
-    if quick:  # the 1-thread run at 64 KiB is left out; 400 x 64 KiB = 4 batches (127 each)
+    if quick:  # the 1-thread run at 64 KiB is left out; 400 x 64 KiB = 7 batches (63 each)
         return Settings(
             True,
             0.12,

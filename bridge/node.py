@@ -1,9 +1,10 @@
 """A running node: two ports (peer-facing gateway, hospital-facing local API) and the jobs.
 
 Jobs (APScheduler, one thread each at most): ``send:<peer>`` per next hop, ``deliver``,
-``retention``, ``checkpoint``, ``config-watch``; a platform also ``receipts`` (the end-to-end
-receipts it returns to every member, one commit a round). Work that arrives (a queued packet, a
-received batch) wakes the right job at once; the interval is only the safety net.
+``retention``, ``checkpoint``, ``heap-trim`` (``bridge/memory.py``), ``config-watch``; a
+platform also ``receipts`` (the end-to-end receipts it returns to every member, one commit a
+round). Work that arrives (a queued packet, a received batch) wakes the right job at once; the
+interval is only the safety net.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from bridge.delivery.sender import PeerSender
 from bridge.gateway.app import create_gateway
 from bridge.gateway.intake import Intake
 from bridge.local.registry import load_adapters, receivers
+from bridge.memory import TRIM_EVERY_S, trim_heap
 from bridge.referral.workflow import Workflow
 from bridge.results.attach import imaging_events, to_imaging_sinks
 from bridge.results.inbox import ResultsInbox
@@ -122,7 +124,7 @@ class Node:
         self.intake.on_relayed = self._wake_hops
         self.drains: dict[str, _Drain] = {}
         self.scheduler = BackgroundScheduler(
-            executors={"default": ThreadPoolExecutor(len(hops) + 7 + len(self.adapters))},
+            executors={"default": ThreadPoolExecutor(len(hops) + 8 + len(self.adapters))},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
             timezone=UTC,
         )
@@ -225,6 +227,7 @@ class Node:
             self._retention, "interval", id="retention", seconds=self.plan.retention.run_every_s
         )
         self.scheduler.add_job(self._checkpoint, "interval", id="checkpoint", seconds=60)
+        self.scheduler.add_job(trim_heap, "interval", id="heap-trim", seconds=TRIM_EVERY_S)
         self.scheduler.add_job(
             self.workflow.remind,
             "interval",

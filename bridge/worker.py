@@ -18,6 +18,7 @@ import threading
 from bridge.audit.events import AuditEntry
 from bridge.config.models import NodePlan
 from bridge.errors import ConfigError
+from bridge.memory import TRIM_EVERY_S, trim_heap
 
 log = logging.getLogger("hutong.worker")
 
@@ -65,6 +66,7 @@ def run_worker(plan: NodePlan) -> None:
     node.add_receipts_job()  # a platform's returned receipts, for the lanes this worker holds
     if delivers:
         node._add_drain("deliver", lambda: (node.dispatcher.run_once(), False), cfg.poll_interval_s)
+    node.scheduler.add_job(trim_heap, "interval", id="heap-trim", seconds=TRIM_EVERY_S)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

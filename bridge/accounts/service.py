@@ -92,8 +92,15 @@ class Accounts:
         self.ldap_url = web.ldap_url
         self.ldap_user_dn = web.ldap_user_dn
         self.hasher = PasswordHasher()  # argon2id, the library's memory-hard defaults
-        # verified against when the name is unknown, so both paths cost one argon2 run
-        self._dummy = self.hasher.hash(secrets.token_urlsafe(16))
+        self._dummy: str | None = None
+
+    def dummy_hash(self) -> str:
+        """Verified against when the name is unknown, so both paths cost one argon2 run.
+        Made on first use, not at start-up: one argon2 run touches 64 MiB (the defaults'
+        memory cost), which would set every node's peak RSS even where nobody logs in."""
+        if self._dummy is None:
+            self._dummy = self.hasher.hash(secrets.token_urlsafe(16))
+        return self._dummy
 
     # -- audit -------------------------------------------------------------------------------
 
@@ -264,7 +271,7 @@ class Accounts:
         why = "unknown account"
         if row is None:
             try:
-                self.hasher.verify(self._dummy, password or "-")
+                self.hasher.verify(self.dummy_hash(), password or "-")
             except (VerificationError, InvalidHashError):
                 pass
         else:
