@@ -86,8 +86,13 @@ class Alliance:
             self.node(i).wait_ready()
 
     def stop_all(self) -> None:
-        for n in self.nodes.values():
-            n.stop()
+        """SIGTERM to every running node at once, then wait for each (a graceful stop takes
+        ~0.6 s a node: one after another, a six-member alliance waited 3-4 s)."""
+        live = [n.proc for n in self.nodes.values() if n.proc is not None and n.proc.poll() is None]
+        for proc in live:
+            proc.send_signal(signal.SIGTERM)
+        for proc in live:
+            proc.wait(timeout=30)
 
 
 class ApiError(Exception):
