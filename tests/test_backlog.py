@@ -283,23 +283,24 @@ def test_down_peer_waits_in_its_own_queue_then_drains_once_and_dead_ones_wait_fo
         assert (r.returncode, r.stdout.strip()) == (0, "re-queued 2 packet(s)"), r.stderr
         wait_for(lambda: peer_counts(gwc)["sec"].get("acknowledged") == 4, what="all receipts")
         assert outbox(gwc) == []
-        # a receipt says "stored"; the hand-over to sec's local side follows on its own round
-        wait_for(
-            lambda: (
-                sorted(f.stem.split("-", 1)[1] for f in spooled(sec) if f.parent.name == "t-dead")
-                == sorted(dead)
-            ),
-            what="the three retried packets handed over at sec",
-        )
-        # handed over in the sender's order although they arrived 2, 1, 3
-        assert [
-            pid
-            for (pid,) in db_rows(
-                sec,
-                "SELECT packet_id FROM audit WHERE action = "
-                "'delivered' AND thread = 't-dead' ORDER BY seq",
-            )
-        ] == dead
+
+        # a receipt says "stored"; the hand-over to sec's local side follows on its own round,
+        # and its audit rows commit after the spool files are written
+        def delivered() -> list[str]:
+            return [
+                pid
+                for (pid,) in db_rows(
+                    sec,
+                    "SELECT packet_id FROM audit WHERE action = "
+                    "'delivered' AND thread = 't-dead' ORDER BY seq",
+                )
+            ]
+
+        wait_for(lambda: len(delivered()) == 3, what="the three retried packets handed over")
+        assert sorted(
+            f.stem.split("-", 1)[1] for f in spooled(sec) if f.parent.name == "t-dead"
+        ) == sorted(dead)
+        assert delivered() == dead  # in the sender's order although they arrived 2, 1, 3
         acked = {row["packet_id"]: row for row in outbox(gwc, state="acknowledged")}
         for pid in dead:
             assert acked[pid]["attempts"] == 1  # counted afresh from the retry
