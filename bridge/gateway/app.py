@@ -299,15 +299,11 @@ def _keep_refusal(
         ctx.audit.append(conn, entries)
 
 
-def _source_over_rate(ctx: NodeContext, refusals: SourceRefusals, verdict: Verdict) -> None:
-    """The first request of an address turned away for its refusal rate: audited and logged
-    once per episode."""
-    now = ctx.now()
-    message = (
-        f"address {verdict.peer} is over its rate of {refusals.rate:g} refusals/s "
-        f"(burst {refusals.burst:g}); its requests are turned away unread until it "
-        "slows down"
-    )
+def _audit_episode(
+    ctx: NodeContext, code: str, message: str, extra: dict[str, object], peer: str | None = None
+) -> None:
+    """The first request of an episode turned away (rate of refusals, inbox backlog, peer's
+    packet rate): one audit row ``refused``/4 and one warning, never one per request."""
     with ctx.store.write() as conn:
         ctx.audit.append(
             conn,
@@ -315,14 +311,26 @@ def _source_over_rate(ctx: NodeContext, refusals: SourceRefusals, verdict: Verdi
                 AuditEntry(
                     action="refused",
                     outcome="4",
-                    code=RateLimited.code,
+                    peer=peer,
+                    code=code,
                     message=message,
-                    at=now,
-                    extra={"remote": verdict.peer, "authenticated": False},
+                    at=ctx.now(),
+                    extra=extra,
                 )
             ],
         )
-    log.warning("%s %s", RateLimited.code, message)
+    log.warning("%s %s", code, message)
+
+
+def _source_over_rate(ctx: NodeContext, refusals: SourceRefusals, verdict: Verdict) -> None:
+    """The first request of an address turned away for its refusal rate: audited and logged
+    once per episode."""
+    message = (
+        f"address {verdict.peer} is over its rate of {refusals.rate:g} refusals/s "
+        f"(burst {refusals.burst:g}); its requests are turned away unread until it "
+        "slows down"
+    )
+    _audit_episode(ctx, RateLimited.code, message, {"remote": verdict.peer, "authenticated": False})
 
 
 def _over_backlog(
@@ -335,21 +343,12 @@ def _over_backlog(
         f"{backlog.bound} ([limits] max_inbox_backlog): new batches are refused until at most "
         f"{backlog.resume} wait"
     )
-    with ctx.store.write() as conn:
-        ctx.audit.append(
-            conn,
-            [
-                AuditEntry(
-                    action="refused",
-                    outcome="4",
-                    code=Backlogged.code,
-                    message=message,
-                    at=ctx.now(),
-                    extra={"remote": remote, "backlog": judged.backlog, "bound": backlog.bound},
-                )
-            ],
-        )
-    log.warning("%s %s", Backlogged.code, message)
+    _audit_episode(
+        ctx,
+        Backlogged.code,
+        message,
+        {"remote": remote, "backlog": judged.backlog, "bound": backlog.bound},
+    )
 
 
 def _over_rate(ctx: NodeContext, limiter: PeerRateLimit, verdict: Verdict) -> Response:
@@ -362,27 +361,12 @@ def _over_rate(ctx: NodeContext, limiter: PeerRateLimit, verdict: Verdict) -> Re
         retry_after=verdict.retry_after or 1.0,
     )
     if verdict.first:
-        now = ctx.now()
-        with ctx.store.write() as conn:
-            ctx.audit.append(
-                conn,
-                [
-                    AuditEntry(
-                        action="refused",
-                        outcome="4",
-                        peer=verdict.peer,
-                        code=exc.code,
-                        message=exc.message,
-                        at=now,
-                        extra={"rate_per_s": limiter.rate, "burst": limiter.burst},
-                    )
-                ],
-            )
-        log.warning(
-            "%s peer=%s over %g packets/s; refusing its batches until it slows down",
+        _audit_episode(
+            ctx,
             exc.code,
-            verdict.peer,
-            limiter.rate,
+            exc.message,
+            {"rate_per_s": limiter.rate, "burst": limiter.burst},
+            peer=verdict.peer,
         )
     body = exc.as_dict() | {"retry_after_s": round(verdict.retry_after or 1.0, 3)}
     return JSONResponse(
