@@ -255,6 +255,18 @@ def pg_db(_pg_admin_dsn: str) -> Iterator[str]:
     _pg_drop_database(_pg_admin_dsn, name)
 
 
+@pytest.fixture(scope="module")
+def pg_module_db(_pg_admin_dsn: str) -> Iterator[str]:
+    """As ``pg_db``, shared by one module's tests (for stores they only read); dropped after."""
+    name = f"hutong_{secrets.token_hex(6)}"
+    try:
+        dsn = _pg_create_database(_pg_admin_dsn, name)
+    except Exception as exc:  # noqa: BLE001
+        _pg_unavailable(f"CREATE DATABASE {name} failed: {type(exc).__name__}: {exc}")
+    yield dsn
+    _pg_drop_database(_pg_admin_dsn, name)
+
+
 @pytest.fixture(autouse=True)
 def _pg_marker(request: pytest.FixtureRequest) -> None:
     """A test marked ``postgres`` needs a server even if it asks for neither fixture."""

@@ -41,17 +41,39 @@ from tests import search_seed as sd
 BASE = "http://hospital.example:8080/fhir"
 
 
+def _seeded(dsn: str) -> Store:
+    s = Store(dsn)
+    s.create_all()
+    with s.write() as conn:
+        sd.seed(conn)
+    return s
+
+
+@pytest.fixture(
+    scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
+def db(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
+    """One seeded store per backend for the module's tests that only read it (about 200; seeding
+    takes 0.4-1.5 s). A test that writes takes ``fresh``."""
+    dsn = (
+        f"sqlite:///{tmp_path_factory.mktemp('search') / 'node.db'}"
+        if request.param == "sqlite"
+        else str(request.getfixturevalue("pg_module_db"))
+    )
+    s = _seeded(dsn)
+    yield s
+    s.dispose()
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+def fresh(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    """A seeded store of this test's own, for the tests that change it."""
     dsn = (
         f"sqlite:///{tmp_path / 'node.db'}"
         if request.param == "sqlite"
         else str(request.getfixturevalue("pg_db"))
     )
-    s = Store(dsn)
-    s.create_all()
-    with s.write() as conn:
-        sd.seed(conn)
+    s = _seeded(dsn)
     yield s
     s.dispose()
 
@@ -189,7 +211,7 @@ def test_refusals_name_the_parameter_and_the_rule_not_the_value(
         assert value not in exc.value.message or value in ("valueString",)
 
 
-def test_unknown_modifiers_and_chains_are_named(db: Store) -> None:
+def test_unknown_modifiers_and_chains_are_named() -> None:
     with pytest.raises(BadRequest) as exc:
         parse_query(
             "Observation",
@@ -377,23 +399,23 @@ def test_summary_and_elements_subsets(db: Store) -> None:
     assert rows == [] and total == 2 and nxt is None
 
 
-def test_an_update_moves_codes_references_dates_and_names(db: Store) -> None:
+def test_an_update_moves_codes_references_dates_and_names(fresh: Store) -> None:
     obs = copy.deepcopy(next(r for r in sd.RESOURCES if r["id"] == "obs-hb"))
     obs["code"] = sd._cc(sd.LOINC, "2345-7")
     obs["encounter"] = {"reference": "Encounter/enc-1"}
     obs["effectiveDateTime"] = "2026-12-24"
     pat = copy.deepcopy(next(r for r in sd.RESOURCES if r["id"] == "p-li"))
     pat["name"] = [{"family": "Łukasz"}]
-    with db.write() as conn:
+    with fresh.write() as conn:
         store.put(conn, obs, at=sd.T0 + timedelta(days=1))
         store.put(conn, pat, at=sd.T0 + timedelta(days=1))
-    assert found(db, "Observation", ("code", "718-7")) == []
-    assert found(db, "Observation", ("code", "2345-7")) == ["obs-hb", "obs-glu"]
-    assert found(db, "Observation", ("encounter", "enc-2")) == []
-    assert found(db, "Observation", ("date", "2026-12")) == ["obs-hb"]
-    assert found(db, "Patient", ("family", "李")) == []
-    assert found(db, "Patient", ("family", "lu")) == []  # Ł has no decomposition: kept
-    assert found(db, "Patient", ("family", "łu")) == ["p-li"]
+    assert found(fresh, "Observation", ("code", "718-7")) == []
+    assert found(fresh, "Observation", ("code", "2345-7")) == ["obs-hb", "obs-glu"]
+    assert found(fresh, "Observation", ("encounter", "enc-2")) == []
+    assert found(fresh, "Observation", ("date", "2026-12")) == ["obs-hb"]
+    assert found(fresh, "Patient", ("family", "李")) == []
+    assert found(fresh, "Patient", ("family", "lu")) == []  # Ł has no decomposition: kept
+    assert found(fresh, "Patient", ("family", "łu")) == ["p-li"]
 
 
 def test_rows_of_a_resource() -> None:
@@ -428,24 +450,24 @@ def test_rows_of_a_resource() -> None:
     ]
 
 
-def test_a_schema_3_store_gains_the_new_rows_on_open(db: Store) -> None:
+def test_a_schema_3_store_gains_the_new_rows_on_open(fresh: Store) -> None:
     want = {
-        (rtype, name): found(db, rtype, (name, value))
+        (rtype, name): found(fresh, rtype, (name, value))
         for (rtype, name), (value, _) in sd.EXAMPLES.items()
     }
-    with db.write() as conn:  # as a store of schema 3 looked
+    with fresh.write() as conn:  # as a store of schema 3 looked
         conn.execute(delete(FHIR_STRING))
         conn.execute(delete(FHIR_DATE).where(FHIR_DATE.c.rtype != "Encounter"))
         conn.execute(delete(FHIR_TOKEN).where(FHIR_TOKEN.c.param.not_in(["identifier", "class"])))
         state.put(conn, schema.MARKER, "3", sd.T0)
-    assert found(db, "Patient", ("family", "王")) == []
-    schema.upgrade(db)
+    assert found(fresh, "Patient", ("family", "王")) == []
+    schema.upgrade(fresh)
     got = {
-        (rtype, name): found(db, rtype, (name, value))
+        (rtype, name): found(fresh, rtype, (name, value))
         for (rtype, name), (value, _) in sd.EXAMPLES.items()
     }
     assert got == want
-    with db.read() as conn:
+    with fresh.read() as conn:
         assert state.get(conn, schema.MARKER) == schema.SCHEMA_VERSION
 
 
