@@ -82,7 +82,7 @@ class Node:
         self.lanes = None if self.ctx.store.is_sqlite else Lanes(plan.storage_dsn)
         self.intake = Intake(self.ctx)
         self.workflow = Workflow(self.ctx, wake=self.wake_all_senders)
-        self.consult = ConsultWorkflow(self.ctx, self.workflow, wake=self.wake_all_senders)
+        self.consult = ConsultWorkflow(self.ctx, wake=self.wake_all_senders)
         self._jobs: list[tuple[str, Any, float]] = []
         from bridge.console import Pauses
 

@@ -62,7 +62,7 @@ class Side:
     def __init__(self, path: Path) -> None:
         self.ctx = NodeContext.open(load_node(path))
         self.wf = Workflow(self.ctx)
-        self.cw = ConsultWorkflow(self.ctx, self.wf)
+        self.cw = ConsultWorkflow(self.ctx)
         self.emitted: list[bytes] = []
 
     def take_outbox(self) -> list[Delivery]:

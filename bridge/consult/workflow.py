@@ -63,10 +63,10 @@ from bridge.local import intake
 from bridge.local.contract import ConsultEvent
 from bridge.referral import naming
 from bridge.referral import resources as R
+from bridge.referral.carried import Carried
 from bridge.referral.codes import KINDS as REFERRAL_KINDS
 from bridge.referral.codes import PLACER
 from bridge.referral.workflow import (
-    Workflow,
     check_version,
     foreign_resource,
     peer_patient,
@@ -107,14 +107,13 @@ class ConsultWorkflow(ConsultQueries):
     def __init__(
         self,
         ctx: NodeContext,
-        referrals: Workflow | None = None,
         wake: Callable[[], None] | None = None,
     ) -> None:
         self.ctx = ctx
         self.plan = ctx.plan
         self.me = ctx.plan.node_id
-        # the referral workflow's FHIR helpers (unpack, references, validation, patient match)
-        self.base = referrals or Workflow(ctx)
+        # read as the referral workflow reads them (unpack, references, validation, patient match)
+        self.carried = Carried(ctx.plan)
         self.wake = wake or (lambda: None)
 
     # -- API entry points ---------------------------------------------------------------------
@@ -139,7 +138,7 @@ class ConsultWorkflow(ConsultQueries):
             answered: dict[int, Resource] = {}
             if prepare is not None:
                 bundle, answered = prepare(conn, bundle)
-            resources, created = self.base._unpack(bundle)
+            resources, created = self.carried.unpack(bundle)
             srs = [r for r in resources if r["resourceType"] == "ServiceRequest"]
             if len(srs) != 1:
                 raise InvalidResource(
@@ -190,7 +189,7 @@ class ConsultWorkflow(ConsultQueries):
             if event == "request":
                 raise IllegalTransition("a consultation is requested by POSTing its bundle")
             check(event, row.step, row.side)
-            resources = self.base._unpack(bundle)[0] if bundle else []
+            resources = self.carried.unpack(bundle)[0] if bundle else []
             task = self._local(conn, row, event, resources, actor, reason)
             if once is not None:
                 intake.remember(conn, *once, task, self.ctx.now(), thread=thread)
@@ -256,8 +255,8 @@ class ConsultWorkflow(ConsultQueries):
                 "ServiceRequest.code needs a consultation kind coding "
                 f"({C.KIND_SYSTEM}: {', '.join(C.KINDS)})"
             )
-        centre = self.base._performer(sr)
-        patient = self.base._patient(conn, sr, resources)
+        centre = self.carried.performer(sr)
+        patient = self.carried.patient(conn, sr, resources)
         if not any(
             r["resourceType"] == "Consent"
             and r.get("status") == "active"
@@ -307,7 +306,7 @@ class ConsultWorkflow(ConsultQueries):
         for r in resources:
             if r["resourceType"] in ("Consent", *SHARED) and R.ref(r) not in support:
                 sr.setdefault("supportingInfo", []).append({"reference": R.ref(r)})
-        self.base._check_refs(conn, resources)
+        self.carried.check_refs(conn, resources)
         shared = self._shared(conn, sr, resources, patient)
         if kind == "imaging-reading" and not any(
             r["resourceType"] == "ImagingStudy" for r in [*resources, *shared]
@@ -315,12 +314,12 @@ class ConsultWorkflow(ConsultQueries):
             raise InvalidResource(
                 "an imaging reading names the ImagingStudy to read (ServiceRequest.supportingInfo)"
             )
-        self.base._validate(resources)
+        self.carried.validate(resources)
         thread = str(uuid.uuid4())
         task = CR.new_task(
             sr, thread, kind, inviter=self.me, centre=centre, patient_ref=R.ref(patient), at=now
         )
-        phash = self.base._hash(patient)
+        phash = self.carried.hash(patient)
         for r in resources:
             store.put(conn, r, at=now, thread=thread, origin=self.me, patient_hash=phash)
         conn.execute(
@@ -403,7 +402,7 @@ class ConsultWorkflow(ConsultQueries):
         ):
             return r
         theirs = store.get(conn, "Patient", other.split("/", 1)[1])
-        if self.base._hash(theirs) != self.base._hash(patient):
+        if self.carried.hash(theirs) != self.carried.hash(patient):
             return r
         return {**r, key: {**r[key], "reference": mine}}
 
@@ -434,8 +433,8 @@ class ConsultWorkflow(ConsultQueries):
             for r in resources:
                 if R.ref(r) not in support and r["resourceType"] in ("Consent", *SHARED):
                     sr.setdefault("supportingInfo", []).append({"reference": R.ref(r)})
-            self.base._check_refs(conn, resources)
-            self.base._validate([*resources, sr])
+            self.carried.check_refs(conn, resources)
+            self.carried.validate([*resources, sr])
             keep = extra = [*resources, sr]
         elif event == "schedule":
             keep, extra = self._schedule(conn, row, task, resources)
@@ -453,8 +452,8 @@ class ConsultWorkflow(ConsultQueries):
                 "basedOn" if plan["resourceType"] == "Task" else "supportingInfo", []
             ).append({"reference": f"ServiceRequest/{row.sr_id}"})
             self._own_patient(row, task, resources)
-            self.base._check_refs(conn, resources)
-            self.base._validate(resources)
+            self.carried.check_refs(conn, resources)
+            self.carried.validate(resources)
             keep = extra = resources
             outputs = [CR.output("follow-up", "随访计划", {"reference": R.ref(plan)})]
         elif resources:
@@ -517,12 +516,12 @@ class ConsultWorkflow(ConsultQueries):
             doctor = (role.get("practitioner") or {}).get("reference", "")
             if doctor and doctor not in here and (d := self._known(conn, doctor)) is not None:
                 carried.append(d)
-        self.base._check_refs(conn, resources)
+        self.carried.check_refs(conn, resources)
         sr["performer"] = [
             {"reference": f"Organization/{row.centre}"},
             *({"reference": e} for e in experts),
         ]
-        self.base._validate([*resources, sr])
+        self.carried.validate([*resources, sr])
         start = CR.instant(appt["start"])
         conn.execute(
             update(CONSULTATION)
@@ -537,8 +536,8 @@ class ConsultWorkflow(ConsultQueries):
     ) -> list[Resource]:
         CR.check_report(resources, row.kind, f"ServiceRequest/{row.sr_id}")
         self._own_patient(row, task, resources)
-        self.base._check_refs(conn, resources)
-        self.base._validate(resources)
+        self.carried.check_refs(conn, resources)
+        self.carried.validate(resources)
         conn.execute(
             update(CONSULTATION)
             .where(CONSULTATION.c.thread == row.thread)
@@ -663,7 +662,7 @@ class ConsultWorkflow(ConsultQueries):
                 "a consultation request carries its ServiceRequest with a consultation kind"
             )
         peer = peer_patient(carried)
-        carried, match, phash = self.base._match_patient(conn, carried)
+        carried, match, phash = self.carried.match_patient(conn, carried)
         for r in carried:
             if r["resourceType"] == "Organization" and store.exists(conn, "Organization", r["id"]):
                 continue
@@ -748,7 +747,7 @@ class ConsultWorkflow(ConsultQueries):
             return
         self._peer_move(row, event, task)  # the same state machine as a local step
         # named our way: our own record of the patient stays as it is (naming.incoming)
-        for r in self.base._ours(conn, row, carried):
+        for r in self.carried.ours(conn, row, carried):
             if r["resourceType"] == "Organization" and store.exists(conn, "Organization", r["id"]):
                 continue  # our own records of members stay as they are
             if r["resourceType"] == "Task" and r.get("id") == row.task_id:

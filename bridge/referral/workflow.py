@@ -31,18 +31,16 @@ from bridge.errors import (
     UnknownReference,
     VersionConflict,
 )
-from bridge.fhir.validate import errors as fhir_errors
 from bridge.fhirstore import store
 from bridge.local import intake
 from bridge.local.contract import ReferralEvent, decode_bundle
-from bridge.privacy import patient_hash
 from bridge.referral import naming
 from bridge.referral import resources as R
+from bridge.referral.carried import Carried
 from bridge.referral.codes import (
     EVENTS,
     ICD10,
     KINDS,
-    MEMBER_SYSTEM,
     PLACER,
     RETURN_KIND,
     kind_of,
@@ -77,6 +75,7 @@ class Workflow:
         self.ctx = ctx
         self.plan = ctx.plan
         self.me = ctx.plan.node_id
+        self.carried = Carried(ctx.plan)
         self.wake = wake or (lambda: None)
 
     # -- API entry points ---------------------------------------------------------------------
@@ -110,7 +109,7 @@ class Workflow:
             answered: dict[int, dict[str, Any]] = {}
             if prepare is not None:
                 bundle, answered = prepare(conn, bundle)
-            resources, created = self._unpack(bundle)
+            resources, created = self.carried.unpack(bundle)
             srs = [r for r in resources if r["resourceType"] == "ServiceRequest"]
             if len(srs) != 1:
                 raise InvalidResource(
@@ -232,8 +231,8 @@ class Workflow:
             raise InvalidResource(
                 f"ServiceRequest.code needs a referral kind coding ({', '.join(KINDS)})"
             )
-        receiver = self._performer(sr)
-        patient = self._patient(conn, sr, resources)
+        receiver = self.carried.performer(sr)
+        patient = self.carried.patient(conn, sr, resources)
         consent = [
             r
             for r in resources
@@ -269,8 +268,8 @@ class Workflow:
                 and r["resourceType"] not in ("Practitioner", "Observation")
             ):
                 sr.setdefault("supportingInfo", []).append({"reference": R.ref(r)})
-        self._check_refs(conn, resources)
-        self._validate(resources)
+        self.carried.check_refs(conn, resources)
+        self.carried.validate(resources)
         thread = str(uuid.uuid4())
         _note_consultation(conn, sr, thread)
         task = R.new_task(
@@ -281,7 +280,7 @@ class Workflow:
             at=now,
             task_id=thread,
         )
-        phash = self._hash(patient)
+        phash = self.carried.hash(patient)
         for r in resources:
             store.put(conn, r, at=now, thread=thread, origin=self.me, patient_hash=phash)
         green = sr.get("priority") in ("urgent", "asap", "stat")
@@ -359,8 +358,8 @@ class Workflow:
         down.setdefault("subject", task["for"])
         down.setdefault("requester", {"reference": f"Organization/{self.me}"})
         down.setdefault("performer", [{"reference": f"Organization/{row.referrer}"}])
-        self._check_refs(conn, resources)
-        self._validate(resources)
+        self.carried.check_refs(conn, resources)
+        self.carried.validate(resources)
         for r in resources:
             store.put(
                 conn, r, at=now, thread=row.thread, origin=self.me, patient_hash=row.patient_hash
@@ -434,7 +433,7 @@ class Workflow:
             if r["resourceType"] == "ServiceRequest" and R.ref(r) == task["focus"]["reference"]
         )
         peer = peer_patient(carried)
-        carried, match, phash = self._match_patient(conn, carried)
+        carried, match, phash = self.carried.match_patient(conn, carried)
         _note_consultation(conn, sr, item.thread, item.sender)
         for r in carried:
             if r["resourceType"] == "Organization" and store.exists(conn, "Organization", r["id"]):
@@ -501,7 +500,7 @@ class Workflow:
             )
             return  # older than what we already applied from that side
         # named our way: our own record of the patient stays as it is (naming.incoming)
-        for r in self._ours(conn, row, carried):
+        for r in self.carried.ours(conn, row, carried):
             if r["resourceType"] == "Organization" and store.exists(conn, "Organization", r["id"]):
                 continue  # our own records of members stay as they are
             if r["resourceType"] == "Task" and row.side == "receiver":
@@ -704,118 +703,6 @@ class Workflow:
             raise result.error  # rolls the whole step back: nothing changes
 
     # -- helpers ------------------------------------------------------------------------------
-
-    def _unpack(self, bundle: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """Give POSTed entries ids and turn their urn:uuid references into Type/id."""
-        mapping: dict[str, str] = {}
-        resources = []
-        for e in bundle.get("entry") or []:
-            r = e.get("resource")
-            if not isinstance(r, dict) or "resourceType" not in r:
-                raise InvalidResource("every transaction entry needs a resource")
-            method = (e.get("request") or {}).get("method", "POST")
-            if method not in ("POST", "PUT"):
-                raise InvalidResource(f"transaction entries may POST or PUT, not {method}")
-            if method == "POST" or "id" not in r:
-                r["id"] = str(uuid.uuid4())
-            if e.get("fullUrl"):
-                mapping[e["fullUrl"]] = R.ref(r)
-            resources.append(r)
-        resources = [R.rewrite_refs(r, mapping) for r in resources]
-        return resources, resources
-
-    def _performer(self, sr: dict[str, Any]) -> str:
-        for p in sr.get("performer") or []:
-            reference = p.get("reference", "")
-            ident = p.get("identifier") or {}
-            member = (
-                reference.split("/", 1)[1]
-                if reference.startswith("Organization/")
-                else ident.get("value")
-                if ident.get("system") == MEMBER_SYSTEM
-                else None
-            )
-            if member in self.plan.directory and member != self.me:
-                return str(member)
-            raise UnknownReference(
-                f"performer '{reference or ident.get('value')}' is not "
-                f"another member of the alliance"
-            )
-        raise UnknownReference(
-            "ServiceRequest.performer must name the receiving member (Organization/<member id>)"
-        )
-
-    def _patient(
-        self, conn: Connection, sr: dict[str, Any], resources: list[dict[str, Any]]
-    ) -> dict[str, Any]:
-        subject = (sr.get("subject") or {}).get("reference", "")
-        for r in resources:
-            if R.ref(r) == subject and r["resourceType"] == "Patient":
-                return r
-        if subject.startswith("Patient/"):
-            try:
-                return store.get(conn, "Patient", subject.split("/", 1)[1])
-            except NotFound:
-                pass
-        raise UnknownReference(
-            f"ServiceRequest.subject '{subject}' is not a Patient in the bundle or known here"
-        )
-
-    def _check_refs(self, conn: Connection, resources: list[dict[str, Any]]) -> None:
-        here = {R.ref(r) for r in resources}
-        for r in resources:
-            for target in R.references(r):
-                if target in here or "/" not in target or target.startswith(("http", "urn:")):
-                    continue
-                rtype, rid = target.split("/", 1)
-                if rtype == "Organization" and rid in self.plan.directory:
-                    continue
-                if not store.exists(conn, rtype, rid):
-                    raise UnknownReference(
-                        f"{R.ref(r)} refers to {target}, which is neither "
-                        "in the bundle nor known here"
-                    )
-
-    def _validate(self, resources: list[dict[str, Any]]) -> None:
-        for r in resources:
-            problems = fhir_errors(r, limit=3)
-            if problems:
-                raise InvalidResource(f"{R.ref(r)} is not valid FHIR R4: {'; '.join(problems)}")
-
-    def _hash(self, patient: dict[str, Any]) -> str | None:
-        system = self.plan.alliance.national_id_system
-        for i in patient.get("identifier") or []:
-            if i.get("system") == system and i.get("value"):
-                return patient_hash(self.plan.patient_hash_key, i["value"])
-        return R.hash_of(patient)
-
-    def _match_patient(
-        self, conn: Connection, carried: list[dict[str, Any]]
-    ) -> tuple[list[dict[str, Any]], str, str | None]:
-        """Match by keyed hash, else register the patient here, else flag for manual match.
-
-        A patient registered here gets an id of this node's own: the sender's id is its own
-        (a core that centres refer one patient to must never name her to one centre by
-        another's id, nor by an id that once was another's). What is returned names this
-        node's record everywhere (naming.incoming)."""
-        patient = next((r for r in carried if r["resourceType"] == "Patient"), None)
-        if patient is None:
-            return carried, "manual", None
-        phash = R.hash_of(patient)
-        local = store.find_patient_by_hash(conn, phash) if phash else None
-        if local is not None:
-            return naming.incoming(R.ref(local), phash, carried), "matched", phash
-        fresh = {**patient, "id": str(uuid.uuid4())}
-        rest = naming.incoming(R.ref(fresh), phash, carried)
-        return [fresh, *rest], "registered" if phash else "manual", phash
-
-    def _ours(
-        self, conn: Connection, row: Any, carried: list[dict[str, Any]]
-    ) -> list[dict[str, Any]]:
-        """What a step of the other side carries, naming this side's record of the patient
-        (Patient resources left out: ours stays as it is)."""
-        mine = store.get(conn, "Task", row.task_id)["for"]["reference"]
-        return naming.incoming(mine, row.patient_hash, carried)
 
     def _row(self, conn: Connection, thread: str) -> Any:
         row = conn.execute(select(REFERRAL).where(REFERRAL.c.thread == thread)).first()
