@@ -7,10 +7,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, and_, func, or_, select
+from sqlalchemy import Connection, or_
 
 from bridge.consult.tables import CONSULTATION
-from bridge.web.referral_list import PAGE, _patient, decode_after, encode_after, hashes_for
+from bridge.web.referral_list import PAGE, thread_page
 
 C = CONSULTATION
 
@@ -46,29 +46,6 @@ def page(
         where.append(C.c.created_at >= since)
     if until is not None:
         where.append(C.c.created_at < until)
-    if patient_hash:
-        where.append(C.c.patient_hash == patient_hash)
-    if q and q.strip():
-        hashes = hashes_for(conn, key, q)
-        where.append(C.c.patient_hash.in_(hashes) if hashes else C.c.thread.is_(None))
-    total = (
-        conn.execute(select(func.count()).select_from(C).where(and_(True, *where))).scalar() or 0
+    return thread_page(
+        conn, C, where, key=key, q=q, patient_hash=patient_hash, after=after, size=size
     )
-    page_where = list(where)
-    if after:
-        at, thread = decode_after(after)
-        page_where.append(or_(C.c.updated_at < at, and_(C.c.updated_at == at, C.c.thread < thread)))
-    rows = [
-        dict(r._mapping)
-        for r in conn.execute(
-            select(C)
-            .where(and_(True, *page_where))
-            .order_by(C.c.updated_at.desc(), C.c.thread.desc())
-            .limit(size + 1)
-        )
-    ]
-    nxt = encode_after(rows[size - 1]) if len(rows) > size else None
-    rows = rows[:size]
-    for r in rows:
-        r["patient_name"], r["record_no"], r["patient_id"] = _patient(conn, r)
-    return rows, total, nxt

@@ -12,7 +12,7 @@ import base64
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, String, and_, cast, func, or_, select
+from sqlalchemy import Connection, String, Table, and_, cast, func, or_, select
 
 from bridge.fhirstore import store
 from bridge.fhirstore.tables import FHIR_RESOURCE, FHIR_TOKEN
@@ -112,24 +112,46 @@ def page(
         where.append(R.c.updated_at >= since)
     if until is not None:
         where.append(R.c.updated_at < until)
+    return thread_page(
+        conn, R, where, key=key, q=q, patient_hash=patient_hash, after=after, size=size
+    )
+
+
+def thread_page(
+    conn: Connection,
+    table: Table,
+    where: list[Any],
+    *,
+    key: bytes,
+    q: str | None,
+    patient_hash: str | None,
+    after: str | None,
+    size: int,
+) -> tuple[list[dict[str, Any]], int, str | None]:
+    """One page of a referral or consultation table (``thread``, ``task_id``, ``patient_hash``,
+    ``updated_at`` columns), newest change first: ``where`` and the patient (by hash, or found
+    by ``q``: name, record number or national id), the total matching, the keyset token of the
+    next page; each row with ``patient_name``, ``record_no`` and ``patient_id``."""
+    c = table.c
+    where = list(where)
     if patient_hash:
-        where.append(R.c.patient_hash == patient_hash)
+        where.append(c.patient_hash == patient_hash)
     if q and q.strip():
         hashes = hashes_for(conn, key, q)
-        where.append(R.c.patient_hash.in_(hashes) if hashes else R.c.thread.is_(None))
+        where.append(c.patient_hash.in_(hashes) if hashes else c.thread.is_(None))
     total = (
-        conn.execute(select(func.count()).select_from(R).where(and_(True, *where))).scalar() or 0
+        conn.execute(select(func.count()).select_from(table).where(and_(True, *where))).scalar()
+        or 0
     )
-    page_where = list(where)
     if after:
         at, thread = decode_after(after)
-        page_where.append(or_(R.c.updated_at < at, and_(R.c.updated_at == at, R.c.thread < thread)))
+        where.append(or_(c.updated_at < at, and_(c.updated_at == at, c.thread < thread)))
     rows = [
         dict(r._mapping)
         for r in conn.execute(
-            select(R)
-            .where(and_(True, *page_where))
-            .order_by(R.c.updated_at.desc(), R.c.thread.desc())
+            select(table)
+            .where(and_(True, *where))
+            .order_by(c.updated_at.desc(), c.thread.desc())
             .limit(size + 1)
         )
     ]
@@ -141,7 +163,8 @@ def page(
 
 
 def _patient(conn: Connection, row: dict[str, Any]) -> tuple[str, str, str | None]:
-    """(name, local record number, Patient id) of a referral's patient, as far as known."""
+    """(name, local record number, Patient id) of a referral's or consultation's patient, as far
+    as known."""
     try:
         task = store.get(conn, "Task", row["task_id"])
     except Exception:  # noqa: BLE001 - a purged or missing Task: the row still lists
