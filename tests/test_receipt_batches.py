@@ -14,9 +14,13 @@ from __future__ import annotations
 import struct
 from typing import Any
 
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import select
 
 from bridge.crypto import envelope as env
+from bridge.errors import PacketTooLarge
+from bridge.gateway.stream import FramePeek
 from bridge.store.tables import INBOX
 from tests.factory import bundle_bytes
 from tests.test_intake_groups import Node, ids_of, nodes, one_group, sealed
@@ -140,3 +144,35 @@ def test_a_commit_that_changes_an_answer_signs_the_root_again(nodes: dict[str, A
         statuses.append([env.verify_receipt(a, hub.keys)["status"] for a in answers])
     assert sorted(statuses) == [["refused", "relayed"], ["relayed", "relayed"]]
     assert got[0][0][-64:] != got[1][0][-64:]  # each request its own root
+
+
+def test_the_peer_port_framing_takes_htr2_items_within_their_bound() -> None:
+    """A platform forwards receipts as batch items: the early framing check passes an HTR2
+    item (position, count, path and signature beyond the JSON) and refuses one over its bound
+    from the length alone, like an HTR1 one over 64 KiB."""
+    fields = {
+        "packet": None,
+        "sender": "chc",
+        "recipient": "core",
+        "receiver": "core",
+        "status": "accepted",
+        "code": None,
+        "message": None,
+        "at": "2025-03-14T01:59:28.250Z",
+        "digest": None,
+    }
+    frames = env.sign_receipts([fields] * 3, Ed25519PrivateKey.generate())
+    body = env.encode_batch(frames)
+    peek = FramePeek(len(body), known=lambda _n: True, max_body=1 << 20, max_items=10)
+    peek.finish(body, len(body))
+    assert [body[a:b] for a, b in peek.items] == frames
+    limits = {b"HTR1": 8 + env.MAX_RECEIPT + 64, b"HTR2": 8 + env.MAX_RECEIPT + 64 + 9 + 32 * 32}
+    for magic, limit in limits.items():
+        ok = env.encode_batch([magic + bytes(limit - 4)])
+        FramePeek(len(ok), known=lambda _n: True, max_body=1 << 20, max_items=10).finish(
+            ok, len(ok)
+        )
+        over = env.encode_batch([magic + bytes(limit - 3)])
+        peek = FramePeek(len(over), known=lambda _n: True, max_body=1 << 20, max_items=10)
+        with pytest.raises(PacketTooLarge, match=f"limit {limit}"):
+            peek.finish(over, len(over))
