@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import http.client
 import os
 import platform
@@ -1121,9 +1122,10 @@ STAGES = [
 ]
 
 
-def breakdown(root: Path, n: int) -> dict[str, Any]:
+def breakdown(root: Path, n: int, batch_receipts: bool = True) -> dict[str, Any]:
     """A's PeerSender.send_batch posting straight into B's Intake.receive (the gateway's job,
-    minus HTTP), both on SQLite in this process; B's local delivery does not run."""
+    minus HTTP), both on SQLite in this process; B's local delivery does not run.
+    ``batch_receipts``: A asks for batch-signed receipts (HTR2, the default) or not (HTR1)."""
     from bridge.audit.chain import AuditChain
     from bridge.config.loader import load_node
     from bridge.config.scaffold import write_alliance
@@ -1133,6 +1135,9 @@ def breakdown(root: Path, n: int) -> dict[str, Any]:
 
     files = write_alliance(root, MEMBERS, RULES, base_port_local=20100, base_port_peer=20200)
     plan_a, plan_b = load_node(files[A]), load_node(files[B])
+    plan_a = dataclasses.replace(
+        plan_a, delivery=dataclasses.replace(plan_a.delivery, batch_receipts=batch_receipts)
+    )
     queue_direct(
         plan_a, [body_of(4096) for _ in range(n)], [f"p-{i % MANY_THREADS}" for i in range(n)]
     )
@@ -1142,9 +1147,9 @@ def breakdown(root: Path, n: int) -> dict[str, Any]:
     max_total = plan_b.limits.max_body_bytes * 2 + (8 << 20)
 
     class Direct:
-        def post_batch(self, body: bytes) -> bytes:
+        def post_batch(self, body: bytes, *, receipts_v2: bool = False) -> bytes:
             frames = env.decode_batch(body, max_items=plan_b.limits.max_batch, max_total=max_total)
-            return env.encode_batch(intake.receive(frames))
+            return env.encode_batch(intake.receive(frames, receipts_v2=receipts_v2))
 
         def close(self) -> None:
             pass
@@ -1163,7 +1168,8 @@ def breakdown(root: Path, n: int) -> dict[str, Any]:
     timer.wrap(env, "open_body", "open body")
     timer.wrap(intake_mod, "parse_and_validate_bundle", "validate FHIR")
     timer.wrap(intake_mod, "bundle_patient_hash", "patient hash")
-    timer.wrap(env, "sign_receipt", "sign receipt")
+    timer.wrap(env, "sign_receipt", "sign receipt")  # HTR1, one each
+    timer.wrap(env, "sign_receipts", "sign receipt")  # HTR2, one per answer batch
     timer.wrap(intake_mod.Intake, "_commit", "INSERT inbox + audit (_commit)")
     timer.wrap(AuditChain, "append", "audit chain append (A and B, inside the rows above)")
     original_write = db_mod.Store.__dict__["write"]

@@ -14,6 +14,7 @@ def one(data: bytes) -> None:
         lambda: env.decode_batch(data, max_items=50, max_total=1 << 20),
         lambda: env.decode(data, max_body=1 << 20),
         lambda: env.verify_receipt(data, lambda _n: ()),
+        lambda: env.receipt_fields(data),
         lambda: env.frame_kind(data),
     ):
         try:

@@ -760,3 +760,206 @@ def test_vector_receipt_with_anchor_is_a_v1_receipt_old_and_new_peers_read() -> 
     assert not Anchor.from_dict({**anchor, "seq": 2999}).verifies([RECEIVER.public_key()])
     with pytest.raises(ValueError, match="anchor version must be 1"):
         Anchor.from_dict({**anchor, "v": 2})
+
+
+# -- batch-signed receipts (HTR2, receipt v2) -------------------------------------------------
+
+BATCH_VECTORS = json.loads(
+    (Path(__file__).parent / "vectors" / "receipt_batch_v2.json").read_text()
+)
+
+
+def mth(leaves: list[bytes]) -> bytes:
+    """RFC 6962 Merkle tree head with hashlib only, to check the module's tree independently."""
+    if len(leaves) == 1:
+        return leaves[0]
+    k = 1
+    while k * 2 < len(leaves):
+        k *= 2
+    return hashlib.sha256(b"\x01" + mth(leaves[:k]) + mth(leaves[k:])).digest()
+
+
+def audit_path(m: int, leaves: list[bytes]) -> list[bytes]:
+    """RFC 6962 PATH(m, D[n]), bottom first."""
+    if len(leaves) == 1:
+        return []
+    k = 1
+    while k * 2 < len(leaves):
+        k *= 2
+    if m < k:
+        return audit_path(m, leaves[:k]) + [mth(leaves[k:])]
+    return audit_path(m - k, leaves[k:]) + [mth(leaves[:k])]
+
+
+def test_vector_receipt_batch_v2_rebuilt_independently() -> None:
+    """Leaves, root, signature and every frame rebuilt with hashlib and the key alone; the
+    module makes the same bytes, and each frame verifies on its own to its receipt's fields."""
+    bin_, bout = BATCH_VECTORS["inputs"], BATCH_VECTORS["outputs"]
+    assert bin_["receiver_signing_seed"] == VIN["receiver_signing_seed"]
+    assert bin_["receipts"][0] == VOUT["receipt_fields"]
+    raws = [canonical(f) for f in bin_["receipts"]]
+    assert [r.decode() for r in raws] == bout["receipt_json"]
+    leaves = [hashlib.sha256(b"\x00" + r).digest() for r in raws]
+    assert [x.hex() for x in leaves] == bout["leaf_hashes"]
+    root = mth(leaves)
+    assert root.hex() == bout["root"]
+    message = b"hutong/v2/receipt-batch\x00" + u32(len(leaves)) + root
+    assert message.hex() == bout["signed_message"]
+    sig = RECEIVER.sign(message)  # Ed25519 is deterministic
+    assert sig.hex() == bout["signature"]
+    RECEIVER.public_key().verify(sig, message)
+    n = len(raws)
+    for i, raw in enumerate(raws):
+        path = audit_path(i, leaves)
+        assert [p.hex() for p in path] == bout["paths"][i]
+        frame = b"".join(
+            (b"HTR2", u32(len(raw)), raw, u32(i), u32(n), bytes([len(path)]), *path, sig)
+        )
+        assert frame.hex() == bout["frames"][i]
+        assert hashlib.sha256(frame).hexdigest() == bout["frames_sha256"][i]
+    made = env.sign_receipts(bin_["receipts"], RECEIVER)
+    assert [f.hex() for f in made] == bout["frames"]
+    for i, frame in enumerate(made):
+        got = env.verify_receipt(frame, lambda n: [RECEIVER.public_key()])
+        assert got == bin_["receipts"][i]
+        assert env.frame_kind(frame) == "receipt"
+    # v1 is unchanged: the first receipt alone is the envelope_v1 receipt, byte for byte
+    assert env.sign_receipt(bin_["receipts"][0], RECEIVER).hex() == VOUT["receipt"]
+
+
+class CountingKey:
+    """A public key that counts its verifications (the roots set saves all but one)."""
+
+    def __init__(self, key: Any) -> None:
+        self.key, self.calls = key, 0
+
+    def public_bytes_raw(self) -> bytes:
+        return self.key.public_bytes_raw()  # type: ignore[no-any-return]
+
+    def verify(self, sig: bytes, message: bytes) -> None:
+        self.calls += 1
+        self.key.verify(sig, message)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8, 9, 33, 200])
+def test_every_receipt_of_a_batch_verifies_alone_and_the_root_once(n: int) -> None:
+    fields = [receipt_fields(packet=uuid_of(i)) for i in range(n)]
+    frames = env.sign_receipts(fields, RECEIVER)
+    assert len({f[-64:] for f in frames}) == 1  # one signature for the batch
+    for i, frame in enumerate(frames):  # alone: a fresh verifier each time
+        assert env.verify_receipt(frame, lambda _n: [RECEIVER.public_key()]) == fields[i]
+        depth = frame[8 + len(canonical(fields[i])) + 8]
+        assert depth <= max(1, (n - 1).bit_length())
+    key = CountingKey(RECEIVER.public_key())
+    roots: set[tuple[str, bytes, bytes]] = set()
+    got = [env.verify_receipt(f, lambda _n: [key], roots=roots) for f in frames]  # type: ignore[list-item]
+    assert got == fields and key.calls == 1 and len(roots) == 1
+
+
+def uuid_of(i: int) -> str:
+    return f"00000000-0000-4000-8000-{i:012x}"
+
+
+def v2_parts(frame: bytes) -> tuple[bytes, int, int, list[bytes], bytes]:
+    (n,) = struct.unpack_from(">I", frame, 4)
+    raw = frame[8 : 8 + n]
+    index, count = struct.unpack_from(">II", frame, 8 + n)
+    depth = frame[16 + n]
+    path = [frame[17 + n + 32 * k : 17 + n + 32 * (k + 1)] for k in range(depth)]
+    return raw, index, count, path, frame[-64:]
+
+
+def v2_frame(raw: bytes, index: int, count: int, path: list[bytes], sig: bytes) -> bytes:
+    return b"".join(
+        (b"HTR2", u32(len(raw)), raw, u32(index), u32(count), bytes([len(path)]), *path, sig)
+    )
+
+
+def test_a_batch_receipt_cannot_be_bent() -> None:
+    """A wrong sibling, a swapped leaf, another position, another count, a root signed by
+    another key, and a receipt for packet X edited into one for packet Y all fail."""
+    keys = lambda _n: [RECEIVER.public_key()]  # noqa: E731
+    fields = [receipt_fields(packet=uuid_of(i)) for i in range(5)]
+    frames = env.sign_receipts(fields, RECEIVER)
+    raw, index, count, path, sig = v2_parts(frames[1])
+    assert (index, count, len(path)) == (1, 5, 3)
+    bent = [bytes(32)] + path[1:]
+    with pytest.raises(BadSignature):
+        env.verify_receipt(v2_frame(raw, index, count, bent, sig), keys)
+    other_raw = v2_parts(frames[2])[0]  # leaf 2 with leaf 1's path
+    with pytest.raises(BadSignature):
+        env.verify_receipt(v2_frame(other_raw, index, count, path, sig), keys)
+    with pytest.raises(BadSignature):  # leaf 1 claiming position 0 (same path length)
+        env.verify_receipt(v2_frame(raw, 0, count, path, sig), keys)
+    with pytest.raises(BadSignature):  # the count is signed: 6 leaves have the same depth
+        env.verify_receipt(v2_frame(raw, index, 6, path, sig), keys)
+    # packet X into packet Y: the JSON is what the leaf hashes
+    y = canonical({**fields[1], "packet": uuid_of(99)})
+    with pytest.raises(BadSignature):
+        env.verify_receipt(v2_frame(y, index, count, path, sig), keys)
+    # a root the receiver never signed: another member's key, the receipt naming the receiver
+    forged = env.sign_receipts(fields, SIGN)
+    with pytest.raises(BadSignature):
+        env.verify_receipt(forged[0], keys)
+    # the v1 signature of a receipt is no v2 signature of a one-leaf batch (and back)
+    v1 = env.sign_receipt(fields[0], RECEIVER)
+    raw0 = canonical(fields[0])
+    with pytest.raises(BadSignature):
+        env.verify_receipt(v2_frame(raw0, 0, 1, [], v1[-64:]), keys)
+    one = env.sign_receipts([fields[0]], RECEIVER)[0]
+    with pytest.raises(BadSignature):
+        env.verify_receipt(b"HTR1" + u32(len(raw0)) + raw0 + one[-64:], keys)
+    # a node hash posing as a leaf: the two children of the root as one 'receipt' is not JSON,
+    # and a leaf hash is never a node hash (0x00 vs 0x01 prefixes)
+    leaves = [env.leaf_hash(canonical(f)) for f in fields]
+    assert mth(leaves[:2]) != env.leaf_hash(leaves[0] + leaves[1])
+    # a verified root in the roots set does not vouch for a bent path
+    roots: set[tuple[str, bytes, bytes]] = set()
+    env.verify_receipt(frames[1], keys, roots=roots)
+    with pytest.raises(BadSignature):
+        env.verify_receipt(v2_frame(y, index, count, path, sig), keys, roots=roots)
+
+
+def test_a_malformed_batch_receipt_is_refused_before_any_key() -> None:
+    def no_keys(node: str) -> list[Any]:
+        raise AssertionError("no key may be looked up for a malformed receipt")
+
+    fields = [receipt_fields(packet=uuid_of(i)) for i in range(3)]
+    frame = env.sign_receipts(fields, RECEIVER)[0]
+    raw, index, count, path, sig = v2_parts(frame)
+    for cut in range(len(frame)):
+        with pytest.raises((MalformedPacket, PacketTooLarge)):
+            env.verify_receipt(frame[:cut], no_keys)
+    bad = [
+        frame + b"\x00",  # trailing byte
+        v2_frame(raw, index, 0, path, sig),  # no leaves
+        v2_frame(raw, 3, count, path, sig),  # index past the count
+        v2_frame(raw, index, count, path[:-1], sig),  # path too short for 0 of 3
+        v2_frame(raw, index, count, path + [bytes(32)], sig),  # too long
+        v2_frame(raw, index, env.MAX_RECEIPT_BATCH + 1, path, sig),
+        v2_frame(raw, index, count, [bytes(32)] * 33, sig),  # over MAX_PATH
+        v2_frame(b'{"packet":1}', index, count, path, sig),  # not a receipt
+        v2_frame(b'{ "a": 1 }', index, count, path, sig),  # not canonical
+    ]
+    for data in bad:
+        with pytest.raises(MalformedPacket):
+            env.verify_receipt(data, no_keys)
+    with pytest.raises(PacketTooLarge):
+        env.verify_receipt(b"HTR2" + u32(1 << 30) + bytes(100), no_keys)
+    assert env.receipt_fields(frame) == fields[0]  # structure only, no key
+    with pytest.raises(MalformedPacket):
+        env.receipt_fields(bad[0])
+
+
+def test_sign_receipts_refuses_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="1-65536"):
+        env.sign_receipts([], RECEIVER)
+    with pytest.raises(ValueError, match="field 'status'"):
+        env.sign_receipts([receipt_fields(), receipt_fields(status="maybe")], RECEIVER)
+
+
+def test_a_batch_of_v2_receipts_travels_like_v1_ones() -> None:
+    items = [seal(b"one"), *env.sign_receipts([receipt_fields()] * 2, RECEIVER)]
+    out = env.decode_batch(env.encode_batch(items), max_total=1 << 20)
+    assert out == items
+    assert [env.frame_kind(i) for i in out] == ["packet", "receipt", "receipt"]

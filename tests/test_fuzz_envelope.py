@@ -28,7 +28,7 @@ FUZZ = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-MAGICS = [b"HTP1", b"HTR1", b"HTB1", b"HTS1", b""]
+MAGICS = [b"HTP1", b"HTR1", b"HTR2", b"HTB1", b"HTS1", b""]
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +47,50 @@ def test_decoders_raise_only_refusals(magic: bytes, rest: bytes) -> None:
         lambda: env.decode_batch(data, max_items=50, max_total=1 << 20),
         lambda: env.frame_kind(data),
         lambda: env.verify_receipt(data, lambda _n: ()),
+        lambda: env.receipt_fields(data),
     ):
         try:
             call()
         except PacketRefused:
             pass
+
+
+#: one answer batch's batch-signed receipts (HTR2), signed by core's key (the fixture's node)
+def _v2_receipts(r: Receiver) -> list[bytes]:
+    fields = {
+        "packet": None,
+        "sender": "chc",
+        "recipient": "core",
+        "receiver": "core",
+        "status": "accepted",
+        "code": None,
+        "message": None,
+        "at": "2025-03-14T01:59:28.250Z",
+        "digest": "ab" * 32,
+    }
+    return env.sign_receipts(
+        [{**fields, "packet": f"00000000-0000-4000-8000-{i:012x}"} for i in range(5)],
+        r.ctx.signing_key,
+    )
+
+
+@FUZZ
+@given(data=st.data())
+def test_a_changed_batch_receipt_never_verifies_to_other_fields(
+    core: Receiver, data: st.DataObject
+) -> None:
+    """Any edit of an HTR2 receipt (its JSON, position, count, path or signature) is refused
+    with a refusal of the tree; nothing in the frame is unsigned, so were an edit ever to
+    verify, it would have to give back exactly the fields the receiver signed."""
+    frames = _v2_receipts(core)
+    i = data.draw(st.integers(0, len(frames) - 1))
+    original = answer_fields(core, frames[i])
+    changed = data.draw(mutated(frames[i]))
+    try:
+        got = answer_fields(core, changed)
+    except PacketRefused:
+        return
+    assert got == original
 
 
 def inbox_count(r: Receiver, table: object = INBOX) -> int:

@@ -244,8 +244,8 @@ def test_a_request_that_fails_in_a_group_leaves_the_others_committed(
     bad = set(ids_of(requests[1]))
     real: Callable[..., Any] = core.intake._commit
 
-    def failing(conn: Connection, batch: Any, provisional: Any) -> Any:
-        out = real(conn, batch, provisional)
+    def failing(conn: Connection, batch: Any, *rest: Any) -> Any:
+        out = real(conn, batch, *rest)
         if any(new.header.id in bad for new in batch.new):
             raise StoreError("database unavailable: forced")
         return out
@@ -433,8 +433,8 @@ def test_two_processes_racing_with_one_packet_on_postgresql_end_in_a_duplicate(
         [pid] = ids_of([pkt])
         real: Callable[..., Any] = first.intake._commit
 
-        def held(conn: Connection, batch: Any, provisional: Any) -> Any:
-            out = real(conn, batch, provisional)
+        def held(conn: Connection, batch: Any, *rest: Any) -> Any:
+            out = real(conn, batch, *rest)
             wrote.set()
             assert go.wait(60)  # the row written, not committed: the other one runs now
             return out

@@ -1,7 +1,13 @@
 """Signing-key rollover between two running nodes: the receiver learns the sender's next key
 first, the sender then switches to it, and once the old key is dropped from the directory a
 packet signed with it is refused with HT-PKT-BAD-SIGNATURE (an unsigned error: the receiver
-signs nothing about a frame it could not authenticate)."""
+signs nothing about a frame it could not authenticate).
+
+Receipt version rollover (batch-signed receipts, HTR2): new nodes exchange them; a sender that
+does not ask (an old one: no ``Hutong-Receipts`` header; or ``[delivery] batch_receipts =
+false``) never gets one, also not for a packet first answered in v2; a new sender takes the
+HTR1 receipts of a receiver that does not give them; a member behind the platform gets its
+recipient's receipt as HTR1 (the platform forwards it unchanged to a sender that may be old)."""
 
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ from bridge.config.loader import load_node
 from bridge.crypto import envelope as env
 from bridge.crypto.keys import key_id, load_signing_key, public_raw, public_text
 from tests.factory import bundle_bytes
-from tests.harness import ROOT, Alliance, NodeProcess, spooled, wait_for
+from tests.harness import ROOT, Alliance, NodeProcess, db_rows, spooled, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -33,25 +39,40 @@ RULES = [{"from": "chc", "to": "core", "kinds": ["result.lab"]}]
 CHC_BLOCK = 'id = "chc"\n'
 
 
-def post(core: NodeProcess, frames: list[bytes]) -> list[dict]:
+def post(
+    core: NodeProcess, frames: list[bytes], headers: dict[str, str] | None = None
+) -> list[dict]:
     """POST frames to core's peer port as chc would; core's signed receipts, verified. A frame
     core could not authenticate gets an unsigned error (status 'unsigned' here): in its slot
     of the answer batch, or as the HTTP 403 answer when nothing in the request authenticated."""
+    return [x for x, _ in post_raw(core, frames, headers)]
+
+
+def post_raw(
+    core: NodeProcess, frames: list[bytes], headers: dict[str, str] | None = None
+) -> list[tuple[dict, bytes]]:
+    """``post``, each answer with its bytes. Without ``headers`` the request is exactly what a
+    sender made before batch-signed receipts (no ``Hutong-Receipts`` header)."""
     conn = http.client.HTTPConnection(core.plan.peer_host, core.plan.peer_port, timeout=60)
     try:
-        conn.request("POST", "/exchange/v1/packets", body=env.encode_batch(frames))
+        conn.request(
+            "POST", "/exchange/v1/packets", body=env.encode_batch(frames), headers=headers or {}
+        )
         resp = conn.getresponse()
         status, body = resp.status, resp.read()
     finally:
         conn.close()
     if status == 403:
-        return [{"status": "unsigned", **json.loads(body)}] * len(frames)
+        return [({"status": "unsigned", **json.loads(body)}, body)] * len(frames)
     assert status == 200, (status, body[:300])
     keys = {m: p.signing_keys for m, p in core.plan.directory.items()}
     return [
-        {"status": "unsigned", **json.loads(x)}
-        if x[:1] == b"{"
-        else env.verify_receipt(x, lambda n: keys[n])
+        (
+            {"status": "unsigned", **json.loads(x)}
+            if x[:1] == b"{"
+            else env.verify_receipt(x, lambda n: keys[n]),
+            x,
+        )
         for x in env.decode_batch(body, max_total=1 << 30)
     ]
 
@@ -210,3 +231,110 @@ def test_signing_key_rollover(tmp_path: Path) -> None:
 
 def bundle_bytes_dict() -> dict:
     return json.loads(bundle_bytes(n_obs=1))
+
+
+# -- receipt version rollover: batch-signed receipts (HTR2) -----------------------------------
+
+V2 = {"Hutong-Receipts": "v2"}
+PLATFORM_MEMBERS = [
+    *MEMBERS,
+    {"id": "hub", "zh": "医联体信息平台", "en": "Alliance platform", "role": "platform"},
+    {"id": "m-1", "zh": "社区 1", "en": "CHC 1", "role": "community", "via": "hub"},
+]
+PLATFORM_RULES = [*RULES, {"from": "m-1", "to": "core", "kinds": ["result.lab"]}]
+
+
+def set_batch_receipts(node: NodeProcess, on: bool | None) -> None:
+    """``[delivery] batch_receipts`` in the node file: False pins v1 (an old peer), None drops
+    the setting (the default: v2). Read at the next start."""
+    text = node.config.read_text()
+    text = text.split("\n[delivery]\n", 1)[0]
+    if on is not None:
+        text += f"\n[delivery]\nbatch_receipts = {str(on).lower()}\n"
+    node.config.write_text(text)
+
+
+def acked_receipt(node: NodeProcess, packet_id: str) -> bytes:
+    """The receipt the sender kept on its outbox row, once the row is acknowledged."""
+
+    def kept() -> bytes | None:
+        got = db_rows(node, "SELECT state, receipt FROM outbox WHERE packet_id = :p", p=packet_id)
+        return bytes(got[0][1]) if got and got[0][0] == "acknowledged" else None
+
+    return wait_for(kept, what=f"{packet_id} acknowledged at {node.node_id}")  # type: ignore[no-any-return]
+
+
+def inbox_receipt(node: NodeProcess, packet_id: str) -> bytes:
+    [(receipt,)] = db_rows(node, "SELECT receipt FROM inbox WHERE packet_id = :p", p=packet_id)
+    return bytes(receipt)
+
+
+def test_receipt_version_rollover_between_old_and_new_peers(tmp_path: Path) -> None:
+    a = Alliance(tmp_path / "alliance", PLATFORM_MEMBERS, PLATFORM_RULES)
+    a.start("core", "chc", "hub", "m-1")
+    try:
+        chc, core, m1 = a.node("chc"), a.node("core"), a.node("m-1")
+        keys = {m: p.signing_keys for m, p in core.plan.directory.items()}
+
+        def fields(receipt: bytes) -> dict:
+            return env.verify_receipt(receipt, lambda n: keys[n])
+
+        chc_key = load_signing_key(chc.plan.keys.signing)
+        delivered: set[str] = set()
+
+        # new and new: one signature over each answer batch, kept by both sides as given
+        [pid] = chc.send("core", "result.lab", [bundle_bytes_dict()], thread="v2-new")
+        delivered.add(pid)
+        kept = acked_receipt(chc, pid)
+        assert kept[:4] == b"HTR2" and kept == inbox_receipt(core, pid)
+        assert (fields(kept)["packet"], fields(kept)["status"]) == (pid, "accepted")
+
+        # an old sender's request (no header) gets HTR1 only; the same request asking, HTR2
+        old_ids, old = zip(*(craft(core, chc_key, f"v2-raw-{i}") for i in range(2)), strict=True)
+        answered = post_raw(core, list(old))
+        assert [(f["packet"], f["status"], x[:4]) for f, x in answered] == [
+            (p, "accepted", b"HTR1") for p in old_ids
+        ]
+        new_ids, new = zip(*(craft(core, chc_key, f"v2-ask-{i}") for i in range(2)), strict=True)
+        asked = post_raw(core, list(new), V2)
+        assert [(f["packet"], f["status"], x[:4]) for f, x in asked] == [
+            (p, "accepted", b"HTR2") for p in new_ids
+        ]
+        assert asked[0][1][-64:] == asked[1][1][-64:]  # one signature for the two
+        # an old sender resending a packet first answered in v2: the same fields, as HTR1
+        resent = post_raw(core, [new[0]])
+        assert resent[0][1][:4] == b"HTR1" and resent[0][0] == asked[0][0]
+        delivered |= {*old_ids, *new_ids}
+
+        # a member behind the platform: the platform's own 'relayed' receipt is v2 (straight
+        # from m-1, which asked), core's 'accepted' one comes back through it as HTR1
+        [via] = m1.send("core", "result.lab", [bundle_bytes_dict()], thread="v2-via")
+        delivered.add(via)
+        back = acked_receipt(m1, via)
+        assert back[:4] == b"HTR1" and back == inbox_receipt(core, via)
+        assert (fields(back)["receiver"], fields(back)["status"]) == ("core", "accepted")
+
+        # an old sender as a node (batch_receipts = false): it never asks, never gets HTR2
+        set_batch_receipts(chc, False)
+        chc.restart()
+        [pid] = chc.send("core", "result.lab", [bundle_bytes_dict()], thread="v1-sender")
+        delivered.add(pid)
+        kept = acked_receipt(chc, pid)
+        assert kept[:4] == b"HTR1" and kept == inbox_receipt(core, pid)
+
+        # a new sender and an old receiver: it asks, gets HTR1, and takes them
+        set_batch_receipts(chc, None)
+        set_batch_receipts(core, False)
+        chc.restart()
+        core.restart()
+        [pid] = chc.send("core", "result.lab", [bundle_bytes_dict()], thread="v1-receiver")
+        delivered.add(pid)
+        kept = acked_receipt(chc, pid)
+        assert kept[:4] == b"HTR1" and kept == inbox_receipt(core, pid)
+        assert fields(kept)["status"] == "accepted"
+        assert post_raw(core, [craft(core, chc_key, "v1-asked")[1]], V2)[0][1][:4] == b"HTR1"
+        wait_for(lambda: delivered <= spooled_ids(core), what="every packet delivered at core")
+        r = core.cli("audit", "verify")
+        assert r.returncode == 0, r.stderr
+    finally:
+        a.stop_all()

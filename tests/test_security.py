@@ -54,10 +54,13 @@ class Site:
 
     def answer(self, frame: bytes) -> dict:
         """The signed receipt's fields; an unsigned error (the frame did not authenticate)
-        as status 'unsigned'."""
-        [raw] = self.intake.receive([frame])
+        as status 'unsigned'. Asked as a sender that takes batch-signed receipts: a signed
+        answer to a frame straight from its sender is HTR2, one to a relayed frame HTR1."""
+        [raw] = self.intake.receive([frame], receipts_v2=True)
         if raw[:1] == b"{":
             return {"status": "unsigned", **orjson.loads(raw)}
+        relayed = env.decode(frame, max_body=1 << 30).relay is not None
+        assert raw[:4] == (b"HTR1" if relayed else b"HTR2")
         return env.verify_receipt(raw, lambda n: self.plan.directory[n].signing_keys)
 
 

@@ -165,8 +165,14 @@ def read_response(s: socket.socket) -> tuple[int | None, bytes]:
 def post_frames(
     node: NodeProcess, frames: list[bytes], source: str = ATTACKER
 ) -> tuple[int | None, bytes]:
+    """As a sender that asks for batch-signed receipts (HTR2): what they cover is judged on
+    the v2 path (an unauthenticated frame still gets no receipt of either kind)."""
     return post_raw(
-        node.plan.peer_host, node.plan.peer_port, env.encode_batch(frames), source=source
+        node.plan.peer_host,
+        node.plan.peer_port,
+        env.encode_batch(frames),
+        source=source,
+        headers={"Hutong-Receipts": "v2"},
     )
 
 
@@ -260,7 +266,7 @@ def test_unauthenticated_frame_gets_an_unsigned_error_never_a_signed_receipt(net
     forged = seal(net, key=stranger, thread="gw-unauth")
     status, body = post_frames(hub, [forged], source=other)
     assert status == 403
-    assert b"HTR1" not in body
+    assert b"HTR" not in body  # no receipt, v1 or v2
     answer = json.loads(body)
     assert answer["code"] == "HT-PKT-BAD-SIGNATURE"
     assert answer["retry"] == "transient"
@@ -273,7 +279,7 @@ def test_unauthenticated_frame_gets_an_unsigned_error_never_a_signed_receipt(net
         b"HTB1" + U32(1) + U32(60) + b"XXXX" + os.urandom(56),
         source=other,
     )
-    assert status == 400 and b"HTR1" not in body
+    assert status == 400 and b"HTR" not in body
     assert json.loads(body)["code"] == "HT-PKT-MALFORMED"
     # in a batch with a real packet: the real one gets its signed receipt, the forged one an
     # unsigned error item in its place
@@ -287,7 +293,8 @@ def test_unauthenticated_frame_gets_an_unsigned_error_never_a_signed_receipt(net
         "relayed",
         env.decode(real, max_body=1 << 20).header.id,
     )
-    assert not second.startswith(b"HTR1")
+    assert first[:4] == b"HTR2"  # the sender asked; a one-receipt batch
+    assert not second.startswith(b"HTR")
     assert json.loads(second)["code"] == "HT-PKT-BAD-SIGNATURE"
 
 
@@ -304,25 +311,27 @@ def test_a_forged_refusal_cannot_change_a_senders_packet(tmp_path: Path) -> None
         stranger = Ed25519PrivateKey.generate()
         forged = seal(a, key=stranger, packet_id=pid, thread="forge-t")
         status, body = post_frames(core, [forged])
-        assert status == 403 and b"HTR1" not in body
+        assert status == 403 and b"HTR" not in body
         assert json.loads(body)["code"] == "HT-PKT-BAD-SIGNATURE"
-        # a receipt the stranger signs itself, claiming to be core: not taken either
-        fake = env.sign_receipt(
-            {
-                "packet": pid,
-                "sender": "chc",
-                "recipient": "core",
-                "receiver": "core",
-                "status": "refused",
-                "code": "HT-PKT-INVALID-FHIR",
-                "message": "forged",
-                "at": "2026-01-01T00:00:00.000Z",
-                "digest": None,
-            },
-            stranger,
-        )
-        status, body = post_frames(chc, [fake])
-        assert status == 403 and json.loads(body)["code"] == "HT-PKT-BAD-SIGNATURE"
+        # a receipt the stranger signs itself, claiming to be core: not taken either (alone,
+        # and as a batch-signed one)
+        fake_fields = {
+            "packet": pid,
+            "sender": "chc",
+            "recipient": "core",
+            "receiver": "core",
+            "status": "refused",
+            "code": "HT-PKT-INVALID-FHIR",
+            "message": "forged",
+            "at": "2026-01-01T00:00:00.000Z",
+            "digest": None,
+        }
+        for fake in (
+            env.sign_receipt(fake_fields, stranger),
+            env.sign_receipts([fake_fields], stranger)[0],
+        ):
+            status, body = post_frames(chc, [fake])
+            assert status == 403 and json.loads(body)["code"] == "HT-PKT-BAD-SIGNATURE"
         [(state, receipt)] = db_rows(
             chc, "SELECT state, receipt FROM outbox WHERE packet_id = :p", p=pid
         )
@@ -416,10 +425,36 @@ def test_sender_takes_an_unsigned_or_false_answer_as_not_delivered_and_retries(
         },
         stranger,
     )
+    # batch-signed: one the stranger signed; one the platform really signed but for another
+    # packet; and that one with its JSON edited to name this packet (its path and root stay)
+    hub_key = load_signing_key(load_node(a.files["hub"]).keys.signing)
+    other = "00000000-0000-4000-8000-0000000000ff"
+    hub_fields = {
+        "packet": other,
+        "sender": "chc",
+        "recipient": "core",
+        "receiver": "hub",
+        "status": "refused",
+        "code": "HT-PKT-INVALID-FHIR",
+        "message": "not this one",
+        "at": "2026-01-01T00:00:00.000Z",
+        "digest": None,
+    }
+    real_other = env.sign_receipts([hub_fields, {**hub_fields, "status": "relayed"}], hub_key)[0]
+    assert res.packet_id is not None and len(res.packet_id) == len(other)
+    bent = real_other.replace(other.encode(), res.packet_id.encode())
     answers = [
         (200, env.encode_batch([error])),
         (403, error),
         (200, env.encode_batch([false_receipt])),
+        (
+            200,
+            env.encode_batch(
+                env.sign_receipts([{**hub_fields, "packet": res.packet_id}], stranger)
+            ),
+        ),
+        (200, env.encode_batch([real_other])),
+        (200, env.encode_batch([bent])),
     ]
     try:
         for attempt, (status, body) in enumerate(answers, start=1):

@@ -612,6 +612,7 @@ def _build_plan(alliance: _Alliance, node: _Node) -> NodePlan:
             backoff_max_s=delivery.backoff_max_s,
             per_peer_concurrency=delivery.per_peer_concurrency,
             poll_interval_s=delivery.poll_interval_s,
+            batch_receipts=delivery.batch_receipts,
             handlers=MappingProxyType(dict(delivery.handlers)),
             spool_dir=(
                 _absolute(base, delivery.spool_dir) if delivery.spool_dir else data_dir / "spool"

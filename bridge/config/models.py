@@ -239,6 +239,9 @@ class DeliveryConfig(_Model):
     backoff_max_s: PositiveFloat = 300.0
     per_peer_concurrency: PositiveInt = 1
     poll_interval_s: PositiveFloat = 0.5
+    #: batch-signed receipts (docs/envelope.md, v2): ask peers for them, and give them to
+    #: peers that ask; false pins this node to one signature a receipt (v1) both ways
+    batch_receipts: bool = True
     handlers: Annotated[dict[Kind, NonEmpty], AfterValidator(_needs_default)] = {"*": "spool"}
     spool_dir: NonEmpty | None = None  # default <data_dir>/spool
 
@@ -478,6 +481,7 @@ class DeliverySettings:
     backoff_max_s: float
     per_peer_concurrency: int
     poll_interval_s: float
+    batch_receipts: bool
     handlers: Mapping[str, str]
     spool_dir: Path
 

@@ -3,7 +3,9 @@
 Frame: ``HTP1 | u32 | header | u32 | ciphertext | sig(64) [| RLY1 | u32 | stamp | sig(64)]``.
 The header is visible (relays route on it) but signed and bound to the body as AES-GCM AAD;
 the body is sealed to the recipient's X25519 key with a fresh ephemeral key per packet
-(docs/envelope.md explains the construction and the reasons behind it)."""
+(docs/envelope.md explains the construction and the reasons behind it). Receipts come in two
+frames: ``HTR1`` (one signature each) and ``HTR2`` (one signature over a Merkle root of a whole
+answer batch, each receipt carrying its path, so each still verifies alone)."""
 
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ from bridge.errors import (
 VERSION = 1
 SUITE = "X25519-HKDF-SHA256-A256GCM/Ed25519"
 MAGIC_PACKET, MAGIC_RECEIPT, MAGIC_BATCH, MAGIC_RELAY = b"HTP1", b"HTR1", b"HTB1", b"RLY1"
+MAGIC_RECEIPT_BATCH = b"HTR2"
 SIG_LEN, TAG_LEN, NONCE_LEN, KEY_LEN = 64, 16, 12, 32
 MAX_HEADER = 16 * 1024  # a real header is ~600 bytes; never parse megabytes of JSON
 MAX_STAMP, MAX_RECEIPT = 4 * 1024, 64 * 1024
@@ -45,6 +48,10 @@ MAX_TEXT = 256  # sender, recipient, kind, thread, relay are identifiers, not fr
 RECEIPT_STATUSES = ("accepted", "relayed", "refused")
 CTX_PACKET, CTX_RELAY = b"hutong/v1/packet\x00", b"hutong/v1/relay\x00"
 CTX_RECEIPT, HKDF_INFO = b"hutong/v1/receipt\x00", b"hutong/v1/body"
+CTX_RECEIPT_BATCH = b"hutong/v2/receipt-batch\x00"
+#: HTR2: receipts under one root (more than any answer batch holds), and the longest path
+MAX_RECEIPT_BATCH, MAX_PATH = 1 << 16, 32
+_LEAF, _NODE = b"\x00", b"\x01"  # RFC 6962 prefixes: a leaf hash can never pose as a node
 
 _U32 = struct.Struct(">I")
 _SORTED = orjson.OPT_SORT_KEYS
@@ -53,6 +60,7 @@ _TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9
 _NAMES = {
     MAGIC_PACKET: "packet",
     MAGIC_RECEIPT: "receipt",
+    MAGIC_RECEIPT_BATCH: "receipt",
     MAGIC_BATCH: "batch",
     MAGIC_RELAY: "relay stamp",
 }
@@ -367,6 +375,90 @@ def verify_relay(packet: Packet, signing_keys: Sequence[Ed25519PublicKey]) -> No
 
 def sign_receipt(fields: dict[str, Any], signing_key: Ed25519PrivateKey) -> bytes:
     """``HTR1 | u32 | json | sig(64)``: the receiver's signed word on what it did with a packet."""
+    raw = _receipt_json(fields)
+    sig = signing_key.sign(CTX_RECEIPT + raw)
+    return b"".join((MAGIC_RECEIPT, _U32.pack(len(raw)), raw, sig))
+
+
+def sign_receipts(batch: Sequence[dict[str, Any]], signing_key: Ed25519PrivateKey) -> list[bytes]:
+    """``HTR2 | u32 | json | u32 index | u32 count | u8 n | n * 32 | sig(64)`` for each receipt
+    of one answer batch: one signature over the Merkle root (RFC 6962 tree) of their JSON, and
+    in each frame its audit path, so each receipt still verifies alone wherever it goes."""
+    if not 1 <= len(batch) <= MAX_RECEIPT_BATCH:
+        raise ValueError(f"a receipt batch holds 1-{MAX_RECEIPT_BATCH} receipts, not {len(batch)}")
+    raws = [_receipt_json(f) for f in batch]
+    root, paths = _tree([leaf_hash(raw) for raw in raws])
+    count = _U32.pack(len(raws))
+    sig = signing_key.sign(b"".join((CTX_RECEIPT_BATCH, count, root)))
+    return [
+        b"".join(
+            (MAGIC_RECEIPT_BATCH, _U32.pack(len(raw)), raw, _U32.pack(i), count)
+            + (bytes((len(path),)), *path, sig)
+        )
+        for i, (raw, path) in enumerate(zip(raws, paths, strict=True))
+    ]
+
+
+def verify_receipt(
+    data: bytes,
+    keys_for: Callable[[str], Sequence[Ed25519PublicKey]],
+    *,
+    roots: set[tuple[str, bytes, bytes]] | None = None,
+) -> dict[str, Any]:
+    """Check a receipt (``HTR1`` or ``HTR2``) with the keys of the node it names as receiver;
+    returns its fields. Whatever ``keys_for`` raises for an unknown node (e.g. UnknownSender)
+    propagates. ``roots``: a set the caller keeps across the receipts of one answer batch (and
+    one ``keys_for``): a batch root whose signature verified once is not verified again."""
+    fields, message, sig = _open_receipt(data if isinstance(data, bytes) else bytes(data))
+    keys = keys_for(fields["receiver"])
+    seen = (fields["receiver"], message, sig)
+    if roots is not None and seen in roots:
+        return fields
+    _verify_any(
+        keys,
+        None,
+        sig,
+        message,
+        f"receipt for packet {fields['packet']} does not verify with any key of "
+        f"'{fields['receiver']}'",
+    )
+    if roots is not None and message.startswith(CTX_RECEIPT_BATCH):
+        roots.add(seen)
+    return fields
+
+
+def receipt_fields(data: bytes) -> dict[str, Any]:
+    """The fields of a receipt frame, its structure checked but NOT its signature: only for
+    a node's own stored receipts (to sign their fields again as ``HTR1``), never a peer's."""
+    return _open_receipt(data if isinstance(data, bytes) else bytes(data))[0]
+
+
+def _open_receipt(data: bytes) -> tuple[dict[str, Any], bytes, bytes]:
+    """A receipt frame's fields, the message its signature covers, and the signature."""
+    if data[:4] == MAGIC_RECEIPT_BATCH:
+        raw, pos = _chunk(data, 4, "receipt", MAX_RECEIPT, PacketTooLarge, extra=9)
+        index, count = _U32.unpack_from(data, pos)[0], _U32.unpack_from(data, pos + 4)[0]
+        n = data[pos + 8]
+        if not 0 < count <= MAX_RECEIPT_BATCH or index >= count:
+            raise MalformedPacket(f"receipt batch position {index} of {count} is impossible")
+        if n > MAX_PATH:
+            raise MalformedPacket(f"receipt path has {n} hashes, limit {MAX_PATH}")
+        at = pos + 9 + 32 * n
+        if len(data) != at + SIG_LEN:
+            raise MalformedPacket(
+                f"receipt is {len(data)} bytes, its path and signature make {at + SIG_LEN}"
+            )
+        fields = _object(raw, "receipt", _RECEIPT_KEYS, _receipt_problem)
+        path = [data[i : i + 32] for i in range(pos + 9, at, 32)]
+        root = merkle_root(leaf_hash(raw), index, count, path)
+        return fields, b"".join((CTX_RECEIPT_BATCH, _U32.pack(count), root)), data[at:]
+    _magic(data, MAGIC_RECEIPT)
+    raw, end = _chunk(data, 4, "receipt", MAX_RECEIPT, PacketTooLarge, SIG_LEN, last=True)
+    fields = _object(raw, "receipt", _RECEIPT_KEYS, _receipt_problem)
+    return fields, CTX_RECEIPT + raw, data[end:]
+
+
+def _receipt_json(fields: dict[str, Any]) -> bytes:
     data = dict(fields)
     if isinstance(data.get("at"), datetime):
         data["at"] = format_time(data["at"])
@@ -376,28 +468,48 @@ def sign_receipt(fields: dict[str, Any], signing_key: Ed25519PrivateKey) -> byte
     raw = orjson.dumps(data, option=_SORTED)  # orjson.JSONEncodeError is a TypeError
     if len(raw) > MAX_RECEIPT:
         raise ValueError(f"receipt is {len(raw)} bytes, limit {MAX_RECEIPT}")
-    sig = signing_key.sign(CTX_RECEIPT + raw)
-    return b"".join((MAGIC_RECEIPT, _U32.pack(len(raw)), raw, sig))
+    return raw
 
 
-def verify_receipt(
-    data: bytes, keys_for: Callable[[str], Sequence[Ed25519PublicKey]]
-) -> dict[str, Any]:
-    """Check a receipt with the keys of the node it names as receiver; returns its fields.
-    Whatever ``keys_for`` raises for an unknown node (e.g. UnknownSender) propagates."""
-    data = data if isinstance(data, bytes) else bytes(data)
-    _magic(data, MAGIC_RECEIPT)
-    raw, end = _chunk(data, 4, "receipt", MAX_RECEIPT, PacketTooLarge, SIG_LEN, last=True)
-    fields = _object(raw, "receipt", _RECEIPT_KEYS, _receipt_problem)
-    _verify_any(
-        keys_for(fields["receiver"]),
-        None,
-        data[end:],
-        CTX_RECEIPT + raw,
-        f"receipt for packet {fields['packet']} does not verify with any key of "
-        f"'{fields['receiver']}'",
-    )
-    return fields
+def leaf_hash(raw: bytes) -> bytes:
+    """RFC 6962 leaf: sha256(0x00 || receipt JSON)."""
+    return hashlib.sha256(_LEAF + raw).digest()
+
+
+def _node(left: bytes, right: bytes) -> bytes:
+    return hashlib.sha256(b"".join((_NODE, left, right))).digest()
+
+
+def _tree(leaves: list[bytes]) -> tuple[bytes, list[list[bytes]]]:
+    """RFC 6962 Merkle tree head of ``leaves`` and each leaf's audit path (bottom first):
+    the left subtree takes the largest power of two below the count."""
+    n = len(leaves)
+    if n == 1:
+        return leaves[0], [[]]
+    k = 1 << ((n - 1).bit_length() - 1)
+    left, lpaths = _tree(leaves[:k])
+    right, rpaths = _tree(leaves[k:])
+    return _node(left, right), [p + [right] for p in lpaths] + [p + [left] for p in rpaths]
+
+
+def merkle_root(leaf: bytes, index: int, count: int, path: Sequence[bytes]) -> bytes:
+    """The root a leaf's audit path leads to (RFC 9162, 2.1.3.2): the index and count say
+    which side each sibling is on and how long the path must be; any other length is
+    MalformedPacket. (A wrong sibling gives another root: the signature then fails.)"""
+    fn, sn, r = index, count - 1, leaf
+    for p in path:
+        if sn == 0:
+            raise MalformedPacket(f"receipt path is longer than position {index} of {count} has")
+        if fn & 1 or fn == sn:
+            r = _node(p, r)
+            while not fn & 1 and fn:
+                fn, sn = fn >> 1, sn >> 1
+        else:
+            r = _node(r, p)
+        fn, sn = fn >> 1, sn >> 1
+    if sn != 0:
+        raise MalformedPacket(f"receipt path is shorter than position {index} of {count} needs")
+    return r
 
 
 def _receipt_problem(d: dict[str, Any]) -> str | None:

@@ -26,6 +26,9 @@ from bridge.errors import (
 
 PATH = "/exchange/v1/packets"
 CONTENT_TYPE = "application/x-hutong-batch"
+#: request header of a sender that takes batch-signed receipts (``HTR2``); a receiver that
+#: predates them ignores it and answers ``HTR1``, as does one set to ``batch_receipts = false``
+RECEIPTS_HEADER, RECEIPTS_V2 = "Hutong-Receipts", "v2"
 
 
 class PeerConnection:
@@ -59,8 +62,9 @@ class PeerConnection:
             self._conn = conn
         return self._conn
 
-    def post_batch(self, body: bytes) -> bytes:
-        """POST one batch; returns the answer batch bytes.
+    def post_batch(self, body: bytes, *, receipts_v2: bool = False) -> bytes:
+        """POST one batch; returns the answer batch bytes. ``receipts_v2``: say that this
+        sender takes batch-signed receipts.
 
         A kept-alive connection the peer closed while it sat idle (its keep-alive timeout;
         uvicorn's is 5 s, and with per_peer_concurrency a partition's connection may idle
@@ -68,19 +72,20 @@ class PeerConnection:
         connection instead of counting as a failed attempt (a resend is safe: the receiver
         answers a packet it has already taken with its original receipt)."""
         reused = self._conn is not None
+        headers = {"Content-Type": CONTENT_TYPE}
+        if receipts_v2:
+            headers[RECEIPTS_HEADER] = RECEIPTS_V2
         try:
-            return self._post(body)
+            return self._post(body, headers)
         except AmbiguousDelivery as exc:
             if not reused or not isinstance(exc.__cause__, (ConnectionResetError, BrokenPipeError)):
                 raise
-        return self._post(body)
+        return self._post(body, headers)
 
-    def _post(self, body: bytes) -> bytes:
+    def _post(self, body: bytes, headers: dict[str, str]) -> bytes:
         conn = self._connect()
         try:
-            conn.request(
-                "POST", self.base + PATH, body=body, headers={"Content-Type": CONTENT_TYPE}
-            )
+            conn.request("POST", self.base + PATH, body=body, headers=headers)
         except OSError as exc:
             self.close()
             # the request may be partly out; nothing was answered: safe to resend

@@ -36,6 +36,7 @@ from bridge.audit.events import AuditEntry
 from bridge.config.models import LimitsConfig
 from bridge.context import NodeContext
 from bridge.crypto import envelope as env
+from bridge.delivery.transport import RECEIPTS_HEADER, RECEIPTS_V2
 from bridge.errors import (
     Backlogged,
     Busy,
@@ -101,6 +102,7 @@ def create_gateway(ctx: NodeContext, intake: Intake, on_received: object = None)
         limits.max_requests, max(limits.max_inflight_bytes, 2 * max_request), limits.admit_wait_s
     )
     directory = ctx.plan.directory
+    batch_receipts = ctx.plan.delivery.batch_receipts
     backlog = (
         InboxBacklog(ctx.store, limits.max_inbox_backlog) if limits.max_inbox_backlog else None
     )
@@ -217,7 +219,12 @@ def create_gateway(ctx: NodeContext, intake: Intake, on_received: object = None)
             try:
                 answers = await run_in_threadpool(
                     partial(
-                        intake.receive, frames, remote=remote, admit_refusal=lambda: keep(remote)
+                        intake.receive,
+                        frames,
+                        remote=remote,
+                        admit_refusal=lambda: keep(remote),
+                        receipts_v2=batch_receipts
+                        and request.headers.get(RECEIPTS_HEADER) == RECEIPTS_V2,
                     )
                 )
             except HutongError as exc:  # store unavailable: nothing was committed, sender retries

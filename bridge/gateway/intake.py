@@ -15,6 +15,13 @@ stamp, and the hop it must arrive by): the node signs nothing about bytes anybod
 made. Any other frame gets an unsigned error in its place (``unsigned_error``: JSON with a
 stable code, retry ``transient``), its refusal keeps only a prefix and digest in quarantine,
 and a sender treats such an answer as "not delivered, try again", never as a refusal.
+
+Receipts are signed last, over the batch's final answers: each ``HTR1`` alone, or, for a sender
+that asked for batch-signed receipts (v2) and packets that came straight from it, all ``HTR2``
+receipts of the batch under one signature (``env.sign_receipts``). They are signed before the
+commit, outside the write lock; if the commit changes an answer (a packet id taken meanwhile)
+the batch's v2 receipts are signed again inside it, so no root the node signed ever covers a
+receipt it did not give (docs/envelope.md, "Batch-signed receipts").
 """
 
 from __future__ import annotations
@@ -63,6 +70,18 @@ def unsigned_error(exc: HutongError) -> bytes:
     return orjson.dumps({"code": exc.code, "message": exc.message, "retry": "transient"})
 
 
+@dataclass(eq=False)
+class _Pending:
+    """A receipt decided but not yet signed: ``v2`` joins the batch's one root signature."""
+
+    fields: dict[str, Any]
+    v2: bool
+
+
+#: an answer before signing: a receipt to sign, bytes as they go, or None (filled in later)
+_Answer = bytes | _Pending | None
+
+
 @dataclass(frozen=True)
 class _New:
     """A packet the checks found new: stored by the commit unless the look-up inside the
@@ -76,6 +95,7 @@ class _New:
     identity: tuple[Any, ...]
     relayed: bool  # an outbox relay row, else an inbox row
     row: dict[str, Any]
+    v2: bool  # its receipts may be batch-signed
 
 
 @dataclass
@@ -114,17 +134,22 @@ class Intake:
         requarantine: bool = True,
         remote: str | None = None,
         admit_refusal: Callable[[], bool] | None = None,
+        receipts_v2: bool = False,
     ) -> list[bytes]:
         """Process a batch; returns one answer per frame (a signed receipt, b"" for a
         forwarded receipt we took, or an ``unsigned_error`` for a frame that did not
         authenticate). ``remote``: the source address; ``admit_refusal()`` says whether one
         more unauthenticated refusal of it may be kept (its rate), else it is only answered.
+        ``receipts_v2``: the requester takes ``HTR2`` receipts; they are given for the frames
+        that came straight from it (a receipt for a relayed packet goes back to its sender
+        through the platform, and that sender may know only ``HTR1``).
         Raises StoreError if the batch could not be committed."""
         now = now or self.ctx.now()
         batch = _Batch(now=now, source=source, keep=requarantine)
-        answers: list[bytes | None] = []
+        answers: list[_Answer] = []
         seen: dict[str, tuple[tuple[Any, ...], int]] = {}
         decoded: list[env.Packet | PacketRefused | None] = []
+        roots: set[tuple[str, bytes, bytes]] = set()
         for frame in frames:  # decode once; the replay lookup needs every id up front
             try:
                 is_packet = env.frame_kind(frame) == "packet"
@@ -143,7 +168,7 @@ class Intake:
                 if isinstance(pkt, PacketRefused):
                     raise pkt
                 if pkt is None:
-                    fields = env.verify_receipt(frame, self._keys_for)
+                    fields = env.verify_receipt(frame, self._keys_for, roots=roots)
                 else:
                     relay_id = self._authenticate(pkt)
             except PacketRefused as exc:
@@ -153,18 +178,20 @@ class Intake:
                     )
                 )
                 continue
+            v2 = receipts_v2 and (pkt is None or pkt.relay is None)
             try:
                 if pkt is None:
                     answers.append(self._take_receipt(fields, frame, batch))
                     continue
                 answers.append(
-                    self._take_packet(pkt, frame, now, batch, existing, seen, answers, relay_id)
+                    self._take_packet(pkt, frame, now, batch, existing, seen, answers, relay_id, v2)
                 )
             except PacketRefused as exc:
-                answers.append(self._refuse(frame, exc, now, source, batch, requarantine))
+                answers.append(self._refuse(frame, exc, now, source, batch, requarantine, v2))
+        signed = self._sign(answers, {})  # outside the write lock: the commit rarely adds any
         try:
             final, hops = self.ctx.store.write_grouped(
-                lambda conn: self._commit(conn, batch, answers)
+                lambda conn: self._commit(conn, batch, answers, signed)
             )
         except IntegrityError as exc:  # PostgreSQL: a request with one of these ids won a race
             raise StoreError("packet id taken meanwhile: try again") from exc
@@ -183,9 +210,10 @@ class Intake:
         batch: _Batch,
         existing: dict[str, dict[str, Any]],
         seen: dict[str, tuple[tuple[Any, ...], int]],
-        answers: list[bytes | None],
+        answers: list[_Answer],
         relay_id: str | None,
-    ) -> bytes | None:
+        v2: bool,
+    ) -> _Answer:
         """A packet whose sender (and relay) ``_authenticate`` verified: every refusal from
         here on is signed."""
         plan = self.plan
@@ -216,11 +244,10 @@ class Intake:
                 self._entry("duplicate", h, now, relay_id, prior.get("patient_hash"))
             )
             seen[h.id] = (identity, len(answers))
-            receipt: bytes = prior["receipt"]
-            return receipt
+            return _prior_answer(prior, v2)
         seen[h.id] = (identity, len(answers))
         if relaying:
-            return self._relay(h, frame, now, batch, len(answers), identity)
+            return self._relay(h, frame, now, batch, len(answers), identity, v2)
         body = env.open_body(pkt, self.ctx.encryption_keys)
         try:
             bundle = parse_and_validate_bundle(body)
@@ -228,7 +255,7 @@ class Intake:
             exc.body = body  # type: ignore[attr-defined]  # kept for IT in quarantine
             raise
         phash = bundle_patient_hash(plan.patient_hash_key, bundle, plan.alliance.national_id_system)
-        receipt = self._receipt(h.id, h.sender, h.recipient, h.digest, "accepted", now)
+        receipt = self._receipt(h.id, h.sender, h.recipient, h.digest, "accepted", now, v2)
         row = {
             "packet_id": h.id,
             "sender": h.sender,
@@ -245,10 +272,10 @@ class Intake:
             "received_at": now,
             "next_try_at": now,
             "body": body,
-            "receipt": receipt,
+            "receipt": receipt,  # the signed frame, filled in by the commit
         }
         batch.new.append(
-            _New(len(answers), len(batch.audit), h, frame, relay_id, identity, False, row)
+            _New(len(answers), len(batch.audit), h, frame, relay_id, identity, False, row, v2)
         )
         batch.audit.append(self._entry("received", h, now, relay_id, phash))
         return receipt
@@ -297,7 +324,8 @@ class Intake:
         batch: _Batch,
         index: int,
         identity: tuple[Any, ...],
-    ) -> bytes:
+        v2: bool,
+    ) -> _Pending:
         """Store and forward: the platform keeps the sealed frame, never a readable body.
         (A stamp of an earlier relay, if any, is replaced when this platform forwards it.)"""
         row = {
@@ -319,9 +347,9 @@ class Intake:
             "body": None,
             "frame": frame,
         }
-        batch.new.append(_New(index, len(batch.audit), h, frame, None, identity, True, row))
+        batch.new.append(_New(index, len(batch.audit), h, frame, None, identity, True, row, v2))
         batch.audit.append(self._entry("relay-queued", h, now, None, None))
-        return self._receipt(h.id, h.sender, h.recipient, h.digest, "relayed", now)
+        return self._receipt(h.id, h.sender, h.recipient, h.digest, "relayed", now, v2)
 
     # -- receipts forwarded back through a platform ---------------------------------------------
 
@@ -399,10 +427,11 @@ class Intake:
         source: str,
         batch: _Batch,
         keep: bool = True,
-    ) -> bytes:
+        v2: bool = False,
+    ) -> _Pending:
         header = _peek_header(frame)
         if not keep:  # a replay from quarantine: the original item records the outcome
-            return self._refusal(header, exc, now)
+            return self._refusal(header, exc, now, v2)
         body = getattr(exc, "body", None)  # the opened body, when it failed validation
         phash = bundle_patient(
             body, self.plan.patient_hash_key, self.plan.alliance.national_id_system
@@ -436,10 +465,12 @@ class Intake:
                 at=now,
             )
         )
-        return self._refusal(header, exc, now)
+        return self._refusal(header, exc, now, v2)
 
-    def _refusal(self, header: dict[str, Any], exc: PacketRefused, now: datetime) -> bytes:
-        return env.sign_receipt(
+    def _refusal(
+        self, header: dict[str, Any], exc: PacketRefused, now: datetime, v2: bool
+    ) -> _Pending:
+        return _Pending(
             {
                 "packet": header.get("id"),
                 "sender": header.get("sender"),
@@ -451,15 +482,22 @@ class Intake:
                 "at": _iso(now),
                 "digest": header.get("digest"),
             },
-            self.ctx.signing_key,
+            v2,
         )
 
     # -- helpers ------------------------------------------------------------------------------
 
     def _receipt(
-        self, packet: str, sender: str, recipient: str, digest: str, status: str, now: datetime
-    ) -> bytes:
-        return env.sign_receipt(
+        self,
+        packet: str,
+        sender: str,
+        recipient: str,
+        digest: str,
+        status: str,
+        now: datetime,
+        v2: bool,
+    ) -> _Pending:
+        return _Pending(
             {
                 "packet": packet,
                 "sender": sender,
@@ -472,8 +510,29 @@ class Intake:
                 "digest": digest,
                 **self.ctx.audit.receipt_fields(),  # additive: our latest signed checkpoint
             },
-            self.ctx.signing_key,
+            v2,
         )
+
+    def _sign(self, answers: list[_Answer], presigned: dict[int, bytes]) -> dict[int, bytes]:
+        """The frame of every receipt in ``answers`` (by ``id`` of its ``_Pending``): each
+        ``HTR1`` signed alone, the ``HTR2`` ones under one root. ``presigned``: frames signed
+        earlier for these answers; an ``HTR1`` is reused, the ``HTR2`` ones only if the batch's
+        v2 receipts are still exactly those (else the root would cover a receipt not given)."""
+        pending = list({id(a): a for a in answers if isinstance(a, _Pending)}.values())
+        key = self.ctx.signing_key
+        done = {
+            id(p): presigned.get(id(p)) or env.sign_receipt(p.fields, key)
+            for p in pending
+            if not p.v2
+        }
+        v2 = [p for p in pending if p.v2]
+        before = {i for i, f in presigned.items() if f[:4] == env.MAGIC_RECEIPT_BATCH}
+        if v2 and before == {id(p) for p in v2}:
+            done.update((id(p), presigned[id(p)]) for p in v2)
+        elif v2:
+            frames = env.sign_receipts([p.fields for p in v2], key)
+            done.update(zip((id(p) for p in v2), frames, strict=True))
+        return done
 
     def _entry(
         self, action: str, h: env.Header, now: datetime, relay: str | None, phash: str | None
@@ -530,14 +589,19 @@ class Intake:
                 found.setdefault(o.packet_id, {"identity": None})
                 continue
             identity = (o.sender, o.recipient, o.kind, o.thread, o.seq, o.digest)
-            receipt = self._receipt(
-                o.packet_id, o.sender, o.recipient, o.digest, "relayed", o.created_at
-            )
-            found[o.packet_id] = {"identity": identity, "receipt": receipt}
+            # its 'relayed' receipt is signed again (only if it is given: ``_prior_answer``)
+            fields = self._receipt(
+                o.packet_id, o.sender, o.recipient, o.digest, "relayed", o.created_at, False
+            ).fields
+            found[o.packet_id] = {"identity": identity, "fields": fields}
         return found
 
     def _commit(
-        self, conn: Connection, batch: _Batch, provisional: list[bytes | None]
+        self,
+        conn: Connection,
+        batch: _Batch,
+        provisional: list[_Answer],
+        presigned: dict[int, bytes],
     ) -> tuple[list[bytes], set[str]]:
         """Write the batch in ``conn``'s transaction: its answers and the next hops of what it
         queued for relay. Reads ``batch`` and changes nothing of it, so it can run again after
@@ -555,7 +619,7 @@ class Intake:
             if prior is None:
                 (relay if new.relayed else inbox).append(dict(new.row))
             elif prior["identity"] == new.identity:
-                answers[new.index] = prior["receipt"]
+                answers[new.index] = _prior_answer(prior, new.v2)
                 audit[new.audit] = self._entry(
                     "duplicate", new.header, batch.now, new.relay_id, prior.get("patient_hash")
                 )
@@ -563,12 +627,15 @@ class Intake:
                 refused = _Batch(now=batch.now, source=batch.source, keep=batch.keep)
                 exc = ReplayedPacket(f"packet id {new.header.id} already taken with other content")
                 answers[new.index] = self._refuse(
-                    new.frame, exc, batch.now, batch.source, refused, batch.keep
+                    new.frame, exc, batch.now, batch.source, refused, batch.keep, new.v2
                 )
                 quarantine += refused.quarantine
                 audit[new.audit] = refused.audit[0] if refused.audit else None
         for index, first in batch.alias:
             answers[index] = answers[first]
+        signed = self._sign(answers, presigned)
+        for row in inbox:
+            row["receipt"] = signed[id(row["receipt"])]
         if inbox:
             # a signed packet whose bundle names no patient (a status, a result) on a thread
             # this node knows is that thread's patient's, in the browser and the audit
@@ -604,7 +671,23 @@ class Intake:
         if entries:
             self.ctx.audit.append(conn, entries)
         faults.point("intake.before_commit")
-        return [a if a is not None else b"" for a in answers], {r["next_hop"] for r in relay}
+        final = [
+            signed[id(a)] if isinstance(a, _Pending) else a if a is not None else b""
+            for a in answers
+        ]
+        return final, {r["next_hop"] for r in relay}
+
+
+def _prior_answer(prior: dict[str, Any], v2: bool) -> bytes | _Pending:
+    """The answer to a packet taken before: its stored receipt as it was given (an ``HTR2``
+    one signed again as ``HTR1`` for a sender that did not ask for v2, which may know only
+    ``HTR1``), or, for a relayed one, its 'relayed' receipt to sign."""
+    if "fields" in prior:
+        return _Pending(prior["fields"], v2)
+    stored: bytes = prior["receipt"]
+    if not v2 and stored[:4] == env.MAGIC_RECEIPT_BATCH:
+        return _Pending(env.receipt_fields(stored), False)
+    return stored
 
 
 def apply_receipt(

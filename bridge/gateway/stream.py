@@ -98,11 +98,12 @@ class FramePeek:
         if have < start + 4:
             return False
         magic = bytes(buf[start : start + 4])
-        if magic == env.MAGIC_RECEIPT:
-            if end - start > 8 + env.MAX_RECEIPT + env.SIG_LEN:
-                raise PacketTooLarge(
-                    f"receipt is {end - start} bytes, limit {8 + env.MAX_RECEIPT + env.SIG_LEN}"
-                )
+        if magic in (env.MAGIC_RECEIPT, env.MAGIC_RECEIPT_BATCH):
+            limit = 8 + env.MAX_RECEIPT + env.SIG_LEN
+            if magic == env.MAGIC_RECEIPT_BATCH:  # position, count, path length, longest path
+                limit += 9 + 32 * env.MAX_PATH
+            if end - start > limit:
+                raise PacketTooLarge(f"receipt is {end - start} bytes, limit {limit}")
             self._step = self._skip
             return True
         if magic != env.MAGIC_PACKET:
