@@ -41,6 +41,7 @@ from typing import Any
 import orjson
 from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
 
+from bridge import faults
 from bridge.audit.events import AuditEntry
 from bridge.context import NodeContext
 from bridge.errors import Backlogged, HutongError, Retry, StoreError
@@ -211,6 +212,7 @@ class Journal:
             return 0, False
         done: list[Any] = []
         routed = False
+        faults.point("journal.before_expand")
         try:
             with self.ctx.store.write() as conn:
                 started = time.monotonic()
@@ -220,9 +222,11 @@ class Journal:
                     if time.monotonic() - started > HOLD_S:
                         break
                 conn.execute(_DONE, {"_ids": [r.id for r in done]})
+                faults.point("journal.before_commit")
         except Exception as exc:  # noqa: BLE001 - rolled back: each row alone below
             log.debug("journal batch rolled back (%s): row by row", type(exc).__name__)
             return self._one_by_one(rows)
+        faults.point("journal.after_commit")
         self._finished(len(done), routed)
         return len(done), False
 
