@@ -218,9 +218,7 @@ def test_a_crash_between_the_ack_and_the_fhir_store_loses_nothing_and_stores_onc
             reports = [
                 orjson.loads(r.body)["identifier"][0]["value"]
                 for r in conn.execute(
-                    select(FHIR_RESOURCE.c.body).where(
-                        FHIR_RESOURCE.c.rtype == "DiagnosticReport"
-                    )
+                    select(FHIR_RESOURCE.c.body).where(FHIR_RESOURCE.c.rtype == "DiagnosticReport")
                 )
             ]
             observations = conn.execute(

@@ -273,7 +273,10 @@ class Journal:
         from bridge.results.routing import store_and_route
 
         prior = intake.seen(conn, row.adapter, row.source_key) or {}
+        now = self.ctx.now()
+        # the key's result keeps the answer given (the ACK) and says when it was stored
         answer = {k: v for k, v in prior.items() if k != "staged"}
+        answer["stored_at"] = now.isoformat()
         out = store_and_route(
             self.ctx,
             conn,
@@ -284,7 +287,7 @@ class Journal:
             patient_hash=row.patient_hash,
             raw=row.raw,
             kind=row.kind,
-            at=self.ctx.now(),
+            at=now,
             received_at=row.received_at,
             remembered=True,
         )
