@@ -47,6 +47,11 @@ from bridge.startup import check_anchor
 from bridge.store import state
 
 log = logging.getLogger("hutong.node")
+#: the interpreter's thread switch interval in a running node (Python's default 5 ms): a
+#: thread back from SQLite, a socket or a lock waits up to this long for a thread running
+#: Python (an LIS connection's handler converting a message) to give up the GIL, and the
+#: node's threads do that several times a message (bench/README.md, ``lis.py``)
+SWITCH_INTERVAL_S = 0.001
 
 
 class _Drain:
@@ -356,6 +361,9 @@ class Node:
         return gateway, local
 
     def run(self) -> None:
+        import sys
+
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
         self.record_start()
         _warm_validators()
         gateway, local = self.apps()

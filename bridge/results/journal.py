@@ -210,19 +210,24 @@ class Journal:
             rows = list(conn.execute(_QUEUED, {"_n": BATCH}))
         if not rows:
             return 0, False
-        done: list[Any] = []
-        routed = False
         faults.point("journal.before_expand")
+
+        def work(conn: Connection) -> tuple[list[Any], bool]:
+            done: list[Any] = []
+            routed = False
+            started = time.monotonic()
+            for row in rows:
+                routed |= self._expand(conn, row)
+                done.append(row)
+                if time.monotonic() - started > HOLD_S:
+                    break
+            conn.execute(_DONE, {"_ids": [r.id for r in done]})
+            faults.point("journal.before_commit")
+            return done, routed
+
         try:
-            with self.ctx.store.write() as conn:
-                started = time.monotonic()
-                for row in rows:
-                    routed |= self._expand(conn, row)
-                    done.append(row)
-                    if time.monotonic() - started > HOLD_S:
-                        break
-                conn.execute(_DONE, {"_ids": [r.id for r in done]})
-                faults.point("journal.before_commit")
+            # grouped: messages staged meanwhile commit with this transaction (Store.write_grouped)
+            done, routed = self.ctx.store.write_grouped(work)
         except Exception as exc:  # noqa: BLE001 - rolled back: each row alone below
             log.debug("journal batch rolled back (%s): row by row", type(exc).__name__)
             return self._one_by_one(rows)
