@@ -8,8 +8,11 @@ its own): python-hl7's asyncio MLLP server; per message: parse (``readmessage``)
 then the AA (``create_ack``). No validation, no FHIR, no exactly-once, no audit.
 
 Hutong: a node (``hutong run``) with the ``lis-hl7`` adapter on SQLite, as ``results.py``
-starts it (rate limit lifted). Each message is answered only after its resources, raw message,
-exactly-once key, audit entry and ACK are committed.
+starts it (rate limit lifted). Each message is answered only after its raw message, converted
+Bundle, exactly-once key and ACK are committed as one results-journal row; the node files it
+into the FHIR store after (``bridge/results/journal.py``): each run waits for that at its end
+and reports how long it took after the last ACK ("filed +s"). ``--direct`` adds the same
+node's unstaged path (``staged = false``: everything filed before the ACK) to the same chunks.
 
 Both get the same messages from the same client code (python-hl7's ``MLLPClient``, one thread
 per connection, each sending its share one message at a time and waiting for each ACK, as a

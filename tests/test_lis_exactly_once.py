@@ -7,6 +7,7 @@ once after its restart."""
 
 from __future__ import annotations
 
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from bridge.fhirstore.tables import FHIR_RESOURCE
 from bridge.local.intake import RECORD_ID_REUSED
 from bridge.results.tables import RESULT_JOURNAL, RESULT_MESSAGE
 from bridge.store.db import Store
-from tests.harness import Alliance, free_port_block, results_stored
+from tests.harness import Alliance, NodeProcess, free_port_block, results_stored
 from tests.lis_site import write_site
 from tests.test_web import Browser, section
 
@@ -78,6 +79,14 @@ def send(port: int, *messages: bytes) -> list[bytes]:
                 raw += client.socket.recv(4096)
             out.append(raw.strip(b"\x0b\x1c\r"))
     return out
+
+
+def metrics_text(node: NodeProcess) -> str:
+    req = urllib.request.Request(
+        node.local_url + "/metrics", headers={"Authorization": f"Bearer {node.token('it')}"}
+    )
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return str(r.read().decode())
 
 
 def msa(ack: bytes) -> tuple[str, str]:
@@ -230,6 +239,12 @@ def test_a_crash_between_the_ack_and_the_fhir_store_loses_nothing_and_stores_onc
         assert sorted(reports) == ["LAB-2026-8001", "LAB-2026-8002"]  # once each
         assert observations[0] == FIXTURE_OBSERVATIONS and observations[1] == 1
         assert journal == 0
+        # IT's view: nothing waiting, nothing failed, the bound (/metrics)
+        metrics = metrics_text(node)
+        assert 'hutong_results_journal{node="core",state="waiting"} 0.0' in metrics
+        assert 'hutong_results_journal{node="core",state="failed"} 0.0' in metrics
+        assert 'hutong_results_journal_oldest_seconds{node="core"} 0.0' in metrics
+        assert 'hutong_results_journal_limit{node="core"} 2000.0' in metrics
         [again] = send(port, message)  # the LIS did not trust the first ACK: the stored one
         assert again == ack
         assert kept(store, message) == 1
