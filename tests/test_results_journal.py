@@ -4,7 +4,7 @@ transaction, each once; a row whose expansion fails is kept, quarantined and aud
 the others are stored, and goes back to the queue when IT replays it; the bound refuses new
 messages (transient) until the job has drained it.
 
-A scaffolded node's real NodeContext (SQLite), real LIS messages (``simulators.lis``) converted
+A scaffolded node's real NodeContext (SQLite and PostgreSQL), real LIS messages (``simulators.lis``) converted
 by the adapter's own converter; the node process, the ACKs and the crash guarantees are in
 tests/test_lis_exactly_once.py."""
 
@@ -36,9 +36,17 @@ AUDIT = AuditRecord.__table__  # type: ignore[attr-defined]
 MEMBERS = [{"id": "core", "zh": "复兴医院", "en": "Fuxing Hospital", "role": "core"}]
 
 
-@pytest.fixture
-def ctx(tmp_path: Path) -> Iterator[NodeContext]:
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def ctx(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[NodeContext]:
     files = write_alliance(tmp_path / "alliance", MEMBERS, [])
+    if request.param == "postgres":
+        monkeypatch.setenv("HUTONG_TEST_CORE_DSN", str(request.getfixturevalue("pg_db")))
+        text = files["core"].read_text()
+        files["core"].write_text(
+            text.replace("[keys]", 'storage_dsn = "env:HUTONG_TEST_CORE_DSN"\n[keys]', 1)
+        )
     c = NodeContext.open(load_node(files["core"]))
     try:
         yield c
