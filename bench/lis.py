@@ -8,8 +8,11 @@ its own): python-hl7's asyncio MLLP server; per message: parse (``readmessage``)
 then the AA (``create_ack``). No validation, no FHIR, no exactly-once, no audit.
 
 Hutong: a node (``hutong run``) with the ``lis-hl7`` adapter on SQLite, as ``results.py``
-starts it (rate limit lifted). Each message is answered only after its resources, raw message,
-exactly-once key, audit entry and ACK are committed.
+starts it (rate limit lifted). Each message is answered only after its raw message, converted
+Bundle, exactly-once key and ACK are committed as one results-journal row; the node files it
+into the FHIR store after (``bridge/results/journal.py``): each run waits for that at its end
+and reports how long it took after the last ACK ("filed +s"). ``--direct`` adds the same
+node's unstaged path (``staged = false``: everything filed before the ACK) to the same chunks.
 
 Both get the same messages from the same client code (python-hl7's ``MLLPClient``, one thread
 per connection, each sending its share one message at a time and waiting for each ACK, as a
@@ -155,29 +158,28 @@ def drive(port: int, messages: list[bytes], conns: int) -> dict[str, Any]:
 
 
 def alternate(
-    plain_port: int, port: int, messages: list[bytes], conns: int, chunk: int = CHUNK
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The messages in chunks, each sent to the plain receiver and then to Hutong: both sides
-    meet the same moments of a shared machine (its disk's fsync latency drifts over seconds)."""
-    sides: dict[str, list[dict[str, Any]]] = {"plain": [], "hutong": []}
+    ports: dict[str, int], messages: list[bytes], conns: int, chunk: int = CHUNK
+) -> dict[str, dict[str, Any]]:
+    """The messages in chunks, each sent to every side in turn (the plain receiver first):
+    all sides meet the same moments of a shared machine (its disk's fsync latency drifts over
+    seconds). ``ports``: side -> port; each side gets the same messages."""
+    sides: dict[str, list[dict[str, Any]]] = {name: [] for name in ports}
     for i in range(0, len(messages), chunk):
         part = messages[i : i + chunk]
-        sides["plain"].append(drive(plain_port, part, conns))
-        sides["hutong"].append(drive(port, part, conns))
-    out = []
-    for runs in sides.values():
+        for name, port in ports.items():
+            sides[name].append(drive(port, part, conns))
+    out = {}
+    for name, runs in sides.items():
         lat = sorted(x for r in runs for x in r["lat"])
-        out.append(
-            {
-                "n": len(messages),
-                "conns": conns,
-                "per_s": len(messages) / sum(r["elapsed"] for r in runs),
-                "p50_ms": statistics.median(lat) * 1000,
-                "p99_ms": lat[max(int(len(lat) * 0.99) - 1, 0)] * 1000,
-                "not_aa": sum(r["not_aa"] for r in runs),
-            }
-        )
-    return out[0], out[1]
+        out[name] = {
+            "n": len(messages),
+            "conns": conns,
+            "per_s": len(messages) / sum(r["elapsed"] for r in runs),
+            "p50_ms": statistics.median(lat) * 1000,
+            "p99_ms": lat[max(int(len(lat) * 0.99) - 1, 0)] * 1000,
+            "not_aa": sum(r["not_aa"] for r in runs),
+        }
+    return out
 
 
 # -- Hutong's node ---------------------------------------------------------------------------------
@@ -202,33 +204,46 @@ def measure(
     conns: tuple[int, ...] = (1, 4),
     py_spy: str | None = None,
     keep: Path | None = None,
+    direct: bool = False,
 ) -> dict[str, Any]:
     """Every figure of the module docstring; prints them and returns them."""
     from simulators.lis import oru_message
-    from tests.harness import Alliance, free_port_block
+    from tests.harness import Alliance, free_port_block, results_stored
 
     with tempfile.TemporaryDirectory() as tmp:
         root = keep or Path(tmp)
         site = hutong_site(root)
-        port = free_port_block(2)
+        port = free_port_block(3)
         plain_port = port + 1
+        adapters: list[dict[str, Any]] = [
+            {
+                "name": "lis",
+                "type": "lis-hl7",
+                "mappings": str(site),
+                "options": {
+                    "port": port,
+                    "rate_limit": {"per_second": 100000, "burst": 100000, "hold_s": 0},
+                },
+            }
+        ]
+        if direct:  # the same node's unstaged path: everything filed before the ACK
+            adapters.append(
+                {
+                    **adapters[0],
+                    "name": "lis-direct",
+                    "options": {**adapters[0]["options"], "port": port + 2, "staged": False},
+                }
+            )
+        ports = {"plain": plain_port, "hutong": port}
+        if direct:
+            ports["direct"] = port + 2
         members = [
             {
                 "id": "core",
                 "zh": "复兴医院",
                 "en": "Fuxing Hospital",
                 "role": "core",
-                "adapters": [
-                    {
-                        "name": "lis",
-                        "type": "lis-hl7",
-                        "mappings": str(site),
-                        "options": {
-                            "port": port,
-                            "rate_limit": {"per_second": 100000, "burst": 100000, "hold_s": 0},
-                        },
-                    }
-                ],
+                "adapters": adapters,
             },
             {"id": "chc", "zh": "月坛社区卫生服务中心", "en": "Yuetan CHC", "role": "community"},
         ]
@@ -243,8 +258,8 @@ def measure(
             node = a.node("core").proc
             assert node is not None
             warm = [oru_message(9_000_000 + i) for i in range(20)]
-            drive(port, warm, 1)  # schema compiled, connections opened
-            drive(plain_port, warm, 1)
+            for p in ports.values():  # schema compiled, connections opened
+                drive(p, warm, 1)
             if py_spy:
                 spy = subprocess.Popen(
                     [
@@ -268,17 +283,23 @@ def measure(
                 for c in conns:
                     msgs = [oru_message(i, full_cbc=full) for i in range(first, first + n)]
                     first += n
-                    p, h = alternate(plain_port, port, msgs, c)
+                    sides = alternate(ports, msgs, c)
+                    # the staged messages' filing into the FHIR store after the last ACK
+                    t = time.perf_counter()
+                    results_stored(a.node("core"), timeout=300)
+                    p, h = sides["plain"], sides["hutong"]
                     runs.append(
                         {
                             "obx": obx,
                             "conns": c,
                             "bytes": sum(map(len, msgs)) / n,
-                            "plain": p,
-                            "hutong": h,
+                            **sides,
                             "ratio": h["per_s"] / p["per_s"],
+                            "filed_after_s": time.perf_counter() - t,
                         }
                     )
+                    if "direct" in sides:
+                        runs[-1]["direct_ratio"] = sides["direct"]["per_s"] / p["per_s"]
         finally:
             if spy is not None:
                 spy.send_signal(2)
@@ -293,11 +314,13 @@ def measure(
 def print_table(out: dict[str, Any]) -> None:
     print(
         f"LIS intake per connection ({out['n']} messages a run; plain = python-hl7 asyncio "
-        "server + one SQLite commit per message)"
+        "server + one SQLite commit per message; Hutong = staged: AA after the results "
+        "journal's commit; direct = staged = false: filed before the AA)"
     )
     print(
         f"  {'OBX':>3} {'conns':>5} {'plain msg/s':>11} {'p50 ms':>7} {'Hutong msg/s':>12} "
-        f"{'p50 ms':>7} {'p99 ms':>7} {'ratio':>6} {'not AA':>6}"
+        f"{'p50 ms':>7} {'p99 ms':>7} {'ratio':>6} {'not AA':>6} {'filed +s':>8}"
+        f" {'direct msg/s':>12} {'ratio':>6}"
     )
     one: dict[int, float] = {}
     for r in out["runs"]:
@@ -309,10 +332,13 @@ def print_table(out: dict[str, Any]) -> None:
             if r["conns"] > 1 and r["obx"] in one
             else ""
         )
+        d = r.get("direct")
+        direct = f" {d['per_s']:>12.0f} {r['direct_ratio']:>5.2f}x" if d else f" {'-':>12} {'-':>6}"
+        bad = p["not_aa"] + h["not_aa"] + (d["not_aa"] if d else 0)
         print(
             f"  {r['obx']:>3} {r['conns']:>5} {p['per_s']:>11.0f} {p['p50_ms']:>7.1f} "
             f"{h['per_s']:>12.0f} {h['p50_ms']:>7.1f} {h['p99_ms']:>7.1f} "
-            f"{r['ratio']:>5.2f}x {p['not_aa'] + h['not_aa']:>6}{scale}"
+            f"{r['ratio']:>5.2f}x {bad:>6} {r['filed_after_s']:>8.2f}{direct}{scale}"
         )
 
 
@@ -328,14 +354,24 @@ def main(argv: list[str] | None = None) -> int:
         "--py-spy", help="py-spy binary: sample the node (--idle) to bench/results/pyspy-lis.txt"
     )
     p.add_argument("--keep", type=Path, help="keep the node's folder here")
+    p.add_argument(
+        "--direct",
+        action="store_true",
+        help="also the same node's unstaged LIS path (staged = false), in the same chunks",
+    )
     args = p.parse_args(argv)
     if args.cmd == "plain":
         plain_main(args.port, args.db)
         return 0
     if args.keep:
         args.keep.mkdir(parents=True, exist_ok=True)
-    out = measure(args.n, tuple(int(x) for x in args.conns.split(",")), args.py_spy, args.keep)
-    bad = sum(r["plain"]["not_aa"] + r["hutong"]["not_aa"] for r in out["runs"])
+    out = measure(
+        args.n, tuple(int(x) for x in args.conns.split(",")), args.py_spy, args.keep, args.direct
+    )
+    bad = sum(
+        r["plain"]["not_aa"] + r["hutong"]["not_aa"] + r.get("direct", {}).get("not_aa", 0)
+        for r in out["runs"]
+    )
     return 0 if bad == 0 else 1
 
 

@@ -12,7 +12,8 @@ durable cluster of ``bench/exchange.py``), one after the other, on fresh nodes:
   call) at ``--rate`` packets/s; B files each into its FHIR store (its local delivery).
 * **lis**: ``core``'s ``lis-hl7`` adapter fed ORU^R01 messages (8 OBX, ``simulators.lis``) over
   one MLLP connection at ``--lis-rate`` messages/s, each waiting for its ACK (a LIS), as
-  ``bench/lis.py`` starts it; each message's resources are stored before its ACK. No member
+  ``bench/lis.py`` starts it; each message is acknowledged after its results-journal commit
+  and filed into the FHIR store after (the backlog column: journal rows waiting). No member
   referred these patients, so no result is routed on: core is the one node of this load.
 
 Every ``--every`` seconds (15) a sample: what the bench handed over (offered/s), what the
@@ -168,7 +169,13 @@ class Sampler:
             "in_p99_ms": pct(lat_in, 0.99),
             "done_p50_ms": pct(lat_done, 0.5),
             "done_p99_ms": pct(lat_done, 0.99),
-            "backlog": self.rx.scalar("SELECT COUNT(*) FROM inbox WHERE state = 'received'"),
+            # lis: the messages acknowledged and not yet filed into the FHIR store (the
+            # results journal, bridge/results/journal.py)
+            "backlog": self.rx.scalar(
+                "SELECT COUNT(*) FROM result_journal WHERE state = 'queued'"
+                if lis
+                else "SELECT COUNT(*) FROM inbox WHERE state = 'received'"
+            ),
             "out_waiting": self.tx.scalar(
                 "SELECT COUNT(*) FROM outbox WHERE state IN ('queued', 'sent')"
             ),

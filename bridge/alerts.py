@@ -5,6 +5,11 @@ Rules (thresholds from ``[alerts]`` in the node file, ``AlertsConfig``):
 - ``queue-depth:<peer>``: more packets waiting for a next hop than ``queue_depth``;
 - ``queue-age:<peer>`` / ``queue-age:inbox``: the oldest packet waiting to leave for a peer, or
   waiting to be handed to the local side, is older than ``queue_age_s``;
+- ``queue-age:results-journal`` / ``queue-depth:results-journal``: the oldest lab message
+  acknowledged and not yet expanded into the FHIR store (bridge/results/journal.py) is older
+  than ``queue_age_s``, or the journal is at its bound (``[limits] max_results_journal``: new
+  messages are answered AE, resend later); ``quarantine:adapter:<name>`` also covers a message
+  whose expansion failed;
 - ``peer-silent:<peer>``: no receipt, packet or health answer from a next hop for
   ``peer_silent_s`` (the job probes each hop's ``/exchange/v1/health``, so an idle but healthy
   peer is not silent);
@@ -52,6 +57,7 @@ from sqlalchemy import bindparam, func, select, text
 from bridge.audit.events import AuditEntry
 from bridge.config.models import AlertsConfig
 from bridge.config.secrets import is_secret_ref, resolve_secret
+from bridge.results.journal import counts as journal_counts
 from bridge.store import state
 from bridge.store.tables import INBOX, OPEN_WHERE, OUTBOX, QUARANTINE
 
@@ -119,6 +125,9 @@ class Facts:
     inbox_waiting: int = 0
     inbox_oldest_s: float | None = None
     inbox_bound: int = 0  # [limits] max_inbox_backlog (0: none)
+    journal_waiting: int = 0  # lab messages acknowledged, not yet in the FHIR store
+    journal_oldest_s: float | None = None
+    journal_bound: int = 0  # [limits] max_results_journal (0: none)
     adapters: dict[str, dict[str, Any]] = field(default_factory=dict)
     chain_ok: bool | None = None  # None: not verified yet
     chain_problem: str | None = None
@@ -132,6 +141,11 @@ class Facts:
 def _inbox_bound(node: Any) -> int:
     limits = getattr(getattr(node, "plan", None), "limits", None)
     return int(getattr(limits, "max_inbox_backlog", 0) or 0)
+
+
+def _journal_bound(node: Any) -> int:
+    limits = getattr(getattr(node, "plan", None), "limits", None)
+    return int(getattr(limits, "max_results_journal", 0) or 0)
 
 
 def _aware(t: datetime | None) -> datetime | None:
@@ -218,6 +232,31 @@ def evaluate(facts: Facts, cfg: AlertsConfig) -> list[Alert]:
                 f"{facts.inbox_waiting} received packets not handed "
                 f"to the local side, oldest {facts.inbox_oldest_s:.0f} s "
                 f"(threshold {cfg.queue_age_s:.0f} s)",
+            )
+        )
+    if facts.journal_bound and facts.journal_waiting >= facts.journal_bound:
+        out.append(
+            Alert(
+                "queue-depth:results-journal",
+                "queue-depth",
+                "results-journal",
+                facts.journal_waiting,
+                facts.journal_bound,
+                f"{facts.journal_waiting} lab messages wait to be stored in the FHIR store, at "
+                f"the bound of {facts.journal_bound} ([limits] max_results_journal): new "
+                "messages are answered AE (resend later) until it drains",
+            )
+        )
+    if facts.journal_oldest_s is not None and facts.journal_oldest_s > cfg.queue_age_s:
+        out.append(
+            Alert(
+                "queue-age:results-journal",
+                "queue-age",
+                "results-journal",
+                round(facts.journal_oldest_s, 1),
+                cfg.queue_age_s,
+                f"{facts.journal_waiting} acknowledged lab messages not yet in the FHIR store, "
+                f"oldest {facts.journal_oldest_s:.0f} s (threshold {cfg.queue_age_s:.0f} s)",
             )
         )
     for name in sorted(facts.adapters):
@@ -430,6 +469,7 @@ class Alerter:
                     INBOX.c.state == "received"
                 )
             ).one()
+            n_journal, oldest_journal = journal_counts(conn).get("queued", (0, None))
             quarantined = {
                 src: n
                 for src, n in conn.execute(
@@ -460,6 +500,11 @@ class Alerter:
             inbox_bound=_inbox_bound(self.node),
             inbox_oldest_s=(now - _aware(oldest_in)).total_seconds()  # type: ignore[operator]
             if oldest_in is not None
+            else None,
+            journal_waiting=n_journal,
+            journal_bound=_journal_bound(self.node),
+            journal_oldest_s=(now - _aware(oldest_journal)).total_seconds()  # type: ignore[operator]
+            if oldest_journal is not None
             else None,
             adapters=adapters,
             chain_ok=self.chain[1],

@@ -25,6 +25,7 @@ from sqlalchemy import bindparam, func, select, text
 
 from bridge.audit.events import AuditEntry
 from bridge.errors import NotFound
+from bridge.results.journal import counts as journal_counts
 from bridge.store import counts, state
 from bridge.store.tables import INBOX, OPEN_WHERE, OUTBOX, QUARANTINE
 
@@ -115,6 +116,11 @@ class Snapshot:
     hours: list[datetime]  # start of each of the last 24 hours, oldest first
     per_hour: dict[str, list[int]]  # received / sent / failed / quarantined per hour
     totals: dict[str, int]  # lifetime totals by outbox/inbox/quarantine state (for counters)
+    #: lab messages acknowledged and not yet in the FHIR store (bridge/results/journal.py):
+    #: waiting, failed (kept, quarantined), the oldest waiting one's age in seconds
+    journal_waiting: int = 0
+    journal_failed: int = 0
+    journal_oldest_s: float | None = None
 
 
 _ROW = (
@@ -258,6 +264,9 @@ def snapshot(node: Node) -> Snapshot:
             )
         ):
             totals[f"quarantine:{source}:{st}"] = n
+        staged = journal_counts(conn)
+        for jstate, (n, _oldest) in staged.items():
+            totals[f"results_journal:{jstate}"] = n
         if adapters:
             _adapter_windows(node, conn, adapters, since, now)
     return Snapshot(
@@ -267,7 +276,14 @@ def snapshot(node: Node) -> Snapshot:
         hours=hours,
         per_hour=per_hour,
         totals=totals,
+        journal_waiting=staged.get("queued", (0, None))[0],
+        journal_failed=staged.get("failed", (0, None))[0],
+        journal_oldest_s=_age(staged.get("queued", (0, None))[1], now),
     )
+
+
+def _age(t: datetime | None, now: datetime) -> float | None:
+    return None if t is None else (now - _aware(t, now)).total_seconds()
 
 
 def pause_target(node: Node, kind: str, name: str) -> str:

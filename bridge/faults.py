@@ -10,7 +10,12 @@ lookup. The variables (set by tests on the process they start, never in a site's
                                       ``intake.before_commit``, ``intake.after_commit``,
                                       ``dispatcher.after_batch_applied`` (a round's
                                       results committed, nothing handed over yet),
-                                      ``dispatcher.during_delivery``; adapters:
+                                      ``dispatcher.during_delivery``,
+                                      ``journal.before_expand``,
+                                      ``journal.before_commit``,
+                                      ``journal.after_commit`` (the results
+                                      journal's job, bridge/results/journal.py);
+                                      adapters:
                                       ``his_db.after_poll``, ``his_db.after_submit``,
                                       ``his_db.after_quarantine``.
 ``HUTONG_FAULT_DELAY=<point>:<s>``    sleep s seconds at every pass of ``<point>`` (a slow peer).

@@ -131,6 +131,29 @@ class NodeCollector:
         )
         bound.add_metric([node_id], self.node.plan.limits.max_inbox_backlog)
         yield bound
+        journal = GaugeMetricFamily(
+            "hutong_results_journal",
+            "lab messages acknowledged (AA) and not yet in the FHIR store, by state: waiting "
+            "(the expansion's backlog), failed (kept and quarantined, IT replays them)",
+            labels=["node", "state"],
+        )
+        journal.add_metric([node_id, "waiting"], snap.journal_waiting)
+        journal.add_metric([node_id, "failed"], snap.journal_failed)
+        yield journal
+        g = GaugeMetricFamily(
+            "hutong_results_journal_oldest_seconds",
+            "age of the oldest lab message waiting to be stored in the FHIR store (0: none)",
+            labels=["node"],
+        )
+        g.add_metric([node_id], snap.journal_oldest_s or 0.0)
+        yield g
+        g = GaugeMetricFamily(
+            "hutong_results_journal_limit",
+            "waiting lab messages at which new ones are answered AE (resend later); 0: no bound",
+            labels=["node"],
+        )
+        g.add_metric([node_id], self.node.plan.limits.max_results_journal)
+        yield g
         if self.alerter is not None:
             a = GaugeMetricFamily(
                 "hutong_alert_active",

@@ -1,6 +1,7 @@
 """A running node: two ports (peer-facing gateway, hospital-facing local API) and the jobs.
 
 Jobs (APScheduler, one thread each at most): ``send:<peer>`` per next hop, ``deliver``,
+``results-journal`` (lab messages acknowledged, expanded into the FHIR store after),
 ``retention``, ``checkpoint``, ``heap-trim`` (``bridge/memory.py``), ``config-watch``; a
 platform also ``receipts`` (the end-to-end receipts it returns to every member, one commit a
 round). Work that arrives (a queued packet, a received batch) wakes the right job at once; the
@@ -41,10 +42,16 @@ from bridge.memory import TRIM_EVERY_S, trim_heap
 from bridge.referral.workflow import Workflow
 from bridge.results.attach import imaging_events, to_imaging_sinks
 from bridge.results.inbox import ResultsInbox
+from bridge.results.journal import Journal
 from bridge.startup import check_anchor
 from bridge.store import state
 
 log = logging.getLogger("hutong.node")
+#: the interpreter's thread switch interval in a running node (Python's default 5 ms): a
+#: thread back from SQLite, a socket or a lock waits up to this long for a thread running
+#: Python (an LIS connection's handler converting a message) to give up the GIL, and the
+#: node's threads do that several times a message (bench/README.md, ``lis.py``)
+SWITCH_INTERVAL_S = 0.001
 
 
 class _Drain:
@@ -87,6 +94,14 @@ class Node:
         from bridge.console import Pauses
 
         self.pauses = Pauses(self.ctx)  # IT's pause of a peer's sending or of an adapter
+        #: lab messages acknowledged, not yet in the FHIR store (bridge/results/journal.py)
+        self.journal = Journal(
+            self.ctx,
+            bound=plan.limits.max_results_journal,
+            wait_s=plan.limits.results_journal_wait_s,
+            on_routed=self.wake_all_senders,
+        )
+        self.journal.wake = lambda: self.wake("results-journal")
         self.adapters = load_adapters(self)
         self.results = ResultsInbox(self.ctx)
         handlers: dict[str, Any] = load_handlers(
@@ -223,6 +238,8 @@ class Node:
             self._add_drain(f"send:{peer}", step, cfg.poll_interval_s)
         self.add_receipts_job()
         self._add_drain("deliver", lambda: (self.dispatcher.run_once(), False), cfg.poll_interval_s)
+        # resumes the journal left by a stop or a crash at once (its first run is immediate)
+        self._add_drain("results-journal", self.journal.run_once, cfg.poll_interval_s)
         self.scheduler.add_job(
             self._retention, "interval", id="retention", seconds=self.plan.retention.run_every_s
         )
@@ -344,6 +361,9 @@ class Node:
         return gateway, local
 
     def run(self) -> None:
+        import sys
+
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
         self.record_start()
         _warm_up()
         gateway, local = self.apps()

@@ -217,6 +217,26 @@ def lis_send(port: int, message: bytes) -> str:
     return ack.decode().split("MSA|")[1][:2]
 
 
+def results_stored(where: Any, timeout: float = 30.0) -> None:
+    """Wait until every lab message a node acknowledged so far is in its FHIR store: its
+    results journal holds no queued row (``bridge/results/journal.py``: the ACK follows the
+    journal's commit, the resources a few ms later). ``where``: a NodeProcess or a Store."""
+    from sqlalchemy import create_engine, text
+
+    dsn = where.plan.storage_dsn if hasattr(where, "plan") else where.dsn
+    engine = create_engine(dsn)
+    sql = text("SELECT count(*) FROM result_journal WHERE state = 'queued'")
+
+    def empty() -> bool:
+        with engine.connect() as conn:
+            return conn.execute(sql).scalar() == 0
+
+    try:
+        wait_for(empty, timeout, what="the results journal to be expanded")
+    finally:
+        engine.dispose()
+
+
 def lab_gaps(node: NodeProcess) -> dict[str, int]:
     """The node's counted lab-code mapping gaps: code -> count."""
     out: dict[str, int] = {}

@@ -77,6 +77,31 @@ def test_quiet_node_has_no_alerts() -> None:
     )
 
 
+def test_results_journal_lagging_or_at_its_bound() -> None:
+    """Lab messages acknowledged and not yet in the FHIR store (bridge/results/journal.py):
+    older than queue_age_s, and at [limits] max_results_journal."""
+    assert evaluate(facts(journal_waiting=3, journal_oldest_s=60.0, journal_bound=2000), CFG) == []
+    got = {
+        a.key: a
+        for a in evaluate(
+            facts(journal_waiting=2000, journal_oldest_s=90.5, journal_bound=2000), CFG
+        )
+    }
+    assert sorted(got) == ["queue-age:results-journal", "queue-depth:results-journal"]
+    age, depth = got["queue-age:results-journal"], got["queue-depth:results-journal"]
+    assert (age.rule, age.subject, age.value, age.threshold) == (
+        "queue-age",
+        "results-journal",
+        90.5,
+        60,
+    )
+    assert "2000 acknowledged lab messages" in age.message
+    assert (depth.rule, depth.value, depth.threshold) == ("queue-depth", 2000, 2000)
+    assert "max_results_journal" in depth.message and "AE" in depth.message
+    # no bound: no depth alert
+    assert [a.key for a in evaluate(facts(journal_waiting=5000, journal_bound=0), CFG)] == []
+
+
 def test_each_rule_over_its_threshold() -> None:
     now = T0 + timedelta(hours=1)
     peer = PeerFacts(

@@ -32,7 +32,7 @@ from bridge.fhirstore.tables import FHIR_RESOURCE
 from bridge.store.db import Store
 from bridge.store.tables import QUARANTINE
 from simulators.ports import free_port_block
-from tests.harness import ROOT, Alliance, NodeProcess, wait_for
+from tests.harness import ROOT, Alliance, NodeProcess, results_stored, wait_for
 from tests.lis_site import self_signed, write_site
 from tests.test_his_hl7 import HEADER, MEMBERS, RULES, slip
 from tests.test_hl7v2_kit import sample_for
@@ -189,7 +189,9 @@ def resources(store: Store, rtype: str) -> list[dict[str, Any]]:
 
 
 def lis_taken(store: Store, control: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """(Patient, DiagnosticReport, Observation) stored for the ORU with this MSH-10."""
+    """(Patient, DiagnosticReport, Observation) stored for the ORU with this MSH-10 (once the
+    node's results journal has stored what it acknowledged)."""
+    results_stored(store)
     [patient] = [
         p
         for p in resources(store, "Patient")

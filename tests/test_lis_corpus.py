@@ -31,7 +31,7 @@ from bridge.local.tables import ADAPTER_INTAKE
 from bridge.results.tables import RESULT_MESSAGE
 from bridge.store.db import Store
 from bridge.store.tables import QUARANTINE
-from tests.harness import Alliance, free_port_block
+from tests.harness import Alliance, free_port_block, results_stored
 from tests.lis_corpus import CorpusMessage, oru_messages, read_outcomes, write_outcomes
 from tests.lis_site import write_site
 
@@ -78,6 +78,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
                 assert more, "connection closed before the ACK ended"
                 raw += more
             acks.append(hl7.parse(raw.strip(b"\x0b\x1c\r").decode("utf-8", "replace")))
+    results_stored(store)
     try:
         yield {"store": store, "messages": msgs, "acks": acks}
     finally:
@@ -97,8 +98,13 @@ def _kept(store: Store) -> tuple[dict[bytes, tuple[list[str], datetime]], dict[b
                 ).where(ADAPTER_INTAKE.c.adapter == "lis")
             )
         }
+        # when its resources reached the FHIR store: the results journal's expansion (the
+        # key's ``stored_at``), after the key itself was committed with the ACK
         stored = {
-            bytes(r.raw): (results[r.source_key][0]["reports"], results[r.source_key][1])
+            bytes(r.raw): (
+                results[r.source_key][0]["reports"],
+                datetime.fromisoformat(results[r.source_key][0]["stored_at"]),
+            )
             for r in conn.execute(
                 select(RESULT_MESSAGE.c.raw, RESULT_MESSAGE.c.source_key)
                 .where(RESULT_MESSAGE.c.adapter == "lis")

@@ -1,10 +1,13 @@
 """Nothing acknowledged that was not stored: the LIS adapter in a real node process, fed by
 python-hl7's MLLP client. A different message under an already used MSH-3/MSH-4/MSH-10 is a
 new message (stored, AA, the reuse audited and shown to IT); a true re-send (same content,
-MSH-7 restamped) gets the original ACK and is stored once."""
+MSH-7 restamped) gets the original ACK and is stored once; a node killed between the ACK (the
+results journal's commit) and the message's expansion into the FHIR store stores it exactly
+once after its restart."""
 
 from __future__ import annotations
 
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,9 +22,9 @@ from bridge.audit.events import event_fields
 from bridge.audit.tables import AuditRecord
 from bridge.fhirstore.tables import FHIR_RESOURCE
 from bridge.local.intake import RECORD_ID_REUSED
-from bridge.results.tables import RESULT_MESSAGE
+from bridge.results.tables import RESULT_JOURNAL, RESULT_MESSAGE
 from bridge.store.db import Store
-from tests.harness import Alliance, free_port_block
+from tests.harness import Alliance, NodeProcess, free_port_block, results_stored
 from tests.lis_site import write_site
 from tests.test_web import Browser, section
 
@@ -35,6 +38,7 @@ BASE = (
     .replace(b"|LIS20261120-0001|", b"|REUSED-0001|")
 )
 AUDIT = AuditRecord.__table__  # type: ignore[attr-defined]
+FIXTURE_OBSERVATIONS = 9  # the fixture's OBX segments, one Observation each
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +79,14 @@ def send(port: int, *messages: bytes) -> list[bytes]:
                 raw += client.socket.recv(4096)
             out.append(raw.strip(b"\x0b\x1c\r"))
     return out
+
+
+def metrics_text(node: NodeProcess) -> str:
+    req = urllib.request.Request(
+        node.local_url + "/metrics", headers={"Authorization": f"Bearer {node.token('it')}"}
+    )
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return str(r.read().decode())
 
 
 def msa(ack: bytes) -> tuple[str, str]:
@@ -120,6 +132,7 @@ def test_different_message_under_a_used_control_id_is_stored(core: dict[str, Any
     )
     acks = send(core["port"], first, second)
     assert [msa(a) for a in acks] == [("AA", "REUSED-0001"), ("AA", "REUSED-0001")]
+    results_stored(store)
     assert kept(store, first) == 1 and kept(store, second) == 1  # both stored, raw kept
     drs = reports_by_filler(store)
     assert {"LAB-2026-0001", "LAB-2026-0002", "LAB-2026-9001", "LAB-2026-9002"} <= set(drs)
@@ -155,14 +168,86 @@ def test_true_resend_gets_the_original_ack_and_is_stored_once(core: dict[str, An
     restamped = original.replace(b"|20261120093000|", b"|20261120094512|")  # MSH-7 only
     assert restamped != original
     [ack1] = send(core["port"], original)
+    results_stored(store)
     with store.read() as conn:
         before = dict(conn.execute(select(FHIR_RESOURCE.c.id, FHIR_RESOURCE.c.version)).all())
     audits = len(reuse_audits(store))
     [ack2, ack3] = send(core["port"], restamped, original)
     assert msa(ack1) == ("AA", "RESEND-0001")
     assert ack2 == ack1 and ack3 == ack1  # the stored ACK, byte for byte (same ACK MSH-10)
+    results_stored(store)
     assert kept(store, original) == 1 and kept(store, restamped) == 0
     with store.read() as conn:
         after = dict(conn.execute(select(FHIR_RESOURCE.c.id, FHIR_RESOURCE.c.version)).all())
     assert after == before  # nothing written again
     assert len(reuse_audits(store)) == audits  # a re-send is no reuse
+
+
+@pytest.mark.parametrize(
+    "point", ["journal.before_expand", "journal.before_commit", "journal.after_commit"]
+)
+def test_a_crash_between_the_ack_and_the_fhir_store_loses_nothing_and_stores_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, point: str
+) -> None:
+    """The ACK follows the results journal's commit; the node is killed as its job expands
+    the message (before, inside, just after the expansion's transaction). After a restart the
+    message is in the FHIR store exactly once, and the LIS's re-send gets the original ACK."""
+    site = write_site(tmp_path / "mappings" / "fxlab")
+    port = free_port_block(1)
+    members = [
+        {
+            "id": "core",
+            "zh": "复兴医院",
+            "en": "Fuxing Hospital",
+            "role": "core",
+            "adapters": [
+                {"type": "lis-hl7", "name": "lis", "mappings": str(site), "options": {"port": port}}
+            ],
+        }
+    ]
+    message = BASE.replace(b"|REUSED-0001|", b"|CRASH-0001|").replace(
+        b"LAB-2026-000", b"LAB-2026-800"
+    )
+    a = Alliance(tmp_path / "alliance", members, [])
+    monkeypatch.setenv("HUTONG_FAULT", point)
+    a.start("core")
+    node = a.node("core")
+    store = Store(node.plan.storage_dsn)
+    try:
+        [ack] = send(port, message)
+        assert msa(ack) == ("AA", "CRASH-0001")
+        assert node.proc is not None
+        assert node.proc.wait(timeout=30) == -9  # killed at the point, by itself
+        monkeypatch.delenv("HUTONG_FAULT")
+        node.start()
+        node.wait_ready()
+        results_stored(store)
+        assert kept(store, message) == 1
+        with store.read() as conn:
+            reports = [
+                orjson.loads(r.body)["identifier"][0]["value"]
+                for r in conn.execute(
+                    select(FHIR_RESOURCE.c.body).where(FHIR_RESOURCE.c.rtype == "DiagnosticReport")
+                )
+            ]
+            observations = conn.execute(
+                select(func.count(), func.max(FHIR_RESOURCE.c.version)).where(
+                    FHIR_RESOURCE.c.rtype == "Observation"
+                )
+            ).one()
+            journal = conn.execute(select(func.count()).select_from(RESULT_JOURNAL)).scalar()
+        assert sorted(reports) == ["LAB-2026-8001", "LAB-2026-8002"]  # once each
+        assert observations[0] == FIXTURE_OBSERVATIONS and observations[1] == 1
+        assert journal == 0
+        # IT's view: nothing waiting, nothing failed, the bound (/metrics)
+        metrics = metrics_text(node)
+        assert 'hutong_results_journal{node="core",state="waiting"} 0.0' in metrics
+        assert 'hutong_results_journal{node="core",state="failed"} 0.0' in metrics
+        assert 'hutong_results_journal_oldest_seconds{node="core"} 0.0' in metrics
+        assert 'hutong_results_journal_limit{node="core"} 2000.0' in metrics
+        [again] = send(port, message)  # the LIS did not trust the first ACK: the stored one
+        assert again == ack
+        assert kept(store, message) == 1
+    finally:
+        store.dispose()
+        a.stop_all()

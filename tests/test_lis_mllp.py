@@ -24,7 +24,7 @@ from bridge.privacy import patient_hash
 from bridge.results.tables import RESULT_MESSAGE
 from bridge.store.db import Store
 from bridge.store.tables import QUARANTINE
-from tests.harness import Alliance, NodeProcess, free_port_block, wait_for
+from tests.harness import Alliance, NodeProcess, free_port_block, results_stored, wait_for
 from tests.lis_site import LOCAL, self_signed, write_site
 from tests.test_lis_oru import EXPECTED_251, check_observation
 
@@ -145,6 +145,7 @@ def test_results_over_mllp_field_by_field(core: dict[str, Any]) -> None:
     store: Store = core["store"]
     acks = send(core["ports"]["plain"], UTF8, GBK)
     assert [msa(a)[:2] for a in acks] == [("AA", "LIS20261120-0001"), ("AA", "YT-000042")]
+    results_stored(store)
     assert str(acks[1].segment("MSH")(18)) == "GB18030"  # answered in the message's charset
     obs = {
         **observations_of(store, report(store, "LAB-2026-0001")),
@@ -207,6 +208,7 @@ def test_resent_message_gets_the_stored_ack(core: dict[str, Any]) -> None:
     with MLLPClient("127.0.0.1", core["ports"]["plain"]) as client:
         client.socket.settimeout(30)
         again = client.send_message(message)
+    results_stored(store)
     ids = [
         o["id"]
         for filler in ("LAB-2026-8001", "LAB-2026-8002")
@@ -232,10 +234,12 @@ def test_correction_updates_in_place(core: dict[str, Any]) -> None:
     national_id = "110102195003154010"
     [ack] = send(core["ports"]["plain"], own_run(UTF8, "70", national_id))
     assert msa(ack)[:2] == ("AA", "LIS20261120-7001")
+    results_stored(store)
     before = observations_of(store, report(store, "LAB-2026-7002"))
     count = len(resources(store, "Observation"))
     [ack] = send(core["ports"]["plain"], own_run(CORRECTED, "70", national_id))
     assert msa(ack)[:2] == ("AA", "LIS20261120-7007")
+    results_stored(store)
     dr = report(store, "LAB-2026-7002")
     after = observations_of(store, dr)
     assert dr["status"] == "corrected" and dr["meta"]["versionId"] == "2"

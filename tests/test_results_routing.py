@@ -18,7 +18,15 @@ from bridge.fhirstore.tables import FHIR_RESOURCE
 from bridge.privacy import patient_hash
 from bridge.store.db import Store
 from bridge.store.tables import OUTBOX
-from tests.harness import Alliance, NodeProcess, free_port_block, lis_send, spooled, wait_for
+from tests.harness import (
+    Alliance,
+    NodeProcess,
+    free_port_block,
+    lis_send,
+    results_stored,
+    spooled,
+    wait_for,
+)
 from tests.lis_site import write_site
 from tests.referrals import referral
 
@@ -183,6 +191,7 @@ def test_no_open_referral_no_routing(pair: dict[str, Any]) -> None:
         .replace(b"LAB-2026-000", b"LAB-2026-090")
     )
     assert lis_send(pair["port"], other) == "AA"
+    results_stored(stores["core"])
     phash = patient_hash(pair["a"].node("core").plan.patient_hash_key, "11010219600101002X")
     assert len(rows(stores["core"], "DiagnosticReport", patient_hash=phash)) == 2
     with stores["core"].read() as conn:

@@ -205,6 +205,9 @@ def raw_leaf(
     if seg.name == "MSH" and field in (1, 2):
         return text if component == rep == sub == 1 else None
     d = seg.d
+    if d.repetition not in text and d.component not in text and d.subcomponent not in text:
+        # most leaves: one value, no separator (the splits below would each give [text])
+        return text if rep == component == sub == 1 else None
     reps_ = text.split(d.repetition)
     if rep > len(reps_):
         return None
@@ -235,7 +238,11 @@ def value(
         return NULL
     if seg.name == "MSH" and field in (1, 2):
         return leaf
-    out = unescape(leaf, seg.d, seg.charset, at=f"{seg.name}-{field}")
+    out = (
+        unescape(leaf, seg.d, seg.charset, at=f"{seg.name}-{field}")
+        if seg.d.escape in leaf
+        else leaf
+    )
     return out.strip() if strip else out
 
 

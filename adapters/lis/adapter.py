@@ -4,10 +4,13 @@ Per message (``handle``): decode by MSH-18 -> python-hl7 parse -> MSH checks -> 
 before (same MSH-3/MSH-4/MSH-10 *and* the same content, MSH-7 aside: :mod:`adapters.lis.once`)
 gets its stored ACK and nothing else happens; a different message under a used control id is a
 new message (stored, acknowledged, the reuse audited) -> one Bundle ->
-R4 schema validation (once) -> ``host.share_results``, which commits the resources, the raw
-message, the routed packets and the key with the AA ACK in one transaction -> only then the ACK
-is returned to be written to the socket. Anything refused gets AR/AE with the reason in MSA-3
-and ERR, and its raw bytes go to quarantine (audited) before the NAK is sent.
+R4 schema validation (once) -> ``host.share_results(staged=True)``, which commits the Bundle and
+the raw message as one results-journal row with the key and the AA ACK -> only then the ACK is
+returned to be written to the socket; the node's ``results-journal`` job stores the resources
+and the raw message and routes them moments later, exactly once (:mod:`bridge.results.journal`;
+option ``staged = false``: all of it before the ACK, in one transaction). Anything refused
+gets AR/AE with the reason in MSA-3 and ERR, and its raw bytes go to quarantine (audited)
+before the NAK is sent.
 
 Node file::
 
@@ -71,6 +74,9 @@ class LisOptions(BaseModel):
     tls: TlsOptions | None = None
     rate_limit: RateOptions | None = RateOptions()
     kind: str = "result.lab"
+    #: ACK after one results-journal commit; the resources reach the FHIR store moments
+    #: later (bridge/results/journal.py). false: stored in the FHIR store before the ACK
+    staged: bool = True
 
     @field_validator("default_charset", "charset_override")
     @classmethod
@@ -163,11 +169,17 @@ class LisAdapter(BaseAdapter):
             to = Answering.from_message(msg)
             head = header(msg)
             key = once.source_key(head.sending_app, head.facility, head.control_id, str(msg))
-            prior = self.host.seen(key)
+            # one read for both: the keys of this sender + control id (a re-send is among them)
+            earlier = self.host.seen_under(
+                once.sender_prefix(head.sending_app, head.facility, head.control_id)
+            )
+            prior = self.host.seen(key) if key in earlier else None
             if prior is not None:
+                if replaying and prior.get("staged") and self.host.requeue_staged(key):
+                    return v2ack.encode(str(prior["ack"]), cs)  # expanded again by the job
                 self.count("repeated")
                 return v2ack.encode(str(prior["ack"]), cs)
-            notes = self._reused(head, key)
+            notes = self._reused(head, earlier)
             results = to_fhir(msg, head, self.settings)
             try:
                 validate_bundle(results.bundle)
@@ -184,6 +196,7 @@ class LisAdapter(BaseAdapter):
                 raw=raw,
                 kind=self.opts.kind,
                 notes=notes,
+                staged=self.opts.staged and not replaying,
             )
         except LisMessageError as exc:
             if replaying:
@@ -214,13 +227,11 @@ class LisAdapter(BaseAdapter):
         self.ok()
         return v2ack.encode(str(out["ack"]), cs)
 
-    def _reused(self, head: Any, key: str) -> list[dict[str, Any]]:
+    def _reused(self, head: Any, earlier: list[str]) -> list[dict[str, Any]]:
         """The audit note for a different message under a used sender + control id (none if
-        the id is new): it is stored as a new message; IT sees the reuse on its page."""
-        earlier = self.host.seen_under(
-            once.sender_prefix(head.sending_app, head.facility, head.control_id)
-        )
-        if not [k for k in earlier if k != key]:
+        the id is new; ``earlier``: the keys taken under it, this message's not among them):
+        it is stored as a new message; IT sees the reuse on its page."""
+        if not earlier:
             return []
         return [
             {

@@ -223,6 +223,12 @@ class LimitsConfig(_Model):
     #: refuses new batches unread (503 HT-PKT-BACKLOG, Retry-After) until it is back under
     #: 90 % of it; the senders keep them queued and back off. 0: no bound
     max_inbox_backlog: NonNegativeInt = 20_000
+    #: lab messages acknowledged and not yet expanded into the FHIR store (the results
+    #: journal, bridge/results/journal.py) at which a new message's ACK waits up to
+    #: ``results_journal_wait_s`` for the expansion, then is answered AE (resend later),
+    #: nothing stored. 0: no bound
+    max_results_journal: NonNegativeInt = 2_000
+    results_journal_wait_s: PositiveFloat = 5.0
 
 
 def _needs_default(table: Mapping[str, object]) -> Mapping[str, object]:

@@ -219,6 +219,7 @@ class AdapterHost:
         raw: bytes | None = None,
         kind: str = "result.lab",
         notes: list[dict[str, Any]] | None = None,
+        staged: bool = False,
     ) -> dict[str, Any]:
         """Results from a local system (an already validated collection Bundle): stored in the
         node's FHIR store and sent to the other side of every open referral of the patient
@@ -226,8 +227,17 @@ class AdapterHost:
         transaction. A repeated ``source_key`` returns the first answer (e.g. the stored ACK)
         and changes nothing. ``notes``: extra audit entries (AuditEntry keyword arguments,
         the actor is this adapter) committed with the results, never without them.
+
+        ``staged``: the Bundle, ``raw`` and the key with ``answer`` are committed as one
+        results-journal row and the call returns (``answer`` with ``staged: True``); the
+        node's ``results-journal`` job stores and routes them moments later, exactly once
+        (:mod:`bridge.results.journal`). Over the journal's bound it waits, then raises
+        :class:`~bridge.errors.Backlogged` (transient: nothing stored).
         """
         from bridge.results.routing import store_and_route
+
+        if staged:
+            return self._stage_results(bundle, source_key, patient_hash, answer, raw, kind, notes)
 
         def work(conn: Any) -> dict[str, Any]:
             prior = intake.seen(conn, self.adapter_name, source_key)
@@ -267,6 +277,48 @@ class AdapterHost:
         if out["routed"]:
             self._node.wake_all_senders()
         return out
+
+    def _stage_results(
+        self,
+        bundle: dict[str, Any],
+        source_key: str,
+        patient_hash: str | None,
+        answer: dict[str, Any] | None,
+        raw: bytes | None,
+        kind: str,
+        notes: list[dict[str, Any]] | None,
+    ) -> dict[str, Any]:
+        journal = self._node.journal
+        journal.admit()
+        actor = f"adapter:{self.adapter_name}"
+
+        def work(conn: Any) -> dict[str, Any]:
+            prior = intake.seen(conn, self.adapter_name, source_key)
+            if prior is not None:
+                return {**prior, "repeated": True}
+            at = self._ctx.now()
+            return journal.stage(
+                conn,
+                adapter=self.adapter_name,
+                source_key=source_key,
+                bundle=bundle,
+                patient_hash=patient_hash,
+                answer=answer or {},
+                raw=raw,
+                kind=kind,
+                notes=[AuditEntry(**{"kind": kind, **n}, at=at, actor=actor) for n in notes or ()],
+                at=at,
+            )
+
+        out = self._ctx.store.write_grouped(work)
+        if not out.get("repeated"):
+            journal.staged()
+        return out
+
+    def requeue_staged(self, source_key: str) -> bool:
+        """A staged message whose expansion failed back in the journal's queue (IT replayed
+        its quarantine item); False if it has no failed journal row."""
+        return bool(self._node.journal.requeue(self.adapter_name, source_key))
 
     def record_encounter(
         self,

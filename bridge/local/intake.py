@@ -6,7 +6,7 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, bindparam, insert, select
+from sqlalchemy import Connection, bindparam, insert, select, update
 
 from bridge.local.tables import ADAPTER_INTAKE
 
@@ -20,6 +20,14 @@ _SEEN = select(ADAPTER_INTAKE.c.result).where(
     ADAPTER_INTAKE.c.adapter == bindparam("_a"), ADAPTER_INTAKE.c.source_key == bindparam("_k")
 )
 _REMEMBER = insert(ADAPTER_INTAKE)
+_AMEND = (
+    update(ADAPTER_INTAKE)
+    .where(
+        ADAPTER_INTAKE.c.adapter == bindparam("_a"),
+        ADAPTER_INTAKE.c.source_key == bindparam("_k"),
+    )
+    .values(result=bindparam("_r"), thread=bindparam("_t"))
+)
 
 
 def seen(conn: Connection, adapter: str, source_key: str) -> dict[str, Any] | None:
@@ -47,6 +55,21 @@ def remember(
                 "result": orjson.dumps(result).decode(),
             }
         ],
+    )
+
+
+def amend(
+    conn: Connection,
+    adapter: str,
+    source_key: str,
+    result: dict[str, Any],
+    thread: str | None = None,
+) -> None:
+    """Replace a remembered key's result (a staged record, once its effect is stored: the
+    answer given then stays in it, what the effect added joins it)."""
+    conn.execute(
+        _AMEND,
+        {"_a": adapter, "_k": source_key, "_r": orjson.dumps(result).decode(), "_t": thread},
     )
 
 

@@ -58,8 +58,12 @@ def store_and_route(
     raw: bytes | None,
     kind: str,
     at: datetime,
+    remembered: bool = False,
+    received_at: datetime | None = None,
 ) -> dict[str, Any]:
-    """Store the Bundle's resources, route them, remember ``source_key`` with ``answer``.
+    """Store the Bundle's resources, route them, remember ``source_key`` with ``answer``
+    (``remembered``: the key was committed before, with ``answer``, when the message was
+    staged (:mod:`bridge.results.journal`); its result is completed instead).
 
     Returns ``answer`` extended with ``routed`` ([{to, thread, packet_id}]) and ``refused``
     ([{to, thread, code, message}]). A Patient already known here by the same hash is kept as it
@@ -137,7 +141,7 @@ def store_and_route(
                 {
                     "adapter": adapter,
                     "source_key": source_key,
-                    "received_at": at,
+                    "received_at": received_at or at,
                     "patient_hash": patient_hash,
                     "reports": len(reports),
                     "routed": len(routed),
@@ -161,7 +165,10 @@ def store_and_route(
         ],
     )
     out = {**answer, "reports": reports, "routed": routed, "refused": refused}
-    intake.remember(conn, adapter, source_key, out, at, thread=thread)
+    if remembered:
+        intake.amend(conn, adapter, source_key, out, thread=thread)
+    else:
+        intake.remember(conn, adapter, source_key, out, at, thread=thread)
     return out
 
 

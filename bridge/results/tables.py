@@ -41,5 +41,29 @@ class ResultPacket(SQLModel, table=True):
     at: datetime = Field(sa_type=UTCDateTime)
 
 
+class ResultJournal(SQLModel, table=True):
+    """A staged source message (``AdapterHost.share_results(staged=True)``): accepted and
+    acknowledged, its resources not yet in the FHIR store. Committed in one small transaction
+    with the exactly-once key before the ACK; the node's ``results-journal`` job expands it
+    (resources, raw message, routing, audit) and deletes it in one later transaction, so the
+    table holds only the backlog and the rows whose expansion failed (``state = 'failed'``,
+    kept for IT with the quarantine item that names them)."""
+
+    __tablename__ = "result_journal"
+
+    id: int | None = Field(default=None, primary_key=True)
+    adapter: str = Field(max_length=48)
+    source_key: str = Field(max_length=200)
+    kind: str = Field(max_length=32)
+    received_at: datetime = Field(sa_type=UTCDateTime)
+    patient_hash: str | None = Field(default=None, max_length=64)
+    state: str = Field(default="queued", max_length=16)
+    error: str | None = Field(default=None, max_length=500)
+    #: the validated collection Bundle, orjson then zlib (one or two pages, not four)
+    bundle: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    raw: bytes | None = Field(default=None, sa_column=Column(LargeBinary, nullable=True))
+
+
 RESULT_MESSAGE = ResultMessage.__table__  # type: ignore[attr-defined]
 RESULT_PACKET = ResultPacket.__table__  # type: ignore[attr-defined]
+RESULT_JOURNAL = ResultJournal.__table__  # type: ignore[attr-defined]

@@ -59,6 +59,8 @@ class _Pending:
 #: how long a writer waits for the other writers of its process (SQLite's busy timeout is the
 #: same 30 s)
 WRITE_LOCK_TIMEOUT_S = 30.0
+#: callers of ``write_grouped`` in one transaction at most
+MAX_GROUP = 64
 
 
 def _audit_tables() -> None:
@@ -219,10 +221,12 @@ class Store:
         work of the group runs again in a transaction of its own, so each caller gets its own
         result or error and nothing of a failed one is kept (no SAVEPOINT: in WAL mode SQLite
         copies every page a savepoint touches to a sub-journal, which halved the rate). ``work``
-        must therefore be safe to run again after a rollback. On PostgreSQL the same, among the
-        grouped writers of this process: their transactions append to the audit chain, whose
-        lock already makes them commit one after another, so a group costs them no concurrency
-        and spares them commits."""
+        must therefore be safe to run again after a rollback. Callers that queue while a
+        group's transaction runs join it before its commit (up to ``MAX_GROUP``), so a long
+        ``work`` (the results journal's filing) costs the others a wait, not a second commit.
+        On PostgreSQL the same, among the grouped writers of this process: their transactions
+        append to the audit chain, whose lock already makes them commit one after another, so
+        a group costs them no concurrency and spares them commits."""
         item = _Pending(work)
         with self._queue_guard:
             self._queue.append(item)
@@ -245,18 +249,33 @@ class Store:
     def _run_group(self, batch: list[_Pending]) -> None:
         """Under the group lock: the batch in one transaction, or each alone if one fails."""
         try:
-            if len(batch) > 1:
-                try:
-                    with self.write() as conn:
-                        values = [it.work(conn) for it in batch]
-                except Exception as exc:  # noqa: BLE001 - rolled back: each runs alone below
-                    log.debug(
-                        "group of %d rolled back (%s): one by one", len(batch), type(exc).__name__
-                    )
-                else:
-                    for it, value in zip(batch, values, strict=True):
-                        it.value = value
+            late: list[_Pending] = []
+            try:
+                with self.write() as conn:
+                    values = [it.work(conn) for it in batch]
+                    # callers that queued while this transaction ran join its commit instead
+                    # of waiting for it and then committing again (a long transaction, e.g.
+                    # the results journal's filing, would otherwise cost them two)
+                    while len(batch) + len(late) < MAX_GROUP:
+                        with self._queue_guard:
+                            more, self._queue = self._queue, []
+                        if not more:
+                            break
+                        late += more
+                        values += [it.work(conn) for it in more]
+            except Exception as exc:  # noqa: BLE001 - rolled back: each runs alone below
+                batch += late  # done (with their own result) in the finally below
+                if len(batch) == 1:  # it ran alone: its own error
+                    batch[0].error = exc
                     return
+                log.debug(
+                    "group of %d rolled back (%s): one by one", len(batch), type(exc).__name__
+                )
+            else:
+                batch += late
+                for it, value in zip(batch, values, strict=True):
+                    it.value = value
+                return
             for it in batch:
                 try:
                     with self.write() as conn:
