@@ -175,6 +175,7 @@ def site(
 ) -> Iterator[Site]:
     # a transaction takes every packet of these small rounds, however loaded the machine is
     monkeypatch.setattr(inbox, "HOLD_S", 60.0)
+    monkeypatch.setattr(inbox, "HOLD_PG_S", 60.0)
     ref = ""
     if request.param == "postgres":
         monkeypatch.setenv("HUTONG_TEST_CORE_DSN", str(request.getfixturevalue("pg_db")))
@@ -389,8 +390,10 @@ def test_a_transaction_holds_the_writer_about_hold_s(
     site: Site, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With no time to hold the writer, each transaction takes one packet (and commits): the
-    intake never waits behind more than one; nothing changes in what is stored."""
+    intake never waits behind more than one; nothing changes in what is stored. (PostgreSQL's
+    bound, ``HOLD_PG_S``, the same.)"""
     monkeypatch.setattr(inbox, "HOLD_S", 0.0)
+    monkeypatch.setattr(inbox, "HOLD_PG_S", 0.0)
     bundles = [lab(i) for i in range(4)]
     order = [("t1", 1), ("t2", 1), ("t1", 2), ("t2", 2)]
     ids = site.receive([(t, s, b) for (t, s), b in zip(order, bundles, strict=True)])

@@ -602,7 +602,7 @@ class Intake:
         for fields, frame in batch.acks:
             entries += apply_receipt(self.ctx, conn, fields, frame)
         if entries:
-            self.ctx.audit.append(conn, entries)
+            self.ctx.audit.append_at_commit(conn, entries)
         faults.point("intake.before_commit")
         return [a if a is not None else b"" for a in answers], {r["next_hop"] for r in relay}
 
