@@ -190,6 +190,7 @@ class ResultsInbox:
         out: list[Outcome] = []
         until = time.monotonic() + (HOLD_S if self.ctx.store.is_sqlite else HOLD_PG_S)
         ahead = _Ahead()
+        marks: list[dict[str, Any]] = []  # the RESULT_PACKET rows, inserted at the end
         for k, item in enumerate(items):
             if k and time.monotonic() > until:
                 break
@@ -205,9 +206,12 @@ class ResultsInbox:
                 out.append(exc)
                 continue
             if not plan.stored:
-                self._write(conn, plan)
+                self._write(conn, plan, marks)
                 ahead.wrote(plan)
             out.append(self._event(conn, plan, ahead))
+        if marks:  # one statement; if it breaks, the last packet is taken as the one
+            reached[0] = len(out) - 1
+            conn.execute(insert(RESULT_PACKET), marks)
         return out
 
     def _plan(self, conn: Connection, item: Delivery, ahead: _Ahead) -> _Planned:
@@ -248,22 +252,23 @@ class ResultsInbox:
                 items.append((r, thread, phash))
         return _Planned(item, bundle, row, phash, mine, items, stored=False)
 
-    def _write(self, conn: Connection, plan: _Planned) -> None:
-        """The packet's resources, its RESULT_PACKET row and its audit row."""
+    def _write(self, conn: Connection, plan: _Planned, marks: list[dict[str, Any]]) -> None:
+        """The packet's resources and its audit row (chained at the commit); its RESULT_PACKET
+        row goes to ``marks``, inserted with the transaction's others at its end."""
         item, row, now = plan.item, plan.row, self.ctx.now()
         # one statement per table for the packet's resources (bench/README.md, lis.py)
         store.put_many(conn, plan.items, at=now, origin=item.sender)
         count = len(plan.items)
-        conn.execute(
-            insert(RESULT_PACKET).values(
-                packet_id=item.packet_id,
-                sender=item.sender,
-                kind=item.kind,
-                thread=row.thread if row is not None else None,
-                patient_hash=plan.phash,
-                resources=count,
-                at=now,
-            )
+        marks.append(
+            {
+                "packet_id": item.packet_id,
+                "sender": item.sender,
+                "kind": item.kind,
+                "thread": row.thread if row is not None else None,
+                "patient_hash": plan.phash,
+                "resources": count,
+                "at": now,
+            }
         )
         entry = AuditEntry(
             action="results",
