@@ -34,6 +34,7 @@ from bridge.delivery.lanes import Lanes
 from bridge.delivery.receipts import ReceiptReturn
 from bridge.delivery.retention import purge_bodies
 from bridge.delivery.sender import PeerSender
+from bridge.delivery.wakeups import Wakeups
 from bridge.gateway.app import create_gateway
 from bridge.gateway.intake import Intake
 from bridge.local.registry import load_adapters, receivers
@@ -123,6 +124,10 @@ class Node:
         # a platform wakes only the senders of the hops a batch was relayed to, not all of them
         self.intake.on_relayed = self._wake_hops
         self.drains: dict[str, _Drain] = {}
+        #: PostgreSQL: wake-ups to and from the node's other processes (hutong worker)
+        self.wakeups = None if self.lanes is None else Wakeups(plan.storage_dsn, on_wake=self.wake)
+        if self.wakeups is not None:
+            self.wakeups.start()
         self.scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(len(hops) + 8 + len(self.adapters))},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
@@ -198,14 +203,21 @@ class Node:
         except Exception:  # noqa: BLE001, S110 - scheduler shutting down; a wake-up is a hint
             pass
 
+    def wake_everywhere(self, jobs: set[str]) -> None:
+        """Wake ``jobs`` here and, when other processes work this node's jobs, in them too
+        (``wakeups.py``): the work may be in a lane another process holds."""
+        for job in jobs:
+            self.wake(job)
+        if self.wakeups is not None and self.lanes is not None and not self.lanes.alone():
+            self.wakeups.notify(jobs)
+
     def wake_all_senders(self) -> None:
         for peer in self.senders:
             self.wake(f"send:{peer}")
 
     def _wake_hops(self, next_hops: set[str]) -> None:
         """A platform wakes only the senders of the hops a batch was relayed to."""
-        for hop in next_hops:
-            self.wake(f"send:{hop}")
+        self.wake_everywhere({f"send:{hop}" for hop in next_hops})
 
     def start_jobs(self) -> None:
         cfg = self.plan.delivery
@@ -216,7 +228,7 @@ class Node:
                     return 0, False
                 report = s.send_batch()
                 if report.sent and self.receipts is not None:
-                    self.wake("receipts")  # relayed packets' receipts to return, maybe
+                    self.wake_everywhere({"receipts"})  # relayed packets' receipts, maybe
                 # k > 1 partitions: keep draining while some partition got through
                 return report.sent, report.failed > 0 and report.sent == 0
 
@@ -334,7 +346,7 @@ class Node:
         from bridge.api.local_app import create_local_app
 
         def received() -> None:
-            self.wake("deliver")
+            self.wake_everywhere({"deliver"})
 
         gateway = create_gateway(self.ctx, self.intake, on_received=received)
         from bridge.web.security import SecurityHeaders
@@ -409,6 +421,8 @@ class Node:
             sender.close()
         if self.receipts is not None:
             self.receipts.close()
+        if self.wakeups is not None:
+            self.wakeups.close()
         if self.lanes is not None:
             self.lanes.close()
         self.ctx.store.dispose()

@@ -59,7 +59,7 @@ def run_worker(plan: NodePlan) -> None:
                 return 0, False
             report = s.send_batch()  # type: ignore[attr-defined]
             if report.sent and node.receipts is not None:
-                node.wake("receipts")
+                node.wake_everywhere({"receipts"})
             return report.sent, report.failed > 0 and report.sent == 0
 
         node._add_drain(f"send:{peer}", step, cfg.poll_interval_s)
