@@ -21,6 +21,7 @@ import orjson
 import uvicorn
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
+from sqlalchemy import text
 
 from bridge import faults
 from bridge.audit.events import AuditEntry
@@ -46,6 +47,14 @@ from bridge.startup import check_anchor
 from bridge.store import state
 
 log = logging.getLogger("hutong.node")
+#: PostgreSQL, several hops: how often a send job runs when nothing woke it (``add_send_jobs``)
+SEND_SAFETY_S = 10.0
+#: the hops with packets waiting to be sent (not the receipts job's rows): one probe of
+#: ``ix_outbox_due`` per hop, in one statement
+_DUE_HOPS = text(
+    "SELECT h FROM unnest(CAST(:hops AS text[])) AS h WHERE EXISTS (SELECT 1 FROM outbox o "
+    "WHERE o.next_hop = h AND o.state = 'queued' AND o.origin <> 'receipt')"
+)
 
 
 class _Drain:
@@ -219,8 +228,24 @@ class Node:
         """A platform wakes only the senders of the hops a batch was relayed to."""
         self.wake_everywhere({f"send:{hop}" for hop in next_hops})
 
-    def start_jobs(self) -> None:
+    def add_send_jobs(self) -> None:
+        """A send job per hop (``hutong run`` and ``hutong worker``). On SQLite each polls
+        its hop's queue every ``poll_interval_s``. On PostgreSQL one read a round
+        (``_poll_senders``) finds the hops with packets queued and wakes only their jobs:
+        a platform's 50 members each polled by every process of the node, twice a second
+        whether or not anything waited, cost more reads than the relaying itself; a job's
+        own interval is then only a safety net."""
         cfg = self.plan.delivery
+        every = cfg.poll_interval_s
+        if self.lanes is not None and len(self.senders) > 1:
+            every = max(every, SEND_SAFETY_S)
+            self.scheduler.add_job(
+                self._poll_senders,
+                "interval",
+                id="send-poll",
+                seconds=cfg.poll_interval_s,
+                next_run_time=datetime.now(UTC),
+            )
         for peer, sender in self.senders.items():
 
             def step(s: PeerSender = sender, p: str = peer) -> tuple[int, bool]:
@@ -232,7 +257,22 @@ class Node:
                 # k > 1 partitions: keep draining while some partition got through
                 return report.sent, report.failed > 0 and report.sent == 0
 
-            self._add_drain(f"send:{peer}", step, cfg.poll_interval_s)
+            self._add_drain(f"send:{peer}", step, every)
+
+    def _poll_senders(self) -> None:
+        """Wake the send jobs of the hops with packets queued (one statement for all)."""
+        try:
+            with self.ctx.store.read() as conn:
+                due = conn.execute(_DUE_HOPS, {"hops": sorted(self.senders)}).scalars().all()
+        except Exception:  # a poll; the jobs' own interval is the safety net
+            log.exception("send poll failed")
+            return
+        for hop in due:
+            self.wake(f"send:{hop}")
+
+    def start_jobs(self) -> None:
+        cfg = self.plan.delivery
+        self.add_send_jobs()
         self.add_receipts_job()
         self._add_drain("deliver", lambda: (self.dispatcher.run_once(), False), cfg.poll_interval_s)
         self.scheduler.add_job(
