@@ -253,9 +253,11 @@ def test_a_wake_up_reaches_the_other_processes_not_the_sender(pg_db: str) -> Non
         b.start()
         assert a.wait_listening(10) and b.wait_listening(10)
         a.notify(["send:recv-a", "receipts", "send:recv-a"])
+        assert a.flush()
         wait_for(lambda: len(woke["b"]) == 2, 10, what="b woken for both jobs")
         assert sorted(woke["b"]) == ["receipts", "send:recv-a"]
         b.notify(["deliver"])
+        assert b.flush()
         wait_for(lambda: woke["a"] == ["deliver"], 10, what="a woken by b")
         assert sorted(woke["b"]) == ["receipts", "send:recv-a"]  # b did not wake itself
         assert (a.sent, a.received, b.sent, b.received) == (2, 1, 1, 2)

@@ -10,7 +10,7 @@ processes work the node's jobs (``Lanes.alone``): a single process sends nothing
 A wake-up is a hint, as a local one is: a lost notification (a listener reconnecting, a
 process starting) costs the wait until the next poll, never a packet. PostgreSQL delivers a
 notification after its transaction commits; these are sent on an autocommit connection after
-the work's own commit.
+the work's own commit, by a thread of their own (the caller does not wait for the round trip).
 """
 
 from __future__ import annotations
@@ -40,8 +40,12 @@ class Wakeups:
         self.url = make_url(dsn).set(drivername="postgresql").render_as_string(hide_password=False)
         self.on_wake = on_wake
         self._stop = threading.Event()
-        self._send_lock = threading.Lock()
-        self._send: Any = None
+        self._send_lock = threading.Lock()  # guards what is pending
+        self._send: Any = None  # the notifying connection (the sender thread's only)
+        self._pending: set[str] = set()
+        self._sending = False
+        self._due = threading.Event()
+        self._sender: threading.Thread | None = None
         self._listening = threading.Event()
         self._thread = threading.Thread(target=self._listen, name="hutong-wakeups", daemon=True)
         #: notifications sent and received (other processes' only)
@@ -63,13 +67,43 @@ class Wakeups:
         )
 
     def notify(self, jobs: Iterable[str]) -> None:
-        """Tell the node's other processes that ``jobs`` have work (one statement)."""
+        """Tell the node's other processes that ``jobs`` have work. Returns at once: a thread
+        of its own sends what is pending in one statement (the intake answered each request
+        only after its round trip, one request at a time, before), so the jobs named by
+        several requests meanwhile go together."""
+        with self._send_lock:
+            self._pending.update(jobs)
+            if not self._pending:
+                return
+            if self._sender is None:
+                self._sender = threading.Thread(
+                    target=self._send_loop, name="hutong-wakeups-send", daemon=True
+                )
+                self._sender.start()
+        self._due.set()
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until every wake-up asked for so far is sent (tests)."""
+        self._due.set()
+        deadline = threading.Event()
+        for _ in range(int(timeout / 0.01)):
+            with self._send_lock:
+                if not self._pending and not self._sending:
+                    return True
+            deadline.wait(0.01)
+        return False
+
+    def _send_loop(self) -> None:
         import psycopg
 
-        names = sorted(set(jobs))
-        if not names:
-            return
-        with self._send_lock:
+        while not self._stop.is_set():
+            self._due.wait(_WAIT_S)
+            self._due.clear()
+            with self._send_lock:
+                names, self._pending = sorted(self._pending), set()
+                self._sending = bool(names)
+            if not names:
+                continue
             try:
                 if self._send is None or self._send.closed:
                     self._send = self._connect()
@@ -80,6 +114,9 @@ class Wakeups:
             except psycopg.Error as exc:  # a hint: the jobs poll anyway
                 log.debug("wake-up not sent: %s", type(exc).__name__)
                 self._drop_sender()
+            finally:
+                with self._send_lock:
+                    self._sending = False
 
     def _own_pid(self) -> int | None:
         conn = self._send
@@ -115,7 +152,8 @@ class Wakeups:
 
     def close(self) -> None:
         self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=2 * _WAIT_S + 1)
-        with self._send_lock:
-            self._drop_sender()
+        self._due.set()
+        for thread in (self._thread, self._sender):
+            if thread is not None and thread.is_alive():
+                thread.join(timeout=2 * _WAIT_S + 1)
+        self._drop_sender()
