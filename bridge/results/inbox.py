@@ -95,8 +95,8 @@ class _Ahead:
         for item in window:
             try:
                 self.decoded[item.packet_id] = decoded = _decoded(item)
-            except HutongError:
-                continue  # refused by ``_plan``, alone
+            except Exception:  # noqa: BLE001 - ``_plan`` decodes it again and fails it alone
+                continue
             keys += [(r["resourceType"], str(r.get("id"))) for r in decoded[1]]
         threads = sorted({i.thread for i in window})
         self.referrals.update(
