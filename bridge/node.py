@@ -22,6 +22,7 @@ import orjson
 import uvicorn
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
+from sqlalchemy import text
 
 from bridge import faults
 from bridge.audit.events import AuditEntry
@@ -35,6 +36,7 @@ from bridge.delivery.lanes import Lanes
 from bridge.delivery.receipts import ReceiptReturn
 from bridge.delivery.retention import purge_bodies
 from bridge.delivery.sender import PeerSender
+from bridge.delivery.wakeups import Wakeups
 from bridge.gateway.app import create_gateway
 from bridge.gateway.intake import Intake
 from bridge.local.registry import load_adapters, receivers
@@ -52,6 +54,14 @@ log = logging.getLogger("hutong.node")
 #: Python (an LIS connection's handler converting a message) to give up the GIL, and the
 #: node's threads do that several times a message (bench/README.md, ``lis.py``)
 SWITCH_INTERVAL_S = 0.001
+#: PostgreSQL, several hops: how often a send job runs when nothing woke it (``add_send_jobs``)
+SEND_SAFETY_S = 10.0
+#: the hops with packets waiting to be sent (not the receipts job's rows): one probe of
+#: ``ix_outbox_due`` per hop, in one statement
+_DUE_HOPS = text(
+    "SELECT h FROM unnest(CAST(:hops AS text[])) AS h WHERE EXISTS (SELECT 1 FROM outbox o "
+    "WHERE o.next_hop = h AND o.state = 'queued' AND o.origin <> 'receipt')"
+)
 
 
 class _Drain:
@@ -138,6 +148,10 @@ class Node:
         # a platform wakes only the senders of the hops a batch was relayed to, not all of them
         self.intake.on_relayed = self._wake_hops
         self.drains: dict[str, _Drain] = {}
+        #: PostgreSQL: wake-ups to and from the node's other processes (hutong worker)
+        self.wakeups = None if self.lanes is None else Wakeups(plan.storage_dsn, on_wake=self.wake)
+        if self.wakeups is not None:
+            self.wakeups.start()
         self.scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(len(hops) + 8 + len(self.adapters))},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
@@ -213,17 +227,40 @@ class Node:
         except Exception:  # noqa: BLE001, S110 - scheduler shutting down; a wake-up is a hint
             pass
 
+    def wake_everywhere(self, jobs: set[str]) -> None:
+        """Wake ``jobs`` here and, when other processes work this node's jobs, in them too
+        (``wakeups.py``): the work may be in a lane another process holds."""
+        for job in jobs:
+            self.wake(job)
+        if self.wakeups is not None and self.lanes is not None and not self.lanes.alone():
+            self.wakeups.notify(jobs)
+
     def wake_all_senders(self) -> None:
         for peer in self.senders:
             self.wake(f"send:{peer}")
 
     def _wake_hops(self, next_hops: set[str]) -> None:
         """A platform wakes only the senders of the hops a batch was relayed to."""
-        for hop in next_hops:
-            self.wake(f"send:{hop}")
+        self.wake_everywhere({f"send:{hop}" for hop in next_hops})
 
-    def start_jobs(self) -> None:
+    def add_send_jobs(self) -> None:
+        """A send job per hop (``hutong run`` and ``hutong worker``). On SQLite each polls
+        its hop's queue every ``poll_interval_s``. On PostgreSQL one read a round
+        (``_poll_senders``) finds the hops with packets queued and wakes only their jobs:
+        a platform's 50 members each polled by every process of the node, twice a second
+        whether or not anything waited, cost more reads than the relaying itself; a job's
+        own interval is then only a safety net."""
         cfg = self.plan.delivery
+        every = cfg.poll_interval_s
+        if self.lanes is not None and len(self.senders) > 1:
+            every = max(every, SEND_SAFETY_S)
+            self.scheduler.add_job(
+                self._poll_senders,
+                "interval",
+                id="send-poll",
+                seconds=cfg.poll_interval_s,
+                next_run_time=datetime.now(UTC),
+            )
         for peer, sender in self.senders.items():
 
             def step(s: PeerSender = sender, p: str = peer) -> tuple[int, bool]:
@@ -231,11 +268,26 @@ class Node:
                     return 0, False
                 report = s.send_batch()
                 if report.sent and self.receipts is not None:
-                    self.wake("receipts")  # relayed packets' receipts to return, maybe
+                    self.wake_everywhere({"receipts"})  # relayed packets' receipts, maybe
                 # k > 1 partitions: keep draining while some partition got through
                 return report.sent, report.failed > 0 and report.sent == 0
 
-            self._add_drain(f"send:{peer}", step, cfg.poll_interval_s)
+            self._add_drain(f"send:{peer}", step, every)
+
+    def _poll_senders(self) -> None:
+        """Wake the send jobs of the hops with packets queued (one statement for all)."""
+        try:
+            with self.ctx.store.read() as conn:
+                due = conn.execute(_DUE_HOPS, {"hops": sorted(self.senders)}).scalars().all()
+        except Exception:  # a poll; the jobs' own interval is the safety net
+            log.exception("send poll failed")
+            return
+        for hop in due:
+            self.wake(f"send:{hop}")
+
+    def start_jobs(self) -> None:
+        cfg = self.plan.delivery
+        self.add_send_jobs()
         self.add_receipts_job()
         self._add_drain("deliver", lambda: (self.dispatcher.run_once(), False), cfg.poll_interval_s)
         # resumes the journal left by a stop or a crash at once (its first run is immediate)
@@ -351,7 +403,7 @@ class Node:
         from bridge.api.local_app import create_local_app
 
         def received() -> None:
-            self.wake("deliver")
+            self.wake_everywhere({"deliver"})
 
         gateway = create_gateway(self.ctx, self.intake, on_received=received)
         from bridge.web.security import SecurityHeaders
@@ -429,6 +481,8 @@ class Node:
             sender.close()
         if self.receipts is not None:
             self.receipts.close()
+        if self.wakeups is not None:
+            self.wakeups.close()
         if self.lanes is not None:
             self.lanes.close()
         self.ctx.store.dispose()

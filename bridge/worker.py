@@ -52,17 +52,7 @@ def run_worker(plan: NodePlan) -> None:
             ],
         )
     cfg = plan.delivery
-    for peer, sender in node.senders.items():
-
-        def step(s: object = sender, p: str = peer) -> tuple[int, bool]:
-            if node.pauses.has(f"peer:{p}"):  # paused by IT on the dashboard (any process)
-                return 0, False
-            report = s.send_batch()  # type: ignore[attr-defined]
-            if report.sent and node.receipts is not None:
-                node.wake("receipts")
-            return report.sent, report.failed > 0 and report.sent == 0
-
-        node._add_drain(f"send:{peer}", step, cfg.poll_interval_s)
+    node.add_send_jobs()
     node.add_receipts_job()  # a platform's returned receipts, for the lanes this worker holds
     if delivers:
         node._add_drain("deliver", lambda: (node.dispatcher.run_once(), False), cfg.poll_interval_s)

@@ -38,3 +38,34 @@ def test_relay_bench_every_packet_once_at_the_receiver_it_was_addressed_to(tmp_p
     assert r["receipts_back"] == r["receipts_expected"] == 70
     assert set(r["receipt_statuses"]) == {"accepted"}  # none refused or unverifiable
     assert r["platform_rss_mib"] > 0
+
+
+@pytest.mark.postgres
+def test_relay_bench_on_postgresql_with_a_worker(tmp_path: Path, pg_db: str) -> None:
+    """The platform on PostgreSQL, one process then two (``hutong run`` + a ``hutong worker``
+    holding half the lanes): the send jobs woken by the one read a round of the hops with
+    packets queued and by the other process's NOTIFY, every packet once where addressed, every
+    end-to-end receipt back."""
+    rounds = relay_bench.relay_pg(
+        tmp_path,
+        pg_db,
+        members=6,
+        n=60,
+        processes=(1, 2),
+        procs=2,
+        batch=5,
+        lat_frac=0.5,
+        lat_seconds=1.0,
+    )
+    assert [r["processes"] for r in rounds] == [1, 2]
+    for r in rounds:
+        assert r["per_receiver"] == {
+            "recv-a": {"addressed": 30, "received": 30, "distinct": 30},
+            "recv-b": {"addressed": 30, "received": 30, "distinct": 30},
+        }
+        assert r["received_once"] is True
+        assert r["lat_received_once"] is True
+        assert r["duplicates"] == 0
+        assert r["platform_answers"] == {"relayed": 60}
+    assert set(rounds[0]["receipt_statuses"]) == {"accepted"}
+    assert rounds[-1]["receipts_back"] == sum(60 + r["lat_n"] for r in rounds)

@@ -175,6 +175,7 @@ def site(
 ) -> Iterator[Site]:
     # a transaction takes every packet of these small rounds, however loaded the machine is
     monkeypatch.setattr(inbox, "HOLD_S", 60.0)
+    monkeypatch.setattr(inbox, "HOLD_PG_S", 60.0)
     ref = ""
     if request.param == "postgres":
         monkeypatch.setenv("HUTONG_TEST_CORE_DSN", str(request.getfixturevalue("pg_db")))
@@ -324,6 +325,34 @@ def test_a_packet_that_breaks_the_transaction_costs_only_itself(site: Site) -> N
     assert site.rows(select(QUARANTINE)) == []
 
 
+def test_a_packet_that_does_not_decode_later_in_the_round_costs_only_itself(site: Site) -> None:
+    """The results inbox reads ahead for a window of packets (their Bundles decoded first): a
+    later packet whose Bundle cannot be taken apart (an entry that is not an object) is not
+    the error of the packet being applied when the window was read; it breaks the
+    transaction when its own turn comes, and only it fails and is retried."""
+    bundles = [lab(i) for i in range(5)]
+    order = [("t1", 1), ("t2", 1), ("t1", 2), ("t2", 2), ("t1", 3)]
+    ids = site.receive([(t, s, b) for (t, s), b in zip(order, bundles, strict=True)])
+    broken = copy.deepcopy(bundles[3])
+    broken["entry"].append(5)
+    with site.core.store.write() as conn:  # as if stored so (the gateway would refuse it)
+        conn.execute(
+            update(INBOX).where(INBOX.c.packet_id == ids[3]).values(body=orjson.dumps(broken))
+        )
+    site.writes = 0
+    # all 5 (rolled back at the 4th), the first 3 again, from the 4th (rolled back at once:
+    # its own error), the 5th, the round's
+    assert site.round() == (4, 5)
+    states = site.states(ids)
+    assert [states[k] for k in (0, 1, 2, 4)] == [("delivered", 1)] * 4
+    assert states[3] == ("received", 1)  # an unexpected error: ambiguous, retried with backoff
+    good = [ids[k] for k in (0, 1, 2, 4)]
+    assert sorted(site.stored()) == sorted(good)
+    check_stored(site, good, [bundles[k] for k in (0, 1, 2, 4)])
+    assert site.audit("results") == good
+    assert site.rows(select(QUARANTINE)) == []
+
+
 def test_a_crash_after_the_results_commit_stores_nothing_twice(
     site: Site, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -389,8 +418,10 @@ def test_a_transaction_holds_the_writer_about_hold_s(
     site: Site, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With no time to hold the writer, each transaction takes one packet (and commits): the
-    intake never waits behind more than one; nothing changes in what is stored."""
+    intake never waits behind more than one; nothing changes in what is stored. (PostgreSQL's
+    bound, ``HOLD_PG_S``, the same.)"""
     monkeypatch.setattr(inbox, "HOLD_S", 0.0)
+    monkeypatch.setattr(inbox, "HOLD_PG_S", 0.0)
     bundles = [lab(i) for i in range(4)]
     order = [("t1", 1), ("t2", 1), ("t1", 2), ("t2", 2)]
     ids = site.receive([(t, s, b) for (t, s), b in zip(order, bundles, strict=True)])

@@ -18,6 +18,7 @@ import psycopg
 import pytest
 
 from bridge.delivery.lanes import LANES, Lanes, job_class
+from bridge.delivery.wakeups import Wakeups
 from tests.factory import bundle
 from tests.harness import ROOT, Alliance, NodeProcess, spooled, wait_for
 from tests.harness import db_rows as _scalar
@@ -234,5 +235,40 @@ def test_many_jobs_rebalance_on_one_read_of_the_lock_table(pg_db: str) -> None:
         assert len(holders) == len(jobs) * LANES  # every lane of every job held ...
         assert {n for _, _, n in holders} == {1}  # ... by one process, once
     finally:
+        first.close()
+        second.close()
+
+
+def test_a_wake_up_reaches_the_other_processes_not_the_sender(pg_db: str) -> None:
+    """``Wakeups`` (LISTEN/NOTIFY): what one process notifies wakes those jobs in the others,
+    once each, after the notifying statement; the notifying process does not wake itself
+    again (it woke its own jobs already). ``Lanes.alone`` says when a notification is needed:
+    only once another process has registered for a job."""
+    woke: dict[str, list[str]] = {"a": [], "b": []}
+    a = Wakeups(pg_db, on_wake=woke["a"].append)
+    b = Wakeups(pg_db, on_wake=woke["b"].append)
+    first, second = Lanes(pg_db, refresh_s=3600), Lanes(pg_db, refresh_s=3600)
+    try:
+        a.start()
+        b.start()
+        assert a.wait_listening(10) and b.wait_listening(10)
+        a.notify(["send:recv-a", "receipts", "send:recv-a"])
+        assert a.flush()
+        wait_for(lambda: len(woke["b"]) == 2, 10, what="b woken for both jobs")
+        assert sorted(woke["b"]) == ["receipts", "send:recv-a"]
+        b.notify(["deliver"])
+        assert b.flush()
+        wait_for(lambda: woke["a"] == ["deliver"], 10, what="a woken by b")
+        assert sorted(woke["b"]) == ["receipts", "send:recv-a"]  # b did not wake itself
+        assert (a.sent, a.received, b.sent, b.received) == (2, 1, 1, 2)
+        first.hold("deliver")
+        assert first.alone()
+        second.hold("deliver")
+        first._read_at = None  # as if refresh_s had passed
+        first.hold("deliver")
+        assert not first.alone()
+    finally:
+        a.close()
+        b.close()
         first.close()
         second.close()

@@ -9,6 +9,14 @@ Concurrency: on PostgreSQL ``append`` takes ``pg_advisory_xact_lock(727274)`` be
 head, so writers serialize until the caller commits (READ COMMITTED, the default, is required so
 the head read sees the previous writer's rows). On SQLite the caller's transaction must already be
 ``BEGIN IMMEDIATE``. A duplicate seq from a racing writer surfaces as a transient StoreError.
+
+``append_at_commit`` gathers a transaction's rows and chains them in one ``append`` just before
+its commit (``Store.write``'s before-commit hook): the head is read and the PostgreSQL lock taken
+once a transaction, and held from its end to its commit only, not from its first audited step
+(the results inbox's transaction of a dozen packets held it through all of their writes, and every
+other writer of the node, the peer intake first, waited). The rows and their order are those
+that appends at each step would have made; ``append`` and ``checkpoint`` chain the rows gathered
+so far first, so the chain's order is always the order of the calls.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ from sqlalchemy import Connection, insert, select
 from sqlalchemy.exc import DBAPIError
 
 from bridge.errors import StoreError
-from bridge.store.hooks import after_commit
+from bridge.store.hooks import after_commit, before_commit
 
 from .anchor import Anchor, AnchorFile, from_checkpoint
 from .events import AuditEntry, event_fields, instant, to_audit_event
@@ -46,6 +54,8 @@ _checkpoints = AuditCheckpoint.__table__  # type: ignore[attr-defined]
 _HEAD = select(_audit.c.seq, _audit.c.hash).order_by(_audit.c.seq.desc()).limit(1)
 _APPEND = insert(_audit)
 #: the indexed copies that must agree with the hashed AuditEvent JSON
+#: where a transaction's gathered rows wait for its commit (on its ``Connection``)
+_PENDING = "_hutong_audit_pending"
 _COLUMNS = ("action", "outcome", "packet_id", "kind", "peer", "thread", "patient_hash", "actor")
 
 
@@ -115,12 +125,36 @@ class AuditChain:
         row = conn.execute(_HEAD).first()
         return (row[0], row[1]) if row else (0, GENESIS_HASH)
 
+    def append_at_commit(self, conn: Connection, entries: Sequence[AuditEntry]) -> None:
+        """Chain ``entries`` when ``conn``'s transaction is about to commit, with every other
+        row it gathered, in one ``append`` (a ``Store.write`` transaction; on any other
+        connection they are appended now). A transaction that rolls back chains none."""
+        if not entries:
+            return
+        pending: list[AuditEntry] | None = conn.__dict__.get(_PENDING)
+        if pending is None:
+            pending = []
+            if not before_commit(conn, lambda: self._flush(conn)):
+                self.append(conn, entries)
+                return
+            conn.__dict__[_PENDING] = pending
+        pending.extend(entries)
+
+    def _flush(self, conn: Connection) -> None:
+        entries = conn.__dict__.pop(_PENDING, None)
+        if entries:
+            self.append(conn, entries)
+
     def append(self, conn: Connection, entries: Sequence[AuditEntry]) -> int:
         """Chain ``entries`` onto the log inside the caller's open transaction; returns last seq.
 
-        Does not commit. One executemany for all rows; signs a checkpoint at every multiple of
+        Does not commit. One executemany for all rows (after the rows ``append_at_commit``
+        gathered in this transaction so far); signs a checkpoint at every multiple of
         ``checkpoint_every`` crossed (when a signing key is set).
         """
+        pending = conn.__dict__.pop(_PENDING, None)
+        if pending:
+            entries = [*pending, *entries]
         try:
             seq, prev = self._lock_and_head(conn)
             if not entries:
@@ -168,6 +202,7 @@ class AuditChain:
         """
         if self.signing_key is None:
             return None
+        self._flush(conn)  # the rows this transaction gathered are part of the head
         try:
             seq, head = self._lock_and_head(conn)
             if seq == 0:

@@ -281,7 +281,7 @@ class Dispatcher:
             audit.extend(self._refuse(conn, rnd.refused, now))
             gate.commit(conn, now)  # after the holds: a packet now due goes back to the queue
             if audit:
-                self.ctx.audit.append(conn, audit)
+                self.ctx.audit.append_at_commit(conn, audit)
 
     def _turn(self, gate: ThreadGate, r: Any, exc: HutongError) -> None:
         """A packet refused for good has had its turn (the next one is due); one that will be

@@ -99,6 +99,12 @@ class Lanes:
                 raise StoreError(f"lane locks unavailable: {type(exc).__name__}") from exc
         return None if len(held) == LANES else frozenset(held)
 
+    def alone(self) -> bool:
+        """Did this process work every job alone at the last read of ``pg_locks`` (no other
+        process registered for any)? Then no other process needs a wake-up."""
+        with self._lock:
+            return all(n <= 1 for n in self._workers.values())
+
     def held(self) -> dict[str, frozenset[int]]:
         with self._lock:
             return {job: frozenset(lanes) for job, lanes in self._held.items()}

@@ -170,6 +170,6 @@ def queue_packets(
     if refused:
         conn.execute(insert(QUARANTINE), refused)
     if audit:
-        ctx.audit.append(conn, audit)
+        ctx.audit.append_at_commit(conn, audit)
     faults.point("queue.before_commit")
     return results

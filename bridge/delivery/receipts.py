@@ -117,7 +117,7 @@ class ReceiptReturn:
                     entries += sender.record_answers(conn, outcome)
                     report.sent += len(rows)
             if entries:
-                self.ctx.audit.append(conn, entries)
+                self.ctx.audit.append_at_commit(conn, entries)
         return report
 
     def _post(self, hop: str, rows: list[Any]) -> Any:

@@ -186,7 +186,7 @@ class PeerSender:
         with self.ctx.store.write() as conn:
             entries = self.record_answers(conn, checked)
             if entries:
-                self.ctx.audit.append(conn, entries)
+                self.ctx.audit.append_at_commit(conn, entries)
         return SendReport(sent=len(rows))
 
     def exchange(
@@ -272,7 +272,7 @@ class PeerSender:
                     entries += self.record_answers(conn, outcome)
                     report.sent += len(rows)
             if entries:
-                self.ctx.audit.append(conn, entries)
+                self.ctx.audit.append_at_commit(conn, entries)
         if unexpected is not None:
             raise unexpected
         return report
@@ -525,7 +525,7 @@ class PeerSender:
                     values["next_try_at"] = now + timedelta(seconds=backoff(attempts, cfg))
                 c.execute(update(OUTBOX).where(OUTBOX.c.id == r.id).values(**values))
             if audit:
-                self.ctx.audit.append(c, audit)
+                self.ctx.audit.append_at_commit(c, audit)
 
         if conn is not None:
             apply(conn)

@@ -914,6 +914,26 @@ _PATIENT_BY_HASH = select(T.c.body).where(
 )
 
 
+_OWNERS = select(T.c.rtype, T.c.id, T.c.thread, T.c.origin).where(
+    T.c.rtype.in_(bindparam("_types", expanding=True)),
+    T.c.id.in_(bindparam("_ids", expanding=True)),
+)
+
+
+def owners(
+    conn: Connection, keys: Iterable[tuple[str, str]]
+) -> dict[tuple[str, str], tuple[str | None, str | None]]:
+    """(type, id) -> (thread, origin) of those of ``keys`` stored here, in one statement."""
+    keys = set(keys)
+    if not keys:
+        return {}
+    rows = conn.execute(
+        _OWNERS,
+        {"_types": sorted({t for t, _ in keys}), "_ids": sorted({i for _, i in keys})},
+    )
+    return {(r.rtype, r.id): (r.thread, r.origin) for r in rows if (r.rtype, r.id) in keys}
+
+
 def find_patient_by_hash(conn: Connection, phash: str) -> dict[str, Any] | None:
     row = conn.execute(_PATIENT_BY_HASH, {"_ph": phash}).first()
     return orjson.loads(row.body) if row else None

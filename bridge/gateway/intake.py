@@ -669,7 +669,7 @@ class Intake:
         for fields, frame in batch.acks:
             entries += apply_receipt(self.ctx, conn, fields, frame)
         if entries:
-            self.ctx.audit.append(conn, entries)
+            self.ctx.audit.append_at_commit(conn, entries)
         faults.point("intake.before_commit")
         final = [
             signed[id(a)] if isinstance(a, _Pending) else a if a is not None else b""

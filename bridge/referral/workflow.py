@@ -878,7 +878,15 @@ def foreign_resource(conn: Connection, resource: dict[str, Any], thread: str, se
         row = store.get_row(conn, resource["resourceType"], rid)
     except NotFound:
         return
-    if row.thread != thread and row.origin != sender:
+    foreign_row(resource, (row.thread, row.origin), thread, sender)
+
+
+def foreign_row(
+    resource: dict[str, Any], owned: tuple[str | None, str | None], thread: str, sender: str
+) -> None:
+    """``foreign_resource`` on the (thread, origin) of the resource's row, read already."""
+    rid = resource.get("id")
+    if owned[0] != thread and owned[1] != sender:
         raise NotThreadParty(
             f"{resource['resourceType']}/{rid} belongs to another thread "
             f"here; '{sender}' may not change it from thread {thread}"

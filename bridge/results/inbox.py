@@ -27,13 +27,13 @@ from sqlalchemy import Connection, insert, select
 from bridge.audit.events import AuditEntry
 from bridge.context import NodeContext
 from bridge.delivery.handlers import Delivery
-from bridge.errors import HutongError, InvalidResource, NotFound, NotThreadParty, StoreError
+from bridge.errors import HutongError, InvalidResource, NotThreadParty, StoreError
 from bridge.fhirstore import store
 from bridge.local.contract import ResultEvent, decode_bundle
 from bridge.referral import naming
 from bridge.referral import resources as R
 from bridge.referral.tables import REFERRAL
-from bridge.referral.workflow import foreign_resource, thread_view
+from bridge.referral.workflow import foreign_row, thread_view
 from bridge.results.tables import RESULT_PACKET
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,13 @@ log = logging.getLogger(__name__)
 #: 0.05 s made the intake wait 3-5x longer per write than one packet a transaction did,
 #: bench/README.md "B's local delivery")
 HOLD_S = 0.02
+#: the same on PostgreSQL, where the intake does not wait for the delivery's transaction (row
+#: locks, and the audit chain's lock is taken at the commit only: ``append_at_commit``): a
+#: round's packets in one transaction, one commit (a durable one is a WAL flush each)
+HOLD_PG_S = 0.5
+#: packets whose reads are made together (``_Ahead``), at first; doubled each time up to
+#: ``AHEAD_MAX``, so a short SQLite transaction reads little ahead for nothing
+AHEAD_FIRST, AHEAD_MAX = 4, 64
 
 #: what :meth:`ResultsInbox.apply_many` answers per packet: the event as stored, the packet's
 #: error, or None (not applied: an earlier packet of its thread in the same call failed)
@@ -60,6 +67,71 @@ class _Planned:
     mine: str | None  # this node's Patient reference, if known before the packet's writes
     items: list[tuple[dict[str, Any], str | None, str | None]]
     stored: bool  # applied before (RESULT_PACKET): nothing to write, only the event
+
+
+class _Ahead:
+    """What one transaction of ``apply_many`` read for several packets in one statement each
+    (their threads' referrals, which of them were applied before, the current owners of their
+    resources, their patients), instead of a statement per packet and per resource: on
+    PostgreSQL each is a round trip to the server. Kept up to date with the transaction's own
+    writes, so a packet sees what the packets before it in the same transaction wrote."""
+
+    def __init__(self) -> None:
+        self.upto = 0  # packets of the part read ahead so far
+        self.width = AHEAD_FIRST
+        self.referrals: dict[str, Any] = {}
+        self.stored: set[str] = set()
+        self.owners: dict[tuple[str, str], tuple[str | None, str | None]] = {}
+        self.patients: dict[str, str] = {}  # keyed hash -> this node's Patient reference
+        self.decoded: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
+
+    def read(self, conn: Connection, items: Sequence[Delivery], k: int) -> None:
+        """Read ahead for ``items[k:]`` (the next window) unless packet ``k`` is read already."""
+        if k < self.upto:
+            return
+        window = items[k : k + self.width]
+        self.upto, self.width = k + len(window), min(self.width * 2, AHEAD_MAX)
+        keys: list[tuple[str, str]] = []
+        for item in window:
+            try:
+                self.decoded[item.packet_id] = decoded = _decoded(item)
+            except Exception:  # noqa: BLE001 - ``_plan`` decodes it again and fails it alone
+                continue
+            keys += [(r["resourceType"], str(r.get("id"))) for r in decoded[1]]
+        threads = sorted({i.thread for i in window})
+        self.referrals.update(
+            (r.thread, r)
+            for r in conn.execute(select(REFERRAL).where(REFERRAL.c.thread.in_(threads)))
+        )
+        ids = sorted({i.packet_id for i in window})
+        self.stored.update(
+            conn.execute(
+                select(RESULT_PACKET.c.packet_id).where(RESULT_PACKET.c.packet_id.in_(ids))
+            ).scalars()
+        )
+        self.owners.update(store.owners(conn, keys))
+
+    def owned(self, resource: dict[str, Any]) -> tuple[str | None, str | None] | None:
+        """(thread, origin) of the resource's current row here, or None (none yet)."""
+        return self.owners.get((resource["resourceType"], str(resource.get("id"))))
+
+    def patient(self, conn: Connection, phash: str) -> str | None:
+        """This node's Patient with the keyed hash (a reference), remembered once found."""
+        mine = self.patients.get(phash)
+        if mine is None:
+            local = store.find_patient_by_hash(conn, phash)
+            if local is not None:
+                mine = self.patients[phash] = R.ref(local)
+        return mine
+
+    def wrote(self, plan: _Planned) -> None:
+        """The packet's writes, as the rows they leave (put_many: the thread given, or the
+        row's own; the sender's making)."""
+        self.stored.add(plan.item.packet_id)
+        for r, thread, _ in plan.items:
+            key = (r["resourceType"], str(r.get("id")))
+            before = self.owners.get(key)
+            self.owners[key] = (thread or (before[0] if before else None), plan.item.sender)
 
 
 class ResultsInbox:
@@ -116,7 +188,9 @@ class ResultsInbox:
         check's refusal is that packet's answer (its thread added to ``failed``), any other
         error propagates with ``reached[0]`` = the index of the packet it broke."""
         out: list[Outcome] = []
-        until = time.monotonic() + HOLD_S
+        until = time.monotonic() + (HOLD_S if self.ctx.store.is_sqlite else HOLD_PG_S)
+        ahead = _Ahead()
+        marks: list[dict[str, Any]] = []  # the RESULT_PACKET rows, inserted at the end
         for k, item in enumerate(items):
             if k and time.monotonic() > until:
                 break
@@ -124,34 +198,30 @@ class ResultsInbox:
             if item.thread in failed:
                 out.append(None)
                 continue
+            ahead.read(conn, items, k)
             try:
-                plan = self._plan(conn, item)
+                plan = self._plan(conn, item, ahead)
             except HutongError as exc:  # refused before any write of its own
                 failed.add(item.thread)
                 out.append(exc)
                 continue
             if not plan.stored:
-                self._write(conn, plan)
-            out.append(self._event(conn, plan))
+                self._write(conn, plan, marks)
+                ahead.wrote(plan)
+            out.append(self._event(conn, plan, ahead))
+        if marks:  # one statement; if it breaks, the last packet is taken as the one
+            reached[0] = len(out) - 1
+            conn.execute(insert(RESULT_PACKET), marks)
         return out
 
-    def _plan(self, conn: Connection, item: Delivery) -> _Planned:
-        """Reads and checks only: what the packet will write (refusals raise HutongError)."""
-        bundle = decode_bundle(item)  # decoded once, for the hook and the sink alike
-        resources = _by_type_and_id(bundle, item.packet_id)
-        if not any(
-            r.get("resourceType") in ("DiagnosticReport", "Observation", "ImagingStudy")
-            for r in resources
-        ):
-            raise InvalidResource(
-                "a result packet needs a DiagnosticReport, Observation or ImagingStudy"
-            )
-        row = conn.execute(select(REFERRAL).where(REFERRAL.c.thread == item.thread)).first()
+    def _plan(self, conn: Connection, item: Delivery, ahead: _Ahead) -> _Planned:
+        """Reads (most of them made ahead, ``ahead``) and checks only: what the packet will
+        write (refusals raise HutongError)."""
+        found = ahead.decoded.pop(item.packet_id, None)
+        bundle, resources = found if found is not None else _decoded(item)
+        row = ahead.referrals.get(item.thread)
         phash = row.patient_hash if row is not None else item.patient_hash
-        stored = conn.execute(
-            select(RESULT_PACKET.c.packet_id).where(RESULT_PACKET.c.packet_id == item.packet_id)
-        ).first()
-        if stored:
+        if item.packet_id in ahead.stored:
             return _Planned(item, bundle, row, phash, None, [], stored=True)
         if row is not None and item.sender != (
             row.receiver if row.side == "referrer" else row.referrer
@@ -165,38 +235,40 @@ class ResultsInbox:
         if row is not None:
             mine = store.get(conn, "Task", row.task_id)["for"]["reference"]
         elif phash:
-            local = store.find_patient_by_hash(conn, phash)
-            mine = R.ref(local) if local else None
+            mine = ahead.patient(conn, phash)
         if mine:  # named our way; our own record of the patient stays as it is (naming)
             resources = naming.incoming(mine, phash, resources)
         thread = row.thread if row is not None else None
         items: list[tuple[dict[str, Any], str | None, str | None]] = []
         for r in resources:
+            owned = ahead.owned(r)
             if r.get("resourceType") == "Organization":
-                if _others(conn, r, item.sender):
+                if owned is not None and owned[1] != item.sender:
                     continue  # another member's (or our own) record of an organisation
                 items.append((r, None, None))
             else:
-                foreign_resource(conn, r, item.thread, item.sender)
+                if owned is not None and isinstance(r.get("id"), str):
+                    foreign_row(r, owned, item.thread, item.sender)
                 items.append((r, thread, phash))
         return _Planned(item, bundle, row, phash, mine, items, stored=False)
 
-    def _write(self, conn: Connection, plan: _Planned) -> None:
-        """The packet's resources, its RESULT_PACKET row and its audit row."""
+    def _write(self, conn: Connection, plan: _Planned, marks: list[dict[str, Any]]) -> None:
+        """The packet's resources and its audit row (chained at the commit); its RESULT_PACKET
+        row goes to ``marks``, inserted with the transaction's others at its end."""
         item, row, now = plan.item, plan.row, self.ctx.now()
         # one statement per table for the packet's resources (bench/README.md, lis.py)
         store.put_many(conn, plan.items, at=now, origin=item.sender)
         count = len(plan.items)
-        conn.execute(
-            insert(RESULT_PACKET).values(
-                packet_id=item.packet_id,
-                sender=item.sender,
-                kind=item.kind,
-                thread=row.thread if row is not None else None,
-                patient_hash=plan.phash,
-                resources=count,
-                at=now,
-            )
+        marks.append(
+            {
+                "packet_id": item.packet_id,
+                "sender": item.sender,
+                "kind": item.kind,
+                "thread": row.thread if row is not None else None,
+                "patient_hash": plan.phash,
+                "resources": count,
+                "at": now,
+            }
         )
         entry = AuditEntry(
             action="results",
@@ -210,9 +282,9 @@ class ResultsInbox:
             + ("" if row is not None else " (no referral known for the thread)"),
             extra={"linked": row is not None},
         )
-        self.ctx.audit.append(conn, [entry])
+        self.ctx.audit.append_at_commit(conn, [entry])
 
-    def _event(self, conn: Connection, plan: _Planned) -> ResultEvent:
+    def _event(self, conn: Connection, plan: _Planned, ahead: _Ahead) -> ResultEvent:
         """The packet as stored, read in the same transaction right after its writes (a later
         packet of the same call is not in it yet)."""
         item = plan.item
@@ -223,9 +295,23 @@ class ResultsInbox:
         elif plan.mine is not None:
             mine = plan.mine  # the packet registered no Patient of its own
         elif item.patient_hash:
-            local = store.find_patient_by_hash(conn, item.patient_hash)
-            mine = R.ref(local) if local else None
+            mine = ahead.patient(conn, item.patient_hash)
         return ResultEvent(item, plan.bundle, mine, view)
+
+
+def _decoded(item: Delivery) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The packet's Bundle (decoded once, for the hook and the sink alike) and its resources
+    as stored; a packet without a result resource is refused."""
+    bundle = decode_bundle(item)
+    resources = _by_type_and_id(bundle, item.packet_id)
+    if not any(
+        r.get("resourceType") in ("DiagnosticReport", "Observation", "ImagingStudy")
+        for r in resources
+    ):
+        raise InvalidResource(
+            "a result packet needs a DiagnosticReport, Observation or ImagingStudy"
+        )
+    return bundle, resources
 
 
 def _by_type_and_id(bundle: dict[str, Any], packet_id: str) -> list[dict[str, Any]]:
@@ -248,13 +334,3 @@ def _by_type_and_id(bundle: dict[str, Any], packet_id: str) -> list[dict[str, An
         for e in entries:
             e["resource"] = R.rewrite_refs(e["resource"], mapping)
     return [dict(e["resource"]) for e in entries]
-
-
-def _others(conn: Any, resource: dict[str, Any], sender: str) -> bool:
-    """Is there a record of this resource here that ``sender`` did not make?"""
-    try:
-        return bool(
-            store.get_row(conn, resource["resourceType"], str(resource.get("id"))).origin != sender
-        )
-    except NotFound:
-        return False

@@ -35,7 +35,12 @@ from bridge.results import tables as _results_tables  # noqa: F401
 # importing registers every table on SQLModel.metadata
 from bridge.store import tables as _tables
 from bridge.store.checkpoint import Checkpointer
-from bridge.store.hooks import drop_after_commit, run_after_commit
+from bridge.store.hooks import (
+    drop_after_commit,
+    open_before_commit,
+    run_after_commit,
+    run_before_commit,
+)
 
 #: session advisory lock held while a process creates or upgrades the schema (the audit chain
 #: uses 727274; the delivery lanes use the two-int4 key space, which does not overlap)
@@ -200,7 +205,9 @@ class Store:
                 raise StoreError("database unavailable: write lock timeout")
             try:
                 with self._writer.begin() as conn:
+                    open_before_commit(conn)
                     yield conn
+                    run_before_commit(conn)  # e.g. the audit rows gathered, chained at once
             except BaseException:
                 if conn is not None:
                     drop_after_commit(conn)
