@@ -123,11 +123,11 @@ def run_level(plans: dict[str, Any], level: int, n: int, timer: StatementTimer) 
         max_total = b.plan.limits.max_body_bytes * 2 + (8 << 20)
 
         class Direct:
-            def post_batch(self, body: bytes) -> bytes:
+            def post_batch(self, body: bytes, *, receipts_v2: bool = False) -> bytes:
                 frames = ex.env.decode_batch(
                     body, max_items=b.plan.limits.max_batch, max_total=max_total
                 )
-                return ex.env.encode_batch(b.intake.receive(frames))
+                return ex.env.encode_batch(b.intake.receive(frames, receipts_v2=receipts_v2))
 
             def close(self) -> None:
                 pass
