@@ -50,6 +50,10 @@ HOLD_PG_S = 0.5
 #: packets whose reads are made together (``_Ahead``), at first; doubled each time up to
 #: ``AHEAD_MAX``, so a short SQLite transaction reads little ahead for nothing
 AHEAD_FIRST, AHEAD_MAX = 4, 64
+#: ... and at most this many body bytes (at least one packet): the window's bundles are held
+#: decoded until applied, 5-10 times their JSON's size as Python objects (64 windows of 64 KiB
+#: bundles raised B's peak RSS on PostgreSQL from 155 to 169 MiB, bench/README.md "Peak RSS")
+AHEAD_MAX_BYTES = 1 << 20
 
 #: what :meth:`ResultsInbox.apply_many` answers per packet: the event as stored, the packet's
 #: error, or None (not applied: an earlier packet of its thread in the same call failed)
@@ -89,7 +93,13 @@ class _Ahead:
         """Read ahead for ``items[k:]`` (the next window) unless packet ``k`` is read already."""
         if k < self.upto:
             return
-        window = items[k : k + self.width]
+        window: list[Delivery] = []
+        size = 0
+        for item in items[k : k + self.width]:
+            if window and size + len(item.body) > AHEAD_MAX_BYTES:
+                break
+            window.append(item)
+            size += len(item.body)
         self.upto, self.width = k + len(window), min(self.width * 2, AHEAD_MAX)
         keys: list[tuple[str, str]] = []
         for item in window:
