@@ -929,6 +929,45 @@ def test_watch_runs_full_then_incremental_then_full_again(engine, key):
     assert (again.ok, again.ran_full, again.first_bad_seq) == (False, True, 3)
 
 
+def test_watch_reads_only_what_was_appended_since_its_last_check(engine, key):
+    """Each check that holds moves the confirmed row forward: the next reads only newer rows
+    (not all since the full run), and rows it confirmed are left to the next full run."""
+    chain = AuditChain(NODE, key, checkpoint_every=10)
+    fill(engine, chain, 12)
+    ctx = _Ctx(engine, chain)
+    watch = ChainWatch(ctx, lambda conn: [key.public_key()], full_every_s=300)
+    assert watch.check().ran_full
+    with engine.begin() as conn:
+        chain.append(conn, [entry(13 + i) for i in range(5)])
+    ctx.clock[0] = BASE + timedelta(seconds=30)
+    first = watch.check()
+    assert (first.ok, first.ran_full, first.full_checked, first.new_checked, first.head_seq) == (
+        True,
+        False,
+        12,
+        5,
+        17,
+    )
+    # a row the first incremental check confirmed is edited, then 4 rows are appended
+    sql(engine, "UPDATE audit SET resource = replace(resource, 'pkt-14', 'pkt-99') WHERE seq = 14")
+    with engine.begin() as conn:
+        chain.append(conn, [entry(18 + i) for i in range(4)])
+    ctx.clock[0] = BASE + timedelta(seconds=60)
+    second = watch.check()  # reads seq 18-21 only (counts: 5 + 4 since the full run)
+    assert (second.ok, second.ran_full, second.new_checked, second.head_seq) == (
+        True,
+        False,
+        9,
+        21,
+    )
+    # the row confirmed last is pinned: changing it is seen at once
+    sql(engine, "UPDATE audit SET hash = 'x' || substr(hash, 2) WHERE seq = 21")
+    third = watch.check()
+    assert (third.ok, third.ran_full, third.first_bad_seq) == (False, False, 21)
+    forced = watch.check(full=True)  # the full run finds the first edit
+    assert (forced.ok, forced.ran_full, forced.first_bad_seq) == (False, True, 14)
+
+
 def test_watch_recomputes_when_the_full_run_is_old(engine, key):
     chain = AuditChain(NODE, key, checkpoint_every=10)
     fill(engine, chain, 12)

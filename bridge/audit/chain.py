@@ -311,7 +311,7 @@ class AuditChain:
                     0,
                     last_seq,
                     f"seq {last_seq}: the row confirmed by "
-                    "the last full verification is gone or changed",
+                    "the last verification is gone or changed",
                     last_seq,
                     last_hash,
                     0,

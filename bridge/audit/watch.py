@@ -5,8 +5,13 @@ too slow for every load of the auditor's page. ``ChainWatch`` recomputes the who
 every ``full_every_s`` (or when asked), remembers the last row that run confirmed, and in
 between checks only the rows after it (``AuditChain.verify(after=...)``): that the confirmed row
 is still there unchanged, that every newer row links, hashes and matches its columns, and that
-newer checkpoints verify. An edit to an older row is caught by the next full run; the page says
-when that was and offers to run one now. A failed run is never remembered as a base.
+newer checkpoints verify. Each check that holds moves that row forward, so a check reads only
+what was appended since the one before (reading everything since the full run made the alert
+job's check every 30 s grow with the node's traffic until the next full run: at 150 packets/s it
+took the receiving node's Python for seconds of every round and held a read snapshot that kept
+SQLite's WAL from being checkpointed, bench/README.md "soak"). An edit to an older row is caught
+by the next full run; the page says when that was and offers to run one now. A failed run is
+never remembered as a base.
 """
 
 from __future__ import annotations
@@ -54,6 +59,8 @@ class ChainWatch:
         self.full_every_s = full_every_s
         self._lock = threading.Lock()
         self._base: tuple[datetime, VerifyResult] | None = None
+        #: since the full run: the last row confirmed, and rows and checkpoints confirmed
+        self._since: tuple[int, str, int, int] | None = None
 
     def check(self, *, full: bool = False) -> ChainStatus:
         ctx = self.ctx
@@ -66,21 +73,28 @@ class ChainWatch:
                 and (now - base[0]).total_seconds() < self.full_every_s
             ):
                 at, done = base
+                last_seq, last_hash, rows, cps = self._since or (
+                    done.last_seq,
+                    done.last_hash,
+                    0,
+                    0,
+                )
                 with ctx.store.read() as conn:
-                    res = ctx.audit.verify(
-                        conn, self.keys(conn), after=(done.last_seq, done.last_hash)
-                    )
+                    res = ctx.audit.verify(conn, self.keys(conn), after=(last_seq, last_hash))
                     res = _anchored(conn, ctx, res)
-                if not res.ok:
-                    self._base = None
+                rows, cps = rows + res.checked, cps + res.checkpoints_checked
+                if res.ok:
+                    self._since = (res.last_seq, res.last_hash, rows, cps)
+                else:
+                    self._base = self._since = None
                 return ChainStatus(
                     res.ok,
                     at,
                     done.checked,
-                    res.checked,
+                    rows,
                     res.last_seq,
                     res.last_hash,
-                    done.checkpoints_checked + res.checkpoints_checked,
+                    done.checkpoints_checked + cps,
                     res.first_bad_seq,
                     res.reason,
                 )
@@ -88,6 +102,7 @@ class ChainWatch:
                 res = ctx.audit.verify(conn, self.keys(conn))
                 res = _anchored(conn, ctx, res)
             self._base = (now, res) if res.ok else None
+            self._since = None
             return ChainStatus(
                 res.ok,
                 now if res.ok else None,
