@@ -860,9 +860,7 @@ def test_after_catches_edits_deletes_and_a_changed_base(engine, chain50):
     with engine.connect() as conn:
         res = chain50.verify(conn, after=(30, base))
     assert (res.ok, res.first_bad_seq, res.checked) == (False, 30, 0)
-    assert res.reason == (
-        "seq 30: the row confirmed by the last verification is gone or changed"
-    )
+    assert res.reason == ("seq 30: the row confirmed by the last verification is gone or changed")
 
 
 @dataclass
