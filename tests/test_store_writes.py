@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -391,12 +392,19 @@ def test_a_log_that_never_catches_up_is_restarted_under_the_writer_lock(tmp_path
         for k in range(4):
             write(s, True, [resources(8, mrn=f"FX{k}")])
         wait_for(lambda: cp.restarts >= 1, 30, what="a RESTART attempt")
-        write(s, True, [resources(8, mrn="FX-during")])  # the writers were not held
+        assert cp.restarts_busy == cp.restarts  # the reader held each one off
+        t0 = time.monotonic()
+        for k in range(6):  # commits go on; the back-off spaces the next attempts
+            write(s, True, [resources(8, mrn=f"FX-during{k}")])
+        elapsed = time.monotonic() - t0 + 0.3  # + the first attempt's wait and a round
         frames, copied = _wal(path)
         assert copied < frames  # the reader's snapshot still pins the log
+        # the next attempts come 0.5, 1.5, 3.5 s ... after the first, not at every commit
+        assert cp.restarts <= 1 + sum(1 for t in (0.5, 1.5, 3.5, 7.5, 15.5) if t < elapsed)
         reader.execute("COMMIT")
         reader.close()
         runs = cp.runs
+        cp._next_restart = 0.0  # the back-off's end, without sleeping through it
         write(s, True, [resources(8, mrn="FX-after")])
         wait_for(
             lambda: cp.runs > runs and _wal(path)[0] == _wal(path)[1],
