@@ -461,13 +461,8 @@ class AuditChain:
             # PostgreSQL reads each statement at its own snapshot (READ COMMITTED): rows and
             # their checkpoint committed since the rows were read are not a cut tail, the log
             # went on (SQLite reads the whole transaction at one snapshot: no row shows here)
-            if (
-                tail
-                and conn.execute(
-                    select(_audit.c.seq).where(_audit.c.seq > last_seq).limit(1)
-                ).first()
-                is not None
-            ):
+            newer = select(_audit.c.seq).where(_audit.c.seq > last_seq).limit(1)
+            if tail and conn.execute(newer).first() is not None:
                 return VerifyResult(
                     True, checked, None, None, last_seq, last_hash, cps_checked, at_end=False
                 )
