@@ -8,7 +8,7 @@ import io
 import math
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -1266,3 +1266,55 @@ def test_chunked_after_answers_as_verify_after(engine, chain50):
     res = chain50.verify_chunked(Reads(engine.connect), after=(30, confirmed), chunk=3)
     assert (res.ok, res.first_bad_seq, res.checked) == (False, 30, 0)
     assert res.reason == "seq 30: the row confirmed by the last verification is gone or changed"
+
+
+@dataclass
+class _StoreCtx:
+    """A NodeContext for ChainWatch on a real Store; ``during`` runs once, right after the
+    first statement that reads chain rows has executed (a commit while a check reads)."""
+
+    node_store: Store
+    audit: AuditChain
+    during: Callable[[], None] | None = None
+
+    def now(self) -> datetime:
+        return BASE
+
+    @property
+    def store(self) -> _StoreCtx:
+        return self
+
+    @contextmanager
+    def read(self):  # type: ignore[no-untyped-def]
+        def rows_read(conn, cursor, statement, *args) -> None:  # type: ignore[no-untyped-def]
+            if "prev_hash" in statement and self.during is not None:
+                during, self.during = self.during, None
+                during()
+
+        with self.node_store.read() as conn:
+            event.listen(conn, "after_cursor_execute", rows_read)
+            yield conn
+
+
+def test_watch_checks_the_anchor_after_the_chunks_in_a_read_of_its_own(store, key):
+    """A checkpoint committed while the check reads moves the node's latest anchor past what
+    the chunks read; the anchor check reads after them and finds its row (in the chunks' one
+    read transaction SQLite's snapshot lacked it: a false 'truncated')."""
+    chain = AuditChain(NODE, key, checkpoint_every=10)
+    append(store, chain, 1, 50)
+    assert chain.latest is not None and chain.latest.seq == 50
+    ctx = _StoreCtx(store, chain, during=lambda: append(store, chain, 51, 10))
+    watch = ChainWatch(ctx, lambda conn: [key.public_key()], full_every_s=300)  # type: ignore[arg-type]
+    res = watch.check()
+    assert ctx.during is None and chain.latest.seq == 60
+    assert (res.ok, res.first_bad_seq, res.reason) == (True, None, None)
+    assert res.head_seq == (50 if store.is_sqlite else 60)
+    # the anchor check still catches a tail cut with its checkpoints under the running node
+    with store.write() as conn:
+        conn.execute(text("DELETE FROM audit_checkpoint WHERE seq > 50"))
+        conn.execute(text("DELETE FROM audit WHERE seq > 55"))
+    cut = watch.check(full=True)
+    assert (cut.ok, cut.first_bad_seq) == (False, 56)
+    assert cut.reason is not None and cut.reason.startswith(
+        "truncated: the node's latest anchor records seq 60"
+    )
