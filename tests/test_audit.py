@@ -5,9 +5,10 @@ from __future__ import annotations
 import base64
 import csv
 import io
+import math
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -34,10 +35,12 @@ from bridge.audit import (
     to_audit_event,
     unwrap,
 )
+from bridge.audit.chain import VERIFY_CHUNK
 from bridge.audit.events import ACTIONS, PATIENT_HASH_SYSTEM
 from bridge.audit.export import CSV_COLUMNS
 from bridge.audit.watch import ChainWatch
 from bridge.errors import StoreError
+from bridge.store.db import Store
 
 NODE = "node-a"
 HASH_A = "a1" * 32  # stand-ins for bridge.privacy.patient_hash() output
@@ -106,6 +109,54 @@ def chain50(engine: Engine, key: Ed25519PrivateKey) -> AuditChain:
 def verify(engine: Engine, chain: AuditChain, keys=()):  # type: ignore[no-untyped-def]
     with engine.connect() as conn:
         return chain.verify(conn, keys)
+
+
+class Reads:
+    """``open_read`` for ``verify_chunked``: each call opens a connection of ``open_read``
+    (``engine.connect``, ``Store.read``), i.e. one read transaction, and counts it;
+    ``before(n)`` runs before the n-th opens (an edit or an append between two chunks)."""
+
+    def __init__(self, open_read, before=None) -> None:  # type: ignore[no-untyped-def]
+        self.open_read = open_read
+        self.before = before
+        self.opened = 0
+        self.in_transaction: list[bool] = []  # each connection's reads ran in its transaction
+
+    @contextmanager
+    def __call__(self):  # type: ignore[no-untyped-def]
+        self.opened += 1
+        if self.before is not None:
+            self.before(self.opened)
+        with self.open_read() as conn:
+            yield conn
+            self.in_transaction.append(conn.in_transaction())
+
+
+#: chunk sizes the tamper cases also run ``verify_chunked`` with (None: only the single pass):
+#: 1, a prime, the checkpoints (every 10) at chunk borders, 44 = 4 x 11 (the truncated tail),
+#: the log's length, more than the log
+CHUNKS = [None, 1, 3, 10, 11, 50, 1000]
+
+
+@pytest.fixture(params=CHUNKS, ids=lambda c: "one-pass" if c is None else f"chunk-{c}")
+def check(request):  # type: ignore[no-untyped-def]
+    """``verify`` for the tamper cases: the single pass, or ``verify_chunked`` with the param's
+    chunk size, which must answer as the single pass did, field for field."""
+    chunk = request.param
+
+    def run(engine: Engine, chain: AuditChain, keys=()):  # type: ignore[no-untyped-def]
+        one = verify(engine, chain, keys)
+        if chunk is None:
+            return one
+        reads = Reads(engine.connect)
+        res = chain.verify_chunked(reads, keys, chunk=chunk)
+        assert res == one
+        assert all(reads.in_transaction)
+        if res.ok:  # one read transaction a chunk, none more
+            assert reads.opened == max(1, math.ceil(res.last_seq / chunk))
+        return res
+
+    return run
 
 
 def sql(engine: Engine, statement: str, **params) -> None:  # type: ignore[no-untyped-def]
@@ -220,10 +271,10 @@ def test_checkpoint_forced_at_head(engine, key):
     assert cp.hash == head
 
 
-def test_edited_resource_json_is_caught(engine, chain50):
-    assert verify(engine, chain50).ok
+def test_edited_resource_json_is_caught(engine, chain50, check):
+    assert check(engine, chain50).ok
     sql(engine, "UPDATE audit SET resource = replace(resource, 'pkt-17', 'pkt-71') WHERE seq = 17")
-    result = verify(engine, chain50)
+    result = check(engine, chain50)
     assert (result.ok, result.first_bad_seq, result.checked, result.last_seq) == (False, 17, 16, 16)
     assert result.reason == "seq 17: hash mismatch, resource or hash was edited"
 
@@ -240,31 +291,31 @@ def test_edited_resource_json_is_caught(engine, chain50):
         ("at", "2024-01-01 00:00:00.000000"),
     ],
 )
-def test_edited_indexed_column_is_caught(engine, chain50, column, value):
+def test_edited_indexed_column_is_caught(engine, chain50, column, value, check):
     sql(engine, f"UPDATE audit SET {column} = :v WHERE seq = 23", v=value)
-    result = verify(engine, chain50)
+    result = check(engine, chain50)
     assert (result.ok, result.first_bad_seq) == (False, 23)
     assert result.reason == f"seq 23: column {column} does not match the resource"
 
 
-def test_deleted_middle_row_is_caught(engine, chain50):
+def test_deleted_middle_row_is_caught(engine, chain50, check):
     sql(engine, "DELETE FROM audit WHERE seq = 30")
-    result = verify(engine, chain50)
+    result = check(engine, chain50)
     assert (result.ok, result.first_bad_seq, result.checked) == (False, 31, 29)
     assert result.reason == "seq 31: follows seq 29, row 30 missing"
 
 
-def test_deleted_row_renumbered_is_caught(engine, chain50):
+def test_deleted_row_renumbered_is_caught(engine, chain50, check):
     # hide the gap by shifting later rows down: the links no longer join
     sql(engine, "DELETE FROM audit WHERE seq = 30")
     for seq in range(31, 51):
         sql(engine, "UPDATE audit SET seq = :new WHERE seq = :old", new=seq - 1, old=seq)
-    result = verify(engine, chain50)
+    result = check(engine, chain50)
     assert (result.ok, result.first_bad_seq) == (False, 30)
     assert "prev_hash does not link to seq 29" in result.reason
 
 
-def test_swapped_rows_are_caught(engine, chain50):
+def test_swapped_rows_are_caught(engine, chain50, check):
     columns = (
         "at, action, outcome, packet_id, kind, peer, thread, patient_hash, actor, "
         "resource, prev_hash, hash"
@@ -275,32 +326,32 @@ def test_swapped_rows_are_caught(engine, chain50):
         assign = ", ".join(f"{c} = :{c}" for c in a)
         conn.execute(text(f"UPDATE audit SET {assign} WHERE seq = 12"), b)
         conn.execute(text(f"UPDATE audit SET {assign} WHERE seq = 13"), a)
-    result = verify(engine, chain50)
+    result = check(engine, chain50)
     assert (result.ok, result.first_bad_seq) == (False, 12)
     assert result.reason.startswith("seq 12: prev_hash does not link to seq 11")
 
 
-def test_truncated_tail_is_caught_by_checkpoint(engine, key):
+def test_truncated_tail_is_caught_by_checkpoint(engine, key, check):
     chain = AuditChain(NODE, key, checkpoint_every=1000)
     fill(engine, chain, 45)
     with engine.begin() as conn:
         chain.checkpoint(conn)  # as on shutdown
     sql(engine, "DELETE FROM audit WHERE seq = 45")
-    result = verify(engine, chain)
+    result = check(engine, chain)
     assert (result.ok, result.first_bad_seq, result.checked) == (False, 45, 44)
     assert result.reason == "truncated: checkpoint at seq 45 but the log ends at seq 44"
 
 
-def test_truncated_tail_without_checkpoint_is_not_detectable(engine):
+def test_truncated_tail_without_checkpoint_is_not_detectable(engine, check):
     # why checkpoints exist: a cut tail leaves a perfectly linked, shorter chain
     chain = AuditChain(NODE, None)
     fill(engine, chain, 20)
     sql(engine, "DELETE FROM audit WHERE seq > 15")
-    result = verify(engine, chain)
+    result = check(engine, chain)
     assert (result.ok, result.checked, result.last_seq) == (True, 15, 15)
 
 
-def test_forged_checkpoint_signature_is_caught(engine, chain50):
+def test_forged_checkpoint_signature_is_caught(engine, chain50, check):
     forger = Ed25519PrivateKey.generate()
     with engine.begin() as conn:
         cp = conn.execute(text("SELECT hash, at FROM audit_checkpoint WHERE seq = 20")).one()
@@ -309,18 +360,18 @@ def test_forged_checkpoint_signature_is_caught(engine, chain50):
         conn.execute(
             text("UPDATE audit_checkpoint SET signature = :s WHERE seq = 20"), {"s": forged}
         )
-    result = verify(engine, chain50)
+    result = check(engine, chain50)
     assert (result.ok, result.first_bad_seq, result.checkpoints_checked) == (False, 20, 1)
     assert result.reason.startswith("checkpoint at seq 20: signature does not verify")
 
 
-def test_garbage_checkpoint_signature_is_caught(engine, chain50):
+def test_garbage_checkpoint_signature_is_caught(engine, chain50, check):
     sql(engine, "UPDATE audit_checkpoint SET signature = 'not base64!' WHERE seq = 40")
-    result = verify(engine, chain50)
+    result = check(engine, chain50)
     assert (result.ok, result.first_bad_seq) == (False, 40)
 
 
-def test_rewritten_chain_is_caught_by_checkpoint(engine, chain50):
+def test_rewritten_chain_is_caught_by_checkpoint(engine, chain50, check):
     # the attacker edits row 15 and recomputes every later hash: only the signed checkpoint knows
     with engine.begin() as conn:
         rows = conn.execute(
@@ -347,12 +398,12 @@ def test_rewritten_chain_is_caught_by_checkpoint(engine, chain50):
                 },
             )
             prev = digest
-    result = verify(engine, chain50)
+    result = check(engine, chain50)
     assert (result.ok, result.first_bad_seq, result.checked) == (False, 20, 19)
     assert result.reason == "checkpoint at seq 20: hash differs from the row's"
 
 
-def test_forged_checkpoint_beyond_tail_is_a_bad_signature(engine, chain50):
+def test_forged_checkpoint_beyond_tail_is_a_bad_signature(engine, chain50, check):
     with engine.begin() as conn:
         conn.execute(
             text(
@@ -361,7 +412,7 @@ def test_forged_checkpoint_beyond_tail_is_a_bad_signature(engine, chain50):
                 "WHERE seq = 50"
             )
         )
-    result = verify(engine, chain50)
+    result = check(engine, chain50)
     assert (result.ok, result.first_bad_seq) == (False, 60)
     assert "signature does not verify" in result.reason
 
@@ -782,6 +833,14 @@ def pg_engine(pg_db: str) -> Iterator[Engine]:
         admin.dispose()
 
 
+def _both(engine: Engine, chain: AuditChain, keys=(), chunks=(7, 1000)):  # type: ignore[no-untyped-def]
+    """The single pass, and verify_chunked with each chunk size answering the same."""
+    one = verify(engine, chain, keys)
+    for chunk in chunks:
+        assert chain.verify_chunked(Reads(engine.connect), keys, chunk=chunk) == one
+    return one
+
+
 @pytest.mark.postgres
 def test_postgres_append_verify_and_concurrency(pg_engine, key):
     chain = AuditChain(NODE, key)
@@ -789,7 +848,7 @@ def test_postgres_append_verify_and_concurrency(pg_engine, key):
     for size in (1, 499, 700, 300, 1000):
         with pg_engine.begin() as conn:
             seq = chain.append(conn, [entry(seq + j + 1) for j in range(size)])
-    result = verify(pg_engine, chain, [key.public_key()])
+    result = _both(pg_engine, chain, [key.public_key()])
     assert (result.ok, result.checked, result.checkpoints_checked) == (True, 2500, 2)
 
     errors: list[BaseException] = []
@@ -811,18 +870,18 @@ def test_postgres_append_verify_and_concurrency(pg_engine, key):
     with pg_engine.begin() as conn:
         cp = chain.checkpoint(conn)
     assert cp is not None and cp.seq == 2900
-    result = verify(pg_engine, chain)
+    result = _both(pg_engine, chain)
     assert (result.ok, result.checked, result.checkpoints_checked) == (True, 2900, 3)
 
     sql(pg_engine, "UPDATE audit SET patient_hash = :v WHERE seq = 1234", v="c3" * 32)
-    result = verify(pg_engine, chain)
+    result = _both(pg_engine, chain)
     assert (result.ok, result.first_bad_seq) == (False, 1234)
     assert result.reason == "seq 1234: column patient_hash does not match the resource"
     sql(pg_engine, "DELETE FROM audit WHERE seq = 2900")
     sql(
         pg_engine, "UPDATE audit SET patient_hash = :v WHERE seq = 1234", v=HASH_B
     )  # entry(1234) is even: HASH_B, restored
-    result = verify(pg_engine, chain)
+    result = _both(pg_engine, chain)
     assert (result.ok, result.first_bad_seq) == (False, 2900)
     assert result.reason.startswith("truncated: checkpoint at seq 2900")
 
@@ -870,6 +929,7 @@ class _Ctx:
     engine: Engine
     audit: AuditChain
     clock: list[datetime] = field(default_factory=lambda: [BASE])
+    reads: int = 0  # read transactions opened
 
     def now(self) -> datetime:
         return self.clock[0]
@@ -880,16 +940,19 @@ class _Ctx:
 
     @contextmanager
     def read(self):  # type: ignore[no-untyped-def]
+        self.reads += 1
         with self.engine.connect() as conn:
             yield conn
 
 
-def test_watch_runs_full_then_incremental_then_full_again(engine, key):
+@pytest.mark.parametrize("chunk", [3, VERIFY_CHUNK])
+def test_watch_runs_full_then_incremental_then_full_again(engine, key, chunk):
     chain = AuditChain(NODE, key, checkpoint_every=10)
     fill(engine, chain, 25)
     ctx = _Ctx(engine, chain)
-    watch = ChainWatch(ctx, lambda conn: [key.public_key()], full_every_s=300)
+    watch = ChainWatch(ctx, lambda conn: [key.public_key()], full_every_s=300, chunk=chunk)
     first = watch.check()
+    assert ctx.reads == math.ceil(25 / chunk) + 1  # a read a chunk, one for the anchor
     assert (
         first.ok,
         first.ran_full,
@@ -902,7 +965,9 @@ def test_watch_runs_full_then_incremental_then_full_again(engine, key):
     with engine.begin() as conn:
         chain.append(conn, [entry(26 + i) for i in range(7)])
     ctx.clock[0] = BASE + timedelta(seconds=60)
+    ctx.reads = 0
     second = watch.check()
+    assert ctx.reads == math.ceil(7 / chunk) + 1
     assert (
         second.ok,
         second.ran_full,
@@ -927,13 +992,14 @@ def test_watch_runs_full_then_incremental_then_full_again(engine, key):
     assert (again.ok, again.ran_full, again.first_bad_seq) == (False, True, 3)
 
 
-def test_watch_reads_only_what_was_appended_since_its_last_check(engine, key):
+@pytest.mark.parametrize("chunk", [2, VERIFY_CHUNK])
+def test_watch_reads_only_what_was_appended_since_its_last_check(engine, key, chunk):
     """Each check that holds moves the confirmed row forward: the next reads only newer rows
     (not all since the full run), and rows it confirmed are left to the next full run."""
     chain = AuditChain(NODE, key, checkpoint_every=10)
     fill(engine, chain, 12)
     ctx = _Ctx(engine, chain)
-    watch = ChainWatch(ctx, lambda conn: [key.public_key()], full_every_s=300)
+    watch = ChainWatch(ctx, lambda conn: [key.public_key()], full_every_s=300, chunk=chunk)
     assert watch.check().ran_full
     with engine.begin() as conn:
         chain.append(conn, [entry(13 + i) for i in range(5)])
@@ -980,4 +1046,275 @@ def test_watch_recomputes_when_the_full_run_is_old(engine, key):
         True,
         BASE + timedelta(seconds=300),
         12,
+    )
+
+
+# -- the whole chain in chunks of short read transactions (verify_chunked) ---------------------
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store(request, tmp_path) -> Iterator[Store]:  # type: ignore[no-untyped-def]
+    """A node's real store (SQLite in WAL mode, or PostgreSQL): ``read`` is the factory the
+    node gives ``verify_chunked``."""
+    if request.param == "sqlite":
+        dsn = f"sqlite:///{tmp_path / 'node.db'}"
+    else:
+        dsn = str(request.getfixturevalue("pg_db"))
+    s = Store(dsn)
+    s.create_all()
+    yield s
+    s.dispose()
+
+
+def append(store: Store, chain: AuditChain, first: int, n: int) -> None:
+    with store.write() as conn:
+        chain.append(conn, [entry(first + i) for i in range(n)])
+
+
+def head_hash(store: Store, seq: int) -> str:
+    with store.read() as conn:
+        return str(conn.execute(text("SELECT hash FROM audit WHERE seq = :s"), {"s": seq}).one()[0])
+
+
+def test_chunks_each_read_in_a_transaction_of_their_own(store, key):
+    chain = AuditChain(NODE, key, checkpoint_every=10)
+    reads = Reads(store.read)
+    empty = chain.verify_chunked(reads, chunk=3)
+    assert (empty.ok, empty.checked, empty.last_seq, empty.last_hash, reads.opened) == (
+        True,
+        0,
+        0,
+        GENESIS_HASH,
+        1,
+    )
+    append(store, chain, 1, 50)
+    for chunk, transactions in [(1, 50), (7, 8), (10, 5), (49, 2), (50, 1), (51, 1), (2000, 1)]:
+        reads = Reads(store.read)
+        res = chain.verify_chunked(reads, [key.public_key()], chunk=chunk)
+        assert (res.ok, res.checked, res.checkpoints_checked, res.last_seq, res.at_end) == (
+            True,
+            50,
+            5,
+            50,
+            True,
+        ), chunk
+        assert res.last_hash == head_hash(store, 50)
+        assert (reads.opened, reads.in_transaction) == (transactions, [True] * transactions)
+    with pytest.raises(ValueError, match="chunk must be at least 1"):
+        chain.verify_chunked(store.read, chunk=0)
+
+
+def test_one_chunk_stops_before_the_end_and_says_so(store, key):
+    chain = AuditChain(NODE, key, checkpoint_every=10)
+    append(store, chain, 1, 25)
+    with store.read() as conn:
+        first = chain.verify(conn, limit=10)
+        rest = chain.verify(conn, after=(first.last_seq, first.last_hash), limit=20)
+        with pytest.raises(ValueError, match="limit must be at least 1"):
+            chain.verify(conn, limit=0)
+    assert (first.ok, first.checked, first.last_seq, first.checkpoints_checked, first.at_end) == (
+        True,
+        10,
+        10,
+        1,
+        False,
+    )
+    assert (rest.ok, rest.checked, rest.last_seq, rest.checkpoints_checked, rest.at_end) == (
+        True,
+        15,
+        25,
+        1,
+        True,
+    )
+
+
+def test_rows_appended_between_chunks_are_verified_and_counted(store, key):
+    chain = AuditChain(NODE, key, checkpoint_every=10)
+    append(store, chain, 1, 50)
+
+    def before(n: int) -> None:
+        if n == 3:  # chunks 1-10 and 11-20 are done
+            append(store, chain, 51, 15)  # a checkpoint at 60
+
+    reads = Reads(store.read, before)
+    res = chain.verify_chunked(reads, [key.public_key()], chunk=10)
+    assert (res.ok, res.checked, res.last_seq, res.checkpoints_checked, reads.opened) == (
+        True,
+        65,
+        65,
+        6,
+        7,
+    )
+    assert res.last_hash == head_hash(store, 65)
+
+
+@pytest.mark.parametrize(
+    ("edit", "bad", "reason", "checked"),
+    [
+        # the row the chunk before confirmed (the next chunk continues from it)
+        (
+            "UPDATE audit SET hash = 'f' || substr(hash, 2) WHERE seq = 20",
+            20,
+            "seq 20: gone or changed while the chain was being verified",
+            20,
+        ),
+        (
+            "DELETE FROM audit WHERE seq = 20",
+            20,
+            "seq 20: gone or changed while the chain was being verified",
+            20,
+        ),
+        # rows no chunk has read yet
+        (
+            "UPDATE audit SET resource = replace(resource, 'pkt-35', 'pkt-53') WHERE seq = 35",
+            35,
+            "seq 35: hash mismatch, resource or hash was edited",
+            34,
+        ),
+        ("DELETE FROM audit WHERE seq = 35", 36, "seq 36: follows seq 34, row 35 missing", 34),
+    ],
+    ids=["border-edited", "border-deleted", "ahead-edited", "ahead-deleted"],
+)
+def test_a_row_edited_or_deleted_between_chunks_is_caught(store, key, edit, bad, reason, checked):
+    chain = AuditChain(NODE, key, checkpoint_every=10)
+    append(store, chain, 1, 50)
+    confirmed = head_hash(store, 20)
+
+    def before(n: int) -> None:
+        if n == 3:  # chunks 1-10 and 11-20 are done
+            with store.write() as conn:
+                conn.execute(text(edit))
+
+    res = chain.verify_chunked(Reads(store.read, before), [key.public_key()], chunk=10)
+    assert (res.ok, res.first_bad_seq, res.reason, res.checked) == (False, bad, reason, checked)
+    # the last row confirmed, and the checkpoints 10 and 20 (30 too once seq 30 was read)
+    last = 20 if bad == 20 else 34
+    assert (res.last_seq, res.checkpoints_checked) == (last, 2 if bad == 20 else 3)
+    if bad == 20:
+        assert res.last_hash == confirmed
+
+
+def test_checkpoints_at_chunk_borders_are_checked_once(engine, key):
+    chain = AuditChain(NODE, key, checkpoint_every=5)
+    fill(engine, chain, 40)  # checkpoints 5, 10, ... 40: every chunk of 5 ends at one
+    reads = Reads(engine.connect)
+    res = chain.verify_chunked(reads, chunk=5)
+    assert (res.ok, res.checked, res.checkpoints_checked, reads.opened) == (True, 40, 8, 8)
+    # a checkpoint that disagrees with the row at a border, and one at the first row of a chunk
+    sql(engine, "UPDATE audit_checkpoint SET hash = :h WHERE seq = 25", h="0" * 64)
+    res = chain.verify_chunked(Reads(engine.connect), chunk=5)
+    assert (res.ok, res.first_bad_seq, res.checkpoints_checked) == (False, 25, 4)
+    assert res.reason == "checkpoint at seq 25: hash differs from the row's"
+    res = chain.verify_chunked(Reads(engine.connect), chunk=4)  # 25 is the first row of 25-28
+    assert (res.ok, res.first_bad_seq, res.checked) == (False, 25, 24)
+
+
+def test_truncated_tail_is_reported_in_chunks(store, key):
+    chain = AuditChain(NODE, key, checkpoint_every=1000)
+    append(store, chain, 1, 45)
+    with store.write() as conn:
+        chain.checkpoint(conn)  # as on shutdown: a checkpoint at 45
+    with store.write() as conn:
+        conn.execute(text("DELETE FROM audit WHERE seq = 45"))
+    for chunk in (1, 4, 11, 44, 45, 1000):  # 44 = 4 x 11: the last chunk full, the log ends
+        res = chain.verify_chunked(Reads(store.read), chunk=chunk)
+        assert (res.ok, res.first_bad_seq, res.checked, res.last_seq) == (False, 45, 44, 44)
+        assert res.reason == "truncated: checkpoint at seq 45 but the log ends at seq 44"
+
+
+def test_a_checkpoint_committed_after_the_last_chunk_read_its_rows_is_no_cut_tail(store, key):
+    """PostgreSQL reads each statement at a snapshot of its own: rows and their checkpoint
+    committed after the last chunk's rows were read show in its query of the checkpoints past
+    the end. The log went on: a later chunk verifies them (SQLite's chunk reads one snapshot
+    and sees neither; the next run does)."""
+    chain = AuditChain(NODE, key, checkpoint_every=10)
+    append(store, chain, 1, 50)
+    appended: list[int] = []
+
+    def append_after_rows(conn, cursor, statement, *args) -> None:  # type: ignore[no-untyped-def]
+        if "prev_hash" in statement and not appended:  # the rows of the chunk, now being read
+            append(store, chain, 51, 10)  # rows 51-60 and the checkpoint at 60
+            appended.append(60)
+
+    @contextmanager
+    def open_read():  # type: ignore[no-untyped-def]
+        with store.read() as conn:
+            event.listen(conn, "after_cursor_execute", append_after_rows)
+            yield conn
+
+    res = chain.verify_chunked(open_read, [key.public_key()], chunk=100)
+    assert appended == [60]
+    seen = 50 if store.is_sqlite else 60
+    assert (res.ok, res.first_bad_seq, res.checked, res.last_seq) == (True, None, seen, seen)
+    again = chain.verify_chunked(Reads(store.read), [key.public_key()], chunk=100)
+    assert (again.ok, again.checked, again.checkpoints_checked) == (True, 60, 6)
+
+
+def test_chunked_after_answers_as_verify_after(engine, chain50):
+    base = _after(engine, chain50, 30)
+    with engine.connect() as conn:
+        confirmed = conn.execute(text("SELECT hash FROM audit WHERE seq = 30")).scalar_one()
+    reads = Reads(engine.connect)
+    res = chain50.verify_chunked(reads, after=(30, confirmed), chunk=3)
+    assert res == base
+    assert (res.ok, res.checked, res.checkpoints_checked, reads.opened) == (True, 20, 2, 7)
+    sql(engine, "UPDATE audit SET resource = replace(resource, 'pkt-41', 'pkt-14') WHERE seq = 41")
+    res = chain50.verify_chunked(Reads(engine.connect), after=(30, confirmed), chunk=3)
+    assert (res.ok, res.first_bad_seq, res.checked) == (False, 41, 10)
+    assert res.reason == "seq 41: hash mismatch, resource or hash was edited"
+    sql(engine, "DELETE FROM audit WHERE seq = 30")
+    res = chain50.verify_chunked(Reads(engine.connect), after=(30, confirmed), chunk=3)
+    assert (res.ok, res.first_bad_seq, res.checked) == (False, 30, 0)
+    assert res.reason == "seq 30: the row confirmed by the last verification is gone or changed"
+
+
+@dataclass
+class _StoreCtx:
+    """A NodeContext for ChainWatch on a real Store; ``during`` runs once, right after the
+    first statement that reads chain rows has executed (a commit while a check reads)."""
+
+    node_store: Store
+    audit: AuditChain
+    during: Callable[[], None] | None = None
+
+    def now(self) -> datetime:
+        return BASE
+
+    @property
+    def store(self) -> _StoreCtx:
+        return self
+
+    @contextmanager
+    def read(self):  # type: ignore[no-untyped-def]
+        def rows_read(conn, cursor, statement, *args) -> None:  # type: ignore[no-untyped-def]
+            if "prev_hash" in statement and self.during is not None:
+                during, self.during = self.during, None
+                during()
+
+        with self.node_store.read() as conn:
+            event.listen(conn, "after_cursor_execute", rows_read)
+            yield conn
+
+
+def test_watch_checks_the_anchor_after_the_chunks_in_a_read_of_its_own(store, key):
+    """A checkpoint committed while the check reads moves the node's latest anchor past what
+    the chunks read; the anchor check reads after them and finds its row (in the chunks' one
+    read transaction SQLite's snapshot lacked it: a false 'truncated')."""
+    chain = AuditChain(NODE, key, checkpoint_every=10)
+    append(store, chain, 1, 50)
+    assert chain.latest is not None and chain.latest.seq == 50
+    ctx = _StoreCtx(store, chain, during=lambda: append(store, chain, 51, 10))
+    watch = ChainWatch(ctx, lambda conn: [key.public_key()], full_every_s=300)  # type: ignore[arg-type]
+    res = watch.check()
+    assert ctx.during is None and chain.latest.seq == 60
+    assert (res.ok, res.first_bad_seq, res.reason) == (True, None, None)
+    assert res.head_seq == (50 if store.is_sqlite else 60)
+    # the anchor check still catches a tail cut with its checkpoints under the running node
+    with store.write() as conn:
+        conn.execute(text("DELETE FROM audit_checkpoint WHERE seq > 50"))
+        conn.execute(text("DELETE FROM audit WHERE seq > 55"))
+    cut = watch.check(full=True)
+    assert (cut.ok, cut.first_bad_seq) == (False, 56)
+    assert cut.reason is not None and cut.reason.startswith(
+        "truncated: the node's latest anchor records seq 60"
     )

@@ -11,7 +11,9 @@ job's check every 30 s grow with the node's traffic until the next full run: at 
 took the receiving node's Python for seconds of every round and held a read snapshot that kept
 SQLite's WAL from being checkpointed, bench/README.md "soak"). An edit to an older row is caught
 by the next full run; the page says when that was and offers to run one now. A failed run is
-never remembered as a base.
+never remembered as a base. Both read the chain in chunks, each in a short read transaction of
+its own (``AuditChain.verify_chunked``): one transaction over the whole chain held a SQLite WAL
+snapshot (or PostgreSQL's vacuum horizon) for seconds.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import TYPE_CHECKING
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import Connection
 
-from bridge.audit.chain import VerifyResult
+from bridge.audit.chain import VERIFY_CHUNK, VerifyResult
 
 if TYPE_CHECKING:
     from bridge.context import NodeContext
@@ -53,10 +55,12 @@ class ChainWatch:
         ctx: NodeContext,
         keys: Callable[[Connection], Sequence[Ed25519PublicKey]],
         full_every_s: float,
+        chunk: int = VERIFY_CHUNK,
     ) -> None:
         self.ctx = ctx
         self.keys = keys
         self.full_every_s = full_every_s
+        self.chunk = chunk  # rows a read transaction of a check reads at most
         self._lock = threading.Lock()
         self._base: tuple[datetime, VerifyResult] | None = None
         #: since the full run: the last row confirmed, and rows and checkpoints confirmed
@@ -79,9 +83,7 @@ class ChainWatch:
                     0,
                     0,
                 )
-                with ctx.store.read() as conn:
-                    res = ctx.audit.verify(conn, self.keys(conn), after=(last_seq, last_hash))
-                    res = _anchored(conn, ctx, res)
+                res = self._verify(after=(last_seq, last_hash))
                 rows, cps = rows + res.checked, cps + res.checkpoints_checked
                 if res.ok:
                     self._since = (res.last_seq, res.last_hash, rows, cps)
@@ -98,9 +100,7 @@ class ChainWatch:
                     res.first_bad_seq,
                     res.reason,
                 )
-            with ctx.store.read() as conn:
-                res = ctx.audit.verify(conn, self.keys(conn))
-                res = _anchored(conn, ctx, res)
+            res = self._verify()
             self._base = (now, res) if res.ok else None
             self._since = None
             return ChainStatus(
@@ -115,6 +115,14 @@ class ChainWatch:
                 res.reason,
                 ran_full=True,
             )
+
+    def _verify(self, *, after: tuple[int, str] | None = None) -> VerifyResult:
+        """The rows after ``after`` (all without), in chunks of short read transactions, then
+        the latest anchor in one more."""
+        ctx = self.ctx
+        res = ctx.audit.verify_chunked(ctx.store.read, self.keys, after=after, chunk=self.chunk)
+        with ctx.store.read() as conn:
+            return _anchored(conn, ctx, res)
 
 
 def _anchored(conn: Connection, ctx: NodeContext, res: VerifyResult) -> VerifyResult:
