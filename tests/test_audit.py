@@ -1049,6 +1049,31 @@ def test_watch_recomputes_when_the_full_run_is_old(engine, key):
     )
 
 
+def test_a_scheduled_full_run_is_paced_and_one_asked_for_is_not(engine, key, monkeypatch):
+    """The node's scheduled full run sleeps between chunks as long as each chunk took (it
+    shares the GIL with intake and delivery); the auditor's "verify now" does not; neither
+    sleeps after the last chunk."""
+    import bridge.audit.chain as chain_module
+
+    slept: list[float] = []
+    monkeypatch.setattr(chain_module.time, "sleep", slept.append)
+    chain = AuditChain(NODE, key, checkpoint_every=10)
+    fill(engine, chain, 25)
+    ctx = _Ctx(engine, chain)
+    watch = ChainWatch(ctx, lambda conn: [key.public_key()], full_every_s=300, chunk=10)
+    first = watch.check()  # scheduled: rows 1-10, 11-20, 21-25
+    assert (first.ok, first.ran_full, first.full_checked) == (True, True, 25)
+    assert len(slept) == 2 and all(s > 0 for s in slept)
+    slept.clear()
+    asked = watch.check(full=True)
+    assert (asked.ok, asked.ran_full, asked.full_checked, slept) == (True, True, 25, [])
+    with engine.begin() as conn:
+        chain.append(conn, [entry(26 + i) for i in range(15)])
+    ctx.clock[0] = BASE + timedelta(seconds=30)
+    new = watch.check()  # incremental: rows 26-35, 36-40, not paced
+    assert (new.ok, new.ran_full, new.new_checked, slept) == (True, False, 15, [])
+
+
 # -- the whole chain in chunks of short read transactions (verify_chunked) ---------------------
 
 
