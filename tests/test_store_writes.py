@@ -416,3 +416,44 @@ def test_a_log_that_never_catches_up_is_restarted_under_the_writer_lock(tmp_path
         assert _wal(path)[0] < 10
     finally:
         s.dispose()
+
+
+def test_a_log_copied_to_the_end_but_never_started_over_is_restarted(tmp_path: Path) -> None:
+    """A writer starts the log over only if its transaction began with nothing left to copy;
+    commits back to back each begin before the copy of the one before ends, so the log can
+    hold every frame copied and still grow (the LIS soak: 2.5 GB). Past ``restart_frames``
+    the checkpointer restarts it even when everything is copied, and the file is cut back."""
+    from bridge.store.checkpoint import JOURNAL_SIZE_LIMIT
+
+    path = tmp_path / "node.db"
+    s = Store(f"sqlite:///{path}")
+    try:
+        s.create_all()
+        cp = s._checkpointer
+        assert cp is not None
+        cp.restart_frames = 16
+        cp.interval_s = 3600.0  # no round of its own in between: this test calls it
+        with s.read() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_size_limit").scalar() == JOURNAL_SIZE_LIMIT
+        reader = sqlite3.connect(path, isolation_level=None)
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM node_state").fetchone()  # the log cannot start over
+        for k in range(4):
+            write(s, True, [resources(8, mrn=f"FX{k}")])
+        reader.execute("COMMIT")
+        reader.close()
+        frames, copied = _wal(path)  # every frame copied; no writer has begun since
+        assert frames == copied and frames >= 16
+        before, busy = cp.restarts, cp.restarts_busy
+        cp._next_restart = 0.0  # a round of its thread while the reader held may have backed off
+        probe = sqlite3.connect(path, isolation_level=None)
+        try:
+            cp._checkpoint(probe)
+        finally:
+            probe.close()
+        assert (cp.restarts - before, cp.restarts_busy - busy) == (1, 0)
+        with s.write() as conn:
+            conn.execute(insert(NODE_STATE).values(key="z", value="1", updated_at=T0))
+        assert _wal(path)[0] < 10  # started over
+    finally:
+        s.dispose()

@@ -10,10 +10,11 @@ Instead, the node's writer connections run with ``wal_autocheckpoint=0`` and thi
 ``PRAGMA wal_checkpoint(PASSIVE)`` on its own connection after commits, at most every
 ``interval_s``: a passive checkpoint takes no write lock, so commits go on while it copies.
 It changes nothing for durability (a committed transaction is in the WAL, fsynced, either
-way). The log starts over at the first commit after a checkpoint that caught up; when writers
-never leave it the moment to (the log holds over ``restart_frames`` frames, not all copied),
-the thread takes the store's writer lock for a ``RESTART`` checkpoint: the remainder is
-copied while commits wait, and the log starts over.
+way). The log starts over at the first commit that begins after a checkpoint caught up; when
+writers never leave it the moment to (the log holds over ``restart_frames`` frames, copied or
+not), the thread takes the store's writer lock for a ``RESTART`` checkpoint: the remainder is
+copied while commits wait, and the log starts over. The file is cut back to
+``JOURNAL_SIZE_LIMIT`` when it starts over (``PRAGMA journal_size_limit``).
 
 A ``RESTART`` also waits for every reader of an older snapshot, and commits wait for it. A
 reader that lasts seconds (an export, a long page, another process reading the file) would
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 
 INTERVAL_S = 0.2
 RESTART_FRAMES = 4096  # 16 MiB of 4 KiB pages
+JOURNAL_SIZE_LIMIT = 64 << 20  # the -wal file is cut back to this when the log starts over
 RESTART_WAIT_S = 0.1  # how long commits may wait for a RESTART (readers of older snapshots)
 RESTART_BACKOFF_S = 0.5  # after a RESTART that readers held off: the first wait before another
 RESTART_BACKOFF_MAX_S = 8.0
@@ -98,6 +100,7 @@ class Checkpointer:
             )
             conn.execute("PRAGMA synchronous=FULL")  # the database file fsynced by the copy
             conn.execute("PRAGMA wal_autocheckpoint=0")
+            conn.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT}")
             while not self._stop.is_set():
                 self._wake.wait()
                 self._wake.clear()
@@ -114,10 +117,14 @@ class Checkpointer:
                 self._thread = None
 
     def _checkpoint(self, conn: sqlite3.Connection) -> None:
-        _busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        _busy, frames, _copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         self.runs += 1
-        if frames < self.restart_frames or copied >= frames:
+        if frames < self.restart_frames:
             return
+        # Also when all is copied: a writer starts the log over only if its transaction began
+        # with nothing left to copy. Commits back to back (the LIS: one every 10-20 ms) each
+        # begin before the copy of the last one ends, so the log grew to 2.5 GB, every frame
+        # copied, never restarted (soak, 10 minutes at 50 msg/s), and every read walked its index.
         if time.monotonic() < self._next_restart:
             return  # a reader held the last one off: passive copies until the back-off ends
         with self.writer_lock():

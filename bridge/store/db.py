@@ -34,7 +34,7 @@ from bridge.results import tables as _results_tables  # noqa: F401
 
 # importing registers every table on SQLModel.metadata
 from bridge.store import tables as _tables
-from bridge.store.checkpoint import Checkpointer
+from bridge.store.checkpoint import JOURNAL_SIZE_LIMIT, Checkpointer
 from bridge.store.hooks import (
     drop_after_commit,
     open_before_commit,
@@ -133,6 +133,7 @@ class Store:
             cur.execute("PRAGMA foreign_keys=ON")
             if not autocheckpoint:
                 cur.execute("PRAGMA wal_autocheckpoint=0")
+            cur.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT}")
             cur.close()
 
         begin = "BEGIN IMMEDIATE" if immediate else "BEGIN"
