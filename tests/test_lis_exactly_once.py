@@ -76,7 +76,10 @@ def send(port: int, *messages: bytes) -> list[bytes]:
         for m in messages:
             raw = client.send_message(m)
             while not raw.endswith(b"\x1c\r"):
-                raw += client.socket.recv(4096)
+                more = client.socket.recv(4096)
+                if not more:  # the node closed the connection (died) before its ACK
+                    raise ConnectionError(f"connection closed before the ACK: {raw!r}")
+                raw += more
             out.append(raw.strip(b"\x0b\x1c\r"))
     return out
 

@@ -17,6 +17,7 @@ from fhir.resources.R4B import get_fhir_model_class
 from hl7.client import MLLPClient
 from sqlalchemy import func, select
 
+from bridge.audit.tables import AuditRecord
 from bridge.fhir.validate import validate_resource
 from bridge.fhirstore.tables import FHIR_HISTORY, FHIR_RESOURCE
 from bridge.mapping.tables import MAPPING_GAP
@@ -178,7 +179,15 @@ def test_results_over_mllp_field_by_field(core: dict[str, Any]) -> None:
     # unmapped local codes: reported in the mapping-gap table, not dropped
     with store.read() as conn:
         gaps = {r.code for r in conn.execute(select(MAPPING_GAP))}
+        # ... and audited with the results, in their transaction (never without them)
+        audit = AuditRecord.__table__  # type: ignore[attr-defined]
+        noted = list(conn.execute(select(audit).where(audit.c.action == "unmapped-codes")))
     assert {"XYZ99", "TITER"} <= gaps
+    codes = {
+        c for r in noted for c in ("XYZ99", "TITER") if c in orjson.loads(r.resource)["outcomeDesc"]
+    }
+    assert codes == {"XYZ99", "TITER"}
+    assert {(r.outcome, r.actor, r.kind) for r in noted} == {("4", "adapter:lis", "result.lab")}
 
 
 def own_run(message: bytes, tag: str, national_id: str) -> bytes:

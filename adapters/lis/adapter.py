@@ -179,7 +179,7 @@ class LisAdapter(BaseAdapter):
                     return v2ack.encode(str(prior["ack"]), cs)  # expanded again by the job
                 self.count("repeated")
                 return v2ack.encode(str(prior["ack"]), cs)
-            notes = self._reused(head, earlier)
+            reused = self._reused(head, earlier)
             results = to_fhir(msg, head, self.settings)
             try:
                 validate_bundle(results.bundle)
@@ -187,6 +187,9 @@ class LisAdapter(BaseAdapter):
                 raise LisMessageError(
                     f"the results are not valid FHIR R4: {exc.message}", hl7_error="207"
                 ) from None
+            # counted before the results' commit and audited with it: nothing is written
+            # between that commit and the ACK (the journal's next filing would hold the ACK)
+            notes = reused + self._record_gaps(results.unmapped)
             ack = build_ack(to, "AA", at=at)
             out = self.host.share_results(
                 results.bundle,
@@ -215,11 +218,12 @@ class LisAdapter(BaseAdapter):
             self.count("repeated")
         else:
             self.count("accepted")
-            if notes:
+            if reused:
                 self.count("control_id_reused")
             self.count("observations", results.observations)
             self.count("corrected", results.corrected)
-            self._record_gaps(results.unmapped, at)
+            if results.unmapped:
+                self.count("unmapped_codes", len(results.unmapped))
             if results.units_not_ucum:
                 self.count("units_not_ucum", len(results.units_not_ucum))
             if out.get("routed"):
@@ -270,11 +274,12 @@ class LisAdapter(BaseAdapter):
         self.failed(exc.code)
         return v2ack.encode(nak, cs)
 
-    def _record_gaps(self, unmapped: list[dict[str, str]], at: Any) -> None:
-        """Unmapped local codes are counted in the node's mapping-gap table and audited."""
+    def _record_gaps(self, unmapped: list[dict[str, str]]) -> list[dict[str, Any]]:
+        """Unmapped local codes are counted in the node's mapping-gap table (now: a crash
+        before the results' commit and the LIS's re-send count them twice) and audited with
+        the results (the note returned)."""
         if not unmapped:
-            return
-        self.count("unmapped_codes", len(unmapped))
+            return []
         try:
             for coding in unmapped:
                 self.host.record_gap(self.opts.map, coding, site=self.site)
@@ -282,13 +287,14 @@ class LisAdapter(BaseAdapter):
             log.warning(
                 "LIS adapter %s could not record mapping gaps: %s", self.name, type(exc).__name__
             )
-        self.host.audit(
-            "unmapped-codes",
-            outcome="4",
-            kind=self.opts.kind,
-            message=f"{self.opts.map}: no LOINC mapping for "
-            + ", ".join(c["code"] for c in unmapped)[:200],
-        )
+        return [
+            {
+                "action": "unmapped-codes",
+                "outcome": "4",
+                "message": f"{self.opts.map}: no LOINC mapping for "
+                + ", ".join(c["code"] for c in unmapped)[:200],
+            }
+        ]
 
     def over_limit(self, raw: bytes) -> bytes:
         self.count("rate_limited")

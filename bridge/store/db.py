@@ -232,9 +232,10 @@ class Store:
         must therefore be safe to run again after a rollback. Callers that queue while a
         group's transaction runs join it before its commit (up to ``MAX_GROUP``), so a long
         ``work`` (the results journal's filing) costs the others a wait, not a second commit.
-        On PostgreSQL the same, among the grouped writers of this process: their transactions
-        append to the audit chain, whose lock already makes them commit one after another, so
-        a group costs them no concurrency and spares them commits."""
+        On PostgreSQL the same, among the grouped writers of this process: one commit for
+        several short transactions. A long one there (the journal's filing) runs with
+        ``write`` instead, beside them: the audit chain's lock, taken just before each commit,
+        is all they share."""
         item = _Pending(work)
         with self._queue_guard:
             self._queue.append(item)
