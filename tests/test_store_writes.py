@@ -24,6 +24,7 @@ from sqlalchemy import Connection, event, insert, select
 from bridge.errors import NotFound
 from bridge.fhirstore import store
 from bridge.fhirstore.tables import FHIR_DATE, FHIR_HISTORY, FHIR_RESOURCE, FHIR_STRING, FHIR_TOKEN
+from bridge.store.checkpoint import Checkpointer
 from bridge.store.db import Store
 from bridge.store.tables import NODE_STATE
 from tests.harness import wait_for
@@ -374,18 +375,28 @@ def _grouped_writes(s: Store, commits: list[int]) -> None:
     assert not {"k3", "k8"} & keys
 
 
-def test_a_log_that_never_catches_up_is_restarted_under_the_writer_lock(tmp_path: Path) -> None:
+@pytest.fixture
+def small_log(tmp_path: Path) -> Iterator[tuple[Path, Store, Checkpointer]]:
+    """A node's SQLite store whose checkpointer restarts the log past 16 frames."""
+    path = tmp_path / "node.db"
+    s = Store(f"sqlite:///{path}")
+    s.create_all()
+    cp = s._checkpointer
+    assert cp is not None
+    cp.restart_frames = 16
+    yield path, s, cp
+    s.dispose()  # the tests also dispose of it in their finally; twice is harmless
+
+
+def test_a_log_that_never_catches_up_is_restarted_under_the_writer_lock(
+    small_log: tuple[Path, Store, Checkpointer],
+) -> None:
     """A reader holding an old snapshot keeps the passive checkpoints from copying the log;
     past ``restart_frames`` the checkpointer tries a RESTART under the writer lock, gives up
     after its short busy timeout (writers go on), and once the reader is gone the log is
     copied and starts over."""
-    path = tmp_path / "node.db"
-    s = Store(f"sqlite:///{path}")
+    path, s, cp = small_log
     try:
-        s.create_all()
-        cp = s._checkpointer
-        assert cp is not None
-        cp.restart_frames = 16
         reader = sqlite3.connect(path, isolation_level=None)
         reader.execute("BEGIN")
         reader.execute("SELECT count(*) FROM node_state").fetchone()  # holds this snapshot
@@ -418,20 +429,17 @@ def test_a_log_that_never_catches_up_is_restarted_under_the_writer_lock(tmp_path
         s.dispose()
 
 
-def test_a_log_copied_to_the_end_but_never_started_over_is_restarted(tmp_path: Path) -> None:
+def test_a_log_copied_to_the_end_but_never_started_over_is_restarted(
+    small_log: tuple[Path, Store, Checkpointer],
+) -> None:
     """A writer starts the log over only if its transaction began with nothing left to copy;
     commits back to back each begin before the copy of the one before ends, so the log can
     hold every frame copied and still grow (the LIS soak: 2.5 GB). Past ``restart_frames``
     the checkpointer restarts it even when everything is copied, and the file is cut back."""
     from bridge.store.checkpoint import JOURNAL_SIZE_LIMIT
 
-    path = tmp_path / "node.db"
-    s = Store(f"sqlite:///{path}")
+    path, s, cp = small_log
     try:
-        s.create_all()
-        cp = s._checkpointer
-        assert cp is not None
-        cp.restart_frames = 16
         cp.interval_s = 3600.0  # no round of its own in between: this test calls it
         with s.read() as conn:
             assert conn.exec_driver_sql("PRAGMA journal_size_limit").scalar() == JOURNAL_SIZE_LIMIT
