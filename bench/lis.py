@@ -205,11 +205,14 @@ def measure(
     py_spy: str | None = None,
     keep: Path | None = None,
     direct: bool = False,
+    pg: Any = None,
 ) -> dict[str, Any]:
-    """Every figure of the module docstring; prints them and returns them."""
+    """Every figure of the module docstring; prints them and returns them. ``pg``: a
+    ``bench.exchange.PgServer``; the node's store is then a fresh PostgreSQL database."""
     from simulators.lis import oru_message
     from tests.harness import Alliance, free_port_block, results_stored
 
+    dsns = pg.new_dbs() if pg is not None else {}
     with tempfile.TemporaryDirectory() as tmp:
         root = keep or Path(tmp)
         site = hutong_site(root)
@@ -248,7 +251,10 @@ def measure(
             {"id": "chc", "zh": "月坛社区卫生服务中心", "en": "Yuetan CHC", "role": "community"},
         ]
         a = Alliance(
-            root / "alliance", members, [{"from": "core", "to": "chc", "kinds": ["result.lab"]}]
+            root / "alliance",
+            members,
+            [{"from": "core", "to": "chc", "kinds": ["result.lab"]}],
+            dsn_for=(lambda m: dsns[m]) if dsns else None,
         )
         plain = start_plain(plain_port, root / "plain.db")
         spy: subprocess.Popen[bytes] | None = None
@@ -306,14 +312,15 @@ def measure(
                 spy.wait(30)
             stop_plain(plain)
             a.stop_all()
-    out = {"n": n, "runs": runs}
+    out = {"n": n, "store": "postgresql" if dsns else "sqlite", "runs": runs}
     print_table(out)
     return out
 
 
 def print_table(out: dict[str, Any]) -> None:
     print(
-        f"LIS intake per connection ({out['n']} messages a run; plain = python-hl7 asyncio "
+        f"LIS intake per connection, node on {out.get('store', 'sqlite')} ({out['n']} messages "
+        "a run; plain = python-hl7 asyncio "
         "server + one SQLite commit per message; Hutong = staged: AA after the results "
         "journal's commit; direct = staged = false: filed before the AA)"
     )
@@ -359,15 +366,37 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also the same node's unstaged LIS path (staged = false), in the same chunks",
     )
+    p.add_argument(
+        "--pg",
+        action="store_true",
+        help="the node on PostgreSQL (a throwaway durable cluster, as exchange.py starts it)",
+    )
     args = p.parse_args(argv)
     if args.cmd == "plain":
         plain_main(args.port, args.db)
         return 0
     if args.keep:
         args.keep.mkdir(parents=True, exist_ok=True)
-    out = measure(
-        args.n, tuple(int(x) for x in args.conns.split(",")), args.py_spy, args.keep, args.direct
-    )
+    pg = None
+    if args.pg:
+        from bench.exchange import PgServer
+
+        pg = PgServer(None, "")
+        if not pg.ok:
+            print(f"PostgreSQL could not start: {pg.skip_reason}")
+            return 1
+    try:
+        out = measure(
+            args.n,
+            tuple(int(x) for x in args.conns.split(",")),
+            args.py_spy,
+            args.keep,
+            args.direct,
+            pg,
+        )
+    finally:
+        if pg is not None:
+            pg.close()
     bad = sum(
         r["plain"]["not_aa"] + r["hutong"]["not_aa"] + r.get("direct", {}).get("not_aa", 0)
         for r in out["runs"]

@@ -465,3 +465,108 @@ def test_a_log_copied_to_the_end_but_never_started_over_is_restarted(
         assert _wal(path)[0] < 10  # started over
     finally:
         s.dispose()
+
+
+def test_bulk_writes_the_rows_execute_writes(dsn: str) -> None:
+    """``bulk.run`` (put_many's writes, on the driver's cursor) against SQLAlchemy's own
+    ``conn.execute`` on the same rows: a timestamp given at +08:00 is stored as naive UTC, a
+    NULL stays NULL, bytes stay bytes; an UPDATE's SET and WHERE parameters land alike."""
+    from datetime import timezone
+
+    from sqlalchemy import bindparam, update
+
+    from bridge.store import bulk
+
+    beijing = timezone(timedelta(hours=8))
+    at = datetime(2026, 12, 7, 16, 30, 5, 123000, tzinfo=beijing)
+    s = Store(dsn)
+    try:
+        s.create_all()
+        h = FHIR_HISTORY.c
+        d = FHIR_DATE.c
+        rows = {
+            via: [
+                {
+                    "rtype": "Observation",
+                    "id": f"{via}-{i}",
+                    "version": i,
+                    "at": at,
+                    "body": b"\x00{}",
+                }
+                for i in (1, 2)
+            ]
+            for via in ("sa", "bulk")
+        }
+        dates = {
+            via: [{"rtype": "Patient", "id": via, "param": "birthdate", "start": at, "end": None}]
+            for via in ("sa", "bulk")
+        }
+        move = update(FHIR_DATE).where(d.rtype == bindparam("_rt"), d.id == bindparam("_id"))
+        with s.write() as conn:
+            conn.execute(insert(FHIR_HISTORY), rows["sa"])
+            conn.execute(insert(FHIR_DATE), dates["sa"])
+            conn.execute(move, [{"_rt": "Patient", "_id": "sa", "end": at + timedelta(days=1)}])
+        with s.write() as conn:
+            bulk.run(
+                conn,
+                [
+                    (insert(FHIR_HISTORY), rows["bulk"]),
+                    (insert(FHIR_DATE), dates["bulk"]),
+                    (move, [{"_rt": "Patient", "_id": "bulk", "end": at + timedelta(days=1)}]),
+                ],
+            )
+        with s.read() as conn:
+            hist = {
+                r.id: r for r in conn.execute(select(h.id, h.version, h.at, h.body).order_by(h.id))
+            }
+            got = {r.id: r for r in conn.execute(select(FHIR_DATE))}
+    finally:
+        s.dispose()
+    utc = datetime(2026, 12, 7, 8, 30, 5, 123000, tzinfo=UTC)
+    for i in (1, 2):
+        a, b = hist[f"sa-{i}"], hist[f"bulk-{i}"]
+        assert (b.version, b.at, b.body) == (a.version, a.at, a.body) == (i, utc, b"\x00{}")
+    assert (got["bulk"].start, got["bulk"].end) == (got["sa"].start, got["sa"].end)
+    assert (got["bulk"].start, got["bulk"].end) == (utc, utc + timedelta(days=1))
+
+
+def test_a_bulk_write_that_fails_is_sqlalchemys_error_and_keeps_nothing(dsn: str) -> None:
+    """A duplicate key in the second of two batches: SQLAlchemy's IntegrityError (as
+    ``conn.execute`` raises it; PostgreSQL reports it when the pipeline syncs), the first
+    batch rolled back with it, and the store writable at once."""
+    from sqlalchemy.exc import IntegrityError
+
+    from bridge.store import bulk
+
+    s = Store(dsn)
+    tok = [{"rtype": "Patient", "id": "p-1", "param": "identifier", "system": NID, "value": "FX1"}]
+    hist = [{"rtype": "Patient", "id": "p-1", "version": 1, "at": T0, "body": b"{}"}]
+    try:
+        s.create_all()
+        with s.write() as conn:
+            conn.execute(insert(FHIR_TOKEN), tok)
+        with pytest.raises(IntegrityError), s.write() as conn:
+            bulk.run(conn, [(insert(FHIR_HISTORY), hist), (insert(FHIR_TOKEN), tok)])
+        with s.read() as conn:
+            assert list(conn.execute(select(FHIR_HISTORY.c.id))) == []
+            assert [tuple(r) for r in conn.execute(select(FHIR_TOKEN))] == [
+                ("Patient", "p-1", "identifier", NID, "FX1")
+            ]
+        with s.write() as conn:
+            bulk.run(conn, [(insert(FHIR_HISTORY), hist)])
+        with s.read() as conn:
+            assert [r.id for r in conn.execute(select(FHIR_HISTORY.c.id))] == ["p-1"]
+    finally:
+        s.dispose()
+
+
+def test_bulk_refuses_a_statement_whose_parameters_the_rows_do_not_give() -> None:
+    from sqlalchemy import bindparam, create_engine, update
+
+    from bridge.store import bulk
+
+    engine = create_engine("sqlite://")
+    stmt = update(FHIR_TOKEN).where(FHIR_TOKEN.c.id == bindparam("_id"))
+    with engine.begin() as conn, pytest.raises(ValueError, match="_id"):
+        bulk.run(conn, [(stmt, [{"value": "x"}])])
+    engine.dispose()

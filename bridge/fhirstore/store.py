@@ -44,6 +44,7 @@ from bridge.fhirstore.tables import (
     STRING_CHARS,
     TOKEN_CHARS,
 )
+from bridge.store import bulk
 
 T = FHIR_RESOURCE
 TOK = FHIR_TOKEN
@@ -683,19 +684,20 @@ def put_many(
         if rtype in STRINGS:
             strings += string_rows(resource)
         history.append({"rtype": rtype, "id": rid, "version": version, "at": at, "body": data})
-    for stmt, rows in (
-        (_UPDATE, updates),
-        (_INSERT, inserts),
-        (_TOKENS_GONE, gone_tokens),
-        (_DATES_GONE, gone_dates),
-        (_STRINGS_GONE, gone_strings),
-        (_TOKENS, tokens),
-        (_DATES, dates),
-        (_STRINGS, strings),
-        (_HISTORY, history),
-    ):
-        if rows:
-            conn.execute(stmt, rows)
+    bulk.run(
+        conn,
+        [
+            (_UPDATE, updates),
+            (_INSERT, inserts),
+            (_TOKENS_GONE, gone_tokens),
+            (_DATES_GONE, gone_dates),
+            (_STRINGS_GONE, gone_strings),
+            (_TOKENS, tokens),
+            (_DATES, dates),
+            (_STRINGS, strings),
+            (_HISTORY, history),
+        ],
+    )
     return [r for r, _, _ in items]
 
 

@@ -173,8 +173,7 @@ class Journal:
         )
         out = {**answer, "staged": True}
         intake.remember(conn, adapter, source_key, out, at)
-        if notes:
-            self.ctx.audit.append(conn, notes)
+        self.ctx.audit.append_at_commit(conn, notes)
         return out
 
     def staged(self, n: int = 1) -> None:

@@ -149,7 +149,9 @@ def store_and_route(
                 }
             ],
         )
-    ctx.audit.append(
+    # chained with the transaction's other rows just before its commit: a filing of several
+    # messages takes the chain's lock (PostgreSQL) and reads its head once, not per message
+    ctx.audit.append_at_commit(
         conn,
         [
             AuditEntry(
