@@ -65,23 +65,45 @@ _DUE_HOPS = text(
 
 
 class _Drain:
-    """A job body that repeats its step while there is work, and can be woken early."""
+    """A job body that repeats its step while there is work, and can be woken early.
+
+    A wake while it runs only marks it dirty (:meth:`wake`): it goes round again before it
+    leaves, so the scheduler is asked to run it only when it is idle. Asking it on every wake
+    (the LIS stages a message every few ms) cost the intake thread a ``modify_job`` each and
+    the scheduler a skipped run ("maximum number of running instances reached") each."""
 
     def __init__(self, step: Any) -> None:
         self.step = step
         self.dirty = threading.Event()
         self.stopping = False
+        self.running = False
+        self._lock = threading.Lock()
+
+    def wake(self) -> bool:
+        """Marks it dirty; True if it is idle (the caller asks the scheduler to run it)."""
+        self.dirty.set()
+        with self._lock:
+            return not self.running
 
     def __call__(self) -> None:
+        with self._lock:
+            self.running = True
         while not self.stopping:
             self.dirty.clear()
             try:
                 moved, failed = self.step()
             except Exception:  # a job must never die; the error is in the outbox row / log
                 log.exception("job step failed")
-                return
-            if failed or (moved == 0 and not self.dirty.is_set()):
-                return
+                failed, moved = True, 0
+            if failed:  # the next round (its interval, or a wake) tries again
+                break
+            if moved == 0 and not self.dirty.is_set():
+                with self._lock:  # a wake from here on finds it idle and asks the scheduler
+                    if not self.dirty.is_set():
+                        self.running = False
+                        return
+        with self._lock:
+            self.running = False
 
 
 class Node:
@@ -221,7 +243,8 @@ class Node:
         drain = self.drains.get(job_id)
         if drain is None:
             return
-        drain.dirty.set()
+        if not drain.wake():
+            return  # running: it goes round again before it leaves
         try:
             self.scheduler.modify_job(job_id, next_run_time=datetime.now(UTC))
         except Exception:  # noqa: BLE001, S110 - scheduler shutting down; a wake-up is a hint
