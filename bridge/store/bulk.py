@@ -46,6 +46,7 @@ class _Plan:
         ]
 
 
+_UNSET = object()
 _PLANS: dict[tuple[int, str, tuple[str, ...]], tuple[UpdateBase, _Plan]] = {}
 
 
@@ -90,11 +91,25 @@ def _executemany(
         return
     plan = _plan(conn, stmt, tuple(rows[0]))
     names = plan.names
+    table = [[r[k] for k, _, _ in names] for r in rows]
+    for i, (_, _, p) in enumerate(names):
+        if p is None:
+            continue
+        # the processed value kept while the rows give the same object (a batch's rows share
+        # its time: one conversion for the batch, not one a row)
+        last: Any = _UNSET
+        out: Any = None
+        for row in table:
+            v = row[i]
+            if v is not last:
+                last, out = v, p(v)
+            row[i] = out
     params: list[Any]
     if plan.positional:
-        params = [tuple(p(r[k]) if p else r[k] for k, _, p in names) for r in rows]
+        params = table
     else:
-        params = [{n: (p(r[k]) if p else r[k]) for k, n, p in names} for r in rows]
+        sql_names = [n for _, n, _ in names]
+        params = [dict(zip(sql_names, row, strict=True)) for row in table]
     cursor = dbapi_conn.cursor()
     try:
         cursor.executemany(plan.sql, params)
