@@ -204,3 +204,47 @@ def test_the_bound_refuses_new_messages_until_the_job_drains(ctx: NodeContext) -
     # a new Journal (a restarted node) counts the table's queued rows
     stage(journal, ctx, "k23", *converted(ctx, 23))
     assert Journal(ctx, bound=2).queued() == 1
+
+
+def test_the_job_defers_to_a_busy_intake_only_until_the_oldest_row_is_due(
+    ctx: NodeContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the LIS keeps sending (here: always, QUIET_S of an hour) the job waits, but only
+    until the oldest waiting row is DEFER_MAX_S old: a row staged long ago is filed at once,
+    a fresh one after about DEFER_MAX_S, never later."""
+    import time
+    from datetime import timedelta
+
+    from bridge.results import journal as J
+
+    monkeypatch.setattr(J, "QUIET_S", 3600.0)
+    journal = Journal(ctx, bound=100)
+    raw, b, ph = converted(ctx, 1)
+    monkeypatch.setattr(J, "DEFER_MAX_S", 30.0)
+    with ctx.store.write() as conn:  # staged 31 s ago: due
+        journal.stage(
+            conn,
+            adapter="lis",
+            source_key="old",
+            bundle=b,
+            patient_hash=ph,
+            answer={"ack": "ACK old"},
+            raw=raw,
+            kind="result.lab",
+            notes=[],
+            at=ctx.now() - timedelta(seconds=31),
+        )
+    journal.staged()
+    t = time.monotonic()
+    assert journal.run_once() == (1, False)
+    assert time.monotonic() - t < 10  # not the 30 s a fresh row may wait
+    monkeypatch.setattr(J, "DEFER_MAX_S", 1.0)
+    raw, b, ph = converted(ctx, 2)
+    stage(journal, ctx, "new", raw, b, ph)
+    t = time.monotonic()
+    assert journal.run_once() == (1, False)
+    waited = time.monotonic() - t
+    assert 0.8 <= waited < 20, waited  # deferred to the busy intake, then filed
+    with ctx.store.read() as conn:
+        filed = select(RESULT_MESSAGE.c.source_key).order_by(RESULT_MESSAGE.c.id)
+        assert [r.source_key for r in conn.execute(filed)] == ["old", "new"]
