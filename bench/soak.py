@@ -158,7 +158,7 @@ class Sampler:
         for id_, packet, received, delivered in rows:
             if id_ in self.pending:
                 r = self.pending.pop(id_)
-            elif id_ not in self.seen and (id_ > self.last_id or id_ > self.last_id - LOOKBACK):
+            elif id_ not in self.seen and id_ > self.last_id - LOOKBACK:
                 self.seen.add(id_)
                 r = ex.ts(received)
                 if t0 <= r < t1:

@@ -255,6 +255,15 @@ def pg_db(_pg_admin_dsn: str) -> Iterator[str]:
     _pg_drop_database(_pg_admin_dsn, name)
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def dsn(request: pytest.FixtureRequest, tmp_path: Any) -> str:
+    """A fresh store's DSN, once on each backend: a SQLite file in the test's folder, or a new
+    PostgreSQL database (``pg_db``). Tests that run the same assertions on both stores take it."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'node.db'}"
+    return str(request.getfixturevalue("pg_db"))
+
+
 @pytest.fixture(scope="module")
 def pg_module_db(_pg_admin_dsn: str) -> Iterator[str]:
     """As ``pg_db``, shared by one module's tests (for stores they only read); dropped after."""

@@ -1077,14 +1077,10 @@ def test_a_scheduled_full_run_is_paced_and_one_asked_for_is_not(engine, key, mon
 # -- the whole chain in chunks of short read transactions (verify_chunked) ---------------------
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def store(request, tmp_path) -> Iterator[Store]:  # type: ignore[no-untyped-def]
+@pytest.fixture
+def store(dsn: str) -> Iterator[Store]:
     """A node's real store (SQLite in WAL mode, or PostgreSQL): ``read`` is the factory the
     node gives ``verify_chunked``."""
-    if request.param == "sqlite":
-        dsn = f"sqlite:///{tmp_path / 'node.db'}"
-    else:
-        dsn = str(request.getfixturevalue("pg_db"))
     s = Store(dsn)
     s.create_all()
     yield s

@@ -16,7 +16,6 @@ import copy
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -45,13 +44,6 @@ from bridge.web import fhirview
 NID = "urn:oid:2.16.156.10011.1.3"  # national ID numbers
 MRN = "urn:hutong:mrn:fuxing"
 T0 = datetime(2026, 11, 1, 8, 0, tzinfo=UTC)
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def dsn(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'node.db'}"
-    return str(request.getfixturevalue("pg_db"))
 
 
 @pytest.fixture

@@ -367,6 +367,19 @@ def test_bad_dtm_names_the_field(bad: str) -> None:
     assert err.value.field == "OBR-7"
 
 
+def test_a_memoised_time_is_refused_every_time_and_names_each_callers_field() -> None:
+    """``fhir_datetime`` is memoised (a lab message repeats its times): a bad value is refused
+    on every call, each naming the field it was read from, and a good one is the same str."""
+    for at in ("OBX-14", "OBR-7", "OBX-14"):
+        with pytest.raises(BadValue) as err:
+            fields.fhir_datetime("20261320", at, "+0800")
+        assert err.value.field == at
+    first = fields.fhir_datetime("202611200930", "OBX-14", "+0800")
+    assert first == "2026-11-20T09:30:00+08:00"
+    assert fields.fhir_datetime("202611200930", "OBX-14", "+0800") == first
+    assert fields.fhir_datetime("202611200930", "OBX-14", "-0500") == "2026-11-20T09:30:00-05:00"
+
+
 @pytest.mark.parametrize("version", fields.VERSIONS)
 def test_versions_21_to_28_are_read(version: str) -> None:
     msg = fields.parse(f"MSH|^~\\&|A|B|||||ADT^A08|1|P|{version}\r")

@@ -248,3 +248,21 @@ def test_the_job_defers_to_a_busy_intake_only_until_the_oldest_row_is_due(
     with ctx.store.read() as conn:
         filed = select(RESULT_MESSAGE.c.source_key).order_by(RESULT_MESSAGE.c.id)
         assert [r.source_key for r in conn.execute(filed)] == ["old", "new"]
+
+
+def test_keys_under_a_prefix_are_found_oldest_first_whatever_its_characters(
+    ctx: NodeContext,
+) -> None:
+    """``intake.keys_under`` (the LIS's re-send and reused-MSH-10 lookup, every message): the
+    keys of that adapter that extend the prefix, in arrival order; LIKE's own characters in a
+    prefix (``%``, ``_``, the escape ``/``) match only themselves."""
+    at = ctx.now()
+    keys = ["p%_/:b1", "p%_/:a2", "px_/:c3", "p%x/:d4", "p%_/", "p%_/:e5"]
+    with ctx.store.write() as conn:
+        for k in keys:
+            intake.remember(conn, "lis", k, {"ack": k}, at)
+        intake.remember(conn, "other", "p%_/:f6", {"ack": "f6"}, at)
+    with ctx.store.read() as conn:
+        assert intake.keys_under(conn, "lis", "p%_/:") == ["p%_/:b1", "p%_/:a2", "p%_/:e5"]
+        assert intake.keys_under(conn, "lis", "p%_/") == ["p%_/:b1", "p%_/:a2", "p%_/", "p%_/:e5"]
+        assert intake.keys_under(conn, "lis", "q") == []

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,12 +23,8 @@ from bridge.store.db import Store
 from bridge.store.tables import INBOX, OUTBOX
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    if request.param == "sqlite":
-        dsn = f"sqlite:///{tmp_path / 'node.db'}"
-    else:
-        dsn = str(request.getfixturevalue("pg_db"))
+@pytest.fixture
+def db(dsn: str) -> Iterator[Store]:
     s = Store(dsn)
     s.create_all()
     seed(s)

@@ -33,13 +33,6 @@ T0 = datetime(2026, 12, 7, 8, 0, tzinfo=UTC)
 NID = "urn:oid:2.16.156.10011.1.3"
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def dsn(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'node.db'}"
-    return str(request.getfixturevalue("pg_db"))
-
-
 def resources(
     n: int, *, family: str = "王", mrn: str = "FX1", shift: int = 0
 ) -> list[dict[str, Any]]:

@@ -24,6 +24,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from functools import lru_cache
 
 from adapters.hl7v2.charset import UTF8, Charset
 from adapters.hl7v2.errors import (
@@ -475,6 +476,7 @@ class Dtm:
         return text
 
 
+@lru_cache(maxsize=64)
 def zone_of(offset: str | timedelta) -> timezone:
     if isinstance(offset, timedelta):
         return timezone(offset)
@@ -509,11 +511,14 @@ def dtm(text: str, at: str | None = None) -> Dtm | None:
     return Dtm(parts[0] or 0, parts[1], parts[2], parts[3], parts[4], parts[5], frac or "", off)
 
 
+@lru_cache(maxsize=1024)
 def fhir_datetime(
     text: str, at: str | None, default_zone: str | timedelta = "+0800", instant: bool = False
 ) -> str | None:
     """A v2 TS/DTM as FHIR ``dateTime`` (precision kept) or ``instant`` (None without
-    seconds). None for empty; BadValue naming ``at`` for anything that is not a timestamp."""
+    seconds). None for empty; BadValue naming ``at`` for anything that is not a timestamp.
+    Memoised: a lab message repeats its times (each OBX-14, OBR-7), and a refusal is raised
+    again each time (an exception is not cached)."""
     t = dtm(text, at)
     if t is None:
         return None

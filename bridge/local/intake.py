@@ -9,6 +9,7 @@ import orjson
 from sqlalchemy import Connection, bindparam, insert, select, update
 
 from bridge.local.tables import ADAPTER_INTAKE
+from bridge.store import bulk
 
 #: audit action: a local system reused a record id (HL7 MSH-10) for different content, which
 #: was taken in as a new record (listed on the IT page)
@@ -30,6 +31,19 @@ _AMEND = (
 )
 
 
+_KEY = ADAPTER_INTAKE.c.source_key
+_UNDER = (
+    select(_KEY)
+    .where(
+        ADAPTER_INTAKE.c.adapter == bindparam("_a"),
+        _KEY >= bindparam("_lo"),
+        _KEY < bindparam("_hi"),
+        _KEY.like(bindparam("_like"), escape="/"),
+    )
+    .order_by(ADAPTER_INTAKE.c.id)
+)
+
+
 def seen(conn: Connection, adapter: str, source_key: str) -> dict[str, Any] | None:
     """The stored result of an earlier call with this key, or None if the record is new."""
     row = conn.execute(_SEEN, {"_a": adapter, "_k": source_key}).first()
@@ -44,7 +58,8 @@ def remember(
     at: datetime,
     thread: str | None = None,
 ) -> None:
-    conn.execute(
+    bulk.executemany(
+        conn,
         _REMEMBER,
         [
             {
@@ -67,9 +82,10 @@ def amend(
 ) -> None:
     """Replace a remembered key's result (a staged record, once its effect is stored: the
     answer given then stays in it, what the effect added joins it)."""
-    conn.execute(
+    bulk.executemany(
+        conn,
         _AMEND,
-        {"_a": adapter, "_k": source_key, "_r": orjson.dumps(result).decode(), "_t": thread},
+        [{"_a": adapter, "_k": source_key, "_r": orjson.dumps(result).decode(), "_t": thread}],
     )
 
 
@@ -87,19 +103,13 @@ def keys_under(conn: Connection, adapter: str, prefix: str) -> list[str]:
 
     A range on the unique index (``prefix`` <= key < ``prefix + "g"``, true in byte order and
     in locale collations alike for hex tails) rather than LIKE, which SQLite cannot serve from
-    the index: this runs for every message.
+    the index: this runs for every message. The LIKE (escaped here, one constant statement)
+    only confirms the prefix within that range.
     """
-    col = ADAPTER_INTAKE.c.source_key
+    escaped = prefix.replace("/", "//").replace("%", "/%").replace("_", "/_")
     return [
         r.source_key
         for r in conn.execute(
-            select(col)
-            .where(
-                ADAPTER_INTAKE.c.adapter == adapter,
-                col >= prefix,
-                col < prefix + "g",
-                col.startswith(prefix, autoescape=True),
-            )
-            .order_by(ADAPTER_INTAKE.c.id)
+            _UNDER, {"_a": adapter, "_lo": prefix, "_hi": prefix + "g", "_like": escaped + "%"}
         )
     ]

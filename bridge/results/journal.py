@@ -47,6 +47,7 @@ from bridge.context import NodeContext
 from bridge.errors import Backlogged, HutongError, Retry, StoreError
 from bridge.local import intake
 from bridge.results.tables import RESULT_JOURNAL
+from bridge.store import bulk
 from bridge.store.quarantine import quarantine_row
 from bridge.store.tables import QUARANTINE
 
@@ -159,7 +160,8 @@ class Journal:
     ) -> dict[str, Any]:
         """In the caller's transaction: the journal row, the exactly-once key with ``answer``
         and the notes' audit entries. Call :meth:`staged` after the commit."""
-        conn.execute(
+        bulk.executemany(
+            conn,
             _STAGE,
             [
                 {
