@@ -563,3 +563,28 @@ def test_bulk_refuses_a_statement_whose_parameters_the_rows_do_not_give() -> Non
     with engine.begin() as conn, pytest.raises(ValueError, match="_id"):
         bulk.run(conn, [(stmt, [{"value": "x"}])])
     engine.dispose()
+
+
+def test_bulk_keeps_a_bounded_number_of_plans() -> None:
+    """Statements built per call (not the hot paths' constants) each compile, and the plans
+    kept never pass ``MAX_PLANS``; the rows still land."""
+    from sqlalchemy import create_engine, func
+
+    from bridge.store import bulk
+
+    engine = create_engine("sqlite://")
+    FHIR_TOKEN.create(engine)
+    n = bulk.MAX_PLANS + 40
+    with engine.begin() as conn:
+        for i in range(n):
+            row = {
+                "rtype": "Patient",
+                "id": f"p{i}",
+                "param": "identifier",
+                "system": "",
+                "value": "v",
+            }
+            bulk.executemany(conn, insert(FHIR_TOKEN), [row])
+            assert len(bulk._PLANS) <= bulk.MAX_PLANS
+        assert conn.execute(select(func.count()).select_from(FHIR_TOKEN)).scalar() == n
+    engine.dispose()

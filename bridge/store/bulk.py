@@ -47,6 +47,9 @@ class _Plan:
 
 
 _UNSET = object()
+#: plans kept; the hot paths' statements are module constants (a dozen), so a caller that
+#: builds its statements per call only costs compiling them, never an unbounded cache
+MAX_PLANS = 256
 _PLANS: dict[tuple[int, str, tuple[str, ...]], tuple[UpdateBase, _Plan]] = {}
 
 
@@ -54,6 +57,8 @@ def _plan(conn: Connection, stmt: UpdateBase, keys: tuple[str, ...]) -> _Plan:
     key = (id(stmt), conn.dialect.name, keys)
     hit = _PLANS.get(key)
     if hit is None or hit[0] is not stmt:  # the statement kept: its id is not reused
+        if len(_PLANS) >= MAX_PLANS:
+            _PLANS.clear()
         hit = (stmt, _Plan(stmt, conn, keys))
         _PLANS[key] = hit
     return hit[1]
