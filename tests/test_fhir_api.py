@@ -920,7 +920,12 @@ def test_post_transaction_then_put_task_moves_the_referral(env, core: NodeProces
     assert task["for"] == {"reference": "Patient/pat-wang"}
     b = search(core, "Task", {"_id": task["id"], "_include": "Task:focus"})
     assert ids(b) == [task["id"]] and ids(b, "include") == [here["sr_id"]]
-    # the referrer may not move the fulfiller's Task
+    # the referrer may not move the fulfiller's Task (read once core's "received" has reached
+    # the referrer too: a Task read before that lands is stale, and its PUT is refused as one)
+    wait_for(
+        lambda: referrals(chc)[thread].get("status") == "received",
+        what="the referrer to see the referral received",
+    )
     theirs = ok(call(chc, "GET", f"/fhir/Task/{referrals(chc)[thread]['task_id']}"))
     msg = outcome(
         call(chc, "PUT", f"/fhir/Task/{theirs['id']}", body={**theirs, "status": "accepted"}),
